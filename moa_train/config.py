@@ -1,0 +1,234 @@
+"""Config schema (Hydra structured configs) and validation.
+
+The dataclasses below are the schema of `configs/train.yaml`: Hydra merges every group's YAML into them, so a
+misspelt key or a value of the wrong type is refused at composition with the key's full name. `validate` then checks
+what types cannot express (shapes that do not fit, values out of range) before any work starts.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A user-caused config problem: printed as one line (no traceback) by the entry point."""
+
+
+@dataclass
+class AuxConfig:
+    balance_coef: float = 0.01  # weight of the load-balance loss (train/aux/balance)
+    z_coef: float = 0.0  # weight of the router z-loss mean(logsumexp(logits)^2) (train/aux/z)
+    cv_coef: float = 0.0  # weight of the squared coefficient of variation of expert importance (train/aux/cv)
+    layer_reduce: str = "mean"  # how per-layer aux terms combine: mean (MoAS paper) | sum (MoA code)
+    balance_type: str = "mse"  # mse: MSE of batch-mean gates to 1/C (MoAS paper) | switch: C*sum_i f_i*P_i
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # attention family, a key of moa_train.models.registry: mha|gqa|mqa|moas_static|moas_dynamic|moa
+    d_model: int = 384
+    n_layer: int = 4
+    n_head: int = 6  # query heads (mha/gqa/mqa/moas); unused by moa
+    n_kv_heads: Optional[int] = None  # K/V heads: null = n_head for mha, 1 for mqa; moa: shared K/V groups (default 1)
+    max_seq_len: int = 256  # learned position embeddings
+    vocab_size: Optional[int] = None  # null: taken from the data
+    dropout: float = 0.1  # embedding, attention-probability, residual and MLP dropout
+    bias: bool = False  # bias in Linear and LayerNorm
+    mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * d_model
+    # MoAS
+    gqa_kv_heads: int = 2  # K/V heads of the GQA branch
+    router_hidden: Optional[int] = None  # hidden width of the dynamic router; null = d_model // 4
+    gate_dropout: float = 0.0  # dropout on the router's gates after softmax (MoAS paper: 0.1)
+    fused: bool = True  # MoAS: one QKV matmul, one SDPA call and one output matmul for all branches
+    # MoA
+    n_experts: int = 8  # E
+    top_k: int = 2  # k experts per token
+    head_dim: Optional[int] = None  # expert head size; null = d_model // n_head
+    gating: str = "softmax_all"  # softmax_all (released MoA code) | topk_softmax (renormalised over the k)
+    aux: AuxConfig = field(default_factory=AuxConfig)
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # wikitext2_char | wikitext2_word | wikitext2_bpe
+    tokenizer: str = "char"  # char | word | bpe
+    root: Optional[str] = None  # folder holding wikitext-2/{train,valid,test}.txt; null: download via datasets
+    cache_dir: str = "~/.cache/moa_train"  # token ids (memmap) and tokenizers are cached here
+    split: str = "official"  # official: the WikiText-2 valid/test files | moas_paper: first 90% / last 10% of train
+    vocab_size: Optional[int] = None  # BPE vocabulary size (bpe only)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # on tensors with dim >= 2 (not norms, biases)
+    router_lr_mult: float = 1.0  # router parameters' lr = lr * router_lr_mult
+    router_weight_decay: float = 0.1  # router parameters' weight decay (dim >= 2)
+    fused: Optional[bool] = None  # null: fused AdamW where the device supports it
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "constant"  # constant | cosine | inverse_sqrt
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine: final lr = lr * min_lr_ratio
+
+
+@dataclass
+class TrainerConfig:
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    tf32: bool = False  # allow TF32 matmuls in fp32
+    compile: bool = False  # torch.compile the model
+    compile_backend: Optional[str] = None  # null: inductor on CUDA, aot_eager on CPU
+    max_steps: int = 500
+    batch_size: int = 12  # sequences per optimizer step
+    block_size: int = 256  # tokens per sequence (<= model.max_seq_len)
+    grad_accum: int = 1  # micro-batches per step (batch_size must divide by it)
+    grad_clip: Optional[float] = None  # max grad norm; null = no clipping
+    eval_interval: int = 50
+    eval_iters: Optional[int] = 20  # random eval batches; null = a full pass over the split
+    eval_batch_size: Optional[int] = None  # null = batch_size
+    log_interval: int = 10
+    seed: int = 0
+    resume: Any = "auto"  # auto | true | false | PATH to a checkpoint or run folder
+    eval_only: bool = False  # evaluate the resumed checkpoint on valid and test, no training
+    keep_checkpoints: int = 1  # last N checkpoints kept (besides best.pt)
+    save_interval: Optional[int] = None  # null = at every evaluation
+
+
+@dataclass
+class TensorboardConfig:
+    log_dir: str = "tensorboard"  # relative to the run folder
+
+
+@dataclass
+class WandbConfig:
+    project: str = "moa_train"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: list = field(default_factory=list)
+    mode: str = "offline"  # online | offline | disabled
+
+
+@dataclass
+class LoggerConfig:
+    tensorboard: Optional[TensorboardConfig] = None
+    wandb: Optional[WandbConfig] = None
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    experiment_name: str = "default"  # names the run folder and dashboards
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+register_configs()
+
+# --- validation -------------------------------------------------------------------------------------------------
+
+ROUTED = ("moas_dynamic", "moa")
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _one_of(value: Any, key: str, allowed: tuple) -> None:
+    _check(value in allowed, key, f"got {value!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(i) for i in range(1, n + 1) if n % i == 0)
+
+
+def validate(cfg) -> None:
+    """Raise ConfigError naming the key and what would be valid; called before any work."""
+    from moa_train.models.registry import ATTENTION
+
+    m, t, o, s, d = cfg.model, cfg.trainer, cfg.optim, cfg.schedule, cfg.data
+    _one_of(m.name, "model.name", tuple(sorted(ATTENTION)))
+    for key in ("d_model", "n_layer", "n_head", "max_seq_len", "n_experts", "top_k", "gqa_kv_heads"):
+        _check(m[key] > 0, f"model.{key}", f"must be a positive integer, got {m[key]}")
+    if m.name != "moa":
+        _check(m.d_model % m.n_head == 0, "model.n_head",
+               f"{m.n_head} does not divide model.d_model={m.d_model}; valid: {_divisors(m.d_model)}")
+    kv = m.n_kv_heads
+    if kv is not None and m.name != "moa":
+        _check(kv > 0 and m.n_head % kv == 0, "model.n_kv_heads",
+               f"{kv} does not divide model.n_head={m.n_head}; valid: {_divisors(m.n_head)}")
+    if m.name.startswith("moas"):
+        _check(m.n_head % m.gqa_kv_heads == 0, "model.gqa_kv_heads",
+               f"{m.gqa_kv_heads} does not divide model.n_head={m.n_head}; valid: {_divisors(m.n_head)}")
+    if m.name == "moa":
+        _check(m.top_k <= m.n_experts, "model.top_k",
+               f"{m.top_k} is larger than model.n_experts={m.n_experts}; valid: 1..{m.n_experts}")
+        _one_of(m.gating, "model.gating", ("softmax_all", "topk_softmax"))
+        if m.head_dim is None:
+            _check(m.d_model % m.n_head == 0, "model.head_dim",
+                   f"null needs model.n_head={m.n_head} to divide model.d_model={m.d_model}; set model.head_dim")
+    for key in ("dropout", "gate_dropout"):
+        _check(0.0 <= m[key] < 1.0, f"model.{key}", f"must be in [0, 1), got {m[key]}")
+    _one_of(m.aux.layer_reduce, "model.aux.layer_reduce", ("mean", "sum"))
+    _one_of(m.aux.balance_type, "model.aux.balance_type", ("mse", "switch"))
+    if m.vocab_size is not None:
+        _check(m.vocab_size > 0, "model.vocab_size", f"must be positive or null, got {m.vocab_size}")
+
+    _one_of(d.tokenizer, "data.tokenizer", ("char", "word", "bpe"))
+    _one_of(d.split, "data.split", ("official", "moas_paper"))
+    if d.tokenizer == "bpe":
+        _check(d.vocab_size is not None and d.vocab_size >= 260, "data.vocab_size",
+               f"BPE needs a vocabulary size >= 260, got {d.vocab_size}")
+    if d.root is not None:
+        _check(Path(os.path.expanduser(d.root)).is_dir(), "data.root",
+               f"folder {d.root!r} does not exist; point data.root or MOA_DATA_DIR at the folder holding wikitext-2/")
+
+    _one_of(t.device, "trainer.device", ("auto", "cpu", "cuda"))
+    _one_of(t.precision, "trainer.precision", ("fp32", "bf16"))
+    for key in ("max_steps", "batch_size", "block_size", "grad_accum", "eval_interval", "log_interval"):
+        _check(t[key] > 0, f"trainer.{key}", f"must be a positive integer, got {t[key]}")
+    _check(t.block_size <= m.max_seq_len, "trainer.block_size",
+           f"{t.block_size} exceeds model.max_seq_len={m.max_seq_len}; valid: 1..{m.max_seq_len}")
+    _check(t.batch_size % t.grad_accum == 0, "trainer.grad_accum",
+           f"{t.grad_accum} does not divide trainer.batch_size={t.batch_size}; valid: {_divisors(t.batch_size)}")
+    if t.eval_iters is not None:
+        _check(t.eval_iters > 0, "trainer.eval_iters", f"must be positive or null (full pass), got {t.eval_iters}")
+    if t.grad_clip is not None:
+        _check(t.grad_clip > 0, "trainer.grad_clip", f"must be positive or null, got {t.grad_clip}")
+    _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+    resume = t.resume
+    _check(isinstance(resume, bool) or resume in ("auto", "true", "false") or isinstance(resume, str),
+           "trainer.resume", f"got {resume!r}; allowed: auto, true, false or a path")
+    if t.eval_only:
+        _check(resume not in (False, "false", None), "trainer.eval_only",
+               "needs trainer.resume=PATH (a checkpoint or run folder) or auto/true with a checkpoint in the run folder")
+
+    _one_of(o.name, "optim.name", ("adamw",))
+    _check(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+           f"must be two numbers in [0, 1), got {list(o.betas)}")
+    _check(o.weight_decay >= 0 and o.router_weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(o.router_lr_mult > 0, "optim.router_lr_mult", f"must be positive, got {o.router_lr_mult}")
+    _one_of(s.name, "schedule.name", ("constant", "cosine", "inverse_sqrt"))
+    _check(s.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
+    if cfg.logger.wandb is not None:
+        _one_of(cfg.logger.wandb.mode, "logger.wandb.mode", ("online", "offline", "disabled"))

@@ -1,0 +1,55 @@
+"""Batches of (input, target) windows from a 1-D token stream."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(x.astype(np.int64))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> tuple:
+    """x[i] = tokens[s_i : s_i + length], y[i] = the same shifted by one."""
+    idx = starts[:, None] + np.arange(length + 1)[None, :]
+    chunk = tokens[idx]
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+class RandomWindows:
+    """Uniformly random windows (nanoGPT's get_batch), drawn from a seeded generator whose state is checkpointed,
+    so a resumed run draws exactly the batches an uninterrupted one would."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int, device: torch.device):
+        if len(tokens) <= block_size + 1:
+            raise ValueError(f"split of {len(tokens)} tokens is shorter than trainer.block_size + 2")
+        self.tokens, self.batch_size, self.block_size, self.device = tokens, batch_size, block_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self) -> tuple:
+        starts = torch.randint(len(self.tokens) - self.block_size - 1, (self.batch_size,), generator=self.generator)
+        x, y = windows(self.tokens, starts.numpy(), self.block_size)
+        return _to_device(x, self.device), _to_device(y, self.device)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def sequential_windows(tokens: np.ndarray, batch_size: int, block_size: int, device: torch.device):
+    """Non-overlapping windows covering every token once as a target (a full pass); the last window is shorter."""
+    n_targets = len(tokens) - 1
+    starts = np.arange(0, n_targets, block_size)
+    full = starts[starts + block_size <= n_targets]
+    for i in range(0, len(full), batch_size):
+        x, y = windows(tokens, full[i:i + batch_size], block_size)
+        yield _to_device(x, device), _to_device(y, device)
+    if len(full) < len(starts):
+        tail = int(starts[-1])
+        x, y = windows(tokens, np.array([tail]), n_targets - tail)
+        yield _to_device(x, device), _to_device(y, device)

@@ -1,0 +1,62 @@
+"""Peak matmul throughput of this device, measured once and cached, for MFU.
+
+MFU = (model FLOPs per token, from the models' own counter) x tokens/s / peak of the run's precision:
+bf16 -> a bf16 GEMM, fp32 with TF32 allowed -> a TF32 GEMM, plain fp32 -> an fp32 GEMM.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+def peak_kind(precision: str, tf32: bool) -> str:
+    return "bf16" if precision == "bf16" else ("tf32" if tf32 else "fp32")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} threads: {torch.get_num_threads()})"
+
+
+def measure_matmul_flops(device: torch.device, kind: str, n: int | None = None, iters: int = 10) -> float:
+    """FLOP/s of an n x n x n GEMM in `kind` precision (median of `iters` timed runs after warm-up)."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    gen = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG (dropout, init) untouched
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = kind == "tf32"
+    try:
+        times = []
+        for i in range(iters + 3):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    return 2 * n ** 3 / sorted(times)[len(times) // 2]
+
+
+def peak_flops(device: torch.device, kind: str, cache_dir: str | Path) -> float:
+    """Measured peak for (device, kind, torch version), cached in <cache_dir>/peak_flops.json."""
+    path = Path(os.path.expanduser(str(cache_dir))) / "peak_flops.json"
+    key = f"{device_name(device)}|{kind}|torch {torch.__version__}"
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in table:
+        table[key] = measure_matmul_flops(device, kind)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        tmp.replace(path)
+    return table[key]

@@ -1,0 +1,103 @@
+"""One metrics dict, many sinks. `MetricsLogger.log` converts device tensors to floats in one transfer and hands the
+same flat dict to every sink: metrics.jsonl (always), TensorBoard and W&B (when configured)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def to_floats(metrics: dict) -> dict:
+    """Tensors -> floats with a single device-to-host copy."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in metrics.items() if k not in keys}
+    if keys:
+        values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).cpu().tolist()
+        out.update(zip(keys, values))
+    return out
+
+
+class JsonlSink:
+    """metrics.jsonl: one JSON object per line, `step` plus flat keys."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "a", encoding="utf-8")
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop lines logged after `last_step` (written by a run that is being resumed from that step)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
+
+
+class TensorBoardSink:
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, step: int, metrics: dict) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    def __init__(self, cfg, run_dir: Path, config: dict, run_id: str | None):
+        import wandb
+
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, name=cfg.name,
+                              tags=list(cfg.tags), mode=cfg.mode, dir=str(run_dir), config=config,
+                              id=run_id, resume="allow")
+        self.run_id = self.run.id
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MetricsLogger:
+    def __init__(self, sinks: list):
+        self.sinks = sinks
+
+    def log(self, step: int, metrics: dict) -> dict:
+        values = to_floats(metrics)
+        for sink in self.sinks:
+            sink.log(step, values)
+        return values
+
+    @property
+    def wandb_id(self) -> str | None:
+        return next((s.run_id for s in self.sinks if isinstance(s, WandbSink)), None)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def build_logger(cfg, run_dir: Path, resolved_config: dict, wandb_id: str | None = None) -> MetricsLogger:
+    sinks = [JsonlSink(run_dir / "metrics.jsonl")]
+    if cfg.logger.tensorboard is not None:
+        sinks.append(TensorBoardSink(run_dir / cfg.logger.tensorboard.log_dir))
+    if cfg.logger.wandb is not None:
+        sinks.append(WandbSink(cfg.logger.wandb, run_dir, resolved_config, wandb_id))
+    return MetricsLogger(sinks)

@@ -1,0 +1,87 @@
+"""Multi-head attention with n_kv_heads K/V heads: MHA (n_kv_heads = n_head), GQA (1 < n_kv_heads < n_head), MQA (1).
+
+Grouped K/V go to SDPA with `enable_gqa`, so repeated K/V heads are never materialised.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def attention_mask(mask: Optional[Tensor], causal: bool, t_q: int, t_k: int, device) -> tuple:
+    """SDPA (attn_mask, is_causal) from a key-padding mask (B, S; True = real token) and causality."""
+    if mask is None:
+        return None, causal
+    keep = mask[:, None, None, :]  # (B, 1, 1, S)
+    if causal:
+        keep = keep & torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril()
+    return keep, False
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, dropout: float) -> Tensor:
+    """q (B, Hq, T, D), k/v (B, Hkv, S, D) with Hkv dividing Hq; query head h reads K/V head h // (Hq/Hkv)."""
+    attn_mask, is_causal = attention_mask(mask, causal, q.shape[2], k.shape[2], q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+def split_heads(x: Tensor, n: int) -> Tensor:
+    """(B, T, n*D) -> (B, n, T, D)."""
+    b, t, _ = x.shape
+    return x.view(b, t, n, -1).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, n, T, D) -> (B, T, n*D)."""
+    b, n, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, n * d)
+
+
+class MultiHeadAttention(nn.Module):
+    """One module for MHA, GQA and MQA. Self-attention projects Q, K, V in one matmul; cross-attention
+    (context given) applies the same weights' Q rows to x and K/V rows to the context."""
+
+    def __init__(self, d_model: int, n_head: int, n_kv_heads: Optional[int] = None, dropout: float = 0.0,
+                 bias: bool = False, causal: bool = True):
+        super().__init__()
+        self.n_head, self.n_kv = n_head, n_kv_heads or n_head
+        self.head_dim = d_model // n_head
+        self.q_size = n_head * self.head_dim
+        self.c_attn = nn.Linear(d_model, self.q_size + 2 * self.n_kv * self.head_dim, bias=bias)
+        self.c_proj = nn.Linear(self.q_size, d_model, bias=bias)
+        self.dropout, self.causal = dropout, causal
+        self.resid_dropout = nn.Dropout(dropout)
+
+    @classmethod
+    def from_config(cls, m, causal: bool = True) -> "MultiHeadAttention":
+        return cls(m.d_model, m.n_head, m.n_kv_heads, m.dropout, m.bias, causal)
+
+    def project(self, x: Tensor, context: Optional[Tensor]) -> tuple:
+        kv_size = self.n_kv * self.head_dim
+        if context is None:
+            q, k, v = self.c_attn(x).split([self.q_size, kv_size, kv_size], dim=-1)
+        else:
+            w_q, w_kv = self.c_attn.weight.split([self.q_size, 2 * kv_size])
+            b_q, b_kv = self.c_attn.bias.split([self.q_size, 2 * kv_size]) if self.c_attn.bias is not None else (None, None)
+            q = F.linear(x, w_q, b_q)
+            k, v = F.linear(context, w_kv, b_kv).split([kv_size, kv_size], dim=-1)
+        return split_heads(q, self.n_head), split_heads(k, self.n_kv), split_heads(v, self.n_kv)
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None):
+        q, k, v = self.project(x, context)
+        y = sdpa(q, k, v, mask, self.causal and context is None, self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(merge_heads(y))), None
+
+    def matmul_params_per_token(self) -> int:
+        return self.c_attn.weight.numel() + self.c_proj.weight.numel()
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """6 x matmul parameters + 12 x (query heads x head_dim x T): forward and backward."""
+        return 6 * self.matmul_params_per_token() + 12 * self.n_head * self.head_dim * seq_len
+
+    def kv_cache_elems_per_token(self) -> int:
+        return 2 * self.n_kv * self.head_dim

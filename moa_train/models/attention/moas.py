@@ -1,0 +1,104 @@
+"""Mixture of Attention Schemes (MoAS): an MHA, a GQA and an MQA branch, each with its own Q, K, V and O,
+mixed by a constant 1/3 (static) or per token by a router (dynamic).
+
+Fused layout (the default): the three branches' Q/K/V weights are rows of one `c_attn` matmul, their 3*n_head query
+heads go through ONE SDPA call (each query head indexes its branch's K/V head), and their output projections are
+the column blocks of one `c_proj` matmul whose input is the gate-scaled concatenation of branch outputs:
+    y = sum_b g_b * (o_b @ W_b^T) = concat_b(g_b * o_b) @ [W_mha | W_gqa | W_mqa]^T.
+Parameter counts equal three separate branches exactly. `fused=False` runs the same parameters branch by branch
+(the plain path the fused one is tested against).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from moa_train.models.attention.mha import merge_heads, sdpa, split_heads
+from moa_train.models.routing import Routing, router_aux
+
+BRANCHES = ("mha", "gqa", "mqa")
+
+
+class MoASAttention(nn.Module):
+    def __init__(self, d_model: int, n_head: int, gqa_kv_heads: int = 2, dropout: float = 0.0, bias: bool = False,
+                 dynamic: bool = True, router_hidden: Optional[int] = None, gate_dropout: float = 0.0,
+                 balance_type: str = "mse", fused: bool = True, causal: bool = True):
+        super().__init__()
+        self.n_head, self.head_dim, self.d_model = n_head, d_model // n_head, d_model
+        self.kv_heads = (n_head, gqa_kv_heads, 1)
+        kv_total = sum(self.kv_heads) * self.head_dim
+        # rows: [q_mha q_gqa q_mqa | k_mha k_gqa k_mqa | v_mha v_gqa v_mqa]
+        self.c_attn = nn.Linear(d_model, 3 * d_model + 2 * kv_total, bias=bias)
+        # columns: [o_mha | o_gqa | o_mqa]; each branch's output bias is mixed by the gates like its output
+        self.c_proj = nn.Linear(3 * d_model, d_model, bias=False)
+        self.o_bias = nn.Parameter(torch.zeros(3, d_model)) if bias else None
+        # query head h of the fused call reads K/V head kv_index[h] of the concatenated K/V heads
+        index, offset = [], 0
+        for kv in self.kv_heads:
+            index += [offset + h // (n_head // kv) for h in range(n_head)]
+            offset += kv
+        self.register_buffer("kv_index", torch.tensor(index), persistent=False)
+        self.dynamic, self.fused, self.causal = dynamic, fused, causal
+        self.dropout, self.gate_dropout, self.balance_type = dropout, gate_dropout, balance_type
+        self.resid_dropout = nn.Dropout(dropout)
+        if dynamic:
+            hidden = router_hidden or d_model // 4
+            self.router = nn.Sequential(nn.Linear(d_model, hidden, bias=False), nn.GELU(),
+                                        nn.Linear(hidden, 3, bias=False))
+
+    @classmethod
+    def from_config(cls, m, causal: bool = True, dynamic: bool = True) -> "MoASAttention":
+        return cls(m.d_model, m.n_head, m.gqa_kv_heads, m.dropout, m.bias, dynamic, m.router_hidden,
+                   m.gate_dropout, m.aux.balance_type, m.fused, causal)
+
+    def gates(self, x: Tensor) -> tuple:
+        """(gates used for mixing (B, T, 3), Routing or None)."""
+        b, t, _ = x.shape
+        if not self.dynamic:
+            return x.new_full((b, t, 3), 1.0 / 3), None
+        logits = self.router(x).float()
+        probs = logits.softmax(-1)
+        flat_logits, flat_probs = logits.view(-1, 3), probs.view(-1, 3)
+        routing = Routing(flat_probs, BRANCHES, None, router_aux(flat_logits, flat_probs, None, self.balance_type))
+        gates = F.dropout(probs, self.gate_dropout, self.training) if self.gate_dropout else probs
+        return gates.to(x.dtype), routing
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None):
+        if context is not None:
+            raise NotImplementedError("MoAS is a self-attention scheme; use mha or moa for cross-attention")
+        gates, routing = self.gates(x)
+        d, kv = self.d_model, [n * self.head_dim for n in self.kv_heads]
+        q, k, v = self.c_attn(x).split([3 * d, sum(kv), sum(kv)], dim=-1)
+        p = self.dropout if self.training else 0.0
+        if self.fused:
+            n_kv = sum(self.kv_heads)
+            q, k, v = split_heads(q, 3 * self.n_head), split_heads(k, n_kv), split_heads(v, n_kv)
+            k, v = k.index_select(1, self.kv_index), v.index_select(1, self.kv_index)
+            o = merge_heads(sdpa(q, k, v, mask, self.causal, p))  # (B, T, 3d) = [o_mha | o_gqa | o_mqa]
+            o = (o.view(*o.shape[:2], 3, d) * gates.unsqueeze(-1)).flatten(2)
+            y = self.c_proj(o)
+        else:
+            qs, ks, vs = q.split(d, -1), k.split(kv, -1), v.split(kv, -1)
+            ws = self.c_proj.weight.split(d, dim=1)
+            y = 0
+            for i, n_kv in enumerate(self.kv_heads):
+                o = merge_heads(sdpa(split_heads(qs[i], self.n_head), split_heads(ks[i], n_kv),
+                                     split_heads(vs[i], n_kv), mask, self.causal, p))
+                y = y + gates[..., i:i + 1] * F.linear(o, ws[i])
+        if self.o_bias is not None:
+            y = y + gates @ self.o_bias.to(y.dtype)
+        return self.resid_dropout(y), routing
+
+    def matmul_params_per_token(self) -> int:
+        router = sum(p.numel() for p in self.router.parameters()) if self.dynamic else 0
+        return self.c_attn.weight.numel() + self.c_proj.weight.numel() + router
+
+    def flops_per_token(self, seq_len: int) -> int:
+        return 6 * self.matmul_params_per_token() + 12 * 3 * self.n_head * self.head_dim * seq_len
+
+    def kv_cache_elems_per_token(self) -> int:
+        return 2 * sum(self.kv_heads) * self.head_dim

@@ -1,0 +1,98 @@
+"""Decoder-only Transformer LM (nanoGPT's GPT-2 layout) whose attention comes from the registry.
+
+Pre-LN blocks, learned positions, tied input/output embeddings, GELU MLP. `forward` returns the logits and one
+routing record per layer (None for dense attention); the trainer turns them into losses and metrics.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from moa_train.models.registry import build_attention
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, hidden: int, dropout: float, bias: bool):
+        super().__init__()
+        self.c_fc = nn.Linear(d_model, hidden, bias=bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(hidden, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, m, causal: bool = True):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(m.d_model, bias=m.bias)
+        self.attn = build_attention(m, causal=causal)
+        self.ln_2 = nn.LayerNorm(m.d_model, bias=m.bias)
+        self.mlp = MLP(m.d_model, int(m.mlp_ratio * m.d_model), m.dropout, m.bias)
+
+    def forward(self, x: Tensor):
+        a, routing = self.attn(self.ln_1(x))
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), routing
+
+
+def init_weights(model: nn.Module, n_layer: int) -> None:
+    """GPT-2 init: N(0, 0.02) for Linear and Embedding, residual projections N(0, 0.02/sqrt(2 n_layer)),
+    zero biases; then each module's own `post_init` (the MoA router starts at zero: uniform routing)."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+    for module in model.modules():
+        if hasattr(module, "post_init"):
+            module.post_init()
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, m, vocab_size: int):
+        super().__init__()
+        self.config, self.vocab_size = m, vocab_size
+        self.wte = nn.Embedding(vocab_size, m.d_model)
+        self.wpe = nn.Embedding(m.max_seq_len, m.d_model)
+        self.drop = nn.Dropout(m.dropout)
+        self.blocks = nn.ModuleList(Block(m) for _ in range(m.n_layer))
+        self.ln_f = nn.LayerNorm(m.d_model, bias=m.bias)
+        self.lm_head = nn.Linear(m.d_model, vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        init_weights(self, m.n_layer)
+        self.sites = [f"layer{i}" for i in range(m.n_layer)]
+
+    def forward(self, idx: Tensor):
+        t = idx.shape[1]
+        pos = torch.arange(t, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        routings = []
+        for block in self.blocks:
+            x, routing = block(x)
+            routings.append(routing)
+        return self.lm_head(self.ln_f(x)), routings
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """nanoGPT's count: every parameter once (the tied embedding once), minus position embeddings."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6 x matmul parameters used (selected experts only, tied head once)
+        + 12 x query heads x head_dim x T per attention call. For MHA this is nanoGPT's 6N + 12*L*H*Q*T up to
+        the norm and bias parameters, which are not matmuls."""
+        mlp = sum(b.mlp.c_fc.weight.numel() + b.mlp.c_proj.weight.numel() for b in self.blocks)
+        attn = sum(b.attn.flops_per_token(seq_len) for b in self.blocks)
+        return 6 * (mlp + self.lm_head.weight.numel()) + attn
+
+
+def build_model(model_cfg, vocab_size: int) -> LanguageModel:
+    return LanguageModel(model_cfg, vocab_size)

@@ -1,0 +1,1 @@
+"""The trainer: loop, optimizer and schedules, checkpoints, evaluation."""

@@ -1,0 +1,74 @@
+"""Checkpoints: written atomically (temp file, fsync, rename), the last N kept plus best.pt, checked on load."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def step_checkpoints(folder: Path) -> list:
+    """step_*.pt files, oldest first."""
+    return sorted(folder.glob("step_*.pt"))
+
+
+def save_checkpoint(state: dict, folder: Path, keep: int, is_best: bool) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{state['step']:07d}.pt"
+    atomic_save(state, path)
+    if is_best:
+        atomic_save(state, folder / "best.pt")
+    for old in step_checkpoints(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # truncated or corrupt file
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise CheckpointError(f"checkpoint {path} is not a moa_train checkpoint")
+    return state
+
+
+def find_checkpoint(target: Path) -> Path | None:
+    """A checkpoint file as given, or the latest step_*.pt of a run folder (or of its checkpoints/ folder)."""
+    if target.is_file():
+        return target
+    for folder in (target / "checkpoints", target):
+        found = step_checkpoints(folder) if folder.is_dir() else []
+        if found:
+            return found[-1]
+    return None

@@ -1,0 +1,43 @@
+"""Evaluation of an LM on a split: random windows (trainer.eval_iters) or a full pass (eval_iters: null)."""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from moa_train.data.batches import RandomWindows, sequential_windows
+
+EVAL_SEED = 1234  # the same eval windows for every model and training seed, so rows compare on equal data
+
+
+def split_metrics(prefix: str, loss: float, split) -> dict:
+    """Loss in nats per token and its conversions: perplexity, bits per character, word-level perplexity."""
+    return {
+        f"{prefix}/loss": loss,
+        f"{prefix}/ppl": math.exp(min(loss, 50.0)),
+        f"{prefix}/bpc": loss / math.log(2) / split.chars_per_token,
+        f"{prefix}/word_ppl": math.exp(min(loss / split.words_per_token, 50.0)),
+    }
+
+
+@torch.no_grad()
+def evaluate(model, split, prefix: str, batch_size: int, block_size: int, eval_iters, device,
+             autocast=nullcontext) -> dict:
+    was_training = model.training
+    model.eval()
+    if eval_iters is None:
+        batches = sequential_windows(split.tokens, batch_size, block_size, device)
+    else:
+        sampler = RandomWindows(split.tokens, batch_size, block_size, EVAL_SEED, device)
+        batches = (sampler.next() for _ in range(eval_iters))
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    count = 0
+    for x, y in batches:
+        with autocast():
+            logits, _ = model(x)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
+        count += y.numel()
+    model.train(was_training)
+    return split_metrics(prefix, total.item() / count, split)

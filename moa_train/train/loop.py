@@ -1,0 +1,284 @@
+"""The training loop: build everything from the config, train, evaluate, checkpoint, log.
+
+Host syncs happen only at log and eval steps: losses, aux terms and routing statistics stay on the device between.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import statistics
+import subprocess
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from moa_train.config import ConfigError
+from moa_train.data import load_data
+from moa_train.data.batches import RandomWindows
+from moa_train.metrics.flops import device_name, peak_flops, peak_kind
+from moa_train.metrics.sinks import build_logger, truncate_jsonl
+from moa_train.models import build_model
+from moa_train.models.routing import reduce_aux, routing_metrics, weighted_aux
+from moa_train.train.checkpoint import (
+    find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from moa_train.train.evaluate import evaluate
+from moa_train.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device: cuda was asked for but no GPU is visible; allowed here: auto, cpu")
+    return torch.device(name)
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
+                             capture_output=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resume_target(resume, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from, following trainer.resume = auto | true | false | PATH."""
+    if resume in (False, "false", None):
+        return None
+    if resume in (True, "true", "auto"):
+        found = find_checkpoint(run_dir)
+        if found is None and resume != "auto":
+            raise ConfigError(f"trainer.resume: true but the run folder {run_dir} holds no checkpoint; "
+                              "use auto, false or a PATH")
+        return found
+    found = find_checkpoint(Path(str(resume)).expanduser())
+    if found is None:
+        raise ConfigError(f"trainer.resume: {resume!r} is neither a checkpoint file nor a run folder with one")
+    return found
+
+
+class Trainer:
+    def __init__(self, cfg, run_dir: Path):
+        self.start_time = time.perf_counter()
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        t = cfg.trainer
+        self.device = resolve_device(t.device)
+        seed_everything(t.seed)
+        torch.backends.cuda.matmul.allow_tf32 = bool(t.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(t.tf32)
+        use_bf16 = t.precision == "bf16"
+        self.autocast = partial(torch.autocast, self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext
+
+        self.data = load_data(cfg.data)
+        vocab = cfg.model.vocab_size or self.data.vocab_size
+        if vocab < self.data.vocab_size:
+            raise ConfigError(f"model.vocab_size: {vocab} is smaller than the data's {self.data.vocab_size}; "
+                              "use null (from the data) or a larger value")
+        self.model = build_model(cfg.model, vocab).to(self.device)
+        self.forward = self.model
+        if t.compile:
+            backend = t.compile_backend or ("inductor" if self.device.type == "cuda" else "aot_eager")
+            self.forward = torch.compile(self.model, backend=backend)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, t.max_steps)
+        self.micro_batch = t.batch_size // t.grad_accum
+        self.batches = RandomWindows(self.data.splits["train"].tokens, self.micro_batch, t.block_size, t.seed,
+                                     self.device)
+        self.step, self.tokens_seen, self.best_val, self.wandb_id = 0, 0, math.inf, None
+        self.flops_per_token = self.model.flops_per_token(t.block_size)
+        self.peak = peak_flops(self.device, peak_kind(t.precision, t.tf32), cfg.data.cache_dir)
+        self.step_ms: list = []
+
+    # --- state -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "step": self.step, "tokens_seen": self.tokens_seen,
+            "best_val": self.best_val, "rng": rng_state(), "data": self.batches.state_dict(),
+            "wandb_id": self.wandb_id, "vocab_size": self.model.vocab_size,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def load_state_dict(self, state: dict, weights_only: bool = False) -> None:
+        self.model.load_state_dict(state["model"])
+        self.step = state["step"]
+        if weights_only:
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.tokens_seen, self.best_val = state["tokens_seen"], state["best_val"]
+        self.batches.load_state_dict(state["data"])
+        self.wandb_id = state.get("wandb_id")
+        set_rng_state(state["rng"])
+
+    def save(self, is_best: bool) -> None:
+        save_checkpoint(self.state_dict(), self.run_dir / "checkpoints", self.cfg.trainer.keep_checkpoints, is_best)
+
+    def maybe_resume(self, weights_only: bool = False) -> Path | None:
+        path = resume_target(self.cfg.trainer.resume, self.run_dir)
+        if path is not None:
+            self.load_state_dict(load_checkpoint(path, self.device), weights_only)
+            log.info("resumed from %s at step %d", path, self.step)
+        return path
+
+    # --- steps -------------------------------------------------------------------------------------------------
+    def train_step(self, want_grad_norm: bool) -> tuple:
+        """One optimizer step over grad_accum micro-batches; returns device tensors
+        (mean CE, mean aux terms, the last micro-batch's routing records, grad norm or None)."""
+        cfg, n = self.cfg, self.cfg.trainer.grad_accum
+        ce_sum, aux_sum = 0.0, {}
+        for _ in range(n):
+            x, y = self.batches.next()
+            with self.autocast():
+                logits, routings = self.forward(x)
+                ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                aux = reduce_aux(routings, cfg.model.aux.layer_reduce)
+                loss = ce + weighted_aux(aux, cfg.model.aux)
+            (loss / n).backward()
+            ce_sum = ce_sum + ce.detach()
+            aux_sum = {k: aux_sum.get(k, 0.0) + v.detach() for k, v in aux.items()}
+        norm = None
+        if cfg.trainer.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip)
+        elif want_grad_norm:
+            norm = self.grad_norm()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return ce_sum / n, {k: v / n for k, v in aux_sum.items()}, routings, norm
+
+    def grad_norm(self) -> torch.Tensor:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+    def evaluate(self, split: str, prefix: str) -> dict:
+        t = self.cfg.trainer
+        return evaluate(self.forward, self.data.splits[split], prefix, t.eval_batch_size or t.batch_size,
+                        t.block_size, t.eval_iters, self.device, self.autocast)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # --- runs --------------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.trainer
+        resumed = self.maybe_resume()
+        if resumed is not None:
+            truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
+        logger = build_logger(cfg, self.run_dir, OmegaConf.to_container(cfg, resolve=True), self.wandb_id)
+        self.wandb_id = logger.wandb_id
+        val = {}
+        try:
+            window = self.open_window()
+            while self.step < t.max_steps:
+                last = self.step + 1 == t.max_steps
+                log_now = (self.step + 1) % t.log_interval == 0 or last
+                ce, aux, routings, norm = self.train_step(want_grad_norm=log_now)
+                self.step += 1
+                self.tokens_seen += t.batch_size * t.block_size
+                window["steps"] += 1
+                window["ce"] = window["ce"] + ce
+                window["aux"] = {k: window["aux"].get(k, 0.0) + v for k, v in aux.items()}
+                if log_now:
+                    self.log_train(logger, window, routings, norm)
+                    window = self.open_window()
+                if self.step % t.eval_interval == 0 or last:
+                    val = self.evaluate("val", "val")
+                    is_best = val["val/loss"] < self.best_val
+                    self.best_val = min(self.best_val, val["val/loss"])
+                    logger.log(self.step, {**val, "val/loss_best": self.best_val})
+                    log.info("step %d: val loss %.4f | bpc %.4f", self.step, val["val/loss"], val["val/bpc"])
+                    if t.save_interval is None or last:
+                        self.save(is_best)
+                    window = self.open_window()  # evaluation time is not step time
+                elif t.save_interval is not None and self.step % t.save_interval == 0:
+                    self.save(False)
+                    window = self.open_window()
+            if not val and self.step > 0:  # resumed at max_steps: report the checkpoint's validation loss
+                val = self.evaluate("val", "val")
+            test = self.evaluate("test", "test")
+            logger.log(self.step, test)
+        finally:
+            logger.close()
+        return self.write_summary({**val, **test})
+
+    def open_window(self) -> dict:
+        """Start a timing/averaging window; the device is synchronised so the window times only what follows."""
+        self.sync()
+        return {"t0": time.perf_counter(), "steps": 0, "ce": 0.0, "aux": {}}
+
+    def log_train(self, logger, window: dict, routings: list, grad_norm) -> None:
+        t = self.cfg.trainer
+        self.sync()
+        n = window["steps"]
+        elapsed = time.perf_counter() - window["t0"]
+        step_ms = 1000 * elapsed / n
+        self.step_ms.append(step_ms)
+        tok_s = t.batch_size * t.block_size * n / elapsed
+        metrics = {"train/loss": window["ce"] / n, "lr": self.scheduler.get_last_lr()[0],
+                   **{f"train/aux/{k}": v / n for k, v in window["aux"].items()},
+                   **routing_metrics(self.model.sites, routings),
+                   "perf/step_ms": step_ms, "perf/tokens_per_s": tok_s,
+                   "perf/mfu": self.flops_per_token * tok_s / self.peak, "tokens_seen": self.tokens_seen}
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        logged = logger.log(self.step, metrics)
+        log.info("step %d: loss %.4f | %.1f ms/step | %.0f tok/s | mfu %.2f%%", self.step, logged["train/loss"],
+                 step_ms, tok_s, 100 * logged["perf/mfu"])
+
+    def eval_only(self) -> dict:
+        if self.maybe_resume(weights_only=True) is None:
+            raise ConfigError("trainer.eval_only: no checkpoint found; set trainer.resume=PATH to a checkpoint "
+                              "file or run folder")
+        metrics = {**self.evaluate("val", "val"), **self.evaluate("test", "test")}
+        logger = build_logger(self.cfg, self.run_dir, OmegaConf.to_container(self.cfg, resolve=True))
+        logger.log(self.step, metrics)
+        logger.close()
+        log.info("eval_only: %s", " | ".join(f"{k} {metrics[k]:.4f}" for k in ("val/loss", "val/bpc", "test/loss", "test/bpc")))
+        return self.write_summary(metrics)
+
+    def write_summary(self, metrics: dict) -> dict:
+        steady = self.step_ms[1:] if len(self.step_ms) > 1 else self.step_ms  # the first window holds warm-up
+        summary = {
+            "params_total": self.model.num_params(non_embedding=False),
+            "params_non_embedding": self.model.num_params(),
+            **metrics,
+            "val/loss_best": self.best_val if math.isfinite(self.best_val) else metrics.get("val/loss"),
+            "steps": self.step,
+            "tokens_seen": self.tokens_seen,
+            "wall_s": time.perf_counter() - self.start_time,
+            "step_ms_median": statistics.median(steady) if steady else None,
+            "flops_per_token": self.flops_per_token,
+            "peak_flops": self.peak,
+            "device_name": device_name(self.device),
+            "torch_version": torch.__version__,
+            "git_sha": git_sha(),
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+
+def train(cfg, run_dir: Path) -> dict:
+    """Train (or, with trainer.eval_only, evaluate) per `cfg`, writing into `run_dir`; returns summary.json's dict."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, run_dir)
+    return trainer.eval_only() if cfg.trainer.eval_only else trainer.fit()

@@ -1,0 +1,50 @@
+"""AdamW with nanoGPT's parameter groups plus a router group, and the learning-rate schedules."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def param_groups(model: torch.nn.Module, cfg) -> list:
+    """decay: tensors with dim >= 2; no_decay: norms and biases; router: every parameter under a `router` module,
+    with its own lr multiplier and weight decay (norm-like router tensors get none)."""
+    decay, no_decay, router, router_no_decay = [], [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_router = ".router." in f".{name}"
+        if is_router:
+            (router if p.dim() >= 2 else router_no_decay).append(p)
+        else:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    router_lr = cfg.lr * cfg.router_lr_mult
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lr": cfg.lr},
+        {"name": "router", "params": router, "weight_decay": cfg.router_weight_decay, "lr": router_lr},
+        {"name": "router_no_decay", "params": router_no_decay, "weight_decay": 0.0, "lr": router_lr},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+    fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+
+
+def lr_factor(step: int, cfg, max_steps: int) -> float:
+    """Multiplier of each group's base lr at `step` (0-based)."""
+    warmup = cfg.warmup_steps
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if cfg.name == "constant":
+        return 1.0
+    if cfg.name == "inverse_sqrt":
+        return math.sqrt(max(warmup, 1) / (step + 1))
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))  # cosine
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg, max_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))
