@@ -7,6 +7,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
+from moa_train.cli import precheck
 from moa_train.config import ConfigError, validate
 from moa_train.paths import config_dir
 
@@ -30,6 +31,9 @@ _hydra_main = hydra.main(version_base="1.3", config_path=str(config_dir()), conf
 
 
 def main() -> None:
+    args = sys.argv[1:]
+    if not any(a.startswith("-") for a in args):  # a plain run (not -m, --cfg, --help, ...): one-line errors
+        precheck(args)
     _hydra_main()
 
 

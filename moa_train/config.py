@@ -7,7 +7,7 @@ what types cannot express (shapes that do not fit, values out of range) before a
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -165,6 +165,9 @@ def validate(cfg) -> None:
     """Raise ConfigError naming the key and what would be valid; called before any work."""
     from moa_train.models.registry import ATTENTION
 
+    known = {f.name for f in fields(TrainConfig)} | {"hydra"}
+    for key in cfg.keys():
+        _check(key in known, str(key), f"unknown top-level key; allowed: {', '.join(sorted(known - {'hydra'}))}")
     m, t, o, s, d = cfg.model, cfg.trainer, cfg.optim, cfg.schedule, cfg.data
     _one_of(m.name, "model.name", tuple(sorted(ATTENTION)))
     for key in ("d_model", "n_layer", "n_head", "max_seq_len", "n_experts", "top_k", "gqa_kv_heads"):

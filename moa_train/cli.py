@@ -1,0 +1,45 @@
+"""One-line errors for bad command-line overrides, checked before Hydra starts the run.
+
+Hydra reports composition errors over several lines (with its search path); a plain run composes the config once
+up front and turns such an error into one `error: ...` line naming the key and what would be valid.
+"""
+from __future__ import annotations
+
+import sys
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf.errors import OmegaConfBaseException
+
+from moa_train.paths import config_dir
+
+
+def group_options(group: str) -> list:
+    """Every config of a group, sub-folders included (experiment=moas_table1/mha), leaving out `_` files."""
+    root = config_dir() / group
+    names = (p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+    return sorted(n for n in names if not any(part.startswith("_") for part in n.split("/")))
+
+
+def describe(exc: Exception) -> str:
+    """A one-line description of a composition error."""
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
+        group, _, name = exc.missing_cfg_file.rpartition("/")
+        return f"{group}={name}: no such config; allowed: {', '.join(group_options(group))}"
+    cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
+    first = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0]
+    key = getattr(cause, "full_key", None)
+    return f"{key}: {first}" if key else first
+
+
+def precheck(overrides: list) -> None:
+    """Compose `train` with the user's overrides; exit 2 with one line on failure."""
+    import moa_train.config  # noqa: F401  (registers the schema)
+
+    user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            compose("train", overrides=user)
+    except (HydraException, OmegaConfBaseException) as exc:
+        print(f"error: {describe(exc)}", file=sys.stderr)
+        sys.exit(2)
