@@ -7,7 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 
 
 def load_run(run_dir: str | Path, map_location: str = "cpu") -> tuple:
-    """(model with the weights of the run's latest checkpoint, in eval mode; the run's config)."""
+    """(model with the weights of the run's latest checkpoint, in eval mode; the run's resolved config)."""
     from moa_train.models import build_model
     from moa_train.train.checkpoint import find_checkpoint, load_checkpoint
 
@@ -16,8 +16,7 @@ def load_run(run_dir: str | Path, map_location: str = "cpu") -> tuple:
     if path is None:
         raise FileNotFoundError(f"no checkpoint under {run_dir} (expected checkpoints/step_*.pt)")
     state = load_checkpoint(path, map_location)
-    hydra_cfg = run_dir / ".hydra" / "config.yaml"
-    cfg: DictConfig = OmegaConf.load(hydra_cfg) if hydra_cfg.is_file() else OmegaConf.create(state["config"])
+    cfg: DictConfig = OmegaConf.create(state["config"])  # resolved as the run used it (env vars included)
     model = build_model(cfg.model, state["vocab_size"])
     model.load_state_dict(state["model"])
     return model.to(map_location).eval(), cfg

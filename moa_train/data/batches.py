@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from moa_train.data.wikitext import DataError
+
 
 def _to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
     t = torch.from_numpy(x.astype(np.int64))
@@ -25,7 +27,8 @@ class RandomWindows:
 
     def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int, device: torch.device):
         if len(tokens) <= block_size + 1:
-            raise ValueError(f"split of {len(tokens)} tokens is shorter than trainer.block_size + 2")
+            raise DataError(f"trainer.block_size: {block_size} needs a split of more than {block_size + 1} tokens; "
+                            f"this one has {len(tokens)}")
         self.tokens, self.batch_size, self.block_size, self.device = tokens, batch_size, block_size, device
         self.generator = torch.Generator().manual_seed(seed)
 

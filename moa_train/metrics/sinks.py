@@ -33,12 +33,17 @@ class JsonlSink:
         self.file.close()
 
 
+def _keep(row: dict, last_step: int) -> bool:
+    """Lines up to the checkpoint's step, minus end-of-run test lines (the resumed run writes its own)."""
+    return row.get("step", 0) <= last_step and not any(k.startswith("test/") for k in row)
+
+
 def truncate_jsonl(path: Path, last_step: int) -> None:
     """Drop lines logged after `last_step` (written by a run that is being resumed from that step)."""
     if not path.is_file():
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+            if line.strip() and _keep(json.loads(line), last_step)]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     tmp.replace(path)

@@ -28,7 +28,7 @@ from moa_train.metrics.sinks import build_logger, truncate_jsonl
 from moa_train.models import build_model
 from moa_train.models.routing import reduce_aux, routing_metrics, weighted_aux
 from moa_train.train.checkpoint import (
-    find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+    CheckpointError, find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from moa_train.train.evaluate import evaluate
 from moa_train.train.optim import build_optimizer, build_scheduler
 
@@ -92,10 +92,12 @@ class Trainer:
             raise ConfigError(f"model.vocab_size: {vocab} is smaller than the data's {self.data.vocab_size}; "
                               "use null (from the data) or a larger value")
         self.model = build_model(cfg.model, vocab).to(self.device)
-        self.forward = self.model
-        if t.compile:
+        self.forward, self.forward_loss = self.model, self._forward_loss
+        if t.compile:  # the model for evaluation; the model + losses as one graph for training
             backend = t.compile_backend or ("inductor" if self.device.type == "cuda" else "aot_eager")
-            self.forward = torch.compile(self.model, backend=backend)
+            mode = t.compile_mode if backend == "inductor" else None  # modes are inductor's
+            self.forward = torch.compile(self.model, backend=backend, mode=mode)
+            self.forward_loss = torch.compile(self._forward_loss, backend=backend, mode=mode)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, t.max_steps)
         self.micro_batch = t.batch_size // t.grad_accum
@@ -117,7 +119,12 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict, weights_only: bool = False) -> None:
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise CheckpointError(f"trainer.resume: the checkpoint does not fit this model ({first}); resume with "
+                                  "the run's own config or use trainer.resume=false in a new run folder") from None
         self.step = state["step"]
         if weights_only:
             return
@@ -139,18 +146,21 @@ class Trainer:
         return path
 
     # --- steps -------------------------------------------------------------------------------------------------
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        """(total loss, CE, unweighted aux terms reduced over layers, routing records)."""
+        with self.autocast():
+            logits, routings = self.model(x)
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            aux = reduce_aux(routings, self.cfg.model.aux.layer_reduce)
+            return ce + weighted_aux(aux, self.cfg.model.aux), ce, aux, routings
+
     def train_step(self, want_grad_norm: bool) -> tuple:
         """One optimizer step over grad_accum micro-batches; returns device tensors
         (mean CE, mean aux terms, the last micro-batch's routing records, grad norm or None)."""
         cfg, n = self.cfg, self.cfg.trainer.grad_accum
         ce_sum, aux_sum = 0.0, {}
         for _ in range(n):
-            x, y = self.batches.next()
-            with self.autocast():
-                logits, routings = self.forward(x)
-                ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-                aux = reduce_aux(routings, cfg.model.aux.layer_reduce)
-                loss = ce + weighted_aux(aux, cfg.model.aux)
+            loss, ce, aux, routings = self.forward_loss(*self.batches.next())
             (loss / n).backward()
             ce_sum = ce_sum + ce.detach()
             aux_sum = {k: aux_sum.get(k, 0.0) + v.detach() for k, v in aux.items()}
@@ -159,6 +169,7 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip)
         elif want_grad_norm:
             norm = self.grad_norm()
+        self.lr = self.scheduler.get_last_lr()[0]  # the lr this step used (logged), before the schedule advances
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -233,7 +244,7 @@ class Trainer:
         step_ms = 1000 * elapsed / n
         self.step_ms.append(step_ms)
         tok_s = t.batch_size * t.block_size * n / elapsed
-        metrics = {"train/loss": window["ce"] / n, "lr": self.scheduler.get_last_lr()[0],
+        metrics = {"train/loss": window["ce"] / n, "lr": self.lr,
                    **{f"train/aux/{k}": v / n for k, v in window["aux"].items()},
                    **routing_metrics(self.model.sites, routings),
                    "perf/step_ms": step_ms, "perf/tokens_per_s": tok_s,

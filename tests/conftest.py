@@ -1,0 +1,182 @@
+"""Shared fixtures: a small synthetic WikiText-2 folder, a private cache, Hydra composition and tiny training runs.
+
+Nothing here reads ../shared/data or the network; every test that trains does so in-process on the synthetic text.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the package is used from the checkout, installed or not
+    sys.path.insert(0, str(REPO))
+
+import moa_train.config  # noqa: E402,F401  (registers the `train_schema` structured config)
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from moa_train.paths import config_dir  # noqa: E402
+
+CONFIG_DIR = config_dir()
+REAL_DATA = REPO / ".." / "shared" / "data"
+
+# --- synthetic WikiText-2 -------------------------------------------------------------------------------------
+
+_WORDS = (
+    "the of and in to a was is for on as by with that his at from it an were which he also be this had "
+    "first after its new their but or are one has two been who into over other during when while game "
+    "song album band season war army city river church school film series team player road station "
+    "released recorded played built began became received described located known called considered "
+    "north south early later most several many three four between under against following through "
+    "about around however including century government music history population company ship battle "
+    "chronicles valkyria story development critics version character design world record year years "
+    "café naïve <unk> <unk> <unk> <unk>"
+).split()
+_NAMES = ("Valkyria Gallia Sega Japan London Ohio Thomas Mary Kentucky Europan Imperial Nameless "
+          "Honjou Sakimoto Ozawa PlayStation Tower Bridge Lake George").split()
+_PUNCT_TAILS = (" .", " .", " .", " ;", " !", " ?")
+
+
+def _number(rng: random.Random) -> str:
+    kind = rng.random()
+    if kind < 0.4:
+        return str(rng.randint(1800, 2015))
+    if kind < 0.7:
+        return f"{rng.randint(1, 99)} @,@ {rng.randint(100, 999)}"
+    return f"{rng.randint(0, 99)} @.@ {rng.randint(0, 9)}"
+
+
+def _sentence(rng: random.Random) -> str:
+    out = []
+    for i in range(rng.randint(6, 22)):
+        r = rng.random()
+        if r < 0.08:
+            out.append(rng.choice(_NAMES))
+        elif r < 0.12:
+            out.append(_number(rng))
+        elif r < 0.17 and i > 0:
+            out.append(rng.choice([",", ",", "@-@", "'s", ":", "\""]))
+        elif r < 0.19:
+            out.append(f"( {rng.choice(_WORDS)} {rng.choice(_WORDS)} )")
+        else:
+            out.append(rng.choice(_WORDS))
+    words = " ".join(out)
+    return words[0].upper() + words[1:] + rng.choice(_PUNCT_TAILS)
+
+
+def _article(rng: random.Random) -> str:
+    title = " ".join(rng.choice(_NAMES) for _ in range(rng.randint(1, 3)))
+    lines = [" \n", f" = {title} = \n", " \n"]
+    for section in range(rng.randint(1, 3)):
+        if section:
+            lines += [f" = = {rng.choice(_WORDS).capitalize()} {rng.choice(_WORDS)} = = \n", " \n"]
+        for _ in range(rng.randint(1, 3)):
+            lines.append(" " + " ".join(_sentence(rng) for _ in range(rng.randint(2, 6))) + " \n")
+        lines.append(" \n")
+    return "".join(lines)
+
+
+def synthetic_text(seed: int, n_chars: int) -> str:
+    rng = random.Random(seed)
+    parts, size = [], 0
+    while size < n_chars:
+        parts.append(_article(rng))
+        size += len(parts[-1])
+    return "".join(parts)
+
+
+def write_wikitext(root: Path, splits=("train", "valid", "test")) -> Path:
+    """`root/wikitext-2/{train,valid,test}.txt`: train ~150 KB, valid/test ~20 KB, deterministic."""
+    sizes = {"train": (0, 150_000), "valid": (1, 20_000), "test": (2, 20_000)}
+    folder = root / "wikitext-2"
+    folder.mkdir(parents=True, exist_ok=True)
+    # every word, name and punctuation mark once, so valid/test never hold a character train lacks
+    vocab_line = " " + " ".join(_WORDS + _NAMES) + " , @-@ 's : \" ( ) @,@ @.@ 0123456789 . ; ! ? \n"
+    for name in splits:
+        seed, n = sizes[name]
+        text = synthetic_text(seed, n)
+        if name == "train":
+            text = vocab_line + text
+        (folder / f"{name}.txt").write_text(text, encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    root = write_wikitext(tmp_path_factory.mktemp("data"))
+    texts = {n: (root / "wikitext-2" / f"{n}.txt").read_text(encoding="utf-8") for n in ("train", "valid", "test")}
+    assert set(texts["valid"]) <= set(texts["train"]) and set(texts["test"]) <= set(texts["train"])
+    return root
+
+
+@pytest.fixture(scope="session")
+def wikitext_texts(data_root) -> dict:
+    folder = data_root / "wikitext-2"
+    return {n: (folder / f"{n}.txt").read_text(encoding="utf-8") for n in ("train", "valid", "test")}
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_env(data_root, cache_dir):
+    """Configs read MOA_DATA_DIR / MOA_CACHE_DIR: point both at session temp folders (never ~/.cache)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOA_DATA_DIR", str(data_root))
+        mp.setenv("MOA_CACHE_DIR", str(cache_dir))
+        yield
+
+
+# --- configs and runs -------------------------------------------------------------------------------------------
+
+def compose_train(*overrides: str):
+    """Compose `configs/train.yaml` with the overrides, in-process."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def compose_cfg(data_root, cache_dir):
+    """compose_cfg(*overrides): `train` on the synthetic data and private cache (no debug preset)."""
+    def _compose(*overrides: str):
+        return compose_train(f"data.root={data_root}", f"data.cache_dir={cache_dir}", *overrides)
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def make_cfg(compose_cfg):
+    """make_cfg(*overrides): `train` with debug=tiny on the synthetic data and private cache."""
+    def _make(*overrides: str):
+        return compose_cfg("debug=tiny", *overrides)
+    return _make
+
+
+def read_jsonl(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def train_run(make_cfg):
+    """train_run(run_dir, *overrides) -> (summary, metrics.jsonl records) of an in-process run."""
+    from moa_train.config import validate
+    from moa_train.train.loop import train
+
+    def _run(run_dir: Path, *overrides: str):
+        cfg = make_cfg("trainer.device=cpu", *overrides)
+        validate(cfg)
+        summary = train(cfg, run_dir)
+        return summary, read_jsonl(run_dir / "metrics.jsonl")
+    return _run
+
+
+def pytest_configure(config):
+    # tiny models gain nothing from intra-op threads, and two xdist workers (or another job) on two cores make
+    # OpenMP threads fight for the cores: one thread per process keeps runs fast and steady
+    import torch
+
+    torch.set_num_threads(1)

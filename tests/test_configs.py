@@ -1,0 +1,98 @@
+"""Every config on disk composes, validates and builds; the MoAS Table 1 sizes match the paper's counts."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import CONFIG_DIR
+from moa_train.config import ConfigError, validate
+from moa_train.models import build_model
+
+VOCAB = 283  # WikiText-2 characters
+
+
+def group_options(group: str) -> list:
+    """The options of a config group as found on disk (sub-folders included, `_` files left out)."""
+    root = CONFIG_DIR / group
+    names = (p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+    return sorted(n for n in names if not any(part.startswith("_") for part in n.split("/")))
+
+
+MODELS = group_options("model")
+EXPERIMENTS = group_options("experiment")
+DATA = group_options("data")
+
+
+def test_groups_found_on_disk():
+    assert {"mha", "gqa", "mqa", "moas_static", "moas_dynamic", "moa"} <= set(MODELS)
+    assert {"quickstart", "moas_table1/mha", "moas_table1/moas_static", "moas_table1/moas_dynamic"} <= set(EXPERIMENTS)
+    assert {"wikitext2_char", "wikitext2_word", "wikitext2_bpe"} <= set(DATA)
+
+
+@pytest.mark.parametrize("model,experiment,data", list(itertools.product(MODELS, EXPERIMENTS, DATA)))
+def test_config_composes_validates_and_builds(compose_cfg, model, experiment, data):
+    cfg = compose_cfg(f"experiment={experiment}", f"model={model}", f"data={data}")
+    assert cfg.model.name == model  # the command line wins over the experiment's defaults
+    assert cfg.data.name == data
+    validate(cfg)
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    with torch.device("meta"):  # experiment sizes: shapes and counts only, no memory or init cost
+        lm = build_model(cfg.model, VOCAB)
+    assert len(lm.blocks) == cfg.model.n_layer
+    assert lm.wpe.weight.shape == (cfg.model.max_seq_len, cfg.model.d_model)
+    assert lm.num_params() > 0 and lm.flops_per_token(cfg.trainer.block_size) > 0
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.n_head=5", "model.n_head"),
+    ("model.dropout=1.0", "model.dropout"),
+    ("trainer.block_size=999", "trainer.block_size"),
+    ("trainer.grad_accum=3", "trainer.grad_accum"),
+    ("optim.lr=0", "optim.lr"),
+    ("schedule=cosine schedule.warmup_steps=-1", "schedule.warmup_steps"),
+    ("data=wikitext2_bpe data.vocab_size=100", "data.vocab_size"),
+    ("data.root=/nonexistent/folder", "data.root"),
+    ("trainer.eval_only=true trainer.resume=false", "trainer.eval_only"),
+])
+def test_validate_names_the_bad_key(make_cfg, override, key):
+    cfg = make_cfg(*override.split())
+    with pytest.raises(ConfigError, match=f"^{key}:"):
+        validate(cfg)
+
+
+# --- MoAS paper Table 1 ------------------------------------------------------------------------------------------
+
+TABLE1 = {  # non-embedding (nanoGPT), total
+    "mha": (7_190_016, 7_288_320),
+    "moas_static": (10_139_136, 10_237_440),
+    "moas_dynamic": (10_287_744, 10_386_048),
+}
+
+
+@pytest.fixture(scope="module")
+def table1_models(compose_cfg):
+    return {name: build_model(compose_cfg(f"experiment=moas_table1/{name}").model, VOCAB) for name in TABLE1}
+
+
+@pytest.mark.parametrize("name", sorted(TABLE1))
+def test_table1_parameter_counts(table1_models, name):
+    lm = table1_models[name]
+    assert lm.config.name == name and lm.config.max_seq_len == 256
+    assert lm.num_params() == TABLE1[name][0]
+    assert lm.num_params(non_embedding=False) == TABLE1[name][1]
+
+
+@pytest.mark.parametrize("name,ratio", [("moas_static", 1.567), ("moas_dynamic", 1.586)])
+def test_table1_flops_ratio_to_mha(table1_models, name, ratio):
+    mha = table1_models["mha"].flops_per_token(256)
+    assert table1_models[name].flops_per_token(256) / mha == pytest.approx(ratio, abs=0.005)
+
+
+def test_table1_experiment_settings(compose_cfg):
+    cfg = compose_cfg("experiment=moas_table1/moas_dynamic")
+    assert (cfg.data.tokenizer, cfg.data.split) == ("char", "moas_paper")
+    assert (cfg.trainer.batch_size, cfg.trainer.block_size, cfg.trainer.max_steps) == (12, 256, 500)
+    assert cfg.model.gate_dropout == pytest.approx(0.1) and cfg.model.aux.balance_type == "mse"

@@ -1,0 +1,60 @@
+"""Parameter groups and learning-rate schedules."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from moa_train.models import build_model
+from moa_train.train.optim import build_optimizer, lr_factor, param_groups
+
+
+def schedule(name: str, warmup: int = 0, min_lr_ratio: float = 0.1):
+    return OmegaConf.create({"name": name, "warmup_steps": warmup, "min_lr_ratio": min_lr_ratio})
+
+
+def test_constant_with_warmup():
+    cfg = schedule("constant", warmup=4)
+    assert [lr_factor(s, cfg, 100) for s in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+
+
+def test_cosine_decays_to_min_ratio():
+    cfg = schedule("cosine", warmup=10, min_lr_ratio=0.1)
+    assert lr_factor(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_factor(10, cfg, 110) == pytest.approx(1.0)
+    assert lr_factor(60, cfg, 110) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(110, cfg, 110) == pytest.approx(0.1)
+    factors = [lr_factor(s, cfg, 110) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(factors, factors[1:]))
+
+
+def test_inverse_sqrt():
+    cfg = schedule("inverse_sqrt", warmup=16)
+    assert lr_factor(15, cfg, 1000) == pytest.approx(1.0)
+    assert lr_factor(63, cfg, 1000) == pytest.approx(math.sqrt(16 / 64))
+
+
+@pytest.mark.parametrize("model", ["moas_dynamic", "moa"])
+def test_router_parameters_have_their_own_group(make_cfg, model):
+    cfg = make_cfg(f"model={model}", "model.bias=true", "optim.router_lr_mult=2.0", "optim.router_weight_decay=0.0")
+    lm = build_model(cfg.model, 50)
+    groups = {g["name"]: g for g in param_groups(lm, cfg.optim)}
+    router_ids = {id(p) for n, p in lm.named_parameters() if ".router." in f".{n}"}
+    assert router_ids and {id(p) for p in groups["router"]["params"]} == router_ids
+    assert groups["router"]["lr"] == pytest.approx(2.0 * cfg.optim.lr)
+    assert groups["router"]["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in groups["decay"]["params"])
+    assert all(p.dim() < 2 for p in groups["no_decay"]["params"])
+    assert groups["decay"]["weight_decay"] == cfg.optim.weight_decay and groups["no_decay"]["weight_decay"] == 0.0
+    # every parameter in exactly one group (the tied embedding once)
+    ids = [id(p) for g in groups.values() for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(lm.parameters()))
+
+
+def test_dense_model_has_no_router_group(make_cfg):
+    cfg = make_cfg("model=mha")
+    lm = build_model(cfg.model, 50)
+    opt = build_optimizer(lm, cfg.optim, torch.device("cpu"))
+    assert {g["name"] for g in opt.param_groups} == {"decay", "no_decay"}
