@@ -96,3 +96,18 @@ def test_table1_experiment_settings(compose_cfg):
     assert (cfg.data.tokenizer, cfg.data.split) == ("char", "moas_paper")
     assert (cfg.trainer.batch_size, cfg.trainer.block_size, cfg.trainer.max_steps) == (12, 256, 500)
     assert cfg.model.gate_dropout == pytest.approx(0.1) and cfg.model.aux.balance_type == "mse"
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fast"])
+@pytest.mark.parametrize("row", ["mha", "moas_static", "moas_dynamic"])
+def test_table1_modes_compose(compose_cfg, mode, row):
+    from moa_train.config import validate
+
+    cfg = compose_cfg(f"experiment=moas_table1/{row}", f"mode={mode}")
+    validate(cfg)
+    assert cfg.data.split == "moas_paper" and cfg.trainer.batch_size == 12 and cfg.trainer.max_steps == 500
+    assert cfg.trainer.eval_iters == 20 and cfg.trainer.eval_batch_size == 12 and cfg.trainer.grad_clip is None
+    if mode == "faithful":
+        assert cfg.trainer.precision == "fp32" and not cfg.trainer.tf32 and not cfg.trainer.compile
+    else:
+        assert cfg.trainer.precision == "bf16" and cfg.trainer.tf32 and cfg.trainer.compile

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from moa_train.models.routing import (
-    Routing, balance_mse, balance_switch, cv_squared, dispatch_fraction, entropy, reduce_aux, routing_metrics,
+    Routing, balance_mse, balance_switch, cv_squared, dispatch_fraction, entropy, aux_losses, routing_metrics,
     utilisation, weighted_aux, z_loss)
 
 C, N = 3, 12
@@ -144,20 +145,45 @@ def test_cv_squared():
     assert cv_squared(collapsed()).item() == pytest.approx(importance.var().item() / (1 / 9), rel=1e-5)
 
 
-def aux_record(balance: float, z: float, cv: float) -> Routing:
-    return Routing(uniform(), ("a", "b", "c"), aux={"balance": torch.tensor(balance), "z": torch.tensor(z),
-                                                      "cv": torch.tensor(cv)})
+def aux_cfg(layer_reduce="mean", balance_type="mse", z_coef=0.0, cv_coef=0.0):
+    return SimpleNamespace(layer_reduce=layer_reduce, balance_type=balance_type, balance_coef=0.01, z_coef=z_coef,
+                           cv_coef=cv_coef)
 
 
-def test_reduce_aux_mean_and_sum_over_layers():
-    layers = [aux_record(1.0, 2.0, 3.0), None, aux_record(3.0, 4.0, 5.0)]
-    mean, total = reduce_aux(layers, "mean"), reduce_aux(layers, "sum")
-    assert {k: v.item() for k, v in mean.items()} == {"balance": 2.0, "z": 3.0, "cv": 4.0}
-    assert {k: v.item() for k, v in total.items()} == {"balance": 4.0, "z": 6.0, "cv": 8.0}
+def soft_record(probs: torch.Tensor) -> Routing:
+    return Routing(probs, ("a", "b", "c"), None, probs.log())
 
 
-def test_reduce_aux_of_dense_model_is_empty():
-    assert reduce_aux([None, None], "mean") == {}
+def test_aux_losses_mean_and_sum_over_layers():
+    """Layer terms are computed batched; the reduction over layers is the mean or the sum of per-layer terms."""
+    layers = [soft_record(uniform()), None, soft_record(collapsed())]
+    per_layer = {"balance": [balance_mse(uniform()), balance_mse(collapsed())],
+                 "z": [z_loss(uniform().log()), z_loss(collapsed().clamp_min(1e-30).log())],
+                 "cv": [cv_squared(uniform()), cv_squared(collapsed())]}
+    layers[2].logits = collapsed().clamp_min(1e-30).log()
+    mean, total = aux_losses(layers, aux_cfg("mean")), aux_losses(layers, aux_cfg("sum"))
+    for name, values in per_layer.items():
+        assert mean[name].item() == pytest.approx((values[0] + values[1]).item() / 2, rel=1e-5), name
+        assert total[name].item() == pytest.approx((values[0] + values[1]).item(), rel=1e-5), name
+
+
+def test_aux_losses_switch_uses_the_chosen_experts():
+    probs = torch.full((4, 3), 1 / 3)
+    chosen = torch.tensor([[0], [1], [2], [0]])
+    r = Routing(probs, ("a", "b", "c"), chosen, probs.log())
+    out = aux_losses([r, r], aux_cfg(balance_type="switch"))
+    assert out["balance"].item() == pytest.approx(balance_switch(probs, chosen).item())
+
+
+def test_zero_weighted_terms_are_skipped_off_log_steps():
+    layers = [soft_record(uniform())]
+    assert set(aux_losses(layers, aux_cfg(), all_terms=False)) == {"balance"}
+    assert set(aux_losses(layers, aux_cfg(z_coef=0.001), all_terms=False)) == {"balance", "z"}
+    assert set(aux_losses(layers, aux_cfg(), all_terms=True)) == {"balance", "z", "cv"}
+
+
+def test_aux_losses_of_dense_model_is_empty():
+    assert aux_losses([None, None], aux_cfg()) == {}
 
 
 def test_weighted_aux_applies_coefficients():

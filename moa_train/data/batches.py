@@ -22,8 +22,11 @@ def windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> tuple:
 
 
 class RandomWindows:
-    """Uniformly random windows (nanoGPT's get_batch), drawn from a seeded generator whose state is checkpointed,
-    so a resumed run draws exactly the batches an uninterrupted one would."""
+    """Uniformly random windows (nanoGPT's get_batch), drawn from a seeded CPU generator whose state is
+    checkpointed, so a resumed run draws exactly the batches an uninterrupted one would, on any device.
+
+    On CUDA the split is copied to the GPU once and windows are gathered there: a step moves only its start
+    offsets to the device (asynchronously), so the GPU never waits for data."""
 
     def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int, device: torch.device):
         if len(tokens) <= block_size + 1:
@@ -31,9 +34,15 @@ class RandomWindows:
                             f"this one has {len(tokens)}")
         self.tokens, self.batch_size, self.block_size, self.device = tokens, batch_size, block_size, device
         self.generator = torch.Generator().manual_seed(seed)
+        if device.type == "cuda":
+            self.device_tokens = torch.from_numpy(np.asarray(tokens).astype(np.int64)).to(device)
+            self.offsets = torch.arange(block_size + 1, device=device)
 
     def next(self) -> tuple:
         starts = torch.randint(len(self.tokens) - self.block_size - 1, (self.batch_size,), generator=self.generator)
+        if self.device.type == "cuda":
+            chunk = self.device_tokens[starts.pin_memory().to(self.device, non_blocking=True)[:, None] + self.offsets]
+            return chunk[:, :-1], chunk[:, 1:]
         x, y = windows(self.tokens, starts.numpy(), self.block_size)
         return _to_device(x, self.device), _to_device(y, self.device)
 

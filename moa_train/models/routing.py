@@ -5,7 +5,6 @@ never calls `.item()`, so the model stays free of graph breaks; the trainer conv
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -13,72 +12,91 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-AUX_NAMES = ("balance", "z", "cv")
-
-
 @dataclass
 class Routing:
     probs: Tensor  # (N, C) the router's distribution over C choices, before any gate dropout
     choice_names: tuple  # C names: ("mha", "gqa", "mqa") or ("0", ..., "E-1")
     chosen: Optional[Tensor] = None  # (N, k) selected choices for top-k routers; None for soft mixing
-    aux: dict = field(default_factory=dict)  # name -> unweighted scalar loss
+    logits: Optional[Tensor] = None  # (N, C) router logits (for the z-loss)
 
 
-def _masked_mean(x: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """Mean over the token dimension (0), counting only tokens where mask is True."""
+# Every function below takes tokens on dim -2 of (..., N, C) tensors (dim -1 of (..., N)), so the aux terms of all
+# layers are computed in one batched call on stacked records: a few kernels per step instead of a few per layer.
+
+def _token_mean(x: Tensor, mask: Optional[Tensor], dim: int) -> Tensor:
+    """Mean over the token dimension, counting only tokens where mask (N,) is True."""
     if mask is None:
-        return x.mean(0)
-    w = mask.to(x.dtype).unsqueeze(-1) if x.dim() > 1 else mask.to(x.dtype)
-    return (x * w).sum(0) / w.sum().clamp_min(1.0)
+        return x.mean(dim)
+    w = mask.to(x.dtype)
+    w = w.unsqueeze(-1) if dim == -2 else w
+    return (x * w).sum(dim) / w.sum(dim).clamp_min(1.0)
 
 
 def dispatch_fraction(probs: Tensor, chosen: Optional[Tensor], mask: Optional[Tensor] = None) -> Tensor:
     """Share of selections per choice: counts / (tokens x k); a soft router 'selects' its argmax."""
     if chosen is None:
         chosen = probs.argmax(-1, keepdim=True)
-    one_hot = F.one_hot(chosen, probs.shape[-1]).to(probs.dtype).sum(1) / chosen.shape[-1]  # (N, C)
-    return _masked_mean(one_hot, mask)
+    one_hot = F.one_hot(chosen, probs.shape[-1]).to(probs.dtype).sum(-2) / chosen.shape[-1]  # (..., N, C)
+    return _token_mean(one_hot, mask, -2)
 
 
 def balance_mse(probs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """MoAS paper: MSE between the batch-mean gates and the uniform 1/C."""
-    mean = _masked_mean(probs, mask)
-    return ((mean - 1.0 / probs.shape[-1]) ** 2).mean()
+    mean = _token_mean(probs, mask, -2)
+    return ((mean - 1.0 / probs.shape[-1]) ** 2).mean(-1)
 
 
 def balance_switch(probs: Tensor, chosen: Optional[Tensor], mask: Optional[Tensor] = None) -> Tensor:
     """Switch-Transformer balance: C * sum_i f_i * P_i; 1 when uniform, C when collapsed."""
     frac = dispatch_fraction(probs, chosen, mask).detach()
-    return probs.shape[-1] * (frac * _masked_mean(probs, mask)).sum()
+    return probs.shape[-1] * (frac * _token_mean(probs, mask, -2)).sum(-1)
 
 
 def z_loss(logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """Router z-loss: mean over tokens of logsumexp(logits)^2 (keeps logits small)."""
-    return _masked_mean(torch.logsumexp(logits.float(), -1) ** 2, mask)
+    return _token_mean(torch.logsumexp(logits.float(), -1) ** 2, mask, -1)
 
 
 def cv_squared(probs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """Squared coefficient of variation of expert importance (sum of router probabilities per choice)."""
-    importance = _masked_mean(probs, mask)
-    return importance.var() / (importance.mean() ** 2 + 1e-10)
+    importance = _token_mean(probs, mask, -2)
+    return importance.var(-1) / (importance.mean(-1) ** 2 + 1e-10)
 
 
-def router_aux(logits: Tensor, probs: Tensor, chosen: Optional[Tensor], balance_type: str,
-               mask: Optional[Tensor] = None) -> dict:
-    """The three aux terms every routed module reports; coefficients are applied by the trainer."""
-    balance = balance_mse(probs, mask) if balance_type == "mse" else balance_switch(probs, chosen, mask)
-    return {"balance": balance, "z": z_loss(logits, mask), "cv": cv_squared(probs, mask)}
+def _stack(records: list, field_name: str) -> Optional[Tensor]:
+    values = [getattr(r, field_name) for r in records]
+    return None if values[0] is None else torch.stack(values)
 
 
-def reduce_aux(routings: list, layer_reduce: str) -> dict:
-    """Combine each aux term over the routed sites: mean (MoAS paper) or sum (MoA code)."""
-    records = [r for r in routings if r is not None and r.aux]
+def aux_losses(routings: list, aux_cfg, all_terms: bool = True) -> dict:
+    """Unweighted aux terms reduced over the routed sites (mean as in the MoAS paper, sum as in the MoA code).
+
+    `balance` is always computed (it is the usual loss); `z` and `cv` only when weighted or `all_terms` (log steps),
+    so a step whose coefficients are zero launches no kernels for them. Sites of equal shape are stacked and
+    computed together."""
+    records = [r for r in routings if r is not None]
     if not records:
         return {}
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((tuple(r.probs.shape), r.chosen is None), []).append(r)
+    wanted = {"balance": True, "z": all_terms or bool(aux_cfg.z_coef), "cv": all_terms or bool(aux_cfg.cv_coef)}
+    per_layer: dict = {name: [] for name, on in wanted.items() if on}
+    for group in groups.values():
+        probs, chosen, logits = _stack(group, "probs"), _stack(group, "chosen"), _stack(group, "logits")
+        if aux_cfg.balance_type == "mse":
+            per_layer["balance"].append(balance_mse(probs))
+        else:
+            per_layer["balance"].append(balance_switch(probs, chosen))
+        if "z" in per_layer and logits is not None:
+            per_layer["z"].append(z_loss(logits))
+        if "cv" in per_layer:
+            per_layer["cv"].append(cv_squared(probs))
     out = {}
-    for name in AUX_NAMES:
-        total = torch.stack([r.aux[name].float() for r in records]).sum()
-        out[name] = total / len(records) if layer_reduce == "mean" else total
+    for name, values in per_layer.items():
+        if values:
+            v = torch.cat(values).float()
+            out[name] = v.mean() if aux_cfg.layer_reduce == "mean" else v.sum()
     return out
 
 
@@ -95,14 +113,13 @@ def weighted_aux(aux: dict, coefs) -> Tensor | float:
 def entropy(probs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """Mean over tokens of the entropy (nats) of each token's routing distribution."""
     p = probs.float()
-    ent = -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
-    return _masked_mean(ent, mask)
+    return _token_mean(-(p * torch.log(p.clamp_min(1e-12))).sum(-1), mask, -1)
 
 
 def utilisation(probs: Tensor, chosen: Optional[Tensor], mask: Optional[Tensor] = None) -> Tensor:
     """Share per choice, summing to 1: probability mass for soft routers, selections / (tokens x k) for top-k."""
     if chosen is None:
-        return _masked_mean(probs.float(), mask)
+        return _token_mean(probs.float(), mask, -2)
     return dispatch_fraction(probs.float(), chosen, mask)
 
 
@@ -117,7 +134,3 @@ def routing_metrics(sites: list, routings: list, mask: Optional[Tensor] = None) 
         for i, name in enumerate(r.choice_names):
             out[f"routing/util/{site}/{name}"] = util[i]
     return out
-
-
-def max_entropy(n_choices: int) -> float:
-    return math.log(n_choices)

@@ -26,7 +26,7 @@ from moa_train.data.batches import RandomWindows
 from moa_train.metrics.flops import device_name, peak_flops, peak_kind
 from moa_train.metrics.sinks import build_logger, truncate_jsonl
 from moa_train.models import build_model
-from moa_train.models.routing import reduce_aux, routing_metrics, weighted_aux
+from moa_train.models.routing import aux_losses, routing_metrics, weighted_aux
 from moa_train.train.checkpoint import (
     CheckpointError, find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from moa_train.train.evaluate import evaluate
@@ -146,28 +146,30 @@ class Trainer:
         return path
 
     # --- steps -------------------------------------------------------------------------------------------------
-    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
-        """(total loss, CE, unweighted aux terms reduced over layers, routing records)."""
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor, all_aux: bool) -> tuple:
+        """(total loss, CE, unweighted aux terms reduced over layers, routing records); aux terms with a zero
+        coefficient are computed only when `all_aux` (log steps)."""
         with self.autocast():
             logits, routings = self.model(x)
             ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-            aux = reduce_aux(routings, self.cfg.model.aux.layer_reduce)
+            aux = aux_losses(routings, self.cfg.model.aux, all_aux)
             return ce + weighted_aux(aux, self.cfg.model.aux), ce, aux, routings
 
-    def train_step(self, want_grad_norm: bool) -> tuple:
-        """One optimizer step over grad_accum micro-batches; returns device tensors
-        (mean CE, mean aux terms, the last micro-batch's routing records, grad norm or None)."""
+    def train_step(self, log_step: bool) -> tuple:
+        """One optimizer step over grad_accum micro-batches; returns device tensors (mean CE, mean aux terms, the
+        last micro-batch's routing records, grad norm or None). A log step also computes the grad norm and every
+        aux term."""
         cfg, n = self.cfg, self.cfg.trainer.grad_accum
         ce_sum, aux_sum = 0.0, {}
         for _ in range(n):
-            loss, ce, aux, routings = self.forward_loss(*self.batches.next())
+            loss, ce, aux, routings = self.forward_loss(*self.batches.next(), log_step)
             (loss / n).backward()
             ce_sum = ce_sum + ce.detach()
             aux_sum = {k: aux_sum.get(k, 0.0) + v.detach() for k, v in aux.items()}
         norm = None
         if cfg.trainer.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip)
-        elif want_grad_norm:
+        elif log_step:
             norm = self.grad_norm()
         self.lr = self.scheduler.get_last_lr()[0]  # the lr this step used (logged), before the schedule advances
         self.optimizer.step()
@@ -202,12 +204,14 @@ class Trainer:
             while self.step < t.max_steps:
                 last = self.step + 1 == t.max_steps
                 log_now = (self.step + 1) % t.log_interval == 0 or last
-                ce, aux, routings, norm = self.train_step(want_grad_norm=log_now)
+                ce, aux, routings, norm = self.train_step(log_now)
                 self.step += 1
                 self.tokens_seen += t.batch_size * t.block_size
                 window["steps"] += 1
                 window["ce"] = window["ce"] + ce
-                window["aux"] = {k: window["aux"].get(k, 0.0) + v for k, v in aux.items()}
+                for k, v in aux.items():  # (sum, count): z and cv may be computed on log steps only
+                    total, count = window["aux"].get(k, (0.0, 0))
+                    window["aux"][k] = (total + v, count + 1)
                 if log_now:
                     self.log_train(logger, window, routings, norm)
                     window = self.open_window()
@@ -245,7 +249,7 @@ class Trainer:
         self.step_ms.append(step_ms)
         tok_s = t.batch_size * t.block_size * n / elapsed
         metrics = {"train/loss": window["ce"] / n, "lr": self.lr,
-                   **{f"train/aux/{k}": v / n for k, v in window["aux"].items()},
+                   **{f"train/aux/{k}": total / count for k, (total, count) in window["aux"].items()},
                    **routing_metrics(self.model.sites, routings),
                    "perf/step_ms": step_ms, "perf/tokens_per_s": tok_s,
                    "perf/mfu": self.flops_per_token * tok_s / self.peak, "tokens_seen": self.tokens_seen}

@@ -18,13 +18,12 @@ import torch.nn as nn
 from torch import Tensor
 
 from moa_train.models.attention.mha import sdpa, split_heads
-from moa_train.models.routing import Routing, router_aux
+from moa_train.models.routing import Routing
 
 
 class MixtureOfAttentionHeads(nn.Module):
     def __init__(self, d_model: int, n_experts: int, top_k: int, head_dim: int, n_kv_heads: Optional[int] = None,
-                 dropout: float = 0.0, bias: bool = False, gating: str = "softmax_all", balance_type: str = "switch",
-                 causal: bool = True):
+                 dropout: float = 0.0, bias: bool = False, gating: str = "softmax_all", causal: bool = True):
         super().__init__()
         self.n_experts, self.top_k, self.head_dim = n_experts, top_k, head_dim
         self.n_kv = n_kv_heads or 1
@@ -33,7 +32,7 @@ class MixtureOfAttentionHeads(nn.Module):
         self.q_proj = nn.Linear(d_model, n_experts * self.expert_dim, bias=bias)
         self.kv_proj = nn.Linear(d_model, 2 * self.expert_dim, bias=bias)
         self.c_proj = nn.Linear(n_experts * self.expert_dim, d_model, bias=bias)
-        self.gating, self.balance_type = gating, balance_type
+        self.gating = gating
         self.dropout, self.causal = dropout, causal
         self.resid_dropout = nn.Dropout(dropout)
         self.choice_names = tuple(str(i) for i in range(n_experts))
@@ -41,8 +40,7 @@ class MixtureOfAttentionHeads(nn.Module):
     @classmethod
     def from_config(cls, m, causal: bool = True) -> "MixtureOfAttentionHeads":
         head_dim = m.head_dim or m.d_model // m.n_head
-        return cls(m.d_model, m.n_experts, m.top_k, head_dim, m.n_kv_heads, m.dropout, m.bias, m.gating,
-                   m.aux.balance_type, causal)
+        return cls(m.d_model, m.n_experts, m.top_k, head_dim, m.n_kv_heads, m.dropout, m.bias, m.gating, causal)
 
     def post_init(self) -> None:
         nn.init.zeros_(self.router.weight)
@@ -56,7 +54,7 @@ class MixtureOfAttentionHeads(nn.Module):
         else:
             top_logits, chosen = logits.topk(self.top_k, dim=-1)
             gates = top_logits.softmax(-1)
-        routing = Routing(probs, self.choice_names, chosen, router_aux(logits, probs, chosen, self.balance_type))
+        routing = Routing(probs, self.choice_names, chosen, logits)
         return gates, chosen, routing
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moa_train.models.attention.mha import merge_heads, sdpa, split_heads
-from moa_train.models.routing import Routing, router_aux
+from moa_train.models.routing import Routing
 
 BRANCHES = ("mha", "gqa", "mqa")
 
@@ -26,7 +26,7 @@ BRANCHES = ("mha", "gqa", "mqa")
 class MoASAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int, gqa_kv_heads: int = 2, dropout: float = 0.0, bias: bool = False,
                  dynamic: bool = True, router_hidden: Optional[int] = None, gate_dropout: float = 0.0,
-                 balance_type: str = "mse", fused: bool = True, causal: bool = True):
+                 fused: bool = True, causal: bool = True):
         super().__init__()
         self.n_head, self.head_dim, self.d_model = n_head, d_model // n_head, d_model
         self.kv_heads = (n_head, gqa_kv_heads, 1)
@@ -43,7 +43,7 @@ class MoASAttention(nn.Module):
             offset += kv
         self.register_buffer("kv_index", torch.tensor(index), persistent=False)
         self.dynamic, self.fused, self.causal = dynamic, fused, causal
-        self.dropout, self.gate_dropout, self.balance_type = dropout, gate_dropout, balance_type
+        self.dropout, self.gate_dropout = dropout, gate_dropout
         self.resid_dropout = nn.Dropout(dropout)
         if dynamic:
             hidden = router_hidden or d_model // 4
@@ -53,7 +53,7 @@ class MoASAttention(nn.Module):
     @classmethod
     def from_config(cls, m, causal: bool = True, dynamic: bool = True) -> "MoASAttention":
         return cls(m.d_model, m.n_head, m.gqa_kv_heads, m.dropout, m.bias, dynamic, m.router_hidden,
-                   m.gate_dropout, m.aux.balance_type, m.fused, causal)
+                   m.gate_dropout, m.fused, causal)
 
     def gates(self, x: Tensor) -> tuple:
         """(gates used for mixing (B, T, 3), Routing or None)."""
@@ -62,8 +62,7 @@ class MoASAttention(nn.Module):
             return x.new_full((b, t, 3), 1.0 / 3), None
         logits = self.router(x).float()
         probs = logits.softmax(-1)
-        flat_logits, flat_probs = logits.view(-1, 3), probs.view(-1, 3)
-        routing = Routing(flat_probs, BRANCHES, None, router_aux(flat_logits, flat_probs, None, self.balance_type))
+        routing = Routing(probs.view(-1, 3), BRANCHES, None, logits.view(-1, 3))
         gates = F.dropout(probs, self.gate_dropout, self.training) if self.gate_dropout else probs
         return gates.to(x.dtype), routing
 
