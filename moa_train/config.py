@@ -89,7 +89,8 @@ class TrainerConfig:
     tf32: bool = False  # allow TF32 matmuls in fp32
     compile: bool = False  # torch.compile the model
     compile_backend: Optional[str] = None  # null: inductor on CUDA, aot_eager on CPU
-    compile_mode: Optional[str] = None  # inductor mode: null | reduce-overhead (CUDA graphs) | max-autotune | ...
+    compile_mode: Optional[str] = None  # inductor mode: null | max-autotune | ... (not with cuda_graphs)
+    cuda_graphs: bool = False  # capture the whole optimizer step in one CUDA graph (CUDA only; ignored on CPU)
     max_steps: int = 500
     batch_size: int = 12  # sequences per optimizer step
     block_size: int = 256  # tokens per sequence (<= model.max_seq_len)

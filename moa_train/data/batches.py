@@ -42,7 +42,7 @@ class RandomWindows:
         starts = torch.randint(len(self.tokens) - self.block_size - 1, (self.batch_size,), generator=self.generator)
         if self.device.type == "cuda":
             chunk = self.device_tokens[starts.pin_memory().to(self.device, non_blocking=True)[:, None] + self.offsets]
-            return chunk[:, :-1], chunk[:, 1:]
+            return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
         x, y = windows(self.tokens, starts.numpy(), self.block_size)
         return _to_device(x, self.device), _to_device(y, self.device)
 

@@ -30,7 +30,8 @@ from moa_train.models.routing import aux_losses, routing_metrics, weighted_aux
 from moa_train.train.checkpoint import (
     CheckpointError, find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from moa_train.train.evaluate import evaluate
-from moa_train.train.optim import build_optimizer, build_scheduler
+from moa_train.train.cuda_graph import WARMUP_STEPS, CapturedStep
+from moa_train.train.optim import build_optimizer, build_scheduler, lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,9 @@ class Trainer:
         torch.backends.cuda.matmul.allow_tf32 = bool(t.tf32)
         torch.backends.cudnn.allow_tf32 = bool(t.tf32)
         use_bf16 = t.precision == "bf16"
-        self.autocast = partial(torch.autocast, self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext
+        # no autocast weight cache: it cannot live inside a CUDA-graph capture, and each weight is cast once anyway
+        self.autocast = (partial(torch.autocast, self.device.type, dtype=torch.bfloat16, cache_enabled=False)
+                         if use_bf16 else nullcontext)
 
         self.data = load_data(cfg.data)
         vocab = cfg.model.vocab_size or self.data.vocab_size
@@ -98,7 +101,11 @@ class Trainer:
             mode = t.compile_mode if backend == "inductor" else None  # modes are inductor's
             self.forward = torch.compile(self.model, backend=backend, mode=mode)
             self.forward_loss = torch.compile(self._forward_loss, backend=backend, mode=mode)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.use_graph = bool(t.cuda_graphs) and self.device.type == "cuda"
+        if t.cuda_graphs and not self.use_graph:
+            log.info("trainer.cuda_graphs: no CUDA device, running the step eagerly")
+        self.graph = None
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device, capturable=self.use_graph)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, t.max_steps)
         self.micro_batch = t.batch_size // t.grad_accum
         self.batches = RandomWindows(self.data.splits["train"].tokens, self.micro_batch, t.block_size, t.seed,
@@ -155,14 +162,14 @@ class Trainer:
             aux = aux_losses(routings, self.cfg.model.aux, all_aux)
             return ce + weighted_aux(aux, self.cfg.model.aux), ce, aux, routings
 
-    def train_step(self, log_step: bool) -> tuple:
-        """One optimizer step over grad_accum micro-batches; returns device tensors (mean CE, mean aux terms, the
-        last micro-batch's routing records, grad norm or None). A log step also computes the grad norm and every
-        aux term."""
-        cfg, n = self.cfg, self.cfg.trainer.grad_accum
+    def step_body(self, batches: list, log_step: bool) -> tuple:
+        """Forward and backward over the micro-batches, clipping, the optimizer update: all that a CUDA graph
+        captures. Returns device tensors (mean CE, mean aux terms, the last micro-batch's routing records, grad
+        norm or None); a log step also computes the grad norm and every aux term."""
+        cfg, n = self.cfg, len(batches)
         ce_sum, aux_sum = 0.0, {}
-        for _ in range(n):
-            loss, ce, aux, routings = self.forward_loss(*self.batches.next(), log_step)
+        for x, y in batches:
+            loss, ce, aux, routings = self.forward_loss(x, y, log_step)
             (loss / n).backward()
             ce_sum = ce_sum + ce.detach()
             aux_sum = {k: aux_sum.get(k, 0.0) + v.detach() for k, v in aux.items()}
@@ -171,11 +178,29 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip)
         elif log_step:
             norm = self.grad_norm()
-        self.lr = self.scheduler.get_last_lr()[0]  # the lr this step used (logged), before the schedule advances
         self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return ce_sum / n, {k: v / n for k, v in aux_sum.items()}, routings, norm
+
+    def train_step(self, log_step: bool) -> tuple:
+        """One optimizer step: eager, or a CUDA-graph replay after a few eager warm-up steps on a side stream."""
+        batches = [self.batches.next() for _ in range(self.cfg.trainer.grad_accum)]
+        self.lr = self.cfg.optim.lr * lr_factor(self.step, self.cfg.schedule, self.cfg.trainer.max_steps)
+        if not self.use_graph:
+            out = self.step_body(batches, log_step)
+            self.optimizer.zero_grad(set_to_none=True)
+        elif self.graph is None and self.step < WARMUP_STEPS:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                out = self.step_body(batches, True)  # all aux terms, as the captured graph computes them
+                self.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        else:
+            if self.graph is None:
+                self.graph = CapturedStep(self.step_body, batches)
+            out = self.graph.replay(batches)
+        self.scheduler.step()
+        return out
 
     def grad_norm(self) -> torch.Tensor:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]

@@ -28,9 +28,16 @@ def param_groups(model: torch.nn.Module, cfg) -> list:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg, device: torch.device, capturable: bool = False):
+    """AdamW over param_groups; `capturable` (for a CUDA-graph step) keeps its step counts and the learning rates
+    as device tensors, which the schedule then updates in place."""
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+    groups = param_groups(model, cfg)
+    if capturable:
+        for g in groups:
+            g["lr"] = torch.tensor(g["lr"], device=device)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused,
+                             capturable=capturable)
 
 
 def lr_factor(step: int, cfg, max_steps: int) -> float:
