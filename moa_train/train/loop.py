@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import statistics
 import subprocess
@@ -45,6 +46,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def git_sha() -> str | None:
+    """The checkout's commit; MOA_GIT_SHA where the code travels without its .git (a copied working tree)."""
+    if os.environ.get("MOA_GIT_SHA"):
+        return os.environ["MOA_GIT_SHA"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
                              capture_output=True, timeout=5)
