@@ -160,7 +160,7 @@ def markdown(res: dict, meta: dict) -> str:
     lines = ["# MoAS Table 1, reproduced over seeds", "",
              "WikiText-2 character level (283 symbols), 4 layers, d 384, 6 heads, block 256, dropout 0.1, batch 12, "
              "500 iterations, AdamW 3e-4 constant (the recipe in ../shared/papers/moas-table1-setup.md).", "",
-             f"- Command: `{meta['command']}`",
+             f"- Command: `{meta['command']}` (both modes in one run, on one GPU)",
              f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date {meta['date']}",
              "- Run records (config, metrics.jsonl, summary.json, official_eval.json): `docs/results/runs/moas_table1/"
              "<mode>/<row>-seed<k>/`",
