@@ -156,22 +156,60 @@ def sentence(name: str, test: dict) -> str:
             f"p = {test['p']:.3f}: {verdict}.")
 
 
+def speed_checks(res: dict) -> list:
+    """The issue's speed targets, checked on the measured figures."""
+    out = []
+    for row, r in res.get("faithful", {}).get("rows", {}).items():
+        if row != "mha":
+            limit = 1.15 * r["flop_ratio"]
+            ok = "met" if r["time_ratio"] <= limit else "MISSED"
+            out.append(f"faithful {row}: step time {r['time_ratio']:.2f}x mha, limit 1.15 x FLOP ratio "
+                       f"{r['flop_ratio']:.2f} = {limit:.2f}: {ok}")
+    for row, r in res.get("fast", {}).get("rows", {}).items():
+        if "speedup_vs_faithful" in r:
+            ok = "met" if r["speedup_vs_faithful"] >= 3 else "MISSED"
+            out.append(f"fast {row}: {r['speedup_vs_faithful']:.2f}x faster than faithful, target >= 3x: {ok}")
+    return out
+
+
+def findings(res: dict) -> list:
+    lines = ["## Findings", ""]
+    faithful = res.get("faithful", {}).get("rows", {})
+    if set(ROWS) <= faithful.keys():
+        means = {row: statistics.mean(faithful[row]["val_loss"]) for row in ROWS}
+        order = " < ".join(f"{row} {means[row]:.4f}" for row in sorted(ROWS, key=means.get))
+        paper = " < ".join(f"{row} {PAPER[row]['val_loss']:.4f}" for row in sorted(ROWS, key=lambda r: PAPER[r]["val_loss"]))
+        lines += [f"- Faithful mode, mean val loss over {len(faithful['mha']['val_loss'])} seeds: {order}. "
+                  f"The paper's single unseeded run: {paper}.",
+                  f"- Seed-to-seed spread (std) of the val loss is {min(statistics.stdev(faithful[r]['val_loss']) for r in ROWS):.3f}"
+                  f" to {max(statistics.stdev(faithful[r]['val_loss']) for r in ROWS):.3f} nats/char, larger than the "
+                  "0.002 that separates dynamic from static in the paper's table."]
+        tests = res["faithful"]["welch_dynamic_vs_static"]
+        if tests:
+            lines.append("- Dynamic vs static (Welch): " + "; ".join(
+                f"{k.replace('_', ' ')} p = {v['p']:.2f}" for k, v in tests.items()) + ".")
+    lines += [f"- Speed target, {c}." for c in speed_checks(res)]
+    return lines
+
+
 def markdown(res: dict, meta: dict) -> str:
     lines = ["# MoAS Table 1, reproduced over seeds", "",
              "WikiText-2 character level (283 symbols), 4 layers, d 384, 6 heads, block 256, dropout 0.1, batch 12, "
              "500 iterations, AdamW 3e-4 constant (the recipe in ../shared/papers/moas-table1-setup.md).", "",
-             f"- Command: `{meta['command']}` (both modes in one run, on one GPU)",
+             "- Command: `python3 scripts/reproduce_moas_table1.py` (trains both modes in one run on one GPU, evaluates on "
+             "the official files, writes these tables; `--tables-only` rebuilds them from the run records)",
              f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date {meta['date']}",
              "- Run records (config, metrics.jsonl, summary.json, official_eval.json): `docs/results/runs/moas_table1/"
              "<mode>/<row>-seed<k>/`",
              "- Modes: `faithful` = the paper's recipe (fp32 without TF32, eager, fused AdamW, the MSE balance loss x 0.01 "
              "averaged over layers with gate dropout 0.1, the 90/10 char split, 20 random eval batches of 12 x 256; one "
              "departure: the balance loss comes from the training forward pass, not a second pass). `fast` = the same "
-             "model, data and losses with bf16 autocast, TF32 and torch.compile.",
+             "model, data and losses with bf16 autocast, TF32, torch.compile and the whole optimizer step captured in one "
+             "CUDA graph.",
              "- ms/iter: the median over seeds of each run's median step time, measured over device-synchronised "
              "windows of 10 steps with evaluation excluded (the paper's column is ms per 10 iterations on a T4).",
              "- Validation: the same 20 fixed random windows of the last 10% of the train file for every run "
-             "(the paper drew new random windows at each evaluation).", ""]
+             "(the paper drew new random windows at each evaluation).", "", *findings(res), ""]
     for mode, block in res.items():
         rows = block["rows"]
         lines += [f"## Table 1, mode `{mode}` (the paper's split: val = last 10% of the train file)", "",

@@ -5,7 +5,7 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-COMMON = ("trainer.device=cuda", "model.dropout=0.0", "model.gate_dropout=0.0", "trainer.max_steps=12",
+COMMON = ("trainer.device=cuda", "optim.lr=3e-3", "model.dropout=0.0", "model.gate_dropout=0.0", "trainer.max_steps=12",
           "trainer.log_interval=1", "trainer.eval_interval=12", "model.n_head=4")
 # MoA with k = E: with k < E and the router initialised at zero every token starts on exact ties, so rounding-level
 # differences (the capturable AdamW keeps its bias correction on the device) flip expert choices and the runs part
