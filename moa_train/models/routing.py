@@ -20,6 +20,12 @@ class Routing:
     logits: Optional[Tensor] = None  # (N, C) router logits (for the z-loss)
 
 
+def detached(routings: list) -> list:
+    """The records without autograd history: kept for metrics, they must not keep a step's graph alive."""
+    return [None if r is None else Routing(r.probs.detach(), r.choice_names, r.chosen,
+                                           None if r.logits is None else r.logits.detach()) for r in routings]
+
+
 # Every function below takes tokens on dim -2 of (..., N, C) tensors (dim -1 of (..., N)), so the aux terms of all
 # layers are computed in one batched call on stacked records: a few kernels per step instead of a few per layer.
 

@@ -27,7 +27,7 @@ from moa_train.data.batches import RandomWindows
 from moa_train.metrics.flops import device_name, peak_flops, peak_kind
 from moa_train.metrics.sinks import build_logger, truncate_jsonl
 from moa_train.models import build_model
-from moa_train.models.routing import aux_losses, routing_metrics, weighted_aux
+from moa_train.models.routing import aux_losses, detached, routing_metrics, weighted_aux
 from moa_train.train.checkpoint import (
     CheckpointError, find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from moa_train.train.evaluate import evaluate
@@ -183,7 +183,7 @@ class Trainer:
         elif log_step:
             norm = self.grad_norm()
         self.optimizer.step()
-        return ce_sum / n, {k: v / n for k, v in aux_sum.items()}, routings, norm
+        return ce_sum / n, {k: v / n for k, v in aux_sum.items()}, detached(routings), norm
 
     def train_step(self, log_step: bool) -> tuple:
         """One optimizer step: eager, or a CUDA-graph replay after a few eager warm-up steps on a side stream."""
