@@ -50,6 +50,12 @@ class ModelConfig:
     top_k: int = 2  # k experts per token
     head_dim: Optional[int] = None  # expert head size; null = d_model // n_head
     gating: str = "softmax_all"  # softmax_all (released MoA code) | topk_softmax (renormalised over the k)
+    # encoder-decoder (translation data)
+    n_encoder_layer: Optional[int] = None  # null = n_layer (n_layer counts decoder layers)
+    norm_first: bool = True  # pre-LN (true) or post-LN (false, the original Transformer)
+    positions: str = "learned"  # learned | sinusoidal
+    share_embeddings: bool = True  # one embedding for source, target and output (joint vocabulary)
+    cross_attention: Optional[str] = None  # attention of decoder cross-attention; null = model.name (mha for moas_*)
     aux: AuxConfig = field(default_factory=AuxConfig)
 
 
@@ -60,7 +66,12 @@ class DataConfig:
     root: Optional[str] = None  # folder holding wikitext-2/{train,valid,test}.txt; null: download via datasets
     cache_dir: str = "~/.cache/moa_train"  # token ids (memmap) and tokenizers are cached here
     split: str = "official"  # official: the WikiText-2 valid/test files | moas_paper: first 90% / last 10% of train
-    vocab_size: Optional[int] = None  # BPE vocabulary size (bpe only)
+    vocab_size: Optional[int] = None  # BPE vocabulary size (bpe and translation)
+    # translation
+    src: str = "en"  # source language (file suffix)
+    tgt: str = "de"  # target language
+    max_tokens: int = 4096  # tokens (source + target, padding included) per optimizer step, global
+    max_len: int = 256  # training pairs with a longer side (in BPE tokens) are dropped
 
 
 @dataclass
@@ -103,8 +114,20 @@ class TrainerConfig:
     seed: int = 0
     resume: Any = "auto"  # auto | true | false | PATH to a checkpoint or run folder
     eval_only: bool = False  # evaluate the resumed checkpoint on valid and test, no training
+    label_smoothing: float = 0.0  # translation: label-smoothed cross-entropy (MoA / Transformer: 0.1)
     keep_checkpoints: int = 1  # last N checkpoints kept (besides best.pt)
     save_interval: Optional[int] = None  # null = at every evaluation
+
+
+@dataclass
+class EvalConfig:
+    """Translation decoding and scoring (sacreBLEU and chrF on detokenised text)."""
+    beam: int = 4  # beam size for the final test evaluation (MoA: 4)
+    lenpen: float = 0.6  # length penalty: score / len**lenpen (MoA: 0.6)
+    val_beam: int = 1  # beam during training's validation; 1 = greedy
+    max_len_a: float = 1.2  # output length limit: a * source length + b
+    max_len_b: int = 10
+    average_last: Optional[int] = None  # average the weights of the last N checkpoints before the test evaluation
 
 
 @dataclass
@@ -136,6 +159,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     experiment_name: str = "default"  # names the run folder and dashboards
 
 

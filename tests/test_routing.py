@@ -188,5 +188,5 @@ def test_aux_losses_of_dense_model_is_empty():
 
 def test_weighted_aux_applies_coefficients():
     aux = {"balance": torch.tensor(2.0), "z": torch.tensor(3.0), "cv": torch.tensor(5.0)}
-    coefs = {"balance_coef": 0.5, "z_coef": 0.0, "cv_coef": 0.1}
+    coefs = SimpleNamespace(balance_coef=0.5, z_coef=0.0, cv_coef=0.1)
     assert float(weighted_aux(aux, coefs)) == pytest.approx(0.5 * 2 + 0.1 * 5)

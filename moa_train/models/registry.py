@@ -20,9 +20,11 @@ ATTENTION = {
 }
 
 
-def build_attention(model_cfg, causal: bool = True):
+def build_attention(model_cfg, causal: bool = True, name: str | None = None):
+    """The attention module `name` (default model.name) with the model config's sizes."""
+    name = name or model_cfg.name
     try:
-        builder = ATTENTION[model_cfg.name]
+        builder = ATTENTION[name]
     except KeyError:
-        raise ValueError(f"model.name: unknown attention {model_cfg.name!r}; allowed: {', '.join(sorted(ATTENTION))}")
+        raise ValueError(f"model.name: unknown attention {name!r}; allowed: {', '.join(sorted(ATTENTION))}") from None
     return builder(model_cfg, causal=causal)

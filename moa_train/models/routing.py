@@ -18,12 +18,14 @@ class Routing:
     choice_names: tuple  # C names: ("mha", "gqa", "mqa") or ("0", ..., "E-1")
     chosen: Optional[Tensor] = None  # (N, k) selected choices for top-k routers; None for soft mixing
     logits: Optional[Tensor] = None  # (N, C) router logits (for the z-loss)
+    mask: Optional[Tensor] = None  # (N,) True for real tokens: padding is left out of aux losses and statistics
 
 
 def detached(routings: list) -> list:
     """The records without autograd history: kept for metrics, they must not keep a step's graph alive."""
     return [None if r is None else Routing(r.probs.detach(), r.choice_names, r.chosen,
-                                           None if r.logits is None else r.logits.detach()) for r in routings]
+                                           None if r.logits is None else r.logits.detach(), r.mask)
+            for r in routings]
 
 
 # Every function below takes tokens on dim -2 of (..., N, C) tensors (dim -1 of (..., N)), so the aux terms of all
@@ -85,19 +87,20 @@ def aux_losses(routings: list, aux_cfg, all_terms: bool = True) -> dict:
         return {}
     groups: dict = {}
     for r in records:
-        groups.setdefault((tuple(r.probs.shape), r.chosen is None), []).append(r)
+        groups.setdefault((tuple(r.probs.shape), r.chosen is None, id(r.mask)), []).append(r)
     wanted = {"balance": True, "z": all_terms or bool(aux_cfg.z_coef), "cv": all_terms or bool(aux_cfg.cv_coef)}
     per_layer: dict = {name: [] for name, on in wanted.items() if on}
     for group in groups.values():
         probs, chosen, logits = _stack(group, "probs"), _stack(group, "chosen"), _stack(group, "logits")
+        mask = group[0].mask  # shared by the group
         if aux_cfg.balance_type == "mse":
-            per_layer["balance"].append(balance_mse(probs))
+            per_layer["balance"].append(balance_mse(probs, mask))
         else:
-            per_layer["balance"].append(balance_switch(probs, chosen))
+            per_layer["balance"].append(balance_switch(probs, chosen, mask))
         if "z" in per_layer and logits is not None:
-            per_layer["z"].append(z_loss(logits))
+            per_layer["z"].append(z_loss(logits, mask))
         if "cv" in per_layer:
-            per_layer["cv"].append(cv_squared(probs))
+            per_layer["cv"].append(cv_squared(probs, mask))
     out = {}
     for name, values in per_layer.items():
         if values:
@@ -110,7 +113,7 @@ def weighted_aux(aux: dict, coefs) -> Tensor | float:
     """sum_name coef_name * aux[name]: the one place where coefficients meet aux terms."""
     total = 0.0
     for name, value in aux.items():
-        coef = float(coefs[f"{name}_coef"])
+        coef = float(getattr(coefs, f"{name}_coef"))
         if coef:
             total = total + coef * value
     return total
@@ -129,14 +132,14 @@ def utilisation(probs: Tensor, chosen: Optional[Tensor], mask: Optional[Tensor] 
     return dispatch_fraction(probs.float(), chosen, mask)
 
 
-def routing_metrics(sites: list, routings: list, mask: Optional[Tensor] = None) -> dict:
+def routing_metrics(sites: list, routings: list) -> dict:
     """Turn (site name, Routing) pairs into the flat metric dict: routing/entropy/<site>, routing/util/<site>/<c>."""
     out = {}
     for site, r in zip(sites, routings):
         if r is None:
             continue
-        out[f"routing/entropy/{site}"] = entropy(r.probs, mask)
-        util = utilisation(r.probs, r.chosen, mask)
+        out[f"routing/entropy/{site}"] = entropy(r.probs, r.mask)
+        util = utilisation(r.probs, r.chosen, r.mask)
         for i, name in enumerate(r.choice_names):
             out[f"routing/util/{site}/{name}"] = util[i]
     return out

@@ -15,16 +15,16 @@ import torch
 class CapturedStep:
     def __init__(self, body, batches: list):
         """body(batches, log_step) -> outputs: one optimizer step. Capturing records it; nothing runs yet."""
-        self.static = [(x.clone(), y.clone()) for x, y in batches]
+        self.static = [tuple(t.clone() for t in batch) for batch in batches]
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.outputs = body(self.static, True)
 
     def replay(self, batches: list):
         """Run one step on `batches`; the outputs are static tensors, valid until the next replay."""
-        for (sx, sy), (x, y) in zip(self.static, batches):
-            sx.copy_(x)
-            sy.copy_(y)
+        for static, batch in zip(self.static, batches):
+            for s, b in zip(static, batch):
+                s.copy_(b)
         self.graph.replay()
         return self.outputs
 

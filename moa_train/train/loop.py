@@ -18,21 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from moa_train.config import ConfigError
-from moa_train.data import load_data
-from moa_train.data.batches import RandomWindows
 from moa_train.metrics.flops import device_name, peak_flops, peak_kind
 from moa_train.metrics.sinks import build_logger, truncate_jsonl
-from moa_train.models import build_model
-from moa_train.models.routing import aux_losses, detached, routing_metrics, weighted_aux
+from moa_train.models.routing import detached, routing_metrics
 from moa_train.train.checkpoint import (
     CheckpointError, find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
-from moa_train.train.evaluate import evaluate
 from moa_train.train.cuda_graph import WARMUP_STEPS, CapturedStep
 from moa_train.train.optim import build_optimizer, build_scheduler, lr_factor
+from moa_train.train.tasks import make_task
 
 log = logging.getLogger(__name__)
 
@@ -93,29 +89,23 @@ class Trainer:
         self.autocast = (partial(torch.autocast, self.device.type, dtype=torch.bfloat16, cache_enabled=False)
                          if use_bf16 else nullcontext)
 
-        self.data = load_data(cfg.data)
-        vocab = cfg.model.vocab_size or self.data.vocab_size
-        if vocab < self.data.vocab_size:
-            raise ConfigError(f"model.vocab_size: {vocab} is smaller than the data's {self.data.vocab_size}; "
-                              "use null (from the data) or a larger value")
-        self.model = build_model(cfg.model, vocab).to(self.device)
+        self.task = make_task(cfg, self.device)
+        self.model = self.task.model.to(self.device)
         self.forward, self.forward_loss = self.model, self._forward_loss
         if t.compile:  # the model for evaluation; the model + losses as one graph for training
             backend = t.compile_backend or ("inductor" if self.device.type == "cuda" else "aot_eager")
             mode = t.compile_mode if backend == "inductor" else None  # modes are inductor's
             self.forward = torch.compile(self.model, backend=backend, mode=mode)
             self.forward_loss = torch.compile(self._forward_loss, backend=backend, mode=mode)
-        self.use_graph = bool(t.cuda_graphs) and self.device.type == "cuda"
+        self.use_graph = bool(t.cuda_graphs) and self.device.type == "cuda" and self.task.cuda_graphs_ok
         if t.cuda_graphs and not self.use_graph:
-            log.info("trainer.cuda_graphs: no CUDA device, running the step eagerly")
+            log.info("trainer.cuda_graphs: needs a CUDA device and fixed batch shapes; running the step eagerly")
         self.graph = None
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device, capturable=self.use_graph)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, t.max_steps)
-        self.micro_batch = t.batch_size // t.grad_accum
-        self.batches = RandomWindows(self.data.splits["train"].tokens, self.micro_batch, t.block_size, t.seed,
-                                     self.device)
+        self.batches = self.task.batches
         self.step, self.tokens_seen, self.best_val, self.wandb_id = 0, 0, math.inf, None
-        self.flops_per_token = self.model.flops_per_token(t.block_size)
+        self.flops_per_token = self.task.flops_per_token()
         self.peak = peak_flops(self.device, peak_kind(t.precision, t.tf32), cfg.data.cache_dir)
         self.step_ms: list = []
 
@@ -157,14 +147,11 @@ class Trainer:
         return path
 
     # --- steps -------------------------------------------------------------------------------------------------
-    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor, all_aux: bool) -> tuple:
+    def _forward_loss(self, batch, all_aux: bool) -> tuple:
         """(total loss, CE, unweighted aux terms reduced over layers, routing records); aux terms with a zero
         coefficient are computed only when `all_aux` (log steps)."""
         with self.autocast():
-            logits, routings = self.model(x)
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-            aux = aux_losses(routings, self.cfg.model.aux, all_aux)
-            return ce + weighted_aux(aux, self.cfg.model.aux), ce, aux, routings
+            return self.task.loss(self.model, batch, all_aux)
 
     def step_body(self, batches: list, log_step: bool) -> tuple:
         """Forward and backward over the micro-batches, clipping, the optimizer update: all that a CUDA graph
@@ -172,8 +159,8 @@ class Trainer:
         norm or None); a log step also computes the grad norm and every aux term."""
         cfg, n = self.cfg, len(batches)
         ce_sum, aux_sum = 0.0, {}
-        for x, y in batches:
-            loss, ce, aux, routings = self.forward_loss(x, y, log_step)
+        for batch in batches:
+            loss, ce, aux, routings = self.forward_loss(batch, log_step)
             (loss / n).backward()
             ce_sum = ce_sum + ce.detach()
             aux_sum = {k: aux_sum.get(k, 0.0) + v.detach() for k, v in aux.items()}
@@ -187,7 +174,8 @@ class Trainer:
 
     def train_step(self, log_step: bool) -> tuple:
         """One optimizer step: eager, or a CUDA-graph replay after a few eager warm-up steps on a side stream."""
-        batches = [self.batches.next() for _ in range(self.cfg.trainer.grad_accum)]
+        batches = [self.task.next_batch() for _ in range(self.cfg.trainer.grad_accum)]
+        self.step_tokens = sum(self.task.n_tokens(b) for b in batches)
         self.lr = self.cfg.optim.lr * lr_factor(self.step, self.cfg.schedule, self.cfg.trainer.max_steps)
         if not self.use_graph:
             out = self.step_body(batches, log_step)
@@ -210,10 +198,8 @@ class Trainer:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
-    def evaluate(self, split: str, prefix: str) -> dict:
-        t = self.cfg.trainer
-        return evaluate(self.forward, self.data.splits[split], prefix, t.eval_batch_size or t.batch_size,
-                        t.block_size, t.eval_iters, self.device, self.autocast)
+    def evaluate(self, split: str, prefix: str, final: bool = False) -> dict:
+        return self.task.evaluate(self.forward, split, prefix, self.autocast, final)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -235,8 +221,9 @@ class Trainer:
                 log_now = (self.step + 1) % t.log_interval == 0 or last
                 ce, aux, routings, norm = self.train_step(log_now)
                 self.step += 1
-                self.tokens_seen += t.batch_size * t.block_size
+                self.tokens_seen += self.step_tokens
                 window["steps"] += 1
+                window["tokens"] += self.step_tokens
                 window["ce"] = window["ce"] + ce
                 for k, v in aux.items():  # (sum, count): z and cv may be computed on log steps only
                     total, count = window["aux"].get(k, (0.0, 0))
@@ -258,7 +245,7 @@ class Trainer:
                     window = self.open_window()
             if not val and self.step > 0:  # resumed at max_steps: report the checkpoint's validation loss
                 val = self.evaluate("val", "val")
-            test = self.evaluate("test", "test")
+            test = self.evaluate("test", "test", final=True)
             logger.log(self.step, test)
         finally:
             logger.close()
@@ -267,7 +254,7 @@ class Trainer:
     def open_window(self) -> dict:
         """Start a timing/averaging window; the device is synchronised so the window times only what follows."""
         self.sync()
-        return {"t0": time.perf_counter(), "steps": 0, "ce": 0.0, "aux": {}}
+        return {"t0": time.perf_counter(), "steps": 0, "tokens": 0, "ce": 0.0, "aux": {}}
 
     def log_train(self, logger, window: dict, routings: list, grad_norm) -> None:
         t = self.cfg.trainer
@@ -276,7 +263,7 @@ class Trainer:
         elapsed = time.perf_counter() - window["t0"]
         step_ms = 1000 * elapsed / n
         self.step_ms.append(step_ms)
-        tok_s = t.batch_size * t.block_size * n / elapsed
+        tok_s = window["tokens"] / elapsed
         metrics = {"train/loss": window["ce"] / n, "lr": self.lr,
                    **{f"train/aux/{k}": total / count for k, (total, count) in window["aux"].items()},
                    **routing_metrics(self.model.sites, routings),
@@ -292,7 +279,7 @@ class Trainer:
         if self.maybe_resume(weights_only=True) is None:
             raise ConfigError("trainer.eval_only: no checkpoint found; set trainer.resume=PATH to a checkpoint "
                               "file or run folder")
-        metrics = {**self.evaluate("val", "val"), **self.evaluate("test", "test")}
+        metrics = {**self.evaluate("val", "val"), **self.evaluate("test", "test", final=True)}
         logger = build_logger(self.cfg, self.run_dir, OmegaConf.to_container(self.cfg, resolve=True))
         logger.log(self.step, metrics)
         logger.close()

@@ -1,0 +1,171 @@
+"""Encoder-decoder Transformer for translation whose attention comes from the same registry as the LM.
+
+Encoder self-attention, decoder self-attention and decoder cross-attention are registry modules (cross-attention
+uses `model.cross_attention`, default the model's own family; MoAS is a self-attention scheme, so its models use
+mha there). Pre-LN (default) or post-LN, learned or sinusoidal positions, one shared embedding for source, target
+and output (joint vocabulary). `forward` returns logits and one routing record per attention site, named
+`enc.layer<i>.self`, `dec.layer<i>.self`, `dec.layer<i>.cross`, each carrying the mask of its real (non-pad) tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from moa_train.models.lm import MLP
+from moa_train.models.registry import build_attention
+
+
+def sinusoids(n_pos: int, dim: int) -> Tensor:
+    """The Transformer's fixed sinusoidal position table (n_pos, dim)."""
+    pos = torch.arange(n_pos, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n_pos, dim)
+    table[:, 0::2], table[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
+    return table
+
+
+def cross_attention_name(m) -> str:
+    if m.cross_attention:
+        return m.cross_attention
+    return "mha" if m.name.startswith("moas") else m.name
+
+
+class Sublayer(nn.Module):
+    """x + f(norm(x)) (pre-LN) or norm(x + f(x)) (post-LN), for f an attention or the MLP."""
+
+    def __init__(self, d_model: int, bias: bool, norm_first: bool):
+        super().__init__()
+        self.norm, self.norm_first = nn.LayerNorm(d_model, bias=bias), norm_first
+
+    def forward(self, x: Tensor, f) -> tuple:
+        out = f(self.norm(x) if self.norm_first else x)
+        y, routing = out if isinstance(out, tuple) else (out, None)
+        return (x + y, routing) if self.norm_first else (self.norm(x + y), routing)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.self_attn = build_attention(m, causal=False)
+        self.mlp = MLP(m.d_model, int(m.mlp_ratio * m.d_model), m.dropout, m.bias)
+        self.sub_attn, self.sub_mlp = (Sublayer(m.d_model, m.bias, m.norm_first) for _ in range(2))
+
+    def forward(self, x: Tensor, src_mask: Tensor) -> tuple:
+        x, routing = self.sub_attn(x, lambda h: self.self_attn(h, mask=src_mask))
+        x, _ = self.sub_mlp(x, self.mlp)
+        return x, routing
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.self_attn = build_attention(m, causal=True)
+        self.cross_attn = build_attention(m, causal=False, name=cross_attention_name(m))
+        self.mlp = MLP(m.d_model, int(m.mlp_ratio * m.d_model), m.dropout, m.bias)
+        self.sub_self, self.sub_cross, self.sub_mlp = (Sublayer(m.d_model, m.bias, m.norm_first) for _ in range(3))
+
+    def forward(self, x: Tensor, memory: Tensor, src_mask: Tensor) -> tuple:
+        # target padding sits after the real tokens, so causal masking alone keeps real positions from seeing it
+        x, r_self = self.sub_self(x, self.self_attn)
+        x, r_cross = self.sub_cross(x, lambda h: self.cross_attn(h, context=memory, mask=src_mask))
+        x, _ = self.sub_mlp(x, self.mlp)
+        return x, r_self, r_cross
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self, m, vocab_size: int, pad_id: int):
+        super().__init__()
+        self.config, self.vocab_size, self.pad_id = m, vocab_size, pad_id
+        d, n_enc = m.d_model, m.n_encoder_layer or m.n_layer
+        self.embed = nn.Embedding(vocab_size, d, padding_idx=pad_id)
+        self.tgt_embed = self.embed if m.share_embeddings else nn.Embedding(vocab_size, d, padding_idx=pad_id)
+        self.embed_scale = math.sqrt(d)
+        if m.positions == "learned":
+            self.pos = nn.Embedding(m.max_seq_len, d)
+        else:
+            self.register_buffer("pos_table", sinusoids(m.max_seq_len, d), persistent=False)
+        self.drop = nn.Dropout(m.dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(m) for _ in range(n_enc))
+        self.decoder = nn.ModuleList(DecoderLayer(m) for _ in range(m.n_layer))
+        # pre-LN stacks end in a norm; post-LN layers already end in one
+        self.enc_norm = nn.LayerNorm(d, bias=m.bias) if m.norm_first else nn.Identity()
+        self.dec_norm = nn.LayerNorm(d, bias=m.bias) if m.norm_first else nn.Identity()
+        self.out = nn.Linear(d, vocab_size, bias=False)
+        self.out.weight = self.tgt_embed.weight
+        self._init(n_enc + m.n_layer)
+        self.sites = ([f"enc.layer{i}.self" for i in range(n_enc)]
+                      + [f"dec.layer{i}.{kind}" for i in range(m.n_layer) for kind in ("self", "cross")])
+
+    def _init(self, n_layers: int) -> None:
+        """GPT-2 style init for the blocks (residual projections scaled by depth); embeddings N(0, d^-0.5) as
+        in fairseq's Transformer, since they are scaled by sqrt(d); the pad row zero; modules' own post_init."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers))
+        for emb in {self.embed, self.tgt_embed}:
+            nn.init.normal_(emb.weight, std=emb.embedding_dim ** -0.5)
+            with torch.no_grad():
+                emb.weight[self.pad_id].zero_()
+        if hasattr(self, "pos"):
+            nn.init.normal_(self.pos.weight, std=0.02)
+        for module in self.modules():
+            if hasattr(module, "post_init"):
+                module.post_init()
+
+    def _embed(self, emb: nn.Embedding, ids: Tensor) -> Tensor:
+        t = ids.shape[1]
+        pos = self.pos.weight[:t] if hasattr(self, "pos") else self.pos_table[:t]
+        return self.drop(emb(ids) * self.embed_scale + pos)
+
+    def encode_with_routing(self, src: Tensor, src_mask: Tensor) -> tuple:
+        x, routings = self._embed(self.embed, src), []
+        for layer in self.encoder:
+            x, r = layer(x, src_mask)
+            routings.append(r)
+        return self.enc_norm(x), routings
+
+    def decode_with_routing(self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor) -> tuple:
+        x, routings = self._embed(self.tgt_embed, tgt_in), []
+        for layer in self.decoder:
+            x, r_self, r_cross = layer(x, memory, src_mask)
+            routings += [r_self, r_cross]
+        return self.out(self.dec_norm(x)), routings
+
+    def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
+        return self.encode_with_routing(src, src_mask)[0]
+
+    def decode(self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor) -> Tensor:
+        return self.decode_with_routing(tgt_in, memory, src_mask)[0]
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> tuple:
+        """(logits (B, T, V), routing records in `self.sites` order, each with the mask of its real tokens)."""
+        src_mask, tgt_mask = src != self.pad_id, tgt_in != self.pad_id
+        memory, enc_routings = self.encode_with_routing(src, src_mask)
+        logits, dec_routings = self.decode_with_routing(tgt_in, memory, src_mask)
+        masks = [src_mask] * len(enc_routings) + [tgt_mask] * len(dec_routings)
+        routings = [None if r is None else dataclasses.replace(r, mask=m.flatten())
+                    for r, m in zip(enc_routings + dec_routings, masks)]
+        return logits, routings
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.pos.weight.numel() if non_embedding and hasattr(self, "pos") else n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs for one source token plus one target token at length seq_len: encoder layer, decoder
+        layer (self + cross), MLPs and the output projection, from the attention modules' own counters."""
+        mlp = sum(6 * (layer.mlp.c_fc.weight.numel() + layer.mlp.c_proj.weight.numel())
+                  for layer in [*self.encoder, *self.decoder])
+        attn = sum(layer.self_attn.flops_per_token(seq_len) for layer in self.encoder)
+        attn += sum(layer.self_attn.flops_per_token(seq_len) + layer.cross_attn.flops_per_token(seq_len)
+                    for layer in self.decoder)
+        return mlp + attn + 6 * self.out.weight.numel()

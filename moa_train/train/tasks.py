@@ -1,0 +1,148 @@
+"""What differs between language modelling and translation, behind one small interface the trainer uses:
+build the model, draw a training batch, compute the loss, evaluate a split, count FLOPs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from moa_train.config import ConfigError
+from moa_train.data.batches import RandomWindows
+from moa_train.models.routing import aux_losses, weighted_aux
+from moa_train.train.evaluate import evaluate as evaluate_lm
+
+TRANSLATION_DATA = ("wmt14_en_de", "multi30k_en_de")
+
+
+class LMTask:
+    """Decoder-only LM on a token stream: random windows, next-token cross-entropy."""
+
+    cuda_graphs_ok = True  # fixed shapes
+
+    def __init__(self, cfg, device: torch.device):
+        from moa_train.data import load_data
+        from moa_train.models import build_model
+
+        self.cfg, self.device = cfg, device
+        self.aux_cfg = OmegaConf.to_object(cfg.model.aux)  # a plain dataclass: no OmegaConf inside compiled code
+        self.data = load_data(cfg.data)
+        vocab = cfg.model.vocab_size or self.data.vocab_size
+        if vocab < self.data.vocab_size:
+            raise ConfigError(f"model.vocab_size: {vocab} is smaller than the data's {self.data.vocab_size}; "
+                              "use null (from the data) or a larger value")
+        self.model = build_model(cfg.model, vocab)
+        t = cfg.trainer
+        self.batches = RandomWindows(self.data.splits["train"].tokens, t.batch_size // t.grad_accum, t.block_size,
+                                     t.seed, device)
+
+    def next_batch(self):
+        return self.batches.next()
+
+    def n_tokens(self, batch) -> int:
+        return batch[0].numel()
+
+    def loss(self, model, batch, all_aux: bool) -> tuple:
+        """(total loss, CE, unweighted aux terms, routing records)."""
+        x, y = batch
+        logits, routings = model(x)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        aux = aux_losses(routings, self.aux_cfg, all_aux)
+        return ce + weighted_aux(aux, self.aux_cfg), ce, aux, routings
+
+    def evaluate(self, forward, split: str, prefix: str, autocast, final: bool = False) -> dict:
+        t = self.cfg.trainer
+        return evaluate_lm(forward, self.data.splits[split], prefix, t.eval_batch_size or t.batch_size,
+                           t.block_size, t.eval_iters, self.device, autocast)
+
+    def flops_per_token(self) -> int:
+        return self.model.flops_per_token(self.cfg.trainer.block_size)
+
+
+class TranslationTask:
+    """Encoder-decoder on sentence pairs: batches by tokens, label-smoothed cross-entropy, BLEU by search."""
+
+    cuda_graphs_ok = False  # batch shapes vary
+
+    def __init__(self, cfg, device: torch.device):
+        from moa_train.data.translation import TokenBatches, load_translation
+        from moa_train.models.seq2seq import Seq2Seq
+
+        self.cfg, self.device = cfg, device
+        self.aux_cfg = OmegaConf.to_object(cfg.model.aux)
+        self.label_smoothing = float(cfg.trainer.label_smoothing)
+        self.data = load_translation(cfg.data)
+        self.model = Seq2Seq(cfg.model, self.data.vocab_size, self.data.pad_id)
+        d = self.data
+        per_micro = cfg.data.max_tokens // cfg.trainer.grad_accum
+        self.batches = TokenBatches(d.splits["train"], per_micro, d.pad_id, d.bos_id, d.eos_id,
+                                    seed=cfg.trainer.seed, shuffle=True, device=device)
+        self.train_iter = iter(self.batches)
+
+    def next_batch(self):
+        return next(self.train_iter)
+
+    def n_tokens(self, batch) -> int:
+        return int(batch["n_tokens"])
+
+    def loss(self, model, batch, all_aux: bool) -> tuple:
+        """Label-smoothed cross-entropy per real target token (train/loss), plus aux terms over real tokens."""
+        logits, routings = model(batch["src"], batch["tgt_in"])
+        target = batch["tgt_out"]
+        n = (target != self.data.pad_id).sum().clamp_min(1)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=self.data.pad_id,
+                             label_smoothing=self.label_smoothing, reduction="sum") / n
+        aux = aux_losses(routings, self.aux_cfg, all_aux)
+        return ce + weighted_aux(aux, self.aux_cfg), ce, aux, routings
+
+    @torch.no_grad()
+    def evaluate(self, forward, split: str, prefix: str, autocast, final: bool = False) -> dict:
+        """NLL per target token over the split, and BLEU / chrF of the decoded split (beam search at the end of
+        training, greedy or the configured val beam during it)."""
+        from moa_train.data.translation import TokenBatches
+        from moa_train.metrics.bleu import corpus_scores, tokenized_bleu
+        from moa_train.models.search import beam_search, greedy_search, max_output_len
+
+        e, d, model = self.cfg.eval, self.data, self.model
+        was_training = model.training
+        model.eval()
+        data = d.splits[split]
+        total, count = 0.0, 0
+        hyps = [""] * len(data.src)
+        beam = e.beam if final else e.val_beam
+        for batch in TokenBatches(data, self.cfg.data.max_tokens, d.pad_id, d.bos_id, d.eos_id, shuffle=False,
+                                  device=self.device):
+            with autocast():
+                logits, _ = forward(batch["src"], batch["tgt_in"])
+            total += F.cross_entropy(logits.flatten(0, 1).float(), batch["tgt_out"].flatten(),
+                                     ignore_index=d.pad_id, reduction="sum").item()
+            count += int(batch["n_tokens"])
+            src_mask = batch["src"] != d.pad_id
+            max_len = max_output_len(src_mask, e.max_len_a, e.max_len_b)
+            with autocast():
+                if beam == 1:
+                    out = greedy_search(model, batch["src"], src_mask, d.bos_id, d.eos_id, d.pad_id, max_len)
+                else:
+                    out = beam_search(model, batch["src"], src_mask, d.bos_id, d.eos_id, d.pad_id, max_len,
+                                      beam=beam, lenpen=e.lenpen)
+            for i, ids in zip(batch["index"].tolist(), out):
+                hyps[i] = d.decode(ids)
+        model.train(was_training)
+        loss = total / max(count, 1)
+        scores = corpus_scores(hyps, data.tgt_text)
+        out = {f"{prefix}/loss": loss, f"{prefix}/ppl": math.exp(min(loss, 50.0)), f"{prefix}/bleu": scores["bleu"],
+               f"{prefix}/chrf": scores["chrf"], f"{prefix}/bleu_tok": tokenized_bleu(hyps, data.tgt_text)}
+        self.last_signature = scores["bleu_signature"]
+        self.last_hyps = hyps
+        return out
+
+    def flops_per_token(self) -> int:
+        """At the mean target length of the training pairs (attention cost grows with it)."""
+        lengths = [len(t) + 1 for t in self.data.splits["train"].tgt]
+        return self.model.flops_per_token(round(sum(lengths) / len(lengths)))
+
+
+def make_task(cfg, device: torch.device):
+    return TranslationTask(cfg, device) if cfg.data.name in TRANSLATION_DATA else LMTask(cfg, device)
