@@ -171,7 +171,7 @@ register_configs()
 
 # --- validation -------------------------------------------------------------------------------------------------
 
-ROUTED = ("moas_dynamic", "moa")
+TRANSLATION_DATA = ("wmt14_en_de", "multi30k_en_de")  # data.name values that make a translation run
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -194,7 +194,7 @@ def validate(cfg) -> None:
     known = {f.name for f in fields(TrainConfig)} | {"hydra"}
     for key in cfg.keys():
         _check(key in known, str(key), f"unknown top-level key; allowed: {', '.join(sorted(known - {'hydra'}))}")
-    m, t, o, s, d = cfg.model, cfg.trainer, cfg.optim, cfg.schedule, cfg.data
+    m, t, o, s, d, e = cfg.model, cfg.trainer, cfg.optim, cfg.schedule, cfg.data, cfg.eval
     _one_of(m.name, "model.name", tuple(sorted(ATTENTION)))
     for key in ("d_model", "n_layer", "n_head", "max_seq_len", "n_experts", "top_k", "gqa_kv_heads"):
         _check(m[key] > 0, f"model.{key}", f"must be a positive integer, got {m[key]}")
@@ -219,6 +219,7 @@ def validate(cfg) -> None:
         _check(0.0 <= m[key] < 1.0, f"model.{key}", f"must be in [0, 1), got {m[key]}")
     _one_of(m.aux.layer_reduce, "model.aux.layer_reduce", ("mean", "sum"))
     _one_of(m.aux.balance_type, "model.aux.balance_type", ("mse", "switch"))
+    _one_of(m.positions, "model.positions", ("learned", "sinusoidal"))
     if m.vocab_size is not None:
         _check(m.vocab_size > 0, "model.vocab_size", f"must be positive or null, got {m.vocab_size}")
 
@@ -235,8 +236,17 @@ def validate(cfg) -> None:
     _one_of(t.precision, "trainer.precision", ("fp32", "bf16"))
     for key in ("max_steps", "batch_size", "block_size", "grad_accum", "eval_interval", "log_interval"):
         _check(t[key] > 0, f"trainer.{key}", f"must be a positive integer, got {t[key]}")
-    _check(t.block_size <= m.max_seq_len, "trainer.block_size",
-           f"{t.block_size} exceeds model.max_seq_len={m.max_seq_len}; valid: 1..{m.max_seq_len}")
+    if d.name in TRANSLATION_DATA:
+        _check(d.max_tokens > 0, "data.max_tokens", f"must be a positive integer, got {d.max_tokens}")
+        _check(d.max_len + 1 <= m.max_seq_len, "data.max_len",
+               f"{d.max_len} + 1 (BOS/EOS) exceeds model.max_seq_len={m.max_seq_len}; valid: 1..{m.max_seq_len - 1}")
+        _check(e.beam >= 1 and e.val_beam >= 1, "eval.beam", f"must be >= 1, got {e.beam} / {e.val_beam}")
+        cross = m.cross_attention or m.name
+        _check(not cross.startswith("moas"), "model.cross_attention",
+               f"{cross} is a self-attention scheme; allowed for cross-attention: mha, gqa, mqa, moa")
+    else:
+        _check(t.block_size <= m.max_seq_len, "trainer.block_size",
+               f"{t.block_size} exceeds model.max_seq_len={m.max_seq_len}; valid: 1..{m.max_seq_len}")
     _check(t.batch_size % t.grad_accum == 0, "trainer.grad_accum",
            f"{t.grad_accum} does not divide trainer.batch_size={t.batch_size}; valid: {_divisors(t.batch_size)}")
     if t.eval_iters is not None:

@@ -9,12 +9,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from moa_train.config import ConfigError
+from moa_train.config import TRANSLATION_DATA, ConfigError
 from moa_train.data.batches import RandomWindows
 from moa_train.models.routing import aux_losses, weighted_aux
 from moa_train.train.evaluate import evaluate as evaluate_lm
-
-TRANSLATION_DATA = ("wmt14_en_de", "multi30k_en_de")
 
 
 class LMTask:
@@ -120,7 +118,7 @@ class TranslationTask:
                                      ignore_index=d.pad_id, reduction="sum").item()
             count += int(batch["n_tokens"])
             src_mask = batch["src"] != d.pad_id
-            max_len = max_output_len(src_mask, e.max_len_a, e.max_len_b)
+            max_len = min(max_output_len(src_mask, e.max_len_a, e.max_len_b), self.cfg.model.max_seq_len - 1)
             with autocast():
                 if beam == 1:
                     out = greedy_search(model, batch["src"], src_mask, d.bos_id, d.eos_id, d.pad_id, max_len)
