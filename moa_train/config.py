@@ -247,8 +247,9 @@ def validate(cfg) -> None:
     else:
         _check(t.block_size <= m.max_seq_len, "trainer.block_size",
                f"{t.block_size} exceeds model.max_seq_len={m.max_seq_len}; valid: 1..{m.max_seq_len}")
-    _check(t.batch_size % t.grad_accum == 0, "trainer.grad_accum",
-           f"{t.grad_accum} does not divide trainer.batch_size={t.batch_size}; valid: {_divisors(t.batch_size)}")
+    if d.name not in TRANSLATION_DATA:  # translation batches by data.max_tokens
+        _check(t.batch_size % t.grad_accum == 0, "trainer.grad_accum",
+               f"{t.grad_accum} does not divide trainer.batch_size={t.batch_size}; valid: {_divisors(t.batch_size)}")
     if t.eval_iters is not None:
         _check(t.eval_iters > 0, "trainer.eval_iters", f"must be positive or null (full pass), got {t.eval_iters}")
     if t.grad_clip is not None:

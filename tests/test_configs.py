@@ -8,8 +8,9 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import CONFIG_DIR
-from moa_train.config import ConfigError, validate
+from moa_train.config import TRANSLATION_DATA, ConfigError, validate
 from moa_train.models import build_model
+from moa_train.models.seq2seq import Seq2Seq
 
 VOCAB = 283  # WikiText-2 characters
 
@@ -32,18 +33,45 @@ def test_groups_found_on_disk():
     assert {"wikitext2_char", "wikitext2_word", "wikitext2_bpe"} <= set(DATA)
 
 
-@pytest.mark.parametrize("model,experiment,data", list(itertools.product(MODELS, EXPERIMENTS, DATA)))
-def test_config_composes_validates_and_builds(compose_cfg, model, experiment, data):
-    cfg = compose_cfg(f"experiment={experiment}", f"model={model}", f"data={data}")
-    assert cfg.model.name == model  # the command line wins over the experiment's defaults
-    assert cfg.data.name == data
+def check_builds(cfg) -> None:
+    """Validate, resolve and build the task's model at full size on the meta device (shapes only)."""
     validate(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     with torch.device("meta"):  # experiment sizes: shapes and counts only, no memory or init cost
+        if cfg.data.name in TRANSLATION_DATA:
+            model = Seq2Seq(cfg.model, VOCAB, 0)
+            assert len(model.decoder) == cfg.model.n_layer
+            assert model.num_params() > 0 and model.flops_per_token(32) > 0
+            return
         lm = build_model(cfg.model, VOCAB)
     assert len(lm.blocks) == cfg.model.n_layer
     assert lm.wpe.weight.shape == (cfg.model.max_seq_len, cfg.model.d_model)
     assert lm.num_params() > 0 and lm.flops_per_token(cfg.trainer.block_size) > 0
+
+
+@pytest.mark.parametrize("model,data", list(itertools.product(MODELS, DATA)))
+def test_every_model_with_every_data_composes_and_builds(compose_cfg, model, data):
+    # quickstart's 128 positions hold translation pairs of up to 127 tokens
+    extra = ["data.max_len=127"] if data in TRANSLATION_DATA else []
+    if model.startswith("moas") and data in TRANSLATION_DATA:
+        extra.append("model.cross_attention=mha")
+    cfg = compose_cfg(f"model={model}", f"data={data}", *extra)
+    assert cfg.model.name == model and cfg.data.name == data
+    check_builds(cfg)
+
+
+@pytest.mark.parametrize("model,experiment", list(itertools.product(MODELS, EXPERIMENTS)))
+def test_every_experiment_with_every_model_composes_and_builds(compose_cfg, model, experiment):
+    """Each experiment with its own data, and any model chosen on the command line (it wins over the experiment)."""
+    if model.startswith("moas") and (experiment.startswith("multi30k") or experiment.startswith("moa_wmt")):
+        cfg = compose_cfg(f"experiment={experiment}", f"model={model}")
+        with pytest.raises(ConfigError, match="model.cross_attention"):  # a self-attention scheme needs a cross one
+            validate(cfg)
+        cfg = compose_cfg(f"experiment={experiment}", f"model={model}", "model.cross_attention=mha")
+    else:
+        cfg = compose_cfg(f"experiment={experiment}", f"model={model}")
+    assert cfg.model.name == model
+    check_builds(cfg)
 
 
 @pytest.mark.parametrize("override,key", [

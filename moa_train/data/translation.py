@@ -1,0 +1,362 @@
+"""Parallel corpora (WMT14 En-De, Multi30k En-De) as joint-BPE sentence pairs, and token-budget batches of them.
+
+Files, one sentence per line and parallel by line, under `data.root` (MOA_DATA_DIR):
+  wmt14_en_de     wmt14-en-de/{train,valid,test}.{en,de}            (valid = newstest2013, test = newstest2014)
+  multi30k_en_de  multi30k/{train,val,test_2016_flickr}.{en,de}
+Where `data.root` is null or lacks the dataset's folder, the files are written once from the `datasets` hub copy into
+`<cache_dir>/download/<folder>/`; offline, a clear error names MOA_DATA_DIR.
+
+One byte-level BPE is trained on the train text of both languages (ids 0..3 = <pad> <s> </s> <unk>). The tokenizer and
+the ids of every split are cached per language under `<cache_dir>/translation/<fingerprint>/`, so en->de and de->en
+share one cache and a second load neither retrains nor re-encodes. `data.max_len` is applied at load time, to the
+train split only: val/test keep every line, since their raw target lines are the BLEU references.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moa_train.data.batches import _to_device
+from moa_train.data.wikitext import DataError
+
+CACHE_VERSION = 1
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
+DEFAULT_VOCAB = 8000
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    folder: str  # under data.root
+    stems: dict  # split -> file stem; files are <stem>.<lang>
+    hub: tuple  # load_dataset arguments
+    hub_splits: dict  # split -> hub split name
+    nested: bool  # hub rows are {"translation": {lang: text}} (wmt14) rather than {lang: text} columns
+
+
+CORPORA = {
+    "wmt14_en_de": Corpus("wmt14-en-de", {"train": "train", "val": "valid", "test": "test"}, ("wmt14", "de-en"),
+                          {"train": "train", "val": "validation", "test": "test"}, nested=True),
+    "multi30k_en_de": Corpus("multi30k", {"train": "train", "val": "val", "test": "test_2016_flickr"},
+                             ("bentrevett/multi30k",), {"train": "train", "val": "validation", "test": "test"},
+                             nested=False),
+}
+LANGS = ("de", "en")  # sorted: the order both sides are trained and stored in, whatever the direction
+
+
+@dataclass
+class ParallelSplit:
+    src: list  # 1-D np.int32 BPE ids per source sentence (no BOS/EOS)
+    tgt: list  # the same for targets
+    src_text: list  # raw source lines
+    tgt_text: list  # raw target lines: the BLEU references
+    n_dropped: int = 0  # train only: pairs left out for an empty side or a side longer than data.max_len
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+
+@dataclass
+class ParallelData:
+    splits: dict  # "train" | "val" | "test" -> ParallelSplit
+    vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    unk_id: int
+    tokenizer_path: str  # the saved `tokenizers` JSON
+    tokenizer: object = field(default=None, repr=False, compare=False)  # loaded from tokenizer_path when not given
+
+    def __post_init__(self):
+        if self.tokenizer is None:
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(self.tokenizer_path)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        """ids (list, array or 1-D tensor) -> text: stops at the first </s>, skips <pad> and <s>."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        if self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        text = self.tokenizer.decode([i for i in ids if i not in (self.pad_id, self.bos_id)],
+                                     skip_special_tokens=False)
+        return text[1:] if text.startswith(" ") else text  # the space add_prefix_space put in front
+
+
+# --- locating and reading the files ---------------------------------------------------------------------------
+
+def _expected(corpus: Corpus) -> str:
+    return f"{corpus.folder}/{{{','.join(corpus.stems.values())}}}.{{en,de}}"
+
+
+def _files(folder: Path, corpus: Corpus) -> dict:
+    return {(split, lang): folder / f"{stem}.{lang}" for split, stem in corpus.stems.items() for lang in LANGS}
+
+
+def _download(corpus: Corpus, cache: Path, root) -> Path:
+    """Write the six files from the `datasets` hub copy into the cache; only where the network exists."""
+    target = cache / "download" / corpus.folder
+    files = _files(target, corpus)
+    if all(p.is_file() for p in files.values()):
+        return target
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(*corpus.hub)
+    except Exception as exc:  # offline, hub down, package missing: all end in the same advice
+        raise DataError(f"{corpus.folder}/ not found under data.root={root}: set MOA_DATA_DIR (or data.root) to a "
+                        f"folder holding {_expected(corpus)}; downloading through `datasets` failed "
+                        f"({type(exc).__name__})") from None
+    target.mkdir(parents=True, exist_ok=True)
+    for (split, lang), path in files.items():
+        rows = ds[corpus.hub_splits[split]]
+        lines = [t[lang] for t in rows["translation"]] if corpus.nested else rows[lang]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(s.replace("\r", " ").replace("\n", " ") + "\n" for s in lines), encoding="utf-8")
+        tmp.replace(path)
+    return target
+
+
+def locate(cfg, corpus: Corpus, cache: Path) -> Path:
+    """The folder holding the six files; every file checked so a missing one is named."""
+    folder = None if cfg.root is None else Path(os.path.expanduser(str(cfg.root))) / corpus.folder
+    if folder is None or not folder.is_dir():
+        folder = _download(corpus, cache, cfg.root)
+    for path in _files(folder, corpus).values():
+        if not path.is_file():
+            raise DataError(f"data.root: missing file {path}; expected {_expected(corpus)} under {folder.parent} "
+                            f"(set MOA_DATA_DIR or data.root)")
+    return folder
+
+
+def read_lines(path: Path) -> list:
+    """Lines without their '\\n' (or '\\r\\n'); split on '\\n' only, so line numbers agree with `wc -l` and editors."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"data file {path} is not UTF-8 text (line {line})") from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [s[:-1] if s.endswith("\r") else s for s in lines]
+
+
+def read_corpus(folder: Path, corpus: Corpus) -> dict:
+    """(split, lang) -> lines, with the checks every split must pass: parallel line counts, some text."""
+    files = _files(folder, corpus)
+    texts = {key: read_lines(path) for key, path in files.items()}
+    for split in SPLITS:
+        (a, la), (b, lb) = ((files[split, lang], len(texts[split, lang])) for lang in LANGS)
+        if la != lb:
+            raise DataError(f"data files {a} ({la} lines) and {b} ({lb} lines) are not parallel: "
+                            f"their line counts differ")
+        for lang in LANGS:
+            if not any(s.strip() for s in texts[split, lang]):
+                raise DataError(f"data split {split!r} is empty: {files[split, lang]} holds no sentences")
+    return texts
+
+
+# --- tokenizer and cache --------------------------------------------------------------------------------------
+
+def train_bpe(lines: list, vocab_size: int, path: Path):
+    """Byte-level BPE with the special tokens at ids 0..3, saved to `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(lines, trainer=trainer)
+    tok.save(str(path))
+    return tok
+
+
+def encode_lines(tok, lines: list) -> tuple:
+    """-> (all ids concatenated as int32, offsets of n+1 int64): sentence i is ids[offsets[i]:offsets[i+1]]."""
+    encs = tok.encode_batch(lines, add_special_tokens=False)
+    offsets = np.zeros(len(encs) + 1, dtype=np.int64)
+    np.cumsum([len(e.ids) for e in encs], out=offsets[1:])
+    ids = np.fromiter((i for e in encs for i in e.ids), dtype=np.int32, count=int(offsets[-1]))
+    return ids, offsets
+
+
+def _fingerprint(cfg, folder: Path, corpus: Corpus, vocab_size: int) -> str:
+    h = hashlib.sha256()
+    for path in _files(folder, corpus).values():
+        st = path.stat()
+        h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    h.update(f"{cfg.name}:{sorted((cfg.src, cfg.tgt))}:{vocab_size}:{CACHE_VERSION}".encode())
+    return h.hexdigest()[:16]
+
+
+def build_atomically(out: Path, build) -> None:
+    """build(folder) in a private folder renamed to `out`, so concurrent runs never see a partial cache."""
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    build(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build(texts: dict, vocab_size: int, out: Path) -> None:
+    tok = train_bpe([s for lang in LANGS for s in texts["train", lang]], vocab_size, out / "tokenizer.json")
+    for (split, lang), lines in texts.items():
+        ids, offsets = encode_lines(tok, lines)
+        np.save(out / f"{split}.{lang}.ids.npy", ids)
+        np.save(out / f"{split}.{lang}.offsets.npy", offsets)
+    meta = {"vocab_size": tok.get_vocab_size(), "version": CACHE_VERSION,
+            "lines": {f"{split}.{lang}": len(lines) for (split, lang), lines in texts.items()}}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def _load_ids(out: Path, split: str, lang: str) -> list:
+    ids = np.load(out / f"{split}.{lang}.ids.npy")
+    offsets = np.load(out / f"{split}.{lang}.offsets.npy")
+    return np.split(ids, offsets[1:-1])
+
+
+def _split(out: Path, texts: dict, split: str, src: str, tgt: str, max_len: int) -> ParallelSplit:
+    s = ParallelSplit(_load_ids(out, split, src), _load_ids(out, split, tgt), texts[split, src], texts[split, tgt])
+    if split != "train":
+        return s
+    keep = [i for i, (x, y) in enumerate(zip(s.src, s.tgt)) if 0 < len(x) <= max_len and 0 < len(y) <= max_len]
+    if not keep:
+        raise DataError(f"data.max_len: every training pair is empty or longer than {max_len} BPE tokens")
+    if len(keep) == len(s.src):
+        return s
+    return ParallelSplit(*([part[i] for i in keep] for part in (s.src, s.tgt, s.src_text, s.tgt_text)),
+                         n_dropped=len(s.src) - len(keep))
+
+
+def load_translation(cfg) -> ParallelData:
+    """The data config's corpus as BPE sentence pairs in the direction data.src -> data.tgt."""
+    if cfg.name not in CORPORA:
+        raise DataError(f"data.name: {cfg.name!r} is not a translation corpus; allowed: {', '.join(CORPORA)}")
+    for key, lang in (("data.src", cfg.src), ("data.tgt", cfg.tgt)):
+        if lang not in LANGS:
+            raise DataError(f"{key}: {lang!r} is not a language of {cfg.name}; allowed: {', '.join(LANGS)}")
+    if cfg.src == cfg.tgt:
+        raise DataError(f"data.src and data.tgt are both {cfg.src!r}; they must differ")
+    corpus = CORPORA[cfg.name]
+    vocab_size = cfg.vocab_size or DEFAULT_VOCAB
+    cache = Path(os.path.expanduser(str(cfg.cache_dir)))
+    folder = locate(cfg, corpus, cache)
+    texts = read_corpus(folder, corpus)
+    out = cache / "translation" / _fingerprint(cfg, folder, corpus, vocab_size)
+    if not (out / "meta.json").is_file():
+        build_atomically(out, lambda tmp: _build(texts, vocab_size, tmp))
+    meta = json.loads((out / "meta.json").read_text())
+    splits = {split: _split(out, texts, split, cfg.src, cfg.tgt, cfg.max_len) for split in SPLITS}
+    pad, bos, eos, unk = range(len(SPECIALS))
+    return ParallelData(splits, meta["vocab_size"], pad, bos, eos, unk, str(out / "tokenizer.json"))
+
+
+# --- batches ----------------------------------------------------------------------------------------------------
+
+def _pad(rows: list, width: int, pad_id: int) -> np.ndarray:
+    out = np.full((len(rows), width), pad_id, dtype=np.int64)
+    for r, row in enumerate(rows):
+        out[r, :len(row)] = row
+    return out
+
+
+class TokenBatches:
+    """Batches of whole sentence pairs holding at most max_tokens tokens each, counted as
+    batch_size x (padded src len + padded tgt len + 1).
+
+    Pairs are sorted by (source, target) length and cut greedily into batches, so padding is small; a pair over
+    max_tokens alone gets a batch of its own. The batches are fixed at construction (ties in length broken by a
+    permutation drawn from `seed`); with shuffle=True their order is redrawn each epoch from a seeded torch.Generator
+    and iteration never ends; with shuffle=False one pass in length order. The state (epoch, batches consumed in it,
+    the generator state at its start) resumes exactly mid-epoch. One iterator at a time: iterating advances the state.
+    """
+
+    def __init__(self, split: ParallelSplit, max_tokens: int, pad_id: int, bos_id: int, eos_id: int, seed: int = 0,
+                 shuffle: bool = True, device=torch.device("cpu")):
+        if max_tokens <= 0:
+            raise DataError(f"data.max_tokens: must be positive, got {max_tokens}")
+        if len(split.src) == 0:
+            raise DataError("TokenBatches: the split holds no sentence pairs")
+        self.split, self.max_tokens, self.shuffle, self.device = split, max_tokens, shuffle, torch.device(device)
+        self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        self.src_len = np.fromiter(map(len, split.src), dtype=np.int64, count=len(split.src)).clip(min=1)  # >= 1 column
+        self.tgt_len = np.fromiter(map(len, split.tgt), dtype=np.int64, count=len(split.tgt)) + 1  # + bos / eos
+        order = np.arange(len(self.src_len))
+        if shuffle:
+            order = torch.randperm(len(order), generator=torch.Generator().manual_seed(seed)).numpy()
+        order = order[np.lexsort((self.tgt_len[order], self.src_len[order]))]  # stable: the permutation breaks ties
+        self.batches = self._cut(order)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch, self.position = 0, 0
+        self._epoch_state = self.generator.get_state()
+
+    def _cut(self, order: np.ndarray) -> list:
+        """Greedy: a pair joins the current batch while the batch, padded to its longest pair, fits max_tokens."""
+        batches, cur, s_max, t_max = [], [], 0, 0
+        for i, s, t in zip(order.tolist(), self.src_len[order].tolist(), self.tgt_len[order].tolist()):
+            if cur and (len(cur) + 1) * (max(s_max, s) + max(t_max, t)) > self.max_tokens:
+                batches.append(np.asarray(cur))
+                cur, s_max, t_max = [], 0, 0
+            cur.append(i)
+            s_max, t_max = max(s_max, s), max(t_max, t)
+        batches.append(np.asarray(cur))
+        return batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _order(self) -> list:
+        if not self.shuffle:
+            return list(range(len(self.batches)))
+        self.generator.set_state(self._epoch_state)
+        return torch.randperm(len(self.batches), generator=self.generator).tolist()
+
+    def collate(self, index: np.ndarray) -> dict:
+        src = _pad([self.split.src[i] for i in index], int(self.src_len[index].max()), self.pad_id)
+        tgt_out = _pad([self.split.tgt[i] for i in index], int(self.tgt_len[index].max()), self.pad_id)
+        tgt_in = np.full_like(tgt_out, self.pad_id)
+        tgt_in[:, 0], tgt_in[:, 1:] = self.bos_id, tgt_out[:, :-1]
+        tgt_out[np.arange(len(index)), self.tgt_len[index] - 1] = self.eos_id
+        arrays = {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out, "index": index}
+        batch = {k: _to_device(v, self.device) for k, v in arrays.items()}
+        batch["n_tokens"] = int(self.tgt_len[index].sum())
+        return batch
+
+    def __iter__(self):
+        while True:
+            order = self._order()
+            for k in range(self.position, len(order)):
+                batch = self.collate(self.batches[order[k]])
+                self.position = k + 1
+                if self.position == len(order):  # roll over now, so a state saved here names the next epoch
+                    self.epoch, self.position = self.epoch + 1, 0
+                    self._epoch_state = self.generator.get_state()
+                yield batch
+            if not self.shuffle:
+                return
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "generator": self._epoch_state.clone(),
+                "n_batches": len(self.batches)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n_batches"] != len(self.batches):
+            raise DataError(f"data loader state holds {state['n_batches']} batches per epoch, this loader "
+                            f"{len(self.batches)}: the data or data.max_tokens changed since the checkpoint")
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._epoch_state = state["generator"].clone()
