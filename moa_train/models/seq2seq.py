@@ -96,21 +96,20 @@ class Seq2Seq(nn.Module):
         self.dec_norm = nn.LayerNorm(d, bias=m.bias) if m.norm_first else nn.Identity()
         self.out = nn.Linear(d, vocab_size, bias=False)
         self.out.weight = self.tgt_embed.weight
-        self._init(n_enc + m.n_layer)
+        self._init()
         self.sites = ([f"enc.layer{i}.self" for i in range(n_enc)]
                       + [f"dec.layer{i}.{kind}" for i in range(m.n_layer) for kind in ("self", "cross")])
 
-    def _init(self, n_layers: int) -> None:
-        """GPT-2 style init for the blocks (residual projections scaled by depth); embeddings N(0, d^-0.5) as
-        in fairseq's Transformer, since they are scaled by sqrt(d); the pad row zero; modules' own post_init."""
+    def _init(self) -> None:
+        """fairseq's Transformer init: Xavier-uniform linear layers (it scales with the width: GPT-2's fixed
+        N(0, 0.02) is far below 1/sqrt(d) at translation widths, and cross-attention then learns to align very
+        slowly), embeddings N(0, d^-0.5) since they are scaled by sqrt(d), the pad row zero, modules' own
+        post_init (the MoA router starts uniform)."""
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module is not self.out:
+                nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers))
         for emb in {self.embed, self.tgt_embed}:
             nn.init.normal_(emb.weight, std=emb.embedding_dim ** -0.5)
             with torch.no_grad():

@@ -72,3 +72,16 @@ def find_checkpoint(target: Path) -> Path | None:
         if found:
             return found[-1]
     return None
+
+
+def average_checkpoints(paths: list, map_location="cpu") -> dict:
+    """The element-wise mean of the model weights of several checkpoints (fairseq's average_checkpoints)."""
+    total = None
+    for path in paths:
+        weights = load_checkpoint(path, map_location)["model"]
+        if total is None:
+            total = {k: v.double().clone() for k, v in weights.items()}
+        else:
+            for k, v in weights.items():
+                total[k] += v.double()
+    return {k: (v / len(paths)).to(weights[k].dtype) for k, v in total.items()}

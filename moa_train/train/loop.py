@@ -25,7 +25,8 @@ from moa_train.metrics.flops import device_name, peak_flops, peak_kind
 from moa_train.metrics.sinks import build_logger, truncate_jsonl
 from moa_train.models.routing import detached, routing_metrics
 from moa_train.train.checkpoint import (
-    CheckpointError, find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+    CheckpointError, average_checkpoints, find_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+    set_rng_state, step_checkpoints)
 from moa_train.train.cuda_graph import WARMUP_STEPS, CapturedStep
 from moa_train.train.optim import build_optimizer, build_scheduler, lr_factor
 from moa_train.train.tasks import make_task
@@ -231,25 +232,40 @@ class Trainer:
                 if log_now:
                     self.log_train(logger, window, routings, norm)
                     window = self.open_window()
+                is_best = False
                 if self.step % t.eval_interval == 0 or last:
                     val = self.evaluate("val", "val")
                     is_best = val["val/loss"] < self.best_val
                     self.best_val = min(self.best_val, val["val/loss"])
                     logger.log(self.step, {**val, "val/loss_best": self.best_val})
-                    log.info("step %d: val loss %.4f | bpc %.4f", self.step, val["val/loss"], val["val/bpc"])
-                    if t.save_interval is None or last:
-                        self.save(is_best)
+                    log.info("step %d: %s", self.step, " | ".join(
+                        f"{k} {val[k]:.4f}" for k in ("val/loss", "val/bpc", "val/bleu", "val/chrf") if k in val))
                     window = self.open_window()  # evaluation time is not step time
-                elif t.save_interval is not None and self.step % t.save_interval == 0:
-                    self.save(False)
+                on_save_step = (self.step % t.eval_interval == 0 if t.save_interval is None
+                                else self.step % t.save_interval == 0)
+                if on_save_step or last:
+                    self.save(is_best)
                     window = self.open_window()
             if not val and self.step > 0:  # resumed at max_steps: report the checkpoint's validation loss
                 val = self.evaluate("val", "val")
-            test = self.evaluate("test", "test", final=True)
+            test = self.final_test()
             logger.log(self.step, test)
         finally:
             logger.close()
         return self.write_summary({**val, **test})
+
+    def final_test(self) -> dict:
+        """The test evaluation at the end, on the average of the last `eval.average_last` checkpoints if set."""
+        n = self.cfg.eval.average_last
+        if not n:
+            return self.evaluate("test", "test", final=True)
+        paths = step_checkpoints(self.run_dir / "checkpoints")[-n:]
+        current = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(average_checkpoints(paths, self.device))
+        log.info("test: weights averaged over %d checkpoints (%s .. %s)", len(paths), paths[0].name, paths[-1].name)
+        out = {**self.evaluate("test", "test", final=True), "test/averaged_checkpoints": len(paths)}
+        self.model.load_state_dict(current)
+        return out
 
     def open_window(self) -> dict:
         """Start a timing/averaging window; the device is synchronised so the window times only what follows."""
@@ -303,6 +319,8 @@ class Trainer:
             "torch_version": torch.__version__,
             "git_sha": git_sha(),
         }
+        if getattr(self.task, "last_signature", None):
+            summary["bleu_signature"] = self.task.last_signature
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
