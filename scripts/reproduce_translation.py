@@ -66,7 +66,7 @@ def per_seed(records: list, key: str) -> str:
 
 def markdown(rows: dict, meta: dict) -> str:
     lines = ["# Translation: MoA vs MHA", "",
-             "- Command: `python3 scripts/reproduce_translation.py` (all runs in one call, on one GPU; "
+             "- Command: `python3 scripts/reproduce_translation.py` (`--part multi30k|wmt`, `--seeds N`; "
              "`--tables-only` rebuilds this file from the run records)",
              f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date {meta['date']}",
              "- Run records: `docs/results/runs/translation/<group>/<row>-seed<k>/`",
@@ -75,11 +75,13 @@ def markdown(rows: dict, meta: dict) -> str:
              "the kind of number the MoA paper reported (it used Moses tokenisation): the two are not comparable "
              "with each other. MACs per token: forward multiply-accumulates per (source + target) token pair from "
              "the models' FLOP counter (training FLOPs / 6) at the mean training target length.", ""]
+    if meta.get("note"):
+        lines += [meta["note"], ""]
     if "multi30k" in rows:
         lines += ["## Multi30k En->De, test2016 (1,000 sentences)", "",
                   "3+3 layers, d 256, FFN 1024, pre-LN, 3000 updates of 8192 tokens, label smoothing 0.1, bf16.", "",
                   "| row | params | MACs / token | test BLEU | per seed | chrF | BLEU (tok.) | val BLEU (greedy) | "
-                  "train time (s) |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+                  "wall time (s), evaluation included |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
         for row in MULTI30K:
             recs = rows["multi30k"].get(row)
             if not recs:
@@ -120,7 +122,7 @@ def main() -> None:
         raise SystemExit(f"error: no runs under {args.runs_dir}")
     first = next(iter(next(iter(rows.values())).values()))[0]
     meta = {"device": first["device_name"], "torch": first["torch_version"], "git_sha": first["git_sha"],
-            "date": os.environ.get("RESULTS_DATE", dt.date.today().isoformat())}
+            "date": os.environ.get("RESULTS_DATE", dt.date.today().isoformat()), "note": os.environ.get("RESULTS_NOTE")}
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
     args.out.with_suffix(".md").write_text(markdown(rows, meta))
     print(args.out.with_suffix(".md").read_text())
