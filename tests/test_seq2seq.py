@@ -85,3 +85,15 @@ def test_flops_count_selected_experts_only():
     sparse, dense = build("moa"), Seq2Seq(OmegaConf.structured(ModelConfig(
         name="moa", d_model=32, n_layer=2, n_head=4, max_seq_len=32, n_experts=4, top_k=4)), V, PAD)
     assert sparse.flops_per_token(10) < dense.flops_per_token(10)
+
+
+@pytest.mark.parametrize("variant", ["mha", "moa"])
+def test_beam_one_equals_greedy_on_the_real_model(variant):
+    from moa_train.models.search import beam_search, greedy_search
+
+    model = build(variant)
+    src = torch.cat([ids(3, 6, 9), torch.full((3, 2), PAD)], dim=1)
+    mask = src != PAD
+    greedy = greedy_search(model, src, mask, bos_id=1, eos_id=2, pad_id=PAD, max_len=10)
+    assert greedy == beam_search(model, src, mask, bos_id=1, eos_id=2, pad_id=PAD, max_len=10, beam=1)
+    assert all(len(h) <= 10 and PAD not in h and 1 not in h for h in greedy)
