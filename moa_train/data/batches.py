@@ -7,7 +7,8 @@ import torch
 from moa_train.data.wikitext import DataError
 
 
-def _to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
+def to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """int64 tensor on `device` (pinned and asynchronous for CUDA)."""
     t = torch.from_numpy(x.astype(np.int64))
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
@@ -44,7 +45,7 @@ class RandomWindows:
             chunk = self.device_tokens[starts.pin_memory().to(self.device, non_blocking=True)[:, None] + self.offsets]
             return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
         x, y = windows(self.tokens, starts.numpy(), self.block_size)
-        return _to_device(x, self.device), _to_device(y, self.device)
+        return to_device(x, self.device), to_device(y, self.device)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -60,8 +61,8 @@ def sequential_windows(tokens: np.ndarray, batch_size: int, block_size: int, dev
     full = starts[starts + block_size <= n_targets]
     for i in range(0, len(full), batch_size):
         x, y = windows(tokens, full[i:i + batch_size], block_size)
-        yield _to_device(x, device), _to_device(y, device)
+        yield to_device(x, device), to_device(y, device)
     if len(full) < len(starts):
         tail = int(starts[-1])
         x, y = windows(tokens, np.array([tail]), n_targets - tail)
-        yield _to_device(x, device), _to_device(y, device)
+        yield to_device(x, device), to_device(y, device)

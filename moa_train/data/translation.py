@@ -16,14 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from moa_train.data.batches import _to_device
+from moa_train.data.batches import to_device
+from moa_train.data.cache import build_atomically
 from moa_train.data.wikitext import DataError
 
 CACHE_VERSION = 1
@@ -202,17 +202,6 @@ def _fingerprint(cfg, folder: Path, corpus: Corpus, vocab_size: int) -> str:
     return h.hexdigest()[:16]
 
 
-def build_atomically(out: Path, build) -> None:
-    """build(folder) in a private folder renamed to `out`, so concurrent runs never see a partial cache."""
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    build(tmp)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process finished first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _build(texts: dict, vocab_size: int, out: Path) -> None:
     tok = train_bpe([s for lang in LANGS for s in texts["train", lang]], vocab_size, out / "tokenizer.json")
     for (split, lang), lines in texts.items():
@@ -333,7 +322,7 @@ class TokenBatches:
         tgt_in[:, 0], tgt_in[:, 1:] = self.bos_id, tgt_out[:, :-1]
         tgt_out[np.arange(len(index)), self.tgt_len[index] - 1] = self.eos_id
         arrays = {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out, "index": index}
-        batch = {k: _to_device(v, self.device) for k, v in arrays.items()}
+        batch = {k: to_device(v, self.device) for k, v in arrays.items()}
         batch["n_tokens"] = int(self.tgt_len[index].sum())
         return batch
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from moa_train.data.cache import build_atomically
 
 SPLIT_FILES = {"train": "train.txt", "val": "valid.txt", "test": "test.txt"}
 CACHE_VERSION = 1
@@ -213,14 +214,7 @@ def load_wikitext2(cfg) -> TokenData:
     folder = locate(cfg.root, cache)
     out = cache / "wikitext2" / _fingerprint(folder, cfg)
     if not (out / "meta.json").is_file():
-        # build in a private folder and rename it into place, so concurrent runs never see a partial cache
-        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        _build(folder, cfg, tmp)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process finished first: keep its copy
-            shutil.rmtree(tmp, ignore_errors=True)
+        build_atomically(out, lambda tmp: _build(folder, cfg, tmp))
     meta = json.loads((out / "meta.json").read_text())
     splits = {}
     for name, info in meta["splits"].items():
