@@ -1,11 +1,14 @@
 """`moa-train` / `python -m moa_train`: compose the config with Hydra, validate it, train."""
 from __future__ import annotations
 
+import logging
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 from moa_train.cli import precheck
 from moa_train.config import ConfigError, validate
@@ -13,19 +16,36 @@ from moa_train.paths import config_dir
 
 
 def run(cfg) -> float | None:
-    """Hydra task function; returns the final validation loss (the metric sweeps optimise)."""
+    """Hydra task function; returns the final validation loss (the metric sweeps optimise).
+
+    A user-caused error ends a single run with one line and exit code 2. In a multirun every failure of a job,
+    expected or not, is written to its folder's error.txt and logged, and the sweep goes on (the summary at the
+    end reports it and exits non-zero)."""
     from moa_train.data import DataError
+    from moa_train.sweep import record_failure
     from moa_train.train.checkpoint import CheckpointError
     from moa_train.train.loop import train
 
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         validate(cfg)
-        summary = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+        return train(cfg, run_dir).get("val/loss")
     except (ConfigError, DataError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    return summary.get("val/loss")
+        if not multirun:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        record_failure(run_dir, f"error: {exc}")
+    except Exception:  # a crashed job must not take the other jobs of a sweep with it
+        if not multirun:
+            raise
+        record_failure(run_dir, traceback.format_exc().strip().splitlines()[-1] + "\n\n" + traceback.format_exc())
+    log.error("job %s failed: %s", hydra_cfg.job.num, (run_dir / "error.txt").read_text().splitlines()[0])
+    return None
 
+
+log = logging.getLogger("moa_train")
 
 _hydra_main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")(run)
 

@@ -249,3 +249,9 @@ def test_split_shorter_than_a_block_is_a_data_error(tmp_path):
 
     with pytest.raises(DataError, match="trainer.block_size"):
         RandomWindows(np.arange(10, dtype=np.uint16), 2, 16, 0, torch.device("cpu"))
+
+
+def test_progress_bars_stay_quiet_off_a_terminal(train_run, tmp_path, capsys):
+    train_run(tmp_path, "model=mha", *TINY)
+    err = capsys.readouterr().err
+    assert "it/s" not in err and "step/s" not in err and "train:" not in err

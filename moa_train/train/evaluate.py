@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from moa_train.data.batches import RandomWindows, sequential_windows
+from moa_train.progress import progress
 
 EVAL_SEED = 1234  # the same eval windows for every model and training seed, so rows compare on equal data
 
@@ -34,7 +35,7 @@ def evaluate(model, split, prefix: str, batch_size: int, block_size: int, eval_i
         batches = (sampler.next() for _ in range(eval_iters))
     total = torch.zeros((), device=device, dtype=torch.float64)
     count = 0
-    for x, y in batches:
+    for x, y in progress(batches, desc=f"eval {prefix}", unit="batch", total=eval_iters):
         with autocast():
             logits, _ = model(x)
         total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double()

@@ -24,6 +24,7 @@ from moa_train.config import ConfigError
 from moa_train.metrics.flops import device_name, peak_flops, peak_kind
 from moa_train.metrics.sinks import build_logger, truncate_jsonl
 from moa_train.models.routing import detached, routing_metrics
+from moa_train.progress import progress
 from moa_train.train.checkpoint import (
     CheckpointError, average_checkpoints, find_checkpoint, load_checkpoint, rng_state, save_checkpoint,
     set_rng_state, step_checkpoints)
@@ -215,6 +216,7 @@ class Trainer:
         logger = build_logger(cfg, self.run_dir, OmegaConf.to_container(cfg, resolve=True), self.wandb_id)
         self.wandb_id = logger.wandb_id
         val = {}
+        bar = progress(total=t.max_steps, initial=self.step, desc="train", unit="step")
         try:
             window = self.open_window()
             while self.step < t.max_steps:
@@ -229,8 +231,10 @@ class Trainer:
                 for k, v in aux.items():  # (sum, count): z and cv may be computed on log steps only
                     total, count = window["aux"].get(k, (0.0, 0))
                     window["aux"][k] = (total + v, count + 1)
+                bar.update(1)
                 if log_now:
-                    self.log_train(logger, window, routings, norm)
+                    logged = self.log_train(logger, window, routings, norm)
+                    bar.set_postfix(loss=f"{logged['train/loss']:.4f}", tok_s=f"{logged['perf/tokens_per_s']:,.0f}")
                     window = self.open_window()
                 is_best = False
                 if self.step % t.eval_interval == 0 or last:
@@ -251,6 +255,7 @@ class Trainer:
             test = self.final_test()
             logger.log(self.step, test)
         finally:
+            bar.close()
             logger.close()
         return self.write_summary({**val, **test})
 
@@ -290,6 +295,7 @@ class Trainer:
         logged = logger.log(self.step, metrics)
         log.info("step %d: loss %.4f | %.1f ms/step | %.0f tok/s | mfu %.2f%%", self.step, logged["train/loss"],
                  step_ms, tok_s, 100 * logged["perf/mfu"])
+        return logged
 
     def eval_only(self) -> dict:
         if self.maybe_resume(weights_only=True) is None:

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from moa_train.config import TRANSLATION_DATA, ConfigError
 from moa_train.data.batches import RandomWindows
 from moa_train.models.routing import aux_losses, weighted_aux
+from moa_train.progress import progress
 from moa_train.train.evaluate import evaluate as evaluate_lm
 
 
@@ -110,8 +111,9 @@ class TranslationTask:
         total, count = 0.0, 0
         hyps = [""] * len(data.src)
         beam = e.beam if final else e.val_beam
-        for batch in TokenBatches(data, self.cfg.data.max_tokens, d.pad_id, d.bos_id, d.eos_id, shuffle=False,
-                                  device=self.device):
+        batches = TokenBatches(data, self.cfg.data.max_tokens, d.pad_id, d.bos_id, d.eos_id, shuffle=False,
+                               device=self.device)
+        for batch in progress(batches, desc=f"eval {prefix} (beam {beam})", unit="batch", total=len(batches)):
             with autocast():
                 logits, _ = forward(batch["src"], batch["tgt_in"])
             total += F.cross_entropy(logits.flatten(0, 1).float(), batch["tgt_out"].flatten(),
