@@ -139,10 +139,10 @@ class TensorboardConfig:
 class WandbConfig:
     project: str = "moa_train"
     entity: Optional[str] = None
-    group: Optional[str] = None
-    name: Optional[str] = None
-    tags: list = field(default_factory=list)
-    mode: str = "offline"  # online | offline | disabled
+    group: Optional[str] = None  # null = experiment_name
+    name: Optional[str] = None  # null = experiment_name + the job's command-line overrides
+    tags: list = field(default_factory=list)  # added to [model.name, data.name]
+    mode: str = "auto"  # auto (online with WANDB_API_KEY set, else offline: `wandb sync` later) | online | offline | disabled
 
 
 @dataclass
@@ -271,4 +271,4 @@ def validate(cfg) -> None:
     _one_of(s.name, "schedule.name", ("constant", "cosine", "inverse_sqrt"))
     _check(s.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
     if cfg.logger.wandb is not None:
-        _one_of(cfg.logger.wandb.mode, "logger.wandb.mode", ("online", "offline", "disabled"))
+        _one_of(cfg.logger.wandb.mode, "logger.wandb.mode", ("auto", "online", "offline", "disabled"))

@@ -255,3 +255,25 @@ def test_progress_bars_stay_quiet_off_a_terminal(train_run, tmp_path, capsys):
     train_run(tmp_path, "model=mha", *TINY)
     err = capsys.readouterr().err
     assert "it/s" not in err and "step/s" not in err and "train:" not in err
+
+
+def test_wandb_offline_run_lives_in_the_run_folder(train_run, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _, records = train_run(tmp_path, "model=moa", *TINY, "logger=wandb", "trainer.max_steps=5")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1  # mode auto without an API key: offline, under the run folder
+    assert any(runs[0].glob("*.wandb"))
+    assert train_lines(records)  # metrics.jsonl is still written beside it
+
+
+def test_wandb_names_come_from_the_experiment_and_overrides(make_cfg):
+    from moa_train.metrics.sinks import wandb_mode, wandb_names
+
+    cfg = make_cfg("model=moa", "logger=wandb", "logger.wandb.tags=[x]")
+    names = wandb_names(cfg, ["model=moa", "trainer.seed=3", "hydra.run.dir=/tmp/a"])
+    assert names["group"] == cfg.experiment_name
+    assert names["name"] == f"{cfg.experiment_name}[model=moa,trainer.seed=3]"
+    assert names["tags"] == sorted({"moa", cfg.data.name, "x"})
+    assert wandb_mode("offline") == "offline"

@@ -3,6 +3,7 @@ same flat dict to every sink: metrics.jsonl (always), TensorBoard and W&B (when 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -64,13 +65,30 @@ class TensorBoardSink:
         self.writer.close()
 
 
+def wandb_mode(mode: str) -> str:
+    """auto: online where an API key is set, else offline (the run can be uploaded later with `wandb sync`)."""
+    if mode != "auto":
+        return mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def wandb_names(cfg, overrides: list) -> dict:
+    """Dashboard names from the experiment and the job's overrides, unless set in logger.wandb."""
+    w = cfg.logger.wandb
+    suffix = ",".join(o for o in overrides if not o.startswith(("hydra", "logger")))
+    return {"project": w.project, "entity": w.entity, "group": w.group or cfg.experiment_name,
+            "name": w.name or (f"{cfg.experiment_name}[{suffix}]" if suffix else cfg.experiment_name),
+            "tags": sorted({cfg.model.name, cfg.data.name, *w.tags})}
+
+
 class WandbSink:
-    def __init__(self, cfg, run_dir: Path, config: dict, run_id: str | None):
+    """The run's files go under the run folder (wandb/); a resumed run continues the same W&B run by its id."""
+
+    def __init__(self, cfg, run_dir: Path, config: dict, run_id: str | None, overrides: list):
         import wandb
 
-        self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, name=cfg.name,
-                              tags=list(cfg.tags), mode=cfg.mode, dir=str(run_dir), config=config,
-                              id=run_id, resume="allow")
+        self.run = wandb.init(**wandb_names(cfg, overrides), mode=wandb_mode(cfg.logger.wandb.mode),
+                              dir=str(run_dir), config=config, id=run_id, resume="allow")
         self.run_id = self.run.id
 
     def log(self, step: int, metrics: dict) -> None:
@@ -99,10 +117,20 @@ class MetricsLogger:
             sink.close()
 
 
+def job_overrides(run_dir: Path) -> list:
+    """The command-line overrides Hydra recorded for this run (none for in-process runs)."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    from omegaconf import OmegaConf
+
+    return [str(o) for o in OmegaConf.load(path)]
+
+
 def build_logger(cfg, run_dir: Path, resolved_config: dict, wandb_id: str | None = None) -> MetricsLogger:
     sinks = [JsonlSink(run_dir / "metrics.jsonl")]
     if cfg.logger.tensorboard is not None:
         sinks.append(TensorBoardSink(run_dir / cfg.logger.tensorboard.log_dir))
     if cfg.logger.wandb is not None:
-        sinks.append(WandbSink(cfg.logger.wandb, run_dir, resolved_config, wandb_id))
+        sinks.append(WandbSink(cfg, run_dir, resolved_config, wandb_id, job_overrides(run_dir)))
     return MetricsLogger(sinks)
