@@ -15,7 +15,7 @@ from moa_train.config import ConfigError, validate
 from moa_train.paths import config_dir
 
 
-def run(cfg) -> float | None:
+def run(cfg) -> float:
     """Hydra task function; returns the final validation loss (the metric sweeps optimise).
 
     A user-caused error ends a single run with one line and exit code 2. In a multirun every failure of a job,
@@ -42,7 +42,8 @@ def run(cfg) -> float | None:
             raise
         record_failure(run_dir, traceback.format_exc().strip().splitlines()[-1] + "\n\n" + traceback.format_exc())
     log.error("job %s failed: %s", hydra_cfg.job.num, (run_dir / "error.txt").read_text().splitlines()[0])
-    return None
+    # Optuna 2 (the sweeper's) refuses NaN: a failed trial is the worst value of the minimised val/loss
+    return float("inf")
 
 
 log = logging.getLogger("moa_train")

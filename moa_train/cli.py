@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
@@ -25,6 +26,8 @@ def describe(exc: Exception) -> str:
     """A one-line description of a composition error."""
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         group, _, name = exc.missing_cfg_file.rpartition("/")
+        if group.startswith("hydra/sweeper"):
+            return f"{group}={name}: the Optuna sweeper is not installed; pip install -e '.[sweep]'"
         return f"{group}={name}: no such config; allowed: {', '.join(group_options(group))}"
     cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
     first = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0]
@@ -38,6 +41,8 @@ def precheck(overrides: list) -> None:
 
     user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     try:
+        # sweep syntax (choice(...), a,b) belongs to a sweeper (hparams_search sets the multirun mode itself)
+        user = [o.input_line for o in OverridesParser.create().parse_overrides(user) if not o.is_sweep_override()]
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             compose("train", overrides=user)
     except (HydraException, OmegaConfBaseException) as exc:
