@@ -7,3 +7,9 @@ def config_dir() -> Path:
     package = Path(__file__).resolve().parent
     checkout = package.parent / "configs"
     return checkout if (checkout / "train.yaml").is_file() else package / "configs"
+
+
+def repo_root() -> Path:
+    """The checkout holding the package (where docs/results/ lives), else the working directory."""
+    package = Path(__file__).resolve().parent
+    return package.parent if (package.parent / "configs" / "train.yaml").is_file() else Path.cwd()

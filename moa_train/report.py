@@ -178,10 +178,18 @@ def write_html(out: Path, table_md: str, images: list) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="moa-report", description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="+", help="run folders or folders holding them (multiruns)")
+    parser.add_argument("paths", nargs="*", help="run folders or folders holding them (multiruns)")
+    parser.add_argument("--paper-tables", action="store_true",
+                        help="rebuild docs/results/moas_table1.* and translation.* from docs/results/runs/")
     parser.add_argument("--out", type=Path, help="folder for report.{md,csv,html} and the PNGs (default: print)")
     parser.add_argument("--group-by", nargs="+", default=["model.name"], help="config keys to group runs by")
     args = parser.parse_args(argv)
+    if args.paper_tables:
+        from moa_train.results import moas_table1, translation
+
+        moas_table1.main(["--tables-only"])
+        translation.main(["--tables-only"])
+        return
     records = [load_run_record(r) for r in find_runs(args.paths)]
     if not records:
         raise SystemExit(f"error: no run folder (with summary.json) under {', '.join(args.paths)}")

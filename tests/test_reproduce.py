@@ -25,3 +25,14 @@ def test_tables_regenerate_from_records(tmp_path):
             assert len(r["official_valid_loss"]) == len(r["val_loss"]) == 5
     text = out.with_suffix(".md").read_text()
     assert "moas_dynamic" in text and "Welch" in text and "official valid" in text.lower()
+
+
+@pytest.mark.skipif(not (ROOT / "docs/results/runs/translation").is_dir(), reason="no committed translation records")
+def test_translation_tables_regenerate_from_records(tmp_path):
+    from moa_train.results import translation
+
+    out = tmp_path / "translation"
+    (tmp_path / "translation.json").write_text((ROOT / "docs/results/translation.json").read_text())
+    translation.main(["--tables-only", "--out", str(out)])
+    assert json.loads(out.with_suffix(".json").read_text()) == json.loads((ROOT / "docs/results/translation.json").read_text())
+    assert out.with_suffix(".md").read_text() == (ROOT / "docs/results/translation.md").read_text()

@@ -1,0 +1,1 @@
+"""Drivers that reproduce the papers' tables and rebuild docs/results/ from the committed run records."""
