@@ -264,7 +264,10 @@ def test_wandb_offline_run_lives_in_the_run_folder(train_run, tmp_path, monkeypa
     _, records = train_run(tmp_path, "model=moa", *TINY, "logger=wandb", "trainer.max_steps=5")
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1  # mode auto without an API key: offline, under the run folder
-    assert any(runs[0].glob("*.wandb"))
+    log_file = next(runs[0].glob("*.wandb"))
+    content = log_file.read_bytes()
+    assert b"routing/util/layer0/0" in content  # the same scalar names as metrics.jsonl
+    assert b"charts/utilisation/layer1" in content  # one utilisation chart per routed site
     assert train_lines(records)  # metrics.jsonl is still written beside it
 
 

@@ -25,6 +25,7 @@ import torch
 
 from moa_train.data.batches import to_device
 from moa_train.data.cache import build_atomically
+from moa_train.progress import progress
 from moa_train.data.wikitext import DataError
 
 CACHE_VERSION = 1
@@ -205,7 +206,7 @@ def _fingerprint(cfg, folder: Path, corpus: Corpus, vocab_size: int) -> str:
 
 def _build(texts: dict, vocab_size: int, out: Path) -> None:
     tok = train_bpe([s for lang in LANGS for s in texts["train", lang]], vocab_size, out / "tokenizer.json")
-    for (split, lang), lines in texts.items():
+    for (split, lang), lines in progress(texts.items(), desc="caching token ids", unit="file"):
         ids, offsets = encode_lines(tok, lines)
         np.save(out / f"{split}.{lang}.ids.npy", ids)
         np.save(out / f"{split}.{lang}.offsets.npy", offsets)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from moa_train.data.cache import build_atomically
+from moa_train.progress import progress
 
 SPLIT_FILES = {"train": "train.txt", "val": "valid.txt", "test": "test.txt"}
 CACHE_VERSION = 1
@@ -201,7 +202,7 @@ def _build(folder: Path, cfg, out: Path) -> None:
         tok = BPETokenizer(texts["train"], cfg.vocab_size, out / "tokenizer.json")
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
     meta = {"vocab_size": tok.vocab_size, "tokenizer": cfg.tokenizer, "dtype": np.dtype(dtype).name, "splits": {}}
-    for name, text in texts.items():
+    for name, text in progress(texts.items(), desc="caching token ids", unit="split"):
         if not text.strip():
             raise DataError(f"data split {name!r} is empty ({folder})")
         ids = tok.encode(text).astype(dtype)

@@ -87,14 +87,26 @@ class WandbSink:
     def __init__(self, cfg, run_dir: Path, config: dict, run_id: str | None, overrides: list):
         import wandb
 
+        self.wandb = wandb
         self.run = wandb.init(**wandb_names(cfg, overrides), mode=wandb_mode(cfg.logger.wandb.mode),
                               dir=str(run_dir), config=config, id=run_id, resume="allow")
         self.run_id = self.run.id
+        self.util: dict = {}  # site -> choice -> [(step, share)], for the per-layer utilisation charts
 
     def log(self, step: int, metrics: dict) -> None:
         self.run.log(metrics, step=step)
+        for key, value in metrics.items():
+            if key.startswith("routing/util/"):
+                _, _, site, choice = key.split("/", 3)
+                self.util.setdefault(site, {}).setdefault(choice, []).append((step, value))
 
     def close(self) -> None:
+        """One line chart per routed site: each choice's share over training."""
+        for site, choices in self.util.items():
+            steps = [s for s, _ in next(iter(choices.values()))]
+            chart = self.wandb.plot.line_series(xs=steps, ys=[[v for _, v in pts] for pts in choices.values()],
+                                                keys=list(choices), title=f"utilisation {site}", xname="step")
+            self.run.log({f"charts/utilisation/{site}": chart})
         self.run.finish()
 
 
