@@ -116,6 +116,26 @@ def run_label(record: dict, keys: list) -> str:
     return f"{'/'.join(group_key(record, keys))} ({record['run'].name})"
 
 
+def utilisation_figure(routing: dict, title: str):
+    """A site x choice heatmap of the routing/util/<site>/<choice> values (also sent to the dashboards)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sites = sorted({k.split("/")[2] for k in routing if k.startswith("routing/util/")})
+    choices = list(dict.fromkeys(k.split("/")[3] for k in routing if k.startswith(f"routing/util/{sites[0]}/")))
+    grid = [[routing.get(f"routing/util/{s}/{c}", float("nan")) for c in choices] for s in sites]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(choices), 1 + 0.4 * len(sites)))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(choices)), choices)
+    ax.set_yticks(range(len(sites)), sites, fontsize=7)
+    ax.set_title(title, fontsize=8)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
 def plot_curves(records: list, keys: list, out: Path) -> list:
     import matplotlib
 
@@ -151,16 +171,7 @@ def plot_curves(records: list, keys: list, out: Path) -> list:
         plt.close(fig)
         written.append("routing_entropy.png")
     for i, r in enumerate(routed):
-        sites = sorted({k.split("/")[2] for k in r["routing"] if k.startswith("routing/util/")})
-        choices = list(dict.fromkeys(k.split("/")[3] for k in r["routing"] if k.startswith(f"routing/util/{sites[0]}/")))
-        grid = [[r["routing"].get(f"routing/util/{s}/{c}", float("nan")) for c in choices] for s in sites]
-        fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(choices), 1 + 0.4 * len(sites)))
-        im = ax.imshow(grid, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(choices)), choices)
-        ax.set_yticks(range(len(sites)), sites, fontsize=7)
-        ax.set_title(f"Utilisation: {run_label(r, keys)}", fontsize=8)
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
+        fig = utilisation_figure(r["routing"], f"Utilisation: {run_label(r, keys)}")
         name = f"utilisation_{i}.png"
         fig.savefig(out / name, dpi=120)
         plt.close(fig)

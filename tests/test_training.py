@@ -196,6 +196,7 @@ def test_tensorboard_has_the_jsonl_scalars(train_run, tmp_path):
     got = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert [s for s, _ in got] == [s for s, _ in logged]
     assert [v for _, v in got] == pytest.approx([v for _, v in logged], rel=1e-6)
+    assert events.Tags()["images"] == ["routing/utilisation_heatmap"]  # the richer figure, also sent to W&B
 
 
 # --- torch.compile ---------------------------------------------------------------------------------------------------
@@ -268,6 +269,7 @@ def test_wandb_offline_run_lives_in_the_run_folder(train_run, tmp_path, monkeypa
     content = log_file.read_bytes()
     assert b"routing/util/layer0/0" in content  # the same scalar names as metrics.jsonl
     assert b"charts/utilisation/layer1" in content  # one utilisation chart per routed site
+    assert b"routing/utilisation_heatmap" in content  # the same heatmap figure as TensorBoard's
     assert train_lines(records)  # metrics.jsonl is still written beside it
 
 

@@ -61,6 +61,9 @@ class TensorBoardSink:
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
+    def log_figure(self, step: int, name: str, figure) -> None:
+        self.writer.add_figure(name, figure, step)
+
     def close(self) -> None:
         self.writer.close()
 
@@ -100,6 +103,9 @@ class WandbSink:
                 _, _, site, choice = key.split("/", 3)
                 self.util.setdefault(site, {}).setdefault(choice, []).append((step, value))
 
+    def log_figure(self, step: int, name: str, figure) -> None:
+        self.run.log({name: self.wandb.Image(figure)}, step=step)
+
     def close(self) -> None:
         """One line chart per routed site: each choice's share over training."""
         for site, choices in self.util.items():
@@ -111,20 +117,41 @@ class WandbSink:
 
 
 class MetricsLogger:
+    """Sends one metrics dict to every sink; figures (the final utilisation heatmap) go to every dashboard sink."""
+
     def __init__(self, sinks: list):
         self.sinks = sinks
+        self.last_util: tuple = (0, {})  # (step, routing/util/* values) of the last log that had them
 
     def log(self, step: int, metrics: dict) -> dict:
         values = to_floats(metrics)
         for sink in self.sinks:
             sink.log(step, values)
+        util = {k: v for k, v in values.items() if k.startswith("routing/util/")}
+        if util:
+            self.last_util = (step, util)
         return values
+
+    def log_utilisation_heatmap(self) -> None:
+        dashboards = [s for s in self.sinks if hasattr(s, "log_figure")]
+        step, util = self.last_util
+        if not (dashboards and util):
+            return
+        import matplotlib.pyplot as plt
+
+        from moa_train.report import utilisation_figure
+
+        figure = utilisation_figure(util, f"utilisation at step {step}")
+        for sink in dashboards:
+            sink.log_figure(step, "routing/utilisation_heatmap", figure)
+        plt.close(figure)
 
     @property
     def wandb_id(self) -> str | None:
         return next((s.run_id for s in self.sinks if isinstance(s, WandbSink)), None)
 
     def close(self) -> None:
+        self.log_utilisation_heatmap()
         for sink in self.sinks:
             sink.close()
 
