@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from moa_train.paths import repo_root
+from moa_train.results import previous_meta
 
 ROOT = repo_root()
 ROWS = ("mha", "moas_static", "moas_dynamic")
@@ -244,12 +245,6 @@ def markdown(res: dict, meta: dict) -> str:
             lines += [f"- {sentence(names[k], v)}" for k, v in tests.items()]
         lines.append("")
     return "\n".join(lines)
-
-
-def previous_meta(out: Path) -> dict:
-    """The committed file's date and note, kept when the tables are rebuilt from the records."""
-    path = out.with_suffix(".json")
-    return json.loads(path.read_text()).get("meta", {}) if path.is_file() else {}
 
 
 def main(argv=None) -> None:

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from moa_train.paths import repo_root
+from moa_train.results import previous_meta
 
 ROOT = repo_root()
 MULTI30K = ("mha", "moa", "moa_sparse")
@@ -105,12 +106,6 @@ def markdown(rows: dict, meta: dict) -> str:
                   f"newstest2014: BLEU {r['test/bleu']:.2f}, chrF {r['test/chrf']:.2f}, BLEU (tok.) "
                   f"{r['test/bleu_tok']:.2f}; {r['params_total']:,} parameters; {r['wall_s']:.0f} s.", ""]
     return "\n".join(lines)
-
-
-def previous_meta(out: Path) -> dict:
-    """The committed file's date and note, kept when the tables are rebuilt from the records."""
-    path = out.with_suffix(".json")
-    return json.loads(path.read_text()).get("meta", {}) if path.is_file() else {}
 
 
 def main(argv=None) -> None:
