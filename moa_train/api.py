@@ -8,7 +8,9 @@ from omegaconf import DictConfig, OmegaConf
 
 def load_run(run_dir: str | Path, map_location: str = "cpu") -> tuple:
     """(model with the weights of the run's latest checkpoint, in eval mode; the run's resolved config)."""
+    from moa_train.config import TRANSLATION_DATA
     from moa_train.models import build_model
+    from moa_train.models.seq2seq import Seq2Seq
     from moa_train.train.checkpoint import find_checkpoint, load_checkpoint
 
     run_dir = Path(run_dir)
@@ -17,7 +19,10 @@ def load_run(run_dir: str | Path, map_location: str = "cpu") -> tuple:
         raise FileNotFoundError(f"no checkpoint under {run_dir} (expected checkpoints/step_*.pt)")
     state = load_checkpoint(path, map_location)
     cfg: DictConfig = OmegaConf.create(state["config"])  # resolved as the run used it (env vars included)
-    model = build_model(cfg.model, state["vocab_size"])
+    if cfg.data.name in TRANSLATION_DATA:
+        model = Seq2Seq(cfg.model, state["vocab_size"], state["pad_id"])
+    else:
+        model = build_model(cfg.model, state["vocab_size"])
     model.load_state_dict(state["model"])
     return model.to(map_location).eval(), cfg
 

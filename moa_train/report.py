@@ -143,6 +143,13 @@ def plot_curves(records: list, keys: list, out: Path) -> list:
     import matplotlib.pyplot as plt
 
     written = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        written.append(name)
+
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in records:
         pts = [(row["step"], row["val/loss"]) for row in r["rows"] if "val/loss" in row]
@@ -150,10 +157,7 @@ def plot_curves(records: list, keys: list, out: Path) -> list:
             ax.plot(*zip(*pts), marker=".", label=run_label(r, keys))
     ax.set(xlabel="step", ylabel="val/loss (nats per token)", title="Validation loss")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "val_loss.png", dpi=120)
-    plt.close(fig)
-    written.append("val_loss.png")
+    save(fig, "val_loss.png")
 
     routed = [r for r in records if r["routing"]]
     if routed:
@@ -166,16 +170,9 @@ def plot_curves(records: list, keys: list, out: Path) -> list:
                 ax.plot(*zip(*pts), label=f"{run_label(r, keys)} {site}")
         ax.set(xlabel="step", ylabel="entropy (nats)", title="Routing entropy per site")
         ax.legend(fontsize=5)
-        fig.tight_layout()
-        fig.savefig(out / "routing_entropy.png", dpi=120)
-        plt.close(fig)
-        written.append("routing_entropy.png")
+        save(fig, "routing_entropy.png")
     for i, r in enumerate(routed):
-        fig = utilisation_figure(r["routing"], f"Utilisation: {run_label(r, keys)}")
-        name = f"utilisation_{i}.png"
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
-        written.append(name)
+        save(utilisation_figure(r["routing"], f"Utilisation: {run_label(r, keys)}"), f"utilisation_{i}.png")
     return written
 
 

@@ -42,3 +42,8 @@ def test_copy_task_reaches_high_bleu(compose_cfg, copy_root, tmp_path, model, st
     assert summary["test/chrf"] > 80
     assert summary["test/averaged_checkpoints"] == 2
     assert "tok:13a" in summary["bleu_signature"]
+    import moa_train
+    from moa_train.models.seq2seq import Seq2Seq
+
+    loaded, _ = moa_train.load_run(tmp_path)  # a translation run loads as the encoder-decoder
+    assert isinstance(loaded, Seq2Seq) and not loaded.training

@@ -118,6 +118,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "step": self.step, "tokens_seen": self.tokens_seen,
             "best_val": self.best_val, "rng": rng_state(), "data": self.batches.state_dict(),
             "wandb_id": self.wandb_id, "vocab_size": self.model.vocab_size,
+            "pad_id": getattr(self.model, "pad_id", None),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 
