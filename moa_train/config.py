@@ -50,6 +50,7 @@ class ModelConfig:
     top_k: int = 2  # k experts per token
     head_dim: Optional[int] = None  # expert head size; null = d_model // n_head
     gating: str = "softmax_all"  # softmax_all (released MoA code) | topk_softmax (renormalised over the k)
+    expert_matmul: str = "auto"  # dense (all E experts, gather) | grouped (sorted by expert, selected only) | auto
     # encoder-decoder (translation data)
     n_encoder_layer: Optional[int] = None  # null = n_layer (n_layer counts decoder layers)
     norm_first: bool = True  # pre-LN (true) or post-LN (false, the original Transformer)
@@ -61,12 +62,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = MISSING  # wikitext2_char | wikitext2_word | wikitext2_bpe
-    tokenizer: str = "char"  # char | word | bpe
+    name: str = MISSING  # wikitext2_char | wikitext2_word | wikitext2_bpe | random_tokens | wmt14_en_de | multi30k_en_de
+    tokenizer: str = "char"  # char | word | bpe | random (random_tokens)
     root: Optional[str] = None  # folder holding wikitext-2/{train,valid,test}.txt; null: download via datasets
     cache_dir: str = "~/.cache/moa_train"  # token ids (memmap) and tokenizers are cached here
     split: str = "official"  # official: the WikiText-2 valid/test files | moas_paper: first 90% / last 10% of train
-    vocab_size: Optional[int] = None  # BPE vocabulary size (bpe and translation)
+    vocab_size: Optional[int] = None  # BPE vocabulary size (bpe and translation); random_tokens: ids drawn from 0..vocab_size-1
     # translation
     src: str = "en"  # source language (file suffix)
     tgt: str = "de"  # target language
@@ -102,6 +103,7 @@ class TrainerConfig:
     compile_backend: Optional[str] = None  # null: inductor on CUDA, aot_eager on CPU
     compile_mode: Optional[str] = None  # inductor mode: null | max-autotune | ... (not with cuda_graphs)
     cuda_graphs: bool = False  # capture the whole optimizer step in one CUDA graph (CUDA only; ignored on CPU)
+    sdpa_backend: str = "auto"  # CUDA attention kernel: auto (PyTorch picks) | flash | cudnn | efficient | math
     max_steps: int = 500
     batch_size: int = 12  # sequences per optimizer step
     block_size: int = 256  # tokens per sequence (<= model.max_seq_len)
@@ -212,6 +214,7 @@ def validate(cfg) -> None:
         _check(m.top_k <= m.n_experts, "model.top_k",
                f"{m.top_k} is larger than model.n_experts={m.n_experts}; valid: 1..{m.n_experts}")
         _one_of(m.gating, "model.gating", ("softmax_all", "topk_softmax"))
+        _one_of(m.expert_matmul, "model.expert_matmul", ("auto", "dense", "grouped"))
         if m.head_dim is None:
             _check(m.d_model % m.n_head == 0, "model.head_dim",
                    f"null needs model.n_head={m.n_head} to divide model.d_model={m.d_model}; set model.head_dim")
@@ -223,7 +226,11 @@ def validate(cfg) -> None:
     if m.vocab_size is not None:
         _check(m.vocab_size > 0, "model.vocab_size", f"must be positive or null, got {m.vocab_size}")
 
-    _one_of(d.tokenizer, "data.tokenizer", ("char", "word", "bpe"))
+    _one_of(d.tokenizer, "data.tokenizer", ("char", "word", "bpe", "random"))
+    if d.tokenizer == "random":
+        _check(d.name == "random_tokens", "data.tokenizer", "random goes with data=random_tokens only")
+        _check(d.vocab_size is not None and d.vocab_size > 1, "data.vocab_size",
+               f"random_tokens needs a vocabulary size > 1, got {d.vocab_size}")
     _one_of(d.split, "data.split", ("official", "moas_paper"))
     if d.tokenizer == "bpe":
         _check(d.vocab_size is not None and d.vocab_size >= 260, "data.vocab_size",
@@ -234,6 +241,7 @@ def validate(cfg) -> None:
 
     _one_of(t.device, "trainer.device", ("auto", "cpu", "cuda"))
     _one_of(t.precision, "trainer.precision", ("fp32", "bf16"))
+    _one_of(t.sdpa_backend, "trainer.sdpa_backend", ("auto", "flash", "cudnn", "efficient", "math"))
     for key in ("max_steps", "batch_size", "block_size", "grad_accum", "eval_interval", "log_interval"):
         _check(t[key] > 0, f"trainer.{key}", f"must be a positive integer, got {t[key]}")
     if d.name in TRANSLATION_DATA:

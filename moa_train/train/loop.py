@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from moa_train.config import ConfigError
 from moa_train.metrics.flops import device_name, peak_flops, peak_kind
 from moa_train.metrics.sinks import build_logger, truncate_jsonl
+from moa_train.models.attention.mha import select_sdpa_backend
 from moa_train.models.routing import detached, routing_metrics
 from moa_train.progress import progress
 from moa_train.train.checkpoint import (
@@ -86,6 +87,7 @@ class Trainer:
         seed_everything(t.seed)
         torch.backends.cuda.matmul.allow_tf32 = bool(t.tf32)
         torch.backends.cudnn.allow_tf32 = bool(t.tf32)
+        select_sdpa_backend(t.sdpa_backend)
         use_bf16 = t.precision == "bf16"
         # no autocast weight cache: it cannot live inside a CUDA-graph capture, and each weight is cast once anyway
         self.autocast = (partial(torch.autocast, self.device.type, dtype=torch.bfloat16, cache_enabled=False)

@@ -5,9 +5,13 @@ default 1, as in the released code). The k selected query heads of every token a
 Gating: `softmax_all` (released code) takes the top-k of a softmax over all E and does not renormalise;
 `topk_softmax` renormalises over the k selected. The router starts at zero (uniform), as in the released code.
 
-Expert projections: the default path computes all E experts' queries in one matmul and gathers the k selected;
-the output side scatters the gated heads into an E-slot buffer and applies all experts' O in one matmul. That is
-exact and fast when k is close to E; the FLOP counter counts only the k selected experts.
+Expert projections (`expert_matmul`):
+- `dense` computes all E experts' queries in one matmul and gathers the k selected; the output side scatters the
+  gated heads into an E-slot buffer and applies all experts' O in one matmul. Exact, and fast when k is close to E.
+- `grouped` sorts the N*k (token, expert) assignments by expert and runs Q and O as grouped matmuls over the sorted
+  rows (models/attention/grouped.py): no Python loop over experts and no compute for unselected experts.
+- `auto` (default) takes `grouped` when k < E and the grouped kernel runs (bf16 on an H100-class GPU), else `dense`.
+The FLOP counter counts only the k selected experts, whichever path runs.
 """
 from __future__ import annotations
 
@@ -17,13 +21,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from moa_train.models.attention.grouped import grouped_kernel_available, grouped_mm
 from moa_train.models.attention.mha import sdpa, split_heads
 from moa_train.models.routing import Routing
 
 
 class MixtureOfAttentionHeads(nn.Module):
     def __init__(self, d_model: int, n_experts: int, top_k: int, head_dim: int, n_kv_heads: Optional[int] = None,
-                 dropout: float = 0.0, bias: bool = False, gating: str = "softmax_all", causal: bool = True):
+                 dropout: float = 0.0, bias: bool = False, gating: str = "softmax_all", causal: bool = True, expert_matmul: str = "auto"):
         super().__init__()
         self.n_experts, self.top_k, self.head_dim = n_experts, top_k, head_dim
         self.n_kv = n_kv_heads or 1
@@ -32,7 +37,7 @@ class MixtureOfAttentionHeads(nn.Module):
         self.q_proj = nn.Linear(d_model, n_experts * self.expert_dim, bias=bias)
         self.kv_proj = nn.Linear(d_model, 2 * self.expert_dim, bias=bias)
         self.c_proj = nn.Linear(n_experts * self.expert_dim, d_model, bias=bias)
-        self.gating = gating
+        self.gating, self.expert_matmul = gating, expert_matmul
         self.dropout, self.causal = dropout, causal
         self.resid_dropout = nn.Dropout(dropout)
         self.choice_names = tuple(str(i) for i in range(n_experts))
@@ -40,7 +45,8 @@ class MixtureOfAttentionHeads(nn.Module):
     @classmethod
     def from_config(cls, m, causal: bool = True) -> "MixtureOfAttentionHeads":
         head_dim = m.head_dim or m.d_model // m.n_head
-        return cls(m.d_model, m.n_experts, m.top_k, head_dim, m.n_kv_heads, m.dropout, m.bias, m.gating, causal)
+        return cls(m.d_model, m.n_experts, m.top_k, head_dim, m.n_kv_heads, m.dropout, m.bias, m.gating, causal,
+                   m.expert_matmul)
 
     def post_init(self) -> None:
         nn.init.zeros_(self.router.weight)
@@ -57,22 +63,69 @@ class MixtureOfAttentionHeads(nn.Module):
         routing = Routing(probs, self.choice_names, chosen, logits)
         return gates, chosen, routing
 
+    def grouped(self, x: Tensor) -> bool:
+        """Whether this call runs the grouped path (see the module docstring)."""
+        if self.expert_matmul == "auto":
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            return self.top_k < self.n_experts and grouped_kernel_available(x.new_empty(0, dtype=dtype))
+        return self.expert_matmul == "grouped"
+
     def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None):
         b, t, _ = x.shape
         e, k, g, dh = self.n_experts, self.top_k, self.n_kv, self.head_dim
         gates, chosen, routing = self.route(x)
-        # queries of the selected experts: (B, T, k, g, dh) -> heads ordered group-major (B, g*k, T, dh)
-        q_all = self.q_proj(x).view(b * t, e, self.expert_dim)
-        q = q_all.gather(1, chosen.unsqueeze(-1).expand(-1, -1, self.expert_dim))
+        sort = self.sorted_by_expert(chosen) if self.grouped(x) else None
+        # queries of the selected experts (B*T, k, g*dh), then heads ordered group-major (B, g*k, T, dh)
+        q = self.dense_queries(x, chosen) if sort is None else self.grouped_queries(x, chosen, *sort)
         q = q.view(b, t, k, g, dh).permute(0, 3, 2, 1, 4).reshape(b, g * k, t, dh)
         kv_k, kv_v = self.kv_proj(x if context is None else context).split(self.expert_dim, dim=-1)
         p = self.dropout if self.training else 0.0
         o = sdpa(q, split_heads(kv_k, g), split_heads(kv_v, g), mask, self.causal and context is None, p)
         o = o.view(b, g, k, t, dh).permute(0, 3, 2, 1, 4).reshape(b * t, k, self.expert_dim)
         o = o * gates.to(o.dtype).unsqueeze(-1)
-        slots = o.new_zeros(b * t, e, self.expert_dim).scatter(1, chosen.unsqueeze(-1).expand_as(o), o)
-        y = self.c_proj(slots.view(b, t, e * self.expert_dim))
-        return self.resid_dropout(y), routing
+        y = self.dense_output(o, chosen) if sort is None else self.grouped_output(o, *sort)
+        return self.resid_dropout(y.view(b, t, -1)), routing
+
+    def dense_queries(self, x: Tensor, chosen: Tensor) -> Tensor:
+        q_all = self.q_proj(x).view(-1, self.n_experts, self.expert_dim)
+        return q_all.gather(1, chosen.unsqueeze(-1).expand(-1, -1, self.expert_dim))
+
+    def dense_output(self, o: Tensor, chosen: Tensor) -> Tensor:
+        slots = o.new_zeros(o.shape[0], self.n_experts, self.expert_dim).scatter(1, chosen.unsqueeze(-1).expand_as(o), o)
+        return self.c_proj(slots.flatten(1))
+
+    def sorted_by_expert(self, chosen: Tensor) -> tuple:
+        """(order, offs): assignment a = token * k + slot; `order` lists the assignments sorted by expert and
+        offs[i] counts the assignments to experts 0..i (the grouped matmul's group ends). Fixed shapes, no sync."""
+        experts = chosen.flatten()
+        order = experts.argsort(stable=True)
+        offs = torch.searchsorted(experts[order], torch.arange(self.n_experts, device=chosen.device), right=True)
+        return order, offs.to(torch.int32)
+
+    def grouped_queries(self, x: Tensor, chosen: Tensor, order: Tensor, offs: Tensor) -> Tensor:
+        d, e, ed = x.shape[-1], self.n_experts, self.expert_dim
+        x_sorted = x.reshape(-1, d)[order // self.top_k]
+        w_q = self.q_proj.weight.view(e, ed, d).transpose(1, 2)  # (E, d, ed): each expert's W_q^T
+        q_sorted = grouped_mm(self.compute_dtype(x_sorted), w_q, offs)
+        q = torch.empty_like(q_sorted).index_copy(0, order, q_sorted).view(-1, self.top_k, ed)
+        if self.q_proj.bias is not None:
+            q = q + self.q_proj.bias.view(e, ed)[chosen].to(q.dtype)
+        return q
+
+    def grouped_output(self, o: Tensor, order: Tensor, offs: Tensor) -> Tensor:
+        d, e, ed = self.c_proj.out_features, self.n_experts, self.expert_dim
+        w_o = self.c_proj.weight.view(d, e, ed).permute(1, 2, 0)  # (E, ed, d): each expert's W_o^T
+        y_sorted = grouped_mm(o.flatten(0, 1)[order], w_o, offs)
+        # back to (token, slot) order and summed over the k slots (fp32 accumulation, deterministic)
+        y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted).view(-1, self.top_k, d).sum(1)
+        return y if self.c_proj.bias is None else y + self.c_proj.bias.to(y.dtype)
+
+    @staticmethod
+    def compute_dtype(x: Tensor) -> Tensor:
+        """`x` in autocast's dtype where autocast is on (grouped_mm is not an autocast op)."""
+        if torch.is_autocast_enabled(x.device.type):
+            return x.to(torch.get_autocast_dtype(x.device.type))
+        return x
 
     def matmul_params_per_token(self) -> int:
         """Router and shared K/V for every token; Q and O of the k selected experts only."""

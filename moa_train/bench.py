@@ -1,0 +1,438 @@
+"""moa-bench: the training step of every attention variant, timed against the card's peaks measured in the same run.
+
+    moa-bench                                          # every model at both sizes (a GPU: about 10 minutes)
+    moa-bench --sizes table1 --models mha,moa_sparse   # a subset, to fit a time budget
+    moa-bench --sizes gpt2 --batch 16
+
+Each (size, model) runs the trainer's own step (`Trainer.train_step`: the same compile, CUDA graph, fused AdamW and
+FLOP counter as training) and records: the median step time over timed windows, tokens/s, FLOPs per token (the
+models' counter), MFU against the measured peak of the precision used, peak memory, the share of the step spent
+drawing the batch, and graph breaks (torch._dynamo.explain of the compiled loss). Before the models: the peak GEMM
+rates (bf16, TF32), the SDPA backends on the GPT-2 attention shape, and every fast path against its plain path
+(moa_train.fastpaths). At GPT-2 size each model also gets a kernel breakdown of one step (torch.profiler).
+
+Results merge into <out>/bench.json (keyed by size/model, each entry naming the run that measured it) and
+<out>/bench.md is rebuilt from the whole file, so runs split over several calls add up to one table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import logging
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from moa_train.metrics.flops import device_name, measure_matmul_flops, peak_kind
+
+# (overrides) per model; table1 rows reuse the MoAS Table 1 experiments, the others take its sizes via the mha one
+MODELS = {
+    "mha": ["model=mha"],
+    "gqa": ["model=gqa"],
+    "mqa": ["model=mqa"],
+    "moas_static": ["model=moas_static"],
+    "moas_dynamic": ["model=moas_dynamic"],
+    "moa_dense": ["model=moa", "model.n_experts=16", "model.top_k=16", "model.expert_matmul=dense"],
+    "moa_sparse": ["model=moa", "model.n_experts=16", "model.top_k=4"],
+}
+TABLE1_EXPERIMENT = {"moas_static": "moas_static", "moas_dynamic": "moas_dynamic"}  # else moas_table1/mha
+
+# sizes: (overrides, default batch). Fast mode everywhere: bf16, TF32, compile, whole-step CUDA graph.
+SIZES = {
+    "table1": (["data=wikitext2_char", "mode=fast"], 12),
+    "gpt2": (["~experiment", "data=random_tokens", "mode=fast", "model.n_layer=12", "model.d_model=768",
+              "model.n_head=12", "model.max_seq_len=1024", "trainer.block_size=1024", "model.dropout=0.0",
+              "model.gate_dropout=0.0"], 32),
+    # for CI on a CPU: seconds per model
+    "tiny": (["~experiment", "data=random_tokens", "data.vocab_size=256", "model.n_layer=2", "model.d_model=64",
+              "model.n_head=4", "model.max_seq_len=64", "trainer.block_size=64"], 4),
+}
+ALWAYS = ["trainer.max_steps=1000000", "trainer.eval_interval=1000000", "trainer.log_interval=1000000",
+          "trainer.resume=false"]
+CPU = ["trainer.precision=fp32", "trainer.compile=false", "trainer.cuda_graphs=false"]  # CPU: the plain step
+
+log = logging.getLogger("moa_train.bench")
+
+
+def compose_cfg(size: str, model: str, batch: int, device: torch.device, extra: list = ()):
+    from hydra import compose, initialize_config_dir
+
+    import moa_train.config  # noqa: F401  (registers the schema)
+    from moa_train.config import validate
+    from moa_train.paths import config_dir
+
+    overrides = list(SIZES[size][0])
+    if size == "table1":
+        overrides.insert(0, f"experiment=moas_table1/{TABLE1_EXPERIMENT.get(model, 'mha')}")
+    moa = MODELS[model]
+    if size == "tiny" and model.startswith("moa_"):  # 8 experts at the tiny size
+        moa = [o for o in moa if "n_experts" not in o and "top_k" not in o]
+        moa += ["model.n_experts=8", f"model.top_k={8 if model == 'moa_dense' else 2}"]
+    overrides += moa + ALWAYS + [f"trainer.batch_size={batch}", f"trainer.device={device.type}", *extra]
+    if device.type == "cpu":
+        overrides += CPU
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    validate(cfg)
+    return cfg, overrides
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- one model ---------------------------------------------------------------------------------------------------
+
+def graph_breaks(trainer) -> dict:
+    """Graphs and breaks that torch._dynamo sees in the trained function (model forward + losses + routing records)."""
+    batch = trainer.task.next_batch()
+    explained = torch._dynamo.explain(trainer._forward_loss)(batch, True)
+    torch._dynamo.reset()
+    reasons = sorted({str(getattr(b, "reason", b)).splitlines()[0] for b in explained.break_reasons})
+    return {"graphs": explained.graph_count, "graph_breaks": explained.graph_break_count, "break_reasons": reasons}
+
+
+KERNEL_KINDS = (  # (kind, substrings of the CUDA kernel name), first match wins
+    ("grouped GEMM", ("grouped", "group_gemm")),
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("GEMM", ("gemm", "cutlass", "nvjet", "xmma", "sm90_", "sm80_", "cublas")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("fused elementwise (Triton)", ("triton",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def kernel_breakdown(trainer, device: torch.device) -> dict:
+    """GPU time per kernel kind in one eager (compiled, not graph-captured) training step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        trainer.train_step(False)
+        sync(device)
+    trainer.step += 1
+    kinds: dict = {}
+    top = []
+    for evt in prof.key_averages():
+        t = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+        if t <= 0:
+            continue
+        kinds[kernel_kind(evt.key)] = kinds.get(kernel_kind(evt.key), 0.0) + t / 1000
+        top.append((t / 1000, evt.key[:90], evt.count))
+    top.sort(reverse=True)
+    return {"ms_by_kind": kinds, "kernel_ms": sum(kinds.values()),
+            "top": [{"ms": ms, "kernel": k, "calls": c} for ms, k, c in top[:8]]}
+
+
+def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: dict, args) -> dict:
+    from moa_train.train.cuda_graph import WARMUP_STEPS
+    from moa_train.train.loop import Trainer
+
+    cfg, overrides = compose_cfg(size, model, batch, device, args.override)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(cfg, Path(run_dir))
+        entry = {"size": size, "model": model, "tag": args.tag, "batch": batch, "block": cfg.trainer.block_size,
+                 "overrides": overrides, "precision": cfg.trainer.precision, "compile": cfg.trainer.compile,
+                 "cuda_graph": trainer.use_graph, "params": trainer.model.num_params(),
+                 "flops_per_token": trainer.flops_per_token}
+        if cfg.trainer.compile:
+            entry.update(graph_breaks(trainer))
+        t0 = time.perf_counter()
+        for i in range(WARMUP_STEPS):  # compilation; the last warm-up step is profiled (kernels visible)
+            if i == WARMUP_STEPS - 1 and args.profile and size == "gpt2" and device.type == "cuda":
+                entry["kernels"] = kernel_breakdown(trainer, device)
+                continue
+            trainer.train_step(False)
+            trainer.step += 1
+        sync(device)
+        entry["warmup_s"] = time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(2):  # the capture and a first replay, untimed
+            trainer.train_step(False)
+            trainer.step += 1
+        times = []
+        for _ in range(args.windows):
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                trainer.train_step(False)
+                trainer.step += 1
+            sync(device)
+            times.append((time.perf_counter() - t0) / args.steps)
+        step_s = statistics.median(times)
+        data = []
+        for _ in range(args.steps):  # the batch draw alone, device work included
+            sync(device)
+            t0 = time.perf_counter()
+            trainer.task.next_batch()
+            sync(device)
+            data.append(time.perf_counter() - t0)
+        tokens = batch * cfg.trainer.block_size
+        peak = peaks[peak_kind(cfg.trainer.precision, cfg.trainer.tf32)]
+        entry.update({
+            "step_ms": 1000 * step_s, "step_ms_windows": [1000 * t for t in times], "tokens_per_s": tokens / step_s,
+            "mfu": trainer.flops_per_token * tokens / step_s / peak, "peak_kind": peak_kind(cfg.trainer.precision,
+                                                                                          cfg.trainer.tf32),
+            "data_wait_share": statistics.median(data) / step_s,
+            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
+        })
+        del trainer
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return entry
+
+
+def bench_with_fallback(size: str, model: str, batch: int, device: torch.device, peaks: dict, args) -> dict:
+    """bench_model, halving the batch on out-of-memory (the entry records the batch that ran)."""
+    while True:
+        try:
+            return bench_model(size, model, batch, device, peaks, args)
+        except torch.OutOfMemoryError:
+            gc.collect()
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+            if batch == 1:
+                raise
+            log.warning("%s/%s: out of memory at batch %d; trying %d", size, model, batch, batch // 2)
+            batch //= 2
+
+
+# --- whole-run measurements ------------------------------------------------------------------------------------
+
+def sdpa_backends(device: torch.device, batch: int) -> list:
+    """Forward + backward time of causal SDPA at the GPT-2 shape (B, 12 heads, T 1024, 64) per backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, h, t, d = batch, 12, 1024, 64
+    q, k, v = (torch.randn(b, h, t, d, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    flops = 12 * b * h * t * t * d  # the FLOP counter's count: 4BHT^2D forward, twice that backward
+    rows = []
+    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        backend = getattr(SDPBackend, name, None)
+        try:
+            with sdpa_kernel([backend]):
+                times = []
+                for i in range(13):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+                    out.backward(torch.ones_like(out))
+                    sync(device)
+                    if i >= 3:
+                        times.append(time.perf_counter() - t0)
+            ms = 1000 * statistics.median(times)
+            rows.append({"backend": name.lower(), "ms": ms, "tflops": flops / ms / 1e9})
+        except (RuntimeError, TypeError) as exc:
+            rows.append({"backend": name.lower(), "error": str(exc).splitlines()[0][:120]})
+    return rows
+
+
+def fast_path_checks(device: torch.device) -> list:
+    from moa_train.config import ModelConfig
+    from moa_train.fastpaths import check_all
+
+    m = ModelConfig(name="mha", d_model=384, n_layer=4, n_head=6, max_seq_len=256)
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+    if device.type == "cpu":
+        m.d_model, m.n_layer, m.n_head, m.max_seq_len = 64, 2, 4, 64
+    rows = check_all(device, m, 283, 4, m.max_seq_len, backend)
+    torch._dynamo.reset()
+    return rows
+
+
+# --- results -----------------------------------------------------------------------------------------------------
+
+TARGETS = "gpt2/mha MFU >= 55%; gpt2/moas_dynamic >= 45%; gpt2/moa_sparse >= 40% and faster than moa_dense"
+
+
+def targets(results: dict) -> list:
+    """(target, measured, met) rows from whatever the results hold."""
+    rows = []
+    for model, floor in (("mha", 0.55), ("moas_dynamic", 0.45), ("moa_sparse", 0.40)):
+        r = results.get(f"gpt2/{model}")
+        if r:
+            rows.append((f"GPT-2 small {model}: MFU >= {floor:.0%}", f"{r['mfu']:.1%}", r["mfu"] >= floor))
+    sparse, dense = results.get("gpt2/moa_sparse"), results.get("gpt2/moa_dense")
+    if sparse and dense:
+        ratio = sparse["tokens_per_s"] / dense["tokens_per_s"]
+        rows.append(("GPT-2 small moa_sparse faster per token than moa_dense", f"{ratio:.2f}x", ratio > 1))
+    mha = results.get("table1/mha")
+    for model in ("moas_static", "moas_dynamic", "moa_dense", "moa_sparse"):
+        r = results.get(f"table1/{model}")
+        if mha and r:
+            t_ratio, f_ratio = r["step_ms"] / mha["step_ms"], r["flops_per_token"] / mha["flops_per_token"]
+            rows.append((f"Table 1 size {model}: time ratio <= 1.15 x FLOP ratio ({1.15 * f_ratio:.2f})",
+                         f"{t_ratio:.2f} (FLOPs {f_ratio:.2f})", t_ratio <= 1.15 * f_ratio))
+    for key, r in sorted(results.items()):
+        if r["data_wait_share"] >= 0.02:
+            rows.append((f"{key}: data wait < 2%", f"{r['data_wait_share']:.1%}", False))
+    waits = [r["data_wait_share"] for r in results.values()]
+    if waits:
+        rows.append(("data wait < 2% of the step (worst model)", f"{max(waits):.2%}", max(waits) < 0.02))
+    return rows
+
+
+def fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(bench: dict, notes: str | None) -> str:
+    out = ["# moa-bench: training-step speed of every attention variant", "",
+           "Written by `moa-bench` (moa_train/bench.py) from bench.json; each table row names the run that measured "
+           "it. MFU = FLOPs per token (the models' own counter: 6 x matmul parameters used + 12 x heads x head_dim x"
+           " T) x tokens/s / the peak GEMM rate of the run's precision, measured at the start of the same run.", ""]
+    out += ["## Runs", "", "| run | device | date | torch | commit | peak bf16 TFLOP/s | peak TF32 TFLOP/s | command |",
+            "|---|---|---|---|---|---|---|---|"]
+    for rid, run in sorted(bench["runs"].items()):
+        p = run["peaks"]
+        out.append(f"| {rid} | {run['device']} | {run['date']} | {run['torch']} | {run.get('git_sha') or '-'} | "
+                   f"{p.get('bf16', 0) / 1e12:.3g} | {p.get('tf32', 0) / 1e12:.3g} | `{run['command']}` |")
+    results = bench["results"]
+    out += ["", "## Targets", "", f"Asked for: {TARGETS}; Table 1 size: each routed row's step-time ratio to mha at "
+            "most 1.15x its FLOP ratio; data wait < 2%.", "", "| target | measured | met |", "|---|---|---|"]
+    out += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in targets(results)]
+    for size in ("table1", "gpt2", "tiny"):
+        rows = [r for k, r in sorted(results.items()) if r["size"] == size]
+        if not rows:
+            continue
+        rows.sort(key=lambda r: (list(MODELS).index(r["model"]), r.get("tag") or ""))
+        out += ["", f"## Size {size}", "", "| model | batch x block | step ms (median) | tokens/s | GFLOPs/token | MFU | "
+                "peak mem GiB | data wait | graph breaks | CUDA graph | run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            out.append(f"| {r['model']}{'@' + r['tag'] if r.get('tag') else ''} | {r['batch']} x {r['block']} | {r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} |"
+                       f" {r['flops_per_token'] / 1e9:.3g} | {r['mfu']:.1%} ({r['peak_kind']}) | "
+                       f"{fmt(r['peak_mem_gib'], '.1f')} | {r['data_wait_share']:.2%} | {r.get('graph_breaks', '-')} | "
+                       f"{'yes' if r['cuda_graph'] else 'no'} | {r['run']} |")
+        reasons = {r["model"]: r["break_reasons"] for r in rows if r.get("break_reasons")}
+        for model, why in reasons.items():
+            out.append(f"\nGraph breaks in {model}: " + "; ".join(why))
+    kernels = [r for k, r in sorted(results.items()) if r.get("kernels")]
+    if kernels:
+        kinds = sorted({kind for r in kernels for kind in r["kernels"]["ms_by_kind"]})
+        out += ["", "## Kernel breakdown of one GPT-2-size step", "",
+                "GPU time per kernel kind in one compiled step run eagerly (the profiled step is not graph-captured;"
+                " the timed steps are). `idle` = measured step time - kernel time: launch gaps, host work.", "",
+                "| model | " + " | ".join(kinds) + " | kernels total | step (graph) | idle |",
+                "|---|" + "---|" * (len(kinds) + 3)]
+        for r in kernels:
+            k = r["kernels"]
+            cells = [f"{k['ms_by_kind'].get(kind, 0):.2f} ({k['ms_by_kind'].get(kind, 0) / k['kernel_ms']:.0%})"
+                     for kind in kinds]
+            out.append(f"| {r['model']}{'@' + r['tag'] if r.get('tag') else ''} | " + " | ".join(cells) +
+                       f" | {k['kernel_ms']:.2f} | {r['step_ms']:.2f} | {max(r['step_ms'] - k['kernel_ms'], 0):.2f} |")
+        for r in kernels:
+            out += ["", f"Top kernels, {r['model']}:", ""]
+            out += [f"- {t['ms']:.2f} ms x{t['calls']}: `{t['kernel']}`" for t in r["kernels"]["top"]]
+    for rid, run in sorted(bench["runs"].items()):
+        if run.get("sdpa"):
+            out += ["", f"## SDPA backends (run {rid}): causal, bf16, batch {run['sdpa_batch']} x 12 heads x 1024 x 64,"
+                    " forward + backward", "", "| backend | ms | TFLOP/s (counter's count) |", "|---|---|---|"]
+            out += [f"| {s['backend']} | {fmt(s.get('ms'), '.2f')} | {fmt(s.get('tflops'), '.0f')} |"
+                    if "ms" in s else f"| {s['backend']} | unavailable: {s['error']} | - |" for s in run["sdpa"]]
+        if run.get("checks"):
+            out += ["", f"## Fast paths against plain paths (run {rid}, {run['device']})", "",
+                    "| fast path | plain path | output rel. error | gradient rel. error | tolerance | ok |",
+                    "|---|---|---|---|---|---|"]
+            out += [f"| {c['path']} | {c['reference']} | {c['out_err']:.1e} | {fmt(c['grad_err'], '.1e')} | "
+                    f"{c['tol']:.0e} | {'yes' if c['ok'] else '**no**'} |" for c in run["checks"]]
+    if notes:
+        out += ["", notes.strip()]
+    return "\n".join(out) + "\n"
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {"runs": {}, "results": {}}
+
+
+def save(bench: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(bench, indent=1))
+    notes = out / "bench_notes.md"
+    (out / "bench.md").write_text(markdown(bench, notes.read_text() if notes.is_file() else None))
+
+
+# --- entry point -------------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="moa-bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
+    p.add_argument("--sizes", default="table1,gpt2", help=f"comma-separated, of: {', '.join(SIZES)}")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default: table1 12, gpt2 32, tiny 4)")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed window")
+    p.add_argument("--windows", type=int, default=5, help="timed windows (the median is reported)")
+    p.add_argument("--out", default="docs/results", help="folder of bench.json / bench.md")
+    p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the kernel breakdown")
+    p.add_argument("--no-checks", dest="checks", action="store_false", help="skip the fast-path checks")
+    p.add_argument("--override", action="append", default=[],
+                   help="a moa-train override for every model (repeatable), e.g. trainer.sdpa_backend=cudnn")
+    p.add_argument("--tag", default=None, help="suffix of the result keys (size/model@tag) for runs with --override")
+    p.add_argument("--tables-only", action="store_true", help="rebuild bench.md from bench.json, measure nothing")
+    args = p.parse_args(argv)
+    for flag, names, allowed in (("--models", args.models, MODELS), ("--sizes", args.sizes, SIZES)):
+        bad = [n for n in names.split(",") if n not in allowed]
+        if bad:
+            p.error(f"{flag}: unknown {', '.join(bad)}; allowed: {', '.join(allowed)}")
+    if args.batch is not None and args.batch < 1:
+        p.error(f"--batch: must be a positive integer, got {args.batch}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = Path(args.out)
+    bench = load(out / "bench.json")
+    if args.tables_only:
+        save(bench, out)
+        return 0
+    from moa_train.train.loop import git_sha
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run_id = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    peaks = {kind: measure_matmul_flops(device, kind) for kind in ("bf16", "tf32", "fp32")}
+    run = {"device": device_name(device), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+           "git_sha": git_sha(), "command": shlex.join(["moa-bench", *(sys.argv[1:] if argv is None else argv)]),
+           "peaks": peaks}
+    log.info("peaks: %s", ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in peaks.items()))
+    bench["runs"][run_id] = run
+    sizes = args.sizes.split(",")
+    if device.type == "cuda":
+        run["sdpa_batch"] = args.batch or SIZES["gpt2"][1]
+        run["sdpa"] = sdpa_backends(device, run["sdpa_batch"])
+    if args.checks:
+        run["checks"] = fast_path_checks(device)
+        log.info("fast-path checks: %s", ", ".join(f"{c['path']} {'ok' if c['ok'] else 'FAILED'}" for c in run["checks"]))
+    save(bench, out)
+    for size in sizes:
+        for model in args.models.split(","):
+            entry = bench_with_fallback(size, model, args.batch or SIZES[size][1], device, peaks, args)
+            entry["run"] = run_id
+            bench["results"][f"{size}/{model}" + (f"@{args.tag}" if args.tag else "")] = entry
+            save(bench, out)  # after every model, so a run cut short keeps what it measured
+            log.info("%s/%s: %.2f ms/step, %.0f tok/s, MFU %.1f%%, data wait %.2f%%", size, model, entry["step_ms"],
+                     entry["tokens_per_s"], 100 * entry["mfu"], 100 * entry["data_wait_share"])
+    failed = [c["path"] for c in run.get("checks", []) if not c["ok"]]
+    if failed:
+        print(f"error: fast paths differ from their plain paths beyond tolerance: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
