@@ -7,7 +7,7 @@
 Each (size, model) runs the trainer's own step (`Trainer.train_step`: the same compile, CUDA graph, fused AdamW and
 FLOP counter as training) and records: the median step time over timed windows, tokens/s, FLOPs per token (the
 models' counter), MFU against the measured peak of the precision used, peak memory, the share of the step spent
-drawing the batch, and graph breaks (torch._dynamo.explain of the compiled loss). Before the models: the peak GEMM
+waiting for data (the step time that a fixed, pre-drawn batch saves), and graph breaks (torch._dynamo.explain of the compiled loss). Before the models: the peak GEMM
 rates (bf16, TF32), the SDPA backends on the GPT-2 attention shape, and every fast path against its plain path
 (moa_train.fastpaths). At GPT-2 size each model also gets a kernel breakdown of one step (torch.profiler).
 
@@ -50,7 +50,7 @@ SIZES = {
     "table1": (["data=wikitext2_char", "mode=fast"], 12),
     "gpt2": (["~experiment", "data=random_tokens", "mode=fast", "model.n_layer=12", "model.d_model=768",
               "model.n_head=12", "model.max_seq_len=1024", "trainer.block_size=1024", "model.dropout=0.0",
-              "model.gate_dropout=0.0"], 32),
+              "model.gate_dropout=0.0"], 64),
     # for CI on a CPU: seconds per model
     "tiny": (["~experiment", "data=random_tokens", "data.vocab_size=256", "model.n_layer=2", "model.d_model=64",
               "model.n_head=4", "model.max_seq_len=64", "trainer.block_size=64"], 4),
@@ -137,6 +137,17 @@ def kernel_breakdown(trainer, device: torch.device) -> dict:
             "top": [{"ms": ms, "kernel": k, "calls": c} for ms, k, c in top[:8]]}
 
 
+def timed_steps(trainer, steps: int, device: torch.device) -> float:
+    """Seconds per training step over `steps` steps."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(False)
+        trainer.step += 1
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
 def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: dict, args) -> dict:
     from moa_train.train.cuda_graph import WARMUP_STEPS
     from moa_train.train.loop import Trainer
@@ -164,30 +175,23 @@ def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: 
         for _ in range(2):  # the capture and a first replay, untimed
             trainer.train_step(False)
             trainer.step += 1
-        times = []
+        # timed windows, alternating: real batches drawn each step / one fixed batch (no data work at all); the
+        # share of the step spent waiting for data is the time the fixed batch saves
+        real_draw, fixed = trainer.task.next_batch, trainer.task.next_batch()
+        times, times_fixed = [], []
         for _ in range(args.windows):
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                trainer.train_step(False)
-                trainer.step += 1
-            sync(device)
-            times.append((time.perf_counter() - t0) / args.steps)
-        step_s = statistics.median(times)
-        data = []
-        for _ in range(args.steps):  # the batch draw alone, device work included
-            sync(device)
-            t0 = time.perf_counter()
-            trainer.task.next_batch()
-            sync(device)
-            data.append(time.perf_counter() - t0)
+            for draw, out in ((real_draw, times), (lambda: fixed, times_fixed)):
+                trainer.task.next_batch = draw
+                out.append(timed_steps(trainer, args.steps, device))
+        trainer.task.next_batch = real_draw
+        step_s, fixed_s = statistics.median(times), statistics.median(times_fixed)
         tokens = batch * cfg.trainer.block_size
         peak = peaks[peak_kind(cfg.trainer.precision, cfg.trainer.tf32)]
         entry.update({
             "step_ms": 1000 * step_s, "step_ms_windows": [1000 * t for t in times], "tokens_per_s": tokens / step_s,
             "mfu": trainer.flops_per_token * tokens / step_s / peak, "peak_kind": peak_kind(cfg.trainer.precision,
                                                                                           cfg.trainer.tf32),
-            "data_wait_share": statistics.median(data) / step_s,
+            "data_wait_share": (step_s - fixed_s) / step_s, "step_ms_fixed_batch": 1000 * fixed_s,
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
         })
         del trainer
@@ -296,7 +300,9 @@ def markdown(bench: dict, notes: str | None) -> str:
     out = ["# moa-bench: training-step speed of every attention variant", "",
            "Written by `moa-bench` (moa_train/bench.py) from bench.json; each table row names the run that measured "
            "it. MFU = FLOPs per token (the models' own counter: 6 x matmul parameters used + 12 x heads x head_dim x"
-           " T) x tokens/s / the peak GEMM rate of the run's precision, measured at the start of the same run.", ""]
+           " T) x tokens/s / the peak GEMM rate of the run's precision, measured at the start of the same run. Data wait ="
+           " (step time with a batch drawn per step - step time with one fixed batch) / step time, from alternating "
+           "timed windows; values near 0 (or below) are within timing noise.", ""]
     out += ["## Runs", "", "| run | device | date | torch | commit | peak bf16 TFLOP/s | peak TF32 TFLOP/s | command |",
             "|---|---|---|---|---|---|---|---|"]
     for rid, run in sorted(bench["runs"].items()):
@@ -373,7 +379,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="moa-bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
     p.add_argument("--sizes", default="table1,gpt2", help=f"comma-separated, of: {', '.join(SIZES)}")
-    p.add_argument("--batch", type=int, default=None, help="sequences per step (default: table1 12, gpt2 32, tiny 4)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default: table1 12, gpt2 64, tiny 4)")
     p.add_argument("--steps", type=int, default=10, help="steps per timed window")
     p.add_argument("--windows", type=int, default=5, help="timed windows (the median is reported)")
     p.add_argument("--out", default="docs/results", help="folder of bench.json / bench.md")

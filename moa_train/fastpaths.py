@@ -26,8 +26,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def grad_err(fast: torch.nn.Module, plain: torch.nn.Module) -> float:
-    pairs = [(p.grad, q.grad) for p, q in zip(fast.parameters(), plain.parameters()) if q.grad is not None]
-    return max(rel_err(a, b) for a, b in pairs)
+    """Relative error of the whole gradient (all parameters as one vector): a per-tensor maximum would be ruled by
+    tensors whose gradient is nearly zero, where bf16 rounding alone is a large relative error."""
+    pairs = [(p.grad.flatten(), q.grad.flatten()) for p, q in zip(fast.parameters(), plain.parameters())
+             if q.grad is not None]
+    return rel_err(torch.cat([a.float() for a, _ in pairs]), torch.cat([b.float() for _, b in pairs]))
 
 
 def row(path: str, reference: str, out: float, grad: float | None, tol: float) -> dict:
@@ -39,9 +42,9 @@ def random_routers(model: torch.nn.Module, seed: int = 0) -> None:
     """Routers start at zero (ties); random weights make the comparison exercise real, distinct choices."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if ".router." in f".{name}":
+        if ".router." in f".{name}" and p.dim() == 2:  # logits of order 1: distinct choices, no saturated softmax
             with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
 
 
 def compare_lms(model_cfg, fast_overrides: dict, vocab: int, tokens: torch.Tensor, autocast, device,

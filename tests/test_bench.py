@@ -16,7 +16,7 @@ def test_bench_measures_and_merges(tmp_path, monkeypatch):
     assert set(bench["results"]) == {"tiny/mha", "tiny/moa_sparse", "tiny/moa_dense"}
     for r in bench["results"].values():
         assert r["step_ms"] > 0 and r["tokens_per_s"] == pytest.approx(r["batch"] * r["block"] / r["step_ms"] * 1000)
-        assert 0 < r["mfu"] < 1 and 0 <= r["data_wait_share"] < 1
+        assert 0 < r["mfu"] < 1 and r["step_ms_fixed_batch"] > 0 and r["data_wait_share"] < 1
         assert r["run"] in bench["runs"]
     assert bench["results"]["tiny/moa_dense"]["batch"] == 2
     # dense moa computes all 8 experts' Q and O, so its FLOPs per token exceed the sparse k=2 model's

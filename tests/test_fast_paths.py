@@ -5,7 +5,7 @@ import torch
 
 from moa_train.config import ModelConfig
 from moa_train.fastpaths import check_all
-from moa_train.models.attention.grouped import grouped_mm, grouped_mm_reference
+from moa_train.models.attention.grouped import gather_rows, grouped_mm, grouped_mm_reference
 from moa_train.models.attention.moa import MixtureOfAttentionHeads
 
 
@@ -25,6 +25,18 @@ def test_grouped_reference_is_a_per_group_matmul_with_empty_groups():
     expected = torch.cat([x[:2] @ w[0], x[2:7] @ w[2], x[7:] @ w[3]])
     torch.testing.assert_close(grouped_mm_reference(x, w, offs), expected)
     torch.testing.assert_close(grouped_mm(x, w, offs), expected)  # CPU: the reference
+
+
+def test_gather_rows_backward_is_the_gather_of_the_inverse():
+    x = torch.randn(4, 3, requires_grad=True)
+    order = torch.tensor([5, 0, 7, 2, 1, 6, 3, 4])  # a permutation of the 8 slots (token n, copy j) = 2n + j
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(8))
+    out = gather_rows(x, order // 2, inverse, copies=2)
+    assert torch.equal(out, x.detach()[order // 2])
+    w = torch.randn(8, 3)
+    (out * w).sum().backward()
+    expected = torch.zeros(4, 3).index_add_(0, order // 2, w)
+    torch.testing.assert_close(x.grad, expected)
 
 
 def moa_pair(**kw):
@@ -54,7 +66,8 @@ def test_moa_grouped_equals_dense(kw):
 def test_moa_grouped_sort_puts_each_assignment_in_its_experts_group():
     moa = MixtureOfAttentionHeads(16, 5, top_k=2, head_dim=4)
     chosen = torch.tensor([[4, 0], [0, 2], [2, 4], [0, 1]])
-    order, offs = moa.sorted_by_expert(chosen)
+    order, inverse, offs = moa.sorted_by_expert(chosen)
+    assert torch.equal(order[inverse], torch.arange(8))
     experts = chosen.flatten()[order]
     assert offs.tolist() == [3, 4, 6, 6, 8]  # expert 3 is chosen by no token: an empty group
     assert experts.tolist() == sorted(experts.tolist())

@@ -85,12 +85,17 @@ def aux_losses(routings: list, aux_cfg, all_terms: bool = True) -> dict:
     records = [r for r in routings if r is not None]
     if not records:
         return {}
-    groups: dict = {}
+    groups: list = []  # records of equal shape and kind sharing one mask object (`is`: no id(), which dynamo refuses)
     for r in records:
-        groups.setdefault((tuple(r.probs.shape), r.chosen is None, id(r.mask)), []).append(r)
+        for g in groups:
+            if g[0].probs.shape == r.probs.shape and (g[0].chosen is None) == (r.chosen is None) and g[0].mask is r.mask:
+                g.append(r)
+                break
+        else:
+            groups.append([r])
     wanted = {"balance": True, "z": all_terms or bool(aux_cfg.z_coef), "cv": all_terms or bool(aux_cfg.cv_coef)}
     per_layer: dict = {name: [] for name, on in wanted.items() if on}
-    for group in groups.values():
+    for group in groups:
         probs, chosen, logits = _stack(group, "probs"), _stack(group, "chosen"), _stack(group, "logits")
         mask = group[0].mask  # shared by the group
         if aux_cfg.balance_type == "mse":

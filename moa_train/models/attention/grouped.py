@@ -33,3 +33,28 @@ def grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
     if grouped_kernel_available(x):
         return _kernel()(x, w.to(x.dtype), offs=offs)
     return grouped_mm_reference(x, w.to(x.dtype), offs)
+
+
+class _GatherRows(torch.autograd.Function):
+    """out[i] = x[src[i]] where every row of x is taken `copies` times (a permutation when copies = 1); the backward
+    is a gather too: grad_x[n] = sum_j grad_out[dst[n * copies + j]], with dst the inverse map. Autograd's own
+    backward of x[src] would scatter-add into zeros (atomics, an extra pass): measured slower for MoA's sorts."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, src: Tensor, dst: Tensor, copies: int) -> Tensor:
+        ctx.save_for_backward(dst)
+        ctx.copies = copies
+        return x.index_select(0, src)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (dst,) = ctx.saved_tensors
+        g = grad.index_select(0, dst)
+        if ctx.copies > 1:
+            g = g.view(-1, ctx.copies, g.shape[-1]).sum(1)
+        return g, None, None, None
+
+
+def gather_rows(x: Tensor, src: Tensor, dst: Tensor, copies: int = 1) -> Tensor:
+    """x (R, C) -> (len(src), C) rows x[src]; `dst` maps each (row, copy) slot back to its output row."""
+    return _GatherRows.apply(x, src, dst, copies)

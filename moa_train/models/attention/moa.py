@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from moa_train.models.attention.grouped import grouped_kernel_available, grouped_mm
+from moa_train.models.attention.grouped import gather_rows, grouped_kernel_available, grouped_mm
 from moa_train.models.attention.mha import sdpa, split_heads
 from moa_train.models.routing import Routing
 
@@ -95,29 +95,31 @@ class MixtureOfAttentionHeads(nn.Module):
         return self.c_proj(slots.flatten(1))
 
     def sorted_by_expert(self, chosen: Tensor) -> tuple:
-        """(order, offs): assignment a = token * k + slot; `order` lists the assignments sorted by expert and
-        offs[i] counts the assignments to experts 0..i (the grouped matmul's group ends). Fixed shapes, no sync."""
+        """(order, inverse, offs): assignment a = token * k + slot; `order` lists the assignments sorted by expert,
+        inverse[a] is a's place in that list, and offs[i] counts the assignments to experts 0..i (the grouped
+        matmul's group ends). Fixed shapes and no host sync, so it compiles and graph-captures."""
         experts = chosen.flatten()
         order = experts.argsort(stable=True)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         offs = torch.searchsorted(experts[order], torch.arange(self.n_experts, device=chosen.device), right=True)
-        return order, offs.to(torch.int32)
+        return order, inverse, offs.to(torch.int32)
 
-    def grouped_queries(self, x: Tensor, chosen: Tensor, order: Tensor, offs: Tensor) -> Tensor:
+    def grouped_queries(self, x: Tensor, chosen: Tensor, order: Tensor, inverse: Tensor, offs: Tensor) -> Tensor:
         d, e, ed = x.shape[-1], self.n_experts, self.expert_dim
-        x_sorted = x.reshape(-1, d)[order // self.top_k]
+        x_sorted = gather_rows(x.reshape(-1, d), order // self.top_k, inverse, self.top_k)  # each token k times
         w_q = self.q_proj.weight.view(e, ed, d).transpose(1, 2)  # (E, d, ed): each expert's W_q^T
         q_sorted = grouped_mm(self.compute_dtype(x_sorted), w_q, offs)
-        q = torch.empty_like(q_sorted).index_copy(0, order, q_sorted).view(-1, self.top_k, ed)
+        q = gather_rows(q_sorted, inverse, order).view(-1, self.top_k, ed)  # back to (token, slot) order
         if self.q_proj.bias is not None:
             q = q + self.q_proj.bias.view(e, ed)[chosen].to(q.dtype)
         return q
 
-    def grouped_output(self, o: Tensor, order: Tensor, offs: Tensor) -> Tensor:
+    def grouped_output(self, o: Tensor, order: Tensor, inverse: Tensor, offs: Tensor) -> Tensor:
         d, e, ed = self.c_proj.out_features, self.n_experts, self.expert_dim
         w_o = self.c_proj.weight.view(d, e, ed).permute(1, 2, 0)  # (E, ed, d): each expert's W_o^T
-        y_sorted = grouped_mm(o.flatten(0, 1)[order], w_o, offs)
+        y_sorted = grouped_mm(gather_rows(o.flatten(0, 1), order, inverse), w_o, offs)
         # back to (token, slot) order and summed over the k slots (fp32 accumulation, deterministic)
-        y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted).view(-1, self.top_k, d).sum(1)
+        y = gather_rows(y_sorted, inverse, order).view(-1, self.top_k, d).sum(1)
         return y if self.c_proj.bias is None else y + self.c_proj.bias.to(y.dtype)
 
     @staticmethod

@@ -2,7 +2,7 @@
 mixed by a constant 1/3 (static) or per token by a router (dynamic).
 
 Fused layout (the default): the three branches' Q/K/V weights are rows of one `c_attn` matmul, their 3*n_head query
-heads go through ONE SDPA call (each query head indexes its branch's K/V head), and their output projections are
+heads go through ONE SDPA call (each branch's K/V heads repeated for its query heads), and their output projections are
 the column blocks of one `c_proj` matmul whose input is the gate-scaled concatenation of branch outputs:
     y = sum_b g_b * (o_b @ W_b^T) = concat_b(g_b * o_b) @ [W_mha | W_gqa | W_mqa]^T.
 Parameter counts equal three separate branches exactly. `fused=False` runs the same parameters branch by branch
@@ -36,12 +36,6 @@ class MoASAttention(nn.Module):
         # columns: [o_mha | o_gqa | o_mqa]; each branch's output bias is mixed by the gates like its output
         self.c_proj = nn.Linear(3 * d_model, d_model, bias=False)
         self.o_bias = nn.Parameter(torch.zeros(3, d_model)) if bias else None
-        # query head h of the fused call reads K/V head kv_index[h] of the concatenated K/V heads
-        index, offset = [], 0
-        for kv in self.kv_heads:
-            index += [offset + h // (n_head // kv) for h in range(n_head)]
-            offset += kv
-        self.register_buffer("kv_index", torch.tensor(index), persistent=False)
         self.dynamic, self.fused, self.causal = dynamic, fused, causal
         self.dropout, self.gate_dropout = dropout, gate_dropout
         self.resid_dropout = nn.Dropout(dropout)
@@ -76,7 +70,7 @@ class MoASAttention(nn.Module):
         if self.fused:
             n_kv = sum(self.kv_heads)
             q, k, v = split_heads(q, 3 * self.n_head), split_heads(k, n_kv), split_heads(v, n_kv)
-            k, v = k.index_select(1, self.kv_index), v.index_select(1, self.kv_index)
+            k, v = self.repeat_kv(k), self.repeat_kv(v)
             o = merge_heads(sdpa(q, k, v, mask, self.causal, p))  # (B, T, 3d) = [o_mha | o_gqa | o_mqa]
             o = (o.view(*o.shape[:2], 3, d) * gates.unsqueeze(-1)).flatten(2)
             y = self.c_proj(o)
@@ -91,6 +85,16 @@ class MoASAttention(nn.Module):
         if self.o_bias is not None:
             y = y + gates @ self.o_bias.to(y.dtype)
         return self.resid_dropout(y), routing
+
+    def repeat_kv(self, x: Tensor) -> Tensor:
+        """(B, sum of K/V heads, T, D) -> (B, 3 n_head, T, D): query head h of branch b reads that branch's K/V head
+        h // (n_head / kv_b). Built by expand + reshape per branch, whose backward is a sum over the copies; an
+        index_select would do the same forward but scatter-add (atomics) in its backward: a sixth of a GPT-2-size
+        step when measured (docs/results/bench.md)."""
+        b, _, t, d = x.shape
+        parts = [part.unsqueeze(2).expand(b, kv, self.n_head // kv, t, d).reshape(b, self.n_head, t, d)
+                 for part, kv in zip(x.split(self.kv_heads, dim=1), self.kv_heads)]
+        return torch.cat(parts, dim=1)
 
     def matmul_params_per_token(self) -> int:
         router = sum(p.numel() for p in self.router.parameters()) if self.dynamic else 0
