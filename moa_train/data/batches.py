@@ -26,8 +26,9 @@ class RandomWindows:
     """Uniformly random windows (nanoGPT's get_batch), drawn from a seeded CPU generator whose state is
     checkpointed, so a resumed run draws exactly the batches an uninterrupted one would, on any device.
 
-    On CUDA the split is copied to the GPU once and windows are gathered there: a step moves only its start
-    offsets to the device (asynchronously), so the GPU never waits for data."""
+    The split is held as a tensor on the device (copied to the GPU once): a batch is its start offsets
+    (`next_starts`, moved asynchronously), and `windows_at` gathers the windows there. The trainer's step does that
+    gather itself, so a CUDA-graph step captures it and per step only the offsets move."""
 
     def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int, device: torch.device):
         if len(tokens) <= block_size + 1:
@@ -35,17 +36,21 @@ class RandomWindows:
                             f"this one has {len(tokens)}")
         self.tokens, self.batch_size, self.block_size, self.device = tokens, batch_size, block_size, device
         self.generator = torch.Generator().manual_seed(seed)
-        if device.type == "cuda":
-            self.device_tokens = torch.from_numpy(np.asarray(tokens).astype(np.int64)).to(device)
-            self.offsets = torch.arange(block_size + 1, device=device)
+        self.device_tokens = torch.from_numpy(np.asarray(tokens).astype(np.int64)).to(device)
+        self.offsets = torch.arange(block_size + 1, device=device)
+
+    def next_starts(self) -> torch.Tensor:
+        """The next batch's window offsets (batch_size,), on the device."""
+        starts = torch.randint(len(self.tokens) - self.block_size - 1, (self.batch_size,), generator=self.generator)
+        return to_device(starts.numpy(), self.device)
+
+    def windows_at(self, starts: torch.Tensor) -> tuple:
+        """(x, y) windows at `starts`: x[i] = tokens[s_i : s_i + block], y the same shifted by one."""
+        chunk = self.device_tokens[starts[:, None] + self.offsets]
+        return chunk[:, :-1], chunk[:, 1:]
 
     def next(self) -> tuple:
-        starts = torch.randint(len(self.tokens) - self.block_size - 1, (self.batch_size,), generator=self.generator)
-        if self.device.type == "cuda":
-            chunk = self.device_tokens[starts.pin_memory().to(self.device, non_blocking=True)[:, None] + self.offsets]
-            return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
-        x, y = windows(self.tokens, starts.numpy(), self.block_size)
-        return to_device(x, self.device), to_device(y, self.device)
+        return self.windows_at(self.next_starts())
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -37,15 +37,16 @@ class LMTask:
         self.batches = RandomWindows(self.data.splits["train"].tokens, t.batch_size // t.grad_accum, t.block_size,
                                      t.seed, device)
 
-    def next_batch(self):
-        return self.batches.next()
+    def next_batch(self) -> tuple:
+        """(window offsets,): the loss gathers the windows, inside a captured CUDA graph when there is one."""
+        return (self.batches.next_starts(),)
 
     def n_tokens(self, batch) -> int:
-        return batch[0].numel()
+        return batch[0].numel() * self.cfg.trainer.block_size
 
     def loss(self, model, batch, all_aux: bool) -> tuple:
         """(total loss, CE, unweighted aux terms, routing records)."""
-        x, y = batch
+        x, y = self.batches.windows_at(batch[0])
         logits, routings = model(x)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         aux = aux_losses(routings, self.aux_cfg, all_aux)
