@@ -122,9 +122,7 @@ def _remove(path: Path) -> None:
 
 
 def save_checkpoint(state: dict, folder: Path, keep: int, is_best: bool) -> Path:
-    """step_NNNNNNN.pt (and best.pt); then only the last `keep` step files remain. Step files of later steps are
-    left by a run that was resumed from an earlier checkpoint (a damaged newer one was skipped): removed too, as
-    metrics.jsonl drops the lines after the resumed step."""
+    """step_NNNNNNN.pt (and best.pt); then only the last `keep` step files remain."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{state['step']:07d}.pt"
     try:
@@ -134,10 +132,18 @@ def save_checkpoint(state: dict, folder: Path, keep: int, is_best: bool) -> Path
     except OSError as exc:
         raise CheckpointError(f"checkpoint {path} could not be written ({exc.strerror or exc}); free space in "
                               f"{folder} or point hydra.run.dir elsewhere, then resume") from None
-    older = [p for p in step_checkpoints(folder) if p.name <= path.name]
-    for old in older[:-keep] + [p for p in step_checkpoints(folder) if p.name > path.name]:
+    for old in step_checkpoints(folder)[:-keep]:
         _remove(old)
     return path
+
+
+def drop_later_checkpoints(folder: Path, step: int) -> None:
+    """Remove the step files after `step`: a run resumed from `step` (a newer checkpoint was damaged, or an older
+    one was asked for) continues from there, as metrics.jsonl does, and its pruning must not keep them instead."""
+    for path in step_checkpoints(folder) if folder.is_dir() else []:
+        if path.name > f"step_{step:07d}.pt":
+            log.warning("removing %s: the run continues from step %d", path, step)
+            _remove(path)
 
 
 # --- reading ------------------------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from moa_train.metrics.sinks import build_logger, truncate_jsonl
 from moa_train.models.routing import detached, routing_metrics
 from moa_train.progress import progress
 from moa_train.train.checkpoint import (
-    CheckpointError, average_checkpoints, checkpoints_in, load_latest, rng_state, save_checkpoint, set_rng_state,
-    step_checkpoints)
+    CheckpointError, average_checkpoints, checkpoints_in, drop_later_checkpoints, load_latest, rng_state,
+    save_checkpoint, set_rng_state, step_checkpoints)
 from moa_train.train.cuda_graph import WARMUP_STEPS, CapturedStep
 from moa_train.train.guard import NonFiniteGuard
 from moa_train.train.optim import build_optimizer, build_scheduler, lr_factor
@@ -229,8 +229,9 @@ class Trainer:
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.trainer
         resumed = self.maybe_resume()
-        if resumed is not None:
+        if resumed is not None:  # the run's history continues from the checkpoint's step
             truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
+            drop_later_checkpoints(self.run_dir / "checkpoints", self.step)
         logger = build_logger(cfg, self.run_dir, OmegaConf.to_container(cfg, resolve=True), self.wandb_id)
         self.wandb_id = logger.wandb_id
         val = {}
