@@ -256,3 +256,18 @@ def test_max_bad_steps_stops_and_keeps_the_last_good_checkpoint(train_run, tmp_p
                   "trainer.eval_interval=5")
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == ["best.pt", "step_0000005.pt"]
     assert [r["train/skipped_steps"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r] == [0, 2]
+
+
+@needs_main_thread
+def test_tensorboard_shows_each_step_once_after_a_resume(train_run, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    signal_at(monkeypatch, 12, signal.SIGTERM)
+    with pytest.raises(Preempted):
+        train_run(tmp_path, *RUN, "trainer.log_interval=1", "logger=tensorboard")
+    (tmp_path / "checkpoints" / "step_0000012.pt").unlink()  # back to step 10: steps 11 and 12 run twice
+    monkeypatch.undo()
+    _, records = train_run(tmp_path, *RUN, "trainer.log_interval=1", "logger=tensorboard")
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == pytest.approx(by_step(records, "train/loss"))

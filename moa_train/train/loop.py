@@ -232,7 +232,8 @@ class Trainer:
         if resumed is not None:  # the run's history continues from the checkpoint's step
             truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
             drop_later_checkpoints(self.run_dir / "checkpoints", self.step)
-        logger = build_logger(cfg, self.run_dir, OmegaConf.to_container(cfg, resolve=True), self.wandb_id)
+        logger = build_logger(cfg, self.run_dir, OmegaConf.to_container(cfg, resolve=True), self.wandb_id,
+                              None if resumed is None else self.step)
         self.wandb_id = logger.wandb_id
         val = {}
         bar = progress(total=t.max_steps, initial=self.step, desc="train", unit="step")
