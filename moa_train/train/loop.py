@@ -106,7 +106,7 @@ class Trainer:
         self.use_graph = bool(t.cuda_graphs) and self.device.type == "cuda" and self.task.cuda_graphs_ok
         if t.cuda_graphs and not self.use_graph:
             log.info("trainer.cuda_graphs: needs a CUDA device and fixed batch shapes; running the step eagerly")
-        self.graph = None
+        self.graph, self.warmed_up = None, 0  # eager warm-up steps run by this process (a resumed run warms up too)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device, capturable=self.use_graph)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, t.max_steps)
         self.guard = NonFiniteGuard(self.optimizer, t.max_bad_steps, self.device)
@@ -200,7 +200,8 @@ class Trainer:
         if not self.use_graph:
             out = self.step_body(batches, log_step)
             self.optimizer.zero_grad(set_to_none=True)
-        elif self.graph is None and self.step < WARMUP_STEPS:
+        elif self.graph is None and self.warmed_up < WARMUP_STEPS:
+            self.warmed_up += 1
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
