@@ -144,13 +144,13 @@ def test_checkpoint_without_sidecar_loads_with_a_warning(train_run, tmp_path, ca
 
 # --- kill a training process ---------------------------------------------------------------------------------------
 
-KILL_RUN = (*TINY, "trainer.max_steps=300", "trainer.log_interval=1", "trainer.eval_interval=50",
+KILL_RUN = (*TINY, "trainer.max_steps=120", "trainer.log_interval=1", "trainer.eval_interval=40",
             "trainer.save_interval=10", "trainer.keep_checkpoints=2")
 
 
 @pytest.fixture(scope="module")
-def straight_300(train_run, tmp_path_factory):
-    return train_run(tmp_path_factory.mktemp("straight_300"), *KILL_RUN)[1]
+def straight_120(train_run, tmp_path_factory):
+    return train_run(tmp_path_factory.mktemp("straight_120"), *KILL_RUN)[1]
 
 
 def last_step(path) -> int:
@@ -159,7 +159,7 @@ def last_step(path) -> int:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
-def test_killed_training_process_resumes_to_the_same_losses(train_run, straight_300, data_root, cache_dir, tmp_path,
+def test_killed_training_process_resumes_to_the_same_losses(train_run, straight_120, data_root, cache_dir, tmp_path,
                                                              signum):
     env = {**os.environ, "MOA_DATA_DIR": str(data_root), "MOA_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "moa_train", "debug=tiny", "trainer.device=cpu", *KILL_RUN,
@@ -171,7 +171,7 @@ def test_killed_training_process_resumes_to_the_same_losses(train_run, straight_
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     killed_at = last_step(tmp_path / "metrics.jsonl")
-    assert 35 <= killed_at < 300, err
+    assert 35 <= killed_at < 120, err
     if signum == signal.SIGTERM:
         assert proc.returncode == 143, err
         assert f"stopped by SIGTERM at step {killed_at}" in err and "Traceback" not in err, err
@@ -179,8 +179,8 @@ def test_killed_training_process_resumes_to_the_same_losses(train_run, straight_
     else:
         assert proc.returncode == -signal.SIGKILL
     _, records = train_run(tmp_path, *KILL_RUN)
-    assert [s for s, _ in by_step(records, "train/loss")] == list(range(1, 301))  # each step once
-    assert_same_run(records, straight_300)
+    assert [s for s, _ in by_step(records, "train/loss")] == list(range(1, 121))  # each step once
+    assert_same_run(records, straight_120)
 
 
 def test_second_signal_exits_at_once(tmp_path):
