@@ -18,13 +18,16 @@ from moa_train.paths import config_dir
 def run(cfg) -> float:
     """Hydra task function; returns the final validation loss (the metric sweeps optimise).
 
-    A user-caused error ends a single run with one line and exit code 2. In a multirun every failure of a job,
-    expected or not, is written to its folder's error.txt and logged, and the sweep goes on (the summary at the
-    end reports it and exits non-zero)."""
+    A user-caused error ends a single run with one line and exit code 2; a run stopped by trainer.max_bad_steps
+    with exit code 3. In a multirun every failure of a job, expected or not, is written to its folder's error.txt
+    and logged, and the sweep goes on (the summary at the end reports it and exits non-zero). SIGTERM or SIGINT
+    stops the whole command after the checkpoint, with exit code 128 + the signal number (143, 130)."""
     from moa_train.data import DataError
     from moa_train.sweep import record_failure
     from moa_train.train.checkpoint import CheckpointError
+    from moa_train.train.guard import DivergedError
     from moa_train.train.loop import train
+    from moa_train.train.preemption import Preempted
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -32,10 +35,13 @@ def run(cfg) -> float:
     try:
         validate(cfg)
         return train(cfg, run_dir).get("val/loss")
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except Preempted as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except (ConfigError, DataError, CheckpointError, DivergedError) as exc:
         if not multirun:
             print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(3 if isinstance(exc, DivergedError) else 2)
         record_failure(run_dir, f"error: {exc}")
     except Exception:  # a crashed job must not take the other jobs of a sweep with it
         if not multirun:

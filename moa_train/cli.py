@@ -1,7 +1,8 @@
 """One-line errors for bad command-line overrides, checked before Hydra starts the run.
 
-Hydra reports composition errors over several lines (with its search path); a plain run composes the config once
-up front and turns such an error into one `error: ...` line naming the key and what would be valid.
+Hydra reports composition errors over several lines (with its search path), and a run folder it cannot create with
+a traceback; a plain run composes the config once up front and turns such an error into one `error: ...` line naming
+the key and what would be valid.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from moa_train.paths import config_dir
@@ -36,15 +38,21 @@ def describe(exc: Exception) -> str:
 
 
 def precheck(overrides: list) -> None:
-    """Compose `train` with the user's overrides; exit 2 with one line on failure."""
-    import moa_train.config  # noqa: F401  (registers the schema)
+    """Compose `train` with the user's overrides, validate it and check that the run folder can be written, before
+    Hydra creates that folder; exit 2 with one line on failure."""
+    from moa_train.config import ConfigError, check_writable, validate
 
     user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    run_dir = [o for o in overrides if o.startswith("hydra.run.dir=")]
     try:
         # sweep syntax (choice(...), a,b) belongs to a sweeper (hparams_search sets the multirun mode itself)
         user = [o.input_line for o in OverridesParser.create().parse_overrides(user) if not o.is_sweep_override()]
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            compose("train", overrides=user)
-    except (HydraException, OmegaConfBaseException) as exc:
+            cfg = compose("train", overrides=user + run_dir, return_hydra_config=True)
+        validate(cfg)
+        # unresolvable here (${hydra:...} needs a running job): Hydra reports it itself
+        folder = OmegaConf.select(cfg, "hydra.run.dir", throw_on_resolution_failure=False)
+        check_writable(folder or ".", "hydra.run.dir")
+    except (HydraException, OmegaConfBaseException, ConfigError) as exc:
         print(f"error: {describe(exc)}", file=sys.stderr)
         sys.exit(2)

@@ -84,7 +84,7 @@ class OptimConfig:
     weight_decay: float = 0.1  # on tensors with dim >= 2 (not norms, biases)
     router_lr_mult: float = 1.0  # router parameters' lr = lr * router_lr_mult
     router_weight_decay: float = 0.1  # router parameters' weight decay (dim >= 2)
-    fused: Optional[bool] = None  # null: fused AdamW where the device supports it
+    fused: bool = True  # fused AdamW (CPU and CUDA): skips a non-finite step on the device; false: one sync per step
 
 
 @dataclass
@@ -117,8 +117,11 @@ class TrainerConfig:
     resume: Any = "auto"  # auto | true | false | PATH to a checkpoint or run folder
     eval_only: bool = False  # evaluate the resumed checkpoint on valid and test, no training
     label_smoothing: float = 0.0  # translation: label-smoothed cross-entropy (MoA / Transformer: 0.1)
-    keep_checkpoints: int = 1  # last N checkpoints kept (besides best.pt)
+    keep_checkpoints: int = 1  # last N checkpoints kept (besides best.pt); >= 2 leaves a fallback if the last is damaged
     save_interval: Optional[int] = None  # null = at every evaluation
+    # a step with a non-finite loss or gradient is skipped (train/skipped_steps); this many in a row stop the run
+    # (checked at log and save steps, so up to log_interval - 1 more skipped steps run first)
+    max_bad_steps: int = 10
 
 
 @dataclass
@@ -189,6 +192,20 @@ def _divisors(n: int) -> str:
     return ", ".join(str(i) for i in range(1, n + 1) if n % i == 0)
 
 
+def _positive_or_null(value: Any, key: str) -> None:
+    _check(value is None or value > 0, key, f"must be positive or null, got {value}")
+
+
+def check_writable(path, key: str) -> None:
+    """ConfigError naming `key` unless `path` is, or can be created as, a writable folder. Judged by its nearest
+    existing ancestor, so nothing is created here (the run folder's name may hold a time stamp)."""
+    folder = Path(os.path.expanduser(str(path))).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    _check(folder.is_dir(), key, f"cannot create {path}: {folder} is a file; choose a writable folder")
+    _check(os.access(folder, os.W_OK | os.X_OK), key, f"cannot write into {folder}; choose a writable folder")
+
+
 def validate(cfg) -> None:
     """Raise ConfigError naming the key and what would be valid; called before any work."""
     from moa_train.models.registry import ATTENTION
@@ -218,6 +235,11 @@ def validate(cfg) -> None:
         if m.head_dim is None:
             _check(m.d_model % m.n_head == 0, "model.head_dim",
                    f"null needs model.n_head={m.n_head} to divide model.d_model={m.d_model}; set model.head_dim")
+    if m.name == "moa" and kv is not None:
+        _check(kv > 0, "model.n_kv_heads", f"must be positive or null, got {kv}")
+    for key in ("head_dim", "router_hidden", "n_encoder_layer"):
+        _positive_or_null(m[key], f"model.{key}")
+    _check(m.mlp_ratio > 0, "model.mlp_ratio", f"must be positive, got {m.mlp_ratio}")
     for key in ("dropout", "gate_dropout"):
         _check(0.0 <= m[key] < 1.0, f"model.{key}", f"must be in [0, 1), got {m[key]}")
     _one_of(m.aux.layer_reduce, "model.aux.layer_reduce", ("mean", "sum"))
@@ -238,6 +260,7 @@ def validate(cfg) -> None:
     if d.root is not None:
         _check(Path(os.path.expanduser(d.root)).is_dir(), "data.root",
                f"folder {d.root!r} does not exist; point data.root or MOA_DATA_DIR at the folder holding wikitext-2/")
+    check_writable(d.cache_dir, "data.cache_dir")
 
     _one_of(t.device, "trainer.device", ("auto", "cpu", "cuda"))
     _one_of(t.precision, "trainer.precision", ("fp32", "bf16"))
@@ -246,8 +269,9 @@ def validate(cfg) -> None:
         _check(t[key] > 0, f"trainer.{key}", f"must be a positive integer, got {t[key]}")
     if d.name in TRANSLATION_DATA:
         _check(d.max_tokens > 0, "data.max_tokens", f"must be a positive integer, got {d.max_tokens}")
-        _check(d.max_len + 1 <= m.max_seq_len, "data.max_len",
-               f"{d.max_len} + 1 (BOS/EOS) exceeds model.max_seq_len={m.max_seq_len}; valid: 1..{m.max_seq_len - 1}")
+        _check(1 <= d.max_len < m.max_seq_len, "data.max_len",
+               f"{d.max_len} does not leave room for BOS/EOS in model.max_seq_len={m.max_seq_len}; "
+               f"valid: 1..{m.max_seq_len - 1}")
         _check(e.beam >= 1 and e.val_beam >= 1, "eval.beam", f"must be >= 1, got {e.beam} / {e.val_beam}")
         cross = m.cross_attention or m.name
         _check(not cross.startswith("moas"), "model.cross_attention",
@@ -258,14 +282,19 @@ def validate(cfg) -> None:
     if d.name not in TRANSLATION_DATA:  # translation batches by data.max_tokens
         _check(t.batch_size % t.grad_accum == 0, "trainer.grad_accum",
                f"{t.grad_accum} does not divide trainer.batch_size={t.batch_size}; valid: {_divisors(t.batch_size)}")
-    if t.eval_iters is not None:
-        _check(t.eval_iters > 0, "trainer.eval_iters", f"must be positive or null (full pass), got {t.eval_iters}")
-    if t.grad_clip is not None:
-        _check(t.grad_clip > 0, "trainer.grad_clip", f"must be positive or null, got {t.grad_clip}")
+    for key in ("eval_iters", "eval_batch_size", "grad_clip", "save_interval"):
+        _positive_or_null(t[key], f"trainer.{key}")
     _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+    _check(t.max_bad_steps >= 1, "trainer.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
+    _check(0.0 <= t.label_smoothing < 1.0, "trainer.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
+    _check(not (t.cuda_graphs and not o.fused), "optim.fused",
+           "false cannot skip a non-finite step inside a CUDA graph (trainer.cuda_graphs=true); use true")
     resume = t.resume
     _check(isinstance(resume, bool) or resume in ("auto", "true", "false") or isinstance(resume, str),
            "trainer.resume", f"got {resume!r}; allowed: auto, true, false or a path")
+    if isinstance(resume, str) and resume not in ("auto", "true", "false"):
+        _check(Path(os.path.expanduser(resume)).exists(), "trainer.resume",
+               f"{resume!r} does not exist; allowed: auto, true, false or the path of a checkpoint or run folder")
     if t.eval_only:
         _check(resume not in (False, "false", None), "trainer.eval_only",
                "needs trainer.resume=PATH (a checkpoint or run folder) or auto/true with a checkpoint in the run folder")
@@ -276,7 +305,10 @@ def validate(cfg) -> None:
            f"must be two numbers in [0, 1), got {list(o.betas)}")
     _check(o.weight_decay >= 0 and o.router_weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _check(o.router_lr_mult > 0, "optim.router_lr_mult", f"must be positive, got {o.router_lr_mult}")
+    _check(o.eps > 0, "optim.eps", f"must be positive, got {o.eps}")
     _one_of(s.name, "schedule.name", ("constant", "cosine", "inverse_sqrt"))
     _check(s.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
+    _check(0.0 <= s.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", f"must be in [0, 1], got {s.min_lr_ratio}")
+    _positive_or_null(e.average_last, "eval.average_last")
     if cfg.logger.wandb is not None:
         _one_of(cfg.logger.wandb.mode, "logger.wandb.mode", ("auto", "online", "offline", "disabled"))

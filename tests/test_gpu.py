@@ -27,3 +27,56 @@ def test_cuda_graph_step_equals_eager(train_run, tmp_path, model, compiled):
     assert len(losses(graphed)) == 12
     assert losses(graphed) == pytest.approx(losses(eager), abs=2e-4)
     assert losses(graphed)[-1] < losses(graphed)[0] - 0.1
+
+
+# --- non-finite steps and resume on the GPU ---------------------------------------------------------------------
+
+@pytest.fixture
+def poison(monkeypatch):
+    """poison(steps): the training loss is multiplied by a device scalar that is NaN during those (1-based) steps;
+    a tensor read by the captured graph, so the injection reaches replays too. Non-log steps after the capture
+    run with CUDA's sync debug mode set to error: a host sync there fails the test."""
+    from moa_train.train.loop import Trainer
+    from moa_train.train.tasks import LMTask
+
+    factor = torch.ones((), device="cuda")
+    original_loss, original_step = LMTask.loss, Trainer.train_step
+
+    def loss(self, model, batch, all_aux):
+        total, *rest = original_loss(self, model, batch, all_aux)
+        return (total * factor, *rest)
+
+    def _set(steps):
+        def train_step(self, log_step):
+            factor.fill_(float("nan") if self.step + 1 in steps else 1.0)
+            torch.cuda.set_sync_debug_mode("error" if self.step >= 5 and not log_step else "default")
+            try:
+                return original_step(self, log_step)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        monkeypatch.setattr(LMTask, "loss", loss)
+        monkeypatch.setattr(Trainer, "train_step", train_step)
+    return _set
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_non_finite_steps_are_skipped_without_a_sync(train_run, tmp_path, poison, graphs):
+    extra = ("model=mha", *COMMON, "trainer.log_interval=4", "trainer.eval_interval=100", "trainer.max_steps=12",
+             "trainer.seed=1")
+    _, clean = train_run(tmp_path / "clean", *extra, f"trainer.cuda_graphs={graphs}")
+    poison({6, 7})
+    summary, records = train_run(tmp_path / "poisoned", *extra, f"trainer.cuda_graphs={graphs}")
+    assert summary["skipped_steps"] == 2
+    assert [r["train/skipped_steps"] for r in records if "train/loss" in r] == [0, 2, 2]
+    assert all(r["train/loss"] == r["train/loss"] for r in records if "train/loss" in r)  # no NaN
+    assert losses(records)[0] == losses(clean)[0]  # steps 1-4 as the clean run's
+    assert losses(records)[-1] != pytest.approx(losses(clean)[-1], abs=1e-6)  # two steps were left out
+
+
+def test_resume_with_cuda_graphs(train_run, tmp_path):
+    extra = ("model=mha", *COMMON, "trainer.cuda_graphs=true", "trainer.eval_interval=5")
+    _, straight = train_run(tmp_path / "straight", *extra, "trainer.max_steps=15")
+    train_run(tmp_path / "split", *extra, "trainer.max_steps=10")
+    _, resumed = train_run(tmp_path / "split", *extra, "trainer.max_steps=15")
+    assert losses(resumed) == pytest.approx(losses(straight), abs=2e-4)

@@ -105,12 +105,21 @@ def read_text(path: Path) -> str:
 
 
 def split_texts(folder: Path, split: str) -> dict:
-    train = read_text(folder / SPLIT_FILES["train"])
-    test = read_text(folder / SPLIT_FILES["test"])
+    """split -> (where its text comes from, for error messages; the text), every split holding some text."""
+    train_path, test_path = folder / SPLIT_FILES["train"], folder / SPLIT_FILES["test"]
+    train, test = read_text(train_path), read_text(test_path)
     if split == "moas_paper":
         n = int(0.9 * len(train))
-        return {"train": train[:n], "val": train[n:], "test": test}
-    return {"train": train, "val": read_text(folder / SPLIT_FILES["val"]), "test": test}
+        texts = {"train": (f"the first 90% of {train_path}", train[:n]),
+                 "val": (f"the last 10% of {train_path}", train[n:]), "test": (str(test_path), test)}
+    else:
+        val_path = folder / SPLIT_FILES["val"]
+        texts = {"train": (str(train_path), train), "val": (str(val_path), read_text(val_path)),
+                 "test": (str(test_path), test)}
+    for name, (source, text) in texts.items():
+        if not text.strip():
+            raise DataError(f"data split {name!r} is empty: {source} holds only white space")
+    return texts
 
 
 # --- tokenizers ---------------------------------------------------------------------------------------------------
@@ -126,7 +135,8 @@ class CharTokenizer:
         ids = np.searchsorted(self.codepoints, cps).clip(max=len(self.codepoints) - 1)
         bad = np.flatnonzero(self.codepoints[ids] != cps)
         if len(bad):
-            raise DataError(f"character {chr(cps[bad[0]])!r} is not in the train file's vocabulary")
+            line = text.count("\n", 0, int(bad[0])) + 1
+            raise DataError(f"line {line}: character {chr(cps[bad[0]])!r} is not in the train file's vocabulary")
         return ids
 
     @property
@@ -197,15 +207,16 @@ def _build(folder: Path, cfg, out: Path) -> None:
     if cfg.tokenizer == "char":
         tok = CharTokenizer(read_text(folder / SPLIT_FILES["train"]))
     elif cfg.tokenizer == "word":
-        tok = WordTokenizer(texts["train"])
+        tok = WordTokenizer(texts["train"][1])
     else:
-        tok = BPETokenizer(texts["train"], cfg.vocab_size, out / "tokenizer.json")
+        tok = BPETokenizer(texts["train"][1], cfg.vocab_size, out / "tokenizer.json")
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
     meta = {"vocab_size": tok.vocab_size, "tokenizer": cfg.tokenizer, "dtype": np.dtype(dtype).name, "splits": {}}
-    for name, text in progress(texts.items(), desc="caching token ids", unit="split"):
-        if not text.strip():
-            raise DataError(f"data split {name!r} is empty ({folder})")
-        ids = tok.encode(text).astype(dtype)
+    for name, (source, text) in progress(texts.items(), desc="caching token ids", unit="split"):
+        try:
+            ids = tok.encode(text).astype(dtype)
+        except DataError as exc:  # the tokenizer knows the line, the split its file
+            raise DataError(f"data file {source}, {exc}") from None
         ids.tofile(out / f"{name}.bin")
         meta["splits"][name] = {"n_tokens": len(ids), "n_chars": len(text), "n_words": word_count(text)}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))

@@ -51,10 +51,12 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
 
 
 class TensorBoardSink:
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, purge_step: int | None = None):
+        """purge_step (a resumed run's first step): TensorBoard hides what earlier writers logged from that step on,
+        so the steps re-run after a resume show once."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def log(self, step: int, metrics: dict) -> None:
         for key, value in metrics.items():
@@ -166,10 +168,14 @@ def job_overrides(run_dir: Path) -> list:
     return [str(o) for o in OmegaConf.load(path)]
 
 
-def build_logger(cfg, run_dir: Path, resolved_config: dict, wandb_id: str | None = None) -> MetricsLogger:
+def build_logger(cfg, run_dir: Path, resolved_config: dict, wandb_id: str | None = None,
+                 resumed_step: int | None = None) -> MetricsLogger:
+    """The sinks of `cfg.logger` besides metrics.jsonl; a run resumed from `resumed_step` continues the W&B run
+    `wandb_id` and hides TensorBoard's points after that step."""
     sinks = [JsonlSink(run_dir / "metrics.jsonl")]
     if cfg.logger.tensorboard is not None:
-        sinks.append(TensorBoardSink(run_dir / cfg.logger.tensorboard.log_dir))
+        purge = None if resumed_step is None else resumed_step + 1
+        sinks.append(TensorBoardSink(run_dir / cfg.logger.tensorboard.log_dir, purge))
     if cfg.logger.wandb is not None:
         sinks.append(WandbSink(cfg, run_dir, resolved_config, wandb_id, job_overrides(run_dir)))
     return MetricsLogger(sinks)

@@ -1,12 +1,23 @@
-"""Checkpoints: written atomically (temp file, fsync, rename), the last N kept plus best.pt, checked on load."""
+"""Checkpoints: written atomically (temp file, fsync, rename) with a sha256 sidecar, the last N kept plus best.pt;
+verified on load, and a resume falls back from a damaged checkpoint to the newest one that reads.
+
+`step_0000020.pt.sha256` holds the hash in `sha256sum` format (`sha256sum -c` checks it by hand). A checkpoint is
+renamed into place before its sidecar is written, and a stale sidecar is removed first, so a crash between the two
+leaves a checkpoint without a sidecar (loaded unverified, with a warning), never one with a wrong hash.
+"""
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -28,13 +39,76 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_save(obj: dict, path: Path) -> None:
+# --- writing ------------------------------------------------------------------------------------------------------
+
+class _HashingWriter:
+    """The file object torch.save writes to: hashes the bytes on their way out, so no second read is needed."""
+
+    def __init__(self, file):
+        self.file, self.sha = file, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(file) into a temp file beside `path`, fsync, rename; the directory is fsynced so the rename lasts."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_sidecar(path: Path, digest: str) -> None:
+    _atomic_write(sidecar(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+
+
+def atomic_save(obj: dict, path: Path) -> str:
+    """torch.save `obj` to `path` atomically, then its sha256 sidecar; returns the hash."""
+    sidecar(path).unlink(missing_ok=True)
+    hashing = {}
+
+    def write(f):
+        hashing["writer"] = _HashingWriter(f)
+        torch.save(obj, hashing["writer"])
+
+    _atomic_write(path, write)
+    digest = hashing["writer"].sha.hexdigest()
+    _write_sidecar(path, digest)
+    return digest
+
+
+def _publish_copy(src: Path, dst: Path, digest: str) -> None:
+    """`dst` as a second name of `src` (a hard link: no second write), with its sidecar."""
+    sidecar(dst).unlink(missing_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # a file system without hard links: a copy
+        with open(src, "rb") as f:
+            _atomic_write(dst, lambda out: shutil.copyfileobj(f, out))
+    else:
+        tmp.replace(dst)
+    _write_sidecar(dst, digest)
 
 
 def step_checkpoints(folder: Path) -> list:
@@ -42,18 +116,60 @@ def step_checkpoints(folder: Path) -> list:
     return sorted(folder.glob("step_*.pt"))
 
 
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    sidecar(path).unlink(missing_ok=True)
+
+
 def save_checkpoint(state: dict, folder: Path, keep: int, is_best: bool) -> Path:
+    """step_NNNNNNN.pt (and best.pt); then only the last `keep` step files remain."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{state['step']:07d}.pt"
-    atomic_save(state, path)
-    if is_best:
-        atomic_save(state, folder / "best.pt")
+    try:
+        digest = atomic_save(state, path)
+        if is_best:
+            _publish_copy(path, folder / "best.pt", digest)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} could not be written ({exc.strerror or exc}); free space in "
+                              f"{folder} or point hydra.run.dir elsewhere, then resume") from None
     for old in step_checkpoints(folder)[:-keep]:
-        old.unlink(missing_ok=True)
+        _remove(old)
     return path
 
 
+def drop_later_checkpoints(folder: Path, step: int) -> None:
+    """Remove the step files after `step`: a run resumed from `step` (a newer checkpoint was damaged, or an older
+    one was asked for) continues from there, as metrics.jsonl does, and its pruning must not keep them instead."""
+    for path in step_checkpoints(folder) if folder.is_dir() else []:
+        if path.name > f"step_{step:07d}.pt":
+            log.warning("removing %s: the run continues from step %d", path, step)
+            _remove(path)
+
+
+# --- reading ------------------------------------------------------------------------------------------------------
+
+def file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def verify(path: Path) -> bool:
+    """True when the sidecar's hash matches; False when there is no sidecar; CheckpointError when it differs."""
+    side = sidecar(path)
+    if not side.is_file():
+        return False
+    expected = side.read_text(encoding="utf-8", errors="replace").split()[:1]
+    if expected != [file_sha256(path)]:
+        raise CheckpointError(f"checkpoint {path} is damaged: its sha256 differs from the one in {side.name}")
+    return True
+
+
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    if not verify(path):
+        log.warning("checkpoint %s has no %s beside it: loaded without verification", path, sidecar(path).name)
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # truncated or corrupt file
@@ -63,15 +179,39 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     return state
 
 
+def checkpoints_in(target: Path) -> list:
+    """What a resume from `target` tries, newest first: the file itself; or a run folder's (or its checkpoints/
+    folder's) step_*.pt, then best.pt."""
+    if target.is_file():
+        return [target]
+    for folder in (target / "checkpoints", target):
+        found = step_checkpoints(folder)[::-1] if folder.is_dir() else []
+        if found:
+            best = folder / "best.pt"
+            return found + ([best] if best.is_file() else [])
+    return []
+
+
 def find_checkpoint(target: Path) -> Path | None:
     """A checkpoint file as given, or the latest step_*.pt of a run folder (or of its checkpoints/ folder)."""
-    if target.is_file():
-        return target
-    for folder in (target / "checkpoints", target):
-        found = step_checkpoints(folder) if folder.is_dir() else []
-        if found:
-            return found[-1]
-    return None
+    found = checkpoints_in(target)
+    return found[0] if found else None
+
+
+def load_latest(target: Path, map_location="cpu") -> tuple:
+    """(path, state) of the newest checkpoint under `target` that verifies and reads; each one that does not is
+    named in a warning. A file given as `target` is used as it is, with no fallback."""
+    failed = []
+    for path in checkpoints_in(target):
+        try:
+            return path, load_checkpoint(path, map_location)
+        except CheckpointError as exc:
+            if target.is_file():
+                raise
+            log.warning("%s; trying the previous checkpoint", exc)
+            failed.append(path.name)
+    raise CheckpointError(f"trainer.resume: no readable checkpoint in {target} (damaged: {', '.join(failed)}); "
+                          "use trainer.resume=false with a new hydra.run.dir to start over")
 
 
 def average_checkpoints(paths: list, map_location="cpu") -> dict:

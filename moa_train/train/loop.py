@@ -27,11 +27,14 @@ from moa_train.models.attention.mha import select_sdpa_backend
 from moa_train.models.routing import detached, routing_metrics
 from moa_train.progress import progress
 from moa_train.train.checkpoint import (
-    CheckpointError, average_checkpoints, find_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-    set_rng_state, step_checkpoints)
+    CheckpointError, average_checkpoints, checkpoints_in, drop_later_checkpoints, load_latest, rng_state,
+    save_checkpoint, set_rng_state, step_checkpoints)
 from moa_train.train.cuda_graph import WARMUP_STEPS, CapturedStep
+from moa_train.train.guard import NonFiniteGuard
 from moa_train.train.optim import build_optimizer, build_scheduler, lr_factor
+from moa_train.train.preemption import Preempted, StopSignals
 from moa_train.train.tasks import make_task
+from moa_train.train.window import LossWindow
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +66,20 @@ def seed_everything(seed: int) -> None:
 
 
 def resume_target(resume, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from, following trainer.resume = auto | true | false | PATH."""
+    """The checkpoint file or run folder to resume from, following trainer.resume = auto | true | false | PATH."""
     if resume in (False, "false", None):
         return None
     if resume in (True, "true", "auto"):
-        found = find_checkpoint(run_dir)
-        if found is None and resume != "auto":
+        if not checkpoints_in(run_dir):
+            if resume == "auto":
+                return None
             raise ConfigError(f"trainer.resume: true but the run folder {run_dir} holds no checkpoint; "
                               "use auto, false or a PATH")
-        return found
-    found = find_checkpoint(Path(str(resume)).expanduser())
-    if found is None:
+        return run_dir
+    target = Path(str(resume)).expanduser()
+    if not checkpoints_in(target):
         raise ConfigError(f"trainer.resume: {resume!r} is neither a checkpoint file nor a run folder with one")
-    return found
+    return target
 
 
 class Trainer:
@@ -104,9 +108,12 @@ class Trainer:
         self.use_graph = bool(t.cuda_graphs) and self.device.type == "cuda" and self.task.cuda_graphs_ok
         if t.cuda_graphs and not self.use_graph:
             log.info("trainer.cuda_graphs: needs a CUDA device and fixed batch shapes; running the step eagerly")
-        self.graph = None
+        self.graph, self.warmed_up = None, 0  # eager warm-up steps run by this process (a resumed run warms up too)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device, capturable=self.use_graph)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, t.max_steps)
+        self.guard = NonFiniteGuard(self.optimizer, t.max_bad_steps, self.device)
+        self.losses = LossWindow()  # train losses since the last log step
+        self.last_checkpoint = None
         self.batches = self.task.batches
         self.step, self.tokens_seen, self.best_val, self.wandb_id = 0, 0, math.inf, None
         self.flops_per_token = self.task.flops_per_token()
@@ -119,7 +126,8 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "step": self.step, "tokens_seen": self.tokens_seen,
             "best_val": self.best_val, "rng": rng_state(), "data": self.batches.state_dict(),
-            "wandb_id": self.wandb_id, "vocab_size": self.model.vocab_size,
+            "wandb_id": self.wandb_id, "guard": self.guard.state_dict(), "window": self.losses.state_dict(),
+            "vocab_size": self.model.vocab_size,
             "pad_id": getattr(self.model, "pad_id", None),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
@@ -139,16 +147,24 @@ class Trainer:
         self.tokens_seen, self.best_val = state["tokens_seen"], state["best_val"]
         self.batches.load_state_dict(state["data"])
         self.wandb_id = state.get("wandb_id")
+        if "guard" in state:  # checkpoints written before non-finite steps were skipped lack these two
+            self.guard.load_state_dict(state["guard"])
+            self.losses.load_state_dict(state["window"])
         set_rng_state(state["rng"])
 
     def save(self, is_best: bool) -> None:
-        save_checkpoint(self.state_dict(), self.run_dir / "checkpoints", self.cfg.trainer.keep_checkpoints, is_best)
+        self.guard.check(self.step, self.last_checkpoint)  # a run that has diverged writes no checkpoint
+        self.last_checkpoint = save_checkpoint(self.state_dict(), self.run_dir / "checkpoints",
+                                               self.cfg.trainer.keep_checkpoints, is_best)
 
     def maybe_resume(self, weights_only: bool = False) -> Path | None:
-        path = resume_target(self.cfg.trainer.resume, self.run_dir)
-        if path is not None:
-            self.load_state_dict(load_checkpoint(path, self.device), weights_only)
-            log.info("resumed from %s at step %d", path, self.step)
+        target = resume_target(self.cfg.trainer.resume, self.run_dir)
+        if target is None:
+            return None
+        path, state = load_latest(target, self.device)
+        self.load_state_dict(state, weights_only)
+        self.last_checkpoint = path
+        log.info("resumed from %s at step %d", path, self.step)
         return path
 
     # --- steps -------------------------------------------------------------------------------------------------
@@ -159,23 +175,24 @@ class Trainer:
             return self.task.loss(self.model, batch, all_aux)
 
     def step_body(self, batches: list, log_step: bool) -> tuple:
-        """Forward and backward over the micro-batches, clipping, the optimizer update: all that a CUDA graph
-        captures. Returns device tensors (mean CE, mean aux terms, the last micro-batch's routing records, grad
-        norm or None); a log step also computes the grad norm and every aux term."""
+        """Forward and backward over the micro-batches, clipping, the optimizer update (skipped where the loss or
+        the gradient is not finite): all that a CUDA graph captures. Returns device tensors (mean CE, mean aux
+        terms, the last micro-batch's routing records, grad norm, the skipped flag); a log step also computes
+        every aux term."""
         cfg, n = self.cfg, len(batches)
-        ce_sum, aux_sum = 0.0, {}
+        loss_sum, ce_sum, aux_sum = 0.0, 0.0, {}
         for batch in batches:
             loss, ce, aux, routings = self.forward_loss(batch, log_step)
             (loss / n).backward()
+            loss_sum = loss_sum + loss.detach()
             ce_sum = ce_sum + ce.detach()
             aux_sum = {k: aux_sum.get(k, 0.0) + v.detach() for k, v in aux.items()}
-        norm = None
         if cfg.trainer.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip)
-        elif log_step:
+        else:
             norm = self.grad_norm()
-        self.optimizer.step()
-        return ce_sum / n, {k: v / n for k, v in aux_sum.items()}, detached(routings), norm
+        bad = self.guard.step(loss_sum, norm)
+        return ce_sum / n, {k: v / n for k, v in aux_sum.items()}, detached(routings), norm, bad
 
     def train_step(self, log_step: bool) -> tuple:
         """One optimizer step: eager, or a CUDA-graph replay after a few eager warm-up steps on a side stream."""
@@ -185,7 +202,8 @@ class Trainer:
         if not self.use_graph:
             out = self.step_body(batches, log_step)
             self.optimizer.zero_grad(set_to_none=True)
-        elif self.graph is None and self.step < WARMUP_STEPS:
+        elif self.graph is None and self.warmed_up < WARMUP_STEPS:
+            self.warmed_up += 1
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -214,26 +232,26 @@ class Trainer:
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.trainer
         resumed = self.maybe_resume()
-        if resumed is not None:
+        if resumed is not None:  # the run's history continues from the checkpoint's step
             truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
-        logger = build_logger(cfg, self.run_dir, OmegaConf.to_container(cfg, resolve=True), self.wandb_id)
+            drop_later_checkpoints(self.run_dir / "checkpoints", self.step)
+        logger = build_logger(cfg, self.run_dir, OmegaConf.to_container(cfg, resolve=True), self.wandb_id,
+                              None if resumed is None else self.step)
         self.wandb_id = logger.wandb_id
         val = {}
         bar = progress(total=t.max_steps, initial=self.step, desc="train", unit="step")
+        stop = StopSignals().install()
         try:
             window = self.open_window()
             while self.step < t.max_steps:
                 last = self.step + 1 == t.max_steps
                 log_now = (self.step + 1) % t.log_interval == 0 or last
-                ce, aux, routings, norm = self.train_step(log_now)
+                ce, aux, routings, norm, bad = self.train_step(log_now)
                 self.step += 1
                 self.tokens_seen += self.step_tokens
                 window["steps"] += 1
                 window["tokens"] += self.step_tokens
-                window["ce"] = window["ce"] + ce
-                for k, v in aux.items():  # (sum, count): z and cv may be computed on log steps only
-                    total, count = window["aux"].get(k, (0.0, 0))
-                    window["aux"][k] = (total + v, count + 1)
+                self.losses.add(ce, aux, bad)
                 bar.update(1)
                 if log_now:
                     logged = self.log_train(logger, window, routings, norm)
@@ -250,9 +268,11 @@ class Trainer:
                     window = self.open_window()  # evaluation time is not step time
                 on_save_step = (self.step % t.eval_interval == 0 if t.save_interval is None
                                 else self.step % t.save_interval == 0)
-                if on_save_step or last:
+                if on_save_step or last or stop.received:
                     self.save(is_best)
                     window = self.open_window()
+                if stop.received:
+                    raise Preempted(stop.received, self.step, self.last_checkpoint)
             if not val and self.step > 0:  # resumed at max_steps: report the checkpoint's validation loss
                 val = self.evaluate("val", "val")
             test = self.final_test()
@@ -260,6 +280,7 @@ class Trainer:
         finally:
             bar.close()
             logger.close()
+            stop.restore()
         return self.write_summary({**val, **test})
 
     def final_test(self) -> dict:
@@ -276,9 +297,9 @@ class Trainer:
         return out
 
     def open_window(self) -> dict:
-        """Start a timing/averaging window; the device is synchronised so the window times only what follows."""
+        """Start a timing window; the device is synchronised so the window times only what follows."""
         self.sync()
-        return {"t0": time.perf_counter(), "steps": 0, "tokens": 0, "ce": 0.0, "aux": {}}
+        return {"t0": time.perf_counter(), "steps": 0, "tokens": 0}
 
     def log_train(self, logger, window: dict, routings: list, grad_norm) -> None:
         t = self.cfg.trainer
@@ -288,16 +309,14 @@ class Trainer:
         step_ms = 1000 * elapsed / n
         self.step_ms.append(step_ms)
         tok_s = window["tokens"] / elapsed
-        metrics = {"train/loss": window["ce"] / n, "lr": self.lr,
-                   **{f"train/aux/{k}": total / count for k, (total, count) in window["aux"].items()},
-                   **routing_metrics(self.model.sites, routings),
+        metrics = {**self.losses.pop(), "lr": self.lr, "grad_norm": grad_norm,
+                   "train/skipped_steps": self.guard.skipped, **routing_metrics(self.model.sites, routings),
                    "perf/step_ms": step_ms, "perf/tokens_per_s": tok_s,
                    "perf/mfu": self.flops_per_token * tok_s / self.peak, "tokens_seen": self.tokens_seen}
-        if grad_norm is not None:
-            metrics["grad_norm"] = grad_norm
         logged = logger.log(self.step, metrics)
         log.info("step %d: loss %.4f | %.1f ms/step | %.0f tok/s | mfu %.2f%%", self.step, logged["train/loss"],
                  step_ms, tok_s, 100 * logged["perf/mfu"])
+        self.guard.check(self.step, self.last_checkpoint)
         return logged
 
     def eval_only(self) -> dict:
@@ -319,6 +338,7 @@ class Trainer:
             **metrics,
             "val/loss_best": self.best_val if math.isfinite(self.best_val) else metrics.get("val/loss"),
             "steps": self.step,
+            "skipped_steps": self.guard.skipped.item(),
             "tokens_seen": self.tokens_seen,
             "wall_s": time.perf_counter() - self.start_time,
             "step_ms_median": statistics.median(steady) if steady else None,

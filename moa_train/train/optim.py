@@ -29,14 +29,14 @@ def param_groups(model: torch.nn.Module, cfg) -> list:
 
 
 def build_optimizer(model: torch.nn.Module, cfg, device: torch.device, capturable: bool = False):
-    """AdamW over param_groups; `capturable` (for a CUDA-graph step) keeps its step counts and the learning rates
-    as device tensors, which the schedule then updates in place."""
-    fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
+    """AdamW over param_groups (fused unless optim.fused=false: the fused kernel takes the skip flag of a
+    non-finite step on the device, see train/guard.py); `capturable` (for a CUDA-graph step) keeps its step counts
+    and the learning rates as device tensors, which the schedule then updates in place."""
     groups = param_groups(model, cfg)
     if capturable:
         for g in groups:
             g["lr"] = torch.tensor(g["lr"], device=device)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused,
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=cfg.fused,
                              capturable=capturable)
 
 

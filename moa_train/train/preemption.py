@@ -1,0 +1,55 @@
+"""SIGTERM and SIGINT stop a run cleanly: the current step finishes, a checkpoint is written, the loggers are
+closed, and the process exits with 128 + the signal number (143 for SIGTERM, 130 for SIGINT), as a shell reports a
+process killed by that signal. A second signal exits at once (the checkpoint of the last save step stays).
+
+Schedulers (Slurm, Kubernetes, spot instances) send SIGTERM some time before SIGKILL; Ctrl-C sends SIGINT. The
+handlers are installed while the trainer trains and the previous ones restored after it. A signal during the final
+test evaluation lets it finish (the run is then complete); a second one stops it at once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Preempted(BaseException):
+    """Raised by the trainer once the checkpoint of a signalled run is written. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` (a sweep's failure handling) turns it into a failed job."""
+
+    def __init__(self, signum: int, step: int, checkpoint):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint {checkpoint} "
+                         "written; run the same command again to resume")
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """Catches SIGTERM and SIGINT from install() to restore(); `received` is the first one's number."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def install(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            self.previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        return self
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            print(f"{name} again: exiting at once, without a checkpoint of the current step", file=sys.stderr,
+                  flush=True)
+            os._exit(128 + signum)
+        self.received = signum
+        log.warning("%s: finishing this step, then writing a checkpoint (send it again to exit at once)", name)

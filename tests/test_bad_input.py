@@ -1,0 +1,165 @@
+"""Bad input through the command-line entry point, in-process: each case ends with exit code 2 and one `error:` line
+naming the key (or the file and line) and what is allowed, no traceback, and no training."""
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from moa_train.__main__ import main
+
+# (overrides on top of debug=tiny, words the error line holds)
+OVERRIDES = {
+    "unknown model": ("model=foo", ["model=foo: no such config", "mha, moa"]),
+    "unknown data": ("data=wikitext3", ["data=wikitext3: no such config", "wikitext2_char"]),
+    "unknown key": ("model.foo=1", ["model.foo"]),
+    "misspelt key": ("trainer.max_stepz=5", ["trainer.max_stepz"]),
+    "unknown top-level key": ("foo=1", ["foo"]),
+    "int as text": ("trainer.max_steps=abc", ["trainer.max_steps", "abc"]),
+    "float as text": ("optim.lr=fast", ["optim.lr", "fast"]),
+    "bool as text": ("trainer.compile=maybe", ["trainer.compile", "maybe"]),
+    "heads not dividing d_model": ("model.n_head=5", ["model.n_head: 5 does not divide", "valid: 1, 2, 4, 8, 16, 32"]),
+    "kv heads not dividing heads": ("model=gqa model.n_kv_heads=3", ["model.n_kv_heads: 3", "valid: 1, 2"]),
+    "zero kv heads": ("model.n_kv_heads=0", ["model.n_kv_heads", "valid: 1, 2"]),
+    "negative moa kv groups": ("model=moa model.n_kv_heads=-1", ["model.n_kv_heads", "positive or null"]),
+    "top_k above n_experts": ("model=moa model.top_k=9", ["model.top_k: 9", "valid: 1..4"]),
+    "moas gqa heads": ("model=moas_dynamic model.gqa_kv_heads=4", ["model.gqa_kv_heads", "valid: 1, 2"]),
+    "zero d_model": ("model.d_model=0", ["model.d_model", "positive"]),
+    "dropout of 1.5": ("model.dropout=1.5", ["model.dropout", "[0, 1)"]),
+    "block over max_seq_len": ("trainer.block_size=64", ["trainer.block_size: 64", "valid: 1..32"]),
+    "zero lr": ("optim.lr=0", ["optim.lr", "positive"]),
+    "negative lr": ("optim.lr=-0.001", ["optim.lr", "positive"]),
+    "zero eps": ("optim.eps=0", ["optim.eps", "positive"]),
+    "beta of 1.5": ("optim.betas=[0.9,1.5]", ["optim.betas", "[0, 1)"]),
+    "zero batch": ("trainer.batch_size=0", ["trainer.batch_size", "positive"]),
+    "negative batch": ("trainer.batch_size=-4", ["trainer.batch_size", "positive"]),
+    "zero steps": ("trainer.max_steps=0", ["trainer.max_steps", "positive"]),
+    "negative steps": ("trainer.max_steps=-10", ["trainer.max_steps", "positive"]),
+    "accum not dividing batch": ("trainer.grad_accum=3", ["trainer.grad_accum", "valid: 1, 2, 4"]),
+    "zero eval interval": ("trainer.eval_interval=0", ["trainer.eval_interval", "positive"]),
+    "zero eval iters": ("trainer.eval_iters=0", ["trainer.eval_iters", "positive or null"]),
+    "zero eval batch": ("trainer.eval_batch_size=0", ["trainer.eval_batch_size", "positive or null"]),
+    "zero save interval": ("trainer.save_interval=0", ["trainer.save_interval", "positive or null"]),
+    "negative grad clip": ("trainer.grad_clip=-1", ["trainer.grad_clip", "positive or null"]),
+    "no checkpoints kept": ("trainer.keep_checkpoints=0", ["trainer.keep_checkpoints", ">= 1"]),
+    "zero max_bad_steps": ("trainer.max_bad_steps=0", ["trainer.max_bad_steps", ">= 1"]),
+    "label smoothing of 1": ("trainer.label_smoothing=1.0", ["trainer.label_smoothing", "[0, 1)"]),
+    "unknown device": ("trainer.device=tpu", ["trainer.device", "auto, cpu, cuda"]),
+    "unknown precision": ("trainer.precision=fp8", ["trainer.precision", "fp32, bf16"]),
+    "unknown schedule": ("schedule.name=linear", ["schedule.name", "constant, cosine, inverse_sqrt"]),
+    "negative warmup": ("schedule.warmup_steps=-1", ["schedule.warmup_steps", ">= 0"]),
+    "unknown balance loss": ("model.aux.balance_type=foo", ["model.aux.balance_type", "mse, switch"]),
+    "tiny BPE vocabulary": ("data=wikitext2_bpe data.vocab_size=100", ["data.vocab_size", ">= 260"]),
+    "unfused optimizer in a CUDA graph": ("trainer.cuda_graphs=true optim.fused=false", ["optim.fused", "use true"]),
+    "eval_only without a checkpoint": ("trainer.eval_only=true trainer.resume=false", ["trainer.eval_only"]),
+    "resume from nowhere": ("trainer.resume=/nonexistent/run", ["trainer.resume", "does not exist"]),
+    "no data folder": ("data.root=/nonexistent/folder", ["data.root", "MOA_DATA_DIR"]),
+    "run folder under a file": ("hydra.run.dir={file}/run", ["hydra.run.dir", "is a file"]),
+    "cache folder under a file": ("data.cache_dir={file}/cache", ["data.cache_dir", "is a file"]),
+    "unreadable checkpoint": ("trainer.resume={file}", ["checkpoint", "not-a-checkpoint.pt cannot be read"]),
+}
+
+
+def replace_line(path: Path, number: int, data: bytes) -> None:
+    lines = path.read_bytes().split(b"\n")
+    lines[number - 1] = data
+    path.write_bytes(b"\n".join(lines))
+
+
+def write_multi30k(root: Path) -> None:
+    folder = root / "multi30k"
+    folder.mkdir(parents=True)
+    for stem in ("train", "val", "test_2016_flickr"):
+        (folder / f"{stem}.en").write_text("".join(f"a dog runs {i} times\n" for i in range(20)), encoding="utf-8")
+        (folder / f"{stem}.de").write_text("".join(f"ein Hund läuft {i} mal\n" for i in range(20)), encoding="utf-8")
+
+
+# (layout, damage(folder), words the error line holds)
+DATA = {
+    "missing split file": ("wikitext", lambda f: (f / "valid.txt").unlink(), ["data.root: missing file", "valid.txt"]),
+    "empty file": ("wikitext", lambda f: (f / "test.txt").write_bytes(b""), ["test.txt is empty"]),
+    "blank split": ("wikitext", lambda f: (f / "valid.txt").write_text("\n \n\n"),
+                    ["data split 'val' is empty", "valid.txt holds only white space"]),
+    "not UTF-8": ("wikitext", lambda f: replace_line(f / "train.txt", 17, "café".encode("latin-1")),
+                  ["train.txt is not UTF-8 text (line 17)"]),
+    "character not in train": ("wikitext", lambda f: replace_line(f / "valid.txt", 3, "Ωmega".encode()),
+                               ["valid.txt, line 3: character 'Ω' is not in the train file's vocabulary"]),
+    "translation line counts": ("multi30k", lambda f: (f / "train.de").open("a").write("noch eine\n"),
+                                ["train.de (21 lines)", "train.en (20 lines)", "not parallel"]),
+    "translation not UTF-8": ("multi30k", lambda f: replace_line(f / "test_2016_flickr.de", 2, b"Gr\xfc\xdfe"),
+                              ["test_2016_flickr.de is not UTF-8 text (line 2)"]),
+    "translation empty split": ("multi30k", lambda f: [(f / f"val.{x}").write_text("\n\n") for x in ("en", "de")],
+                                ["data split 'val' is empty", "val.de holds no sentences"]),
+    "translation missing file": ("multi30k", lambda f: (f / "val.de").unlink(), ["missing file", "val.de"]),
+}
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys, tmp_path):
+    """cli(*overrides) -> (exit code, stdout + stderr, stderr lines) of `moa-train debug=tiny ...` in-process."""
+    def _run(*overrides: str) -> tuple:
+        run_dir = [] if any(o.startswith("hydra.run.dir=") for o in overrides) else [f"hydra.run.dir={tmp_path}/run"]
+        monkeypatch.setattr(sys, "argv", ["moa-train", "debug=tiny", "trainer.device=cpu", *run_dir, *overrides])
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        try:
+            with pytest.raises(SystemExit) as stopped:
+                main()
+        finally:  # Hydra configured logging for the job: leave the test session's as it was
+            for handler in set(root.handlers) - set(handlers):
+                handler.close()
+            root.handlers[:] = handlers
+            root.setLevel(level)
+        out = capsys.readouterr()
+        return stopped.value.code, out.out + out.err, [line for line in out.err.splitlines() if line.strip()]
+    return _run
+
+
+def assert_one_line_error(result: tuple, words: list, tmp_path: Path, code: int = 2) -> None:
+    exit_code, output, err_lines = result
+    assert exit_code == code, output
+    assert "Traceback" not in output, output
+    assert len(err_lines) == 1 and err_lines[0].startswith("error: "), output
+    for word in words:
+        assert word in err_lines[0], err_lines[0]
+    assert not list(tmp_path.rglob("step_*.pt"))  # stopped before training
+
+
+@pytest.mark.parametrize("case", list(OVERRIDES))
+def test_bad_override(cli, tmp_path, case):
+    overrides, words = OVERRIDES[case]
+    a_file = tmp_path / "not-a-checkpoint.pt"
+    a_file.write_text("not a checkpoint")
+    assert_one_line_error(cli(*overrides.format(file=a_file).split()), words, tmp_path)
+
+
+@pytest.mark.parametrize("case", list(DATA))
+def test_bad_data_file(cli, data_root, tmp_path, case):
+    layout, damage, words = DATA[case]
+    root = tmp_path / "data"
+    if layout == "wikitext":
+        shutil.copytree(data_root / "wikitext-2", root / "wikitext-2")
+        extra = []
+    else:
+        write_multi30k(root)
+        extra = ["data=multi30k_en_de", "model=mha", "data.max_len=31"]
+    damage(root / ("wikitext-2" if layout == "wikitext" else "multi30k"))
+    result = cli(*extra, f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}")
+    assert_one_line_error(result, words, tmp_path)
+
+
+def test_diverging_run_exits_3(cli, tmp_path, monkeypatch):
+    from moa_train.train.tasks import LMTask
+
+    original = LMTask.loss
+
+    def nan_loss(self, model, batch, all_aux):
+        total, *rest = original(self, model, batch, all_aux)
+        return (total * float("nan"), *rest)
+
+    monkeypatch.setattr(LMTask, "loss", nan_loss)
+    result = cli("model=mha", "trainer.max_bad_steps=2", "trainer.log_interval=1")
+    assert_one_line_error(result, ["trainer.max_bad_steps: 2 steps in a row", "stopped at step 2"], tmp_path, code=3)
