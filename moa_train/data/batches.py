@@ -27,13 +27,18 @@ class RandomWindows:
     checkpointed, so a resumed run draws exactly the batches an uninterrupted one would, on any device.
 
     On CUDA the split is copied to the GPU once and windows are gathered there: a step moves only its start
-    offsets to the device (asynchronously), so the GPU never waits for data."""
+    offsets to the device (asynchronously), so the GPU never waits for data.
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int, device: torch.device):
+    Data parallelism: every rank draws the same `batch_size` windows (the global batch) and keeps its `rank`-th of
+    `world` equal slices, so the data and the generator state do not depend on the number of ranks."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int, device: torch.device,
+                 rank: int = 0, world: int = 1):
         if len(tokens) <= block_size + 1:
             raise DataError(f"trainer.block_size: {block_size} needs a split of more than {block_size + 1} tokens; "
                             f"this one has {len(tokens)}")
         self.tokens, self.batch_size, self.block_size, self.device = tokens, batch_size, block_size, device
+        self.rank, self.world = rank, world
         self.generator = torch.Generator().manual_seed(seed)
         if device.type == "cuda":
             self.device_tokens = torch.from_numpy(np.asarray(tokens).astype(np.int64)).to(device)
@@ -41,6 +46,7 @@ class RandomWindows:
 
     def next(self) -> tuple:
         starts = torch.randint(len(self.tokens) - self.block_size - 1, (self.batch_size,), generator=self.generator)
+        starts = starts.view(self.world, -1)[self.rank]
         if self.device.type == "cuda":
             chunk = self.device_tokens[starts.pin_memory().to(self.device, non_blocking=True)[:, None] + self.offsets]
             return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()

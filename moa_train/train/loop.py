@@ -22,9 +22,10 @@ from omegaconf import OmegaConf
 
 from moa_train.config import ConfigError
 from moa_train.metrics.flops import device_name, peak_flops, peak_kind
-from moa_train.metrics.sinks import build_logger, truncate_jsonl
+from moa_train.metrics.sinks import MetricsLogger, build_logger, truncate_jsonl
 from moa_train.models.routing import detached, routing_metrics
 from moa_train.progress import progress
+from moa_train.train import distributed
 from moa_train.train.checkpoint import (
     CheckpointError, average_checkpoints, find_checkpoint, load_checkpoint, rng_state, save_checkpoint,
     set_rng_state, step_checkpoints)
@@ -82,8 +83,9 @@ class Trainer:
         self.start_time = time.perf_counter()
         self.cfg, self.run_dir = cfg, Path(run_dir)
         t = cfg.trainer
-        self.device = resolve_device(t.device)
-        seed_everything(t.seed)
+        self.dist = distributed.init()
+        self.device = distributed.local_device(resolve_device(t.device), self.dist)
+        seed_everything(t.seed)  # the same on every rank: identical initial weights
         torch.backends.cuda.matmul.allow_tf32 = bool(t.tf32)
         torch.backends.cudnn.allow_tf32 = bool(t.tf32)
         use_bf16 = t.precision == "bf16"
@@ -91,17 +93,23 @@ class Trainer:
         self.autocast = (partial(torch.autocast, self.device.type, dtype=torch.bfloat16, cache_enabled=False)
                          if use_bf16 else nullcontext)
 
-        self.task = make_task(cfg, self.device)
+        with distributed.main_first(self.dist):
+            self.task = make_task(cfg, self.device, self.dist)
         self.model = self.task.model.to(self.device)
+        self.train_model = distributed.wrap(self.model, t.strategy, self.dist, self.device)  # DDP / FSDP / itself
+        if self.dist.active:
+            torch.manual_seed(t.seed + self.dist.rank)  # each rank its own dropout masks (nanoGPT's seed offset)
         self.forward, self.forward_loss = self.model, self._forward_loss
         if t.compile:  # the model for evaluation; the model + losses as one graph for training
             backend = t.compile_backend or ("inductor" if self.device.type == "cuda" else "aot_eager")
             mode = t.compile_mode if backend == "inductor" else None  # modes are inductor's
             self.forward = torch.compile(self.model, backend=backend, mode=mode)
             self.forward_loss = torch.compile(self._forward_loss, backend=backend, mode=mode)
-        self.use_graph = bool(t.cuda_graphs) and self.device.type == "cuda" and self.task.cuda_graphs_ok
+        self.use_graph = (bool(t.cuda_graphs) and self.device.type == "cuda" and self.task.cuda_graphs_ok
+                          and not self.dist.active)
         if t.cuda_graphs and not self.use_graph:
-            log.info("trainer.cuda_graphs: needs a CUDA device and fixed batch shapes; running the step eagerly")
+            log.info("trainer.cuda_graphs: needs a CUDA device, fixed batch shapes and one process (DDP and FSDP "
+                     "communicate during the backward); running the step eagerly")
         self.graph = None
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device, capturable=self.use_graph)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, t.max_steps)
@@ -114,9 +122,11 @@ class Trainer:
     # --- state -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": distributed.model_state(self.model, self.dist),
+            "optimizer": distributed.optimizer_state(self.model, self.optimizer, self.dist),
             "scheduler": self.scheduler.state_dict(), "step": self.step, "tokens_seen": self.tokens_seen,
-            "best_val": self.best_val, "rng": rng_state(), "data": self.batches.state_dict(),
+            "best_val": self.best_val, "data": self.batches.state_dict(),
+            "rng": distributed.gather_objects(rng_state(), self.dist) if self.dist.active else rng_state(),
             "wandb_id": self.wandb_id, "vocab_size": self.model.vocab_size,
             "pad_id": getattr(self.model, "pad_id", None),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -124,28 +134,33 @@ class Trainer:
 
     def load_state_dict(self, state: dict, weights_only: bool = False) -> None:
         try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as exc:
+            distributed.load_model_state(self.model, state["model"], self.dist)
+        except (RuntimeError, KeyError, ValueError) as exc:
             first = str(exc).splitlines()[0]
             raise CheckpointError(f"trainer.resume: the checkpoint does not fit this model ({first}); resume with "
                                   "the run's own config or use trainer.resume=false in a new run folder") from None
         self.step = state["step"]
         if weights_only:
             return
-        self.optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist)
         self.scheduler.load_state_dict(state["scheduler"])
         self.tokens_seen, self.best_val = state["tokens_seen"], state["best_val"]
         self.batches.load_state_dict(state["data"])
         self.wandb_id = state.get("wandb_id")
-        set_rng_state(state["rng"])
+        rng = distributed.rank_rng(state["rng"], self.dist)
+        if rng is not None:
+            set_rng_state(rng)
 
     def save(self, is_best: bool) -> None:
-        save_checkpoint(self.state_dict(), self.run_dir / "checkpoints", self.cfg.trainer.keep_checkpoints, is_best)
+        state = self.state_dict()  # on every rank: FSDP gathers the shards
+        if self.dist.main:
+            save_checkpoint(state, self.run_dir / "checkpoints", self.cfg.trainer.keep_checkpoints, is_best)
+        distributed.barrier(self.dist)  # no rank reads checkpoints/ while rank 0 writes
 
     def maybe_resume(self, weights_only: bool = False) -> Path | None:
         path = resume_target(self.cfg.trainer.resume, self.run_dir)
         if path is not None:
-            self.load_state_dict(load_checkpoint(path, self.device), weights_only)
+            self.load_state_dict(load_checkpoint(path, "cpu" if self.dist.active else self.device), weights_only)
             log.info("resumed from %s at step %d", path, self.step)
         return path
 
@@ -154,7 +169,7 @@ class Trainer:
         """(total loss, CE, unweighted aux terms reduced over layers, routing records); aux terms with a zero
         coefficient are computed only when `all_aux` (log steps)."""
         with self.autocast():
-            return self.task.loss(self.model, batch, all_aux)
+            return self.task.loss(self.train_model, batch, all_aux)
 
     def step_body(self, batches: list, log_step: bool) -> tuple:
         """Forward and backward over the micro-batches, clipping, the optimizer update: all that a CUDA graph
@@ -162,9 +177,10 @@ class Trainer:
         norm or None); a log step also computes the grad norm and every aux term."""
         cfg, n = self.cfg, len(batches)
         ce_sum, aux_sum = 0.0, {}
-        for batch in batches:
-            loss, ce, aux, routings = self.forward_loss(batch, log_step)
-            (loss / n).backward()
+        for i, batch in enumerate(batches):
+            with distributed.grad_sync(self.train_model, i == n - 1):
+                loss, ce, aux, routings = self.forward_loss(batch, log_step)
+                (loss / n).backward()
             ce_sum = ce_sum + ce.detach()
             aux_sum = {k: aux_sum.get(k, 0.0) + v.detach() for k, v in aux.items()}
         norm = None
@@ -173,6 +189,7 @@ class Trainer:
         elif log_step:
             norm = self.grad_norm()
         self.optimizer.step()
+        norm = None if norm is None else distributed.full(norm)
         return ce_sum / n, {k: v / n for k, v in aux_sum.items()}, detached(routings), norm
 
     def train_step(self, log_step: bool) -> tuple:
@@ -210,11 +227,11 @@ class Trainer:
 
     # --- runs --------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
-        cfg, t = self.cfg, self.cfg.trainer
+        t = self.cfg.trainer
         resumed = self.maybe_resume()
-        if resumed is not None:
+        if resumed is not None and self.dist.main:
             truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
-        logger = build_logger(cfg, self.run_dir, OmegaConf.to_container(cfg, resolve=True), self.wandb_id)
+        logger = self.build_logger()
         self.wandb_id = logger.wandb_id
         val = {}
         bar = progress(total=t.max_steps, initial=self.step, desc="train", unit="step")
@@ -267,11 +284,17 @@ class Trainer:
             return self.evaluate("test", "test", final=True)
         paths = step_checkpoints(self.run_dir / "checkpoints")[-n:]
         current = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.model.load_state_dict(average_checkpoints(paths, self.device))
+        distributed.load_model_state(self.model, average_checkpoints(paths, self.device), self.dist)
         log.info("test: weights averaged over %d checkpoints (%s .. %s)", len(paths), paths[0].name, paths[-1].name)
         out = {**self.evaluate("test", "test", final=True), "test/averaged_checkpoints": len(paths)}
         self.model.load_state_dict(current)
         return out
+
+    def build_logger(self) -> MetricsLogger:
+        """The sinks (metrics.jsonl, TensorBoard, W&B) on rank 0; the other ranks log nowhere."""
+        if not self.dist.main:
+            return MetricsLogger([])
+        return build_logger(self.cfg, self.run_dir, OmegaConf.to_container(self.cfg, resolve=True), self.wandb_id)
 
     def open_window(self) -> dict:
         """Start a timing/averaging window; the device is synchronised so the window times only what follows."""
@@ -286,11 +309,13 @@ class Trainer:
         step_ms = 1000 * elapsed / n
         self.step_ms.append(step_ms)
         tok_s = window["tokens"] / elapsed
-        metrics = {"train/loss": window["ce"] / n, "lr": self.lr,
+        ce = distributed.global_sum(window["ce"] / n) / self.dist.world  # each rank's CE is of its slice
+        metrics = {"train/loss": ce, "lr": self.lr,
                    **{f"train/aux/{k}": total / count for k, (total, count) in window["aux"].items()},
                    **routing_metrics(self.model.sites, routings),
                    "perf/step_ms": step_ms, "perf/tokens_per_s": tok_s,
-                   "perf/mfu": self.flops_per_token * tok_s / self.peak, "tokens_seen": self.tokens_seen}
+                   "perf/mfu": self.flops_per_token * tok_s / (self.peak * self.dist.world),
+                   "tokens_seen": self.tokens_seen}
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
         logged = logger.log(self.step, metrics)
@@ -303,7 +328,7 @@ class Trainer:
             raise ConfigError("trainer.eval_only: no checkpoint found; set trainer.resume=PATH to a checkpoint "
                               "file or run folder")
         metrics = {**self.evaluate("val", "val"), **self.evaluate("test", "test", final=True)}
-        logger = build_logger(self.cfg, self.run_dir, OmegaConf.to_container(self.cfg, resolve=True))
+        logger = self.build_logger()
         logger.log(self.step, metrics)
         logger.close()
         log.info("eval_only: %s", " | ".join(f"{k} {metrics[k]:.4f}" for k in ("val/loss", "val/bpc", "test/loss", "test/bpc")))
@@ -328,7 +353,8 @@ class Trainer:
         }
         if getattr(self.task, "last_signature", None):
             summary["bleu_signature"] = self.task.last_signature
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if self.dist.main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
 
