@@ -1,0 +1,145 @@
+"""Data parallelism on the CPU: two gloo processes started by torchrun train like one process on the same global
+batch, write one run folder, and resume across world sizes (DDP and FSDP2)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, read_jsonl
+
+# dropout off, so one process and two ranks compute the same function; log every step to compare every step
+COMMON = ("model.n_head=4", "model.dropout=0.0", "model.gate_dropout=0.0", "trainer.log_interval=1",
+          "trainer.eval_interval=10")
+TOL = 1e-5  # float32: the ranks' gradients are summed in another order than one batch's (seen here: < 1e-6)
+
+
+def torchrun(cwd: Path, data_root: Path, cache_dir: Path, *overrides: str) -> str:
+    """`torchrun --nproc_per_node=2 -m moa_train debug=tiny ...` on the CPU (gloo); returns its output."""
+    env = {**os.environ, "MOA_DATA_DIR": str(data_root), "MOA_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "moa_train",
+           "debug=tiny", "trainer.device=cpu", *overrides]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    return out
+
+
+def losses(records: list) -> dict:
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def assert_same_run(got: list, reference: list) -> None:
+    """Every train loss `got` logged, and its validation losses, as in `reference`."""
+    ref, ref_val = losses(reference), {r["step"]: r["val/loss"] for r in reference if "val/loss" in r}
+    assert losses(got)
+    for step, loss in losses(got).items():
+        assert loss == pytest.approx(ref[step], abs=TOL), step
+    for r in got:
+        if "val/loss" in r:
+            assert r["val/loss"] == pytest.approx(ref_val[r["step"]], abs=TOL), r["step"]
+
+
+def test_ddp_trains_like_one_process_in_one_folder_and_resumes_on_one(train_run, data_root, cache_dir, tmp_path):
+    """moas_dynamic with accumulation (2 ranks x 2 micro-batches of 1 sequence): the losses, the global routing
+    statistics and aux terms of one process; rank 0 alone writes one run folder; one process resumes it."""
+    common = ("model=moas_dynamic", *COMMON, "trainer.grad_accum=2")
+    _, reference = train_run(tmp_path / "reference", *common, "trainer.max_steps=20")
+
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    out = torchrun(launch, data_root, cache_dir, *common, "trainer.max_steps=10")  # the default run folder
+    (run_dir,) = (launch / "outputs" / "runs").glob("*/*")  # one folder for both ranks
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "metrics.jsonl", "summary.json",
+                                                        "train.log"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "step_0000010.pt"]
+    log = (run_dir / "train.log").read_text()
+    assert log.count("step 10: val/loss") == 1  # rank 1 logs neither to the file nor (below warnings) to stdout
+    assert out.count("step 10: val/loss") == 1
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 11))
+    assert_same_run(records, reference)
+    expected = {(r["step"], k): v for r in reference for k, v in r.items()}
+    for r in records:
+        for key in (k for k in r if k.startswith(("routing/", "train/aux/")) or k in ("grad_norm", "tokens_seen")):
+            assert r[key] == pytest.approx(expected[r["step"], key], rel=1e-3, abs=1e-6), (r["step"], key)
+
+    _, resumed = train_run(run_dir, *common, "trainer.max_steps=20")  # 2 ranks -> 1 process
+    assert_same_run(resumed, reference)
+    assert max(losses(resumed)) == 20
+
+
+def test_fsdp_resumes_one_process_and_one_process_resumes_fsdp(train_run, data_root, cache_dir, tmp_path):
+    """mha: steps 1-10 in one process, 11-20 on two FSDP ranks, 21-30 in one process again: the losses of one
+    uninterrupted run (weights, AdamW state, schedule and data position cross world sizes)."""
+    common = ("model=mha", *COMMON)
+    _, reference = train_run(tmp_path / "reference", *common, "trainer.max_steps=30")
+    run_dir = tmp_path / "run"
+    train_run(run_dir, *common, "trainer.max_steps=10")
+    torchrun(tmp_path, data_root, cache_dir, *common, "trainer.max_steps=20", "trainer.strategy=fsdp",
+             f"hydra.run.dir={run_dir}")
+    _, records = train_run(run_dir, *common, "trainer.max_steps=30")
+    assert sorted(losses(records)) == list(range(1, 31))
+    assert_same_run(records, reference)
+
+
+# --- pieces, in one process ------------------------------------------------------------------------------------
+
+def test_batch_that_does_not_split_over_the_ranks_is_a_config_error(make_cfg):
+    from moa_train.config import ConfigError, validate
+
+    cfg = make_cfg("trainer.batch_size=6", "trainer.grad_accum=2")
+    validate(cfg, world_size=1)
+    with pytest.raises(ConfigError, match=r"trainer.batch_size: 6 .* 2 ranks .* multiples of 4"):
+        validate(cfg, world_size=2)
+    with pytest.raises(ConfigError, match="trainer.strategy"):
+        validate(make_cfg("trainer.strategy=zero"))
+
+
+def test_ranks_slice_the_global_batch_of_windows():
+    from moa_train.data.batches import RandomWindows
+
+    tokens = np.arange(1000, dtype=np.uint16)
+    one = RandomWindows(tokens, 6, 8, seed=3, device=torch.device("cpu"))
+    ranks = [RandomWindows(tokens, 6, 8, seed=3, device=torch.device("cpu"), rank=r, world=3) for r in range(3)]
+    for _ in range(2):
+        x, y = one.next()
+        parts = [w.next() for w in ranks]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+    assert all(torch.equal(w.state_dict()["generator"], one.state_dict()["generator"]) for w in ranks)
+
+
+def test_ranks_slice_each_batch_of_sentence_pairs():
+    from moa_train.data.translation import ParallelSplit, TokenBatches
+
+    rng = np.random.default_rng(0)
+    src = [rng.integers(4, 50, rng.integers(1, 9)).astype(np.int32) for _ in range(40)]
+    tgt = [rng.integers(4, 50, rng.integers(1, 9)).astype(np.int32) for _ in range(40)]
+    split = ParallelSplit(src, tgt, [""] * 40, [""] * 40)
+    make = lambda rank, world: iter(TokenBatches(split, 60, 0, 1, 2, seed=5, rank=rank, world=world))  # noqa: E731
+    one, ranks = make(0, 1), [make(r, 3) for r in range(3)]
+    sizes = set()
+    for _ in range(12):
+        whole, parts = next(one), [next(r) for r in ranks]
+        assert [p["n_tokens"] for p in parts] == [whole["n_tokens"]] * 3  # the global batch's tokens
+        assert torch.equal(torch.cat([p["index"] for p in parts]), whole["index"])
+        for p in parts:  # each slice padded to its own longest pair, the same rows as in the whole batch
+            rows = [np.flatnonzero(whole["index"].numpy() == i)[0] for i in p["index"].tolist()]
+            assert torch.equal(p["tgt_out"], whole["tgt_out"][rows, :p["tgt_out"].shape[1]])
+        sizes |= {len(p["index"]) for p in parts}
+    assert 0 in sizes  # some batch held fewer pairs than ranks
+
+
+def test_evaluation_shares_batches_in_rounds():
+    from moa_train.train.distributed import Dist, rank_share
+
+    shares = [list(rank_share(range(5), Dist(rank, 2))) for rank in range(2)]
+    assert shares[0] == [(0, True), (2, True), (4, True)]
+    assert shares[1] == [(1, True), (3, True), (4, False)]  # a pass in step with rank 0, not counted
+    assert list(rank_share(range(3), Dist())) == [(0, True), (1, True), (2, True)]
