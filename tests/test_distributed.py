@@ -2,6 +2,7 @@
 batch, write one run folder, and resume across world sizes (DDP and FSDP2)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,11 +21,11 @@ TOL = 1e-5  # float32: the ranks' gradients are summed in another order than one
 
 
 def torchrun(cwd: Path, data_root: Path, cache_dir: Path, *overrides: str) -> str:
-    """`torchrun --nproc_per_node=2 -m moa_train debug=tiny ...` on the CPU (gloo); returns its output."""
+    """`torchrun --nproc_per_node=2 -m moa_train ...` on the CPU (gloo); returns its output."""
     env = {**os.environ, "MOA_DATA_DIR": str(data_root), "MOA_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "moa_train",
-           "debug=tiny", "trainer.device=cpu", *overrides]
+           "trainer.device=cpu", *overrides]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
@@ -54,7 +55,7 @@ def test_ddp_trains_like_one_process_in_one_folder_and_resumes_on_one(train_run,
 
     launch = tmp_path / "launch"
     launch.mkdir()
-    out = torchrun(launch, data_root, cache_dir, *common, "trainer.max_steps=10")  # the default run folder
+    out = torchrun(launch, data_root, cache_dir, "debug=tiny", *common, "trainer.max_steps=10")  # the default run folder
     (run_dir,) = (launch / "outputs" / "runs").glob("*/*")  # one folder for both ranks
     assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "metrics.jsonl", "summary.json",
                                                         "train.log"]
@@ -82,11 +83,50 @@ def test_fsdp_resumes_one_process_and_one_process_resumes_fsdp(train_run, data_r
     _, reference = train_run(tmp_path / "reference", *common, "trainer.max_steps=30")
     run_dir = tmp_path / "run"
     train_run(run_dir, *common, "trainer.max_steps=10")
-    torchrun(tmp_path, data_root, cache_dir, *common, "trainer.max_steps=20", "trainer.strategy=fsdp",
+    torchrun(tmp_path, data_root, cache_dir, "debug=tiny", *common, "trainer.max_steps=20", "trainer.strategy=fsdp",
              f"hydra.run.dir={run_dir}")
     _, records = train_run(run_dir, *common, "trainer.max_steps=30")
     assert sorted(losses(records)) == list(range(1, 31))
     assert_same_run(records, reference)
+
+
+def test_translation_ranks_split_sentences_and_train_like_one_process(compose_cfg, data_root, cache_dir, tmp_path):
+    """moa (k = E, so no ties at the zero-initialised router) on a copy task, data.max_tokens=200 as 2 micro-batches:
+    batches of 1 to 9 pairs, so rank 1 sometimes gets none; the per-token loss of the global batch, its masked
+    routing statistics, and the gathered translations give the numbers of one process."""
+    from moa_train.config import validate
+    from moa_train.train.loop import train
+    from test_translation_train import write_copy_corpus
+
+    root = write_copy_corpus(tmp_path / "copy", n_train=300, n_eval=20)
+    overrides = ("experiment=multi30k/moa", "data=wmt14_en_de", f"data.root={root}", "data.vocab_size=300",
+                 "data.max_tokens=200", "trainer.grad_accum=2", "model.d_model=32", "model.n_head=4",
+                 "model.n_layer=1", "model.n_encoder_layer=1", "model.n_experts=4", "model.top_k=4",
+                 "model.dropout=0.0", "trainer.max_steps=6", "trainer.eval_interval=6", "trainer.log_interval=1",
+                 "eval.beam=2")
+    cfg = compose_cfg(*overrides, "trainer.device=cpu")
+    validate(cfg)
+    train(cfg, tmp_path / "one")
+    torchrun(tmp_path, data_root, cache_dir, *overrides, f"hydra.run.dir={tmp_path / 'two'}")
+    reference, records = (read_jsonl(tmp_path / run / "metrics.jsonl") for run in ("one", "two"))
+    assert_same_run(records, reference)
+    expected = {(r["step"], k): v for r in reference for k, v in r.items()}
+    for r in records:
+        for key in (k for k in r if k.startswith(("routing/", "train/aux/", "test/", "val/")) or k == "tokens_seen"):
+            assert r[key] == pytest.approx(expected[r["step"], key], rel=1e-3, abs=1e-5), (r["step"], key)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_train_like_one(train_run, data_root, cache_dir, tmp_path):
+    """The NCCL path: 2 GPUs (DDP) and 1 GPU, moas_dynamic with accumulation, fp32 without TF32."""
+    common = ("model=moas_dynamic", *COMMON, "trainer.grad_accum=2", "trainer.device=cuda")
+    _, reference = train_run(tmp_path / "reference", *common, "trainer.max_steps=10")
+    torchrun(tmp_path, data_root, cache_dir, "debug=tiny", *common, "trainer.max_steps=10",
+             f"hydra.run.dir={tmp_path / 'two'}")
+    records = read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert losses(records).keys() == losses(reference).keys()
+    for step, loss in losses(records).items():
+        assert loss == pytest.approx(losses(reference)[step], abs=1e-4), step
 
 
 # --- pieces, in one process ------------------------------------------------------------------------------------
@@ -143,3 +183,44 @@ def test_evaluation_shares_batches_in_rounds():
     assert shares[0] == [(0, True), (2, True), (4, True)]
     assert shares[1] == [(1, True), (3, True), (4, False)]  # a pass in step with rank 0, not counted
     assert list(rank_share(range(3), Dist())) == [(0, True), (1, True), (2, True)]
+
+
+# --- the 2-GPU benchmark's driver ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_benchmark_runs_are_valid_configs(compose_cfg, gpus):
+    from moa_train.config import validate
+    from moa_train.results.multigpu import MODELS, overrides
+
+    for model in MODELS:
+        cfg = compose_cfg(*overrides(model, gpus, batch=16, steps=60, log_interval=10))
+        validate(cfg, world_size=gpus)
+        assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.n_head, cfg.trainer.block_size) == (12, 768, 12, 1024)
+        assert cfg.trainer.batch_size == 16 * gpus and cfg.trainer.compile and cfg.trainer.precision == "bf16"
+
+
+def test_benchmark_tables_from_run_records(tmp_path):
+    """Steady-state tok/s is the median of the windows after the first; efficiency = tok/s(2) / (2 tok/s(1))."""
+    from moa_train.results.multigpu import main
+
+    speeds = {("mha", 1): [10, 1000, 1010, 990], ("mha", 2): [5, 1900, 1800, 1850],
+              ("moas_dynamic", 1): [10, 800, 800, 800], ("moas_dynamic", 2): [5, 1360, 1360, 1360]}
+    for (model, gpus), windows in speeds.items():
+        run = tmp_path / "runs" / f"{model}-{gpus}gpu"
+        run.mkdir(parents=True)
+        lines = [{"step": 10 * (i + 1), "perf/tokens_per_s": v, "perf/step_ms": 1e3 / v, "perf/mfu": 0.4}
+                 for i, v in enumerate(windows)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        (run / "summary.json").write_text(json.dumps({
+            "world_size": gpus, "steps": 40, "tokens_seen": 40 * 16384 * gpus, "params_total": 124_000_000,
+            "device_name": "NVIDIA H200", "torch_version": "2.11.0", "git_sha": "abc"}))
+    out = tmp_path / "multigpu"
+    main(["--tables-only", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)])
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["results"]["mha"]["efficiency"] == pytest.approx(1850 / 2000)
+    assert res["results"]["moas_dynamic"]["efficiency"] == pytest.approx(0.85)
+    assert res["meta"]["log_interval"] == 10 and res["meta"]["device"] == "NVIDIA H200"
+    text = out.with_suffix(".md").read_text()
+    assert "| mha | 2 | 124.0M | 32,768 | 1,850 | 925 |" in text
+    assert "mha: scaling efficiency 92.5%, target >= 90%: met" in text
+    assert "moas_dynamic: scaling efficiency 85.0%, target >= 90%: MISSED" in text

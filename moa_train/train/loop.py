@@ -348,6 +348,7 @@ class Trainer:
             "flops_per_token": self.flops_per_token,
             "peak_flops": self.peak,
             "device_name": device_name(self.device),
+            "world_size": self.dist.world,
             "torch_version": torch.__version__,
             "git_sha": git_sha(),
         }
