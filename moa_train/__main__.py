@@ -33,7 +33,8 @@ def run(cfg) -> float:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     world = distributed.from_env().world
     if multirun and world > 1:
-        print("error: torchrun runs one training job; run sweeps (-m, hparams_search) without torchrun", file=sys.stderr)
+        print("error: torchrun runs one training job; run sweeps (-m, hparams_search) without torchrun",
+              file=sys.stderr)
         sys.exit(2)
     try:
         validate(cfg, world)
@@ -66,7 +67,8 @@ def main() -> None:
         # one run folder for all ranks: train.yaml's hydra.run.dir takes its time stamp from MOA_RUN_STAMP
         os.environ["MOA_RUN_STAMP"] = distributed.shared_run_stamp(d)
         if not d.main:  # rank 0 alone writes the folder's .hydra/ and train.log; the others print only warnings
-            sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING"]
+            sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout",
+                         "hydra.job_logging.root.level=WARNING"]
     try:
         _hydra_main()
     finally:

@@ -101,8 +101,10 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model
     compile_backend: Optional[str] = None  # null: inductor on CUDA, aot_eager on CPU
     compile_mode: Optional[str] = None  # inductor mode: null | max-autotune | ... (not with cuda_graphs)
-    cuda_graphs: bool = False  # capture the whole optimizer step in one CUDA graph (CUDA only; ignored on CPU and under torchrun)
-    strategy: str = "ddp"  # data parallelism under torchrun: ddp (a replica per rank) | fsdp (FSDP2: parameters, gradients and optimizer state sharded per block; decoder-only LMs)
+    cuda_graphs: bool = False  # capture the whole optimizer step in one CUDA graph (one CUDA process; else eager)
+    # data parallelism under torchrun: ddp (a model replica per rank) | fsdp (FSDP2 per block: parameters, gradients
+    # and optimizer state sharded; decoder-only LMs)
+    strategy: str = "ddp"
     max_steps: int = 500
     batch_size: int = 12  # sequences per optimizer step, global: under torchrun each rank takes batch_size / ranks
     block_size: int = 256  # tokens per sequence (<= model.max_seq_len)

@@ -55,7 +55,7 @@ def test_ddp_trains_like_one_process_in_one_folder_and_resumes_on_one(train_run,
 
     launch = tmp_path / "launch"
     launch.mkdir()
-    out = torchrun(launch, data_root, cache_dir, "debug=tiny", *common, "trainer.max_steps=10")  # the default run folder
+    out = torchrun(launch, data_root, cache_dir, "debug=tiny", *common, "trainer.max_steps=10")  # default folder
     (run_dir,) = (launch / "outputs" / "runs").glob("*/*")  # one folder for both ranks
     assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "metrics.jsonl", "summary.json",
                                                         "train.log"]

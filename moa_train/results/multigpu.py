@@ -95,8 +95,9 @@ def markdown(res: dict, meta: dict) -> str:
              "- tok/s: the whole job's training tokens per second, the median over the logged windows of "
              f"{meta['log_interval']} steps after the first (compilation, warm-up); evaluation excluded. Scaling "
              "efficiency = tok/s(2 GPUs) / (2 x tok/s(1 GPU)).",
-             "- Run records (config, train.log, metrics.jsonl, summary.json): `docs/results/runs/multigpu/<model>-<n>gpu/`",
-             "", "| model | GPUs | params | tokens / step | tok/s | tok/s per GPU | ms / step | MFU | scaling efficiency |",
+             "- Run records (config, train.log, metrics.jsonl, summary.json): "
+             "`docs/results/runs/multigpu/<model>-<n>gpu/`", "",
+             "| model | GPUs | params | tokens / step | tok/s | tok/s per GPU | ms / step | MFU | scaling efficiency |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for model, block in res.items():
         for r in block["runs"]:
