@@ -120,8 +120,8 @@ class TranslationTask:
         beam = e.beam if final else e.val_beam
         batches = TokenBatches(data, self.cfg.data.max_tokens, d.pad_id, d.bos_id, d.eos_id, shuffle=False,
                                device=self.device)
-        share = rank_share(batches, self.dist)
-        for batch, mine in progress(share, desc=f"eval {prefix} (beam {beam})", unit="batch", total=len(batches)):
+        share, rounds = rank_share(batches, self.dist), -(-len(batches) // self.dist.world)
+        for batch, mine in progress(share, desc=f"eval {prefix} (beam {beam})", unit="batch", total=rounds):
             if not mine:  # translation runs use DDP: no collective in the forward, nothing to keep in step
                 continue
             with autocast():
