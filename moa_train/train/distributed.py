@@ -25,8 +25,6 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-STRATEGIES = ("ddp", "fsdp")
-
 
 @dataclass(frozen=True)
 class Dist:
