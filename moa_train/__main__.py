@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -13,6 +14,7 @@ from hydra.types import RunMode
 from moa_train.cli import precheck
 from moa_train.config import ConfigError, validate
 from moa_train.paths import config_dir
+from moa_train.train import distributed
 
 
 def run(cfg) -> float:
@@ -32,8 +34,13 @@ def run(cfg) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    world = distributed.from_env().world
+    if multirun and world > 1:
+        print("error: torchrun runs one training job; run sweeps (-m, hparams_search) without torchrun",
+              file=sys.stderr)
+        sys.exit(2)
     try:
-        validate(cfg)
+        validate(cfg, world)
         return train(cfg, run_dir).get("val/loss")
     except Preempted as exc:
         print(exc, file=sys.stderr)
@@ -61,7 +68,17 @@ def main() -> None:
     args = sys.argv[1:]
     if not any(a.startswith("-") for a in args):  # a plain run (not -m, --cfg, --help, ...): one-line errors
         precheck(args)
-    _hydra_main()
+    d = distributed.init()  # under torchrun: the process group, before Hydra names the run folder
+    if d.active:
+        # one run folder for all ranks: train.yaml's hydra.run.dir takes its time stamp from MOA_RUN_STAMP
+        os.environ["MOA_RUN_STAMP"] = distributed.shared_run_stamp(d)
+        if not d.main:  # rank 0 alone writes the folder's .hydra/ and train.log; the others print only warnings
+            sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout",
+                         "hydra.job_logging.root.level=WARNING"]
+    try:
+        _hydra_main()
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

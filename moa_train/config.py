@@ -102,10 +102,13 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model
     compile_backend: Optional[str] = None  # null: inductor on CUDA, aot_eager on CPU
     compile_mode: Optional[str] = None  # inductor mode: null | max-autotune | ... (not with cuda_graphs)
-    cuda_graphs: bool = False  # capture the whole optimizer step in one CUDA graph (CUDA only; ignored on CPU)
+    cuda_graphs: bool = False  # capture the whole optimizer step in one CUDA graph (one CUDA process; else eager)
     sdpa_backend: str = "auto"  # CUDA attention kernel: auto (PyTorch picks) | flash | cudnn | efficient | math
+    # data parallelism under torchrun: ddp (a model replica per rank) | fsdp (FSDP2 per block: parameters, gradients
+    # and optimizer state sharded; decoder-only LMs)
+    strategy: str = "ddp"
     max_steps: int = 500
-    batch_size: int = 12  # sequences per optimizer step
+    batch_size: int = 12  # sequences per optimizer step, global: under torchrun each rank takes batch_size / ranks
     block_size: int = 256  # tokens per sequence (<= model.max_seq_len)
     grad_accum: int = 1  # micro-batches per step (batch_size must divide by it)
     grad_clip: Optional[float] = None  # max grad norm; null = no clipping
@@ -206,8 +209,9 @@ def check_writable(path, key: str) -> None:
     _check(os.access(folder, os.W_OK | os.X_OK), key, f"cannot write into {folder}; choose a writable folder")
 
 
-def validate(cfg) -> None:
-    """Raise ConfigError naming the key and what would be valid; called before any work."""
+def validate(cfg, world_size: int = 1) -> None:
+    """Raise ConfigError naming the key and what would be valid; called before any work. `world_size`: the number
+    of torchrun processes the global batch is split over."""
     from moa_train.models.registry import ATTENTION
 
     known = {f.name for f in fields(TrainConfig)} | {"hydra"}
@@ -282,6 +286,13 @@ def validate(cfg) -> None:
     if d.name not in TRANSLATION_DATA:  # translation batches by data.max_tokens
         _check(t.batch_size % t.grad_accum == 0, "trainer.grad_accum",
                f"{t.grad_accum} does not divide trainer.batch_size={t.batch_size}; valid: {_divisors(t.batch_size)}")
+        slices = world_size * t.grad_accum
+        _check(world_size == 1 or t.batch_size % slices == 0, "trainer.batch_size",
+               f"{t.batch_size} sequences do not split over {world_size} ranks x trainer.grad_accum={t.grad_accum} "
+               f"micro-batches; valid: multiples of {slices}")
+    _one_of(t.strategy, "trainer.strategy", ("ddp", "fsdp"))
+    _check(t.strategy == "ddp" or d.name not in TRANSLATION_DATA, "trainer.strategy",
+           "fsdp shards decoder-only LMs; translation runs use ddp")
     for key in ("eval_iters", "eval_batch_size", "grad_clip", "save_interval"):
         _positive_or_null(t[key], f"trainer.{key}")
     _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")

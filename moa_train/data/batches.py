@@ -28,21 +28,26 @@ class RandomWindows:
 
     The split is held as a tensor on the device (copied to the GPU once): a batch is its start offsets
     (`next_starts`, moved asynchronously), and `windows_at` gathers the windows there. The trainer's step does that
-    gather itself, so a CUDA-graph step captures it and per step only the offsets move."""
+    gather itself, so a CUDA-graph step captures it and per step only the offsets move.
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int, device: torch.device):
+    Data parallelism: every rank draws the same `batch_size` windows (the global batch) and keeps its `rank`-th of
+    `world` equal slices, so the data and the generator state do not depend on the number of ranks."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int, device: torch.device,
+                 rank: int = 0, world: int = 1):
         if len(tokens) <= block_size + 1:
             raise DataError(f"trainer.block_size: {block_size} needs a split of more than {block_size + 1} tokens; "
                             f"this one has {len(tokens)}")
         self.tokens, self.batch_size, self.block_size, self.device = tokens, batch_size, block_size, device
+        self.rank, self.world = rank, world
         self.generator = torch.Generator().manual_seed(seed)
         self.device_tokens = torch.from_numpy(np.asarray(tokens).astype(np.int64)).to(device)
         self.offsets = torch.arange(block_size + 1, device=device)
 
     def next_starts(self) -> torch.Tensor:
-        """The next batch's window offsets (batch_size,), on the device."""
+        """This rank's window offsets of the next global batch (batch_size / world,), on the device."""
         starts = torch.randint(len(self.tokens) - self.block_size - 1, (self.batch_size,), generator=self.generator)
-        return to_device(starts.numpy(), self.device)
+        return to_device(starts.view(self.world, -1)[self.rank].numpy(), self.device)
 
     def windows_at(self, starts: torch.Tensor) -> tuple:
         """(x, y) windows at `starts`: x[i] = tokens[s_i : s_i + block], y the same shifted by one."""

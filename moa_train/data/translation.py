@@ -275,16 +275,21 @@ class TokenBatches:
     permutation drawn from `seed`); with shuffle=True their order is redrawn each epoch from a seeded torch.Generator
     and iteration never ends; with shuffle=False one pass in length order. The state (epoch, batches consumed in it,
     the generator state at its start) resumes exactly mid-epoch. One iterator at a time: iterating advances the state.
+
+    Data parallelism: every rank cuts and orders the same batches (max_tokens is the global budget) and keeps its
+    `rank`-th of `world` contiguous slices of each batch's pairs (length-sorted, so the slices pad alike); `n_tokens`
+    stays the whole batch's. A batch of fewer pairs than ranks leaves some ranks zero rows.
     """
 
     def __init__(self, split: ParallelSplit, max_tokens: int, pad_id: int, bos_id: int, eos_id: int, seed: int = 0,
-                 shuffle: bool = True, device=torch.device("cpu")):
+                 shuffle: bool = True, device=torch.device("cpu"), rank: int = 0, world: int = 1):
         if max_tokens <= 0:
             raise DataError(f"data.max_tokens: must be positive, got {max_tokens}")
         if len(split.src) == 0:
             raise DataError("TokenBatches: the split holds no sentence pairs")
         self.split, self.max_tokens, self.shuffle, self.device = split, max_tokens, shuffle, torch.device(device)
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        self.rank, self.world = rank, world
         self.src_len = np.fromiter(map(len, split.src), dtype=np.int64, count=len(split.src)).clip(min=1)  # >= 1 column
         self.tgt_len = np.fromiter(map(len, split.tgt), dtype=np.int64, count=len(split.tgt)) + 1  # + bos / eos
         order = np.arange(len(self.src_len))
@@ -318,14 +323,18 @@ class TokenBatches:
         return torch.randperm(len(self.batches), generator=self.generator).tolist()
 
     def collate(self, index: np.ndarray) -> dict:
-        src = _pad([self.split.src[i] for i in index], int(self.src_len[index].max()), self.pad_id)
-        tgt_out = _pad([self.split.tgt[i] for i in index], int(self.tgt_len[index].max()), self.pad_id)
+        """This rank's slice of the batch of pairs `index`, padded; `n_tokens`: the real target tokens (with EOS) of
+        the whole batch."""
+        n_tokens = int(self.tgt_len[index].sum())
+        index = np.array_split(index, self.world)[self.rank]
+        src = _pad([self.split.src[i] for i in index], int(self.src_len[index].max(initial=1)), self.pad_id)
+        tgt_out = _pad([self.split.tgt[i] for i in index], int(self.tgt_len[index].max(initial=1)), self.pad_id)
         tgt_in = np.full_like(tgt_out, self.pad_id)
         tgt_in[:, 0], tgt_in[:, 1:] = self.bos_id, tgt_out[:, :-1]
         tgt_out[np.arange(len(index)), self.tgt_len[index] - 1] = self.eos_id
         arrays = {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out, "index": index}
         batch = {k: to_device(v, self.device) for k, v in arrays.items()}
-        batch["n_tokens"] = int(self.tgt_len[index].sum())
+        batch["n_tokens"] = n_tokens
         return batch
 
     def __iter__(self):

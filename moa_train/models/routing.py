@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moa_train.train.distributed import global_sum
+
 @dataclass
 class Routing:
     probs: Tensor  # (N, C) the router's distribution over C choices, before any gate dropout
@@ -32,12 +34,16 @@ def detached(routings: list) -> list:
 # layers are computed in one batched call on stacked records: a few kernels per step instead of a few per layer.
 
 def _token_mean(x: Tensor, mask: Optional[Tensor], dim: int) -> Tensor:
-    """Mean over the token dimension, counting only tokens where mask (N,) is True."""
+    """Mean over the token dimension, counting only tokens where mask (N,) is True. Under data parallelism it is the
+    mean over every rank's tokens (the global batch): sums and counts are all-reduced, differentiably, so the aux
+    losses, their gradients and the routing statistics are those of the global batch."""
     if mask is None:
-        return x.mean(dim)
-    w = mask.to(x.dtype)
-    w = w.unsqueeze(-1) if dim == -2 else w
-    return (x * w).sum(dim) / w.sum(dim).clamp_min(1.0)
+        total, count = x.sum(dim), x.new_full((), x.shape[dim])
+    else:
+        w = mask.to(x.dtype)
+        w = w.unsqueeze(-1) if dim == -2 else w
+        total, count = (x * w).sum(dim), w.sum(dim)
+    return global_sum(total) / global_sum(count).clamp_min(1.0)
 
 
 def dispatch_fraction(probs: Tensor, chosen: Optional[Tensor], mask: Optional[Tensor] = None) -> Tensor:

@@ -25,18 +25,21 @@ class CheckpointError(ValueError):
 
 
 def rng_state() -> dict:
+    """This process's generators; of CUDA only the current device's (one per process: reading every GPU's would
+    open a context on each GPU from every torchrun process)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(state["torch"].cpu())  # .cpu(): a checkpoint loaded onto the GPU moved these too
+    if "cuda" in state and torch.cuda.is_initialized():
+        cuda = state["cuda"]  # checkpoints written before multi-GPU support hold a list: every device's state
+        torch.cuda.set_rng_state((cuda[torch.cuda.current_device()] if isinstance(cuda, list) else cuda).cpu())
 
 
 # --- writing ------------------------------------------------------------------------------------------------------

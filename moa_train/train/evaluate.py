@@ -1,4 +1,5 @@
-"""Evaluation of an LM on a split: random windows (trainer.eval_iters) or a full pass (eval_iters: null)."""
+"""Evaluation of an LM on a split: random windows (trainer.eval_iters) or a full pass (eval_iters: null); under data
+parallelism each rank evaluates its share of the batches and the sums are all-reduced."""
 from __future__ import annotations
 
 import math
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from moa_train.data.batches import RandomWindows, sequential_windows
 from moa_train.progress import progress
+from moa_train.train.distributed import Dist, global_sum, rank_share
 
 EVAL_SEED = 1234  # the same eval windows for every model and training seed, so rows compare on equal data
 
@@ -25,7 +27,7 @@ def split_metrics(prefix: str, loss: float, split) -> dict:
 
 @torch.no_grad()
 def evaluate(model, split, prefix: str, batch_size: int, block_size: int, eval_iters, device,
-             autocast=nullcontext) -> dict:
+             autocast=nullcontext, dist: Dist = Dist()) -> dict:
     was_training = model.training
     model.eval()
     if eval_iters is None:
@@ -33,12 +35,14 @@ def evaluate(model, split, prefix: str, batch_size: int, block_size: int, eval_i
     else:
         sampler = RandomWindows(split.tokens, batch_size, block_size, EVAL_SEED, device)
         batches = (sampler.next() for _ in range(eval_iters))
-    total = torch.zeros((), device=device, dtype=torch.float64)
-    count = 0
-    for x, y in progress(batches, desc=f"eval {prefix}", unit="batch", total=eval_iters):
+    sums = torch.zeros(2, device=device, dtype=torch.float64)  # summed NLL, target tokens
+    rounds = eval_iters and -(-eval_iters // dist.world)
+    for (x, y), mine in progress(rank_share(batches, dist), desc=f"eval {prefix}", unit="batch", total=rounds):
         with autocast():
             logits, _ = model(x)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
-        count += y.numel()
+        if mine:
+            sums[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
+            sums[1] += y.numel()
     model.train(was_training)
-    return split_metrics(prefix, total.item() / count, split)
+    total, count = global_sum(sums).tolist()
+    return split_metrics(prefix, total / count, split)

@@ -22,10 +22,11 @@ from omegaconf import OmegaConf
 
 from moa_train.config import ConfigError
 from moa_train.metrics.flops import device_name, peak_flops, peak_kind
-from moa_train.metrics.sinks import build_logger, truncate_jsonl
+from moa_train.metrics.sinks import MetricsLogger, build_logger, truncate_jsonl
 from moa_train.models.attention.mha import select_sdpa_backend
 from moa_train.models.routing import detached, routing_metrics
 from moa_train.progress import progress
+from moa_train.train import distributed
 from moa_train.train.checkpoint import (
     CheckpointError, average_checkpoints, checkpoints_in, drop_later_checkpoints, load_latest, rng_state,
     save_checkpoint, set_rng_state, step_checkpoints)
@@ -87,8 +88,9 @@ class Trainer:
         self.start_time = time.perf_counter()
         self.cfg, self.run_dir = cfg, Path(run_dir)
         t = cfg.trainer
-        self.device = resolve_device(t.device)
-        seed_everything(t.seed)
+        self.dist = distributed.init()
+        self.device = distributed.local_device(resolve_device(t.device), self.dist)
+        seed_everything(t.seed)  # the same on every rank: identical initial weights
         torch.backends.cuda.matmul.allow_tf32 = bool(t.tf32)
         torch.backends.cudnn.allow_tf32 = bool(t.tf32)
         select_sdpa_backend(t.sdpa_backend)
@@ -97,17 +99,23 @@ class Trainer:
         self.autocast = (partial(torch.autocast, self.device.type, dtype=torch.bfloat16, cache_enabled=False)
                          if use_bf16 else nullcontext)
 
-        self.task = make_task(cfg, self.device)
+        with distributed.main_first(self.dist):
+            self.task = make_task(cfg, self.device, self.dist)
         self.model = self.task.model.to(self.device)
+        self.train_model = distributed.wrap(self.model, t.strategy, self.dist, self.device)  # DDP / FSDP / itself
+        if self.dist.active:
+            torch.manual_seed(t.seed + self.dist.rank)  # each rank its own dropout masks (nanoGPT's seed offset)
         self.forward, self.forward_loss = self.model, self._forward_loss
         if t.compile:  # the model for evaluation; the model + losses as one graph for training
             backend = t.compile_backend or ("inductor" if self.device.type == "cuda" else "aot_eager")
             mode = t.compile_mode if backend == "inductor" else None  # modes are inductor's
             self.forward = torch.compile(self.model, backend=backend, mode=mode)
             self.forward_loss = torch.compile(self._forward_loss, backend=backend, mode=mode)
-        self.use_graph = bool(t.cuda_graphs) and self.device.type == "cuda" and self.task.cuda_graphs_ok
+        self.use_graph = (bool(t.cuda_graphs) and self.device.type == "cuda" and self.task.cuda_graphs_ok
+                          and not self.dist.active)
         if t.cuda_graphs and not self.use_graph:
-            log.info("trainer.cuda_graphs: needs a CUDA device and fixed batch shapes; running the step eagerly")
+            log.info("trainer.cuda_graphs: needs a CUDA device, fixed batch shapes and one process (DDP and FSDP "
+                     "communicate during the backward); running the step eagerly")
         self.graph, self.warmed_up = None, 0  # eager warm-up steps run by this process (a resumed run warms up too)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device, capturable=self.use_graph)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, t.max_steps)
@@ -123,9 +131,11 @@ class Trainer:
     # --- state -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": distributed.model_state(self.model, self.dist),
+            "optimizer": distributed.optimizer_state(self.model, self.optimizer, self.dist),
             "scheduler": self.scheduler.state_dict(), "step": self.step, "tokens_seen": self.tokens_seen,
-            "best_val": self.best_val, "rng": rng_state(), "data": self.batches.state_dict(),
+            "best_val": self.best_val, "data": self.batches.state_dict(),
+            "rng": distributed.gather_objects(rng_state(), self.dist) if self.dist.active else rng_state(),
             "wandb_id": self.wandb_id, "guard": self.guard.state_dict(), "window": self.losses.state_dict(),
             "vocab_size": self.model.vocab_size,
             "pad_id": getattr(self.model, "pad_id", None),
@@ -134,15 +144,15 @@ class Trainer:
 
     def load_state_dict(self, state: dict, weights_only: bool = False) -> None:
         try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as exc:
+            distributed.load_model_state(self.model, state["model"], self.dist)
+        except (RuntimeError, KeyError, ValueError) as exc:
             first = str(exc).splitlines()[0]
             raise CheckpointError(f"trainer.resume: the checkpoint does not fit this model ({first}); resume with "
                                   "the run's own config or use trainer.resume=false in a new run folder") from None
         self.step = state["step"]
         if weights_only:
             return
-        self.optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist)
         self.scheduler.load_state_dict(state["scheduler"])
         self.tokens_seen, self.best_val = state["tokens_seen"], state["best_val"]
         self.batches.load_state_dict(state["data"])
@@ -150,18 +160,23 @@ class Trainer:
         if "guard" in state:  # checkpoints written before non-finite steps were skipped lack these two
             self.guard.load_state_dict(state["guard"])
             self.losses.load_state_dict(state["window"])
-        set_rng_state(state["rng"])
+        rng = distributed.rank_rng(state["rng"], self.dist)
+        if rng is not None:
+            set_rng_state(rng)
 
     def save(self, is_best: bool) -> None:
         self.guard.check(self.step, self.last_checkpoint)  # a run that has diverged writes no checkpoint
-        self.last_checkpoint = save_checkpoint(self.state_dict(), self.run_dir / "checkpoints",
-                                               self.cfg.trainer.keep_checkpoints, is_best)
+        state = self.state_dict()  # on every rank: FSDP gathers the shards
+        if self.dist.main:
+            self.last_checkpoint = save_checkpoint(state, self.run_dir / "checkpoints",
+                                                   self.cfg.trainer.keep_checkpoints, is_best)
+        distributed.barrier(self.dist)  # no rank reads checkpoints/ while rank 0 writes
 
     def maybe_resume(self, weights_only: bool = False) -> Path | None:
         target = resume_target(self.cfg.trainer.resume, self.run_dir)
         if target is None:
             return None
-        path, state = load_latest(target, self.device)
+        path, state = load_latest(target, "cpu" if self.dist.active else self.device)
         self.load_state_dict(state, weights_only)
         self.last_checkpoint = path
         log.info("resumed from %s at step %d", path, self.step)
@@ -172,7 +187,7 @@ class Trainer:
         """(total loss, CE, unweighted aux terms reduced over layers, routing records); aux terms with a zero
         coefficient are computed only when `all_aux` (log steps)."""
         with self.autocast():
-            return self.task.loss(self.model, batch, all_aux)
+            return self.task.loss(self.train_model, batch, all_aux)
 
     def step_body(self, batches: list, log_step: bool) -> tuple:
         """Forward and backward over the micro-batches, clipping, the optimizer update (skipped where the loss or
@@ -181,9 +196,10 @@ class Trainer:
         every aux term."""
         cfg, n = self.cfg, len(batches)
         loss_sum, ce_sum, aux_sum = 0.0, 0.0, {}
-        for batch in batches:
-            loss, ce, aux, routings = self.forward_loss(batch, log_step)
-            (loss / n).backward()
+        for i, batch in enumerate(batches):
+            with distributed.grad_sync(self.train_model, i == n - 1):
+                loss, ce, aux, routings = self.forward_loss(batch, log_step)
+                (loss / n).backward()
             loss_sum = loss_sum + loss.detach()
             ce_sum = ce_sum + ce.detach()
             aux_sum = {k: aux_sum.get(k, 0.0) + v.detach() for k, v in aux.items()}
@@ -191,6 +207,7 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip)
         else:
             norm = self.grad_norm()
+        norm = distributed.full(norm)  # FSDP: the replicated norm of the whole gradient
         bad = self.guard.step(loss_sum, norm)
         return ce_sum / n, {k: v / n for k, v in aux_sum.items()}, detached(routings), norm, bad
 
@@ -230,13 +247,12 @@ class Trainer:
 
     # --- runs --------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
-        cfg, t = self.cfg, self.cfg.trainer
+        t = self.cfg.trainer
         resumed = self.maybe_resume()
-        if resumed is not None:  # the run's history continues from the checkpoint's step
+        if resumed is not None and self.dist.main:  # the run's history continues from the checkpoint's step
             truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
             drop_later_checkpoints(self.run_dir / "checkpoints", self.step)
-        logger = build_logger(cfg, self.run_dir, OmegaConf.to_container(cfg, resolve=True), self.wandb_id,
-                              None if resumed is None else self.step)
+        logger = self.build_logger(None if resumed is None else self.step)
         self.wandb_id = logger.wandb_id
         val = {}
         bar = progress(total=t.max_steps, initial=self.step, desc="train", unit="step")
@@ -290,11 +306,18 @@ class Trainer:
             return self.evaluate("test", "test", final=True)
         paths = step_checkpoints(self.run_dir / "checkpoints")[-n:]
         current = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.model.load_state_dict(average_checkpoints(paths, self.device))
+        distributed.load_model_state(self.model, average_checkpoints(paths, self.device), self.dist)
         log.info("test: weights averaged over %d checkpoints (%s .. %s)", len(paths), paths[0].name, paths[-1].name)
         out = {**self.evaluate("test", "test", final=True), "test/averaged_checkpoints": len(paths)}
         self.model.load_state_dict(current)
         return out
+
+    def build_logger(self, resumed_step: int | None = None) -> MetricsLogger:
+        """The sinks (metrics.jsonl, TensorBoard, W&B) on rank 0; the other ranks log nowhere."""
+        if not self.dist.main:
+            return MetricsLogger([])
+        return build_logger(self.cfg, self.run_dir, OmegaConf.to_container(self.cfg, resolve=True), self.wandb_id,
+                            resumed_step)
 
     def open_window(self) -> dict:
         """Start a timing window; the device is synchronised so the window times only what follows."""
@@ -309,10 +332,13 @@ class Trainer:
         step_ms = 1000 * elapsed / n
         self.step_ms.append(step_ms)
         tok_s = window["tokens"] / elapsed
-        metrics = {**self.losses.pop(), "lr": self.lr, "grad_norm": grad_norm,
+        losses = self.losses.pop()
+        losses["train/loss"] = distributed.global_sum(losses["train/loss"]) / self.dist.world  # CE of each slice
+        metrics = {**losses, "lr": self.lr, "grad_norm": grad_norm,
                    "train/skipped_steps": self.guard.skipped, **routing_metrics(self.model.sites, routings),
                    "perf/step_ms": step_ms, "perf/tokens_per_s": tok_s,
-                   "perf/mfu": self.flops_per_token * tok_s / self.peak, "tokens_seen": self.tokens_seen}
+                   "perf/mfu": self.flops_per_token * tok_s / (self.peak * self.dist.world),
+                   "tokens_seen": self.tokens_seen}
         logged = logger.log(self.step, metrics)
         log.info("step %d: loss %.4f | %.1f ms/step | %.0f tok/s | mfu %.2f%%", self.step, logged["train/loss"],
                  step_ms, tok_s, 100 * logged["perf/mfu"])
@@ -324,7 +350,7 @@ class Trainer:
             raise ConfigError("trainer.eval_only: no checkpoint found; set trainer.resume=PATH to a checkpoint "
                               "file or run folder")
         metrics = {**self.evaluate("val", "val"), **self.evaluate("test", "test", final=True)}
-        logger = build_logger(self.cfg, self.run_dir, OmegaConf.to_container(self.cfg, resolve=True))
+        logger = self.build_logger()
         logger.log(self.step, metrics)
         logger.close()
         log.info("eval_only: %s", " | ".join(f"{k} {metrics[k]:.4f}" for k in ("val/loss", "val/bpc", "test/loss", "test/bpc")))
@@ -345,12 +371,14 @@ class Trainer:
             "flops_per_token": self.flops_per_token,
             "peak_flops": self.peak,
             "device_name": device_name(self.device),
+            "world_size": self.dist.world,
             "torch_version": torch.__version__,
             "git_sha": git_sha(),
         }
         if getattr(self.task, "last_signature", None):
             summary["bleu_signature"] = self.task.last_signature
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if self.dist.main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
 

@@ -13,6 +13,7 @@ from moa_train.config import TRANSLATION_DATA, ConfigError
 from moa_train.data.batches import RandomWindows
 from moa_train.models.routing import aux_losses, weighted_aux
 from moa_train.progress import progress
+from moa_train.train.distributed import Dist, gather_objects, global_sum, rank_share
 from moa_train.train.evaluate import evaluate as evaluate_lm
 
 
@@ -21,11 +22,11 @@ class LMTask:
 
     cuda_graphs_ok = True  # fixed shapes
 
-    def __init__(self, cfg, device: torch.device):
+    def __init__(self, cfg, device: torch.device, dist: Dist = Dist()):
         from moa_train.data import load_data
         from moa_train.models import build_model
 
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.dist = cfg, device, dist
         self.aux_cfg = OmegaConf.to_object(cfg.model.aux)  # a plain dataclass: no OmegaConf inside compiled code
         self.data = load_data(cfg.data)
         vocab = cfg.model.vocab_size or self.data.vocab_size
@@ -35,14 +36,15 @@ class LMTask:
         self.model = build_model(cfg.model, vocab)
         t = cfg.trainer
         self.batches = RandomWindows(self.data.splits["train"].tokens, t.batch_size // t.grad_accum, t.block_size,
-                                     t.seed, device)
+                                     t.seed, device, dist.rank, dist.world)
 
     def next_batch(self) -> tuple:
         """(window offsets,): the loss gathers the windows, inside a captured CUDA graph when there is one."""
         return (self.batches.next_starts(),)
 
     def n_tokens(self, batch) -> int:
-        return batch[0].numel() * self.cfg.trainer.block_size
+        """Tokens of the global micro-batch (every rank's slice is the same size)."""
+        return batch[0].numel() * self.cfg.trainer.block_size * self.dist.world
 
     def loss(self, model, batch, all_aux: bool) -> tuple:
         """(total loss, CE, unweighted aux terms, routing records)."""
@@ -55,7 +57,7 @@ class LMTask:
     def evaluate(self, forward, split: str, prefix: str, autocast, final: bool = False) -> dict:
         t = self.cfg.trainer
         return evaluate_lm(forward, self.data.splits[split], prefix, t.eval_batch_size or t.batch_size,
-                           t.block_size, t.eval_iters, self.device, autocast)
+                           t.block_size, t.eval_iters, self.device, autocast, self.dist)
 
     def flops_per_token(self) -> int:
         return self.model.flops_per_token(self.cfg.trainer.block_size)
@@ -66,11 +68,11 @@ class TranslationTask:
 
     cuda_graphs_ok = False  # batch shapes vary
 
-    def __init__(self, cfg, device: torch.device):
+    def __init__(self, cfg, device: torch.device, dist: Dist = Dist()):
         from moa_train.data.translation import TokenBatches, load_translation
         from moa_train.models.seq2seq import Seq2Seq
 
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.dist = cfg, device, dist
         self.aux_cfg = OmegaConf.to_object(cfg.model.aux)
         self.label_smoothing = float(cfg.trainer.label_smoothing)
         self.data = load_translation(cfg.data)
@@ -78,7 +80,8 @@ class TranslationTask:
         d = self.data
         per_micro = cfg.data.max_tokens // cfg.trainer.grad_accum
         self.batches = TokenBatches(d.splits["train"], per_micro, d.pad_id, d.bos_id, d.eos_id,
-                                    seed=cfg.trainer.seed, shuffle=True, device=device)
+                                    seed=cfg.trainer.seed, shuffle=True, device=device, rank=dist.rank,
+                                    world=dist.world)
         self.train_iter = iter(self.batches)
 
     def next_batch(self):
@@ -88,10 +91,13 @@ class TranslationTask:
         return int(batch["n_tokens"])
 
     def loss(self, model, batch, all_aux: bool) -> tuple:
-        """Label-smoothed cross-entropy per real target token (train/loss), plus aux terms over real tokens."""
+        """Label-smoothed cross-entropy per real target token (train/loss), plus aux terms over real tokens.
+
+        Under data parallelism the slices of a batch hold different numbers of tokens: each rank divides its sum by
+        the global count / ranks, so the mean over ranks that DDP takes is the per-token mean of the global batch."""
         logits, routings = model(batch["src"], batch["tgt_in"])
         target = batch["tgt_out"]
-        n = (target != self.data.pad_id).sum().clamp_min(1)
+        n = global_sum((target != self.data.pad_id).sum()).clamp_min(1) / self.dist.world
         ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=self.data.pad_id,
                              label_smoothing=self.label_smoothing, reduction="sum") / n
         aux = aux_losses(routings, self.aux_cfg, all_aux)
@@ -100,7 +106,8 @@ class TranslationTask:
     @torch.no_grad()
     def evaluate(self, forward, split: str, prefix: str, autocast, final: bool = False) -> dict:
         """NLL per target token over the split, and BLEU / chrF of the decoded split (beam search at the end of
-        training, greedy or the configured val beam during it)."""
+        training, greedy or the configured val beam during it). Under data parallelism each rank decodes its share
+        of the batches; sums and hypotheses are gathered."""
         from moa_train.data.translation import TokenBatches
         from moa_train.metrics.bleu import corpus_scores, tokenized_bleu
         from moa_train.models.search import beam_search, greedy_search, max_output_len
@@ -110,11 +117,14 @@ class TranslationTask:
         model.eval()
         data = d.splits[split]
         total, count = 0.0, 0
-        hyps = [""] * len(data.src)
+        hyps = {}  # sentence index -> detokenised hypothesis
         beam = e.beam if final else e.val_beam
         batches = TokenBatches(data, self.cfg.data.max_tokens, d.pad_id, d.bos_id, d.eos_id, shuffle=False,
                                device=self.device)
-        for batch in progress(batches, desc=f"eval {prefix} (beam {beam})", unit="batch", total=len(batches)):
+        share, rounds = rank_share(batches, self.dist), -(-len(batches) // self.dist.world)
+        for batch, mine in progress(share, desc=f"eval {prefix} (beam {beam})", unit="batch", total=rounds):
+            if not mine:  # translation runs use DDP: no collective in the forward, nothing to keep in step
+                continue
             with autocast():
                 logits, _ = forward(batch["src"], batch["tgt_in"])
             total += F.cross_entropy(logits.flatten(0, 1).float(), batch["tgt_out"].flatten(),
@@ -131,6 +141,9 @@ class TranslationTask:
             for i, ids in zip(batch["index"].tolist(), out):
                 hyps[i] = d.decode(ids)
         model.train(was_training)
+        total, count = global_sum(torch.tensor([total, count], dtype=torch.float64, device=self.device)).tolist()
+        hyps = {i: text for part in gather_objects(hyps, self.dist) for i, text in part.items()}
+        hyps = [hyps[i] for i in range(len(data.src))]
         loss = total / max(count, 1)
         scores = corpus_scores(hyps, data.tgt_text)
         out = {f"{prefix}/loss": loss, f"{prefix}/ppl": math.exp(min(loss, 50.0)), f"{prefix}/bleu": scores["bleu"],
@@ -145,5 +158,5 @@ class TranslationTask:
         return self.model.flops_per_token(round(sum(lengths) / len(lengths)))
 
 
-def make_task(cfg, device: torch.device):
-    return TranslationTask(cfg, device) if cfg.data.name in TRANSLATION_DATA else LMTask(cfg, device)
+def make_task(cfg, device: torch.device, dist: Dist = Dist()):
+    return (TranslationTask if cfg.data.name in TRANSLATION_DATA else LMTask)(cfg, device, dist)

@@ -43,9 +43,10 @@ def select_sdpa_backend(name: str) -> None:
 
 
 def split_heads(x: Tensor, n: int) -> Tensor:
-    """(B, T, n*D) -> (B, n, T, D)."""
-    b, t, _ = x.shape
-    return x.view(b, t, n, -1).transpose(1, 2)
+    """(B, T, n*D) -> (B, n, T, D); D spelt out, since view cannot infer it for B = 0 (a data-parallel rank can get
+    no sentence pair of a small translation batch)."""
+    b, t, c = x.shape
+    return x.view(b, t, n, c // n).transpose(1, 2)
 
 
 def merge_heads(x: Tensor) -> Tensor:

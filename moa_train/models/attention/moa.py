@@ -84,7 +84,7 @@ class MixtureOfAttentionHeads(nn.Module):
         o = o.view(b, g, k, t, dh).permute(0, 3, 2, 1, 4).reshape(b * t, k, self.expert_dim)
         o = o * gates.to(o.dtype).unsqueeze(-1)
         y = self.dense_output(o, chosen) if sort is None else self.grouped_output(o, *sort)
-        return self.resid_dropout(y.view(b, t, -1)), routing
+        return self.resid_dropout(y.view(b, t, y.shape[-1])), routing
 
     def dense_queries(self, x: Tensor, chosen: Tensor) -> Tensor:
         q_all = self.q_proj(x).view(-1, self.n_experts, self.expert_dim)
