@@ -163,7 +163,7 @@ def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: 
             entry.update(graph_breaks(trainer))
         t0 = time.perf_counter()
         for i in range(WARMUP_STEPS):  # compilation; the last warm-up step is profiled (kernels visible)
-            if i == WARMUP_STEPS - 1 and args.profile and size == "gpt2" and device.type == "cuda":
+            if i == WARMUP_STEPS - 1 and args.profile and device.type == "cuda":
                 entry["kernels"] = kernel_breakdown(trainer, device)
                 continue
             trainer.train_step(False)
@@ -296,6 +296,28 @@ def fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def kernel_tables(size: str, rows: list) -> list:
+    """Markdown lines: GPU time per kernel kind in one profiled step of each model, and the top kernels."""
+    if not rows:
+        return []
+    kinds = sorted({kind for r in rows for kind in r["kernels"]["ms_by_kind"]})
+    out = ["", f"## Kernel breakdown of one {size}-size step", "",
+           "GPU time per kernel kind in one compiled step run eagerly (the profiled step is not graph-captured;"
+           " the timed steps are). `idle` = measured step time - kernel time: launch gaps, host work.", "",
+           "| model | " + " | ".join(kinds) + " | kernels total | step (graph) | idle |",
+           "|---|" + "---|" * (len(kinds) + 3)]
+    for r in rows:
+        k = r["kernels"]
+        cells = [f"{k['ms_by_kind'].get(kind, 0):.2f} ({k['ms_by_kind'].get(kind, 0) / k['kernel_ms']:.0%})"
+                 for kind in kinds]
+        out.append(f"| {r['model']}{'@' + r['tag'] if r.get('tag') else ''} | " + " | ".join(cells) +
+                   f" | {k['kernel_ms']:.2f} | {r['step_ms']:.2f} | {max(r['step_ms'] - k['kernel_ms'], 0):.2f} |")
+    for r in rows:
+        out += ["", f"Top kernels, {size}/{r['model']}:", ""]
+        out += [f"- {t['ms']:.2f} ms x{t['calls']}: `{t['kernel']}`" for t in r["kernels"]["top"]]
+    return out
+
+
 def markdown(bench: dict, notes: str | None) -> str:
     out = ["# moa-bench: training-step speed of every attention variant", "",
            "Written by `moa-bench` (moa_train/bench.py) from bench.json; each table row names the run that measured "
@@ -328,23 +350,8 @@ def markdown(bench: dict, notes: str | None) -> str:
         reasons = {r["model"]: r["break_reasons"] for r in rows if r.get("break_reasons")}
         for model, why in reasons.items():
             out.append(f"\nGraph breaks in {model}: " + "; ".join(why))
-    kernels = [r for k, r in sorted(results.items()) if r.get("kernels")]
-    if kernels:
-        kinds = sorted({kind for r in kernels for kind in r["kernels"]["ms_by_kind"]})
-        out += ["", "## Kernel breakdown of one GPT-2-size step", "",
-                "GPU time per kernel kind in one compiled step run eagerly (the profiled step is not graph-captured;"
-                " the timed steps are). `idle` = measured step time - kernel time: launch gaps, host work.", "",
-                "| model | " + " | ".join(kinds) + " | kernels total | step (graph) | idle |",
-                "|---|" + "---|" * (len(kinds) + 3)]
-        for r in kernels:
-            k = r["kernels"]
-            cells = [f"{k['ms_by_kind'].get(kind, 0):.2f} ({k['ms_by_kind'].get(kind, 0) / k['kernel_ms']:.0%})"
-                     for kind in kinds]
-            out.append(f"| {r['model']}{'@' + r['tag'] if r.get('tag') else ''} | " + " | ".join(cells) +
-                       f" | {k['kernel_ms']:.2f} | {r['step_ms']:.2f} | {max(r['step_ms'] - k['kernel_ms'], 0):.2f} |")
-        for r in kernels:
-            out += ["", f"Top kernels, {r['model']}:", ""]
-            out += [f"- {t['ms']:.2f} ms x{t['calls']}: `{t['kernel']}`" for t in r["kernels"]["top"]]
+    for size in ("table1", "gpt2"):
+        out += kernel_tables(size, [r for k, r in sorted(results.items()) if r.get("kernels") and r["size"] == size])
     for rid, run in sorted(bench["runs"].items()):
         if run.get("sdpa"):
             out += ["", f"## SDPA backends (run {rid}): causal, bf16, batch {run['sdpa_batch']} x 12 heads x 1024 x 64,"
