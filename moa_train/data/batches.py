@@ -61,7 +61,7 @@ class RandomWindows:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a checkpoint loaded onto the GPU moved it
 
 
 def sequential_windows(tokens: np.ndarray, batch_size: int, block_size: int, device: torch.device):
