@@ -99,9 +99,12 @@ class MixtureOfAttentionHeads(nn.Module):
         inverse[a] is a's place in that list, and offs[i] counts the assignments to experts 0..i (the grouped
         matmul's group ends). Fixed shapes and no host sync, so it compiles and graph-captures."""
         experts = chosen.flatten()
-        order = experts.argsort(stable=True)
+        # 8-bit keys where they fit: a radix sort makes one pass per key byte (8 for int64 indices)
+        keys = experts.to(torch.uint8) if self.n_experts <= 256 else experts.to(torch.int32)
+        order = keys.argsort(stable=True)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        offs = torch.searchsorted(experts[order], torch.arange(self.n_experts, device=chosen.device), right=True)
+        offs = torch.searchsorted(keys[order], torch.arange(self.n_experts, device=chosen.device, dtype=keys.dtype),
+                                  right=True)
         return order, inverse, offs.to(torch.int32)
 
     def grouped_queries(self, x: Tensor, chosen: Tensor, order: Tensor, inverse: Tensor, offs: Tensor) -> Tensor:

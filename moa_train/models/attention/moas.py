@@ -54,7 +54,10 @@ class MoASAttention(nn.Module):
         b, t, _ = x.shape
         if not self.dynamic:
             return x.new_full((b, t, 3), 1.0 / 3), None
-        logits = self.router(x).float()
+        hidden, out = self.router[:2](x), self.router[2].weight
+        # the 3 logit columns padded to 8: a 3-wide bf16 GEMM is misaligned and cuBLAS falls back to a slow kernel
+        # (0.45 of 2.6 ms per Table 1 step, docs/results/bench.md); the padding rows are zeros and get no update
+        logits = F.linear(hidden, F.pad(out, (0, 0, 0, 8 - len(BRANCHES))))[..., :len(BRANCHES)].float()
         probs = logits.softmax(-1)
         routing = Routing(probs.view(-1, 3), BRANCHES, None, logits.view(-1, 3))
         gates = F.dropout(probs, self.gate_dropout, self.training) if self.gate_dropout else probs
