@@ -89,3 +89,26 @@ def test_training_loss_compiles_without_graph_breaks(make_cfg, tmp_path, model):
     found = graph_breaks(trainer)
     assert found["graph_breaks"] == 0, found["break_reasons"]
     assert found["graphs"] == 1
+
+
+@pytest.mark.parametrize("top_k,gating", [(6, "softmax_all"), (6, "topk_softmax"), (2, "softmax_all"),
+                                          (2, "topk_softmax")])
+def test_moa_equals_a_loop_over_experts(top_k, gating):
+    """The module against MoA's definition, expert by expert: y = sum over the selected experts e of
+    gate_e * O_e(attention(Q_e x, K, V)); with k = E the module skips its gather and scatter."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    moa = MixtureOfAttentionHeads(32, 6, top_k=top_k, head_dim=8, gating=gating)
+    torch.nn.init.normal_(moa.router.weight)
+    x = torch.randn(2, 7, 32)
+    y, _ = moa(x)
+    gates, chosen, _ = moa.route(x)
+    k, v = moa.kv_proj(x).split(8, dim=-1)
+    w_q, w_o = moa.q_proj.weight.view(6, 8, 32), moa.c_proj.weight.view(32, 6, 8)
+    expected = torch.zeros(14, 32)
+    for e in range(6):
+        o = F.scaled_dot_product_attention((x @ w_q[e].T)[:, None], k[:, None], v[:, None], is_causal=True)
+        gate = (gates * (chosen == e)).sum(-1, keepdim=True)  # 0 where e was not selected
+        expected += gate * (o[:, 0].reshape(14, 8) @ w_o[:, e].T)
+    torch.testing.assert_close(y.reshape(14, 32), expected, rtol=1e-5, atol=1e-6)

@@ -74,7 +74,9 @@ class MixtureOfAttentionHeads(nn.Module):
         b, t, _ = x.shape
         e, k, g, dh = self.n_experts, self.top_k, self.n_kv, self.head_dim
         gates, chosen, routing = self.route(x)
-        sort = self.sorted_by_expert(chosen) if self.grouped(x) else None
+        if k == e:  # every expert selected: take them in expert order, so no gather and no scatter is needed
+            gates, chosen = routing.probs, None  # either gating gives expert i its probability when k = E
+        sort = self.sorted_by_expert(chosen) if chosen is not None and self.grouped(x) else None
         # queries of the selected experts (B*T, k, g*dh), then heads ordered group-major (B, g*k, T, dh)
         q = self.dense_queries(x, chosen) if sort is None else self.grouped_queries(x, chosen, *sort)
         q = q.view(b, t, k, g, dh).permute(0, 3, 2, 1, 4).reshape(b, g * k, t, dh)
@@ -86,13 +88,14 @@ class MixtureOfAttentionHeads(nn.Module):
         y = self.dense_output(o, chosen) if sort is None else self.grouped_output(o, *sort)
         return self.resid_dropout(y.view(b, t, y.shape[-1])), routing
 
-    def dense_queries(self, x: Tensor, chosen: Tensor) -> Tensor:
+    def dense_queries(self, x: Tensor, chosen: Optional[Tensor]) -> Tensor:
         q_all = self.q_proj(x).view(-1, self.n_experts, self.expert_dim)
-        return q_all.gather(1, chosen.unsqueeze(-1).expand(-1, -1, self.expert_dim))
+        return q_all if chosen is None else q_all.gather(1, chosen.unsqueeze(-1).expand(-1, -1, self.expert_dim))
 
-    def dense_output(self, o: Tensor, chosen: Tensor) -> Tensor:
-        slots = o.new_zeros(o.shape[0], self.n_experts, self.expert_dim).scatter(1, chosen.unsqueeze(-1).expand_as(o), o)
-        return self.c_proj(slots.flatten(1))
+    def dense_output(self, o: Tensor, chosen: Optional[Tensor]) -> Tensor:
+        if chosen is not None:
+            o = o.new_zeros(o.shape[0], self.n_experts, self.expert_dim).scatter(1, chosen.unsqueeze(-1).expand_as(o), o)
+        return self.c_proj(o.flatten(1))
 
     def sorted_by_expert(self, chosen: Tensor) -> tuple:
         """(order, inverse, offs): assignment a = token * k + slot; `order` lists the assignments sorted by expert,
