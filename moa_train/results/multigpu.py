@@ -143,7 +143,9 @@ def main(argv=None) -> None:
             "log_interval": first["log_interval"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": res}, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(res, meta))
+    notes = args.out.with_name(args.out.name + "_notes.md")  # hand-written analysis, kept across rebuilds
+    text = markdown(res, meta) + ("\n" + notes.read_text() if notes.is_file() else "")
+    args.out.with_suffix(".md").write_text(text)
     print(args.out.with_suffix(".md").read_text())
 
 
