@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moa_train.train.distributed import global_sum
+from moa_train.train.distributed import global_sum, world_size
 
 @dataclass
 class Routing:
@@ -37,13 +37,11 @@ def _token_mean(x: Tensor, mask: Optional[Tensor], dim: int) -> Tensor:
     """Mean over the token dimension, counting only tokens where mask (N,) is True. Under data parallelism it is the
     mean over every rank's tokens (the global batch): sums and counts are all-reduced, differentiably, so the aux
     losses, their gradients and the routing statistics are those of the global batch."""
-    if mask is None:
-        total, count = x.sum(dim), x.new_full((), x.shape[dim])
-    else:
-        w = mask.to(x.dtype)
-        w = w.unsqueeze(-1) if dim == -2 else w
-        total, count = (x * w).sum(dim), w.sum(dim)
-    return global_sum(total) / global_sum(count).clamp_min(1.0)
+    if mask is None:  # every rank holds the same number of tokens (the global batch is split evenly): no count to sum
+        return global_sum(x.sum(dim)) / (x.shape[dim] * world_size())
+    w = mask.to(x.dtype)
+    w = w.unsqueeze(-1) if dim == -2 else w
+    return global_sum((x * w).sum(dim)) / global_sum(w.sum(dim)).clamp_min(1.0)
 
 
 def dispatch_fraction(probs: Tensor, chosen: Optional[Tensor], mask: Optional[Tensor] = None) -> Tensor:

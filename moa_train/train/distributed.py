@@ -107,7 +107,9 @@ def wrap(model: torch.nn.Module, strategy: str, d: Dist, device: torch.device) -
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
         return fully_shard(model, mesh=mesh)
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # gradients as views into DDP's buckets: no copy of every gradient into its bucket before the all-reduce
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True)
 
 
 def grad_sync(model: torch.nn.Module, sync: bool):
@@ -140,10 +142,15 @@ class _GlobalSum(torch.autograd.Function):
         return funcol.all_reduce(grad.contiguous(), "sum", dist.group.WORLD)
 
 
+def world_size() -> int:
+    """Processes in the default group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def global_sum(x: torch.Tensor) -> torch.Tensor:
     """x summed over the ranks (x itself in one process). Differentiable: the backward sums the ranks' gradients
     too, and DDP's (or FSDP's) mean over the ranks then gives exactly the gradient of a loss on the global batch."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if world_size() == 1:
         return x
     return _GlobalSum.apply(x)
 
