@@ -120,6 +120,26 @@ def test_translation_ranks_split_sentences_and_train_like_one_process(compose_cf
             assert r[key] == pytest.approx(expected[r["step"], key], rel=1e-3, abs=1e-5), (r["step"], key)
 
 
+def test_eval_only_and_checkpoint_averaging_on_two_ranks(train_run, data_root, cache_dir, tmp_path):
+    """Checkpoint averaging before the test evaluation (eval.average_last) and trainer.eval_only give one process's
+    numbers on two ranks: the averaged weights and the shared evaluation."""
+    common = ("model=moas_dynamic", *COMMON, "trainer.max_steps=10", "trainer.save_interval=5",
+              "trainer.keep_checkpoints=2", "eval.average_last=2")
+    one, _ = train_run(tmp_path / "one", *common)
+    torchrun(tmp_path, data_root, cache_dir, "debug=tiny", *common, f"hydra.run.dir={tmp_path / 'two'}")
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["test/averaged_checkpoints"] == one["test/averaged_checkpoints"] == 2
+    for key in ("val/loss", "test/loss"):
+        assert two[key] == pytest.approx(one[key], abs=TOL), key
+
+    evaluate = ("trainer.eval_only=true", f"trainer.resume={tmp_path / 'one'}")
+    alone, _ = train_run(tmp_path / "eval_one", *common, *evaluate)
+    torchrun(tmp_path, data_root, cache_dir, "debug=tiny", *common, *evaluate, f"hydra.run.dir={tmp_path / 'eval_two'}")
+    shared = json.loads((tmp_path / "eval_two" / "summary.json").read_text())
+    for key in ("val/loss", "test/loss"):
+        assert shared[key] == pytest.approx(alone[key], abs=TOL), key
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpus_train_like_one(train_run, data_root, cache_dir, tmp_path):
     """The NCCL path: 2 GPUs (DDP) and 1 GPU, moas_dynamic with accumulation, fp32 without TF32."""
