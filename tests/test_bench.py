@@ -50,3 +50,14 @@ def test_targets_compare_time_ratios_with_flop_ratios():
     assert rows["Table 1 size moas_static: time ratio <= 1.15 x FLOP ratio (1.72)"] == ("1.70 (FLOPs 1.50)", True)
     assert rows["GPT-2 small moa_sparse faster per token than moa_dense"] == ("0.80x", False)
     assert rows["data wait < 2% of the step (worst model)"] == ("3.00%", False)
+
+
+def test_committed_bench_tables_rebuild_from_their_json():
+    """docs/results/bench.md is what moa-bench writes from bench.json and the notes: no figure edited by hand."""
+    from conftest import REPO
+    from moa_train.bench import load, markdown
+
+    out = REPO / "docs" / "results"
+    bench = load(out / "bench.json")
+    assert bench["results"], "no committed bench results"
+    assert markdown(bench, (out / "bench_notes.md").read_text()) == (out / "bench.md").read_text()
