@@ -140,6 +140,37 @@ def test_eval_only_and_checkpoint_averaging_on_two_ranks(train_run, data_root, c
         assert shared[key] == pytest.approx(alone[key], abs=TOL), key
 
 
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step(train_run, data_root, cache_dir, tmp_path):
+    """torchrun passes SIGTERM on to both ranks, which may see it in different steps: they agree at the next log step,
+    write one checkpoint there and stop; one process resumes it to the losses of an uninterrupted run."""
+    import signal
+    import time
+
+    common = ("model=moas_dynamic", *COMMON, "trainer.max_steps=200", "trainer.log_interval=5",
+              "trainer.save_interval=10", "trainer.eval_interval=100")
+    env = {**os.environ, "MOA_DATA_DIR": str(data_root), "MOA_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "moa_train", "trainer.device=cpu", "debug=tiny", *common, f"hydra.run.dir={run_dir}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 120
+    while (not metrics.is_file() or metrics.read_text().count("train/loss") < 3) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    stopped = [int(line.split("at step ")[1].split(":")[0]) for line in out.splitlines() if "stopped by SIGTERM" in line]
+    assert len(stopped) == 2 and stopped[0] == stopped[1], out  # both ranks, the same step
+    step = stopped[0]
+    assert step % 5 == 0 and step < 200, out  # a log step, before the end
+    assert (run_dir / "checkpoints" / f"step_{step:07d}.pt").is_file()
+
+    _, reference = train_run(tmp_path / "reference", *common)
+    _, records = train_run(run_dir, *common)
+    assert sorted(losses(records)) == list(range(5, 201, 5))  # each logged step once
+    assert_same_run(records, reference)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpus_train_like_one(train_run, data_root, cache_dir, tmp_path):
     """The NCCL path: 2 GPUs (DDP) and 1 GPU, moas_dynamic with accumulation, fp32 without TF32."""

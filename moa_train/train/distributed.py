@@ -155,6 +155,17 @@ def global_sum(x: torch.Tensor) -> torch.Tensor:
     return _GlobalSum.apply(x)
 
 
+def agreed_signal(received: int | None, d: Dist) -> int | None:
+    """The stop signal any rank has received (None if none), the same answer on every rank: one small all-reduce,
+    so that all ranks write their checkpoint and stop at the same step."""
+    if not d.active:
+        return received
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor(received or 0, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
+
+
 def gather_objects(obj, d: Dist) -> list:
     """[obj of rank 0, obj of rank 1, ...]."""
     if not d.active:

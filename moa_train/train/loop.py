@@ -284,11 +284,14 @@ class Trainer:
                     window = self.open_window()  # evaluation time is not step time
                 on_save_step = (self.step % t.eval_interval == 0 if t.save_interval is None
                                 else self.step % t.save_interval == 0)
-                if on_save_step or last or stop.received:
+                # under torchrun the ranks compare notes at log steps only (a collective), so all stop together
+                stopping = distributed.agreed_signal(stop.received, self.dist) if log_now or not self.dist.active \
+                    else None
+                if on_save_step or last or stopping:
                     self.save(is_best)
                     window = self.open_window()
-                if stop.received:
-                    raise Preempted(stop.received, self.step, self.last_checkpoint)
+                if stopping:
+                    raise Preempted(stopping, self.step, self.last_checkpoint)
             if not val and self.step > 0:  # resumed at max_steps: report the checkpoint's validation loss
                 val = self.evaluate("val", "val")
             test = self.final_test()

@@ -5,6 +5,10 @@ process killed by that signal. A second signal exits at once (the checkpoint of 
 Schedulers (Slurm, Kubernetes, spot instances) send SIGTERM some time before SIGKILL; Ctrl-C sends SIGINT. The
 handlers are installed while the trainer trains and the previous ones restored after it. A signal during the final
 test evaluation lets it finish (the run is then complete); a second one stops it at once.
+
+Under torchrun (which passes a SIGTERM on to every worker) the ranks agree on the signal at log steps, with one small
+all-reduce, so that every rank writes the checkpoint and stops at the same step: up to trainer.log_interval - 1
+more steps run after the signal.
 """
 from __future__ import annotations
 
