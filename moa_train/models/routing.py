@@ -5,7 +5,7 @@ never calls `.item()`, so the model stays free of graph breaks; the trainer conv
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch

@@ -328,7 +328,6 @@ class Trainer:
         return {"t0": time.perf_counter(), "steps": 0, "tokens": 0}
 
     def log_train(self, logger, window: dict, routings: list, grad_norm) -> None:
-        t = self.cfg.trainer
         self.sync()
         n = window["steps"]
         elapsed = time.perf_counter() - window["t0"]
