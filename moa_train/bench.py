@@ -62,11 +62,7 @@ log = logging.getLogger("moa_train.bench")
 
 
 def compose_cfg(size: str, model: str, batch: int, device: torch.device, extra: list = ()):
-    from hydra import compose, initialize_config_dir
-
-    import moa_train.config  # noqa: F401  (registers the schema)
-    from moa_train.config import validate
-    from moa_train.paths import config_dir
+    from moa_train.config import compose_train, validate
 
     overrides = list(SIZES[size][0])
     if size == "table1":
@@ -78,8 +74,7 @@ def compose_cfg(size: str, model: str, batch: int, device: torch.device, extra: 
     overrides += moa + ALWAYS + [f"trainer.batch_size={batch}", f"trainer.device={device.type}", *extra]
     if device.type == "cpu":
         overrides += CPU
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose_train(overrides)
     validate(cfg)
     return cfg, overrides
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import OmegaConf
@@ -40,15 +39,14 @@ def describe(exc: Exception) -> str:
 def precheck(overrides: list) -> None:
     """Compose `train` with the user's overrides, validate it and check that the run folder can be written, before
     Hydra creates that folder; exit 2 with one line on failure."""
-    from moa_train.config import ConfigError, check_writable, validate
+    from moa_train.config import ConfigError, check_writable, compose_train, validate
 
     user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     run_dir = [o for o in overrides if o.startswith("hydra.run.dir=")]
     try:
         # sweep syntax (choice(...), a,b) belongs to a sweeper (hparams_search sets the multirun mode itself)
         user = [o.input_line for o in OverridesParser.create().parse_overrides(user) if not o.is_sweep_override()]
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose("train", overrides=user + run_dir, return_hydra_config=True)
+        cfg = compose_train(user + run_dir, return_hydra_config=True)
         validate(cfg)
         # unresolvable here (${hydra:...} needs a running job): Hydra reports it itself
         folder = OmegaConf.select(cfg, "hydra.run.dir", throw_on_resolution_failure=False)

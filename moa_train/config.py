@@ -171,6 +171,16 @@ class TrainConfig:
     experiment_name: str = "default"  # names the run folder and dashboards
 
 
+def compose_train(overrides: list, return_hydra_config: bool = False):
+    """`configs/train.yaml` composed with `overrides`, in-process (Hydra's compose API)."""
+    from hydra import compose, initialize_config_dir
+
+    from moa_train.paths import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 

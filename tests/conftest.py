@@ -15,8 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the package is used from the checkout, installed or not
     sys.path.insert(0, str(REPO))
 
-import moa_train.config  # noqa: E402,F401  (registers the `train_schema` structured config)
-from hydra import compose, initialize_config_dir  # noqa: E402
+import moa_train.config  # noqa: E402  (importing it registers the `train_schema` structured config)
 
 from moa_train.paths import config_dir  # noqa: E402
 
@@ -136,8 +135,7 @@ def _isolated_env(data_root, cache_dir):
 
 def compose_train(*overrides: str):
     """Compose `configs/train.yaml` with the overrides, in-process."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+    return moa_train.config.compose_train(overrides)
 
 
 @pytest.fixture(scope="session")

@@ -16,10 +16,10 @@ def _kernel():
     return fn
 
 
-def grouped_kernel_available(x: Tensor) -> bool:
-    """True where `grouped_mm` runs the fused kernel for `x` (bf16 on a CUDA device of capability >= 9.0)."""
-    return (_kernel() is not None and x.is_cuda and x.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+def grouped_kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """True where `grouped_mm` runs the fused kernel (bf16 on a CUDA device of capability >= 9.0)."""
+    return (_kernel() is not None and device.type == "cuda" and dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
 def grouped_mm_reference(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
@@ -30,7 +30,7 @@ def grouped_mm_reference(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
 
 def grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
     """x (A, K) @ w[group of the row] (G, K, N) -> (A, N); the kernel where available, else the reference."""
-    if grouped_kernel_available(x):
+    if grouped_kernel_available(x.device, x.dtype):
         return _kernel()(x, w.to(x.dtype), offs=offs)
     return grouped_mm_reference(x, w.to(x.dtype), offs)
 

@@ -67,7 +67,7 @@ class MixtureOfAttentionHeads(nn.Module):
         """Whether this call runs the grouped path (see the module docstring)."""
         if self.expert_matmul == "auto":
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            return self.top_k < self.n_experts and grouped_kernel_available(x.new_empty(0, dtype=dtype))
+            return self.top_k < self.n_experts and grouped_kernel_available(x.device, dtype)
         return self.expert_matmul == "grouped"
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None):
