@@ -27,9 +27,10 @@ class Preempted(BaseException):
     """Raised by the trainer once the checkpoint of a signalled run is written. A BaseException, like
     KeyboardInterrupt, so that no `except Exception` (a sweep's failure handling) turns it into a failed job."""
 
-    def __init__(self, signum: int, step: int, checkpoint):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint {checkpoint} "
-                         "written; run the same command again to resume")
+    def __init__(self, signum: int, step: int, checkpoint, rank: int = 0):
+        where = f"checkpoint {checkpoint} written" if rank == 0 else f"rank {rank}; rank 0 wrote the checkpoint"
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}: {where}; "
+                         "run the same command again to resume")
         self.exit_code = 128 + signum
 
 
