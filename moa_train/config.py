@@ -107,6 +107,9 @@ class TrainerConfig:
     # data parallelism under torchrun: ddp (a model replica per rank) | fsdp (FSDP2 per block: parameters, gradients
     # and optimizer state sharded; decoder-only LMs)
     strategy: str = "ddp"
+    # DDP's gradient bucket size in MiB (PyTorch's default 25): larger buckets mean fewer all-reduces (and, under
+    # torch.compile, fewer graph pieces: dynamo splits the graph at bucket boundaries) but less overlap with backward
+    ddp_bucket_mb: float = 25.0
     max_steps: int = 500
     batch_size: int = 12  # sequences per optimizer step, global: under torchrun each rank takes batch_size / ranks
     block_size: int = 256  # tokens per sequence (<= model.max_seq_len)
@@ -303,6 +306,7 @@ def validate(cfg, world_size: int = 1) -> None:
     _one_of(t.strategy, "trainer.strategy", ("ddp", "fsdp"))
     _check(t.strategy == "ddp" or d.name not in TRANSLATION_DATA, "trainer.strategy",
            "fsdp shards decoder-only LMs; translation runs use ddp")
+    _check(t.ddp_bucket_mb > 0, "trainer.ddp_bucket_mb", f"must be > 0 (MiB; PyTorch's default 25), got {t.ddp_bucket_mb}")
     for key in ("eval_iters", "eval_batch_size", "grad_clip", "save_interval"):
         _positive_or_null(t[key], f"trainer.{key}")
     _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")

@@ -242,6 +242,23 @@ def test_evaluation_shares_batches_in_rounds():
     assert list(rank_share(range(3), Dist())) == [(0, True), (1, True), (2, True)]
 
 
+
+def test_ddp_takes_the_configured_gradient_bucket(tmp_path):
+    """trainer.ddp_bucket_mb reaches DistributedDataParallel (a one-process gloo group stands in for torchrun's)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from moa_train.train.distributed import Dist, wrap
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = wrap(torch.nn.Linear(8, 8), "ddp", Dist(0, 2), torch.device("cpu"), bucket_mb=3.0)
+        assert isinstance(model, DistributedDataParallel)
+        assert model.bucket_bytes_cap == 3 * 1024 * 1024
+        assert model.gradient_as_bucket_view
+    finally:
+        dist.destroy_process_group()
+
 # --- the 2-GPU benchmark's driver ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("gpus", [1, 2])

@@ -97,7 +97,8 @@ def barrier(d: Dist) -> None:
 
 # --- the model ---------------------------------------------------------------------------------------------------
 
-def wrap(model: torch.nn.Module, strategy: str, d: Dist, device: torch.device) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, strategy: str, d: Dist, device: torch.device,
+         bucket_mb: float = 25.0) -> torch.nn.Module:
     """The module the training step calls: DDP around the model, or the model with each block and then the root
     sharded by FSDP2 (in place: parameters become DTensors, so build the optimizer afterwards)."""
     if not d.active:
@@ -109,7 +110,7 @@ def wrap(model: torch.nn.Module, strategy: str, d: Dist, device: torch.device) -
         return fully_shard(model, mesh=mesh)
     # gradients as views into DDP's buckets: no copy of every gradient into its bucket before the all-reduce
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   gradient_as_bucket_view=True)
+                                   gradient_as_bucket_view=True, bucket_cap_mb=bucket_mb)
 
 
 def grad_sync(model: torch.nn.Module, sync: bool):

@@ -102,7 +102,7 @@ class Trainer:
         with distributed.main_first(self.dist):
             self.task = make_task(cfg, self.device, self.dist)
         self.model = self.task.model.to(self.device)
-        self.train_model = distributed.wrap(self.model, t.strategy, self.dist, self.device)  # DDP / FSDP / itself
+        self.train_model = distributed.wrap(self.model, t.strategy, self.dist, self.device, t.ddp_bucket_mb)  # DDP / FSDP / itself
         if self.dist.active:
             torch.manual_seed(t.seed + self.dist.rank)  # each rank its own dropout masks (nanoGPT's seed offset)
         self.forward, self.forward_loss = self.model, self._forward_loss
