@@ -47,3 +47,7 @@ def test_copy_task_reaches_high_bleu(compose_cfg, copy_root, tmp_path, model, st
 
     loaded, _ = moa_train.load_run(tmp_path)  # a translation run loads as the encoder-decoder
     assert isinstance(loaded, Seq2Seq) and not loaded.training
+
+    cfg.trainer.eval_only, cfg.trainer.resume = True, str(tmp_path)  # the last checkpoint, not averaged
+    evaluated = train(cfg, tmp_path / "eval_only")
+    assert evaluated["test/bleu"] > 80 and "val/bleu" in evaluated, evaluated

@@ -83,6 +83,12 @@ def resume_target(resume, run_dir: Path) -> Path | None:
     return target
 
 
+def headline(metrics: dict) -> str:
+    """The evaluation figures worth a log line, whichever the task reports: loss and bpc (LM), BLEU and chrF."""
+    shown = ("loss", "bpc", "bleu", "chrf")
+    return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.partition("/")[2] in shown)
+
+
 class Trainer:
     def __init__(self, cfg, run_dir: Path):
         self.start_time = time.perf_counter()
@@ -102,7 +108,8 @@ class Trainer:
         with distributed.main_first(self.dist):
             self.task = make_task(cfg, self.device, self.dist)
         self.model = self.task.model.to(self.device)
-        self.train_model = distributed.wrap(self.model, t.strategy, self.dist, self.device, t.ddp_bucket_mb)  # DDP / FSDP / itself
+        # DDP / FSDP / the model itself
+        self.train_model = distributed.wrap(self.model, t.strategy, self.dist, self.device, t.ddp_bucket_mb)
         if self.dist.active:
             torch.manual_seed(t.seed + self.dist.rank)  # each rank its own dropout masks (nanoGPT's seed offset)
         self.forward, self.forward_loss = self.model, self._forward_loss
@@ -279,8 +286,7 @@ class Trainer:
                     is_best = val["val/loss"] < self.best_val
                     self.best_val = min(self.best_val, val["val/loss"])
                     logger.log(self.step, {**val, "val/loss_best": self.best_val})
-                    log.info("step %d: %s", self.step, " | ".join(
-                        f"{k} {val[k]:.4f}" for k in ("val/loss", "val/bpc", "val/bleu", "val/chrf") if k in val))
+                    log.info("step %d: %s", self.step, headline(val))
                     window = self.open_window()  # evaluation time is not step time
                 on_save_step = (self.step % t.eval_interval == 0 if t.save_interval is None
                                 else self.step % t.save_interval == 0)
@@ -327,7 +333,7 @@ class Trainer:
         self.sync()
         return {"t0": time.perf_counter(), "steps": 0, "tokens": 0}
 
-    def log_train(self, logger, window: dict, routings: list, grad_norm) -> None:
+    def log_train(self, logger, window: dict, routings: list, grad_norm) -> dict:
         self.sync()
         n = window["steps"]
         elapsed = time.perf_counter() - window["t0"]
@@ -355,7 +361,7 @@ class Trainer:
         logger = self.build_logger()
         logger.log(self.step, metrics)
         logger.close()
-        log.info("eval_only: %s", " | ".join(f"{k} {metrics[k]:.4f}" for k in ("val/loss", "val/bpc", "test/loss", "test/bpc")))
+        log.info("eval_only: %s", headline(metrics))
         return self.write_summary(metrics)
 
     def write_summary(self, metrics: dict) -> dict:
