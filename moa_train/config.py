@@ -306,7 +306,8 @@ def validate(cfg, world_size: int = 1) -> None:
     _one_of(t.strategy, "trainer.strategy", ("ddp", "fsdp"))
     _check(t.strategy == "ddp" or d.name not in TRANSLATION_DATA, "trainer.strategy",
            "fsdp shards decoder-only LMs; translation runs use ddp")
-    _check(t.ddp_bucket_mb > 0, "trainer.ddp_bucket_mb", f"must be > 0 (MiB; PyTorch's default 25), got {t.ddp_bucket_mb}")
+    _check(t.ddp_bucket_mb > 0, "trainer.ddp_bucket_mb",
+           f"must be > 0 (MiB; PyTorch's default 25), got {t.ddp_bucket_mb}")
     for key in ("eval_iters", "eval_batch_size", "grad_clip", "save_interval"):
         _positive_or_null(t[key], f"trainer.{key}")
     _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")

@@ -97,8 +97,7 @@ def barrier(d: Dist) -> None:
 
 # --- the model ---------------------------------------------------------------------------------------------------
 
-def wrap(model: torch.nn.Module, strategy: str, d: Dist, device: torch.device,
-         bucket_mb: float = 25.0) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, strategy: str, d: Dist, device: torch.device, bucket_mb: float) -> torch.nn.Module:
     """The module the training step calls: DDP around the model, or the model with each block and then the root
     sharded by FSDP2 (in place: parameters become DTensors, so build the optimizer afterwards)."""
     if not d.active:
