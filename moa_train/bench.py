@@ -189,11 +189,17 @@ def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: 
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
         })
         del trainer
+    release(device)
+    return entry
+
+
+def release(device: torch.device) -> None:
+    """Free a finished (or failed) model's memory and compiled graphs before the next one is built: the trainer
+    holds a reference to itself (its compiled bound method), so only a collection frees it."""
     gc.collect()
     torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return entry
 
 
 def bench_with_fallback(size: str, model: str, batch: int, device: torch.device, peaks: dict, args) -> dict:
@@ -202,13 +208,12 @@ def bench_with_fallback(size: str, model: str, batch: int, device: torch.device,
         try:
             return bench_model(size, model, batch, device, peaks, args)
         except torch.OutOfMemoryError:
-            gc.collect()
-            torch._dynamo.reset()
-            torch.cuda.empty_cache()
             if batch == 1:
                 raise
-            log.warning("%s/%s: out of memory at batch %d; trying %d", size, model, batch, batch // 2)
-            batch //= 2
+        # outside the except block: its traceback would keep the failed trainer (and its GPU memory) alive
+        release(device)
+        log.warning("%s/%s: out of memory at batch %d; trying %d", size, model, batch, batch // 2)
+        batch //= 2
 
 
 # --- whole-run measurements ------------------------------------------------------------------------------------

@@ -150,8 +150,10 @@ class Seq2Seq(nn.Module):
         src_mask, tgt_mask = src != self.pad_id, tgt_in != self.pad_id
         memory, enc_routings = self.encode_with_routing(src, src_mask)
         logits, dec_routings = self.decode_with_routing(tgt_in, memory, src_mask)
-        masks = [src_mask] * len(enc_routings) + [tgt_mask] * len(dec_routings)
-        routings = [None if r is None else dataclasses.replace(r, mask=m.flatten())
+        # one flattened tensor per side, shared by its sites: aux_losses stacks the sites of one mask object
+        # (a few batched kernels, and under torchrun a few all-reduces, instead of some per site)
+        masks = [src_mask.flatten()] * len(enc_routings) + [tgt_mask.flatten()] * len(dec_routings)
+        routings = [None if r is None else dataclasses.replace(r, mask=m)
                     for r, m in zip(enc_routings + dec_routings, masks)]
         return logits, routings
 

@@ -67,7 +67,7 @@ class MixtureOfAttentionHeads(nn.Module):
         """Whether this call runs the grouped path (see the module docstring)."""
         if self.expert_matmul == "auto":
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            return self.top_k < self.n_experts and grouped_kernel_available(x.device, dtype)
+            return grouped_kernel_available(x.device, dtype)  # (k = E never sorts: forward passes chosen=None)
         return self.expert_matmul == "grouped"
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None):
@@ -112,9 +112,10 @@ class MixtureOfAttentionHeads(nn.Module):
 
     def grouped_queries(self, x: Tensor, chosen: Tensor, order: Tensor, inverse: Tensor, offs: Tensor) -> Tensor:
         d, e, ed = x.shape[-1], self.n_experts, self.expert_dim
-        x_sorted = gather_rows(x.reshape(-1, d), order // self.top_k, inverse, self.top_k)  # each token k times
+        # each token k times, cast first (grouped_mm is not an autocast op): k copies in bf16, not in fp32
+        x_sorted = gather_rows(self.compute_dtype(x).reshape(-1, d), order // self.top_k, inverse, self.top_k)
         w_q = self.q_proj.weight.view(e, ed, d).transpose(1, 2)  # (E, d, ed): each expert's W_q^T
-        q_sorted = grouped_mm(self.compute_dtype(x_sorted), w_q, offs)
+        q_sorted = grouped_mm(x_sorted, w_q, offs)
         q = gather_rows(q_sorted, inverse, order).view(-1, self.top_k, ed)  # back to (token, slot) order
         if self.q_proj.bias is not None:
             q = q + self.q_proj.bias.view(e, ed)[chosen].to(q.dtype)
