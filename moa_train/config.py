@@ -249,6 +249,9 @@ def validate(cfg, world_size: int = 1) -> None:
                f"{m.top_k} is larger than model.n_experts={m.n_experts}; valid: 1..{m.n_experts}")
         _one_of(m.gating, "model.gating", ("softmax_all", "topk_softmax"))
         _one_of(m.expert_matmul, "model.expert_matmul", ("auto", "dense", "grouped"))
+        _check(not (m.expert_matmul == "grouped" and t.cuda_graphs and t.precision != "bf16"), "model.expert_matmul",
+               "grouped in fp32 runs the reference, which reads group sizes on the host and so cannot be captured "
+               "(trainer.cuda_graphs=true); use auto, dense, or trainer.precision=bf16")
         if m.head_dim is None:
             _check(m.d_model % m.n_head == 0, "model.head_dim",
                    f"null needs model.n_head={m.n_head} to divide model.d_model={m.d_model}; set model.head_dim")

@@ -46,6 +46,8 @@ OVERRIDES = {
     "negative grad clip": ("trainer.grad_clip=-1", ["trainer.grad_clip", "positive or null"]),
     "no checkpoints kept": ("trainer.keep_checkpoints=0", ["trainer.keep_checkpoints", ">= 1"]),
     "zero max_bad_steps": ("trainer.max_bad_steps=0", ["trainer.max_bad_steps", ">= 1"]),
+    "fp32 grouped MoA in a CUDA graph": ("model=moa model.expert_matmul=grouped trainer.cuda_graphs=true",
+                                         ["model.expert_matmul", "use auto, dense"]),
     "zero DDP bucket": ("trainer.ddp_bucket_mb=0", ["trainer.ddp_bucket_mb", "> 0"]),
     "label smoothing of 1": ("trainer.label_smoothing=1.0", ["trainer.label_smoothing", "[0, 1)"]),
     "unknown device": ("trainer.device=tpu", ["trainer.device", "auto, cpu, cuda"]),
