@@ -122,6 +122,19 @@ def test_eval_only_matches_loaded_model(finished_run, train_run, make_cfg, tmp_p
         assert summary[f"{split}/bpc"] == pytest.approx(expected[f"{split}/bpc"], abs=1e-6)
 
 
+def test_checkpoint_averaging_keeps_its_files_and_follows_a_resume_into_a_new_folder(train_run, tmp_path):
+    """eval.average_last=3 keeps 3 step files although trainer.keep_checkpoints=1, and a finished run resumed into a
+    new folder (trainer.resume=PATH) averages the checkpoints of the folder it came from."""
+    common = ("model=mha", *TINY, "trainer.max_steps=20", "trainer.save_interval=5", "trainer.keep_checkpoints=1",
+              "eval.average_last=3")
+    first, _ = train_run(tmp_path / "first", *common)
+    assert first["test/averaged_checkpoints"] == 3
+    assert len(list((tmp_path / "first" / "checkpoints").glob("step_*.pt"))) == 3
+    again, _ = train_run(tmp_path / "again", *common, f"trainer.resume={tmp_path / 'first'}")
+    assert again["steps"] == 20 and again["test/averaged_checkpoints"] == 3
+    assert again["test/loss"] == pytest.approx(first["test/loss"], abs=1e-6)
+
+
 def test_eval_only_without_checkpoint_is_an_error(make_cfg, tmp_path):
     from moa_train.config import ConfigError
     from moa_train.train.loop import train

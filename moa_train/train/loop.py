@@ -129,6 +129,7 @@ class Trainer:
         self.guard = NonFiniteGuard(self.optimizer, t.max_bad_steps, self.device)
         self.losses = LossWindow()  # train losses since the last log step
         self.last_checkpoint = None
+        self.resumed_from = None  # (checkpoint path, its step) when the run resumed
         self.batches = self.task.batches
         self.step, self.tokens_seen, self.best_val, self.wandb_id = 0, 0, math.inf, None
         self.flops_per_token = self.task.flops_per_token()
@@ -174,9 +175,9 @@ class Trainer:
     def save(self, is_best: bool) -> None:
         self.guard.check(self.step, self.last_checkpoint)  # a run that has diverged writes no checkpoint
         state = self.state_dict()  # on every rank: FSDP gathers the shards
-        if self.dist.main:
-            self.last_checkpoint = save_checkpoint(state, self.run_dir / "checkpoints",
-                                                   self.cfg.trainer.keep_checkpoints, is_best)
+        if self.dist.main:  # enough step files kept for the final checkpoint averaging
+            keep = max(self.cfg.trainer.keep_checkpoints, self.cfg.eval.average_last or 0)
+            self.last_checkpoint = save_checkpoint(state, self.run_dir / "checkpoints", keep, is_best)
         distributed.barrier(self.dist)  # no rank reads checkpoints/ while rank 0 writes
 
     def maybe_resume(self, weights_only: bool = False) -> Path | None:
@@ -185,7 +186,7 @@ class Trainer:
             return None
         path, state = load_latest(target, "cpu" if self.dist.active else self.device)
         self.load_state_dict(state, weights_only)
-        self.last_checkpoint = path
+        self.last_checkpoint, self.resumed_from = path, (path, self.step)
         log.info("resumed from %s at step %d", path, self.step)
         return path
 
@@ -313,13 +314,29 @@ class Trainer:
         n = self.cfg.eval.average_last
         if not n:
             return self.evaluate("test", "test", final=True)
-        paths = step_checkpoints(self.run_dir / "checkpoints")[-n:]
+        paths = self.step_history()[-n:]
+        if len(paths) < n:
+            log.warning("eval.average_last=%d: this run has %d step checkpoints; %s", n, len(paths),
+                        "averaging those" if paths else "testing the current weights")
+        if not paths:
+            return self.evaluate("test", "test", final=True)
         current = {k: v.clone() for k, v in self.model.state_dict().items()}
-        distributed.load_model_state(self.model, average_checkpoints(paths, self.device), self.dist)
+        distributed.load_model_state(self.model, average_checkpoints(paths), self.dist)  # averaged on the CPU
         log.info("test: weights averaged over %d checkpoints (%s .. %s)", len(paths), paths[0].name, paths[-1].name)
         out = {**self.evaluate("test", "test", final=True), "test/averaged_checkpoints": len(paths)}
         self.model.load_state_dict(current)
         return out
+
+    def step_history(self) -> list:
+        """The run's step checkpoints, oldest first: its own, after those of the folder it resumed from (up to the
+        resumed step) when that is another one (trainer.resume=PATH from a new run folder)."""
+        own = self.run_dir / "checkpoints"
+        paths = step_checkpoints(own) if own.is_dir() else []
+        if self.resumed_from is not None:
+            source, step = self.resumed_from
+            if source.parent.resolve() != own.resolve():
+                paths = [p for p in step_checkpoints(source.parent) if p.name <= f"step_{step:07d}.pt"] + paths
+        return paths
 
     def build_logger(self, resumed_step: int | None = None) -> MetricsLogger:
         """The sinks (metrics.jsonl, TensorBoard, W&B) on rank 0; the other ranks log nowhere."""
