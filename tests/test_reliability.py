@@ -93,6 +93,7 @@ def test_signal_checkpoints_the_step_and_resume_matches(train_run, straight, tmp
     with pytest.raises(Preempted, match=f"stopped by {signal.Signals(signum).name} at step 7") as stopped:
         train_run(tmp_path, *RUN)
     assert stopped.value.exit_code == 128 + signum
+    assert str(stopped.value).endswith(f"the same command with hydra.run.dir={tmp_path}")  # the folder to resume
     assert {s: signal.getsignal(s) for s in handlers} == handlers  # the previous handlers are back
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt")) == ["step_0000005.pt",
                                                                                     "step_0000007.pt"]

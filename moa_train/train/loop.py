@@ -298,7 +298,7 @@ class Trainer:
                     self.save(is_best)
                     window = self.open_window()
                 if stopping:
-                    raise Preempted(stopping, self.step, self.last_checkpoint, self.dist.rank)
+                    raise Preempted(stopping, self.step, self.last_checkpoint, self.run_dir, self.dist.rank)
             if not val and self.step > 0:  # resumed at max_steps: report the checkpoint's validation loss
                 val = self.evaluate("val", "val")
             test = self.final_test()

@@ -27,10 +27,11 @@ class Preempted(BaseException):
     """Raised by the trainer once the checkpoint of a signalled run is written. A BaseException, like
     KeyboardInterrupt, so that no `except Exception` (a sweep's failure handling) turns it into a failed job."""
 
-    def __init__(self, signum: int, step: int, checkpoint, rank: int = 0):
+    def __init__(self, signum: int, step: int, checkpoint, run_dir, rank: int = 0):
+        # the default hydra.run.dir is a new time-stamped folder: naming the folder makes the same command resume
         where = f"checkpoint {checkpoint} written" if rank == 0 else f"rank {rank}; rank 0 wrote the checkpoint"
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}: {where}; "
-                         "run the same command again to resume")
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}: {where}; to resume, run the "
+                         f"same command with hydra.run.dir={run_dir}")
         self.exit_code = 128 + signum
 
 
