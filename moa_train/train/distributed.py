@@ -160,8 +160,7 @@ def agreed_signal(received: int | None, d: Dist) -> int | None:
     so that all ranks write their checkpoint and stop at the same step."""
     if not d.active:
         return received
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    flag = torch.tensor(received or 0, device=device)
+    flag = torch.tensor(received or 0)  # a CPU tensor: init() always gives the group gloo for those
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag.item()) or None
 

@@ -149,13 +149,11 @@ class TranslationTask:
         out = {f"{prefix}/loss": loss, f"{prefix}/ppl": math.exp(min(loss, 50.0)), f"{prefix}/bleu": scores["bleu"],
                f"{prefix}/chrf": scores["chrf"], f"{prefix}/bleu_tok": tokenized_bleu(hyps, data.tgt_text)}
         self.last_signature = scores["bleu_signature"]
-        self.last_hyps = hyps
         return out
 
     def flops_per_token(self) -> int:
         """At the mean target length of the training pairs (attention cost grows with it)."""
-        lengths = [len(t) + 1 for t in self.data.splits["train"].tgt]
-        return self.model.flops_per_token(round(sum(lengths) / len(lengths)))
+        return self.model.flops_per_token(round(float(self.batches.tgt_len.mean())))  # lengths with EOS
 
 
 def make_task(cfg, device: torch.device, dist: Dist = Dist()):
