@@ -16,9 +16,7 @@ excluded), the official valid/test losses, the paper's figures, and Welch's t-te
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -26,7 +24,7 @@ import sys
 from pathlib import Path
 
 from moa_train.paths import repo_root
-from moa_train.results import previous_meta
+from moa_train.results import clear, results_meta
 
 ROOT = repo_root()
 ROWS = ("mha", "moas_static", "moas_dynamic")
@@ -45,6 +43,8 @@ def train(mode: str, seeds: int, runs_dir: Path, extra: list) -> None:
            "hydra.sweep.subdir=${model.name}-seed${trainer.seed}",
            "trainer.save_interval=500",  # one checkpoint at the end (for the official-split evaluation)
            *extra]
+    for row in ROWS:  # the subdir is ${model.name}-seed..., and each row's model.name is the row's name
+        clear(runs_dir, mode, row)
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
 
@@ -262,11 +262,11 @@ def main(argv=None) -> None:
     res = summarise(collect(args.runs_dir.resolve()))
     if not res:
         raise SystemExit(f"error: no runs under {args.runs_dir}")
-    previous = previous_meta(args.out)
+    kept = results_meta(args.out, args.tables_only)  # a rebuild keeps the measuring run's date
     first = next(iter(next(iter(res.values()))["rows"].values()))
     meta = {"command": "python3 scripts/reproduce_moas_table1.py",
             "device": first["device"], "torch": first["torch"], "git_sha": first["git_sha"],
-            "date": os.environ.get("RESULTS_DATE") or previous.get("date") or dt.date.today().isoformat(), "paper": PAPER}
+            "date": kept["date"], "paper": PAPER}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": res}, indent=1))
     args.out.with_suffix(".md").write_text(markdown(res, meta))

@@ -13,9 +13,7 @@ train.log, metrics.jsonl, summary.json; the checkpoint is deleted) lands in <run
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -23,7 +21,7 @@ import sys
 from pathlib import Path
 
 from moa_train.paths import repo_root
-from moa_train.results import previous_meta
+from moa_train.results import results_meta
 
 ROOT = repo_root()
 MODELS = ("mha", "moas_dynamic")
@@ -136,10 +134,10 @@ def main(argv=None) -> None:
     if not res:
         raise SystemExit(f"error: no runs under {args.runs_dir}")
     first = next(iter(res.values()))["runs"][0]
-    kept = previous_meta(args.out) if args.tables_only else {}  # a rebuild keeps the measuring run's command, date
-    meta = {"command": kept.get("command") or " ".join(["python3 scripts/bench_multigpu.py", *argv]),
+    kept = results_meta(args.out, args.tables_only)  # a rebuild keeps the measuring run's command, date
+    meta = {"command": kept["command"] or " ".join(["python3 scripts/bench_multigpu.py", *argv]),
             "device": first["device"], "torch": first["torch"], "git_sha": first["git_sha"],
-            "date": os.environ.get("RESULTS_DATE") or kept.get("date") or dt.date.today().isoformat(),
+            "date": kept["date"],
             "log_interval": first["log_interval"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": res}, indent=1))

@@ -1,7 +1,7 @@
 """Translation results: Multi30k En->De for mha, moa and moa_sparse (matched MACs) over seeds, plus one end-to-end
 run of the WMT pipeline on the local news data, written to docs/results/translation.{md,json}.
 
-    python3 scripts/reproduce_translation.py                 # train (a multirun per group), then tables
+    python3 scripts/reproduce_translation.py                 # train (a multirun per row), then tables
     python3 scripts/reproduce_translation.py --tables-only   # rebuild the tables from the run records
     python3 scripts/reproduce_translation.py --seeds 2 --part multi30k
 
@@ -10,9 +10,7 @@ Every run's record (config, metrics.jsonl, summary.json) lands under <runs-dir>/
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -20,7 +18,7 @@ import sys
 from pathlib import Path
 
 from moa_train.paths import repo_root
-from moa_train.results import previous_meta
+from moa_train.results import clear, results_meta
 
 ROOT = repo_root()
 MULTI30K = ("mha", "moa", "moa_sparse")
@@ -35,10 +33,15 @@ def train(part: str, seeds: int, runs_dir: Path, extra: list) -> None:
     common = [sys.executable, "-m", "moa_train", "-m", f"trainer.seed={','.join(map(str, range(seeds)))}",
               "trainer.precision=bf16", "trainer.tf32=true", *extra]
     if part in ("all", "multi30k"):
-        run([*common, f"experiment={','.join(f'multi30k/{r}' for r in MULTI30K)}",
-             f"hydra.sweep.dir={runs_dir / 'multi30k'}", "hydra.sweep.subdir=${hydra:runtime.choices.experiment}-seed${trainer.seed}"])
+        # one multirun per row, its name written into the subdir: the experiment choice is "multi30k/<row>" (a
+        # subdir built from it nests a folder), and model.name is "moa" for the moa_sparse row
+        for row in MULTI30K:
+            clear(runs_dir, "multi30k", row)
+            run([*common, f"experiment=multi30k/{row}", f"hydra.sweep.dir={runs_dir / 'multi30k'}",
+                 f"hydra.sweep.subdir={row}-seed${{trainer.seed}}"])
     if part in ("all", "wmt"):
         # the Multi30k mha architecture on the local WMT news data (13.5k training pairs: the score is low)
+        clear(runs_dir, "wmt_local", "mha")
         run([sys.executable, "-m", "moa_train", "-m", "experiment=multi30k/mha", "data=wmt14_en_de", "trainer.seed=0",
              "trainer.precision=bf16", "trainer.tf32=true", "trainer.max_steps=2000", "experiment_name=wmt_local-mha",
              f"hydra.sweep.dir={runs_dir / 'wmt_local'}", "hydra.sweep.subdir=mha-seed${trainer.seed}", *extra])
@@ -48,10 +51,9 @@ def train(part: str, seeds: int, runs_dir: Path, extra: list) -> None:
 
 def collect(runs_dir: Path) -> dict:
     rows: dict = {}
-    for path in sorted(runs_dir.rglob("summary.json")):
+    for path in sorted(runs_dir.glob("*/*-seed*/summary.json")):  # <group>/<row>-seed<k>/ only
         run_dir = path.parent
         group, (row, _, seed) = run_dir.parent.name, run_dir.name.rpartition("-seed")
-        row = row.split("/")[-1]
         rows.setdefault(group, {}).setdefault(row, []).append(
             {"seed": int(seed), "run": str(run_dir.relative_to(runs_dir)), **json.loads(path.read_text())})
     return rows
@@ -123,10 +125,10 @@ def main(argv=None) -> None:
     rows = collect(runs_dir)
     if not rows:
         raise SystemExit(f"error: no runs under {args.runs_dir}")
-    previous = previous_meta(args.out)
+    kept = results_meta(args.out, args.tables_only)  # a rebuild keeps the measuring run's date and note
     first = next(iter(next(iter(rows.values())).values()))[0]
     meta = {"device": first["device_name"], "torch": first["torch_version"], "git_sha": first["git_sha"],
-            "date": os.environ.get("RESULTS_DATE") or previous.get("date") or dt.date.today().isoformat(), "note": os.environ.get("RESULTS_NOTE") or previous.get("note")}
+            "date": kept["date"], "note": kept["note"]}
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
     args.out.with_suffix(".md").write_text(markdown(rows, meta))
     print(args.out.with_suffix(".md").read_text())
