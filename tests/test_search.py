@@ -32,11 +32,12 @@ class RandomSeq2Seq:
     def encode(self, src, src_mask):
         return self.emb[src] * src_mask[..., None]
 
-    def decode(self, tgt_in, memory, src_mask):
+    def decode(self, tgt_in, memory, src_mask, last_only=False):
         b, t = tgt_in.shape
         ctx = memory.sum(1) / src_mask.sum(1, keepdim=True)
         h = torch.cat([ctx[:, None].expand(b, t, -1), self.emb[tgt_in], self.pos[:t].expand(b, t, -1)], dim=-1)
-        return h @ self.proj + self.bias
+        logits = h @ self.proj + self.bias
+        return logits[:, -1:] if last_only else logits
 
 
 class EosAt(RandomSeq2Seq):
@@ -46,11 +47,11 @@ class EosAt(RandomSeq2Seq):
         super().__init__(seed)
         self.k = k
 
-    def decode(self, tgt_in, memory, src_mask):
+    def decode(self, tgt_in, memory, src_mask, last_only=False):
         logits = super().decode(tgt_in, memory, src_mask)
         at_k = torch.arange(tgt_in.shape[1]) == self.k
         logits[..., EOS] = torch.where(at_k, 50.0, -50.0)
-        return logits
+        return logits[:, -1:] if last_only else logits
 
 
 class Bigram:
@@ -65,8 +66,8 @@ class Bigram:
     def encode(self, src, src_mask):
         return torch.zeros(*src.shape, 1)
 
-    def decode(self, tgt_in, memory, src_mask):
-        return self.table[tgt_in]
+    def decode(self, tgt_in, memory, src_mask, last_only=False):
+        return self.table[tgt_in[:, -1:] if last_only else tgt_in]
 
 
 A, B, C, D, E = 3, 4, 5, 6, 7
@@ -167,6 +168,19 @@ def test_batch_equals_one_sentence_at_a_time(kind):
         for i, n in enumerate(mask.sum(1).tolist()):
             alone += search(kind, model, src[i:i + 1, :n], mask[i:i + 1, :n], max_len=10)
         assert batch == alone
+
+
+class AllPositions(RandomSeq2Seq):
+    """A model whose decode knows no last_only: logits for every position."""
+
+    def decode(self, tgt_in, memory, src_mask, **kwargs):
+        return super().decode(tgt_in, memory, src_mask)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_search_reads_the_last_position_of_full_logits_too(kind):
+    src, mask = random_batch(1)
+    assert search(kind, AllPositions(1), src, mask, max_len=8) == search(kind, RandomSeq2Seq(1), src, mask, max_len=8)
 
 
 def test_max_output_len_uses_the_longest_real_source():

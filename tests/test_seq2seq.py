@@ -97,3 +97,19 @@ def test_beam_one_equals_greedy_on_the_real_model(variant):
     greedy = greedy_search(model, src, mask, bos_id=1, eos_id=2, pad_id=PAD, max_len=10)
     assert greedy == beam_search(model, src, mask, bos_id=1, eos_id=2, pad_id=PAD, max_len=10, beam=1)
     assert all(len(h) <= 10 and PAD not in h and 1 not in h for h in greedy)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_decode_last_only_is_the_last_position_of_decode(variant):
+    model = build(variant)
+    src = torch.cat([ids(3, 6, 10), torch.full((3, 2), PAD)], dim=1)
+    src_mask = src != PAD
+    memory = model.encode(src, src_mask)
+    for t in (1, 5):
+        tgt = ids(3, t, 11 + t)
+        full = model.decode(tgt, memory, src_mask)
+        last = model.decode(tgt, memory, src_mask, last_only=True)
+        assert last.shape == (3, 1, V)
+        torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=0)
+        logits, routings = model.decode_with_routing(tgt, memory, src_mask, last_only=True)
+        assert torch.equal(logits, last) and len(routings) == 2 * len(model.decoder)

@@ -5,6 +5,7 @@ test on the real Multi30k, skipped where ../shared/data/multi30k is absent.
 """
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import sys
@@ -192,6 +193,46 @@ def test_crlf_line_ends_are_not_part_of_the_text(broken_root, tmp_path):
     assert got.decode(got.splits["test"].tgt[0]) == corpus_lines("test")[1][0]
 
 
+def test_eval_pair_longer_than_the_model_positions_is_cut_and_evaluates(compose_cfg, tmp_path, caplog):
+    """A val/test line over model.max_seq_len - 1 tokens used to reach the position table whole and fail at the
+    first evaluation; its ids are now cut to max_seq_len - 1, and BLEU still scores the full reference."""
+    import contextlib
+    import logging
+
+    from moa_train.config import validate
+    from moa_train.train.tasks import TranslationTask
+
+    rng = random.Random(3)
+    folder = tmp_path / "wmt14-en-de"
+    folder.mkdir()
+    for fname, n in (("train", 100), ("valid", 6), ("test", 6)):
+        pairs = [_pair(rng, rng.randint(2, 6)) for _ in range(n)]
+        if fname != "train":
+            pairs[2] = _pair(rng, 40)  # ~100 BPE tokens a side: far over max_len=24
+        for k, lang in enumerate(("en", "de")):
+            (folder / f"{fname}.{lang}").write_text("".join(p[k] + "\n" for p in pairs), encoding="utf-8")
+    cfg = compose_cfg("experiment=multi30k/mha", "data=wmt14_en_de", f"data.root={tmp_path}",
+                      f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=400", "data.max_len=24",
+                      "data.max_tokens=400", "model.max_seq_len=25", "model.d_model=32", "model.n_head=4",
+                      "model.head_dim=8", "model.n_layer=1", "model.n_encoder_layer=1", "model.dropout=0.0",
+                      "trainer.device=cpu", "eval.beam=2")
+    validate(cfg)
+    with caplog.at_level(logging.INFO, logger="moa_train.data.translation"):
+        task = TranslationTask(cfg, torch.device("cpu"))
+    assert any("cut to 24 for 1 of 6 val and 1 of 6 test pairs" in r.getMessage() for r in caplog.records)
+    d = task.data
+    for split, fname in (("val", "valid"), ("test", "test")):
+        s = d.splits[split]
+        reference = (folder / f"{fname}.de").read_text(encoding="utf-8").split("\n")[2]
+        assert s.n_truncated == 1 and s.tgt_text[2] == reference  # the BLEU reference is untouched
+        assert len(s.src[2]) == len(s.tgt[2]) == 24 and np.array_equal(s.tgt[2], d.encode(reference)[:24])
+        assert len(d.encode(s.src_text[2])) > 24 and len(d.encode(reference)) > 24
+    val = task.evaluate(task.model, "val", "val", contextlib.nullcontext)  # greedy
+    test = task.evaluate(task.model, "test", "test", contextlib.nullcontext, final=True)  # beam 2
+    # every line decoded (evaluate looks each one up) and scored against the references
+    assert all(math.isfinite(m[f"{k}/{key}"]) for m, k in ((val, "val"), (test, "test")) for key in ("loss", "bleu"))
+
+
 # --- errors -----------------------------------------------------------------------------------------------------
 
 def test_missing_file_is_named(broken_root, tmp_path):
@@ -374,6 +415,14 @@ def test_state_from_other_batching_is_refused(data):
     state = _batches(data).state_dict()
     with pytest.raises(DataError, match="data.max_tokens"):
         _batches(data, max_tokens=2 * MAX_TOKENS).load_state_dict(state)
+
+
+def test_batch_index_stays_on_the_cpu(data, monkeypatch):
+    # only evaluation reads it (.tolist()): not copied to the device each step; a "device" of meta shows what moves
+    monkeypatch.setattr(translation, "to_device", lambda x, device: torch.from_numpy(x).to("meta"))
+    b = next(iter(_batches(data)))
+    assert b["src"].device.type == b["tgt_in"].device.type == b["tgt_out"].device.type == "meta"
+    assert b["index"].device.type == "cpu" and b["index"].dtype == torch.long and len(b["index"]) == len(b["src"])
 
 
 def test_empty_split_cannot_be_batched():

@@ -9,12 +9,15 @@ Where `data.root` is null or lacks the dataset's folder, the files are written o
 One byte-level BPE is trained on the train text of both languages (ids 0..3 = <pad> <s> </s> <unk>). The tokenizer and
 the ids of every split are cached per language under `<cache_dir>/translation/<fingerprint>/`, so en->de and de->en
 share one cache and a second load neither retrains nor re-encodes. `data.max_len` is applied at load time, to the
-train split only: val/test keep every line, since their raw target lines are the BLEU references.
+train split only: val/test keep every line, since their raw target lines are the BLEU references. A model with
+`max_positions` positions gets val/test ids cut to max_positions - 1 tokens (a BOS or EOS makes max_positions), so
+that a long evaluation line cannot overflow the position table; only lines that would not fit are cut.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -27,6 +30,8 @@ from moa_train.data.batches import to_device
 from moa_train.data.cache import build_atomically
 from moa_train.progress import progress
 from moa_train.data.wikitext import DataError
+
+log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
@@ -55,11 +60,12 @@ LANGS = ("de", "en")  # sorted: the order both sides are trained and stored in, 
 
 @dataclass
 class ParallelSplit:
-    src: list  # 1-D np.int32 BPE ids per source sentence (no BOS/EOS)
+    src: list  # 1-D np.int32 BPE ids per source sentence (no BOS/EOS); val/test: cut to the model's positions
     tgt: list  # the same for targets
-    src_text: list  # raw source lines
-    tgt_text: list  # raw target lines: the BLEU references
+    src_text: list  # raw source lines (never cut)
+    tgt_text: list  # raw target lines: the BLEU references (never cut)
     n_dropped: int = 0  # train only: pairs left out for an empty side or a side longer than data.max_len
+    n_truncated: int = 0  # val/test only: pairs with a side whose ids were cut to fit the model's positions
 
     def __len__(self) -> int:
         return len(self.src)
@@ -221,9 +227,13 @@ def _load_ids(out: Path, split: str, lang: str) -> list:
     return np.split(ids, offsets[1:-1])
 
 
-def _split(out: Path, texts: dict, split: str, src: str, tgt: str, max_len: int) -> ParallelSplit:
+def _split(out: Path, texts: dict, split: str, src: str, tgt: str, max_len: int, eval_len: int | None) -> ParallelSplit:
     s = ParallelSplit(_load_ids(out, split, src), _load_ids(out, split, tgt), texts[split, src], texts[split, tgt])
-    if split != "train":
+    if split != "train":  # every line stays (the references); ids past eval_len would not fit the positions
+        n = 0 if eval_len is None else sum(len(x) > eval_len or len(y) > eval_len for x, y in zip(s.src, s.tgt))
+        if n:
+            s.src, s.tgt = [x[:eval_len] for x in s.src], [y[:eval_len] for y in s.tgt]
+            s.n_truncated = n
         return s
     keep = [i for i, (x, y) in enumerate(zip(s.src, s.tgt)) if 0 < len(x) <= max_len and 0 < len(y) <= max_len]
     if not keep:
@@ -234,7 +244,7 @@ def _split(out: Path, texts: dict, split: str, src: str, tgt: str, max_len: int)
                          n_dropped=len(s.src) - len(keep))
 
 
-def load_translation(cfg) -> ParallelData:
+def load_translation(cfg, max_positions: int | None = None) -> ParallelData:
     """The data config's corpus as BPE sentence pairs in the direction data.src -> data.tgt."""
     if cfg.name not in CORPORA:
         raise DataError(f"data.name: {cfg.name!r} is not a translation corpus; allowed: {', '.join(CORPORA)}")
@@ -252,7 +262,12 @@ def load_translation(cfg) -> ParallelData:
     if not (out / "meta.json").is_file():
         build_atomically(out, lambda tmp: _build(texts, vocab_size, tmp))
     meta = json.loads((out / "meta.json").read_text())
-    splits = {split: _split(out, texts, split, cfg.src, cfg.tgt, cfg.max_len) for split in SPLITS}
+    eval_len = None if max_positions is None else max_positions - 1
+    splits = {split: _split(out, texts, split, cfg.src, cfg.tgt, cfg.max_len, eval_len) for split in SPLITS}
+    if splits["val"].n_truncated or splits["test"].n_truncated:
+        log.warning("model.max_seq_len=%d: token ids cut to %d for %d of %d val and %d of %d test pairs (a side was "
+                    "longer; BLEU still scores against the full reference lines)", max_positions, eval_len,
+                    splits["val"].n_truncated, len(splits["val"]), splits["test"].n_truncated, len(splits["test"]))
     pad, bos, eos, unk = range(len(SPECIALS))
     return ParallelData(splits, meta["vocab_size"], pad, bos, eos, unk, str(out / "tokenizer.json"))
 
@@ -324,7 +339,8 @@ class TokenBatches:
 
     def collate(self, index: np.ndarray) -> dict:
         """This rank's slice of the batch of pairs `index`, padded; `n_tokens`: the real target tokens (with EOS) of
-        the whole batch."""
+        the whole batch. `index` (the pairs' positions in the split, read by evaluation only) stays a CPU tensor:
+        copying it to the device every training step, and `.tolist()` syncing on it, would be wasted."""
         n_tokens = int(self.tgt_len[index].sum())
         index = np.array_split(index, self.world)[self.rank]
         src = _pad([self.split.src[i] for i in index], int(self.src_len[index].max(initial=1)), self.pad_id)
@@ -332,8 +348,9 @@ class TokenBatches:
         tgt_in = np.full_like(tgt_out, self.pad_id)
         tgt_in[:, 0], tgt_in[:, 1:] = self.bos_id, tgt_out[:, :-1]
         tgt_out[np.arange(len(index)), self.tgt_len[index] - 1] = self.eos_id
-        arrays = {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out, "index": index}
+        arrays = {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out}
         batch = {k: to_device(v, self.device) for k, v in arrays.items()}
+        batch["index"] = torch.from_numpy(index.astype(np.int64))
         batch["n_tokens"] = n_tokens
         return batch
 

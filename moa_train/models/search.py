@@ -1,5 +1,6 @@
 """Greedy and beam search for an encoder-decoder: `model.encode(src, src_mask) -> memory` and
-`model.decode(tgt_in, memory, src_mask) -> logits` for every target position.
+`model.decode(tgt_in, memory, src_mask, last_only=True) -> logits` (B, 1, V) of the last target position (logits
+for every position, (B, T, V), are accepted too: search reads position -1).
 
 There is no KV cache: every step re-runs the decoder over the whole prefix (O(T^2), fine at our sizes). Each step
 is one decoder call for the whole batch (and, in beam search, all its beams); Python only does the bookkeeping of
@@ -27,7 +28,7 @@ def max_output_len(src_mask: Tensor, a: float = 1.2, b: int = 10) -> int:
 def next_log_probs(model, tokens: Tensor, memory: Tensor, src_mask: Tensor, banned: list) -> Tensor:
     """Float32 log-probabilities of the token after each prefix (N, V). Banned tokens (BOS, PAD) get -inf without
     renormalising, so a hypothesis' score stays its log-probability under the model."""
-    logits = model.decode(tokens, memory, src_mask)[:, -1]
+    logits = model.decode(tokens, memory, src_mask, last_only=True)[:, -1]  # the output layer on one position
     logp = F.log_softmax(logits.float(), dim=-1)
     logp[:, banned] = float("-inf")
     return logp

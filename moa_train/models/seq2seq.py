@@ -132,18 +132,23 @@ class Seq2Seq(nn.Module):
             routings.append(r)
         return self.enc_norm(x), routings
 
-    def decode_with_routing(self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor) -> tuple:
+    def decode_with_routing(self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor, last_only: bool = False) -> tuple:
+        """(logits (B, T, V), routing records); last_only: the logits of the last position only, (B, 1, V), with the
+        final norm and the output projection applied to that position alone (what search needs at each step)."""
         x, routings = self._embed(self.tgt_embed, tgt_in), []
         for layer in self.decoder:
             x, r_self, r_cross = layer(x, memory, src_mask)
             routings += [r_self, r_cross]
+        if last_only:
+            x = x[:, -1:]
         return self.out(self.dec_norm(x)), routings
 
     def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
         return self.encode_with_routing(src, src_mask)[0]
 
-    def decode(self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor) -> Tensor:
-        return self.decode_with_routing(tgt_in, memory, src_mask)[0]
+    def decode(self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor, last_only: bool = False) -> Tensor:
+        """Logits (B, T, V), or (B, 1, V) for the last position only with last_only."""
+        return self.decode_with_routing(tgt_in, memory, src_mask, last_only)[0]
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> tuple:
         """(logits (B, T, V), routing records in `self.sites` order, each with the mask of its real tokens)."""

@@ -75,7 +75,7 @@ class TranslationTask:
         self.cfg, self.device, self.dist = cfg, device, dist
         self.aux_cfg = OmegaConf.to_object(cfg.model.aux)
         self.label_smoothing = float(cfg.trainer.label_smoothing)
-        self.data = load_translation(cfg.data)
+        self.data = load_translation(cfg.data, cfg.model.max_seq_len)  # long val/test lines cut to fit
         self.model = Seq2Seq(cfg.model, self.data.vocab_size, self.data.pad_id)
         d = self.data
         per_micro = cfg.data.max_tokens // cfg.trainer.grad_accum
