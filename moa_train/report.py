@@ -188,15 +188,16 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="moa-report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="*", help="run folders or folders holding them (multiruns)")
     parser.add_argument("--paper-tables", action="store_true",
-                        help="rebuild docs/results/moas_table1.* and translation.* from docs/results/runs/")
+                        help="rebuild docs/results/moas_table1.* and translation.* from docs/results/runs/ "
+                             "(into --out when given)")
     parser.add_argument("--out", type=Path, help="folder for report.{md,csv,html} and the PNGs (default: print)")
     parser.add_argument("--group-by", nargs="+", default=["model.name"], help="config keys to group runs by")
     args = parser.parse_args(argv)
     if args.paper_tables:
         from moa_train.results import moas_table1, translation
 
-        moas_table1.main(["--tables-only"])
-        translation.main(["--tables-only"])
+        for name, module in (("moas_table1", moas_table1), ("translation", translation)):  # --out: elsewhere
+            module.main(["--tables-only"] + ([] if args.out is None else ["--out", str(args.out / name)]))
         return
     records = [load_run_record(r) for r in find_runs(args.paths)]
     if not records:

@@ -173,30 +173,36 @@ def train_run(make_cfg):
     return _run
 
 
+def run_main(argv: list, monkeypatch, capsys) -> tuple:
+    """(exit code, stdout + stderr, stderr lines) of `moa-train ARGV` run in-process."""
+    monkeypatch.setattr(sys, "argv", ["moa-train", *argv])
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    code = 0
+    try:
+        from moa_train.__main__ import main
+
+        main()
+    except SystemExit as stopped:
+        code = stopped.code
+    finally:  # Hydra configured logging for the job: leave the test session's as it was
+        for handler in set(root.handlers) - set(handlers):
+            handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    out = capsys.readouterr()
+    return code, out.out + out.err, [line for line in out.err.splitlines() if line.strip()]
+
+
 @pytest.fixture
 def cli(monkeypatch, capsys, tmp_path):
-    """cli(*overrides) -> (exit code, stdout + stderr, stderr lines) of `moa-train debug=tiny ...` in-process; the run
-    folder is tmp_path/run unless hydra.run.dir is given or `run_dir=False` (Hydra's default under the cwd)."""
+    """cli(*overrides) -> run_main's (code, output, stderr lines) of `moa-train debug=tiny trainer.device=cpu ...`;
+    the run folder is tmp_path/run unless hydra.run.dir is given or `run_dir=False` (Hydra's default under the
+    cwd)."""
     def _run(*overrides: str, run_dir: bool = True) -> tuple:
         given = not run_dir or any(o.startswith("hydra.run.dir=") for o in overrides)
-        run_dir = [] if given else [f"hydra.run.dir={tmp_path}/run"]
-        monkeypatch.setattr(sys, "argv", ["moa-train", "debug=tiny", "trainer.device=cpu", *run_dir, *overrides])
-        root = logging.getLogger()
-        handlers, level = root.handlers[:], root.level
-        code = 0
-        try:
-            from moa_train.__main__ import main
-
-            main()
-        except SystemExit as stopped:
-            code = stopped.code
-        finally:  # Hydra configured logging for the job: leave the test session's as it was
-            for handler in set(root.handlers) - set(handlers):
-                handler.close()
-            root.handlers[:] = handlers
-            root.setLevel(level)
-        out = capsys.readouterr()
-        return code, out.out + out.err, [line for line in out.err.splitlines() if line.strip()]
+        folder = [] if given else [f"hydra.run.dir={tmp_path}/run"]
+        return run_main(["debug=tiny", "trainer.device=cpu", *folder, *overrides], monkeypatch, capsys)
     return _run
 
 
