@@ -16,6 +16,7 @@ import csv
 import html
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -27,10 +28,15 @@ METRICS = ("val/loss", "val/bpc", "test/loss", "val/bleu", "test/bleu", "step_ms
 ROUTING_HEADER = ["run", "site", "entropy (nats)", "max ln C", "utilisation per choice"]
 
 
+def natural_key(path: Path) -> list:
+    """Numbers compared as numbers: a multirun's job 2 before job 10."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(path))]
+
+
 def find_runs(paths: list) -> list:
     runs = []
     for p in map(Path, paths):
-        runs += sorted(s.parent for s in p.rglob("summary.json"))
+        runs += sorted((s.parent for s in p.rglob("summary.json")), key=natural_key)
     return runs
 
 
@@ -198,10 +204,12 @@ def entropy_figure(routed: list):
             pts = [(row["step"], row[key]) for row in r["rows"] if key in row]
             if pts:
                 ax.plot(*zip(*pts), color=colours[i % len(colours)], label=r["label"])
-        for c in sorted({len(site_util(r["routing"], site)) for r in routed} - {0}):
-            ax.axhline(math.log(c), color="black", ls="--", lw=1, label=f"ln {c}")
+        counts = sorted({len(site_util(r["routing"], site)) for r in routed} - {0})
+        for c in counts:  # under the runs' lines, which often lie on it
+            ax.axhline(math.log(c), color="grey", ls="--", lw=1, zorder=1, label=f"ln {c}")
             ax.text(0.02, math.log(c), f"ln {c} (max, {c} choices)", transform=ax.get_yaxis_transform(),
-                    va="bottom", fontsize=7)
+                    va="bottom", fontsize=7, color="dimgrey")
+        ax.set_ylim(0, 1.1 * math.log(max(counts, default=2)))  # from 0: how far below its maximum a site is
         ax.set_title(site, fontsize=9)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(sites):]:
@@ -211,9 +219,10 @@ def entropy_figure(routed: list):
     for ax in axes[:, 0]:
         ax.set_ylabel("entropy (nats)")
     handles = [h for h in axes.flat[0].get_lines() if not h.get_label().startswith("ln ")]
-    fig.legend(handles, [h.get_label() for h in handles], fontsize=8, title="run", loc="upper center",
-               bbox_to_anchor=(0.5, 0), ncol=min(2, len(handles)))
     fig.suptitle("Routing entropy per site")
+    fig.tight_layout()
+    fig.legend(handles, [h.get_label() for h in handles], fontsize=8, title="run", loc="upper left",
+               bbox_to_anchor=(1.0, 0.9))
     return fig
 
 

@@ -151,3 +151,12 @@ def test_report_without_runs_is_an_error(tmp_path):
 
     with pytest.raises(SystemExit, match="no run folder"):
         main([str(tmp_path)])
+
+
+def test_runs_come_in_job_order(tmp_path):
+    from moa_train.report import find_runs
+
+    for job in (10, 2, 1):
+        (tmp_path / str(job)).mkdir()
+        (tmp_path / str(job) / "summary.json").write_text("{}")
+    assert [p.name for p in find_runs([tmp_path])] == ["1", "2", "10"]
