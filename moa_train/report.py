@@ -176,13 +176,20 @@ def pyplot():
     return plt
 
 
+def run_style(i: int, plt) -> dict:
+    """Run i's colour and dash pattern: runs whose curves coincide (seeds of an untrained router at ln C) stay
+    visible as alternating dashes."""
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {"color": colours[i % len(colours)], "ls": ("-", "--", "-.", ":")[i % 4]}
+
+
 def val_loss_figure(records: list):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for r in records:
+    for i, r in enumerate(records):
         pts = [(row["step"], row["val/loss"]) for row in r["rows"] if "val/loss" in row]
         if pts:
-            ax.plot(*zip(*pts), marker=".", label=r["label"])
+            ax.plot(*zip(*pts), marker=".", label=r["label"], **run_style(i, plt))
     ax.set(xlabel="step", ylabel="val/loss (nats per token)", title="Validation loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), title="run")
@@ -197,13 +204,12 @@ def entropy_figure(routed: list):
     ncols = min(len(sites), 3)
     nrows = math.ceil(len(sites) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3 * nrows), sharex=True, sharey=True, squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, site in zip(axes.flat, sites):
         key = f"routing/entropy/{site}"
         for i, r in enumerate(routed):
             pts = [(row["step"], row[key]) for row in r["rows"] if key in row]
             if pts:
-                ax.plot(*zip(*pts), color=colours[i % len(colours)], label=r["label"])
+                ax.plot(*zip(*pts), label=r["label"], lw=2, **run_style(i, plt))
         counts = sorted({len(site_util(r["routing"], site)) for r in routed} - {0})
         for c in counts:  # under the runs' lines, which often lie on it
             ax.axhline(math.log(c), color="grey", ls="--", lw=1, zorder=1, label=f"ln {c}")
@@ -279,7 +285,8 @@ def plot_curves(records: list, out: Path) -> list:
 CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:1.5em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 2em}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#eee}td:first-child,th:first-child{text-align:left}caption{text-align:left;padding:4px 0;color:#444}
-figure{margin:1.5em 0 2.5em}figcaption{max-width:60em;color:#444}img{max-width:100%}code{background:#f3f3f3}"""
+figure{margin:1.5em 0 2.5em}.heatmaps{display:flex;flex-wrap:wrap;gap:0 2em}
+.heatmaps figure{flex:0 1 520px}figcaption{max-width:60em;color:#444}img{max-width:100%}code{background:#f3f3f3}"""
 
 
 def html_table(header: list, rows: list, caption: str) -> str:
@@ -312,8 +319,12 @@ def write_html(out: Path, records: list, table: list, keys: list, images: list, 
     if routing:
         parts.append(html_table(ROUTING_HEADER, routing, "Routing at each run's last logged step: the entropy of the "
                                 "routing distribution (nats), its maximum ln C, and each choice's share."))
-    parts += [f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
-              f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, caption in images]
+    figures = {name: f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, caption in images}
+    parts += [f for name, f in figures.items() if not name.startswith("utilisation_")]
+    heatmaps = [f for name, f in figures.items() if name.startswith("utilisation_")]
+    if heatmaps:  # side by side, to compare runs at a glance
+        parts.append('<div class="heatmaps">' + "\n".join(heatmaps) + "</div>")
     (out / "report.html").write_text("<!doctype html>\n<html><head><meta charset='utf-8'><title>moa_train report"
                                      f"</title><style>{CSS}</style></head><body>\n" + "\n".join(parts)
                                      + "\n</body></html>\n", encoding="utf-8")
