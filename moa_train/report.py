@@ -292,24 +292,31 @@ figure{margin:1.5em 0 2.5em}.heatmaps{display:flex;flex-wrap:wrap;gap:0 2em}
 def html_table(header: list, rows: list, caption: str) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>\n" for row in rows)
-    return f"<table><caption>{html.escape(caption)}</caption>\n<thead><tr>{head}</tr></thead>\n<tbody>{body}</tbody></table>"
+    return (f"<table><caption>{html.escape(caption)}</caption>\n<thead><tr>{head}</tr></thead>\n"
+            f"<tbody>{body}</tbody></table>")
 
 
 def runs_rows(records: list, root: Path | None) -> list:
-    def where(run: Path) -> str:
-        return str(run.relative_to(root)) if root and run.is_relative_to(root) else str(run)
+    """Per run: its name, its folder (relative to the one folder given), steps and final losses."""
+    rows = []
+    for r in records:
+        run, summary = r["run"].resolve(), r["summary"]
+        folder = run.relative_to(root) if root and run.is_relative_to(root) else run
+        losses = [number(m, summary[m]) if isinstance(summary.get(m), (int, float)) else "" for m in
+                  ("val/loss", "test/loss")]
+        rows.append([r["label"], str(folder), summary.get("steps", ""), *losses])
+    return rows
 
-    return [[r["label"], where(r["run"]), r["summary"].get("steps", ""),
-             *(number(m, r["summary"][m]) if isinstance(r["summary"].get(m), (int, float)) else "" for m in
-               ("val/loss", "test/loss"))] for r in records]
+
+def intro(records: list, root: Path | None) -> str:
+    where = f" under <code>{html.escape(str(root))}</code>" if root else ""
+    shared = common_overrides(records)
+    common = f" Overrides common to every run: <code>{html.escape(' '.join(shared))}</code>." if shared else ""
+    return f"<h1>moa_train report</h1><p>{len(records)} runs{where}.{common}</p>"
 
 
 def write_html(out: Path, records: list, table: list, keys: list, images: list, root: Path | None = None) -> None:
-    shared = common_overrides(records)
-    parts = [f"<h1>moa_train report</h1><p>{len(records)} runs"
-             + (f" under <code>{html.escape(str(root))}</code>" if root else "") + "."
-             + (" Overrides common to every run: <code>" + html.escape(" ".join(shared)) + "</code>." if shared else "")
-             + "</p>"]
+    parts = [intro(records, root)]
     parts.append(html_table(*summary_rows(table, keys),
                             f"Runs grouped by {', '.join(keys)}: mean ± std over each group's runs (seeds). Losses "
                             "in nats per token, step_ms_median in milliseconds. Also as report.csv."))
