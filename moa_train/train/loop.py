@@ -419,5 +419,19 @@ def train(cfg, run_dir: Path, overrides: list | None = None) -> dict:
     if cfg.trainer.eval_only:
         cfg, run_dir = eval_run.prepare(cfg, run_dir, overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     trainer = Trainer(cfg, run_dir)
-    return trainer.eval_only() if cfg.trainer.eval_only else trainer.fit()
+    log.info("%s", banner(trainer))
+    summary = trainer.eval_only() if cfg.trainer.eval_only else trainer.fit()
+    log.info("done: %s | wall %.1f s | run folder %s", headline(summary), time.perf_counter() - start, run_dir)
+    return summary
+
+
+def banner(trainer: Trainer) -> str:
+    """The run's first line: what is trained, how big, where, and the folder that will hold its results."""
+    cfg, model, device = trainer.cfg, trainer.model, trainer.device
+    where = device_name(device) if device.type == "cpu" else f"{device} ({device_name(device)})"
+    if trainer.dist.active:
+        where += f" x {trainer.dist.world} processes"
+    return (f"run: model {cfg.model.name} on {cfg.data.name} | {model.num_params(non_embedding=False):,} parameters "
+            f"({model.num_params():,} non-embedding) | device {where} | run folder {trainer.run_dir}")
