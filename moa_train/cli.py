@@ -40,6 +40,7 @@ def precheck(overrides: list) -> None:
     """Compose `train` with the user's overrides, validate it and check that the run folder can be written, before
     Hydra creates that folder; exit 2 with one line on failure."""
     from moa_train.config import ConfigError, check_writable, compose_train, validate
+    from moa_train.train.runlock import RunLock
 
     user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     run_dir = [o for o in overrides if o.startswith("hydra.run.dir=")]
@@ -51,6 +52,8 @@ def precheck(overrides: list) -> None:
         # unresolvable here (${hydra:...} needs a running job): Hydra reports it itself
         folder = OmegaConf.select(cfg, "hydra.run.dir", throw_on_resolution_failure=False)
         check_writable(folder or ".", "hydra.run.dir")
+        if folder:  # before Hydra rewrites the .hydra/ of a run another trainer is running
+            RunLock(folder).check()
     except (HydraException, OmegaConfBaseException, ConfigError) as exc:
         print(f"error: {describe(exc)}", file=sys.stderr)
         sys.exit(2)

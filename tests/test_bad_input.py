@@ -236,10 +236,10 @@ def test_second_trainer_on_a_run_folder_is_refused(cli, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (run / "train.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
-        before = folder_state(run)
+        before = folder_state(run), (run / ".hydra" / "overrides.yaml").read_bytes()
         assert_error_line(cli(*TEN),
                           [f"hydra.run.dir: {run} is in use by process {holder.pid}", "train.lock"])
-        assert folder_state(run) == before
+        assert (folder_state(run), (run / ".hydra" / "overrides.yaml").read_bytes()) == before  # Hydra's too
     finally:
         holder.kill()
         holder.wait()

@@ -223,3 +223,20 @@ def test_no_readable_checkpoint_names_load_run(train_run, tmp_path):
         path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="load_run: no readable checkpoint"):
         load_run(tmp_path)
+
+
+def test_trainer_takes_the_run_folder_lock(train_run, tmp_path):
+    import json
+    import socket
+
+    lock = tmp_path / "train.lock"
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))  # alive: our parent
+    with pytest.raises(ConfigError, match=f"in use by process {os.getppid()} on host {socket.gethostname()}"):
+        train_run(tmp_path, *FIVE)
+    lock.write_text(json.dumps({"pid": 12345, "host": "another-host"}))  # cannot be judged from here
+    with pytest.raises(ConfigError, match="in use by process 12345 on host another-host"):
+        train_run(tmp_path, *FIVE)
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
+    lock.unlink()
+    train_run(tmp_path, *FIVE)
+    assert not lock.exists()  # released at the end

@@ -54,15 +54,20 @@ class RunLock:
         raise ConfigError(f"hydra.run.dir: {self.path.parent} is held by another training process "
                           f"({self.path} could not be taken); start one trainer per run folder")
 
-    def _clear_stale(self) -> None:
-        """Remove the lock if its holder is a dead process of this host; else refuse, naming the holder."""
-        holder = _holder(self.path)
+    def check(self) -> None:
+        """ConfigError naming the holder if a live process holds the folder; nothing is taken. The entry point
+        calls it before Hydra writes the folder's .hydra/ and train.log (the lock itself is taken by the trainer)."""
+        holder = _holder(self.path) if self.path.is_file() else {}
         pid, host = holder.get("pid"), holder.get("host")
         if holder and (host != self.me["host"] or _alive(pid)):
             raise ConfigError(f"hydra.run.dir: {self.path.parent} is in use by process {pid} on host {host} "
                               f"(lock file {self.path}); wait for it to end, or delete the lock file if that "
                               "process is gone")
-        log.warning("taking over %s, left by process %s on %s, which has ended", self.path, pid, host)
+
+    def _clear_stale(self) -> None:
+        """Remove the lock if its holder is a dead process of this host; else refuse, naming the holder."""
+        self.check()
+        log.warning("taking over %s, left by a process that has ended: %s", self.path, _holder(self.path))
         self.path.unlink(missing_ok=True)
 
     def release(self) -> None:
