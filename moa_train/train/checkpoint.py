@@ -336,7 +336,12 @@ def convert_main(argv: list | None = None) -> int:
             print(f"error: {target}: no checkpoint file or run folder with checkpoints", file=sys.stderr)
             return 2
         for path in found:
-            convert(path)
+            try:
+                convert(path)
+            except Exception as exc:  # a damaged file: name it, convert nothing more
+                print(f"error: {path}: cannot be converted ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+                      file=sys.stderr)
+                return 2
             print(f"converted {path}")
     return 0
 

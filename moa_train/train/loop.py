@@ -180,7 +180,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict, weights_only: bool = False) -> None:
-        if not weights_only and "config" in state:
+        if not weights_only and "config" in state:  # eval_only may score the weights on other data
             check_fixed_settings(state["config"], self.cfg)
         try:
             distributed.load_model_state(self.model, state["model"], self.dist)
