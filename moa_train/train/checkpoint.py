@@ -235,7 +235,10 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         log.warning("checkpoint %s has no %s beside it: loaded without verification", path, sidecar(path).name)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:  # a global outside the allowed types: an old checkpoint, or one carrying code
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # not a pickle of other objects, just bytes that are no pickle
+            raise CheckpointError(f"checkpoint {path} cannot be read (UnpicklingError)") from None
+        # a global outside the allowed types: an old checkpoint, or one carrying code
         raise UnsafeCheckpointError(
             f"checkpoint {path} holds objects that only a full unpickler reads (written before checkpoints "
             f"stored tensors and plain values only, or carrying code), so it is not loaded; if you trust it, "
