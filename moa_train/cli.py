@@ -44,6 +44,7 @@ def precheck(overrides: list):
     """Compose `train` with the user's overrides, validate it and check that the run folder can be written, before
     Hydra creates that folder; exit 2 with one line on failure. Returns the composed config (with `hydra`)."""
     from moa_train.config import check_writable, compose_train, validate
+    from moa_train.train.runlock import RunLock
 
     user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     run_dir = [o for o in overrides if o.startswith("hydra.run.dir=")]
@@ -55,6 +56,8 @@ def precheck(overrides: list):
         # unresolvable here (${hydra:...} needs a running job): Hydra reports it itself
         folder = OmegaConf.select(cfg, "hydra.run.dir", throw_on_resolution_failure=False)
         check_writable(folder or ".", "hydra.run.dir")
+        if folder and not cfg.trainer.eval_only:  # before Hydra rewrites the .hydra/ of a run being trained;
+            RunLock(folder).check()  # an evaluation reads only (into RUN/eval/) and takes no lock
     except (HydraException, OmegaConfBaseException, ConfigError) as exc:
         print(f"error: {describe(exc)}", file=sys.stderr)
         sys.exit(2)

@@ -6,6 +6,7 @@ what types cannot express (shapes that do not fit, values out of range) before a
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -215,6 +216,30 @@ def _positive_or_null(value: Any, key: str) -> None:
     _check(value is None or value > 0, key, f"must be positive or null, got {value}")
 
 
+def _float_leaves(node: Any, key: str):
+    """(full key, value) of every float in a config tree, list items included (optim.betas.1)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _float_leaves(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _float_leaves(v, f"{key}.{i}")
+    elif isinstance(node, float):
+        yield key, node
+
+
+def _check_finite(cfg) -> None:
+    """Every float key finite: inf passes a check like `lr > 0` and nan makes every comparison false, and either
+    turns all weights into NaN at the first step."""
+    from omegaconf import OmegaConf
+
+    for top in cfg.keys():
+        if top != "hydra":
+            tree = OmegaConf.to_container(cfg[top], resolve=True) if OmegaConf.is_config(cfg[top]) else cfg[top]
+            for key, value in _float_leaves({top: tree}, ""):
+                _check(math.isfinite(value), key, f"must be a finite number, got {value}")
+
+
 def check_writable(path, key: str) -> None:
     """ConfigError naming `key` unless `path` is, or can be created as, a writable folder. Judged by its nearest
     existing ancestor, so nothing is created here (the run folder's name may hold a time stamp)."""
@@ -234,6 +259,7 @@ def validate(cfg, world_size: int = 1) -> None:
     for key in cfg.keys():
         _check(key in known, str(key), f"unknown top-level key; allowed: {', '.join(sorted(known - {'hydra'}))}")
     m, t, o, s, d, e = cfg.model, cfg.trainer, cfg.optim, cfg.schedule, cfg.data, cfg.eval
+    _check_finite(cfg)
     _one_of(m.name, "model.name", tuple(sorted(ATTENTION)))
     for key in ("d_model", "n_layer", "n_head", "max_seq_len", "n_experts", "top_k", "gqa_kv_heads"):
         _check(m[key] > 0, f"model.{key}", f"must be a positive integer, got {m[key]}")
@@ -265,6 +291,8 @@ def validate(cfg, world_size: int = 1) -> None:
     _check(m.mlp_ratio > 0, "model.mlp_ratio", f"must be positive, got {m.mlp_ratio}")
     for key in ("dropout", "gate_dropout"):
         _check(0.0 <= m[key] < 1.0, f"model.{key}", f"must be in [0, 1), got {m[key]}")
+    for key in ("balance_coef", "z_coef", "cv_coef"):
+        _check(m.aux[key] >= 0, f"model.aux.{key}", f"must be >= 0, got {m.aux[key]}")
     _one_of(m.aux.layer_reduce, "model.aux.layer_reduce", ("mean", "sum"))
     _one_of(m.aux.balance_type, "model.aux.balance_type", ("mse", "switch"))
     _one_of(m.positions, "model.positions", ("learned", "sinusoidal"))

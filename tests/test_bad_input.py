@@ -2,11 +2,18 @@
 naming the key (or the file and line) and what is allowed, no traceback, and no training."""
 from __future__ import annotations
 
+import errno
+import io
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from conftest import read_jsonl
 
 # (overrides on top of debug=tiny, words the error line holds)
 OVERRIDES = {
@@ -30,6 +37,16 @@ OVERRIDES = {
     "zero lr": ("optim.lr=0", ["optim.lr", "positive"]),
     "negative lr": ("optim.lr=-0.001", ["optim.lr", "positive"]),
     "zero eps": ("optim.eps=0", ["optim.eps", "positive"]),
+    "infinite lr": ("optim.lr=inf", ["optim.lr", "finite"]),
+    "NaN lr": ("optim.lr=nan", ["optim.lr", "finite"]),
+    "infinite weight decay": ("optim.weight_decay=inf", ["optim.weight_decay", "finite"]),
+    "infinite router lr multiplier": ("optim.router_lr_mult=inf", ["optim.router_lr_mult", "finite"]),
+    "infinite eps": ("optim.eps=inf", ["optim.eps", "finite"]),
+    "NaN balance coefficient": ("model.aux.balance_coef=nan", ["model.aux.balance_coef", "finite"]),
+    "NaN z coefficient": ("model.aux.z_coef=nan", ["model.aux.z_coef", "finite"]),
+    "negative cv coefficient": ("model.aux.cv_coef=-1", ["model.aux.cv_coef", ">= 0"]),
+    "infinite grad clip": ("trainer.grad_clip=inf", ["trainer.grad_clip", "finite"]),
+    "NaN beta": ("optim.betas=[0.9,nan]", ["optim.betas.1", "finite"]),
     "beta of 1.5": ("optim.betas=[0.9,1.5]", ["optim.betas", "[0, 1)"]),
     "zero batch": ("trainer.batch_size=0", ["trainer.batch_size", "positive"]),
     "negative batch": ("trainer.batch_size=-4", ["trainer.batch_size", "positive"]),
@@ -97,13 +114,17 @@ DATA = {
 }
 
 
-def assert_one_line_error(result: tuple, words: list, tmp_path: Path, code: int = 2) -> None:
+def assert_error_line(result: tuple, words: list, code: int = 2) -> None:
     exit_code, output, err_lines = result
     assert exit_code == code, output
     assert "Traceback" not in output, output
     assert len(err_lines) == 1 and err_lines[0].startswith("error: "), output
     for word in words:
         assert word in err_lines[0], err_lines[0]
+
+
+def assert_one_line_error(result: tuple, words: list, tmp_path: Path, code: int = 2) -> None:
+    assert_error_line(result, words, code)
     assert not list(tmp_path.rglob("step_*.pt"))  # stopped before training
 
 
@@ -142,3 +163,106 @@ def test_diverging_run_exits_3(cli, tmp_path, monkeypatch):
     monkeypatch.setattr(LMTask, "loss", nan_loss)
     result = cli("model=mha", "trainer.max_bad_steps=2", "trainer.log_interval=1")
     assert_one_line_error(result, ["trainer.max_bad_steps: 2 steps in a row", "stopped at step 2"], tmp_path, code=3)
+
+
+# --- checkpoints, the run-folder lock, a full disk: nothing lost, nothing created --------------------------------
+
+BASE = ("model=mha", "trainer.eval_interval=5", "trainer.log_interval=1")
+FIVE, TEN = (*BASE, "trainer.max_steps=5"), (*BASE, "trainer.max_steps=10")
+
+
+def folder_state(run: Path) -> dict:
+    """Every checkpoint's bytes and metrics.jsonl's text: what an error must leave as it was."""
+    files = [*run.glob("checkpoints/*"), run / "metrics.jsonl"]
+    return {p.name: p.read_bytes() for p in files if p.is_file()}
+
+
+def test_checkpoint_carrying_code_is_refused(cli, tmp_path):
+    from moa_train.train.checkpoint import file_sha256, load_checkpoint, sidecar
+
+    run = tmp_path / "run"
+    assert cli(*FIVE)[0] == 0
+    path = run / "checkpoints" / "step_0000005.pt"
+    marker = tmp_path / "payload-ran"
+    state = load_checkpoint(path)
+    state["wandb_id"] = Payload(marker)
+    torch.save(state, path)
+    sidecar(path).write_text(f"{file_sha256(path)}  {path.name}\n")
+    before = folder_state(run)
+    assert_error_line(cli(*TEN, f"trainer.resume={path}"),
+                      [str(path), "python3 -m moa_train.train.checkpoint convert", "--trust-pickle"])
+    assert not marker.exists()
+    assert folder_state(run) == before
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_second_trainer_on_a_run_folder_is_refused(cli, tmp_path):
+    import socket
+
+    run = tmp_path / "run"
+    assert cli(*FIVE)[0] == 0
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / "train.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        before = folder_state(run), (run / ".hydra" / "overrides.yaml").read_bytes()
+        assert_error_line(cli(*TEN),
+                          [f"hydra.run.dir: {run} is in use by process {holder.pid}", "train.lock"])
+        assert (folder_state(run), (run / ".hydra" / "overrides.yaml").read_bytes()) == before  # Hydra's too
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder has died (a SIGKILL leaves its lock): the next trainer takes the lock over, and releases it
+    assert cli(*TEN)[0] == 0
+    assert not (run / "train.lock").exists()
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "train/loss" in r] == list(range(1, 11))
+
+
+def test_full_disk_during_a_save_is_one_error_and_keeps_the_previous_checkpoint(cli, tmp_path, monkeypatch):
+    from moa_train.train import checkpoint
+
+    run = tmp_path / "run"
+    assert cli(*FIVE)[0] == 0
+    before = folder_state(run)
+
+    class FullDisk(io.FileIO):
+        """One write fails as on a full disk; later ones land (as in a buffer), so torch.save's own end-of-file
+        check is what fails: a RuntimeError, whose cause is the OSError."""
+        writes = 0
+
+        def write(self, data):
+            FullDisk.writes += 1
+            if FullDisk.writes == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    real_open = open
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode="r", *a, **k: FullDisk(path, mode) if "w" in mode
+                        and ".step_" in str(path) else real_open(path, mode, *a, **k), raising=False)
+    result = cli(*TEN)
+    assert_error_line(result, [str(run / "checkpoints" / "step_0000010.pt"), "could not be written",
+                               "No space left on device"])
+    after = folder_state(run)
+    assert {k: after[k] for k in before if k != "metrics.jsonl"} == {k: v for k, v in before.items()
+                                                                      if k != "metrics.jsonl"}
+    assert sorted(after) == sorted(before)  # no step file, sidecar or temp file created
+    kept = [r for r in map(json.loads, before["metrics.jsonl"].splitlines()) if "test/loss" not in r]
+    assert read_jsonl(run / "metrics.jsonl")[:len(kept)] == kept  # no line lost (the end-of-run test line is
+    # dropped by every resume: the resumed run writes its own)
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "train/loss" in r] == list(range(1, 11))
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+
+
+def test_resume_with_a_changed_architecture_is_refused(cli, tmp_path):
+    run = tmp_path / "run"
+    assert cli(*FIVE)[0] == 0
+    before = folder_state(run)
+    assert_error_line(cli(*TEN, "model.n_layer=3"),
+                      ["trainer.resume: model.n_layer is 2 in the checkpoint but 3 now"])
+    assert folder_state(run) == before

@@ -123,7 +123,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(train_run, straigh
     assert "step_0000010.pt at step 10" in caplog.text
     assert_same_run(records, straight)
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt"))
-    assert kept == ["step_0000010.pt", "step_0000015.pt"]  # the damaged one is gone
+    assert kept == ["step_0000010.pt", "step_0000015.pt"]  # the damaged one is out of the way, set aside
+    assert (tmp_path / "checkpoints" / "step_0000012.pt.failed").read_bytes() == bytes(data)
 
 
 def test_no_readable_checkpoint_is_an_error(train_run, tmp_path):

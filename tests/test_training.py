@@ -247,11 +247,11 @@ def test_rerunning_a_finished_run_keeps_one_test_line(train_run, tmp_path):
     assert len([r for r in records if "test/loss" in r]) == 1
 
 
-def test_checkpoint_of_another_model_is_a_checkpoint_error(train_run, tmp_path):
-    from moa_train.train.checkpoint import CheckpointError
+def test_checkpoint_of_another_model_is_refused(train_run, tmp_path):
+    from moa_train.config import ConfigError
 
     train_run(tmp_path, "model=mha", *TINY)
-    with pytest.raises(CheckpointError, match="does not fit this model"):
+    with pytest.raises(ConfigError, match="model.name is 'mha' in the checkpoint but 'moa' now"):
         train_run(tmp_path, "model=moa", *TINY)
 
 

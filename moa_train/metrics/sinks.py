@@ -3,10 +3,13 @@ same flat dict to every sink: metrics.jsonl (always), TensorBoard and W&B (when 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def to_floats(metrics: dict) -> dict:
@@ -39,12 +42,23 @@ def _keep(row: dict, last_step: int) -> bool:
     return row.get("step", 0) <= last_step and not any(k.startswith("test/") for k in row)
 
 
+def _parse(line: str, number: int, path: Path) -> dict | None:
+    """A line's record; None for a line cut short (a full disk or a kill while it was written)."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        log.warning("%s, line %d: not a complete JSON record (an interrupted write); dropped", path, number)
+        return None
+
+
 def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop lines logged after `last_step` (written by a run that is being resumed from that step)."""
+    """Drop lines logged after `last_step` (written by a run that is being resumed from that step, or, with 0, by
+    one that stopped before its first checkpoint), and any line an interrupted write left incomplete."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and _keep(json.loads(line), last_step)]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = [line for number, line in enumerate(lines, 1)
+            if line.strip() and (row := _parse(line, number, path)) is not None and _keep(row, last_step)]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     tmp.replace(path)

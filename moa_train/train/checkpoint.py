@@ -4,14 +4,22 @@ verified on load, and a resume falls back from a damaged checkpoint to the newes
 `step_0000020.pt.sha256` holds the hash in `sha256sum` format (`sha256sum -c` checks it by hand). A checkpoint is
 renamed into place before its sidecar is written, and a stale sidecar is removed first, so a crash between the two
 leaves a checkpoint without a sidecar (loaded unverified, with a warning), never one with a wrong hash.
+
+Loading runs no code: torch.load(weights_only=True) accepts tensors and plain types only, so every state in a
+checkpoint is stored as those (the NumPy RNG state as a tensor). Files written before that hold NumPy objects and
+are refused with the command that converts them once (`python3 -m moa_train.train.checkpoint convert PATH
+--trust-pickle`, for files the user trusts).
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
+import pickle
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +32,24 @@ class CheckpointError(ValueError):
     pass
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A file that only a full unpickler reads (an old checkpoint, or one carrying code): never loaded."""
+
+
+CONVERT = "python3 -m moa_train.train.checkpoint convert {path} --trust-pickle"
+
+
+def _numpy_rng_state(state=None) -> tuple:
+    """np.random.get_state() (or `state`) with its key array as a tensor: a weights_only load accepts no NumPy
+    arrays."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state() if state is None else state
+    return str(name), torch.from_numpy(np.asarray(keys).astype(np.int64)), int(pos), int(has_gauss), float(gauss)
+
+
 def rng_state() -> dict:
     """This process's generators; of CUDA only the current device's (one per process: reading every GPU's would
     open a context on each GPU from every torchrun process)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": _numpy_rng_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -35,7 +57,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys.cpu(), dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"].cpu())  # .cpu(): a checkpoint loaded onto the GPU moved these too
     if "cuda" in state and torch.cuda.is_initialized():
         cuda = state["cuda"]  # checkpoints written before multi-GPU support hold a list: every device's state
@@ -48,11 +71,15 @@ class _HashingWriter:
     """The file object torch.save writes to: hashes the bytes on their way out, so no second read is needed."""
 
     def __init__(self, file):
-        self.file, self.sha = file, hashlib.sha256()
+        self.file, self.sha, self.error = file, hashlib.sha256(), None
 
     def write(self, data) -> int:
         self.sha.update(data)
-        return self.file.write(data)
+        try:
+            return self.file.write(data)
+        except OSError as exc:  # torch.save reports it as a RuntimeError ("file write failed"): keep the cause
+            self.error = exc
+            raise
 
     def flush(self) -> None:
         self.file.flush()
@@ -91,7 +118,12 @@ def atomic_save(obj: dict, path: Path) -> str:
 
     def write(f):
         hashing["writer"] = _HashingWriter(f)
-        torch.save(obj, hashing["writer"])
+        try:
+            torch.save(obj, hashing["writer"])
+        except RuntimeError:
+            if hashing["writer"].error is None:
+                raise
+            raise hashing["writer"].error from None  # a full disk is the user's to fix, not a bug
 
     _atomic_write(path, write)
     digest = hashing["writer"].sha.hexdigest()
@@ -119,6 +151,14 @@ def step_checkpoints(folder: Path) -> list:
     return sorted(folder.glob("step_*.pt"))
 
 
+def remove_temp_files(folder: Path) -> None:
+    """Temp files of saves a kill interrupted (each as large as a checkpoint). Called by the one process that holds
+    the run folder's lock, so no save of another process is under way."""
+    for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
+        log.warning("removing %s, left by an interrupted save", tmp)
+        tmp.unlink(missing_ok=True)
+
+
 def _remove(path: Path) -> None:
     path.unlink(missing_ok=True)
     sidecar(path).unlink(missing_ok=True)
@@ -140,11 +180,27 @@ def save_checkpoint(state: dict, folder: Path, keep: int, is_best: bool) -> Path
     return path
 
 
-def drop_later_checkpoints(folder: Path, step: int) -> None:
-    """Remove the step files after `step`: a run resumed from `step` (a newer checkpoint was damaged, or an older
-    one was asked for) continues from there, as metrics.jsonl does, and its pruning must not keep them instead."""
+def set_aside(path: Path) -> Path:
+    """Rename a checkpoint that failed its check (and its sidecar) out of the resume's way, never delete it: the
+    fault may be the sidecar's alone, and the file the only copy of that step."""
+    kept = path.with_name(path.name + ".failed")
+    path.replace(kept)
+    if sidecar(path).is_file():
+        sidecar(path).replace(sidecar(kept))
+    return kept
+
+
+def drop_later_checkpoints(folder: Path, step: int, failed: tuple = ()) -> None:
+    """Remove the step files after `step`: a run resumed from `step` (an older one was asked for) continues from
+    there, as metrics.jsonl does, and its pruning must not keep them instead. Those in `failed` (skipped by the
+    resume because they did not verify or read) are set aside instead."""
     for path in step_checkpoints(folder) if folder.is_dir() else []:
-        if path.name > f"step_{step:07d}.pt":
+        if path.name <= f"step_{step:07d}.pt":
+            continue
+        if path in failed:
+            log.warning("%s failed its check: kept as %s; the run continues from step %d", path,
+                        set_aside(path).name, step)
+        else:
             log.warning("removing %s: the run continues from step %d", path, step)
             _remove(path)
 
@@ -160,21 +216,33 @@ def file_sha256(path: Path) -> str:
 
 
 def verify(path: Path) -> bool:
-    """True when the sidecar's hash matches; False when there is no sidecar; CheckpointError when it differs."""
+    """True when the sidecar's hash matches; False when there is no sidecar; CheckpointError when it differs or
+    the sidecar is not a sha256 line."""
     side = sidecar(path)
     if not side.is_file():
         return False
     expected = side.read_text(encoding="utf-8", errors="replace").split()[:1]
+    if not (expected and len(expected[0]) == 64 and all(c in "0123456789abcdef" for c in expected[0])):
+        raise CheckpointError(f"checkpoint {path} is unverified: its sidecar {side.name} is damaged (no sha256)")
     if expected != [file_sha256(path)]:
         raise CheckpointError(f"checkpoint {path} is damaged: its sha256 differs from the one in {side.name}")
     return True
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """The checkpoint's state, read with torch's weights_only unpickler: tensors and plain types, no code runs."""
     if not verify(path):
         log.warning("checkpoint %s has no %s beside it: loaded without verification", path, sidecar(path).name)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # not a pickle of other objects, just bytes that are no pickle
+            raise CheckpointError(f"checkpoint {path} cannot be read (UnpicklingError)") from None
+        # a global outside the allowed types: an old checkpoint, or one carrying code
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} holds objects that only a full unpickler reads (written before checkpoints "
+            f"stored tensors and plain values only, or carrying code), so it is not loaded; if you trust it, "
+            f"convert it once with: {CONVERT.format(path=path)}") from None
     except Exception as exc:  # truncated or corrupt file
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
@@ -184,14 +252,15 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
 
 def checkpoints_in(target: Path) -> list:
     """What a resume from `target` tries, newest first: the file itself; or a run folder's (or its checkpoints/
-    folder's) step_*.pt, then best.pt."""
+    folder's) step_*.pt, then best.pt (also when best.pt is all there is)."""
     if target.is_file():
         return [target]
     for folder in (target / "checkpoints", target):
         found = step_checkpoints(folder)[::-1] if folder.is_dir() else []
+        best = folder / "best.pt"
+        found += [best] if best.is_file() else []
         if found:
-            best = folder / "best.pt"
-            return found + ([best] if best.is_file() else [])
+            return found
     return []
 
 
@@ -201,20 +270,24 @@ def find_checkpoint(target: Path) -> Path | None:
     return found[0] if found else None
 
 
-def load_latest(target: Path, map_location="cpu") -> tuple:
-    """(path, state) of the newest checkpoint under `target` that verifies and reads; each one that does not is
-    named in a warning. A file given as `target` is used as it is, with no fallback."""
+def load_latest(target: Path, map_location="cpu", key: str = "trainer.resume") -> tuple:
+    """(path, state, failed paths) of the newest checkpoint under `target` that verifies and reads; each one that
+    does not is named in a warning. A file given as `target` is used as it is, with no fallback, and a file that
+    only a full unpickler reads stops the search (it is never loaded)."""
     failed = []
     for path in checkpoints_in(target):
         try:
-            return path, load_checkpoint(path, map_location)
+            return path, load_checkpoint(path, map_location), tuple(failed)
+        except UnsafeCheckpointError:
+            raise
         except CheckpointError as exc:
             if target.is_file():
                 raise
             log.warning("%s; trying the previous checkpoint", exc)
-            failed.append(path.name)
-    raise CheckpointError(f"trainer.resume: no readable checkpoint in {target} (damaged: {', '.join(failed)}); "
-                          "use trainer.resume=false with a new hydra.run.dir to start over")
+            failed.append(path)
+    raise CheckpointError(f"{key}: no readable checkpoint in {target} (damaged: "
+                          f"{', '.join(p.name for p in failed)}); use trainer.resume=false with a new hydra.run.dir "
+                          "to start over")
 
 
 def average_checkpoints(paths: list, map_location="cpu") -> dict:
@@ -228,3 +301,53 @@ def average_checkpoints(paths: list, map_location="cpu") -> dict:
             for k, v in weights.items():
                 total[k] += v.double()
     return {k: (v / len(paths)).to(weights[k].dtype) for k, v in total.items()}
+
+
+# --- converting checkpoints written before weights_only loading -----------------------------------------------------
+
+def convert(path: Path) -> None:
+    """Rewrite an old checkpoint so that weights_only loads it: read once with the full unpickler (which runs
+    whatever the file holds: only for files the user trusts), the NumPy RNG states as tensors, atomically."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise CheckpointError(f"checkpoint {path} is not a moa_train checkpoint")
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+    for rng in rngs:
+        rng["numpy"] = _numpy_rng_state(rng["numpy"])
+    if not isinstance(state["config"], dict):  # an OmegaConf node: a plain dict
+        from omegaconf import OmegaConf
+        state["config"] = OmegaConf.to_container(state["config"], resolve=True)
+    atomic_save(state, path)
+    load_checkpoint(path)  # proves the rewritten file loads safely
+
+
+def convert_main(argv: list | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m moa_train.train.checkpoint",
+                                     description="Rewrite old checkpoints so that they load without running code.")
+    parser.add_argument("command", choices=["convert"])
+    parser.add_argument("paths", nargs="+", type=Path, help="checkpoint files or run folders")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="required: the old file is read with the full unpickler, which runs any code it holds")
+    args = parser.parse_args(argv)
+    if not args.trust_pickle:
+        print("error: --trust-pickle: converting reads each file with the full unpickler, which runs any code in it;"
+              " add --trust-pickle only for files you trust", file=sys.stderr)
+        return 2
+    for target in args.paths:
+        found = checkpoints_in(target)
+        if not found:
+            print(f"error: {target}: no checkpoint file or run folder with checkpoints", file=sys.stderr)
+            return 2
+        for path in found:
+            try:
+                convert(path)
+            except Exception as exc:  # a damaged file: name it, convert nothing more
+                print(f"error: {path}: cannot be converted ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+                      file=sys.stderr)
+                return 2
+            print(f"converted {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(convert_main())

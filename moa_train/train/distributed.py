@@ -165,6 +165,20 @@ def agreed_signal(received: int | None, d: Dist) -> int | None:
     return int(flag.item()) or None
 
 
+def global_max(x: torch.Tensor) -> int:
+    """The largest of the ranks' values of a CPU integer scalar (the group always has gloo for those)."""
+    if world_size() == 1:
+        return int(x)
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return int(x.item())
+
+
+def local_part(p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP (DTensor) parameter; a plain tensor as it is."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
 def gather_objects(obj, d: Dist) -> list:
     """[obj of rank 0, obj of rank 1, ...]."""
     if not d.active:

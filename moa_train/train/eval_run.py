@@ -119,7 +119,7 @@ def prepare(cfg, run_dir: Path, overrides: list | None = None) -> tuple:
     if not checkpoints_in(target):
         raise ConfigError(f"trainer.eval_only: no checkpoint found under {target}; set trainer.resume=PATH to a "
                           "checkpoint file or run folder")
-    path, state = load_latest(target, "cpu")
+    path, state, _ = load_latest(target, "cpu", key="trainer.eval_only")
     evaluated = eval_config(cfg, state["config"], overrides)
     evaluated.trainer.resume = str(path)  # the checkpoint just read, with no second fallback search
     validate(evaluated, distributed.from_env().world)

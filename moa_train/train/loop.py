@@ -28,12 +28,13 @@ from moa_train.models.routing import detached, routing_metrics
 from moa_train.progress import progress
 from moa_train.train import distributed, eval_run
 from moa_train.train.checkpoint import (
-    CheckpointError, average_checkpoints, checkpoints_in, drop_later_checkpoints, load_latest, rng_state,
-    save_checkpoint, set_rng_state, step_checkpoints)
+    CheckpointError, average_checkpoints, checkpoints_in, drop_later_checkpoints, load_latest, remove_temp_files,
+    rng_state, save_checkpoint, set_rng_state, step_checkpoints)
 from moa_train.train.cuda_graph import WARMUP_STEPS, CapturedStep
-from moa_train.train.guard import NonFiniteGuard
-from moa_train.train.optim import build_optimizer, build_scheduler, lr_factor
+from moa_train.train.guard import DivergedError, NonFiniteGuard
+from moa_train.train.optim import apply_settings, build_optimizer, build_scheduler, lr_factor
 from moa_train.train.preemption import Preempted, StopSignals
+from moa_train.train.runlock import RunLock
 from moa_train.train.tasks import make_task
 from moa_train.train.window import LossWindow
 
@@ -83,6 +84,33 @@ def resume_target(resume, run_dir: Path) -> Path | None:
     return target
 
 
+# what a resumed run cannot change: the weights' shapes and the data (vocabulary included) they were trained on;
+# data.root and data.cache_dir only say where the same data lives
+FIXED_ON_RESUME = ("model", "data")
+MOVABLE = ("data.root", "data.cache_dir")
+
+
+def _leaves(tree: dict, prefix: str) -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}"
+        out.update(_leaves(value, name) if isinstance(value, dict) else {name: value})
+    return out
+
+
+def check_fixed_settings(saved: dict, cfg) -> None:
+    """ConfigError naming the first key of FIXED_ON_RESUME whose value differs from the checkpoint's (keys the
+    checkpoint's config lacks, added since it was written, are taken as unchanged)."""
+    current = OmegaConf.to_container(cfg, resolve=True)
+    for group in FIXED_ON_RESUME:
+        old, new = _leaves(saved.get(group) or {}, group), _leaves(current[group], group)
+        for key, value in new.items():
+            if key in old and key not in MOVABLE and old[key] != value:
+                raise ConfigError(f"trainer.resume: {key} is {old[key]!r} in the checkpoint but {value!r} now; a "
+                                  f"resumed run keeps its architecture and data: resume with {key}={old[key]} or "
+                                  "start over with trainer.resume=false in a new hydra.run.dir")
+
+
 def headline(metrics: dict) -> str:
     """The evaluation figures worth a log line, whichever the task reports: loss and bpc (LM), BLEU and chrF."""
     shown = ("loss", "bpc", "bleu", "chrf")
@@ -130,6 +158,7 @@ class Trainer:
         self.losses = LossWindow()  # train losses since the last log step
         self.last_checkpoint = None
         self.resumed_from = None  # (checkpoint path, its step) when the run resumed
+        self.failed = ()  # newer checkpoints the resume skipped: they failed their check
         self.batches = self.task.batches
         self.step, self.tokens_seen, self.best_val, self.wandb_id = 0, 0, math.inf, None
         self.flops_per_token = self.task.flops_per_token()
@@ -151,6 +180,8 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict, weights_only: bool = False) -> None:
+        if not weights_only and "config" in state:  # eval_only may score the weights on other data
+            check_fixed_settings(state["config"], self.cfg)
         try:
             distributed.load_model_state(self.model, state["model"], self.dist)
         except (RuntimeError, KeyError, ValueError) as exc:
@@ -162,6 +193,7 @@ class Trainer:
             return
         distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist)
         self.scheduler.load_state_dict(state["scheduler"])
+        apply_settings(self.optimizer, self.scheduler, self.cfg.optim)  # a changed lr or schedule takes effect
         self.tokens_seen, self.best_val = state["tokens_seen"], state["best_val"]
         self.batches.load_state_dict(state["data"])
         self.wandb_id = state.get("wandb_id")
@@ -174,17 +206,27 @@ class Trainer:
 
     def save(self, is_best: bool) -> None:
         self.guard.check(self.step, self.last_checkpoint)  # a run that has diverged writes no checkpoint
+        self.check_weights_finite()  # nor one whose weights are lost (a step applied with an infinite lr)
         state = self.state_dict()  # on every rank: FSDP gathers the shards
         if self.dist.main:  # enough step files kept for the final checkpoint averaging
             keep = max(self.cfg.trainer.keep_checkpoints, self.cfg.eval.average_last or 0)
             self.last_checkpoint = save_checkpoint(state, self.run_dir / "checkpoints", keep, is_best)
         distributed.barrier(self.dist)  # no rank reads checkpoints/ while rank 0 writes
 
+    def check_weights_finite(self) -> None:
+        """DivergedError unless every weight of every rank is finite: such weights are no recovery point."""
+        bad = sum((~torch.isfinite(distributed.local_part(p.detach()))).sum() for p in self.model.parameters())
+        if distributed.global_max(torch.as_tensor(bad).cpu()) > 0:
+            raise DivergedError(
+                f"weights: {int(bad)} model weights are not finite at step {self.step}, so no checkpoint of it is "
+                f"written; the last good checkpoint is {self.last_checkpoint or 'none (nothing was saved)'}; "
+                "check optim.lr and the other optim.* values, try a trainer.grad_clip or trainer.precision=fp32")
+
     def maybe_resume(self, weights_only: bool = False) -> Path | None:
         target = resume_target(self.cfg.trainer.resume, self.run_dir)
         if target is None:
             return None
-        path, state = load_latest(target, "cpu" if self.dist.active else self.device)
+        path, state, self.failed = load_latest(target, "cpu" if self.dist.active else self.device)
         self.load_state_dict(state, weights_only)
         self.last_checkpoint, self.resumed_from = path, (path, self.step)
         log.info("resumed from %s at step %d", path, self.step)
@@ -255,11 +297,21 @@ class Trainer:
 
     # --- runs --------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
+        lock = RunLock(self.run_dir).acquire() if self.dist.main else None  # one trainer per run folder
+        try:
+            return self._fit()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(self) -> dict:
         t = self.cfg.trainer
         resumed = self.maybe_resume()
-        if resumed is not None and self.dist.main:  # the run's history continues from the checkpoint's step
+        if self.dist.main:  # the run's history continues from the checkpoint's step (from step 0 without one)
+            remove_temp_files(self.run_dir / "checkpoints")
             truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
-            drop_later_checkpoints(self.run_dir / "checkpoints", self.step)
+        if resumed is not None and self.dist.main:
+            drop_later_checkpoints(self.run_dir / "checkpoints", self.step, self.failed)
         logger = self.build_logger(None if resumed is None else self.step)
         self.wandb_id = logger.wandb_id
         val = {}

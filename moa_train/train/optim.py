@@ -18,14 +18,35 @@ def param_groups(model: torch.nn.Module, cfg) -> list:
             (router if p.dim() >= 2 else router_no_decay).append(p)
         else:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    router_lr = cfg.lr * cfg.router_lr_mult
-    groups = [
-        {"name": "decay", "params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lr": cfg.lr},
-        {"name": "router", "params": router, "weight_decay": cfg.router_weight_decay, "lr": router_lr},
-        {"name": "router_no_decay", "params": router_no_decay, "weight_decay": 0.0, "lr": router_lr},
-    ]
+    params = {"decay": decay, "no_decay": no_decay, "router": router, "router_no_decay": router_no_decay}
+    groups = [{"name": name, "params": params[name], **hp} for name, hp in group_settings(cfg).items()]
     return [g for g in groups if g["params"]]
+
+
+def group_settings(cfg) -> dict:
+    """Each parameter group's base lr and weight decay under optim config `cfg`."""
+    router_lr = cfg.lr * cfg.router_lr_mult
+    return {"decay": {"weight_decay": cfg.weight_decay, "lr": cfg.lr},
+            "no_decay": {"weight_decay": 0.0, "lr": cfg.lr},
+            "router": {"weight_decay": cfg.router_weight_decay, "lr": router_lr},
+            "router_no_decay": {"weight_decay": 0.0, "lr": router_lr}}
+
+
+def apply_settings(optimizer: torch.optim.Optimizer, scheduler, cfg) -> None:
+    """After a resume: the config's lr, betas, eps and weight decay replace those the loaded optimizer state
+    carried (load_state_dict restores the saved ones), and the schedule continues from the new base lrs."""
+    settings = group_settings(cfg)
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)  # the current config's schedule, at the resumed step
+    for i, group in enumerate(optimizer.param_groups):
+        hp = settings[group["name"]]
+        group.update(weight_decay=hp["weight_decay"], betas=tuple(cfg.betas), eps=cfg.eps, initial_lr=hp["lr"])
+        lr = hp["lr"] * factor
+        if isinstance(group["lr"], torch.Tensor):  # capturable: a CUDA graph reads this tensor, update in place
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+        scheduler.base_lrs[i] = hp["lr"]
+    scheduler._last_lr = [float(g["lr"]) for g in optimizer.param_groups]
 
 
 def build_optimizer(model: torch.nn.Module, cfg, device: torch.device, capturable: bool = False):

@@ -1,0 +1,81 @@
+"""One training process per run folder: `RUN/train.lock` names the holder (pid and host).
+
+A second trainer on the same folder would overwrite the first one's checkpoints and metrics, so it stops with one
+line naming the holder. A lock left by a process that died (SIGKILL, a crash) on this host is taken over; one of
+another host cannot be judged from here and is named instead. Readers (load_run, eval_only, moa-report) take none.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+from moa_train.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "train.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _holder(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # written halfway by a killed process: nobody holds it
+        return {}
+
+
+class RunLock:
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.me = {"pid": os.getpid(), "host": socket.gethostname()}
+
+    def acquire(self) -> "RunLock":
+        for _ in range(2):  # a second try after removing a stale lock
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                self._clear_stale()
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(self.me) + "\n")
+            return self
+        raise ConfigError(f"hydra.run.dir: {self.path.parent} is held by another training process "
+                          f"({self.path} could not be taken); start one trainer per run folder")
+
+    def check(self) -> None:
+        """ConfigError naming the holder if a live process holds the folder; nothing is taken. The entry point
+        calls it before Hydra writes the folder's .hydra/ and train.log (the lock itself is taken by the trainer)."""
+        holder = _holder(self.path) if self.path.is_file() else {}
+        pid, host = holder.get("pid"), holder.get("host")
+        if holder and (host != self.me["host"] or _alive(pid)):
+            raise ConfigError(f"hydra.run.dir: {self.path.parent} is in use by process {pid} on host {host} "
+                              f"(lock file {self.path}); wait for it to end, or delete the lock file if that "
+                              "process is gone")
+
+    def _clear_stale(self) -> None:
+        """Remove the lock if its holder is a dead process of this host; else refuse, naming the holder."""
+        self.check()
+        log.warning("taking over %s, left by a process that has ended: %s", self.path, _holder(self.path))
+        self.path.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        if _holder(self.path) == self.me:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
