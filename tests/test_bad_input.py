@@ -142,3 +142,10 @@ def test_diverging_run_exits_3(cli, tmp_path, monkeypatch):
     monkeypatch.setattr(LMTask, "loss", nan_loss)
     result = cli("model=mha", "trainer.max_bad_steps=2", "trainer.log_interval=1")
     assert_one_line_error(result, ["trainer.max_bad_steps: 2 steps in a row", "stopped at step 2"], tmp_path, code=3)
+
+
+def test_wandb_logger_without_wandb_names_the_extra(cli, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails, as after a plain scripts/setup.sh
+    result = cli("logger=wandb")
+    assert_one_line_error(result, ["logger=wandb", "[wandb] extra", "pip install -e '.[wandb]'"], tmp_path)
+    assert not (tmp_path / "run").exists()  # refused before Hydra made the run folder
