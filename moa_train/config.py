@@ -189,7 +189,10 @@ def compose_train(overrides: list, return_hydra_config: bool = False):
 
 
 def register_configs() -> None:
+    from moa_train.sweep import register_resolvers
+
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    register_resolvers()  # ${moa.sweep_name:}, in train.yaml's hydra.sweep.dir
 
 
 register_configs()
