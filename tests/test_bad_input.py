@@ -149,3 +149,19 @@ def test_wandb_logger_without_wandb_names_the_extra(cli, tmp_path, monkeypatch):
     result = cli("logger=wandb")
     assert_one_line_error(result, ["logger=wandb", "[wandb] extra", "pip install -e '.[wandb]'"], tmp_path)
     assert not (tmp_path / "run").exists()  # refused before Hydra made the run folder
+
+
+MULTIRUN = {  # (command line after debug=tiny, words the error line holds)
+    "misspelt key in a multirun": ("-m model=mha,moa trainer.max_stepz=5", ["trainer.max_stepz"]),
+    "unknown launcher in a multirun": ("-m model=mha,moa hydra/launcher=nonesuch",
+                                       ["hydra/launcher=nonesuch: no such launcher", "basic", "[launchers]"]),
+    "unknown launcher": ("hydra/launcher=nonesuch", ["hydra/launcher=nonesuch", "[launchers]"]),
+}
+
+
+@pytest.mark.parametrize("case", list(MULTIRUN))
+def test_bad_multirun_override(cli, tmp_path, monkeypatch, case):
+    monkeypatch.chdir(tmp_path)  # where a multirun's default sweep folder would go
+    command, words = MULTIRUN[case]
+    assert_one_line_error(cli(*command.split()), words, tmp_path)
+    assert not (tmp_path / "outputs").exists()

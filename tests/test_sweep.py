@@ -74,7 +74,7 @@ def test_a_sweep_through_a_launcher_plugin_runs_each_job_in_its_own_process(tmp_
                     "hydra.launcher.timeout_min=5")
     assert proc.returncode == 1, proc.stderr[-2000:]  # moa with top_k 9 fails in its own process
     sweep = only_sweep_folder(tmp_path)
-    records = {r["overrides"].split()[1]: r for r in summary(sweep)}
+    records = {next(o for o in r["overrides"].split() if o.startswith("model=")): r for r in summary(sweep)}
     assert records["model=mha"]["status"] == "ok" and records["model=mha"]["steps"] == 2
     assert records["model=moa"]["status"] == "failed" and "model.top_k" in records["model=moa"]["error"]
     assert list(sweep.glob(".submitit/*/*_log.out"))  # the jobs ran under submitit, not in this process
