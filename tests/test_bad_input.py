@@ -3,6 +3,7 @@ naming the key (or the file and line) and what is allowed, no traceback, and no 
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
