@@ -31,17 +31,18 @@ def unswept_name(cfg) -> str:
     """experiment_name without the parts the sweep varies: quickstart-${model.name} swept over model= gives
     `quickstart`; `multirun` when nothing is left or the experiment itself is swept."""
     swept = swept_keys(cfg)
-    template = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["experiment_name"]))["experiment_name"]
     if swept & set(NAME_SOURCES):
         return "multirun"
+    template = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["experiment_name"]))["experiment_name"]
 
-    def part(match: re.Match) -> str:
-        key = match.group(1)
-        varies = any(key == k or key.startswith(k + ".") for k in swept)
-        return "" if varies else str(OmegaConf.select(cfg, key))
+    def varies(key: str) -> bool:
+        return any(key == k or key.startswith(k + ".") for k in swept)
 
-    name = re.sub(r"([-_.])[-_.]+", r"\1", REFERENCE.sub(part, template)).strip("-_.")
-    return name or "multirun"
+    if not any(varies(key) for key in REFERENCE.findall(template)):
+        return str(cfg.experiment_name)
+    kept = REFERENCE.sub(lambda m: "" if varies(m.group(1)) else str(OmegaConf.select(cfg, m.group(1))), template)
+    # the separators a dropped part leaves behind: quickstart- -> quickstart
+    return re.sub(r"([-_.])[-_.]+", r"\1", kept).strip("-_.") or "multirun"
 
 
 def sweep_name(_root_) -> str:

@@ -88,6 +88,7 @@ def sweep_cfg(task: list, params: dict | None = None, name: str = "quickstart-${
 
 @pytest.mark.parametrize("task, params, name, expected", [
     (["trainer.seed=0,1,2"], None, "quickstart-${model.name}", "quickstart-moas_dynamic"),
+    (["trainer.seed=0,1,2"], None, "my__run", "my__run"),  # nothing dropped, nothing tidied
     (["model=mha,moa", "trainer.seed=0,1"], None, "quickstart-${model.name}", "quickstart"),
     (["model.name=mha,moa"], None, "${model.name}-${data.name}", "wikitext2_char"),
     (["trainer.seed=1"], {"model": "choice(mha,moa)"}, "quickstart-${model.name}", "quickstart"),  # Optuna
