@@ -66,8 +66,10 @@ _hydra_main = hydra.main(version_base="1.3", config_path=str(config_dir()), conf
 
 def main() -> None:
     args = sys.argv[1:]
-    plain = not any(a.startswith("-") for a in args)  # a plain run (not -m, --cfg, --help, ...)
-    cfg = precheck(args) if plain else None  # one-line errors before Hydra starts
+    flags = [a for a in args if a.startswith("-")]
+    multirun = flags in (["-m"], ["--multirun"])
+    # one-line errors before Hydra starts, for a run or a multirun (not --cfg, --help, ...)
+    cfg = precheck([a for a in args if a not in flags], multirun) if not flags or multirun else None
     d = distributed.init()  # under torchrun: the process group, before Hydra names the run folder
     if d.active:
         # one run folder for all ranks: train.yaml's hydra.run.dir takes its time stamp from MOA_RUN_STAMP

@@ -33,6 +33,9 @@ def describe(exc: Exception) -> str:
         group, _, name = exc.missing_cfg_file.rpartition("/")
         if group.startswith("hydra/sweeper"):
             return f"{group}={name}: the Optuna sweeper is not installed; pip install -e '.[sweep]'"
+        if group == "hydra/launcher":
+            return (f"{group}={name}: no such launcher; installed: {', '.join(exc.options)} "
+                    f"(pip install -e '.[launchers]' adds joblib, submitit_local, submitit_slurm)")
         return f"{group}={name}: no such config; allowed: {', '.join(group_options(group))}"
     cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
     first = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0]
@@ -40,18 +43,24 @@ def describe(exc: Exception) -> str:
     return f"{key}: {first}" if key else first
 
 
-def precheck(overrides: list):
+def precheck(overrides: list, multirun: bool = False):
     """Compose `train` with the user's overrides, validate it and check that the run folder can be written, before
-    Hydra creates that folder; exit 2 with one line on failure. Returns the composed config (with `hydra`)."""
+    Hydra creates that folder; exit 2 with one line on failure. Returns the composed config (with `hydra`). A
+    multirun (-m) is only composed, and None returned: its jobs may sweep the values that validation would refuse,
+    and each job validates its own config."""
     from moa_train.config import check_writable, compose_train, validate
     from moa_train.train.runlock import RunLock
 
     user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    # hydra/launcher=..., hydra/sweeper=...: plugins, which may not be installed
+    plugins = [o for o in overrides if o.startswith("hydra/")]
     run_dir = [o for o in overrides if o.startswith("hydra.run.dir=")]
     try:
         # sweep syntax (choice(...), a,b) belongs to a sweeper (hparams_search sets the multirun mode itself)
         user = [o.input_line for o in OverridesParser.create().parse_overrides(user) if not o.is_sweep_override()]
-        cfg = compose_train(user + run_dir, return_hydra_config=True)
+        cfg = compose_train(user + plugins + run_dir, return_hydra_config=True)
+        if multirun:
+            return None
         validate(cfg)
         # unresolvable here (${hydra:...} needs a running job): Hydra reports it itself
         folder = OmegaConf.select(cfg, "hydra.run.dir", throw_on_resolution_failure=False)

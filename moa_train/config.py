@@ -6,6 +6,7 @@ what types cannot express (shapes that do not fit, values out of range) before a
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -189,7 +190,10 @@ def compose_train(overrides: list, return_hydra_config: bool = False):
 
 
 def register_configs() -> None:
+    from moa_train.sweep import register_resolvers
+
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    register_resolvers()  # ${moa.sweep_name:}, in train.yaml's hydra.sweep.dir
 
 
 register_configs()
@@ -373,3 +377,6 @@ def validate(cfg, world_size: int = 1) -> None:
     _positive_or_null(e.max_sentences, "eval.max_sentences")
     if cfg.logger.wandb is not None:
         _one_of(cfg.logger.wandb.mode, "logger.wandb.mode", ("auto", "online", "offline", "disabled"))
+        # wandb is an extra: without it the sink would fail only once the run folder exists
+        _check(importlib.util.find_spec("wandb") is not None, "logger=wandb",
+               "the wandb package is not installed; install the [wandb] extra: pip install -e '.[wandb]'")

@@ -1,17 +1,61 @@
-"""Multiruns: a job that fails is recorded in its folder while the others go on, and a summary of every job is
-written at the end (a Hydra callback, configured in configs/train.yaml under hydra.callbacks)."""
+"""Multiruns: one sweep folder per multirun, a job that fails is recorded in its folder while the others go on, and
+a summary of every job is written at the end (a Hydra callback, configured in configs/train.yaml under
+hydra.callbacks)."""
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 SUMMARY_KEYS = ("val/loss", "val/bpc", "val/bleu", "test/loss", "test/bleu", "steps", "step_ms_median")
+NAME_SOURCES = ("experiment", "experiment_name")  # swept, they change the whole name: the folder is `multirun`
+REFERENCE = re.compile(r"\$\{([\w.]+)\}")  # ${model.name}: a plain key, not a resolver call
+
+
+def swept_keys(cfg) -> set:
+    """The keys (dotted keys or config groups) a multirun varies: `a,b`, range(), choice() on its command line
+    (the un-swept config still holds them in hydra.overrides.task) and an Optuna search's params."""
+    task = OverridesParser.create().parse_overrides(list(OmegaConf.select(cfg, "hydra.overrides.task", default=[])))
+    params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
+    return {o.key_or_group for o in task if o.is_sweep_override()} | set(params)
+
+
+def unswept_name(cfg) -> str:
+    """experiment_name without the parts the sweep varies: quickstart-${model.name} swept over model= gives
+    `quickstart`; `multirun` when nothing is left or the experiment itself is swept."""
+    swept = swept_keys(cfg)
+    if swept & set(NAME_SOURCES):
+        return "multirun"
+    template = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["experiment_name"]))["experiment_name"]
+
+    def varies(key: str) -> bool:
+        return any(key == k or key.startswith(k + ".") for k in swept)
+
+    if not any(varies(key) for key in REFERENCE.findall(template)):
+        return str(cfg.experiment_name)
+    kept = REFERENCE.sub(lambda m: "" if varies(m.group(1)) else str(OmegaConf.select(cfg, m.group(1))), template)
+    # the separators a dropped part leaves behind: quickstart- -> quickstart
+    return re.sub(r"([-_.])[-_.]+", r"\1", kept).strip("-_.") or "multirun"
+
+
+def sweep_name(_root_) -> str:
+    """`${moa.sweep_name:}` in hydra.sweep.dir: computed once, on the multirun's un-swept config, then read back
+    by every job (Hydra copies that config's resolver cache into each job's config, as it does for ${now:})."""
+    cache = OmegaConf.get_cache(_root_).setdefault("moa.sweep_name", {})
+    if "name" not in cache:
+        cache["name"] = unswept_name(_root_)
+    return cache["name"]
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("moa.sweep_name", sweep_name, replace=True)
 
 
 def record_failure(run_dir: Path, message: str) -> None:
@@ -33,11 +77,11 @@ def job_record(job_dir: Path) -> dict:
 
 def markdown(records: list) -> str:
     keys = [k for k in SUMMARY_KEYS if any(k in r for r in records)]
-    lines = ["| job | overrides | status | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
+    lines = ["| " + " | ".join(["job", "overrides", "status", *keys]) + " |", "|---" * (3 + len(keys)) + "|"]
     for r in records:
         cells = [f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
         status = r["status"] if r["status"] == "ok" else f"failed: {r['error']}"
-        lines.append(f"| {r['job']} | {r['overrides']} | {status} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([r["job"], r["overrides"], status, *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -47,6 +91,9 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = sorted({p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")})
+        if not jobs:  # jobs written elsewhere would otherwise pass as an empty, successful sweep
+            print(f"error: no job folders in the sweep folder {sweep_dir}", file=sys.stderr)
+            sys.exit(1)
         records = [job_record(j) for j in jobs]
         (sweep_dir / "sweep_summary.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         (sweep_dir / "sweep_summary.md").write_text(markdown(records))

@@ -266,3 +266,26 @@ def test_resume_with_a_changed_architecture_is_refused(cli, tmp_path):
     assert_error_line(cli(*TEN, "model.n_layer=3"),
                       ["trainer.resume: model.n_layer is 2 in the checkpoint but 3 now"])
     assert folder_state(run) == before
+
+
+def test_wandb_logger_without_wandb_names_the_extra(cli, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails, as after a plain scripts/setup.sh
+    result = cli("logger=wandb")
+    assert_one_line_error(result, ["logger=wandb", "[wandb] extra", "pip install -e '.[wandb]'"], tmp_path)
+    assert not (tmp_path / "run").exists()  # refused before Hydra made the run folder
+
+
+MULTIRUN = {  # (command line after debug=tiny, words the error line holds)
+    "misspelt key in a multirun": ("-m model=mha,moa trainer.max_stepz=5", ["trainer.max_stepz"]),
+    "unknown launcher in a multirun": ("-m model=mha,moa hydra/launcher=nonesuch",
+                                       ["hydra/launcher=nonesuch: no such launcher", "basic", "[launchers]"]),
+    "unknown launcher": ("hydra/launcher=nonesuch", ["hydra/launcher=nonesuch", "[launchers]"]),
+}
+
+
+@pytest.mark.parametrize("case", list(MULTIRUN))
+def test_bad_multirun_override(cli, tmp_path, monkeypatch, case):
+    monkeypatch.chdir(tmp_path)  # where a multirun's default sweep folder would go
+    command, words = MULTIRUN[case]
+    assert_one_line_error(cli(*command.split()), words, tmp_path)
+    assert not (tmp_path / "outputs").exists()

@@ -1,6 +1,7 @@
 """Every command line the README shows runs as written (with tiny step counts added), except those it marks
-`[GPU]`, `[multi-node]` or `[full run]` (a paper's whole reproduction). The lines of one README section run in
-order in one fresh folder, so a later line can use what an earlier one made (a run folder, a sweep)."""
+`[GPU]`, `[multi-node]`, `[full run]` (a paper's whole reproduction) or `[SLURM]` (a cluster's scheduler). The
+lines of one README section run in order in one fresh folder, so a later line can use what an earlier one made (a
+run folder, a sweep)."""
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ import pytest
 
 from conftest import REPO, run_main, write_wikitext
 
-MARKERS = ("[GPU]", "[multi-node]", "[full run]")
+MARKERS = ("[GPU]", "[multi-node]", "[full run]", "[SLURM]")
 # added to every training command: a couple of steps, one evaluation batch, a few decoded sentences
 TINY = ("trainer.max_steps=2", "trainer.eval_interval=2", "trainer.eval_iters=1", "trainer.log_interval=1",
         "trainer.device=cpu", "eval.max_sentences=2", "data.max_tokens=512")

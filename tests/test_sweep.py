@@ -1,26 +1,101 @@
-"""Multiruns: a failing job is recorded while the others go on; the sweep summary lists every job."""
+"""Multiruns: a failing job is recorded while the others go on; the sweep summary lists every job; one multirun
+writes one sweep folder, whatever it sweeps and whichever launcher runs its jobs."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from omegaconf import OmegaConf
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_failed_job_does_not_stop_the_sweep(data_root, cache_dir, tmp_path):
+def multirun(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m moa_train -m debug=tiny ...` in `cwd` (so the default sweep folder lands under cwd/outputs)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "moa_train", "-m", "debug=tiny", "trainer.max_steps=2",
+                           "trainer.eval_interval=2", *overrides],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def summary(sweep: Path) -> list:
+    return [json.loads(line) for line in (sweep / "sweep_summary.jsonl").read_text().splitlines()]
+
+
+def only_sweep_folder(cwd: Path) -> Path:
+    folders = [p for p in (cwd / "outputs" / "multiruns").rglob("*") if (p / "multirun.yaml").is_file()]
+    jobs = [p for p in (cwd / "outputs" / "multiruns").rglob(".hydra")]
+    assert len(folders) == 1, folders
+    assert all(folders[0] in job.parents for job in jobs), jobs  # every job inside it
+    return folders[0]
+
+
+def test_failed_job_does_not_stop_the_sweep(tmp_path):
     sweep = tmp_path / "sweep"
-    env = {**os.environ, "MOA_DATA_DIR": str(data_root), "MOA_CACHE_DIR": str(cache_dir)}
-    proc = subprocess.run([sys.executable, "-m", "moa_train", "-m", "debug=tiny", "model=mha,moa",
-                           "trainer.max_steps=3", "model.top_k=2,9", f"hydra.sweep.dir={sweep}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = multirun(ROOT, "model=mha,moa", "model.top_k=2,9", f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "1 of 4 jobs failed" in proc.stderr  # moa with top_k 9 > n_experts 4; mha ignores top_k
-    records = [json.loads(line) for line in (sweep / "sweep_summary.jsonl").read_text().splitlines()]
+    records = summary(sweep)
     assert len(records) == 4
     failed = [r for r in records if r["status"] == "failed"]
     assert len(failed) == 1 and "model=moa" in failed[0]["overrides"] and "model.top_k=9" in failed[0]["overrides"]
     assert "model.top_k" in failed[0]["error"]
-    assert all(r["steps"] == 3 and r["val/loss"] > 0 for r in records if r["status"] == "ok")
+    assert all(r["steps"] == 2 and r["val/loss"] > 0 for r in records if r["status"] == "ok")
     assert (sweep / failed[0]["job"] / "error.txt").is_file()
     assert "failed: error: model.top_k" in (sweep / "sweep_summary.md").read_text()
+
+
+def test_sweeping_the_model_keeps_one_sweep_folder(tmp_path):
+    proc = multirun(tmp_path, "model=mha,moa")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sweep = only_sweep_folder(tmp_path)
+    # named after the experiment without what the sweep varies (quickstart-${model.name}, model swept)
+    assert sweep.parent == tmp_path / "outputs" / "multiruns" / "quickstart"
+    assert [(r["overrides"].split()[-1], r["status"]) for r in summary(sweep)] == [("model=mha", "ok"),
+                                                                                  ("model=moa", "ok")]
+
+
+def test_a_sweep_whose_jobs_all_fail_lists_them_and_exits_1(tmp_path):
+    proc = multirun(tmp_path, "model=mha,moa", "model.n_head=3")  # 3 heads divide no d_model of 32
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "2 of 2 jobs failed" in proc.stderr
+    sweep = only_sweep_folder(tmp_path)
+    records = summary(sweep)
+    assert [r["status"] for r in records] == ["failed", "failed"]
+    assert (sweep / "sweep_summary.md").read_text().startswith("| job | overrides | status |\n|---|---|---|\n")
+    assert all("model.n_head" in r["error"] or "model.head_dim" in r["error"] for r in records)
+
+
+def test_a_sweep_through_a_launcher_plugin_runs_each_job_in_its_own_process(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")  # the [launchers] extra, which [dev] includes
+    proc = multirun(tmp_path, "model=mha,moa", "model.top_k=9", "hydra/launcher=submitit_local",
+                    "hydra.launcher.timeout_min=5")
+    assert proc.returncode == 1, proc.stderr[-2000:]  # moa with top_k 9 fails in its own process
+    sweep = only_sweep_folder(tmp_path)
+    records = {next(o for o in r["overrides"].split() if o.startswith("model=")): r for r in summary(sweep)}
+    assert records["model=mha"]["status"] == "ok" and records["model=mha"]["steps"] == 2
+    assert records["model=moa"]["status"] == "failed" and "model.top_k" in records["model=moa"]["error"]
+    assert list(sweep.glob(".submitit/*/*_log.out"))  # the jobs ran under submitit, not in this process
+
+
+def sweep_cfg(task: list, params: dict | None = None, name: str = "quickstart-${model.name}"):
+    return OmegaConf.create({"experiment_name": name, "model": {"name": "moas_dynamic"},
+                             "data": {"name": "wikitext2_char"},
+                             "hydra": {"overrides": {"task": task}, "sweeper": {"params": params}}})
+
+
+@pytest.mark.parametrize("task, params, name, expected", [
+    (["trainer.seed=0,1,2"], None, "quickstart-${model.name}", "quickstart-moas_dynamic"),
+    (["trainer.seed=0,1,2"], None, "my__run", "my__run"),  # nothing dropped, nothing tidied
+    (["model=mha,moa", "trainer.seed=0,1"], None, "quickstart-${model.name}", "quickstart"),
+    (["model.name=mha,moa"], None, "${model.name}-${data.name}", "wikitext2_char"),
+    (["trainer.seed=1"], {"model": "choice(mha,moa)"}, "quickstart-${model.name}", "quickstart"),  # Optuna
+    (["data=a,b", "model=mha,moa"], None, "${model.name}-${data.name}", "multirun"),
+    (["experiment=moas_table1/mha,moas_table1/moa"], None, "quickstart-${model.name}", "multirun"),
+])
+def test_sweep_folder_is_named_without_the_swept_values(task, params, name, expected):
+    from moa_train.sweep import unswept_name
+
+    assert unswept_name(sweep_cfg(task, params, name)) == expected

@@ -130,6 +130,10 @@ class WandbSink:
                                                 keys=list(choices), title=f"utilisation {site}", xname="step")
             self.run.log({f"charts/utilisation/{site}": chart})
         self.run.finish()
+        # finish() returns before wandb's service has closed the run's file (it finishes the file later, or at
+        # exit, which a launcher's worker process may skip): shutting the service down waits for it
+        if self.wandb.run is None:  # unless another W&B run of this process still needs it
+            self.wandb.teardown()
 
 
 class MetricsLogger:
