@@ -66,8 +66,9 @@ _hydra_main = hydra.main(version_base="1.3", config_path=str(config_dir()), conf
 
 def main() -> None:
     args = sys.argv[1:]
-    if not any(a.startswith("-") for a in args):  # a plain run (not -m, --cfg, --help, ...): one-line errors
-        precheck(args)
+    flags = {a for a in args if a.startswith("-")}
+    if flags <= {"-m", "--multirun"}:  # a run or a multirun (not --cfg, --help, ...): one-line errors
+        precheck([a for a in args if not a.startswith("-")], multirun=bool(flags))
     d = distributed.init()  # under torchrun: the process group, before Hydra names the run folder
     if d.active:
         # one run folder for all ranks: train.yaml's hydra.run.dir takes its time stamp from MOA_RUN_STAMP

@@ -9,10 +9,12 @@ from __future__ import annotations
 import sys
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException, MissingConfigException
+from hydra.core.override_parser.types import ValueType
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from moa_train.config import ConfigError
 from moa_train.paths import config_dir
 
 
@@ -23,34 +25,84 @@ def group_options(group: str) -> list:
     return sorted(n for n in names if not any(part.startswith("_") for part in n.split("/")))
 
 
+def missing_group(missing_cfg_file: str) -> tuple:
+    """(group, name) of a config Hydra could not find: the group is the folder under configs/ (experiments nest one
+    level deeper, so `experiment/unknown/x` is the group `experiment`, not `experiment/unknown`)."""
+    parts = missing_cfg_file.split("/")
+    depth = 2 if parts[0] == "hydra" else 1
+    return "/".join(parts[:depth]), "/".join(parts[depth:])
+
+
 def describe(exc: Exception) -> str:
     """A one-line description of a composition error."""
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
-        group, _, name = exc.missing_cfg_file.rpartition("/")
+        group, name = missing_group(exc.missing_cfg_file)
         if group.startswith("hydra/sweeper"):
             return f"{group}={name}: the Optuna sweeper is not installed; pip install -e '.[sweep]'"
-        return f"{group}={name}: no such config; allowed: {', '.join(group_options(group))}"
+        options = group_options(group) if (config_dir() / group).is_dir() else []
+        return f"{group}={name}: no such config; allowed: {', '.join(options) or 'none (no such group)'}"
     cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
     first = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0]
     key = getattr(cause, "full_key", None)
     return f"{key}: {first}" if key else first
 
 
-def precheck(overrides: list) -> None:
-    """Compose `train` with the user's overrides, validate it and check that the run folder can be written, before
-    Hydra creates that folder; exit 2 with one line on failure."""
-    from moa_train.config import ConfigError, check_writable, compose_train, validate
+def unparsable(override: str) -> str:
+    """Why Hydra's override lexer refused `override`: most often a non-ASCII character, which its grammar allows
+    only inside quotes (and a number only with the digits 0-9)."""
+    key, _, value = override.partition("=")
+    key = key.lstrip("+~")
+    if value.isascii():
+        return f"{override}: not a valid override (see https://hydra.cc/docs/advanced/override_grammar/basic)"
+    if value.lstrip("+-").replace(".", "", 1).isdecimal():
+        return f"{key}: {value!r} holds non-ASCII digits; write the number with the digits 0-9"
+    return (f"{key}: the value {value!r} holds non-ASCII characters, which must be quoted: "
+            f"\"{key}='{value}'\" (the outer quotes for the shell)")
 
-    user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
-    run_dir = [o for o in overrides if o.startswith("hydra.run.dir=")]
+
+def parse(overrides: list) -> list:
     try:
-        # sweep syntax (choice(...), a,b) belongs to a sweeper (hparams_search sets the multirun mode itself)
-        user = [o.input_line for o in OverridesParser.create().parse_overrides(user) if not o.is_sweep_override()]
-        cfg = compose_train(user + run_dir, return_hydra_config=True)
-        validate(cfg)
-        # unresolvable here (${hydra:...} needs a running job): Hydra reports it itself
-        folder = OmegaConf.select(cfg, "hydra.run.dir", throw_on_resolution_failure=False)
-        check_writable(folder or ".", "hydra.run.dir")
+        return OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException:
+        for one in overrides:  # name the override that does not parse
+            try:
+                OverridesParser.create().parse_overrides([one])
+            except OverrideParseException:
+                raise ConfigError(unparsable(one)) from None
+        raise
+
+
+def expanded(parsed: list) -> list:
+    """Override lists to check: the plain overrides with each value of each sweep (`a=1,2`, `choice(...)`,
+    `range(...)`) once, the other sweeps at their first value; an interval (an Optuna search) is left to the
+    sweeper. One list when nothing sweeps."""
+    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
+    sweeps = {}
+    for o in parsed:
+        if o.is_sweep_override() and o.value_type != ValueType.INTERVAL_SWEEP:
+            prefix = "+" if o.is_add() else ("++" if o.is_force_add() else "")
+            sweeps[o.key_or_group] = [f"{prefix}{o.key_or_group}={v}" for v in o.sweep_string_iterator()]
+    runs = [plain + [other[0] for k, other in sweeps.items() if k != key] + [value]
+            for key, values in sweeps.items() for value in values]
+    return runs or [plain]
+
+
+def precheck(overrides: list, multirun: bool = False) -> None:
+    """Compose `train` with the user's overrides (each value of each sweep, in a multirun), validate it and check
+    that the run (or sweep) folder can be written, before Hydra creates that folder; exit 2 with one line on
+    failure."""
+    from moa_train.config import check_writable, compose_train, validate
+
+    folder_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    try:
+        for user in expanded(parse(overrides)):
+            cfg = compose_train(user, return_hydra_config=True)
+            validate(cfg)
+            # unresolvable here (${hydra:...} needs a running job): Hydra reports it itself
+            folder = OmegaConf.select(cfg, folder_key, throw_on_resolution_failure=False)
+            if folder is not None and not str(folder).strip():
+                raise ConfigError(f"{folder_key}: empty; give a folder (the default is under outputs/)")
+            check_writable(folder or ".", folder_key)
     except (HydraException, OmegaConfBaseException, ConfigError) as exc:
         print(f"error: {describe(exc)}", file=sys.stderr)
         sys.exit(2)

@@ -6,6 +6,7 @@ what types cannot express (shapes that do not fit, values out of range) before a
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -259,7 +260,8 @@ def validate(cfg, world_size: int = 1) -> None:
         _check(kv > 0, "model.n_kv_heads", f"must be positive or null, got {kv}")
     for key in ("head_dim", "router_hidden", "n_encoder_layer"):
         _positive_or_null(m[key], f"model.{key}")
-    _check(m.mlp_ratio > 0, "model.mlp_ratio", f"must be positive, got {m.mlp_ratio}")
+    _check(math.isfinite(m.mlp_ratio) and m.mlp_ratio * m.d_model >= 1, "model.mlp_ratio",
+           f"must be finite and give an MLP of at least 1 unit (mlp_ratio * model.d_model >= 1), got {m.mlp_ratio}")
     for key in ("dropout", "gate_dropout"):
         _check(0.0 <= m[key] < 1.0, f"model.{key}", f"must be in [0, 1), got {m[key]}")
     _one_of(m.aux.layer_reduce, "model.aux.layer_reduce", ("mean", "sum"))
@@ -292,7 +294,6 @@ def validate(cfg, world_size: int = 1) -> None:
         _check(1 <= d.max_len < m.max_seq_len, "data.max_len",
                f"{d.max_len} does not leave room for BOS/EOS in model.max_seq_len={m.max_seq_len}; "
                f"valid: 1..{m.max_seq_len - 1}")
-        _check(e.beam >= 1 and e.val_beam >= 1, "eval.beam", f"must be >= 1, got {e.beam} / {e.val_beam}")
         cross = m.cross_attention or m.name
         _check(not cross.startswith("moas"), "model.cross_attention",
                f"{cross} is a self-attention scheme; allowed for cross-attention: mha, gqa, mqa, moa")
@@ -314,6 +315,8 @@ def validate(cfg, world_size: int = 1) -> None:
     for key in ("eval_iters", "eval_batch_size", "grad_clip", "save_interval"):
         _positive_or_null(t[key], f"trainer.{key}")
     _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+    _check(0 <= t.seed < 2 ** 32, "trainer.seed", f"must be in 0..{2 ** 32 - 1} (NumPy's seed range), got {t.seed}")
+    _check_backend(t.compile_backend)
     _check(t.max_bad_steps >= 1, "trainer.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
     _check(0.0 <= t.label_smoothing < 1.0, "trainer.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
     _check(not (t.cuda_graphs and not o.fused), "optim.fused",
@@ -339,5 +342,36 @@ def validate(cfg, world_size: int = 1) -> None:
     _check(s.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
     _check(0.0 <= s.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", f"must be in [0, 1], got {s.min_lr_ratio}")
     _positive_or_null(e.average_last, "eval.average_last")
+    _check_eval(e)
+    _check_name(cfg.experiment_name)
     if cfg.logger.wandb is not None:
         _one_of(cfg.logger.wandb.mode, "logger.wandb.mode", ("auto", "online", "offline", "disabled"))
+
+
+MAX_BEAM = 64  # a beam keeps beam x vocabulary scores per sentence; beyond this it only costs memory (fairseq: 5)
+
+
+def _check_eval(e) -> None:
+    for key in ("beam", "val_beam"):
+        _check(1 <= e[key] <= MAX_BEAM, f"eval.{key}", f"must be in 1..{MAX_BEAM}, got {e[key]}")
+    _check(math.isfinite(e.lenpen), "eval.lenpen", f"must be a finite number (MoA: 0.6), got {e.lenpen}")
+    _check(math.isfinite(e.max_len_a) and e.max_len_a >= 0, "eval.max_len_a",
+           f"must be a finite number >= 0 (MoA: 1.2), got {e.max_len_a}")
+    _check(e.max_len_b >= 0, "eval.max_len_b", f"must be >= 0 (MoA: 10), got {e.max_len_b}")
+
+
+def _check_name(name: str) -> None:
+    """experiment_name is a folder under outputs/: a `..` or an absolute path would write outside it."""
+    parts = Path(str(name)).parts
+    _check(bool(str(name).strip()) and ".." not in parts and not Path(str(name)).is_absolute(), "experiment_name",
+           f"{name!r} would name a folder outside outputs/; allowed: a relative name without '..' (letters, digits, "
+           "- _ . /)")
+
+
+def _check_backend(backend) -> None:
+    if backend is None:
+        return
+    import torch._dynamo  # only when a backend is named: the import takes a moment
+
+    allowed = sorted(b for b in torch._dynamo.list_backends(exclude_tags=()) if "TESTING" not in b)
+    _one_of(backend, "trainer.compile_backend", ("null (the default)", *allowed))

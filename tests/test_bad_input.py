@@ -62,6 +62,25 @@ OVERRIDES = {
     "no data folder": ("data.root=/nonexistent/folder", ["data.root", "MOA_DATA_DIR"]),
     "run folder under a file": ("hydra.run.dir={file}/run", ["hydra.run.dir", "is a file"]),
     "cache folder under a file": ("data.cache_dir={file}/cache", ["data.cache_dir", "is a file"]),
+    "zero-width MLP": ("model.mlp_ratio=0.001", ["model.mlp_ratio", "at least 1 unit"]),
+    "infinite MLP": ("model.mlp_ratio=inf", ["model.mlp_ratio", "finite"]),
+    "negative seed": ("trainer.seed=-1", ["trainer.seed", "0..4294967295"]),
+    "unknown compile backend": ("trainer.compile_backend=foo", ["trainer.compile_backend", "inductor, ", "aot_eager"]),
+    "huge beam": ("eval.beam=100000", ["eval.beam", "1..64"]),
+    "huge val beam": ("eval.val_beam=1000", ["eval.val_beam", "1..64"]),
+    "NaN length penalty": ("eval.lenpen=nan", ["eval.lenpen", "finite"]),
+    "negative max_len_a": ("eval.max_len_a=-1", ["eval.max_len_a", ">= 0"]),
+    "empty run folder": ("hydra.run.dir=", ["hydra.run.dir: empty"]),
+    "experiment name leaving outputs": ("experiment_name=../../x", ["experiment_name", "without '..'"]),
+    "absolute experiment name": ("experiment_name=/tmp/x", ["experiment_name", "relative"]),
+    "unknown nested experiment": ("experiment=unknown/x", ["experiment=unknown/x: no such config",
+                                                           "moas_table1/mha, ", "quickstart"]),
+    "non-ASCII digits": ("trainer.seed=١٢", ["trainer.seed", "non-ASCII digits", "0-9"]),
+    "unquoted non-ASCII path": ("data.root=/tmp/é", ["data.root", "must be quoted", "data.root='/tmp/é'"]),
+    "multirun: unknown model": ("-m model=mha,foo", ["model=foo: no such config", "mha, moa"]),
+    "multirun: bad value in a sweep": ("-m trainer.max_steps=1,-1", ["trainer.max_steps", "positive"]),
+    "multirun: misspelt key": ("-m trainer.max_stepz=1,2", ["trainer.max_stepz"]),
+    "multirun: choice sweep": ("-m model.dropout=choice(0.1,1.5)", ["model.dropout", "[0, 1)"]),
     "unreadable checkpoint": ("trainer.resume={file}", ["checkpoint", "not-a-checkpoint.pt cannot be read"]),
 }
 
@@ -129,6 +148,7 @@ def assert_one_line_error(result: tuple, words: list, tmp_path: Path, code: int 
     for word in words:
         assert word in err_lines[0], err_lines[0]
     assert not list(tmp_path.rglob("step_*.pt"))  # stopped before training
+    assert not any(p.read_text().strip() for p in tmp_path.rglob("metrics.jsonl"))
 
 
 @pytest.mark.parametrize("case", list(OVERRIDES))
@@ -137,6 +157,18 @@ def test_bad_override(cli, tmp_path, case):
     a_file = tmp_path / "not-a-checkpoint.pt"
     a_file.write_text("not a checkpoint")
     assert_one_line_error(cli(*overrides.format(file=a_file).split()), words, tmp_path)
+    if case != "unreadable checkpoint":  # found when the run opens it
+        assert not (tmp_path / "run").exists()  # found before Hydra creates the run folder
+
+
+def test_hydra_overrides_reach_the_precheck(tmp_path):
+    """hydra.searchpath adds config folders: an experiment there is valid (the precheck used to drop hydra.*)."""
+    from moa_train.cli import precheck
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\ntrainer:\n  max_steps: 3\n")
+    precheck(["debug=tiny", f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine",
+              f"hydra.run.dir={tmp_path}/run"])  # no SystemExit
 
 
 @pytest.mark.parametrize("case", list(DATA))
