@@ -115,6 +115,13 @@ DATA = {
                               ["test_2016_flickr.de is not UTF-8 text (line 2)"]),
     "translation empty split": ("multi30k", lambda f: [(f / f"val.{x}").write_text("\n\n") for x in ("en", "de")],
                                 ["data split 'val' is empty", "val.de holds no sentences"]),
+    "short valid split": ("wikitext", lambda f: (f / "valid.txt").write_text(" The game . \n"),
+                          ["data file", "valid.txt: the val split holds 13 tokens", "trainer.block_size=32"]),
+    "short paper split": ("wikitext", lambda f: [(f / name).write_text(  # ~900 characters: 10% is short
+        (f / "train.txt").read_text(encoding="utf-8").splitlines(keepends=True)[0], encoding="utf-8")
+        for name in ("train.txt", "test.txt")],
+        ["the last 10% of", "train.txt: the val split holds", "trainer.block_size=100"],
+        "data.split=moas_paper model.max_seq_len=128 trainer.block_size=100"),
     "translation missing file": ("multi30k", lambda f: (f / "val.de").unlink(), ["missing file", "val.de"]),
 }
 
@@ -173,7 +180,7 @@ def test_hydra_overrides_reach_the_precheck(tmp_path):
 
 @pytest.mark.parametrize("case", list(DATA))
 def test_bad_data_file(cli, data_root, tmp_path, case):
-    layout, damage, words = DATA[case]
+    layout, damage, words, *more = DATA[case]
     root = tmp_path / "data"
     if layout == "wikitext":
         shutil.copytree(data_root / "wikitext-2", root / "wikitext-2")
@@ -182,7 +189,7 @@ def test_bad_data_file(cli, data_root, tmp_path, case):
         write_multi30k(root)
         extra = ["data=multi30k_en_de", "model=mha", "data.max_len=31"]
     damage(root / ("wikitext-2" if layout == "wikitext" else "multi30k"))
-    result = cli(*extra, f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}")
+    result = cli(*extra, *" ".join(more).split(), f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}")
     assert_one_line_error(result, words, tmp_path)
 
 

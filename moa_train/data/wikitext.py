@@ -54,6 +54,18 @@ class TokenData:
     tokenizer: str
 
 
+def check_lengths(data: TokenData, block_size: int) -> None:
+    """Every split must hold a window of block_size tokens and its next-token targets. Checked before the first
+    step: a short valid/test split otherwise surfaces at the first evaluation, after training steps and before any
+    checkpoint."""
+    for name, split in data.splits.items():
+        n = len(split.tokens)
+        if n < block_size + 2:
+            raise DataError(f"data file {split.source or name}: the {name} split holds {n} tokens, too few for "
+                            f"trainer.block_size={block_size} (needs block_size + 2); valid here: "
+                            f"1..{max(n - 2, 0)}, or a longer file")
+
+
 def word_count(text: str) -> int:
     return len(text.split()) + text.count("\n")
 

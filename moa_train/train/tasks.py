@@ -24,11 +24,13 @@ class LMTask:
 
     def __init__(self, cfg, device: torch.device, dist: Dist = Dist()):
         from moa_train.data import load_data
+        from moa_train.data.wikitext import check_lengths
         from moa_train.models import build_model
 
         self.cfg, self.device, self.dist = cfg, device, dist
         self.aux_cfg = OmegaConf.to_object(cfg.model.aux)  # a plain dataclass: no OmegaConf inside compiled code
         self.data = load_data(cfg.data)
+        check_lengths(self.data, cfg.trainer.block_size)
         vocab = cfg.model.vocab_size or self.data.vocab_size
         if vocab < self.data.vocab_size:
             raise ConfigError(f"model.vocab_size: {vocab} is smaller than the data's {self.data.vocab_size}; "
