@@ -346,6 +346,7 @@ def validate(cfg, world_size: int = 1) -> None:
     _check_name(cfg.experiment_name)
     if cfg.logger.wandb is not None:
         _one_of(cfg.logger.wandb.mode, "logger.wandb.mode", ("auto", "online", "offline", "disabled"))
+    check_memory(cfg, world_size)
 
 
 MAX_BEAM = 64  # a beam keeps beam x vocabulary scores per sentence; beyond this it only costs memory (fairseq: 5)
@@ -375,3 +376,44 @@ def _check_backend(backend) -> None:
 
     allowed = sorted(b for b in torch._dynamo.list_backends(exclude_tags=()) if "TESTING" not in b)
     _one_of(backend, "trainer.compile_backend", ("null (the default)", *allowed))
+
+
+def device_memory(device: str) -> tuple:
+    """(bytes, what they are) of the device a run would use: a GPU's total memory, else the machine's RAM."""
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        index = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.cuda.get_device_properties(index).total_memory, f"GPU {index}"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "machine's RAM"
+
+
+def min_train_bytes(cfg, world_size: int = 1) -> tuple:
+    """A lower bound of a rank's training memory: (fp32 weights + gradient + 2 AdamW moments, activations kept for
+    the backward of one micro-batch). It leaves out embeddings, attention scores, dropout masks and the allocator's
+    slack, so a run refused by it cannot fit."""
+    m, t = cfg.model, cfg.trainer
+    translation = cfg.data.name in TRANSLATION_DATA
+    layers = m.n_layer + ((m.n_encoder_layer or m.n_layer) if translation else 0)
+    per_layer = (4 + 2 * m.mlp_ratio) * m.d_model  # q/k/v/out projections and the MLP, per token (or per d_model)
+    tokens = (cfg.data.max_tokens if translation else t.batch_size * t.block_size) / (t.grad_accum * world_size)
+    act_bytes = 2 if t.precision == "bf16" else 4
+    return 16 * layers * per_layer * m.d_model, act_bytes * tokens * layers * per_layer
+
+
+def check_memory(cfg, world_size: int = 1) -> None:
+    """Refuse sizes that cannot fit the device before anything is allocated (a huge batch would otherwise thrash
+    or be killed mid-allocation)."""
+    weights, activations = min_train_bytes(cfg, world_size)
+    total, where = device_memory(cfg.trainer.device)
+    gib = 2 ** 30
+    _check(weights <= total, "model.d_model",
+           f"model.d_model={cfg.model.d_model} x model.n_layer={cfg.model.n_layer} needs at least "
+           f"{weights / gib:,.0f} GiB for weights and optimizer state, more than the {where} ({total / gib:,.0f} GiB)")
+    t = cfg.trainer
+    sizes = (f"data.max_tokens={cfg.data.max_tokens}" if cfg.data.name in TRANSLATION_DATA
+             else f"trainer.batch_size={t.batch_size} x trainer.block_size={t.block_size}")
+    _check(weights + activations <= total, sizes.partition("=")[0],
+           f"{sizes} over trainer.grad_accum={t.grad_accum} micro-batches needs at least "
+           f"{(weights + activations) / gib:,.0f} GiB, more than the {where} ({total / gib:,.0f} GiB); lower it or "
+           "raise trainer.grad_accum")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from moa_train.__main__ import main
 
@@ -77,6 +78,9 @@ OVERRIDES = {
                                                            "moas_table1/mha, ", "quickstart"]),
     "non-ASCII digits": ("trainer.seed=١٢", ["trainer.seed", "non-ASCII digits", "0-9"]),
     "unquoted non-ASCII path": ("data.root=/tmp/é", ["data.root", "must be quoted", "data.root='/tmp/é'"]),
+    "batch that cannot fit": ("trainer.batch_size=100000000", ["trainer.batch_size: ", "needs at least",
+                                                                "raise trainer.grad_accum"]),
+    "model that cannot fit": ("model.d_model=1000000", ["model.d_model", "weights and optimizer state"]),
     "multirun: unknown model": ("-m model=mha,foo", ["model=foo: no such config", "mha, moa"]),
     "multirun: bad value in a sweep": ("-m trainer.max_steps=1,-1", ["trainer.max_steps", "positive"]),
     "multirun: misspelt key": ("-m trainer.max_stepz=1,2", ["trainer.max_stepz"]),
@@ -205,3 +209,31 @@ def test_diverging_run_exits_3(cli, tmp_path, monkeypatch):
     monkeypatch.setattr(LMTask, "loss", nan_loss)
     result = cli("model=mha", "trainer.max_bad_steps=2", "trainer.log_interval=1")
     assert_one_line_error(result, ["trainer.max_bad_steps: 2 steps in a row", "stopped at step 2"], tmp_path, code=3)
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: you tried to allocate "
+                 "1099511627776 bytes."),
+    MemoryError(),
+], ids=["cuda", "cpu", "numpy"])
+def test_out_of_memory_in_the_first_step(cli, tmp_path, monkeypatch, error):
+    from moa_train.train.tasks import LMTask
+
+    def no_memory(self, model, batch, all_aux):
+        raise error
+
+    monkeypatch.setattr(LMTask, "loss", no_memory)
+    assert_one_line_error(cli("model=mha"), ["trainer.batch_size: out of memory in the first training step",
+                                             "trainer.block_size", "trainer.grad_accum"], tmp_path)
+
+
+def test_other_errors_in_the_first_step_stay_bugs(cli, monkeypatch):
+    from moa_train.train.tasks import LMTask
+
+    def broken(self, model, batch, all_aux):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(LMTask, "loss", broken)
+    code, output, _ = cli("model=mha")
+    assert code == 1 and "Traceback" in output and "shapes cannot be multiplied" in output

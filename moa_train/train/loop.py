@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from moa_train.config import ConfigError
+from moa_train.config import TRANSLATION_DATA, ConfigError
 from moa_train.metrics.flops import device_name, peak_flops, peak_kind
 from moa_train.metrics.sinks import MetricsLogger, build_logger, truncate_jsonl
 from moa_train.models.attention.mha import select_sdpa_backend
@@ -81,6 +81,26 @@ def resume_target(resume, run_dir: Path) -> Path | None:
     if not checkpoints_in(target):
         raise ConfigError(f"trainer.resume: {resume!r} is neither a checkpoint file nor a run folder with one")
     return target
+
+
+OOM_WORDS = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """A CUDA or CPU allocation failure (the CPU allocator raises a plain RuntimeError, NumPy a MemoryError)."""
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in OOM_WORDS))
+
+
+def oom_error(cfg, device: torch.device) -> ConfigError:
+    """The one line for an out-of-memory error in the first steps: the sizes are too large for the device."""
+    t = cfg.trainer
+    sizes = (f"data.max_tokens={cfg.data.max_tokens}" if cfg.data.name in TRANSLATION_DATA
+             else f"trainer.batch_size={t.batch_size} x trainer.block_size={t.block_size}")
+    return ConfigError(f"{sizes.partition('=')[0]}: out of memory in the first training step on "
+                       f"{device_name(device)}: {sizes} over trainer.grad_accum={t.grad_accum} micro-batches does not "
+                       f"fit; lower {sizes.partition('=')[0]}"
+                       f"{'' if 'max_tokens' in sizes else ' or trainer.block_size'}, or raise trainer.grad_accum")
 
 
 def headline(metrics: dict) -> str:
@@ -242,6 +262,16 @@ class Trainer:
         self.scheduler.step()
         return out
 
+    def checked_step(self, log_step: bool, steps_run: int) -> tuple:
+        """train_step; an out-of-memory error in this process's first steps (the warm-up and CUDA-graph capture
+        included) is the sizes' fault and becomes one line naming them. A later one stays a bug report."""
+        try:
+            return self.train_step(log_step)
+        except (RuntimeError, MemoryError) as exc:
+            if steps_run > WARMUP_STEPS or not out_of_memory(exc):
+                raise
+            raise oom_error(self.cfg, self.device) from None
+
     def grad_norm(self) -> torch.Tensor:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
@@ -265,12 +295,13 @@ class Trainer:
         val = {}
         bar = progress(total=t.max_steps, initial=self.step, desc="train", unit="step")
         stop = StopSignals().install()
+        first_step = self.step
         try:
             window = self.open_window()
             while self.step < t.max_steps:
                 last = self.step + 1 == t.max_steps
                 log_now = (self.step + 1) % t.log_interval == 0 or last
-                ce, aux, routings, norm, bad = self.train_step(log_now)
+                ce, aux, routings, norm, bad = self.checked_step(log_now, self.step - first_step)
                 self.step += 1
                 self.tokens_seen += self.step_tokens
                 window["steps"] += 1
