@@ -33,7 +33,7 @@ from moa_train.train.checkpoint import (
 from moa_train.train.cuda_graph import WARMUP_STEPS, CapturedStep
 from moa_train.train.guard import NonFiniteGuard
 from moa_train.train.optim import build_optimizer, build_scheduler, lr_factor
-from moa_train.train.preemption import Preempted, StopSignals
+from moa_train.train.preemption import EvaluationStopped, Preempted, StopSignals
 from moa_train.train.tasks import make_task
 from moa_train.train.window import LossWindow
 
@@ -155,6 +155,9 @@ class Trainer:
         self.flops_per_token = self.task.flops_per_token()
         self.peak = peak_flops(self.device, peak_kind(t.precision, t.tf32), cfg.data.cache_dir)
         self.step_ms: list = []
+        self.stop = None  # the StopSignals while training
+        self.pending_eval = False  # a validation stopped by a signal, to be run first by the resumed process
+        self.last_val = {}
 
     # --- state -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -165,6 +168,7 @@ class Trainer:
             "best_val": self.best_val, "data": self.batches.state_dict(),
             "rng": distributed.gather_objects(rng_state(), self.dist) if self.dist.active else rng_state(),
             "wandb_id": self.wandb_id, "guard": self.guard.state_dict(), "window": self.losses.state_dict(),
+            "pending_eval": self.pending_eval,
             "vocab_size": self.model.vocab_size,
             "pad_id": getattr(self.model, "pad_id", None),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -185,6 +189,7 @@ class Trainer:
         self.tokens_seen, self.best_val = state["tokens_seen"], state["best_val"]
         self.batches.load_state_dict(state["data"])
         self.wandb_id = state.get("wandb_id")
+        self.pending_eval = state.get("pending_eval", False)
         if "guard" in state:  # checkpoints written before non-finite steps were skipped lack these two
             self.guard.load_state_dict(state["guard"])
             self.losses.load_state_dict(state["window"])
@@ -277,7 +282,23 @@ class Trainer:
         return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
     def evaluate(self, split: str, prefix: str, final: bool = False) -> dict:
-        return self.task.evaluate(self.forward, split, prefix, self.autocast, final)
+        # a signal ends evaluation in one process only: under torchrun the ranks would leave its collectives at
+        # different batches, so they finish it and agree on the signal at the next log step
+        stop = None if self.dist.active else self.stop
+        return self.task.evaluate(self.forward, split, prefix, self.autocast, final, stop)
+
+    def validate(self, logger) -> bool:
+        """Evaluate the val split at this step and log it; whether it is the best so far. EvaluationStopped by a
+        signal marks the validation pending: the checkpoint written next records it for the resumed process."""
+        self.pending_eval = True
+        val = self.evaluate("val", "val")
+        self.pending_eval = False
+        is_best = val["val/loss"] < self.best_val
+        self.best_val = min(self.best_val, val["val/loss"])
+        logger.log(self.step, {**val, "val/loss_best": self.best_val})
+        log.info("step %d: %s", self.step, headline(val))
+        self.last_val = val
+        return is_best
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -292,11 +313,12 @@ class Trainer:
             drop_later_checkpoints(self.run_dir / "checkpoints", self.step)
         logger = self.build_logger(None if resumed is None else self.step)
         self.wandb_id = logger.wandb_id
-        val = {}
         bar = progress(total=t.max_steps, initial=self.step, desc="train", unit="step")
-        stop = StopSignals().install()
+        self.stop = stop = StopSignals().install()
         first_step = self.step
         try:
+            if self.pending_eval:  # the interrupted process was stopped while validating this step
+                self.save(self.validate(logger))
             window = self.open_window()
             while self.step < t.max_steps:
                 last = self.step + 1 == t.max_steps
@@ -314,11 +336,10 @@ class Trainer:
                     window = self.open_window()
                 is_best = False
                 if self.step % t.eval_interval == 0 or last:
-                    val = self.evaluate("val", "val")
-                    is_best = val["val/loss"] < self.best_val
-                    self.best_val = min(self.best_val, val["val/loss"])
-                    logger.log(self.step, {**val, "val/loss_best": self.best_val})
-                    log.info("step %d: %s", self.step, headline(val))
+                    try:
+                        is_best = self.validate(logger)
+                    except EvaluationStopped:  # the signal is seen below: this step's checkpoint, then the stop
+                        pass
                     window = self.open_window()  # evaluation time is not step time
                 on_save_step = (self.step % t.eval_interval == 0 if t.save_interval is None
                                 else self.step % t.save_interval == 0)
@@ -330,15 +351,18 @@ class Trainer:
                     window = self.open_window()
                 if stopping:
                     raise Preempted(stopping, self.step, self.last_checkpoint, self.run_dir, self.dist.rank)
-            if not val and self.step > 0:  # resumed at max_steps: report the checkpoint's validation loss
-                val = self.evaluate("val", "val")
+            if not self.last_val and self.step > 0:  # resumed at max_steps: report the checkpoint's validation loss
+                self.last_val = self.evaluate("val", "val")
             test = self.final_test()
             logger.log(self.step, test)
+        except EvaluationStopped:  # the final evaluations: the last step's checkpoint is written, resuming reruns them
+            raise Preempted(stop.received, self.step, self.last_checkpoint, self.run_dir, self.dist.rank) from None
         finally:
             bar.close()
             logger.close()
             stop.restore()
-        return self.write_summary({**val, **test})
+            self.stop = None
+        return self.write_summary({**self.last_val, **test})
 
     def final_test(self) -> dict:
         """The test evaluation at the end, on the average of the last `eval.average_last` checkpoints if set."""

@@ -15,6 +15,7 @@ from moa_train.models.routing import aux_losses, weighted_aux
 from moa_train.progress import progress
 from moa_train.train.distributed import Dist, gather_objects, global_sum, rank_share
 from moa_train.train.evaluate import evaluate as evaluate_lm
+from moa_train.train.preemption import check_stop
 
 
 class LMTask:
@@ -56,10 +57,10 @@ class LMTask:
         aux = aux_losses(routings, self.aux_cfg, all_aux)
         return ce + weighted_aux(aux, self.aux_cfg), ce, aux, routings
 
-    def evaluate(self, forward, split: str, prefix: str, autocast, final: bool = False) -> dict:
+    def evaluate(self, forward, split: str, prefix: str, autocast, final: bool = False, stop=None) -> dict:
         t = self.cfg.trainer
         return evaluate_lm(forward, self.data.splits[split], prefix, t.eval_batch_size or t.batch_size,
-                           t.block_size, t.eval_iters, self.device, autocast, self.dist)
+                           t.block_size, t.eval_iters, self.device, autocast, self.dist, stop)
 
     def flops_per_token(self) -> int:
         return self.model.flops_per_token(self.cfg.trainer.block_size)
@@ -106,10 +107,10 @@ class TranslationTask:
         return ce + weighted_aux(aux, self.aux_cfg), ce, aux, routings
 
     @torch.no_grad()
-    def evaluate(self, forward, split: str, prefix: str, autocast, final: bool = False) -> dict:
+    def evaluate(self, forward, split: str, prefix: str, autocast, final: bool = False, stop=None) -> dict:
         """NLL per target token over the split, and BLEU / chrF of the decoded split (beam search at the end of
         training, greedy or the configured val beam during it). Under data parallelism each rank decodes its share
-        of the batches; sums and hypotheses are gathered."""
+        of the batches; sums and hypotheses are gathered. A signal in `stop` ends it before the next batch."""
         from moa_train.data.translation import TokenBatches
         from moa_train.metrics.bleu import corpus_scores, tokenized_bleu
         from moa_train.models.search import beam_search, greedy_search, max_output_len
@@ -125,6 +126,7 @@ class TranslationTask:
                                device=self.device)
         share, rounds = rank_share(batches, self.dist), -(-len(batches) // self.dist.world)
         for batch, mine in progress(share, desc=f"eval {prefix} (beam {beam})", unit="batch", total=rounds):
+            check_stop(stop)
             if not mine:  # translation runs use DDP: no collective in the forward, nothing to keep in step
                 continue
             with autocast():
