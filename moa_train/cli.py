@@ -91,7 +91,7 @@ def precheck(overrides: list, multirun: bool = False) -> None:
     """Compose `train` with the user's overrides (each value of each sweep, in a multirun), validate it and check
     that the run (or sweep) folder can be written, before Hydra creates that folder; exit 2 with one line on
     failure."""
-    from moa_train.config import check_writable, compose_train, validate
+    from moa_train.config import check_run_folder, check_writable, compose_train, validate
 
     folder_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     try:
@@ -102,7 +102,10 @@ def precheck(overrides: list, multirun: bool = False) -> None:
             folder = OmegaConf.select(cfg, folder_key, throw_on_resolution_failure=False)
             if folder is not None and not str(folder).strip():
                 raise ConfigError(f"{folder_key}: empty; give a folder (the default is under outputs/)")
-            check_writable(folder or ".", folder_key)
+            if multirun or folder is None:
+                check_writable(folder or ".", folder_key)
+            else:
+                check_run_folder(folder, cfg, f"{cfg.hydra.job.name}.log")
     except (HydraException, OmegaConfBaseException, ConfigError) as exc:
         print(f"error: {describe(exc)}", file=sys.stderr)
         sys.exit(2)

@@ -223,6 +223,32 @@ def check_writable(path, key: str) -> None:
     _check(os.access(folder, os.W_OK | os.X_OK), key, f"cannot write into {folder}; choose a writable folder")
 
 
+def _writable_file(path: Path, key: str, what: str) -> None:
+    if path.exists() or path.is_symlink():
+        _check(path.is_file(), key, f"{path} ({what}) is not a file; remove it or choose another {key}")
+        _check(os.access(path, os.W_OK), key, f"cannot write {path} ({what}); fix its permissions or choose "
+                                              f"another {key}")
+
+
+def check_run_folder(run_dir, cfg, log_name: str = "train.log", key: str = "hydra.run.dir") -> None:
+    """ConfigError unless what a run writes into `run_dir` can be written: its log, metrics.jsonl, the TensorBoard
+    folder and the checkpoint files. Checked before the first step (a run folder reused from an earlier run, or
+    damaged by hand, failed at the first log or save step, with a traceback)."""
+    run_dir = Path(os.path.expanduser(str(run_dir)))
+    check_writable(run_dir, key)
+    _writable_file(run_dir / log_name, key, "the run's log")
+    _writable_file(run_dir / "metrics.jsonl", key, "the metrics record")
+    tensorboard = cfg.logger.tensorboard
+    if tensorboard is not None:
+        check_writable(run_dir / tensorboard.log_dir, "logger.tensorboard.log_dir")
+    checkpoints = run_dir / "checkpoints"
+    check_writable(checkpoints, key)
+    if checkpoints.is_dir():
+        for path in (*checkpoints.glob("step_*.pt*"), *checkpoints.glob("best.pt*")):
+            _check(not path.is_dir(), key, f"{path} is a folder where a checkpoint file belongs; remove it or "
+                                           f"choose another {key}")
+
+
 def validate(cfg, world_size: int = 1) -> None:
     """Raise ConfigError naming the key and what would be valid; called before any work. `world_size`: the number
     of torchrun processes the global batch is split over."""

@@ -158,8 +158,8 @@ def assert_one_line_error(result: tuple, words: list, tmp_path: Path, code: int 
     assert len(err_lines) == 1 and err_lines[0].startswith("error: "), output
     for word in words:
         assert word in err_lines[0], err_lines[0]
-    assert not list(tmp_path.rglob("step_*.pt"))  # stopped before training
-    assert not any(p.read_text().strip() for p in tmp_path.rglob("metrics.jsonl"))
+    assert not [p for p in tmp_path.rglob("step_*.pt") if p.is_file()]  # stopped before training
+    assert not any(p.is_file() and p.read_text().strip() for p in tmp_path.rglob("metrics.jsonl"))
 
 
 @pytest.mark.parametrize("case", list(OVERRIDES))
@@ -237,3 +237,41 @@ def test_other_errors_in_the_first_step_stay_bugs(cli, monkeypatch):
     monkeypatch.setattr(LMTask, "loss", broken)
     code, output, _ = cli("model=mha")
     assert code == 1 and "Traceback" in output and "shapes cannot be multiplied" in output
+
+
+def _unwritable(monkeypatch, name: str) -> None:
+    """os.access says no for `name` (the tests run as root, for whom chmod changes nothing)."""
+    import os
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path).name != name and real(path, mode, **kw))
+
+
+# (prepare(run folder, monkeypatch), extra overrides, words the error line holds)
+RUN_FOLDER = {
+    "train.log is a folder": (lambda r, mp: (r / "train.log").mkdir(), "", ["hydra.run.dir", "train.log",
+                                                                            "is not a file"]),
+    "metrics.jsonl is a folder": (lambda r, mp: (r / "metrics.jsonl").mkdir(), "", ["metrics.jsonl", "is not a file"]),
+    "unwritable metrics.jsonl": (lambda r, mp: ((r / "metrics.jsonl").write_text(""), _unwritable(mp, "metrics.jsonl")),
+                                 "", ["hydra.run.dir: cannot write", "metrics.jsonl"]),
+    "unwritable train.log": (lambda r, mp: ((r / "train.log").write_text(""), _unwritable(mp, "train.log")),
+                             "", ["hydra.run.dir: cannot write", "train.log"]),
+    "TensorBoard folder is a file": (lambda r, mp: (r / "tensorboard").write_text(""), "logger=tensorboard",
+                                     ["logger.tensorboard.log_dir", "is a file"]),
+    "unwritable TensorBoard folder": (lambda r, mp: ((r / "tensorboard").mkdir(), _unwritable(mp, "tensorboard")),
+                                      "logger=tensorboard", ["logger.tensorboard.log_dir", "cannot write into"]),
+    "checkpoints is a file": (lambda r, mp: (r / "checkpoints").write_text(""), "", ["hydra.run.dir", "is a file"]),
+    "a folder where a checkpoint belongs": (lambda r, mp: (r / "checkpoints" / "step_0000010.pt").mkdir(parents=True),
+                                            "", ["step_0000010.pt is a folder where a checkpoint file belongs"]),
+}
+
+
+@pytest.mark.parametrize("case", list(RUN_FOLDER))
+def test_run_folder_that_cannot_be_written(cli, tmp_path, monkeypatch, case):
+    prepare, extra, words = RUN_FOLDER[case]
+    run = tmp_path / "run"
+    run.mkdir()
+    prepare(run, monkeypatch)
+    before = sorted(run.rglob("*"))
+    assert_one_line_error(cli(*extra.split()), words, tmp_path)
+    assert sorted(run.rglob("*")) == before  # nothing written into it

@@ -464,7 +464,10 @@ class Trainer:
 
 def train(cfg, run_dir: Path) -> dict:
     """Train (or, with trainer.eval_only, evaluate) per `cfg`, writing into `run_dir`; returns summary.json's dict."""
+    from moa_train.config import check_run_folder
+
     run_dir = Path(run_dir)
+    check_run_folder(run_dir, cfg)  # a multirun job or an in-process call has had no precheck
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, run_dir)
     return trainer.eval_only() if cfg.trainer.eval_only else trainer.fit()
