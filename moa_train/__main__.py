@@ -11,10 +11,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from moa_train.cli import precheck
+from moa_train.cli import eval_only_overrides, precheck
 from moa_train.config import ConfigError, validate
 from moa_train.paths import config_dir
-from moa_train.train import distributed
+from moa_train.train import distributed, eval_run
 
 
 def run(cfg) -> float:
@@ -41,7 +41,7 @@ def run(cfg) -> float:
         sys.exit(2)
     try:
         validate(cfg, world)
-        return train(cfg, run_dir).get("val/loss")
+        return train(cfg, run_dir, list(hydra_cfg.overrides.task)).get("val/loss")
     except Preempted as exc:
         print(exc, file=sys.stderr)
         sys.exit(exc.exit_code)
@@ -67,15 +67,17 @@ _hydra_main = hydra.main(version_base="1.3", config_path=str(config_dir()), conf
 def main() -> None:
     args = sys.argv[1:]
     flags = {a for a in args if a.startswith("-")}
-    if flags <= {"-m", "--multirun"}:  # a run or a multirun (not --cfg, --help, ...): one-line errors
-        precheck([a for a in args if not a.startswith("-")], multirun=bool(flags))
+    plain = not flags  # not -m, --cfg, --help, ...
+    checked = flags <= {"-m", "--multirun"}  # a run or a multirun: one-line errors before Hydra starts
+    cfg = precheck([a for a in args if a not in flags], multirun=bool(flags)) if checked else None
     d = distributed.init()  # under torchrun: the process group, before Hydra names the run folder
     if d.active:
         # one run folder for all ranks: train.yaml's hydra.run.dir takes its time stamp from MOA_RUN_STAMP
         os.environ["MOA_RUN_STAMP"] = distributed.shared_run_stamp(d)
-        if not d.main:  # rank 0 alone writes the folder's .hydra/ and train.log; the others print only warnings
-            sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout",
-                         "hydra.job_logging.root.level=WARNING"]
+    if plain and cfg.trainer.eval_only:  # results into RUN/eval/<date_time>/, no new run folder
+        sys.argv = sys.argv[:1] + eval_only_overrides(args, cfg, eval_run.stamp())
+    if d.active and not d.main:  # rank 0 alone writes the folder's .hydra/ and train.log; the others only warn
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING"]
     try:
         _hydra_main()
     finally:

@@ -6,12 +6,15 @@ the key and what would be valid.
 """
 from __future__ import annotations
 
+import os
+import re
 import sys
+from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from moa_train.config import ConfigError
@@ -87,10 +90,10 @@ def expanded(parsed: list) -> list:
     return runs or [plain]
 
 
-def precheck(overrides: list, multirun: bool = False) -> None:
+def precheck(overrides: list, multirun: bool = False):
     """Compose `train` with the user's overrides (each value of each sweep, in a multirun), validate it and check
     that the run (or sweep) folder can be written, before Hydra creates that folder; exit 2 with one line on
-    failure."""
+    failure. Returns the composed config (with `hydra`; in a multirun the last one checked)."""
     from moa_train.config import check_run_folder, check_writable, compose_train, validate
 
     folder_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
@@ -109,3 +112,38 @@ def precheck(overrides: list, multirun: bool = False) -> None:
     except (HydraException, OmegaConfBaseException, ConfigError) as exc:
         print(f"error: {describe(exc)}", file=sys.stderr)
         sys.exit(2)
+    return cfg
+
+
+def _quote(value: str) -> str:
+    """`value` as a Hydra override value: plain where the grammar allows, else a quoted string."""
+    if re.fullmatch(r"[\w./:~+@-]+", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def eval_only_overrides(overrides: list, cfg, stamp: str) -> list:
+    """The overrides of a plain `trainer.eval_only=true` run, redirected so that Hydra writes into
+    RUN/eval/<stamp>/ (eval.log, .hydra/) and nowhere else: RUN is trainer.resume's run folder, or with
+    trainer.resume=auto/true the hydra.run.dir given (whose checkpoint is evaluated). A hydra.run.dir given beside a
+    trainer.resume=PATH is kept as the output folder. Exit 2 with one line where there is no checkpoint or the
+    command line asks for another model than the run's, before any folder exists."""
+    from moa_train.train.checkpoint import CheckpointError
+    from moa_train.train.eval_run import prepare, run_folder
+
+    resume = cfg.trainer.resume
+    given_dir = any(o.startswith("hydra.run.dir=") for o in overrides)
+    by_path = resume not in (True, "true", "auto", False, "false", None)
+    target = Path(os.path.expanduser(str(resume))) if by_path else Path(str(cfg.hydra.run.dir))
+    job = cfg.copy()
+    with open_dict(job):
+        del job["hydra"]  # the job's keys only (hydra's sweep keys resolve only in a running multirun)
+    try:
+        prepare(job, target, overrides)
+    except (ConfigError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    kept = [o for o in overrides if not (o.startswith("trainer.resume=") or
+                                         (o.startswith("hydra.run.dir=") and not by_path))]
+    out = [] if by_path and given_dir else [f"hydra.run.dir={_quote(str(run_folder(target) / 'eval' / stamp))}"]
+    return kept + out + [f"trainer.resume={_quote(str(target.absolute()))}", "hydra.job.name=eval"]

@@ -140,6 +140,9 @@ class EvalConfig:
     max_len_a: float = 1.2  # output length limit: a * source length + b
     max_len_b: int = 10
     average_last: Optional[int] = None  # average the weights of the last N checkpoints before the test evaluation
+    # decode (and score BLEU / chrF on) only the first N sentences of valid and test; null = all. The loss is
+    # always over the whole split. For smoke runs: decoding dominates a short translation run on a CPU
+    max_sentences: Optional[int] = None
 
 
 @dataclass
@@ -370,6 +373,7 @@ def validate(cfg, world_size: int = 1) -> None:
     _positive_or_null(e.average_last, "eval.average_last")
     _check_eval(e)
     _check_name(cfg.experiment_name)
+    _positive_or_null(e.max_sentences, "eval.max_sentences")
     if cfg.logger.wandb is not None:
         _one_of(cfg.logger.wandb.mode, "logger.wandb.mode", ("auto", "online", "offline", "disabled"))
     check_memory(cfg, world_size)

@@ -4,8 +4,10 @@
 
 Every folder holding summary.json under the given paths is a run. The table groups runs by config keys
 (`--group-by`, default model.name) with mean +- std over the runs of a group (seeds); it is written as report.md
-and report.csv. Plots (PNG): validation loss over steps for every run, routing entropy per site over training,
-and per routed run a site x choice utilisation heatmap of the last logged step. report.html shows them together.
+and report.csv. Plots (PNG): validation loss over steps for every run, routing entropy per site over training
+(with its maximum ln C), and per routed run a site x choice utilisation heatmap of the last logged step (colour
+scale fixed at 0..1, so heatmaps compare). report.html shows the tables and the captioned plots together. Runs are
+named by their overrides (.hydra/overrides.yaml) that not every run shares, e.g. `model=moa trainer.seed=1`.
 """
 from __future__ import annotations
 
@@ -13,18 +15,28 @@ import argparse
 import csv
 import html
 import json
+import math
+import re
 import statistics
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from moa_train.metrics.sinks import job_overrides
+
 METRICS = ("val/loss", "val/bpc", "test/loss", "val/bleu", "test/bleu", "step_ms_median", "params_total")
+ROUTING_HEADER = ["run", "site", "entropy (nats)", "max ln C", "utilisation per choice"]
+
+
+def natural_key(path: Path) -> list:
+    """Numbers compared as numbers: a multirun's job 2 before job 10."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(path))]
 
 
 def find_runs(paths: list) -> list:
     runs = []
     for p in map(Path, paths):
-        runs += sorted(s.parent for s in p.rglob("summary.json"))
+        runs += sorted((s.parent for s in p.rglob("summary.json")), key=natural_key)
     return runs
 
 
@@ -33,22 +45,40 @@ def read_metrics(run: Path) -> list:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
 
 
-def last_routing(rows: list) -> dict:
-    """The routing/* values of the last line that has them."""
-    last = {}
+def last_routing(rows: list) -> tuple:
+    """(step, the routing/* values) of the last line that has them; (None, {}) for a dense run."""
+    step, last = None, {}
     for row in rows:
         routing = {k: v for k, v in row.items() if k.startswith("routing/")}
         if routing:
-            last = routing
-    return last
+            step, last = row.get("step"), routing
+    return step, last
 
 
 def load_run_record(run: Path) -> dict:
     cfg_path = run / ".hydra" / "config.yaml"
     cfg = OmegaConf.load(cfg_path) if cfg_path.is_file() else OmegaConf.create({})
     rows = read_metrics(run)
+    step, routing = last_routing(rows)
     return {"run": run, "cfg": cfg, "summary": json.loads((run / "summary.json").read_text()), "rows": rows,
-            "routing": last_routing(rows)}
+            "routing": routing, "routing_step": step, "overrides": job_overrides(run), "label": run.name}
+
+
+def common_overrides(records: list) -> list:
+    """The overrides every run shares: said once on the page, left out of the run names."""
+    if len(records) < 2:
+        return []
+    shared = set.intersection(*(set(r["overrides"]) for r in records))
+    return [o for o in records[0]["overrides"] if o in shared]
+
+
+def run_labels(records: list) -> list:
+    """One name per run: its overrides that not every run shares ('model=moa trainer.seed=1'); the folder name
+    where there are none; the folder added where two runs would share a name."""
+    shared = set(common_overrides(records))
+    labels = [" ".join(o for o in r["overrides"] if o not in shared) or r["run"].name for r in records]
+    return [f"{label} ({r['run'].name})" if labels.count(label) > 1 and label != r["run"].name else label
+            for label, r in zip(labels, records)]
 
 
 def group_key(record: dict, keys: list) -> tuple:
@@ -73,35 +103,58 @@ def group_table(records: list, keys: list) -> list:
     return table
 
 
-def markdown(table: list, keys: list) -> str:
+def number(metric: str, value: float) -> str:
+    if metric == "params_total":
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if metric == "step_ms_median" else f"{value:.4f}"
+
+
+def summary_rows(table: list, keys: list) -> tuple:
+    """(header, rows of text) of the grouped table: mean +- std where a group has several runs."""
     metrics = [m for m in METRICS if any(m in row for row in table)]
-    lines = ["| " + " | ".join([*keys, "runs", *metrics]) + " |", "|---" * (len(keys) + 1 + len(metrics)) + "|"]
+    rows = []
     for row in table:
         cells = [row[k] for k in keys] + [str(row["runs"])]
-        cells += [f"{row[m]:.4f} +- {row[m + ' std']:.4f}" if m in row else "" for m in metrics]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        for m in metrics:
+            spread = f" ± {number(m, row[m + ' std'])}" if m in row and row["runs"] > 1 else ""
+            cells.append(number(m, row[m]) + spread if m in row else "")
+        rows.append(cells)
+    return [*keys, "runs", *metrics], rows
 
 
-def routing_cell(routing: dict) -> str:
-    """'layer0: H 0.93, mha 0.41 / gqa 0.32 / mqa 0.27; layer1: ...' from the final routing metrics."""
-    sites = sorted({k.split("/")[2] for k in routing if k.startswith("routing/entropy/")})
-    parts = []
-    for site in sites:
-        util = {k.split("/")[3]: v for k, v in routing.items() if k.startswith(f"routing/util/{site}/")}
-        shares = " / ".join(f"{c} {v:.2f}" for c, v in util.items())
-        parts.append(f"{site}: H {routing[f'routing/entropy/{site}']:.3f}, {shares}")
-    return "; ".join(parts)
+def site_util(routing: dict, site: str) -> dict:
+    """choice -> share of routing at `site`, in the logged order."""
+    prefix = f"routing/util/{site}/"
+    return {k[len(prefix):]: v for k, v in routing.items() if k.startswith(prefix)}
 
 
-def routing_markdown(records: list, keys: list) -> str:
-    """Per routed run: entropy (nats) and utilisation per site at the last logged step."""
-    routed = [r for r in records if r["routing"]]
-    if not routed:
-        return ""
-    lines = ["", "| run | routing at the last logged step (entropy; utilisation) |", "|---|---|"]
-    lines += [f"| {run_label(r, keys)} | {routing_cell(r['routing'])} |" for r in routed]
-    return "\n".join(lines) + "\n"
+def entropy_sites(routing: dict) -> list:
+    return [k.split("/")[2] for k in routing if k.startswith("routing/entropy/")]
+
+
+def routing_rows(records: list) -> list:
+    """Per routed run and site at the last logged step: entropy, its maximum ln C and the utilisation."""
+    rows = []
+    for r in records:
+        for site in entropy_sites(r["routing"]):
+            util = site_util(r["routing"], site)
+            rows.append([r["label"], site, f"{r['routing'][f'routing/entropy/{site}']:.3f}",
+                         f"{math.log(len(util)):.3f}" if util else "",
+                         " / ".join(f"{c} {v:.2f}" for c, v in util.items())])
+    return rows
+
+
+def markdown_table(header: list, rows: list) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]) + "\n"
+
+
+def markdown(records: list, table: list, keys: list) -> str:
+    text = markdown_table(*summary_rows(table, keys))
+    routing = routing_rows(records)
+    if routing:
+        text += "\nRouting at the last logged step:\n\n" + markdown_table(ROUTING_HEADER, routing)
+    return text
 
 
 def write_csv(table: list, path: Path) -> None:
@@ -112,104 +165,207 @@ def write_csv(table: list, path: Path) -> None:
         writer.writerows(table)
 
 
-def run_label(record: dict, keys: list) -> str:
-    return f"{'/'.join(group_key(record, keys))} ({record['run'].name})"
+# --- plots ---------------------------------------------------------------------------------------------------------
 
-
-def utilisation_figure(routing: dict, title: str):
-    """A site x choice heatmap of the routing/util/<site>/<choice> values (also sent to the dashboards)."""
+def pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    sites = sorted({k.split("/")[2] for k in routing if k.startswith("routing/util/")})
-    choices = list(dict.fromkeys(k.split("/")[3] for k in routing if k.startswith(f"routing/util/{sites[0]}/")))
-    grid = [[routing.get(f"routing/util/{s}/{c}", float("nan")) for c in choices] for s in sites]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(choices), 1 + 0.4 * len(sites)))
-    im = ax.imshow(grid, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(choices)), choices)
-    ax.set_yticks(range(len(sites)), sites, fontsize=7)
-    ax.set_title(title, fontsize=8)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
+    return plt
+
+
+def run_style(i: int, plt) -> dict:
+    """Run i's colour and dash pattern: runs whose curves coincide (seeds of an untrained router at ln C) stay
+    visible as alternating dashes."""
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {"color": colours[i % len(colours)], "ls": ("-", "--", "-.", ":")[i % 4]}
+
+
+def val_loss_figure(records: list):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, r in enumerate(records):
+        pts = [(row["step"], row["val/loss"]) for row in r["rows"] if "val/loss" in row]
+        if pts:
+            ax.plot(*zip(*pts), marker=".", label=r["label"], **run_style(i, plt))
+    ax.set(xlabel="step", ylabel="val/loss (nats per token)", title="Validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), title="run")
     return fig
 
 
-def plot_curves(records: list, keys: list, out: Path) -> list:
-    import matplotlib
+def entropy_figure(routed: list):
+    """One panel per routing site: each run's entropy over training, and a dashed line at ln C, the maximum
+    (C = the number of choices at the site; a site that routes uniformly reaches it)."""
+    plt = pyplot()
+    sites = list(dict.fromkeys(s for r in routed for s in entropy_sites(r["routing"])))
+    ncols = min(len(sites), 3)
+    nrows = math.ceil(len(sites) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3 * nrows), sharex=True, sharey=True, squeeze=False)
+    for ax, site in zip(axes.flat, sites):
+        key = f"routing/entropy/{site}"
+        for i, r in enumerate(routed):
+            pts = [(row["step"], row[key]) for row in r["rows"] if key in row]
+            if pts:
+                ax.plot(*zip(*pts), label=r["label"], lw=2, **run_style(i, plt))
+        counts = sorted({len(site_util(r["routing"], site)) for r in routed} - {0})
+        for c in counts:  # under the runs' lines, which often lie on it
+            ax.axhline(math.log(c), color="grey", ls="--", lw=1, zorder=1, label=f"ln {c}")
+            ax.text(0.02, math.log(c), f"ln {c} (max, {c} choices)", transform=ax.get_yaxis_transform(),
+                    va="bottom", fontsize=7, color="dimgrey")
+        ax.set_ylim(0, 1.1 * math.log(max(counts, default=2)))  # from 0: how far below its maximum a site is
+        ax.set_title(site, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(sites):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("entropy (nats)")
+    handles = [h for h in axes.flat[0].get_lines() if not h.get_label().startswith("ln ")]
+    fig.suptitle("Routing entropy per site")
+    fig.tight_layout()
+    fig.legend(handles, [h.get_label() for h in handles], fontsize=8, title="run", loc="upper left",
+               bbox_to_anchor=(1.0, 0.9))
+    return fig
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def utilisation_figure(routing: dict, title: str):
+    """A site x choice heatmap of the routing/util/<site>/<choice> values (also sent to the dashboards), each cell
+    labelled with its value; the colour scale is fixed at 0..1 so that heatmaps of different runs compare."""
+    import numpy as np
+
+    plt = pyplot()
+    sites = list(dict.fromkeys(k.split("/")[2] for k in routing if k.startswith("routing/util/")))
+    choices = list(dict.fromkeys(c for s in sites for c in site_util(routing, s)))
+    grid = np.array([[routing.get(f"routing/util/{s}/{c}", np.nan) for c in choices] for s in sites])
+    fig, ax = plt.subplots(figsize=(2.5 + 0.8 * len(choices), 1.5 + 0.45 * len(sites)))
+    im = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    for (i, j), v in np.ndenumerate(grid):
+        if not np.isnan(v):  # dark text on viridis' bright upper end, light text on its dark lower end
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="black" if v > 0.5 else "white")
+    ax.set_xticks(range(len(choices)), choices)
+    ax.set_yticks(range(len(sites)), sites, fontsize=8)
+    ax.set(xlabel="choice", ylabel="site")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="share of routing")
+    return fig
+
+
+def plot_curves(records: list, out: Path) -> list:
+    """Write the PNGs; returns (file name, caption) pairs."""
+    plt = pyplot()
     written = []
 
-    def save(fig, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
+    def save(fig, name: str, caption: str) -> None:
+        fig.savefig(out / name, dpi=120, bbox_inches="tight")  # "tight" keeps legends placed outside the axes
         plt.close(fig)
-        written.append(name)
+        written.append((name, caption))
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in records:
-        pts = [(row["step"], row["val/loss"]) for row in r["rows"] if "val/loss" in row]
-        if pts:
-            ax.plot(*zip(*pts), marker=".", label=run_label(r, keys))
-    ax.set(xlabel="step", ylabel="val/loss (nats per token)", title="Validation loss")
-    ax.legend(fontsize=6)
-    save(fig, "val_loss.png")
-
+    save(val_loss_figure(records), "val_loss.png",
+         "Validation loss (nats per token; lower is better) at each evaluation step, one line per run.")
     routed = [r for r in records if r["routing"]]
     if routed:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for r in routed:
-            sites = sorted({k.split("/")[2] for k in r["routing"] if k.startswith("routing/entropy/")})
-            for site in sites:
-                key = f"routing/entropy/{site}"
-                pts = [(row["step"], row[key]) for row in r["rows"] if key in row]
-                ax.plot(*zip(*pts), label=f"{run_label(r, keys)} {site}")
-        ax.set(xlabel="step", ylabel="entropy (nats)", title="Routing entropy per site")
-        ax.legend(fontsize=5)
-        save(fig, "routing_entropy.png")
+        save(entropy_figure(routed), "routing_entropy.png",
+             "Routing entropy (nats, the mean over tokens of the entropy of each token's routing distribution) per "
+             "site over training, one line per routed run. The dashed line is ln C, its maximum (C = the number of "
+             "choices at the site): near it the router spreads tokens evenly; near 0 each token picks one choice.")
     for i, r in enumerate(routed):
-        save(utilisation_figure(r["routing"], f"Utilisation: {run_label(r, keys)}"), f"utilisation_{i}.png")
+        save(utilisation_figure(r["routing"], f"{r['label']} (step {r['routing_step']})"), f"utilisation_{i}.png",
+             f"Utilisation of run {r['label']} at its last logged step ({r['routing_step']}): the share of routing "
+             "each choice (column) receives at each site (row); each site's row sums to 1. The colour scale is "
+             "fixed at 0..1 for every run.")
     return written
 
 
-def write_html(out: Path, table_md: str, images: list) -> None:
-    body = [f"<h1>moa_train report</h1><pre>{html.escape(table_md)}</pre>",
-            '<p>Table as CSV: <a href="report.csv">report.csv</a></p>']
-    body += [f'<figure><img src="{name}" alt="{name}"><figcaption>{name}</figcaption></figure>' for name in images]
-    (out / "report.html").write_text("<!doctype html><html><head><meta charset='utf-8'><title>moa_train report"
-                                     "</title></head><body>" + "\n".join(body) + "</body></html>\n")
+# --- the page ------------------------------------------------------------------------------------------------------
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:1.5em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 2em}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#eee}td:first-child,th:first-child{text-align:left}caption{text-align:left;padding:4px 0;color:#444}
+figure{margin:1.5em 0 2.5em}.heatmaps{display:flex;flex-wrap:wrap;gap:0 2em}
+.heatmaps figure{flex:0 1 520px}figcaption{max-width:60em;color:#444}img{max-width:100%}code{background:#f3f3f3}"""
+
+
+def html_table(header: list, rows: list, caption: str) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>\n" for row in rows)
+    return (f"<table><caption>{html.escape(caption)}</caption>\n<thead><tr>{head}</tr></thead>\n"
+            f"<tbody>{body}</tbody></table>")
+
+
+def runs_rows(records: list, root: Path | None) -> list:
+    """Per run: its name, its folder (relative to the one folder given), steps and final losses."""
+    rows = []
+    for r in records:
+        run, summary = r["run"].resolve(), r["summary"]
+        folder = run.relative_to(root) if root and run.is_relative_to(root) else run
+        losses = [number(m, summary[m]) if isinstance(summary.get(m), (int, float)) else "" for m in
+                  ("val/loss", "test/loss")]
+        rows.append([r["label"], str(folder), summary.get("steps", ""), *losses])
+    return rows
+
+
+def intro(records: list, root: Path | None) -> str:
+    where = f" under <code>{html.escape(str(root))}</code>" if root else ""
+    shared = common_overrides(records)
+    common = f" Overrides common to every run: <code>{html.escape(' '.join(shared))}</code>." if shared else ""
+    return f"<h1>moa_train report</h1><p>{len(records)} runs{where}.{common}</p>"
+
+
+def write_html(out: Path, records: list, table: list, keys: list, images: list, root: Path | None = None) -> None:
+    parts = [intro(records, root)]
+    parts.append(html_table(*summary_rows(table, keys),
+                            f"Runs grouped by {', '.join(keys)}: mean ± std over each group's runs (seeds). Losses "
+                            "in nats per token, step_ms_median in milliseconds. Also as report.csv."))
+    parts.append(html_table(["run", "folder", "steps", "val/loss", "test/loss"], runs_rows(records, root),
+                            "Every run, named by the overrides not every run shares, and its folder."))
+    routing = routing_rows(records)
+    if routing:
+        parts.append(html_table(ROUTING_HEADER, routing, "Routing at each run's last logged step: the entropy of the "
+                                "routing distribution (nats), its maximum ln C, and each choice's share."))
+    figures = {name: f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, caption in images}
+    parts += [f for name, f in figures.items() if not name.startswith("utilisation_")]
+    heatmaps = [f for name, f in figures.items() if name.startswith("utilisation_")]
+    if heatmaps:  # side by side, to compare runs at a glance
+        parts.append('<div class="heatmaps">' + "\n".join(heatmaps) + "</div>")
+    (out / "report.html").write_text("<!doctype html>\n<html><head><meta charset='utf-8'><title>moa_train report"
+                                     f"</title><style>{CSS}</style></head><body>\n" + "\n".join(parts)
+                                     + "\n</body></html>\n", encoding="utf-8")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="moa-report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="*", help="run folders or folders holding them (multiruns)")
     parser.add_argument("--paper-tables", action="store_true",
-                        help="rebuild docs/results/moas_table1.* and translation.* from docs/results/runs/")
+                        help="rebuild docs/results/moas_table1.* and translation.* from docs/results/runs/ "
+                             "(into --out when given)")
     parser.add_argument("--out", type=Path, help="folder for report.{md,csv,html} and the PNGs (default: print)")
     parser.add_argument("--group-by", nargs="+", default=["model.name"], help="config keys to group runs by")
     args = parser.parse_args(argv)
     if args.paper_tables:
         from moa_train.results import moas_table1, translation
 
-        moas_table1.main(["--tables-only"])
-        translation.main(["--tables-only"])
+        for name, module in (("moas_table1", moas_table1), ("translation", translation)):  # --out: elsewhere
+            module.main(["--tables-only"] + ([] if args.out is None else ["--out", str(args.out / name)]))
         return
     records = [load_run_record(r) for r in find_runs(args.paths)]
     if not records:
         raise SystemExit(f"error: no run folder (with summary.json) under {', '.join(args.paths)}")
+    for record, label in zip(records, run_labels(records)):
+        record["label"] = label
     table = group_table(records, args.group_by)
-    table_md = markdown(table, args.group_by) + routing_markdown(records, args.group_by)
+    table_md = markdown(records, table, args.group_by)
     print(table_md, end="")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "report.md").write_text(table_md)
         write_csv(table, args.out / "report.csv")
-        write_html(args.out, table_md, plot_curves(records, args.group_by, args.out))
-
+        root = Path(args.paths[0]).resolve() if len(args.paths) == 1 else None
+        write_html(args.out, records, table, args.group_by, plot_curves(records, args.out), root)
 
 if __name__ == "__main__":
     main()

@@ -5,6 +5,7 @@ Nothing here reads ../shared/data or the network; every test that trains does so
 from __future__ import annotations
 
 import json
+import logging
 import random
 import sys
 from pathlib import Path
@@ -169,6 +170,39 @@ def train_run(make_cfg):
         validate(cfg)
         summary = train(cfg, run_dir)
         return summary, read_jsonl(run_dir / "metrics.jsonl")
+    return _run
+
+
+def run_main(argv: list, monkeypatch, capsys) -> tuple:
+    """(exit code, stdout + stderr, stderr lines) of `moa-train ARGV` run in-process."""
+    monkeypatch.setattr(sys, "argv", ["moa-train", *argv])
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    code = 0
+    try:
+        from moa_train.__main__ import main
+
+        main()
+    except SystemExit as stopped:
+        code = stopped.code
+    finally:  # Hydra configured logging for the job: leave the test session's as it was
+        for handler in set(root.handlers) - set(handlers):
+            handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    out = capsys.readouterr()
+    return code, out.out + out.err, [line for line in out.err.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys, tmp_path):
+    """cli(*overrides) -> run_main's (code, output, stderr lines) of `moa-train debug=tiny trainer.device=cpu ...`;
+    the run folder is tmp_path/run unless hydra.run.dir is given or `run_dir=False` (Hydra's default under the
+    cwd)."""
+    def _run(*overrides: str, run_dir: bool = True) -> tuple:
+        given = not run_dir or any(o.startswith("hydra.run.dir=") for o in overrides)
+        folder = [] if given else [f"hydra.run.dir={tmp_path}/run"]
+        return run_main(["debug=tiny", "trainer.device=cpu", *folder, *overrides], monkeypatch, capsys)
     return _run
 
 

@@ -2,15 +2,12 @@
 naming the key (or the file and line) and what is allowed, no traceback, and no training."""
 from __future__ import annotations
 
-import logging
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from moa_train.__main__ import main
 
 # (overrides on top of debug=tiny, words the error line holds)
 OVERRIDES = {
@@ -128,27 +125,6 @@ DATA = {
         "data.split=moas_paper model.max_seq_len=128 trainer.block_size=100"),
     "translation missing file": ("multi30k", lambda f: (f / "val.de").unlink(), ["missing file", "val.de"]),
 }
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys, tmp_path):
-    """cli(*overrides) -> (exit code, stdout + stderr, stderr lines) of `moa-train debug=tiny ...` in-process."""
-    def _run(*overrides: str) -> tuple:
-        run_dir = [] if any(o.startswith("hydra.run.dir=") for o in overrides) else [f"hydra.run.dir={tmp_path}/run"]
-        monkeypatch.setattr(sys, "argv", ["moa-train", "debug=tiny", "trainer.device=cpu", *run_dir, *overrides])
-        root = logging.getLogger()
-        handlers, level = root.handlers[:], root.level
-        try:
-            with pytest.raises(SystemExit) as stopped:
-                main()
-        finally:  # Hydra configured logging for the job: leave the test session's as it was
-            for handler in set(root.handlers) - set(handlers):
-                handler.close()
-            root.handlers[:] = handlers
-            root.setLevel(level)
-        out = capsys.readouterr()
-        return stopped.value.code, out.out + out.err, [line for line in out.err.splitlines() if line.strip()]
-    return _run
 
 
 def assert_one_line_error(result: tuple, words: list, tmp_path: Path, code: int = 2) -> None:

@@ -136,7 +136,7 @@ def test_eval_only_and_checkpoint_averaging_on_two_ranks(train_run, data_root, c
     evaluate = ("trainer.eval_only=true", f"trainer.resume={tmp_path / 'one'}")
     alone, _ = train_run(tmp_path / "eval_one", *common, *evaluate)
     torchrun(tmp_path, data_root, cache_dir, "debug=tiny", *common, *evaluate, f"hydra.run.dir={tmp_path / 'eval_two'}")
-    shared = json.loads((tmp_path / "eval_two" / "summary.json").read_text())
+    shared = json.loads((tmp_path / "eval_two" / "eval.json").read_text())
     for key in ("val/loss", "test/loss"):
         assert shared[key] == pytest.approx(alone[key], abs=TOL), key
 

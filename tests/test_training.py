@@ -107,7 +107,7 @@ def test_load_run_returns_checkpoint_weights(finished_run):
 def test_eval_only_matches_loaded_model(finished_run, train_run, make_cfg, tmp_path):
     run_dir, _ = finished_run
     _, records = train_run(tmp_path, "model=moa", *TINY, "trainer.eval_only=true", f"trainer.resume={run_dir}")
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((tmp_path / "eval.json").read_text())
     assert summary["steps"] == 20
     assert not list((tmp_path / "checkpoints").glob("*.pt"))  # evaluation writes no checkpoint
     assert not train_lines(records)

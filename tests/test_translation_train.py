@@ -1,8 +1,10 @@
 """Translation end to end on a tiny copy task (target = source): mha (4 heads) and moa (4 of 8 experts) both learn
 it to a high BLEU."""
 import random
+from contextlib import nullcontext
 
 import pytest
+import torch
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega").split()
@@ -51,6 +53,44 @@ def test_copy_task_reaches_high_bleu(compose_cfg, copy_root, tmp_path, model, st
     cfg.trainer.eval_only, cfg.trainer.resume = True, str(tmp_path)  # the last checkpoint, not averaged
     evaluated = train(cfg, tmp_path / "eval_only")
     assert evaluated["test/bleu"] > 80 and "val/bleu" in evaluated, evaluated
+
+
+def test_debug_tiny_makes_a_translation_experiment_a_smoke_run(cli, tmp_path):
+    """`experiment=multi30k/mha debug=tiny` composes and runs as given (no data.max_len to add), decoding only the
+    first eval.max_sentences valid/test sentences; the loss still covers the whole split."""
+    import json
+
+    rng = random.Random(1)
+    folder = tmp_path / "data" / "multi30k"
+    folder.mkdir(parents=True)
+    for stem, n in (("train", 300), ("val", 50), ("test_2016_flickr", 40)):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(n)]
+        for lang in ("en", "de"):
+            (folder / f"{stem}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code, output, _ = cli("experiment=multi30k/mha", f"data.root={tmp_path / 'data'}",
+                          f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=300")
+    assert code == 0, output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 20
+    assert summary["val/bleu_sentences"] == summary["test/bleu_sentences"] == 16
+    assert "first 16 of 50 sentences" in output and "first 16 of 40 sentences" in output
+
+
+def test_max_sentences_bounds_decoding_not_the_loss(compose_cfg, copy_root, tmp_path):
+    from moa_train.train.tasks import TranslationTask
+
+    cfg = compose_cfg("experiment=multi30k/mha", "debug=tiny", "data=wmt14_en_de", f"data.root={copy_root}",
+                      "data.vocab_size=300", "trainer.device=cpu")
+    task = TranslationTask(cfg, torch.device("cpu"))
+    decoded = []
+    original = task._decode
+    task._decode = lambda data, *a: decoded.append(len(data)) or original(data, *a)
+    bounded = task.evaluate(task.model, "val", "val", nullcontext)
+    cfg.eval.max_sentences = None
+    full = task.evaluate(task.model, "val", "val", nullcontext)
+    assert decoded == [16, 40]
+    assert bounded["val/loss"] == full["val/loss"]  # the loss covers the whole split either way
+    assert "val/bleu_sentences" not in full
 
 
 def test_a_stop_signal_ends_translation_evaluation(compose_cfg, tmp_path):

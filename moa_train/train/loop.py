@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from moa_train.config import TRANSLATION_DATA, ConfigError
+from moa_train.config import TRANSLATION_DATA, ConfigError, check_run_folder
 from moa_train.metrics.flops import device_name, peak_flops, peak_kind
 from moa_train.metrics.sinks import MetricsLogger, build_logger, truncate_jsonl
 from moa_train.models.attention.mha import select_sdpa_backend
 from moa_train.models.routing import detached, routing_metrics
 from moa_train.progress import progress
-from moa_train.train import distributed
+from moa_train.train import distributed, eval_run
 from moa_train.train.checkpoint import (
     CheckpointError, average_checkpoints, checkpoints_in, drop_later_checkpoints, load_latest, rng_state,
     save_checkpoint, set_rng_state, step_checkpoints)
@@ -426,7 +426,10 @@ class Trainer:
         return logged
 
     def eval_only(self) -> dict:
-        if self.maybe_resume(weights_only=True) is None:
+        """Valid and test of the checkpoint trainer.resume names; eval.json in the run folder (summary.json is the
+        training run's, never written here)."""
+        path = self.maybe_resume(weights_only=True)
+        if path is None:
             raise ConfigError("trainer.eval_only: no checkpoint found; set trainer.resume=PATH to a checkpoint "
                               "file or run folder")
         metrics = {**self.evaluate("val", "val"), **self.evaluate("test", "test", final=True)}
@@ -434,9 +437,9 @@ class Trainer:
         logger.log(self.step, metrics)
         logger.close()
         log.info("eval_only: %s", headline(metrics))
-        return self.write_summary(metrics)
+        return self.write_summary({**metrics, "checkpoint": str(Path(path).resolve())}, "eval.json")
 
-    def write_summary(self, metrics: dict) -> dict:
+    def write_summary(self, metrics: dict, name: str = "summary.json") -> dict:
         steady = self.step_ms[1:] if len(self.step_ms) > 1 else self.step_ms  # the first window holds warm-up
         summary = {
             "params_total": self.model.num_params(non_embedding=False),
@@ -458,16 +461,33 @@ class Trainer:
         if getattr(self.task, "last_signature", None):
             summary["bleu_signature"] = self.task.last_signature
         if self.dist.main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            (self.run_dir / name).write_text(json.dumps(summary, indent=1))
         return summary
 
 
-def train(cfg, run_dir: Path) -> dict:
-    """Train (or, with trainer.eval_only, evaluate) per `cfg`, writing into `run_dir`; returns summary.json's dict."""
-    from moa_train.config import check_run_folder
-
+def train(cfg, run_dir: Path, overrides: list | None = None) -> dict:
+    """Train per `cfg`, writing into `run_dir`; returns summary.json's dict. With trainer.eval_only, evaluate the
+    checkpoint trainer.resume names with the run's own config (see eval_run), writing eval.json into `run_dir`
+    (trainer.resume=auto/true: into `run_dir`/eval/<date_time>/); `overrides` are the command line's, whose
+    evaluation settings apply."""
     run_dir = Path(run_dir)
+    if cfg.trainer.eval_only:
+        cfg, run_dir = eval_run.prepare(cfg, run_dir, overrides)
     check_run_folder(run_dir, cfg)  # a multirun job or an in-process call has had no precheck
     run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     trainer = Trainer(cfg, run_dir)
-    return trainer.eval_only() if cfg.trainer.eval_only else trainer.fit()
+    log.info("%s", banner(trainer))
+    summary = trainer.eval_only() if cfg.trainer.eval_only else trainer.fit()
+    log.info("done: %s | wall %.1f s | run folder %s", headline(summary), time.perf_counter() - start, run_dir)
+    return summary
+
+
+def banner(trainer: Trainer) -> str:
+    """The run's first line: what is trained, how big, where, and the folder that will hold its results."""
+    cfg, model, device = trainer.cfg, trainer.model, trainer.device
+    where = device_name(device) if device.type == "cpu" else f"{device} ({device_name(device)})"
+    if trainer.dist.active:
+        where += f" x {trainer.dist.world} processes"
+    return (f"run: model {cfg.model.name} on {cfg.data.name} | {model.num_params(non_embedding=False):,} parameters "
+            f"({model.num_params():,} non-embedding) | device {where} | run folder {trainer.run_dir}")

@@ -3,6 +3,7 @@ build the model, draw a training batch, compute the loss, evaluate a split, coun
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -16,6 +17,8 @@ from moa_train.progress import progress
 from moa_train.train.distributed import Dist, gather_objects, global_sum, rank_share
 from moa_train.train.evaluate import evaluate as evaluate_lm
 from moa_train.train.preemption import check_stop
+
+log = logging.getLogger(__name__)
 
 
 class LMTask:
@@ -109,31 +112,64 @@ class TranslationTask:
     @torch.no_grad()
     def evaluate(self, forward, split: str, prefix: str, autocast, final: bool = False, stop=None) -> dict:
         """NLL per target token over the split, and BLEU / chrF of the decoded split (beam search at the end of
-        training, greedy or the configured val beam during it). Under data parallelism each rank decodes its share
-        of the batches; sums and hypotheses are gathered. A signal in `stop` ends it before the next batch."""
-        from moa_train.data.translation import TokenBatches
+        training, greedy or the configured val beam during it; the first eval.max_sentences sentences where set).
+        Under data parallelism each rank takes its share of the batches; sums and hypotheses are gathered. A signal
+        in `stop` (the trainer's StopSignals) ends it before the next batch (EvaluationStopped)."""
         from moa_train.metrics.bleu import corpus_scores, tokenized_bleu
-        from moa_train.models.search import beam_search, greedy_search, max_output_len
 
-        e, d, model = self.cfg.eval, self.data, self.model
+        e, model = self.cfg.eval, self.model
         was_training = model.training
         model.eval()
-        data = d.splits[split]
-        total, count = 0.0, 0
-        hyps = {}  # sentence index -> detokenised hypothesis
+        data = self.data.splits[split]
+        n = len(data) if e.max_sentences is None else min(e.max_sentences, len(data))
+        decoded = data if n == len(data) else first_pairs(data, n)
+        loss = self._nll(forward, data, prefix, autocast, stop)
         beam = e.beam if final else e.val_beam
+        hyps = self._decode(decoded, f"{prefix} (beam {beam})", beam, autocast, stop)
+        model.train(was_training)
+        scores = corpus_scores(hyps, decoded.tgt_text)
+        out = {f"{prefix}/loss": loss, f"{prefix}/ppl": math.exp(min(loss, 50.0)), f"{prefix}/bleu": scores["bleu"],
+               f"{prefix}/chrf": scores["chrf"], f"{prefix}/bleu_tok": tokenized_bleu(hyps, decoded.tgt_text)}
+        if n < len(data):
+            out[f"{prefix}/bleu_sentences"] = n
+            log.info("%s: BLEU and chrF on the first %d of %d sentences (eval.max_sentences)", prefix, n, len(data))
+        self.last_signature = scores["bleu_signature"]
+        return out
+
+    def _my_batches(self, data, desc: str, stop=None):
+        """This rank's share of the split's batches (length-sorted, as many rounds on every rank); a signal in
+        `stop` ends them."""
+        from moa_train.data.translation import TokenBatches
+
+        d = self.data
         batches = TokenBatches(data, self.cfg.data.max_tokens, d.pad_id, d.bos_id, d.eos_id, shuffle=False,
                                device=self.device)
-        share, rounds = rank_share(batches, self.dist), -(-len(batches) // self.dist.world)
-        for batch, mine in progress(share, desc=f"eval {prefix} (beam {beam})", unit="batch", total=rounds):
+        share = rank_share(batches, self.dist)
+        # translation runs use DDP: no collective in the forward, so a rank skips the batches of others
+        for batch, mine in progress(share, desc=desc, unit="batch", total=-(-len(batches) // self.dist.world)):
             check_stop(stop)
-            if not mine:  # translation runs use DDP: no collective in the forward, nothing to keep in step
-                continue
+            if mine:
+                yield batch
+
+    def _nll(self, forward, data, prefix: str, autocast, stop=None) -> float:
+        """Cross-entropy per real target token over the whole split (every rank's sums gathered)."""
+        total, count = 0.0, 0
+        for batch in self._my_batches(data, f"eval {prefix} (loss)", stop):
             with autocast():
                 logits, _ = forward(batch["src"], batch["tgt_in"])
             total += F.cross_entropy(logits.flatten(0, 1).float(), batch["tgt_out"].flatten(),
-                                     ignore_index=d.pad_id, reduction="sum").item()
+                                     ignore_index=self.data.pad_id, reduction="sum").item()
             count += int(batch["n_tokens"])
+        total, count = global_sum(torch.tensor([total, count], dtype=torch.float64, device=self.device)).tolist()
+        return total / max(count, 1)
+
+    def _decode(self, data, desc: str, beam: int, autocast, stop=None) -> list:
+        """Detokenised hypotheses of every sentence of `data`, in order (every rank's gathered)."""
+        from moa_train.models.search import beam_search, greedy_search, max_output_len
+
+        d, e, model = self.data, self.cfg.eval, self.model
+        hyps = {}  # sentence index -> detokenised hypothesis
+        for batch in self._my_batches(data, f"eval {desc}", stop):
             src_mask = batch["src"] != d.pad_id
             max_len = min(max_output_len(src_mask, e.max_len_a, e.max_len_b), self.cfg.model.max_seq_len - 1)
             with autocast():
@@ -144,20 +180,20 @@ class TranslationTask:
                                       beam=beam, lenpen=e.lenpen)
             for i, ids in zip(batch["index"].tolist(), out):
                 hyps[i] = d.decode(ids)
-        model.train(was_training)
-        total, count = global_sum(torch.tensor([total, count], dtype=torch.float64, device=self.device)).tolist()
         hyps = {i: text for part in gather_objects(hyps, self.dist) for i, text in part.items()}
-        hyps = [hyps[i] for i in range(len(data.src))]
-        loss = total / max(count, 1)
-        scores = corpus_scores(hyps, data.tgt_text)
-        out = {f"{prefix}/loss": loss, f"{prefix}/ppl": math.exp(min(loss, 50.0)), f"{prefix}/bleu": scores["bleu"],
-               f"{prefix}/chrf": scores["chrf"], f"{prefix}/bleu_tok": tokenized_bleu(hyps, data.tgt_text)}
-        self.last_signature = scores["bleu_signature"]
-        return out
+        return [hyps[i] for i in range(len(data.src))]
 
     def flops_per_token(self) -> int:
         """At the mean target length of the training pairs (attention cost grows with it)."""
         return self.model.flops_per_token(round(float(self.batches.tgt_len.mean())))  # lengths with EOS
+
+
+def first_pairs(split, n: int):
+    """The first `n` sentence pairs of a split (in file order)."""
+    from dataclasses import replace
+
+    return replace(split, src=split.src[:n], tgt=split.tgt[:n], src_text=split.src_text[:n],
+                   tgt_text=split.tgt_text[:n])
 
 
 def make_task(cfg, device: torch.device, dist: Dist = Dist()):
