@@ -75,14 +75,17 @@ def parse(overrides: list) -> list:
         raise
 
 
+ENUMERABLE = (ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP, ValueType.RANGE_SWEEP)
+
+
 def expanded(parsed: list) -> list:
     """Override lists to check: the plain overrides with each value of each sweep (`a=1,2`, `choice(...)`,
-    `range(...)`) once, the other sweeps at their first value; an interval (an Optuna search) is left to the
-    sweeper. One list when nothing sweeps."""
+    `range(...)`) once, the other sweeps at their first value; an interval (an Optuna search) or a glob is left to
+    the sweeper. One list when nothing sweeps."""
     plain = [o.input_line for o in parsed if not o.is_sweep_override()]
     sweeps = {}
     for o in parsed:
-        if o.is_sweep_override() and o.value_type != ValueType.INTERVAL_SWEEP:
+        if o.value_type in ENUMERABLE:
             prefix = "+" if o.is_add() else ("++" if o.is_force_add() else "")
             sweeps[o.key_or_group] = [f"{prefix}{o.key_or_group}={v}" for v in o.sweep_string_iterator()]
     runs = [plain + [other[0] for k, other in sweeps.items() if k != key] + [value]

@@ -252,3 +252,14 @@ def test_run_folder_that_cannot_be_written(cli, tmp_path, monkeypatch, case):
     before = sorted(run.rglob("*"))
     assert_one_line_error(cli(*extra.split()), words, tmp_path)
     assert sorted(run.rglob("*")) == before  # nothing written into it
+
+
+def test_multirun_precheck_leaves_glob_and_interval_sweeps_to_the_sweeper(tmp_path):
+    from moa_train.cli import expanded, parse, precheck
+
+    runs = expanded(parse(["debug=tiny", "model=mha,moa", "trainer.seed=range(0,2)", "optim.lr=interval(0.1,1)"]))
+    assert sorted(" ".join(sorted(r)) for r in runs) == sorted(" ".join(sorted(["debug=tiny", *r])) for r in (
+        ["model=mha", "trainer.seed=0"], ["model=moa", "trainer.seed=0"], ["model=mha", "trainer.seed=0"],
+        ["model=mha", "trainer.seed=1"]))
+    precheck(["debug=tiny", "data=glob(wikitext2_c*)", "optim.lr=interval(0.1,1)", f"hydra.sweep.dir={tmp_path}"],
+             multirun=True)  # no SystemExit
