@@ -66,15 +66,15 @@ _hydra_main = hydra.main(version_base="1.3", config_path=str(config_dir()), conf
 
 def main() -> None:
     args = sys.argv[1:]
-    flags = [a for a in args if a.startswith("-")]
-    multirun = flags in (["-m"], ["--multirun"])
-    # one-line errors before Hydra starts, for a run or a multirun (not --cfg, --help, ...)
-    cfg = precheck([a for a in args if a not in flags], multirun) if not flags or multirun else None
+    flags = {a for a in args if a.startswith("-")}
+    plain = not flags  # not -m, --cfg, --help, ...
+    checked = flags <= {"-m", "--multirun"}  # a run or a multirun: one-line errors before Hydra starts
+    cfg = precheck([a for a in args if a not in flags], multirun=bool(flags)) if checked else None
     d = distributed.init()  # under torchrun: the process group, before Hydra names the run folder
     if d.active:
         # one run folder for all ranks: train.yaml's hydra.run.dir takes its time stamp from MOA_RUN_STAMP
         os.environ["MOA_RUN_STAMP"] = distributed.shared_run_stamp(d)
-    if cfg is not None and cfg.trainer.eval_only:  # results into RUN/eval/<date_time>/, no new run folder
+    if plain and cfg.trainer.eval_only:  # results into RUN/eval/<date_time>/, no new run folder
         sys.argv = sys.argv[:1] + eval_only_overrides(args, cfg, eval_run.stamp())
     if d.active and not d.main:  # rank 0 alone writes the folder's .hydra/ and train.log; the others only warn
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING"]

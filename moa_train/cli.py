@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException, MissingConfigException
+from hydra.core.override_parser.types import ValueType
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
@@ -27,46 +28,96 @@ def group_options(group: str) -> list:
     return sorted(n for n in names if not any(part.startswith("_") for part in n.split("/")))
 
 
+def missing_group(missing_cfg_file: str) -> tuple:
+    """(group, name) of a config Hydra could not find: the group is the folder under configs/ (experiments nest one
+    level deeper, so `experiment/unknown/x` is the group `experiment`, not `experiment/unknown`)."""
+    parts = missing_cfg_file.split("/")
+    depth = 2 if parts[0] == "hydra" else 1
+    return "/".join(parts[:depth]), "/".join(parts[depth:])
+
+
 def describe(exc: Exception) -> str:
     """A one-line description of a composition error."""
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
-        group, _, name = exc.missing_cfg_file.rpartition("/")
+        group, name = missing_group(exc.missing_cfg_file)
         if group.startswith("hydra/sweeper"):
             return f"{group}={name}: the Optuna sweeper is not installed; pip install -e '.[sweep]'"
         if group == "hydra/launcher":
             return (f"{group}={name}: no such launcher; installed: {', '.join(exc.options)} "
                     f"(pip install -e '.[launchers]' adds joblib, submitit_local, submitit_slurm)")
-        return f"{group}={name}: no such config; allowed: {', '.join(group_options(group))}"
+        options = group_options(group) if (config_dir() / group).is_dir() else []
+        return f"{group}={name}: no such config; allowed: {', '.join(options) or 'none (no such group)'}"
     cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
     first = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0]
     key = getattr(cause, "full_key", None)
     return f"{key}: {first}" if key else first
 
 
+def unparsable(override: str) -> str:
+    """Why Hydra's override lexer refused `override`: most often a non-ASCII character, which its grammar allows
+    only inside quotes (and a number only with the digits 0-9)."""
+    key, _, value = override.partition("=")
+    key = key.lstrip("+~")
+    if value.isascii():
+        return f"{override}: not a valid override (see https://hydra.cc/docs/advanced/override_grammar/basic)"
+    if value.lstrip("+-").replace(".", "", 1).isdecimal():
+        return f"{key}: {value!r} holds non-ASCII digits; write the number with the digits 0-9"
+    return (f"{key}: the value {value!r} holds non-ASCII characters, which must be quoted: "
+            f"\"{key}='{value}'\" (the outer quotes for the shell)")
+
+
+def parse(overrides: list) -> list:
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException:
+        for one in overrides:  # name the override that does not parse
+            try:
+                OverridesParser.create().parse_overrides([one])
+            except OverrideParseException:
+                raise ConfigError(unparsable(one)) from None
+        raise
+
+
+ENUMERABLE = (ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP, ValueType.RANGE_SWEEP)
+
+
+def expanded(parsed: list) -> list:
+    """Override lists to check: the plain overrides with each value of each sweep (`a=1,2`, `choice(...)`,
+    `range(...)`) once, the other sweeps at their first value; an interval (an Optuna search) or a glob is left to
+    the sweeper. One list when nothing sweeps."""
+    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
+    sweeps = {}
+    for o in parsed:
+        if o.value_type in ENUMERABLE:
+            prefix = "+" if o.is_add() else ("++" if o.is_force_add() else "")
+            sweeps[o.key_or_group] = [f"{prefix}{o.key_or_group}={v}" for v in o.sweep_string_iterator()]
+    runs = [plain + [other[0] for k, other in sweeps.items() if k != key] + [value]
+            for key, values in sweeps.items() for value in values]
+    return runs or [plain]
+
+
 def precheck(overrides: list, multirun: bool = False):
-    """Compose `train` with the user's overrides, validate it and check that the run folder can be written, before
-    Hydra creates that folder; exit 2 with one line on failure. Returns the composed config (with `hydra`). A
-    multirun (-m) is only composed, and None returned: its jobs may sweep the values that validation would refuse,
-    and each job validates its own config."""
-    from moa_train.config import check_writable, compose_train, validate
+    """Compose `train` with the user's overrides (each value of each sweep, in a multirun), validate it and check
+    that the run (or sweep) folder can be written, before Hydra creates that folder; exit 2 with one line on
+    failure. Returns the composed config (with `hydra`; in a multirun the last one checked)."""
+    from moa_train.config import check_run_folder, check_writable, compose_train, validate
     from moa_train.train.runlock import RunLock
 
-    user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
-    # hydra/launcher=..., hydra/sweeper=...: plugins, which may not be installed
-    plugins = [o for o in overrides if o.startswith("hydra/")]
-    run_dir = [o for o in overrides if o.startswith("hydra.run.dir=")]
+    folder_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     try:
-        # sweep syntax (choice(...), a,b) belongs to a sweeper (hparams_search sets the multirun mode itself)
-        user = [o.input_line for o in OverridesParser.create().parse_overrides(user) if not o.is_sweep_override()]
-        cfg = compose_train(user + plugins + run_dir, return_hydra_config=True)
-        if multirun:
-            return None
-        validate(cfg)
-        # unresolvable here (${hydra:...} needs a running job): Hydra reports it itself
-        folder = OmegaConf.select(cfg, "hydra.run.dir", throw_on_resolution_failure=False)
-        check_writable(folder or ".", "hydra.run.dir")
-        if folder and not cfg.trainer.eval_only:  # before Hydra rewrites the .hydra/ of a run being trained;
-            RunLock(folder).check()  # an evaluation reads only (into RUN/eval/) and takes no lock
+        for user in expanded(parse(overrides)):
+            cfg = compose_train(user, return_hydra_config=True)
+            validate(cfg)
+            # unresolvable here (${hydra:...} needs a running job): Hydra reports it itself
+            folder = OmegaConf.select(cfg, folder_key, throw_on_resolution_failure=False)
+            if folder is not None and not str(folder).strip():
+                raise ConfigError(f"{folder_key}: empty; give a folder (the default is under outputs/)")
+            if multirun or folder is None:
+                check_writable(folder or ".", folder_key)
+            else:
+                check_run_folder(folder, cfg, f"{cfg.hydra.job.name}.log")
+                if not cfg.trainer.eval_only:  # before Hydra rewrites the .hydra/ of a run being trained; an
+                    RunLock(folder).check()  # evaluation only reads (writing into RUN/eval/) and takes no lock
     except (HydraException, OmegaConfBaseException, ConfigError) as exc:
         print(f"error: {describe(exc)}", file=sys.stderr)
         sys.exit(2)

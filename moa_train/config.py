@@ -254,6 +254,32 @@ def check_writable(path, key: str) -> None:
     _check(os.access(folder, os.W_OK | os.X_OK), key, f"cannot write into {folder}; choose a writable folder")
 
 
+def _writable_file(path: Path, key: str, what: str) -> None:
+    if path.exists() or path.is_symlink():
+        _check(path.is_file(), key, f"{path} ({what}) is not a file; remove it or choose another {key}")
+        _check(os.access(path, os.W_OK), key, f"cannot write {path} ({what}); fix its permissions or choose "
+                                              f"another {key}")
+
+
+def check_run_folder(run_dir, cfg, log_name: str = "train.log", key: str = "hydra.run.dir") -> None:
+    """ConfigError unless what a run writes into `run_dir` can be written: its log, metrics.jsonl, the TensorBoard
+    folder and the checkpoint files. Checked before the first step (a run folder reused from an earlier run, or
+    damaged by hand, failed at the first log or save step, with a traceback)."""
+    run_dir = Path(os.path.expanduser(str(run_dir)))
+    check_writable(run_dir, key)
+    _writable_file(run_dir / log_name, key, "the run's log")
+    _writable_file(run_dir / "metrics.jsonl", key, "the metrics record")
+    tensorboard = cfg.logger.tensorboard
+    if tensorboard is not None:
+        check_writable(run_dir / tensorboard.log_dir, "logger.tensorboard.log_dir")
+    checkpoints = run_dir / "checkpoints"
+    check_writable(checkpoints, key)
+    if checkpoints.is_dir():
+        for path in (*checkpoints.glob("step_*.pt*"), *checkpoints.glob("best.pt*")):
+            _check(not path.is_dir(), key, f"{path} is a folder where a checkpoint file belongs; remove it or "
+                                           f"choose another {key}")
+
+
 def validate(cfg, world_size: int = 1) -> None:
     """Raise ConfigError naming the key and what would be valid; called before any work. `world_size`: the number
     of torchrun processes the global batch is split over."""
@@ -292,7 +318,8 @@ def validate(cfg, world_size: int = 1) -> None:
         _check(kv > 0, "model.n_kv_heads", f"must be positive or null, got {kv}")
     for key in ("head_dim", "router_hidden", "n_encoder_layer"):
         _positive_or_null(m[key], f"model.{key}")
-    _check(m.mlp_ratio > 0, "model.mlp_ratio", f"must be positive, got {m.mlp_ratio}")
+    _check(math.isfinite(m.mlp_ratio) and m.mlp_ratio * m.d_model >= 1, "model.mlp_ratio",
+           f"must be finite and give an MLP of at least 1 unit (mlp_ratio * model.d_model >= 1), got {m.mlp_ratio}")
     for key in ("dropout", "gate_dropout"):
         _check(0.0 <= m[key] < 1.0, f"model.{key}", f"must be in [0, 1), got {m[key]}")
     for key in ("balance_coef", "z_coef", "cv_coef"):
@@ -327,7 +354,6 @@ def validate(cfg, world_size: int = 1) -> None:
         _check(1 <= d.max_len < m.max_seq_len, "data.max_len",
                f"{d.max_len} does not leave room for BOS/EOS in model.max_seq_len={m.max_seq_len}; "
                f"valid: 1..{m.max_seq_len - 1}")
-        _check(e.beam >= 1 and e.val_beam >= 1, "eval.beam", f"must be >= 1, got {e.beam} / {e.val_beam}")
         cross = m.cross_attention or m.name
         _check(not cross.startswith("moas"), "model.cross_attention",
                f"{cross} is a self-attention scheme; allowed for cross-attention: mha, gqa, mqa, moa")
@@ -349,6 +375,8 @@ def validate(cfg, world_size: int = 1) -> None:
     for key in ("eval_iters", "eval_batch_size", "grad_clip", "save_interval"):
         _positive_or_null(t[key], f"trainer.{key}")
     _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+    _check(0 <= t.seed < 2 ** 32, "trainer.seed", f"must be in 0..{2 ** 32 - 1} (NumPy's seed range), got {t.seed}")
+    _check_backend(t.compile_backend)
     _check(t.max_bad_steps >= 1, "trainer.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
     _check(0.0 <= t.label_smoothing < 1.0, "trainer.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
     _check(not (t.cuda_graphs and not o.fused), "optim.fused",
@@ -374,9 +402,82 @@ def validate(cfg, world_size: int = 1) -> None:
     _check(s.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
     _check(0.0 <= s.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", f"must be in [0, 1], got {s.min_lr_ratio}")
     _positive_or_null(e.average_last, "eval.average_last")
+    _check_eval(e)
+    _check_name(cfg.experiment_name)
     _positive_or_null(e.max_sentences, "eval.max_sentences")
     if cfg.logger.wandb is not None:
         _one_of(cfg.logger.wandb.mode, "logger.wandb.mode", ("auto", "online", "offline", "disabled"))
         # wandb is an extra: without it the sink would fail only once the run folder exists
         _check(importlib.util.find_spec("wandb") is not None, "logger=wandb",
                "the wandb package is not installed; install the [wandb] extra: pip install -e '.[wandb]'")
+    check_memory(cfg, world_size)
+
+
+MAX_BEAM = 64  # a beam keeps beam x vocabulary scores per sentence; beyond this it only costs memory (fairseq: 5)
+
+
+def _check_eval(e) -> None:
+    for key in ("beam", "val_beam"):
+        _check(1 <= e[key] <= MAX_BEAM, f"eval.{key}", f"must be in 1..{MAX_BEAM}, got {e[key]}")
+    _check(math.isfinite(e.lenpen), "eval.lenpen", f"must be a finite number (MoA: 0.6), got {e.lenpen}")
+    _check(math.isfinite(e.max_len_a) and e.max_len_a >= 0, "eval.max_len_a",
+           f"must be a finite number >= 0 (MoA: 1.2), got {e.max_len_a}")
+    _check(e.max_len_b >= 0, "eval.max_len_b", f"must be >= 0 (MoA: 10), got {e.max_len_b}")
+
+
+def _check_name(name: str) -> None:
+    """experiment_name is a folder under outputs/: a `..` or an absolute path would write outside it."""
+    parts = Path(str(name)).parts
+    _check(bool(str(name).strip()) and ".." not in parts and not Path(str(name)).is_absolute(), "experiment_name",
+           f"{name!r} would name a folder outside outputs/; allowed: a relative name without '..' (letters, digits, "
+           "- _ . /)")
+
+
+def _check_backend(backend) -> None:
+    if backend is None:
+        return
+    import torch._dynamo  # only when a backend is named: the import takes a moment
+
+    allowed = sorted(b for b in torch._dynamo.list_backends(exclude_tags=()) if "TESTING" not in b)
+    _one_of(backend, "trainer.compile_backend", ("null (the default)", *allowed))
+
+
+def device_memory(device: str) -> tuple:
+    """(bytes, what they are) of the device a run would use: a GPU's total memory, else the machine's RAM."""
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        index = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.cuda.get_device_properties(index).total_memory, f"GPU {index}"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "machine's RAM"
+
+
+def min_train_bytes(cfg, world_size: int = 1) -> tuple:
+    """A lower bound of a rank's training memory: (fp32 weights + gradient + 2 AdamW moments, activations kept for
+    the backward of one micro-batch). It leaves out embeddings, attention scores, dropout masks and the allocator's
+    slack, so a run refused by it cannot fit."""
+    m, t = cfg.model, cfg.trainer
+    translation = cfg.data.name in TRANSLATION_DATA
+    layers = m.n_layer + ((m.n_encoder_layer or m.n_layer) if translation else 0)
+    per_layer = (4 + 2 * m.mlp_ratio) * m.d_model  # q/k/v/out projections and the MLP, per token (or per d_model)
+    tokens = (cfg.data.max_tokens if translation else t.batch_size * t.block_size) / (t.grad_accum * world_size)
+    act_bytes = 2 if t.precision == "bf16" else 4
+    return 16 * layers * per_layer * m.d_model, act_bytes * tokens * layers * per_layer
+
+
+def check_memory(cfg, world_size: int = 1) -> None:
+    """Refuse sizes that cannot fit the device before anything is allocated (a huge batch would otherwise thrash
+    or be killed mid-allocation)."""
+    weights, activations = min_train_bytes(cfg, world_size)
+    total, where = device_memory(cfg.trainer.device)
+    gib = 2 ** 30
+    _check(weights <= total, "model.d_model",
+           f"model.d_model={cfg.model.d_model} x model.n_layer={cfg.model.n_layer} needs at least "
+           f"{weights / gib:,.0f} GiB for weights and optimizer state, more than the {where} ({total / gib:,.0f} GiB)")
+    t = cfg.trainer
+    sizes = (f"data.max_tokens={cfg.data.max_tokens}" if cfg.data.name in TRANSLATION_DATA
+             else f"trainer.batch_size={t.batch_size} x trainer.block_size={t.block_size}")
+    _check(weights + activations <= total, sizes.partition("=")[0],
+           f"{sizes} over trainer.grad_accum={t.grad_accum} micro-batches needs at least "
+           f"{(weights + activations) / gib:,.0f} GiB, more than the {where} ({total / gib:,.0f} GiB); lower it or "
+           "raise trainer.grad_accum")

@@ -76,6 +76,28 @@ OVERRIDES = {
     "no data folder": ("data.root=/nonexistent/folder", ["data.root", "MOA_DATA_DIR"]),
     "run folder under a file": ("hydra.run.dir={file}/run", ["hydra.run.dir", "is a file"]),
     "cache folder under a file": ("data.cache_dir={file}/cache", ["data.cache_dir", "is a file"]),
+    "zero-width MLP": ("model.mlp_ratio=0.001", ["model.mlp_ratio", "at least 1 unit"]),
+    "infinite MLP": ("model.mlp_ratio=inf", ["model.mlp_ratio", "finite"]),
+    "negative seed": ("trainer.seed=-1", ["trainer.seed", "0..4294967295"]),
+    "unknown compile backend": ("trainer.compile_backend=foo", ["trainer.compile_backend", "inductor, ", "aot_eager"]),
+    "huge beam": ("eval.beam=100000", ["eval.beam", "1..64"]),
+    "huge val beam": ("eval.val_beam=1000", ["eval.val_beam", "1..64"]),
+    "NaN length penalty": ("eval.lenpen=nan", ["eval.lenpen", "finite"]),
+    "negative max_len_a": ("eval.max_len_a=-1", ["eval.max_len_a", ">= 0"]),
+    "empty run folder": ("hydra.run.dir=", ["hydra.run.dir: empty"]),
+    "experiment name leaving outputs": ("experiment_name=../../x", ["experiment_name", "without '..'"]),
+    "absolute experiment name": ("experiment_name=/tmp/x", ["experiment_name", "relative"]),
+    "unknown nested experiment": ("experiment=unknown/x", ["experiment=unknown/x: no such config",
+                                                           "moas_table1/mha, ", "quickstart"]),
+    "non-ASCII digits": ("trainer.seed=١٢", ["trainer.seed", "non-ASCII digits", "0-9"]),
+    "unquoted non-ASCII path": ("data.root=/tmp/é", ["data.root", "must be quoted", "data.root='/tmp/é'"]),
+    "batch that cannot fit": ("trainer.batch_size=100000000", ["trainer.batch_size: ", "needs at least",
+                                                                "raise trainer.grad_accum"]),
+    "model that cannot fit": ("model.d_model=1000000", ["model.d_model", "weights and optimizer state"]),
+    "multirun: unknown model": ("-m model=mha,foo", ["model=foo: no such config", "mha, moa"]),
+    "multirun: bad value in a sweep": ("-m trainer.max_steps=1,-1", ["trainer.max_steps", "positive"]),
+    "multirun: misspelt key": ("-m trainer.max_stepz=1,2", ["trainer.max_stepz"]),
+    "multirun: choice sweep": ("-m model.dropout=choice(0.1,1.5)", ["model.dropout", "[0, 1)"]),
     "unreadable checkpoint": ("trainer.resume={file}", ["checkpoint", "not-a-checkpoint.pt cannot be read"]),
 }
 
@@ -110,6 +132,13 @@ DATA = {
                               ["test_2016_flickr.de is not UTF-8 text (line 2)"]),
     "translation empty split": ("multi30k", lambda f: [(f / f"val.{x}").write_text("\n\n") for x in ("en", "de")],
                                 ["data split 'val' is empty", "val.de holds no sentences"]),
+    "short valid split": ("wikitext", lambda f: (f / "valid.txt").write_text(" The game . \n"),
+                          ["data file", "valid.txt: the val split holds 13 tokens", "trainer.block_size=32"]),
+    "short paper split": ("wikitext", lambda f: [(f / name).write_text(  # ~900 characters: 10% is short
+        (f / "train.txt").read_text(encoding="utf-8").splitlines(keepends=True)[0], encoding="utf-8")
+        for name in ("train.txt", "test.txt")],
+        ["the last 10% of", "train.txt: the val split holds", "trainer.block_size=100"],
+        "data.split=moas_paper model.max_seq_len=128 trainer.block_size=100"),
     "translation missing file": ("multi30k", lambda f: (f / "val.de").unlink(), ["missing file", "val.de"]),
 }
 
@@ -125,7 +154,9 @@ def assert_error_line(result: tuple, words: list, code: int = 2) -> None:
 
 def assert_one_line_error(result: tuple, words: list, tmp_path: Path, code: int = 2) -> None:
     assert_error_line(result, words, code)
-    assert not list(tmp_path.rglob("step_*.pt"))  # stopped before training
+    assert not [p for p in tmp_path.rglob("step_*.pt") if p.is_file()]  # stopped before training
+    if code == 2:  # bad input: found before any step (a diverged run, code 3, has logged its steps)
+        assert not any(p.is_file() and p.read_text().strip() for p in tmp_path.rglob("metrics.jsonl"))
 
 
 @pytest.mark.parametrize("case", list(OVERRIDES))
@@ -134,11 +165,23 @@ def test_bad_override(cli, tmp_path, case):
     a_file = tmp_path / "not-a-checkpoint.pt"
     a_file.write_text("not a checkpoint")
     assert_one_line_error(cli(*overrides.format(file=a_file).split()), words, tmp_path)
+    if case != "unreadable checkpoint":  # found when the run opens it
+        assert not (tmp_path / "run").exists()  # found before Hydra creates the run folder
+
+
+def test_hydra_overrides_reach_the_precheck(tmp_path):
+    """hydra.searchpath adds config folders: an experiment there is valid (the precheck used to drop hydra.*)."""
+    from moa_train.cli import precheck
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\ntrainer:\n  max_steps: 3\n")
+    precheck(["debug=tiny", f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine",
+              f"hydra.run.dir={tmp_path}/run"])  # no SystemExit
 
 
 @pytest.mark.parametrize("case", list(DATA))
 def test_bad_data_file(cli, data_root, tmp_path, case):
-    layout, damage, words = DATA[case]
+    layout, damage, words, *more = DATA[case]
     root = tmp_path / "data"
     if layout == "wikitext":
         shutil.copytree(data_root / "wikitext-2", root / "wikitext-2")
@@ -147,7 +190,7 @@ def test_bad_data_file(cli, data_root, tmp_path, case):
         write_multi30k(root)
         extra = ["data=multi30k_en_de", "model=mha", "data.max_len=31"]
     damage(root / ("wikitext-2" if layout == "wikitext" else "multi30k"))
-    result = cli(*extra, f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}")
+    result = cli(*extra, *" ".join(more).split(), f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}")
     assert_one_line_error(result, words, tmp_path)
 
 
@@ -289,3 +332,80 @@ def test_bad_multirun_override(cli, tmp_path, monkeypatch, case):
     command, words = MULTIRUN[case]
     assert_one_line_error(cli(*command.split()), words, tmp_path)
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: you tried to allocate "
+                 "1099511627776 bytes."),
+    MemoryError(),
+], ids=["cuda", "cpu", "numpy"])
+def test_out_of_memory_in_the_first_step(cli, tmp_path, monkeypatch, error):
+    from moa_train.train.tasks import LMTask
+
+    def no_memory(self, model, batch, all_aux):
+        raise error
+
+    monkeypatch.setattr(LMTask, "loss", no_memory)
+    assert_one_line_error(cli("model=mha"), ["trainer.batch_size: out of memory in the first training step",
+                                             "trainer.block_size", "trainer.grad_accum"], tmp_path)
+
+
+def test_other_errors_in_the_first_step_stay_bugs(cli, monkeypatch):
+    from moa_train.train.tasks import LMTask
+
+    def broken(self, model, batch, all_aux):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(LMTask, "loss", broken)
+    code, output, _ = cli("model=mha")
+    assert code == 1 and "Traceback" in output and "shapes cannot be multiplied" in output
+
+
+def _unwritable(monkeypatch, name: str) -> None:
+    """os.access says no for `name` (the tests run as root, for whom chmod changes nothing)."""
+    import os
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path).name != name and real(path, mode, **kw))
+
+
+# (prepare(run folder, monkeypatch), extra overrides, words the error line holds)
+RUN_FOLDER = {
+    "train.log is a folder": (lambda r, mp: (r / "train.log").mkdir(), "", ["hydra.run.dir", "train.log",
+                                                                            "is not a file"]),
+    "metrics.jsonl is a folder": (lambda r, mp: (r / "metrics.jsonl").mkdir(), "", ["metrics.jsonl", "is not a file"]),
+    "unwritable metrics.jsonl": (lambda r, mp: ((r / "metrics.jsonl").write_text(""), _unwritable(mp, "metrics.jsonl")),
+                                 "", ["hydra.run.dir: cannot write", "metrics.jsonl"]),
+    "unwritable train.log": (lambda r, mp: ((r / "train.log").write_text(""), _unwritable(mp, "train.log")),
+                             "", ["hydra.run.dir: cannot write", "train.log"]),
+    "TensorBoard folder is a file": (lambda r, mp: (r / "tensorboard").write_text(""), "logger=tensorboard",
+                                     ["logger.tensorboard.log_dir", "is a file"]),
+    "unwritable TensorBoard folder": (lambda r, mp: ((r / "tensorboard").mkdir(), _unwritable(mp, "tensorboard")),
+                                      "logger=tensorboard", ["logger.tensorboard.log_dir", "cannot write into"]),
+    "checkpoints is a file": (lambda r, mp: (r / "checkpoints").write_text(""), "", ["hydra.run.dir", "is a file"]),
+    "a folder where a checkpoint belongs": (lambda r, mp: (r / "checkpoints" / "step_0000010.pt").mkdir(parents=True),
+                                            "", ["step_0000010.pt is a folder where a checkpoint file belongs"]),
+}
+
+
+@pytest.mark.parametrize("case", list(RUN_FOLDER))
+def test_run_folder_that_cannot_be_written(cli, tmp_path, monkeypatch, case):
+    prepare, extra, words = RUN_FOLDER[case]
+    run = tmp_path / "run"
+    run.mkdir()
+    prepare(run, monkeypatch)
+    before = sorted(run.rglob("*"))
+    assert_one_line_error(cli(*extra.split()), words, tmp_path)
+    assert sorted(run.rglob("*")) == before  # nothing written into it
+
+
+def test_multirun_precheck_leaves_glob_and_interval_sweeps_to_the_sweeper(tmp_path):
+    from moa_train.cli import expanded, parse, precheck
+
+    runs = expanded(parse(["debug=tiny", "model=mha,moa", "trainer.seed=range(0,2)", "optim.lr=interval(0.1,1)"]))
+    assert sorted(" ".join(sorted(r)) for r in runs) == sorted(" ".join(sorted(["debug=tiny", *r])) for r in (
+        ["model=mha", "trainer.seed=0"], ["model=moa", "trainer.seed=0"], ["model=mha", "trainer.seed=0"],
+        ["model=mha", "trainer.seed=1"]))
+    precheck(["debug=tiny", "data=glob(wikitext2_c*)", "optim.lr=interval(0.1,1)", f"hydra.sweep.dir={tmp_path}"],
+             multirun=True)  # no SystemExit

@@ -185,3 +185,63 @@ def test_real_wikitext2_counts():
     folder = REAL_DATA / "wikitext-2"
     assert CharTokenizer(read_text(folder / "train.txt")).vocab_size == 283
     assert word_count(read_text(folder / "valid.txt")) == 217_646
+
+
+# --- the cache: keyed by content, checked when read ---------------------------------------------------------------
+
+def test_cache_keys_on_content_not_size_and_time(data_root, tmp_path, make_cfg):
+    """A folder whose files have the same sizes and times but other text gets its own tokens, not the cached ones."""
+    import os
+    import shutil
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(data_root, first)
+    shutil.copytree(data_root, second)
+    valid = second / "wikitext-2" / "valid.txt"
+    stat = valid.stat()
+    text = valid.read_text(encoding="utf-8")
+    valid.write_text(text[len(text) // 2:] + text[:len(text) // 2], encoding="utf-8")  # same size, other order
+    os.utime(valid, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.utime(first / "wikitext-2" / "valid.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    a = load_wikitext2(make_cfg(f"data.root={first}", cache).data)
+    b = load_wikitext2(make_cfg(f"data.root={second}", cache).data)
+    expected = CharTokenizer((second / "wikitext-2" / "train.txt").read_text(encoding="utf-8")).encode(valid.read_text(encoding="utf-8"))
+    assert not np.array_equal(np.asarray(a.splits["val"].tokens), np.asarray(b.splits["val"].tokens))
+    assert np.array_equal(np.asarray(b.splits["val"].tokens), expected)
+
+
+def _truncate(path: Path, n: int = 1) -> None:
+    path.write_bytes(path.read_bytes()[:-n])
+
+
+def _id_beyond_vocab(entry: Path) -> None:
+    ids = np.fromfile(entry / "train.bin", dtype=np.uint16)
+    ids[5] = 60000
+    ids.tofile(entry / "train.bin")
+
+
+CACHE_DAMAGE = {
+    "odd-sized bin": (lambda e: _truncate(e / "train.bin"), "train.bin holds"),
+    "truncated bin": (lambda e: _truncate(e / "val.bin", 200), "val.bin holds"),
+    "empty bin": (lambda e: (e / "test.bin").write_bytes(b""), "test.bin holds 0 bytes"),
+    "missing val.bin": (lambda e: (e / "val.bin").unlink(), "val.bin"),
+    "truncated meta.json": (lambda e: _truncate(e / "meta.json", 30), "Expecting"),
+    "ids beyond the vocabulary": (_id_beyond_vocab, "beyond the vocabulary"),
+}
+
+
+@pytest.mark.parametrize("case", list(CACHE_DAMAGE))
+def test_damaged_cache_is_rebuilt_with_one_warning(data_cfg, caplog, case):
+    damage, words = CACHE_DAMAGE[case]
+    cfg = data_cfg("data=wikitext2_char")
+    good = {k: np.array(v.tokens) for k, v in load_wikitext2(cfg).splits.items()}
+    [entry] = [p for p in cache_root(cfg).iterdir()]
+    damage(entry)
+    with caplog.at_level("WARNING"):
+        again = load_wikitext2(cfg)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "is damaged" in warnings[0] and words in warnings[0], warnings
+    for name, tokens in good.items():
+        assert np.array_equal(np.asarray(again.splits[name].tokens), tokens)
+    assert [p.name for p in cache_root(cfg).iterdir()] == [entry.name]  # rebuilt in place, nothing left aside

@@ -87,3 +87,16 @@ def test_flops_grow_linearly_with_sequence_length(make_cfg):
     lm, m = build(make_cfg, "model=mha", "model.d_model=64", "model.n_head=4")
     f16, f32 = lm.flops_per_token(16), lm.flops_per_token(32)
     assert f32 - f16 == 12 * m.n_layer * m.d_model * 16
+
+
+@pytest.mark.parametrize("content", ["{\"cpu", "[1, 2]", "{\"KEY\": \"fast\"}"])
+def test_damaged_peak_flops_cache_is_measured_again(tmp_path, monkeypatch, caplog, content):
+    from moa_train.metrics import flops
+
+    device = torch.device("cpu")
+    key = f"{flops.device_name(device)}|fp32|torch {torch.__version__}"
+    (tmp_path / "peak_flops.json").write_text(content.replace("KEY", key))
+    monkeypatch.setattr(flops, "measure_matmul_flops", lambda device, kind: 1.5e9)
+    assert flops.peak_flops(device, "fp32", tmp_path) == 1.5e9
+    assert flops.read_table(tmp_path / "peak_flops.json")[key] == 1.5e9  # the file is whole again
+    assert ("is damaged" in caplog.text) == ("KEY" not in content)  # a bad value alone is just measured again

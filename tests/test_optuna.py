@@ -31,11 +31,14 @@ def test_two_trial_in_memory_study(data_root, cache_dir, tmp_path):
 
 def test_sqlite_study_survives_a_crashed_trial(data_root, cache_dir, tmp_path):
     db = tmp_path / "study.db"
-    # sampler seed 1 draws gate_dropout 0.0, then 1.5 (invalid): the second trial fails, the sweep goes on
-    proc = sweep(data_root, cache_dir, tmp_path / "s", "hydra.sweeper.sampler.seed=1", "model.gate_dropout=choice(0.0,1.5)",
-                 f"hydra.sweeper.storage=sqlite:///{db}")
+    empty = tmp_path / "no-data"  # a folder (so the config is valid) without wikitext-2/: the trial fails loading it
+    empty.mkdir()
+    # sampler seed 1 draws the data folder, then the empty one: the second trial fails, the sweep goes on (an invalid
+    # value such as gate_dropout 1.5 is refused before the sweep starts, as in a single run)
+    proc = sweep(data_root, cache_dir, tmp_path / "s", "hydra.sweeper.sampler.seed=1",
+                 f"data.root=choice({data_root},{empty})", f"hydra.sweeper.storage=sqlite:///{db}")
     assert proc.returncode == 1 and "1 of 2 jobs failed" in proc.stderr, proc.stderr[-2000:]
     study = optuna.load_study(study_name="moas_dynamic_wikitext2", storage=f"sqlite:///{db}")
-    values = {t.params["model.gate_dropout"]: t.value for t in study.trials}
-    assert len(study.trials) == 2 and values[1.5] == float("inf") and values[0.0] < 10
+    values = {t.params["data.root"]: t.value for t in study.trials}
+    assert len(study.trials) == 2 and values[str(empty)] == float("inf") and values[str(data_root)] < 10
     assert (tmp_path / "s" / "optimization_results.yaml").is_file()

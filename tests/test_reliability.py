@@ -276,3 +276,34 @@ def test_tensorboard_shows_each_step_once_after_a_resume(train_run, tmp_path, mo
     assert [e.step for e in shown] == [s for s, _ in logged]  # each step once, in order
     # a flat approx: pytest >= 9.2 refuses nested sequences such as [(step, value)]
     assert [e.value for e in shown] == pytest.approx([v for _, v in logged])
+
+
+@needs_main_thread
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_signal_during_evaluation_stops_it_and_resume_matches(train_run, straight, tmp_path, monkeypatch, split):
+    """A SIGTERM while evaluating ends the evaluation before its next batch (a long beam search used to run to its
+    end); the step's checkpoint is written, and the resumed run evaluates that step first."""
+    original, batches = Trainer.evaluate, []
+
+    def evaluate(self, which, prefix, final=False):
+        if which != split or (split == "val" and self.step != 10):
+            return original(self, which, prefix, final)
+        os.kill(os.getpid(), signal.SIGTERM)
+        hook = self.model.register_forward_pre_hook(lambda module, args: batches.append(1))
+        try:
+            return original(self, which, prefix, final)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    step = 10 if split == "val" else 15
+    with pytest.raises(Preempted, match=f"stopped by SIGTERM at step {step}"):
+        train_run(tmp_path, *RUN)
+    assert batches == []  # not one evaluation batch after the signal
+    assert (tmp_path / "checkpoints" / f"step_{step:07d}.pt").is_file()
+    logged = read_jsonl(tmp_path / "metrics.jsonl")
+    assert not [r for r in logged if f"{split}/loss" in r and r["step"] == step]  # the stopped evaluation's
+    monkeypatch.undo()
+    summary, records = train_run(tmp_path, *RUN)
+    assert_same_run(records, straight)
+    assert by_step(records, "test/loss") == by_step(straight, "test/loss")

@@ -442,3 +442,27 @@ def test_real_multi30k(tmp_path):
     first = (REAL_DATA / "multi30k" / "test_2016_flickr.de").read_text(encoding="utf-8").split("\n")[0]
     assert d.splits["test"].tgt_text[0] == first
     assert d.decode(d.splits["test"].tgt[0]) == first
+
+
+TRANSLATION_CACHE_DAMAGE = {
+    "truncated ids": (lambda e: (e / "val.de.ids.npy").write_bytes((e / "val.de.ids.npy").read_bytes()[:-12]),
+                      "val.de.ids.npy"),
+    "garbled tokenizer": (lambda e: (e / "tokenizer.json").write_text("{not json"), "tokenizer.json"),
+    "offsets of another file": (lambda e: shutil.copy(e / "train.en.offsets.npy", e / "test.en.offsets.npy"),
+                                "test.en.offsets.npy"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRANSLATION_CACHE_DAMAGE))
+def test_damaged_translation_cache_is_rebuilt_with_one_warning(corpus_root, tmp_path, caplog, case):
+    damage, words = TRANSLATION_CACHE_DAMAGE[case]
+    good = load_translation(data_cfg(corpus_root, tmp_path / "cache"))
+    [entry] = (tmp_path / "cache" / "translation").iterdir()
+    damage(entry)
+    with caplog.at_level("WARNING"):
+        again = load_translation(data_cfg(corpus_root, tmp_path / "cache"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "is damaged" in warnings[0] and words in warnings[0], warnings
+    for split in ("train", "val", "test"):
+        assert all(np.array_equal(x, y) for x, y in zip(good.splits[split].tgt, again.splits[split].tgt))
+        assert len(good.splits[split]) == len(again.splits[split])

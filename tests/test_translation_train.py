@@ -91,3 +91,29 @@ def test_max_sentences_bounds_decoding_not_the_loss(compose_cfg, copy_root, tmp_
     assert decoded == [16, 40]
     assert bounded["val/loss"] == full["val/loss"]  # the loss covers the whole split either way
     assert "val/bleu_sentences" not in full
+
+
+def test_a_stop_signal_ends_translation_evaluation(compose_cfg, tmp_path):
+    """Beam search over a split can take long: a signal noted by the trainer's StopSignals ends it before the next
+    batch (it used to run to the end, however long)."""
+    import signal
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    import torch
+
+    from moa_train.train.preemption import EvaluationStopped
+    from moa_train.train.tasks import make_task
+
+    root = write_copy_corpus(tmp_path / "data", n_train=200, n_eval=20)
+    cfg = compose_cfg("experiment=multi30k/mha", "data=wmt14_en_de", f"data.root={root}", "data.vocab_size=300",
+                      "model.d_model=32", "model.n_head=2", "model.n_layer=1", "model.n_encoder_layer=1",
+                      f"data.cache_dir={tmp_path / 'cache'}")
+    task = make_task(cfg, torch.device("cpu"))
+    task.model.eval()
+    calls = []
+    task.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(EvaluationStopped):
+        task.evaluate(task.model, "test", "test", nullcontext, final=True, stop=SimpleNamespace(received=signal.SIGTERM))
+    assert calls == []
+    assert "val/bleu" in task.evaluate(task.model, "val", "val", nullcontext, stop=SimpleNamespace(received=None))

@@ -17,5 +17,5 @@ def load_random_tokens(cfg) -> TokenData:
     splits = {}
     for name, n in SPLIT_TOKENS.items():
         tokens = rng.integers(0, cfg.vocab_size, n, dtype=np.int32)
-        splits[name] = Split(tokens, n_chars=n, n_words=n)
+        splits[name] = Split(tokens, n_chars=n, n_words=n, source=f"random_tokens ({name})")
     return TokenData(splits, cfg.vocab_size, "random")

@@ -15,7 +15,6 @@ that a long evaluation line cannot overflow the position table; only lines that 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from moa_train.data.batches import to_device
-from moa_train.data.cache import build_atomically
+from moa_train.data.cache import CacheDamaged, check_ids, content_key, load_cached
 from moa_train.progress import progress
 from moa_train.data.wikitext import DataError
 
@@ -202,12 +201,8 @@ def encode_lines(tok, lines: list) -> tuple:
 
 
 def _fingerprint(cfg, folder: Path, corpus: Corpus, vocab_size: int) -> str:
-    h = hashlib.sha256()
-    for path in _files(folder, corpus).values():
-        st = path.stat()
-        h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    h.update(f"{cfg.name}:{sorted((cfg.src, cfg.tgt))}:{vocab_size}:{CACHE_VERSION}".encode())
-    return h.hexdigest()[:16]
+    return content_key(_files(folder, corpus).values(),
+                       f"{cfg.name}:{sorted((cfg.src, cfg.tgt))}:{vocab_size}:{CACHE_VERSION}")
 
 
 def _build(texts: dict, vocab_size: int, out: Path) -> None:
@@ -221,14 +216,44 @@ def _build(texts: dict, vocab_size: int, out: Path) -> None:
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
-def _load_ids(out: Path, split: str, lang: str) -> list:
-    ids = np.load(out / f"{split}.{lang}.ids.npy")
-    offsets = np.load(out / f"{split}.{lang}.offsets.npy")
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path)
+    except (OSError, ValueError, EOFError) as exc:  # missing, truncated or garbled
+        raise CacheDamaged(f"{path.name}: {str(exc).splitlines()[0]}") from None
+
+
+def _load_ids(out: Path, split: str, lang: str, n_lines: int, vocab_size: int) -> list:
+    """One file's sentences as id arrays, checked against meta.json (CacheDamaged if they do not match)."""
+    ids_path = out / f"{split}.{lang}.ids.npy"
+    ids, offsets = _read_npy(ids_path), _read_npy(out / f"{split}.{lang}.offsets.npy")
+    if len(offsets) != n_lines + 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+        raise CacheDamaged(f"{split}.{lang}.offsets.npy does not describe the {n_lines} lines meta.json names")
+    check_ids(ids_path, ids, int(offsets[-1]), vocab_size)
     return np.split(ids, offsets[1:-1])
 
 
-def _split(out: Path, texts: dict, split: str, src: str, tgt: str, max_len: int, eval_len: int | None) -> ParallelSplit:
-    s = ParallelSplit(_load_ids(out, split, src), _load_ids(out, split, tgt), texts[split, src], texts[split, tgt])
+def _load(out: Path, texts: dict) -> tuple:
+    """(meta, tokenizer, (split, lang) -> id arrays) of a cache entry, checked against the text files' line
+    counts."""
+    from tokenizers import Tokenizer
+
+    meta = json.loads((out / "meta.json").read_text())
+    try:
+        tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    except Exception as exc:  # the Rust library raises a bare Exception for a missing or garbled file
+        raise CacheDamaged(f"tokenizer.json cannot be read ({str(exc).splitlines()[0]})") from None
+    ids = {}
+    for (split, lang), lines in texts.items():
+        if meta["lines"][f"{split}.{lang}"] != len(lines):
+            raise CacheDamaged(f"meta.json counts {meta['lines'][f'{split}.{lang}']} lines of {split}.{lang}, "
+                               f"the file {len(lines)}")
+        ids[split, lang] = _load_ids(out, split, lang, len(lines), meta["vocab_size"])
+    return meta, tok, ids
+
+
+def _split(ids: dict, texts: dict, split: str, src: str, tgt: str, max_len: int, eval_len: int | None) -> ParallelSplit:
+    s = ParallelSplit(ids[split, src], ids[split, tgt], texts[split, src], texts[split, tgt])
     if split != "train":  # every line stays (the references); ids past eval_len would not fit the positions
         n = 0 if eval_len is None else sum(len(x) > eval_len or len(y) > eval_len for x, y in zip(s.src, s.tgt))
         if n:
@@ -259,17 +284,15 @@ def load_translation(cfg, max_positions: int | None = None) -> ParallelData:
     folder = locate(cfg, corpus, cache)
     texts = read_corpus(folder, corpus)
     out = cache / "translation" / _fingerprint(cfg, folder, corpus, vocab_size)
-    if not (out / "meta.json").is_file():
-        build_atomically(out, lambda tmp: _build(texts, vocab_size, tmp))
-    meta = json.loads((out / "meta.json").read_text())
+    meta, tok, ids = load_cached(out, lambda tmp: _build(texts, vocab_size, tmp), lambda entry: _load(entry, texts))
     eval_len = None if max_positions is None else max_positions - 1
-    splits = {split: _split(out, texts, split, cfg.src, cfg.tgt, cfg.max_len, eval_len) for split in SPLITS}
+    splits = {split: _split(ids, texts, split, cfg.src, cfg.tgt, cfg.max_len, eval_len) for split in SPLITS}
     if splits["val"].n_truncated or splits["test"].n_truncated:
         log.warning("model.max_seq_len=%d: token ids cut to %d for %d of %d val and %d of %d test pairs (a side was "
                     "longer; BLEU still scores against the full reference lines)", max_positions, eval_len,
                     splits["val"].n_truncated, len(splits["val"]), splits["test"].n_truncated, len(splits["test"]))
     pad, bos, eos, unk = range(len(SPECIALS))
-    return ParallelData(splits, meta["vocab_size"], pad, bos, eos, unk, str(out / "tokenizer.json"))
+    return ParallelData(splits, meta["vocab_size"], pad, bos, eos, unk, str(out / "tokenizer.json"), tok)
 
 
 # --- batches ----------------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ character (`val/bpc`) and word-level perplexity (`val/word_ppl`) whatever the to
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moa_train.data.cache import build_atomically
+from moa_train.data.cache import CacheDamaged, check_ids, content_key, load_cached
 from moa_train.progress import progress
 
 SPLIT_FILES = {"train": "train.txt", "val": "valid.txt", "test": "test.txt"}
@@ -37,6 +36,7 @@ class Split:
     tokens: np.ndarray  # 1-D memmap of token ids
     n_chars: int  # characters of the underlying text
     n_words: int  # whitespace words + one <eos> per line (the WikiText word count)
+    source: str = ""  # where the text comes from (a file, or a part of one), for error messages
 
     @property
     def chars_per_token(self) -> float:
@@ -52,6 +52,18 @@ class TokenData:
     splits: dict  # "train" | "val" | "test" -> Split
     vocab_size: int
     tokenizer: str
+
+
+def check_lengths(data: TokenData, block_size: int) -> None:
+    """Every split must hold a window of block_size tokens and its next-token targets. Checked before the first
+    step: a short valid/test split otherwise surfaces at the first evaluation, after training steps and before any
+    checkpoint."""
+    for name, split in data.splits.items():
+        n = len(split.tokens)
+        if n < block_size + 2:
+            raise DataError(f"data file {split.source or name}: the {name} split holds {n} tokens, too few for "
+                            f"trainer.block_size={block_size} (needs block_size + 2); valid here: "
+                            f"1..{max(n - 2, 0)}, or a longer file")
 
 
 def word_count(text: str) -> int:
@@ -104,18 +116,25 @@ def read_text(path: Path) -> str:
         raise DataError(f"data file {path} is not UTF-8 text (line {line})") from None
 
 
-def split_texts(folder: Path, split: str) -> dict:
-    """split -> (where its text comes from, for error messages; the text), every split holding some text."""
-    train_path, test_path = folder / SPLIT_FILES["train"], folder / SPLIT_FILES["test"]
-    train, test = read_text(train_path), read_text(test_path)
+def split_sources(folder: Path, split: str) -> dict:
+    """split -> where its text comes from, for error messages."""
     if split == "moas_paper":
+        train = folder / SPLIT_FILES["train"]
+        return {"train": f"the first 90% of {train}", "val": f"the last 10% of {train}",
+                "test": str(folder / SPLIT_FILES["test"])}
+    return {name: str(folder / fname) for name, fname in SPLIT_FILES.items()}
+
+
+def split_texts(folder: Path, split: str) -> dict:
+    """split -> (where its text comes from; the text), every split holding some text."""
+    sources = split_sources(folder, split)
+    if split == "moas_paper":
+        train = read_text(folder / SPLIT_FILES["train"])
         n = int(0.9 * len(train))
-        texts = {"train": (f"the first 90% of {train_path}", train[:n]),
-                 "val": (f"the last 10% of {train_path}", train[n:]), "test": (str(test_path), test)}
+        parts = {"train": train[:n], "val": train[n:], "test": read_text(folder / SPLIT_FILES["test"])}
     else:
-        val_path = folder / SPLIT_FILES["val"]
-        texts = {"train": (str(train_path), train), "val": (str(val_path), read_text(val_path)),
-                 "test": (str(test_path), test)}
+        parts = {name: read_text(folder / fname) for name, fname in SPLIT_FILES.items()}
+    texts = {name: (sources[name], parts[name]) for name in SPLIT_FILES}
     for name, (source, text) in texts.items():
         if not text.strip():
             raise DataError(f"data split {name!r} is empty: {source} holds only white space")
@@ -194,12 +213,8 @@ class BPETokenizer:
 # --- caching ------------------------------------------------------------------------------------------------------
 
 def _fingerprint(folder: Path, cfg) -> str:
-    h = hashlib.sha256()
-    for fname in SPLIT_FILES.values():
-        st = (folder / fname).stat()
-        h.update(f"{fname}:{st.st_size}:{int(st.st_mtime)};".encode())
-    h.update(f"{cfg.tokenizer}:{cfg.split}:{cfg.vocab_size}:{CACHE_VERSION}".encode())
-    return h.hexdigest()[:16]
+    return content_key([folder / fname for fname in SPLIT_FILES.values()],
+                       f"{cfg.tokenizer}:{cfg.split}:{cfg.vocab_size}:{CACHE_VERSION}")
 
 
 def _build(folder: Path, cfg, out: Path) -> None:
@@ -222,15 +237,25 @@ def _build(folder: Path, cfg, out: Path) -> None:
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
+def _load(out: Path, sources: dict) -> TokenData:
+    """The cached splits, each checked against meta.json: its length and its ids' range (CacheDamaged if not)."""
+    meta = json.loads((out / "meta.json").read_text())
+    dtype, vocab = np.dtype(meta["dtype"]), meta["vocab_size"]
+    splits = {}
+    for name in SPLIT_FILES:
+        info, path = meta["splits"][name], out / f"{name}.bin"
+        if info["n_tokens"] <= 0 or path.stat().st_size != info["n_tokens"] * dtype.itemsize:
+            raise CacheDamaged(f"{path.name} holds {path.stat().st_size} bytes, meta.json says {info['n_tokens']} "
+                               f"ids of {dtype.itemsize} bytes")
+        tokens = np.memmap(path, dtype=dtype, mode="r")
+        check_ids(path, tokens, info["n_tokens"], vocab)
+        splits[name] = Split(tokens, info["n_chars"], info["n_words"], sources[name])
+    return TokenData(splits, vocab, meta["tokenizer"])
+
+
 def load_wikitext2(cfg) -> TokenData:
     cache = Path(os.path.expanduser(str(cfg.cache_dir)))
     folder = locate(cfg.root, cache)
     out = cache / "wikitext2" / _fingerprint(folder, cfg)
-    if not (out / "meta.json").is_file():
-        build_atomically(out, lambda tmp: _build(folder, cfg, tmp))
-    meta = json.loads((out / "meta.json").read_text())
-    splits = {}
-    for name, info in meta["splits"].items():
-        tokens = np.memmap(out / f"{name}.bin", dtype=meta["dtype"], mode="r")
-        splits[name] = Split(tokens, info["n_chars"], info["n_words"])
-    return TokenData(splits, meta["vocab_size"], meta["tokenizer"])
+    sources = split_sources(folder, cfg.split)
+    return load_cached(out, lambda tmp: _build(folder, cfg, tmp), lambda entry: _load(entry, sources))

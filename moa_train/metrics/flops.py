@@ -6,11 +6,15 @@ bf16 -> a bf16 GEMM, fp32 with TF32 allowed -> a TF32 GEMM, plain fp32 -> an fp3
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import time
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def peak_kind(precision: str, tf32: bool) -> str:
@@ -52,11 +56,30 @@ def peak_flops(device: torch.device, kind: str, cache_dir: str | Path) -> float:
     """Measured peak for (device, kind, torch version), cached in <cache_dir>/peak_flops.json."""
     path = Path(os.path.expanduser(str(cache_dir))) / "peak_flops.json"
     key = f"{device_name(device)}|{kind}|torch {torch.__version__}"
-    table = json.loads(path.read_text()) if path.is_file() else {}
-    if key not in table:
+    table = read_table(path)
+    if not _is_rate(table.get(key)):
         table[key] = measure_matmul_flops(device, kind)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(table, indent=1))
         tmp.replace(path)
     return table[key]
+
+
+def _is_rate(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def read_table(path: Path) -> dict:
+    """The cached peaks; a garbled file (a crash mid-write by an older version, a hand edit) is measured again, with
+    one warning line, rather than stopping the run."""
+    if not path.is_file():
+        return {}
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        table = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    if not isinstance(table, dict):
+        log.warning("peak FLOP/s cache %s is damaged (%s); measuring again", path, str(table)[:80])
+        return {}
+    return table

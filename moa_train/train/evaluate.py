@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from moa_train.data.batches import RandomWindows, sequential_windows
 from moa_train.progress import progress
 from moa_train.train.distributed import Dist, global_sum, rank_share
+from moa_train.train.preemption import check_stop
 
 EVAL_SEED = 1234  # the same eval windows for every model and training seed, so rows compare on equal data
 
@@ -27,7 +28,8 @@ def split_metrics(prefix: str, loss: float, split) -> dict:
 
 @torch.no_grad()
 def evaluate(model, split, prefix: str, batch_size: int, block_size: int, eval_iters, device,
-             autocast=nullcontext, dist: Dist = Dist()) -> dict:
+             autocast=nullcontext, dist: Dist = Dist(), stop=None) -> dict:
+    """`stop`: a StopSignals whose signal ends the evaluation (EvaluationStopped) before the next batch."""
     was_training = model.training
     model.eval()
     if eval_iters is None:
@@ -38,6 +40,7 @@ def evaluate(model, split, prefix: str, batch_size: int, block_size: int, eval_i
     sums = torch.zeros(2, device=device, dtype=torch.float64)  # summed NLL, target tokens
     rounds = eval_iters and -(-eval_iters // dist.world)
     for (x, y), mine in progress(rank_share(batches, dist), desc=f"eval {prefix}", unit="batch", total=rounds):
+        check_stop(stop)
         with autocast():
             logits, _ = model(x)
         if mine:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from moa_train.config import ConfigError
+from moa_train.config import TRANSLATION_DATA, ConfigError, check_run_folder
 from moa_train.metrics.flops import device_name, peak_flops, peak_kind
 from moa_train.metrics.sinks import MetricsLogger, build_logger, truncate_jsonl
 from moa_train.models.attention.mha import select_sdpa_backend
@@ -33,7 +33,7 @@ from moa_train.train.checkpoint import (
 from moa_train.train.cuda_graph import WARMUP_STEPS, CapturedStep
 from moa_train.train.guard import DivergedError, NonFiniteGuard
 from moa_train.train.optim import apply_settings, build_optimizer, build_scheduler, lr_factor
-from moa_train.train.preemption import Preempted, StopSignals
+from moa_train.train.preemption import EvaluationStopped, Preempted, StopSignals
 from moa_train.train.runlock import RunLock
 from moa_train.train.tasks import make_task
 from moa_train.train.window import LossWindow
@@ -111,6 +111,26 @@ def check_fixed_settings(saved: dict, cfg) -> None:
                                   "start over with trainer.resume=false in a new hydra.run.dir")
 
 
+OOM_WORDS = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """A CUDA or CPU allocation failure (the CPU allocator raises a plain RuntimeError, NumPy a MemoryError)."""
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in OOM_WORDS))
+
+
+def oom_error(cfg, device: torch.device) -> ConfigError:
+    """The one line for an out-of-memory error in the first steps: the sizes are too large for the device."""
+    t = cfg.trainer
+    sizes = (f"data.max_tokens={cfg.data.max_tokens}" if cfg.data.name in TRANSLATION_DATA
+             else f"trainer.batch_size={t.batch_size} x trainer.block_size={t.block_size}")
+    return ConfigError(f"{sizes.partition('=')[0]}: out of memory in the first training step on "
+                       f"{device_name(device)}: {sizes} over trainer.grad_accum={t.grad_accum} micro-batches does not "
+                       f"fit; lower {sizes.partition('=')[0]}"
+                       f"{'' if 'max_tokens' in sizes else ' or trainer.block_size'}, or raise trainer.grad_accum")
+
+
 def headline(metrics: dict) -> str:
     """The evaluation figures worth a log line, whichever the task reports: loss and bpc (LM), BLEU and chrF."""
     shown = ("loss", "bpc", "bleu", "chrf")
@@ -164,6 +184,9 @@ class Trainer:
         self.flops_per_token = self.task.flops_per_token()
         self.peak = peak_flops(self.device, peak_kind(t.precision, t.tf32), cfg.data.cache_dir)
         self.step_ms: list = []
+        self.stop = None  # the StopSignals while training
+        self.pending_eval = False  # a validation stopped by a signal, to be run first by the resumed process
+        self.last_val = {}
 
     # --- state -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -174,6 +197,7 @@ class Trainer:
             "best_val": self.best_val, "data": self.batches.state_dict(),
             "rng": distributed.gather_objects(rng_state(), self.dist) if self.dist.active else rng_state(),
             "wandb_id": self.wandb_id, "guard": self.guard.state_dict(), "window": self.losses.state_dict(),
+            "pending_eval": self.pending_eval,
             "vocab_size": self.model.vocab_size,
             "pad_id": getattr(self.model, "pad_id", None),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -197,6 +221,7 @@ class Trainer:
         self.tokens_seen, self.best_val = state["tokens_seen"], state["best_val"]
         self.batches.load_state_dict(state["data"])
         self.wandb_id = state.get("wandb_id")
+        self.pending_eval = state.get("pending_eval", False)
         if "guard" in state:  # checkpoints written before non-finite steps were skipped lack these two
             self.guard.load_state_dict(state["guard"])
             self.losses.load_state_dict(state["window"])
@@ -284,12 +309,38 @@ class Trainer:
         self.scheduler.step()
         return out
 
+    def checked_step(self, log_step: bool, steps_run: int) -> tuple:
+        """train_step; an out-of-memory error in this process's first steps (the warm-up and CUDA-graph capture
+        included) is the sizes' fault and becomes one line naming them. A later one stays a bug report."""
+        try:
+            return self.train_step(log_step)
+        except (RuntimeError, MemoryError) as exc:
+            if steps_run > WARMUP_STEPS or not out_of_memory(exc):
+                raise
+            raise oom_error(self.cfg, self.device) from None
+
     def grad_norm(self) -> torch.Tensor:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
     def evaluate(self, split: str, prefix: str, final: bool = False) -> dict:
-        return self.task.evaluate(self.forward, split, prefix, self.autocast, final)
+        # a signal ends evaluation in one process only: under torchrun the ranks would leave its collectives at
+        # different batches, so they finish it and agree on the signal at the next log step
+        stop = None if self.dist.active else self.stop
+        return self.task.evaluate(self.forward, split, prefix, self.autocast, final, stop)
+
+    def validate(self, logger) -> bool:
+        """Evaluate the val split at this step and log it; whether it is the best so far. EvaluationStopped by a
+        signal marks the validation pending: the checkpoint written next records it for the resumed process."""
+        self.pending_eval = True
+        val = self.evaluate("val", "val")
+        self.pending_eval = False
+        is_best = val["val/loss"] < self.best_val
+        self.best_val = min(self.best_val, val["val/loss"])
+        logger.log(self.step, {**val, "val/loss_best": self.best_val})
+        log.info("step %d: %s", self.step, headline(val))
+        self.last_val = val
+        return is_best
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -314,15 +365,17 @@ class Trainer:
             drop_later_checkpoints(self.run_dir / "checkpoints", self.step, self.failed)
         logger = self.build_logger(None if resumed is None else self.step)
         self.wandb_id = logger.wandb_id
-        val = {}
         bar = progress(total=t.max_steps, initial=self.step, desc="train", unit="step")
-        stop = StopSignals().install()
+        self.stop = stop = StopSignals().install()
+        first_step = self.step
         try:
+            if self.pending_eval:  # the interrupted process was stopped while validating this step
+                self.save(self.validate(logger))
             window = self.open_window()
             while self.step < t.max_steps:
                 last = self.step + 1 == t.max_steps
                 log_now = (self.step + 1) % t.log_interval == 0 or last
-                ce, aux, routings, norm, bad = self.train_step(log_now)
+                ce, aux, routings, norm, bad = self.checked_step(log_now, self.step - first_step)
                 self.step += 1
                 self.tokens_seen += self.step_tokens
                 window["steps"] += 1
@@ -335,11 +388,10 @@ class Trainer:
                     window = self.open_window()
                 is_best = False
                 if self.step % t.eval_interval == 0 or last:
-                    val = self.evaluate("val", "val")
-                    is_best = val["val/loss"] < self.best_val
-                    self.best_val = min(self.best_val, val["val/loss"])
-                    logger.log(self.step, {**val, "val/loss_best": self.best_val})
-                    log.info("step %d: %s", self.step, headline(val))
+                    try:
+                        is_best = self.validate(logger)
+                    except EvaluationStopped:  # the signal is seen below: this step's checkpoint, then the stop
+                        pass
                     window = self.open_window()  # evaluation time is not step time
                 on_save_step = (self.step % t.eval_interval == 0 if t.save_interval is None
                                 else self.step % t.save_interval == 0)
@@ -351,15 +403,18 @@ class Trainer:
                     window = self.open_window()
                 if stopping:
                     raise Preempted(stopping, self.step, self.last_checkpoint, self.run_dir, self.dist.rank)
-            if not val and self.step > 0:  # resumed at max_steps: report the checkpoint's validation loss
-                val = self.evaluate("val", "val")
+            if not self.last_val and self.step > 0:  # resumed at max_steps: report the checkpoint's validation loss
+                self.last_val = self.evaluate("val", "val")
             test = self.final_test()
             logger.log(self.step, test)
+        except EvaluationStopped:  # the final evaluations: the last step's checkpoint is written, resuming reruns them
+            raise Preempted(stop.received, self.step, self.last_checkpoint, self.run_dir, self.dist.rank) from None
         finally:
             bar.close()
             logger.close()
             stop.restore()
-        return self.write_summary({**val, **test})
+            self.stop = None
+        return self.write_summary({**self.last_val, **test})
 
     def final_test(self) -> dict:
         """The test evaluation at the end, on the average of the last `eval.average_last` checkpoints if set."""
@@ -470,6 +525,7 @@ def train(cfg, run_dir: Path, overrides: list | None = None) -> dict:
     run_dir = Path(run_dir)
     if cfg.trainer.eval_only:
         cfg, run_dir = eval_run.prepare(cfg, run_dir, overrides)
+    check_run_folder(run_dir, cfg)  # a multirun job or an in-process call has had no precheck
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     trainer = Trainer(cfg, run_dir)

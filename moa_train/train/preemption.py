@@ -3,8 +3,9 @@ closed, and the process exits with 128 + the signal number (143 for SIGTERM, 130
 process killed by that signal. A second signal exits at once (the checkpoint of the last save step stays).
 
 Schedulers (Slurm, Kubernetes, spot instances) send SIGTERM some time before SIGKILL; Ctrl-C sends SIGINT. The
-handlers are installed while the trainer trains and the previous ones restored after it. A signal during the final
-test evaluation lets it finish (the run is then complete); a second one stops it at once.
+handlers are installed while the trainer trains and the previous ones restored after it. A signal during an
+evaluation (validation, or the final test) stops it before its next batch: a validation stopped so is saved as
+pending in the checkpoint and run first by the resumed process; the final test is run again on resume.
 
 Under torchrun (which passes a SIGTERM on to every worker) the ranks agree on the signal at log steps, with one small
 all-reduce, so that every rank writes the checkpoint and stops at the same step: up to trainer.log_interval - 1
@@ -33,6 +34,17 @@ class Preempted(BaseException):
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}: {where}; to resume, run the "
                          f"same command with hydra.run.dir={run_dir}")
         self.exit_code = 128 + signum
+
+
+class EvaluationStopped(BaseException):
+    """Raised by an evaluation loop that sees a stop signal: evaluation (a beam search over a large split) can take
+    long, and a scheduler's SIGKILL follows its SIGTERM. A BaseException, like Preempted."""
+
+
+def check_stop(stop) -> None:
+    """Called between evaluation batches: raise EvaluationStopped once `stop` (a StopSignals, or None) has a signal."""
+    if stop is not None and stop.received is not None:
+        raise EvaluationStopped()
 
 
 class StopSignals:

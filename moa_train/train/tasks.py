@@ -16,6 +16,7 @@ from moa_train.models.routing import aux_losses, weighted_aux
 from moa_train.progress import progress
 from moa_train.train.distributed import Dist, gather_objects, global_sum, rank_share
 from moa_train.train.evaluate import evaluate as evaluate_lm
+from moa_train.train.preemption import check_stop
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +28,13 @@ class LMTask:
 
     def __init__(self, cfg, device: torch.device, dist: Dist = Dist()):
         from moa_train.data import load_data
+        from moa_train.data.wikitext import check_lengths
         from moa_train.models import build_model
 
         self.cfg, self.device, self.dist = cfg, device, dist
         self.aux_cfg = OmegaConf.to_object(cfg.model.aux)  # a plain dataclass: no OmegaConf inside compiled code
         self.data = load_data(cfg.data)
+        check_lengths(self.data, cfg.trainer.block_size)
         vocab = cfg.model.vocab_size or self.data.vocab_size
         if vocab < self.data.vocab_size:
             raise ConfigError(f"model.vocab_size: {vocab} is smaller than the data's {self.data.vocab_size}; "
@@ -57,10 +60,10 @@ class LMTask:
         aux = aux_losses(routings, self.aux_cfg, all_aux)
         return ce + weighted_aux(aux, self.aux_cfg), ce, aux, routings
 
-    def evaluate(self, forward, split: str, prefix: str, autocast, final: bool = False) -> dict:
+    def evaluate(self, forward, split: str, prefix: str, autocast, final: bool = False, stop=None) -> dict:
         t = self.cfg.trainer
         return evaluate_lm(forward, self.data.splits[split], prefix, t.eval_batch_size or t.batch_size,
-                           t.block_size, t.eval_iters, self.device, autocast, self.dist)
+                           t.block_size, t.eval_iters, self.device, autocast, self.dist, stop)
 
     def flops_per_token(self) -> int:
         return self.model.flops_per_token(self.cfg.trainer.block_size)
@@ -107,10 +110,11 @@ class TranslationTask:
         return ce + weighted_aux(aux, self.aux_cfg), ce, aux, routings
 
     @torch.no_grad()
-    def evaluate(self, forward, split: str, prefix: str, autocast, final: bool = False) -> dict:
+    def evaluate(self, forward, split: str, prefix: str, autocast, final: bool = False, stop=None) -> dict:
         """NLL per target token over the split, and BLEU / chrF of the decoded split (beam search at the end of
         training, greedy or the configured val beam during it; the first eval.max_sentences sentences where set).
-        Under data parallelism each rank takes its share of the batches; sums and hypotheses are gathered."""
+        Under data parallelism each rank takes its share of the batches; sums and hypotheses are gathered. A signal
+        in `stop` (the trainer's StopSignals) ends it before the next batch (EvaluationStopped)."""
         from moa_train.metrics.bleu import corpus_scores, tokenized_bleu
 
         e, model = self.cfg.eval, self.model
@@ -119,9 +123,9 @@ class TranslationTask:
         data = self.data.splits[split]
         n = len(data) if e.max_sentences is None else min(e.max_sentences, len(data))
         decoded = data if n == len(data) else first_pairs(data, n)
-        loss = self._nll(forward, data, prefix, autocast)
+        loss = self._nll(forward, data, prefix, autocast, stop)
         beam = e.beam if final else e.val_beam
-        hyps = self._decode(decoded, f"{prefix} (beam {beam})", beam, autocast)
+        hyps = self._decode(decoded, f"{prefix} (beam {beam})", beam, autocast, stop)
         model.train(was_training)
         scores = corpus_scores(hyps, decoded.tgt_text)
         out = {f"{prefix}/loss": loss, f"{prefix}/ppl": math.exp(min(loss, 50.0)), f"{prefix}/bleu": scores["bleu"],
@@ -132,8 +136,9 @@ class TranslationTask:
         self.last_signature = scores["bleu_signature"]
         return out
 
-    def _my_batches(self, data, desc: str):
-        """This rank's share of the split's batches (length-sorted, as many rounds on every rank)."""
+    def _my_batches(self, data, desc: str, stop=None):
+        """This rank's share of the split's batches (length-sorted, as many rounds on every rank); a signal in
+        `stop` ends them."""
         from moa_train.data.translation import TokenBatches
 
         d = self.data
@@ -141,13 +146,15 @@ class TranslationTask:
                                device=self.device)
         share = rank_share(batches, self.dist)
         # translation runs use DDP: no collective in the forward, so a rank skips the batches of others
-        return (b for b, mine in progress(share, desc=desc, unit="batch",
-                                          total=-(-len(batches) // self.dist.world)) if mine)
+        for batch, mine in progress(share, desc=desc, unit="batch", total=-(-len(batches) // self.dist.world)):
+            check_stop(stop)
+            if mine:
+                yield batch
 
-    def _nll(self, forward, data, prefix: str, autocast) -> float:
+    def _nll(self, forward, data, prefix: str, autocast, stop=None) -> float:
         """Cross-entropy per real target token over the whole split (every rank's sums gathered)."""
         total, count = 0.0, 0
-        for batch in self._my_batches(data, f"eval {prefix} (loss)"):
+        for batch in self._my_batches(data, f"eval {prefix} (loss)", stop):
             with autocast():
                 logits, _ = forward(batch["src"], batch["tgt_in"])
             total += F.cross_entropy(logits.flatten(0, 1).float(), batch["tgt_out"].flatten(),
@@ -156,13 +163,13 @@ class TranslationTask:
         total, count = global_sum(torch.tensor([total, count], dtype=torch.float64, device=self.device)).tolist()
         return total / max(count, 1)
 
-    def _decode(self, data, desc: str, beam: int, autocast) -> list:
+    def _decode(self, data, desc: str, beam: int, autocast, stop=None) -> list:
         """Detokenised hypotheses of every sentence of `data`, in order (every rank's gathered)."""
         from moa_train.models.search import beam_search, greedy_search, max_output_len
 
         d, e, model = self.data, self.cfg.eval, self.model
         hyps = {}  # sentence index -> detokenised hypothesis
-        for batch in self._my_batches(data, f"eval {desc}"):
+        for batch in self._my_batches(data, f"eval {desc}", stop):
             src_mask = batch["src"] != d.pad_id
             max_len = min(max_output_len(src_mask, e.max_len_a, e.max_len_b), self.cfg.model.max_seq_len - 1)
             with autocast():
