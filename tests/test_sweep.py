@@ -58,25 +58,31 @@ def test_sweeping_the_model_keeps_one_sweep_folder(tmp_path):
 
 
 def test_a_sweep_whose_jobs_all_fail_lists_them_and_exits_1(tmp_path):
-    proc = multirun(tmp_path, "model=mha,moa", "model.n_head=3")  # 3 heads divide no d_model of 32
+    empty = tmp_path / "no-data"  # a folder without the WikiText-2 files: each job fails when it reads its data
+    empty.mkdir()
+    proc = multirun(tmp_path, "model=mha,moa", f"data.root={empty}")
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "2 of 2 jobs failed" in proc.stderr
     sweep = only_sweep_folder(tmp_path)
     records = summary(sweep)
     assert [r["status"] for r in records] == ["failed", "failed"]
     assert (sweep / "sweep_summary.md").read_text().startswith("| job | overrides | status |\n|---|---|---|\n")
-    assert all("model.n_head" in r["error"] or "model.head_dim" in r["error"] for r in records)
+    assert all("data.root: missing file" in r["error"] for r in records)
 
 
 def test_a_sweep_through_a_launcher_plugin_runs_each_job_in_its_own_process(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")  # the [launchers] extra, which [dev] includes
-    proc = multirun(tmp_path, "model=mha,moa", "model.top_k=9", "hydra/launcher=submitit_local",
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    good = os.environ["MOA_DATA_DIR"]  # the synthetic data (conftest)
+    proc = multirun(tmp_path, f"data.root={good},{empty}", "hydra/launcher=submitit_local",
                     "hydra.launcher.timeout_min=5")
-    assert proc.returncode == 1, proc.stderr[-2000:]  # moa with top_k 9 fails in its own process
+    assert proc.returncode == 1, proc.stderr[-2000:]  # the job without data fails in its own process
     sweep = only_sweep_folder(tmp_path)
-    records = {next(o for o in r["overrides"].split() if o.startswith("model=")): r for r in summary(sweep)}
-    assert records["model=mha"]["status"] == "ok" and records["model=mha"]["steps"] == 2
-    assert records["model=moa"]["status"] == "failed" and "model.top_k" in records["model=moa"]["error"]
+    records = {next(o for o in r["overrides"].split() if o.startswith("data.root=")): r for r in summary(sweep)}
+    assert records[f"data.root={good}"]["status"] == "ok" and records[f"data.root={good}"]["steps"] == 2
+    assert records[f"data.root={empty}"]["status"] == "failed"
+    assert "data.root: missing file" in records[f"data.root={empty}"]["error"]
     assert list(sweep.glob(".submitit/*/*_log.out"))  # the jobs ran under submitit, not in this process
 
 
