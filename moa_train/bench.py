@@ -31,28 +31,23 @@ from pathlib import Path
 import torch
 
 from moa_train.metrics.flops import device_name, measure_matmul_flops, peak_kind
+from moa_train.config import applicable, bench_presets
+from moa_train.paths import config_dir
 
-# (overrides) per model; table1 rows reuse the MoAS Table 1 experiments, the others take its sizes via the mha one
-MODELS = {
-    "mha": ["model=mha"],
-    "gqa": ["model=gqa"],
-    "mqa": ["model=mqa"],
-    "moas_static": ["model=moas_static"],
-    "moas_dynamic": ["model=moas_dynamic"],
-    "moa_dense": ["model=moa", "model.n_experts=16", "model.top_k=16", "model.expert_matmul=dense"],
-    "moa_sparse": ["model=moa", "model.n_experts=16", "model.top_k=4"],
-}
-TABLE1_EXPERIMENT = {"moas_static": "moas_static", "moas_dynamic": "moas_dynamic"}  # else moas_table1/mha
+# every model choice, each variant represented by its named presets where it has any (moa: moa_dense, moa_sparse);
+# table1 rows reuse the MoAS Table 1 experiment of their name where there is one, the others take its sizes via mha's
+MODELS = bench_presets()
+TABLE1 = config_dir() / "experiment" / "moas_table1"
 
 # sizes: (overrides, default batch). Fast mode everywhere: bf16, TF32, compile, whole-step CUDA graph.
 SIZES = {
     "table1": (["data=wikitext2_char", "mode=fast"], 12),
     "gpt2": (["~experiment", "data=random_tokens", "mode=fast", "model.n_layer=12", "model.d_model=768",
               "model.n_head=12", "model.max_seq_len=1024", "trainer.block_size=1024", "model.dropout=0.0",
-              "model.gate_dropout=0.0"], 64),
-    # for CI on a CPU: seconds per model
-    "tiny": (["~experiment", "data=random_tokens", "data.vocab_size=256", "model.n_layer=2", "model.d_model=64",
-              "model.n_head=4", "model.max_seq_len=64", "trainer.block_size=64"], 4),
+              "model.gate_dropout=0.0"], 64),  # each model takes the keys it owns (registry.applicable)
+    # for CI on a CPU: seconds per model; a variant's own tiny sizes from configs/debug_model/tiny_<model>.yaml
+    "tiny": (["~experiment", "debug=tiny", "data=random_tokens", "data.vocab_size=256", "model.n_layer=2",
+              "model.d_model=64", "model.n_head=4", "model.max_seq_len=64", "trainer.block_size=64"], 4),
 }
 ALWAYS = ["trainer.max_steps=1000000", "trainer.eval_interval=1000000", "trainer.log_interval=1000000",
           "trainer.resume=false"]
@@ -64,14 +59,11 @@ log = logging.getLogger("moa_train.bench")
 def compose_cfg(size: str, model: str, batch: int, device: torch.device, extra: list = ()):
     from moa_train.config import compose_train, validate
 
-    overrides = list(SIZES[size][0])
+    overrides = [*applicable(model, SIZES[size][0]), f"model={model}"]
     if size == "table1":
-        overrides.insert(0, f"experiment=moas_table1/{TABLE1_EXPERIMENT.get(model, 'mha')}")
-    moa = MODELS[model]
-    if size == "tiny" and model.startswith("moa_"):  # 8 experts at the tiny size
-        moa = [o for o in moa if "n_experts" not in o and "top_k" not in o]
-        moa += ["model.n_experts=8", f"model.top_k={8 if model == 'moa_dense' else 2}"]
-    overrides += moa + ALWAYS + [f"trainer.batch_size={batch}", f"trainer.device={device.type}", *extra]
+        row = model if (TABLE1 / f"{model}.yaml").is_file() else "mha"
+        overrides.insert(0, f"experiment=moas_table1/{row}")
+    overrides += ALWAYS + [f"trainer.batch_size={batch}", f"trainer.device={device.type}", *extra]
     if device.type == "cpu":
         overrides += CPU
     cfg = compose_train(overrides)

@@ -15,9 +15,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf, open_dict
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from moa_train.config import ConfigError
+from moa_train.config import VARIANTS, ConfigError, foreign_key
 from moa_train.paths import config_dir
 
 
@@ -47,6 +47,9 @@ def describe(exc: Exception) -> str:
                     f"(pip install -e '.[launchers]' adds joblib, submitit_local, submitit_slurm)")
         options = group_options(group) if (config_dir() / group).is_dir() else []
         return f"{group}={name}: no such config; allowed: {', '.join(options) or 'none (no such group)'}"
+    inner = exc.__cause__ or exc.__context__  # an experiment's key of another variant comes as the context
+    if isinstance(inner, (ConfigAttributeError, ConfigKeyError)) and inner.object_type in VARIANTS.values():
+        return foreign_key(inner.full_key, inner.object_type)  # a key of another attention variant: name its owners
     cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
     first = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0]
     key = getattr(cause, "full_key", None)

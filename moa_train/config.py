@@ -11,10 +11,13 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError
+
+from moa_train.paths import config_dir
 
 
 class ConfigError(ValueError):
@@ -32,34 +35,149 @@ class AuxConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING  # attention family, a key of moa_train.models.registry: mha|gqa|mqa|moas_static|moas_dynamic|moa
+    """The keys every model has. An attention variant's own keys come from its config class (in its module under
+    models/attention/), a subclass of this one and the schema of its configs/model/<name>.yaml: a key of another
+    variant is refused at composition."""
+    name: str = MISSING  # attention variant, a name in VARIANTS (moa_train.models.registry registers them)
     d_model: int = 384
     n_layer: int = 4
-    n_head: int = 6  # query heads (mha/gqa/mqa/moas); unused by moa
-    n_kv_heads: Optional[int] = None  # K/V heads: null = n_head for mha, 1 for mqa; moa: shared K/V groups (default 1)
+    n_head: int = 6  # query heads (moa: only defaults head_dim = d_model // n_head)
     max_seq_len: int = 256  # learned position embeddings
     vocab_size: Optional[int] = None  # null: taken from the data
     dropout: float = 0.1  # embedding, attention-probability, residual and MLP dropout
     bias: bool = False  # bias in Linear and LayerNorm
     mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * d_model
-    # MoAS
-    gqa_kv_heads: int = 2  # K/V heads of the GQA branch
-    router_hidden: Optional[int] = None  # hidden width of the dynamic router; null = d_model // 4
-    gate_dropout: float = 0.0  # dropout on the router's gates after softmax (MoAS paper: 0.1)
-    fused: bool = True  # MoAS: one QKV matmul, one SDPA call and one output matmul for all branches
-    # MoA
-    n_experts: int = 8  # E
-    top_k: int = 2  # k experts per token
-    head_dim: Optional[int] = None  # expert head size; null = d_model // n_head
-    gating: str = "softmax_all"  # softmax_all (released MoA code) | topk_softmax (renormalised over the k)
-    expert_matmul: str = "auto"  # dense (all E experts, gather) | grouped (sorted by expert, selected only) | auto
     # encoder-decoder (translation data)
     n_encoder_layer: Optional[int] = None  # null = n_layer (n_layer counts decoder layers)
     norm_first: bool = True  # pre-LN (true) or post-LN (false, the original Transformer)
     positions: str = "learned"  # learned | sinusoidal
     share_embeddings: bool = True  # one embedding for source, target and output (joint vocabulary)
-    cross_attention: Optional[str] = None  # attention of decoder cross-attention; null = model.name (mha for moas_*)
+    # decoder cross-attention: `name` (null = the model's own variant with its keys, or the variant's cross_default)
+    # plus that variant's own keys (+model.cross.n_experts=4); the model's common keys apply to it too
+    cross: Dict[str, Any] = field(default_factory=lambda: {"name": None})
     aux: AuxConfig = field(default_factory=AuxConfig)
+
+    cross_attention_ok: ClassVar[bool] = True  # false: a self-attention scheme, refused as model.cross.name
+    cross_default: ClassVar[Optional[str]] = None  # the cross-attention when model.cross.name is null; None: itself
+
+    @classmethod
+    def validate(cls, m, cfg) -> None:
+        """ConfigError naming the key and what is allowed. A variant adds its own checks and calls this one."""
+        for key in ("d_model", "n_layer", "n_head", "max_seq_len"):
+            _check(m[key] > 0, f"model.{key}", f"must be a positive integer, got {m[key]}")
+        _positive_or_null(m.n_encoder_layer, "model.n_encoder_layer")
+        _check(math.isfinite(m.mlp_ratio) and m.mlp_ratio * m.d_model >= 1, "model.mlp_ratio",
+               f"must be finite and give an MLP of at least 1 unit (mlp_ratio * model.d_model >= 1), got {m.mlp_ratio}")
+        _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+        for key in ("balance_coef", "z_coef", "cv_coef"):
+            _check(m.aux[key] >= 0, f"model.aux.{key}", f"must be >= 0, got {m.aux[key]}")
+        _one_of(m.aux.layer_reduce, "model.aux.layer_reduce", ("mean", "sum"))
+        _one_of(m.aux.balance_type, "model.aux.balance_type", ("mse", "switch"))
+        _one_of(m.positions, "model.positions", ("learned", "sinusoidal"))
+        if m.vocab_size is not None:
+            _check(m.vocab_size > 0, "model.vocab_size", f"must be positive or null, got {m.vocab_size}")
+
+    @classmethod
+    def check_heads(cls, m) -> None:
+        """model.n_head divides model.d_model (every head has d_model / n_head dimensions)."""
+        _check(m.d_model % m.n_head == 0, "model.n_head",
+               f"{m.n_head} does not divide model.d_model={m.d_model}; valid: {_divisors(m.d_model)}")
+
+
+# attention variant name -> its config class (a ModelConfig subclass); filled by register_variant
+VARIANTS: dict = {}
+PLUGIN_PRESETS: dict = {}  # preset name -> YAML path, for variants registered from outside the package
+
+
+def register_variant(name: str, config: type, yaml: str | Path | None = None) -> None:
+    """Make `config` the schema of variant `name`: its YAMLs name it as `_schema_<name>` in their defaults. `yaml`:
+    a preset from outside configs/model/ (a plugin's), choosable as model=<name>."""
+    VARIANTS[name] = config
+    ConfigStore.instance().store(group="model", name=f"_schema_{name}", node=config)
+    if yaml is not None:
+        ConfigStore.instance().store(group="model", name=name, node=OmegaConf.load(yaml))
+        PLUGIN_PRESETS[name] = Path(yaml)
+
+
+def presets() -> list:
+    """Every choice of the model group: configs/model/*.yaml (variants and their named presets) and plugins'."""
+    return sorted({p.stem for p in config_dir().joinpath("model").glob("*.yaml")} | set(PLUGIN_PRESETS))
+
+
+def bench_presets() -> list:
+    """The model choices in registration order, a variant with named presets represented by them (moa by
+    moa_dense and moa_sparse): moa-bench's rows."""
+    choices = presets()
+    built_on = {preset_variant(p) for p in choices if preset_variant(p) != p}
+    return [p for name in VARIANTS for p in choices if preset_variant(p) == name and p not in built_on]
+
+
+def preset_variant(preset: str) -> str:
+    """The variant a preset configures: its `name`, or that of the first preset in its defaults."""
+    path = PLUGIN_PRESETS.get(preset, config_dir() / "model" / f"{preset}.yaml")
+    node = OmegaConf.load(path)
+    if "name" in node:
+        return node.name
+    return preset_variant(next(d for d in node.defaults if not str(d).startswith("_")))
+
+
+def applicable(preset: str, overrides) -> list:
+    """`overrides` less those of model keys that only other variants own: one list of settings for every model
+    (moa-bench's GPT-2 size: model.gate_dropout=0.0 applies to the variants that have a gate dropout)."""
+    foreign = set().union(*map(variant_keys, VARIANTS.values())) - variant_keys(VARIANTS[preset_variant(preset)])
+    return [o for o in overrides if not (o.startswith("model.") and o[6:].partition("=")[0] in foreign)]
+
+
+def variant_keys(config: type) -> set:
+    return {f.name for f in fields(config)}
+
+
+def owners(key: str) -> list:
+    """The variants whose config class has `key`."""
+    return [name for name, config in VARIANTS.items() if key in variant_keys(config)]
+
+
+def _with_presets(name: str) -> str:
+    named = [p for p in presets() if p != name and preset_variant(p) == name]
+    return f"{name} (and its presets {', '.join(named)})" if named else name
+
+
+def foreign_key(key: str, config: type) -> str:
+    """The one line for a model key that variant config `config` does not have: the variants (and their presets)
+    that own it."""
+    mine = "/".join(name for name, c in VARIANTS.items() if c is config) or config.__name__
+    found = [_with_presets(name) for name in owners(key.rpartition(".")[2])]
+    if not found:
+        return f"{key}: not a key of {mine}; allowed: {', '.join(sorted(variant_keys(config)))}"
+    return f"{key}: belongs to {', '.join(found)}, not {mine}"
+
+
+def variant_config(node, lenient: bool = False):
+    """`node` (a model or cross-attention config: a dict or DictConfig holding `name`) typed by its variant's config
+    class. lenient: keys the variant does not own are dropped (configs saved before variants owned their keys held
+    every variant's keys), and the old `cross_attention` becomes `cross.name`."""
+    data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    _one_of(data.get("name"), "model.name", tuple(sorted(VARIANTS)))
+    config = VARIANTS[data["name"]]
+    if lenient:
+        if "cross_attention" in data:
+            data["cross"] = {"name": data.pop("cross_attention")}
+        data = {k: v for k, v in data.items() if k in variant_keys(config)}
+    try:
+        return OmegaConf.merge(OmegaConf.structured(config), data)
+    except ConfigKeyError as exc:
+        raise ConfigError(foreign_key(f"model.{exc.key}", config)) from None
+
+
+def cross_config(m):
+    """The typed config of the decoder's cross-attention: model.cross.name's variant (null: the model's own, or
+    its cross_default) with the model's common keys and model.cross's keys."""
+    own = OmegaConf.get_type(m)
+    name = m.cross.name or own.cross_default
+    if name is None:
+        return m
+    common = {f.name: m[f.name] for f in fields(ModelConfig) if f.name not in ("name", "cross")}
+    return variant_config({**common, **OmegaConf.to_container(m.cross, resolve=True), "name": name})
 
 
 @dataclass
@@ -183,8 +301,6 @@ def compose_train(overrides: list, return_hydra_config: bool = False):
     """`configs/train.yaml` composed with `overrides`, in-process (Hydra's compose API)."""
     from hydra import compose, initialize_config_dir
 
-    from moa_train.paths import config_dir
-
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
@@ -235,8 +351,6 @@ def _float_leaves(node: Any, key: str):
 def _check_finite(cfg) -> None:
     """Every float key finite: inf passes a check like `lr > 0` and nan makes every comparison false, and either
     turns all weights into NaN at the first step."""
-    from omegaconf import OmegaConf
-
     for top in cfg.keys():
         if top != "hydra":
             tree = OmegaConf.to_container(cfg[top], resolve=True) if OmegaConf.is_config(cfg[top]) else cfg[top]
@@ -283,52 +397,16 @@ def check_run_folder(run_dir, cfg, log_name: str = "train.log", key: str = "hydr
 def validate(cfg, world_size: int = 1) -> None:
     """Raise ConfigError naming the key and what would be valid; called before any work. `world_size`: the number
     of torchrun processes the global batch is split over."""
-    from moa_train.models.registry import ATTENTION
-
     known = {f.name for f in fields(TrainConfig)} | {"hydra"}
     for key in cfg.keys():
         _check(key in known, str(key), f"unknown top-level key; allowed: {', '.join(sorted(known - {'hydra'}))}")
     m, t, o, s, d, e = cfg.model, cfg.trainer, cfg.optim, cfg.schedule, cfg.data, cfg.eval
     _check_finite(cfg)
-    _one_of(m.name, "model.name", tuple(sorted(ATTENTION)))
-    for key in ("d_model", "n_layer", "n_head", "max_seq_len", "n_experts", "top_k", "gqa_kv_heads"):
-        _check(m[key] > 0, f"model.{key}", f"must be a positive integer, got {m[key]}")
-    if m.name != "moa":
-        _check(m.d_model % m.n_head == 0, "model.n_head",
-               f"{m.n_head} does not divide model.d_model={m.d_model}; valid: {_divisors(m.d_model)}")
-    kv = m.n_kv_heads
-    if kv is not None and m.name != "moa":
-        _check(kv > 0 and m.n_head % kv == 0, "model.n_kv_heads",
-               f"{kv} does not divide model.n_head={m.n_head}; valid: {_divisors(m.n_head)}")
-    if m.name.startswith("moas"):
-        _check(m.n_head % m.gqa_kv_heads == 0, "model.gqa_kv_heads",
-               f"{m.gqa_kv_heads} does not divide model.n_head={m.n_head}; valid: {_divisors(m.n_head)}")
-    if m.name == "moa":
-        _check(m.top_k <= m.n_experts, "model.top_k",
-               f"{m.top_k} is larger than model.n_experts={m.n_experts}; valid: 1..{m.n_experts}")
-        _one_of(m.gating, "model.gating", ("softmax_all", "topk_softmax"))
-        _one_of(m.expert_matmul, "model.expert_matmul", ("auto", "dense", "grouped"))
-        _check(not (m.expert_matmul == "grouped" and t.cuda_graphs and t.precision != "bf16"), "model.expert_matmul",
-               "grouped in fp32 runs the reference, which reads group sizes on the host and so cannot be captured "
-               "(trainer.cuda_graphs=true); use auto, dense, or trainer.precision=bf16")
-        if m.head_dim is None:
-            _check(m.d_model % m.n_head == 0, "model.head_dim",
-                   f"null needs model.n_head={m.n_head} to divide model.d_model={m.d_model}; set model.head_dim")
-    if m.name == "moa" and kv is not None:
-        _check(kv > 0, "model.n_kv_heads", f"must be positive or null, got {kv}")
-    for key in ("head_dim", "router_hidden", "n_encoder_layer"):
-        _positive_or_null(m[key], f"model.{key}")
-    _check(math.isfinite(m.mlp_ratio) and m.mlp_ratio * m.d_model >= 1, "model.mlp_ratio",
-           f"must be finite and give an MLP of at least 1 unit (mlp_ratio * model.d_model >= 1), got {m.mlp_ratio}")
-    for key in ("dropout", "gate_dropout"):
-        _check(0.0 <= m[key] < 1.0, f"model.{key}", f"must be in [0, 1), got {m[key]}")
-    for key in ("balance_coef", "z_coef", "cv_coef"):
-        _check(m.aux[key] >= 0, f"model.aux.{key}", f"must be >= 0, got {m.aux[key]}")
-    _one_of(m.aux.layer_reduce, "model.aux.layer_reduce", ("mean", "sum"))
-    _one_of(m.aux.balance_type, "model.aux.balance_type", ("mse", "switch"))
-    _one_of(m.positions, "model.positions", ("learned", "sinusoidal"))
-    if m.vocab_size is not None:
-        _check(m.vocab_size > 0, "model.vocab_size", f"must be positive or null, got {m.vocab_size}")
+    _one_of(m.name, "model.name", tuple(sorted(VARIANTS)))
+    variant = VARIANTS[m.name]
+    _check(issubclass(OmegaConf.get_type(m), variant), "model.name",
+           f"{m.name} is chosen by the model group: model={m.name}, not model.name={m.name}")
+    variant.validate(m, cfg)
 
     _one_of(d.tokenizer, "data.tokenizer", ("char", "word", "bpe", "random"))
     if d.tokenizer == "random":
@@ -354,9 +432,7 @@ def validate(cfg, world_size: int = 1) -> None:
         _check(1 <= d.max_len < m.max_seq_len, "data.max_len",
                f"{d.max_len} does not leave room for BOS/EOS in model.max_seq_len={m.max_seq_len}; "
                f"valid: 1..{m.max_seq_len - 1}")
-        cross = m.cross_attention or m.name
-        _check(not cross.startswith("moas"), "model.cross_attention",
-               f"{cross} is a self-attention scheme; allowed for cross-attention: mha, gqa, mqa, moa")
+        _check_cross(m, cfg)
     else:
         _check(t.block_size <= m.max_seq_len, "trainer.block_size",
                f"{t.block_size} exceeds model.max_seq_len={m.max_seq_len}; valid: 1..{m.max_seq_len}")
@@ -411,6 +487,24 @@ def validate(cfg, world_size: int = 1) -> None:
         _check(importlib.util.find_spec("wandb") is not None, "logger=wandb",
                "the wandb package is not installed; install the [wandb] extra: pip install -e '.[wandb]'")
     check_memory(cfg, world_size)
+
+
+def _check_cross(m, cfg) -> None:
+    """model.cross names a variant that can attend to a context, and its keys are that variant's."""
+    allowed = tuple(sorted(name for name, config in VARIANTS.items() if config.cross_attention_ok))
+    name = m.cross.name
+    _check(name is None or name in allowed, "model.cross.name",
+           f"{name!r} is not a cross-attention variant; allowed: null (the model's own), {', '.join(allowed)}")
+    _check(name is not None or set(m.cross) == {"name"}, "model.cross",
+           f"keys {', '.join(sorted(set(m.cross) - {'name'}))} need model.cross.name (the variant that owns them)")
+    try:
+        cross = cross_config(m)
+        OmegaConf.get_type(cross).validate(cross, cfg)
+    except ConfigError as exc:  # the variant names its own keys model.<key>: here they are model.cross.<key>
+        key, _, rest = str(exc).partition(": ")
+        if key.removeprefix("model.") in variant_keys(ModelConfig):
+            raise
+        raise ConfigError(f"model.cross.{key.removeprefix('model.')}: {rest}") from None
 
 
 MAX_BEAM = 64  # a beam keeps beam x vocabulary scores per sentence; beyond this it only costs memory (fairseq: 5)

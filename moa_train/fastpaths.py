@@ -12,9 +12,11 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from moa_train.config import variant_config
 from moa_train.models import build_model
 from moa_train.models.attention.grouped import grouped_kernel_available, grouped_mm, grouped_mm_reference
 from moa_train.models.attention.mha import MultiHeadAttention
+from moa_train.models.roles import ROUTER, params_with
 
 FP32_TOL = 1e-4  # different summation orders in fp32
 BF16_TOL = 2e-2  # both sides in bf16 (8 mantissa bits: ~4e-3 per rounding), summed in different orders
@@ -41,8 +43,8 @@ def row(path: str, reference: str, out: float, grad: float | None, tol: float) -
 def random_routers(model: torch.nn.Module, seed: int = 0) -> None:
     """Routers start at zero (ties); random weights make the comparison exercise real, distinct choices."""
     gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if ".router." in f".{name}" and p.dim() == 2:  # logits of order 1: distinct choices, no saturated softmax
+    for p in params_with(model, ROUTER):
+        if p.dim() == 2:  # logits of order 1: distinct choices, no saturated softmax
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
 
@@ -123,17 +125,15 @@ def check_all(device: torch.device, model_cfg, vocab: int, batch: int, block: in
     tol = BF16_TOL if cuda else FP32_TOL
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
     tokens = torch.randint(0, vocab, (batch, block), generator=torch.Generator().manual_seed(0)).to(device)
-    cfg = copy.deepcopy(model_cfg)
-    cfg.dropout, cfg.gate_dropout = 0.0, 0.0
+    sizes = {key: getattr(model_cfg, key) for key in ("d_model", "n_layer", "n_head", "max_seq_len")}
+    cfg = variant_config({**sizes, "name": "moas_dynamic", "dropout": 0.0, "gate_dropout": 0.0, "fused": False})
     rows = []
 
-    cfg.name = "moas_dynamic"
-    cfg.fused = False
     out, grad = compare_lms(cfg, {"fused": True}, vocab, tokens, autocast, device)
     rows.append(row("moas fused (one QKV, one SDPA, one O)", "moas branch by branch", out, grad, tol))
 
-    moa = copy.deepcopy(cfg)
-    moa.name, moa.n_experts, moa.top_k, moa.expert_matmul = "moa", 8, 2, "dense"
+    moa = variant_config({**sizes, "name": "moa", "dropout": 0.0, "n_experts": 8, "top_k": 2,
+                          "expert_matmul": "dense"})
     out, grad = compare_lms(moa, {"expert_matmul": "grouped"}, vocab, tokens, autocast, device)
     rows.append(row("moa grouped experts (k < E)", "moa dense experts", out, grad, tol))
 

@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import itertools
 
+from dataclasses import fields
+
 import pytest
 import torch
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from conftest import CONFIG_DIR
-from moa_train.config import TRANSLATION_DATA, ConfigError, validate
+from moa_train.config import TRANSLATION_DATA, VARIANTS, ConfigError, preset_variant, presets, validate
 from moa_train.models import build_model
+from moa_train.models.registry import ATTENTION
 from moa_train.models.seq2seq import Seq2Seq
 
 VOCAB = 283  # WikiText-2 characters
@@ -22,13 +26,13 @@ def group_options(group: str) -> list:
     return sorted(n for n in names if not any(part.startswith("_") for part in n.split("/")))
 
 
-MODELS = group_options("model")
+MODELS = presets()
 EXPERIMENTS = group_options("experiment")
 DATA = group_options("data")
 
 
 def test_groups_found_on_disk():
-    assert {"mha", "gqa", "mqa", "moas_static", "moas_dynamic", "moa"} <= set(MODELS)
+    assert set(ATTENTION) | {"moa_sparse", "moa_dense"} <= set(MODELS) == set(group_options("model"))
     assert {"quickstart", "moas_table1/mha", "moas_table1/moas_static", "moas_table1/moas_dynamic"} <= set(EXPERIMENTS)
     assert {"wikitext2_char", "wikitext2_word", "wikitext2_bpe"} <= set(DATA)
 
@@ -53,24 +57,32 @@ def check_builds(cfg) -> None:
 def test_every_model_with_every_data_composes_and_builds(compose_cfg, model, data):
     # quickstart's 128 positions hold translation pairs of up to 127 tokens
     extra = ["data.max_len=127"] if data in TRANSLATION_DATA else []
-    if model.startswith("moas") and data in TRANSLATION_DATA:
-        extra.append("model.cross_attention=mha")
     cfg = compose_cfg(f"model={model}", f"data={data}", *extra)
-    assert cfg.model.name == model and cfg.data.name == data
+    assert cfg.model.name == preset_variant(model) and cfg.data.name == data
     check_builds(cfg)
+
+
+def experiment_model_keys(experiment: str) -> set:
+    """The model keys an experiment file (and the experiments it includes) sets."""
+    node = OmegaConf.load(CONFIG_DIR / "experiment" / f"{experiment}.yaml")
+    keys = set(node.get("model", {}))
+    for entry in node.get("defaults", []):
+        if isinstance(entry, str) and entry.startswith("/experiment/"):
+            keys |= experiment_model_keys(entry.removeprefix("/experiment/"))
+    return keys
 
 
 @pytest.mark.parametrize("model,experiment", list(itertools.product(MODELS, EXPERIMENTS)))
 def test_every_experiment_with_every_model_composes_and_builds(compose_cfg, model, experiment):
-    """Each experiment with its own data, and any model chosen on the command line (it wins over the experiment)."""
-    if model.startswith("moas") and (experiment.startswith("multi30k") or experiment.startswith("moa_wmt")):
-        cfg = compose_cfg(f"experiment={experiment}", f"model={model}")
-        with pytest.raises(ConfigError, match="model.cross_attention"):  # a self-attention scheme needs a cross one
-            validate(cfg)
-        cfg = compose_cfg(f"experiment={experiment}", f"model={model}", "model.cross_attention=mha")
-    else:
-        cfg = compose_cfg(f"experiment={experiment}", f"model={model}")
-    assert cfg.model.name == model
+    """Each experiment with its own data, and any model chosen on the command line (it wins over the experiment);
+    an experiment that sets keys of another variant (moa_wmt/moa_8k8e128d: model.n_experts) is refused naming one."""
+    foreign = experiment_model_keys(experiment) - {f.name for f in fields(VARIANTS[preset_variant(model)])}
+    if foreign:
+        with pytest.raises(HydraException, match="|".join(f"model.{key}" for key in foreign)):
+            compose_cfg(f"experiment={experiment}", f"model={model}")
+        return
+    cfg = compose_cfg(f"experiment={experiment}", f"model={model}")
+    assert cfg.model.name == preset_variant(model)
     check_builds(cfg)
 
 

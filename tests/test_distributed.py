@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO, read_jsonl
+from moa_train.config import applicable
 
 # dropout off, so one process and two ranks compute the same function; log every step to compare every step
 COMMON = ("model.n_head=4", "model.dropout=0.0", "model.gate_dropout=0.0", "trainer.log_interval=1",
@@ -84,7 +85,7 @@ def test_ddp_resumes_one_process_in_one_folder_and_one_process_resumes_it(train_
 def test_fsdp_resumes_one_process_and_one_process_resumes_fsdp(train_run, data_root, cache_dir, tmp_path):
     """mha: steps 1-10 in one process, 11-20 on two FSDP ranks, 21-30 in one process again: the losses of one
     uninterrupted run (weights, AdamW state, schedule and data position cross world sizes)."""
-    common = ("model=mha", *COMMON)
+    common = ("model=mha", *applicable("mha", COMMON))
     _, reference = train_run(tmp_path / "reference", *common, "trainer.max_steps=30")
     run_dir = tmp_path / "run"
     train_run(run_dir, *common, "trainer.max_steps=10")

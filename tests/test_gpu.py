@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from moa_train.config import applicable
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 COMMON = ("trainer.device=cuda", "optim.lr=3e-3", "model.dropout=0.0", "model.gate_dropout=0.0", "trainer.max_steps=12",
@@ -21,7 +23,8 @@ def losses(records):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_cuda_graph_step_equals_eager(train_run, tmp_path, model, compiled):
     """The captured optimizer step (warm-up, capture, replays) trains like the eager loop."""
-    extra = (f"model={model}", *MODELS[model], f"trainer.compile={compiled}", *COMMON, "trainer.grad_accum=2")
+    extra = (f"model={model}", *MODELS[model], f"trainer.compile={compiled}", *applicable(model, COMMON),
+             "trainer.grad_accum=2")
     _, eager = train_run(tmp_path / "eager", *extra)
     _, graphed = train_run(tmp_path / "graph", *extra, "trainer.cuda_graphs=true")
     assert len(losses(graphed)) == 12
@@ -62,7 +65,8 @@ def poison(monkeypatch):
 
 @pytest.mark.parametrize("graphs", [False, True])
 def test_non_finite_steps_are_skipped_without_a_sync(train_run, tmp_path, poison, graphs):
-    extra = ("model=mha", *COMMON, "trainer.log_interval=4", "trainer.eval_interval=100", "trainer.max_steps=12",
+    extra = ("model=mha", *applicable("mha", COMMON), "trainer.log_interval=4",
+             "trainer.eval_interval=100", "trainer.max_steps=12",
              "trainer.seed=1")
     _, clean = train_run(tmp_path / "clean", *extra, f"trainer.cuda_graphs={graphs}")
     poison({6, 7})
@@ -75,7 +79,7 @@ def test_non_finite_steps_are_skipped_without_a_sync(train_run, tmp_path, poison
 
 
 def test_resume_with_cuda_graphs(train_run, tmp_path):
-    extra = ("model=mha", *COMMON, "trainer.cuda_graphs=true", "trainer.eval_interval=5")
+    extra = ("model=mha", *applicable("mha", COMMON), "trainer.cuda_graphs=true", "trainer.eval_interval=5")
     _, straight = train_run(tmp_path / "straight", *extra, "trainer.max_steps=15")
     train_run(tmp_path / "split", *extra, "trainer.max_steps=10")
     _, resumed = train_run(tmp_path / "split", *extra, "trainer.max_steps=15")

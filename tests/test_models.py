@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from moa_train.models import build_model
 from moa_train.models.attention.moa import MixtureOfAttentionHeads
 from moa_train.models.attention.moas import MoASAttention
+from moa_train.config import applicable
 from moa_train.models.routing import aux_losses, weighted_aux
 
 VOCAB, B, T = 50, 2, 16
@@ -32,8 +33,8 @@ ROUTED = {"moas_dynamic", "moa_topk", "moa_all", "moa_topk_softmax", "moa_kv2", 
 
 @pytest.fixture(scope="module")
 def variant_cfgs(make_cfg):
-    return {v: make_cfg("model.n_head=4", "model.dropout=0.0", "model.gate_dropout=0.0", *o)
-            for v, o in VARIANTS.items()}
+    common = ["model.n_head=4", "model.dropout=0.0", "model.gate_dropout=0.0"]
+    return {v: make_cfg(*applicable(o[0].partition("=")[2], common), *o) for v, o in VARIANTS.items()}
 
 
 def build(cfg, seed: int = 0, randomize_routers: bool = False):

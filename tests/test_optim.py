@@ -7,7 +7,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from moa_train.config import OptimConfig
 from moa_train.models import build_model
+from moa_train.models.roles import ROUTER
 from moa_train.train.optim import build_optimizer, lr_factor, param_groups
 
 
@@ -58,3 +60,20 @@ def test_dense_model_has_no_router_group(make_cfg):
     lm = build_model(cfg.model, 50)
     opt = build_optimizer(lm, cfg.optim, torch.device("cpu"))
     assert {g["name"] for g in opt.param_groups} == {"decay", "no_decay"}
+
+
+def test_groups_follow_declared_roles_not_attribute_names():
+    """A router under another name joins the router group through its module's PARAM_ROLES; one named `router`
+    without the declaration does not."""
+    class Gated(torch.nn.Module):
+        PARAM_ROLES = {"gate": ROUTER}
+
+        def __init__(self):
+            super().__init__()
+            self.gate, self.router, self.proj = (torch.nn.Linear(4, 4) for _ in range(3))
+
+    model = Gated()
+    groups = {g["name"]: g["params"] for g in param_groups(model, OmegaConf.structured(OptimConfig))}
+    assert {id(p) for p in groups["router"]} == {id(model.gate.weight)}
+    assert {id(p) for p in groups["router_no_decay"]} == {id(model.gate.bias)}
+    assert {id(p) for p in groups["decay"]} == {id(model.router.weight), id(model.proj.weight)}

@@ -1,9 +1,12 @@
 """The encoder-decoder: padding never changes outputs, the decoder is causal, routing sites and masks."""
+import re
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from moa_train.config import ModelConfig
+import moa_train.config as config
+from conftest import REPO
 from moa_train.models.seq2seq import Seq2Seq
 
 V, PAD = 50, 0
@@ -15,7 +18,7 @@ VARIANTS = {
 
 def build(variant: str) -> Seq2Seq:
     name = variant.split("_postln")[0]
-    m = OmegaConf.structured(ModelConfig(name=name, d_model=32, n_layer=2, n_encoder_layer=2, n_head=4,
+    m = OmegaConf.structured(config.VARIANTS[name](name=name, d_model=32, n_layer=2, n_encoder_layer=2, n_head=4,
                                          max_seq_len=32, dropout=0.0, **VARIANTS[variant]))
     torch.manual_seed(0)
     model = Seq2Seq(m, V, PAD).eval()
@@ -82,7 +85,7 @@ def test_moas_cross_attention_is_mha():
 
 
 def test_flops_count_selected_experts_only():
-    sparse, dense = build("moa"), Seq2Seq(OmegaConf.structured(ModelConfig(
+    sparse, dense = build("moa"), Seq2Seq(OmegaConf.structured(config.VARIANTS["moa"](
         name="moa", d_model=32, n_layer=2, n_head=4, max_seq_len=32, n_experts=4, top_k=4)), V, PAD)
     assert sparse.flops_per_token(10) < dense.flops_per_token(10)
 
@@ -113,3 +116,41 @@ def test_decode_last_only_is_the_last_position_of_decode(variant):
         torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=0)
         logits, routings = model.decode_with_routing(tgt, memory, src_mask, last_only=True)
         assert torch.equal(logits, last) and len(routings) == 2 * len(model.decoder)
+
+
+# --- the cross-attention's own config node ------------------------------------------------------------------------
+
+def test_cross_attention_takes_its_own_variant_and_keys(compose_cfg):
+    from moa_train.config import validate
+
+    cfg = compose_cfg("experiment=multi30k/mha", "debug=tiny", "model.cross.name=moa", "+model.cross.n_experts=4",
+                      "+model.cross.top_k=3")
+    validate(cfg)
+    layer = Seq2Seq(cfg.model, V, PAD).decoder[0]
+    assert type(layer.self_attn).__name__ == "MultiHeadAttention"
+    assert type(layer.cross_attn).__name__ == "MixtureOfAttentionHeads"
+    assert (layer.cross_attn.n_experts, layer.cross_attn.top_k, layer.cross_attn.router.in_features) == (4, 3, 32)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.cross.name=moas_static"], "model.cross.name: 'moas_static' is not a cross-attention variant"),
+    (["+model.cross.top_k=2"], "model.cross: keys top_k need model.cross.name"),
+    (["model.cross.name=moa", "+model.cross.top_k=9"], "model.cross.top_k: 9 is larger than"),
+    (["model.cross.name=mha", "+model.cross.top_k=2"], "model.cross.top_k: belongs to moa"),
+])
+def test_cross_attention_keys_are_checked_as_its_variant_s(compose_cfg, overrides, message):
+    from moa_train.config import ConfigError, validate
+
+    cfg = compose_cfg("experiment=multi30k/mha", *overrides)
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("run", ["moa_sparse-seed0", "mha-seed0"])
+def test_configs_saved_with_cross_attention_still_build(run):
+    """Run records from before model.cross (every variant's keys in the model node, model.cross_attention) load."""
+    saved = OmegaConf.load(REPO / "docs/results/runs/translation/multi30k" / run / ".hydra/config.yaml").model
+    assert "cross_attention" in saved
+    model = Seq2Seq(saved, V, PAD)
+    assert type(model.decoder[0].cross_attn) is type(model.decoder[0].self_attn)
+    assert model.config.cross.name is None and "cross_attention" not in model.config

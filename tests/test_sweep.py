@@ -34,13 +34,15 @@ def only_sweep_folder(cwd: Path) -> Path:
 
 def test_failed_job_does_not_stop_the_sweep(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = multirun(ROOT, "model=mha,moa", "model.top_k=2,9", f"hydra.sweep.dir={sweep}")
+    # debug=tiny: moa_dense has 8 experts, moa 4; the up-front check takes moa_dense with each top_k, so moa with
+    # top_k 5 fails at run time
+    proc = multirun(ROOT, "model=moa_dense,moa", "model.top_k=2,5", f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "1 of 4 jobs failed" in proc.stderr  # moa with top_k 9 > n_experts 4; mha ignores top_k
+    assert "1 of 4 jobs failed" in proc.stderr
     records = summary(sweep)
     assert len(records) == 4
     failed = [r for r in records if r["status"] == "failed"]
-    assert len(failed) == 1 and "model=moa" in failed[0]["overrides"] and "model.top_k=9" in failed[0]["overrides"]
+    assert len(failed) == 1 and "model=moa " in failed[0]["overrides"] + " " and "model.top_k=5" in failed[0]["overrides"]
     assert "model.top_k" in failed[0]["error"]
     assert all(r["steps"] == 2 and r["val/loss"] > 0 for r in records if r["status"] == "ok")
     assert (sweep / failed[0]["job"] / "error.txt").is_file()

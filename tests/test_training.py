@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import moa_train
+from moa_train.config import VARIANTS
 from moa_train.data import load_data
 from moa_train.train.checkpoint import find_checkpoint, load_checkpoint
 from moa_train.train.evaluate import evaluate
 
-MODELS = ["mha", "gqa", "mqa", "moas_static", "moas_dynamic", "moa"]
+MODELS = list(VARIANTS)  # every registered attention variant
 ROUTED = {"moas_dynamic", "moa"}
 TINY = ("model.n_head=4",)  # d_model 32: four 8-wide heads, so GQA (2 K/V heads) differs from MHA and MQA
 

@@ -214,7 +214,7 @@ def test_eval_pair_longer_than_the_model_positions_is_cut_and_evaluates(compose_
     cfg = compose_cfg("experiment=multi30k/mha", "data=wmt14_en_de", f"data.root={tmp_path}",
                       f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=400", "data.max_len=24",
                       "data.max_tokens=400", "model.max_seq_len=25", "model.d_model=32", "model.n_head=4",
-                      "model.head_dim=8", "model.n_layer=1", "model.n_encoder_layer=1", "model.dropout=0.0",
+                      "model.n_layer=1", "model.n_encoder_layer=1", "model.dropout=0.0",
                       "trainer.device=cpu", "eval.beam=2")
     validate(cfg)
     with caplog.at_level(logging.INFO, logger="moa_train.data.translation"):

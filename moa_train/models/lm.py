@@ -11,10 +11,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from moa_train.models.registry import build_attention
+from moa_train.models.registry import build_attention, model_config
+from moa_train.models.roles import RESIDUAL, params_with
 
 
 class MLP(nn.Module):
+    PARAM_ROLES = {"c_proj.weight": RESIDUAL}
+
     def __init__(self, d_model: int, hidden: int, dropout: float, bias: bool):
         super().__init__()
         self.c_fc = nn.Linear(d_model, hidden, bias=bias)
@@ -43,14 +46,13 @@ class Block(nn.Module):
 def init_weights(model: nn.Module, n_layer: int) -> None:
     """GPT-2 init: N(0, 0.02) for Linear and Embedding, residual projections N(0, 0.02/sqrt(2 n_layer)),
     zero biases; then each module's own `post_init` (the MoA router starts at zero: uniform routing)."""
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
-    for name, p in model.named_parameters():
-        if name.endswith("c_proj.weight"):
-            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+    for p in params_with(model, RESIDUAL):
+        nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
     for module in model.modules():
         if hasattr(module, "post_init"):
             module.post_init()
@@ -59,6 +61,7 @@ def init_weights(model: nn.Module, n_layer: int) -> None:
 class LanguageModel(nn.Module):
     def __init__(self, m, vocab_size: int):
         super().__init__()
+        m = model_config(m)
         self.config, self.vocab_size = m, vocab_size
         self.wte = nn.Embedding(vocab_size, m.d_model)
         self.wpe = nn.Embedding(m.max_seq_len, m.d_model)

@@ -1,30 +1,60 @@
-"""Attention registry: name -> builder(model_config, causal) -> module.
+"""Attention registry: name -> (module class, config class).
 
-A new attention variant is one file in models/attention/, one YAML in configs/model/ and one line here.
+A new attention variant is one module (its attention class with `from_config(model_config, causal)` and its config
+class, a ModelConfig subclass), one YAML in configs/model/ and one `register` line; one outside the package is a
+module named in MOA_PLUGINS (comma-separated, importable), which calls `register` with its YAML's path.
 """
 from __future__ import annotations
 
-from functools import partial
+import importlib
+import os
+from pathlib import Path
 
-from moa_train.models.attention.mha import MultiHeadAttention
-from moa_train.models.attention.moa import MixtureOfAttentionHeads
-from moa_train.models.attention.moas import MoASAttention
+from omegaconf import OmegaConf
 
-ATTENTION = {
-    "mha": MultiHeadAttention.from_config,
-    "gqa": MultiHeadAttention.from_config,  # configs/model/gqa.yaml sets n_kv_heads
-    "mqa": MultiHeadAttention.from_config,  # configs/model/mqa.yaml sets n_kv_heads: 1
-    "moas_static": partial(MoASAttention.from_config, dynamic=False),
-    "moas_dynamic": partial(MoASAttention.from_config, dynamic=True),
-    "moa": MixtureOfAttentionHeads.from_config,
-}
+from moa_train.config import VARIANTS, ConfigError, cross_config, register_variant, variant_config
+from moa_train.models.attention.mha import MHAConfig, MultiHeadAttention
+from moa_train.models.attention.moa import MixtureOfAttentionHeads, MoAConfig
+from moa_train.models.attention.moas import MoASAttention, MoASDynamicConfig, MoASStaticConfig
+
+ATTENTION: dict = {}  # name -> attention module class
 
 
-def build_attention(model_cfg, causal: bool = True, name: str | None = None):
-    """The attention module `name` (default model.name) with the model config's sizes."""
-    name = name or model_cfg.name
-    try:
-        builder = ATTENTION[name]
-    except KeyError:
-        raise ValueError(f"model.name: unknown attention {name!r}; allowed: {', '.join(sorted(ATTENTION))}") from None
-    return builder(model_cfg, causal=causal)
+def register(name: str, cls: type, config: type, yaml: str | Path | None = None) -> None:
+    """Variant `name`: module `cls` built from a `config` node; `yaml` (a plugin's configs/model/<name>.yaml, which
+    lists `_schema_<name>` in its defaults) makes `model=<name>` choosable without a file in configs/."""
+    ATTENTION[name] = cls
+    register_variant(name, config, yaml)
+
+
+register("mha", MultiHeadAttention, MHAConfig)
+register("gqa", MultiHeadAttention, MHAConfig)  # configs/model/gqa.yaml sets n_kv_heads
+register("mqa", MultiHeadAttention, MHAConfig)  # configs/model/mqa.yaml sets n_kv_heads: 1
+register("moas_static", MoASAttention, MoASStaticConfig)
+register("moas_dynamic", MoASAttention, MoASDynamicConfig)
+register("moa", MixtureOfAttentionHeads, MoAConfig)
+
+
+def load_plugins() -> None:
+    """Import the modules named in MOA_PLUGINS: each registers its variants."""
+    for module in filter(None, os.environ.get("MOA_PLUGINS", "").split(",")):
+        importlib.import_module(module.strip())
+
+
+def model_config(m):
+    """A model config typed by its variant; a saved one (configs written before variants owned their keys) is
+    read leniently: other variants' keys dropped, `cross_attention` mapped to `cross.name`."""
+    if OmegaConf.is_config(m) and OmegaConf.get_type(m) is VARIANTS.get(m.get("name")):
+        return m
+    return variant_config(m, lenient=True)
+
+
+def build_attention(m, causal: bool = True, cross: bool = False):
+    """The attention module of model config `m` (its decoder cross-attention with `cross`)."""
+    m = cross_config(m) if cross else m
+    if m.name not in ATTENTION:
+        raise ConfigError(f"model.name: unknown attention {m.name!r}; allowed: {', '.join(sorted(ATTENTION))}")
+    return ATTENTION[m.name].from_config(m, causal=causal)
+
+
+load_plugins()

@@ -1,8 +1,8 @@
 """Encoder-decoder Transformer for translation whose attention comes from the same registry as the LM.
 
 Encoder self-attention, decoder self-attention and decoder cross-attention are registry modules (cross-attention
-uses `model.cross_attention`, default the model's own family; MoAS is a self-attention scheme, so its models use
-mha there). Pre-LN (default) or post-LN, learned or sinusoidal positions, one shared embedding for source, target
+is `model.cross`'s variant, by default the model's own; a self-attention scheme such as MoAS names its
+`cross_default`). Pre-LN (default) or post-LN, learned or sinusoidal positions, one shared embedding for source, target
 and output (joint vocabulary). `forward` returns logits and one routing record per attention site, named
 `enc.layer<i>.self`, `dec.layer<i>.self`, `dec.layer<i>.cross`, each carrying the mask of its real (non-pad) tokens.
 """
@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from moa_train.models.lm import MLP
-from moa_train.models.registry import build_attention
+from moa_train.models.registry import build_attention, model_config
 
 
 def sinusoids(n_pos: int, dim: int) -> Tensor:
@@ -26,12 +26,6 @@ def sinusoids(n_pos: int, dim: int) -> Tensor:
     table = torch.zeros(n_pos, dim)
     table[:, 0::2], table[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
     return table
-
-
-def cross_attention_name(m) -> str:
-    if m.cross_attention:
-        return m.cross_attention
-    return "mha" if m.name.startswith("moas") else m.name
 
 
 class Sublayer(nn.Module):
@@ -64,7 +58,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, m):
         super().__init__()
         self.self_attn = build_attention(m, causal=True)
-        self.cross_attn = build_attention(m, causal=False, name=cross_attention_name(m))
+        self.cross_attn = build_attention(m, causal=False, cross=True)
         self.mlp = MLP(m.d_model, int(m.mlp_ratio * m.d_model), m.dropout, m.bias)
         self.sub_self, self.sub_cross, self.sub_mlp = (Sublayer(m.d_model, m.bias, m.norm_first) for _ in range(3))
 
@@ -79,6 +73,7 @@ class DecoderLayer(nn.Module):
 class Seq2Seq(nn.Module):
     def __init__(self, m, vocab_size: int, pad_id: int):
         super().__init__()
+        m = model_config(m)
         self.config, self.vocab_size, self.pad_id = m, vocab_size, pad_id
         d, n_enc = m.d_model, m.n_encoder_layer or m.n_layer
         self.embed = nn.Embedding(vocab_size, d, padding_idx=pad_id)

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from moa_train.config import applicable
 from moa_train.paths import repo_root
 from moa_train.results import results_meta
 
@@ -36,7 +37,8 @@ GPT2_SMALL = ("~experiment", "data=wikitext2_char", "model.n_layer=12", "model.d
 
 def overrides(model: str, gpus: int, batch: int, steps: int, log_interval: int) -> list:
     """One run's moa-train overrides: `batch` sequences per GPU, evaluation (one batch) only at the end."""
-    return [f"model={model}", *GPT2_SMALL, f"trainer.batch_size={batch * gpus}", f"trainer.eval_batch_size={batch}",
+    return [f"model={model}", *applicable(model, GPT2_SMALL), f"trainer.batch_size={batch * gpus}",
+            f"trainer.eval_batch_size={batch}",
             f"trainer.max_steps={steps}", f"trainer.log_interval={log_interval}", f"trainer.eval_interval={steps}",
             f"experiment_name=multigpu-{model}"]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from moa_train.config import ConfigError
+from moa_train.models.registry import model_config
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ def eval_config(cfg, run_cfg: dict, overrides: list | None = None):
     locations and the evaluation settings that `overrides` set (None: none were given)."""
     keys = _override_keys(overrides or [])
     _refuse_other_model(cfg, run_cfg, keys)
-    out = OmegaConf.merge(cfg, run_cfg)  # the schema's types (and defaults for keys newer than the run), its values
+    out = OmegaConf.merge(cfg, {k: v for k, v in run_cfg.items() if k != "model"})  # the schema's types, its values
+    out.model = model_config(run_cfg["model"])  # typed by the run's own variant, not the command line's
     taken = list(LOCAL_KEYS) + [k for k in keys if _matches(k, EVAL_KEYS)]
     with open_dict(out):
         for key in taken:

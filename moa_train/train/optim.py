@@ -5,16 +5,18 @@ import math
 
 import torch
 
+from moa_train.models.roles import ROUTER, param_roles
+
 
 def param_groups(model: torch.nn.Module, cfg) -> list:
-    """decay: tensors with dim >= 2; no_decay: norms and biases; router: every parameter under a `router` module,
-    with its own lr multiplier and weight decay (norm-like router tensors get none)."""
+    """decay: tensors with dim >= 2; no_decay: norms and biases; router: every parameter its module declares a
+    router's (models/roles.py), with its own lr multiplier and weight decay (norm-like router tensors get none)."""
     decay, no_decay, router, router_no_decay = [], [], [], []
+    roles = param_roles(model)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_router = ".router." in f".{name}"
-        if is_router:
+        if ROUTER in roles[name]:
             (router if p.dim() >= 2 else router_no_decay).append(p)
         else:
             (decay if p.dim() >= 2 else no_decay).append(p)

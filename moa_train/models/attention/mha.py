@@ -4,12 +4,30 @@ Grouped K/V go to SDPA with `enable_gqa`, so repeated K/V heads are never materi
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from moa_train.config import ModelConfig, _check, _divisors
+from moa_train.models.roles import RESIDUAL
+
+
+@dataclass
+class MHAConfig(ModelConfig):
+    """mha, gqa and mqa: the same module, told apart by n_kv_heads."""
+    n_kv_heads: Optional[int] = None  # K/V heads, dividing n_head: null = n_head (mha); gqa: 2; mqa: 1
+
+    @classmethod
+    def validate(cls, m, cfg) -> None:
+        super().validate(m, cfg)
+        cls.check_heads(m)
+        kv = m.n_kv_heads
+        _check(kv is None or (kv > 0 and m.n_head % kv == 0), "model.n_kv_heads",
+               f"{kv} does not divide model.n_head={m.n_head}; valid: {_divisors(m.n_head)}")
 
 
 def attention_mask(mask: Optional[Tensor], causal: bool, t_q: int, t_k: int, device) -> tuple:
@@ -58,6 +76,7 @@ def merge_heads(x: Tensor) -> Tensor:
 class MultiHeadAttention(nn.Module):
     """One module for MHA, GQA and MQA. Self-attention projects Q, K, V in one matmul; cross-attention
     (context given) applies the same weights' Q rows to x and K/V rows to the context."""
+    PARAM_ROLES = {"c_proj.weight": RESIDUAL}
 
     def __init__(self, d_model: int, n_head: int, n_kv_heads: Optional[int] = None, dropout: float = 0.0,
                  bias: bool = False, causal: bool = True):

@@ -15,18 +15,53 @@ The FLOP counter counts only the k selected experts, whichever path runs.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from moa_train.config import ModelConfig, _check, _one_of, _positive_or_null
 from moa_train.models.attention.grouped import gather_rows, grouped_kernel_available, grouped_mm
 from moa_train.models.attention.mha import sdpa, split_heads
+from moa_train.models.roles import RESIDUAL, ROUTER
 from moa_train.models.routing import Routing
 
 
+@dataclass
+class MoAConfig(ModelConfig):
+    """moa: each token picks top_k of n_experts attention heads."""
+    n_experts: int = 8  # E
+    top_k: int = 2  # k experts per token, 1..E
+    head_dim: Optional[int] = None  # expert head size; null = d_model // n_head
+    n_kv_heads: Optional[int] = None  # shared K/V groups; null = 1, as in the released MoA code
+    gating: str = "softmax_all"  # softmax_all (released MoA code) | topk_softmax (renormalised over the k)
+    expert_matmul: str = "auto"  # dense (all E experts, gather) | grouped (sorted by expert, selected only) | auto
+
+    @classmethod
+    def validate(cls, m, cfg) -> None:
+        super().validate(m, cfg)
+        for key in ("n_experts", "top_k"):
+            _check(m[key] > 0, f"model.{key}", f"must be a positive integer, got {m[key]}")
+        _check(m.top_k <= m.n_experts, "model.top_k",
+               f"{m.top_k} is larger than model.n_experts={m.n_experts}; valid: 1..{m.n_experts}")
+        _one_of(m.gating, "model.gating", ("softmax_all", "topk_softmax"))
+        _one_of(m.expert_matmul, "model.expert_matmul", ("auto", "dense", "grouped"))
+        t = cfg.trainer
+        _check(not (m.expert_matmul == "grouped" and t.cuda_graphs and t.precision != "bf16"), "model.expert_matmul",
+               "grouped in fp32 runs the reference, which reads group sizes on the host and so cannot be captured "
+               "(trainer.cuda_graphs=true); use auto, dense, or trainer.precision=bf16")
+        if m.head_dim is None:
+            _check(m.d_model % m.n_head == 0, "model.head_dim",
+                   f"null needs model.n_head={m.n_head} to divide model.d_model={m.d_model}; set model.head_dim")
+        _positive_or_null(m.head_dim, "model.head_dim")
+        _positive_or_null(m.n_kv_heads, "model.n_kv_heads")
+
+
 class MixtureOfAttentionHeads(nn.Module):
+    PARAM_ROLES = {"router": ROUTER, "c_proj.weight": RESIDUAL}
+
     def __init__(self, d_model: int, n_experts: int, top_k: int, head_dim: int, n_kv_heads: Optional[int] = None,
                  dropout: float = 0.0, bias: bool = False, gating: str = "softmax_all", causal: bool = True, expert_matmul: str = "auto"):
         super().__init__()

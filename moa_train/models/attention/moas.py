@@ -10,20 +10,59 @@ Parameter counts equal three separate branches exactly. `fused=False` runs the s
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import Tensor
 
+from moa_train.config import ModelConfig, _check, _divisors, _positive_or_null
 from moa_train.models.attention.mha import merge_heads, sdpa, split_heads
+from moa_train.models.roles import RESIDUAL, ROUTER
 from moa_train.models.routing import Routing
 
 BRANCHES = ("mha", "gqa", "mqa")
 
 
+@dataclass
+class MoASStaticConfig(ModelConfig):
+    """moas_static: the three branches mixed by a constant 1/3."""
+    gqa_kv_heads: int = 2  # K/V heads of the GQA branch, dividing n_head
+    fused: bool = True  # one QKV matmul, one SDPA call and one output matmul for all branches (same parameters)
+
+    dynamic: ClassVar[bool] = False
+    cross_attention_ok: ClassVar[bool] = False  # the branches mix self-attention schemes
+    cross_default: ClassVar[Optional[str]] = "mha"
+
+    @classmethod
+    def validate(cls, m, cfg) -> None:
+        super().validate(m, cfg)
+        cls.check_heads(m)
+        _check(m.gqa_kv_heads > 0 and m.n_head % m.gqa_kv_heads == 0, "model.gqa_kv_heads",
+               f"{m.gqa_kv_heads} does not divide model.n_head={m.n_head}; valid: {_divisors(m.n_head)}")
+
+
+@dataclass
+class MoASDynamicConfig(MoASStaticConfig):
+    """moas_dynamic: the branches mixed per token by a router."""
+    router_hidden: Optional[int] = None  # hidden width of the router; null = d_model // 4
+    gate_dropout: float = 0.0  # dropout on the router's gates after softmax (MoAS paper: 0.1)
+
+    dynamic: ClassVar[bool] = True
+
+    @classmethod
+    def validate(cls, m, cfg) -> None:
+        super().validate(m, cfg)
+        _positive_or_null(m.router_hidden, "model.router_hidden")
+        _check(0.0 <= m.gate_dropout < 1.0, "model.gate_dropout", f"must be in [0, 1), got {m.gate_dropout}")
+
+
 class MoASAttention(nn.Module):
+    PARAM_ROLES = {"router": ROUTER, "c_proj.weight": RESIDUAL}
+
     def __init__(self, d_model: int, n_head: int, gqa_kv_heads: int = 2, dropout: float = 0.0, bias: bool = False,
                  dynamic: bool = True, router_hidden: Optional[int] = None, gate_dropout: float = 0.0,
                  fused: bool = True, causal: bool = True):
@@ -45,9 +84,11 @@ class MoASAttention(nn.Module):
                                         nn.Linear(hidden, 3, bias=False))
 
     @classmethod
-    def from_config(cls, m, causal: bool = True, dynamic: bool = True) -> "MoASAttention":
-        return cls(m.d_model, m.n_head, m.gqa_kv_heads, m.dropout, m.bias, dynamic, m.router_hidden,
-                   m.gate_dropout, m.fused, causal)
+    def from_config(cls, m, causal: bool = True) -> "MoASAttention":
+        if not OmegaConf.get_type(m).dynamic:
+            return cls(m.d_model, m.n_head, m.gqa_kv_heads, m.dropout, m.bias, False, fused=m.fused, causal=causal)
+        return cls(m.d_model, m.n_head, m.gqa_kv_heads, m.dropout, m.bias, True, m.router_hidden, m.gate_dropout,
+                   m.fused, causal)
 
     def gates(self, x: Tensor) -> tuple:
         """(gates used for mixing (B, T, 3), Routing or None)."""
