@@ -151,3 +151,23 @@ def test_table1_modes_compose(compose_cfg, mode, row):
         assert cfg.trainer.precision == "fp32" and not cfg.trainer.tf32 and not cfg.trainer.compile
     else:
         assert cfg.trainer.precision == "bf16" and cfg.trainer.tf32 and cfg.trainer.compile
+
+
+# --- configs saved before variants owned their keys --------------------------------------------------------------
+
+@pytest.mark.parametrize("run", ["mha-seed0", "moas_static-seed0", "moas_dynamic-seed0"])
+def test_run_configs_saved_with_every_variant_s_keys_still_build(compose_cfg, run):
+    """Old saved configs hold every variant's keys (mha with n_experts, ...): a model is built from the keys its
+    variant owns, and trainer.eval_only types the run's model by the run's own variant, not the command line's."""
+    from moa_train.config import variant_keys
+    from moa_train.train.eval_run import eval_config
+
+    saved = OmegaConf.load(CONFIG_DIR.parent / "docs/results/runs/moas_table1/faithful" / run / ".hydra/config.yaml")
+    assert {"n_experts", "gqa_kv_heads", "n_kv_heads"} <= set(saved.model)
+    with torch.device("meta"):
+        lm = build_model(saved.model, VOCAB)
+    assert lm.num_params() == TABLE1[saved.model.name][0]
+    run_cfg = {**OmegaConf.to_container(compose_cfg(), resolve=True), "model": OmegaConf.to_container(saved.model)}
+    out = eval_config(compose_cfg("model=moa"), run_cfg)
+    assert OmegaConf.get_type(out.model) is VARIANTS[saved.model.name]
+    assert set(out.model) == variant_keys(VARIANTS[saved.model.name])
