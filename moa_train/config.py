@@ -129,6 +129,7 @@ def applicable(preset: str, overrides) -> list:
 
 
 def variant_keys(config: type) -> set:
+    """The keys of a model config class (the common ones included)."""
     return {f.name for f in fields(config)}
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from moa_train.config import VARIANTS, ConfigError, cross_config, register_variant, variant_config
+from moa_train.config import VARIANTS, cross_config, register_variant, variant_config
 from moa_train.models.attention.mha import MHAConfig, MultiHeadAttention
 from moa_train.models.attention.moa import MixtureOfAttentionHeads, MoAConfig
 from moa_train.models.attention.moas import MoASAttention, MoASDynamicConfig, MoASStaticConfig
@@ -52,8 +52,6 @@ def model_config(m):
 def build_attention(m, causal: bool = True, cross: bool = False):
     """The attention module of model config `m` (its decoder cross-attention with `cross`)."""
     m = cross_config(m) if cross else m
-    if m.name not in ATTENTION:
-        raise ConfigError(f"model.name: unknown attention {m.name!r}; allowed: {', '.join(sorted(ATTENTION))}")
     return ATTENTION[m.name].from_config(m, causal=causal)
 
 
