@@ -33,7 +33,7 @@ class MoASStaticConfig(ModelConfig):
     gqa_kv_heads: int = 2  # K/V heads of the GQA branch, dividing n_head
     fused: bool = True  # one QKV matmul, one SDPA call and one output matmul for all branches (same parameters)
 
-    dynamic: ClassVar[bool] = False
+    dynamic: ClassVar[bool] = False  # true: a router mixes the branches per token (else 1/3 each)
     cross_attention_ok: ClassVar[bool] = False  # the branches mix self-attention schemes
     cross_default: ClassVar[Optional[str]] = "mha"
 
