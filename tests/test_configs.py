@@ -8,9 +8,10 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import CONFIG_DIR
-from moa_train.config import TRANSLATION_DATA, ConfigError, validate
+from moa_train.config import ConfigError
 from moa_train.models import build_model
 from moa_train.models.seq2seq import Seq2Seq
+from moa_train.train.tasks import validate
 
 VOCAB = 283  # WikiText-2 characters
 
@@ -25,6 +26,7 @@ def group_options(group: str) -> list:
 MODELS = group_options("model")
 EXPERIMENTS = group_options("experiment")
 DATA = group_options("data")
+TRANSLATION_DATA = [d for d in DATA if OmegaConf.load(CONFIG_DIR / "data" / f"{d}.yaml").task == "translation"]
 
 
 def test_groups_found_on_disk():
@@ -38,7 +40,7 @@ def check_builds(cfg) -> None:
     validate(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     with torch.device("meta"):  # experiment sizes: shapes and counts only, no memory or init cost
-        if cfg.data.name in TRANSLATION_DATA:
+        if cfg.task.name == "translation":
             model = Seq2Seq(cfg.model, VOCAB, 0)
             assert len(model.decoder) == cfg.model.n_layer
             assert model.num_params() > 0 and model.flops_per_token(32) > 0
@@ -129,8 +131,6 @@ def test_table1_experiment_settings(compose_cfg):
 @pytest.mark.parametrize("mode", ["faithful", "fast"])
 @pytest.mark.parametrize("row", ["mha", "moas_static", "moas_dynamic"])
 def test_table1_modes_compose(compose_cfg, mode, row):
-    from moa_train.config import validate
-
     cfg = compose_cfg(f"experiment=moas_table1/{row}", f"mode={mode}")
     validate(cfg)
     assert cfg.data.split == "moas_paper" and cfg.trainer.batch_size == 12 and cfg.trainer.max_steps == 500
@@ -139,3 +139,23 @@ def test_table1_modes_compose(compose_cfg, mode, row):
         assert cfg.trainer.precision == "fp32" and not cfg.trainer.tf32 and not cfg.trainer.compile
     else:
         assert cfg.trainer.precision == "bf16" and cfg.trainer.tf32 and cfg.trainer.compile
+
+
+def test_task_follows_the_data_and_a_mismatch_is_refused(compose_cfg):
+    """data=multi30k_en_de alone makes a translation run; task=lm with it is refused in one line."""
+    assert compose_cfg("data=multi30k_en_de").task.name == "translation"
+    assert compose_cfg("data=wikitext2_char").task.name == "lm"
+    assert compose_cfg("task=translation", "data=multi30k_en_de", "data.max_len=127").task.name == "translation"
+    with pytest.raises(ConfigError, match=r"^task: lm does not fit data=multi30k_en_de, a translation corpus; use "
+                                          r"task=translation or leave task out$"):
+        validate(compose_cfg("task=lm", "data=multi30k_en_de", "data.max_len=127"))
+
+
+def test_runs_saved_without_a_task_take_their_data_task():
+    """Checkpoints and run records written before tasks were named: the task their data config ships with."""
+    from moa_train.train.tasks import saved_task
+
+    assert saved_task({"data": {"name": "multi30k_en_de"}}) == "translation"
+    assert saved_task({"data": {"name": "wikitext2_char"}}) == "lm"
+    assert saved_task({"data": {"name": "gone_corpus"}}) == "lm"
+    assert saved_task({"task": {"name": "translation"}, "data": {"name": "x", "task": "translation"}}) == "translation"
