@@ -294,7 +294,7 @@ def validate(cfg) -> None:
         _check(key in known, str(key), f"unknown top-level key; allowed: {', '.join(sorted(known - {'hydra'}))}")
     m, t, o, s, d, e = cfg.model, cfg.trainer, cfg.optim, cfg.schedule, cfg.data, cfg.eval
     _check_finite(cfg)
-    _check(cfg.task.name == d.task, "task", f"{cfg.task.name} does not fit data={d.name}, a {d.task} corpus; use "
+    _check(cfg.task.name == d.task, "task", f"{cfg.task.name} does not fit data={d.name} (data.task: {d.task}); use "
                                             f"task={d.task} or leave task out")
     _one_of(m.name, "model.name", tuple(sorted(ATTENTION)))
     for key in ("d_model", "n_layer", "n_head", "max_seq_len", "n_experts", "top_k", "gqa_kv_heads"):

@@ -146,8 +146,8 @@ def test_task_follows_the_data_and_a_mismatch_is_refused(compose_cfg):
     assert compose_cfg("data=multi30k_en_de").task.name == "translation"
     assert compose_cfg("data=wikitext2_char").task.name == "lm"
     assert compose_cfg("task=translation", "data=multi30k_en_de", "data.max_len=127").task.name == "translation"
-    with pytest.raises(ConfigError, match=r"^task: lm does not fit data=multi30k_en_de, a translation corpus; use "
-                                          r"task=translation or leave task out$"):
+    with pytest.raises(ConfigError, match=r"^task: lm does not fit data=multi30k_en_de \(data.task: translation\); "
+                                          r"use task=translation or leave task out$"):
         validate(compose_cfg("task=lm", "data=multi30k_en_de", "data.max_len=127"))
 
 
