@@ -27,7 +27,7 @@ from moa_train.models.attention.mha import select_sdpa_backend
 from moa_train.models.routing import detached, routing_metrics
 from moa_train.progress import progress
 from moa_train.train import distributed, eval_run
-from moa_train.train.checkpoint import CheckpointError, average_checkpoints, checkpoints_in, rng_state, set_rng_state
+from moa_train.train.checkpoint import CheckpointError, average_checkpoints, rng_state, set_rng_state
 from moa_train.train.cuda_graph import WARMUP_STEPS, CapturedStep
 from moa_train.train.guard import DivergedError, NonFiniteGuard
 from moa_train.train.optim import apply_settings, build_optimizer, build_scheduler, lr_factor
@@ -64,23 +64,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resume_target(resume, run_dir: Path) -> Path | None:
-    """The checkpoint file or run folder to resume from, following trainer.resume = auto | true | false | PATH."""
-    if resume in (False, "false", None):
-        return None
-    if resume in (True, "true", "auto"):
-        if not checkpoints_in(run_dir):
-            if resume == "auto":
-                return None
-            raise ConfigError(f"trainer.resume: true but the run folder {run_dir} holds no checkpoint; "
-                              "use auto, false or a PATH")
-        return run_dir
-    target = Path(str(resume)).expanduser()
-    if not checkpoints_in(target):
-        raise ConfigError(f"trainer.resume: {resume!r} is neither a checkpoint file nor a run folder with one")
-    return target
 
 
 # what a resumed run cannot change: the weights' shapes and the data (vocabulary included) they were trained on;
@@ -253,10 +236,10 @@ class Trainer:
                 "check optim.lr and the other optim.* values, try a trainer.grad_clip or trainer.precision=fp32")
 
     def maybe_resume(self, weights_only: bool = False) -> Path | None:
-        target = resume_target(self.cfg.trainer.resume, self.run_dir)
-        if target is None:
+        found = self.checkpointer.load(self.cfg.trainer.resume, "cpu" if self.dist.active else self.device)
+        if found is None:
             return None
-        path, state = self.checkpointer.load(target, "cpu" if self.dist.active else self.device)
+        path, state = found
         self.load_state_dict(state, weights_only)
         self.checkpointer.resumed(path, self.step)
         log.info("resumed from %s at step %d", path, self.step)

@@ -8,9 +8,10 @@ import statistics
 import time
 from pathlib import Path
 
+from moa_train.config import ConfigError
 from moa_train.train import distributed
 from moa_train.train.checkpoint import (
-    drop_later_checkpoints, load_latest, remove_temp_files, save_checkpoint, step_checkpoints)
+    checkpoints_in, drop_later_checkpoints, load_latest, remove_temp_files, save_checkpoint, step_checkpoints)
 
 
 class Evaluator:
@@ -24,8 +25,25 @@ class Evaluator:
         return step % self.interval == 0 or last
 
 
+def resume_target(resume, run_dir: Path) -> Path | None:
+    """The checkpoint file or run folder to resume from, following trainer.resume = auto | true | false | PATH."""
+    if resume in (False, "false", None):
+        return None
+    if resume in (True, "true", "auto"):
+        if not checkpoints_in(run_dir):
+            if resume == "auto":
+                return None
+            raise ConfigError(f"trainer.resume: true but the run folder {run_dir} holds no checkpoint; "
+                              "use auto, false or a PATH")
+        return run_dir
+    target = Path(str(resume)).expanduser()
+    if not checkpoints_in(target):
+        raise ConfigError(f"trainer.resume: {resume!r} is neither a checkpoint file nor a run folder with one")
+    return target
+
+
 class Checkpointer:
-    """Checkpoints of a run folder: written every `trainer.save_interval` steps (null: at each validation), at the
+    """Checkpoints of a run folder: the one to resume from (`trainer.resume`); written every `trainer.save_interval` steps (null: at each validation), at the
     last step and when stopping; the best by the task's metric (lower is better) kept as best.pt; the last
     `trainer.keep_checkpoints` step files kept, or `eval.average_last` if more, for the final test's average."""
 
@@ -48,8 +66,12 @@ class Checkpointer:
         self.best = min(self.best, metrics[self.metric])
         return better
 
-    def load(self, target: Path, map_location) -> tuple:
-        """(path, state) of the newest checkpoint under `target` that verifies and reads."""
+    def load(self, resume, map_location) -> tuple | None:
+        """(path, state) of the newest checkpoint that verifies and reads under what `trainer.resume` names; None
+        where there is nothing to resume."""
+        target = resume_target(resume, self.folder.parent)
+        if target is None:
+            return None
         path, state, self.failed = load_latest(target, map_location)
         return path, state
 
