@@ -12,13 +12,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from moa_train.cli import eval_only_overrides, precheck
-from moa_train.config import ConfigError, validate
+from moa_train.config import ConfigError
 from moa_train.paths import config_dir
 from moa_train.train import distributed, eval_run
 
 
 def run(cfg) -> float:
-    """Hydra task function; returns the final validation loss (the metric sweeps optimise).
+    """Hydra task function; returns the task's best-checkpoint metric (val/loss: what sweeps minimise).
 
     A user-caused error ends a single run with one line and exit code 2; a run stopped by trainer.max_bad_steps
     with exit code 3. In a multirun every failure of a job, expected or not, is written to its folder's error.txt
@@ -30,6 +30,7 @@ def run(cfg) -> float:
     from moa_train.train.guard import DivergedError
     from moa_train.train.loop import train
     from moa_train.train.preemption import Preempted
+    from moa_train.train.tasks import task_class, validate
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -41,7 +42,7 @@ def run(cfg) -> float:
         sys.exit(2)
     try:
         validate(cfg, world)
-        return train(cfg, run_dir, list(hydra_cfg.overrides.task)).get("val/loss")
+        return train(cfg, run_dir, list(hydra_cfg.overrides.task)).get(task_class(cfg.task.name).best_metric)
     except Preempted as exc:
         print(exc, file=sys.stderr)
         sys.exit(exc.exit_code)

@@ -4,7 +4,7 @@
     moa-bench --sizes table1 --models mha,moa_sparse   # a subset, to fit a time budget
     moa-bench --sizes gpt2 --batch 16
 
-Each (size, model) runs the trainer's own step (`Trainer.train_step`: the same compile, CUDA graph, fused AdamW and
+Each (size, model) runs the trainer's own step (`Trainer.train_steps`: the same compile, CUDA graph, fused AdamW and
 FLOP counter as training) and records: the median step time over timed windows, tokens/s, FLOPs per token (the
 models' counter), MFU against the measured peak of the precision used, peak memory, the share of the step spent
 waiting for data (the step time that a fixed, pre-drawn batch saves), and graph breaks (torch._dynamo.explain of the compiled loss). Before the models: the peak GEMM
@@ -57,7 +57,8 @@ log = logging.getLogger("moa_train.bench")
 
 
 def compose_cfg(size: str, model: str, batch: int, device: torch.device, extra: list = ()):
-    from moa_train.config import compose_train, validate
+    from moa_train.config import compose_train
+    from moa_train.train.tasks import validate
 
     overrides = [*applicable(model, SIZES[size][0]), f"model={model}"]
     if size == "table1":
@@ -80,8 +81,7 @@ def sync(device: torch.device) -> None:
 
 def graph_breaks(trainer) -> dict:
     """Graphs and breaks that torch._dynamo sees in the trained function (model forward + losses + routing records)."""
-    batch = trainer.task.next_batch()
-    explained = torch._dynamo.explain(trainer._forward_loss)(batch, True)
+    explained = torch._dynamo.explain(trainer.loss)(trainer.draw_batches()[0], True)
     torch._dynamo.reset()
     reasons = sorted({str(getattr(b, "reason", b)).splitlines()[0] for b in explained.break_reasons})
     return {"graphs": explained.graph_count, "graph_breaks": explained.graph_break_count, "break_reasons": reasons}
@@ -107,9 +107,8 @@ def kernel_breakdown(trainer, device: torch.device) -> dict:
 
     sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        trainer.train_step(False)
+        trainer.train_steps(1)
         sync(device)
-    trainer.step += 1
     kinds: dict = {}
     top = []
     for evt in prof.key_averages():
@@ -123,13 +122,11 @@ def kernel_breakdown(trainer, device: torch.device) -> dict:
             "top": [{"ms": ms, "kernel": k, "calls": c} for ms, k, c in top[:8]]}
 
 
-def timed_steps(trainer, steps: int, device: torch.device) -> float:
-    """Seconds per training step over `steps` steps."""
+def timed_steps(trainer, steps: int, device: torch.device, batches: list | None = None) -> float:
+    """Seconds per training step over `steps` steps (on `batches` each step; default: batches drawn per step)."""
     sync(device)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step(False)
-        trainer.step += 1
+    trainer.train_steps(steps, batches=batches)
     sync(device)
     return (time.perf_counter() - t0) / steps
 
@@ -152,24 +149,19 @@ def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: 
             if i == WARMUP_STEPS - 1 and args.profile and device.type == "cuda":
                 entry["kernels"] = kernel_breakdown(trainer, device)
                 continue
-            trainer.train_step(False)
-            trainer.step += 1
+            trainer.train_steps(1)
         sync(device)
         entry["warmup_s"] = time.perf_counter() - t0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(2):  # the capture and a first replay, untimed
-            trainer.train_step(False)
-            trainer.step += 1
+        trainer.train_steps(2)  # the capture and a first replay, untimed
         # timed windows, alternating: real batches drawn each step / one fixed batch (no data work at all); the
         # share of the step spent waiting for data is the time the fixed batch saves
-        real_draw, fixed = trainer.task.next_batch, trainer.task.next_batch()
+        fixed = trainer.draw_batches()
         times, times_fixed = [], []
         for _ in range(args.windows):
-            for draw, out in ((real_draw, times), (lambda: fixed, times_fixed)):
-                trainer.task.next_batch = draw
-                out.append(timed_steps(trainer, args.steps, device))
-        trainer.task.next_batch = real_draw
+            for batches, out in ((None, times), (fixed, times_fixed)):
+                out.append(timed_steps(trainer, args.steps, device, batches))
         step_s, fixed_s = statistics.median(times), statistics.median(times_fixed)
         tokens = batch * cfg.trainer.block_size
         peak = peaks[peak_kind(cfg.trainer.precision, cfg.trainer.tf32)]

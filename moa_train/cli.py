@@ -103,8 +103,9 @@ def precheck(overrides: list, multirun: bool = False):
     """Compose `train` with the user's overrides (each value of each sweep, in a multirun), validate it and check
     that the run (or sweep) folder can be written, before Hydra creates that folder; exit 2 with one line on
     failure. Returns the composed config (with `hydra`; in a multirun the last one checked)."""
-    from moa_train.config import check_run_folder, check_writable, compose_train, validate
+    from moa_train.config import check_run_folder, check_writable, compose_train
     from moa_train.train.runlock import RunLock
+    from moa_train.train.tasks import validate
 
     folder_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     try:

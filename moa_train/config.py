@@ -184,6 +184,7 @@ def cross_config(m):
 @dataclass
 class DataConfig:
     name: str = MISSING  # wikitext2_char | wikitext2_word | wikitext2_bpe | random_tokens | wmt14_en_de | multi30k_en_de
+    task: str = "lm"  # the task this data makes (configs/task/): lm | translation
     tokenizer: str = "char"  # char | word | bpe | random (random_tokens)
     root: Optional[str] = None  # folder holding wikitext-2/{train,valid,test}.txt; null: download via datasets
     cache_dir: str = "~/.cache/moa_train"  # token ids (memmap) and tokenizers are cached here
@@ -194,6 +195,11 @@ class DataConfig:
     tgt: str = "de"  # target language
     max_tokens: int = 4096  # tokens (source + target, padding included) per optimizer step, global
     max_len: int = 256  # training pairs with a longer side (in BPE tokens) are dropped
+
+
+@dataclass
+class TaskConfig:
+    name: str = "${data.task}"  # lm | translation (moa_train.train.tasks.TASKS); default: the data's task
 
 
 @dataclass
@@ -290,6 +296,7 @@ class LoggerConfig:
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -316,9 +323,6 @@ def register_configs() -> None:
 register_configs()
 
 # --- validation -------------------------------------------------------------------------------------------------
-
-TRANSLATION_DATA = ("wmt14_en_de", "multi30k_en_de")  # data.name values that make a translation run
-
 
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
@@ -395,14 +399,16 @@ def check_run_folder(run_dir, cfg, log_name: str = "train.log", key: str = "hydr
                                            f"choose another {key}")
 
 
-def validate(cfg, world_size: int = 1) -> None:
-    """Raise ConfigError naming the key and what would be valid; called before any work. `world_size`: the number
-    of torchrun processes the global batch is split over."""
+def validate(cfg) -> None:
+    """Raise ConfigError naming the key and what would be valid: the checks common to every task (each task adds
+    its own and the memory check: moa_train.train.tasks.validate runs them all)."""
     known = {f.name for f in fields(TrainConfig)} | {"hydra"}
     for key in cfg.keys():
         _check(key in known, str(key), f"unknown top-level key; allowed: {', '.join(sorted(known - {'hydra'}))}")
     m, t, o, s, d, e = cfg.model, cfg.trainer, cfg.optim, cfg.schedule, cfg.data, cfg.eval
     _check_finite(cfg)
+    _check(cfg.task.name == d.task, "task", f"{cfg.task.name} does not fit data={d.name} (data.task: {d.task}); use "
+                                            f"task={d.task} or leave task out")
     _one_of(m.name, "model.name", tuple(sorted(VARIANTS)))
     variant = VARIANTS[m.name]
     _check(issubclass(OmegaConf.get_type(m), variant), "model.name",
@@ -428,25 +434,7 @@ def validate(cfg, world_size: int = 1) -> None:
     _one_of(t.sdpa_backend, "trainer.sdpa_backend", ("auto", "flash", "cudnn", "efficient", "math"))
     for key in ("max_steps", "batch_size", "block_size", "grad_accum", "eval_interval", "log_interval"):
         _check(t[key] > 0, f"trainer.{key}", f"must be a positive integer, got {t[key]}")
-    if d.name in TRANSLATION_DATA:
-        _check(d.max_tokens > 0, "data.max_tokens", f"must be a positive integer, got {d.max_tokens}")
-        _check(1 <= d.max_len < m.max_seq_len, "data.max_len",
-               f"{d.max_len} does not leave room for BOS/EOS in model.max_seq_len={m.max_seq_len}; "
-               f"valid: 1..{m.max_seq_len - 1}")
-        _check_cross(m, cfg)
-    else:
-        _check(t.block_size <= m.max_seq_len, "trainer.block_size",
-               f"{t.block_size} exceeds model.max_seq_len={m.max_seq_len}; valid: 1..{m.max_seq_len}")
-    if d.name not in TRANSLATION_DATA:  # translation batches by data.max_tokens
-        _check(t.batch_size % t.grad_accum == 0, "trainer.grad_accum",
-               f"{t.grad_accum} does not divide trainer.batch_size={t.batch_size}; valid: {_divisors(t.batch_size)}")
-        slices = world_size * t.grad_accum
-        _check(world_size == 1 or t.batch_size % slices == 0, "trainer.batch_size",
-               f"{t.batch_size} sequences do not split over {world_size} ranks x trainer.grad_accum={t.grad_accum} "
-               f"micro-batches; valid: multiples of {slices}")
     _one_of(t.strategy, "trainer.strategy", ("ddp", "fsdp"))
-    _check(t.strategy == "ddp" or d.name not in TRANSLATION_DATA, "trainer.strategy",
-           "fsdp shards decoder-only LMs; translation runs use ddp")
     _check(t.ddp_bucket_mb > 0, "trainer.ddp_bucket_mb",
            f"must be > 0 (MiB; PyTorch's default 25), got {t.ddp_bucket_mb}")
     for key in ("eval_iters", "eval_batch_size", "grad_clip", "save_interval"):
@@ -479,7 +467,6 @@ def validate(cfg, world_size: int = 1) -> None:
     _check(s.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
     _check(0.0 <= s.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", f"must be in [0, 1], got {s.min_lr_ratio}")
     _positive_or_null(e.average_last, "eval.average_last")
-    _check_eval(e)
     _check_name(cfg.experiment_name)
     _positive_or_null(e.max_sentences, "eval.max_sentences")
     if cfg.logger.wandb is not None:
@@ -487,10 +474,9 @@ def validate(cfg, world_size: int = 1) -> None:
         # wandb is an extra: without it the sink would fail only once the run folder exists
         _check(importlib.util.find_spec("wandb") is not None, "logger=wandb",
                "the wandb package is not installed; install the [wandb] extra: pip install -e '.[wandb]'")
-    check_memory(cfg, world_size)
 
 
-def _check_cross(m, cfg) -> None:
+def check_cross(m, cfg) -> None:
     """model.cross names a variant that can attend to a context, and its keys are that variant's."""
     allowed = tuple(sorted(name for name, config in VARIANTS.items() if config.cross_attention_ok))
     name = m.cross.name
@@ -506,18 +492,6 @@ def _check_cross(m, cfg) -> None:
         if key.removeprefix("model.") in variant_keys(ModelConfig):
             raise
         raise ConfigError(f"model.cross.{key.removeprefix('model.')}: {rest}") from None
-
-
-MAX_BEAM = 64  # a beam keeps beam x vocabulary scores per sentence; beyond this it only costs memory (fairseq: 5)
-
-
-def _check_eval(e) -> None:
-    for key in ("beam", "val_beam"):
-        _check(1 <= e[key] <= MAX_BEAM, f"eval.{key}", f"must be in 1..{MAX_BEAM}, got {e[key]}")
-    _check(math.isfinite(e.lenpen), "eval.lenpen", f"must be a finite number (MoA: 0.6), got {e.lenpen}")
-    _check(math.isfinite(e.max_len_a) and e.max_len_a >= 0, "eval.max_len_a",
-           f"must be a finite number >= 0 (MoA: 1.2), got {e.max_len_a}")
-    _check(e.max_len_b >= 0, "eval.max_len_b", f"must be >= 0 (MoA: 10), got {e.max_len_b}")
 
 
 def _check_name(name: str) -> None:
@@ -547,32 +521,38 @@ def device_memory(device: str) -> tuple:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "machine's RAM"
 
 
-def min_train_bytes(cfg, world_size: int = 1) -> tuple:
+@dataclass(frozen=True)
+class StepSize:
+    """How a task sizes its optimizer step, for the memory checks: the key that sets it, the sizes as the user set
+    them, what to lower, the tokens of one global step and the layers each token passes through."""
+    key: str
+    text: str
+    lower: str
+    tokens: int
+    layers: int
+
+
+def min_train_bytes(cfg, size: StepSize, world_size: int = 1) -> tuple:
     """A lower bound of a rank's training memory: (fp32 weights + gradient + 2 AdamW moments, activations kept for
     the backward of one micro-batch). It leaves out embeddings, attention scores, dropout masks and the allocator's
     slack, so a run refused by it cannot fit."""
     m, t = cfg.model, cfg.trainer
-    translation = cfg.data.name in TRANSLATION_DATA
-    layers = m.n_layer + ((m.n_encoder_layer or m.n_layer) if translation else 0)
     per_layer = (4 + 2 * m.mlp_ratio) * m.d_model  # q/k/v/out projections and the MLP, per token (or per d_model)
-    tokens = (cfg.data.max_tokens if translation else t.batch_size * t.block_size) / (t.grad_accum * world_size)
+    tokens = size.tokens / (t.grad_accum * world_size)
     act_bytes = 2 if t.precision == "bf16" else 4
-    return 16 * layers * per_layer * m.d_model, act_bytes * tokens * layers * per_layer
+    return 16 * size.layers * per_layer * m.d_model, act_bytes * tokens * size.layers * per_layer
 
 
-def check_memory(cfg, world_size: int = 1) -> None:
+def check_memory(cfg, size: StepSize, world_size: int = 1) -> None:
     """Refuse sizes that cannot fit the device before anything is allocated (a huge batch would otherwise thrash
     or be killed mid-allocation)."""
-    weights, activations = min_train_bytes(cfg, world_size)
+    weights, activations = min_train_bytes(cfg, size, world_size)
     total, where = device_memory(cfg.trainer.device)
     gib = 2 ** 30
     _check(weights <= total, "model.d_model",
            f"model.d_model={cfg.model.d_model} x model.n_layer={cfg.model.n_layer} needs at least "
            f"{weights / gib:,.0f} GiB for weights and optimizer state, more than the {where} ({total / gib:,.0f} GiB)")
-    t = cfg.trainer
-    sizes = (f"data.max_tokens={cfg.data.max_tokens}" if cfg.data.name in TRANSLATION_DATA
-             else f"trainer.batch_size={t.batch_size} x trainer.block_size={t.block_size}")
-    _check(weights + activations <= total, sizes.partition("=")[0],
-           f"{sizes} over trainer.grad_accum={t.grad_accum} micro-batches needs at least "
+    _check(weights + activations <= total, size.key,
+           f"{size.text} over trainer.grad_accum={cfg.trainer.grad_accum} micro-batches needs at least "
            f"{(weights + activations) / gib:,.0f} GiB, more than the {where} ({total / gib:,.0f} GiB); lower it or "
            "raise trainer.grad_accum")

@@ -23,8 +23,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from moa_train.metrics.sinks import job_overrides
+from moa_train.train.tasks import report_metrics
 
-METRICS = ("val/loss", "val/bpc", "test/loss", "val/bleu", "test/bleu", "step_ms_median", "params_total")
+METRICS = (*report_metrics(), "step_ms_median", "params_total")
 ROUTING_HEADER = ["run", "site", "entropy (nats)", "max ln C", "utilisation per choice"]
 
 

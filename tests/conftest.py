@@ -162,7 +162,7 @@ def read_jsonl(path: Path) -> list:
 @pytest.fixture(scope="session")
 def train_run(make_cfg):
     """train_run(run_dir, *overrides) -> (summary, metrics.jsonl records) of an in-process run."""
-    from moa_train.config import validate
+    from moa_train.train.tasks import validate
     from moa_train.train.loop import train
 
     def _run(run_dir: Path, *overrides: str):

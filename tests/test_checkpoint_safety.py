@@ -177,7 +177,7 @@ def test_run_killed_before_its_first_checkpoint_logs_each_step_once(train_run, t
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # a kill during the first save: the steps before it are logged, no checkpoint
 
-    monkeypatch.setattr("moa_train.train.loop.save_checkpoint", killed)
+    monkeypatch.setattr("moa_train.train.schedule.save_checkpoint", killed)
     with pytest.raises(KeyboardInterrupt):
         train_run(tmp_path, *FIVE)
     assert steps(read_jsonl(tmp_path / "metrics.jsonl")) == [1, 2, 3, 4, 5]

@@ -11,10 +11,11 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from conftest import CONFIG_DIR
-from moa_train.config import TRANSLATION_DATA, VARIANTS, ConfigError, preset_variant, presets, validate
+from moa_train.config import VARIANTS, ConfigError, preset_variant, presets
 from moa_train.models import build_model
 from moa_train.models.registry import ATTENTION
 from moa_train.models.seq2seq import Seq2Seq
+from moa_train.train.tasks import validate
 
 VOCAB = 283  # WikiText-2 characters
 
@@ -29,6 +30,7 @@ def group_options(group: str) -> list:
 MODELS = presets()
 EXPERIMENTS = group_options("experiment")
 DATA = group_options("data")
+TRANSLATION_DATA = [d for d in DATA if OmegaConf.load(CONFIG_DIR / "data" / f"{d}.yaml").task == "translation"]
 
 
 def test_groups_found_on_disk():
@@ -42,7 +44,7 @@ def check_builds(cfg) -> None:
     validate(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     with torch.device("meta"):  # experiment sizes: shapes and counts only, no memory or init cost
-        if cfg.data.name in TRANSLATION_DATA:
+        if cfg.task.name == "translation":
             model = Seq2Seq(cfg.model, VOCAB, 0)
             assert len(model.decoder) == cfg.model.n_layer
             assert model.num_params() > 0 and model.flops_per_token(32) > 0
@@ -141,8 +143,6 @@ def test_table1_experiment_settings(compose_cfg):
 @pytest.mark.parametrize("mode", ["faithful", "fast"])
 @pytest.mark.parametrize("row", ["mha", "moas_static", "moas_dynamic"])
 def test_table1_modes_compose(compose_cfg, mode, row):
-    from moa_train.config import validate
-
     cfg = compose_cfg(f"experiment=moas_table1/{row}", f"mode={mode}")
     validate(cfg)
     assert cfg.data.split == "moas_paper" and cfg.trainer.batch_size == 12 and cfg.trainer.max_steps == 500
@@ -171,3 +171,23 @@ def test_run_configs_saved_with_every_variant_s_keys_still_build(compose_cfg, ru
     out = eval_config(compose_cfg("model=moa"), run_cfg)
     assert OmegaConf.get_type(out.model) is VARIANTS[saved.model.name]
     assert set(out.model) == variant_keys(VARIANTS[saved.model.name])
+
+
+def test_task_follows_the_data_and_a_mismatch_is_refused(compose_cfg):
+    """data=multi30k_en_de alone makes a translation run; task=lm with it is refused in one line."""
+    assert compose_cfg("data=multi30k_en_de").task.name == "translation"
+    assert compose_cfg("data=wikitext2_char").task.name == "lm"
+    assert compose_cfg("task=translation", "data=multi30k_en_de", "data.max_len=127").task.name == "translation"
+    with pytest.raises(ConfigError, match=r"^task: lm does not fit data=multi30k_en_de \(data.task: translation\); "
+                                          r"use task=translation or leave task out$"):
+        validate(compose_cfg("task=lm", "data=multi30k_en_de", "data.max_len=127"))
+
+
+def test_runs_saved_without_a_task_take_their_data_task():
+    """Checkpoints and run records written before tasks were named: the task their data config ships with."""
+    from moa_train.train.tasks import saved_task
+
+    assert saved_task({"data": {"name": "multi30k_en_de"}}) == "translation"
+    assert saved_task({"data": {"name": "wikitext2_char"}}) == "lm"
+    assert saved_task({"data": {"name": "gone_corpus"}}) == "lm"
+    assert saved_task({"task": {"name": "translation"}, "data": {"name": "x", "task": "translation"}}) == "translation"

@@ -100,7 +100,7 @@ def test_translation_ranks_split_sentences_and_train_like_one_process(compose_cf
     """moa (k = E, so no ties at the zero-initialised router) on a copy task, data.max_tokens=200 as 2 micro-batches:
     batches of 1 to 9 pairs, so rank 1 sometimes gets none; the per-token loss of the global batch, its masked
     routing statistics, and the gathered translations give the numbers of one process."""
-    from moa_train.config import validate
+    from moa_train.train.tasks import validate
     from moa_train.train.loop import train
     from test_translation_train import write_copy_corpus
 
@@ -190,7 +190,8 @@ def test_two_gpus_train_like_one(train_run, data_root, cache_dir, tmp_path):
 # --- pieces, in one process ------------------------------------------------------------------------------------
 
 def test_batch_that_does_not_split_over_the_ranks_is_a_config_error(make_cfg):
-    from moa_train.config import ConfigError, validate
+    from moa_train.config import ConfigError
+    from moa_train.train.tasks import validate
 
     cfg = make_cfg("trainer.batch_size=6", "trainer.grad_accum=2")
     validate(cfg, world_size=1)
@@ -264,7 +265,7 @@ def test_ddp_takes_the_configured_gradient_bucket(tmp_path):
 
 @pytest.mark.parametrize("gpus", [1, 2])
 def test_benchmark_runs_are_valid_configs(compose_cfg, gpus):
-    from moa_train.config import validate
+    from moa_train.train.tasks import validate
     from moa_train.results.multigpu import MODELS, overrides
 
     for model in MODELS:

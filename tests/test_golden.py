@@ -27,7 +27,7 @@ REL = 1e-5
 
 
 def golden_losses(model: str, data_root: Path, cache_dir: Path, run_dir: Path) -> list:
-    from moa_train.config import validate
+    from moa_train.train.tasks import validate
     from moa_train.train.loop import train
 
     cfg = compose_train(f"data.root={data_root}", f"data.cache_dir={cache_dir}", "debug=tiny", f"model={model}",

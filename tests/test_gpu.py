@@ -50,11 +50,11 @@ def poison(monkeypatch):
         return (total * factor, *rest)
 
     def _set(steps):
-        def train_step(self, log_step):
+        def train_step(self, log_step, batches=None):
             factor.fill_(float("nan") if self.step + 1 in steps else 1.0)
             torch.cuda.set_sync_debug_mode("error" if self.step >= 5 and not log_step else "default")
             try:
-                return original_step(self, log_step)
+                return original_step(self, log_step, batches)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
 

@@ -52,10 +52,10 @@ def signal_at(monkeypatch, step: int, signum: int) -> None:
     """Deliver `signum` to this process while step `step` is being trained."""
     original = Trainer.train_step
 
-    def train_step(self, log_step):
+    def train_step(self, log_step, batches=None):
         if self.step + 1 == step:
             os.kill(os.getpid(), signum)
-        return original(self, log_step)
+        return original(self, log_step, batches)
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
 

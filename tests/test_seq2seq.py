@@ -121,7 +121,7 @@ def test_decode_last_only_is_the_last_position_of_decode(variant):
 # --- the cross-attention's own config node ------------------------------------------------------------------------
 
 def test_cross_attention_takes_its_own_variant_and_keys(compose_cfg):
-    from moa_train.config import validate
+    from moa_train.train.tasks import validate
 
     cfg = compose_cfg("experiment=multi30k/mha", "debug=tiny", "model.cross.name=moa", "+model.cross.n_experts=4",
                       "+model.cross.top_k=3")
@@ -139,7 +139,8 @@ def test_cross_attention_takes_its_own_variant_and_keys(compose_cfg):
     (["model.cross.name=mha", "+model.cross.top_k=2"], "model.cross.top_k: belongs to moa"),
 ])
 def test_cross_attention_keys_are_checked_as_its_variant_s(compose_cfg, overrides, message):
-    from moa_train.config import ConfigError, validate
+    from moa_train.config import ConfigError
+    from moa_train.train.tasks import validate
 
     cfg = compose_cfg("experiment=multi30k/mha", *overrides)
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):

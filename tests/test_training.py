@@ -301,3 +301,18 @@ def test_wandb_names_come_from_the_experiment_and_overrides(make_cfg):
     assert names["name"] == f"{cfg.experiment_name}[model=moa,trainer.seed=3]"
     assert names["tags"] == sorted({"moa", cfg.data.name, "x"})
     assert wandb_mode("offline") == "offline"
+
+
+def test_train_steps_advance_the_counters_once_per_step(make_cfg, tmp_path):
+    """Trainer.train_steps, the public unit of work (fit, moa-bench): each step advances the step and the tokens
+    seen once; a fixed batch repeated gives the same loss twice on unchanged weights (lr 0)."""
+    from moa_train.train.loop import Trainer
+
+    trainer = Trainer(make_cfg("trainer.device=cpu", "model=mha", "optim.lr=1e-12", "model.dropout=0.0"), tmp_path)
+    t = trainer.cfg.trainer
+    out = trainer.train_steps(3)
+    assert (trainer.step, trainer.tokens_seen) == (3, 3 * t.batch_size * t.block_size)
+    assert out.ce.shape == () and not out.skipped
+    fixed = trainer.draw_batches()
+    first, second = (trainer.train_steps(1, batches=fixed).ce.item() for _ in range(2))
+    assert first == pytest.approx(second, rel=1e-6) and trainer.step == 5

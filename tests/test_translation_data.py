@@ -199,7 +199,7 @@ def test_eval_pair_longer_than_the_model_positions_is_cut_and_evaluates(compose_
     import contextlib
     import logging
 
-    from moa_train.config import validate
+    from moa_train.train.tasks import validate
     from moa_train.train.tasks import TranslationTask
 
     rng = random.Random(3)

@@ -28,7 +28,8 @@ def copy_root(tmp_path_factory):
 
 @pytest.mark.parametrize("model,steps", [("mha", 300), ("moa", 600)])  # moa's one shared K/V head aligns slower
 def test_copy_task_reaches_high_bleu(compose_cfg, copy_root, tmp_path, model, steps):
-    from moa_train.config import applicable, validate
+    from moa_train.config import applicable
+    from moa_train.train.tasks import validate
     from moa_train.train.loop import train
 
     sizes = applicable(model, ["model.d_model=64", "model.n_head=4", "model.head_dim=16", "model.n_layer=2",
@@ -53,6 +54,27 @@ def test_copy_task_reaches_high_bleu(compose_cfg, copy_root, tmp_path, model, st
     cfg.trainer.eval_only, cfg.trainer.resume = True, str(tmp_path)  # the last checkpoint, not averaged
     evaluated = train(cfg, tmp_path / "eval_only")
     assert evaluated["test/bleu"] > 80 and "val/bleu" in evaluated, evaluated
+    check_saved_without_a_task(compose_cfg, copy_root, tmp_path)
+
+
+def check_saved_without_a_task(compose_cfg, copy_root, run_dir):
+    """A checkpoint written before tasks were named (no task.name, no data.task) is still a translation run: its
+    data config names the task. load_run rebuilds the encoder-decoder; eval_only from an LM command evaluates it."""
+    import moa_train
+    from moa_train.models.seq2seq import Seq2Seq
+    from moa_train.train.checkpoint import atomic_save, load_checkpoint, step_checkpoints
+    from moa_train.train.loop import train
+
+    newest = step_checkpoints(run_dir / "checkpoints")[-1]
+    state = load_checkpoint(newest)
+    del state["config"]["task"], state["config"]["data"]["task"]
+    atomic_save(state, newest)
+    assert isinstance(moa_train.load_run(run_dir)[0], Seq2Seq)
+    cfg = compose_cfg("trainer.device=cpu", "trainer.eval_only=true", f"trainer.resume={newest}",
+                      f"data.root={copy_root}")
+    assert cfg.task.name == "lm"
+    evaluated = train(cfg, run_dir / "old_eval")
+    assert evaluated["test/bleu"] > 80, evaluated
 
 
 def test_debug_tiny_makes_a_translation_experiment_a_smoke_run(cli, tmp_path):

@@ -28,7 +28,7 @@ EVAL_KEYS = ("eval", "trainer.eval_iters", "trainer.eval_batch_size", "trainer.p
              "trainer.compile", "trainer.compile_backend", "trainer.compile_mode", "trainer.sdpa_backend",
              "data.split", "data.max_tokens")
 # what makes the model and its data: fixed by the checkpoint; a group choice (model=gqa) is compared by its name
-FIXED_PREFIXES = ("model", "data")
+FIXED_PREFIXES = ("model", "data", "task")
 
 
 def run_folder(target: Path) -> Path:
@@ -82,10 +82,13 @@ def eval_config(cfg, run_cfg: dict, overrides: list | None = None):
     locations and the evaluation settings that `overrides` set (None: none were given)."""
     keys = _override_keys(overrides or [])
     _refuse_other_model(cfg, run_cfg, keys)
+    from moa_train.train.tasks import saved_task
+
     out = OmegaConf.merge(cfg, {k: v for k, v in run_cfg.items() if k != "model"})  # the schema's types, its values
     out.model = model_config(run_cfg["model"])  # typed by the run's own variant, not the command line's
     taken = list(LOCAL_KEYS) + [k for k in keys if _matches(k, EVAL_KEYS)]
     with open_dict(out):
+        out.data.task = saved_task(run_cfg)  # a run saved before tasks were named: its data's task, not the default
         for key in taken:
             OmegaConf.update(out, key, OmegaConf.select(cfg, key), merge=False)
         out.trainer.eval_only = True
@@ -107,9 +110,9 @@ def stamp() -> str:
 def prepare(cfg, run_dir: Path, overrides: list | None = None) -> tuple:
     """(config, output folder) of an evaluation: the checkpoint is the newest readable one under trainer.resume
     (a path; auto/true: `run_dir`, the output then going to `run_dir`/eval/<date_time>/)."""
-    from moa_train.config import validate
     from moa_train.train import distributed
     from moa_train.train.checkpoint import checkpoints_in, load_latest
+    from moa_train.train.tasks import validate
 
     resume = cfg.trainer.resume
     if resume in (True, "true", "auto"):

@@ -9,32 +9,31 @@ import logging
 import math
 import os
 import random
-import statistics
 import subprocess
 import time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from moa_train.config import TRANSLATION_DATA, ConfigError, check_run_folder
+from moa_train.config import ConfigError, check_run_folder
 from moa_train.metrics.flops import device_name, peak_flops, peak_kind
 from moa_train.metrics.sinks import MetricsLogger, build_logger, truncate_jsonl
 from moa_train.models.attention.mha import select_sdpa_backend
 from moa_train.models.routing import detached, routing_metrics
 from moa_train.progress import progress
 from moa_train.train import distributed, eval_run
-from moa_train.train.checkpoint import (
-    CheckpointError, average_checkpoints, checkpoints_in, drop_later_checkpoints, load_latest, remove_temp_files,
-    rng_state, save_checkpoint, set_rng_state, step_checkpoints)
+from moa_train.train.checkpoint import CheckpointError, average_checkpoints, rng_state, set_rng_state
 from moa_train.train.cuda_graph import WARMUP_STEPS, CapturedStep
 from moa_train.train.guard import DivergedError, NonFiniteGuard
 from moa_train.train.optim import apply_settings, build_optimizer, build_scheduler, lr_factor
 from moa_train.train.preemption import EvaluationStopped, Preempted, StopSignals
 from moa_train.train.runlock import RunLock
+from moa_train.train.schedule import Checkpointer, Evaluator, Meter
 from moa_train.train.tasks import make_task
 from moa_train.train.window import LossWindow
 
@@ -65,23 +64,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resume_target(resume, run_dir: Path) -> Path | None:
-    """The checkpoint file or run folder to resume from, following trainer.resume = auto | true | false | PATH."""
-    if resume in (False, "false", None):
-        return None
-    if resume in (True, "true", "auto"):
-        if not checkpoints_in(run_dir):
-            if resume == "auto":
-                return None
-            raise ConfigError(f"trainer.resume: true but the run folder {run_dir} holds no checkpoint; "
-                              "use auto, false or a PATH")
-        return run_dir
-    target = Path(str(resume)).expanduser()
-    if not checkpoints_in(target):
-        raise ConfigError(f"trainer.resume: {resume!r} is neither a checkpoint file nor a run folder with one")
-    return target
 
 
 # what a resumed run cannot change: the weights' shapes and the data (vocabulary included) they were trained on;
@@ -120,21 +102,28 @@ def out_of_memory(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in OOM_WORDS))
 
 
-def oom_error(cfg, device: torch.device) -> ConfigError:
-    """The one line for an out-of-memory error in the first steps: the sizes are too large for the device."""
-    t = cfg.trainer
-    sizes = (f"data.max_tokens={cfg.data.max_tokens}" if cfg.data.name in TRANSLATION_DATA
-             else f"trainer.batch_size={t.batch_size} x trainer.block_size={t.block_size}")
-    return ConfigError(f"{sizes.partition('=')[0]}: out of memory in the first training step on "
-                       f"{device_name(device)}: {sizes} over trainer.grad_accum={t.grad_accum} micro-batches does not "
-                       f"fit; lower {sizes.partition('=')[0]}"
-                       f"{'' if 'max_tokens' in sizes else ' or trainer.block_size'}, or raise trainer.grad_accum")
+def oom_error(cfg, size, device: torch.device) -> ConfigError:
+    """The one line for an out-of-memory error in the first steps: the sizes (the task's StepSize) are too large
+    for the device."""
+    return ConfigError(f"{size.key}: out of memory in the first training step on {device_name(device)}: {size.text} "
+                       f"over trainer.grad_accum={cfg.trainer.grad_accum} micro-batches does not fit; lower "
+                       f"{size.lower}, or raise trainer.grad_accum")
 
 
 def headline(metrics: dict) -> str:
     """The evaluation figures worth a log line, whichever the task reports: loss and bpc (LM), BLEU and chrF."""
     shown = ("loss", "bpc", "bleu", "chrf")
     return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.partition("/")[2] in shown)
+
+
+class StepResult(NamedTuple):
+    """What one optimizer step leaves on the device: the mean CE and aux terms over its micro-batches, the last
+    micro-batch's routing records, the gradient norm and whether the step was skipped (not finite)."""
+    ce: torch.Tensor
+    aux: dict
+    routings: list
+    grad_norm: torch.Tensor
+    skipped: torch.Tensor
 
 
 class Trainer:
@@ -160,12 +149,12 @@ class Trainer:
         self.train_model = distributed.wrap(self.model, t.strategy, self.dist, self.device, t.ddp_bucket_mb)
         if self.dist.active:
             torch.manual_seed(t.seed + self.dist.rank)  # each rank its own dropout masks (nanoGPT's seed offset)
-        self.forward, self.forward_loss = self.model, self._forward_loss
+        self.forward, self.forward_loss = self.model, self.loss
         if t.compile:  # the model for evaluation; the model + losses as one graph for training
             backend = t.compile_backend or ("inductor" if self.device.type == "cuda" else "aot_eager")
             mode = t.compile_mode if backend == "inductor" else None  # modes are inductor's
             self.forward = torch.compile(self.model, backend=backend, mode=mode)
-            self.forward_loss = torch.compile(self._forward_loss, backend=backend, mode=mode)
+            self.forward_loss = torch.compile(self.loss, backend=backend, mode=mode)
         self.use_graph = (bool(t.cuda_graphs) and self.device.type == "cuda" and self.task.cuda_graphs_ok
                           and not self.dist.active)
         if t.cuda_graphs and not self.use_graph:
@@ -176,17 +165,20 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, t.max_steps)
         self.guard = NonFiniteGuard(self.optimizer, t.max_bad_steps, self.device)
         self.losses = LossWindow()  # train losses since the last log step
-        self.last_checkpoint = None
-        self.resumed_from = None  # (checkpoint path, its step) when the run resumed
-        self.failed = ()  # newer checkpoints the resume skipped: they failed their check
+        self.evaluator = Evaluator(t.eval_interval)
+        self.checkpointer = Checkpointer(cfg, self.run_dir, self.dist, self.task.best_metric)
+        self.meter = Meter(self.sync)
         self.batches = self.task.batches
-        self.step, self.tokens_seen, self.best_val, self.wandb_id = 0, 0, math.inf, None
+        self.step, self.tokens_seen, self.wandb_id = 0, 0, None
+        self.steps_run = 0  # optimizer steps run by this process (its first ones warm up and capture)
         self.flops_per_token = self.task.flops_per_token()
         self.peak = peak_flops(self.device, peak_kind(t.precision, t.tf32), cfg.data.cache_dir)
-        self.step_ms: list = []
         self.stop = None  # the StopSignals while training
-        self.pending_eval = False  # a validation stopped by a signal, to be run first by the resumed process
         self.last_val = {}
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        return self.checkpointer.last
 
     # --- state -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -194,10 +186,10 @@ class Trainer:
             "model": distributed.model_state(self.model, self.dist),
             "optimizer": distributed.optimizer_state(self.model, self.optimizer, self.dist),
             "scheduler": self.scheduler.state_dict(), "step": self.step, "tokens_seen": self.tokens_seen,
-            "best_val": self.best_val, "data": self.batches.state_dict(),
+            "best_val": self.checkpointer.best, "data": self.batches.state_dict(),
             "rng": distributed.gather_objects(rng_state(), self.dist) if self.dist.active else rng_state(),
             "wandb_id": self.wandb_id, "guard": self.guard.state_dict(), "window": self.losses.state_dict(),
-            "pending_eval": self.pending_eval,
+            "pending_eval": self.evaluator.pending,
             "vocab_size": self.model.vocab_size,
             "pad_id": getattr(self.model, "pad_id", None),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -218,10 +210,10 @@ class Trainer:
         distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist)
         self.scheduler.load_state_dict(state["scheduler"])
         apply_settings(self.optimizer, self.scheduler, self.cfg.optim)  # a changed lr or schedule takes effect
-        self.tokens_seen, self.best_val = state["tokens_seen"], state["best_val"]
+        self.tokens_seen, self.checkpointer.best = state["tokens_seen"], state["best_val"]
         self.batches.load_state_dict(state["data"])
         self.wandb_id = state.get("wandb_id")
-        self.pending_eval = state.get("pending_eval", False)
+        self.evaluator.pending = state.get("pending_eval", False)
         if "guard" in state:  # checkpoints written before non-finite steps were skipped lack these two
             self.guard.load_state_dict(state["guard"])
             self.losses.load_state_dict(state["window"])
@@ -232,11 +224,7 @@ class Trainer:
     def save(self, is_best: bool) -> None:
         self.guard.check(self.step, self.last_checkpoint)  # a run that has diverged writes no checkpoint
         self.check_weights_finite()  # nor one whose weights are lost (a step applied with an infinite lr)
-        state = self.state_dict()  # on every rank: FSDP gathers the shards
-        if self.dist.main:  # enough step files kept for the final checkpoint averaging
-            keep = max(self.cfg.trainer.keep_checkpoints, self.cfg.eval.average_last or 0)
-            self.last_checkpoint = save_checkpoint(state, self.run_dir / "checkpoints", keep, is_best)
-        distributed.barrier(self.dist)  # no rank reads checkpoints/ while rank 0 writes
+        self.checkpointer.write(self.state_dict(), is_best)  # the state on every rank: FSDP gathers the shards
 
     def check_weights_finite(self) -> None:
         """DivergedError unless every weight of every rank is finite: such weights are no recovery point."""
@@ -248,21 +236,26 @@ class Trainer:
                 "check optim.lr and the other optim.* values, try a trainer.grad_clip or trainer.precision=fp32")
 
     def maybe_resume(self, weights_only: bool = False) -> Path | None:
-        target = resume_target(self.cfg.trainer.resume, self.run_dir)
-        if target is None:
+        found = self.checkpointer.load(self.cfg.trainer.resume, "cpu" if self.dist.active else self.device)
+        if found is None:
             return None
-        path, state, self.failed = load_latest(target, "cpu" if self.dist.active else self.device)
+        path, state = found
         self.load_state_dict(state, weights_only)
-        self.last_checkpoint, self.resumed_from = path, (path, self.step)
+        self.checkpointer.resumed(path, self.step)
         log.info("resumed from %s at step %d", path, self.step)
         return path
 
     # --- steps -------------------------------------------------------------------------------------------------
-    def _forward_loss(self, batch, all_aux: bool) -> tuple:
-        """(total loss, CE, unweighted aux terms reduced over layers, routing records); aux terms with a zero
-        coefficient are computed only when `all_aux` (log steps)."""
+    def loss(self, batch, all_aux: bool) -> tuple:
+        """(total loss, CE, unweighted aux terms reduced over layers, routing records) of one micro-batch; aux
+        terms with a zero coefficient are computed only when `all_aux` (log steps). The function compiled for
+        training (self.forward_loss) and the one moa-bench explains."""
         with self.autocast():
             return self.task.loss(self.train_model, batch, all_aux)
+
+    def draw_batches(self) -> list:
+        """The micro-batches of one optimizer step, from the task."""
+        return [self.task.next_batch() for _ in range(self.cfg.trainer.grad_accum)]
 
     def step_body(self, batches: list, log_step: bool) -> tuple:
         """Forward and backward over the micro-batches, clipping, the optimizer update (skipped where the loss or
@@ -286,9 +279,10 @@ class Trainer:
         bad = self.guard.step(loss_sum, norm)
         return ce_sum / n, {k: v / n for k, v in aux_sum.items()}, detached(routings), norm, bad
 
-    def train_step(self, log_step: bool) -> tuple:
-        """One optimizer step: eager, or a CUDA-graph replay after a few eager warm-up steps on a side stream."""
-        batches = [self.task.next_batch() for _ in range(self.cfg.trainer.grad_accum)]
+    def train_step(self, log_step: bool, batches: list | None = None) -> StepResult:
+        """One optimizer step on `batches` (default: drawn from the task), counters untouched: eager, or a
+        CUDA-graph replay after a few eager warm-up steps on a side stream."""
+        batches = self.draw_batches() if batches is None else batches
         self.step_tokens = sum(self.task.n_tokens(b) for b in batches)
         self.lr = self.cfg.optim.lr * lr_factor(self.step, self.cfg.schedule, self.cfg.trainer.max_steps)
         if not self.use_graph:
@@ -307,17 +301,32 @@ class Trainer:
                 self.graph = CapturedStep(self.step_body, batches)
             out = self.graph.replay(batches)
         self.scheduler.step()
+        return StepResult(*out)
+
+    def train_steps(self, n: int = 1, log_step: bool = False, batches: list | None = None) -> StepResult:
+        """`n` optimizer steps, each advancing the step counter, the tokens seen, the loss window and the meter:
+        the one place they advance (fit, moa-bench). `batches`: the same micro-batches every step (moa-bench's
+        fixed batch, no data work); default: drawn from the task. `log_step`: all aux terms computed (fit's log
+        steps). Returns the last step's StepResult."""
+        for _ in range(n):
+            out = self.train_step(log_step, batches)
+            self.step += 1
+            self.steps_run += 1
+            self.tokens_seen += self.step_tokens
+            self.losses.add(out.ce, out.aux, out.skipped)
+            self.meter.add(self.step_tokens)
         return out
 
-    def checked_step(self, log_step: bool, steps_run: int) -> tuple:
-        """train_step; an out-of-memory error in this process's first steps (the warm-up and CUDA-graph capture
-        included) is the sizes' fault and becomes one line naming them. A later one stays a bug report."""
+    def checked_step(self, log_step: bool) -> StepResult:
+        """One step of train_steps; an out-of-memory error in this process's first steps (the warm-up and
+        CUDA-graph capture included) is the sizes' fault and becomes one line naming them. A later one stays a
+        bug report."""
         try:
-            return self.train_step(log_step)
+            return self.train_steps(1, log_step)
         except (RuntimeError, MemoryError) as exc:
-            if steps_run > WARMUP_STEPS or not out_of_memory(exc):
+            if self.steps_run > WARMUP_STEPS or not out_of_memory(exc):
                 raise
-            raise oom_error(self.cfg, self.device) from None
+            raise oom_error(self.cfg, self.task.step_size(self.cfg), self.device) from None
 
     def grad_norm(self) -> torch.Tensor:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -332,12 +341,11 @@ class Trainer:
     def validate(self, logger) -> bool:
         """Evaluate the val split at this step and log it; whether it is the best so far. EvaluationStopped by a
         signal marks the validation pending: the checkpoint written next records it for the resumed process."""
-        self.pending_eval = True
+        self.evaluator.pending = True
         val = self.evaluate("val", "val")
-        self.pending_eval = False
-        is_best = val["val/loss"] < self.best_val
-        self.best_val = min(self.best_val, val["val/loss"])
-        logger.log(self.step, {**val, "val/loss_best": self.best_val})
+        self.evaluator.pending = False
+        is_best = self.checkpointer.is_best(val)
+        logger.log(self.step, {**val, f"{self.checkpointer.metric}_best": self.checkpointer.best})
         log.info("step %d: %s", self.step, headline(val))
         self.last_val = val
         return is_best
@@ -356,51 +364,35 @@ class Trainer:
                 lock.release()
 
     def _fit(self) -> dict:
+        """The schedule: resume; then per step: train, log, validate, checkpoint, stop on a signal; then test."""
         t = self.cfg.trainer
         resumed = self.maybe_resume()
+        self.checkpointer.start(self.step)
         if self.dist.main:  # the run's history continues from the checkpoint's step (from step 0 without one)
-            remove_temp_files(self.run_dir / "checkpoints")
             truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
-        if resumed is not None and self.dist.main:
-            drop_later_checkpoints(self.run_dir / "checkpoints", self.step, self.failed)
         logger = self.build_logger(None if resumed is None else self.step)
         self.wandb_id = logger.wandb_id
         bar = progress(total=t.max_steps, initial=self.step, desc="train", unit="step")
         self.stop = stop = StopSignals().install()
-        first_step = self.step
         try:
-            if self.pending_eval:  # the interrupted process was stopped while validating this step
+            if self.evaluator.pending:  # the interrupted process was stopped while validating this step
                 self.save(self.validate(logger))
-            window = self.open_window()
+            self.meter.restart()
             while self.step < t.max_steps:
                 last = self.step + 1 == t.max_steps
                 log_now = (self.step + 1) % t.log_interval == 0 or last
-                ce, aux, routings, norm, bad = self.checked_step(log_now, self.step - first_step)
-                self.step += 1
-                self.tokens_seen += self.step_tokens
-                window["steps"] += 1
-                window["tokens"] += self.step_tokens
-                self.losses.add(ce, aux, bad)
+                out = self.checked_step(log_now)
                 bar.update(1)
                 if log_now:
-                    logged = self.log_train(logger, window, routings, norm)
+                    logged = self.log_train(logger, out)
                     bar.set_postfix(loss=f"{logged['train/loss']:.4f}", tok_s=f"{logged['perf/tokens_per_s']:,.0f}")
-                    window = self.open_window()
-                is_best = False
-                if self.step % t.eval_interval == 0 or last:
-                    try:
-                        is_best = self.validate(logger)
-                    except EvaluationStopped:  # the signal is seen below: this step's checkpoint, then the stop
-                        pass
-                    window = self.open_window()  # evaluation time is not step time
-                on_save_step = (self.step % t.eval_interval == 0 if t.save_interval is None
-                                else self.step % t.save_interval == 0)
+                is_best = self.evaluator.due(self.step, last) and self.validate_until_stopped(logger)
                 # under torchrun the ranks compare notes at log steps only (a collective), so all stop together
                 stopping = distributed.agreed_signal(stop.received, self.dist) if log_now or not self.dist.active \
                     else None
-                if on_save_step or last or stopping:
+                if self.checkpointer.due(self.step, last) or stopping:
                     self.save(is_best)
-                    window = self.open_window()
+                    self.meter.restart()
                 if stopping:
                     raise Preempted(stopping, self.step, self.last_checkpoint, self.run_dir, self.dist.rank)
             if not self.last_val and self.step > 0:  # resumed at max_steps: report the checkpoint's validation loss
@@ -416,12 +408,21 @@ class Trainer:
             self.stop = None
         return self.write_summary({**self.last_val, **test})
 
+    def validate_until_stopped(self, logger) -> bool:
+        """validate; a signal that stops it is seen by fit next: this step's checkpoint, then the stop."""
+        try:
+            return self.validate(logger)
+        except EvaluationStopped:
+            return False
+        finally:
+            self.meter.restart()  # evaluation time is not step time
+
     def final_test(self) -> dict:
         """The test evaluation at the end, on the average of the last `eval.average_last` checkpoints if set."""
         n = self.cfg.eval.average_last
         if not n:
             return self.evaluate("test", "test", final=True)
-        paths = self.step_history()[-n:]
+        paths = self.checkpointer.history()[-n:]
         if len(paths) < n:
             log.warning("eval.average_last=%d: this run has %d step checkpoints; %s", n, len(paths),
                         "averaging those" if paths else "testing the current weights")
@@ -434,17 +435,6 @@ class Trainer:
         self.model.load_state_dict(current)
         return out
 
-    def step_history(self) -> list:
-        """The run's step checkpoints, oldest first: its own, after those of the folder it resumed from (up to the
-        resumed step) when that is another one (trainer.resume=PATH from a new run folder)."""
-        own = self.run_dir / "checkpoints"
-        paths = step_checkpoints(own) if own.is_dir() else []
-        if self.resumed_from is not None:
-            source, step = self.resumed_from
-            if source.parent.resolve() != own.resolve():
-                paths = [p for p in step_checkpoints(source.parent) if p.name <= f"step_{step:07d}.pt"] + paths
-        return paths
-
     def build_logger(self, resumed_step: int | None = None) -> MetricsLogger:
         """The sinks (metrics.jsonl, TensorBoard, W&B) on rank 0; the other ranks log nowhere."""
         if not self.dist.main:
@@ -452,22 +442,12 @@ class Trainer:
         return build_logger(self.cfg, self.run_dir, OmegaConf.to_container(self.cfg, resolve=True), self.wandb_id,
                             resumed_step)
 
-    def open_window(self) -> dict:
-        """Start a timing window; the device is synchronised so the window times only what follows."""
-        self.sync()
-        return {"t0": time.perf_counter(), "steps": 0, "tokens": 0}
-
-    def log_train(self, logger, window: dict, routings: list, grad_norm) -> dict:
-        self.sync()
-        n = window["steps"]
-        elapsed = time.perf_counter() - window["t0"]
-        step_ms = 1000 * elapsed / n
-        self.step_ms.append(step_ms)
-        tok_s = window["tokens"] / elapsed
+    def log_train(self, logger, out: StepResult) -> dict:
+        step_ms, tok_s = self.meter.close()
         losses = self.losses.pop()
         losses["train/loss"] = distributed.global_sum(losses["train/loss"]) / self.dist.world  # CE of each slice
-        metrics = {**losses, "lr": self.lr, "grad_norm": grad_norm,
-                   "train/skipped_steps": self.guard.skipped, **routing_metrics(self.model.sites, routings),
+        metrics = {**losses, "lr": self.lr, "grad_norm": out.grad_norm,
+                   "train/skipped_steps": self.guard.skipped, **routing_metrics(self.model.sites, out.routings),
                    "perf/step_ms": step_ms, "perf/tokens_per_s": tok_s,
                    "perf/mfu": self.flops_per_token * tok_s / (self.peak * self.dist.world),
                    "tokens_seen": self.tokens_seen}
@@ -492,26 +472,25 @@ class Trainer:
         return self.write_summary({**metrics, "checkpoint": str(Path(path).resolve())}, "eval.json")
 
     def write_summary(self, metrics: dict, name: str = "summary.json") -> dict:
-        steady = self.step_ms[1:] if len(self.step_ms) > 1 else self.step_ms  # the first window holds warm-up
+        best, metric = self.checkpointer.best, self.checkpointer.metric
         summary = {
             "params_total": self.model.num_params(non_embedding=False),
             "params_non_embedding": self.model.num_params(),
             **metrics,
-            "val/loss_best": self.best_val if math.isfinite(self.best_val) else metrics.get("val/loss"),
+            f"{metric}_best": best if math.isfinite(best) else metrics.get(metric),
             "steps": self.step,
             "skipped_steps": self.guard.skipped.item(),
             "tokens_seen": self.tokens_seen,
             "wall_s": time.perf_counter() - self.start_time,
-            "step_ms_median": statistics.median(steady) if steady else None,
+            "step_ms_median": self.meter.median_step_ms(),
             "flops_per_token": self.flops_per_token,
             "peak_flops": self.peak,
             "device_name": device_name(self.device),
             "world_size": self.dist.world,
             "torch_version": torch.__version__,
             "git_sha": git_sha(),
+            **self.task.summary(),
         }
-        if getattr(self.task, "last_signature", None):
-            summary["bleu_signature"] = self.task.last_signature
         if self.dist.main:
             (self.run_dir / name).write_text(json.dumps(summary, indent=1))
         return summary

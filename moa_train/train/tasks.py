@@ -1,5 +1,7 @@
-"""What differs between language modelling and translation, behind one small interface the trainer uses:
-build the model, draw a training batch, compute the loss, evaluate a split, count FLOPs.
+"""Tasks: what differs between language modelling and translation, behind one small interface that the trainer,
+`load_run`, `eval_only`, sweeps and reports use: the task's own config checks and step size, building the model for
+its data, drawing a training batch, the loss, evaluating a split (and its metric names), the metric that picks the
+best checkpoint, counting FLOPs. `TASKS` maps `task.name` (configs/task/, defaulting to `data.task`) to the class.
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from moa_train.config import TRANSLATION_DATA, ConfigError
+from moa_train.config import ConfigError, StepSize, _check, _divisors, check_cross, check_memory
+from moa_train.config import validate as validate_common
 from moa_train.data.batches import RandomWindows
 from moa_train.models.routing import aux_losses, weighted_aux
 from moa_train.progress import progress
@@ -21,15 +24,67 @@ from moa_train.train.preemption import check_stop
 log = logging.getLogger(__name__)
 
 
-class LMTask:
+class Task:
+    """The interface. Built from the run's config (`Task(cfg, device, dist)`), a task holds `model`, `batches` (the
+    training sampler, whose state the checkpoint keeps) and answers `next_batch()`, `n_tokens(batch)`,
+    `loss(model, batch, all_aux)` -> (total, CE, aux terms, routing records), `evaluate(forward, split, prefix,
+    autocast, final, stop)` -> metrics, `flops_per_token()`. Before any work, the class answers what follows."""
+
+    cuda_graphs_ok = False  # whether a whole step can be captured in one CUDA graph (fixed batch shapes)
+    best_metric = "val/loss"  # the validation metric (lower is better) that picks best.pt; sweeps minimise it
+    metrics: tuple = ()  # the evaluation metrics that reports show, in their column order
+
+    @staticmethod
+    def check(cfg, world_size: int) -> None:
+        """ConfigError for values this task cannot run with (the common checks are config.validate's)."""
+
+    @staticmethod
+    def step_size(cfg) -> StepSize:
+        raise NotImplementedError
+
+    @staticmethod
+    def build_model(model_cfg, vocab_size: int, pad_id):
+        """The task's model for a vocabulary (and padding id, where the task pads); `load_run` rebuilds with it."""
+        raise NotImplementedError
+
+    def summary(self) -> dict:
+        """What the task adds to the run's summary.json, after everything else."""
+        return {}
+
+
+class LMTask(Task):
     """Decoder-only LM on a token stream: random windows, next-token cross-entropy."""
 
     cuda_graphs_ok = True  # fixed shapes
+    metrics = ("val/loss", "val/bpc", "test/loss")
+
+    @staticmethod
+    def check(cfg, world_size: int) -> None:
+        m, t = cfg.model, cfg.trainer
+        _check(t.block_size <= m.max_seq_len, "trainer.block_size",
+               f"{t.block_size} exceeds model.max_seq_len={m.max_seq_len}; valid: 1..{m.max_seq_len}")
+        _check(t.batch_size % t.grad_accum == 0, "trainer.grad_accum",
+               f"{t.grad_accum} does not divide trainer.batch_size={t.batch_size}; valid: {_divisors(t.batch_size)}")
+        slices = world_size * t.grad_accum
+        _check(world_size == 1 or t.batch_size % slices == 0, "trainer.batch_size",
+               f"{t.batch_size} sequences do not split over {world_size} ranks x trainer.grad_accum={t.grad_accum} "
+               f"micro-batches; valid: multiples of {slices}")
+
+    @staticmethod
+    def step_size(cfg) -> StepSize:
+        t = cfg.trainer
+        return StepSize("trainer.batch_size", f"trainer.batch_size={t.batch_size} x trainer.block_size={t.block_size}",
+                        "trainer.batch_size or trainer.block_size", t.batch_size * t.block_size, cfg.model.n_layer)
+
+    @staticmethod
+    def build_model(model_cfg, vocab_size: int, pad_id=None):
+        from moa_train.models import build_model
+
+        return build_model(model_cfg, vocab_size)
 
     def __init__(self, cfg, device: torch.device, dist: Dist = Dist()):
         from moa_train.data import load_data
         from moa_train.data.wikitext import check_lengths
-        from moa_train.models import build_model
 
         self.cfg, self.device, self.dist = cfg, device, dist
         self.aux_cfg = OmegaConf.to_object(cfg.model.aux)  # a plain dataclass: no OmegaConf inside compiled code
@@ -39,7 +94,7 @@ class LMTask:
         if vocab < self.data.vocab_size:
             raise ConfigError(f"model.vocab_size: {vocab} is smaller than the data's {self.data.vocab_size}; "
                               "use null (from the data) or a larger value")
-        self.model = build_model(cfg.model, vocab)
+        self.model = self.build_model(cfg.model, vocab)
         t = cfg.trainer
         self.batches = RandomWindows(self.data.splits["train"].tokens, t.batch_size // t.grad_accum, t.block_size,
                                      t.seed, device, dist.rank, dist.world)
@@ -69,26 +124,59 @@ class LMTask:
         return self.model.flops_per_token(self.cfg.trainer.block_size)
 
 
-class TranslationTask:
+MAX_BEAM = 64  # a beam keeps beam x vocabulary scores per sentence; beyond this it only costs memory (fairseq: 5)
+
+
+class TranslationTask(Task):
     """Encoder-decoder on sentence pairs: batches by tokens, label-smoothed cross-entropy, BLEU by search."""
 
     cuda_graphs_ok = False  # batch shapes vary
+    metrics = ("val/loss", "test/loss", "val/bleu", "test/bleu")
+
+    @staticmethod
+    def check(cfg, world_size: int) -> None:
+        m, d, e = cfg.model, cfg.data, cfg.eval
+        _check(d.max_tokens > 0, "data.max_tokens", f"must be a positive integer, got {d.max_tokens}")
+        _check(1 <= d.max_len < m.max_seq_len, "data.max_len",
+               f"{d.max_len} does not leave room for BOS/EOS in model.max_seq_len={m.max_seq_len}; "
+               f"valid: 1..{m.max_seq_len - 1}")
+        check_cross(m, cfg)
+        _check(cfg.trainer.strategy == "ddp", "trainer.strategy", "fsdp shards decoder-only LMs; translation runs "
+                                                                  "use ddp")
+        for key in ("beam", "val_beam"):
+            _check(1 <= e[key] <= MAX_BEAM, f"eval.{key}", f"must be in 1..{MAX_BEAM}, got {e[key]}")
+        _check(math.isfinite(e.lenpen), "eval.lenpen", f"must be a finite number (MoA: 0.6), got {e.lenpen}")
+        _check(math.isfinite(e.max_len_a) and e.max_len_a >= 0, "eval.max_len_a",
+               f"must be a finite number >= 0 (MoA: 1.2), got {e.max_len_a}")
+        _check(e.max_len_b >= 0, "eval.max_len_b", f"must be >= 0 (MoA: 10), got {e.max_len_b}")
+
+    @staticmethod
+    def step_size(cfg) -> StepSize:
+        m = cfg.model
+        return StepSize("data.max_tokens", f"data.max_tokens={cfg.data.max_tokens}", "data.max_tokens",
+                        cfg.data.max_tokens, m.n_layer + (m.n_encoder_layer or m.n_layer))
+
+    @staticmethod
+    def build_model(model_cfg, vocab_size: int, pad_id):
+        from moa_train.models.seq2seq import Seq2Seq
+
+        return Seq2Seq(model_cfg, vocab_size, pad_id)
 
     def __init__(self, cfg, device: torch.device, dist: Dist = Dist()):
         from moa_train.data.translation import TokenBatches, load_translation
-        from moa_train.models.seq2seq import Seq2Seq
 
         self.cfg, self.device, self.dist = cfg, device, dist
         self.aux_cfg = OmegaConf.to_object(cfg.model.aux)
         self.label_smoothing = float(cfg.trainer.label_smoothing)
         self.data = load_translation(cfg.data, cfg.model.max_seq_len)  # long val/test lines cut to fit
-        self.model = Seq2Seq(cfg.model, self.data.vocab_size, self.data.pad_id)
+        self.model = self.build_model(cfg.model, self.data.vocab_size, self.data.pad_id)
         d = self.data
         per_micro = cfg.data.max_tokens // cfg.trainer.grad_accum
         self.batches = TokenBatches(d.splits["train"], per_micro, d.pad_id, d.bos_id, d.eos_id,
                                     seed=cfg.trainer.seed, shuffle=True, device=device, rank=dist.rank,
                                     world=dist.world)
         self.train_iter = iter(self.batches)
+        self.bleu_signature = None
 
     def next_batch(self):
         return next(self.train_iter)
@@ -133,8 +221,12 @@ class TranslationTask:
         if n < len(data):
             out[f"{prefix}/bleu_sentences"] = n
             log.info("%s: BLEU and chrF on the first %d of %d sentences (eval.max_sentences)", prefix, n, len(data))
-        self.last_signature = scores["bleu_signature"]
+        self.bleu_signature = scores["bleu_signature"]
         return out
+
+    def summary(self) -> dict:
+        """The sacreBLEU signature of the last evaluation (where one ran)."""
+        return {"bleu_signature": self.bleu_signature} if self.bleu_signature else {}
 
     def _my_batches(self, data, desc: str, stop=None):
         """This rank's share of the split's batches (length-sorted, as many rounds on every rank); a signal in
@@ -196,5 +288,40 @@ def first_pairs(split, n: int):
                    tgt_text=split.tgt_text[:n])
 
 
-def make_task(cfg, device: torch.device, dist: Dist = Dist()):
-    return (TranslationTask if cfg.data.name in TRANSLATION_DATA else LMTask)(cfg, device, dist)
+TASKS = {"lm": LMTask, "translation": TranslationTask}
+
+
+def task_class(name: str) -> type:
+    if name not in TASKS:
+        raise ConfigError(f"task: got {name!r}; allowed: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def make_task(cfg, device: torch.device, dist: Dist = Dist()) -> Task:
+    return task_class(cfg.task.name)(cfg, device, dist)
+
+
+def validate(cfg, world_size: int = 1) -> None:
+    """The whole config check before any work: the common checks (config.validate), the task's own, then whether
+    the task's step fits the device's memory. `world_size`: the torchrun processes the global batch is split over."""
+    task = task_class(cfg.task.name)
+    validate_common(cfg)
+    task.check(cfg, world_size)
+    check_memory(cfg, task.step_size(cfg), world_size)
+
+
+def saved_task(config: dict) -> str:
+    """The task of a run's saved config. Configs written before tasks were named hold neither task.name nor
+    data.task: their data config's task as shipped in configs/data/ (lm where that file is gone)."""
+    from moa_train.paths import config_dir
+
+    name = (config.get("task") or {}).get("name") or config["data"].get("task")
+    if name:
+        return name
+    shipped = config_dir() / "data" / f"{config['data']['name']}.yaml"
+    return OmegaConf.load(shipped).get("task", "lm") if shipped.is_file() else "lm"
+
+
+def report_metrics() -> tuple:
+    """Every task's evaluation metrics, in the order of their first appearance (report and sweep columns)."""
+    return tuple(dict.fromkeys(m for task in TASKS.values() for m in task.metrics))

@@ -1,0 +1,132 @@
+"""The trainer's schedule, one component per concern: when to validate (Evaluator), when to write a checkpoint,
+which one is best and which the final test averages (Checkpointer), and the throughput of the steps between
+(Meter). `Trainer.fit` asks them at each step."""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+
+from moa_train.config import ConfigError
+from moa_train.train import distributed
+from moa_train.train.checkpoint import (
+    checkpoints_in, drop_later_checkpoints, load_latest, remove_temp_files, save_checkpoint, step_checkpoints)
+
+
+class Evaluator:
+    """Validation every `trainer.eval_interval` steps and at the last; `pending` marks a validation a signal
+    stopped, recorded in the checkpoint so the resumed process runs it first."""
+
+    def __init__(self, interval: int):
+        self.interval, self.pending = interval, False
+
+    def due(self, step: int, last: bool) -> bool:
+        return step % self.interval == 0 or last
+
+
+def resume_target(resume, run_dir: Path) -> Path | None:
+    """The checkpoint file or run folder to resume from, following trainer.resume = auto | true | false | PATH."""
+    if resume in (False, "false", None):
+        return None
+    if resume in (True, "true", "auto"):
+        if not checkpoints_in(run_dir):
+            if resume == "auto":
+                return None
+            raise ConfigError(f"trainer.resume: true but the run folder {run_dir} holds no checkpoint; "
+                              "use auto, false or a PATH")
+        return run_dir
+    target = Path(str(resume)).expanduser()
+    if not checkpoints_in(target):
+        raise ConfigError(f"trainer.resume: {resume!r} is neither a checkpoint file nor a run folder with one")
+    return target
+
+
+class Checkpointer:
+    """Checkpoints of a run folder: the one to resume from (`trainer.resume`); written every `trainer.save_interval` steps (null: at each validation), at the
+    last step and when stopping; the best by the task's metric (lower is better) kept as best.pt; the last
+    `trainer.keep_checkpoints` step files kept, or `eval.average_last` if more, for the final test's average."""
+
+    def __init__(self, cfg, run_dir: Path, dist, metric: str):
+        t = cfg.trainer
+        self.folder, self.dist, self.metric = Path(run_dir) / "checkpoints", dist, metric
+        self.interval = t.save_interval or t.eval_interval
+        self.keep = max(t.keep_checkpoints, cfg.eval.average_last or 0)
+        self.best = math.inf
+        self.last = None  # the newest checkpoint written or resumed from
+        self.resumed_from = None  # (checkpoint path, its step) when the run resumed
+        self.failed = ()  # newer checkpoints the resume skipped: they failed their check
+
+    def due(self, step: int, last: bool) -> bool:
+        return step % self.interval == 0 or last
+
+    def is_best(self, metrics: dict) -> bool:
+        """Whether this validation beats every earlier one; the best value is updated."""
+        better = metrics[self.metric] < self.best
+        self.best = min(self.best, metrics[self.metric])
+        return better
+
+    def load(self, resume, map_location) -> tuple | None:
+        """(path, state) of the newest checkpoint that verifies and reads under what `trainer.resume` names; None
+        where there is nothing to resume."""
+        target = resume_target(resume, self.folder.parent)
+        if target is None:
+            return None
+        path, state, self.failed = load_latest(target, map_location)
+        return path, state
+
+    def resumed(self, path: Path, step: int) -> None:
+        self.last, self.resumed_from = path, (path, step)
+
+    def start(self, step: int) -> None:
+        """Before the first step: leftovers of an interrupted write removed and, on a resumed run, the checkpoints
+        of later steps set aside (the run's history continues from `step`)."""
+        if self.dist.main:
+            remove_temp_files(self.folder)
+            if self.resumed_from is not None:
+                drop_later_checkpoints(self.folder, step, self.failed)
+
+    def write(self, state: dict, is_best: bool) -> None:
+        if self.dist.main:
+            self.last = save_checkpoint(state, self.folder, self.keep, is_best)
+        distributed.barrier(self.dist)  # no rank reads checkpoints/ while rank 0 writes
+
+    def history(self) -> list:
+        """The run's step checkpoints, oldest first: its own, after those of the folder it resumed from (up to the
+        resumed step) when that is another one (trainer.resume=PATH from a new run folder)."""
+        paths = step_checkpoints(self.folder) if self.folder.is_dir() else []
+        if self.resumed_from is not None:
+            source, step = self.resumed_from
+            if source.parent.resolve() != self.folder.resolve():
+                paths = [p for p in step_checkpoints(source.parent) if p.name <= f"step_{step:07d}.pt"] + paths
+        return paths
+
+
+class Meter:
+    """Throughput over windows of steps; the device is synchronised at both ends so a window times only its
+    steps (evaluation and checkpoint writing restart it)."""
+
+    def __init__(self, sync):
+        self.sync, self.step_ms = sync, []  # step_ms: every closed window's mean, for the summary's median
+        self.restart()
+
+    def restart(self) -> None:
+        self.sync()
+        self.t0, self.steps, self.tokens = time.perf_counter(), 0, 0
+
+    def add(self, tokens: int) -> None:
+        self.steps += 1
+        self.tokens += tokens
+
+    def close(self) -> tuple:
+        """(ms per step, tokens per second) of the window; a new one starts."""
+        self.sync()
+        elapsed = time.perf_counter() - self.t0
+        step_ms, tok_s = 1000 * elapsed / self.steps, self.tokens / elapsed
+        self.step_ms.append(step_ms)
+        self.restart()
+        return step_ms, tok_s
+
+    def median_step_ms(self):
+        steady = self.step_ms[1:] if len(self.step_ms) > 1 else self.step_ms  # the first window holds warm-up
+        return statistics.median(steady) if steady else None
