@@ -27,6 +27,7 @@ import torch
 
 from moa_train.data.batches import to_device
 from moa_train.data.cache import CacheDamaged, check_ids, content_key, load_cached
+from moa_train.io import atomic_write_text
 from moa_train.progress import progress
 from moa_train.data.wikitext import DataError
 
@@ -128,9 +129,7 @@ def _download(corpus: Corpus, cache: Path, root) -> Path:
     for (split, lang), path in files.items():
         rows = ds[corpus.hub_splits[split]]
         lines = [t[lang] for t in rows["translation"]] if corpus.nested else rows[lang]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(s.replace("\r", " ").replace("\n", " ") + "\n" for s in lines), encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(path, "".join(s.replace("\r", " ").replace("\n", " ") + "\n" for s in lines))
     return target
 
 

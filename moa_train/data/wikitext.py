@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from moa_train.data.cache import CacheDamaged, check_ids, content_key, load_cached
+from moa_train.io import atomic_write_text
 from moa_train.progress import progress
 
 SPLIT_FILES = {"train": "train.txt", "val": "valid.txt", "test": "test.txt"}
@@ -88,9 +89,7 @@ def _download(cache: Path) -> Path:
         ) from None
     target.mkdir(parents=True, exist_ok=True)
     for split, fname in (("train", "train.txt"), ("validation", "valid.txt"), ("test", "test.txt")):
-        tmp = target / (fname + ".tmp")
-        tmp.write_text("".join(ds[split]["text"]), encoding="utf-8")
-        tmp.replace(target / fname)
+        atomic_write_text(target / fname, "".join(ds[split]["text"]))
     return target.parent
 
 

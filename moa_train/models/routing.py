@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moa_train.train.distributed import global_sum, world_size
+from moa_train.collectives import global_sum, world_size
 
 @dataclass
 class Routing:
