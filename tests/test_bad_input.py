@@ -268,7 +268,7 @@ def test_second_trainer_on_a_run_folder_is_refused(cli, tmp_path):
 
 
 def test_full_disk_during_a_save_is_one_error_and_keeps_the_previous_checkpoint(cli, tmp_path, monkeypatch):
-    from moa_train.train import checkpoint
+    import moa_train.io
 
     run = tmp_path / "run"
     assert cli(*FIVE)[0] == 0
@@ -286,7 +286,7 @@ def test_full_disk_during_a_save_is_one_error_and_keeps_the_previous_checkpoint(
             return super().write(data)
 
     real_open = open
-    monkeypatch.setattr(checkpoint, "open", lambda path, mode="r", *a, **k: FullDisk(path, mode) if "w" in mode
+    monkeypatch.setattr(moa_train.io, "open", lambda path, mode="r", *a, **k: FullDisk(path, mode) if "w" in mode
                         and ".step_" in str(path) else real_open(path, mode, *a, **k), raising=False)
     result = cli(*TEN)
     assert_error_line(result, [str(run / "checkpoints" / "step_0000010.pt"), "could not be written",
