@@ -6,6 +6,7 @@ import pytest
 from moa_train.bench import main, targets
 
 
+@pytest.mark.slow
 def test_bench_measures_and_merges(tmp_path, monkeypatch):
     out = tmp_path / "results"
     args = ["--sizes", "tiny", "--steps", "2", "--windows", "2", "--out", str(out), "--no-checks"]

@@ -32,6 +32,7 @@ def only_sweep_folder(cwd: Path) -> Path:
     return folders[0]
 
 
+@pytest.mark.slow
 def test_failed_job_does_not_stop_the_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     proc = multirun(ROOT, "model=mha,moa", "model.top_k=2,9", f"hydra.sweep.dir={sweep}")
@@ -47,6 +48,7 @@ def test_failed_job_does_not_stop_the_sweep(tmp_path):
     assert "failed: error: model.top_k" in (sweep / "sweep_summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_sweeping_the_model_keeps_one_sweep_folder(tmp_path):
     proc = multirun(tmp_path, "model=mha,moa")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -57,6 +59,7 @@ def test_sweeping_the_model_keeps_one_sweep_folder(tmp_path):
                                                                                   ("model=moa", "ok")]
 
 
+@pytest.mark.slow
 def test_a_sweep_whose_jobs_all_fail_lists_them_and_exits_1(tmp_path):
     empty = tmp_path / "no-data"  # a folder without the WikiText-2 files: each job fails when it reads its data
     empty.mkdir()
@@ -70,6 +73,7 @@ def test_a_sweep_whose_jobs_all_fail_lists_them_and_exits_1(tmp_path):
     assert all("data.root: missing file" in r["error"] for r in records)
 
 
+@pytest.mark.slow
 def test_a_sweep_through_a_launcher_plugin_runs_each_job_in_its_own_process(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")  # the [launchers] extra, which [dev] includes
     empty = tmp_path / "no-data"

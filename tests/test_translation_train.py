@@ -26,6 +26,7 @@ def copy_root(tmp_path_factory):
     return write_copy_corpus(tmp_path_factory.mktemp("copy"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,steps", [("mha", 300), ("moa", 600)])  # moa's one shared K/V head aligns slower
 def test_copy_task_reaches_high_bleu(compose_cfg, copy_root, tmp_path, model, steps):
     from moa_train.config import validate

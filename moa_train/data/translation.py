@@ -261,7 +261,8 @@ def load_translation(cfg, max_positions: int | None = None) -> ParallelData:
     folder = locate(cfg, corpus, cache)
     texts = read_corpus(folder, corpus)
     out = cache / "translation" / _fingerprint(cfg, folder, corpus, vocab_size)
-    meta, tok, ids = load_cached(out, lambda tmp: _build(texts, corpus, vocab_size, tmp), lambda entry: _load(entry, texts))
+    meta, tok, ids = load_cached(out, lambda tmp: _build(texts, corpus, vocab_size, tmp),
+                                 lambda entry: _load(entry, texts))
     eval_len = None if max_positions is None else max_positions - 1
     splits = {split: _split(ids, texts, split, cfg.src, cfg.tgt, cfg.max_len, eval_len) for split in SPLITS}
     if splits["val"].n_truncated or splits["test"].n_truncated:

@@ -39,8 +39,10 @@ class TextCorpus:
 
 
 WIKITEXT2 = TextCorpus("wikitext2", "wikitext-2", {"train": "train.txt", "val": "valid.txt", "test": "test.txt"},
-                       ("Salesforce/wikitext", "wikitext-2-v1"), {"train": "train", "val": "validation", "test": "test"})
-LM_CORPORA = {"wikitext2_char": WIKITEXT2, "wikitext2_word": WIKITEXT2, "wikitext2_bpe": WIKITEXT2}  # data.name ->
+                       ("Salesforce/wikitext", "wikitext-2-v1"),
+                       {"train": "train", "val": "validation", "test": "test"})
+# data.name -> corpus; the three WikiText-2 configs differ in data.tokenizer only
+LM_CORPORA = {"wikitext2_char": WIKITEXT2, "wikitext2_word": WIKITEXT2, "wikitext2_bpe": WIKITEXT2}
 SPLITS = ("train", "val", "test")
 
 
