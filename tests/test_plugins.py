@@ -47,6 +47,10 @@ def test_a_new_lm_corpus_trains_through_the_cli(data_root, tmp_path):
 def test_an_unknown_plugin_is_one_line(monkeypatch):
     with pytest.raises(PluginError, match="MOA_PLUGINS: no module named 'no_such_plugin_module'"):
         load_plugins("no_such_plugin_module")
+    proc = subprocess.run([sys.executable, "-m", "moa_train", "debug=tiny"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "MOA_PLUGINS": "no_such_plugin_module"}, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: MOA_PLUGINS: no module named 'no_such_plugin_module' (is its folder on PYTHONPATH?)"], proc.stderr
     monkeypatch.setenv("MOA_PLUGINS", " json , os.path ")
     assert [m.__name__ for m in load_plugins()] == ["json", os.path.__name__]
 
