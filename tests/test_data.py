@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from conftest import REAL_DATA, write_wikitext
-from moa_train.data import DataError, load_corpus
-from moa_train.data import wikitext
+from moa_train.data import DataError, load_corpus, wikitext
 from moa_train.data.batches import RandomWindows, sequential_windows, windows
 from moa_train.data.wikitext import CharTokenizer, Split, read_text, word_count
 from moa_train.train.evaluate import split_metrics
@@ -206,7 +205,8 @@ def test_cache_keys_on_content_not_size_and_time(data_root, tmp_path, make_cfg):
     cache = f"data.cache_dir={tmp_path / 'cache'}"
     a = load_corpus(make_cfg(f"data.root={first}", cache).data)
     b = load_corpus(make_cfg(f"data.root={second}", cache).data)
-    expected = CharTokenizer((second / "wikitext-2" / "train.txt").read_text(encoding="utf-8")).encode(valid.read_text(encoding="utf-8"))
+    train_text = (second / "wikitext-2" / "train.txt").read_text(encoding="utf-8")
+    expected = CharTokenizer(train_text).encode(valid.read_text(encoding="utf-8"))
     assert not np.array_equal(np.asarray(a.splits["val"].tokens), np.asarray(b.splits["val"].tokens))
     assert np.array_equal(np.asarray(b.splits["val"].tokens), expected)
 

@@ -163,7 +163,8 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step(train_run, data_root, 
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "moa_train", "trainer.device=cpu", "debug=tiny", *common, f"hydra.run.dir={run_dir}"],
+                             "-m", "moa_train", "trainer.device=cpu", "debug=tiny", *common,
+                             f"hydra.run.dir={run_dir}"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 120
     while (not metrics.is_file() or metrics.read_text().count("train/loss") < 3) and time.monotonic() < deadline:
