@@ -17,7 +17,6 @@ if str(REPO) not in sys.path:  # the package is used from the checkout, installe
     sys.path.insert(0, str(REPO))
 
 import moa_train.config  # noqa: E402  (importing it registers the `train_schema` structured config)
-
 from moa_train.paths import config_dir  # noqa: E402
 
 CONFIG_DIR = config_dir()

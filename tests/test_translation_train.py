@@ -115,6 +115,7 @@ def test_a_stop_signal_ends_translation_evaluation(compose_cfg, tmp_path):
     calls = []
     task.model.register_forward_pre_hook(lambda module, args: calls.append(1))
     with pytest.raises(EvaluationStopped):
-        task.evaluate(task.model, "test", "test", nullcontext, final=True, stop=SimpleNamespace(received=signal.SIGTERM))
+        task.evaluate(task.model, "test", "test", nullcontext, final=True,
+                      stop=SimpleNamespace(received=signal.SIGTERM))
     assert calls == []
     assert "val/bleu" in task.evaluate(task.model, "val", "val", nullcontext, stop=SimpleNamespace(received=None))

@@ -28,8 +28,17 @@ from moa_train.models.routing import detached, routing_metrics
 from moa_train.progress import progress
 from moa_train.train import distributed, eval_run
 from moa_train.train.checkpoint import (
-    CheckpointError, average_checkpoints, checkpoints_in, drop_later_checkpoints, load_latest, remove_temp_files,
-    rng_state, save_checkpoint, set_rng_state, step_checkpoints)
+    CheckpointError,
+    average_checkpoints,
+    checkpoints_in,
+    drop_later_checkpoints,
+    load_latest,
+    remove_temp_files,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    step_checkpoints,
+)
 from moa_train.train.cuda_graph import WARMUP_STEPS, CapturedStep
 from moa_train.train.guard import DivergedError, NonFiniteGuard
 from moa_train.train.optim import apply_settings, build_optimizer, build_scheduler, lr_factor
