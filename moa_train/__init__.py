@@ -1,7 +1,7 @@
 """moa_train: training language models whose attention layers are mixtures (MHA/GQA/MQA, MoAS, MoA)."""
 __version__ = "0.1.0"
 
-# the attention variants (and MOA_PLUGINS' modules) register their config schemas, which every composition of
+# the attention variants register their config schemas, which every composition of
 # configs/train.yaml needs, on the first import of anything in the package
 import moa_train.models.registry  # noqa: E402,F401
 

@@ -14,6 +14,7 @@ from hydra.types import RunMode
 from moa_train.cli import eval_only_overrides, precheck
 from moa_train.config import ConfigError
 from moa_train.paths import config_dir
+from moa_train.plugins import PluginError, load_plugins
 from moa_train.train import distributed, eval_run
 
 
@@ -66,6 +67,11 @@ _hydra_main = hydra.main(version_base="1.3", config_path=str(config_dir()), conf
 
 
 def main() -> None:
+    try:
+        load_plugins()  # before composing: plugins register their variants and corpora
+    except PluginError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     args = sys.argv[1:]
     flags = {a for a in args if a.startswith("-")}
     plain = not flags  # not -m, --cfg, --help, ...

@@ -9,10 +9,13 @@ from omegaconf import DictConfig, OmegaConf
 def load_run(run_dir: str | Path, map_location: str = "cpu") -> tuple:
     """(model with the weights of the run's latest checkpoint that verifies and reads, in eval mode; the run's
     resolved config). A damaged checkpoint is skipped with a warning, as a resume does; nothing is locked or
-    written, and nothing in the file runs (weights_only loading)."""
+    written, and nothing in the file runs (weights_only loading). The modules in MOA_PLUGINS are loaded first, so
+    a run of a plugin's variant rebuilds."""
+    from moa_train.plugins import load_plugins
     from moa_train.train.checkpoint import checkpoints_in, load_latest
     from moa_train.train.tasks import saved_task, task_class
 
+    load_plugins()
     run_dir = Path(run_dir)
     if not checkpoints_in(run_dir):
         raise FileNotFoundError(f"no checkpoint under {run_dir} (expected checkpoints/step_*.pt)")

@@ -7,9 +7,10 @@
 Each (size, model) runs the trainer's own step (`Trainer.train_steps`: the same compile, CUDA graph, fused AdamW and
 FLOP counter as training) and records: the median step time over timed windows, tokens/s, FLOPs per token (the
 models' counter), MFU against the measured peak of the precision used, peak memory, the share of the step spent
-waiting for data (the step time that a fixed, pre-drawn batch saves), and graph breaks (torch._dynamo.explain of the compiled loss). Before the models: the peak GEMM
-rates (bf16, TF32), the SDPA backends on the GPT-2 attention shape, and every fast path against its plain path
-(moa_train.fastpaths). At GPT-2 size each model also gets a kernel breakdown of one step (torch.profiler).
+waiting for data (the step time that a fixed, pre-drawn batch saves), and graph breaks (torch._dynamo.explain of the
+compiled loss). Before the models: the peak GEMM rates (bf16, TF32), the SDPA backends on the GPT-2 attention shape,
+and every fast path against its plain path (moa_train.fastpaths). At GPT-2 size each model also gets a kernel
+breakdown of one step (torch.profiler).
 
 Results merge into <out>/bench.json (keyed by size/model, each entry naming the run that measured it) and
 <out>/bench.md is rebuilt from the whole file, so runs split over several calls add up to one table.
@@ -30,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from moa_train.metrics.flops import device_name, measure_matmul_flops, peak_kind
 from moa_train.config import applicable, bench_presets
+from moa_train.metrics.flops import device_name, measure_matmul_flops, peak_kind
 from moa_train.paths import config_dir
 
 # every model choice, each variant represented by its named presets where it has any (moa: moa_dense, moa_sparse);
@@ -305,9 +306,9 @@ def markdown(bench: dict, notes: str | None) -> str:
     out = ["# moa-bench: training-step speed of every attention variant", "",
            "Written by `moa-bench` (moa_train/bench.py) from bench.json; each table row names the run that measured "
            "it. MFU = FLOPs per token (the models' own counter: 6 x matmul parameters used + 12 x heads x head_dim x"
-           " T) x tokens/s / the peak GEMM rate of the run's precision, measured at the start of the same run. Data wait ="
-           " (step time with a batch drawn per step - step time with one fixed batch) / step time, from alternating "
-           "timed windows; values near 0 (or below) are within timing noise.", ""]
+           " T) x tokens/s / the peak GEMM rate of the run's precision, measured at the start of the same run. "
+           "Data wait = (step time with a batch drawn per step - step time with one fixed batch) / step time, from "
+           "alternating timed windows; values near 0 (or below) are within timing noise.", ""]
     out += ["## Runs", "", "| run | device | date | torch | commit | peak bf16 TFLOP/s | peak TF32 TFLOP/s | command |",
             "|---|---|---|---|---|---|---|---|"]
     for rid, run in sorted(bench["runs"].items()):
@@ -323,10 +324,12 @@ def markdown(bench: dict, notes: str | None) -> str:
         if not rows:
             continue
         rows.sort(key=lambda r: (list(MODELS).index(r["model"]), r.get("tag") or ""))
-        out += ["", f"## Size {size}", "", "| model | batch x block | step ms (median) | tokens/s | GFLOPs/token | MFU | "
-                "peak mem GiB | data wait | graph breaks | CUDA graph | run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += ["", f"## Size {size}", "", "| model | batch x block | step ms (median) | tokens/s | GFLOPs/token | "
+                "MFU | peak mem GiB | data wait | graph breaks | CUDA graph | run |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            out.append(f"| {r['model']}{'@' + r['tag'] if r.get('tag') else ''} | {r['batch']} x {r['block']} | {r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} |"
+            out.append(f"| {r['model']}{'@' + r['tag'] if r.get('tag') else ''} | {r['batch']} x {r['block']} | "
+                       f"{r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} |"
                        f" {r['flops_per_token'] / 1e9:.3g} | {r['mfu']:.1%} ({r['peak_kind']}) | "
                        f"{fmt(r['peak_mem_gib'], '.1f')} | {r['data_wait_share']:.2%} | {r.get('graph_breaks', '-')} | "
                        f"{'yes' if r['cuda_graph'] else 'no'} | {r['run']} |")
@@ -413,7 +416,8 @@ def main(argv=None) -> int:
         run["sdpa"] = sdpa_backends(device, run["sdpa_batch"])
     if args.checks:
         run["checks"] = fast_path_checks(device)
-        log.info("fast-path checks: %s", ", ".join(f"{c['path']} {'ok' if c['ok'] else 'FAILED'}" for c in run["checks"]))
+        log.info("fast-path checks: %s",
+                 ", ".join(f"{c['path']} {'ok' if c['ok'] else 'FAILED'}" for c in run["checks"]))
     save(bench, out)
     for size in sizes:
         for model in args.models.split(","):

@@ -183,13 +183,15 @@ def cross_config(m):
 
 @dataclass
 class DataConfig:
-    name: str = MISSING  # wikitext2_char | wikitext2_word | wikitext2_bpe | random_tokens | wmt14_en_de | multi30k_en_de
+    # wikitext2_char | wikitext2_word | wikitext2_bpe | random_tokens | wmt14_en_de | multi30k_en_de | a corpus of yours
+    name: str = MISSING
     task: str = "lm"  # the task this data makes (configs/task/): lm | translation
     tokenizer: str = "char"  # char | word | bpe | random (random_tokens)
     root: Optional[str] = None  # folder holding wikitext-2/{train,valid,test}.txt; null: download via datasets
     cache_dir: str = "~/.cache/moa_train"  # token ids (memmap) and tokenizers are cached here
     split: str = "official"  # official: the WikiText-2 valid/test files | moas_paper: first 90% / last 10% of train
-    vocab_size: Optional[int] = None  # BPE vocabulary size (bpe and translation); random_tokens: ids drawn from 0..vocab_size-1
+    # BPE vocabulary size (bpe and translation); random_tokens: ids drawn from 0..vocab_size-1
+    vocab_size: Optional[int] = None
     # translation
     src: str = "en"  # source language (file suffix)
     tgt: str = "de"  # target language
@@ -250,7 +252,7 @@ class TrainerConfig:
     resume: Any = "auto"  # auto | true | false | PATH to a checkpoint or run folder
     eval_only: bool = False  # evaluate the resumed checkpoint on valid and test, no training
     label_smoothing: float = 0.0  # translation: label-smoothed cross-entropy (MoA / Transformer: 0.1)
-    keep_checkpoints: int = 1  # last N checkpoints kept (besides best.pt); >= 2 leaves a fallback if the last is damaged
+    keep_checkpoints: int = 1  # last N checkpoints kept (besides best.pt); >= 2: a fallback if the last is damaged
     save_interval: Optional[int] = None  # null = at every evaluation
     # a step with a non-finite loss or gradient is skipped (train/skipped_steps); this many in a row stop the run
     # (checked at log and save steps, so up to log_interval - 1 more skipped steps run first)
@@ -283,7 +285,8 @@ class WandbConfig:
     group: Optional[str] = None  # null = experiment_name
     name: Optional[str] = None  # null = experiment_name + the job's command-line overrides
     tags: list = field(default_factory=list)  # added to [model.name, data.name]
-    mode: str = "auto"  # auto (online with WANDB_API_KEY set, else offline: `wandb sync` later) | online | offline | disabled
+    # auto (online with WANDB_API_KEY set, else offline: `wandb sync` later) | online | offline | disabled
+    mode: str = "auto"
 
 
 @dataclass
@@ -454,7 +457,8 @@ def validate(cfg) -> None:
                f"{resume!r} does not exist; allowed: auto, true, false or the path of a checkpoint or run folder")
     if t.eval_only:
         _check(resume not in (False, "false", None), "trainer.eval_only",
-               "needs trainer.resume=PATH (a checkpoint or run folder) or auto/true with a checkpoint in the run folder")
+               "needs trainer.resume=PATH (a checkpoint or run folder) or auto/true with a checkpoint in the run "
+               "folder")
 
     _one_of(o.name, "optim.name", ("adamw",))
     _check(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")

@@ -17,7 +17,6 @@ if str(REPO) not in sys.path:  # the package is used from the checkout, installe
     sys.path.insert(0, str(REPO))
 
 import moa_train.config  # noqa: E402  (importing it registers the `train_schema` structured config)
-
 from moa_train.paths import config_dir  # noqa: E402
 
 CONFIG_DIR = config_dir()
@@ -162,8 +161,8 @@ def read_jsonl(path: Path) -> list:
 @pytest.fixture(scope="session")
 def train_run(make_cfg):
     """train_run(run_dir, *overrides) -> (summary, metrics.jsonl records) of an in-process run."""
-    from moa_train.train.tasks import validate
     from moa_train.train.loop import train
+    from moa_train.train.tasks import validate
 
     def _run(run_dir: Path, *overrides: str):
         cfg = make_cfg("trainer.device=cpu", *overrides)

@@ -88,7 +88,8 @@ OVERRIDES = {
     "huge beam": ("model=mha data=multi30k_en_de data.max_len=8 eval.beam=100000", ["eval.beam", "1..64"]),
     "huge val beam": ("model=mha data=multi30k_en_de data.max_len=8 eval.val_beam=1000", ["eval.val_beam", "1..64"]),
     "NaN length penalty": ("model=mha data=multi30k_en_de data.max_len=8 eval.lenpen=nan", ["eval.lenpen", "finite"]),
-    "negative max_len_a": ("model=mha data=multi30k_en_de data.max_len=8 eval.max_len_a=-1", ["eval.max_len_a", ">= 0"]),
+    "negative max_len_a": ("model=mha data=multi30k_en_de data.max_len=8 eval.max_len_a=-1",
+                           ["eval.max_len_a", ">= 0"]),
     "empty run folder": ("hydra.run.dir=", ["hydra.run.dir: empty"]),
     "experiment name leaving outputs": ("experiment_name=../../x", ["experiment_name", "without '..'"]),
     "absolute experiment name": ("experiment_name=/tmp/x", ["experiment_name", "relative"]),
@@ -273,7 +274,7 @@ def test_second_trainer_on_a_run_folder_is_refused(cli, tmp_path):
 
 
 def test_full_disk_during_a_save_is_one_error_and_keeps_the_previous_checkpoint(cli, tmp_path, monkeypatch):
-    from moa_train.train import checkpoint
+    import moa_train.io
 
     run = tmp_path / "run"
     assert cli(*FIVE)[0] == 0
@@ -291,7 +292,7 @@ def test_full_disk_during_a_save_is_one_error_and_keeps_the_previous_checkpoint(
             return super().write(data)
 
     real_open = open
-    monkeypatch.setattr(checkpoint, "open", lambda path, mode="r", *a, **k: FullDisk(path, mode) if "w" in mode
+    monkeypatch.setattr(moa_train.io, "open", lambda path, mode="r", *a, **k: FullDisk(path, mode) if "w" in mode
                         and ".step_" in str(path) else real_open(path, mode, *a, **k), raising=False)
     result = cli(*TEN)
     assert_error_line(result, [str(run / "checkpoints" / "step_0000010.pt"), "could not be written",

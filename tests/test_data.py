@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from conftest import REAL_DATA, write_wikitext
-from moa_train.data import DataError, load_wikitext2
-from moa_train.data import wikitext
+from moa_train.data import DataError, load_corpus, wikitext
 from moa_train.data.batches import RandomWindows, sequential_windows, windows
 from moa_train.data.wikitext import CharTokenizer, Split, read_text, word_count
 from moa_train.train.evaluate import split_metrics
@@ -27,7 +26,7 @@ def data_cfg(make_cfg, tmp_path):
 
 @pytest.fixture(scope="module")
 def char_data(make_cfg):
-    return load_wikitext2(make_cfg("data=wikitext2_char").data)
+    return load_corpus(make_cfg("data=wikitext2_char").data)
 
 
 def test_char_vocabulary_is_sorted_train_characters(char_data, wikitext_texts):
@@ -54,7 +53,7 @@ def test_char_tokenizer_refuses_unknown_characters():
 
 
 def test_moas_paper_split(make_cfg, wikitext_texts):
-    data = load_wikitext2(make_cfg("data=wikitext2_char", "data.split=moas_paper").data)
+    data = load_corpus(make_cfg("data=wikitext2_char", "data.split=moas_paper").data)
     train = wikitext_texts["train"]
     n = int(0.9 * len(train))
     chars = sorted(set(train))
@@ -66,7 +65,7 @@ def test_moas_paper_split(make_cfg, wikitext_texts):
 
 
 def test_word_tokenizer_counts(make_cfg, wikitext_texts):
-    data = load_wikitext2(make_cfg("data=wikitext2_word").data)
+    data = load_corpus(make_cfg("data=wikitext2_word").data)
     train_words = set(wikitext_texts["train"].split())
     assert data.vocab_size == len(train_words | {"<eos>", "<unk>"})
     for split, fname in (("train", "train"), ("val", "valid"), ("test", "test")):
@@ -97,7 +96,7 @@ def test_split_metrics_conversions():
 
 def test_cache_is_reused(data_cfg, monkeypatch):
     cfg = data_cfg("data=wikitext2_char")
-    first = load_wikitext2(cfg)
+    first = load_corpus(cfg)
     cache = cache_root(cfg)
     metas = list(cache.glob("*/meta.json"))
     assert len(metas) == 1
@@ -108,7 +107,7 @@ def test_cache_is_reused(data_cfg, monkeypatch):
         raise AssertionError("the cache was rebuilt instead of reused")
 
     monkeypatch.setattr(wikitext, "_build", no_rebuild)
-    second = load_wikitext2(cfg)
+    second = load_corpus(cfg)
     for name in ("train", "val", "test"):
         assert np.array_equal(np.asarray(first.splits[name].tokens), np.asarray(second.splits[name].tokens))
         assert first.splits[name].n_chars == second.splits[name].n_chars
@@ -120,10 +119,10 @@ def cache_root(cfg) -> Path:
 
 
 def test_cache_keys_on_tokenizer_and_split(data_cfg):
-    load_wikitext2(data_cfg("data=wikitext2_char"))
-    load_wikitext2(data_cfg("data=wikitext2_char", "data.split=moas_paper"))
+    load_corpus(data_cfg("data=wikitext2_char"))
+    load_corpus(data_cfg("data=wikitext2_char", "data.split=moas_paper"))
     cfg = data_cfg("data=wikitext2_word")
-    load_wikitext2(cfg)
+    load_corpus(cfg)
     assert len(list(cache_root(cfg).glob("*/meta.json"))) == 3
 
 
@@ -131,7 +130,7 @@ def test_bpe_trains_and_encodes(data_cfg, wikitext_texts):
     from tokenizers import Tokenizer
 
     cfg = data_cfg("data=wikitext2_bpe", "data.vocab_size=300")
-    data = load_wikitext2(cfg)
+    data = load_corpus(cfg)
     assert data.tokenizer == "bpe"
     assert 256 < data.vocab_size <= 300
     [tok_file] = cache_root(cfg).glob("*/tokenizer.json")
@@ -147,7 +146,7 @@ def test_bpe_trains_and_encodes(data_cfg, wikitext_texts):
 def test_missing_file_is_named(tmp_path, data_cfg):
     write_wikitext(tmp_path / "partial", splits=("train", "test"))
     with pytest.raises(DataError, match="valid.txt"):
-        load_wikitext2(data_cfg(f"data.root={tmp_path / 'partial'}"))
+        load_corpus(data_cfg(f"data.root={tmp_path / 'partial'}"))
 
 
 def test_windows_shift_targets_by_one():
@@ -204,9 +203,10 @@ def test_cache_keys_on_content_not_size_and_time(data_root, tmp_path, make_cfg):
     os.utime(valid, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     os.utime(first / "wikitext-2" / "valid.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns))
     cache = f"data.cache_dir={tmp_path / 'cache'}"
-    a = load_wikitext2(make_cfg(f"data.root={first}", cache).data)
-    b = load_wikitext2(make_cfg(f"data.root={second}", cache).data)
-    expected = CharTokenizer((second / "wikitext-2" / "train.txt").read_text(encoding="utf-8")).encode(valid.read_text(encoding="utf-8"))
+    a = load_corpus(make_cfg(f"data.root={first}", cache).data)
+    b = load_corpus(make_cfg(f"data.root={second}", cache).data)
+    train_text = (second / "wikitext-2" / "train.txt").read_text(encoding="utf-8")
+    expected = CharTokenizer(train_text).encode(valid.read_text(encoding="utf-8"))
     assert not np.array_equal(np.asarray(a.splits["val"].tokens), np.asarray(b.splits["val"].tokens))
     assert np.array_equal(np.asarray(b.splits["val"].tokens), expected)
 
@@ -235,11 +235,11 @@ CACHE_DAMAGE = {
 def test_damaged_cache_is_rebuilt_with_one_warning(data_cfg, caplog, case):
     damage, words = CACHE_DAMAGE[case]
     cfg = data_cfg("data=wikitext2_char")
-    good = {k: np.array(v.tokens) for k, v in load_wikitext2(cfg).splits.items()}
+    good = {k: np.array(v.tokens) for k, v in load_corpus(cfg).splits.items()}
     [entry] = [p for p in cache_root(cfg).iterdir()]
     damage(entry)
     with caplog.at_level("WARNING"):
-        again = load_wikitext2(cfg)
+        again = load_corpus(cfg)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "is damaged" in warnings[0] and words in warnings[0], warnings
     for name, tokens in good.items():

@@ -49,6 +49,8 @@ def assert_same_run(got: list, reference: list) -> None:
             assert r["val/loss"] == pytest.approx(ref_val[r["step"]], abs=TOL), r["step"]
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_ddp_resumes_one_process_in_one_folder_and_one_process_resumes_it(train_run, data_root, cache_dir, tmp_path):
     """moas_dynamic with accumulation: steps 1-5 in one process, 6-10 on two DDP ranks (2 ranks x 2 micro-batches of
     1 sequence), 11-20 in one process: the losses, global routing statistics and aux terms of one uninterrupted
@@ -82,6 +84,8 @@ def test_ddp_resumes_one_process_in_one_folder_and_one_process_resumes_it(train_
     assert_same_run(resumed, reference)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_fsdp_resumes_one_process_and_one_process_resumes_fsdp(train_run, data_root, cache_dir, tmp_path):
     """mha: steps 1-10 in one process, 11-20 on two FSDP ranks, 21-30 in one process again: the losses of one
     uninterrupted run (weights, AdamW state, schedule and data position cross world sizes)."""
@@ -96,12 +100,14 @@ def test_fsdp_resumes_one_process_and_one_process_resumes_fsdp(train_run, data_r
     assert_same_run(records, reference)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_translation_ranks_split_sentences_and_train_like_one_process(compose_cfg, data_root, cache_dir, tmp_path):
     """moa (k = E, so no ties at the zero-initialised router) on a copy task, data.max_tokens=200 as 2 micro-batches:
     batches of 1 to 9 pairs, so rank 1 sometimes gets none; the per-token loss of the global batch, its masked
     routing statistics, and the gathered translations give the numbers of one process."""
-    from moa_train.train.tasks import validate
     from moa_train.train.loop import train
+    from moa_train.train.tasks import validate
     from test_translation_train import write_copy_corpus
 
     root = write_copy_corpus(tmp_path / "copy", n_train=300, n_eval=20)
@@ -122,6 +128,8 @@ def test_translation_ranks_split_sentences_and_train_like_one_process(compose_cf
             assert r[key] == pytest.approx(expected[r["step"], key], rel=1e-3, abs=1e-5), (r["step"], key)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_eval_only_and_checkpoint_averaging_on_two_ranks(train_run, data_root, cache_dir, tmp_path):
     """Checkpoint averaging before the test evaluation (eval.average_last) and trainer.eval_only give one process's
     numbers on two ranks: the averaged weights and the shared evaluation."""
@@ -142,6 +150,8 @@ def test_eval_only_and_checkpoint_averaging_on_two_ranks(train_run, data_root, c
         assert shared[key] == pytest.approx(alone[key], abs=TOL), key
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step(train_run, data_root, cache_dir, tmp_path):
     """torchrun passes SIGTERM on to both ranks, which may see it in different steps: they agree at the next log step,
     write one checkpoint there and stop; one process resumes it to the losses of an uninterrupted run."""
@@ -154,7 +164,8 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step(train_run, data_root, 
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "moa_train", "trainer.device=cpu", "debug=tiny", *common, f"hydra.run.dir={run_dir}"],
+                             "-m", "moa_train", "trainer.device=cpu", "debug=tiny", *common,
+                             f"hydra.run.dir={run_dir}"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 120
     while (not metrics.is_file() or metrics.read_text().count("train/loss") < 3) and time.monotonic() < deadline:
@@ -174,6 +185,9 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step(train_run, data_root, 
     assert_same_run(records, reference)
 
 
+@pytest.mark.gpu
+@pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpus_train_like_one(train_run, data_root, cache_dir, tmp_path):
     """The NCCL path: 2 GPUs (DDP) and 1 GPU, moas_dynamic with accumulation, fp32 without TF32."""
@@ -245,6 +259,7 @@ def test_evaluation_shares_batches_in_rounds():
 
 
 
+@pytest.mark.distributed
 def test_ddp_takes_the_configured_gradient_bucket(tmp_path):
     """trainer.ddp_bucket_mb reaches DistributedDataParallel (a one-process gloo group stands in for torchrun's)."""
     import torch.distributed as dist
@@ -265,8 +280,8 @@ def test_ddp_takes_the_configured_gradient_bucket(tmp_path):
 
 @pytest.mark.parametrize("gpus", [1, 2])
 def test_benchmark_runs_are_valid_configs(compose_cfg, gpus):
-    from moa_train.train.tasks import validate
     from moa_train.results.multigpu import MODELS, overrides
+    from moa_train.train.tasks import validate
 
     for model in MODELS:
         cfg = compose_cfg(*overrides(model, gpus, batch=16, steps=60, log_interval=10))

@@ -9,6 +9,7 @@ from moa_train.models.attention.grouped import gather_rows, grouped_mm, grouped_
 from moa_train.models.attention.moa import MixtureOfAttentionHeads
 
 
+@pytest.mark.slow
 def test_every_fast_path_matches_its_plain_path():
     m = ModelConfig(name="mha", d_model=32, n_layer=2, n_head=4, max_seq_len=16)
     rows = check_all(torch.device("cpu"), m, 50, 2, 16, "aot_eager")

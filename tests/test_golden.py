@@ -27,8 +27,8 @@ REL = 1e-5
 
 
 def golden_losses(model: str, data_root: Path, cache_dir: Path, run_dir: Path) -> list:
-    from moa_train.train.tasks import validate
     from moa_train.train.loop import train
+    from moa_train.train.tasks import validate
 
     cfg = compose_train(f"data.root={data_root}", f"data.cache_dir={cache_dir}", "debug=tiny", f"model={model}",
                         "model.n_head=4", "trainer.device=cpu", f"trainer.max_steps={STEPS}",

@@ -5,7 +5,7 @@ import torch
 
 from moa_train.config import applicable
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 COMMON = ("trainer.device=cuda", "optim.lr=3e-3", "model.dropout=0.0", "model.gate_dropout=0.0", "trainer.max_steps=12",
           "trainer.log_interval=1", "trainer.eval_interval=12", "model.n_head=4")

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moa_train.config import applicable
 from moa_train.models import build_model
 from moa_train.models.attention.moa import MixtureOfAttentionHeads
 from moa_train.models.attention.moas import MoASAttention
-from moa_train.config import applicable
 from moa_train.models.routing import aux_losses, weighted_aux
 
 VOCAB, B, T = 50, 2, 16

@@ -9,6 +9,7 @@ import yaml
 
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 optuna = pytest.importorskip("optuna")
+pytestmark = pytest.mark.slow  # each test runs a whole sweep
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -103,7 +103,10 @@ def run_line(command: str, cwd: Path, monkeypatch, capsys) -> None:
     assert out.returncode == 0, f"{command}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
 
 
-@pytest.mark.parametrize("section", list(SECTIONS))
+@pytest.mark.slow
+@pytest.mark.parametrize("section", [pytest.param(name, marks=pytest.mark.distributed)
+                                     if any(c.startswith("torchrun") for c, _ in lines) else name
+                                     for name, lines in SECTIONS.items()])
 def test_readme_commands_run_as_written(section, readme_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MOA_DATA_DIR", str(readme_data))
     monkeypatch.chdir(tmp_path)

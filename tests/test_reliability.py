@@ -160,6 +160,7 @@ def last_step(path) -> int:
     return json.loads(lines[-1])["step"] if lines else 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
 def test_killed_training_process_resumes_to_the_same_losses(train_run, straight_120, data_root, cache_dir, tmp_path,
                                                              signum):

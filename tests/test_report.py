@@ -12,8 +12,9 @@ LABELS = ["model=mha trainer.seed=0", "model=mha trainer.seed=1", "model=moa tra
 
 @pytest.fixture(scope="module")
 def runs(train_run, tmp_path_factory):
-    from conftest import compose_train  # the composed config, as Hydra would have saved it
     from omegaconf import OmegaConf
+
+    from conftest import compose_train  # the composed config, as Hydra would have saved it
 
     root = tmp_path_factory.mktemp("runs")
     summaries = {}

@@ -8,8 +8,18 @@ import pytest
 import torch
 
 from moa_train.models.routing import (
-    Routing, balance_mse, balance_switch, cv_squared, dispatch_fraction, entropy, aux_losses, routing_metrics,
-    utilisation, weighted_aux, z_loss)
+    Routing,
+    aux_losses,
+    balance_mse,
+    balance_switch,
+    cv_squared,
+    dispatch_fraction,
+    entropy,
+    routing_metrics,
+    utilisation,
+    weighted_aux,
+    z_loss,
+)
 
 C, N = 3, 12
 

@@ -32,6 +32,7 @@ def only_sweep_folder(cwd: Path) -> Path:
     return folders[0]
 
 
+@pytest.mark.slow
 def test_failed_job_does_not_stop_the_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     # debug=tiny: moa_dense has 8 experts, moa 4; the up-front check takes moa_dense with each top_k, so moa with
@@ -42,13 +43,15 @@ def test_failed_job_does_not_stop_the_sweep(tmp_path):
     records = summary(sweep)
     assert len(records) == 4
     failed = [r for r in records if r["status"] == "failed"]
-    assert len(failed) == 1 and "model=moa " in failed[0]["overrides"] + " " and "model.top_k=5" in failed[0]["overrides"]
+    overrides = failed[0]["overrides"] + " "
+    assert len(failed) == 1 and "model=moa " in overrides and "model.top_k=5" in overrides
     assert "model.top_k" in failed[0]["error"]
     assert all(r["steps"] == 2 and r["val/loss"] > 0 for r in records if r["status"] == "ok")
     assert (sweep / failed[0]["job"] / "error.txt").is_file()
     assert "failed: error: model.top_k" in (sweep / "sweep_summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_sweeping_the_model_keeps_one_sweep_folder(tmp_path):
     proc = multirun(tmp_path, "model=mha,moa")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -59,6 +62,7 @@ def test_sweeping_the_model_keeps_one_sweep_folder(tmp_path):
                                                                                   ("model=moa", "ok")]
 
 
+@pytest.mark.slow
 def test_a_sweep_whose_jobs_all_fail_lists_them_and_exits_1(tmp_path):
     empty = tmp_path / "no-data"  # a folder without the WikiText-2 files: each job fails when it reads its data
     empty.mkdir()
@@ -72,6 +76,7 @@ def test_a_sweep_whose_jobs_all_fail_lists_them_and_exits_1(tmp_path):
     assert all("data.root: missing file" in r["error"] for r in records)
 
 
+@pytest.mark.slow
 def test_a_sweep_through_a_launcher_plugin_runs_each_job_in_its_own_process(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")  # the [launchers] extra, which [dev] includes
     empty = tmp_path / "no-data"

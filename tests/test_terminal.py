@@ -8,6 +8,8 @@ import subprocess
 import sys
 import termios
 
+import pytest
+
 from conftest import REPO
 
 BAR = re.compile(r"\d+%\||step/s|batch/s")  # the text of a tqdm bar (train, eval)
@@ -34,6 +36,7 @@ def run_on_a_terminal(args: list, env: dict) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_bars_and_log_lines_do_not_share_a_line(tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "MOA_CACHE_DIR": str(tmp_path / "cache"), "TERM": "xterm"}

@@ -215,6 +215,7 @@ def test_tensorboard_has_the_jsonl_scalars(train_run, tmp_path):
 
 # --- torch.compile ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["moas_dynamic", "moa"])
 def test_compile_matches_eager(train_run, tmp_path, model):
     from torch._dynamo.utils import counters

@@ -199,8 +199,7 @@ def test_eval_pair_longer_than_the_model_positions_is_cut_and_evaluates(compose_
     import contextlib
     import logging
 
-    from moa_train.train.tasks import validate
-    from moa_train.train.tasks import TranslationTask
+    from moa_train.train.tasks import TranslationTask, validate
 
     rng = random.Random(3)
     folder = tmp_path / "wmt14-en-de"
@@ -432,6 +431,7 @@ def test_empty_split_cannot_be_batched():
 
 # --- the real Multi30k --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (REAL_DATA / "multi30k").is_dir(), reason="../shared/data/multi30k is absent")
 def test_real_multi30k(tmp_path):
     cfg = data_cfg(REAL_DATA, tmp_path / "cache", name="multi30k_en_de", vocab_size=8000, max_len=256)
@@ -466,3 +466,19 @@ def test_damaged_translation_cache_is_rebuilt_with_one_warning(corpus_root, tmp_
     for split in ("train", "val", "test"):
         assert all(np.array_equal(x, y) for x, y in zip(good.splits[split].tgt, again.splits[split].tgt))
         assert len(good.splits[split]) == len(again.splits[split])
+
+
+def test_a_corpus_names_its_own_languages(tmp_path, monkeypatch):
+    """Language codes come from the corpus table: an en-fr corpus in the wmt14 layout loads in either direction and
+    refuses a language it lacks, naming the ones it has."""
+    write_corpus(tmp_path)
+    folder = tmp_path / "wmt14-en-de"
+    for split in SIZES:
+        (folder / f"{split}.de").rename(folder / f"{split}.fr")
+    monkeypatch.setitem(translation.CORPORA, "toy_en_fr",
+                        translation.Corpus("wmt14-en-de", {"train": "train", "val": "valid", "test": "test"}, (),
+                                           {}, nested=False, langs=("en", "fr")))
+    data = load_translation(data_cfg(tmp_path, tmp_path / "cache", name="toy_en_fr", src="fr", tgt="en"))
+    assert data.splits["val"].src_text[0] == corpus_lines("valid")[1][0]  # the French (ex-German) side
+    with pytest.raises(DataError, match=r"data.tgt: 'de' is not a language of toy_en_fr; allowed: en, fr"):
+        load_translation(data_cfg(tmp_path, tmp_path / "cache", name="toy_en_fr", src="en", tgt="de"))

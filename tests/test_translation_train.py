@@ -26,16 +26,18 @@ def copy_root(tmp_path_factory):
     return write_copy_corpus(tmp_path_factory.mktemp("copy"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,steps", [("mha", 300), ("moa", 600)])  # moa's one shared K/V head aligns slower
 def test_copy_task_reaches_high_bleu(compose_cfg, copy_root, tmp_path, model, steps):
     from moa_train.config import applicable
-    from moa_train.train.tasks import validate
     from moa_train.train.loop import train
+    from moa_train.train.tasks import validate
 
     sizes = applicable(model, ["model.d_model=64", "model.n_head=4", "model.head_dim=16", "model.n_layer=2",
                                "model.n_encoder_layer=2", "model.dropout=0.0", "model.n_experts=8", "model.top_k=4"])
     cfg = compose_cfg(f"experiment=multi30k/{model}", "data=wmt14_en_de", f"data.root={copy_root}",
-                      "data.vocab_size=300", "data.max_tokens=1200", *sizes, "optim.lr=3e-3", "schedule.warmup_steps=30",
+                      "data.vocab_size=300", "data.max_tokens=1200", *sizes, "optim.lr=3e-3",
+                      "schedule.warmup_steps=30",
                       f"trainer.max_steps={steps}", f"trainer.eval_interval={steps}", "trainer.log_interval=50",
                       "trainer.save_interval=100", "trainer.device=cpu", "eval.beam=2", "eval.average_last=2",
                       "trainer.label_smoothing=0.0")
@@ -136,6 +138,7 @@ def test_a_stop_signal_ends_translation_evaluation(compose_cfg, tmp_path):
     calls = []
     task.model.register_forward_pre_hook(lambda module, args: calls.append(1))
     with pytest.raises(EvaluationStopped):
-        task.evaluate(task.model, "test", "test", nullcontext, final=True, stop=SimpleNamespace(received=signal.SIGTERM))
+        task.evaluate(task.model, "test", "test", nullcontext, final=True,
+                      stop=SimpleNamespace(received=signal.SIGTERM))
     assert calls == []
     assert "val/bleu" in task.evaluate(task.model, "val", "val", nullcontext, stop=SimpleNamespace(received=None))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moa_train.data.wikitext import DataError
+from moa_train.data.corpus import DataError
 
 
 def to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:

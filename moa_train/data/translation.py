@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +25,8 @@ import torch
 
 from moa_train.data.batches import to_device
 from moa_train.data.cache import CacheDamaged, check_ids, content_key, load_cached
+from moa_train.data.corpus import DataError, download, expand, read_text, train_bpe
 from moa_train.progress import progress
-from moa_train.data.wikitext import DataError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +43,12 @@ class Corpus:
     hub: tuple  # load_dataset arguments
     hub_splits: dict  # split -> hub split name
     nested: bool  # hub rows are {"translation": {lang: text}} (wmt14) rather than {lang: text} columns
+    langs: tuple = ("en", "de")  # language codes: the files' suffixes, the values of data.src and data.tgt
+
+    @property
+    def sides(self) -> list:
+        """The languages in the order both sides are trained and stored in, whatever the direction."""
+        return sorted(self.langs)
 
 
 CORPORA = {
@@ -54,7 +58,6 @@ CORPORA = {
                              ("bentrevett/multi30k",), {"train": "train", "val": "validation", "test": "test"},
                              nested=False),
 }
-LANGS = ("de", "en")  # sorted: the order both sides are trained and stored in, whatever the direction
 
 
 @dataclass
@@ -103,40 +106,32 @@ class ParallelData:
 # --- locating and reading the files ---------------------------------------------------------------------------
 
 def _expected(corpus: Corpus) -> str:
-    return f"{corpus.folder}/{{{','.join(corpus.stems.values())}}}.{{en,de}}"
+    return f"{corpus.folder}/{{{','.join(corpus.stems.values())}}}.{{{','.join(corpus.langs)}}}"
 
 
 def _files(folder: Path, corpus: Corpus) -> dict:
-    return {(split, lang): folder / f"{stem}.{lang}" for split, stem in corpus.stems.items() for lang in LANGS}
+    return {(split, lang): folder / f"{stem}.{lang}" for split, stem in corpus.stems.items() for lang in corpus.sides}
 
 
 def _download(corpus: Corpus, cache: Path, root) -> Path:
-    """Write the six files from the `datasets` hub copy into the cache; only where the network exists."""
+    """The files written into the cache from the `datasets` hub copy; only where the network exists."""
     target = cache / "download" / corpus.folder
     files = _files(target, corpus)
-    if all(p.is_file() for p in files.values()):
-        return target
-    try:
-        import datasets
 
-        ds = datasets.load_dataset(*corpus.hub)
-    except Exception as exc:  # offline, hub down, package missing: all end in the same advice
-        raise DataError(f"{corpus.folder}/ not found under data.root={root}: set MOA_DATA_DIR (or data.root) to a "
-                        f"folder holding {_expected(corpus)}; downloading through `datasets` failed "
-                        f"({type(exc).__name__})") from None
-    target.mkdir(parents=True, exist_ok=True)
-    for (split, lang), path in files.items():
-        rows = ds[corpus.hub_splits[split]]
-        lines = [t[lang] for t in rows["translation"]] if corpus.nested else rows[lang]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(s.replace("\r", " ").replace("\n", " ") + "\n" for s in lines), encoding="utf-8")
-        tmp.replace(path)
-    return target
+    def texts(ds):
+        for (split, lang), path in files.items():
+            rows = ds[corpus.hub_splits[split]]
+            lines = [t[lang] for t in rows["translation"]] if corpus.nested else rows[lang]
+            yield path.name, "".join(s.replace("\r", " ").replace("\n", " ") + "\n" for s in lines)
+
+    missing = (f"{corpus.folder}/ not found under data.root={root}: set MOA_DATA_DIR (or data.root) to a folder "
+               f"holding {_expected(corpus)}")
+    return download(target, [path.name for path in files.values()], corpus.hub, texts, missing)
 
 
 def locate(cfg, corpus: Corpus, cache: Path) -> Path:
-    """The folder holding the six files; every file checked so a missing one is named."""
-    folder = None if cfg.root is None else Path(os.path.expanduser(str(cfg.root))) / corpus.folder
+    """The folder holding the corpus' files; every file checked so a missing one is named."""
+    folder = None if cfg.root is None else expand(cfg.root) / corpus.folder
     if folder is None or not folder.is_dir():
         folder = _download(corpus, cache, cfg.root)
     for path in _files(folder, corpus).values():
@@ -148,13 +143,7 @@ def locate(cfg, corpus: Corpus, cache: Path) -> Path:
 
 def read_lines(path: Path) -> list:
     """Lines without their '\\n' (or '\\r\\n'); split on '\\n' only, so line numbers agree with `wc -l` and editors."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise DataError(f"data file {path} is not UTF-8 text (line {line})") from None
-    lines = text.split("\n")
+    lines = read_text(path, newline="").split("\n")
     if lines[-1] == "":
         lines.pop()
     return [s[:-1] if s.endswith("\r") else s for s in lines]
@@ -165,31 +154,17 @@ def read_corpus(folder: Path, corpus: Corpus) -> dict:
     files = _files(folder, corpus)
     texts = {key: read_lines(path) for key, path in files.items()}
     for split in SPLITS:
-        (a, la), (b, lb) = ((files[split, lang], len(texts[split, lang])) for lang in LANGS)
+        (a, la), (b, lb) = ((files[split, lang], len(texts[split, lang])) for lang in corpus.sides)
         if la != lb:
             raise DataError(f"data files {a} ({la} lines) and {b} ({lb} lines) are not parallel: "
                             f"their line counts differ")
-        for lang in LANGS:
+        for lang in corpus.sides:
             if not any(s.strip() for s in texts[split, lang]):
                 raise DataError(f"data split {split!r} is empty: {files[split, lang]} holds no sentences")
     return texts
 
 
 # --- tokenizer and cache --------------------------------------------------------------------------------------
-
-def train_bpe(lines: list, vocab_size: int, path: Path):
-    """Byte-level BPE with the special tokens at ids 0..3, saved to `path`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=sys.stderr.isatty(),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(lines, trainer=trainer)
-    tok.save(str(path))
-    return tok
-
 
 def encode_lines(tok, lines: list) -> tuple:
     """-> (all ids concatenated as int32, offsets of n+1 int64): sentence i is ids[offsets[i]:offsets[i+1]]."""
@@ -205,8 +180,10 @@ def _fingerprint(cfg, folder: Path, corpus: Corpus, vocab_size: int) -> str:
                        f"{cfg.name}:{sorted((cfg.src, cfg.tgt))}:{vocab_size}:{CACHE_VERSION}")
 
 
-def _build(texts: dict, vocab_size: int, out: Path) -> None:
-    tok = train_bpe([s for lang in LANGS for s in texts["train", lang]], vocab_size, out / "tokenizer.json")
+def _build(texts: dict, corpus: Corpus, vocab_size: int, out: Path) -> None:
+    """One byte-level BPE for both languages, with SPECIALS at ids 0..3, and every file's ids."""
+    tok = train_bpe([s for lang in corpus.sides for s in texts["train", lang]], vocab_size, out / "tokenizer.json",
+                    specials=SPECIALS, unk="<unk>", prefix_space=True)
     for (split, lang), lines in progress(texts.items(), desc="caching token ids", unit="file"):
         ids, offsets = encode_lines(tok, lines)
         np.save(out / f"{split}.{lang}.ids.npy", ids)
@@ -273,18 +250,19 @@ def load_translation(cfg, max_positions: int | None = None) -> ParallelData:
     """The data config's corpus as BPE sentence pairs in the direction data.src -> data.tgt."""
     if cfg.name not in CORPORA:
         raise DataError(f"data.name: {cfg.name!r} is not a translation corpus; allowed: {', '.join(CORPORA)}")
+    corpus = CORPORA[cfg.name]
     for key, lang in (("data.src", cfg.src), ("data.tgt", cfg.tgt)):
-        if lang not in LANGS:
-            raise DataError(f"{key}: {lang!r} is not a language of {cfg.name}; allowed: {', '.join(LANGS)}")
+        if lang not in corpus.langs:
+            raise DataError(f"{key}: {lang!r} is not a language of {cfg.name}; allowed: {', '.join(corpus.langs)}")
     if cfg.src == cfg.tgt:
         raise DataError(f"data.src and data.tgt are both {cfg.src!r}; they must differ")
-    corpus = CORPORA[cfg.name]
     vocab_size = cfg.vocab_size or DEFAULT_VOCAB
-    cache = Path(os.path.expanduser(str(cfg.cache_dir)))
+    cache = expand(cfg.cache_dir)
     folder = locate(cfg, corpus, cache)
     texts = read_corpus(folder, corpus)
     out = cache / "translation" / _fingerprint(cfg, folder, corpus, vocab_size)
-    meta, tok, ids = load_cached(out, lambda tmp: _build(texts, vocab_size, tmp), lambda entry: _load(entry, texts))
+    meta, tok, ids = load_cached(out, lambda tmp: _build(texts, corpus, vocab_size, tmp),
+                                 lambda entry: _load(entry, texts))
     eval_len = None if max_positions is None else max_positions - 1
     splits = {split: _split(ids, texts, split, cfg.src, cfg.tgt, cfg.max_len, eval_len) for split in SPLITS}
     if splits["val"].n_truncated or splits["test"].n_truncated:

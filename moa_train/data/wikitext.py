@@ -1,7 +1,9 @@
-"""WikiText-2 as token streams (char, word or BPE), cached as memmaps.
+"""LM corpora (WikiText-2, and any added to `LM_CORPORA`) as token streams (char, word or BPE), cached as memmaps.
 
-Files: `<root>/wikitext-2/{train,valid,test}.txt` (the tokenized v1 release). Where `data.root` is null the files are
-downloaded once through `datasets` into the cache; offline, a clear error names MOA_DATA_DIR.
+Files: one plain-text file per split, `<root>/<folder>/{train,valid,test}.txt` for WikiText-2 (the tokenized v1
+release). Where `data.root` is null the files are downloaded once through `datasets` into the cache; offline, a clear
+error names MOA_DATA_DIR. A new corpus is one `LM_CORPORA` entry (keyed by its `data.name`) and one
+`configs/data/<name>.yaml`; from outside the package, through a plugin (moa_train/plugins.py).
 
 Splits: `official` uses the valid/test files; `moas_paper` reproduces the MoAS paper's split (first 90% of the
 train file's characters for training, the last 10% as "validation"; test stays the official test file). The split
@@ -13,22 +15,35 @@ character (`val/bpc`) and word-level perplexity (`val/word_ppl`) whatever the to
 from __future__ import annotations
 
 import json
-import os
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from moa_train.data.cache import CacheDamaged, check_ids, content_key, load_cached
+from moa_train.data.corpus import DataError, download, expand, read_text, train_bpe
 from moa_train.progress import progress
 
-SPLIT_FILES = {"train": "train.txt", "val": "valid.txt", "test": "test.txt"}
 CACHE_VERSION = 1
 
 
-class DataError(ValueError):
-    """A user-fixable data problem: printed as one line by the entry point."""
+@dataclass(frozen=True)
+class TextCorpus:
+    """An LM corpus: one plain-text file per split in one folder."""
+    cache: str  # its folder under data.cache_dir
+    folder: str  # under data.root (and under <cache_dir>/download/)
+    files: dict  # "train" | "val" | "test" -> file name
+    hub: tuple = ()  # datasets.load_dataset arguments, for data.root=null; (): no download
+    hub_splits: dict = field(default_factory=dict)  # split -> the hub's split name
+    hub_column: str = "text"  # the hub rows' text, joined as it is (WikiText's lines keep their "\n")
+
+
+WIKITEXT2 = TextCorpus("wikitext2", "wikitext-2", {"train": "train.txt", "val": "valid.txt", "test": "test.txt"},
+                       ("Salesforce/wikitext", "wikitext-2-v1"),
+                       {"train": "train", "val": "validation", "test": "test"})
+# data.name -> corpus; the three WikiText-2 configs differ in data.tokenizer only
+LM_CORPORA = {"wikitext2_char": WIKITEXT2, "wikitext2_word": WIKITEXT2, "wikitext2_bpe": WIKITEXT2}
+SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -72,69 +87,53 @@ def word_count(text: str) -> int:
 
 # --- locating the text ------------------------------------------------------------------------------------------
 
-def _download(cache: Path) -> Path:
-    """Write the three files from the `datasets` hub copy into the cache; only where the network exists."""
-    target = cache / "download" / "wikitext-2"
-    if all((target / f).is_file() for f in SPLIT_FILES.values()):
-        return target.parent
-    try:
-        import datasets
-
-        ds = datasets.load_dataset("Salesforce/wikitext", "wikitext-2-v1")
-    except Exception as exc:  # offline, hub down, package missing: all end in the same advice
-        raise DataError(
-            "WikiText-2 not found: set MOA_DATA_DIR (or data.root) to a folder holding "
-            f"wikitext-2/{{train,valid,test}}.txt; downloading through `datasets` failed ({type(exc).__name__})"
-        ) from None
-    target.mkdir(parents=True, exist_ok=True)
-    for split, fname in (("train", "train.txt"), ("validation", "valid.txt"), ("test", "test.txt")):
-        tmp = target / (fname + ".tmp")
-        tmp.write_text("".join(ds[split]["text"]), encoding="utf-8")
-        tmp.replace(target / fname)
-    return target.parent
+def _expected(corpus: TextCorpus) -> str:
+    return f"{corpus.folder}/{{{','.join(corpus.files[split] for split in SPLITS)}}}"
 
 
-def locate(root, cache: Path) -> Path:
-    """The folder holding wikitext-2/; every file checked so a missing one is named."""
-    base = _download(cache) if root is None else Path(os.path.expanduser(str(root)))
-    folder = base / "wikitext-2"
-    for fname in SPLIT_FILES.values():
+def _download(corpus: TextCorpus, cache: Path) -> Path:
+    """The split files written into the cache from the `datasets` hub copy; only where the network exists."""
+    missing = f"{corpus.folder}/ not found: set MOA_DATA_DIR (or data.root) to a folder holding {_expected(corpus)}"
+    if not corpus.hub:  # read from data.root only
+        raise DataError(missing)
+
+    def texts(ds):
+        return ((corpus.files[s], "".join(ds[corpus.hub_splits[s]][corpus.hub_column])) for s in SPLITS)
+
+    return download(cache / "download" / corpus.folder, list(corpus.files.values()), corpus.hub, texts, missing)
+
+
+def locate(root, corpus: TextCorpus, cache: Path) -> Path:
+    """The corpus' folder; every file checked so a missing one is named."""
+    folder = _download(corpus, cache) if root is None else expand(root) / corpus.folder
+    for fname in corpus.files.values():
         path = folder / fname
         if not path.is_file():
-            raise DataError(f"data.root: missing file {path}; expected wikitext-2/{{train,valid,test}}.txt under "
-                            f"{base} (set MOA_DATA_DIR or data.root)")
+            raise DataError(f"data.root: missing file {path}; expected {_expected(corpus)} under {folder.parent} "
+                            f"(set MOA_DATA_DIR or data.root)")
         if path.stat().st_size == 0:
             raise DataError(f"data file {path} is empty")
     return folder
 
 
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise DataError(f"data file {path} is not UTF-8 text (line {line})") from None
-
-
-def split_sources(folder: Path, split: str) -> dict:
-    """split -> where its text comes from, for error messages."""
+def split_sources(files: dict, split: str) -> dict:
+    """split -> where its text comes from, for error messages; `files`: split -> path."""
     if split == "moas_paper":
-        train = folder / SPLIT_FILES["train"]
-        return {"train": f"the first 90% of {train}", "val": f"the last 10% of {train}",
-                "test": str(folder / SPLIT_FILES["test"])}
-    return {name: str(folder / fname) for name, fname in SPLIT_FILES.items()}
+        return {"train": f"the first 90% of {files['train']}", "val": f"the last 10% of {files['train']}",
+                "test": str(files["test"])}
+    return {name: str(files[name]) for name in SPLITS}
 
 
-def split_texts(folder: Path, split: str) -> dict:
+def split_texts(files: dict, split: str) -> dict:
     """split -> (where its text comes from; the text), every split holding some text."""
-    sources = split_sources(folder, split)
+    sources = split_sources(files, split)
     if split == "moas_paper":
-        train = read_text(folder / SPLIT_FILES["train"])
+        train = read_text(files["train"])
         n = int(0.9 * len(train))
-        parts = {"train": train[:n], "val": train[n:], "test": read_text(folder / SPLIT_FILES["test"])}
+        parts = {"train": train[:n], "val": train[n:], "test": read_text(files["test"])}
     else:
-        parts = {name: read_text(folder / fname) for name, fname in SPLIT_FILES.items()}
-    texts = {name: (sources[name], parts[name]) for name in SPLIT_FILES}
+        parts = {name: read_text(files[name]) for name in SPLITS}
+    texts = {name: (sources[name], parts[name]) for name in SPLITS}
     for name, (source, text) in texts.items():
         if not text.strip():
             raise DataError(f"data split {name!r} is empty: {source} holds only white space")
@@ -187,19 +186,12 @@ class BPETokenizer:
     """Byte-level BPE trained with `tokenizers` on the train split; saved beside the cached ids."""
 
     def __init__(self, train_text: str, vocab_size: int, path: Path):
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer
 
         if path.is_file():
             self.tok = Tokenizer.from_file(str(path))
             return
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=sys.stderr.isatty())
-        tok.train_from_iterator(train_text.splitlines(keepends=True), trainer=trainer)
-        tok.save(str(path))
-        self.tok = tok
+        self.tok = train_bpe(train_text.splitlines(keepends=True), vocab_size, path)
 
     def encode(self, text: str) -> np.ndarray:
         lines = text.splitlines(keepends=True)
@@ -212,15 +204,15 @@ class BPETokenizer:
 
 # --- caching ------------------------------------------------------------------------------------------------------
 
-def _fingerprint(folder: Path, cfg) -> str:
-    return content_key([folder / fname for fname in SPLIT_FILES.values()],
+def _fingerprint(files: dict, cfg) -> str:
+    return content_key([files[name] for name in SPLITS],
                        f"{cfg.tokenizer}:{cfg.split}:{cfg.vocab_size}:{CACHE_VERSION}")
 
 
-def _build(folder: Path, cfg, out: Path) -> None:
-    texts = split_texts(folder, cfg.split)
+def _build(files: dict, cfg, out: Path) -> None:
+    texts = split_texts(files, cfg.split)
     if cfg.tokenizer == "char":
-        tok = CharTokenizer(read_text(folder / SPLIT_FILES["train"]))
+        tok = CharTokenizer(read_text(files["train"]))
     elif cfg.tokenizer == "word":
         tok = WordTokenizer(texts["train"][1])
     else:
@@ -242,7 +234,7 @@ def _load(out: Path, sources: dict) -> TokenData:
     meta = json.loads((out / "meta.json").read_text())
     dtype, vocab = np.dtype(meta["dtype"]), meta["vocab_size"]
     splits = {}
-    for name in SPLIT_FILES:
+    for name in SPLITS:
         info, path = meta["splits"][name], out / f"{name}.bin"
         if info["n_tokens"] <= 0 or path.stat().st_size != info["n_tokens"] * dtype.itemsize:
             raise CacheDamaged(f"{path.name} holds {path.stat().st_size} bytes, meta.json says {info['n_tokens']} "
@@ -253,9 +245,13 @@ def _load(out: Path, sources: dict) -> TokenData:
     return TokenData(splits, vocab, meta["tokenizer"])
 
 
-def load_wikitext2(cfg) -> TokenData:
-    cache = Path(os.path.expanduser(str(cfg.cache_dir)))
-    folder = locate(cfg.root, cache)
-    out = cache / "wikitext2" / _fingerprint(folder, cfg)
-    sources = split_sources(folder, cfg.split)
-    return load_cached(out, lambda tmp: _build(folder, cfg, tmp), lambda entry: _load(entry, sources))
+def load_corpus(cfg) -> TokenData:
+    """The LM corpus `LM_CORPORA[data.name]`, tokenized by data.tokenizer and split by data.split."""
+    if cfg.name not in LM_CORPORA:
+        raise DataError(f"data.name: {cfg.name!r} is not an LM corpus; allowed: {', '.join(LM_CORPORA)}")
+    corpus, cache = LM_CORPORA[cfg.name], expand(cfg.cache_dir)
+    folder = locate(cfg.root, corpus, cache)
+    files = {name: folder / corpus.files[name] for name in SPLITS}
+    out = cache / corpus.cache / _fingerprint(files, cfg)
+    sources = split_sources(files, cfg.split)
+    return load_cached(out, lambda tmp: _build(files, cfg, tmp), lambda entry: _load(entry, sources))

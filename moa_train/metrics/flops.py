@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from moa_train.io import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -60,9 +62,7 @@ def peak_flops(device: torch.device, kind: str, cache_dir: str | Path) -> float:
     if not _is_rate(table.get(key)):
         table[key] = measure_matmul_flops(device, kind)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(table, indent=1))
     return table[key]
 
 

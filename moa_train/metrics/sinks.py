@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from moa_train.io import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -59,9 +61,7 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     kept = [line for number, line in enumerate(lines, 1)
             if line.strip() and (row := _parse(line, number, path)) is not None and _keep(row, last_step)]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 class TensorBoardSink:
@@ -159,7 +159,7 @@ class MetricsLogger:
             return
         import matplotlib.pyplot as plt
 
-        from moa_train.report import utilisation_figure
+        from moa_train.metrics.plots import utilisation_figure
 
         figure = utilisation_figure(util, f"utilisation at step {step}")
         for sink in dashboards:

@@ -2,12 +2,11 @@
 
 A new attention variant is one module (its attention class with `from_config(model_config, causal)` and its config
 class, a ModelConfig subclass), one YAML in configs/model/ and one `register` line; one outside the package is a
-module named in MOA_PLUGINS (comma-separated, importable), which calls `register` with its YAML's path.
+module named in MOA_PLUGINS (moa_train.plugins loads them: `moa-train` and `load_run` do), which calls `register`
+with its YAML's path.
 """
 from __future__ import annotations
 
-import importlib
-import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -35,12 +34,6 @@ register("moas_dynamic", MoASAttention, MoASDynamicConfig)
 register("moa", MixtureOfAttentionHeads, MoAConfig)
 
 
-def load_plugins() -> None:
-    """Import the modules named in MOA_PLUGINS: each registers its variants."""
-    for module in filter(None, os.environ.get("MOA_PLUGINS", "").split(",")):
-        importlib.import_module(module.strip())
-
-
 def model_config(m):
     """A model config typed by its variant; a saved one (configs written before variants owned their keys) is
     read leniently: other variants' keys dropped, `cross_attention` mapped to `cross.name`."""
@@ -54,5 +47,3 @@ def build_attention(m, causal: bool = True, cross: bool = False):
     m = cross_config(m) if cross else m
     return ATTENTION[m.name].from_config(m, causal=causal)
 
-
-load_plugins()

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moa_train.train.distributed import global_sum, world_size
+from moa_train.collectives import global_sum, world_size
+
 
 @dataclass
 class Routing:
@@ -92,7 +93,8 @@ def aux_losses(routings: list, aux_cfg, all_terms: bool = True) -> dict:
     groups: list = []  # records of equal shape and kind sharing one mask object (`is`: no id(), which dynamo refuses)
     for r in records:
         for g in groups:
-            if g[0].probs.shape == r.probs.shape and (g[0].chosen is None) == (r.chosen is None) and g[0].mask is r.mask:
+            same_kind = g[0].probs.shape == r.probs.shape and (g[0].chosen is None) == (r.chosen is None)
+            if same_kind and g[0].mask is r.mask:
                 g.append(r)
                 break
         else:

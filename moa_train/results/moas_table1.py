@@ -3,7 +3,8 @@ docs/results/moas_table1.{md,json}.
 
 A thin driver over `moa-train` multiruns:
 
-    python3 scripts/reproduce_moas_table1.py                      # train 3 rows x 5 seeds x {faithful, fast}, then tables
+    python3 scripts/reproduce_moas_table1.py                      # train 3 rows x 5 seeds x {faithful, fast},
+                                                                  # then tables
     python3 scripts/reproduce_moas_table1.py --modes faithful --seeds 3
     python3 scripts/reproduce_moas_table1.py --tables-only        # rebuild the tables from the committed run records
 
@@ -97,7 +98,8 @@ def collect(runs_dir: Path) -> dict:
         mode, job = run.parent.name, run.name
         row, _, seed = job.rpartition("-seed")
         summary = json.loads(summary_path.read_text())
-        official = json.loads((run / "official_eval.json").read_text()) if (run / "official_eval.json").is_file() else {}
+        official_file = run / "official_eval.json"
+        official = json.loads(official_file.read_text()) if official_file.is_file() else {}
         table.setdefault(mode, {}).setdefault(row, []).append(
             {"seed": int(seed), "run": str(run.relative_to(runs_dir)), **summary, **official})
     for rows in table.values():
@@ -180,10 +182,12 @@ def findings(res: dict) -> list:
     if set(ROWS) <= faithful.keys():
         means = {row: statistics.mean(faithful[row]["val_loss"]) for row in ROWS}
         order = " < ".join(f"{row} {means[row]:.4f}" for row in sorted(ROWS, key=means.get))
-        paper = " < ".join(f"{row} {PAPER[row]['val_loss']:.4f}" for row in sorted(ROWS, key=lambda r: PAPER[r]["val_loss"]))
+        paper = " < ".join(f"{row} {PAPER[row]['val_loss']:.4f}"
+                           for row in sorted(ROWS, key=lambda r: PAPER[r]["val_loss"]))
         lines += [f"- Faithful mode, mean val loss over {len(faithful['mha']['val_loss'])} seeds: {order}. "
                   f"The paper's single unseeded run: {paper}.",
-                  f"- Seed-to-seed spread (std) of the val loss is {min(statistics.stdev(faithful[r]['val_loss']) for r in ROWS):.3f}"
+                  "- Seed-to-seed spread (std) of the val loss is "
+                  f"{min(statistics.stdev(faithful[r]['val_loss']) for r in ROWS):.3f}"
                   f" to {max(statistics.stdev(faithful[r]['val_loss']) for r in ROWS):.3f} nats/char, larger than the "
                   "0.002 that separates dynamic from static in the paper's table."]
         tests = res["faithful"]["welch_dynamic_vs_static"]
@@ -198,16 +202,17 @@ def markdown(res: dict, meta: dict) -> str:
     lines = ["# MoAS Table 1, reproduced over seeds", "",
              "WikiText-2 character level (283 symbols), 4 layers, d 384, 6 heads, block 256, dropout 0.1, batch 12, "
              "500 iterations, AdamW 3e-4 constant (the recipe in ../shared/papers/moas-table1-setup.md).", "",
-             "- Command: `python3 scripts/reproduce_moas_table1.py` (trains both modes in one run on one GPU, evaluates on "
-             "the official files, writes these tables; `--tables-only` rebuilds them from the run records)",
+             "- Command: `python3 scripts/reproduce_moas_table1.py` (trains both modes in one run on one GPU, "
+             "evaluates on the official files, writes these tables; `--tables-only` rebuilds them from the run "
+             "records)",
              f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date {meta['date']}",
              "- Run records (config, metrics.jsonl, summary.json, official_eval.json): `docs/results/runs/moas_table1/"
              "<mode>/<row>-seed<k>/`",
-             "- Modes: `faithful` = the paper's recipe (fp32 without TF32, eager, fused AdamW, the MSE balance loss x 0.01 "
-             "averaged over layers with gate dropout 0.1, the 90/10 char split, 20 random eval batches of 12 x 256; one "
-             "departure: the balance loss comes from the training forward pass, not a second pass). `fast` = the same "
-             "model, data and losses with bf16 autocast, TF32, torch.compile and the whole optimizer step captured in one "
-             "CUDA graph.",
+             "- Modes: `faithful` = the paper's recipe (fp32 without TF32, eager, fused AdamW, the MSE balance loss "
+             "x 0.01 averaged over layers with gate dropout 0.1, the 90/10 char split, 20 random eval batches of "
+             "12 x 256; one departure: the balance loss comes from the training forward pass, not a second pass). "
+             "`fast` = the same model, data and losses with bf16 autocast, TF32, torch.compile and the whole optimizer "
+             "step captured in one CUDA graph.",
              "- ms/iter: the median over seeds of each run's median step time, measured over device-synchronised "
              "windows of 10 steps with evaluation excluded (the paper's column is ms per 10 iterations on a T4).",
              "- Validation: the same 20 fixed random windows of the last 10% of the train file for every run "
@@ -227,8 +232,9 @@ def markdown(res: dict, meta: dict) -> str:
                          f"{', '.join(f'{v:.4f}' for v in r['val_loss'])} | {r['step_ms_median']:.2f}{extra} | "
                          f"{r.get('time_ratio', float('nan')):.2f} | {r.get('flop_ratio', float('nan')):.2f} | "
                          f"{p['params_m']}M, {p['val_loss']:.4f}, {p['ms_iter_claimed']} |")
-        lines += ["", f"### The same models on the official WikiText-2 valid and test files (full passes, fp32), mode `{mode}`",
-                  "", "| row | official valid loss | per seed | official test loss | per seed |", "|---|---:|---|---:|---|"]
+        lines += ["", "### The same models on the official WikiText-2 valid and test files (full passes, fp32), "
+                  f"mode `{mode}`", "", "| row | official valid loss | per seed | official test loss | per seed |",
+                  "|---|---:|---|---:|---|"]
         for row in ROWS:
             if row in rows and rows[row]["official_valid_loss"]:
                 r = rows[row]

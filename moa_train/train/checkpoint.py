@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moa_train.io import atomic_write, temp_path
+
 log = logging.getLogger(__name__)
 
 
@@ -89,26 +91,8 @@ def sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(file) into a temp file beside `path`, fsync, rename; the directory is fsynced so the rename lasts."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_sidecar(path: Path, digest: str) -> None:
-    _atomic_write(sidecar(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+    atomic_write(sidecar(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()), durable=True)
 
 
 def atomic_save(obj: dict, path: Path) -> str:
@@ -125,7 +109,7 @@ def atomic_save(obj: dict, path: Path) -> str:
                 raise
             raise hashing["writer"].error from None  # a full disk is the user's to fix, not a bug
 
-    _atomic_write(path, write)
+    atomic_write(path, write, durable=True)
     digest = hashing["writer"].sha.hexdigest()
     _write_sidecar(path, digest)
     return digest
@@ -134,13 +118,13 @@ def atomic_save(obj: dict, path: Path) -> str:
 def _publish_copy(src: Path, dst: Path, digest: str) -> None:
     """`dst` as a second name of `src` (a hard link: no second write), with its sidecar."""
     sidecar(dst).unlink(missing_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp = temp_path(dst)
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
     except OSError:  # a file system without hard links: a copy
         with open(src, "rb") as f:
-            _atomic_write(dst, lambda out: shutil.copyfileobj(f, out))
+            atomic_write(dst, lambda out: shutil.copyfileobj(f, out), durable=True)
     else:
         tmp.replace(dst)
     _write_sidecar(dst, digest)

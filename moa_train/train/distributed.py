@@ -17,13 +17,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
+
+from moa_train.collectives import global_sum, world_size  # noqa: F401 (public here too)
 
 
 @dataclass(frozen=True)
@@ -128,32 +134,6 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 # --- collectives -------------------------------------------------------------------------------------------------
-
-class _GlobalSum(torch.autograd.Function):
-    """all-reduce (sum) in the forward and in the backward, with functional collectives so torch.compile traces
-    it without a graph break."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return funcol.all_reduce(x, "sum", dist.group.WORLD)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return funcol.all_reduce(grad.contiguous(), "sum", dist.group.WORLD)
-
-
-def world_size() -> int:
-    """Processes in the default group (1 without one)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def global_sum(x: torch.Tensor) -> torch.Tensor:
-    """x summed over the ranks (x itself in one process). Differentiable: the backward sums the ranks' gradients
-    too, and DDP's (or FSDP's) mean over the ranks then gives exactly the gradient of a loss on the global batch."""
-    if world_size() == 1:
-        return x
-    return _GlobalSum.apply(x)
-
 
 def agreed_signal(received: int | None, d: Dist) -> int | None:
     """The stop signal any rank has received (None if none), the same answer on every rank: one small all-reduce,

@@ -11,7 +11,13 @@ from pathlib import Path
 from moa_train.config import ConfigError
 from moa_train.train import distributed
 from moa_train.train.checkpoint import (
-    checkpoints_in, drop_later_checkpoints, load_latest, remove_temp_files, save_checkpoint, step_checkpoints)
+    checkpoints_in,
+    drop_later_checkpoints,
+    load_latest,
+    remove_temp_files,
+    save_checkpoint,
+    step_checkpoints,
+)
 
 
 class Evaluator:
@@ -43,9 +49,10 @@ def resume_target(resume, run_dir: Path) -> Path | None:
 
 
 class Checkpointer:
-    """Checkpoints of a run folder: the one to resume from (`trainer.resume`); written every `trainer.save_interval` steps (null: at each validation), at the
-    last step and when stopping; the best by the task's metric (lower is better) kept as best.pt; the last
-    `trainer.keep_checkpoints` step files kept, or `eval.average_last` if more, for the final test's average."""
+    """Checkpoints of a run folder: the one to resume from (`trainer.resume`); written every
+    `trainer.save_interval` steps (null: at each validation), at the last step and when stopping; the best by the
+    task's metric (lower is better) kept as best.pt; the last `trainer.keep_checkpoints` step files kept, or
+    `eval.average_last` if more, for the final test's average."""
 
     def __init__(self, cfg, run_dir: Path, dist, metric: str):
         t = cfg.trainer

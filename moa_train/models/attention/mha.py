@@ -99,7 +99,8 @@ class MultiHeadAttention(nn.Module):
             q, k, v = self.c_attn(x).split([self.q_size, kv_size, kv_size], dim=-1)
         else:
             w_q, w_kv = self.c_attn.weight.split([self.q_size, 2 * kv_size])
-            b_q, b_kv = self.c_attn.bias.split([self.q_size, 2 * kv_size]) if self.c_attn.bias is not None else (None, None)
+            bias = self.c_attn.bias
+            b_q, b_kv = bias.split([self.q_size, 2 * kv_size]) if bias is not None else (None, None)
             q = F.linear(x, w_q, b_q)
             k, v = F.linear(context, w_kv, b_kv).split([kv_size, kv_size], dim=-1)
         return split_heads(q, self.n_head), split_heads(k, self.n_kv), split_heads(v, self.n_kv)

@@ -63,7 +63,8 @@ class MixtureOfAttentionHeads(nn.Module):
     PARAM_ROLES = {"router": ROUTER, "c_proj.weight": RESIDUAL}
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, head_dim: int, n_kv_heads: Optional[int] = None,
-                 dropout: float = 0.0, bias: bool = False, gating: str = "softmax_all", causal: bool = True, expert_matmul: str = "auto"):
+                 dropout: float = 0.0, bias: bool = False, gating: str = "softmax_all", causal: bool = True,
+                 expert_matmul: str = "auto"):
         super().__init__()
         self.n_experts, self.top_k, self.head_dim = n_experts, top_k, head_dim
         self.n_kv = n_kv_heads or 1
@@ -129,7 +130,8 @@ class MixtureOfAttentionHeads(nn.Module):
 
     def dense_output(self, o: Tensor, chosen: Optional[Tensor]) -> Tensor:
         if chosen is not None:
-            o = o.new_zeros(o.shape[0], self.n_experts, self.expert_dim).scatter(1, chosen.unsqueeze(-1).expand_as(o), o)
+            o = o.new_zeros(o.shape[0], self.n_experts, self.expert_dim).scatter(
+                1, chosen.unsqueeze(-1).expand_as(o), o)
         return self.c_proj(o.flatten(1))
 
     def sorted_by_expert(self, chosen: Tensor) -> tuple:

@@ -1,0 +1,63 @@
+"""What every corpus shares, LM (data/wikitext.py) and translation (data/translation.py): its files read as UTF-8
+text, their download from the `datasets` hub where no data folder holds them, and byte-level BPE training."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from moa_train.io import atomic_write_text
+
+
+class DataError(ValueError):
+    """A user-fixable data problem: printed as one line by the entry point."""
+
+
+def expand(path) -> Path:
+    """A data.root or data.cache_dir value as a path (`~` expanded)."""
+    return Path(os.path.expanduser(str(path)))
+
+
+def read_text(path: Path, newline: str | None = None) -> str:
+    """The file's text; `newline` as for open() (None: '\\r\\n' and '\\r' read as '\\n'; '': kept). Not UTF-8: a
+    DataError naming the first bad line."""
+    try:
+        with open(path, encoding="utf-8", newline=newline) as f:
+            return f.read()
+    except UnicodeDecodeError as exc:  # read in one piece: exc.start counts from the file's start
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataError(f"data file {path} is not UTF-8 text (line {line})") from None
+
+
+def download(target: Path, names: list, hub: tuple, texts, missing: str) -> Path:
+    """The folder `target` holding the files `names`, written once from the `datasets` hub copy
+    (`load_dataset(*hub)`) where the network exists: texts(dataset) yields (file name, text) pairs. Offline, a
+    DataError starting with `missing` (which folder to provide instead)."""
+    if all((target / name).is_file() for name in names):
+        return target
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(*hub)
+    except Exception as exc:  # offline, hub down, package missing: all end in the same advice
+        raise DataError(f"{missing}; downloading through `datasets` failed ({type(exc).__name__})") from None
+    target.mkdir(parents=True, exist_ok=True)
+    for name, text in texts(ds):
+        atomic_write_text(target / name, text)
+    return target
+
+
+def train_bpe(lines, vocab_size: int, path: Path, specials: tuple = (), unk: str | None = None,
+              prefix_space: bool = False):
+    """A byte-level BPE trained on `lines` (special tokens first, at ids 0, 1, ...), saved to `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                  show_progress=sys.stderr.isatty(),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(lines, trainer=trainer)
+    tok.save(str(path))
+    return tok
