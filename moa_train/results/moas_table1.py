@@ -161,7 +161,7 @@ def sentence(name: str, test: dict) -> str:
 
 
 def speed_checks(res: dict) -> list:
-    """The issue's speed targets, checked on the measured figures."""
+    """The speed targets (time ratios to mha, fast vs faithful), checked on the measured figures."""
     out = []
     for row, r in res.get("faithful", {}).get("rows", {}).items():
         if row != "mha":
