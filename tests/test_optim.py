@@ -64,9 +64,12 @@ def test_dense_model_has_no_router_group(make_cfg):
 
 def test_groups_follow_declared_roles_not_attribute_names():
     """A router under another name joins the router group through its module's PARAM_ROLES; one named `router`
-    without the declaration does not."""
+    without the declaration does not; a bias is left undecayed where its module declares it NO_DECAY (proj's is
+    not declared, so it decays)."""
+    from moa_train.models.roles import NO_DECAY
+
     class Gated(torch.nn.Module):
-        PARAM_ROLES = {"gate": ROUTER}
+        PARAM_ROLES = {"gate": ROUTER, "gate.bias": NO_DECAY, "router.bias": NO_DECAY}
 
         def __init__(self):
             super().__init__()
@@ -76,4 +79,27 @@ def test_groups_follow_declared_roles_not_attribute_names():
     groups = {g["name"]: g["params"] for g in param_groups(model, OmegaConf.structured(OptimConfig))}
     assert {id(p) for p in groups["router"]} == {id(model.gate.weight)}
     assert {id(p) for p in groups["router_no_decay"]} == {id(model.gate.bias)}
-    assert {id(p) for p in groups["decay"]} == {id(model.router.weight), id(model.proj.weight)}
+    assert {id(p) for p in groups["no_decay"]} == {id(model.router.bias)}
+    assert {id(p) for p in groups["decay"]} == {id(model.router.weight), id(model.proj.weight), id(model.proj.bias)}
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_declared_no_decay_and_embedding_roles_cover_exactly_the_norms_biases_and_embeddings(compose_cfg, bias):
+    """Every preset, LM and encoder-decoder: the parameters declared NO_DECAY are exactly the 1-D ones (norms and
+    biases: nanoGPT's groups, now declared by their modules), and EMBEDDING exactly the nn.Embedding weights."""
+    import torch.nn as nn
+
+    from moa_train.config import presets
+    from moa_train.models import build_model
+    from moa_train.models.roles import EMBEDDING, NO_DECAY, param_roles
+    from moa_train.models.seq2seq import Seq2Seq
+
+    models = [build_model(compose_cfg(f"model={name}", f"model.bias={bias}").model, 100) for name in presets()]
+    models.append(Seq2Seq(compose_cfg("data=multi30k_en_de", "model=moa", f"model.bias={bias}",
+                                      "model.share_embeddings=false").model, 100, 0))
+    for model in models:
+        roles = param_roles(model)
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        for name, p in model.named_parameters():
+            assert (NO_DECAY in roles[name]) == (p.dim() < 2), name
+            assert (EMBEDDING in roles[name]) == (id(p) in embeddings), name

@@ -12,11 +12,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from moa_train.models.registry import build_attention, model_config
-from moa_train.models.roles import RESIDUAL, params_with
+from moa_train.models.roles import EMBEDDING, NO_DECAY, RESIDUAL, params_with
 
 
 class MLP(nn.Module):
-    PARAM_ROLES = {"c_proj.weight": RESIDUAL}
+    PARAM_ROLES = {"c_proj.weight": RESIDUAL, "c_fc.bias": NO_DECAY, "c_proj.bias": NO_DECAY}
 
     def __init__(self, d_model: int, hidden: int, dropout: float, bias: bool):
         super().__init__()
@@ -30,6 +30,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    PARAM_ROLES = {"ln_1": NO_DECAY, "ln_2": NO_DECAY}
+
     def __init__(self, m, causal: bool = True):
         super().__init__()
         self.ln_1 = nn.LayerNorm(m.d_model, bias=m.bias)
@@ -59,6 +61,8 @@ def init_weights(model: nn.Module, n_layer: int) -> None:
 
 
 class LanguageModel(nn.Module):
+    PARAM_ROLES = {"wte": EMBEDDING, "wpe": EMBEDDING, "ln_f": NO_DECAY}
+
     def __init__(self, m, vocab_size: int):
         super().__init__()
         m = model_config(m)

@@ -10,6 +10,8 @@ import torch.nn as nn
 
 ROUTER = "router"  # a router's parameters: their own lr multiplier and weight decay (optim.router_*)
 RESIDUAL = "residual"  # a projection into the residual stream: GPT-2 init std 0.02 / sqrt(2 n_layer)
+NO_DECAY = "no_decay"  # norms and biases: no weight decay (nanoGPT's rule; a module declares its own)
+EMBEDDING = "embedding"  # token and position embeddings
 
 
 def _declared(module: nn.Module, path: str) -> list:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from moa_train.models.lm import MLP
 from moa_train.models.registry import build_attention, model_config
+from moa_train.models.roles import EMBEDDING, NO_DECAY
 
 
 def sinusoids(n_pos: int, dim: int) -> Tensor:
@@ -30,6 +31,8 @@ def sinusoids(n_pos: int, dim: int) -> Tensor:
 
 class Sublayer(nn.Module):
     """x + f(norm(x)) (pre-LN) or norm(x + f(x)) (post-LN), for f an attention or the MLP."""
+
+    PARAM_ROLES = {"norm": NO_DECAY}
 
     def __init__(self, d_model: int, bias: bool, norm_first: bool):
         super().__init__()
@@ -71,6 +74,9 @@ class DecoderLayer(nn.Module):
 
 
 class Seq2Seq(nn.Module):
+    PARAM_ROLES = {"embed": EMBEDDING, "tgt_embed": EMBEDDING, "pos": EMBEDDING, "enc_norm": NO_DECAY,
+                   "dec_norm": NO_DECAY}
+
     def __init__(self, m, vocab_size: int, pad_id: int):
         super().__init__()
         m = model_config(m)

@@ -5,21 +5,22 @@ import math
 
 import torch
 
-from moa_train.models.roles import ROUTER, param_roles
+from moa_train.models.roles import NO_DECAY, ROUTER, param_roles
 
 
 def param_groups(model: torch.nn.Module, cfg) -> list:
-    """decay: tensors with dim >= 2; no_decay: norms and biases; router: every parameter its module declares a
-    router's (models/roles.py), with its own lr multiplier and weight decay (norm-like router tensors get none)."""
+    """By the roles the modules declare (models/roles.py): no_decay for norms and biases; router for a router's
+    parameters, with its own lr multiplier and weight decay (its norms and biases none); decay for the rest."""
     decay, no_decay, router, router_no_decay = [], [], [], []
     roles = param_roles(model)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        keep = NO_DECAY in roles[name]
         if ROUTER in roles[name]:
-            (router if p.dim() >= 2 else router_no_decay).append(p)
+            (router_no_decay if keep else router).append(p)
         else:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (no_decay if keep else decay).append(p)
     params = {"decay": decay, "no_decay": no_decay, "router": router, "router_no_decay": router_no_decay}
     groups = [{"name": name, "params": params[name], **hp} for name, hp in group_settings(cfg).items()]
     return [g for g in groups if g["params"]]

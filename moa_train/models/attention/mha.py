@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moa_train.config import ModelConfig, _check, _divisors
-from moa_train.models.roles import RESIDUAL
+from moa_train.models.roles import NO_DECAY, RESIDUAL
 
 
 @dataclass
@@ -76,7 +76,7 @@ def merge_heads(x: Tensor) -> Tensor:
 class MultiHeadAttention(nn.Module):
     """One module for MHA, GQA and MQA. Self-attention projects Q, K, V in one matmul; cross-attention
     (context given) applies the same weights' Q rows to x and K/V rows to the context."""
-    PARAM_ROLES = {"c_proj.weight": RESIDUAL}
+    PARAM_ROLES = {"c_proj.weight": RESIDUAL, "c_attn.bias": NO_DECAY, "c_proj.bias": NO_DECAY}
 
     def __init__(self, d_model: int, n_head: int, n_kv_heads: Optional[int] = None, dropout: float = 0.0,
                  bias: bool = False, causal: bool = True):

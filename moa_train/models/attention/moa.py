@@ -25,7 +25,7 @@ from torch import Tensor
 from moa_train.config import ModelConfig, _check, _one_of, _positive_or_null
 from moa_train.models.attention.grouped import gather_rows, grouped_kernel_available, grouped_mm
 from moa_train.models.attention.mha import sdpa, split_heads
-from moa_train.models.roles import RESIDUAL, ROUTER
+from moa_train.models.roles import NO_DECAY, RESIDUAL, ROUTER
 from moa_train.models.routing import Routing
 
 
@@ -60,7 +60,8 @@ class MoAConfig(ModelConfig):
 
 
 class MixtureOfAttentionHeads(nn.Module):
-    PARAM_ROLES = {"router": ROUTER, "c_proj.weight": RESIDUAL}
+    PARAM_ROLES = {"router": ROUTER, "c_proj.weight": RESIDUAL, "q_proj.bias": NO_DECAY, "kv_proj.bias": NO_DECAY,
+                   "c_proj.bias": NO_DECAY}
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, head_dim: int, n_kv_heads: Optional[int] = None,
                  dropout: float = 0.0, bias: bool = False, gating: str = "softmax_all", causal: bool = True,

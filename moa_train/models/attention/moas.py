@@ -21,7 +21,7 @@ from torch import Tensor
 
 from moa_train.config import ModelConfig, _check, _divisors, _positive_or_null
 from moa_train.models.attention.mha import merge_heads, sdpa, split_heads
-from moa_train.models.roles import RESIDUAL, ROUTER
+from moa_train.models.roles import NO_DECAY, RESIDUAL, ROUTER
 from moa_train.models.routing import Routing
 
 BRANCHES = ("mha", "gqa", "mqa")
@@ -61,7 +61,7 @@ class MoASDynamicConfig(MoASStaticConfig):
 
 
 class MoASAttention(nn.Module):
-    PARAM_ROLES = {"router": ROUTER, "c_proj.weight": RESIDUAL}
+    PARAM_ROLES = {"router": ROUTER, "c_proj.weight": RESIDUAL, "c_attn.bias": NO_DECAY}
 
     def __init__(self, d_model: int, n_head: int, gqa_kv_heads: int = 2, dropout: float = 0.0, bias: bool = False,
                  dynamic: bool = True, router_hidden: Optional[int] = None, gate_dropout: float = 0.0,
