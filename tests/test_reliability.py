@@ -156,7 +156,9 @@ def straight_120(train_run, tmp_path_factory):
 
 
 def last_step(path) -> int:
-    lines = path.read_text().splitlines() if path.is_file() else []
+    """The step of the last complete line: the running process may be half-way through writing the next one."""
+    text = path.read_text() if path.is_file() else ""
+    lines = text[:text.rfind("\n") + 1].splitlines()
     return json.loads(lines[-1])["step"] if lines else 0
 
 
