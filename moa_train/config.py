@@ -344,15 +344,16 @@ def _positive_or_null(value: Any, key: str) -> None:
     _check(value is None or value > 0, key, f"must be positive or null, got {value}")
 
 
-def _float_leaves(node: Any, key: str):
-    """(full key, value) of every float in a config tree, list items included (optim.betas.1)."""
+def leaves(node: Any, key: str = ""):
+    """(dotted key, value) of every leaf of a plain config tree (OmegaConf.to_container), list items included
+    (optim.betas.1); `key` prefixes every key."""
     if isinstance(node, dict):
         for k, v in node.items():
-            yield from _float_leaves(v, f"{key}.{k}" if key else str(k))
+            yield from leaves(v, f"{key}.{k}" if key else str(k))
     elif isinstance(node, list):
         for i, v in enumerate(node):
-            yield from _float_leaves(v, f"{key}.{i}")
-    elif isinstance(node, float):
+            yield from leaves(v, f"{key}.{i}")
+    else:
         yield key, node
 
 
@@ -362,8 +363,9 @@ def _check_finite(cfg) -> None:
     for top in cfg.keys():
         if top != "hydra":
             tree = OmegaConf.to_container(cfg[top], resolve=True) if OmegaConf.is_config(cfg[top]) else cfg[top]
-            for key, value in _float_leaves({top: tree}, ""):
-                _check(math.isfinite(value), key, f"must be a finite number, got {value}")
+            for key, value in leaves(tree, str(top)):
+                _check(not isinstance(value, float) or math.isfinite(value), key,
+                       f"must be a finite number, got {value}")
 
 
 def check_writable(path, key: str) -> None:

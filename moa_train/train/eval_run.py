@@ -11,12 +11,13 @@ Results go to `RUN/eval/<date_time>/` (`eval.json` and `eval.log`), so the run's
 """
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from moa_train.config import ConfigError
+from moa_train.config import ConfigError, leaves
 from moa_train.models.registry import model_config
 
 log = logging.getLogger(__name__)
@@ -50,22 +51,10 @@ def _override_keys(overrides: list) -> list:
     return [o.key_or_group for o in parsed]
 
 
-def _leaves(node, prefix: str = "") -> dict:
-    """Flat {dotted key: value} of a config's leaves."""
-    out = {}
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_leaves(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def _refuse_other_model(cfg, run_cfg: dict, keys: list) -> None:
     """ConfigError when a model or data override asks for another value than the run's. Bundles of settings
     (experiment=, debug=, mode=) are not compared: the run's own model is evaluated whatever they hold."""
-    trained = _leaves(run_cfg)
+    trained = dict(leaves(run_cfg))
     for key in keys:
         if not _matches(key, FIXED_PREFIXES) or _matches(key, LOCAL_KEYS + EVAL_KEYS):
             continue
@@ -107,11 +96,21 @@ def stamp() -> str:
     return os.environ.get("MOA_RUN_STAMP") or time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
+@functools.lru_cache(maxsize=4)
+def saved_config(target: Path) -> tuple:
+    """(path, saved config) of the newest readable checkpoint under `target`: read once per process, although the
+    entry point checks an evaluation before Hydra starts and the job prepares it again; the weights are not kept."""
+    from moa_train.train.checkpoint import load_latest
+
+    path, state, _ = load_latest(target, "cpu", key="trainer.eval_only")
+    return path, state["config"]
+
+
 def prepare(cfg, run_dir: Path, overrides: list | None = None) -> tuple:
     """(config, output folder) of an evaluation: the checkpoint is the newest readable one under trainer.resume
     (a path; auto/true: `run_dir`, the output then going to `run_dir`/eval/<date_time>/)."""
     from moa_train.train import distributed
-    from moa_train.train.checkpoint import checkpoints_in, load_latest
+    from moa_train.train.checkpoint import checkpoints_in
     from moa_train.train.tasks import validate
 
     resume = cfg.trainer.resume
@@ -124,8 +123,8 @@ def prepare(cfg, run_dir: Path, overrides: list | None = None) -> tuple:
     if not checkpoints_in(target):
         raise ConfigError(f"trainer.eval_only: no checkpoint found under {target}; set trainer.resume=PATH to a "
                           "checkpoint file or run folder")
-    path, state, _ = load_latest(target, "cpu", key="trainer.eval_only")
-    evaluated = eval_config(cfg, state["config"], overrides)
+    path, run_cfg = saved_config(target.resolve())
+    evaluated = eval_config(cfg, run_cfg, overrides)
     evaluated.trainer.resume = str(path)  # the checkpoint just read, with no second fallback search
     validate(evaluated, distributed.from_env().world)
     log.info("eval_only: %s with the config of %s", path, run_folder(path))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from moa_train.config import ConfigError, check_run_folder
+from moa_train.config import ConfigError, check_run_folder, leaves
 from moa_train.metrics.flops import device_name, peak_flops, peak_kind
 from moa_train.metrics.sinks import MetricsLogger, build_logger, truncate_jsonl
 from moa_train.models.attention.mha import select_sdpa_backend
@@ -72,20 +72,12 @@ FIXED_ON_RESUME = ("model", "data")
 MOVABLE = ("data.root", "data.cache_dir")
 
 
-def _leaves(tree: dict, prefix: str) -> dict:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}"
-        out.update(_leaves(value, name) if isinstance(value, dict) else {name: value})
-    return out
-
-
 def check_fixed_settings(saved: dict, cfg) -> None:
     """ConfigError naming the first key of FIXED_ON_RESUME whose value differs from the checkpoint's (keys the
     checkpoint's config lacks, added since it was written, are taken as unchanged)."""
     current = OmegaConf.to_container(cfg, resolve=True)
     for group in FIXED_ON_RESUME:
-        old, new = _leaves(saved.get(group) or {}, group), _leaves(current[group], group)
+        old, new = dict(leaves(saved.get(group) or {}, group)), dict(leaves(current[group], group))
         for key, value in new.items():
             if key in old and key not in MOVABLE and old[key] != value:
                 raise ConfigError(f"trainer.resume: {key} is {old[key]!r} in the checkpoint but {value!r} now; a "
