@@ -31,6 +31,11 @@ class AuxConfig:
     cv_coef: float = 0.0  # weight of the squared coefficient of variation of expert importance (train/aux/cv)
     layer_reduce: str = "mean"  # how per-layer aux terms combine: mean (MoAS paper) | sum (MoA code)
     balance_type: str = "mse"  # mse: MSE of batch-mean gates to 1/C (MoAS paper) | switch: C*sum_i f_i*P_i
+    z_tokens: str = "real"  # tokens the z-loss averages over: real (padding left out) | all (the MoA code: pads too)
+    cv_of: str = "probs"  # cv of the dense router probabilities | gates: of the top-k gate matrix (the MoA code)
+    # true: the weighted aux terms are divided by the micro-batch's target-token count, as in the MoA code (added to
+    # the token-SUMMED NLL, which fairseq divides by the tokens): a coefficient then acts as coef / tokens per batch
+    divide_by_tokens: bool = False
 
 
 @dataclass
@@ -45,12 +50,20 @@ class ModelConfig:
     max_seq_len: int = 256  # learned position embeddings
     vocab_size: Optional[int] = None  # null: taken from the data
     dropout: float = 0.1  # embedding, attention-probability, residual and MLP dropout
+    attn_dropout: Optional[float] = None  # dropout on attention probabilities; null = model.dropout
+    activation: str = "gelu"  # MLP activation: gelu (GPT-2) | relu (the Transformer, fairseq)
+    activation_dropout: float = 0.0  # dropout after the MLP activation (fairseq's activation dropout)
     bias: bool = False  # bias in Linear and LayerNorm
     mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * d_model
     # encoder-decoder (translation data)
     n_encoder_layer: Optional[int] = None  # null = n_layer (n_layer counts decoder layers)
     norm_first: bool = True  # pre-LN (true) or post-LN (false, the original Transformer)
-    positions: str = "learned"  # learned | sinusoidal
+    # learned | sinusoidal (interleaved sin/cos from position 0) | sinusoidal_fairseq (fairseq's table: [sin | cos]
+    # concatenated, frequencies 10000^(-i / (half - 1)), positions counted from padding_idx + 1 = 2)
+    positions: str = "learned"
+    # encoder-decoder init: standard (Xavier-uniform linear layers) | fairseq (each module as fairseq initialises it:
+    # Q/K/V Xavier with gain 1/sqrt(2), MoA experts one by one, the FFN with PyTorch's default); the LM: GPT-2's
+    init: str = "standard"
     share_embeddings: bool = True  # one embedding for source, target and output (joint vocabulary)
     # decoder cross-attention: `name` (null = the model's own variant with its keys, or the variant's cross_default)
     # plus that variant's own keys (+model.cross.n_experts=4); the model's common keys apply to it too
@@ -68,14 +81,25 @@ class ModelConfig:
         _positive_or_null(m.n_encoder_layer, "model.n_encoder_layer")
         _check(math.isfinite(m.mlp_ratio) and m.mlp_ratio * m.d_model >= 1, "model.mlp_ratio",
                f"must be finite and give an MLP of at least 1 unit (mlp_ratio * model.d_model >= 1), got {m.mlp_ratio}")
-        _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+        for key in ("dropout", "activation_dropout", "attn_dropout"):
+            if m[key] is not None:  # (attn_dropout: null = model.dropout)
+                _check(0.0 <= m[key] < 1.0, f"model.{key}", f"must be in [0, 1), got {m[key]}")
+        _one_of(m.activation, "model.activation", ("gelu", "relu"))
+        _one_of(m.init, "model.init", ("standard", "fairseq"))
+        _one_of(m.aux.z_tokens, "model.aux.z_tokens", ("real", "all"))
+        _one_of(m.aux.cv_of, "model.aux.cv_of", ("probs", "gates"))
         for key in ("balance_coef", "z_coef", "cv_coef"):
             _check(m.aux[key] >= 0, f"model.aux.{key}", f"must be >= 0, got {m.aux[key]}")
         _one_of(m.aux.layer_reduce, "model.aux.layer_reduce", ("mean", "sum"))
         _one_of(m.aux.balance_type, "model.aux.balance_type", ("mse", "switch"))
-        _one_of(m.positions, "model.positions", ("learned", "sinusoidal"))
+        _one_of(m.positions, "model.positions", ("learned", "sinusoidal", "sinusoidal_fairseq"))
         if m.vocab_size is not None:
             _check(m.vocab_size > 0, "model.vocab_size", f"must be positive or null, got {m.vocab_size}")
+
+    @staticmethod
+    def attn_p(m) -> float:
+        """The attention-probability dropout: model.attn_dropout, or model.dropout where that is null."""
+        return m.dropout if m.attn_dropout is None else m.attn_dropout
 
     @classmethod
     def check_heads(cls, m) -> None:
@@ -252,6 +276,9 @@ class TrainerConfig:
     resume: Any = "auto"  # auto | true | false | PATH to a checkpoint or run folder
     eval_only: bool = False  # evaluate the resumed checkpoint on valid and test, no training
     label_smoothing: float = 0.0  # translation: label-smoothed cross-entropy (MoA / Transformer: 0.1)
+    # where the smoothing mass eps goes: all (PyTorch: eps / V on every class, the target included) | others
+    # (fairseq: eps / (V - 1) on every other class, the target keeps 1 - eps)
+    label_smoothing_over: str = "all"
     keep_checkpoints: int = 1  # last N checkpoints kept (besides best.pt); >= 2: a fallback if the last is damaged
     save_interval: Optional[int] = None  # null = at every evaluation
     # a step with a non-finite loss or gradient is skipped (train/skipped_steps); this many in a row stop the run
@@ -449,6 +476,7 @@ def validate(cfg) -> None:
     _check_backend(t.compile_backend)
     _check(t.max_bad_steps >= 1, "trainer.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
     _check(0.0 <= t.label_smoothing < 1.0, "trainer.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
+    _one_of(t.label_smoothing_over, "trainer.label_smoothing_over", ("all", "others"))
     _check(not (t.cuda_graphs and not o.fused), "optim.fused",
            "false cannot skip a non-finite step inside a CUDA graph (trainer.cuda_graphs=true); use true")
     resume = t.resume

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from moa_train.config import AuxConfig
 from moa_train.models.routing import (
     Routing,
     aux_losses,
@@ -155,9 +155,9 @@ def test_cv_squared():
     assert cv_squared(collapsed()).item() == pytest.approx(importance.var().item() / (1 / 9), rel=1e-5)
 
 
-def aux_cfg(layer_reduce="mean", balance_type="mse", z_coef=0.0, cv_coef=0.0):
-    return SimpleNamespace(layer_reduce=layer_reduce, balance_type=balance_type, balance_coef=0.01, z_coef=z_coef,
-                           cv_coef=cv_coef)
+def aux_cfg(layer_reduce="mean", balance_type="mse", z_coef=0.0, cv_coef=0.0, **kw):
+    return AuxConfig(layer_reduce=layer_reduce, balance_type=balance_type, balance_coef=0.01, z_coef=z_coef,
+                     cv_coef=cv_coef, **kw)
 
 
 def soft_record(probs: torch.Tensor) -> Routing:
@@ -198,5 +198,5 @@ def test_aux_losses_of_dense_model_is_empty():
 
 def test_weighted_aux_applies_coefficients():
     aux = {"balance": torch.tensor(2.0), "z": torch.tensor(3.0), "cv": torch.tensor(5.0)}
-    coefs = SimpleNamespace(balance_coef=0.5, z_coef=0.0, cv_coef=0.1)
+    coefs = AuxConfig(balance_coef=0.5, z_coef=0.0, cv_coef=0.1)
     assert float(weighted_aux(aux, coefs)) == pytest.approx(0.5 * 2 + 0.1 * 5)

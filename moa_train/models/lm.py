@@ -16,17 +16,24 @@ from moa_train.models.roles import EMBEDDING, NO_DECAY, RESIDUAL, params_with
 
 
 class MLP(nn.Module):
+    """Linear -> activation (GELU or ReLU) -> activation dropout -> Linear -> dropout."""
     PARAM_ROLES = {"c_proj.weight": RESIDUAL, "c_fc.bias": NO_DECAY, "c_proj.bias": NO_DECAY}
 
-    def __init__(self, d_model: int, hidden: int, dropout: float, bias: bool):
+    def __init__(self, d_model: int, hidden: int, dropout: float, bias: bool, activation: str = "gelu",
+                 activation_dropout: float = 0.0):
         super().__init__()
         self.c_fc = nn.Linear(d_model, hidden, bias=bias)
-        self.gelu = nn.GELU()
+        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.act_dropout = nn.Dropout(activation_dropout) if activation_dropout else nn.Identity()
         self.c_proj = nn.Linear(hidden, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
+    @classmethod
+    def from_config(cls, m) -> "MLP":
+        return cls(m.d_model, int(m.mlp_ratio * m.d_model), m.dropout, m.bias, m.activation, m.activation_dropout)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act_dropout(self.act(self.c_fc(x)))))
 
 
 class Block(nn.Module):
@@ -37,7 +44,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(m.d_model, bias=m.bias)
         self.attn = build_attention(m, causal=causal)
         self.ln_2 = nn.LayerNorm(m.d_model, bias=m.bias)
-        self.mlp = MLP(m.d_model, int(m.mlp_ratio * m.d_model), m.dropout, m.bias)
+        self.mlp = MLP.from_config(m)
 
     def forward(self, x: Tensor):
         a, routing = self.attn(self.ln_1(x))

@@ -76,6 +76,14 @@ def cv_squared(probs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     return importance.var(-1) / (importance.mean(-1) ** 2 + 1e-10)
 
 
+def gate_matrix(probs: Tensor, chosen: Optional[Tensor]) -> Tensor:
+    """(..., N, C) the gates each token gives each choice: its router probability where chosen (top-k routers, as
+    softmax_all gating uses them), zero elsewhere; soft routers: the probabilities."""
+    if chosen is None:
+        return probs
+    return torch.zeros_like(probs).scatter(-1, chosen, probs.gather(-1, chosen))
+
+
 def _stack(records: list, field_name: str) -> Optional[Tensor]:
     values = [getattr(r, field_name) for r in records]
     return None if values[0] is None else torch.stack(values)
@@ -108,10 +116,11 @@ def aux_losses(routings: list, aux_cfg, all_terms: bool = True) -> dict:
             per_layer["balance"].append(balance_mse(probs, mask))
         else:
             per_layer["balance"].append(balance_switch(probs, chosen, mask))
-        if "z" in per_layer and logits is not None:
-            per_layer["z"].append(z_loss(logits, mask))
+        if "z" in per_layer and logits is not None:  # z_tokens=all: padding too (the MoA code does not mask it)
+            z_mask = torch.ones_like(mask) if aux_cfg.z_tokens == "all" and mask is not None else mask
+            per_layer["z"].append(z_loss(logits, z_mask))
         if "cv" in per_layer:
-            per_layer["cv"].append(cv_squared(probs, mask))
+            per_layer["cv"].append(cv_squared(gate_matrix(probs, chosen) if aux_cfg.cv_of == "gates" else probs, mask))
     out = {}
     for name, values in per_layer.items():
         if values:
@@ -120,14 +129,15 @@ def aux_losses(routings: list, aux_cfg, all_terms: bool = True) -> dict:
     return out
 
 
-def weighted_aux(aux: dict, coefs) -> Tensor | float:
-    """sum_name coef_name * aux[name]: the one place where coefficients meet aux terms."""
+def weighted_aux(aux: dict, coefs, n_tokens: Tensor | float = 1.0) -> Tensor | float:
+    """sum_name coef_name * aux[name]: the one place where coefficients meet aux terms; divided by `n_tokens` (the
+    micro-batch's target tokens) where `coefs.divide_by_tokens` asks for the MoA code's normalisation."""
     total = 0.0
     for name, value in aux.items():
         coef = float(getattr(coefs, f"{name}_coef"))
         if coef:
             total = total + coef * value
-    return total
+    return total / n_tokens if coefs.divide_by_tokens and not isinstance(total, float) else total
 
 
 def entropy(probs: Tensor, mask: Optional[Tensor] = None) -> Tensor:

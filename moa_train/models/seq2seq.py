@@ -29,6 +29,20 @@ def sinusoids(n_pos: int, dim: int) -> Tensor:
     return table
 
 
+FAIRSEQ_FIRST_POSITION = 2  # fairseq numbers positions from padding_idx + 1, and its padding_idx is 1
+
+
+def sinusoids_fairseq(n_pos: int, dim: int) -> Tensor:
+    """fairseq's sinusoidal rows for the positions 0..n_pos-1 of a sequence (n_pos, dim): [sin | cos] concatenated
+    (not interleaved), frequencies exp(-log(10000) * i / (half - 1)) for i < half = dim // 2, and the first token at
+    fairseq's position 2; an odd dim ends in a zero column, as there."""
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / max(half - 1, 1)))
+    pos = torch.arange(FAIRSEQ_FIRST_POSITION, n_pos + FAIRSEQ_FIRST_POSITION, dtype=torch.float32)[:, None]
+    table = torch.cat([torch.sin(pos * freq), torch.cos(pos * freq)], dim=1)
+    return torch.cat([table, torch.zeros(n_pos, dim % 2)], dim=1)
+
+
 class Sublayer(nn.Module):
     """x + f(norm(x)) (pre-LN) or norm(x + f(x)) (post-LN), for f an attention or the MLP."""
 
@@ -48,7 +62,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, m):
         super().__init__()
         self.self_attn = build_attention(m, causal=False)
-        self.mlp = MLP(m.d_model, int(m.mlp_ratio * m.d_model), m.dropout, m.bias)
+        self.mlp = MLP.from_config(m)
         self.sub_attn, self.sub_mlp = (Sublayer(m.d_model, m.bias, m.norm_first) for _ in range(2))
 
     def forward(self, x: Tensor, src_mask: Tensor) -> tuple:
@@ -62,7 +76,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = build_attention(m, causal=True)
         self.cross_attn = build_attention(m, causal=False, cross=True)
-        self.mlp = MLP(m.d_model, int(m.mlp_ratio * m.d_model), m.dropout, m.bias)
+        self.mlp = MLP.from_config(m)
         self.sub_self, self.sub_cross, self.sub_mlp = (Sublayer(m.d_model, m.bias, m.norm_first) for _ in range(3))
 
     def forward(self, x: Tensor, memory: Tensor, src_mask: Tensor) -> tuple:
@@ -88,7 +102,8 @@ class Seq2Seq(nn.Module):
         if m.positions == "learned":
             self.pos = nn.Embedding(m.max_seq_len, d)
         else:
-            self.register_buffer("pos_table", sinusoids(m.max_seq_len, d), persistent=False)
+            table = sinusoids if m.positions == "sinusoidal" else sinusoids_fairseq
+            self.register_buffer("pos_table", table(m.max_seq_len, d), persistent=False)
         self.drop = nn.Dropout(m.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(m) for _ in range(n_enc))
         self.decoder = nn.ModuleList(DecoderLayer(m) for _ in range(m.n_layer))
@@ -97,20 +112,29 @@ class Seq2Seq(nn.Module):
         self.dec_norm = nn.LayerNorm(d, bias=m.bias) if m.norm_first else nn.Identity()
         self.out = nn.Linear(d, vocab_size, bias=False)
         self.out.weight = self.tgt_embed.weight
-        self._init()
+        self._init(m.init)
         self.sites = ([f"enc.layer{i}.self" for i in range(n_enc)]
                       + [f"dec.layer{i}.{kind}" for i in range(m.n_layer) for kind in ("self", "cross")])
 
-    def _init(self) -> None:
-        """fairseq's Transformer init: Xavier-uniform linear layers (it scales with the width: GPT-2's fixed
+    def _init(self, kind: str) -> None:
+        """`standard`: every linear layer Xavier-uniform with zero biases (it scales with the width: GPT-2's fixed
         N(0, 0.02) is far below 1/sqrt(d) at translation widths, and cross-attention then learns to align very
-        slowly), embeddings N(0, d^-0.5) since they are scaled by sqrt(d), the pad row zero, modules' own
-        post_init (the MoA router starts uniform)."""
+        slowly). `fairseq`: each module as the released fairseq code initialises it: the FFN's Linear layers keep
+        PyTorch's default (Kaiming-uniform, U(+-1/sqrt(fan_in)) biases), each attention module its own
+        `init_fairseq`. Both: embeddings N(0, d^-0.5) since they are scaled by sqrt(d), the pad row zero, then the
+        modules' own post_init (the MoA router starts uniform)."""
         for module in self.modules():
             if isinstance(module, nn.Linear) and module is not self.out:
+                if kind == "fairseq":
+                    module.reset_parameters()
+                    continue
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+        if kind == "fairseq":
+            for module in self.modules():
+                if hasattr(module, "init_fairseq"):
+                    module.init_fairseq()
         for emb in {self.embed, self.tgt_embed}:
             nn.init.normal_(emb.weight, std=emb.embedding_dim ** -0.5)
             with torch.no_grad():

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from moa_train.config import ConfigError, StepSize, _check, _divisors, check_cross, check_memory
+from moa_train.config import ConfigError, StepSize, _check, _divisors, check_cross, check_memory, cross_config
 from moa_train.config import validate as validate_common
 from moa_train.data.batches import RandomWindows
 from moa_train.models.routing import aux_losses, weighted_aux
@@ -61,6 +61,8 @@ class LMTask(Task):
     @staticmethod
     def check(cfg, world_size: int) -> None:
         m, t = cfg.model, cfg.trainer
+        _check(m.init == "standard", "model.init",
+               f"{m.init} initialises the encoder-decoder (translation); the LM takes GPT-2's init: use standard")
         _check(t.block_size <= m.max_seq_len, "trainer.block_size",
                f"{t.block_size} exceeds model.max_seq_len={m.max_seq_len}; valid: 1..{m.max_seq_len}")
         _check(t.batch_size % t.grad_accum == 0, "trainer.grad_accum",
@@ -113,7 +115,7 @@ class LMTask(Task):
         logits, routings = model(x)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         aux = aux_losses(routings, self.aux_cfg, all_aux)
-        return ce + weighted_aux(aux, self.aux_cfg), ce, aux, routings
+        return ce + weighted_aux(aux, self.aux_cfg, y.numel()), ce, aux, routings
 
     def evaluate(self, forward, split: str, prefix: str, autocast, final: bool = False, stop=None) -> dict:
         t = self.cfg.trainer
@@ -122,6 +124,20 @@ class LMTask(Task):
 
     def flops_per_token(self) -> int:
         return self.model.flops_per_token(self.cfg.trainer.block_size)
+
+
+def smoothed_nll(logits, target, pad_id: int, eps: float, over: str = "all"):
+    """Label-smoothed cross-entropy summed over the non-pad targets. over=all: PyTorch's (the target gets
+    1 - eps + eps/V, every class eps/V); over=others: fairseq's (the target gets 1 - eps, every other class
+    eps/(V-1))."""
+    if over == "all" or not eps:
+        return F.cross_entropy(logits, target, ignore_index=pad_id, label_smoothing=eps, reduction="sum")
+    logp = logits.log_softmax(-1)
+    keep = target != pad_id
+    nll = -logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    smooth = -logp.sum(-1)
+    eps_i = eps / (logits.shape[-1] - 1)
+    return (((1.0 - eps - eps_i) * nll + eps_i * smooth) * keep).sum()
 
 
 MAX_BEAM = 64  # a beam keeps beam x vocabulary scores per sentence; beyond this it only costs memory (fairseq: 5)
@@ -141,6 +157,12 @@ class TranslationTask(Task):
                f"{d.max_len} does not leave room for BOS/EOS in model.max_seq_len={m.max_seq_len}; "
                f"valid: 1..{m.max_seq_len - 1}")
         check_cross(m, cfg)
+        if m.init == "fairseq":
+            from moa_train.models.registry import ATTENTION
+
+            ok = sorted(name for name, cls in ATTENTION.items() if hasattr(cls, "init_fairseq"))
+            for key, name in (("model.name", m.name), ("model.cross.name", cross_config(m).name)):
+                _check(name in ok, "model.init", f"fairseq has no init for {key}={name}; valid with: {', '.join(ok)}")
         _check(cfg.trainer.strategy == "ddp", "trainer.strategy", "fsdp shards decoder-only LMs; translation runs "
                                                                   "use ddp")
         for key in ("beam", "val_beam"):
@@ -192,10 +214,10 @@ class TranslationTask(Task):
         logits, routings = model(batch["src"], batch["tgt_in"])
         target = batch["tgt_out"]
         n = global_sum((target != self.data.pad_id).sum()).clamp_min(1) / self.dist.world
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=self.data.pad_id,
-                             label_smoothing=self.label_smoothing, reduction="sum") / n
+        ce = smoothed_nll(logits.flatten(0, 1).float(), target.flatten(), self.data.pad_id, self.label_smoothing,
+                          self.cfg.trainer.label_smoothing_over) / n
         aux = aux_losses(routings, self.aux_cfg, all_aux)
-        return ce + weighted_aux(aux, self.aux_cfg), ce, aux, routings
+        return ce + weighted_aux(aux, self.aux_cfg, n), ce, aux, routings
 
     @torch.no_grad()
     def evaluate(self, forward, split: str, prefix: str, autocast, final: bool = False, stop=None) -> dict:

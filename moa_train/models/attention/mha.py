@@ -79,19 +79,36 @@ class MultiHeadAttention(nn.Module):
     PARAM_ROLES = {"c_proj.weight": RESIDUAL, "c_attn.bias": NO_DECAY, "c_proj.bias": NO_DECAY}
 
     def __init__(self, d_model: int, n_head: int, n_kv_heads: Optional[int] = None, dropout: float = 0.0,
-                 bias: bool = False, causal: bool = True):
+                 bias: bool = False, causal: bool = True, attn_dropout: Optional[float] = None):
         super().__init__()
         self.n_head, self.n_kv = n_head, n_kv_heads or n_head
         self.head_dim = d_model // n_head
         self.q_size = n_head * self.head_dim
         self.c_attn = nn.Linear(d_model, self.q_size + 2 * self.n_kv * self.head_dim, bias=bias)
         self.c_proj = nn.Linear(self.q_size, d_model, bias=bias)
-        self.dropout, self.causal = dropout, causal
+        self.dropout = dropout if attn_dropout is None else attn_dropout  # on the attention probabilities
+        self.causal = causal
         self.resid_dropout = nn.Dropout(dropout)
 
     @classmethod
     def from_config(cls, m, causal: bool = True) -> "MultiHeadAttention":
-        return cls(m.d_model, m.n_head, m.n_kv_heads, m.dropout, m.bias, causal)
+        return cls(m.d_model, m.n_head, m.n_kv_heads, m.dropout, m.bias, causal, ModelConfig.attn_p(m))
+
+    @torch.no_grad()
+    def init_fairseq(self) -> None:
+        """fairseq's MultiheadAttention init (model.init=fairseq): Q, K and V each Xavier-uniform with gain
+        1/sqrt(2) over its own rows (fairseq has separate q/k/v projections; a GQA/MQA K or V block is Xavier over
+        its own, smaller, shape), their biases PyTorch's Linear default U(+-1/sqrt(d)); the output projection
+        Xavier-uniform with gain 1 and a zero bias."""
+        kv = self.n_kv * self.head_dim
+        for block in self.c_attn.weight.split([self.q_size, kv, kv]):
+            nn.init.xavier_uniform_(block, gain=2 ** -0.5)
+        if self.c_attn.bias is not None:
+            bound = self.c_attn.in_features ** -0.5
+            nn.init.uniform_(self.c_attn.bias, -bound, bound)
+        nn.init.xavier_uniform_(self.c_proj.weight)
+        if self.c_proj.bias is not None:
+            nn.init.zeros_(self.c_proj.bias)
 
     def project(self, x: Tensor, context: Optional[Tensor]) -> tuple:
         kv_size = self.n_kv * self.head_dim

@@ -38,6 +38,7 @@ class MoAConfig(ModelConfig):
     n_kv_heads: Optional[int] = None  # shared K/V groups; null = 1, as in the released MoA code
     gating: str = "softmax_all"  # softmax_all (released MoA code) | topk_softmax (renormalised over the k)
     expert_matmul: str = "auto"  # dense (all E experts, gather) | grouped (sorted by expert, selected only) | auto
+    proj_bias: Optional[bool] = None  # biases of the expert Q/O and shared K/V; null = model.bias (MoA code: none)
 
     @classmethod
     def validate(cls, m, cfg) -> None:
@@ -65,7 +66,7 @@ class MixtureOfAttentionHeads(nn.Module):
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, head_dim: int, n_kv_heads: Optional[int] = None,
                  dropout: float = 0.0, bias: bool = False, gating: str = "softmax_all", causal: bool = True,
-                 expert_matmul: str = "auto"):
+                 expert_matmul: str = "auto", attn_dropout: Optional[float] = None):
         super().__init__()
         self.n_experts, self.top_k, self.head_dim = n_experts, top_k, head_dim
         self.n_kv = n_kv_heads or 1
@@ -75,18 +76,37 @@ class MixtureOfAttentionHeads(nn.Module):
         self.kv_proj = nn.Linear(d_model, 2 * self.expert_dim, bias=bias)
         self.c_proj = nn.Linear(n_experts * self.expert_dim, d_model, bias=bias)
         self.gating, self.expert_matmul = gating, expert_matmul
-        self.dropout, self.causal = dropout, causal
+        self.dropout = dropout if attn_dropout is None else attn_dropout  # on the attention probabilities
+        self.causal = causal
         self.resid_dropout = nn.Dropout(dropout)
         self.choice_names = tuple(str(i) for i in range(n_experts))
 
     @classmethod
     def from_config(cls, m, causal: bool = True) -> "MixtureOfAttentionHeads":
         head_dim = m.head_dim or m.d_model // m.n_head
-        return cls(m.d_model, m.n_experts, m.top_k, head_dim, m.n_kv_heads, m.dropout, m.bias, m.gating, causal,
-                   m.expert_matmul)
+        bias = m.bias if m.proj_bias is None else m.proj_bias
+        return cls(m.d_model, m.n_experts, m.top_k, head_dim, m.n_kv_heads, m.dropout, bias, m.gating, causal,
+                   m.expert_matmul, ModelConfig.attn_p(m))
 
     def post_init(self) -> None:
         nn.init.zeros_(self.router.weight)
+
+    @torch.no_grad()
+    def init_fairseq(self) -> None:
+        """The released MoA layer's init (model.init=fairseq): each expert's Q (d -> n_kv*head_dim) and O
+        (n_kv*head_dim -> d) Xavier-uniform over that expert's own matrix (not over all E experts' rows at once:
+        the bound then follows d + head_dim, as in its per-expert parameter tensor); the shared K and V each
+        Xavier-uniform with gain 1/sqrt(2), as fairseq's attention does; biases (the released layer has none)
+        zero. The router stays at zero (post_init)."""
+        e, ed = self.n_experts, self.expert_dim
+        for i in range(e):
+            nn.init.xavier_uniform_(self.q_proj.weight[i * ed:(i + 1) * ed])
+            nn.init.xavier_uniform_(self.c_proj.weight[:, i * ed:(i + 1) * ed])
+        for block in self.kv_proj.weight.split(ed):
+            nn.init.xavier_uniform_(block, gain=2 ** -0.5)
+        for layer in (self.q_proj, self.kv_proj, self.c_proj):
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
     def route(self, x: Tensor) -> tuple:
         """(gates (N, k), chosen (N, k), Routing) for the flattened tokens."""
