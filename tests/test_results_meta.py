@@ -54,8 +54,8 @@ def test_translation_runs_land_in_row_folders(tmp_path, monkeypatch):
         row = dict(o.split("=", 1) for o in cmd[4:])["experiment"].split("/")[-1]
         assert not list((tmp_path / "multi30k").glob(f"{row}-seed*")), "old runs left for " + row
 
-    monkeypatch.setattr(translation, "run", fake_run)
-    translation.train("multi30k", 2, tmp_path, [])
+    monkeypatch.setattr(translation, "run_command", fake_run)
+    translation.train(translation.plan(["multi30k"], translation.ROWS, [0, 1]), tmp_path, [], 1)
     assert not list((tmp_path / "multi30k").glob("*-seed*"))
     jobs = set()
     try:
@@ -73,25 +73,27 @@ def test_translation_runs_land_in_row_folders(tmp_path, monkeypatch):
                     jobs.add(str(run_dir.relative_to(tmp_path)))
     finally:
         HydraConfig.instance().cfg = None
-    assert jobs == {f"multi30k/{row}-seed{k}" for row in translation.MULTI30K for k in (0, 1)}
+    assert jobs == {f"multi30k/{row}-seed{k}" for row in translation.ROWS for k in (0, 1)}
     committed = json.loads((RESULTS / "translation.json").read_text())["runs"]["multi30k"]
     assert {r["run"] for recs in committed.values() for r in recs} <= jobs  # the committed layout
 
 
 def test_translation_collect_counts_each_seed_once(tmp_path):
     """Runs left in the nested folders of the old sweep subdir (multi30k/multi30k/<row>-seed<k>) are not counted."""
-    for row in translation.MULTI30K:
+    for row in translation.ROWS:
         for seed in (0, 1):
             fake_translation_run(tmp_path / "multi30k" / f"{row}-seed{seed}", 30.0 + seed)
             fake_translation_run(tmp_path / "multi30k" / "multi30k" / f"{row}-seed{seed}", 10.0)
     fake_translation_run(tmp_path / "wmt_local" / "mha-seed0", 5.0)
     rows = translation.collect(tmp_path)
     assert set(rows) == {"multi30k", "wmt_local"}
-    for row in translation.MULTI30K:
+    for row in translation.ROWS:
         assert [r["seed"] for r in rows["multi30k"][row]] == [0, 1]
         assert [r["test/bleu"] for r in rows["multi30k"][row]] == [30.0, 31.0]
-    assert "| mha | 1,000 | 1.00M | 30.50 +- 0.71 | 30.00, 31.00 |" in translation.markdown(rows, {
-        "device": "cpu", "torch": "2", "git_sha": "abc", "date": "today"})
+    block = {"description": {"a recipe.": ["mha"]}, "provenance": translation.provenance(rows["multi30k"]),
+             "welch": translation.significance(rows["multi30k"])}
+    assert "| mha | 1,000 | 1.00M | 30.50 +- 0.71 | 30.00, 31.00 |" in "\n".join(translation.group_table(
+        "h", rows["multi30k"], block))
 
 
 def test_results_meta(tmp_path, monkeypatch):
@@ -158,7 +160,7 @@ def test_table1_rerun_starts_from_clean_row_folders(tmp_path, monkeypatch):
         (tmp_path / "fast" / old).mkdir(parents=True)
     (tmp_path / "fast" / "mha-seed0" / "official_eval.json").write_text("{}")
     launched = []
-    monkeypatch.setattr(moas_table1.subprocess, "run", lambda cmd, **kw: launched.append(cmd))
+    monkeypatch.setattr(moas_table1, "run_command", launched.append)
     moas_table1.train("fast", 2, tmp_path, [])
     assert len(launched) == 1
     assert sorted(p.name for p in (tmp_path / "fast").iterdir()) == ["notes"]

@@ -7,8 +7,11 @@ A thin driver over `moa-train` multiruns:
                                                                   # then tables
     python3 scripts/reproduce_moas_table1.py --modes faithful --seeds 3
     python3 scripts/reproduce_moas_table1.py --tables-only        # rebuild the tables from the committed run records
+    python3 scripts/reproduce_moas_table1.py --jobs 30            # every run at once, one process each
 
-Phases: (1) train each mode as one Hydra multirun into <runs-dir>/<mode>/<row>-seed<k>/; (2) evaluate every trained
+Phases: (1) train each mode as one Hydra multirun into <runs-dir>/<mode>/<row>-seed<k>/ (with --jobs N > 1: every
+run as its own single `moa-train` run into the same folder, with the same overrides, N at once, its output in
+<row>-seed<k>.log beside the folder, kept only if it fails); (2) evaluate every trained
 model on the official WikiText-2 valid and test files (full passes, fp32), written as official_eval.json beside the
 run's summary.json, then delete the checkpoints; (3) tables: per row the parameter count, final val loss mean +- std
 over seeds with each seed's value, median ms per iteration (device-synchronised windows of 10 steps, evaluation
@@ -20,12 +23,11 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 from moa_train.paths import repo_root
-from moa_train.results import clear, results_meta
+from moa_train.results import Job, clear, results_meta, run_command, run_jobs, single_run, welch
 
 ROOT = repo_root()
 ROWS = ("mha", "moas_static", "moas_dynamic")
@@ -35,19 +37,32 @@ PAPER = {
     "moas_static": {"name": "Static MoAS", "params_m": 10.14, "val_loss": 2.3093, "ms_iter_claimed": 900},
     "moas_dynamic": {"name": "Dynamic MoAS", "params_m": 10.29, "val_loss": 2.3074, "ms_iter_claimed": 1680},
 }
+COMMON = ("trainer.save_interval=500",)  # one checkpoint at the end (for the official-split evaluation)
 
 
 def train(mode: str, seeds: int, runs_dir: Path, extra: list) -> None:
+    """One Hydra multirun per mode: its jobs one after another."""
     experiments = ",".join(f"moas_table1/{r}" for r in ROWS)
     cmd = [sys.executable, "-m", "moa_train", "-m", f"experiment={experiments}", f"mode={mode}",
            f"trainer.seed={','.join(map(str, range(seeds)))}", f"hydra.sweep.dir={runs_dir / mode}",
-           "hydra.sweep.subdir=${model.name}-seed${trainer.seed}",
-           "trainer.save_interval=500",  # one checkpoint at the end (for the official-split evaluation)
-           *extra]
+           "hydra.sweep.subdir=${model.name}-seed${trainer.seed}", *COMMON, *extra]
     for row in ROWS:  # the subdir is ${model.name}-seed..., and each row's model.name is the row's name
         clear(runs_dir, mode, row)
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    run_command(cmd)
+
+
+def jobs(mode: str, seeds: int, runs_dir: Path, extra: list) -> list:
+    """The multirun's jobs as single runs with the same overrides and folders (for --jobs N); the logs lie beside
+    the run folders."""
+    out = []
+    for row in ROWS:
+        clear(runs_dir, mode, row)
+        for seed in range(seeds):
+            run = runs_dir / mode / f"{row}-seed{seed}"
+            cmd = single_run([f"experiment=moas_table1/{row}", f"mode={mode}", f"trainer.seed={seed}", *COMMON, *extra],
+                             run)
+            out.append(Job(f"{mode}/{run.name}", cmd, run.with_suffix(".log")))
+    return out
 
 
 def official_eval(run: Path) -> dict:
@@ -80,14 +95,6 @@ def evaluate_runs(runs_dir: Path) -> None:
         print(f"{run.relative_to(runs_dir)}: official valid {result['official_valid/loss']:.4f} "
               f"test {result['official_test/loss']:.4f}", flush=True)
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
-
-
-def welch(a: list, b: list) -> dict:
-    """Welch's t-test of mean(a) != mean(b) (two-sided)."""
-    from scipy import stats
-
-    t, p = stats.ttest_ind(a, b, equal_var=False)
-    return {"t": float(t), "p": float(p), "mean_diff": statistics.mean(a) - statistics.mean(b)}
 
 
 def collect(runs_dir: Path) -> dict:
@@ -259,12 +266,21 @@ def main(argv=None) -> None:
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "docs/results/runs/moas_table1")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results/moas_table1")
     parser.add_argument("--tables-only", action="store_true", help="skip training and evaluation")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="N > 1: every (mode, row, seed) as its own process, N at once on the one device (the "
+                             "ms/iter column then measures runs that share it); 1: one multirun per mode")
     parser.add_argument("overrides", nargs="*", help="extra moa-train overrides for every run")
     args = parser.parse_args(argv)
+    failed = []
     if not args.tables_only:
-        for mode in args.modes:
-            train(mode, args.seeds, args.runs_dir.resolve(), args.overrides)
-        evaluate_runs(args.runs_dir.resolve())
+        runs_dir = args.runs_dir.resolve()
+        if args.jobs > 1:
+            failed = run_jobs([j for mode in args.modes for j in jobs(mode, args.seeds, runs_dir, args.overrides)],
+                              args.jobs)
+        else:
+            for mode in args.modes:
+                train(mode, args.seeds, runs_dir, args.overrides)
+        evaluate_runs(runs_dir)  # the runs that succeeded
     res = summarise(collect(args.runs_dir.resolve()))
     if not res:
         raise SystemExit(f"error: no runs under {args.runs_dir}")
@@ -277,6 +293,8 @@ def main(argv=None) -> None:
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": res}, indent=1))
     args.out.with_suffix(".md").write_text(markdown(res, meta))
     print(args.out.with_suffix(".md").read_text())
+    if failed:  # the tables hold the runs that succeeded
+        raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,21 @@
-"""Translation results: Multi30k En->De for mha, moa and moa_sparse (matched MACs) over seeds, plus one end-to-end
-run of the WMT pipeline on the local news data, written to docs/results/translation.{md,json}.
+"""Translation results: MoA vs MHA on Multi30k En->De (two recipes) and the WMT pipeline, over seeds.
+
+Multi30k En->De for mha, moa and moa_sparse (matched MACs) over seeds in two recipes (the modern one, `multi30k`,
+and the MoA code's fairseq model and loss scaled to Multi30k, `multi30k_fairseq`), plus one end-to-end run of the
+WMT pipeline on the local news data, written to docs/results/translation.{md,json}.
 
     python3 scripts/reproduce_translation.py                 # train (a multirun per row), then tables
     python3 scripts/reproduce_translation.py --tables-only   # rebuild the tables from the run records
     python3 scripts/reproduce_translation.py --seeds 2 --part multi30k
+    python3 scripts/reproduce_translation.py --part multi30k --rows mha,moa --seed-list 2   # add seed 2 to two rows
+    python3 scripts/reproduce_translation.py --part multi30k,multi30k_fairseq --jobs 18     # all 18 runs at once
 
-Every run's record (config, metrics.jsonl, summary.json) lands under <runs-dir>/<group>/<row>-seed<k>/.
+Every run's record (config, metrics.jsonl, summary.json) lands under <runs-dir>/<group>/<row>-seed<k>/; a rerun
+of a row deletes its old records first (with --seed-list only those of the listed seeds). With --jobs N > 1 every
+(row, seed) is its own single `moa-train` run with the multirun's overrides and folder, N at once, its output in
+<row>-seed<k>.log beside the folder (kept only if the run fails). Each group's table gets its description from the
+runs' saved configs, its device, torch and commit from their summaries, and Welch's t-test of moa and moa_sparse
+against mha on test BLEU and tokenised BLEU.
 """
 from __future__ import annotations
 
@@ -13,50 +23,124 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-from moa_train.paths import repo_root
-from moa_train.results import clear, results_meta
+import yaml
+
+from moa_train.paths import config_dir, repo_root
+from moa_train.results import Job, clear, results_meta, run_command, run_jobs, single_run, welch
 
 ROOT = repo_root()
-MULTI30K = ("mha", "moa", "moa_sparse")
+ROWS = ("mha", "moa", "moa_sparse")
+GROUPS = {  # group (= the experiment folder of its rows) -> its table's heading
+    "multi30k": "Multi30k En->De, modern recipe, test2016 (1,000 sentences)",
+    "multi30k_fairseq": "Multi30k En->De, fairseq-faithful model and loss (the MoA code's recipe scaled to Multi30k)",
+}
+PARTS = (*GROUPS, "wmt")
+COMMON = ("trainer.precision=bf16", "trainer.tf32=true")
+# the Multi30k mha architecture on the local WMT news data (13.5k training pairs: the score is low), seed 0 only
+WMT = ("wmt_local", "mha", ("experiment=multi30k/mha", "data=wmt14_en_de", "trainer.max_steps=2000",
+                            "experiment_name=wmt_local-mha"))
+TESTS = {"test/bleu": "BLEU", "test/bleu_tok": "BLEU (tok.)"}  # metric -> its unit in the sentences
 
 
-def run(cmd: list) -> None:
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+def plan(parts: list, rows: list, seeds: list) -> list:
+    """(group, row, seeds, the row's overrides) of every row to train."""
+    out = [(group, row, seeds, (f"experiment={group}/{row}",)) for group in GROUPS if group in parts for row in rows]
+    if "wmt" in parts and WMT[1] in rows:
+        out.append((WMT[0], WMT[1], [0], WMT[2]))
+    return out
 
 
-def train(part: str, seeds: int, runs_dir: Path, extra: list) -> None:
-    common = [sys.executable, "-m", "moa_train", "-m", f"trainer.seed={','.join(map(str, range(seeds)))}",
-              "trainer.precision=bf16", "trainer.tf32=true", *extra]
-    if part in ("all", "multi30k"):
-        # one multirun per row, its name written into the subdir: the experiment choice is "multi30k/<row>" (a
-        # subdir built from it nests a folder), and model.name is "moa" for the moa_sparse row
-        for row in MULTI30K:
-            clear(runs_dir, "multi30k", row)
-            run([*common, f"experiment=multi30k/{row}", f"hydra.sweep.dir={runs_dir / 'multi30k'}",
-                 f"hydra.sweep.subdir={row}-seed${{trainer.seed}}"])
-    if part in ("all", "wmt"):
-        # the Multi30k mha architecture on the local WMT news data (13.5k training pairs: the score is low)
-        clear(runs_dir, "wmt_local", "mha")
-        run([sys.executable, "-m", "moa_train", "-m", "experiment=multi30k/mha", "data=wmt14_en_de", "trainer.seed=0",
-             "trainer.precision=bf16", "trainer.tf32=true", "trainer.max_steps=2000", "experiment_name=wmt_local-mha",
-             f"hydra.sweep.dir={runs_dir / 'wmt_local'}", "hydra.sweep.subdir=mha-seed${trainer.seed}", *extra])
+def train(planned: list, runs_dir: Path, extra: list, n_jobs: int, keep_other_seeds: bool = False) -> list:
+    """Train the planned rows: one multirun per row (n_jobs 1) or every (row, seed) as its own run, n_jobs at once.
+
+    A row's old records go first: all of them (the row is remade with its seeds), or with `keep_other_seeds` only
+    those of the seeds it reruns. Returns the names of the failed runs (a failed multirun stops the driver)."""
+    for _, _, _, overrides in planned:  # before anything is deleted or started
+        experiment = config_dir() / "experiment" / f"{overrides[0].partition('=')[2]}.yaml"
+        if not experiment.is_file():
+            raise SystemExit(f"error: {overrides[0]}: no such experiment ({experiment} is missing)")
+    failed, jobs = [], []
+    for group, row, seeds, overrides in planned:
+        clear(runs_dir, group, row, seeds if keep_other_seeds else None)
+        if n_jobs == 1:
+            # the row's name written into the subdir: the experiment choice is "<group>/<row>" (a subdir built from
+            # it nests a folder), and model.name is "moa" for the moa_sparse row
+            run_command([sys.executable, "-m", "moa_train", "-m", f"trainer.seed={','.join(map(str, seeds))}",
+                         *COMMON, *overrides, *extra, f"hydra.sweep.dir={runs_dir / group}",
+                         f"hydra.sweep.subdir={row}-seed${{trainer.seed}}"])
+            continue
+        for seed in seeds:
+            run = runs_dir / group / f"{row}-seed{seed}"
+            cmd = single_run([f"trainer.seed={seed}", *COMMON, *overrides, *extra], run)
+            jobs.append(Job(f"{group}/{run.name}", cmd, run.with_suffix(".log")))
+    if jobs:
+        failed = run_jobs(jobs, n_jobs)
     for ckpt in runs_dir.rglob("checkpoints"):
         shutil.rmtree(ckpt, ignore_errors=True)
+    return failed
 
 
 def collect(runs_dir: Path) -> dict:
+    """group -> row -> per-seed records (summary.json), in seed order."""
     rows: dict = {}
     for path in sorted(runs_dir.glob("*/*-seed*/summary.json")):  # <group>/<row>-seed<k>/ only
         run_dir = path.parent
         group, (row, _, seed) = run_dir.parent.name, run_dir.name.rpartition("-seed")
         rows.setdefault(group, {}).setdefault(row, []).append(
             {"seed": int(seed), "run": str(run_dir.relative_to(runs_dir)), **json.loads(path.read_text())})
+    for group in rows.values():
+        for records in group.values():
+            records.sort(key=lambda r: r["seed"])
     return rows
+
+
+def describe(cfg: dict) -> str:
+    """The recipe of a run in one line, from its saved config (.hydra/config.yaml)."""
+    m, d, t = cfg["model"], cfg["data"], cfg["trainer"]
+    return (f"{m.get('n_encoder_layer') or m['n_layer']}+{m['n_layer']} layers, d {m['d_model']}, "
+            f"FFN {round(m['mlp_ratio'] * m['d_model'])}, {'pre' if m.get('norm_first', True) else 'post'}-LN, "
+            f"{t['max_steps']} updates of {d['max_tokens']} tokens, label smoothing {t['label_smoothing']}, "
+            f"{t['precision']}.")
+
+
+def descriptions(runs_dir: Path, group: dict) -> dict:
+    """Each distinct description of a group's runs -> the rows whose runs have it."""
+    out: dict = {}
+    for row, records in group.items():
+        for r in records:
+            cfg = yaml.safe_load((runs_dir / r["run"] / ".hydra/config.yaml").read_text())
+            rows = out.setdefault(describe(cfg), [])
+            if row not in rows:
+                rows.append(row)
+    return out
+
+
+def provenance(group: dict) -> dict:
+    """The device, torch and commit of a group's records: one value, or the distinct ones joined."""
+    records = [r for recs in group.values() for r in recs]
+    return {name: ", ".join(dict.fromkeys(str(r[key]) for r in records))
+            for name, key in (("device", "device_name"), ("torch", "torch_version"), ("git_sha", "git_sha"))}
+
+
+def significance(group: dict) -> dict:
+    """metric -> "<row>_vs_mha" -> Welch's t-test of the row's per-seed test scores against mha's (2+ seeds each)."""
+    base = group.get("mha", [])
+    out: dict = {}
+    for metric in TESTS:
+        for row in ROWS[1:]:
+            a, b = [r[metric] for r in group.get(row, [])], [r[metric] for r in base]
+            if len(a) >= 2 and len(b) >= 2:
+                out.setdefault(metric, {})[f"{row}_vs_mha"] = {**welch(a, b), "n": [len(a), len(b)]}
+    return out
+
+
+def sentence(metric: str, name: str, test: dict) -> str:
+    verdict = "significant" if test["p"] < 0.05 else "not significant"
+    return (f"{name.replace('_vs_', ' - ')} = {test['mean_diff']:+.2f} {TESTS[metric]}, t = {test['t']:.2f}, "
+            f"p = {test['p']:.3f} (n = {test['n'][0]} vs {test['n'][1]} seeds): {verdict} at 0.05.")
 
 
 def fmt(values: list, digits: int = 2) -> str:
@@ -69,11 +153,44 @@ def per_seed(records: list, key: str) -> str:
     return ", ".join(f"{r[key]:.2f}" for r in records)
 
 
-def markdown(rows: dict, meta: dict) -> str:
+def source_lines(block: dict) -> list:
+    """A table's recipe (from the configs) and device, torch and commit (from the summaries)."""
+    described = block["description"]
+    lines = list(described) if len(described) == 1 else [f"{', '.join(rows)}: {d}" for d, rows in described.items()]
+    p = block["provenance"]
+    return [*lines, "", f"Device: {p['device']}; torch {p['torch']}; git {p['git_sha']}.", ""]
+
+
+def group_table(heading: str, recs_by_row: dict, block: dict) -> list:
+    lines = [f"## {heading}", "", *source_lines(block),
+             "| row | params | MACs / token | test BLEU | per seed | chrF | BLEU (tok.) | val BLEU (greedy) | "
+             "wall time (s), evaluation included |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for row in ROWS:
+        recs = recs_by_row.get(row)
+        if not recs:
+            continue
+        r0 = recs[0]
+        lines.append(
+            f"| {row} | {r0['params_total']:,} | {r0['flops_per_token'] / 6 / 1e6:.2f}M | "
+            f"{fmt([r['test/bleu'] for r in recs])} | {per_seed(recs, 'test/bleu')} | "
+            f"{fmt([r['test/chrf'] for r in recs])} | {fmt([r['test/bleu_tok'] for r in recs])} | "
+            f"{fmt([r['val/bleu'] for r in recs])} | {fmt([r['wall_s'] for r in recs], 0)} |")
+    first = next(iter(recs_by_row.values()))[0]
+    lines += ["", f"sacreBLEU signature: `{first.get('bleu_signature', '?')}`", ""]
+    if block["welch"]:
+        lines += ["Welch's t-test (two-sided) of the per-seed test scores, each row against mha:", ""]
+        lines += [f"- {sentence(metric, name, test)}" for metric, tests in block["welch"].items()
+                  for name, test in tests.items()]
+        lines.append("")
+    return lines
+
+
+def markdown(rows: dict, groups: dict, meta: dict) -> str:
     lines = ["# Translation: MoA vs MHA", "",
-             "- Command: `python3 scripts/reproduce_translation.py` (`--part multi30k|wmt`, `--seeds N`; "
-             "`--tables-only` rebuilds this file from the run records)",
-             f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date {meta['date']}",
+             "- Command: `python3 scripts/reproduce_translation.py` (`--part multi30k,multi30k_fairseq,wmt`, "
+             "`--seeds N`, `--rows`, `--seed-list`, `--jobs N`; `--tables-only` rebuilds this file from the run "
+             "records)",
+             f"- Device, torch and commit: under each table, from its run records; date {meta['date']}",
              "- Run records: `docs/results/runs/translation/<group>/<row>-seed<k>/`",
              "- BLEU: sacreBLEU on detokenised text (13a tokenisation, signature below), beam 4, length penalty 0.6, "
              "the last 5 checkpoints averaged; `BLEU (tok.)` is BLEU on 13a-tokenised text with compound splitting, "
@@ -82,56 +199,70 @@ def markdown(rows: dict, meta: dict) -> str:
              "the models' FLOP counter (training FLOPs / 6) at the mean training target length.", ""]
     if meta.get("note"):
         lines += [meta["note"], ""]
-    if "multi30k" in rows:
-        lines += ["## Multi30k En->De, test2016 (1,000 sentences)", "",
-                  "3+3 layers, d 256, FFN 1024, pre-LN, 3000 updates of 8192 tokens, label smoothing 0.1, bf16.", "",
-                  "| row | params | MACs / token | test BLEU | per seed | chrF | BLEU (tok.) | val BLEU (greedy) | "
-                  "wall time (s), evaluation included |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
-        for row in MULTI30K:
-            recs = rows["multi30k"].get(row)
-            if not recs:
-                continue
-            r0 = recs[0]
-            lines.append(
-                f"| {row} | {r0['params_total']:,} | {r0['flops_per_token'] / 6 / 1e6:.2f}M | "
-                f"{fmt([r['test/bleu'] for r in recs])} | {per_seed(recs, 'test/bleu')} | "
-                f"{fmt([r['test/chrf'] for r in recs])} | {fmt([r['test/bleu_tok'] for r in recs])} | "
-                f"{fmt([r['val/bleu'] for r in recs])} | {fmt([r['wall_s'] for r in recs], 0)} |")
-        lines += ["", f"sacreBLEU signature: `{rows['multi30k'][MULTI30K[0]][0].get('bleu_signature', '?')}`", ""]
-    if "wmt_local" in rows:
-        r = rows["wmt_local"]["mha"][0]
+    for group, heading in GROUPS.items():
+        if group in rows:
+            lines += group_table(heading, rows[group], groups[group])
+    if WMT[0] in rows:
+        r = rows[WMT[0]][WMT[1]][0]
         lines += ["## The WMT pipeline end to end on the local news data", "",
                   "The same mha architecture trained for 2000 updates on the 13,573 local pairs (older newstests, not "
                   "the WMT14 training corpus), validated on newstest2013, tested on newstest2014 (3,003 sentences). "
                   "The training set is about 0.3% of WMT14's, so the score is far below the paper's 27-28: this run "
                   "shows that the pipeline works end to end, not what the models reach on WMT14.", "",
+                  *source_lines(groups[WMT[0]])[-2:],
                   f"newstest2014: BLEU {r['test/bleu']:.2f}, chrF {r['test/chrf']:.2f}, BLEU (tok.) "
                   f"{r['test/bleu_tok']:.2f}; {r['params_total']:,} parameters; {r['wall_s']:.0f} s.", ""]
     return "\n".join(lines)
 
 
+def choices(allowed: tuple, parse=str):
+    """An argparse type: a comma list of `allowed` values."""
+    def parse_list(text: str) -> list:
+        values = [parse(v) for v in text.split(",") if v]
+        wrong = [v for v in values if allowed and v not in allowed]
+        if wrong or not values:
+            raise argparse.ArgumentTypeError(f"{text!r}: a comma list of {', '.join(map(str, allowed))}")
+        return values
+    return parse_list
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--part", choices=["all", "multi30k", "wmt"], default="all")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 of every Multi30k row")
+    parser.add_argument("--seed-list", type=choices((), int),
+                        help="only these seeds (a comma list, e.g. 2), keeping the row's other seeds' records (without "
+                             "it a row's old records all go before it reruns)")
+    parser.add_argument("--part", type=choices(("all", *PARTS)), default=["all"],
+                        help=f"a comma list of all, {', '.join(PARTS)}")
+    parser.add_argument("--rows", type=choices(ROWS), default=list(ROWS), help=f"a comma list of {', '.join(ROWS)}")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="N > 1: every (row, seed) as its own process, N at once on the one device (wall times "
+                             "then measure runs that share it); 1: one multirun per row, its seeds in turn")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "docs/results/runs/translation")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results/translation")
     parser.add_argument("--tables-only", action="store_true")
     parser.add_argument("overrides", nargs="*", help="extra moa-train overrides for every run")
     args = parser.parse_args(argv)
     runs_dir = args.runs_dir.resolve()
+    failed = []
     if not args.tables_only:
-        train(args.part, args.seeds, runs_dir, args.overrides)
+        parts = PARTS if "all" in args.part else args.part
+        seeds = args.seed_list or list(range(args.seeds))
+        failed = train(plan(parts, args.rows, seeds), runs_dir, args.overrides, args.jobs,
+                       keep_other_seeds=args.seed_list is not None)
     rows = collect(runs_dir)
     if not rows:
         raise SystemExit(f"error: no runs under {args.runs_dir}")
+    groups = {group: {"description": descriptions(runs_dir, recs), "provenance": provenance(recs),
+                      "welch": significance(recs)} for group, recs in rows.items()}
     kept = results_meta(args.out, args.tables_only)  # a rebuild keeps the measuring run's date and note
-    first = next(iter(next(iter(rows.values())).values()))[0]
-    meta = {"device": first["device_name"], "torch": first["torch_version"], "git_sha": first["git_sha"],
-            "date": kept["date"], "note": kept["note"]}
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(rows, meta))
+    meta = {"date": kept["date"], "note": kept["note"]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "groups": groups, "runs": rows}, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(rows, groups, meta))
     print(args.out.with_suffix(".md").read_text())
+    if failed:
+        raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
