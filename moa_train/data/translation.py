@@ -377,4 +377,5 @@ class TokenBatches:
             raise DataError(f"data loader state holds {state['n_batches']} batches per epoch, this loader "
                             f"{len(self.batches)}: the data or data.max_tokens changed since the checkpoint")
         self.epoch, self.position = state["epoch"], state["position"]
-        self._epoch_state = state["generator"].clone()
+        # .cpu(): a checkpoint loaded onto the GPU moved this ByteTensor too, and a CPU generator takes a CPU state
+        self._epoch_state = state["generator"].cpu().clone()
