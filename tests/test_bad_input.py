@@ -33,6 +33,8 @@ OVERRIDES = {
     "negative moa kv groups": ("model=moa model.n_kv_heads=-1", ["model.n_kv_heads", "positive or null"]),
     "top_k above n_experts": ("model=moa model.top_k=9", ["model.top_k: 9", "valid: 1..4"]),
     "moas gqa heads": ("model=moas_dynamic model.gqa_kv_heads=4", ["model.gqa_kv_heads", "valid: 1, 2"]),
+    "moas residual dropout mode": ("model=moas_static model.resid_dropout=foo",
+                                   ["model.resid_dropout: got 'foo'; allowed: mixed, per_branch"]),
     "zero d_model": ("model.d_model=0", ["model.d_model", "positive"]),
     "dropout of 1.5": ("model.dropout=1.5", ["model.dropout", "[0, 1)"]),
     "block over max_seq_len": ("trainer.block_size=64", ["trainer.block_size: 64", "valid: 1..32"]),

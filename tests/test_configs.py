@@ -162,6 +162,10 @@ def test_table1_experiment_settings(compose_cfg):
     assert (cfg.data.tokenizer, cfg.data.split) == ("char", "moas_paper")
     assert (cfg.trainer.batch_size, cfg.trainer.block_size, cfg.trainer.max_steps) == (12, 256, 500)
     assert cfg.model.gate_dropout == pytest.approx(0.1) and cfg.model.aux.balance_type == "mse"
+    # the released code's residual dropout, per branch before the mix (mha has one dropout anyway)
+    assert compose_cfg("experiment=moas_table1/moas_static").model.resid_dropout == "per_branch"
+    assert cfg.model.resid_dropout == "per_branch"
+    assert compose_cfg("model=moas_dynamic").model.resid_dropout == "mixed"
 
 
 @pytest.mark.parametrize("mode", ["faithful", "fast"])
@@ -179,14 +183,16 @@ def test_table1_modes_compose(compose_cfg, mode, row):
 
 # --- configs saved before variants owned their keys --------------------------------------------------------------
 
-@pytest.mark.parametrize("run", ["mha-seed0", "moas_static-seed0", "moas_dynamic-seed0"])
+@pytest.mark.parametrize("run", ["mha", "moas_static", "moas_dynamic"])
 def test_run_configs_saved_with_every_variant_s_keys_still_build(compose_cfg, run):
     """Old saved configs hold every variant's keys (mha with n_experts, ...): a model is built from the keys its
-    variant owns, and trainer.eval_only types the run's model by the run's own variant, not the command line's."""
+    variant owns, and trainer.eval_only types the run's model by the run's own variant, not the command line's.
+    The configs are copies of the Table 1 runs' docs/results/runs/moas_table1/faithful/<row>-seed0/.hydra/config.yaml
+    (tests/fixtures/old_configs/), so re-running those rows does not take the old format away."""
     from moa_train.config import variant_keys
     from moa_train.train.eval_run import eval_config
 
-    saved = OmegaConf.load(CONFIG_DIR.parent / "docs/results/runs/moas_table1/faithful" / run / ".hydra/config.yaml")
+    saved = OmegaConf.load(CONFIG_DIR.parent / "tests/fixtures/old_configs" / f"{run}.yaml")
     assert {"n_experts", "gqa_kv_heads", "n_kv_heads"} <= set(saved.model)
     with torch.device("meta"):
         lm = build_model(saved.model, VOCAB)

@@ -70,11 +70,14 @@ def test_moa_flops_grow_with_top_k(make_cfg):
     assert len(params) == 1
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_moas_flops_hand_count(make_cfg, dynamic):
+def test_moas_flops_hand_count(make_cfg, dynamic, bias):
+    """Matmul weights only: biases (the router's too, with model.bias) are not matmul parameters."""
     d, h, g, n_layer, t = 64, 4, 2, 2, 32
     name = "moas_dynamic" if dynamic else "moas_static"
-    lm, _ = build(make_cfg, f"model={name}", f"model.d_model={d}", f"model.n_head={h}", f"model.gqa_kv_heads={g}")
+    lm, _ = build(make_cfg, f"model={name}", f"model.d_model={d}", f"model.n_head={h}", f"model.gqa_kv_heads={g}",
+                  f"model.bias={bias}")
     hd = d // h
     qkv = 3 * d * d + 2 * d * (h + g + 1) * hd  # three query sets; K/V of the MHA, GQA, MQA branches
     out = 3 * d * d

@@ -43,8 +43,11 @@ def test_router_parameters_have_their_own_group(make_cfg, model):
     cfg = make_cfg(f"model={model}", "model.bias=true", "optim.router_lr_mult=2.0", "optim.router_weight_decay=0.0")
     lm = build_model(cfg.model, 50)
     groups = {g["name"]: g for g in param_groups(lm, cfg.optim)}
-    router_ids = {id(p) for n, p in lm.named_parameters() if ".router." in f".{n}"}
-    assert router_ids and {id(p) for p in groups["router"]["params"]} == router_ids
+    router = {id(p): p for n, p in lm.named_parameters() if ".router." in f".{n}"}
+    assert router and {id(p) for p in groups["router"]["params"]} == {i for i, p in router.items() if p.dim() >= 2}
+    # the router's biases (MoAS's follow model.bias) keep the router's lr, without weight decay
+    assert {id(p) for p in groups.get("router_no_decay", {"params": []})["params"]} == \
+        {i for i, p in router.items() if p.dim() < 2}
     assert groups["router"]["lr"] == pytest.approx(2.0 * cfg.optim.lr)
     assert groups["router"]["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in groups["decay"]["params"])

@@ -4,9 +4,20 @@ mixed by a constant 1/3 (static) or per token by a router (dynamic).
 Fused layout (the default): the three branches' Q/K/V weights are rows of one `c_attn` matmul, their 3*n_head query
 heads go through ONE SDPA call (each branch's K/V heads repeated for its query heads), and their output projections are
 the column blocks of one `c_proj` matmul whose input is the gate-scaled concatenation of branch outputs:
-    y = sum_b g_b * (o_b @ W_b^T) = concat_b(g_b * o_b) @ [W_mha | W_gqa | W_mqa]^T.
+    y = sum_b g_b * (o_b @ W_b^T + c_b) = concat_b(g_b * o_b) @ [W_mha | W_gqa | W_mqa]^T + g @ [c_mha; c_gqa; c_mqa].
 Parameter counts equal three separate branches exactly. `fused=False` runs the same parameters branch by branch
 (the plain path the fused one is tested against).
+
+Residual dropout (`resid_dropout`):
+- `mixed` (the default): one dropout on y after the mix, as MHA has.
+- `per_branch` (the MoAS paper's released code, compare_moas.py: each branch ends in its own c_proj and dropout): each
+  branch's projected output, bias included, is dropped out on its own before the gates mix them,
+      y = sum_b g_b * dropout(o_b @ W_b^T + c_b),
+  so an element of y is zero only where all three branches dropped it (p^3, against p for `mixed`). While training
+  with dropout > 0 the fused path computes the three projections as one batched matmul over the branches into a
+  (3, B, T, d) tensor, drops it out in one call and takes the gate-weighted sum (the plain path stacks its branch
+  outputs in the same layout, so both draw the same mask). Where dropout is inactive (eval, or dropout 0) the two
+  modes are the same function and run the fused layout above at the same cost.
 """
 from __future__ import annotations
 
@@ -19,12 +30,13 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from moa_train.config import ModelConfig, _check, _divisors, _positive_or_null
+from moa_train.config import ModelConfig, _check, _divisors, _one_of, _positive_or_null
 from moa_train.models.attention.mha import merge_heads, sdpa, split_heads
 from moa_train.models.roles import NO_DECAY, RESIDUAL, ROUTER
 from moa_train.models.routing import Routing
 
 BRANCHES = ("mha", "gqa", "mqa")
+RESID_DROPOUT = ("mixed", "per_branch")
 
 
 @dataclass
@@ -32,6 +44,9 @@ class MoASStaticConfig(ModelConfig):
     """moas_static: the three branches mixed by a constant 1/3."""
     gqa_kv_heads: int = 2  # K/V heads of the GQA branch, dividing n_head
     fused: bool = True  # one QKV matmul, one SDPA call and one output matmul for all branches (same parameters)
+    # mixed: one residual dropout after the gates mix the branches | per_branch: each branch's projected output
+    # dropped out on its own before the mix (the MoAS paper's released code)
+    resid_dropout: str = "mixed"
 
     dynamic: ClassVar[bool] = False  # true: a router mixes the branches per token (else 1/3 each)
     cross_attention_ok: ClassVar[bool] = False  # the branches mix self-attention schemes
@@ -43,6 +58,7 @@ class MoASStaticConfig(ModelConfig):
         cls.check_heads(m)
         _check(m.gqa_kv_heads > 0 and m.n_head % m.gqa_kv_heads == 0, "model.gqa_kv_heads",
                f"{m.gqa_kv_heads} does not divide model.n_head={m.n_head}; valid: {_divisors(m.n_head)}")
+        _one_of(m.resid_dropout, "model.resid_dropout", RESID_DROPOUT)
 
 
 @dataclass
@@ -61,11 +77,12 @@ class MoASDynamicConfig(MoASStaticConfig):
 
 
 class MoASAttention(nn.Module):
-    PARAM_ROLES = {"router": ROUTER, "c_proj.weight": RESIDUAL, "c_attn.bias": NO_DECAY}
+    PARAM_ROLES = {"router": ROUTER, "c_proj.weight": RESIDUAL, "c_attn.bias": NO_DECAY,
+                   "router.0.bias": NO_DECAY, "router.2.bias": NO_DECAY}
 
     def __init__(self, d_model: int, n_head: int, gqa_kv_heads: int = 2, dropout: float = 0.0, bias: bool = False,
                  dynamic: bool = True, router_hidden: Optional[int] = None, gate_dropout: float = 0.0,
-                 fused: bool = True, causal: bool = True):
+                 fused: bool = True, causal: bool = True, resid_dropout: str = "mixed"):
         super().__init__()
         self.n_head, self.head_dim, self.d_model = n_head, d_model // n_head, d_model
         self.kv_heads = (n_head, gqa_kv_heads, 1)
@@ -78,27 +95,30 @@ class MoASAttention(nn.Module):
         self.dynamic, self.fused, self.causal = dynamic, fused, causal
         self.dropout, self.gate_dropout = dropout, gate_dropout
         self.resid_dropout = nn.Dropout(dropout)
+        self.per_branch = resid_dropout == "per_branch"
         if dynamic:
             hidden = router_hidden or d_model // 4
-            self.router = nn.Sequential(nn.Linear(d_model, hidden, bias=False), nn.GELU(),
-                                        nn.Linear(hidden, 3, bias=False))
+            self.router = nn.Sequential(nn.Linear(d_model, hidden, bias=bias), nn.GELU(),
+                                        nn.Linear(hidden, 3, bias=bias))
 
     @classmethod
     def from_config(cls, m, causal: bool = True) -> "MoASAttention":
         if not OmegaConf.get_type(m).dynamic:
-            return cls(m.d_model, m.n_head, m.gqa_kv_heads, m.dropout, m.bias, False, fused=m.fused, causal=causal)
+            return cls(m.d_model, m.n_head, m.gqa_kv_heads, m.dropout, m.bias, False, fused=m.fused, causal=causal,
+                       resid_dropout=m.resid_dropout)
         return cls(m.d_model, m.n_head, m.gqa_kv_heads, m.dropout, m.bias, True, m.router_hidden, m.gate_dropout,
-                   m.fused, causal)
+                   m.fused, causal, m.resid_dropout)
 
     def gates(self, x: Tensor) -> tuple:
         """(gates used for mixing (B, T, 3), Routing or None)."""
         b, t, _ = x.shape
         if not self.dynamic:
             return x.new_full((b, t, 3), 1.0 / 3), None
-        hidden, out = self.router[:2](x), self.router[2].weight
+        hidden, out, pad = self.router[:2](x), self.router[2], 8 - len(BRANCHES)
         # the 3 logit columns padded to 8: a 3-wide bf16 GEMM is misaligned and cuBLAS falls back to a slow kernel
         # (0.45 of 2.6 ms per Table 1 step, docs/results/bench.md); the padding rows are zeros and get no update
-        logits = F.linear(hidden, F.pad(out, (0, 0, 0, 8 - len(BRANCHES))))[..., :len(BRANCHES)].float()
+        bias = None if out.bias is None else F.pad(out.bias, (0, pad))
+        logits = F.linear(hidden, F.pad(out.weight, (0, 0, 0, pad)), bias)[..., :len(BRANCHES)].float()
         probs = logits.softmax(-1)
         routing = Routing(probs.view(-1, 3), BRANCHES, None, logits.view(-1, 3))
         gates = F.dropout(probs, self.gate_dropout, self.training) if self.gate_dropout else probs
@@ -111,24 +131,36 @@ class MoASAttention(nn.Module):
         d, kv = self.d_model, [n * self.head_dim for n in self.kv_heads]
         q, k, v = self.c_attn(x).split([3 * d, sum(kv), sum(kv)], dim=-1)
         p = self.dropout if self.training else 0.0
+        per_branch = self.per_branch and self.training and self.resid_dropout.p > 0
         if self.fused:
             n_kv = sum(self.kv_heads)
             q, k, v = split_heads(q, 3 * self.n_head), split_heads(k, n_kv), split_heads(v, n_kv)
             k, v = self.repeat_kv(k), self.repeat_kv(v)
             o = merge_heads(sdpa(q, k, v, mask, self.causal, p))  # (B, T, 3d) = [o_mha | o_gqa | o_mqa]
-            o = (o.view(*o.shape[:2], 3, d) * gates.unsqueeze(-1)).flatten(2)
-            y = self.c_proj(o)
+            o = o.view(*o.shape[:2], 3, d)
+            if per_branch:  # branch b's o_b @ W_b^T: one batched matmul over the branches, (3, B*T, d)
+                outs = torch.bmm(o.flatten(0, 1).transpose(0, 1), self.c_proj.weight.view(d, 3, d).permute(1, 2, 0))
+                return self.mix_per_branch(outs.view(3, *o.shape[:2], d), gates), routing
+            y = self.c_proj((o * gates.unsqueeze(-1)).flatten(2))
         else:
             qs, ks, vs = q.split(d, -1), k.split(kv, -1), v.split(kv, -1)
             ws = self.c_proj.weight.split(d, dim=1)
-            y = 0
-            for i, n_kv in enumerate(self.kv_heads):
-                o = merge_heads(sdpa(split_heads(qs[i], self.n_head), split_heads(ks[i], n_kv),
-                                     split_heads(vs[i], n_kv), mask, self.causal, p))
-                y = y + gates[..., i:i + 1] * F.linear(o, ws[i])
+            outs = [F.linear(merge_heads(sdpa(split_heads(qs[i], self.n_head), split_heads(ks[i], n_kv),
+                                              split_heads(vs[i], n_kv), mask, self.causal, p)), ws[i])
+                    for i, n_kv in enumerate(self.kv_heads)]
+            if per_branch:
+                return self.mix_per_branch(torch.stack(outs), gates), routing
+            y = sum(gates[..., i:i + 1] * out for i, out in enumerate(outs))
         if self.o_bias is not None:
             y = y + gates @ self.o_bias.to(y.dtype)
         return self.resid_dropout(y), routing
+
+    def mix_per_branch(self, outs: Tensor, gates: Tensor) -> Tensor:
+        """resid_dropout=per_branch while training: branch outputs (3, B, T, d) -> sum_b g_b * dropout(out_b + c_b).
+        One dropout call over the contiguous (3, B, T, d) tensor: the fused and the plain path draw the same mask."""
+        if self.o_bias is not None:
+            outs = outs + self.o_bias.to(outs.dtype)[:, None, None]
+        return (self.resid_dropout(outs) * gates.permute(2, 0, 1).unsqueeze(-1)).sum(0)
 
     def repeat_kv(self, x: Tensor) -> Tensor:
         """(B, sum of K/V heads, T, D) -> (B, 3 n_head, T, D): query head h of branch b reads that branch's K/V head
@@ -141,7 +173,7 @@ class MoASAttention(nn.Module):
         return torch.cat(parts, dim=1)
 
     def matmul_params_per_token(self) -> int:
-        router = sum(p.numel() for p in self.router.parameters()) if self.dynamic else 0
+        router = self.router[0].weight.numel() + self.router[2].weight.numel() if self.dynamic else 0
         return self.c_attn.weight.numel() + self.c_proj.weight.numel() + router
 
     def flops_per_token(self, seq_len: int) -> int:
