@@ -82,7 +82,8 @@ class MoASAttention(nn.Module):
 
     def __init__(self, d_model: int, n_head: int, gqa_kv_heads: int = 2, dropout: float = 0.0, bias: bool = False,
                  dynamic: bool = True, router_hidden: Optional[int] = None, gate_dropout: float = 0.0,
-                 fused: bool = True, causal: bool = True, resid_dropout: str = "mixed"):
+                 fused: bool = True, causal: bool = True, resid_dropout: str = "mixed",
+                 attn_dropout: Optional[float] = None):
         super().__init__()
         self.n_head, self.head_dim, self.d_model = n_head, d_model // n_head, d_model
         self.kv_heads = (n_head, gqa_kv_heads, 1)
@@ -93,7 +94,8 @@ class MoASAttention(nn.Module):
         self.c_proj = nn.Linear(3 * d_model, d_model, bias=False)
         self.o_bias = nn.Parameter(torch.zeros(3, d_model)) if bias else None
         self.dynamic, self.fused, self.causal = dynamic, fused, causal
-        self.dropout, self.gate_dropout = dropout, gate_dropout
+        self.dropout = dropout if attn_dropout is None else attn_dropout  # on the attention probabilities
+        self.gate_dropout = gate_dropout
         self.resid_dropout = nn.Dropout(dropout)
         self.per_branch = resid_dropout == "per_branch"
         if dynamic:
@@ -105,9 +107,9 @@ class MoASAttention(nn.Module):
     def from_config(cls, m, causal: bool = True) -> "MoASAttention":
         if not OmegaConf.get_type(m).dynamic:
             return cls(m.d_model, m.n_head, m.gqa_kv_heads, m.dropout, m.bias, False, fused=m.fused, causal=causal,
-                       resid_dropout=m.resid_dropout)
+                       resid_dropout=m.resid_dropout, attn_dropout=ModelConfig.attn_p(m))
         return cls(m.d_model, m.n_head, m.gqa_kv_heads, m.dropout, m.bias, True, m.router_hidden, m.gate_dropout,
-                   m.fused, causal, m.resid_dropout)
+                   m.fused, causal, m.resid_dropout, ModelConfig.attn_p(m))
 
     def gates(self, x: Tensor) -> tuple:
         """(gates used for mixing (B, T, 3), Routing or None)."""
