@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from moa_train.paths import repo_root
-from moa_train.results import Job, clear, results_meta, run_command, run_jobs, single_run, welch
+from moa_train.results import Job, clear, previous_meta, results_meta, run_command, run_jobs, single_run, welch
 
 ROOT = repo_root()
 ROWS = ("mha", "moas_static", "moas_dynamic")
@@ -183,7 +183,7 @@ def speed_checks(res: dict) -> list:
     return out
 
 
-def findings(res: dict) -> list:
+def findings(res: dict, jobs: int = 1) -> list:
     lines = ["## Findings", ""]
     faithful = res.get("faithful", {}).get("rows", {})
     if set(ROWS) <= faithful.keys():
@@ -201,29 +201,38 @@ def findings(res: dict) -> list:
         if tests:
             lines.append("- Dynamic vs static (Welch): " + "; ".join(
                 f"{k.replace('_', ' ')} p = {v['p']:.2f}" for k, v in tests.items()) + ".")
-    lines += [f"- Speed target, {c}." for c in speed_checks(res)]
+    if jobs > 1:
+        lines.append("- Speed: not measured by these runs (they shared one GPU); see the ms/iter note above.")
+    else:
+        lines += [f"- Speed target, {c}." for c in speed_checks(res)]
     return lines
 
 
 def markdown(res: dict, meta: dict) -> str:
+    jobs = meta.get("jobs", 1)
     lines = ["# MoAS Table 1, reproduced over seeds", "",
              "WikiText-2 character level (283 symbols), 4 layers, d 384, 6 heads, block 256, dropout 0.1, batch 12, "
              "500 iterations, AdamW 3e-4 constant (the recipe in ../shared/papers/moas-table1-setup.md).", "",
-             "- Command: `python3 scripts/reproduce_moas_table1.py` (trains both modes in one run on one GPU, "
+             f"- Command: `{meta['command']}` (trains both modes in one run on one GPU, "
              "evaluates on the official files, writes these tables; `--tables-only` rebuilds them from the run "
              "records)",
              f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date {meta['date']}",
              "- Run records (config, metrics.jsonl, summary.json, official_eval.json): `docs/results/runs/moas_table1/"
              "<mode>/<row>-seed<k>/`",
              "- Modes: `faithful` = the paper's recipe (fp32 without TF32, eager, fused AdamW, the MSE balance loss "
-             "x 0.01 averaged over layers with gate dropout 0.1, the 90/10 char split, 20 random eval batches of "
-             "12 x 256; one departure: the balance loss comes from the training forward pass, not a second pass). "
+             "x 0.01 averaged over layers with gate dropout 0.1, each branch's output dropped out before the mix, "
+             "the 90/10 char split, 20 random eval batches of 12 x 256; every departure from the released code is "
+             "listed in docs/fidelity.md). "
              "`fast` = the same model, data and losses with bf16 autocast, TF32, torch.compile and the whole optimizer "
              "step captured in one CUDA graph.",
              "- ms/iter: the median over seeds of each run's median step time, measured over device-synchronised "
-             "windows of 10 steps with evaluation excluded (the paper's column is ms per 10 iterations on a T4).",
+             "windows of 10 steps with evaluation excluded (the paper's column is ms per 10 iterations on a T4)."
+             + (f" These runs trained {jobs} at once on one GPU (`--jobs {jobs}`), so their step times measure a "
+                "shared device, not the models' speed: the speed of each row at this size, alone on the card, is in "
+                "docs/results/bench.md (size table1)." if jobs > 1 else ""),
              "- Validation: the same 20 fixed random windows of the last 10% of the train file for every run "
-             "(the paper drew new random windows at each evaluation).", "", *findings(res), ""]
+             "(the paper drew new random windows at each evaluation).", "",
+             *([meta["note"], ""] if meta.get("note") else []), *findings(res, jobs), ""]
     for mode, block in res.items():
         rows = block["rows"]
         lines += [f"## Table 1, mode `{mode}` (the paper's split: val = last 10% of the train file)", "",
@@ -234,7 +243,8 @@ def markdown(res: dict, meta: dict) -> str:
             if row not in rows:
                 continue
             r, p = rows[row], PAPER[row]
-            extra = f" ({r['speedup_vs_faithful']:.2f}x faster than faithful)" if "speedup_vs_faithful" in r else ""
+            extra = (f" ({r['speedup_vs_faithful']:.2f}x faster than faithful)"
+                     if "speedup_vs_faithful" in r and jobs == 1 else "")
             lines.append(f"| {row} | {r['params_non_embedding']:,} | {mean_std(r['val_loss'])} | "
                          f"{', '.join(f'{v:.4f}' for v in r['val_loss'])} | {r['step_ms_median']:.2f}{extra} | "
                          f"{r.get('time_ratio', float('nan')):.2f} | {r.get('flop_ratio', float('nan')):.2f} | "
@@ -284,11 +294,16 @@ def main(argv=None) -> None:
     res = summarise(collect(args.runs_dir.resolve()))
     if not res:
         raise SystemExit(f"error: no runs under {args.runs_dir}")
-    kept = results_meta(args.out, args.tables_only)  # a rebuild keeps the measuring run's date
+    kept = results_meta(args.out, args.tables_only)  # a rebuild keeps the measuring run's date, note and --jobs
+    # how many runs shared the device: this run's --jobs, or with --tables-only the committed file's (or --jobs N, for
+    # records trained N at once elsewhere)
+    jobs_n = previous_meta(args.out).get("jobs", 1) if args.tables_only and args.jobs == 1 else args.jobs
     first = next(iter(next(iter(res.values()))["rows"].values()))
-    meta = {"command": "python3 scripts/reproduce_moas_table1.py",
+    meta = {"command": "python3 scripts/reproduce_moas_table1.py" + (f" --jobs {jobs_n}" if jobs_n > 1 else ""),
             "device": first["device"], "torch": first["torch"], "git_sha": first["git_sha"],
-            "date": kept["date"], "paper": PAPER}
+            "date": kept["date"], "paper": PAPER, "jobs": jobs_n}
+    if kept["note"]:
+        meta["note"] = kept["note"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": res}, indent=1))
     args.out.with_suffix(".md").write_text(markdown(res, meta))

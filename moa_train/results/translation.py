@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from moa_train.paths import config_dir, repo_root
-from moa_train.results import Job, clear, results_meta, run_command, run_jobs, single_run, welch
+from moa_train.results import Job, clear, previous_meta, results_meta, run_command, run_jobs, single_run, welch
 
 ROOT = repo_root()
 ROWS = ("mha", "moa", "moa_sparse")
@@ -162,9 +162,14 @@ def source_lines(block: dict) -> list:
 
 
 def group_table(heading: str, recs_by_row: dict, block: dict) -> list:
-    lines = [f"## {heading}", "", *source_lines(block),
-             "| row | params | MACs / token | test BLEU | per seed | chrF | BLEU (tok.) | val BLEU (greedy) | "
-             "wall time (s), evaluation included |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    shared = block.get("shared_jobs", 1) > 1  # the runs trained N at once on one device: their wall times say nothing
+    lines = [f"## {heading}", "", *source_lines(block)]
+    if shared:
+        lines += [f"These runs trained {block['shared_jobs']} at once on one GPU (`--jobs {block['shared_jobs']}`, "
+                  "each stopped at the device call's time limit and resumed from its checkpoint where needed), so "
+                  "their wall times measure a shared device and are not shown.", ""]
+    lines += ["| row | params | MACs / token | test BLEU | per seed | chrF | BLEU (tok.) | val BLEU (greedy) | "
+              "wall time (s), evaluation included |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for row in ROWS:
         recs = recs_by_row.get(row)
         if not recs:
@@ -174,7 +179,7 @@ def group_table(heading: str, recs_by_row: dict, block: dict) -> list:
             f"| {row} | {r0['params_total']:,} | {r0['flops_per_token'] / 6 / 1e6:.2f}M | "
             f"{fmt([r['test/bleu'] for r in recs])} | {per_seed(recs, 'test/bleu')} | "
             f"{fmt([r['test/chrf'] for r in recs])} | {fmt([r['test/bleu_tok'] for r in recs])} | "
-            f"{fmt([r['val/bleu'] for r in recs])} | {fmt([r['wall_s'] for r in recs], 0)} |")
+            f"{fmt([r['val/bleu'] for r in recs])} | {'-' if shared else fmt([r['wall_s'] for r in recs], 0)} |")
     first = next(iter(recs_by_row.values()))[0]
     lines += ["", f"sacreBLEU signature: `{first.get('bleu_signature', '?')}`", ""]
     if block["welch"]:
@@ -253,10 +258,16 @@ def main(argv=None) -> None:
     rows = collect(runs_dir)
     if not rows:
         raise SystemExit(f"error: no runs under {args.runs_dir}")
+    # how many runs shared the device, per group: this run's --jobs for the parts it trained (with --tables-only:
+    # for the parts named, records trained N at once elsewhere), else the committed file's
+    before = previous_meta(args.out).get("shared_jobs", {})
+    named = {"wmt_local" if part == "wmt" else part for part in (PARTS if "all" in args.part else args.part)}
+    shared = {g: (args.jobs if g in named and (args.jobs > 1 or not args.tables_only) else before.get(g, 1))
+              for g in rows}
     groups = {group: {"description": descriptions(runs_dir, recs), "provenance": provenance(recs),
-                      "welch": significance(recs)} for group, recs in rows.items()}
+                      "welch": significance(recs), "shared_jobs": shared[group]} for group, recs in rows.items()}
     kept = results_meta(args.out, args.tables_only)  # a rebuild keeps the measuring run's date and note
-    meta = {"date": kept["date"], "note": kept["note"]}
+    meta = {"date": kept["date"], "note": kept["note"], "shared_jobs": shared}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "groups": groups, "runs": rows}, indent=1))
     args.out.with_suffix(".md").write_text(markdown(rows, groups, meta))
