@@ -84,3 +84,18 @@ def test_resume_with_cuda_graphs(train_run, tmp_path):
     train_run(tmp_path / "split", *extra, "trainer.max_steps=10")
     _, resumed = train_run(tmp_path / "split", *extra, "trainer.max_steps=15")
     assert losses(resumed) == pytest.approx(losses(straight), abs=2e-4)
+
+
+def test_translation_resumes_on_the_gpu(compose_cfg, tmp_path):
+    """A translation run resumes from a checkpoint loaded onto the GPU: the loader's generator state, moved there with
+    the checkpoint, goes back to the CPU (every resumed translation run on CUDA failed with 'RNG state must be a
+    torch.ByteTensor')."""
+    from moa_train.train.loop import train
+    from test_translation_train import write_copy_corpus
+
+    root = write_copy_corpus(tmp_path / "data")
+    args = ("experiment=multi30k/mha", "debug=tiny", "data=wmt14_en_de", f"data.root={root}", "data.vocab_size=300",
+            "trainer.device=cuda", "trainer.save_interval=5", "trainer.eval_interval=5")
+    train(compose_cfg(*args, "trainer.max_steps=5"), tmp_path / "run")
+    summary = train(compose_cfg(*args, "trainer.max_steps=10"), tmp_path / "run")
+    assert summary["steps"] == 10

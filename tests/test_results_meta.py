@@ -55,7 +55,7 @@ def test_translation_runs_land_in_row_folders(tmp_path, monkeypatch):
         assert not list((tmp_path / "multi30k").glob(f"{row}-seed*")), "old runs left for " + row
 
     monkeypatch.setattr(translation, "run_command", fake_run)
-    translation.train(translation.plan(["multi30k"], translation.ROWS, [0, 1]), tmp_path, [], 1)
+    translation.train(translation.plan(["multi30k"], translation.ROWS, [0, 1, 2]), tmp_path, [], 1)
     assert not list((tmp_path / "multi30k").glob("*-seed*"))
     jobs = set()
     try:
@@ -73,7 +73,7 @@ def test_translation_runs_land_in_row_folders(tmp_path, monkeypatch):
                     jobs.add(str(run_dir.relative_to(tmp_path)))
     finally:
         HydraConfig.instance().cfg = None
-    assert jobs == {f"multi30k/{row}-seed{k}" for row in translation.ROWS for k in (0, 1)}
+    assert jobs == {f"multi30k/{row}-seed{k}" for row in translation.ROWS for k in (0, 1, 2)}
     committed = json.loads((RESULTS / "translation.json").read_text())["runs"]["multi30k"]
     assert {r["run"] for recs in committed.values() for r in recs} <= jobs  # the committed layout
 
