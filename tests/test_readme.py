@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,9 @@ def run_line(command: str, cwd: Path, monkeypatch, capsys) -> None:
     args = [str(next(cwd.glob(a.replace("<date_time>", "*")), a)) if "<date_time>" in a else a for a in args]
     if program == "moa_train":
         extra = list(TINY) + (["hydra.sweeper.n_trials=2"] if any("hparams_search" in a for a in args) else [])
+        # run folders are named to the second: two commands of a section started within one second would share one
+        # (the second resuming the first), which a person typing them never sees
+        time.sleep(1.0 - time.time() % 1.0 + 0.01)
         code, output, _ = run_main(args + extra, monkeypatch, capsys)
         assert code in (0, None), f"{command}\n{output}"
         return
