@@ -2,6 +2,10 @@
 
 Pre-LN blocks, learned positions, tied input/output embeddings, GELU MLP. `forward` returns the logits and one
 routing record per layer (None for dense attention); the trainer turns them into losses and metrics.
+
+Cached inference (models/kv_cache.py): `init_cache`, then `prefill` with the (right-padded) prompts, then one
+`decode_step` per generated token. Call them in eval mode (the cached path applies no dropout of its own) under
+torch.no_grad().
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from moa_train.models.kv_cache import KVCache
 from moa_train.models.registry import build_attention, model_config
 from moa_train.models.roles import EMBEDDING, NO_DECAY, RESIDUAL, params_with
 
@@ -50,6 +55,10 @@ class Block(nn.Module):
         a, routing = self.attn(self.ln_1(x))
         x = x + a
         return x + self.mlp(self.ln_2(x)), routing
+
+    def forward_cached(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor) -> Tensor:
+        x = x + self.attn.forward_cached(self.ln_1(x), cache_k, cache_v, positions)
+        return x + self.mlp(self.ln_2(x))
 
 
 def init_weights(model: nn.Module, n_layer: int) -> None:
@@ -93,6 +102,46 @@ class LanguageModel(nn.Module):
             x, routing = block(x)
             routings.append(routing)
         return self.lm_head(self.ln_f(x)), routings
+
+    def init_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
+        """An empty cache for `batch_size` rows of up to `max_len` tokens (prompt and generated); device and dtype
+        default to the model's parameters'."""
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"max_len={max_len} is longer than model.max_seq_len={self.config.max_seq_len}")
+        w = self.wte.weight
+        layouts = [block.attn.kv_layout() for block in self.blocks]
+        return KVCache.allocate(layouts, batch_size, max_len, device or w.device, dtype or w.dtype)
+
+    def prefill(self, idx: Tensor, lengths: Tensor, cache: KVCache) -> Tensor:
+        """idx (B, T) right-padded prompts of `lengths` (B,) real tokens (1..T) written into the cache from position
+        0; cache.lengths becomes `lengths`. Returns the logits (B, V) at each row's last real token. Padding
+        positions write K/V past a row's length that are never attended and overwritten by the next token."""
+        b, t = idx.shape
+        if t > cache.max_len:
+            raise ValueError(f"prompt of {t} tokens is longer than the cache's max_len={cache.max_len}")
+        lengths = lengths.to(device=idx.device, dtype=torch.int64)
+        if bool(((lengths < 1) | (lengths > t)).any()):
+            raise ValueError(f"prefill lengths must lie in 1..{t} (the prompt width)")
+        positions = torch.arange(t, device=idx.device).expand(b, t)
+        h = self.forward_cached(idx, positions, cache)
+        last = h.gather(1, (lengths - 1)[:, None, None].expand(-1, 1, h.shape[-1])).squeeze(1)
+        cache.lengths.copy_(lengths)
+        return self.lm_head(last)
+
+    def decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        """tokens (B,): one per row, at position cache.lengths; returns the logits (B, V) after it and advances
+        cache.lengths by one. Fixed shapes and no host sync (it compiles with fullgraph=True); positions past
+        cache.max_len are not checked."""
+        h = self.forward_cached(tokens[:, None], cache.lengths[:, None], cache)
+        cache.lengths.add_(1)
+        return self.lm_head(h[:, 0])
+
+    def forward_cached(self, idx: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
+        """Final hidden states (B, T, d) of tokens idx (B, T) at per-row positions (B, T), through the cache."""
+        x = self.wte(idx) + self.wpe(positions)
+        for block, cache_k, cache_v in zip(self.blocks, cache.k, cache.v):
+            x = block.forward_cached(x, cache_k, cache_v, positions)
+        return self.ln_f(x)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """nanoGPT's count: every parameter once (the tied embedding once), minus position embeddings."""

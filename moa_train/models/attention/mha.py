@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moa_train.config import ModelConfig, _check, _divisors
+from moa_train.models.kv_cache import cached_sdpa, write_kv
 from moa_train.models.roles import NO_DECAY, RESIDUAL
 
 
@@ -127,12 +128,23 @@ class MultiHeadAttention(nn.Module):
         y = sdpa(q, k, v, mask, self.causal and context is None, self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(merge_heads(y))), None
 
+    def forward_cached(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor) -> Tensor:
+        """Cached self-attention (models/kv_cache.py): caches only the n_kv_heads K/V heads."""
+        q, k, v = self.project(x, None)
+        write_kv(cache_k, k, positions)
+        write_kv(cache_v, v, positions)
+        return self.c_proj(merge_heads(cached_sdpa(q, cache_k, cache_v, positions)))
+
     def matmul_params_per_token(self) -> int:
         return self.c_attn.weight.numel() + self.c_proj.weight.numel()
 
     def flops_per_token(self, seq_len: int) -> int:
         """6 x matmul parameters + 12 x (query heads x head_dim x T): forward and backward."""
         return 6 * self.matmul_params_per_token() + 12 * self.n_head * self.head_dim * seq_len
+
+    def kv_layout(self) -> tuple:
+        """(K/V heads cached, head_dim): mha n_head, gqa n_kv_heads, mqa 1."""
+        return self.n_kv, self.head_dim
 
     def kv_cache_elems_per_token(self) -> int:
         return 2 * self.n_kv * self.head_dim

@@ -25,6 +25,7 @@ from torch import Tensor
 from moa_train.config import ModelConfig, _check, _one_of, _positive_or_null
 from moa_train.models.attention.grouped import gather_rows, grouped_kernel_available, grouped_mm
 from moa_train.models.attention.mha import sdpa, split_heads
+from moa_train.models.kv_cache import cached_sdpa, write_kv
 from moa_train.models.roles import NO_DECAY, RESIDUAL, ROUTER
 from moa_train.models.routing import Routing
 
@@ -128,22 +129,42 @@ class MixtureOfAttentionHeads(nn.Module):
         return self.expert_matmul == "grouped"
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None):
+        p = self.dropout if self.training else 0.0
+        causal = self.causal and context is None
+
+        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return sdpa(q, k, v, mask, causal, p)
+        y, routing = self.mix(x, x if context is None else context, attend, self.grouped(x))
+        return self.resid_dropout(y), routing
+
+    def forward_cached(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor) -> Tensor:
+        """Cached self-attention (models/kv_cache.py): caches the shared K/V only (n_kv_heads heads of head_dim:
+        expert_dim per K and per V, whatever the experts); routes each token top-k as `forward` does, on the dense
+        expert path."""
+        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            write_kv(cache_k, k, positions)
+            write_kv(cache_v, v, positions)
+            return cached_sdpa(q, cache_k, cache_v, positions)
+        return self.mix(x, x, attend, grouped=False)[0]
+
+    def mix(self, x: Tensor, source: Tensor, attend, grouped: bool) -> tuple:
+        """(y before residual dropout (B, T, d), Routing): the routed queries of x attend (`attend(q, k, v)` on heads)
+        to the shared K/V of `source`; the gated expert outputs summed."""
         b, t, _ = x.shape
         e, k, g, dh = self.n_experts, self.top_k, self.n_kv, self.head_dim
         gates, chosen, routing = self.route(x)
         if k == e:  # every expert selected: take them in expert order, so no gather and no scatter is needed
             gates, chosen = routing.probs, None  # either gating gives expert i its probability when k = E
-        sort = self.sorted_by_expert(chosen) if chosen is not None and self.grouped(x) else None
+        sort = self.sorted_by_expert(chosen) if chosen is not None and grouped else None
         # queries of the selected experts (B*T, k, g*dh), then heads ordered group-major (B, g*k, T, dh)
         q = self.dense_queries(x, chosen) if sort is None else self.grouped_queries(x, chosen, *sort)
         q = q.view(b, t, k, g, dh).permute(0, 3, 2, 1, 4).reshape(b, g * k, t, dh)
-        kv_k, kv_v = self.kv_proj(x if context is None else context).split(self.expert_dim, dim=-1)
-        p = self.dropout if self.training else 0.0
-        o = sdpa(q, split_heads(kv_k, g), split_heads(kv_v, g), mask, self.causal and context is None, p)
+        kv_k, kv_v = self.kv_proj(source).split(self.expert_dim, dim=-1)
+        o = attend(q, split_heads(kv_k, g), split_heads(kv_v, g))
         o = o.view(b, g, k, t, dh).permute(0, 3, 2, 1, 4).reshape(b * t, k, self.expert_dim)
         o = o * gates.to(o.dtype).unsqueeze(-1)
         y = self.dense_output(o, chosen) if sort is None else self.grouped_output(o, *sort)
-        return self.resid_dropout(y.view(b, t, y.shape[-1])), routing
+        return y.view(b, t, y.shape[-1]), routing
 
     def dense_queries(self, x: Tensor, chosen: Optional[Tensor]) -> Tensor:
         q_all = self.q_proj(x).view(-1, self.n_experts, self.expert_dim)
@@ -201,6 +222,10 @@ class MixtureOfAttentionHeads(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> int:
         return 6 * self.matmul_params_per_token() + 12 * self.top_k * self.n_kv * self.head_dim * seq_len
+
+    def kv_layout(self) -> tuple:
+        """(K/V heads cached, head_dim): the shared n_kv_heads groups, whatever the number of experts."""
+        return self.n_kv, self.head_dim
 
     def kv_cache_elems_per_token(self) -> int:
         return 2 * self.expert_dim

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from moa_train.config import ModelConfig, _check, _divisors, _one_of, _positive_or_null
 from moa_train.models.attention.mha import merge_heads, sdpa, split_heads
+from moa_train.models.kv_cache import cached_sdpa, write_kv
 from moa_train.models.roles import NO_DECAY, RESIDUAL, ROUTER
 from moa_train.models.routing import Routing
 
@@ -66,6 +67,9 @@ class MoASDynamicConfig(MoASStaticConfig):
     """moas_dynamic: the branches mixed per token by a router."""
     router_hidden: Optional[int] = None  # hidden width of the router; null = d_model // 4
     gate_dropout: float = 0.0  # dropout on the router's gates after softmax (MoAS paper: 0.1)
+    # soft: inference mixes the branches as training does | top1: at inference (eval forward, cached decoding) only
+    # the router's argmax branch, gate 1.0; training is always soft
+    inference_routing: str = "soft"
 
     dynamic: ClassVar[bool] = True
 
@@ -74,6 +78,7 @@ class MoASDynamicConfig(MoASStaticConfig):
         super().validate(m, cfg)
         _positive_or_null(m.router_hidden, "model.router_hidden")
         _check(0.0 <= m.gate_dropout < 1.0, "model.gate_dropout", f"must be in [0, 1), got {m.gate_dropout}")
+        _one_of(m.inference_routing, "model.inference_routing", ("soft", "top1"))
 
 
 class MoASAttention(nn.Module):
@@ -83,10 +88,16 @@ class MoASAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int, gqa_kv_heads: int = 2, dropout: float = 0.0, bias: bool = False,
                  dynamic: bool = True, router_hidden: Optional[int] = None, gate_dropout: float = 0.0,
                  fused: bool = True, causal: bool = True, resid_dropout: str = "mixed",
-                 attn_dropout: Optional[float] = None):
+                 attn_dropout: Optional[float] = None, inference_routing: str = "soft"):
         super().__init__()
         self.n_head, self.head_dim, self.d_model = n_head, d_model // n_head, d_model
         self.kv_heads = (n_head, gqa_kv_heads, 1)
+        # the cache head query head h of branch b reads (3 n_head,): mha h, gqa n_head + h // (n_head / G), mqa
+        # n_head + G (G = gqa_kv_heads); the decode step of top1 gathers them
+        group = n_head // gqa_kv_heads
+        index = [*range(n_head), *(n_head + i // group for i in range(n_head)), *[n_head + gqa_kv_heads] * n_head]
+        self.register_buffer("kv_head_index", torch.tensor(index), persistent=False)
+        self.inference_routing = inference_routing
         kv_total = sum(self.kv_heads) * self.head_dim
         # rows: [q_mha q_gqa q_mqa | k_mha k_gqa k_mqa | v_mha v_gqa v_mqa]
         self.c_attn = nn.Linear(d_model, 3 * d_model + 2 * kv_total, bias=bias)
@@ -109,10 +120,10 @@ class MoASAttention(nn.Module):
             return cls(m.d_model, m.n_head, m.gqa_kv_heads, m.dropout, m.bias, False, fused=m.fused, causal=causal,
                        resid_dropout=m.resid_dropout, attn_dropout=ModelConfig.attn_p(m))
         return cls(m.d_model, m.n_head, m.gqa_kv_heads, m.dropout, m.bias, True, m.router_hidden, m.gate_dropout,
-                   m.fused, causal, m.resid_dropout, ModelConfig.attn_p(m))
+                   m.fused, causal, m.resid_dropout, ModelConfig.attn_p(m), m.inference_routing)
 
-    def gates(self, x: Tensor) -> tuple:
-        """(gates used for mixing (B, T, 3), Routing or None)."""
+    def gates(self, x: Tensor, top1: bool = False) -> tuple:
+        """(gates used for mixing (B, T, 3), Routing or None); top1: the one-hot of the router's argmax."""
         b, t, _ = x.shape
         if not self.dynamic:
             return x.new_full((b, t, 3), 1.0 / 3), None
@@ -123,39 +134,103 @@ class MoASAttention(nn.Module):
         logits = F.linear(hidden, F.pad(out.weight, (0, 0, 0, pad)), bias)[..., :len(BRANCHES)].float()
         probs = logits.softmax(-1)
         routing = Routing(probs.view(-1, 3), BRANCHES, None, logits.view(-1, 3))
-        gates = F.dropout(probs, self.gate_dropout, self.training) if self.gate_dropout else probs
+        if top1:
+            gates = F.one_hot(probs.argmax(-1), len(BRANCHES)).to(probs.dtype)
+        else:
+            gates = F.dropout(probs, self.gate_dropout, self.training) if self.gate_dropout else probs
         return gates.to(x.dtype), routing
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None):
         if context is not None:
             raise NotImplementedError("MoAS is a self-attention scheme; use mha or moa for cross-attention")
-        gates, routing = self.gates(x)
-        d, kv = self.d_model, [n * self.head_dim for n in self.kv_heads]
-        q, k, v = self.c_attn(x).split([3 * d, sum(kv), sum(kv)], dim=-1)
+        gates, routing = self.gates(x, top1=self.inference_routing == "top1" and not self.training)
         p = self.dropout if self.training else 0.0
         per_branch = self.per_branch and self.training and self.resid_dropout.p > 0
         if self.fused:
-            n_kv = sum(self.kv_heads)
-            q, k, v = split_heads(q, 3 * self.n_head), split_heads(k, n_kv), split_heads(v, n_kv)
-            k, v = self.repeat_kv(k), self.repeat_kv(v)
-            o = merge_heads(sdpa(q, k, v, mask, self.causal, p))  # (B, T, 3d) = [o_mha | o_gqa | o_mqa]
-            o = o.view(*o.shape[:2], 3, d)
-            if per_branch:  # branch b's o_b @ W_b^T: one batched matmul over the branches, (3, B*T, d)
-                outs = torch.bmm(o.flatten(0, 1).transpose(0, 1), self.c_proj.weight.view(d, 3, d).permute(1, 2, 0))
-                return self.mix_per_branch(outs.view(3, *o.shape[:2], d), gates), routing
-            y = self.c_proj((o * gates.unsqueeze(-1)).flatten(2))
+            def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                return sdpa(q, self.repeat_kv(k), self.repeat_kv(v), mask, self.causal, p)
+            out = self.fused_mix(x, gates, attend, per_branch)
         else:
-            qs, ks, vs = q.split(d, -1), k.split(kv, -1), v.split(kv, -1)
-            ws = self.c_proj.weight.split(d, dim=1)
-            outs = [F.linear(merge_heads(sdpa(split_heads(qs[i], self.n_head), split_heads(ks[i], n_kv),
-                                              split_heads(vs[i], n_kv), mask, self.causal, p)), ws[i])
-                    for i, n_kv in enumerate(self.kv_heads)]
-            if per_branch:
-                return self.mix_per_branch(torch.stack(outs), gates), routing
-            y = sum(gates[..., i:i + 1] * out for i, out in enumerate(outs))
+            out = self.plain_mix(x, gates, mask, p, per_branch)
+        if per_branch:
+            return self.mix_per_branch(out, gates), routing
+        return self.resid_dropout(self.add_bias(out, gates)), routing
+
+    def fused_mix(self, x: Tensor, gates: Tensor, attend, per_branch: bool) -> Tensor:
+        """The fused layout: `attend(q, k, v)` takes the 3 n_head query heads and the branches' sum(kv_heads) K/V
+        heads. Returns the gate-mixed projection without output bias (B, T, d), or with per_branch the branch
+        projections (3, B, T, d)."""
+        d, n_kv = self.d_model, sum(self.kv_heads)
+        q, k, v = self.c_attn(x).split([3 * d, n_kv * self.head_dim, n_kv * self.head_dim], dim=-1)
+        o = merge_heads(attend(split_heads(q, 3 * self.n_head), split_heads(k, n_kv), split_heads(v, n_kv)))
+        o = o.view(*o.shape[:2], 3, d)  # (B, T, 3, d) = [o_mha | o_gqa | o_mqa]
+        if per_branch:  # branch b's o_b @ W_b^T: one batched matmul over the branches, (3, B*T, d)
+            outs = torch.bmm(o.flatten(0, 1).transpose(0, 1), self.c_proj.weight.view(d, 3, d).permute(1, 2, 0))
+            return outs.view(3, *o.shape[:2], d)
+        return self.c_proj((o * gates.unsqueeze(-1)).flatten(2))
+
+    def plain_mix(self, x: Tensor, gates: Tensor, mask: Optional[Tensor], p: float, per_branch: bool) -> Tensor:
+        """`fused_mix`, branch by branch (fused=false)."""
+        d, kv = self.d_model, [n * self.head_dim for n in self.kv_heads]
+        q, k, v = self.c_attn(x).split([3 * d, sum(kv), sum(kv)], dim=-1)
+        qs, ks, vs = q.split(d, -1), k.split(kv, -1), v.split(kv, -1)
+        ws = self.c_proj.weight.split(d, dim=1)
+        outs = [F.linear(merge_heads(sdpa(split_heads(qs[i], self.n_head), split_heads(ks[i], n_kv),
+                                          split_heads(vs[i], n_kv), mask, self.causal, p)), ws[i])
+                for i, n_kv in enumerate(self.kv_heads)]
+        if per_branch:
+            return torch.stack(outs)
+        return sum(gates[..., i:i + 1] * out for i, out in enumerate(outs))
+
+    def add_bias(self, y: Tensor, gates: Tensor) -> Tensor:
+        """y + each branch's output bias mixed by the gates."""
+        return y if self.o_bias is None else y + gates @ self.o_bias.to(y.dtype)
+
+    def forward_cached(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor) -> Tensor:
+        """Cached self-attention (models/kv_cache.py), fused layout whatever `fused` says (same parameters). The cache
+        holds EVERY branch's K/V: n_head + gqa_kv_heads + 1 heads per token and layer, since a later token, routed to
+        any branch, reads every earlier token's K/V of that branch.
+
+        soft: exactly the trained computation (static: 1/3 each). top1 (moas_dynamic, model.inference_routing): the
+        router's argmax branch alone with gate 1.0, not its probability, so a one-hot router gives soft's result. A
+        one-token step (decode) then runs only that branch's query rows, its n_head query heads against its own
+        cached K/V heads, and its output block: it saves the Q and O projections (FLOPs and weight reads) of 2 of
+        the 3 branches and attends with n_head instead of 3 n_head query heads. It does not save the K/V projections
+        of all branches nor the cache of n_head + gqa_kv_heads + 1 heads: every token still writes every branch's
+        K/V. Prefill (T > 1) computes all branches and mixes them with the one-hot gates (same result)."""
+        top1 = self.inference_routing == "top1"
+        if top1 and x.shape[1] == 1:
+            return self.decode_top1(x, cache_k, cache_v, positions)
+        gates, _ = self.gates(x, top1)
+
+        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            write_kv(cache_k, k, positions)
+            write_kv(cache_v, v, positions)
+            return cached_sdpa(q, self.repeat_kv(cache_k), self.repeat_kv(cache_v), positions)
+        return self.add_bias(self.fused_mix(x, gates, attend, per_branch=False), gates)
+
+    def decode_top1(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor) -> Tensor:
+        """One token per row (x (B, 1, d)), top1: see `forward_cached`. Per row, the chosen branch's W_q block and
+        W_o block are gathered ((B, d, d) each: only the chosen branch's weights are read) and its query heads read
+        the cache heads `kv_head_index` names for that branch."""
+        b, d, h, dh, n_kv = x.shape[0], self.d_model, self.n_head, self.head_dim, sum(self.kv_heads)
+        _, routing = self.gates(x)
+        c = routing.probs.argmax(-1)  # (B,) the chosen branch
+        w, bias, xs = self.c_attn.weight, self.c_attn.bias, x[:, 0]
+        k, v = F.linear(xs, w[3 * d:], None if bias is None else bias[3 * d:]).split(n_kv * dh, dim=-1)
+        write_kv(cache_k, k.view(b, n_kv, 1, dh), positions)
+        write_kv(cache_v, v.view(b, n_kv, 1, dh), positions)
+        q = torch.bmm(w[:3 * d].view(3, d, d)[c], xs.unsqueeze(-1)).squeeze(-1)
+        if bias is not None:
+            q = q + bias[:3 * d].view(3, d)[c]
+        heads = self.kv_head_index.view(3, h)[c]  # (B, n_head): the cache head each query head of the branch reads
+        index = heads[:, :, None, None].expand(-1, -1, *cache_k.shape[2:])
+        o = cached_sdpa(q.view(b, h, 1, dh), cache_k.gather(1, index), cache_v.gather(1, index), positions)
+        w_o = self.c_proj.weight.view(d, 3, d).transpose(0, 1)[c]  # (B, d, d): the branch's output block
+        y = torch.bmm(w_o, o.reshape(b, d, 1)).squeeze(-1)
         if self.o_bias is not None:
-            y = y + gates @ self.o_bias.to(y.dtype)
-        return self.resid_dropout(y), routing
+            y = y + self.o_bias[c]
+        return y.unsqueeze(1)
 
     def mix_per_branch(self, outs: Tensor, gates: Tensor) -> Tensor:
         """resid_dropout=per_branch while training: branch outputs (3, B, T, d) -> sum_b g_b * dropout(out_b + c_b).
@@ -180,6 +255,10 @@ class MoASAttention(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> int:
         return 6 * self.matmul_params_per_token() + 12 * 3 * self.n_head * self.head_dim * seq_len
+
+    def kv_layout(self) -> tuple:
+        """(K/V heads cached, head_dim): every branch's, n_head + gqa_kv_heads + 1 (see `forward_cached`)."""
+        return sum(self.kv_heads), self.head_dim
 
     def kv_cache_elems_per_token(self) -> int:
         return 2 * sum(self.kv_heads) * self.head_dim
