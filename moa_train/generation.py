@@ -74,7 +74,9 @@ def pick(logits: torch.Tensor, temperature: float, top_k, top_p, greedy: bool, g
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def check_settings(temperature: float, top_k, top_p, greedy: bool) -> None:
+def check_settings(max_new_tokens: int, temperature: float, top_k, top_p, greedy: bool) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0 (got {max_new_tokens})")
     if not greedy and not temperature > 0:
         raise ValueError(f"temperature must be > 0 (got {temperature}) unless greedy")
     if top_k is not None and top_k < 1:
@@ -147,9 +149,10 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 200, tempera
              use_cache: bool = True, stream=None, warn=None) -> list:
     """The completion (new text only) of each prompt. `stream(piece)`: each new piece of text as it comes, for a
     single prompt. `seed`: a torch.Generator on the model's device (None: torch's global RNG). `warn(message)`: told
-    of words mapped to <unk>. ValueError (one line) for a bad setting, a prompt longer than model.max_seq_len or
-    symbols outside a vocabulary without <unk>. A row stops early where its next token would pass max_seq_len."""
-    check_settings(temperature, top_k, top_p, greedy)
+    of words mapped to <unk> and of rows stopped at max_seq_len. ValueError (one line) for a bad setting, a prompt
+    longer than model.max_seq_len or symbols outside a vocabulary without <unk>. A row stops early where its next
+    token would need a position past model.max_seq_len."""
+    check_settings(max_new_tokens, temperature, top_k, top_p, greedy)
     if stream is not None and len(prompts) != 1:
         raise ValueError(f"stream takes a single prompt (got {len(prompts)})")
     limit = model.config.max_seq_len
@@ -163,9 +166,15 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 200, tempera
     # rows of one budget run as one batch: a row may generate while its next position exists (prompt + new <=
     # max_seq_len + 1, the last token never fed), so prompts near the limit get a batch of their own
     budgets = [max(0, min(max_new_tokens, limit + 1 - len(p))) for p in ids]
+    for text, budget in zip(prompts, budgets):
+        if budget < max_new_tokens and warn is not None:
+            warn(f"prompt {text[:40]!r}: stops after {budget} new tokens, at model.max_seq_len={limit}")
     new = [None] * len(ids)
     for budget in dict.fromkeys(budgets):
         rows = [r for r, b in enumerate(budgets) if b == budget]
+        if budget == 0:
+            new = [[] if r in rows else n for r, n in enumerate(new)]
+            continue
         on_token = None
         if stream is not None:
             streamer, so_far = _Streamer(tokenizer, stream), []
@@ -235,7 +244,7 @@ def main(argv=None) -> None:
 
     args = parser().parse_args(argv)
     try:
-        check_settings(args.temperature, args.top_k, args.top_p, args.greedy)
+        check_settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.greedy)
     except ValueError as exc:
         _fail(f"--{str(exc).replace('_', '-')}")
     prompts = _prompts(args)

@@ -155,3 +155,28 @@ def test_bad_input_gives_one_line_and_exit_2(case, char_run, translation_like, t
     code, out, err = cli(*args)
     assert code == 2 and out == "" and len(err) == 1 and err[0].startswith("error: "), (code, out, err)
     assert expected in err[0], err[0]
+
+
+def test_a_cache_entry_from_before_saved_tokenizers_is_rebuilt_with_one(make_cfg, caplog):
+    from moa_train.data import load_data
+
+    cfg = make_cfg("data=wikitext2_word")
+    first = load_data(cfg.data)
+    first.tokenizer_file.unlink()
+    with caplog.at_level("WARNING"):
+        again = load_data(cfg.data)
+    assert "tokenizer.json is missing" in caplog.text and again.tokenizer_file.is_file()
+    from moa_train.data.wikitext import tokenizer_from_json
+
+    tok = tokenizer_from_json(again.tokenizer_file.read_text(encoding="utf-8"))
+    assert tok.kind == "word" and tok.vocab_size == again.vocab_size
+
+
+def test_a_bpe_runs_tokenizer_file_loads_and_round_trips(make_cfg, wikitext_texts):
+    from moa_train.data import load_data
+    from moa_train.data.wikitext import tokenizer_from_json
+
+    data = load_data(make_cfg("data=wikitext2_bpe", "data.vocab_size=400").data)
+    tok = tokenizer_from_json(data.tokenizer_file.read_text(encoding="utf-8"))
+    text = wikitext_texts["test"][:1000] + "naïve ☺"
+    assert tok.kind == "bpe" and tok.vocab_size == data.vocab_size and tok.decode(tok.encode(text)) == text
