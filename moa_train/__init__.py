@@ -11,3 +11,17 @@ def load_run(run_dir, map_location: str = "cpu"):
     from moa_train.api import load_run as _load_run
 
     return _load_run(run_dir, map_location)
+
+
+def load_tokenizer(run_dir):
+    """The tokenizer saved in a run folder (tokenizer.json): see moa_train.api.load_tokenizer."""
+    from moa_train.api import load_tokenizer as _load_tokenizer
+
+    return _load_tokenizer(run_dir)
+
+
+def generate(model, tokenizer, prompts, **kwargs):
+    """Completions of `prompts` from a decoder-only LM: see moa_train.generation.generate."""
+    from moa_train.generation import generate as _generate
+
+    return _generate(model, tokenizer, prompts, **kwargs)

@@ -11,20 +11,43 @@ def load_run(run_dir: str | Path, map_location: str = "cpu") -> tuple:
     resolved config). A damaged checkpoint is skipped with a warning, as a resume does; nothing is locked or
     written, and nothing in the file runs (weights_only loading). The modules in MOA_PLUGINS are loaded first, so
     a run of a plugin's variant rebuilds."""
+    model, cfg, _ = load_checkpoint_model(run_dir, map_location)
+    return model, cfg
+
+
+def load_checkpoint_model(target: str | Path, map_location: str = "cpu", lm_only: bool = False) -> tuple:
+    """(model in eval mode, resolved config, checkpoint path) of a checkpoint file, or of a run folder's latest
+    checkpoint that verifies and reads (load_run's choice). `lm_only`: refuse a task other than the decoder-only LM
+    (ValueError) before building anything."""
     from moa_train.plugins import load_plugins
     from moa_train.train.checkpoint import checkpoints_in, load_latest
     from moa_train.train.tasks import saved_task, task_class
 
     load_plugins()
-    run_dir = Path(run_dir)
-    if not checkpoints_in(run_dir):
-        raise FileNotFoundError(f"no checkpoint under {run_dir} (expected checkpoints/step_*.pt)")
-    _, state, _ = load_latest(run_dir, map_location, key="load_run")
+    target = Path(target)
+    if not checkpoints_in(target):
+        raise FileNotFoundError(f"no checkpoint under {target} (expected checkpoints/step_*.pt)")
+    path, state, _ = load_latest(target, map_location, key="load_run")
     cfg: DictConfig = OmegaConf.create(state["config"])  # resolved as the run used it (env vars included)
-    task = task_class(saved_task(state["config"]))
-    model = task.build_model(cfg.model, state["vocab_size"], state.get("pad_id"))
+    name = saved_task(state["config"])
+    if lm_only and name != "lm":
+        raise ValueError(f"{target} is a {name} run: only decoder-only LM runs (task lm) are supported for now")
+    model = task_class(name).build_model(cfg.model, state["vocab_size"], state.get("pad_id"))
     model.load_state_dict(state["model"])
-    return model.to(map_location).eval(), cfg
+    return model.to(map_location).eval(), cfg, path
 
 
-__all__ = ["load_run"]
+def load_tokenizer(run_dir: str | Path):
+    """The tokenizer a run saved in its folder (tokenizer.json: a char or word vocabulary, or tokenizers' BPE
+    file), with encode, decode and vocab_size. JSON only: nothing in the file runs. FileNotFoundError (one line) for
+    a run folder without one: runs started before tokenizers were saved."""
+    from moa_train.data.wikitext import TOKENIZER_FILE, tokenizer_from_json
+
+    path = Path(run_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the run predates saved tokenizers (or is not an LM run); "
+                                "train a new run to generate from it")
+    return tokenizer_from_json(path.read_text(encoding="utf-8"), str(path))
+
+
+__all__ = ["load_checkpoint_model", "load_run", "load_tokenizer"]

@@ -20,7 +20,8 @@ MARKERS = ("[GPU]", "[multi-node]", "[full run]", "[SLURM]")
 # added to every training command: a couple of steps, one evaluation batch, a few decoded sentences
 TINY = ("trainer.max_steps=2", "trainer.eval_interval=2", "trainer.eval_iters=1", "trainer.log_interval=1",
         "trainer.device=cpu", "eval.max_sentences=2", "data.max_tokens=512")
-ENTRY = {"moa-train": "moa_train", "moa-report": "moa_train.report", "moa-bench": "moa_train.bench"}
+ENTRY = {"moa-train": "moa_train", "moa-report": "moa_train.report", "moa-bench": "moa_train.bench",
+         "moa-generate": "moa_train.generation"}
 
 
 def readme_commands() -> dict:

@@ -67,6 +67,7 @@ class TokenData:
     splits: dict  # "train" | "val" | "test" -> Split
     vocab_size: int
     tokenizer: str
+    tokenizer_file: Path | None = None  # tokenizer_json's file, which a run copies into its folder; None: no text
 
 
 def check_lengths(data: TokenData, block_size: int) -> None:
@@ -145,8 +146,23 @@ def split_texts(files: dict, split: str) -> dict:
 class CharTokenizer:
     """Vocabulary = sorted characters of the whole train FILE (283 for WikiText-2, as in the MoAS paper)."""
 
+    kind = "char"
+
     def __init__(self, vocab_text: str):
         self.codepoints = np.array(sorted({ord(c) for c in vocab_text}), dtype=np.uint32)
+
+    @property
+    def symbols(self) -> list:
+        """The vocabulary in id order."""
+        return [chr(c) for c in self.codepoints]
+
+    def unknown(self, text: str) -> list:
+        """The characters of `text` outside the vocabulary, each once, in order of appearance."""
+        known = set(self.symbols)
+        return list(dict.fromkeys(c for c in text if c not in known))
+
+    def decode(self, ids) -> str:
+        return "".join(chr(self.codepoints[i]) for i in ids)
 
     def encode(self, text: str) -> np.ndarray:
         cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
@@ -163,11 +179,26 @@ class CharTokenizer:
 
 
 class WordTokenizer:
-    """Whitespace words plus <eos> at each line end; vocabulary from the train split (WikiText has no OOV)."""
+    """Whitespace words plus <eos> at each line end; vocabulary from the train split (WikiText has no OOV). Unknown
+    words map to <unk>, which the vocabulary always holds. decode writes each word as " word" and <eos> as " \\n",
+    WikiText's own layout, so a WikiText line round-trips exactly."""
 
-    def __init__(self, vocab_text: str):
-        words = sorted(set(vocab_text.split()) | {"<eos>", "<unk>"})
+    kind = "word"
+
+    def __init__(self, vocab_text: str = "", symbols: list | None = None):
+        words = symbols if symbols is not None else sorted(set(vocab_text.split()) | {"<eos>", "<unk>"})
         self.stoi = {w: i for i, w in enumerate(words)}
+        self.itos = list(words)
+
+    @property
+    def symbols(self) -> list:
+        return self.itos
+
+    def unknown(self, text: str) -> list:
+        return list(dict.fromkeys(w for w in text.split() if w not in self.stoi))
+
+    def decode(self, ids) -> str:
+        return "".join(" \n" if self.itos[i] == "<eos>" else " " + self.itos[i] for i in ids)
 
     def encode(self, text: str) -> np.ndarray:
         unk, ids = self.stoi["<unk>"], []
@@ -183,7 +214,9 @@ class WordTokenizer:
 
 
 class BPETokenizer:
-    """Byte-level BPE trained with `tokenizers` on the train split; saved beside the cached ids."""
+    """Byte-level BPE trained with `tokenizers` on the train split; saved beside the cached ids (tokenizers' JSON)."""
+
+    kind = "bpe"
 
     def __init__(self, train_text: str, vocab_size: int, path: Path):
         from tokenizers import Tokenizer
@@ -193,6 +226,20 @@ class BPETokenizer:
             return
         self.tok = train_bpe(train_text.splitlines(keepends=True), vocab_size, path)
 
+    @classmethod
+    def from_json(cls, text: str) -> "BPETokenizer":
+        from tokenizers import Tokenizer
+
+        self = cls.__new__(cls)
+        self.tok = Tokenizer.from_str(text)
+        return self
+
+    def unknown(self, text: str) -> list:
+        return []  # byte-level: every string has ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(map(int, ids)), skip_special_tokens=False)
+
     def encode(self, text: str) -> np.ndarray:
         lines = text.splitlines(keepends=True)
         return np.asarray([i for enc in self.tok.encode_batch(lines) for i in enc.ids], dtype=np.int64)
@@ -200,6 +247,29 @@ class BPETokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
+
+
+TOKENIZER_FILE = "tokenizer.json"  # in a cache entry and in a run folder
+
+
+def tokenizer_json(tok) -> str:
+    """A char or word vocabulary as JSON (the kind and the symbols in id order); BPE: tokenizers' own JSON."""
+    if tok.kind == "bpe":
+        return tok.tok.to_str()
+    return json.dumps({"kind": tok.kind, "symbols": tok.symbols}, ensure_ascii=False)
+
+
+def tokenizer_from_json(text: str, source: str = TOKENIZER_FILE):
+    """The tokenizer `tokenizer_json` wrote; plain JSON only, nothing in it runs."""
+    spec = json.loads(text)
+    if isinstance(spec, dict) and "model" in spec:  # tokenizers' format
+        return BPETokenizer.from_json(text)
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind == "char":
+        return CharTokenizer("".join(spec["symbols"]))
+    if kind == "word":
+        return WordTokenizer(symbols=spec["symbols"])
+    raise DataError(f"{source}: not a moa_train tokenizer (kind {kind!r}; expected char, word or tokenizers' BPE)")
 
 
 # --- caching ------------------------------------------------------------------------------------------------------
@@ -226,6 +296,8 @@ def _build(files: dict, cfg, out: Path) -> None:
             raise DataError(f"data file {source}, {exc}") from None
         ids.tofile(out / f"{name}.bin")
         meta["splits"][name] = {"n_tokens": len(ids), "n_chars": len(text), "n_words": word_count(text)}
+    if tok.kind != "bpe":  # BPETokenizer saved its own file there
+        (out / TOKENIZER_FILE).write_text(tokenizer_json(tok), encoding="utf-8")
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -242,7 +314,9 @@ def _load(out: Path, sources: dict) -> TokenData:
         tokens = np.memmap(path, dtype=dtype, mode="r")
         check_ids(path, tokens, info["n_tokens"], vocab)
         splits[name] = Split(tokens, info["n_chars"], info["n_words"], sources[name])
-    return TokenData(splits, vocab, meta["tokenizer"])
+    if not (out / TOKENIZER_FILE).is_file():  # an entry written before tokenizers were kept for the run folder
+        raise CacheDamaged(f"{TOKENIZER_FILE} is missing (a cache entry older than saved tokenizers)")
+    return TokenData(splits, vocab, meta["tokenizer"], out / TOKENIZER_FILE)
 
 
 def load_corpus(cfg) -> TokenData:

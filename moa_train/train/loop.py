@@ -136,6 +136,8 @@ class Trainer:
 
         with distributed.main_first(self.dist):
             self.task = make_task(cfg, self.device, self.dist)
+        if self.dist.main and not t.eval_only:
+            self.task.save_tokenizer(self.run_dir)
         self.model = self.task.model.to(self.device)
         # DDP / FSDP / the model itself
         self.train_model = distributed.wrap(self.model, t.strategy, self.dist, self.device, t.ddp_bucket_mb)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,8 @@ from omegaconf import OmegaConf
 from moa_train.config import ConfigError, StepSize, _check, _divisors, check_cross, check_memory, cross_config
 from moa_train.config import validate as validate_common
 from moa_train.data.batches import RandomWindows
+from moa_train.data.wikitext import TOKENIZER_FILE
+from moa_train.io import atomic_write
 from moa_train.models.routing import aux_losses, weighted_aux
 from moa_train.progress import progress
 from moa_train.train.distributed import Dist, gather_objects, global_sum, rank_share
@@ -50,6 +53,9 @@ class Task:
     def summary(self) -> dict:
         """What the task adds to the run's summary.json, after everything else."""
         return {}
+
+    def save_tokenizer(self, run_dir: Path) -> None:
+        """Write the tokenizer into the run folder, so the folder alone can be generated from (moa_train.api)."""
 
 
 class LMTask(Task):
@@ -124,6 +130,11 @@ class LMTask(Task):
 
     def flops_per_token(self) -> int:
         return self.model.flops_per_token(self.cfg.trainer.block_size)
+
+    def save_tokenizer(self, run_dir: Path) -> None:
+        source, target = self.data.tokenizer_file, Path(run_dir) / TOKENIZER_FILE
+        if source is not None and not target.is_file():  # a resumed run keeps the file its first start wrote
+            atomic_write(target, lambda f: f.write(source.read_bytes()))
 
 
 def smoothed_nll(logits, target, pad_id: int, eps: float, over: str = "all"):

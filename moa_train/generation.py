@@ -1,0 +1,285 @@
+"""Text from a trained decoder-only LM: `generate` (the Python API) and `moa-generate RUN_DIR` (the command line).
+
+Prompts are batched right-padded with per-row lengths: one prefill, then one token per row per step through the
+model's KV cache (`init_cache` / `prefill` / `decode_step`); `use_cache=False` (`--no-cache`) recomputes a full
+forward over each row every step instead, with the same results. Sampling: temperature, top-k, top-p (nucleus) or
+greedy, drawn from a torch.Generator on the model's device, so a seed reproduces a sample.
+
+Lengths: a prompt longer than model.max_seq_len is refused (one line); a row stops early when its next token would
+need a position past model.max_seq_len (the model has no embedding for it), so its completion may be shorter than
+max_new_tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+UNK = "<unk>"
+
+
+class _FullForwardCache:
+    """The KV cache's results by brute force: each row's tokens kept, and a full forward over them every step (the
+    causal mask makes the right padding invisible to the real tokens)."""
+
+    def __init__(self, model, batch_size: int, max_len: int, device):
+        self.model = model
+        self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def _last_logits(self) -> torch.Tensor:
+        logits, _ = self.model(self.tokens[:, :int(self.lengths.max())])
+        return logits[torch.arange(len(self.lengths), device=logits.device), self.lengths - 1]
+
+    def prefill(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        self.tokens[:, :idx.shape[1]] = idx
+        self.lengths.copy_(lengths)
+        return self._last_logits()
+
+    def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens[torch.arange(len(tokens), device=tokens.device), self.lengths] = tokens
+        self.lengths += 1
+        return self._last_logits()
+
+
+class _KVCache:
+    """The model's own cache behind the same two calls."""
+
+    def __init__(self, model, batch_size: int, max_len: int, device):
+        self.model, self.cache = model, model.init_cache(batch_size, max_len, device=device)
+
+    def prefill(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.model.prefill(idx, lengths, self.cache)
+
+    def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.decode_step(tokens, self.cache)
+
+
+def pick(logits: torch.Tensor, temperature: float, top_k, top_p, greedy: bool, generator) -> torch.Tensor:
+    """(B,) next tokens from (B, V) logits."""
+    if greedy:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the more likely ones already hold top_p of the mass (the most likely always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def check_settings(max_new_tokens: int, temperature: float, top_k, top_p, greedy: bool) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0 (got {max_new_tokens})")
+    if not greedy and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (got {temperature}) unless greedy")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (got {top_k})")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
+
+
+def encode_prompt(tokenizer, text: str, max_seq_len: int, warn=None) -> list:
+    """The prompt's ids. Symbols outside a vocabulary without <unk> (char) are refused, naming them; with <unk>
+    (word) they map to it and `warn(message)` is told."""
+    unknown = tokenizer.unknown(text)
+    if unknown:
+        names = ", ".join(map(repr, unknown[:20])) + (" ..." if len(unknown) > 20 else "")
+        if UNK not in getattr(tokenizer, "stoi", {}):
+            raise ValueError(f"prompt {text[:40]!r}: {names} not in the run's {tokenizer.kind} vocabulary, "
+                             f"which has no {UNK}")
+        if warn is not None:
+            warn(f"prompt {text[:40]!r}: {names} not in the run's {tokenizer.kind} vocabulary: mapped to {UNK}")
+    ids = [int(i) for i in tokenizer.encode(text)]
+    if not ids:
+        raise ValueError(f"prompt {text!r} is empty: give at least one symbol")
+    if len(ids) > max_seq_len:
+        raise ValueError(f"prompt {text[:40]!r} is {len(ids)} tokens, longer than model.max_seq_len={max_seq_len}")
+    return ids
+
+
+class _Streamer:
+    """Hands each new piece of a completion to `callback`, holding back a piece that ends inside a UTF-8 character
+    (byte-level BPE)."""
+
+    def __init__(self, tokenizer, callback):
+        self.tokenizer, self.callback, self.sent = tokenizer, callback, 0
+
+    def __call__(self, ids: list, final: bool = False) -> None:
+        text = self.tokenizer.decode(ids)
+        if text.endswith("\ufffd") and not final:
+            return
+        if len(text) > self.sent:
+            self.callback(text[self.sent:])
+            self.sent = len(text)
+
+
+@torch.no_grad()
+def _generate_ids(model, prompts: list, budget: int, use_cache: bool, draw, on_token=None) -> list:
+    """New ids of each prompt (lists of ids, every row given `budget` tokens, which fit model.max_seq_len)."""
+    device = next(model.parameters()).device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    idx = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
+    for row, ids in enumerate(prompts):
+        idx[row, :len(ids)] = torch.tensor(ids, device=device)
+    # the last token drawn is never fed back, so it needs no place in the cache
+    max_len = int(lengths.max()) + budget - 1
+    cache = (_KVCache if use_cache and hasattr(model, "init_cache") else _FullForwardCache)(
+        model, len(prompts), max(max_len, 1), device)
+    logits = cache.prefill(idx, lengths)
+    out = []
+    for step in range(budget):
+        tokens = draw(logits)
+        out.append(tokens)
+        if on_token is not None:
+            on_token(tokens)
+        if step + 1 < budget:
+            logits = cache.decode_step(tokens)
+    return torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
+
+
+def generate(model, tokenizer, prompts: list, max_new_tokens: int = 200, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, greedy: bool = False, seed: int | None = None,
+             use_cache: bool = True, stream=None, warn=None) -> list:
+    """The completion (new text only) of each prompt. `stream(piece)`: each new piece of text as it comes, for a
+    single prompt. `seed`: a torch.Generator on the model's device (None: torch's global RNG). `warn(message)`: told
+    of words mapped to <unk> and of rows stopped at max_seq_len. ValueError (one line) for a bad setting, a prompt
+    longer than model.max_seq_len or symbols outside a vocabulary without <unk>. A row stops early where its next
+    token would need a position past model.max_seq_len."""
+    check_settings(max_new_tokens, temperature, top_k, top_p, greedy)
+    if stream is not None and len(prompts) != 1:
+        raise ValueError(f"stream takes a single prompt (got {len(prompts)})")
+    limit = model.config.max_seq_len
+    ids = [encode_prompt(tokenizer, text, limit, warn) for text in prompts]
+    device = next(model.parameters()).device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+    def draw(logits):
+        return pick(logits, temperature, top_k, top_p, greedy, generator)
+
+    # rows of one budget run as one batch: a row may generate while its next position exists (prompt + new <=
+    # max_seq_len + 1, the last token never fed), so prompts near the limit get a batch of their own
+    budgets = [max(0, min(max_new_tokens, limit + 1 - len(p))) for p in ids]
+    for text, budget in zip(prompts, budgets):
+        if budget < max_new_tokens and warn is not None:
+            warn(f"prompt {text[:40]!r}: stops after {budget} new tokens, at model.max_seq_len={limit}")
+    new = [None] * len(ids)
+    for budget in dict.fromkeys(budgets):
+        rows = [r for r, b in enumerate(budgets) if b == budget]
+        if budget == 0:
+            new = [[] if r in rows else n for r, n in enumerate(new)]
+            continue
+        on_token = None
+        if stream is not None:
+            streamer, so_far = _Streamer(tokenizer, stream), []
+
+            def on_token(tokens):
+                so_far.append(int(tokens[0]))
+                streamer(so_far)
+        for row, got in zip(rows, _generate_ids(model, [ids[r] for r in rows], budget, use_cache, draw, on_token)):
+            new[row] = got
+        if stream is not None:
+            streamer(so_far, final=True)
+    return [tokenizer.decode(n) for n in new]
+
+
+# --- command line -------------------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's own prints the usage first)
+        self.exit(2, f"error: {message}\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="moa-generate", description="Generate text from a trained decoder-only LM run.",
+                epilog="Unknown symbols: a char vocabulary has no <unk>, so a prompt character outside it is refused "
+                       "(exit 2, naming it); a word vocabulary (WikiText-2's) holds <unk>, and unknown words map to "
+                       "it with a note on stderr. A prompt longer than model.max_seq_len is refused; a completion "
+                       "stops early where it would pass model.max_seq_len. Runs from before tokenizers were saved "
+                       "in the run folder (tokenizer.json) cannot be generated from.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (with checkpoints/ and tokenizer.json)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt text")
+    source.add_argument("--prompt-file", type=Path, help="a file of prompts, one per line")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per prompt (default 200)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature, > 0 (default 1.0)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: the most likely tokens holding this much mass")
+    p.add_argument("--greedy", action="store_true", help="always the most likely token (no sampling)")
+    p.add_argument("--seed", type=int, help="seed of the sampling generator (reproducible samples)")
+    p.add_argument("--checkpoint", type=Path,
+                   help="a checkpoint file (default: the run's latest that verifies, as load_run chooses)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda where available")
+    p.add_argument("--no-cache", action="store_true", help="a full forward per token instead of the KV cache")
+    return p
+
+
+def _fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _prompts(args) -> list:
+    if args.prompt is not None:
+        return [args.prompt]
+    try:
+        lines = args.prompt_file.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        _fail(f"--prompt-file: cannot read {args.prompt_file} ({exc.strerror})")
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        _fail(f"--prompt-file: {args.prompt_file} holds no prompt")
+    return prompts
+
+
+def main(argv=None) -> None:
+    from moa_train.api import load_checkpoint_model, load_tokenizer
+    from moa_train.train.checkpoint import CheckpointError
+
+    args = parser().parse_args(argv)
+    try:
+        check_settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.greedy)
+    except ValueError as exc:
+        _fail(f"--{str(exc).replace('_', '-')}")
+    prompts = _prompts(args)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        _fail("--device cuda: no CUDA device here; use --device cpu")
+    try:
+        model, _, _ = load_checkpoint_model(args.checkpoint or args.run_dir, device, lm_only=True)
+        tokenizer = load_tokenizer(args.run_dir)
+    except (FileNotFoundError, ValueError, CheckpointError) as exc:
+        _fail(str(exc).splitlines()[0])
+
+    def note(message):
+        print(f"note: {message}", file=sys.stderr)
+
+    single, started = len(prompts) == 1, []
+
+    def stream(piece):  # the prompt first, once it is known to be accepted
+        if not started:
+            print(prompts[0], end="")
+            started.append(True)
+        print(piece, end="", flush=True)
+
+    try:
+        completions = generate(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k,
+                               args.top_p, args.greedy, args.seed, not args.no_cache, stream if single else None,
+                               note)
+    except ValueError as exc:
+        _fail(str(exc))
+    if single:
+        print("" if started else prompts[0])
+        return
+    for prompt, completion in zip(prompts, completions):
+        print(f"{prompt}{completion}\n")
+
+
+if __name__ == "__main__":
+    main()
