@@ -20,6 +20,14 @@ import torch
 UNK = "<unk>"
 
 
+def has_kv_cache(model) -> bool:
+    """Whether every attention module implements the KV cache contract (`forward_cached`): a variant from a plugin
+    that does not is generated with full forwards (the same tokens, slower)."""
+    blocks = getattr(model, "blocks", None)
+    return hasattr(model, "init_cache") and blocks is not None and all(hasattr(b.attn, "forward_cached")
+                                                                       for b in blocks)
+
+
 class _FullForwardCache:
     """The KV cache's results by brute force: each row's tokens kept, and a full forward over them every step (the
     causal mask makes the right padding invisible to the real tokens)."""
@@ -130,7 +138,7 @@ def _generate_ids(model, prompts: list, budget: int, use_cache: bool, draw, on_t
         idx[row, :len(ids)] = torch.tensor(ids, device=device)
     # the last token drawn is never fed back, so it needs no place in the cache
     max_len = int(lengths.max()) + budget - 1
-    cache = (_KVCache if use_cache and hasattr(model, "init_cache") else _FullForwardCache)(
+    cache = (_KVCache if use_cache and has_kv_cache(model) else _FullForwardCache)(
         model, len(prompts), max(max_len, 1), device)
     logits = cache.prefill(idx, lengths)
     out = []

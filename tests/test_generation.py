@@ -55,6 +55,32 @@ def test_greedy_generation_is_the_same_with_and_without_the_cache(loaded):
     assert cached == uncached and len(cached[0]) == 20
 
 
+def test_a_variant_without_the_cache_contract_generates_with_full_forwards(loaded):
+    """A plugin's attention module without `forward_cached` still generates (full forwards, the same tokens)."""
+    import copy
+
+    import torch
+
+    from moa_train.generation import has_kv_cache
+
+    class Uncached(torch.nn.Module):  # forward only, as a plugin's module may be
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+    model, tok = loaded
+    assert has_kv_cache(model)
+    want = moa_train.generate(model, tok, ["The "], max_new_tokens=10, greedy=True)
+    plain = copy.deepcopy(model)
+    for block in plain.blocks:
+        block.attn = Uncached(block.attn)
+    assert not has_kv_cache(plain)
+    assert moa_train.generate(plain, tok, ["The "], max_new_tokens=10, greedy=True) == want
+
+
 def test_seeded_sampling_reproduces_and_different_seeds_differ(loaded):
     model, tok = loaded
     prompts = ["The game ", "In "]
