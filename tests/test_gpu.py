@@ -104,11 +104,13 @@ def test_translation_resumes_on_the_gpu(compose_cfg, tmp_path):
 @pytest.mark.parametrize("variant", ["mha", "gqa", "moas_dynamic", "moas_dynamic_top1", "moa_topk"])
 def test_decode_step_captured_in_a_cuda_graph_equals_eager(variant):
     """The static cache lets a decode step be compiled with CUDA graphs (mode="reduce-overhead"): 16 captured steps
-    give the eager steps' logits (bf16 weights and cache; atol 2e-2 on logits of order 1)."""
+    give the eager steps' logits (fp32, TF32 off: atol 1e-3 on logits of order 0.1-1; in bf16 the compiled kernels'
+    different fusion moved logits by up to 0.023 on the H200)."""
     from test_kv_cache import build, tokens
 
     torch.manual_seed(0)
-    lm = build(variant).cuda().to(torch.bfloat16)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    lm = build(variant).cuda()
     prompt, feed = tokens(4, 6).cuda(), tokens(4, 16, seed=2).cuda()  # fixed inputs: no argmax ties to diverge on
     step = torch.compile(lm.decode_step, mode="reduce-overhead", fullgraph=True)
     with torch.no_grad():
@@ -121,4 +123,4 @@ def test_decode_step_captured_in_a_cuda_graph_equals_eager(variant):
                 logits = fn(feed[:, i], cache)
                 seen.append(logits.float().clone())
             outs.append(torch.stack(seen))
-    assert torch.allclose(outs[0], outs[1], atol=2e-2), (outs[0] - outs[1]).abs().max()
+    assert torch.allclose(outs[0], outs[1], atol=1e-3), (outs[0] - outs[1]).abs().max()
