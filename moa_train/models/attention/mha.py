@@ -44,8 +44,9 @@ def attention_mask(mask: Optional[Tensor], causal: bool, t_q: int, t_k: int, dev
 def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, dropout: float) -> Tensor:
     """q (B, Hq, T, D), k/v (B, Hkv, S, D) with Hkv dividing Hq; query head h reads K/V head h // (Hq/Hkv)."""
     attn_mask, is_causal = attention_mask(mask, causal, q.shape[2], k.shape[2], q.device)
+    # enable_gqa as a plain bool: under dynamic shapes (a recompiled decode step) it is a SymBool, refused
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
-                                          enable_gqa=k.shape[1] != q.shape[1])
+                                          enable_gqa=bool(k.shape[1] != q.shape[1]))
 
 
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
