@@ -65,6 +65,7 @@ def cached_sdpa(q: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor) 
     """q (B, Hq, T, D) of tokens at positions (B, T) against the cache (B, Hkv, L, D), Hkv dividing Hq (query head h
     reads K/V head h // (Hq / Hkv)): each query sees the cached positions <= its own."""
     keep = torch.arange(cache_k.shape[2], device=q.device) <= positions[:, None, :, None]  # (B, 1, T, L)
-    # enable_gqa as a plain bool: under dynamic shapes (a recompiled decode step) it is a SymBool, refused
+    # enable_gqa=True whatever the head counts (it allows equal ones): a test of the shapes is a SymBool under
+    # dynamic shapes (a recompiled decode step), which SDPA refuses; with a mask no flash kernel runs either way
     return F.scaled_dot_product_attention(q, cache_k.to(q.dtype), cache_v.to(q.dtype), attn_mask=keep,
-                                          enable_gqa=bool(cache_k.shape[1] != q.shape[1]))
+                                          enable_gqa=True)
