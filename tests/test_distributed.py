@@ -65,7 +65,7 @@ def test_ddp_resumes_one_process_in_one_folder_and_one_process_resumes_it(train_
                    f"trainer.resume={tmp_path / 'first'}")
     (run_dir,) = (launch / "outputs" / "runs").glob("*/*")  # one folder for both ranks
     assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "metrics.jsonl", "summary.json",
-                                                        "train.log"]
+                                                        "tokenizer.json", "train.log"]
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert [n for n in names if not n.endswith(".sha256")] == ["best.pt", "step_0000010.pt"], names
     log = (run_dir / "train.log").read_text()
