@@ -298,6 +298,9 @@ class EvalConfig:
     # decode (and score BLEU / chrF on) only the first N sentences of valid and test; null = all. The loss is
     # always over the whole split. For smoke runs: decoding dominates a short translation run on a CPU
     max_sentences: Optional[int] = None
+    # decode through the decoder's KV cache, the source's cross-attention K/V computed once (the same hypotheses);
+    # false: recompute the whole prefix at every step. A variant without the inference contract always recomputes
+    kv_cache: bool = True
 
 
 @dataclass

@@ -1,10 +1,14 @@
-"""Greedy and beam search for an encoder-decoder: `model.encode(src, src_mask) -> memory` and
-`model.decode(tgt_in, memory, src_mask, last_only=True) -> logits` (B, 1, V) of the last target position (logits
-for every position, (B, T, V), are accepted too: search reads position -1).
+"""Greedy and beam search for an encoder-decoder: `model.encode(src, src_mask) -> memory`, then one decoder call per
+step for the whole batch (and, in beam search, all its beams); Python only does the bookkeeping of finished
+hypotheses. Call `model.eval()` first: dropout would make the search random.
 
-There is no KV cache: every step re-runs the decoder over the whole prefix (O(T^2), fine at our sizes). Each step
-is one decoder call for the whole batch (and, in beam search, all its beams); Python only does the bookkeeping of
-finished hypotheses. Call `model.eval()` first: dropout would make the search random.
+Each step either (`use_cache=True`, the default where the model has `start_decoding` and every decoder attention
+implements the inference contract) feeds only the newest token through the decoder's self-attention KV cache, the
+cross-attention K/V of the source computed once per sentence (`Seq2Seq.start_decoding` / `decode_next`), or
+(`use_cache=False`, and for other models) re-runs `model.decode(prefix, memory, src_mask, last_only=True)` over
+the whole prefix. Hypotheses that are done leave the batch (their rows of the cache, memory and mask are dropped),
+and beam reordering gathers the cache rows of the surviving beams. Both ways give the same hypotheses (in fp32; the
+tests compare them for every variant).
 
 Beam search follows fairseq's SequenceGenerator: beams are flattened into the batch, each step ranks the top
 2 x beam continuations of a sentence's beams, an EOS among the best `beam` of them finishes a hypothesis with
@@ -25,11 +29,41 @@ def max_output_len(src_mask: Tensor, a: float = 1.2, b: int = 10) -> int:
     return int(a * src_mask.sum(dim=1).max().item() + b)
 
 
-def next_log_probs(model, tokens: Tensor, memory: Tensor, src_mask: Tensor, banned: list) -> Tensor:
+class Recompute:
+    """The decoder over each whole prefix at every step (no cache)."""
+
+    def __init__(self, model, memory: Tensor, src_mask: Tensor, max_len: int):
+        self.model, self.memory, self.src_mask = model, memory, src_mask
+
+    def logits(self, tokens: Tensor) -> Tensor:
+        return self.model.decode(tokens, self.memory, self.src_mask, last_only=True)[:, -1]
+
+    def select(self, rows: Tensor) -> None:
+        self.memory, self.src_mask = self.memory.index_select(0, rows), self.src_mask.index_select(0, rows)
+
+
+class Cached:
+    """Only the newest token of each prefix through the decoder's KV cache (`model.start_decoding`)."""
+
+    def __init__(self, model, memory: Tensor, src_mask: Tensor, max_len: int):
+        self.model, self.state = model, model.start_decoding(memory, src_mask, max_len + 1)
+
+    def logits(self, tokens: Tensor) -> Tensor:
+        return self.model.decode_next(tokens[:, -1], self.state)
+
+    def select(self, rows: Tensor) -> None:
+        self.state.select(rows)
+
+
+def stepper(model, memory: Tensor, src_mask: Tensor, max_len: int, use_cache: bool):
+    cached = use_cache and getattr(model, "cached_decoding_ok", lambda: False)()
+    return (Cached if cached else Recompute)(model, memory, src_mask, max_len)
+
+
+def next_log_probs(step, tokens: Tensor, banned: list) -> Tensor:
     """Float32 log-probabilities of the token after each prefix (N, V). Banned tokens (BOS, PAD) get -inf without
     renormalising, so a hypothesis' score stays its log-probability under the model."""
-    logits = model.decode(tokens, memory, src_mask, last_only=True)[:, -1]  # the output layer on one position
-    logp = F.log_softmax(logits.float(), dim=-1)
+    logp = F.log_softmax(step.logits(tokens).float(), dim=-1)
     logp[:, banned] = float("-inf")
     return logp
 
@@ -44,19 +78,30 @@ def strip(ids: list, stop: tuple) -> list:
 
 @torch.no_grad()
 def greedy_search(model, src: Tensor, src_mask: Tensor, bos_id: int, eos_id: int, pad_id: int,
-                  max_len: int) -> list[list[int]]:
-    """The most likely next token at each step, at most `max_len` tokens; ids without BOS and EOS."""
-    memory = model.encode(src, src_mask)
+                  max_len: int, use_cache: bool = True) -> list[list[int]]:
+    """The most likely next token at each step, at most `max_len` tokens; ids without BOS and EOS. A sentence
+    leaves the batch at its EOS."""
+    step = stepper(model, model.encode(src, src_mask), src_mask, max_len, use_cache)
     tokens = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)
-    alive = torch.ones(src.shape[0], dtype=torch.bool, device=src.device)
+    live = list(range(src.shape[0]))  # the sentence of each row
+    out: list = [None] * src.shape[0]
     for _ in range(max_len):
-        nxt = next_log_probs(model, tokens, memory, src_mask, [bos_id, pad_id]).argmax(dim=-1)
-        nxt = nxt.masked_fill(~alive, pad_id)  # finished sentences only pad, to keep one rectangular tensor
+        nxt = next_log_probs(step, tokens, [bos_id, pad_id]).argmax(dim=-1)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        alive &= nxt != eos_id
-        if not alive.any():
-            break
-    return [strip(row, (eos_id, pad_id)) for row in tokens[:, 1:].tolist()]
+        done = (nxt == eos_id).tolist()
+        if any(done):
+            for row in (i for i, d in enumerate(done) if d):
+                out[live[row]] = tokens[row, 1:-1].tolist()
+            stay = [i for i, d in enumerate(done) if not d]
+            if not stay:
+                break
+            rows = torch.tensor(stay, device=src.device)
+            tokens, live = tokens.index_select(0, rows), [live[i] for i in stay]
+            step.select(rows)
+    else:
+        for row, sentence in enumerate(live):
+            out[sentence] = tokens[row, 1:].tolist()
+    return out
 
 
 def finish_eos(finished: list, tokens: Tensor, cand_scores: Tensor, cand_beams: Tensor, cand_tokens: Tensor,
@@ -83,34 +128,42 @@ def finish_live(finished: list, tokens: Tensor, scores: Tensor, beam: int, lenpe
 
 @torch.no_grad()
 def beam_search(model, src: Tensor, src_mask: Tensor, bos_id: int, eos_id: int, pad_id: int, max_len: int,
-                beam: int = 4, lenpen: float = 0.6) -> list[list[int]]:
+                beam: int = 4, lenpen: float = 0.6, use_cache: bool = True) -> list[list[int]]:
     """Best hypothesis per sentence by sum_logprob / len ** lenpen (len counts the EOS), at most `max_len` tokens;
     ids without BOS and EOS. Beams still live at `max_len` are scored as if EOS came next (length max_len + 1,
-    no EOS log-probability: the model is not asked)."""
+    no EOS log-probability: the model is not asked). A sentence holding `beam` finished hypotheses leaves the
+    batch with its beams."""
     bsz = src.shape[0]
     memory = model.encode(src, src_mask).repeat_interleave(beam, dim=0)
-    mask = src_mask.repeat_interleave(beam, dim=0)
+    step = stepper(model, memory, src_mask.repeat_interleave(beam, dim=0), max_len, use_cache)
     tokens = torch.full((bsz * beam, 1), bos_id, dtype=torch.long, device=src.device)
     # all beams start equal: only beam 0 may expand at the first step, or the top-k would hold `beam` copies
     scores = torch.full((bsz, beam), float("-inf"), device=src.device)
     scores[:, 0] = 0.0
     finished = [[] for _ in range(bsz)]
-    offsets = torch.arange(bsz, device=src.device)[:, None] * beam
+    live = list(range(bsz))  # the sentence of each group of `beam` rows
     for _ in range(max_len):
-        logp = next_log_probs(model, tokens, memory, mask, [bos_id, pad_id])
-        vocab = logp.shape[-1]
-        cand = (scores.view(-1, 1) + logp).view(bsz, beam * vocab)
+        logp = next_log_probs(step, tokens, [bos_id, pad_id])
+        vocab, n = logp.shape[-1], len(live)
+        cand = (scores.view(-1, 1) + logp).view(n, beam * vocab)
         cand_scores, cand_idx = cand.topk(min(2 * beam, beam * vocab), dim=1)
         cand_beams, cand_tokens = cand_idx // vocab, cand_idx % vocab
-        finish_eos(finished, tokens, cand_scores, cand_beams, cand_tokens, eos_id, beam, lenpen)
-        if all(len(f) == beam for f in finished):
+        groups = [finished[b] for b in live]
+        finish_eos(groups, tokens, cand_scores, cand_beams, cand_tokens, eos_id, beam, lenpen)
+        stay = [i for i, f in enumerate(groups) if len(f) < beam]
+        if not stay:
             break
         # the best `beam` non-EOS candidates go on: a stable sort moves EOS to the back, keeping score order
         keep = torch.sort((cand_tokens == eos_id).int(), dim=1, stable=True).indices[:, :beam]
-        scores = cand_scores.gather(1, keep)
-        rows = (offsets + cand_beams.gather(1, keep)).view(-1)
-        tokens = torch.cat([tokens[rows], cand_tokens.gather(1, keep).view(-1, 1)], dim=1)
+        scores, new = cand_scores.gather(1, keep), cand_tokens.gather(1, keep)
+        rows = torch.arange(n, device=src.device)[:, None] * beam + cand_beams.gather(1, keep)
+        if len(stay) < n:  # sentences that are done leave the batch
+            kept = torch.tensor(stay, device=src.device)
+            scores, new, rows = scores[kept], new[kept], rows[kept]
+            live = [live[i] for i in stay]
+        rows = rows.view(-1)
+        tokens = torch.cat([tokens.index_select(0, rows), new.view(-1, 1)], dim=1)
+        step.select(rows)
     else:  # max_len reached before every sentence was done
-        finish_live(finished, tokens, scores, beam, lenpen)
+        finish_live([finished[b] for b in live], tokens, scores, beam, lenpen)
     return [max(f, key=lambda h: h[0])[1] for f in finished]
-

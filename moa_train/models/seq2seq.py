@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from moa_train.models.kv_cache import KVCache
 from moa_train.models.lm import MLP
 from moa_train.models.registry import build_attention, model_config
 from moa_train.models.roles import EMBEDDING, NO_DECAY
@@ -85,6 +87,33 @@ class DecoderLayer(nn.Module):
         x, r_cross = self.sub_cross(x, lambda h: self.cross_attn(h, context=memory, mask=src_mask))
         x, _ = self.sub_mlp(x, self.mlp)
         return x, r_self, r_cross
+
+    def forward_cached(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor, cross_kv: tuple,
+                       src_mask: Tensor) -> Tensor:
+        """Inference: x (B, T, d) at per-row positions through the self-attention KV cache, the cross-attention
+        against K/V computed once per sentence."""
+        x, _ = self.sub_self(x, lambda h: self.self_attn.forward_cached(h, cache_k, cache_v, positions))
+        x, _ = self.sub_cross(x, lambda h: self.cross_attn.forward_cross(h, cross_kv, src_mask))
+        x, _ = self.sub_mlp(x, self.mlp)
+        return x
+
+
+@dataclass
+class DecoderState:
+    """Incremental decoding of a batch of hypotheses: the decoder's self-attention KV cache, each decoder layer's
+    cross-attention K/V of the source (computed once), and the source's key-padding mask. `select(rows)` keeps (and
+    reorders, or repeats) rows: beam reordering, finished hypotheses leaving the batch."""
+    cache: KVCache
+    cross: list  # per decoder layer: (K, V) heads of the source, (B, heads, S, head_dim)
+    src_mask: Tensor  # (B, S)
+
+    def select(self, rows: Tensor) -> None:
+        c = self.cache
+        c.k = [t.index_select(0, rows) for t in c.k]
+        c.v = [t.index_select(0, rows) for t in c.v]
+        c.lengths = c.lengths.index_select(0, rows)
+        self.cross = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross]
+        self.src_mask = self.src_mask.index_select(0, rows)
 
 
 class Seq2Seq(nn.Module):
@@ -167,6 +196,31 @@ class Seq2Seq(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.out(self.dec_norm(x)), routings
+
+    def cached_decoding_ok(self) -> bool:
+        """Whether every decoder layer's attention implements the inference contract (self: `forward_cached`,
+        cross: `cross_kv` / `forward_cross`); a plugin's variant without it is decoded by recomputing the prefix."""
+        return all(hasattr(layer.self_attn, "forward_cached") and hasattr(layer.cross_attn, "cross_kv")
+                   for layer in self.decoder)
+
+    def start_decoding(self, memory: Tensor, src_mask: Tensor, max_len: int) -> DecoderState:
+        """A DecoderState for the sentences of `memory` (B, S, d): an empty cache of `max_len` target positions and
+        the cross-attention K/V of every decoder layer."""
+        layouts = [layer.self_attn.kv_layout() for layer in self.decoder]
+        cache = KVCache.allocate(layouts, memory.shape[0], max_len, memory.device, memory.dtype)
+        cross = [layer.cross_attn.cross_kv(memory) for layer in self.decoder]
+        return DecoderState(cache, cross, src_mask)
+
+    def decode_next(self, tokens: Tensor, state: DecoderState) -> Tensor:
+        """Logits (B, V) of the token after `tokens` (B,), each at its row's next position (state.cache.lengths),
+        which then advances by one."""
+        positions = state.cache.lengths[:, None]
+        pos = self.pos(positions) if hasattr(self, "pos") else self.pos_table[positions]
+        x = self.drop(self.tgt_embed(tokens[:, None]) * self.embed_scale + pos)
+        for layer, cache_k, cache_v, kv in zip(self.decoder, state.cache.k, state.cache.v, state.cross):
+            x = layer.forward_cached(x, cache_k, cache_v, positions, kv, state.src_mask)
+        state.cache.lengths.add_(1)
+        return self.out(self.dec_norm(x))[:, 0]
 
     def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
         return self.encode_with_routing(src, src_mask)[0]

@@ -299,10 +299,11 @@ class TranslationTask(Task):
             max_len = min(max_output_len(src_mask, e.max_len_a, e.max_len_b), self.cfg.model.max_seq_len - 1)
             with autocast():
                 if beam == 1:
-                    out = greedy_search(model, batch["src"], src_mask, d.bos_id, d.eos_id, d.pad_id, max_len)
+                    out = greedy_search(model, batch["src"], src_mask, d.bos_id, d.eos_id, d.pad_id, max_len,
+                                        use_cache=e.kv_cache)
                 else:
                     out = beam_search(model, batch["src"], src_mask, d.bos_id, d.eos_id, d.pad_id, max_len,
-                                      beam=beam, lenpen=e.lenpen)
+                                      beam=beam, lenpen=e.lenpen, use_cache=e.kv_cache)
             for i, ids in zip(batch["index"].tolist(), out):
                 hyps[i] = d.decode(ids)
         hyps = {i: text for part in gather_objects(hyps, self.dist) for i, text in part.items()}

@@ -136,6 +136,21 @@ class MultiHeadAttention(nn.Module):
         write_kv(cache_v, v, positions)
         return self.c_proj(merge_heads(cached_sdpa(q, cache_k, cache_v, positions)))
 
+    def cross_kv(self, context: Tensor) -> tuple:
+        """Cross-attention K, V of a context (B, S, d) as heads (B, n_kv, S, head_dim): computed once per sentence
+        and reused at every decoding step (`forward_cross`)."""
+        kv_size = self.n_kv * self.head_dim
+        bias = self.c_attn.bias
+        k, v = F.linear(context, self.c_attn.weight[self.q_size:],
+                        None if bias is None else bias[self.q_size:]).split([kv_size, kv_size], dim=-1)
+        return split_heads(k, self.n_kv), split_heads(v, self.n_kv)
+
+    def forward_cross(self, x: Tensor, kv: tuple, mask: Optional[Tensor]) -> Tensor:
+        """Inference cross-attention of x (B, T, d) to K/V from `cross_kv` (key-padding mask (B, S))."""
+        bias = self.c_attn.bias
+        q = F.linear(x, self.c_attn.weight[:self.q_size], None if bias is None else bias[:self.q_size])
+        return self.c_proj(merge_heads(sdpa(split_heads(q, self.n_head), *kv, mask, False, 0.0)))
+
     def matmul_params_per_token(self) -> int:
         return self.c_attn.weight.numel() + self.c_proj.weight.numel()
 

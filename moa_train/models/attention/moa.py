@@ -147,9 +147,20 @@ class MixtureOfAttentionHeads(nn.Module):
             return cached_sdpa(q, cache_k, cache_v, positions)
         return self.mix(x, x, attend, grouped=False)[0]
 
-    def mix(self, x: Tensor, source: Tensor, attend, grouped: bool) -> tuple:
+    def cross_kv(self, context: Tensor) -> tuple:
+        """The shared K, V of a context (B, S, d) as heads (B, n_kv, S, head_dim): computed once per sentence and
+        reused at every decoding step (`forward_cross`)."""
+        k, v = self.kv_proj(context).split(self.expert_dim, dim=-1)
+        return split_heads(k, self.n_kv), split_heads(v, self.n_kv)
+
+    def forward_cross(self, x: Tensor, kv: tuple, mask: Optional[Tensor]) -> Tensor:
+        """Inference cross-attention: x (B, T, d) routed per token as in `forward` (dense expert path), its queries
+        attending to K/V from `cross_kv` (key-padding mask (B, S))."""
+        return self.mix(x, None, lambda q, k, v: sdpa(q, k, v, mask, False, 0.0), grouped=False, kv=kv)[0]
+
+    def mix(self, x: Tensor, source: Optional[Tensor], attend, grouped: bool, kv: Optional[tuple] = None) -> tuple:
         """(y before residual dropout (B, T, d), Routing): the routed queries of x attend (`attend(q, k, v)` on heads)
-        to the shared K/V of `source`; the gated expert outputs summed."""
+        to the shared K/V of `source` (or the heads `kv` given, from `cross_kv`); the gated expert outputs summed."""
         b, t, _ = x.shape
         e, k, g, dh = self.n_experts, self.top_k, self.n_kv, self.head_dim
         gates, chosen, routing = self.route(x)
@@ -159,8 +170,7 @@ class MixtureOfAttentionHeads(nn.Module):
         # queries of the selected experts (B*T, k, g*dh), then heads ordered group-major (B, g*k, T, dh)
         q = self.dense_queries(x, chosen) if sort is None else self.grouped_queries(x, chosen, *sort)
         q = q.view(b, t, k, g, dh).permute(0, 3, 2, 1, 4).reshape(b, g * k, t, dh)
-        kv_k, kv_v = self.kv_proj(source).split(self.expert_dim, dim=-1)
-        o = attend(q, split_heads(kv_k, g), split_heads(kv_v, g))
+        o = attend(q, *(self.cross_kv(source) if kv is None else kv))
         o = o.view(b, g, k, t, dh).permute(0, 3, 2, 1, 4).reshape(b * t, k, self.expert_dim)
         o = o * gates.to(o.dtype).unsqueeze(-1)
         y = self.dense_output(o, chosen) if sort is None else self.grouped_output(o, *sort)
