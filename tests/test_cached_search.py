@@ -1,6 +1,8 @@
 """Translation decoding through the KV cache (models/search.py, Seq2Seq.start_decoding / decode_next): for every
 variant allowed in translation, cached and uncached greedy and beam search give the same hypotheses in fp32 on CPU,
 sentences leave the batch as they finish, and the cached logits equal the full decoder's at every position."""
+import json
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -127,3 +129,24 @@ def test_a_model_without_the_contract_is_decoded_by_recomputing():
         layer.cross_attn = Plain(layer.cross_attn)
     assert not model.cached_decoding_ok()
     assert search.greedy_search(model, src, mask, BOS, 2, PAD, 8) == want
+
+
+def test_decoding_timer_on_a_trained_run(compose_cfg, tmp_path, capsys):
+    """scripts/time_translation_decoding.py on a tiny trained run: both ways decode the same hypotheses, the same
+    BLEU, and the table names both times."""
+    from moa_train.results import decoding
+    from moa_train.train.loop import train
+    from test_translation_train import write_copy_corpus
+
+    root = write_copy_corpus(tmp_path / "data")
+    cfg = compose_cfg("experiment=multi30k/moa", "debug=tiny", "data=wmt14_en_de", f"data.root={root}",
+                      "data.vocab_size=300", "trainer.device=cpu", "trainer.max_steps=10", "eval.beam=2")
+    train(cfg, tmp_path / "run")
+    out = tmp_path / "decoding.json"
+    decoding.main([str(tmp_path / "run"), "--precisions", "fp32", "--max-sentences", "12", "--device", "cpu",
+                   "--out", str(out)])
+    off, on = json.loads(out.read_text())["rows"]
+    assert (off["kv_cache"], on["kv_cache"]) == (False, True) and off["beam"] == on["beam"] == 2
+    assert on["identical_hypotheses"] == on["sentences"] == 12 and off["bleu"] == on["bleu"]
+    table = capsys.readouterr().out
+    assert "| run | precision |" in table and "| 12 / 12 |" in table

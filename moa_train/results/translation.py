@@ -270,7 +270,13 @@ def main(argv=None) -> None:
     meta = {"date": kept["date"], "note": kept["note"], "shared_jobs": shared}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "groups": groups, "runs": rows}, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(rows, groups, meta))
+    text = markdown(rows, groups, meta)
+    decoding = args.out.parent / "translation_decoding.json"  # scripts/time_translation_decoding.py's record
+    if decoding.is_file():
+        from moa_train.results.decoding import markdown_section
+
+        text += "\n".join(markdown_section(json.loads(decoding.read_text())))
+    args.out.with_suffix(".md").write_text(text)
     print(args.out.with_suffix(".md").read_text())
     if failed:
         raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)}")

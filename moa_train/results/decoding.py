@@ -1,0 +1,109 @@
+"""Translation decoding with and without the KV cache, on trained checkpoints: the test set's hypotheses, BLEU and
+decoding time each way, in fp32 and in the run's precision, written to docs/results/translation_decoding.json
+(the translation driver's `--tables-only` puts its table into docs/results/translation.md).
+
+    python3 scripts/time_translation_decoding.py RUN_DIR [RUN_DIR ...]   # runs with checkpoints (train them first)
+    python3 scripts/time_translation_decoding.py RUN_DIR --max-sentences 200 --precisions fp32
+
+Each run's latest checkpoint is decoded with its own eval settings (beam, lenpen, length limits). Times are
+device-synchronised wall times of the test-set decoding alone (no loss pass, no scoring).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from moa_train.paths import repo_root
+
+ROOT = repo_root()
+OUT = ROOT / "docs/results/translation_decoding.json"
+
+
+def decode_run(run: Path, precisions: list, max_sentences: int | None, device: str) -> list:
+    import torch
+    from omegaconf import OmegaConf
+
+    import moa_train
+    from moa_train.metrics.bleu import corpus_scores
+    from moa_train.train.tasks import TranslationTask, first_pairs
+
+    model, cfg = moa_train.load_run(run, map_location=device)
+    rows = []
+    for precision in precisions:
+        cfg_p = OmegaConf.merge(cfg, {"trainer": {"device": device}})
+        task = TranslationTask(cfg_p, torch.device(device))
+        task.model = model
+        data = task.data.splits["test"]
+        if max_sentences is not None and max_sentences < len(data):
+            data = first_pairs(data, max_sentences)
+        dtype = {"bf16": torch.bfloat16, "fp32": None}[precision]
+        autocast = (lambda: torch.autocast(device_type=device, dtype=dtype)) if dtype else nullcontext
+        hyps = {}
+        for cache in (False, True):
+            task.cfg.eval.kv_cache = cache
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            hyps[cache] = task._decode(data, f"test, cache={cache}, {precision}", cfg.eval.beam, autocast)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            rows.append({"run": str(run), "precision": precision, "kv_cache": cache, "beam": cfg.eval.beam,
+                         "sentences": len(data.src), "seconds": seconds,
+                         "bleu": corpus_scores(hyps[cache], data.tgt_text)["bleu"]})
+        same = sum(a == b for a, b in zip(hyps[False], hyps[True]))
+        rows[-1]["identical_hypotheses"] = rows[-2]["identical_hypotheses"] = same
+    return rows
+
+
+def markdown_section(record: dict) -> list:
+    """The table that translation.md shows (its driver calls this when the json exists)."""
+    m = record["meta"]
+    lines = ["## Test-set decoding with and without the KV cache", "",
+             f"- Command: `{m['command']}`", f"- Device: {m['device']}; torch {m['torch']}; git {m['git_sha']}; "
+             f"date {m['date']}",
+             "- Seconds: device-synchronised wall time of decoding the test set alone (beam search with the run's "
+             "beam and length penalty). Identical: hypotheses equal, word for word, with and without the cache.", "",
+             "| run | precision | sentences | beam | seconds, no cache | seconds, cache | speed-up | BLEU, no cache | "
+             "BLEU, cache | identical |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = record["rows"]
+    for off, on in zip(rows[0::2], rows[1::2]):
+        lines.append(f"| {Path(off['run']).name} | {off['precision']} | {off['sentences']} | {off['beam']} | "
+                     f"{off['seconds']:.1f} | {on['seconds']:.1f} | {off['seconds'] / on['seconds']:.1f}x | "
+                     f"{off['bleu']:.2f} | {on['bleu']:.2f} | {on['identical_hypotheses']} / {on['sentences']} |")
+    return [*lines, ""]
+
+
+def main(argv=None) -> None:
+    import torch
+
+    from moa_train.train.loop import git_sha
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="translation run folders holding checkpoints")
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16")
+    parser.add_argument("--max-sentences", type=int, default=None, help="the first N test sentences (default: all)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    precisions = args.precisions.split(",")
+    for p in precisions:
+        if p not in ("fp32", "bf16"):
+            raise SystemExit(f"error: --precisions: {p!r} is not one of fp32, bf16")
+    rows = [row for run in args.runs for row in decode_run(run, precisions, args.max_sentences, args.device)]
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    meta = {"command": "python3 scripts/time_translation_decoding.py " + " ".join(
+                (argv if argv is not None else __import__("sys").argv[1:])),
+            "device": device, "torch": torch.__version__, "git_sha": git_sha(), "date": dt.date.today().isoformat()}
+    record = {"meta": meta, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1))
+    print("\n".join(markdown_section(record)))
+
+
+if __name__ == "__main__":
+    main()
