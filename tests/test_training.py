@@ -165,6 +165,8 @@ def test_resume_auto_continues_from_checkpoint(train_run, tmp_path):
     assert steps == sorted(set(steps)) == [5, 10, 15, 20, 25, 30]  # no duplicates: steps 1-20 were not re-run
     assert summary["tokens_seen"] == 30 * 4 * 32
     assert find_checkpoint(tmp_path).name == "step_0000030.pt"
+    # wall_s counts both sessions (the first up to its last checkpoint), wall_s_session this one
+    assert summary["wall_s_session"] < summary["wall_s"] and summary["wall_s"] > first["wall_s"] * 0.5
 
 
 def test_resume_after_lost_checkpoint_drops_later_lines(train_run, tmp_path):

@@ -121,6 +121,7 @@ class StepResult(NamedTuple):
 class Trainer:
     def __init__(self, cfg, run_dir: Path):
         self.start_time = time.perf_counter()
+        self.wall_before = 0.0  # training wall time of the sessions before this one (a resumed run's checkpoint)
         self.cfg, self.run_dir = cfg, Path(run_dir)
         t = cfg.trainer
         self.dist = distributed.init()
@@ -184,6 +185,7 @@ class Trainer:
             "rng": distributed.gather_objects(rng_state(), self.dist) if self.dist.active else rng_state(),
             "wandb_id": self.wandb_id, "guard": self.guard.state_dict(), "window": self.losses.state_dict(),
             "pending_eval": self.evaluator.pending,
+            "wall_s": self.wall_before + time.perf_counter() - self.start_time,
             "vocab_size": self.model.vocab_size,
             "pad_id": getattr(self.model, "pad_id", None),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -208,6 +210,7 @@ class Trainer:
         self.batches.load_state_dict(state["data"])
         self.wandb_id = state.get("wandb_id")
         self.evaluator.pending = state.get("pending_eval", False)
+        self.wall_before = state.get("wall_s", 0.0)  # (checkpoints written before it was kept: this session only)
         if "guard" in state:  # checkpoints written before non-finite steps were skipped lack these two
             self.guard.load_state_dict(state["guard"])
             self.losses.load_state_dict(state["window"])
@@ -475,7 +478,8 @@ class Trainer:
             "steps": self.step,
             "skipped_steps": self.guard.skipped.item(),
             "tokens_seen": self.tokens_seen,
-            "wall_s": time.perf_counter() - self.start_time,
+            "wall_s": self.wall_before + time.perf_counter() - self.start_time,  # every session of the run
+            "wall_s_session": time.perf_counter() - self.start_time,
             "step_ms_median": self.meter.median_step_ms(),
             "flops_per_token": self.flops_per_token,
             "peak_flops": self.peak,
