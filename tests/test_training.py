@@ -319,3 +319,17 @@ def test_train_steps_advance_the_counters_once_per_step(make_cfg, tmp_path):
     fixed = trainer.draw_batches()
     first, second = (trainer.train_steps(1, batches=fixed).ce.item() for _ in range(2))
     assert first == pytest.approx(second, rel=1e-6) and trainer.step == 5
+
+
+def test_an_mfu_above_100_percent_names_the_stale_peak_once(train_run, tmp_path, monkeypatch, caplog):
+    """A peak measured while other work ran reads low, and MFU then above 100%: one warning names the cache file."""
+    import logging
+
+    import moa_train.train.loop as loop
+
+    monkeypatch.setattr(loop, "peak_flops", lambda *args: 1.0)  # far below any real rate
+    with caplog.at_level(logging.WARNING, logger="moa_train.train.loop"):
+        _, records = train_run(tmp_path, "model=mha", *TINY)
+    assert all(r["perf/mfu"] > 1 for r in records if "perf/mfu" in r)
+    warnings = [r.message for r in caplog.records if "perf/mfu is above 100%" in r.message]
+    assert len(warnings) == 1 and "peak_flops.json" in warnings[0]

@@ -30,7 +30,8 @@ def device_name(device: torch.device) -> str:
 
 
 def measure_matmul_flops(device: torch.device, kind: str, n: int | None = None, iters: int = 10) -> float:
-    """FLOP/s of an n x n x n GEMM in `kind` precision (median of `iters` timed runs after warm-up)."""
+    """FLOP/s of an n x n x n GEMM in `kind` precision: the best of `iters` timed runs after warm-up (a peak: a run
+    slowed by other work on the machine must not lower it, or MFU would read above 100%)."""
     n = n or (8192 if device.type == "cuda" else 1024)
     dtype = torch.bfloat16 if kind == "bf16" else torch.float32
     gen = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG (dropout, init) untouched
@@ -51,12 +52,16 @@ def measure_matmul_flops(device: torch.device, kind: str, n: int | None = None, 
                 times.append(time.perf_counter() - t0)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
-    return 2 * n ** 3 / sorted(times)[len(times) // 2]
+    return 2 * n ** 3 / min(times)
+
+
+def peak_cache(cache_dir: str | Path) -> Path:
+    return Path(os.path.expanduser(str(cache_dir))) / "peak_flops.json"
 
 
 def peak_flops(device: torch.device, kind: str, cache_dir: str | Path) -> float:
     """Measured peak for (device, kind, torch version), cached in <cache_dir>/peak_flops.json."""
-    path = Path(os.path.expanduser(str(cache_dir))) / "peak_flops.json"
+    path = peak_cache(cache_dir)
     key = f"{device_name(device)}|{kind}|torch {torch.__version__}"
     table = read_table(path)
     if not _is_rate(table.get(key)):

@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from moa_train.config import ConfigError, check_run_folder, leaves
-from moa_train.metrics.flops import device_name, peak_flops, peak_kind
+from moa_train.metrics.flops import device_name, peak_cache, peak_flops, peak_kind
 from moa_train.metrics.sinks import MetricsLogger, build_logger, truncate_jsonl
 from moa_train.models.attention.mha import select_sdpa_backend
 from moa_train.models.routing import detached, routing_metrics
@@ -168,6 +168,7 @@ class Trainer:
         self.steps_run = 0  # optimizer steps run by this process (its first ones warm up and capture)
         self.flops_per_token = self.task.flops_per_token()
         self.peak = peak_flops(self.device, peak_kind(t.precision, t.tf32), cfg.data.cache_dir)
+        self.warned_peak = False
         self.stop = None  # the StopSignals while training
         self.last_val = {}
 
@@ -451,6 +452,11 @@ class Trainer:
         logged = logger.log(self.step, metrics)
         log.info("step %d: loss %.4f | %.1f ms/step | %.0f tok/s | mfu %.2f%%", self.step, logged["train/loss"],
                  step_ms, tok_s, 100 * logged["perf/mfu"])
+        if logged["perf/mfu"] > 1.0 and not self.warned_peak:
+            self.warned_peak = True
+            log.warning("perf/mfu is above 100%%: the peak measured for this device (%.3g FLOP/s, in %s) is lower "
+                        "than this run's rate, probably measured while other work ran; delete that file to measure "
+                        "it again", self.peak, peak_cache(self.cfg.data.cache_dir))
         self.guard.check(self.step, self.last_checkpoint)
         return logged
 
