@@ -21,11 +21,9 @@ UNK = "<unk>"
 
 
 def has_kv_cache(model) -> bool:
-    """Whether every attention module implements the KV cache contract (`forward_cached`): a variant from a plugin
-    that does not is generated with full forwards (the same tokens, slower)."""
-    blocks = getattr(model, "blocks", None)
-    return hasattr(model, "init_cache") and blocks is not None and all(hasattr(b.attn, "forward_cached")
-                                                                       for b in blocks)
+    """Whether the model decodes through a KV cache (LanguageModel.cached_decoding_ok); otherwise full forwards
+    (the same tokens, slower)."""
+    return getattr(model, "cached_decoding_ok", lambda: False)()
 
 
 class _FullForwardCache:

@@ -142,8 +142,13 @@ def test_top1_equals_soft_when_the_router_is_one_hot():
     assert len(probs.argmax(-1).unique()) > 1  # tokens pick different branches
     with torch.no_grad():
         torch.testing.assert_close(top1(idx)[0], full, atol=ATOL, rtol=0)
-    for r, got in enumerate(cached_logits(top1, idx, [4, 6])):
-        n = [4, 6][r]
+    assert_cached_logits_match(top1, idx, [4, 6], full)
+
+
+def assert_cached_logits_match(lm: LanguageModel, idx: torch.Tensor, lengths: list, full: torch.Tensor) -> None:
+    """Each row's cached logits (prompt of lengths[r] tokens, then decode steps) against the full forward's."""
+    for r, got in enumerate(cached_logits(lm, idx, lengths)):
+        n = lengths[r]
         torch.testing.assert_close(got, full[r, n - 1:n - 1 + len(got)], atol=ATOL, rtol=0)
 
 
@@ -166,9 +171,7 @@ def test_top1_on_a_normal_router_is_the_argmax_branch_alone(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(top1(idx)[0], expected, atol=ATOL, rtol=0)
     # the decode steps run top1's own one-token path (the chosen branch's weights and cache heads only)
-    for r, got in enumerate(cached_logits(top1, idx, [3, 5])):
-        n = [3, 5][r]
-        torch.testing.assert_close(got, expected[r, n - 1:n - 1 + len(got)], atol=ATOL, rtol=0)
+    assert_cached_logits_match(top1, idx, [3, 5], expected)
 
 
 class NoHostSync(TorchDispatchMode):

@@ -174,9 +174,10 @@ class Seq2Seq(nn.Module):
             if hasattr(module, "post_init"):
                 module.post_init()
 
-    def _embed(self, emb: nn.Embedding, ids: Tensor) -> Tensor:
-        t = ids.shape[1]
-        pos = self.pos.weight[:t] if hasattr(self, "pos") else self.pos_table[:t]
+    def _embed(self, emb: nn.Embedding, ids: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Scaled token embeddings plus positions: 0..T-1 (a slice of the table), or per row (`positions`, (B, T))."""
+        table = self.pos.weight if hasattr(self, "pos") else self.pos_table
+        pos = table[:ids.shape[1]] if positions is None else table[positions]
         return self.drop(emb(ids) * self.embed_scale + pos)
 
     def encode_with_routing(self, src: Tensor, src_mask: Tensor) -> tuple:
@@ -215,8 +216,7 @@ class Seq2Seq(nn.Module):
         """Logits (B, V) of the token after `tokens` (B,), each at its row's next position (state.cache.lengths),
         which then advances by one."""
         positions = state.cache.lengths[:, None]
-        pos = self.pos(positions) if hasattr(self, "pos") else self.pos_table[positions]
-        x = self.drop(self.tgt_embed(tokens[:, None]) * self.embed_scale + pos)
+        x = self._embed(self.tgt_embed, tokens[:, None], positions)
         for layer, cache_k, cache_v, kv in zip(self.decoder, state.cache.k, state.cache.v, state.cross):
             x = layer.forward_cached(x, cache_k, cache_v, positions, kv, state.src_mask)
         state.cache.lengths.add_(1)

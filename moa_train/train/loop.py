@@ -176,6 +176,10 @@ class Trainer:
     def last_checkpoint(self) -> Path | None:
         return self.checkpointer.last
 
+    def wall_s(self) -> float:
+        """Training wall time of every session of the run (the checkpoint carries the earlier ones')."""
+        return self.wall_before + time.perf_counter() - self.start_time
+
     # --- state -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
@@ -186,7 +190,7 @@ class Trainer:
             "rng": distributed.gather_objects(rng_state(), self.dist) if self.dist.active else rng_state(),
             "wandb_id": self.wandb_id, "guard": self.guard.state_dict(), "window": self.losses.state_dict(),
             "pending_eval": self.evaluator.pending,
-            "wall_s": self.wall_before + time.perf_counter() - self.start_time,
+            "wall_s": self.wall_s(),
             "vocab_size": self.model.vocab_size,
             "pad_id": getattr(self.model, "pad_id", None),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -484,7 +488,7 @@ class Trainer:
             "steps": self.step,
             "skipped_steps": self.guard.skipped.item(),
             "tokens_seen": self.tokens_seen,
-            "wall_s": self.wall_before + time.perf_counter() - self.start_time,  # every session of the run
+            "wall_s": self.wall_s(),
             "wall_s_session": time.perf_counter() - self.start_time,
             "step_ms_median": self.meter.median_step_ms(),
             "flops_per_token": self.flops_per_token,
