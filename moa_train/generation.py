@@ -26,6 +26,20 @@ def has_kv_cache(model) -> bool:
     return getattr(model, "cached_decoding_ok", lambda: False)()
 
 
+def set_inference_routing(model, mode: str) -> None:
+    """model.inference_routing of a trained moas_dynamic model, chosen at generation time: soft (as trained) or top1
+    (each token's argmax branch; see MoASAttention.forward_cached). ValueError (one line) for a model without a
+    router over attention schemes."""
+    if mode not in ("soft", "top1"):
+        raise ValueError(f"inference routing {mode!r}: valid: soft, top1")
+    routed = [m for m in model.modules() if getattr(m, "dynamic", False) and hasattr(m, "inference_routing")]
+    if not routed:
+        raise ValueError(f"inference routing {mode}: this run's attention ({model.config.name}) has no router over "
+                         "attention schemes; it applies to moas_dynamic runs")
+    for module in routed:
+        module.inference_routing = mode
+
+
 class _FullForwardCache:
     """The KV cache's results by brute force: each row's tokens kept, and a full forward over them every step (the
     causal mask makes the right padding invisible to the real tokens)."""
@@ -223,6 +237,9 @@ def parser() -> argparse.ArgumentParser:
                    help="a checkpoint file (default: the run's latest that verifies, as load_run chooses)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda where available")
     p.add_argument("--no-cache", action="store_true", help="a full forward per token instead of the KV cache")
+    p.add_argument("--inference-routing", choices=("soft", "top1"),
+                   help="moas_dynamic runs: soft (mix the branches as trained) or top1 (each token's argmax branch "
+                        "only); default: the run's model.inference_routing")
     return p
 
 
@@ -260,6 +277,8 @@ def main(argv=None) -> None:
     try:
         model, _, _ = load_checkpoint_model(args.checkpoint or args.run_dir, device, lm_only=True)
         tokenizer = load_tokenizer(args.run_dir)
+        if args.inference_routing is not None:
+            set_inference_routing(model, args.inference_routing)
     except (FileNotFoundError, ValueError, CheckpointError) as exc:
         _fail(str(exc).splitlines()[0])
 

@@ -163,7 +163,7 @@ def translation_like(char_run, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["no checkpoint", "temperature", "too long", "unknown char", "translation",
-                                  "both prompts", "no prompt", "old run"])
+                                  "both prompts", "no prompt", "old run", "routing without a router"])
 def test_bad_input_gives_one_line_and_exit_2(case, char_run, translation_like, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(char_run, old)
@@ -177,10 +177,38 @@ def test_bad_input_gives_one_line_and_exit_2(case, char_run, translation_like, t
         "both prompts": ((char_run, "--prompt", "x", "--prompt-file", "f.txt"), "not allowed with argument"),
         "no prompt": ((char_run,), "one of the arguments --prompt --prompt-file is required"),
         "old run": ((old, "--prompt", "x"), "predates saved tokenizers"),
+        "routing without a router": ((char_run, "--prompt", "x", "--inference-routing", "top1"),
+                                     "(mha) has no router over attention schemes"),
     }[case]
     code, out, err = cli(*args)
     assert code == 2 and out == "" and len(err) == 1 and err[0].startswith("error: "), (code, out, err)
     assert expected in err[0], err[0]
+
+
+def test_top1_inference_routing_chosen_at_generation_time(loaded):
+    """A moas_dynamic model switched to top1 routing generates the same greedy text through the cache as by full
+    forwards (both route each token to its argmax branch)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from moa_train import config
+    from moa_train.generation import set_inference_routing
+    from moa_train.models.lm import LanguageModel
+
+    _, tok = loaded
+    m = OmegaConf.structured(config.VARIANTS["moas_dynamic"](name="moas_dynamic", d_model=32, n_layer=2, n_head=4,
+                                                             max_seq_len=32, dropout=0.0))
+    torch.manual_seed(0)
+    model = LanguageModel(m, tok.vocab_size).eval()
+    for name, p in model.named_parameters():
+        if "router" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    soft = moa_train.generate(model, tok, ["The "], max_new_tokens=20, greedy=True)
+    set_inference_routing(model, "top1")
+    assert {blk.attn.inference_routing for blk in model.blocks} == {"top1"}
+    cached = moa_train.generate(model, tok, ["The "], max_new_tokens=20, greedy=True)
+    assert cached == moa_train.generate(model, tok, ["The "], max_new_tokens=20, greedy=True, use_cache=False)
+    assert len(cached[0]) == len(soft[0]) == 20
 
 
 def test_a_cache_entry_from_before_saved_tokenizers_is_rebuilt_with_one(make_cfg, caplog):
