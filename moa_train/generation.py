@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from moa_train.models.kv_cache import without_cudnn_attention
+
 UNK = "<unk>"
 
 
@@ -141,6 +143,7 @@ class _Streamer:
 
 
 @torch.no_grad()
+@without_cudnn_attention
 def _generate_ids(model, prompts: list, budget: int, use_cache: bool, draw, on_token=None) -> list:
     """New ids of each prompt (lists of ids, every row given `budget` tokens, which fit model.max_seq_len)."""
     device = next(model.parameters()).device

@@ -133,7 +133,9 @@ def test_a_model_without_the_contract_is_decoded_by_recomputing():
 
 def test_decoding_timer_on_a_trained_run(compose_cfg, tmp_path, capsys):
     """scripts/time_translation_decoding.py on a tiny trained run: both ways decode the same hypotheses, the same
-    BLEU, and the table names both times."""
+    BLEU, and the table names both times; --with-cudnn adds the bf16 pair with cuDNN attention allowed, and leaves
+    decoding's backends as they were."""
+    from moa_train.models import kv_cache
     from moa_train.results import decoding
     from moa_train.train.loop import train
     from test_translation_train import write_copy_corpus
@@ -143,10 +145,41 @@ def test_decoding_timer_on_a_trained_run(compose_cfg, tmp_path, capsys):
                       "data.vocab_size=300", "trainer.device=cpu", "trainer.max_steps=10", "eval.beam=2")
     train(cfg, tmp_path / "run")
     out = tmp_path / "decoding.json"
-    decoding.main([str(tmp_path / "run"), "--precisions", "fp32", "--max-sentences", "12", "--device", "cpu",
-                   "--out", str(out)])
-    off, on = json.loads(out.read_text())["rows"]
-    assert (off["kv_cache"], on["kv_cache"]) == (False, True) and off["beam"] == on["beam"] == 2
+    backends = list(kv_cache.DECODING_SDPA)
+    decoding.main([str(tmp_path / "run"), "--precisions", "fp32,bf16", "--max-sentences", "12", "--device", "cpu",
+                   "--with-cudnn", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["precision"], r["cudnn_attention"], r["kv_cache"]) for r in rows] == [
+        (p, c, k) for p, c in [("fp32", False), ("bf16", False), ("bf16", True)] for k in (False, True)]
+    off, on = rows[:2]
+    assert off["beam"] == on["beam"] == 2
     assert on["identical_hypotheses"] == on["sentences"] == 12 and off["bleu"] == on["bleu"]
+    assert kv_cache.DECODING_SDPA == backends
     table = capsys.readouterr().out
-    assert "| run | precision |" in table and "| 12 / 12 |" in table
+    assert "| run | precision | cuDNN attention |" in table and "| fp32 | off | 12 | 2 |" in table
+    assert "| bf16 | allowed |" in table
+
+
+def test_decoding_runs_without_cudnn_attention(monkeypatch):
+    """cuDNN attention builds a graph per input shape and decoding changes shape every step (kv_cache.DECODING_SDPA):
+    every decoder call of greedy and beam search, cached or not, runs with it disabled, and it is back on after."""
+    model = build("mha")
+    src, mask = sources()
+    seen = []
+    for name in ("decode", "decode_next"):
+        original = getattr(model, name)
+
+        def spy(*args, _original=original, **kwargs):
+            seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(model, name, spy)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)  # on, as torch has it by default, so that the test can fail
+    try:
+        for cache in (False, True):
+            search.greedy_search(model, src, mask, BOS, -1, PAD, 4, use_cache=cache)
+            search.beam_search(model, src, mask, BOS, -1, PAD, 4, beam=2, use_cache=cache)
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+    assert len(seen) >= 16 and not any(seen)

@@ -14,11 +14,28 @@ Positions past max_len are not checked (that would be a host sync): the scatter 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# SDPA backends for decoding: all but cuDNN's. cuDNN attention builds (and caches) an execution graph per input
+# shape, and torch prefers it for bf16 on Hopper; decoding changes shape at almost every step (a growing prefix, a
+# batch that shrinks as sentences finish), so each step paid a graph build: beam search over Multi30k's test set took
+# 8.4 s in bf16 with it and 0.36 s without it on an H200 (300 sentences; docs/results/translation.md).
+DECODING_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def without_cudnn_attention(fn):
+    """`fn` runs with SDPA limited to DECODING_SDPA (a decoding loop: see the comment there)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with sdpa_kernel(DECODING_SDPA):
+            return fn(*args, **kwargs)
+    return wrapped
 
 
 @dataclass

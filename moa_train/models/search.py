@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moa_train.models.kv_cache import without_cudnn_attention
+
 
 def max_output_len(src_mask: Tensor, a: float = 1.2, b: int = 10) -> int:
     """fairseq's max_len_a * src_len + max_len_b, src_len being the longest real source in the batch (so padding
@@ -77,6 +79,7 @@ def strip(ids: list, stop: tuple) -> list:
 
 
 @torch.no_grad()
+@without_cudnn_attention
 def greedy_search(model, src: Tensor, src_mask: Tensor, bos_id: int, eos_id: int, pad_id: int,
                   max_len: int, use_cache: bool = True) -> list[list[int]]:
     """The most likely next token at each step, at most `max_len` tokens; ids without BOS and EOS. A sentence
@@ -127,6 +130,7 @@ def finish_live(finished: list, tokens: Tensor, scores: Tensor, beam: int, lenpe
 
 
 @torch.no_grad()
+@without_cudnn_attention
 def beam_search(model, src: Tensor, src_mask: Tensor, bos_id: int, eos_id: int, pad_id: int, max_len: int,
                 beam: int = 4, lenpen: float = 0.6, use_cache: bool = True) -> list[list[int]]:
     """Best hypothesis per sentence by sum_logprob / len ** lenpen (len counts the EOS), at most `max_len` tokens;

@@ -23,12 +23,14 @@ ROOT = repo_root()
 OUT = ROOT / "docs/results/translation_decoding.json"
 
 
-def decode_run(run: Path, precisions: list, max_sentences: int | None, device: str) -> list:
+def decode_run(run: Path, precisions: list, max_sentences: int | None, device: str, cudnn: bool = False) -> list:
+    """Rows of (precision, cache) for `run`; with `cudnn`, the bf16 rows once more with cuDNN attention allowed
+    (decoding excludes it: models/kv_cache.DECODING_SDPA says why), the figure from before that was fixed."""
     import torch
     from omegaconf import OmegaConf
 
     import moa_train
-    from moa_train.metrics.bleu import corpus_scores
+    from moa_train.models import kv_cache
     from moa_train.train.tasks import TranslationTask, first_pairs
 
     model, cfg = moa_train.load_run(run, map_location=device)
@@ -42,22 +44,37 @@ def decode_run(run: Path, precisions: list, max_sentences: int | None, device: s
             data = first_pairs(data, max_sentences)
         dtype = {"bf16": torch.bfloat16, "fp32": None}[precision]
         autocast = (lambda: torch.autocast(device_type=device, dtype=dtype)) if dtype else nullcontext
-        hyps = {}
-        for cache in (False, True):
-            task.cfg.eval.kv_cache = cache
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            hyps[cache] = task._decode(data, f"test, cache={cache}, {precision}", cfg.eval.beam, autocast)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
-            rows.append({"run": str(run), "precision": precision, "kv_cache": cache, "beam": cfg.eval.beam,
-                         "sentences": len(data.src), "seconds": seconds,
-                         "bleu": corpus_scores(hyps[cache], data.tgt_text)["bleu"]})
-        same = sum(a == b for a, b in zip(hyps[False], hyps[True]))
-        rows[-1]["identical_hypotheses"] = rows[-2]["identical_hypotheses"] = same
+        plain = kv_cache.DECODING_SDPA
+        try:
+            for allow_cudnn in (False, True) if cudnn and precision == "bf16" else (False,):
+                kv_cache.DECODING_SDPA = plain + ([kv_cache.SDPBackend.CUDNN_ATTENTION] if allow_cudnn else [])
+                pair = time_both(task, data, cfg.eval.beam, precision, device, autocast, run)
+                rows += [{**row, "cudnn_attention": allow_cudnn} for row in pair]
+        finally:
+            kv_cache.DECODING_SDPA = plain
     return rows
+
+
+def time_both(task, data, beam: int, precision: str, device: str, autocast, run: Path) -> list:
+    """The test set decoded without and with the KV cache: two rows (seconds, BLEU, identical hypotheses)."""
+    import torch
+
+    from moa_train.metrics.bleu import corpus_scores
+
+    hyps, rows = {}, []
+    for cache in (False, True):
+        task.cfg.eval.kv_cache = cache
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        hyps[cache] = task._decode(data, f"test, cache={cache}, {precision}", beam, autocast)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        rows.append({"run": str(run), "precision": precision, "kv_cache": cache, "beam": beam,
+                     "sentences": len(data.src), "seconds": time.perf_counter() - start,
+                     "bleu": corpus_scores(hyps[cache], data.tgt_text)["bleu"]})
+    same = sum(a == b for a, b in zip(hyps[False], hyps[True]))
+    return [{**row, "identical_hypotheses": same} for row in rows]
 
 
 def markdown_section(record: dict) -> list:
@@ -67,12 +84,16 @@ def markdown_section(record: dict) -> list:
              f"- Command: `{m['command']}`", f"- Device: {m['device']}; torch {m['torch']}; git {m['git_sha']}; "
              f"date {m['date']}",
              "- Seconds: device-synchronised wall time of decoding the test set alone (beam search with the run's "
-             "beam and length penalty). Identical: hypotheses equal, word for word, with and without the cache.", "",
-             "| run | precision | sentences | beam | seconds, no cache | seconds, cache | speed-up | BLEU, no cache | "
-             "BLEU, cache | identical |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "beam and length penalty). Identical: hypotheses equal, word for word, with and without the cache.",
+             "- cuDNN attention: `off` is how decoding runs (models/kv_cache.DECODING_SDPA); `allowed` (rows from "
+             "`--with-cudnn`) is how it ran before that: torch's default SDPA choice, cuDNN for bf16 on Hopper, which "
+             "builds a new cuDNN graph for each new shape.", "",
+             "| run | precision | cuDNN attention | sentences | beam | seconds, no cache | seconds, cache | speed-up | "
+             "BLEU, no cache | BLEU, cache | identical |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rows = record["rows"]
     for off, on in zip(rows[0::2], rows[1::2]):
-        lines.append(f"| {Path(off['run']).name} | {off['precision']} | {off['sentences']} | {off['beam']} | "
+        cudnn = "allowed" if off.get("cudnn_attention") else "off"
+        lines.append(f"| {Path(off['run']).name} | {off['precision']} | {cudnn} | {off['sentences']} | {off['beam']} | "
                      f"{off['seconds']:.1f} | {on['seconds']:.1f} | {off['seconds'] / on['seconds']:.1f}x | "
                      f"{off['bleu']:.2f} | {on['bleu']:.2f} | {on['identical_hypotheses']} / {on['sentences']} |")
     return [*lines, ""]
@@ -89,12 +110,15 @@ def main(argv=None) -> None:
     parser.add_argument("--max-sentences", type=int, default=None, help="the first N test sentences (default: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--with-cudnn", action="store_true",
+                        help="time bf16 decoding once more with cuDNN attention allowed (as before it was excluded)")
     args = parser.parse_args(argv)
     precisions = args.precisions.split(",")
     for p in precisions:
         if p not in ("fp32", "bf16"):
             raise SystemExit(f"error: --precisions: {p!r} is not one of fp32, bf16")
-    rows = [row for run in args.runs for row in decode_run(run, precisions, args.max_sentences, args.device)]
+    rows = [row for run in args.runs for row in decode_run(run, precisions, args.max_sentences, args.device,
+                                                                  args.with_cudnn)]
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     meta = {"command": "python3 scripts/time_translation_decoding.py " + " ".join(
                 (argv if argv is not None else __import__("sys").argv[1:])),

@@ -14,4 +14,4 @@ for row in mha moa moa_sparse; do
 done
 wait
 for row in mha moa moa_sparse; do [ -f $ROOT/$row/summary.json ] || { echo "NOT DONE $row"; tail -3 $ROOT/$row.log; exit 3; }; done
-python3 scripts/time_translation_decoding.py $ROOT/mha $ROOT/moa $ROOT/moa_sparse --out $ROOT/translation_decoding.json
+python3 scripts/time_translation_decoding.py $ROOT/mha $ROOT/moa $ROOT/moa_sparse --with-cudnn --out $ROOT/translation_decoding.json
