@@ -32,7 +32,8 @@ def test_translation_tables_regenerate_from_records(tmp_path):
     from moa_train.results import translation
 
     out = tmp_path / "translation"
-    (tmp_path / "translation.json").write_text((ROOT / "docs/results/translation.json").read_text())
+    for name in ("translation.json", "translation_decoding.json"):
+        (tmp_path / name).write_text((ROOT / "docs/results" / name).read_text())
     translation.main(["--tables-only", "--out", str(out)])
     committed = json.loads((ROOT / "docs/results/translation.json").read_text())
     assert json.loads(out.with_suffix(".json").read_text()) == committed

@@ -23,9 +23,10 @@ def _no_results_env(monkeypatch):
 
 
 def copy_results(name: str, dest: Path) -> Path:
-    """The committed docs/results/<name>.{md,json} (and <name>_notes.md) copied into dest; returns the --out path."""
+    """The committed docs/results/<name>.{md,json} (and <name>_notes.md, <name>_decoding.json) copied into dest;
+    returns the --out path."""
     for path in RESULTS.glob(f"{name}*"):
-        if path.is_file() and path.name in (f"{name}.md", f"{name}.json", f"{name}_notes.md"):
+        if path.is_file() and path.name in (f"{name}.md", f"{name}.json", f"{name}_notes.md", f"{name}_decoding.json"):
             shutil.copy(path, dest / path.name)
     return dest / name
 

@@ -90,13 +90,27 @@ def markdown_section(record: dict) -> list:
              "builds a new cuDNN graph for each new shape.", "",
              "| run | precision | cuDNN attention | sentences | beam | seconds, no cache | seconds, cache | speed-up | "
              "BLEU, no cache | BLEU, cache | identical |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    if m.get("note"):
+        lines[4:4] = [f"- Note: {m['note']}"]
     rows = record["rows"]
     for off, on in zip(rows[0::2], rows[1::2]):
         cudnn = "allowed" if off.get("cudnn_attention") else "off"
         lines.append(f"| {Path(off['run']).name} | {off['precision']} | {cudnn} | {off['sentences']} | {off['beam']} | "
                      f"{off['seconds']:.1f} | {on['seconds']:.1f} | {off['seconds'] / on['seconds']:.1f}x | "
                      f"{off['bleu']:.2f} | {on['bleu']:.2f} | {on['identical_hypotheses']} / {on['sentences']} |")
-    return [*lines, ""]
+    return [*lines, "", *agreement(rows), ""]
+
+
+def agreement(rows: list) -> list:
+    """Per precision, how far cached decoding strays from uncached: identical hypotheses and the largest BLEU gap."""
+    out = []
+    for precision in dict.fromkeys(r["precision"] for r in rows):
+        pairs = [(off, on) for off, on in zip(rows[0::2], rows[1::2]) if off["precision"] == precision]
+        same, total = sum(on["identical_hypotheses"] for _, on in pairs), sum(on["sentences"] for _, on in pairs)
+        gap = max(abs(on["bleu"] - off["bleu"]) for off, on in pairs)
+        out.append(f"- {precision}: {same} of {total} hypotheses identical with and without the cache over the "
+                   f"{len(pairs)} decodings above; largest BLEU difference {gap:.2f}.")
+    return out
 
 
 def main(argv=None) -> None:
@@ -110,6 +124,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-sentences", type=int, default=None, help="the first N test sentences (default: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--note", default=None, help="a sentence for the record (e.g. where the checkpoints came from)")
     parser.add_argument("--with-cudnn", action="store_true",
                         help="time bf16 decoding once more with cuDNN attention allowed (as before it was excluded)")
     args = parser.parse_args(argv)
@@ -122,7 +137,8 @@ def main(argv=None) -> None:
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     meta = {"command": "python3 scripts/time_translation_decoding.py " + " ".join(
                 (argv if argv is not None else __import__("sys").argv[1:])),
-            "device": device, "torch": torch.__version__, "git_sha": git_sha(), "date": dt.date.today().isoformat()}
+            "device": device, "torch": torch.__version__, "git_sha": git_sha(), "date": dt.date.today().isoformat(),
+            "note": args.note}
     record = {"meta": meta, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))

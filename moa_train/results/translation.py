@@ -275,7 +275,7 @@ def main(argv=None) -> None:
     if decoding.is_file():
         from moa_train.results.decoding import markdown_section
 
-        text += "\n".join(markdown_section(json.loads(decoding.read_text())))
+        text += "\n" + "\n".join(markdown_section(json.loads(decoding.read_text())))
     args.out.with_suffix(".md").write_text(text)
     print(args.out.with_suffix(".md").read_text())
     if failed:
