@@ -72,14 +72,14 @@ def test_balanced_routing_spreads_a_zero_router():
 def test_transformers_baseline_runs_on_cpu(tmp_path):
     transformers = pytest.importorskip("transformers", reason="the baseline needs transformers (extra hf)")
     out = tmp_path / "results"
-    assert main(["--decode", "--decode-size", "tiny", "--hf-only", "--new-tokens", "4", "--out", str(out)]) == 0
+    assert main(["--decode", "--decode-size", "tiny", "--hf-only", "--out", str(out)]) == 0
     results = json.loads((out / "inference.json").read_text())["results"]
     assert set(results) == {f"tiny/hf-llama-kv{kv}/{s}" for kv in (4, 2, 1) for s in ("dynamic", "static")}
     for r in results.values():
         assert "error" not in r, r["error"]
         assert r["transformers"] == transformers.__version__
         assert r["config"]["num_key_value_heads"] == r["kv_heads"] and r["config"]["hidden_size"] == 64
-        assert r["settings"]["attn_implementation"] == "sdpa" and r["settings"]["max_new_tokens"] == 4
+        assert r["settings"]["attn_implementation"] == "sdpa" and r["settings"]["max_new_tokens"] == TINY.new_tokens
         for d in r["decode"].values():
             assert d["tokens_per_s"] > 0 and d["compiled"] is False  # transformers compiles on CUDA only
     assert "| llama-kv2 | 2 | static | no/no |" in (out / "inference.md").read_text()
