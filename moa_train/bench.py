@@ -14,6 +14,11 @@ breakdown of one step (torch.profiler).
 
 Results merge into <out>/bench.json (keyed by size/model, each entry naming the run that measured it) and
 <out>/bench.md is rebuilt from the whole file, so runs split over several calls add up to one table.
+
+`moa-bench --decode` is the inference benchmark instead (moa_train/bench_decode.py; `moa-bench --decode --help`):
+prefill and decode tokens/s of every model through its static KV cache (compiled, CUDA graph), KV bytes per token
+(analytic and measured), the share of the copy-bandwidth bound achieved, and transformers' generate() as the
+baseline, into <out>/inference.{json,md,png}.
 """
 from __future__ import annotations
 
@@ -382,6 +387,8 @@ def parse_args(argv):
                    help="a moa-train override for every model (repeatable), e.g. trainer.sdpa_backend=cudnn")
     p.add_argument("--tag", default=None, help="suffix of the result keys (size/model@tag) for runs with --override")
     p.add_argument("--tables-only", action="store_true", help="rebuild bench.md from bench.json, measure nothing")
+    p.add_argument("--decode", action="store_true",
+                   help="the inference benchmark instead, with its own options: moa-bench --decode --help")
     args = p.parse_args(argv)
     for flag, names, allowed in (("--models", args.models, MODELS), ("--sizes", args.sizes, SIZES)):
         bad = [n for n in names.split(",") if n not in allowed]
@@ -393,7 +400,12 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--decode" in argv:
+        from moa_train.bench_decode import main as decode_main
+
+        return decode_main([a for a in argv if a != "--decode"])
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
     bench = load(out / "bench.json")
@@ -406,7 +418,7 @@ def main(argv=None) -> int:
     run_id = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     peaks = {kind: measure_matmul_flops(device, kind) for kind in ("bf16", "tf32", "fp32")}
     run = {"device": device_name(device), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-           "git_sha": git_sha(), "command": shlex.join(["moa-bench", *(sys.argv[1:] if argv is None else argv)]),
+           "git_sha": git_sha(), "command": shlex.join(["moa-bench", *argv]),
            "peaks": peaks}
     log.info("peaks: %s", ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in peaks.items()))
     bench["runs"][run_id] = run

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "constraints" / "ci.txt"
 EXTRAS = ("dev", "sweep", "launchers", "wandb")
 HEADER = """\
-# The exact versions of the test, sweep and launcher tools (extras dev, sweep, launchers, wandb) that
+# The exact versions of the test, sweep and launcher tools (extras dev, sweep, launchers, wandb; dev takes hf) that
 # scripts/setup.sh installs (pip -c): what CI runs with. Runtime dependencies keep pyproject.toml's ranges.
 # Upgrade: python3 scripts/pin_constraints.py
 """
