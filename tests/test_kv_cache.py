@@ -218,3 +218,38 @@ def test_decode_step_compiles_in_one_graph(variant):
                 pytest.skip("compiling the decode step took over 20 s")
     assert torch.equal(caches[0].lengths, caches[1].lengths)
     torch.testing.assert_close(caches[0].k, caches[1].k, atol=0, rtol=0)
+
+
+def test_compiled_cache_write_touches_only_the_new_entries():
+    """write_kv compiled by inductor (CPU code here) stores the new entries alone: no loop over the whole cache, which
+    a scatter_ compiled into (a copy of the cache and a copy back, at every decode step: docs/results/inference.md)."""
+    import shutil
+
+    from torch._inductor.utils import run_and_get_code
+
+    from moa_train.models.kv_cache import write_kv
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("inductor's CPU code needs a C++ compiler")
+    b, h, length, d = 3, 5, 37, 8  # numel 4440: a number no other loop of this function has
+    cache, want = torch.zeros(b, h, length, d), torch.zeros(b, h, length, d)
+    new, positions = torch.randn(b, h, 1, d), torch.tensor([[4], [0], [36]])
+    write_kv(want, new, positions)
+    torch._dynamo.reset()
+    _, code = run_and_get_code(torch.compile(write_kv, fullgraph=True, dynamic=False), cache, new, positions)
+    assert torch.equal(cache, want)
+    assert f"{b * h * length * d}L" not in "\n".join(code)  # CPU loops read `x0<static_cast<int64_t>(4440L)`
+
+
+def test_moas_decode_reads_the_cache_without_expanding_it(monkeypatch):
+    """MoAS decode steps (soft and top1) attend each branch's cache heads through SDPA's GQA: repeat_kv, which copies
+    the cache into 3 n_head heads, is never called (it made a third of a GPT-2-size step at batch 64)."""
+    for variant in ("moas_dynamic", "moas_dynamic_top1", "moas_static"):
+        lm = build(variant)
+        idx = tokens(2, 8, seed=8)
+        cache = lm.init_cache(2, 16)
+        with torch.no_grad():
+            lm.prefill(idx[:, :5], torch.tensor([3, 5]), cache)
+            monkeypatch.setattr(MoASAttention, "repeat_kv", lambda *a: pytest.fail("the cache was expanded"))
+            lm.decode_step(idx[:, 5], cache)
+            monkeypatch.undo()

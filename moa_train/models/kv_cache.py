@@ -73,9 +73,14 @@ def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
 
 
 def write_kv(cache: Tensor, new: Tensor, positions: Tensor) -> None:
-    """cache (B, H, L, D)[b, :, positions[b, t]] = new (B, H, T, D)[b, :, t], in place (a scatter along time)."""
-    index = positions[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[3])
-    cache.scatter_(2, index, new.to(cache.dtype))
+    """cache (B, H, L, D)[b, :, positions[b, t]] = new (B, H, T, D)[b, :, t], in place.
+
+    An index_put, not a scatter_: torch.compile (inductor) turns an index_put into a cache input into a store of the
+    new entries alone, but a scatter_ into a copy of the whole cache and a copy back, two passes over every layer's
+    cache at every decode step (a third of a GPT-2-size decode step at batch 64 on an H200: the traces in
+    docs/results/inference.md; tests/test_kv_cache.py reads inductor's code for it)."""
+    rows = torch.arange(cache.shape[0], device=cache.device)[:, None].expand_as(positions)
+    cache[rows, :, positions] = new.transpose(1, 2).to(cache.dtype)  # indexed (B, T, H, D): advanced dims first
 
 
 def cached_sdpa(q: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor) -> Tensor:

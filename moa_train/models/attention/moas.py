@@ -92,11 +92,6 @@ class MoASAttention(nn.Module):
         super().__init__()
         self.n_head, self.head_dim, self.d_model = n_head, d_model // n_head, d_model
         self.kv_heads = (n_head, gqa_kv_heads, 1)
-        # the cache head query head h of branch b reads (3 n_head,): mha h, gqa n_head + h // (n_head / G), mqa
-        # n_head + G (G = gqa_kv_heads); the decode step of top1 gathers them
-        group = n_head // gqa_kv_heads
-        index = [*range(n_head), *(n_head + i // group for i in range(n_head)), *[n_head + gqa_kv_heads] * n_head]
-        self.register_buffer("kv_head_index", torch.tensor(index), persistent=False)
         self.inference_routing = inference_routing
         kv_total = sum(self.kv_heads) * self.head_dim
         # rows: [q_mha q_gqa q_mqa | k_mha k_gqa k_mqa | v_mha v_gqa v_mqa]
@@ -193,9 +188,9 @@ class MoASAttention(nn.Module):
 
         soft: exactly the trained computation (static: 1/3 each). top1 (moas_dynamic, model.inference_routing): the
         router's argmax branch alone with gate 1.0, not its probability, so a one-hot router gives soft's result. A
-        one-token step (decode) then runs only that branch's query rows, its n_head query heads against its own
-        cached K/V heads, and its output block: it saves the Q and O projections (FLOPs and weight reads) of 2 of
-        the 3 branches and attends with n_head instead of 3 n_head query heads. It does not save the K/V projections
+        one-token step (decode) then runs only that branch's query rows and its output block, and attends with its
+        n_head query heads (against each branch's cache heads, keeping its own branch's result): it saves the Q and
+        O projections (FLOPs and weight reads) of 2 of the 3 branches. It does not save the K/V projections
         of all branches nor the cache of n_head + gqa_kv_heads + 1 heads: every token still writes every branch's
         K/V. Prefill (T > 1) computes all branches and mixes them with the one-hot gates (same result)."""
         top1 = self.inference_routing == "top1"
@@ -206,13 +201,19 @@ class MoASAttention(nn.Module):
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             write_kv(cache_k, k, positions)
             write_kv(cache_v, v, positions)
-            return cached_sdpa(q, self.repeat_kv(cache_k), self.repeat_kv(cache_v), positions)
+            return torch.cat(self.branch_attention(q.split(self.n_head, dim=1), cache_k, cache_v, positions), dim=1)
         return self.add_bias(self.fused_mix(x, gates, attend, per_branch=False), gates)
+
+    def branch_attention(self, qs, cache_k: Tensor, cache_v: Tensor, positions: Tensor) -> list:
+        """Per branch, its n_head query heads (qs[b]: (B, n_head, T, D)) against its own cache heads, GQA done by
+        SDPA: expanding the cache to 3 n_head heads first (repeat_kv) copied all of it at every decode step, a third
+        of a GPT-2-size step at batch 64 (docs/results/inference.md)."""
+        ks, vs = cache_k.split(self.kv_heads, dim=1), cache_v.split(self.kv_heads, dim=1)
+        return [cached_sdpa(q, k, v, positions) for q, k, v in zip(qs, ks, vs)]
 
     def decode_top1(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor) -> Tensor:
         """One token per row (x (B, 1, d)), top1: see `forward_cached`. Per row, the chosen branch's W_q block and
-        W_o block are gathered ((B, d, d) each: only the chosen branch's weights are read) and its query heads read
-        the cache heads `kv_head_index` names for that branch."""
+        W_o block are gathered ((B, d, d) each: only the chosen branch's weights are read)."""
         b, d, h, dh, n_kv = x.shape[0], self.d_model, self.n_head, self.head_dim, sum(self.kv_heads)
         _, routing = self.gates(x)
         c = routing.probs.argmax(-1)  # (B,) the chosen branch
@@ -223,9 +224,12 @@ class MoASAttention(nn.Module):
         q = torch.bmm(w[:3 * d].view(3, d, d)[c], xs.unsqueeze(-1)).squeeze(-1)
         if bias is not None:
             q = q + bias[:3 * d].view(3, d)[c]
-        heads = self.kv_head_index.view(3, h)[c]  # (B, n_head): the cache head each query head of the branch reads
-        index = heads[:, :, None, None].expand(-1, -1, *cache_k.shape[2:])
-        o = cached_sdpa(q.view(b, h, 1, dh), cache_k.gather(1, index), cache_v.gather(1, index), positions)
+        # each row's query against every branch's cache heads, the chosen branch's output kept: this reads the
+        # n_head + gqa_kv_heads + 1 cached heads once, where gathering each row's branch heads (expanded to n_head)
+        # copied the cache first and read more in all (docs/results/inference.md)
+        q = q.view(b, h, 1, dh)
+        outs = torch.stack(self.branch_attention((q, q, q), cache_k, cache_v, positions))  # (3, B, n_head, 1, D)
+        o = outs[c, torch.arange(b, device=x.device)]
         w_o = self.c_proj.weight.view(d, 3, d).transpose(0, 1)[c]  # (B, d, d): the branch's output block
         y = torch.bmm(w_o, o.reshape(b, d, 1)).squeeze(-1)
         if self.o_bias is not None:
