@@ -43,7 +43,6 @@ from typing import ClassVar, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from moa_train.config import ModelConfig, _check, _divisors, _one_of
