@@ -180,7 +180,8 @@ def test_kv_tradeoff_driver_trains_evaluates_and_rebuilds_its_tables(tmp_path, m
     assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == [
         f"{row}-seed{k}" for row in ("gqa2_pm", "mha", "moas_kv_b2") for k in (0, 1)]
     for run in runs.iterdir():
-        assert not (run / "checkpoints").exists() and (run / "metrics.jsonl").is_file()
+        assert not (run / "checkpoints").exists() and not (run / "tokenizer.json").exists()
+        assert (run / "metrics.jsonl").is_file() and (run / "train.log").is_file()
     kv = json.loads((runs / "moas_kv_b2-seed0" / "kv_eval.json").read_text())
     assert {"val/ppl", "test/ppl", "val/ppl_soft", "test/ppl_soft", "kv_bytes_per_token",
             "pool_fallback_share"} <= set(kv)

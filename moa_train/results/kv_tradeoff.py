@@ -147,6 +147,7 @@ def evaluate_runs(runs_dir: Path) -> None:
         print(f"{run.name}: val ppl {result['val/ppl']:.2f} test ppl {result['test/ppl']:.2f} "
               f"KV {result['kv_bytes_per_token']:.0f} B/token", flush=True)
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
+        (run / "tokenizer.json").unlink(missing_ok=True)  # the BPE vocabulary: rebuilt from the data, not a record
 
 
 def collect(runs_dir: Path) -> dict:
