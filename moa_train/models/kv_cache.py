@@ -79,10 +79,16 @@ class KVCache:
         return sum(int(k.fallbacks(self.lengths).sum()) for k in self.k if isinstance(k, HeadPool))
 
 
-def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
+def kv_bytes_per_token(model, dtype: torch.dtype, routings: Optional[list] = None) -> float:
     """Analytic cache bytes one token takes over all layers of `model` (a LanguageModel): 2 (K and V) x heads cached
-    x head_dim x the dtype's bytes, summed over layers."""
-    return sum(block.attn.kv_cache_elems_per_token() for block in model.blocks) * dtype.itemsize
+    x head_dim x the dtype's bytes, summed over layers. A variant storing a varying number of heads (moas_kv) counts
+    its budget, or with `routings` (the records of an eval forward, one per layer) the mean its hard routing stored."""
+    def elems(attn, routing) -> float:
+        if routings is None or not hasattr(attn, "realised_heads"):
+            return attn.kv_cache_elems_per_token()
+        return attn.kv_cache_elems_per_token(float(attn.realised_heads(routing)))
+    return sum(elems(block.attn, r) for block, r in zip(model.blocks, routings or [None] * len(model.blocks))) \
+        * dtype.itemsize
 
 
 def write_kv(cache: Tensor, new: Tensor, positions: Tensor) -> None:

@@ -53,6 +53,15 @@ def jobs(rows: list, seeds: list, runs_dir: Path, extra: list) -> list:
     return out
 
 
+def prepare_data(extra: list) -> None:
+    """Tokenise the data once (BPE training included) before the runs start: otherwise every one of the concurrent
+    runs would train the same tokenizer at once, and all but one would throw theirs away (the cache is atomic)."""
+    from moa_train.config import compose_train
+    from moa_train.data import load_data
+
+    load_data(compose_train([f"experiment={GROUP}/mha", *extra]).data)
+
+
 def _pass(model, split, batch: int, block: int, device) -> dict:
     """One full pass over `split` in fp32: summed NLL, target tokens, and per layer the hard routing's counts per
     choice (choice names from the records)."""
@@ -367,6 +376,7 @@ def main(argv=None) -> None:
     runs_dir = args.runs_dir.resolve()
     failed = []
     if not args.tables_only:
+        prepare_data(args.overrides)
         failed = run_jobs(jobs(rows, list(range(args.seeds)), runs_dir, args.overrides), args.jobs)
         evaluate_runs(runs_dir)
     table = collect(runs_dir)
