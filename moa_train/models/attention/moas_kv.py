@@ -123,7 +123,7 @@ class MoASKVAttention(nn.Module):
             gates = probs if self.inference_routing == "soft" else hard
         routing = Routing(probs.view(-1, 3), SCHEMES, chosen.view(-1, 1), logits.view(-1, 3), cost=self.stored_heads,
                           budget=self.kv_budget)
-        return gates.to(x.dtype), routing
+        return gates, routing
 
     def candidates(self, kv: Tensor) -> list:
         """K or V heads (B, n_head, T, D) -> each scheme's stored heads: [MHA (n_head), GQA (G), MQA (1)]."""
@@ -133,6 +133,7 @@ class MoASKVAttention(nn.Module):
     def mix(self, kv: Tensor, gates: Tensor) -> Tensor:
         """(B, n_head, T, D): per token, the gate-weighted schemes' heads as query head h reads them."""
         b, h, t, d = kv.shape
+        gates = gates.to(kv.dtype)  # under autocast K/V are bf16: the mix stays in their dtype, as Q is
         out = 0.0
         for i, heads in enumerate(self.candidates(kv)):
             read = heads.unsqueeze(2).expand(b, heads.shape[1], h // heads.shape[1], t, d).reshape(b, h, t, d)
