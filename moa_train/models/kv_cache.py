@@ -157,6 +157,12 @@ class HeadPool:
     def max_len(self) -> int:
         return self.scheme.shape[1]
 
+    def index_select(self, dim: int, rows: Tensor) -> "HeadPool":
+        """The pool of rows `rows` (dim 0: beam search reorders and drops hypotheses, as with a cache tensor)."""
+        assert dim == 0, "a head pool selects rows only"
+        return HeadPool(*(t.index_select(0, rows) for t in (self.k, self.v, self.scheme, self.offset, self.fell_back)),
+                        self.heads, self.first, self.read_index, self.width)
+
     @property
     def slots(self) -> int:
         return self.k.shape[1] - 1
