@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import statistics
 from pathlib import Path
 
 from moa_train.paths import repo_root
-from moa_train.results import Job, clear, previous_meta, results_meta, run_jobs, single_run, welch
+from moa_train.results import Job, clear, evaluate_each, previous_meta, results_meta, run_jobs, single_run, welch
 
 ROOT = repo_root()
 GROUP = "kv_tradeoff"
@@ -147,16 +146,10 @@ def evaluate_run(run: Path, batch: int = 32) -> dict:
 
 
 def evaluate_runs(runs_dir: Path) -> None:
-    for summary in sorted(runs_dir.glob("*/summary.json")):
-        run = summary.parent
-        if (run / "kv_eval.json").is_file():
-            continue
-        result = evaluate_run(run)
-        (run / "kv_eval.json").write_text(json.dumps(result, indent=1))
-        print(f"{run.name}: val ppl {result['val/ppl']:.2f} test ppl {result['test/ppl']:.2f} "
-              f"KV {result['kv_bytes_per_token']:.0f} B/token", flush=True)
-        shutil.rmtree(run / "checkpoints", ignore_errors=True)
-        (run / "tokenizer.json").unlink(missing_ok=True)  # the BPE vocabulary: rebuilt from the data, not a record
+    # the BPE tokenizer goes with the checkpoints: rebuilt from the data, it is not a record
+    evaluate_each(sorted(runs_dir.glob("*/summary.json")), "kv_eval.json", evaluate_run,
+                  lambda run, r: f"{run.name}: val ppl {r['val/ppl']:.2f} test ppl {r['test/ppl']:.2f} "
+                                 f"KV {r['kv_bytes_per_token']:.0f} B/token", ("checkpoints", "tokenizer.json"))
 
 
 def collect(runs_dir: Path) -> dict:

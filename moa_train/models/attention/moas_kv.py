@@ -45,8 +45,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from moa_train.config import ModelConfig, _check, _divisors, _one_of
+from moa_train.config import ModelConfig, _check, _one_of
 from moa_train.models.attention.mha import merge_heads, sdpa, split_heads
+from moa_train.models.attention.moas import check_gqa_heads
 from moa_train.models.kv_cache import PoolLayout, cached_sdpa
 from moa_train.models.roles import NO_DECAY, RESIDUAL, ROUTER
 from moa_train.models.routing import Routing
@@ -75,9 +76,7 @@ class MoASKVConfig(ModelConfig):
     @classmethod
     def validate(cls, m, cfg) -> None:
         super().validate(m, cfg)
-        cls.check_heads(m)
-        _check(m.gqa_kv_heads > 0 and m.n_head % m.gqa_kv_heads == 0, "model.gqa_kv_heads",
-               f"{m.gqa_kv_heads} does not divide model.n_head={m.n_head}; valid: {_divisors(m.n_head)}")
+        check_gqa_heads(m)
         _check(m.kv_budget is None or 1 <= m.kv_budget <= m.n_head, "model.kv_budget",
                f"must be null or in [1, model.n_head={m.n_head}] (stored K/V heads per token), got {m.kv_budget}")
         _check(m.router_tau > 0, "model.router_tau", f"must be > 0, got {m.router_tau}")
