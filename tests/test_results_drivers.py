@@ -199,3 +199,12 @@ def test_kv_tradeoff_driver_trains_evaluates_and_rebuilds_its_tables(tmp_path, m
     before = {s: out.with_suffix(s).read_bytes() for s in (".md", ".json")}
     kv_tradeoff.main(["--tables-only", "--runs-dir", str(runs), "--out", str(out)])
     assert {s: out.with_suffix(s).read_bytes() for s in (".md", ".json")} == before
+    # run again after a time limit: finished runs are kept (no job, nothing cleared), an unfinished one resumes
+    (runs / "mha-seed2").mkdir()
+    resumed = kv_tradeoff.jobs(["mha", "moas_kv_b2"], [0, 1, 2], runs, [], keep_finished=True)
+    assert [job.name for job in resumed] == ["kv_tradeoff/mha-seed2", "kv_tradeoff/moas_kv_b2-seed2"]
+    assert (runs / "mha-seed2").is_dir() and (runs / "mha-seed0" / "kv_eval.json").is_file()
+    (runs / "mha-seed2").rmdir()
+    kv_tradeoff.main(["--rows", "mha", "--seeds", "2", "--jobs", "2", "--keep-finished", "--runs-dir", str(runs),
+                      "--out", str(out), *tiny])
+    assert {s: out.with_suffix(s).read_bytes() for s in (".md", ".json")} == before

@@ -5,6 +5,8 @@ writes docs/results/kv_tradeoff.{md,json,png}.
     python3 scripts/reproduce_kv_tradeoff.py --jobs 27            # 9 rows x 3 seeds at once on one GPU, then tables
     python3 scripts/reproduce_kv_tradeoff.py --rows mha,moas_kv_b2 --seeds 2
     python3 scripts/reproduce_kv_tradeoff.py --tables-only        # rebuild from the committed run records
+    python3 scripts/reproduce_kv_tradeoff.py --jobs 27 --keep-finished   # again after a time limit: finished runs
+                                                                         # kept, unfinished ones resumed
 
 Phases: (1) each (row, seed) as a single `moa-train experiment=kv_tradeoff/<row> mode=fast trainer.seed=<k>` into
 <runs-dir>/<row>-seed<k>/ (--jobs at once; a run's output in <row>-seed<k>.log, kept only if it fails); (2) each
@@ -41,12 +43,18 @@ def is_kv(row: str) -> bool:
     return row.startswith("moas_kv")
 
 
-def jobs(rows: list, seeds: list, runs_dir: Path, extra: list) -> list:
+def jobs(rows: list, seeds: list, runs_dir: Path, extra: list, keep_finished: bool = False) -> list:
+    """The runs to train. keep_finished: a run folder holding summary.json is kept and not rerun, and an unfinished
+    one resumes from its last checkpoint (trainer.resume=auto), so that a driver stopped by a time limit picks up
+    where it was; otherwise the rows' earlier folders of these seeds are deleted first."""
     out = []
     for row in rows:
-        clear(runs_dir.parent, runs_dir.name, row, seeds)
+        if not keep_finished:
+            clear(runs_dir.parent, runs_dir.name, row, seeds)
         for seed in seeds:
             run = runs_dir / f"{row}-seed{seed}"
+            if keep_finished and (run / "summary.json").is_file():
+                continue
             cmd = single_run([f"experiment={GROUP}/{row}", "mode=fast", f"trainer.seed={seed}", *extra], run)
             out.append(Job(f"{GROUP}/{run.name}", cmd, run.with_suffix(".log")))
     return out
@@ -360,6 +368,8 @@ def main(argv=None) -> None:
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "docs/results/runs" / GROUP)
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results" / GROUP)
     parser.add_argument("--tables-only", action="store_true", help="skip training and evaluation")
+    parser.add_argument("--keep-finished", action="store_true",
+                        help="keep finished runs, resume unfinished ones (after a time limit stopped the driver)")
     parser.add_argument("overrides", nargs="*", help="extra moa-train overrides for every run")
     args = parser.parse_args(argv)
     rows = args.rows.split(",")
@@ -370,7 +380,8 @@ def main(argv=None) -> None:
     failed = []
     if not args.tables_only:
         prepare_data(args.overrides)
-        failed = run_jobs(jobs(rows, list(range(args.seeds)), runs_dir, args.overrides), args.jobs)
+        failed = run_jobs(jobs(rows, list(range(args.seeds)), runs_dir, args.overrides, args.keep_finished),
+                          args.jobs)
         evaluate_runs(runs_dir)
     table = collect(runs_dir)
     if not table:
