@@ -29,6 +29,8 @@ class AuxConfig:
     balance_coef: float = 0.01  # weight of the load-balance loss (train/aux/balance)
     z_coef: float = 0.0  # weight of the router z-loss mean(logsumexp(logits)^2) (train/aux/z)
     cv_coef: float = 0.0  # weight of the squared coefficient of variation of expert importance (train/aux/cv)
+    # weight of the KV budget loss relu(stored heads per token - model.kv_budget)^2 (moas_kv; train/aux/kv_budget)
+    kv_budget_coef: float = 0.0
     layer_reduce: str = "mean"  # how per-layer aux terms combine: mean (MoAS paper) | sum (MoA code)
     balance_type: str = "mse"  # mse: MSE of batch-mean gates to 1/C (MoAS paper) | switch: C*sum_i f_i*P_i
     z_tokens: str = "real"  # tokens the z-loss averages over: real (padding left out) | all (the MoA code: pads too)
@@ -88,7 +90,7 @@ class ModelConfig:
         _one_of(m.init, "model.init", ("standard", "fairseq"))
         _one_of(m.aux.z_tokens, "model.aux.z_tokens", ("real", "all"))
         _one_of(m.aux.cv_of, "model.aux.cv_of", ("probs", "gates"))
-        for key in ("balance_coef", "z_coef", "cv_coef"):
+        for key in ("balance_coef", "z_coef", "cv_coef", "kv_budget_coef"):
             _check(m.aux[key] >= 0, f"model.aux.{key}", f"must be >= 0, got {m.aux[key]}")
         _one_of(m.aux.layer_reduce, "model.aux.layer_reduce", ("mean", "sum"))
         _one_of(m.aux.balance_type, "model.aux.balance_type", ("mse", "switch"))

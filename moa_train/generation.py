@@ -78,6 +78,14 @@ class _KVCache:
     def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.decode_step(tokens, self.cache)
 
+    def overflow_note(self):
+        """A line on the tokens a pooled cache (moas_kv) stored as its fallback scheme, or None."""
+        n = self.cache.fallbacks()
+        if not n:
+            return None
+        return (f"{n} token-layer(s) overflowed the KV head pool and stored the fallback scheme (MQA) instead of their "
+                "routed one (raise model.kv_pool_slack for an exact cache)")
+
 
 def pick(logits: torch.Tensor, temperature: float, top_k, top_p, greedy: bool, generator) -> torch.Tensor:
     """(B,) next tokens from (B, V) logits."""
@@ -144,7 +152,7 @@ class _Streamer:
 
 @torch.no_grad()
 @without_cudnn_attention
-def _generate_ids(model, prompts: list, budget: int, use_cache: bool, draw, on_token=None) -> list:
+def _generate_ids(model, prompts: list, budget: int, use_cache: bool, draw, on_token=None, warn=None) -> list:
     """New ids of each prompt (lists of ids, every row given `budget` tokens, which fit model.max_seq_len)."""
     device = next(model.parameters()).device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -164,6 +172,9 @@ def _generate_ids(model, prompts: list, budget: int, use_cache: bool, draw, on_t
             on_token(tokens)
         if step + 1 < budget:
             logits = cache.decode_step(tokens)
+    note = getattr(cache, "overflow_note", lambda: None)()
+    if note and warn is not None:  # once per batch, after decoding: counting them is a host sync
+        warn(note)
     return torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
 
 
@@ -205,7 +216,8 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 200, tempera
             def on_token(tokens):
                 so_far.append(int(tokens[0]))
                 streamer(so_far)
-        for row, got in zip(rows, _generate_ids(model, [ids[r] for r in rows], budget, use_cache, draw, on_token)):
+        for row, got in zip(rows, _generate_ids(model, [ids[r] for r in rows], budget, use_cache, draw, on_token,
+                                                 warn)):
             new[row] = got
         if stream is not None:
             streamer(so_far, final=True)

@@ -65,3 +65,13 @@ def test_committed_bench_tables_rebuild_from_their_json():
     bench = load(out / "bench.json")
     assert bench["results"], "no committed bench results"
     assert markdown(bench, (out / "bench_notes.md").read_text()) == (out / "bench.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_runs_moas_kv_at_the_tiny_size(tmp_path):
+    """Every registered variant is a moa-bench row (config.bench_presets): moas_kv trains in fast mode too."""
+    out = tmp_path / "results"
+    assert main(["--sizes", "tiny", "--models", "moas_kv", "--steps", "2", "--windows", "2", "--out", str(out),
+                 "--no-checks"]) == 0
+    r = json.loads((out / "bench.json").read_text())["results"]["tiny/moas_kv"]
+    assert r["step_ms"] > 0 and r["flops_per_token"] > 0

@@ -21,6 +21,7 @@ VARIANTS = {
     "moa_all": ("moa", {"n_experts": 4, "top_k": 4}),
     "moas_static": ("moas_static", {}),
     "moas_dynamic": ("moas_dynamic", {}),
+    "moas_kv": ("moas_kv", {"kv_budget": 2.0, "kv_pool_slack": 2.0}),  # a pool that cannot overflow: exact
     "mha_cross_moa": ("mha", {"cross": {"name": "moa", "n_experts": 4, "top_k": 2}}),
     "mha_postln_fairseq": ("mha", {"norm_first": False, "positions": "sinusoidal_fairseq", "bias": True,
                                    "activation": "relu", "init": "fairseq"}),
@@ -83,7 +84,7 @@ def test_cached_and_uncached_search_give_the_same_hypotheses(variant):
     assert search.beam_search(model, src, mask, BOS, eos, PAD, 12, beam=1, use_cache=True) == greedy[1]
 
 
-@pytest.mark.parametrize("variant", ["mha", "moa_topk", "moas_dynamic", "mha_postln_fairseq"])
+@pytest.mark.parametrize("variant", ["mha", "moa_topk", "moas_dynamic", "mha_postln_fairseq", "moas_kv"])
 def test_cached_logits_equal_the_full_decoder_at_every_position(variant):
     model = build(variant)
     src, mask = sources()

@@ -103,3 +103,12 @@ def test_damaged_peak_flops_cache_is_measured_again(tmp_path, monkeypatch, caplo
     assert flops.peak_flops(device, "fp32", tmp_path) == 1.5e9
     assert flops.read_table(tmp_path / "peak_flops.json")[key] == 1.5e9  # the file is whole again
     assert ("is damaged" in caplog.text) == ("KEY" not in content)  # a bad value alone is just measured again
+
+
+def test_moas_kv_flops_are_mha_plus_the_router(make_cfg):
+    """moas_kv runs MHA's projections and n_head query heads whatever the schemes; the router is Linear(d, 3)."""
+    d, h, n_layer, t = 64, 4, 2, 32
+    kv, _ = build(make_cfg, "model=moas_kv", f"model.d_model={d}", f"model.n_head={h}", "model.kv_budget=2")
+    mha, _ = build(make_cfg, "model=mha", f"model.d_model={d}", f"model.n_head={h}")
+    assert kv.flops_per_token(t) == mha.flops_per_token(t) + 6 * n_layer * 3 * d
+    assert kv.num_params() == mha.num_params() + n_layer * 3 * d

@@ -27,8 +27,13 @@ VARIANTS = {
     "mha_bias": ["model=mha", "model.bias=true"],
     "moas_dynamic_bias": ["model=moas_dynamic", "model.bias=true"],
     "moa_bias": ["model=moa", "model.bias=true"],
+    "moas_kv": ["model=moas_kv", "model.kv_budget=2"],
+    "moas_kv_bias": ["model=moas_kv", "model.bias=true"],
 }
-ROUTED = {"moas_dynamic", "moa_topk", "moa_all", "moa_topk_softmax", "moa_kv2", "moas_dynamic_bias", "moa_bias"}
+ROUTED = {"moas_dynamic", "moa_topk", "moa_all", "moa_topk_softmax", "moa_kv2", "moas_dynamic_bias", "moa_bias",
+          "moas_kv", "moas_kv_bias"}
+# aux terms beyond balance, z and cv: moas_kv's stored heads, and its budget loss where a budget is set
+KV_AUX = {"moas_kv": {"kv_heads", "kv_budget"}, "moas_kv_bias": {"kv_heads"}}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +66,7 @@ def test_forward_backward(variant_cfgs, variant):
     assert len(routings) == cfg.model.n_layer
     assert all((r is not None) == (variant in ROUTED) for r in routings)
     aux = aux_losses(routings, cfg.model.aux)
-    assert set(aux) == ({"balance", "z", "cv"} if variant in ROUTED else set())
+    assert set(aux) == ({"balance", "z", "cv"} | KV_AUX.get(variant, set()) if variant in ROUTED else set())
     loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()) + weighted_aux(aux, cfg.model.aux)
     loss.backward()
     for name, p in lm.named_parameters():

@@ -38,3 +38,19 @@ def test_translation_tables_regenerate_from_records(tmp_path):
     committed = json.loads((ROOT / "docs/results/translation.json").read_text())
     assert json.loads(out.with_suffix(".json").read_text()) == committed
     assert out.with_suffix(".md").read_text() == (ROOT / "docs/results/translation.md").read_text()
+
+
+KV_RECORDS = ROOT / "docs/results/runs/kv_tradeoff"
+
+
+@pytest.mark.skipif(not KV_RECORDS.is_dir(), reason="no committed KV trade-off records (the GPU study)")
+def test_kv_tradeoff_tables_regenerate_from_records(tmp_path):
+    out = tmp_path / "kv_tradeoff"
+    subprocess.run([sys.executable, "scripts/reproduce_kv_tradeoff.py", "--tables-only", "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True)
+    regenerated = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert regenerated == json.loads((ROOT / "docs/results/kv_tradeoff.json").read_text())["results"]
+    for row, r in regenerated["rows"].items():
+        evals = [json.loads((KV_RECORDS / run / "kv_eval.json").read_text()) for run in r["runs"]]
+        assert r["test_ppl"] == [e["test/ppl"] for e in evals] and len(evals) >= 3, row
+    assert "## Answer" in out.with_suffix(".md").read_text()

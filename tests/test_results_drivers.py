@@ -163,3 +163,48 @@ def test_translation_tables_per_group_from_fake_records(tmp_path):
     moa = saved["groups"]["multi30k"]["welch"]["test/bleu"]["moa_vs_mha"]
     assert moa["p"] < 0.05 and "moa - mha = +1.00 BLEU" in text  # the example's moa is clearly better
     assert saved["groups"]["multi30k_fairseq"]["provenance"]["git_sha"] == "ccc, bbb"
+
+
+def test_kv_tradeoff_driver_trains_evaluates_and_rebuilds_its_tables(tmp_path, monkeypatch):
+    """scripts/reproduce_kv_tradeoff.py at a tiny size on CPU: runs, kv_eval.json per run (hard and soft perplexity,
+    realised KV bytes, shares), tables with the Welch comparisons, and `--tables-only` rebuilding them byte for byte."""
+    from moa_train.results import kv_tradeoff
+
+    monkeypatch.setenv("RESULTS_DATE", "2026-12-02")
+    runs, out = tmp_path / "runs", tmp_path / "out" / "kv_tradeoff"
+    tiny = ["debug=tiny", "trainer.device=cpu", "trainer.compile=false", "trainer.cuda_graphs=false",
+            "trainer.precision=fp32", "model.n_head=4", "trainer.max_steps=8", "trainer.eval_interval=8",
+            "data.vocab_size=300"]
+    kv_tradeoff.main(["--rows", "mha,moas_kv_b2,gqa2_pm", "--seeds", "2", "--jobs", "2", "--runs-dir", str(runs),
+                      "--out", str(out), *tiny])
+    assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == [
+        f"{row}-seed{k}" for row in ("gqa2_pm", "mha", "moas_kv_b2") for k in (0, 1)]
+    for run in runs.iterdir():
+        assert not (run / "checkpoints").exists() and not (run / "tokenizer.json").exists()
+        assert (run / "metrics.jsonl").is_file() and (run / "train.log").is_file()
+    kv = json.loads((runs / "moas_kv_b2-seed0" / "kv_eval.json").read_text())
+    assert {"val/ppl", "test/ppl", "val/ppl_soft", "test/ppl_soft", "kv_bytes_per_token",
+            "pool_fallback_share"} <= set(kv)
+    assert set(kv["shares"]) == {"layer0", "layer1"} and sum(kv["shares"]["layer0"].values()) == pytest.approx(1.0)
+    # 2 layers x stored heads x head_dim 8 x 2 (K, V) x 2 bytes: between MQA's and MHA's
+    assert 2 * 1 * 8 * 2 * 2 <= kv["kv_bytes_per_token"] <= 2 * 4 * 8 * 2 * 2
+    mha = json.loads((runs / "mha-seed0" / "kv_eval.json").read_text())
+    assert mha["kv_bytes_per_token"] == 2 * 4 * 8 * 2 * 2 and "val/ppl_soft" not in mha
+    res = json.loads(out.with_suffix(".json").read_text())["results"]
+    kinds = {(c["row"], c["against"]) for c in res["comparisons"]}
+    assert kinds == {("moas_kv_b2", "mha"), ("moas_kv_b2", "gqa2_pm")}
+    assert all(c["welch_test_loss"] is not None for c in res["comparisons"])
+    md = out.with_suffix(".md").read_text()
+    assert "## Answer" in md and "moas_kv_b2 vs mha" in md and out.with_suffix(".png").is_file()
+    before = {s: out.with_suffix(s).read_bytes() for s in (".md", ".json")}
+    kv_tradeoff.main(["--tables-only", "--runs-dir", str(runs), "--out", str(out)])
+    assert {s: out.with_suffix(s).read_bytes() for s in (".md", ".json")} == before
+    # run again after a time limit: finished runs are kept (no job, nothing cleared), an unfinished one resumes
+    (runs / "mha-seed2").mkdir()
+    resumed = kv_tradeoff.jobs(["mha", "moas_kv_b2"], [0, 1, 2], runs, [], keep_finished=True)
+    assert [job.name for job in resumed] == ["kv_tradeoff/mha-seed2", "kv_tradeoff/moas_kv_b2-seed2"]
+    assert (runs / "mha-seed2").is_dir() and (runs / "mha-seed0" / "kv_eval.json").is_file()
+    (runs / "mha-seed2").rmdir()
+    kv_tradeoff.main(["--rows", "mha", "--seeds", "2", "--jobs", "2", "--keep-finished", "--runs-dir", str(runs),
+                      "--out", str(out), *tiny])
+    assert {s: out.with_suffix(s).read_bytes() for s in (".md", ".json")} == before

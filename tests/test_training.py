@@ -14,7 +14,7 @@ from moa_train.train.checkpoint import find_checkpoint, load_checkpoint
 from moa_train.train.evaluate import evaluate
 
 MODELS = list(VARIANTS)  # every registered attention variant
-ROUTED = {"moas_dynamic", "moa"}
+ROUTED = {"moas_dynamic", "moa", "moas_kv"}
 TINY = ("model.n_head=4",)  # d_model 32: four 8-wide heads, so GQA (2 K/V heads) differs from MHA and MQA
 
 TRAIN_KEYS = {"train/loss", "lr", "perf/step_ms", "perf/tokens_per_s", "perf/mfu"}
@@ -53,7 +53,7 @@ def test_short_run_loss_falls(train_run, tmp_path, model):
             for site in ("layer0", "layer1"):
                 assert f"routing/entropy/{site}" in r
                 util = [v for k, v in r.items() if k.startswith(f"routing/util/{site}/")]
-                assert len(util) == (3 if model == "moas_dynamic" else 4)
+                assert len(util) == (4 if model == "moa" else 3)
                 assert sum(util) == pytest.approx(1.0, abs=1e-5)
     else:
         assert not routed_keys

@@ -11,11 +11,17 @@ Nothing here reallocates or resizes a tensor after `KVCache.allocate`, and the w
 shapes (the mask compares positions with an arange over max_len): a one-token decode step has no data-dependent shape
 and no host sync, so it can be compiled or captured in a CUDA graph. Rows of a batch may hold different lengths.
 Positions past max_len are not checked (that would be a host sync): the scatter then fails.
+
+A variant whose tokens store different numbers of K/V heads (moas_kv) returns a `PoolLayout` from `kv_layout()`
+instead of a tuple: its layer of the cache is then a `HeadPool` (per row a pool of head slots with per-token offsets),
+passed to its `forward_cached` as `cache_k`, with `cache_v` None. Every other variant is unchanged.
 """
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,36 +46,66 @@ def without_cudnn_attention(fn):
 
 @dataclass
 class KVCache:
-    """Per layer K and V (B, n_heads_cached, max_len, head_dim) in one dtype; `lengths` (B,) int64: tokens held per
-    row (slots at and past a row's length may hold garbage, never attended: each is overwritten before it is read)."""
+    """Per layer K and V (B, n_heads_cached, max_len, head_dim) in one dtype (a pooled layer: its HeadPool in `k`,
+    None in `v`); `lengths` (B,) int64: tokens held per row (slots at and past a row's length may hold garbage, never
+    attended: each is overwritten before it is read)."""
     k: list
     v: list
     lengths: Tensor
 
     @classmethod
     def allocate(cls, layouts: list, batch_size: int, max_len: int, device, dtype: torch.dtype) -> "KVCache":
-        """`layouts`: one (n_heads_cached, head_dim) per layer."""
-        def zeros(heads: int, head_dim: int) -> Tensor:
-            return torch.zeros(batch_size, heads, max_len, head_dim, device=device, dtype=dtype)
-        return cls([zeros(*hd) for hd in layouts], [zeros(*hd) for hd in layouts],
-                   torch.zeros(batch_size, dtype=torch.int64, device=device))
+        """`layouts`: one (n_heads_cached, head_dim) or PoolLayout per layer."""
+        def zeros(layout) -> Optional[Tensor]:
+            if isinstance(layout, PoolLayout):
+                return None
+            return torch.zeros(batch_size, *layout[:1], max_len, layout[1], device=device, dtype=dtype)
+        k = [layout.allocate(batch_size, max_len, device, dtype) if isinstance(layout, PoolLayout) else zeros(layout)
+             for layout in layouts]
+        return cls(k, [zeros(layout) for layout in layouts], torch.zeros(batch_size, dtype=torch.int64, device=device))
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[2]
+        first = self.k[0]
+        return first.max_len if isinstance(first, HeadPool) else first.shape[2]
 
     @property
     def batch_size(self) -> int:
         return self.lengths.shape[0]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        """Bytes allocated for K and V (a pool: its head slots, the bookkeeping tables left out)."""
+        return sum(t.nbytes() if isinstance(t, HeadPool) else t.numel() * t.element_size()
+                   for t in (*self.k, *self.v) if t is not None)
+
+    def realised_bytes_per_token(self) -> float:
+        """K/V bytes the rows' real tokens (`lengths`) really hold, over all layers, per token: a pooled layer's used
+        slots (`HeadPool.used_slots`), a static layer's heads x head_dim."""
+        tokens = self.lengths.sum().clamp_min(1)
+        total = 0.0
+        for k in self.k:
+            if isinstance(k, HeadPool):
+                total += float(k.used_slots(self.lengths).sum() / tokens) * k.head_bytes()
+            else:
+                total += 2 * k.shape[1] * k.shape[3] * k.element_size()
+        return total
+
+    def fallbacks(self) -> int:
+        """Real tokens the pooled layers' overflow policy stored as their fallback scheme (summed over layers);
+        0 without pooled layers."""
+        return sum(int(k.fallbacks(self.lengths).sum()) for k in self.k if isinstance(k, HeadPool))
 
 
-def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
+def kv_bytes_per_token(model, dtype: torch.dtype, routings: Optional[list] = None) -> float:
     """Analytic cache bytes one token takes over all layers of `model` (a LanguageModel): 2 (K and V) x heads cached
-    x head_dim x the dtype's bytes, summed over layers."""
-    return sum(block.attn.kv_cache_elems_per_token() for block in model.blocks) * dtype.itemsize
+    x head_dim x the dtype's bytes, summed over layers. A variant storing a varying number of heads (moas_kv) counts
+    its budget, or with `routings` (the records of an eval forward, one per layer) the mean its hard routing stored."""
+    def elems(attn, routing) -> float:
+        if routings is None or not hasattr(attn, "realised_heads"):
+            return attn.kv_cache_elems_per_token()
+        return attn.kv_cache_elems_per_token(float(attn.realised_heads(routing)))
+    return sum(elems(block.attn, r) for block, r in zip(model.blocks, routings or [None] * len(model.blocks))) \
+        * dtype.itemsize
 
 
 def write_kv(cache: Tensor, new: Tensor, positions: Tensor) -> None:
@@ -91,3 +127,134 @@ def cached_sdpa(q: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor) 
     # dynamic shapes (a recompiled decode step), which SDPA refuses; with a mask no flash kernel runs either way
     return F.scaled_dot_product_attention(q, cache_k.to(q.dtype), cache_v.to(q.dtype), attn_mask=keep,
                                           enable_gqa=True)
+
+
+# --- head pools: tokens storing different numbers of K/V heads ---------------------------------------------------
+
+@dataclass(frozen=True)
+class PoolLayout:
+    """What a pooled layer's token stores: under scheme c, `heads[c]` K/V heads (its candidate heads
+    `first[c]`..`first[c] + heads[c] - 1` of the layer's candidates); query head h then reads the token's stored head
+    `read_index[c][h]`. The pool holds ceil(slots_per_token x max_len) slots per row, at least max_len (one per
+    position: the fallback scheme, which stores one head, always fits)."""
+    head_dim: int
+    heads: tuple  # (C,) K/V heads a token stores under each scheme; the last is the fallback and stores 1
+    first: tuple  # (C,) each scheme's first head among the candidates the module hands to `HeadPool.store`
+    read_index: tuple  # (C, n_query_heads): the stored head query head h reads
+    slots_per_token: float
+
+    def slots(self, max_len: int) -> int:
+        return max(max_len, min(max(self.heads) * max_len, math.ceil(self.slots_per_token * max_len)))
+
+    def allocate(self, batch_size: int, max_len: int, device, dtype: torch.dtype) -> "HeadPool":
+        def table(value: int) -> Tensor:
+            return torch.full((batch_size, max_len), value, dtype=torch.int64, device=device)
+        slots = self.slots(max_len) + 1  # the last slot takes the writes of the heads a scheme does not store
+        kv = [torch.zeros(batch_size, slots, self.head_dim, device=device, dtype=dtype) for _ in range(2)]
+        return HeadPool(*kv, table(0), table(0), torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
+                        torch.tensor(self.heads, device=device), torch.tensor(self.first, device=device),
+                        torch.tensor(self.read_index, device=device), max(self.heads))
+
+
+@dataclass
+class HeadPool:
+    """One layer's pooled K/V: per row `k`, `v` (slots + 1, head_dim), and per position the scheme its token stored,
+    the offset of its first slot and whether the overflow policy changed its scheme.
+
+    Overflow policy (fall back, never grow: fixed shapes, so decode steps compile): a token at position p keeps its
+    chosen scheme only if, after its heads, at least one slot per later position of the row (up to max_len) is left;
+    otherwise it stores the fallback scheme (one head), which always fits. `fallbacks` counts such tokens;
+    moa-generate reports them once per generation. A pool of max(heads) x max_len slots never falls back."""
+    k: Tensor
+    v: Tensor
+    scheme: Tensor  # (B, max_len) int64
+    offset: Tensor  # (B, max_len) int64: the token's first slot
+    fell_back: Tensor  # (B, max_len) bool
+    heads: Tensor  # (C,)
+    first: Tensor  # (C,)
+    read_index: Tensor  # (C, H)
+    width: int  # the most heads a token stores
+
+    @property
+    def max_len(self) -> int:
+        return self.scheme.shape[1]
+
+    def index_select(self, dim: int, rows: Tensor) -> "HeadPool":
+        """The pool of rows `rows` (dim 0: beam search reorders and drops hypotheses, as with a cache tensor)."""
+        assert dim == 0, "a head pool selects rows only"
+        return HeadPool(*(t.index_select(0, rows) for t in (self.k, self.v, self.scheme, self.offset, self.fell_back)),
+                        self.heads, self.first, self.read_index, self.width)
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1] - 1
+
+    def head_bytes(self) -> int:
+        """Bytes of one stored head: K and V."""
+        return 2 * self.k.shape[2] * self.k.element_size()
+
+    def nbytes(self) -> int:
+        return self.slots * self.head_bytes() * self.k.shape[0]
+
+    def _end_before(self, positions: Tensor) -> Tensor:
+        """(B,) the first free slot after the tokens at positions < positions (B,)."""
+        end = self.offset + self.heads[self.scheme]
+        before = end.gather(1, (positions - 1).clamp_min(0)[:, None])[:, 0]
+        return torch.where(positions > 0, before, torch.zeros_like(before))
+
+    def _fits(self, offset: Tensor, scheme: Tensor, positions: Tensor) -> Tensor:
+        return offset + self.heads[scheme] + (self.max_len - 1 - positions) <= self.slots
+
+    def place(self, choice: Tensor, positions: Tensor) -> Tensor:
+        """The schemes (B, T) the tokens at consecutive positions (B, T) store, given their choices, after the
+        overflow policy; records scheme, offset and fallback per position. One token (decode): no host sync; a
+        prompt (T > 1) whose choices do not all fit is placed token by token."""
+        fallback = len(self.heads) - 1
+        start = self._end_before(positions[:, 0])
+        n = self.heads[choice]
+        offset = start[:, None] + n.cumsum(1) - n
+        ok = self._fits(offset, choice, positions)
+        if choice.shape[1] > 1 and not bool(ok.all()):  # host sync: prefill only
+            columns = []
+            for t in range(choice.shape[1]):
+                fits = self._fits(start, choice[:, t], positions[:, t])
+                columns.append((torch.where(fits, choice[:, t], fallback), start, fits))
+                start = start + self.heads[columns[-1][0]]
+            scheme, offset, ok = (torch.stack(c, 1) for c in zip(*columns))
+        else:
+            scheme = torch.where(ok, choice, fallback)
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
+        for table, value in ((self.scheme, scheme), (self.offset, offset), (self.fell_back, ~ok)):
+            table[rows, positions] = value  # index_put, as in write_kv: compiled, it writes these entries alone
+        return scheme
+
+    def store(self, k: Tensor, v: Tensor, choice: Tensor, positions: Tensor) -> None:
+        """Tokens at positions (B, T) with candidate heads k, v (B, T, candidates, D) and chosen schemes (B, T): each
+        stores its placed scheme's heads in its slots."""
+        scheme = self.place(choice, positions)
+        j = torch.arange(self.width, device=k.device)  # (J,): the j-th head a token stores
+        n = self.heads[scheme][..., None]  # (B, T, 1)
+        source = (self.first[scheme][..., None] + j).clamp_max(k.shape[2] - 1)  # (B, T, J)
+        slot = torch.where(j < n, self.offset.gather(1, positions)[..., None] + j, self.slots)  # unused: last slot
+        b, t, width = source.shape
+        rows = torch.arange(b, device=k.device)[:, None].expand(b, t * width)
+        for pool, new in ((self.k, k), (self.v, v)):
+            heads = new.gather(2, source[..., None].expand(-1, -1, -1, new.shape[3]))  # (B, T, J, D)
+            pool[rows, slot.view(b, t * width)] = heads.reshape(b, t * width, -1).to(pool.dtype)
+
+    def read(self) -> tuple:
+        """K, V (B, H, max_len, D): query head h's K/V at every position (the head its token stored for h)."""
+        index = self.offset[:, None, :] + self.read_index[self.scheme].transpose(1, 2)  # (B, H, L)
+        b, h, length = index.shape
+        flat = index.clamp_max(self.slots).reshape(b, h * length, 1).expand(-1, -1, self.k.shape[2])
+        return tuple(pool.gather(1, flat).view(b, h, length, -1) for pool in (self.k, self.v))
+
+    def used_slots(self, lengths: Tensor) -> Tensor:
+        """(B,) slots held by each row's first `lengths` tokens."""
+        real = torch.arange(self.max_len, device=lengths.device) < lengths[:, None]
+        return (self.heads[self.scheme] * real).sum(1)
+
+    def fallbacks(self, lengths: Tensor) -> Tensor:
+        """(B,) of each row's first `lengths` tokens, those stored as the fallback scheme by the overflow policy."""
+        real = torch.arange(self.max_len, device=lengths.device) < lengths[:, None]
+        return (self.fell_back & real).sum(1)

@@ -56,7 +56,7 @@ class Block(nn.Module):
         x = x + a
         return x + self.mlp(self.ln_2(x)), routing
 
-    def forward_cached(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor) -> Tensor:
+    def forward_cached(self, x: Tensor, cache_k, cache_v, positions: Tensor) -> Tensor:
         x = x + self.attn.forward_cached(self.ln_1(x), cache_k, cache_v, positions)
         return x + self.mlp(self.ln_2(x))
 

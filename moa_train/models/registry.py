@@ -15,6 +15,7 @@ from moa_train.config import VARIANTS, cross_config, register_variant, variant_c
 from moa_train.models.attention.mha import MHAConfig, MultiHeadAttention
 from moa_train.models.attention.moa import MixtureOfAttentionHeads, MoAConfig
 from moa_train.models.attention.moas import MoASAttention, MoASDynamicConfig, MoASStaticConfig
+from moa_train.models.attention.moas_kv import MoASKVAttention, MoASKVConfig
 
 ATTENTION: dict = {}  # name -> attention module class
 
@@ -32,6 +33,7 @@ register("mqa", MultiHeadAttention, MHAConfig)  # configs/model/mqa.yaml sets n_
 register("moas_static", MoASAttention, MoASStaticConfig)
 register("moas_dynamic", MoASAttention, MoASDynamicConfig)
 register("moa", MixtureOfAttentionHeads, MoAConfig)
+register("moas_kv", MoASKVAttention, MoASKVConfig)
 
 
 def model_config(m):

@@ -22,12 +22,14 @@ class Routing:
     chosen: Optional[Tensor] = None  # (N, k) selected choices for top-k routers; None for soft mixing
     logits: Optional[Tensor] = None  # (N, C) router logits (for the z-loss)
     mask: Optional[Tensor] = None  # (N,) True for real tokens: padding is left out of aux losses and statistics
+    cost: Optional[Tensor] = None  # (C,) K/V heads a token stores under each choice (moas_kv): aux kv_heads
+    budget: Optional[float] = None  # target of the mean cost over tokens and costed sites (moas_kv): aux kv_budget
 
 
 def detached(routings: list) -> list:
     """The records without autograd history: kept for metrics, they must not keep a step's graph alive."""
     return [None if r is None else Routing(r.probs.detach(), r.choice_names, r.chosen,
-                                           None if r.logits is None else r.logits.detach(), r.mask)
+                                           None if r.logits is None else r.logits.detach(), r.mask, r.cost, r.budget)
             for r in routings]
 
 
@@ -84,6 +86,17 @@ def gate_matrix(probs: Tensor, chosen: Optional[Tensor]) -> Tensor:
     return torch.zeros_like(probs).scatter(-1, chosen, probs.gather(-1, chosen))
 
 
+def kv_heads(records: list) -> Tensor:
+    """Stored K/V heads per token, averaged over tokens and the costed sites (moas_kv): each token's straight-through
+    gates (the hard choice's value, the probabilities' gradient) times the heads each choice stores."""
+    per_site = []
+    for r in records:
+        gates = r.probs if r.chosen is None else (
+            torch.zeros_like(r.probs).scatter(-1, r.chosen, 1.0 / r.chosen.shape[-1]) + r.probs - r.probs.detach())
+        per_site.append(_token_mean(gates @ r.cost.to(gates.dtype), r.mask, -1))
+    return torch.stack(per_site).mean()
+
+
 def _stack(records: list, field_name: str) -> Optional[Tensor]:
     values = [getattr(r, field_name) for r in records]
     return None if values[0] is None else torch.stack(values)
@@ -126,6 +139,11 @@ def aux_losses(routings: list, aux_cfg, all_terms: bool = True) -> dict:
         if values:
             v = torch.cat(values).float()
             out[name] = v.mean() if aux_cfg.layer_reduce == "mean" else v.sum()
+    costed = [r for r in records if r.cost is not None]
+    if costed:  # a statistic (no coefficient) and, with a budget, its loss relu(heads - budget)^2
+        out["kv_heads"] = kv_heads(costed)
+        if costed[0].budget is not None:
+            out["kv_budget"] = F.relu(out["kv_heads"] - costed[0].budget) ** 2
     return out
 
 
@@ -134,7 +152,7 @@ def weighted_aux(aux: dict, coefs, n_tokens: Tensor | float = 1.0) -> Tensor | f
     micro-batch's target tokens) where `coefs.divide_by_tokens` asks for the MoA code's normalisation."""
     total = 0.0
     for name, value in aux.items():
-        coef = float(getattr(coefs, f"{name}_coef"))
+        coef = float(getattr(coefs, f"{name}_coef", 0.0))  # statistics (kv_heads) have none
         if coef:
             total = total + coef * value
     return total / n_tokens if coefs.divide_by_tokens and not isinstance(total, float) else total

@@ -110,7 +110,7 @@ class DecoderState:
     def select(self, rows: Tensor) -> None:
         c = self.cache
         c.k = [t.index_select(0, rows) for t in c.k]
-        c.v = [t.index_select(0, rows) for t in c.v]
+        c.v = [None if t is None else t.index_select(0, rows) for t in c.v]  # None: a pooled layer's
         c.lengths = c.lengths.index_select(0, rows)
         self.cross = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross]
         self.src_mask = self.src_mask.index_select(0, rows)

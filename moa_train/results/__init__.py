@@ -78,6 +78,25 @@ def run_jobs(jobs: list, n: int, poll_s: float = 0.2, tail_lines: int = 20) -> l
     return [job.name for job in failed]
 
 
+def evaluate_each(summaries, out_name: str, evaluate, describe, remove=("checkpoints",)) -> None:
+    """For each run folder of `summaries` (its summary.json paths) without `out_name` yet: `evaluate(run)`'s dict
+    written there as JSON, `describe(run, result)` printed, then the run's `remove` entries (checkpoints: not run
+    records) deleted."""
+    for summary in summaries:
+        run = summary.parent
+        if (run / out_name).is_file():
+            continue
+        result = evaluate(run)
+        (run / out_name).write_text(json.dumps(result, indent=1))
+        print(describe(run, result), flush=True)
+        for name in remove:
+            path = run / name
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
 def welch(a: list, b: list) -> dict:
     """Welch's t-test of mean(a) != mean(b) (two-sided)."""
     from scipy import stats

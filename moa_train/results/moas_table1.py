@@ -21,13 +21,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 from pathlib import Path
 
 from moa_train.paths import repo_root
-from moa_train.results import Job, clear, previous_meta, results_meta, run_command, run_jobs, single_run, welch
+from moa_train.results import (
+    Job,
+    clear,
+    evaluate_each,
+    previous_meta,
+    results_meta,
+    run_command,
+    run_jobs,
+    single_run,
+    welch,
+)
 
 ROOT = repo_root()
 ROWS = ("mha", "moas_static", "moas_dynamic")
@@ -86,15 +95,9 @@ def official_eval(run: Path) -> dict:
 
 
 def evaluate_runs(runs_dir: Path) -> None:
-    for summary in sorted(runs_dir.rglob("summary.json")):
-        run = summary.parent
-        if (run / "official_eval.json").is_file():
-            continue
-        result = official_eval(run)
-        (run / "official_eval.json").write_text(json.dumps(result, indent=1))
-        print(f"{run.relative_to(runs_dir)}: official valid {result['official_valid/loss']:.4f} "
-              f"test {result['official_test/loss']:.4f}", flush=True)
-        shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    evaluate_each(sorted(runs_dir.rglob("summary.json")), "official_eval.json", official_eval,
+                  lambda run, r: f"{run.relative_to(runs_dir)}: official valid {r['official_valid/loss']:.4f} "
+                                 f"test {r['official_test/loss']:.4f}")
 
 
 def collect(runs_dir: Path) -> dict:

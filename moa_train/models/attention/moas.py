@@ -40,6 +40,13 @@ BRANCHES = ("mha", "gqa", "mqa")
 RESID_DROPOUT = ("mixed", "per_branch")
 
 
+def check_gqa_heads(m) -> None:
+    """model.n_head divides model.d_model, and model.gqa_kv_heads divides model.n_head (moas_*)."""
+    ModelConfig.check_heads(m)
+    _check(m.gqa_kv_heads > 0 and m.n_head % m.gqa_kv_heads == 0, "model.gqa_kv_heads",
+           f"{m.gqa_kv_heads} does not divide model.n_head={m.n_head}; valid: {_divisors(m.n_head)}")
+
+
 @dataclass
 class MoASStaticConfig(ModelConfig):
     """moas_static: the three branches mixed by a constant 1/3."""
@@ -56,9 +63,7 @@ class MoASStaticConfig(ModelConfig):
     @classmethod
     def validate(cls, m, cfg) -> None:
         super().validate(m, cfg)
-        cls.check_heads(m)
-        _check(m.gqa_kv_heads > 0 and m.n_head % m.gqa_kv_heads == 0, "model.gqa_kv_heads",
-               f"{m.gqa_kv_heads} does not divide model.n_head={m.n_head}; valid: {_divisors(m.n_head)}")
+        check_gqa_heads(m)
         _one_of(m.resid_dropout, "model.resid_dropout", RESID_DROPOUT)
 
 
