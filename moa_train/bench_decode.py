@@ -251,8 +251,12 @@ def warm(step, device: torch.device, n: int = 3) -> None:
 
 
 def cache_bytes(cache) -> int:
-    """Storage bytes the cache's K and V tensors hold (what was allocated for them, not their analytic size)."""
-    return sum(t.untyped_storage().nbytes() for t in (*cache.k, *cache.v))
+    """Storage bytes the cache's K and V tensors hold (what was allocated for them, not their analytic size); a head
+    pool's (moas_kv) K and V slots, its scratch slot and bookkeeping tables left out (`HeadPool.nbytes`)."""
+    from moa_train.models.kv_cache import HeadPool
+
+    return sum(t.nbytes() if isinstance(t, HeadPool) else t.untyped_storage().nbytes()
+               for t in (*cache.k, *cache.v) if t is not None)
 
 
 def param_bytes(model) -> int:
@@ -298,13 +302,15 @@ def measure_decode(model, size: DecodeSize, batch: int, device: torch.device, ba
             run()
     seconds = timed(generate, device)
     step_s = seconds / size.new_tokens
-    dtype = cache.k[0].dtype
+    dtype = next(model.parameters()).dtype  # the cache's (init_cache allocates in the parameters' dtype)
     kv_token = kv_bytes_per_token(model, dtype)
     read = param_bytes(model) + batch * kv_token * (size.prompt_len + size.new_tokens / 2)
     bound_s = read / bandwidth
     out = {"batch": batch, "new_tokens": size.new_tokens, "mode": mode, "compile_s": round(compile_s, 1),
            "step_ms": 1000 * step_s, "tokens_per_s": batch / step_s,
            "kv_bytes_per_token_measured": cache_bytes(cache) / (batch * max_len),
+           # what the tokens held really take (a head pool: its used slots; a static cache: the allocation)
+           "kv_bytes_per_token_realised": cache.realised_bytes_per_token(),
            "kv_alloc_bytes": alloc, "kv_bytes": cache_bytes(cache),
            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
            "read_bytes": read, "bound_ms": 1000 * bound_s, "share_of_bound": bound_s / step_s}
@@ -347,9 +353,10 @@ def missed(model_name: str, batch_index: int, share: float) -> float | None:
 
 
 def measure_row(model, model_name: str, size: DecodeSize, device: torch.device, bandwidth: float, args) -> dict:
-    from moa_train.models.kv_cache import kv_bytes_per_token
+    from moa_train.models.kv_cache import PoolLayout, kv_bytes_per_token
 
-    entry = {"kv_heads": model.blocks[0].attn.kv_layout()[0], "params": sum(
+    layout = model.blocks[0].attn.kv_layout()  # (heads, head_dim), or a head pool's PoolLayout: its most heads
+    entry = {"kv_heads": max(layout.heads) if isinstance(layout, PoolLayout) else layout[0], "params": sum(
         p.numel() for p in {id(p): p for p in model.parameters()}.values()), "param_bytes": param_bytes(model),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "kv_bytes_per_token": kv_bytes_per_token(model, next(model.parameters()).dtype)}
@@ -365,7 +372,9 @@ def measure_row(model, model_name: str, size: DecodeSize, device: torch.device, 
             torch.cuda.empty_cache()
         log.info("  batch %d: %s, %.0f tok/s, %.1f%% of the bound", batch, d["mode"], d["tokens_per_s"],
                  100 * d["share_of_bound"])
-    entry["kv_bytes_per_token_measured"] = entry["decode"][str(size.batches[-1])]["kv_bytes_per_token_measured"]
+    last = entry["decode"][str(size.batches[-1])]
+    entry["kv_bytes_per_token_measured"] = last["kv_bytes_per_token_measured"]
+    entry["kv_bytes_per_token_realised"] = last["kv_bytes_per_token_realised"]
     return entry
 
 
@@ -605,12 +614,12 @@ def size_tables(results: dict, size: str) -> list:
            ""]
     if rows:
         out += [f"| model | decode mode (b{lo} / b{hi}) | prefill tok/s | decode tok/s b{lo} | decode tok/s b{hi} | "
-                f"x transformers b{lo} | x transformers b{hi} | KV B/token analytic | measured | peak mem GiB "
-                f"b{hi} | bound share b{lo} | bound share b{hi} | routing shares | run |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                f"x transformers b{lo} | x transformers b{hi} | KV B/token analytic | measured | realised | peak mem "
+                f"GiB b{hi} | bound share b{lo} | bound share b{hi} | routing shares | run |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if "error" in r:
-                out.append(f"| {row_name(r)} | **not measured**: {r['error']} |" + " - |" * 11 + f" {r.get('run')} |")
+                out.append(f"| {row_name(r)} | **not measured**: {r['error']} |" + " - |" * 12 + f" {r.get('run')} |")
                 continue
             d = r["decode"]
             modes = d[lo]["mode"] if d[lo]["mode"] == d[hi]["mode"] else f"{d[lo]['mode']} / {d[hi]['mode']}"
@@ -620,7 +629,8 @@ def size_tables(results: dict, size: str) -> list:
                 ratios.append(f"{d[b]['tokens_per_s'] / base:.2f} ({name})" if base else "-")
             out.append(f"| {row_name(r)} | {modes} | {r['prefill']['tokens_per_s']:,.0f} | "
                        f"{d[lo]['tokens_per_s']:,.0f} | {d[hi]['tokens_per_s']:,.0f} | {ratios[0]} | {ratios[1]} | "
-                       f"{r['kv_bytes_per_token']:,} | {r['kv_bytes_per_token_measured']:,.0f} | "
+                       f"{r['kv_bytes_per_token']:,.0f} | {r['kv_bytes_per_token_measured']:,.0f} | "
+                       f"{fmt(r.get('kv_bytes_per_token_realised'), ',.0f')} | "
                        f"{fmt(d[hi]['peak_mem_gib'], '.2f')} | {d[lo]['share_of_bound']:.1%} | "
                        f"{d[hi]['share_of_bound']:.1%} | {routing_cell(r.get('routing'))} | {r['run']} |")
     if hf:

@@ -130,3 +130,18 @@ def test_decode_bench_refuses_unknown_models(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --models: unknown nope; allowed: mha, gqa") and err.count("\n") == 1
+
+
+def test_decode_bench_measures_the_head_pool_of_moas_kv(tmp_path):
+    """moas_kv (a head pool per layer): allocated bytes per token equal the analytic figure (no budget: n_head heads),
+    and the realised bytes are the used slots of balanced routing over MHA/GQA/MQA, (4 + 2 + 1) / 3 heads on average."""
+    out = tmp_path / "results"
+    assert main(["--decode", "--decode-size", "tiny", "--models", "moas_kv", "--no-hf", "--no-trace",
+                 "--out", str(out)]) == 0
+    r = json.loads((out / "inference.json").read_text())["results"]["tiny/moas_kv"]
+    assert "error" not in r, r.get("error")
+    head = 2 * 2 * 16 * 4  # K and V x 2 layers x head_dim 16 x fp32
+    assert r["kv_heads"] == 4 and r["kv_bytes_per_token"] == 4 * head == r["kv_bytes_per_token_measured"]
+    assert r["routing"]["choices"] == ["mha", "gqa", "mqa"] and r["routing"]["worst_dev"] < 0.1
+    assert r["kv_bytes_per_token_realised"] == pytest.approx(7 / 3 * head, rel=0.2)
+    assert "| moas_kv | eager (CPU" in (out / "inference.md").read_text()
