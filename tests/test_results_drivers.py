@@ -1,6 +1,7 @@
 """The reproduction drivers' shared pieces: the job pool (--jobs N), clearing only the rerun seeds, the translation
 driver's plan of runs and its tables (config-derived descriptions, per-group provenance, Welch's t-tests)."""
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -208,3 +209,31 @@ def test_kv_tradeoff_driver_trains_evaluates_and_rebuilds_its_tables(tmp_path, m
     kv_tradeoff.main(["--rows", "mha", "--seeds", "2", "--jobs", "2", "--keep-finished", "--runs-dir", str(runs),
                       "--out", str(out), *tiny])
     assert {s: out.with_suffix(s).read_bytes() for s in (".md", ".json")} == before
+
+
+def test_kv_tradeoff_compares_each_budget_with_the_fixed_scheme_line_at_equal_bytes():
+    """The answer compares a moas_kv row with the MHA/GQA/MQA line interpolated in log bytes at its realised bytes
+    (Welch-Satterthwaite over both bracketing rows' seeds), and with the nearest row when no two rows bracket it."""
+    from moa_train.results import kv_tradeoff
+
+    def row(kv_bytes, losses, params=100):
+        return {"kv_bytes_per_token": kv_bytes, "test_loss": losses, "test_ppl": [math.exp(x) for x in losses],
+                "params": params, "flops_per_token": 10}
+    rows = {"mqa": row(1000, [3.00, 3.02, 3.04]), "gqa2": row(4000, [2.80, 2.82, 2.84]),
+            "moas_kv_b1p5": row(2000, [2.80, 2.81, 2.82], 101), "moas_kv_b4": row(8000, [2.90, 2.95, 3.00])}
+    line = kv_tradeoff.frontier(rows, 2000)
+    assert line["rows"] == ("mqa", "gqa2") and line["weight"] == pytest.approx(0.5)  # log 2000: halfway in log bytes
+    assert line["loss"] == pytest.approx(2.92)
+    assert kv_tradeoff.frontier(rows, 8000) is None  # past the largest baseline: no extrapolation
+    comps = kv_tradeoff.comparisons(rows)
+    b1p5 = [c for c in comps if c["row"] == "moas_kv_b1p5"]
+    assert [c["kind"] for c in b1p5] == ["fixed-scheme line at equal KV bytes", "nearest KV bytes"]
+    test = b1p5[0]["welch_test_loss"]
+    assert test["mean_diff"] == pytest.approx(-0.11) and test["p"] < 0.01 and 2 <= test["df"] <= 6
+    assert b1p5[0]["params_ratio"] == pytest.approx(1.01)  # against the nearer end of the line (a tie: mqa)
+    b4 = [c for c in comps if c["row"] == "moas_kv_b4"]
+    assert [(c["kind"], c["against"]) for c in b4] == [("nearest KV bytes", "gqa2")]
+    lines = kv_tradeoff.answer({"rows": rows, "comparisons": comps})
+    # b1p5 beats the line; b4 (nearest: gqa2, 2x its bytes) is worse: partly, with the caveat on the bytes
+    assert lines[0].startswith("Partly: 1 of 2 moas_kv budgets (moas_kv_b1p5)")
+    assert any(line.startswith("Caveat") and "moas_kv_b4 (2.00x gqa2)" in line for line in lines)

@@ -241,6 +241,9 @@ def comparisons(rows: dict) -> list:
             targets.append(("nearest KV bytes", nearest))
         if PARAM_MATCHED in rows:
             targets.append(("parameter-matched", PARAM_MATCHED))
+        line = frontier_comparison(row, rows)
+        if line is not None:
+            out.append(line)
         for kind, other in targets:
             o = rows[other]
             test = welch(r["test_loss"], o["test_loss"]) if min(len(r["test_loss"]), len(o["test_loss"])) > 1 else None
@@ -250,6 +253,48 @@ def comparisons(rows: dict) -> list:
                         "params_ratio": r["params"] / o["params"],
                         "flops_ratio": r["flops_per_token"] / o["flops_per_token"], "welch_test_loss": test})
     return out
+
+
+def frontier(rows: dict, kv_bytes: float) -> dict | None:
+    """The fixed-scheme line (MHA/GQA/MQA rows) at `kv_bytes`: the test loss interpolated linearly in log bytes between
+    the two baseline rows whose realised bytes bracket it, with the variance of that interpolated mean (from the two
+    rows' seeds); None outside the baselines' range (no extrapolation)."""
+    points = sorted((math.log(rows[b]["kv_bytes_per_token"]), b) for b in BASELINES if b in rows)
+    x = math.log(kv_bytes)
+    for (xa, a), (xb, b) in zip(points, points[1:]):
+        if xa <= x <= xb:
+            w = (xb - x) / (xb - xa) if xb > xa else 1.0
+            parts = [(w, rows[a]["test_loss"]), (1 - w, rows[b]["test_loss"])]
+            return {"rows": (a, b), "weight": w, "loss": sum(c * _mean(v) for c, v in parts),
+                    "parts": [(c * c * _sd(v) ** 2 / len(v), len(v)) for c, v in parts]}
+    return None
+
+
+def frontier_test(losses: list, line: dict) -> dict | None:
+    """Welch-Satterthwaite t-test of mean(losses) against the interpolated line (two-sided)."""
+    from scipy import stats
+
+    parts = [(_sd(losses) ** 2 / len(losses), len(losses)), *line["parts"]]
+    var = sum(v for v, _ in parts)
+    if len(losses) < 2 or var == 0:
+        return None
+    df = var ** 2 / sum(v * v / (n - 1) for v, n in parts if n > 1)
+    t = (_mean(losses) - line["loss"]) / math.sqrt(var)
+    return {"t": t, "p": float(2 * stats.t.sf(abs(t), df)), "df": df, "mean_diff": _mean(losses) - line["loss"]}
+
+
+def frontier_comparison(row: str, rows: dict) -> dict | None:
+    r = rows[row]
+    line = frontier(rows, r["kv_bytes_per_token"])
+    if line is None:
+        return None
+    a, b = line["rows"]
+    near = a if line["weight"] >= 0.5 else b
+    return {"row": row, "against": f"{a}..{b} line", "kind": "fixed-scheme line at equal KV bytes",
+            "kv_bytes_ratio": 1.0, "test_ppl": _mean(r["test_ppl"]), "against_test_ppl": math.exp(line["loss"]),
+            "params_ratio": r["params"] / rows[near]["params"],
+            "flops_ratio": r["flops_per_token"] / rows[near]["flops_per_token"],
+            "welch_test_loss": frontier_test(r["test_loss"], line)}
 
 
 def verdict_line(c: dict) -> str:
@@ -268,24 +313,33 @@ def verdict_line(c: dict) -> str:
 
 def answer(res: dict) -> list:
     """The verdict, generated from the comparisons."""
-    near = [c for c in res["comparisons"] if c["kind"] == "nearest KV bytes"]
+    # at equal realised bytes: the fixed-scheme line interpolated at each budget's bytes where the baselines bracket
+    # them, else the baseline of nearest bytes
+    near = []
+    for row in dict.fromkeys(c["row"] for c in res["comparisons"]):
+        mine = [c for c in res["comparisons"] if c["row"] == row]
+        near += [c for c in mine if c["kind"].startswith("fixed-scheme line")][:1] or \
+            [c for c in mine if c["kind"] == "nearest KV bytes"]
     if not near:
         return ["No moas_kv row and baseline to compare."]
     wins = [c for c in near if c["welch_test_loss"] and c["welch_test_loss"]["p"] < ALPHA
             and c["test_ppl"] < c["against_test_ppl"]]
     losses = [c for c in near if c["welch_test_loss"] and c["welch_test_loss"]["p"] < ALPHA
               and c["test_ppl"] > c["against_test_ppl"]]
+    equal = "GQA/MQA at equal realised KV bytes"
     if len(wins) == len(near):
-        head = "Yes: every moas_kv budget reaches a significantly lower test perplexity than the GQA/MQA row of nearest"
+        head = f"Yes: every moas_kv budget reaches a significantly lower test perplexity than {equal}."
     elif wins:
         head = (f"Partly: {len(wins)} of {len(near)} moas_kv budgets ({', '.join(c['row'] for c in wins)}) reach a "
-                "significantly lower test perplexity than the GQA/MQA row of nearest")
+                f"significantly lower test perplexity than {equal}.")
     elif losses:
-        head = (f"No: no moas_kv budget beats the GQA/MQA row of nearest realised KV bytes, and {len(losses)} of "
-                f"{len(near)} are significantly worse")
+        head = (f"No: no moas_kv budget beats {equal}, and {len(losses)} of {len(near)} are significantly worse "
+                f"({', '.join(c['row'] for c in losses)}).")
     else:
-        head = "No: no moas_kv budget differs significantly from the GQA/MQA row of nearest"
-    lines = [f"{head} realised KV bytes (Welch's t-test on the per-seed test loss, {ALPHA:.0%} level)."]
+        head = f"No: no moas_kv budget differs significantly from {equal}."
+    lines = [head + " Each budget is compared with the MHA/GQA/MQA line interpolated in log bytes at its realised "
+             "bytes where two baselines bracket them, else with the baseline of nearest bytes; Welch's t-test on the "
+             f"per-seed test loss, {ALPHA:.0%} level."]
     off = [c for c in near if not 0.8 <= c["kv_bytes_ratio"] <= 1.25]
     if off:
         lines.append("Caveat: realised bytes differ from the compared row by more than 25% for "
