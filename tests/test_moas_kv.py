@@ -231,3 +231,31 @@ def test_the_command_line_trains_and_generates(monkeypatch, capsys, tmp_path):
                          env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, timeout=120)
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.startswith("The ") and len(gen.stdout) > len("The \n")
+
+
+def test_a_decode_step_reads_the_pool_without_an_n_head_view_of_it():
+    """HeadPool.attend scores the slots and picks each position's score, instead of gathering a (B, n_head, max_len,
+    head_dim) view of K and V (MHA's cache traffic at every step): no op of a decode step makes a tensor that big
+    (views and in-place writes aside), and the result still equals the full forward (test_kv_cache)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    lm = build(kv_budget=1.5, kv_pool_slack=1.0)
+    b, max_len = 2, 24
+    view = b * H * max_len * (D // H)
+
+    class Sizes(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if all(r.alias_info is None for r in func._schema.returns):  # new memory: no view, no in-place write
+                for t in out if isinstance(out, (tuple, list)) else [out]:
+                    if isinstance(t, torch.Tensor):
+                        Sizes.biggest = max(Sizes.biggest, t.numel())
+            return out
+    cache = lm.init_cache(b, max_len)
+    with torch.no_grad():
+        lm.prefill(tokens(b, 6), torch.tensor([6, 4]), cache)
+        with Sizes():
+            lm.decode_step(tokens(b, 1, seed=5)[:, 0], cache)
+    assert 0 < Sizes.biggest < view

@@ -242,12 +242,24 @@ class HeadPool:
             heads = new.gather(2, source[..., None].expand(-1, -1, -1, new.shape[3]))  # (B, T, J, D)
             pool[rows, slot.view(b, t * width)] = heads.reshape(b, t * width, -1).to(pool.dtype)
 
-    def read(self) -> tuple:
-        """K, V (B, H, max_len, D): query head h's K/V at every position (the head its token stored for h)."""
-        index = self.offset[:, None, :] + self.read_index[self.scheme].transpose(1, 2)  # (B, H, L)
-        b, h, length = index.shape
-        flat = index.clamp_max(self.slots).reshape(b, h * length, 1).expand(-1, -1, self.k.shape[2])
-        return tuple(pool.gather(1, flat).view(b, h, length, -1) for pool in (self.k, self.v))
+    def attend(self, q: Tensor, positions: Tensor) -> Tensor:
+        """Attention of queries q (B, n_head, T, D) at positions (B, T) over this pool: query head h sees, for every
+        position up to its own, the head that position's token stored for h. Returns (B, n_head, T, D).
+
+        Computed on the slots, not on a gathered (B, n_head, max_len, D) view of them: the scores of every query head
+        against every slot are one batched matmul that reads the pool's K once; each head's score for each position
+        is then picked from that position's slot (a gather of scalars), and the softmax weights go back to their
+        slots (a scatter of scalars) for one matmul with the pool's V. A gathered view writes and reads n_head heads
+        per position, MHA's cache traffic, whatever the tokens stored."""
+        b, h, t, d = q.shape
+        slot = (self.offset[:, None, :] + self.read_index[self.scheme].transpose(1, 2)).clamp_max(self.slots)
+        slot = slot[:, :, None, :].expand(b, h, t, self.max_len)  # (B, H, T, L): the slot head h reads at each position
+        # (B, H x T, D) @ (B, D, slots + 1): a bmm over rows (broadcasting the pool over heads would copy it per head)
+        scores = torch.bmm(q.reshape(b, h * t, d), self.k.to(q.dtype).transpose(1, 2)).float().view(b, h, t, -1)
+        keep = torch.arange(self.max_len, device=q.device) <= positions[:, None, :, None]  # (B, 1, T, L)
+        p = (scores.gather(-1, slot) * d ** -0.5).masked_fill(~keep, float("-inf")).softmax(-1)
+        weights = torch.zeros_like(scores).scatter_add_(-1, slot, p)  # masked positions add 0
+        return torch.bmm(weights.to(q.dtype).view(b, h * t, -1), self.v.to(q.dtype)).view(b, h, t, d)
 
     def used_slots(self, lengths: Tensor) -> Tensor:
         """(B,) slots held by each row's first `lengths` tokens."""

@@ -34,7 +34,9 @@ n_head heads; cached decoding is always hard).
 Cache (models/kv_cache.py, PoolLayout / HeadPool): per layer and row a pool of
 ceil(model.kv_pool_slack x kv_budget x max_len) head slots (at least max_len; kv_budget null: n_head x max_len), each
 token's heads at its own offset. Overflow policy: a token whose scheme would leave fewer free slots than the row has
-positions left stores MQA instead (counted per position; moa-generate reports the count once).
+positions left stores MQA instead (counted per position; moa-generate reports the count once). Cached attention
+(`HeadPool.attend`) reads the pool's slots once per step (scores against every slot, then each position's score picked
+from its slot), so a decode step reads what the tokens stored, not an n_head-head view of it.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ from torch import Tensor
 from moa_train.config import ModelConfig, _check, _one_of
 from moa_train.models.attention.mha import merge_heads, sdpa, split_heads
 from moa_train.models.attention.moas import check_gqa_heads
-from moa_train.models.kv_cache import PoolLayout, cached_sdpa
+from moa_train.models.kv_cache import PoolLayout
 from moa_train.models.roles import NO_DECAY, RESIDUAL, ROUTER
 from moa_train.models.routing import Routing
 
@@ -155,8 +157,7 @@ class MoASKVAttention(nn.Module):
         q, k, v = (split_heads(part, self.n_head) for part in self.c_attn(x).chunk(3, dim=-1))
         k_cand, v_cand = (torch.cat(self.candidates(kv), 1).transpose(1, 2) for kv in (k, v))  # (B, T, H+G+1, D)
         pool.store(k_cand, v_cand, choice, positions)
-        cache_k, cache_v = pool.read()
-        return self.c_proj(merge_heads(cached_sdpa(q, cache_k, cache_v, positions)))
+        return self.c_proj(merge_heads(pool.attend(q, positions)))
 
     def matmul_params_per_token(self) -> int:
         return self.c_attn.weight.numel() + self.c_proj.weight.numel() + self.router.weight.numel()
