@@ -224,6 +224,7 @@ def test_decode_step_compiles_in_one_graph(variant):
     torch.testing.assert_close(keys[0], keys[1], atol=0, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's imports
 def test_compiled_cache_write_touches_only_the_new_entries():
     """write_kv compiled by inductor (CPU code here) stores the new entries alone: no loop over the whole cache, which
     a scatter_ compiled into (a copy of the cache and a copy back, at every decode step: docs/results/inference.md)."""
