@@ -30,8 +30,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # SDPA backends for decoding: all but cuDNN's. cuDNN attention builds (and caches) an execution graph per input
 # shape, and torch prefers it for bf16 on Hopper; decoding changes shape at almost every step (a growing prefix, a
-# batch that shrinks as sentences finish), so each step paid a graph build: beam search over Multi30k's test set took
-# 8.4 s in bf16 with it and 0.36 s without it on an H200 (300 sentences; docs/results/translation.md).
+# batch that shrinks as sentences finish), so each step paid a graph build: beam search over Multi30k's test set in
+# bf16 on an H200 was 5-13x slower with it (mha: 22.1 s with it, 1.7 s without; docs/results/translation.md).
 DECODING_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -113,8 +113,8 @@ def write_kv(cache: Tensor, new: Tensor, positions: Tensor) -> None:
 
     An index_put, not a scatter_: torch.compile (inductor) turns an index_put into a cache input into a store of the
     new entries alone, but a scatter_ into a copy of the whole cache and a copy back, two passes over every layer's
-    cache at every decode step (a third of a GPT-2-size decode step at batch 64 on an H200: the traces in
-    docs/results/inference.md; tests/test_kv_cache.py reads inductor's code for it)."""
+    cache at every decode step (1.7 ms of mha's 2.75 ms GPT-2-size decode step at batch 64 on an H200: the traces
+    in docs/results/inference.md; tests/test_kv_cache.py reads inductor's code for it)."""
     rows = torch.arange(cache.shape[0], device=cache.device)[:, None].expand_as(positions)
     cache[rows, :, positions] = new.transpose(1, 2).to(cache.dtype)  # indexed (B, T, H, D): advanced dims first
 
