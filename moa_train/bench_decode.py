@@ -17,8 +17,9 @@ chosen (`gpt2`: 12 layers, d 768, 12 heads, vocabulary 50304, bf16 on CUDA; `tin
 - decode: batch 1 and 64, 512-token prompts, 256 new tokens, greedy; the step (`decode_step` + argmax) compiled with
   torch.compile and captured in a CUDA graph on CUDA, falling back to compiled without graph or to eager (the row's
   `mode` says which and why); plain eager on CPU;
-- KV bytes per token: analytic (`kv_bytes_per_token`) and measured (the cache tensors' storage bytes / tokens the
-  cache holds), peak memory per batch;
+- KV bytes per token: analytic (`kv_bytes_per_token`) and measured (the bytes of the K/V tensors the cache
+  allocated / tokens it holds; also the allocator's count) and realised (what the tokens held take: a head pool's used
+  slots), peak memory per batch;
 - the bound: the bytes one decode step must read (every parameter once + the K/V of the batch at the mean context
   length, prompt + new / 2) / the copy bandwidth; the share of the bound the measured step achieves;
 - where a target is missed, a torch.profiler trace of one decode step: top kernels, kernel time vs step time (gaps).
@@ -50,6 +51,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from moa_train.bench import SIZES as MODEL_SIZES
+from moa_train.bench import compose_cfg, fmt, load, release, sync
 from moa_train.config import bench_presets
 
 log = logging.getLogger("moa_train.bench_decode")
@@ -79,11 +82,6 @@ TARGETS = ((("mha", "gqa", "mqa"), 0, 0.20), (("mha", "moas_static", "moas_dynam
 def one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, device: torch.device, reps: int = REPS, warmup: bool = True) -> float:
@@ -120,7 +118,6 @@ def copy_bandwidth(device: torch.device, nbytes: int, reps: int = 10) -> float:
 
 def build(size: DecodeSize, model_name: str, device: torch.device):
     """(LanguageModel in eval mode on `device`, fp32, its overrides): the training benchmark's size of the model."""
-    from moa_train.bench import compose_cfg
     from moa_train.models.lm import build_model
 
     cfg, overrides = compose_cfg(size.size, model_name, 1, device)
@@ -250,15 +247,6 @@ def warm(step, device: torch.device, n: int = 3) -> None:
     sync(device)
 
 
-def cache_bytes(cache) -> int:
-    """Storage bytes the cache's K and V tensors hold (what was allocated for them, not their analytic size); a head
-    pool's (moas_kv) K and V slots, its scratch slot and bookkeeping tables left out (`HeadPool.nbytes`)."""
-    from moa_train.models.kv_cache import HeadPool
-
-    return sum(t.nbytes() if isinstance(t, HeadPool) else t.untyped_storage().nbytes()
-               for t in (*cache.k, *cache.v) if t is not None)
-
-
 def param_bytes(model) -> int:
     """Bytes of every parameter once (the tied head once): what a decode step reads, at most, of the weights."""
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
@@ -306,12 +294,13 @@ def measure_decode(model, size: DecodeSize, batch: int, device: torch.device, ba
     kv_token = kv_bytes_per_token(model, dtype)
     read = param_bytes(model) + batch * kv_token * (size.prompt_len + size.new_tokens / 2)
     bound_s = read / bandwidth
+    kv_bytes = cache.nbytes()  # the K/V tensors the cache allocated (a head pool: its slots)
     out = {"batch": batch, "new_tokens": size.new_tokens, "mode": mode, "compile_s": round(compile_s, 1),
            "step_ms": 1000 * step_s, "tokens_per_s": batch / step_s,
-           "kv_bytes_per_token_measured": cache_bytes(cache) / (batch * max_len),
+           "kv_bytes_per_token_measured": kv_bytes / (batch * max_len),
            # what the tokens held really take (a head pool: its used slots; a static cache: the allocation)
            "kv_bytes_per_token_realised": cache.realised_bytes_per_token(),
-           "kv_alloc_bytes": alloc, "kv_bytes": cache_bytes(cache),
+           "kv_alloc_bytes": alloc, "kv_bytes": kv_bytes,
            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
            "read_bytes": read, "bound_ms": 1000 * bound_s, "share_of_bound": bound_s / step_s}
     if args.trace:
@@ -391,8 +380,6 @@ def has_scheme_router(model) -> bool:
 
 def bench_model(model_name: str, size: DecodeSize, device: torch.device, bandwidth: float, args) -> dict:
     """{key: entry}: the model's row, plus its top1 row for a router over attention schemes (moas_dynamic)."""
-    from moa_train.bench import release
-
     key = f"{size.size}/{model_name}"
     base = {"size": size.size, "model": model_name, "inference_routing": "soft"}
     try:
@@ -437,7 +424,6 @@ HF_SETTINGS = {
 def hf_llama(size: DecodeSize, kv_heads: int, device: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from moa_train.bench import compose_cfg
 
     m = compose_cfg(size.size, "mha", 1, device)[0]
     cfg = LlamaConfig(vocab_size=m.data.vocab_size, hidden_size=m.model.d_model, intermediate_size=4 * m.model.d_model,
@@ -480,8 +466,6 @@ def step_clock(device: torch.device):
 
 def hf_row(size: DecodeSize, kv_heads: int, setting: str, device: torch.device) -> dict:
     import transformers
-
-    from moa_train.bench import release
 
     entry = {"size": size.size, "model": f"llama-kv{kv_heads}", "kv_heads": kv_heads, "setting": setting,
              "transformers": transformers.__version__,
@@ -544,10 +528,6 @@ def hf_rows(size: DecodeSize, device: torch.device, settings: list):
 
 
 # --- results -------------------------------------------------------------------------------------------------------
-
-def fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
 
 def hf_baseline(results: dict, size: str, kv_heads: int, batch: str) -> tuple:
     """(tokens/s, row name) of the transformers row a model's decode compares with: same K/V heads where there is
@@ -725,10 +705,6 @@ def figure(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def load(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {"runs": {}, "results": {}}
-
-
 def save(data: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "inference.json").write_text(json.dumps(data, indent=1))
@@ -770,7 +746,6 @@ def parse_args(argv):
             p.error(f"{flag}: must be a positive integer, got {value}")
     args.size = DecodeSize(size.size, args.prompt_len or size.prompt_len, args.new_tokens or size.new_tokens,
                            size.prefill_batch, size.batches, size.hf_kv_heads, size.copy_bytes)
-    from moa_train.bench import SIZES as MODEL_SIZES
 
     limit = int(next(o for o in MODEL_SIZES[size.size][0] if o.startswith("model.max_seq_len=")).split("=")[1])
     if args.size.new_tokens < 2:

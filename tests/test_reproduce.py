@@ -10,12 +10,17 @@ ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "docs/results/runs/moas_table1"
 
 
+def rebuild(script: str, out: Path) -> dict:
+    """`script --tables-only --out out` run as a user would; the rebuilt json's results."""
+    subprocess.run([sys.executable, script, "--tables-only", "--out", str(out)], cwd=ROOT, check=True,
+                   capture_output=True)
+    return json.loads(out.with_suffix(".json").read_text())["results"]
+
+
 @pytest.mark.skipif(not RECORDS.is_dir(), reason="no committed Table 1 records")
 def test_tables_regenerate_from_records(tmp_path):
     out = tmp_path / "table1"
-    subprocess.run([sys.executable, "scripts/reproduce_moas_table1.py", "--tables-only", "--out", str(out)],
-                   cwd=ROOT, check=True, capture_output=True)
-    regenerated = json.loads(out.with_suffix(".json").read_text())["results"]
+    regenerated = rebuild("scripts/reproduce_moas_table1.py", out)
     committed = json.loads((ROOT / "docs/results/moas_table1.json").read_text())["results"]
     assert regenerated == committed
     for mode, block in regenerated.items():
@@ -46,9 +51,7 @@ KV_RECORDS = ROOT / "docs/results/runs/kv_tradeoff"
 @pytest.mark.skipif(not KV_RECORDS.is_dir(), reason="no committed KV trade-off records (the GPU study)")
 def test_kv_tradeoff_tables_regenerate_from_records(tmp_path):
     out = tmp_path / "kv_tradeoff"
-    subprocess.run([sys.executable, "scripts/reproduce_kv_tradeoff.py", "--tables-only", "--out", str(out)],
-                   cwd=ROOT, check=True, capture_output=True)
-    regenerated = json.loads(out.with_suffix(".json").read_text())["results"]
+    regenerated = rebuild("scripts/reproduce_kv_tradeoff.py", out)
     assert regenerated == json.loads((ROOT / "docs/results/kv_tradeoff.json").read_text())["results"]
     for row, r in regenerated["rows"].items():
         evals = [json.loads((KV_RECORDS / run / "kv_eval.json").read_text()) for run in r["runs"]]

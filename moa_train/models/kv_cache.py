@@ -56,13 +56,16 @@ class KVCache:
     @classmethod
     def allocate(cls, layouts: list, batch_size: int, max_len: int, device, dtype: torch.dtype) -> "KVCache":
         """`layouts`: one (n_heads_cached, head_dim) or PoolLayout per layer."""
-        def zeros(layout) -> Optional[Tensor]:
+        k, v = [], []
+        for layout in layouts:
             if isinstance(layout, PoolLayout):
-                return None
-            return torch.zeros(batch_size, *layout[:1], max_len, layout[1], device=device, dtype=dtype)
-        k = [layout.allocate(batch_size, max_len, device, dtype) if isinstance(layout, PoolLayout) else zeros(layout)
-             for layout in layouts]
-        return cls(k, [zeros(layout) for layout in layouts], torch.zeros(batch_size, dtype=torch.int64, device=device))
+                k.append(layout.allocate(batch_size, max_len, device, dtype))
+                v.append(None)
+            else:
+                heads, head_dim = layout
+                k.append(torch.zeros(batch_size, heads, max_len, head_dim, device=device, dtype=dtype))
+                v.append(torch.zeros_like(k[-1]))
+        return cls(k, v, torch.zeros(batch_size, dtype=torch.int64, device=device))
 
     @property
     def max_len(self) -> int:
