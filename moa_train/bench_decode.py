@@ -697,6 +697,9 @@ def figure(data: dict, path: Path) -> None:
     xk = np.arange(len(kv))
     ax_kv.bar(xk, [r["kv_bytes_per_token"] / 1024 for _, r in kv], 0.6, color="tab:green", label="analytic")
     ax_kv.plot(xk, [r["kv_bytes_per_token_measured"] / 1024 for _, r in kv], "k_", markersize=18, label="measured")
+    # realised: the tokens' stored heads (below the allocation only where tokens choose, moas_kv's pool)
+    ax_kv.plot(xk, [r.get("kv_bytes_per_token_realised", np.nan) / 1024 for _, r in kv], "o", color="tab:red",
+               markersize=5, label="realised (stored heads)")
     ax_kv.set_xticks(xk, [n for n, _ in kv], rotation=35, ha="right", fontsize=8)
     ax_kv.set(ylabel="KV cache KiB per token", title="KV cache per token (all layers)")
     ax_kv.legend(fontsize=8)
