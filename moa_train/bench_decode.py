@@ -16,7 +16,9 @@ chosen (`gpt2`: 12 layers, d 768, 12 heads, vocabulary 50304, bf16 on CUDA; `tin
 - prefill: batch 8 x 512-token prompts through the static KV cache (`LanguageModel.prefill`), eager;
 - decode: batch 1 and 64, 512-token prompts, 256 new tokens, greedy; the step (`decode_step` + argmax) compiled with
   torch.compile and captured in a CUDA graph on CUDA, falling back to compiled without graph or to eager (the row's
-  `mode` says which and why); plain eager on CPU;
+  `mode` says which and why); plain eager on CPU. Each step attends over the cache's first `span` positions, its
+  position + 1 rounded up to a multiple of `--span-bucket` (64: four spans, four graphs, one compile with dynamic
+  shapes), as a server would, rather than over the whole max_len; `--span-bucket 0` attends over the whole cache;
 - KV bytes per token: analytic (`kv_bytes_per_token`) and measured (the bytes of the K/V tensors the cache
   allocated / tokens it holds; also the allocator's count) and realised (what the tokens held take: a head pool's used
   slots), peak memory per batch;
@@ -203,37 +205,61 @@ def prompts(batch: int, length: int, vocab: int, device, seed: int) -> torch.Ten
 
 # --- decoding ---------------------------------------------------------------------------------------------------
 
-def greedy_step(model, tokens: torch.Tensor, cache) -> None:
+def greedy_step(model, tokens: torch.Tensor, cache, span: int | None = None) -> None:
     """One decode step: the next greedy token of every row, written into `tokens` (fixed shapes, no host sync)."""
-    tokens.copy_(model.decode_step(tokens, cache).argmax(-1))
+    tokens.copy_(model.decode_step(tokens, cache, span=span).argmax(-1))
 
 
-def stepper(model, tokens, cache, device: torch.device, compile_step: bool) -> tuple:
-    """(run one step: a callable, mode, compile seconds): compiled + CUDA graph on CUDA where they work; the
-    fallbacks (compiled without graph, eager) are named in `mode` with the failure."""
-    step = functools.partial(greedy_step, model, tokens, cache)
+def decode_spans(prompt_len: int, new_tokens: int, bucket: int) -> list:
+    """[(span, steps)] in decoding order: step s writes position prompt_len + s and attends over the first `span`
+    positions, its position + 1 rounded up to a multiple of `bucket` (at most the cache's prompt_len + new_tokens);
+    bucket 0: [(None, new_tokens)], every step over the whole cache."""
+    if bucket == 0:
+        return [(None, new_tokens)]
+    max_len, out = prompt_len + new_tokens, []
+    for pos in range(prompt_len, max_len):
+        span = min(max_len, -(-(pos + 1) // bucket) * bucket)
+        if out and out[-1][0] == span:
+            out[-1] = (span, out[-1][1] + 1)
+        else:
+            out.append((span, 1))
+    return out
+
+
+def stepper(model, tokens, cache, device: torch.device, compile_step: bool, spans: list, restart) -> tuple:
+    """({span: run one step, a callable}, mode, compile seconds): compiled + CUDA graph on CUDA where they work, one
+    graph per span; the fallbacks (compiled without graph, eager) are named in `mode` with the failure. Several spans
+    compile once with dynamic shapes (the span a symbol), not once per span; `restart()` puts the cache back at the
+    end of the prompt before each span's warm-up, so that warm-up steps stay below every span."""
+    steps = {span: functools.partial(greedy_step, model, tokens, cache, span) for span in spans}
     if device.type != "cuda":
-        return step, "eager (CPU: no compile, no CUDA graph)", 0.0
+        return steps, "eager (CPU: no compile, no CUDA graph)", 0.0
     mode, t0 = "eager", time.perf_counter()
     if compile_step:
-        compiled = functools.partial(torch.compile(greedy_step, fullgraph=True, dynamic=False), model, tokens, cache)
+        fn = torch.compile(greedy_step, fullgraph=True, dynamic=len(spans) > 1)
+        compiled = {span: functools.partial(fn, model, tokens, cache, span) for span in spans}
         try:
-            warm(compiled, device)
-            step, mode = compiled, "compiled"
+            for step in compiled.values():
+                restart()
+                warm(step, device)
+            steps, mode = compiled, "compiled" + (", dynamic shapes" if len(spans) > 1 else "")
         except Exception as exc:  # noqa: BLE001 (a failure is a result: recorded, then the eager step)
             torch._dynamo.reset()
             mode = f"eager (compile failed: {one_line(exc)})"
     compile_s = time.perf_counter() - t0
     try:
-        if mode.startswith("eager"):
-            warm(step, device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        return graph.replay, f"{mode} + CUDA graph", compile_s
+        graphs = {}
+        for span, step in steps.items():
+            restart()
+            if mode.startswith("eager"):
+                warm(step, device)
+            graphs[span] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graphs[span]):
+                step()
+        return {span: g.replay for span, g in graphs.items()}, f"{mode} + CUDA graph", compile_s
     except Exception as exc:  # noqa: BLE001
         sync(device)
-        return step, f"{mode}, no CUDA graph (capture failed: {one_line(exc)})", compile_s
+        return steps, f"{mode}, no CUDA graph (capture failed: {one_line(exc)})", compile_s
 
 
 def warm(step, device: torch.device, n: int = 3) -> None:
@@ -278,16 +304,20 @@ def measure_decode(model, size: DecodeSize, batch: int, device: torch.device, ba
     idx = prompts(batch, size.prompt_len, model.vocab_size, device, seed=2)
     tokens = model.prefill(idx, torch.full((batch,), size.prompt_len, device=device), cache).argmax(-1)
     first = tokens.clone()
-    run, mode, compile_s = stepper(model, tokens, cache, device, args.compile)
 
     def restart():  # back to the end of the prompt (K/V past it are overwritten before they are read)
         cache.lengths.fill_(size.prompt_len)
         tokens.copy_(first)
 
+    spans = decode_spans(size.prompt_len, size.new_tokens, args.span_bucket)
+    runs, mode, compile_s = stepper(model, tokens, cache, device, args.compile, [s for s, _ in spans], restart)
+
     def generate():
         restart()
-        for _ in range(size.new_tokens):
-            run()
+        for span, steps in spans:
+            run = runs[span]
+            for _ in range(steps):
+                run()
     seconds = timed(generate, device)
     step_s = seconds / size.new_tokens
     dtype = next(model.parameters()).dtype  # the cache's (init_cache allocates in the parameters' dtype)
@@ -296,6 +326,7 @@ def measure_decode(model, size: DecodeSize, batch: int, device: torch.device, ba
     bound_s = read / bandwidth
     kv_bytes = cache.nbytes()  # the K/V tensors the cache allocated (a head pool: its slots)
     out = {"batch": batch, "new_tokens": size.new_tokens, "mode": mode, "compile_s": round(compile_s, 1),
+           "span_bucket": args.span_bucket, "spans": [s for s, _ in spans],
            "step_ms": 1000 * step_s, "tokens_per_s": batch / step_s,
            "kv_bytes_per_token_measured": kv_bytes / (batch * max_len),
            # what the tokens held really take (a head pool: its used slots; a static cache: the allocation)
@@ -303,9 +334,18 @@ def measure_decode(model, size: DecodeSize, batch: int, device: torch.device, ba
            "kv_alloc_bytes": alloc, "kv_bytes": kv_bytes,
            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
            "read_bytes": read, "bound_ms": 1000 * bound_s, "share_of_bound": bound_s / step_s}
-    if args.trace:
-        restart()
-        out["_trace"] = functools.partial(trace_step, run, device, 1000 * step_s)
+    if args.trace:  # the step at the mean context length: the one the bound counts
+        traced, pos = spans[-1][0], size.prompt_len
+        for span, steps in spans:
+            pos += steps
+            if pos > size.prompt_len + size.new_tokens // 2:
+                traced = span
+                break
+
+        def traced_step():
+            restart()
+            runs[traced]()
+        out["_trace"] = functools.partial(trace_step, traced_step, device, 1000 * step_s)
     return out
 
 
@@ -582,6 +622,12 @@ def routing_cell(routing: dict | None) -> str:
     return f"{'/'.join(f'{s:.2f}' for s in routing['share'])} (worst layer +-{routing['worst_dev']:.2f})"
 
 
+def span_note(d: dict) -> str:
+    """How much of the cache a row's decode steps attended over (rows measured before spans existed: all of it)."""
+    bucket = d.get("span_bucket", 0)
+    return ", attends over the whole cache" if not bucket else f", attends over spans of {bucket}"
+
+
 def size_tables(results: dict, size: str) -> list:
     rows = model_rows(results, size)
     hf = [r for r in results.values() if r["size"] == size and "setting" in r]
@@ -602,7 +648,8 @@ def size_tables(results: dict, size: str) -> list:
                 out.append(f"| {row_name(r)} | **not measured**: {r['error']} |" + " - |" * 12 + f" {r.get('run')} |")
                 continue
             d = r["decode"]
-            modes = d[lo]["mode"] if d[lo]["mode"] == d[hi]["mode"] else f"{d[lo]['mode']} / {d[hi]['mode']}"
+            mode = {b: d[b]["mode"] + span_note(d[b]) for b in (lo, hi)}
+            modes = mode[lo] if mode[lo] == mode[hi] else f"{mode[lo]} / {mode[hi]}"
             ratios = []
             for b in (lo, hi):
                 base, name = hf_baseline(results, size, r["kv_heads"], b)
@@ -648,8 +695,10 @@ def markdown(data: dict) -> str:
            "Written by `moa-bench --decode` (moa_train/bench_decode.py) from inference.json; each row names the run "
            "that measured it. Bound = bytes one decode step must read (every parameter once + the batch's K/V at the "
            "mean context length, prompt + new / 2) / the copy bandwidth measured at the start of the same run (a "
-           "device-to-device copy, read + write bytes); bound share = bound time / measured step time. The decode "
-           "step attends over the cache's whole max_len (masked), so it reads more K/V than the bound counts; "
+           "device-to-device copy, read + write bytes); bound share = bound time / measured step time. A decode step "
+           "attends over its position + 1 rounded up to a multiple of the span bucket (`--span-bucket`, one CUDA "
+           "graph per span; the decode mode column says which), or over the cache's whole max_len, so it reads "
+           "somewhat more K/V than the bound counts; "
            "routed rows (moa k < E, top1) read fewer weights than it counts. Routed models are set to balanced "
            "routing (router weights whitened and mean-free over random-token inputs); `routing shares` are the "
            "realised shares per choice (of top-k assignments, or of each token's argmax for a soft router), "
@@ -734,6 +783,9 @@ def parse_args(argv):
     p.add_argument("--hf-settings", default=",".join(HF_SETTINGS), help=f"of: {', '.join(HF_SETTINGS)}")
     p.add_argument("--no-trace", dest="trace", action="store_false", help="no profiler trace where a target is missed")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager decode step (CUDA graph kept)")
+    p.add_argument("--span-bucket", type=int, default=64,
+                   help="each step attends over its position + 1 rounded up to a multiple of this (one CUDA graph "
+                        "per span); 0: over the whole cache, as before (default 64)")
     p.add_argument("--out", default="docs/results", help="folder of inference.json / .md / .png")
     p.add_argument("--tables-only", action="store_true", help="rebuild inference.md and .png from the json")
     args = p.parse_args(argv)
@@ -744,6 +796,8 @@ def parse_args(argv):
     if bad:
         p.error(f"--hf-settings: unknown {', '.join(bad)}; allowed: {', '.join(HF_SETTINGS)}")
     size = SIZES[args.decode_size]
+    if args.span_bucket < 0:
+        p.error(f"--span-bucket: must be 0 (the whole cache) or a positive integer, got {args.span_bucket}")
     for flag, value in (("--prompt-len", args.prompt_len), ("--new-tokens", args.new_tokens)):
         if value is not None and value < 1:
             p.error(f"{flag}: must be a positive integer, got {value}")

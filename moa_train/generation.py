@@ -71,12 +71,16 @@ class _KVCache:
 
     def __init__(self, model, batch_size: int, max_len: int, device):
         self.model, self.cache = model, model.init_cache(batch_size, max_len, device=device)
+        self.span = 0  # positions any row has reached (counted here: reading cache.lengths would sync)
 
     def prefill(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        self.span = idx.shape[1]
         return self.model.prefill(idx, lengths, self.cache)
 
     def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.decode_step(tokens, self.cache)
+        # every row's new token sits below prompt width + steps + 1: attend over those positions, not the whole cache
+        self.span += 1
+        return self.model.decode_step(tokens, self.cache, span=self.span)
 
     def overflow_note(self):
         """A line on the tokens a pooled cache (moas_kv) stored as its fallback scheme, or None."""

@@ -145,3 +145,49 @@ def test_decode_bench_measures_the_head_pool_of_moas_kv(tmp_path):
     assert r["routing"]["choices"] == ["mha", "gqa", "mqa"] and r["routing"]["worst_dev"] < 0.1
     assert r["kv_bytes_per_token_realised"] == pytest.approx(7 / 3 * head, rel=0.2)
     assert "| moas_kv | eager (CPU" in (out / "inference.md").read_text()
+
+
+def test_decode_spans_cover_every_step_in_buckets():
+    assert bench_decode.decode_spans(512, 256, 64) == [(576, 64), (640, 64), (704, 64), (768, 64)]
+    assert bench_decode.decode_spans(16, 8, 5) == [(20, 4), (24, 4)]  # positions 16..19 < 20, 20..23 < 24
+    assert bench_decode.decode_spans(16, 8, 64) == [(24, 8)]  # never past the cache
+    assert bench_decode.decode_spans(16, 8, 0) == [(None, 8)]  # the whole cache
+    for prompt, new, bucket in ((7, 9, 3), (1, 2, 1), (30, 100, 16)):
+        spans = bench_decode.decode_spans(prompt, new, bucket)
+        assert sum(n for _, n in spans) == new
+        pos = prompt
+        for span, n in spans:
+            assert pos + n - 1 < span <= prompt + new  # every step's position inside its span
+            pos += n
+
+
+@pytest.mark.parametrize("model_name", ["mha", "moas_dynamic"])
+def test_greedy_decoding_over_spans_gives_the_same_tokens(model_name):
+    """The bench's steps over span buckets generate what steps over the whole cache generate."""
+    model, _ = build(TINY, model_name, torch.device("cpu"))
+    idx = prompts(2, TINY.prompt_len, model.vocab_size, "cpu", seed=0)
+    got = []
+    for bucket in (0, 3):
+        cache = model.init_cache(2, TINY.prompt_len + TINY.new_tokens)
+        with torch.no_grad():
+            tokens = model.prefill(idx, torch.full((2,), TINY.prompt_len), cache).argmax(-1)
+            seq = []
+            for span, steps in bench_decode.decode_spans(TINY.prompt_len, TINY.new_tokens, bucket):
+                for _ in range(steps):
+                    bench_decode.greedy_step(model, tokens, cache, span)
+                    seq.append(tokens.clone())
+        got.append(torch.stack(seq))
+    assert torch.equal(got[0], got[1])
+
+
+def test_decode_bench_records_its_spans(tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["--decode", "--decode-size", "tiny", "--models", "mha", "--no-hf", "--no-trace", "--span-bucket",
+                 "5", "--out", str(out)]) == 0
+    d = json.loads((out / "inference.json").read_text())["results"]["tiny/mha"]["decode"]["4"]
+    assert d["span_bucket"] == 5 and d["spans"] == [20, 24]
+    assert "attends over spans of 5 |" in (out / "inference.md").read_text()
+    with pytest.raises(SystemExit) as exc:
+        main(["--decode", "--span-bucket", "-1"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --span-bucket: must be 0 (the whole cache) or a positive")

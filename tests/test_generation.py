@@ -103,6 +103,26 @@ def test_a_batch_of_prompts_of_different_lengths_gives_each_prompts_own_result(l
     assert batch == [moa_train.generate(model, tok, [p], max_new_tokens=12, greedy=True)[0] for p in prompts]
 
 
+def test_cached_generation_attends_over_the_live_context_only(loaded, monkeypatch):
+    """Each decode step attends over the positions any row has reached (the widest prompt + steps so far), not the
+    whole cache; the same text as the full forwards (checked above and here)."""
+    from moa_train.models.lm import LanguageModel
+
+    model, tok = loaded
+    spans, decode_step = [], LanguageModel.decode_step
+
+    def spy(self, tokens, cache, span=None):
+        spans.append((span, cache.max_len))
+        return decode_step(self, tokens, cache, span=span)
+    monkeypatch.setattr(LanguageModel, "decode_step", spy)
+    prompts = ["The song ", "In 1990 the band "]
+    cached = moa_train.generate(model, tok, prompts, max_new_tokens=6, greedy=True)
+    width = max(len(tok.encode(p)) for p in prompts)
+    assert [s for s, _ in spans] == [width + 1 + j for j in range(5)]  # 6 tokens: 5 steps, the last never fed
+    assert spans[-1][0] == spans[-1][1]  # the last step reaches the end of the cache
+    assert cached == moa_train.generate(model, tok, prompts, max_new_tokens=6, greedy=True, use_cache=False)
+
+
 def test_streaming_hands_over_the_completion_piece_by_piece(loaded):
     model, tok = loaded
     pieces = []

@@ -3,6 +3,7 @@ attention variant, rows of different lengths stay independent, the cache holds w
 routing, and a decode step with no host sync. CPU, fp32, tiny models; logits compared with atol 1e-5."""
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -98,6 +99,53 @@ def test_batch_of_different_lengths_gives_each_prompts_logits(variant):
         with torch.no_grad():
             alone, _ = lm(row)
         torch.testing.assert_close(got[r], alone[0, n - 1:], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_decode_over_a_span_equals_decode_over_the_whole_cache(variant):
+    """decode_step(span=s) attends over (and writes into) the cache's first s positions: the same logits and cache
+    as over all max_len, with s just above the largest position (what moa-generate passes) or a bucket above it."""
+    lm = build(variant)
+    idx, lengths = tokens(2, 12, seed=4), torch.tensor([3, 6])
+    caches = [lm.init_cache(2, 24) for _ in range(3)]
+    with torch.no_grad():
+        for cache in caches:
+            lm.prefill(idx[:, :6], lengths, cache)
+        for j in range(5):
+            token = idx[:, 6 + j]
+            whole = lm.decode_step(token, caches[0])
+            torch.testing.assert_close(lm.decode_step(token, caches[1], span=7 + j), whole, atol=ATOL, rtol=0)
+            torch.testing.assert_close(lm.decode_step(token, caches[2], span=16), whole, atol=ATOL, rtol=0)
+    for cache in caches[1:]:
+        assert torch.equal(cache.lengths, caches[0].lengths)
+        for a, b in zip(cache.k + cache.v, caches[0].k + caches[0].v):
+            # later layers' K/V differ in the last bits: the attention before them reduced over fewer positions
+            torch.testing.assert_close(getattr(a, "k", a), getattr(b, "k", b), atol=ATOL, rtol=0)
+
+
+def test_decode_span_outside_the_cache_is_refused():
+    lm = build("mha")
+    cache = lm.init_cache(1, 8)
+    with torch.no_grad():
+        lm.prefill(tokens(1, 3), torch.tensor([3]), cache)
+        for span in (0, 9):
+            with pytest.raises(ValueError, match=rf"span={span} must lie in 1\.\.8"):
+                lm.decode_step(torch.tensor([1]), cache, span=span)
+
+
+def test_decode_span_reads_only_its_positions():
+    """Positions at and past the span are never read: garbage there leaves the logits unchanged."""
+    lm = build("moas_dynamic")
+    idx = tokens(1, 6, seed=5)
+    clean, dirty = lm.init_cache(1, 16), lm.init_cache(1, 16)
+    with torch.no_grad():
+        for cache in (clean, dirty):
+            lm.prefill(idx[:, :5], torch.tensor([5]), cache)
+        for k, v in zip(dirty.k, dirty.v):
+            k[:, :, 6:] = float("nan")
+            v[:, :, 6:] = float("nan")
+        torch.testing.assert_close(lm.decode_step(idx[:, 5], dirty, span=6), lm.decode_step(idx[:, 5], clean),
+                                   atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("variant", sorted(CACHED_HEADS))
@@ -244,6 +292,15 @@ def test_compiled_cache_write_touches_only_the_new_entries():
     _, code = run_and_get_code(torch.compile(write_kv, fullgraph=True, dynamic=False), cache, new, positions)
     assert torch.equal(cache, want)
     assert f"{b * h * length * d}L" not in "\n".join(code)  # CPU loops read `x0<static_cast<int64_t>(4440L)`
+    # through a view of the first 24 positions (decode_step's span): still the new entries alone
+    view_cache = torch.zeros(b, h, length, d)
+    torch._dynamo.reset()
+    _, code = run_and_get_code(torch.compile(lambda c, n, p: write_kv(c[:, :, :24], n, p), fullgraph=True,
+                                             dynamic=False), view_cache, new, positions.clamp_max(23))
+    want = torch.zeros(b, h, length, d)
+    write_kv(want, new, positions.clamp_max(23))
+    assert torch.equal(view_cache, want)
+    assert not {f"{b * h * length * d}L", f"{b * h * 24 * d}L"} & set(re.findall(r"\d+L", "\n".join(code)))
 
 
 def test_moas_decode_reads_the_cache_without_expanding_it(monkeypatch):
