@@ -3,9 +3,11 @@
 The contract every attention module implements:
 - `kv_layout() -> (n_heads_cached, head_dim)`: what one token leaves in one layer's cache (per K and per V); its
   `kv_cache_elems_per_token()` is 2 * n_heads_cached * head_dim.
-- `forward_cached(x, cache_k, cache_v, positions) -> y`: x (B, T, d) new tokens at per-row positions (B, T); writes
-  their K/V into the cache at those positions (`write_kv`), then attends from each new token to every cached
-  position up to its own (`cached_sdpa`). No dropout: inference only.
+- `forward_cached(x, cache_k, cache_v, positions, span=None) -> y`: x (B, T, d) new tokens at per-row positions
+  (B, T); writes their K/V into the cache at those positions (`write_kv`), then attends from each new token to every
+  cached position up to its own (`cached_sdpa`), reading only the first `span` positions when span is given (every
+  position lies below it). No dropout: inference only. A variant whose forward_cached has no `span` parameter
+  (a plugin written before it) is called without it and reads the whole cache.
 
 Nothing here reallocates or resizes a tensor after `KVCache.allocate`, and the write and the mask use only fixed
 shapes (the mask compares positions with an arange over max_len): a one-token decode step has no data-dependent shape
@@ -117,14 +119,20 @@ def write_kv(cache: Tensor, new: Tensor, positions: Tensor) -> None:
     An index_put, not a scatter_: torch.compile (inductor) turns an index_put into a cache input into a store of the
     new entries alone, but a scatter_ into a copy of the whole cache and a copy back, two passes over every layer's
     cache at every decode step (1.7 ms of mha's 2.75 ms GPT-2-size decode step at batch 64 on an H200: the traces
-    in docs/results/inference.md; tests/test_kv_cache.py reads inductor's code for it)."""
+    in docs/results/inference.md; tests/test_kv_cache.py reads inductor's code for it). Always into the whole
+    cache, never into a view of its first positions: inductor compiled a write through such a view into copies of
+    the view out and back (48 copy kernels, 1.6 ms of a 2.0 ms GPT-2-size mha step at batch 64 on an H200, 31,563
+    tokens/s against 71,204: docs/results/runs/inference/span_views_2026-12-02.json)."""
     rows = torch.arange(cache.shape[0], device=cache.device)[:, None].expand_as(positions)
     cache[rows, :, positions] = new.transpose(1, 2).to(cache.dtype)  # indexed (B, T, H, D): advanced dims first
 
 
-def cached_sdpa(q: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor) -> Tensor:
+def cached_sdpa(q: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor, span: Optional[int] = None) -> Tensor:
     """q (B, Hq, T, D) of tokens at positions (B, T) against the cache (B, Hkv, L, D), Hkv dividing Hq (query head h
-    reads K/V head h // (Hq / Hkv)): each query sees the cached positions <= its own."""
+    reads K/V head h // (Hq / Hkv)): each query sees the cached positions <= its own. span: only the first `span`
+    positions are read (every position < span; see LanguageModel.decode_step)."""
+    if span is not None:  # a view for READING only: writes go to the whole cache (write_kv says why)
+        cache_k, cache_v = cache_k[:, :, :span], cache_v[:, :, :span]
     keep = torch.arange(cache_k.shape[2], device=q.device) <= positions[:, None, :, None]  # (B, 1, T, L)
     # enable_gqa=True whatever the head counts (it allows equal ones): a test of the shapes is a SymBool under
     # dynamic shapes (a recompiled decode step), which SDPA refuses; with a mask no flash kernel runs either way

@@ -9,6 +9,7 @@ torch.no_grad().
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -41,6 +42,12 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.act_dropout(self.act(self.c_fc(x)))))
 
 
+def takes_span(attn: nn.Module) -> bool:
+    """Whether an attention's forward_cached takes `span` (a plugin's written before it existed does not)."""
+    cached = getattr(attn, "forward_cached", None)
+    return cached is not None and "span" in inspect.signature(cached).parameters
+
+
 class Block(nn.Module):
     PARAM_ROLES = {"ln_1": NO_DECAY, "ln_2": NO_DECAY}
 
@@ -48,6 +55,8 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1 = nn.LayerNorm(m.d_model, bias=m.bias)
         self.attn = build_attention(m, causal=causal)
+        # set here, not looked up in forward_cached: a compiled decode step could not trace inspect
+        self.attn_takes_span = takes_span(self.attn)
         self.ln_2 = nn.LayerNorm(m.d_model, bias=m.bias)
         self.mlp = MLP.from_config(m)
 
@@ -56,9 +65,12 @@ class Block(nn.Module):
         x = x + a
         return x + self.mlp(self.ln_2(x)), routing
 
-    def forward_cached(self, x: Tensor, cache_k, cache_v, positions: Tensor) -> Tensor:
-        x = x + self.attn.forward_cached(self.ln_1(x), cache_k, cache_v, positions)
+    def forward_cached(self, x: Tensor, cache_k, cache_v, positions: Tensor, span: int | None = None) -> Tensor:
+        # a plugin's forward_cached written before `span` existed reads the whole cache (the same result)
+        extra = {"span": span} if span is not None and self.attn_takes_span else {}
+        x = x + self.attn.forward_cached(self.ln_1(x), cache_k, cache_v, positions, **extra)
         return x + self.mlp(self.ln_2(x))
+
 
 
 def init_weights(model: nn.Module, n_layer: int) -> None:
@@ -153,12 +165,9 @@ class LanguageModel(nn.Module):
             raise ValueError(f"span={span} must lie in 1..{cache.max_len} (the cache's max_len)")
         x = self.wte(idx) + self.wpe(positions)
         for block, cache_k, cache_v in zip(self.blocks, cache.k, cache.v):
-            if span is not None and isinstance(cache_k, Tensor):
-                # views of the first `span` positions: the attention module writes the new K/V through them (an
-                # index_put into a view of the cache: inductor stores the new entries alone, tests/test_kv_cache.py)
-                # and reads only them. A head pool (moas_kv) is addressed by slots, not positions: passed whole.
-                cache_k, cache_v = cache_k[:, :, :span], cache_v[:, :, :span]
-            x = block.forward_cached(x, cache_k, cache_v, positions)
+            # the whole cache goes down, and each attention reads its first `span` positions: handing down views of
+            # them instead made inductor copy the views out and back around every write (kv_cache.write_kv)
+            x = block.forward_cached(x, cache_k, cache_v, positions, span)
         return self.ln_f(x)
 
     def num_params(self, non_embedding: bool = True) -> int:

@@ -129,12 +129,13 @@ class MultiHeadAttention(nn.Module):
         y = sdpa(q, k, v, mask, self.causal and context is None, self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(merge_heads(y))), None
 
-    def forward_cached(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor) -> Tensor:
+    def forward_cached(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor,
+                       span: Optional[int] = None) -> Tensor:
         """Cached self-attention (models/kv_cache.py): caches only the n_kv_heads K/V heads."""
         q, k, v = self.project(x, None)
         write_kv(cache_k, k, positions)
         write_kv(cache_v, v, positions)
-        return self.c_proj(merge_heads(cached_sdpa(q, cache_k, cache_v, positions)))
+        return self.c_proj(merge_heads(cached_sdpa(q, cache_k, cache_v, positions, span)))
 
     def cross_kv(self, context: Tensor) -> tuple:
         """Cross-attention K, V of a context (B, S, d) as heads (B, n_kv, S, head_dim): computed once per sentence

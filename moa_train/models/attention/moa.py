@@ -137,14 +137,15 @@ class MixtureOfAttentionHeads(nn.Module):
         y, routing = self.mix(x, x if context is None else context, attend, self.grouped(x))
         return self.resid_dropout(y), routing
 
-    def forward_cached(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor) -> Tensor:
+    def forward_cached(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor,
+                       span: Optional[int] = None) -> Tensor:
         """Cached self-attention (models/kv_cache.py): caches the shared K/V only (n_kv_heads heads of head_dim:
         expert_dim per K and per V, whatever the experts); routes each token top-k as `forward` does, on the dense
         expert path."""
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             write_kv(cache_k, k, positions)
             write_kv(cache_v, v, positions)
-            return cached_sdpa(q, cache_k, cache_v, positions)
+            return cached_sdpa(q, cache_k, cache_v, positions, span)
         return self.mix(x, x, attend, grouped=False)[0]
 
     def cross_kv(self, context: Tensor) -> tuple:

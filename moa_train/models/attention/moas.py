@@ -186,7 +186,8 @@ class MoASAttention(nn.Module):
         """y + each branch's output bias mixed by the gates."""
         return y if self.o_bias is None else y + gates @ self.o_bias.to(y.dtype)
 
-    def forward_cached(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor) -> Tensor:
+    def forward_cached(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor,
+                       span: Optional[int] = None) -> Tensor:
         """Cached self-attention (models/kv_cache.py), fused layout whatever `fused` says (same parameters). The cache
         holds EVERY branch's K/V: n_head + gqa_kv_heads + 1 heads per token and layer, since a later token, routed to
         any branch, reads every earlier token's K/V of that branch.
@@ -200,23 +201,26 @@ class MoASAttention(nn.Module):
         K/V. Prefill (T > 1) computes all branches and mixes them with the one-hot gates (same result)."""
         top1 = self.inference_routing == "top1"
         if top1 and x.shape[1] == 1:
-            return self.decode_top1(x, cache_k, cache_v, positions)
+            return self.decode_top1(x, cache_k, cache_v, positions, span)
         gates, _ = self.gates(x, top1)
 
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             write_kv(cache_k, k, positions)
             write_kv(cache_v, v, positions)
-            return torch.cat(self.branch_attention(q.split(self.n_head, dim=1), cache_k, cache_v, positions), dim=1)
+            return torch.cat(self.branch_attention(q.split(self.n_head, dim=1), cache_k, cache_v, positions, span),
+                             dim=1)
         return self.add_bias(self.fused_mix(x, gates, attend, per_branch=False), gates)
 
-    def branch_attention(self, qs, cache_k: Tensor, cache_v: Tensor, positions: Tensor) -> list:
+    def branch_attention(self, qs, cache_k: Tensor, cache_v: Tensor, positions: Tensor,
+                         span: Optional[int] = None) -> list:
         """Per branch, its n_head query heads (qs[b]: (B, n_head, T, D)) against its own cache heads, GQA done by
         SDPA: expanding the cache to 3 n_head heads first (repeat_kv) copied all of it at every decode step, a third
         of a GPT-2-size step at batch 64 (docs/results/inference.md)."""
         ks, vs = cache_k.split(self.kv_heads, dim=1), cache_v.split(self.kv_heads, dim=1)
-        return [cached_sdpa(q, k, v, positions) for q, k, v in zip(qs, ks, vs)]
+        return [cached_sdpa(q, k, v, positions, span) for q, k, v in zip(qs, ks, vs)]
 
-    def decode_top1(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor) -> Tensor:
+    def decode_top1(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor,
+                    span: Optional[int] = None) -> Tensor:
         """One token per row (x (B, 1, d)), top1: see `forward_cached`. Per row, the chosen branch's W_q block and
         W_o block are gathered ((B, d, d) each: only the chosen branch's weights are read)."""
         b, d, h, dh, n_kv = x.shape[0], self.d_model, self.n_head, self.head_dim, sum(self.kv_heads)
@@ -233,7 +237,7 @@ class MoASAttention(nn.Module):
         # n_head + gqa_kv_heads + 1 cached heads once, where gathering each row's branch heads (expanded to n_head)
         # copied the cache first and read more in all (docs/results/inference.md)
         q = q.view(b, h, 1, dh)
-        outs = torch.stack(self.branch_attention((q, q, q), cache_k, cache_v, positions))  # (3, B, n_head, 1, D)
+        outs = torch.stack(self.branch_attention((q, q, q), cache_k, cache_v, positions, span))  # (3, B, n_head, 1, D)
         o = outs[c, torch.arange(b, device=x.device)]
         w_o = self.c_proj.weight.view(d, 3, d).transpose(0, 1)[c]  # (B, d, d): the branch's output block
         y = torch.bmm(w_o, o.reshape(b, d, 1)).squeeze(-1)

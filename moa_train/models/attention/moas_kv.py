@@ -149,10 +149,11 @@ class MoASKVAttention(nn.Module):
         y = sdpa(q, self.mix(k, gates), self.mix(v, gates), mask, self.causal, self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(merge_heads(y))), routing
 
-    def forward_cached(self, x: Tensor, pool, cache_v: None, positions: Tensor) -> Tensor:
+    def forward_cached(self, x: Tensor, pool, cache_v: None, positions: Tensor, span: Optional[int] = None) -> Tensor:
         """Cached self-attention through this layer's HeadPool (models/kv_cache.py): every new token stores only its
         argmax scheme's heads (or MQA's, where the pool's overflow policy says so); each query head reads, per past
-        token, the head that token stored for it. Always hard routing."""
+        token, the head that token stored for it. Always hard routing. `span` is not used: the pool is addressed by
+        slots, and the positions past a row's length are masked."""
         choice = self.router(x).float().argmax(-1)  # (B, T)
         q, k, v = (split_heads(part, self.n_head) for part in self.c_attn(x).chunk(3, dim=-1))
         k_cand, v_cand = (torch.cat(self.candidates(kv), 1).transpose(1, 2) for kv in (k, v))  # (B, T, H+G+1, D)
