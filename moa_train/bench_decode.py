@@ -694,7 +694,9 @@ def size_tables(results: dict, size: str) -> list:
     return out
 
 
-def markdown(data: dict) -> str:
+def markdown(data: dict, notes: bool = False) -> str:
+    """inference.md from inference.json; notes: a hand-written inference_notes.md lies beside (linked under the
+    targets, as the place that says why a target is missed)."""
     out = ["# moa-bench --decode: what each attention variant costs to serve", "",
            "Written by `moa-bench --decode` (moa_train/bench_decode.py) from inference.json; each row names the run "
            "that measured it. Bound = bytes one decode step must read (every parameter once + the batch's K/V at the "
@@ -718,6 +720,9 @@ def markdown(data: dict) -> str:
     if rows:
         out += ["", "## Targets (GPT-2 small)", "", "| target | measured | met | short by |", "|---|---|---|---|"]
         out += [f"| {t} | {m} | {'yes' if ok else '**no**'} | {by or '-'} |" for t, m, ok, by in rows]
+        if notes:
+            out += ["", "Why each missed target is missed, from the traces below: [inference_notes.md]"
+                        "(inference_notes.md) (hand-written)."]
     for size in SIZES:
         out += size_tables(results, size)
     return "\n".join(out) + "\n"
@@ -764,7 +769,7 @@ def figure(data: dict, path: Path) -> None:
 def save(data: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "inference.json").write_text(json.dumps(data, indent=1))
-    (out / "inference.md").write_text(markdown(data))
+    (out / "inference.md").write_text(markdown(data, (out / "inference_notes.md").is_file()))
     figure(data, out / "inference.png")
 
 

@@ -191,3 +191,15 @@ def test_decode_bench_records_its_spans(tmp_path, capsys):
         main(["--decode", "--span-bucket", "-1"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.startswith("error: --span-bucket: must be 0 (the whole cache) or a positive")
+
+
+def test_the_committed_tables_rebuild_from_the_committed_json(tmp_path):
+    """docs/results/inference.md is what --tables-only makes of docs/results/inference.json (with its notes)."""
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "docs/results"
+    for name in ("inference.json", "inference_notes.md"):
+        (tmp_path / name).write_text((results / name).read_text())
+    assert main(["--decode", "--tables-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "inference.md").read_text() == (results / "inference.md").read_text()
+    assert "[inference_notes.md](inference_notes.md)" in (tmp_path / "inference.md").read_text()
