@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from moa_train.config import ConfigError, check_run_folder, leaves
-from moa_train.metrics.flops import device_name, peak_cache, peak_flops, peak_kind
+from moa_train.metrics.flops import device_name, peak_cache, peak_flops, peak_kind, remeasure_peak
 from moa_train.metrics.sinks import MetricsLogger, build_logger, truncate_jsonl
 from moa_train.models.attention.mha import select_sdpa_backend
 from moa_train.models.routing import detached, routing_metrics
@@ -168,7 +168,7 @@ class Trainer:
         self.steps_run = 0  # optimizer steps run by this process (its first ones warm up and capture)
         self.flops_per_token = self.task.flops_per_token()
         self.peak = peak_flops(self.device, peak_kind(t.precision, t.tf32), cfg.data.cache_dir)
-        self.warned_peak = False
+        self.warned_peak = self.remeasured_peak = False
         self.stop = None  # the StopSignals while training
         self.last_val = {}
 
@@ -446,6 +446,13 @@ class Trainer:
 
     def log_train(self, logger, out: StepResult) -> dict:
         step_ms, tok_s = self.meter.close()
+        if self.flops_per_token * tok_s > self.peak and not self.remeasured_peak:
+            # this run beat the cached peak: that figure was measured while other work ran; measure it once more
+            self.remeasured_peak, stale = True, self.peak
+            t = self.cfg.trainer
+            self.peak = remeasure_peak(self.device, peak_kind(t.precision, t.tf32), self.cfg.data.cache_dir, stale)
+            log.info("perf/mfu: this run's rate beat the cached peak (%.3g FLOP/s), measured again: %.3g FLOP/s",
+                     stale, self.peak)
         losses = self.losses.pop()
         losses["train/loss"] = distributed.global_sum(losses["train/loss"]) / self.dist.world  # CE of each slice
         metrics = {**losses, "lr": self.lr, "grad_norm": out.grad_norm,
@@ -458,9 +465,9 @@ class Trainer:
                  step_ms, tok_s, 100 * logged["perf/mfu"])
         if logged["perf/mfu"] > 1.0 and not self.warned_peak:
             self.warned_peak = True
-            log.warning("perf/mfu is above 100%%: the peak measured for this device (%.3g FLOP/s, in %s) is lower "
-                        "than this run's rate, probably measured while other work ran; delete that file to measure "
-                        "it again", self.peak, peak_cache(self.cfg.data.cache_dir))
+            log.warning("perf/mfu is above 100%%: the peak measured for this device (%.3g FLOP/s, in %s, measured "
+                        "twice) is lower than this run's rate; other work probably ran during both measurements; "
+                        "delete that file to measure it again", self.peak, peak_cache(self.cfg.data.cache_dir))
         self.guard.check(self.step, self.last_checkpoint)
         return logged
 
