@@ -377,14 +377,14 @@ def markdown(res: dict, meta: dict) -> str:
              *([meta["note"], ""] if meta.get("note") else []),
              "## Answer", "", *[f"- {line}" for line in answer(res)], "",
              "## Table", "",
-             "| row | params | train GFLOPs/token | KV bytes/token | val ppl | test ppl | test ppl, soft | fallback |"
-             " shares per layer (mha/gqa/mqa) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| row | params | train GFLOPs/token | KV bytes/token | val ppl | test ppl | val ppl, soft | test ppl, soft "
+             "| fallback | shares per layer (mha/gqa/mqa) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row, r in rows.items():
-        soft = fmt(r["test_ppl_soft"]) if "test_ppl_soft" in r else ""
+        soft = [fmt(r[k]) if k in r else "" for k in ("val_ppl_soft", "test_ppl_soft")]
         lines.append(f"| {row} | {r['params']:,} | {r['flops_per_token'] / 1e9:.4f} | {r['kv_bytes_per_token']:.0f} | "
-                     f"{fmt(r['val_ppl'])} | {fmt(r['test_ppl'])} | {soft} | {r['pool_fallback_share']:.3f} | "
-                     f"{shares_text(r['shares'])} |")
+                     f"{fmt(r['val_ppl'])} | {fmt(r['test_ppl'])} | {soft[0]} | {soft[1]} | "
+                     f"{r['pool_fallback_share']:.3f} | {shares_text(r['shares'])} |")
     seeds = ", ".join(sorted({str(len(r["seeds"])) for r in rows.values()}))
     lines += ["", f"Mean +- standard deviation over seeds ({seeds} per row). Plot: kv_tradeoff.png (test perplexity "
               "against realised KV bytes per token).", ""]
