@@ -377,8 +377,8 @@ def markdown(res: dict, meta: dict) -> str:
              *([meta["note"], ""] if meta.get("note") else []),
              "## Answer", "", *[f"- {line}" for line in answer(res)], "",
              "## Table", "",
-             "| row | params | train GFLOPs/token | KV bytes/token | val ppl | test ppl | val ppl, soft | test ppl, soft "
-             "| fallback | shares per layer (mha/gqa/mqa) |",
+             "| row | params | train GFLOPs/token | KV bytes/token | val ppl | test ppl | val ppl, soft "
+             "| test ppl, soft | fallback | shares per layer (mha/gqa/mqa) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row, r in rows.items():
         soft = [fmt(r[k]) if k in r else "" for k in ("val_ppl_soft", "test_ppl_soft")]
