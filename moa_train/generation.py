@@ -17,15 +17,9 @@ from pathlib import Path
 
 import torch
 
-from moa_train.models.kv_cache import without_cudnn_attention
+from moa_train.models.kv_cache import has_kv_cache, without_cudnn_attention
 
 UNK = "<unk>"
-
-
-def has_kv_cache(model) -> bool:
-    """Whether the model decodes through a KV cache (LanguageModel.cached_decoding_ok); otherwise full forwards
-    (the same tokens, slower)."""
-    return getattr(model, "cached_decoding_ok", lambda: False)()
 
 
 def set_inference_routing(model, mode: str) -> None:

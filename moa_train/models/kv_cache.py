@@ -46,6 +46,12 @@ def without_cudnn_attention(fn):
     return wrapped
 
 
+def has_kv_cache(model) -> bool:
+    """Whether `model` (a LanguageModel or a Seq2Seq) decodes through a KV cache (its `cached_decoding_ok`: every
+    attention implements the contract); otherwise its callers recompute full forwards (the same tokens, slower)."""
+    return getattr(model, "cached_decoding_ok", lambda: False)()
+
+
 @dataclass
 class KVCache:
     """Per layer K and V (B, n_heads_cached, max_len, head_dim) in one dtype (a pooled layer: its HeadPool in `k`,
@@ -94,6 +100,13 @@ class KVCache:
             else:
                 total += 2 * k.shape[1] * k.shape[3] * k.element_size()
         return total
+
+    def select(self, rows: Tensor) -> None:
+        """Keep (reorder, repeat) the rows `rows` of every layer and of `lengths`: beam search reordering its
+        hypotheses, finished ones leaving the batch."""
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [None if t is None else t.index_select(0, rows) for t in self.v]  # None: a pooled layer's
+        self.lengths = self.lengths.index_select(0, rows)
 
     def fallbacks(self) -> int:
         """Real tokens the pooled layers' overflow policy stored as their fallback scheme (summed over layers);

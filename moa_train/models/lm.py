@@ -72,7 +72,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-
 def init_weights(model: nn.Module, n_layer: int) -> None:
     """GPT-2 init: N(0, 0.02) for Linear and Embedding, residual projections N(0, 0.02/sqrt(2 n_layer)),
     zero biases; then each module's own `post_init` (the MoA router starts at zero: uniform routing)."""

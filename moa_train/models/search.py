@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moa_train.models.kv_cache import without_cudnn_attention
+from moa_train.models.kv_cache import has_kv_cache, without_cudnn_attention
 
 
 def max_output_len(src_mask: Tensor, a: float = 1.2, b: int = 10) -> int:
@@ -58,7 +58,7 @@ class Cached:
 
 
 def stepper(model, memory: Tensor, src_mask: Tensor, max_len: int, use_cache: bool):
-    cached = use_cache and getattr(model, "cached_decoding_ok", lambda: False)()
+    cached = use_cache and has_kv_cache(model)
     return (Cached if cached else Recompute)(model, memory, src_mask, max_len)
 
 

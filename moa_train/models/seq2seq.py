@@ -108,10 +108,7 @@ class DecoderState:
     src_mask: Tensor  # (B, S)
 
     def select(self, rows: Tensor) -> None:
-        c = self.cache
-        c.k = [t.index_select(0, rows) for t in c.k]
-        c.v = [None if t is None else t.index_select(0, rows) for t in c.v]  # None: a pooled layer's
-        c.lengths = c.lengths.index_select(0, rows)
+        self.cache.select(rows)
         self.cross = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross]
         self.src_mask = self.src_mask.index_select(0, rows)
 
