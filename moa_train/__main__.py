@@ -1,4 +1,5 @@
 """`moa-train` / `python -m moa_train`: compose the config with Hydra, validate it, train."""
+
 from __future__ import annotations
 
 import logging
@@ -38,12 +39,16 @@ def run(cfg) -> float:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     world = distributed.from_env().world
     if multirun and world > 1:
-        print("error: torchrun runs one training job; run sweeps (-m, hparams_search) without torchrun",
-              file=sys.stderr)
+        print(
+            "error: torchrun runs one training job; run sweeps (-m, hparams_search) without torchrun",
+            file=sys.stderr,
+        )
         sys.exit(2)
     try:
         validate(cfg, world)
-        return train(cfg, run_dir, list(hydra_cfg.overrides.task)).get(task_class(cfg.task.name).best_metric)
+        return train(cfg, run_dir, list(hydra_cfg.overrides.task)).get(
+            task_class(cfg.task.name).best_metric
+        )
     except Preempted as exc:
         print(exc, file=sys.stderr)
         sys.exit(exc.exit_code)
@@ -55,15 +60,22 @@ def run(cfg) -> float:
     except Exception:  # a crashed job must not take the other jobs of a sweep with it
         if not multirun:
             raise
-        record_failure(run_dir, traceback.format_exc().strip().splitlines()[-1] + "\n\n" + traceback.format_exc())
-    log.error("job %s failed: %s", hydra_cfg.job.num, (run_dir / "error.txt").read_text().splitlines()[0])
+        record_failure(
+            run_dir,
+            traceback.format_exc().strip().splitlines()[-1] + "\n\n" + traceback.format_exc(),
+        )
+    log.error(
+        "job %s failed: %s", hydra_cfg.job.num, (run_dir / "error.txt").read_text().splitlines()[0]
+    )
     # Optuna 2 (the sweeper's) refuses NaN: a failed trial is the worst value of the minimised val/loss
     return float("inf")
 
 
 log = logging.getLogger("moa_train")
 
-_hydra_main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")(run)
+_hydra_main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")(
+    run
+)
 
 
 def main() -> None:
@@ -75,7 +87,10 @@ def main() -> None:
     args = sys.argv[1:]
     flags = {a for a in args if a.startswith("-")}
     plain = not flags  # not -m, --cfg, --help, ...
-    checked = flags <= {"-m", "--multirun"}  # a run or a multirun: one-line errors before Hydra starts
+    checked = flags <= {
+        "-m",
+        "--multirun",
+    }  # a run or a multirun: one-line errors before Hydra starts
     cfg = precheck([a for a in args if a not in flags], multirun=bool(flags)) if checked else None
     d = distributed.init()  # under torchrun: the process group, before Hydra names the run folder
     if d.active:
@@ -83,8 +98,14 @@ def main() -> None:
         os.environ["MOA_RUN_STAMP"] = distributed.shared_run_stamp(d)
     if plain and cfg.trainer.eval_only:  # results into RUN/eval/<date_time>/, no new run folder
         sys.argv = sys.argv[:1] + eval_only_overrides(args, cfg, eval_run.stamp())
-    if d.active and not d.main:  # rank 0 alone writes the folder's .hydra/ and train.log; the others only warn
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING"]
+    if (
+        d.active and not d.main
+    ):  # rank 0 alone writes the folder's .hydra/ and train.log; the others only warn
+        sys.argv += [
+            "hydra.output_subdir=null",
+            "hydra/job_logging=stdout",
+            "hydra.job_logging.root.level=WARNING",
+        ]
     try:
         _hydra_main()
     finally:

@@ -1,4 +1,5 @@
 """Python API over run folders."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +16,9 @@ def load_run(run_dir: str | Path, map_location: str = "cpu") -> tuple:
     return model, cfg
 
 
-def load_checkpoint_model(target: str | Path, map_location: str = "cpu", lm_only: bool = False) -> tuple:
+def load_checkpoint_model(
+    target: str | Path, map_location: str = "cpu", lm_only: bool = False
+) -> tuple:
     """(model in eval mode, resolved config, checkpoint path) of a checkpoint file, or of a run folder's latest
     checkpoint that verifies and reads (load_run's choice). `lm_only`: refuse a task other than the decoder-only LM
     (ValueError) before building anything."""
@@ -28,10 +31,14 @@ def load_checkpoint_model(target: str | Path, map_location: str = "cpu", lm_only
     if not checkpoints_in(target):
         raise FileNotFoundError(f"no checkpoint under {target} (expected checkpoints/step_*.pt)")
     path, state, _ = load_latest(target, map_location, key="load_run")
-    cfg: DictConfig = OmegaConf.create(state["config"])  # resolved as the run used it (env vars included)
+    cfg: DictConfig = OmegaConf.create(
+        state["config"]
+    )  # resolved as the run used it (env vars included)
     name = saved_task(state["config"])
     if lm_only and name != "lm":
-        raise ValueError(f"{target} is a {name} run: only decoder-only LM runs (task lm) are supported for now")
+        raise ValueError(
+            f"{target} is a {name} run: only decoder-only LM runs (task lm) are supported for now"
+        )
     model = task_class(name).build_model(cfg.model, state["vocab_size"], state.get("pad_id"))
     model.load_state_dict(state["model"])
     return model.to(map_location).eval(), cfg, path
@@ -45,8 +52,10 @@ def load_tokenizer(run_dir: str | Path):
 
     path = Path(run_dir) / TOKENIZER_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the run predates saved tokenizers (or is not an LM run); "
-                                "train a new run to generate from it")
+        raise FileNotFoundError(
+            f"{path} not found: the run predates saved tokenizers (or is not an LM run); "
+            "train a new run to generate from it"
+        )
     return tokenizer_from_json(path.read_text(encoding="utf-8"), str(path))
 
 

@@ -20,6 +20,7 @@ prefill and decode tokens/s of every model through its static KV cache (compiled
 (analytic and measured), the share of the copy-bandwidth bound achieved, and transformers' generate() as the
 baseline, into <out>/inference.{json,md,png}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,16 +49,48 @@ TABLE1 = config_dir() / "experiment" / "moas_table1"
 # sizes: (overrides, default batch). Fast mode everywhere: bf16, TF32, compile, whole-step CUDA graph.
 SIZES = {
     "table1": (["data=wikitext2_char", "mode=fast"], 12),
-    "gpt2": (["~experiment", "data=random_tokens", "mode=fast", "model.n_layer=12", "model.d_model=768",
-              "model.n_head=12", "model.max_seq_len=1024", "trainer.block_size=1024", "model.dropout=0.0",
-              "model.gate_dropout=0.0"], 64),  # each model takes the keys it owns (registry.applicable)
+    "gpt2": (
+        [
+            "~experiment",
+            "data=random_tokens",
+            "mode=fast",
+            "model.n_layer=12",
+            "model.d_model=768",
+            "model.n_head=12",
+            "model.max_seq_len=1024",
+            "trainer.block_size=1024",
+            "model.dropout=0.0",
+            "model.gate_dropout=0.0",
+        ],
+        64,
+    ),  # each model takes the keys it owns (registry.applicable)
     # for CI on a CPU: seconds per model; a variant's own tiny sizes from configs/debug_model/tiny_<model>.yaml
-    "tiny": (["~experiment", "debug=tiny", "data=random_tokens", "data.vocab_size=256", "model.n_layer=2",
-              "model.d_model=64", "model.n_head=4", "model.max_seq_len=64", "trainer.block_size=64"], 4),
+    "tiny": (
+        [
+            "~experiment",
+            "debug=tiny",
+            "data=random_tokens",
+            "data.vocab_size=256",
+            "model.n_layer=2",
+            "model.d_model=64",
+            "model.n_head=4",
+            "model.max_seq_len=64",
+            "trainer.block_size=64",
+        ],
+        4,
+    ),
 }
-ALWAYS = ["trainer.max_steps=1000000", "trainer.eval_interval=1000000", "trainer.log_interval=1000000",
-          "trainer.resume=false"]
-CPU = ["trainer.precision=fp32", "trainer.compile=false", "trainer.cuda_graphs=false"]  # CPU: the plain step
+ALWAYS = [
+    "trainer.max_steps=1000000",
+    "trainer.eval_interval=1000000",
+    "trainer.log_interval=1000000",
+    "trainer.resume=false",
+]
+CPU = [
+    "trainer.precision=fp32",
+    "trainer.compile=false",
+    "trainer.cuda_graphs=false",
+]  # CPU: the plain step
 
 log = logging.getLogger("moa_train.bench")
 
@@ -85,12 +118,19 @@ def sync(device: torch.device) -> None:
 
 # --- one model ---------------------------------------------------------------------------------------------------
 
+
 def graph_breaks(trainer) -> dict:
     """Graphs and breaks that torch._dynamo sees in the trained function (model forward + losses + routing records)."""
     explained = torch._dynamo.explain(trainer.loss)(trainer.draw_batches()[0], True)
     torch._dynamo.reset()
-    reasons = sorted({str(getattr(b, "reason", b)).splitlines()[0] for b in explained.break_reasons})
-    return {"graphs": explained.graph_count, "graph_breaks": explained.graph_break_count, "break_reasons": reasons}
+    reasons = sorted(
+        {str(getattr(b, "reason", b)).splitlines()[0] for b in explained.break_reasons}
+    )
+    return {
+        "graphs": explained.graph_count,
+        "graph_breaks": explained.graph_break_count,
+        "break_reasons": reasons,
+    }
 
 
 KERNEL_KINDS = (  # (kind, substrings of the CUDA kernel name), first match wins
@@ -124,8 +164,11 @@ def kernel_breakdown(trainer, device: torch.device) -> dict:
         kinds[kernel_kind(evt.key)] = kinds.get(kernel_kind(evt.key), 0.0) + t / 1000
         top.append((t / 1000, evt.key[:90], evt.count))
     top.sort(reverse=True)
-    return {"ms_by_kind": kinds, "kernel_ms": sum(kinds.values()),
-            "top": [{"ms": ms, "kernel": k, "calls": c} for ms, k, c in top[:8]]}
+    return {
+        "ms_by_kind": kinds,
+        "kernel_ms": sum(kinds.values()),
+        "top": [{"ms": ms, "kernel": k, "calls": c} for ms, k, c in top[:8]],
+    }
 
 
 def timed_steps(trainer, steps: int, device: torch.device, batches: list | None = None) -> float:
@@ -144,14 +187,25 @@ def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: 
     cfg, overrides = compose_cfg(size, model, batch, device, args.override)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, Path(run_dir))
-        entry = {"size": size, "model": model, "tag": args.tag, "batch": batch, "block": cfg.trainer.block_size,
-                 "overrides": overrides, "precision": cfg.trainer.precision, "compile": cfg.trainer.compile,
-                 "cuda_graph": trainer.use_graph, "params": trainer.model.num_params(),
-                 "flops_per_token": trainer.flops_per_token}
+        entry = {
+            "size": size,
+            "model": model,
+            "tag": args.tag,
+            "batch": batch,
+            "block": cfg.trainer.block_size,
+            "overrides": overrides,
+            "precision": cfg.trainer.precision,
+            "compile": cfg.trainer.compile,
+            "cuda_graph": trainer.use_graph,
+            "params": trainer.model.num_params(),
+            "flops_per_token": trainer.flops_per_token,
+        }
         if cfg.trainer.compile:
             entry.update(graph_breaks(trainer))
         t0 = time.perf_counter()
-        for i in range(WARMUP_STEPS):  # compilation; the last warm-up step is profiled (kernels visible)
+        for i in range(
+            WARMUP_STEPS
+        ):  # compilation; the last warm-up step is profiled (kernels visible)
             if i == WARMUP_STEPS - 1 and args.profile and device.type == "cuda":
                 entry["kernels"] = kernel_breakdown(trainer, device)
                 continue
@@ -171,13 +225,20 @@ def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: 
         step_s, fixed_s = statistics.median(times), statistics.median(times_fixed)
         tokens = batch * cfg.trainer.block_size
         peak = peaks[peak_kind(cfg.trainer.precision, cfg.trainer.tf32)]
-        entry.update({
-            "step_ms": 1000 * step_s, "step_ms_windows": [1000 * t for t in times], "tokens_per_s": tokens / step_s,
-            "mfu": trainer.flops_per_token * tokens / step_s / peak, "peak_kind": peak_kind(cfg.trainer.precision,
-                                                                                          cfg.trainer.tf32),
-            "data_wait_share": (step_s - fixed_s) / step_s, "step_ms_fixed_batch": 1000 * fixed_s,
-            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
-        })
+        entry.update(
+            {
+                "step_ms": 1000 * step_s,
+                "step_ms_windows": [1000 * t for t in times],
+                "tokens_per_s": tokens / step_s,
+                "mfu": trainer.flops_per_token * tokens / step_s / peak,
+                "peak_kind": peak_kind(cfg.trainer.precision, cfg.trainer.tf32),
+                "data_wait_share": (step_s - fixed_s) / step_s,
+                "step_ms_fixed_batch": 1000 * fixed_s,
+                "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
+                if device.type == "cuda"
+                else None,
+            }
+        )
         del trainer
     release(device)
     return entry
@@ -192,7 +253,9 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_with_fallback(size: str, model: str, batch: int, device: torch.device, peaks: dict, args) -> dict:
+def bench_with_fallback(
+    size: str, model: str, batch: int, device: torch.device, peaks: dict, args
+) -> dict:
     """bench_model, halving the batch on out-of-memory (the entry records the batch that ran)."""
     while True:
         try:
@@ -208,12 +271,16 @@ def bench_with_fallback(size: str, model: str, batch: int, device: torch.device,
 
 # --- whole-run measurements ------------------------------------------------------------------------------------
 
+
 def sdpa_backends(device: torch.device, batch: int) -> list:
     """Forward + backward time of causal SDPA at the GPT-2 shape (B, 12 heads, T 1024, 64) per backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     b, h, t, d = batch, 12, 1024, 64
-    q, k, v = (torch.randn(b, h, t, d, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    q, k, v = (
+        torch.randn(b, h, t, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3)
+    )
     flops = 12 * b * h * t * t * d  # the FLOP counter's count: 4BHT^2D forward, twice that backward
     rows = []
     for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
@@ -260,24 +327,38 @@ def targets(results: dict) -> list:
     for model, floor in (("mha", 0.55), ("moas_dynamic", 0.45), ("moa_sparse", 0.40)):
         r = results.get(f"gpt2/{model}")
         if r:
-            rows.append((f"GPT-2 small {model}: MFU >= {floor:.0%}", f"{r['mfu']:.1%}", r["mfu"] >= floor))
+            rows.append(
+                (f"GPT-2 small {model}: MFU >= {floor:.0%}", f"{r['mfu']:.1%}", r["mfu"] >= floor)
+            )
     sparse, dense = results.get("gpt2/moa_sparse"), results.get("gpt2/moa_dense")
     if sparse and dense:
         ratio = sparse["tokens_per_s"] / dense["tokens_per_s"]
-        rows.append(("GPT-2 small moa_sparse faster per token than moa_dense", f"{ratio:.2f}x", ratio > 1))
+        rows.append(
+            ("GPT-2 small moa_sparse faster per token than moa_dense", f"{ratio:.2f}x", ratio > 1)
+        )
     mha = results.get("table1/mha")
     for model in ("moas_static", "moas_dynamic", "moa_dense", "moa_sparse"):
         r = results.get(f"table1/{model}")
         if mha and r:
-            t_ratio, f_ratio = r["step_ms"] / mha["step_ms"], r["flops_per_token"] / mha["flops_per_token"]
-            rows.append((f"Table 1 size {model}: time ratio <= 1.15 x FLOP ratio ({1.15 * f_ratio:.2f})",
-                         f"{t_ratio:.2f} (FLOPs {f_ratio:.2f})", t_ratio <= 1.15 * f_ratio))
+            t_ratio, f_ratio = (
+                r["step_ms"] / mha["step_ms"],
+                r["flops_per_token"] / mha["flops_per_token"],
+            )
+            rows.append(
+                (
+                    f"Table 1 size {model}: time ratio <= 1.15 x FLOP ratio ({1.15 * f_ratio:.2f})",
+                    f"{t_ratio:.2f} (FLOPs {f_ratio:.2f})",
+                    t_ratio <= 1.15 * f_ratio,
+                )
+            )
     for key, r in sorted(results.items()):
         if r["data_wait_share"] >= 0.02:
             rows.append((f"{key}: data wait < 2%", f"{r['data_wait_share']:.1%}", False))
     waits = [r["data_wait_share"] for r in results.values()]
     if waits:
-        rows.append(("data wait < 2% of the step (worst model)", f"{max(waits):.2%}", max(waits) < 0.02))
+        rows.append(
+            ("data wait < 2% of the step (worst model)", f"{max(waits):.2%}", max(waits) < 0.02)
+        )
     return rows
 
 
@@ -290,17 +371,27 @@ def kernel_tables(size: str, rows: list) -> list:
     if not rows:
         return []
     kinds = sorted({kind for r in rows for kind in r["kernels"]["ms_by_kind"]})
-    out = ["", f"## Kernel breakdown of one {size}-size step", "",
-           "GPU time per kernel kind in one compiled step run eagerly (the profiled step is not graph-captured;"
-           " the timed steps are). `idle` = measured step time - kernel time: launch gaps, host work.", "",
-           "| model | " + " | ".join(kinds) + " | kernels total | step (graph) | idle |",
-           "|---|" + "---|" * (len(kinds) + 3)]
+    out = [
+        "",
+        f"## Kernel breakdown of one {size}-size step",
+        "",
+        "GPU time per kernel kind in one compiled step run eagerly (the profiled step is not graph-captured;"
+        " the timed steps are). `idle` = measured step time - kernel time: launch gaps, host work.",
+        "",
+        "| model | " + " | ".join(kinds) + " | kernels total | step (graph) | idle |",
+        "|---|" + "---|" * (len(kinds) + 3),
+    ]
     for r in rows:
         k = r["kernels"]
-        cells = [f"{k['ms_by_kind'].get(kind, 0):.2f} ({k['ms_by_kind'].get(kind, 0) / k['kernel_ms']:.0%})"
-                 for kind in kinds]
-        out.append(f"| {r['model']}{'@' + r['tag'] if r.get('tag') else ''} | " + " | ".join(cells) +
-                   f" | {k['kernel_ms']:.2f} | {r['step_ms']:.2f} | {max(r['step_ms'] - k['kernel_ms'], 0):.2f} |")
+        cells = [
+            f"{k['ms_by_kind'].get(kind, 0):.2f} ({k['ms_by_kind'].get(kind, 0) / k['kernel_ms']:.0%})"
+            for kind in kinds
+        ]
+        out.append(
+            f"| {r['model']}{'@' + r['tag'] if r.get('tag') else ''} | "
+            + " | ".join(cells)
+            + f" | {k['kernel_ms']:.2f} | {r['step_ms']:.2f} | {max(r['step_ms'] - k['kernel_ms'], 0):.2f} |"
+        )
     for r in rows:
         out += ["", f"Top kernels, {size}/{r['model']}:", ""]
         out += [f"- {t['ms']:.2f} ms x{t['calls']}: `{t['kernel']}`" for t in r["kernels"]["top"]]
@@ -308,53 +399,97 @@ def kernel_tables(size: str, rows: list) -> list:
 
 
 def markdown(bench: dict, notes: str | None) -> str:
-    out = ["# moa-bench: training-step speed of every attention variant", "",
-           "Written by `moa-bench` (moa_train/bench.py) from bench.json; each table row names the run that measured "
-           "it. MFU = FLOPs per token (the models' own counter: 6 x matmul parameters used + 12 x heads x head_dim x"
-           " T) x tokens/s / the peak GEMM rate of the run's precision, measured at the start of the same run. "
-           "Data wait = (step time with a batch drawn per step - step time with one fixed batch) / step time, from "
-           "alternating timed windows; values near 0 (or below) are within timing noise.", ""]
-    out += ["## Runs", "", "| run | device | date | torch | commit | peak bf16 TFLOP/s | peak TF32 TFLOP/s | command |",
-            "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "# moa-bench: training-step speed of every attention variant",
+        "",
+        "Written by `moa-bench` (moa_train/bench.py) from bench.json; each table row names the run that measured "
+        "it. MFU = FLOPs per token (the models' own counter: 6 x matmul parameters used + 12 x heads x head_dim x"
+        " T) x tokens/s / the peak GEMM rate of the run's precision, measured at the start of the same run. "
+        "Data wait = (step time with a batch drawn per step - step time with one fixed batch) / step time, from "
+        "alternating timed windows; values near 0 (or below) are within timing noise.",
+        "",
+    ]
+    out += [
+        "## Runs",
+        "",
+        "| run | device | date | torch | commit | peak bf16 TFLOP/s | peak TF32 TFLOP/s | command |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for rid, run in sorted(bench["runs"].items()):
         p = run["peaks"]
-        out.append(f"| {rid} | {run['device']} | {run['date']} | {run['torch']} | {run.get('git_sha') or '-'} | "
-                   f"{p.get('bf16', 0) / 1e12:.3g} | {p.get('tf32', 0) / 1e12:.3g} | `{run['command']}` |")
+        out.append(
+            f"| {rid} | {run['device']} | {run['date']} | {run['torch']} | {run.get('git_sha') or '-'} | "
+            f"{p.get('bf16', 0) / 1e12:.3g} | {p.get('tf32', 0) / 1e12:.3g} | `{run['command']}` |"
+        )
     results = bench["results"]
-    out += ["", "## Targets", "", f"Asked for: {TARGETS}; Table 1 size: each routed row's step-time ratio to mha at "
-            "most 1.15x its FLOP ratio; data wait < 2%.", "", "| target | measured | met |", "|---|---|---|"]
+    out += [
+        "",
+        "## Targets",
+        "",
+        f"Asked for: {TARGETS}; Table 1 size: each routed row's step-time ratio to mha at "
+        "most 1.15x its FLOP ratio; data wait < 2%.",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
     out += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in targets(results)]
     for size in ("table1", "gpt2", "tiny"):
         rows = [r for k, r in sorted(results.items()) if r["size"] == size]
         if not rows:
             continue
         rows.sort(key=lambda r: (list(MODELS).index(r["model"]), r.get("tag") or ""))
-        out += ["", f"## Size {size}", "", "| model | batch x block | step ms (median) | tokens/s | GFLOPs/token | "
-                "MFU | peak mem GiB | data wait | graph breaks | CUDA graph | run |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += [
+            "",
+            f"## Size {size}",
+            "",
+            "| model | batch x block | step ms (median) | tokens/s | GFLOPs/token | "
+            "MFU | peak mem GiB | data wait | graph breaks | CUDA graph | run |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
-            out.append(f"| {r['model']}{'@' + r['tag'] if r.get('tag') else ''} | {r['batch']} x {r['block']} | "
-                       f"{r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} |"
-                       f" {r['flops_per_token'] / 1e9:.3g} | {r['mfu']:.1%} ({r['peak_kind']}) | "
-                       f"{fmt(r['peak_mem_gib'], '.1f')} | {r['data_wait_share']:.2%} | {r.get('graph_breaks', '-')} | "
-                       f"{'yes' if r['cuda_graph'] else 'no'} | {r['run']} |")
+            out.append(
+                f"| {r['model']}{'@' + r['tag'] if r.get('tag') else ''} | {r['batch']} x {r['block']} | "
+                f"{r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} |"
+                f" {r['flops_per_token'] / 1e9:.3g} | {r['mfu']:.1%} ({r['peak_kind']}) | "
+                f"{fmt(r['peak_mem_gib'], '.1f')} | {r['data_wait_share']:.2%} | {r.get('graph_breaks', '-')} | "
+                f"{'yes' if r['cuda_graph'] else 'no'} | {r['run']} |"
+            )
         reasons = {r["model"]: r["break_reasons"] for r in rows if r.get("break_reasons")}
         for model, why in reasons.items():
             out.append(f"\nGraph breaks in {model}: " + "; ".join(why))
     for size in ("table1", "gpt2"):
-        out += kernel_tables(size, [r for k, r in sorted(results.items()) if r.get("kernels") and r["size"] == size])
+        out += kernel_tables(
+            size, [r for k, r in sorted(results.items()) if r.get("kernels") and r["size"] == size]
+        )
     for rid, run in sorted(bench["runs"].items()):
         if run.get("sdpa"):
-            out += ["", f"## SDPA backends (run {rid}): causal, bf16, batch {run['sdpa_batch']} x 12 heads x 1024 x 64,"
-                    " forward + backward", "", "| backend | ms | TFLOP/s (counter's count) |", "|---|---|---|"]
-            out += [f"| {s['backend']} | {fmt(s.get('ms'), '.2f')} | {fmt(s.get('tflops'), '.0f')} |"
-                    if "ms" in s else f"| {s['backend']} | unavailable: {s['error']} | - |" for s in run["sdpa"]]
+            out += [
+                "",
+                f"## SDPA backends (run {rid}): causal, bf16, batch {run['sdpa_batch']} x 12 heads x 1024 x 64,"
+                " forward + backward",
+                "",
+                "| backend | ms | TFLOP/s (counter's count) |",
+                "|---|---|---|",
+            ]
+            out += [
+                f"| {s['backend']} | {fmt(s.get('ms'), '.2f')} | {fmt(s.get('tflops'), '.0f')} |"
+                if "ms" in s
+                else f"| {s['backend']} | unavailable: {s['error']} | - |"
+                for s in run["sdpa"]
+            ]
         if run.get("checks"):
-            out += ["", f"## Fast paths against plain paths (run {rid}, {run['device']})", "",
-                    "| fast path | plain path | output rel. error | gradient rel. error | tolerance | ok |",
-                    "|---|---|---|---|---|---|"]
-            out += [f"| {c['path']} | {c['reference']} | {c['out_err']:.1e} | {fmt(c['grad_err'], '.1e')} | "
-                    f"{c['tol']:.0e} | {'yes' if c['ok'] else '**no**'} |" for c in run["checks"]]
+            out += [
+                "",
+                f"## Fast paths against plain paths (run {rid}, {run['device']})",
+                "",
+                "| fast path | plain path | output rel. error | gradient rel. error | tolerance | ok |",
+                "|---|---|---|---|---|---|",
+            ]
+            out += [
+                f"| {c['path']} | {c['reference']} | {c['out_err']:.1e} | {fmt(c['grad_err'], '.1e')} | "
+                f"{c['tol']:.0e} | {'yes' if c['ok'] else '**no**'} |"
+                for c in run["checks"]
+            ]
     if notes:
         out += ["", notes.strip()]
     return "\n".join(out) + "\n"
@@ -373,22 +508,51 @@ def save(bench: dict, out: Path) -> None:
 
 # --- entry point -------------------------------------------------------------------------------------------------
 
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="moa-bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
-    p.add_argument("--sizes", default="table1,gpt2", help=f"comma-separated, of: {', '.join(SIZES)}")
-    p.add_argument("--batch", type=int, default=None, help="sequences per step (default: table1 12, gpt2 64, tiny 4)")
+    p.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}"
+    )
+    p.add_argument(
+        "--sizes", default="table1,gpt2", help=f"comma-separated, of: {', '.join(SIZES)}"
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="sequences per step (default: table1 12, gpt2 64, tiny 4)",
+    )
     p.add_argument("--steps", type=int, default=10, help="steps per timed window")
     p.add_argument("--windows", type=int, default=5, help="timed windows (the median is reported)")
     p.add_argument("--out", default="docs/results", help="folder of bench.json / bench.md")
-    p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the kernel breakdown")
-    p.add_argument("--no-checks", dest="checks", action="store_false", help="skip the fast-path checks")
-    p.add_argument("--override", action="append", default=[],
-                   help="a moa-train override for every model (repeatable), e.g. trainer.sdpa_backend=cudnn")
-    p.add_argument("--tag", default=None, help="suffix of the result keys (size/model@tag) for runs with --override")
-    p.add_argument("--tables-only", action="store_true", help="rebuild bench.md from bench.json, measure nothing")
-    p.add_argument("--decode", action="store_true",
-                   help="the inference benchmark instead, with its own options: moa-bench --decode --help")
+    p.add_argument(
+        "--no-profile", dest="profile", action="store_false", help="skip the kernel breakdown"
+    )
+    p.add_argument(
+        "--no-checks", dest="checks", action="store_false", help="skip the fast-path checks"
+    )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="a moa-train override for every model (repeatable), e.g. trainer.sdpa_backend=cudnn",
+    )
+    p.add_argument(
+        "--tag",
+        default=None,
+        help="suffix of the result keys (size/model@tag) for runs with --override",
+    )
+    p.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="rebuild bench.md from bench.json, measure nothing",
+    )
+    p.add_argument(
+        "--decode",
+        action="store_true",
+        help="the inference benchmark instead, with its own options: moa-bench --decode --help",
+    )
     args = p.parse_args(argv)
     for flag, names, allowed in (("--models", args.models, MODELS), ("--sizes", args.sizes, SIZES)):
         bad = [n for n in names.split(",") if n not in allowed]
@@ -417,9 +581,14 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run_id = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     peaks = {kind: measure_matmul_flops(device, kind) for kind in ("bf16", "tf32", "fp32")}
-    run = {"device": device_name(device), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-           "git_sha": git_sha(), "command": shlex.join(["moa-bench", *argv]),
-           "peaks": peaks}
+    run = {
+        "device": device_name(device),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "git_sha": git_sha(),
+        "command": shlex.join(["moa-bench", *argv]),
+        "peaks": peaks,
+    }
     log.info("peaks: %s", ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in peaks.items()))
     bench["runs"][run_id] = run
     sizes = args.sizes.split(",")
@@ -428,20 +597,34 @@ def main(argv=None) -> int:
         run["sdpa"] = sdpa_backends(device, run["sdpa_batch"])
     if args.checks:
         run["checks"] = fast_path_checks(device)
-        log.info("fast-path checks: %s",
-                 ", ".join(f"{c['path']} {'ok' if c['ok'] else 'FAILED'}" for c in run["checks"]))
+        log.info(
+            "fast-path checks: %s",
+            ", ".join(f"{c['path']} {'ok' if c['ok'] else 'FAILED'}" for c in run["checks"]),
+        )
     save(bench, out)
     for size in sizes:
         for model in args.models.split(","):
-            entry = bench_with_fallback(size, model, args.batch or SIZES[size][1], device, peaks, args)
+            entry = bench_with_fallback(
+                size, model, args.batch or SIZES[size][1], device, peaks, args
+            )
             entry["run"] = run_id
             bench["results"][f"{size}/{model}" + (f"@{args.tag}" if args.tag else "")] = entry
             save(bench, out)  # after every model, so a run cut short keeps what it measured
-            log.info("%s/%s: %.2f ms/step, %.0f tok/s, MFU %.1f%%, data wait %.2f%%", size, model, entry["step_ms"],
-                     entry["tokens_per_s"], 100 * entry["mfu"], 100 * entry["data_wait_share"])
+            log.info(
+                "%s/%s: %.2f ms/step, %.0f tok/s, MFU %.1f%%, data wait %.2f%%",
+                size,
+                model,
+                entry["step_ms"],
+                entry["tokens_per_s"],
+                100 * entry["mfu"],
+                100 * entry["data_wait_share"],
+            )
     failed = [c["path"] for c in run.get("checks", []) if not c["ok"]]
     if failed:
-        print(f"error: fast paths differ from their plain paths beyond tolerance: {', '.join(failed)}", file=sys.stderr)
+        print(
+            f"error: fast paths differ from their plain paths beyond tolerance: {', '.join(failed)}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -36,6 +36,7 @@ itself on CUDA (CompileConfig's defaults: torch.compile, mode reduce-overhead). 
 Results merge into <out>/inference.json (keyed by size/model, each entry naming the run that measured it);
 <out>/inference.md and inference.png are rebuilt from the whole file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,11 +74,11 @@ class DecodeSize:
 
 
 SIZES = {
-    "gpt2": DecodeSize("gpt2", 512, 256, 8, (1, 64), (12, 4, 1), 2 ** 30),
-    "tiny": DecodeSize("tiny", 16, 8, 2, (1, 4), (4, 2, 1), 2 ** 30),
+    "gpt2": DecodeSize("gpt2", 512, 256, 8, (1, 64), (12, 4, 1), 2**30),
+    "tiny": DecodeSize("tiny", 16, 8, 2, (1, 4), (4, 2, 1), 2**30),
 }
 REPS = 3  # timed repetitions of each measurement (the median is reported)
-CPU_COPY_BYTES = 64 * 2 ** 20
+CPU_COPY_BYTES = 64 * 2**20
 # targets of issue 19: (models, batch index, share of the bandwidth bound)
 TARGETS = ((("mha", "gqa", "mqa"), 0, 0.20), (("mha", "moas_static", "moas_dynamic"), 1, 0.50))
 
@@ -119,6 +120,7 @@ def copy_bandwidth(device: torch.device, nbytes: int, reps: int = 10) -> float:
 
 # --- the model -------------------------------------------------------------------------------------------------
 
+
 def build(size: DecodeSize, model_name: str, device: torch.device):
     """(LanguageModel in eval mode on `device`, fp32, its overrides): the training benchmark's size of the model."""
     from moa_train.models.lm import build_model
@@ -131,7 +133,11 @@ def build(size: DecodeSize, model_name: str, device: torch.device):
 
 def routers(model) -> list:
     """Each attention router (a module's `router`: a Linear or a small network ending in one)."""
-    return [block.attn.router for block in model.blocks if isinstance(getattr(block.attn, "router", None), nn.Module)]
+    return [
+        block.attn.router
+        for block in model.blocks
+        if isinstance(getattr(block.attn, "router", None), nn.Module)
+    ]
 
 
 def last_linear_input(model, router: nn.Module, calib: torch.Tensor) -> tuple:
@@ -141,11 +147,16 @@ def last_linear_input(model, router: nn.Module, calib: torch.Tensor) -> tuple:
     last = max(i for i, m in enumerate(leaves) if isinstance(m, nn.Linear))
     seen = {}
 
-    def keep(name: str, value) -> None:  # a hook returning a value would replace the module's output
+    def keep(
+        name: str, value
+    ) -> None:  # a hook returning a value would replace the module's output
         seen.setdefault(name, value)
+
     hooks = [leaves[last].register_forward_hook(lambda mod, args, out: keep("in", args[0]))]
     if last > 0:
-        hooks.append(leaves[last - 1].register_forward_hook(lambda mod, args, out: keep("before", out)))
+        hooks.append(
+            leaves[last - 1].register_forward_hook(lambda mod, args, out: keep("before", out))
+        )
     try:
         model(calib)
     finally:
@@ -167,11 +178,17 @@ def balance_routers(model, calib: torch.Tensor, scale: float = 3.0) -> None:
         mu = h.mean(0)
         evals, evecs = torch.linalg.eigh(torch.cov(h.T))
         keep = evals > evals.max() * 1e-6
-        w_white = evecs[:, keep] / evals[keep].sqrt()  # x -> whitened coordinates: (x - mu) @ w_white
+        w_white = (
+            evecs[:, keep] / evals[keep].sqrt()
+        )  # x -> whitened coordinates: (x - mu) @ w_white
         m = mu @ w_white
-        rows = torch.cat([m[:, None], torch.randn(len(m), layer.out_features, generator=gen, dtype=h.dtype)], 1)
+        rows = torch.cat(
+            [m[:, None], torch.randn(len(m), layer.out_features, generator=gen, dtype=h.dtype)], 1
+        )
         q = torch.linalg.qr(rows).Q[:, 1:]  # orthonormal, orthogonal to the mean's whitened image
-        layer.weight.copy_((scale * (w_white @ q).T).to(layer.weight.dtype))  # (choices, features); weight @ mu = 0
+        layer.weight.copy_(
+            (scale * (w_white @ q).T).to(layer.weight.dtype)
+        )  # (choices, features); weight @ mu = 0
         if layer.bias is not None:
             layer.bias.zero_()
 
@@ -193,10 +210,13 @@ def routing_shares(model, idx: torch.Tensor) -> dict | None:
         probs.append(r.probs.double().mean(0))
     shares, probs = torch.stack(shares).cpu(), torch.stack(probs).cpu()
     uniform = 1 / shares.shape[1]
-    return {"choices": list(records[0].choice_names), "share": [round(float(s), 4) for s in shares.mean(0)],
-            "mean_prob": [round(float(p), 4) for p in probs.mean(0)],
-            "worst_dev": round(float((shares - uniform).abs().max()), 4),
-            "of": "top-k assignments" if records[0].chosen is not None else "argmax of soft gates"}
+    return {
+        "choices": list(records[0].choice_names),
+        "share": [round(float(s), 4) for s in shares.mean(0)],
+        "mean_prob": [round(float(p), 4) for p in probs.mean(0)],
+        "worst_dev": round(float((shares - uniform).abs().max()), 4),
+        "of": "top-k assignments" if records[0].chosen is not None else "argmax of soft gates",
+    }
 
 
 def prompts(batch: int, length: int, vocab: int, device, seed: int) -> torch.Tensor:
@@ -205,6 +225,7 @@ def prompts(batch: int, length: int, vocab: int, device, seed: int) -> torch.Ten
 
 
 # --- decoding ---------------------------------------------------------------------------------------------------
+
 
 def greedy_step(model, tokens: torch.Tensor, cache, span: int | None = None) -> None:
     """One decode step: the next greedy token of every row, written into `tokens` (fixed shapes, no host sync)."""
@@ -227,7 +248,9 @@ def decode_spans(prompt_len: int, new_tokens: int, bucket: int) -> list:
     return out
 
 
-def stepper(model, tokens, cache, device: torch.device, compile_step: bool, spans: list, restart) -> tuple:
+def stepper(
+    model, tokens, cache, device: torch.device, compile_step: bool, spans: list, restart
+) -> tuple:
     """({span: run one step, a callable}, mode, compile seconds): compiled + CUDA graph on CUDA where they work, one
     graph per span; the fallbacks (compiled without graph, eager) are named in `mode` with the failure. Each span
     compiles with static shapes of its own (the kind of kernels measured over the whole cache; dynamic shapes
@@ -279,7 +302,9 @@ def warm(step, device: torch.device, n: int = 3) -> None:
 
 def param_bytes(model) -> int:
     """Bytes of every parameter once (the tied head once): what a decode step reads, at most, of the weights."""
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    return sum(
+        p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+    )
 
 
 @torch.no_grad()
@@ -288,12 +313,19 @@ def measure_prefill(model, size: DecodeSize, device: torch.device) -> dict:
     cache = model.init_cache(size.prefill_batch, size.prompt_len, device)
     lengths = torch.full((size.prefill_batch,), size.prompt_len, device=device)
     seconds = timed(lambda: model.prefill(idx, lengths, cache), device)
-    return {"batch": size.prefill_batch, "prompt_len": size.prompt_len, "mode": "eager", "ms": 1000 * seconds,
-            "tokens_per_s": size.prefill_batch * size.prompt_len / seconds}
+    return {
+        "batch": size.prefill_batch,
+        "prompt_len": size.prompt_len,
+        "mode": "eager",
+        "ms": 1000 * seconds,
+        "tokens_per_s": size.prefill_batch * size.prompt_len / seconds,
+    }
 
 
 @torch.no_grad()
-def measure_decode(model, size: DecodeSize, batch: int, device: torch.device, bandwidth: float, args) -> dict:
+def measure_decode(
+    model, size: DecodeSize, batch: int, device: torch.device, bandwidth: float, args
+) -> dict:
     """Greedy decoding of `batch` rows: prefill once, then `new_tokens` steps timed (median of REPS)."""
     from moa_train.models.kv_cache import kv_bytes_per_token
 
@@ -306,7 +338,9 @@ def measure_decode(model, size: DecodeSize, batch: int, device: torch.device, ba
     cache = model.init_cache(batch, max_len, device)
     alloc = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else None
     idx = prompts(batch, size.prompt_len, model.vocab_size, device, seed=2)
-    tokens = model.prefill(idx, torch.full((batch,), size.prompt_len, device=device), cache).argmax(-1)
+    tokens = model.prefill(idx, torch.full((batch,), size.prompt_len, device=device), cache).argmax(
+        -1
+    )
     first = tokens.clone()
 
     def restart():  # back to the end of the prompt (K/V past it are overwritten before they are read)
@@ -314,7 +348,9 @@ def measure_decode(model, size: DecodeSize, batch: int, device: torch.device, ba
         tokens.copy_(first)
 
     spans = decode_spans(size.prompt_len, size.new_tokens, args.span_bucket)
-    runs, mode, compile_s = stepper(model, tokens, cache, device, args.compile, [s for s, _ in spans], restart)
+    runs, mode, compile_s = stepper(
+        model, tokens, cache, device, args.compile, [s for s, _ in spans], restart
+    )
 
     def generate():
         restart()
@@ -322,22 +358,37 @@ def measure_decode(model, size: DecodeSize, batch: int, device: torch.device, ba
             run = runs[span]
             for _ in range(steps):
                 run()
+
     seconds = timed(generate, device)
     step_s = seconds / size.new_tokens
-    dtype = next(model.parameters()).dtype  # the cache's (init_cache allocates in the parameters' dtype)
+    dtype = next(
+        model.parameters()
+    ).dtype  # the cache's (init_cache allocates in the parameters' dtype)
     kv_token = kv_bytes_per_token(model, dtype)
     read = param_bytes(model) + batch * kv_token * (size.prompt_len + size.new_tokens / 2)
     bound_s = read / bandwidth
     kv_bytes = cache.nbytes()  # the K/V tensors the cache allocated (a head pool: its slots)
-    out = {"batch": batch, "new_tokens": size.new_tokens, "mode": mode, "compile_s": round(compile_s, 1),
-           "span_bucket": args.span_bucket, "spans": [s for s, _ in spans],
-           "step_ms": 1000 * step_s, "tokens_per_s": batch / step_s,
-           "kv_bytes_per_token_measured": kv_bytes / (batch * max_len),
-           # what the tokens held really take (a head pool: its used slots; a static cache: the allocation)
-           "kv_bytes_per_token_realised": cache.realised_bytes_per_token(),
-           "kv_alloc_bytes": alloc, "kv_bytes": kv_bytes,
-           "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
-           "read_bytes": read, "bound_ms": 1000 * bound_s, "share_of_bound": bound_s / step_s}
+    out = {
+        "batch": batch,
+        "new_tokens": size.new_tokens,
+        "mode": mode,
+        "compile_s": round(compile_s, 1),
+        "span_bucket": args.span_bucket,
+        "spans": [s for s, _ in spans],
+        "step_ms": 1000 * step_s,
+        "tokens_per_s": batch / step_s,
+        "kv_bytes_per_token_measured": kv_bytes / (batch * max_len),
+        # what the tokens held really take (a head pool: its used slots; a static cache: the allocation)
+        "kv_bytes_per_token_realised": cache.realised_bytes_per_token(),
+        "kv_alloc_bytes": alloc,
+        "kv_bytes": kv_bytes,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda"
+        else None,
+        "read_bytes": read,
+        "bound_ms": 1000 * bound_s,
+        "share_of_bound": bound_s / step_s,
+    }
     if args.trace:  # the step at the mean context length: the one the bound counts
         traced, pos = spans[-1][0], size.prompt_len
         for span, steps in spans:
@@ -349,6 +400,7 @@ def measure_decode(model, size: DecodeSize, batch: int, device: torch.device, ba
         def traced_step():
             restart()
             runs[traced]()
+
         out["_trace"] = functools.partial(trace_step, traced_step, device, 1000 * step_s)
     return out
 
@@ -365,16 +417,27 @@ def trace_step(run, device: torch.device, step_ms: float, top: int = 10) -> dict
         sync(device)
     rows = []
     for evt in prof.key_averages():
-        t = (getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0)) if cuda \
+        t = (
+            (getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0))
+            if cuda
             else evt.self_cpu_time_total
+        )
         if t > 0 and not (cuda and evt.key.startswith("cuda")):  # runtime API calls are not kernels
             rows.append((t / 1000, evt.key[:100], evt.count))
     rows.sort(reverse=True)
     kernel_ms = sum(ms for ms, _, _ in rows)
-    note = "no kernels recorded (inside a CUDA graph, not traced here?)" if cuda and not rows else None
-    return {"of": "CUDA kernels" if cuda else "CPU ops", "note": note, "kernel_ms": kernel_ms, "step_ms": step_ms,
-            "gaps_ms": step_ms - kernel_ms, "n_kernels": sum(c for _, _, c in rows),
-            "top": [{"ms": ms, "kernel": k, "calls": c} for ms, k, c in rows[:top]]}
+    note = (
+        "no kernels recorded (inside a CUDA graph, not traced here?)" if cuda and not rows else None
+    )
+    return {
+        "of": "CUDA kernels" if cuda else "CPU ops",
+        "note": note,
+        "kernel_ms": kernel_ms,
+        "step_ms": step_ms,
+        "gaps_ms": step_ms - kernel_ms,
+        "n_kernels": sum(c for _, _, c in rows),
+        "top": [{"ms": ms, "kernel": k, "calls": c} for ms, k, c in rows[:top]],
+    }
 
 
 def missed(model_name: str, batch_index: int, share: float) -> float | None:
@@ -385,14 +448,21 @@ def missed(model_name: str, batch_index: int, share: float) -> float | None:
     return None
 
 
-def measure_row(model, model_name: str, size: DecodeSize, device: torch.device, bandwidth: float, args) -> dict:
+def measure_row(
+    model, model_name: str, size: DecodeSize, device: torch.device, bandwidth: float, args
+) -> dict:
     from moa_train.models.kv_cache import PoolLayout, kv_bytes_per_token
 
-    layout = model.blocks[0].attn.kv_layout()  # (heads, head_dim), or a head pool's PoolLayout: its most heads
-    entry = {"kv_heads": max(layout.heads) if isinstance(layout, PoolLayout) else layout[0], "params": sum(
-        p.numel() for p in {id(p): p for p in model.parameters()}.values()), "param_bytes": param_bytes(model),
+    layout = model.blocks[
+        0
+    ].attn.kv_layout()  # (heads, head_dim), or a head pool's PoolLayout: its most heads
+    entry = {
+        "kv_heads": max(layout.heads) if isinstance(layout, PoolLayout) else layout[0],
+        "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+        "param_bytes": param_bytes(model),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "kv_bytes_per_token": kv_bytes_per_token(model, next(model.parameters()).dtype)}
+        "kv_bytes_per_token": kv_bytes_per_token(model, next(model.parameters()).dtype),
+    }
     entry["prefill"] = measure_prefill(model, size, device)
     entry["decode"] = {}
     for i, batch in enumerate(size.batches):
@@ -403,8 +473,13 @@ def measure_row(model, model_name: str, size: DecodeSize, device: torch.device, 
         entry["decode"][str(batch)] = d
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        log.info("  batch %d: %s, %.0f tok/s, %.1f%% of the bound", batch, d["mode"], d["tokens_per_s"],
-                 100 * d["share_of_bound"])
+        log.info(
+            "  batch %d: %s, %.0f tok/s, %.1f%% of the bound",
+            batch,
+            d["mode"],
+            d["tokens_per_s"],
+            100 * d["share_of_bound"],
+        )
     last = entry["decode"][str(size.batches[-1])]
     entry["kv_bytes_per_token_measured"] = last["kv_bytes_per_token_measured"]
     entry["kv_bytes_per_token_realised"] = last["kv_bytes_per_token_realised"]
@@ -422,7 +497,9 @@ def has_scheme_router(model) -> bool:
     return True
 
 
-def bench_model(model_name: str, size: DecodeSize, device: torch.device, bandwidth: float, args) -> dict:
+def bench_model(
+    model_name: str, size: DecodeSize, device: torch.device, bandwidth: float, args
+) -> dict:
     """{key: entry}: the model's row, plus its top1 row for a router over attention schemes (moas_dynamic)."""
     key = f"{size.size}/{model_name}"
     base = {"size": size.size, "model": model_name, "inference_routing": "soft"}
@@ -432,24 +509,42 @@ def bench_model(model_name: str, size: DecodeSize, device: torch.device, bandwid
         return {key: {**base, "error": f"build failed: {one_line(exc)}"}}
     base["overrides"] = overrides
     if not model.cached_decoding_ok():
-        return {key: {**base, "error": "no KV cache contract (its attention has no forward_cached): not measured"}}
+        return {
+            key: {
+                **base,
+                "error": "no KV cache contract (its attention has no forward_cached): not measured",
+            }
+        }
     rows = {}
     try:
         with torch.no_grad():
-            tokens = max(16, 8192 // size.prompt_len)  # rows of 8192 tokens: calibration and measured shares
+            tokens = max(
+                16, 8192 // size.prompt_len
+            )  # rows of 8192 tokens: calibration and measured shares
             if routers(model):
-                balance_routers(model, prompts(tokens, size.prompt_len, model.vocab_size, device, seed=3))
+                balance_routers(
+                    model, prompts(tokens, size.prompt_len, model.vocab_size, device, seed=3)
+                )
             if device.type == "cuda":
                 model.to(torch.bfloat16)
-            base["routing"] = routing_shares(model, prompts(tokens, size.prompt_len, model.vocab_size, device, seed=4))
+            base["routing"] = routing_shares(
+                model, prompts(tokens, size.prompt_len, model.vocab_size, device, seed=4)
+            )
         rows[key] = {**base, **measure_row(model, model_name, size, device, bandwidth, args)}
         if has_scheme_router(model):
             release(device)
-            rows[f"{key}@top1"] = {**base, "inference_routing": "top1",
-                                   **measure_row(model, model_name, size, device, bandwidth, args)}
+            rows[f"{key}@top1"] = {
+                **base,
+                "inference_routing": "top1",
+                **measure_row(model, model_name, size, device, bandwidth, args),
+            }
     except Exception as exc:  # noqa: BLE001 (out of memory included: the next model still runs)
         failed = f"{key}@top1" if key in rows else key
-        rows[failed] = {**base, "inference_routing": "top1" if key in rows else "soft", "error": one_line(exc)}
+        rows[failed] = {
+            **base,
+            "inference_routing": "top1" if key in rows else "soft",
+            "error": one_line(exc),
+        }
     finally:
         model = None
         release(device)
@@ -461,22 +556,36 @@ def bench_model(model_name: str, size: DecodeSize, device: torch.device, bandwid
 HF_SETTINGS = {
     # setting -> generate() keywords beyond the common ones
     "dynamic": {"disable_compile": True},  # DynamicCache, eager forward
-    "static": {"cache_implementation": "static"},  # StaticCache; transformers compiles the forward on CUDA itself
+    "static": {
+        "cache_implementation": "static"
+    },  # StaticCache; transformers compiles the forward on CUDA itself
 }
 
 
 def hf_llama(size: DecodeSize, kv_heads: int, device: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-
     m = compose_cfg(size.size, "mha", 1, device)[0]
-    cfg = LlamaConfig(vocab_size=m.data.vocab_size, hidden_size=m.model.d_model, intermediate_size=4 * m.model.d_model,
-                      num_hidden_layers=m.model.n_layer, num_attention_heads=m.model.n_head,
-                      num_key_value_heads=kv_heads, max_position_embeddings=m.model.max_seq_len,
-                      tie_word_embeddings=True, attn_implementation="sdpa", eos_token_id=None, bos_token_id=None,
-                      pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=m.data.vocab_size,
+        hidden_size=m.model.d_model,
+        intermediate_size=4 * m.model.d_model,
+        num_hidden_layers=m.model.n_layer,
+        num_attention_heads=m.model.n_head,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=m.model.max_seq_len,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    model = (
+        LlamaForCausalLM(cfg)
+        .to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        .eval()
+    )
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model, cfg
@@ -486,9 +595,15 @@ def hf_generate(model, idx: torch.Tensor, new_tokens: int, setting: str, clock=N
     from transformers import LogitsProcessorList
 
     with torch.no_grad():
-        return model.generate(input_ids=idx, attention_mask=torch.ones_like(idx), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False,
-                              logits_processor=LogitsProcessorList([clock] if clock else []), **HF_SETTINGS[setting])
+        return model.generate(
+            input_ids=idx,
+            attention_mask=torch.ones_like(idx),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock] if clock else []),
+            **HF_SETTINGS[setting],
+        )
 
 
 def step_clock(device: torch.device):
@@ -505,38 +620,70 @@ def step_clock(device: torch.device):
             sync(device)
             self.times.append(time.perf_counter())
             return scores
+
     return StepClock()
 
 
 def hf_row(size: DecodeSize, kv_heads: int, setting: str, device: torch.device) -> dict:
     import transformers
 
-    entry = {"size": size.size, "model": f"llama-kv{kv_heads}", "kv_heads": kv_heads, "setting": setting,
-             "transformers": transformers.__version__,
-             "settings": {"attn_implementation": "sdpa", "cache": setting, "do_sample": False,
-                          "max_new_tokens": size.new_tokens, "min_new_tokens": size.new_tokens,
-                          "eos_token_id": None, **HF_SETTINGS[setting]}}
+    entry = {
+        "size": size.size,
+        "model": f"llama-kv{kv_heads}",
+        "kv_heads": kv_heads,
+        "setting": setting,
+        "transformers": transformers.__version__,
+        "settings": {
+            "attn_implementation": "sdpa",
+            "cache": setting,
+            "do_sample": False,
+            "max_new_tokens": size.new_tokens,
+            "min_new_tokens": size.new_tokens,
+            "eos_token_id": None,
+            **HF_SETTINGS[setting],
+        },
+    }
     model = None
     try:
         model, cfg = hf_llama(size, kv_heads, device)
-        entry["settings"]["attn_implementation"] = model.config._attn_implementation  # what transformers took
-        entry.update({"params": sum(p.numel() for p in model.parameters()), "dtype": str(model.dtype)[6:],
-                      "config": {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                              "num_attention_heads", "num_key_value_heads",
-                                                              "vocab_size", "tie_word_embeddings")},
-                      "decode": {}})
+        entry["settings"]["attn_implementation"] = (
+            model.config._attn_implementation
+        )  # what transformers took
+        entry.update(
+            {
+                "params": sum(p.numel() for p in model.parameters()),
+                "dtype": str(model.dtype)[6:],
+                "config": {
+                    k: getattr(cfg, k)
+                    for k in (
+                        "hidden_size",
+                        "intermediate_size",
+                        "num_hidden_layers",
+                        "num_attention_heads",
+                        "num_key_value_heads",
+                        "vocab_size",
+                        "tie_word_embeddings",
+                    )
+                },
+                "decode": {},
+            }
+        )
         for batch in size.batches:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             idx = prompts(batch, size.prompt_len, cfg.vocab_size, device, seed=2)
             t0 = time.perf_counter()
-            out = hf_generate(model, idx, size.new_tokens, setting)  # warm-up: compilation for these shapes
+            out = hf_generate(
+                model, idx, size.new_tokens, setting
+            )  # warm-up: compilation for these shapes
             sync(device)
             warmup_s = time.perf_counter() - t0
             if out.shape[1] != size.prompt_len + size.new_tokens:
-                raise RuntimeError(f"generate() returned {out.shape[1] - size.prompt_len} new tokens, "
-                                   f"not {size.new_tokens}")
+                raise RuntimeError(
+                    f"generate() returned {out.shape[1] - size.prompt_len} new tokens, "
+                    f"not {size.new_tokens}"
+                )
             clock = step_clock(device)
             sync(device)
             t0 = time.perf_counter()
@@ -545,11 +692,24 @@ def hf_row(size: DecodeSize, kv_heads: int, setting: str, device: torch.device) 
             full = time.perf_counter() - t0
             step_s = (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1)
             entry["decode"][str(batch)] = {
-                "batch": batch, "generate_s": full, "prefill_s": clock.times[0] - t0, "warmup_s": round(warmup_s, 1),
-                "step_ms": 1000 * step_s, "tokens_per_s": batch / step_s,
+                "batch": batch,
+                "generate_s": full,
+                "prefill_s": clock.times[0] - t0,
+                "warmup_s": round(warmup_s, 1),
+                "step_ms": 1000 * step_s,
+                "tokens_per_s": batch / step_s,
                 "compiled": getattr(model, "_compiled_call", None) is not None,
-                "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
-            log.info("  transformers kv%d %s batch %d: %.0f tok/s", kv_heads, setting, batch, batch / step_s)
+                "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
+                if device.type == "cuda"
+                else None,
+            }
+            log.info(
+                "  transformers kv%d %s batch %d: %.0f tok/s",
+                kv_heads,
+                setting,
+                batch,
+                batch / step_s,
+            )
     except Exception as exc:  # noqa: BLE001 (a failure is a result)
         entry["error"] = one_line(exc)
     finally:
@@ -563,8 +723,15 @@ def hf_rows(size: DecodeSize, device: torch.device, settings: list):
     try:
         import transformers  # noqa: F401
     except ImportError as exc:
-        yield f"{size.size}/hf", {"size": size.size, "model": "transformers", "setting": "-",
-                                  "error": f"transformers not importable here ({one_line(exc)})"}
+        yield (
+            f"{size.size}/hf",
+            {
+                "size": size.size,
+                "model": "transformers",
+                "setting": "-",
+                "error": f"transformers not importable here ({one_line(exc)})",
+            },
+        )
         return
     for kv in size.hf_kv_heads:
         for setting in settings:
@@ -573,11 +740,15 @@ def hf_rows(size: DecodeSize, device: torch.device, settings: list):
 
 # --- results -------------------------------------------------------------------------------------------------------
 
+
 def hf_baseline(results: dict, size: str, kv_heads: int, batch: str) -> tuple:
     """(tokens/s, row name) of the transformers row a model's decode compares with: same K/V heads where there is
     one, else the mha-equivalent (the first, n_head K/V heads); of its settings the faster (what a user would pick)."""
-    rows = [r for r in results.values() if r["size"] == size and r.get("setting") in HF_SETTINGS
-            and batch in r.get("decode", {})]
+    rows = [
+        r
+        for r in results.values()
+        if r["size"] == size and r.get("setting") in HF_SETTINGS and batch in r.get("decode", {})
+    ]
     if not rows:
         return None, None
     heads = kv_heads if any(r["kv_heads"] == kv_heads for r in rows) else SIZES[size].hf_kv_heads[0]
@@ -589,8 +760,14 @@ def hf_baseline(results: dict, size: str, kv_heads: int, batch: str) -> tuple:
 def model_rows(results: dict, size: str) -> list:
     order = list(bench_presets())
     rows = [r for r in results.values() if r["size"] == size and "setting" not in r]
-    return sorted(rows, key=lambda r: (order.index(r["model"]) if r["model"] in order else len(order),
-                                       r["model"], r.get("inference_routing") or ""))
+    return sorted(
+        rows,
+        key=lambda r: (
+            order.index(r["model"]) if r["model"] in order else len(order),
+            r["model"],
+            r.get("inference_routing") or "",
+        ),
+    )
 
 
 def row_name(r: dict) -> str:
@@ -604,19 +781,39 @@ def targets(results: dict) -> list:
         for model in models:
             r = results.get(f"gpt2/{model}")
             if r and "error" in r:
-                out.append((f"{model}: >= {floor:.0%} of the bandwidth bound", "not measured", False, r["error"]))
+                out.append(
+                    (
+                        f"{model}: >= {floor:.0%} of the bandwidth bound",
+                        "not measured",
+                        False,
+                        r["error"],
+                    )
+                )
             if not r or "decode" not in r:
                 continue
             batch = str(SIZES["gpt2"].batches[index])
             share = r["decode"][batch]["share_of_bound"]
-            out.append((f"{model} batch {batch}: >= {floor:.0%} of the bandwidth bound", f"{share:.1%}",
-                        share >= floor, None if share >= floor else f"{floor - share:.1%} of the bound "
-                                                                    f"({floor / share:.1f}x too slow)"))
+            out.append(
+                (
+                    f"{model} batch {batch}: >= {floor:.0%} of the bandwidth bound",
+                    f"{share:.1%}",
+                    share >= floor,
+                    None
+                    if share >= floor
+                    else f"{floor - share:.1%} of the bound ({floor / share:.1f}x too slow)",
+                )
+            )
     for key, r in sorted(results.items()):
         if r["size"] == "gpt2" and "kv_bytes_per_token" in r and "setting" not in r:
             ok = r["kv_bytes_per_token_measured"] == r["kv_bytes_per_token"]
-            out.append((f"{row_name(r)}: measured KV bytes/token = analytic", f"{r['kv_bytes_per_token_measured']:g}"
-                        f" vs {r['kv_bytes_per_token']}", ok, None if ok else "a mismatch: a bug to explain"))
+            out.append(
+                (
+                    f"{row_name(r)}: measured KV bytes/token = analytic",
+                    f"{r['kv_bytes_per_token_measured']:g} vs {r['kv_bytes_per_token']}",
+                    ok,
+                    None if ok else "a mismatch: a bug to explain",
+                )
+            )
     return out
 
 
@@ -639,17 +836,28 @@ def size_tables(results: dict, size: str) -> list:
         return []
     s = SIZES[size]
     lo, hi = (str(b) for b in s.batches)
-    out = ["", f"## Size {size}", "", f"Decode at batch {lo} and {hi}, prefill at batch {s.prefill_batch}; prompt "
-           "and new tokens per run in the runs table. Peak memory: prefill + decode at that batch, weights included.",
-           ""]
+    out = [
+        "",
+        f"## Size {size}",
+        "",
+        f"Decode at batch {lo} and {hi}, prefill at batch {s.prefill_batch}; prompt "
+        "and new tokens per run in the runs table. Peak memory: prefill + decode at that batch, weights included.",
+        "",
+    ]
     if rows:
-        out += [f"| model | decode mode (b{lo} / b{hi}) | prefill tok/s | decode tok/s b{lo} | decode tok/s b{hi} | "
-                f"x transformers b{lo} | x transformers b{hi} | KV B/token analytic | measured | realised | peak mem "
-                f"GiB b{hi} | bound share b{lo} | bound share b{hi} | routing shares | run |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += [
+            f"| model | decode mode (b{lo} / b{hi}) | prefill tok/s | decode tok/s b{lo} | decode tok/s b{hi} | "
+            f"x transformers b{lo} | x transformers b{hi} | KV B/token analytic | measured | realised | peak mem "
+            f"GiB b{hi} | bound share b{lo} | bound share b{hi} | routing shares | run |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             if "error" in r:
-                out.append(f"| {row_name(r)} | **not measured**: {r['error']} |" + " - |" * 12 + f" {r.get('run')} |")
+                out.append(
+                    f"| {row_name(r)} | **not measured**: {r['error']} |"
+                    + " - |" * 12
+                    + f" {r.get('run')} |"
+                )
                 continue
             d = r["decode"]
             mode = {b: d[b]["mode"] + span_note(d[b]) for b in (lo, hi)}
@@ -658,38 +866,57 @@ def size_tables(results: dict, size: str) -> list:
             for b in (lo, hi):
                 base, name = hf_baseline(results, size, r["kv_heads"], b)
                 ratios.append(f"{d[b]['tokens_per_s'] / base:.2f} ({name})" if base else "-")
-            out.append(f"| {row_name(r)} | {modes} | {r['prefill']['tokens_per_s']:,.0f} | "
-                       f"{d[lo]['tokens_per_s']:,.0f} | {d[hi]['tokens_per_s']:,.0f} | {ratios[0]} | {ratios[1]} | "
-                       f"{r['kv_bytes_per_token']:,.0f} | {r['kv_bytes_per_token_measured']:,.0f} | "
-                       f"{fmt(r.get('kv_bytes_per_token_realised'), ',.0f')} | "
-                       f"{fmt(d[hi]['peak_mem_gib'], '.2f')} | {d[lo]['share_of_bound']:.1%} | "
-                       f"{d[hi]['share_of_bound']:.1%} | {routing_cell(r.get('routing'))} | {r['run']} |")
+            out.append(
+                f"| {row_name(r)} | {modes} | {r['prefill']['tokens_per_s']:,.0f} | "
+                f"{d[lo]['tokens_per_s']:,.0f} | {d[hi]['tokens_per_s']:,.0f} | {ratios[0]} | {ratios[1]} | "
+                f"{r['kv_bytes_per_token']:,.0f} | {r['kv_bytes_per_token_measured']:,.0f} | "
+                f"{fmt(r.get('kv_bytes_per_token_realised'), ',.0f')} | "
+                f"{fmt(d[hi]['peak_mem_gib'], '.2f')} | {d[lo]['share_of_bound']:.1%} | "
+                f"{d[hi]['share_of_bound']:.1%} | {routing_cell(r.get('routing'))} | {r['run']} |"
+            )
     if hf:
-        out += ["", "Transformers baseline (LlamaForCausalLM, random init; decode tok/s = batch / the mean time "
-                "between consecutive tokens of one generate(), timed by a logits processor):", "",
-                f"| model | K/V heads | setting | compiled | decode tok/s b{lo} | decode tok/s b{hi} | "
-                f"generate s b{lo} | generate s b{hi} | peak mem GiB b{hi} | transformers | run |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "Transformers baseline (LlamaForCausalLM, random init; decode tok/s = batch / the mean time "
+            "between consecutive tokens of one generate(), timed by a logits processor):",
+            "",
+            f"| model | K/V heads | setting | compiled | decode tok/s b{lo} | decode tok/s b{hi} | "
+            f"generate s b{lo} | generate s b{hi} | peak mem GiB b{hi} | transformers | run |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in sorted(hf, key=lambda r: (-r.get("kv_heads", 0), r["setting"])):
             d = r.get("decode", {})
             if "error" in r and not d:
-                out.append(f"| {r['model']} | {r.get('kv_heads', '-')} | {r['setting']} | - | **failed**: "
-                           f"{r['error']} | - | - | - | - | {r.get('transformers', '-')} | {r.get('run')} |")
+                out.append(
+                    f"| {r['model']} | {r.get('kv_heads', '-')} | {r['setting']} | - | **failed**: "
+                    f"{r['error']} | - | - | - | - | {r.get('transformers', '-')} | {r.get('run')} |"
+                )
                 continue
             cells = [fmt(d[b]["tokens_per_s"], ",.0f") if b in d else "-" for b in (lo, hi)]
             cells += [fmt(d[b]["generate_s"], ".2f") if b in d else "-" for b in (lo, hi)]
             compiled = "/".join("yes" if d[b]["compiled"] else "no" for b in (lo, hi) if b in d)
             err = f" (then failed: {r['error']})" if "error" in r else ""
-            out.append(f"| {r['model']} | {r['kv_heads']} | {r['setting']}{err} | {compiled} | {' | '.join(cells)} | "
-                       f"{fmt(d[hi]['peak_mem_gib'] if hi in d else None, '.2f')} | {r['transformers']} | "
-                       f"{r['run']} |")
-    traces = [(r, b, r["decode"][b]["trace"]) for r in rows if "decode" in r for b in (lo, hi)
-              if "trace" in r["decode"][b]]
+            out.append(
+                f"| {r['model']} | {r['kv_heads']} | {r['setting']}{err} | {compiled} | {' | '.join(cells)} | "
+                f"{fmt(d[hi]['peak_mem_gib'] if hi in d else None, '.2f')} | {r['transformers']} | "
+                f"{r['run']} |"
+            )
+    traces = [
+        (r, b, r["decode"][b]["trace"])
+        for r in rows
+        if "decode" in r
+        for b in (lo, hi)
+        if "trace" in r["decode"][b]
+    ]
     for r, b, t in traces:
-        out += ["", f"Trace of one decode step, {row_name(r)} batch {b} ({t['of']}): {t['kernel_ms']:.3f} ms in "
-                f"{t['n_kernels']} kernels of a {t['step_ms']:.3f} ms step: gaps {t['gaps_ms']:.3f} ms "
-                f"({max(t['gaps_ms'], 0) / t['step_ms']:.0%}); bound {r['decode'][b]['bound_ms']:.3f} ms."
-                + (f" Note: {t['note']}." if t.get("note") else ""), ""]
+        out += [
+            "",
+            f"Trace of one decode step, {row_name(r)} batch {b} ({t['of']}): {t['kernel_ms']:.3f} ms in "
+            f"{t['n_kernels']} kernels of a {t['step_ms']:.3f} ms step: gaps {t['gaps_ms']:.3f} ms "
+            f"({max(t['gaps_ms'], 0) / t['step_ms']:.0%}); bound {r['decode'][b]['bound_ms']:.3f} ms."
+            + (f" Note: {t['note']}." if t.get("note") else ""),
+            "",
+        ]
         out += [f"- {k['ms']:.3f} ms x{k['calls']}: `{k['kernel']}`" for k in t["top"]]
     return out
 
@@ -697,32 +924,54 @@ def size_tables(results: dict, size: str) -> list:
 def markdown(data: dict, notes: bool = False) -> str:
     """inference.md from inference.json; notes: a hand-written inference_notes.md lies beside (linked under the
     targets, as the place that says why a target is missed)."""
-    out = ["# moa-bench --decode: what each attention variant costs to serve", "",
-           "Written by `moa-bench --decode` (moa_train/bench_decode.py) from inference.json; each row names the run "
-           "that measured it. Bound = bytes one decode step must read (every parameter once + the batch's K/V at the "
-           "mean context length, prompt + new / 2) / the copy bandwidth measured at the start of the same run (a "
-           "device-to-device copy, read + write bytes); bound share = bound time / measured step time. A decode step "
-           "attends over its position + 1 rounded up to a multiple of the span bucket (`--span-bucket`, one CUDA "
-           "graph per span; the decode mode column says which), or over the cache's whole max_len, so it reads "
-           "somewhat more K/V than the bound counts; "
-           "routed rows (moa k < E, top1) read fewer weights than it counts. Routed models are set to balanced "
-           "routing (router weights whitened and mean-free over random-token inputs); `routing shares` are the "
-           "realised shares per choice (of top-k assignments, or of each token's argmax for a soft router), "
-           "averaged over layers, and the worst layer's largest distance from uniform.", ""]
-    out += ["## Runs", "", "| run | device | date | torch | transformers | commit | copy bandwidth GB/s | size | "
-            "prompt + new tokens | command |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "# moa-bench --decode: what each attention variant costs to serve",
+        "",
+        "Written by `moa-bench --decode` (moa_train/bench_decode.py) from inference.json; each row names the run "
+        "that measured it. Bound = bytes one decode step must read (every parameter once + the batch's K/V at the "
+        "mean context length, prompt + new / 2) / the copy bandwidth measured at the start of the same run (a "
+        "device-to-device copy, read + write bytes); bound share = bound time / measured step time. A decode step "
+        "attends over its position + 1 rounded up to a multiple of the span bucket (`--span-bucket`, one CUDA "
+        "graph per span; the decode mode column says which), or over the cache's whole max_len, so it reads "
+        "somewhat more K/V than the bound counts; "
+        "routed rows (moa k < E, top1) read fewer weights than it counts. Routed models are set to balanced "
+        "routing (router weights whitened and mean-free over random-token inputs); `routing shares` are the "
+        "realised shares per choice (of top-k assignments, or of each token's argmax for a soft router), "
+        "averaged over layers, and the worst layer's largest distance from uniform.",
+        "",
+    ]
+    out += [
+        "## Runs",
+        "",
+        "| run | device | date | torch | transformers | commit | copy bandwidth GB/s | size | "
+        "prompt + new tokens | command |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for rid, run in sorted(data["runs"].items()):
-        out.append(f"| {rid} | {run['device']} | {run['date']} | {run['torch']} | {run['transformers'] or '-'} | "
-                   f"{run.get('git_sha') or '-'} | {run['bandwidth'] / 1e9:,.1f} | {run['size']} | "
-                   f"{run['prompt_len']} + {run['new_tokens']} | `{run['command']}` |")
+        out.append(
+            f"| {rid} | {run['device']} | {run['date']} | {run['torch']} | {run['transformers'] or '-'} | "
+            f"{run.get('git_sha') or '-'} | {run['bandwidth'] / 1e9:,.1f} | {run['size']} | "
+            f"{run['prompt_len']} + {run['new_tokens']} | `{run['command']}` |"
+        )
     results = data["results"]
     rows = targets(results)
     if rows:
-        out += ["", "## Targets (GPT-2 small)", "", "| target | measured | met | short by |", "|---|---|---|---|"]
-        out += [f"| {t} | {m} | {'yes' if ok else '**no**'} | {by or '-'} |" for t, m, ok, by in rows]
+        out += [
+            "",
+            "## Targets (GPT-2 small)",
+            "",
+            "| target | measured | met | short by |",
+            "|---|---|---|---|",
+        ]
+        out += [
+            f"| {t} | {m} | {'yes' if ok else '**no**'} | {by or '-'} |" for t, m, ok, by in rows
+        ]
         if notes:
-            out += ["", "Why each missed target is missed, from the traces below: [inference_notes.md]"
-                        "(inference_notes.md) (hand-written)."]
+            out += [
+                "",
+                "Why each missed target is missed, from the traces below: [inference_notes.md]"
+                "(inference_notes.md) (hand-written).",
+            ]
     for size in SIZES:
         out += size_tables(results, size)
     return "\n".join(out) + "\n"
@@ -735,29 +984,58 @@ def figure(data: dict, path: Path) -> None:
     from moa_train.metrics.plots import pyplot
 
     results = data["results"]
-    size = next((s for s in ("gpt2", "tiny") if any(r["size"] == s for r in results.values())), None)
+    size = next(
+        (s for s in ("gpt2", "tiny") if any(r["size"] == s for r in results.values())), None
+    )
     if size is None:
         return
     lo, hi = (str(b) for b in SIZES[size].batches)
     rows = [(row_name(r), r) for r in model_rows(results, size) if "decode" in r]
-    rows += [(f"HF {r['model']} {r['setting']}", r) for r in results.values()
-             if r["size"] == size and "setting" in r and lo in r.get("decode", {}) and hi in r["decode"]]
+    rows += [
+        (f"HF {r['model']} {r['setting']}", r)
+        for r in results.values()
+        if r["size"] == size and "setting" in r and lo in r.get("decode", {}) and hi in r["decode"]
+    ]
     plt = pyplot()
     fig, (ax, ax_kv) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     x = np.arange(len(rows))
     for off, b, color in ((-0.2, lo, "tab:blue"), (0.2, hi, "tab:orange")):
-        ax.bar(x + off, [r["decode"][b]["tokens_per_s"] for _, r in rows], 0.4, label=f"batch {b}", color=color)
+        ax.bar(
+            x + off,
+            [r["decode"][b]["tokens_per_s"] for _, r in rows],
+            0.4,
+            label=f"batch {b}",
+            color=color,
+        )
     ax.set_yscale("log")
     ax.set_xticks(x, [n for n, _ in rows], rotation=35, ha="right", fontsize=8)
     ax.set(ylabel="decode tokens/s (log)", title=f"Decode throughput, size {size}")
     ax.legend(fontsize=8)
     kv = [(row_name(r), r) for r in model_rows(results, size) if "kv_bytes_per_token" in r]
     xk = np.arange(len(kv))
-    ax_kv.bar(xk, [r["kv_bytes_per_token"] / 1024 for _, r in kv], 0.6, color="tab:green", label="analytic")
-    ax_kv.plot(xk, [r["kv_bytes_per_token_measured"] / 1024 for _, r in kv], "k_", markersize=18, label="measured")
+    ax_kv.bar(
+        xk,
+        [r["kv_bytes_per_token"] / 1024 for _, r in kv],
+        0.6,
+        color="tab:green",
+        label="analytic",
+    )
+    ax_kv.plot(
+        xk,
+        [r["kv_bytes_per_token_measured"] / 1024 for _, r in kv],
+        "k_",
+        markersize=18,
+        label="measured",
+    )
     # realised: the tokens' stored heads (below the allocation only where tokens choose, moas_kv's pool)
-    ax_kv.plot(xk, [r.get("kv_bytes_per_token_realised", np.nan) / 1024 for _, r in kv], "o", color="tab:red",
-               markersize=5, label="realised (stored heads)")
+    ax_kv.plot(
+        xk,
+        [r.get("kv_bytes_per_token_realised", np.nan) / 1024 for _, r in kv],
+        "o",
+        color="tab:red",
+        markersize=5,
+        label="realised (stored heads)",
+    )
     ax_kv.set_xticks(xk, [n for n, _ in kv], rotation=35, ha="right", fontsize=8)
     ax_kv.set(ylabel="KV cache KiB per token", title="KV cache per token (all layers)")
     ax_kv.legend(fontsize=8)
@@ -775,6 +1053,7 @@ def save(data: dict, out: Path) -> None:
 
 # --- entry point ---------------------------------------------------------------------------------------------------
 
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
         self.exit(2, f"error: {message}\n")
@@ -783,20 +1062,46 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv):
     models = bench_presets()
     p = _Parser(prog="moa-bench --decode", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=",".join(models), help=f"comma-separated, of: {', '.join(models)}")
-    p.add_argument("--decode-size", default="gpt2", choices=list(SIZES), help="model size (default gpt2)")
+    p.add_argument(
+        "--models", default=",".join(models), help=f"comma-separated, of: {', '.join(models)}"
+    )
+    p.add_argument(
+        "--decode-size", default="gpt2", choices=list(SIZES), help="model size (default gpt2)"
+    )
     p.add_argument("--prompt-len", type=int, help="prompt tokens (default: gpt2 512, tiny 16)")
-    p.add_argument("--new-tokens", type=int, help="tokens generated per row (default: gpt2 256, tiny 8)")
-    p.add_argument("--no-hf", dest="hf", action="store_false", help="skip the transformers baseline")
+    p.add_argument(
+        "--new-tokens", type=int, help="tokens generated per row (default: gpt2 256, tiny 8)"
+    )
+    p.add_argument(
+        "--no-hf", dest="hf", action="store_false", help="skip the transformers baseline"
+    )
     p.add_argument("--hf-only", action="store_true", help="the transformers baseline only")
-    p.add_argument("--hf-settings", default=",".join(HF_SETTINGS), help=f"of: {', '.join(HF_SETTINGS)}")
-    p.add_argument("--no-trace", dest="trace", action="store_false", help="no profiler trace where a target is missed")
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="eager decode step (CUDA graph kept)")
-    p.add_argument("--span-bucket", type=int, default=0,
-                   help="each step attends over its position + 1 rounded up to a multiple of this (one compile and "
-                        "CUDA graph per span); 0: over the whole cache (default)")
+    p.add_argument(
+        "--hf-settings", default=",".join(HF_SETTINGS), help=f"of: {', '.join(HF_SETTINGS)}"
+    )
+    p.add_argument(
+        "--no-trace",
+        dest="trace",
+        action="store_false",
+        help="no profiler trace where a target is missed",
+    )
+    p.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="eager decode step (CUDA graph kept)",
+    )
+    p.add_argument(
+        "--span-bucket",
+        type=int,
+        default=0,
+        help="each step attends over its position + 1 rounded up to a multiple of this (one compile and "
+        "CUDA graph per span); 0: over the whole cache (default)",
+    )
     p.add_argument("--out", default="docs/results", help="folder of inference.json / .md / .png")
-    p.add_argument("--tables-only", action="store_true", help="rebuild inference.md and .png from the json")
+    p.add_argument(
+        "--tables-only", action="store_true", help="rebuild inference.md and .png from the json"
+    )
     args = p.parse_args(argv)
     bad = [n for n in args.models.split(",") if n not in models]
     if bad:
@@ -806,19 +1111,34 @@ def parse_args(argv):
         p.error(f"--hf-settings: unknown {', '.join(bad)}; allowed: {', '.join(HF_SETTINGS)}")
     size = SIZES[args.decode_size]
     if args.span_bucket < 0:
-        p.error(f"--span-bucket: must be 0 (the whole cache) or a positive integer, got {args.span_bucket}")
+        p.error(
+            f"--span-bucket: must be 0 (the whole cache) or a positive integer, got {args.span_bucket}"
+        )
     for flag, value in (("--prompt-len", args.prompt_len), ("--new-tokens", args.new_tokens)):
         if value is not None and value < 1:
             p.error(f"{flag}: must be a positive integer, got {value}")
-    args.size = DecodeSize(size.size, args.prompt_len or size.prompt_len, args.new_tokens or size.new_tokens,
-                           size.prefill_batch, size.batches, size.hf_kv_heads, size.copy_bytes)
+    args.size = DecodeSize(
+        size.size,
+        args.prompt_len or size.prompt_len,
+        args.new_tokens or size.new_tokens,
+        size.prefill_batch,
+        size.batches,
+        size.hf_kv_heads,
+        size.copy_bytes,
+    )
 
-    limit = int(next(o for o in MODEL_SIZES[size.size][0] if o.startswith("model.max_seq_len=")).split("=")[1])
+    limit = int(
+        next(o for o in MODEL_SIZES[size.size][0] if o.startswith("model.max_seq_len=")).split("=")[
+            1
+        ]
+    )
     if args.size.new_tokens < 2:
         p.error(f"--new-tokens: at least 2 (one decode step), got {args.size.new_tokens}")
     if args.size.prompt_len + args.size.new_tokens > limit:
-        p.error(f"--prompt-len + --new-tokens: {args.size.prompt_len + args.size.new_tokens} exceeds the size's "
-                f"model.max_seq_len={limit}")
+        p.error(
+            f"--prompt-len + --new-tokens: {args.size.prompt_len + args.size.new_tokens} exceeds the size's "
+            f"model.max_seq_len={limit}"
+        )
     return args
 
 
@@ -836,18 +1156,28 @@ def main(argv=None) -> int:
 
     try:
         import transformers
+
         hf_version = transformers.__version__
     except ImportError:
         hf_version = None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run_id = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    bandwidth = copy_bandwidth(device, args.size.copy_bytes if device.type == "cuda" else CPU_COPY_BYTES)
+    bandwidth = copy_bandwidth(
+        device, args.size.copy_bytes if device.type == "cuda" else CPU_COPY_BYTES
+    )
     log.info("copy bandwidth: %.0f GB/s (read + write)", bandwidth / 1e9)
-    data["runs"][run_id] = {"device": device_name(device), "date": datetime.date.today().isoformat(),
-                            "torch": torch.__version__, "transformers": hf_version, "git_sha": git_sha(),
-                            "command": shlex.join(["moa-bench", "--decode", *argv]), "bandwidth": bandwidth,
-                            "size": args.size.size, "prompt_len": args.size.prompt_len,
-                            "new_tokens": args.size.new_tokens}
+    data["runs"][run_id] = {
+        "device": device_name(device),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "transformers": hf_version,
+        "git_sha": git_sha(),
+        "command": shlex.join(["moa-bench", "--decode", *argv]),
+        "bandwidth": bandwidth,
+        "size": args.size.size,
+        "prompt_len": args.size.prompt_len,
+        "new_tokens": args.size.new_tokens,
+    }
     save(data, out)
     if not args.hf_only:
         for name in args.models.split(","):

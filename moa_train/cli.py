@@ -4,6 +4,7 @@ Hydra reports composition errors over several lines (with its search path), and 
 a traceback; a plain run composes the config once up front and turns such an error into one `error: ...` line naming
 the key and what would be valid.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,13 +44,22 @@ def describe(exc: Exception) -> str:
         if group.startswith("hydra/sweeper"):
             return f"{group}={name}: the Optuna sweeper is not installed; pip install -e '.[sweep]'"
         if group == "hydra/launcher":
-            return (f"{group}={name}: no such launcher; installed: {', '.join(exc.options)} "
-                    f"(pip install -e '.[launchers]' adds joblib, submitit_local, submitit_slurm)")
+            return (
+                f"{group}={name}: no such launcher; installed: {', '.join(exc.options)} "
+                f"(pip install -e '.[launchers]' adds joblib, submitit_local, submitit_slurm)"
+            )
         options = group_options(group) if (config_dir() / group).is_dir() else []
         return f"{group}={name}: no such config; allowed: {', '.join(options) or 'none (no such group)'}"
-    inner = exc.__cause__ or exc.__context__  # an experiment's key of another variant comes as the context
-    if isinstance(inner, (ConfigAttributeError, ConfigKeyError)) and inner.object_type in VARIANTS.values():
-        return foreign_key(inner.full_key, inner.object_type)  # a key of another attention variant: name its owners
+    inner = (
+        exc.__cause__ or exc.__context__
+    )  # an experiment's key of another variant comes as the context
+    if (
+        isinstance(inner, (ConfigAttributeError, ConfigKeyError))
+        and inner.object_type in VARIANTS.values()
+    ):
+        return foreign_key(
+            inner.full_key, inner.object_type
+        )  # a key of another attention variant: name its owners
     cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
     first = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0]
     key = getattr(cause, "full_key", None)
@@ -65,8 +75,10 @@ def unparsable(override: str) -> str:
         return f"{override}: not a valid override (see https://hydra.cc/docs/advanced/override_grammar/basic)"
     if value.lstrip("+-").replace(".", "", 1).isdecimal():
         return f"{key}: {value!r} holds non-ASCII digits; write the number with the digits 0-9"
-    return (f"{key}: the value {value!r} holds non-ASCII characters, which must be quoted: "
-            f"\"{key}='{value}'\" (the outer quotes for the shell)")
+    return (
+        f"{key}: the value {value!r} holds non-ASCII characters, which must be quoted: "
+        f"\"{key}='{value}'\" (the outer quotes for the shell)"
+    )
 
 
 def parse(overrides: list) -> list:
@@ -93,9 +105,14 @@ def expanded(parsed: list) -> list:
     for o in parsed:
         if o.value_type in ENUMERABLE:
             prefix = "+" if o.is_add() else ("++" if o.is_force_add() else "")
-            sweeps[o.key_or_group] = [f"{prefix}{o.key_or_group}={v}" for v in o.sweep_string_iterator()]
-    runs = [plain + [other[0] for k, other in sweeps.items() if k != key] + [value]
-            for key, values in sweeps.items() for value in values]
+            sweeps[o.key_or_group] = [
+                f"{prefix}{o.key_or_group}={v}" for v in o.sweep_string_iterator()
+            ]
+    runs = [
+        plain + [other[0] for k, other in sweeps.items() if k != key] + [value]
+        for key, values in sweeps.items()
+        for value in values
+    ]
     return runs or [plain]
 
 
@@ -115,13 +132,19 @@ def precheck(overrides: list, multirun: bool = False):
             # unresolvable here (${hydra:...} needs a running job): Hydra reports it itself
             folder = OmegaConf.select(cfg, folder_key, throw_on_resolution_failure=False)
             if folder is not None and not str(folder).strip():
-                raise ConfigError(f"{folder_key}: empty; give a folder (the default is under outputs/)")
+                raise ConfigError(
+                    f"{folder_key}: empty; give a folder (the default is under outputs/)"
+                )
             if multirun or folder is None:
                 check_writable(folder or ".", folder_key)
             else:
                 check_run_folder(folder, cfg, f"{cfg.hydra.job.name}.log")
-                if not cfg.trainer.eval_only:  # before Hydra rewrites the .hydra/ of a run being trained; an
-                    RunLock(folder).check()  # evaluation only reads (writing into RUN/eval/) and takes no lock
+                if (
+                    not cfg.trainer.eval_only
+                ):  # before Hydra rewrites the .hydra/ of a run being trained; an
+                    RunLock(
+                        folder
+                    ).check()  # evaluation only reads (writing into RUN/eval/) and takes no lock
     except (HydraException, OmegaConfBaseException, ConfigError) as exc:
         print(f"error: {describe(exc)}", file=sys.stderr)
         sys.exit(2)
@@ -150,13 +173,22 @@ def eval_only_overrides(overrides: list, cfg, stamp: str) -> list:
     target = Path(os.path.expanduser(str(resume))) if by_path else Path(str(cfg.hydra.run.dir))
     job = cfg.copy()
     with open_dict(job):
-        del job["hydra"]  # the job's keys only (hydra's sweep keys resolve only in a running multirun)
+        del job[
+            "hydra"
+        ]  # the job's keys only (hydra's sweep keys resolve only in a running multirun)
     try:
         prepare(job, target, overrides)
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    kept = [o for o in overrides if not (o.startswith("trainer.resume=") or
-                                         (o.startswith("hydra.run.dir=") and not by_path))]
-    out = [] if by_path and given_dir else [f"hydra.run.dir={_quote(str(run_folder(target) / 'eval' / stamp))}"]
+    kept = [
+        o
+        for o in overrides
+        if not (o.startswith("trainer.resume=") or (o.startswith("hydra.run.dir=") and not by_path))
+    ]
+    out = (
+        []
+        if by_path and given_dir
+        else [f"hydra.run.dir={_quote(str(run_folder(target) / 'eval' / stamp))}"]
+    )
     return kept + out + [f"trainer.resume={_quote(str(target.absolute()))}", "hydra.job.name=eval"]

@@ -1,5 +1,6 @@
 """Collectives the model's own forward needs (routing statistics summed over the data-parallel ranks), below every
 other layer so that models/ can use them; train/distributed.py, which sets the process group up, re-exports them."""
+
 from __future__ import annotations
 
 import torch

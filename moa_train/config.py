@@ -4,6 +4,7 @@ The dataclasses below are the schema of `configs/train.yaml`: Hydra merges every
 misspelt key or a value of the wrong type is refused at composition with the key's full name. `validate` then checks
 what types cannot express (shapes that do not fit, values out of range) before any work starts.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -28,11 +29,17 @@ class ConfigError(ValueError):
 class AuxConfig:
     balance_coef: float = 0.01  # weight of the load-balance loss (train/aux/balance)
     z_coef: float = 0.0  # weight of the router z-loss mean(logsumexp(logits)^2) (train/aux/z)
-    cv_coef: float = 0.0  # weight of the squared coefficient of variation of expert importance (train/aux/cv)
+    cv_coef: float = (
+        0.0  # weight of the squared coefficient of variation of expert importance (train/aux/cv)
+    )
     # weight of the KV budget loss relu(stored heads per token - model.kv_budget)^2 (moas_kv; train/aux/kv_budget)
     kv_budget_coef: float = 0.0
-    layer_reduce: str = "mean"  # how per-layer aux terms combine: mean (MoAS paper) | sum (MoA code)
-    balance_type: str = "mse"  # mse: MSE of batch-mean gates to 1/C (MoAS paper) | switch: C*sum_i f_i*P_i
+    layer_reduce: str = (
+        "mean"  # how per-layer aux terms combine: mean (MoAS paper) | sum (MoA code)
+    )
+    balance_type: str = (
+        "mse"  # mse: MSE of batch-mean gates to 1/C (MoAS paper) | switch: C*sum_i f_i*P_i
+    )
     z_tokens: str = "real"  # tokens the z-loss averages over: real (padding left out) | all (the MoA code: pads too)
     cv_of: str = "probs"  # cv of the dense router probabilities | gates: of the top-k gate matrix (the MoA code)
     # true: the weighted aux terms are divided by the micro-batch's target-token count, as in the MoA code (added to
@@ -45,7 +52,10 @@ class ModelConfig:
     """The keys every model has. An attention variant's own keys come from its config class (in its module under
     models/attention/), a subclass of this one and the schema of its configs/model/<name>.yaml: a key of another
     variant is refused at composition."""
-    name: str = MISSING  # attention variant, a name in VARIANTS (moa_train.models.registry registers them)
+
+    name: str = (
+        MISSING  # attention variant, a name in VARIANTS (moa_train.models.registry registers them)
+    )
     d_model: int = 384
     n_layer: int = 4
     n_head: int = 6  # query heads (moa: only defaults head_dim = d_model // n_head)
@@ -54,7 +64,9 @@ class ModelConfig:
     dropout: float = 0.1  # embedding, attention-probability, residual and MLP dropout
     attn_dropout: Optional[float] = None  # dropout on attention probabilities; null = model.dropout
     activation: str = "gelu"  # MLP activation: gelu (GPT-2) | relu (the Transformer, fairseq)
-    activation_dropout: float = 0.0  # dropout after the MLP activation (fairseq's activation dropout)
+    activation_dropout: float = (
+        0.0  # dropout after the MLP activation (fairseq's activation dropout)
+    )
     bias: bool = False  # bias in Linear and LayerNorm
     mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * d_model
     # encoder-decoder (translation data)
@@ -72,8 +84,12 @@ class ModelConfig:
     cross: Dict[str, Any] = field(default_factory=lambda: {"name": None})
     aux: AuxConfig = field(default_factory=AuxConfig)
 
-    cross_attention_ok: ClassVar[bool] = True  # false: a self-attention scheme, refused as model.cross.name
-    cross_default: ClassVar[Optional[str]] = None  # the cross-attention when model.cross.name is null; None: itself
+    cross_attention_ok: ClassVar[bool] = (
+        True  # false: a self-attention scheme, refused as model.cross.name
+    )
+    cross_default: ClassVar[Optional[str]] = (
+        None  # the cross-attention when model.cross.name is null; None: itself
+    )
 
     @classmethod
     def validate(cls, m, cfg) -> None:
@@ -81,8 +97,11 @@ class ModelConfig:
         for key in ("d_model", "n_layer", "n_head", "max_seq_len"):
             _check(m[key] > 0, f"model.{key}", f"must be a positive integer, got {m[key]}")
         _positive_or_null(m.n_encoder_layer, "model.n_encoder_layer")
-        _check(math.isfinite(m.mlp_ratio) and m.mlp_ratio * m.d_model >= 1, "model.mlp_ratio",
-               f"must be finite and give an MLP of at least 1 unit (mlp_ratio * model.d_model >= 1), got {m.mlp_ratio}")
+        _check(
+            math.isfinite(m.mlp_ratio) and m.mlp_ratio * m.d_model >= 1,
+            "model.mlp_ratio",
+            f"must be finite and give an MLP of at least 1 unit (mlp_ratio * model.d_model >= 1), got {m.mlp_ratio}",
+        )
         for key in ("dropout", "activation_dropout", "attn_dropout"):
             if m[key] is not None:  # (attn_dropout: null = model.dropout)
                 _check(0.0 <= m[key] < 1.0, f"model.{key}", f"must be in [0, 1), got {m[key]}")
@@ -96,7 +115,11 @@ class ModelConfig:
         _one_of(m.aux.balance_type, "model.aux.balance_type", ("mse", "switch"))
         _one_of(m.positions, "model.positions", ("learned", "sinusoidal", "sinusoidal_fairseq"))
         if m.vocab_size is not None:
-            _check(m.vocab_size > 0, "model.vocab_size", f"must be positive or null, got {m.vocab_size}")
+            _check(
+                m.vocab_size > 0,
+                "model.vocab_size",
+                f"must be positive or null, got {m.vocab_size}",
+            )
 
     @staticmethod
     def attn_p(m) -> float:
@@ -106,8 +129,11 @@ class ModelConfig:
     @classmethod
     def check_heads(cls, m) -> None:
         """model.n_head divides model.d_model (every head has d_model / n_head dimensions)."""
-        _check(m.d_model % m.n_head == 0, "model.n_head",
-               f"{m.n_head} does not divide model.d_model={m.d_model}; valid: {_divisors(m.d_model)}")
+        _check(
+            m.d_model % m.n_head == 0,
+            "model.n_head",
+            f"{m.n_head} does not divide model.d_model={m.d_model}; valid: {_divisors(m.d_model)}",
+        )
 
 
 # attention variant name -> its config class (a ModelConfig subclass); filled by register_variant
@@ -127,7 +153,9 @@ def register_variant(name: str, config: type, yaml: str | Path | None = None) ->
 
 def presets() -> list:
     """Every choice of the model group: configs/model/*.yaml (variants and their named presets) and plugins'."""
-    return sorted({p.stem for p in config_dir().joinpath("model").glob("*.yaml")} | set(PLUGIN_PRESETS))
+    return sorted(
+        {p.stem for p in config_dir().joinpath("model").glob("*.yaml")} | set(PLUGIN_PRESETS)
+    )
 
 
 def bench_presets() -> list:
@@ -135,7 +163,9 @@ def bench_presets() -> list:
     moa_dense and moa_sparse): moa-bench's rows."""
     choices = presets()
     built_on = {preset_variant(p) for p in choices if preset_variant(p) != p}
-    return [p for name in VARIANTS for p in choices if preset_variant(p) == name and p not in built_on]
+    return [
+        p for name in VARIANTS for p in choices if preset_variant(p) == name and p not in built_on
+    ]
 
 
 def preset_variant(preset: str) -> str:
@@ -150,8 +180,12 @@ def preset_variant(preset: str) -> str:
 def applicable(preset: str, overrides) -> list:
     """`overrides` less those of model keys that only other variants own: one list of settings for every model
     (moa-bench's GPT-2 size: model.gate_dropout=0.0 applies to the variants that have a gate dropout)."""
-    foreign = set().union(*map(variant_keys, VARIANTS.values())) - variant_keys(VARIANTS[preset_variant(preset)])
-    return [o for o in overrides if not (o.startswith("model.") and o[6:].partition("=")[0] in foreign)]
+    foreign = set().union(*map(variant_keys, VARIANTS.values())) - variant_keys(
+        VARIANTS[preset_variant(preset)]
+    )
+    return [
+        o for o in overrides if not (o.startswith("model.") and o[6:].partition("=")[0] in foreign)
+    ]
 
 
 def variant_keys(config: type) -> set:
@@ -213,7 +247,9 @@ class DataConfig:
     name: str = MISSING
     task: str = "lm"  # the task this data makes (configs/task/): lm | translation
     tokenizer: str = "char"  # char | word | bpe | random (random_tokens)
-    root: Optional[str] = None  # folder holding wikitext-2/{train,valid,test}.txt; null: download via datasets
+    root: Optional[str] = (
+        None  # folder holding wikitext-2/{train,valid,test}.txt; null: download via datasets
+    )
     cache_dir: str = "~/.cache/moa_train"  # token ids (memmap) and tokenizers are cached here
     split: str = "official"  # official: the WikiText-2 valid/test files | moas_paper: first 90% / last 10% of train
     # BPE vocabulary size (bpe and translation); random_tokens: ids drawn from 0..vocab_size-1
@@ -227,7 +263,9 @@ class DataConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "${data.task}"  # lm | translation (moa_train.train.tasks.TASKS); default: the data's task
+    name: str = (
+        "${data.task}"  # lm | translation (moa_train.train.tasks.TASKS); default: the data's task
+    )
 
 
 @dataclass
@@ -256,9 +294,15 @@ class TrainerConfig:
     tf32: bool = False  # allow TF32 matmuls in fp32
     compile: bool = False  # torch.compile the model
     compile_backend: Optional[str] = None  # null: inductor on CUDA, aot_eager on CPU
-    compile_mode: Optional[str] = None  # inductor mode: null | max-autotune | ... (not with cuda_graphs)
-    cuda_graphs: bool = False  # capture the whole optimizer step in one CUDA graph (one CUDA process; else eager)
-    sdpa_backend: str = "auto"  # CUDA attention kernel: auto (PyTorch picks) | flash | cudnn | efficient | math
+    compile_mode: Optional[str] = (
+        None  # inductor mode: null | max-autotune | ... (not with cuda_graphs)
+    )
+    cuda_graphs: bool = (
+        False  # capture the whole optimizer step in one CUDA graph (one CUDA process; else eager)
+    )
+    sdpa_backend: str = (
+        "auto"  # CUDA attention kernel: auto (PyTorch picks) | flash | cudnn | efficient | math
+    )
     # data parallelism under torchrun: ddp (a model replica per rank) | fsdp (FSDP2 per block: parameters, gradients
     # and optimizer state sharded; decoder-only LMs)
     strategy: str = "ddp"
@@ -277,11 +321,15 @@ class TrainerConfig:
     seed: int = 0
     resume: Any = "auto"  # auto | true | false | PATH to a checkpoint or run folder
     eval_only: bool = False  # evaluate the resumed checkpoint on valid and test, no training
-    label_smoothing: float = 0.0  # translation: label-smoothed cross-entropy (MoA / Transformer: 0.1)
+    label_smoothing: float = (
+        0.0  # translation: label-smoothed cross-entropy (MoA / Transformer: 0.1)
+    )
     # where the smoothing mass eps goes: all (PyTorch: eps / V on every class, the target included) | others
     # (fairseq: eps / (V - 1) on every other class, the target keeps 1 - eps)
     label_smoothing_over: str = "all"
-    keep_checkpoints: int = 1  # last N checkpoints kept (besides best.pt); >= 2: a fallback if the last is damaged
+    keep_checkpoints: int = (
+        1  # last N checkpoints kept (besides best.pt); >= 2: a fallback if the last is damaged
+    )
     save_interval: Optional[int] = None  # null = at every evaluation
     # a step with a non-finite loss or gradient is skipped (train/skipped_steps); this many in a row stop the run
     # (checked at log and save steps, so up to log_interval - 1 more skipped steps run first)
@@ -291,12 +339,15 @@ class TrainerConfig:
 @dataclass
 class EvalConfig:
     """Translation decoding and scoring (sacreBLEU and chrF on detokenised text)."""
+
     beam: int = 4  # beam size for the final test evaluation (MoA: 4)
     lenpen: float = 0.6  # length penalty: score / len**lenpen (MoA: 0.6)
     val_beam: int = 1  # beam during training's validation; 1 = greedy
     max_len_a: float = 1.2  # output length limit: a * source length + b
     max_len_b: int = 10
-    average_last: Optional[int] = None  # average the weights of the last N checkpoints before the test evaluation
+    average_last: Optional[int] = (
+        None  # average the weights of the last N checkpoints before the test evaluation
+    )
     # decode (and score BLEU / chrF on) only the first N sentences of valid and test; null = all. The loss is
     # always over the whole split. For smoke runs: decoding dominates a short translation run on a CPU
     max_sentences: Optional[int] = None
@@ -359,6 +410,7 @@ register_configs()
 
 # --- validation -------------------------------------------------------------------------------------------------
 
+
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
@@ -394,10 +446,17 @@ def _check_finite(cfg) -> None:
     turns all weights into NaN at the first step."""
     for top in cfg.keys():
         if top != "hydra":
-            tree = OmegaConf.to_container(cfg[top], resolve=True) if OmegaConf.is_config(cfg[top]) else cfg[top]
+            tree = (
+                OmegaConf.to_container(cfg[top], resolve=True)
+                if OmegaConf.is_config(cfg[top])
+                else cfg[top]
+            )
             for key, value in leaves(tree, str(top)):
-                _check(not isinstance(value, float) or math.isfinite(value), key,
-                       f"must be a finite number, got {value}")
+                _check(
+                    not isinstance(value, float) or math.isfinite(value),
+                    key,
+                    f"must be a finite number, got {value}",
+                )
 
 
 def check_writable(path, key: str) -> None:
@@ -406,15 +465,26 @@ def check_writable(path, key: str) -> None:
     folder = Path(os.path.expanduser(str(path))).absolute()
     while not folder.exists():
         folder = folder.parent
-    _check(folder.is_dir(), key, f"cannot create {path}: {folder} is a file; choose a writable folder")
-    _check(os.access(folder, os.W_OK | os.X_OK), key, f"cannot write into {folder}; choose a writable folder")
+    _check(
+        folder.is_dir(), key, f"cannot create {path}: {folder} is a file; choose a writable folder"
+    )
+    _check(
+        os.access(folder, os.W_OK | os.X_OK),
+        key,
+        f"cannot write into {folder}; choose a writable folder",
+    )
 
 
 def _writable_file(path: Path, key: str, what: str) -> None:
     if path.exists() or path.is_symlink():
-        _check(path.is_file(), key, f"{path} ({what}) is not a file; remove it or choose another {key}")
-        _check(os.access(path, os.W_OK), key, f"cannot write {path} ({what}); fix its permissions or choose "
-                                              f"another {key}")
+        _check(
+            path.is_file(), key, f"{path} ({what}) is not a file; remove it or choose another {key}"
+        )
+        _check(
+            os.access(path, os.W_OK),
+            key,
+            f"cannot write {path} ({what}); fix its permissions or choose another {key}",
+        )
 
 
 def check_run_folder(run_dir, cfg, log_name: str = "train.log", key: str = "hydra.run.dir") -> None:
@@ -432,8 +502,12 @@ def check_run_folder(run_dir, cfg, log_name: str = "train.log", key: str = "hydr
     check_writable(checkpoints, key)
     if checkpoints.is_dir():
         for path in (*checkpoints.glob("step_*.pt*"), *checkpoints.glob("best.pt*")):
-            _check(not path.is_dir(), key, f"{path} is a folder where a checkpoint file belongs; remove it or "
-                                           f"choose another {key}")
+            _check(
+                not path.is_dir(),
+                key,
+                f"{path} is a folder where a checkpoint file belongs; remove it or "
+                f"choose another {key}",
+            )
 
 
 def validate(cfg) -> None:
@@ -441,92 +515,170 @@ def validate(cfg) -> None:
     its own and the memory check: moa_train.train.tasks.validate runs them all)."""
     known = {f.name for f in fields(TrainConfig)} | {"hydra"}
     for key in cfg.keys():
-        _check(key in known, str(key), f"unknown top-level key; allowed: {', '.join(sorted(known - {'hydra'}))}")
+        _check(
+            key in known,
+            str(key),
+            f"unknown top-level key; allowed: {', '.join(sorted(known - {'hydra'}))}",
+        )
     m, t, o, s, d, e = cfg.model, cfg.trainer, cfg.optim, cfg.schedule, cfg.data, cfg.eval
     _check_finite(cfg)
-    _check(cfg.task.name == d.task, "task", f"{cfg.task.name} does not fit data={d.name} (data.task: {d.task}); use "
-                                            f"task={d.task} or leave task out")
+    _check(
+        cfg.task.name == d.task,
+        "task",
+        f"{cfg.task.name} does not fit data={d.name} (data.task: {d.task}); use "
+        f"task={d.task} or leave task out",
+    )
     _one_of(m.name, "model.name", tuple(sorted(VARIANTS)))
     variant = VARIANTS[m.name]
-    _check(issubclass(OmegaConf.get_type(m), variant), "model.name",
-           f"{m.name} is chosen by the model group: model={m.name}, not model.name={m.name}")
+    _check(
+        issubclass(OmegaConf.get_type(m), variant),
+        "model.name",
+        f"{m.name} is chosen by the model group: model={m.name}, not model.name={m.name}",
+    )
     variant.validate(m, cfg)
 
     _one_of(d.tokenizer, "data.tokenizer", ("char", "word", "bpe", "random"))
     if d.tokenizer == "random":
-        _check(d.name == "random_tokens", "data.tokenizer", "random goes with data=random_tokens only")
-        _check(d.vocab_size is not None and d.vocab_size > 1, "data.vocab_size",
-               f"random_tokens needs a vocabulary size > 1, got {d.vocab_size}")
+        _check(
+            d.name == "random_tokens", "data.tokenizer", "random goes with data=random_tokens only"
+        )
+        _check(
+            d.vocab_size is not None and d.vocab_size > 1,
+            "data.vocab_size",
+            f"random_tokens needs a vocabulary size > 1, got {d.vocab_size}",
+        )
     _one_of(d.split, "data.split", ("official", "moas_paper"))
     if d.tokenizer == "bpe":
-        _check(d.vocab_size is not None and d.vocab_size >= 260, "data.vocab_size",
-               f"BPE needs a vocabulary size >= 260, got {d.vocab_size}")
+        _check(
+            d.vocab_size is not None and d.vocab_size >= 260,
+            "data.vocab_size",
+            f"BPE needs a vocabulary size >= 260, got {d.vocab_size}",
+        )
     if d.root is not None:
-        _check(Path(os.path.expanduser(d.root)).is_dir(), "data.root",
-               f"folder {d.root!r} does not exist; point data.root or MOA_DATA_DIR at the folder holding wikitext-2/")
+        _check(
+            Path(os.path.expanduser(d.root)).is_dir(),
+            "data.root",
+            f"folder {d.root!r} does not exist; point data.root or MOA_DATA_DIR at the folder holding wikitext-2/",
+        )
     check_writable(d.cache_dir, "data.cache_dir")
 
     _one_of(t.device, "trainer.device", ("auto", "cpu", "cuda"))
     _one_of(t.precision, "trainer.precision", ("fp32", "bf16"))
     _one_of(t.sdpa_backend, "trainer.sdpa_backend", ("auto", "flash", "cudnn", "efficient", "math"))
-    for key in ("max_steps", "batch_size", "block_size", "grad_accum", "eval_interval", "log_interval"):
+    for key in (
+        "max_steps",
+        "batch_size",
+        "block_size",
+        "grad_accum",
+        "eval_interval",
+        "log_interval",
+    ):
         _check(t[key] > 0, f"trainer.{key}", f"must be a positive integer, got {t[key]}")
     _one_of(t.strategy, "trainer.strategy", ("ddp", "fsdp"))
-    _check(t.ddp_bucket_mb > 0, "trainer.ddp_bucket_mb",
-           f"must be > 0 (MiB; PyTorch's default 25), got {t.ddp_bucket_mb}")
+    _check(
+        t.ddp_bucket_mb > 0,
+        "trainer.ddp_bucket_mb",
+        f"must be > 0 (MiB; PyTorch's default 25), got {t.ddp_bucket_mb}",
+    )
     for key in ("eval_iters", "eval_batch_size", "grad_clip", "save_interval"):
         _positive_or_null(t[key], f"trainer.{key}")
-    _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
-    _check(0 <= t.seed < 2 ** 32, "trainer.seed", f"must be in 0..{2 ** 32 - 1} (NumPy's seed range), got {t.seed}")
+    _check(
+        t.keep_checkpoints >= 1,
+        "trainer.keep_checkpoints",
+        f"must be >= 1, got {t.keep_checkpoints}",
+    )
+    _check(
+        0 <= t.seed < 2**32,
+        "trainer.seed",
+        f"must be in 0..{2**32 - 1} (NumPy's seed range), got {t.seed}",
+    )
     _check_backend(t.compile_backend)
     _check(t.max_bad_steps >= 1, "trainer.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
-    _check(0.0 <= t.label_smoothing < 1.0, "trainer.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
+    _check(
+        0.0 <= t.label_smoothing < 1.0,
+        "trainer.label_smoothing",
+        f"must be in [0, 1), got {t.label_smoothing}",
+    )
     _one_of(t.label_smoothing_over, "trainer.label_smoothing_over", ("all", "others"))
-    _check(not (t.cuda_graphs and not o.fused), "optim.fused",
-           "false cannot skip a non-finite step inside a CUDA graph (trainer.cuda_graphs=true); use true")
+    _check(
+        not (t.cuda_graphs and not o.fused),
+        "optim.fused",
+        "false cannot skip a non-finite step inside a CUDA graph (trainer.cuda_graphs=true); use true",
+    )
     resume = t.resume
-    _check(isinstance(resume, bool) or resume in ("auto", "true", "false") or isinstance(resume, str),
-           "trainer.resume", f"got {resume!r}; allowed: auto, true, false or a path")
+    _check(
+        isinstance(resume, bool) or resume in ("auto", "true", "false") or isinstance(resume, str),
+        "trainer.resume",
+        f"got {resume!r}; allowed: auto, true, false or a path",
+    )
     if isinstance(resume, str) and resume not in ("auto", "true", "false"):
-        _check(Path(os.path.expanduser(resume)).exists(), "trainer.resume",
-               f"{resume!r} does not exist; allowed: auto, true, false or the path of a checkpoint or run folder")
+        _check(
+            Path(os.path.expanduser(resume)).exists(),
+            "trainer.resume",
+            f"{resume!r} does not exist; allowed: auto, true, false or the path of a checkpoint or run folder",
+        )
     if t.eval_only:
-        _check(resume not in (False, "false", None), "trainer.eval_only",
-               "needs trainer.resume=PATH (a checkpoint or run folder) or auto/true with a checkpoint in the run "
-               "folder")
+        _check(
+            resume not in (False, "false", None),
+            "trainer.eval_only",
+            "needs trainer.resume=PATH (a checkpoint or run folder) or auto/true with a checkpoint in the run "
+            "folder",
+        )
 
     _one_of(o.name, "optim.name", ("adamw",))
     _check(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
-    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
-           f"must be two numbers in [0, 1), got {list(o.betas)}")
+    _check(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        "optim.betas",
+        f"must be two numbers in [0, 1), got {list(o.betas)}",
+    )
     _check(o.weight_decay >= 0 and o.router_weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    _check(o.router_lr_mult > 0, "optim.router_lr_mult", f"must be positive, got {o.router_lr_mult}")
+    _check(
+        o.router_lr_mult > 0, "optim.router_lr_mult", f"must be positive, got {o.router_lr_mult}"
+    )
     _check(o.eps > 0, "optim.eps", f"must be positive, got {o.eps}")
     _one_of(s.name, "schedule.name", ("constant", "cosine", "inverse_sqrt"))
     _check(s.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
-    _check(0.0 <= s.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", f"must be in [0, 1], got {s.min_lr_ratio}")
+    _check(
+        0.0 <= s.min_lr_ratio <= 1.0,
+        "schedule.min_lr_ratio",
+        f"must be in [0, 1], got {s.min_lr_ratio}",
+    )
     _positive_or_null(e.average_last, "eval.average_last")
     _check_name(cfg.experiment_name)
     _positive_or_null(e.max_sentences, "eval.max_sentences")
     if cfg.logger.wandb is not None:
-        _one_of(cfg.logger.wandb.mode, "logger.wandb.mode", ("auto", "online", "offline", "disabled"))
+        _one_of(
+            cfg.logger.wandb.mode, "logger.wandb.mode", ("auto", "online", "offline", "disabled")
+        )
         # wandb is an extra: without it the sink would fail only once the run folder exists
-        _check(importlib.util.find_spec("wandb") is not None, "logger=wandb",
-               "the wandb package is not installed; install the [wandb] extra: pip install -e '.[wandb]'")
+        _check(
+            importlib.util.find_spec("wandb") is not None,
+            "logger=wandb",
+            "the wandb package is not installed; install the [wandb] extra: pip install -e '.[wandb]'",
+        )
 
 
 def check_cross(m, cfg) -> None:
     """model.cross names a variant that can attend to a context, and its keys are that variant's."""
     allowed = tuple(sorted(name for name, config in VARIANTS.items() if config.cross_attention_ok))
     name = m.cross.name
-    _check(name is None or name in allowed, "model.cross.name",
-           f"{name!r} is not a cross-attention variant; allowed: null (the model's own), {', '.join(allowed)}")
-    _check(name is not None or set(m.cross) == {"name"}, "model.cross",
-           f"keys {', '.join(sorted(set(m.cross) - {'name'}))} need model.cross.name (the variant that owns them)")
+    _check(
+        name is None or name in allowed,
+        "model.cross.name",
+        f"{name!r} is not a cross-attention variant; allowed: null (the model's own), {', '.join(allowed)}",
+    )
+    _check(
+        name is not None or set(m.cross) == {"name"},
+        "model.cross",
+        f"keys {', '.join(sorted(set(m.cross) - {'name'}))} need model.cross.name (the variant that owns them)",
+    )
     try:
         cross = cross_config(m)
         OmegaConf.get_type(cross).validate(cross, cfg)
-    except ConfigError as exc:  # the variant names its own keys model.<key>: here they are model.cross.<key>
+    except (
+        ConfigError
+    ) as exc:  # the variant names its own keys model.<key>: here they are model.cross.<key>
         key, _, rest = str(exc).partition(": ")
         if key.removeprefix("model.") in variant_keys(ModelConfig):
             raise
@@ -536,9 +688,12 @@ def check_cross(m, cfg) -> None:
 def _check_name(name: str) -> None:
     """experiment_name is a folder under outputs/: a `..` or an absolute path would write outside it."""
     parts = Path(str(name)).parts
-    _check(bool(str(name).strip()) and ".." not in parts and not Path(str(name)).is_absolute(), "experiment_name",
-           f"{name!r} would name a folder outside outputs/; allowed: a relative name without '..' (letters, digits, "
-           "- _ . /)")
+    _check(
+        bool(str(name).strip()) and ".." not in parts and not Path(str(name)).is_absolute(),
+        "experiment_name",
+        f"{name!r} would name a folder outside outputs/; allowed: a relative name without '..' (letters, digits, "
+        "- _ . /)",
+    )
 
 
 def _check_backend(backend) -> None:
@@ -564,6 +719,7 @@ def device_memory(device: str) -> tuple:
 class StepSize:
     """How a task sizes its optimizer step, for the memory checks: the key that sets it, the sizes as the user set
     them, what to lower, the tokens of one global step and the layers each token passes through."""
+
     key: str
     text: str
     lower: str
@@ -576,7 +732,9 @@ def min_train_bytes(cfg, size: StepSize, world_size: int = 1) -> tuple:
     the backward of one micro-batch). It leaves out embeddings, attention scores, dropout masks and the allocator's
     slack, so a run refused by it cannot fit."""
     m, t = cfg.model, cfg.trainer
-    per_layer = (4 + 2 * m.mlp_ratio) * m.d_model  # q/k/v/out projections and the MLP, per token (or per d_model)
+    per_layer = (
+        4 + 2 * m.mlp_ratio
+    ) * m.d_model  # q/k/v/out projections and the MLP, per token (or per d_model)
     tokens = size.tokens / (t.grad_accum * world_size)
     act_bytes = 2 if t.precision == "bf16" else 4
     return 16 * size.layers * per_layer * m.d_model, act_bytes * tokens * size.layers * per_layer
@@ -587,11 +745,17 @@ def check_memory(cfg, size: StepSize, world_size: int = 1) -> None:
     or be killed mid-allocation)."""
     weights, activations = min_train_bytes(cfg, size, world_size)
     total, where = device_memory(cfg.trainer.device)
-    gib = 2 ** 30
-    _check(weights <= total, "model.d_model",
-           f"model.d_model={cfg.model.d_model} x model.n_layer={cfg.model.n_layer} needs at least "
-           f"{weights / gib:,.0f} GiB for weights and optimizer state, more than the {where} ({total / gib:,.0f} GiB)")
-    _check(weights + activations <= total, size.key,
-           f"{size.text} over trainer.grad_accum={cfg.trainer.grad_accum} micro-batches needs at least "
-           f"{(weights + activations) / gib:,.0f} GiB, more than the {where} ({total / gib:,.0f} GiB); lower it or "
-           "raise trainer.grad_accum")
+    gib = 2**30
+    _check(
+        weights <= total,
+        "model.d_model",
+        f"model.d_model={cfg.model.d_model} x model.n_layer={cfg.model.n_layer} needs at least "
+        f"{weights / gib:,.0f} GiB for weights and optimizer state, more than the {where} ({total / gib:,.0f} GiB)",
+    )
+    _check(
+        weights + activations <= total,
+        size.key,
+        f"{size.text} over trainer.grad_accum={cfg.trainer.grad_accum} micro-batches needs at least "
+        f"{(weights + activations) / gib:,.0f} GiB, more than the {where} ({total / gib:,.0f} GiB); lower it or "
+        "raise trainer.grad_accum",
+    )

@@ -9,6 +9,7 @@ Lengths: a prompt longer than model.max_seq_len is refused (one line); a row sto
 need a position past model.max_seq_len (the model has no embedding for it), so its completion may be shorter than
 max_new_tokens.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,16 @@ def set_inference_routing(model, mode: str) -> None:
     router over attention schemes."""
     if mode not in ("soft", "top1"):
         raise ValueError(f"inference routing {mode!r}: valid: soft, top1")
-    routed = [m for m in model.modules() if getattr(m, "dynamic", False) and hasattr(m, "inference_routing")]
+    routed = [
+        m
+        for m in model.modules()
+        if getattr(m, "dynamic", False) and hasattr(m, "inference_routing")
+    ]
     if not routed:
-        raise ValueError(f"inference routing {mode}: this run's attention ({model.config.name}) has no router over "
-                         "attention schemes; it applies to moas_dynamic runs")
+        raise ValueError(
+            f"inference routing {mode}: this run's attention ({model.config.name}) has no router over "
+            "attention schemes; it applies to moas_dynamic runs"
+        )
     for module in routed:
         module.inference_routing = mode
 
@@ -46,11 +53,11 @@ class _FullForwardCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     def _last_logits(self) -> torch.Tensor:
-        logits, _ = self.model(self.tokens[:, :int(self.lengths.max())])
+        logits, _ = self.model(self.tokens[:, : int(self.lengths.max())])
         return logits[torch.arange(len(self.lengths), device=logits.device), self.lengths - 1]
 
     def prefill(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        self.tokens[:, :idx.shape[1]] = idx
+        self.tokens[:, : idx.shape[1]] = idx
         self.lengths.copy_(lengths)
         return self._last_logits()
 
@@ -65,7 +72,9 @@ class _KVCache:
 
     def __init__(self, model, batch_size: int, max_len: int, device):
         self.model, self.cache = model, model.init_cache(batch_size, max_len, device=device)
-        self.span = 0  # positions any row has reached (counted here: reading cache.lengths would sync)
+        self.span = (
+            0  # positions any row has reached (counted here: reading cache.lengths would sync)
+        )
 
     def prefill(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         self.span = idx.shape[1]
@@ -81,11 +90,15 @@ class _KVCache:
         n = self.cache.fallbacks()
         if not n:
             return None
-        return (f"{n} token-layer(s) overflowed the KV head pool and stored the fallback scheme (MQA) instead of their "
-                "routed one (raise model.kv_pool_slack for an exact cache)")
+        return (
+            f"{n} token-layer(s) overflowed the KV head pool and stored the fallback scheme (MQA) instead of their "
+            "routed one (raise model.kv_pool_slack for an exact cache)"
+        )
 
 
-def pick(logits: torch.Tensor, temperature: float, top_k, top_p, greedy: bool, generator) -> torch.Tensor:
+def pick(
+    logits: torch.Tensor, temperature: float, top_k, top_p, greedy: bool, generator
+) -> torch.Tensor:
     """(B,) next tokens from (B, V) logits."""
     if greedy:
         return logits.argmax(-1)
@@ -120,15 +133,21 @@ def encode_prompt(tokenizer, text: str, max_seq_len: int, warn=None) -> list:
     if unknown:
         names = ", ".join(map(repr, unknown[:20])) + (" ..." if len(unknown) > 20 else "")
         if UNK not in getattr(tokenizer, "stoi", {}):
-            raise ValueError(f"prompt {text[:40]!r}: {names} not in the run's {tokenizer.kind} vocabulary, "
-                             f"which has no {UNK}")
+            raise ValueError(
+                f"prompt {text[:40]!r}: {names} not in the run's {tokenizer.kind} vocabulary, "
+                f"which has no {UNK}"
+            )
         if warn is not None:
-            warn(f"prompt {text[:40]!r}: {names} not in the run's {tokenizer.kind} vocabulary: mapped to {UNK}")
+            warn(
+                f"prompt {text[:40]!r}: {names} not in the run's {tokenizer.kind} vocabulary: mapped to {UNK}"
+            )
     ids = [int(i) for i in tokenizer.encode(text)]
     if not ids:
         raise ValueError(f"prompt {text!r} is empty: give at least one symbol")
     if len(ids) > max_seq_len:
-        raise ValueError(f"prompt {text[:40]!r} is {len(ids)} tokens, longer than model.max_seq_len={max_seq_len}")
+        raise ValueError(
+            f"prompt {text[:40]!r} is {len(ids)} tokens, longer than model.max_seq_len={max_seq_len}"
+        )
     return ids
 
 
@@ -144,23 +163,26 @@ class _Streamer:
         if text.endswith("\ufffd") and not final:
             return
         if len(text) > self.sent:
-            self.callback(text[self.sent:])
+            self.callback(text[self.sent :])
             self.sent = len(text)
 
 
 @torch.no_grad()
 @without_cudnn_attention
-def _generate_ids(model, prompts: list, budget: int, use_cache: bool, draw, on_token=None, warn=None) -> list:
+def _generate_ids(
+    model, prompts: list, budget: int, use_cache: bool, draw, on_token=None, warn=None
+) -> list:
     """New ids of each prompt (lists of ids, every row given `budget` tokens, which fit model.max_seq_len)."""
     device = next(model.parameters()).device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     idx = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
     for row, ids in enumerate(prompts):
-        idx[row, :len(ids)] = torch.tensor(ids, device=device)
+        idx[row, : len(ids)] = torch.tensor(ids, device=device)
     # the last token drawn is never fed back, so it needs no place in the cache
     max_len = int(lengths.max()) + budget - 1
     cache = (_KVCache if use_cache and has_kv_cache(model) else _FullForwardCache)(
-        model, len(prompts), max(max_len, 1), device)
+        model, len(prompts), max(max_len, 1), device
+    )
     logits = cache.prefill(idx, lengths)
     out = []
     for step in range(budget):
@@ -176,9 +198,20 @@ def _generate_ids(model, prompts: list, budget: int, use_cache: bool, draw, on_t
     return torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
 
 
-def generate(model, tokenizer, prompts: list, max_new_tokens: int = 200, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, greedy: bool = False, seed: int | None = None,
-             use_cache: bool = True, stream=None, warn=None) -> list:
+def generate(
+    model,
+    tokenizer,
+    prompts: list,
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    seed: int | None = None,
+    use_cache: bool = True,
+    stream=None,
+    warn=None,
+) -> list:
     """The completion (new text only) of each prompt. `stream(piece)`: each new piece of text as it comes, for a
     single prompt. `seed`: a torch.Generator on the model's device (None: torch's global RNG). `warn(message)`: told
     of words mapped to <unk> and of rows stopped at max_seq_len. ValueError (one line) for a bad setting, a prompt
@@ -200,7 +233,9 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 200, tempera
     budgets = [max(0, min(max_new_tokens, limit + 1 - len(p))) for p in ids]
     for text, budget in zip(prompts, budgets):
         if budget < max_new_tokens and warn is not None:
-            warn(f"prompt {text[:40]!r}: stops after {budget} new tokens, at model.max_seq_len={limit}")
+            warn(
+                f"prompt {text[:40]!r}: stops after {budget} new tokens, at model.max_seq_len={limit}"
+            )
     new = [None] * len(ids)
     for budget in dict.fromkeys(budgets):
         rows = [r for r, b in enumerate(budgets) if b == budget]
@@ -214,8 +249,11 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 200, tempera
             def on_token(tokens):
                 so_far.append(int(tokens[0]))
                 streamer(so_far)
-        for row, got in zip(rows, _generate_ids(model, [ids[r] for r in rows], budget, use_cache, draw, on_token,
-                                                 warn)):
+
+        for row, got in zip(
+            rows,
+            _generate_ids(model, [ids[r] for r in rows], budget, use_cache, draw, on_token, warn),
+        ):
             new[row] = got
         if stream is not None:
             streamer(so_far, final=True)
@@ -224,35 +262,70 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 200, tempera
 
 # --- command line -------------------------------------------------------------------------------------------------
 
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's own prints the usage first)
         self.exit(2, f"error: {message}\n")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="moa-generate", description="Generate text from a trained decoder-only LM run.",
-                epilog="Unknown symbols: a char vocabulary has no <unk>, so a prompt character outside it is refused "
-                       "(exit 2, naming it); a word vocabulary (WikiText-2's) holds <unk>, and unknown words map to "
-                       "it with a note on stderr. A prompt longer than model.max_seq_len is refused; a completion "
-                       "stops early where it would pass model.max_seq_len. Runs from before tokenizers were saved "
-                       "in the run folder (tokenizer.json) cannot be generated from.")
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (with checkpoints/ and tokenizer.json)")
+    p = _Parser(
+        prog="moa-generate",
+        description="Generate text from a trained decoder-only LM run.",
+        epilog="Unknown symbols: a char vocabulary has no <unk>, so a prompt character outside it is refused "
+        "(exit 2, naming it); a word vocabulary (WikiText-2's) holds <unk>, and unknown words map to "
+        "it with a note on stderr. A prompt longer than model.max_seq_len is refused; a completion "
+        "stops early where it would pass model.max_seq_len. Runs from before tokenizers were saved "
+        "in the run folder (tokenizer.json) cannot be generated from.",
+    )
+    p.add_argument(
+        "run_dir",
+        type=Path,
+        metavar="RUN_DIR",
+        help="a run folder (with checkpoints/ and tokenizer.json)",
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument("--prompt-file", type=Path, help="a file of prompts, one per line")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per prompt (default 200)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature, > 0 (default 1.0)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=200,
+        help="tokens to generate per prompt (default 200)",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="softmax temperature, > 0 (default 1.0)"
+    )
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, help="nucleus sampling: the most likely tokens holding this much mass")
-    p.add_argument("--greedy", action="store_true", help="always the most likely token (no sampling)")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        help="nucleus sampling: the most likely tokens holding this much mass",
+    )
+    p.add_argument(
+        "--greedy", action="store_true", help="always the most likely token (no sampling)"
+    )
     p.add_argument("--seed", type=int, help="seed of the sampling generator (reproducible samples)")
-    p.add_argument("--checkpoint", type=Path,
-                   help="a checkpoint file (default: the run's latest that verifies, as load_run chooses)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda where available")
-    p.add_argument("--no-cache", action="store_true", help="a full forward per token instead of the KV cache")
-    p.add_argument("--inference-routing", choices=("soft", "top1"),
-                   help="moas_dynamic runs: soft (mix the branches as trained) or top1 (each token's argmax branch "
-                        "only); default: the run's model.inference_routing")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="a checkpoint file (default: the run's latest that verifies, as load_run chooses)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: cuda where available",
+    )
+    p.add_argument(
+        "--no-cache", action="store_true", help="a full forward per token instead of the KV cache"
+    )
+    p.add_argument(
+        "--inference-routing",
+        choices=("soft", "top1"),
+        help="moas_dynamic runs: soft (mix the branches as trained) or top1 (each token's argmax branch "
+        "only); default: the run's model.inference_routing",
+    )
     return p
 
 
@@ -284,7 +357,9 @@ def main(argv=None) -> None:
     except ValueError as exc:
         _fail(f"--{str(exc).replace('_', '-')}")
     prompts = _prompts(args)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     if device == "cuda" and not torch.cuda.is_available():
         _fail("--device cuda: no CUDA device here; use --device cpu")
     try:
@@ -307,9 +382,20 @@ def main(argv=None) -> None:
         print(piece, end="", flush=True)
 
     try:
-        completions = generate(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k,
-                               args.top_p, args.greedy, args.seed, not args.no_cache, stream if single else None,
-                               note)
+        completions = generate(
+            model,
+            tokenizer,
+            prompts,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            args.greedy,
+            args.seed,
+            not args.no_cache,
+            stream if single else None,
+            note,
+        )
     except ValueError as exc:
         _fail(str(exc))
     if single:

@@ -1,5 +1,6 @@
 """Files written by temp-and-rename: a reader (another rank, a resumed run, a concurrent job) sees the old file or
 the new one, never half of one, and a killed writer leaves at most a hidden `.<name>.<pid>.tmp` beside it."""
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ YAML files (`data/<name>.yaml`, `model/<name>.yaml`) come from a folder added to
 
 This module only imports the named modules: it sits below every other layer, so any part may load plugins.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,13 +21,21 @@ class PluginError(ValueError):
 
 def load_plugins(spec: str | None = None) -> list:
     """Import the modules of `spec` (comma-separated; default: $MOA_PLUGINS), once each; returns them."""
-    names = [n.strip() for n in (os.environ.get(ENV, "") if spec is None else spec).split(",") if n.strip()]
+    names = [
+        n.strip()
+        for n in (os.environ.get(ENV, "") if spec is None else spec).split(",")
+        if n.strip()
+    ]
     modules = []
     for name in names:
         try:
             modules.append(importlib.import_module(name))
         except ModuleNotFoundError as exc:
-            if exc.name is None or not (name == exc.name or name.startswith(exc.name + ".")):  # else: its own bug
+            if exc.name is None or not (
+                name == exc.name or name.startswith(exc.name + ".")
+            ):  # else: its own bug
                 raise
-            raise PluginError(f"{ENV}: no module named {name!r} (is its folder on PYTHONPATH?)") from None
+            raise PluginError(
+                f"{ENV}: no module named {name!r} (is its folder on PYTHONPATH?)"
+            ) from None
     return modules

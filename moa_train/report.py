@@ -9,6 +9,7 @@ and report.csv. Plots (PNG): validation loss over steps for every run, routing e
 scale fixed at 0..1, so heatmaps compare). report.html shows the tables and the captioned plots together. Runs are
 named by their overrides (.hydra/overrides.yaml) that not every run shares, e.g. `model=moa trainer.seed=1`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,11 @@ def find_runs(paths: list) -> list:
 
 def read_metrics(run: Path) -> list:
     path = run / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+    return (
+        [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        if path.is_file()
+        else []
+    )
 
 
 def last_routing(rows: list) -> tuple:
@@ -62,8 +67,16 @@ def load_run_record(run: Path) -> dict:
     cfg = OmegaConf.load(cfg_path) if cfg_path.is_file() else OmegaConf.create({})
     rows = read_metrics(run)
     step, routing = last_routing(rows)
-    return {"run": run, "cfg": cfg, "summary": json.loads((run / "summary.json").read_text()), "rows": rows,
-            "routing": routing, "routing_step": step, "overrides": job_overrides(run), "label": run.name}
+    return {
+        "run": run,
+        "cfg": cfg,
+        "summary": json.loads((run / "summary.json").read_text()),
+        "rows": rows,
+        "routing": routing,
+        "routing_step": step,
+        "overrides": job_overrides(run),
+        "label": run.name,
+    }
 
 
 def common_overrides(records: list) -> list:
@@ -78,9 +91,15 @@ def run_labels(records: list) -> list:
     """One name per run: its overrides that not every run shares ('model=moa trainer.seed=1'); the folder name
     where there are none; the folder added where two runs would share a name."""
     shared = set(common_overrides(records))
-    labels = [" ".join(o for o in r["overrides"] if o not in shared) or r["run"].name for r in records]
-    return [f"{label} ({r['run'].name})" if labels.count(label) > 1 and label != r["run"].name else label
-            for label, r in zip(labels, records)]
+    labels = [
+        " ".join(o for o in r["overrides"] if o not in shared) or r["run"].name for r in records
+    ]
+    return [
+        f"{label} ({r['run'].name})"
+        if labels.count(label) > 1 and label != r["run"].name
+        else label
+        for label, r in zip(labels, records)
+    ]
 
 
 def group_key(record: dict, keys: list) -> tuple:
@@ -97,7 +116,9 @@ def group_table(records: list, keys: list) -> list:
         row = {k: v for k, v in zip(keys, key)}
         row["runs"] = len(recs)
         for m in METRICS:
-            values = [r["summary"][m] for r in recs if isinstance(r["summary"].get(m), (int, float))]
+            values = [
+                r["summary"][m] for r in recs if isinstance(r["summary"].get(m), (int, float))
+            ]
             if values:
                 row[m] = statistics.mean(values)
                 row[m + " std"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -134,9 +155,15 @@ def routing_rows(records: list) -> list:
     for r in records:
         for site in entropy_sites(r["routing"]):
             util = site_util(r["routing"], site)
-            rows.append([r["label"], site, f"{r['routing'][f'routing/entropy/{site}']:.3f}",
-                         f"{math.log(len(util)):.3f}" if util else "",
-                         " / ".join(f"{c} {v:.2f}" for c, v in util.items())])
+            rows.append(
+                [
+                    r["label"],
+                    site,
+                    f"{r['routing'][f'routing/entropy/{site}']:.3f}",
+                    f"{math.log(len(util)):.3f}" if util else "",
+                    " / ".join(f"{c} {v:.2f}" for c, v in util.items()),
+                ]
+            )
     return rows
 
 
@@ -162,6 +189,7 @@ def write_csv(table: list, path: Path) -> None:
 
 
 # --- plots ---------------------------------------------------------------------------------------------------------
+
 
 def run_style(i: int, plt) -> dict:
     """Run i's colour and dash pattern: runs whose curves coincide (seeds of an untrained router at ln C) stay
@@ -190,7 +218,9 @@ def entropy_figure(routed: list):
     sites = list(dict.fromkeys(s for r in routed for s in entropy_sites(r["routing"])))
     ncols = min(len(sites), 3)
     nrows = math.ceil(len(sites) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3 * nrows), sharex=True, sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(4 * ncols, 3 * nrows), sharex=True, sharey=True, squeeze=False
+    )
     for ax, site in zip(axes.flat, sites):
         key = f"routing/entropy/{site}"
         for i, r in enumerate(routed):
@@ -200,12 +230,21 @@ def entropy_figure(routed: list):
         counts = sorted({len(site_util(r["routing"], site)) for r in routed} - {0})
         for c in counts:  # under the runs' lines, which often lie on it
             ax.axhline(math.log(c), color="grey", ls="--", lw=1, zorder=1, label=f"ln {c}")
-            ax.text(0.02, math.log(c), f"ln {c} (max, {c} choices)", transform=ax.get_yaxis_transform(),
-                    va="bottom", fontsize=7, color="dimgrey")
-        ax.set_ylim(0, 1.1 * math.log(max(counts, default=2)))  # from 0: how far below its maximum a site is
+            ax.text(
+                0.02,
+                math.log(c),
+                f"ln {c} (max, {c} choices)",
+                transform=ax.get_yaxis_transform(),
+                va="bottom",
+                fontsize=7,
+                color="dimgrey",
+            )
+        ax.set_ylim(
+            0, 1.1 * math.log(max(counts, default=2))
+        )  # from 0: how far below its maximum a site is
         ax.set_title(site, fontsize=9)
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(sites):]:
+    for ax in axes.flat[len(sites) :]:
         ax.set_visible(False)
     for ax in axes[-1]:
         ax.set_xlabel("step")
@@ -214,8 +253,14 @@ def entropy_figure(routed: list):
     handles = [h for h in axes.flat[0].get_lines() if not h.get_label().startswith("ln ")]
     fig.suptitle("Routing entropy per site")
     fig.tight_layout()
-    fig.legend(handles, [h.get_label() for h in handles], fontsize=8, title="run", loc="upper left",
-               bbox_to_anchor=(1.0, 0.9))
+    fig.legend(
+        handles,
+        [h.get_label() for h in handles],
+        fontsize=8,
+        title="run",
+        loc="upper left",
+        bbox_to_anchor=(1.0, 0.9),
+    )
     return fig
 
 
@@ -225,23 +270,34 @@ def plot_curves(records: list, out: Path) -> list:
     written = []
 
     def save(fig, name: str, caption: str) -> None:
-        fig.savefig(out / name, dpi=120, bbox_inches="tight")  # "tight" keeps legends placed outside the axes
+        fig.savefig(
+            out / name, dpi=120, bbox_inches="tight"
+        )  # "tight" keeps legends placed outside the axes
         plt.close(fig)
         written.append((name, caption))
 
-    save(val_loss_figure(records), "val_loss.png",
-         "Validation loss (nats per token; lower is better) at each evaluation step, one line per run.")
+    save(
+        val_loss_figure(records),
+        "val_loss.png",
+        "Validation loss (nats per token; lower is better) at each evaluation step, one line per run.",
+    )
     routed = [r for r in records if r["routing"]]
     if routed:
-        save(entropy_figure(routed), "routing_entropy.png",
-             "Routing entropy (nats, the mean over tokens of the entropy of each token's routing distribution) per "
-             "site over training, one line per routed run. The dashed line is ln C, its maximum (C = the number of "
-             "choices at the site): near it the router spreads tokens evenly; near 0 each token picks one choice.")
+        save(
+            entropy_figure(routed),
+            "routing_entropy.png",
+            "Routing entropy (nats, the mean over tokens of the entropy of each token's routing distribution) per "
+            "site over training, one line per routed run. The dashed line is ln C, its maximum (C = the number of "
+            "choices at the site): near it the router spreads tokens evenly; near 0 each token picks one choice.",
+        )
     for i, r in enumerate(routed):
-        save(utilisation_figure(r["routing"], f"{r['label']} (step {r['routing_step']})"), f"utilisation_{i}.png",
-             f"Utilisation of run {r['label']} at its last logged step ({r['routing_step']}): the share of routing "
-             "each choice (column) receives at each site (row); each site's row sums to 1. The colour scale is "
-             "fixed at 0..1 for every run.")
+        save(
+            utilisation_figure(r["routing"], f"{r['label']} (step {r['routing_step']})"),
+            f"utilisation_{i}.png",
+            f"Utilisation of run {r['label']} at its last logged step ({r['routing_step']}): the share of routing "
+            "each choice (column) receives at each site (row); each site's row sums to 1. The colour scale is "
+            "fixed at 0..1 for every run.",
+        )
     return written
 
 
@@ -256,9 +312,13 @@ figure{margin:1.5em 0 2.5em}.heatmaps{display:flex;flex-wrap:wrap;gap:0 2em}
 
 def html_table(header: list, rows: list, caption: str) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>\n" for row in rows)
-    return (f"<table><caption>{html.escape(caption)}</caption>\n<thead><tr>{head}</tr></thead>\n"
-            f"<tbody>{body}</tbody></table>")
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>\n" for row in rows
+    )
+    return (
+        f"<table><caption>{html.escape(caption)}</caption>\n<thead><tr>{head}</tr></thead>\n"
+        f"<tbody>{body}</tbody></table>"
+    )
 
 
 def runs_rows(records: list, root: Path | None) -> list:
@@ -267,8 +327,10 @@ def runs_rows(records: list, root: Path | None) -> list:
     for r in records:
         run, summary = r["run"].resolve(), r["summary"]
         folder = run.relative_to(root) if root and run.is_relative_to(root) else run
-        losses = [number(m, summary[m]) if isinstance(summary.get(m), (int, float)) else "" for m in
-                  ("val/loss", "test/loss")]
+        losses = [
+            number(m, summary[m]) if isinstance(summary.get(m), (int, float)) else ""
+            for m in ("val/loss", "test/loss")
+        ]
         rows.append([r["label"], str(folder), summary.get("steps", ""), *losses])
     return rows
 
@@ -276,46 +338,84 @@ def runs_rows(records: list, root: Path | None) -> list:
 def intro(records: list, root: Path | None) -> str:
     where = f" under <code>{html.escape(str(root))}</code>" if root else ""
     shared = common_overrides(records)
-    common = f" Overrides common to every run: <code>{html.escape(' '.join(shared))}</code>." if shared else ""
+    common = (
+        f" Overrides common to every run: <code>{html.escape(' '.join(shared))}</code>."
+        if shared
+        else ""
+    )
     return f"<h1>moa_train report</h1><p>{len(records)} runs{where}.{common}</p>"
 
 
-def write_html(out: Path, records: list, table: list, keys: list, images: list, root: Path | None = None) -> None:
+def write_html(
+    out: Path, records: list, table: list, keys: list, images: list, root: Path | None = None
+) -> None:
     parts = [intro(records, root)]
-    parts.append(html_table(*summary_rows(table, keys),
-                            f"Runs grouped by {', '.join(keys)}: mean ± std over each group's runs (seeds). Losses "
-                            "in nats per token, step_ms_median in milliseconds. Also as report.csv."))
-    parts.append(html_table(["run", "folder", "steps", "val/loss", "test/loss"], runs_rows(records, root),
-                            "Every run, named by the overrides not every run shares, and its folder."))
+    parts.append(
+        html_table(
+            *summary_rows(table, keys),
+            f"Runs grouped by {', '.join(keys)}: mean ± std over each group's runs (seeds). Losses "
+            "in nats per token, step_ms_median in milliseconds. Also as report.csv.",
+        )
+    )
+    parts.append(
+        html_table(
+            ["run", "folder", "steps", "val/loss", "test/loss"],
+            runs_rows(records, root),
+            "Every run, named by the overrides not every run shares, and its folder.",
+        )
+    )
     routing = routing_rows(records)
     if routing:
-        parts.append(html_table(ROUTING_HEADER, routing, "Routing at each run's last logged step: the entropy of the "
-                                "routing distribution (nats), its maximum ln C, and each choice's share."))
-    figures = {name: f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
-                     f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, caption in images}
+        parts.append(
+            html_table(
+                ROUTING_HEADER,
+                routing,
+                "Routing at each run's last logged step: the entropy of the "
+                "routing distribution (nats), its maximum ln C, and each choice's share.",
+            )
+        )
+    figures = {
+        name: f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        for name, caption in images
+    }
     parts += [f for name, f in figures.items() if not name.startswith("utilisation_")]
     heatmaps = [f for name, f in figures.items() if name.startswith("utilisation_")]
     if heatmaps:  # side by side, to compare runs at a glance
         parts.append('<div class="heatmaps">' + "\n".join(heatmaps) + "</div>")
-    (out / "report.html").write_text("<!doctype html>\n<html><head><meta charset='utf-8'><title>moa_train report"
-                                     f"</title><style>{CSS}</style></head><body>\n" + "\n".join(parts)
-                                     + "\n</body></html>\n", encoding="utf-8")
+    (out / "report.html").write_text(
+        "<!doctype html>\n<html><head><meta charset='utf-8'><title>moa_train report"
+        f"</title><style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n",
+        encoding="utf-8",
+    )
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="moa-report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="*", help="run folders or folders holding them (multiruns)")
-    parser.add_argument("--paper-tables", action="store_true",
-                        help="rebuild docs/results/moas_table1.* and translation.* from docs/results/runs/ "
-                             "(into --out when given)")
-    parser.add_argument("--out", type=Path, help="folder for report.{md,csv,html} and the PNGs (default: print)")
-    parser.add_argument("--group-by", nargs="+", default=["model.name"], help="config keys to group runs by")
+    parser.add_argument(
+        "--paper-tables",
+        action="store_true",
+        help="rebuild docs/results/moas_table1.* and translation.* from docs/results/runs/ "
+        "(into --out when given)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="folder for report.{md,csv,html} and the PNGs (default: print)"
+    )
+    parser.add_argument(
+        "--group-by", nargs="+", default=["model.name"], help="config keys to group runs by"
+    )
     args = parser.parse_args(argv)
     if args.paper_tables:
         from moa_train.results import moas_table1, translation
 
-        for name, module in (("moas_table1", moas_table1), ("translation", translation)):  # --out: elsewhere
-            module.main(["--tables-only"] + ([] if args.out is None else ["--out", str(args.out / name)]))
+        for name, module in (
+            ("moas_table1", moas_table1),
+            ("translation", translation),
+        ):  # --out: elsewhere
+            module.main(
+                ["--tables-only"] + ([] if args.out is None else ["--out", str(args.out / name)])
+            )
         return
     records = [load_run_record(r) for r in find_runs(args.paths)]
     if not records:
@@ -331,6 +431,7 @@ def main(argv=None) -> None:
         write_csv(table, args.out / "report.csv")
         root = Path(args.paths[0]).resolve() if len(args.paths) == 1 else None
         write_html(args.out, records, table, args.group_by, plot_curves(records, args.out), root)
+
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,7 @@
 """Multiruns: one sweep folder per multirun, a job that fails is recorded in its folder while the others go on, and
 a summary of every job is written at the end (a Hydra callback, configured in configs/train.yaml under
 hydra.callbacks)."""
+
 from __future__ import annotations
 
 import json
@@ -14,15 +15,28 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
-SUMMARY_KEYS = ("val/loss", "val/bpc", "val/bleu", "test/loss", "test/bleu", "steps", "step_ms_median")
-NAME_SOURCES = ("experiment", "experiment_name")  # swept, they change the whole name: the folder is `multirun`
+SUMMARY_KEYS = (
+    "val/loss",
+    "val/bpc",
+    "val/bleu",
+    "test/loss",
+    "test/bleu",
+    "steps",
+    "step_ms_median",
+)
+NAME_SOURCES = (
+    "experiment",
+    "experiment_name",
+)  # swept, they change the whole name: the folder is `multirun`
 REFERENCE = re.compile(r"\$\{([\w.]+)\}")  # ${model.name}: a plain key, not a resolver call
 
 
 def swept_keys(cfg) -> set:
     """The keys (dotted keys or config groups) a multirun varies: `a,b`, range(), choice() on its command line
     (the un-swept config still holds them in hydra.overrides.task) and an Optuna search's params."""
-    task = OverridesParser.create().parse_overrides(list(OmegaConf.select(cfg, "hydra.overrides.task", default=[])))
+    task = OverridesParser.create().parse_overrides(
+        list(OmegaConf.select(cfg, "hydra.overrides.task", default=[]))
+    )
     params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
     return {o.key_or_group for o in task if o.is_sweep_override()} | set(params)
 
@@ -33,14 +47,18 @@ def unswept_name(cfg) -> str:
     swept = swept_keys(cfg)
     if swept & set(NAME_SOURCES):
         return "multirun"
-    template = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["experiment_name"]))["experiment_name"]
+    template = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["experiment_name"]))[
+        "experiment_name"
+    ]
 
     def varies(key: str) -> bool:
         return any(key == k or key.startswith(k + ".") for k in swept)
 
     if not any(varies(key) for key in REFERENCE.findall(template)):
         return str(cfg.experiment_name)
-    kept = REFERENCE.sub(lambda m: "" if varies(m.group(1)) else str(OmegaConf.select(cfg, m.group(1))), template)
+    kept = REFERENCE.sub(
+        lambda m: "" if varies(m.group(1)) else str(OmegaConf.select(cfg, m.group(1))), template
+    )
     # the separators a dropped part leaves behind: quickstart- -> quickstart
     return re.sub(r"([-_.])[-_.]+", r"\1", kept).strip("-_.") or "multirun"
 
@@ -71,13 +89,24 @@ def job_record(job_dir: Path) -> dict:
     if (job_dir / "summary.json").is_file():
         summary = json.loads((job_dir / "summary.json").read_text())
         return {**record, "status": "ok", **{k: summary[k] for k in SUMMARY_KEYS if k in summary}}
-    error = (job_dir / "error.txt").read_text().strip().splitlines() if (job_dir / "error.txt").is_file() else []
-    return {**record, "status": "failed", "error": error[0] if error else "no summary.json (killed?)"}
+    error = (
+        (job_dir / "error.txt").read_text().strip().splitlines()
+        if (job_dir / "error.txt").is_file()
+        else []
+    )
+    return {
+        **record,
+        "status": "failed",
+        "error": error[0] if error else "no summary.json (killed?)",
+    }
 
 
 def markdown(records: list) -> str:
     keys = [k for k in SUMMARY_KEYS if any(k in r for r in records)]
-    lines = ["| " + " | ".join(["job", "overrides", "status", *keys]) + " |", "|---" * (3 + len(keys)) + "|"]
+    lines = [
+        "| " + " | ".join(["job", "overrides", "status", *keys]) + " |",
+        "|---" * (3 + len(keys)) + "|",
+    ]
     for r in records:
         cells = [f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
         status = r["status"] if r["status"] == "ok" else f"failed: {r['error']}"
@@ -95,11 +124,15 @@ class SweepSummary(Callback):
             print(f"error: no job folders in the sweep folder {sweep_dir}", file=sys.stderr)
             sys.exit(1)
         records = [job_record(j) for j in jobs]
-        (sweep_dir / "sweep_summary.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (sweep_dir / "sweep_summary.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in records)
+        )
         (sweep_dir / "sweep_summary.md").write_text(markdown(records))
         print(markdown(records), end="")
         failed = [r for r in records if r["status"] != "ok"]
         if failed:
-            print(f"error: {len(failed)} of {len(records)} jobs failed (see {sweep_dir / 'sweep_summary.md'})",
-                  file=sys.stderr)
+            print(
+                f"error: {len(failed)} of {len(records)} jobs failed (see {sweep_dir / 'sweep_summary.md'})",
+                file=sys.stderr,
+            )
             sys.exit(1)

@@ -6,6 +6,7 @@
 The packages are resolved in a throw-away venv. The runtime dependencies are installed there too, without torch,
 so that what they pull in is left out: they keep pyproject.toml's ranges (a GPU image keeps its own torch, numpy).
 """
+
 from __future__ import annotations
 
 import json
@@ -73,10 +74,18 @@ def main() -> None:
         venv.create(tmp, with_pip=True)
         py = str(Path(tmp) / "bin" / "python")
         subprocess.run([py, "-m", "pip", "install", "-q", *runtime, *extras], check=True)
-        pins = json.loads(subprocess.run([py, "-c", CLOSURE, json.dumps(runtime), json.dumps(extras)],
-                                         check=True, capture_output=True, text=True).stdout)
+        pins = json.loads(
+            subprocess.run(
+                [py, "-c", CLOSURE, json.dumps(runtime), json.dumps(extras)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        )
     OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(HEADER + "".join(f"{n}=={v}\n" for n, v in sorted(pins.items(), key=lambda p: p[0].lower())))
+    OUT.write_text(
+        HEADER + "".join(f"{n}=={v}\n" for n, v in sorted(pins.items(), key=lambda p: p[0].lower()))
+    )
     print(f"{OUT.relative_to(ROOT)}: {len(pins)} pins", file=sys.stderr)
 
 

@@ -2,6 +2,7 @@
 
 Nothing here reads ../shared/data or the network; every test that trains does so in-process on the synthetic text.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,10 @@ _WORDS = (
     "chronicles valkyria story development critics version character design world record year years "
     "café naïve <unk> <unk> <unk> <unk>"
 ).split()
-_NAMES = ("Valkyria Gallia Sega Japan London Ohio Thomas Mary Kentucky Europan Imperial Nameless "
-          "Honjou Sakimoto Ozawa PlayStation Tower Bridge Lake George").split()
+_NAMES = (
+    "Valkyria Gallia Sega Japan London Ohio Thomas Mary Kentucky Europan Imperial Nameless "
+    "Honjou Sakimoto Ozawa PlayStation Tower Bridge Lake George"
+).split()
 _PUNCT_TAILS = (" .", " .", " .", " ;", " !", " ?")
 
 
@@ -57,7 +60,7 @@ def _sentence(rng: random.Random) -> str:
         elif r < 0.12:
             out.append(_number(rng))
         elif r < 0.17 and i > 0:
-            out.append(rng.choice([",", ",", "@-@", "'s", ":", "\""]))
+            out.append(rng.choice([",", ",", "@-@", "'s", ":", '"']))
         elif r < 0.19:
             out.append(f"( {rng.choice(_WORDS)} {rng.choice(_WORDS)} )")
         else:
@@ -93,7 +96,9 @@ def write_wikitext(root: Path, splits=("train", "valid", "test")) -> Path:
     folder = root / "wikitext-2"
     folder.mkdir(parents=True, exist_ok=True)
     # every word, name and punctuation mark once, so valid/test never hold a character train lacks
-    vocab_line = " " + " ".join(_WORDS + _NAMES) + " , @-@ 's : \" ( ) @,@ @.@ 0123456789 . ; ! ? \n"
+    vocab_line = (
+        " " + " ".join(_WORDS + _NAMES) + " , @-@ 's : \" ( ) @,@ @.@ 0123456789 . ; ! ? \n"
+    )
     for name in splits:
         seed, n = sizes[name]
         text = synthetic_text(seed, n)
@@ -106,7 +111,10 @@ def write_wikitext(root: Path, splits=("train", "valid", "test")) -> Path:
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
     root = write_wikitext(tmp_path_factory.mktemp("data"))
-    texts = {n: (root / "wikitext-2" / f"{n}.txt").read_text(encoding="utf-8") for n in ("train", "valid", "test")}
+    texts = {
+        n: (root / "wikitext-2" / f"{n}.txt").read_text(encoding="utf-8")
+        for n in ("train", "valid", "test")
+    }
     assert set(texts["valid"]) <= set(texts["train"]) and set(texts["test"]) <= set(texts["train"])
     return root
 
@@ -114,7 +122,9 @@ def data_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def wikitext_texts(data_root) -> dict:
     folder = data_root / "wikitext-2"
-    return {n: (folder / f"{n}.txt").read_text(encoding="utf-8") for n in ("train", "valid", "test")}
+    return {
+        n: (folder / f"{n}.txt").read_text(encoding="utf-8") for n in ("train", "valid", "test")
+    }
 
 
 @pytest.fixture(scope="session")
@@ -133,6 +143,7 @@ def _isolated_env(data_root, cache_dir):
 
 # --- configs and runs -------------------------------------------------------------------------------------------
 
+
 def compose_train(*overrides: str):
     """Compose `configs/train.yaml` with the overrides, in-process."""
     return moa_train.config.compose_train(overrides)
@@ -141,21 +152,27 @@ def compose_train(*overrides: str):
 @pytest.fixture(scope="session")
 def compose_cfg(data_root, cache_dir):
     """compose_cfg(*overrides): `train` on the synthetic data and private cache (no debug preset)."""
+
     def _compose(*overrides: str):
         return compose_train(f"data.root={data_root}", f"data.cache_dir={cache_dir}", *overrides)
+
     return _compose
 
 
 @pytest.fixture(scope="session")
 def make_cfg(compose_cfg):
     """make_cfg(*overrides): `train` with debug=tiny on the synthetic data and private cache."""
+
     def _make(*overrides: str):
         return compose_cfg("debug=tiny", *overrides)
+
     return _make
 
 
 def read_jsonl(path: Path) -> list:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -169,6 +186,7 @@ def train_run(make_cfg):
         validate(cfg)
         summary = train(cfg, run_dir)
         return summary, read_jsonl(run_dir / "metrics.jsonl")
+
     return _run
 
 
@@ -198,10 +216,14 @@ def cli(monkeypatch, capsys, tmp_path):
     """cli(*overrides) -> run_main's (code, output, stderr lines) of `moa-train debug=tiny trainer.device=cpu ...`;
     the run folder is tmp_path/run unless hydra.run.dir is given or `run_dir=False` (Hydra's default under the
     cwd)."""
+
     def _run(*overrides: str, run_dir: bool = True) -> tuple:
         given = not run_dir or any(o.startswith("hydra.run.dir=") for o in overrides)
         folder = [] if given else [f"hydra.run.dir={tmp_path}/run"]
-        return run_main(["debug=tiny", "trainer.device=cpu", *folder, *overrides], monkeypatch, capsys)
+        return run_main(
+            ["debug=tiny", "trainer.device=cpu", *folder, *overrides], monkeypatch, capsys
+        )
+
     return _run
 
 

@@ -1,5 +1,6 @@
 """moa-bench --decode on CPU at the tiny size: the measured fields, balanced routing, the KV bytes, the transformers
 baseline, the tables rebuilt from the json, and bad input."""
+
 import json
 import sys
 
@@ -8,17 +9,34 @@ import torch
 
 from moa_train import bench_decode
 from moa_train.bench import main
-from moa_train.bench_decode import SIZES, balance_routers, build, hf_baseline, prompts, routing_shares, targets
+from moa_train.bench_decode import (
+    SIZES,
+    balance_routers,
+    build,
+    hf_baseline,
+    prompts,
+    routing_shares,
+    targets,
+)
 
 TINY = SIZES["tiny"]
 
 
 def test_decode_bench_measures_every_field(tmp_path):
     out = tmp_path / "results"
-    args = ["--decode", "--decode-size", "tiny", "--models", "mha,moas_dynamic", "--no-hf", "--out", str(out)]
+    args = [
+        "--decode",
+        "--decode-size",
+        "tiny",
+        "--models",
+        "mha,moas_dynamic",
+        "--no-hf",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     data = json.loads((out / "inference.json").read_text())
-    (rid, run), = data["runs"].items()
+    ((rid, run),) = data["runs"].items()
     assert run["bandwidth"] > 0 and run["torch"] == torch.__version__
     assert run["command"].startswith("moa-bench --decode --decode-size tiny")
     assert set(data["results"]) == {"tiny/mha", "tiny/moas_dynamic", "tiny/moas_dynamic@top1"}
@@ -33,21 +51,30 @@ def test_decode_bench_measures_every_field(tmp_path):
         assert r["prefill"]["tokens_per_s"] > 0 and r["prefill"]["batch"] == TINY.prefill_batch
         assert set(r["decode"]) == {"1", "4"}
         for batch, d in r["decode"].items():
-            assert d["tokens_per_s"] == pytest.approx(int(batch) / d["step_ms"] * 1000) and d["tokens_per_s"] > 0
+            assert (
+                d["tokens_per_s"] == pytest.approx(int(batch) / d["step_ms"] * 1000)
+                and d["tokens_per_s"] > 0
+            )
             assert d["mode"].startswith("eager (CPU")
             assert d["kv_bytes_per_token_measured"] == r["kv_bytes_per_token"]
             assert d["bound_ms"] == pytest.approx(1000 * d["read_bytes"] / run["bandwidth"])
             assert d["share_of_bound"] == pytest.approx(d["bound_ms"] / d["step_ms"])
             kv_read = int(batch) * r["kv_bytes_per_token"] * (TINY.prompt_len + TINY.new_tokens / 2)
             assert d["read_bytes"] == pytest.approx(r["param_bytes"] + kv_read)
-            target = bench_decode.missed(r["model"], list(r["decode"]).index(batch), d["share_of_bound"])
-            assert ("trace" in d) == (target is not None)  # a trace exactly where a target is missed
+            target = bench_decode.missed(
+                r["model"], list(r["decode"]).index(batch), d["share_of_bound"]
+            )
+            assert ("trace" in d) == (
+                target is not None
+            )  # a trace exactly where a target is missed
             if "trace" in d:
                 assert d["trace"]["top"] and d["trace"]["kernel_ms"] > 0
     assert data["results"]["tiny/mha"]["routing"] is None
     assert data["results"]["tiny/moas_dynamic@top1"]["inference_routing"] == "top1"
     routing = data["results"]["tiny/moas_dynamic"]["routing"]
-    assert routing["choices"] == ["mha", "gqa", "mqa"] and sum(routing["share"]) == pytest.approx(1, abs=1e-3)
+    assert routing["choices"] == ["mha", "gqa", "mqa"] and sum(routing["share"]) == pytest.approx(
+        1, abs=1e-3
+    )
     assert routing["worst_dev"] < 0.1  # balanced: every layer's shares within 0.1 of a third
     md = (out / "inference.md").read_text()
     assert "| mha | eager (CPU" in md and "| moas_dynamic@top1 |" in md and "## Size tiny" in md
@@ -62,7 +89,9 @@ def test_balanced_routing_spreads_a_zero_router():
     model, _ = build(TINY, "moa_sparse", torch.device("cpu"))
     idx = prompts(256, TINY.prompt_len, model.vocab_size, "cpu", seed=4)
     before = routing_shares(model, idx)
-    assert before["worst_dev"] == pytest.approx(0.5 - 1 / 8)  # 2 of 8 experts take half of everything each
+    assert before["worst_dev"] == pytest.approx(
+        0.5 - 1 / 8
+    )  # 2 of 8 experts take half of everything each
     balance_routers(model, prompts(256, TINY.prompt_len, model.vocab_size, "cpu", seed=3))
     after = routing_shares(model, idx)
     assert after["of"] == "top-k assignments" and len(after["share"]) == 8
@@ -70,24 +99,35 @@ def test_balanced_routing_spreads_a_zero_router():
 
 
 def test_transformers_baseline_runs_on_cpu(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="the baseline needs transformers (extra hf)")
+    transformers = pytest.importorskip(
+        "transformers", reason="the baseline needs transformers (extra hf)"
+    )
     out = tmp_path / "results"
     assert main(["--decode", "--decode-size", "tiny", "--hf-only", "--out", str(out)]) == 0
     results = json.loads((out / "inference.json").read_text())["results"]
-    assert set(results) == {f"tiny/hf-llama-kv{kv}/{s}" for kv in (4, 2, 1) for s in ("dynamic", "static")}
+    assert set(results) == {
+        f"tiny/hf-llama-kv{kv}/{s}" for kv in (4, 2, 1) for s in ("dynamic", "static")
+    }
     for r in results.values():
         assert "error" not in r, r["error"]
         assert r["transformers"] == transformers.__version__
-        assert r["config"]["num_key_value_heads"] == r["kv_heads"] and r["config"]["hidden_size"] == 64
-        assert r["settings"]["attn_implementation"] == "sdpa" and r["settings"]["max_new_tokens"] == TINY.new_tokens
+        assert (
+            r["config"]["num_key_value_heads"] == r["kv_heads"] and r["config"]["hidden_size"] == 64
+        )
+        assert (
+            r["settings"]["attn_implementation"] == "sdpa"
+            and r["settings"]["max_new_tokens"] == TINY.new_tokens
+        )
         for d in r["decode"].values():
-            assert d["tokens_per_s"] > 0 and d["compiled"] is False  # transformers compiles on CUDA only
+            assert (
+                d["tokens_per_s"] > 0 and d["compiled"] is False
+            )  # transformers compiles on CUDA only
     assert "| llama-kv2 | 2 | static | no/no |" in (out / "inference.md").read_text()
 
 
 def test_missing_transformers_is_a_row(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
-    (key, row), = bench_decode.hf_rows(TINY, torch.device("cpu"), ["dynamic"])
+    ((key, row),) = bench_decode.hf_rows(TINY, torch.device("cpu"), ["dynamic"])
     assert key == "tiny/hf" and row["error"].startswith("transformers not importable here")
 
 
@@ -100,24 +140,49 @@ def test_a_variant_without_the_cache_contract_is_a_row(monkeypatch):
 
 
 def hf_entry(kv, setting, tok_s):
-    return {"size": "tiny", "model": f"llama-kv{kv}", "kv_heads": kv, "setting": setting,
-            "decode": {"1": {"tokens_per_s": tok_s}}}
+    return {
+        "size": "tiny",
+        "model": f"llama-kv{kv}",
+        "kv_heads": kv,
+        "setting": setting,
+        "decode": {"1": {"tokens_per_s": tok_s}},
+    }
 
 
 def test_ratios_compare_with_the_same_kv_heads_or_the_mha_equivalent():
-    results = {"a": hf_entry(4, "dynamic", 10.0), "b": hf_entry(4, "static", 40.0), "c": hf_entry(1, "dynamic", 20.0)}
+    results = {
+        "a": hf_entry(4, "dynamic", 10.0),
+        "b": hf_entry(4, "static", 40.0),
+        "c": hf_entry(1, "dynamic", 20.0),
+    }
     assert hf_baseline(results, "tiny", 1, "1") == (20.0, "llama-kv1 dynamic")
-    assert hf_baseline(results, "tiny", 7, "1") == (40.0, "llama-kv4 static")  # no 7-head row: the n_head one
+    assert hf_baseline(results, "tiny", 7, "1") == (
+        40.0,
+        "llama-kv4 static",
+    )  # no 7-head row: the n_head one
     assert hf_baseline(results, "tiny", 1, "64") == (None, None)
 
 
 def test_targets_say_by_how_much_they_are_missed():
     def entry(model, share_b1, share_b64, measured=100):
-        return {"size": "gpt2", "model": model, "kv_bytes_per_token": 100, "kv_bytes_per_token_measured": measured,
-                "decode": {"1": {"share_of_bound": share_b1}, "64": {"share_of_bound": share_b64}}}
-    results = {"gpt2/mha": entry("mha", 0.10, 0.6), "gpt2/moas_static": entry("moas_static", 0.05, 0.25, 101)}
+        return {
+            "size": "gpt2",
+            "model": model,
+            "kv_bytes_per_token": 100,
+            "kv_bytes_per_token_measured": measured,
+            "decode": {"1": {"share_of_bound": share_b1}, "64": {"share_of_bound": share_b64}},
+        }
+
+    results = {
+        "gpt2/mha": entry("mha", 0.10, 0.6),
+        "gpt2/moas_static": entry("moas_static", 0.05, 0.25, 101),
+    }
     rows = {t: (m, ok, by) for t, m, ok, by in targets(results)}
-    assert rows["mha batch 1: >= 20% of the bandwidth bound"] == ("10.0%", False, "10.0% of the bound (2.0x too slow)")
+    assert rows["mha batch 1: >= 20% of the bandwidth bound"] == (
+        "10.0%",
+        False,
+        "10.0% of the bound (2.0x too slow)",
+    )
     assert rows["mha batch 64: >= 50% of the bandwidth bound"] == ("60.0%", True, None)
     assert rows["moas_static batch 64: >= 50% of the bandwidth bound"][1] is False
     assert rows["moas_static: measured KV bytes/token = analytic"][1] is False
@@ -129,19 +194,38 @@ def test_decode_bench_refuses_unknown_models(capsys):
         main(["--decode", "--models", "mha,nope"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --models: unknown nope; allowed: mha, gqa") and err.count("\n") == 1
+    assert (
+        err.startswith("error: --models: unknown nope; allowed: mha, gqa") and err.count("\n") == 1
+    )
 
 
 def test_decode_bench_measures_the_head_pool_of_moas_kv(tmp_path):
     """moas_kv (a head pool per layer): allocated bytes per token equal the analytic figure (no budget: n_head heads),
     and the realised bytes are the used slots of balanced routing over MHA/GQA/MQA, (4 + 2 + 1) / 3 heads on average."""
     out = tmp_path / "results"
-    assert main(["--decode", "--decode-size", "tiny", "--models", "moas_kv", "--no-hf", "--no-trace",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--decode",
+                "--decode-size",
+                "tiny",
+                "--models",
+                "moas_kv",
+                "--no-hf",
+                "--no-trace",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     r = json.loads((out / "inference.json").read_text())["results"]["tiny/moas_kv"]
     assert "error" not in r, r.get("error")
     head = 2 * 2 * 16 * 4  # K and V x 2 layers x head_dim 16 x fp32
-    assert r["kv_heads"] == 4 and r["kv_bytes_per_token"] == 4 * head == r["kv_bytes_per_token_measured"]
+    assert (
+        r["kv_heads"] == 4
+        and r["kv_bytes_per_token"] == 4 * head == r["kv_bytes_per_token_measured"]
+    )
     assert r["routing"]["choices"] == ["mha", "gqa", "mqa"] and r["routing"]["worst_dev"] < 0.1
     assert r["kv_bytes_per_token_realised"] == pytest.approx(7 / 3 * head, rel=0.2)
     assert "| moas_kv | eager (CPU" in (out / "inference.md").read_text()
@@ -149,7 +233,10 @@ def test_decode_bench_measures_the_head_pool_of_moas_kv(tmp_path):
 
 def test_decode_spans_cover_every_step_in_buckets():
     assert bench_decode.decode_spans(512, 256, 64) == [(576, 64), (640, 64), (704, 64), (768, 64)]
-    assert bench_decode.decode_spans(16, 8, 5) == [(20, 4), (24, 4)]  # positions 16..19 < 20, 20..23 < 24
+    assert bench_decode.decode_spans(16, 8, 5) == [
+        (20, 4),
+        (24, 4),
+    ]  # positions 16..19 < 20, 20..23 < 24
     assert bench_decode.decode_spans(16, 8, 64) == [(24, 8)]  # never past the cache
     assert bench_decode.decode_spans(16, 8, 0) == [(None, 8)]  # the whole cache
     for prompt, new, bucket in ((7, 9, 3), (1, 2, 1), (30, 100, 16)):
@@ -182,15 +269,33 @@ def test_greedy_decoding_over_spans_gives_the_same_tokens(model_name):
 
 def test_decode_bench_records_its_spans(tmp_path, capsys):
     out = tmp_path / "results"
-    assert main(["--decode", "--decode-size", "tiny", "--models", "mha", "--no-hf", "--no-trace", "--span-bucket",
-                 "5", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--decode",
+                "--decode-size",
+                "tiny",
+                "--models",
+                "mha",
+                "--no-hf",
+                "--no-trace",
+                "--span-bucket",
+                "5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     d = json.loads((out / "inference.json").read_text())["results"]["tiny/mha"]["decode"]["4"]
     assert d["span_bucket"] == 5 and d["spans"] == [20, 24]
     assert "attends over spans of 5 |" in (out / "inference.md").read_text()
     with pytest.raises(SystemExit) as exc:
         main(["--decode", "--span-bucket", "-1"])
     assert exc.value.code == 2
-    assert capsys.readouterr().err.startswith("error: --span-bucket: must be 0 (the whole cache) or a positive")
+    assert capsys.readouterr().err.startswith(
+        "error: --span-bucket: must be 0 (the whole cache) or a positive"
+    )
 
 
 def test_the_committed_tables_rebuild_from_the_committed_json(tmp_path):

@@ -1,4 +1,5 @@
 """sacreBLEU / chrF scores and the tokenised compound-split BLEU of the MoA paper."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,7 @@
 """Translation decoding through the KV cache (models/search.py, Seq2Seq.start_decoding / decode_next): for every
 variant allowed in translation, cached and uncached greedy and beam search give the same hypotheses in fp32 on CPU,
 sentences leave the batch as they finish, and the cached logits equal the full decoder's at every position."""
+
 import json
 
 import pytest
@@ -21,20 +22,43 @@ VARIANTS = {
     "moa_all": ("moa", {"n_experts": 4, "top_k": 4}),
     "moas_static": ("moas_static", {}),
     "moas_dynamic": ("moas_dynamic", {}),
-    "moas_kv": ("moas_kv", {"kv_budget": 2.0, "kv_pool_slack": 2.0}),  # a pool that cannot overflow: exact
+    "moas_kv": (
+        "moas_kv",
+        {"kv_budget": 2.0, "kv_pool_slack": 2.0},
+    ),  # a pool that cannot overflow: exact
     "mha_cross_moa": ("mha", {"cross": {"name": "moa", "n_experts": 4, "top_k": 2}}),
-    "mha_postln_fairseq": ("mha", {"norm_first": False, "positions": "sinusoidal_fairseq", "bias": True,
-                                   "activation": "relu", "init": "fairseq"}),
-    "moa_learned_positions": ("moa", {"n_experts": 4, "top_k": 2, "positions": "learned", "bias": True}),
+    "mha_postln_fairseq": (
+        "mha",
+        {
+            "norm_first": False,
+            "positions": "sinusoidal_fairseq",
+            "bias": True,
+            "activation": "relu",
+            "init": "fairseq",
+        },
+    ),
+    "moa_learned_positions": (
+        "moa",
+        {"n_experts": 4, "top_k": 2, "positions": "learned", "bias": True},
+    ),
 }
 
 
 def build(variant: str) -> Seq2Seq:
     name, keys = VARIANTS[variant]
     keys = {"positions": "sinusoidal", **keys}
-    m = OmegaConf.structured(config.VARIANTS[name](name=name, d_model=32, n_layer=2, n_encoder_layer=2, n_head=4,
-                                                   max_seq_len=40, dropout=0.0,
-                                                   **{k: v for k, v in keys.items() if k != "cross"}))
+    m = OmegaConf.structured(
+        config.VARIANTS[name](
+            name=name,
+            d_model=32,
+            n_layer=2,
+            n_encoder_layer=2,
+            n_head=4,
+            max_seq_len=40,
+            dropout=0.0,
+            **{k: v for k, v in keys.items() if k != "cross"},
+        )
+    )
     if "cross" in keys:
         m.cross = keys["cross"]
     torch.manual_seed(0)
@@ -66,6 +90,7 @@ def an_eos(model, src, mask) -> int:
 
     def spread(t: int) -> int:
         return len({h.index(t) if t in h else len(h) for h in never})
+
     return max(sorted({t for h in never for t in h}), key=spread)
 
 
@@ -75,16 +100,25 @@ def test_cached_and_uncached_search_give_the_same_hypotheses(variant):
     assert model.cached_decoding_ok()
     src, mask = sources()
     eos = an_eos(model, src, mask)
-    greedy = [search.greedy_search(model, src, mask, BOS, eos, PAD, 12, use_cache=c) for c in (False, True)]
+    greedy = [
+        search.greedy_search(model, src, mask, BOS, eos, PAD, 12, use_cache=c)
+        for c in (False, True)
+    ]
     assert greedy[0] == greedy[1]
     assert len({len(h) for h in greedy[0]}) > 1  # sentences finished at different steps
-    beams = [search.beam_search(model, src, mask, BOS, eos, PAD, 12, beam=4, lenpen=0.6, use_cache=c)
-             for c in (False, True)]
+    beams = [
+        search.beam_search(model, src, mask, BOS, eos, PAD, 12, beam=4, lenpen=0.6, use_cache=c)
+        for c in (False, True)
+    ]
     assert beams[0] == beams[1]
-    assert search.beam_search(model, src, mask, BOS, eos, PAD, 12, beam=1, use_cache=True) == greedy[1]
+    assert (
+        search.beam_search(model, src, mask, BOS, eos, PAD, 12, beam=1, use_cache=True) == greedy[1]
+    )
 
 
-@pytest.mark.parametrize("variant", ["mha", "moa_topk", "moas_dynamic", "mha_postln_fairseq", "moas_kv"])
+@pytest.mark.parametrize(
+    "variant", ["mha", "moa_topk", "moas_dynamic", "mha_postln_fairseq", "moas_kv"]
+)
 def test_cached_logits_equal_the_full_decoder_at_every_position(variant):
     model = build(variant)
     src, mask = sources()
@@ -104,13 +138,24 @@ def test_finished_sentences_leave_the_batch(monkeypatch):
     eos = an_eos(model, src, mask)
     rows_per_call = []
     original = model.decode_next
-    monkeypatch.setattr(model, "decode_next", lambda tokens, state: rows_per_call.append(len(tokens))
-                        or original(tokens, state))
+    monkeypatch.setattr(
+        model,
+        "decode_next",
+        lambda tokens, state: rows_per_call.append(len(tokens)) or original(tokens, state),
+    )
     search.greedy_search(model, src, mask, BOS, eos, PAD, 12)
-    assert rows_per_call[0] == 5 and rows_per_call[-1] < 5 and rows_per_call == sorted(rows_per_call, reverse=True)
+    assert (
+        rows_per_call[0] == 5
+        and rows_per_call[-1] < 5
+        and rows_per_call == sorted(rows_per_call, reverse=True)
+    )
     rows_per_call.clear()
     search.beam_search(model, src, mask, BOS, eos, PAD, 12, beam=3)
-    assert rows_per_call[0] == 15 and min(rows_per_call) < 15 and all(n % 3 == 0 for n in rows_per_call)
+    assert (
+        rows_per_call[0] == 15
+        and min(rows_per_call) < 15
+        and all(n % 3 == 0 for n in rows_per_call)
+    )
 
 
 def test_a_model_without_the_contract_is_decoded_by_recomputing():
@@ -118,6 +163,7 @@ def test_a_model_without_the_contract_is_decoded_by_recomputing():
     model = build("mha")
     src, mask = sources()
     want = search.greedy_search(model, src, mask, BOS, 2, PAD, 8, use_cache=False)
+
     class Plain(torch.nn.Module):  # forward only
         def __init__(self, inner):
             super().__init__()
@@ -142,16 +188,39 @@ def test_decoding_timer_on_a_trained_run(compose_cfg, tmp_path, capsys):
     from test_translation_train import write_copy_corpus
 
     root = write_copy_corpus(tmp_path / "data")
-    cfg = compose_cfg("experiment=multi30k/moa", "debug=tiny", "data=wmt14_en_de", f"data.root={root}",
-                      "data.vocab_size=300", "trainer.device=cpu", "trainer.max_steps=10", "eval.beam=2")
+    cfg = compose_cfg(
+        "experiment=multi30k/moa",
+        "debug=tiny",
+        "data=wmt14_en_de",
+        f"data.root={root}",
+        "data.vocab_size=300",
+        "trainer.device=cpu",
+        "trainer.max_steps=10",
+        "eval.beam=2",
+    )
     train(cfg, tmp_path / "run")
     out = tmp_path / "decoding.json"
     backends = list(kv_cache.DECODING_SDPA)
-    decoding.main([str(tmp_path / "run"), "--precisions", "fp32,bf16", "--max-sentences", "12", "--device", "cpu",
-                   "--with-cudnn", "--out", str(out)])
+    decoding.main(
+        [
+            str(tmp_path / "run"),
+            "--precisions",
+            "fp32,bf16",
+            "--max-sentences",
+            "12",
+            "--device",
+            "cpu",
+            "--with-cudnn",
+            "--out",
+            str(out),
+        ]
+    )
     rows = json.loads(out.read_text())["rows"]
     assert [(r["precision"], r["cudnn_attention"], r["kv_cache"]) for r in rows] == [
-        (p, c, k) for p, c in [("fp32", False), ("bf16", False), ("bf16", True)] for k in (False, True)]
+        (p, c, k)
+        for p, c in [("fp32", False), ("bf16", False), ("bf16", True)]
+        for k in (False, True)
+    ]
     off, on = rows[:2]
     assert off["beam"] == on["beam"] == 2
     assert on["identical_hypotheses"] == on["sentences"] == 12 and off["bleu"] == on["bleu"]
@@ -173,9 +242,12 @@ def test_decoding_runs_without_cudnn_attention(monkeypatch):
         def spy(*args, _original=original, **kwargs):
             seen.append(torch.backends.cuda.cudnn_sdp_enabled())
             return _original(*args, **kwargs)
+
         monkeypatch.setattr(model, name, spy)
     before = torch.backends.cuda.cudnn_sdp_enabled()
-    torch.backends.cuda.enable_cudnn_sdp(True)  # on, as torch has it by default, so that the test can fail
+    torch.backends.cuda.enable_cudnn_sdp(
+        True
+    )  # on, as torch has it by default, so that the test can fail
     try:
         for cache in (False, True):
             search.greedy_search(model, src, mask, BOS, -1, PAD, 4, use_cache=cache)

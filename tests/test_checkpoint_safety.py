@@ -1,5 +1,6 @@
 """Checkpoints and resume under hostile files and faults: nothing runs on load, nothing good is deleted, nothing
 non-finite is offered, changed settings are honoured or refused, each step is logged once, readers fall back."""
+
 from __future__ import annotations
 
 import io
@@ -22,8 +23,13 @@ from moa_train.train.loop import Trainer, train
 
 TINY = ("model=mha", "model.n_head=4")
 FIVE = (*TINY, "trainer.max_steps=5", "trainer.eval_interval=5", "trainer.log_interval=1")
-TEN = (*TINY, "trainer.max_steps=10", "trainer.eval_interval=5", "trainer.log_interval=1",
-       "trainer.keep_checkpoints=2")
+TEN = (
+    *TINY,
+    "trainer.max_steps=10",
+    "trainer.eval_interval=5",
+    "trainer.log_interval=1",
+    "trainer.keep_checkpoints=2",
+)
 
 
 def steps(records: list) -> list:
@@ -42,10 +48,13 @@ class Payload:
 
 def write_with_sidecar(state: dict, path) -> None:
     torch.save(state, path)
-    sidecar(path).write_text(f"{file_sha256(path)}  {path.name}\n")  # a recomputed sidecar hides nothing
+    sidecar(path).write_text(
+        f"{file_sha256(path)}  {path.name}\n"
+    )  # a recomputed sidecar hides nothing
 
 
 # --- nothing runs on load -------------------------------------------------------------------------------------------
+
 
 def test_pickle_payload_is_refused_and_never_runs(train_run, tmp_path):
     run = tmp_path / "run"
@@ -58,8 +67,12 @@ def test_pickle_payload_is_refused_and_never_runs(train_run, tmp_path):
         with pytest.raises(CheckpointError, match="--trust-pickle") as refused:
             load()
         assert "\n" not in str(refused.value)
-        assert f"python3 -m moa_train.train.checkpoint convert {path} --trust-pickle" in str(refused.value)
-    with pytest.raises(CheckpointError, match="--trust-pickle"):  # a resume (auto) finds it and refuses it too
+        assert f"python3 -m moa_train.train.checkpoint convert {path} --trust-pickle" in str(
+            refused.value
+        )
+    with pytest.raises(
+        CheckpointError, match="--trust-pickle"
+    ):  # a resume (auto) finds it and refuses it too
         train_run(run, *TINY, "trainer.max_steps=10")
     assert not marker.exists()
 
@@ -81,10 +94,14 @@ def test_old_checkpoint_is_refused_then_converted_with_the_trust_flag(train_run,
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "moa_train.train.checkpoint", "convert", str(run)]
     refused = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
-    assert refused.returncode == 2 and refused.stderr.startswith("error: --trust-pickle"), refused.stderr
+    assert refused.returncode == 2 and refused.stderr.startswith("error: --trust-pickle"), (
+        refused.stderr
+    )
     with pytest.raises(CheckpointError, match="--trust-pickle"):  # untouched without the flag
         load_checkpoint(path)
-    done = subprocess.run([*command, "--trust-pickle"], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [*command, "--trust-pickle"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert load_checkpoint(path)["step"] == 5
     _, records = train_run(run, *TINY, "trainer.max_steps=7", "trainer.log_interval=1")
@@ -104,6 +121,7 @@ def test_rng_state_round_trips_through_a_safe_load(tmp_path):
 
 # --- nothing good is deleted; readers fall back -----------------------------------------------------------------
 
+
 def test_damaged_sidecar_keeps_its_checkpoint(train_run, tmp_path, caplog):
     _, before = train_run(tmp_path, *TEN)
     path = tmp_path / "checkpoints" / "step_0000010.pt"
@@ -111,8 +129,14 @@ def test_damaged_sidecar_keeps_its_checkpoint(train_run, tmp_path, caplog):
     sidecar(path).write_text("garbage\n")
     with caplog.at_level(logging.WARNING):
         assert load_run(tmp_path)[0] is not None  # the reader takes step 5
-        _, records = train_run(tmp_path, *TINY, "trainer.max_steps=12", "trainer.eval_interval=5",
-                               "trainer.log_interval=1", "trainer.keep_checkpoints=2")
+        _, records = train_run(
+            tmp_path,
+            *TINY,
+            "trainer.max_steps=12",
+            "trainer.eval_interval=5",
+            "trainer.log_interval=1",
+            "trainer.keep_checkpoints=2",
+        )
     assert "sidecar step_0000010.pt.sha256 is damaged" in caplog.text
     kept = tmp_path / "checkpoints" / "step_0000010.pt.failed"
     assert kept.read_bytes() == data  # set aside, not deleted
@@ -134,13 +158,20 @@ def test_load_run_falls_back_past_a_damaged_checkpoint(train_run, tmp_path, capl
 
 # --- nothing non-finite is offered ----------------------------------------------------------------------------------
 
+
 def test_non_finite_weights_are_never_checkpointed(train_run, make_cfg, tmp_path):
     train_run(tmp_path, *FIVE)
     good = tmp_path / "checkpoints" / "step_0000005.pt"
-    cfg = make_cfg("trainer.device=cpu", *TEN, "optim.lr=inf")  # not validated: as if a check were missing
-    with pytest.raises(DivergedError, match=rf"not finite at step 10.*last good checkpoint is {good}"):
+    cfg = make_cfg(
+        "trainer.device=cpu", *TEN, "optim.lr=inf"
+    )  # not validated: as if a check were missing
+    with pytest.raises(
+        DivergedError, match=rf"not finite at step 10.*last good checkpoint is {good}"
+    ):
         train(cfg, tmp_path)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt")) == ["step_0000005.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt")) == [
+        "step_0000005.pt"
+    ]
     fresh = tmp_path / "fresh"
     with pytest.raises(DivergedError, match="not finite at step 5.*last good checkpoint is none"):
         train(make_cfg("trainer.device=cpu", *FIVE, "optim.lr=inf"), fresh)
@@ -149,10 +180,20 @@ def test_non_finite_weights_are_never_checkpointed(train_run, make_cfg, tmp_path
 
 # --- changed settings on resume -----------------------------------------------------------------------------------
 
+
 def test_resume_honours_a_new_lr_and_schedule(train_run, make_cfg, tmp_path):
     train_run(tmp_path, *FIVE, "optim.lr=0.001")
-    trainer = Trainer(make_cfg("trainer.device=cpu", *TEN, "optim.lr=0.002", "optim.weight_decay=0.05",
-                               "schedule=cosine", "schedule.warmup_steps=0"), tmp_path)
+    trainer = Trainer(
+        make_cfg(
+            "trainer.device=cpu",
+            *TEN,
+            "optim.lr=0.002",
+            "optim.weight_decay=0.05",
+            "schedule=cosine",
+            "schedule.warmup_steps=0",
+        ),
+        tmp_path,
+    )
     trainer.maybe_resume()
     decay = next(g for g in trainer.optimizer.param_groups if g["name"] == "decay")
     factor = trainer.scheduler.lr_lambdas[0](5)  # cosine at step 5 of 10
@@ -164,8 +205,10 @@ def test_resume_honours_a_new_lr_and_schedule(train_run, make_cfg, tmp_path):
 
 def test_resume_refuses_a_changed_architecture_or_data(train_run, tmp_path):
     train_run(tmp_path, *FIVE)
-    for override, words in (("model.dropout=0.3", r"model.dropout is 0\.\d+ in the checkpoint but 0.3 now"),
-                            ("data.split=moas_paper", "data.split is 'official' in the checkpoint but 'moas_paper'")):
+    for override, words in (
+        ("model.dropout=0.3", r"model.dropout is 0\.\d+ in the checkpoint but 0.3 now"),
+        ("data.split=moas_paper", "data.split is 'official' in the checkpoint but 'moas_paper'"),
+    ):
         with pytest.raises(ConfigError, match=words):
             train_run(tmp_path, *TINY, "trainer.max_steps=10", override)
     assert steps(read_jsonl(tmp_path / "metrics.jsonl")) == [1, 2, 3, 4, 5]
@@ -173,7 +216,10 @@ def test_resume_refuses_a_changed_architecture_or_data(train_run, tmp_path):
 
 # --- each step once -----------------------------------------------------------------------------------------------
 
-def test_run_killed_before_its_first_checkpoint_logs_each_step_once(train_run, tmp_path, monkeypatch):
+
+def test_run_killed_before_its_first_checkpoint_logs_each_step_once(
+    train_run, tmp_path, monkeypatch
+):
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # a kill during the first save: the steps before it are logged, no checkpoint
 
@@ -213,7 +259,9 @@ def test_temp_files_of_an_interrupted_save_are_removed(train_run, tmp_path):
 
 def test_readers_take_no_lock(train_run, tmp_path):
     train_run(tmp_path, *FIVE)
-    (tmp_path / "train.lock").write_text('{"pid": 1, "host": "elsewhere"}\n')  # a trainer holds the folder
+    (tmp_path / "train.lock").write_text(
+        '{"pid": 1, "host": "elsewhere"}\n'
+    )  # a trainer holds the folder
     assert load_run(tmp_path)[1].trainer.max_steps == 5
 
 
@@ -230,10 +278,16 @@ def test_trainer_takes_the_run_folder_lock(train_run, tmp_path):
     import socket
 
     lock = tmp_path / "train.lock"
-    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))  # alive: our parent
-    with pytest.raises(ConfigError, match=f"in use by process {os.getppid()} on host {socket.gethostname()}"):
+    lock.write_text(
+        json.dumps({"pid": os.getppid(), "host": socket.gethostname()})
+    )  # alive: our parent
+    with pytest.raises(
+        ConfigError, match=f"in use by process {os.getppid()} on host {socket.gethostname()}"
+    ):
         train_run(tmp_path, *FIVE)
-    lock.write_text(json.dumps({"pid": 12345, "host": "another-host"}))  # cannot be judged from here
+    lock.write_text(
+        json.dumps({"pid": 12345, "host": "another-host"})
+    )  # cannot be judged from here
     with pytest.raises(ConfigError, match="in use by process 12345 on host another-host"):
         train_run(tmp_path, *FIVE)
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()

@@ -1,4 +1,5 @@
 """Bad command-line overrides: `python -m moa_train` stops with a short error naming the key, no traceback."""
+
 from __future__ import annotations
 
 import os
@@ -28,10 +29,27 @@ def partial_root(tmp_path_factory):
 def test_bad_override_is_one_short_error(case, data_root, partial_root, tmp_path):
     overrides, expected = CASES[case]
     args = overrides.format(partial=partial_root).split()
-    env = {**os.environ, "MOA_DATA_DIR": str(data_root), "MOA_CACHE_DIR": str(tmp_path / "cache"),
-           "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run([sys.executable, "-m", "moa_train", "debug=tiny", f"hydra.run.dir={tmp_path / 'run'}",
-                           *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    env = {
+        **os.environ,
+        "MOA_DATA_DIR": str(data_root),
+        "MOA_CACHE_DIR": str(tmp_path / "cache"),
+        "HYDRA_FULL_ERROR": "0",
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moa_train",
+            "debug=tiny",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
     assert "Traceback" not in out, out

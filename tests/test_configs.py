@@ -1,4 +1,5 @@
 """Every config on disk composes, validates and builds; the MoAS Table 1 sizes match the paper's counts."""
+
 from __future__ import annotations
 
 import itertools
@@ -29,12 +30,21 @@ def group_options(group: str) -> list:
 MODELS = presets()
 EXPERIMENTS = group_options("experiment")
 DATA = group_options("data")
-TRANSLATION_DATA = [d for d in DATA if OmegaConf.load(CONFIG_DIR / "data" / f"{d}.yaml").task == "translation"]
+TRANSLATION_DATA = [
+    d for d in DATA if OmegaConf.load(CONFIG_DIR / "data" / f"{d}.yaml").task == "translation"
+]
 
 
 def test_groups_found_on_disk():
-    assert set(ATTENTION) | {"moa_sparse", "moa_dense"} <= set(MODELS) == set(group_options("model"))
-    assert {"quickstart", "moas_table1/mha", "moas_table1/moas_static", "moas_table1/moas_dynamic"} <= set(EXPERIMENTS)
+    assert (
+        set(ATTENTION) | {"moa_sparse", "moa_dense"} <= set(MODELS) == set(group_options("model"))
+    )
+    assert {
+        "quickstart",
+        "moas_table1/mha",
+        "moas_table1/moas_static",
+        "moas_table1/moas_dynamic",
+    } <= set(EXPERIMENTS)
     assert {"wikitext2_char", "wikitext2_word", "wikitext2_bpe"} <= set(DATA)
 
 
@@ -77,7 +87,9 @@ def experiment_model_keys(experiment: str) -> set:
 def test_every_experiment_with_every_model_composes_and_builds(compose_cfg, model, experiment):
     """Each experiment with its own data, and any model chosen on the command line (it wins over the experiment);
     an experiment that sets keys of another variant (moa_wmt/moa_8k8e128d: model.n_experts) is refused naming one."""
-    foreign = experiment_model_keys(experiment) - {f.name for f in fields(VARIANTS[preset_variant(model)])}
+    foreign = experiment_model_keys(experiment) - {
+        f.name for f in fields(VARIANTS[preset_variant(model)])
+    }
     if foreign:
         with pytest.raises(HydraException, match="|".join(f"model.{key}" for key in foreign)):
             compose_cfg(f"experiment={experiment}", f"model={model}")
@@ -87,23 +99,28 @@ def test_every_experiment_with_every_model_composes_and_builds(compose_cfg, mode
     if cfg.model.init == "fairseq" and not hasattr(ATTENTION[cfg.model.name], "init_fairseq"):
         # the fairseq-faithful experiments initialise each module as fairseq does: a scheme fairseq never had is
         # refused in one line (model.init=standard runs it)
-        with pytest.raises(ConfigError, match=f"^model.init: fairseq has no init for model.name={cfg.model.name}"):
+        with pytest.raises(
+            ConfigError, match=f"^model.init: fairseq has no init for model.name={cfg.model.name}"
+        ):
             validate(cfg)
         cfg.model.init = "standard"
     check_builds(cfg)
 
 
-@pytest.mark.parametrize("override,key", [
-    ("model.n_head=5", "model.n_head"),
-    ("model.dropout=1.0", "model.dropout"),
-    ("trainer.block_size=999", "trainer.block_size"),
-    ("trainer.grad_accum=3", "trainer.grad_accum"),
-    ("optim.lr=0", "optim.lr"),
-    ("schedule=cosine schedule.warmup_steps=-1", "schedule.warmup_steps"),
-    ("data=wikitext2_bpe data.vocab_size=100", "data.vocab_size"),
-    ("data.root=/nonexistent/folder", "data.root"),
-    ("trainer.eval_only=true trainer.resume=false", "trainer.eval_only"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("model.n_head=5", "model.n_head"),
+        ("model.dropout=1.0", "model.dropout"),
+        ("trainer.block_size=999", "trainer.block_size"),
+        ("trainer.grad_accum=3", "trainer.grad_accum"),
+        ("optim.lr=0", "optim.lr"),
+        ("schedule=cosine schedule.warmup_steps=-1", "schedule.warmup_steps"),
+        ("data=wikitext2_bpe data.vocab_size=100", "data.vocab_size"),
+        ("data.root=/nonexistent/folder", "data.root"),
+        ("trainer.eval_only=true trainer.resume=false", "trainer.eval_only"),
+    ],
+)
 def test_validate_names_the_bad_key(make_cfg, override, key):
     cfg = make_cfg(*override.split())
     with pytest.raises(ConfigError, match=f"^{key}:"):
@@ -120,7 +137,11 @@ ATTN = {  # attention weights per layer: Q and O for each query set, K and V for
     "moas_static": 3 * D * D + 2 * D * (H + G + 1) * HD + 3 * D * D,
     "moas_dynamic": 3 * D * D + 2 * D * (H + G + 1) * HD + 3 * D * D + D * (D // 4) + (D // 4) * 3,
 }
-QUERY_SETS = {"mha": 1, "moas_static": 3, "moas_dynamic": 3}  # query heads = sets x H: each attends over T keys
+QUERY_SETS = {
+    "mha": 1,
+    "moas_static": 3,
+    "moas_dynamic": 3,
+}  # query heads = sets x H: each attends over T keys
 
 
 def hand_params(name: str) -> tuple:
@@ -140,7 +161,10 @@ TABLE1 = sorted(ATTN)
 
 @pytest.fixture(scope="module")
 def table1_models(compose_cfg):
-    return {name: build_model(compose_cfg(f"experiment=moas_table1/{name}").model, VOCAB) for name in TABLE1}
+    return {
+        name: build_model(compose_cfg(f"experiment=moas_table1/{name}").model, VOCAB)
+        for name in TABLE1
+    }
 
 
 @pytest.mark.parametrize("name", TABLE1)
@@ -173,8 +197,16 @@ def test_table1_experiment_settings(compose_cfg):
 def test_table1_modes_compose(compose_cfg, mode, row):
     cfg = compose_cfg(f"experiment=moas_table1/{row}", f"mode={mode}")
     validate(cfg)
-    assert cfg.data.split == "moas_paper" and cfg.trainer.batch_size == 12 and cfg.trainer.max_steps == 500
-    assert cfg.trainer.eval_iters == 20 and cfg.trainer.eval_batch_size == 12 and cfg.trainer.grad_clip is None
+    assert (
+        cfg.data.split == "moas_paper"
+        and cfg.trainer.batch_size == 12
+        and cfg.trainer.max_steps == 500
+    )
+    assert (
+        cfg.trainer.eval_iters == 20
+        and cfg.trainer.eval_batch_size == 12
+        and cfg.trainer.grad_clip is None
+    )
     if mode == "faithful":
         assert cfg.trainer.precision == "fp32" and not cfg.trainer.tf32 and not cfg.trainer.compile
     else:
@@ -182,6 +214,7 @@ def test_table1_modes_compose(compose_cfg, mode, row):
 
 
 # --- configs saved before variants owned their keys --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("run", ["mha", "moas_static", "moas_dynamic"])
 def test_run_configs_saved_with_every_variant_s_keys_still_build(compose_cfg, run):
@@ -197,7 +230,10 @@ def test_run_configs_saved_with_every_variant_s_keys_still_build(compose_cfg, ru
     with torch.device("meta"):
         lm = build_model(saved.model, VOCAB)
     assert lm.num_params() == hand_params(saved.model.name)[0]
-    run_cfg = {**OmegaConf.to_container(compose_cfg(), resolve=True), "model": OmegaConf.to_container(saved.model)}
+    run_cfg = {
+        **OmegaConf.to_container(compose_cfg(), resolve=True),
+        "model": OmegaConf.to_container(saved.model),
+    }
     out = eval_config(compose_cfg("model=moa"), run_cfg)
     assert OmegaConf.get_type(out.model) is VARIANTS[saved.model.name]
     assert set(out.model) == variant_keys(VARIANTS[saved.model.name])
@@ -207,9 +243,15 @@ def test_task_follows_the_data_and_a_mismatch_is_refused(compose_cfg):
     """data=multi30k_en_de alone makes a translation run; task=lm with it is refused in one line."""
     assert compose_cfg("data=multi30k_en_de").task.name == "translation"
     assert compose_cfg("data=wikitext2_char").task.name == "lm"
-    assert compose_cfg("task=translation", "data=multi30k_en_de", "data.max_len=127").task.name == "translation"
-    with pytest.raises(ConfigError, match=r"^task: lm does not fit data=multi30k_en_de \(data.task: translation\); "
-                                          r"use task=translation or leave task out$"):
+    assert (
+        compose_cfg("task=translation", "data=multi30k_en_de", "data.max_len=127").task.name
+        == "translation"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^task: lm does not fit data=multi30k_en_de \(data.task: translation\); "
+        r"use task=translation or leave task out$",
+    ):
         validate(compose_cfg("task=lm", "data=multi30k_en_de", "data.max_len=127"))
 
 
@@ -220,4 +262,7 @@ def test_runs_saved_without_a_task_take_their_data_task():
     assert saved_task({"data": {"name": "multi30k_en_de"}}) == "translation"
     assert saved_task({"data": {"name": "wikitext2_char"}}) == "lm"
     assert saved_task({"data": {"name": "gone_corpus"}}) == "lm"
-    assert saved_task({"task": {"name": "translation"}, "data": {"name": "x", "task": "translation"}}) == "translation"
+    assert (
+        saved_task({"task": {"name": "translation"}, "data": {"name": "x", "task": "translation"}})
+        == "translation"
+    )

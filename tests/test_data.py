@@ -1,4 +1,5 @@
 """WikiText-2 loading: tokenizers, splits, word/char counts, bpc conversion and the cache."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,10 @@ from moa_train.train.evaluate import split_metrics
 @pytest.fixture
 def data_cfg(make_cfg, tmp_path):
     """data_cfg(*overrides): the data section, with a cache folder of this test's own."""
+
     def _cfg(*overrides):
         return make_cfg(f"data.cache_dir={tmp_path / 'cache'}", *overrides).data
+
     return _cfg
 
 
@@ -57,7 +60,10 @@ def test_moas_paper_split(make_cfg, wikitext_texts):
     train = wikitext_texts["train"]
     n = int(0.9 * len(train))
     chars = sorted(set(train))
-    text = {k: "".join(chars[i] for i in np.asarray(data.splits[k].tokens)) for k in ("train", "val", "test")}
+    text = {
+        k: "".join(chars[i] for i in np.asarray(data.splits[k].tokens))
+        for k in ("train", "val", "test")
+    }
     assert len(data.splits["train"].tokens) == data.splits["train"].n_chars == n
     assert len(data.splits["val"].tokens) == data.splits["val"].n_chars == len(train) - n
     assert text["train"] == train[:n] and text["val"] == train[n:]
@@ -109,7 +115,9 @@ def test_cache_is_reused(data_cfg, monkeypatch):
     monkeypatch.setattr(wikitext, "_build", no_rebuild)
     second = load_corpus(cfg)
     for name in ("train", "val", "test"):
-        assert np.array_equal(np.asarray(first.splits[name].tokens), np.asarray(second.splits[name].tokens))
+        assert np.array_equal(
+            np.asarray(first.splits[name].tokens), np.asarray(second.splits[name].tokens)
+        )
         assert first.splits[name].n_chars == second.splits[name].n_chars
     assert not list(cache.glob("*.tmp*"))  # no partial folders left behind
 
@@ -159,7 +167,9 @@ def test_windows_shift_targets_by_one():
 @pytest.mark.parametrize("n", [65, 66, 70])
 def test_sequential_windows_cover_every_target_once(n):
     tokens = np.arange(n)
-    batches = list(sequential_windows(tokens, batch_size=3, block_size=8, device=torch.device("cpu")))
+    batches = list(
+        sequential_windows(tokens, batch_size=3, block_size=8, device=torch.device("cpu"))
+    )
     targets = np.concatenate([y.flatten().numpy() for _, y in batches])
     assert targets.tolist() == list(range(1, n))
     for x, y in batches:
@@ -179,7 +189,9 @@ def test_random_windows_are_seeded_and_resumable():
     assert torch.equal(got[1], got[0] + 1) and int(got[1].max()) < 1000
 
 
-@pytest.mark.skipif(not (REAL_DATA / "wikitext-2" / "train.txt").is_file(), reason="../shared/data absent")
+@pytest.mark.skipif(
+    not (REAL_DATA / "wikitext-2" / "train.txt").is_file(), reason="../shared/data absent"
+)
 def test_real_wikitext2_counts():
     folder = REAL_DATA / "wikitext-2"
     assert CharTokenizer(read_text(folder / "train.txt")).vocab_size == 283
@@ -187,6 +199,7 @@ def test_real_wikitext2_counts():
 
 
 # --- the cache: keyed by content, checked when read ---------------------------------------------------------------
+
 
 def test_cache_keys_on_content_not_size_and_time(data_root, tmp_path, make_cfg):
     """A folder whose files have the same sizes and times but other text gets its own tokens, not the cached ones."""
@@ -199,7 +212,9 @@ def test_cache_keys_on_content_not_size_and_time(data_root, tmp_path, make_cfg):
     valid = second / "wikitext-2" / "valid.txt"
     stat = valid.stat()
     text = valid.read_text(encoding="utf-8")
-    valid.write_text(text[len(text) // 2:] + text[:len(text) // 2], encoding="utf-8")  # same size, other order
+    valid.write_text(
+        text[len(text) // 2 :] + text[: len(text) // 2], encoding="utf-8"
+    )  # same size, other order
     os.utime(valid, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     os.utime(first / "wikitext-2" / "valid.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns))
     cache = f"data.cache_dir={tmp_path / 'cache'}"
@@ -207,7 +222,9 @@ def test_cache_keys_on_content_not_size_and_time(data_root, tmp_path, make_cfg):
     b = load_corpus(make_cfg(f"data.root={second}", cache).data)
     train_text = (second / "wikitext-2" / "train.txt").read_text(encoding="utf-8")
     expected = CharTokenizer(train_text).encode(valid.read_text(encoding="utf-8"))
-    assert not np.array_equal(np.asarray(a.splits["val"].tokens), np.asarray(b.splits["val"].tokens))
+    assert not np.array_equal(
+        np.asarray(a.splits["val"].tokens), np.asarray(b.splits["val"].tokens)
+    )
     assert np.array_equal(np.asarray(b.splits["val"].tokens), expected)
 
 
@@ -244,4 +261,6 @@ def test_damaged_cache_is_rebuilt_with_one_warning(data_cfg, caplog, case):
     assert len(warnings) == 1 and "is damaged" in warnings[0] and words in warnings[0], warnings
     for name, tokens in good.items():
         assert np.array_equal(np.asarray(again.splits[name].tokens), tokens)
-    assert [p.name for p in cache_root(cfg).iterdir()] == [entry.name]  # rebuilt in place, nothing left aside
+    assert [p.name for p in cache_root(cfg).iterdir()] == [
+        entry.name
+    ]  # rebuilt in place, nothing left aside

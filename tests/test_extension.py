@@ -1,6 +1,7 @@
 """A new attention variant from outside the package: one module (its config class with a new key, its attention
 class, one `register` line) and one YAML in a temporary folder, named in MOA_PLUGINS, trains through the CLI with
 that key overridden; no file of the package is edited."""
+
 from __future__ import annotations
 
 import os
@@ -49,14 +50,14 @@ class ToyAttention(MultiHeadAttention):
 register("toy", ToyAttention, ToyConfig, Path(__file__).with_name("toy.yaml"))
 '''
 
-YAML = '''
+YAML = """
 # Toy attention (a plugin's preset).
 defaults:
   - _schema_toy
   - _self_
 name: toy
 toy_key: 2
-'''
+"""
 
 
 def run(tmp_path, *overrides):
@@ -64,13 +65,34 @@ def run(tmp_path, *overrides):
     plugin.mkdir(exist_ok=True)
     (plugin / "toy_attention.py").write_text(textwrap.dedent(MODULE))
     (plugin / "toy.yaml").write_text(textwrap.dedent(YAML))
-    env = {**os.environ, "MOA_PLUGINS": "toy_attention", "HYDRA_FULL_ERROR": "0",
-           "PYTHONPATH": os.pathsep.join([str(plugin), str(REPO), os.environ.get("PYTHONPATH", "")])}
-    args = ["model=toy", "debug=tiny", "data=random_tokens", "data.vocab_size=64", "trainer.device=cpu",
-            "trainer.max_steps=4", "trainer.log_interval=1", "trainer.eval_interval=4", "~experiment",
-            f"hydra.run.dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", *overrides]
-    return subprocess.run([sys.executable, "-m", "moa_train", *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = {
+        **os.environ,
+        "MOA_PLUGINS": "toy_attention",
+        "HYDRA_FULL_ERROR": "0",
+        "PYTHONPATH": os.pathsep.join([str(plugin), str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    args = [
+        "model=toy",
+        "debug=tiny",
+        "data=random_tokens",
+        "data.vocab_size=64",
+        "trainer.device=cpu",
+        "trainer.max_steps=4",
+        "trainer.log_interval=1",
+        "trainer.eval_interval=4",
+        "~experiment",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        *overrides,
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "moa_train", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_a_plugin_variant_trains_through_the_cli_with_its_key(tmp_path):
@@ -78,12 +100,18 @@ def test_a_plugin_variant_trains_through_the_cli_with_its_key(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     saved = OmegaConf.load(tmp_path / "run" / ".hydra" / "config.yaml")
     assert saved.model.name == "toy" and saved.model.toy_key == 3
-    losses = [r["train/loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
+    losses = [
+        r["train/loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r
+    ]
     assert len(losses) == 4
 
 
 def test_a_plugin_variant_validates_its_own_key(tmp_path):
     proc = run(tmp_path, "model.toy_key=0")
-    assert proc.returncode == 2 and proc.stderr.strip() == "error: model.toy_key: must be >= 1, got 0", proc.stderr
-    proc = run(tmp_path, "model.n_experts=4")  # a key of another variant is refused naming its owner
+    assert (
+        proc.returncode == 2 and proc.stderr.strip() == "error: model.toy_key: must be >= 1, got 0"
+    ), proc.stderr
+    proc = run(
+        tmp_path, "model.n_experts=4"
+    )  # a key of another variant is refused naming its owner
     assert proc.returncode == 2 and "model.n_experts: belongs to moa" in proc.stderr, proc.stderr

@@ -1,5 +1,6 @@
 """Every fast path against its plain path on CPU (the same checks `moa-bench` runs on the GPU), the grouped expert
 matmul in detail, and no graph breaks in the compiled training loss of any model."""
+
 import pytest
 import torch
 
@@ -13,8 +14,13 @@ from moa_train.models.attention.moa import MixtureOfAttentionHeads
 def test_every_fast_path_matches_its_plain_path():
     m = ModelConfig(name="mha", d_model=32, n_layer=2, n_head=4, max_seq_len=16)
     rows = check_all(torch.device("cpu"), m, 50, 2, 16, "aot_eager")
-    assert {r["path"].split(" (")[0] for r in rows} >= {"moas fused", "moa grouped experts", "gqa via SDPA enable_gqa",
-                                                       "torch.compile", "fused AdamW"}
+    assert {r["path"].split(" (")[0] for r in rows} >= {
+        "moas fused",
+        "moa grouped experts",
+        "gqa via SDPA enable_gqa",
+        "torch.compile",
+        "fused AdamW",
+    }
     assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
     # the checks can fail: the moa comparison really used distinct (random) routing, so a wrong sort would show
     assert all(r["out_err"] < r["tol"] for r in rows)
@@ -30,7 +36,9 @@ def test_grouped_reference_is_a_per_group_matmul_with_empty_groups():
 
 def test_gather_rows_backward_is_the_gather_of_the_inverse():
     x = torch.randn(4, 3, requires_grad=True)
-    order = torch.tensor([5, 0, 7, 2, 1, 6, 3, 4])  # a permutation of the 8 slots (token n, copy j) = 2n + j
+    order = torch.tensor(
+        [5, 0, 7, 2, 1, 6, 3, 4]
+    )  # a permutation of the 8 slots (token n, copy j) = 2n + j
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(8))
     out = gather_rows(x, order // 2, inverse, copies=2)
     assert torch.equal(out, x.detach()[order // 2])
@@ -48,9 +56,16 @@ def moa_pair(**kw):
     return dense, grouped
 
 
-@pytest.mark.parametrize("kw", [dict(top_k=2, head_dim=8), dict(top_k=3, head_dim=4, n_kv_heads=2),
-                                dict(top_k=2, head_dim=8, bias=True), dict(top_k=1, head_dim=8, gating="topk_softmax"),
-                                dict(top_k=6, head_dim=8)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(top_k=2, head_dim=8),
+        dict(top_k=3, head_dim=4, n_kv_heads=2),
+        dict(top_k=2, head_dim=8, bias=True),
+        dict(top_k=1, head_dim=8, gating="topk_softmax"),
+        dict(top_k=6, head_dim=8),
+    ],
+)
 def test_moa_grouped_equals_dense(kw):
     torch.manual_seed(0)
     dense, grouped = moa_pair(**kw)
@@ -92,8 +107,10 @@ def test_training_loss_compiles_without_graph_breaks(make_cfg, tmp_path, model):
     assert found["graphs"] == 1
 
 
-@pytest.mark.parametrize("top_k,gating", [(6, "softmax_all"), (6, "topk_softmax"), (2, "softmax_all"),
-                                          (2, "topk_softmax")])
+@pytest.mark.parametrize(
+    "top_k,gating",
+    [(6, "softmax_all"), (6, "topk_softmax"), (2, "softmax_all"), (2, "topk_softmax")],
+)
 def test_moa_equals_a_loop_over_experts(top_k, gating):
     """The module against MoA's definition, expert by expert: y = sum over the selected experts e of
     gate_e * O_e(attention(Q_e x, K, V)); with k = E the module skips its gather and scatter."""
@@ -109,7 +126,9 @@ def test_moa_equals_a_loop_over_experts(top_k, gating):
     w_q, w_o = moa.q_proj.weight.view(6, 8, 32), moa.c_proj.weight.view(32, 6, 8)
     expected = torch.zeros(14, 32)
     for e in range(6):
-        o = F.scaled_dot_product_attention((x @ w_q[e].T)[:, None], k[:, None], v[:, None], is_causal=True)
+        o = F.scaled_dot_product_attention(
+            (x @ w_q[e].T)[:, None], k[:, None], v[:, None], is_causal=True
+        )
         gate = (gates * (chosen == e)).sum(-1, keepdim=True)  # 0 where e was not selected
         expected += gate * (o[:, 0].reshape(14, 8) @ w_o[:, e].T)
     torch.testing.assert_close(y.reshape(14, 32), expected, rtol=1e-5, atol=1e-6)

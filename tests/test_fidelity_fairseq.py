@@ -2,6 +2,7 @@
 by what it does: init statistics per module, position rows at known positions, the label-smoothing mass, ReLU and
 the activation dropout, attention dropout apart from residual dropout, the aux terms' scaling with the batch's target
 tokens, the z-loss over padding and the cv of the top-k gates."""
+
 import math
 import types
 
@@ -20,7 +21,9 @@ V, PAD = 40, 0
 
 
 def seq2seq(name: str = "mha", **keys) -> Seq2Seq:
-    base = dict(name=name, d_model=32, n_layer=1, n_encoder_layer=1, n_head=4, max_seq_len=32, dropout=0.0)
+    base = dict(
+        name=name, d_model=32, n_layer=1, n_encoder_layer=1, n_head=4, max_seq_len=32, dropout=0.0
+    )
     m = OmegaConf.structured(config.VARIANTS[name](**{**base, **keys}))
     torch.manual_seed(0)
     return Seq2Seq(m, V, PAD)
@@ -36,27 +39,43 @@ def xavier_std(fan_in: int, fan_out: int, gain: float = 1.0) -> float:
 
 # --- init ----------------------------------------------------------------------------------------------------------
 
+
 def test_fairseq_init_of_the_moa_layer_is_per_expert():
     """At the paper's sizes (d 512, 8 experts of 128), each expert's Q and O have Xavier's std over its own matrix,
     sqrt(2 / (512 + 128)) = 0.056, not the 0.036 of Xavier over all experts' rows; K/V carry the 1/sqrt(2) gain."""
     d, e, dh = 512, 8, 128
-    model = seq2seq("moa", d_model=d, n_head=8, n_experts=e, top_k=e, head_dim=dh, bias=True, proj_bias=False,
-                    init="fairseq")
+    model = seq2seq(
+        "moa",
+        d_model=d,
+        n_head=8,
+        n_experts=e,
+        top_k=e,
+        head_dim=dh,
+        bias=True,
+        proj_bias=False,
+        init="fairseq",
+    )
     attn = model.encoder[0].self_attn
     assert attn.q_proj.bias is None and attn.kv_proj.bias is None and attn.c_proj.bias is None
     want = xavier_std(d, dh)
     assert want == pytest.approx(0.0559, abs=1e-4)
     for i in range(e):
-        q = attn.q_proj.weight[i * dh:(i + 1) * dh]
-        o = attn.c_proj.weight[:, i * dh:(i + 1) * dh]
+        q = attn.q_proj.weight[i * dh : (i + 1) * dh]
+        o = attn.c_proj.weight[:, i * dh : (i + 1) * dh]
         for w in (q, o):
             assert w.std().item() == pytest.approx(want, rel=0.03)
-            assert w.abs().max().item() <= math.sqrt(3) * want + 1e-6  # uniform within Xavier's bound
+            assert (
+                w.abs().max().item() <= math.sqrt(3) * want + 1e-6
+            )  # uniform within Xavier's bound
     for w in attn.kv_proj.weight.split(dh):
-        assert w.std().item() == pytest.approx(xavier_std(d, dh, 2 ** -0.5), rel=0.03)
+        assert w.std().item() == pytest.approx(xavier_std(d, dh, 2**-0.5), rel=0.03)
     assert not attn.router.weight.any()  # starts uniform, as the released code
-    standard = seq2seq("moa", d_model=d, n_head=8, n_experts=e, top_k=e, head_dim=dh).encoder[0].self_attn
-    assert standard.q_proj.weight.std().item() == pytest.approx(xavier_std(d, e * dh), rel=0.03)  # 0.036
+    standard = (
+        seq2seq("moa", d_model=d, n_head=8, n_experts=e, top_k=e, head_dim=dh).encoder[0].self_attn
+    )
+    assert standard.q_proj.weight.std().item() == pytest.approx(
+        xavier_std(d, e * dh), rel=0.03
+    )  # 0.036
 
 
 def test_fairseq_init_of_attention_and_ffn():
@@ -66,29 +85,35 @@ def test_fairseq_init_of_attention_and_ffn():
     model = seq2seq("mha", d_model=d, n_head=4, bias=True, init="fairseq")
     attn, mlp = model.decoder[0].cross_attn, model.decoder[0].mlp
     for block in attn.c_attn.weight.split(d):
-        assert block.std().item() == pytest.approx(xavier_std(d, d, 2 ** -0.5), rel=0.03)
-    assert attn.c_attn.bias.abs().max().item() <= d ** -0.5 and attn.c_attn.bias.std().item() > 0
+        assert block.std().item() == pytest.approx(xavier_std(d, d, 2**-0.5), rel=0.03)
+    assert attn.c_attn.bias.abs().max().item() <= d**-0.5 and attn.c_attn.bias.std().item() > 0
     assert attn.c_proj.weight.std().item() == pytest.approx(xavier_std(d, d), rel=0.03)
     assert not attn.c_proj.bias.any()
     for layer in (mlp.c_fc, mlp.c_proj):
-        bound = layer.in_features ** -0.5
+        bound = layer.in_features**-0.5
         assert layer.weight.std().item() == pytest.approx(uniform_std(bound), rel=0.03)
         assert layer.bias.abs().max().item() <= bound and layer.bias.std().item() > 0
     ln = model.decoder[0].sub_mlp.norm
     assert bool((ln.weight == 1).all()) and not ln.bias.any()
-    assert model.embed.weight.std().item() == pytest.approx(d ** -0.5, rel=0.05)
+    assert model.embed.weight.std().item() == pytest.approx(d**-0.5, rel=0.05)
     assert not model.embed.weight[PAD].any()
 
 
 def test_fairseq_init_is_refused_for_a_variant_fairseq_never_had(compose_cfg):
-    cfg = compose_cfg("experiment=multi30k_fairseq/mha", "model=moas_dynamic", "model.cross.name=mha")
-    with pytest.raises(ConfigError, match=r"^model.init: fairseq has no init for model.name=moas_dynamic; valid with"):
+    cfg = compose_cfg(
+        "experiment=multi30k_fairseq/mha", "model=moas_dynamic", "model.cross.name=mha"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^model.init: fairseq has no init for model.name=moas_dynamic; valid with",
+    ):
         validate_task(cfg)
     with pytest.raises(ConfigError, match=r"^model.init: fairseq initialises the encoder-decoder"):
         validate_task(compose_cfg("model.init=fairseq"))
 
 
 # --- positions ---------------------------------------------------------------------------------------------------
+
 
 def test_fairseq_positions_at_known_positions():
     """fairseq's table: [sin | cos] concatenated, frequency i is 10000^(-i / (half - 1)), and the first token sits at
@@ -104,13 +129,18 @@ def test_fairseq_positions_at_known_positions():
     added = model._embed(model.embed, ids) - model.embed(ids) * model.embed_scale
     assert torch.allclose(added[0], table[:3], atol=1e-6)
     interleaved = seq2seq("mha", d_model=8, n_head=2, positions="sinusoidal").pos_table
-    assert interleaved[0, 0].item() == 0.0 and interleaved[0, 1].item() == 1.0  # sin(0), cos(0): the other layout
+    assert (
+        interleaved[0, 0].item() == 0.0 and interleaved[0, 1].item() == 1.0
+    )  # sin(0), cos(0): the other layout
 
 
 # --- label smoothing ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("over,target_mass,other_mass", [("all", 1 - 0.1 + 0.1 / V, 0.1 / V),
-                                                         ("others", 1 - 0.1, 0.1 / (V - 1))])
+
+@pytest.mark.parametrize(
+    "over,target_mass,other_mass",
+    [("all", 1 - 0.1 + 0.1 / V, 0.1 / V), ("others", 1 - 0.1, 0.1 / (V - 1))],
+)
 def test_label_smoothing_mass(over, target_mass, other_mass):
     """The distribution the loss pulls towards is softmax - gradient: fairseq's puts 1 - eps on the target and
     eps / (V - 1) on every other class; PyTorch's 1 - eps + eps/V and eps/V. Padding targets add nothing."""
@@ -120,12 +150,13 @@ def test_label_smoothing_mass(over, target_mass, other_mass):
     q = logits.softmax(-1).detach() - logits.grad
     for row, t in enumerate(target[:2].tolist()):
         assert q[row, t].item() == pytest.approx(target_mass, abs=1e-6)
-        others = torch.cat([q[row, :t], q[row, t + 1:]])
+        others = torch.cat([q[row, :t], q[row, t + 1 :]])
         assert torch.allclose(others, torch.full_like(others, other_mass), atol=1e-6)
     assert not logits.grad[2].any()
 
 
 # --- FFN and dropout --------------------------------------------------------------------------------------------
+
 
 def test_relu_ffn_with_activation_dropout():
     """ReLU zeroes the negative pre-activations; activation dropout p zeroes a share p of the others (train mode)."""
@@ -160,6 +191,7 @@ def test_attention_dropout_apart_from_residual_dropout():
 
 # --- aux terms -------------------------------------------------------------------------------------------------------
 
+
 def translation_loss(model, batch, aux: AuxConfig):
     """TranslationTask.loss on a bare task object (no data folder needed)."""
     task = TranslationTask.__new__(TranslationTask)
@@ -178,24 +210,37 @@ def test_aux_gradient_scales_with_the_batch_target_tokens(divide):
     model = seq2seq("moa", n_experts=4, top_k=2)
     for layer in [*model.encoder, *model.decoder]:
         torch.nn.init.normal_(layer.self_attn.router.weight, std=0.5)
-    aux = AuxConfig(balance_type="switch", balance_coef=0.01, z_coef=0.001, layer_reduce="sum",
-                    divide_by_tokens=divide)
+    aux = AuxConfig(
+        balance_type="switch",
+        balance_coef=0.01,
+        z_coef=0.001,
+        layer_reduce="sum",
+        divide_by_tokens=divide,
+    )
     g = torch.Generator().manual_seed(0)
     src, tgt = torch.randint(1, V, (2, 6), generator=g), torch.randint(1, V, (2, 6), generator=g)
     grads, terms = [], []
     for reps in (1, 2):
-        batch = {"src": src.repeat(reps, 1), "tgt_in": tgt.repeat(reps, 1), "tgt_out": tgt.repeat(reps, 1)}
+        batch = {
+            "src": src.repeat(reps, 1),
+            "tgt_in": tgt.repeat(reps, 1),
+            "tgt_out": tgt.repeat(reps, 1),
+        }
         total, ce, aux_terms, _ = translation_loss(model, batch, aux)
         model.zero_grad()
         (total - ce).backward()
         grads.append(model.encoder[0].self_attn.router.weight.grad.clone())
         terms.append({k: v.item() for k, v in aux_terms.items()})
-    assert terms[0] == pytest.approx(terms[1], rel=1e-5)  # token means: the same for the repeated batch
+    assert terms[0] == pytest.approx(
+        terms[1], rel=1e-5
+    )  # token means: the same for the repeated batch
     assert grads[0].abs().sum() > 0
     ratio = 2.0 if divide else 1.0
     assert torch.allclose(grads[0], ratio * grads[1], rtol=1e-4, atol=1e-9)
     if divide:  # and the scale is 1 / (target tokens): 12 here
-        total, ce, aux_terms, _ = translation_loss(model, {"src": src, "tgt_in": tgt, "tgt_out": tgt}, aux)
+        total, ce, aux_terms, _ = translation_loss(
+            model, {"src": src, "tgt_in": tgt, "tgt_out": tgt}, aux
+        )
         want = (0.01 * aux_terms["balance"] + 0.001 * aux_terms["z"]) / tgt.numel()
         assert (total - ce).item() == pytest.approx(want.item(), rel=1e-5)
 
@@ -222,16 +267,37 @@ def test_z_loss_over_every_token_and_cv_of_the_topk_gates():
 
 # --- the experiments ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("experiment", ["multi30k_fairseq/mha", "multi30k_fairseq/moa", "multi30k_fairseq/moa_sparse",
-                                        "moa_wmt/mha_base", "moa_wmt/moa_8k8e128d"])
+
+@pytest.mark.parametrize(
+    "experiment",
+    [
+        "multi30k_fairseq/mha",
+        "multi30k_fairseq/moa",
+        "multi30k_fairseq/moa_sparse",
+        "moa_wmt/mha_base",
+        "moa_wmt/moa_8k8e128d",
+    ],
+)
 def test_faithful_experiments_select_every_faithful_behaviour(compose_cfg, experiment):
     cfg = compose_cfg(f"experiment={experiment}")
     m, t = cfg.model, cfg.trainer
-    assert (m.norm_first, m.bias, m.activation, m.positions, m.init) == (False, True, "relu", "sinusoidal_fairseq",
-                                                                          "fairseq")
+    assert (m.norm_first, m.bias, m.activation, m.positions, m.init) == (
+        False,
+        True,
+        "relu",
+        "sinusoidal_fairseq",
+        "fairseq",
+    )
     assert (m.aux.z_tokens, m.aux.cv_of, m.aux.divide_by_tokens) == ("all", "gates", True)
-    assert (t.label_smoothing, t.label_smoothing_over, t.grad_clip, cfg.optim.eps) == (0.1, "others", None, 1e-9)
+    assert (t.label_smoothing, t.label_smoothing_over, t.grad_clip, cfg.optim.eps) == (
+        0.1,
+        "others",
+        None,
+        1e-9,
+    )
     if m.name == "moa":
-        assert m.proj_bias is False and m.aux.balance_type == "switch" and m.aux.layer_reduce == "sum"
+        assert (
+            m.proj_bias is False and m.aux.balance_type == "switch" and m.aux.layer_reduce == "sum"
+        )
         assert (m.dropout, m.attn_dropout, m.activation_dropout) == (0.2, 0.2, 0.2)
     validate_task(cfg)

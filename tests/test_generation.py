@@ -1,5 +1,6 @@
 """Generating from a run folder: the tokenizer saved with the run, `moa_train.generate` (cached and uncached,
 greedy and seeded sampling, batches of prompts) and `moa-generate`'s one-line refusals."""
+
 from __future__ import annotations
 
 import os
@@ -28,11 +29,15 @@ def loaded(char_run):
     return model, moa_train.load_tokenizer(char_run)
 
 
-def test_the_run_folder_holds_its_char_tokenizer_which_round_trips_text(char_run, loaded, wikitext_texts):
+def test_the_run_folder_holds_its_char_tokenizer_which_round_trips_text(
+    char_run, loaded, wikitext_texts
+):
     assert (char_run / "tokenizer.json").is_file()
     model, tok = loaded
     text = wikitext_texts["valid"][:2000]
-    assert tok.kind == "char" and tok.vocab_size == model.vocab_size == len(set(wikitext_texts["train"]))
+    assert tok.kind == "char" and tok.vocab_size == model.vocab_size == len(
+        set(wikitext_texts["train"])
+    )
     assert tok.decode(tok.encode(text)) == text
 
 
@@ -51,7 +56,9 @@ def test_a_word_vocabulary_round_trips_wikitext_lines_and_maps_unknown_words_to_
 def test_greedy_generation_is_the_same_with_and_without_the_cache(loaded):
     model, tok = loaded
     cached = moa_train.generate(model, tok, ["The "], max_new_tokens=20, greedy=True)
-    uncached = moa_train.generate(model, tok, ["The "], max_new_tokens=20, greedy=True, use_cache=False)
+    uncached = moa_train.generate(
+        model, tok, ["The "], max_new_tokens=20, greedy=True, use_cache=False
+    )
     assert cached == uncached and len(cached[0]) == 20
 
 
@@ -93,14 +100,19 @@ def test_seeded_sampling_reproduces_and_different_seeds_differ(loaded):
 def test_top_k_1_sampling_is_greedy(loaded):
     model, tok = loaded
     greedy = moa_train.generate(model, tok, ["A "], max_new_tokens=15, greedy=True)
-    assert moa_train.generate(model, tok, ["A "], max_new_tokens=15, top_k=1, temperature=0.7, seed=3) == greedy
+    assert (
+        moa_train.generate(model, tok, ["A "], max_new_tokens=15, top_k=1, temperature=0.7, seed=3)
+        == greedy
+    )
 
 
 def test_a_batch_of_prompts_of_different_lengths_gives_each_prompts_own_result(loaded):
     model, tok = loaded
     prompts = ["T", "The song was recorded ", "In 1990 the "]
     batch = moa_train.generate(model, tok, prompts, max_new_tokens=12, greedy=True)
-    assert batch == [moa_train.generate(model, tok, [p], max_new_tokens=12, greedy=True)[0] for p in prompts]
+    assert batch == [
+        moa_train.generate(model, tok, [p], max_new_tokens=12, greedy=True)[0] for p in prompts
+    ]
 
 
 def test_cached_generation_attends_over_the_live_context_only(loaded, monkeypatch):
@@ -114,19 +126,26 @@ def test_cached_generation_attends_over_the_live_context_only(loaded, monkeypatc
     def spy(self, tokens, cache, span=None):
         spans.append((span, cache.max_len))
         return decode_step(self, tokens, cache, span=span)
+
     monkeypatch.setattr(LanguageModel, "decode_step", spy)
     prompts = ["The song ", "In 1990 the band "]
     cached = moa_train.generate(model, tok, prompts, max_new_tokens=6, greedy=True)
     width = max(len(tok.encode(p)) for p in prompts)
-    assert [s for s, _ in spans] == [width + 1 + j for j in range(5)]  # 6 tokens: 5 steps, the last never fed
+    assert [s for s, _ in spans] == [
+        width + 1 + j for j in range(5)
+    ]  # 6 tokens: 5 steps, the last never fed
     assert spans[-1][0] == spans[-1][1]  # the last step reaches the end of the cache
-    assert cached == moa_train.generate(model, tok, prompts, max_new_tokens=6, greedy=True, use_cache=False)
+    assert cached == moa_train.generate(
+        model, tok, prompts, max_new_tokens=6, greedy=True, use_cache=False
+    )
 
 
 def test_streaming_hands_over_the_completion_piece_by_piece(loaded):
     model, tok = loaded
     pieces = []
-    (completion,) = moa_train.generate(model, tok, ["The "], max_new_tokens=10, greedy=True, stream=pieces.append)
+    (completion,) = moa_train.generate(
+        model, tok, ["The "], max_new_tokens=10, greedy=True, stream=pieces.append
+    )
     assert len(pieces) == 10 and "".join(pieces) == completion
 
 
@@ -142,19 +161,39 @@ def test_a_row_stops_at_max_seq_len_and_a_longer_prompt_is_refused(loaded):
 
 def cli(*args, env=None, cwd=None) -> tuple:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    out = subprocess.run([sys.executable, "-m", "moa_train.generation", *map(str, args)], capture_output=True,
-                         text=True, env=env, cwd=cwd, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "moa_train.generation", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=120,
+    )
     return out.returncode, out.stdout, [line for line in out.stderr.splitlines() if line.strip()]
 
 
 def test_a_run_folder_copied_elsewhere_generates_without_the_data(char_run, loaded, tmp_path):
     copy = tmp_path / "moved"
     shutil.copytree(char_run, copy)
-    code, out, err = cli(copy, "--prompt", "The ", "--max-new-tokens", "25", "--greedy", "--device", "cpu",
-                         env={"MOA_DATA_DIR": str(tmp_path / "nowhere"), "MOA_CACHE_DIR": str(tmp_path / "c")})
+    code, out, err = cli(
+        copy,
+        "--prompt",
+        "The ",
+        "--max-new-tokens",
+        "25",
+        "--greedy",
+        "--device",
+        "cpu",
+        env={"MOA_DATA_DIR": str(tmp_path / "nowhere"), "MOA_CACHE_DIR": str(tmp_path / "c")},
+    )
     assert code == 0, err
     model, tok = loaded
-    assert out == "The " + moa_train.generate(model, tok, ["The "], max_new_tokens=25, greedy=True)[0] + "\n"
+    assert (
+        out
+        == "The "
+        + moa_train.generate(model, tok, ["The "], max_new_tokens=25, greedy=True)[0]
+        + "\n"
+    )
 
 
 def test_several_prompts_from_a_file_print_each_completion(char_run, tmp_path):
@@ -182,26 +221,56 @@ def translation_like(char_run, tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("case", ["no checkpoint", "temperature", "too long", "unknown char", "translation",
-                                  "both prompts", "no prompt", "old run", "routing without a router"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "no checkpoint",
+        "temperature",
+        "too long",
+        "unknown char",
+        "translation",
+        "both prompts",
+        "no prompt",
+        "old run",
+        "routing without a router",
+    ],
+)
 def test_bad_input_gives_one_line_and_exit_2(case, char_run, translation_like, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(char_run, old)
     (old / "tokenizer.json").unlink()
     args, expected = {
         "no checkpoint": ((tmp_path, "--prompt", "x"), "no checkpoint under"),
-        "temperature": ((char_run, "--prompt", "x", "--temperature", "0"), "temperature must be > 0"),
+        "temperature": (
+            (char_run, "--prompt", "x", "--temperature", "0"),
+            "temperature must be > 0",
+        ),
         "too long": ((char_run, "--prompt", "a" * 40), "longer than model.max_seq_len=32"),
-        "unknown char": ((char_run, "--prompt", "The \u263a\u2603"), "'☺', '☃' not in the run's char vocabulary"),
-        "translation": ((translation_like, "--prompt", "x"), "translation run: only decoder-only LM"),
-        "both prompts": ((char_run, "--prompt", "x", "--prompt-file", "f.txt"), "not allowed with argument"),
+        "unknown char": (
+            (char_run, "--prompt", "The \u263a\u2603"),
+            "'☺', '☃' not in the run's char vocabulary",
+        ),
+        "translation": (
+            (translation_like, "--prompt", "x"),
+            "translation run: only decoder-only LM",
+        ),
+        "both prompts": (
+            (char_run, "--prompt", "x", "--prompt-file", "f.txt"),
+            "not allowed with argument",
+        ),
         "no prompt": ((char_run,), "one of the arguments --prompt --prompt-file is required"),
         "old run": ((old, "--prompt", "x"), "predates saved tokenizers"),
-        "routing without a router": ((char_run, "--prompt", "x", "--inference-routing", "top1"),
-                                     "(mha) has no router over attention schemes"),
+        "routing without a router": (
+            (char_run, "--prompt", "x", "--inference-routing", "top1"),
+            "(mha) has no router over attention schemes",
+        ),
     }[case]
     code, out, err = cli(*args)
-    assert code == 2 and out == "" and len(err) == 1 and err[0].startswith("error: "), (code, out, err)
+    assert code == 2 and out == "" and len(err) == 1 and err[0].startswith("error: "), (
+        code,
+        out,
+        err,
+    )
     assert expected in err[0], err[0]
 
 
@@ -216,8 +285,11 @@ def test_top1_inference_routing_chosen_at_generation_time(loaded):
     from moa_train.models.lm import LanguageModel
 
     _, tok = loaded
-    m = OmegaConf.structured(config.VARIANTS["moas_dynamic"](name="moas_dynamic", d_model=32, n_layer=2, n_head=4,
-                                                             max_seq_len=32, dropout=0.0))
+    m = OmegaConf.structured(
+        config.VARIANTS["moas_dynamic"](
+            name="moas_dynamic", d_model=32, n_layer=2, n_head=4, max_seq_len=32, dropout=0.0
+        )
+    )
     torch.manual_seed(0)
     model = LanguageModel(m, tok.vocab_size).eval()
     for name, p in model.named_parameters():
@@ -227,7 +299,9 @@ def test_top1_inference_routing_chosen_at_generation_time(loaded):
     set_inference_routing(model, "top1")
     assert {blk.attn.inference_routing for blk in model.blocks} == {"top1"}
     cached = moa_train.generate(model, tok, ["The "], max_new_tokens=20, greedy=True)
-    assert cached == moa_train.generate(model, tok, ["The "], max_new_tokens=20, greedy=True, use_cache=False)
+    assert cached == moa_train.generate(
+        model, tok, ["The "], max_new_tokens=20, greedy=True, use_cache=False
+    )
     assert len(cached[0]) == len(soft[0]) == 20
 
 
@@ -253,4 +327,8 @@ def test_a_bpe_runs_tokenizer_file_loads_and_round_trips(make_cfg, wikitext_text
     data = load_data(make_cfg("data=wikitext2_bpe", "data.vocab_size=400").data)
     tok = tokenizer_from_json(data.tokenizer_file.read_text(encoding="utf-8"))
     text = wikitext_texts["test"][:1000] + "naïve ☺"
-    assert tok.kind == "bpe" and tok.vocab_size == data.vocab_size and tok.decode(tok.encode(text)) == text
+    assert (
+        tok.kind == "bpe"
+        and tok.vocab_size == data.vocab_size
+        and tok.decode(tok.encode(text)) == text
+    )

@@ -9,6 +9,7 @@ A deliberate change of numerics regenerates the file (say why in the commit):
 
     PYTHONPATH=. python3 tests/test_golden.py
 """
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,18 @@ def golden_losses(model: str, data_root: Path, cache_dir: Path, run_dir: Path) -
     from moa_train.train.loop import train
     from moa_train.train.tasks import validate
 
-    cfg = compose_train(f"data.root={data_root}", f"data.cache_dir={cache_dir}", "debug=tiny", f"model={model}",
-                        "model.n_head=4", "trainer.device=cpu", f"trainer.max_steps={STEPS}",
-                        "trainer.log_interval=1", "trainer.eval_interval=1000", "trainer.seed=0")
+    cfg = compose_train(
+        f"data.root={data_root}",
+        f"data.cache_dir={cache_dir}",
+        "debug=tiny",
+        f"model={model}",
+        "model.n_head=4",
+        "trainer.device=cpu",
+        f"trainer.max_steps={STEPS}",
+        "trainer.log_interval=1",
+        "trainer.eval_interval=1000",
+        "trainer.seed=0",
+    )
     validate(cfg)
     train(cfg, run_dir)
     return [r["train/loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
@@ -43,7 +53,9 @@ def test_losses_match_the_golden_file(model, data_root, cache_dir, tmp_path):
     expected = json.loads(GOLDEN.read_text())["losses"][model]
     got = golden_losses(model, data_root, cache_dir, tmp_path)
     assert len(got) == len(expected) == STEPS
-    assert got == pytest.approx(expected, rel=REL), "training numerics changed; see this file's header"
+    assert got == pytest.approx(expected, rel=REL), (
+        "training numerics changed; see this file's header"
+    )
 
 
 def regenerate() -> None:
@@ -54,7 +66,9 @@ def regenerate() -> None:
         tmp = Path(tmp)
         data_root = write_wikitext(tmp / "data")
         losses = {m: golden_losses(m, data_root, tmp / "cache", tmp / m) for m in MODELS}
-    GOLDEN.write_text(json.dumps({"torch": torch.__version__, "steps": STEPS, "losses": losses}, indent=1) + "\n")
+    GOLDEN.write_text(
+        json.dumps({"torch": torch.__version__, "steps": STEPS, "losses": losses}, indent=1) + "\n"
+    )
     print(f"wrote {GOLDEN}", file=sys.stderr)
 
 

@@ -1,6 +1,7 @@
 """Cached inference (models/kv_cache.py): prefill + one-token decode steps give the full forward's logits for every
 attention variant, rows of different lengths stay independent, the cache holds what each variant declares, MoAS top1
 routing, and a decode step with no host sync. CPU, fp32, tiny models; logits compared with atol 1e-5."""
+
 from __future__ import annotations
 
 import time
@@ -37,18 +38,40 @@ VARIANTS = {
 }
 # K/V heads cached per layer: MoAS every branch's (H + G + 1), gqa G, mqa 1, moa its shared n_kv_heads (moas_kv's
 # pooled cache: tests/test_moas_kv.py)
-CACHED_HEADS = {"mha": H, "gqa": 2, "mqa": 1, "moas_static": H + 2 + 1, "moas_static_plain": H + 2 + 1,
-                "moas_dynamic": H + 2 + 1, "moas_dynamic_bias": H + 2 + 1, "moas_dynamic_top1": H + 2 + 1,
-                "moa_topk": 1, "moa_all": 1, "moa_kv2": 2}
+CACHED_HEADS = {
+    "mha": H,
+    "gqa": 2,
+    "mqa": 1,
+    "moas_static": H + 2 + 1,
+    "moas_static_plain": H + 2 + 1,
+    "moas_dynamic": H + 2 + 1,
+    "moas_dynamic_bias": H + 2 + 1,
+    "moas_dynamic_top1": H + 2 + 1,
+    "moa_topk": 1,
+    "moa_all": 1,
+    "moa_kv2": 2,
+}
 
 
 def build(variant: str, seed: int = 0, **overrides) -> LanguageModel:
     name, keys = VARIANTS[variant]
-    m = OmegaConf.structured(config.VARIANTS[name](name=name, d_model=D, n_layer=2, n_head=H, max_seq_len=MAX_SEQ,
-                                                   dropout=0.0, **{**keys, **overrides}))
+    m = OmegaConf.structured(
+        config.VARIANTS[name](
+            name=name,
+            d_model=D,
+            n_layer=2,
+            n_head=H,
+            max_seq_len=MAX_SEQ,
+            dropout=0.0,
+            **{**keys, **overrides},
+        )
+    )
     torch.manual_seed(seed)
     lm = LanguageModel(m, VOCAB).eval()
-    for pname, p in lm.named_parameters():  # routers start at zero (MoA): give them a preference per token
+    for (
+        pname,
+        p,
+    ) in lm.named_parameters():  # routers start at zero (MoA): give them a preference per token
         if ".router" in pname:
             torch.nn.init.normal_(p, std=0.5)
     return lm
@@ -71,7 +94,7 @@ def cached_logits(lm: LanguageModel, idx: torch.Tensor, lengths: list, max_len: 
     steps = [lm.prefill(prompts, torch.tensor(lengths), cache)]
     columns = torch.tensor(lengths)[:, None] + torch.arange(t - width)
     for j in range(t - width):  # row r decodes its own next tokens idx[r, lengths[r] + j]
-        steps.append(lm.decode_step(idx.gather(1, columns[:, j:j + 1])[:, 0], cache))
+        steps.append(lm.decode_step(idx.gather(1, columns[:, j : j + 1])[:, 0], cache))
     assert cache.lengths.tolist() == [n + t - width for n in lengths]
     out = torch.stack(steps, 1)
     return [out[r] for r in range(b)]
@@ -94,10 +117,12 @@ def test_batch_of_different_lengths_gives_each_prompts_logits(variant):
     idx = tokens(3, t, seed=3)
     got = cached_logits(lm, idx, lengths)
     for r, n in enumerate(lengths):
-        row = idx[r:r + 1, :n + t - max(lengths)]  # the row's prompt and the tokens it decoded, alone
+        row = idx[
+            r : r + 1, : n + t - max(lengths)
+        ]  # the row's prompt and the tokens it decoded, alone
         with torch.no_grad():
             alone, _ = lm(row)
-        torch.testing.assert_close(got[r], alone[0, n - 1:], atol=ATOL, rtol=0)
+        torch.testing.assert_close(got[r], alone[0, n - 1 :], atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -113,8 +138,12 @@ def test_decode_over_a_span_equals_decode_over_the_whole_cache(variant):
         for j in range(5):
             token = idx[:, 6 + j]
             whole = lm.decode_step(token, caches[0])
-            torch.testing.assert_close(lm.decode_step(token, caches[1], span=7 + j), whole, atol=ATOL, rtol=0)
-            torch.testing.assert_close(lm.decode_step(token, caches[2], span=16), whole, atol=ATOL, rtol=0)
+            torch.testing.assert_close(
+                lm.decode_step(token, caches[1], span=7 + j), whole, atol=ATOL, rtol=0
+            )
+            torch.testing.assert_close(
+                lm.decode_step(token, caches[2], span=16), whole, atol=ATOL, rtol=0
+            )
     for cache in caches[1:]:
         assert torch.equal(cache.lengths, caches[0].lengths)
         for a, b in zip(cache.k + cache.v, caches[0].k + caches[0].v):
@@ -133,7 +162,9 @@ def test_decode_over_a_span_writes_into_the_whole_cache(variant, monkeypatch):
     written = []
     for module in (moa, moas, mha_module()):
         original = module.write_kv
-        monkeypatch.setattr(module, "write_kv", lambda c, new, pos, f=original: (written.append(c), f(c, new, pos)))
+        monkeypatch.setattr(
+            module, "write_kv", lambda c, new, pos, f=original: (written.append(c), f(c, new, pos))
+        )
     with torch.no_grad():
         lm.prefill(tokens(2, 5), torch.tensor([5, 5]), cache)
         written.clear()
@@ -145,7 +176,9 @@ def test_a_plugin_attention_without_span_reads_the_whole_cache():
     """An attention whose forward_cached predates `span` is called without it, and gives the same logits."""
     from moa_train.models.lm import takes_span
 
-    class OldStyle(torch.nn.Module):  # a plugin's variant written against the four-argument contract
+    class OldStyle(
+        torch.nn.Module
+    ):  # a plugin's variant written against the four-argument contract
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
@@ -170,12 +203,17 @@ def test_a_plugin_attention_without_span_reads_the_whole_cache():
     with torch.no_grad():
         for cache in caches:
             lm.prefill(idx[:, :5], torch.tensor([5]), cache)
-        torch.testing.assert_close(lm.decode_step(idx[:, 5], caches[0], span=6), lm.decode_step(idx[:, 5], caches[1]),
-                                   atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            lm.decode_step(idx[:, 5], caches[0], span=6),
+            lm.decode_step(idx[:, 5], caches[1]),
+            atol=ATOL,
+            rtol=0,
+        )
 
 
 def mha_module():
     from moa_train.models.attention import mha
+
     return mha
 
 
@@ -200,8 +238,12 @@ def test_decode_span_reads_only_its_positions():
         for k, v in zip(dirty.k, dirty.v):
             k[:, :, 6:] = float("nan")
             v[:, :, 6:] = float("nan")
-        torch.testing.assert_close(lm.decode_step(idx[:, 5], dirty, span=6), lm.decode_step(idx[:, 5], clean),
-                                   atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            lm.decode_step(idx[:, 5], dirty, span=6),
+            lm.decode_step(idx[:, 5], clean),
+            atol=ATOL,
+            rtol=0,
+        )
 
 
 @pytest.mark.parametrize("variant", sorted(CACHED_HEADS))
@@ -212,8 +254,13 @@ def test_kv_bytes_per_token_match_the_cache(variant, dtype):
     cache = lm.init_cache(batch, max_len, dtype=dtype)
     assert cache.nbytes() / max_len / batch == kv_bytes_per_token(lm, dtype)
     head_dim = lm.blocks[0].attn.kv_layout()[1]
-    assert kv_bytes_per_token(lm, dtype) == 2 * 2 * CACHED_HEADS[variant] * head_dim * dtype.itemsize  # 2 layers
-    assert all(k.shape == (batch, CACHED_HEADS[variant], max_len, head_dim) and k.dtype == dtype for k in cache.k)
+    assert (
+        kv_bytes_per_token(lm, dtype) == 2 * 2 * CACHED_HEADS[variant] * head_dim * dtype.itemsize
+    )  # 2 layers
+    assert all(
+        k.shape == (batch, CACHED_HEADS[variant], max_len, head_dim) and k.dtype == dtype
+        for k in cache.k
+    )
 
 
 def test_init_cache_longer_than_max_seq_len_is_refused():
@@ -226,7 +273,9 @@ def test_init_cache_longer_than_max_seq_len_is_refused():
 
 def test_inference_routing_is_validated():
     m = OmegaConf.structured(MoASDynamicConfig(name="moas_dynamic", inference_routing="top2"))
-    with pytest.raises(ConfigError, match="model.inference_routing: got 'top2'; allowed: soft, top1"):
+    with pytest.raises(
+        ConfigError, match="model.inference_routing: got 'top2'; allowed: soft, top1"
+    ):
         MoASDynamicConfig.validate(m, None)
 
 
@@ -252,28 +301,36 @@ def test_top1_equals_soft_when_the_router_is_one_hot():
     assert_cached_logits_match(top1, idx, [4, 6], full)
 
 
-def assert_cached_logits_match(lm: LanguageModel, idx: torch.Tensor, lengths: list, full: torch.Tensor) -> None:
+def assert_cached_logits_match(
+    lm: LanguageModel, idx: torch.Tensor, lengths: list, full: torch.Tensor
+) -> None:
     """Each row's cached logits (prompt of lengths[r] tokens, then decode steps) against the full forward's."""
     for r, got in enumerate(cached_logits(lm, idx, lengths)):
         n = lengths[r]
-        torch.testing.assert_close(got, full[r, n - 1:n - 1 + len(got)], atol=ATOL, rtol=0)
+        torch.testing.assert_close(got, full[r, n - 1 : n - 1 + len(got)], atol=ATOL, rtol=0)
 
 
 def test_top1_on_a_normal_router_is_the_argmax_branch_alone(monkeypatch):
     top1 = build("moas_dynamic_top1", seed=6)
-    forced = build("moas_dynamic", seed=6)  # soft, with its gates forced to the one-hot of the router's argmax
+    forced = build(
+        "moas_dynamic", seed=6
+    )  # soft, with its gates forced to the one-hot of the router's argmax
     forced.load_state_dict(top1.state_dict())
     for module in moas_modules(forced):
+
         def one_hot_gates(x, top1=False, gates=module.gates):
             g, routing = gates(x)
             return F.one_hot(g.argmax(-1), 3).to(g.dtype), routing
+
         monkeypatch.setattr(module, "gates", one_hot_gates)
     idx = tokens(2, 14, seed=7)
     with torch.no_grad():
         expected, routings = forced(idx)
         soft, _ = build("moas_dynamic", seed=6)(idx)
     probs = torch.cat([r.probs for r in routings])
-    assert probs.max(-1).values.median() < 0.9 and len(probs.argmax(-1).unique()) == 3  # mixtures; every branch chosen
+    assert (
+        probs.max(-1).values.median() < 0.9 and len(probs.argmax(-1).unique()) == 3
+    )  # mixtures; every branch chosen
     assert (soft - expected).abs().max() > 1e-3  # top1 is not soft
     with torch.no_grad():
         torch.testing.assert_close(top1(idx)[0], expected, atol=ATOL, rtol=0)
@@ -284,11 +341,22 @@ def test_top1_on_a_normal_router_is_the_argmax_branch_alone(monkeypatch):
 class NoHostSync(TorchDispatchMode):
     """Fails on every op that reads a tensor on the host (.item(), bool(), int(): _local_scalar_dense; on CPU
     .tolist() reads memory without an op) or makes an output shape depend on data."""
-    SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
-             "unique_dim"}
+
+    SYNCS = {
+        "_local_scalar_dense",
+        "nonzero",
+        "masked_select",
+        "unique",
+        "_unique",
+        "_unique2",
+        "unique_consecutive",
+        "unique_dim",
+    }
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        assert func.overloadpacket.__name__ not in self.SYNCS, f"host sync in the decode step: {func}"
+        assert func.overloadpacket.__name__ not in self.SYNCS, (
+            f"host sync in the decode step: {func}"
+        )
         return func(*args, **(kwargs or {}))
 
 
@@ -302,11 +370,16 @@ def test_decode_step_has_no_host_sync(variant):
         with NoHostSync():
             lm.decode_step(idx[:, 5], cache)
             lm.decode_step(idx[:, 6], cache)
-        with pytest.raises(AssertionError, match="host sync"), NoHostSync():  # the check itself sees a sync
+        with (
+            pytest.raises(AssertionError, match="host sync"),
+            NoHostSync(),
+        ):  # the check itself sees a sync
             cache.lengths[0].item()
 
 
-@pytest.mark.parametrize("variant", ["mha", "moas_dynamic", "moas_dynamic_top1", "moa_topk", "moa_all", "moas_kv"])
+@pytest.mark.parametrize(
+    "variant", ["mha", "moas_dynamic", "moas_dynamic_top1", "moa_topk", "moa_all", "moas_kv"]
+)
 def test_decode_step_compiles_in_one_graph(variant):
     """torch.compile(fullgraph=True) of the decode step (backend eager: tracing only) gives the eager logits."""
     lm = build(variant)
@@ -320,7 +393,9 @@ def test_decode_step_compiles_in_one_graph(variant):
             lm.prefill(idx[:, :5], lengths, cache)
         for j in range(2):
             token = idx[:, 5 + j]
-            torch.testing.assert_close(step(token, caches[0]), lm.decode_step(token, caches[1]), atol=ATOL, rtol=0)
+            torch.testing.assert_close(
+                step(token, caches[0]), lm.decode_step(token, caches[1]), atol=ATOL, rtol=0
+            )
             if time.monotonic() - start > 20:
                 pytest.skip("compiling the decode step took over 20 s")
     assert torch.equal(caches[0].lengths, caches[1].lengths)
@@ -328,7 +403,9 @@ def test_decode_step_compiles_in_one_graph(variant):
     torch.testing.assert_close(keys[0], keys[1], atol=0, rtol=0)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's imports
+@pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+)  # inductor's imports
 def test_compiled_cache_write_touches_only_the_new_entries():
     """write_kv compiled by inductor (CPU code here) stores the new entries alone: no loop over the whole cache, which
     a scatter_ compiled into (a copy of the cache and a copy back, at every decode step: docs/results/inference.md)."""
@@ -345,12 +422,18 @@ def test_compiled_cache_write_touches_only_the_new_entries():
     new, positions = torch.randn(b, h, 1, d), torch.tensor([[4], [0], [36]])
     write_kv(want, new, positions)
     torch._dynamo.reset()
-    _, code = run_and_get_code(torch.compile(write_kv, fullgraph=True, dynamic=False), cache, new, positions)
+    _, code = run_and_get_code(
+        torch.compile(write_kv, fullgraph=True, dynamic=False), cache, new, positions
+    )
     assert torch.equal(cache, want)
-    assert f"{b * h * length * d}L" not in "\n".join(code)  # CPU loops read `x0<static_cast<int64_t>(4440L)`
+    assert f"{b * h * length * d}L" not in "\n".join(
+        code
+    )  # CPU loops read `x0<static_cast<int64_t>(4440L)`
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's imports
+@pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+)  # inductor's imports
 @pytest.mark.parametrize("variant", ["mha", "moas_dynamic"])
 def test_compiled_decode_over_a_span_copies_no_view_of_the_cache(variant):
     """decode_step(span=11) compiled by inductor (CPU code): no loop runs over span x head_dim (88) elements, which
@@ -369,8 +452,12 @@ def test_compiled_decode_over_a_span_copies_no_view_of_the_cache(variant):
     torch._dynamo.reset()
     with torch.no_grad():
         lm.prefill(tokens(2, 5), torch.tensor([5, 5]), cache)
-        _, code = run_and_get_code(torch.compile(lm.decode_step, fullgraph=True, dynamic=False), tokens(2, 1)[:, 0],
-                                   cache, span)
+        _, code = run_and_get_code(
+            torch.compile(lm.decode_step, fullgraph=True, dynamic=False),
+            tokens(2, 1)[:, 0],
+            cache,
+            span,
+        )
     extents = set(re.findall(r"<static_cast<int64_t>\((\d+)L\)", "\n".join(code)))
     assert str(span) in extents  # the mask's loop: the span reached the compiled code
     assert str(span * (D // H)) not in extents
@@ -385,6 +472,8 @@ def test_moas_decode_reads_the_cache_without_expanding_it(monkeypatch):
         cache = lm.init_cache(2, 16)
         with torch.no_grad():
             lm.prefill(idx[:, :5], torch.tensor([3, 5]), cache)
-            monkeypatch.setattr(MoASAttention, "repeat_kv", lambda *a: pytest.fail("the cache was expanded"))
+            monkeypatch.setattr(
+                MoASAttention, "repeat_kv", lambda *a: pytest.fail("the cache was expanded")
+            )
             lm.decode_step(idx[:, 5], cache)
             monkeypatch.undo()

@@ -1,6 +1,7 @@
 """MoAS against the paper's released code (compare_moas.py): residual dropout per branch (model.resid_dropout=
 per_branch: each branch's c_proj output, bias included, dropped out before the gates mix them) and router biases
 that follow model.bias."""
+
 from __future__ import annotations
 
 import math
@@ -15,12 +16,28 @@ D, H, B, T, P = 32, 4, 8, 33, 0.5
 N = B * (T - 1) * D  # elements counted: position 0 left out (see zero_share)
 
 
-def moas(mode: str, fused: bool = True, bias: bool = False, dynamic: bool = False, dropout: float = P,
-         seed: int = 0) -> MoASAttention:
+def moas(
+    mode: str,
+    fused: bool = True,
+    bias: bool = False,
+    dynamic: bool = False,
+    dropout: float = P,
+    seed: int = 0,
+) -> MoASAttention:
     torch.manual_seed(seed)
-    m = MoASAttention(D, H, gqa_kv_heads=2, dropout=dropout, bias=bias, dynamic=dynamic, fused=fused,
-                      resid_dropout=mode)
-    with torch.no_grad():  # non-trivial output biases, so a bias added after the dropout would fill the zeros
+    m = MoASAttention(
+        D,
+        H,
+        gqa_kv_heads=2,
+        dropout=dropout,
+        bias=bias,
+        dynamic=dynamic,
+        fused=fused,
+        resid_dropout=mode,
+    )
+    with (
+        torch.no_grad()
+    ):  # non-trivial output biases, so a bias added after the dropout would fill the zeros
         if m.o_bias is not None:
             m.o_bias.normal_(std=0.1)
     return m
@@ -52,7 +69,7 @@ def test_per_branch_drops_each_branch_s_output_with_p(fused, bias, branch):
     m = moas("per_branch", fused, bias)
     with torch.no_grad():
         for other in {0, 1, 2} - {branch}:
-            m.c_proj.weight[:, other * D:(other + 1) * D] = 0
+            m.c_proj.weight[:, other * D : (other + 1) * D] = 0
             if bias:
                 m.o_bias[other] = 0
     assert abs(zero_share(m) - P) < tol(P)
@@ -63,7 +80,7 @@ def test_per_branch_drops_each_branch_s_output_with_p(fused, bias, branch):
 def test_an_output_element_is_zero_only_where_every_branch_dropped_it(fused, bias):
     """All three branches on: per_branch zeroes an element of y with probability p^3 (independent masks; 0.125 at
     p = 0.5), mixed with p (one mask after the mix)."""
-    assert abs(zero_share(moas("per_branch", fused, bias)) - P ** 3) < tol(P ** 3)
+    assert abs(zero_share(moas("per_branch", fused, bias)) - P**3) < tol(P**3)
     assert abs(zero_share(moas("mixed", fused, bias)) - P) < tol(P)
 
 
@@ -84,7 +101,9 @@ def test_fused_equals_plain_in_training_under_one_seed(dynamic, bias):
     yf, _ = fused.train()(xf)
     torch.manual_seed(3)
     yp, _ = plain.train()(xp)
-    assert abs((yf == 0).float().mean().item() - P ** 3) < 5 * math.sqrt(P ** 3 * (1 - P ** 3) / yf.numel())
+    assert abs((yf == 0).float().mean().item() - P**3) < 5 * math.sqrt(
+        P**3 * (1 - P**3) / yf.numel()
+    )
     assert torch.equal(yf == 0, yp == 0)
     torch.testing.assert_close(yf, yp, rtol=0, atol=1e-5)
     w = torch.randn_like(yf)
@@ -121,10 +140,14 @@ def test_per_branch_equals_mixed_where_dropout_is_inactive(fused, dynamic, case)
 @pytest.mark.parametrize("bias", [False, True])
 def test_router_has_biases_iff_model_bias_and_they_learn(make_cfg, bias):
     """The released router, Linear(d, hidden) -> GELU -> Linear(hidden, 3), follows the model's bias setting."""
-    cfg = make_cfg("model=moas_dynamic", f"model.bias={bias}", "model.dropout=0.0", "model.gate_dropout=0.0")
+    cfg = make_cfg(
+        "model=moas_dynamic", f"model.bias={bias}", "model.dropout=0.0", "model.gate_dropout=0.0"
+    )
     torch.manual_seed(0)
     lm = build_model(cfg.model, 50)
-    router_biases = {n: p for n, p in lm.named_parameters() if ".router." in n and n.endswith(".bias")}
+    router_biases = {
+        n: p for n, p in lm.named_parameters() if ".router." in n and n.endswith(".bias")
+    }
     routers = [m for m in lm.modules() if isinstance(m, MoASAttention)]
     assert len(router_biases) == (2 * len(routers) if bias else 0)
     for attn in routers:

@@ -2,6 +2,7 @@
 head-pool cache (models/kv_cache.py HeadPool) stores what the routing says and its realised bytes are its used slots;
 the overflow policy; the budget loss on a tiny run; the command line trains and generates. Prefill + cached decoding
 against the full forward (rows of different lengths, no host sync, one compiled graph): tests/test_kv_cache.py."""
+
 from __future__ import annotations
 
 import math
@@ -32,7 +33,7 @@ class FixedRouter(torch.nn.Module):
         self.schemes = torch.tensor(schemes)
 
     def forward(self, x):
-        return 10.0 * F.one_hot(self.schemes[:x.shape[1]], 3).float().expand(x.shape[0], -1, -1)
+        return 10.0 * F.one_hot(self.schemes[: x.shape[1]], 3).float().expand(x.shape[0], -1, -1)
 
 
 def attention(seed: int = 0, **keys) -> MoASKVAttention:
@@ -52,8 +53,9 @@ def by_hand(attn: MoASKVAttention, x: torch.Tensor, schemes: list) -> torch.Tens
             return kv[:, j, h]
         if schemes[j] == GQA:
             size = H // G
-            return kv[:, j, (h // size) * size:(h // size + 1) * size].mean(1)
+            return kv[:, j, (h // size) * size : (h // size + 1) * size].mean(1)
         return kv[:, j].mean(1)
+
     out = torch.zeros(b, t, H, dh)
     for i in range(t):
         for h in range(H):
@@ -79,18 +81,23 @@ def test_each_query_head_reads_what_each_past_token_stored():
         positions = torch.arange(len(schemes)).expand(2, -1)
         steps = [attn.forward_cached(x[:, :5], pool, None, positions[:, :5])]
         for t in range(5, len(schemes)):
-            attn.router = FixedRouter(schemes[t:t + 1])
-            steps.append(attn.forward_cached(x[:, t:t + 1], pool, None, positions[:, t:t + 1]))
+            attn.router = FixedRouter(schemes[t : t + 1])
+            steps.append(attn.forward_cached(x[:, t : t + 1], pool, None, positions[:, t : t + 1]))
     torch.testing.assert_close(torch.cat(steps, 1), expected, atol=1e-5, rtol=0)
     heads = [(H, G, 1)[s] for s in schemes]
     assert pool.scheme[0, :8].tolist() == schemes
-    assert pool.offset[0, :8].tolist() == [sum(heads[:i]) for i in range(8)]  # each token's heads follow the last's
+    assert pool.offset[0, :8].tolist() == [
+        sum(heads[:i]) for i in range(8)
+    ]  # each token's heads follow the last's
     assert pool.used_slots(torch.tensor([8, 8])).tolist() == [sum(heads)] * 2
 
 
 def build(seed: int = 0, **keys) -> LanguageModel:
-    m = OmegaConf.structured(config.VARIANTS["moas_kv"](name="moas_kv", d_model=D, n_layer=2, n_head=H,
-                                                        max_seq_len=32, dropout=0.0, **keys))
+    m = OmegaConf.structured(
+        config.VARIANTS["moas_kv"](
+            name="moas_kv", d_model=D, n_layer=2, n_head=H, max_seq_len=32, dropout=0.0, **keys
+        )
+    )
     torch.manual_seed(seed)
     lm = LanguageModel(m, VOCAB).eval()
     for name, p in lm.named_parameters():
@@ -112,24 +119,34 @@ def test_realised_bytes_are_the_used_slots_of_the_routed_heads(dtype):
         cache = lm.init_cache(3, 16, dtype=dtype)
         lm.prefill(idx, lengths, cache)
     real = (torch.arange(12) < lengths[:, None]).flatten()
-    heads = [lm.blocks[i].attn.stored_heads[r.chosen[:, 0]][real].mean() for i, r in enumerate(routings)]
+    heads = [
+        lm.blocks[i].attn.stored_heads[r.chosen[:, 0]][real].mean() for i, r in enumerate(routings)
+    ]
     assert all(len(r.chosen[:, 0].unique()) == 3 for r in routings)  # every scheme is used
     head_bytes = 2 * (D // H) * dtype.itemsize
     assert cache.realised_bytes_per_token() == pytest.approx(float(sum(heads)) * head_bytes)
     for layer, routing in zip(cache.k, routings):
         used = lm.blocks[0].attn.stored_heads[routing.chosen[:, 0]].view(3, 12)
-        assert layer.used_slots(lengths).tolist() == [int(used[r, :n].sum()) for r, n in enumerate(lengths)]
+        assert layer.used_slots(lengths).tolist() == [
+            int(used[r, :n].sum()) for r, n in enumerate(lengths)
+        ]
     assert cache.fallbacks() == 0
-    with torch.no_grad():  # the analytic figure from the routing records of the rows' real tokens alone
+    with (
+        torch.no_grad()
+    ):  # the analytic figure from the routing records of the rows' real tokens alone
         _, alone = lm(idx[:1])
     single = lm.init_cache(1, 16, dtype=dtype)
     with torch.no_grad():
         lm.prefill(idx[:1], torch.tensor([12]), single)
     assert single.realised_bytes_per_token() == pytest.approx(kv_bytes_per_token(lm, dtype, alone))
-    assert kv_bytes_per_token(lm, dtype) == 2 * 2 * 2.0 * (D // H) * dtype.itemsize  # without records: the budget
+    assert (
+        kv_bytes_per_token(lm, dtype) == 2 * 2 * 2.0 * (D // H) * dtype.itemsize
+    )  # without records: the budget
     # the pool: ceil(slack x budget x max_len) = 64 slots per row and layer
     assert cache.nbytes() == 2 * 3 * 64 * head_bytes
-    assert lm.blocks[0].attn.kv_cache_elems_per_token() == 2 * 2.0 * (D // H)  # the analytic figure: the budget
+    assert lm.blocks[0].attn.kv_cache_elems_per_token() == 2 * 2.0 * (
+        D // H
+    )  # the analytic figure: the budget
 
 
 def test_a_full_pool_stores_the_fallback_scheme_and_counts_it():
@@ -143,7 +160,9 @@ def test_a_full_pool_stores_the_fallback_scheme_and_counts_it():
         block.attn.router = FixedRouter([MHA] + [MQA] * 31)
     max_len, idx = 8, tokens(2, 8, seed=4)
     layout = lm.blocks[0].attn.kv_layout()
-    layout = type(layout)(layout.head_dim, layout.heads, layout.first, layout.read_index, 1 + 3 / max_len)
+    layout = type(layout)(
+        layout.head_dim, layout.heads, layout.first, layout.read_index, 1 + 3 / max_len
+    )
     for block in lm.blocks:
         block.attn.kv_layout = lambda layout=layout: layout
     with torch.no_grad():
@@ -167,10 +186,18 @@ def test_generation_reports_the_fallbacks_once():
     for block in lm.blocks:
         block.attn.router = FixedRouter([MHA] * 32)
     notes = []
-    _generate_ids(lm, [[1, 2, 3], [4]], 6, True, lambda logits: logits.argmax(-1), warn=notes.append)
-    assert len(notes) == 1 and "overflowed the KV head pool" in notes[0] and "kv_pool_slack" in notes[0]
+    _generate_ids(
+        lm, [[1, 2, 3], [4]], 6, True, lambda logits: logits.argmax(-1), warn=notes.append
+    )
+    assert (
+        len(notes) == 1
+        and "overflowed the KV head pool" in notes[0]
+        and "kv_pool_slack" in notes[0]
+    )
     notes.clear()
-    _generate_ids(build(), [[1, 2, 3]], 6, True, lambda logits: logits.argmax(-1), warn=notes.append)
+    _generate_ids(
+        build(), [[1, 2, 3]], 6, True, lambda logits: logits.argmax(-1), warn=notes.append
+    )
     assert notes == []  # no budget: a pool of n_head x max_len never overflows
 
 
@@ -201,20 +228,34 @@ def test_soft_inference_mixes_and_hard_reads_one_scheme():
 
 
 def test_validation_names_the_key():
-    m = OmegaConf.structured(config.VARIANTS["moas_kv"](name="moas_kv", n_head=4, d_model=32, kv_budget=5))
-    with pytest.raises(config.ConfigError, match=r"model.kv_budget: must be null or in \[1, model.n_head=4\]"):
+    m = OmegaConf.structured(
+        config.VARIANTS["moas_kv"](name="moas_kv", n_head=4, d_model=32, kv_budget=5)
+    )
+    with pytest.raises(
+        config.ConfigError, match=r"model.kv_budget: must be null or in \[1, model.n_head=4\]"
+    ):
         config.VARIANTS["moas_kv"].validate(m, None)
 
 
 def test_the_budget_loss_pulls_the_stored_heads_to_the_budget(train_run, tmp_path):
     steps = 60
-    summary, records = train_run(tmp_path, "model=moas_kv", "model.n_head=4", "model.kv_budget=1.2",
-                                 "model.aux.kv_budget_coef=1.0", f"trainer.max_steps={steps}", "optim.lr=3e-3",
-                                 "trainer.log_interval=5", "trainer.eval_interval=30")
+    summary, records = train_run(
+        tmp_path,
+        "model=moas_kv",
+        "model.n_head=4",
+        "model.kv_budget=1.2",
+        "model.aux.kv_budget_coef=1.0",
+        f"trainer.max_steps={steps}",
+        "optim.lr=3e-3",
+        "trainer.log_interval=5",
+        "trainer.eval_interval=30",
+    )
     train = [r for r in records if "train/loss" in r]
     assert train[-1]["train/loss"] < train[0]["train/loss"] - 0.5
     heads = [r["train/aux/kv_heads"] for r in train]
-    assert heads[0] > 1.8 and heads[-1] < 1.35, heads  # from about (4 + 2 + 1) / 3 to near the budget 1.2
+    assert heads[0] > 1.8 and heads[-1] < 1.35, (
+        heads
+    )  # from about (4 + 2 + 1) / 3 to near the budget 1.2
     assert train[-1]["train/aux/kv_budget"] < train[0]["train/aux/kv_budget"] / 10
     for site in ("layer0", "layer1"):
         assert {f"routing/util/{site}/{name}" for name in ("mha", "gqa", "mqa")} <= set(train[-1])
@@ -222,13 +263,39 @@ def test_the_budget_loss_pulls_the_stored_heads_to_the_budget(train_run, tmp_pat
 
 def test_the_command_line_trains_and_generates(monkeypatch, capsys, tmp_path):
     run = tmp_path / "run"
-    code, out, _ = run_main(["debug=tiny", "trainer.device=cpu", "model=moas_kv", "model.kv_budget=1.5",
-                             "trainer.max_steps=6", "trainer.eval_interval=6", f"hydra.run.dir={run}"],
-                            monkeypatch, capsys)
+    code, out, _ = run_main(
+        [
+            "debug=tiny",
+            "trainer.device=cpu",
+            "model=moas_kv",
+            "model.kv_budget=1.5",
+            "trainer.max_steps=6",
+            "trainer.eval_interval=6",
+            f"hydra.run.dir={run}",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code in (0, None), out
-    gen = subprocess.run([sys.executable, "-m", "moa_train.generation", str(run), "--prompt", "The ",
-                          "--max-new-tokens", "12", "--greedy", "--device", "cpu"], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, timeout=120)
+    gen = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moa_train.generation",
+            str(run),
+            "--prompt",
+            "The ",
+            "--max-new-tokens",
+            "12",
+            "--greedy",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.startswith("The ") and len(gen.stdout) > len("The \n")
 
@@ -248,11 +315,14 @@ def test_a_decode_step_reads_the_pool_without_an_n_head_view_of_it():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if all(r.alias_info is None for r in func._schema.returns):  # new memory: no view, no in-place write
+            if all(
+                r.alias_info is None for r in func._schema.returns
+            ):  # new memory: no view, no in-place write
                 for t in out if isinstance(out, (tuple, list)) else [out]:
                     if isinstance(t, torch.Tensor):
                         Sizes.biggest = max(Sizes.biggest, t.numel())
             return out
+
     cache = lm.init_cache(b, max_len)
     with torch.no_grad():
         lm.prefill(tokens(b, 6), torch.tensor([6, 4]), cache)

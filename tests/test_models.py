@@ -1,4 +1,5 @@
 """Every attention family: shapes, gradients, causality, routers, and MoAS fused == plain."""
+
 from __future__ import annotations
 
 import pytest
@@ -30,8 +31,17 @@ VARIANTS = {
     "moas_kv": ["model=moas_kv", "model.kv_budget=2"],
     "moas_kv_bias": ["model=moas_kv", "model.bias=true"],
 }
-ROUTED = {"moas_dynamic", "moa_topk", "moa_all", "moa_topk_softmax", "moa_kv2", "moas_dynamic_bias", "moa_bias",
-          "moas_kv", "moas_kv_bias"}
+ROUTED = {
+    "moas_dynamic",
+    "moa_topk",
+    "moa_all",
+    "moa_topk_softmax",
+    "moa_kv2",
+    "moas_dynamic_bias",
+    "moa_bias",
+    "moas_kv",
+    "moas_kv_bias",
+}
 # aux terms beyond balance, z and cv: moas_kv's stored heads, and its budget loss where a budget is set
 KV_AUX = {"moas_kv": {"kv_heads", "kv_budget"}, "moas_kv_bias": {"kv_heads"}}
 
@@ -39,13 +49,17 @@ KV_AUX = {"moas_kv": {"kv_heads", "kv_budget"}, "moas_kv_bias": {"kv_heads"}}
 @pytest.fixture(scope="module")
 def variant_cfgs(make_cfg):
     common = ["model.n_head=4", "model.dropout=0.0", "model.gate_dropout=0.0"]
-    return {v: make_cfg(*applicable(o[0].partition("=")[2], common), *o) for v, o in VARIANTS.items()}
+    return {
+        v: make_cfg(*applicable(o[0].partition("=")[2], common), *o) for v, o in VARIANTS.items()
+    }
 
 
 def build(cfg, seed: int = 0, randomize_routers: bool = False):
     torch.manual_seed(seed)
     lm = build_model(cfg.model, VOCAB)
-    if randomize_routers:  # the MoA router starts at zero (all ties): give it a real preference per token
+    if (
+        randomize_routers
+    ):  # the MoA router starts at zero (all ties): give it a real preference per token
         for name, p in lm.named_parameters():
             if ".router." in name:
                 torch.nn.init.normal_(p, std=0.5)
@@ -66,7 +80,9 @@ def test_forward_backward(variant_cfgs, variant):
     assert len(routings) == cfg.model.n_layer
     assert all((r is not None) == (variant in ROUTED) for r in routings)
     aux = aux_losses(routings, cfg.model.aux)
-    assert set(aux) == ({"balance", "z", "cv"} | KV_AUX.get(variant, set()) if variant in ROUTED else set())
+    assert set(aux) == (
+        {"balance", "z", "cv"} | KV_AUX.get(variant, set()) if variant in ROUTED else set()
+    )
     loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()) + weighted_aux(aux, cfg.model.aux)
     loss.backward()
     for name, p in lm.named_parameters():
@@ -95,7 +111,9 @@ def test_causal(variant_cfgs, variant, t):
         a, _ = lm(x)
         b, _ = lm(x2)
     assert torch.allclose(a[:, :t], b[:, :t], atol=1e-5)
-    assert not torch.allclose(a[:, t:], b[:, t:], atol=1e-5)  # the change is visible where it should be
+    assert not torch.allclose(
+        a[:, t:], b[:, t:], atol=1e-5
+    )  # the change is visible where it should be
 
 
 # --- routers --------------------------------------------------------------------------------------------------
@@ -162,6 +180,7 @@ def test_moa_softmax_all_gates_are_topk_probabilities():
 
 
 # --- MoAS fused vs plain ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])

@@ -1,4 +1,5 @@
 """Parameter groups and learning-rate schedules."""
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,9 @@ def schedule(name: str, warmup: int = 0, min_lr_ratio: float = 0.1):
 
 def test_constant_with_warmup():
     cfg = schedule("constant", warmup=4)
-    assert [lr_factor(s, cfg, 100) for s in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+    assert [lr_factor(s, cfg, 100) for s in range(6)] == pytest.approx(
+        [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    )
 
 
 def test_cosine_decays_to_min_ratio():
@@ -40,19 +43,30 @@ def test_inverse_sqrt():
 
 @pytest.mark.parametrize("model", ["moas_dynamic", "moa"])
 def test_router_parameters_have_their_own_group(make_cfg, model):
-    cfg = make_cfg(f"model={model}", "model.bias=true", "optim.router_lr_mult=2.0", "optim.router_weight_decay=0.0")
+    cfg = make_cfg(
+        f"model={model}",
+        "model.bias=true",
+        "optim.router_lr_mult=2.0",
+        "optim.router_weight_decay=0.0",
+    )
     lm = build_model(cfg.model, 50)
     groups = {g["name"]: g for g in param_groups(lm, cfg.optim)}
     router = {id(p): p for n, p in lm.named_parameters() if ".router." in f".{n}"}
-    assert router and {id(p) for p in groups["router"]["params"]} == {i for i, p in router.items() if p.dim() >= 2}
+    assert router and {id(p) for p in groups["router"]["params"]} == {
+        i for i, p in router.items() if p.dim() >= 2
+    }
     # the router's biases (MoAS's follow model.bias) keep the router's lr, without weight decay
-    assert {id(p) for p in groups.get("router_no_decay", {"params": []})["params"]} == \
-        {i for i, p in router.items() if p.dim() < 2}
+    assert {id(p) for p in groups.get("router_no_decay", {"params": []})["params"]} == {
+        i for i, p in router.items() if p.dim() < 2
+    }
     assert groups["router"]["lr"] == pytest.approx(2.0 * cfg.optim.lr)
     assert groups["router"]["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in groups["decay"]["params"])
     assert all(p.dim() < 2 for p in groups["no_decay"]["params"])
-    assert groups["decay"]["weight_decay"] == cfg.optim.weight_decay and groups["no_decay"]["weight_decay"] == 0.0
+    assert (
+        groups["decay"]["weight_decay"] == cfg.optim.weight_decay
+        and groups["no_decay"]["weight_decay"] == 0.0
+    )
     # every parameter in exactly one group (the tied embedding once)
     ids = [id(p) for g in groups.values() for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(lm.parameters()))
@@ -79,15 +93,23 @@ def test_groups_follow_declared_roles_not_attribute_names():
             self.gate, self.router, self.proj = (torch.nn.Linear(4, 4) for _ in range(3))
 
     model = Gated()
-    groups = {g["name"]: g["params"] for g in param_groups(model, OmegaConf.structured(OptimConfig))}
+    groups = {
+        g["name"]: g["params"] for g in param_groups(model, OmegaConf.structured(OptimConfig))
+    }
     assert {id(p) for p in groups["router"]} == {id(model.gate.weight)}
     assert {id(p) for p in groups["router_no_decay"]} == {id(model.gate.bias)}
     assert {id(p) for p in groups["no_decay"]} == {id(model.router.bias)}
-    assert {id(p) for p in groups["decay"]} == {id(model.router.weight), id(model.proj.weight), id(model.proj.bias)}
+    assert {id(p) for p in groups["decay"]} == {
+        id(model.router.weight),
+        id(model.proj.weight),
+        id(model.proj.bias),
+    }
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_declared_no_decay_and_embedding_roles_cover_exactly_the_norms_biases_and_embeddings(compose_cfg, bias):
+def test_declared_no_decay_and_embedding_roles_cover_exactly_the_norms_biases_and_embeddings(
+    compose_cfg, bias
+):
     """Every preset, LM and encoder-decoder: the parameters declared NO_DECAY are exactly the 1-D ones (norms and
     biases: nanoGPT's groups, now declared by their modules), and EMBEDDING exactly the nn.Embedding weights."""
     import torch.nn as nn
@@ -97,9 +119,22 @@ def test_declared_no_decay_and_embedding_roles_cover_exactly_the_norms_biases_an
     from moa_train.models.roles import EMBEDDING, NO_DECAY, param_roles
     from moa_train.models.seq2seq import Seq2Seq
 
-    models = [build_model(compose_cfg(f"model={name}", f"model.bias={bias}").model, 100) for name in presets()]
-    models.append(Seq2Seq(compose_cfg("data=multi30k_en_de", "model=moa", f"model.bias={bias}",
-                                      "model.share_embeddings=false").model, 100, 0))
+    models = [
+        build_model(compose_cfg(f"model={name}", f"model.bias={bias}").model, 100)
+        for name in presets()
+    ]
+    models.append(
+        Seq2Seq(
+            compose_cfg(
+                "data=multi30k_en_de",
+                "model=moa",
+                f"model.bias={bias}",
+                "model.share_embeddings=false",
+            ).model,
+            100,
+            0,
+        )
+    )
     for model in models:
         roles = param_roles(model)
         embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}

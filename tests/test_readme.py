@@ -2,6 +2,7 @@
 `[GPU]`, `[multi-node]`, `[full run]` (a paper's whole reproduction) or `[SLURM]` (a cluster's scheduler). The
 lines of one README section run in order in one fresh folder, so a later line can use what an earlier one made (a
 run folder, a sweep)."""
+
 from __future__ import annotations
 
 import os
@@ -18,10 +19,21 @@ from conftest import REPO, run_main, write_wikitext
 
 MARKERS = ("[GPU]", "[multi-node]", "[full run]", "[SLURM]")
 # added to every training command: a couple of steps, one evaluation batch, a few decoded sentences
-TINY = ("trainer.max_steps=2", "trainer.eval_interval=2", "trainer.eval_iters=1", "trainer.log_interval=1",
-        "trainer.device=cpu", "eval.max_sentences=2", "data.max_tokens=512")
-ENTRY = {"moa-train": "moa_train", "moa-report": "moa_train.report", "moa-bench": "moa_train.bench",
-         "moa-generate": "moa_train.generation"}
+TINY = (
+    "trainer.max_steps=2",
+    "trainer.eval_interval=2",
+    "trainer.eval_iters=1",
+    "trainer.log_interval=1",
+    "trainer.device=cpu",
+    "eval.max_sentences=2",
+    "data.max_tokens=512",
+)
+ENTRY = {
+    "moa-train": "moa_train",
+    "moa-report": "moa_train.report",
+    "moa-bench": "moa_train.bench",
+    "moa-generate": "moa_train.generation",
+}
 
 
 def readme_commands() -> dict:
@@ -54,7 +66,10 @@ def write_multi30k(root: Path) -> None:
     folder.mkdir(parents=True)
     words = "a dog cat runs jumps over the red blue house man woman street".split()
     for stem, n in (("train", 200), ("val", 20), ("test_2016_flickr", 20)):
-        lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(3 + i % 5)) for i in range(n)]
+        lines = [
+            " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(3 + i % 5))
+            for i in range(n)
+        ]
         for lang in ("en", "de"):
             (folder / f"{stem}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -83,16 +98,23 @@ def argv_of(command: str) -> tuple:
 
 def run_line(command: str, cwd: Path, monkeypatch, capsys) -> None:
     program, args = argv_of(command)
-    args = [str(next(cwd.glob(a.replace("<date_time>", "*")), a)) if "<date_time>" in a else a for a in args]
+    args = [
+        str(next(cwd.glob(a.replace("<date_time>", "*")), a)) if "<date_time>" in a else a
+        for a in args
+    ]
     if program == "moa_train":
-        extra = list(TINY) + (["hydra.sweeper.n_trials=2"] if any("hparams_search" in a for a in args) else [])
+        extra = list(TINY) + (
+            ["hydra.sweeper.n_trials=2"] if any("hparams_search" in a for a in args) else []
+        )
         # run folders are named to the second: two commands of a section started within one second would share one
         # (the second resuming the first), which a person typing them never sees
         time.sleep(1.0 - time.time() % 1.0 + 0.01)
         code, output, _ = run_main(args + extra, monkeypatch, capsys)
         assert code in (0, None), f"{command}\n{output}"
         return
-    if "--tables-only" in args or "--paper-tables" in args:  # rebuilt here, not over the committed files
+    if (
+        "--tables-only" in args or "--paper-tables" in args
+    ):  # rebuilt here, not over the committed files
         args += ["--out", str(cwd / "rebuilt")]
     elif program == "moa_train.report" and "--out" not in args:
         args += ["--out", str(cwd / "report")]
@@ -102,16 +124,25 @@ def run_line(command: str, cwd: Path, monkeypatch, capsys) -> None:
         cmd = [sys.executable, str(REPO / program), *args]
     else:
         cmd = [sys.executable, "-m", program, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, f"{command}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("section", [pytest.param(name, marks=pytest.mark.distributed)
-                                     if any(c.startswith("torchrun") for c, _ in lines) else name
-                                     for name, lines in SECTIONS.items()])
+@pytest.mark.parametrize(
+    "section",
+    [
+        pytest.param(name, marks=pytest.mark.distributed)
+        if any(c.startswith("torchrun") for c, _ in lines)
+        else name
+        for name, lines in SECTIONS.items()
+    ],
+)
 def test_readme_commands_run_as_written(section, readme_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MOA_DATA_DIR", str(readme_data))
     monkeypatch.chdir(tmp_path)

@@ -1,6 +1,7 @@
 """Reliability: checkpoints hold every state and are verified, a damaged one is skipped, SIGTERM / SIGINT / SIGKILL
 mid-run resume to exactly the losses of an uninterrupted run, non-finite steps are skipped on the device and too
 many in a row stop the run."""
+
 from __future__ import annotations
 
 import json
@@ -25,11 +26,18 @@ from moa_train.train.tasks import LMTask
 
 TINY = ("model=mha", "model.n_head=4")
 # 15 steps, logged every 5 and checkpointed every 5 (the last two kept): a stop at step 7 or 12 is mid-window
-RUN = (*TINY, "trainer.max_steps=15", "trainer.log_interval=5", "trainer.eval_interval=5",
-       "trainer.keep_checkpoints=2")
+RUN = (
+    *TINY,
+    "trainer.max_steps=15",
+    "trainer.log_interval=5",
+    "trainer.eval_interval=5",
+    "trainer.keep_checkpoints=2",
+)
 
-needs_main_thread = pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
-                                       reason="signal handlers need the main thread")
+needs_main_thread = pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(),
+    reason="signal handlers need the main thread",
+)
 
 
 def by_step(records: list, key: str) -> list:
@@ -73,30 +81,55 @@ def nan_loss_at(monkeypatch, calls) -> None:
 
 # --- checkpoints ----------------------------------------------------------------------------------------------------
 
+
 def test_checkpoint_holds_every_state_and_its_hash(train_run, tmp_path):
     train_run(tmp_path, *TINY, "trainer.max_steps=5", "trainer.eval_interval=5")
     path = tmp_path / "checkpoints" / "step_0000005.pt"
     assert sidecar(path).read_text() == f"{file_sha256(path)}  step_0000005.pt\n"
     state = load_checkpoint(path)
-    assert {"model", "optimizer", "scheduler", "step", "tokens_seen", "best_val", "rng", "data", "wandb_id",
-            "config", "guard", "window"} <= set(state)
-    assert set(state["rng"]) == {"python", "numpy", "torch"} | ({"cuda"} if torch.cuda.is_available() else set())
+    assert {
+        "model",
+        "optimizer",
+        "scheduler",
+        "step",
+        "tokens_seen",
+        "best_val",
+        "rng",
+        "data",
+        "wandb_id",
+        "config",
+        "guard",
+        "window",
+    } <= set(state)
+    assert set(state["rng"]) == {"python", "numpy", "torch"} | (
+        {"cuda"} if torch.cuda.is_available() else set()
+    )
     assert state["step"] == 5 and state["config"]["trainer"]["max_steps"] == 5
-    assert os.path.samefile(path, tmp_path / "checkpoints" / "best.pt")  # best.pt: a second name, not a copy
+    assert os.path.samefile(
+        path, tmp_path / "checkpoints" / "best.pt"
+    )  # best.pt: a second name, not a copy
 
 
 @needs_main_thread
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
-def test_signal_checkpoints_the_step_and_resume_matches(train_run, straight, tmp_path, monkeypatch, signum):
+def test_signal_checkpoints_the_step_and_resume_matches(
+    train_run, straight, tmp_path, monkeypatch, signum
+):
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     signal_at(monkeypatch, 7, signum)
-    with pytest.raises(Preempted, match=f"stopped by {signal.Signals(signum).name} at step 7") as stopped:
+    with pytest.raises(
+        Preempted, match=f"stopped by {signal.Signals(signum).name} at step 7"
+    ) as stopped:
         train_run(tmp_path, *RUN)
     assert stopped.value.exit_code == 128 + signum
-    assert str(stopped.value).endswith(f"the same command with hydra.run.dir={tmp_path}")  # the folder to resume
+    assert str(stopped.value).endswith(
+        f"the same command with hydra.run.dir={tmp_path}"
+    )  # the folder to resume
     assert {s: signal.getsignal(s) for s in handlers} == handlers  # the previous handlers are back
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt")) == ["step_0000005.pt",
-                                                                                    "step_0000007.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt")) == [
+        "step_0000005.pt",
+        "step_0000007.pt",
+    ]
     monkeypatch.undo()
     _, records = train_run(tmp_path, *RUN)
     assert_same_run(records, straight)  # the step-10 loss averages steps 6..10 across the stop
@@ -104,8 +137,9 @@ def test_signal_checkpoints_the_step_and_resume_matches(train_run, straight, tmp
 
 @needs_main_thread
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate"])
-def test_damaged_latest_checkpoint_falls_back_to_the_previous(train_run, straight, tmp_path, monkeypatch, caplog,
-                                                               damage):
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(
+    train_run, straight, tmp_path, monkeypatch, caplog, damage
+):
     signal_at(monkeypatch, 12, signal.SIGTERM)
     with pytest.raises(Preempted):
         train_run(tmp_path, *RUN)
@@ -123,15 +157,22 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(train_run, straigh
     assert "step_0000010.pt at step 10" in caplog.text
     assert_same_run(records, straight)
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt"))
-    assert kept == ["step_0000010.pt", "step_0000015.pt"]  # the damaged one is out of the way, set aside
+    assert kept == [
+        "step_0000010.pt",
+        "step_0000015.pt",
+    ]  # the damaged one is out of the way, set aside
     assert (tmp_path / "checkpoints" / "step_0000012.pt.failed").read_bytes() == bytes(data)
 
 
 def test_no_readable_checkpoint_is_an_error(train_run, tmp_path):
     train_run(tmp_path, *TINY, "trainer.max_steps=5", "trainer.eval_interval=5")
-    for path in (tmp_path / "checkpoints").glob("*.pt"):  # step_0000005.pt and best.pt (one file, two names)
+    for path in (tmp_path / "checkpoints").glob(
+        "*.pt"
+    ):  # step_0000005.pt and best.pt (one file, two names)
         path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=r"no readable checkpoint .*step_0000005\.pt, best\.pt"):
+    with pytest.raises(
+        CheckpointError, match=r"no readable checkpoint .*step_0000005\.pt, best\.pt"
+    ):
         train_run(tmp_path, *TINY, "trainer.max_steps=10")
 
 
@@ -146,8 +187,14 @@ def test_checkpoint_without_sidecar_loads_with_a_warning(train_run, tmp_path, ca
 
 # --- kill a training process ---------------------------------------------------------------------------------------
 
-KILL_RUN = (*TINY, "trainer.max_steps=120", "trainer.log_interval=1", "trainer.eval_interval=40",
-            "trainer.save_interval=10", "trainer.keep_checkpoints=2")
+KILL_RUN = (
+    *TINY,
+    "trainer.max_steps=120",
+    "trainer.log_interval=1",
+    "trainer.eval_interval=40",
+    "trainer.save_interval=10",
+    "trainer.keep_checkpoints=2",
+)
 
 
 @pytest.fixture(scope="module")
@@ -158,20 +205,43 @@ def straight_120(train_run, tmp_path_factory):
 def last_step(path) -> int:
     """The step of the last complete line: the running process may be half-way through writing the next one."""
     text = path.read_text() if path.is_file() else ""
-    lines = text[:text.rfind("\n") + 1].splitlines()
+    lines = text[: text.rfind("\n") + 1].splitlines()
     return json.loads(lines[-1])["step"] if lines else 0
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
-def test_killed_training_process_resumes_to_the_same_losses(train_run, straight_120, data_root, cache_dir, tmp_path,
-                                                             signum):
-    env = {**os.environ, "MOA_DATA_DIR": str(data_root), "MOA_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "moa_train", "debug=tiny", "trainer.device=cpu", *KILL_RUN,
-                             f"hydra.run.dir={tmp_path}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def test_killed_training_process_resumes_to_the_same_losses(
+    train_run, straight_120, data_root, cache_dir, tmp_path, signum
+):
+    env = {
+        **os.environ,
+        "MOA_DATA_DIR": str(data_root),
+        "MOA_CACHE_DIR": str(cache_dir),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "moa_train",
+            "debug=tiny",
+            "trainer.device=cpu",
+            *KILL_RUN,
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
-    while last_step(tmp_path / "metrics.jsonl") < 35 and proc.poll() is None and time.monotonic() < deadline:
+    while (
+        last_step(tmp_path / "metrics.jsonl") < 35
+        and proc.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
@@ -189,23 +259,32 @@ def test_killed_training_process_resumes_to_the_same_losses(train_run, straight_
 
 
 def test_second_signal_exits_at_once(tmp_path):
-    script = ("import os, signal, time\n"
-              "from moa_train.train.preemption import StopSignals\n"
-              "stop = StopSignals().install()\n"
-              "os.kill(os.getpid(), signal.SIGTERM)\n"
-              "assert stop.received == signal.SIGTERM\n"
-              "print('first signal noted', flush=True)\n"
-              "os.kill(os.getpid(), signal.SIGINT)\n"
-              "time.sleep(5)\n"
-              "print('not reached')\n")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    script = (
+        "import os, signal, time\n"
+        "from moa_train.train.preemption import StopSignals\n"
+        "stop = StopSignals().install()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "assert stop.received == signal.SIGTERM\n"
+        "print('first signal noted', flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(5)\n"
+        "print('not reached')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 130, proc.stderr
     assert proc.stdout == "first signal noted\n"
     assert "SIGINT again: exiting at once" in proc.stderr
 
 
 # --- non-finite steps -----------------------------------------------------------------------------------------------
+
 
 def snapshot(trainer) -> tuple:
     return deepcopy(trainer.model.state_dict()), deepcopy(trainer.optimizer.state_dict())
@@ -222,7 +301,10 @@ def assert_same_state(a: tuple, b: tuple) -> None:
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("source", ["loss", "gradient"])
 def test_non_finite_step_is_skipped(make_cfg, tmp_path, monkeypatch, fused, source):
-    trainer = Trainer(make_cfg("trainer.device=cpu", "model=moa", "model.n_head=4", f"optim.fused={fused}"), tmp_path)
+    trainer = Trainer(
+        make_cfg("trainer.device=cpu", "model=moa", "model.n_head=4", f"optim.fused={fused}"),
+        tmp_path,
+    )
     trainer.train_step(False)  # a good step first: AdamW has state to keep
     before = snapshot(trainer)
     if source == "loss":
@@ -232,7 +314,9 @@ def test_non_finite_step_is_skipped(make_cfg, tmp_path, monkeypatch, fused, sour
         hook = trainer.model.lm_head.weight.register_hook(lambda g: g * float("inf"))
     _, _, _, norm, bad = trainer.train_step(False)
     assert bad.item() and not torch.isfinite(norm)
-    assert_same_state(snapshot(trainer), before)  # neither the weights nor the AdamW moments and count moved
+    assert_same_state(
+        snapshot(trainer), before
+    )  # neither the weights nor the AdamW moments and count moved
     assert (trainer.guard.skipped.item(), trainer.guard.streak.item()) == (1, 1)
     monkeypatch.undo()
     if hook is not None:
@@ -241,7 +325,11 @@ def test_non_finite_step_is_skipped(make_cfg, tmp_path, monkeypatch, fused, sour
     assert not bad.item()
     after = snapshot(trainer)
     assert not torch.equal(after[0]["lm_head.weight"], before[0]["lm_head.weight"])
-    assert (trainer.guard.skipped.item(), trainer.guard.streak.item(), trainer.guard.longest.item()) == (1, 0, 1)
+    assert (
+        trainer.guard.skipped.item(),
+        trainer.guard.streak.item(),
+        trainer.guard.longest.item(),
+    ) == (1, 0, 1)
 
 
 def test_skipped_steps_are_counted_and_left_out_of_the_loss(train_run, tmp_path, monkeypatch):
@@ -249,18 +337,38 @@ def test_skipped_steps_are_counted_and_left_out_of_the_loss(train_run, tmp_path,
     summary, records = train_run(tmp_path, *TINY, "trainer.max_steps=10", "trainer.log_interval=5")
     train = [r for r in records if "train/loss" in r]
     assert [(r["step"], r["train/skipped_steps"]) for r in train] == [(5, 1), (10, 1)]
-    assert all(r["train/loss"] == r["train/loss"] for r in train)  # not NaN: the mean of the applied steps
+    assert all(
+        r["train/loss"] == r["train/loss"] for r in train
+    )  # not NaN: the mean of the applied steps
     assert summary["skipped_steps"] == 1
 
 
 def test_max_bad_steps_stops_and_keeps_the_last_good_checkpoint(train_run, tmp_path, monkeypatch):
-    nan_loss_at(monkeypatch, set(range(7, 100)))  # steps 7, 8, 9 are 3 in a row; step 10 saves, logs at 4, 8, 12
-    with pytest.raises(DivergedError, match=r"trainer.max_bad_steps: 4 steps in a row .*stopped at step 10.*"
-                                            r"step_0000005\.pt"):
-        train_run(tmp_path, *TINY, "trainer.max_steps=20", "trainer.max_bad_steps=3", "trainer.log_interval=4",
-                  "trainer.eval_interval=5")
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == ["best.pt", "step_0000005.pt"]
-    assert [r["train/skipped_steps"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r] == [0, 2]
+    nan_loss_at(
+        monkeypatch, set(range(7, 100))
+    )  # steps 7, 8, 9 are 3 in a row; step 10 saves, logs at 4, 8, 12
+    with pytest.raises(
+        DivergedError,
+        match=r"trainer.max_bad_steps: 4 steps in a row .*stopped at step 10.*"
+        r"step_0000005\.pt",
+    ):
+        train_run(
+            tmp_path,
+            *TINY,
+            "trainer.max_steps=20",
+            "trainer.max_bad_steps=3",
+            "trainer.log_interval=4",
+            "trainer.eval_interval=5",
+        )
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == [
+        "best.pt",
+        "step_0000005.pt",
+    ]
+    assert [
+        r["train/skipped_steps"]
+        for r in read_jsonl(tmp_path / "metrics.jsonl")
+        if "train/loss" in r
+    ] == [0, 2]
 
 
 @needs_main_thread
@@ -270,7 +378,9 @@ def test_tensorboard_shows_each_step_once_after_a_resume(train_run, tmp_path, mo
     signal_at(monkeypatch, 12, signal.SIGTERM)
     with pytest.raises(Preempted):
         train_run(tmp_path, *RUN, "trainer.log_interval=1", "logger=tensorboard")
-    (tmp_path / "checkpoints" / "step_0000012.pt").unlink()  # back to step 10: steps 11 and 12 run twice
+    (
+        tmp_path / "checkpoints" / "step_0000012.pt"
+    ).unlink()  # back to step 10: steps 11 and 12 run twice
     monkeypatch.undo()
     _, records = train_run(tmp_path, *RUN, "trainer.log_interval=1", "logger=tensorboard")
     events = EventAccumulator(str(tmp_path / "tensorboard"))
@@ -283,7 +393,9 @@ def test_tensorboard_shows_each_step_once_after_a_resume(train_run, tmp_path, mo
 
 @needs_main_thread
 @pytest.mark.parametrize("split", ["val", "test"])
-def test_signal_during_evaluation_stops_it_and_resume_matches(train_run, straight, tmp_path, monkeypatch, split):
+def test_signal_during_evaluation_stops_it_and_resume_matches(
+    train_run, straight, tmp_path, monkeypatch, split
+):
     """A SIGTERM while evaluating ends the evaluation before its next batch (a long beam search used to run to its
     end); the step's checkpoint is written, and the resumed run evaluates that step first."""
     original, batches = Trainer.evaluate, []
@@ -305,7 +417,9 @@ def test_signal_during_evaluation_stops_it_and_resume_matches(train_run, straigh
     assert batches == []  # not one evaluation batch after the signal
     assert (tmp_path / "checkpoints" / f"step_{step:07d}.pt").is_file()
     logged = read_jsonl(tmp_path / "metrics.jsonl")
-    assert not [r for r in logged if f"{split}/loss" in r and r["step"] == step]  # the stopped evaluation's
+    assert not [
+        r for r in logged if f"{split}/loss" in r and r["step"] == step
+    ]  # the stopped evaluation's
     monkeypatch.undo()
     summary, records = train_run(tmp_path, *RUN)
     assert_same_run(records, straight)

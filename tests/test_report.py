@@ -1,5 +1,6 @@
 """moa-report on a fixture of run folders: the grouped table's values, CSV, PNGs that open, the HTML page with real
 tables and captions, run names from the overrides, the heatmap's fixed scale and the entropy plot's ln C."""
+
 import csv
 import math
 import statistics
@@ -43,7 +44,7 @@ class Page(HTMLParser):
 
     def handle_endtag(self, tag):
         if tag in self.open:
-            del self.open[len(self.open) - 1 - self.open[::-1].index(tag):]
+            del self.open[len(self.open) - 1 - self.open[::-1].index(tag) :]
 
     def handle_data(self, data):
         for tag in ("th", "td", "figcaption", "pre"):
@@ -84,11 +85,18 @@ def test_report_table_plots_and_html(runs, tmp_path):
         assert image.shape[0] > 50 and image.shape[1] > 50
 
     page = Page((out / "report.html").read_text())
-    assert page.count("table") == 3 and "pre" not in page.text  # grouped, runs, routing; no Markdown in <pre>
+    assert (
+        page.count("table") == 3 and "pre" not in page.text
+    )  # grouped, runs, routing; no Markdown in <pre>
     assert "|---" not in (out / "report.html").read_text()
     assert {"model.name", "runs", "val/loss", "entropy (nats)", "max ln C"} <= set(page.text["th"])
     cells = set(page.text["td"])
-    assert {"mha", "moa", *LABELS, f"{statistics.mean(mha_losses):.4f} ± {statistics.stdev(mha_losses):.4f}"} <= cells
+    assert {
+        "mha",
+        "moa",
+        *LABELS,
+        f"{statistics.mean(mha_losses):.4f} ± {statistics.stdev(mha_losses):.4f}",
+    } <= cells
     images = [attrs["src"] for tag, attrs in page.tags if tag == "img"]
     assert images == ["val_loss.png", "routing_entropy.png", "utilisation_0.png"]
     captions = page.text["figcaption"]
@@ -124,12 +132,30 @@ def test_utilisation_heatmap_has_a_fixed_scale_and_its_values_in_the_cells():
     pytest.importorskip("matplotlib")
     from moa_train.report import utilisation_figure
 
-    routing = {"routing/util/layer0/mha": 0.25, "routing/util/layer0/gqa": 0.35, "routing/util/layer0/mqa": 0.4,
-               "routing/util/layer1/mha": 0.3, "routing/util/layer1/gqa": 0.3, "routing/util/layer1/mqa": 0.4}
+    routing = {
+        "routing/util/layer0/mha": 0.25,
+        "routing/util/layer0/gqa": 0.35,
+        "routing/util/layer0/mqa": 0.4,
+        "routing/util/layer1/mha": 0.3,
+        "routing/util/layer1/gqa": 0.3,
+        "routing/util/layer1/mqa": 0.4,
+    }
     ax = utilisation_figure(routing, "t").axes[0]
-    assert ax.images[0].get_clim() == (0.0, 1.0)  # not the data's 0.25..0.4: heatmaps of runs compare
-    cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
-    assert cells == {(0, 0): "0.25", (0, 1): "0.35", (0, 2): "0.40", (1, 0): "0.30", (1, 1): "0.30", (1, 2): "0.40"}
+    assert ax.images[0].get_clim() == (
+        0.0,
+        1.0,
+    )  # not the data's 0.25..0.4: heatmaps of runs compare
+    cells = {
+        (round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts
+    }
+    assert cells == {
+        (0, 0): "0.25",
+        (0, 1): "0.35",
+        (0, 2): "0.40",
+        (1, 0): "0.30",
+        (1, 1): "0.30",
+        (1, 2): "0.40",
+    }
     assert [t.get_text() for t in ax.get_xticklabels()] == ["mha", "gqa", "mqa"]
 
 
@@ -138,12 +164,22 @@ def test_entropy_plot_marks_the_maximum_ln_c_of_each_site():
     from moa_train.report import entropy_figure
 
     def run(label, choices):
-        routing = {"routing/entropy/layer0": 0.5, **{f"routing/util/layer0/{c}": 1 / choices for c in range(choices)}}
-        return {"label": label, "routing": routing, "rows": [{"step": s, "routing/entropy/layer0": 0.5 + s / 100}
-                                                              for s in (5, 10)]}
+        routing = {
+            "routing/entropy/layer0": 0.5,
+            **{f"routing/util/layer0/{c}": 1 / choices for c in range(choices)},
+        }
+        return {
+            "label": label,
+            "routing": routing,
+            "rows": [{"step": s, "routing/entropy/layer0": 0.5 + s / 100} for s in (5, 10)],
+        }
 
     ax = entropy_figure([run("model=moas_dynamic", 3), run("model=moa", 4)]).axes[0]
-    maxima = {line.get_label(): set(line.get_ydata()) for line in ax.get_lines() if line.get_label().startswith("ln ")}
+    maxima = {
+        line.get_label(): set(line.get_ydata())
+        for line in ax.get_lines()
+        if line.get_label().startswith("ln ")
+    }
     assert maxima == {"ln 3": {math.log(3)}, "ln 4": {math.log(4)}}
 
 

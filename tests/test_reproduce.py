@@ -1,4 +1,5 @@
 """The Table 1 driver rebuilds its tables from the committed run records (no training)."""
+
 import json
 import math
 import subprocess
@@ -13,8 +14,12 @@ RECORDS = ROOT / "docs/results/runs/moas_table1"
 
 def rebuild(script: str, out: Path) -> dict:
     """`script --tables-only --out out` run as a user would; the rebuilt json's results."""
-    subprocess.run([sys.executable, script, "--tables-only", "--out", str(out)], cwd=ROOT, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, script, "--tables-only", "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     return json.loads(out.with_suffix(".json").read_text())["results"]
 
 
@@ -22,11 +27,23 @@ def same_numbers(a, b) -> bool:
     """a == b, floats within 1e-12 relative: a p-value's last digits differ between CPU math libraries (the study's
     json was first written on the GPU machine, its p-values differed there in the 16th digit)."""
     if isinstance(a, float) or isinstance(b, float):
-        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-12)
+        return (
+            isinstance(a, (int, float))
+            and isinstance(b, (int, float))
+            and math.isclose(a, b, rel_tol=1e-12)
+        )
     if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same_numbers(a[k], b[k]) for k in a)
+        return (
+            isinstance(b, dict)
+            and a.keys() == b.keys()
+            and all(same_numbers(a[k], b[k]) for k in a)
+        )
     if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(same_numbers(x, y) for x, y in zip(a, b))
+        return (
+            isinstance(b, list)
+            and len(a) == len(b)
+            and all(same_numbers(x, y) for x, y in zip(a, b))
+        )
     return a == b
 
 
@@ -38,14 +55,18 @@ def test_tables_regenerate_from_records(tmp_path):
     assert regenerated == committed
     for mode, block in regenerated.items():
         for row, r in block["rows"].items():
-            summaries = [json.loads((RECORDS / run / "summary.json").read_text()) for run in r["runs"]]
+            summaries = [
+                json.loads((RECORDS / run / "summary.json").read_text()) for run in r["runs"]
+            ]
             assert r["val_loss"] == [s["val/loss"] for s in summaries]
             assert len(r["official_valid_loss"]) == len(r["val_loss"]) == 5
     text = out.with_suffix(".md").read_text()
     assert "moas_dynamic" in text and "Welch" in text and "official valid" in text.lower()
 
 
-@pytest.mark.skipif(not (ROOT / "docs/results/runs/translation").is_dir(), reason="no committed translation records")
+@pytest.mark.skipif(
+    not (ROOT / "docs/results/runs/translation").is_dir(), reason="no committed translation records"
+)
 def test_translation_tables_regenerate_from_records(tmp_path):
     from moa_train.results import translation
 
@@ -61,13 +82,17 @@ def test_translation_tables_regenerate_from_records(tmp_path):
 KV_RECORDS = ROOT / "docs/results/runs/kv_tradeoff"
 
 
-@pytest.mark.skipif(not KV_RECORDS.is_dir(), reason="no committed KV trade-off records (the GPU study)")
+@pytest.mark.skipif(
+    not KV_RECORDS.is_dir(), reason="no committed KV trade-off records (the GPU study)"
+)
 def test_kv_tradeoff_tables_regenerate_from_records(tmp_path):
     out = tmp_path / "kv_tradeoff"
     # the committed json beside: --tables-only keeps its run facts (date, --jobs) as on the repo's own files
     out.with_suffix(".json").write_text((ROOT / "docs/results/kv_tradeoff.json").read_text())
     regenerated = rebuild("scripts/reproduce_kv_tradeoff.py", out)
-    assert same_numbers(regenerated, json.loads((ROOT / "docs/results/kv_tradeoff.json").read_text())["results"])
+    assert same_numbers(
+        regenerated, json.loads((ROOT / "docs/results/kv_tradeoff.json").read_text())["results"]
+    )
     assert out.with_suffix(".md").read_text() == (ROOT / "docs/results/kv_tradeoff.md").read_text()
     for row, r in regenerated["rows"].items():
         evals = [json.loads((KV_RECORDS / run / "kv_eval.json").read_text()) for run in r["runs"]]

@@ -1,5 +1,6 @@
 """The reproduction drivers' shared pieces: the job pool (--jobs N), clearing only the rerun seeds, the translation
 driver's plan of runs and its tables (config-derived descriptions, per-group provenance, Welch's t-tests)."""
+
 import json
 import math
 import sys
@@ -23,15 +24,28 @@ sys.exit(int(sys.argv[3]))
 
 def test_run_jobs_runs_at_most_n_at_once_and_reports_failures(tmp_path, capsys):
     names = ["a", "b", "bad", "c", "d"]
-    jobs = [Job(name, [sys.executable, "-c", FAKE, str(tmp_path), name, str(int(name == "bad"))],
-                tmp_path / "logs" / f"{name}.log") for name in names]
+    jobs = [
+        Job(
+            name,
+            [sys.executable, "-c", FAKE, str(tmp_path), name, str(int(name == "bad"))],
+            tmp_path / "logs" / f"{name}.log",
+        )
+        for name in names
+    ]
     assert run_jobs(jobs, 2, poll_s=0.05) == ["bad"]
-    spans = {n: (float((tmp_path / f"{n}.start").read_text()), float((tmp_path / f"{n}.end").read_text()))
-             for n in names}
+    spans = {
+        n: (
+            float((tmp_path / f"{n}.start").read_text()),
+            float((tmp_path / f"{n}.end").read_text()),
+        )
+        for n in names
+    }
     # how many fakes were running when each one started, from the fakes' own time stamps
     overlap = [sum(s <= start < e for s, e in spans.values()) for start, _ in spans.values()]
     assert max(overlap) == 2
-    assert sorted((tmp_path / "logs").iterdir()) == [tmp_path / "logs" / "bad.log"]  # kept on failure only
+    assert sorted((tmp_path / "logs").iterdir()) == [
+        tmp_path / "logs" / "bad.log"
+    ]  # kept on failure only
     assert "last words of bad" in (tmp_path / "logs" / "bad.log").read_text()
     err = capsys.readouterr().err
     assert "bad failed" in err and "last words of bad" in err and "last words of a" not in err
@@ -41,8 +55,12 @@ def test_clear_deletes_only_the_rerun_seeds(tmp_path):
     for name in ("mha-seed0", "mha-seed1", "mha-seed2", "moa-seed2", "mha_x-seed2"):
         (tmp_path / "g" / name).mkdir(parents=True)
     clear(tmp_path, "g", "mha", [2])
-    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["mha-seed0", "mha-seed1", "mha_x-seed2",
-                                                                  "moa-seed2"]
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == [
+        "mha-seed0",
+        "mha-seed1",
+        "mha_x-seed2",
+        "moa-seed2",
+    ]
     clear(tmp_path, "g", "mha")
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["mha_x-seed2", "moa-seed2"]
 
@@ -61,37 +79,61 @@ def experiments(tmp_path, monkeypatch):
     return translation
 
 
-def test_translation_jobs_are_single_runs_of_the_chosen_rows_and_seeds(experiments, tmp_path, monkeypatch):
+def test_translation_jobs_are_single_runs_of_the_chosen_rows_and_seeds(
+    experiments, tmp_path, monkeypatch
+):
     translation = experiments
     runs = tmp_path / "runs"
     for name in ("mha-seed0", "mha-seed1", "mha-seed2", "mha-seed2/checkpoints"):
         (runs / "multi30k_fairseq" / name).mkdir(parents=True)
     pooled = []
-    monkeypatch.setattr(translation, "run_jobs", lambda jobs, n: pooled.extend(jobs) or ["multi30k/mha-seed2"])
+    monkeypatch.setattr(
+        translation, "run_jobs", lambda jobs, n: pooled.extend(jobs) or ["multi30k/mha-seed2"]
+    )
     planned = translation.plan(["multi30k", "multi30k_fairseq"], ["mha"], [2])
-    assert translation.train(planned, runs, ["trainer.max_steps=5"], 4, keep_other_seeds=True) == \
-        ["multi30k/mha-seed2"]
-    assert sorted(p.name for p in (runs / "multi30k_fairseq").iterdir()) == ["mha-seed0", "mha-seed1"]
+    assert translation.train(planned, runs, ["trainer.max_steps=5"], 4, keep_other_seeds=True) == [
+        "multi30k/mha-seed2"
+    ]
+    assert sorted(p.name for p in (runs / "multi30k_fairseq").iterdir()) == [
+        "mha-seed0",
+        "mha-seed1",
+    ]
     assert [job.name for job in pooled] == ["multi30k/mha-seed2", "multi30k_fairseq/mha-seed2"]
     job = pooled[1]
-    assert job.cmd[1:] == ["-m", "moa_train", "trainer.seed=2", *translation.COMMON,
-                           "experiment=multi30k_fairseq/mha", "trainer.max_steps=5",
-                           f"hydra.run.dir={runs / 'multi30k_fairseq' / 'mha-seed2'}"]
+    assert job.cmd[1:] == [
+        "-m",
+        "moa_train",
+        "trainer.seed=2",
+        *translation.COMMON,
+        "experiment=multi30k_fairseq/mha",
+        "trainer.max_steps=5",
+        f"hydra.run.dir={runs / 'multi30k_fairseq' / 'mha-seed2'}",
+    ]
     assert job.log == runs / "multi30k_fairseq" / "mha-seed2.log"
     # one multirun per row with --jobs 1
     commands = []
     monkeypatch.setattr(translation, "run_command", commands.append)
-    assert translation.train(translation.plan(["multi30k"], ["moa", "moa_sparse"], [0, 1]), runs, [], 1) == []
+    assert (
+        translation.train(
+            translation.plan(["multi30k"], ["moa", "moa_sparse"], [0, 1]), runs, [], 1
+        )
+        == []
+    )
     assert [c[3:5] for c in commands] == [["-m", "trainer.seed=0,1"]] * 2
-    assert commands[1][-3:] == ["experiment=multi30k/moa_sparse", f"hydra.sweep.dir={runs / 'multi30k'}",
-                                "hydra.sweep.subdir=moa_sparse-seed${trainer.seed}"]
+    assert commands[1][-3:] == [
+        "experiment=multi30k/moa_sparse",
+        f"hydra.sweep.dir={runs / 'multi30k'}",
+        "hydra.sweep.subdir=moa_sparse-seed${trainer.seed}",
+    ]
 
 
 def test_translation_refuses_a_missing_experiment_before_deleting_anything(experiments, tmp_path):
     (tmp_path / "configs/experiment/multi30k_fairseq/moa.yaml").unlink()
     (tmp_path / "runs/multi30k_fairseq/mha-seed0").mkdir(parents=True)
     with pytest.raises(SystemExit, match="experiment=multi30k_fairseq/moa: no such experiment"):
-        experiments.train(experiments.plan(["multi30k_fairseq"], ["mha", "moa"], [0]), tmp_path / "runs", [], 2)
+        experiments.train(
+            experiments.plan(["multi30k_fairseq"], ["mha", "moa"], [0]), tmp_path / "runs", [], 2
+        )
     assert (tmp_path / "runs/multi30k_fairseq/mha-seed0").is_dir()
 
 
@@ -102,9 +144,16 @@ def test_table1_jobs_match_the_multirun(tmp_path):
     jobs = moas_table1.jobs("fast", 2, tmp_path, ["trainer.max_steps=3"])
     assert not (tmp_path / "fast" / "mha-seed0").exists()
     assert [j.name for j in jobs] == [f"fast/{r}-seed{s}" for r in moas_table1.ROWS for s in (0, 1)]
-    assert jobs[1].cmd[1:] == ["-m", "moa_train", "experiment=moas_table1/mha", "mode=fast", "trainer.seed=1",
-                               "trainer.save_interval=500", "trainer.max_steps=3",
-                               f"hydra.run.dir={tmp_path / 'fast' / 'mha-seed1'}"]
+    assert jobs[1].cmd[1:] == [
+        "-m",
+        "moa_train",
+        "experiment=moas_table1/mha",
+        "mode=fast",
+        "trainer.seed=1",
+        "trainer.save_interval=500",
+        "trainer.max_steps=3",
+        f"hydra.run.dir={tmp_path / 'fast' / 'mha-seed1'}",
+    ]
 
 
 def test_single_run_keeps_a_repeated_key_once_like_the_sweeper(tmp_path):
@@ -112,18 +161,41 @@ def test_single_run_keeps_a_repeated_key_once_like_the_sweeper(tmp_path):
     assert cmd[3:] == ["a=4", "b=2", "+c=3", f"hydra.run.dir={tmp_path}"]
 
 
-def fake_run(root: Path, group: str, row: str, seed: int, bleu: float, sha: str, post_ln: bool) -> None:
+def fake_run(
+    root: Path, group: str, row: str, seed: int, bleu: float, sha: str, post_ln: bool
+) -> None:
     run = root / group / f"{row}-seed{seed}"
     (run / ".hydra").mkdir(parents=True)
-    config = {"model": {"name": row, "n_layer": 6 if post_ln else 3, "n_encoder_layer": 6 if post_ln else 3,
-                        "d_model": 512 if post_ln else 256, "mlp_ratio": 4.0, "norm_first": not post_ln},
-              "data": {"max_tokens": 4096 if post_ln else 8192, "root": "${oc.env:MOA_DATA_DIR,null}"},
-              "trainer": {"max_steps": 5000 if post_ln else 3000, "label_smoothing": 0.1, "precision": "bf16"}}
+    config = {
+        "model": {
+            "name": row,
+            "n_layer": 6 if post_ln else 3,
+            "n_encoder_layer": 6 if post_ln else 3,
+            "d_model": 512 if post_ln else 256,
+            "mlp_ratio": 4.0,
+            "norm_first": not post_ln,
+        },
+        "data": {"max_tokens": 4096 if post_ln else 8192, "root": "${oc.env:MOA_DATA_DIR,null}"},
+        "trainer": {
+            "max_steps": 5000 if post_ln else 3000,
+            "label_smoothing": 0.1,
+            "precision": "bf16",
+        },
+    }
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
-    summary = {"params_total": 1000 + len(row), "flops_per_token": 6e6, "test/bleu": bleu, "test/chrf": 50.0,
-               "test/bleu_tok": bleu + 0.5 * seed, "val/bleu": bleu - 1, "wall_s": 100.0 + seed,
-               "device_name": "GPU A" if seed < 2 else "GPU B", "torch_version": "2.11", "git_sha": sha,
-               "bleu_signature": "sig"}
+    summary = {
+        "params_total": 1000 + len(row),
+        "flops_per_token": 6e6,
+        "test/bleu": bleu,
+        "test/chrf": 50.0,
+        "test/bleu_tok": bleu + 0.5 * seed,
+        "val/bleu": bleu - 1,
+        "wall_s": 100.0 + seed,
+        "device_name": "GPU A" if seed < 2 else "GPU B",
+        "torch_version": "2.11",
+        "git_sha": sha,
+        "bleu_signature": "sig",
+    }
     (run / "summary.json").write_text(json.dumps(summary))
 
 
@@ -132,37 +204,67 @@ def test_translation_tables_per_group_from_fake_records(tmp_path):
 
     from moa_train.results import translation
 
-    runs, bleu = tmp_path / "runs", {"mha": [30.0, 30.4, 29.8], "moa": [31.0, 31.3, 30.9], "moa_sparse": [30.1, 29.5]}
+    runs, bleu = (
+        tmp_path / "runs",
+        {"mha": [30.0, 30.4, 29.8], "moa": [31.0, 31.3, 30.9], "moa_sparse": [30.1, 29.5]},
+    )
     for row, scores in bleu.items():
         for seed, score in enumerate(scores):
             fake_run(runs, "multi30k", row, seed, score, "aaa", post_ln=False)
-            fake_run(runs, "multi30k_fairseq", row, seed, score - 5, "bbb" if seed else "ccc", post_ln=True)
+            fake_run(
+                runs,
+                "multi30k_fairseq",
+                row,
+                seed,
+                score - 5,
+                "bbb" if seed else "ccc",
+                post_ln=True,
+            )
     out = tmp_path / "out" / "translation"
     translation.main(["--tables-only", "--runs-dir", str(runs), "--out", str(out)])
-    text, saved = out.with_suffix(".md").read_text(), json.loads(out.with_suffix(".json").read_text())
+    text, saved = (
+        out.with_suffix(".md").read_text(),
+        json.loads(out.with_suffix(".json").read_text()),
+    )
     modern = text.index("## Multi30k En->De, modern recipe")
-    fairseq = text.index("## Multi30k En->De, fairseq-faithful model and loss (the MoA code's recipe scaled to "
-                         "Multi30k)")
-    assert "3+3 layers, d 256, FFN 1024, pre-LN, 3000 updates of 8192 tokens, label smoothing 0.1, bf16." in \
-        text[modern:fairseq]
-    assert "6+6 layers, d 512, FFN 2048, post-LN, 5000 updates of 4096 tokens, label smoothing 0.1, bf16." in \
-        text[fairseq:]
+    fairseq = text.index(
+        "## Multi30k En->De, fairseq-faithful model and loss (the MoA code's recipe scaled to "
+        "Multi30k)"
+    )
+    assert (
+        "3+3 layers, d 256, FFN 1024, pre-LN, 3000 updates of 8192 tokens, label smoothing 0.1, bf16."
+        in text[modern:fairseq]
+    )
+    assert (
+        "6+6 layers, d 512, FFN 2048, post-LN, 5000 updates of 4096 tokens, label smoothing 0.1, bf16."
+        in text[fairseq:]
+    )
     assert "Device: GPU A, GPU B; torch 2.11; git aaa." in text[modern:fairseq]
     assert "Device: GPU A, GPU B; torch 2.11; git ccc, bbb." in text[fairseq:]
     for group, shift in (("multi30k", 0.0), ("multi30k_fairseq", -5.0)):
         for metric, unit in (("test/bleu", "BLEU"), ("test/bleu_tok", "BLEU (tok.)")):
             for row in ("moa", "moa_sparse"):
-                a = [b + shift + (0.5 * s if metric == "test/bleu_tok" else 0) for s, b in enumerate(bleu[row])]
-                b = [v + shift + (0.5 * s if metric == "test/bleu_tok" else 0) for s, v in enumerate(bleu["mha"])]
+                a = [
+                    b + shift + (0.5 * s if metric == "test/bleu_tok" else 0)
+                    for s, b in enumerate(bleu[row])
+                ]
+                b = [
+                    v + shift + (0.5 * s if metric == "test/bleu_tok" else 0)
+                    for s, v in enumerate(bleu["mha"])
+                ]
                 t, p = stats.ttest_ind(a, b, equal_var=False)
                 test = saved["groups"][group]["welch"][metric][f"{row}_vs_mha"]
                 assert test["t"] == pytest.approx(t) and test["p"] == pytest.approx(p)
                 assert test["n"] == [len(a), 3]
                 verdict = "significant" if p < 0.05 else "not significant"
-                assert (f"{row} - mha = {sum(a) / len(a) - sum(b) / 3:+.2f} {unit}, t = {t:.2f}, p = {p:.3f} "
-                        f"(n = {len(a)} vs 3 seeds): {verdict} at 0.05.") in text
+                assert (
+                    f"{row} - mha = {sum(a) / len(a) - sum(b) / 3:+.2f} {unit}, t = {t:.2f}, p = {p:.3f} "
+                    f"(n = {len(a)} vs 3 seeds): {verdict} at 0.05."
+                ) in text
     moa = saved["groups"]["multi30k"]["welch"]["test/bleu"]["moa_vs_mha"]
-    assert moa["p"] < 0.05 and "moa - mha = +1.00 BLEU" in text  # the example's moa is clearly better
+    assert (
+        moa["p"] < 0.05 and "moa - mha = +1.00 BLEU" in text
+    )  # the example's moa is clearly better
     assert saved["groups"]["multi30k_fairseq"]["provenance"]["git_sha"] == "ccc, bbb"
 
 
@@ -173,20 +275,50 @@ def test_kv_tradeoff_driver_trains_evaluates_and_rebuilds_its_tables(tmp_path, m
 
     monkeypatch.setenv("RESULTS_DATE", "2026-12-02")
     runs, out = tmp_path / "runs", tmp_path / "out" / "kv_tradeoff"
-    tiny = ["debug=tiny", "trainer.device=cpu", "trainer.compile=false", "trainer.cuda_graphs=false",
-            "trainer.precision=fp32", "model.n_head=4", "trainer.max_steps=8", "trainer.eval_interval=8",
-            "data.vocab_size=300"]
-    kv_tradeoff.main(["--rows", "mha,moas_kv_b2,gqa2_pm", "--seeds", "2", "--jobs", "2", "--runs-dir", str(runs),
-                      "--out", str(out), *tiny])
+    tiny = [
+        "debug=tiny",
+        "trainer.device=cpu",
+        "trainer.compile=false",
+        "trainer.cuda_graphs=false",
+        "trainer.precision=fp32",
+        "model.n_head=4",
+        "trainer.max_steps=8",
+        "trainer.eval_interval=8",
+        "data.vocab_size=300",
+    ]
+    kv_tradeoff.main(
+        [
+            "--rows",
+            "mha,moas_kv_b2,gqa2_pm",
+            "--seeds",
+            "2",
+            "--jobs",
+            "2",
+            "--runs-dir",
+            str(runs),
+            "--out",
+            str(out),
+            *tiny,
+        ]
+    )
     assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == [
-        f"{row}-seed{k}" for row in ("gqa2_pm", "mha", "moas_kv_b2") for k in (0, 1)]
+        f"{row}-seed{k}" for row in ("gqa2_pm", "mha", "moas_kv_b2") for k in (0, 1)
+    ]
     for run in runs.iterdir():
         assert not (run / "checkpoints").exists() and not (run / "tokenizer.json").exists()
         assert (run / "metrics.jsonl").is_file() and (run / "train.log").is_file()
     kv = json.loads((runs / "moas_kv_b2-seed0" / "kv_eval.json").read_text())
-    assert {"val/ppl", "test/ppl", "val/ppl_soft", "test/ppl_soft", "kv_bytes_per_token",
-            "pool_fallback_share"} <= set(kv)
-    assert set(kv["shares"]) == {"layer0", "layer1"} and sum(kv["shares"]["layer0"].values()) == pytest.approx(1.0)
+    assert {
+        "val/ppl",
+        "test/ppl",
+        "val/ppl_soft",
+        "test/ppl_soft",
+        "kv_bytes_per_token",
+        "pool_fallback_share",
+    } <= set(kv)
+    assert set(kv["shares"]) == {"layer0", "layer1"} and sum(
+        kv["shares"]["layer0"].values()
+    ) == pytest.approx(1.0)
     # 2 layers x stored heads x head_dim 8 x 2 (K, V) x 2 bytes: between MQA's and MHA's
     assert 2 * 1 * 8 * 2 * 2 <= kv["kv_bytes_per_token"] <= 2 * 4 * 8 * 2 * 2
     mha = json.loads((runs / "mha-seed0" / "kv_eval.json").read_text())
@@ -203,11 +335,28 @@ def test_kv_tradeoff_driver_trains_evaluates_and_rebuilds_its_tables(tmp_path, m
     # run again after a time limit: finished runs are kept (no job, nothing cleared), an unfinished one resumes
     (runs / "mha-seed2").mkdir()
     resumed = kv_tradeoff.jobs(["mha", "moas_kv_b2"], [0, 1, 2], runs, [], keep_finished=True)
-    assert [job.name for job in resumed] == ["kv_tradeoff/mha-seed2", "kv_tradeoff/moas_kv_b2-seed2"]
+    assert [job.name for job in resumed] == [
+        "kv_tradeoff/mha-seed2",
+        "kv_tradeoff/moas_kv_b2-seed2",
+    ]
     assert (runs / "mha-seed2").is_dir() and (runs / "mha-seed0" / "kv_eval.json").is_file()
     (runs / "mha-seed2").rmdir()
-    kv_tradeoff.main(["--rows", "mha", "--seeds", "2", "--jobs", "2", "--keep-finished", "--runs-dir", str(runs),
-                      "--out", str(out), *tiny])
+    kv_tradeoff.main(
+        [
+            "--rows",
+            "mha",
+            "--seeds",
+            "2",
+            "--jobs",
+            "2",
+            "--keep-finished",
+            "--runs-dir",
+            str(runs),
+            "--out",
+            str(out),
+            *tiny,
+        ]
+    )
     assert {s: out.with_suffix(s).read_bytes() for s in (".md", ".json")} == before
 
 
@@ -217,12 +366,24 @@ def test_kv_tradeoff_compares_each_budget_with_the_fixed_scheme_line_at_equal_by
     from moa_train.results import kv_tradeoff
 
     def row(kv_bytes, losses, params=100):
-        return {"kv_bytes_per_token": kv_bytes, "test_loss": losses, "test_ppl": [math.exp(x) for x in losses],
-                "params": params, "flops_per_token": 10}
-    rows = {"mqa": row(1000, [3.00, 3.02, 3.04]), "gqa2": row(4000, [2.80, 2.82, 2.84]),
-            "moas_kv_b1p5": row(2000, [2.80, 2.81, 2.82], 101), "moas_kv_b4": row(8000, [2.90, 2.95, 3.00])}
+        return {
+            "kv_bytes_per_token": kv_bytes,
+            "test_loss": losses,
+            "test_ppl": [math.exp(x) for x in losses],
+            "params": params,
+            "flops_per_token": 10,
+        }
+
+    rows = {
+        "mqa": row(1000, [3.00, 3.02, 3.04]),
+        "gqa2": row(4000, [2.80, 2.82, 2.84]),
+        "moas_kv_b1p5": row(2000, [2.80, 2.81, 2.82], 101),
+        "moas_kv_b4": row(8000, [2.90, 2.95, 3.00]),
+    }
     line = kv_tradeoff.frontier(rows, 2000)
-    assert line["rows"] == ("mqa", "gqa2") and line["weight"] == pytest.approx(0.5)  # log 2000: halfway in log bytes
+    assert line["rows"] == ("mqa", "gqa2") and line["weight"] == pytest.approx(
+        0.5
+    )  # log 2000: halfway in log bytes
     assert line["loss"] == pytest.approx(2.92)
     assert kv_tradeoff.frontier(rows, 8000) is None  # past the largest baseline: no extrapolation
     comps = kv_tradeoff.comparisons(rows)
@@ -230,7 +391,9 @@ def test_kv_tradeoff_compares_each_budget_with_the_fixed_scheme_line_at_equal_by
     assert [c["kind"] for c in b1p5] == ["fixed-scheme line at equal KV bytes", "nearest KV bytes"]
     test = b1p5[0]["welch_test_loss"]
     assert test["mean_diff"] == pytest.approx(-0.11) and test["p"] < 0.01 and 2 <= test["df"] <= 6
-    assert b1p5[0]["params_ratio"] == pytest.approx(1.01)  # against the nearer end of the line (a tie: mqa)
+    assert b1p5[0]["params_ratio"] == pytest.approx(
+        1.01
+    )  # against the nearer end of the line (a tie: mqa)
     b4 = [c for c in comps if c["row"] == "moas_kv_b4"]
     assert [(c["kind"], c["against"]) for c in b4] == [("nearest KV bytes", "gqa2")]
     lines = kv_tradeoff.answer({"rows": rows, "comparisons": comps})

@@ -1,6 +1,7 @@
 """The results drivers (moa_train.results.*): where the translation runs land, that a rerun does not count old runs,
 and which date (and note) a results file carries: a fresh run today's, a `--tables-only` rebuild the committed one's.
 No training: the drivers' training steps are replaced and the committed run records (or fake ones) are read."""
+
 import datetime as dt
 import json
 import shutil
@@ -12,8 +13,11 @@ from moa_train.results import moas_table1, multigpu, results_meta, translation
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs/results"
-MODULES = {"moas_table1": (moas_table1, "train"), "translation": (translation, "train"),
-           "multigpu": (multigpu, "launch")}
+MODULES = {
+    "moas_table1": (moas_table1, "train"),
+    "translation": (translation, "train"),
+    "multigpu": (multigpu, "launch"),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -26,16 +30,34 @@ def copy_results(name: str, dest: Path) -> Path:
     """The committed docs/results/<name>.{md,json} (and <name>_notes.md, <name>_decoding.json) copied into dest;
     returns the --out path."""
     for path in RESULTS.glob(f"{name}*"):
-        if path.is_file() and path.name in (f"{name}.md", f"{name}.json", f"{name}_notes.md", f"{name}_decoding.json"):
+        if path.is_file() and path.name in (
+            f"{name}.md",
+            f"{name}.json",
+            f"{name}_notes.md",
+            f"{name}_decoding.json",
+        ):
             shutil.copy(path, dest / path.name)
     return dest / name
 
 
 def fake_translation_run(run: Path, bleu: float) -> None:
     run.mkdir(parents=True)
-    (run / "summary.json").write_text(json.dumps({
-        "test/bleu": bleu, "test/chrf": 50.0, "test/bleu_tok": bleu + 1, "val/bleu": bleu, "wall_s": 100.0,
-        "params_total": 1000, "flops_per_token": 6e6, "device_name": "cpu", "torch_version": "2", "git_sha": "abc"}))
+    (run / "summary.json").write_text(
+        json.dumps(
+            {
+                "test/bleu": bleu,
+                "test/chrf": 50.0,
+                "test/bleu_tok": bleu + 1,
+                "val/bleu": bleu,
+                "wall_s": 100.0,
+                "params_total": 1000,
+                "flops_per_token": 6e6,
+                "device_name": "cpu",
+                "torch_version": "2",
+                "git_sha": "abc",
+            }
+        )
+    )
 
 
 def test_translation_runs_land_in_row_folders(tmp_path, monkeypatch):
@@ -66,7 +88,9 @@ def test_translation_runs_land_in_row_folders(tmp_path, monkeypatch):
             for experiment in sweeps["experiment"].split(","):
                 for seed in sweeps["trainer.seed"].split(","):
                     job = {**sweeps, "experiment": experiment, "trainer.seed": seed}
-                    cfg = compose_train([f"{k}={v}" for k, v in job.items()], return_hydra_config=True)
+                    cfg = compose_train(
+                        [f"{k}={v}" for k, v in job.items()], return_hydra_config=True
+                    )
                     HydraConfig.instance().set_config(cfg)
                     run_dir = Path(cfg.hydra.sweep.dir) / cfg.hydra.sweep.subdir
                     row = experiment.split("/")[-1]
@@ -91,19 +115,29 @@ def test_translation_collect_counts_each_seed_once(tmp_path):
     for row in translation.ROWS:
         assert [r["seed"] for r in rows["multi30k"][row]] == [0, 1]
         assert [r["test/bleu"] for r in rows["multi30k"][row]] == [30.0, 31.0]
-    block = {"description": {"a recipe.": ["mha"]}, "provenance": translation.provenance(rows["multi30k"]),
-             "welch": translation.significance(rows["multi30k"])}
-    assert "| mha | 1,000 | 1.00M | 30.50 +- 0.71 | 30.00, 31.00 |" in "\n".join(translation.group_table(
-        "h", rows["multi30k"], block))
+    block = {
+        "description": {"a recipe.": ["mha"]},
+        "provenance": translation.provenance(rows["multi30k"]),
+        "welch": translation.significance(rows["multi30k"]),
+    }
+    assert "| mha | 1,000 | 1.00M | 30.50 +- 0.71 | 30.00, 31.00 |" in "\n".join(
+        translation.group_table("h", rows["multi30k"], block)
+    )
 
 
 def test_results_meta(tmp_path, monkeypatch):
     out = tmp_path / "x"
-    out.with_suffix(".json").write_text(json.dumps({"meta": {"date": "2000-01-01", "note": "old", "command": "c"}}))
+    out.with_suffix(".json").write_text(
+        json.dumps({"meta": {"date": "2000-01-01", "note": "old", "command": "c"}})
+    )
     today = dt.date.today().isoformat()
     assert results_meta(out, True) == {"date": "2000-01-01", "note": "old", "command": "c"}
     assert results_meta(out, False) == {"date": today, "note": None, "command": None}
-    assert results_meta(tmp_path / "missing", True) == {"date": today, "note": None, "command": None}
+    assert results_meta(tmp_path / "missing", True) == {
+        "date": today,
+        "note": None,
+        "command": None,
+    }
     monkeypatch.setenv("RESULTS_DATE", "2001-02-03")
     monkeypatch.setenv("RESULTS_NOTE", "new")
     for tables_only in (True, False):
@@ -120,7 +154,9 @@ def test_tables_only_reproduces_committed_files(name, tmp_path):
     out = copy_results(name, tmp_path)
     module.main(["--tables-only", "--out", str(out)])
     for suffix in (".md", ".json"):
-        assert out.with_suffix(suffix).read_bytes() == (RESULTS / f"{name}{suffix}").read_bytes(), suffix
+        assert out.with_suffix(suffix).read_bytes() == (RESULTS / f"{name}{suffix}").read_bytes(), (
+            suffix
+        )
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

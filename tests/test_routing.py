@@ -1,4 +1,5 @@
 """Routing statistics and auxiliary losses on hand-made router outputs."""
+
 from __future__ import annotations
 
 import math
@@ -41,6 +42,7 @@ def spread_chosen(n: int = N, c: int = C, k: int = 1) -> torch.Tensor:
 
 
 # --- statistics --------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("c", [2, 3, 8])
 def test_entropy_uniform_is_log_c(c):
@@ -93,11 +95,19 @@ def test_dispatch_fraction_of_soft_router_is_argmax_share():
 
 def test_routing_metrics_keys_and_values():
     soft = Routing(torch.tensor([[0.5, 0.25, 0.25], [0.5, 0.25, 0.25]]), ("mha", "gqa", "mqa"))
-    topk = Routing(torch.full((2, 3), 1 / 3), ("0", "1", "2"), chosen=torch.tensor([[0, 1], [0, 2]]))
+    topk = Routing(
+        torch.full((2, 3), 1 / 3), ("0", "1", "2"), chosen=torch.tensor([[0, 1], [0, 2]])
+    )
     out = routing_metrics(["layer0", "layer1", "layer2"], [soft, None, topk])
     assert set(out) == {
-        "routing/entropy/layer0", "routing/util/layer0/mha", "routing/util/layer0/gqa", "routing/util/layer0/mqa",
-        "routing/entropy/layer2", "routing/util/layer2/0", "routing/util/layer2/1", "routing/util/layer2/2",
+        "routing/entropy/layer0",
+        "routing/util/layer0/mha",
+        "routing/util/layer0/gqa",
+        "routing/util/layer0/mqa",
+        "routing/entropy/layer2",
+        "routing/util/layer2/0",
+        "routing/util/layer2/1",
+        "routing/util/layer2/2",
     }
     assert out["routing/util/layer0/mha"].item() == pytest.approx(0.5)
     assert out["routing/util/layer2/0"].item() == pytest.approx(0.5)
@@ -106,6 +116,7 @@ def test_routing_metrics_keys_and_values():
 
 
 # --- auxiliary losses ----------------------------------------------------------------------------------------------
+
 
 def test_balance_mse():
     assert balance_mse(uniform()).item() == pytest.approx(0.0, abs=1e-9)
@@ -123,7 +134,9 @@ def test_balance_mse_uses_batch_mean_not_per_token():
 @pytest.mark.parametrize("k", [1, 2])
 def test_balance_switch(c, k):
     n = 4 * c  # a multiple of c: the spread selections are exactly even
-    assert balance_switch(uniform(n, c), spread_chosen(n, c, k)).item() == pytest.approx(1.0, rel=1e-6)
+    assert balance_switch(uniform(n, c), spread_chosen(n, c, k)).item() == pytest.approx(
+        1.0, rel=1e-6
+    )
     all_to_zero = torch.zeros(n, 1, dtype=torch.long)
     assert balance_switch(collapsed(n, c), all_to_zero).item() == pytest.approx(c, rel=1e-6)
 
@@ -152,12 +165,20 @@ def test_z_loss_grows_with_logit_scale():
 def test_cv_squared():
     assert cv_squared(uniform()).item() == pytest.approx(0.0, abs=1e-9)
     importance = torch.tensor([1.0, 0.0, 0.0])  # collapsed: var (unbiased) 1/3 over mean^2 1/9
-    assert cv_squared(collapsed()).item() == pytest.approx(importance.var().item() / (1 / 9), rel=1e-5)
+    assert cv_squared(collapsed()).item() == pytest.approx(
+        importance.var().item() / (1 / 9), rel=1e-5
+    )
 
 
 def aux_cfg(layer_reduce="mean", balance_type="mse", z_coef=0.0, cv_coef=0.0, **kw):
-    return AuxConfig(layer_reduce=layer_reduce, balance_type=balance_type, balance_coef=0.01, z_coef=z_coef,
-                     cv_coef=cv_coef, **kw)
+    return AuxConfig(
+        layer_reduce=layer_reduce,
+        balance_type=balance_type,
+        balance_coef=0.01,
+        z_coef=z_coef,
+        cv_coef=cv_coef,
+        **kw,
+    )
 
 
 def soft_record(probs: torch.Tensor) -> Routing:
@@ -167,13 +188,17 @@ def soft_record(probs: torch.Tensor) -> Routing:
 def test_aux_losses_mean_and_sum_over_layers():
     """Layer terms are computed batched; the reduction over layers is the mean or the sum of per-layer terms."""
     layers = [soft_record(uniform()), None, soft_record(collapsed())]
-    per_layer = {"balance": [balance_mse(uniform()), balance_mse(collapsed())],
-                 "z": [z_loss(uniform().log()), z_loss(collapsed().clamp_min(1e-30).log())],
-                 "cv": [cv_squared(uniform()), cv_squared(collapsed())]}
+    per_layer = {
+        "balance": [balance_mse(uniform()), balance_mse(collapsed())],
+        "z": [z_loss(uniform().log()), z_loss(collapsed().clamp_min(1e-30).log())],
+        "cv": [cv_squared(uniform()), cv_squared(collapsed())],
+    }
     layers[2].logits = collapsed().clamp_min(1e-30).log()
     mean, total = aux_losses(layers, aux_cfg("mean")), aux_losses(layers, aux_cfg("sum"))
     for name, values in per_layer.items():
-        assert mean[name].item() == pytest.approx((values[0] + values[1]).item() / 2, rel=1e-5), name
+        assert mean[name].item() == pytest.approx((values[0] + values[1]).item() / 2, rel=1e-5), (
+            name
+        )
         assert total[name].item() == pytest.approx((values[0] + values[1]).item(), rel=1e-5), name
 
 

@@ -1,6 +1,7 @@
 """Greedy and beam search on fake encoder-decoders: beam=1 is greedy, EOS and max_len end hypotheses where they
 should, beam search beats greedy where greedy is known to be wrong, the length penalty counts the EOS, and a
 sentence decodes the same alone as in a padded batch."""
+
 from __future__ import annotations
 
 import math
@@ -35,7 +36,9 @@ class RandomSeq2Seq:
     def decode(self, tgt_in, memory, src_mask, last_only=False):
         b, t = tgt_in.shape
         ctx = memory.sum(1) / src_mask.sum(1, keepdim=True)
-        h = torch.cat([ctx[:, None].expand(b, t, -1), self.emb[tgt_in], self.pos[:t].expand(b, t, -1)], dim=-1)
+        h = torch.cat(
+            [ctx[:, None].expand(b, t, -1), self.emb[tgt_in], self.pos[:t].expand(b, t, -1)], dim=-1
+        )
         logits = h @ self.proj + self.bias
         return logits[:, -1:] if last_only else logits
 
@@ -74,8 +77,16 @@ A, B, C, D, E = 3, 4, 5, 6, 7
 # greedy takes A (0.63) then C (0.48): log-prob -1.2 over 3 tokens with the EOS; [B] has log-prob -1.0 over 2
 P_B = math.exp(-1.0)
 P_C = math.exp(-1.2) / (1 - P_B)
-TRAP = Bigram({BOS: {A: 1 - P_B, B: P_B}, A: {C: P_C, D: (1 - P_C) / 2, E: (1 - P_C) / 2},
-               B: {EOS: 1.0}, C: {EOS: 1.0}, D: {EOS: 1.0}, E: {EOS: 1.0}})
+TRAP = Bigram(
+    {
+        BOS: {A: 1 - P_B, B: P_B},
+        A: {C: P_C, D: (1 - P_C) / 2, E: (1 - P_C) / 2},
+        B: {EOS: 1.0},
+        C: {EOS: 1.0},
+        D: {EOS: 1.0},
+        E: {EOS: 1.0},
+    }
+)
 
 
 def random_batch(seed: int, bsz: int = 6, max_src: int = 7):
@@ -146,7 +157,9 @@ def test_beam_finds_a_likelier_sequence_than_greedy(beam):
     beamed = search(beam, TRAP, src, mask, max_len=5, lenpen=0.0)
     assert greedy == [[A, C]] * 3 and beamed == [[B]] * 3
     for g, b in zip(greedy, beamed):
-        assert total_log_prob(TRAP, src[:1], mask[:1], b) > total_log_prob(TRAP, src[:1], mask[:1], g)
+        assert total_log_prob(TRAP, src[:1], mask[:1], b) > total_log_prob(
+            TRAP, src[:1], mask[:1], g
+        )
 
 
 def test_length_penalty_counts_the_eos():
@@ -166,7 +179,7 @@ def test_batch_equals_one_sentence_at_a_time(kind):
         batch = search(kind, model, src, mask, max_len=10)
         alone = []
         for i, n in enumerate(mask.sum(1).tolist()):
-            alone += search(kind, model, src[i:i + 1, :n], mask[i:i + 1, :n], max_len=10)
+            alone += search(kind, model, src[i : i + 1, :n], mask[i : i + 1, :n], max_len=10)
         assert batch == alone
 
 
@@ -180,7 +193,9 @@ class AllPositions(RandomSeq2Seq):
 @pytest.mark.parametrize("kind", KINDS)
 def test_search_reads_the_last_position_of_full_logits_too(kind):
     src, mask = random_batch(1)
-    assert search(kind, AllPositions(1), src, mask, max_len=8) == search(kind, RandomSeq2Seq(1), src, mask, max_len=8)
+    assert search(kind, AllPositions(1), src, mask, max_len=8) == search(
+        kind, RandomSeq2Seq(1), src, mask, max_len=8
+    )
 
 
 def test_max_output_len_uses_the_longest_real_source():

@@ -1,4 +1,5 @@
 """The encoder-decoder: padding never changes outputs, the decoder is causal, routing sites and masks."""
+
 import re
 
 import pytest
@@ -11,18 +12,33 @@ from moa_train.models.seq2seq import Seq2Seq
 
 V, PAD = 50, 0
 VARIANTS = {
-    "mha": {}, "gqa": {"n_kv_heads": 2}, "moa": {"n_experts": 4, "top_k": 2},
-    "moas_dynamic": {}, "mha_postln_sinusoidal": {"norm_first": False, "positions": "sinusoidal"},
+    "mha": {},
+    "gqa": {"n_kv_heads": 2},
+    "moa": {"n_experts": 4, "top_k": 2},
+    "moas_dynamic": {},
+    "mha_postln_sinusoidal": {"norm_first": False, "positions": "sinusoidal"},
 }
 
 
 def build(variant: str) -> Seq2Seq:
     name = variant.split("_postln")[0]
-    m = OmegaConf.structured(config.VARIANTS[name](name=name, d_model=32, n_layer=2, n_encoder_layer=2, n_head=4,
-                                         max_seq_len=32, dropout=0.0, **VARIANTS[variant]))
+    m = OmegaConf.structured(
+        config.VARIANTS[name](
+            name=name,
+            d_model=32,
+            n_layer=2,
+            n_encoder_layer=2,
+            n_head=4,
+            max_seq_len=32,
+            dropout=0.0,
+            **VARIANTS[variant],
+        )
+    )
     torch.manual_seed(0)
     model = Seq2Seq(m, V, PAD).eval()
-    if name == "moa":  # leave the zero-initialised router: distinct routing per token makes the test stronger
+    if (
+        name == "moa"
+    ):  # leave the zero-initialised router: distinct routing per token makes the test stronger
         for layer in [*model.encoder, *model.decoder]:
             for attn in (layer.self_attn, getattr(layer, "cross_attn", None)):
                 if attn is not None and hasattr(attn, "router"):
@@ -71,11 +87,21 @@ def test_routing_sites_and_masks():
     src = torch.cat([ids(2, 5, 7), torch.full((2, 2), PAD)], dim=1)
     tgt = ids(2, 4, 8)
     _, routings = model(src, tgt)
-    assert model.sites == ["enc.layer0.self", "enc.layer1.self", "dec.layer0.self", "dec.layer0.cross",
-                           "dec.layer1.self", "dec.layer1.cross"]
+    assert model.sites == [
+        "enc.layer0.self",
+        "enc.layer1.self",
+        "dec.layer0.self",
+        "dec.layer0.cross",
+        "dec.layer1.self",
+        "dec.layer1.cross",
+    ]
     assert len(routings) == len(model.sites)
-    assert routings[0].mask.sum() == 10 and routings[0].mask.numel() == 14  # encoder: real source tokens
-    assert routings[3].mask.numel() == 8 and routings[3].mask.all()  # cross: routed per target token
+    assert (
+        routings[0].mask.sum() == 10 and routings[0].mask.numel() == 14
+    )  # encoder: real source tokens
+    assert (
+        routings[3].mask.numel() == 8 and routings[3].mask.all()
+    )  # cross: routed per target token
 
 
 def test_moas_cross_attention_is_mha():
@@ -85,8 +111,24 @@ def test_moas_cross_attention_is_mha():
 
 
 def test_flops_count_selected_experts_only():
-    sparse, dense = build("moa"), Seq2Seq(OmegaConf.structured(config.VARIANTS["moa"](
-        name="moa", d_model=32, n_layer=2, n_head=4, max_seq_len=32, n_experts=4, top_k=4)), V, PAD)
+    sparse, dense = (
+        build("moa"),
+        Seq2Seq(
+            OmegaConf.structured(
+                config.VARIANTS["moa"](
+                    name="moa",
+                    d_model=32,
+                    n_layer=2,
+                    n_head=4,
+                    max_seq_len=32,
+                    n_experts=4,
+                    top_k=4,
+                )
+            ),
+            V,
+            PAD,
+        ),
+    )
     assert sparse.flops_per_token(10) < dense.flops_per_token(10)
 
 
@@ -98,7 +140,9 @@ def test_beam_one_equals_greedy_on_the_real_model(variant):
     src = torch.cat([ids(3, 6, 9), torch.full((3, 2), PAD)], dim=1)
     mask = src != PAD
     greedy = greedy_search(model, src, mask, bos_id=1, eos_id=2, pad_id=PAD, max_len=10)
-    assert greedy == beam_search(model, src, mask, bos_id=1, eos_id=2, pad_id=PAD, max_len=10, beam=1)
+    assert greedy == beam_search(
+        model, src, mask, bos_id=1, eos_id=2, pad_id=PAD, max_len=10, beam=1
+    )
     assert all(len(h) <= 10 and PAD not in h and 1 not in h for h in greedy)
 
 
@@ -120,24 +164,40 @@ def test_decode_last_only_is_the_last_position_of_decode(variant):
 
 # --- the cross-attention's own config node ------------------------------------------------------------------------
 
+
 def test_cross_attention_takes_its_own_variant_and_keys(compose_cfg):
     from moa_train.train.tasks import validate
 
-    cfg = compose_cfg("experiment=multi30k/mha", "debug=tiny", "model.cross.name=moa", "+model.cross.n_experts=4",
-                      "+model.cross.top_k=3")
+    cfg = compose_cfg(
+        "experiment=multi30k/mha",
+        "debug=tiny",
+        "model.cross.name=moa",
+        "+model.cross.n_experts=4",
+        "+model.cross.top_k=3",
+    )
     validate(cfg)
     layer = Seq2Seq(cfg.model, V, PAD).decoder[0]
     assert type(layer.self_attn).__name__ == "MultiHeadAttention"
     assert type(layer.cross_attn).__name__ == "MixtureOfAttentionHeads"
-    assert (layer.cross_attn.n_experts, layer.cross_attn.top_k, layer.cross_attn.router.in_features) == (4, 3, 32)
+    assert (
+        layer.cross_attn.n_experts,
+        layer.cross_attn.top_k,
+        layer.cross_attn.router.in_features,
+    ) == (4, 3, 32)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["model.cross.name=moas_static"], "model.cross.name: 'moas_static' is not a cross-attention variant"),
-    (["+model.cross.top_k=2"], "model.cross: keys top_k need model.cross.name"),
-    (["model.cross.name=moa", "+model.cross.top_k=9"], "model.cross.top_k: 9 is larger than"),
-    (["model.cross.name=mha", "+model.cross.top_k=2"], "model.cross.top_k: belongs to moa"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["model.cross.name=moas_static"],
+            "model.cross.name: 'moas_static' is not a cross-attention variant",
+        ),
+        (["+model.cross.top_k=2"], "model.cross: keys top_k need model.cross.name"),
+        (["model.cross.name=moa", "+model.cross.top_k=9"], "model.cross.top_k: 9 is larger than"),
+        (["model.cross.name=mha", "+model.cross.top_k=2"], "model.cross.top_k: belongs to moa"),
+    ],
+)
 def test_cross_attention_keys_are_checked_as_its_variant_s(compose_cfg, overrides, message):
     from moa_train.config import ConfigError
     from moa_train.train.tasks import validate

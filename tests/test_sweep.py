@@ -1,5 +1,6 @@
 """Multiruns: a failing job is recorded while the others go on; the sweep summary lists every job; one multirun
 writes one sweep folder, whatever it sweeps and whichever launcher runs its jobs."""
+
 import json
 import os
 import subprocess
@@ -14,10 +15,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def multirun(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     """`python -m moa_train -m debug=tiny ...` in `cwd` (so the default sweep folder lands under cwd/outputs)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "moa_train", "-m", "debug=tiny", "trainer.max_steps=2",
-                           "trainer.eval_interval=2", *overrides],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moa_train",
+            "-m",
+            "debug=tiny",
+            "trainer.max_steps=2",
+            "trainer.eval_interval=2",
+            *overrides,
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def summary(sweep: Path) -> list:
@@ -25,7 +43,9 @@ def summary(sweep: Path) -> list:
 
 
 def only_sweep_folder(cwd: Path) -> Path:
-    folders = [p for p in (cwd / "outputs" / "multiruns").rglob("*") if (p / "multirun.yaml").is_file()]
+    folders = [
+        p for p in (cwd / "outputs" / "multiruns").rglob("*") if (p / "multirun.yaml").is_file()
+    ]
     jobs = [p for p in (cwd / "outputs" / "multiruns").rglob(".hydra")]
     assert len(folders) == 1, folders
     assert all(folders[0] in job.parents for job in jobs), jobs  # every job inside it
@@ -58,13 +78,17 @@ def test_sweeping_the_model_keeps_one_sweep_folder(tmp_path):
     sweep = only_sweep_folder(tmp_path)
     # named after the experiment without what the sweep varies (quickstart-${model.name}, model swept)
     assert sweep.parent == tmp_path / "outputs" / "multiruns" / "quickstart"
-    assert [(r["overrides"].split()[-1], r["status"]) for r in summary(sweep)] == [("model=mha", "ok"),
-                                                                                  ("model=moa", "ok")]
+    assert [(r["overrides"].split()[-1], r["status"]) for r in summary(sweep)] == [
+        ("model=mha", "ok"),
+        ("model=moa", "ok"),
+    ]
 
 
 @pytest.mark.slow
 def test_a_sweep_whose_jobs_all_fail_lists_them_and_exits_1(tmp_path):
-    empty = tmp_path / "no-data"  # a folder without the WikiText-2 files: each job fails when it reads its data
+    empty = (
+        tmp_path / "no-data"
+    )  # a folder without the WikiText-2 files: each job fails when it reads its data
     empty.mkdir()
     proc = multirun(tmp_path, "model=mha,moa", f"data.root={empty}")
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -72,42 +96,80 @@ def test_a_sweep_whose_jobs_all_fail_lists_them_and_exits_1(tmp_path):
     sweep = only_sweep_folder(tmp_path)
     records = summary(sweep)
     assert [r["status"] for r in records] == ["failed", "failed"]
-    assert (sweep / "sweep_summary.md").read_text().startswith("| job | overrides | status |\n|---|---|---|\n")
+    assert (
+        (sweep / "sweep_summary.md")
+        .read_text()
+        .startswith("| job | overrides | status |\n|---|---|---|\n")
+    )
     assert all("data.root: missing file" in r["error"] for r in records)
 
 
 @pytest.mark.slow
 def test_a_sweep_through_a_launcher_plugin_runs_each_job_in_its_own_process(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")  # the [launchers] extra, which [dev] includes
+    pytest.importorskip(
+        "hydra_plugins.hydra_submitit_launcher"
+    )  # the [launchers] extra, which [dev] includes
     empty = tmp_path / "no-data"
     empty.mkdir()
     good = os.environ["MOA_DATA_DIR"]  # the synthetic data (conftest)
-    proc = multirun(tmp_path, f"data.root={good},{empty}", "hydra/launcher=submitit_local",
-                    "hydra.launcher.timeout_min=5")
-    assert proc.returncode == 1, proc.stderr[-2000:]  # the job without data fails in its own process
+    proc = multirun(
+        tmp_path,
+        f"data.root={good},{empty}",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=5",
+    )
+    assert proc.returncode == 1, proc.stderr[
+        -2000:
+    ]  # the job without data fails in its own process
     sweep = only_sweep_folder(tmp_path)
-    records = {next(o for o in r["overrides"].split() if o.startswith("data.root=")): r for r in summary(sweep)}
-    assert records[f"data.root={good}"]["status"] == "ok" and records[f"data.root={good}"]["steps"] == 2
+    records = {
+        next(o for o in r["overrides"].split() if o.startswith("data.root=")): r
+        for r in summary(sweep)
+    }
+    assert (
+        records[f"data.root={good}"]["status"] == "ok"
+        and records[f"data.root={good}"]["steps"] == 2
+    )
     assert records[f"data.root={empty}"]["status"] == "failed"
     assert "data.root: missing file" in records[f"data.root={empty}"]["error"]
-    assert list(sweep.glob(".submitit/*/*_log.out"))  # the jobs ran under submitit, not in this process
+    assert list(
+        sweep.glob(".submitit/*/*_log.out")
+    )  # the jobs ran under submitit, not in this process
 
 
 def sweep_cfg(task: list, params: dict | None = None, name: str = "quickstart-${model.name}"):
-    return OmegaConf.create({"experiment_name": name, "model": {"name": "moas_dynamic"},
-                             "data": {"name": "wikitext2_char"},
-                             "hydra": {"overrides": {"task": task}, "sweeper": {"params": params}}})
+    return OmegaConf.create(
+        {
+            "experiment_name": name,
+            "model": {"name": "moas_dynamic"},
+            "data": {"name": "wikitext2_char"},
+            "hydra": {"overrides": {"task": task}, "sweeper": {"params": params}},
+        }
+    )
 
 
-@pytest.mark.parametrize("task, params, name, expected", [
-    (["trainer.seed=0,1,2"], None, "quickstart-${model.name}", "quickstart-moas_dynamic"),
-    (["trainer.seed=0,1,2"], None, "my__run", "my__run"),  # nothing dropped, nothing tidied
-    (["model=mha,moa", "trainer.seed=0,1"], None, "quickstart-${model.name}", "quickstart"),
-    (["model.name=mha,moa"], None, "${model.name}-${data.name}", "wikitext2_char"),
-    (["trainer.seed=1"], {"model": "choice(mha,moa)"}, "quickstart-${model.name}", "quickstart"),  # Optuna
-    (["data=a,b", "model=mha,moa"], None, "${model.name}-${data.name}", "multirun"),
-    (["experiment=moas_table1/mha,moas_table1/moa"], None, "quickstart-${model.name}", "multirun"),
-])
+@pytest.mark.parametrize(
+    "task, params, name, expected",
+    [
+        (["trainer.seed=0,1,2"], None, "quickstart-${model.name}", "quickstart-moas_dynamic"),
+        (["trainer.seed=0,1,2"], None, "my__run", "my__run"),  # nothing dropped, nothing tidied
+        (["model=mha,moa", "trainer.seed=0,1"], None, "quickstart-${model.name}", "quickstart"),
+        (["model.name=mha,moa"], None, "${model.name}-${data.name}", "wikitext2_char"),
+        (
+            ["trainer.seed=1"],
+            {"model": "choice(mha,moa)"},
+            "quickstart-${model.name}",
+            "quickstart",
+        ),  # Optuna
+        (["data=a,b", "model=mha,moa"], None, "${model.name}-${data.name}", "multirun"),
+        (
+            ["experiment=moas_table1/mha,moas_table1/moa"],
+            None,
+            "quickstart-${model.name}",
+            "multirun",
+        ),
+    ],
+)
 def test_sweep_folder_is_named_without_the_swept_values(task, params, name, expected):
     from moa_train.sweep import unswept_name
 

@@ -1,4 +1,5 @@
 """What a person sees on a terminal: progress bars and log lines on separate lines, one banner and one done line."""
+
 import fcntl
 import os
 import pty
@@ -20,7 +21,9 @@ def run_on_a_terminal(args: list, env: dict) -> str:
     """The command's stdout and stderr as a 120-column terminal receives them (bars are shown on a tty only)."""
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower
+    )
     os.close(follower)
     chunks = []
     while True:
@@ -39,12 +42,33 @@ def run_on_a_terminal(args: list, env: dict) -> str:
 @pytest.mark.slow
 def test_bars_and_log_lines_do_not_share_a_line(tmp_path):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MOA_CACHE_DIR": str(tmp_path / "cache"), "TERM": "xterm"}
-    out = run_on_a_terminal([sys.executable, "-m", "moa_train", "debug=tiny", "model=moa", "trainer.device=cpu",
-                             "trainer.max_steps=12", "trainer.log_interval=2", "trainer.eval_interval=6",
-                             f"hydra.run.dir={run_dir}"], env)
-    segments = [s for s in re.split(r"[\r\n]", out) if s.strip()]  # what a terminal shows between \r and \n
-    assert any(BAR.search(s) for s in segments), out  # the bars were drawn: the check below means something
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "MOA_CACHE_DIR": str(tmp_path / "cache"),
+        "TERM": "xterm",
+    }
+    out = run_on_a_terminal(
+        [
+            sys.executable,
+            "-m",
+            "moa_train",
+            "debug=tiny",
+            "model=moa",
+            "trainer.device=cpu",
+            "trainer.max_steps=12",
+            "trainer.log_interval=2",
+            "trainer.eval_interval=6",
+            f"hydra.run.dir={run_dir}",
+        ],
+        env,
+    )
+    segments = [
+        s for s in re.split(r"[\r\n]", out) if s.strip()
+    ]  # what a terminal shows between \r and \n
+    assert any(BAR.search(s) for s in segments), (
+        out
+    )  # the bars were drawn: the check below means something
     logs = [s for s in segments if LOG.search(s)]
     assert len(logs) >= 7, out  # banner, 6 train lines, 2 val lines, done
     glued = [s for s in logs if BAR.search(s)]

@@ -1,4 +1,5 @@
 """Short in-process training runs: loss falls, metric names, summary, resume, eval_only, sinks, torch.compile."""
+
 from __future__ import annotations
 
 import json
@@ -15,13 +16,26 @@ from moa_train.train.evaluate import evaluate
 
 MODELS = list(VARIANTS)  # every registered attention variant
 ROUTED = {"moas_dynamic", "moa", "moas_kv"}
-TINY = ("model.n_head=4",)  # d_model 32: four 8-wide heads, so GQA (2 K/V heads) differs from MHA and MQA
+TINY = (
+    "model.n_head=4",
+)  # d_model 32: four 8-wide heads, so GQA (2 K/V heads) differs from MHA and MQA
 
 TRAIN_KEYS = {"train/loss", "lr", "perf/step_ms", "perf/tokens_per_s", "perf/mfu"}
 VAL_KEYS = {"val/loss", "val/ppl", "val/bpc", "val/word_ppl"}
 AUX_KEYS = {"train/aux/balance", "train/aux/z", "train/aux/cv"}
-SUMMARY_KEYS = {"params_total", "params_non_embedding", "val/loss", "val/loss_best", "test/loss", "steps", "wall_s",
-                "step_ms_median", "device_name", "torch_version", "git_sha"}
+SUMMARY_KEYS = {
+    "params_total",
+    "params_non_embedding",
+    "val/loss",
+    "val/loss_best",
+    "test/loss",
+    "steps",
+    "wall_s",
+    "step_ms_median",
+    "device_name",
+    "torch_version",
+    "git_sha",
+}
 
 
 def train_lines(records: list) -> list:
@@ -31,9 +45,17 @@ def train_lines(records: list) -> list:
 @pytest.mark.parametrize("model", MODELS)
 def test_short_run_loss_falls(train_run, tmp_path, model):
     steps = 50
-    summary, records = train_run(tmp_path, f"model={model}", *TINY, f"trainer.max_steps={steps}", "optim.lr=3e-3",
-                                 "schedule=constant", "schedule.warmup_steps=0",
-                                 "trainer.log_interval=5", "trainer.eval_interval=25")
+    summary, records = train_run(
+        tmp_path,
+        f"model={model}",
+        *TINY,
+        f"trainer.max_steps={steps}",
+        "optim.lr=3e-3",
+        "schedule=constant",
+        "schedule.warmup_steps=0",
+        "trainer.log_interval=5",
+        "trainer.eval_interval=25",
+    )
     assert all("step" in r for r in records)
     train = train_lines(records)
     assert [r["step"] for r in train] == list(range(5, steps + 1, 5))
@@ -85,6 +107,7 @@ def test_grad_accum_matches_one_big_batch(train_run, tmp_path):
 
 # --- load_run, eval_only, resume -------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def finished_run(train_run, tmp_path_factory):
     """A tiny moa run of 20 steps (debug=tiny): its folder and summary."""
@@ -107,7 +130,9 @@ def test_load_run_returns_checkpoint_weights(finished_run):
 
 def test_eval_only_matches_loaded_model(finished_run, train_run, make_cfg, tmp_path):
     run_dir, _ = finished_run
-    _, records = train_run(tmp_path, "model=moa", *TINY, "trainer.eval_only=true", f"trainer.resume={run_dir}")
+    _, records = train_run(
+        tmp_path, "model=moa", *TINY, "trainer.eval_only=true", f"trainer.resume={run_dir}"
+    )
     summary = json.loads((tmp_path / "eval.json").read_text())
     assert summary["steps"] == 20
     assert not list((tmp_path / "checkpoints").glob("*.pt"))  # evaluation writes no checkpoint
@@ -117,17 +142,32 @@ def test_eval_only_matches_loaded_model(finished_run, train_run, make_cfg, tmp_p
     data = load_data(make_cfg().data)
     t = cfg.trainer
     for split in ("val", "test"):
-        expected = evaluate(model, data.splits[split], split, t.eval_batch_size or t.batch_size, t.block_size,
-                            t.eval_iters, torch.device("cpu"))
+        expected = evaluate(
+            model,
+            data.splits[split],
+            split,
+            t.eval_batch_size or t.batch_size,
+            t.block_size,
+            t.eval_iters,
+            torch.device("cpu"),
+        )
         assert summary[f"{split}/loss"] == pytest.approx(expected[f"{split}/loss"], abs=1e-6)
         assert summary[f"{split}/bpc"] == pytest.approx(expected[f"{split}/bpc"], abs=1e-6)
 
 
-def test_checkpoint_averaging_keeps_its_files_and_follows_a_resume_into_a_new_folder(train_run, tmp_path):
+def test_checkpoint_averaging_keeps_its_files_and_follows_a_resume_into_a_new_folder(
+    train_run, tmp_path
+):
     """eval.average_last=3 keeps 3 step files although trainer.keep_checkpoints=1, and a finished run resumed into a
     new folder (trainer.resume=PATH) averages the checkpoints of the folder it came from."""
-    common = ("model=mha", *TINY, "trainer.max_steps=20", "trainer.save_interval=5", "trainer.keep_checkpoints=1",
-              "eval.average_last=3")
+    common = (
+        "model=mha",
+        *TINY,
+        "trainer.max_steps=20",
+        "trainer.save_interval=5",
+        "trainer.keep_checkpoints=1",
+        "eval.average_last=3",
+    )
     first, _ = train_run(tmp_path / "first", *common)
     assert first["test/averaged_checkpoints"] == 3
     assert len(list((tmp_path / "first" / "checkpoints").glob("step_*.pt"))) == 3
@@ -158,15 +198,20 @@ def test_corrupt_checkpoint_is_a_checkpoint_error(tmp_path):
 def test_resume_auto_continues_from_checkpoint(train_run, tmp_path):
     first, _ = train_run(tmp_path, "model=moas_dynamic", *TINY)
     assert first["steps"] == 20
-    summary, records = train_run(tmp_path, "model=moas_dynamic", *TINY, "trainer.max_steps=30",
-                                 "trainer.resume=auto")
+    summary, records = train_run(
+        tmp_path, "model=moas_dynamic", *TINY, "trainer.max_steps=30", "trainer.resume=auto"
+    )
     assert summary["steps"] == 30
     steps = [r["step"] for r in train_lines(records)]
-    assert steps == sorted(set(steps)) == [5, 10, 15, 20, 25, 30]  # no duplicates: steps 1-20 were not re-run
+    assert (
+        steps == sorted(set(steps)) == [5, 10, 15, 20, 25, 30]
+    )  # no duplicates: steps 1-20 were not re-run
     assert summary["tokens_seen"] == 30 * 4 * 32
     assert find_checkpoint(tmp_path).name == "step_0000030.pt"
     # wall_s counts both sessions (the first up to its last checkpoint), wall_s_session this one
-    assert summary["wall_s_session"] < summary["wall_s"] and summary["wall_s"] > first["wall_s"] * 0.5
+    assert (
+        summary["wall_s_session"] < summary["wall_s"] and summary["wall_s"] > first["wall_s"] * 0.5
+    )
 
 
 def test_resume_after_lost_checkpoint_drops_later_lines(train_run, tmp_path):
@@ -198,6 +243,7 @@ def test_resumed_run_equals_uninterrupted_run(train_run, tmp_path):
 
 # --- sinks --------------------------------------------------------------------------------------------------------
 
+
 def test_tensorboard_has_the_jsonl_scalars(train_run, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -212,10 +258,13 @@ def test_tensorboard_has_the_jsonl_scalars(train_run, tmp_path):
     got = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert [s for s, _ in got] == [s for s, _ in logged]
     assert [v for _, v in got] == pytest.approx([v for _, v in logged], rel=1e-6)
-    assert events.Tags()["images"] == ["routing/utilisation_heatmap"]  # the richer figure, also sent to W&B
+    assert events.Tags()["images"] == [
+        "routing/utilisation_heatmap"
+    ]  # the richer figure, also sent to W&B
 
 
 # --- torch.compile ---------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["moas_dynamic", "moa"])
@@ -238,11 +287,22 @@ def test_compile_matches_eager(train_run, tmp_path, model):
 
 # --- fixes found while writing the suite ---------------------------------------------------------------------------
 
+
 def test_logged_lr_is_the_lr_the_step_used(train_run, tmp_path):
-    _, records = train_run(tmp_path, "model=mha", *TINY, "schedule=constant", "schedule.warmup_steps=10",
-                           "optim.lr=1e-3", "trainer.log_interval=1", "trainer.max_steps=3")
+    _, records = train_run(
+        tmp_path,
+        "model=mha",
+        *TINY,
+        "schedule=constant",
+        "schedule.warmup_steps=10",
+        "optim.lr=1e-3",
+        "trainer.log_interval=1",
+        "trainer.max_steps=3",
+    )
     lrs = [r["lr"] for r in train_lines(records)]
-    assert lrs == pytest.approx([1e-4, 2e-4, 3e-4])  # linear warmup: step s (1-based) runs at s/10 * lr
+    assert lrs == pytest.approx(
+        [1e-4, 2e-4, 3e-4]
+    )  # linear warmup: step s (1-based) runs at s/10 * lr
 
 
 def test_rerunning_a_finished_run_keeps_one_test_line(train_run, tmp_path):
@@ -311,7 +371,9 @@ def test_train_steps_advance_the_counters_once_per_step(make_cfg, tmp_path):
     seen once; a fixed batch repeated gives the same loss twice on unchanged weights (lr 0)."""
     from moa_train.train.loop import Trainer
 
-    trainer = Trainer(make_cfg("trainer.device=cpu", "model=mha", "optim.lr=1e-12", "model.dropout=0.0"), tmp_path)
+    trainer = Trainer(
+        make_cfg("trainer.device=cpu", "model=mha", "optim.lr=1e-12", "model.dropout=0.0"), tmp_path
+    )
     t = trainer.cfg.trainer
     out = trainer.train_steps(3)
     assert (trainer.step, trainer.tokens_seen) == (3, 3 * t.batch_size * t.block_size)
@@ -321,7 +383,9 @@ def test_train_steps_advance_the_counters_once_per_step(make_cfg, tmp_path):
     assert first == pytest.approx(second, rel=1e-6) and trainer.step == 5
 
 
-def test_an_mfu_above_100_percent_names_the_stale_peak_once(train_run, tmp_path, monkeypatch, caplog):
+def test_an_mfu_above_100_percent_names_the_stale_peak_once(
+    train_run, tmp_path, monkeypatch, caplog
+):
     """A peak measured while other work ran reads low, and MFU then above 100%: one warning names the cache file."""
     import logging
 
@@ -329,7 +393,9 @@ def test_an_mfu_above_100_percent_names_the_stale_peak_once(train_run, tmp_path,
 
     monkeypatch.setattr(loop, "peak_flops", lambda *args: 1.0)  # far below any real rate
     again = []
-    monkeypatch.setattr(loop, "remeasure_peak", lambda *args: again.append(args[-1]) or 2.0)  # still far below
+    monkeypatch.setattr(
+        loop, "remeasure_peak", lambda *args: again.append(args[-1]) or 2.0
+    )  # still far below
     with caplog.at_level(logging.WARNING, logger="moa_train.train.loop"):
         _, records = train_run(tmp_path, "model=mha", *TINY)
     assert again == [1.0]  # measured again once, handed the stale figure
@@ -356,4 +422,7 @@ def test_a_stale_peak_is_measured_again_and_cached(train_run, tmp_path, monkeypa
     mfus = [r["perf/mfu"] for r in records if "perf/mfu" in r]
     assert mfus and all(0 < m < 1 for m in mfus)
     assert json.loads((cache / "peak_flops.json").read_text())[key] == 1e15
-    assert "measured again: 1e+15 FLOP/s" in caplog.text and "perf/mfu is above 100%" not in caplog.text
+    assert (
+        "measured again: 1e+15 FLOP/s" in caplog.text
+        and "perf/mfu is above 100%" not in caplog.text
+    )

@@ -3,6 +3,7 @@
 Everything runs on a small synthetic parallel corpus written into a temp folder (the wmt14-en-de layout), except one
 test on the real Multi30k, skipped where ../shared/data/multi30k is absent.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,12 +26,42 @@ from moa_train.data.translation import DataError, ParallelSplit, TokenBatches, l
 # --- a synthetic parallel corpus ---------------------------------------------------------------------------------
 
 _LEXICON = {  # English -> made-up "German", word by word, with umlauts and ß
-    "the": "die", "a": "ein", "man": "Mann", "woman": "Frau", "child": "Kind", "dog": "Hund", "cat": "Katze",
-    "house": "Haus", "street": "Straße", "green": "grünes", "big": "großes", "small": "kleines", "old": "altes",
-    "runs": "läuft", "walks": "geht", "sees": "sieht", "eats": "isst", "plays": "spielt", "over": "über",
-    "in": "in", "with": "mit", "near": "neben", "before": "vor", "door": "Tür", "garden": "Gärten",
-    "bridge": "Brücke", "beautiful": "schöne", "white": "weiße", "today": "heute", "and": "und",
-    "apple": "Äpfel", "mouse": "Mäuse", "boat": "Boot", "ball": "Ball", "red": "rote", "quickly": "schnell",
+    "the": "die",
+    "a": "ein",
+    "man": "Mann",
+    "woman": "Frau",
+    "child": "Kind",
+    "dog": "Hund",
+    "cat": "Katze",
+    "house": "Haus",
+    "street": "Straße",
+    "green": "grünes",
+    "big": "großes",
+    "small": "kleines",
+    "old": "altes",
+    "runs": "läuft",
+    "walks": "geht",
+    "sees": "sieht",
+    "eats": "isst",
+    "plays": "spielt",
+    "over": "über",
+    "in": "in",
+    "with": "mit",
+    "near": "neben",
+    "before": "vor",
+    "door": "Tür",
+    "garden": "Gärten",
+    "bridge": "Brücke",
+    "beautiful": "schöne",
+    "white": "weiße",
+    "today": "heute",
+    "and": "und",
+    "apple": "Äpfel",
+    "mouse": "Mäuse",
+    "boat": "Boot",
+    "ball": "Ball",
+    "red": "rote",
+    "quickly": "schnell",
 }
 _WORDS = sorted(_LEXICON)
 _TAILS = ((".", "."), ("!", "!"), ("?", "?"), (", today.", ", heute."))
@@ -46,7 +77,9 @@ def _pair(rng: random.Random, n_words: int) -> tuple:
     en = " ".join(words).capitalize() + en_tail
     de = " ".join(_LEXICON[w] for w in words)
     de = de[0].upper() + de[1:] + de_tail
-    if rng.random() < 0.2:  # quotes on one side only, so the two languages differ in more than words
+    if (
+        rng.random() < 0.2
+    ):  # quotes on one side only, so the two languages differ in more than words
         de = f"„{de}“"
     return en, de
 
@@ -72,8 +105,14 @@ def write_corpus(root: Path) -> Path:
 
 
 def data_cfg(root, cache, **overrides):
-    fields = {"name": "wmt14_en_de", "root": None if root is None else str(root), "cache_dir": str(cache),
-              "vocab_size": 400, "max_len": 60, **overrides}
+    fields = {
+        "name": "wmt14_en_de",
+        "root": None if root is None else str(root),
+        "cache_dir": str(cache),
+        "vocab_size": 400,
+        "max_len": 60,
+        **overrides,
+    }
     return OmegaConf.merge(OmegaConf.structured(DataConfig), fields)
 
 
@@ -100,6 +139,7 @@ def broken_root(corpus_root, tmp_path) -> Path:
 
 
 # --- loading --------------------------------------------------------------------------------------------------
+
 
 def test_special_ids_and_vocabulary(data):
     assert (data.pad_id, data.bos_id, data.eos_id, data.unk_id) == (0, 1, 2, 3)
@@ -157,15 +197,19 @@ def test_second_load_reuses_the_cache(corpus_root, module_cache, data, monkeypat
     # a different max_len filters the same cached ids: no retraining either
     wider = load_translation(data_cfg(corpus_root, module_cache, max_len=1000))
     assert wider.splits["train"].n_dropped == 1 and len(wider.splits["train"]) == SIZES["train"] - 1
-    assert [p.name for p in (module_cache / "translation").iterdir()] == [Path(data.tokenizer_path).parent.name]
+    assert [p.name for p in (module_cache / "translation").iterdir()] == [
+        Path(data.tokenizer_path).parent.name
+    ]
 
 
 def test_a_changed_file_or_vocabulary_builds_a_new_cache(broken_root, tmp_path):
     first = load_translation(data_cfg(broken_root, tmp_path / "cache"))
     smaller = load_translation(data_cfg(broken_root, tmp_path / "cache", vocab_size=300))
     assert smaller.vocab_size == 300 and smaller.tokenizer_path != first.tokenizer_path
-    with open(broken_root / "wmt14-en-de" / "test.en", "a", encoding="utf-8") as f, \
-            open(broken_root / "wmt14-en-de" / "test.de", "a", encoding="utf-8") as g:
+    with (
+        open(broken_root / "wmt14-en-de" / "test.en", "a", encoding="utf-8") as f,
+        open(broken_root / "wmt14-en-de" / "test.de", "a", encoding="utf-8") as g,
+    ):
         f.write("A new line.\n")
         g.write("Eine neue Zeile.\n")
     changed = load_translation(data_cfg(broken_root, tmp_path / "cache"))
@@ -175,7 +219,9 @@ def test_a_changed_file_or_vocabulary_builds_a_new_cache(broken_root, tmp_path):
 
 
 def test_de_en_swaps_the_sides_and_shares_the_cache(corpus_root, module_cache, data, monkeypatch):
-    monkeypatch.setattr(translation, "train_bpe", lambda *a: pytest.fail("de->en should reuse the en->de cache"))
+    monkeypatch.setattr(
+        translation, "train_bpe", lambda *a: pytest.fail("de->en should reuse the en->de cache")
+    )
     de_en = load_translation(data_cfg(corpus_root, module_cache, src="de", tgt="en"))
     assert de_en.splits["test"].src_text == data.splits["test"].tgt_text
     assert de_en.splits["train"].tgt_text == data.splits["train"].src_text
@@ -193,7 +239,9 @@ def test_crlf_line_ends_are_not_part_of_the_text(broken_root, tmp_path):
     assert got.decode(got.splits["test"].tgt[0]) == corpus_lines("test")[1][0]
 
 
-def test_eval_pair_longer_than_the_model_positions_is_cut_and_evaluates(compose_cfg, tmp_path, caplog):
+def test_eval_pair_longer_than_the_model_positions_is_cut_and_evaluates(
+    compose_cfg, tmp_path, caplog
+):
     """A val/test line over model.max_seq_len - 1 tokens used to reach the position table whole and fail at the
     first evaluation; its ids are now cut to max_seq_len - 1, and BLEU still scores the full reference."""
     import contextlib
@@ -209,30 +257,53 @@ def test_eval_pair_longer_than_the_model_positions_is_cut_and_evaluates(compose_
         if fname != "train":
             pairs[2] = _pair(rng, 40)  # ~100 BPE tokens a side: far over max_len=24
         for k, lang in enumerate(("en", "de")):
-            (folder / f"{fname}.{lang}").write_text("".join(p[k] + "\n" for p in pairs), encoding="utf-8")
-    cfg = compose_cfg("experiment=multi30k/mha", "data=wmt14_en_de", f"data.root={tmp_path}",
-                      f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=400", "data.max_len=24",
-                      "data.max_tokens=400", "model.max_seq_len=25", "model.d_model=32", "model.n_head=4",
-                      "model.n_layer=1", "model.n_encoder_layer=1", "model.dropout=0.0",
-                      "trainer.device=cpu", "eval.beam=2")
+            (folder / f"{fname}.{lang}").write_text(
+                "".join(p[k] + "\n" for p in pairs), encoding="utf-8"
+            )
+    cfg = compose_cfg(
+        "experiment=multi30k/mha",
+        "data=wmt14_en_de",
+        f"data.root={tmp_path}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.vocab_size=400",
+        "data.max_len=24",
+        "data.max_tokens=400",
+        "model.max_seq_len=25",
+        "model.d_model=32",
+        "model.n_head=4",
+        "model.n_layer=1",
+        "model.n_encoder_layer=1",
+        "model.dropout=0.0",
+        "trainer.device=cpu",
+        "eval.beam=2",
+    )
     validate(cfg)
     with caplog.at_level(logging.INFO, logger="moa_train.data.translation"):
         task = TranslationTask(cfg, torch.device("cpu"))
-    assert any("cut to 24 for 1 of 6 val and 1 of 6 test pairs" in r.getMessage() for r in caplog.records)
+    assert any(
+        "cut to 24 for 1 of 6 val and 1 of 6 test pairs" in r.getMessage() for r in caplog.records
+    )
     d = task.data
     for split, fname in (("val", "valid"), ("test", "test")):
         s = d.splits[split]
         reference = (folder / f"{fname}.de").read_text(encoding="utf-8").split("\n")[2]
         assert s.n_truncated == 1 and s.tgt_text[2] == reference  # the BLEU reference is untouched
-        assert len(s.src[2]) == len(s.tgt[2]) == 24 and np.array_equal(s.tgt[2], d.encode(reference)[:24])
+        assert len(s.src[2]) == len(s.tgt[2]) == 24 and np.array_equal(
+            s.tgt[2], d.encode(reference)[:24]
+        )
         assert len(d.encode(s.src_text[2])) > 24 and len(d.encode(reference)) > 24
     val = task.evaluate(task.model, "val", "val", contextlib.nullcontext)  # greedy
     test = task.evaluate(task.model, "test", "test", contextlib.nullcontext, final=True)  # beam 2
     # every line decoded (evaluate looks each one up) and scored against the references
-    assert all(math.isfinite(m[f"{k}/{key}"]) for m, k in ((val, "val"), (test, "test")) for key in ("loss", "bleu"))
+    assert all(
+        math.isfinite(m[f"{k}/{key}"])
+        for m, k in ((val, "val"), (test, "test"))
+        for key in ("loss", "bleu")
+    )
 
 
 # --- errors -----------------------------------------------------------------------------------------------------
+
 
 def test_missing_file_is_named(broken_root, tmp_path):
     (broken_root / "wmt14-en-de" / "valid.de").unlink()
@@ -265,18 +336,22 @@ def test_empty_split_is_refused(broken_root, tmp_path):
         load_translation(data_cfg(broken_root, tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("overrides,match", [
-    ({"src": "fr"}, "data.src: 'fr'"),
-    ({"src": "de", "tgt": "de"}, "must differ"),
-    ({"name": "wmt99"}, "data.name: 'wmt99'.*wmt14_en_de, multi30k_en_de"),
-    ({"max_len": 2}, "data.max_len"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"src": "fr"}, "data.src: 'fr'"),
+        ({"src": "de", "tgt": "de"}, "must differ"),
+        ({"name": "wmt99"}, "data.name: 'wmt99'.*wmt14_en_de, multi30k_en_de"),
+        ({"max_len": 2}, "data.max_len"),
+    ],
+)
 def test_bad_config_values(corpus_root, module_cache, data, overrides, match):
     with pytest.raises(DataError, match=match):
         load_translation(data_cfg(corpus_root, module_cache, **overrides))
 
 
 # --- the download path, with a stand-in for `datasets` ------------------------------------------------------------
+
 
 def _fake_datasets(monkeypatch, rows_by_split=None):
     def load_dataset(*args):
@@ -296,7 +371,8 @@ def test_download_writes_the_files_into_the_cache(tmp_path, monkeypatch):
     got = load_translation(data_cfg(tmp_path / "absent", tmp_path / "cache", name="multi30k_en_de"))
     folder = tmp_path / "cache" / "download" / "multi30k"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        f"{stem}.{lang}" for stem in ("train", "val", "test_2016_flickr") for lang in ("en", "de"))
+        f"{stem}.{lang}" for stem in ("train", "val", "test_2016_flickr") for lang in ("en", "de")
+    )
     assert got.splits["val"].tgt_text == corpus_lines("valid")[1]
     _fake_datasets(monkeypatch)  # offline now: the written files are used
     again = load_translation(data_cfg(None, tmp_path / "cache", name="multi30k_en_de"))
@@ -314,7 +390,10 @@ def test_download_of_wmt14_reads_nested_rows(tmp_path, monkeypatch):
 
 def test_offline_without_files_names_moa_data_dir(tmp_path, monkeypatch):
     _fake_datasets(monkeypatch)
-    with pytest.raises(DataError, match=r"MOA_DATA_DIR.*wmt14-en-de/\{train,valid,test\}\.\{en,de\}.*ConnectionError"):
+    with pytest.raises(
+        DataError,
+        match=r"MOA_DATA_DIR.*wmt14-en-de/\{train,valid,test\}\.\{en,de\}.*ConnectionError",
+    ):
         load_translation(data_cfg(tmp_path / "absent", tmp_path / "cache"))
 
 
@@ -325,7 +404,9 @@ MAX_TOKENS = 300  # the long test pair (~335 tokens) is over it alone; other pai
 
 def _batches(data, split="train", **kwargs):
     kwargs = {"max_tokens": MAX_TOKENS, "seed": 0, **kwargs}
-    return TokenBatches(data.splits[split], pad_id=data.pad_id, bos_id=data.bos_id, eos_id=data.eos_id, **kwargs)
+    return TokenBatches(
+        data.splits[split], pad_id=data.pad_id, bos_id=data.bos_id, eos_id=data.eos_id, **kwargs
+    )
 
 
 def _take(it, n: int) -> list:
@@ -341,10 +422,12 @@ def test_batches_hold_the_pairs_with_bos_eos_and_padding(data):
         assert b["n_tokens"] == int((tgt_out != data.pad_id).sum())
         for row, i in enumerate(index.tolist()):
             x, y = split.src[i].tolist(), split.tgt[i].tolist()
-            assert src[row, :len(x)].tolist() == x and (src[row, len(x):] == data.pad_id).all()
-            assert tgt_in[row, :len(y) + 1].tolist() == [data.bos_id, *y]
-            assert tgt_out[row, :len(y) + 1].tolist() == [*y, data.eos_id]
-            assert (tgt_in[row, len(y) + 1:] == data.pad_id).all() and (tgt_out[row, len(y) + 1:] == data.pad_id).all()
+            assert src[row, : len(x)].tolist() == x and (src[row, len(x) :] == data.pad_id).all()
+            assert tgt_in[row, : len(y) + 1].tolist() == [data.bos_id, *y]
+            assert tgt_out[row, : len(y) + 1].tolist() == [*y, data.eos_id]
+            assert (tgt_in[row, len(y) + 1 :] == data.pad_id).all() and (
+                tgt_out[row, len(y) + 1 :] == data.pad_id
+            ).all()
         assert (src != data.pad_id).any(1).all()  # no column of pure padding beyond the longest row
         assert (tgt_out[:, -1] != data.pad_id).any() and (src[:, -1] != data.pad_id).any()
 
@@ -355,7 +438,9 @@ def test_batches_respect_max_tokens_except_a_single_long_pair(data):
     for b in batches:
         size = b["src"].shape[0] * (b["src"].shape[1] + b["tgt_in"].shape[1])
         if size > MAX_TOKENS:
-            assert b["index"].tolist() == [LONG_AT]  # over budget alone: a batch of its own, not dropped
+            assert b["index"].tolist() == [
+                LONG_AT
+            ]  # over budget alone: a batch of its own, not dropped
             long_seen += 1
     assert long_seen == 1
 
@@ -421,7 +506,11 @@ def test_batch_index_stays_on_the_cpu(data, monkeypatch):
     monkeypatch.setattr(translation, "to_device", lambda x, device: torch.from_numpy(x).to("meta"))
     b = next(iter(_batches(data)))
     assert b["src"].device.type == b["tgt_in"].device.type == b["tgt_out"].device.type == "meta"
-    assert b["index"].device.type == "cpu" and b["index"].dtype == torch.long and len(b["index"]) == len(b["src"])
+    assert (
+        b["index"].device.type == "cpu"
+        and b["index"].dtype == torch.long
+        and len(b["index"]) == len(b["src"])
+    )
 
 
 def test_empty_split_cannot_be_batched():
@@ -431,25 +520,42 @@ def test_empty_split_cannot_be_batched():
 
 # --- the real Multi30k --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
-@pytest.mark.skipif(not (REAL_DATA / "multi30k").is_dir(), reason="../shared/data/multi30k is absent")
+@pytest.mark.skipif(
+    not (REAL_DATA / "multi30k").is_dir(), reason="../shared/data/multi30k is absent"
+)
 def test_real_multi30k(tmp_path):
-    cfg = data_cfg(REAL_DATA, tmp_path / "cache", name="multi30k_en_de", vocab_size=8000, max_len=256)
+    cfg = data_cfg(
+        REAL_DATA, tmp_path / "cache", name="multi30k_en_de", vocab_size=8000, max_len=256
+    )
     d = load_translation(cfg)
     assert d.vocab_size == 8000
-    assert len(d.splits["train"]) + d.splits["train"].n_dropped == 29_000 and d.splits["train"].n_dropped <= 10
+    assert (
+        len(d.splits["train"]) + d.splits["train"].n_dropped == 29_000
+        and d.splits["train"].n_dropped <= 10
+    )
     assert len(d.splits["val"]) == 1_014 and len(d.splits["test"]) == 1_000
-    first = (REAL_DATA / "multi30k" / "test_2016_flickr.de").read_text(encoding="utf-8").split("\n")[0]
+    first = (
+        (REAL_DATA / "multi30k" / "test_2016_flickr.de").read_text(encoding="utf-8").split("\n")[0]
+    )
     assert d.splits["test"].tgt_text[0] == first
     assert d.decode(d.splits["test"].tgt[0]) == first
 
 
 TRANSLATION_CACHE_DAMAGE = {
-    "truncated ids": (lambda e: (e / "val.de.ids.npy").write_bytes((e / "val.de.ids.npy").read_bytes()[:-12]),
-                      "val.de.ids.npy"),
-    "garbled tokenizer": (lambda e: (e / "tokenizer.json").write_text("{not json"), "tokenizer.json"),
-    "offsets of another file": (lambda e: shutil.copy(e / "train.en.offsets.npy", e / "test.en.offsets.npy"),
-                                "test.en.offsets.npy"),
+    "truncated ids": (
+        lambda e: (e / "val.de.ids.npy").write_bytes((e / "val.de.ids.npy").read_bytes()[:-12]),
+        "val.de.ids.npy",
+    ),
+    "garbled tokenizer": (
+        lambda e: (e / "tokenizer.json").write_text("{not json"),
+        "tokenizer.json",
+    ),
+    "offsets of another file": (
+        lambda e: shutil.copy(e / "train.en.offsets.npy", e / "test.en.offsets.npy"),
+        "test.en.offsets.npy",
+    ),
 }
 
 
@@ -464,7 +570,9 @@ def test_damaged_translation_cache_is_rebuilt_with_one_warning(corpus_root, tmp_
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "is damaged" in warnings[0] and words in warnings[0], warnings
     for split in ("train", "val", "test"):
-        assert all(np.array_equal(x, y) for x, y in zip(good.splits[split].tgt, again.splits[split].tgt))
+        assert all(
+            np.array_equal(x, y) for x, y in zip(good.splits[split].tgt, again.splits[split].tgt)
+        )
         assert len(good.splits[split]) == len(again.splits[split])
 
 
@@ -475,10 +583,27 @@ def test_a_corpus_names_its_own_languages(tmp_path, monkeypatch):
     folder = tmp_path / "wmt14-en-de"
     for split in SIZES:
         (folder / f"{split}.de").rename(folder / f"{split}.fr")
-    monkeypatch.setitem(translation.CORPORA, "toy_en_fr",
-                        translation.Corpus("wmt14-en-de", {"train": "train", "val": "valid", "test": "test"}, (),
-                                           {}, nested=False, langs=("en", "fr")))
-    data = load_translation(data_cfg(tmp_path, tmp_path / "cache", name="toy_en_fr", src="fr", tgt="en"))
-    assert data.splits["val"].src_text[0] == corpus_lines("valid")[1][0]  # the French (ex-German) side
-    with pytest.raises(DataError, match=r"data.tgt: 'de' is not a language of toy_en_fr; allowed: en, fr"):
-        load_translation(data_cfg(tmp_path, tmp_path / "cache", name="toy_en_fr", src="en", tgt="de"))
+    monkeypatch.setitem(
+        translation.CORPORA,
+        "toy_en_fr",
+        translation.Corpus(
+            "wmt14-en-de",
+            {"train": "train", "val": "valid", "test": "test"},
+            (),
+            {},
+            nested=False,
+            langs=("en", "fr"),
+        ),
+    )
+    data = load_translation(
+        data_cfg(tmp_path, tmp_path / "cache", name="toy_en_fr", src="fr", tgt="en")
+    )
+    assert (
+        data.splits["val"].src_text[0] == corpus_lines("valid")[1][0]
+    )  # the French (ex-German) side
+    with pytest.raises(
+        DataError, match=r"data.tgt: 'de' is not a language of toy_en_fr; allowed: en, fr"
+    ):
+        load_translation(
+            data_cfg(tmp_path, tmp_path / "cache", name="toy_en_fr", src="en", tgt="de")
+        )

@@ -1,13 +1,16 @@
 """Translation end to end on a tiny copy task (target = source): mha (4 heads) and moa (4 of 8 experts) both learn
 it to a high BLEU."""
+
 import random
 from contextlib import nullcontext
 
 import pytest
 import torch
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
-         "upsilon phi chi psi omega").split()
+WORDS = (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+    "upsilon phi chi psi omega"
+).split()
 
 
 def write_copy_corpus(root, n_train=2000, n_eval=40):
@@ -27,20 +30,45 @@ def copy_root(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model,steps", [("mha", 300), ("moa", 600)])  # moa's one shared K/V head aligns slower
+@pytest.mark.parametrize(
+    "model,steps", [("mha", 300), ("moa", 600)]
+)  # moa's one shared K/V head aligns slower
 def test_copy_task_reaches_high_bleu(compose_cfg, copy_root, tmp_path, model, steps):
     from moa_train.config import applicable
     from moa_train.train.loop import train
     from moa_train.train.tasks import validate
 
-    sizes = applicable(model, ["model.d_model=64", "model.n_head=4", "model.head_dim=16", "model.n_layer=2",
-                               "model.n_encoder_layer=2", "model.dropout=0.0", "model.n_experts=8", "model.top_k=4"])
-    cfg = compose_cfg(f"experiment=multi30k/{model}", "data=wmt14_en_de", f"data.root={copy_root}",
-                      "data.vocab_size=300", "data.max_tokens=1200", *sizes, "optim.lr=3e-3",
-                      "schedule.warmup_steps=30",
-                      f"trainer.max_steps={steps}", f"trainer.eval_interval={steps}", "trainer.log_interval=50",
-                      "trainer.save_interval=100", "trainer.device=cpu", "eval.beam=2", "eval.average_last=2",
-                      "trainer.label_smoothing=0.0")
+    sizes = applicable(
+        model,
+        [
+            "model.d_model=64",
+            "model.n_head=4",
+            "model.head_dim=16",
+            "model.n_layer=2",
+            "model.n_encoder_layer=2",
+            "model.dropout=0.0",
+            "model.n_experts=8",
+            "model.top_k=4",
+        ],
+    )
+    cfg = compose_cfg(
+        f"experiment=multi30k/{model}",
+        "data=wmt14_en_de",
+        f"data.root={copy_root}",
+        "data.vocab_size=300",
+        "data.max_tokens=1200",
+        *sizes,
+        "optim.lr=3e-3",
+        "schedule.warmup_steps=30",
+        f"trainer.max_steps={steps}",
+        f"trainer.eval_interval={steps}",
+        "trainer.log_interval=50",
+        "trainer.save_interval=100",
+        "trainer.device=cpu",
+        "eval.beam=2",
+        "eval.average_last=2",
+        "trainer.label_smoothing=0.0",
+    )
     validate(cfg)
     summary = train(cfg, tmp_path)
     assert summary["test/bleu"] > 80, summary
@@ -53,7 +81,10 @@ def test_copy_task_reaches_high_bleu(compose_cfg, copy_root, tmp_path, model, st
     loaded, _ = moa_train.load_run(tmp_path)  # a translation run loads as the encoder-decoder
     assert isinstance(loaded, Seq2Seq) and not loaded.training
 
-    cfg.trainer.eval_only, cfg.trainer.resume = True, str(tmp_path)  # the last checkpoint, not averaged
+    cfg.trainer.eval_only, cfg.trainer.resume = (
+        True,
+        str(tmp_path),
+    )  # the last checkpoint, not averaged
     evaluated = train(cfg, tmp_path / "eval_only")
     assert evaluated["test/bleu"] > 80 and "val/bleu" in evaluated, evaluated
     check_saved_without_a_task(compose_cfg, copy_root, tmp_path)
@@ -72,8 +103,12 @@ def check_saved_without_a_task(compose_cfg, copy_root, run_dir):
     del state["config"]["task"], state["config"]["data"]["task"]
     atomic_save(state, newest)
     assert isinstance(moa_train.load_run(run_dir)[0], Seq2Seq)
-    cfg = compose_cfg("trainer.device=cpu", "trainer.eval_only=true", f"trainer.resume={newest}",
-                      f"data.root={copy_root}")
+    cfg = compose_cfg(
+        "trainer.device=cpu",
+        "trainer.eval_only=true",
+        f"trainer.resume={newest}",
+        f"data.root={copy_root}",
+    )
     assert cfg.task.name == "lm"
     evaluated = train(cfg, run_dir / "old_eval")
     assert evaluated["test/bleu"] > 80, evaluated
@@ -91,8 +126,12 @@ def test_debug_tiny_makes_a_translation_experiment_a_smoke_run(cli, tmp_path):
         lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(n)]
         for lang in ("en", "de"):
             (folder / f"{stem}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    code, output, _ = cli("experiment=multi30k/mha", f"data.root={tmp_path / 'data'}",
-                          f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=300")
+    code, output, _ = cli(
+        "experiment=multi30k/mha",
+        f"data.root={tmp_path / 'data'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.vocab_size=300",
+    )
     assert code == 0, output
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 20
@@ -103,8 +142,14 @@ def test_debug_tiny_makes_a_translation_experiment_a_smoke_run(cli, tmp_path):
 def test_max_sentences_bounds_decoding_not_the_loss(compose_cfg, copy_root, tmp_path):
     from moa_train.train.tasks import TranslationTask
 
-    cfg = compose_cfg("experiment=multi30k/mha", "debug=tiny", "data=wmt14_en_de", f"data.root={copy_root}",
-                      "data.vocab_size=300", "trainer.device=cpu")
+    cfg = compose_cfg(
+        "experiment=multi30k/mha",
+        "debug=tiny",
+        "data=wmt14_en_de",
+        f"data.root={copy_root}",
+        "data.vocab_size=300",
+        "trainer.device=cpu",
+    )
     task = TranslationTask(cfg, torch.device("cpu"))
     decoded = []
     original = task._decode
@@ -130,15 +175,31 @@ def test_a_stop_signal_ends_translation_evaluation(compose_cfg, tmp_path):
     from moa_train.train.tasks import make_task
 
     root = write_copy_corpus(tmp_path / "data", n_train=200, n_eval=20)
-    cfg = compose_cfg("experiment=multi30k/mha", "data=wmt14_en_de", f"data.root={root}", "data.vocab_size=300",
-                      "model.d_model=32", "model.n_head=2", "model.n_layer=1", "model.n_encoder_layer=1",
-                      f"data.cache_dir={tmp_path / 'cache'}")
+    cfg = compose_cfg(
+        "experiment=multi30k/mha",
+        "data=wmt14_en_de",
+        f"data.root={root}",
+        "data.vocab_size=300",
+        "model.d_model=32",
+        "model.n_head=2",
+        "model.n_layer=1",
+        "model.n_encoder_layer=1",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
     task = make_task(cfg, torch.device("cpu"))
     task.model.eval()
     calls = []
     task.model.register_forward_pre_hook(lambda module, args: calls.append(1))
     with pytest.raises(EvaluationStopped):
-        task.evaluate(task.model, "test", "test", nullcontext, final=True,
-                      stop=SimpleNamespace(received=signal.SIGTERM))
+        task.evaluate(
+            task.model,
+            "test",
+            "test",
+            nullcontext,
+            final=True,
+            stop=SimpleNamespace(received=signal.SIGTERM),
+        )
     assert calls == []
-    assert "val/bleu" in task.evaluate(task.model, "val", "val", nullcontext, stop=SimpleNamespace(received=None))
+    assert "val/bleu" in task.evaluate(
+        task.model, "val", "val", nullcontext, stop=SimpleNamespace(received=None)
+    )

@@ -1,4 +1,5 @@
 """Batches of (input, target) windows from a 1-D token stream."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,12 +34,27 @@ class RandomWindows:
     Data parallelism: every rank draws the same `batch_size` windows (the global batch) and keeps its `rank`-th of
     `world` equal slices, so the data and the generator state do not depend on the number of ranks."""
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int, device: torch.device,
-                 rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        block_size: int,
+        seed: int,
+        device: torch.device,
+        rank: int = 0,
+        world: int = 1,
+    ):
         if len(tokens) <= block_size + 1:
-            raise DataError(f"trainer.block_size: {block_size} needs a split of more than {block_size + 1} tokens; "
-                            f"this one has {len(tokens)}")
-        self.tokens, self.batch_size, self.block_size, self.device = tokens, batch_size, block_size, device
+            raise DataError(
+                f"trainer.block_size: {block_size} needs a split of more than {block_size + 1} tokens; "
+                f"this one has {len(tokens)}"
+            )
+        self.tokens, self.batch_size, self.block_size, self.device = (
+            tokens,
+            batch_size,
+            block_size,
+            device,
+        )
         self.rank, self.world = rank, world
         self.generator = torch.Generator().manual_seed(seed)
         self.device_tokens = torch.from_numpy(np.asarray(tokens).astype(np.int64)).to(device)
@@ -46,7 +62,9 @@ class RandomWindows:
 
     def next_starts(self) -> torch.Tensor:
         """This rank's window offsets of the next global batch (batch_size / world,), on the device."""
-        starts = torch.randint(len(self.tokens) - self.block_size - 1, (self.batch_size,), generator=self.generator)
+        starts = torch.randint(
+            len(self.tokens) - self.block_size - 1, (self.batch_size,), generator=self.generator
+        )
         return to_device(starts.view(self.world, -1)[self.rank].numpy(), self.device)
 
     def windows_at(self, starts: torch.Tensor) -> tuple:
@@ -61,7 +79,9 @@ class RandomWindows:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"].cpu())  # a checkpoint loaded onto the GPU moved it
+        self.generator.set_state(
+            state["generator"].cpu()
+        )  # a checkpoint loaded onto the GPU moved it
 
 
 def sequential_windows(tokens: np.ndarray, batch_size: int, block_size: int, device: torch.device):
@@ -70,7 +90,7 @@ def sequential_windows(tokens: np.ndarray, batch_size: int, block_size: int, dev
     starts = np.arange(0, n_targets, block_size)
     full = starts[starts + block_size <= n_targets]
     for i in range(0, len(full), batch_size):
-        x, y = windows(tokens, full[i:i + batch_size], block_size)
+        x, y = windows(tokens, full[i : i + batch_size], block_size)
         yield to_device(x, device), to_device(y, device)
     if len(full) < len(starts):
         tail = int(starts[-1])

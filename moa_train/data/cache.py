@@ -1,5 +1,6 @@
 """The data cache's rules: an entry is keyed by the content of its source files, built in a private folder and
 renamed into place, and checked when it is read; a damaged entry is rebuilt with one warning line."""
+
 from __future__ import annotations
 
 import hashlib
@@ -67,4 +68,6 @@ def check_ids(path: Path, ids, n_expected: int, vocab_size: int) -> None:
     if len(ids) != n_expected:
         raise CacheDamaged(f"{path.name} holds {len(ids)} ids, meta.json says {n_expected}")
     if len(ids) and int(ids.max()) >= vocab_size:
-        raise CacheDamaged(f"{path.name} holds id {int(ids.max())}, beyond the vocabulary of {vocab_size}")
+        raise CacheDamaged(
+            f"{path.name} holds id {int(ids.max())}, beyond the vocabulary of {vocab_size}"
+        )

@@ -1,5 +1,6 @@
 """What every corpus shares, LM (data/wikitext.py) and translation (data/translation.py): its files read as UTF-8
 text, their download from the `datasets` hub where no data folder holds them, and byte-level BPE training."""
+
 from __future__ import annotations
 
 import os
@@ -40,24 +41,35 @@ def download(target: Path, names: list, hub: tuple, texts, missing: str) -> Path
 
         ds = datasets.load_dataset(*hub)
     except Exception as exc:  # offline, hub down, package missing: all end in the same advice
-        raise DataError(f"{missing}; downloading through `datasets` failed ({type(exc).__name__})") from None
+        raise DataError(
+            f"{missing}; downloading through `datasets` failed ({type(exc).__name__})"
+        ) from None
     target.mkdir(parents=True, exist_ok=True)
     for name, text in texts(ds):
         atomic_write_text(target / name, text)
     return target
 
 
-def train_bpe(lines, vocab_size: int, path: Path, specials: tuple = (), unk: str | None = None,
-              prefix_space: bool = False):
+def train_bpe(
+    lines,
+    vocab_size: int,
+    path: Path,
+    specials: tuple = (),
+    unk: str | None = None,
+    prefix_space: bool = False,
+):
     """A byte-level BPE trained on `lines` (special tokens first, at ids 0, 1, ...), saved to `path`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
-                                  show_progress=sys.stderr.isatty(),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(specials),
+        show_progress=sys.stderr.isatty(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(lines, trainer=trainer)
     tok.save(str(path))
     return tok

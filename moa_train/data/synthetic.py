@@ -2,6 +2,7 @@
 
 Nothing can be learned from them beyond the unigram entropy log(vocab); they exist for `moa-bench` and scaling runs.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -13,6 +13,7 @@ train split only: val/test keep every line, since their raw target lines are the
 `max_positions` positions gets val/test ids cut to max_positions - 1 tokens (a BOS or EOS makes max_positions), so
 that a long evaluation line cannot overflow the position table; only lines that would not fit are cut.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,13 @@ class Corpus:
     stems: dict  # split -> file stem; files are <stem>.<lang>
     hub: tuple  # load_dataset arguments
     hub_splits: dict  # split -> hub split name
-    nested: bool  # hub rows are {"translation": {lang: text}} (wmt14) rather than {lang: text} columns
-    langs: tuple = ("en", "de")  # language codes: the files' suffixes, the values of data.src and data.tgt
+    nested: (
+        bool  # hub rows are {"translation": {lang: text}} (wmt14) rather than {lang: text} columns
+    )
+    langs: tuple = (
+        "en",
+        "de",
+    )  # language codes: the files' suffixes, the values of data.src and data.tgt
 
     @property
     def sides(self) -> list:
@@ -52,11 +58,20 @@ class Corpus:
 
 
 CORPORA = {
-    "wmt14_en_de": Corpus("wmt14-en-de", {"train": "train", "val": "valid", "test": "test"}, ("wmt14", "de-en"),
-                          {"train": "train", "val": "validation", "test": "test"}, nested=True),
-    "multi30k_en_de": Corpus("multi30k", {"train": "train", "val": "val", "test": "test_2016_flickr"},
-                             ("bentrevett/multi30k",), {"train": "train", "val": "validation", "test": "test"},
-                             nested=False),
+    "wmt14_en_de": Corpus(
+        "wmt14-en-de",
+        {"train": "train", "val": "valid", "test": "test"},
+        ("wmt14", "de-en"),
+        {"train": "train", "val": "validation", "test": "test"},
+        nested=True,
+    ),
+    "multi30k_en_de": Corpus(
+        "multi30k",
+        {"train": "train", "val": "val", "test": "test_2016_flickr"},
+        ("bentrevett/multi30k",),
+        {"train": "train", "val": "validation", "test": "test"},
+        nested=False,
+    ),
 }
 
 
@@ -66,8 +81,12 @@ class ParallelSplit:
     tgt: list  # the same for targets
     src_text: list  # raw source lines (never cut)
     tgt_text: list  # raw target lines: the BLEU references (never cut)
-    n_dropped: int = 0  # train only: pairs left out for an empty side or a side longer than data.max_len
-    n_truncated: int = 0  # val/test only: pairs with a side whose ids were cut to fit the model's positions
+    n_dropped: int = (
+        0  # train only: pairs left out for an empty side or a side longer than data.max_len
+    )
+    n_truncated: int = (
+        0  # val/test only: pairs with a side whose ids were cut to fit the model's positions
+    )
 
     def __len__(self) -> int:
         return len(self.src)
@@ -82,7 +101,9 @@ class ParallelData:
     eos_id: int
     unk_id: int
     tokenizer_path: str  # the saved `tokenizers` JSON
-    tokenizer: object = field(default=None, repr=False, compare=False)  # loaded from tokenizer_path when not given
+    tokenizer: object = field(
+        default=None, repr=False, compare=False
+    )  # loaded from tokenizer_path when not given
 
     def __post_init__(self):
         if self.tokenizer is None:
@@ -97,20 +118,26 @@ class ParallelData:
         """ids (list, array or 1-D tensor) -> text: stops at the first </s>, skips <pad> and <s>."""
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         if self.eos_id in ids:
-            ids = ids[:ids.index(self.eos_id)]
-        text = self.tokenizer.decode([i for i in ids if i not in (self.pad_id, self.bos_id)],
-                                     skip_special_tokens=False)
+            ids = ids[: ids.index(self.eos_id)]
+        text = self.tokenizer.decode(
+            [i for i in ids if i not in (self.pad_id, self.bos_id)], skip_special_tokens=False
+        )
         return text[1:] if text.startswith(" ") else text  # the space add_prefix_space put in front
 
 
 # --- locating and reading the files ---------------------------------------------------------------------------
+
 
 def _expected(corpus: Corpus) -> str:
     return f"{corpus.folder}/{{{','.join(corpus.stems.values())}}}.{{{','.join(corpus.langs)}}}"
 
 
 def _files(folder: Path, corpus: Corpus) -> dict:
-    return {(split, lang): folder / f"{stem}.{lang}" for split, stem in corpus.stems.items() for lang in corpus.sides}
+    return {
+        (split, lang): folder / f"{stem}.{lang}"
+        for split, stem in corpus.stems.items()
+        for lang in corpus.sides
+    }
 
 
 def _download(corpus: Corpus, cache: Path, root) -> Path:
@@ -124,8 +151,10 @@ def _download(corpus: Corpus, cache: Path, root) -> Path:
             lines = [t[lang] for t in rows["translation"]] if corpus.nested else rows[lang]
             yield path.name, "".join(s.replace("\r", " ").replace("\n", " ") + "\n" for s in lines)
 
-    missing = (f"{corpus.folder}/ not found under data.root={root}: set MOA_DATA_DIR (or data.root) to a folder "
-               f"holding {_expected(corpus)}")
+    missing = (
+        f"{corpus.folder}/ not found under data.root={root}: set MOA_DATA_DIR (or data.root) to a folder "
+        f"holding {_expected(corpus)}"
+    )
     return download(target, [path.name for path in files.values()], corpus.hub, texts, missing)
 
 
@@ -136,8 +165,10 @@ def locate(cfg, corpus: Corpus, cache: Path) -> Path:
         folder = _download(corpus, cache, cfg.root)
     for path in _files(folder, corpus).values():
         if not path.is_file():
-            raise DataError(f"data.root: missing file {path}; expected {_expected(corpus)} under {folder.parent} "
-                            f"(set MOA_DATA_DIR or data.root)")
+            raise DataError(
+                f"data.root: missing file {path}; expected {_expected(corpus)} under {folder.parent} "
+                f"(set MOA_DATA_DIR or data.root)"
+            )
     return folder
 
 
@@ -156,15 +187,20 @@ def read_corpus(folder: Path, corpus: Corpus) -> dict:
     for split in SPLITS:
         (a, la), (b, lb) = ((files[split, lang], len(texts[split, lang])) for lang in corpus.sides)
         if la != lb:
-            raise DataError(f"data files {a} ({la} lines) and {b} ({lb} lines) are not parallel: "
-                            f"their line counts differ")
+            raise DataError(
+                f"data files {a} ({la} lines) and {b} ({lb} lines) are not parallel: "
+                f"their line counts differ"
+            )
         for lang in corpus.sides:
             if not any(s.strip() for s in texts[split, lang]):
-                raise DataError(f"data split {split!r} is empty: {files[split, lang]} holds no sentences")
+                raise DataError(
+                    f"data split {split!r} is empty: {files[split, lang]} holds no sentences"
+                )
     return texts
 
 
 # --- tokenizer and cache --------------------------------------------------------------------------------------
+
 
 def encode_lines(tok, lines: list) -> tuple:
     """-> (all ids concatenated as int32, offsets of n+1 int64): sentence i is ids[offsets[i]:offsets[i+1]]."""
@@ -176,20 +212,31 @@ def encode_lines(tok, lines: list) -> tuple:
 
 
 def _fingerprint(cfg, folder: Path, corpus: Corpus, vocab_size: int) -> str:
-    return content_key(_files(folder, corpus).values(),
-                       f"{cfg.name}:{sorted((cfg.src, cfg.tgt))}:{vocab_size}:{CACHE_VERSION}")
+    return content_key(
+        _files(folder, corpus).values(),
+        f"{cfg.name}:{sorted((cfg.src, cfg.tgt))}:{vocab_size}:{CACHE_VERSION}",
+    )
 
 
 def _build(texts: dict, corpus: Corpus, vocab_size: int, out: Path) -> None:
     """One byte-level BPE for both languages, with SPECIALS at ids 0..3, and every file's ids."""
-    tok = train_bpe([s for lang in corpus.sides for s in texts["train", lang]], vocab_size, out / "tokenizer.json",
-                    specials=SPECIALS, unk="<unk>", prefix_space=True)
+    tok = train_bpe(
+        [s for lang in corpus.sides for s in texts["train", lang]],
+        vocab_size,
+        out / "tokenizer.json",
+        specials=SPECIALS,
+        unk="<unk>",
+        prefix_space=True,
+    )
     for (split, lang), lines in progress(texts.items(), desc="caching token ids", unit="file"):
         ids, offsets = encode_lines(tok, lines)
         np.save(out / f"{split}.{lang}.ids.npy", ids)
         np.save(out / f"{split}.{lang}.offsets.npy", offsets)
-    meta = {"vocab_size": tok.get_vocab_size(), "version": CACHE_VERSION,
-            "lines": {f"{split}.{lang}": len(lines) for (split, lang), lines in texts.items()}}
+    meta = {
+        "vocab_size": tok.get_vocab_size(),
+        "version": CACHE_VERSION,
+        "lines": {f"{split}.{lang}": len(lines) for (split, lang), lines in texts.items()},
+    }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -205,7 +252,9 @@ def _load_ids(out: Path, split: str, lang: str, n_lines: int, vocab_size: int) -
     ids_path = out / f"{split}.{lang}.ids.npy"
     ids, offsets = _read_npy(ids_path), _read_npy(out / f"{split}.{lang}.offsets.npy")
     if len(offsets) != n_lines + 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
-        raise CacheDamaged(f"{split}.{lang}.offsets.npy does not describe the {n_lines} lines meta.json names")
+        raise CacheDamaged(
+            f"{split}.{lang}.offsets.npy does not describe the {n_lines} lines meta.json names"
+        )
     check_ids(ids_path, ids, int(offsets[-1]), vocab_size)
     return np.split(ids, offsets[1:-1])
 
@@ -218,42 +267,66 @@ def _load(out: Path, texts: dict) -> tuple:
     meta = json.loads((out / "meta.json").read_text())
     try:
         tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-    except Exception as exc:  # the Rust library raises a bare Exception for a missing or garbled file
+    except (
+        Exception
+    ) as exc:  # the Rust library raises a bare Exception for a missing or garbled file
         raise CacheDamaged(f"tokenizer.json cannot be read ({str(exc).splitlines()[0]})") from None
     ids = {}
     for (split, lang), lines in texts.items():
         if meta["lines"][f"{split}.{lang}"] != len(lines):
-            raise CacheDamaged(f"meta.json counts {meta['lines'][f'{split}.{lang}']} lines of {split}.{lang}, "
-                               f"the file {len(lines)}")
+            raise CacheDamaged(
+                f"meta.json counts {meta['lines'][f'{split}.{lang}']} lines of {split}.{lang}, "
+                f"the file {len(lines)}"
+            )
         ids[split, lang] = _load_ids(out, split, lang, len(lines), meta["vocab_size"])
     return meta, tok, ids
 
 
-def _split(ids: dict, texts: dict, split: str, src: str, tgt: str, max_len: int, eval_len: int | None) -> ParallelSplit:
+def _split(
+    ids: dict, texts: dict, split: str, src: str, tgt: str, max_len: int, eval_len: int | None
+) -> ParallelSplit:
     s = ParallelSplit(ids[split, src], ids[split, tgt], texts[split, src], texts[split, tgt])
-    if split != "train":  # every line stays (the references); ids past eval_len would not fit the positions
-        n = 0 if eval_len is None else sum(len(x) > eval_len or len(y) > eval_len for x, y in zip(s.src, s.tgt))
+    if (
+        split != "train"
+    ):  # every line stays (the references); ids past eval_len would not fit the positions
+        n = (
+            0
+            if eval_len is None
+            else sum(len(x) > eval_len or len(y) > eval_len for x, y in zip(s.src, s.tgt))
+        )
         if n:
             s.src, s.tgt = [x[:eval_len] for x in s.src], [y[:eval_len] for y in s.tgt]
             s.n_truncated = n
         return s
-    keep = [i for i, (x, y) in enumerate(zip(s.src, s.tgt)) if 0 < len(x) <= max_len and 0 < len(y) <= max_len]
+    keep = [
+        i
+        for i, (x, y) in enumerate(zip(s.src, s.tgt))
+        if 0 < len(x) <= max_len and 0 < len(y) <= max_len
+    ]
     if not keep:
-        raise DataError(f"data.max_len: every training pair is empty or longer than {max_len} BPE tokens")
+        raise DataError(
+            f"data.max_len: every training pair is empty or longer than {max_len} BPE tokens"
+        )
     if len(keep) == len(s.src):
         return s
-    return ParallelSplit(*([part[i] for i in keep] for part in (s.src, s.tgt, s.src_text, s.tgt_text)),
-                         n_dropped=len(s.src) - len(keep))
+    return ParallelSplit(
+        *([part[i] for i in keep] for part in (s.src, s.tgt, s.src_text, s.tgt_text)),
+        n_dropped=len(s.src) - len(keep),
+    )
 
 
 def load_translation(cfg, max_positions: int | None = None) -> ParallelData:
     """The data config's corpus as BPE sentence pairs in the direction data.src -> data.tgt."""
     if cfg.name not in CORPORA:
-        raise DataError(f"data.name: {cfg.name!r} is not a translation corpus; allowed: {', '.join(CORPORA)}")
+        raise DataError(
+            f"data.name: {cfg.name!r} is not a translation corpus; allowed: {', '.join(CORPORA)}"
+        )
     corpus = CORPORA[cfg.name]
     for key, lang in (("data.src", cfg.src), ("data.tgt", cfg.tgt)):
         if lang not in corpus.langs:
-            raise DataError(f"{key}: {lang!r} is not a language of {cfg.name}; allowed: {', '.join(corpus.langs)}")
+            raise DataError(
+                f"{key}: {lang!r} is not a language of {cfg.name}; allowed: {', '.join(corpus.langs)}"
+            )
     if cfg.src == cfg.tgt:
         raise DataError(f"data.src and data.tgt are both {cfg.src!r}; they must differ")
     vocab_size = cfg.vocab_size or DEFAULT_VOCAB
@@ -261,24 +334,38 @@ def load_translation(cfg, max_positions: int | None = None) -> ParallelData:
     folder = locate(cfg, corpus, cache)
     texts = read_corpus(folder, corpus)
     out = cache / "translation" / _fingerprint(cfg, folder, corpus, vocab_size)
-    meta, tok, ids = load_cached(out, lambda tmp: _build(texts, corpus, vocab_size, tmp),
-                                 lambda entry: _load(entry, texts))
+    meta, tok, ids = load_cached(
+        out, lambda tmp: _build(texts, corpus, vocab_size, tmp), lambda entry: _load(entry, texts)
+    )
     eval_len = None if max_positions is None else max_positions - 1
-    splits = {split: _split(ids, texts, split, cfg.src, cfg.tgt, cfg.max_len, eval_len) for split in SPLITS}
+    splits = {
+        split: _split(ids, texts, split, cfg.src, cfg.tgt, cfg.max_len, eval_len)
+        for split in SPLITS
+    }
     if splits["val"].n_truncated or splits["test"].n_truncated:
-        log.warning("model.max_seq_len=%d: token ids cut to %d for %d of %d val and %d of %d test pairs (a side was "
-                    "longer; BLEU still scores against the full reference lines)", max_positions, eval_len,
-                    splits["val"].n_truncated, len(splits["val"]), splits["test"].n_truncated, len(splits["test"]))
+        log.warning(
+            "model.max_seq_len=%d: token ids cut to %d for %d of %d val and %d of %d test pairs (a side was "
+            "longer; BLEU still scores against the full reference lines)",
+            max_positions,
+            eval_len,
+            splits["val"].n_truncated,
+            len(splits["val"]),
+            splits["test"].n_truncated,
+            len(splits["test"]),
+        )
     pad, bos, eos, unk = range(len(SPECIALS))
-    return ParallelData(splits, meta["vocab_size"], pad, bos, eos, unk, str(out / "tokenizer.json"), tok)
+    return ParallelData(
+        splits, meta["vocab_size"], pad, bos, eos, unk, str(out / "tokenizer.json"), tok
+    )
 
 
 # --- batches ----------------------------------------------------------------------------------------------------
 
+
 def _pad(rows: list, width: int, pad_id: int) -> np.ndarray:
     out = np.full((len(rows), width), pad_id, dtype=np.int64)
     for r, row in enumerate(rows):
-        out[r, :len(row)] = row
+        out[r, : len(row)] = row
     return out
 
 
@@ -297,21 +384,45 @@ class TokenBatches:
     stays the whole batch's. A batch of fewer pairs than ranks leaves some ranks zero rows.
     """
 
-    def __init__(self, split: ParallelSplit, max_tokens: int, pad_id: int, bos_id: int, eos_id: int, seed: int = 0,
-                 shuffle: bool = True, device=torch.device("cpu"), rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        split: ParallelSplit,
+        max_tokens: int,
+        pad_id: int,
+        bos_id: int,
+        eos_id: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        device=torch.device("cpu"),
+        rank: int = 0,
+        world: int = 1,
+    ):
         if max_tokens <= 0:
             raise DataError(f"data.max_tokens: must be positive, got {max_tokens}")
         if len(split.src) == 0:
             raise DataError("TokenBatches: the split holds no sentence pairs")
-        self.split, self.max_tokens, self.shuffle, self.device = split, max_tokens, shuffle, torch.device(device)
+        self.split, self.max_tokens, self.shuffle, self.device = (
+            split,
+            max_tokens,
+            shuffle,
+            torch.device(device),
+        )
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         self.rank, self.world = rank, world
-        self.src_len = np.fromiter(map(len, split.src), dtype=np.int64, count=len(split.src)).clip(min=1)  # >= 1 column
-        self.tgt_len = np.fromiter(map(len, split.tgt), dtype=np.int64, count=len(split.tgt)) + 1  # + bos / eos
+        self.src_len = np.fromiter(map(len, split.src), dtype=np.int64, count=len(split.src)).clip(
+            min=1
+        )  # >= 1 column
+        self.tgt_len = (
+            np.fromiter(map(len, split.tgt), dtype=np.int64, count=len(split.tgt)) + 1
+        )  # + bos / eos
         order = np.arange(len(self.src_len))
         if shuffle:
-            order = torch.randperm(len(order), generator=torch.Generator().manual_seed(seed)).numpy()
-        order = order[np.lexsort((self.tgt_len[order], self.src_len[order]))]  # stable: the permutation breaks ties
+            order = torch.randperm(
+                len(order), generator=torch.Generator().manual_seed(seed)
+            ).numpy()
+        order = order[
+            np.lexsort((self.tgt_len[order], self.src_len[order]))
+        ]  # stable: the permutation breaks ties
         self.batches = self._cut(order)
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch, self.position = 0, 0
@@ -320,7 +431,9 @@ class TokenBatches:
     def _cut(self, order: np.ndarray) -> list:
         """Greedy: a pair joins the current batch while the batch, padded to its longest pair, fits max_tokens."""
         batches, cur, s_max, t_max = [], [], 0, 0
-        for i, s, t in zip(order.tolist(), self.src_len[order].tolist(), self.tgt_len[order].tolist()):
+        for i, s, t in zip(
+            order.tolist(), self.src_len[order].tolist(), self.tgt_len[order].tolist()
+        ):
             if cur and (len(cur) + 1) * (max(s_max, s) + max(t_max, t)) > self.max_tokens:
                 batches.append(np.asarray(cur))
                 cur, s_max, t_max = [], 0, 0
@@ -344,8 +457,12 @@ class TokenBatches:
         copying it to the device every training step, and `.tolist()` syncing on it, would be wasted."""
         n_tokens = int(self.tgt_len[index].sum())
         index = np.array_split(index, self.world)[self.rank]
-        src = _pad([self.split.src[i] for i in index], int(self.src_len[index].max(initial=1)), self.pad_id)
-        tgt_out = _pad([self.split.tgt[i] for i in index], int(self.tgt_len[index].max(initial=1)), self.pad_id)
+        src = _pad(
+            [self.split.src[i] for i in index], int(self.src_len[index].max(initial=1)), self.pad_id
+        )
+        tgt_out = _pad(
+            [self.split.tgt[i] for i in index], int(self.tgt_len[index].max(initial=1)), self.pad_id
+        )
         tgt_in = np.full_like(tgt_out, self.pad_id)
         tgt_in[:, 0], tgt_in[:, 1:] = self.bos_id, tgt_out[:, :-1]
         tgt_out[np.arange(len(index)), self.tgt_len[index] - 1] = self.eos_id
@@ -361,7 +478,9 @@ class TokenBatches:
             for k in range(self.position, len(order)):
                 batch = self.collate(self.batches[order[k]])
                 self.position = k + 1
-                if self.position == len(order):  # roll over now, so a state saved here names the next epoch
+                if self.position == len(
+                    order
+                ):  # roll over now, so a state saved here names the next epoch
                     self.epoch, self.position = self.epoch + 1, 0
                     self._epoch_state = self.generator.get_state()
                 yield batch
@@ -369,13 +488,19 @@ class TokenBatches:
                 return
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "generator": self._epoch_state.clone(),
-                "n_batches": len(self.batches)}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "generator": self._epoch_state.clone(),
+            "n_batches": len(self.batches),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["n_batches"] != len(self.batches):
-            raise DataError(f"data loader state holds {state['n_batches']} batches per epoch, this loader "
-                            f"{len(self.batches)}: the data or data.max_tokens changed since the checkpoint")
+            raise DataError(
+                f"data loader state holds {state['n_batches']} batches per epoch, this loader "
+                f"{len(self.batches)}: the data or data.max_tokens changed since the checkpoint"
+            )
         self.epoch, self.position = state["epoch"], state["position"]
         # .cpu(): a checkpoint loaded onto the GPU moved this ByteTensor too, and a CPU generator takes a CPU state
         self._epoch_state = state["generator"].cpu().clone()

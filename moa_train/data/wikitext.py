@@ -12,6 +12,7 @@ is made on the text, so char, word and BPE runs see the same underlying characte
 Each split records how many characters and words its text holds, so a loss in nats per token converts to bits per
 character (`val/bpc`) and word-level perplexity (`val/word_ppl`) whatever the tokenizer.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,17 +31,24 @@ CACHE_VERSION = 1
 @dataclass(frozen=True)
 class TextCorpus:
     """An LM corpus: one plain-text file per split in one folder."""
+
     cache: str  # its folder under data.cache_dir
     folder: str  # under data.root (and under <cache_dir>/download/)
     files: dict  # "train" | "val" | "test" -> file name
     hub: tuple = ()  # datasets.load_dataset arguments, for data.root=null; (): no download
     hub_splits: dict = field(default_factory=dict)  # split -> the hub's split name
-    hub_column: str = "text"  # the hub rows' text, joined as it is (WikiText's lines keep their "\n")
+    hub_column: str = (
+        "text"  # the hub rows' text, joined as it is (WikiText's lines keep their "\n")
+    )
 
 
-WIKITEXT2 = TextCorpus("wikitext2", "wikitext-2", {"train": "train.txt", "val": "valid.txt", "test": "test.txt"},
-                       ("Salesforce/wikitext", "wikitext-2-v1"),
-                       {"train": "train", "val": "validation", "test": "test"})
+WIKITEXT2 = TextCorpus(
+    "wikitext2",
+    "wikitext-2",
+    {"train": "train.txt", "val": "valid.txt", "test": "test.txt"},
+    ("Salesforce/wikitext", "wikitext-2-v1"),
+    {"train": "train", "val": "validation", "test": "test"},
+)
 # data.name -> corpus; the three WikiText-2 configs differ in data.tokenizer only
 LM_CORPORA = {"wikitext2_char": WIKITEXT2, "wikitext2_word": WIKITEXT2, "wikitext2_bpe": WIKITEXT2}
 SPLITS = ("train", "val", "test")
@@ -67,7 +75,9 @@ class TokenData:
     splits: dict  # "train" | "val" | "test" -> Split
     vocab_size: int
     tokenizer: str
-    tokenizer_file: Path | None = None  # tokenizer_json's file, which a run copies into its folder; None: no text
+    tokenizer_file: Path | None = (
+        None  # tokenizer_json's file, which a run copies into its folder; None: no text
+    )
 
 
 def check_lengths(data: TokenData, block_size: int) -> None:
@@ -77,9 +87,11 @@ def check_lengths(data: TokenData, block_size: int) -> None:
     for name, split in data.splits.items():
         n = len(split.tokens)
         if n < block_size + 2:
-            raise DataError(f"data file {split.source or name}: the {name} split holds {n} tokens, too few for "
-                            f"trainer.block_size={block_size} (needs block_size + 2); valid here: "
-                            f"1..{max(n - 2, 0)}, or a longer file")
+            raise DataError(
+                f"data file {split.source or name}: the {name} split holds {n} tokens, too few for "
+                f"trainer.block_size={block_size} (needs block_size + 2); valid here: "
+                f"1..{max(n - 2, 0)}, or a longer file"
+            )
 
 
 def word_count(text: str) -> int:
@@ -87,6 +99,7 @@ def word_count(text: str) -> int:
 
 
 # --- locating the text ------------------------------------------------------------------------------------------
+
 
 def _expected(corpus: TextCorpus) -> str:
     return f"{corpus.folder}/{{{','.join(corpus.files[split] for split in SPLITS)}}}"
@@ -99,9 +112,13 @@ def _download(corpus: TextCorpus, cache: Path) -> Path:
         raise DataError(missing)
 
     def texts(ds):
-        return ((corpus.files[s], "".join(ds[corpus.hub_splits[s]][corpus.hub_column])) for s in SPLITS)
+        return (
+            (corpus.files[s], "".join(ds[corpus.hub_splits[s]][corpus.hub_column])) for s in SPLITS
+        )
 
-    return download(cache / "download" / corpus.folder, list(corpus.files.values()), corpus.hub, texts, missing)
+    return download(
+        cache / "download" / corpus.folder, list(corpus.files.values()), corpus.hub, texts, missing
+    )
 
 
 def locate(root, corpus: TextCorpus, cache: Path) -> Path:
@@ -110,8 +127,10 @@ def locate(root, corpus: TextCorpus, cache: Path) -> Path:
     for fname in corpus.files.values():
         path = folder / fname
         if not path.is_file():
-            raise DataError(f"data.root: missing file {path}; expected {_expected(corpus)} under {folder.parent} "
-                            f"(set MOA_DATA_DIR or data.root)")
+            raise DataError(
+                f"data.root: missing file {path}; expected {_expected(corpus)} under {folder.parent} "
+                f"(set MOA_DATA_DIR or data.root)"
+            )
         if path.stat().st_size == 0:
             raise DataError(f"data file {path} is empty")
     return folder
@@ -120,8 +139,11 @@ def locate(root, corpus: TextCorpus, cache: Path) -> Path:
 def split_sources(files: dict, split: str) -> dict:
     """split -> where its text comes from, for error messages; `files`: split -> path."""
     if split == "moas_paper":
-        return {"train": f"the first 90% of {files['train']}", "val": f"the last 10% of {files['train']}",
-                "test": str(files["test"])}
+        return {
+            "train": f"the first 90% of {files['train']}",
+            "val": f"the last 10% of {files['train']}",
+            "test": str(files["test"]),
+        }
     return {name: str(files[name]) for name in SPLITS}
 
 
@@ -142,6 +164,7 @@ def split_texts(files: dict, split: str) -> dict:
 
 
 # --- tokenizers ---------------------------------------------------------------------------------------------------
+
 
 class CharTokenizer:
     """Vocabulary = sorted characters of the whole train FILE (283 for WikiText-2, as in the MoAS paper)."""
@@ -170,7 +193,9 @@ class CharTokenizer:
         bad = np.flatnonzero(self.codepoints[ids] != cps)
         if len(bad):
             line = text.count("\n", 0, int(bad[0])) + 1
-            raise DataError(f"line {line}: character {chr(cps[bad[0]])!r} is not in the train file's vocabulary")
+            raise DataError(
+                f"line {line}: character {chr(cps[bad[0]])!r} is not in the train file's vocabulary"
+            )
         return ids
 
     @property
@@ -186,7 +211,9 @@ class WordTokenizer:
     kind = "word"
 
     def __init__(self, vocab_text: str = "", symbols: list | None = None):
-        words = symbols if symbols is not None else sorted(set(vocab_text.split()) | {"<eos>", "<unk>"})
+        words = (
+            symbols if symbols is not None else sorted(set(vocab_text.split()) | {"<eos>", "<unk>"})
+        )
         self.stoi = {w: i for i, w in enumerate(words)}
         self.itos = list(words)
 
@@ -242,7 +269,9 @@ class BPETokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         lines = text.splitlines(keepends=True)
-        return np.asarray([i for enc in self.tok.encode_batch(lines) for i in enc.ids], dtype=np.int64)
+        return np.asarray(
+            [i for enc in self.tok.encode_batch(lines) for i in enc.ids], dtype=np.int64
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -269,14 +298,19 @@ def tokenizer_from_json(text: str, source: str = TOKENIZER_FILE):
         return CharTokenizer("".join(spec["symbols"]))
     if kind == "word":
         return WordTokenizer(symbols=spec["symbols"])
-    raise DataError(f"{source}: not a moa_train tokenizer (kind {kind!r}; expected char, word or tokenizers' BPE)")
+    raise DataError(
+        f"{source}: not a moa_train tokenizer (kind {kind!r}; expected char, word or tokenizers' BPE)"
+    )
 
 
 # --- caching ------------------------------------------------------------------------------------------------------
 
+
 def _fingerprint(files: dict, cfg) -> str:
-    return content_key([files[name] for name in SPLITS],
-                       f"{cfg.tokenizer}:{cfg.split}:{cfg.vocab_size}:{CACHE_VERSION}")
+    return content_key(
+        [files[name] for name in SPLITS],
+        f"{cfg.tokenizer}:{cfg.split}:{cfg.vocab_size}:{CACHE_VERSION}",
+    )
 
 
 def _build(files: dict, cfg, out: Path) -> None:
@@ -288,14 +322,23 @@ def _build(files: dict, cfg, out: Path) -> None:
     else:
         tok = BPETokenizer(texts["train"][1], cfg.vocab_size, out / "tokenizer.json")
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
-    meta = {"vocab_size": tok.vocab_size, "tokenizer": cfg.tokenizer, "dtype": np.dtype(dtype).name, "splits": {}}
+    meta = {
+        "vocab_size": tok.vocab_size,
+        "tokenizer": cfg.tokenizer,
+        "dtype": np.dtype(dtype).name,
+        "splits": {},
+    }
     for name, (source, text) in progress(texts.items(), desc="caching token ids", unit="split"):
         try:
             ids = tok.encode(text).astype(dtype)
         except DataError as exc:  # the tokenizer knows the line, the split its file
             raise DataError(f"data file {source}, {exc}") from None
         ids.tofile(out / f"{name}.bin")
-        meta["splits"][name] = {"n_tokens": len(ids), "n_chars": len(text), "n_words": word_count(text)}
+        meta["splits"][name] = {
+            "n_tokens": len(ids),
+            "n_chars": len(text),
+            "n_words": word_count(text),
+        }
     if tok.kind != "bpe":  # BPETokenizer saved its own file there
         (out / TOKENIZER_FILE).write_text(tokenizer_json(tok), encoding="utf-8")
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -309,23 +352,33 @@ def _load(out: Path, sources: dict) -> TokenData:
     for name in SPLITS:
         info, path = meta["splits"][name], out / f"{name}.bin"
         if info["n_tokens"] <= 0 or path.stat().st_size != info["n_tokens"] * dtype.itemsize:
-            raise CacheDamaged(f"{path.name} holds {path.stat().st_size} bytes, meta.json says {info['n_tokens']} "
-                               f"ids of {dtype.itemsize} bytes")
+            raise CacheDamaged(
+                f"{path.name} holds {path.stat().st_size} bytes, meta.json says {info['n_tokens']} "
+                f"ids of {dtype.itemsize} bytes"
+            )
         tokens = np.memmap(path, dtype=dtype, mode="r")
         check_ids(path, tokens, info["n_tokens"], vocab)
         splits[name] = Split(tokens, info["n_chars"], info["n_words"], sources[name])
-    if not (out / TOKENIZER_FILE).is_file():  # an entry written before tokenizers were kept for the run folder
-        raise CacheDamaged(f"{TOKENIZER_FILE} is missing (a cache entry older than saved tokenizers)")
+    if not (
+        out / TOKENIZER_FILE
+    ).is_file():  # an entry written before tokenizers were kept for the run folder
+        raise CacheDamaged(
+            f"{TOKENIZER_FILE} is missing (a cache entry older than saved tokenizers)"
+        )
     return TokenData(splits, vocab, meta["tokenizer"], out / TOKENIZER_FILE)
 
 
 def load_corpus(cfg) -> TokenData:
     """The LM corpus `LM_CORPORA[data.name]`, tokenized by data.tokenizer and split by data.split."""
     if cfg.name not in LM_CORPORA:
-        raise DataError(f"data.name: {cfg.name!r} is not an LM corpus; allowed: {', '.join(LM_CORPORA)}")
+        raise DataError(
+            f"data.name: {cfg.name!r} is not an LM corpus; allowed: {', '.join(LM_CORPORA)}"
+        )
     corpus, cache = LM_CORPORA[cfg.name], expand(cfg.cache_dir)
     folder = locate(cfg.root, corpus, cache)
     files = {name: folder / corpus.files[name] for name in SPLITS}
     out = cache / corpus.cache / _fingerprint(files, cfg)
     sources = split_sources(files, cfg.split)
-    return load_cached(out, lambda tmp: _build(files, cfg, tmp), lambda entry: _load(entry, sources))
+    return load_cached(
+        out, lambda tmp: _build(files, cfg, tmp), lambda entry: _load(entry, sources)
+    )

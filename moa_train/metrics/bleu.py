@@ -7,6 +7,7 @@ intra-word hyphen becomes a token of its own, "a-b" -> "a ##AT##-##AT## b". The 
 (the ##AT##-##AT## markers, and compound parts that are right on their own), so this BLEU is typically higher:
 compare a MoA-paper number (28.4 for MoA base on WMT14 En-De) only with `tokenized_bleu`.
 """
+
 from __future__ import annotations
 
 import re
@@ -24,15 +25,21 @@ _tokenize_13a = Tokenizer13a()
 def check_lengths(hyps: list[str], refs: list[str]) -> None:
     # sacrebleu scores mismatched lists without complaint
     if len(hyps) != len(refs):
-        raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references: they must pair up line by line")
+        raise ValueError(
+            f"{len(hyps)} hypotheses but {len(refs)} references: they must pair up line by line"
+        )
 
 
 def corpus_scores(hyps: list[str], refs: list[str]) -> dict:
     """Detokenised sacreBLEU (13a tokenisation) and chrF of one reference per hypothesis, with their signatures."""
     check_lengths(hyps, refs)
     bleu, chrf = BLEU(), CHRF()
-    return {"bleu": bleu.corpus_score(hyps, [refs]).score, "chrf": chrf.corpus_score(hyps, [refs]).score,
-            "bleu_signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature())}
+    return {
+        "bleu": bleu.corpus_score(hyps, [refs]).score,
+        "chrf": chrf.corpus_score(hyps, [refs]).score,
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+    }
 
 
 def compound_split(line: str) -> str:
@@ -49,4 +56,4 @@ def tokenized_bleu(hyps: list[str], refs: list[str]) -> float:
     """
     check_lengths(hyps, refs)
     split = [compound_split(_tokenize_13a(line)) for line in hyps + refs]
-    return sacrebleu.corpus_bleu(split[:len(hyps)], [split[len(hyps):]], tokenize="none").score
+    return sacrebleu.corpus_bleu(split[: len(hyps)], [split[len(hyps) :]], tokenize="none").score

@@ -3,6 +3,7 @@
 MFU = (model FLOPs per token, from the models' own counter) x tokens/s / peak of the run's precision:
 bf16 -> a bf16 GEMM, fp32 with TF32 allowed -> a TF32 GEMM, plain fp32 -> an fp32 GEMM.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,12 +30,16 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} threads: {torch.get_num_threads()})"
 
 
-def measure_matmul_flops(device: torch.device, kind: str, n: int | None = None, iters: int = 10) -> float:
+def measure_matmul_flops(
+    device: torch.device, kind: str, n: int | None = None, iters: int = 10
+) -> float:
     """FLOP/s of an n x n x n GEMM in `kind` precision: the best of `iters` timed runs after warm-up (a peak: a run
     slowed by other work on the machine must not lower it, or MFU would read above 100%)."""
     n = n or (8192 if device.type == "cuda" else 1024)
     dtype = torch.bfloat16 if kind == "bf16" else torch.float32
-    gen = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG (dropout, init) untouched
+    gen = torch.Generator(device=device).manual_seed(
+        0
+    )  # leaves the global RNG (dropout, init) untouched
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     prev = torch.backends.cuda.matmul.allow_tf32
@@ -52,7 +57,7 @@ def measure_matmul_flops(device: torch.device, kind: str, n: int | None = None, 
                 times.append(time.perf_counter() - t0)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
-    return 2 * n ** 3 / min(times)
+    return 2 * n**3 / min(times)
 
 
 def peak_cache(cache_dir: str | Path) -> Path:

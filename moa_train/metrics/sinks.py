@@ -1,5 +1,6 @@
 """One metrics dict, many sinks. `MetricsLogger.log` converts device tensors to floats in one transfer and hands the
 same flat dict to every sink: metrics.jsonl (always), TensorBoard and W&B (when configured)."""
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,9 @@ def _parse(line: str, number: int, path: Path) -> dict | None:
     try:
         return json.loads(line)
     except ValueError:
-        log.warning("%s, line %d: not a complete JSON record (an interrupted write); dropped", path, number)
+        log.warning(
+            "%s, line %d: not a complete JSON record (an interrupted write); dropped", path, number
+        )
         return None
 
 
@@ -59,8 +62,13 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    kept = [line for number, line in enumerate(lines, 1)
-            if line.strip() and (row := _parse(line, number, path)) is not None and _keep(row, last_step)]
+    kept = [
+        line
+        for number, line in enumerate(lines, 1)
+        if line.strip()
+        and (row := _parse(line, number, path)) is not None
+        and _keep(row, last_step)
+    ]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
@@ -95,9 +103,13 @@ def wandb_names(cfg, overrides: list) -> dict:
     """Dashboard names from the experiment and the job's overrides, unless set in logger.wandb."""
     w = cfg.logger.wandb
     suffix = ",".join(o for o in overrides if not o.startswith(("hydra", "logger")))
-    return {"project": w.project, "entity": w.entity, "group": w.group or cfg.experiment_name,
-            "name": w.name or (f"{cfg.experiment_name}[{suffix}]" if suffix else cfg.experiment_name),
-            "tags": sorted({cfg.model.name, cfg.data.name, *w.tags})}
+    return {
+        "project": w.project,
+        "entity": w.entity,
+        "group": w.group or cfg.experiment_name,
+        "name": w.name or (f"{cfg.experiment_name}[{suffix}]" if suffix else cfg.experiment_name),
+        "tags": sorted({cfg.model.name, cfg.data.name, *w.tags}),
+    }
 
 
 class WandbSink:
@@ -107,8 +119,14 @@ class WandbSink:
         import wandb
 
         self.wandb = wandb
-        self.run = wandb.init(**wandb_names(cfg, overrides), mode=wandb_mode(cfg.logger.wandb.mode),
-                              dir=str(run_dir), config=config, id=run_id, resume="allow")
+        self.run = wandb.init(
+            **wandb_names(cfg, overrides),
+            mode=wandb_mode(cfg.logger.wandb.mode),
+            dir=str(run_dir),
+            config=config,
+            id=run_id,
+            resume="allow",
+        )
         self.run_id = self.run.id
         self.util: dict = {}  # site -> choice -> [(step, share)], for the per-layer utilisation charts
 
@@ -126,8 +144,13 @@ class WandbSink:
         """One line chart per routed site: each choice's share over training."""
         for site, choices in self.util.items():
             steps = [s for s, _ in next(iter(choices.values()))]
-            chart = self.wandb.plot.line_series(xs=steps, ys=[[v for _, v in pts] for pts in choices.values()],
-                                                keys=list(choices), title=f"utilisation {site}", xname="step")
+            chart = self.wandb.plot.line_series(
+                xs=steps,
+                ys=[[v for _, v in pts] for pts in choices.values()],
+                keys=list(choices),
+                title=f"utilisation {site}",
+                xname="step",
+            )
             self.run.log({f"charts/utilisation/{site}": chart})
         self.run.finish()
         # finish() returns before wandb's service has closed the run's file (it finishes the file later, or at
@@ -141,7 +164,10 @@ class MetricsLogger:
 
     def __init__(self, sinks: list):
         self.sinks = sinks
-        self.last_util: tuple = (0, {})  # (step, routing/util/* values) of the last log that had them
+        self.last_util: tuple = (
+            0,
+            {},
+        )  # (step, routing/util/* values) of the last log that had them
 
     def log(self, step: int, metrics: dict) -> dict:
         values = to_floats(metrics)
@@ -186,8 +212,13 @@ def job_overrides(run_dir: Path) -> list:
     return [str(o) for o in OmegaConf.load(path)]
 
 
-def build_logger(cfg, run_dir: Path, resolved_config: dict, wandb_id: str | None = None,
-                 resumed_step: int | None = None) -> MetricsLogger:
+def build_logger(
+    cfg,
+    run_dir: Path,
+    resolved_config: dict,
+    wandb_id: str | None = None,
+    resumed_step: int | None = None,
+) -> MetricsLogger:
     """The sinks of `cfg.logger` besides metrics.jsonl; a run resumed from `resumed_step` continues the W&B run
     `wandb_id` and hides TensorBoard's points after that step."""
     sinks = [JsonlSink(run_dir / "metrics.jsonl")]

@@ -18,6 +18,7 @@ A variant whose tokens store different numbers of K/V heads (moas_kv) returns a 
 instead of a tuple: its layer of the cache is then a `HeadPool` (per row a pool of head slots with per-token offsets),
 passed to its `forward_cached` as `cache_k`, with `cache_v` None. Every other variant is unchanged.
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,10 +40,12 @@ DECODING_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
 
 def without_cudnn_attention(fn):
     """`fn` runs with SDPA limited to DECODING_SDPA (a decoding loop: see the comment there)."""
+
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         with sdpa_kernel(DECODING_SDPA):
             return fn(*args, **kwargs)
+
     return wrapped
 
 
@@ -57,12 +60,15 @@ class KVCache:
     """Per layer K and V (B, n_heads_cached, max_len, head_dim) in one dtype (a pooled layer: its HeadPool in `k`,
     None in `v`); `lengths` (B,) int64: tokens held per row (slots at and past a row's length may hold garbage, never
     attended: each is overwritten before it is read)."""
+
     k: list
     v: list
     lengths: Tensor
 
     @classmethod
-    def allocate(cls, layouts: list, batch_size: int, max_len: int, device, dtype: torch.dtype) -> "KVCache":
+    def allocate(
+        cls, layouts: list, batch_size: int, max_len: int, device, dtype: torch.dtype
+    ) -> "KVCache":
         """`layouts`: one (n_heads_cached, head_dim) or PoolLayout per layer."""
         k, v = [], []
         for layout in layouts:
@@ -71,7 +77,9 @@ class KVCache:
                 v.append(None)
             else:
                 heads, head_dim = layout
-                k.append(torch.zeros(batch_size, heads, max_len, head_dim, device=device, dtype=dtype))
+                k.append(
+                    torch.zeros(batch_size, heads, max_len, head_dim, device=device, dtype=dtype)
+                )
                 v.append(torch.zeros_like(k[-1]))
         return cls(k, v, torch.zeros(batch_size, dtype=torch.int64, device=device))
 
@@ -86,8 +94,11 @@ class KVCache:
 
     def nbytes(self) -> int:
         """Bytes allocated for K and V (a pool: its head slots, the bookkeeping tables left out)."""
-        return sum(t.nbytes() if isinstance(t, HeadPool) else t.numel() * t.element_size()
-                   for t in (*self.k, *self.v) if t is not None)
+        return sum(
+            t.nbytes() if isinstance(t, HeadPool) else t.numel() * t.element_size()
+            for t in (*self.k, *self.v)
+            if t is not None
+        )
 
     def realised_bytes_per_token(self) -> float:
         """K/V bytes the rows' real tokens (`lengths`) really hold, over all layers, per token: a pooled layer's used
@@ -105,7 +116,9 @@ class KVCache:
         """Keep (reorder, repeat) the rows `rows` of every layer and of `lengths`: beam search reordering its
         hypotheses, finished ones leaving the batch."""
         self.k = [t.index_select(0, rows) for t in self.k]
-        self.v = [None if t is None else t.index_select(0, rows) for t in self.v]  # None: a pooled layer's
+        self.v = [
+            None if t is None else t.index_select(0, rows) for t in self.v
+        ]  # None: a pooled layer's
         self.lengths = self.lengths.index_select(0, rows)
 
     def fallbacks(self) -> int:
@@ -118,12 +131,19 @@ def kv_bytes_per_token(model, dtype: torch.dtype, routings: Optional[list] = Non
     """Analytic cache bytes one token takes over all layers of `model` (a LanguageModel): 2 (K and V) x heads cached
     x head_dim x the dtype's bytes, summed over layers. A variant storing a varying number of heads (moas_kv) counts
     its budget, or with `routings` (the records of an eval forward, one per layer) the mean its hard routing stored."""
+
     def elems(attn, routing) -> float:
         if routings is None or not hasattr(attn, "realised_heads"):
             return attn.kv_cache_elems_per_token()
         return attn.kv_cache_elems_per_token(float(attn.realised_heads(routing)))
-    return sum(elems(block.attn, r) for block, r in zip(model.blocks, routings or [None] * len(model.blocks))) \
+
+    return (
+        sum(
+            elems(block.attn, r)
+            for block, r in zip(model.blocks, routings or [None] * len(model.blocks))
+        )
         * dtype.itemsize
+    )
 
 
 def write_kv(cache: Tensor, new: Tensor, positions: Tensor) -> None:
@@ -137,23 +157,33 @@ def write_kv(cache: Tensor, new: Tensor, positions: Tensor) -> None:
     the view out and back (48 copy kernels, 1.6 ms of a 2.0 ms GPT-2-size mha step at batch 64 on an H200, 31,563
     tokens/s against 71,204: docs/results/runs/inference/span_views_2026-12-02.json)."""
     rows = torch.arange(cache.shape[0], device=cache.device)[:, None].expand_as(positions)
-    cache[rows, :, positions] = new.transpose(1, 2).to(cache.dtype)  # indexed (B, T, H, D): advanced dims first
+    cache[rows, :, positions] = new.transpose(1, 2).to(
+        cache.dtype
+    )  # indexed (B, T, H, D): advanced dims first
 
 
-def cached_sdpa(q: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor, span: Optional[int] = None) -> Tensor:
+def cached_sdpa(
+    q: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor, span: Optional[int] = None
+) -> Tensor:
     """q (B, Hq, T, D) of tokens at positions (B, T) against the cache (B, Hkv, L, D), Hkv dividing Hq (query head h
     reads K/V head h // (Hq / Hkv)): each query sees the cached positions <= its own. span: only the first `span`
     positions are read (every position < span; see LanguageModel.decode_step)."""
-    if span is not None:  # a view for READING only: writes go to the whole cache (write_kv says why)
+    if (
+        span is not None
+    ):  # a view for READING only: writes go to the whole cache (write_kv says why)
         cache_k, cache_v = cache_k[:, :, :span], cache_v[:, :, :span]
-    keep = torch.arange(cache_k.shape[2], device=q.device) <= positions[:, None, :, None]  # (B, 1, T, L)
+    keep = (
+        torch.arange(cache_k.shape[2], device=q.device) <= positions[:, None, :, None]
+    )  # (B, 1, T, L)
     # enable_gqa=True whatever the head counts (it allows equal ones): a test of the shapes is a SymBool under
     # dynamic shapes (a recompiled decode step), which SDPA refuses; with a mask no flash kernel runs either way
-    return F.scaled_dot_product_attention(q, cache_k.to(q.dtype), cache_v.to(q.dtype), attn_mask=keep,
-                                          enable_gqa=True)
+    return F.scaled_dot_product_attention(
+        q, cache_k.to(q.dtype), cache_v.to(q.dtype), attn_mask=keep, enable_gqa=True
+    )
 
 
 # --- head pools: tokens storing different numbers of K/V heads ---------------------------------------------------
+
 
 @dataclass(frozen=True)
 class PoolLayout:
@@ -161,6 +191,7 @@ class PoolLayout:
     `first[c]`..`first[c] + heads[c] - 1` of the layer's candidates); query head h then reads the token's stored head
     `read_index[c][h]`. The pool holds ceil(slots_per_token x max_len) slots per row, at least max_len (one per
     position: the fallback scheme, which stores one head, always fits)."""
+
     head_dim: int
     heads: tuple  # (C,) K/V heads a token stores under each scheme; the last is the fallback and stores 1
     first: tuple  # (C,) each scheme's first head among the candidates the module hands to `HeadPool.store`
@@ -168,16 +199,31 @@ class PoolLayout:
     slots_per_token: float
 
     def slots(self, max_len: int) -> int:
-        return max(max_len, min(max(self.heads) * max_len, math.ceil(self.slots_per_token * max_len)))
+        return max(
+            max_len, min(max(self.heads) * max_len, math.ceil(self.slots_per_token * max_len))
+        )
 
     def allocate(self, batch_size: int, max_len: int, device, dtype: torch.dtype) -> "HeadPool":
         def table(value: int) -> Tensor:
             return torch.full((batch_size, max_len), value, dtype=torch.int64, device=device)
-        slots = self.slots(max_len) + 1  # the last slot takes the writes of the heads a scheme does not store
-        kv = [torch.zeros(batch_size, slots, self.head_dim, device=device, dtype=dtype) for _ in range(2)]
-        return HeadPool(*kv, table(0), table(0), torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
-                        torch.tensor(self.heads, device=device), torch.tensor(self.first, device=device),
-                        torch.tensor(self.read_index, device=device), max(self.heads))
+
+        slots = (
+            self.slots(max_len) + 1
+        )  # the last slot takes the writes of the heads a scheme does not store
+        kv = [
+            torch.zeros(batch_size, slots, self.head_dim, device=device, dtype=dtype)
+            for _ in range(2)
+        ]
+        return HeadPool(
+            *kv,
+            table(0),
+            table(0),
+            torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
+            torch.tensor(self.heads, device=device),
+            torch.tensor(self.first, device=device),
+            torch.tensor(self.read_index, device=device),
+            max(self.heads),
+        )
 
 
 @dataclass
@@ -189,6 +235,7 @@ class HeadPool:
     chosen scheme only if, after its heads, at least one slot per later position of the row (up to max_len) is left;
     otherwise it stores the fallback scheme (one head), which always fits. `fallbacks` counts such tokens;
     moa-generate reports them once per generation. A pool of max(heads) x max_len slots never falls back."""
+
     k: Tensor
     v: Tensor
     scheme: Tensor  # (B, max_len) int64
@@ -206,8 +253,16 @@ class HeadPool:
     def index_select(self, dim: int, rows: Tensor) -> "HeadPool":
         """The pool of rows `rows` (dim 0: beam search reorders and drops hypotheses, as with a cache tensor)."""
         assert dim == 0, "a head pool selects rows only"
-        return HeadPool(*(t.index_select(0, rows) for t in (self.k, self.v, self.scheme, self.offset, self.fell_back)),
-                        self.heads, self.first, self.read_index, self.width)
+        return HeadPool(
+            *(
+                t.index_select(0, rows)
+                for t in (self.k, self.v, self.scheme, self.offset, self.fell_back)
+            ),
+            self.heads,
+            self.first,
+            self.read_index,
+            self.width,
+        )
 
     @property
     def slots(self) -> int:
@@ -247,9 +302,13 @@ class HeadPool:
             scheme, offset, ok = (torch.stack(c, 1) for c in zip(*columns))
         else:
             scheme = torch.where(ok, choice, fallback)
-        rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(
+            positions
+        )
         for table, value in ((self.scheme, scheme), (self.offset, offset), (self.fell_back, ~ok)):
-            table[rows, positions] = value  # index_put, as in write_kv: compiled, it writes these entries alone
+            table[rows, positions] = (
+                value  # index_put, as in write_kv: compiled, it writes these entries alone
+            )
         return scheme
 
     def store(self, k: Tensor, v: Tensor, choice: Tensor, positions: Tensor) -> None:
@@ -259,11 +318,15 @@ class HeadPool:
         j = torch.arange(self.width, device=k.device)  # (J,): the j-th head a token stores
         n = self.heads[scheme][..., None]  # (B, T, 1)
         source = (self.first[scheme][..., None] + j).clamp_max(k.shape[2] - 1)  # (B, T, J)
-        slot = torch.where(j < n, self.offset.gather(1, positions)[..., None] + j, self.slots)  # unused: last slot
+        slot = torch.where(
+            j < n, self.offset.gather(1, positions)[..., None] + j, self.slots
+        )  # unused: last slot
         b, t, width = source.shape
         rows = torch.arange(b, device=k.device)[:, None].expand(b, t * width)
         for pool, new in ((self.k, k), (self.v, v)):
-            heads = new.gather(2, source[..., None].expand(-1, -1, -1, new.shape[3]))  # (B, T, J, D)
+            heads = new.gather(
+                2, source[..., None].expand(-1, -1, -1, new.shape[3])
+            )  # (B, T, J, D)
             pool[rows, slot.view(b, t * width)] = heads.reshape(b, t * width, -1).to(pool.dtype)
 
     def attend(self, q: Tensor, positions: Tensor) -> Tensor:
@@ -276,14 +339,26 @@ class HeadPool:
         slots (a scatter of scalars) for one matmul with the pool's V. A gathered view writes and reads n_head heads
         per position, MHA's cache traffic, whatever the tokens stored."""
         b, h, t, d = q.shape
-        slot = (self.offset[:, None, :] + self.read_index[self.scheme].transpose(1, 2)).clamp_max(self.slots)
-        slot = slot[:, :, None, :].expand(b, h, t, self.max_len)  # (B, H, T, L): the slot head h reads at each position
+        slot = (self.offset[:, None, :] + self.read_index[self.scheme].transpose(1, 2)).clamp_max(
+            self.slots
+        )
+        slot = slot[:, :, None, :].expand(
+            b, h, t, self.max_len
+        )  # (B, H, T, L): the slot head h reads at each position
         # (B, H x T, D) @ (B, D, slots + 1): a bmm over rows (broadcasting the pool over heads would copy it per head)
-        scores = torch.bmm(q.reshape(b, h * t, d), self.k.to(q.dtype).transpose(1, 2)).float().view(b, h, t, -1)
-        keep = torch.arange(self.max_len, device=q.device) <= positions[:, None, :, None]  # (B, 1, T, L)
-        p = (scores.gather(-1, slot) * d ** -0.5).masked_fill(~keep, float("-inf")).softmax(-1)
+        scores = (
+            torch.bmm(q.reshape(b, h * t, d), self.k.to(q.dtype).transpose(1, 2))
+            .float()
+            .view(b, h, t, -1)
+        )
+        keep = (
+            torch.arange(self.max_len, device=q.device) <= positions[:, None, :, None]
+        )  # (B, 1, T, L)
+        p = (scores.gather(-1, slot) * d**-0.5).masked_fill(~keep, float("-inf")).softmax(-1)
         weights = torch.zeros_like(scores).scatter_add_(-1, slot, p)  # masked positions add 0
-        return torch.bmm(weights.to(q.dtype).view(b, h * t, -1), self.v.to(q.dtype)).view(b, h, t, d)
+        return torch.bmm(weights.to(q.dtype).view(b, h * t, -1), self.v.to(q.dtype)).view(
+            b, h, t, d
+        )
 
     def used_slots(self, lengths: Tensor) -> Tensor:
         """(B,) slots held by each row's first `lengths` tokens."""

@@ -7,6 +7,7 @@ Cached inference (models/kv_cache.py): `init_cache`, then `prefill` with the (ri
 `decode_step` per generated token. Call them in eval mode (the cached path applies no dropout of its own) under
 torch.no_grad().
 """
+
 from __future__ import annotations
 
 import inspect
@@ -23,10 +24,18 @@ from moa_train.models.roles import EMBEDDING, NO_DECAY, RESIDUAL, params_with
 
 class MLP(nn.Module):
     """Linear -> activation (GELU or ReLU) -> activation dropout -> Linear -> dropout."""
+
     PARAM_ROLES = {"c_proj.weight": RESIDUAL, "c_fc.bias": NO_DECAY, "c_proj.bias": NO_DECAY}
 
-    def __init__(self, d_model: int, hidden: int, dropout: float, bias: bool, activation: str = "gelu",
-                 activation_dropout: float = 0.0):
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        dropout: float,
+        bias: bool,
+        activation: str = "gelu",
+        activation_dropout: float = 0.0,
+    ):
         super().__init__()
         self.c_fc = nn.Linear(d_model, hidden, bias=bias)
         self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
@@ -36,7 +45,14 @@ class MLP(nn.Module):
 
     @classmethod
     def from_config(cls, m) -> "MLP":
-        return cls(m.d_model, int(m.mlp_ratio * m.d_model), m.dropout, m.bias, m.activation, m.activation_dropout)
+        return cls(
+            m.d_model,
+            int(m.mlp_ratio * m.d_model),
+            m.dropout,
+            m.bias,
+            m.activation,
+            m.activation_dropout,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.c_proj(self.act_dropout(self.act(self.c_fc(x)))))
@@ -65,7 +81,9 @@ class Block(nn.Module):
         x = x + a
         return x + self.mlp(self.ln_2(x)), routing
 
-    def forward_cached(self, x: Tensor, cache_k, cache_v, positions: Tensor, span: int | None = None) -> Tensor:
+    def forward_cached(
+        self, x: Tensor, cache_k, cache_v, positions: Tensor, span: int | None = None
+    ) -> Tensor:
         # a plugin's forward_cached written before `span` existed reads the whole cache (the same result)
         extra = {"span": span} if span is not None and self.attn_takes_span else {}
         x = x + self.attn.forward_cached(self.ln_1(x), cache_k, cache_v, positions, **extra)
@@ -123,7 +141,9 @@ class LanguageModel(nn.Module):
         """An empty cache for `batch_size` rows of up to `max_len` tokens (prompt and generated); device and dtype
         default to the model's parameters'."""
         if max_len > self.config.max_seq_len:
-            raise ValueError(f"max_len={max_len} is longer than model.max_seq_len={self.config.max_seq_len}")
+            raise ValueError(
+                f"max_len={max_len} is longer than model.max_seq_len={self.config.max_seq_len}"
+            )
         w = self.wte.weight
         layouts = [block.attn.kv_layout() for block in self.blocks]
         return KVCache.allocate(layouts, batch_size, max_len, device or w.device, dtype or w.dtype)
@@ -134,7 +154,9 @@ class LanguageModel(nn.Module):
         positions write K/V past a row's length that are never attended and overwritten by the next token."""
         b, t = idx.shape
         if t > cache.max_len:
-            raise ValueError(f"prompt of {t} tokens is longer than the cache's max_len={cache.max_len}")
+            raise ValueError(
+                f"prompt of {t} tokens is longer than the cache's max_len={cache.max_len}"
+            )
         lengths = lengths.to(device=idx.device, dtype=torch.int64)
         if bool(((lengths < 1) | (lengths > t)).any()):
             raise ValueError(f"prefill lengths must lie in 1..{t} (the prompt width)")
@@ -157,7 +179,9 @@ class LanguageModel(nn.Module):
         cache.lengths.add_(1)
         return self.lm_head(h[:, 0])
 
-    def forward_cached(self, idx: Tensor, positions: Tensor, cache: KVCache, span: int | None = None) -> Tensor:
+    def forward_cached(
+        self, idx: Tensor, positions: Tensor, cache: KVCache, span: int | None = None
+    ) -> Tensor:
         """Final hidden states (B, T, d) of tokens idx (B, T) at per-row positions (B, T), through the cache; `span`
         as in decode_step (None: the whole cache)."""
         if span is not None and not 1 <= span <= cache.max_len:

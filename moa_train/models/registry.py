@@ -5,6 +5,7 @@ class, a ModelConfig subclass), one YAML in configs/model/ and one `register` li
 module named in MOA_PLUGINS (moa_train.plugins loads them: `moa-train` and `load_run` do), which calls `register`
 with its YAML's path.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,4 +49,3 @@ def build_attention(m, causal: bool = True, cross: bool = False):
     """The attention module of model config `m` (its decoder cross-attention with `cross`)."""
     m = cross_config(m) if cross else m
     return ATTENTION[m.name].from_config(m, causal=causal)
-

@@ -4,13 +4,20 @@ A module lists its roles in `PARAM_ROLES`: {attribute path (a submodule, whose p
 parameter): role}. `param_roles(model)` collects them for the optimizer's groups, the scaled init and the fast-path
 checks.
 """
+
 from __future__ import annotations
 
 import torch.nn as nn
 
-ROUTER = "router"  # a router's parameters: their own lr multiplier and weight decay (optim.router_*)
-RESIDUAL = "residual"  # a projection into the residual stream: GPT-2 init std 0.02 / sqrt(2 n_layer)
-NO_DECAY = "no_decay"  # norms and biases: no weight decay (nanoGPT's rule; a module declares its own)
+ROUTER = (
+    "router"  # a router's parameters: their own lr multiplier and weight decay (optim.router_*)
+)
+RESIDUAL = (
+    "residual"  # a projection into the residual stream: GPT-2 init std 0.02 / sqrt(2 n_layer)
+)
+NO_DECAY = (
+    "no_decay"  # norms and biases: no weight decay (nanoGPT's rule; a module declares its own)
+)
 EMBEDDING = "embedding"  # token and position embeddings
 
 

@@ -3,6 +3,7 @@
 An attention module returns a `Routing` (or None when it is dense). Everything here works on device tensors and
 never calls `.item()`, so the model stays free of graph breaks; the trainer converts to floats only when it logs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,39 +20,65 @@ from moa_train.collectives import global_sum, world_size
 class Routing:
     probs: Tensor  # (N, C) the router's distribution over C choices, before any gate dropout
     choice_names: tuple  # C names: ("mha", "gqa", "mqa") or ("0", ..., "E-1")
-    chosen: Optional[Tensor] = None  # (N, k) selected choices for top-k routers; None for soft mixing
+    chosen: Optional[Tensor] = (
+        None  # (N, k) selected choices for top-k routers; None for soft mixing
+    )
     logits: Optional[Tensor] = None  # (N, C) router logits (for the z-loss)
-    mask: Optional[Tensor] = None  # (N,) True for real tokens: padding is left out of aux losses and statistics
-    cost: Optional[Tensor] = None  # (C,) K/V heads a token stores under each choice (moas_kv): aux kv_heads
-    budget: Optional[float] = None  # target of the mean cost over tokens and costed sites (moas_kv): aux kv_budget
+    mask: Optional[Tensor] = (
+        None  # (N,) True for real tokens: padding is left out of aux losses and statistics
+    )
+    cost: Optional[Tensor] = (
+        None  # (C,) K/V heads a token stores under each choice (moas_kv): aux kv_heads
+    )
+    budget: Optional[float] = (
+        None  # target of the mean cost over tokens and costed sites (moas_kv): aux kv_budget
+    )
 
 
 def detached(routings: list) -> list:
     """The records without autograd history: kept for metrics, they must not keep a step's graph alive."""
-    return [None if r is None else Routing(r.probs.detach(), r.choice_names, r.chosen,
-                                           None if r.logits is None else r.logits.detach(), r.mask, r.cost, r.budget)
-            for r in routings]
+    return [
+        None
+        if r is None
+        else Routing(
+            r.probs.detach(),
+            r.choice_names,
+            r.chosen,
+            None if r.logits is None else r.logits.detach(),
+            r.mask,
+            r.cost,
+            r.budget,
+        )
+        for r in routings
+    ]
 
 
 # Every function below takes tokens on dim -2 of (..., N, C) tensors (dim -1 of (..., N)), so the aux terms of all
 # layers are computed in one batched call on stacked records: a few kernels per step instead of a few per layer.
 
+
 def _token_mean(x: Tensor, mask: Optional[Tensor], dim: int) -> Tensor:
     """Mean over the token dimension, counting only tokens where mask (N,) is True. Under data parallelism it is the
     mean over every rank's tokens (the global batch): sums and counts are all-reduced, differentiably, so the aux
     losses, their gradients and the routing statistics are those of the global batch."""
-    if mask is None:  # every rank holds the same number of tokens (the global batch is split evenly): no count to sum
+    if (
+        mask is None
+    ):  # every rank holds the same number of tokens (the global batch is split evenly): no count to sum
         return global_sum(x.sum(dim)) / (x.shape[dim] * world_size())
     w = mask.to(x.dtype)
     w = w.unsqueeze(-1) if dim == -2 else w
     return global_sum((x * w).sum(dim)) / global_sum(w.sum(dim)).clamp_min(1.0)
 
 
-def dispatch_fraction(probs: Tensor, chosen: Optional[Tensor], mask: Optional[Tensor] = None) -> Tensor:
+def dispatch_fraction(
+    probs: Tensor, chosen: Optional[Tensor], mask: Optional[Tensor] = None
+) -> Tensor:
     """Share of selections per choice: counts / (tokens x k); a soft router 'selects' its argmax."""
     if chosen is None:
         chosen = probs.argmax(-1, keepdim=True)
-    one_hot = F.one_hot(chosen, probs.shape[-1]).to(probs.dtype).sum(-2) / chosen.shape[-1]  # (..., N, C)
+    one_hot = (
+        F.one_hot(chosen, probs.shape[-1]).to(probs.dtype).sum(-2) / chosen.shape[-1]
+    )  # (..., N, C)
     return _token_mean(one_hot, mask, -2)
 
 
@@ -61,7 +88,9 @@ def balance_mse(probs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     return ((mean - 1.0 / probs.shape[-1]) ** 2).mean(-1)
 
 
-def balance_switch(probs: Tensor, chosen: Optional[Tensor], mask: Optional[Tensor] = None) -> Tensor:
+def balance_switch(
+    probs: Tensor, chosen: Optional[Tensor], mask: Optional[Tensor] = None
+) -> Tensor:
     """Switch-Transformer balance: C * sum_i f_i * P_i; 1 when uniform, C when collapsed."""
     frac = dispatch_fraction(probs, chosen, mask).detach()
     return probs.shape[-1] * (frac * _token_mean(probs, mask, -2)).sum(-1)
@@ -91,8 +120,15 @@ def kv_heads(records: list) -> Tensor:
     gates (the hard choice's value, the probabilities' gradient) times the heads each choice stores."""
     per_site = []
     for r in records:
-        gates = r.probs if r.chosen is None else (
-            torch.zeros_like(r.probs).scatter(-1, r.chosen, 1.0 / r.chosen.shape[-1]) + r.probs - r.probs.detach())
+        gates = (
+            r.probs
+            if r.chosen is None
+            else (
+                torch.zeros_like(r.probs).scatter(-1, r.chosen, 1.0 / r.chosen.shape[-1])
+                + r.probs
+                - r.probs.detach()
+            )
+        )
         per_site.append(_token_mean(gates @ r.cost.to(gates.dtype), r.mask, -1))
     return torch.stack(per_site).mean()
 
@@ -114,26 +150,42 @@ def aux_losses(routings: list, aux_cfg, all_terms: bool = True) -> dict:
     groups: list = []  # records of equal shape and kind sharing one mask object (`is`: no id(), which dynamo refuses)
     for r in records:
         for g in groups:
-            same_kind = g[0].probs.shape == r.probs.shape and (g[0].chosen is None) == (r.chosen is None)
+            same_kind = g[0].probs.shape == r.probs.shape and (g[0].chosen is None) == (
+                r.chosen is None
+            )
             if same_kind and g[0].mask is r.mask:
                 g.append(r)
                 break
         else:
             groups.append([r])
-    wanted = {"balance": True, "z": all_terms or bool(aux_cfg.z_coef), "cv": all_terms or bool(aux_cfg.cv_coef)}
+    wanted = {
+        "balance": True,
+        "z": all_terms or bool(aux_cfg.z_coef),
+        "cv": all_terms or bool(aux_cfg.cv_coef),
+    }
     per_layer: dict = {name: [] for name, on in wanted.items() if on}
     for group in groups:
-        probs, chosen, logits = _stack(group, "probs"), _stack(group, "chosen"), _stack(group, "logits")
+        probs, chosen, logits = (
+            _stack(group, "probs"),
+            _stack(group, "chosen"),
+            _stack(group, "logits"),
+        )
         mask = group[0].mask  # shared by the group
         if aux_cfg.balance_type == "mse":
             per_layer["balance"].append(balance_mse(probs, mask))
         else:
             per_layer["balance"].append(balance_switch(probs, chosen, mask))
-        if "z" in per_layer and logits is not None:  # z_tokens=all: padding too (the MoA code does not mask it)
-            z_mask = torch.ones_like(mask) if aux_cfg.z_tokens == "all" and mask is not None else mask
+        if (
+            "z" in per_layer and logits is not None
+        ):  # z_tokens=all: padding too (the MoA code does not mask it)
+            z_mask = (
+                torch.ones_like(mask) if aux_cfg.z_tokens == "all" and mask is not None else mask
+            )
             per_layer["z"].append(z_loss(logits, z_mask))
         if "cv" in per_layer:
-            per_layer["cv"].append(cv_squared(gate_matrix(probs, chosen) if aux_cfg.cv_of == "gates" else probs, mask))
+            per_layer["cv"].append(
+                cv_squared(gate_matrix(probs, chosen) if aux_cfg.cv_of == "gates" else probs, mask)
+            )
     out = {}
     for name, values in per_layer.items():
         if values:

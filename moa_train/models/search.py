@@ -16,6 +16,7 @@ score sum_logprob / len ** lenpen (len counts the EOS), the best `beam` non-EOS 
 is done once it holds `beam` finished hypotheses. Like fairseq (and unlike an optimistic bound on the live beams)
 this keeps beam=1 identical to greedy search.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,7 +42,10 @@ class Recompute:
         return self.model.decode(tokens, self.memory, self.src_mask, last_only=True)[:, -1]
 
     def select(self, rows: Tensor) -> None:
-        self.memory, self.src_mask = self.memory.index_select(0, rows), self.src_mask.index_select(0, rows)
+        self.memory, self.src_mask = (
+            self.memory.index_select(0, rows),
+            self.src_mask.index_select(0, rows),
+        )
 
 
 class Cached:
@@ -80,8 +84,16 @@ def strip(ids: list, stop: tuple) -> list:
 
 @torch.no_grad()
 @without_cudnn_attention
-def greedy_search(model, src: Tensor, src_mask: Tensor, bos_id: int, eos_id: int, pad_id: int,
-                  max_len: int, use_cache: bool = True) -> list[list[int]]:
+def greedy_search(
+    model,
+    src: Tensor,
+    src_mask: Tensor,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    max_len: int,
+    use_cache: bool = True,
+) -> list[list[int]]:
     """The most likely next token at each step, at most `max_len` tokens; ids without BOS and EOS. A sentence
     leaves the batch at its EOS."""
     step = stepper(model, model.encode(src, src_mask), src_mask, max_len, use_cache)
@@ -107,8 +119,16 @@ def greedy_search(model, src: Tensor, src_mask: Tensor, bos_id: int, eos_id: int
     return out
 
 
-def finish_eos(finished: list, tokens: Tensor, cand_scores: Tensor, cand_beams: Tensor, cand_tokens: Tensor,
-               eos_id: int, beam: int, lenpen: float) -> None:
+def finish_eos(
+    finished: list,
+    tokens: Tensor,
+    cand_scores: Tensor,
+    cand_beams: Tensor,
+    cand_tokens: Tensor,
+    eos_id: int,
+    beam: int,
+    lenpen: float,
+) -> None:
     """Move each EOS among a sentence's best `beam` candidates into `finished[b]` (a list of (score, ids)), until
     it holds `beam`. -inf candidates (only there while fewer live continuations exist than asked for) are skipped."""
     top = slice(0, beam)
@@ -117,7 +137,7 @@ def finish_eos(finished: list, tokens: Tensor, cand_scores: Tensor, cand_beams: 
     for b, j in hits.nonzero().tolist():
         if len(finished[b]) < beam:
             ids = tokens[b * beam + cand_beams[b, j], 1:].tolist()
-            finished[b].append((cand_scores[b, j].item() / length ** lenpen, ids))
+            finished[b].append((cand_scores[b, j].item() / length**lenpen, ids))
 
 
 def finish_live(finished: list, tokens: Tensor, scores: Tensor, beam: int, lenpen: float) -> None:
@@ -125,14 +145,27 @@ def finish_live(finished: list, tokens: Tensor, scores: Tensor, beam: int, lenpe
     length = tokens.shape[1]  # max_len tokens + the virtual EOS
     for b, f in enumerate(finished):
         if len(f) < beam:
-            f.extend((s / length ** lenpen, tokens[b * beam + j, 1:].tolist())
-                     for j, s in enumerate(scores[b].tolist()) if s != float("-inf"))
+            f.extend(
+                (s / length**lenpen, tokens[b * beam + j, 1:].tolist())
+                for j, s in enumerate(scores[b].tolist())
+                if s != float("-inf")
+            )
 
 
 @torch.no_grad()
 @without_cudnn_attention
-def beam_search(model, src: Tensor, src_mask: Tensor, bos_id: int, eos_id: int, pad_id: int, max_len: int,
-                beam: int = 4, lenpen: float = 0.6, use_cache: bool = True) -> list[list[int]]:
+def beam_search(
+    model,
+    src: Tensor,
+    src_mask: Tensor,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    max_len: int,
+    beam: int = 4,
+    lenpen: float = 0.6,
+    use_cache: bool = True,
+) -> list[list[int]]:
     """Best hypothesis per sentence by sum_logprob / len ** lenpen (len counts the EOS), at most `max_len` tokens;
     ids without BOS and EOS. Beams still live at `max_len` are scored as if EOS came next (length max_len + 1,
     no EOS log-probability: the model is not asked). A sentence holding `beam` finished hypotheses leaves the

@@ -6,6 +6,7 @@ is `model.cross`'s variant, by default the model's own; a self-attention scheme 
 and output (joint vocabulary). `forward` returns logits and one routing record per attention site, named
 `enc.layer<i>.self`, `dec.layer<i>.self`, `dec.layer<i>.cross`, each carrying the mask of its real (non-pad) tokens.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,9 @@ def sinusoids(n_pos: int, dim: int) -> Tensor:
     return table
 
 
-FAIRSEQ_FIRST_POSITION = 2  # fairseq numbers positions from padding_idx + 1, and its padding_idx is 1
+FAIRSEQ_FIRST_POSITION = (
+    2  # fairseq numbers positions from padding_idx + 1, and its padding_idx is 1
+)
 
 
 def sinusoids_fairseq(n_pos: int, dim: int) -> Tensor:
@@ -39,8 +42,12 @@ def sinusoids_fairseq(n_pos: int, dim: int) -> Tensor:
     (not interleaved), frequencies exp(-log(10000) * i / (half - 1)) for i < half = dim // 2, and the first token at
     fairseq's position 2; an odd dim ends in a zero column, as there."""
     half = dim // 2
-    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / max(half - 1, 1)))
-    pos = torch.arange(FAIRSEQ_FIRST_POSITION, n_pos + FAIRSEQ_FIRST_POSITION, dtype=torch.float32)[:, None]
+    freq = torch.exp(
+        torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / max(half - 1, 1))
+    )
+    pos = torch.arange(FAIRSEQ_FIRST_POSITION, n_pos + FAIRSEQ_FIRST_POSITION, dtype=torch.float32)[
+        :, None
+    ]
     table = torch.cat([torch.sin(pos * freq), torch.cos(pos * freq)], dim=1)
     return torch.cat([table, torch.zeros(n_pos, dim % 2)], dim=1)
 
@@ -79,7 +86,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = build_attention(m, causal=True)
         self.cross_attn = build_attention(m, causal=False, cross=True)
         self.mlp = MLP.from_config(m)
-        self.sub_self, self.sub_cross, self.sub_mlp = (Sublayer(m.d_model, m.bias, m.norm_first) for _ in range(3))
+        self.sub_self, self.sub_cross, self.sub_mlp = (
+            Sublayer(m.d_model, m.bias, m.norm_first) for _ in range(3)
+        )
 
     def forward(self, x: Tensor, memory: Tensor, src_mask: Tensor) -> tuple:
         # target padding sits after the real tokens, so causal masking alone keeps real positions from seeing it
@@ -88,11 +97,20 @@ class DecoderLayer(nn.Module):
         x, _ = self.sub_mlp(x, self.mlp)
         return x, r_self, r_cross
 
-    def forward_cached(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor, cross_kv: tuple,
-                       src_mask: Tensor) -> Tensor:
+    def forward_cached(
+        self,
+        x: Tensor,
+        cache_k: Tensor,
+        cache_v: Tensor,
+        positions: Tensor,
+        cross_kv: tuple,
+        src_mask: Tensor,
+    ) -> Tensor:
         """Inference: x (B, T, d) at per-row positions through the self-attention KV cache, the cross-attention
         against K/V computed once per sentence."""
-        x, _ = self.sub_self(x, lambda h: self.self_attn.forward_cached(h, cache_k, cache_v, positions))
+        x, _ = self.sub_self(
+            x, lambda h: self.self_attn.forward_cached(h, cache_k, cache_v, positions)
+        )
         x, _ = self.sub_cross(x, lambda h: self.cross_attn.forward_cross(h, cross_kv, src_mask))
         x, _ = self.sub_mlp(x, self.mlp)
         return x
@@ -103,6 +121,7 @@ class DecoderState:
     """Incremental decoding of a batch of hypotheses: the decoder's self-attention KV cache, each decoder layer's
     cross-attention K/V of the source (computed once), and the source's key-padding mask. `select(rows)` keeps (and
     reorders, or repeats) rows: beam reordering, finished hypotheses leaving the batch."""
+
     cache: KVCache
     cross: list  # per decoder layer: (K, V) heads of the source, (B, heads, S, head_dim)
     src_mask: Tensor  # (B, S)
@@ -114,8 +133,13 @@ class DecoderState:
 
 
 class Seq2Seq(nn.Module):
-    PARAM_ROLES = {"embed": EMBEDDING, "tgt_embed": EMBEDDING, "pos": EMBEDDING, "enc_norm": NO_DECAY,
-                   "dec_norm": NO_DECAY}
+    PARAM_ROLES = {
+        "embed": EMBEDDING,
+        "tgt_embed": EMBEDDING,
+        "pos": EMBEDDING,
+        "enc_norm": NO_DECAY,
+        "dec_norm": NO_DECAY,
+    }
 
     def __init__(self, m, vocab_size: int, pad_id: int):
         super().__init__()
@@ -123,7 +147,9 @@ class Seq2Seq(nn.Module):
         self.config, self.vocab_size, self.pad_id = m, vocab_size, pad_id
         d, n_enc = m.d_model, m.n_encoder_layer or m.n_layer
         self.embed = nn.Embedding(vocab_size, d, padding_idx=pad_id)
-        self.tgt_embed = self.embed if m.share_embeddings else nn.Embedding(vocab_size, d, padding_idx=pad_id)
+        self.tgt_embed = (
+            self.embed if m.share_embeddings else nn.Embedding(vocab_size, d, padding_idx=pad_id)
+        )
         self.embed_scale = math.sqrt(d)
         if m.positions == "learned":
             self.pos = nn.Embedding(m.max_seq_len, d)
@@ -139,8 +165,9 @@ class Seq2Seq(nn.Module):
         self.out = nn.Linear(d, vocab_size, bias=False)
         self.out.weight = self.tgt_embed.weight
         self._init(m.init)
-        self.sites = ([f"enc.layer{i}.self" for i in range(n_enc)]
-                      + [f"dec.layer{i}.{kind}" for i in range(m.n_layer) for kind in ("self", "cross")])
+        self.sites = [f"enc.layer{i}.self" for i in range(n_enc)] + [
+            f"dec.layer{i}.{kind}" for i in range(m.n_layer) for kind in ("self", "cross")
+        ]
 
     def _init(self, kind: str) -> None:
         """`standard`: every linear layer Xavier-uniform with zero biases (it scales with the width: GPT-2's fixed
@@ -162,7 +189,7 @@ class Seq2Seq(nn.Module):
                 if hasattr(module, "init_fairseq"):
                     module.init_fairseq()
         for emb in {self.embed, self.tgt_embed}:
-            nn.init.normal_(emb.weight, std=emb.embedding_dim ** -0.5)
+            nn.init.normal_(emb.weight, std=emb.embedding_dim**-0.5)
             with torch.no_grad():
                 emb.weight[self.pad_id].zero_()
         if hasattr(self, "pos"):
@@ -174,7 +201,7 @@ class Seq2Seq(nn.Module):
     def _embed(self, emb: nn.Embedding, ids: Tensor, positions: Tensor | None = None) -> Tensor:
         """Scaled token embeddings plus positions: 0..T-1 (a slice of the table), or per row (`positions`, (B, T))."""
         table = self.pos.weight if hasattr(self, "pos") else self.pos_table
-        pos = table[:ids.shape[1]] if positions is None else table[positions]
+        pos = table[: ids.shape[1]] if positions is None else table[positions]
         return self.drop(emb(ids) * self.embed_scale + pos)
 
     def encode_with_routing(self, src: Tensor, src_mask: Tensor) -> tuple:
@@ -184,7 +211,9 @@ class Seq2Seq(nn.Module):
             routings.append(r)
         return self.enc_norm(x), routings
 
-    def decode_with_routing(self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor, last_only: bool = False) -> tuple:
+    def decode_with_routing(
+        self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor, last_only: bool = False
+    ) -> tuple:
         """(logits (B, T, V), routing records); last_only: the logits of the last position only, (B, 1, V), with the
         final norm and the output projection applied to that position alone (what search needs at each step)."""
         x, routings = self._embed(self.tgt_embed, tgt_in), []
@@ -198,8 +227,10 @@ class Seq2Seq(nn.Module):
     def cached_decoding_ok(self) -> bool:
         """Whether every decoder layer's attention implements the inference contract (self: `forward_cached`,
         cross: `cross_kv` / `forward_cross`); a plugin's variant without it is decoded by recomputing the prefix."""
-        return all(hasattr(layer.self_attn, "forward_cached") and hasattr(layer.cross_attn, "cross_kv")
-                   for layer in self.decoder)
+        return all(
+            hasattr(layer.self_attn, "forward_cached") and hasattr(layer.cross_attn, "cross_kv")
+            for layer in self.decoder
+        )
 
     def start_decoding(self, memory: Tensor, src_mask: Tensor, max_len: int) -> DecoderState:
         """A DecoderState for the sentences of `memory` (B, S, d): an empty cache of `max_len` target positions and
@@ -214,7 +245,9 @@ class Seq2Seq(nn.Module):
         which then advances by one."""
         positions = state.cache.lengths[:, None]
         x = self._embed(self.tgt_embed, tokens[:, None], positions)
-        for layer, cache_k, cache_v, kv in zip(self.decoder, state.cache.k, state.cache.v, state.cross):
+        for layer, cache_k, cache_v, kv in zip(
+            self.decoder, state.cache.k, state.cache.v, state.cross
+        ):
             x = layer.forward_cached(x, cache_k, cache_v, positions, kv, state.src_mask)
         state.cache.lengths.add_(1)
         return self.out(self.dec_norm(x))[:, 0]
@@ -222,7 +255,9 @@ class Seq2Seq(nn.Module):
     def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
         return self.encode_with_routing(src, src_mask)[0]
 
-    def decode(self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor, last_only: bool = False) -> Tensor:
+    def decode(
+        self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor, last_only: bool = False
+    ) -> Tensor:
         """Logits (B, T, V), or (B, 1, V) for the last position only with last_only."""
         return self.decode_with_routing(tgt_in, memory, src_mask, last_only)[0]
 
@@ -234,8 +269,10 @@ class Seq2Seq(nn.Module):
         # one flattened tensor per side, shared by its sites: aux_losses stacks the sites of one mask object
         # (a few batched kernels, and under torchrun a few all-reduces, instead of some per site)
         masks = [src_mask.flatten()] * len(enc_routings) + [tgt_mask.flatten()] * len(dec_routings)
-        routings = [None if r is None else dataclasses.replace(r, mask=m)
-                    for r, m in zip(enc_routings + dec_routings, masks)]
+        routings = [
+            None if r is None else dataclasses.replace(r, mask=m)
+            for r, m in zip(enc_routings + dec_routings, masks)
+        ]
         return logits, routings
 
     def num_params(self, non_embedding: bool = True) -> int:
@@ -245,9 +282,13 @@ class Seq2Seq(nn.Module):
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs for one source token plus one target token at length seq_len: encoder layer, decoder
         layer (self + cross), MLPs and the output projection, from the attention modules' own counters."""
-        mlp = sum(6 * (layer.mlp.c_fc.weight.numel() + layer.mlp.c_proj.weight.numel())
-                  for layer in [*self.encoder, *self.decoder])
+        mlp = sum(
+            6 * (layer.mlp.c_fc.weight.numel() + layer.mlp.c_proj.weight.numel())
+            for layer in [*self.encoder, *self.decoder]
+        )
         attn = sum(layer.self_attn.flops_per_token(seq_len) for layer in self.encoder)
-        attn += sum(layer.self_attn.flops_per_token(seq_len) + layer.cross_attn.flops_per_token(seq_len)
-                    for layer in self.decoder)
+        attn += sum(
+            layer.self_attn.flops_per_token(seq_len) + layer.cross_attn.flops_per_token(seq_len)
+            for layer in self.decoder
+        )
         return mlp + attn + 6 * self.out.weight.numel()

@@ -1,4 +1,5 @@
 """Drivers that reproduce the papers' tables and rebuild docs/results/ from the committed run records."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -36,8 +37,13 @@ def single_run(overrides: list, run_dir: Path) -> list:
     """The command of one multirun job as a single `moa-train` run in the job's folder. A key given twice keeps its
     last value at its first place, as the multirun's sweeper records it in .hydra/overrides.yaml."""
     last = {o.partition("=")[0]: o for o in overrides}
-    return [sys.executable, "-m", "moa_train", *(last[key] for key in dict.fromkeys(last)),
-            f"hydra.run.dir={run_dir}"]
+    return [
+        sys.executable,
+        "-m",
+        "moa_train",
+        *(last[key] for key in dict.fromkeys(last)),
+        f"hydra.run.dir={run_dir}",
+    ]
 
 
 class Job(NamedTuple):
@@ -61,20 +67,34 @@ def run_jobs(jobs: list, n: int, poll_s: float = 0.2, tail_lines: int = 20) -> l
             job.log.parent.mkdir(parents=True, exist_ok=True)
             print(f"start {job.name}: {' '.join(map(str, job.cmd))} > {job.log}", flush=True)
             with open(job.log, "wb") as log:  # the child holds its own copy of the descriptor
-                running.append((job, subprocess.Popen(job.cmd, cwd=repo_root(), env=env, stdout=log,
-                                                      stderr=subprocess.STDOUT)))
+                running.append(
+                    (
+                        job,
+                        subprocess.Popen(
+                            job.cmd, cwd=repo_root(), env=env, stdout=log, stderr=subprocess.STDOUT
+                        ),
+                    )
+                )
         time.sleep(poll_s)
         for job, proc in [(j, p) for j, p in running if p.poll() is not None]:
             running.remove((job, proc))
-            print(f"{'done' if proc.returncode == 0 else 'FAILED'} {job.name} (exit {proc.returncode})", flush=True)
+            print(
+                f"{'done' if proc.returncode == 0 else 'FAILED'} {job.name} (exit {proc.returncode})",
+                flush=True,
+            )
             if proc.returncode == 0:
                 job.log.unlink(missing_ok=True)
             else:
                 failed.append(job)
     for job in failed:
         tail = job.log.read_text(errors="replace").splitlines()[-tail_lines:]
-        print(f"\n{job.name} failed; the end of {job.log}:", *(f"  {line}" for line in tail), sep="\n",
-              file=sys.stderr, flush=True)
+        print(
+            f"\n{job.name} failed; the end of {job.log}:",
+            *(f"  {line}" for line in tail),
+            sep="\n",
+            file=sys.stderr,
+            flush=True,
+        )
     return [job.name for job in failed]
 
 
@@ -118,6 +138,8 @@ def results_meta(out: Path, tables_only: bool) -> dict:
     runs the date is today's and there is no note or command to keep. RESULTS_DATE / RESULTS_NOTE override both.
     """
     kept = previous_meta(out) if tables_only else {}
-    return {"date": os.environ.get("RESULTS_DATE") or kept.get("date") or dt.date.today().isoformat(),
-            "note": os.environ.get("RESULTS_NOTE") or kept.get("note"),
-            "command": kept.get("command")}
+    return {
+        "date": os.environ.get("RESULTS_DATE") or kept.get("date") or dt.date.today().isoformat(),
+        "note": os.environ.get("RESULTS_NOTE") or kept.get("note"),
+        "command": kept.get("command"),
+    }

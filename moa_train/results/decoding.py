@@ -8,6 +8,7 @@ decoding time each way, in fp32 and in the run's precision, written to docs/resu
 Each run's latest checkpoint is decoded with its own eval settings (beam, lenpen, length limits). Times are
 device-synchronised wall times of the test-set decoding alone (no loss pass, no scoring).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,9 @@ ROOT = repo_root()
 OUT = ROOT / "docs/results/translation_decoding.json"
 
 
-def decode_run(run: Path, precisions: list, max_sentences: int | None, device: str, cudnn: bool = False) -> list:
+def decode_run(
+    run: Path, precisions: list, max_sentences: int | None, device: str, cudnn: bool = False
+) -> list:
     """Rows of (precision, cache) for `run`; with `cudnn`, the bf16 rows once more with cuDNN attention allowed
     (decoding excludes it: models/kv_cache.DECODING_SDPA says why), the figure from before that was fixed."""
     import torch
@@ -43,11 +46,15 @@ def decode_run(run: Path, precisions: list, max_sentences: int | None, device: s
         if max_sentences is not None and max_sentences < len(data):
             data = first_pairs(data, max_sentences)
         dtype = {"bf16": torch.bfloat16, "fp32": None}[precision]
-        autocast = (lambda: torch.autocast(device_type=device, dtype=dtype)) if dtype else nullcontext
+        autocast = (
+            (lambda: torch.autocast(device_type=device, dtype=dtype)) if dtype else nullcontext
+        )
         plain = kv_cache.DECODING_SDPA
         try:
             for allow_cudnn in (False, True) if cudnn and precision == "bf16" else (False,):
-                kv_cache.DECODING_SDPA = plain + ([kv_cache.SDPBackend.CUDNN_ATTENTION] if allow_cudnn else [])
+                kv_cache.DECODING_SDPA = plain + (
+                    [kv_cache.SDPBackend.CUDNN_ATTENTION] if allow_cudnn else []
+                )
                 pair = time_both(task, data, cfg.eval.beam, precision, device, autocast, run)
                 rows += [{**row, "cudnn_attention": allow_cudnn} for row in pair]
         finally:
@@ -70,9 +77,17 @@ def time_both(task, data, beam: int, precision: str, device: str, autocast, run:
         hyps[cache] = task._decode(data, f"test, cache={cache}, {precision}", beam, autocast)
         if device == "cuda":
             torch.cuda.synchronize()
-        rows.append({"run": str(run), "precision": precision, "kv_cache": cache, "beam": beam,
-                     "sentences": len(data.src), "seconds": time.perf_counter() - start,
-                     "bleu": corpus_scores(hyps[cache], data.tgt_text)["bleu"]})
+        rows.append(
+            {
+                "run": str(run),
+                "precision": precision,
+                "kv_cache": cache,
+                "beam": beam,
+                "sentences": len(data.src),
+                "seconds": time.perf_counter() - start,
+                "bleu": corpus_scores(hyps[cache], data.tgt_text)["bleu"],
+            }
+        )
     same = sum(a == b for a, b in zip(hyps[False], hyps[True]))
     return [{**row, "identical_hypotheses": same} for row in rows]
 
@@ -80,24 +95,31 @@ def time_both(task, data, beam: int, precision: str, device: str, autocast, run:
 def markdown_section(record: dict) -> list:
     """The table that translation.md shows (its driver calls this when the json exists)."""
     m = record["meta"]
-    lines = ["## Test-set decoding with and without the KV cache", "",
-             f"- Command: `{m['command']}`", f"- Device: {m['device']}; torch {m['torch']}; git {m['git_sha']}; "
-             f"date {m['date']}",
-             "- Seconds: device-synchronised wall time of decoding the test set alone (beam search with the run's "
-             "beam and length penalty). Identical: hypotheses equal, word for word, with and without the cache.",
-             "- cuDNN attention: `off` is how decoding runs (models/kv_cache.DECODING_SDPA); `allowed` (rows from "
-             "`--with-cudnn`) is how it ran before that: torch's default SDPA choice, cuDNN for bf16 on Hopper, which "
-             "builds a new cuDNN graph for each new shape.", "",
-             "| run | precision | cuDNN attention | sentences | beam | seconds, no cache | seconds, cache | speed-up | "
-             "BLEU, no cache | BLEU, cache | identical |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "## Test-set decoding with and without the KV cache",
+        "",
+        f"- Command: `{m['command']}`",
+        f"- Device: {m['device']}; torch {m['torch']}; git {m['git_sha']}; date {m['date']}",
+        "- Seconds: device-synchronised wall time of decoding the test set alone (beam search with the run's "
+        "beam and length penalty). Identical: hypotheses equal, word for word, with and without the cache.",
+        "- cuDNN attention: `off` is how decoding runs (models/kv_cache.DECODING_SDPA); `allowed` (rows from "
+        "`--with-cudnn`) is how it ran before that: torch's default SDPA choice, cuDNN for bf16 on Hopper, which "
+        "builds a new cuDNN graph for each new shape.",
+        "",
+        "| run | precision | cuDNN attention | sentences | beam | seconds, no cache | seconds, cache | speed-up | "
+        "BLEU, no cache | BLEU, cache | identical |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     if m.get("note"):
         lines[4:4] = [f"- Note: {m['note']}"]
     rows = record["rows"]
     for off, on in zip(rows[0::2], rows[1::2]):
         cudnn = "allowed" if off.get("cudnn_attention") else "off"
-        lines.append(f"| {Path(off['run']).name} | {off['precision']} | {cudnn} | {off['sentences']} | {off['beam']} | "
-                     f"{off['seconds']:.1f} | {on['seconds']:.1f} | {off['seconds'] / on['seconds']:.1f}x | "
-                     f"{off['bleu']:.2f} | {on['bleu']:.2f} | {on['identical_hypotheses']} / {on['sentences']} |")
+        lines.append(
+            f"| {Path(off['run']).name} | {off['precision']} | {cudnn} | {off['sentences']} | {off['beam']} | "
+            f"{off['seconds']:.1f} | {on['seconds']:.1f} | {off['seconds'] / on['seconds']:.1f}x | "
+            f"{off['bleu']:.2f} | {on['bleu']:.2f} | {on['identical_hypotheses']} / {on['sentences']} |"
+        )
     return [*lines, "", *agreement(rows), ""]
 
 
@@ -105,11 +127,18 @@ def agreement(rows: list) -> list:
     """Per precision, how far cached decoding strays from uncached: identical hypotheses and the largest BLEU gap."""
     out = []
     for precision in dict.fromkeys(r["precision"] for r in rows):
-        pairs = [(off, on) for off, on in zip(rows[0::2], rows[1::2]) if off["precision"] == precision]
-        same, total = sum(on["identical_hypotheses"] for _, on in pairs), sum(on["sentences"] for _, on in pairs)
+        pairs = [
+            (off, on) for off, on in zip(rows[0::2], rows[1::2]) if off["precision"] == precision
+        ]
+        same, total = (
+            sum(on["identical_hypotheses"] for _, on in pairs),
+            sum(on["sentences"] for _, on in pairs),
+        )
         gap = max(abs(on["bleu"] - off["bleu"]) for off, on in pairs)
-        out.append(f"- {precision}: {same} of {total} hypotheses identical with and without the cache over the "
-                   f"{len(pairs)} decodings above; largest BLEU difference {gap:.2f}.")
+        out.append(
+            f"- {precision}: {same} of {total} hypotheses identical with and without the cache over the "
+            f"{len(pairs)} decodings above; largest BLEU difference {gap:.2f}."
+        )
     return out
 
 
@@ -119,26 +148,45 @@ def main(argv=None) -> None:
     from moa_train.train.loop import git_sha
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="translation run folders holding checkpoints")
+    parser.add_argument(
+        "runs", nargs="+", type=Path, help="translation run folders holding checkpoints"
+    )
     parser.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16")
-    parser.add_argument("--max-sentences", type=int, default=None, help="the first N test sentences (default: all)")
+    parser.add_argument(
+        "--max-sentences", type=int, default=None, help="the first N test sentences (default: all)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--note", default=None, help="a sentence for the record (e.g. where the checkpoints came from)")
-    parser.add_argument("--with-cudnn", action="store_true",
-                        help="time bf16 decoding once more with cuDNN attention allowed (as before it was excluded)")
+    parser.add_argument(
+        "--note",
+        default=None,
+        help="a sentence for the record (e.g. where the checkpoints came from)",
+    )
+    parser.add_argument(
+        "--with-cudnn",
+        action="store_true",
+        help="time bf16 decoding once more with cuDNN attention allowed (as before it was excluded)",
+    )
     args = parser.parse_args(argv)
     precisions = args.precisions.split(",")
     for p in precisions:
         if p not in ("fp32", "bf16"):
             raise SystemExit(f"error: --precisions: {p!r} is not one of fp32, bf16")
-    rows = [row for run in args.runs for row in decode_run(run, precisions, args.max_sentences, args.device,
-                                                                  args.with_cudnn)]
+    rows = [
+        row
+        for run in args.runs
+        for row in decode_run(run, precisions, args.max_sentences, args.device, args.with_cudnn)
+    ]
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    meta = {"command": "python3 scripts/time_translation_decoding.py " + " ".join(
-                (argv if argv is not None else __import__("sys").argv[1:])),
-            "device": device, "torch": torch.__version__, "git_sha": git_sha(), "date": dt.date.today().isoformat(),
-            "note": args.note}
+    meta = {
+        "command": "python3 scripts/time_translation_decoding.py "
+        + " ".join((argv if argv is not None else __import__("sys").argv[1:])),
+        "device": device,
+        "torch": torch.__version__,
+        "git_sha": git_sha(),
+        "date": dt.date.today().isoformat(),
+        "note": args.note,
+    }
     record = {"meta": meta, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))

@@ -19,6 +19,7 @@ shares per layer. Written as kv_eval.json beside summary.json, then the checkpoi
 Welch's t-tests of each moas_kv row against the GQA/MQA row of nearest realised bytes and against the
 parameter-matched GQA row, and the verdict generated from those numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,12 +29,36 @@ import statistics
 from pathlib import Path
 
 from moa_train.paths import repo_root
-from moa_train.results import Job, clear, evaluate_each, previous_meta, results_meta, run_jobs, single_run, welch
+from moa_train.results import (
+    Job,
+    clear,
+    evaluate_each,
+    previous_meta,
+    results_meta,
+    run_jobs,
+    single_run,
+    welch,
+)
 
 ROOT = repo_root()
 GROUP = "kv_tradeoff"
-ROWS = ("mha", "gqa4", "gqa2", "mqa", "moas_dynamic", "moas_kv_b1p5", "moas_kv_b2", "moas_kv_b4", "gqa2_pm")
-BASELINES = ("mha", "gqa4", "gqa2", "mqa")  # the fixed-scheme points each moas_kv row is compared with
+ROWS = (
+    "mha",
+    "gqa4",
+    "gqa2",
+    "mqa",
+    "moas_dynamic",
+    "moas_kv_b1p5",
+    "moas_kv_b2",
+    "moas_kv_b4",
+    "gqa2_pm",
+)
+BASELINES = (
+    "mha",
+    "gqa4",
+    "gqa2",
+    "mqa",
+)  # the fixed-scheme points each moas_kv row is compared with
 PARAM_MATCHED = "gqa2_pm"
 CACHE_DTYPE_BYTES = 2  # realised bytes are those of a bf16 cache
 ALPHA = 0.05
@@ -55,7 +80,9 @@ def jobs(rows: list, seeds: list, runs_dir: Path, extra: list, keep_finished: bo
             run = runs_dir / f"{row}-seed{seed}"
             if keep_finished and (run / "summary.json").is_file():
                 continue
-            cmd = single_run([f"experiment={GROUP}/{row}", "mode=fast", f"trainer.seed={seed}", *extra], run)
+            cmd = single_run(
+                [f"experiment={GROUP}/{row}", "mode=fast", f"trainer.seed={seed}", *extra], run
+            )
             out.append(Job(f"{GROUP}/{run.name}", cmd, run.with_suffix(".log")))
     return out
 
@@ -81,17 +108,25 @@ def _pass(model, split, batch: int, block: int, device) -> dict:
     with torch.no_grad():
         for x, y in sequential_windows(split.tokens, batch, block, device):
             logits, routings = model(x)
-            nll += float(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum"))
+            nll += float(
+                F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+            )
             count += y.numel()
             if routings and routings[0] is not None:
                 names = routings[0].choice_names
-                chosen = [r.probs.argmax(-1) if r.chosen is None else r.chosen[:, 0] for r in routings]
-                counts = torch.stack([torch.bincount(c, minlength=len(names)) for c in chosen]).double()
+                chosen = [
+                    r.probs.argmax(-1) if r.chosen is None else r.chosen[:, 0] for r in routings
+                ]
+                counts = torch.stack(
+                    [torch.bincount(c, minlength=len(names)) for c in chosen]
+                ).double()
                 shares = counts if shares is None else shares + counts
     out = {"loss": nll / count}
     if shares is not None:
         shares = shares / shares.sum(-1, keepdim=True)
-        out["shares"] = {f"layer{i}": dict(zip(names, map(float, row))) for i, row in enumerate(shares)}
+        out["shares"] = {
+            f"layer{i}": dict(zip(names, map(float, row))) for i, row in enumerate(shares)
+        }
     return out
 
 
@@ -119,7 +154,10 @@ def _kv_bytes(model, split, batch: int, block: int, device, exact_pool: bool) ->
     finally:
         for m, slack in zip(modules, saved):
             m.kv_pool_slack = slack
-    return {"kv_bytes_per_token": total / tokens, "fallback_share": fallbacks / (tokens * len(model.blocks))}
+    return {
+        "kv_bytes_per_token": total / tokens,
+        "fallback_share": fallbacks / (tokens * len(model.blocks)),
+    }
 
 
 def evaluate_run(run: Path, batch: int = 32) -> dict:
@@ -141,23 +179,33 @@ def evaluate_run(run: Path, batch: int = 32) -> dict:
         if split == "val" and "shares" in res:
             out["shares"] = res["shares"]
     out.update(_kv_bytes(model, data.splits["val"], batch, block, device, exact_pool=True))
-    out["pool_fallback_share"] = _kv_bytes(model, data.splits["val"], batch, block, device,
-                                           exact_pool=False)["fallback_share"]
+    out["pool_fallback_share"] = _kv_bytes(
+        model, data.splits["val"], batch, block, device, exact_pool=False
+    )["fallback_share"]
     kv_modules = [b.attn for b in model.blocks if hasattr(b.attn, "kv_pool_slack")]
     if kv_modules:
         for m in kv_modules:
             m.inference_routing = "soft"
         for split in ("val", "test"):
-            out[f"{split}/loss_soft"] = _pass(model, data.splits[split], batch, block, device)["loss"]
+            out[f"{split}/loss_soft"] = _pass(model, data.splits[split], batch, block, device)[
+                "loss"
+            ]
             out[f"{split}/ppl_soft"] = math.exp(out[f"{split}/loss_soft"])
     return out
 
 
 def evaluate_runs(runs_dir: Path) -> None:
     # the BPE tokenizer goes with the checkpoints: rebuilt from the data, it is not a record
-    evaluate_each(sorted(runs_dir.glob("*/summary.json")), "kv_eval.json", evaluate_run,
-                  lambda run, r: f"{run.name}: val ppl {r['val/ppl']:.2f} test ppl {r['test/ppl']:.2f} "
-                                 f"KV {r['kv_bytes_per_token']:.0f} B/token", ("checkpoints", "tokenizer.json"))
+    evaluate_each(
+        sorted(runs_dir.glob("*/summary.json")),
+        "kv_eval.json",
+        evaluate_run,
+        lambda run, r: (
+            f"{run.name}: val ppl {r['val/ppl']:.2f} test ppl {r['test/ppl']:.2f} "
+            f"KV {r['kv_bytes_per_token']:.0f} B/token"
+        ),
+        ("checkpoints", "tokenizer.json"),
+    )
 
 
 def collect(runs_dir: Path) -> dict:
@@ -169,8 +217,13 @@ def collect(runs_dir: Path) -> dict:
         kv_file = run / "kv_eval.json"
         if not kv_file.is_file():
             continue
-        record = {"seed": int(seed), "run": run.name, **json.loads(path.read_text()), **json.loads(kv_file.read_text()),
-                  "setup": setup(run)}
+        record = {
+            "seed": int(seed),
+            "run": run.name,
+            **json.loads(path.read_text()),
+            **json.loads(kv_file.read_text()),
+            "setup": setup(run),
+        }
         table.setdefault(row, []).append(record)
     for records in table.values():
         records.sort(key=lambda r: r["seed"])
@@ -186,9 +239,11 @@ def setup(run: Path) -> str:
         return "sizes unknown (no .hydra/config.yaml)"
     cfg = yaml.safe_load(path.read_text())
     m, d, t = cfg["model"], cfg["data"], cfg["trainer"]
-    return (f"{d['name']} (vocabulary {d['vocab_size']}), {m['n_layer']} layers, d {m['d_model']}, {m['n_head']} heads "
-            f"of {m['d_model'] // m['n_head']}, block {t['block_size']}, batch {t['batch_size']}, "
-            f"{t['max_steps']} steps, dropout {m['dropout']}")
+    return (
+        f"{d['name']} (vocabulary {d['vocab_size']}), {m['n_layer']} layers, d {m['d_model']}, {m['n_head']} heads "
+        f"of {m['d_model'] // m['n_head']}, block {t['block_size']}, batch {t['batch_size']}, "
+        f"{t['max_steps']} steps, dropout {m['dropout']}"
+    )
 
 
 def _mean(values: list) -> float:
@@ -202,24 +257,36 @@ def _sd(values: list) -> float:
 def _mean_shares(records: list) -> dict:
     if "shares" not in records[0]:
         return {}
-    return {site: {c: _mean([r["shares"][site][c] for r in records]) for c in choices}
-            for site, choices in records[0]["shares"].items()}
+    return {
+        site: {c: _mean([r["shares"][site][c] for r in records]) for c in choices}
+        for site, choices in records[0]["shares"].items()
+    }
 
 
 def summarise(table: dict) -> dict:
     rows = {}
     for row in [r for r in ROWS if r in table] + sorted(set(table) - set(ROWS)):
         recs = table[row]
-        entry = {"model": recs[0].get("model", row), "params": recs[0]["params_non_embedding"],
-                 "flops_per_token": recs[0]["flops_per_token"],
-                 "kv_bytes_per_token": _mean([r["kv_bytes_per_token"] for r in recs]),
-                 "kv_bytes_per_seed": [r["kv_bytes_per_token"] for r in recs],
-                 "pool_fallback_share": _mean([r["pool_fallback_share"] for r in recs]),
-                 "val_ppl": [r["val/ppl"] for r in recs], "test_ppl": [r["test/ppl"] for r in recs],
-                 "val_loss": [r["val/loss"] for r in recs], "test_loss": [r["test/loss"] for r in recs],
-                 "shares": _mean_shares(recs), "seeds": [r["seed"] for r in recs], "runs": [r["run"] for r in recs],
-                 "tokens_seen": recs[0]["tokens_seen"], "setup": recs[0]["setup"], "device": recs[0]["device_name"],
-                 "torch": recs[0]["torch_version"], "git_sha": recs[0]["git_sha"]}
+        entry = {
+            "model": recs[0].get("model", row),
+            "params": recs[0]["params_non_embedding"],
+            "flops_per_token": recs[0]["flops_per_token"],
+            "kv_bytes_per_token": _mean([r["kv_bytes_per_token"] for r in recs]),
+            "kv_bytes_per_seed": [r["kv_bytes_per_token"] for r in recs],
+            "pool_fallback_share": _mean([r["pool_fallback_share"] for r in recs]),
+            "val_ppl": [r["val/ppl"] for r in recs],
+            "test_ppl": [r["test/ppl"] for r in recs],
+            "val_loss": [r["val/loss"] for r in recs],
+            "test_loss": [r["test/loss"] for r in recs],
+            "shares": _mean_shares(recs),
+            "seeds": [r["seed"] for r in recs],
+            "runs": [r["run"] for r in recs],
+            "tokens_seen": recs[0]["tokens_seen"],
+            "setup": recs[0]["setup"],
+            "device": recs[0]["device_name"],
+            "torch": recs[0]["torch_version"],
+            "git_sha": recs[0]["git_sha"],
+        }
         if "val/ppl_soft" in recs[0]:
             entry["val_ppl_soft"] = [r["val/ppl_soft"] for r in recs]
             entry["test_ppl_soft"] = [r["test/ppl_soft"] for r in recs]
@@ -236,8 +303,12 @@ def comparisons(rows: dict) -> list:
         r = rows[row]
         targets = []
         if baselines:
-            nearest = min(baselines,
-                          key=lambda b: abs(math.log(r["kv_bytes_per_token"] / rows[b]["kv_bytes_per_token"])))
+            nearest = min(
+                baselines,
+                key=lambda b: abs(
+                    math.log(r["kv_bytes_per_token"] / rows[b]["kv_bytes_per_token"])
+                ),
+            )
             targets.append(("nearest KV bytes", nearest))
         if PARAM_MATCHED in rows:
             targets.append(("parameter-matched", PARAM_MATCHED))
@@ -246,12 +317,24 @@ def comparisons(rows: dict) -> list:
             out.append(line)
         for kind, other in targets:
             o = rows[other]
-            test = welch(r["test_loss"], o["test_loss"]) if min(len(r["test_loss"]), len(o["test_loss"])) > 1 else None
-            out.append({"row": row, "against": other, "kind": kind,
-                        "kv_bytes_ratio": r["kv_bytes_per_token"] / o["kv_bytes_per_token"],
-                        "test_ppl": _mean(r["test_ppl"]), "against_test_ppl": _mean(o["test_ppl"]),
-                        "params_ratio": r["params"] / o["params"],
-                        "flops_ratio": r["flops_per_token"] / o["flops_per_token"], "welch_test_loss": test})
+            test = (
+                welch(r["test_loss"], o["test_loss"])
+                if min(len(r["test_loss"]), len(o["test_loss"])) > 1
+                else None
+            )
+            out.append(
+                {
+                    "row": row,
+                    "against": other,
+                    "kind": kind,
+                    "kv_bytes_ratio": r["kv_bytes_per_token"] / o["kv_bytes_per_token"],
+                    "test_ppl": _mean(r["test_ppl"]),
+                    "against_test_ppl": _mean(o["test_ppl"]),
+                    "params_ratio": r["params"] / o["params"],
+                    "flops_ratio": r["flops_per_token"] / o["flops_per_token"],
+                    "welch_test_loss": test,
+                }
+            )
     return out
 
 
@@ -265,8 +348,12 @@ def frontier(rows: dict, kv_bytes: float) -> dict | None:
         if xa <= x <= xb:
             w = (xb - x) / (xb - xa) if xb > xa else 1.0
             parts = [(w, rows[a]["test_loss"]), (1 - w, rows[b]["test_loss"])]
-            return {"rows": (a, b), "weight": w, "loss": sum(c * _mean(v) for c, v in parts),
-                    "parts": [(c * c * _sd(v) ** 2 / len(v), len(v)) for c, v in parts]}
+            return {
+                "rows": (a, b),
+                "weight": w,
+                "loss": sum(c * _mean(v) for c, v in parts),
+                "parts": [(c * c * _sd(v) ** 2 / len(v), len(v)) for c, v in parts],
+            }
     return None
 
 
@@ -278,9 +365,14 @@ def frontier_test(losses: list, line: dict) -> dict | None:
     var = sum(v for v, _ in parts)
     if len(losses) < 2 or var == 0:
         return None
-    df = var ** 2 / sum(v * v / (n - 1) for v, n in parts if n > 1)
+    df = var**2 / sum(v * v / (n - 1) for v, n in parts if n > 1)
     t = (_mean(losses) - line["loss"]) / math.sqrt(var)
-    return {"t": t, "p": float(2 * stats.t.sf(abs(t), df)), "df": df, "mean_diff": _mean(losses) - line["loss"]}
+    return {
+        "t": t,
+        "p": float(2 * stats.t.sf(abs(t), df)),
+        "df": df,
+        "mean_diff": _mean(losses) - line["loss"],
+    }
 
 
 def frontier_comparison(row: str, rows: dict) -> dict | None:
@@ -290,11 +382,17 @@ def frontier_comparison(row: str, rows: dict) -> dict | None:
         return None
     a, b = line["rows"]
     near = a if line["weight"] >= 0.5 else b
-    return {"row": row, "against": f"{a}..{b} line", "kind": "fixed-scheme line at equal KV bytes",
-            "kv_bytes_ratio": 1.0, "test_ppl": _mean(r["test_ppl"]), "against_test_ppl": math.exp(line["loss"]),
-            "params_ratio": r["params"] / rows[near]["params"],
-            "flops_ratio": r["flops_per_token"] / rows[near]["flops_per_token"],
-            "welch_test_loss": frontier_test(r["test_loss"], line)}
+    return {
+        "row": row,
+        "against": f"{a}..{b} line",
+        "kind": "fixed-scheme line at equal KV bytes",
+        "kv_bytes_ratio": 1.0,
+        "test_ppl": _mean(r["test_ppl"]),
+        "against_test_ppl": math.exp(line["loss"]),
+        "params_ratio": r["params"] / rows[near]["params"],
+        "flops_ratio": r["flops_per_token"] / rows[near]["flops_per_token"],
+        "welch_test_loss": frontier_test(r["test_loss"], line),
+    }
 
 
 def verdict_line(c: dict) -> str:
@@ -303,12 +401,16 @@ def verdict_line(c: dict) -> str:
     if test is None:
         outcome = "one seed: no test"
     elif test["p"] < ALPHA:
-        outcome = f"{'lower' if diff < 0 else 'higher'} perplexity, significant (p = {test['p']:.3g})"
+        outcome = (
+            f"{'lower' if diff < 0 else 'higher'} perplexity, significant (p = {test['p']:.3g})"
+        )
     else:
         outcome = f"no significant difference (p = {test['p']:.3g})"
-    return (f"{c['row']} vs {c['against']} ({c['kind']}; KV bytes {c['kv_bytes_ratio']:.2f}x): test ppl "
-            f"{c['test_ppl']:.2f} vs {c['against_test_ppl']:.2f} ({diff:+.2f}): {outcome}; parameters "
-            f"{c['params_ratio']:.3f}x, training FLOPs/token {c['flops_ratio']:.3f}x.")
+    return (
+        f"{c['row']} vs {c['against']} ({c['kind']}; KV bytes {c['kv_bytes_ratio']:.2f}x): test ppl "
+        f"{c['test_ppl']:.2f} vs {c['against_test_ppl']:.2f} ({diff:+.2f}): {outcome}; parameters "
+        f"{c['params_ratio']:.3f}x, training FLOPs/token {c['flops_ratio']:.3f}x."
+    )
 
 
 def answer(res: dict) -> list:
@@ -318,32 +420,55 @@ def answer(res: dict) -> list:
     near = []
     for row in dict.fromkeys(c["row"] for c in res["comparisons"]):
         mine = [c for c in res["comparisons"] if c["row"] == row]
-        near += [c for c in mine if c["kind"].startswith("fixed-scheme line")][:1] or \
-            [c for c in mine if c["kind"] == "nearest KV bytes"]
+        near += [c for c in mine if c["kind"].startswith("fixed-scheme line")][:1] or [
+            c for c in mine if c["kind"] == "nearest KV bytes"
+        ]
     if not near:
         return ["No moas_kv row and baseline to compare."]
-    wins = [c for c in near if c["welch_test_loss"] and c["welch_test_loss"]["p"] < ALPHA
-            and c["test_ppl"] < c["against_test_ppl"]]
-    losses = [c for c in near if c["welch_test_loss"] and c["welch_test_loss"]["p"] < ALPHA
-              and c["test_ppl"] > c["against_test_ppl"]]
+    wins = [
+        c
+        for c in near
+        if c["welch_test_loss"]
+        and c["welch_test_loss"]["p"] < ALPHA
+        and c["test_ppl"] < c["against_test_ppl"]
+    ]
+    losses = [
+        c
+        for c in near
+        if c["welch_test_loss"]
+        and c["welch_test_loss"]["p"] < ALPHA
+        and c["test_ppl"] > c["against_test_ppl"]
+    ]
     equal = "GQA/MQA at equal realised KV bytes"
     if len(wins) == len(near):
-        head = f"Yes: every moas_kv budget reaches a significantly lower test perplexity than {equal}."
+        head = (
+            f"Yes: every moas_kv budget reaches a significantly lower test perplexity than {equal}."
+        )
     elif wins:
-        head = (f"Partly: {len(wins)} of {len(near)} moas_kv budgets ({', '.join(c['row'] for c in wins)}) reach a "
-                f"significantly lower test perplexity than {equal}.")
+        head = (
+            f"Partly: {len(wins)} of {len(near)} moas_kv budgets ({', '.join(c['row'] for c in wins)}) reach a "
+            f"significantly lower test perplexity than {equal}."
+        )
     elif losses:
-        head = (f"No: no moas_kv budget beats {equal}, and {len(losses)} of {len(near)} are significantly worse "
-                f"({', '.join(c['row'] for c in losses)}).")
+        head = (
+            f"No: no moas_kv budget beats {equal}, and {len(losses)} of {len(near)} are significantly worse "
+            f"({', '.join(c['row'] for c in losses)})."
+        )
     else:
         head = f"No: no moas_kv budget differs significantly from {equal}."
-    lines = [head + " Each budget is compared with the MHA/GQA/MQA line interpolated in log bytes at its realised "
-             "bytes where two baselines bracket them, else with the baseline of nearest bytes; Welch's t-test on the "
-             f"per-seed test loss, {ALPHA:.0%} level."]
+    lines = [
+        head
+        + " Each budget is compared with the MHA/GQA/MQA line interpolated in log bytes at its realised "
+        "bytes where two baselines bracket them, else with the baseline of nearest bytes; Welch's t-test on the "
+        f"per-seed test loss, {ALPHA:.0%} level."
+    ]
     off = [c for c in near if not 0.8 <= c["kv_bytes_ratio"] <= 1.25]
     if off:
-        lines.append("Caveat: realised bytes differ from the compared row by more than 25% for "
-                     + ", ".join(f"{c['row']} ({c['kv_bytes_ratio']:.2f}x {c['against']})" for c in off) + ".")
+        lines.append(
+            "Caveat: realised bytes differ from the compared row by more than 25% for "
+            + ", ".join(f"{c['row']} ({c['kv_bytes_ratio']:.2f}x {c['against']})" for c in off)
+            + "."
+        )
     lines += [verdict_line(c) for c in res["comparisons"]]
     return lines
 
@@ -353,41 +478,59 @@ def fmt(values: list, digits: int = 2) -> str:
 
 
 def shares_text(shares: dict) -> str:
-    return "; ".join(f"{site[5:]}: " + "/".join(f"{v:.2f}" for v in choice.values()) for site, choice in shares.items())
+    return "; ".join(
+        f"{site[5:]}: " + "/".join(f"{v:.2f}" for v in choice.values())
+        for site, choice in shares.items()
+    )
 
 
 def markdown(res: dict, meta: dict) -> str:
     rows = res["rows"]
     first = next(iter(rows.values()))
-    lines = ["# KV cache trade-off: moas_kv against GQA/MQA at equal realised KV bytes (issue 20)", "",
-             f"{first['setup']} (the first row's run; configs/experiment/kv_tradeoff/): "
-             f"{first['tokens_seen']:,} training tokens for every row.", "",
-             f"- Command: `{meta['command']}` (`--tables-only` rebuilds these tables from the run records)",
-             f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date {meta['date']}",
-             "- Run records (metrics.jsonl, summary.json, kv_eval.json, train.log): "
-             "`docs/results/runs/kv_tradeoff/<row>-seed<k>/`",
-             "- Perplexity: the final weights in fp32 on the full official valid and test files; moas_kv with hard "
-             "routing (each token's argmax scheme, what its cache stores), soft routing as a reference.",
-             "- KV bytes/token: realised, in a bf16 cache, over all layers: the validation text prefilled block by "
-             "block into each model's own cache, its used slots per token (moas_kv: a head pool that cannot "
-             "overflow). Fallback: the share of token-layers the pool sized by model.kv_pool_slack would have stored "
-             "as MQA instead.",
-             "- Shares: the hard routing's share of tokens per layer, mha/gqa/mqa (moas_dynamic: its argmax branch, "
-             "though it mixes all three).", "",
-             *([meta["note"], ""] if meta.get("note") else []),
-             "## Answer", "", *[f"- {line}" for line in answer(res)], "",
-             "## Table", "",
-             "| row | params | train GFLOPs/token | KV bytes/token | val ppl | test ppl | val ppl, soft "
-             "| test ppl, soft | fallback | shares per layer (mha/gqa/mqa) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "# KV cache trade-off: moas_kv against GQA/MQA at equal realised KV bytes (issue 20)",
+        "",
+        f"{first['setup']} (the first row's run; configs/experiment/kv_tradeoff/): "
+        f"{first['tokens_seen']:,} training tokens for every row.",
+        "",
+        f"- Command: `{meta['command']}` (`--tables-only` rebuilds these tables from the run records)",
+        f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date {meta['date']}",
+        "- Run records (metrics.jsonl, summary.json, kv_eval.json, train.log): "
+        "`docs/results/runs/kv_tradeoff/<row>-seed<k>/`",
+        "- Perplexity: the final weights in fp32 on the full official valid and test files; moas_kv with hard "
+        "routing (each token's argmax scheme, what its cache stores), soft routing as a reference.",
+        "- KV bytes/token: realised, in a bf16 cache, over all layers: the validation text prefilled block by "
+        "block into each model's own cache, its used slots per token (moas_kv: a head pool that cannot "
+        "overflow). Fallback: the share of token-layers the pool sized by model.kv_pool_slack would have stored "
+        "as MQA instead.",
+        "- Shares: the hard routing's share of tokens per layer, mha/gqa/mqa (moas_dynamic: its argmax branch, "
+        "though it mixes all three).",
+        "",
+        *([meta["note"], ""] if meta.get("note") else []),
+        "## Answer",
+        "",
+        *[f"- {line}" for line in answer(res)],
+        "",
+        "## Table",
+        "",
+        "| row | params | train GFLOPs/token | KV bytes/token | val ppl | test ppl | val ppl, soft "
+        "| test ppl, soft | fallback | shares per layer (mha/gqa/mqa) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for row, r in rows.items():
         soft = [fmt(r[k]) if k in r else "" for k in ("val_ppl_soft", "test_ppl_soft")]
-        lines.append(f"| {row} | {r['params']:,} | {r['flops_per_token'] / 1e9:.4f} | {r['kv_bytes_per_token']:.0f} | "
-                     f"{fmt(r['val_ppl'])} | {fmt(r['test_ppl'])} | {soft[0]} | {soft[1]} | "
-                     f"{r['pool_fallback_share']:.3f} | {shares_text(r['shares'])} |")
+        lines.append(
+            f"| {row} | {r['params']:,} | {r['flops_per_token'] / 1e9:.4f} | {r['kv_bytes_per_token']:.0f} | "
+            f"{fmt(r['val_ppl'])} | {fmt(r['test_ppl'])} | {soft[0]} | {soft[1]} | "
+            f"{r['pool_fallback_share']:.3f} | {shares_text(r['shares'])} |"
+        )
     seeds = ", ".join(sorted({str(len(r["seeds"])) for r in rows.values()}))
-    lines += ["", f"Mean +- standard deviation over seeds ({seeds} per row). Plot: kv_tradeoff.png (test perplexity "
-              "against realised KV bytes per token).", ""]
+    lines += [
+        "",
+        f"Mean +- standard deviation over seeds ({seeds} per row). Plot: kv_tradeoff.png (test perplexity "
+        "against realised KV bytes per token).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -399,15 +542,29 @@ def plot(res: dict, path: Path) -> None:
     rows = res["rows"]
     base = [b for b in BASELINES if b in rows]
     if base:
-        ax.plot([rows[b]["kv_bytes_per_token"] for b in base], [_mean(rows[b]["test_ppl"]) for b in base], "k--",
-                lw=0.8, label="MHA / GQA / MQA")
+        ax.plot(
+            [rows[b]["kv_bytes_per_token"] for b in base],
+            [_mean(rows[b]["test_ppl"]) for b in base],
+            "k--",
+            lw=0.8,
+            label="MHA / GQA / MQA",
+        )
     for row, r in rows.items():
         marker = "o" if is_kv(row) else ("s" if row in BASELINES else "^")
-        ax.errorbar(r["kv_bytes_per_token"], _mean(r["test_ppl"]), yerr=_sd(r["test_ppl"]), fmt=marker, capsize=3,
-                    label=row)
+        ax.errorbar(
+            r["kv_bytes_per_token"],
+            _mean(r["test_ppl"]),
+            yerr=_sd(r["test_ppl"]),
+            fmt=marker,
+            capsize=3,
+            label=row,
+        )
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="realised KV cache bytes per token (bf16, all layers)", ylabel="test perplexity",
-           title="WikiText-2 BPE: perplexity against KV cache size")
+    ax.set(
+        xlabel="realised KV cache bytes per token (bf16, all layers)",
+        ylabel="test perplexity",
+        title="WikiText-2 BPE: perplexity against KV cache size",
+    )
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120, metadata={"Software": None})
@@ -417,13 +574,18 @@ def plot(res: dict, path: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per row")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
+    parser.add_argument(
+        "--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs at once on the one device")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "docs/results/runs" / GROUP)
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results" / GROUP)
     parser.add_argument("--tables-only", action="store_true", help="skip training and evaluation")
-    parser.add_argument("--keep-finished", action="store_true",
-                        help="keep finished runs, resume unfinished ones (after a time limit stopped the driver)")
+    parser.add_argument(
+        "--keep-finished",
+        action="store_true",
+        help="keep finished runs, resume unfinished ones (after a time limit stopped the driver)",
+    )
     parser.add_argument("overrides", nargs="*", help="extra moa-train overrides for every run")
     args = parser.parse_args(argv)
     rows = args.rows.split(",")
@@ -434,19 +596,29 @@ def main(argv=None) -> None:
     failed = []
     if not args.tables_only:
         prepare_data(args.overrides)
-        failed = run_jobs(jobs(rows, list(range(args.seeds)), runs_dir, args.overrides, args.keep_finished),
-                          args.jobs)
+        failed = run_jobs(
+            jobs(rows, list(range(args.seeds)), runs_dir, args.overrides, args.keep_finished),
+            args.jobs,
+        )
         evaluate_runs(runs_dir)
     table = collect(runs_dir)
     if not table:
         raise SystemExit(f"error: no evaluated runs under {args.runs_dir}")
     res = summarise(table)
     kept = results_meta(args.out, args.tables_only)
-    jobs_n = previous_meta(args.out).get("jobs", 1) if args.tables_only and args.jobs == 1 else args.jobs
+    jobs_n = (
+        previous_meta(args.out).get("jobs", 1) if args.tables_only and args.jobs == 1 else args.jobs
+    )
     first = next(iter(res["rows"].values()))
-    meta = {"command": "python3 scripts/reproduce_kv_tradeoff.py" + (f" --jobs {jobs_n}" if jobs_n > 1 else ""),
-            "device": first["device"], "torch": first["torch"], "git_sha": first["git_sha"], "date": kept["date"],
-            "jobs": jobs_n}
+    meta = {
+        "command": "python3 scripts/reproduce_kv_tradeoff.py"
+        + (f" --jobs {jobs_n}" if jobs_n > 1 else ""),
+        "device": first["device"],
+        "torch": first["torch"],
+        "git_sha": first["git_sha"],
+        "date": kept["date"],
+        "jobs": jobs_n,
+    }
     if kept["note"]:
         meta["note"] = kept["note"]
     args.out.parent.mkdir(parents=True, exist_ok=True)

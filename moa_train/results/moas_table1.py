@@ -17,6 +17,7 @@ run's summary.json, then delete the checkpoints; (3) tables: per row the paramet
 over seeds with each seed's value, median ms per iteration (device-synchronised windows of 10 steps, evaluation
 excluded), the official valid/test losses, the paper's figures, and Welch's t-test of dynamic vs static.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,19 +44,43 @@ ROWS = ("mha", "moas_static", "moas_dynamic")
 # Table 1 of the MoAS paper, with what its "ms/iter" column really measured (moas-table1-setup.md)
 PAPER = {
     "mha": {"name": "Baseline MHA", "params_m": 7.19, "val_loss": 2.2940, "ms_iter_claimed": 500},
-    "moas_static": {"name": "Static MoAS", "params_m": 10.14, "val_loss": 2.3093, "ms_iter_claimed": 900},
-    "moas_dynamic": {"name": "Dynamic MoAS", "params_m": 10.29, "val_loss": 2.3074, "ms_iter_claimed": 1680},
+    "moas_static": {
+        "name": "Static MoAS",
+        "params_m": 10.14,
+        "val_loss": 2.3093,
+        "ms_iter_claimed": 900,
+    },
+    "moas_dynamic": {
+        "name": "Dynamic MoAS",
+        "params_m": 10.29,
+        "val_loss": 2.3074,
+        "ms_iter_claimed": 1680,
+    },
 }
-COMMON = ("trainer.save_interval=500",)  # one checkpoint at the end (for the official-split evaluation)
+COMMON = (
+    "trainer.save_interval=500",
+)  # one checkpoint at the end (for the official-split evaluation)
 
 
 def train(mode: str, seeds: int, runs_dir: Path, extra: list) -> None:
     """One Hydra multirun per mode: its jobs one after another."""
     experiments = ",".join(f"moas_table1/{r}" for r in ROWS)
-    cmd = [sys.executable, "-m", "moa_train", "-m", f"experiment={experiments}", f"mode={mode}",
-           f"trainer.seed={','.join(map(str, range(seeds)))}", f"hydra.sweep.dir={runs_dir / mode}",
-           "hydra.sweep.subdir=${model.name}-seed${trainer.seed}", *COMMON, *extra]
-    for row in ROWS:  # the subdir is ${model.name}-seed..., and each row's model.name is the row's name
+    cmd = [
+        sys.executable,
+        "-m",
+        "moa_train",
+        "-m",
+        f"experiment={experiments}",
+        f"mode={mode}",
+        f"trainer.seed={','.join(map(str, range(seeds)))}",
+        f"hydra.sweep.dir={runs_dir / mode}",
+        "hydra.sweep.subdir=${model.name}-seed${trainer.seed}",
+        *COMMON,
+        *extra,
+    ]
+    for (
+        row
+    ) in ROWS:  # the subdir is ${model.name}-seed..., and each row's model.name is the row's name
         clear(runs_dir, mode, row)
     run_command(cmd)
 
@@ -68,8 +93,16 @@ def jobs(mode: str, seeds: int, runs_dir: Path, extra: list) -> list:
         clear(runs_dir, mode, row)
         for seed in range(seeds):
             run = runs_dir / mode / f"{row}-seed{seed}"
-            cmd = single_run([f"experiment=moas_table1/{row}", f"mode={mode}", f"trainer.seed={seed}", *COMMON, *extra],
-                             run)
+            cmd = single_run(
+                [
+                    f"experiment=moas_table1/{row}",
+                    f"mode={mode}",
+                    f"trainer.seed={seed}",
+                    *COMMON,
+                    *extra,
+                ],
+                run,
+            )
             out.append(Job(f"{mode}/{run.name}", cmd, run.with_suffix(".log")))
     return out
 
@@ -95,9 +128,15 @@ def official_eval(run: Path) -> dict:
 
 
 def evaluate_runs(runs_dir: Path) -> None:
-    evaluate_each(sorted(runs_dir.rglob("summary.json")), "official_eval.json", official_eval,
-                  lambda run, r: f"{run.relative_to(runs_dir)}: official valid {r['official_valid/loss']:.4f} "
-                                 f"test {r['official_test/loss']:.4f}")
+    evaluate_each(
+        sorted(runs_dir.rglob("summary.json")),
+        "official_eval.json",
+        official_eval,
+        lambda run, r: (
+            f"{run.relative_to(runs_dir)}: official valid {r['official_valid/loss']:.4f} "
+            f"test {r['official_test/loss']:.4f}"
+        ),
+    )
 
 
 def collect(runs_dir: Path) -> dict:
@@ -111,7 +150,8 @@ def collect(runs_dir: Path) -> dict:
         official_file = run / "official_eval.json"
         official = json.loads(official_file.read_text()) if official_file.is_file() else {}
         table.setdefault(mode, {}).setdefault(row, []).append(
-            {"seed": int(seed), "run": str(run.relative_to(runs_dir)), **summary, **official})
+            {"seed": int(seed), "run": str(run.relative_to(runs_dir)), **summary, **official}
+        )
     for rows in table.values():
         for records in rows.values():
             records.sort(key=lambda r: r["seed"])
@@ -136,8 +176,12 @@ def summarise(table: dict) -> dict:
                 "flops_per_token": recs[0]["flops_per_token"],
                 "val_loss": [r["val/loss"] for r in recs],
                 "step_ms_median": statistics.median(r["step_ms_median"] for r in recs),
-                "official_valid_loss": [r["official_valid/loss"] for r in recs if "official_valid/loss" in r],
-                "official_test_loss": [r["official_test/loss"] for r in recs if "official_test/loss" in r],
+                "official_valid_loss": [
+                    r["official_valid/loss"] for r in recs if "official_valid/loss" in r
+                ],
+                "official_test_loss": [
+                    r["official_test/loss"] for r in recs if "official_test/loss" in r
+                ],
                 "seeds": [r["seed"] for r in recs],
                 "runs": [r["run"] for r in recs],
                 "device": recs[0]["device_name"],
@@ -149,25 +193,41 @@ def summarise(table: dict) -> dict:
                 r["flop_ratio"] = r["flops_per_token"] / res["mha"]["flops_per_token"]
                 r["time_ratio"] = r["step_ms_median"] / res["mha"]["step_ms_median"]
         tests = {}
-        if {"moas_static", "moas_dynamic"} <= res.keys() and len(res["moas_dynamic"]["val_loss"]) >= 2:
-            tests["paper_split"] = welch(res["moas_dynamic"]["val_loss"], res["moas_static"]["val_loss"])
+        if {"moas_static", "moas_dynamic"} <= res.keys() and len(
+            res["moas_dynamic"]["val_loss"]
+        ) >= 2:
+            tests["paper_split"] = welch(
+                res["moas_dynamic"]["val_loss"], res["moas_static"]["val_loss"]
+            )
             if len(res["moas_dynamic"]["official_valid_loss"]) >= 2:
-                tests["official_valid"] = welch(res["moas_dynamic"]["official_valid_loss"],
-                                                res["moas_static"]["official_valid_loss"])
-                tests["official_test"] = welch(res["moas_dynamic"]["official_test_loss"],
-                                               res["moas_static"]["official_test_loss"])
+                tests["official_valid"] = welch(
+                    res["moas_dynamic"]["official_valid_loss"],
+                    res["moas_static"]["official_valid_loss"],
+                )
+                tests["official_test"] = welch(
+                    res["moas_dynamic"]["official_test_loss"],
+                    res["moas_static"]["official_test_loss"],
+                )
         out[mode] = {"rows": res, "welch_dynamic_vs_static": tests}
     if {"faithful", "fast"} <= out.keys():
         for row, r in out["fast"]["rows"].items():
             if row in out["faithful"]["rows"]:
-                r["speedup_vs_faithful"] = out["faithful"]["rows"][row]["step_ms_median"] / r["step_ms_median"]
+                r["speedup_vs_faithful"] = (
+                    out["faithful"]["rows"][row]["step_ms_median"] / r["step_ms_median"]
+                )
     return out
 
 
 def sentence(name: str, test: dict) -> str:
-    verdict = "a difference at the 5% level" if test["p"] < 0.05 else "no significant difference at the 5% level"
-    return (f"{name}: dynamic minus static = {test['mean_diff']:+.4f} nats/char, Welch t = {test['t']:.2f}, "
-            f"p = {test['p']:.3f}: {verdict}.")
+    verdict = (
+        "a difference at the 5% level"
+        if test["p"] < 0.05
+        else "no significant difference at the 5% level"
+    )
+    return (
+        f"{name}: dynamic minus static = {test['mean_diff']:+.4f} nats/char, Welch t = {test['t']:.2f}, "
+        f"p = {test['p']:.3f}: {verdict}."
+    )
 
 
 def speed_checks(res: dict) -> list:
@@ -177,12 +237,16 @@ def speed_checks(res: dict) -> list:
         if row != "mha":
             limit = 1.15 * r["flop_ratio"]
             ok = "met" if r["time_ratio"] <= limit else "MISSED"
-            out.append(f"faithful {row}: step time {r['time_ratio']:.2f}x mha, limit 1.15 x FLOP ratio "
-                       f"{r['flop_ratio']:.2f} = {limit:.2f}: {ok}")
+            out.append(
+                f"faithful {row}: step time {r['time_ratio']:.2f}x mha, limit 1.15 x FLOP ratio "
+                f"{r['flop_ratio']:.2f} = {limit:.2f}: {ok}"
+            )
     for row, r in res.get("fast", {}).get("rows", {}).items():
         if "speedup_vs_faithful" in r:
             ok = "met" if r["speedup_vs_faithful"] >= 3 else "MISSED"
-            out.append(f"fast {row}: {r['speedup_vs_faithful']:.2f}x faster than faithful, target >= 3x: {ok}")
+            out.append(
+                f"fast {row}: {r['speedup_vs_faithful']:.2f}x faster than faithful, target >= 3x: {ok}"
+            )
     return out
 
 
@@ -192,20 +256,29 @@ def findings(res: dict, jobs: int = 1) -> list:
     if set(ROWS) <= faithful.keys():
         means = {row: statistics.mean(faithful[row]["val_loss"]) for row in ROWS}
         order = " < ".join(f"{row} {means[row]:.4f}" for row in sorted(ROWS, key=means.get))
-        paper = " < ".join(f"{row} {PAPER[row]['val_loss']:.4f}"
-                           for row in sorted(ROWS, key=lambda r: PAPER[r]["val_loss"]))
-        lines += [f"- Faithful mode, mean val loss over {len(faithful['mha']['val_loss'])} seeds: {order}. "
-                  f"The paper's single unseeded run: {paper}.",
-                  "- Seed-to-seed spread (std) of the val loss is "
-                  f"{min(statistics.stdev(faithful[r]['val_loss']) for r in ROWS):.3f}"
-                  f" to {max(statistics.stdev(faithful[r]['val_loss']) for r in ROWS):.3f} nats/char, larger than the "
-                  "0.002 that separates dynamic from static in the paper's table."]
+        paper = " < ".join(
+            f"{row} {PAPER[row]['val_loss']:.4f}"
+            for row in sorted(ROWS, key=lambda r: PAPER[r]["val_loss"])
+        )
+        lines += [
+            f"- Faithful mode, mean val loss over {len(faithful['mha']['val_loss'])} seeds: {order}. "
+            f"The paper's single unseeded run: {paper}.",
+            "- Seed-to-seed spread (std) of the val loss is "
+            f"{min(statistics.stdev(faithful[r]['val_loss']) for r in ROWS):.3f}"
+            f" to {max(statistics.stdev(faithful[r]['val_loss']) for r in ROWS):.3f} nats/char, larger than the "
+            "0.002 that separates dynamic from static in the paper's table.",
+        ]
         tests = res["faithful"]["welch_dynamic_vs_static"]
         if tests:
-            lines.append("- Dynamic vs static (Welch): " + "; ".join(
-                f"{k.replace('_', ' ')} p = {v['p']:.2f}" for k, v in tests.items()) + ".")
+            lines.append(
+                "- Dynamic vs static (Welch): "
+                + "; ".join(f"{k.replace('_', ' ')} p = {v['p']:.2f}" for k, v in tests.items())
+                + "."
+            )
     if jobs > 1:
-        lines.append("- Speed: not measured by these runs (they shared one GPU); see the ms/iter note above.")
+        lines.append(
+            "- Speed: not measured by these runs (they shared one GPU); see the ms/iter note above."
+        )
     else:
         lines += [f"- Speed target, {c}." for c in speed_checks(res)]
     return lines
@@ -213,60 +286,89 @@ def findings(res: dict, jobs: int = 1) -> list:
 
 def markdown(res: dict, meta: dict) -> str:
     jobs = meta.get("jobs", 1)
-    lines = ["# MoAS Table 1, reproduced over seeds", "",
-             "WikiText-2 character level (283 symbols), 4 layers, d 384, 6 heads, block 256, dropout 0.1, batch 12, "
-             "500 iterations, AdamW 3e-4 constant (the recipe in ../shared/papers/moas-table1-setup.md).", "",
-             f"- Command: `{meta['command']}` (trains both modes in one run on one GPU, "
-             "evaluates on the official files, writes these tables; `--tables-only` rebuilds them from the run "
-             "records)",
-             f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date {meta['date']}",
-             "- Run records (config, metrics.jsonl, summary.json, official_eval.json): `docs/results/runs/moas_table1/"
-             "<mode>/<row>-seed<k>/`",
-             "- Modes: `faithful` = the paper's recipe (fp32 without TF32, eager, fused AdamW, the MSE balance loss "
-             "x 0.01 averaged over layers with gate dropout 0.1, each branch's output dropped out before the mix, "
-             "the 90/10 char split, 20 random eval batches of 12 x 256; every departure from the released code is "
-             "listed in docs/fidelity.md). "
-             "`fast` = the same model, data and losses with bf16 autocast, TF32, torch.compile and the whole optimizer "
-             "step captured in one CUDA graph.",
-             "- ms/iter: the median over seeds of each run's median step time, measured over device-synchronised "
-             "windows of 10 steps with evaluation excluded (the paper's column is ms per 10 iterations on a T4)."
-             + (f" These runs trained {jobs} at once on one GPU (`--jobs {jobs}`), so their step times measure a "
-                "shared device, not the models' speed: the speed of each row at this size, alone on the card, is in "
-                "docs/results/bench.md (size table1)." if jobs > 1 else ""),
-             "- Validation: the same 20 fixed random windows of the last 10% of the train file for every run "
-             "(the paper drew new random windows at each evaluation).", "",
-             *([meta["note"], ""] if meta.get("note") else []), *findings(res, jobs), ""]
+    lines = [
+        "# MoAS Table 1, reproduced over seeds",
+        "",
+        "WikiText-2 character level (283 symbols), 4 layers, d 384, 6 heads, block 256, dropout 0.1, batch 12, "
+        "500 iterations, AdamW 3e-4 constant (the recipe in ../shared/papers/moas-table1-setup.md).",
+        "",
+        f"- Command: `{meta['command']}` (trains both modes in one run on one GPU, "
+        "evaluates on the official files, writes these tables; `--tables-only` rebuilds them from the run "
+        "records)",
+        f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date {meta['date']}",
+        "- Run records (config, metrics.jsonl, summary.json, official_eval.json): `docs/results/runs/moas_table1/"
+        "<mode>/<row>-seed<k>/`",
+        "- Modes: `faithful` = the paper's recipe (fp32 without TF32, eager, fused AdamW, the MSE balance loss "
+        "x 0.01 averaged over layers with gate dropout 0.1, each branch's output dropped out before the mix, "
+        "the 90/10 char split, 20 random eval batches of 12 x 256; every departure from the released code is "
+        "listed in docs/fidelity.md). "
+        "`fast` = the same model, data and losses with bf16 autocast, TF32, torch.compile and the whole optimizer "
+        "step captured in one CUDA graph.",
+        "- ms/iter: the median over seeds of each run's median step time, measured over device-synchronised "
+        "windows of 10 steps with evaluation excluded (the paper's column is ms per 10 iterations on a T4)."
+        + (
+            f" These runs trained {jobs} at once on one GPU (`--jobs {jobs}`), so their step times measure a "
+            "shared device, not the models' speed: the speed of each row at this size, alone on the card, is in "
+            "docs/results/bench.md (size table1)."
+            if jobs > 1
+            else ""
+        ),
+        "- Validation: the same 20 fixed random windows of the last 10% of the train file for every run "
+        "(the paper drew new random windows at each evaluation).",
+        "",
+        *([meta["note"], ""] if meta.get("note") else []),
+        *findings(res, jobs),
+        "",
+    ]
     for mode, block in res.items():
         rows = block["rows"]
-        lines += [f"## Table 1, mode `{mode}` (the paper's split: val = last 10% of the train file)", "",
-                  "| row | params (non-emb.) | val loss, mean +- std | per seed | ms/iter | time / mha | FLOPs / mha |"
-                  " paper: params, val loss, 'ms/iter' |",
-                  "|---|---:|---:|---|---:|---:|---:|---|"]
+        lines += [
+            f"## Table 1, mode `{mode}` (the paper's split: val = last 10% of the train file)",
+            "",
+            "| row | params (non-emb.) | val loss, mean +- std | per seed | ms/iter | time / mha | FLOPs / mha |"
+            " paper: params, val loss, 'ms/iter' |",
+            "|---|---:|---:|---|---:|---:|---:|---|",
+        ]
         for row in ROWS:
             if row not in rows:
                 continue
             r, p = rows[row], PAPER[row]
-            extra = (f" ({r['speedup_vs_faithful']:.2f}x faster than faithful)"
-                     if "speedup_vs_faithful" in r and jobs == 1 else "")
-            lines.append(f"| {row} | {r['params_non_embedding']:,} | {mean_std(r['val_loss'])} | "
-                         f"{', '.join(f'{v:.4f}' for v in r['val_loss'])} | {r['step_ms_median']:.2f}{extra} | "
-                         f"{r.get('time_ratio', float('nan')):.2f} | {r.get('flop_ratio', float('nan')):.2f} | "
-                         f"{p['params_m']}M, {p['val_loss']:.4f}, {p['ms_iter_claimed']} |")
-        lines += ["", "### The same models on the official WikiText-2 valid and test files (full passes, fp32), "
-                  f"mode `{mode}`", "", "| row | official valid loss | per seed | official test loss | per seed |",
-                  "|---|---:|---|---:|---|"]
+            extra = (
+                f" ({r['speedup_vs_faithful']:.2f}x faster than faithful)"
+                if "speedup_vs_faithful" in r and jobs == 1
+                else ""
+            )
+            lines.append(
+                f"| {row} | {r['params_non_embedding']:,} | {mean_std(r['val_loss'])} | "
+                f"{', '.join(f'{v:.4f}' for v in r['val_loss'])} | {r['step_ms_median']:.2f}{extra} | "
+                f"{r.get('time_ratio', float('nan')):.2f} | {r.get('flop_ratio', float('nan')):.2f} | "
+                f"{p['params_m']}M, {p['val_loss']:.4f}, {p['ms_iter_claimed']} |"
+            )
+        lines += [
+            "",
+            "### The same models on the official WikiText-2 valid and test files (full passes, fp32), "
+            f"mode `{mode}`",
+            "",
+            "| row | official valid loss | per seed | official test loss | per seed |",
+            "|---|---:|---|---:|---|",
+        ]
         for row in ROWS:
             if row in rows and rows[row]["official_valid_loss"]:
                 r = rows[row]
-                lines.append(f"| {row} | {mean_std(r['official_valid_loss'])} | "
-                             f"{', '.join(f'{v:.4f}' for v in r['official_valid_loss'])} | "
-                             f"{mean_std(r['official_test_loss'])} | "
-                             f"{', '.join(f'{v:.4f}' for v in r['official_test_loss'])} |")
+                lines.append(
+                    f"| {row} | {mean_std(r['official_valid_loss'])} | "
+                    f"{', '.join(f'{v:.4f}' for v in r['official_valid_loss'])} | "
+                    f"{mean_std(r['official_test_loss'])} | "
+                    f"{', '.join(f'{v:.4f}' for v in r['official_test_loss'])} |"
+                )
         tests = block["welch_dynamic_vs_static"]
         if tests:
             lines += ["", "Welch's t-test, dynamic vs static:", ""]
-            names = {"paper_split": "Paper's split (val = tail of train)", "official_valid": "Official valid",
-                     "official_test": "Official test"}
+            names = {
+                "paper_split": "Paper's split (val = tail of train)",
+                "official_valid": "Official valid",
+                "official_test": "Official test",
+            }
             lines += [f"- {sentence(names[k], v)}" for k, v in tests.items()]
         lines.append("")
     return "\n".join(lines)
@@ -275,21 +377,33 @@ def markdown(res: dict, meta: dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--modes", nargs="+", default=["faithful", "fast"], choices=["faithful", "fast"])
+    parser.add_argument(
+        "--modes", nargs="+", default=["faithful", "fast"], choices=["faithful", "fast"]
+    )
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "docs/results/runs/moas_table1")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results/moas_table1")
     parser.add_argument("--tables-only", action="store_true", help="skip training and evaluation")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="N > 1: every (mode, row, seed) as its own process, N at once on the one device (the "
-                             "ms/iter column then measures runs that share it); 1: one multirun per mode")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="N > 1: every (mode, row, seed) as its own process, N at once on the one device (the "
+        "ms/iter column then measures runs that share it); 1: one multirun per mode",
+    )
     parser.add_argument("overrides", nargs="*", help="extra moa-train overrides for every run")
     args = parser.parse_args(argv)
     failed = []
     if not args.tables_only:
         runs_dir = args.runs_dir.resolve()
         if args.jobs > 1:
-            failed = run_jobs([j for mode in args.modes for j in jobs(mode, args.seeds, runs_dir, args.overrides)],
-                              args.jobs)
+            failed = run_jobs(
+                [
+                    j
+                    for mode in args.modes
+                    for j in jobs(mode, args.seeds, runs_dir, args.overrides)
+                ],
+                args.jobs,
+            )
         else:
             for mode in args.modes:
                 train(mode, args.seeds, runs_dir, args.overrides)
@@ -297,14 +411,25 @@ def main(argv=None) -> None:
     res = summarise(collect(args.runs_dir.resolve()))
     if not res:
         raise SystemExit(f"error: no runs under {args.runs_dir}")
-    kept = results_meta(args.out, args.tables_only)  # a rebuild keeps the measuring run's date, note and --jobs
+    kept = results_meta(
+        args.out, args.tables_only
+    )  # a rebuild keeps the measuring run's date, note and --jobs
     # how many runs shared the device: this run's --jobs, or with --tables-only the committed file's (or --jobs N, for
     # records trained N at once elsewhere)
-    jobs_n = previous_meta(args.out).get("jobs", 1) if args.tables_only and args.jobs == 1 else args.jobs
+    jobs_n = (
+        previous_meta(args.out).get("jobs", 1) if args.tables_only and args.jobs == 1 else args.jobs
+    )
     first = next(iter(next(iter(res.values()))["rows"].values()))
-    meta = {"command": "python3 scripts/reproduce_moas_table1.py" + (f" --jobs {jobs_n}" if jobs_n > 1 else ""),
-            "device": first["device"], "torch": first["torch"], "git_sha": first["git_sha"],
-            "date": kept["date"], "paper": PAPER, "jobs": jobs_n}
+    meta = {
+        "command": "python3 scripts/reproduce_moas_table1.py"
+        + (f" --jobs {jobs_n}" if jobs_n > 1 else ""),
+        "device": first["device"],
+        "torch": first["torch"],
+        "git_sha": first["git_sha"],
+        "date": kept["date"],
+        "paper": PAPER,
+        "jobs": jobs_n,
+    }
     if kept["note"]:
         meta["note"] = kept["note"]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ GPUs; the scaling efficiency is tok/s(2 GPUs) / (2 x tok/s(1 GPU)). tok/s is the
 `perf/tokens_per_s` windows after the first (which holds compilation and warm-up). Each run's record (config,
 train.log, metrics.jsonl, summary.json; the checkpoint is deleted) lands in <runs-dir>/<model>-<n>gpu/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,25 +30,55 @@ MODELS = ("mha", "moas_dynamic")
 TARGET = 0.9  # scaling-efficiency target: 2 GPUs reach this share of twice one GPU's tokens/s
 # GPT-2 small: 12 layers, d 768, 12 heads, block 1024, vocabulary padded to 50304 (nanoGPT's); the data are
 # WikiText-2 characters, whose 283 symbols use the first rows of the embedding: the compute is GPT-2's
-GPT2_SMALL = ("~experiment", "data=wikitext2_char", "model.n_layer=12", "model.d_model=768", "model.n_head=12",
-              "model.max_seq_len=1024", "model.vocab_size=50304", "model.dropout=0.0", "model.gate_dropout=0.0",
-              "trainer.block_size=1024", "trainer.precision=bf16", "trainer.tf32=true", "trainer.compile=true",
-              "trainer.cuda_graphs=false", "trainer.grad_accum=1", "trainer.eval_iters=1", "trainer.resume=false")
+GPT2_SMALL = (
+    "~experiment",
+    "data=wikitext2_char",
+    "model.n_layer=12",
+    "model.d_model=768",
+    "model.n_head=12",
+    "model.max_seq_len=1024",
+    "model.vocab_size=50304",
+    "model.dropout=0.0",
+    "model.gate_dropout=0.0",
+    "trainer.block_size=1024",
+    "trainer.precision=bf16",
+    "trainer.tf32=true",
+    "trainer.compile=true",
+    "trainer.cuda_graphs=false",
+    "trainer.grad_accum=1",
+    "trainer.eval_iters=1",
+    "trainer.resume=false",
+)
 
 
 def overrides(model: str, gpus: int, batch: int, steps: int, log_interval: int) -> list:
     """One run's moa-train overrides: `batch` sequences per GPU, evaluation (one batch) only at the end."""
-    return [f"model={model}", *applicable(model, GPT2_SMALL), f"trainer.batch_size={batch * gpus}",
-            f"trainer.eval_batch_size={batch}",
-            f"trainer.max_steps={steps}", f"trainer.log_interval={log_interval}", f"trainer.eval_interval={steps}",
-            f"experiment_name=multigpu-{model}"]
+    return [
+        f"model={model}",
+        *applicable(model, GPT2_SMALL),
+        f"trainer.batch_size={batch * gpus}",
+        f"trainer.eval_batch_size={batch}",
+        f"trainer.max_steps={steps}",
+        f"trainer.log_interval={log_interval}",
+        f"trainer.eval_interval={steps}",
+        f"experiment_name=multigpu-{model}",
+    ]
 
 
 def launch(model: str, gpus: int, args, run_dir: Path) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m",
-           "moa_train", *overrides(model, gpus, args.batch, args.steps, args.log_interval), *args.overrides,
-           f"hydra.run.dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={gpus}",
+        "-m",
+        "moa_train",
+        *overrides(model, gpus, args.batch, args.steps, args.log_interval),
+        *args.overrides,
+        f"hydra.run.dir={run_dir}",
+    ]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -56,19 +87,30 @@ def launch(model: str, gpus: int, args, run_dir: Path) -> None:
 def measure(run_dir: Path) -> dict:
     """A run's steady-state speed (the median over the logged windows after the first) and its record."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    lines = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     windows = [r for r in lines if "perf/tokens_per_s" in r]
     steady = windows[1:]
     if not steady:
         raise SystemExit(f"error: {run_dir} logged fewer than two training windows; raise --steps")
-    return {"model": run_dir.name.rpartition("-")[0], "gpus": summary["world_size"],
-            "tokens_per_s": statistics.median(r["perf/tokens_per_s"] for r in steady),
-            "step_ms": statistics.median(r["perf/step_ms"] for r in steady),
-            "mfu": statistics.median(r["perf/mfu"] for r in steady), "windows": len(steady),
-            "log_interval": windows[0]["step"],
-            "tokens_per_step": summary["tokens_seen"] // summary["steps"],
-            "params_total": summary["params_total"], "run": run_dir.name, "device": summary["device_name"],
-            "torch": summary["torch_version"], "git_sha": summary["git_sha"]}
+    return {
+        "model": run_dir.name.rpartition("-")[0],
+        "gpus": summary["world_size"],
+        "tokens_per_s": statistics.median(r["perf/tokens_per_s"] for r in steady),
+        "step_ms": statistics.median(r["perf/step_ms"] for r in steady),
+        "mfu": statistics.median(r["perf/mfu"] for r in steady),
+        "windows": len(steady),
+        "log_interval": windows[0]["step"],
+        "tokens_per_step": summary["tokens_seen"] // summary["steps"],
+        "params_total": summary["params_total"],
+        "run": run_dir.name,
+        "device": summary["device_name"],
+        "torch": summary["torch_version"],
+        "git_sha": summary["git_sha"],
+    }
 
 
 def summarise(runs_dir: Path) -> dict:
@@ -86,31 +128,44 @@ def summarise(runs_dir: Path) -> dict:
 
 
 def markdown(res: dict, meta: dict) -> str:
-    lines = ["# Data-parallel scaling on 2 GPUs", "",
-             "GPT-2 small (12 layers, d 768, 12 heads, block 1024, vocabulary 50304) as mha and as moas_dynamic, "
-             "WikiText-2 characters, bf16 autocast, TF32, torch.compile, fused AdamW; DDP under torchrun (one process "
-             "per GPU, NCCL). Weak scaling: the same batch per GPU, so the global batch doubles on 2 GPUs.", "",
-             f"- Command: `{meta['command']}` (`--tables-only` rebuilds these tables from the run records)",
-             f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date {meta['date']}",
-             "- tok/s: the whole job's training tokens per second, the median over the logged windows of "
-             f"{meta['log_interval']} steps after the first (compilation, warm-up); evaluation excluded. Scaling "
-             "efficiency = tok/s(2 GPUs) / (2 x tok/s(1 GPU)).",
-             "- Run records (config, train.log, metrics.jsonl, summary.json): "
-             "`docs/results/runs/multigpu/<model>-<n>gpu/`", "",
-             "| model | GPUs | params | tokens / step | tok/s | tok/s per GPU | ms / step | MFU | scaling efficiency |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Data-parallel scaling on 2 GPUs",
+        "",
+        "GPT-2 small (12 layers, d 768, 12 heads, block 1024, vocabulary 50304) as mha and as moas_dynamic, "
+        "WikiText-2 characters, bf16 autocast, TF32, torch.compile, fused AdamW; DDP under torchrun (one process "
+        "per GPU, NCCL). Weak scaling: the same batch per GPU, so the global batch doubles on 2 GPUs.",
+        "",
+        f"- Command: `{meta['command']}` (`--tables-only` rebuilds these tables from the run records)",
+        f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date {meta['date']}",
+        "- tok/s: the whole job's training tokens per second, the median over the logged windows of "
+        f"{meta['log_interval']} steps after the first (compilation, warm-up); evaluation excluded. Scaling "
+        "efficiency = tok/s(2 GPUs) / (2 x tok/s(1 GPU)).",
+        "- Run records (config, train.log, metrics.jsonl, summary.json): "
+        "`docs/results/runs/multigpu/<model>-<n>gpu/`",
+        "",
+        "| model | GPUs | params | tokens / step | tok/s | tok/s per GPU | ms / step | MFU | scaling efficiency |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for model, block in res.items():
         for r in block["runs"]:
-            eff = f"{100 * block['efficiency']:.1f}%" if r["gpus"] == 2 and "efficiency" in block else ""
-            lines.append(f"| {model} | {r['gpus']} | {r['params_total'] / 1e6:.1f}M | {r['tokens_per_step']:,} | "
-                         f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / r['gpus']:,.0f} | {r['step_ms']:.1f} | "
-                         f"{100 * r['mfu']:.1f}% | {eff} |")
+            eff = (
+                f"{100 * block['efficiency']:.1f}%"
+                if r["gpus"] == 2 and "efficiency" in block
+                else ""
+            )
+            lines.append(
+                f"| {model} | {r['gpus']} | {r['params_total'] / 1e6:.1f}M | {r['tokens_per_step']:,} | "
+                f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / r['gpus']:,.0f} | {r['step_ms']:.1f} | "
+                f"{100 * r['mfu']:.1f}% | {eff} |"
+            )
     lines += ["", "## Target", ""]
     for model, block in res.items():
         if "efficiency" in block:
             verdict = "met" if block["efficiency"] >= TARGET else "MISSED"
-            lines.append(f"- {model}: scaling efficiency {100 * block['efficiency']:.1f}%, target >= "
-                         f"{100 * TARGET:.0f}%: {verdict}.")
+            lines.append(
+                f"- {model}: scaling efficiency {100 * block['efficiency']:.1f}%, target >= "
+                f"{100 * TARGET:.0f}%: {verdict}."
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -136,14 +191,22 @@ def main(argv=None) -> None:
     if not res:
         raise SystemExit(f"error: no runs under {args.runs_dir}")
     first = next(iter(res.values()))["runs"][0]
-    kept = results_meta(args.out, args.tables_only)  # a rebuild keeps the measuring run's command, date
-    meta = {"command": kept["command"] or " ".join(["python3 scripts/bench_multigpu.py", *argv]),
-            "device": first["device"], "torch": first["torch"], "git_sha": first["git_sha"],
-            "date": kept["date"],
-            "log_interval": first["log_interval"]}
+    kept = results_meta(
+        args.out, args.tables_only
+    )  # a rebuild keeps the measuring run's command, date
+    meta = {
+        "command": kept["command"] or " ".join(["python3 scripts/bench_multigpu.py", *argv]),
+        "device": first["device"],
+        "torch": first["torch"],
+        "git_sha": first["git_sha"],
+        "date": kept["date"],
+        "log_interval": first["log_interval"],
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": res}, indent=1))
-    notes = args.out.with_name(args.out.name + "_notes.md")  # hand-written analysis, kept across rebuilds
+    notes = args.out.with_name(
+        args.out.name + "_notes.md"
+    )  # hand-written analysis, kept across rebuilds
     text = markdown(res, meta) + ("\n" + notes.read_text() if notes.is_file() else "")
     args.out.with_suffix(".md").write_text(text)
     print(args.out.with_suffix(".md").read_text())

@@ -17,6 +17,7 @@ of a row deletes its old records first (with --seed-list only those of the liste
 runs' saved configs, its device, torch and commit from their summaries, and Welch's t-test of moa and moa_sparse
 against mha on test BLEU and tokenised BLEU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,16 @@ from pathlib import Path
 import yaml
 
 from moa_train.paths import config_dir, repo_root
-from moa_train.results import Job, clear, previous_meta, results_meta, run_command, run_jobs, single_run, welch
+from moa_train.results import (
+    Job,
+    clear,
+    previous_meta,
+    results_meta,
+    run_command,
+    run_jobs,
+    single_run,
+    welch,
+)
 
 ROOT = repo_root()
 ROWS = ("mha", "moa", "moa_sparse")
@@ -40,20 +50,35 @@ GROUPS = {  # group (= the experiment folder of its rows) -> its table's heading
 PARTS = (*GROUPS, "wmt")
 COMMON = ("trainer.precision=bf16", "trainer.tf32=true")
 # the Multi30k mha architecture on the local WMT news data (13.5k training pairs: the score is low), seed 0 only
-WMT = ("wmt_local", "mha", ("experiment=multi30k/mha", "data=wmt14_en_de", "trainer.max_steps=2000",
-                            "experiment_name=wmt_local-mha"))
+WMT = (
+    "wmt_local",
+    "mha",
+    (
+        "experiment=multi30k/mha",
+        "data=wmt14_en_de",
+        "trainer.max_steps=2000",
+        "experiment_name=wmt_local-mha",
+    ),
+)
 TESTS = {"test/bleu": "BLEU", "test/bleu_tok": "BLEU (tok.)"}  # metric -> its unit in the sentences
 
 
 def plan(parts: list, rows: list, seeds: list) -> list:
     """(group, row, seeds, the row's overrides) of every row to train."""
-    out = [(group, row, seeds, (f"experiment={group}/{row}",)) for group in GROUPS if group in parts for row in rows]
+    out = [
+        (group, row, seeds, (f"experiment={group}/{row}",))
+        for group in GROUPS
+        if group in parts
+        for row in rows
+    ]
     if "wmt" in parts and WMT[1] in rows:
         out.append((WMT[0], WMT[1], [0], WMT[2]))
     return out
 
 
-def train(planned: list, runs_dir: Path, extra: list, n_jobs: int, keep_other_seeds: bool = False) -> list:
+def train(
+    planned: list, runs_dir: Path, extra: list, n_jobs: int, keep_other_seeds: bool = False
+) -> list:
     """Train the planned rows: one multirun per row (n_jobs 1) or every (row, seed) as its own run, n_jobs at once.
 
     A row's old records go first: all of them (the row is remade with its seeds), or with `keep_other_seeds` only
@@ -68,9 +93,20 @@ def train(planned: list, runs_dir: Path, extra: list, n_jobs: int, keep_other_se
         if n_jobs == 1:
             # the row's name written into the subdir: the experiment choice is "<group>/<row>" (a subdir built from
             # it nests a folder), and model.name is "moa" for the moa_sparse row
-            run_command([sys.executable, "-m", "moa_train", "-m", f"trainer.seed={','.join(map(str, seeds))}",
-                         *COMMON, *overrides, *extra, f"hydra.sweep.dir={runs_dir / group}",
-                         f"hydra.sweep.subdir={row}-seed${{trainer.seed}}"])
+            run_command(
+                [
+                    sys.executable,
+                    "-m",
+                    "moa_train",
+                    "-m",
+                    f"trainer.seed={','.join(map(str, seeds))}",
+                    *COMMON,
+                    *overrides,
+                    *extra,
+                    f"hydra.sweep.dir={runs_dir / group}",
+                    f"hydra.sweep.subdir={row}-seed${{trainer.seed}}",
+                ]
+            )
             continue
         for seed in seeds:
             run = runs_dir / group / f"{row}-seed{seed}"
@@ -90,7 +126,12 @@ def collect(runs_dir: Path) -> dict:
         run_dir = path.parent
         group, (row, _, seed) = run_dir.parent.name, run_dir.name.rpartition("-seed")
         rows.setdefault(group, {}).setdefault(row, []).append(
-            {"seed": int(seed), "run": str(run_dir.relative_to(runs_dir)), **json.loads(path.read_text())})
+            {
+                "seed": int(seed),
+                "run": str(run_dir.relative_to(runs_dir)),
+                **json.loads(path.read_text()),
+            }
+        )
     for group in rows.values():
         for records in group.values():
             records.sort(key=lambda r: r["seed"])
@@ -100,10 +141,12 @@ def collect(runs_dir: Path) -> dict:
 def describe(cfg: dict) -> str:
     """The recipe of a run in one line, from its saved config (.hydra/config.yaml)."""
     m, d, t = cfg["model"], cfg["data"], cfg["trainer"]
-    return (f"{m.get('n_encoder_layer') or m['n_layer']}+{m['n_layer']} layers, d {m['d_model']}, "
-            f"FFN {round(m['mlp_ratio'] * m['d_model'])}, {'pre' if m.get('norm_first', True) else 'post'}-LN, "
-            f"{t['max_steps']} updates of {d['max_tokens']} tokens, label smoothing {t['label_smoothing']}, "
-            f"{t['precision']}.")
+    return (
+        f"{m.get('n_encoder_layer') or m['n_layer']}+{m['n_layer']} layers, d {m['d_model']}, "
+        f"FFN {round(m['mlp_ratio'] * m['d_model'])}, {'pre' if m.get('norm_first', True) else 'post'}-LN, "
+        f"{t['max_steps']} updates of {d['max_tokens']} tokens, label smoothing {t['label_smoothing']}, "
+        f"{t['precision']}."
+    )
 
 
 def descriptions(runs_dir: Path, group: dict) -> dict:
@@ -121,8 +164,14 @@ def descriptions(runs_dir: Path, group: dict) -> dict:
 def provenance(group: dict) -> dict:
     """The device, torch and commit of a group's records: one value, or the distinct ones joined."""
     records = [r for recs in group.values() for r in recs]
-    return {name: ", ".join(dict.fromkeys(str(r[key]) for r in records))
-            for name, key in (("device", "device_name"), ("torch", "torch_version"), ("git_sha", "git_sha"))}
+    return {
+        name: ", ".join(dict.fromkeys(str(r[key]) for r in records))
+        for name, key in (
+            ("device", "device_name"),
+            ("torch", "torch_version"),
+            ("git_sha", "git_sha"),
+        )
+    }
 
 
 def significance(group: dict) -> dict:
@@ -139,8 +188,10 @@ def significance(group: dict) -> dict:
 
 def sentence(metric: str, name: str, test: dict) -> str:
     verdict = "significant" if test["p"] < 0.05 else "not significant"
-    return (f"{name.replace('_vs_', ' - ')} = {test['mean_diff']:+.2f} {TESTS[metric]}, t = {test['t']:.2f}, "
-            f"p = {test['p']:.3f} (n = {test['n'][0]} vs {test['n'][1]} seeds): {verdict} at 0.05.")
+    return (
+        f"{name.replace('_vs_', ' - ')} = {test['mean_diff']:+.2f} {TESTS[metric]}, t = {test['t']:.2f}, "
+        f"p = {test['p']:.3f} (n = {test['n'][0]} vs {test['n'][1]} seeds): {verdict} at 0.05."
+    )
 
 
 def fmt(values: list, digits: int = 2) -> str:
@@ -156,20 +207,32 @@ def per_seed(records: list, key: str) -> str:
 def source_lines(block: dict) -> list:
     """A table's recipe (from the configs) and device, torch and commit (from the summaries)."""
     described = block["description"]
-    lines = list(described) if len(described) == 1 else [f"{', '.join(rows)}: {d}" for d, rows in described.items()]
+    lines = (
+        list(described)
+        if len(described) == 1
+        else [f"{', '.join(rows)}: {d}" for d, rows in described.items()]
+    )
     p = block["provenance"]
     return [*lines, "", f"Device: {p['device']}; torch {p['torch']}; git {p['git_sha']}.", ""]
 
 
 def group_table(heading: str, recs_by_row: dict, block: dict) -> list:
-    shared = block.get("shared_jobs", 1) > 1  # the runs trained N at once on one device: their wall times say nothing
+    shared = (
+        block.get("shared_jobs", 1) > 1
+    )  # the runs trained N at once on one device: their wall times say nothing
     lines = [f"## {heading}", "", *source_lines(block)]
     if shared:
-        lines += [f"These runs trained {block['shared_jobs']} at once on one GPU (`--jobs {block['shared_jobs']}`, "
-                  "each stopped at the device call's time limit and resumed from its checkpoint where needed), so "
-                  "their wall times measure a shared device and are not shown.", ""]
-    lines += ["| row | params | MACs / token | test BLEU | per seed | chrF | BLEU (tok.) | val BLEU (greedy) | "
-              "wall time (s), evaluation included |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+        lines += [
+            f"These runs trained {block['shared_jobs']} at once on one GPU (`--jobs {block['shared_jobs']}`, "
+            "each stopped at the device call's time limit and resumed from its checkpoint where needed), so "
+            "their wall times measure a shared device and are not shown.",
+            "",
+        ]
+    lines += [
+        "| row | params | MACs / token | test BLEU | per seed | chrF | BLEU (tok.) | val BLEU (greedy) | "
+        "wall time (s), evaluation included |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
     for row in ROWS:
         recs = recs_by_row.get(row)
         if not recs:
@@ -179,29 +242,40 @@ def group_table(heading: str, recs_by_row: dict, block: dict) -> list:
             f"| {row} | {r0['params_total']:,} | {r0['flops_per_token'] / 6 / 1e6:.2f}M | "
             f"{fmt([r['test/bleu'] for r in recs])} | {per_seed(recs, 'test/bleu')} | "
             f"{fmt([r['test/chrf'] for r in recs])} | {fmt([r['test/bleu_tok'] for r in recs])} | "
-            f"{fmt([r['val/bleu'] for r in recs])} | {'-' if shared else fmt([r['wall_s'] for r in recs], 0)} |")
+            f"{fmt([r['val/bleu'] for r in recs])} | {'-' if shared else fmt([r['wall_s'] for r in recs], 0)} |"
+        )
     first = next(iter(recs_by_row.values()))[0]
     lines += ["", f"sacreBLEU signature: `{first.get('bleu_signature', '?')}`", ""]
     if block["welch"]:
-        lines += ["Welch's t-test (two-sided) of the per-seed test scores, each row against mha:", ""]
-        lines += [f"- {sentence(metric, name, test)}" for metric, tests in block["welch"].items()
-                  for name, test in tests.items()]
+        lines += [
+            "Welch's t-test (two-sided) of the per-seed test scores, each row against mha:",
+            "",
+        ]
+        lines += [
+            f"- {sentence(metric, name, test)}"
+            for metric, tests in block["welch"].items()
+            for name, test in tests.items()
+        ]
         lines.append("")
     return lines
 
 
 def markdown(rows: dict, groups: dict, meta: dict) -> str:
-    lines = ["# Translation: MoA vs MHA", "",
-             "- Command: `python3 scripts/reproduce_translation.py` (`--part multi30k,multi30k_fairseq,wmt`, "
-             "`--seeds N`, `--rows`, `--seed-list`, `--jobs N`; `--tables-only` rebuilds this file from the run "
-             "records)",
-             f"- Device, torch and commit: under each table, from its run records; date {meta['date']}",
-             "- Run records: `docs/results/runs/translation/<group>/<row>-seed<k>/`",
-             "- BLEU: sacreBLEU on detokenised text (13a tokenisation, signature below), beam 4, length penalty 0.6, "
-             "the last 5 checkpoints averaged; `BLEU (tok.)` is BLEU on 13a-tokenised text with compound splitting, "
-             "the kind of number the MoA paper reported (it used Moses tokenisation): the two are not comparable "
-             "with each other. MACs per token: forward multiply-accumulates per (source + target) token pair from "
-             "the models' FLOP counter (training FLOPs / 6) at the mean training target length.", ""]
+    lines = [
+        "# Translation: MoA vs MHA",
+        "",
+        "- Command: `python3 scripts/reproduce_translation.py` (`--part multi30k,multi30k_fairseq,wmt`, "
+        "`--seeds N`, `--rows`, `--seed-list`, `--jobs N`; `--tables-only` rebuilds this file from the run "
+        "records)",
+        f"- Device, torch and commit: under each table, from its run records; date {meta['date']}",
+        "- Run records: `docs/results/runs/translation/<group>/<row>-seed<k>/`",
+        "- BLEU: sacreBLEU on detokenised text (13a tokenisation, signature below), beam 4, length penalty 0.6, "
+        "the last 5 checkpoints averaged; `BLEU (tok.)` is BLEU on 13a-tokenised text with compound splitting, "
+        "the kind of number the MoA paper reported (it used Moses tokenisation): the two are not comparable "
+        "with each other. MACs per token: forward multiply-accumulates per (source + target) token pair from "
+        "the models' FLOP counter (training FLOPs / 6) at the mean training target length.",
+        "",
+    ]
     if meta.get("note"):
         lines += [meta["note"], ""]
     for group, heading in GROUPS.items():
@@ -209,40 +283,62 @@ def markdown(rows: dict, groups: dict, meta: dict) -> str:
             lines += group_table(heading, rows[group], groups[group])
     if WMT[0] in rows:
         r = rows[WMT[0]][WMT[1]][0]
-        lines += ["## The WMT pipeline end to end on the local news data", "",
-                  "The same mha architecture trained for 2000 updates on the 13,573 local pairs (older newstests, not "
-                  "the WMT14 training corpus), validated on newstest2013, tested on newstest2014 (3,003 sentences). "
-                  "The training set is about 0.3% of WMT14's, so the score is far below the paper's 27-28: this run "
-                  "shows that the pipeline works end to end, not what the models reach on WMT14.", "",
-                  *source_lines(groups[WMT[0]])[-2:],
-                  f"newstest2014: BLEU {r['test/bleu']:.2f}, chrF {r['test/chrf']:.2f}, BLEU (tok.) "
-                  f"{r['test/bleu_tok']:.2f}; {r['params_total']:,} parameters; {r['wall_s']:.0f} s.", ""]
+        lines += [
+            "## The WMT pipeline end to end on the local news data",
+            "",
+            "The same mha architecture trained for 2000 updates on the 13,573 local pairs (older newstests, not "
+            "the WMT14 training corpus), validated on newstest2013, tested on newstest2014 (3,003 sentences). "
+            "The training set is about 0.3% of WMT14's, so the score is far below the paper's 27-28: this run "
+            "shows that the pipeline works end to end, not what the models reach on WMT14.",
+            "",
+            *source_lines(groups[WMT[0]])[-2:],
+            f"newstest2014: BLEU {r['test/bleu']:.2f}, chrF {r['test/chrf']:.2f}, BLEU (tok.) "
+            f"{r['test/bleu_tok']:.2f}; {r['params_total']:,} parameters; {r['wall_s']:.0f} s.",
+            "",
+        ]
     return "\n".join(lines)
 
 
 def choices(allowed: tuple, parse=str):
     """An argparse type: a comma list of `allowed` values."""
+
     def parse_list(text: str) -> list:
         values = [parse(v) for v in text.split(",") if v]
         wrong = [v for v in values if allowed and v not in allowed]
         if wrong or not values:
-            raise argparse.ArgumentTypeError(f"{text!r}: a comma list of {', '.join(map(str, allowed))}")
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: a comma list of {', '.join(map(str, allowed))}"
+            )
         return values
+
     return parse_list
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 of every Multi30k row")
-    parser.add_argument("--seed-list", type=choices((), int),
-                        help="only these seeds (a comma list, e.g. 2), keeping the row's other seeds' records (without "
-                             "it a row's old records all go before it reruns)")
-    parser.add_argument("--part", type=choices(("all", *PARTS)), default=["all"],
-                        help=f"a comma list of all, {', '.join(PARTS)}")
-    parser.add_argument("--rows", type=choices(ROWS), default=list(ROWS), help=f"a comma list of {', '.join(ROWS)}")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="N > 1: every (row, seed) as its own process, N at once on the one device (wall times "
-                             "then measure runs that share it); 1: one multirun per row, its seeds in turn")
+    parser.add_argument(
+        "--seed-list",
+        type=choices((), int),
+        help="only these seeds (a comma list, e.g. 2), keeping the row's other seeds' records (without "
+        "it a row's old records all go before it reruns)",
+    )
+    parser.add_argument(
+        "--part",
+        type=choices(("all", *PARTS)),
+        default=["all"],
+        help=f"a comma list of all, {', '.join(PARTS)}",
+    )
+    parser.add_argument(
+        "--rows", type=choices(ROWS), default=list(ROWS), help=f"a comma list of {', '.join(ROWS)}"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="N > 1: every (row, seed) as its own process, N at once on the one device (wall times "
+        "then measure runs that share it); 1: one multirun per row, its seeds in turn",
+    )
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "docs/results/runs/translation")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results/translation")
     parser.add_argument("--tables-only", action="store_true")
@@ -253,25 +349,52 @@ def main(argv=None) -> None:
     if not args.tables_only:
         parts = PARTS if "all" in args.part else args.part
         seeds = args.seed_list or list(range(args.seeds))
-        failed = train(plan(parts, args.rows, seeds), runs_dir, args.overrides, args.jobs,
-                       keep_other_seeds=args.seed_list is not None)
+        failed = train(
+            plan(parts, args.rows, seeds),
+            runs_dir,
+            args.overrides,
+            args.jobs,
+            keep_other_seeds=args.seed_list is not None,
+        )
     rows = collect(runs_dir)
     if not rows:
         raise SystemExit(f"error: no runs under {args.runs_dir}")
     # how many runs shared the device, per group: this run's --jobs for the parts it trained (with --tables-only:
     # for the parts named, records trained N at once elsewhere), else the committed file's
     before = previous_meta(args.out).get("shared_jobs", {})
-    named = {"wmt_local" if part == "wmt" else part for part in (PARTS if "all" in args.part else args.part)}
-    shared = {g: (args.jobs if g in named and (args.jobs > 1 or not args.tables_only) else before.get(g, 1))
-              for g in rows}
-    groups = {group: {"description": descriptions(runs_dir, recs), "provenance": provenance(recs),
-                      "welch": significance(recs), "shared_jobs": shared[group]} for group, recs in rows.items()}
-    kept = results_meta(args.out, args.tables_only)  # a rebuild keeps the measuring run's date and note
+    named = {
+        "wmt_local" if part == "wmt" else part
+        for part in (PARTS if "all" in args.part else args.part)
+    }
+    shared = {
+        g: (
+            args.jobs
+            if g in named and (args.jobs > 1 or not args.tables_only)
+            else before.get(g, 1)
+        )
+        for g in rows
+    }
+    groups = {
+        group: {
+            "description": descriptions(runs_dir, recs),
+            "provenance": provenance(recs),
+            "welch": significance(recs),
+            "shared_jobs": shared[group],
+        }
+        for group, recs in rows.items()
+    }
+    kept = results_meta(
+        args.out, args.tables_only
+    )  # a rebuild keeps the measuring run's date and note
     meta = {"date": kept["date"], "note": kept["note"], "shared_jobs": shared}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "groups": groups, "runs": rows}, indent=1))
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "groups": groups, "runs": rows}, indent=1)
+    )
     text = markdown(rows, groups, meta)
-    decoding = args.out.parent / "translation_decoding.json"  # scripts/time_translation_decoding.py's record
+    decoding = (
+        args.out.parent / "translation_decoding.json"
+    )  # scripts/time_translation_decoding.py's record
     if decoding.is_file():
         from moa_train.results.decoding import markdown_section
 

@@ -10,6 +10,7 @@ checkpoint is stored as those (the NumPy RNG state as a tensor). Files written b
 are refused with the command that converts them once (`python3 -m moa_train.train.checkpoint convert PATH
 --trust-pickle`, for files the user trusts).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,13 +46,23 @@ def _numpy_rng_state(state=None) -> tuple:
     """np.random.get_state() (or `state`) with its key array as a tensor: a weights_only load accepts no NumPy
     arrays."""
     name, keys, pos, has_gauss, gauss = np.random.get_state() if state is None else state
-    return str(name), torch.from_numpy(np.asarray(keys).astype(np.int64)), int(pos), int(has_gauss), float(gauss)
+    return (
+        str(name),
+        torch.from_numpy(np.asarray(keys).astype(np.int64)),
+        int(pos),
+        int(has_gauss),
+        float(gauss),
+    )
 
 
 def rng_state() -> dict:
     """This process's generators; of CUDA only the current device's (one per process: reading every GPU's would
     open a context on each GPU from every torchrun process)."""
-    state = {"python": random.getstate(), "numpy": _numpy_rng_state(), "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": _numpy_rng_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -61,13 +72,20 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, np.asarray(keys.cpu(), dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"].cpu())  # .cpu(): a checkpoint loaded onto the GPU moved these too
+    torch.set_rng_state(
+        state["torch"].cpu()
+    )  # .cpu(): a checkpoint loaded onto the GPU moved these too
     if "cuda" in state and torch.cuda.is_initialized():
-        cuda = state["cuda"]  # checkpoints written before multi-GPU support hold a list: every device's state
-        torch.cuda.set_rng_state((cuda[torch.cuda.current_device()] if isinstance(cuda, list) else cuda).cpu())
+        cuda = state[
+            "cuda"
+        ]  # checkpoints written before multi-GPU support hold a list: every device's state
+        torch.cuda.set_rng_state(
+            (cuda[torch.cuda.current_device()] if isinstance(cuda, list) else cuda).cpu()
+        )
 
 
 # --- writing ------------------------------------------------------------------------------------------------------
+
 
 class _HashingWriter:
     """The file object torch.save writes to: hashes the bytes on their way out, so no second read is needed."""
@@ -79,7 +97,9 @@ class _HashingWriter:
         self.sha.update(data)
         try:
             return self.file.write(data)
-        except OSError as exc:  # torch.save reports it as a RuntimeError ("file write failed"): keep the cause
+        except (
+            OSError
+        ) as exc:  # torch.save reports it as a RuntimeError ("file write failed"): keep the cause
             self.error = exc
             raise
 
@@ -92,7 +112,9 @@ def sidecar(path: Path) -> Path:
 
 
 def _write_sidecar(path: Path, digest: str) -> None:
-    atomic_write(sidecar(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()), durable=True)
+    atomic_write(
+        sidecar(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()), durable=True
+    )
 
 
 def atomic_save(obj: dict, path: Path) -> str:
@@ -157,8 +179,10 @@ def save_checkpoint(state: dict, folder: Path, keep: int, is_best: bool) -> Path
         if is_best:
             _publish_copy(path, folder / "best.pt", digest)
     except OSError as exc:
-        raise CheckpointError(f"checkpoint {path} could not be written ({exc.strerror or exc}); free space in "
-                              f"{folder} or point hydra.run.dir elsewhere, then resume") from None
+        raise CheckpointError(
+            f"checkpoint {path} could not be written ({exc.strerror or exc}); free space in "
+            f"{folder} or point hydra.run.dir elsewhere, then resume"
+        ) from None
     for old in step_checkpoints(folder)[:-keep]:
         _remove(old)
     return path
@@ -182,14 +206,19 @@ def drop_later_checkpoints(folder: Path, step: int, failed: tuple = ()) -> None:
         if path.name <= f"step_{step:07d}.pt":
             continue
         if path in failed:
-            log.warning("%s failed its check: kept as %s; the run continues from step %d", path,
-                        set_aside(path).name, step)
+            log.warning(
+                "%s failed its check: kept as %s; the run continues from step %d",
+                path,
+                set_aside(path).name,
+                step,
+            )
         else:
             log.warning("removing %s: the run continues from step %d", path, step)
             _remove(path)
 
 
 # --- reading ------------------------------------------------------------------------------------------------------
+
 
 def file_sha256(path: Path) -> str:
     sha = hashlib.sha256()
@@ -206,29 +235,44 @@ def verify(path: Path) -> bool:
     if not side.is_file():
         return False
     expected = side.read_text(encoding="utf-8", errors="replace").split()[:1]
-    if not (expected and len(expected[0]) == 64 and all(c in "0123456789abcdef" for c in expected[0])):
-        raise CheckpointError(f"checkpoint {path} is unverified: its sidecar {side.name} is damaged (no sha256)")
+    if not (
+        expected and len(expected[0]) == 64 and all(c in "0123456789abcdef" for c in expected[0])
+    ):
+        raise CheckpointError(
+            f"checkpoint {path} is unverified: its sidecar {side.name} is damaged (no sha256)"
+        )
     if expected != [file_sha256(path)]:
-        raise CheckpointError(f"checkpoint {path} is damaged: its sha256 differs from the one in {side.name}")
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: its sha256 differs from the one in {side.name}"
+        )
     return True
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
     """The checkpoint's state, read with torch's weights_only unpickler: tensors and plain types, no code runs."""
     if not verify(path):
-        log.warning("checkpoint %s has no %s beside it: loaded without verification", path, sidecar(path).name)
+        log.warning(
+            "checkpoint %s has no %s beside it: loaded without verification",
+            path,
+            sidecar(path).name,
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" not in str(exc):  # not a pickle of other objects, just bytes that are no pickle
+        if "Unsupported global" not in str(
+            exc
+        ):  # not a pickle of other objects, just bytes that are no pickle
             raise CheckpointError(f"checkpoint {path} cannot be read (UnpicklingError)") from None
         # a global outside the allowed types: an old checkpoint, or one carrying code
         raise UnsafeCheckpointError(
             f"checkpoint {path} holds objects that only a full unpickler reads (written before checkpoints "
             f"stored tensors and plain values only, or carrying code), so it is not loaded; if you trust it, "
-            f"convert it once with: {CONVERT.format(path=path)}") from None
+            f"convert it once with: {CONVERT.format(path=path)}"
+        ) from None
     except Exception as exc:  # truncated or corrupt file
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"checkpoint {path} is not a moa_train checkpoint")
     return state
@@ -269,9 +313,11 @@ def load_latest(target: Path, map_location="cpu", key: str = "trainer.resume") -
                 raise
             log.warning("%s; trying the previous checkpoint", exc)
             failed.append(path)
-    raise CheckpointError(f"{key}: no readable checkpoint in {target} (damaged: "
-                          f"{', '.join(p.name for p in failed)}); use trainer.resume=false with a new hydra.run.dir "
-                          "to start over")
+    raise CheckpointError(
+        f"{key}: no readable checkpoint in {target} (damaged: "
+        f"{', '.join(p.name for p in failed)}); use trainer.resume=false with a new hydra.run.dir "
+        "to start over"
+    )
 
 
 def average_checkpoints(paths: list, map_location="cpu") -> dict:
@@ -289,6 +335,7 @@ def average_checkpoints(paths: list, map_location="cpu") -> dict:
 
 # --- converting checkpoints written before weights_only loading -----------------------------------------------------
 
+
 def convert(path: Path) -> None:
     """Rewrite an old checkpoint so that weights_only loads it: read once with the full unpickler (which runs
     whatever the file holds: only for files the user trusts), the NumPy RNG states as tensors, atomically."""
@@ -300,34 +347,48 @@ def convert(path: Path) -> None:
         rng["numpy"] = _numpy_rng_state(rng["numpy"])
     if not isinstance(state["config"], dict):  # an OmegaConf node: a plain dict
         from omegaconf import OmegaConf
+
         state["config"] = OmegaConf.to_container(state["config"], resolve=True)
     atomic_save(state, path)
     load_checkpoint(path)  # proves the rewritten file loads safely
 
 
 def convert_main(argv: list | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m moa_train.train.checkpoint",
-                                     description="Rewrite old checkpoints so that they load without running code.")
+    parser = argparse.ArgumentParser(
+        prog="python3 -m moa_train.train.checkpoint",
+        description="Rewrite old checkpoints so that they load without running code.",
+    )
     parser.add_argument("command", choices=["convert"])
     parser.add_argument("paths", nargs="+", type=Path, help="checkpoint files or run folders")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="required: the old file is read with the full unpickler, which runs any code it holds")
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="required: the old file is read with the full unpickler, which runs any code it holds",
+    )
     args = parser.parse_args(argv)
     if not args.trust_pickle:
-        print("error: --trust-pickle: converting reads each file with the full unpickler, which runs any code in it;"
-              " add --trust-pickle only for files you trust", file=sys.stderr)
+        print(
+            "error: --trust-pickle: converting reads each file with the full unpickler, which runs any code in it;"
+            " add --trust-pickle only for files you trust",
+            file=sys.stderr,
+        )
         return 2
     for target in args.paths:
         found = checkpoints_in(target)
         if not found:
-            print(f"error: {target}: no checkpoint file or run folder with checkpoints", file=sys.stderr)
+            print(
+                f"error: {target}: no checkpoint file or run folder with checkpoints",
+                file=sys.stderr,
+            )
             return 2
         for path in found:
             try:
                 convert(path)
             except Exception as exc:  # a damaged file: name it, convert nothing more
-                print(f"error: {path}: cannot be converted ({type(exc).__name__}: {str(exc).splitlines()[0]})",
-                      file=sys.stderr)
+                print(
+                    f"error: {path}: cannot be converted ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+                    file=sys.stderr,
+                )
                 return 2
             print(f"converted {path}")
     return 0

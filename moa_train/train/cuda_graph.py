@@ -7,6 +7,7 @@ AdamW built with `capturable=True` and tensor learning rates (the schedule fills
 steps on a side stream before the capture, gradients set to None when capturing (the graph's backward then writes
 fresh gradients on every replay), and inputs of fixed shape copied into static buffers.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,4 +30,6 @@ class CapturedStep:
         return self.outputs
 
 
-WARMUP_STEPS = 3  # eager steps before the capture: compilation, cuBLAS handles and optimizer state are set up
+WARMUP_STEPS = (
+    3  # eager steps before the capture: compilation, cuBLAS handles and optimizer state are set up
+)

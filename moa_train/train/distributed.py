@@ -8,6 +8,7 @@ summary); checkpoints hold full, unsharded tensors, so they load with any number
 
 Without torchrun (WORLD_SIZE unset or 1) there is no process group and everything here is the identity.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -35,6 +36,7 @@ from moa_train.collectives import global_sum, world_size  # noqa: F401 (public h
 @dataclass(frozen=True)
 class Dist:
     """This process's place among torchrun's: global rank, number of ranks, rank on its node (its GPU)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -50,7 +52,9 @@ class Dist:
 
 def from_env() -> Dist:
     env = os.environ
-    return Dist(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+    return Dist(
+        int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    )
 
 
 def init() -> Dist:
@@ -60,7 +64,9 @@ def init() -> Dist:
     if d.active and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(d.local_rank)
-            dist.init_process_group("cpu:gloo,cuda:nccl", device_id=torch.device("cuda", d.local_rank))
+            dist.init_process_group(
+                "cpu:gloo,cuda:nccl", device_id=torch.device("cuda", d.local_rank)
+            )
         else:
             dist.init_process_group("gloo")
     return d
@@ -103,7 +109,10 @@ def barrier(d: Dist) -> None:
 
 # --- the model ---------------------------------------------------------------------------------------------------
 
-def wrap(model: torch.nn.Module, strategy: str, d: Dist, device: torch.device, bucket_mb: float) -> torch.nn.Module:
+
+def wrap(
+    model: torch.nn.Module, strategy: str, d: Dist, device: torch.device, bucket_mb: float
+) -> torch.nn.Module:
     """The module the training step calls: DDP around the model, or the model with each block and then the root
     sharded by FSDP2 (in place: parameters become DTensors, so build the optimizer afterwards)."""
     if not d.active:
@@ -114,8 +123,12 @@ def wrap(model: torch.nn.Module, strategy: str, d: Dist, device: torch.device, b
             fully_shard(block, mesh=mesh)
         return fully_shard(model, mesh=mesh)
     # gradients as views into DDP's buckets: no copy of every gradient into its bucket before the all-reduce
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   gradient_as_bucket_view=True, bucket_cap_mb=bucket_mb)
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True,
+        bucket_cap_mb=bucket_mb,
+    )
 
 
 def grad_sync(model: torch.nn.Module, sync: bool):
@@ -134,6 +147,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 # --- collectives -------------------------------------------------------------------------------------------------
+
 
 def agreed_signal(received: int | None, d: Dist) -> int | None:
     """The stop signal any rank has received (None if none), the same answer on every rank: one small all-reduce,
@@ -187,6 +201,7 @@ def rank_share(batches, d: Dist):
 # --- checkpoints ---------------------------------------------------------------------------------------------------
 # One format for one process, DDP and FSDP: full (unsharded) tensors keyed by parameter name, gathered to rank 0's
 # CPU memory when distributed, and loaded (and sharded again under FSDP) by every rank, whatever the world size.
+
 
 def _options(d: Dist, saving: bool) -> StateDictOptions | None:
     return StateDictOptions(full_state_dict=True, cpu_offload=saving) if d.active else None

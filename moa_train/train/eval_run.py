@@ -9,6 +9,7 @@ line may change:
 - the model and data: never; an override that differs from the run's is refused in one line naming both values.
 Results go to `RUN/eval/<date_time>/` (`eval.json` and `eval.log`), so the run's own files stay as they are.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,9 +26,19 @@ log = logging.getLogger(__name__)
 # locations on the evaluating machine: the current command's, whatever the run used
 LOCAL_KEYS = ("data.root", "data.cache_dir", "trainer.device", "logger")
 # how to evaluate: the run's own settings unless the command line overrides them
-EVAL_KEYS = ("eval", "trainer.eval_iters", "trainer.eval_batch_size", "trainer.precision", "trainer.tf32",
-             "trainer.compile", "trainer.compile_backend", "trainer.compile_mode", "trainer.sdpa_backend",
-             "data.split", "data.max_tokens")
+EVAL_KEYS = (
+    "eval",
+    "trainer.eval_iters",
+    "trainer.eval_batch_size",
+    "trainer.precision",
+    "trainer.tf32",
+    "trainer.compile",
+    "trainer.compile_backend",
+    "trainer.compile_mode",
+    "trainer.sdpa_backend",
+    "data.split",
+    "data.max_tokens",
+)
 # what makes the model and its data: fixed by the checkpoint; a group choice (model=gqa) is compared by its name
 FIXED_PREFIXES = ("model", "data", "task")
 
@@ -47,7 +58,9 @@ def _override_keys(overrides: list) -> list:
     """The config keys (or group names) that the command-line overrides set; hydra.* left out."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.lstrip("+~").startswith("hydra")])
+    parsed = OverridesParser.create().parse_overrides(
+        [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    )
     return [o.key_or_group for o in parsed]
 
 
@@ -61,9 +74,11 @@ def _refuse_other_model(cfg, run_cfg: dict, keys: list) -> None:
         name = f"{key}.name" if key in FIXED_PREFIXES else key  # model=gqa sets model.name
         asked = OmegaConf.select(cfg, name)
         if name in trained and asked != trained[name]:
-            raise ConfigError(f"{name}: the run was trained with {trained[name]!r}, the command line asks for "
-                              f"{asked!r}; trainer.eval_only evaluates the run's own model: leave the model and "
-                              "data overrides out")
+            raise ConfigError(
+                f"{name}: the run was trained with {trained[name]!r}, the command line asks for "
+                f"{asked!r}; trainer.eval_only evaluates the run's own model: leave the model and "
+                "data overrides out"
+            )
 
 
 def eval_config(cfg, run_cfg: dict, overrides: list | None = None):
@@ -73,16 +88,24 @@ def eval_config(cfg, run_cfg: dict, overrides: list | None = None):
     _refuse_other_model(cfg, run_cfg, keys)
     from moa_train.train.tasks import saved_task
 
-    out = OmegaConf.merge(cfg, {k: v for k, v in run_cfg.items() if k != "model"})  # the schema's types, its values
-    out.model = model_config(run_cfg["model"])  # typed by the run's own variant, not the command line's
+    out = OmegaConf.merge(
+        cfg, {k: v for k, v in run_cfg.items() if k != "model"}
+    )  # the schema's types, its values
+    out.model = model_config(
+        run_cfg["model"]
+    )  # typed by the run's own variant, not the command line's
     taken = list(LOCAL_KEYS) + [k for k in keys if _matches(k, EVAL_KEYS)]
     with open_dict(out):
-        out.data.task = saved_task(run_cfg)  # a run saved before tasks were named: its data's task, not the default
+        out.data.task = saved_task(
+            run_cfg
+        )  # a run saved before tasks were named: its data's task, not the default
         for key in taken:
             OmegaConf.update(out, key, OmegaConf.select(cfg, key), merge=False)
         out.trainer.eval_only = True
         out.trainer.resume = cfg.trainer.resume
-    ignored = sorted({k for k in keys if not _matches(k, tuple(taken))} - {"trainer.eval_only", "trainer.resume"})
+    ignored = sorted(
+        {k for k in keys if not _matches(k, tuple(taken))} - {"trainer.eval_only", "trainer.resume"}
+    )
     if ignored:
         log.info("eval_only: the run's own settings are used for %s", ", ".join(ignored))
     return out
@@ -117,12 +140,16 @@ def prepare(cfg, run_dir: Path, overrides: list | None = None) -> tuple:
     if resume in (True, "true", "auto"):
         target, out = run_dir, run_dir / "eval" / stamp()
     elif resume in (False, "false", None):
-        raise ConfigError("trainer.eval_only: needs trainer.resume=PATH (a checkpoint or run folder)")
+        raise ConfigError(
+            "trainer.eval_only: needs trainer.resume=PATH (a checkpoint or run folder)"
+        )
     else:
         target, out = Path(str(resume)).expanduser(), run_dir
     if not checkpoints_in(target):
-        raise ConfigError(f"trainer.eval_only: no checkpoint found under {target}; set trainer.resume=PATH to a "
-                          "checkpoint file or run folder")
+        raise ConfigError(
+            f"trainer.eval_only: no checkpoint found under {target}; set trainer.resume=PATH to a "
+            "checkpoint file or run folder"
+        )
     path, run_cfg = saved_config(target.resolve())
     evaluated = eval_config(cfg, run_cfg, overrides)
     evaluated.trainer.resume = str(path)  # the checkpoint just read, with no second fallback search

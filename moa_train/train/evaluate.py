@@ -1,5 +1,6 @@
 """Evaluation of an LM on a split: random windows (trainer.eval_iters) or a full pass (eval_iters: null); under data
 parallelism each rank evaluates its share of the batches and the sums are all-reduced."""
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,9 @@ from moa_train.progress import progress
 from moa_train.train.distributed import Dist, global_sum, rank_share
 from moa_train.train.preemption import check_stop
 
-EVAL_SEED = 1234  # the same eval windows for every model and training seed, so rows compare on equal data
+EVAL_SEED = (
+    1234  # the same eval windows for every model and training seed, so rows compare on equal data
+)
 
 
 def split_metrics(prefix: str, loss: float, split) -> dict:
@@ -27,8 +30,18 @@ def split_metrics(prefix: str, loss: float, split) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, split, prefix: str, batch_size: int, block_size: int, eval_iters, device,
-             autocast=nullcontext, dist: Dist = Dist(), stop=None) -> dict:
+def evaluate(
+    model,
+    split,
+    prefix: str,
+    batch_size: int,
+    block_size: int,
+    eval_iters,
+    device,
+    autocast=nullcontext,
+    dist: Dist = Dist(),
+    stop=None,
+) -> dict:
     """`stop`: a StopSignals whose signal ends the evaluation (EvaluationStopped) before the next batch."""
     was_training = model.training
     model.eval()
@@ -39,12 +52,16 @@ def evaluate(model, split, prefix: str, batch_size: int, block_size: int, eval_i
         batches = (sampler.next() for _ in range(eval_iters))
     sums = torch.zeros(2, device=device, dtype=torch.float64)  # summed NLL, target tokens
     rounds = eval_iters and -(-eval_iters // dist.world)
-    for (x, y), mine in progress(rank_share(batches, dist), desc=f"eval {prefix}", unit="batch", total=rounds):
+    for (x, y), mine in progress(
+        rank_share(batches, dist), desc=f"eval {prefix}", unit="batch", total=rounds
+    ):
         check_stop(stop)
         with autocast():
             logits, _ = model(x)
         if mine:
-            sums[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
+            sums[0] += F.cross_entropy(
+                logits.flatten(0, 1).float(), y.flatten(), reduction="sum"
+            ).double()
             sums[1] += y.numel()
     model.train(was_training)
     total, count = global_sum(sums).tolist()

@@ -14,6 +14,7 @@ before it writes a checkpoint, and stops with DivergedError once `trainer.max_ba
 The limit is therefore noticed at the first log or save step after it is reached (at most log_interval - 1 more
 steps, all of them skipped), and no checkpoint is written from then on.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,9 +38,13 @@ class NonFiniteGuard:
 
     def step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         """The optimizer step, unless `loss` or `grad_norm` is not finite; returns that flag (a bool tensor)."""
-        bad = ~torch.isfinite(loss + grad_norm)  # a NaN or an infinity in either makes the sum non-finite
+        bad = ~torch.isfinite(
+            loss + grad_norm
+        )  # a NaN or an infinity in either makes the sum non-finite
         self.skipped += bad
-        self.streak.add_(1).mul_(bad)  # in place: these tensors are updated by every replay of a captured step
+        self.streak.add_(1).mul_(
+            bad
+        )  # in place: these tensors are updated by every replay of a captured step
         torch.maximum(self.longest, self.streak, out=self.longest)
         if self.fused:
             self.optimizer.found_inf = bad.float()
@@ -53,16 +58,25 @@ class NonFiniteGuard:
         max_bad_steps steps in a row were bad."""
         skipped, longest = self.skipped.item(), self.longest.item()
         if skipped > self.reported:
-            log.warning("step %d: %d step(s) skipped so far for a non-finite loss or gradient", step, skipped)
+            log.warning(
+                "step %d: %d step(s) skipped so far for a non-finite loss or gradient",
+                step,
+                skipped,
+            )
             self.reported = skipped
         if longest >= self.max_bad_steps:
             raise DivergedError(
                 f"trainer.max_bad_steps: {longest} steps in a row had a non-finite loss or gradient (limit "
                 f"{self.max_bad_steps}), stopped at step {step}; the last checkpoint, {last_checkpoint or 'none'}, "
-                "is from before; try a lower optim.lr, a trainer.grad_clip or trainer.precision=fp32")
+                "is from before; try a lower optim.lr, a trainer.grad_clip or trainer.precision=fp32"
+            )
 
     def state_dict(self) -> dict:
-        return {"skipped": self.skipped.item(), "streak": self.streak.item(), "longest": self.longest.item()}
+        return {
+            "skipped": self.skipped.item(),
+            "streak": self.streak.item(),
+            "longest": self.longest.item(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("skipped", "streak", "longest"):

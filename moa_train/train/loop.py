@@ -2,6 +2,7 @@
 
 Host syncs happen only at log and eval steps: losses, aux terms and routing statistics stay on the device between.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,12 @@ from moa_train.models.attention.mha import select_sdpa_backend
 from moa_train.models.routing import detached, routing_metrics
 from moa_train.progress import progress
 from moa_train.train import distributed, eval_run
-from moa_train.train.checkpoint import CheckpointError, average_checkpoints, rng_state, set_rng_state
+from moa_train.train.checkpoint import (
+    CheckpointError,
+    average_checkpoints,
+    rng_state,
+    set_rng_state,
+)
 from moa_train.train.cuda_graph import WARMUP_STEPS, CapturedStep
 from moa_train.train.guard import DivergedError, NonFiniteGuard
 from moa_train.train.optim import apply_settings, build_optimizer, build_scheduler, lr_factor
@@ -44,7 +50,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device: cuda was asked for but no GPU is visible; allowed here: auto, cpu")
+        raise ConfigError(
+            "trainer.device: cuda was asked for but no GPU is visible; allowed here: auto, cpu"
+        )
     return torch.device(name)
 
 
@@ -53,8 +61,13 @@ def git_sha() -> str | None:
     if os.environ.get("MOA_GIT_SHA"):
         return os.environ["MOA_GIT_SHA"]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
-                             capture_output=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            text=True,
+            capture_output=True,
+            timeout=5,
+        )
         return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -80,26 +93,36 @@ def check_fixed_settings(saved: dict, cfg) -> None:
         old, new = dict(leaves(saved.get(group) or {}, group)), dict(leaves(current[group], group))
         for key, value in new.items():
             if key in old and key not in MOVABLE and old[key] != value:
-                raise ConfigError(f"trainer.resume: {key} is {old[key]!r} in the checkpoint but {value!r} now; a "
-                                  f"resumed run keeps its architecture and data: resume with {key}={old[key]} or "
-                                  "start over with trainer.resume=false in a new hydra.run.dir")
+                raise ConfigError(
+                    f"trainer.resume: {key} is {old[key]!r} in the checkpoint but {value!r} now; a "
+                    f"resumed run keeps its architecture and data: resume with {key}={old[key]} or "
+                    "start over with trainer.resume=false in a new hydra.run.dir"
+                )
 
 
-OOM_WORDS = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
+OOM_WORDS = (
+    "out of memory",
+    "not enough memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+)
 
 
 def out_of_memory(exc: BaseException) -> bool:
     """A CUDA or CPU allocation failure (the CPU allocator raises a plain RuntimeError, NumPy a MemoryError)."""
     return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in OOM_WORDS))
+        isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in OOM_WORDS)
+    )
 
 
 def oom_error(cfg, size, device: torch.device) -> ConfigError:
     """The one line for an out-of-memory error in the first steps: the sizes (the task's StepSize) are too large
     for the device."""
-    return ConfigError(f"{size.key}: out of memory in the first training step on {device_name(device)}: {size.text} "
-                       f"over trainer.grad_accum={cfg.trainer.grad_accum} micro-batches does not fit; lower "
-                       f"{size.lower}, or raise trainer.grad_accum")
+    return ConfigError(
+        f"{size.key}: out of memory in the first training step on {device_name(device)}: {size.text} "
+        f"over trainer.grad_accum={cfg.trainer.grad_accum} micro-batches does not fit; lower "
+        f"{size.lower}, or raise trainer.grad_accum"
+    )
 
 
 def headline(metrics: dict) -> str:
@@ -111,6 +134,7 @@ def headline(metrics: dict) -> str:
 class StepResult(NamedTuple):
     """What one optimizer step leaves on the device: the mean CE and aux terms over its micro-batches, the last
     micro-batch's routing records, the gradient norm and whether the step was skipped (not finite)."""
+
     ce: torch.Tensor
     aux: dict
     routings: list
@@ -121,7 +145,9 @@ class StepResult(NamedTuple):
 class Trainer:
     def __init__(self, cfg, run_dir: Path):
         self.start_time = time.perf_counter()
-        self.wall_before = 0.0  # training wall time of the sessions before this one (a resumed run's checkpoint)
+        self.wall_before = (
+            0.0  # training wall time of the sessions before this one (a resumed run's checkpoint)
+        )
         self.cfg, self.run_dir = cfg, Path(run_dir)
         t = cfg.trainer
         self.dist = distributed.init()
@@ -132,8 +158,11 @@ class Trainer:
         select_sdpa_backend(t.sdpa_backend)
         use_bf16 = t.precision == "bf16"
         # no autocast weight cache: it cannot live inside a CUDA-graph capture, and each weight is cast once anyway
-        self.autocast = (partial(torch.autocast, self.device.type, dtype=torch.bfloat16, cache_enabled=False)
-                         if use_bf16 else nullcontext)
+        self.autocast = (
+            partial(torch.autocast, self.device.type, dtype=torch.bfloat16, cache_enabled=False)
+            if use_bf16
+            else nullcontext
+        )
 
         with distributed.main_first(self.dist):
             self.task = make_task(cfg, self.device, self.dist)
@@ -141,22 +170,39 @@ class Trainer:
             self.task.save_tokenizer(self.run_dir)
         self.model = self.task.model.to(self.device)
         # DDP / FSDP / the model itself
-        self.train_model = distributed.wrap(self.model, t.strategy, self.dist, self.device, t.ddp_bucket_mb)
+        self.train_model = distributed.wrap(
+            self.model, t.strategy, self.dist, self.device, t.ddp_bucket_mb
+        )
         if self.dist.active:
-            torch.manual_seed(t.seed + self.dist.rank)  # each rank its own dropout masks (nanoGPT's seed offset)
+            torch.manual_seed(
+                t.seed + self.dist.rank
+            )  # each rank its own dropout masks (nanoGPT's seed offset)
         self.forward, self.forward_loss = self.model, self.loss
         if t.compile:  # the model for evaluation; the model + losses as one graph for training
-            backend = t.compile_backend or ("inductor" if self.device.type == "cuda" else "aot_eager")
+            backend = t.compile_backend or (
+                "inductor" if self.device.type == "cuda" else "aot_eager"
+            )
             mode = t.compile_mode if backend == "inductor" else None  # modes are inductor's
             self.forward = torch.compile(self.model, backend=backend, mode=mode)
             self.forward_loss = torch.compile(self.loss, backend=backend, mode=mode)
-        self.use_graph = (bool(t.cuda_graphs) and self.device.type == "cuda" and self.task.cuda_graphs_ok
-                          and not self.dist.active)
+        self.use_graph = (
+            bool(t.cuda_graphs)
+            and self.device.type == "cuda"
+            and self.task.cuda_graphs_ok
+            and not self.dist.active
+        )
         if t.cuda_graphs and not self.use_graph:
-            log.info("trainer.cuda_graphs: needs a CUDA device, fixed batch shapes and one process (DDP and FSDP "
-                     "communicate during the backward); running the step eagerly")
-        self.graph, self.warmed_up = None, 0  # eager warm-up steps run by this process (a resumed run warms up too)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device, capturable=self.use_graph)
+            log.info(
+                "trainer.cuda_graphs: needs a CUDA device, fixed batch shapes and one process (DDP and FSDP "
+                "communicate during the backward); running the step eagerly"
+            )
+        self.graph, self.warmed_up = (
+            None,
+            0,
+        )  # eager warm-up steps run by this process (a resumed run warms up too)
+        self.optimizer = build_optimizer(
+            self.model, cfg.optim, self.device, capturable=self.use_graph
+        )
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, t.max_steps)
         self.guard = NonFiniteGuard(self.optimizer, t.max_bad_steps, self.device)
         self.losses = LossWindow()  # train losses since the last log step
@@ -165,7 +211,9 @@ class Trainer:
         self.meter = Meter(self.sync)
         self.batches = self.task.batches
         self.step, self.tokens_seen, self.wandb_id = 0, 0, None
-        self.steps_run = 0  # optimizer steps run by this process (its first ones warm up and capture)
+        self.steps_run = (
+            0  # optimizer steps run by this process (its first ones warm up and capture)
+        )
         self.flops_per_token = self.task.flops_per_token()
         self.peak = peak_flops(self.device, peak_kind(t.precision, t.tf32), cfg.data.cache_dir)
         self.warned_peak = self.remeasured_peak = False
@@ -185,10 +233,17 @@ class Trainer:
         return {
             "model": distributed.model_state(self.model, self.dist),
             "optimizer": distributed.optimizer_state(self.model, self.optimizer, self.dist),
-            "scheduler": self.scheduler.state_dict(), "step": self.step, "tokens_seen": self.tokens_seen,
-            "best_val": self.checkpointer.best, "data": self.batches.state_dict(),
-            "rng": distributed.gather_objects(rng_state(), self.dist) if self.dist.active else rng_state(),
-            "wandb_id": self.wandb_id, "guard": self.guard.state_dict(), "window": self.losses.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "best_val": self.checkpointer.best,
+            "data": self.batches.state_dict(),
+            "rng": distributed.gather_objects(rng_state(), self.dist)
+            if self.dist.active
+            else rng_state(),
+            "wandb_id": self.wandb_id,
+            "guard": self.guard.state_dict(),
+            "window": self.losses.state_dict(),
             "pending_eval": self.evaluator.pending,
             "wall_s": self.wall_s(),
             "vocab_size": self.model.vocab_size,
@@ -203,20 +258,28 @@ class Trainer:
             distributed.load_model_state(self.model, state["model"], self.dist)
         except (RuntimeError, KeyError, ValueError) as exc:
             first = str(exc).splitlines()[0]
-            raise CheckpointError(f"trainer.resume: the checkpoint does not fit this model ({first}); resume with "
-                                  "the run's own config or use trainer.resume=false in a new run folder") from None
+            raise CheckpointError(
+                f"trainer.resume: the checkpoint does not fit this model ({first}); resume with "
+                "the run's own config or use trainer.resume=false in a new run folder"
+            ) from None
         self.step = state["step"]
         if weights_only:
             return
         distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist)
         self.scheduler.load_state_dict(state["scheduler"])
-        apply_settings(self.optimizer, self.scheduler, self.cfg.optim)  # a changed lr or schedule takes effect
+        apply_settings(
+            self.optimizer, self.scheduler, self.cfg.optim
+        )  # a changed lr or schedule takes effect
         self.tokens_seen, self.checkpointer.best = state["tokens_seen"], state["best_val"]
         self.batches.load_state_dict(state["data"])
         self.wandb_id = state.get("wandb_id")
         self.evaluator.pending = state.get("pending_eval", False)
-        self.wall_before = state.get("wall_s", 0.0)  # (checkpoints written before it was kept: this session only)
-        if "guard" in state:  # checkpoints written before non-finite steps were skipped lack these two
+        self.wall_before = state.get(
+            "wall_s", 0.0
+        )  # (checkpoints written before it was kept: this session only)
+        if (
+            "guard" in state
+        ):  # checkpoints written before non-finite steps were skipped lack these two
             self.guard.load_state_dict(state["guard"])
             self.losses.load_state_dict(state["window"])
         rng = distributed.rank_rng(state["rng"], self.dist)
@@ -224,21 +287,31 @@ class Trainer:
             set_rng_state(rng)
 
     def save(self, is_best: bool) -> None:
-        self.guard.check(self.step, self.last_checkpoint)  # a run that has diverged writes no checkpoint
+        self.guard.check(
+            self.step, self.last_checkpoint
+        )  # a run that has diverged writes no checkpoint
         self.check_weights_finite()  # nor one whose weights are lost (a step applied with an infinite lr)
-        self.checkpointer.write(self.state_dict(), is_best)  # the state on every rank: FSDP gathers the shards
+        self.checkpointer.write(
+            self.state_dict(), is_best
+        )  # the state on every rank: FSDP gathers the shards
 
     def check_weights_finite(self) -> None:
         """DivergedError unless every weight of every rank is finite: such weights are no recovery point."""
-        bad = sum((~torch.isfinite(distributed.local_part(p.detach()))).sum() for p in self.model.parameters())
+        bad = sum(
+            (~torch.isfinite(distributed.local_part(p.detach()))).sum()
+            for p in self.model.parameters()
+        )
         if distributed.global_max(torch.as_tensor(bad).cpu()) > 0:
             raise DivergedError(
                 f"weights: {int(bad)} model weights are not finite at step {self.step}, so no checkpoint of it is "
                 f"written; the last good checkpoint is {self.last_checkpoint or 'none (nothing was saved)'}; "
-                "check optim.lr and the other optim.* values, try a trainer.grad_clip or trainer.precision=fp32")
+                "check optim.lr and the other optim.* values, try a trainer.grad_clip or trainer.precision=fp32"
+            )
 
     def maybe_resume(self, weights_only: bool = False) -> Path | None:
-        found = self.checkpointer.load(self.cfg.trainer.resume, "cpu" if self.dist.active else self.device)
+        found = self.checkpointer.load(
+            self.cfg.trainer.resume, "cpu" if self.dist.active else self.device
+        )
         if found is None:
             return None
         path, state = found
@@ -286,7 +359,9 @@ class Trainer:
         CUDA-graph replay after a few eager warm-up steps on a side stream."""
         batches = self.draw_batches() if batches is None else batches
         self.step_tokens = sum(self.task.n_tokens(b) for b in batches)
-        self.lr = self.cfg.optim.lr * lr_factor(self.step, self.cfg.schedule, self.cfg.trainer.max_steps)
+        self.lr = self.cfg.optim.lr * lr_factor(
+            self.step, self.cfg.schedule, self.cfg.trainer.max_steps
+        )
         if not self.use_graph:
             out = self.step_body(batches, log_step)
             self.optimizer.zero_grad(set_to_none=True)
@@ -295,7 +370,9 @@ class Trainer:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                out = self.step_body(batches, True)  # all aux terms, as the captured graph computes them
+                out = self.step_body(
+                    batches, True
+                )  # all aux terms, as the captured graph computes them
                 self.optimizer.zero_grad(set_to_none=True)
             torch.cuda.current_stream(self.device).wait_stream(side)
         else:
@@ -305,7 +382,9 @@ class Trainer:
         self.scheduler.step()
         return StepResult(*out)
 
-    def train_steps(self, n: int = 1, log_step: bool = False, batches: list | None = None) -> StepResult:
+    def train_steps(
+        self, n: int = 1, log_step: bool = False, batches: list | None = None
+    ) -> StepResult:
         """`n` optimizer steps, each advancing the step counter, the tokens seen, the loss window and the meter:
         the one place they advance (fit, moa-bench). `batches`: the same micro-batches every step (moa-bench's
         fixed batch, no data work); default: drawn from the task. `log_step`: all aux terms computed (fit's log
@@ -358,7 +437,9 @@ class Trainer:
 
     # --- runs --------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
-        lock = RunLock(self.run_dir).acquire() if self.dist.main else None  # one trainer per run folder
+        lock = (
+            RunLock(self.run_dir).acquire() if self.dist.main else None
+        )  # one trainer per run folder
         try:
             return self._fit()
         finally:
@@ -370,14 +451,18 @@ class Trainer:
         t = self.cfg.trainer
         resumed = self.maybe_resume()
         self.checkpointer.start(self.step)
-        if self.dist.main:  # the run's history continues from the checkpoint's step (from step 0 without one)
+        if (
+            self.dist.main
+        ):  # the run's history continues from the checkpoint's step (from step 0 without one)
             truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
         logger = self.build_logger(None if resumed is None else self.step)
         self.wandb_id = logger.wandb_id
         bar = progress(total=t.max_steps, initial=self.step, desc="train", unit="step")
         self.stop = stop = StopSignals().install()
         try:
-            if self.evaluator.pending:  # the interrupted process was stopped while validating this step
+            if (
+                self.evaluator.pending
+            ):  # the interrupted process was stopped while validating this step
                 self.save(self.validate(logger))
             self.meter.restart()
             while self.step < t.max_steps:
@@ -387,22 +472,38 @@ class Trainer:
                 bar.update(1)
                 if log_now:
                     logged = self.log_train(logger, out)
-                    bar.set_postfix(loss=f"{logged['train/loss']:.4f}", tok_s=f"{logged['perf/tokens_per_s']:,.0f}")
-                is_best = self.evaluator.due(self.step, last) and self.validate_until_stopped(logger)
+                    bar.set_postfix(
+                        loss=f"{logged['train/loss']:.4f}",
+                        tok_s=f"{logged['perf/tokens_per_s']:,.0f}",
+                    )
+                is_best = self.evaluator.due(self.step, last) and self.validate_until_stopped(
+                    logger
+                )
                 # under torchrun the ranks compare notes at log steps only (a collective), so all stop together
-                stopping = distributed.agreed_signal(stop.received, self.dist) if log_now or not self.dist.active \
+                stopping = (
+                    distributed.agreed_signal(stop.received, self.dist)
+                    if log_now or not self.dist.active
                     else None
+                )
                 if self.checkpointer.due(self.step, last) or stopping:
                     self.save(is_best)
                     self.meter.restart()
                 if stopping:
-                    raise Preempted(stopping, self.step, self.last_checkpoint, self.run_dir, self.dist.rank)
-            if not self.last_val and self.step > 0:  # resumed at max_steps: report the checkpoint's validation loss
+                    raise Preempted(
+                        stopping, self.step, self.last_checkpoint, self.run_dir, self.dist.rank
+                    )
+            if (
+                not self.last_val and self.step > 0
+            ):  # resumed at max_steps: report the checkpoint's validation loss
                 self.last_val = self.evaluate("val", "val")
             test = self.final_test()
             logger.log(self.step, test)
-        except EvaluationStopped:  # the final evaluations: the last step's checkpoint is written, resuming reruns them
-            raise Preempted(stop.received, self.step, self.last_checkpoint, self.run_dir, self.dist.rank) from None
+        except (
+            EvaluationStopped
+        ):  # the final evaluations: the last step's checkpoint is written, resuming reruns them
+            raise Preempted(
+                stop.received, self.step, self.last_checkpoint, self.run_dir, self.dist.rank
+            ) from None
         finally:
             bar.close()
             logger.close()
@@ -426,13 +527,24 @@ class Trainer:
             return self.evaluate("test", "test", final=True)
         paths = self.checkpointer.history()[-n:]
         if len(paths) < n:
-            log.warning("eval.average_last=%d: this run has %d step checkpoints; %s", n, len(paths),
-                        "averaging those" if paths else "testing the current weights")
+            log.warning(
+                "eval.average_last=%d: this run has %d step checkpoints; %s",
+                n,
+                len(paths),
+                "averaging those" if paths else "testing the current weights",
+            )
         if not paths:
             return self.evaluate("test", "test", final=True)
         current = {k: v.clone() for k, v in self.model.state_dict().items()}
-        distributed.load_model_state(self.model, average_checkpoints(paths), self.dist)  # averaged on the CPU
-        log.info("test: weights averaged over %d checkpoints (%s .. %s)", len(paths), paths[0].name, paths[-1].name)
+        distributed.load_model_state(
+            self.model, average_checkpoints(paths), self.dist
+        )  # averaged on the CPU
+        log.info(
+            "test: weights averaged over %d checkpoints (%s .. %s)",
+            len(paths),
+            paths[0].name,
+            paths[-1].name,
+        )
         out = {**self.evaluate("test", "test", final=True), "test/averaged_checkpoints": len(paths)}
         self.model.load_state_dict(current)
         return out
@@ -441,8 +553,13 @@ class Trainer:
         """The sinks (metrics.jsonl, TensorBoard, W&B) on rank 0; the other ranks log nowhere."""
         if not self.dist.main:
             return MetricsLogger([])
-        return build_logger(self.cfg, self.run_dir, OmegaConf.to_container(self.cfg, resolve=True), self.wandb_id,
-                            resumed_step)
+        return build_logger(
+            self.cfg,
+            self.run_dir,
+            OmegaConf.to_container(self.cfg, resolve=True),
+            self.wandb_id,
+            resumed_step,
+        )
 
     def log_train(self, logger, out: StepResult) -> dict:
         step_ms, tok_s = self.meter.close()
@@ -450,24 +567,47 @@ class Trainer:
             # this run beat the cached peak: that figure was measured while other work ran; measure it once more
             self.remeasured_peak, stale = True, self.peak
             t = self.cfg.trainer
-            self.peak = remeasure_peak(self.device, peak_kind(t.precision, t.tf32), self.cfg.data.cache_dir, stale)
-            log.info("perf/mfu: this run's rate beat the cached peak (%.3g FLOP/s), measured again: %.3g FLOP/s",
-                     stale, self.peak)
+            self.peak = remeasure_peak(
+                self.device, peak_kind(t.precision, t.tf32), self.cfg.data.cache_dir, stale
+            )
+            log.info(
+                "perf/mfu: this run's rate beat the cached peak (%.3g FLOP/s), measured again: %.3g FLOP/s",
+                stale,
+                self.peak,
+            )
         losses = self.losses.pop()
-        losses["train/loss"] = distributed.global_sum(losses["train/loss"]) / self.dist.world  # CE of each slice
-        metrics = {**losses, "lr": self.lr, "grad_norm": out.grad_norm,
-                   "train/skipped_steps": self.guard.skipped, **routing_metrics(self.model.sites, out.routings),
-                   "perf/step_ms": step_ms, "perf/tokens_per_s": tok_s,
-                   "perf/mfu": self.flops_per_token * tok_s / (self.peak * self.dist.world),
-                   "tokens_seen": self.tokens_seen}
+        losses["train/loss"] = (
+            distributed.global_sum(losses["train/loss"]) / self.dist.world
+        )  # CE of each slice
+        metrics = {
+            **losses,
+            "lr": self.lr,
+            "grad_norm": out.grad_norm,
+            "train/skipped_steps": self.guard.skipped,
+            **routing_metrics(self.model.sites, out.routings),
+            "perf/step_ms": step_ms,
+            "perf/tokens_per_s": tok_s,
+            "perf/mfu": self.flops_per_token * tok_s / (self.peak * self.dist.world),
+            "tokens_seen": self.tokens_seen,
+        }
         logged = logger.log(self.step, metrics)
-        log.info("step %d: loss %.4f | %.1f ms/step | %.0f tok/s | mfu %.2f%%", self.step, logged["train/loss"],
-                 step_ms, tok_s, 100 * logged["perf/mfu"])
+        log.info(
+            "step %d: loss %.4f | %.1f ms/step | %.0f tok/s | mfu %.2f%%",
+            self.step,
+            logged["train/loss"],
+            step_ms,
+            tok_s,
+            100 * logged["perf/mfu"],
+        )
         if logged["perf/mfu"] > 1.0 and not self.warned_peak:
             self.warned_peak = True
-            log.warning("perf/mfu is above 100%%: the peak measured for this device (%.3g FLOP/s, in %s, measured "
-                        "twice) is lower than this run's rate; other work probably ran during both measurements; "
-                        "delete that file to measure it again", self.peak, peak_cache(self.cfg.data.cache_dir))
+            log.warning(
+                "perf/mfu is above 100%%: the peak measured for this device (%.3g FLOP/s, in %s, measured "
+                "twice) is lower than this run's rate; other work probably ran during both measurements; "
+                "delete that file to measure it again",
+                self.peak,
+                peak_cache(self.cfg.data.cache_dir),
+            )
         self.guard.check(self.step, self.last_checkpoint)
         return logged
 
@@ -476,8 +616,10 @@ class Trainer:
         training run's, never written here)."""
         path = self.maybe_resume(weights_only=True)
         if path is None:
-            raise ConfigError("trainer.eval_only: no checkpoint found; set trainer.resume=PATH to a checkpoint "
-                              "file or run folder")
+            raise ConfigError(
+                "trainer.eval_only: no checkpoint found; set trainer.resume=PATH to a checkpoint "
+                "file or run folder"
+            )
         metrics = {**self.evaluate("val", "val"), **self.evaluate("test", "test", final=True)}
         logger = self.build_logger()
         logger.log(self.step, metrics)
@@ -525,7 +667,12 @@ def train(cfg, run_dir: Path, overrides: list | None = None) -> dict:
     trainer = Trainer(cfg, run_dir)
     log.info("%s", banner(trainer))
     summary = trainer.eval_only() if cfg.trainer.eval_only else trainer.fit()
-    log.info("done: %s | wall %.1f s | run folder %s", headline(summary), time.perf_counter() - start, run_dir)
+    log.info(
+        "done: %s | wall %.1f s | run folder %s",
+        headline(summary),
+        time.perf_counter() - start,
+        run_dir,
+    )
     return summary
 
 
@@ -535,5 +682,7 @@ def banner(trainer: Trainer) -> str:
     where = device_name(device) if device.type == "cpu" else f"{device} ({device_name(device)})"
     if trainer.dist.active:
         where += f" x {trainer.dist.world} processes"
-    return (f"run: model {cfg.model.name} on {cfg.data.name} | {model.num_params(non_embedding=False):,} parameters "
-            f"({model.num_params():,} non-embedding) | device {where} | run folder {trainer.run_dir}")
+    return (
+        f"run: model {cfg.model.name} on {cfg.data.name} | {model.num_params(non_embedding=False):,} parameters "
+        f"({model.num_params():,} non-embedding) | device {where} | run folder {trainer.run_dir}"
+    )

@@ -1,4 +1,5 @@
 """AdamW with nanoGPT's parameter groups plus a router group, and the learning-rate schedules."""
+
 from __future__ import annotations
 
 import math
@@ -21,30 +22,48 @@ def param_groups(model: torch.nn.Module, cfg) -> list:
             (router_no_decay if keep else router).append(p)
         else:
             (no_decay if keep else decay).append(p)
-    params = {"decay": decay, "no_decay": no_decay, "router": router, "router_no_decay": router_no_decay}
-    groups = [{"name": name, "params": params[name], **hp} for name, hp in group_settings(cfg).items()]
+    params = {
+        "decay": decay,
+        "no_decay": no_decay,
+        "router": router,
+        "router_no_decay": router_no_decay,
+    }
+    groups = [
+        {"name": name, "params": params[name], **hp} for name, hp in group_settings(cfg).items()
+    ]
     return [g for g in groups if g["params"]]
 
 
 def group_settings(cfg) -> dict:
     """Each parameter group's base lr and weight decay under optim config `cfg`."""
     router_lr = cfg.lr * cfg.router_lr_mult
-    return {"decay": {"weight_decay": cfg.weight_decay, "lr": cfg.lr},
-            "no_decay": {"weight_decay": 0.0, "lr": cfg.lr},
-            "router": {"weight_decay": cfg.router_weight_decay, "lr": router_lr},
-            "router_no_decay": {"weight_decay": 0.0, "lr": router_lr}}
+    return {
+        "decay": {"weight_decay": cfg.weight_decay, "lr": cfg.lr},
+        "no_decay": {"weight_decay": 0.0, "lr": cfg.lr},
+        "router": {"weight_decay": cfg.router_weight_decay, "lr": router_lr},
+        "router_no_decay": {"weight_decay": 0.0, "lr": router_lr},
+    }
 
 
 def apply_settings(optimizer: torch.optim.Optimizer, scheduler, cfg) -> None:
     """After a resume: the config's lr, betas, eps and weight decay replace those the loaded optimizer state
     carried (load_state_dict restores the saved ones), and the schedule continues from the new base lrs."""
     settings = group_settings(cfg)
-    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)  # the current config's schedule, at the resumed step
+    factor = scheduler.lr_lambdas[0](
+        scheduler.last_epoch
+    )  # the current config's schedule, at the resumed step
     for i, group in enumerate(optimizer.param_groups):
         hp = settings[group["name"]]
-        group.update(weight_decay=hp["weight_decay"], betas=tuple(cfg.betas), eps=cfg.eps, initial_lr=hp["lr"])
+        group.update(
+            weight_decay=hp["weight_decay"],
+            betas=tuple(cfg.betas),
+            eps=cfg.eps,
+            initial_lr=hp["lr"],
+        )
         lr = hp["lr"] * factor
-        if isinstance(group["lr"], torch.Tensor):  # capturable: a CUDA graph reads this tensor, update in place
+        if isinstance(
+            group["lr"], torch.Tensor
+        ):  # capturable: a CUDA graph reads this tensor, update in place
             group["lr"].fill_(lr)
         else:
             group["lr"] = lr
@@ -60,8 +79,14 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device, capturabl
     if capturable:
         for g in groups:
             g["lr"] = torch.tensor(g["lr"], device=device)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=cfg.fused,
-                             capturable=capturable)
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        fused=cfg.fused,
+        capturable=capturable,
+    )
 
 
 def lr_factor(step: int, cfg, max_steps: int) -> float:
@@ -78,4 +103,6 @@ def lr_factor(step: int, cfg, max_steps: int) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg, max_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg, max_steps)
+    )

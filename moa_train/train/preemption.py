@@ -11,6 +11,7 @@ Under torchrun (which passes a SIGTERM on to every worker) the ranks agree on th
 all-reduce, so that every rank writes the checkpoint and stops at the same step: up to trainer.log_interval - 1
 more steps run after the signal.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,9 +31,15 @@ class Preempted(BaseException):
 
     def __init__(self, signum: int, step: int, checkpoint, run_dir, rank: int = 0):
         # the default hydra.run.dir is a new time-stamped folder: naming the folder makes the same command resume
-        where = f"checkpoint {checkpoint} written" if rank == 0 else f"rank {rank}; rank 0 wrote the checkpoint"
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}: {where}; to resume, run the "
-                         f"same command with hydra.run.dir={run_dir}")
+        where = (
+            f"checkpoint {checkpoint} written"
+            if rank == 0
+            else f"rank {rank}; rank 0 wrote the checkpoint"
+        )
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at step {step}: {where}; to resume, run the "
+            f"same command with hydra.run.dir={run_dir}"
+        )
         self.exit_code = 128 + signum
 
 
@@ -55,7 +62,9 @@ class StopSignals:
         self.previous = {}
 
     def install(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+        if (
+            threading.current_thread() is threading.main_thread()
+        ):  # Python allows handlers only there
             self.previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
         return self
 
@@ -66,8 +75,14 @@ class StopSignals:
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:
-            print(f"{name} again: exiting at once, without a checkpoint of the current step", file=sys.stderr,
-                  flush=True)
+            print(
+                f"{name} again: exiting at once, without a checkpoint of the current step",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(128 + signum)
         self.received = signum
-        log.warning("%s: finishing this step, then writing a checkpoint (send it again to exit at once)", name)
+        log.warning(
+            "%s: finishing this step, then writing a checkpoint (send it again to exit at once)",
+            name,
+        )

@@ -4,6 +4,7 @@ A second trainer on the same folder would overwrite the first one's checkpoints 
 line naming the holder. A lock left by a process that died (SIGKILL, a crash) on this host is taken over; one of
 another host cannot be judged from here and is named instead. Readers (load_run, eval_only, moa-report) take none.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,10 @@ class RunLock:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(json.dumps(self.me) + "\n")
             return self
-        raise ConfigError(f"hydra.run.dir: {self.path.parent} is held by another training process "
-                          f"({self.path} could not be taken); start one trainer per run folder")
+        raise ConfigError(
+            f"hydra.run.dir: {self.path.parent} is held by another training process "
+            f"({self.path} could not be taken); start one trainer per run folder"
+        )
 
     def check(self) -> None:
         """ConfigError naming the holder if a live process holds the folder; nothing is taken. The entry point
@@ -60,14 +63,18 @@ class RunLock:
         holder = _holder(self.path) if self.path.is_file() else {}
         pid, host = holder.get("pid"), holder.get("host")
         if holder and (host != self.me["host"] or _alive(pid)):
-            raise ConfigError(f"hydra.run.dir: {self.path.parent} is in use by process {pid} on host {host} "
-                              f"(lock file {self.path}); wait for it to end, or delete the lock file if that "
-                              "process is gone")
+            raise ConfigError(
+                f"hydra.run.dir: {self.path.parent} is in use by process {pid} on host {host} "
+                f"(lock file {self.path}); wait for it to end, or delete the lock file if that "
+                "process is gone"
+            )
 
     def _clear_stale(self) -> None:
         """Remove the lock if its holder is a dead process of this host; else refuse, naming the holder."""
         self.check()
-        log.warning("taking over %s, left by a process that has ended: %s", self.path, _holder(self.path))
+        log.warning(
+            "taking over %s, left by a process that has ended: %s", self.path, _holder(self.path)
+        )
         self.path.unlink(missing_ok=True)
 
     def release(self) -> None:

@@ -1,6 +1,7 @@
 """The trainer's schedule, one component per concern: when to validate (Evaluator), when to write a checkpoint,
 which one is best and which the final test averages (Checkpointer), and the throughput of the steps between
 (Meter). `Trainer.fit` asks them at each step."""
+
 from __future__ import annotations
 
 import math
@@ -39,12 +40,16 @@ def resume_target(resume, run_dir: Path) -> Path | None:
         if not checkpoints_in(run_dir):
             if resume == "auto":
                 return None
-            raise ConfigError(f"trainer.resume: true but the run folder {run_dir} holds no checkpoint; "
-                              "use auto, false or a PATH")
+            raise ConfigError(
+                f"trainer.resume: true but the run folder {run_dir} holds no checkpoint; "
+                "use auto, false or a PATH"
+            )
         return run_dir
     target = Path(str(resume)).expanduser()
     if not checkpoints_in(target):
-        raise ConfigError(f"trainer.resume: {resume!r} is neither a checkpoint file nor a run folder with one")
+        raise ConfigError(
+            f"trainer.resume: {resume!r} is neither a checkpoint file nor a run folder with one"
+        )
     return target
 
 
@@ -105,7 +110,9 @@ class Checkpointer:
         if self.resumed_from is not None:
             source, step = self.resumed_from
             if source.parent.resolve() != self.folder.resolve():
-                paths = [p for p in step_checkpoints(source.parent) if p.name <= f"step_{step:07d}.pt"] + paths
+                paths = [
+                    p for p in step_checkpoints(source.parent) if p.name <= f"step_{step:07d}.pt"
+                ] + paths
         return paths
 
 
@@ -114,7 +121,10 @@ class Meter:
     steps (evaluation and checkpoint writing restart it)."""
 
     def __init__(self, sync):
-        self.sync, self.step_ms = sync, []  # step_ms: every closed window's mean, for the summary's median
+        self.sync, self.step_ms = (
+            sync,
+            [],
+        )  # step_ms: every closed window's mean, for the summary's median
         self.restart()
 
     def restart(self) -> None:
@@ -135,5 +145,7 @@ class Meter:
         return step_ms, tok_s
 
     def median_step_ms(self):
-        steady = self.step_ms[1:] if len(self.step_ms) > 1 else self.step_ms  # the first window holds warm-up
+        steady = (
+            self.step_ms[1:] if len(self.step_ms) > 1 else self.step_ms
+        )  # the first window holds warm-up
         return statistics.median(steady) if steady else None

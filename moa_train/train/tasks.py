@@ -3,6 +3,7 @@
 its data, drawing a training batch, the loss, evaluating a split (and its metric names), the metric that picks the
 best checkpoint, counting FLOPs. `TASKS` maps `task.name` (configs/task/, defaulting to `data.task`) to the class.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,7 +14,15 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from moa_train.config import ConfigError, StepSize, _check, _divisors, check_cross, check_memory, cross_config
+from moa_train.config import (
+    ConfigError,
+    StepSize,
+    _check,
+    _divisors,
+    check_cross,
+    check_memory,
+    cross_config,
+)
 from moa_train.config import validate as validate_common
 from moa_train.data.batches import RandomWindows
 from moa_train.data.wikitext import TOKENIZER_FILE
@@ -33,8 +42,12 @@ class Task:
     `loss(model, batch, all_aux)` -> (total, CE, aux terms, routing records), `evaluate(forward, split, prefix,
     autocast, final, stop)` -> metrics, `flops_per_token()`. Before any work, the class answers what follows."""
 
-    cuda_graphs_ok = False  # whether a whole step can be captured in one CUDA graph (fixed batch shapes)
-    best_metric = "val/loss"  # the validation metric (lower is better) that picks best.pt; sweeps minimise it
+    cuda_graphs_ok = (
+        False  # whether a whole step can be captured in one CUDA graph (fixed batch shapes)
+    )
+    best_metric = (
+        "val/loss"  # the validation metric (lower is better) that picks best.pt; sweeps minimise it
+    )
     metrics: tuple = ()  # the evaluation metrics that reports show, in their column order
 
     @staticmethod
@@ -67,22 +80,39 @@ class LMTask(Task):
     @staticmethod
     def check(cfg, world_size: int) -> None:
         m, t = cfg.model, cfg.trainer
-        _check(m.init == "standard", "model.init",
-               f"{m.init} initialises the encoder-decoder (translation); the LM takes GPT-2's init: use standard")
-        _check(t.block_size <= m.max_seq_len, "trainer.block_size",
-               f"{t.block_size} exceeds model.max_seq_len={m.max_seq_len}; valid: 1..{m.max_seq_len}")
-        _check(t.batch_size % t.grad_accum == 0, "trainer.grad_accum",
-               f"{t.grad_accum} does not divide trainer.batch_size={t.batch_size}; valid: {_divisors(t.batch_size)}")
+        _check(
+            m.init == "standard",
+            "model.init",
+            f"{m.init} initialises the encoder-decoder (translation); the LM takes GPT-2's init: use standard",
+        )
+        _check(
+            t.block_size <= m.max_seq_len,
+            "trainer.block_size",
+            f"{t.block_size} exceeds model.max_seq_len={m.max_seq_len}; valid: 1..{m.max_seq_len}",
+        )
+        _check(
+            t.batch_size % t.grad_accum == 0,
+            "trainer.grad_accum",
+            f"{t.grad_accum} does not divide trainer.batch_size={t.batch_size}; valid: {_divisors(t.batch_size)}",
+        )
         slices = world_size * t.grad_accum
-        _check(world_size == 1 or t.batch_size % slices == 0, "trainer.batch_size",
-               f"{t.batch_size} sequences do not split over {world_size} ranks x trainer.grad_accum={t.grad_accum} "
-               f"micro-batches; valid: multiples of {slices}")
+        _check(
+            world_size == 1 or t.batch_size % slices == 0,
+            "trainer.batch_size",
+            f"{t.batch_size} sequences do not split over {world_size} ranks x trainer.grad_accum={t.grad_accum} "
+            f"micro-batches; valid: multiples of {slices}",
+        )
 
     @staticmethod
     def step_size(cfg) -> StepSize:
         t = cfg.trainer
-        return StepSize("trainer.batch_size", f"trainer.batch_size={t.batch_size} x trainer.block_size={t.block_size}",
-                        "trainer.batch_size or trainer.block_size", t.batch_size * t.block_size, cfg.model.n_layer)
+        return StepSize(
+            "trainer.batch_size",
+            f"trainer.batch_size={t.batch_size} x trainer.block_size={t.block_size}",
+            "trainer.batch_size or trainer.block_size",
+            t.batch_size * t.block_size,
+            cfg.model.n_layer,
+        )
 
     @staticmethod
     def build_model(model_cfg, vocab_size: int, pad_id=None):
@@ -95,17 +125,28 @@ class LMTask(Task):
         from moa_train.data.wikitext import check_lengths
 
         self.cfg, self.device, self.dist = cfg, device, dist
-        self.aux_cfg = OmegaConf.to_object(cfg.model.aux)  # a plain dataclass: no OmegaConf inside compiled code
+        self.aux_cfg = OmegaConf.to_object(
+            cfg.model.aux
+        )  # a plain dataclass: no OmegaConf inside compiled code
         self.data = load_data(cfg.data)
         check_lengths(self.data, cfg.trainer.block_size)
         vocab = cfg.model.vocab_size or self.data.vocab_size
         if vocab < self.data.vocab_size:
-            raise ConfigError(f"model.vocab_size: {vocab} is smaller than the data's {self.data.vocab_size}; "
-                              "use null (from the data) or a larger value")
+            raise ConfigError(
+                f"model.vocab_size: {vocab} is smaller than the data's {self.data.vocab_size}; "
+                "use null (from the data) or a larger value"
+            )
         self.model = self.build_model(cfg.model, vocab)
         t = cfg.trainer
-        self.batches = RandomWindows(self.data.splits["train"].tokens, t.batch_size // t.grad_accum, t.block_size,
-                                     t.seed, device, dist.rank, dist.world)
+        self.batches = RandomWindows(
+            self.data.splits["train"].tokens,
+            t.batch_size // t.grad_accum,
+            t.block_size,
+            t.seed,
+            device,
+            dist.rank,
+            dist.world,
+        )
 
     def next_batch(self) -> tuple:
         """(window offsets,): the loss gathers the windows, inside a captured CUDA graph when there is one."""
@@ -123,17 +164,31 @@ class LMTask(Task):
         aux = aux_losses(routings, self.aux_cfg, all_aux)
         return ce + weighted_aux(aux, self.aux_cfg, y.numel()), ce, aux, routings
 
-    def evaluate(self, forward, split: str, prefix: str, autocast, final: bool = False, stop=None) -> dict:
+    def evaluate(
+        self, forward, split: str, prefix: str, autocast, final: bool = False, stop=None
+    ) -> dict:
         t = self.cfg.trainer
-        return evaluate_lm(forward, self.data.splits[split], prefix, t.eval_batch_size or t.batch_size,
-                           t.block_size, t.eval_iters, self.device, autocast, self.dist, stop)
+        return evaluate_lm(
+            forward,
+            self.data.splits[split],
+            prefix,
+            t.eval_batch_size or t.batch_size,
+            t.block_size,
+            t.eval_iters,
+            self.device,
+            autocast,
+            self.dist,
+            stop,
+        )
 
     def flops_per_token(self) -> int:
         return self.model.flops_per_token(self.cfg.trainer.block_size)
 
     def save_tokenizer(self, run_dir: Path) -> None:
         source, target = self.data.tokenizer_file, Path(run_dir) / TOKENIZER_FILE
-        if source is not None and not target.is_file():  # a resumed run keeps the file its first start wrote
+        if (
+            source is not None and not target.is_file()
+        ):  # a resumed run keeps the file its first start wrote
             atomic_write(target, lambda f: f.write(source.read_bytes()))
 
 
@@ -142,7 +197,9 @@ def smoothed_nll(logits, target, pad_id: int, eps: float, over: str = "all"):
     1 - eps + eps/V, every class eps/V); over=others: fairseq's (the target gets 1 - eps, every other class
     eps/(V-1))."""
     if over == "all" or not eps:
-        return F.cross_entropy(logits, target, ignore_index=pad_id, label_smoothing=eps, reduction="sum")
+        return F.cross_entropy(
+            logits, target, ignore_index=pad_id, label_smoothing=eps, reduction="sum"
+        )
     logp = logits.log_softmax(-1)
     keep = target != pad_id
     nll = -logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
@@ -163,31 +220,57 @@ class TranslationTask(Task):
     @staticmethod
     def check(cfg, world_size: int) -> None:
         m, d, e = cfg.model, cfg.data, cfg.eval
-        _check(d.max_tokens > 0, "data.max_tokens", f"must be a positive integer, got {d.max_tokens}")
-        _check(1 <= d.max_len < m.max_seq_len, "data.max_len",
-               f"{d.max_len} does not leave room for BOS/EOS in model.max_seq_len={m.max_seq_len}; "
-               f"valid: 1..{m.max_seq_len - 1}")
+        _check(
+            d.max_tokens > 0, "data.max_tokens", f"must be a positive integer, got {d.max_tokens}"
+        )
+        _check(
+            1 <= d.max_len < m.max_seq_len,
+            "data.max_len",
+            f"{d.max_len} does not leave room for BOS/EOS in model.max_seq_len={m.max_seq_len}; "
+            f"valid: 1..{m.max_seq_len - 1}",
+        )
         check_cross(m, cfg)
         if m.init == "fairseq":
             from moa_train.models.registry import ATTENTION
 
             ok = sorted(name for name, cls in ATTENTION.items() if hasattr(cls, "init_fairseq"))
             for key, name in (("model.name", m.name), ("model.cross.name", cross_config(m).name)):
-                _check(name in ok, "model.init", f"fairseq has no init for {key}={name}; valid with: {', '.join(ok)}")
-        _check(cfg.trainer.strategy == "ddp", "trainer.strategy", "fsdp shards decoder-only LMs; translation runs "
-                                                                  "use ddp")
+                _check(
+                    name in ok,
+                    "model.init",
+                    f"fairseq has no init for {key}={name}; valid with: {', '.join(ok)}",
+                )
+        _check(
+            cfg.trainer.strategy == "ddp",
+            "trainer.strategy",
+            "fsdp shards decoder-only LMs; translation runs use ddp",
+        )
         for key in ("beam", "val_beam"):
-            _check(1 <= e[key] <= MAX_BEAM, f"eval.{key}", f"must be in 1..{MAX_BEAM}, got {e[key]}")
-        _check(math.isfinite(e.lenpen), "eval.lenpen", f"must be a finite number (MoA: 0.6), got {e.lenpen}")
-        _check(math.isfinite(e.max_len_a) and e.max_len_a >= 0, "eval.max_len_a",
-               f"must be a finite number >= 0 (MoA: 1.2), got {e.max_len_a}")
+            _check(
+                1 <= e[key] <= MAX_BEAM, f"eval.{key}", f"must be in 1..{MAX_BEAM}, got {e[key]}"
+            )
+        _check(
+            math.isfinite(e.lenpen),
+            "eval.lenpen",
+            f"must be a finite number (MoA: 0.6), got {e.lenpen}",
+        )
+        _check(
+            math.isfinite(e.max_len_a) and e.max_len_a >= 0,
+            "eval.max_len_a",
+            f"must be a finite number >= 0 (MoA: 1.2), got {e.max_len_a}",
+        )
         _check(e.max_len_b >= 0, "eval.max_len_b", f"must be >= 0 (MoA: 10), got {e.max_len_b}")
 
     @staticmethod
     def step_size(cfg) -> StepSize:
         m = cfg.model
-        return StepSize("data.max_tokens", f"data.max_tokens={cfg.data.max_tokens}", "data.max_tokens",
-                        cfg.data.max_tokens, m.n_layer + (m.n_encoder_layer or m.n_layer))
+        return StepSize(
+            "data.max_tokens",
+            f"data.max_tokens={cfg.data.max_tokens}",
+            "data.max_tokens",
+            cfg.data.max_tokens,
+            m.n_layer + (m.n_encoder_layer or m.n_layer),
+        )
 
     @staticmethod
     def build_model(model_cfg, vocab_size: int, pad_id):
@@ -201,13 +284,24 @@ class TranslationTask(Task):
         self.cfg, self.device, self.dist = cfg, device, dist
         self.aux_cfg = OmegaConf.to_object(cfg.model.aux)
         self.label_smoothing = float(cfg.trainer.label_smoothing)
-        self.data = load_translation(cfg.data, cfg.model.max_seq_len)  # long val/test lines cut to fit
+        self.data = load_translation(
+            cfg.data, cfg.model.max_seq_len
+        )  # long val/test lines cut to fit
         self.model = self.build_model(cfg.model, self.data.vocab_size, self.data.pad_id)
         d = self.data
         per_micro = cfg.data.max_tokens // cfg.trainer.grad_accum
-        self.batches = TokenBatches(d.splits["train"], per_micro, d.pad_id, d.bos_id, d.eos_id,
-                                    seed=cfg.trainer.seed, shuffle=True, device=device, rank=dist.rank,
-                                    world=dist.world)
+        self.batches = TokenBatches(
+            d.splits["train"],
+            per_micro,
+            d.pad_id,
+            d.bos_id,
+            d.eos_id,
+            seed=cfg.trainer.seed,
+            shuffle=True,
+            device=device,
+            rank=dist.rank,
+            world=dist.world,
+        )
         self.train_iter = iter(self.batches)
         self.bleu_signature = None
 
@@ -225,13 +319,23 @@ class TranslationTask(Task):
         logits, routings = model(batch["src"], batch["tgt_in"])
         target = batch["tgt_out"]
         n = global_sum((target != self.data.pad_id).sum()).clamp_min(1) / self.dist.world
-        ce = smoothed_nll(logits.flatten(0, 1).float(), target.flatten(), self.data.pad_id, self.label_smoothing,
-                          self.cfg.trainer.label_smoothing_over) / n
+        ce = (
+            smoothed_nll(
+                logits.flatten(0, 1).float(),
+                target.flatten(),
+                self.data.pad_id,
+                self.label_smoothing,
+                self.cfg.trainer.label_smoothing_over,
+            )
+            / n
+        )
         aux = aux_losses(routings, self.aux_cfg, all_aux)
         return ce + weighted_aux(aux, self.aux_cfg, n), ce, aux, routings
 
     @torch.no_grad()
-    def evaluate(self, forward, split: str, prefix: str, autocast, final: bool = False, stop=None) -> dict:
+    def evaluate(
+        self, forward, split: str, prefix: str, autocast, final: bool = False, stop=None
+    ) -> dict:
         """NLL per target token over the split, and BLEU / chrF of the decoded split (beam search at the end of
         training, greedy or the configured val beam during it; the first eval.max_sentences sentences where set).
         Under data parallelism each rank takes its share of the batches; sums and hypotheses are gathered. A signal
@@ -249,11 +353,21 @@ class TranslationTask(Task):
         hyps = self._decode(decoded, f"{prefix} (beam {beam})", beam, autocast, stop)
         model.train(was_training)
         scores = corpus_scores(hyps, decoded.tgt_text)
-        out = {f"{prefix}/loss": loss, f"{prefix}/ppl": math.exp(min(loss, 50.0)), f"{prefix}/bleu": scores["bleu"],
-               f"{prefix}/chrf": scores["chrf"], f"{prefix}/bleu_tok": tokenized_bleu(hyps, decoded.tgt_text)}
+        out = {
+            f"{prefix}/loss": loss,
+            f"{prefix}/ppl": math.exp(min(loss, 50.0)),
+            f"{prefix}/bleu": scores["bleu"],
+            f"{prefix}/chrf": scores["chrf"],
+            f"{prefix}/bleu_tok": tokenized_bleu(hyps, decoded.tgt_text),
+        }
         if n < len(data):
             out[f"{prefix}/bleu_sentences"] = n
-            log.info("%s: BLEU and chrF on the first %d of %d sentences (eval.max_sentences)", prefix, n, len(data))
+            log.info(
+                "%s: BLEU and chrF on the first %d of %d sentences (eval.max_sentences)",
+                prefix,
+                n,
+                len(data),
+            )
         self.bleu_signature = scores["bleu_signature"]
         return out
 
@@ -267,11 +381,20 @@ class TranslationTask(Task):
         from moa_train.data.translation import TokenBatches
 
         d = self.data
-        batches = TokenBatches(data, self.cfg.data.max_tokens, d.pad_id, d.bos_id, d.eos_id, shuffle=False,
-                               device=self.device)
+        batches = TokenBatches(
+            data,
+            self.cfg.data.max_tokens,
+            d.pad_id,
+            d.bos_id,
+            d.eos_id,
+            shuffle=False,
+            device=self.device,
+        )
         share = rank_share(batches, self.dist)
         # translation runs use DDP: no collective in the forward, so a rank skips the batches of others
-        for batch, mine in progress(share, desc=desc, unit="batch", total=-(-len(batches) // self.dist.world)):
+        for batch, mine in progress(
+            share, desc=desc, unit="batch", total=-(-len(batches) // self.dist.world)
+        ):
             check_stop(stop)
             if mine:
                 yield batch
@@ -282,10 +405,16 @@ class TranslationTask(Task):
         for batch in self._my_batches(data, f"eval {prefix} (loss)", stop):
             with autocast():
                 logits, _ = forward(batch["src"], batch["tgt_in"])
-            total += F.cross_entropy(logits.flatten(0, 1).float(), batch["tgt_out"].flatten(),
-                                     ignore_index=self.data.pad_id, reduction="sum").item()
+            total += F.cross_entropy(
+                logits.flatten(0, 1).float(),
+                batch["tgt_out"].flatten(),
+                ignore_index=self.data.pad_id,
+                reduction="sum",
+            ).item()
             count += int(batch["n_tokens"])
-        total, count = global_sum(torch.tensor([total, count], dtype=torch.float64, device=self.device)).tolist()
+        total, count = global_sum(
+            torch.tensor([total, count], dtype=torch.float64, device=self.device)
+        ).tolist()
         return total / max(count, 1)
 
     def _decode(self, data, desc: str, beam: int, autocast, stop=None) -> list:
@@ -296,14 +425,34 @@ class TranslationTask(Task):
         hyps = {}  # sentence index -> detokenised hypothesis
         for batch in self._my_batches(data, f"eval {desc}", stop):
             src_mask = batch["src"] != d.pad_id
-            max_len = min(max_output_len(src_mask, e.max_len_a, e.max_len_b), self.cfg.model.max_seq_len - 1)
+            max_len = min(
+                max_output_len(src_mask, e.max_len_a, e.max_len_b), self.cfg.model.max_seq_len - 1
+            )
             with autocast():
                 if beam == 1:
-                    out = greedy_search(model, batch["src"], src_mask, d.bos_id, d.eos_id, d.pad_id, max_len,
-                                        use_cache=e.kv_cache)
+                    out = greedy_search(
+                        model,
+                        batch["src"],
+                        src_mask,
+                        d.bos_id,
+                        d.eos_id,
+                        d.pad_id,
+                        max_len,
+                        use_cache=e.kv_cache,
+                    )
                 else:
-                    out = beam_search(model, batch["src"], src_mask, d.bos_id, d.eos_id, d.pad_id, max_len,
-                                      beam=beam, lenpen=e.lenpen, use_cache=e.kv_cache)
+                    out = beam_search(
+                        model,
+                        batch["src"],
+                        src_mask,
+                        d.bos_id,
+                        d.eos_id,
+                        d.pad_id,
+                        max_len,
+                        beam=beam,
+                        lenpen=e.lenpen,
+                        use_cache=e.kv_cache,
+                    )
             for i, ids in zip(batch["index"].tolist(), out):
                 hyps[i] = d.decode(ids)
         hyps = {i: text for part in gather_objects(hyps, self.dist) for i, text in part.items()}
@@ -311,15 +460,22 @@ class TranslationTask(Task):
 
     def flops_per_token(self) -> int:
         """At the mean target length of the training pairs (attention cost grows with it)."""
-        return self.model.flops_per_token(round(float(self.batches.tgt_len.mean())))  # lengths with EOS
+        return self.model.flops_per_token(
+            round(float(self.batches.tgt_len.mean()))
+        )  # lengths with EOS
 
 
 def first_pairs(split, n: int):
     """The first `n` sentence pairs of a split (in file order)."""
     from dataclasses import replace
 
-    return replace(split, src=split.src[:n], tgt=split.tgt[:n], src_text=split.src_text[:n],
-                   tgt_text=split.tgt_text[:n])
+    return replace(
+        split,
+        src=split.src[:n],
+        tgt=split.tgt[:n],
+        src_text=split.src_text[:n],
+        tgt_text=split.tgt_text[:n],
+    )
 
 
 TASKS = {"lm": LMTask, "translation": TranslationTask}

@@ -1,4 +1,5 @@
 """The train losses between two log steps, summed on the device over the steps that were applied."""
+
 from __future__ import annotations
 
 import torch
@@ -20,14 +21,19 @@ class LossWindow:
         ok = ~bad
         self.ce = self.ce + torch.where(ok, ce, 0.0)
         self.applied = self.applied + ok
-        for k, v in aux.items():  # (sum, count) per term: z and cv may be computed on log steps only
+        for (
+            k,
+            v,
+        ) in aux.items():  # (sum, count) per term: z and cv may be computed on log steps only
             total, count = self.aux.get(k, (0.0, 0))
             self.aux[k] = (total + torch.where(ok, v, 0.0), count + ok)
 
     def pop(self) -> dict:
         """The means over the applied steps (NaN where every step was skipped); a new window starts."""
-        means = {"train/loss": self.ce / self.applied,
-                 **{f"train/aux/{k}": total / count for k, (total, count) in self.aux.items()}}
+        means = {
+            "train/loss": self.ce / self.applied,
+            **{f"train/aux/{k}": total / count for k, (total, count) in self.aux.items()},
+        }
         self.reset()
         return means
 

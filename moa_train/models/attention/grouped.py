@@ -5,6 +5,7 @@ computes nothing for an empty group and needs no host sync, so it works under to
 Elsewhere (CPU, fp32, older GPUs, a torch without it) `grouped_mm_reference` computes the same product group by
 group; it reads the offsets on the host, so it is the slow reference, not a fast path.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,12 @@ def _kernel():
 
 def grouped_kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
     """True where `grouped_mm` runs the fused kernel (bf16 on a CUDA device of capability >= 9.0)."""
-    return (_kernel() is not None and device.type == "cuda" and dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(device) >= (9, 0))
+    return (
+        _kernel() is not None
+        and device.type == "cuda"
+        and dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(device) >= (9, 0)
+    )
 
 
 def grouped_mm_reference(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:

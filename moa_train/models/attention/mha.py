@@ -2,6 +2,7 @@
 
 Grouped K/V go to SDPA with `enable_gqa`, so repeated K/V heads are never materialised.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,15 +21,21 @@ from moa_train.models.roles import NO_DECAY, RESIDUAL
 @dataclass
 class MHAConfig(ModelConfig):
     """mha, gqa and mqa: the same module, told apart by n_kv_heads."""
-    n_kv_heads: Optional[int] = None  # K/V heads, dividing n_head: null = n_head (mha); gqa: 2; mqa: 1
+
+    n_kv_heads: Optional[int] = (
+        None  # K/V heads, dividing n_head: null = n_head (mha); gqa: 2; mqa: 1
+    )
 
     @classmethod
     def validate(cls, m, cfg) -> None:
         super().validate(m, cfg)
         cls.check_heads(m)
         kv = m.n_kv_heads
-        _check(kv is None or (kv > 0 and m.n_head % kv == 0), "model.n_kv_heads",
-               f"{kv} does not divide model.n_head={m.n_head}; valid: {_divisors(m.n_head)}")
+        _check(
+            kv is None or (kv > 0 and m.n_head % kv == 0),
+            "model.n_kv_heads",
+            f"{kv} does not divide model.n_head={m.n_head}; valid: {_divisors(m.n_head)}",
+        )
 
 
 def attention_mask(mask: Optional[Tensor], causal: bool, t_q: int, t_k: int, device) -> tuple:
@@ -41,12 +48,21 @@ def attention_mask(mask: Optional[Tensor], causal: bool, t_q: int, t_k: int, dev
     return keep, False
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, dropout: float) -> Tensor:
+def sdpa(
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, dropout: float
+) -> Tensor:
     """q (B, Hq, T, D), k/v (B, Hkv, S, D) with Hkv dividing Hq; query head h reads K/V head h // (Hq/Hkv)."""
     attn_mask, is_causal = attention_mask(mask, causal, q.shape[2], k.shape[2], q.device)
     # enable_gqa as a plain bool: under dynamic shapes (a recompiled decode step) it is a SymBool, refused
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
-                                          enable_gqa=bool(k.shape[1] != q.shape[1]))
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=attn_mask,
+        dropout_p=dropout,
+        is_causal=is_causal,
+        enable_gqa=bool(k.shape[1] != q.shape[1]),
+    )
 
 
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
@@ -55,8 +71,11 @@ SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 def select_sdpa_backend(name: str) -> None:
     """Process-wide choice of the CUDA SDPA kernel (trainer.sdpa_backend): `name` plus math, the fallback for
     inputs the chosen kernel cannot take; auto enables all and leaves the choice to PyTorch. No effect on CPU."""
-    switches = {"flash": torch.backends.cuda.enable_flash_sdp, "cudnn": torch.backends.cuda.enable_cudnn_sdp,
-                "efficient": torch.backends.cuda.enable_mem_efficient_sdp}
+    switches = {
+        "flash": torch.backends.cuda.enable_flash_sdp,
+        "cudnn": torch.backends.cuda.enable_cudnn_sdp,
+        "efficient": torch.backends.cuda.enable_mem_efficient_sdp,
+    }
     for backend, enable in switches.items():
         enable(name in ("auto", backend))
     torch.backends.cuda.enable_math_sdp(True)
@@ -78,23 +97,36 @@ def merge_heads(x: Tensor) -> Tensor:
 class MultiHeadAttention(nn.Module):
     """One module for MHA, GQA and MQA. Self-attention projects Q, K, V in one matmul; cross-attention
     (context given) applies the same weights' Q rows to x and K/V rows to the context."""
+
     PARAM_ROLES = {"c_proj.weight": RESIDUAL, "c_attn.bias": NO_DECAY, "c_proj.bias": NO_DECAY}
 
-    def __init__(self, d_model: int, n_head: int, n_kv_heads: Optional[int] = None, dropout: float = 0.0,
-                 bias: bool = False, causal: bool = True, attn_dropout: Optional[float] = None):
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        n_kv_heads: Optional[int] = None,
+        dropout: float = 0.0,
+        bias: bool = False,
+        causal: bool = True,
+        attn_dropout: Optional[float] = None,
+    ):
         super().__init__()
         self.n_head, self.n_kv = n_head, n_kv_heads or n_head
         self.head_dim = d_model // n_head
         self.q_size = n_head * self.head_dim
         self.c_attn = nn.Linear(d_model, self.q_size + 2 * self.n_kv * self.head_dim, bias=bias)
         self.c_proj = nn.Linear(self.q_size, d_model, bias=bias)
-        self.dropout = dropout if attn_dropout is None else attn_dropout  # on the attention probabilities
+        self.dropout = (
+            dropout if attn_dropout is None else attn_dropout
+        )  # on the attention probabilities
         self.causal = causal
         self.resid_dropout = nn.Dropout(dropout)
 
     @classmethod
     def from_config(cls, m, causal: bool = True) -> "MultiHeadAttention":
-        return cls(m.d_model, m.n_head, m.n_kv_heads, m.dropout, m.bias, causal, ModelConfig.attn_p(m))
+        return cls(
+            m.d_model, m.n_head, m.n_kv_heads, m.dropout, m.bias, causal, ModelConfig.attn_p(m)
+        )
 
     @torch.no_grad()
     def init_fairseq(self) -> None:
@@ -104,9 +136,9 @@ class MultiHeadAttention(nn.Module):
         Xavier-uniform with gain 1 and a zero bias."""
         kv = self.n_kv * self.head_dim
         for block in self.c_attn.weight.split([self.q_size, kv, kv]):
-            nn.init.xavier_uniform_(block, gain=2 ** -0.5)
+            nn.init.xavier_uniform_(block, gain=2**-0.5)
         if self.c_attn.bias is not None:
-            bound = self.c_attn.in_features ** -0.5
+            bound = self.c_attn.in_features**-0.5
             nn.init.uniform_(self.c_attn.bias, -bound, bound)
         nn.init.xavier_uniform_(self.c_proj.weight)
         if self.c_proj.bias is not None:
@@ -126,11 +158,19 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None):
         q, k, v = self.project(x, context)
-        y = sdpa(q, k, v, mask, self.causal and context is None, self.dropout if self.training else 0.0)
+        y = sdpa(
+            q, k, v, mask, self.causal and context is None, self.dropout if self.training else 0.0
+        )
         return self.resid_dropout(self.c_proj(merge_heads(y))), None
 
-    def forward_cached(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor,
-                       span: Optional[int] = None) -> Tensor:
+    def forward_cached(
+        self,
+        x: Tensor,
+        cache_k: Tensor,
+        cache_v: Tensor,
+        positions: Tensor,
+        span: Optional[int] = None,
+    ) -> Tensor:
         """Cached self-attention (models/kv_cache.py): caches only the n_kv_heads K/V heads."""
         q, k, v = self.project(x, None)
         write_kv(cache_k, k, positions)
@@ -142,14 +182,19 @@ class MultiHeadAttention(nn.Module):
         and reused at every decoding step (`forward_cross`)."""
         kv_size = self.n_kv * self.head_dim
         bias = self.c_attn.bias
-        k, v = F.linear(context, self.c_attn.weight[self.q_size:],
-                        None if bias is None else bias[self.q_size:]).split([kv_size, kv_size], dim=-1)
+        k, v = F.linear(
+            context,
+            self.c_attn.weight[self.q_size :],
+            None if bias is None else bias[self.q_size :],
+        ).split([kv_size, kv_size], dim=-1)
         return split_heads(k, self.n_kv), split_heads(v, self.n_kv)
 
     def forward_cross(self, x: Tensor, kv: tuple, mask: Optional[Tensor]) -> Tensor:
         """Inference cross-attention of x (B, T, d) to K/V from `cross_kv` (key-padding mask (B, S))."""
         bias = self.c_attn.bias
-        q = F.linear(x, self.c_attn.weight[:self.q_size], None if bias is None else bias[:self.q_size])
+        q = F.linear(
+            x, self.c_attn.weight[: self.q_size], None if bias is None else bias[: self.q_size]
+        )
         return self.c_proj(merge_heads(sdpa(split_heads(q, self.n_head), *kv, mask, False, 0.0)))
 
     def matmul_params_per_token(self) -> int:

@@ -13,6 +13,7 @@ Expert projections (`expert_matmul`):
 - `auto` (default) takes `grouped` when k < E and the grouped kernel runs (bf16 on an H100-class GPU), else `dense`.
 The FLOP counter counts only the k selected experts, whichever path runs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,41 +34,73 @@ from moa_train.models.routing import Routing
 @dataclass
 class MoAConfig(ModelConfig):
     """moa: each token picks top_k of n_experts attention heads."""
+
     n_experts: int = 8  # E
     top_k: int = 2  # k experts per token, 1..E
     head_dim: Optional[int] = None  # expert head size; null = d_model // n_head
     n_kv_heads: Optional[int] = None  # shared K/V groups; null = 1, as in the released MoA code
-    gating: str = "softmax_all"  # softmax_all (released MoA code) | topk_softmax (renormalised over the k)
-    expert_matmul: str = "auto"  # dense (all E experts, gather) | grouped (sorted by expert, selected only) | auto
-    proj_bias: Optional[bool] = None  # biases of the expert Q/O and shared K/V; null = model.bias (MoA code: none)
+    gating: str = (
+        "softmax_all"  # softmax_all (released MoA code) | topk_softmax (renormalised over the k)
+    )
+    expert_matmul: str = (
+        "auto"  # dense (all E experts, gather) | grouped (sorted by expert, selected only) | auto
+    )
+    proj_bias: Optional[bool] = (
+        None  # biases of the expert Q/O and shared K/V; null = model.bias (MoA code: none)
+    )
 
     @classmethod
     def validate(cls, m, cfg) -> None:
         super().validate(m, cfg)
         for key in ("n_experts", "top_k"):
             _check(m[key] > 0, f"model.{key}", f"must be a positive integer, got {m[key]}")
-        _check(m.top_k <= m.n_experts, "model.top_k",
-               f"{m.top_k} is larger than model.n_experts={m.n_experts}; valid: 1..{m.n_experts}")
+        _check(
+            m.top_k <= m.n_experts,
+            "model.top_k",
+            f"{m.top_k} is larger than model.n_experts={m.n_experts}; valid: 1..{m.n_experts}",
+        )
         _one_of(m.gating, "model.gating", ("softmax_all", "topk_softmax"))
         _one_of(m.expert_matmul, "model.expert_matmul", ("auto", "dense", "grouped"))
         t = cfg.trainer
-        _check(not (m.expert_matmul == "grouped" and t.cuda_graphs and t.precision != "bf16"), "model.expert_matmul",
-               "grouped in fp32 runs the reference, which reads group sizes on the host and so cannot be captured "
-               "(trainer.cuda_graphs=true); use auto, dense, or trainer.precision=bf16")
+        _check(
+            not (m.expert_matmul == "grouped" and t.cuda_graphs and t.precision != "bf16"),
+            "model.expert_matmul",
+            "grouped in fp32 runs the reference, which reads group sizes on the host and so cannot be captured "
+            "(trainer.cuda_graphs=true); use auto, dense, or trainer.precision=bf16",
+        )
         if m.head_dim is None:
-            _check(m.d_model % m.n_head == 0, "model.head_dim",
-                   f"null needs model.n_head={m.n_head} to divide model.d_model={m.d_model}; set model.head_dim")
+            _check(
+                m.d_model % m.n_head == 0,
+                "model.head_dim",
+                f"null needs model.n_head={m.n_head} to divide model.d_model={m.d_model}; set model.head_dim",
+            )
         _positive_or_null(m.head_dim, "model.head_dim")
         _positive_or_null(m.n_kv_heads, "model.n_kv_heads")
 
 
 class MixtureOfAttentionHeads(nn.Module):
-    PARAM_ROLES = {"router": ROUTER, "c_proj.weight": RESIDUAL, "q_proj.bias": NO_DECAY, "kv_proj.bias": NO_DECAY,
-                   "c_proj.bias": NO_DECAY}
+    PARAM_ROLES = {
+        "router": ROUTER,
+        "c_proj.weight": RESIDUAL,
+        "q_proj.bias": NO_DECAY,
+        "kv_proj.bias": NO_DECAY,
+        "c_proj.bias": NO_DECAY,
+    }
 
-    def __init__(self, d_model: int, n_experts: int, top_k: int, head_dim: int, n_kv_heads: Optional[int] = None,
-                 dropout: float = 0.0, bias: bool = False, gating: str = "softmax_all", causal: bool = True,
-                 expert_matmul: str = "auto", attn_dropout: Optional[float] = None):
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        top_k: int,
+        head_dim: int,
+        n_kv_heads: Optional[int] = None,
+        dropout: float = 0.0,
+        bias: bool = False,
+        gating: str = "softmax_all",
+        causal: bool = True,
+        expert_matmul: str = "auto",
+        attn_dropout: Optional[float] = None,
+    ):
         super().__init__()
         self.n_experts, self.top_k, self.head_dim = n_experts, top_k, head_dim
         self.n_kv = n_kv_heads or 1
@@ -77,7 +110,9 @@ class MixtureOfAttentionHeads(nn.Module):
         self.kv_proj = nn.Linear(d_model, 2 * self.expert_dim, bias=bias)
         self.c_proj = nn.Linear(n_experts * self.expert_dim, d_model, bias=bias)
         self.gating, self.expert_matmul = gating, expert_matmul
-        self.dropout = dropout if attn_dropout is None else attn_dropout  # on the attention probabilities
+        self.dropout = (
+            dropout if attn_dropout is None else attn_dropout
+        )  # on the attention probabilities
         self.causal = causal
         self.resid_dropout = nn.Dropout(dropout)
         self.choice_names = tuple(str(i) for i in range(n_experts))
@@ -86,8 +121,19 @@ class MixtureOfAttentionHeads(nn.Module):
     def from_config(cls, m, causal: bool = True) -> "MixtureOfAttentionHeads":
         head_dim = m.head_dim or m.d_model // m.n_head
         bias = m.bias if m.proj_bias is None else m.proj_bias
-        return cls(m.d_model, m.n_experts, m.top_k, head_dim, m.n_kv_heads, m.dropout, bias, m.gating, causal,
-                   m.expert_matmul, ModelConfig.attn_p(m))
+        return cls(
+            m.d_model,
+            m.n_experts,
+            m.top_k,
+            head_dim,
+            m.n_kv_heads,
+            m.dropout,
+            bias,
+            m.gating,
+            causal,
+            m.expert_matmul,
+            ModelConfig.attn_p(m),
+        )
 
     def post_init(self) -> None:
         nn.init.zeros_(self.router.weight)
@@ -101,10 +147,10 @@ class MixtureOfAttentionHeads(nn.Module):
         zero. The router stays at zero (post_init)."""
         e, ed = self.n_experts, self.expert_dim
         for i in range(e):
-            nn.init.xavier_uniform_(self.q_proj.weight[i * ed:(i + 1) * ed])
-            nn.init.xavier_uniform_(self.c_proj.weight[:, i * ed:(i + 1) * ed])
+            nn.init.xavier_uniform_(self.q_proj.weight[i * ed : (i + 1) * ed])
+            nn.init.xavier_uniform_(self.c_proj.weight[:, i * ed : (i + 1) * ed])
         for block in self.kv_proj.weight.split(ed):
-            nn.init.xavier_uniform_(block, gain=2 ** -0.5)
+            nn.init.xavier_uniform_(block, gain=2**-0.5)
         for layer in (self.q_proj, self.kv_proj, self.c_proj):
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
@@ -124,8 +170,14 @@ class MixtureOfAttentionHeads(nn.Module):
     def grouped(self, x: Tensor) -> bool:
         """Whether this call runs the grouped path (see the module docstring)."""
         if self.expert_matmul == "auto":
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            return grouped_kernel_available(x.device, dtype)  # (k = E never sorts: forward passes chosen=None)
+            dtype = (
+                torch.get_autocast_dtype(x.device.type)
+                if torch.is_autocast_enabled(x.device.type)
+                else x.dtype
+            )
+            return grouped_kernel_available(
+                x.device, dtype
+            )  # (k = E never sorts: forward passes chosen=None)
         return self.expert_matmul == "grouped"
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None):
@@ -134,18 +186,27 @@ class MixtureOfAttentionHeads(nn.Module):
 
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             return sdpa(q, k, v, mask, causal, p)
+
         y, routing = self.mix(x, x if context is None else context, attend, self.grouped(x))
         return self.resid_dropout(y), routing
 
-    def forward_cached(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor,
-                       span: Optional[int] = None) -> Tensor:
+    def forward_cached(
+        self,
+        x: Tensor,
+        cache_k: Tensor,
+        cache_v: Tensor,
+        positions: Tensor,
+        span: Optional[int] = None,
+    ) -> Tensor:
         """Cached self-attention (models/kv_cache.py): caches the shared K/V only (n_kv_heads heads of head_dim:
         expert_dim per K and per V, whatever the experts); routes each token top-k as `forward` does, on the dense
         expert path."""
+
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             write_kv(cache_k, k, positions)
             write_kv(cache_v, v, positions)
             return cached_sdpa(q, cache_k, cache_v, positions, span)
+
         return self.mix(x, x, attend, grouped=False)[0]
 
     def cross_kv(self, context: Tensor) -> tuple:
@@ -157,19 +218,32 @@ class MixtureOfAttentionHeads(nn.Module):
     def forward_cross(self, x: Tensor, kv: tuple, mask: Optional[Tensor]) -> Tensor:
         """Inference cross-attention: x (B, T, d) routed per token as in `forward` (dense expert path), its queries
         attending to K/V from `cross_kv` (key-padding mask (B, S))."""
-        return self.mix(x, None, lambda q, k, v: sdpa(q, k, v, mask, False, 0.0), grouped=False, kv=kv)[0]
+        return self.mix(
+            x, None, lambda q, k, v: sdpa(q, k, v, mask, False, 0.0), grouped=False, kv=kv
+        )[0]
 
-    def mix(self, x: Tensor, source: Optional[Tensor], attend, grouped: bool, kv: Optional[tuple] = None) -> tuple:
+    def mix(
+        self, x: Tensor, source: Optional[Tensor], attend, grouped: bool, kv: Optional[tuple] = None
+    ) -> tuple:
         """(y before residual dropout (B, T, d), Routing): the routed queries of x attend (`attend(q, k, v)` on heads)
         to the shared K/V of `source` (or the heads `kv` given, from `cross_kv`); the gated expert outputs summed."""
         b, t, _ = x.shape
         e, k, g, dh = self.n_experts, self.top_k, self.n_kv, self.head_dim
         gates, chosen, routing = self.route(x)
-        if k == e:  # every expert selected: take them in expert order, so no gather and no scatter is needed
-            gates, chosen = routing.probs, None  # either gating gives expert i its probability when k = E
+        if (
+            k == e
+        ):  # every expert selected: take them in expert order, so no gather and no scatter is needed
+            gates, chosen = (
+                routing.probs,
+                None,
+            )  # either gating gives expert i its probability when k = E
         sort = self.sorted_by_expert(chosen) if chosen is not None and grouped else None
         # queries of the selected experts (B*T, k, g*dh), then heads ordered group-major (B, g*k, T, dh)
-        q = self.dense_queries(x, chosen) if sort is None else self.grouped_queries(x, chosen, *sort)
+        q = (
+            self.dense_queries(x, chosen)
+            if sort is None
+            else self.grouped_queries(x, chosen, *sort)
+        )
         q = q.view(b, t, k, g, dh).permute(0, 3, 2, 1, 4).reshape(b, g * k, t, dh)
         o = attend(q, *(self.cross_kv(source) if kv is None else kv))
         o = o.view(b, g, k, t, dh).permute(0, 3, 2, 1, 4).reshape(b * t, k, self.expert_dim)
@@ -179,12 +253,17 @@ class MixtureOfAttentionHeads(nn.Module):
 
     def dense_queries(self, x: Tensor, chosen: Optional[Tensor]) -> Tensor:
         q_all = self.q_proj(x).view(-1, self.n_experts, self.expert_dim)
-        return q_all if chosen is None else q_all.gather(1, chosen.unsqueeze(-1).expand(-1, -1, self.expert_dim))
+        return (
+            q_all
+            if chosen is None
+            else q_all.gather(1, chosen.unsqueeze(-1).expand(-1, -1, self.expert_dim))
+        )
 
     def dense_output(self, o: Tensor, chosen: Optional[Tensor]) -> Tensor:
         if chosen is not None:
             o = o.new_zeros(o.shape[0], self.n_experts, self.expert_dim).scatter(
-                1, chosen.unsqueeze(-1).expand_as(o), o)
+                1, chosen.unsqueeze(-1).expand_as(o), o
+            )
         return self.c_proj(o.flatten(1))
 
     def sorted_by_expert(self, chosen: Tensor) -> tuple:
@@ -195,18 +274,29 @@ class MixtureOfAttentionHeads(nn.Module):
         # 8-bit keys where they fit: a radix sort makes one pass per key byte (8 for int64 indices)
         keys = experts.to(torch.uint8) if self.n_experts <= 256 else experts.to(torch.int32)
         order = keys.argsort(stable=True)
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        offs = torch.searchsorted(keys[order], torch.arange(self.n_experts, device=chosen.device, dtype=keys.dtype),
-                                  right=True)
+        inverse = torch.empty_like(order).scatter_(
+            0, order, torch.arange(order.numel(), device=order.device)
+        )
+        offs = torch.searchsorted(
+            keys[order],
+            torch.arange(self.n_experts, device=chosen.device, dtype=keys.dtype),
+            right=True,
+        )
         return order, inverse, offs.to(torch.int32)
 
-    def grouped_queries(self, x: Tensor, chosen: Tensor, order: Tensor, inverse: Tensor, offs: Tensor) -> Tensor:
+    def grouped_queries(
+        self, x: Tensor, chosen: Tensor, order: Tensor, inverse: Tensor, offs: Tensor
+    ) -> Tensor:
         d, e, ed = x.shape[-1], self.n_experts, self.expert_dim
         # each token k times, cast first (grouped_mm is not an autocast op): k copies in bf16, not in fp32
-        x_sorted = gather_rows(self.compute_dtype(x).reshape(-1, d), order // self.top_k, inverse, self.top_k)
+        x_sorted = gather_rows(
+            self.compute_dtype(x).reshape(-1, d), order // self.top_k, inverse, self.top_k
+        )
         w_q = self.q_proj.weight.view(e, ed, d).transpose(1, 2)  # (E, d, ed): each expert's W_q^T
         q_sorted = grouped_mm(x_sorted, w_q, offs)
-        q = gather_rows(q_sorted, inverse, order).view(-1, self.top_k, ed)  # back to (token, slot) order
+        q = gather_rows(q_sorted, inverse, order).view(
+            -1, self.top_k, ed
+        )  # back to (token, slot) order
         if self.q_proj.bias is not None:
             q = q + self.q_proj.bias.view(e, ed)[chosen].to(q.dtype)
         return q
@@ -232,7 +322,10 @@ class MixtureOfAttentionHeads(nn.Module):
         return d * self.n_experts + 2 * d * self.expert_dim + 2 * self.top_k * d * self.expert_dim
 
     def flops_per_token(self, seq_len: int) -> int:
-        return 6 * self.matmul_params_per_token() + 12 * self.top_k * self.n_kv * self.head_dim * seq_len
+        return (
+            6 * self.matmul_params_per_token()
+            + 12 * self.top_k * self.n_kv * self.head_dim * seq_len
+        )
 
     def kv_layout(self) -> tuple:
         """(K/V heads cached, head_dim): the shared n_kv_heads groups, whatever the number of experts."""

@@ -19,6 +19,7 @@ Residual dropout (`resid_dropout`):
   outputs in the same layout, so both draw the same mask). Where dropout is inactive (eval, or dropout 0) the two
   modes are the same function and run the fused layout above at the same cost.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,13 +44,17 @@ RESID_DROPOUT = ("mixed", "per_branch")
 def check_gqa_heads(m) -> None:
     """model.n_head divides model.d_model, and model.gqa_kv_heads divides model.n_head (moas_*)."""
     ModelConfig.check_heads(m)
-    _check(m.gqa_kv_heads > 0 and m.n_head % m.gqa_kv_heads == 0, "model.gqa_kv_heads",
-           f"{m.gqa_kv_heads} does not divide model.n_head={m.n_head}; valid: {_divisors(m.n_head)}")
+    _check(
+        m.gqa_kv_heads > 0 and m.n_head % m.gqa_kv_heads == 0,
+        "model.gqa_kv_heads",
+        f"{m.gqa_kv_heads} does not divide model.n_head={m.n_head}; valid: {_divisors(m.n_head)}",
+    )
 
 
 @dataclass
 class MoASStaticConfig(ModelConfig):
     """moas_static: the three branches mixed by a constant 1/3."""
+
     gqa_kv_heads: int = 2  # K/V heads of the GQA branch, dividing n_head
     fused: bool = True  # one QKV matmul, one SDPA call and one output matmul for all branches (same parameters)
     # mixed: one residual dropout after the gates mix the branches | per_branch: each branch's projected output
@@ -70,6 +75,7 @@ class MoASStaticConfig(ModelConfig):
 @dataclass
 class MoASDynamicConfig(MoASStaticConfig):
     """moas_dynamic: the branches mixed per token by a router."""
+
     router_hidden: Optional[int] = None  # hidden width of the router; null = d_model // 4
     gate_dropout: float = 0.0  # dropout on the router's gates after softmax (MoAS paper: 0.1)
     # soft: inference mixes the branches as training does | top1: at inference (eval forward, cached decoding) only
@@ -82,18 +88,39 @@ class MoASDynamicConfig(MoASStaticConfig):
     def validate(cls, m, cfg) -> None:
         super().validate(m, cfg)
         _positive_or_null(m.router_hidden, "model.router_hidden")
-        _check(0.0 <= m.gate_dropout < 1.0, "model.gate_dropout", f"must be in [0, 1), got {m.gate_dropout}")
+        _check(
+            0.0 <= m.gate_dropout < 1.0,
+            "model.gate_dropout",
+            f"must be in [0, 1), got {m.gate_dropout}",
+        )
         _one_of(m.inference_routing, "model.inference_routing", ("soft", "top1"))
 
 
 class MoASAttention(nn.Module):
-    PARAM_ROLES = {"router": ROUTER, "c_proj.weight": RESIDUAL, "c_attn.bias": NO_DECAY,
-                   "router.0.bias": NO_DECAY, "router.2.bias": NO_DECAY}
+    PARAM_ROLES = {
+        "router": ROUTER,
+        "c_proj.weight": RESIDUAL,
+        "c_attn.bias": NO_DECAY,
+        "router.0.bias": NO_DECAY,
+        "router.2.bias": NO_DECAY,
+    }
 
-    def __init__(self, d_model: int, n_head: int, gqa_kv_heads: int = 2, dropout: float = 0.0, bias: bool = False,
-                 dynamic: bool = True, router_hidden: Optional[int] = None, gate_dropout: float = 0.0,
-                 fused: bool = True, causal: bool = True, resid_dropout: str = "mixed",
-                 attn_dropout: Optional[float] = None, inference_routing: str = "soft"):
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        gqa_kv_heads: int = 2,
+        dropout: float = 0.0,
+        bias: bool = False,
+        dynamic: bool = True,
+        router_hidden: Optional[int] = None,
+        gate_dropout: float = 0.0,
+        fused: bool = True,
+        causal: bool = True,
+        resid_dropout: str = "mixed",
+        attn_dropout: Optional[float] = None,
+        inference_routing: str = "soft",
+    ):
         super().__init__()
         self.n_head, self.head_dim, self.d_model = n_head, d_model // n_head, d_model
         self.kv_heads = (n_head, gqa_kv_heads, 1)
@@ -105,22 +132,48 @@ class MoASAttention(nn.Module):
         self.c_proj = nn.Linear(3 * d_model, d_model, bias=False)
         self.o_bias = nn.Parameter(torch.zeros(3, d_model)) if bias else None
         self.dynamic, self.fused, self.causal = dynamic, fused, causal
-        self.dropout = dropout if attn_dropout is None else attn_dropout  # on the attention probabilities
+        self.dropout = (
+            dropout if attn_dropout is None else attn_dropout
+        )  # on the attention probabilities
         self.gate_dropout = gate_dropout
         self.resid_dropout = nn.Dropout(dropout)
         self.per_branch = resid_dropout == "per_branch"
         if dynamic:
             hidden = router_hidden or d_model // 4
-            self.router = nn.Sequential(nn.Linear(d_model, hidden, bias=bias), nn.GELU(),
-                                        nn.Linear(hidden, 3, bias=bias))
+            self.router = nn.Sequential(
+                nn.Linear(d_model, hidden, bias=bias), nn.GELU(), nn.Linear(hidden, 3, bias=bias)
+            )
 
     @classmethod
     def from_config(cls, m, causal: bool = True) -> "MoASAttention":
         if not OmegaConf.get_type(m).dynamic:
-            return cls(m.d_model, m.n_head, m.gqa_kv_heads, m.dropout, m.bias, False, fused=m.fused, causal=causal,
-                       resid_dropout=m.resid_dropout, attn_dropout=ModelConfig.attn_p(m))
-        return cls(m.d_model, m.n_head, m.gqa_kv_heads, m.dropout, m.bias, True, m.router_hidden, m.gate_dropout,
-                   m.fused, causal, m.resid_dropout, ModelConfig.attn_p(m), m.inference_routing)
+            return cls(
+                m.d_model,
+                m.n_head,
+                m.gqa_kv_heads,
+                m.dropout,
+                m.bias,
+                False,
+                fused=m.fused,
+                causal=causal,
+                resid_dropout=m.resid_dropout,
+                attn_dropout=ModelConfig.attn_p(m),
+            )
+        return cls(
+            m.d_model,
+            m.n_head,
+            m.gqa_kv_heads,
+            m.dropout,
+            m.bias,
+            True,
+            m.router_hidden,
+            m.gate_dropout,
+            m.fused,
+            causal,
+            m.resid_dropout,
+            ModelConfig.attn_p(m),
+            m.inference_routing,
+        )
 
     def gates(self, x: Tensor, top1: bool = False) -> tuple:
         """(gates used for mixing (B, T, 3), Routing or None); top1: the one-hot of the router's argmax."""
@@ -131,24 +184,32 @@ class MoASAttention(nn.Module):
         # the 3 logit columns padded to 8: a 3-wide bf16 GEMM is misaligned and cuBLAS falls back to a slow kernel
         # (0.45 of 2.6 ms per Table 1 step, docs/results/bench.md); the padding rows are zeros and get no update
         bias = None if out.bias is None else F.pad(out.bias, (0, pad))
-        logits = F.linear(hidden, F.pad(out.weight, (0, 0, 0, pad)), bias)[..., :len(BRANCHES)].float()
+        logits = F.linear(hidden, F.pad(out.weight, (0, 0, 0, pad)), bias)[
+            ..., : len(BRANCHES)
+        ].float()
         probs = logits.softmax(-1)
         routing = Routing(probs.view(-1, 3), BRANCHES, None, logits.view(-1, 3))
         if top1:
             gates = F.one_hot(probs.argmax(-1), len(BRANCHES)).to(probs.dtype)
         else:
-            gates = F.dropout(probs, self.gate_dropout, self.training) if self.gate_dropout else probs
+            gates = (
+                F.dropout(probs, self.gate_dropout, self.training) if self.gate_dropout else probs
+            )
         return gates.to(x.dtype), routing
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None):
         if context is not None:
-            raise NotImplementedError("MoAS is a self-attention scheme; use mha or moa for cross-attention")
+            raise NotImplementedError(
+                "MoAS is a self-attention scheme; use mha or moa for cross-attention"
+            )
         gates, routing = self.gates(x, top1=self.inference_routing == "top1" and not self.training)
         p = self.dropout if self.training else 0.0
         per_branch = self.per_branch and self.training and self.resid_dropout.p > 0
         if self.fused:
+
             def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
                 return sdpa(q, self.repeat_kv(k), self.repeat_kv(v), mask, self.causal, p)
+
             out = self.fused_mix(x, gates, attend, per_branch)
         else:
             out = self.plain_mix(x, gates, mask, p, per_branch)
@@ -162,32 +223,57 @@ class MoASAttention(nn.Module):
         projections (3, B, T, d)."""
         d, n_kv = self.d_model, sum(self.kv_heads)
         q, k, v = self.c_attn(x).split([3 * d, n_kv * self.head_dim, n_kv * self.head_dim], dim=-1)
-        o = merge_heads(attend(split_heads(q, 3 * self.n_head), split_heads(k, n_kv), split_heads(v, n_kv)))
+        o = merge_heads(
+            attend(split_heads(q, 3 * self.n_head), split_heads(k, n_kv), split_heads(v, n_kv))
+        )
         o = o.view(*o.shape[:2], 3, d)  # (B, T, 3, d) = [o_mha | o_gqa | o_mqa]
         if per_branch:  # branch b's o_b @ W_b^T: one batched matmul over the branches, (3, B*T, d)
-            outs = torch.bmm(o.flatten(0, 1).transpose(0, 1), self.c_proj.weight.view(d, 3, d).permute(1, 2, 0))
+            outs = torch.bmm(
+                o.flatten(0, 1).transpose(0, 1), self.c_proj.weight.view(d, 3, d).permute(1, 2, 0)
+            )
             return outs.view(3, *o.shape[:2], d)
         return self.c_proj((o * gates.unsqueeze(-1)).flatten(2))
 
-    def plain_mix(self, x: Tensor, gates: Tensor, mask: Optional[Tensor], p: float, per_branch: bool) -> Tensor:
+    def plain_mix(
+        self, x: Tensor, gates: Tensor, mask: Optional[Tensor], p: float, per_branch: bool
+    ) -> Tensor:
         """`fused_mix`, branch by branch (fused=false)."""
         d, kv = self.d_model, [n * self.head_dim for n in self.kv_heads]
         q, k, v = self.c_attn(x).split([3 * d, sum(kv), sum(kv)], dim=-1)
         qs, ks, vs = q.split(d, -1), k.split(kv, -1), v.split(kv, -1)
         ws = self.c_proj.weight.split(d, dim=1)
-        outs = [F.linear(merge_heads(sdpa(split_heads(qs[i], self.n_head), split_heads(ks[i], n_kv),
-                                          split_heads(vs[i], n_kv), mask, self.causal, p)), ws[i])
-                for i, n_kv in enumerate(self.kv_heads)]
+        outs = [
+            F.linear(
+                merge_heads(
+                    sdpa(
+                        split_heads(qs[i], self.n_head),
+                        split_heads(ks[i], n_kv),
+                        split_heads(vs[i], n_kv),
+                        mask,
+                        self.causal,
+                        p,
+                    )
+                ),
+                ws[i],
+            )
+            for i, n_kv in enumerate(self.kv_heads)
+        ]
         if per_branch:
             return torch.stack(outs)
-        return sum(gates[..., i:i + 1] * out for i, out in enumerate(outs))
+        return sum(gates[..., i : i + 1] * out for i, out in enumerate(outs))
 
     def add_bias(self, y: Tensor, gates: Tensor) -> Tensor:
         """y + each branch's output bias mixed by the gates."""
         return y if self.o_bias is None else y + gates @ self.o_bias.to(y.dtype)
 
-    def forward_cached(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor,
-                       span: Optional[int] = None) -> Tensor:
+    def forward_cached(
+        self,
+        x: Tensor,
+        cache_k: Tensor,
+        cache_v: Tensor,
+        positions: Tensor,
+        span: Optional[int] = None,
+    ) -> Tensor:
         """Cached self-attention (models/kv_cache.py), fused layout whatever `fused` says (same parameters). The cache
         holds EVERY branch's K/V: n_head + gqa_kv_heads + 1 heads per token and layer, since a later token, routed to
         any branch, reads every earlier token's K/V of that branch.
@@ -207,39 +293,57 @@ class MoASAttention(nn.Module):
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             write_kv(cache_k, k, positions)
             write_kv(cache_v, v, positions)
-            return torch.cat(self.branch_attention(q.split(self.n_head, dim=1), cache_k, cache_v, positions, span),
-                             dim=1)
+            return torch.cat(
+                self.branch_attention(
+                    q.split(self.n_head, dim=1), cache_k, cache_v, positions, span
+                ),
+                dim=1,
+            )
+
         return self.add_bias(self.fused_mix(x, gates, attend, per_branch=False), gates)
 
-    def branch_attention(self, qs, cache_k: Tensor, cache_v: Tensor, positions: Tensor,
-                         span: Optional[int] = None) -> list:
+    def branch_attention(
+        self, qs, cache_k: Tensor, cache_v: Tensor, positions: Tensor, span: Optional[int] = None
+    ) -> list:
         """Per branch, its n_head query heads (qs[b]: (B, n_head, T, D)) against its own cache heads, GQA done by
         SDPA: expanding the cache to 3 n_head heads first (repeat_kv) copied all of it at every decode step, a third
         of a GPT-2-size step at batch 64 (docs/results/inference.md)."""
         ks, vs = cache_k.split(self.kv_heads, dim=1), cache_v.split(self.kv_heads, dim=1)
         return [cached_sdpa(q, k, v, positions, span) for q, k, v in zip(qs, ks, vs)]
 
-    def decode_top1(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor,
-                    span: Optional[int] = None) -> Tensor:
+    def decode_top1(
+        self,
+        x: Tensor,
+        cache_k: Tensor,
+        cache_v: Tensor,
+        positions: Tensor,
+        span: Optional[int] = None,
+    ) -> Tensor:
         """One token per row (x (B, 1, d)), top1: see `forward_cached`. Per row, the chosen branch's W_q block and
         W_o block are gathered ((B, d, d) each: only the chosen branch's weights are read)."""
         b, d, h, dh, n_kv = x.shape[0], self.d_model, self.n_head, self.head_dim, sum(self.kv_heads)
         _, routing = self.gates(x)
         c = routing.probs.argmax(-1)  # (B,) the chosen branch
         w, bias, xs = self.c_attn.weight, self.c_attn.bias, x[:, 0]
-        k, v = F.linear(xs, w[3 * d:], None if bias is None else bias[3 * d:]).split(n_kv * dh, dim=-1)
+        k, v = F.linear(xs, w[3 * d :], None if bias is None else bias[3 * d :]).split(
+            n_kv * dh, dim=-1
+        )
         write_kv(cache_k, k.view(b, n_kv, 1, dh), positions)
         write_kv(cache_v, v.view(b, n_kv, 1, dh), positions)
-        q = torch.bmm(w[:3 * d].view(3, d, d)[c], xs.unsqueeze(-1)).squeeze(-1)
+        q = torch.bmm(w[: 3 * d].view(3, d, d)[c], xs.unsqueeze(-1)).squeeze(-1)
         if bias is not None:
-            q = q + bias[:3 * d].view(3, d)[c]
+            q = q + bias[: 3 * d].view(3, d)[c]
         # each row's query against every branch's cache heads, the chosen branch's output kept: this reads the
         # n_head + gqa_kv_heads + 1 cached heads once, where gathering each row's branch heads (expanded to n_head)
         # copied the cache first and read more in all (docs/results/inference.md)
         q = q.view(b, h, 1, dh)
-        outs = torch.stack(self.branch_attention((q, q, q), cache_k, cache_v, positions, span))  # (3, B, n_head, 1, D)
+        outs = torch.stack(
+            self.branch_attention((q, q, q), cache_k, cache_v, positions, span)
+        )  # (3, B, n_head, 1, D)
         o = outs[c, torch.arange(b, device=x.device)]
-        w_o = self.c_proj.weight.view(d, 3, d).transpose(0, 1)[c]  # (B, d, d): the branch's output block
+        w_o = self.c_proj.weight.view(d, 3, d).transpose(0, 1)[
+            c
+        ]  # (B, d, d): the branch's output block
         y = torch.bmm(w_o, o.reshape(b, d, 1)).squeeze(-1)
         if self.o_bias is not None:
             y = y + self.o_bias[c]
@@ -258,12 +362,16 @@ class MoASAttention(nn.Module):
         index_select would do the same forward but scatter-add (atomics) in its backward: a sixth of a GPT-2-size
         step when measured (docs/results/bench.md)."""
         b, _, t, d = x.shape
-        parts = [part.unsqueeze(2).expand(b, kv, self.n_head // kv, t, d).reshape(b, self.n_head, t, d)
-                 for part, kv in zip(x.split(self.kv_heads, dim=1), self.kv_heads)]
+        parts = [
+            part.unsqueeze(2).expand(b, kv, self.n_head // kv, t, d).reshape(b, self.n_head, t, d)
+            for part, kv in zip(x.split(self.kv_heads, dim=1), self.kv_heads)
+        ]
         return torch.cat(parts, dim=1)
 
     def matmul_params_per_token(self) -> int:
-        router = self.router[0].weight.numel() + self.router[2].weight.numel() if self.dynamic else 0
+        router = (
+            self.router[0].weight.numel() + self.router[2].weight.numel() if self.dynamic else 0
+        )
         return self.c_attn.weight.numel() + self.c_proj.weight.numel() + router
 
     def flops_per_token(self, seq_len: int) -> int:

@@ -38,6 +38,7 @@ positions left stores MQA instead (counted per position; moa-generate reports th
 (`HeadPool.attend`) reads the pool's slots once per step (scores against every slot, then each position's score picked
 from its slot), so a decode step reads what the tokens stored, not an n_head-head view of it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,11 +61,14 @@ SCHEMES = ("mha", "gqa", "mqa")
 @dataclass
 class MoASKVConfig(ModelConfig):
     """moas_kv: per token and layer, the K/V side routed between MHA, GQA and MQA (the heads the token stores)."""
+
     gqa_kv_heads: int = 2  # K/V heads a token stores under GQA, dividing n_head
     # target stored K/V heads per token, averaged over tokens and layers (MHA = n_head, MQA = 1); null = no budget
     # loss. Its strength: model.aux.kv_budget_coef
     kv_budget: Optional[float] = None
-    router_tau: float = 1.0  # temperature of the softmax whose gradient the straight-through router uses
+    router_tau: float = (
+        1.0  # temperature of the softmax whose gradient the straight-through router uses
+    )
     # hard: eval forwards use the argmax scheme (what the cache stores) | soft: eval forwards mix the schemes' K/V
     # by the router's probabilities (a reference; cached decoding stays hard); training is always straight-through
     inference_routing: str = "hard"
@@ -79,20 +83,39 @@ class MoASKVConfig(ModelConfig):
     def validate(cls, m, cfg) -> None:
         super().validate(m, cfg)
         check_gqa_heads(m)
-        _check(m.kv_budget is None or 1 <= m.kv_budget <= m.n_head, "model.kv_budget",
-               f"must be null or in [1, model.n_head={m.n_head}] (stored K/V heads per token), got {m.kv_budget}")
+        _check(
+            m.kv_budget is None or 1 <= m.kv_budget <= m.n_head,
+            "model.kv_budget",
+            f"must be null or in [1, model.n_head={m.n_head}] (stored K/V heads per token), got {m.kv_budget}",
+        )
         _check(m.router_tau > 0, "model.router_tau", f"must be > 0, got {m.router_tau}")
         _one_of(m.inference_routing, "model.inference_routing", ("hard", "soft"))
         _check(m.kv_pool_slack >= 1, "model.kv_pool_slack", f"must be >= 1, got {m.kv_pool_slack}")
 
 
 class MoASKVAttention(nn.Module):
-    PARAM_ROLES = {"router": ROUTER, "c_proj.weight": RESIDUAL, "c_attn.bias": NO_DECAY, "c_proj.bias": NO_DECAY,
-                   "router.bias": NO_DECAY}
+    PARAM_ROLES = {
+        "router": ROUTER,
+        "c_proj.weight": RESIDUAL,
+        "c_attn.bias": NO_DECAY,
+        "c_proj.bias": NO_DECAY,
+        "router.bias": NO_DECAY,
+    }
 
-    def __init__(self, d_model: int, n_head: int, gqa_kv_heads: int = 2, dropout: float = 0.0, bias: bool = False,
-                 causal: bool = True, attn_dropout: Optional[float] = None, kv_budget: Optional[float] = None,
-                 router_tau: float = 1.0, inference_routing: str = "hard", kv_pool_slack: float = 1.25):
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        gqa_kv_heads: int = 2,
+        dropout: float = 0.0,
+        bias: bool = False,
+        causal: bool = True,
+        attn_dropout: Optional[float] = None,
+        kv_budget: Optional[float] = None,
+        router_tau: float = 1.0,
+        inference_routing: str = "hard",
+        kv_pool_slack: float = 1.25,
+    ):
         super().__init__()
         self.n_head, self.head_dim, self.gqa_kv_heads = n_head, d_model // n_head, gqa_kv_heads
         self.c_attn = nn.Linear(d_model, 3 * d_model, bias=bias)
@@ -101,15 +124,33 @@ class MoASKVAttention(nn.Module):
         self.causal = causal
         self.dropout = dropout if attn_dropout is None else attn_dropout
         self.resid_dropout = nn.Dropout(dropout)
-        self.kv_budget, self.router_tau, self.inference_routing = kv_budget, router_tau, inference_routing
+        self.kv_budget, self.router_tau, self.inference_routing = (
+            kv_budget,
+            router_tau,
+            inference_routing,
+        )
         self.kv_pool_slack = kv_pool_slack
-        self.register_buffer("stored_heads", torch.tensor([float(n_head), float(gqa_kv_heads), 1.0]),
-                             persistent=False)
+        self.register_buffer(
+            "stored_heads",
+            torch.tensor([float(n_head), float(gqa_kv_heads), 1.0]),
+            persistent=False,
+        )
 
     @classmethod
     def from_config(cls, m, causal: bool = True) -> "MoASKVAttention":
-        return cls(m.d_model, m.n_head, m.gqa_kv_heads, m.dropout, m.bias, causal, ModelConfig.attn_p(m),
-                   m.kv_budget, m.router_tau, m.inference_routing, m.kv_pool_slack)
+        return cls(
+            m.d_model,
+            m.n_head,
+            m.gqa_kv_heads,
+            m.dropout,
+            m.bias,
+            causal,
+            ModelConfig.attn_p(m),
+            m.kv_budget,
+            m.router_tau,
+            m.inference_routing,
+            m.kv_pool_slack,
+        )
 
     def route(self, x: Tensor) -> tuple:
         """(gates (B, T, 3) mixing the schemes' K/V, Routing). Training: straight-through one-hot of the argmax;
@@ -122,41 +163,70 @@ class MoASKVAttention(nn.Module):
             gates = hard + probs - probs.detach()
         else:
             gates = probs if self.inference_routing == "soft" else hard
-        routing = Routing(probs.view(-1, 3), SCHEMES, chosen.view(-1, 1), logits.view(-1, 3), cost=self.stored_heads,
-                          budget=self.kv_budget)
+        routing = Routing(
+            probs.view(-1, 3),
+            SCHEMES,
+            chosen.view(-1, 1),
+            logits.view(-1, 3),
+            cost=self.stored_heads,
+            budget=self.kv_budget,
+        )
         return gates, routing
 
     def candidates(self, kv: Tensor) -> list:
         """K or V heads (B, n_head, T, D) -> each scheme's stored heads: [MHA (n_head), GQA (G), MQA (1)]."""
         b, h, t, d = kv.shape
-        return [kv, kv.view(b, self.gqa_kv_heads, h // self.gqa_kv_heads, t, d).mean(2), kv.mean(1, keepdim=True)]
+        return [
+            kv,
+            kv.view(b, self.gqa_kv_heads, h // self.gqa_kv_heads, t, d).mean(2),
+            kv.mean(1, keepdim=True),
+        ]
 
     def mix(self, kv: Tensor, gates: Tensor) -> Tensor:
         """(B, n_head, T, D): per token, the gate-weighted schemes' heads as query head h reads them."""
         b, h, t, d = kv.shape
-        gates = gates.to(kv.dtype)  # under autocast K/V are bf16: the mix stays in their dtype, as Q is
+        gates = gates.to(
+            kv.dtype
+        )  # under autocast K/V are bf16: the mix stays in their dtype, as Q is
         out = 0.0
         for i, heads in enumerate(self.candidates(kv)):
-            read = heads.unsqueeze(2).expand(b, heads.shape[1], h // heads.shape[1], t, d).reshape(b, h, t, d)
-            out = out + gates[:, None, :, i:i + 1] * read
+            read = (
+                heads.unsqueeze(2)
+                .expand(b, heads.shape[1], h // heads.shape[1], t, d)
+                .reshape(b, h, t, d)
+            )
+            out = out + gates[:, None, :, i : i + 1] * read
         return out
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None):
         if context is not None:
-            raise NotImplementedError("moas_kv is a self-attention scheme; use mha or moa for cross-attention")
+            raise NotImplementedError(
+                "moas_kv is a self-attention scheme; use mha or moa for cross-attention"
+            )
         gates, routing = self.route(x)
         q, k, v = (split_heads(part, self.n_head) for part in self.c_attn(x).chunk(3, dim=-1))
-        y = sdpa(q, self.mix(k, gates), self.mix(v, gates), mask, self.causal, self.dropout if self.training else 0.0)
+        y = sdpa(
+            q,
+            self.mix(k, gates),
+            self.mix(v, gates),
+            mask,
+            self.causal,
+            self.dropout if self.training else 0.0,
+        )
         return self.resid_dropout(self.c_proj(merge_heads(y))), routing
 
-    def forward_cached(self, x: Tensor, pool, cache_v: None, positions: Tensor, span: Optional[int] = None) -> Tensor:
+    def forward_cached(
+        self, x: Tensor, pool, cache_v: None, positions: Tensor, span: Optional[int] = None
+    ) -> Tensor:
         """Cached self-attention through this layer's HeadPool (models/kv_cache.py): every new token stores only its
         argmax scheme's heads (or MQA's, where the pool's overflow policy says so); each query head reads, per past
         token, the head that token stored for it. Always hard routing. `span` is not used: the pool is addressed by
         slots, and the positions past a row's length are masked."""
         choice = self.router(x).float().argmax(-1)  # (B, T)
         q, k, v = (split_heads(part, self.n_head) for part in self.c_attn(x).chunk(3, dim=-1))
-        k_cand, v_cand = (torch.cat(self.candidates(kv), 1).transpose(1, 2) for kv in (k, v))  # (B, T, H+G+1, D)
+        k_cand, v_cand = (
+            torch.cat(self.candidates(kv), 1).transpose(1, 2) for kv in (k, v)
+        )  # (B, T, H+G+1, D)
         pool.store(k_cand, v_cand, choice, positions)
         return self.c_proj(merge_heads(pool.attend(q, positions)))
 
@@ -176,7 +246,9 @@ class MoASKVAttention(nn.Module):
         """A pool (see the module docstring): a token stores n_head, G or 1 heads."""
         h, g = self.n_head, self.gqa_kv_heads
         read = (tuple(range(h)), tuple(i // (h // g) for i in range(h)), (0,) * h)
-        return PoolLayout(self.head_dim, (h, g, 1), (0, h, h + g), read, self.kv_pool_slack * self.budget_heads())
+        return PoolLayout(
+            self.head_dim, (h, g, 1), (0, h, h + g), read, self.kv_pool_slack * self.budget_heads()
+        )
 
     def kv_cache_elems_per_token(self, heads: Optional[float] = None) -> float:
         """2 x stored heads x head_dim: the budget's heads (n_head without one), or `heads` (a measured mean, e.g.

@@ -3,6 +3,7 @@ over the live context (span, as moa-generate does) against the whole cache.
 
     python3 docs/results/runs/inference/cpu_generate_spans.py
 """
+
 import time
 
 import torch
@@ -23,8 +24,11 @@ def whole_cache(self, tokens, cache, span=None, decode_step=LanguageModel.decode
 
 torch.set_num_threads(2)
 for name in ("mha", "moas_dynamic"):
-    m = OmegaConf.structured(config.VARIANTS[name](name=name, d_model=256, n_layer=4, n_head=8, max_seq_len=1024,
-                                                   dropout=0.0))
+    m = OmegaConf.structured(
+        config.VARIANTS[name](
+            name=name, d_model=256, n_layer=4, n_head=8, max_seq_len=1024, dropout=0.0
+        )
+    )
     torch.manual_seed(0)
     lm = LanguageModel(m, 8192).eval()
     prompts = [[1] * 16] * 8
@@ -39,4 +43,9 @@ for name in ("mha", "moas_dynamic"):
             out = _generate_ids(lm, prompts, 600, True, greedy)
             res[label] = (time.perf_counter() - t0, out)
         LanguageModel.decode_step = original
-    print(name, {k: round(v[0], 2) for k, v in res.items()}, "same tokens:", res["span"][1] == res["whole"][1])
+    print(
+        name,
+        {k: round(v[0], 2) for k, v in res.items()},
+        "same tokens:",
+        res["span"][1] == res["whole"][1],
+    )
