@@ -1,4 +1,5 @@
-"""moa_train: training language models whose attention layers are mixtures (MHA/GQA/MQA, MoAS, MoA)."""
+"""moa_train: training language models whose attention layers are mixtures (MHA/GQA/MQA, MoAS,
+MoA)."""
 
 __version__ = "0.1.0"
 

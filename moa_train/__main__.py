@@ -20,12 +20,14 @@ from moa_train.train import distributed, eval_run
 
 
 def run(cfg) -> float:
-    """Hydra task function; returns the task's best-checkpoint metric (val/loss: what sweeps minimise).
+    """Hydra task function; returns the task's best-checkpoint metric (val/loss: what sweeps
+    minimise).
 
-    A user-caused error ends a single run with one line and exit code 2; a run stopped by trainer.max_bad_steps
-    with exit code 3. In a multirun every failure of a job, expected or not, is written to its folder's error.txt
-    and logged, and the sweep goes on (the summary at the end reports it and exits non-zero). SIGTERM or SIGINT
-    stops the whole command after the checkpoint, with exit code 128 + the signal number (143, 130)."""
+    A user-caused error ends a single run with one line and exit code 2; a run stopped by
+    trainer.max_bad_steps with exit code 3. In a multirun every failure of a job, expected or not,
+    is written to its folder's error.txt and logged, and the sweep goes on (the summary at the end
+    reports it and exits non-zero). SIGTERM or SIGINT stops the whole command after the checkpoint,
+    with exit code 128 + the signal number (143, 130)."""
     from moa_train.data import DataError
     from moa_train.sweep import record_failure
     from moa_train.train.checkpoint import CheckpointError
@@ -40,7 +42,8 @@ def run(cfg) -> float:
     world = distributed.from_env().world
     if multirun and world > 1:
         print(
-            "error: torchrun runs one training job; run sweeps (-m, hparams_search) without torchrun",
+            "error: torchrun runs one training job; run sweeps (-m, hparams_search) without "
+            "torchrun",
             file=sys.stderr,
         )
         sys.exit(2)
@@ -67,7 +70,8 @@ def run(cfg) -> float:
     log.error(
         "job %s failed: %s", hydra_cfg.job.num, (run_dir / "error.txt").read_text().splitlines()[0]
     )
-    # Optuna 2 (the sweeper's) refuses NaN: a failed trial is the worst value of the minimised val/loss
+    # Optuna 2 (the sweeper's) refuses NaN: a failed trial is the worst value of the minimised
+    # val/loss
     return float("inf")
 
 
@@ -87,20 +91,18 @@ def main() -> None:
     args = sys.argv[1:]
     flags = {a for a in args if a.startswith("-")}
     plain = not flags  # not -m, --cfg, --help, ...
-    checked = flags <= {
-        "-m",
-        "--multirun",
-    }  # a run or a multirun: one-line errors before Hydra starts
+    # a run or a multirun: one-line errors before Hydra starts
+    checked = flags <= {"-m", "--multirun"}
     cfg = precheck([a for a in args if a not in flags], multirun=bool(flags)) if checked else None
     d = distributed.init()  # under torchrun: the process group, before Hydra names the run folder
     if d.active:
-        # one run folder for all ranks: train.yaml's hydra.run.dir takes its time stamp from MOA_RUN_STAMP
+        # one run folder for all ranks: train.yaml's hydra.run.dir takes its time stamp from
+        # MOA_RUN_STAMP
         os.environ["MOA_RUN_STAMP"] = distributed.shared_run_stamp(d)
     if plain and cfg.trainer.eval_only:  # results into RUN/eval/<date_time>/, no new run folder
         sys.argv = sys.argv[:1] + eval_only_overrides(args, cfg, eval_run.stamp())
-    if (
-        d.active and not d.main
-    ):  # rank 0 alone writes the folder's .hydra/ and train.log; the others only warn
+    # rank 0 alone writes the folder's .hydra/ and train.log; the others only warn
+    if d.active and not d.main:
         sys.argv += [
             "hydra.output_subdir=null",
             "hydra/job_logging=stdout",

@@ -8,10 +8,10 @@ from omegaconf import DictConfig, OmegaConf
 
 
 def load_run(run_dir: str | Path, map_location: str = "cpu") -> tuple:
-    """(model with the weights of the run's latest checkpoint that verifies and reads, in eval mode; the run's
-    resolved config). A damaged checkpoint is skipped with a warning, as a resume does; nothing is locked or
-    written, and nothing in the file runs (weights_only loading). The modules in MOA_PLUGINS are loaded first, so
-    a run of a plugin's variant rebuilds."""
+    """(model with the weights of the run's latest checkpoint that verifies and reads, in eval mode;
+    the run's resolved config). A damaged checkpoint is skipped with a warning, as a resume does;
+    nothing is locked or written, and nothing in the file runs (weights_only loading). The modules
+    in MOA_PLUGINS are loaded first, so a run of a plugin's variant rebuilds."""
     model, cfg, _ = load_checkpoint_model(run_dir, map_location)
     return model, cfg
 
@@ -19,9 +19,9 @@ def load_run(run_dir: str | Path, map_location: str = "cpu") -> tuple:
 def load_checkpoint_model(
     target: str | Path, map_location: str = "cpu", lm_only: bool = False
 ) -> tuple:
-    """(model in eval mode, resolved config, checkpoint path) of a checkpoint file, or of a run folder's latest
-    checkpoint that verifies and reads (load_run's choice). `lm_only`: refuse a task other than the decoder-only LM
-    (ValueError) before building anything."""
+    """(model in eval mode, resolved config, checkpoint path) of a checkpoint file, or of a run
+    folder's latest checkpoint that verifies and reads (load_run's choice). `lm_only`: refuse a task
+    other than the decoder-only LM (ValueError) before building anything."""
     from moa_train.plugins import load_plugins
     from moa_train.train.checkpoint import checkpoints_in, load_latest
     from moa_train.train.tasks import saved_task, task_class
@@ -31,9 +31,8 @@ def load_checkpoint_model(
     if not checkpoints_in(target):
         raise FileNotFoundError(f"no checkpoint under {target} (expected checkpoints/step_*.pt)")
     path, state, _ = load_latest(target, map_location, key="load_run")
-    cfg: DictConfig = OmegaConf.create(
-        state["config"]
-    )  # resolved as the run used it (env vars included)
+    # resolved as the run used it (env vars included)
+    cfg: DictConfig = OmegaConf.create(state["config"])
     name = saved_task(state["config"])
     if lm_only and name != "lm":
         raise ValueError(
@@ -45,9 +44,10 @@ def load_checkpoint_model(
 
 
 def load_tokenizer(run_dir: str | Path):
-    """The tokenizer a run saved in its folder (tokenizer.json: a char or word vocabulary, or tokenizers' BPE
-    file), with encode, decode and vocab_size. JSON only: nothing in the file runs. FileNotFoundError (one line) for
-    a run folder without one: runs started before tokenizers were saved."""
+    """The tokenizer a run saved in its folder (tokenizer.json: a char or word vocabulary, or
+    tokenizers' BPE file), with encode, decode and vocab_size. JSON only: nothing in the file runs.
+    FileNotFoundError (one line) for a run folder without one: runs started before tokenizers were
+    saved."""
     from moa_train.data.wikitext import TOKENIZER_FILE, tokenizer_from_json
 
     path = Path(run_dir) / TOKENIZER_FILE

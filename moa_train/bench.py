@@ -1,24 +1,27 @@
-"""moa-bench: the training step of every attention variant, timed against the card's peaks measured in the same run.
+"""moa-bench: the training step of every attention variant, timed against the card's peaks measured
+in the same run.
 
-    moa-bench                                          # every model at both sizes (a GPU: about 10 minutes)
-    moa-bench --sizes table1 --models mha,moa_sparse   # a subset, to fit a time budget
+    moa-bench                                         # every model at both sizes (GPU: ~10 min)
+    moa-bench --sizes table1 --models mha,moa_sparse  # a subset, to fit a time budget
     moa-bench --sizes gpt2 --batch 16
 
-Each (size, model) runs the trainer's own step (`Trainer.train_steps`: the same compile, CUDA graph, fused AdamW and
-FLOP counter as training) and records: the median step time over timed windows, tokens/s, FLOPs per token (the
-models' counter), MFU against the measured peak of the precision used, peak memory, the share of the step spent
-waiting for data (the step time that a fixed, pre-drawn batch saves), and graph breaks (torch._dynamo.explain of the
-compiled loss). Before the models: the peak GEMM rates (bf16, TF32), the SDPA backends on the GPT-2 attention shape,
-and every fast path against its plain path (moa_train.fastpaths). At GPT-2 size each model also gets a kernel
+Each (size, model) runs the trainer's own step (`Trainer.train_steps`: the same compile, CUDA graph,
+fused AdamW and FLOP counter as training) and records: the median step time over timed windows,
+tokens/s, FLOPs per token (the models' counter), MFU against the measured peak of the precision
+used, peak memory, the share of the step spent waiting for data (the step time that a fixed,
+pre-drawn batch saves), and graph breaks (torch._dynamo.explain of the compiled loss). Before the
+models: the peak GEMM rates (bf16, TF32), the SDPA backends on the GPT-2 attention shape, and every
+fast path against its plain path (moa_train.fastpaths). At GPT-2 size each model also gets a kernel
 breakdown of one step (torch.profiler).
 
-Results merge into <out>/bench.json (keyed by size/model, each entry naming the run that measured it) and
-<out>/bench.md is rebuilt from the whole file, so runs split over several calls add up to one table.
+Results merge into <out>/bench.json (keyed by size/model, each entry naming the run that measured
+it) and <out>/bench.md is rebuilt from the whole file, so runs split over several calls add up to
+one table.
 
-`moa-bench --decode` is the inference benchmark instead (moa_train/bench_decode.py; `moa-bench --decode --help`):
-prefill and decode tokens/s of every model through its static KV cache (compiled, CUDA graph), KV bytes per token
-(analytic and measured), the share of the copy-bandwidth bound achieved, and transformers' generate() as the
-baseline, into <out>/inference.{json,md,png}.
+`moa-bench --decode` is the inference benchmark instead (moa_train/bench_decode.py; `moa-bench
+--decode --help`): prefill and decode tokens/s of every model through its static KV cache (compiled,
+CUDA graph), KV bytes per token (analytic and measured), the share of the copy-bandwidth bound
+achieved, and transformers' generate() as the baseline, into <out>/inference.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -41,12 +44,14 @@ from moa_train.config import applicable, bench_presets
 from moa_train.metrics.flops import device_name, measure_matmul_flops, peak_kind
 from moa_train.paths import config_dir
 
-# every model choice, each variant represented by its named presets where it has any (moa: moa_dense, moa_sparse);
-# table1 rows reuse the MoAS Table 1 experiment of their name where there is one, the others take its sizes via mha's
+# every model choice, each variant represented by its named presets where it has any (moa:
+# moa_dense, moa_sparse); table1 rows reuse the MoAS Table 1 experiment of their name where there is
+# one, the others take its sizes via mha's
 MODELS = bench_presets()
 TABLE1 = config_dir() / "experiment" / "moas_table1"
 
-# sizes: (overrides, default batch). Fast mode everywhere: bf16, TF32, compile, whole-step CUDA graph.
+# sizes: (overrides, default batch). Fast mode everywhere: bf16, TF32, compile, whole-step CUDA
+# graph.
 SIZES = {
     "table1": (["data=wikitext2_char", "mode=fast"], 12),
     "gpt2": (
@@ -60,11 +65,13 @@ SIZES = {
             "model.max_seq_len=1024",
             "trainer.block_size=1024",
             "model.dropout=0.0",
+            # each model takes the keys it owns (registry.applicable)
             "model.gate_dropout=0.0",
         ],
         64,
-    ),  # each model takes the keys it owns (registry.applicable)
-    # for CI on a CPU: seconds per model; a variant's own tiny sizes from configs/debug_model/tiny_<model>.yaml
+    ),
+    # for CI on a CPU: seconds per model; a variant's own tiny sizes from
+    # configs/debug_model/tiny_<model>.yaml
     "tiny": (
         [
             "~experiment",
@@ -86,11 +93,8 @@ ALWAYS = [
     "trainer.log_interval=1000000",
     "trainer.resume=false",
 ]
-CPU = [
-    "trainer.precision=fp32",
-    "trainer.compile=false",
-    "trainer.cuda_graphs=false",
-]  # CPU: the plain step
+# CPU: the plain step
+CPU = ["trainer.precision=fp32", "trainer.compile=false", "trainer.cuda_graphs=false"]
 
 log = logging.getLogger("moa_train.bench")
 
@@ -116,11 +120,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# --- one model ---------------------------------------------------------------------------------------------------
+# --- one model ------------------------------------------------------------------------------------
 
 
 def graph_breaks(trainer) -> dict:
-    """Graphs and breaks that torch._dynamo sees in the trained function (model forward + losses + routing records)."""
+    """Graphs and breaks that torch._dynamo sees in the trained function (model forward + losses +
+    routing records)."""
     explained = torch._dynamo.explain(trainer.loss)(trainer.draw_batches()[0], True)
     torch._dynamo.reset()
     reasons = sorted(
@@ -172,7 +177,8 @@ def kernel_breakdown(trainer, device: torch.device) -> dict:
 
 
 def timed_steps(trainer, steps: int, device: torch.device, batches: list | None = None) -> float:
-    """Seconds per training step over `steps` steps (on `batches` each step; default: batches drawn per step)."""
+    """Seconds per training step over `steps` steps (on `batches` each step; default: batches drawn
+    per step)."""
     sync(device)
     t0 = time.perf_counter()
     trainer.train_steps(steps, batches=batches)
@@ -203,9 +209,8 @@ def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: 
         if cfg.trainer.compile:
             entry.update(graph_breaks(trainer))
         t0 = time.perf_counter()
-        for i in range(
-            WARMUP_STEPS
-        ):  # compilation; the last warm-up step is profiled (kernels visible)
+        # compilation; the last warm-up step is profiled (kernels visible)
+        for i in range(WARMUP_STEPS):
             if i == WARMUP_STEPS - 1 and args.profile and device.type == "cuda":
                 entry["kernels"] = kernel_breakdown(trainer, device)
                 continue
@@ -215,8 +220,8 @@ def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         trainer.train_steps(2)  # the capture and a first replay, untimed
-        # timed windows, alternating: real batches drawn each step / one fixed batch (no data work at all); the
-        # share of the step spent waiting for data is the time the fixed batch saves
+        # timed windows, alternating: real batches drawn each step / one fixed batch (no data work
+        # at all); the share of the step spent waiting for data is the time the fixed batch saves
         fixed = trainer.draw_batches()
         times, times_fixed = [], []
         for _ in range(args.windows):
@@ -245,8 +250,9 @@ def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: 
 
 
 def release(device: torch.device) -> None:
-    """Free a finished (or failed) model's memory and compiled graphs before the next one is built: the trainer
-    holds a reference to itself (its compiled bound method), so only a collection frees it."""
+    """Free a finished (or failed) model's memory and compiled graphs before the next one is built:
+    the trainer holds a reference to itself (its compiled bound method), so only a collection frees
+    it."""
     gc.collect()
     torch._dynamo.reset()
     if device.type == "cuda":
@@ -263,17 +269,19 @@ def bench_with_fallback(
         except torch.OutOfMemoryError:
             if batch == 1:
                 raise
-        # outside the except block: its traceback would keep the failed trainer (and its GPU memory) alive
+        # outside the except block: its traceback would keep the failed trainer (and its GPU memory)
+        # alive
         release(device)
         log.warning("%s/%s: out of memory at batch %d; trying %d", size, model, batch, batch // 2)
         batch //= 2
 
 
-# --- whole-run measurements ------------------------------------------------------------------------------------
+# --- whole-run measurements -----------------------------------------------------------------------
 
 
 def sdpa_backends(device: torch.device, batch: int) -> list:
-    """Forward + backward time of causal SDPA at the GPT-2 shape (B, 12 heads, T 1024, 64) per backend."""
+    """Forward + backward time of causal SDPA at the GPT-2 shape (B, 12 heads, T 1024, 64) per
+    backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     b, h, t, d = batch, 12, 1024, 64
@@ -316,9 +324,12 @@ def fast_path_checks(device: torch.device) -> list:
     return rows
 
 
-# --- results -----------------------------------------------------------------------------------------------------
+# --- results --------------------------------------------------------------------------------------
 
-TARGETS = "gpt2/mha MFU >= 55%; gpt2/moas_dynamic >= 45%; gpt2/moa_sparse >= 40% and faster than moa_dense"
+TARGETS = (
+    "gpt2/mha MFU >= 55%; gpt2/moas_dynamic >= 45%; "
+    "gpt2/moa_sparse >= 40% and faster than moa_dense"
+)
 
 
 def targets(results: dict) -> list:
@@ -367,7 +378,8 @@ def fmt(x, spec: str) -> str:
 
 
 def kernel_tables(size: str, rows: list) -> list:
-    """Markdown lines: GPU time per kernel kind in one profiled step of each model, and the top kernels."""
+    """Markdown lines: GPU time per kernel kind in one profiled step of each model, and the top
+    kernels."""
     if not rows:
         return []
     kinds = sorted({kind for r in rows for kind in r["kernels"]["ms_by_kind"]})
@@ -375,8 +387,9 @@ def kernel_tables(size: str, rows: list) -> list:
         "",
         f"## Kernel breakdown of one {size}-size step",
         "",
-        "GPU time per kernel kind in one compiled step run eagerly (the profiled step is not graph-captured;"
-        " the timed steps are). `idle` = measured step time - kernel time: launch gaps, host work.",
+        "GPU time per kernel kind in one compiled step run eagerly (the profiled step is not "
+        "graph-captured; the timed steps are). `idle` = measured step time - kernel time: launch "
+        "gaps, host work.",
         "",
         "| model | " + " | ".join(kinds) + " | kernels total | step (graph) | idle |",
         "|---|" + "---|" * (len(kinds) + 3),
@@ -384,13 +397,15 @@ def kernel_tables(size: str, rows: list) -> list:
     for r in rows:
         k = r["kernels"]
         cells = [
-            f"{k['ms_by_kind'].get(kind, 0):.2f} ({k['ms_by_kind'].get(kind, 0) / k['kernel_ms']:.0%})"
+            f"{k['ms_by_kind'].get(kind, 0):.2f} "
+            f"({k['ms_by_kind'].get(kind, 0) / k['kernel_ms']:.0%})"
             for kind in kinds
         ]
         out.append(
             f"| {r['model']}{'@' + r['tag'] if r.get('tag') else ''} | "
             + " | ".join(cells)
-            + f" | {k['kernel_ms']:.2f} | {r['step_ms']:.2f} | {max(r['step_ms'] - k['kernel_ms'], 0):.2f} |"
+            + f" | {k['kernel_ms']:.2f} | {r['step_ms']:.2f} | "
+            f"{max(r['step_ms'] - k['kernel_ms'], 0):.2f} |"
         )
     for r in rows:
         out += ["", f"Top kernels, {size}/{r['model']}:", ""]
@@ -402,24 +417,27 @@ def markdown(bench: dict, notes: str | None) -> str:
     out = [
         "# moa-bench: training-step speed of every attention variant",
         "",
-        "Written by `moa-bench` (moa_train/bench.py) from bench.json; each table row names the run that measured "
-        "it. MFU = FLOPs per token (the models' own counter: 6 x matmul parameters used + 12 x heads x head_dim x"
-        " T) x tokens/s / the peak GEMM rate of the run's precision, measured at the start of the same run. "
-        "Data wait = (step time with a batch drawn per step - step time with one fixed batch) / step time, from "
-        "alternating timed windows; values near 0 (or below) are within timing noise.",
+        "Written by `moa-bench` (moa_train/bench.py) from bench.json; each table row names the run "
+        "that measured it. MFU = FLOPs per token (the models' own counter: 6 x matmul parameters "
+        "used + 12 x heads x head_dim x T) x tokens/s / the peak GEMM rate of the run's precision, "
+        "measured at the start of the same run. Data wait = (step time with a batch drawn per step "
+        "- step time with one fixed batch) / step time, from alternating timed windows; values "
+        "near 0 (or below) are within timing noise.",
         "",
     ]
     out += [
         "## Runs",
         "",
-        "| run | device | date | torch | commit | peak bf16 TFLOP/s | peak TF32 TFLOP/s | command |",
+        "| run | device | date | torch | commit | peak bf16 TFLOP/s | peak TF32 TFLOP/s | command "
+        "|",
         "|---|---|---|---|---|---|---|---|",
     ]
     for rid, run in sorted(bench["runs"].items()):
         p = run["peaks"]
         out.append(
-            f"| {rid} | {run['device']} | {run['date']} | {run['torch']} | {run.get('git_sha') or '-'} | "
-            f"{p.get('bf16', 0) / 1e12:.3g} | {p.get('tf32', 0) / 1e12:.3g} | `{run['command']}` |"
+            f"| {rid} | {run['device']} | {run['date']} | {run['torch']} | "
+            f"{run.get('git_sha') or '-'} | {p.get('bf16', 0) / 1e12:.3g} | "
+            f"{p.get('tf32', 0) / 1e12:.3g} | `{run['command']}` |"
         )
     results = bench["results"]
     out += [
@@ -448,11 +466,12 @@ def markdown(bench: dict, notes: str | None) -> str:
         ]
         for r in rows:
             out.append(
-                f"| {r['model']}{'@' + r['tag'] if r.get('tag') else ''} | {r['batch']} x {r['block']} | "
-                f"{r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} |"
-                f" {r['flops_per_token'] / 1e9:.3g} | {r['mfu']:.1%} ({r['peak_kind']}) | "
-                f"{fmt(r['peak_mem_gib'], '.1f')} | {r['data_wait_share']:.2%} | {r.get('graph_breaks', '-')} | "
-                f"{'yes' if r['cuda_graph'] else 'no'} | {r['run']} |"
+                f"| {r['model']}{'@' + r['tag'] if r.get('tag') else ''} | {r['batch']} x "
+                f"{r['block']} | {r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} | "
+                f"{r['flops_per_token'] / 1e9:.3g} | {r['mfu']:.1%} ({r['peak_kind']}) | "
+                f"{fmt(r['peak_mem_gib'], '.1f')} | {r['data_wait_share']:.2%} | "
+                f"{r.get('graph_breaks', '-')} | {'yes' if r['cuda_graph'] else 'no'} | {r['run']} "
+                "|"
             )
         reasons = {r["model"]: r["break_reasons"] for r in rows if r.get("break_reasons")}
         for model, why in reasons.items():
@@ -465,8 +484,8 @@ def markdown(bench: dict, notes: str | None) -> str:
         if run.get("sdpa"):
             out += [
                 "",
-                f"## SDPA backends (run {rid}): causal, bf16, batch {run['sdpa_batch']} x 12 heads x 1024 x 64,"
-                " forward + backward",
+                f"## SDPA backends (run {rid}): causal, bf16, batch {run['sdpa_batch']} x 12 heads "
+                "x 1024 x 64, forward + backward",
                 "",
                 "| backend | ms | TFLOP/s (counter's count) |",
                 "|---|---|---|",
@@ -482,12 +501,13 @@ def markdown(bench: dict, notes: str | None) -> str:
                 "",
                 f"## Fast paths against plain paths (run {rid}, {run['device']})",
                 "",
-                "| fast path | plain path | output rel. error | gradient rel. error | tolerance | ok |",
+                "| fast path | plain path | output rel. error | gradient rel. error | tolerance | "
+                "ok |",
                 "|---|---|---|---|---|---|",
             ]
             out += [
-                f"| {c['path']} | {c['reference']} | {c['out_err']:.1e} | {fmt(c['grad_err'], '.1e')} | "
-                f"{c['tol']:.0e} | {'yes' if c['ok'] else '**no**'} |"
+                f"| {c['path']} | {c['reference']} | {c['out_err']:.1e} | "
+                f"{fmt(c['grad_err'], '.1e')} | {c['tol']:.0e} | {'yes' if c['ok'] else '**no**'} |"
                 for c in run["checks"]
             ]
     if notes:
@@ -506,7 +526,7 @@ def save(bench: dict, out: Path) -> None:
     (out / "bench.md").write_text(markdown(bench, notes.read_text() if notes.is_file() else None))
 
 
-# --- entry point -------------------------------------------------------------------------------------------------
+# --- entry point ----------------------------------------------------------------------------------
 
 
 def parse_args(argv):
@@ -622,7 +642,8 @@ def main(argv=None) -> int:
     failed = [c["path"] for c in run.get("checks", []) if not c["ok"]]
     if failed:
         print(
-            f"error: fast paths differ from their plain paths beyond tolerance: {', '.join(failed)}",
+            "error: fast paths differ from their plain paths beyond tolerance: "
+            f"{', '.join(failed)}",
             file=sys.stderr,
         )
         return 1

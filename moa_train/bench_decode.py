@@ -1,40 +1,47 @@
-"""moa-bench --decode: what each attention variant costs to serve, against the card's copy bandwidth and the baseline a
-user would pick instead (Hugging Face transformers' `generate()`).
+"""moa-bench --decode: what each attention variant costs to serve, against the card's copy bandwidth
+and the baseline a user would pick instead (Hugging Face transformers' `generate()`).
 
-    moa-bench --decode                                  # every model + the transformers rows, GPT-2 small [GPU]
-    moa-bench --decode --no-hf                          # the models only (split a run to fit a time budget)
-    moa-bench --decode --hf-only                        # the transformers rows only
+    moa-bench --decode                   # every model + the transformers rows, GPT-2 small [GPU]
+    moa-bench --decode --no-hf           # the models only (split a run to fit a time budget)
+    moa-bench --decode --hf-only         # the transformers rows only
+    moa-bench --decode --tables-only     # rebuild inference.md and .png from inference.json
     moa-bench --decode --decode-size tiny --models mha,moas_dynamic --no-hf   # CPU, seconds
-    moa-bench --decode --tables-only                    # rebuild inference.md and .png from inference.json
 
-First the copy bandwidth of the device (a device-to-device copy of a large buffer, the best of several; read + write
-bytes per second). Then for every model of `bench_presets()` (each registered variant, by its presets) at the size
-chosen (`gpt2`: 12 layers, d 768, 12 heads, vocabulary 50304, bf16 on CUDA; `tiny`: CPU seconds):
-- routed variants get balanced routing first (`balance_routers`): the last layer of each router is set so that its
-  logits are whitened, mean-free projections of the router's input (calibrated on random tokens, layer by layer),
-  so choices spread evenly; the shares a forward on fresh tokens realises are measured and recorded;
+First the copy bandwidth of the device (a device-to-device copy of a large buffer, the best of
+several; read + write bytes per second). Then for every model of `bench_presets()` (each registered
+variant, by its presets) at the size chosen (`gpt2`: 12 layers, d 768, 12 heads, vocabulary 50304,
+bf16 on CUDA; `tiny`: CPU seconds):
+- routed variants get balanced routing first (`balance_routers`): the last layer of each router is
+  set so that its logits are whitened, mean-free projections of the router's input (calibrated on
+  random tokens, layer by layer), so choices spread evenly; the shares a forward on fresh tokens
+  realises are measured and recorded;
 - prefill: batch 8 x 512-token prompts through the static KV cache (`LanguageModel.prefill`), eager;
-- decode: batch 1 and 64, 512-token prompts, 256 new tokens, greedy; the step (`decode_step` + argmax) compiled with
-  torch.compile and captured in a CUDA graph on CUDA, falling back to compiled without graph or to eager (the row's
-  `mode` says which and why); plain eager on CPU. Each step attends over the cache's first `span` positions, its
-  position + 1 rounded up to a multiple of `--span-bucket` (64: four spans, each compiled and captured), as a
-  server would, rather than over the whole max_len; `--span-bucket 0` (the default, the setting of the committed
-  figures) attends over the whole cache;
-- KV bytes per token: analytic (`kv_bytes_per_token`) and measured (the bytes of the K/V tensors the cache
-  allocated / tokens it holds; also the allocator's count) and realised (what the tokens held take: a head pool's used
-  slots), peak memory per batch;
-- the bound: the bytes one decode step must read (every parameter once + the K/V of the batch at the mean context
-  length, prompt + new / 2) / the copy bandwidth; the share of the bound the measured step achieves;
-- where a target is missed, a torch.profiler trace of one decode step: top kernels, kernel time vs step time (gaps).
-A variant that routes over attention schemes (moas_dynamic) gets a second row with inference_routing=top1.
+- decode: batch 1 and 64, 512-token prompts, 256 new tokens, greedy; the step (`decode_step` +
+  argmax) compiled with torch.compile and captured in a CUDA graph on CUDA, falling back to compiled
+  without graph or to eager (the row's `mode` says which and why); plain eager on CPU. Each step
+  attends over the cache's first `span` positions, its position + 1 rounded up to a multiple of
+  `--span-bucket` (64: four spans, each compiled and captured), as a server would, rather than over
+  the whole max_len; `--span-bucket 0` (the default, the setting of the committed figures) attends
+  over the whole cache;
+- KV bytes per token: analytic (`kv_bytes_per_token`) and measured (the bytes of the K/V tensors the
+  cache allocated / tokens it holds; also the allocator's count) and realised (what the tokens held
+  take: a head pool's used slots), peak memory per batch;
+- the bound: the bytes one decode step must read (every parameter once + the K/V of the batch at the
+  mean context length, prompt + new / 2) / the copy bandwidth; the share of the bound the measured
+  step achieves;
+- where a target is missed, a torch.profiler trace of one decode step: top kernels, kernel time vs
+  step time (gaps).
+A variant that routes over attention schemes (moas_dynamic) gets a second row with
+inference_routing=top1.
 
-The baseline: transformers' LlamaForCausalLM at the same size (hidden 768, 12 layers, 12 heads, SwiGLU intermediate
-3072, vocabulary 50304, tied embeddings) with 12 / 4 / 1 K/V heads, random init, bf16, SDPA attention, generate()
-greedy for exactly 256 new tokens: (a) the dynamic cache, eager; (b) the static cache, which transformers compiles
-itself on CUDA (CompileConfig's defaults: torch.compile, mode reduce-overhead). Failures are recorded in the row.
+The baseline: transformers' LlamaForCausalLM at the same size (hidden 768, 12 layers, 12 heads,
+SwiGLU intermediate 3072, vocabulary 50304, tied embeddings) with 12 / 4 / 1 K/V heads, random init,
+bf16, SDPA attention, generate() greedy for exactly 256 new tokens: (a) the dynamic cache, eager;
+(b) the static cache, which transformers compiles itself on CUDA (CompileConfig's defaults:
+torch.compile, mode reduce-overhead). Failures are recorded in the row.
 
-Results merge into <out>/inference.json (keyed by size/model, each entry naming the run that measured it);
-<out>/inference.md and inference.png are rebuilt from the whole file.
+Results merge into <out>/inference.json (keyed by size/model, each entry naming the run that
+measured it); <out>/inference.md and inference.png are rebuilt from the whole file.
 """
 
 from __future__ import annotations
@@ -103,7 +110,8 @@ def timed(fn, device: torch.device, reps: int = REPS, warmup: bool = True) -> fl
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, reps: int = 10) -> float:
-    """Bytes read + written per second by a device-to-device copy of `nbytes`: the best of `reps` (a peak)."""
+    """Bytes read + written per second by a device-to-device copy of `nbytes`: the best of `reps` (a
+    peak)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
     best = float("inf")
@@ -118,11 +126,12 @@ def copy_bandwidth(device: torch.device, nbytes: int, reps: int = 10) -> float:
     return 2 * nbytes / best
 
 
-# --- the model -------------------------------------------------------------------------------------------------
+# --- the model ------------------------------------------------------------------------------------
 
 
 def build(size: DecodeSize, model_name: str, device: torch.device):
-    """(LanguageModel in eval mode on `device`, fp32, its overrides): the training benchmark's size of the model."""
+    """(LanguageModel in eval mode on `device`, fp32, its overrides): the training benchmark's size
+    of the model."""
     from moa_train.models.lm import build_model
 
     cfg, overrides = compose_cfg(size.size, model_name, 1, device)
@@ -141,15 +150,15 @@ def routers(model) -> list:
 
 
 def last_linear_input(model, router: nn.Module, calib: torch.Tensor) -> tuple:
-    """(the router's last Linear, the inputs (N, features) it sees on a forward of `calib`). A router may apply that
-    Linear's weight itself (MoAS pads it: F.linear), so its input is also taken as the output of the module before."""
+    """(the router's last Linear, the inputs (N, features) it sees on a forward of `calib`). A
+    router may apply that Linear's weight itself (MoAS pads it: F.linear), so its input is also
+    taken as the output of the module before."""
     leaves = [m for m in router.modules() if not list(m.children())]
     last = max(i for i, m in enumerate(leaves) if isinstance(m, nn.Linear))
     seen = {}
 
-    def keep(
-        name: str, value
-    ) -> None:  # a hook returning a value would replace the module's output
+    # a hook returning a value would replace the module's output
+    def keep(name: str, value) -> None:
         seen.setdefault(name, value)
 
     hooks = [leaves[last].register_forward_hook(lambda mod, args, out: keep("in", args[0]))]
@@ -167,10 +176,11 @@ def last_linear_input(model, router: nn.Module, calib: torch.Tensor) -> tuple:
 
 @torch.no_grad()
 def balance_routers(model, calib: torch.Tensor, scale: float = 3.0) -> None:
-    """Set each router's last Linear so that its logits are `scale` x orthonormal projections of the whitened,
-    mean-free input it sees on `calib` tokens (B, T): every choice then gets an equal share of Gaussian-like inputs.
-    The weight rows are kept orthogonal to the input's mean (which a bias-free router cannot subtract), and any bias
-    is zeroed. Layer by layer, since each router's setting changes the inputs of the next layers."""
+    """Set each router's last Linear so that its logits are `scale` x orthonormal projections of the
+    whitened, mean-free input it sees on `calib` tokens (B, T): every choice then gets an equal
+    share of Gaussian-like inputs. The weight rows are kept orthogonal to the input's mean (which a
+    bias-free router cannot subtract), and any bias is zeroed. Layer by layer, since each router's
+    setting changes the inputs of the next layers."""
     gen = torch.Generator().manual_seed(0)
     for router in routers(model):
         layer, h = last_linear_input(model, router, calib)
@@ -178,26 +188,24 @@ def balance_routers(model, calib: torch.Tensor, scale: float = 3.0) -> None:
         mu = h.mean(0)
         evals, evecs = torch.linalg.eigh(torch.cov(h.T))
         keep = evals > evals.max() * 1e-6
-        w_white = (
-            evecs[:, keep] / evals[keep].sqrt()
-        )  # x -> whitened coordinates: (x - mu) @ w_white
+        # x -> whitened coordinates: (x - mu) @ w_white
+        w_white = evecs[:, keep] / evals[keep].sqrt()
         m = mu @ w_white
         rows = torch.cat(
             [m[:, None], torch.randn(len(m), layer.out_features, generator=gen, dtype=h.dtype)], 1
         )
         q = torch.linalg.qr(rows).Q[:, 1:]  # orthonormal, orthogonal to the mean's whitened image
-        layer.weight.copy_(
-            (scale * (w_white @ q).T).to(layer.weight.dtype)
-        )  # (choices, features); weight @ mu = 0
+        # (choices, features); weight @ mu = 0
+        layer.weight.copy_((scale * (w_white @ q).T).to(layer.weight.dtype))
         if layer.bias is not None:
             layer.bias.zero_()
 
 
 @torch.no_grad()
 def routing_shares(model, idx: torch.Tensor) -> dict | None:
-    """The routing a forward on `idx` realises: per choice, the share of the top-k assignments (or of each token's
-    argmax for a soft router) and the mean probability, averaged over layers; the worst layer's largest distance of
-    a share from uniform."""
+    """The routing a forward on `idx` realises: per choice, the share of the top-k assignments (or
+    of each token's argmax for a soft router) and the mean probability, averaged over layers; the
+    worst layer's largest distance of a share from uniform."""
     _, records = model(idx)
     records = [r for r in records if r is not None]
     if not records:
@@ -224,18 +232,20 @@ def prompts(batch: int, length: int, vocab: int, device, seed: int) -> torch.Ten
     return torch.randint(vocab, (batch, length), generator=gen).to(device)
 
 
-# --- decoding ---------------------------------------------------------------------------------------------------
+# --- decoding -------------------------------------------------------------------------------------
 
 
 def greedy_step(model, tokens: torch.Tensor, cache, span: int | None = None) -> None:
-    """One decode step: the next greedy token of every row, written into `tokens` (fixed shapes, no host sync)."""
+    """One decode step: the next greedy token of every row, written into `tokens` (fixed shapes, no
+    host sync)."""
     tokens.copy_(model.decode_step(tokens, cache, span=span).argmax(-1))
 
 
 def decode_spans(prompt_len: int, new_tokens: int, bucket: int) -> list:
-    """[(span, steps)] in decoding order: step s writes position prompt_len + s and attends over the first `span`
-    positions, its position + 1 rounded up to a multiple of `bucket` (at most the cache's prompt_len + new_tokens);
-    bucket 0: [(None, new_tokens)], every step over the whole cache."""
+    """[(span, steps)] in decoding order: step s writes position prompt_len + s and attends over the
+    first `span` positions, its position + 1 rounded up to a multiple of `bucket` (at most the
+    cache's prompt_len + new_tokens); bucket 0: [(None, new_tokens)], every step over the whole
+    cache."""
     if bucket == 0:
         return [(None, new_tokens)]
     max_len, out = prompt_len + new_tokens, []
@@ -251,18 +261,19 @@ def decode_spans(prompt_len: int, new_tokens: int, bucket: int) -> list:
 def stepper(
     model, tokens, cache, device: torch.device, compile_step: bool, spans: list, restart
 ) -> tuple:
-    """({span: run one step, a callable}, mode, compile seconds): compiled + CUDA graph on CUDA where they work, one
-    graph per span; the fallbacks (compiled without graph, eager) are named in `mode` with the failure. Each span
-    compiles with static shapes of its own (the kind of kernels measured over the whole cache; dynamic shapes
-    would compile once, at a speed not measured apart from other changes);
-    `restart()` puts the cache back at the end of the prompt before each span's warm-up, so that warm-up steps stay
-    below every span."""
+    """({span: run one step, a callable}, mode, compile seconds): compiled + CUDA graph on CUDA
+    where they work, one graph per span; the fallbacks (compiled without graph, eager) are named in
+    `mode` with the failure. Each span compiles with static shapes of its own (the kind of kernels
+    measured over the whole cache; dynamic shapes would compile once, at a speed not measured apart
+    from other changes); `restart()` puts the cache back at the end of the prompt before each span's
+    warm-up, so that warm-up steps stay below every span."""
     steps = {span: functools.partial(greedy_step, model, tokens, cache, span) for span in spans}
     if device.type != "cuda":
         return steps, "eager (CPU: no compile, no CUDA graph)", 0.0
     mode, t0 = "eager", time.perf_counter()
     if compile_step:
-        torch._dynamo.reset()  # a graph per span, one batch at a time: within dynamo's recompile limit (8)
+        # a graph per span, one batch at a time: within dynamo's recompile limit (8)
+        torch._dynamo.reset()
         fn = torch.compile(greedy_step, fullgraph=True, dynamic=False)
         compiled = {span: functools.partial(fn, model, tokens, cache, span) for span in spans}
         try:
@@ -290,7 +301,8 @@ def stepper(
 
 
 def warm(step, device: torch.device, n: int = 3) -> None:
-    """`n` calls on a side stream, as a CUDA graph capture requires (compilation happens in the first)."""
+    """`n` calls on a side stream, as a CUDA graph capture requires (compilation happens in the
+    first)."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -301,7 +313,8 @@ def warm(step, device: torch.device, n: int = 3) -> None:
 
 
 def param_bytes(model) -> int:
-    """Bytes of every parameter once (the tied head once): what a decode step reads, at most, of the weights."""
+    """Bytes of every parameter once (the tied head once): what a decode step reads, at most, of the
+    weights."""
     return sum(
         p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
     )
@@ -326,7 +339,8 @@ def measure_prefill(model, size: DecodeSize, device: torch.device) -> dict:
 def measure_decode(
     model, size: DecodeSize, batch: int, device: torch.device, bandwidth: float, args
 ) -> dict:
-    """Greedy decoding of `batch` rows: prefill once, then `new_tokens` steps timed (median of REPS)."""
+    """Greedy decoding of `batch` rows: prefill once, then `new_tokens` steps timed (median of
+    REPS)."""
     from moa_train.models.kv_cache import kv_bytes_per_token
 
     gc.collect()  # the previous batch's graph and cache
@@ -343,7 +357,8 @@ def measure_decode(
     )
     first = tokens.clone()
 
-    def restart():  # back to the end of the prompt (K/V past it are overwritten before they are read)
+    # back to the end of the prompt (K/V past it are overwritten before they are read)
+    def restart():
         cache.lengths.fill_(size.prompt_len)
         tokens.copy_(first)
 
@@ -361,9 +376,8 @@ def measure_decode(
 
     seconds = timed(generate, device)
     step_s = seconds / size.new_tokens
-    dtype = next(
-        model.parameters()
-    ).dtype  # the cache's (init_cache allocates in the parameters' dtype)
+    # the cache's (init_cache allocates in the parameters' dtype)
+    dtype = next(model.parameters()).dtype
     kv_token = kv_bytes_per_token(model, dtype)
     read = param_bytes(model) + batch * kv_token * (size.prompt_len + size.new_tokens / 2)
     bound_s = read / bandwidth
@@ -378,7 +392,8 @@ def measure_decode(
         "step_ms": 1000 * step_s,
         "tokens_per_s": batch / step_s,
         "kv_bytes_per_token_measured": kv_bytes / (batch * max_len),
-        # what the tokens held really take (a head pool: its used slots; a static cache: the allocation)
+        # what the tokens held really take (a head pool: its used slots; a static cache: the
+        # allocation)
         "kv_bytes_per_token_realised": cache.realised_bytes_per_token(),
         "kv_alloc_bytes": alloc,
         "kv_bytes": kv_bytes,
@@ -406,8 +421,8 @@ def measure_decode(
 
 
 def trace_step(run, device: torch.device, step_ms: float, top: int = 10) -> dict:
-    """A torch.profiler trace of one decode step: the top kernels (CPU ops on a CPU) by self time, their sum, and
-    the step's measured time less that sum (the gaps: launches, host work, idle)."""
+    """A torch.profiler trace of one decode step: the top kernels (CPU ops on a CPU) by self time,
+    their sum, and the step's measured time less that sum (the gaps: launches, host work, idle)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -441,7 +456,8 @@ def trace_step(run, device: torch.device, step_ms: float, top: int = 10) -> dict
 
 
 def missed(model_name: str, batch_index: int, share: float) -> float | None:
-    """The target's share of the bound where this (model, batch) has one and `share` falls short of it."""
+    """The target's share of the bound where this (model, batch) has one and `share` falls short of
+    it."""
     for models, index, floor in TARGETS:
         if model_name in models and index == batch_index and share < floor:
             return floor
@@ -453,9 +469,8 @@ def measure_row(
 ) -> dict:
     from moa_train.models.kv_cache import PoolLayout, kv_bytes_per_token
 
-    layout = model.blocks[
-        0
-    ].attn.kv_layout()  # (heads, head_dim), or a head pool's PoolLayout: its most heads
+    # (heads, head_dim), or a head pool's PoolLayout: its most heads
+    layout = model.blocks[0].attn.kv_layout()
     entry = {
         "kv_heads": max(layout.heads) if isinstance(layout, PoolLayout) else layout[0],
         "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
@@ -487,7 +502,8 @@ def measure_row(
 
 
 def has_scheme_router(model) -> bool:
-    """Whether the model routes over attention schemes (then set to top1 routing, as moa-generate can)."""
+    """Whether the model routes over attention schemes (then set to top1 routing, as moa-generate
+    can)."""
     from moa_train.generation import set_inference_routing
 
     try:
@@ -500,7 +516,8 @@ def has_scheme_router(model) -> bool:
 def bench_model(
     model_name: str, size: DecodeSize, device: torch.device, bandwidth: float, args
 ) -> dict:
-    """{key: entry}: the model's row, plus its top1 row for a router over attention schemes (moas_dynamic)."""
+    """{key: entry}: the model's row, plus its top1 row for a router over attention schemes
+    (moas_dynamic)."""
     key = f"{size.size}/{model_name}"
     base = {"size": size.size, "model": model_name, "inference_routing": "soft"}
     try:
@@ -518,9 +535,8 @@ def bench_model(
     rows = {}
     try:
         with torch.no_grad():
-            tokens = max(
-                16, 8192 // size.prompt_len
-            )  # rows of 8192 tokens: calibration and measured shares
+            # rows of 8192 tokens: calibration and measured shares
+            tokens = max(16, 8192 // size.prompt_len)
             if routers(model):
                 balance_routers(
                     model, prompts(tokens, size.prompt_len, model.vocab_size, device, seed=3)
@@ -551,14 +567,13 @@ def bench_model(
     return rows
 
 
-# --- the transformers baseline ------------------------------------------------------------------------------------
+# --- the transformers baseline --------------------------------------------------------------------
 
 HF_SETTINGS = {
     # setting -> generate() keywords beyond the common ones
     "dynamic": {"disable_compile": True},  # DynamicCache, eager forward
-    "static": {
-        "cache_implementation": "static"
-    },  # StaticCache; transformers compiles the forward on CUDA itself
+    # StaticCache; transformers compiles the forward on CUDA itself
+    "static": {"cache_implementation": "static"},
 }
 
 
@@ -607,9 +622,9 @@ def hf_generate(model, idx: torch.Tensor, new_tokens: int, setting: str, clock=N
 
 
 def step_clock(device: torch.device):
-    """A logits processor that notes the time (after a device sync) at each token generate() picks: the first after
-    the prefill, then one per decode step. generate() syncs at every step anyway (its stopping test), so the extra
-    sync costs next to nothing."""
+    """A logits processor that notes the time (after a device sync) at each token generate() picks:
+    the first after the prefill, then one per decode step. generate() syncs at every step anyway
+    (its stopping test), so the extra sync costs next to nothing."""
     from transformers import LogitsProcessor
 
     class StepClock(LogitsProcessor):
@@ -646,9 +661,8 @@ def hf_row(size: DecodeSize, kv_heads: int, setting: str, device: torch.device) 
     model = None
     try:
         model, cfg = hf_llama(size, kv_heads, device)
-        entry["settings"]["attn_implementation"] = (
-            model.config._attn_implementation
-        )  # what transformers took
+        # what transformers took
+        entry["settings"]["attn_implementation"] = model.config._attn_implementation
         entry.update(
             {
                 "params": sum(p.numel() for p in model.parameters()),
@@ -674,9 +688,8 @@ def hf_row(size: DecodeSize, kv_heads: int, setting: str, device: torch.device) 
                 torch.cuda.reset_peak_memory_stats(device)
             idx = prompts(batch, size.prompt_len, cfg.vocab_size, device, seed=2)
             t0 = time.perf_counter()
-            out = hf_generate(
-                model, idx, size.new_tokens, setting
-            )  # warm-up: compilation for these shapes
+            # warm-up: compilation for these shapes
+            out = hf_generate(model, idx, size.new_tokens, setting)
             sync(device)
             warmup_s = time.perf_counter() - t0
             if out.shape[1] != size.prompt_len + size.new_tokens:
@@ -719,7 +732,8 @@ def hf_row(size: DecodeSize, kv_heads: int, setting: str, device: torch.device) 
 
 
 def hf_rows(size: DecodeSize, device: torch.device, settings: list):
-    """(key, entry) of each transformers row, as measured; one row saying so where transformers is missing."""
+    """(key, entry) of each transformers row, as measured; one row saying so where transformers is
+    missing."""
     try:
         import transformers  # noqa: F401
     except ImportError as exc:
@@ -738,12 +752,13 @@ def hf_rows(size: DecodeSize, device: torch.device, settings: list):
             yield f"{size.size}/hf-llama-kv{kv}/{setting}", hf_row(size, kv, setting, device)
 
 
-# --- results -------------------------------------------------------------------------------------------------------
+# --- results --------------------------------------------------------------------------------------
 
 
 def hf_baseline(results: dict, size: str, kv_heads: int, batch: str) -> tuple:
-    """(tokens/s, row name) of the transformers row a model's decode compares with: same K/V heads where there is
-    one, else the mha-equivalent (the first, n_head K/V heads); of its settings the faster (what a user would pick)."""
+    """(tokens/s, row name) of the transformers row a model's decode compares with: same K/V heads
+    where there is one, else the mha-equivalent (the first, n_head K/V heads); of its settings the
+    faster (what a user would pick)."""
     rows = [
         r
         for r in results.values()
@@ -820,11 +835,13 @@ def targets(results: dict) -> list:
 def routing_cell(routing: dict | None) -> str:
     if not routing:
         return "-"
-    return f"{'/'.join(f'{s:.2f}' for s in routing['share'])} (worst layer +-{routing['worst_dev']:.2f})"
+    shares = "/".join(f"{s:.2f}" for s in routing["share"])
+    return f"{shares} (worst layer +-{routing['worst_dev']:.2f})"
 
 
 def span_note(d: dict) -> str:
-    """How much of the cache a row's decode steps attended over (rows measured before spans existed: all of it)."""
+    """How much of the cache a row's decode steps attended over (rows measured before spans existed:
+    all of it)."""
     bucket = d.get("span_bucket", 0)
     return ", attends over the whole cache" if not bucket else f", attends over spans of {bucket}"
 
@@ -840,15 +857,17 @@ def size_tables(results: dict, size: str) -> list:
         "",
         f"## Size {size}",
         "",
-        f"Decode at batch {lo} and {hi}, prefill at batch {s.prefill_batch}; prompt "
-        "and new tokens per run in the runs table. Peak memory: prefill + decode at that batch, weights included.",
+        f"Decode at batch {lo} and {hi}, prefill at batch {s.prefill_batch}; prompt and new tokens "
+        "per run in the runs table. Peak memory: prefill + decode at that batch, weights "
+        "included.",
         "",
     ]
     if rows:
         out += [
-            f"| model | decode mode (b{lo} / b{hi}) | prefill tok/s | decode tok/s b{lo} | decode tok/s b{hi} | "
-            f"x transformers b{lo} | x transformers b{hi} | KV B/token analytic | measured | realised | peak mem "
-            f"GiB b{hi} | bound share b{lo} | bound share b{hi} | routing shares | run |",
+            f"| model | decode mode (b{lo} / b{hi}) | prefill tok/s | decode tok/s b{lo} | decode "
+            f"tok/s b{hi} | x transformers b{lo} | x transformers b{hi} | KV B/token analytic | "
+            f"measured | realised | peak mem GiB b{hi} | bound share b{lo} | bound share b{hi} | "
+            "routing shares | run |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
@@ -868,8 +887,9 @@ def size_tables(results: dict, size: str) -> list:
                 ratios.append(f"{d[b]['tokens_per_s'] / base:.2f} ({name})" if base else "-")
             out.append(
                 f"| {row_name(r)} | {modes} | {r['prefill']['tokens_per_s']:,.0f} | "
-                f"{d[lo]['tokens_per_s']:,.0f} | {d[hi]['tokens_per_s']:,.0f} | {ratios[0]} | {ratios[1]} | "
-                f"{r['kv_bytes_per_token']:,.0f} | {r['kv_bytes_per_token_measured']:,.0f} | "
+                f"{d[lo]['tokens_per_s']:,.0f} | {d[hi]['tokens_per_s']:,.0f} | {ratios[0]} | "
+                f"{ratios[1]} | {r['kv_bytes_per_token']:,.0f} | "
+                f"{r['kv_bytes_per_token_measured']:,.0f} | "
                 f"{fmt(r.get('kv_bytes_per_token_realised'), ',.0f')} | "
                 f"{fmt(d[hi]['peak_mem_gib'], '.2f')} | {d[lo]['share_of_bound']:.1%} | "
                 f"{d[hi]['share_of_bound']:.1%} | {routing_cell(r.get('routing'))} | {r['run']} |"
@@ -877,8 +897,8 @@ def size_tables(results: dict, size: str) -> list:
     if hf:
         out += [
             "",
-            "Transformers baseline (LlamaForCausalLM, random init; decode tok/s = batch / the mean time "
-            "between consecutive tokens of one generate(), timed by a logits processor):",
+            "Transformers baseline (LlamaForCausalLM, random init; decode tok/s = batch / the mean "
+            "time between consecutive tokens of one generate(), timed by a logits processor):",
             "",
             f"| model | K/V heads | setting | compiled | decode tok/s b{lo} | decode tok/s b{hi} | "
             f"generate s b{lo} | generate s b{hi} | peak mem GiB b{hi} | transformers | run |",
@@ -889,7 +909,8 @@ def size_tables(results: dict, size: str) -> list:
             if "error" in r and not d:
                 out.append(
                     f"| {r['model']} | {r.get('kv_heads', '-')} | {r['setting']} | - | **failed**: "
-                    f"{r['error']} | - | - | - | - | {r.get('transformers', '-')} | {r.get('run')} |"
+                    f"{r['error']} | - | - | - | - | {r.get('transformers', '-')} | {r.get('run')} "
+                    "|"
                 )
                 continue
             cells = [fmt(d[b]["tokens_per_s"], ",.0f") if b in d else "-" for b in (lo, hi)]
@@ -897,9 +918,9 @@ def size_tables(results: dict, size: str) -> list:
             compiled = "/".join("yes" if d[b]["compiled"] else "no" for b in (lo, hi) if b in d)
             err = f" (then failed: {r['error']})" if "error" in r else ""
             out.append(
-                f"| {r['model']} | {r['kv_heads']} | {r['setting']}{err} | {compiled} | {' | '.join(cells)} | "
-                f"{fmt(d[hi]['peak_mem_gib'] if hi in d else None, '.2f')} | {r['transformers']} | "
-                f"{r['run']} |"
+                f"| {r['model']} | {r['kv_heads']} | {r['setting']}{err} | {compiled} | "
+                f"{' | '.join(cells)} | {fmt(d[hi]['peak_mem_gib'] if hi in d else None, '.2f')} | "
+                f"{r['transformers']} | {r['run']} |"
             )
     traces = [
         (r, b, r["decode"][b]["trace"])
@@ -911,9 +932,10 @@ def size_tables(results: dict, size: str) -> list:
     for r, b, t in traces:
         out += [
             "",
-            f"Trace of one decode step, {row_name(r)} batch {b} ({t['of']}): {t['kernel_ms']:.3f} ms in "
-            f"{t['n_kernels']} kernels of a {t['step_ms']:.3f} ms step: gaps {t['gaps_ms']:.3f} ms "
-            f"({max(t['gaps_ms'], 0) / t['step_ms']:.0%}); bound {r['decode'][b]['bound_ms']:.3f} ms."
+            f"Trace of one decode step, {row_name(r)} batch {b} ({t['of']}): {t['kernel_ms']:.3f} "
+            f"ms in {t['n_kernels']} kernels of a {t['step_ms']:.3f} ms step: gaps "
+            f"{t['gaps_ms']:.3f} ms ({max(t['gaps_ms'], 0) / t['step_ms']:.0%}); bound "
+            f"{r['decode'][b]['bound_ms']:.3f} ms."
             + (f" Note: {t['note']}." if t.get("note") else ""),
             "",
         ]
@@ -922,22 +944,23 @@ def size_tables(results: dict, size: str) -> list:
 
 
 def markdown(data: dict, notes: bool = False) -> str:
-    """inference.md from inference.json; notes: a hand-written inference_notes.md lies beside (linked under the
-    targets, as the place that says why a target is missed)."""
+    """inference.md from inference.json; notes: a hand-written inference_notes.md lies beside
+    (linked under the targets, as the place that says why a target is missed)."""
     out = [
         "# moa-bench --decode: what each attention variant costs to serve",
         "",
-        "Written by `moa-bench --decode` (moa_train/bench_decode.py) from inference.json; each row names the run "
-        "that measured it. Bound = bytes one decode step must read (every parameter once + the batch's K/V at the "
-        "mean context length, prompt + new / 2) / the copy bandwidth measured at the start of the same run (a "
-        "device-to-device copy, read + write bytes); bound share = bound time / measured step time. A decode step "
-        "attends over its position + 1 rounded up to a multiple of the span bucket (`--span-bucket`, one CUDA "
-        "graph per span; the decode mode column says which), or over the cache's whole max_len, so it reads "
-        "somewhat more K/V than the bound counts; "
-        "routed rows (moa k < E, top1) read fewer weights than it counts. Routed models are set to balanced "
-        "routing (router weights whitened and mean-free over random-token inputs); `routing shares` are the "
-        "realised shares per choice (of top-k assignments, or of each token's argmax for a soft router), "
-        "averaged over layers, and the worst layer's largest distance from uniform.",
+        "Written by `moa-bench --decode` (moa_train/bench_decode.py) from inference.json; each row "
+        "names the run that measured it. Bound = bytes one decode step must read (every parameter "
+        "once + the batch's K/V at the mean context length, prompt + new / 2) / the copy bandwidth "
+        "measured at the start of the same run (a device-to-device copy, read + write bytes); "
+        "bound share = bound time / measured step time. A decode step attends over its position + "
+        "1 rounded up to a multiple of the span bucket (`--span-bucket`, one CUDA graph per span; "
+        "the decode mode column says which), or over the cache's whole max_len, so it reads "
+        "somewhat more K/V than the bound counts; routed rows (moa k < E, top1) read fewer weights "
+        "than it counts. Routed models are set to balanced routing (router weights whitened and "
+        "mean-free over random-token inputs); `routing shares` are the realised shares per choice "
+        "(of top-k assignments, or of each token's argmax for a soft router), averaged over "
+        "layers, and the worst layer's largest distance from uniform.",
         "",
     ]
     out += [
@@ -949,9 +972,10 @@ def markdown(data: dict, notes: bool = False) -> str:
     ]
     for rid, run in sorted(data["runs"].items()):
         out.append(
-            f"| {rid} | {run['device']} | {run['date']} | {run['torch']} | {run['transformers'] or '-'} | "
-            f"{run.get('git_sha') or '-'} | {run['bandwidth'] / 1e9:,.1f} | {run['size']} | "
-            f"{run['prompt_len']} + {run['new_tokens']} | `{run['command']}` |"
+            f"| {rid} | {run['device']} | {run['date']} | {run['torch']} | "
+            f"{run['transformers'] or '-'} | {run.get('git_sha') or '-'} | "
+            f"{run['bandwidth'] / 1e9:,.1f} | {run['size']} | {run['prompt_len']} + "
+            f"{run['new_tokens']} | `{run['command']}` |"
         )
     results = data["results"]
     rows = targets(results)
@@ -978,7 +1002,8 @@ def markdown(data: dict, notes: bool = False) -> str:
 
 
 def figure(data: dict, path: Path) -> None:
-    """Decode tokens/s at both batches per variant beside the transformers rows, and KV bytes per token."""
+    """Decode tokens/s at both batches per variant beside the transformers rows, and KV bytes per
+    token."""
     import numpy as np
 
     from moa_train.metrics.plots import pyplot
@@ -1027,7 +1052,8 @@ def figure(data: dict, path: Path) -> None:
         markersize=18,
         label="measured",
     )
-    # realised: the tokens' stored heads (below the allocation only where tokens choose, moas_kv's pool)
+    # realised: the tokens' stored heads (below the allocation only where tokens choose, moas_kv's
+    # pool)
     ax_kv.plot(
         xk,
         [r.get("kv_bytes_per_token_realised", np.nan) / 1024 for _, r in kv],
@@ -1051,7 +1077,7 @@ def save(data: dict, out: Path) -> None:
     figure(data, out / "inference.png")
 
 
-# --- entry point ---------------------------------------------------------------------------------------------------
+# --- entry point ----------------------------------------------------------------------------------
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1095,7 +1121,8 @@ def parse_args(argv):
         "--span-bucket",
         type=int,
         default=0,
-        help="each step attends over its position + 1 rounded up to a multiple of this (one compile and "
+        help="each step attends over its position + 1 rounded up to a multiple of this (one "
+        "compile and "
         "CUDA graph per span); 0: over the whole cache (default)",
     )
     p.add_argument("--out", default="docs/results", help="folder of inference.json / .md / .png")
@@ -1112,7 +1139,8 @@ def parse_args(argv):
     size = SIZES[args.decode_size]
     if args.span_bucket < 0:
         p.error(
-            f"--span-bucket: must be 0 (the whole cache) or a positive integer, got {args.span_bucket}"
+            "--span-bucket: must be 0 (the whole cache) or a positive integer, got "
+            f"{args.span_bucket}"
         )
     for flag, value in (("--prompt-len", args.prompt_len), ("--new-tokens", args.new_tokens)):
         if value is not None and value < 1:
@@ -1136,8 +1164,8 @@ def parse_args(argv):
         p.error(f"--new-tokens: at least 2 (one decode step), got {args.size.new_tokens}")
     if args.size.prompt_len + args.size.new_tokens > limit:
         p.error(
-            f"--prompt-len + --new-tokens: {args.size.prompt_len + args.size.new_tokens} exceeds the size's "
-            f"model.max_seq_len={limit}"
+            f"--prompt-len + --new-tokens: {args.size.prompt_len + args.size.new_tokens} exceeds "
+            f"the size's model.max_seq_len={limit}"
         )
     return args
 

@@ -1,8 +1,8 @@
 """One-line errors for bad command-line overrides, checked before Hydra starts the run.
 
-Hydra reports composition errors over several lines (with its search path), and a run folder it cannot create with
-a traceback; a plain run composes the config once up front and turns such an error into one `error: ...` line naming
-the key and what would be valid.
+Hydra reports composition errors over several lines (with its search path), and a run folder it
+cannot create with a traceback; a plain run composes the config once up front and turns such an
+error into one `error: ...` line naming the key and what would be valid.
 """
 
 from __future__ import annotations
@@ -23,15 +23,17 @@ from moa_train.paths import config_dir
 
 
 def group_options(group: str) -> list:
-    """Every config of a group, sub-folders included (experiment=moas_table1/mha), leaving out `_` files."""
+    """Every config of a group, sub-folders included (experiment=moas_table1/mha), leaving out `_`
+    files."""
     root = config_dir() / group
     names = (p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
     return sorted(n for n in names if not any(part.startswith("_") for part in n.split("/")))
 
 
 def missing_group(missing_cfg_file: str) -> tuple:
-    """(group, name) of a config Hydra could not find: the group is the folder under configs/ (experiments nest one
-    level deeper, so `experiment/unknown/x` is the group `experiment`, not `experiment/unknown`)."""
+    """(group, name) of a config Hydra could not find: the group is the folder under configs/
+    (experiments nest one level deeper, so `experiment/unknown/x` is the group `experiment`, not
+    `experiment/unknown`)."""
     parts = missing_cfg_file.split("/")
     depth = 2 if parts[0] == "hydra" else 1
     return "/".join(parts[:depth]), "/".join(parts[depth:])
@@ -49,17 +51,16 @@ def describe(exc: Exception) -> str:
                 f"(pip install -e '.[launchers]' adds joblib, submitit_local, submitit_slurm)"
             )
         options = group_options(group) if (config_dir() / group).is_dir() else []
-        return f"{group}={name}: no such config; allowed: {', '.join(options) or 'none (no such group)'}"
-    inner = (
-        exc.__cause__ or exc.__context__
-    )  # an experiment's key of another variant comes as the context
+        allowed = ", ".join(options) or "none (no such group)"
+        return f"{group}={name}: no such config; allowed: {allowed}"
+    # an experiment's key of another variant comes as the context
+    inner = exc.__cause__ or exc.__context__
     if (
         isinstance(inner, (ConfigAttributeError, ConfigKeyError))
         and inner.object_type in VARIANTS.values()
     ):
-        return foreign_key(
-            inner.full_key, inner.object_type
-        )  # a key of another attention variant: name its owners
+        # a key of another attention variant: name its owners
+        return foreign_key(inner.full_key, inner.object_type)
     cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
     first = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0]
     key = getattr(cause, "full_key", None)
@@ -67,8 +68,8 @@ def describe(exc: Exception) -> str:
 
 
 def unparsable(override: str) -> str:
-    """Why Hydra's override lexer refused `override`: most often a non-ASCII character, which its grammar allows
-    only inside quotes (and a number only with the digits 0-9)."""
+    """Why Hydra's override lexer refused `override`: most often a non-ASCII character, which its
+    grammar allows only inside quotes (and a number only with the digits 0-9)."""
     key, _, value = override.partition("=")
     key = key.lstrip("+~")
     if value.isascii():
@@ -97,9 +98,9 @@ ENUMERABLE = (ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP, ValueType.R
 
 
 def expanded(parsed: list) -> list:
-    """Override lists to check: the plain overrides with each value of each sweep (`a=1,2`, `choice(...)`,
-    `range(...)`) once, the other sweeps at their first value; an interval (an Optuna search) or a glob is left to
-    the sweeper. One list when nothing sweeps."""
+    """Override lists to check: the plain overrides with each value of each sweep (`a=1,2`,
+    `choice(...)`, `range(...)`) once, the other sweeps at their first value; an interval (an Optuna
+    search) or a glob is left to the sweeper. One list when nothing sweeps."""
     plain = [o.input_line for o in parsed if not o.is_sweep_override()]
     sweeps = {}
     for o in parsed:
@@ -117,9 +118,10 @@ def expanded(parsed: list) -> list:
 
 
 def precheck(overrides: list, multirun: bool = False):
-    """Compose `train` with the user's overrides (each value of each sweep, in a multirun), validate it and check
-    that the run (or sweep) folder can be written, before Hydra creates that folder; exit 2 with one line on
-    failure. Returns the composed config (with `hydra`; in a multirun the last one checked)."""
+    """Compose `train` with the user's overrides (each value of each sweep, in a multirun), validate
+    it and check that the run (or sweep) folder can be written, before Hydra creates that folder;
+    exit 2 with one line on failure. Returns the composed config (with `hydra`; in a multirun the
+    last one checked)."""
     from moa_train.config import check_run_folder, check_writable, compose_train
     from moa_train.train.runlock import RunLock
     from moa_train.train.tasks import validate
@@ -139,12 +141,10 @@ def precheck(overrides: list, multirun: bool = False):
                 check_writable(folder or ".", folder_key)
             else:
                 check_run_folder(folder, cfg, f"{cfg.hydra.job.name}.log")
-                if (
-                    not cfg.trainer.eval_only
-                ):  # before Hydra rewrites the .hydra/ of a run being trained; an
-                    RunLock(
-                        folder
-                    ).check()  # evaluation only reads (writing into RUN/eval/) and takes no lock
+                # before Hydra rewrites the .hydra/ of a run being trained; an evaluation only reads
+                # (writing into RUN/eval/) and takes no lock
+                if not cfg.trainer.eval_only:
+                    RunLock(folder).check()
     except (HydraException, OmegaConfBaseException, ConfigError) as exc:
         print(f"error: {describe(exc)}", file=sys.stderr)
         sys.exit(2)
@@ -160,10 +160,11 @@ def _quote(value: str) -> str:
 
 def eval_only_overrides(overrides: list, cfg, stamp: str) -> list:
     """The overrides of a plain `trainer.eval_only=true` run, redirected so that Hydra writes into
-    RUN/eval/<stamp>/ (eval.log, .hydra/) and nowhere else: RUN is trainer.resume's run folder, or with
-    trainer.resume=auto/true the hydra.run.dir given (whose checkpoint is evaluated). A hydra.run.dir given beside a
-    trainer.resume=PATH is kept as the output folder. Exit 2 with one line where there is no checkpoint or the
-    command line asks for another model than the run's, before any folder exists."""
+    RUN/eval/<stamp>/ (eval.log, .hydra/) and nowhere else: RUN is trainer.resume's run folder, or
+    with trainer.resume=auto/true the hydra.run.dir given (whose checkpoint is evaluated). A
+    hydra.run.dir given beside a trainer.resume=PATH is kept as the output folder. Exit 2 with one
+    line where there is no checkpoint or the command line asks for another model than the run's,
+    before any folder exists."""
     from moa_train.train.checkpoint import CheckpointError
     from moa_train.train.eval_run import prepare, run_folder
 
@@ -173,9 +174,8 @@ def eval_only_overrides(overrides: list, cfg, stamp: str) -> list:
     target = Path(os.path.expanduser(str(resume))) if by_path else Path(str(cfg.hydra.run.dir))
     job = cfg.copy()
     with open_dict(job):
-        del job[
-            "hydra"
-        ]  # the job's keys only (hydra's sweep keys resolve only in a running multirun)
+        # the job's keys only (hydra's sweep keys resolve only in a running multirun)
+        del job["hydra"]
     try:
         prepare(job, target, overrides)
     except (ConfigError, CheckpointError) as exc:

@@ -1,8 +1,9 @@
 """Config schema (Hydra structured configs) and validation.
 
-The dataclasses below are the schema of `configs/train.yaml`: Hydra merges every group's YAML into them, so a
-misspelt key or a value of the wrong type is refused at composition with the key's full name. `validate` then checks
-what types cannot express (shapes that do not fit, values out of range) before any work starts.
+The dataclasses below are the schema of `configs/train.yaml`: Hydra merges every group's YAML into
+them, so a misspelt key or a value of the wrong type is refused at composition with the key's full
+name. `validate` then checks what types cannot express (shapes that do not fit, values out of range)
+before any work starts.
 """
 
 from __future__ import annotations
@@ -29,33 +30,33 @@ class ConfigError(ValueError):
 class AuxConfig:
     balance_coef: float = 0.01  # weight of the load-balance loss (train/aux/balance)
     z_coef: float = 0.0  # weight of the router z-loss mean(logsumexp(logits)^2) (train/aux/z)
-    cv_coef: float = (
-        0.0  # weight of the squared coefficient of variation of expert importance (train/aux/cv)
-    )
-    # weight of the KV budget loss relu(stored heads per token - model.kv_budget)^2 (moas_kv; train/aux/kv_budget)
+    # weight of the squared coefficient of variation of expert importance (train/aux/cv)
+    cv_coef: float = 0.0
+    # weight of the KV budget loss relu(stored heads per token - model.kv_budget)^2 (moas_kv;
+    # train/aux/kv_budget)
     kv_budget_coef: float = 0.0
-    layer_reduce: str = (
-        "mean"  # how per-layer aux terms combine: mean (MoAS paper) | sum (MoA code)
-    )
-    balance_type: str = (
-        "mse"  # mse: MSE of batch-mean gates to 1/C (MoAS paper) | switch: C*sum_i f_i*P_i
-    )
-    z_tokens: str = "real"  # tokens the z-loss averages over: real (padding left out) | all (the MoA code: pads too)
-    cv_of: str = "probs"  # cv of the dense router probabilities | gates: of the top-k gate matrix (the MoA code)
-    # true: the weighted aux terms are divided by the micro-batch's target-token count, as in the MoA code (added to
-    # the token-SUMMED NLL, which fairseq divides by the tokens): a coefficient then acts as coef / tokens per batch
+    # how per-layer aux terms combine: mean (MoAS paper) | sum (MoA code)
+    layer_reduce: str = "mean"
+    # mse: MSE of batch-mean gates to 1/C (MoAS paper) | switch: C*sum_i f_i*P_i
+    balance_type: str = "mse"
+    # tokens the z-loss averages over: real (padding left out) | all (the MoA code: pads too)
+    z_tokens: str = "real"
+    # cv of the dense router probabilities | gates: of the top-k gate matrix (the MoA code)
+    cv_of: str = "probs"
+    # true: the weighted aux terms are divided by the micro-batch's target-token count, as in the
+    # MoA code (added to the token-SUMMED NLL, which fairseq divides by the tokens): a coefficient
+    # then acts as coef / tokens per batch
     divide_by_tokens: bool = False
 
 
 @dataclass
 class ModelConfig:
-    """The keys every model has. An attention variant's own keys come from its config class (in its module under
-    models/attention/), a subclass of this one and the schema of its configs/model/<name>.yaml: a key of another
-    variant is refused at composition."""
+    """The keys every model has. An attention variant's own keys come from its config class (in its
+    module under models/attention/), a subclass of this one and the schema of its
+    configs/model/<name>.yaml: a key of another variant is refused at composition."""
 
-    name: str = (
-        MISSING  # attention variant, a name in VARIANTS (moa_train.models.registry registers them)
-    )
+    # attention variant, a name in VARIANTS (moa_train.models.registry registers them)
+    name: str = MISSING
     d_model: int = 384
     n_layer: int = 4
     n_head: int = 6  # query heads (moa: only defaults head_dim = d_model // n_head)
@@ -64,43 +65,45 @@ class ModelConfig:
     dropout: float = 0.1  # embedding, attention-probability, residual and MLP dropout
     attn_dropout: Optional[float] = None  # dropout on attention probabilities; null = model.dropout
     activation: str = "gelu"  # MLP activation: gelu (GPT-2) | relu (the Transformer, fairseq)
-    activation_dropout: float = (
-        0.0  # dropout after the MLP activation (fairseq's activation dropout)
-    )
+    # dropout after the MLP activation (fairseq's activation dropout)
+    activation_dropout: float = 0.0
     bias: bool = False  # bias in Linear and LayerNorm
     mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * d_model
     # encoder-decoder (translation data)
     n_encoder_layer: Optional[int] = None  # null = n_layer (n_layer counts decoder layers)
     norm_first: bool = True  # pre-LN (true) or post-LN (false, the original Transformer)
-    # learned | sinusoidal (interleaved sin/cos from position 0) | sinusoidal_fairseq (fairseq's table: [sin | cos]
-    # concatenated, frequencies 10000^(-i / (half - 1)), positions counted from padding_idx + 1 = 2)
+    # learned | sinusoidal (interleaved sin/cos from position 0) | sinusoidal_fairseq (fairseq's
+    # table: [sin | cos] concatenated, frequencies 10000^(-i / (half - 1)), positions counted from
+    # padding_idx + 1 = 2)
     positions: str = "learned"
-    # encoder-decoder init: standard (Xavier-uniform linear layers) | fairseq (each module as fairseq initialises it:
-    # Q/K/V Xavier with gain 1/sqrt(2), MoA experts one by one, the FFN with PyTorch's default); the LM: GPT-2's
+    # encoder-decoder init: standard (Xavier-uniform linear layers) | fairseq (each module as
+    # fairseq initialises it: Q/K/V Xavier with gain 1/sqrt(2), MoA experts one by one, the FFN with
+    # PyTorch's default); the LM: GPT-2's
     init: str = "standard"
     share_embeddings: bool = True  # one embedding for source, target and output (joint vocabulary)
-    # decoder cross-attention: `name` (null = the model's own variant with its keys, or the variant's cross_default)
-    # plus that variant's own keys (+model.cross.n_experts=4); the model's common keys apply to it too
+    # decoder cross-attention: `name` (null = the model's own variant with its keys, or the
+    # variant's cross_default) plus that variant's own keys (+model.cross.n_experts=4); the model's
+    # common keys apply to it too
     cross: Dict[str, Any] = field(default_factory=lambda: {"name": None})
     aux: AuxConfig = field(default_factory=AuxConfig)
 
-    cross_attention_ok: ClassVar[bool] = (
-        True  # false: a self-attention scheme, refused as model.cross.name
-    )
-    cross_default: ClassVar[Optional[str]] = (
-        None  # the cross-attention when model.cross.name is null; None: itself
-    )
+    # false: a self-attention scheme, refused as model.cross.name
+    cross_attention_ok: ClassVar[bool] = True
+    # the cross-attention when model.cross.name is null; None: itself
+    cross_default: ClassVar[Optional[str]] = None
 
     @classmethod
     def validate(cls, m, cfg) -> None:
-        """ConfigError naming the key and what is allowed. A variant adds its own checks and calls this one."""
+        """ConfigError naming the key and what is allowed. A variant adds its own checks and calls
+        this one."""
         for key in ("d_model", "n_layer", "n_head", "max_seq_len"):
             _check(m[key] > 0, f"model.{key}", f"must be a positive integer, got {m[key]}")
         _positive_or_null(m.n_encoder_layer, "model.n_encoder_layer")
         _check(
             math.isfinite(m.mlp_ratio) and m.mlp_ratio * m.d_model >= 1,
             "model.mlp_ratio",
-            f"must be finite and give an MLP of at least 1 unit (mlp_ratio * model.d_model >= 1), got {m.mlp_ratio}",
+            "must be finite and give an MLP of at least 1 unit (mlp_ratio * model.d_model >= 1), "
+            f"got {m.mlp_ratio}",
         )
         for key in ("dropout", "activation_dropout", "attn_dropout"):
             if m[key] is not None:  # (attn_dropout: null = model.dropout)
@@ -123,7 +126,8 @@ class ModelConfig:
 
     @staticmethod
     def attn_p(m) -> float:
-        """The attention-probability dropout: model.attn_dropout, or model.dropout where that is null."""
+        """The attention-probability dropout: model.attn_dropout, or model.dropout where that is
+        null."""
         return m.dropout if m.attn_dropout is None else m.attn_dropout
 
     @classmethod
@@ -138,12 +142,14 @@ class ModelConfig:
 
 # attention variant name -> its config class (a ModelConfig subclass); filled by register_variant
 VARIANTS: dict = {}
-PLUGIN_PRESETS: dict = {}  # preset name -> YAML path, for variants registered from outside the package
+# preset name -> YAML path, for variants registered from outside the package
+PLUGIN_PRESETS: dict = {}
 
 
 def register_variant(name: str, config: type, yaml: str | Path | None = None) -> None:
-    """Make `config` the schema of variant `name`: its YAMLs name it as `_schema_<name>` in their defaults. `yaml`:
-    a preset from outside configs/model/ (a plugin's), choosable as model=<name>."""
+    """Make `config` the schema of variant `name`: its YAMLs name it as `_schema_<name>` in their
+    defaults. `yaml`: a preset from outside configs/model/ (a plugin's), choosable as
+    model=<name>."""
     VARIANTS[name] = config
     ConfigStore.instance().store(group="model", name=f"_schema_{name}", node=config)
     if yaml is not None:
@@ -152,15 +158,16 @@ def register_variant(name: str, config: type, yaml: str | Path | None = None) ->
 
 
 def presets() -> list:
-    """Every choice of the model group: configs/model/*.yaml (variants and their named presets) and plugins'."""
+    """Every choice of the model group: configs/model/*.yaml (variants and their named presets) and
+    plugins'."""
     return sorted(
         {p.stem for p in config_dir().joinpath("model").glob("*.yaml")} | set(PLUGIN_PRESETS)
     )
 
 
 def bench_presets() -> list:
-    """The model choices in registration order, a variant with named presets represented by them (moa by
-    moa_dense and moa_sparse): moa-bench's rows."""
+    """The model choices in registration order, a variant with named presets represented by them
+    (moa by moa_dense and moa_sparse): moa-bench's rows."""
     choices = presets()
     built_on = {preset_variant(p) for p in choices if preset_variant(p) != p}
     return [
@@ -178,8 +185,9 @@ def preset_variant(preset: str) -> str:
 
 
 def applicable(preset: str, overrides) -> list:
-    """`overrides` less those of model keys that only other variants own: one list of settings for every model
-    (moa-bench's GPT-2 size: model.gate_dropout=0.0 applies to the variants that have a gate dropout)."""
+    """`overrides` less those of model keys that only other variants own: one list of settings for
+    every model (moa-bench's GPT-2 size: model.gate_dropout=0.0 applies to the variants that have a
+    gate dropout)."""
     foreign = set().union(*map(variant_keys, VARIANTS.values())) - variant_keys(
         VARIANTS[preset_variant(preset)]
     )
@@ -204,8 +212,8 @@ def _with_presets(name: str) -> str:
 
 
 def foreign_key(key: str, config: type) -> str:
-    """The one line for a model key that variant config `config` does not have: the variants (and their presets)
-    that own it."""
+    """The one line for a model key that variant config `config` does not have: the variants (and
+    their presets) that own it."""
     mine = "/".join(name for name, c in VARIANTS.items() if c is config) or config.__name__
     found = [_with_presets(name) for name in owners(key.rpartition(".")[2])]
     if not found:
@@ -214,9 +222,10 @@ def foreign_key(key: str, config: type) -> str:
 
 
 def variant_config(node, lenient: bool = False):
-    """`node` (a model or cross-attention config: a dict or DictConfig holding `name`) typed by its variant's config
-    class. lenient: keys the variant does not own are dropped (configs saved before variants owned their keys held
-    every variant's keys), and the old `cross_attention` becomes `cross.name`."""
+    """`node` (a model or cross-attention config: a dict or DictConfig holding `name`) typed by its
+    variant's config class. lenient: keys the variant does not own are dropped (configs saved before
+    variants owned their keys held every variant's keys), and the old `cross_attention` becomes
+    `cross.name`."""
     data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
     _one_of(data.get("name"), "model.name", tuple(sorted(VARIANTS)))
     config = VARIANTS[data["name"]]
@@ -231,8 +240,8 @@ def variant_config(node, lenient: bool = False):
 
 
 def cross_config(m):
-    """The typed config of the decoder's cross-attention: model.cross.name's variant (null: the model's own, or
-    its cross_default) with the model's common keys and model.cross's keys."""
+    """The typed config of the decoder's cross-attention: model.cross.name's variant (null: the
+    model's own, or its cross_default) with the model's common keys and model.cross's keys."""
     own = OmegaConf.get_type(m)
     name = m.cross.name or own.cross_default
     if name is None:
@@ -243,15 +252,16 @@ def cross_config(m):
 
 @dataclass
 class DataConfig:
-    # wikitext2_char | wikitext2_word | wikitext2_bpe | random_tokens | wmt14_en_de | multi30k_en_de | a corpus of yours
+    # wikitext2_char | wikitext2_word | wikitext2_bpe | random_tokens | wmt14_en_de | multi30k_en_de
+    # | a corpus of yours
     name: str = MISSING
     task: str = "lm"  # the task this data makes (configs/task/): lm | translation
     tokenizer: str = "char"  # char | word | bpe | random (random_tokens)
-    root: Optional[str] = (
-        None  # folder holding wikitext-2/{train,valid,test}.txt; null: download via datasets
-    )
+    # folder holding wikitext-2/{train,valid,test}.txt; null: download via datasets
+    root: Optional[str] = None
     cache_dir: str = "~/.cache/moa_train"  # token ids (memmap) and tokenizers are cached here
-    split: str = "official"  # official: the WikiText-2 valid/test files | moas_paper: first 90% / last 10% of train
+    # official: the WikiText-2 valid/test files | moas_paper: first 90% / last 10% of train
+    split: str = "official"
     # BPE vocabulary size (bpe and translation); random_tokens: ids drawn from 0..vocab_size-1
     vocab_size: Optional[int] = None
     # translation
@@ -263,9 +273,8 @@ class DataConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = (
-        "${data.task}"  # lm | translation (moa_train.train.tasks.TASKS); default: the data's task
-    )
+    # lm | translation (moa_train.train.tasks.TASKS); default: the data's task
+    name: str = "${data.task}"
 
 
 @dataclass
@@ -277,7 +286,8 @@ class OptimConfig:
     weight_decay: float = 0.1  # on tensors with dim >= 2 (not norms, biases)
     router_lr_mult: float = 1.0  # router parameters' lr = lr * router_lr_mult
     router_weight_decay: float = 0.1  # router parameters' weight decay (dim >= 2)
-    fused: bool = True  # fused AdamW (CPU and CUDA): skips a non-finite step on the device; false: one sync per step
+    # fused AdamW (CPU and CUDA): skips a non-finite step on the device; false: one sync per step
+    fused: bool = True
 
 
 @dataclass
@@ -294,23 +304,22 @@ class TrainerConfig:
     tf32: bool = False  # allow TF32 matmuls in fp32
     compile: bool = False  # torch.compile the model
     compile_backend: Optional[str] = None  # null: inductor on CUDA, aot_eager on CPU
-    compile_mode: Optional[str] = (
-        None  # inductor mode: null | max-autotune | ... (not with cuda_graphs)
-    )
-    cuda_graphs: bool = (
-        False  # capture the whole optimizer step in one CUDA graph (one CUDA process; else eager)
-    )
-    sdpa_backend: str = (
-        "auto"  # CUDA attention kernel: auto (PyTorch picks) | flash | cudnn | efficient | math
-    )
-    # data parallelism under torchrun: ddp (a model replica per rank) | fsdp (FSDP2 per block: parameters, gradients
-    # and optimizer state sharded; decoder-only LMs)
+    # inductor mode: null | max-autotune | ... (not with cuda_graphs)
+    compile_mode: Optional[str] = None
+    # capture the whole optimizer step in one CUDA graph (one CUDA process; else eager)
+    cuda_graphs: bool = False
+    # CUDA attention kernel: auto (PyTorch picks) | flash | cudnn | efficient | math
+    sdpa_backend: str = "auto"
+    # data parallelism under torchrun: ddp (a model replica per rank) | fsdp (FSDP2 per block:
+    # parameters, gradients and optimizer state sharded; decoder-only LMs)
     strategy: str = "ddp"
-    # DDP's gradient bucket size in MiB (PyTorch's default 25): larger buckets mean fewer all-reduces (and, under
-    # torch.compile, fewer graph pieces: dynamo splits the graph at bucket boundaries) but less overlap with backward
+    # DDP's gradient bucket size in MiB (PyTorch's default 25): larger buckets mean fewer
+    # all-reduces (and, under torch.compile, fewer graph pieces: dynamo splits the graph at bucket
+    # boundaries) but less overlap with backward
     ddp_bucket_mb: float = 25.0
     max_steps: int = 500
-    batch_size: int = 12  # sequences per optimizer step, global: under torchrun each rank takes batch_size / ranks
+    # sequences per optimizer step, global: under torchrun each rank takes batch_size / ranks
+    batch_size: int = 12
     block_size: int = 256  # tokens per sequence (<= model.max_seq_len)
     grad_accum: int = 1  # micro-batches per step (batch_size must divide by it)
     grad_clip: Optional[float] = None  # max grad norm; null = no clipping
@@ -321,18 +330,17 @@ class TrainerConfig:
     seed: int = 0
     resume: Any = "auto"  # auto | true | false | PATH to a checkpoint or run folder
     eval_only: bool = False  # evaluate the resumed checkpoint on valid and test, no training
-    label_smoothing: float = (
-        0.0  # translation: label-smoothed cross-entropy (MoA / Transformer: 0.1)
-    )
-    # where the smoothing mass eps goes: all (PyTorch: eps / V on every class, the target included) | others
-    # (fairseq: eps / (V - 1) on every other class, the target keeps 1 - eps)
+    # translation: label-smoothed cross-entropy (MoA / Transformer: 0.1)
+    label_smoothing: float = 0.0
+    # where the smoothing mass eps goes: all (PyTorch: eps / V on every class, the target included)
+    # | others (fairseq: eps / (V - 1) on every other class, the target keeps 1 - eps)
     label_smoothing_over: str = "all"
-    keep_checkpoints: int = (
-        1  # last N checkpoints kept (besides best.pt); >= 2: a fallback if the last is damaged
-    )
+    # last N checkpoints kept (besides best.pt); >= 2: a fallback if the last is damaged
+    keep_checkpoints: int = 1
     save_interval: Optional[int] = None  # null = at every evaluation
-    # a step with a non-finite loss or gradient is skipped (train/skipped_steps); this many in a row stop the run
-    # (checked at log and save steps, so up to log_interval - 1 more skipped steps run first)
+    # a step with a non-finite loss or gradient is skipped (train/skipped_steps); this many in a row
+    # stop the run (checked at log and save steps, so up to log_interval - 1 more skipped steps run
+    # first)
     max_bad_steps: int = 10
 
 
@@ -345,14 +353,15 @@ class EvalConfig:
     val_beam: int = 1  # beam during training's validation; 1 = greedy
     max_len_a: float = 1.2  # output length limit: a * source length + b
     max_len_b: int = 10
-    average_last: Optional[int] = (
-        None  # average the weights of the last N checkpoints before the test evaluation
-    )
-    # decode (and score BLEU / chrF on) only the first N sentences of valid and test; null = all. The loss is
-    # always over the whole split. For smoke runs: decoding dominates a short translation run on a CPU
+    # average the weights of the last N checkpoints before the test evaluation
+    average_last: Optional[int] = None
+    # decode (and score BLEU / chrF on) only the first N sentences of valid and test; null = all.
+    # The loss is always over the whole split. For smoke runs: decoding dominates a short
+    # translation run on a CPU
     max_sentences: Optional[int] = None
-    # decode through the decoder's KV cache, the source's cross-attention K/V computed once (the same hypotheses);
-    # false: recompute the whole prefix at every step. A variant without the inference contract always recomputes
+    # decode through the decoder's KV cache, the source's cross-attention K/V computed once (the
+    # same hypotheses); false: recompute the whole prefix at every step. A variant without the
+    # inference contract always recomputes
     kv_cache: bool = True
 
 
@@ -368,7 +377,8 @@ class WandbConfig:
     group: Optional[str] = None  # null = experiment_name
     name: Optional[str] = None  # null = experiment_name + the job's command-line overrides
     tags: list = field(default_factory=list)  # added to [model.name, data.name]
-    # auto (online with WANDB_API_KEY set, else offline: `wandb sync` later) | online | offline | disabled
+    # auto (online with WANDB_API_KEY set, else offline: `wandb sync` later) | online | offline |
+    # disabled
     mode: str = "auto"
 
 
@@ -408,7 +418,7 @@ def register_configs() -> None:
 
 register_configs()
 
-# --- validation -------------------------------------------------------------------------------------------------
+# --- validation -----------------------------------------------------------------------------------
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -429,8 +439,8 @@ def _positive_or_null(value: Any, key: str) -> None:
 
 
 def leaves(node: Any, key: str = ""):
-    """(dotted key, value) of every leaf of a plain config tree (OmegaConf.to_container), list items included
-    (optim.betas.1); `key` prefixes every key."""
+    """(dotted key, value) of every leaf of a plain config tree (OmegaConf.to_container), list items
+    included (optim.betas.1); `key` prefixes every key."""
     if isinstance(node, dict):
         for k, v in node.items():
             yield from leaves(v, f"{key}.{k}" if key else str(k))
@@ -442,8 +452,8 @@ def leaves(node: Any, key: str = ""):
 
 
 def _check_finite(cfg) -> None:
-    """Every float key finite: inf passes a check like `lr > 0` and nan makes every comparison false, and either
-    turns all weights into NaN at the first step."""
+    """Every float key finite: inf passes a check like `lr > 0` and nan makes every comparison
+    false, and either turns all weights into NaN at the first step."""
     for top in cfg.keys():
         if top != "hydra":
             tree = (
@@ -460,8 +470,9 @@ def _check_finite(cfg) -> None:
 
 
 def check_writable(path, key: str) -> None:
-    """ConfigError naming `key` unless `path` is, or can be created as, a writable folder. Judged by its nearest
-    existing ancestor, so nothing is created here (the run folder's name may hold a time stamp)."""
+    """ConfigError naming `key` unless `path` is, or can be created as, a writable folder. Judged by
+    its nearest existing ancestor, so nothing is created here (the run folder's name may hold a time
+    stamp)."""
     folder = Path(os.path.expanduser(str(path))).absolute()
     while not folder.exists():
         folder = folder.parent
@@ -488,9 +499,10 @@ def _writable_file(path: Path, key: str, what: str) -> None:
 
 
 def check_run_folder(run_dir, cfg, log_name: str = "train.log", key: str = "hydra.run.dir") -> None:
-    """ConfigError unless what a run writes into `run_dir` can be written: its log, metrics.jsonl, the TensorBoard
-    folder and the checkpoint files. Checked before the first step (a run folder reused from an earlier run, or
-    damaged by hand, failed at the first log or save step, with a traceback)."""
+    """ConfigError unless what a run writes into `run_dir` can be written: its log, metrics.jsonl,
+    the TensorBoard folder and the checkpoint files. Checked before the first step (a run folder
+    reused from an earlier run, or damaged by hand, failed at the first log or save step, with a
+    traceback)."""
     run_dir = Path(os.path.expanduser(str(run_dir)))
     check_writable(run_dir, key)
     _writable_file(run_dir / log_name, key, "the run's log")
@@ -511,8 +523,8 @@ def check_run_folder(run_dir, cfg, log_name: str = "train.log", key: str = "hydr
 
 
 def validate(cfg) -> None:
-    """Raise ConfigError naming the key and what would be valid: the checks common to every task (each task adds
-    its own and the memory check: moa_train.train.tasks.validate runs them all)."""
+    """Raise ConfigError naming the key and what would be valid: the checks common to every task
+    (each task adds its own and the memory check: moa_train.train.tasks.validate runs them all)."""
     known = {f.name for f in fields(TrainConfig)} | {"hydra"}
     for key in cfg.keys():
         _check(
@@ -558,7 +570,8 @@ def validate(cfg) -> None:
         _check(
             Path(os.path.expanduser(d.root)).is_dir(),
             "data.root",
-            f"folder {d.root!r} does not exist; point data.root or MOA_DATA_DIR at the folder holding wikitext-2/",
+            f"folder {d.root!r} does not exist; point data.root or MOA_DATA_DIR at the folder "
+            "holding wikitext-2/",
         )
     check_writable(d.cache_dir, "data.cache_dir")
 
@@ -603,7 +616,8 @@ def validate(cfg) -> None:
     _check(
         not (t.cuda_graphs and not o.fused),
         "optim.fused",
-        "false cannot skip a non-finite step inside a CUDA graph (trainer.cuda_graphs=true); use true",
+        "false cannot skip a non-finite step inside a CUDA graph (trainer.cuda_graphs=true); use "
+        "true",
     )
     resume = t.resume
     _check(
@@ -615,14 +629,15 @@ def validate(cfg) -> None:
         _check(
             Path(os.path.expanduser(resume)).exists(),
             "trainer.resume",
-            f"{resume!r} does not exist; allowed: auto, true, false or the path of a checkpoint or run folder",
+            f"{resume!r} does not exist; allowed: auto, true, false or the path of a checkpoint or "
+            "run folder",
         )
     if t.eval_only:
         _check(
             resume not in (False, "false", None),
             "trainer.eval_only",
-            "needs trainer.resume=PATH (a checkpoint or run folder) or auto/true with a checkpoint in the run "
-            "folder",
+            "needs trainer.resume=PATH (a checkpoint or run folder) or auto/true with a checkpoint "
+            "in the run folder",
         )
 
     _one_of(o.name, "optim.name", ("adamw",))
@@ -655,7 +670,8 @@ def validate(cfg) -> None:
         _check(
             importlib.util.find_spec("wandb") is not None,
             "logger=wandb",
-            "the wandb package is not installed; install the [wandb] extra: pip install -e '.[wandb]'",
+            "the wandb package is not installed; install the [wandb] extra: pip install -e "
+            "'.[wandb]'",
         )
 
 
@@ -666,19 +682,20 @@ def check_cross(m, cfg) -> None:
     _check(
         name is None or name in allowed,
         "model.cross.name",
-        f"{name!r} is not a cross-attention variant; allowed: null (the model's own), {', '.join(allowed)}",
+        f"{name!r} is not a cross-attention variant; allowed: null (the model's own), "
+        f"{', '.join(allowed)}",
     )
     _check(
         name is not None or set(m.cross) == {"name"},
         "model.cross",
-        f"keys {', '.join(sorted(set(m.cross) - {'name'}))} need model.cross.name (the variant that owns them)",
+        f"keys {', '.join(sorted(set(m.cross) - {'name'}))} need model.cross.name (the variant "
+        "that owns them)",
     )
     try:
         cross = cross_config(m)
         OmegaConf.get_type(cross).validate(cross, cfg)
-    except (
-        ConfigError
-    ) as exc:  # the variant names its own keys model.<key>: here they are model.cross.<key>
+    # the variant names its own keys model.<key>: here they are model.cross.<key>
+    except ConfigError as exc:
         key, _, rest = str(exc).partition(": ")
         if key.removeprefix("model.") in variant_keys(ModelConfig):
             raise
@@ -686,13 +703,14 @@ def check_cross(m, cfg) -> None:
 
 
 def _check_name(name: str) -> None:
-    """experiment_name is a folder under outputs/: a `..` or an absolute path would write outside it."""
+    """experiment_name is a folder under outputs/: a `..` or an absolute path would write outside
+    it."""
     parts = Path(str(name)).parts
     _check(
         bool(str(name).strip()) and ".." not in parts and not Path(str(name)).is_absolute(),
         "experiment_name",
-        f"{name!r} would name a folder outside outputs/; allowed: a relative name without '..' (letters, digits, "
-        "- _ . /)",
+        f"{name!r} would name a folder outside outputs/; allowed: a relative name without '..' "
+        "(letters, digits, - _ . /)",
     )
 
 
@@ -706,7 +724,8 @@ def _check_backend(backend) -> None:
 
 
 def device_memory(device: str) -> tuple:
-    """(bytes, what they are) of the device a run would use: a GPU's total memory, else the machine's RAM."""
+    """(bytes, what they are) of the device a run would use: a GPU's total memory, else the
+    machine's RAM."""
     import torch
 
     if device != "cpu" and torch.cuda.is_available():
@@ -717,8 +736,9 @@ def device_memory(device: str) -> tuple:
 
 @dataclass(frozen=True)
 class StepSize:
-    """How a task sizes its optimizer step, for the memory checks: the key that sets it, the sizes as the user set
-    them, what to lower, the tokens of one global step and the layers each token passes through."""
+    """How a task sizes its optimizer step, for the memory checks: the key that sets it, the sizes
+    as the user set them, what to lower, the tokens of one global step and the layers each token
+    passes through."""
 
     key: str
     text: str
@@ -728,21 +748,20 @@ class StepSize:
 
 
 def min_train_bytes(cfg, size: StepSize, world_size: int = 1) -> tuple:
-    """A lower bound of a rank's training memory: (fp32 weights + gradient + 2 AdamW moments, activations kept for
-    the backward of one micro-batch). It leaves out embeddings, attention scores, dropout masks and the allocator's
-    slack, so a run refused by it cannot fit."""
+    """A lower bound of a rank's training memory: (fp32 weights + gradient + 2 AdamW moments,
+    activations kept for the backward of one micro-batch). It leaves out embeddings, attention
+    scores, dropout masks and the allocator's slack, so a run refused by it cannot fit."""
     m, t = cfg.model, cfg.trainer
-    per_layer = (
-        4 + 2 * m.mlp_ratio
-    ) * m.d_model  # q/k/v/out projections and the MLP, per token (or per d_model)
+    # q/k/v/out projections and the MLP, per token (or per d_model)
+    per_layer = (4 + 2 * m.mlp_ratio) * m.d_model
     tokens = size.tokens / (t.grad_accum * world_size)
     act_bytes = 2 if t.precision == "bf16" else 4
     return 16 * size.layers * per_layer * m.d_model, act_bytes * tokens * size.layers * per_layer
 
 
 def check_memory(cfg, size: StepSize, world_size: int = 1) -> None:
-    """Refuse sizes that cannot fit the device before anything is allocated (a huge batch would otherwise thrash
-    or be killed mid-allocation)."""
+    """Refuse sizes that cannot fit the device before anything is allocated (a huge batch would
+    otherwise thrash or be killed mid-allocation)."""
     weights, activations = min_train_bytes(cfg, size, world_size)
     total, where = device_memory(cfg.trainer.device)
     gib = 2**30
@@ -750,12 +769,13 @@ def check_memory(cfg, size: StepSize, world_size: int = 1) -> None:
         weights <= total,
         "model.d_model",
         f"model.d_model={cfg.model.d_model} x model.n_layer={cfg.model.n_layer} needs at least "
-        f"{weights / gib:,.0f} GiB for weights and optimizer state, more than the {where} ({total / gib:,.0f} GiB)",
+        f"{weights / gib:,.0f} GiB for weights and optimizer state, more than the {where} "
+        f"({total / gib:,.0f} GiB)",
     )
     _check(
         weights + activations <= total,
         size.key,
-        f"{size.text} over trainer.grad_accum={cfg.trainer.grad_accum} micro-batches needs at least "
-        f"{(weights + activations) / gib:,.0f} GiB, more than the {where} ({total / gib:,.0f} GiB); lower it or "
-        "raise trainer.grad_accum",
+        f"{size.text} over trainer.grad_accum={cfg.trainer.grad_accum} micro-batches needs at "
+        f"least {(weights + activations) / gib:,.0f} GiB, more than the {where} "
+        f"({total / gib:,.0f} GiB); lower it or raise trainer.grad_accum",
     )

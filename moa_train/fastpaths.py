@@ -1,8 +1,10 @@
-"""Every fast path checked against its plain path: same weights, same input, outputs and gradients compared.
+"""Every fast path checked against its plain path: same weights, same input, outputs and gradients
+compared.
 
-`check_all(device)` returns one row per check; `tests/test_fast_paths.py` runs it on CPU in CI and `moa-bench`
-runs it on the GPU (with bf16 where the fast path is a bf16 kernel) and prints the table. Errors are relative:
-||fast - plain|| / ||plain|| over the output, and the largest such ratio over the parameters' gradients.
+`check_all(device)` returns one row per check; `tests/test_fast_paths.py` runs it on CPU in CI and
+`moa-bench` runs it on the GPU (with bf16 where the fast path is a bf16 kernel) and prints the
+table. Errors are relative: ||fast - plain|| / ||plain|| over the output, and the largest such ratio
+over the parameters' gradients.
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ from moa_train.models.attention.mha import MultiHeadAttention
 from moa_train.models.roles import ROUTER, params_with
 
 FP32_TOL = 1e-4  # different summation orders in fp32
-BF16_TOL = (
-    2e-2  # both sides in bf16 (8 mantissa bits: ~4e-3 per rounding), summed in different orders
-)
+# both sides in bf16 (8 mantissa bits: ~4e-3 per rounding), summed in different orders
+BF16_TOL = 2e-2
 BF16_AGAINST_FP32 = 5e-2  # a whole LM in bf16 against fp32: roundings through every layer
 
 
@@ -35,8 +36,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def grad_err(fast: torch.nn.Module, plain: torch.nn.Module) -> float:
-    """Relative error of the whole gradient (all parameters as one vector): a per-tensor maximum would be ruled by
-    tensors whose gradient is nearly zero, where bf16 rounding alone is a large relative error."""
+    """Relative error of the whole gradient (all parameters as one vector): a per-tensor maximum
+    would be ruled by tensors whose gradient is nearly zero, where bf16 rounding alone is a large
+    relative error."""
     pairs = [
         (p.grad.flatten(), q.grad.flatten())
         for p, q in zip(fast.parameters(), plain.parameters())
@@ -60,7 +62,8 @@ def row(path: str, reference: str, out: float, grad: float | None, tol: float) -
 
 
 def random_routers(model: torch.nn.Module, seed: int = 0) -> None:
-    """Routers start at zero (ties); random weights make the comparison exercise real, distinct choices."""
+    """Routers start at zero (ties); random weights make the comparison exercise real, distinct
+    choices."""
     gen = torch.Generator().manual_seed(seed)
     for p in params_with(model, ROUTER):
         if p.dim() == 2:  # logits of order 1: distinct choices, no saturated softmax
@@ -78,8 +81,9 @@ def compare_lms(
     wrap=None,
     plain_autocast=None,
 ) -> tuple:
-    """(output error, gradient error) of the LM built with `fast_overrides` (and `wrap`, e.g. torch.compile)
-    against the plain LM with the same weights, on `tokens`; the plain LM runs under `plain_autocast` if given."""
+    """(output error, gradient error) of the LM built with `fast_overrides` (and `wrap`, e.g.
+    torch.compile) against the plain LM with the same weights, on `tokens`; the plain LM runs under
+    `plain_autocast` if given."""
     torch.manual_seed(0)
     plain = build_model(model_cfg, vocab)
     random_routers(plain)
@@ -102,7 +106,8 @@ def compare_lms(
 
 
 def gqa_against_repeated_kv(device, dtype) -> tuple:
-    """MultiHeadAttention's GQA (SDPA enable_gqa, K/V never repeated) against K/V repeated per query head."""
+    """MultiHeadAttention's GQA (SDPA enable_gqa, K/V never repeated) against K/V repeated per query
+    head."""
     torch.manual_seed(0)
     attn = MultiHeadAttention(64, 8, 2).to(device)
     x = torch.randn(2, 24, 64, device=device, requires_grad=True)
@@ -120,7 +125,8 @@ def gqa_against_repeated_kv(device, dtype) -> tuple:
 
 
 def grouped_kernel_against_reference(device) -> tuple | None:
-    """torch's grouped GEMM against the group-by-group reference, with an empty group; None without the kernel."""
+    """torch's grouped GEMM against the group-by-group reference, with an empty group; None without
+    the kernel."""
     x = torch.randn(300, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
     if not grouped_kernel_available(x.device, x.dtype):
         return None
@@ -136,7 +142,8 @@ def grouped_kernel_against_reference(device) -> tuple | None:
 
 
 def fused_adamw_against_plain(device) -> float:
-    """One AdamW step, fused kernel vs the for-loop implementation, from the same parameters and gradients."""
+    """One AdamW step, fused kernel vs the for-loop implementation, from the same parameters and
+    gradients."""
     torch.manual_seed(0)
     params = [torch.randn(64, 32, device=device) for _ in range(3)]
     grads = [torch.randn_like(p) for p in params]
@@ -157,11 +164,11 @@ def fused_adamw_against_plain(device) -> float:
 def check_all(
     device: torch.device, model_cfg, vocab: int, batch: int, block: int, compile_backend: str
 ) -> list:
-    """Every fast path against its plain path on `device`: LM-level checks at `model_cfg`'s sizes."""
+    """Every fast path against its plain path on `device`: LM-level checks at `model_cfg`'s
+    sizes."""
     cuda = device.type == "cuda"
-    low = (
-        torch.bfloat16 if cuda else torch.float32
-    )  # the dtype the fast paths run in on this device
+    # the dtype the fast paths run in on this device
+    low = torch.bfloat16 if cuda else torch.float32
     tol = BF16_TOL if cuda else FP32_TOL
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
     tokens = torch.randint(0, vocab, (batch, block), generator=torch.Generator().manual_seed(0)).to(
@@ -208,7 +215,9 @@ def check_all(
     rows.append(
         row("fused AdamW", "for-loop AdamW", fused_adamw_against_plain(device), None, FP32_TOL)
     )
-    if cuda:  # bf16 against fp32 is a change of precision, not of algorithm: checked at bf16's looser tolerance
+    # bf16 against fp32 is a change of precision, not of algorithm: checked at bf16's looser
+    # tolerance
+    if cuda:
         out, grad = compare_lms(
             cfg, {}, vocab, tokens, autocast, device, plain_autocast=nullcontext
         )

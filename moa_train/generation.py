@@ -1,13 +1,15 @@
-"""Text from a trained decoder-only LM: `generate` (the Python API) and `moa-generate RUN_DIR` (the command line).
+"""Text from a trained decoder-only LM: `generate` (the Python API) and `moa-generate RUN_DIR` (the
+command line).
 
-Prompts are batched right-padded with per-row lengths: one prefill, then one token per row per step through the
-model's KV cache (`init_cache` / `prefill` / `decode_step`); `use_cache=False` (`--no-cache`) recomputes a full
-forward over each row every step instead, with the same results. Sampling: temperature, top-k, top-p (nucleus) or
-greedy, drawn from a torch.Generator on the model's device, so a seed reproduces a sample.
+Prompts are batched right-padded with per-row lengths: one prefill, then one token per row per step
+through the model's KV cache (`init_cache` / `prefill` / `decode_step`); `use_cache=False`
+(`--no-cache`) recomputes a full forward over each row every step instead, with the same results.
+Sampling: temperature, top-k, top-p (nucleus) or greedy, drawn from a torch.Generator on the model's
+device, so a seed reproduces a sample.
 
-Lengths: a prompt longer than model.max_seq_len is refused (one line); a row stops early when its next token would
-need a position past model.max_seq_len (the model has no embedding for it), so its completion may be shorter than
-max_new_tokens.
+Lengths: a prompt longer than model.max_seq_len is refused (one line); a row stops early when its
+next token would need a position past model.max_seq_len (the model has no embedding for it), so its
+completion may be shorter than max_new_tokens.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ UNK = "<unk>"
 
 
 def set_inference_routing(model, mode: str) -> None:
-    """model.inference_routing of a trained moas_dynamic model, chosen at generation time: soft (as trained) or top1
-    (each token's argmax branch; see MoASAttention.forward_cached). ValueError (one line) for a model without a
-    router over attention schemes."""
+    """model.inference_routing of a trained moas_dynamic model, chosen at generation time: soft (as
+    trained) or top1 (each token's argmax branch; see MoASAttention.forward_cached). ValueError (one
+    line) for a model without a router over attention schemes."""
     if mode not in ("soft", "top1"):
         raise ValueError(f"inference routing {mode!r}: valid: soft, top1")
     routed = [
@@ -36,16 +38,16 @@ def set_inference_routing(model, mode: str) -> None:
     ]
     if not routed:
         raise ValueError(
-            f"inference routing {mode}: this run's attention ({model.config.name}) has no router over "
-            "attention schemes; it applies to moas_dynamic runs"
+            f"inference routing {mode}: this run's attention ({model.config.name}) has no router "
+            "over attention schemes; it applies to moas_dynamic runs"
         )
     for module in routed:
         module.inference_routing = mode
 
 
 class _FullForwardCache:
-    """The KV cache's results by brute force: each row's tokens kept, and a full forward over them every step (the
-    causal mask makes the right padding invisible to the real tokens)."""
+    """The KV cache's results by brute force: each row's tokens kept, and a full forward over them
+    every step (the causal mask makes the right padding invisible to the real tokens)."""
 
     def __init__(self, model, batch_size: int, max_len: int, device):
         self.model = model
@@ -72,16 +74,16 @@ class _KVCache:
 
     def __init__(self, model, batch_size: int, max_len: int, device):
         self.model, self.cache = model, model.init_cache(batch_size, max_len, device=device)
-        self.span = (
-            0  # positions any row has reached (counted here: reading cache.lengths would sync)
-        )
+        # positions any row has reached (counted here: reading cache.lengths would sync)
+        self.span = 0
 
     def prefill(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         self.span = idx.shape[1]
         return self.model.prefill(idx, lengths, self.cache)
 
     def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        # every row's new token sits below prompt width + steps + 1: attend over those positions, not the whole cache
+        # every row's new token sits below prompt width + steps + 1: attend over those positions,
+        # not the whole cache
         self.span += 1
         return self.model.decode_step(tokens, self.cache, span=self.span)
 
@@ -91,8 +93,8 @@ class _KVCache:
         if not n:
             return None
         return (
-            f"{n} token-layer(s) overflowed the KV head pool and stored the fallback scheme (MQA) instead of their "
-            "routed one (raise model.kv_pool_slack for an exact cache)"
+            f"{n} token-layer(s) overflowed the KV head pool and stored the fallback scheme (MQA) "
+            "instead of their routed one (raise model.kv_pool_slack for an exact cache)"
         )
 
 
@@ -109,7 +111,8 @@ def pick(
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        # drop a token when the more likely ones already hold top_p of the mass (the most likely always stays)
+        # drop a token when the more likely ones already hold top_p of the mass (the most likely
+        # always stays)
         drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
@@ -127,7 +130,8 @@ def check_settings(max_new_tokens: int, temperature: float, top_k, top_p, greedy
 
 
 def encode_prompt(tokenizer, text: str, max_seq_len: int, warn=None) -> list:
-    """The prompt's ids. Symbols outside a vocabulary without <unk> (char) are refused, naming them; with <unk>
+    """The prompt's ids. Symbols outside a vocabulary without <unk> (char) are refused, naming them;
+    with <unk>
     (word) they map to it and `warn(message)` is told."""
     unknown = tokenizer.unknown(text)
     if unknown:
@@ -139,21 +143,23 @@ def encode_prompt(tokenizer, text: str, max_seq_len: int, warn=None) -> list:
             )
         if warn is not None:
             warn(
-                f"prompt {text[:40]!r}: {names} not in the run's {tokenizer.kind} vocabulary: mapped to {UNK}"
+                f"prompt {text[:40]!r}: {names} not in the run's {tokenizer.kind} vocabulary: "
+                f"mapped to {UNK}"
             )
     ids = [int(i) for i in tokenizer.encode(text)]
     if not ids:
         raise ValueError(f"prompt {text!r} is empty: give at least one symbol")
     if len(ids) > max_seq_len:
         raise ValueError(
-            f"prompt {text[:40]!r} is {len(ids)} tokens, longer than model.max_seq_len={max_seq_len}"
+            f"prompt {text[:40]!r} is {len(ids)} tokens, longer than "
+            f"model.max_seq_len={max_seq_len}"
         )
     return ids
 
 
 class _Streamer:
-    """Hands each new piece of a completion to `callback`, holding back a piece that ends inside a UTF-8 character
-    (byte-level BPE)."""
+    """Hands each new piece of a completion to `callback`, holding back a piece that ends inside a
+    UTF-8 character (byte-level BPE)."""
 
     def __init__(self, tokenizer, callback):
         self.tokenizer, self.callback, self.sent = tokenizer, callback, 0
@@ -172,7 +178,8 @@ class _Streamer:
 def _generate_ids(
     model, prompts: list, budget: int, use_cache: bool, draw, on_token=None, warn=None
 ) -> list:
-    """New ids of each prompt (lists of ids, every row given `budget` tokens, which fit model.max_seq_len)."""
+    """New ids of each prompt (lists of ids, every row given `budget` tokens, which fit
+    model.max_seq_len)."""
     device = next(model.parameters()).device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     idx = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
@@ -212,11 +219,12 @@ def generate(
     stream=None,
     warn=None,
 ) -> list:
-    """The completion (new text only) of each prompt. `stream(piece)`: each new piece of text as it comes, for a
-    single prompt. `seed`: a torch.Generator on the model's device (None: torch's global RNG). `warn(message)`: told
-    of words mapped to <unk> and of rows stopped at max_seq_len. ValueError (one line) for a bad setting, a prompt
-    longer than model.max_seq_len or symbols outside a vocabulary without <unk>. A row stops early where its next
-    token would need a position past model.max_seq_len."""
+    """The completion (new text only) of each prompt. `stream(piece)`: each new piece of text as it
+    comes, for a single prompt. `seed`: a torch.Generator on the model's device (None: torch's
+    global RNG). `warn(message)`: told of words mapped to <unk> and of rows stopped at max_seq_len.
+    ValueError (one line) for a bad setting, a prompt longer than model.max_seq_len or symbols
+    outside a vocabulary without <unk>. A row stops early where its next token would need a position
+    past model.max_seq_len."""
     check_settings(max_new_tokens, temperature, top_k, top_p, greedy)
     if stream is not None and len(prompts) != 1:
         raise ValueError(f"stream takes a single prompt (got {len(prompts)})")
@@ -228,13 +236,15 @@ def generate(
     def draw(logits):
         return pick(logits, temperature, top_k, top_p, greedy, generator)
 
-    # rows of one budget run as one batch: a row may generate while its next position exists (prompt + new <=
-    # max_seq_len + 1, the last token never fed), so prompts near the limit get a batch of their own
+    # rows of one budget run as one batch: a row may generate while its next position exists (prompt
+    # + new <= max_seq_len + 1, the last token never fed), so prompts near the limit get a batch of
+    # their own
     budgets = [max(0, min(max_new_tokens, limit + 1 - len(p))) for p in ids]
     for text, budget in zip(prompts, budgets):
         if budget < max_new_tokens and warn is not None:
             warn(
-                f"prompt {text[:40]!r}: stops after {budget} new tokens, at model.max_seq_len={limit}"
+                f"prompt {text[:40]!r}: stops after {budget} new tokens, at "
+                f"model.max_seq_len={limit}"
             )
     new = [None] * len(ids)
     for budget in dict.fromkeys(budgets):
@@ -260,7 +270,7 @@ def generate(
     return [tokenizer.decode(n) for n in new]
 
 
-# --- command line -------------------------------------------------------------------------------------------------
+# --- command line ---------------------------------------------------------------------------------
 
 
 class _Parser(argparse.ArgumentParser):
@@ -272,11 +282,12 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="moa-generate",
         description="Generate text from a trained decoder-only LM run.",
-        epilog="Unknown symbols: a char vocabulary has no <unk>, so a prompt character outside it is refused "
-        "(exit 2, naming it); a word vocabulary (WikiText-2's) holds <unk>, and unknown words map to "
-        "it with a note on stderr. A prompt longer than model.max_seq_len is refused; a completion "
-        "stops early where it would pass model.max_seq_len. Runs from before tokenizers were saved "
-        "in the run folder (tokenizer.json) cannot be generated from.",
+        epilog="Unknown symbols: a char vocabulary has no <unk>, so a prompt character outside it "
+        "is refused "
+        "(exit 2, naming it); a word vocabulary (WikiText-2's) holds <unk>, and unknown words map "
+        "to it with a note on stderr. A prompt longer than model.max_seq_len is refused; a "
+        "completion stops early where it would pass model.max_seq_len. Runs from before tokenizers "
+        "were saved in the run folder (tokenizer.json) cannot be generated from.",
     )
     p.add_argument(
         "run_dir",
@@ -323,7 +334,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--inference-routing",
         choices=("soft", "top1"),
-        help="moas_dynamic runs: soft (mix the branches as trained) or top1 (each token's argmax branch "
+        help="moas_dynamic runs: soft (mix the branches as trained) or top1 (each token's argmax "
+        "branch "
         "only); default: the run's model.inference_routing",
     )
     return p

@@ -1,5 +1,6 @@
-"""Files written by temp-and-rename: a reader (another rank, a resumed run, a concurrent job) sees the old file or
-the new one, never half of one, and a killed writer leaves at most a hidden `.<name>.<pid>.tmp` beside it."""
+"""Files written by temp-and-rename: a reader (another rank, a resumed run, a concurrent job) sees
+the old file or the new one, never half of one, and a killed writer leaves at most a hidden
+`.<name>.<pid>.tmp` beside it."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ def temp_path(path: Path) -> Path:
 
 
 def atomic_write(path: Path, write, durable: bool = False) -> None:
-    """write(f), f a binary file, into a temp file beside `path`, then rename it over `path`. `durable`: fsync the
-    file before the rename and the folder after it, so the new file survives a power cut (checkpoints)."""
+    """write(f), f a binary file, into a temp file beside `path`, then rename it over `path`.
+    `durable`: fsync the file before the rename and the folder after it, so the new file survives a
+    power cut (checkpoints)."""
     path = Path(path)
     tmp = temp_path(path)
     try:

@@ -1,5 +1,5 @@
-"""Where the Hydra configs are: `configs/` beside the package in a checkout (or an editable install), else the copy
-shipped inside the installed package."""
+"""Where the Hydra configs are: `configs/` beside the package in a checkout (or an editable
+install), else the copy shipped inside the installed package."""
 
 from pathlib import Path
 

@@ -1,10 +1,12 @@
-"""Extensions that live outside the package: `MOA_PLUGINS=pkg.mod1,mod2` names modules that `moa-train` imports at
-start-up, before it composes the config. Importing a plugin registers what it adds, the way the package's own parts
-do: an attention variant in `moa_train.models.registry`, an LM corpus in `moa_train.data.wikitext.LM_CORPORA`. Its
-YAML files (`data/<name>.yaml`, `model/<name>.yaml`) come from a folder added to Hydra's search path:
+"""Extensions that live outside the package: `MOA_PLUGINS=pkg.mod1,mod2` names modules that
+`moa-train` imports at start-up, before it composes the config. Importing a plugin registers what it
+adds, the way the package's own parts do: an attention variant in `moa_train.models.registry`, an LM
+corpus in `moa_train.data.wikitext.LM_CORPORA`. Its YAML files (`data/<name>.yaml`,
+`model/<name>.yaml`) come from a folder added to Hydra's search path:
 `hydra.searchpath=[file:///path/to/configs]` on the command line.
 
-This module only imports the named modules: it sits below every other layer, so any part may load plugins.
+This module only imports the named modules: it sits below every other layer, so any part may load
+plugins.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ ENV = "MOA_PLUGINS"
 
 
 class PluginError(ValueError):
-    """A module named in MOA_PLUGINS that cannot be found: printed as one line by the entry point."""
+    """A module named in MOA_PLUGINS that cannot be found: printed as one line by the entry
+    point."""
 
 
 def load_plugins(spec: str | None = None) -> list:
-    """Import the modules of `spec` (comma-separated; default: $MOA_PLUGINS), once each; returns them."""
+    """Import the modules of `spec` (comma-separated; default: $MOA_PLUGINS), once each; returns
+    them."""
     names = [
         n.strip()
         for n in (os.environ.get(ENV, "") if spec is None else spec).split(",")
@@ -31,9 +35,8 @@ def load_plugins(spec: str | None = None) -> list:
         try:
             modules.append(importlib.import_module(name))
         except ModuleNotFoundError as exc:
-            if exc.name is None or not (
-                name == exc.name or name.startswith(exc.name + ".")
-            ):  # else: its own bug
+            # else: its own bug
+            if exc.name is None or not (name == exc.name or name.startswith(exc.name + ".")):
                 raise
             raise PluginError(
                 f"{ENV}: no module named {name!r} (is its folder on PYTHONPATH?)"

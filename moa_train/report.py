@@ -1,13 +1,15 @@
 """`moa-report`: run and multirun folders -> a comparison table, plots and one HTML page.
 
-    moa-report outputs/multiruns/quickstart-moa/2026-11-22_10-00-00 --out report/ --group-by model.name
+    moa-report outputs/multiruns/quickstart-moa/2026-11-22_10-00-00 \\
+        --out report/ --group-by model.name
 
-Every folder holding summary.json under the given paths is a run. The table groups runs by config keys
-(`--group-by`, default model.name) with mean +- std over the runs of a group (seeds); it is written as report.md
-and report.csv. Plots (PNG): validation loss over steps for every run, routing entropy per site over training
-(with its maximum ln C), and per routed run a site x choice utilisation heatmap of the last logged step (colour
-scale fixed at 0..1, so heatmaps compare). report.html shows the tables and the captioned plots together. Runs are
-named by their overrides (.hydra/overrides.yaml) that not every run shares, e.g. `model=moa trainer.seed=1`.
+Every folder holding summary.json under the given paths is a run. The table groups runs by config
+keys (`--group-by`, default model.name) with mean +- std over the runs of a group (seeds); it is
+written as report.md and report.csv. Plots (PNG): validation loss over steps for every run, routing
+entropy per site over training (with its maximum ln C), and per routed run a site x choice
+utilisation heatmap of the last logged step (colour scale fixed at 0..1, so heatmaps compare).
+report.html shows the tables and the captioned plots together. Runs are named by their overrides
+(.hydra/overrides.yaml) that not every run shares, e.g. `model=moa trainer.seed=1`.
 """
 
 from __future__ import annotations
@@ -88,8 +90,8 @@ def common_overrides(records: list) -> list:
 
 
 def run_labels(records: list) -> list:
-    """One name per run: its overrides that not every run shares ('model=moa trainer.seed=1'); the folder name
-    where there are none; the folder added where two runs would share a name."""
+    """One name per run: its overrides that not every run shares ('model=moa trainer.seed=1'); the
+    folder name where there are none; the folder added where two runs would share a name."""
     shared = set(common_overrides(records))
     labels = [
         " ".join(o for o in r["overrides"] if o not in shared) or r["run"].name for r in records
@@ -150,7 +152,8 @@ def entropy_sites(routing: dict) -> list:
 
 
 def routing_rows(records: list) -> list:
-    """Per routed run and site at the last logged step: entropy, its maximum ln C and the utilisation."""
+    """Per routed run and site at the last logged step: entropy, its maximum ln C and the
+    utilisation."""
     rows = []
     for r in records:
         for site in entropy_sites(r["routing"]):
@@ -188,12 +191,12 @@ def write_csv(table: list, path: Path) -> None:
         writer.writerows(table)
 
 
-# --- plots ---------------------------------------------------------------------------------------------------------
+# --- plots ----------------------------------------------------------------------------------------
 
 
 def run_style(i: int, plt) -> dict:
-    """Run i's colour and dash pattern: runs whose curves coincide (seeds of an untrained router at ln C) stay
-    visible as alternating dashes."""
+    """Run i's colour and dash pattern: runs whose curves coincide (seeds of an untrained router at
+    ln C) stay visible as alternating dashes."""
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     return {"color": colours[i % len(colours)], "ls": ("-", "--", "-.", ":")[i % 4]}
 
@@ -212,8 +215,8 @@ def val_loss_figure(records: list):
 
 
 def entropy_figure(routed: list):
-    """One panel per routing site: each run's entropy over training, and a dashed line at ln C, the maximum
-    (C = the number of choices at the site; a site that routes uniformly reaches it)."""
+    """One panel per routing site: each run's entropy over training, and a dashed line at ln C, the
+    maximum (C = the number of choices at the site; a site that routes uniformly reaches it)."""
     plt = pyplot()
     sites = list(dict.fromkeys(s for r in routed for s in entropy_sites(r["routing"])))
     ncols = min(len(sites), 3)
@@ -239,9 +242,8 @@ def entropy_figure(routed: list):
                 fontsize=7,
                 color="dimgrey",
             )
-        ax.set_ylim(
-            0, 1.1 * math.log(max(counts, default=2))
-        )  # from 0: how far below its maximum a site is
+        # from 0: how far below its maximum a site is
+        ax.set_ylim(0, 1.1 * math.log(max(counts, default=2)))
         ax.set_title(site, fontsize=9)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(sites) :]:
@@ -270,44 +272,51 @@ def plot_curves(records: list, out: Path) -> list:
     written = []
 
     def save(fig, name: str, caption: str) -> None:
-        fig.savefig(
-            out / name, dpi=120, bbox_inches="tight"
-        )  # "tight" keeps legends placed outside the axes
+        # "tight" keeps legends placed outside the axes
+        fig.savefig(out / name, dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append((name, caption))
 
     save(
         val_loss_figure(records),
         "val_loss.png",
-        "Validation loss (nats per token; lower is better) at each evaluation step, one line per run.",
+        "Validation loss (nats per token; lower is better) at each evaluation step, one line per "
+        "run.",
     )
     routed = [r for r in records if r["routing"]]
     if routed:
         save(
             entropy_figure(routed),
             "routing_entropy.png",
-            "Routing entropy (nats, the mean over tokens of the entropy of each token's routing distribution) per "
-            "site over training, one line per routed run. The dashed line is ln C, its maximum (C = the number of "
-            "choices at the site): near it the router spreads tokens evenly; near 0 each token picks one choice.",
+            "Routing entropy (nats, the mean over tokens of the entropy of each token's routing "
+            "distribution) per site over training, one line per routed run. The dashed line is ln "
+            "C, its maximum (C = the number of choices at the site): near it the router spreads "
+            "tokens evenly; near 0 each token picks one choice.",
         )
     for i, r in enumerate(routed):
         save(
             utilisation_figure(r["routing"], f"{r['label']} (step {r['routing_step']})"),
             f"utilisation_{i}.png",
-            f"Utilisation of run {r['label']} at its last logged step ({r['routing_step']}): the share of routing "
-            "each choice (column) receives at each site (row); each site's row sums to 1. The colour scale is "
-            "fixed at 0..1 for every run.",
+            f"Utilisation of run {r['label']} at its last logged step ({r['routing_step']}): the "
+            "share of routing each choice (column) receives at each site (row); each site's row "
+            "sums to 1. The colour scale is fixed at 0..1 for every run.",
         )
     return written
 
 
-# --- the page ------------------------------------------------------------------------------------------------------
+# --- the page -------------------------------------------------------------------------------------
 
-CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:1.5em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:0.5em 0 2em}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#eee}td:first-child,th:first-child{text-align:left}caption{text-align:left;padding:4px 0;color:#444}
-figure{margin:1.5em 0 2.5em}.heatmaps{display:flex;flex-wrap:wrap;gap:0 2em}
-.heatmaps figure{flex:0 1 520px}figcaption{max-width:60em;color:#444}img{max-width:100%}code{background:#f3f3f3}"""
+CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:1200px;margin:1.5em auto;padding:0 1em;"
+    "color:#222}\n"
+    "table{border-collapse:collapse;margin:0.5em 0 2em}"
+    "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}\n"
+    "th{background:#eee}td:first-child,th:first-child{text-align:left}"
+    "caption{text-align:left;padding:4px 0;color:#444}\n"
+    "figure{margin:1.5em 0 2.5em}.heatmaps{display:flex;flex-wrap:wrap;gap:0 2em}\n"
+    ".heatmaps figure{flex:0 1 520px}figcaption{max-width:60em;color:#444}img{max-width:100%}"
+    "code{background:#f3f3f3}"
+)
 
 
 def html_table(header: list, rows: list, caption: str) -> str:
@@ -409,10 +418,8 @@ def main(argv=None) -> None:
     if args.paper_tables:
         from moa_train.results import moas_table1, translation
 
-        for name, module in (
-            ("moas_table1", moas_table1),
-            ("translation", translation),
-        ):  # --out: elsewhere
+        # --out: elsewhere
+        for name, module in (("moas_table1", moas_table1), ("translation", translation)):
             module.main(
                 ["--tables-only"] + ([] if args.out is None else ["--out", str(args.out / name)])
             )

@@ -1,6 +1,6 @@
-"""Multiruns: one sweep folder per multirun, a job that fails is recorded in its folder while the others go on, and
-a summary of every job is written at the end (a Hydra callback, configured in configs/train.yaml under
-hydra.callbacks)."""
+"""Multiruns: one sweep folder per multirun, a job that fails is recorded in its folder while the
+others go on, and a summary of every job is written at the end (a Hydra callback, configured in
+configs/train.yaml under hydra.callbacks)."""
 
 from __future__ import annotations
 
@@ -24,16 +24,15 @@ SUMMARY_KEYS = (
     "steps",
     "step_ms_median",
 )
-NAME_SOURCES = (
-    "experiment",
-    "experiment_name",
-)  # swept, they change the whole name: the folder is `multirun`
+# swept, they change the whole name: the folder is `multirun`
+NAME_SOURCES = ("experiment", "experiment_name")
 REFERENCE = re.compile(r"\$\{([\w.]+)\}")  # ${model.name}: a plain key, not a resolver call
 
 
 def swept_keys(cfg) -> set:
-    """The keys (dotted keys or config groups) a multirun varies: `a,b`, range(), choice() on its command line
-    (the un-swept config still holds them in hydra.overrides.task) and an Optuna search's params."""
+    """The keys (dotted keys or config groups) a multirun varies: `a,b`, range(), choice() on its
+    command line (the un-swept config still holds them in hydra.overrides.task) and an Optuna
+    search's params."""
     task = OverridesParser.create().parse_overrides(
         list(OmegaConf.select(cfg, "hydra.overrides.task", default=[]))
     )
@@ -42,8 +41,8 @@ def swept_keys(cfg) -> set:
 
 
 def unswept_name(cfg) -> str:
-    """experiment_name without the parts the sweep varies: quickstart-${model.name} swept over model= gives
-    `quickstart`; `multirun` when nothing is left or the experiment itself is swept."""
+    """experiment_name without the parts the sweep varies: quickstart-${model.name} swept over
+    model= gives `quickstart`; `multirun` when nothing is left or the experiment itself is swept."""
     swept = swept_keys(cfg)
     if swept & set(NAME_SOURCES):
         return "multirun"
@@ -64,8 +63,9 @@ def unswept_name(cfg) -> str:
 
 
 def sweep_name(_root_) -> str:
-    """`${moa.sweep_name:}` in hydra.sweep.dir: computed once, on the multirun's un-swept config, then read back
-    by every job (Hydra copies that config's resolver cache into each job's config, as it does for ${now:})."""
+    """`${moa.sweep_name:}` in hydra.sweep.dir: computed once, on the multirun's un-swept config,
+    then read back by every job (Hydra copies that config's resolver cache into each job's config,
+    as it does for ${now:})."""
     cache = OmegaConf.get_cache(_root_).setdefault("moa.sweep_name", {})
     if "name" not in cache:
         cache["name"] = unswept_name(_root_)
@@ -132,7 +132,8 @@ class SweepSummary(Callback):
         failed = [r for r in records if r["status"] != "ok"]
         if failed:
             print(
-                f"error: {len(failed)} of {len(records)} jobs failed (see {sweep_dir / 'sweep_summary.md'})",
+                f"error: {len(failed)} of {len(records)} jobs failed (see "
+                f"{sweep_dir / 'sweep_summary.md'})",
                 file=sys.stderr,
             )
             sys.exit(1)

@@ -1,4 +1,5 @@
-"""Thin entry point: see moa_train/results/multigpu.py (`python3 scripts/bench_multigpu.py --help`)."""
+"""Thin entry point: see moa_train/results/multigpu.py (`python3 scripts/bench_multigpu.py
+--help`)."""
 
 from moa_train.results.multigpu import main
 

@@ -1,10 +1,12 @@
-"""Re-resolve constraints/ci.txt: the exact versions of the test, sweep and launcher tools (the [dev], [sweep],
-[launchers] and [wandb] extras and what they alone pull in) that scripts/setup.sh installs, as CI does.
+"""Re-resolve constraints/ci.txt: the exact versions of the test, sweep and launcher tools (the
+[dev], [sweep], [launchers] and [wandb] extras and what they alone pull in) that scripts/setup.sh
+installs, as CI does.
 
     python3 scripts/pin_constraints.py      # the newest versions pyproject.toml's ranges allow
 
-The packages are resolved in a throw-away venv. The runtime dependencies are installed there too, without torch,
-so that what they pull in is left out: they keep pyproject.toml's ranges (a GPU image keeps its own torch, numpy).
+The packages are resolved in a throw-away venv. The runtime dependencies are installed there too,
+without torch, so that what they pull in is left out: they keep pyproject.toml's ranges (a GPU image
+keeps its own torch, numpy).
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "constraints" / "ci.txt"
 EXTRAS = ("dev", "sweep", "launchers", "wandb")
 HEADER = """\
-# The exact versions of the test, sweep and launcher tools (extras dev, sweep, launchers, wandb; dev takes hf) that
-# scripts/setup.sh installs (pip -c): what CI runs with. Runtime dependencies keep pyproject.toml's ranges.
+# The exact versions of the test, sweep and launcher tools (extras dev, sweep, launchers, wandb;
+# dev takes hf) that scripts/setup.sh installs (pip -c): what CI runs with. Runtime dependencies
+# keep pyproject.toml's ranges.
 # Upgrade: python3 scripts/pin_constraints.py
 """
 
-# runs in the venv: {name: version} of everything the requirements pull in, extras and markers followed
+# runs in the venv: {name: version} of everything the requirements pull in, extras and markers
+# followed
 CLOSURE = r"""
 import json, sys
 from importlib import metadata

@@ -1,4 +1,5 @@
-"""Print one line per run folder under the given paths: the run, its model, val loss and median step time."""
+"""Print one line per run folder under the given paths: the run, its model, val loss and median step
+time."""
 
 import json
 import sys

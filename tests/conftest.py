@@ -1,6 +1,8 @@
-"""Shared fixtures: a small synthetic WikiText-2 folder, a private cache, Hydra composition and tiny training runs.
+"""Shared fixtures: a small synthetic WikiText-2 folder, a private cache, Hydra composition and tiny
+training runs.
 
-Nothing here reads ../shared/data or the network; every test that trains does so in-process on the synthetic text.
+Nothing here reads ../shared/data or the network; every test that trains does so in-process on the
+synthetic text.
 """
 
 from __future__ import annotations
@@ -23,17 +25,17 @@ from moa_train.paths import config_dir  # noqa: E402
 CONFIG_DIR = config_dir()
 REAL_DATA = REPO / ".." / "shared" / "data"
 
-# --- synthetic WikiText-2 -------------------------------------------------------------------------------------
+# --- synthetic WikiText-2 -------------------------------------------------------------------------
 
 _WORDS = (
-    "the of and in to a was is for on as by with that his at from it an were which he also be this had "
-    "first after its new their but or are one has two been who into over other during when while game "
-    "song album band season war army city river church school film series team player road station "
-    "released recorded played built began became received described located known called considered "
-    "north south early later most several many three four between under against following through "
-    "about around however including century government music history population company ship battle "
-    "chronicles valkyria story development critics version character design world record year years "
-    "café naïve <unk> <unk> <unk> <unk>"
+    "the of and in to a was is for on as by with that his at from it an were which he also be this "
+    "had first after its new their but or are one has two been who into over other during when "
+    "while game song album band season war army city river church school film series team player "
+    "road station released recorded played built began became received described located known "
+    "called considered north south early later most several many three four between under against "
+    "following through about around however including century government music history population "
+    "company ship battle chronicles valkyria story development critics version character design "
+    "world record year years café naïve <unk> <unk> <unk> <unk>"
 ).split()
 _NAMES = (
     "Valkyria Gallia Sega Japan London Ohio Thomas Mary Kentucky Europan Imperial Nameless "
@@ -134,14 +136,15 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_env(data_root, cache_dir):
-    """Configs read MOA_DATA_DIR / MOA_CACHE_DIR: point both at session temp folders (never ~/.cache)."""
+    """Configs read MOA_DATA_DIR / MOA_CACHE_DIR: point both at session temp folders (never
+    ~/.cache)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOA_DATA_DIR", str(data_root))
         mp.setenv("MOA_CACHE_DIR", str(cache_dir))
         yield
 
 
-# --- configs and runs -------------------------------------------------------------------------------------------
+# --- configs and runs -----------------------------------------------------------------------------
 
 
 def compose_train(*overrides: str):
@@ -151,7 +154,8 @@ def compose_train(*overrides: str):
 
 @pytest.fixture(scope="session")
 def compose_cfg(data_root, cache_dir):
-    """compose_cfg(*overrides): `train` on the synthetic data and private cache (no debug preset)."""
+    """compose_cfg(*overrides): `train` on the synthetic data and private cache (no debug
+    preset)."""
 
     def _compose(*overrides: str):
         return compose_train(f"data.root={data_root}", f"data.cache_dir={cache_dir}", *overrides)
@@ -213,9 +217,9 @@ def run_main(argv: list, monkeypatch, capsys) -> tuple:
 
 @pytest.fixture
 def cli(monkeypatch, capsys, tmp_path):
-    """cli(*overrides) -> run_main's (code, output, stderr lines) of `moa-train debug=tiny trainer.device=cpu ...`;
-    the run folder is tmp_path/run unless hydra.run.dir is given or `run_dir=False` (Hydra's default under the
-    cwd)."""
+    """cli(*overrides) -> run_main's (code, output, stderr lines) of `moa-train debug=tiny
+    trainer.device=cpu ...`; the run folder is tmp_path/run unless hydra.run.dir is given or
+    `run_dir=False` (Hydra's default under the cwd)."""
 
     def _run(*overrides: str, run_dir: bool = True) -> tuple:
         given = not run_dir or any(o.startswith("hydra.run.dir=") for o in overrides)
@@ -228,8 +232,9 @@ def cli(monkeypatch, capsys, tmp_path):
 
 
 def pytest_configure(config):
-    # tiny models gain nothing from intra-op threads, and two xdist workers (or another job) on two cores make
-    # OpenMP threads fight for the cores: one thread per process keeps runs fast and steady
+    # tiny models gain nothing from intra-op threads, and two xdist workers (or another job) on two
+    # cores make OpenMP threads fight for the cores: one thread per process keeps runs fast and
+    # steady
     import torch
 
     torch.set_num_threads(1)

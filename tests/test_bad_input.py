@@ -1,5 +1,6 @@
-"""Bad input through the command-line entry point, in-process: each case ends with exit code 2 and one `error:` line
-naming the key (or the file and line) and what is allowed, no traceback, and no training."""
+"""Bad input through the command-line entry point, in-process: each case ends with exit code 2 and
+one `error:` line naming the key (or the file and line) and what is allowed, no traceback, and no
+training."""
 
 from __future__ import annotations
 
@@ -252,10 +253,11 @@ DATA = {
         lambda f: (f / "valid.txt").write_text(" The game . \n"),
         ["data file", "valid.txt: the val split holds 13 tokens", "trainer.block_size=32"],
     ),
+    # ~900 characters: 10% is short
     "short paper split": (
         "wikitext",
         lambda f: [
-            (f / name).write_text(  # ~900 characters: 10% is short
+            (f / name).write_text(
                 (f / "train.txt").read_text(encoding="utf-8").splitlines(keepends=True)[0],
                 encoding="utf-8",
             )
@@ -301,7 +303,8 @@ def test_bad_override(cli, tmp_path, case):
 
 
 def test_hydra_overrides_reach_the_precheck(tmp_path):
-    """hydra.searchpath adds config folders: an experiment there is valid (the precheck used to drop hydra.*)."""
+    """hydra.searchpath adds config folders: an experiment there is valid (the precheck used to drop
+    hydra.*)."""
     from moa_train.cli import precheck
 
     (tmp_path / "experiment").mkdir()
@@ -351,7 +354,7 @@ def test_diverging_run_exits_3(cli, tmp_path, monkeypatch):
     )
 
 
-# --- checkpoints, the run-folder lock, a full disk: nothing lost, nothing created --------------------------------
+# --- checkpoints, the run-folder lock, a full disk: nothing lost, nothing created -----------------
 
 BASE = ("model=mha", "trainer.eval_interval=5", "trainer.log_interval=1")
 FIVE, TEN = (*BASE, "trainer.max_steps=5"), (*BASE, "trainer.max_steps=10")
@@ -405,14 +408,13 @@ def test_second_trainer_on_a_run_folder_is_refused(cli, tmp_path):
         assert_error_line(
             cli(*TEN), [f"hydra.run.dir: {run} is in use by process {holder.pid}", "train.lock"]
         )
-        assert (
-            folder_state(run),
-            (run / ".hydra" / "overrides.yaml").read_bytes(),
-        ) == before  # Hydra's too
+        # Hydra's too
+        assert (folder_state(run), (run / ".hydra" / "overrides.yaml").read_bytes()) == before
     finally:
         holder.kill()
         holder.wait()
-    # the holder has died (a SIGKILL leaves its lock): the next trainer takes the lock over, and releases it
+    # the holder has died (a SIGKILL leaves its lock): the next trainer takes the lock over, and
+    # releases it
     assert cli(*TEN)[0] == 0
     assert not (run / "train.lock").exists()
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "train/loss" in r] == list(
@@ -430,8 +432,8 @@ def test_full_disk_during_a_save_is_one_error_and_keeps_the_previous_checkpoint(
     before = folder_state(run)
 
     class FullDisk(io.FileIO):
-        """One write fails as on a full disk; later ones land (as in a buffer), so torch.save's own end-of-file
-        check is what fails: a RuntimeError, whose cause is the OSError."""
+        """One write fails as on a full disk; later ones land (as in a buffer), so torch.save's own
+        end-of-file check is what fails: a RuntimeError, whose cause is the OSError."""
 
         writes = 0
 
@@ -469,10 +471,9 @@ def test_full_disk_during_a_save_is_one_error_and_keeps_the_previous_checkpoint(
     kept = [
         r for r in map(json.loads, before["metrics.jsonl"].splitlines()) if "test/loss" not in r
     ]
-    assert (
-        read_jsonl(run / "metrics.jsonl")[: len(kept)] == kept
-    )  # no line lost (the end-of-run test line is
-    # dropped by every resume: the resumed run writes its own)
+    # no line lost (the end-of-run test line is dropped by every resume: the resumed run writes its
+    # own)
+    assert read_jsonl(run / "metrics.jsonl")[: len(kept)] == kept
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "train/loss" in r] == list(
         range(1, 11)
     )
@@ -491,9 +492,8 @@ def test_resume_with_a_changed_architecture_is_refused(cli, tmp_path):
 
 
 def test_wandb_logger_without_wandb_names_the_extra(cli, tmp_path, monkeypatch):
-    monkeypatch.setitem(
-        sys.modules, "wandb", None
-    )  # `import wandb` fails, as after a plain scripts/setup.sh
+    # `import wandb` fails, as after a plain scripts/setup.sh
+    monkeypatch.setitem(sys.modules, "wandb", None)
     result = cli("logger=wandb")
     assert_one_line_error(
         result, ["logger=wandb", "[wandb] extra", "pip install -e '.[wandb]'"], tmp_path
@@ -524,8 +524,8 @@ def test_bad_multirun_override(cli, tmp_path, monkeypatch, case):
     [
         torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
         RuntimeError(
-            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: you tried to allocate "
-            "1099511627776 bytes."
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: you tried "
+            "to allocate 1099511627776 bytes."
         ),
         MemoryError(),
     ],

@@ -1,4 +1,5 @@
-"""moa-bench on CPU at the tiny size: the measured fields, the merge of runs into one file, the tables."""
+"""moa-bench on CPU at the tiny size: the measured fields, the merge of runs into one file, the
+tables."""
 
 import json
 
@@ -23,7 +24,8 @@ def test_bench_measures_and_merges(tmp_path, monkeypatch):
         assert 0 < r["mfu"] < 1 and r["step_ms_fixed_batch"] > 0 and r["data_wait_share"] < 1
         assert r["run"] in bench["runs"]
     assert bench["results"]["tiny/moa_dense"]["batch"] == 2
-    # dense moa computes all 8 experts' Q and O, so its FLOPs per token exceed the sparse k=2 model's
+    # dense moa computes all 8 experts' Q and O, so its FLOPs per token exceed the sparse k=2
+    # model's
     flops = {
         name: bench["results"][f"tiny/{name}"]["flops_per_token"]
         for name in ("moa_dense", "moa_sparse")
@@ -75,7 +77,8 @@ def test_targets_compare_time_ratios_with_flop_ratios():
 
 
 def test_committed_bench_tables_rebuild_from_their_json():
-    """docs/results/bench.md is what moa-bench writes from bench.json and the notes: no figure edited by hand."""
+    """docs/results/bench.md is what moa-bench writes from bench.json and the notes: no figure
+    edited by hand."""
     from conftest import REPO
     from moa_train.bench import load, markdown
 
@@ -87,7 +90,8 @@ def test_committed_bench_tables_rebuild_from_their_json():
 
 @pytest.mark.slow
 def test_bench_runs_moas_kv_at_the_tiny_size(tmp_path):
-    """Every registered variant is a moa-bench row (config.bench_presets): moas_kv trains in fast mode too."""
+    """Every registered variant is a moa-bench row (config.bench_presets): moas_kv trains in fast
+    mode too."""
     out = tmp_path / "results"
     assert (
         main(

@@ -1,5 +1,5 @@
-"""moa-bench --decode on CPU at the tiny size: the measured fields, balanced routing, the KV bytes, the transformers
-baseline, the tables rebuilt from the json, and bad input."""
+"""moa-bench --decode on CPU at the tiny size: the measured fields, balanced routing, the KV bytes,
+the transformers baseline, the tables rebuilt from the json, and bad input."""
 
 import json
 import sys
@@ -64,9 +64,8 @@ def test_decode_bench_measures_every_field(tmp_path):
             target = bench_decode.missed(
                 r["model"], list(r["decode"]).index(batch), d["share_of_bound"]
             )
-            assert ("trace" in d) == (
-                target is not None
-            )  # a trace exactly where a target is missed
+            # a trace exactly where a target is missed
+            assert ("trace" in d) == (target is not None)
             if "trace" in d:
                 assert d["trace"]["top"] and d["trace"]["kernel_ms"] > 0
     assert data["results"]["tiny/mha"]["routing"] is None
@@ -85,13 +84,13 @@ def test_decode_bench_measures_every_field(tmp_path):
 
 
 def test_balanced_routing_spreads_a_zero_router():
-    """moa_sparse's router starts at zero: every token takes the same experts until it is balanced."""
+    """moa_sparse's router starts at zero: every token takes the same experts until it is
+    balanced."""
     model, _ = build(TINY, "moa_sparse", torch.device("cpu"))
     idx = prompts(256, TINY.prompt_len, model.vocab_size, "cpu", seed=4)
     before = routing_shares(model, idx)
-    assert before["worst_dev"] == pytest.approx(
-        0.5 - 1 / 8
-    )  # 2 of 8 experts take half of everything each
+    # 2 of 8 experts take half of everything each
+    assert before["worst_dev"] == pytest.approx(0.5 - 1 / 8)
     balance_routers(model, prompts(256, TINY.prompt_len, model.vocab_size, "cpu", seed=3))
     after = routing_shares(model, idx)
     assert after["of"] == "top-k assignments" and len(after["share"]) == 8
@@ -119,9 +118,8 @@ def test_transformers_baseline_runs_on_cpu(tmp_path):
             and r["settings"]["max_new_tokens"] == TINY.new_tokens
         )
         for d in r["decode"].values():
-            assert (
-                d["tokens_per_s"] > 0 and d["compiled"] is False
-            )  # transformers compiles on CUDA only
+            # transformers compiles on CUDA only
+            assert d["tokens_per_s"] > 0 and d["compiled"] is False
     assert "| llama-kv2 | 2 | static | no/no |" in (out / "inference.md").read_text()
 
 
@@ -156,10 +154,8 @@ def test_ratios_compare_with_the_same_kv_heads_or_the_mha_equivalent():
         "c": hf_entry(1, "dynamic", 20.0),
     }
     assert hf_baseline(results, "tiny", 1, "1") == (20.0, "llama-kv1 dynamic")
-    assert hf_baseline(results, "tiny", 7, "1") == (
-        40.0,
-        "llama-kv4 static",
-    )  # no 7-head row: the n_head one
+    # no 7-head row: the n_head one
+    assert hf_baseline(results, "tiny", 7, "1") == (40.0, "llama-kv4 static")
     assert hf_baseline(results, "tiny", 1, "64") == (None, None)
 
 
@@ -200,8 +196,9 @@ def test_decode_bench_refuses_unknown_models(capsys):
 
 
 def test_decode_bench_measures_the_head_pool_of_moas_kv(tmp_path):
-    """moas_kv (a head pool per layer): allocated bytes per token equal the analytic figure (no budget: n_head heads),
-    and the realised bytes are the used slots of balanced routing over MHA/GQA/MQA, (4 + 2 + 1) / 3 heads on average."""
+    """moas_kv (a head pool per layer): allocated bytes per token equal the analytic figure (no
+    budget: n_head heads), and the realised bytes are the used slots of balanced routing over
+    MHA/GQA/MQA, (4 + 2 + 1) / 3 heads on average."""
     out = tmp_path / "results"
     assert (
         main(
@@ -233,10 +230,8 @@ def test_decode_bench_measures_the_head_pool_of_moas_kv(tmp_path):
 
 def test_decode_spans_cover_every_step_in_buckets():
     assert bench_decode.decode_spans(512, 256, 64) == [(576, 64), (640, 64), (704, 64), (768, 64)]
-    assert bench_decode.decode_spans(16, 8, 5) == [
-        (20, 4),
-        (24, 4),
-    ]  # positions 16..19 < 20, 20..23 < 24
+    # positions 16..19 < 20, 20..23 < 24
+    assert bench_decode.decode_spans(16, 8, 5) == [(20, 4), (24, 4)]
     assert bench_decode.decode_spans(16, 8, 64) == [(24, 8)]  # never past the cache
     assert bench_decode.decode_spans(16, 8, 0) == [(None, 8)]  # the whole cache
     for prompt, new, bucket in ((7, 9, 3), (1, 2, 1), (30, 100, 16)):
@@ -299,7 +294,8 @@ def test_decode_bench_records_its_spans(tmp_path, capsys):
 
 
 def test_the_committed_tables_rebuild_from_the_committed_json(tmp_path):
-    """docs/results/inference.md is what --tables-only makes of docs/results/inference.json (with its notes)."""
+    """docs/results/inference.md is what --tables-only makes of docs/results/inference.json (with
+    its notes)."""
     from pathlib import Path
 
     results = Path(__file__).resolve().parents[1] / "docs/results"

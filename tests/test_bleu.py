@@ -39,7 +39,8 @@ def test_tokenized_bleu_tokenises_before_scoring():
 
 
 def test_compound_splitting_credits_matching_parts():
-    # a compound written half apart ("Nord-Süd Verbindung") is two unigram misses for 13a, none after the split
+    # a compound written half apart ("Nord-Süd Verbindung") is two unigram misses for 13a, none
+    # after the split
     hyps = [
         "Die Nord-Süd Verbindung wurde im Jahr 2014 eröffnet.",
         "Der Bundesrat hat das Gesetz am Freitag gebilligt.",
@@ -52,7 +53,8 @@ def test_compound_splitting_credits_matching_parts():
 def test_signatures_name_the_settings():
     scores = corpus_scores(REFS, REFS)
     assert "tok:13a" in scores["bleu_signature"]
-    # chrF has no tokeniser (character n-grams with whitespace removed): its signature names the n-gram orders
+    # chrF has no tokeniser (character n-grams with whitespace removed): its signature names the
+    # n-gram orders
     assert "nc:6" in scores["chrf_signature"] and "nw:0" in scores["chrf_signature"]
 
 

@@ -1,6 +1,7 @@
-"""Translation decoding through the KV cache (models/search.py, Seq2Seq.start_decoding / decode_next): for every
-variant allowed in translation, cached and uncached greedy and beam search give the same hypotheses in fp32 on CPU,
-sentences leave the batch as they finish, and the cached logits equal the full decoder's at every position."""
+"""Translation decoding through the KV cache (models/search.py, Seq2Seq.start_decoding /
+decode_next): for every variant allowed in translation, cached and uncached greedy and beam search
+give the same hypotheses in fp32 on CPU, sentences leave the batch as they finish, and the cached
+logits equal the full decoder's at every position."""
 
 import json
 
@@ -13,7 +14,8 @@ from moa_train.models import search
 from moa_train.models.seq2seq import Seq2Seq
 
 V, PAD, BOS = 60, 0, 1
-# decoder self-attention x cross-attention pairs a translation model can have; MoA routers get random weights
+# decoder self-attention x cross-attention pairs a translation model can have; MoA routers get
+# random weights
 VARIANTS = {
     "mha": ("mha", {}),
     "gqa": ("gqa", {"n_kv_heads": 2}),
@@ -22,10 +24,8 @@ VARIANTS = {
     "moa_all": ("moa", {"n_experts": 4, "top_k": 4}),
     "moas_static": ("moas_static", {}),
     "moas_dynamic": ("moas_dynamic", {}),
-    "moas_kv": (
-        "moas_kv",
-        {"kv_budget": 2.0, "kv_pool_slack": 2.0},
-    ),  # a pool that cannot overflow: exact
+    # a pool that cannot overflow: exact
+    "moas_kv": ("moas_kv", {"kv_budget": 2.0, "kv_pool_slack": 2.0}),
     "mha_cross_moa": ("mha", {"cross": {"name": "moa", "n_experts": 4, "top_k": 2}}),
     "mha_postln_fairseq": (
         "mha",
@@ -63,8 +63,8 @@ def build(variant: str) -> Seq2Seq:
         m.cross = keys["cross"]
     torch.manual_seed(0)
     model = Seq2Seq(m, V, PAD).eval()
-    # larger random weights than any init: an untrained model's greedy output otherwise repeats one token, and the
-    # comparison would be trivial; routers too, so that routing differs per token
+    # larger random weights than any init: an untrained model's greedy output otherwise repeats one
+    # token, and the comparison would be trivial; routers too, so that routing differs per token
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if p.dim() >= 2:
@@ -84,8 +84,8 @@ def sources() -> tuple:
 
 
 def an_eos(model, src, mask) -> int:
-    """A token that, taken as EOS, ends the greedy hypotheses at the most different steps (the untrained model's
-    outputs decide which)."""
+    """A token that, taken as EOS, ends the greedy hypotheses at the most different steps (the
+    untrained model's outputs decide which)."""
     never = search.greedy_search(model, src, mask, BOS, -1, PAD, 10, use_cache=False)
 
     def spread(t: int) -> int:
@@ -132,7 +132,8 @@ def test_cached_logits_equal_the_full_decoder_at_every_position(variant):
 
 
 def test_finished_sentences_leave_the_batch(monkeypatch):
-    """Each decoder call after a sentence's EOS is made for fewer rows; beam reordering gathers the cache."""
+    """Each decoder call after a sentence's EOS is made for fewer rows; beam reordering gathers the
+    cache."""
     model = build("mha")
     src, mask = sources()
     eos = an_eos(model, src, mask)
@@ -159,7 +160,8 @@ def test_finished_sentences_leave_the_batch(monkeypatch):
 
 
 def test_a_model_without_the_contract_is_decoded_by_recomputing():
-    """A cross-attention module without `cross_kv` (a plugin's) falls back to recomputing each prefix."""
+    """A cross-attention module without `cross_kv` (a plugin's) falls back to recomputing each
+    prefix."""
     model = build("mha")
     src, mask = sources()
     want = search.greedy_search(model, src, mask, BOS, 2, PAD, 8, use_cache=False)
@@ -179,9 +181,9 @@ def test_a_model_without_the_contract_is_decoded_by_recomputing():
 
 
 def test_decoding_timer_on_a_trained_run(compose_cfg, tmp_path, capsys):
-    """scripts/time_translation_decoding.py on a tiny trained run: both ways decode the same hypotheses, the same
-    BLEU, and the table names both times; --with-cudnn adds the bf16 pair with cuDNN attention allowed, and leaves
-    decoding's backends as they were."""
+    """scripts/time_translation_decoding.py on a tiny trained run: both ways decode the same
+    hypotheses, the same BLEU, and the table names both times; --with-cudnn adds the bf16 pair with
+    cuDNN attention allowed, and leaves decoding's backends as they were."""
     from moa_train.models import kv_cache
     from moa_train.results import decoding
     from moa_train.train.loop import train
@@ -231,8 +233,9 @@ def test_decoding_timer_on_a_trained_run(compose_cfg, tmp_path, capsys):
 
 
 def test_decoding_runs_without_cudnn_attention(monkeypatch):
-    """cuDNN attention builds a graph per input shape and decoding changes shape every step (kv_cache.DECODING_SDPA):
-    every decoder call of greedy and beam search, cached or not, runs with it disabled, and it is back on after."""
+    """cuDNN attention builds a graph per input shape and decoding changes shape every step
+    (kv_cache.DECODING_SDPA): every decoder call of greedy and beam search, cached or not, runs with
+    it disabled, and it is back on after."""
     model = build("mha")
     src, mask = sources()
     seen = []
@@ -245,9 +248,8 @@ def test_decoding_runs_without_cudnn_attention(monkeypatch):
 
         monkeypatch.setattr(model, name, spy)
     before = torch.backends.cuda.cudnn_sdp_enabled()
-    torch.backends.cuda.enable_cudnn_sdp(
-        True
-    )  # on, as torch has it by default, so that the test can fail
+    # on, as torch has it by default, so that the test can fail
+    torch.backends.cuda.enable_cudnn_sdp(True)
     try:
         for cache in (False, True):
             search.greedy_search(model, src, mask, BOS, -1, PAD, 4, use_cache=cache)

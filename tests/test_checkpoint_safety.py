@@ -1,5 +1,6 @@
-"""Checkpoints and resume under hostile files and faults: nothing runs on load, nothing good is deleted, nothing
-non-finite is offered, changed settings are honoured or refused, each step is logged once, readers fall back."""
+"""Checkpoints and resume under hostile files and faults: nothing runs on load, nothing good is
+deleted, nothing non-finite is offered, changed settings are honoured or refused, each step is
+logged once, readers fall back."""
 
 from __future__ import annotations
 
@@ -48,12 +49,11 @@ class Payload:
 
 def write_with_sidecar(state: dict, path) -> None:
     torch.save(state, path)
-    sidecar(path).write_text(
-        f"{file_sha256(path)}  {path.name}\n"
-    )  # a recomputed sidecar hides nothing
+    # a recomputed sidecar hides nothing
+    sidecar(path).write_text(f"{file_sha256(path)}  {path.name}\n")
 
 
-# --- nothing runs on load -------------------------------------------------------------------------------------------
+# --- nothing runs on load -------------------------------------------------------------------------
 
 
 def test_pickle_payload_is_refused_and_never_runs(train_run, tmp_path):
@@ -70,15 +70,15 @@ def test_pickle_payload_is_refused_and_never_runs(train_run, tmp_path):
         assert f"python3 -m moa_train.train.checkpoint convert {path} --trust-pickle" in str(
             refused.value
         )
-    with pytest.raises(
-        CheckpointError, match="--trust-pickle"
-    ):  # a resume (auto) finds it and refuses it too
+    # a resume (auto) finds it and refuses it too
+    with pytest.raises(CheckpointError, match="--trust-pickle"):
         train_run(run, *TINY, "trainer.max_steps=10")
     assert not marker.exists()
 
 
 def old_format(path) -> None:
-    """Rewrite a checkpoint as moa_train wrote them before weights_only loading: NumPy's RNG state as an array."""
+    """Rewrite a checkpoint as moa_train wrote them before weights_only loading: NumPy's RNG state
+    as an array."""
     state = load_checkpoint(path)
     state["rng"]["numpy"] = np.random.get_state()
     write_with_sidecar(state, path)
@@ -119,7 +119,7 @@ def test_rng_state_round_trips_through_a_safe_load(tmp_path):
     assert np.array_equal(np.random.rand(4), expected)
 
 
-# --- nothing good is deleted; readers fall back -----------------------------------------------------------------
+# --- nothing good is deleted; readers fall back ---------------------------------------------------
 
 
 def test_damaged_sidecar_keeps_its_checkpoint(train_run, tmp_path, caplog):
@@ -156,15 +156,14 @@ def test_load_run_falls_back_past_a_damaged_checkpoint(train_run, tmp_path, capl
     assert latest.is_file()  # a reader changes nothing
 
 
-# --- nothing non-finite is offered ----------------------------------------------------------------------------------
+# --- nothing non-finite is offered ----------------------------------------------------------------
 
 
 def test_non_finite_weights_are_never_checkpointed(train_run, make_cfg, tmp_path):
     train_run(tmp_path, *FIVE)
     good = tmp_path / "checkpoints" / "step_0000005.pt"
-    cfg = make_cfg(
-        "trainer.device=cpu", *TEN, "optim.lr=inf"
-    )  # not validated: as if a check were missing
+    # not validated: as if a check were missing
+    cfg = make_cfg("trainer.device=cpu", *TEN, "optim.lr=inf")
     with pytest.raises(
         DivergedError, match=rf"not finite at step 10.*last good checkpoint is {good}"
     ):
@@ -178,7 +177,7 @@ def test_non_finite_weights_are_never_checkpointed(train_run, make_cfg, tmp_path
     assert not list(fresh.rglob("*.pt"))
 
 
-# --- changed settings on resume -----------------------------------------------------------------------------------
+# --- changed settings on resume -------------------------------------------------------------------
 
 
 def test_resume_honours_a_new_lr_and_schedule(train_run, make_cfg, tmp_path):
@@ -214,14 +213,15 @@ def test_resume_refuses_a_changed_architecture_or_data(train_run, tmp_path):
     assert steps(read_jsonl(tmp_path / "metrics.jsonl")) == [1, 2, 3, 4, 5]
 
 
-# --- each step once -----------------------------------------------------------------------------------------------
+# --- each step once -------------------------------------------------------------------------------
 
 
 def test_run_killed_before_its_first_checkpoint_logs_each_step_once(
     train_run, tmp_path, monkeypatch
 ):
     def killed(*args, **kwargs):
-        raise KeyboardInterrupt  # a kill during the first save: the steps before it are logged, no checkpoint
+        # a kill during the first save: the steps before it are logged, no checkpoint
+        raise KeyboardInterrupt
 
     monkeypatch.setattr("moa_train.train.schedule.save_checkpoint", killed)
     with pytest.raises(KeyboardInterrupt):
@@ -259,9 +259,8 @@ def test_temp_files_of_an_interrupted_save_are_removed(train_run, tmp_path):
 
 def test_readers_take_no_lock(train_run, tmp_path):
     train_run(tmp_path, *FIVE)
-    (tmp_path / "train.lock").write_text(
-        '{"pid": 1, "host": "elsewhere"}\n'
-    )  # a trainer holds the folder
+    # a trainer holds the folder
+    (tmp_path / "train.lock").write_text('{"pid": 1, "host": "elsewhere"}\n')
     assert load_run(tmp_path)[1].trainer.max_steps == 5
 
 
@@ -278,16 +277,14 @@ def test_trainer_takes_the_run_folder_lock(train_run, tmp_path):
     import socket
 
     lock = tmp_path / "train.lock"
-    lock.write_text(
-        json.dumps({"pid": os.getppid(), "host": socket.gethostname()})
-    )  # alive: our parent
+    # alive: our parent
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
     with pytest.raises(
         ConfigError, match=f"in use by process {os.getppid()} on host {socket.gethostname()}"
     ):
         train_run(tmp_path, *FIVE)
-    lock.write_text(
-        json.dumps({"pid": 12345, "host": "another-host"})
-    )  # cannot be judged from here
+    # cannot be judged from here
+    lock.write_text(json.dumps({"pid": 12345, "host": "another-host"}))
     with pytest.raises(ConfigError, match="in use by process 12345 on host another-host"):
         train_run(tmp_path, *FIVE)
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()

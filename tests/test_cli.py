@@ -1,4 +1,5 @@
-"""Bad command-line overrides: `python -m moa_train` stops with a short error naming the key, no traceback."""
+"""Bad command-line overrides: `python -m moa_train` stops with a short error naming the key, no
+traceback."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pytest
 
 from conftest import REPO, write_wikitext
 
-# (overrides, words the output must contain); "{partial}" is a data root lacking wikitext-2/valid.txt. One case per
-# stage (composition, validation, data) as a real process; tests/test_bad_input.py holds the full table in-process.
+# (overrides, words the output must contain); "{partial}" is a data root lacking
+# wikitext-2/valid.txt. One case per stage (composition, validation, data) as a real process;
+# tests/test_bad_input.py holds the full table in-process.
 CASES = {
     "unknown_option": ("model=foo", ["model", "mha"]),
     "n_head": ("model.n_head=5", ["model.n_head"]),

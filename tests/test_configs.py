@@ -1,4 +1,5 @@
-"""Every config on disk composes, validates and builds; the MoAS Table 1 sizes match the paper's counts."""
+"""Every config on disk composes, validates and builds; the MoAS Table 1 sizes match the paper's
+counts."""
 
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def test_groups_found_on_disk():
 
 
 def check_builds(cfg) -> None:
-    """Validate, resolve and build the task's model at full size on the meta device (shapes only)."""
+    """Validate, resolve and build the task's model at full size on the meta device (shapes
+    only)."""
     validate(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     with torch.device("meta"):  # experiment sizes: shapes and counts only, no memory or init cost
@@ -85,8 +87,9 @@ def experiment_model_keys(experiment: str) -> set:
 
 @pytest.mark.parametrize("model,experiment", list(itertools.product(MODELS, EXPERIMENTS)))
 def test_every_experiment_with_every_model_composes_and_builds(compose_cfg, model, experiment):
-    """Each experiment with its own data, and any model chosen on the command line (it wins over the experiment);
-    an experiment that sets keys of another variant (moa_wmt/moa_8k8e128d: model.n_experts) is refused naming one."""
+    """Each experiment with its own data, and any model chosen on the command line (it wins over the
+    experiment); an experiment that sets keys of another variant (moa_wmt/moa_8k8e128d:
+    model.n_experts) is refused naming one."""
     foreign = experiment_model_keys(experiment) - {
         f.name for f in fields(VARIANTS[preset_variant(model)])
     }
@@ -97,8 +100,8 @@ def test_every_experiment_with_every_model_composes_and_builds(compose_cfg, mode
     cfg = compose_cfg(f"experiment={experiment}", f"model={model}")
     assert cfg.model.name == preset_variant(model)
     if cfg.model.init == "fairseq" and not hasattr(ATTENTION[cfg.model.name], "init_fairseq"):
-        # the fairseq-faithful experiments initialise each module as fairseq does: a scheme fairseq never had is
-        # refused in one line (model.init=standard runs it)
+        # the fairseq-faithful experiments initialise each module as fairseq does: a scheme fairseq
+        # never had is refused in one line (model.init=standard runs it)
         with pytest.raises(
             ConfigError, match=f"^model.init: fairseq has no init for model.name={cfg.model.name}"
         ):
@@ -127,21 +130,18 @@ def test_validate_names_the_bad_key(make_cfg, override, key):
         validate(cfg)
 
 
-# --- MoAS paper Table 1 ------------------------------------------------------------------------------------------
+# --- MoAS paper Table 1 ---------------------------------------------------------------------------
 
-# Table 1's size, counted by hand: d 384, 4 layers, 6 heads of 64, the GQA branch with 2 K/V heads, no biases,
-# MLP 4d, the char vocabulary, 256 positions; the router is d -> d/4 -> 3
+# Table 1's size, counted by hand: d 384, 4 layers, 6 heads of 64, the GQA branch with 2 K/V heads,
+# no biases, MLP 4d, the char vocabulary, 256 positions; the router is d -> d/4 -> 3
 D, L, H, G, HD, T = 384, 4, 6, 2, 64, 256
 ATTN = {  # attention weights per layer: Q and O for each query set, K and V for each branch's heads
     "mha": 4 * D * D,
     "moas_static": 3 * D * D + 2 * D * (H + G + 1) * HD + 3 * D * D,
     "moas_dynamic": 3 * D * D + 2 * D * (H + G + 1) * HD + 3 * D * D + D * (D // 4) + (D // 4) * 3,
 }
-QUERY_SETS = {
-    "mha": 1,
-    "moas_static": 3,
-    "moas_dynamic": 3,
-}  # query heads = sets x H: each attends over T keys
+# query heads = sets x H: each attends over T keys
+QUERY_SETS = {"mha": 1, "moas_static": 3, "moas_dynamic": 3}
 
 
 def hand_params(name: str) -> tuple:
@@ -152,7 +152,8 @@ def hand_params(name: str) -> tuple:
 
 
 def hand_flops(name: str) -> int:
-    """6 x the matmul weights a token uses (tied head once) + 12 x layers x query heads x head size x T."""
+    """6 x the matmul weights a token uses (tied head once) + 12 x layers x query heads x head size
+    x T."""
     return 6 * (L * (ATTN[name] + 8 * D * D) + VOCAB * D) + 12 * L * QUERY_SETS[name] * H * HD * T
 
 
@@ -177,7 +178,8 @@ def test_table1_parameter_counts(table1_models, name):
 @pytest.mark.parametrize("name", TABLE1)
 def test_table1_flops_against_a_hand_count(table1_models, name):
     assert table1_models[name].flops_per_token(T) == hand_flops(name)
-    # the MoAS paper's models cost about 1.57x (static) and 1.59x (dynamic) an MHA's FLOPs per token at this size
+    # the MoAS paper's models cost about 1.57x (static) and 1.59x (dynamic) an MHA's FLOPs per token
+    # at this size
     assert 1.5 < hand_flops(name) / hand_flops("mha") < 1.6 or name == "mha"
 
 
@@ -213,14 +215,15 @@ def test_table1_modes_compose(compose_cfg, mode, row):
         assert cfg.trainer.precision == "bf16" and cfg.trainer.tf32 and cfg.trainer.compile
 
 
-# --- configs saved before variants owned their keys --------------------------------------------------------------
+# --- configs saved before variants owned their keys -----------------------------------------------
 
 
 @pytest.mark.parametrize("run", ["mha", "moas_static", "moas_dynamic"])
 def test_run_configs_saved_with_every_variant_s_keys_still_build(compose_cfg, run):
-    """Old saved configs hold every variant's keys (mha with n_experts, ...): a model is built from the keys its
-    variant owns, and trainer.eval_only types the run's model by the run's own variant, not the command line's.
-    The configs are copies of the Table 1 runs' docs/results/runs/moas_table1/faithful/<row>-seed0/.hydra/config.yaml
+    """Old saved configs hold every variant's keys (mha with n_experts, ...): a model is built from
+    the keys its variant owns, and trainer.eval_only types the run's model by the run's own variant,
+    not the command line's. The configs are copies of the Table 1 runs'
+    docs/results/runs/moas_table1/faithful/<row>-seed0/.hydra/config.yaml
     (tests/fixtures/old_configs/), so re-running those rows does not take the old format away."""
     from moa_train.config import variant_keys
     from moa_train.train.eval_run import eval_config
@@ -256,7 +259,8 @@ def test_task_follows_the_data_and_a_mismatch_is_refused(compose_cfg):
 
 
 def test_runs_saved_without_a_task_take_their_data_task():
-    """Checkpoints and run records written before tasks were named: the task their data config ships with."""
+    """Checkpoints and run records written before tasks were named: the task their data config ships
+    with."""
     from moa_train.train.tasks import saved_task
 
     assert saved_task({"data": {"name": "multi30k_en_de"}}) == "translation"

@@ -198,11 +198,12 @@ def test_real_wikitext2_counts():
     assert word_count(read_text(folder / "valid.txt")) == 217_646
 
 
-# --- the cache: keyed by content, checked when read ---------------------------------------------------------------
+# --- the cache: keyed by content, checked when read -----------------------------------------------
 
 
 def test_cache_keys_on_content_not_size_and_time(data_root, tmp_path, make_cfg):
-    """A folder whose files have the same sizes and times but other text gets its own tokens, not the cached ones."""
+    """A folder whose files have the same sizes and times but other text gets its own tokens, not
+    the cached ones."""
     import os
     import shutil
 
@@ -212,9 +213,8 @@ def test_cache_keys_on_content_not_size_and_time(data_root, tmp_path, make_cfg):
     valid = second / "wikitext-2" / "valid.txt"
     stat = valid.stat()
     text = valid.read_text(encoding="utf-8")
-    valid.write_text(
-        text[len(text) // 2 :] + text[: len(text) // 2], encoding="utf-8"
-    )  # same size, other order
+    # same size, other order
+    valid.write_text(text[len(text) // 2 :] + text[: len(text) // 2], encoding="utf-8")
     os.utime(valid, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     os.utime(first / "wikitext-2" / "valid.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns))
     cache = f"data.cache_dir={tmp_path / 'cache'}"
@@ -261,6 +261,5 @@ def test_damaged_cache_is_rebuilt_with_one_warning(data_cfg, caplog, case):
     assert len(warnings) == 1 and "is damaged" in warnings[0] and words in warnings[0], warnings
     for name, tokens in good.items():
         assert np.array_equal(np.asarray(again.splits[name].tokens), tokens)
-    assert [p.name for p in cache_root(cfg).iterdir()] == [
-        entry.name
-    ]  # rebuilt in place, nothing left aside
+    # rebuilt in place, nothing left aside
+    assert [p.name for p in cache_root(cfg).iterdir()] == [entry.name]

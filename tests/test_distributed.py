@@ -1,5 +1,5 @@
-"""Data parallelism on the CPU: two gloo processes started by torchrun train like one process on the same global
-batch, write one run folder, and resume across world sizes (DDP and FSDP2)."""
+"""Data parallelism on the CPU: two gloo processes started by torchrun train like one process on the
+same global batch, write one run folder, and resume across world sizes (DDP and FSDP2)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import torch
 from conftest import REPO, read_jsonl
 from moa_train.config import applicable
 
-# dropout off, so one process and two ranks compute the same function; log every step to compare every step
+# dropout off, so one process and two ranks compute the same function; log every step to compare
+# every step
 COMMON = (
     "model.n_head=4",
     "model.dropout=0.0",
@@ -25,7 +26,8 @@ COMMON = (
     "trainer.log_interval=1",
     "trainer.eval_interval=10",
 )
-TOL = 1e-5  # float32: the ranks' gradients are summed in another order than one batch's (seen here: < 1e-6)
+# float32: the ranks' gradients are summed in another order than one batch's (seen here: < 1e-6)
+TOL = 1e-5
 
 
 def torchrun(cwd: Path, data_root: Path, cache_dir: Path, *overrides: str) -> str:
@@ -77,9 +79,10 @@ def assert_same_run(got: list, reference: list) -> None:
 def test_ddp_resumes_one_process_in_one_folder_and_one_process_resumes_it(
     train_run, data_root, cache_dir, tmp_path
 ):
-    """moas_dynamic with accumulation: steps 1-5 in one process, 6-10 on two DDP ranks (2 ranks x 2 micro-batches of
-    1 sequence), 11-20 in one process: the losses, global routing statistics and aux terms of one uninterrupted
-    process; rank 0 alone writes one run folder, named by Hydra's default pattern."""
+    """moas_dynamic with accumulation: steps 1-5 in one process, 6-10 on two DDP ranks (2 ranks x 2
+    micro-batches of 1 sequence), 11-20 in one process: the losses, global routing statistics and
+    aux terms of one uninterrupted process; rank 0 alone writes one run folder, named by Hydra's
+    default pattern."""
     common = ("model=moas_dynamic", *COMMON, "trainer.grad_accum=2")
     _, reference = train_run(tmp_path / "reference", *common, "trainer.max_steps=20")
     train_run(tmp_path / "first", *common, "trainer.max_steps=5")
@@ -107,9 +110,8 @@ def test_ddp_resumes_one_process_in_one_folder_and_one_process_resumes_it(
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert [n for n in names if not n.endswith(".sha256")] == ["best.pt", "step_0000010.pt"], names
     log = (run_dir / "train.log").read_text()
-    assert (
-        log.count("step 10: val/loss") == 1
-    )  # rank 1 logs neither to the file nor (below warnings) to stdout
+    # rank 1 logs neither to the file nor (below warnings) to stdout
+    assert log.count("step 10: val/loss") == 1
     assert out.count("step 10: val/loss") == 1
     records = read_jsonl(run_dir / "metrics.jsonl")
     assert sorted(losses(records)) == list(range(6, 11))
@@ -136,8 +138,9 @@ def test_ddp_resumes_one_process_in_one_folder_and_one_process_resumes_it(
 def test_fsdp_resumes_one_process_and_one_process_resumes_fsdp(
     train_run, data_root, cache_dir, tmp_path
 ):
-    """mha: steps 1-10 in one process, 11-20 on two FSDP ranks, 21-30 in one process again: the losses of one
-    uninterrupted run (weights, AdamW state, schedule and data position cross world sizes)."""
+    """mha: steps 1-10 in one process, 11-20 on two FSDP ranks, 21-30 in one process again: the
+    losses of one uninterrupted run (weights, AdamW state, schedule and data position cross world
+    sizes)."""
     common = ("model=mha", *applicable("mha", COMMON))
     _, reference = train_run(tmp_path / "reference", *common, "trainer.max_steps=30")
     run_dir = tmp_path / "run"
@@ -162,9 +165,10 @@ def test_fsdp_resumes_one_process_and_one_process_resumes_fsdp(
 def test_translation_ranks_split_sentences_and_train_like_one_process(
     compose_cfg, data_root, cache_dir, tmp_path
 ):
-    """moa (k = E, so no ties at the zero-initialised router) on a copy task, data.max_tokens=200 as 2 micro-batches:
-    batches of 1 to 9 pairs, so rank 1 sometimes gets none; the per-token loss of the global batch, its masked
-    routing statistics, and the gathered translations give the numbers of one process."""
+    """moa (k = E, so no ties at the zero-initialised router) on a copy task, data.max_tokens=200 as
+    2 micro-batches: batches of 1 to 9 pairs, so rank 1 sometimes gets none; the per-token loss of
+    the global batch, its masked routing statistics, and the gathered translations give the numbers
+    of one process."""
     from moa_train.train.loop import train
     from moa_train.train.tasks import validate
     from test_translation_train import write_copy_corpus
@@ -211,8 +215,8 @@ def test_translation_ranks_split_sentences_and_train_like_one_process(
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_eval_only_and_checkpoint_averaging_on_two_ranks(train_run, data_root, cache_dir, tmp_path):
-    """Checkpoint averaging before the test evaluation (eval.average_last) and trainer.eval_only give one process's
-    numbers on two ranks: the averaged weights and the shared evaluation."""
+    """Checkpoint averaging before the test evaluation (eval.average_last) and trainer.eval_only
+    give one process's numbers on two ranks: the averaged weights and the shared evaluation."""
     common = (
         "model=moas_dynamic",
         *COMMON,
@@ -251,8 +255,9 @@ def test_eval_only_and_checkpoint_averaging_on_two_ranks(train_run, data_root, c
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step(
     train_run, data_root, cache_dir, tmp_path
 ):
-    """torchrun passes SIGTERM on to both ranks, which may see it in different steps: they agree at the next log step,
-    write one checkpoint there and stop; one process resumes it to the losses of an uninterrupted run."""
+    """torchrun passes SIGTERM on to both ranks, which may see it in different steps: they agree at
+    the next log step, write one checkpoint there and stop; one process resumes it to the losses of
+    an uninterrupted run."""
     import signal
     import time
 
@@ -335,7 +340,7 @@ def test_two_gpus_train_like_one(train_run, data_root, cache_dir, tmp_path):
         assert loss == pytest.approx(losses(reference)[step], abs=1e-4), step
 
 
-# --- pieces, in one process ------------------------------------------------------------------------------------
+# --- pieces, in one process -----------------------------------------------------------------------
 
 
 def test_batch_that_does_not_split_over_the_ranks_is_a_config_error(make_cfg):
@@ -377,20 +382,19 @@ def test_ranks_slice_each_batch_of_sentence_pairs():
     src = [rng.integers(4, 50, rng.integers(1, 9)).astype(np.int32) for _ in range(40)]
     tgt = [rng.integers(4, 50, rng.integers(1, 9)).astype(np.int32) for _ in range(40)]
     split = ParallelSplit(src, tgt, [""] * 40, [""] * 40)
-    make = lambda rank, world: iter(
-        TokenBatches(split, 60, 0, 1, 2, seed=5, rank=rank, world=world)
-    )  # noqa: E731
+
+    def make(rank, world):
+        return iter(TokenBatches(split, 60, 0, 1, 2, seed=5, rank=rank, world=world))
+
     one, ranks = make(0, 1), [make(r, 3) for r in range(3)]
     sizes = set()
     for _ in range(12):
         whole, parts = next(one), [next(r) for r in ranks]
-        assert [p["n_tokens"] for p in parts] == [
-            whole["n_tokens"]
-        ] * 3  # the global batch's tokens
+        # the global batch's tokens
+        assert [p["n_tokens"] for p in parts] == [whole["n_tokens"]] * 3
         assert torch.equal(torch.cat([p["index"] for p in parts]), whole["index"])
-        for p in (
-            parts
-        ):  # each slice padded to its own longest pair, the same rows as in the whole batch
+        # each slice padded to its own longest pair, the same rows as in the whole batch
+        for p in parts:
             rows = [np.flatnonzero(whole["index"].numpy() == i)[0] for i in p["index"].tolist()]
             assert torch.equal(p["tgt_out"], whole["tgt_out"][rows, : p["tgt_out"].shape[1]])
         sizes |= {len(p["index"]) for p in parts}
@@ -402,17 +406,15 @@ def test_evaluation_shares_batches_in_rounds():
 
     shares = [list(rank_share(range(5), Dist(rank, 2))) for rank in range(2)]
     assert shares[0] == [(0, True), (2, True), (4, True)]
-    assert shares[1] == [
-        (1, True),
-        (3, True),
-        (4, False),
-    ]  # a pass in step with rank 0, not counted
+    # a pass in step with rank 0, not counted
+    assert shares[1] == [(1, True), (3, True), (4, False)]
     assert list(rank_share(range(3), Dist())) == [(0, True), (1, True), (2, True)]
 
 
 @pytest.mark.distributed
 def test_ddp_takes_the_configured_gradient_bucket(tmp_path):
-    """trainer.ddp_bucket_mb reaches DistributedDataParallel (a one-process gloo group stands in for torchrun's)."""
+    """trainer.ddp_bucket_mb reaches DistributedDataParallel (a one-process gloo group stands in for
+    torchrun's)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -430,7 +432,7 @@ def test_ddp_takes_the_configured_gradient_bucket(tmp_path):
         dist.destroy_process_group()
 
 
-# --- the 2-GPU benchmark's driver ---------------------------------------------------------------------------------
+# --- the 2-GPU benchmark's driver -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("gpus", [1, 2])
@@ -455,7 +457,8 @@ def test_benchmark_runs_are_valid_configs(compose_cfg, gpus):
 
 
 def test_benchmark_tables_from_run_records(tmp_path):
-    """Steady-state tok/s is the median of the windows after the first; efficiency = tok/s(2) / (2 tok/s(1))."""
+    """Steady-state tok/s is the median of the windows after the first; efficiency = tok/s(2) / (2
+    tok/s(1))."""
     from moa_train.results.multigpu import main
 
     speeds = {

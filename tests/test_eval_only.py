@@ -1,5 +1,6 @@
-"""`trainer.eval_only` from the command line: the run's own config (from its checkpoint) without the training
-overrides repeated, results in RUN/eval/<date_time>/, the run's own files untouched, no other folder made."""
+"""`trainer.eval_only` from the command line: the run's own config (from its checkpoint) without the
+training overrides repeated, results in RUN/eval/<date_time>/, the run's own files untouched, no
+other folder made."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-# a moa run whose shape differs from debug=tiny's defaults (4 experts, k 2): only its own config loads its weights
+# a moa run whose shape differs from debug=tiny's defaults (4 experts, k 2): only its own config
+# loads its weights
 RUN = (
     "model=moa",
     "model.n_head=4",
@@ -40,15 +42,15 @@ def test_eval_only_evaluates_with_the_runs_own_config_into_its_eval_folder(
     assert code == 0, output
     (folder,) = (run_dir / "eval").iterdir()
     result = json.loads((folder / "eval.json").read_text())
-    # the final evaluation of the run used the same weights (step 10) and the same fixed evaluation windows
+    # the final evaluation of the run used the same weights (step 10) and the same fixed evaluation
+    # windows
     for key in ("val/loss", "test/loss"):
         assert result[key] == pytest.approx(summary[key], abs=1e-6), key
     assert result["steps"] == 10 and result["checkpoint"].endswith("step_0000010.pt")
     assert (folder / "eval.log").is_file() and (folder / ".hydra" / "overrides.yaml").is_file()
     after = files_of(run_dir)
-    assert {
-        k: v for k, v in after.items() if k.parts[0] != "eval"
-    } == before  # summary.json etc. untouched
+    # summary.json etc. untouched
+    assert {k: v for k, v in after.items() if k.parts[0] != "eval"} == before
     assert not list(tmp_path.rglob("outputs"))  # no stray run folder
 
 
@@ -94,9 +96,8 @@ def test_eval_config_takes_evaluation_overrides_and_the_runs_training_settings(m
     ]
     cfg = make_cfg(*overrides, "trainer.device=cpu", f"trainer.resume={run_dir}")
     out = eval_config(cfg, run_cfg, overrides)
-    assert (
-        out.trainer.eval_iters == 1 and out.eval.beam == 2
-    )  # evaluation settings: the command line's
+    # evaluation settings: the command line's
+    assert out.trainer.eval_iters == 1 and out.eval.beam == 2
     assert out.trainer.max_steps == 10  # training settings: the run's
     assert out.model.n_experts == 6 and out.model.top_k == 3 and out.model.name == "moa"
     assert out.trainer.device == "cpu" and out.trainer.eval_only

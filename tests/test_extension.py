@@ -1,6 +1,6 @@
-"""A new attention variant from outside the package: one module (its config class with a new key, its attention
-class, one `register` line) and one YAML in a temporary folder, named in MOA_PLUGINS, trains through the CLI with
-that key overridden; no file of the package is edited."""
+"""A new attention variant from outside the package: one module (its config class with a new key,
+its attention class, one `register` line) and one YAML in a temporary folder, named in MOA_PLUGINS,
+trains through the CLI with that key overridden; no file of the package is edited."""
 
 from __future__ import annotations
 
@@ -111,7 +111,6 @@ def test_a_plugin_variant_validates_its_own_key(tmp_path):
     assert (
         proc.returncode == 2 and proc.stderr.strip() == "error: model.toy_key: must be >= 1, got 0"
     ), proc.stderr
-    proc = run(
-        tmp_path, "model.n_experts=4"
-    )  # a key of another variant is refused naming its owner
+    # a key of another variant is refused naming its owner
+    proc = run(tmp_path, "model.n_experts=4")
     assert proc.returncode == 2 and "model.n_experts: belongs to moa" in proc.stderr, proc.stderr

@@ -1,5 +1,5 @@
-"""Every fast path against its plain path on CPU (the same checks `moa-bench` runs on the GPU), the grouped expert
-matmul in detail, and no graph breaks in the compiled training loss of any model."""
+"""Every fast path against its plain path on CPU (the same checks `moa-bench` runs on the GPU), the
+grouped expert matmul in detail, and no graph breaks in the compiled training loss of any model."""
 
 import pytest
 import torch
@@ -22,7 +22,8 @@ def test_every_fast_path_matches_its_plain_path():
         "fused AdamW",
     }
     assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
-    # the checks can fail: the moa comparison really used distinct (random) routing, so a wrong sort would show
+    # the checks can fail: the moa comparison really used distinct (random) routing, so a wrong sort
+    # would show
     assert all(r["out_err"] < r["tol"] for r in rows)
 
 
@@ -36,9 +37,8 @@ def test_grouped_reference_is_a_per_group_matmul_with_empty_groups():
 
 def test_gather_rows_backward_is_the_gather_of_the_inverse():
     x = torch.randn(4, 3, requires_grad=True)
-    order = torch.tensor(
-        [5, 0, 7, 2, 1, 6, 3, 4]
-    )  # a permutation of the 8 slots (token n, copy j) = 2n + j
+    # a permutation of the 8 slots (token n, copy j) = 2n + j
+    order = torch.tensor([5, 0, 7, 2, 1, 6, 3, 4])
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(8))
     out = gather_rows(x, order // 2, inverse, copies=2)
     assert torch.equal(out, x.detach()[order // 2])
@@ -97,7 +97,8 @@ def test_moa_auto_is_dense_where_the_grouped_kernel_does_not_run():
 
 @pytest.mark.parametrize("model", ["mha", "gqa", "mqa", "moas_static", "moas_dynamic", "moa"])
 def test_training_loss_compiles_without_graph_breaks(make_cfg, tmp_path, model):
-    """Routing records, aux losses and CE trace as one graph: statistics are synced by the trainer, not inside."""
+    """Routing records, aux losses and CE trace as one graph: statistics are synced by the trainer,
+    not inside."""
     from moa_train.bench import graph_breaks
     from moa_train.train.loop import Trainer
 

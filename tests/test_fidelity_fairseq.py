@@ -1,7 +1,8 @@
-"""The fairseq-faithful translation model and loss (experiment/_fairseq.yaml, docs/fidelity.md), each behaviour pinned
-by what it does: init statistics per module, position rows at known positions, the label-smoothing mass, ReLU and
-the activation dropout, attention dropout apart from residual dropout, the aux terms' scaling with the batch's target
-tokens, the z-loss over padding and the cv of the top-k gates."""
+"""The fairseq-faithful translation model and loss (experiment/_fairseq.yaml, docs/fidelity.md),
+each behaviour pinned by what it does: init statistics per module, position rows at known positions,
+the label-smoothing mass, ReLU and the activation dropout, attention dropout apart from residual
+dropout, the aux terms' scaling with the batch's target tokens, the z-loss over padding and the cv
+of the top-k gates."""
 
 import math
 import types
@@ -37,12 +38,13 @@ def xavier_std(fan_in: int, fan_out: int, gain: float = 1.0) -> float:
     return gain * math.sqrt(2.0 / (fan_in + fan_out))
 
 
-# --- init ----------------------------------------------------------------------------------------------------------
+# --- init -----------------------------------------------------------------------------------------
 
 
 def test_fairseq_init_of_the_moa_layer_is_per_expert():
-    """At the paper's sizes (d 512, 8 experts of 128), each expert's Q and O have Xavier's std over its own matrix,
-    sqrt(2 / (512 + 128)) = 0.056, not the 0.036 of Xavier over all experts' rows; K/V carry the 1/sqrt(2) gain."""
+    """At the paper's sizes (d 512, 8 experts of 128), each expert's Q and O have Xavier's std over
+    its own matrix, sqrt(2 / (512 + 128)) = 0.056, not the 0.036 of Xavier over all experts' rows;
+    K/V carry the 1/sqrt(2) gain."""
     d, e, dh = 512, 8, 128
     model = seq2seq(
         "moa",
@@ -64,23 +66,22 @@ def test_fairseq_init_of_the_moa_layer_is_per_expert():
         o = attn.c_proj.weight[:, i * dh : (i + 1) * dh]
         for w in (q, o):
             assert w.std().item() == pytest.approx(want, rel=0.03)
-            assert (
-                w.abs().max().item() <= math.sqrt(3) * want + 1e-6
-            )  # uniform within Xavier's bound
+            # uniform within Xavier's bound
+            assert w.abs().max().item() <= math.sqrt(3) * want + 1e-6
     for w in attn.kv_proj.weight.split(dh):
         assert w.std().item() == pytest.approx(xavier_std(d, dh, 2**-0.5), rel=0.03)
     assert not attn.router.weight.any()  # starts uniform, as the released code
     standard = (
         seq2seq("moa", d_model=d, n_head=8, n_experts=e, top_k=e, head_dim=dh).encoder[0].self_attn
     )
-    assert standard.q_proj.weight.std().item() == pytest.approx(
-        xavier_std(d, e * dh), rel=0.03
-    )  # 0.036
+    # 0.036
+    assert standard.q_proj.weight.std().item() == pytest.approx(xavier_std(d, e * dh), rel=0.03)
 
 
 def test_fairseq_init_of_attention_and_ffn():
-    """fairseq's MultiheadAttention: Q, K, V Xavier with gain 1/sqrt(2), their biases U(+-1/sqrt(d)); out Xavier,
-    zero bias. The FFN: PyTorch's Linear default, U(+-1/sqrt(fan_in)) for weights and biases. LayerNorms 1 and 0."""
+    """fairseq's MultiheadAttention: Q, K, V Xavier with gain 1/sqrt(2), their biases
+    U(+-1/sqrt(d)); out Xavier, zero bias. The FFN: PyTorch's Linear default, U(+-1/sqrt(fan_in))
+    for weights and biases. LayerNorms 1 and 0."""
     d = 256
     model = seq2seq("mha", d_model=d, n_head=4, bias=True, init="fairseq")
     attn, mlp = model.decoder[0].cross_attn, model.decoder[0].mlp
@@ -112,12 +113,13 @@ def test_fairseq_init_is_refused_for_a_variant_fairseq_never_had(compose_cfg):
         validate_task(compose_cfg("model.init=fairseq"))
 
 
-# --- positions ---------------------------------------------------------------------------------------------------
+# --- positions ------------------------------------------------------------------------------------
 
 
 def test_fairseq_positions_at_known_positions():
-    """fairseq's table: [sin | cos] concatenated, frequency i is 10000^(-i / (half - 1)), and the first token sits at
-    fairseq's position 2. d 8: half 4, frequencies 1, 10000^(-1/3), 10000^(-2/3), 1e-4."""
+    """fairseq's table: [sin | cos] concatenated, frequency i is 10000^(-i / (half - 1)), and the
+    first token sits at fairseq's position 2. d 8: half 4, frequencies 1, 10000^(-1/3),
+    10000^(-2/3), 1e-4."""
     model = seq2seq("mha", d_model=8, n_head=2, positions="sinusoidal_fairseq")
     table = model.pos_table
     assert table[0, 0].item() == pytest.approx(0.9092974, abs=1e-6)  # sin(2)
@@ -129,12 +131,11 @@ def test_fairseq_positions_at_known_positions():
     added = model._embed(model.embed, ids) - model.embed(ids) * model.embed_scale
     assert torch.allclose(added[0], table[:3], atol=1e-6)
     interleaved = seq2seq("mha", d_model=8, n_head=2, positions="sinusoidal").pos_table
-    assert (
-        interleaved[0, 0].item() == 0.0 and interleaved[0, 1].item() == 1.0
-    )  # sin(0), cos(0): the other layout
+    # sin(0), cos(0): the other layout
+    assert interleaved[0, 0].item() == 0.0 and interleaved[0, 1].item() == 1.0
 
 
-# --- label smoothing ----------------------------------------------------------------------------------------------
+# --- label smoothing ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -142,8 +143,9 @@ def test_fairseq_positions_at_known_positions():
     [("all", 1 - 0.1 + 0.1 / V, 0.1 / V), ("others", 1 - 0.1, 0.1 / (V - 1))],
 )
 def test_label_smoothing_mass(over, target_mass, other_mass):
-    """The distribution the loss pulls towards is softmax - gradient: fairseq's puts 1 - eps on the target and
-    eps / (V - 1) on every other class; PyTorch's 1 - eps + eps/V and eps/V. Padding targets add nothing."""
+    """The distribution the loss pulls towards is softmax - gradient: fairseq's puts 1 - eps on the
+    target and eps / (V - 1) on every other class; PyTorch's 1 - eps + eps/V and eps/V. Padding
+    targets add nothing."""
     logits = torch.randn(3, V, requires_grad=True)
     target = torch.tensor([4, 9, PAD])
     smoothed_nll(logits, target, PAD, 0.1, over).backward()
@@ -155,11 +157,12 @@ def test_label_smoothing_mass(over, target_mass, other_mass):
     assert not logits.grad[2].any()
 
 
-# --- FFN and dropout --------------------------------------------------------------------------------------------
+# --- FFN and dropout ------------------------------------------------------------------------------
 
 
 def test_relu_ffn_with_activation_dropout():
-    """ReLU zeroes the negative pre-activations; activation dropout p zeroes a share p of the others (train mode)."""
+    """ReLU zeroes the negative pre-activations; activation dropout p zeroes a share p of the others
+    (train mode)."""
     model = seq2seq("mha", d_model=64, n_head=4, activation="relu", activation_dropout=0.5).train()
     mlp, seen = model.encoder[0].mlp, {}
     mlp.c_proj.register_forward_pre_hook(lambda mod, args: seen.update(h=args[0]))
@@ -177,8 +180,9 @@ def test_relu_ffn_with_activation_dropout():
 
 
 def test_attention_dropout_apart_from_residual_dropout():
-    """model.attn_dropout acts on the attention probabilities only: with residual dropout 0 no output element is
-    zeroed, yet two training passes differ; attn_dropout 0 with residual dropout 0 is deterministic."""
+    """model.attn_dropout acts on the attention probabilities only: with residual dropout 0 no
+    output element is zeroed, yet two training passes differ; attn_dropout 0 with residual dropout 0
+    is deterministic."""
     x = torch.randn(2, 10, 32)
     attn = seq2seq("mha", attn_dropout=0.5).encoder[0].self_attn.train()
     a, b = attn(x)[0], attn(x)[0]
@@ -189,7 +193,7 @@ def test_attention_dropout_apart_from_residual_dropout():
     assert moa.dropout == 0.0 and moa.resid_dropout.p == 0.3
 
 
-# --- aux terms -------------------------------------------------------------------------------------------------------
+# --- aux terms ------------------------------------------------------------------------------------
 
 
 def translation_loss(model, batch, aux: AuxConfig):
@@ -204,9 +208,9 @@ def translation_loss(model, batch, aux: AuxConfig):
 
 @pytest.mark.parametrize("divide", [False, True])
 def test_aux_gradient_scales_with_the_batch_target_tokens(divide):
-    """The MoA code adds the aux terms to the token-summed NLL and fairseq divides by the target tokens: the same
-    batch twice over (twice the tokens, the same aux terms, which are token means) halves the aux term's gradient.
-    Without divide_by_tokens it is the same for both batches."""
+    """The MoA code adds the aux terms to the token-summed NLL and fairseq divides by the target
+    tokens: the same batch twice over (twice the tokens, the same aux terms, which are token means)
+    halves the aux term's gradient. Without divide_by_tokens it is the same for both batches."""
     model = seq2seq("moa", n_experts=4, top_k=2)
     for layer in [*model.encoder, *model.decoder]:
         torch.nn.init.normal_(layer.self_attn.router.weight, std=0.5)
@@ -231,9 +235,8 @@ def test_aux_gradient_scales_with_the_batch_target_tokens(divide):
         (total - ce).backward()
         grads.append(model.encoder[0].self_attn.router.weight.grad.clone())
         terms.append({k: v.item() for k, v in aux_terms.items()})
-    assert terms[0] == pytest.approx(
-        terms[1], rel=1e-5
-    )  # token means: the same for the repeated batch
+    # token means: the same for the repeated batch
+    assert terms[0] == pytest.approx(terms[1], rel=1e-5)
     assert grads[0].abs().sum() > 0
     ratio = 2.0 if divide else 1.0
     assert torch.allclose(grads[0], ratio * grads[1], rtol=1e-4, atol=1e-9)
@@ -246,8 +249,9 @@ def test_aux_gradient_scales_with_the_batch_target_tokens(divide):
 
 
 def test_z_loss_over_every_token_and_cv_of_the_topk_gates():
-    """z_tokens=all averages the z-loss over padding too (the MoA code does not mask it); cv_of=gates takes the cv of
-    the top-k gate matrix (zeros where not chosen), not of the dense probabilities."""
+    """z_tokens=all averages the z-loss over padding too (the MoA code does not mask it);
+    cv_of=gates takes the cv of the top-k gate matrix (zeros where not chosen), not of the dense
+    probabilities."""
     logits = torch.tensor([[2.0, 0.0, -1.0, 0.5], [0.1, 0.2, 0.3, 0.4], [5.0, 5.0, 5.0, 5.0]])
     probs = logits.softmax(-1)
     chosen = probs.topk(2, -1).indices
@@ -265,7 +269,7 @@ def test_z_loss_over_every_token_and_cv_of_the_topk_gates():
     assert every["balance"].item() == pytest.approx(real["balance"].item())  # unchanged
 
 
-# --- the experiments ---------------------------------------------------------------------------------------------
+# --- the experiments ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -118,9 +118,8 @@ def test_moas_flops_hand_count(make_cfg, dynamic, bias):
         f"model.bias={bias}",
     )
     hd = d // h
-    qkv = (
-        3 * d * d + 2 * d * (h + g + 1) * hd
-    )  # three query sets; K/V of the MHA, GQA, MQA branches
+    # three query sets; K/V of the MHA, GQA, MQA branches
+    qkv = 3 * d * d + 2 * d * (h + g + 1) * hd
     out = 3 * d * d
     router = (d * (d // 4) + (d // 4) * 3) if dynamic else 0
     expected = (
@@ -147,13 +146,13 @@ def test_damaged_peak_flops_cache_is_measured_again(tmp_path, monkeypatch, caplo
     monkeypatch.setattr(flops, "measure_matmul_flops", lambda device, kind: 1.5e9)
     assert flops.peak_flops(device, "fp32", tmp_path) == 1.5e9
     assert flops.read_table(tmp_path / "peak_flops.json")[key] == 1.5e9  # the file is whole again
-    assert ("is damaged" in caplog.text) == (
-        "KEY" not in content
-    )  # a bad value alone is just measured again
+    # a bad value alone is just measured again
+    assert ("is damaged" in caplog.text) == ("KEY" not in content)
 
 
 def test_moas_kv_flops_are_mha_plus_the_router(make_cfg):
-    """moas_kv runs MHA's projections and n_head query heads whatever the schemes; the router is Linear(d, 3)."""
+    """moas_kv runs MHA's projections and n_head query heads whatever the schemes; the router is
+    Linear(d, 3)."""
     d, h, n_layer, t = 64, 4, 2, 32
     kv, _ = build(
         make_cfg, "model=moas_kv", f"model.d_model={d}", f"model.n_head={h}", "model.kv_budget=2"

@@ -1,5 +1,5 @@
-"""Generating from a run folder: the tokenizer saved with the run, `moa_train.generate` (cached and uncached,
-greedy and seeded sampling, batches of prompts) and `moa-generate`'s one-line refusals."""
+"""Generating from a run folder: the tokenizer saved with the run, `moa_train.generate` (cached and
+uncached, greedy and seeded sampling, batches of prompts) and `moa-generate`'s one-line refusals."""
 
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def test_greedy_generation_is_the_same_with_and_without_the_cache(loaded):
 
 
 def test_a_variant_without_the_cache_contract_generates_with_full_forwards(loaded):
-    """A plugin's attention module without `forward_cached` still generates (full forwards, the same tokens)."""
+    """A plugin's attention module without `forward_cached` still generates (full forwards, the same
+    tokens)."""
     import copy
 
     import torch
@@ -116,8 +117,8 @@ def test_a_batch_of_prompts_of_different_lengths_gives_each_prompts_own_result(l
 
 
 def test_cached_generation_attends_over_the_live_context_only(loaded, monkeypatch):
-    """Each decode step attends over the positions any row has reached (the widest prompt + steps so far), not the
-    whole cache; the same text as the full forwards (checked above and here)."""
+    """Each decode step attends over the positions any row has reached (the widest prompt + steps so
+    far), not the whole cache; the same text as the full forwards (checked above and here)."""
     from moa_train.models.lm import LanguageModel
 
     model, tok = loaded
@@ -131,9 +132,8 @@ def test_cached_generation_attends_over_the_live_context_only(loaded, monkeypatc
     prompts = ["The song ", "In 1990 the band "]
     cached = moa_train.generate(model, tok, prompts, max_new_tokens=6, greedy=True)
     width = max(len(tok.encode(p)) for p in prompts)
-    assert [s for s, _ in spans] == [
-        width + 1 + j for j in range(5)
-    ]  # 6 tokens: 5 steps, the last never fed
+    # 6 tokens: 5 steps, the last never fed
+    assert [s for s, _ in spans] == [width + 1 + j for j in range(5)]
     assert spans[-1][0] == spans[-1][1]  # the last step reaches the end of the cache
     assert cached == moa_train.generate(
         model, tok, prompts, max_new_tokens=6, greedy=True, use_cache=False
@@ -275,8 +275,8 @@ def test_bad_input_gives_one_line_and_exit_2(case, char_run, translation_like, t
 
 
 def test_top1_inference_routing_chosen_at_generation_time(loaded):
-    """A moas_dynamic model switched to top1 routing generates the same greedy text through the cache as by full
-    forwards (both route each token to its argmax branch)."""
+    """A moas_dynamic model switched to top1 routing generates the same greedy text through the
+    cache as by full forwards (both route each token to its argmax branch)."""
     import torch
     from omegaconf import OmegaConf
 

@@ -1,9 +1,11 @@
-"""Golden losses: the first training losses of tiny fixed-seed CPU runs, stored in tests/golden/losses.json, so a
-change that alters the training numerics (initialisation, attention, losses, optimizer, data order) fails here.
+"""Golden losses: the first training losses of tiny fixed-seed CPU runs, stored in
+tests/golden/losses.json, so a change that alters the training numerics (initialisation, attention,
+losses, optimizer, data order) fails here.
 
-Each entry is the train/loss of steps 1..12 (log_interval 1) of `debug=tiny model.n_head=4` on the synthetic
-WikiText of conftest.py, on one CPU thread. Tolerance: relative 1e-5, a hundred times the spread measured between
-one and two threads (float reductions are split differently), far below what a change of numerics moves.
+Each entry is the train/loss of steps 1..12 (log_interval 1) of `debug=tiny model.n_head=4` on the
+synthetic WikiText of conftest.py, on one CPU thread. Tolerance: relative 1e-5, a hundred times the
+spread measured between one and two threads (float reductions are split differently), far below what
+a change of numerics moves.
 
 A deliberate change of numerics regenerates the file (say why in the commit):
 

@@ -21,9 +21,10 @@ COMMON = (
     "trainer.eval_interval=12",
     "model.n_head=4",
 )
-# MoA with k = E: with k < E and the router initialised at zero every token starts on exact ties, so rounding-level
-# differences (the capturable AdamW keeps its bias correction on the device) flip expert choices and the runs part
-# ways for reasons unrelated to the capture. k = E exercises the same top-k, gather and scatter code continuously.
+# MoA with k = E: with k < E and the router initialised at zero every token starts on exact ties, so
+# rounding-level differences (the capturable AdamW keeps its bias correction on the device) flip
+# expert choices and the runs part ways for reasons unrelated to the capture. k = E exercises the
+# same top-k, gather and scatter code continuously.
 MODELS = {"mha": (), "moas_dynamic": (), "moa": ("model.n_experts=4", "model.top_k=4")}
 
 
@@ -49,14 +50,15 @@ def test_cuda_graph_step_equals_eager(train_run, tmp_path, model, compiled):
     assert losses(graphed)[-1] < losses(graphed)[0] - 0.1
 
 
-# --- non-finite steps and resume on the GPU ---------------------------------------------------------------------
+# --- non-finite steps and resume on the GPU -------------------------------------------------------
 
 
 @pytest.fixture
 def poison(monkeypatch):
-    """poison(steps): the training loss is multiplied by a device scalar that is NaN during those (1-based) steps;
-    a tensor read by the captured graph, so the injection reaches replays too. Non-log steps after the capture
-    run with CUDA's sync debug mode set to error: a host sync there fails the test."""
+    """poison(steps): the training loss is multiplied by a device scalar that is NaN during those
+    (1-based) steps; a tensor read by the captured graph, so the injection reaches replays too.
+    Non-log steps after the capture run with CUDA's sync debug mode set to error: a host sync there
+    fails the test."""
     from moa_train.train.loop import Trainer
     from moa_train.train.tasks import LMTask
 
@@ -101,9 +103,8 @@ def test_non_finite_steps_are_skipped_without_a_sync(train_run, tmp_path, poison
     assert [r["train/skipped_steps"] for r in records if "train/loss" in r] == [0, 2, 2]
     assert all(r["train/loss"] == r["train/loss"] for r in records if "train/loss" in r)  # no NaN
     assert losses(records)[0] == losses(clean)[0]  # steps 1-4 as the clean run's
-    assert losses(records)[-1] != pytest.approx(
-        losses(clean)[-1], abs=1e-6
-    )  # two steps were left out
+    # two steps were left out
+    assert losses(records)[-1] != pytest.approx(losses(clean)[-1], abs=1e-6)
 
 
 def test_resume_with_cuda_graphs(train_run, tmp_path):
@@ -120,9 +121,9 @@ def test_resume_with_cuda_graphs(train_run, tmp_path):
 
 
 def test_translation_resumes_on_the_gpu(compose_cfg, tmp_path):
-    """A translation run resumes from a checkpoint loaded onto the GPU: the loader's generator state, moved there with
-    the checkpoint, goes back to the CPU (every resumed translation run on CUDA failed with 'RNG state must be a
-    torch.ByteTensor')."""
+    """A translation run resumes from a checkpoint loaded onto the GPU: the loader's generator
+    state, moved there with the checkpoint, goes back to the CPU (every resumed translation run on
+    CUDA failed with 'RNG state must be a torch.ByteTensor')."""
     from moa_train.train.loop import train
     from test_translation_train import write_copy_corpus
 
@@ -144,18 +145,16 @@ def test_translation_resumes_on_the_gpu(compose_cfg, tmp_path):
 
 @pytest.mark.parametrize("variant", ["mha", "gqa", "moas_dynamic", "moas_dynamic_top1", "moa_topk"])
 def test_decode_step_captured_in_a_cuda_graph_equals_eager(variant):
-    """The static cache lets a decode step be compiled with CUDA graphs (mode="reduce-overhead"): 16 captured steps
-    give the eager steps' logits (fp32, TF32 off: atol 1e-3 on logits of order 0.1-1; in bf16 the compiled kernels'
-    different fusion moved logits by up to 0.023 on the H200)."""
+    """The static cache lets a decode step be compiled with CUDA graphs (mode="reduce-overhead"): 16
+    captured steps give the eager steps' logits (fp32, TF32 off: atol 1e-3 on logits of order 0.1-1;
+    in bf16 the compiled kernels' different fusion moved logits by up to 0.023 on the H200)."""
     from test_kv_cache import build, tokens
 
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = False
     lm = build(variant).cuda()
-    prompt, feed = (
-        tokens(4, 6).cuda(),
-        tokens(4, 16, seed=2).cuda(),
-    )  # fixed inputs: no argmax ties to diverge on
+    # fixed inputs: no argmax ties to diverge on
+    prompt, feed = tokens(4, 6).cuda(), tokens(4, 16, seed=2).cuda()
     step = torch.compile(lm.decode_step, mode="reduce-overhead", fullgraph=True)
     with torch.no_grad():
         outs = []

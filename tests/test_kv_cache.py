@@ -1,6 +1,7 @@
-"""Cached inference (models/kv_cache.py): prefill + one-token decode steps give the full forward's logits for every
-attention variant, rows of different lengths stay independent, the cache holds what each variant declares, MoAS top1
-routing, and a decode step with no host sync. CPU, fp32, tiny models; logits compared with atol 1e-5."""
+"""Cached inference (models/kv_cache.py): prefill + one-token decode steps give the full forward's
+logits for every attention variant, rows of different lengths stay independent, the cache holds what
+each variant declares, MoAS top1 routing, and a decode step with no host sync. CPU, fp32, tiny
+models; logits compared with atol 1e-5."""
 
 from __future__ import annotations
 
@@ -33,11 +34,12 @@ VARIANTS = {
     "moa_topk": ("moa", {"n_experts": 4, "top_k": 2}),
     "moa_all": ("moa", {"n_experts": 4, "top_k": 4}),
     "moa_kv2": ("moa", {"n_experts": 4, "top_k": 2, "n_kv_heads": 2, "head_dim": 4, "bias": True}),
-    # a pool of n_head x max_len slots (2 x budget 2): no token falls back, so the cache equals the full forward
+    # a pool of n_head x max_len slots (2 x budget 2): no token falls back, so the cache equals the
+    # full forward
     "moas_kv": ("moas_kv", {"kv_budget": 2.0, "kv_pool_slack": 2.0}),
 }
-# K/V heads cached per layer: MoAS every branch's (H + G + 1), gqa G, mqa 1, moa its shared n_kv_heads (moas_kv's
-# pooled cache: tests/test_moas_kv.py)
+# K/V heads cached per layer: MoAS every branch's (H + G + 1), gqa G, mqa 1, moa its shared
+# n_kv_heads (moas_kv's pooled cache: tests/test_moas_kv.py)
 CACHED_HEADS = {
     "mha": H,
     "gqa": 2,
@@ -68,10 +70,8 @@ def build(variant: str, seed: int = 0, **overrides) -> LanguageModel:
     )
     torch.manual_seed(seed)
     lm = LanguageModel(m, VOCAB).eval()
-    for (
-        pname,
-        p,
-    ) in lm.named_parameters():  # routers start at zero (MoA): give them a preference per token
+    # routers start at zero (MoA): give them a preference per token
+    for pname, p in lm.named_parameters():
         if ".router" in pname:
             torch.nn.init.normal_(p, std=0.5)
     return lm
@@ -83,8 +83,9 @@ def tokens(b: int, t: int, seed: int = 1) -> torch.Tensor:
 
 @torch.no_grad()
 def cached_logits(lm: LanguageModel, idx: torch.Tensor, lengths: list, max_len: int = 24) -> list:
-    """Per row: the logits (n, V) after each token from its last prompt token on: prefill of the right-padded
-    prompts (row r's prompt is idx[r, :lengths[r]]), then one decode step per remaining column of idx."""
+    """Per row: the logits (n, V) after each token from its last prompt token on: prefill of the
+    right-padded prompts (row r's prompt is idx[r, :lengths[r]]), then one decode step per remaining
+    column of idx."""
     b, t = idx.shape
     width = max(lengths)
     prompts = idx[:, :width].clone()
@@ -117,9 +118,8 @@ def test_batch_of_different_lengths_gives_each_prompts_logits(variant):
     idx = tokens(3, t, seed=3)
     got = cached_logits(lm, idx, lengths)
     for r, n in enumerate(lengths):
-        row = idx[
-            r : r + 1, : n + t - max(lengths)
-        ]  # the row's prompt and the tokens it decoded, alone
+        # the row's prompt and the tokens it decoded, alone
+        row = idx[r : r + 1, : n + t - max(lengths)]
         with torch.no_grad():
             alone, _ = lm(row)
         torch.testing.assert_close(got[r], alone[0, n - 1 :], atol=ATOL, rtol=0)
@@ -127,8 +127,9 @@ def test_batch_of_different_lengths_gives_each_prompts_logits(variant):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_decode_over_a_span_equals_decode_over_the_whole_cache(variant):
-    """decode_step(span=s) attends over (and writes into) the cache's first s positions: the same logits and cache
-    as over all max_len, with s just above the largest position (what moa-generate passes) or a bucket above it."""
+    """decode_step(span=s) attends over (and writes into) the cache's first s positions: the same
+    logits and cache as over all max_len, with s just above the largest position (what moa-generate
+    passes) or a bucket above it."""
     lm = build(variant)
     idx, lengths = tokens(2, 12, seed=4), torch.tensor([3, 6])
     caches = [lm.init_cache(2, 24) for _ in range(3)]
@@ -147,14 +148,16 @@ def test_decode_over_a_span_equals_decode_over_the_whole_cache(variant):
     for cache in caches[1:]:
         assert torch.equal(cache.lengths, caches[0].lengths)
         for a, b in zip(cache.k + cache.v, caches[0].k + caches[0].v):
-            # later layers' K/V differ in the last bits: the attention before them reduced over fewer positions
+            # later layers' K/V differ in the last bits: the attention before them reduced over
+            # fewer positions
             torch.testing.assert_close(getattr(a, "k", a), getattr(b, "k", b), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("variant", ["mha", "moas_dynamic", "moas_dynamic_top1", "moa_topk"])
 def test_decode_over_a_span_writes_into_the_whole_cache(variant, monkeypatch):
-    """The span narrows what attention READS; writes go to the whole cache tensors, never to views of their first
-    positions, which inductor compiled into copies of the views out and back (kv_cache.write_kv)."""
+    """The span narrows what attention READS; writes go to the whole cache tensors, never to views
+    of their first positions, which inductor compiled into copies of the views out and back
+    (kv_cache.write_kv)."""
     from moa_train.models.attention import moa, moas
 
     lm = build(variant)
@@ -173,12 +176,12 @@ def test_decode_over_a_span_writes_into_the_whole_cache(variant, monkeypatch):
 
 
 def test_a_plugin_attention_without_span_reads_the_whole_cache():
-    """An attention whose forward_cached predates `span` is called without it, and gives the same logits."""
+    """An attention whose forward_cached predates `span` is called without it, and gives the same
+    logits."""
     from moa_train.models.lm import takes_span
 
-    class OldStyle(
-        torch.nn.Module
-    ):  # a plugin's variant written against the four-argument contract
+    # a plugin's variant written against the four-argument contract
+    class OldStyle(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
@@ -254,9 +257,10 @@ def test_kv_bytes_per_token_match_the_cache(variant, dtype):
     cache = lm.init_cache(batch, max_len, dtype=dtype)
     assert cache.nbytes() / max_len / batch == kv_bytes_per_token(lm, dtype)
     head_dim = lm.blocks[0].attn.kv_layout()[1]
+    # 2 layers
     assert (
         kv_bytes_per_token(lm, dtype) == 2 * 2 * CACHED_HEADS[variant] * head_dim * dtype.itemsize
-    )  # 2 layers
+    )
     assert all(
         k.shape == (batch, CACHED_HEADS[variant], max_len, head_dim) and k.dtype == dtype
         for k in cache.k
@@ -304,7 +308,8 @@ def test_top1_equals_soft_when_the_router_is_one_hot():
 def assert_cached_logits_match(
     lm: LanguageModel, idx: torch.Tensor, lengths: list, full: torch.Tensor
 ) -> None:
-    """Each row's cached logits (prompt of lengths[r] tokens, then decode steps) against the full forward's."""
+    """Each row's cached logits (prompt of lengths[r] tokens, then decode steps) against the full
+    forward's."""
     for r, got in enumerate(cached_logits(lm, idx, lengths)):
         n = lengths[r]
         torch.testing.assert_close(got, full[r, n - 1 : n - 1 + len(got)], atol=ATOL, rtol=0)
@@ -312,9 +317,8 @@ def assert_cached_logits_match(
 
 def test_top1_on_a_normal_router_is_the_argmax_branch_alone(monkeypatch):
     top1 = build("moas_dynamic_top1", seed=6)
-    forced = build(
-        "moas_dynamic", seed=6
-    )  # soft, with its gates forced to the one-hot of the router's argmax
+    # soft, with its gates forced to the one-hot of the router's argmax
+    forced = build("moas_dynamic", seed=6)
     forced.load_state_dict(top1.state_dict())
     for module in moas_modules(forced):
 
@@ -328,19 +332,20 @@ def test_top1_on_a_normal_router_is_the_argmax_branch_alone(monkeypatch):
         expected, routings = forced(idx)
         soft, _ = build("moas_dynamic", seed=6)(idx)
     probs = torch.cat([r.probs for r in routings])
-    assert (
-        probs.max(-1).values.median() < 0.9 and len(probs.argmax(-1).unique()) == 3
-    )  # mixtures; every branch chosen
+    # mixtures; every branch chosen
+    assert probs.max(-1).values.median() < 0.9 and len(probs.argmax(-1).unique()) == 3
     assert (soft - expected).abs().max() > 1e-3  # top1 is not soft
     with torch.no_grad():
         torch.testing.assert_close(top1(idx)[0], expected, atol=ATOL, rtol=0)
-    # the decode steps run top1's own one-token path (the chosen branch's weights and cache heads only)
+    # the decode steps run top1's own one-token path (the chosen branch's weights and cache heads
+    # only)
     assert_cached_logits_match(top1, idx, [3, 5], expected)
 
 
 class NoHostSync(TorchDispatchMode):
-    """Fails on every op that reads a tensor on the host (.item(), bool(), int(): _local_scalar_dense; on CPU
-    .tolist() reads memory without an op) or makes an output shape depend on data."""
+    """Fails on every op that reads a tensor on the host (.item(), bool(), int():
+    _local_scalar_dense; on CPU .tolist() reads memory without an op) or makes an output shape
+    depend on data."""
 
     SYNCS = {
         "_local_scalar_dense",
@@ -370,10 +375,8 @@ def test_decode_step_has_no_host_sync(variant):
         with NoHostSync():
             lm.decode_step(idx[:, 5], cache)
             lm.decode_step(idx[:, 6], cache)
-        with (
-            pytest.raises(AssertionError, match="host sync"),
-            NoHostSync(),
-        ):  # the check itself sees a sync
+        # the check itself sees a sync
+        with pytest.raises(AssertionError, match="host sync"), NoHostSync():
             cache.lengths[0].item()
 
 
@@ -381,7 +384,8 @@ def test_decode_step_has_no_host_sync(variant):
     "variant", ["mha", "moas_dynamic", "moas_dynamic_top1", "moa_topk", "moa_all", "moas_kv"]
 )
 def test_decode_step_compiles_in_one_graph(variant):
-    """torch.compile(fullgraph=True) of the decode step (backend eager: tracing only) gives the eager logits."""
+    """torch.compile(fullgraph=True) of the decode step (backend eager: tracing only) gives the
+    eager logits."""
     lm = build(variant)
     idx = tokens(2, 8, seed=8)
     lengths = torch.tensor([3, 5])
@@ -403,12 +407,12 @@ def test_decode_step_compiles_in_one_graph(variant):
     torch.testing.assert_close(keys[0], keys[1], atol=0, rtol=0)
 
 
-@pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
-)  # inductor's imports
+# inductor's imports
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_cache_write_touches_only_the_new_entries():
-    """write_kv compiled by inductor (CPU code here) stores the new entries alone: no loop over the whole cache, which
-    a scatter_ compiled into (a copy of the cache and a copy back, at every decode step: docs/results/inference.md)."""
+    """write_kv compiled by inductor (CPU code here) stores the new entries alone: no loop over the
+    whole cache, which a scatter_ compiled into (a copy of the cache and a copy back, at every
+    decode step: docs/results/inference.md)."""
     import shutil
 
     from torch._inductor.utils import run_and_get_code
@@ -426,20 +430,18 @@ def test_compiled_cache_write_touches_only_the_new_entries():
         torch.compile(write_kv, fullgraph=True, dynamic=False), cache, new, positions
     )
     assert torch.equal(cache, want)
-    assert f"{b * h * length * d}L" not in "\n".join(
-        code
-    )  # CPU loops read `x0<static_cast<int64_t>(4440L)`
+    # CPU loops read `x0<static_cast<int64_t>(4440L)`
+    assert f"{b * h * length * d}L" not in "\n".join(code)
 
 
-@pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
-)  # inductor's imports
+# inductor's imports
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("variant", ["mha", "moas_dynamic"])
 def test_compiled_decode_over_a_span_copies_no_view_of_the_cache(variant):
-    """decode_step(span=11) compiled by inductor (CPU code): no loop runs over span x head_dim (88) elements, which
-    the copies of a (B, H, span, D) view of the cache around each write did (handing views down to the attention
-    modules: 1.6 ms of a 2.0 ms step at batch 64 on an H200, kv_cache.write_kv); writes and the mask use other
-    extents."""
+    """decode_step(span=11) compiled by inductor (CPU code): no loop runs over span x head_dim (88)
+    elements, which the copies of a (B, H, span, D) view of the cache around each write did (handing
+    views down to the attention modules: 1.6 ms of a 2.0 ms step at batch 64 on an H200,
+    kv_cache.write_kv); writes and the mask use other extents."""
     import re
     import shutil
 
@@ -464,8 +466,9 @@ def test_compiled_decode_over_a_span_copies_no_view_of_the_cache(variant):
 
 
 def test_moas_decode_reads_the_cache_without_expanding_it(monkeypatch):
-    """MoAS decode steps (soft and top1) attend each branch's cache heads through SDPA's GQA: repeat_kv, which copies
-    the cache into 3 n_head heads, is never called (it made a third of a GPT-2-size step at batch 64)."""
+    """MoAS decode steps (soft and top1) attend each branch's cache heads through SDPA's GQA:
+    repeat_kv, which copies the cache into 3 n_head heads, is never called (it made a third of a
+    GPT-2-size step at batch 64)."""
     for variant in ("moas_dynamic", "moas_dynamic_top1", "moas_static"):
         lm = build(variant)
         idx = tokens(2, 8, seed=8)

@@ -1,6 +1,6 @@
-"""MoAS against the paper's released code (compare_moas.py): residual dropout per branch (model.resid_dropout=
-per_branch: each branch's c_proj output, bias included, dropped out before the gates mix them) and router biases
-that follow model.bias."""
+"""MoAS against the paper's released code (compare_moas.py): residual dropout per branch
+(model.resid_dropout= per_branch: each branch's c_proj output, bias included, dropped out before the
+gates mix them) and router biases that follow model.bias."""
 
 from __future__ import annotations
 
@@ -35,9 +35,8 @@ def moas(
         fused=fused,
         resid_dropout=mode,
     )
-    with (
-        torch.no_grad()
-    ):  # non-trivial output biases, so a bias added after the dropout would fill the zeros
+    # non-trivial output biases, so a bias added after the dropout would fill the zeros
+    with torch.no_grad():
         if m.o_bias is not None:
             m.o_bias.normal_(std=0.1)
     return m
@@ -48,8 +47,9 @@ def rand_x(seed: int = 1) -> torch.Tensor:
 
 
 def zero_share(m: MoASAttention, seed: int = 2) -> float:
-    """Share of exact zeros in the train-mode output. Position 0 is left out: its query has one key, which
-    attention dropout (also p) removes for every head at once with probability p^(heads), zeroing the whole row."""
+    """Share of exact zeros in the train-mode output. Position 0 is left out: its query has one key,
+    which attention dropout (also p) removes for every head at once with probability p^(heads),
+    zeroing the whole row."""
     torch.manual_seed(seed)
     y, _ = m.train()(rand_x())
     return (y[:, 1:] == 0).float().mean().item()
@@ -64,8 +64,9 @@ def tol(p: float) -> float:
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("branch", [0, 1, 2], ids=["mha", "gqa", "mqa"])
 def test_per_branch_drops_each_branch_s_output_with_p(fused, bias, branch):
-    """The other two branches silenced (their c_proj columns and output biases zero): y = 1/3 dropout(o_b W_b^T +
-    c_b), so a share p of y is zero, bias included (a bias added after the dropout would leave no zero)."""
+    """The other two branches silenced (their c_proj columns and output biases zero): y = 1/3
+    dropout(o_b W_b^T + c_b), so a share p of y is zero, bias included (a bias added after the
+    dropout would leave no zero)."""
     m = moas("per_branch", fused, bias)
     with torch.no_grad():
         for other in {0, 1, 2} - {branch}:
@@ -78,8 +79,8 @@ def test_per_branch_drops_each_branch_s_output_with_p(fused, bias, branch):
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_an_output_element_is_zero_only_where_every_branch_dropped_it(fused, bias):
-    """All three branches on: per_branch zeroes an element of y with probability p^3 (independent masks; 0.125 at
-    p = 0.5), mixed with p (one mask after the mix)."""
+    """All three branches on: per_branch zeroes an element of y with probability p^3 (independent
+    masks; 0.125 at p = 0.5), mixed with p (one mask after the mix)."""
     assert abs(zero_share(moas("per_branch", fused, bias)) - P**3) < tol(P**3)
     assert abs(zero_share(moas("mixed", fused, bias)) - P) < tol(P)
 
@@ -87,10 +88,11 @@ def test_an_output_element_is_zero_only_where_every_branch_dropped_it(fused, bia
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_fused_equals_plain_in_training_under_one_seed(dynamic, bias):
-    """Both paths draw the residual mask over one contiguous (3, B, T, d) tensor, so under one seed they drop the same
-    elements. Attention dropout is switched off (the module's attention probability, not the residual one): the
-    fused path draws its attention mask in one SDPA call, the plain path in three, so with it the random streams
-    part. Outputs and gradients agree to float32 rounding (atol 1e-5)."""
+    """Both paths draw the residual mask over one contiguous (3, B, T, d) tensor, so under one seed
+    they drop the same elements. Attention dropout is switched off (the module's attention
+    probability, not the residual one): the fused path draws its attention mask in one SDPA call,
+    the plain path in three, so with it the random streams part. Outputs and gradients agree to
+    float32 rounding (atol 1e-5)."""
     fused = moas("per_branch", True, bias, dynamic)
     plain = moas("per_branch", False, bias, dynamic)
     plain.load_state_dict(fused.state_dict())
@@ -120,8 +122,9 @@ def test_fused_equals_plain_in_training_under_one_seed(dynamic, bias):
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("case", ["eval", "dropout0"])
 def test_per_branch_equals_mixed_where_dropout_is_inactive(fused, dynamic, case):
-    """In eval mode, or training with dropout 0, per_branch is the mixed function and runs the same code: equal
-    bit for bit for the same weights (and fused == plain within float32 rounding, atol 1e-5)."""
+    """In eval mode, or training with dropout 0, per_branch is the mixed function and runs the same
+    code: equal bit for bit for the same weights (and fused == plain within float32 rounding, atol
+    1e-5)."""
     dropout = P if case == "eval" else 0.0
     per_branch = moas("per_branch", fused, True, dynamic, dropout)
     mixed = moas("mixed", fused, True, dynamic, dropout)
@@ -139,7 +142,8 @@ def test_per_branch_equals_mixed_where_dropout_is_inactive(fused, dynamic, case)
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_router_has_biases_iff_model_bias_and_they_learn(make_cfg, bias):
-    """The released router, Linear(d, hidden) -> GELU -> Linear(hidden, 3), follows the model's bias setting."""
+    """The released router, Linear(d, hidden) -> GELU -> Linear(hidden, 3), follows the model's bias
+    setting."""
     cfg = make_cfg(
         "model=moas_dynamic", f"model.bias={bias}", "model.dropout=0.0", "model.gate_dropout=0.0"
     )
@@ -156,6 +160,7 @@ def test_router_has_biases_iff_model_bias_and_they_learn(make_cfg, bias):
         return
     x = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
     logits, _ = lm(x)
-    logits.square().mean().backward()  # no aux term: the gradient reaches the router through the gates alone
+    # no aux term: the gradient reaches the router through the gates alone
+    logits.square().mean().backward()
     for name, p in router_biases.items():
         assert p.grad is not None and p.grad.abs().sum() > 0, name

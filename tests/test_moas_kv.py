@@ -1,7 +1,8 @@
-"""moas_kv (models/attention/moas_kv.py): each query head reads, per past token, the head that token stored; the
-head-pool cache (models/kv_cache.py HeadPool) stores what the routing says and its realised bytes are its used slots;
-the overflow policy; the budget loss on a tiny run; the command line trains and generates. Prefill + cached decoding
-against the full forward (rows of different lengths, no host sync, one compiled graph): tests/test_kv_cache.py."""
+"""moas_kv (models/attention/moas_kv.py): each query head reads, per past token, the head that token
+stored; the head-pool cache (models/kv_cache.py HeadPool) stores what the routing says and its
+realised bytes are its used slots; the overflow policy; the budget loss on a tiny run; the command
+line trains and generates. Prefill + cached decoding against the full forward (rows of different
+lengths, no host sync, one compiled graph): tests/test_kv_cache.py."""
 
 from __future__ import annotations
 
@@ -42,8 +43,9 @@ def attention(seed: int = 0, **keys) -> MoASKVAttention:
 
 
 def by_hand(attn: MoASKVAttention, x: torch.Tensor, schemes: list) -> torch.Tensor:
-    """The layer's output computed loop by loop: query head h at position i reads, for each past token j, the head
-    j stored for h under its scheme: j's own head h, the mean of its heads in h's group, or the mean of all."""
+    """The layer's output computed loop by loop: query head h at position i reads, for each past
+    token j, the head j stored for h under its scheme: j's own head h, the mean of its heads in h's
+    group, or the mean of all."""
     b, t, _ = x.shape
     dh = D // H
     q, k, v = (part.view(b, t, H, dh) for part in attn.c_attn(x).chunk(3, -1))
@@ -86,9 +88,8 @@ def test_each_query_head_reads_what_each_past_token_stored():
     torch.testing.assert_close(torch.cat(steps, 1), expected, atol=1e-5, rtol=0)
     heads = [(H, G, 1)[s] for s in schemes]
     assert pool.scheme[0, :8].tolist() == schemes
-    assert pool.offset[0, :8].tolist() == [
-        sum(heads[:i]) for i in range(8)
-    ]  # each token's heads follow the last's
+    # each token's heads follow the last's
+    assert pool.offset[0, :8].tolist() == [sum(heads[:i]) for i in range(8)]
     assert pool.used_slots(torch.tensor([8, 8])).tolist() == [sum(heads)] * 2
 
 
@@ -131,27 +132,25 @@ def test_realised_bytes_are_the_used_slots_of_the_routed_heads(dtype):
             int(used[r, :n].sum()) for r, n in enumerate(lengths)
         ]
     assert cache.fallbacks() == 0
-    with (
-        torch.no_grad()
-    ):  # the analytic figure from the routing records of the rows' real tokens alone
+    # the analytic figure from the routing records of the rows' real tokens alone
+    with torch.no_grad():
         _, alone = lm(idx[:1])
     single = lm.init_cache(1, 16, dtype=dtype)
     with torch.no_grad():
         lm.prefill(idx[:1], torch.tensor([12]), single)
     assert single.realised_bytes_per_token() == pytest.approx(kv_bytes_per_token(lm, dtype, alone))
-    assert (
-        kv_bytes_per_token(lm, dtype) == 2 * 2 * 2.0 * (D // H) * dtype.itemsize
-    )  # without records: the budget
+    # without records: the budget
+    assert kv_bytes_per_token(lm, dtype) == 2 * 2 * 2.0 * (D // H) * dtype.itemsize
     # the pool: ceil(slack x budget x max_len) = 64 slots per row and layer
     assert cache.nbytes() == 2 * 3 * 64 * head_bytes
-    assert lm.blocks[0].attn.kv_cache_elems_per_token() == 2 * 2.0 * (
-        D // H
-    )  # the analytic figure: the budget
+    # the analytic figure: the budget
+    assert lm.blocks[0].attn.kv_cache_elems_per_token() == 2 * 2.0 * (D // H)
 
 
 def test_a_full_pool_stores_the_fallback_scheme_and_counts_it():
-    """Every token routed to MHA (4 heads) in a pool of max_len + 3 slots: the first token keeps MHA (it leaves
-    one slot for each later position), every later one falls back to MQA, in prefill and in decode steps."""
+    """Every token routed to MHA (4 heads) in a pool of max_len + 3 slots: the first token keeps MHA
+    (it leaves one slot for each later position), every later one falls back to MQA, in prefill and
+    in decode steps."""
     lm = build(kv_budget=1.0, kv_pool_slack=1.0)
     forced = build(kv_budget=1.0, kv_pool_slack=1.0)
     for block in lm.blocks:
@@ -253,9 +252,8 @@ def test_the_budget_loss_pulls_the_stored_heads_to_the_budget(train_run, tmp_pat
     train = [r for r in records if "train/loss" in r]
     assert train[-1]["train/loss"] < train[0]["train/loss"] - 0.5
     heads = [r["train/aux/kv_heads"] for r in train]
-    assert heads[0] > 1.8 and heads[-1] < 1.35, (
-        heads
-    )  # from about (4 + 2 + 1) / 3 to near the budget 1.2
+    # from about (4 + 2 + 1) / 3 to near the budget 1.2
+    assert heads[0] > 1.8 and heads[-1] < 1.35, heads
     assert train[-1]["train/aux/kv_budget"] < train[0]["train/aux/kv_budget"] / 10
     for site in ("layer0", "layer1"):
         assert {f"routing/util/{site}/{name}" for name in ("mha", "gqa", "mqa")} <= set(train[-1])
@@ -301,9 +299,10 @@ def test_the_command_line_trains_and_generates(monkeypatch, capsys, tmp_path):
 
 
 def test_a_decode_step_reads_the_pool_without_an_n_head_view_of_it():
-    """HeadPool.attend scores the slots and picks each position's score, instead of gathering a (B, n_head, max_len,
-    head_dim) view of K and V (MHA's cache traffic at every step): no op of a decode step makes a tensor that big
-    (views and in-place writes aside), and the result still equals the full forward (test_kv_cache)."""
+    """HeadPool.attend scores the slots and picks each position's score, instead of gathering a (B,
+    n_head, max_len, head_dim) view of K and V (MHA's cache traffic at every step): no op of a
+    decode step makes a tensor that big (views and in-place writes aside), and the result still
+    equals the full forward (test_kv_cache)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     lm = build(kv_budget=1.5, kv_pool_slack=1.0)
@@ -315,9 +314,8 @@ def test_a_decode_step_reads_the_pool_without_an_n_head_view_of_it():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if all(
-                r.alias_info is None for r in func._schema.returns
-            ):  # new memory: no view, no in-place write
+            # new memory: no view, no in-place write
+            if all(r.alias_info is None for r in func._schema.returns):
                 for t in out if isinstance(out, (tuple, list)) else [out]:
                     if isinstance(t, torch.Tensor):
                         Sizes.biggest = max(Sizes.biggest, t.numel())

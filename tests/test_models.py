@@ -42,7 +42,8 @@ ROUTED = {
     "moas_kv",
     "moas_kv_bias",
 }
-# aux terms beyond balance, z and cv: moas_kv's stored heads, and its budget loss where a budget is set
+# aux terms beyond balance, z and cv: moas_kv's stored heads, and its budget loss where a budget is
+# set
 KV_AUX = {"moas_kv": {"kv_heads", "kv_budget"}, "moas_kv_bias": {"kv_heads"}}
 
 
@@ -57,9 +58,8 @@ def variant_cfgs(make_cfg):
 def build(cfg, seed: int = 0, randomize_routers: bool = False):
     torch.manual_seed(seed)
     lm = build_model(cfg.model, VOCAB)
-    if (
-        randomize_routers
-    ):  # the MoA router starts at zero (all ties): give it a real preference per token
+    # the MoA router starts at zero (all ties): give it a real preference per token
+    if randomize_routers:
         for name, p in lm.named_parameters():
             if ".router." in name:
                 torch.nn.init.normal_(p, std=0.5)
@@ -96,7 +96,8 @@ def test_moa_router_starts_at_zero_and_still_learns(variant_cfgs):
     routers = [b.attn.router.weight for b in lm.blocks]
     assert all(torch.count_nonzero(w) == 0 for w in routers)
     logits, _ = lm(tokens())
-    logits.square().mean().backward()  # no aux term: the gradient reaches the router through the gates alone
+    # no aux term: the gradient reaches the router through the gates alone
+    logits.square().mean().backward()
     assert all(w.grad.abs().sum() > 0 for w in routers)
 
 
@@ -111,12 +112,11 @@ def test_causal(variant_cfgs, variant, t):
         a, _ = lm(x)
         b, _ = lm(x2)
     assert torch.allclose(a[:, :t], b[:, :t], atol=1e-5)
-    assert not torch.allclose(
-        a[:, t:], b[:, t:], atol=1e-5
-    )  # the change is visible where it should be
+    # the change is visible where it should be
+    assert not torch.allclose(a[:, t:], b[:, t:], atol=1e-5)
 
 
-# --- routers --------------------------------------------------------------------------------------------------
+# --- routers --------------------------------------------------------------------------------------
 
 D = 32
 
@@ -179,7 +179,7 @@ def test_moa_softmax_all_gates_are_topk_probabilities():
     assert (gates.sum(-1) < 1 - 1e-4).all()  # not renormalised
 
 
-# --- MoAS fused vs plain ----------------------------------------------------------------------------------------
+# --- MoAS fused vs plain --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
@@ -214,7 +214,8 @@ def test_moas_fused_matches_plain(dynamic, bias):
 
 
 def test_moas_parameters_equal_three_branches():
-    """Fused layout holds exactly the parameters of separate MHA, GQA(2) and MQA branches (+ router)."""
+    """Fused layout holds exactly the parameters of separate MHA, GQA(2) and MQA branches (+
+    router)."""
     d, h = 48, 6
     hd = d // h
     attn = MoASAttention(d, h, gqa_kv_heads=2, dynamic=False)

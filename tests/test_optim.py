@@ -80,9 +80,9 @@ def test_dense_model_has_no_router_group(make_cfg):
 
 
 def test_groups_follow_declared_roles_not_attribute_names():
-    """A router under another name joins the router group through its module's PARAM_ROLES; one named `router`
-    without the declaration does not; a bias is left undecayed where its module declares it NO_DECAY (proj's is
-    not declared, so it decays)."""
+    """A router under another name joins the router group through its module's PARAM_ROLES; one
+    named `router` without the declaration does not; a bias is left undecayed where its module
+    declares it NO_DECAY (proj's is not declared, so it decays)."""
     from moa_train.models.roles import NO_DECAY
 
     class Gated(torch.nn.Module):
@@ -110,8 +110,9 @@ def test_groups_follow_declared_roles_not_attribute_names():
 def test_declared_no_decay_and_embedding_roles_cover_exactly_the_norms_biases_and_embeddings(
     compose_cfg, bias
 ):
-    """Every preset, LM and encoder-decoder: the parameters declared NO_DECAY are exactly the 1-D ones (norms and
-    biases: nanoGPT's groups, now declared by their modules), and EMBEDDING exactly the nn.Embedding weights."""
+    """Every preset, LM and encoder-decoder: the parameters declared NO_DECAY are exactly the 1-D
+    ones (norms and biases: nanoGPT's groups, now declared by their modules), and EMBEDDING exactly
+    the nn.Embedding weights."""
     import torch.nn as nn
 
     from moa_train.config import presets

@@ -1,4 +1,5 @@
-"""Optuna sweeps (the [sweep] extra): in-memory and SQLite studies, and a crashed trial that does not stop the sweep."""
+"""Optuna sweeps (the [sweep] extra): in-memory and SQLite studies, and a crashed trial that does
+not stop the sweep."""
 
 import os
 import subprocess
@@ -54,12 +55,12 @@ def test_two_trial_in_memory_study(data_root, cache_dir, tmp_path):
 
 def test_sqlite_study_survives_a_crashed_trial(data_root, cache_dir, tmp_path):
     db = tmp_path / "study.db"
-    empty = (
-        tmp_path / "no-data"
-    )  # a folder (so the config is valid) without wikitext-2/: the trial fails loading it
+    # a folder (so the config is valid) without wikitext-2/: the trial fails loading it
+    empty = tmp_path / "no-data"
     empty.mkdir()
-    # sampler seed 1 draws the data folder, then the empty one: the second trial fails, the sweep goes on (an invalid
-    # value such as gate_dropout 1.5 is refused before the sweep starts, as in a single run)
+    # sampler seed 1 draws the data folder, then the empty one: the second trial fails, the sweep
+    # goes on (an invalid value such as gate_dropout 1.5 is refused before the sweep starts, as in a
+    # single run)
     proc = sweep(
         data_root,
         cache_dir,

@@ -1,4 +1,5 @@
-"""The installed package must ship every subpackage and the configs (pyproject lists them explicitly)."""
+"""The installed package must ship every subpackage and the configs (pyproject lists them
+explicitly)."""
 
 import tomllib
 from pathlib import Path
@@ -26,8 +27,9 @@ def test_configs_found_from_checkout():
 
 
 def test_every_extra_tool_is_pinned_in_the_constraints_file():
-    """scripts/setup.sh installs the extras with constraints/ci.txt: each of their packages needs an exact pin
-    there, inside pyproject's range (python3 scripts/pin_constraints.py rewrites the file)."""
+    """scripts/setup.sh installs the extras with constraints/ci.txt: each of their packages needs an
+    exact pin there, inside pyproject's range (python3 scripts/pin_constraints.py rewrites the
+    file)."""
     import importlib.util
 
     from packaging.requirements import Requirement

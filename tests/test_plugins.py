@@ -1,5 +1,6 @@
-"""Extending the package from outside it (moa_train/plugins.py): a module named in MOA_PLUGINS registers a part,
-a folder on Hydra's search path brings its YAML; nothing inside the package is edited."""
+"""Extending the package from outside it (moa_train/plugins.py): a module named in MOA_PLUGINS
+registers a part, a folder on Hydra's search path brings its YAML; nothing inside the package is
+edited."""
 
 import json
 import os
@@ -14,7 +15,9 @@ from moa_train.plugins import PluginError, load_plugins
 CORPUS_PLUGIN = """
 from moa_train.data.wikitext import LM_CORPORA, TextCorpus
 
-LM_CORPORA["tales_char"] = TextCorpus("tales", "tales", {"train": "a.txt", "val": "b.txt", "test": "c.txt"})
+LM_CORPORA["tales_char"] = TextCorpus(
+    "tales", "tales", {"train": "a.txt", "val": "b.txt", "test": "c.txt"}
+)
 """
 CORPUS_YAML = """\
 name: tales_char

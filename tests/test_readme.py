@@ -1,7 +1,7 @@
-"""Every command line the README shows runs as written (with tiny step counts added), except those it marks
-`[GPU]`, `[multi-node]`, `[full run]` (a paper's whole reproduction) or `[SLURM]` (a cluster's scheduler). The
-lines of one README section run in order in one fresh folder, so a later line can use what an earlier one made (a
-run folder, a sweep)."""
+"""Every command line the README shows runs as written (with tiny step counts added), except those
+it marks `[GPU]`, `[multi-node]`, `[full run]` (a paper's whole reproduction) or `[SLURM]` (a
+cluster's scheduler). The lines of one README section run in order in one fresh folder, so a later
+line can use what an earlier one made (a run folder, a sweep)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ ENTRY = {
 
 
 def readme_commands() -> dict:
-    """{section heading: [(command line, its comment)]} of the README's bash blocks, continuations joined."""
+    """{section heading: [(command line, its comment)]} of the README's bash blocks, continuations
+    joined."""
     sections, heading, block = {}, None, False
     lines = (REPO / "README.md").read_text(encoding="utf-8").replace("\\\n", " ").splitlines()
     for line in lines:
@@ -83,8 +84,8 @@ def readme_data(tmp_path_factory) -> Path:
 
 
 def argv_of(command: str) -> tuple:
-    """(program, arguments) of a README line: set-up before `&&` and environment assignments left out (the test
-    has its own set-up and data folder)."""
+    """(program, arguments) of a README line: set-up before `&&` and environment assignments left
+    out (the test has its own set-up and data folder)."""
     command = command.rpartition("&& ")[2]
     words = shlex.split(command)
     while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
@@ -106,15 +107,14 @@ def run_line(command: str, cwd: Path, monkeypatch, capsys) -> None:
         extra = list(TINY) + (
             ["hydra.sweeper.n_trials=2"] if any("hparams_search" in a for a in args) else []
         )
-        # run folders are named to the second: two commands of a section started within one second would share one
-        # (the second resuming the first), which a person typing them never sees
+        # run folders are named to the second: two commands of a section started within one second
+        # would share one (the second resuming the first), which a person typing them never sees
         time.sleep(1.0 - time.time() % 1.0 + 0.01)
         code, output, _ = run_main(args + extra, monkeypatch, capsys)
         assert code in (0, None), f"{command}\n{output}"
         return
-    if (
-        "--tables-only" in args or "--paper-tables" in args
-    ):  # rebuilt here, not over the committed files
+    # rebuilt here, not over the committed files
+    if "--tables-only" in args or "--paper-tables" in args:
         args += ["--out", str(cwd / "rebuilt")]
     elif program == "moa_train.report" and "--out" not in args:
         args += ["--out", str(cwd / "report")]

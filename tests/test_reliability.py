@@ -1,6 +1,6 @@
-"""Reliability: checkpoints hold every state and are verified, a damaged one is skipped, SIGTERM / SIGINT / SIGKILL
-mid-run resume to exactly the losses of an uninterrupted run, non-finite steps are skipped on the device and too
-many in a row stop the run."""
+"""Reliability: checkpoints hold every state and are verified, a damaged one is skipped, SIGTERM /
+SIGINT / SIGKILL mid-run resume to exactly the losses of an uninterrupted run, non-finite steps are
+skipped on the device and too many in a row stop the run."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from moa_train.train.preemption import Preempted
 from moa_train.train.tasks import LMTask
 
 TINY = ("model=mha", "model.n_head=4")
-# 15 steps, logged every 5 and checkpointed every 5 (the last two kept): a stop at step 7 or 12 is mid-window
+# 15 steps, logged every 5 and checkpointed every 5 (the last two kept): a stop at step 7 or 12 is
+# mid-window
 RUN = (
     *TINY,
     "trainer.max_steps=15",
@@ -51,7 +52,8 @@ def straight(train_run, tmp_path_factory):
 
 
 def assert_same_run(records: list, reference: list) -> None:
-    """Every train and val line once, with exactly the uninterrupted run's values (CPU: bit for bit)."""
+    """Every train and val line once, with exactly the uninterrupted run's values (CPU: bit for
+    bit)."""
     for key in ("train/loss", "val/loss"):
         assert by_step(records, key) == by_step(reference, key), key
 
@@ -69,7 +71,8 @@ def signal_at(monkeypatch, step: int, signum: int) -> None:
 
 
 def nan_loss_at(monkeypatch, calls) -> None:
-    """Multiply the training loss by NaN on these (1-based) calls of the LM loss, one per step here."""
+    """Multiply the training loss by NaN on these (1-based) calls of the LM loss, one per step
+    here."""
     original, count = LMTask.loss, iter(range(1, 10**9))
 
     def loss(self, model, batch, all_aux):
@@ -79,7 +82,7 @@ def nan_loss_at(monkeypatch, calls) -> None:
     monkeypatch.setattr(LMTask, "loss", loss)
 
 
-# --- checkpoints ----------------------------------------------------------------------------------------------------
+# --- checkpoints ----------------------------------------------------------------------------------
 
 
 def test_checkpoint_holds_every_state_and_its_hash(train_run, tmp_path):
@@ -105,9 +108,8 @@ def test_checkpoint_holds_every_state_and_its_hash(train_run, tmp_path):
         {"cuda"} if torch.cuda.is_available() else set()
     )
     assert state["step"] == 5 and state["config"]["trainer"]["max_steps"] == 5
-    assert os.path.samefile(
-        path, tmp_path / "checkpoints" / "best.pt"
-    )  # best.pt: a second name, not a copy
+    # best.pt: a second name, not a copy
+    assert os.path.samefile(path, tmp_path / "checkpoints" / "best.pt")
 
 
 @needs_main_thread
@@ -122,9 +124,8 @@ def test_signal_checkpoints_the_step_and_resume_matches(
     ) as stopped:
         train_run(tmp_path, *RUN)
     assert stopped.value.exit_code == 128 + signum
-    assert str(stopped.value).endswith(
-        f"the same command with hydra.run.dir={tmp_path}"
-    )  # the folder to resume
+    # the folder to resume
+    assert str(stopped.value).endswith(f"the same command with hydra.run.dir={tmp_path}")
     assert {s: signal.getsignal(s) for s in handlers} == handlers  # the previous handlers are back
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt")) == [
         "step_0000005.pt",
@@ -157,18 +158,15 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(
     assert "step_0000010.pt at step 10" in caplog.text
     assert_same_run(records, straight)
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt"))
-    assert kept == [
-        "step_0000010.pt",
-        "step_0000015.pt",
-    ]  # the damaged one is out of the way, set aside
+    # the damaged one is out of the way, set aside
+    assert kept == ["step_0000010.pt", "step_0000015.pt"]
     assert (tmp_path / "checkpoints" / "step_0000012.pt.failed").read_bytes() == bytes(data)
 
 
 def test_no_readable_checkpoint_is_an_error(train_run, tmp_path):
     train_run(tmp_path, *TINY, "trainer.max_steps=5", "trainer.eval_interval=5")
-    for path in (tmp_path / "checkpoints").glob(
-        "*.pt"
-    ):  # step_0000005.pt and best.pt (one file, two names)
+    # step_0000005.pt and best.pt (one file, two names)
+    for path in (tmp_path / "checkpoints").glob("*.pt"):
         path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(
         CheckpointError, match=r"no readable checkpoint .*step_0000005\.pt, best\.pt"
@@ -185,7 +183,7 @@ def test_checkpoint_without_sidecar_loads_with_a_warning(train_run, tmp_path, ca
     assert "loaded without verification" in caplog.text
 
 
-# --- kill a training process ---------------------------------------------------------------------------------------
+# --- kill a training process ----------------------------------------------------------------------
 
 KILL_RUN = (
     *TINY,
@@ -203,7 +201,8 @@ def straight_120(train_run, tmp_path_factory):
 
 
 def last_step(path) -> int:
-    """The step of the last complete line: the running process may be half-way through writing the next one."""
+    """The step of the last complete line: the running process may be half-way through writing the
+    next one."""
     text = path.read_text() if path.is_file() else ""
     lines = text[: text.rfind("\n") + 1].splitlines()
     return json.loads(lines[-1])["step"] if lines else 0
@@ -283,7 +282,7 @@ def test_second_signal_exits_at_once(tmp_path):
     assert "SIGINT again: exiting at once" in proc.stderr
 
 
-# --- non-finite steps -----------------------------------------------------------------------------------------------
+# --- non-finite steps -----------------------------------------------------------------------------
 
 
 def snapshot(trainer) -> tuple:
@@ -314,9 +313,8 @@ def test_non_finite_step_is_skipped(make_cfg, tmp_path, monkeypatch, fused, sour
         hook = trainer.model.lm_head.weight.register_hook(lambda g: g * float("inf"))
     _, _, _, norm, bad = trainer.train_step(False)
     assert bad.item() and not torch.isfinite(norm)
-    assert_same_state(
-        snapshot(trainer), before
-    )  # neither the weights nor the AdamW moments and count moved
+    # neither the weights nor the AdamW moments and count moved
+    assert_same_state(snapshot(trainer), before)
     assert (trainer.guard.skipped.item(), trainer.guard.streak.item()) == (1, 1)
     monkeypatch.undo()
     if hook is not None:
@@ -337,16 +335,14 @@ def test_skipped_steps_are_counted_and_left_out_of_the_loss(train_run, tmp_path,
     summary, records = train_run(tmp_path, *TINY, "trainer.max_steps=10", "trainer.log_interval=5")
     train = [r for r in records if "train/loss" in r]
     assert [(r["step"], r["train/skipped_steps"]) for r in train] == [(5, 1), (10, 1)]
-    assert all(
-        r["train/loss"] == r["train/loss"] for r in train
-    )  # not NaN: the mean of the applied steps
+    # not NaN: the mean of the applied steps
+    assert all(r["train/loss"] == r["train/loss"] for r in train)
     assert summary["skipped_steps"] == 1
 
 
 def test_max_bad_steps_stops_and_keeps_the_last_good_checkpoint(train_run, tmp_path, monkeypatch):
-    nan_loss_at(
-        monkeypatch, set(range(7, 100))
-    )  # steps 7, 8, 9 are 3 in a row; step 10 saves, logs at 4, 8, 12
+    # steps 7, 8, 9 are 3 in a row; step 10 saves, logs at 4, 8, 12
+    nan_loss_at(monkeypatch, set(range(7, 100)))
     with pytest.raises(
         DivergedError,
         match=r"trainer.max_bad_steps: 4 steps in a row .*stopped at step 10.*"
@@ -378,9 +374,8 @@ def test_tensorboard_shows_each_step_once_after_a_resume(train_run, tmp_path, mo
     signal_at(monkeypatch, 12, signal.SIGTERM)
     with pytest.raises(Preempted):
         train_run(tmp_path, *RUN, "trainer.log_interval=1", "logger=tensorboard")
-    (
-        tmp_path / "checkpoints" / "step_0000012.pt"
-    ).unlink()  # back to step 10: steps 11 and 12 run twice
+    # back to step 10: steps 11 and 12 run twice
+    (tmp_path / "checkpoints" / "step_0000012.pt").unlink()
     monkeypatch.undo()
     _, records = train_run(tmp_path, *RUN, "trainer.log_interval=1", "logger=tensorboard")
     events = EventAccumulator(str(tmp_path / "tensorboard"))
@@ -396,8 +391,9 @@ def test_tensorboard_shows_each_step_once_after_a_resume(train_run, tmp_path, mo
 def test_signal_during_evaluation_stops_it_and_resume_matches(
     train_run, straight, tmp_path, monkeypatch, split
 ):
-    """A SIGTERM while evaluating ends the evaluation before its next batch (a long beam search used to run to its
-    end); the step's checkpoint is written, and the resumed run evaluates that step first."""
+    """A SIGTERM while evaluating ends the evaluation before its next batch (a long beam search used
+    to run to its end); the step's checkpoint is written, and the resumed run evaluates that step
+    first."""
     original, batches = Trainer.evaluate, []
 
     def evaluate(self, which, prefix, final=False):
@@ -417,9 +413,8 @@ def test_signal_during_evaluation_stops_it_and_resume_matches(
     assert batches == []  # not one evaluation batch after the signal
     assert (tmp_path / "checkpoints" / f"step_{step:07d}.pt").is_file()
     logged = read_jsonl(tmp_path / "metrics.jsonl")
-    assert not [
-        r for r in logged if f"{split}/loss" in r and r["step"] == step
-    ]  # the stopped evaluation's
+    # the stopped evaluation's
+    assert not [r for r in logged if f"{split}/loss" in r and r["step"] == step]
     monkeypatch.undo()
     summary, records = train_run(tmp_path, *RUN)
     assert_same_run(records, straight)

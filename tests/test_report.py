@@ -1,5 +1,6 @@
-"""moa-report on a fixture of run folders: the grouped table's values, CSV, PNGs that open, the HTML page with real
-tables and captions, run names from the overrides, the heatmap's fixed scale and the entropy plot's ln C."""
+"""moa-report on a fixture of run folders: the grouped table's values, CSV, PNGs that open, the HTML
+page with real tables and captions, run names from the overrides, the heatmap's fixed scale and the
+entropy plot's ln C."""
 
 import csv
 import math
@@ -85,9 +86,8 @@ def test_report_table_plots_and_html(runs, tmp_path):
         assert image.shape[0] > 50 and image.shape[1] > 50
 
     page = Page((out / "report.html").read_text())
-    assert (
-        page.count("table") == 3 and "pre" not in page.text
-    )  # grouped, runs, routing; no Markdown in <pre>
+    # grouped, runs, routing; no Markdown in <pre>
+    assert page.count("table") == 3 and "pre" not in page.text
     assert "|---" not in (out / "report.html").read_text()
     assert {"model.name", "runs", "val/loss", "entropy (nats)", "max ln C"} <= set(page.text["th"])
     cells = set(page.text["td"])
@@ -141,10 +141,8 @@ def test_utilisation_heatmap_has_a_fixed_scale_and_its_values_in_the_cells():
         "routing/util/layer1/mqa": 0.4,
     }
     ax = utilisation_figure(routing, "t").axes[0]
-    assert ax.images[0].get_clim() == (
-        0.0,
-        1.0,
-    )  # not the data's 0.25..0.4: heatmaps of runs compare
+    # not the data's 0.25..0.4: heatmaps of runs compare
+    assert ax.images[0].get_clim() == (0.0, 1.0)
     cells = {
         (round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts
     }

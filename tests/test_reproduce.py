@@ -24,8 +24,9 @@ def rebuild(script: str, out: Path) -> dict:
 
 
 def same_numbers(a, b) -> bool:
-    """a == b, floats within 1e-12 relative: a p-value's last digits differ between CPU math libraries (the study's
-    json was first written on the GPU machine, its p-values differed there in the 16th digit)."""
+    """a == b, floats within 1e-12 relative: a p-value's last digits differ between CPU math
+    libraries (the study's json was first written on the GPU machine, its p-values differed there in
+    the 16th digit)."""
     if isinstance(a, float) or isinstance(b, float):
         return (
             isinstance(a, (int, float))
@@ -87,7 +88,8 @@ KV_RECORDS = ROOT / "docs/results/runs/kv_tradeoff"
 )
 def test_kv_tradeoff_tables_regenerate_from_records(tmp_path):
     out = tmp_path / "kv_tradeoff"
-    # the committed json beside: --tables-only keeps its run facts (date, --jobs) as on the repo's own files
+    # the committed json beside: --tables-only keeps its run facts (date, --jobs) as on the repo's
+    # own files
     out.with_suffix(".json").write_text((ROOT / "docs/results/kv_tradeoff.json").read_text())
     regenerated = rebuild("scripts/reproduce_kv_tradeoff.py", out)
     assert same_numbers(

@@ -1,5 +1,6 @@
-"""The reproduction drivers' shared pieces: the job pool (--jobs N), clearing only the rerun seeds, the translation
-driver's plan of runs and its tables (config-derived descriptions, per-group provenance, Welch's t-tests)."""
+"""The reproduction drivers' shared pieces: the job pool (--jobs N), clearing only the rerun seeds,
+the translation driver's plan of runs and its tables (config-derived descriptions, per-group
+provenance, Welch's t-tests)."""
 
 import json
 import math
@@ -43,9 +44,8 @@ def test_run_jobs_runs_at_most_n_at_once_and_reports_failures(tmp_path, capsys):
     # how many fakes were running when each one started, from the fakes' own time stamps
     overlap = [sum(s <= start < e for s, e in spans.values()) for start, _ in spans.values()]
     assert max(overlap) == 2
-    assert sorted((tmp_path / "logs").iterdir()) == [
-        tmp_path / "logs" / "bad.log"
-    ]  # kept on failure only
+    # kept on failure only
+    assert sorted((tmp_path / "logs").iterdir()) == [tmp_path / "logs" / "bad.log"]
     assert "last words of bad" in (tmp_path / "logs" / "bad.log").read_text()
     err = capsys.readouterr().err
     assert "bad failed" in err and "last words of bad" in err and "last words of a" not in err
@@ -232,12 +232,12 @@ def test_translation_tables_per_group_from_fake_records(tmp_path):
         "Multi30k)"
     )
     assert (
-        "3+3 layers, d 256, FFN 1024, pre-LN, 3000 updates of 8192 tokens, label smoothing 0.1, bf16."
-        in text[modern:fairseq]
+        "3+3 layers, d 256, FFN 1024, pre-LN, 3000 updates of 8192 tokens, label smoothing 0.1, "
+        "bf16." in text[modern:fairseq]
     )
     assert (
-        "6+6 layers, d 512, FFN 2048, post-LN, 5000 updates of 4096 tokens, label smoothing 0.1, bf16."
-        in text[fairseq:]
+        "6+6 layers, d 512, FFN 2048, post-LN, 5000 updates of 4096 tokens, label smoothing 0.1, "
+        "bf16." in text[fairseq:]
     )
     assert "Device: GPU A, GPU B; torch 2.11; git aaa." in text[modern:fairseq]
     assert "Device: GPU A, GPU B; torch 2.11; git ccc, bbb." in text[fairseq:]
@@ -258,19 +258,19 @@ def test_translation_tables_per_group_from_fake_records(tmp_path):
                 assert test["n"] == [len(a), 3]
                 verdict = "significant" if p < 0.05 else "not significant"
                 assert (
-                    f"{row} - mha = {sum(a) / len(a) - sum(b) / 3:+.2f} {unit}, t = {t:.2f}, p = {p:.3f} "
-                    f"(n = {len(a)} vs 3 seeds): {verdict} at 0.05."
+                    f"{row} - mha = {sum(a) / len(a) - sum(b) / 3:+.2f} {unit}, t = {t:.2f}, p = "
+                    f"{p:.3f} (n = {len(a)} vs 3 seeds): {verdict} at 0.05."
                 ) in text
     moa = saved["groups"]["multi30k"]["welch"]["test/bleu"]["moa_vs_mha"]
-    assert (
-        moa["p"] < 0.05 and "moa - mha = +1.00 BLEU" in text
-    )  # the example's moa is clearly better
+    # the example's moa is clearly better
+    assert moa["p"] < 0.05 and "moa - mha = +1.00 BLEU" in text
     assert saved["groups"]["multi30k_fairseq"]["provenance"]["git_sha"] == "ccc, bbb"
 
 
 def test_kv_tradeoff_driver_trains_evaluates_and_rebuilds_its_tables(tmp_path, monkeypatch):
-    """scripts/reproduce_kv_tradeoff.py at a tiny size on CPU: runs, kv_eval.json per run (hard and soft perplexity,
-    realised KV bytes, shares), tables with the Welch comparisons, and `--tables-only` rebuilding them byte for byte."""
+    """scripts/reproduce_kv_tradeoff.py at a tiny size on CPU: runs, kv_eval.json per run (hard and
+    soft perplexity, realised KV bytes, shares), tables with the Welch comparisons, and
+    `--tables-only` rebuilding them byte for byte."""
     from moa_train.results import kv_tradeoff
 
     monkeypatch.setenv("RESULTS_DATE", "2026-12-02")
@@ -332,7 +332,8 @@ def test_kv_tradeoff_driver_trains_evaluates_and_rebuilds_its_tables(tmp_path, m
     before = {s: out.with_suffix(s).read_bytes() for s in (".md", ".json")}
     kv_tradeoff.main(["--tables-only", "--runs-dir", str(runs), "--out", str(out)])
     assert {s: out.with_suffix(s).read_bytes() for s in (".md", ".json")} == before
-    # run again after a time limit: finished runs are kept (no job, nothing cleared), an unfinished one resumes
+    # run again after a time limit: finished runs are kept (no job, nothing cleared), an unfinished
+    # one resumes
     (runs / "mha-seed2").mkdir()
     resumed = kv_tradeoff.jobs(["mha", "moas_kv_b2"], [0, 1, 2], runs, [], keep_finished=True)
     assert [job.name for job in resumed] == [
@@ -361,8 +362,9 @@ def test_kv_tradeoff_driver_trains_evaluates_and_rebuilds_its_tables(tmp_path, m
 
 
 def test_kv_tradeoff_compares_each_budget_with_the_fixed_scheme_line_at_equal_bytes():
-    """The answer compares a moas_kv row with the MHA/GQA/MQA line interpolated in log bytes at its realised bytes
-    (Welch-Satterthwaite over both bracketing rows' seeds), and with the nearest row when no two rows bracket it."""
+    """The answer compares a moas_kv row with the MHA/GQA/MQA line interpolated in log bytes at its
+    realised bytes (Welch-Satterthwaite over both bracketing rows' seeds), and with the nearest row
+    when no two rows bracket it."""
     from moa_train.results import kv_tradeoff
 
     def row(kv_bytes, losses, params=100):
@@ -381,9 +383,8 @@ def test_kv_tradeoff_compares_each_budget_with_the_fixed_scheme_line_at_equal_by
         "moas_kv_b4": row(8000, [2.90, 2.95, 3.00]),
     }
     line = kv_tradeoff.frontier(rows, 2000)
-    assert line["rows"] == ("mqa", "gqa2") and line["weight"] == pytest.approx(
-        0.5
-    )  # log 2000: halfway in log bytes
+    # log 2000: halfway in log bytes
+    assert line["rows"] == ("mqa", "gqa2") and line["weight"] == pytest.approx(0.5)
     assert line["loss"] == pytest.approx(2.92)
     assert kv_tradeoff.frontier(rows, 8000) is None  # past the largest baseline: no extrapolation
     comps = kv_tradeoff.comparisons(rows)
@@ -391,12 +392,12 @@ def test_kv_tradeoff_compares_each_budget_with_the_fixed_scheme_line_at_equal_by
     assert [c["kind"] for c in b1p5] == ["fixed-scheme line at equal KV bytes", "nearest KV bytes"]
     test = b1p5[0]["welch_test_loss"]
     assert test["mean_diff"] == pytest.approx(-0.11) and test["p"] < 0.01 and 2 <= test["df"] <= 6
-    assert b1p5[0]["params_ratio"] == pytest.approx(
-        1.01
-    )  # against the nearer end of the line (a tie: mqa)
+    # against the nearer end of the line (a tie: mqa)
+    assert b1p5[0]["params_ratio"] == pytest.approx(1.01)
     b4 = [c for c in comps if c["row"] == "moas_kv_b4"]
     assert [(c["kind"], c["against"]) for c in b4] == [("nearest KV bytes", "gqa2")]
     lines = kv_tradeoff.answer({"rows": rows, "comparisons": comps})
-    # b1p5 beats the line; b4 (nearest: gqa2, 2x its bytes) is worse: partly, with the caveat on the bytes
+    # b1p5 beats the line; b4 (nearest: gqa2, 2x its bytes) is worse: partly, with the caveat on the
+    # bytes
     assert lines[0].startswith("Partly: 1 of 2 moas_kv budgets (moas_kv_b1p5)")
     assert any(line.startswith("Caveat") and "moas_kv_b4 (2.00x gqa2)" in line for line in lines)

@@ -1,6 +1,7 @@
-"""The results drivers (moa_train.results.*): where the translation runs land, that a rerun does not count old runs,
-and which date (and note) a results file carries: a fresh run today's, a `--tables-only` rebuild the committed one's.
-No training: the drivers' training steps are replaced and the committed run records (or fake ones) are read."""
+"""The results drivers (moa_train.results.*): where the translation runs land, that a rerun does not
+count old runs, and which date (and note) a results file carries: a fresh run today's, a
+`--tables-only` rebuild the committed one's. No training: the drivers' training steps are replaced
+and the committed run records (or fake ones) are read."""
 
 import datetime as dt
 import json
@@ -27,8 +28,8 @@ def _no_results_env(monkeypatch):
 
 
 def copy_results(name: str, dest: Path) -> Path:
-    """The committed docs/results/<name>.{md,json} (and <name>_notes.md, <name>_decoding.json) copied into dest;
-    returns the --out path."""
+    """The committed docs/results/<name>.{md,json} (and <name>_notes.md, <name>_decoding.json)
+    copied into dest; returns the --out path."""
     for path in RESULTS.glob(f"{name}*"):
         if path.is_file() and path.name in (
             f"{name}.md",
@@ -61,8 +62,9 @@ def fake_translation_run(run: Path, bleu: float) -> None:
 
 
 def test_translation_runs_land_in_row_folders(tmp_path, monkeypatch):
-    """Each Multi30k job's Hydra sweep folder resolves to <runs>/multi30k/<row>-seed<k>/ (the committed layout, the
-    row from the experiment, not model.name: moa_sparse's is moa), and a row's old folders go before it reruns."""
+    """Each Multi30k job's Hydra sweep folder resolves to <runs>/multi30k/<row>-seed<k>/ (the
+    committed layout, the row from the experiment, not model.name: moa_sparse's is moa), and a row's
+    old folders go before it reruns."""
     from hydra.core.hydra_config import HydraConfig
 
     from moa_train.config import compose_train
@@ -104,7 +106,8 @@ def test_translation_runs_land_in_row_folders(tmp_path, monkeypatch):
 
 
 def test_translation_collect_counts_each_seed_once(tmp_path):
-    """Runs left in the nested folders of the old sweep subdir (multi30k/multi30k/<row>-seed<k>) are not counted."""
+    """Runs left in the nested folders of the old sweep subdir (multi30k/multi30k/<row>-seed<k>) are
+    not counted."""
     for row in translation.ROWS:
         for seed in (0, 1):
             fake_translation_run(tmp_path / "multi30k" / f"{row}-seed{seed}", 30.0 + seed)
@@ -147,7 +150,8 @@ def test_results_meta(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_tables_only_reproduces_committed_files(name, tmp_path):
-    """`--tables-only` rebuilds docs/results/<name>.{md,json} byte for byte from the committed records."""
+    """`--tables-only` rebuilds docs/results/<name>.{md,json} byte for byte from the committed
+    records."""
     module, _ = MODULES[name]
     if not (RESULTS / "runs" / name).is_dir():
         pytest.skip(f"no committed {name} records")
@@ -161,8 +165,8 @@ def test_tables_only_reproduces_committed_files(name, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_fresh_run_gets_todays_date(name, tmp_path, monkeypatch):
-    """After (here: skipped) training the date is today's and translation's hand-written note is dropped; the
-    committed file's date and note belong to the runs that made it."""
+    """After (here: skipped) training the date is today's and translation's hand-written note is
+    dropped; the committed file's date and note belong to the runs that made it."""
     module, step = MODULES[name]
     if not (RESULTS / "runs" / name).is_dir():
         pytest.skip(f"no committed {name} records")
@@ -191,8 +195,9 @@ def test_fresh_run_gets_todays_date(name, tmp_path, monkeypatch):
 
 
 def test_table1_rerun_starts_from_clean_row_folders(tmp_path, monkeypatch):
-    """A Table 1 rerun deletes its rows' old run folders first: with the same seeds they would otherwise resume
-    (trainer.resume=auto) and keep their old official_eval.json; other folders stay."""
+    """A Table 1 rerun deletes its rows' old run folders first: with the same seeds they would
+    otherwise resume (trainer.resume=auto) and keep their old official_eval.json; other folders
+    stay."""
     for old in ("mha-seed0", "moas_dynamic-seed2", "notes"):
         (tmp_path / "fast" / old).mkdir(parents=True)
     (tmp_path / "fast" / "mha-seed0" / "official_eval.json").write_text("{}")

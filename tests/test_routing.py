@@ -41,7 +41,7 @@ def spread_chosen(n: int = N, c: int = C, k: int = 1) -> torch.Tensor:
     return (torch.arange(n)[:, None] + torch.arange(k)[None, :]) % c
 
 
-# --- statistics --------------------------------------------------------------------------------------------------
+# --- statistics -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("c", [2, 3, 8])
@@ -115,7 +115,7 @@ def test_routing_metrics_keys_and_values():
     assert out["routing/entropy/layer2"].item() == pytest.approx(math.log(3), abs=1e-6)
 
 
-# --- auxiliary losses ----------------------------------------------------------------------------------------------
+# --- auxiliary losses -----------------------------------------------------------------------------
 
 
 def test_balance_mse():
@@ -186,7 +186,8 @@ def soft_record(probs: torch.Tensor) -> Routing:
 
 
 def test_aux_losses_mean_and_sum_over_layers():
-    """Layer terms are computed batched; the reduction over layers is the mean or the sum of per-layer terms."""
+    """Layer terms are computed batched; the reduction over layers is the mean or the sum of
+    per-layer terms."""
     layers = [soft_record(uniform()), None, soft_record(collapsed())]
     per_layer = {
         "balance": [balance_mse(uniform()), balance_mse(collapsed())],

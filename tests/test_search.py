@@ -1,6 +1,6 @@
-"""Greedy and beam search on fake encoder-decoders: beam=1 is greedy, EOS and max_len end hypotheses where they
-should, beam search beats greedy where greedy is known to be wrong, the length penalty counts the EOS, and a
-sentence decodes the same alone as in a padded batch."""
+"""Greedy and beam search on fake encoder-decoders: beam=1 is greedy, EOS and max_len end hypotheses
+where they should, beam search beats greedy where greedy is known to be wrong, the length penalty
+counts the EOS, and a sentence decodes the same alone as in a padded batch."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ V = 12
 
 
 class RandomSeq2Seq:
-    """Logits from a fixed random linear map of [mean of the real source embeddings, the last target token's
-    embedding, its position's embedding]: they depend on the source and the prefix and ignore padding. BOS and PAD
-    get a large bias, so a search that let them through would emit them."""
+    """Logits from a fixed random linear map of [mean of the real source embeddings, the last target
+    token's embedding, its position's embedding]: they depend on the source and the prefix and
+    ignore padding. BOS and PAD get a large bias, so a search that let them through would emit
+    them."""
 
     def __init__(self, seed: int, d: int = 8, max_pos: int = 64, eos_bias: float = 0.0):
         g = torch.Generator().manual_seed(seed)
@@ -58,7 +59,8 @@ class EosAt(RandomSeq2Seq):
 
 
 class Bigram:
-    """The next token depends only on the last one, from a table of probabilities (the rest get e^-30)."""
+    """The next token depends only on the last one, from a table of probabilities (the rest get
+    e^-30)."""
 
     def __init__(self, probs: dict):
         self.table = torch.full((V, V), -30.0)
@@ -74,7 +76,8 @@ class Bigram:
 
 
 A, B, C, D, E = 3, 4, 5, 6, 7
-# greedy takes A (0.63) then C (0.48): log-prob -1.2 over 3 tokens with the EOS; [B] has log-prob -1.0 over 2
+# greedy takes A (0.63) then C (0.48): log-prob -1.2 over 3 tokens with the EOS; [B] has log-prob
+# -1.0 over 2
 P_B = math.exp(-1.0)
 P_C = math.exp(-1.2) / (1 - P_B)
 TRAP = Bigram(
@@ -163,8 +166,8 @@ def test_beam_finds_a_likelier_sequence_than_greedy(beam):
 
 
 def test_length_penalty_counts_the_eos():
-    # [B] scores -1.0 / 2**lenpen, [A, C] scores -1.2 / 3**lenpen: they swap at lenpen = ln 1.2 / ln 1.5 = 0.45
-    # (at ln 1.2 / ln 2 = 0.26 if the EOS were not counted)
+    # [B] scores -1.0 / 2**lenpen, [A, C] scores -1.2 / 3**lenpen: they swap at lenpen = ln 1.2 / ln
+    # 1.5 = 0.45 (at ln 1.2 / ln 2 = 0.26 if the EOS were not counted)
     src, mask = random_batch(0, bsz=2)
     assert search(2, TRAP, src, mask, max_len=5, lenpen=0.3) == [[B]] * 2
     assert search(2, TRAP, src, mask, max_len=5, lenpen=0.6) == [[A, C]] * 2

@@ -1,4 +1,5 @@
-"""The encoder-decoder: padding never changes outputs, the decoder is causal, routing sites and masks."""
+"""The encoder-decoder: padding never changes outputs, the decoder is causal, routing sites and
+masks."""
 
 import re
 
@@ -36,9 +37,8 @@ def build(variant: str) -> Seq2Seq:
     )
     torch.manual_seed(0)
     model = Seq2Seq(m, V, PAD).eval()
-    if (
-        name == "moa"
-    ):  # leave the zero-initialised router: distinct routing per token makes the test stronger
+    # leave the zero-initialised router: distinct routing per token makes the test stronger
+    if name == "moa":
         for layer in [*model.encoder, *model.decoder]:
             for attn in (layer.self_attn, getattr(layer, "cross_attn", None)):
                 if attn is not None and hasattr(attn, "router"):
@@ -96,12 +96,10 @@ def test_routing_sites_and_masks():
         "dec.layer1.cross",
     ]
     assert len(routings) == len(model.sites)
-    assert (
-        routings[0].mask.sum() == 10 and routings[0].mask.numel() == 14
-    )  # encoder: real source tokens
-    assert (
-        routings[3].mask.numel() == 8 and routings[3].mask.all()
-    )  # cross: routed per target token
+    # encoder: real source tokens
+    assert routings[0].mask.sum() == 10 and routings[0].mask.numel() == 14
+    # cross: routed per target token
+    assert routings[3].mask.numel() == 8 and routings[3].mask.all()
 
 
 def test_moas_cross_attention_is_mha():
@@ -162,7 +160,7 @@ def test_decode_last_only_is_the_last_position_of_decode(variant):
         assert torch.equal(logits, last) and len(routings) == 2 * len(model.decoder)
 
 
-# --- the cross-attention's own config node ------------------------------------------------------------------------
+# --- the cross-attention's own config node --------------------------------------------------------
 
 
 def test_cross_attention_takes_its_own_variant_and_keys(compose_cfg):
@@ -209,8 +207,9 @@ def test_cross_attention_keys_are_checked_as_its_variant_s(compose_cfg, override
 
 @pytest.mark.parametrize("run", ["moa_sparse-seed0", "mha-seed0"])
 def test_configs_saved_with_cross_attention_still_build(run):
-    """Run records from before model.cross (every variant's keys in the model node, model.cross_attention) load: the
-    configs of the 2026-11-23 Multi30k records, kept in tests/fixtures/old_configs/ since those records were re-run."""
+    """Run records from before model.cross (every variant's keys in the model node,
+    model.cross_attention) load: the configs of the 2026-11-23 Multi30k records, kept in
+    tests/fixtures/old_configs/ since those records were re-run."""
     saved = OmegaConf.load(REPO / "tests/fixtures/old_configs" / f"translation_{run}.yaml").model
     assert "cross_attention" in saved
     model = Seq2Seq(saved, V, PAD)

@@ -1,5 +1,5 @@
-"""Multiruns: a failing job is recorded while the others go on; the sweep summary lists every job; one multirun
-writes one sweep folder, whatever it sweeps and whichever launcher runs its jobs."""
+"""Multiruns: a failing job is recorded while the others go on; the sweep summary lists every job;
+one multirun writes one sweep folder, whatever it sweeps and whichever launcher runs its jobs."""
 
 import json
 import os
@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def multirun(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """`python -m moa_train -m debug=tiny ...` in `cwd` (so the default sweep folder lands under cwd/outputs)."""
+    """`python -m moa_train -m debug=tiny ...` in `cwd` (so the default sweep folder lands under
+    cwd/outputs)."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -55,8 +56,8 @@ def only_sweep_folder(cwd: Path) -> Path:
 @pytest.mark.slow
 def test_failed_job_does_not_stop_the_sweep(tmp_path):
     sweep = tmp_path / "sweep"
-    # debug=tiny: moa_dense has 8 experts, moa 4; the up-front check takes moa_dense with each top_k, so moa with
-    # top_k 5 fails at run time
+    # debug=tiny: moa_dense has 8 experts, moa 4; the up-front check takes moa_dense with each
+    # top_k, so moa with top_k 5 fails at run time
     proc = multirun(ROOT, "model=moa_dense,moa", "model.top_k=2,5", f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "1 of 4 jobs failed" in proc.stderr
@@ -76,7 +77,8 @@ def test_sweeping_the_model_keeps_one_sweep_folder(tmp_path):
     proc = multirun(tmp_path, "model=mha,moa")
     assert proc.returncode == 0, proc.stderr[-2000:]
     sweep = only_sweep_folder(tmp_path)
-    # named after the experiment without what the sweep varies (quickstart-${model.name}, model swept)
+    # named after the experiment without what the sweep varies (quickstart-${model.name}, model
+    # swept)
     assert sweep.parent == tmp_path / "outputs" / "multiruns" / "quickstart"
     assert [(r["overrides"].split()[-1], r["status"]) for r in summary(sweep)] == [
         ("model=mha", "ok"),
@@ -86,9 +88,8 @@ def test_sweeping_the_model_keeps_one_sweep_folder(tmp_path):
 
 @pytest.mark.slow
 def test_a_sweep_whose_jobs_all_fail_lists_them_and_exits_1(tmp_path):
-    empty = (
-        tmp_path / "no-data"
-    )  # a folder without the WikiText-2 files: each job fails when it reads its data
+    # a folder without the WikiText-2 files: each job fails when it reads its data
+    empty = tmp_path / "no-data"
     empty.mkdir()
     proc = multirun(tmp_path, "model=mha,moa", f"data.root={empty}")
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -106,9 +107,8 @@ def test_a_sweep_whose_jobs_all_fail_lists_them_and_exits_1(tmp_path):
 
 @pytest.mark.slow
 def test_a_sweep_through_a_launcher_plugin_runs_each_job_in_its_own_process(tmp_path):
-    pytest.importorskip(
-        "hydra_plugins.hydra_submitit_launcher"
-    )  # the [launchers] extra, which [dev] includes
+    # the [launchers] extra, which [dev] includes
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     empty = tmp_path / "no-data"
     empty.mkdir()
     good = os.environ["MOA_DATA_DIR"]  # the synthetic data (conftest)
@@ -118,9 +118,8 @@ def test_a_sweep_through_a_launcher_plugin_runs_each_job_in_its_own_process(tmp_
         "hydra/launcher=submitit_local",
         "hydra.launcher.timeout_min=5",
     )
-    assert proc.returncode == 1, proc.stderr[
-        -2000:
-    ]  # the job without data fails in its own process
+    # the job without data fails in its own process
+    assert proc.returncode == 1, proc.stderr[-2000:]
     sweep = only_sweep_folder(tmp_path)
     records = {
         next(o for o in r["overrides"].split() if o.startswith("data.root=")): r
@@ -132,9 +131,8 @@ def test_a_sweep_through_a_launcher_plugin_runs_each_job_in_its_own_process(tmp_
     )
     assert records[f"data.root={empty}"]["status"] == "failed"
     assert "data.root: missing file" in records[f"data.root={empty}"]["error"]
-    assert list(
-        sweep.glob(".submitit/*/*_log.out")
-    )  # the jobs ran under submitit, not in this process
+    # the jobs ran under submitit, not in this process
+    assert list(sweep.glob(".submitit/*/*_log.out"))
 
 
 def sweep_cfg(task: list, params: dict | None = None, name: str = "quickstart-${model.name}"):
@@ -155,12 +153,13 @@ def sweep_cfg(task: list, params: dict | None = None, name: str = "quickstart-${
         (["trainer.seed=0,1,2"], None, "my__run", "my__run"),  # nothing dropped, nothing tidied
         (["model=mha,moa", "trainer.seed=0,1"], None, "quickstart-${model.name}", "quickstart"),
         (["model.name=mha,moa"], None, "${model.name}-${data.name}", "wikitext2_char"),
+        # Optuna
         (
             ["trainer.seed=1"],
             {"model": "choice(mha,moa)"},
             "quickstart-${model.name}",
             "quickstart",
-        ),  # Optuna
+        ),
         (["data=a,b", "model=mha,moa"], None, "${model.name}-${data.name}", "multirun"),
         (
             ["experiment=moas_table1/mha,moas_table1/moa"],

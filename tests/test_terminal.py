@@ -1,4 +1,5 @@
-"""What a person sees on a terminal: progress bars and log lines on separate lines, one banner and one done line."""
+"""What a person sees on a terminal: progress bars and log lines on separate lines, one banner and
+one done line."""
 
 import fcntl
 import os
@@ -18,7 +19,8 @@ LOG = re.compile(r"\]\[(INFO|WARNING)\] - ")  # Hydra's console log format
 
 
 def run_on_a_terminal(args: list, env: dict) -> str:
-    """The command's stdout and stderr as a 120-column terminal receives them (bars are shown on a tty only)."""
+    """The command's stdout and stderr as a 120-column terminal receives them (bars are shown on a
+    tty only)."""
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     proc = subprocess.Popen(
@@ -63,12 +65,10 @@ def test_bars_and_log_lines_do_not_share_a_line(tmp_path):
         ],
         env,
     )
-    segments = [
-        s for s in re.split(r"[\r\n]", out) if s.strip()
-    ]  # what a terminal shows between \r and \n
-    assert any(BAR.search(s) for s in segments), (
-        out
-    )  # the bars were drawn: the check below means something
+    # what a terminal shows between \r and \n
+    segments = [s for s in re.split(r"[\r\n]", out) if s.strip()]
+    # the bars were drawn: the check below means something
+    assert any(BAR.search(s) for s in segments), out
     logs = [s for s in segments if LOG.search(s)]
     assert len(logs) >= 7, out  # banner, 6 train lines, 2 val lines, done
     glued = [s for s in logs if BAR.search(s)]

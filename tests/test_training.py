@@ -1,4 +1,5 @@
-"""Short in-process training runs: loss falls, metric names, summary, resume, eval_only, sinks, torch.compile."""
+"""Short in-process training runs: loss falls, metric names, summary, resume, eval_only, sinks,
+torch.compile."""
 
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ from moa_train.train.evaluate import evaluate
 
 MODELS = list(VARIANTS)  # every registered attention variant
 ROUTED = {"moas_dynamic", "moa", "moas_kv"}
-TINY = (
-    "model.n_head=4",
-)  # d_model 32: four 8-wide heads, so GQA (2 K/V heads) differs from MHA and MQA
+# d_model 32: four 8-wide heads, so GQA (2 K/V heads) differs from MHA and MQA
+TINY = ("model.n_head=4",)
 
 TRAIN_KEYS = {"train/loss", "lr", "perf/step_ms", "perf/tokens_per_s", "perf/mfu"}
 VAL_KEYS = {"val/loss", "val/ppl", "val/bpc", "val/word_ppl"}
@@ -94,7 +94,8 @@ def test_short_run_loss_falls(train_run, tmp_path, model):
 
 
 def test_grad_accum_matches_one_big_batch(train_run, tmp_path):
-    """batch 4 as 2 or 4 micro-batches: the same windows and the same mean gradient, so the same losses."""
+    """batch 4 as 2 or 4 micro-batches: the same windows and the same mean gradient, so the same
+    losses."""
     common = ("model=mha", *TINY, "trainer.max_steps=3", "trainer.log_interval=1")
     losses = {}
     for accum in (1, 2, 4):
@@ -105,7 +106,7 @@ def test_grad_accum_matches_one_big_batch(train_run, tmp_path):
     assert losses[4] == pytest.approx(losses[1], abs=1e-5)
 
 
-# --- load_run, eval_only, resume -------------------------------------------------------------------------------
+# --- load_run, eval_only, resume ------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +159,9 @@ def test_eval_only_matches_loaded_model(finished_run, train_run, make_cfg, tmp_p
 def test_checkpoint_averaging_keeps_its_files_and_follows_a_resume_into_a_new_folder(
     train_run, tmp_path
 ):
-    """eval.average_last=3 keeps 3 step files although trainer.keep_checkpoints=1, and a finished run resumed into a
-    new folder (trainer.resume=PATH) averages the checkpoints of the folder it came from."""
+    """eval.average_last=3 keeps 3 step files although trainer.keep_checkpoints=1, and a finished
+    run resumed into a new folder (trainer.resume=PATH) averages the checkpoints of the folder it
+    came from."""
     common = (
         "model=mha",
         *TINY,
@@ -203,9 +205,8 @@ def test_resume_auto_continues_from_checkpoint(train_run, tmp_path):
     )
     assert summary["steps"] == 30
     steps = [r["step"] for r in train_lines(records)]
-    assert (
-        steps == sorted(set(steps)) == [5, 10, 15, 20, 25, 30]
-    )  # no duplicates: steps 1-20 were not re-run
+    # no duplicates: steps 1-20 were not re-run
+    assert steps == sorted(set(steps)) == [5, 10, 15, 20, 25, 30]
     assert summary["tokens_seen"] == 30 * 4 * 32
     assert find_checkpoint(tmp_path).name == "step_0000030.pt"
     # wall_s counts both sessions (the first up to its last checkpoint), wall_s_session this one
@@ -215,7 +216,8 @@ def test_resume_auto_continues_from_checkpoint(train_run, tmp_path):
 
 
 def test_resume_after_lost_checkpoint_drops_later_lines(train_run, tmp_path):
-    """A run that died after logging past its last checkpoint: the resumed run re-logs those steps once."""
+    """A run that died after logging past its last checkpoint: the resumed run re-logs those steps
+    once."""
     common = ("model=mha", *TINY, "trainer.keep_checkpoints=2")
     train_run(tmp_path, *common)
     (tmp_path / "checkpoints" / "step_0000020.pt").unlink()  # as if it died before the step-20 save
@@ -228,7 +230,8 @@ def test_resume_after_lost_checkpoint_drops_later_lines(train_run, tmp_path):
 
 
 def test_resumed_run_equals_uninterrupted_run(train_run, tmp_path):
-    """Resuming restores weights, optimizer, schedule, RNG and data order: the losses match a straight run."""
+    """Resuming restores weights, optimizer, schedule, RNG and data order: the losses match a
+    straight run."""
     common = ("model=moa", *TINY, "trainer.eval_interval=10")
     straight, straight_records = train_run(tmp_path / "straight", *common, "trainer.max_steps=20")
     train_run(tmp_path / "split", *common, "trainer.max_steps=10")
@@ -241,7 +244,7 @@ def test_resumed_run_equals_uninterrupted_run(train_run, tmp_path):
     assert resumed["val/loss"] == pytest.approx(straight["val/loss"], abs=1e-5)
 
 
-# --- sinks --------------------------------------------------------------------------------------------------------
+# --- sinks ----------------------------------------------------------------------------------------
 
 
 def test_tensorboard_has_the_jsonl_scalars(train_run, tmp_path):
@@ -258,12 +261,11 @@ def test_tensorboard_has_the_jsonl_scalars(train_run, tmp_path):
     got = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert [s for s, _ in got] == [s for s, _ in logged]
     assert [v for _, v in got] == pytest.approx([v for _, v in logged], rel=1e-6)
-    assert events.Tags()["images"] == [
-        "routing/utilisation_heatmap"
-    ]  # the richer figure, also sent to W&B
+    # the richer figure, also sent to W&B
+    assert events.Tags()["images"] == ["routing/utilisation_heatmap"]
 
 
-# --- torch.compile ---------------------------------------------------------------------------------------------------
+# --- torch.compile --------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -285,7 +287,7 @@ def test_compile_matches_eager(train_run, tmp_path, model):
     assert len(train_lines(compiled)) == 3
 
 
-# --- fixes found while writing the suite ---------------------------------------------------------------------------
+# --- fixes found while writing the suite ----------------------------------------------------------
 
 
 def test_logged_lr_is_the_lr_the_step_used(train_run, tmp_path):
@@ -300,9 +302,8 @@ def test_logged_lr_is_the_lr_the_step_used(train_run, tmp_path):
         "trainer.max_steps=3",
     )
     lrs = [r["lr"] for r in train_lines(records)]
-    assert lrs == pytest.approx(
-        [1e-4, 2e-4, 3e-4]
-    )  # linear warmup: step s (1-based) runs at s/10 * lr
+    # linear warmup: step s (1-based) runs at s/10 * lr
+    assert lrs == pytest.approx([1e-4, 2e-4, 3e-4])
 
 
 def test_rerunning_a_finished_run_keeps_one_test_line(train_run, tmp_path):
@@ -339,8 +340,9 @@ def test_wandb_offline_run_lives_in_the_run_folder(train_run, tmp_path, monkeypa
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
-    # wandb's service closes (flushes) the run's file when it handles the finish message, after run.finish()
-    # returns; on a loaded machine that comes late. Here it never comes: the file must be complete all the same.
+    # wandb's service closes (flushes) the run's file when it handles the finish message, after
+    # run.finish() returns; on a loaded machine that comes late. Here it never comes: the file must
+    # be complete all the same.
     from wandb.sdk.lib.service.service_connection import ServiceConnection
 
     monkeypatch.setattr(ServiceConnection, "inform_finish", lambda self, run_id: None)
@@ -367,8 +369,9 @@ def test_wandb_names_come_from_the_experiment_and_overrides(make_cfg):
 
 
 def test_train_steps_advance_the_counters_once_per_step(make_cfg, tmp_path):
-    """Trainer.train_steps, the public unit of work (fit, moa-bench): each step advances the step and the tokens
-    seen once; a fixed batch repeated gives the same loss twice on unchanged weights (lr 0)."""
+    """Trainer.train_steps, the public unit of work (fit, moa-bench): each step advances the step
+    and the tokens seen once; a fixed batch repeated gives the same loss twice on unchanged weights
+    (lr 0)."""
     from moa_train.train.loop import Trainer
 
     trainer = Trainer(
@@ -386,16 +389,16 @@ def test_train_steps_advance_the_counters_once_per_step(make_cfg, tmp_path):
 def test_an_mfu_above_100_percent_names_the_stale_peak_once(
     train_run, tmp_path, monkeypatch, caplog
 ):
-    """A peak measured while other work ran reads low, and MFU then above 100%: one warning names the cache file."""
+    """A peak measured while other work ran reads low, and MFU then above 100%: one warning names
+    the cache file."""
     import logging
 
     import moa_train.train.loop as loop
 
     monkeypatch.setattr(loop, "peak_flops", lambda *args: 1.0)  # far below any real rate
     again = []
-    monkeypatch.setattr(
-        loop, "remeasure_peak", lambda *args: again.append(args[-1]) or 2.0
-    )  # still far below
+    # still far below
+    monkeypatch.setattr(loop, "remeasure_peak", lambda *args: again.append(args[-1]) or 2.0)
     with caplog.at_level(logging.WARNING, logger="moa_train.train.loop"):
         _, records = train_run(tmp_path, "model=mha", *TINY)
     assert again == [1.0]  # measured again once, handed the stale figure
@@ -405,8 +408,9 @@ def test_an_mfu_above_100_percent_names_the_stale_peak_once(
 
 
 def test_a_stale_peak_is_measured_again_and_cached(train_run, tmp_path, monkeypatch, caplog):
-    """A cached peak below this run's rate (measured while a test suite ran, say) is measured again once: MFU reads
-    below 100% from the first log on, the cache keeps the new figure, and no warning is given."""
+    """A cached peak below this run's rate (measured while a test suite ran, say) is measured again
+    once: MFU reads below 100% from the first log on, the cache keeps the new figure, and no warning
+    is given."""
     import json
     import logging
 

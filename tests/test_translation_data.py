@@ -1,7 +1,7 @@
 """Translation data: files, joint BPE, the cache, max_len filtering, errors, and TokenBatches.
 
-Everything runs on a small synthetic parallel corpus written into a temp folder (the wmt14-en-de layout), except one
-test on the real Multi30k, skipped where ../shared/data/multi30k is absent.
+Everything runs on a small synthetic parallel corpus written into a temp folder (the wmt14-en-de
+layout), except one test on the real Multi30k, skipped where ../shared/data/multi30k is absent.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from moa_train.config import DataConfig
 from moa_train.data import translation
 from moa_train.data.translation import DataError, ParallelSplit, TokenBatches, load_translation
 
-# --- a synthetic parallel corpus ---------------------------------------------------------------------------------
+# --- a synthetic parallel corpus ------------------------------------------------------------------
 
 _LEXICON = {  # English -> made-up "German", word by word, with umlauts and ß
     "the": "die",
@@ -77,9 +77,8 @@ def _pair(rng: random.Random, n_words: int) -> tuple:
     en = " ".join(words).capitalize() + en_tail
     de = " ".join(_LEXICON[w] for w in words)
     de = de[0].upper() + de[1:] + de_tail
-    if (
-        rng.random() < 0.2
-    ):  # quotes on one side only, so the two languages differ in more than words
+    # quotes on one side only, so the two languages differ in more than words
+    if rng.random() < 0.2:
         de = f"„{de}“"
     return en, de
 
@@ -138,7 +137,7 @@ def broken_root(corpus_root, tmp_path) -> Path:
     return tmp_path
 
 
-# --- loading --------------------------------------------------------------------------------------------------
+# --- loading --------------------------------------------------------------------------------------
 
 
 def test_special_ids_and_vocabulary(data):
@@ -242,8 +241,9 @@ def test_crlf_line_ends_are_not_part_of_the_text(broken_root, tmp_path):
 def test_eval_pair_longer_than_the_model_positions_is_cut_and_evaluates(
     compose_cfg, tmp_path, caplog
 ):
-    """A val/test line over model.max_seq_len - 1 tokens used to reach the position table whole and fail at the
-    first evaluation; its ids are now cut to max_seq_len - 1, and BLEU still scores the full reference."""
+    """A val/test line over model.max_seq_len - 1 tokens used to reach the position table whole and
+    fail at the first evaluation; its ids are now cut to max_seq_len - 1, and BLEU still scores the
+    full reference."""
     import contextlib
     import logging
 
@@ -302,7 +302,7 @@ def test_eval_pair_longer_than_the_model_positions_is_cut_and_evaluates(
     )
 
 
-# --- errors -----------------------------------------------------------------------------------------------------
+# --- errors ---------------------------------------------------------------------------------------
 
 
 def test_missing_file_is_named(broken_root, tmp_path):
@@ -350,7 +350,7 @@ def test_bad_config_values(corpus_root, module_cache, data, overrides, match):
         load_translation(data_cfg(corpus_root, module_cache, **overrides))
 
 
-# --- the download path, with a stand-in for `datasets` ------------------------------------------------------------
+# --- the download path, with a stand-in for `datasets` --------------------------------------------
 
 
 def _fake_datasets(monkeypatch, rows_by_split=None):
@@ -397,7 +397,7 @@ def test_offline_without_files_names_moa_data_dir(tmp_path, monkeypatch):
         load_translation(data_cfg(tmp_path / "absent", tmp_path / "cache"))
 
 
-# --- TokenBatches -------------------------------------------------------------------------------------------------
+# --- TokenBatches ---------------------------------------------------------------------------------
 
 MAX_TOKENS = 300  # the long test pair (~335 tokens) is over it alone; other pairs take < 110
 
@@ -438,9 +438,8 @@ def test_batches_respect_max_tokens_except_a_single_long_pair(data):
     for b in batches:
         size = b["src"].shape[0] * (b["src"].shape[1] + b["tgt_in"].shape[1])
         if size > MAX_TOKENS:
-            assert b["index"].tolist() == [
-                LONG_AT
-            ]  # over budget alone: a batch of its own, not dropped
+            # over budget alone: a batch of its own, not dropped
+            assert b["index"].tolist() == [LONG_AT]
             long_seen += 1
     assert long_seen == 1
 
@@ -502,7 +501,8 @@ def test_state_from_other_batching_is_refused(data):
 
 
 def test_batch_index_stays_on_the_cpu(data, monkeypatch):
-    # only evaluation reads it (.tolist()): not copied to the device each step; a "device" of meta shows what moves
+    # only evaluation reads it (.tolist()): not copied to the device each step; a "device" of meta
+    # shows what moves
     monkeypatch.setattr(translation, "to_device", lambda x, device: torch.from_numpy(x).to("meta"))
     b = next(iter(_batches(data)))
     assert b["src"].device.type == b["tgt_in"].device.type == b["tgt_out"].device.type == "meta"
@@ -518,7 +518,7 @@ def test_empty_split_cannot_be_batched():
         TokenBatches(ParallelSplit([], [], [], []), 100, 0, 1, 2)
 
 
-# --- the real Multi30k --------------------------------------------------------------------------------------------
+# --- the real Multi30k ----------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -577,8 +577,8 @@ def test_damaged_translation_cache_is_rebuilt_with_one_warning(corpus_root, tmp_
 
 
 def test_a_corpus_names_its_own_languages(tmp_path, monkeypatch):
-    """Language codes come from the corpus table: an en-fr corpus in the wmt14 layout loads in either direction and
-    refuses a language it lacks, naming the ones it has."""
+    """Language codes come from the corpus table: an en-fr corpus in the wmt14 layout loads in
+    either direction and refuses a language it lacks, naming the ones it has."""
     write_corpus(tmp_path)
     folder = tmp_path / "wmt14-en-de"
     for split in SIZES:
@@ -598,9 +598,8 @@ def test_a_corpus_names_its_own_languages(tmp_path, monkeypatch):
     data = load_translation(
         data_cfg(tmp_path, tmp_path / "cache", name="toy_en_fr", src="fr", tgt="en")
     )
-    assert (
-        data.splits["val"].src_text[0] == corpus_lines("valid")[1][0]
-    )  # the French (ex-German) side
+    # the French (ex-German) side
+    assert data.splits["val"].src_text[0] == corpus_lines("valid")[1][0]
     with pytest.raises(
         DataError, match=r"data.tgt: 'de' is not a language of toy_en_fr; allowed: en, fr"
     ):

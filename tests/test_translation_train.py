@@ -1,5 +1,5 @@
-"""Translation end to end on a tiny copy task (target = source): mha (4 heads) and moa (4 of 8 experts) both learn
-it to a high BLEU."""
+"""Translation end to end on a tiny copy task (target = source): mha (4 heads) and moa (4 of 8
+experts) both learn it to a high BLEU."""
 
 import random
 from contextlib import nullcontext
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 WORDS = (
-    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
-    "upsilon phi chi psi omega"
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma "
+    "tau upsilon phi chi psi omega"
 ).split()
 
 
@@ -30,9 +30,8 @@ def copy_root(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "model,steps", [("mha", 300), ("moa", 600)]
-)  # moa's one shared K/V head aligns slower
+# moa's one shared K/V head aligns slower
+@pytest.mark.parametrize("model,steps", [("mha", 300), ("moa", 600)])
 def test_copy_task_reaches_high_bleu(compose_cfg, copy_root, tmp_path, model, steps):
     from moa_train.config import applicable
     from moa_train.train.loop import train
@@ -81,18 +80,17 @@ def test_copy_task_reaches_high_bleu(compose_cfg, copy_root, tmp_path, model, st
     loaded, _ = moa_train.load_run(tmp_path)  # a translation run loads as the encoder-decoder
     assert isinstance(loaded, Seq2Seq) and not loaded.training
 
-    cfg.trainer.eval_only, cfg.trainer.resume = (
-        True,
-        str(tmp_path),
-    )  # the last checkpoint, not averaged
+    # the last checkpoint, not averaged
+    cfg.trainer.eval_only, cfg.trainer.resume = True, str(tmp_path)
     evaluated = train(cfg, tmp_path / "eval_only")
     assert evaluated["test/bleu"] > 80 and "val/bleu" in evaluated, evaluated
     check_saved_without_a_task(compose_cfg, copy_root, tmp_path)
 
 
 def check_saved_without_a_task(compose_cfg, copy_root, run_dir):
-    """A checkpoint written before tasks were named (no task.name, no data.task) is still a translation run: its
-    data config names the task. load_run rebuilds the encoder-decoder; eval_only from an LM command evaluates it."""
+    """A checkpoint written before tasks were named (no task.name, no data.task) is still a
+    translation run: its data config names the task. load_run rebuilds the encoder-decoder;
+    eval_only from an LM command evaluates it."""
     import moa_train
     from moa_train.models.seq2seq import Seq2Seq
     from moa_train.train.checkpoint import atomic_save, load_checkpoint, step_checkpoints
@@ -115,8 +113,9 @@ def check_saved_without_a_task(compose_cfg, copy_root, run_dir):
 
 
 def test_debug_tiny_makes_a_translation_experiment_a_smoke_run(cli, tmp_path):
-    """`experiment=multi30k/mha debug=tiny` composes and runs as given (no data.max_len to add), decoding only the
-    first eval.max_sentences valid/test sentences; the loss still covers the whole split."""
+    """`experiment=multi30k/mha debug=tiny` composes and runs as given (no data.max_len to add),
+    decoding only the first eval.max_sentences valid/test sentences; the loss still covers the whole
+    split."""
     import json
 
     rng = random.Random(1)
@@ -163,8 +162,8 @@ def test_max_sentences_bounds_decoding_not_the_loss(compose_cfg, copy_root, tmp_
 
 
 def test_a_stop_signal_ends_translation_evaluation(compose_cfg, tmp_path):
-    """Beam search over a split can take long: a signal noted by the trainer's StopSignals ends it before the next
-    batch (it used to run to the end, however long)."""
+    """Beam search over a split can take long: a signal noted by the trainer's StopSignals ends it
+    before the next batch (it used to run to the end, however long)."""
     import signal
     from contextlib import nullcontext
     from types import SimpleNamespace

@@ -24,15 +24,18 @@ def windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> tuple:
 
 
 class RandomWindows:
-    """Uniformly random windows (nanoGPT's get_batch), drawn from a seeded CPU generator whose state is
-    checkpointed, so a resumed run draws exactly the batches an uninterrupted one would, on any device.
+    """Uniformly random windows (nanoGPT's get_batch), drawn from a seeded CPU generator whose state
+    is checkpointed, so a resumed run draws exactly the batches an uninterrupted one would, on any
+    device.
 
-    The split is held as a tensor on the device (copied to the GPU once): a batch is its start offsets
-    (`next_starts`, moved asynchronously), and `windows_at` gathers the windows there. The trainer's step does that
-    gather itself, so a CUDA-graph step captures it and per step only the offsets move.
+    The split is held as a tensor on the device (copied to the GPU once): a batch is its start
+    offsets (`next_starts`, moved asynchronously), and `windows_at` gathers the windows there. The
+    trainer's step does that gather itself, so a CUDA-graph step captures it and per step only the
+    offsets move.
 
-    Data parallelism: every rank draws the same `batch_size` windows (the global batch) and keeps its `rank`-th of
-    `world` equal slices, so the data and the generator state do not depend on the number of ranks."""
+    Data parallelism: every rank draws the same `batch_size` windows (the global batch) and keeps
+    its `rank`-th of `world` equal slices, so the data and the generator state do not depend on the
+    number of ranks."""
 
     def __init__(
         self,
@@ -46,8 +49,8 @@ class RandomWindows:
     ):
         if len(tokens) <= block_size + 1:
             raise DataError(
-                f"trainer.block_size: {block_size} needs a split of more than {block_size + 1} tokens; "
-                f"this one has {len(tokens)}"
+                f"trainer.block_size: {block_size} needs a split of more than {block_size + 1} "
+                f"tokens; this one has {len(tokens)}"
             )
         self.tokens, self.batch_size, self.block_size, self.device = (
             tokens,
@@ -61,14 +64,16 @@ class RandomWindows:
         self.offsets = torch.arange(block_size + 1, device=device)
 
     def next_starts(self) -> torch.Tensor:
-        """This rank's window offsets of the next global batch (batch_size / world,), on the device."""
+        """This rank's window offsets of the next global batch (batch_size / world,), on the
+        device."""
         starts = torch.randint(
             len(self.tokens) - self.block_size - 1, (self.batch_size,), generator=self.generator
         )
         return to_device(starts.view(self.world, -1)[self.rank].numpy(), self.device)
 
     def windows_at(self, starts: torch.Tensor) -> tuple:
-        """(x, y) windows at `starts`: x[i] = tokens[s_i : s_i + block], y the same shifted by one."""
+        """(x, y) windows at `starts`: x[i] = tokens[s_i : s_i + block], y the same shifted by
+        one."""
         chunk = self.device_tokens[starts[:, None] + self.offsets]
         return chunk[:, :-1], chunk[:, 1:]
 
@@ -79,13 +84,13 @@ class RandomWindows:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(
-            state["generator"].cpu()
-        )  # a checkpoint loaded onto the GPU moved it
+        # a checkpoint loaded onto the GPU moved it
+        self.generator.set_state(state["generator"].cpu())
 
 
 def sequential_windows(tokens: np.ndarray, batch_size: int, block_size: int, device: torch.device):
-    """Non-overlapping windows covering every token once as a target (a full pass); the last window is shorter."""
+    """Non-overlapping windows covering every token once as a target (a full pass); the last window
+    is shorter."""
     n_targets = len(tokens) - 1
     starts = np.arange(0, n_targets, block_size)
     full = starts[starts + block_size <= n_targets]

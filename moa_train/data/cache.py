@@ -1,5 +1,6 @@
-"""The data cache's rules: an entry is keyed by the content of its source files, built in a private folder and
-renamed into place, and checked when it is read; a damaged entry is rebuilt with one warning line."""
+"""The data cache's rules: an entry is keyed by the content of its source files, built in a private
+folder and renamed into place, and checked when it is read; a damaged entry is rebuilt with one
+warning line."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ log = logging.getLogger(__name__)
 
 
 class CacheDamaged(Exception):
-    """A cache entry that does not match its own metadata (truncated, stale, garbled): rebuilt, not trusted."""
+    """A cache entry that does not match its own metadata (truncated, stale, garbled): rebuilt, not
+    trusted."""
 
 
 def content_key(paths, settings: str) -> str:
-    """A short key of the files' bytes and the tokenisation settings. Sizes and times are not enough: a truncated
-    copy or another folder with files of the same sizes and times would be served the old tokens."""
+    """A short key of the files' bytes and the tokenisation settings. Sizes and times are not
+    enough: a truncated copy or another folder with files of the same sizes and times would be
+    served the old tokens."""
     h = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as f:
@@ -28,7 +31,8 @@ def content_key(paths, settings: str) -> str:
 
 
 def build_atomically(out: Path, build) -> None:
-    """build(folder) in a private folder renamed to `out`, so concurrent runs never see a partial cache."""
+    """build(folder) in a private folder renamed to `out`, so concurrent runs never see a partial
+    cache."""
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     build(tmp)
@@ -39,7 +43,8 @@ def build_atomically(out: Path, build) -> None:
 
 
 def _discard(out: Path) -> None:
-    """Move a damaged entry aside (one atomic rename, so no reader sees it half deleted), then delete it."""
+    """Move a damaged entry aside (one atomic rename, so no reader sees it half deleted), then
+    delete it."""
     aside = out.with_name(f"{out.name}.damaged{os.getpid()}")
     try:
         out.rename(aside)
@@ -49,8 +54,9 @@ def _discard(out: Path) -> None:
 
 
 def load_cached(out: Path, build, load):
-    """load(out) of the cache entry `out`, built first where missing. Where load finds it damaged (CacheDamaged, or
-    a file it cannot read or parse) the entry is rebuilt once, with one warning line naming what was wrong."""
+    """load(out) of the cache entry `out`, built first where missing. Where load finds it damaged
+    (CacheDamaged, or a file it cannot read or parse) the entry is rebuilt once, with one warning
+    line naming what was wrong."""
     if not out.is_dir():
         build_atomically(out, build)
     try:

@@ -1,5 +1,6 @@
-"""What every corpus shares, LM (data/wikitext.py) and translation (data/translation.py): its files read as UTF-8
-text, their download from the `datasets` hub where no data folder holds them, and byte-level BPE training."""
+"""What every corpus shares, LM (data/wikitext.py) and translation (data/translation.py): its files
+read as UTF-8 text, their download from the `datasets` hub where no data folder holds them, and
+byte-level BPE training."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ def expand(path) -> Path:
 
 
 def read_text(path: Path, newline: str | None = None) -> str:
-    """The file's text; `newline` as for open() (None: '\\r\\n' and '\\r' read as '\\n'; '': kept). Not UTF-8: a
-    DataError naming the first bad line."""
+    """The file's text; `newline` as for open() (None: '\\r\\n' and '\\r' read as '\\n'; '': kept).
+    Not UTF-8: a DataError naming the first bad line."""
     try:
         with open(path, encoding="utf-8", newline=newline) as f:
             return f.read()
@@ -32,8 +33,8 @@ def read_text(path: Path, newline: str | None = None) -> str:
 
 def download(target: Path, names: list, hub: tuple, texts, missing: str) -> Path:
     """The folder `target` holding the files `names`, written once from the `datasets` hub copy
-    (`load_dataset(*hub)`) where the network exists: texts(dataset) yields (file name, text) pairs. Offline, a
-    DataError starting with `missing` (which folder to provide instead)."""
+    (`load_dataset(*hub)`) where the network exists: texts(dataset) yields (file name, text) pairs.
+    Offline, a DataError starting with `missing` (which folder to provide instead)."""
     if all((target / name).is_file() for name in names):
         return target
     try:
@@ -58,7 +59,8 @@ def train_bpe(
     unk: str | None = None,
     prefix_space: bool = False,
 ):
-    """A byte-level BPE trained on `lines` (special tokens first, at ids 0, 1, ...), saved to `path`."""
+    """A byte-level BPE trained on `lines` (special tokens first, at ids 0, 1, ...), saved to
+    `path`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=unk))

@@ -1,6 +1,8 @@
-"""Uniformly random token ids (nanoGPT's bench.py): speed measurements at any vocabulary without a tokenizer.
+"""Uniformly random token ids (nanoGPT's bench.py): speed measurements at any vocabulary without a
+tokenizer.
 
-Nothing can be learned from them beyond the unigram entropy log(vocab); they exist for `moa-bench` and scaling runs.
+Nothing can be learned from them beyond the unigram entropy log(vocab); they exist for `moa-bench`
+and scaling runs.
 """
 
 from __future__ import annotations

@@ -1,17 +1,21 @@
-"""Parallel corpora (WMT14 En-De, Multi30k En-De) as joint-BPE sentence pairs, and token-budget batches of them.
+"""Parallel corpora (WMT14 En-De, Multi30k En-De) as joint-BPE sentence pairs, and token-budget
+batches of them.
 
 Files, one sentence per line and parallel by line, under `data.root` (MOA_DATA_DIR):
-  wmt14_en_de     wmt14-en-de/{train,valid,test}.{en,de}            (valid = newstest2013, test = newstest2014)
+  wmt14_en_de     wmt14-en-de/{train,valid,test}.{en,de} (valid newstest2013, test newstest2014)
   multi30k_en_de  multi30k/{train,val,test_2016_flickr}.{en,de}
-Where `data.root` is null or lacks the dataset's folder, the files are written once from the `datasets` hub copy into
-`<cache_dir>/download/<folder>/`; offline, a clear error names MOA_DATA_DIR.
+Where `data.root` is null or lacks the dataset's folder, the files are written once from the
+`datasets` hub copy into `<cache_dir>/download/<folder>/`; offline, a clear error names
+MOA_DATA_DIR.
 
-One byte-level BPE is trained on the train text of both languages (ids 0..3 = <pad> <s> </s> <unk>). The tokenizer and
-the ids of every split are cached per language under `<cache_dir>/translation/<fingerprint>/`, so en->de and de->en
-share one cache and a second load neither retrains nor re-encodes. `data.max_len` is applied at load time, to the
-train split only: val/test keep every line, since their raw target lines are the BLEU references. A model with
-`max_positions` positions gets val/test ids cut to max_positions - 1 tokens (a BOS or EOS makes max_positions), so
-that a long evaluation line cannot overflow the position table; only lines that would not fit are cut.
+One byte-level BPE is trained on the train text of both languages (ids 0..3 = <pad> <s> </s> <unk>).
+The tokenizer and the ids of every split are cached per language under
+`<cache_dir>/translation/<fingerprint>/`, so en->de and de->en share one cache and a second load
+neither retrains nor re-encodes. `data.max_len` is applied at load time, to the train split only:
+val/test keep every line, since their raw target lines are the BLEU references. A model with
+`max_positions` positions gets val/test ids cut to max_positions - 1 tokens (a BOS or EOS makes
+max_positions), so that a long evaluation line cannot overflow the position table; only lines that
+would not fit are cut.
 """
 
 from __future__ import annotations
@@ -43,17 +47,15 @@ class Corpus:
     stems: dict  # split -> file stem; files are <stem>.<lang>
     hub: tuple  # load_dataset arguments
     hub_splits: dict  # split -> hub split name
-    nested: (
-        bool  # hub rows are {"translation": {lang: text}} (wmt14) rather than {lang: text} columns
-    )
-    langs: tuple = (
-        "en",
-        "de",
-    )  # language codes: the files' suffixes, the values of data.src and data.tgt
+    # hub rows are {"translation": {lang: text}} (wmt14) rather than {lang: text} columns
+    nested: bool
+    # language codes: the files' suffixes, the values of data.src and data.tgt
+    langs: tuple = ("en", "de")
 
     @property
     def sides(self) -> list:
-        """The languages in the order both sides are trained and stored in, whatever the direction."""
+        """The languages in the order both sides are trained and stored in, whatever the
+        direction."""
         return sorted(self.langs)
 
 
@@ -77,16 +79,15 @@ CORPORA = {
 
 @dataclass
 class ParallelSplit:
-    src: list  # 1-D np.int32 BPE ids per source sentence (no BOS/EOS); val/test: cut to the model's positions
+    # 1-D np.int32 BPE ids per source sentence (no BOS/EOS); val/test: cut to the model's positions
+    src: list
     tgt: list  # the same for targets
     src_text: list  # raw source lines (never cut)
     tgt_text: list  # raw target lines: the BLEU references (never cut)
-    n_dropped: int = (
-        0  # train only: pairs left out for an empty side or a side longer than data.max_len
-    )
-    n_truncated: int = (
-        0  # val/test only: pairs with a side whose ids were cut to fit the model's positions
-    )
+    # train only: pairs left out for an empty side or a side longer than data.max_len
+    n_dropped: int = 0
+    # val/test only: pairs with a side whose ids were cut to fit the model's positions
+    n_truncated: int = 0
 
     def __len__(self) -> int:
         return len(self.src)
@@ -101,9 +102,8 @@ class ParallelData:
     eos_id: int
     unk_id: int
     tokenizer_path: str  # the saved `tokenizers` JSON
-    tokenizer: object = field(
-        default=None, repr=False, compare=False
-    )  # loaded from tokenizer_path when not given
+    # loaded from tokenizer_path when not given
+    tokenizer: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.tokenizer is None:
@@ -125,7 +125,7 @@ class ParallelData:
         return text[1:] if text.startswith(" ") else text  # the space add_prefix_space put in front
 
 
-# --- locating and reading the files ---------------------------------------------------------------------------
+# --- locating and reading the files ---------------------------------------------------------------
 
 
 def _expected(corpus: Corpus) -> str:
@@ -141,7 +141,8 @@ def _files(folder: Path, corpus: Corpus) -> dict:
 
 
 def _download(corpus: Corpus, cache: Path, root) -> Path:
-    """The files written into the cache from the `datasets` hub copy; only where the network exists."""
+    """The files written into the cache from the `datasets` hub copy; only where the network
+    exists."""
     target = cache / "download" / corpus.folder
     files = _files(target, corpus)
 
@@ -152,8 +153,8 @@ def _download(corpus: Corpus, cache: Path, root) -> Path:
             yield path.name, "".join(s.replace("\r", " ").replace("\n", " ") + "\n" for s in lines)
 
     missing = (
-        f"{corpus.folder}/ not found under data.root={root}: set MOA_DATA_DIR (or data.root) to a folder "
-        f"holding {_expected(corpus)}"
+        f"{corpus.folder}/ not found under data.root={root}: set MOA_DATA_DIR (or data.root) to a "
+        f"folder holding {_expected(corpus)}"
     )
     return download(target, [path.name for path in files.values()], corpus.hub, texts, missing)
 
@@ -166,14 +167,15 @@ def locate(cfg, corpus: Corpus, cache: Path) -> Path:
     for path in _files(folder, corpus).values():
         if not path.is_file():
             raise DataError(
-                f"data.root: missing file {path}; expected {_expected(corpus)} under {folder.parent} "
-                f"(set MOA_DATA_DIR or data.root)"
+                f"data.root: missing file {path}; expected {_expected(corpus)} under "
+                f"{folder.parent} (set MOA_DATA_DIR or data.root)"
             )
     return folder
 
 
 def read_lines(path: Path) -> list:
-    """Lines without their '\\n' (or '\\r\\n'); split on '\\n' only, so line numbers agree with `wc -l` and editors."""
+    """Lines without their '\\n' (or '\\r\\n'); split on '\\n' only, so line numbers agree with `wc
+    -l` and editors."""
     lines = read_text(path, newline="").split("\n")
     if lines[-1] == "":
         lines.pop()
@@ -181,7 +183,8 @@ def read_lines(path: Path) -> list:
 
 
 def read_corpus(folder: Path, corpus: Corpus) -> dict:
-    """(split, lang) -> lines, with the checks every split must pass: parallel line counts, some text."""
+    """(split, lang) -> lines, with the checks every split must pass: parallel line counts, some
+    text."""
     files = _files(folder, corpus)
     texts = {key: read_lines(path) for key, path in files.items()}
     for split in SPLITS:
@@ -199,11 +202,12 @@ def read_corpus(folder: Path, corpus: Corpus) -> dict:
     return texts
 
 
-# --- tokenizer and cache --------------------------------------------------------------------------------------
+# --- tokenizer and cache --------------------------------------------------------------------------
 
 
 def encode_lines(tok, lines: list) -> tuple:
-    """-> (all ids concatenated as int32, offsets of n+1 int64): sentence i is ids[offsets[i]:offsets[i+1]]."""
+    """-> (all ids concatenated as int32, offsets of n+1 int64): sentence i is
+    ids[offsets[i]:offsets[i+1]]."""
     encs = tok.encode_batch(lines, add_special_tokens=False)
     offsets = np.zeros(len(encs) + 1, dtype=np.int64)
     np.cumsum([len(e.ids) for e in encs], out=offsets[1:])
@@ -248,7 +252,8 @@ def _read_npy(path: Path) -> np.ndarray:
 
 
 def _load_ids(out: Path, split: str, lang: str, n_lines: int, vocab_size: int) -> list:
-    """One file's sentences as id arrays, checked against meta.json (CacheDamaged if they do not match)."""
+    """One file's sentences as id arrays, checked against meta.json (CacheDamaged if they do not
+    match)."""
     ids_path = out / f"{split}.{lang}.ids.npy"
     ids, offsets = _read_npy(ids_path), _read_npy(out / f"{split}.{lang}.offsets.npy")
     if len(offsets) != n_lines + 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
@@ -260,16 +265,15 @@ def _load_ids(out: Path, split: str, lang: str, n_lines: int, vocab_size: int) -
 
 
 def _load(out: Path, texts: dict) -> tuple:
-    """(meta, tokenizer, (split, lang) -> id arrays) of a cache entry, checked against the text files' line
-    counts."""
+    """(meta, tokenizer, (split, lang) -> id arrays) of a cache entry, checked against the text
+    files' line counts."""
     from tokenizers import Tokenizer
 
     meta = json.loads((out / "meta.json").read_text())
     try:
         tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-    except (
-        Exception
-    ) as exc:  # the Rust library raises a bare Exception for a missing or garbled file
+    # the Rust library raises a bare Exception for a missing or garbled file
+    except Exception as exc:
         raise CacheDamaged(f"tokenizer.json cannot be read ({str(exc).splitlines()[0]})") from None
     ids = {}
     for (split, lang), lines in texts.items():
@@ -286,9 +290,8 @@ def _split(
     ids: dict, texts: dict, split: str, src: str, tgt: str, max_len: int, eval_len: int | None
 ) -> ParallelSplit:
     s = ParallelSplit(ids[split, src], ids[split, tgt], texts[split, src], texts[split, tgt])
-    if (
-        split != "train"
-    ):  # every line stays (the references); ids past eval_len would not fit the positions
+    # every line stays (the references); ids past eval_len would not fit the positions
+    if split != "train":
         n = (
             0
             if eval_len is None
@@ -325,7 +328,8 @@ def load_translation(cfg, max_positions: int | None = None) -> ParallelData:
     for key, lang in (("data.src", cfg.src), ("data.tgt", cfg.tgt)):
         if lang not in corpus.langs:
             raise DataError(
-                f"{key}: {lang!r} is not a language of {cfg.name}; allowed: {', '.join(corpus.langs)}"
+                f"{key}: {lang!r} is not a language of {cfg.name}; allowed: "
+                f"{', '.join(corpus.langs)}"
             )
     if cfg.src == cfg.tgt:
         raise DataError(f"data.src and data.tgt are both {cfg.src!r}; they must differ")
@@ -344,8 +348,8 @@ def load_translation(cfg, max_positions: int | None = None) -> ParallelData:
     }
     if splits["val"].n_truncated or splits["test"].n_truncated:
         log.warning(
-            "model.max_seq_len=%d: token ids cut to %d for %d of %d val and %d of %d test pairs (a side was "
-            "longer; BLEU still scores against the full reference lines)",
+            "model.max_seq_len=%d: token ids cut to %d for %d of %d val and %d of %d test pairs (a "
+            "side was longer; BLEU still scores against the full reference lines)",
             max_positions,
             eval_len,
             splits["val"].n_truncated,
@@ -359,7 +363,7 @@ def load_translation(cfg, max_positions: int | None = None) -> ParallelData:
     )
 
 
-# --- batches ----------------------------------------------------------------------------------------------------
+# --- batches --------------------------------------------------------------------------------------
 
 
 def _pad(rows: list, width: int, pad_id: int) -> np.ndarray:
@@ -373,15 +377,17 @@ class TokenBatches:
     """Batches of whole sentence pairs holding at most max_tokens tokens each, counted as
     batch_size x (padded src len + padded tgt len + 1).
 
-    Pairs are sorted by (source, target) length and cut greedily into batches, so padding is small; a pair over
-    max_tokens alone gets a batch of its own. The batches are fixed at construction (ties in length broken by a
-    permutation drawn from `seed`); with shuffle=True their order is redrawn each epoch from a seeded torch.Generator
-    and iteration never ends; with shuffle=False one pass in length order. The state (epoch, batches consumed in it,
-    the generator state at its start) resumes exactly mid-epoch. One iterator at a time: iterating advances the state.
+    Pairs are sorted by (source, target) length and cut greedily into batches, so padding is small;
+    a pair over max_tokens alone gets a batch of its own. The batches are fixed at construction
+    (ties in length broken by a permutation drawn from `seed`); with shuffle=True their order is
+    redrawn each epoch from a seeded torch.Generator and iteration never ends; with shuffle=False
+    one pass in length order. The state (epoch, batches consumed in it, the generator state at its
+    start) resumes exactly mid-epoch. One iterator at a time: iterating advances the state.
 
-    Data parallelism: every rank cuts and orders the same batches (max_tokens is the global budget) and keeps its
-    `rank`-th of `world` contiguous slices of each batch's pairs (length-sorted, so the slices pad alike); `n_tokens`
-    stays the whole batch's. A batch of fewer pairs than ranks leaves some ranks zero rows.
+    Data parallelism: every rank cuts and orders the same batches (max_tokens is the global budget)
+    and keeps its `rank`-th of `world` contiguous slices of each batch's pairs (length-sorted, so
+    the slices pad alike); `n_tokens` stays the whole batch's. A batch of fewer pairs than ranks
+    leaves some ranks zero rows.
     """
 
     def __init__(
@@ -409,27 +415,27 @@ class TokenBatches:
         )
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         self.rank, self.world = rank, world
+        # >= 1 column
         self.src_len = np.fromiter(map(len, split.src), dtype=np.int64, count=len(split.src)).clip(
             min=1
-        )  # >= 1 column
-        self.tgt_len = (
-            np.fromiter(map(len, split.tgt), dtype=np.int64, count=len(split.tgt)) + 1
-        )  # + bos / eos
+        )
+        # + bos / eos
+        self.tgt_len = np.fromiter(map(len, split.tgt), dtype=np.int64, count=len(split.tgt)) + 1
         order = np.arange(len(self.src_len))
         if shuffle:
             order = torch.randperm(
                 len(order), generator=torch.Generator().manual_seed(seed)
             ).numpy()
-        order = order[
-            np.lexsort((self.tgt_len[order], self.src_len[order]))
-        ]  # stable: the permutation breaks ties
+        # stable: the permutation breaks ties
+        order = order[np.lexsort((self.tgt_len[order], self.src_len[order]))]
         self.batches = self._cut(order)
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch, self.position = 0, 0
         self._epoch_state = self.generator.get_state()
 
     def _cut(self, order: np.ndarray) -> list:
-        """Greedy: a pair joins the current batch while the batch, padded to its longest pair, fits max_tokens."""
+        """Greedy: a pair joins the current batch while the batch, padded to its longest pair, fits
+        max_tokens."""
         batches, cur, s_max, t_max = [], [], 0, 0
         for i, s, t in zip(
             order.tolist(), self.src_len[order].tolist(), self.tgt_len[order].tolist()
@@ -452,9 +458,10 @@ class TokenBatches:
         return torch.randperm(len(self.batches), generator=self.generator).tolist()
 
     def collate(self, index: np.ndarray) -> dict:
-        """This rank's slice of the batch of pairs `index`, padded; `n_tokens`: the real target tokens (with EOS) of
-        the whole batch. `index` (the pairs' positions in the split, read by evaluation only) stays a CPU tensor:
-        copying it to the device every training step, and `.tolist()` syncing on it, would be wasted."""
+        """This rank's slice of the batch of pairs `index`, padded; `n_tokens`: the real target
+        tokens (with EOS) of the whole batch. `index` (the pairs' positions in the split, read by
+        evaluation only) stays a CPU tensor: copying it to the device every training step, and
+        `.tolist()` syncing on it, would be wasted."""
         n_tokens = int(self.tgt_len[index].sum())
         index = np.array_split(index, self.world)[self.rank]
         src = _pad(
@@ -478,9 +485,8 @@ class TokenBatches:
             for k in range(self.position, len(order)):
                 batch = self.collate(self.batches[order[k]])
                 self.position = k + 1
-                if self.position == len(
-                    order
-                ):  # roll over now, so a state saved here names the next epoch
+                # roll over now, so a state saved here names the next epoch
+                if self.position == len(order):
                     self.epoch, self.position = self.epoch + 1, 0
                     self._epoch_state = self.generator.get_state()
                 yield batch
@@ -502,5 +508,6 @@ class TokenBatches:
                 f"{len(self.batches)}: the data or data.max_tokens changed since the checkpoint"
             )
         self.epoch, self.position = state["epoch"], state["position"]
-        # .cpu(): a checkpoint loaded onto the GPU moved this ByteTensor too, and a CPU generator takes a CPU state
+        # .cpu(): a checkpoint loaded onto the GPU moved this ByteTensor too, and a CPU generator
+        # takes a CPU state
         self._epoch_state = state["generator"].cpu().clone()

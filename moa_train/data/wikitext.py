@@ -1,16 +1,20 @@
-"""LM corpora (WikiText-2, and any added to `LM_CORPORA`) as token streams (char, word or BPE), cached as memmaps.
+"""LM corpora (WikiText-2, and any added to `LM_CORPORA`) as token streams (char, word or BPE),
+cached as memmaps.
 
-Files: one plain-text file per split, `<root>/<folder>/{train,valid,test}.txt` for WikiText-2 (the tokenized v1
-release). Where `data.root` is null the files are downloaded once through `datasets` into the cache; offline, a clear
-error names MOA_DATA_DIR. A new corpus is one `LM_CORPORA` entry (keyed by its `data.name`) and one
-`configs/data/<name>.yaml`; from outside the package, through a plugin (moa_train/plugins.py).
+Files: one plain-text file per split, `<root>/<folder>/{train,valid,test}.txt` for WikiText-2 (the
+tokenized v1 release). Where `data.root` is null the files are downloaded once through `datasets`
+into the cache; offline, a clear error names MOA_DATA_DIR. A new corpus is one `LM_CORPORA` entry
+(keyed by its `data.name`) and one `configs/data/<name>.yaml`; from outside the package, through a
+plugin (moa_train/plugins.py).
 
-Splits: `official` uses the valid/test files; `moas_paper` reproduces the MoAS paper's split (first 90% of the
-train file's characters for training, the last 10% as "validation"; test stays the official test file). The split
-is made on the text, so char, word and BPE runs see the same underlying characters.
+Splits: `official` uses the valid/test files; `moas_paper` reproduces the MoAS paper's split (first
+90% of the train file's characters for training, the last 10% as "validation"; test stays the
+official test file). The split is made on the text, so char, word and BPE runs see the same
+underlying characters.
 
-Each split records how many characters and words its text holds, so a loss in nats per token converts to bits per
-character (`val/bpc`) and word-level perplexity (`val/word_ppl`) whatever the tokenizer.
+Each split records how many characters and words its text holds, so a loss in nats per token
+converts to bits per character (`val/bpc`) and word-level perplexity (`val/word_ppl`) whatever the
+tokenizer.
 """
 
 from __future__ import annotations
@@ -37,9 +41,8 @@ class TextCorpus:
     files: dict  # "train" | "val" | "test" -> file name
     hub: tuple = ()  # datasets.load_dataset arguments, for data.root=null; (): no download
     hub_splits: dict = field(default_factory=dict)  # split -> the hub's split name
-    hub_column: str = (
-        "text"  # the hub rows' text, joined as it is (WikiText's lines keep their "\n")
-    )
+    # the hub rows' text, joined as it is (WikiText's lines keep their "\n")
+    hub_column: str = "text"
 
 
 WIKITEXT2 = TextCorpus(
@@ -75,15 +78,14 @@ class TokenData:
     splits: dict  # "train" | "val" | "test" -> Split
     vocab_size: int
     tokenizer: str
-    tokenizer_file: Path | None = (
-        None  # tokenizer_json's file, which a run copies into its folder; None: no text
-    )
+    # tokenizer_json's file, which a run copies into its folder; None: no text
+    tokenizer_file: Path | None = None
 
 
 def check_lengths(data: TokenData, block_size: int) -> None:
-    """Every split must hold a window of block_size tokens and its next-token targets. Checked before the first
-    step: a short valid/test split otherwise surfaces at the first evaluation, after training steps and before any
-    checkpoint."""
+    """Every split must hold a window of block_size tokens and its next-token targets. Checked
+    before the first step: a short valid/test split otherwise surfaces at the first evaluation,
+    after training steps and before any checkpoint."""
     for name, split in data.splits.items():
         n = len(split.tokens)
         if n < block_size + 2:
@@ -98,7 +100,7 @@ def word_count(text: str) -> int:
     return len(text.split()) + text.count("\n")
 
 
-# --- locating the text ------------------------------------------------------------------------------------------
+# --- locating the text ----------------------------------------------------------------------------
 
 
 def _expected(corpus: TextCorpus) -> str:
@@ -106,8 +108,12 @@ def _expected(corpus: TextCorpus) -> str:
 
 
 def _download(corpus: TextCorpus, cache: Path) -> Path:
-    """The split files written into the cache from the `datasets` hub copy; only where the network exists."""
-    missing = f"{corpus.folder}/ not found: set MOA_DATA_DIR (or data.root) to a folder holding {_expected(corpus)}"
+    """The split files written into the cache from the `datasets` hub copy; only where the network
+    exists."""
+    missing = (
+        f"{corpus.folder}/ not found: set MOA_DATA_DIR (or data.root) to a folder holding "
+        f"{_expected(corpus)}"
+    )
     if not corpus.hub:  # read from data.root only
         raise DataError(missing)
 
@@ -128,8 +134,8 @@ def locate(root, corpus: TextCorpus, cache: Path) -> Path:
         path = folder / fname
         if not path.is_file():
             raise DataError(
-                f"data.root: missing file {path}; expected {_expected(corpus)} under {folder.parent} "
-                f"(set MOA_DATA_DIR or data.root)"
+                f"data.root: missing file {path}; expected {_expected(corpus)} under "
+                f"{folder.parent} (set MOA_DATA_DIR or data.root)"
             )
         if path.stat().st_size == 0:
             raise DataError(f"data file {path} is empty")
@@ -163,11 +169,12 @@ def split_texts(files: dict, split: str) -> dict:
     return texts
 
 
-# --- tokenizers ---------------------------------------------------------------------------------------------------
+# --- tokenizers -----------------------------------------------------------------------------------
 
 
 class CharTokenizer:
-    """Vocabulary = sorted characters of the whole train FILE (283 for WikiText-2, as in the MoAS paper)."""
+    """Vocabulary = sorted characters of the whole train FILE (283 for WikiText-2, as in the MoAS
+    paper)."""
 
     kind = "char"
 
@@ -204,9 +211,10 @@ class CharTokenizer:
 
 
 class WordTokenizer:
-    """Whitespace words plus <eos> at each line end; vocabulary from the train split (WikiText has no OOV). Unknown
-    words map to <unk>, which the vocabulary always holds. decode writes each word as " word" and <eos> as " \\n",
-    WikiText's own layout, so a WikiText line round-trips exactly."""
+    """Whitespace words plus <eos> at each line end; vocabulary from the train split (WikiText has
+    no OOV). Unknown words map to <unk>, which the vocabulary always holds. decode writes each word
+    as " word" and <eos> as " \\n", WikiText's own layout, so a WikiText line round-trips
+    exactly."""
 
     kind = "word"
 
@@ -241,7 +249,8 @@ class WordTokenizer:
 
 
 class BPETokenizer:
-    """Byte-level BPE trained with `tokenizers` on the train split; saved beside the cached ids (tokenizers' JSON)."""
+    """Byte-level BPE trained with `tokenizers` on the train split; saved beside the cached ids
+    (tokenizers' JSON)."""
 
     kind = "bpe"
 
@@ -282,7 +291,8 @@ TOKENIZER_FILE = "tokenizer.json"  # in a cache entry and in a run folder
 
 
 def tokenizer_json(tok) -> str:
-    """A char or word vocabulary as JSON (the kind and the symbols in id order); BPE: tokenizers' own JSON."""
+    """A char or word vocabulary as JSON (the kind and the symbols in id order); BPE: tokenizers'
+    own JSON."""
     if tok.kind == "bpe":
         return tok.tok.to_str()
     return json.dumps({"kind": tok.kind, "symbols": tok.symbols}, ensure_ascii=False)
@@ -299,11 +309,12 @@ def tokenizer_from_json(text: str, source: str = TOKENIZER_FILE):
     if kind == "word":
         return WordTokenizer(symbols=spec["symbols"])
     raise DataError(
-        f"{source}: not a moa_train tokenizer (kind {kind!r}; expected char, word or tokenizers' BPE)"
+        f"{source}: not a moa_train tokenizer (kind {kind!r}; expected char, word or tokenizers' "
+        "BPE)"
     )
 
 
-# --- caching ------------------------------------------------------------------------------------------------------
+# --- caching --------------------------------------------------------------------------------------
 
 
 def _fingerprint(files: dict, cfg) -> str:
@@ -345,7 +356,8 @@ def _build(files: dict, cfg, out: Path) -> None:
 
 
 def _load(out: Path, sources: dict) -> TokenData:
-    """The cached splits, each checked against meta.json: its length and its ids' range (CacheDamaged if not)."""
+    """The cached splits, each checked against meta.json: its length and its ids' range
+    (CacheDamaged if not)."""
     meta = json.loads((out / "meta.json").read_text())
     dtype, vocab = np.dtype(meta["dtype"]), meta["vocab_size"]
     splits = {}
@@ -359,9 +371,8 @@ def _load(out: Path, sources: dict) -> TokenData:
         tokens = np.memmap(path, dtype=dtype, mode="r")
         check_ids(path, tokens, info["n_tokens"], vocab)
         splits[name] = Split(tokens, info["n_chars"], info["n_words"], sources[name])
-    if not (
-        out / TOKENIZER_FILE
-    ).is_file():  # an entry written before tokenizers were kept for the run folder
+    # an entry written before tokenizers were kept for the run folder
+    if not (out / TOKENIZER_FILE).is_file():
         raise CacheDamaged(
             f"{TOKENIZER_FILE} is missing (a cache entry older than saved tokenizers)"
         )
@@ -369,7 +380,8 @@ def _load(out: Path, sources: dict) -> TokenData:
 
 
 def load_corpus(cfg) -> TokenData:
-    """The LM corpus `LM_CORPORA[data.name]`, tokenized by data.tokenizer and split by data.split."""
+    """The LM corpus `LM_CORPORA[data.name]`, tokenized by data.tokenizer and split by
+    data.split."""
     if cfg.name not in LM_CORPORA:
         raise DataError(
             f"data.name: {cfg.name!r} is not an LM corpus; allowed: {', '.join(LM_CORPORA)}"

@@ -1,7 +1,7 @@
 """Peak matmul throughput of this device, measured once and cached, for MFU.
 
-MFU = (model FLOPs per token, from the models' own counter) x tokens/s / peak of the run's precision:
-bf16 -> a bf16 GEMM, fp32 with TF32 allowed -> a TF32 GEMM, plain fp32 -> an fp32 GEMM.
+MFU = (model FLOPs per token, from the models' own counter) x tokens/s / peak of the run's
+precision: bf16 -> a bf16 GEMM, fp32 with TF32 allowed -> a TF32 GEMM, plain fp32 -> an fp32 GEMM.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ def device_name(device: torch.device) -> str:
 def measure_matmul_flops(
     device: torch.device, kind: str, n: int | None = None, iters: int = 10
 ) -> float:
-    """FLOP/s of an n x n x n GEMM in `kind` precision: the best of `iters` timed runs after warm-up (a peak: a run
-    slowed by other work on the machine must not lower it, or MFU would read above 100%)."""
+    """FLOP/s of an n x n x n GEMM in `kind` precision: the best of `iters` timed runs after warm-up
+    (a peak: a run slowed by other work on the machine must not lower it, or MFU would read above
+    100%)."""
     n = n or (8192 if device.type == "cuda" else 1024)
     dtype = torch.bfloat16 if kind == "bf16" else torch.float32
-    gen = torch.Generator(device=device).manual_seed(
-        0
-    )  # leaves the global RNG (dropout, init) untouched
+    # leaves the global RNG (dropout, init) untouched
+    gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     prev = torch.backends.cuda.matmul.allow_tf32
@@ -77,8 +77,9 @@ def peak_flops(device: torch.device, kind: str, cache_dir: str | Path) -> float:
 
 
 def remeasure_peak(device: torch.device, kind: str, cache_dir: str | Path, stale: float) -> float:
-    """The peak measured again after a run's own rate beat the cached one (MFU above 100%: the cached figure was
-    measured while other work ran, e.g. a test suite in parallel): the larger of the two is cached and returned."""
+    """The peak measured again after a run's own rate beat the cached one (MFU above 100%: the
+    cached figure was measured while other work ran, e.g. a test suite in parallel): the larger of
+    the two is cached and returned."""
     path = peak_cache(cache_dir)
     key = f"{device_name(device)}|{kind}|torch {torch.__version__}"
     peak = max(stale, measure_matmul_flops(device, kind))
@@ -94,8 +95,8 @@ def _is_rate(value) -> bool:
 
 
 def read_table(path: Path) -> dict:
-    """The cached peaks; a garbled file (a crash mid-write by an older version, a hand edit) is measured again, with
-    one warning line, rather than stopping the run."""
+    """The cached peaks; a garbled file (a crash mid-write by an older version, a hand edit) is
+    measured again, with one warning line, rather than stopping the run."""
     if not path.is_file():
         return {}
     try:

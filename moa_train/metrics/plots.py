@@ -1,4 +1,5 @@
-"""Figures shared by the dashboards (metrics/sinks.py, during a run) and the reports (report.py, afterwards)."""
+"""Figures shared by the dashboards (metrics/sinks.py, during a run) and the reports (report.py,
+afterwards)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ def site_util(routing: dict, site: str) -> dict:
 
 
 def utilisation_figure(routing: dict, title: str):
-    """A site x choice heatmap of the routing/util/<site>/<choice> values (also sent to the dashboards), each cell
-    labelled with its value; the colour scale is fixed at 0..1 so that heatmaps of different runs compare."""
+    """A site x choice heatmap of the routing/util/<site>/<choice> values (also sent to the
+    dashboards), each cell labelled with its value; the colour scale is fixed at 0..1 so that
+    heatmaps of different runs compare."""
     import numpy as np
 
     plt = pyplot()
@@ -32,9 +34,8 @@ def utilisation_figure(routing: dict, title: str):
     fig, ax = plt.subplots(figsize=(2.5 + 0.8 * len(choices), 1.5 + 0.45 * len(sites)))
     im = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     for (i, j), v in np.ndenumerate(grid):
-        if not np.isnan(
-            v
-        ):  # dark text on viridis' bright upper end, light text on its dark lower end
+        # dark text on viridis' bright upper end, light text on its dark lower end
+        if not np.isnan(v):
             ax.text(
                 j,
                 i,

@@ -1,5 +1,6 @@
-"""One metrics dict, many sinks. `MetricsLogger.log` converts device tensors to floats in one transfer and hands the
-same flat dict to every sink: metrics.jsonl (always), TensorBoard and W&B (when configured)."""
+"""One metrics dict, many sinks. `MetricsLogger.log` converts device tensors to floats in one
+transfer and hands the same flat dict to every sink: metrics.jsonl (always), TensorBoard and W&B
+(when configured)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ class JsonlSink:
 
 
 def _keep(row: dict, last_step: int) -> bool:
-    """Lines up to the checkpoint's step, minus end-of-run test lines (the resumed run writes its own)."""
+    """Lines up to the checkpoint's step, minus end-of-run test lines (the resumed run writes its
+    own)."""
     return row.get("step", 0) <= last_step and not any(k.startswith("test/") for k in row)
 
 
@@ -57,8 +59,9 @@ def _parse(line: str, number: int, path: Path) -> dict | None:
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop lines logged after `last_step` (written by a run that is being resumed from that step, or, with 0, by
-    one that stopped before its first checkpoint), and any line an interrupted write left incomplete."""
+    """Drop lines logged after `last_step` (written by a run that is being resumed from that step,
+    or, with 0, by one that stopped before its first checkpoint), and any line an interrupted write
+    left incomplete."""
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -74,8 +77,8 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
 
 class TensorBoardSink:
     def __init__(self, log_dir: Path, purge_step: int | None = None):
-        """purge_step (a resumed run's first step): TensorBoard hides what earlier writers logged from that step on,
-        so the steps re-run after a resume show once."""
+        """purge_step (a resumed run's first step): TensorBoard hides what earlier writers logged
+        from that step on, so the steps re-run after a resume show once."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
@@ -93,7 +96,8 @@ class TensorBoardSink:
 
 
 def wandb_mode(mode: str) -> str:
-    """auto: online where an API key is set, else offline (the run can be uploaded later with `wandb sync`)."""
+    """auto: online where an API key is set, else offline (the run can be uploaded later with `wandb
+    sync`)."""
     if mode != "auto":
         return mode
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
@@ -113,7 +117,8 @@ def wandb_names(cfg, overrides: list) -> dict:
 
 
 class WandbSink:
-    """The run's files go under the run folder (wandb/); a resumed run continues the same W&B run by its id."""
+    """The run's files go under the run folder (wandb/); a resumed run continues the same W&B run by
+    its id."""
 
     def __init__(self, cfg, run_dir: Path, config: dict, run_id: str | None, overrides: list):
         import wandb
@@ -128,7 +133,8 @@ class WandbSink:
             resume="allow",
         )
         self.run_id = self.run.id
-        self.util: dict = {}  # site -> choice -> [(step, share)], for the per-layer utilisation charts
+        # site -> choice -> [(step, share)], for the per-layer utilisation charts
+        self.util: dict = {}
 
     def log(self, step: int, metrics: dict) -> None:
         self.run.log(metrics, step=step)
@@ -153,21 +159,21 @@ class WandbSink:
             )
             self.run.log({f"charts/utilisation/{site}": chart})
         self.run.finish()
-        # finish() returns before wandb's service has closed the run's file (it finishes the file later, or at
-        # exit, which a launcher's worker process may skip): shutting the service down waits for it
+        # finish() returns before wandb's service has closed the run's file (it finishes the file
+        # later, or at exit, which a launcher's worker process may skip): shutting the service down
+        # waits for it
         if self.wandb.run is None:  # unless another W&B run of this process still needs it
             self.wandb.teardown()
 
 
 class MetricsLogger:
-    """Sends one metrics dict to every sink; figures (the final utilisation heatmap) go to every dashboard sink."""
+    """Sends one metrics dict to every sink; figures (the final utilisation heatmap) go to every
+    dashboard sink."""
 
     def __init__(self, sinks: list):
         self.sinks = sinks
-        self.last_util: tuple = (
-            0,
-            {},
-        )  # (step, routing/util/* values) of the last log that had them
+        # (step, routing/util/* values) of the last log that had them
+        self.last_util: tuple = (0, {})
 
     def log(self, step: int, metrics: dict) -> dict:
         values = to_floats(metrics)
@@ -219,8 +225,8 @@ def build_logger(
     wandb_id: str | None = None,
     resumed_step: int | None = None,
 ) -> MetricsLogger:
-    """The sinks of `cfg.logger` besides metrics.jsonl; a run resumed from `resumed_step` continues the W&B run
-    `wandb_id` and hides TensorBoard's points after that step."""
+    """The sinks of `cfg.logger` besides metrics.jsonl; a run resumed from `resumed_step` continues
+    the W&B run `wandb_id` and hides TensorBoard's points after that step."""
     sinks = [JsonlSink(run_dir / "metrics.jsonl")]
     if cfg.logger.tensorboard is not None:
         purge = None if resumed_step is None else resumed_step + 1

@@ -1,9 +1,9 @@
 """Attention registry: name -> (module class, config class).
 
-A new attention variant is one module (its attention class with `from_config(model_config, causal)` and its config
-class, a ModelConfig subclass), one YAML in configs/model/ and one `register` line; one outside the package is a
-module named in MOA_PLUGINS (moa_train.plugins loads them: `moa-train` and `load_run` do), which calls `register`
-with its YAML's path.
+A new attention variant is one module (its attention class with `from_config(model_config, causal)`
+and its config class, a ModelConfig subclass), one YAML in configs/model/ and one `register` line;
+one outside the package is a module named in MOA_PLUGINS (moa_train.plugins loads them: `moa-train`
+and `load_run` do), which calls `register` with its YAML's path.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ ATTENTION: dict = {}  # name -> attention module class
 
 
 def register(name: str, cls: type, config: type, yaml: str | Path | None = None) -> None:
-    """Variant `name`: module `cls` built from a `config` node; `yaml` (a plugin's configs/model/<name>.yaml, which
-    lists `_schema_<name>` in its defaults) makes `model=<name>` choosable without a file in configs/."""
+    """Variant `name`: module `cls` built from a `config` node; `yaml` (a plugin's
+    configs/model/<name>.yaml, which lists `_schema_<name>` in its defaults) makes `model=<name>`
+    choosable without a file in configs/."""
     ATTENTION[name] = cls
     register_variant(name, config, yaml)
 
@@ -38,8 +39,9 @@ register("moas_kv", MoASKVAttention, MoASKVConfig)
 
 
 def model_config(m):
-    """A model config typed by its variant; a saved one (configs written before variants owned their keys) is
-    read leniently: other variants' keys dropped, `cross_attention` mapped to `cross.name`."""
+    """A model config typed by its variant; a saved one (configs written before variants owned their
+    keys) is read leniently: other variants' keys dropped, `cross_attention` mapped to
+    `cross.name`."""
     if OmegaConf.is_config(m) and OmegaConf.get_type(m) is VARIANTS.get(m.get("name")):
         return m
     return variant_config(m, lenient=True)

@@ -1,29 +1,27 @@
-"""Parameter roles, declared by the modules that hold the parameters rather than inferred from attribute names.
+"""Parameter roles, declared by the modules that hold the parameters rather than inferred from
+attribute names.
 
-A module lists its roles in `PARAM_ROLES`: {attribute path (a submodule, whose parameters all take the role, or a
-parameter): role}. `param_roles(model)` collects them for the optimizer's groups, the scaled init and the fast-path
-checks.
+A module lists its roles in `PARAM_ROLES`: {attribute path (a submodule, whose parameters all take
+the role, or a parameter): role}. `param_roles(model)` collects them for the optimizer's groups, the
+scaled init and the fast-path checks.
 """
 
 from __future__ import annotations
 
 import torch.nn as nn
 
-ROUTER = (
-    "router"  # a router's parameters: their own lr multiplier and weight decay (optim.router_*)
-)
-RESIDUAL = (
-    "residual"  # a projection into the residual stream: GPT-2 init std 0.02 / sqrt(2 n_layer)
-)
-NO_DECAY = (
-    "no_decay"  # norms and biases: no weight decay (nanoGPT's rule; a module declares its own)
-)
+# a router's parameters: their own lr multiplier and weight decay (optim.router_*)
+ROUTER = "router"
+# a projection into the residual stream: GPT-2 init std 0.02 / sqrt(2 n_layer)
+RESIDUAL = "residual"
+# norms and biases: no weight decay (nanoGPT's rule; a module declares its own)
+NO_DECAY = "no_decay"
 EMBEDDING = "embedding"  # token and position embeddings
 
 
 def _declared(module: nn.Module, path: str) -> list:
-    """The parameters at `path` under `module`: a submodule's, a parameter, or none (an optional part left out,
-    such as the static MoAS's router)."""
+    """The parameters at `path` under `module`: a submodule's, a parameter, or none (an optional
+    part left out, such as the static MoAS's router)."""
     try:
         return list(module.get_submodule(path).parameters())
     except AttributeError:

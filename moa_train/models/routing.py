@@ -1,7 +1,9 @@
-"""Routing records, auxiliary losses and routing statistics, shared by every routed attention family.
+"""Routing records, auxiliary losses and routing statistics, shared by every routed attention
+family.
 
-An attention module returns a `Routing` (or None when it is dense). Everything here works on device tensors and
-never calls `.item()`, so the model stays free of graph breaks; the trainer converts to floats only when it logs.
+An attention module returns a `Routing` (or None when it is dense). Everything here works on device
+tensors and never calls `.item()`, so the model stays free of graph breaks; the trainer converts to
+floats only when it logs.
 """
 
 from __future__ import annotations
@@ -20,23 +22,20 @@ from moa_train.collectives import global_sum, world_size
 class Routing:
     probs: Tensor  # (N, C) the router's distribution over C choices, before any gate dropout
     choice_names: tuple  # C names: ("mha", "gqa", "mqa") or ("0", ..., "E-1")
-    chosen: Optional[Tensor] = (
-        None  # (N, k) selected choices for top-k routers; None for soft mixing
-    )
+    # (N, k) selected choices for top-k routers; None for soft mixing
+    chosen: Optional[Tensor] = None
     logits: Optional[Tensor] = None  # (N, C) router logits (for the z-loss)
-    mask: Optional[Tensor] = (
-        None  # (N,) True for real tokens: padding is left out of aux losses and statistics
-    )
-    cost: Optional[Tensor] = (
-        None  # (C,) K/V heads a token stores under each choice (moas_kv): aux kv_heads
-    )
-    budget: Optional[float] = (
-        None  # target of the mean cost over tokens and costed sites (moas_kv): aux kv_budget
-    )
+    # (N,) True for real tokens: padding is left out of aux losses and statistics
+    mask: Optional[Tensor] = None
+    # (C,) K/V heads a token stores under each choice (moas_kv): aux kv_heads
+    cost: Optional[Tensor] = None
+    # target of the mean cost over tokens and costed sites (moas_kv): aux kv_budget
+    budget: Optional[float] = None
 
 
 def detached(routings: list) -> list:
-    """The records without autograd history: kept for metrics, they must not keep a step's graph alive."""
+    """The records without autograd history: kept for metrics, they must not keep a step's graph
+    alive."""
     return [
         None
         if r is None
@@ -53,17 +52,18 @@ def detached(routings: list) -> list:
     ]
 
 
-# Every function below takes tokens on dim -2 of (..., N, C) tensors (dim -1 of (..., N)), so the aux terms of all
-# layers are computed in one batched call on stacked records: a few kernels per step instead of a few per layer.
+# Every function below takes tokens on dim -2 of (..., N, C) tensors (dim -1 of (..., N)), so the
+# aux terms of all layers are computed in one batched call on stacked records: a few kernels per
+# step instead of a few per layer.
 
 
 def _token_mean(x: Tensor, mask: Optional[Tensor], dim: int) -> Tensor:
-    """Mean over the token dimension, counting only tokens where mask (N,) is True. Under data parallelism it is the
-    mean over every rank's tokens (the global batch): sums and counts are all-reduced, differentiably, so the aux
-    losses, their gradients and the routing statistics are those of the global batch."""
-    if (
-        mask is None
-    ):  # every rank holds the same number of tokens (the global batch is split evenly): no count to sum
+    """Mean over the token dimension, counting only tokens where mask (N,) is True. Under data
+    parallelism it is the mean over every rank's tokens (the global batch): sums and counts are
+    all-reduced, differentiably, so the aux losses, their gradients and the routing statistics are
+    those of the global batch."""
+    # every rank holds the same number of tokens (the global batch is split evenly): no count to sum
+    if mask is None:
         return global_sum(x.sum(dim)) / (x.shape[dim] * world_size())
     w = mask.to(x.dtype)
     w = w.unsqueeze(-1) if dim == -2 else w
@@ -76,9 +76,8 @@ def dispatch_fraction(
     """Share of selections per choice: counts / (tokens x k); a soft router 'selects' its argmax."""
     if chosen is None:
         chosen = probs.argmax(-1, keepdim=True)
-    one_hot = (
-        F.one_hot(chosen, probs.shape[-1]).to(probs.dtype).sum(-2) / chosen.shape[-1]
-    )  # (..., N, C)
+    # (..., N, C)
+    one_hot = F.one_hot(chosen, probs.shape[-1]).to(probs.dtype).sum(-2) / chosen.shape[-1]
     return _token_mean(one_hot, mask, -2)
 
 
@@ -102,22 +101,25 @@ def z_loss(logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
 
 
 def cv_squared(probs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-    """Squared coefficient of variation of expert importance (sum of router probabilities per choice)."""
+    """Squared coefficient of variation of expert importance (sum of router probabilities per
+    choice)."""
     importance = _token_mean(probs, mask, -2)
     return importance.var(-1) / (importance.mean(-1) ** 2 + 1e-10)
 
 
 def gate_matrix(probs: Tensor, chosen: Optional[Tensor]) -> Tensor:
-    """(..., N, C) the gates each token gives each choice: its router probability where chosen (top-k routers, as
-    softmax_all gating uses them), zero elsewhere; soft routers: the probabilities."""
+    """(..., N, C) the gates each token gives each choice: its router probability where chosen
+    (top-k routers, as softmax_all gating uses them), zero elsewhere; soft routers: the
+    probabilities."""
     if chosen is None:
         return probs
     return torch.zeros_like(probs).scatter(-1, chosen, probs.gather(-1, chosen))
 
 
 def kv_heads(records: list) -> Tensor:
-    """Stored K/V heads per token, averaged over tokens and the costed sites (moas_kv): each token's straight-through
-    gates (the hard choice's value, the probabilities' gradient) times the heads each choice stores."""
+    """Stored K/V heads per token, averaged over tokens and the costed sites (moas_kv): each token's
+    straight-through gates (the hard choice's value, the probabilities' gradient) times the heads
+    each choice stores."""
     per_site = []
     for r in records:
         gates = (
@@ -139,15 +141,17 @@ def _stack(records: list, field_name: str) -> Optional[Tensor]:
 
 
 def aux_losses(routings: list, aux_cfg, all_terms: bool = True) -> dict:
-    """Unweighted aux terms reduced over the routed sites (mean as in the MoAS paper, sum as in the MoA code).
+    """Unweighted aux terms reduced over the routed sites (mean as in the MoAS paper, sum as in the
+    MoA code).
 
-    `balance` is always computed (it is the usual loss); `z` and `cv` only when weighted or `all_terms` (log steps),
-    so a step whose coefficients are zero launches no kernels for them. Sites of equal shape are stacked and
-    computed together."""
+    `balance` is always computed (it is the usual loss); `z` and `cv` only when weighted or
+    `all_terms` (log steps), so a step whose coefficients are zero launches no kernels for them.
+    Sites of equal shape are stacked and computed together."""
     records = [r for r in routings if r is not None]
     if not records:
         return {}
-    groups: list = []  # records of equal shape and kind sharing one mask object (`is`: no id(), which dynamo refuses)
+    # records of equal shape and kind sharing one mask object (`is`: no id(), which dynamo refuses)
+    groups: list = []
     for r in records:
         for g in groups:
             same_kind = g[0].probs.shape == r.probs.shape and (g[0].chosen is None) == (
@@ -175,9 +179,8 @@ def aux_losses(routings: list, aux_cfg, all_terms: bool = True) -> dict:
             per_layer["balance"].append(balance_mse(probs, mask))
         else:
             per_layer["balance"].append(balance_switch(probs, chosen, mask))
-        if (
-            "z" in per_layer and logits is not None
-        ):  # z_tokens=all: padding too (the MoA code does not mask it)
+        # z_tokens=all: padding too (the MoA code does not mask it)
+        if "z" in per_layer and logits is not None:
             z_mask = (
                 torch.ones_like(mask) if aux_cfg.z_tokens == "all" and mask is not None else mask
             )
@@ -200,8 +203,9 @@ def aux_losses(routings: list, aux_cfg, all_terms: bool = True) -> dict:
 
 
 def weighted_aux(aux: dict, coefs, n_tokens: Tensor | float = 1.0) -> Tensor | float:
-    """sum_name coef_name * aux[name]: the one place where coefficients meet aux terms; divided by `n_tokens` (the
-    micro-batch's target tokens) where `coefs.divide_by_tokens` asks for the MoA code's normalisation."""
+    """sum_name coef_name * aux[name]: the one place where coefficients meet aux terms; divided by
+    `n_tokens` (the micro-batch's target tokens) where `coefs.divide_by_tokens` asks for the MoA
+    code's normalisation."""
     total = 0.0
     for name, value in aux.items():
         coef = float(getattr(coefs, f"{name}_coef", 0.0))  # statistics (kv_heads) have none
@@ -217,14 +221,16 @@ def entropy(probs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
 
 
 def utilisation(probs: Tensor, chosen: Optional[Tensor], mask: Optional[Tensor] = None) -> Tensor:
-    """Share per choice, summing to 1: probability mass for soft routers, selections / (tokens x k) for top-k."""
+    """Share per choice, summing to 1: probability mass for soft routers, selections / (tokens x k)
+    for top-k."""
     if chosen is None:
         return _token_mean(probs.float(), mask, -2)
     return dispatch_fraction(probs.float(), chosen, mask)
 
 
 def routing_metrics(sites: list, routings: list) -> dict:
-    """Turn (site name, Routing) pairs into the flat metric dict: routing/entropy/<site>, routing/util/<site>/<c>."""
+    """Turn (site name, Routing) pairs into the flat metric dict: routing/entropy/<site>,
+    routing/util/<site>/<c>."""
     out = {}
     for site, r in zip(sites, routings):
         if r is None:

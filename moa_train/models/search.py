@@ -1,20 +1,21 @@
-"""Greedy and beam search for an encoder-decoder: `model.encode(src, src_mask) -> memory`, then one decoder call per
-step for the whole batch (and, in beam search, all its beams); Python only does the bookkeeping of finished
-hypotheses. Call `model.eval()` first: dropout would make the search random.
+"""Greedy and beam search for an encoder-decoder: `model.encode(src, src_mask) -> memory`, then one
+decoder call per step for the whole batch (and, in beam search, all its beams); Python only does the
+bookkeeping of finished hypotheses. Call `model.eval()` first: dropout would make the search random.
 
-Each step either (`use_cache=True`, the default where the model has `start_decoding` and every decoder attention
-implements the inference contract) feeds only the newest token through the decoder's self-attention KV cache, the
-cross-attention K/V of the source computed once per sentence (`Seq2Seq.start_decoding` / `decode_next`), or
-(`use_cache=False`, and for other models) re-runs `model.decode(prefix, memory, src_mask, last_only=True)` over
-the whole prefix. Hypotheses that are done leave the batch (their rows of the cache, memory and mask are dropped),
-and beam reordering gathers the cache rows of the surviving beams. Both ways give the same hypotheses (in fp32; the
+Each step either (`use_cache=True`, the default where the model has `start_decoding` and every
+decoder attention implements the inference contract) feeds only the newest token through the
+decoder's self-attention KV cache, the cross-attention K/V of the source computed once per sentence
+(`Seq2Seq.start_decoding` / `decode_next`), or (`use_cache=False`, and for other models) re-runs
+`model.decode(prefix, memory, src_mask, last_only=True)` over the whole prefix. Hypotheses that are
+done leave the batch (their rows of the cache, memory and mask are dropped), and beam reordering
+gathers the cache rows of the surviving beams. Both ways give the same hypotheses (in fp32; the
 tests compare them for every variant).
 
-Beam search follows fairseq's SequenceGenerator: beams are flattened into the batch, each step ranks the top
-2 x beam continuations of a sentence's beams, an EOS among the best `beam` of them finishes a hypothesis with
-score sum_logprob / len ** lenpen (len counts the EOS), the best `beam` non-EOS continuations go on, and a sentence
-is done once it holds `beam` finished hypotheses. Like fairseq (and unlike an optimistic bound on the live beams)
-this keeps beam=1 identical to greedy search.
+Beam search follows fairseq's SequenceGenerator: beams are flattened into the batch, each step ranks
+the top 2 x beam continuations of a sentence's beams, an EOS among the best `beam` of them finishes
+a hypothesis with score sum_logprob / len ** lenpen (len counts the EOS), the best `beam` non-EOS
+continuations go on, and a sentence is done once it holds `beam` finished hypotheses. Like fairseq
+(and unlike an optimistic bound on the live beams) this keeps beam=1 identical to greedy search.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from moa_train.models.kv_cache import has_kv_cache, without_cudnn_attention
 
 
 def max_output_len(src_mask: Tensor, a: float = 1.2, b: int = 10) -> int:
-    """fairseq's max_len_a * src_len + max_len_b, src_len being the longest real source in the batch (so padding
-    does not change it)."""
+    """fairseq's max_len_a * src_len + max_len_b, src_len being the longest real source in the batch
+    (so padding does not change it)."""
     return int(a * src_mask.sum(dim=1).max().item() + b)
 
 
@@ -49,7 +50,8 @@ class Recompute:
 
 
 class Cached:
-    """Only the newest token of each prefix through the decoder's KV cache (`model.start_decoding`)."""
+    """Only the newest token of each prefix through the decoder's KV cache
+    (`model.start_decoding`)."""
 
     def __init__(self, model, memory: Tensor, src_mask: Tensor, max_len: int):
         self.model, self.state = model, model.start_decoding(memory, src_mask, max_len + 1)
@@ -67,8 +69,8 @@ def stepper(model, memory: Tensor, src_mask: Tensor, max_len: int, use_cache: bo
 
 
 def next_log_probs(step, tokens: Tensor, banned: list) -> Tensor:
-    """Float32 log-probabilities of the token after each prefix (N, V). Banned tokens (BOS, PAD) get -inf without
-    renormalising, so a hypothesis' score stays its log-probability under the model."""
+    """Float32 log-probabilities of the token after each prefix (N, V). Banned tokens (BOS, PAD) get
+    -inf without renormalising, so a hypothesis' score stays its log-probability under the model."""
     logp = F.log_softmax(step.logits(tokens).float(), dim=-1)
     logp[:, banned] = float("-inf")
     return logp
@@ -94,8 +96,8 @@ def greedy_search(
     max_len: int,
     use_cache: bool = True,
 ) -> list[list[int]]:
-    """The most likely next token at each step, at most `max_len` tokens; ids without BOS and EOS. A sentence
-    leaves the batch at its EOS."""
+    """The most likely next token at each step, at most `max_len` tokens; ids without BOS and EOS. A
+    sentence leaves the batch at its EOS."""
     step = stepper(model, model.encode(src, src_mask), src_mask, max_len, use_cache)
     tokens = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)
     live = list(range(src.shape[0]))  # the sentence of each row
@@ -129,8 +131,9 @@ def finish_eos(
     beam: int,
     lenpen: float,
 ) -> None:
-    """Move each EOS among a sentence's best `beam` candidates into `finished[b]` (a list of (score, ids)), until
-    it holds `beam`. -inf candidates (only there while fewer live continuations exist than asked for) are skipped."""
+    """Move each EOS among a sentence's best `beam` candidates into `finished[b]` (a list of (score,
+    ids)), until it holds `beam`. -inf candidates (only there while fewer live continuations exist
+    than asked for) are skipped."""
     top = slice(0, beam)
     hits = (cand_tokens[:, top] == eos_id) & cand_scores[:, top].isfinite()
     length = tokens.shape[1]  # the prefix without its BOS, plus the EOS
@@ -141,7 +144,8 @@ def finish_eos(
 
 
 def finish_live(finished: list, tokens: Tensor, scores: Tensor, beam: int, lenpen: float) -> None:
-    """At max_len, the live beams of unfinished sentences join their finished ones as if EOS came next."""
+    """At max_len, the live beams of unfinished sentences join their finished ones as if EOS came
+    next."""
     length = tokens.shape[1]  # max_len tokens + the virtual EOS
     for b, f in enumerate(finished):
         if len(f) < beam:
@@ -166,15 +170,16 @@ def beam_search(
     lenpen: float = 0.6,
     use_cache: bool = True,
 ) -> list[list[int]]:
-    """Best hypothesis per sentence by sum_logprob / len ** lenpen (len counts the EOS), at most `max_len` tokens;
-    ids without BOS and EOS. Beams still live at `max_len` are scored as if EOS came next (length max_len + 1,
-    no EOS log-probability: the model is not asked). A sentence holding `beam` finished hypotheses leaves the
-    batch with its beams."""
+    """Best hypothesis per sentence by sum_logprob / len ** lenpen (len counts the EOS), at most
+    `max_len` tokens; ids without BOS and EOS. Beams still live at `max_len` are scored as if EOS
+    came next (length max_len + 1, no EOS log-probability: the model is not asked). A sentence
+    holding `beam` finished hypotheses leaves the batch with its beams."""
     bsz = src.shape[0]
     memory = model.encode(src, src_mask).repeat_interleave(beam, dim=0)
     step = stepper(model, memory, src_mask.repeat_interleave(beam, dim=0), max_len, use_cache)
     tokens = torch.full((bsz * beam, 1), bos_id, dtype=torch.long, device=src.device)
-    # all beams start equal: only beam 0 may expand at the first step, or the top-k would hold `beam` copies
+    # all beams start equal: only beam 0 may expand at the first step, or the top-k would hold
+    # `beam` copies
     scores = torch.full((bsz, beam), float("-inf"), device=src.device)
     scores[:, 0] = 0.0
     finished = [[] for _ in range(bsz)]
@@ -190,7 +195,8 @@ def beam_search(
         stay = [i for i, f in enumerate(groups) if len(f) < beam]
         if not stay:
             break
-        # the best `beam` non-EOS candidates go on: a stable sort moves EOS to the back, keeping score order
+        # the best `beam` non-EOS candidates go on: a stable sort moves EOS to the back, keeping
+        # score order
         keep = torch.sort((cand_tokens == eos_id).int(), dim=1, stable=True).indices[:, :beam]
         scores, new = cand_scores.gather(1, keep), cand_tokens.gather(1, keep)
         rows = torch.arange(n, device=src.device)[:, None] * beam + cand_beams.gather(1, keep)

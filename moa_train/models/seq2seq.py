@@ -1,10 +1,12 @@
-"""Encoder-decoder Transformer for translation whose attention comes from the same registry as the LM.
+"""Encoder-decoder Transformer for translation whose attention comes from the same registry as the
+LM.
 
-Encoder self-attention, decoder self-attention and decoder cross-attention are registry modules (cross-attention
-is `model.cross`'s variant, by default the model's own; a self-attention scheme such as MoAS names its
-`cross_default`). Pre-LN (default) or post-LN, learned or sinusoidal positions, one shared embedding for source, target
-and output (joint vocabulary). `forward` returns logits and one routing record per attention site, named
-`enc.layer<i>.self`, `dec.layer<i>.self`, `dec.layer<i>.cross`, each carrying the mask of its real (non-pad) tokens.
+Encoder self-attention, decoder self-attention and decoder cross-attention are registry modules
+(cross-attention is `model.cross`'s variant, by default the model's own; a self-attention scheme
+such as MoAS names its `cross_default`). Pre-LN (default) or post-LN, learned or sinusoidal
+positions, one shared embedding for source, target and output (joint vocabulary). `forward` returns
+logits and one routing record per attention site, named `enc.layer<i>.self`, `dec.layer<i>.self`,
+`dec.layer<i>.cross`, each carrying the mask of its real (non-pad) tokens.
 """
 
 from __future__ import annotations
@@ -32,15 +34,15 @@ def sinusoids(n_pos: int, dim: int) -> Tensor:
     return table
 
 
-FAIRSEQ_FIRST_POSITION = (
-    2  # fairseq numbers positions from padding_idx + 1, and its padding_idx is 1
-)
+# fairseq numbers positions from padding_idx + 1, and its padding_idx is 1
+FAIRSEQ_FIRST_POSITION = 2
 
 
 def sinusoids_fairseq(n_pos: int, dim: int) -> Tensor:
-    """fairseq's sinusoidal rows for the positions 0..n_pos-1 of a sequence (n_pos, dim): [sin | cos] concatenated
-    (not interleaved), frequencies exp(-log(10000) * i / (half - 1)) for i < half = dim // 2, and the first token at
-    fairseq's position 2; an odd dim ends in a zero column, as there."""
+    """fairseq's sinusoidal rows for the positions 0..n_pos-1 of a sequence (n_pos, dim): [sin |
+    cos] concatenated (not interleaved), frequencies exp(-log(10000) * i / (half - 1)) for i < half
+    = dim // 2, and the first token at fairseq's position 2; an odd dim ends in a zero column, as
+    there."""
     half = dim // 2
     freq = torch.exp(
         torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / max(half - 1, 1))
@@ -91,7 +93,8 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(self, x: Tensor, memory: Tensor, src_mask: Tensor) -> tuple:
-        # target padding sits after the real tokens, so causal masking alone keeps real positions from seeing it
+        # target padding sits after the real tokens, so causal masking alone keeps real positions
+        # from seeing it
         x, r_self = self.sub_self(x, self.self_attn)
         x, r_cross = self.sub_cross(x, lambda h: self.cross_attn(h, context=memory, mask=src_mask))
         x, _ = self.sub_mlp(x, self.mlp)
@@ -106,8 +109,8 @@ class DecoderLayer(nn.Module):
         cross_kv: tuple,
         src_mask: Tensor,
     ) -> Tensor:
-        """Inference: x (B, T, d) at per-row positions through the self-attention KV cache, the cross-attention
-        against K/V computed once per sentence."""
+        """Inference: x (B, T, d) at per-row positions through the self-attention KV cache, the
+        cross-attention against K/V computed once per sentence."""
         x, _ = self.sub_self(
             x, lambda h: self.self_attn.forward_cached(h, cache_k, cache_v, positions)
         )
@@ -118,9 +121,10 @@ class DecoderLayer(nn.Module):
 
 @dataclass
 class DecoderState:
-    """Incremental decoding of a batch of hypotheses: the decoder's self-attention KV cache, each decoder layer's
-    cross-attention K/V of the source (computed once), and the source's key-padding mask. `select(rows)` keeps (and
-    reorders, or repeats) rows: beam reordering, finished hypotheses leaving the batch."""
+    """Incremental decoding of a batch of hypotheses: the decoder's self-attention KV cache, each
+    decoder layer's cross-attention K/V of the source (computed once), and the source's key-padding
+    mask. `select(rows)` keeps (and reorders, or repeats) rows: beam reordering, finished hypotheses
+    leaving the batch."""
 
     cache: KVCache
     cross: list  # per decoder layer: (K, V) heads of the source, (B, heads, S, head_dim)
@@ -170,12 +174,13 @@ class Seq2Seq(nn.Module):
         ]
 
     def _init(self, kind: str) -> None:
-        """`standard`: every linear layer Xavier-uniform with zero biases (it scales with the width: GPT-2's fixed
-        N(0, 0.02) is far below 1/sqrt(d) at translation widths, and cross-attention then learns to align very
-        slowly). `fairseq`: each module as the released fairseq code initialises it: the FFN's Linear layers keep
-        PyTorch's default (Kaiming-uniform, U(+-1/sqrt(fan_in)) biases), each attention module its own
-        `init_fairseq`. Both: embeddings N(0, d^-0.5) since they are scaled by sqrt(d), the pad row zero, then the
-        modules' own post_init (the MoA router starts uniform)."""
+        """`standard`: every linear layer Xavier-uniform with zero biases (it scales with the width:
+        GPT-2's fixed N(0, 0.02) is far below 1/sqrt(d) at translation widths, and cross-attention
+        then learns to align very slowly). `fairseq`: each module as the released fairseq code
+        initialises it: the FFN's Linear layers keep PyTorch's default (Kaiming-uniform,
+        U(+-1/sqrt(fan_in)) biases), each attention module its own `init_fairseq`. Both: embeddings
+        N(0, d^-0.5) since they are scaled by sqrt(d), the pad row zero, then the modules' own
+        post_init (the MoA router starts uniform)."""
         for module in self.modules():
             if isinstance(module, nn.Linear) and module is not self.out:
                 if kind == "fairseq":
@@ -199,7 +204,8 @@ class Seq2Seq(nn.Module):
                 module.post_init()
 
     def _embed(self, emb: nn.Embedding, ids: Tensor, positions: Tensor | None = None) -> Tensor:
-        """Scaled token embeddings plus positions: 0..T-1 (a slice of the table), or per row (`positions`, (B, T))."""
+        """Scaled token embeddings plus positions: 0..T-1 (a slice of the table), or per row
+        (`positions`, (B, T))."""
         table = self.pos.weight if hasattr(self, "pos") else self.pos_table
         pos = table[: ids.shape[1]] if positions is None else table[positions]
         return self.drop(emb(ids) * self.embed_scale + pos)
@@ -214,8 +220,9 @@ class Seq2Seq(nn.Module):
     def decode_with_routing(
         self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor, last_only: bool = False
     ) -> tuple:
-        """(logits (B, T, V), routing records); last_only: the logits of the last position only, (B, 1, V), with the
-        final norm and the output projection applied to that position alone (what search needs at each step)."""
+        """(logits (B, T, V), routing records); last_only: the logits of the last position only, (B,
+        1, V), with the final norm and the output projection applied to that position alone (what
+        search needs at each step)."""
         x, routings = self._embed(self.tgt_embed, tgt_in), []
         for layer in self.decoder:
             x, r_self, r_cross = layer(x, memory, src_mask)
@@ -225,24 +232,25 @@ class Seq2Seq(nn.Module):
         return self.out(self.dec_norm(x)), routings
 
     def cached_decoding_ok(self) -> bool:
-        """Whether every decoder layer's attention implements the inference contract (self: `forward_cached`,
-        cross: `cross_kv` / `forward_cross`); a plugin's variant without it is decoded by recomputing the prefix."""
+        """Whether every decoder layer's attention implements the inference contract (self:
+        `forward_cached`, cross: `cross_kv` / `forward_cross`); a plugin's variant without it is
+        decoded by recomputing the prefix."""
         return all(
             hasattr(layer.self_attn, "forward_cached") and hasattr(layer.cross_attn, "cross_kv")
             for layer in self.decoder
         )
 
     def start_decoding(self, memory: Tensor, src_mask: Tensor, max_len: int) -> DecoderState:
-        """A DecoderState for the sentences of `memory` (B, S, d): an empty cache of `max_len` target positions and
-        the cross-attention K/V of every decoder layer."""
+        """A DecoderState for the sentences of `memory` (B, S, d): an empty cache of `max_len`
+        target positions and the cross-attention K/V of every decoder layer."""
         layouts = [layer.self_attn.kv_layout() for layer in self.decoder]
         cache = KVCache.allocate(layouts, memory.shape[0], max_len, memory.device, memory.dtype)
         cross = [layer.cross_attn.cross_kv(memory) for layer in self.decoder]
         return DecoderState(cache, cross, src_mask)
 
     def decode_next(self, tokens: Tensor, state: DecoderState) -> Tensor:
-        """Logits (B, V) of the token after `tokens` (B,), each at its row's next position (state.cache.lengths),
-        which then advances by one."""
+        """Logits (B, V) of the token after `tokens` (B,), each at its row's next position
+        (state.cache.lengths), which then advances by one."""
         positions = state.cache.lengths[:, None]
         x = self._embed(self.tgt_embed, tokens[:, None], positions)
         for layer, cache_k, cache_v, kv in zip(
@@ -262,12 +270,14 @@ class Seq2Seq(nn.Module):
         return self.decode_with_routing(tgt_in, memory, src_mask, last_only)[0]
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> tuple:
-        """(logits (B, T, V), routing records in `self.sites` order, each with the mask of its real tokens)."""
+        """(logits (B, T, V), routing records in `self.sites` order, each with the mask of its real
+        tokens)."""
         src_mask, tgt_mask = src != self.pad_id, tgt_in != self.pad_id
         memory, enc_routings = self.encode_with_routing(src, src_mask)
         logits, dec_routings = self.decode_with_routing(tgt_in, memory, src_mask)
-        # one flattened tensor per side, shared by its sites: aux_losses stacks the sites of one mask object
-        # (a few batched kernels, and under torchrun a few all-reduces, instead of some per site)
+        # one flattened tensor per side, shared by its sites: aux_losses stacks the sites of one
+        # mask object (a few batched kernels, and under torchrun a few all-reduces, instead of some
+        # per site)
         masks = [src_mask.flatten()] * len(enc_routings) + [tgt_mask.flatten()] * len(dec_routings)
         routings = [
             None if r is None else dataclasses.replace(r, mask=m)
@@ -280,8 +290,9 @@ class Seq2Seq(nn.Module):
         return n - self.pos.weight.numel() if non_embedding and hasattr(self, "pos") else n
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs for one source token plus one target token at length seq_len: encoder layer, decoder
-        layer (self + cross), MLPs and the output projection, from the attention modules' own counters."""
+        """Training FLOPs for one source token plus one target token at length seq_len: encoder
+        layer, decoder layer (self + cross), MLPs and the output projection, from the attention
+        modules' own counters."""
         mlp = sum(
             6 * (layer.mlp.c_fc.weight.numel() + layer.mlp.c_proj.weight.numel())
             for layer in [*self.encoder, *self.decoder]

@@ -1,4 +1,5 @@
-"""Drivers that reproduce the papers' tables and rebuild docs/results/ from the committed run records."""
+"""Drivers that reproduce the papers' tables and rebuild docs/results/ from the committed run
+records."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from moa_train.paths import repo_root
 
 
 def clear(runs_dir: Path, group: str, row: str, seeds=None) -> None:
-    """Delete a row's earlier run folders (only those of `seeds` when given), so that a rerun's records do not mix
-    with (or add to) the old ones, and a rerun with the same seeds does not resume (trainer.resume=auto) or reuse the
-    old runs' evaluations. The other seeds' records stay: a seed can be added to a row without rerunning the rest."""
+    """Delete a row's earlier run folders (only those of `seeds` when given), so that a rerun's
+    records do not mix with (or add to) the old ones, and a rerun with the same seeds does not
+    resume (trainer.resume=auto) or reuse the old runs' evaluations. The other seeds' records stay:
+    a seed can be added to a row without rerunning the rest."""
     for old in (runs_dir / group).glob(f"{row}-seed*"):
         seed = old.name.rpartition("-seed")[2]
         if old.is_dir() and seed.isdigit() and (seeds is None or int(seed) in seeds):
@@ -34,8 +36,9 @@ def run_command(cmd: list) -> None:
 
 
 def single_run(overrides: list, run_dir: Path) -> list:
-    """The command of one multirun job as a single `moa-train` run in the job's folder. A key given twice keeps its
-    last value at its first place, as the multirun's sweeper records it in .hydra/overrides.yaml."""
+    """The command of one multirun job as a single `moa-train` run in the job's folder. A key given
+    twice keeps its last value at its first place, as the multirun's sweeper records it in
+    .hydra/overrides.yaml."""
     last = {o.partition("=")[0]: o for o in overrides}
     return [
         sys.executable,
@@ -53,11 +56,13 @@ class Job(NamedTuple):
 
 
 def run_jobs(jobs: list, n: int, poll_s: float = 0.2, tail_lines: int = 20) -> list:
-    """Run `jobs` (Job or (name, cmd, log) tuples) as separate processes, at most `n` at once, in the given order.
+    """Run `jobs` (Job or (name, cmd, log) tuples) as separate processes, at most `n` at once, in
+    the given order.
 
-    Every job runs to its end whatever the others do. Returns the names of the failed jobs (empty: all succeeded),
-    after printing each failure with the tail of its log. The processes share the machine's cores: each gets
-    OMP_NUM_THREADS = cores / n unless the caller's environment sets it."""
+    Every job runs to its end whatever the others do. Returns the names of the failed jobs (empty:
+    all succeeded), after printing each failure with the tail of its log. The processes share the
+    machine's cores: each gets OMP_NUM_THREADS = cores / n unless the caller's environment sets
+    it."""
     pending, running, failed = deque(Job(*j) for j in jobs), [], []
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, n))))
@@ -79,7 +84,8 @@ def run_jobs(jobs: list, n: int, poll_s: float = 0.2, tail_lines: int = 20) -> l
         for job, proc in [(j, p) for j, p in running if p.poll() is not None]:
             running.remove((job, proc))
             print(
-                f"{'done' if proc.returncode == 0 else 'FAILED'} {job.name} (exit {proc.returncode})",
+                f"{'done' if proc.returncode == 0 else 'FAILED'} {job.name} (exit "
+                f"{proc.returncode})",
                 flush=True,
             )
             if proc.returncode == 0:
@@ -99,9 +105,9 @@ def run_jobs(jobs: list, n: int, poll_s: float = 0.2, tail_lines: int = 20) -> l
 
 
 def evaluate_each(summaries, out_name: str, evaluate, describe, remove=("checkpoints",)) -> None:
-    """For each run folder of `summaries` (its summary.json paths) without `out_name` yet: `evaluate(run)`'s dict
-    written there as JSON, `describe(run, result)` printed, then the run's `remove` entries (checkpoints: not run
-    records) deleted."""
+    """For each run folder of `summaries` (its summary.json paths) without `out_name` yet:
+    `evaluate(run)`'s dict written there as JSON, `describe(run, result)` printed, then the run's
+    `remove` entries (checkpoints: not run records) deleted."""
     for summary in summaries:
         run = summary.parent
         if (run / out_name).is_file():
@@ -134,8 +140,9 @@ def previous_meta(out: Path) -> dict:
 def results_meta(out: Path, tables_only: bool) -> dict:
     """The date, note and command of a results file's meta.
 
-    A `--tables-only` rebuild keeps the committed file's (those of the run that measured the records); after fresh
-    runs the date is today's and there is no note or command to keep. RESULTS_DATE / RESULTS_NOTE override both.
+    A `--tables-only` rebuild keeps the committed file's (those of the run that measured the
+    records); after fresh runs the date is today's and there is no note or command to keep.
+    RESULTS_DATE / RESULTS_NOTE override both.
     """
     kept = previous_meta(out) if tables_only else {}
     return {

@@ -1,12 +1,14 @@
-"""Translation decoding with and without the KV cache, on trained checkpoints: the test set's hypotheses, BLEU and
-decoding time each way, in fp32 and in the run's precision, written to docs/results/translation_decoding.json
-(the translation driver's `--tables-only` puts its table into docs/results/translation.md).
+"""Translation decoding with and without the KV cache, on trained checkpoints: the test set's
+hypotheses, BLEU and decoding time each way, in fp32 and in the run's precision, written to
+docs/results/translation_decoding.json (the translation driver's `--tables-only` puts its table into
+docs/results/translation.md).
 
-    python3 scripts/time_translation_decoding.py RUN_DIR [RUN_DIR ...]   # runs with checkpoints (train them first)
+    # runs with checkpoints (train them first)
+    python3 scripts/time_translation_decoding.py RUN_DIR [RUN_DIR ...]
     python3 scripts/time_translation_decoding.py RUN_DIR --max-sentences 200 --precisions fp32
 
-Each run's latest checkpoint is decoded with its own eval settings (beam, lenpen, length limits). Times are
-device-synchronised wall times of the test-set decoding alone (no loss pass, no scoring).
+Each run's latest checkpoint is decoded with its own eval settings (beam, lenpen, length limits).
+Times are device-synchronised wall times of the test-set decoding alone (no loss pass, no scoring).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ OUT = ROOT / "docs/results/translation_decoding.json"
 def decode_run(
     run: Path, precisions: list, max_sentences: int | None, device: str, cudnn: bool = False
 ) -> list:
-    """Rows of (precision, cache) for `run`; with `cudnn`, the bf16 rows once more with cuDNN attention allowed
-    (decoding excludes it: models/kv_cache.DECODING_SDPA says why), the figure from before that was fixed."""
+    """Rows of (precision, cache) for `run`; with `cudnn`, the bf16 rows once more with cuDNN
+    attention allowed (decoding excludes it: models/kv_cache.DECODING_SDPA says why), the figure
+    from before that was fixed."""
     import torch
     from omegaconf import OmegaConf
 
@@ -63,7 +66,8 @@ def decode_run(
 
 
 def time_both(task, data, beam: int, precision: str, device: str, autocast, run: Path) -> list:
-    """The test set decoded without and with the KV cache: two rows (seconds, BLEU, identical hypotheses)."""
+    """The test set decoded without and with the KV cache: two rows (seconds, BLEU, identical
+    hypotheses)."""
     import torch
 
     from moa_train.metrics.bleu import corpus_scores
@@ -100,14 +104,15 @@ def markdown_section(record: dict) -> list:
         "",
         f"- Command: `{m['command']}`",
         f"- Device: {m['device']}; torch {m['torch']}; git {m['git_sha']}; date {m['date']}",
-        "- Seconds: device-synchronised wall time of decoding the test set alone (beam search with the run's "
-        "beam and length penalty). Identical: hypotheses equal, word for word, with and without the cache.",
-        "- cuDNN attention: `off` is how decoding runs (models/kv_cache.DECODING_SDPA); `allowed` (rows from "
-        "`--with-cudnn`) is how it ran before that: torch's default SDPA choice, cuDNN for bf16 on Hopper, which "
-        "builds a new cuDNN graph for each new shape.",
+        "- Seconds: device-synchronised wall time of decoding the test set alone (beam search with "
+        "the run's beam and length penalty). Identical: hypotheses equal, word for word, with and "
+        "without the cache.",
+        "- cuDNN attention: `off` is how decoding runs (models/kv_cache.DECODING_SDPA); `allowed` "
+        "(rows from `--with-cudnn`) is how it ran before that: torch's default SDPA choice, cuDNN "
+        "for bf16 on Hopper, which builds a new cuDNN graph for each new shape.",
         "",
-        "| run | precision | cuDNN attention | sentences | beam | seconds, no cache | seconds, cache | speed-up | "
-        "BLEU, no cache | BLEU, cache | identical |",
+        "| run | precision | cuDNN attention | sentences | beam | seconds, no cache | seconds, "
+        "cache | speed-up | BLEU, no cache | BLEU, cache | identical |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     if m.get("note"):
@@ -116,15 +121,17 @@ def markdown_section(record: dict) -> list:
     for off, on in zip(rows[0::2], rows[1::2]):
         cudnn = "allowed" if off.get("cudnn_attention") else "off"
         lines.append(
-            f"| {Path(off['run']).name} | {off['precision']} | {cudnn} | {off['sentences']} | {off['beam']} | "
-            f"{off['seconds']:.1f} | {on['seconds']:.1f} | {off['seconds'] / on['seconds']:.1f}x | "
-            f"{off['bleu']:.2f} | {on['bleu']:.2f} | {on['identical_hypotheses']} / {on['sentences']} |"
+            f"| {Path(off['run']).name} | {off['precision']} | {cudnn} | {off['sentences']} | "
+            f"{off['beam']} | {off['seconds']:.1f} | {on['seconds']:.1f} | "
+            f"{off['seconds'] / on['seconds']:.1f}x | {off['bleu']:.2f} | {on['bleu']:.2f} | "
+            f"{on['identical_hypotheses']} / {on['sentences']} |"
         )
     return [*lines, "", *agreement(rows), ""]
 
 
 def agreement(rows: list) -> list:
-    """Per precision, how far cached decoding strays from uncached: identical hypotheses and the largest BLEU gap."""
+    """Per precision, how far cached decoding strays from uncached: identical hypotheses and the
+    largest BLEU gap."""
     out = []
     for precision in dict.fromkeys(r["precision"] for r in rows):
         pairs = [
@@ -136,8 +143,8 @@ def agreement(rows: list) -> list:
         )
         gap = max(abs(on["bleu"] - off["bleu"]) for off, on in pairs)
         out.append(
-            f"- {precision}: {same} of {total} hypotheses identical with and without the cache over the "
-            f"{len(pairs)} decodings above; largest BLEU difference {gap:.2f}."
+            f"- {precision}: {same} of {total} hypotheses identical with and without the cache "
+            f"over the {len(pairs)} decodings above; largest BLEU difference {gap:.2f}."
         )
     return out
 
@@ -165,7 +172,8 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--with-cudnn",
         action="store_true",
-        help="time bf16 decoding once more with cuDNN attention allowed (as before it was excluded)",
+        help="time bf16 decoding once more with cuDNN attention allowed (as before it was "
+        "excluded)",
     )
     args = parser.parse_args(argv)
     precisions = args.precisions.split(",")

@@ -1,23 +1,25 @@
-"""Issue 20's question: at equal realised KV cache bytes, does moas_kv reach a lower perplexity than GQA/MQA, and at
-what parameter and compute cost? Trains the rows of configs/experiment/kv_tradeoff/ over seeds, evaluates them and
-writes docs/results/kv_tradeoff.{md,json,png}.
+"""Issue 20's question: at equal realised KV cache bytes, does moas_kv reach a lower perplexity than
+GQA/MQA, and at what parameter and compute cost? Trains the rows of configs/experiment/kv_tradeoff/
+over seeds, evaluates them and writes docs/results/kv_tradeoff.{md,json,png}.
 
-    python3 scripts/reproduce_kv_tradeoff.py --jobs 27            # 9 rows x 3 seeds at once on one GPU, then tables
+    python3 scripts/reproduce_kv_tradeoff.py --jobs 27       # 9 rows x 3 seeds at once, then tables
     python3 scripts/reproduce_kv_tradeoff.py --rows mha,moas_kv_b2 --seeds 2
-    python3 scripts/reproduce_kv_tradeoff.py --tables-only        # rebuild from the committed run records
-    python3 scripts/reproduce_kv_tradeoff.py --jobs 27 --keep-finished   # again after a time limit: finished runs
-                                                                         # kept, unfinished ones resumed
+    python3 scripts/reproduce_kv_tradeoff.py --tables-only   # rebuild from the committed records
+    # again after a time limit: finished runs kept, unfinished ones resumed
+    python3 scripts/reproduce_kv_tradeoff.py --jobs 27 --keep-finished
 
-Phases: (1) each (row, seed) as a single `moa-train experiment=kv_tradeoff/<row> mode=fast trainer.seed=<k>` into
-<runs-dir>/<row>-seed<k>/ (--jobs at once; a run's output in <row>-seed<k>.log, kept only if it fails); (2) each
-trained model, its final weights in fp32 on the full WikiText-2 valid and test files: perplexity with hard routing
-(moas_kv's argmax scheme, what its cache stores; the other rows as trained) and, for moas_kv, with soft routing as a
-reference; the realised KV cache bytes per token (bf16) of the validation text prefilled block by block into the
-model's own cache (moas_kv: a head pool that cannot overflow, so the bytes are exactly what the hard routing stores;
-plus the share of tokens that the configured pool, model.kv_pool_slack, would have stored as MQA); the hard routing's
-shares per layer. Written as kv_eval.json beside summary.json, then the checkpoints are deleted. (3) tables, plot,
-Welch's t-tests of each moas_kv row against the GQA/MQA row of nearest realised bytes and against the
-parameter-matched GQA row, and the verdict generated from those numbers.
+Phases: (1) each (row, seed) as a single `moa-train experiment=kv_tradeoff/<row> mode=fast
+trainer.seed=<k>` into <runs-dir>/<row>-seed<k>/ (--jobs at once; a run's output in
+<row>-seed<k>.log, kept only if it fails); (2) each trained model, its final weights in fp32 on the
+full WikiText-2 valid and test files: perplexity with hard routing (moas_kv's argmax scheme, what
+its cache stores; the other rows as trained) and, for moas_kv, with soft routing as a reference; the
+realised KV cache bytes per token (bf16) of the validation text prefilled block by block into the
+model's own cache (moas_kv: a head pool that cannot overflow, so the bytes are exactly what the hard
+routing stores; plus the share of tokens that the configured pool, model.kv_pool_slack, would have
+stored as MQA); the hard routing's shares per layer. Written as kv_eval.json beside summary.json,
+then the checkpoints are deleted. (3) tables, plot, Welch's t-tests of each moas_kv row against the
+GQA/MQA row of nearest realised bytes and against the parameter-matched GQA row, and the verdict
+generated from those numbers.
 """
 
 from __future__ import annotations
@@ -53,12 +55,8 @@ ROWS = (
     "moas_kv_b4",
     "gqa2_pm",
 )
-BASELINES = (
-    "mha",
-    "gqa4",
-    "gqa2",
-    "mqa",
-)  # the fixed-scheme points each moas_kv row is compared with
+# the fixed-scheme points each moas_kv row is compared with
+BASELINES = ("mha", "gqa4", "gqa2", "mqa")
 PARAM_MATCHED = "gqa2_pm"
 CACHE_DTYPE_BYTES = 2  # realised bytes are those of a bf16 cache
 ALPHA = 0.05
@@ -69,9 +67,10 @@ def is_kv(row: str) -> bool:
 
 
 def jobs(rows: list, seeds: list, runs_dir: Path, extra: list, keep_finished: bool = False) -> list:
-    """The runs to train. keep_finished: a run folder holding summary.json is kept and not rerun, and an unfinished
-    one resumes from its last checkpoint (trainer.resume=auto), so that a driver stopped by a time limit picks up
-    where it was; otherwise the rows' earlier folders of these seeds are deleted first."""
+    """The runs to train. keep_finished: a run folder holding summary.json is kept and not rerun,
+    and an unfinished one resumes from its last checkpoint (trainer.resume=auto), so that a driver
+    stopped by a time limit picks up where it was; otherwise the rows' earlier folders of these
+    seeds are deleted first."""
     out = []
     for row in rows:
         if not keep_finished:
@@ -88,8 +87,9 @@ def jobs(rows: list, seeds: list, runs_dir: Path, extra: list, keep_finished: bo
 
 
 def prepare_data(extra: list) -> None:
-    """Tokenise the data once (BPE training included) before the runs start: otherwise every one of the concurrent
-    runs would train the same tokenizer at once, and all but one would throw theirs away (the cache is atomic)."""
+    """Tokenise the data once (BPE training included) before the runs start: otherwise every one of
+    the concurrent runs would train the same tokenizer at once, and all but one would throw theirs
+    away (the cache is atomic)."""
     from moa_train.config import compose_train
     from moa_train.data import load_data
 
@@ -97,8 +97,8 @@ def prepare_data(extra: list) -> None:
 
 
 def _pass(model, split, batch: int, block: int, device) -> dict:
-    """One full pass over `split` in fp32: summed NLL, target tokens, and per layer the hard routing's counts per
-    choice (choice names from the records)."""
+    """One full pass over `split` in fp32: summed NLL, target tokens, and per layer the hard
+    routing's counts per choice (choice names from the records)."""
     import torch
     import torch.nn.functional as F
 
@@ -131,8 +131,9 @@ def _pass(model, split, batch: int, block: int, device) -> dict:
 
 
 def _kv_bytes(model, split, batch: int, block: int, device, exact_pool: bool) -> dict:
-    """Realised cache bytes per token (bf16) of `split` prefilled block by block into the model's cache, and the
-    share of token-layers stored as a fallback scheme. exact_pool: moas_kv pools of n_head x max_len (no fallback)."""
+    """Realised cache bytes per token (bf16) of `split` prefilled block by block into the model's
+    cache, and the share of token-layers stored as a fallback scheme. exact_pool: moas_kv pools of
+    n_head x max_len (no fallback)."""
     import torch
 
     from moa_train.data.batches import sequential_windows
@@ -240,9 +241,9 @@ def setup(run: Path) -> str:
     cfg = yaml.safe_load(path.read_text())
     m, d, t = cfg["model"], cfg["data"], cfg["trainer"]
     return (
-        f"{d['name']} (vocabulary {d['vocab_size']}), {m['n_layer']} layers, d {m['d_model']}, {m['n_head']} heads "
-        f"of {m['d_model'] // m['n_head']}, block {t['block_size']}, batch {t['batch_size']}, "
-        f"{t['max_steps']} steps, dropout {m['dropout']}"
+        f"{d['name']} (vocabulary {d['vocab_size']}), {m['n_layer']} layers, d {m['d_model']}, "
+        f"{m['n_head']} heads of {m['d_model'] // m['n_head']}, block {t['block_size']}, batch "
+        f"{t['batch_size']}, {t['max_steps']} steps, dropout {m['dropout']}"
     )
 
 
@@ -295,8 +296,8 @@ def summarise(table: dict) -> dict:
 
 
 def comparisons(rows: dict) -> list:
-    """Each moas_kv row against the baseline of nearest realised KV bytes (by log ratio) and the parameter-matched
-    GQA row: Welch's t-test on the per-seed test loss (log perplexity)."""
+    """Each moas_kv row against the baseline of nearest realised KV bytes (by log ratio) and the
+    parameter-matched GQA row: Welch's t-test on the per-seed test loss (log perplexity)."""
     out = []
     baselines = [b for b in BASELINES if b in rows]
     for row in [r for r in rows if is_kv(r)]:
@@ -339,9 +340,10 @@ def comparisons(rows: dict) -> list:
 
 
 def frontier(rows: dict, kv_bytes: float) -> dict | None:
-    """The fixed-scheme line (MHA/GQA/MQA rows) at `kv_bytes`: the test loss interpolated linearly in log bytes between
-    the two baseline rows whose realised bytes bracket it, with the variance of that interpolated mean (from the two
-    rows' seeds); None outside the baselines' range (no extrapolation)."""
+    """The fixed-scheme line (MHA/GQA/MQA rows) at `kv_bytes`: the test loss interpolated linearly
+    in log bytes between the two baseline rows whose realised bytes bracket it, with the variance of
+    that interpolated mean (from the two rows' seeds); None outside the baselines' range (no
+    extrapolation)."""
     points = sorted((math.log(rows[b]["kv_bytes_per_token"]), b) for b in BASELINES if b in rows)
     x = math.log(kv_bytes)
     for (xa, a), (xb, b) in zip(points, points[1:]):
@@ -407,16 +409,16 @@ def verdict_line(c: dict) -> str:
     else:
         outcome = f"no significant difference (p = {test['p']:.3g})"
     return (
-        f"{c['row']} vs {c['against']} ({c['kind']}; KV bytes {c['kv_bytes_ratio']:.2f}x): test ppl "
-        f"{c['test_ppl']:.2f} vs {c['against_test_ppl']:.2f} ({diff:+.2f}): {outcome}; parameters "
-        f"{c['params_ratio']:.3f}x, training FLOPs/token {c['flops_ratio']:.3f}x."
+        f"{c['row']} vs {c['against']} ({c['kind']}; KV bytes {c['kv_bytes_ratio']:.2f}x): test "
+        f"ppl {c['test_ppl']:.2f} vs {c['against_test_ppl']:.2f} ({diff:+.2f}): {outcome}; "
+        f"parameters {c['params_ratio']:.3f}x, training FLOPs/token {c['flops_ratio']:.3f}x."
     )
 
 
 def answer(res: dict) -> list:
     """The verdict, generated from the comparisons."""
-    # at equal realised bytes: the fixed-scheme line interpolated at each budget's bytes where the baselines bracket
-    # them, else the baseline of nearest bytes
+    # at equal realised bytes: the fixed-scheme line interpolated at each budget's bytes where the
+    # baselines bracket them, else the baseline of nearest bytes
     near = []
     for row in dict.fromkeys(c["row"] for c in res["comparisons"]):
         mine = [c for c in res["comparisons"] if c["row"] == row]
@@ -446,21 +448,23 @@ def answer(res: dict) -> list:
         )
     elif wins:
         head = (
-            f"Partly: {len(wins)} of {len(near)} moas_kv budgets ({', '.join(c['row'] for c in wins)}) reach a "
-            f"significantly lower test perplexity than {equal}."
+            f"Partly: {len(wins)} of {len(near)} moas_kv budgets "
+            f"({', '.join(c['row'] for c in wins)}) reach a significantly lower test perplexity "
+            f"than {equal}."
         )
     elif losses:
         head = (
-            f"No: no moas_kv budget beats {equal}, and {len(losses)} of {len(near)} are significantly worse "
-            f"({', '.join(c['row'] for c in losses)})."
+            f"No: no moas_kv budget beats {equal}, and {len(losses)} of {len(near)} are "
+            f"significantly worse ({', '.join(c['row'] for c in losses)})."
         )
     else:
         head = f"No: no moas_kv budget differs significantly from {equal}."
     lines = [
         head
-        + " Each budget is compared with the MHA/GQA/MQA line interpolated in log bytes at its realised "
-        "bytes where two baselines bracket them, else with the baseline of nearest bytes; Welch's t-test on the "
-        f"per-seed test loss, {ALPHA:.0%} level."
+        + " Each budget is compared with the MHA/GQA/MQA line interpolated in log bytes at its "
+        "realised "
+        "bytes where two baselines bracket them, else with the baseline of nearest bytes; Welch's "
+        f"t-test on the per-seed test loss, {ALPHA:.0%} level."
     ]
     off = [c for c in near if not 0.8 <= c["kv_bytes_ratio"] <= 1.25]
     if off:
@@ -493,18 +497,21 @@ def markdown(res: dict, meta: dict) -> str:
         f"{first['setup']} (the first row's run; configs/experiment/kv_tradeoff/): "
         f"{first['tokens_seen']:,} training tokens for every row.",
         "",
-        f"- Command: `{meta['command']}` (`--tables-only` rebuilds these tables from the run records)",
-        f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date {meta['date']}",
+        f"- Command: `{meta['command']}` (`--tables-only` rebuilds these tables from the run "
+        "records)",
+        f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date "
+        f"{meta['date']}",
         "- Run records (metrics.jsonl, summary.json, kv_eval.json, train.log): "
         "`docs/results/runs/kv_tradeoff/<row>-seed<k>/`",
-        "- Perplexity: the final weights in fp32 on the full official valid and test files; moas_kv with hard "
-        "routing (each token's argmax scheme, what its cache stores), soft routing as a reference.",
-        "- KV bytes/token: realised, in a bf16 cache, over all layers: the validation text prefilled block by "
-        "block into each model's own cache, its used slots per token (moas_kv: a head pool that cannot "
-        "overflow). Fallback: the share of token-layers the pool sized by model.kv_pool_slack would have stored "
-        "as MQA instead.",
-        "- Shares: the hard routing's share of tokens per layer, mha/gqa/mqa (moas_dynamic: its argmax branch, "
-        "though it mixes all three).",
+        "- Perplexity: the final weights in fp32 on the full official valid and test files; "
+        "moas_kv with hard routing (each token's argmax scheme, what its cache stores), soft "
+        "routing as a reference.",
+        "- KV bytes/token: realised, in a bf16 cache, over all layers: the validation text "
+        "prefilled block by block into each model's own cache, its used slots per token (moas_kv: "
+        "a head pool that cannot overflow). Fallback: the share of token-layers the pool sized by "
+        "model.kv_pool_slack would have stored as MQA instead.",
+        "- Shares: the hard routing's share of tokens per layer, mha/gqa/mqa (moas_dynamic: its "
+        "argmax branch, though it mixes all three).",
         "",
         *([meta["note"], ""] if meta.get("note") else []),
         "## Answer",
@@ -520,15 +527,15 @@ def markdown(res: dict, meta: dict) -> str:
     for row, r in rows.items():
         soft = [fmt(r[k]) if k in r else "" for k in ("val_ppl_soft", "test_ppl_soft")]
         lines.append(
-            f"| {row} | {r['params']:,} | {r['flops_per_token'] / 1e9:.4f} | {r['kv_bytes_per_token']:.0f} | "
-            f"{fmt(r['val_ppl'])} | {fmt(r['test_ppl'])} | {soft[0]} | {soft[1]} | "
-            f"{r['pool_fallback_share']:.3f} | {shares_text(r['shares'])} |"
+            f"| {row} | {r['params']:,} | {r['flops_per_token'] / 1e9:.4f} | "
+            f"{r['kv_bytes_per_token']:.0f} | {fmt(r['val_ppl'])} | {fmt(r['test_ppl'])} | "
+            f"{soft[0]} | {soft[1]} | {r['pool_fallback_share']:.3f} | {shares_text(r['shares'])} |"
         )
     seeds = ", ".join(sorted({str(len(r["seeds"])) for r in rows.values()}))
     lines += [
         "",
-        f"Mean +- standard deviation over seeds ({seeds} per row). Plot: kv_tradeoff.png (test perplexity "
-        "against realised KV bytes per token).",
+        f"Mean +- standard deviation over seeds ({seeds} per row). Plot: kv_tradeoff.png (test "
+        "perplexity against realised KV bytes per token).",
         "",
     ]
     return "\n".join(lines)

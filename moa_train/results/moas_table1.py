@@ -1,21 +1,21 @@
-"""Reproduce the MoAS paper's Table 1 (WikiText-2 char, 500 iterations) over seeds, in both modes, and write
-docs/results/moas_table1.{md,json}.
+"""Reproduce the MoAS paper's Table 1 (WikiText-2 char, 500 iterations) over seeds, in both modes,
+and write docs/results/moas_table1.{md,json}.
 
 A thin driver over `moa-train` multiruns:
 
-    python3 scripts/reproduce_moas_table1.py                      # train 3 rows x 5 seeds x {faithful, fast},
-                                                                  # then tables
+    python3 scripts/reproduce_moas_table1.py                # 3 rows x 5 seeds x 2 modes + tables
     python3 scripts/reproduce_moas_table1.py --modes faithful --seeds 3
-    python3 scripts/reproduce_moas_table1.py --tables-only        # rebuild the tables from the committed run records
-    python3 scripts/reproduce_moas_table1.py --jobs 30            # every run at once, one process each
+    python3 scripts/reproduce_moas_table1.py --tables-only  # rebuild from the committed run records
+    python3 scripts/reproduce_moas_table1.py --jobs 30      # every run at once, one process each
 
-Phases: (1) train each mode as one Hydra multirun into <runs-dir>/<mode>/<row>-seed<k>/ (with --jobs N > 1: every
-run as its own single `moa-train` run into the same folder, with the same overrides, N at once, its output in
-<row>-seed<k>.log beside the folder, kept only if it fails); (2) evaluate every trained
-model on the official WikiText-2 valid and test files (full passes, fp32), written as official_eval.json beside the
-run's summary.json, then delete the checkpoints; (3) tables: per row the parameter count, final val loss mean +- std
-over seeds with each seed's value, median ms per iteration (device-synchronised windows of 10 steps, evaluation
-excluded), the official valid/test losses, the paper's figures, and Welch's t-test of dynamic vs static.
+Phases: (1) train each mode as one Hydra multirun into <runs-dir>/<mode>/<row>-seed<k>/ (with --jobs
+N > 1: every run as its own single `moa-train` run into the same folder, with the same overrides, N
+at once, its output in <row>-seed<k>.log beside the folder, kept only if it fails); (2) evaluate
+every trained model on the official WikiText-2 valid and test files (full passes, fp32), written as
+official_eval.json beside the run's summary.json, then delete the checkpoints; (3) tables: per row
+the parameter count, final val loss mean +- std over seeds with each seed's value, median ms per
+iteration (device-synchronised windows of 10 steps, evaluation excluded), the official valid/test
+losses, the paper's figures, and Welch's t-test of dynamic vs static.
 """
 
 from __future__ import annotations
@@ -57,9 +57,8 @@ PAPER = {
         "ms_iter_claimed": 1680,
     },
 }
-COMMON = (
-    "trainer.save_interval=500",
-)  # one checkpoint at the end (for the official-split evaluation)
+# one checkpoint at the end (for the official-split evaluation)
+COMMON = ("trainer.save_interval=500",)
 
 
 def train(mode: str, seeds: int, runs_dir: Path, extra: list) -> None:
@@ -78,16 +77,15 @@ def train(mode: str, seeds: int, runs_dir: Path, extra: list) -> None:
         *COMMON,
         *extra,
     ]
-    for (
-        row
-    ) in ROWS:  # the subdir is ${model.name}-seed..., and each row's model.name is the row's name
+    # the subdir is ${model.name}-seed..., and each row's model.name is the row's name
+    for row in ROWS:
         clear(runs_dir, mode, row)
     run_command(cmd)
 
 
 def jobs(mode: str, seeds: int, runs_dir: Path, extra: list) -> list:
-    """The multirun's jobs as single runs with the same overrides and folders (for --jobs N); the logs lie beside
-    the run folders."""
+    """The multirun's jobs as single runs with the same overrides and folders (for --jobs N); the
+    logs lie beside the run folders."""
     out = []
     for row in ROWS:
         clear(runs_dir, mode, row)
@@ -225,8 +223,8 @@ def sentence(name: str, test: dict) -> str:
         else "no significant difference at the 5% level"
     )
     return (
-        f"{name}: dynamic minus static = {test['mean_diff']:+.4f} nats/char, Welch t = {test['t']:.2f}, "
-        f"p = {test['p']:.3f}: {verdict}."
+        f"{name}: dynamic minus static = {test['mean_diff']:+.4f} nats/char, Welch t = "
+        f"{test['t']:.2f}, p = {test['p']:.3f}: {verdict}."
     )
 
 
@@ -245,7 +243,8 @@ def speed_checks(res: dict) -> list:
         if "speedup_vs_faithful" in r:
             ok = "met" if r["speedup_vs_faithful"] >= 3 else "MISSED"
             out.append(
-                f"fast {row}: {r['speedup_vs_faithful']:.2f}x faster than faithful, target >= 3x: {ok}"
+                f"fast {row}: {r['speedup_vs_faithful']:.2f}x faster than faithful, target >= 3x: "
+                f"{ok}"
             )
     return out
 
@@ -261,12 +260,12 @@ def findings(res: dict, jobs: int = 1) -> list:
             for row in sorted(ROWS, key=lambda r: PAPER[r]["val_loss"])
         )
         lines += [
-            f"- Faithful mode, mean val loss over {len(faithful['mha']['val_loss'])} seeds: {order}. "
-            f"The paper's single unseeded run: {paper}.",
+            f"- Faithful mode, mean val loss over {len(faithful['mha']['val_loss'])} seeds: "
+            f"{order}. The paper's single unseeded run: {paper}.",
             "- Seed-to-seed spread (std) of the val loss is "
-            f"{min(statistics.stdev(faithful[r]['val_loss']) for r in ROWS):.3f}"
-            f" to {max(statistics.stdev(faithful[r]['val_loss']) for r in ROWS):.3f} nats/char, larger than the "
-            "0.002 that separates dynamic from static in the paper's table.",
+            f"{min(statistics.stdev(faithful[r]['val_loss']) for r in ROWS):.3f} to "
+            f"{max(statistics.stdev(faithful[r]['val_loss']) for r in ROWS):.3f} nats/char, larger "
+            "than the 0.002 that separates dynamic from static in the paper's table.",
         ]
         tests = res["faithful"]["welch_dynamic_vs_static"]
         if tests:
@@ -289,32 +288,35 @@ def markdown(res: dict, meta: dict) -> str:
     lines = [
         "# MoAS Table 1, reproduced over seeds",
         "",
-        "WikiText-2 character level (283 symbols), 4 layers, d 384, 6 heads, block 256, dropout 0.1, batch 12, "
-        "500 iterations, AdamW 3e-4 constant (the recipe in ../shared/papers/moas-table1-setup.md).",
+        "WikiText-2 character level (283 symbols), 4 layers, d 384, 6 heads, block 256, dropout "
+        "0.1, batch 12, 500 iterations, AdamW 3e-4 constant (the recipe in "
+        "../shared/papers/moas-table1-setup.md).",
         "",
-        f"- Command: `{meta['command']}` (trains both modes in one run on one GPU, "
-        "evaluates on the official files, writes these tables; `--tables-only` rebuilds them from the run "
+        f"- Command: `{meta['command']}` (trains both modes in one run on one GPU, evaluates on "
+        "the official files, writes these tables; `--tables-only` rebuilds them from the run "
         "records)",
-        f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date {meta['date']}",
-        "- Run records (config, metrics.jsonl, summary.json, official_eval.json): `docs/results/runs/moas_table1/"
-        "<mode>/<row>-seed<k>/`",
-        "- Modes: `faithful` = the paper's recipe (fp32 without TF32, eager, fused AdamW, the MSE balance loss "
-        "x 0.01 averaged over layers with gate dropout 0.1, each branch's output dropped out before the mix, "
-        "the 90/10 char split, 20 random eval batches of 12 x 256; every departure from the released code is "
-        "listed in docs/fidelity.md). "
-        "`fast` = the same model, data and losses with bf16 autocast, TF32, torch.compile and the whole optimizer "
+        f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date "
+        f"{meta['date']}",
+        "- Run records (config, metrics.jsonl, summary.json, official_eval.json): "
+        "`docs/results/runs/moas_table1/<mode>/<row>-seed<k>/`",
+        "- Modes: `faithful` = the paper's recipe (fp32 without TF32, eager, fused AdamW, the MSE "
+        "balance loss x 0.01 averaged over layers with gate dropout 0.1, each branch's output "
+        "dropped out before the mix, the 90/10 char split, 20 random eval batches of 12 x 256; "
+        "every departure from the released code is listed in docs/fidelity.md). `fast` = the same "
+        "model, data and losses with bf16 autocast, TF32, torch.compile and the whole optimizer "
         "step captured in one CUDA graph.",
-        "- ms/iter: the median over seeds of each run's median step time, measured over device-synchronised "
-        "windows of 10 steps with evaluation excluded (the paper's column is ms per 10 iterations on a T4)."
+        "- ms/iter: the median over seeds of each run's median step time, measured over "
+        "device-synchronised windows of 10 steps with evaluation excluded (the paper's column is "
+        "ms per 10 iterations on a T4)."
         + (
-            f" These runs trained {jobs} at once on one GPU (`--jobs {jobs}`), so their step times measure a "
-            "shared device, not the models' speed: the speed of each row at this size, alone on the card, is in "
-            "docs/results/bench.md (size table1)."
+            f" These runs trained {jobs} at once on one GPU (`--jobs {jobs}`), so their step times "
+            "measure a shared device, not the models' speed: the speed of each row at this size, "
+            "alone on the card, is in docs/results/bench.md (size table1)."
             if jobs > 1
             else ""
         ),
-        "- Validation: the same 20 fixed random windows of the last 10% of the train file for every run "
-        "(the paper drew new random windows at each evaluation).",
+        "- Validation: the same 20 fixed random windows of the last 10% of the train file for "
+        "every run (the paper drew new random windows at each evaluation).",
         "",
         *([meta["note"], ""] if meta.get("note") else []),
         *findings(res, jobs),
@@ -325,8 +327,8 @@ def markdown(res: dict, meta: dict) -> str:
         lines += [
             f"## Table 1, mode `{mode}` (the paper's split: val = last 10% of the train file)",
             "",
-            "| row | params (non-emb.) | val loss, mean +- std | per seed | ms/iter | time / mha | FLOPs / mha |"
-            " paper: params, val loss, 'ms/iter' |",
+            "| row | params (non-emb.) | val loss, mean +- std | per seed | ms/iter | time / mha | "
+            "FLOPs / mha | paper: params, val loss, 'ms/iter' |",
             "|---|---:|---:|---|---:|---:|---:|---|",
         ]
         for row in ROWS:
@@ -340,14 +342,15 @@ def markdown(res: dict, meta: dict) -> str:
             )
             lines.append(
                 f"| {row} | {r['params_non_embedding']:,} | {mean_std(r['val_loss'])} | "
-                f"{', '.join(f'{v:.4f}' for v in r['val_loss'])} | {r['step_ms_median']:.2f}{extra} | "
-                f"{r.get('time_ratio', float('nan')):.2f} | {r.get('flop_ratio', float('nan')):.2f} | "
-                f"{p['params_m']}M, {p['val_loss']:.4f}, {p['ms_iter_claimed']} |"
+                f"{', '.join(f'{v:.4f}' for v in r['val_loss'])} | "
+                f"{r['step_ms_median']:.2f}{extra} | {r.get('time_ratio', float('nan')):.2f} | "
+                f"{r.get('flop_ratio', float('nan')):.2f} | {p['params_m']}M, {p['val_loss']:.4f}, "
+                f"{p['ms_iter_claimed']} |"
             )
         lines += [
             "",
-            "### The same models on the official WikiText-2 valid and test files (full passes, fp32), "
-            f"mode `{mode}`",
+            "### The same models on the official WikiText-2 valid and test files (full passes, "
+            f"fp32), mode `{mode}`",
             "",
             "| row | official valid loss | per seed | official test loss | per seed |",
             "|---|---:|---|---:|---|",
@@ -411,11 +414,10 @@ def main(argv=None) -> None:
     res = summarise(collect(args.runs_dir.resolve()))
     if not res:
         raise SystemExit(f"error: no runs under {args.runs_dir}")
-    kept = results_meta(
-        args.out, args.tables_only
-    )  # a rebuild keeps the measuring run's date, note and --jobs
-    # how many runs shared the device: this run's --jobs, or with --tables-only the committed file's (or --jobs N, for
-    # records trained N at once elsewhere)
+    # a rebuild keeps the measuring run's date, note and --jobs
+    kept = results_meta(args.out, args.tables_only)
+    # how many runs shared the device: this run's --jobs, or with --tables-only the committed file's
+    # (or --jobs N, for records trained N at once elsewhere)
     jobs_n = (
         previous_meta(args.out).get("jobs", 1) if args.tables_only and args.jobs == 1 else args.jobs
     )

@@ -1,14 +1,16 @@
-"""Data-parallel scaling: tokens/s of GPT-2 small (mha, moas_dynamic) on 1 and 2 GPUs under torchrun (DDP, bf16,
-torch.compile), written to docs/results/multigpu.{md,json}.
+"""Data-parallel scaling: tokens/s of GPT-2 small (mha, moas_dynamic) on 1 and 2 GPUs under torchrun
+(DDP, bf16, torch.compile), written to docs/results/multigpu.{md,json}.
 
-    python3 scripts/bench_multigpu.py                   # 2 models x {1, 2} GPUs, then the tables
-    python3 scripts/bench_multigpu.py --tables-only     # rebuild the tables from the run records
-    python3 scripts/bench_multigpu.py --models mha --gpus 1 2 trainer.compile=false   # extra overrides go to every run
+    python3 scripts/bench_multigpu.py                # 2 models x {1, 2} GPUs, then the tables
+    python3 scripts/bench_multigpu.py --tables-only  # rebuild the tables from the run records
+    # extra overrides go to every run
+    python3 scripts/bench_multigpu.py --models mha --gpus 1 2 trainer.compile=false
 
-Weak scaling: every GPU holds the same batch (--batch sequences of 1024 tokens), so the global batch doubles on two
-GPUs; the scaling efficiency is tok/s(2 GPUs) / (2 x tok/s(1 GPU)). tok/s is the median of the runs' logged
-`perf/tokens_per_s` windows after the first (which holds compilation and warm-up). Each run's record (config,
-train.log, metrics.jsonl, summary.json; the checkpoint is deleted) lands in <runs-dir>/<model>-<n>gpu/.
+Weak scaling: every GPU holds the same batch (--batch sequences of 1024 tokens), so the global batch
+doubles on two GPUs; the scaling efficiency is tok/s(2 GPUs) / (2 x tok/s(1 GPU)). tok/s is the
+median of the runs' logged `perf/tokens_per_s` windows after the first (which holds compilation and
+warm-up). Each run's record (config, train.log, metrics.jsonl, summary.json; the checkpoint is
+deleted) lands in <runs-dir>/<model>-<n>gpu/.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from moa_train.results import results_meta
 ROOT = repo_root()
 MODELS = ("mha", "moas_dynamic")
 TARGET = 0.9  # scaling-efficiency target: 2 GPUs reach this share of twice one GPU's tokens/s
-# GPT-2 small: 12 layers, d 768, 12 heads, block 1024, vocabulary padded to 50304 (nanoGPT's); the data are
-# WikiText-2 characters, whose 283 symbols use the first rows of the embedding: the compute is GPT-2's
+# GPT-2 small: 12 layers, d 768, 12 heads, block 1024, vocabulary padded to 50304 (nanoGPT's); the
+# data are WikiText-2 characters, whose 283 symbols use the first rows of the embedding: the compute
+# is GPT-2's
 GPT2_SMALL = (
     "~experiment",
     "data=wikitext2_char",
@@ -52,7 +55,8 @@ GPT2_SMALL = (
 
 
 def overrides(model: str, gpus: int, batch: int, steps: int, log_interval: int) -> list:
-    """One run's moa-train overrides: `batch` sequences per GPU, evaluation (one batch) only at the end."""
+    """One run's moa-train overrides: `batch` sequences per GPU, evaluation (one batch) only at the
+    end."""
     return [
         f"model={model}",
         *applicable(model, GPT2_SMALL),
@@ -85,7 +89,8 @@ def launch(model: str, gpus: int, args, run_dir: Path) -> None:
 
 
 def measure(run_dir: Path) -> dict:
-    """A run's steady-state speed (the median over the logged windows after the first) and its record."""
+    """A run's steady-state speed (the median over the logged windows after the first) and its
+    record."""
     summary = json.loads((run_dir / "summary.json").read_text())
     lines = [
         json.loads(line)
@@ -114,7 +119,8 @@ def measure(run_dir: Path) -> dict:
 
 
 def summarise(runs_dir: Path) -> dict:
-    """model -> {"runs": [per GPU count], "efficiency": tok/s(2) / (2 x tok/s(1)) where both exist}."""
+    """model -> {"runs": [per GPU count], "efficiency": tok/s(2) / (2 x tok/s(1)) where both
+    exist}."""
     out: dict = {}
     for path in sorted(runs_dir.glob("*/summary.json")):
         row = measure(path.parent)
@@ -131,19 +137,23 @@ def markdown(res: dict, meta: dict) -> str:
     lines = [
         "# Data-parallel scaling on 2 GPUs",
         "",
-        "GPT-2 small (12 layers, d 768, 12 heads, block 1024, vocabulary 50304) as mha and as moas_dynamic, "
-        "WikiText-2 characters, bf16 autocast, TF32, torch.compile, fused AdamW; DDP under torchrun (one process "
-        "per GPU, NCCL). Weak scaling: the same batch per GPU, so the global batch doubles on 2 GPUs.",
+        "GPT-2 small (12 layers, d 768, 12 heads, block 1024, vocabulary 50304) as mha and as "
+        "moas_dynamic, WikiText-2 characters, bf16 autocast, TF32, torch.compile, fused AdamW; DDP "
+        "under torchrun (one process per GPU, NCCL). Weak scaling: the same batch per GPU, so the "
+        "global batch doubles on 2 GPUs.",
         "",
-        f"- Command: `{meta['command']}` (`--tables-only` rebuilds these tables from the run records)",
-        f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date {meta['date']}",
-        "- tok/s: the whole job's training tokens per second, the median over the logged windows of "
-        f"{meta['log_interval']} steps after the first (compilation, warm-up); evaluation excluded. Scaling "
-        "efficiency = tok/s(2 GPUs) / (2 x tok/s(1 GPU)).",
+        f"- Command: `{meta['command']}` (`--tables-only` rebuilds these tables from the run "
+        "records)",
+        f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date "
+        f"{meta['date']}",
+        "- tok/s: the whole job's training tokens per second, the median over the logged windows "
+        f"of {meta['log_interval']} steps after the first (compilation, warm-up); evaluation "
+        "excluded. Scaling efficiency = tok/s(2 GPUs) / (2 x tok/s(1 GPU)).",
         "- Run records (config, train.log, metrics.jsonl, summary.json): "
         "`docs/results/runs/multigpu/<model>-<n>gpu/`",
         "",
-        "| model | GPUs | params | tokens / step | tok/s | tok/s per GPU | ms / step | MFU | scaling efficiency |",
+        "| model | GPUs | params | tokens / step | tok/s | tok/s per GPU | ms / step | MFU | "
+        "scaling efficiency |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for model, block in res.items():
@@ -154,8 +164,9 @@ def markdown(res: dict, meta: dict) -> str:
                 else ""
             )
             lines.append(
-                f"| {model} | {r['gpus']} | {r['params_total'] / 1e6:.1f}M | {r['tokens_per_step']:,} | "
-                f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / r['gpus']:,.0f} | {r['step_ms']:.1f} | "
+                f"| {model} | {r['gpus']} | {r['params_total'] / 1e6:.1f}M | "
+                f"{r['tokens_per_step']:,} | {r['tokens_per_s']:,.0f} | "
+                f"{r['tokens_per_s'] / r['gpus']:,.0f} | {r['step_ms']:.1f} | "
                 f"{100 * r['mfu']:.1f}% | {eff} |"
             )
     lines += ["", "## Target", ""]
@@ -191,9 +202,8 @@ def main(argv=None) -> None:
     if not res:
         raise SystemExit(f"error: no runs under {args.runs_dir}")
     first = next(iter(res.values()))["runs"][0]
-    kept = results_meta(
-        args.out, args.tables_only
-    )  # a rebuild keeps the measuring run's command, date
+    # a rebuild keeps the measuring run's command, date
+    kept = results_meta(args.out, args.tables_only)
     meta = {
         "command": kept["command"] or " ".join(["python3 scripts/bench_multigpu.py", *argv]),
         "device": first["device"],
@@ -204,9 +214,8 @@ def main(argv=None) -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": res}, indent=1))
-    notes = args.out.with_name(
-        args.out.name + "_notes.md"
-    )  # hand-written analysis, kept across rebuilds
+    # hand-written analysis, kept across rebuilds
+    notes = args.out.with_name(args.out.name + "_notes.md")
     text = markdown(res, meta) + ("\n" + notes.read_text() if notes.is_file() else "")
     args.out.with_suffix(".md").write_text(text)
     print(args.out.with_suffix(".md").read_text())

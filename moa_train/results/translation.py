@@ -1,20 +1,25 @@
-"""Translation results: MoA vs MHA on Multi30k En->De (two recipes) and the WMT pipeline, over seeds.
+"""Translation results: MoA vs MHA on Multi30k En->De (two recipes) and the WMT pipeline, over
+seeds.
 
-Multi30k En->De for mha, moa and moa_sparse (matched MACs) over seeds in two recipes (the modern one, `multi30k`,
-and the MoA code's fairseq model and loss scaled to Multi30k, `multi30k_fairseq`), plus one end-to-end run of the
-WMT pipeline on the local news data, written to docs/results/translation.{md,json}.
+Multi30k En->De for mha, moa and moa_sparse (matched MACs) over seeds in two recipes (the modern
+one, `multi30k`, and the MoA code's fairseq model and loss scaled to Multi30k, `multi30k_fairseq`),
+plus one end-to-end run of the WMT pipeline on the local news data, written to
+docs/results/translation.{md,json}.
 
-    python3 scripts/reproduce_translation.py                 # train (a multirun per row), then tables
-    python3 scripts/reproduce_translation.py --tables-only   # rebuild the tables from the run records
+    python3 scripts/reproduce_translation.py                # a multirun per row, then the tables
+    python3 scripts/reproduce_translation.py --tables-only  # rebuild the tables from the records
     python3 scripts/reproduce_translation.py --seeds 2 --part multi30k
-    python3 scripts/reproduce_translation.py --part multi30k --rows mha,moa --seed-list 2   # add seed 2 to two rows
-    python3 scripts/reproduce_translation.py --part multi30k,multi30k_fairseq --jobs 18     # all 18 runs at once
+    # add seed 2 to two rows
+    python3 scripts/reproduce_translation.py --part multi30k --rows mha,moa --seed-list 2
+    # all 18 runs at once
+    python3 scripts/reproduce_translation.py --part multi30k,multi30k_fairseq --jobs 18
 
-Every run's record (config, metrics.jsonl, summary.json) lands under <runs-dir>/<group>/<row>-seed<k>/; a rerun
-of a row deletes its old records first (with --seed-list only those of the listed seeds). With --jobs N > 1 every
-(row, seed) is its own single `moa-train` run with the multirun's overrides and folder, N at once, its output in
-<row>-seed<k>.log beside the folder (kept only if the run fails). Each group's table gets its description from the
-runs' saved configs, its device, torch and commit from their summaries, and Welch's t-test of moa and moa_sparse
+Every run's record (config, metrics.jsonl, summary.json) lands under
+<runs-dir>/<group>/<row>-seed<k>/; a rerun of a row deletes its old records first (with --seed-list
+only those of the listed seeds). With --jobs N > 1 every (row, seed) is its own single `moa-train`
+run with the multirun's overrides and folder, N at once, its output in <row>-seed<k>.log beside the
+folder (kept only if the run fails). Each group's table gets its description from the runs' saved
+configs, its device, torch and commit from their summaries, and Welch's t-test of moa and moa_sparse
 against mha on test BLEU and tokenised BLEU.
 """
 
@@ -45,11 +50,13 @@ ROOT = repo_root()
 ROWS = ("mha", "moa", "moa_sparse")
 GROUPS = {  # group (= the experiment folder of its rows) -> its table's heading
     "multi30k": "Multi30k En->De, modern recipe, test2016 (1,000 sentences)",
-    "multi30k_fairseq": "Multi30k En->De, fairseq-faithful model and loss (the MoA code's recipe scaled to Multi30k)",
+    "multi30k_fairseq": "Multi30k En->De, fairseq-faithful model and loss (the MoA code's recipe "
+    "scaled to Multi30k)",
 }
 PARTS = (*GROUPS, "wmt")
 COMMON = ("trainer.precision=bf16", "trainer.tf32=true")
-# the Multi30k mha architecture on the local WMT news data (13.5k training pairs: the score is low), seed 0 only
+# the Multi30k mha architecture on the local WMT news data (13.5k training pairs: the score is low),
+# seed 0 only
 WMT = (
     "wmt_local",
     "mha",
@@ -79,10 +86,12 @@ def plan(parts: list, rows: list, seeds: list) -> list:
 def train(
     planned: list, runs_dir: Path, extra: list, n_jobs: int, keep_other_seeds: bool = False
 ) -> list:
-    """Train the planned rows: one multirun per row (n_jobs 1) or every (row, seed) as its own run, n_jobs at once.
+    """Train the planned rows: one multirun per row (n_jobs 1) or every (row, seed) as its own run,
+    n_jobs at once.
 
-    A row's old records go first: all of them (the row is remade with its seeds), or with `keep_other_seeds` only
-    those of the seeds it reruns. Returns the names of the failed runs (a failed multirun stops the driver)."""
+    A row's old records go first: all of them (the row is remade with its seeds), or with
+    `keep_other_seeds` only those of the seeds it reruns. Returns the names of the failed runs (a
+    failed multirun stops the driver)."""
     for _, _, _, overrides in planned:  # before anything is deleted or started
         experiment = config_dir() / "experiment" / f"{overrides[0].partition('=')[2]}.yaml"
         if not experiment.is_file():
@@ -91,8 +100,8 @@ def train(
     for group, row, seeds, overrides in planned:
         clear(runs_dir, group, row, seeds if keep_other_seeds else None)
         if n_jobs == 1:
-            # the row's name written into the subdir: the experiment choice is "<group>/<row>" (a subdir built from
-            # it nests a folder), and model.name is "moa" for the moa_sparse row
+            # the row's name written into the subdir: the experiment choice is "<group>/<row>" (a
+            # subdir built from it nests a folder), and model.name is "moa" for the moa_sparse row
             run_command(
                 [
                     sys.executable,
@@ -142,10 +151,10 @@ def describe(cfg: dict) -> str:
     """The recipe of a run in one line, from its saved config (.hydra/config.yaml)."""
     m, d, t = cfg["model"], cfg["data"], cfg["trainer"]
     return (
-        f"{m.get('n_encoder_layer') or m['n_layer']}+{m['n_layer']} layers, d {m['d_model']}, "
-        f"FFN {round(m['mlp_ratio'] * m['d_model'])}, {'pre' if m.get('norm_first', True) else 'post'}-LN, "
-        f"{t['max_steps']} updates of {d['max_tokens']} tokens, label smoothing {t['label_smoothing']}, "
-        f"{t['precision']}."
+        f"{m.get('n_encoder_layer') or m['n_layer']}+{m['n_layer']} layers, d {m['d_model']}, FFN "
+        f"{round(m['mlp_ratio'] * m['d_model'])}, "
+        f"{'pre' if m.get('norm_first', True) else 'post'}-LN, {t['max_steps']} updates of "
+        f"{d['max_tokens']} tokens, label smoothing {t['label_smoothing']}, {t['precision']}."
     )
 
 
@@ -175,7 +184,8 @@ def provenance(group: dict) -> dict:
 
 
 def significance(group: dict) -> dict:
-    """metric -> "<row>_vs_mha" -> Welch's t-test of the row's per-seed test scores against mha's (2+ seeds each)."""
+    """metric -> "<row>_vs_mha" -> Welch's t-test of the row's per-seed test scores against mha's
+    (2+ seeds each)."""
     base = group.get("mha", [])
     out: dict = {}
     for metric in TESTS:
@@ -189,8 +199,9 @@ def significance(group: dict) -> dict:
 def sentence(metric: str, name: str, test: dict) -> str:
     verdict = "significant" if test["p"] < 0.05 else "not significant"
     return (
-        f"{name.replace('_vs_', ' - ')} = {test['mean_diff']:+.2f} {TESTS[metric]}, t = {test['t']:.2f}, "
-        f"p = {test['p']:.3f} (n = {test['n'][0]} vs {test['n'][1]} seeds): {verdict} at 0.05."
+        f"{name.replace('_vs_', ' - ')} = {test['mean_diff']:+.2f} {TESTS[metric]}, t = "
+        f"{test['t']:.2f}, p = {test['p']:.3f} (n = {test['n'][0]} vs {test['n'][1]} seeds): "
+        f"{verdict} at 0.05."
     )
 
 
@@ -217,20 +228,20 @@ def source_lines(block: dict) -> list:
 
 
 def group_table(heading: str, recs_by_row: dict, block: dict) -> list:
-    shared = (
-        block.get("shared_jobs", 1) > 1
-    )  # the runs trained N at once on one device: their wall times say nothing
+    # the runs trained N at once on one device: their wall times say nothing
+    shared = block.get("shared_jobs", 1) > 1
     lines = [f"## {heading}", "", *source_lines(block)]
     if shared:
         lines += [
-            f"These runs trained {block['shared_jobs']} at once on one GPU (`--jobs {block['shared_jobs']}`, "
-            "each stopped at the device call's time limit and resumed from its checkpoint where needed), so "
-            "their wall times measure a shared device and are not shown.",
+            f"These runs trained {block['shared_jobs']} at once on one GPU (`--jobs "
+            f"{block['shared_jobs']}`, each stopped at the device call's time limit and resumed "
+            "from its checkpoint where needed), so their wall times measure a shared device and "
+            "are not shown.",
             "",
         ]
     lines += [
-        "| row | params | MACs / token | test BLEU | per seed | chrF | BLEU (tok.) | val BLEU (greedy) | "
-        "wall time (s), evaluation included |",
+        "| row | params | MACs / token | test BLEU | per seed | chrF | BLEU (tok.) | val BLEU "
+        "(greedy) | wall time (s), evaluation included |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for row in ROWS:
@@ -242,7 +253,8 @@ def group_table(heading: str, recs_by_row: dict, block: dict) -> list:
             f"| {row} | {r0['params_total']:,} | {r0['flops_per_token'] / 6 / 1e6:.2f}M | "
             f"{fmt([r['test/bleu'] for r in recs])} | {per_seed(recs, 'test/bleu')} | "
             f"{fmt([r['test/chrf'] for r in recs])} | {fmt([r['test/bleu_tok'] for r in recs])} | "
-            f"{fmt([r['val/bleu'] for r in recs])} | {'-' if shared else fmt([r['wall_s'] for r in recs], 0)} |"
+            f"{fmt([r['val/bleu'] for r in recs])} | "
+            f"{'-' if shared else fmt([r['wall_s'] for r in recs], 0)} |"
         )
     first = next(iter(recs_by_row.values()))[0]
     lines += ["", f"sacreBLEU signature: `{first.get('bleu_signature', '?')}`", ""]
@@ -264,16 +276,17 @@ def markdown(rows: dict, groups: dict, meta: dict) -> str:
     lines = [
         "# Translation: MoA vs MHA",
         "",
-        "- Command: `python3 scripts/reproduce_translation.py` (`--part multi30k,multi30k_fairseq,wmt`, "
-        "`--seeds N`, `--rows`, `--seed-list`, `--jobs N`; `--tables-only` rebuilds this file from the run "
-        "records)",
+        "- Command: `python3 scripts/reproduce_translation.py` (`--part "
+        "multi30k,multi30k_fairseq,wmt`, `--seeds N`, `--rows`, `--seed-list`, `--jobs N`; "
+        "`--tables-only` rebuilds this file from the run records)",
         f"- Device, torch and commit: under each table, from its run records; date {meta['date']}",
         "- Run records: `docs/results/runs/translation/<group>/<row>-seed<k>/`",
-        "- BLEU: sacreBLEU on detokenised text (13a tokenisation, signature below), beam 4, length penalty 0.6, "
-        "the last 5 checkpoints averaged; `BLEU (tok.)` is BLEU on 13a-tokenised text with compound splitting, "
-        "the kind of number the MoA paper reported (it used Moses tokenisation): the two are not comparable "
-        "with each other. MACs per token: forward multiply-accumulates per (source + target) token pair from "
-        "the models' FLOP counter (training FLOPs / 6) at the mean training target length.",
+        "- BLEU: sacreBLEU on detokenised text (13a tokenisation, signature below), beam 4, length "
+        "penalty 0.6, the last 5 checkpoints averaged; `BLEU (tok.)` is BLEU on 13a-tokenised text "
+        "with compound splitting, the kind of number the MoA paper reported (it used Moses "
+        "tokenisation): the two are not comparable with each other. MACs per token: forward "
+        "multiply-accumulates per (source + target) token pair from the models' FLOP counter "
+        "(training FLOPs / 6) at the mean training target length.",
         "",
     ]
     if meta.get("note"):
@@ -286,10 +299,11 @@ def markdown(rows: dict, groups: dict, meta: dict) -> str:
         lines += [
             "## The WMT pipeline end to end on the local news data",
             "",
-            "The same mha architecture trained for 2000 updates on the 13,573 local pairs (older newstests, not "
-            "the WMT14 training corpus), validated on newstest2013, tested on newstest2014 (3,003 sentences). "
-            "The training set is about 0.3% of WMT14's, so the score is far below the paper's 27-28: this run "
-            "shows that the pipeline works end to end, not what the models reach on WMT14.",
+            "The same mha architecture trained for 2000 updates on the 13,573 local pairs (older "
+            "newstests, not the WMT14 training corpus), validated on newstest2013, tested on "
+            "newstest2014 (3,003 sentences). The training set is about 0.3% of WMT14's, so the "
+            "score is far below the paper's 27-28: this run shows that the pipeline works end to "
+            "end, not what the models reach on WMT14.",
             "",
             *source_lines(groups[WMT[0]])[-2:],
             f"newstest2014: BLEU {r['test/bleu']:.2f}, chrF {r['test/chrf']:.2f}, BLEU (tok.) "
@@ -320,7 +334,8 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--seed-list",
         type=choices((), int),
-        help="only these seeds (a comma list, e.g. 2), keeping the row's other seeds' records (without "
+        help="only these seeds (a comma list, e.g. 2), keeping the row's other seeds' records "
+        "(without "
         "it a row's old records all go before it reruns)",
     )
     parser.add_argument(
@@ -359,8 +374,9 @@ def main(argv=None) -> None:
     rows = collect(runs_dir)
     if not rows:
         raise SystemExit(f"error: no runs under {args.runs_dir}")
-    # how many runs shared the device, per group: this run's --jobs for the parts it trained (with --tables-only:
-    # for the parts named, records trained N at once elsewhere), else the committed file's
+    # how many runs shared the device, per group: this run's --jobs for the parts it trained (with
+    # --tables-only: for the parts named, records trained N at once elsewhere), else the committed
+    # file's
     before = previous_meta(args.out).get("shared_jobs", {})
     named = {
         "wmt_local" if part == "wmt" else part
@@ -383,18 +399,16 @@ def main(argv=None) -> None:
         }
         for group, recs in rows.items()
     }
-    kept = results_meta(
-        args.out, args.tables_only
-    )  # a rebuild keeps the measuring run's date and note
+    # a rebuild keeps the measuring run's date and note
+    kept = results_meta(args.out, args.tables_only)
     meta = {"date": kept["date"], "note": kept["note"], "shared_jobs": shared}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(
         json.dumps({"meta": meta, "groups": groups, "runs": rows}, indent=1)
     )
     text = markdown(rows, groups, meta)
-    decoding = (
-        args.out.parent / "translation_decoding.json"
-    )  # scripts/time_translation_decoding.py's record
+    # scripts/time_translation_decoding.py's record
+    decoding = args.out.parent / "translation_decoding.json"
     if decoding.is_file():
         from moa_train.results.decoding import markdown_section
 

@@ -1,14 +1,16 @@
-"""Checkpoints: written atomically (temp file, fsync, rename) with a sha256 sidecar, the last N kept plus best.pt;
-verified on load, and a resume falls back from a damaged checkpoint to the newest one that reads.
+"""Checkpoints: written atomically (temp file, fsync, rename) with a sha256 sidecar, the last N kept
+plus best.pt; verified on load, and a resume falls back from a damaged checkpoint to the newest one
+that reads.
 
-`step_0000020.pt.sha256` holds the hash in `sha256sum` format (`sha256sum -c` checks it by hand). A checkpoint is
-renamed into place before its sidecar is written, and a stale sidecar is removed first, so a crash between the two
-leaves a checkpoint without a sidecar (loaded unverified, with a warning), never one with a wrong hash.
+`step_0000020.pt.sha256` holds the hash in `sha256sum` format (`sha256sum -c` checks it by hand). A
+checkpoint is renamed into place before its sidecar is written, and a stale sidecar is removed
+first, so a crash between the two leaves a checkpoint without a sidecar (loaded unverified, with a
+warning), never one with a wrong hash.
 
-Loading runs no code: torch.load(weights_only=True) accepts tensors and plain types only, so every state in a
-checkpoint is stored as those (the NumPy RNG state as a tensor). Files written before that hold NumPy objects and
-are refused with the command that converts them once (`python3 -m moa_train.train.checkpoint convert PATH
---trust-pickle`, for files the user trusts).
+Loading runs no code: torch.load(weights_only=True) accepts tensors and plain types only, so every
+state in a checkpoint is stored as those (the NumPy RNG state as a tensor). Files written before
+that hold NumPy objects and are refused with the command that converts them once (`python3 -m
+moa_train.train.checkpoint convert PATH --trust-pickle`, for files the user trusts).
 """
 
 from __future__ import annotations
@@ -36,15 +38,16 @@ class CheckpointError(ValueError):
 
 
 class UnsafeCheckpointError(CheckpointError):
-    """A file that only a full unpickler reads (an old checkpoint, or one carrying code): never loaded."""
+    """A file that only a full unpickler reads (an old checkpoint, or one carrying code): never
+    loaded."""
 
 
 CONVERT = "python3 -m moa_train.train.checkpoint convert {path} --trust-pickle"
 
 
 def _numpy_rng_state(state=None) -> tuple:
-    """np.random.get_state() (or `state`) with its key array as a tensor: a weights_only load accepts no NumPy
-    arrays."""
+    """np.random.get_state() (or `state`) with its key array as a tensor: a weights_only load
+    accepts no NumPy arrays."""
     name, keys, pos, has_gauss, gauss = np.random.get_state() if state is None else state
     return (
         str(name),
@@ -56,8 +59,8 @@ def _numpy_rng_state(state=None) -> tuple:
 
 
 def rng_state() -> dict:
-    """This process's generators; of CUDA only the current device's (one per process: reading every GPU's would
-    open a context on each GPU from every torchrun process)."""
+    """This process's generators; of CUDA only the current device's (one per process: reading every
+    GPU's would open a context on each GPU from every torchrun process)."""
     state = {
         "python": random.getstate(),
         "numpy": _numpy_rng_state(),
@@ -72,23 +75,22 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, np.asarray(keys.cpu(), dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(
-        state["torch"].cpu()
-    )  # .cpu(): a checkpoint loaded onto the GPU moved these too
+    # .cpu(): a checkpoint loaded onto the GPU moved these too
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_initialized():
-        cuda = state[
-            "cuda"
-        ]  # checkpoints written before multi-GPU support hold a list: every device's state
+        # checkpoints written before multi-GPU support hold a list: every device's state
+        cuda = state["cuda"]
         torch.cuda.set_rng_state(
             (cuda[torch.cuda.current_device()] if isinstance(cuda, list) else cuda).cpu()
         )
 
 
-# --- writing ------------------------------------------------------------------------------------------------------
+# --- writing --------------------------------------------------------------------------------------
 
 
 class _HashingWriter:
-    """The file object torch.save writes to: hashes the bytes on their way out, so no second read is needed."""
+    """The file object torch.save writes to: hashes the bytes on their way out, so no second read is
+    needed."""
 
     def __init__(self, file):
         self.file, self.sha, self.error = file, hashlib.sha256(), None
@@ -97,9 +99,8 @@ class _HashingWriter:
         self.sha.update(data)
         try:
             return self.file.write(data)
-        except (
-            OSError
-        ) as exc:  # torch.save reports it as a RuntimeError ("file write failed"): keep the cause
+        # torch.save reports it as a RuntimeError ("file write failed"): keep the cause
+        except OSError as exc:
             self.error = exc
             raise
 
@@ -158,8 +159,8 @@ def step_checkpoints(folder: Path) -> list:
 
 
 def remove_temp_files(folder: Path) -> None:
-    """Temp files of saves a kill interrupted (each as large as a checkpoint). Called by the one process that holds
-    the run folder's lock, so no save of another process is under way."""
+    """Temp files of saves a kill interrupted (each as large as a checkpoint). Called by the one
+    process that holds the run folder's lock, so no save of another process is under way."""
     for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
         log.warning("removing %s, left by an interrupted save", tmp)
         tmp.unlink(missing_ok=True)
@@ -189,8 +190,8 @@ def save_checkpoint(state: dict, folder: Path, keep: int, is_best: bool) -> Path
 
 
 def set_aside(path: Path) -> Path:
-    """Rename a checkpoint that failed its check (and its sidecar) out of the resume's way, never delete it: the
-    fault may be the sidecar's alone, and the file the only copy of that step."""
+    """Rename a checkpoint that failed its check (and its sidecar) out of the resume's way, never
+    delete it: the fault may be the sidecar's alone, and the file the only copy of that step."""
     kept = path.with_name(path.name + ".failed")
     path.replace(kept)
     if sidecar(path).is_file():
@@ -199,9 +200,10 @@ def set_aside(path: Path) -> Path:
 
 
 def drop_later_checkpoints(folder: Path, step: int, failed: tuple = ()) -> None:
-    """Remove the step files after `step`: a run resumed from `step` (an older one was asked for) continues from
-    there, as metrics.jsonl does, and its pruning must not keep them instead. Those in `failed` (skipped by the
-    resume because they did not verify or read) are set aside instead."""
+    """Remove the step files after `step`: a run resumed from `step` (an older one was asked for)
+    continues from there, as metrics.jsonl does, and its pruning must not keep them instead. Those
+    in `failed` (skipped by the resume because they did not verify or read) are set aside
+    instead."""
     for path in step_checkpoints(folder) if folder.is_dir() else []:
         if path.name <= f"step_{step:07d}.pt":
             continue
@@ -217,7 +219,7 @@ def drop_later_checkpoints(folder: Path, step: int, failed: tuple = ()) -> None:
             _remove(path)
 
 
-# --- reading ------------------------------------------------------------------------------------------------------
+# --- reading --------------------------------------------------------------------------------------
 
 
 def file_sha256(path: Path) -> str:
@@ -229,8 +231,8 @@ def file_sha256(path: Path) -> str:
 
 
 def verify(path: Path) -> bool:
-    """True when the sidecar's hash matches; False when there is no sidecar; CheckpointError when it differs or
-    the sidecar is not a sha256 line."""
+    """True when the sidecar's hash matches; False when there is no sidecar; CheckpointError when it
+    differs or the sidecar is not a sha256 line."""
     side = sidecar(path)
     if not side.is_file():
         return False
@@ -249,7 +251,8 @@ def verify(path: Path) -> bool:
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """The checkpoint's state, read with torch's weights_only unpickler: tensors and plain types, no code runs."""
+    """The checkpoint's state, read with torch's weights_only unpickler: tensors and plain types, no
+    code runs."""
     if not verify(path):
         log.warning(
             "checkpoint %s has no %s beside it: loaded without verification",
@@ -259,15 +262,14 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" not in str(
-            exc
-        ):  # not a pickle of other objects, just bytes that are no pickle
+        # not a pickle of other objects, just bytes that are no pickle
+        if "Unsupported global" not in str(exc):
             raise CheckpointError(f"checkpoint {path} cannot be read (UnpicklingError)") from None
         # a global outside the allowed types: an old checkpoint, or one carrying code
         raise UnsafeCheckpointError(
-            f"checkpoint {path} holds objects that only a full unpickler reads (written before checkpoints "
-            f"stored tensors and plain values only, or carrying code), so it is not loaded; if you trust it, "
-            f"convert it once with: {CONVERT.format(path=path)}"
+            f"checkpoint {path} holds objects that only a full unpickler reads (written before "
+            "checkpoints stored tensors and plain values only, or carrying code), so it is not "
+            f"loaded; if you trust it, convert it once with: {CONVERT.format(path=path)}"
         ) from None
     except Exception as exc:  # truncated or corrupt file
         raise CheckpointError(
@@ -279,8 +281,8 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
 
 
 def checkpoints_in(target: Path) -> list:
-    """What a resume from `target` tries, newest first: the file itself; or a run folder's (or its checkpoints/
-    folder's) step_*.pt, then best.pt (also when best.pt is all there is)."""
+    """What a resume from `target` tries, newest first: the file itself; or a run folder's (or its
+    checkpoints/ folder's) step_*.pt, then best.pt (also when best.pt is all there is)."""
     if target.is_file():
         return [target]
     for folder in (target / "checkpoints", target):
@@ -293,15 +295,16 @@ def checkpoints_in(target: Path) -> list:
 
 
 def find_checkpoint(target: Path) -> Path | None:
-    """A checkpoint file as given, or the latest step_*.pt of a run folder (or of its checkpoints/ folder)."""
+    """A checkpoint file as given, or the latest step_*.pt of a run folder (or of its checkpoints/
+    folder)."""
     found = checkpoints_in(target)
     return found[0] if found else None
 
 
 def load_latest(target: Path, map_location="cpu", key: str = "trainer.resume") -> tuple:
-    """(path, state, failed paths) of the newest checkpoint under `target` that verifies and reads; each one that
-    does not is named in a warning. A file given as `target` is used as it is, with no fallback, and a file that
-    only a full unpickler reads stops the search (it is never loaded)."""
+    """(path, state, failed paths) of the newest checkpoint under `target` that verifies and reads;
+    each one that does not is named in a warning. A file given as `target` is used as it is, with no
+    fallback, and a file that only a full unpickler reads stops the search (it is never loaded)."""
     failed = []
     for path in checkpoints_in(target):
         try:
@@ -321,7 +324,8 @@ def load_latest(target: Path, map_location="cpu", key: str = "trainer.resume") -
 
 
 def average_checkpoints(paths: list, map_location="cpu") -> dict:
-    """The element-wise mean of the model weights of several checkpoints (fairseq's average_checkpoints)."""
+    """The element-wise mean of the model weights of several checkpoints (fairseq's
+    average_checkpoints)."""
     total = None
     for path in paths:
         weights = load_checkpoint(path, map_location)["model"]
@@ -333,12 +337,13 @@ def average_checkpoints(paths: list, map_location="cpu") -> dict:
     return {k: (v / len(paths)).to(weights[k].dtype) for k, v in total.items()}
 
 
-# --- converting checkpoints written before weights_only loading -----------------------------------------------------
+# --- converting checkpoints written before weights_only loading -----------------------------------
 
 
 def convert(path: Path) -> None:
-    """Rewrite an old checkpoint so that weights_only loads it: read once with the full unpickler (which runs
-    whatever the file holds: only for files the user trusts), the NumPy RNG states as tensors, atomically."""
+    """Rewrite an old checkpoint so that weights_only loads it: read once with the full unpickler
+    (which runs whatever the file holds: only for files the user trusts), the NumPy RNG states as
+    tensors, atomically."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"checkpoint {path} is not a moa_train checkpoint")
@@ -368,8 +373,8 @@ def convert_main(argv: list | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.trust_pickle:
         print(
-            "error: --trust-pickle: converting reads each file with the full unpickler, which runs any code in it;"
-            " add --trust-pickle only for files you trust",
+            "error: --trust-pickle: converting reads each file with the full unpickler, which runs "
+            "any code in it; add --trust-pickle only for files you trust",
             file=sys.stderr,
         )
         return 2
@@ -386,7 +391,8 @@ def convert_main(argv: list | None = None) -> int:
                 convert(path)
             except Exception as exc:  # a damaged file: name it, convert nothing more
                 print(
-                    f"error: {path}: cannot be converted ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+                    f"error: {path}: cannot be converted ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0]})",
                     file=sys.stderr,
                 )
                 return 2

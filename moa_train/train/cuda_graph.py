@@ -1,11 +1,12 @@
-"""The whole optimizer step (forward, backward, clipping, AdamW, over every micro-batch) captured once in a CUDA
-graph and replayed each step.
+"""The whole optimizer step (forward, backward, clipping, AdamW, over every micro-batch) captured
+once in a CUDA graph and replayed each step.
 
-At small sizes a training step is bound by the host launching hundreds of kernels; one graph replay per step takes
-that away without changing what is computed. Requirements, met by the trainer when `trainer.cuda_graphs` is on:
-AdamW built with `capturable=True` and tensor learning rates (the schedule fills them in place), a few eager warm-up
-steps on a side stream before the capture, gradients set to None when capturing (the graph's backward then writes
-fresh gradients on every replay), and inputs of fixed shape copied into static buffers.
+At small sizes a training step is bound by the host launching hundreds of kernels; one graph replay
+per step takes that away without changing what is computed. Requirements, met by the trainer when
+`trainer.cuda_graphs` is on: AdamW built with `capturable=True` and tensor learning rates (the
+schedule fills them in place), a few eager warm-up steps on a side stream before the capture,
+gradients set to None when capturing (the graph's backward then writes fresh gradients on every
+replay), and inputs of fixed shape copied into static buffers.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ import torch
 
 class CapturedStep:
     def __init__(self, body, batches: list):
-        """body(batches, log_step) -> outputs: one optimizer step. Capturing records it; nothing runs yet."""
+        """body(batches, log_step) -> outputs: one optimizer step. Capturing records it; nothing
+        runs yet."""
         self.static = [tuple(t.clone() for t in batch) for batch in batches]
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.outputs = body(self.static, True)
 
     def replay(self, batches: list):
-        """Run one step on `batches`; the outputs are static tensors, valid until the next replay."""
+        """Run one step on `batches`; the outputs are static tensors, valid until the next
+        replay."""
         for static, batch in zip(self.static, batches):
             for s, b in zip(static, batch):
                 s.copy_(b)
@@ -30,6 +33,5 @@ class CapturedStep:
         return self.outputs
 
 
-WARMUP_STEPS = (
-    3  # eager steps before the capture: compilation, cuBLAS handles and optimizer state are set up
-)
+# eager steps before the capture: compilation, cuBLAS handles and optimizer state are set up
+WARMUP_STEPS = 3

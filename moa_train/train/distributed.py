@@ -1,12 +1,15 @@
-"""Data parallelism over the processes `torchrun` starts, with PyTorch's own stack: DDP, or FSDP2 (`fully_shard`).
+"""Data parallelism over the processes `torchrun` starts, with PyTorch's own stack: DDP, or FSDP2
+(`fully_shard`).
 
-torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; each process trains on `cuda:LOCAL_RANK` (NCCL) or on the CPU (gloo).
-Every rank draws the same global batch and keeps its slice (data/batches.py, data/translation.py), so a config
-trains the same on 1, 2 or 8 GPUs; gradients are averaged over the ranks by DDP / FSDP, and the batch statistics of
-routing (models/routing.py) are summed over the ranks inside the loss. Rank 0 alone writes (metrics, checkpoints,
-summary); checkpoints hold full, unsharded tensors, so they load with any number of ranks.
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; each process trains on `cuda:LOCAL_RANK` (NCCL) or on
+the CPU (gloo). Every rank draws the same global batch and keeps its slice (data/batches.py,
+data/translation.py), so a config trains the same on 1, 2 or 8 GPUs; gradients are averaged over the
+ranks by DDP / FSDP, and the batch statistics of routing (models/routing.py) are summed over the
+ranks inside the loss. Rank 0 alone writes (metrics, checkpoints, summary); checkpoints hold full,
+unsharded tensors, so they load with any number of ranks.
 
-Without torchrun (WORLD_SIZE unset or 1) there is no process group and everything here is the identity.
+Without torchrun (WORLD_SIZE unset or 1) there is no process group and everything here is the
+identity.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from moa_train.collectives import global_sum, world_size  # noqa: F401 (public h
 
 @dataclass(frozen=True)
 class Dist:
-    """This process's place among torchrun's: global rank, number of ranks, rank on its node (its GPU)."""
+    """This process's place among torchrun's: global rank, number of ranks, rank on its node (its
+    GPU)."""
 
     rank: int = 0
     world: int = 1
@@ -58,8 +62,8 @@ def from_env() -> Dist:
 
 
 def init() -> Dist:
-    """Join torchrun's process group (once per process): gloo for CPU tensors, NCCL for CUDA ones where a GPU is
-    visible, so `trainer.device=cpu` also works on a GPU machine."""
+    """Join torchrun's process group (once per process): gloo for CPU tensors, NCCL for CUDA ones
+    where a GPU is visible, so `trainer.device=cpu` also works on a GPU machine."""
     d = from_env()
     if d.active and not dist.is_initialized():
         if torch.cuda.is_available():
@@ -83,8 +87,8 @@ def local_device(device: torch.device, d: Dist) -> torch.device:
 
 
 def shared_run_stamp(d: Dist) -> str:
-    """Rank 0's start time in the format of train.yaml's `hydra.run.dir`, so that every rank resolves one run
-    folder (each rank's own clock could name a different one)."""
+    """Rank 0's start time in the format of train.yaml's `hydra.run.dir`, so that every rank
+    resolves one run folder (each rank's own clock could name a different one)."""
     stamp = [dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")]
     if d.active:
         dist.broadcast_object_list(stamp, src=0)
@@ -93,8 +97,8 @@ def shared_run_stamp(d: Dist) -> str:
 
 @contextmanager
 def main_first(d: Dist):
-    """Rank 0 runs the block first (it builds the shared data caches: downloads, tokenizers, token ids), then the
-    other ranks run it and find the caches built."""
+    """Rank 0 runs the block first (it builds the shared data caches: downloads, tokenizers, token
+    ids), then the other ranks run it and find the caches built."""
     if d.active and not d.main:
         dist.barrier()
     yield
@@ -107,14 +111,15 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-# --- the model ---------------------------------------------------------------------------------------------------
+# --- the model ------------------------------------------------------------------------------------
 
 
 def wrap(
     model: torch.nn.Module, strategy: str, d: Dist, device: torch.device, bucket_mb: float
 ) -> torch.nn.Module:
-    """The module the training step calls: DDP around the model, or the model with each block and then the root
-    sharded by FSDP2 (in place: parameters become DTensors, so build the optimizer afterwards)."""
+    """The module the training step calls: DDP around the model, or the model with each block and
+    then the root sharded by FSDP2 (in place: parameters become DTensors, so build the optimizer
+    afterwards)."""
     if not d.active:
         return model
     if strategy == "fsdp":
@@ -122,7 +127,8 @@ def wrap(
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
         return fully_shard(model, mesh=mesh)
-    # gradients as views into DDP's buckets: no copy of every gradient into its bucket before the all-reduce
+    # gradients as views into DDP's buckets: no copy of every gradient into its bucket before the
+    # all-reduce
     return DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
@@ -132,8 +138,9 @@ def wrap(
 
 
 def grad_sync(model: torch.nn.Module, sync: bool):
-    """Gradient accumulation: the gradient all-reduce (DDP) or reduce-scatter (FSDP) runs only in the backward of
-    the last micro-batch of a step. Returns the context to run the micro-batch's forward and backward in."""
+    """Gradient accumulation: the gradient all-reduce (DDP) or reduce-scatter (FSDP) runs only in
+    the backward of the last micro-batch of a step. Returns the context to run the micro-batch's
+    forward and backward in."""
     if isinstance(model, DistributedDataParallel):
         return nullcontext() if sync else model.no_sync()
     if isinstance(model, FSDPModule):
@@ -146,12 +153,12 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-# --- collectives -------------------------------------------------------------------------------------------------
+# --- collectives ----------------------------------------------------------------------------------
 
 
 def agreed_signal(received: int | None, d: Dist) -> int | None:
-    """The stop signal any rank has received (None if none), the same answer on every rank: one small all-reduce,
-    so that all ranks write their checkpoint and stop at the same step."""
+    """The stop signal any rank has received (None if none), the same answer on every rank: one
+    small all-reduce, so that all ranks write their checkpoint and stop at the same step."""
     if not d.active:
         return received
     flag = torch.tensor(received or 0)  # a CPU tensor: init() always gives the group gloo for those
@@ -160,7 +167,8 @@ def agreed_signal(received: int | None, d: Dist) -> int | None:
 
 
 def global_max(x: torch.Tensor) -> int:
-    """The largest of the ranks' values of a CPU integer scalar (the group always has gloo for those)."""
+    """The largest of the ranks' values of a CPU integer scalar (the group always has gloo for
+    those)."""
     if world_size() == 1:
         return int(x)
     x = x.clone()
@@ -183,10 +191,10 @@ def gather_objects(obj, d: Dist) -> list:
 
 
 def rank_share(batches, d: Dist):
-    """This rank's share of an evaluation: batch i goes to rank i % world; yields (batch, mine). Every rank steps
-    through every round of `world` batches, so under FSDP (whose forward gathers parameters) all ranks make the
-    same number of forward passes: a rank without a batch in the last round gets the round's first with mine=False
-    (run it, do not count it)."""
+    """This rank's share of an evaluation: batch i goes to rank i % world; yields (batch, mine).
+    Every rank steps through every round of `world` batches, so under FSDP (whose forward gathers
+    parameters) all ranks make the same number of forward passes: a rank without a batch in the last
+    round gets the round's first with mine=False (run it, do not count it)."""
     group = []
     for batch in batches:
         group.append(batch)
@@ -198,9 +206,10 @@ def rank_share(batches, d: Dist):
         yield group[d.rank if mine else 0], mine
 
 
-# --- checkpoints ---------------------------------------------------------------------------------------------------
-# One format for one process, DDP and FSDP: full (unsharded) tensors keyed by parameter name, gathered to rank 0's
-# CPU memory when distributed, and loaded (and sharded again under FSDP) by every rank, whatever the world size.
+# --- checkpoints ----------------------------------------------------------------------------------
+# One format for one process, DDP and FSDP: full (unsharded) tensors keyed by parameter name,
+# gathered to rank 0's CPU memory when distributed, and loaded (and sharded again under FSDP) by
+# every rank, whatever the world size.
 
 
 def _options(d: Dist, saving: bool) -> StateDictOptions | None:
@@ -225,7 +234,8 @@ def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, d: Dist
 
 
 def rank_rng(saved, d: Dist) -> dict | None:
-    """This rank's RNG state from a checkpoint, which holds one per rank that saved it (a single process saved a
-    plain dict); None for a rank beyond those (resumed on more ranks): it keeps its own seed."""
+    """This rank's RNG state from a checkpoint, which holds one per rank that saved it (a single
+    process saved a plain dict); None for a rank beyond those (resumed on more ranks): it keeps its
+    own seed."""
     states = saved if isinstance(saved, list) else [saved]
     return states[d.rank] if d.rank < len(states) else None

@@ -1,13 +1,16 @@
 """`trainer.eval_only`: evaluate a run's checkpoint with the run's own config.
 
-The model, data and every training setting come from the config stored in the checkpoint (as `load_run` reads it),
-so `trainer.eval_only=true trainer.resume=RUN` needs none of the run's training overrides repeated. What the command
-line may change:
-- where things are on this machine (`data.root`, `data.cache_dir`, `trainer.device`): always the current command's,
-  since the run may have trained elsewhere;
-- how to evaluate (`eval.*`, `trainer.eval_iters`, `trainer.precision`, ...): the run's own unless overridden;
-- the model and data: never; an override that differs from the run's is refused in one line naming both values.
-Results go to `RUN/eval/<date_time>/` (`eval.json` and `eval.log`), so the run's own files stay as they are.
+The model, data and every training setting come from the config stored in the checkpoint (as
+`load_run` reads it), so `trainer.eval_only=true trainer.resume=RUN` needs none of the run's
+training overrides repeated. What the command line may change:
+- where things are on this machine (`data.root`, `data.cache_dir`, `trainer.device`): always the
+  current command's, since the run may have trained elsewhere;
+- how to evaluate (`eval.*`, `trainer.eval_iters`, `trainer.precision`, ...): the run's own unless
+  overridden;
+- the model and data: never; an override that differs from the run's is refused in one line naming
+  both values.
+Results go to `RUN/eval/<date_time>/` (`eval.json` and `eval.log`), so the run's own files stay as
+they are.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ EVAL_KEYS = (
     "data.split",
     "data.max_tokens",
 )
-# what makes the model and its data: fixed by the checkpoint; a group choice (model=gqa) is compared by its name
+# what makes the model and its data: fixed by the checkpoint; a group choice (model=gqa) is compared
+# by its name
 FIXED_PREFIXES = ("model", "data", "task")
 
 
@@ -65,8 +69,9 @@ def _override_keys(overrides: list) -> list:
 
 
 def _refuse_other_model(cfg, run_cfg: dict, keys: list) -> None:
-    """ConfigError when a model or data override asks for another value than the run's. Bundles of settings
-    (experiment=, debug=, mode=) are not compared: the run's own model is evaluated whatever they hold."""
+    """ConfigError when a model or data override asks for another value than the run's. Bundles of
+    settings (experiment=, debug=, mode=) are not compared: the run's own model is evaluated
+    whatever they hold."""
     trained = dict(leaves(run_cfg))
     for key in keys:
         if not _matches(key, FIXED_PREFIXES) or _matches(key, LOCAL_KEYS + EVAL_KEYS):
@@ -82,23 +87,20 @@ def _refuse_other_model(cfg, run_cfg: dict, keys: list) -> None:
 
 
 def eval_config(cfg, run_cfg: dict, overrides: list | None = None):
-    """The config to evaluate with: the run's (`run_cfg`, from its checkpoint), with the current command's
-    locations and the evaluation settings that `overrides` set (None: none were given)."""
+    """The config to evaluate with: the run's (`run_cfg`, from its checkpoint), with the current
+    command's locations and the evaluation settings that `overrides` set (None: none were given)."""
     keys = _override_keys(overrides or [])
     _refuse_other_model(cfg, run_cfg, keys)
     from moa_train.train.tasks import saved_task
 
-    out = OmegaConf.merge(
-        cfg, {k: v for k, v in run_cfg.items() if k != "model"}
-    )  # the schema's types, its values
-    out.model = model_config(
-        run_cfg["model"]
-    )  # typed by the run's own variant, not the command line's
+    # the schema's types, its values
+    out = OmegaConf.merge(cfg, {k: v for k, v in run_cfg.items() if k != "model"})
+    # typed by the run's own variant, not the command line's
+    out.model = model_config(run_cfg["model"])
     taken = list(LOCAL_KEYS) + [k for k in keys if _matches(k, EVAL_KEYS)]
     with open_dict(out):
-        out.data.task = saved_task(
-            run_cfg
-        )  # a run saved before tasks were named: its data's task, not the default
+        # a run saved before tasks were named: its data's task, not the default
+        out.data.task = saved_task(run_cfg)
         for key in taken:
             OmegaConf.update(out, key, OmegaConf.select(cfg, key), merge=False)
         out.trainer.eval_only = True
@@ -112,7 +114,8 @@ def eval_config(cfg, run_cfg: dict, overrides: list | None = None):
 
 
 def stamp() -> str:
-    """The time stamp of an evaluation folder, as Hydra names run folders (torchrun: rank 0's, shared)."""
+    """The time stamp of an evaluation folder, as Hydra names run folders (torchrun: rank 0's,
+    shared)."""
     import os
     import time
 
@@ -121,8 +124,9 @@ def stamp() -> str:
 
 @functools.lru_cache(maxsize=4)
 def saved_config(target: Path) -> tuple:
-    """(path, saved config) of the newest readable checkpoint under `target`: read once per process, although the
-    entry point checks an evaluation before Hydra starts and the job prepares it again; the weights are not kept."""
+    """(path, saved config) of the newest readable checkpoint under `target`: read once per process,
+    although the entry point checks an evaluation before Hydra starts and the job prepares it again;
+    the weights are not kept."""
     from moa_train.train.checkpoint import load_latest
 
     path, state, _ = load_latest(target, "cpu", key="trainer.eval_only")
@@ -130,8 +134,9 @@ def saved_config(target: Path) -> tuple:
 
 
 def prepare(cfg, run_dir: Path, overrides: list | None = None) -> tuple:
-    """(config, output folder) of an evaluation: the checkpoint is the newest readable one under trainer.resume
-    (a path; auto/true: `run_dir`, the output then going to `run_dir`/eval/<date_time>/)."""
+    """(config, output folder) of an evaluation: the checkpoint is the newest readable one under
+    trainer.resume (a path; auto/true: `run_dir`, the output then going to
+    `run_dir`/eval/<date_time>/)."""
     from moa_train.train import distributed
     from moa_train.train.checkpoint import checkpoints_in
     from moa_train.train.tasks import validate

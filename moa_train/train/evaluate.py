@@ -1,5 +1,6 @@
-"""Evaluation of an LM on a split: random windows (trainer.eval_iters) or a full pass (eval_iters: null); under data
-parallelism each rank evaluates its share of the batches and the sums are all-reduced."""
+"""Evaluation of an LM on a split: random windows (trainer.eval_iters) or a full pass (eval_iters:
+null); under data parallelism each rank evaluates its share of the batches and the sums are
+all-reduced."""
 
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ from moa_train.progress import progress
 from moa_train.train.distributed import Dist, global_sum, rank_share
 from moa_train.train.preemption import check_stop
 
-EVAL_SEED = (
-    1234  # the same eval windows for every model and training seed, so rows compare on equal data
-)
+# the same eval windows for every model and training seed, so rows compare on equal data
+EVAL_SEED = 1234
 
 
 def split_metrics(prefix: str, loss: float, split) -> dict:
-    """Loss in nats per token and its conversions: perplexity, bits per character, word-level perplexity."""
+    """Loss in nats per token and its conversions: perplexity, bits per character, word-level
+    perplexity."""
     return {
         f"{prefix}/loss": loss,
         f"{prefix}/ppl": math.exp(min(loss, 50.0)),
@@ -42,7 +43,8 @@ def evaluate(
     dist: Dist = Dist(),
     stop=None,
 ) -> dict:
-    """`stop`: a StopSignals whose signal ends the evaluation (EvaluationStopped) before the next batch."""
+    """`stop`: a StopSignals whose signal ends the evaluation (EvaluationStopped) before the next
+    batch."""
     was_training = model.training
     model.eval()
     if eval_iters is None:

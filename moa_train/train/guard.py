@@ -1,18 +1,21 @@
 """Optimizer steps with a non-finite loss or gradient are skipped, decided on the device.
 
-A step is bad when its loss (summed over its micro-batches) or its gradient norm is NaN or infinite. The fused
-AdamW takes that flag as its `found_inf` argument (the path torch's GradScaler uses): a bad step leaves the weights,
-both moments and AdamW's own step count as they were, without a host sync, also inside a captured CUDA graph. The
-non-fused AdamW (optim.fused=false) has no such argument: there the flag is read on the host every step (free on a
-CPU, one sync per step on a GPU; validation refuses it with trainer.cuda_graphs).
+A step is bad when its loss (summed over its micro-batches) or its gradient norm is NaN or infinite.
+The fused AdamW takes that flag as its `found_inf` argument (the path torch's GradScaler uses): a
+bad step leaves the weights, both moments and AdamW's own step count as they were, without a host
+sync, also inside a captured CUDA graph. The non-fused AdamW (optim.fused=false) has no such
+argument: there the flag is read on the host every step (free on a CPU, one sync per step on a GPU;
+validation refuses it with trainer.cuda_graphs).
 
-A skipped step is still a step: the step counter, the data position and the lr schedule advance as if it had been
-applied, so the schedule and the checkpoint steps of a run do not depend on how many of its steps were skipped.
+A skipped step is still a step: the step counter, the data position and the lr schedule advance as
+if it had been applied, so the schedule and the checkpoint steps of a run do not depend on how many
+of its steps were skipped.
 
-The counters stay on the device; the trainer reads them when it logs (`train/skipped_steps`, a running total) and
-before it writes a checkpoint, and stops with DivergedError once `trainer.max_bad_steps` steps in a row were bad.
-The limit is therefore noticed at the first log or save step after it is reached (at most log_interval - 1 more
-steps, all of them skipped), and no checkpoint is written from then on.
+The counters stay on the device; the trainer reads them when it logs (`train/skipped_steps`, a
+running total) and before it writes a checkpoint, and stops with DivergedError once
+`trainer.max_bad_steps` steps in a row were bad. The limit is therefore noticed at the first log or
+save step after it is reached (at most log_interval - 1 more steps, all of them skipped), and no
+checkpoint is written from then on.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class DivergedError(RuntimeError):
-    """The run stopped after trainer.max_bad_steps non-finite steps in a row: one line, exit code 3."""
+    """The run stopped after trainer.max_bad_steps non-finite steps in a row: one line, exit code
+    3."""
 
 
 class NonFiniteGuard:
@@ -37,14 +41,13 @@ class NonFiniteGuard:
         self.reported = 0  # `skipped` at the last check, to warn once about new skips
 
     def step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
-        """The optimizer step, unless `loss` or `grad_norm` is not finite; returns that flag (a bool tensor)."""
-        bad = ~torch.isfinite(
-            loss + grad_norm
-        )  # a NaN or an infinity in either makes the sum non-finite
+        """The optimizer step, unless `loss` or `grad_norm` is not finite; returns that flag (a bool
+        tensor)."""
+        # a NaN or an infinity in either makes the sum non-finite
+        bad = ~torch.isfinite(loss + grad_norm)
         self.skipped += bad
-        self.streak.add_(1).mul_(
-            bad
-        )  # in place: these tensors are updated by every replay of a captured step
+        # in place: these tensors are updated by every replay of a captured step
+        self.streak.add_(1).mul_(bad)
         torch.maximum(self.longest, self.streak, out=self.longest)
         if self.fused:
             self.optimizer.found_inf = bad.float()
@@ -54,8 +57,8 @@ class NonFiniteGuard:
         return bad
 
     def check(self, step: int, last_checkpoint) -> None:
-        """At log and save steps (a host sync): warn about newly skipped steps; raise DivergedError once
-        max_bad_steps steps in a row were bad."""
+        """At log and save steps (a host sync): warn about newly skipped steps; raise DivergedError
+        once max_bad_steps steps in a row were bad."""
         skipped, longest = self.skipped.item(), self.longest.item()
         if skipped > self.reported:
             log.warning(
@@ -66,9 +69,10 @@ class NonFiniteGuard:
             self.reported = skipped
         if longest >= self.max_bad_steps:
             raise DivergedError(
-                f"trainer.max_bad_steps: {longest} steps in a row had a non-finite loss or gradient (limit "
-                f"{self.max_bad_steps}), stopped at step {step}; the last checkpoint, {last_checkpoint or 'none'}, "
-                "is from before; try a lower optim.lr, a trainer.grad_clip or trainer.precision=fp32"
+                f"trainer.max_bad_steps: {longest} steps in a row had a non-finite loss or "
+                f"gradient (limit {self.max_bad_steps}), stopped at step {step}; the last "
+                f"checkpoint, {last_checkpoint or 'none'}, is from before; try a lower optim.lr, a "
+                "trainer.grad_clip or trainer.precision=fp32"
             )
 
     def state_dict(self) -> dict:

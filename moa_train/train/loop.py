@@ -1,6 +1,7 @@
 """The training loop: build everything from the config, train, evaluate, checkpoint, log.
 
-Host syncs happen only at log and eval steps: losses, aux terms and routing statistics stay on the device between.
+Host syncs happen only at log and eval steps: losses, aux terms and routing statistics stay on the
+device between.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def git_sha() -> str | None:
-    """The checkout's commit; MOA_GIT_SHA where the code travels without its .git (a copied working tree)."""
+    """The checkout's commit; MOA_GIT_SHA where the code travels without its .git (a copied working
+    tree)."""
     if os.environ.get("MOA_GIT_SHA"):
         return os.environ["MOA_GIT_SHA"]
     try:
@@ -79,15 +81,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# what a resumed run cannot change: the weights' shapes and the data (vocabulary included) they were trained on;
-# data.root and data.cache_dir only say where the same data lives
+# what a resumed run cannot change: the weights' shapes and the data (vocabulary included) they were
+# trained on; data.root and data.cache_dir only say where the same data lives
 FIXED_ON_RESUME = ("model", "data")
 MOVABLE = ("data.root", "data.cache_dir")
 
 
 def check_fixed_settings(saved: dict, cfg) -> None:
-    """ConfigError naming the first key of FIXED_ON_RESUME whose value differs from the checkpoint's (keys the
-    checkpoint's config lacks, added since it was written, are taken as unchanged)."""
+    """ConfigError naming the first key of FIXED_ON_RESUME whose value differs from the checkpoint's
+    (keys the checkpoint's config lacks, added since it was written, are taken as unchanged)."""
     current = OmegaConf.to_container(cfg, resolve=True)
     for group in FIXED_ON_RESUME:
         old, new = dict(leaves(saved.get(group) or {}, group)), dict(leaves(current[group], group))
@@ -109,31 +111,34 @@ OOM_WORDS = (
 
 
 def out_of_memory(exc: BaseException) -> bool:
-    """A CUDA or CPU allocation failure (the CPU allocator raises a plain RuntimeError, NumPy a MemoryError)."""
+    """A CUDA or CPU allocation failure (the CPU allocator raises a plain RuntimeError, NumPy a
+    MemoryError)."""
     return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
         isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in OOM_WORDS)
     )
 
 
 def oom_error(cfg, size, device: torch.device) -> ConfigError:
-    """The one line for an out-of-memory error in the first steps: the sizes (the task's StepSize) are too large
-    for the device."""
+    """The one line for an out-of-memory error in the first steps: the sizes (the task's StepSize)
+    are too large for the device."""
     return ConfigError(
-        f"{size.key}: out of memory in the first training step on {device_name(device)}: {size.text} "
-        f"over trainer.grad_accum={cfg.trainer.grad_accum} micro-batches does not fit; lower "
-        f"{size.lower}, or raise trainer.grad_accum"
+        f"{size.key}: out of memory in the first training step on {device_name(device)}: "
+        f"{size.text} over trainer.grad_accum={cfg.trainer.grad_accum} micro-batches does not fit; "
+        f"lower {size.lower}, or raise trainer.grad_accum"
     )
 
 
 def headline(metrics: dict) -> str:
-    """The evaluation figures worth a log line, whichever the task reports: loss and bpc (LM), BLEU and chrF."""
+    """The evaluation figures worth a log line, whichever the task reports: loss and bpc (LM), BLEU
+    and chrF."""
     shown = ("loss", "bpc", "bleu", "chrf")
     return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.partition("/")[2] in shown)
 
 
 class StepResult(NamedTuple):
-    """What one optimizer step leaves on the device: the mean CE and aux terms over its micro-batches, the last
-    micro-batch's routing records, the gradient norm and whether the step was skipped (not finite)."""
+    """What one optimizer step leaves on the device: the mean CE and aux terms over its
+    micro-batches, the last micro-batch's routing records, the gradient norm and whether the step
+    was skipped (not finite)."""
 
     ce: torch.Tensor
     aux: dict
@@ -145,9 +150,8 @@ class StepResult(NamedTuple):
 class Trainer:
     def __init__(self, cfg, run_dir: Path):
         self.start_time = time.perf_counter()
-        self.wall_before = (
-            0.0  # training wall time of the sessions before this one (a resumed run's checkpoint)
-        )
+        # training wall time of the sessions before this one (a resumed run's checkpoint)
+        self.wall_before = 0.0
         self.cfg, self.run_dir = cfg, Path(run_dir)
         t = cfg.trainer
         self.dist = distributed.init()
@@ -157,7 +161,8 @@ class Trainer:
         torch.backends.cudnn.allow_tf32 = bool(t.tf32)
         select_sdpa_backend(t.sdpa_backend)
         use_bf16 = t.precision == "bf16"
-        # no autocast weight cache: it cannot live inside a CUDA-graph capture, and each weight is cast once anyway
+        # no autocast weight cache: it cannot live inside a CUDA-graph capture, and each weight is
+        # cast once anyway
         self.autocast = (
             partial(torch.autocast, self.device.type, dtype=torch.bfloat16, cache_enabled=False)
             if use_bf16
@@ -174,9 +179,8 @@ class Trainer:
             self.model, t.strategy, self.dist, self.device, t.ddp_bucket_mb
         )
         if self.dist.active:
-            torch.manual_seed(
-                t.seed + self.dist.rank
-            )  # each rank its own dropout masks (nanoGPT's seed offset)
+            # each rank its own dropout masks (nanoGPT's seed offset)
+            torch.manual_seed(t.seed + self.dist.rank)
         self.forward, self.forward_loss = self.model, self.loss
         if t.compile:  # the model for evaluation; the model + losses as one graph for training
             backend = t.compile_backend or (
@@ -193,13 +197,11 @@ class Trainer:
         )
         if t.cuda_graphs and not self.use_graph:
             log.info(
-                "trainer.cuda_graphs: needs a CUDA device, fixed batch shapes and one process (DDP and FSDP "
-                "communicate during the backward); running the step eagerly"
+                "trainer.cuda_graphs: needs a CUDA device, fixed batch shapes and one process (DDP "
+                "and FSDP communicate during the backward); running the step eagerly"
             )
-        self.graph, self.warmed_up = (
-            None,
-            0,
-        )  # eager warm-up steps run by this process (a resumed run warms up too)
+        # eager warm-up steps run by this process (a resumed run warms up too)
+        self.graph, self.warmed_up = None, 0
         self.optimizer = build_optimizer(
             self.model, cfg.optim, self.device, capturable=self.use_graph
         )
@@ -211,9 +213,8 @@ class Trainer:
         self.meter = Meter(self.sync)
         self.batches = self.task.batches
         self.step, self.tokens_seen, self.wandb_id = 0, 0, None
-        self.steps_run = (
-            0  # optimizer steps run by this process (its first ones warm up and capture)
-        )
+        # optimizer steps run by this process (its first ones warm up and capture)
+        self.steps_run = 0
         self.flops_per_token = self.task.flops_per_token()
         self.peak = peak_flops(self.device, peak_kind(t.precision, t.tf32), cfg.data.cache_dir)
         self.warned_peak = self.remeasured_peak = False
@@ -225,10 +226,11 @@ class Trainer:
         return self.checkpointer.last
 
     def wall_s(self) -> float:
-        """Training wall time of every session of the run (the checkpoint carries the earlier ones')."""
+        """Training wall time of every session of the run (the checkpoint carries the earlier
+        ones')."""
         return self.wall_before + time.perf_counter() - self.start_time
 
-    # --- state -----------------------------------------------------------------------------------------------
+    # --- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
             "model": distributed.model_state(self.model, self.dist),
@@ -267,19 +269,16 @@ class Trainer:
             return
         distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist)
         self.scheduler.load_state_dict(state["scheduler"])
-        apply_settings(
-            self.optimizer, self.scheduler, self.cfg.optim
-        )  # a changed lr or schedule takes effect
+        # a changed lr or schedule takes effect
+        apply_settings(self.optimizer, self.scheduler, self.cfg.optim)
         self.tokens_seen, self.checkpointer.best = state["tokens_seen"], state["best_val"]
         self.batches.load_state_dict(state["data"])
         self.wandb_id = state.get("wandb_id")
         self.evaluator.pending = state.get("pending_eval", False)
-        self.wall_before = state.get(
-            "wall_s", 0.0
-        )  # (checkpoints written before it was kept: this session only)
-        if (
-            "guard" in state
-        ):  # checkpoints written before non-finite steps were skipped lack these two
+        # (checkpoints written before it was kept: this session only)
+        self.wall_before = state.get("wall_s", 0.0)
+        # checkpoints written before non-finite steps were skipped lack these two
+        if "guard" in state:
             self.guard.load_state_dict(state["guard"])
             self.losses.load_state_dict(state["window"])
         rng = distributed.rank_rng(state["rng"], self.dist)
@@ -287,25 +286,26 @@ class Trainer:
             set_rng_state(rng)
 
     def save(self, is_best: bool) -> None:
-        self.guard.check(
-            self.step, self.last_checkpoint
-        )  # a run that has diverged writes no checkpoint
-        self.check_weights_finite()  # nor one whose weights are lost (a step applied with an infinite lr)
-        self.checkpointer.write(
-            self.state_dict(), is_best
-        )  # the state on every rank: FSDP gathers the shards
+        # a run that has diverged writes no checkpoint
+        self.guard.check(self.step, self.last_checkpoint)
+        # nor one whose weights are lost (a step applied with an infinite lr)
+        self.check_weights_finite()
+        # the state on every rank: FSDP gathers the shards
+        self.checkpointer.write(self.state_dict(), is_best)
 
     def check_weights_finite(self) -> None:
-        """DivergedError unless every weight of every rank is finite: such weights are no recovery point."""
+        """DivergedError unless every weight of every rank is finite: such weights are no recovery
+        point."""
         bad = sum(
             (~torch.isfinite(distributed.local_part(p.detach()))).sum()
             for p in self.model.parameters()
         )
         if distributed.global_max(torch.as_tensor(bad).cpu()) > 0:
             raise DivergedError(
-                f"weights: {int(bad)} model weights are not finite at step {self.step}, so no checkpoint of it is "
-                f"written; the last good checkpoint is {self.last_checkpoint or 'none (nothing was saved)'}; "
-                "check optim.lr and the other optim.* values, try a trainer.grad_clip or trainer.precision=fp32"
+                f"weights: {int(bad)} model weights are not finite at step {self.step}, so no "
+                "checkpoint of it is written; the last good checkpoint is "
+                f"{self.last_checkpoint or 'none (nothing was saved)'}; check optim.lr and the "
+                "other optim.* values, try a trainer.grad_clip or trainer.precision=fp32"
             )
 
     def maybe_resume(self, weights_only: bool = False) -> Path | None:
@@ -320,11 +320,11 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
         return path
 
-    # --- steps -------------------------------------------------------------------------------------------------
+    # --- steps ------------------------------------------------------------------------------------
     def loss(self, batch, all_aux: bool) -> tuple:
-        """(total loss, CE, unweighted aux terms reduced over layers, routing records) of one micro-batch; aux
-        terms with a zero coefficient are computed only when `all_aux` (log steps). The function compiled for
-        training (self.forward_loss) and the one moa-bench explains."""
+        """(total loss, CE, unweighted aux terms reduced over layers, routing records) of one
+        micro-batch; aux terms with a zero coefficient are computed only when `all_aux` (log steps).
+        The function compiled for training (self.forward_loss) and the one moa-bench explains."""
         with self.autocast():
             return self.task.loss(self.train_model, batch, all_aux)
 
@@ -333,10 +333,10 @@ class Trainer:
         return [self.task.next_batch() for _ in range(self.cfg.trainer.grad_accum)]
 
     def step_body(self, batches: list, log_step: bool) -> tuple:
-        """Forward and backward over the micro-batches, clipping, the optimizer update (skipped where the loss or
-        the gradient is not finite): all that a CUDA graph captures. Returns device tensors (mean CE, mean aux
-        terms, the last micro-batch's routing records, grad norm, the skipped flag); a log step also computes
-        every aux term."""
+        """Forward and backward over the micro-batches, clipping, the optimizer update (skipped
+        where the loss or the gradient is not finite): all that a CUDA graph captures. Returns
+        device tensors (mean CE, mean aux terms, the last micro-batch's routing records, grad norm,
+        the skipped flag); a log step also computes every aux term."""
         cfg, n = self.cfg, len(batches)
         loss_sum, ce_sum, aux_sum = 0.0, 0.0, {}
         for i, batch in enumerate(batches):
@@ -355,8 +355,8 @@ class Trainer:
         return ce_sum / n, {k: v / n for k, v in aux_sum.items()}, detached(routings), norm, bad
 
     def train_step(self, log_step: bool, batches: list | None = None) -> StepResult:
-        """One optimizer step on `batches` (default: drawn from the task), counters untouched: eager, or a
-        CUDA-graph replay after a few eager warm-up steps on a side stream."""
+        """One optimizer step on `batches` (default: drawn from the task), counters untouched:
+        eager, or a CUDA-graph replay after a few eager warm-up steps on a side stream."""
         batches = self.draw_batches() if batches is None else batches
         self.step_tokens = sum(self.task.n_tokens(b) for b in batches)
         self.lr = self.cfg.optim.lr * lr_factor(
@@ -370,9 +370,8 @@ class Trainer:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                out = self.step_body(
-                    batches, True
-                )  # all aux terms, as the captured graph computes them
+                # all aux terms, as the captured graph computes them
+                out = self.step_body(batches, True)
                 self.optimizer.zero_grad(set_to_none=True)
             torch.cuda.current_stream(self.device).wait_stream(side)
         else:
@@ -385,10 +384,11 @@ class Trainer:
     def train_steps(
         self, n: int = 1, log_step: bool = False, batches: list | None = None
     ) -> StepResult:
-        """`n` optimizer steps, each advancing the step counter, the tokens seen, the loss window and the meter:
-        the one place they advance (fit, moa-bench). `batches`: the same micro-batches every step (moa-bench's
-        fixed batch, no data work); default: drawn from the task. `log_step`: all aux terms computed (fit's log
-        steps). Returns the last step's StepResult."""
+        """`n` optimizer steps, each advancing the step counter, the tokens seen, the loss window
+        and the meter: the one place they advance (fit, moa-bench). `batches`: the same
+        micro-batches every step (moa-bench's fixed batch, no data work); default: drawn from the
+        task. `log_step`: all aux terms computed (fit's log steps). Returns the last step's
+        StepResult."""
         for _ in range(n):
             out = self.train_step(log_step, batches)
             self.step += 1
@@ -399,9 +399,9 @@ class Trainer:
         return out
 
     def checked_step(self, log_step: bool) -> StepResult:
-        """One step of train_steps; an out-of-memory error in this process's first steps (the warm-up and
-        CUDA-graph capture included) is the sizes' fault and becomes one line naming them. A later one stays a
-        bug report."""
+        """One step of train_steps; an out-of-memory error in this process's first steps (the
+        warm-up and CUDA-graph capture included) is the sizes' fault and becomes one line naming
+        them. A later one stays a bug report."""
         try:
             return self.train_steps(1, log_step)
         except (RuntimeError, MemoryError) as exc:
@@ -414,14 +414,16 @@ class Trainer:
         return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
     def evaluate(self, split: str, prefix: str, final: bool = False) -> dict:
-        # a signal ends evaluation in one process only: under torchrun the ranks would leave its collectives at
-        # different batches, so they finish it and agree on the signal at the next log step
+        # a signal ends evaluation in one process only: under torchrun the ranks would leave its
+        # collectives at different batches, so they finish it and agree on the signal at the next
+        # log step
         stop = None if self.dist.active else self.stop
         return self.task.evaluate(self.forward, split, prefix, self.autocast, final, stop)
 
     def validate(self, logger) -> bool:
-        """Evaluate the val split at this step and log it; whether it is the best so far. EvaluationStopped by a
-        signal marks the validation pending: the checkpoint written next records it for the resumed process."""
+        """Evaluate the val split at this step and log it; whether it is the best so far.
+        EvaluationStopped by a signal marks the validation pending: the checkpoint written next
+        records it for the resumed process."""
         self.evaluator.pending = True
         val = self.evaluate("val", "val")
         self.evaluator.pending = False
@@ -435,11 +437,10 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    # --- runs --------------------------------------------------------------------------------------------------
+    # --- runs -------------------------------------------------------------------------------------
     def fit(self) -> dict:
-        lock = (
-            RunLock(self.run_dir).acquire() if self.dist.main else None
-        )  # one trainer per run folder
+        # one trainer per run folder
+        lock = RunLock(self.run_dir).acquire() if self.dist.main else None
         try:
             return self._fit()
         finally:
@@ -447,22 +448,21 @@ class Trainer:
                 lock.release()
 
     def _fit(self) -> dict:
-        """The schedule: resume; then per step: train, log, validate, checkpoint, stop on a signal; then test."""
+        """The schedule: resume; then per step: train, log, validate, checkpoint, stop on a signal;
+        then test."""
         t = self.cfg.trainer
         resumed = self.maybe_resume()
         self.checkpointer.start(self.step)
-        if (
-            self.dist.main
-        ):  # the run's history continues from the checkpoint's step (from step 0 without one)
+        # the run's history continues from the checkpoint's step (from step 0 without one)
+        if self.dist.main:
             truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
         logger = self.build_logger(None if resumed is None else self.step)
         self.wandb_id = logger.wandb_id
         bar = progress(total=t.max_steps, initial=self.step, desc="train", unit="step")
         self.stop = stop = StopSignals().install()
         try:
-            if (
-                self.evaluator.pending
-            ):  # the interrupted process was stopped while validating this step
+            # the interrupted process was stopped while validating this step
+            if self.evaluator.pending:
                 self.save(self.validate(logger))
             self.meter.restart()
             while self.step < t.max_steps:
@@ -479,7 +479,8 @@ class Trainer:
                 is_best = self.evaluator.due(self.step, last) and self.validate_until_stopped(
                     logger
                 )
-                # under torchrun the ranks compare notes at log steps only (a collective), so all stop together
+                # under torchrun the ranks compare notes at log steps only (a collective), so all
+                # stop together
                 stopping = (
                     distributed.agreed_signal(stop.received, self.dist)
                     if log_now or not self.dist.active
@@ -492,15 +493,13 @@ class Trainer:
                     raise Preempted(
                         stopping, self.step, self.last_checkpoint, self.run_dir, self.dist.rank
                     )
-            if (
-                not self.last_val and self.step > 0
-            ):  # resumed at max_steps: report the checkpoint's validation loss
+            # resumed at max_steps: report the checkpoint's validation loss
+            if not self.last_val and self.step > 0:
                 self.last_val = self.evaluate("val", "val")
             test = self.final_test()
             logger.log(self.step, test)
-        except (
-            EvaluationStopped
-        ):  # the final evaluations: the last step's checkpoint is written, resuming reruns them
+        # the final evaluations: the last step's checkpoint is written, resuming reruns them
+        except EvaluationStopped:
             raise Preempted(
                 stop.received, self.step, self.last_checkpoint, self.run_dir, self.dist.rank
             ) from None
@@ -512,7 +511,8 @@ class Trainer:
         return self.write_summary({**self.last_val, **test})
 
     def validate_until_stopped(self, logger) -> bool:
-        """validate; a signal that stops it is seen by fit next: this step's checkpoint, then the stop."""
+        """validate; a signal that stops it is seen by fit next: this step's checkpoint, then the
+        stop."""
         try:
             return self.validate(logger)
         except EvaluationStopped:
@@ -521,7 +521,8 @@ class Trainer:
             self.meter.restart()  # evaluation time is not step time
 
     def final_test(self) -> dict:
-        """The test evaluation at the end, on the average of the last `eval.average_last` checkpoints if set."""
+        """The test evaluation at the end, on the average of the last `eval.average_last`
+        checkpoints if set."""
         n = self.cfg.eval.average_last
         if not n:
             return self.evaluate("test", "test", final=True)
@@ -536,9 +537,8 @@ class Trainer:
         if not paths:
             return self.evaluate("test", "test", final=True)
         current = {k: v.clone() for k, v in self.model.state_dict().items()}
-        distributed.load_model_state(
-            self.model, average_checkpoints(paths), self.dist
-        )  # averaged on the CPU
+        # averaged on the CPU
+        distributed.load_model_state(self.model, average_checkpoints(paths), self.dist)
         log.info(
             "test: weights averaged over %d checkpoints (%s .. %s)",
             len(paths),
@@ -564,21 +564,22 @@ class Trainer:
     def log_train(self, logger, out: StepResult) -> dict:
         step_ms, tok_s = self.meter.close()
         if self.flops_per_token * tok_s > self.peak and not self.remeasured_peak:
-            # this run beat the cached peak: that figure was measured while other work ran; measure it once more
+            # this run beat the cached peak: that figure was measured while other work ran; measure
+            # it once more
             self.remeasured_peak, stale = True, self.peak
             t = self.cfg.trainer
             self.peak = remeasure_peak(
                 self.device, peak_kind(t.precision, t.tf32), self.cfg.data.cache_dir, stale
             )
             log.info(
-                "perf/mfu: this run's rate beat the cached peak (%.3g FLOP/s), measured again: %.3g FLOP/s",
+                "perf/mfu: this run's rate beat the cached peak (%.3g FLOP/s), measured again: "
+                "%.3g FLOP/s",
                 stale,
                 self.peak,
             )
         losses = self.losses.pop()
-        losses["train/loss"] = (
-            distributed.global_sum(losses["train/loss"]) / self.dist.world
-        )  # CE of each slice
+        # CE of each slice
+        losses["train/loss"] = distributed.global_sum(losses["train/loss"]) / self.dist.world
         metrics = {
             **losses,
             "lr": self.lr,
@@ -602,9 +603,9 @@ class Trainer:
         if logged["perf/mfu"] > 1.0 and not self.warned_peak:
             self.warned_peak = True
             log.warning(
-                "perf/mfu is above 100%%: the peak measured for this device (%.3g FLOP/s, in %s, measured "
-                "twice) is lower than this run's rate; other work probably ran during both measurements; "
-                "delete that file to measure it again",
+                "perf/mfu is above 100%%: the peak measured for this device (%.3g FLOP/s, in %s, "
+                "measured twice) is lower than this run's rate; other work probably ran during "
+                "both measurements; delete that file to measure it again",
                 self.peak,
                 peak_cache(self.cfg.data.cache_dir),
             )
@@ -612,8 +613,8 @@ class Trainer:
         return logged
 
     def eval_only(self) -> dict:
-        """Valid and test of the checkpoint trainer.resume names; eval.json in the run folder (summary.json is the
-        training run's, never written here)."""
+        """Valid and test of the checkpoint trainer.resume names; eval.json in the run folder
+        (summary.json is the training run's, never written here)."""
         path = self.maybe_resume(weights_only=True)
         if path is None:
             raise ConfigError(
@@ -654,10 +655,10 @@ class Trainer:
 
 
 def train(cfg, run_dir: Path, overrides: list | None = None) -> dict:
-    """Train per `cfg`, writing into `run_dir`; returns summary.json's dict. With trainer.eval_only, evaluate the
-    checkpoint trainer.resume names with the run's own config (see eval_run), writing eval.json into `run_dir`
-    (trainer.resume=auto/true: into `run_dir`/eval/<date_time>/); `overrides` are the command line's, whose
-    evaluation settings apply."""
+    """Train per `cfg`, writing into `run_dir`; returns summary.json's dict. With trainer.eval_only,
+    evaluate the checkpoint trainer.resume names with the run's own config (see eval_run), writing
+    eval.json into `run_dir` (trainer.resume=auto/true: into `run_dir`/eval/<date_time>/);
+    `overrides` are the command line's, whose evaluation settings apply."""
     run_dir = Path(run_dir)
     if cfg.trainer.eval_only:
         cfg, run_dir = eval_run.prepare(cfg, run_dir, overrides)
@@ -677,12 +678,14 @@ def train(cfg, run_dir: Path, overrides: list | None = None) -> dict:
 
 
 def banner(trainer: Trainer) -> str:
-    """The run's first line: what is trained, how big, where, and the folder that will hold its results."""
+    """The run's first line: what is trained, how big, where, and the folder that will hold its
+    results."""
     cfg, model, device = trainer.cfg, trainer.model, trainer.device
     where = device_name(device) if device.type == "cpu" else f"{device} ({device_name(device)})"
     if trainer.dist.active:
         where += f" x {trainer.dist.world} processes"
     return (
-        f"run: model {cfg.model.name} on {cfg.data.name} | {model.num_params(non_embedding=False):,} parameters "
-        f"({model.num_params():,} non-embedding) | device {where} | run folder {trainer.run_dir}"
+        f"run: model {cfg.model.name} on {cfg.data.name} | "
+        f"{model.num_params(non_embedding=False):,} parameters ({model.num_params():,} "
+        f"non-embedding) | device {where} | run folder {trainer.run_dir}"
     )

@@ -10,8 +10,9 @@ from moa_train.models.roles import NO_DECAY, ROUTER, param_roles
 
 
 def param_groups(model: torch.nn.Module, cfg) -> list:
-    """By the roles the modules declare (models/roles.py): no_decay for norms and biases; router for a router's
-    parameters, with its own lr multiplier and weight decay (its norms and biases none); decay for the rest."""
+    """By the roles the modules declare (models/roles.py): no_decay for norms and biases; router for
+    a router's parameters, with its own lr multiplier and weight decay (its norms and biases none);
+    decay for the rest."""
     decay, no_decay, router, router_no_decay = [], [], [], []
     roles = param_roles(model)
     for name, p in model.named_parameters():
@@ -46,12 +47,12 @@ def group_settings(cfg) -> dict:
 
 
 def apply_settings(optimizer: torch.optim.Optimizer, scheduler, cfg) -> None:
-    """After a resume: the config's lr, betas, eps and weight decay replace those the loaded optimizer state
-    carried (load_state_dict restores the saved ones), and the schedule continues from the new base lrs."""
+    """After a resume: the config's lr, betas, eps and weight decay replace those the loaded
+    optimizer state carried (load_state_dict restores the saved ones), and the schedule continues
+    from the new base lrs."""
     settings = group_settings(cfg)
-    factor = scheduler.lr_lambdas[0](
-        scheduler.last_epoch
-    )  # the current config's schedule, at the resumed step
+    # the current config's schedule, at the resumed step
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
     for i, group in enumerate(optimizer.param_groups):
         hp = settings[group["name"]]
         group.update(
@@ -61,9 +62,8 @@ def apply_settings(optimizer: torch.optim.Optimizer, scheduler, cfg) -> None:
             initial_lr=hp["lr"],
         )
         lr = hp["lr"] * factor
-        if isinstance(
-            group["lr"], torch.Tensor
-        ):  # capturable: a CUDA graph reads this tensor, update in place
+        # capturable: a CUDA graph reads this tensor, update in place
+        if isinstance(group["lr"], torch.Tensor):
             group["lr"].fill_(lr)
         else:
             group["lr"] = lr
@@ -72,9 +72,10 @@ def apply_settings(optimizer: torch.optim.Optimizer, scheduler, cfg) -> None:
 
 
 def build_optimizer(model: torch.nn.Module, cfg, device: torch.device, capturable: bool = False):
-    """AdamW over param_groups (fused unless optim.fused=false: the fused kernel takes the skip flag of a
-    non-finite step on the device, see train/guard.py); `capturable` (for a CUDA-graph step) keeps its step counts
-    and the learning rates as device tensors, which the schedule then updates in place."""
+    """AdamW over param_groups (fused unless optim.fused=false: the fused kernel takes the skip flag
+    of a non-finite step on the device, see train/guard.py); `capturable` (for a CUDA-graph step)
+    keeps its step counts and the learning rates as device tensors, which the schedule then updates
+    in place."""
     groups = param_groups(model, cfg)
     if capturable:
         for g in groups:

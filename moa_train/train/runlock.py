@@ -1,8 +1,9 @@
 """One training process per run folder: `RUN/train.lock` names the holder (pid and host).
 
-A second trainer on the same folder would overwrite the first one's checkpoints and metrics, so it stops with one
-line naming the holder. A lock left by a process that died (SIGKILL, a crash) on this host is taken over; one of
-another host cannot be judged from here and is named instead. Readers (load_run, eval_only, moa-report) take none.
+A second trainer on the same folder would overwrite the first one's checkpoints and metrics, so it
+stops with one line naming the holder. A lock left by a process that died (SIGKILL, a crash) on this
+host is taken over; one of another host cannot be judged from here and is named instead. Readers
+(load_run, eval_only, moa-report) take none.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ class RunLock:
         )
 
     def check(self) -> None:
-        """ConfigError naming the holder if a live process holds the folder; nothing is taken. The entry point
-        calls it before Hydra writes the folder's .hydra/ and train.log (the lock itself is taken by the trainer)."""
+        """ConfigError naming the holder if a live process holds the folder; nothing is taken. The
+        entry point calls it before Hydra writes the folder's .hydra/ and train.log (the lock itself
+        is taken by the trainer)."""
         holder = _holder(self.path) if self.path.is_file() else {}
         pid, host = holder.get("pid"), holder.get("host")
         if holder and (host != self.me["host"] or _alive(pid)):
@@ -70,7 +72,8 @@ class RunLock:
             )
 
     def _clear_stale(self) -> None:
-        """Remove the lock if its holder is a dead process of this host; else refuse, naming the holder."""
+        """Remove the lock if its holder is a dead process of this host; else refuse, naming the
+        holder."""
         self.check()
         log.warning(
             "taking over %s, left by a process that has ended: %s", self.path, _holder(self.path)

@@ -1,6 +1,6 @@
-"""The trainer's schedule, one component per concern: when to validate (Evaluator), when to write a checkpoint,
-which one is best and which the final test averages (Checkpointer), and the throughput of the steps between
-(Meter). `Trainer.fit` asks them at each step."""
+"""The trainer's schedule, one component per concern: when to validate (Evaluator), when to write a
+checkpoint, which one is best and which the final test averages (Checkpointer), and the throughput
+of the steps between (Meter). `Trainer.fit` asks them at each step."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from moa_train.train.checkpoint import (
 
 
 class Evaluator:
-    """Validation every `trainer.eval_interval` steps and at the last; `pending` marks a validation a signal
-    stopped, recorded in the checkpoint so the resumed process runs it first."""
+    """Validation every `trainer.eval_interval` steps and at the last; `pending` marks a validation
+    a signal stopped, recorded in the checkpoint so the resumed process runs it first."""
 
     def __init__(self, interval: int):
         self.interval, self.pending = interval, False
@@ -33,7 +33,8 @@ class Evaluator:
 
 
 def resume_target(resume, run_dir: Path) -> Path | None:
-    """The checkpoint file or run folder to resume from, following trainer.resume = auto | true | false | PATH."""
+    """The checkpoint file or run folder to resume from, following trainer.resume = auto | true |
+    false | PATH."""
     if resume in (False, "false", None):
         return None
     if resume in (True, "true", "auto"):
@@ -55,9 +56,10 @@ def resume_target(resume, run_dir: Path) -> Path | None:
 
 class Checkpointer:
     """Checkpoints of a run folder: the one to resume from (`trainer.resume`); written every
-    `trainer.save_interval` steps (null: at each validation), at the last step and when stopping; the best by the
-    task's metric (lower is better) kept as best.pt; the last `trainer.keep_checkpoints` step files kept, or
-    `eval.average_last` if more, for the final test's average."""
+    `trainer.save_interval` steps (null: at each validation), at the last step and when stopping;
+    the best by the task's metric (lower is better) kept as best.pt; the last
+    `trainer.keep_checkpoints` step files kept, or `eval.average_last` if more, for the final test's
+    average."""
 
     def __init__(self, cfg, run_dir: Path, dist, metric: str):
         t = cfg.trainer
@@ -79,8 +81,8 @@ class Checkpointer:
         return better
 
     def load(self, resume, map_location) -> tuple | None:
-        """(path, state) of the newest checkpoint that verifies and reads under what `trainer.resume` names; None
-        where there is nothing to resume."""
+        """(path, state) of the newest checkpoint that verifies and reads under what
+        `trainer.resume` names; None where there is nothing to resume."""
         target = resume_target(resume, self.folder.parent)
         if target is None:
             return None
@@ -91,8 +93,8 @@ class Checkpointer:
         self.last, self.resumed_from = path, (path, step)
 
     def start(self, step: int) -> None:
-        """Before the first step: leftovers of an interrupted write removed and, on a resumed run, the checkpoints
-        of later steps set aside (the run's history continues from `step`)."""
+        """Before the first step: leftovers of an interrupted write removed and, on a resumed run,
+        the checkpoints of later steps set aside (the run's history continues from `step`)."""
         if self.dist.main:
             remove_temp_files(self.folder)
             if self.resumed_from is not None:
@@ -104,8 +106,9 @@ class Checkpointer:
         distributed.barrier(self.dist)  # no rank reads checkpoints/ while rank 0 writes
 
     def history(self) -> list:
-        """The run's step checkpoints, oldest first: its own, after those of the folder it resumed from (up to the
-        resumed step) when that is another one (trainer.resume=PATH from a new run folder)."""
+        """The run's step checkpoints, oldest first: its own, after those of the folder it resumed
+        from (up to the resumed step) when that is another one (trainer.resume=PATH from a new run
+        folder)."""
         paths = step_checkpoints(self.folder) if self.folder.is_dir() else []
         if self.resumed_from is not None:
             source, step = self.resumed_from
@@ -117,14 +120,12 @@ class Checkpointer:
 
 
 class Meter:
-    """Throughput over windows of steps; the device is synchronised at both ends so a window times only its
-    steps (evaluation and checkpoint writing restart it)."""
+    """Throughput over windows of steps; the device is synchronised at both ends so a window times
+    only its steps (evaluation and checkpoint writing restart it)."""
 
     def __init__(self, sync):
-        self.sync, self.step_ms = (
-            sync,
-            [],
-        )  # step_ms: every closed window's mean, for the summary's median
+        # step_ms: every closed window's mean, for the summary's median
+        self.sync, self.step_ms = sync, []
         self.restart()
 
     def restart(self) -> None:
@@ -145,7 +146,6 @@ class Meter:
         return step_ms, tok_s
 
     def median_step_ms(self):
-        steady = (
-            self.step_ms[1:] if len(self.step_ms) > 1 else self.step_ms
-        )  # the first window holds warm-up
+        # the first window holds warm-up
+        steady = self.step_ms[1:] if len(self.step_ms) > 1 else self.step_ms
         return statistics.median(steady) if steady else None

@@ -1,7 +1,8 @@
-"""Tasks: what differs between language modelling and translation, behind one small interface that the trainer,
-`load_run`, `eval_only`, sweeps and reports use: the task's own config checks and step size, building the model for
-its data, drawing a training batch, the loss, evaluating a split (and its metric names), the metric that picks the
-best checkpoint, counting FLOPs. `TASKS` maps `task.name` (configs/task/, defaulting to `data.task`) to the class.
+"""Tasks: what differs between language modelling and translation, behind one small interface that
+the trainer, `load_run`, `eval_only`, sweeps and reports use: the task's own config checks and step
+size, building the model for its data, drawing a training batch, the loss, evaluating a split (and
+its metric names), the metric that picks the best checkpoint, counting FLOPs. `TASKS` maps
+`task.name` (configs/task/, defaulting to `data.task`) to the class.
 """
 
 from __future__ import annotations
@@ -37,22 +38,22 @@ log = logging.getLogger(__name__)
 
 
 class Task:
-    """The interface. Built from the run's config (`Task(cfg, device, dist)`), a task holds `model`, `batches` (the
-    training sampler, whose state the checkpoint keeps) and answers `next_batch()`, `n_tokens(batch)`,
-    `loss(model, batch, all_aux)` -> (total, CE, aux terms, routing records), `evaluate(forward, split, prefix,
-    autocast, final, stop)` -> metrics, `flops_per_token()`. Before any work, the class answers what follows."""
+    """The interface. Built from the run's config (`Task(cfg, device, dist)`), a task holds `model`,
+    `batches` (the training sampler, whose state the checkpoint keeps) and answers `next_batch()`,
+    `n_tokens(batch)`, `loss(model, batch, all_aux)` -> (total, CE, aux terms, routing records),
+    `evaluate(forward, split, prefix, autocast, final, stop)` -> metrics, `flops_per_token()`.
+    Before any work, the class answers what follows."""
 
-    cuda_graphs_ok = (
-        False  # whether a whole step can be captured in one CUDA graph (fixed batch shapes)
-    )
-    best_metric = (
-        "val/loss"  # the validation metric (lower is better) that picks best.pt; sweeps minimise it
-    )
+    # whether a whole step can be captured in one CUDA graph (fixed batch shapes)
+    cuda_graphs_ok = False
+    # the validation metric (lower is better) that picks best.pt; sweeps minimise it
+    best_metric = "val/loss"
     metrics: tuple = ()  # the evaluation metrics that reports show, in their column order
 
     @staticmethod
     def check(cfg, world_size: int) -> None:
-        """ConfigError for values this task cannot run with (the common checks are config.validate's)."""
+        """ConfigError for values this task cannot run with (the common checks are
+        config.validate's)."""
 
     @staticmethod
     def step_size(cfg) -> StepSize:
@@ -60,7 +61,8 @@ class Task:
 
     @staticmethod
     def build_model(model_cfg, vocab_size: int, pad_id):
-        """The task's model for a vocabulary (and padding id, where the task pads); `load_run` rebuilds with it."""
+        """The task's model for a vocabulary (and padding id, where the task pads); `load_run`
+        rebuilds with it."""
         raise NotImplementedError
 
     def summary(self) -> dict:
@@ -68,7 +70,8 @@ class Task:
         return {}
 
     def save_tokenizer(self, run_dir: Path) -> None:
-        """Write the tokenizer into the run folder, so the folder alone can be generated from (moa_train.api)."""
+        """Write the tokenizer into the run folder, so the folder alone can be generated from
+        (moa_train.api)."""
 
 
 class LMTask(Task):
@@ -83,7 +86,8 @@ class LMTask(Task):
         _check(
             m.init == "standard",
             "model.init",
-            f"{m.init} initialises the encoder-decoder (translation); the LM takes GPT-2's init: use standard",
+            f"{m.init} initialises the encoder-decoder (translation); the LM takes GPT-2's init: "
+            "use standard",
         )
         _check(
             t.block_size <= m.max_seq_len,
@@ -93,14 +97,15 @@ class LMTask(Task):
         _check(
             t.batch_size % t.grad_accum == 0,
             "trainer.grad_accum",
-            f"{t.grad_accum} does not divide trainer.batch_size={t.batch_size}; valid: {_divisors(t.batch_size)}",
+            f"{t.grad_accum} does not divide trainer.batch_size={t.batch_size}; valid: "
+            f"{_divisors(t.batch_size)}",
         )
         slices = world_size * t.grad_accum
         _check(
             world_size == 1 or t.batch_size % slices == 0,
             "trainer.batch_size",
-            f"{t.batch_size} sequences do not split over {world_size} ranks x trainer.grad_accum={t.grad_accum} "
-            f"micro-batches; valid: multiples of {slices}",
+            f"{t.batch_size} sequences do not split over {world_size} ranks x "
+            f"trainer.grad_accum={t.grad_accum} micro-batches; valid: multiples of {slices}",
         )
 
     @staticmethod
@@ -125,9 +130,8 @@ class LMTask(Task):
         from moa_train.data.wikitext import check_lengths
 
         self.cfg, self.device, self.dist = cfg, device, dist
-        self.aux_cfg = OmegaConf.to_object(
-            cfg.model.aux
-        )  # a plain dataclass: no OmegaConf inside compiled code
+        # a plain dataclass: no OmegaConf inside compiled code
+        self.aux_cfg = OmegaConf.to_object(cfg.model.aux)
         self.data = load_data(cfg.data)
         check_lengths(self.data, cfg.trainer.block_size)
         vocab = cfg.model.vocab_size or self.data.vocab_size
@@ -149,7 +153,8 @@ class LMTask(Task):
         )
 
     def next_batch(self) -> tuple:
-        """(window offsets,): the loss gathers the windows, inside a captured CUDA graph when there is one."""
+        """(window offsets,): the loss gathers the windows, inside a captured CUDA graph when there
+        is one."""
         return (self.batches.next_starts(),)
 
     def n_tokens(self, batch) -> int:
@@ -186,16 +191,15 @@ class LMTask(Task):
 
     def save_tokenizer(self, run_dir: Path) -> None:
         source, target = self.data.tokenizer_file, Path(run_dir) / TOKENIZER_FILE
-        if (
-            source is not None and not target.is_file()
-        ):  # a resumed run keeps the file its first start wrote
+        # a resumed run keeps the file its first start wrote
+        if source is not None and not target.is_file():
             atomic_write(target, lambda f: f.write(source.read_bytes()))
 
 
 def smoothed_nll(logits, target, pad_id: int, eps: float, over: str = "all"):
-    """Label-smoothed cross-entropy summed over the non-pad targets. over=all: PyTorch's (the target gets
-    1 - eps + eps/V, every class eps/V); over=others: fairseq's (the target gets 1 - eps, every other class
-    eps/(V-1))."""
+    """Label-smoothed cross-entropy summed over the non-pad targets. over=all: PyTorch's (the target
+    gets 1 - eps + eps/V, every class eps/V); over=others: fairseq's (the target gets 1 - eps, every
+    other class eps/(V-1))."""
     if over == "all" or not eps:
         return F.cross_entropy(
             logits, target, ignore_index=pad_id, label_smoothing=eps, reduction="sum"
@@ -208,11 +212,13 @@ def smoothed_nll(logits, target, pad_id: int, eps: float, over: str = "all"):
     return (((1.0 - eps - eps_i) * nll + eps_i * smooth) * keep).sum()
 
 
-MAX_BEAM = 64  # a beam keeps beam x vocabulary scores per sentence; beyond this it only costs memory (fairseq: 5)
+# a beam keeps beam x vocabulary scores per sentence; beyond this it only costs memory (fairseq: 5)
+MAX_BEAM = 64
 
 
 class TranslationTask(Task):
-    """Encoder-decoder on sentence pairs: batches by tokens, label-smoothed cross-entropy, BLEU by search."""
+    """Encoder-decoder on sentence pairs: batches by tokens, label-smoothed cross-entropy, BLEU by
+    search."""
 
     cuda_graphs_ok = False  # batch shapes vary
     metrics = ("val/loss", "test/loss", "val/bleu", "test/bleu")
@@ -284,9 +290,8 @@ class TranslationTask(Task):
         self.cfg, self.device, self.dist = cfg, device, dist
         self.aux_cfg = OmegaConf.to_object(cfg.model.aux)
         self.label_smoothing = float(cfg.trainer.label_smoothing)
-        self.data = load_translation(
-            cfg.data, cfg.model.max_seq_len
-        )  # long val/test lines cut to fit
+        # long val/test lines cut to fit
+        self.data = load_translation(cfg.data, cfg.model.max_seq_len)
         self.model = self.build_model(cfg.model, self.data.vocab_size, self.data.pad_id)
         d = self.data
         per_micro = cfg.data.max_tokens // cfg.trainer.grad_accum
@@ -312,10 +317,12 @@ class TranslationTask(Task):
         return int(batch["n_tokens"])
 
     def loss(self, model, batch, all_aux: bool) -> tuple:
-        """Label-smoothed cross-entropy per real target token (train/loss), plus aux terms over real tokens.
+        """Label-smoothed cross-entropy per real target token (train/loss), plus aux terms over real
+        tokens.
 
-        Under data parallelism the slices of a batch hold different numbers of tokens: each rank divides its sum by
-        the global count / ranks, so the mean over ranks that DDP takes is the per-token mean of the global batch."""
+        Under data parallelism the slices of a batch hold different numbers of tokens: each rank
+        divides its sum by the global count / ranks, so the mean over ranks that DDP takes is the
+        per-token mean of the global batch."""
         logits, routings = model(batch["src"], batch["tgt_in"])
         target = batch["tgt_out"]
         n = global_sum((target != self.data.pad_id).sum()).clamp_min(1) / self.dist.world
@@ -336,10 +343,11 @@ class TranslationTask(Task):
     def evaluate(
         self, forward, split: str, prefix: str, autocast, final: bool = False, stop=None
     ) -> dict:
-        """NLL per target token over the split, and BLEU / chrF of the decoded split (beam search at the end of
-        training, greedy or the configured val beam during it; the first eval.max_sentences sentences where set).
-        Under data parallelism each rank takes its share of the batches; sums and hypotheses are gathered. A signal
-        in `stop` (the trainer's StopSignals) ends it before the next batch (EvaluationStopped)."""
+        """NLL per target token over the split, and BLEU / chrF of the decoded split (beam search at
+        the end of training, greedy or the configured val beam during it; the first
+        eval.max_sentences sentences where set). Under data parallelism each rank takes its share of
+        the batches; sums and hypotheses are gathered. A signal in `stop` (the trainer's
+        StopSignals) ends it before the next batch (EvaluationStopped)."""
         from moa_train.metrics.bleu import corpus_scores, tokenized_bleu
 
         e, model = self.cfg.eval, self.model
@@ -376,8 +384,8 @@ class TranslationTask(Task):
         return {"bleu_signature": self.bleu_signature} if self.bleu_signature else {}
 
     def _my_batches(self, data, desc: str, stop=None):
-        """This rank's share of the split's batches (length-sorted, as many rounds on every rank); a signal in
-        `stop` ends them."""
+        """This rank's share of the split's batches (length-sorted, as many rounds on every rank); a
+        signal in `stop` ends them."""
         from moa_train.data.translation import TokenBatches
 
         d = self.data
@@ -391,7 +399,8 @@ class TranslationTask(Task):
             device=self.device,
         )
         share = rank_share(batches, self.dist)
-        # translation runs use DDP: no collective in the forward, so a rank skips the batches of others
+        # translation runs use DDP: no collective in the forward, so a rank skips the batches of
+        # others
         for batch, mine in progress(
             share, desc=desc, unit="batch", total=-(-len(batches) // self.dist.world)
         ):
@@ -460,9 +469,8 @@ class TranslationTask(Task):
 
     def flops_per_token(self) -> int:
         """At the mean target length of the training pairs (attention cost grows with it)."""
-        return self.model.flops_per_token(
-            round(float(self.batches.tgt_len.mean()))
-        )  # lengths with EOS
+        # lengths with EOS
+        return self.model.flops_per_token(round(float(self.batches.tgt_len.mean())))
 
 
 def first_pairs(split, n: int):
@@ -492,8 +500,9 @@ def make_task(cfg, device: torch.device, dist: Dist = Dist()) -> Task:
 
 
 def validate(cfg, world_size: int = 1) -> None:
-    """The whole config check before any work: the common checks (config.validate), the task's own, then whether
-    the task's step fits the device's memory. `world_size`: the torchrun processes the global batch is split over."""
+    """The whole config check before any work: the common checks (config.validate), the task's own,
+    then whether the task's step fits the device's memory. `world_size`: the torchrun processes the
+    global batch is split over."""
     task = task_class(cfg.task.name)
     validate_common(cfg)
     task.check(cfg, world_size)
@@ -501,8 +510,9 @@ def validate(cfg, world_size: int = 1) -> None:
 
 
 def saved_task(config: dict) -> str:
-    """The task of a run's saved config. Configs written before tasks were named hold neither task.name nor
-    data.task: their data config's task as shipped in configs/data/ (lm where that file is gone)."""
+    """The task of a run's saved config. Configs written before tasks were named hold neither
+    task.name nor data.task: their data config's task as shipped in configs/data/ (lm where that
+    file is gone)."""
     from moa_train.paths import config_dir
 
     name = (config.get("task") or {}).get("name") or config["data"].get("task")
@@ -513,5 +523,6 @@ def saved_task(config: dict) -> str:
 
 
 def report_metrics() -> tuple:
-    """Every task's evaluation metrics, in the order of their first appearance (report and sweep columns)."""
+    """Every task's evaluation metrics, in the order of their first appearance (report and sweep
+    columns)."""
     return tuple(dict.fromkeys(m for task in TASKS.values() for m in task.metrics))

@@ -1,1 +1,2 @@
-"""Attention families: one file each. Every module's forward is (x, context=None, mask=None) -> (y, Routing|None)."""
+"""Attention families: one file each. Every module's forward is (x, context=None, mask=None) -> (y,
+Routing|None)."""

@@ -1,9 +1,11 @@
-"""Grouped matmul over rows sorted by group: rows offs[g-1]:offs[g] of `x` times `w[g]`, in one kernel.
+"""Grouped matmul over rows sorted by group: rows offs[g-1]:offs[g] of `x` times `w[g]`, in one
+kernel.
 
-The kernel is torch's grouped GEMM (bf16 on CUDA, compute capability >= 9.0: the MoE kernel torchtitan uses); it
-computes nothing for an empty group and needs no host sync, so it works under torch.compile and CUDA graphs.
-Elsewhere (CPU, fp32, older GPUs, a torch without it) `grouped_mm_reference` computes the same product group by
-group; it reads the offsets on the host, so it is the slow reference, not a fast path.
+The kernel is torch's grouped GEMM (bf16 on CUDA, compute capability >= 9.0: the MoE kernel
+torchtitan uses); it computes nothing for an empty group and needs no host sync, so it works under
+torch.compile and CUDA graphs. Elsewhere (CPU, fp32, older GPUs, a torch without it)
+`grouped_mm_reference` computes the same product group by group; it reads the offsets on the host,
+so it is the slow reference, not a fast path.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ def _kernel():
 
 
 def grouped_kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """True where `grouped_mm` runs the fused kernel (bf16 on a CUDA device of capability >= 9.0)."""
+    """True where `grouped_mm` runs the fused kernel (bf16 on a CUDA device of capability >=
+    9.0)."""
     return (
         _kernel() is not None
         and device.type == "cuda"
@@ -34,16 +37,18 @@ def grouped_mm_reference(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
 
 
 def grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
-    """x (A, K) @ w[group of the row] (G, K, N) -> (A, N); the kernel where available, else the reference."""
+    """x (A, K) @ w[group of the row] (G, K, N) -> (A, N); the kernel where available, else the
+    reference."""
     if grouped_kernel_available(x.device, x.dtype):
         return _kernel()(x, w.to(x.dtype), offs=offs)
     return grouped_mm_reference(x, w.to(x.dtype), offs)
 
 
 class _GatherRows(torch.autograd.Function):
-    """out[i] = x[src[i]] where every row of x is taken `copies` times (a permutation when copies = 1); the backward
-    is a gather too: grad_x[n] = sum_j grad_out[dst[n * copies + j]], with dst the inverse map. Autograd's own
-    backward of x[src] would scatter-add into zeros (atomics, an extra pass): measured slower for MoA's sorts."""
+    """out[i] = x[src[i]] where every row of x is taken `copies` times (a permutation when copies =
+    1); the backward is a gather too: grad_x[n] = sum_j grad_out[dst[n * copies + j]], with dst the
+    inverse map. Autograd's own backward of x[src] would scatter-add into zeros (atomics, an extra
+    pass): measured slower for MoA's sorts."""
 
     @staticmethod
     def forward(ctx, x: Tensor, src: Tensor, dst: Tensor, copies: int) -> Tensor:
@@ -61,5 +66,6 @@ class _GatherRows(torch.autograd.Function):
 
 
 def gather_rows(x: Tensor, src: Tensor, dst: Tensor, copies: int = 1) -> Tensor:
-    """x (R, C) -> (len(src), C) rows x[src]; `dst` maps each (row, copy) slot back to its output row."""
+    """x (R, C) -> (len(src), C) rows x[src]; `dst` maps each (row, copy) slot back to its output
+    row."""
     return _GatherRows.apply(x, src, dst, copies)

@@ -1,4 +1,5 @@
-"""Multi-head attention with n_kv_heads K/V heads: MHA (n_kv_heads = n_head), GQA (1 < n_kv_heads < n_head), MQA (1).
+"""Multi-head attention with n_kv_heads K/V heads: MHA (n_kv_heads = n_head), GQA (1 < n_kv_heads <
+n_head), MQA (1).
 
 Grouped K/V go to SDPA with `enable_gqa`, so repeated K/V heads are never materialised.
 """
@@ -22,9 +23,8 @@ from moa_train.models.roles import NO_DECAY, RESIDUAL
 class MHAConfig(ModelConfig):
     """mha, gqa and mqa: the same module, told apart by n_kv_heads."""
 
-    n_kv_heads: Optional[int] = (
-        None  # K/V heads, dividing n_head: null = n_head (mha); gqa: 2; mqa: 1
-    )
+    # K/V heads, dividing n_head: null = n_head (mha); gqa: 2; mqa: 1
+    n_kv_heads: Optional[int] = None
 
     @classmethod
     def validate(cls, m, cfg) -> None:
@@ -39,7 +39,8 @@ class MHAConfig(ModelConfig):
 
 
 def attention_mask(mask: Optional[Tensor], causal: bool, t_q: int, t_k: int, device) -> tuple:
-    """SDPA (attn_mask, is_causal) from a key-padding mask (B, S; True = real token) and causality."""
+    """SDPA (attn_mask, is_causal) from a key-padding mask (B, S; True = real token) and
+    causality."""
     if mask is None:
         return None, causal
     keep = mask[:, None, None, :]  # (B, 1, 1, S)
@@ -51,9 +52,11 @@ def attention_mask(mask: Optional[Tensor], causal: bool, t_q: int, t_k: int, dev
 def sdpa(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, dropout: float
 ) -> Tensor:
-    """q (B, Hq, T, D), k/v (B, Hkv, S, D) with Hkv dividing Hq; query head h reads K/V head h // (Hq/Hkv)."""
+    """q (B, Hq, T, D), k/v (B, Hkv, S, D) with Hkv dividing Hq; query head h reads K/V head h //
+    (Hq/Hkv)."""
     attn_mask, is_causal = attention_mask(mask, causal, q.shape[2], k.shape[2], q.device)
-    # enable_gqa as a plain bool: under dynamic shapes (a recompiled decode step) it is a SymBool, refused
+    # enable_gqa as a plain bool: under dynamic shapes (a recompiled decode step) it is a SymBool,
+    # refused
     return F.scaled_dot_product_attention(
         q,
         k,
@@ -69,8 +72,9 @@ SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 
 def select_sdpa_backend(name: str) -> None:
-    """Process-wide choice of the CUDA SDPA kernel (trainer.sdpa_backend): `name` plus math, the fallback for
-    inputs the chosen kernel cannot take; auto enables all and leaves the choice to PyTorch. No effect on CPU."""
+    """Process-wide choice of the CUDA SDPA kernel (trainer.sdpa_backend): `name` plus math, the
+    fallback for inputs the chosen kernel cannot take; auto enables all and leaves the choice to
+    PyTorch. No effect on CPU."""
     switches = {
         "flash": torch.backends.cuda.enable_flash_sdp,
         "cudnn": torch.backends.cuda.enable_cudnn_sdp,
@@ -82,8 +86,8 @@ def select_sdpa_backend(name: str) -> None:
 
 
 def split_heads(x: Tensor, n: int) -> Tensor:
-    """(B, T, n*D) -> (B, n, T, D); D spelt out, since view cannot infer it for B = 0 (a data-parallel rank can get
-    no sentence pair of a small translation batch)."""
+    """(B, T, n*D) -> (B, n, T, D); D spelt out, since view cannot infer it for B = 0 (a
+    data-parallel rank can get no sentence pair of a small translation batch)."""
     b, t, c = x.shape
     return x.view(b, t, n, c // n).transpose(1, 2)
 
@@ -95,8 +99,9 @@ def merge_heads(x: Tensor) -> Tensor:
 
 
 class MultiHeadAttention(nn.Module):
-    """One module for MHA, GQA and MQA. Self-attention projects Q, K, V in one matmul; cross-attention
-    (context given) applies the same weights' Q rows to x and K/V rows to the context."""
+    """One module for MHA, GQA and MQA. Self-attention projects Q, K, V in one matmul;
+    cross-attention (context given) applies the same weights' Q rows to x and K/V rows to the
+    context."""
 
     PARAM_ROLES = {"c_proj.weight": RESIDUAL, "c_attn.bias": NO_DECAY, "c_proj.bias": NO_DECAY}
 
@@ -116,9 +121,8 @@ class MultiHeadAttention(nn.Module):
         self.q_size = n_head * self.head_dim
         self.c_attn = nn.Linear(d_model, self.q_size + 2 * self.n_kv * self.head_dim, bias=bias)
         self.c_proj = nn.Linear(self.q_size, d_model, bias=bias)
-        self.dropout = (
-            dropout if attn_dropout is None else attn_dropout
-        )  # on the attention probabilities
+        # on the attention probabilities
+        self.dropout = dropout if attn_dropout is None else attn_dropout
         self.causal = causal
         self.resid_dropout = nn.Dropout(dropout)
 
@@ -130,10 +134,10 @@ class MultiHeadAttention(nn.Module):
 
     @torch.no_grad()
     def init_fairseq(self) -> None:
-        """fairseq's MultiheadAttention init (model.init=fairseq): Q, K and V each Xavier-uniform with gain
-        1/sqrt(2) over its own rows (fairseq has separate q/k/v projections; a GQA/MQA K or V block is Xavier over
-        its own, smaller, shape), their biases PyTorch's Linear default U(+-1/sqrt(d)); the output projection
-        Xavier-uniform with gain 1 and a zero bias."""
+        """fairseq's MultiheadAttention init (model.init=fairseq): Q, K and V each Xavier-uniform
+        with gain 1/sqrt(2) over its own rows (fairseq has separate q/k/v projections; a GQA/MQA K
+        or V block is Xavier over its own, smaller, shape), their biases PyTorch's Linear default
+        U(+-1/sqrt(d)); the output projection Xavier-uniform with gain 1 and a zero bias."""
         kv = self.n_kv * self.head_dim
         for block in self.c_attn.weight.split([self.q_size, kv, kv]):
             nn.init.xavier_uniform_(block, gain=2**-0.5)
@@ -178,8 +182,8 @@ class MultiHeadAttention(nn.Module):
         return self.c_proj(merge_heads(cached_sdpa(q, cache_k, cache_v, positions, span)))
 
     def cross_kv(self, context: Tensor) -> tuple:
-        """Cross-attention K, V of a context (B, S, d) as heads (B, n_kv, S, head_dim): computed once per sentence
-        and reused at every decoding step (`forward_cross`)."""
+        """Cross-attention K, V of a context (B, S, d) as heads (B, n_kv, S, head_dim): computed
+        once per sentence and reused at every decoding step (`forward_cross`)."""
         kv_size = self.n_kv * self.head_dim
         bias = self.c_attn.bias
         k, v = F.linear(
@@ -190,7 +194,8 @@ class MultiHeadAttention(nn.Module):
         return split_heads(k, self.n_kv), split_heads(v, self.n_kv)
 
     def forward_cross(self, x: Tensor, kv: tuple, mask: Optional[Tensor]) -> Tensor:
-        """Inference cross-attention of x (B, T, d) to K/V from `cross_kv` (key-padding mask (B, S))."""
+        """Inference cross-attention of x (B, T, d) to K/V from `cross_kv` (key-padding mask (B,
+        S))."""
         bias = self.c_attn.bias
         q = F.linear(
             x, self.c_attn.weight[: self.q_size], None if bias is None else bias[: self.q_size]

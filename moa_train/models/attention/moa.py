@@ -1,16 +1,21 @@
-"""Mixture of Attention Heads (MoA, Zhang et al. 2022): each token picks k of E experts; an expert is a query
-projection and an output projection of n_kv_heads x head_dim; K and V are shared by all experts (n_kv_heads groups,
-default 1, as in the released code). The k selected query heads of every token attend in one SDPA call.
+"""Mixture of Attention Heads (MoA, Zhang et al. 2022): each token picks k of E experts; an expert
+is a query projection and an output projection of n_kv_heads x head_dim; K and V are shared by all
+experts (n_kv_heads groups, default 1, as in the released code). The k selected query heads of every
+token attend in one SDPA call.
 
-Gating: `softmax_all` (released code) takes the top-k of a softmax over all E and does not renormalise;
-`topk_softmax` renormalises over the k selected. The router starts at zero (uniform), as in the released code.
+Gating: `softmax_all` (released code) takes the top-k of a softmax over all E and does not
+renormalise; `topk_softmax` renormalises over the k selected. The router starts at zero (uniform),
+as in the released code.
 
 Expert projections (`expert_matmul`):
-- `dense` computes all E experts' queries in one matmul and gathers the k selected; the output side scatters the
-  gated heads into an E-slot buffer and applies all experts' O in one matmul. Exact, and fast when k is close to E.
-- `grouped` sorts the N*k (token, expert) assignments by expert and runs Q and O as grouped matmuls over the sorted
-  rows (models/attention/grouped.py): no Python loop over experts and no compute for unselected experts.
-- `auto` (default) takes `grouped` when k < E and the grouped kernel runs (bf16 on an H100-class GPU), else `dense`.
+- `dense` computes all E experts' queries in one matmul and gathers the k selected; the output side
+  scatters the gated heads into an E-slot buffer and applies all experts' O in one matmul. Exact,
+  and fast when k is close to E.
+- `grouped` sorts the N*k (token, expert) assignments by expert and runs Q and O as grouped matmuls
+  over the sorted rows (models/attention/grouped.py): no Python loop over experts and no compute for
+  unselected experts.
+- `auto` (default) takes `grouped` when k < E and the grouped kernel runs (bf16 on an H100-class
+  GPU), else `dense`.
 The FLOP counter counts only the k selected experts, whichever path runs.
 """
 
@@ -39,15 +44,12 @@ class MoAConfig(ModelConfig):
     top_k: int = 2  # k experts per token, 1..E
     head_dim: Optional[int] = None  # expert head size; null = d_model // n_head
     n_kv_heads: Optional[int] = None  # shared K/V groups; null = 1, as in the released MoA code
-    gating: str = (
-        "softmax_all"  # softmax_all (released MoA code) | topk_softmax (renormalised over the k)
-    )
-    expert_matmul: str = (
-        "auto"  # dense (all E experts, gather) | grouped (sorted by expert, selected only) | auto
-    )
-    proj_bias: Optional[bool] = (
-        None  # biases of the expert Q/O and shared K/V; null = model.bias (MoA code: none)
-    )
+    # softmax_all (released MoA code) | topk_softmax (renormalised over the k)
+    gating: str = "softmax_all"
+    # dense (all E experts, gather) | grouped (sorted by expert, selected only) | auto
+    expert_matmul: str = "auto"
+    # biases of the expert Q/O and shared K/V; null = model.bias (MoA code: none)
+    proj_bias: Optional[bool] = None
 
     @classmethod
     def validate(cls, m, cfg) -> None:
@@ -65,14 +67,15 @@ class MoAConfig(ModelConfig):
         _check(
             not (m.expert_matmul == "grouped" and t.cuda_graphs and t.precision != "bf16"),
             "model.expert_matmul",
-            "grouped in fp32 runs the reference, which reads group sizes on the host and so cannot be captured "
-            "(trainer.cuda_graphs=true); use auto, dense, or trainer.precision=bf16",
+            "grouped in fp32 runs the reference, which reads group sizes on the host and so cannot "
+            "be captured (trainer.cuda_graphs=true); use auto, dense, or trainer.precision=bf16",
         )
         if m.head_dim is None:
             _check(
                 m.d_model % m.n_head == 0,
                 "model.head_dim",
-                f"null needs model.n_head={m.n_head} to divide model.d_model={m.d_model}; set model.head_dim",
+                f"null needs model.n_head={m.n_head} to divide model.d_model={m.d_model}; set "
+                "model.head_dim",
             )
         _positive_or_null(m.head_dim, "model.head_dim")
         _positive_or_null(m.n_kv_heads, "model.n_kv_heads")
@@ -110,9 +113,8 @@ class MixtureOfAttentionHeads(nn.Module):
         self.kv_proj = nn.Linear(d_model, 2 * self.expert_dim, bias=bias)
         self.c_proj = nn.Linear(n_experts * self.expert_dim, d_model, bias=bias)
         self.gating, self.expert_matmul = gating, expert_matmul
-        self.dropout = (
-            dropout if attn_dropout is None else attn_dropout
-        )  # on the attention probabilities
+        # on the attention probabilities
+        self.dropout = dropout if attn_dropout is None else attn_dropout
         self.causal = causal
         self.resid_dropout = nn.Dropout(dropout)
         self.choice_names = tuple(str(i) for i in range(n_experts))
@@ -140,11 +142,11 @@ class MixtureOfAttentionHeads(nn.Module):
 
     @torch.no_grad()
     def init_fairseq(self) -> None:
-        """The released MoA layer's init (model.init=fairseq): each expert's Q (d -> n_kv*head_dim) and O
-        (n_kv*head_dim -> d) Xavier-uniform over that expert's own matrix (not over all E experts' rows at once:
-        the bound then follows d + head_dim, as in its per-expert parameter tensor); the shared K and V each
-        Xavier-uniform with gain 1/sqrt(2), as fairseq's attention does; biases (the released layer has none)
-        zero. The router stays at zero (post_init)."""
+        """The released MoA layer's init (model.init=fairseq): each expert's Q (d -> n_kv*head_dim)
+        and O (n_kv*head_dim -> d) Xavier-uniform over that expert's own matrix (not over all E
+        experts' rows at once: the bound then follows d + head_dim, as in its per-expert parameter
+        tensor); the shared K and V each Xavier-uniform with gain 1/sqrt(2), as fairseq's attention
+        does; biases (the released layer has none) zero. The router stays at zero (post_init)."""
         e, ed = self.n_experts, self.expert_dim
         for i in range(e):
             nn.init.xavier_uniform_(self.q_proj.weight[i * ed : (i + 1) * ed])
@@ -175,9 +177,8 @@ class MixtureOfAttentionHeads(nn.Module):
                 if torch.is_autocast_enabled(x.device.type)
                 else x.dtype
             )
-            return grouped_kernel_available(
-                x.device, dtype
-            )  # (k = E never sorts: forward passes chosen=None)
+            # (k = E never sorts: forward passes chosen=None)
+            return grouped_kernel_available(x.device, dtype)
         return self.expert_matmul == "grouped"
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None):
@@ -198,9 +199,9 @@ class MixtureOfAttentionHeads(nn.Module):
         positions: Tensor,
         span: Optional[int] = None,
     ) -> Tensor:
-        """Cached self-attention (models/kv_cache.py): caches the shared K/V only (n_kv_heads heads of head_dim:
-        expert_dim per K and per V, whatever the experts); routes each token top-k as `forward` does, on the dense
-        expert path."""
+        """Cached self-attention (models/kv_cache.py): caches the shared K/V only (n_kv_heads heads
+        of head_dim: expert_dim per K and per V, whatever the experts); routes each token top-k as
+        `forward` does, on the dense expert path."""
 
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             write_kv(cache_k, k, positions)
@@ -210,14 +211,14 @@ class MixtureOfAttentionHeads(nn.Module):
         return self.mix(x, x, attend, grouped=False)[0]
 
     def cross_kv(self, context: Tensor) -> tuple:
-        """The shared K, V of a context (B, S, d) as heads (B, n_kv, S, head_dim): computed once per sentence and
-        reused at every decoding step (`forward_cross`)."""
+        """The shared K, V of a context (B, S, d) as heads (B, n_kv, S, head_dim): computed once per
+        sentence and reused at every decoding step (`forward_cross`)."""
         k, v = self.kv_proj(context).split(self.expert_dim, dim=-1)
         return split_heads(k, self.n_kv), split_heads(v, self.n_kv)
 
     def forward_cross(self, x: Tensor, kv: tuple, mask: Optional[Tensor]) -> Tensor:
-        """Inference cross-attention: x (B, T, d) routed per token as in `forward` (dense expert path), its queries
-        attending to K/V from `cross_kv` (key-padding mask (B, S))."""
+        """Inference cross-attention: x (B, T, d) routed per token as in `forward` (dense expert
+        path), its queries attending to K/V from `cross_kv` (key-padding mask (B, S))."""
         return self.mix(
             x, None, lambda q, k, v: sdpa(q, k, v, mask, False, 0.0), grouped=False, kv=kv
         )[0]
@@ -225,20 +226,19 @@ class MixtureOfAttentionHeads(nn.Module):
     def mix(
         self, x: Tensor, source: Optional[Tensor], attend, grouped: bool, kv: Optional[tuple] = None
     ) -> tuple:
-        """(y before residual dropout (B, T, d), Routing): the routed queries of x attend (`attend(q, k, v)` on heads)
-        to the shared K/V of `source` (or the heads `kv` given, from `cross_kv`); the gated expert outputs summed."""
+        """(y before residual dropout (B, T, d), Routing): the routed queries of x attend
+        (`attend(q, k, v)` on heads) to the shared K/V of `source` (or the heads `kv` given, from
+        `cross_kv`); the gated expert outputs summed."""
         b, t, _ = x.shape
         e, k, g, dh = self.n_experts, self.top_k, self.n_kv, self.head_dim
         gates, chosen, routing = self.route(x)
-        if (
-            k == e
-        ):  # every expert selected: take them in expert order, so no gather and no scatter is needed
-            gates, chosen = (
-                routing.probs,
-                None,
-            )  # either gating gives expert i its probability when k = E
+        # every expert selected: take them in expert order, so no gather and no scatter is needed
+        if k == e:
+            # either gating gives expert i its probability when k = E
+            gates, chosen = routing.probs, None
         sort = self.sorted_by_expert(chosen) if chosen is not None and grouped else None
-        # queries of the selected experts (B*T, k, g*dh), then heads ordered group-major (B, g*k, T, dh)
+        # queries of the selected experts (B*T, k, g*dh), then heads ordered group-major (B, g*k, T,
+        # dh)
         q = (
             self.dense_queries(x, chosen)
             if sort is None
@@ -267,9 +267,10 @@ class MixtureOfAttentionHeads(nn.Module):
         return self.c_proj(o.flatten(1))
 
     def sorted_by_expert(self, chosen: Tensor) -> tuple:
-        """(order, inverse, offs): assignment a = token * k + slot; `order` lists the assignments sorted by expert,
-        inverse[a] is a's place in that list, and offs[i] counts the assignments to experts 0..i (the grouped
-        matmul's group ends). Fixed shapes and no host sync, so it compiles and graph-captures."""
+        """(order, inverse, offs): assignment a = token * k + slot; `order` lists the assignments
+        sorted by expert, inverse[a] is a's place in that list, and offs[i] counts the assignments
+        to experts 0..i (the grouped matmul's group ends). Fixed shapes and no host sync, so it
+        compiles and graph-captures."""
         experts = chosen.flatten()
         # 8-bit keys where they fit: a radix sort makes one pass per key byte (8 for int64 indices)
         keys = experts.to(torch.uint8) if self.n_experts <= 256 else experts.to(torch.int32)
@@ -288,15 +289,15 @@ class MixtureOfAttentionHeads(nn.Module):
         self, x: Tensor, chosen: Tensor, order: Tensor, inverse: Tensor, offs: Tensor
     ) -> Tensor:
         d, e, ed = x.shape[-1], self.n_experts, self.expert_dim
-        # each token k times, cast first (grouped_mm is not an autocast op): k copies in bf16, not in fp32
+        # each token k times, cast first (grouped_mm is not an autocast op): k copies in bf16, not
+        # in fp32
         x_sorted = gather_rows(
             self.compute_dtype(x).reshape(-1, d), order // self.top_k, inverse, self.top_k
         )
         w_q = self.q_proj.weight.view(e, ed, d).transpose(1, 2)  # (E, d, ed): each expert's W_q^T
         q_sorted = grouped_mm(x_sorted, w_q, offs)
-        q = gather_rows(q_sorted, inverse, order).view(
-            -1, self.top_k, ed
-        )  # back to (token, slot) order
+        # back to (token, slot) order
+        q = gather_rows(q_sorted, inverse, order).view(-1, self.top_k, ed)
         if self.q_proj.bias is not None:
             q = q + self.q_proj.bias.view(e, ed)[chosen].to(q.dtype)
         return q
@@ -328,7 +329,8 @@ class MixtureOfAttentionHeads(nn.Module):
         )
 
     def kv_layout(self) -> tuple:
-        """(K/V heads cached, head_dim): the shared n_kv_heads groups, whatever the number of experts."""
+        """(K/V heads cached, head_dim): the shared n_kv_heads groups, whatever the number of
+        experts."""
         return self.n_kv, self.head_dim
 
     def kv_cache_elems_per_token(self) -> int:

@@ -1,23 +1,27 @@
-"""Mixture of Attention Schemes (MoAS): an MHA, a GQA and an MQA branch, each with its own Q, K, V and O,
-mixed by a constant 1/3 (static) or per token by a router (dynamic).
+"""Mixture of Attention Schemes (MoAS): an MHA, a GQA and an MQA branch, each with its own Q, K, V
+and O, mixed by a constant 1/3 (static) or per token by a router (dynamic).
 
-Fused layout (the default): the three branches' Q/K/V weights are rows of one `c_attn` matmul, their 3*n_head query
-heads go through ONE SDPA call (each branch's K/V heads repeated for its query heads), and their output projections are
-the column blocks of one `c_proj` matmul whose input is the gate-scaled concatenation of branch outputs:
-    y = sum_b g_b * (o_b @ W_b^T + c_b) = concat_b(g_b * o_b) @ [W_mha | W_gqa | W_mqa]^T + g @ [c_mha; c_gqa; c_mqa].
-Parameter counts equal three separate branches exactly. `fused=False` runs the same parameters branch by branch
-(the plain path the fused one is tested against).
+Fused layout (the default): the three branches' Q/K/V weights are rows of one `c_attn` matmul, their
+3*n_head query heads go through ONE SDPA call (each branch's K/V heads repeated for its query
+heads), and their output projections are the column blocks of one `c_proj` matmul whose input is the
+gate-scaled concatenation of branch outputs:
+    y = sum_b g_b * (o_b @ W_b^T + c_b)
+      = concat_b(g_b * o_b) @ [W_mha | W_gqa | W_mqa]^T + g @ [c_mha; c_gqa; c_mqa].
+Parameter counts equal three separate branches exactly. `fused=False` runs the same parameters
+branch by branch (the plain path the fused one is tested against).
 
 Residual dropout (`resid_dropout`):
 - `mixed` (the default): one dropout on y after the mix, as MHA has.
-- `per_branch` (the MoAS paper's released code, compare_moas.py: each branch ends in its own c_proj and dropout): each
-  branch's projected output, bias included, is dropped out on its own before the gates mix them,
+- `per_branch` (the MoAS paper's released code, compare_moas.py: each branch ends in its own c_proj
+  and dropout): each branch's projected output, bias included, is dropped out on its own before the
+  gates mix them,
       y = sum_b g_b * dropout(o_b @ W_b^T + c_b),
-  so an element of y is zero only where all three branches dropped it (p^3, against p for `mixed`). While training
-  with dropout > 0 the fused path computes the three projections as one batched matmul over the branches into a
-  (3, B, T, d) tensor, drops it out in one call and takes the gate-weighted sum (the plain path stacks its branch
-  outputs in the same layout, so both draw the same mask). Where dropout is inactive (eval, or dropout 0) the two
-  modes are the same function and run the fused layout above at the same cost.
+  so an element of y is zero only where all three branches dropped it (p^3, against p for `mixed`).
+  While training with dropout > 0 the fused path computes the three projections as one batched
+  matmul over the branches into a (3, B, T, d) tensor, drops it out in one call and takes the
+  gate-weighted sum (the plain path stacks its branch outputs in the same layout, so both draw the
+  same mask). Where dropout is inactive (eval, or dropout 0) the two modes are the same function and
+  run the fused layout above at the same cost.
 """
 
 from __future__ import annotations
@@ -56,9 +60,10 @@ class MoASStaticConfig(ModelConfig):
     """moas_static: the three branches mixed by a constant 1/3."""
 
     gqa_kv_heads: int = 2  # K/V heads of the GQA branch, dividing n_head
-    fused: bool = True  # one QKV matmul, one SDPA call and one output matmul for all branches (same parameters)
-    # mixed: one residual dropout after the gates mix the branches | per_branch: each branch's projected output
-    # dropped out on its own before the mix (the MoAS paper's released code)
+    # one QKV matmul, one SDPA call and one output matmul for all branches (same parameters)
+    fused: bool = True
+    # mixed: one residual dropout after the gates mix the branches | per_branch: each branch's
+    # projected output dropped out on its own before the mix (the MoAS paper's released code)
     resid_dropout: str = "mixed"
 
     dynamic: ClassVar[bool] = False  # true: a router mixes the branches per token (else 1/3 each)
@@ -78,8 +83,8 @@ class MoASDynamicConfig(MoASStaticConfig):
 
     router_hidden: Optional[int] = None  # hidden width of the router; null = d_model // 4
     gate_dropout: float = 0.0  # dropout on the router's gates after softmax (MoAS paper: 0.1)
-    # soft: inference mixes the branches as training does | top1: at inference (eval forward, cached decoding) only
-    # the router's argmax branch, gate 1.0; training is always soft
+    # soft: inference mixes the branches as training does | top1: at inference (eval forward, cached
+    # decoding) only the router's argmax branch, gate 1.0; training is always soft
     inference_routing: str = "soft"
 
     dynamic: ClassVar[bool] = True
@@ -128,13 +133,13 @@ class MoASAttention(nn.Module):
         kv_total = sum(self.kv_heads) * self.head_dim
         # rows: [q_mha q_gqa q_mqa | k_mha k_gqa k_mqa | v_mha v_gqa v_mqa]
         self.c_attn = nn.Linear(d_model, 3 * d_model + 2 * kv_total, bias=bias)
-        # columns: [o_mha | o_gqa | o_mqa]; each branch's output bias is mixed by the gates like its output
+        # columns: [o_mha | o_gqa | o_mqa]; each branch's output bias is mixed by the gates like its
+        # output
         self.c_proj = nn.Linear(3 * d_model, d_model, bias=False)
         self.o_bias = nn.Parameter(torch.zeros(3, d_model)) if bias else None
         self.dynamic, self.fused, self.causal = dynamic, fused, causal
-        self.dropout = (
-            dropout if attn_dropout is None else attn_dropout
-        )  # on the attention probabilities
+        # on the attention probabilities
+        self.dropout = dropout if attn_dropout is None else attn_dropout
         self.gate_dropout = gate_dropout
         self.resid_dropout = nn.Dropout(dropout)
         self.per_branch = resid_dropout == "per_branch"
@@ -176,13 +181,15 @@ class MoASAttention(nn.Module):
         )
 
     def gates(self, x: Tensor, top1: bool = False) -> tuple:
-        """(gates used for mixing (B, T, 3), Routing or None); top1: the one-hot of the router's argmax."""
+        """(gates used for mixing (B, T, 3), Routing or None); top1: the one-hot of the router's
+        argmax."""
         b, t, _ = x.shape
         if not self.dynamic:
             return x.new_full((b, t, 3), 1.0 / 3), None
         hidden, out, pad = self.router[:2](x), self.router[2], 8 - len(BRANCHES)
-        # the 3 logit columns padded to 8: a 3-wide bf16 GEMM is misaligned and cuBLAS falls back to a slow kernel
-        # (0.45 of 2.6 ms per Table 1 step, docs/results/bench.md); the padding rows are zeros and get no update
+        # the 3 logit columns padded to 8: a 3-wide bf16 GEMM is misaligned and cuBLAS falls back to
+        # a slow kernel (0.45 of 2.6 ms per Table 1 step, docs/results/bench.md); the padding rows
+        # are zeros and get no update
         bias = None if out.bias is None else F.pad(out.bias, (0, pad))
         logits = F.linear(hidden, F.pad(out.weight, (0, 0, 0, pad)), bias)[
             ..., : len(BRANCHES)
@@ -218,9 +225,9 @@ class MoASAttention(nn.Module):
         return self.resid_dropout(self.add_bias(out, gates)), routing
 
     def fused_mix(self, x: Tensor, gates: Tensor, attend, per_branch: bool) -> Tensor:
-        """The fused layout: `attend(q, k, v)` takes the 3 n_head query heads and the branches' sum(kv_heads) K/V
-        heads. Returns the gate-mixed projection without output bias (B, T, d), or with per_branch the branch
-        projections (3, B, T, d)."""
+        """The fused layout: `attend(q, k, v)` takes the 3 n_head query heads and the branches'
+        sum(kv_heads) K/V heads. Returns the gate-mixed projection without output bias (B, T, d), or
+        with per_branch the branch projections (3, B, T, d)."""
         d, n_kv = self.d_model, sum(self.kv_heads)
         q, k, v = self.c_attn(x).split([3 * d, n_kv * self.head_dim, n_kv * self.head_dim], dim=-1)
         o = merge_heads(
@@ -274,17 +281,20 @@ class MoASAttention(nn.Module):
         positions: Tensor,
         span: Optional[int] = None,
     ) -> Tensor:
-        """Cached self-attention (models/kv_cache.py), fused layout whatever `fused` says (same parameters). The cache
-        holds EVERY branch's K/V: n_head + gqa_kv_heads + 1 heads per token and layer, since a later token, routed to
-        any branch, reads every earlier token's K/V of that branch.
+        """Cached self-attention (models/kv_cache.py), fused layout whatever `fused` says (same
+        parameters). The cache holds EVERY branch's K/V: n_head + gqa_kv_heads + 1 heads per token
+        and layer, since a later token, routed to any branch, reads every earlier token's K/V of
+        that branch.
 
-        soft: exactly the trained computation (static: 1/3 each). top1 (moas_dynamic, model.inference_routing): the
-        router's argmax branch alone with gate 1.0, not its probability, so a one-hot router gives soft's result. A
-        one-token step (decode) then runs only that branch's query rows and its output block, and attends with its
-        n_head query heads (against each branch's cache heads, keeping its own branch's result): it saves the Q and
-        O projections (FLOPs and weight reads) of 2 of the 3 branches. It does not save the K/V projections
-        of all branches nor the cache of n_head + gqa_kv_heads + 1 heads: every token still writes every branch's
-        K/V. Prefill (T > 1) computes all branches and mixes them with the one-hot gates (same result)."""
+        soft: exactly the trained computation (static: 1/3 each). top1 (moas_dynamic,
+        model.inference_routing): the router's argmax branch alone with gate 1.0, not its
+        probability, so a one-hot router gives soft's result. A one-token step (decode) then runs
+        only that branch's query rows and its output block, and attends with its n_head query heads
+        (against each branch's cache heads, keeping its own branch's result): it saves the Q and O
+        projections (FLOPs and weight reads) of 2 of the 3 branches. It does not save the K/V
+        projections of all branches nor the cache of n_head + gqa_kv_heads + 1 heads: every token
+        still writes every branch's K/V. Prefill (T > 1) computes all branches and mixes them with
+        the one-hot gates (same result)."""
         top1 = self.inference_routing == "top1"
         if top1 and x.shape[1] == 1:
             return self.decode_top1(x, cache_k, cache_v, positions, span)
@@ -305,9 +315,10 @@ class MoASAttention(nn.Module):
     def branch_attention(
         self, qs, cache_k: Tensor, cache_v: Tensor, positions: Tensor, span: Optional[int] = None
     ) -> list:
-        """Per branch, its n_head query heads (qs[b]: (B, n_head, T, D)) against its own cache heads, GQA done by
-        SDPA: expanding the cache to 3 n_head heads first (repeat_kv) copied all of it at every decode step, a third
-        of a GPT-2-size step at batch 64 (docs/results/inference.md)."""
+        """Per branch, its n_head query heads (qs[b]: (B, n_head, T, D)) against its own cache
+        heads, GQA done by SDPA: expanding the cache to 3 n_head heads first (repeat_kv) copied all
+        of it at every decode step, a third of a GPT-2-size step at batch 64
+        (docs/results/inference.md)."""
         ks, vs = cache_k.split(self.kv_heads, dim=1), cache_v.split(self.kv_heads, dim=1)
         return [cached_sdpa(q, k, v, positions, span) for q, k, v in zip(qs, ks, vs)]
 
@@ -319,8 +330,9 @@ class MoASAttention(nn.Module):
         positions: Tensor,
         span: Optional[int] = None,
     ) -> Tensor:
-        """One token per row (x (B, 1, d)), top1: see `forward_cached`. Per row, the chosen branch's W_q block and
-        W_o block are gathered ((B, d, d) each: only the chosen branch's weights are read)."""
+        """One token per row (x (B, 1, d)), top1: see `forward_cached`. Per row, the chosen branch's
+        W_q block and W_o block are gathered ((B, d, d) each: only the chosen branch's weights are
+        read)."""
         b, d, h, dh, n_kv = x.shape[0], self.d_model, self.n_head, self.head_dim, sum(self.kv_heads)
         _, routing = self.gates(x)
         c = routing.probs.argmax(-1)  # (B,) the chosen branch
@@ -333,34 +345,35 @@ class MoASAttention(nn.Module):
         q = torch.bmm(w[: 3 * d].view(3, d, d)[c], xs.unsqueeze(-1)).squeeze(-1)
         if bias is not None:
             q = q + bias[: 3 * d].view(3, d)[c]
-        # each row's query against every branch's cache heads, the chosen branch's output kept: this reads the
-        # n_head + gqa_kv_heads + 1 cached heads once, where gathering each row's branch heads (expanded to n_head)
-        # copied the cache first and read more in all (docs/results/inference.md)
+        # each row's query against every branch's cache heads, the chosen branch's output kept: this
+        # reads the n_head + gqa_kv_heads + 1 cached heads once, where gathering each row's branch
+        # heads (expanded to n_head) copied the cache first and read more in all
+        # (docs/results/inference.md)
         q = q.view(b, h, 1, dh)
-        outs = torch.stack(
-            self.branch_attention((q, q, q), cache_k, cache_v, positions, span)
-        )  # (3, B, n_head, 1, D)
+        # (3, B, n_head, 1, D)
+        outs = torch.stack(self.branch_attention((q, q, q), cache_k, cache_v, positions, span))
         o = outs[c, torch.arange(b, device=x.device)]
-        w_o = self.c_proj.weight.view(d, 3, d).transpose(0, 1)[
-            c
-        ]  # (B, d, d): the branch's output block
+        # (B, d, d): the branch's output block
+        w_o = self.c_proj.weight.view(d, 3, d).transpose(0, 1)[c]
         y = torch.bmm(w_o, o.reshape(b, d, 1)).squeeze(-1)
         if self.o_bias is not None:
             y = y + self.o_bias[c]
         return y.unsqueeze(1)
 
     def mix_per_branch(self, outs: Tensor, gates: Tensor) -> Tensor:
-        """resid_dropout=per_branch while training: branch outputs (3, B, T, d) -> sum_b g_b * dropout(out_b + c_b).
-        One dropout call over the contiguous (3, B, T, d) tensor: the fused and the plain path draw the same mask."""
+        """resid_dropout=per_branch while training: branch outputs (3, B, T, d) -> sum_b g_b *
+        dropout(out_b + c_b). One dropout call over the contiguous (3, B, T, d) tensor: the fused
+        and the plain path draw the same mask."""
         if self.o_bias is not None:
             outs = outs + self.o_bias.to(outs.dtype)[:, None, None]
         return (self.resid_dropout(outs) * gates.permute(2, 0, 1).unsqueeze(-1)).sum(0)
 
     def repeat_kv(self, x: Tensor) -> Tensor:
-        """(B, sum of K/V heads, T, D) -> (B, 3 n_head, T, D): query head h of branch b reads that branch's K/V head
-        h // (n_head / kv_b). Built by expand + reshape per branch, whose backward is a sum over the copies; an
-        index_select would do the same forward but scatter-add (atomics) in its backward: a sixth of a GPT-2-size
-        step when measured (docs/results/bench.md)."""
+        """(B, sum of K/V heads, T, D) -> (B, 3 n_head, T, D): query head h of branch b reads that
+        branch's K/V head h // (n_head / kv_b). Built by expand + reshape per branch, whose backward
+        is a sum over the copies; an index_select would do the same forward but scatter-add
+        (atomics) in its backward: a sixth of a GPT-2-size step when measured
+        (docs/results/bench.md)."""
         b, _, t, d = x.shape
         parts = [
             part.unsqueeze(2).expand(b, kv, self.n_head // kv, t, d).reshape(b, self.n_head, t, d)
@@ -378,7 +391,8 @@ class MoASAttention(nn.Module):
         return 6 * self.matmul_params_per_token() + 12 * 3 * self.n_head * self.head_dim * seq_len
 
     def kv_layout(self) -> tuple:
-        """(K/V heads cached, head_dim): every branch's, n_head + gqa_kv_heads + 1 (see `forward_cached`)."""
+        """(K/V heads cached, head_dim): every branch's, n_head + gqa_kv_heads + 1 (see
+        `forward_cached`)."""
         return sum(self.kv_heads), self.head_dim
 
     def kv_cache_elems_per_token(self) -> int:

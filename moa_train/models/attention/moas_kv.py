@@ -1,42 +1,47 @@
-"""MoAS-KV: per-token routing of the KEY/VALUE side between MHA, GQA and MQA, so that the KV cache really shrinks.
+"""MoAS-KV: per-token routing of the KEY/VALUE side between MHA, GQA and MQA, so that the KV cache
+really shrinks.
 
-A query-side MoAS (moas.py) must cache every branch's K/V (n_head + G + 1 heads per token and layer). Here each
-token's router picks, per layer, how many K/V heads that token STORES: MHA (n_head heads), GQA (G heads) or MQA (1
-head). A query head h reads, for each past token, the K/V head that token stored for h: its own head h (MHA), its
-group's head h // (n_head / G) (GQA) or its single head (MQA). The closest published idea is mixSGA (token-wise
-routing to experts of different KV group sizes); this is a trainable version under a KV budget.
+A query-side MoAS (moas.py) must cache every branch's K/V (n_head + G + 1 heads per token and
+layer). Here each token's router picks, per layer, how many K/V heads that token STORES: MHA (n_head
+heads), GQA (G heads) or MQA (1 head). A query head h reads, for each past token, the K/V head that
+token stored for h: its own head h (MHA), its group's head h // (n_head / G) (GQA) or its single
+head (MQA). The closest published idea is mixSGA (token-wise routing to experts of different KV
+group sizes); this is a trainable version under a KV budget.
 
-Weights (mixSGA-style sharing): Q, K, V and O are ONE MHA projection (n_head query heads, n_head K/V heads, one
-output projection), shared by the three schemes. A token's GQA heads are the means of its MHA K/V heads over each
-group of n_head / G heads, its MQA head the mean over all n_head; since the projection is linear, these are GQA/MQA
-projections whose weights are the group means of the MHA rows. The only parameters beyond MHA are the router, one
-Linear(d_model, 3) per layer (no bias unless model.bias). Separate per-scheme K/V projections would add 2(G+1) heads of
-weights per layer, and a token's cheap heads would then not be summaries of its full ones: a token moving between
+Weights (mixSGA-style sharing): Q, K, V and O are ONE MHA projection (n_head query heads, n_head K/V
+heads, one output projection), shared by the three schemes. A token's GQA heads are the means of its
+MHA K/V heads over each group of n_head / G heads, its MQA head the mean over all n_head; since the
+projection is linear, these are GQA/MQA projections whose weights are the group means of the MHA
+rows. The only parameters beyond MHA are the router, one Linear(d_model, 3) per layer (no bias
+unless model.bias). Separate per-scheme K/V projections would add 2(G+1) heads of weights per layer,
+and a token's cheap heads would then not be summaries of its full ones: a token moving between
 schemes would change representation entirely, which makes the routing harder to learn.
 
-Training relaxation: straight-through (hard forward, soft backward). The forward uses the router's argmax scheme
-(one-hot gates), so training attends to exactly the heads inference reads and the cache stores; the backward uses the
-gradient of softmax(logits / tau) (model.router_tau) in place of the one-hot's. Rejected: a soft mixture of the three
-K/Vs (training would read every scheme's heads, and a budget on the expected heads does not bound what argmax stores at
-inference) and straight-through Gumbel-softmax (the sampled scheme is what training pays for; inference's argmax then
-stores a different, larger amount whenever the router is unsure).
+Training relaxation: straight-through (hard forward, soft backward). The forward uses the router's
+argmax scheme (one-hot gates), so training attends to exactly the heads inference reads and the
+cache stores; the backward uses the gradient of softmax(logits / tau) (model.router_tau) in place of
+the one-hot's. Rejected: a soft mixture of the three K/Vs (training would read every scheme's heads,
+and a budget on the expected heads does not bound what argmax stores at inference) and
+straight-through Gumbel-softmax (the sampled scheme is what training pays for; inference's argmax
+then stores a different, larger amount whenever the router is unsure).
 
-KV budget (model.kv_budget, heads per token averaged over tokens and layers; MHA = n_head, MQA = 1; null = none):
-the loss model.aux.kv_budget_coef x relu(heads - kv_budget)^2, heads = the straight-through stored heads per token
-(value: what the hard routing stores; gradient: through the router's probabilities), averaged over tokens and
-layers (moa_train.models.routing.aux_losses: train/aux/kv_heads, train/aux/kv_budget). Layers may differ; only the
-mean is held.
+KV budget (model.kv_budget, heads per token averaged over tokens and layers; MHA = n_head, MQA = 1;
+null = none): the loss model.aux.kv_budget_coef x relu(heads - kv_budget)^2, heads = the
+straight-through stored heads per token (value: what the hard routing stores; gradient: through the
+router's probabilities), averaged over tokens and layers (moa_train.models.routing.aux_losses:
+train/aux/kv_heads, train/aux/kv_budget). Layers may differ; only the mean is held.
 
-Inference (model.inference_routing): hard (the default: the argmax scheme, what the cache stores) or soft (eval
-forwards mix the three schemes' K/V with the router's probabilities: a reference that cannot be cached in less than
-n_head heads; cached decoding is always hard).
+Inference (model.inference_routing): hard (the default: the argmax scheme, what the cache stores) or
+soft (eval forwards mix the three schemes' K/V with the router's probabilities: a reference that
+cannot be cached in less than n_head heads; cached decoding is always hard).
 
 Cache (models/kv_cache.py, PoolLayout / HeadPool): per layer and row a pool of
-ceil(model.kv_pool_slack x kv_budget x max_len) head slots (at least max_len; kv_budget null: n_head x max_len), each
-token's heads at its own offset. Overflow policy: a token whose scheme would leave fewer free slots than the row has
-positions left stores MQA instead (counted per position; moa-generate reports the count once). Cached attention
-(`HeadPool.attend`) reads the pool's slots once per step (scores against every slot, then each position's score picked
-from its slot), so a decode step reads what the tokens stored, not an n_head-head view of it.
+ceil(model.kv_pool_slack x kv_budget x max_len) head slots (at least max_len; kv_budget null: n_head
+x max_len), each token's heads at its own offset. Overflow policy: a token whose scheme would leave
+fewer free slots than the row has positions left stores MQA instead (counted per position;
+moa-generate reports the count once). Cached attention (`HeadPool.attend`) reads the pool's slots
+once per step (scores against every slot, then each position's score picked from its slot), so a
+decode step reads what the tokens stored, not an n_head-head view of it.
 """
 
 from __future__ import annotations
@@ -60,20 +65,21 @@ SCHEMES = ("mha", "gqa", "mqa")
 
 @dataclass
 class MoASKVConfig(ModelConfig):
-    """moas_kv: per token and layer, the K/V side routed between MHA, GQA and MQA (the heads the token stores)."""
+    """moas_kv: per token and layer, the K/V side routed between MHA, GQA and MQA (the heads the
+    token stores)."""
 
     gqa_kv_heads: int = 2  # K/V heads a token stores under GQA, dividing n_head
-    # target stored K/V heads per token, averaged over tokens and layers (MHA = n_head, MQA = 1); null = no budget
-    # loss. Its strength: model.aux.kv_budget_coef
+    # target stored K/V heads per token, averaged over tokens and layers (MHA = n_head, MQA = 1);
+    # null = no budget loss. Its strength: model.aux.kv_budget_coef
     kv_budget: Optional[float] = None
-    router_tau: float = (
-        1.0  # temperature of the softmax whose gradient the straight-through router uses
-    )
-    # hard: eval forwards use the argmax scheme (what the cache stores) | soft: eval forwards mix the schemes' K/V
-    # by the router's probabilities (a reference; cached decoding stays hard); training is always straight-through
+    # temperature of the softmax whose gradient the straight-through router uses
+    router_tau: float = 1.0
+    # hard: eval forwards use the argmax scheme (what the cache stores) | soft: eval forwards mix
+    # the schemes' K/V by the router's probabilities (a reference; cached decoding stays hard);
+    # training is always straight-through
     inference_routing: str = "hard"
-    # cache pool per layer and row: ceil(kv_pool_slack x kv_budget x max_len) head slots (null budget: n_head x
-    # max_len); a token that would overflow it stores MQA
+    # cache pool per layer and row: ceil(kv_pool_slack x kv_budget x max_len) head slots (null
+    # budget: n_head x max_len); a token that would overflow it stores MQA
     kv_pool_slack: float = 1.25
 
     cross_attention_ok: ClassVar[bool] = False  # a self-attention scheme
@@ -86,7 +92,8 @@ class MoASKVConfig(ModelConfig):
         _check(
             m.kv_budget is None or 1 <= m.kv_budget <= m.n_head,
             "model.kv_budget",
-            f"must be null or in [1, model.n_head={m.n_head}] (stored K/V heads per token), got {m.kv_budget}",
+            f"must be null or in [1, model.n_head={m.n_head}] (stored K/V heads per token), got "
+            f"{m.kv_budget}",
         )
         _check(m.router_tau > 0, "model.router_tau", f"must be > 0, got {m.router_tau}")
         _one_of(m.inference_routing, "model.inference_routing", ("hard", "soft"))
@@ -153,8 +160,8 @@ class MoASKVAttention(nn.Module):
         )
 
     def route(self, x: Tensor) -> tuple:
-        """(gates (B, T, 3) mixing the schemes' K/V, Routing). Training: straight-through one-hot of the argmax;
-        eval: the one-hot (hard) or the probabilities (soft)."""
+        """(gates (B, T, 3) mixing the schemes' K/V, Routing). Training: straight-through one-hot of
+        the argmax; eval: the one-hot (hard) or the probabilities (soft)."""
         logits = self.router(x).float()
         probs = (logits / self.router_tau).softmax(-1)
         chosen = logits.argmax(-1, keepdim=True)
@@ -174,7 +181,8 @@ class MoASKVAttention(nn.Module):
         return gates, routing
 
     def candidates(self, kv: Tensor) -> list:
-        """K or V heads (B, n_head, T, D) -> each scheme's stored heads: [MHA (n_head), GQA (G), MQA (1)]."""
+        """K or V heads (B, n_head, T, D) -> each scheme's stored heads: [MHA (n_head), GQA (G), MQA
+        (1)]."""
         b, h, t, d = kv.shape
         return [
             kv,
@@ -183,11 +191,11 @@ class MoASKVAttention(nn.Module):
         ]
 
     def mix(self, kv: Tensor, gates: Tensor) -> Tensor:
-        """(B, n_head, T, D): per token, the gate-weighted schemes' heads as query head h reads them."""
+        """(B, n_head, T, D): per token, the gate-weighted schemes' heads as query head h reads
+        them."""
         b, h, t, d = kv.shape
-        gates = gates.to(
-            kv.dtype
-        )  # under autocast K/V are bf16: the mix stays in their dtype, as Q is
+        # under autocast K/V are bf16: the mix stays in their dtype, as Q is
+        gates = gates.to(kv.dtype)
         out = 0.0
         for i, heads in enumerate(self.candidates(kv)):
             read = (
@@ -218,15 +226,15 @@ class MoASKVAttention(nn.Module):
     def forward_cached(
         self, x: Tensor, pool, cache_v: None, positions: Tensor, span: Optional[int] = None
     ) -> Tensor:
-        """Cached self-attention through this layer's HeadPool (models/kv_cache.py): every new token stores only its
-        argmax scheme's heads (or MQA's, where the pool's overflow policy says so); each query head reads, per past
-        token, the head that token stored for it. Always hard routing. `span` is not used: the pool is addressed by
-        slots, and the positions past a row's length are masked."""
+        """Cached self-attention through this layer's HeadPool (models/kv_cache.py): every new token
+        stores only its argmax scheme's heads (or MQA's, where the pool's overflow policy says so);
+        each query head reads, per past token, the head that token stored for it. Always hard
+        routing. `span` is not used: the pool is addressed by slots, and the positions past a row's
+        length are masked."""
         choice = self.router(x).float().argmax(-1)  # (B, T)
         q, k, v = (split_heads(part, self.n_head) for part in self.c_attn(x).chunk(3, dim=-1))
-        k_cand, v_cand = (
-            torch.cat(self.candidates(kv), 1).transpose(1, 2) for kv in (k, v)
-        )  # (B, T, H+G+1, D)
+        # (B, T, H+G+1, D)
+        k_cand, v_cand = (torch.cat(self.candidates(kv), 1).transpose(1, 2) for kv in (k, v))
         pool.store(k_cand, v_cand, choice, positions)
         return self.c_proj(merge_heads(pool.attend(q, positions)))
 
@@ -234,8 +242,9 @@ class MoASKVAttention(nn.Module):
         return self.c_attn.weight.numel() + self.c_proj.weight.numel() + self.router.weight.numel()
 
     def flops_per_token(self, seq_len: int) -> int:
-        """6 x (MHA's projections + the router) + 12 x n_head x head_dim x T: attention runs n_head query heads
-        whatever the schemes (the group means are elementwise and not counted, as no variant counts those)."""
+        """6 x (MHA's projections + the router) + 12 x n_head x head_dim x T: attention runs n_head
+        query heads whatever the schemes (the group means are elementwise and not counted, as no
+        variant counts those)."""
         return 6 * self.matmul_params_per_token() + 12 * self.n_head * self.head_dim * seq_len
 
     def budget_heads(self) -> float:
@@ -251,10 +260,11 @@ class MoASKVAttention(nn.Module):
         )
 
     def kv_cache_elems_per_token(self, heads: Optional[float] = None) -> float:
-        """2 x stored heads x head_dim: the budget's heads (n_head without one), or `heads` (a measured mean, e.g.
-        from `realised_heads`)."""
+        """2 x stored heads x head_dim: the budget's heads (n_head without one), or `heads` (a
+        measured mean, e.g. from `realised_heads`)."""
         return 2 * (self.budget_heads() if heads is None else heads) * self.head_dim
 
     def realised_heads(self, routing: Routing) -> Tensor:
-        """Mean stored heads per token of this layer's hard routing in `routing` (from an eval forward)."""
+        """Mean stored heads per token of this layer's hard routing in `routing` (from an eval
+        forward)."""
         return self.stored_heads[routing.chosen[:, 0]].mean()

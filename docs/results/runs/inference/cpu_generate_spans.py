@@ -1,5 +1,5 @@
-"""One-off CPU timing: cached greedy generation (moa_train.generation._generate_ids) with each decode step attending
-over the live context (span, as moa-generate does) against the whole cache.
+"""One-off CPU timing: cached greedy generation (moa_train.generation._generate_ids) with each
+decode step attending over the live context (span, as moa-generate does) against the whole cache.
 
     python3 docs/results/runs/inference/cpu_generate_spans.py
 """
