@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Optional
+from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -61,16 +61,16 @@ class ModelConfig:
     n_layer: int = 4
     n_head: int = 6  # query heads (moa: only defaults head_dim = d_model // n_head)
     max_seq_len: int = 256  # learned position embeddings
-    vocab_size: Optional[int] = None  # null: taken from the data
+    vocab_size: int | None = None  # null: taken from the data
     dropout: float = 0.1  # embedding, attention-probability, residual and MLP dropout
-    attn_dropout: Optional[float] = None  # dropout on attention probabilities; null = model.dropout
+    attn_dropout: float | None = None  # dropout on attention probabilities; null = model.dropout
     activation: str = "gelu"  # MLP activation: gelu (GPT-2) | relu (the Transformer, fairseq)
     # dropout after the MLP activation (fairseq's activation dropout)
     activation_dropout: float = 0.0
     bias: bool = False  # bias in Linear and LayerNorm
     mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * d_model
     # encoder-decoder (translation data)
-    n_encoder_layer: Optional[int] = None  # null = n_layer (n_layer counts decoder layers)
+    n_encoder_layer: int | None = None  # null = n_layer (n_layer counts decoder layers)
     norm_first: bool = True  # pre-LN (true) or post-LN (false, the original Transformer)
     # learned | sinusoidal (interleaved sin/cos from position 0) | sinusoidal_fairseq (fairseq's
     # table: [sin | cos] concatenated, frequencies 10000^(-i / (half - 1)), positions counted from
@@ -84,13 +84,13 @@ class ModelConfig:
     # decoder cross-attention: `name` (null = the model's own variant with its keys, or the
     # variant's cross_default) plus that variant's own keys (+model.cross.n_experts=4); the model's
     # common keys apply to it too
-    cross: Dict[str, Any] = field(default_factory=lambda: {"name": None})
+    cross: dict[str, Any] = field(default_factory=lambda: {"name": None})
     aux: AuxConfig = field(default_factory=AuxConfig)
 
     # false: a self-attention scheme, refused as model.cross.name
     cross_attention_ok: ClassVar[bool] = True
     # the cross-attention when model.cross.name is null; None: itself
-    cross_default: ClassVar[Optional[str]] = None
+    cross_default: ClassVar[str | None] = None
 
     @classmethod
     def validate(cls, m, cfg) -> None:
@@ -258,12 +258,12 @@ class DataConfig:
     task: str = "lm"  # the task this data makes (configs/task/): lm | translation
     tokenizer: str = "char"  # char | word | bpe | random (random_tokens)
     # folder holding wikitext-2/{train,valid,test}.txt; null: download via datasets
-    root: Optional[str] = None
+    root: str | None = None
     cache_dir: str = "~/.cache/moa_train"  # token ids (memmap) and tokenizers are cached here
     # official: the WikiText-2 valid/test files | moas_paper: first 90% / last 10% of train
     split: str = "official"
     # BPE vocabulary size (bpe and translation); random_tokens: ids drawn from 0..vocab_size-1
-    vocab_size: Optional[int] = None
+    vocab_size: int | None = None
     # translation
     src: str = "en"  # source language (file suffix)
     tgt: str = "de"  # target language
@@ -303,9 +303,9 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     tf32: bool = False  # allow TF32 matmuls in fp32
     compile: bool = False  # torch.compile the model
-    compile_backend: Optional[str] = None  # null: inductor on CUDA, aot_eager on CPU
+    compile_backend: str | None = None  # null: inductor on CUDA, aot_eager on CPU
     # inductor mode: null | max-autotune | ... (not with cuda_graphs)
-    compile_mode: Optional[str] = None
+    compile_mode: str | None = None
     # capture the whole optimizer step in one CUDA graph (one CUDA process; else eager)
     cuda_graphs: bool = False
     # CUDA attention kernel: auto (PyTorch picks) | flash | cudnn | efficient | math
@@ -322,10 +322,10 @@ class TrainerConfig:
     batch_size: int = 12
     block_size: int = 256  # tokens per sequence (<= model.max_seq_len)
     grad_accum: int = 1  # micro-batches per step (batch_size must divide by it)
-    grad_clip: Optional[float] = None  # max grad norm; null = no clipping
+    grad_clip: float | None = None  # max grad norm; null = no clipping
     eval_interval: int = 50
-    eval_iters: Optional[int] = 20  # random eval batches; null = a full pass over the split
-    eval_batch_size: Optional[int] = None  # null = batch_size
+    eval_iters: int | None = 20  # random eval batches; null = a full pass over the split
+    eval_batch_size: int | None = None  # null = batch_size
     log_interval: int = 10
     seed: int = 0
     resume: Any = "auto"  # auto | true | false | PATH to a checkpoint or run folder
@@ -337,7 +337,7 @@ class TrainerConfig:
     label_smoothing_over: str = "all"
     # last N checkpoints kept (besides best.pt); >= 2: a fallback if the last is damaged
     keep_checkpoints: int = 1
-    save_interval: Optional[int] = None  # null = at every evaluation
+    save_interval: int | None = None  # null = at every evaluation
     # a step with a non-finite loss or gradient is skipped (train/skipped_steps); this many in a row
     # stop the run (checked at log and save steps, so up to log_interval - 1 more skipped steps run
     # first)
@@ -354,11 +354,11 @@ class EvalConfig:
     max_len_a: float = 1.2  # output length limit: a * source length + b
     max_len_b: int = 10
     # average the weights of the last N checkpoints before the test evaluation
-    average_last: Optional[int] = None
+    average_last: int | None = None
     # decode (and score BLEU / chrF on) only the first N sentences of valid and test; null = all.
     # The loss is always over the whole split. For smoke runs: decoding dominates a short
     # translation run on a CPU
-    max_sentences: Optional[int] = None
+    max_sentences: int | None = None
     # decode through the decoder's KV cache, the source's cross-attention K/V computed once (the
     # same hypotheses); false: recompute the whole prefix at every step. A variant without the
     # inference contract always recomputes
@@ -373,9 +373,9 @@ class TensorboardConfig:
 @dataclass
 class WandbConfig:
     project: str = "moa_train"
-    entity: Optional[str] = None
-    group: Optional[str] = None  # null = experiment_name
-    name: Optional[str] = None  # null = experiment_name + the job's command-line overrides
+    entity: str | None = None
+    group: str | None = None  # null = experiment_name
+    name: str | None = None  # null = experiment_name + the job's command-line overrides
     tags: list = field(default_factory=list)  # added to [model.name, data.name]
     # auto (online with WANDB_API_KEY set, else offline: `wandb sync` later) | online | offline |
     # disabled
@@ -384,8 +384,8 @@ class WandbConfig:
 
 @dataclass
 class LoggerConfig:
-    tensorboard: Optional[TensorboardConfig] = None
-    wandb: Optional[WandbConfig] = None
+    tensorboard: TensorboardConfig | None = None
+    wandb: WandbConfig | None = None
 
 
 @dataclass

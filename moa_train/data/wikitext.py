@@ -263,7 +263,7 @@ class BPETokenizer:
         self.tok = train_bpe(train_text.splitlines(keepends=True), vocab_size, path)
 
     @classmethod
-    def from_json(cls, text: str) -> "BPETokenizer":
+    def from_json(cls, text: str) -> BPETokenizer:
         from tokenizers import Tokenizer
 
         self = cls.__new__(cls)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +73,7 @@ class KVCache:
     @classmethod
     def allocate(
         cls, layouts: list, batch_size: int, max_len: int, device, dtype: torch.dtype
-    ) -> "KVCache":
+    ) -> KVCache:
         """`layouts`: one (n_heads_cached, head_dim) or PoolLayout per layer."""
         k, v = [], []
         for layout in layouts:
@@ -132,7 +131,7 @@ class KVCache:
         return sum(int(k.fallbacks(self.lengths).sum()) for k in self.k if isinstance(k, HeadPool))
 
 
-def kv_bytes_per_token(model, dtype: torch.dtype, routings: Optional[list] = None) -> float:
+def kv_bytes_per_token(model, dtype: torch.dtype, routings: list | None = None) -> float:
     """Analytic cache bytes one token takes over all layers of `model` (a LanguageModel): 2 (K and
     V) x heads cached x head_dim x the dtype's bytes, summed over layers. A variant storing a
     varying number of heads (moas_kv) counts its budget, or with `routings` (the records of an eval
@@ -170,7 +169,7 @@ def write_kv(cache: Tensor, new: Tensor, positions: Tensor) -> None:
 
 
 def cached_sdpa(
-    q: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor, span: Optional[int] = None
+    q: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor, span: int | None = None
 ) -> Tensor:
     """q (B, Hq, T, D) of tokens at positions (B, T) against the cache (B, Hkv, L, D), Hkv dividing
     Hq (query head h reads K/V head h // (Hq / Hkv)): each query sees the cached positions <= its
@@ -213,7 +212,7 @@ class PoolLayout:
             max_len, min(max(self.heads) * max_len, math.ceil(self.slots_per_token * max_len))
         )
 
-    def allocate(self, batch_size: int, max_len: int, device, dtype: torch.dtype) -> "HeadPool":
+    def allocate(self, batch_size: int, max_len: int, device, dtype: torch.dtype) -> HeadPool:
         def table(value: int) -> Tensor:
             return torch.full((batch_size, max_len), value, dtype=torch.int64, device=device)
 
@@ -261,7 +260,7 @@ class HeadPool:
     def max_len(self) -> int:
         return self.scheme.shape[1]
 
-    def index_select(self, dim: int, rows: Tensor) -> "HeadPool":
+    def index_select(self, dim: int, rows: Tensor) -> HeadPool:
         """The pool of rows `rows` (dim 0: beam search reorders and drops hypotheses, as with a
         cache tensor)."""
         assert dim == 0, "a head pool selects rows only"

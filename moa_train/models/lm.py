@@ -45,7 +45,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     @classmethod
-    def from_config(cls, m) -> "MLP":
+    def from_config(cls, m) -> MLP:
         return cls(
             m.d_model,
             int(m.mlp_ratio * m.d_model),

@@ -9,7 +9,6 @@ floats only when it logs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +22,14 @@ class Routing:
     probs: Tensor  # (N, C) the router's distribution over C choices, before any gate dropout
     choice_names: tuple  # C names: ("mha", "gqa", "mqa") or ("0", ..., "E-1")
     # (N, k) selected choices for top-k routers; None for soft mixing
-    chosen: Optional[Tensor] = None
-    logits: Optional[Tensor] = None  # (N, C) router logits (for the z-loss)
+    chosen: Tensor | None = None
+    logits: Tensor | None = None  # (N, C) router logits (for the z-loss)
     # (N,) True for real tokens: padding is left out of aux losses and statistics
-    mask: Optional[Tensor] = None
+    mask: Tensor | None = None
     # (C,) K/V heads a token stores under each choice (moas_kv): aux kv_heads
-    cost: Optional[Tensor] = None
+    cost: Tensor | None = None
     # target of the mean cost over tokens and costed sites (moas_kv): aux kv_budget
-    budget: Optional[float] = None
+    budget: float | None = None
 
 
 def detached(routings: list) -> list:
@@ -57,7 +56,7 @@ def detached(routings: list) -> list:
 # step instead of a few per layer.
 
 
-def _token_mean(x: Tensor, mask: Optional[Tensor], dim: int) -> Tensor:
+def _token_mean(x: Tensor, mask: Tensor | None, dim: int) -> Tensor:
     """Mean over the token dimension, counting only tokens where mask (N,) is True. Under data
     parallelism it is the mean over every rank's tokens (the global batch): sums and counts are
     all-reduced, differentiably, so the aux losses, their gradients and the routing statistics are
@@ -70,9 +69,7 @@ def _token_mean(x: Tensor, mask: Optional[Tensor], dim: int) -> Tensor:
     return global_sum((x * w).sum(dim)) / global_sum(w.sum(dim)).clamp_min(1.0)
 
 
-def dispatch_fraction(
-    probs: Tensor, chosen: Optional[Tensor], mask: Optional[Tensor] = None
-) -> Tensor:
+def dispatch_fraction(probs: Tensor, chosen: Tensor | None, mask: Tensor | None = None) -> Tensor:
     """Share of selections per choice: counts / (tokens x k); a soft router 'selects' its argmax."""
     if chosen is None:
         chosen = probs.argmax(-1, keepdim=True)
@@ -81,33 +78,31 @@ def dispatch_fraction(
     return _token_mean(one_hot, mask, -2)
 
 
-def balance_mse(probs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+def balance_mse(probs: Tensor, mask: Tensor | None = None) -> Tensor:
     """MoAS paper: MSE between the batch-mean gates and the uniform 1/C."""
     mean = _token_mean(probs, mask, -2)
     return ((mean - 1.0 / probs.shape[-1]) ** 2).mean(-1)
 
 
-def balance_switch(
-    probs: Tensor, chosen: Optional[Tensor], mask: Optional[Tensor] = None
-) -> Tensor:
+def balance_switch(probs: Tensor, chosen: Tensor | None, mask: Tensor | None = None) -> Tensor:
     """Switch-Transformer balance: C * sum_i f_i * P_i; 1 when uniform, C when collapsed."""
     frac = dispatch_fraction(probs, chosen, mask).detach()
     return probs.shape[-1] * (frac * _token_mean(probs, mask, -2)).sum(-1)
 
 
-def z_loss(logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+def z_loss(logits: Tensor, mask: Tensor | None = None) -> Tensor:
     """Router z-loss: mean over tokens of logsumexp(logits)^2 (keeps logits small)."""
     return _token_mean(torch.logsumexp(logits.float(), -1) ** 2, mask, -1)
 
 
-def cv_squared(probs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+def cv_squared(probs: Tensor, mask: Tensor | None = None) -> Tensor:
     """Squared coefficient of variation of expert importance (sum of router probabilities per
     choice)."""
     importance = _token_mean(probs, mask, -2)
     return importance.var(-1) / (importance.mean(-1) ** 2 + 1e-10)
 
 
-def gate_matrix(probs: Tensor, chosen: Optional[Tensor]) -> Tensor:
+def gate_matrix(probs: Tensor, chosen: Tensor | None) -> Tensor:
     """(..., N, C) the gates each token gives each choice: its router probability where chosen
     (top-k routers, as softmax_all gating uses them), zero elsewhere; soft routers: the
     probabilities."""
@@ -135,7 +130,7 @@ def kv_heads(records: list) -> Tensor:
     return torch.stack(per_site).mean()
 
 
-def _stack(records: list, field_name: str) -> Optional[Tensor]:
+def _stack(records: list, field_name: str) -> Tensor | None:
     values = [getattr(r, field_name) for r in records]
     return None if values[0] is None else torch.stack(values)
 
@@ -214,13 +209,13 @@ def weighted_aux(aux: dict, coefs, n_tokens: Tensor | float = 1.0) -> Tensor | f
     return total / n_tokens if coefs.divide_by_tokens and not isinstance(total, float) else total
 
 
-def entropy(probs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+def entropy(probs: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean over tokens of the entropy (nats) of each token's routing distribution."""
     p = probs.float()
     return _token_mean(-(p * torch.log(p.clamp_min(1e-12))).sum(-1), mask, -1)
 
 
-def utilisation(probs: Tensor, chosen: Optional[Tensor], mask: Optional[Tensor] = None) -> Tensor:
+def utilisation(probs: Tensor, chosen: Tensor | None, mask: Tensor | None = None) -> Tensor:
     """Share per choice, summing to 1: probability mass for soft routers, selections / (tokens x k)
     for top-k."""
     if chosen is None:

@@ -188,7 +188,7 @@ def main(argv=None) -> None:
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     meta = {
         "command": "python3 scripts/time_translation_decoding.py "
-        + " ".join((argv if argv is not None else __import__("sys").argv[1:])),
+        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "device": device,
         "torch": torch.__version__,
         "git_sha": git_sha(),

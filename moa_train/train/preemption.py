@@ -68,7 +68,7 @@ class StopSignals:
         self.received = None
         self.previous = {}
 
-    def install(self) -> "StopSignals":
+    def install(self) -> StopSignals:
         # Python allows handlers only there
         if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self._handle) for s in SIGNALS}

@@ -43,7 +43,7 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_NAME
         self.me = {"pid": os.getpid(), "host": socket.gethostname()}
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         for _ in range(2):  # a second try after removing a stale lock
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -84,7 +84,7 @@ class RunLock:
         if _holder(self.path) == self.me:
             self.path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

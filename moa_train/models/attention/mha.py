@@ -7,7 +7,6 @@ Grouped K/V go to SDPA with `enable_gqa`, so repeated K/V heads are never materi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -24,7 +23,7 @@ class MHAConfig(ModelConfig):
     """mha, gqa and mqa: the same module, told apart by n_kv_heads."""
 
     # K/V heads, dividing n_head: null = n_head (mha); gqa: 2; mqa: 1
-    n_kv_heads: Optional[int] = None
+    n_kv_heads: int | None = None
 
     @classmethod
     def validate(cls, m, cfg) -> None:
@@ -38,7 +37,7 @@ class MHAConfig(ModelConfig):
         )
 
 
-def attention_mask(mask: Optional[Tensor], causal: bool, t_q: int, t_k: int, device) -> tuple:
+def attention_mask(mask: Tensor | None, causal: bool, t_q: int, t_k: int, device) -> tuple:
     """SDPA (attn_mask, is_causal) from a key-padding mask (B, S; True = real token) and
     causality."""
     if mask is None:
@@ -50,7 +49,7 @@ def attention_mask(mask: Optional[Tensor], causal: bool, t_q: int, t_k: int, dev
 
 
 def sdpa(
-    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, dropout: float
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, dropout: float
 ) -> Tensor:
     """q (B, Hq, T, D), k/v (B, Hkv, S, D) with Hkv dividing Hq; query head h reads K/V head h //
     (Hq/Hkv)."""
@@ -109,11 +108,11 @@ class MultiHeadAttention(nn.Module):
         self,
         d_model: int,
         n_head: int,
-        n_kv_heads: Optional[int] = None,
+        n_kv_heads: int | None = None,
         dropout: float = 0.0,
         bias: bool = False,
         causal: bool = True,
-        attn_dropout: Optional[float] = None,
+        attn_dropout: float | None = None,
     ):
         super().__init__()
         self.n_head, self.n_kv = n_head, n_kv_heads or n_head
@@ -127,7 +126,7 @@ class MultiHeadAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     @classmethod
-    def from_config(cls, m, causal: bool = True) -> "MultiHeadAttention":
+    def from_config(cls, m, causal: bool = True) -> MultiHeadAttention:
         return cls(
             m.d_model, m.n_head, m.n_kv_heads, m.dropout, m.bias, causal, ModelConfig.attn_p(m)
         )
@@ -148,7 +147,7 @@ class MultiHeadAttention(nn.Module):
         if self.c_proj.bias is not None:
             nn.init.zeros_(self.c_proj.bias)
 
-    def project(self, x: Tensor, context: Optional[Tensor]) -> tuple:
+    def project(self, x: Tensor, context: Tensor | None) -> tuple:
         kv_size = self.n_kv * self.head_dim
         if context is None:
             q, k, v = self.c_attn(x).split([self.q_size, kv_size, kv_size], dim=-1)
@@ -160,7 +159,7 @@ class MultiHeadAttention(nn.Module):
             k, v = F.linear(context, w_kv, b_kv).split([kv_size, kv_size], dim=-1)
         return split_heads(q, self.n_head), split_heads(k, self.n_kv), split_heads(v, self.n_kv)
 
-    def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None):
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None):
         q, k, v = self.project(x, context)
         y = sdpa(
             q, k, v, mask, self.causal and context is None, self.dropout if self.training else 0.0
@@ -173,7 +172,7 @@ class MultiHeadAttention(nn.Module):
         cache_k: Tensor,
         cache_v: Tensor,
         positions: Tensor,
-        span: Optional[int] = None,
+        span: int | None = None,
     ) -> Tensor:
         """Cached self-attention (models/kv_cache.py): caches only the n_kv_heads K/V heads."""
         q, k, v = self.project(x, None)
@@ -193,7 +192,7 @@ class MultiHeadAttention(nn.Module):
         ).split([kv_size, kv_size], dim=-1)
         return split_heads(k, self.n_kv), split_heads(v, self.n_kv)
 
-    def forward_cross(self, x: Tensor, kv: tuple, mask: Optional[Tensor]) -> Tensor:
+    def forward_cross(self, x: Tensor, kv: tuple, mask: Tensor | None) -> Tensor:
         """Inference cross-attention of x (B, T, d) to K/V from `cross_kv` (key-padding mask (B,
         S))."""
         bias = self.c_attn.bias

@@ -22,7 +22,6 @@ The FLOP counter counts only the k selected experts, whichever path runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -42,14 +41,14 @@ class MoAConfig(ModelConfig):
 
     n_experts: int = 8  # E
     top_k: int = 2  # k experts per token, 1..E
-    head_dim: Optional[int] = None  # expert head size; null = d_model // n_head
-    n_kv_heads: Optional[int] = None  # shared K/V groups; null = 1, as in the released MoA code
+    head_dim: int | None = None  # expert head size; null = d_model // n_head
+    n_kv_heads: int | None = None  # shared K/V groups; null = 1, as in the released MoA code
     # softmax_all (released MoA code) | topk_softmax (renormalised over the k)
     gating: str = "softmax_all"
     # dense (all E experts, gather) | grouped (sorted by expert, selected only) | auto
     expert_matmul: str = "auto"
     # biases of the expert Q/O and shared K/V; null = model.bias (MoA code: none)
-    proj_bias: Optional[bool] = None
+    proj_bias: bool | None = None
 
     @classmethod
     def validate(cls, m, cfg) -> None:
@@ -96,13 +95,13 @@ class MixtureOfAttentionHeads(nn.Module):
         n_experts: int,
         top_k: int,
         head_dim: int,
-        n_kv_heads: Optional[int] = None,
+        n_kv_heads: int | None = None,
         dropout: float = 0.0,
         bias: bool = False,
         gating: str = "softmax_all",
         causal: bool = True,
         expert_matmul: str = "auto",
-        attn_dropout: Optional[float] = None,
+        attn_dropout: float | None = None,
     ):
         super().__init__()
         self.n_experts, self.top_k, self.head_dim = n_experts, top_k, head_dim
@@ -120,7 +119,7 @@ class MixtureOfAttentionHeads(nn.Module):
         self.choice_names = tuple(str(i) for i in range(n_experts))
 
     @classmethod
-    def from_config(cls, m, causal: bool = True) -> "MixtureOfAttentionHeads":
+    def from_config(cls, m, causal: bool = True) -> MixtureOfAttentionHeads:
         head_dim = m.head_dim or m.d_model // m.n_head
         bias = m.bias if m.proj_bias is None else m.proj_bias
         return cls(
@@ -181,7 +180,7 @@ class MixtureOfAttentionHeads(nn.Module):
             return grouped_kernel_available(x.device, dtype)
         return self.expert_matmul == "grouped"
 
-    def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None):
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None):
         p = self.dropout if self.training else 0.0
         causal = self.causal and context is None
 
@@ -197,7 +196,7 @@ class MixtureOfAttentionHeads(nn.Module):
         cache_k: Tensor,
         cache_v: Tensor,
         positions: Tensor,
-        span: Optional[int] = None,
+        span: int | None = None,
     ) -> Tensor:
         """Cached self-attention (models/kv_cache.py): caches the shared K/V only (n_kv_heads heads
         of head_dim: expert_dim per K and per V, whatever the experts); routes each token top-k as
@@ -216,7 +215,7 @@ class MixtureOfAttentionHeads(nn.Module):
         k, v = self.kv_proj(context).split(self.expert_dim, dim=-1)
         return split_heads(k, self.n_kv), split_heads(v, self.n_kv)
 
-    def forward_cross(self, x: Tensor, kv: tuple, mask: Optional[Tensor]) -> Tensor:
+    def forward_cross(self, x: Tensor, kv: tuple, mask: Tensor | None) -> Tensor:
         """Inference cross-attention: x (B, T, d) routed per token as in `forward` (dense expert
         path), its queries attending to K/V from `cross_kv` (key-padding mask (B, S))."""
         return self.mix(
@@ -224,7 +223,7 @@ class MixtureOfAttentionHeads(nn.Module):
         )[0]
 
     def mix(
-        self, x: Tensor, source: Optional[Tensor], attend, grouped: bool, kv: Optional[tuple] = None
+        self, x: Tensor, source: Tensor | None, attend, grouped: bool, kv: tuple | None = None
     ) -> tuple:
         """(y before residual dropout (B, T, d), Routing): the routed queries of x attend
         (`attend(q, k, v)` on heads) to the shared K/V of `source` (or the heads `kv` given, from
@@ -251,7 +250,7 @@ class MixtureOfAttentionHeads(nn.Module):
         y = self.dense_output(o, chosen) if sort is None else self.grouped_output(o, *sort)
         return y.view(b, t, y.shape[-1]), routing
 
-    def dense_queries(self, x: Tensor, chosen: Optional[Tensor]) -> Tensor:
+    def dense_queries(self, x: Tensor, chosen: Tensor | None) -> Tensor:
         q_all = self.q_proj(x).view(-1, self.n_experts, self.expert_dim)
         return (
             q_all
@@ -259,7 +258,7 @@ class MixtureOfAttentionHeads(nn.Module):
             else q_all.gather(1, chosen.unsqueeze(-1).expand(-1, -1, self.expert_dim))
         )
 
-    def dense_output(self, o: Tensor, chosen: Optional[Tensor]) -> Tensor:
+    def dense_output(self, o: Tensor, chosen: Tensor | None) -> Tensor:
         if chosen is not None:
             o = o.new_zeros(o.shape[0], self.n_experts, self.expert_dim).scatter(
                 1, chosen.unsqueeze(-1).expand_as(o), o

@@ -27,7 +27,7 @@ Residual dropout (`resid_dropout`):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -68,7 +68,7 @@ class MoASStaticConfig(ModelConfig):
 
     dynamic: ClassVar[bool] = False  # true: a router mixes the branches per token (else 1/3 each)
     cross_attention_ok: ClassVar[bool] = False  # the branches mix self-attention schemes
-    cross_default: ClassVar[Optional[str]] = "mha"
+    cross_default: ClassVar[str | None] = "mha"
 
     @classmethod
     def validate(cls, m, cfg) -> None:
@@ -81,7 +81,7 @@ class MoASStaticConfig(ModelConfig):
 class MoASDynamicConfig(MoASStaticConfig):
     """moas_dynamic: the branches mixed per token by a router."""
 
-    router_hidden: Optional[int] = None  # hidden width of the router; null = d_model // 4
+    router_hidden: int | None = None  # hidden width of the router; null = d_model // 4
     gate_dropout: float = 0.0  # dropout on the router's gates after softmax (MoAS paper: 0.1)
     # soft: inference mixes the branches as training does | top1: at inference (eval forward, cached
     # decoding) only the router's argmax branch, gate 1.0; training is always soft
@@ -118,12 +118,12 @@ class MoASAttention(nn.Module):
         dropout: float = 0.0,
         bias: bool = False,
         dynamic: bool = True,
-        router_hidden: Optional[int] = None,
+        router_hidden: int | None = None,
         gate_dropout: float = 0.0,
         fused: bool = True,
         causal: bool = True,
         resid_dropout: str = "mixed",
-        attn_dropout: Optional[float] = None,
+        attn_dropout: float | None = None,
         inference_routing: str = "soft",
     ):
         super().__init__()
@@ -150,7 +150,7 @@ class MoASAttention(nn.Module):
             )
 
     @classmethod
-    def from_config(cls, m, causal: bool = True) -> "MoASAttention":
+    def from_config(cls, m, causal: bool = True) -> MoASAttention:
         if not OmegaConf.get_type(m).dynamic:
             return cls(
                 m.d_model,
@@ -204,7 +204,7 @@ class MoASAttention(nn.Module):
             )
         return gates.to(x.dtype), routing
 
-    def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None):
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None):
         if context is not None:
             raise NotImplementedError(
                 "MoAS is a self-attention scheme; use mha or moa for cross-attention"
@@ -242,7 +242,7 @@ class MoASAttention(nn.Module):
         return self.c_proj((o * gates.unsqueeze(-1)).flatten(2))
 
     def plain_mix(
-        self, x: Tensor, gates: Tensor, mask: Optional[Tensor], p: float, per_branch: bool
+        self, x: Tensor, gates: Tensor, mask: Tensor | None, p: float, per_branch: bool
     ) -> Tensor:
         """`fused_mix`, branch by branch (fused=false)."""
         d, kv = self.d_model, [n * self.head_dim for n in self.kv_heads]
@@ -279,7 +279,7 @@ class MoASAttention(nn.Module):
         cache_k: Tensor,
         cache_v: Tensor,
         positions: Tensor,
-        span: Optional[int] = None,
+        span: int | None = None,
     ) -> Tensor:
         """Cached self-attention (models/kv_cache.py), fused layout whatever `fused` says (same
         parameters). The cache holds EVERY branch's K/V: n_head + gqa_kv_heads + 1 heads per token
@@ -313,7 +313,7 @@ class MoASAttention(nn.Module):
         return self.add_bias(self.fused_mix(x, gates, attend, per_branch=False), gates)
 
     def branch_attention(
-        self, qs, cache_k: Tensor, cache_v: Tensor, positions: Tensor, span: Optional[int] = None
+        self, qs, cache_k: Tensor, cache_v: Tensor, positions: Tensor, span: int | None = None
     ) -> list:
         """Per branch, its n_head query heads (qs[b]: (B, n_head, T, D)) against its own cache
         heads, GQA done by SDPA: expanding the cache to 3 n_head heads first (repeat_kv) copied all
@@ -328,7 +328,7 @@ class MoASAttention(nn.Module):
         cache_k: Tensor,
         cache_v: Tensor,
         positions: Tensor,
-        span: Optional[int] = None,
+        span: int | None = None,
     ) -> Tensor:
         """One token per row (x (B, 1, d)), top1: see `forward_cached`. Per row, the chosen branch's
         W_q block and W_o block are gathered ((B, d, d) each: only the chosen branch's weights are

@@ -47,7 +47,7 @@ decode step reads what the tokens stored, not an n_head-head view of it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -71,7 +71,7 @@ class MoASKVConfig(ModelConfig):
     gqa_kv_heads: int = 2  # K/V heads a token stores under GQA, dividing n_head
     # target stored K/V heads per token, averaged over tokens and layers (MHA = n_head, MQA = 1);
     # null = no budget loss. Its strength: model.aux.kv_budget_coef
-    kv_budget: Optional[float] = None
+    kv_budget: float | None = None
     # temperature of the softmax whose gradient the straight-through router uses
     router_tau: float = 1.0
     # hard: eval forwards use the argmax scheme (what the cache stores) | soft: eval forwards mix
@@ -83,7 +83,7 @@ class MoASKVConfig(ModelConfig):
     kv_pool_slack: float = 1.25
 
     cross_attention_ok: ClassVar[bool] = False  # a self-attention scheme
-    cross_default: ClassVar[Optional[str]] = "mha"
+    cross_default: ClassVar[str | None] = "mha"
 
     @classmethod
     def validate(cls, m, cfg) -> None:
@@ -117,8 +117,8 @@ class MoASKVAttention(nn.Module):
         dropout: float = 0.0,
         bias: bool = False,
         causal: bool = True,
-        attn_dropout: Optional[float] = None,
-        kv_budget: Optional[float] = None,
+        attn_dropout: float | None = None,
+        kv_budget: float | None = None,
         router_tau: float = 1.0,
         inference_routing: str = "hard",
         kv_pool_slack: float = 1.25,
@@ -144,7 +144,7 @@ class MoASKVAttention(nn.Module):
         )
 
     @classmethod
-    def from_config(cls, m, causal: bool = True) -> "MoASKVAttention":
+    def from_config(cls, m, causal: bool = True) -> MoASKVAttention:
         return cls(
             m.d_model,
             m.n_head,
@@ -206,7 +206,7 @@ class MoASKVAttention(nn.Module):
             out = out + gates[:, None, :, i : i + 1] * read
         return out
 
-    def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None):
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None):
         if context is not None:
             raise NotImplementedError(
                 "moas_kv is a self-attention scheme; use mha or moa for cross-attention"
@@ -224,7 +224,7 @@ class MoASKVAttention(nn.Module):
         return self.resid_dropout(self.c_proj(merge_heads(y))), routing
 
     def forward_cached(
-        self, x: Tensor, pool, cache_v: None, positions: Tensor, span: Optional[int] = None
+        self, x: Tensor, pool, cache_v: None, positions: Tensor, span: int | None = None
     ) -> Tensor:
         """Cached self-attention through this layer's HeadPool (models/kv_cache.py): every new token
         stores only its argmax scheme's heads (or MQA's, where the pool's overflow policy says so);
@@ -259,7 +259,7 @@ class MoASKVAttention(nn.Module):
             self.head_dim, (h, g, 1), (0, h, h + g), read, self.kv_pool_slack * self.budget_heads()
         )
 
-    def kv_cache_elems_per_token(self, heads: Optional[float] = None) -> float:
+    def kv_cache_elems_per_token(self, heads: float | None = None) -> float:
         """2 x stored heads x head_dim: the budget's heads (n_head without one), or `heads` (a
         measured mean, e.g. from `realised_heads`)."""
         return 2 * (self.budget_heads() if heads is None else heads) * self.head_dim
