@@ -387,9 +387,11 @@ def kernel_tables(size: str, rows: list) -> list:
         "",
         f"## Kernel breakdown of one {size}-size step",
         "",
-        "GPU time per kernel kind in one compiled step run eagerly (the profiled step is not "
-        "graph-captured; the timed steps are). `idle` = measured step time - kernel time: launch "
-        "gaps, host work.",
+        (
+            "GPU time per kernel kind in one compiled step run eagerly (the profiled step is not "
+            "graph-captured; the timed steps are). `idle` = measured step time - kernel time: "
+            "launch gaps, host work."
+        ),
         "",
         "| model | " + " | ".join(kinds) + " | kernels total | step (graph) | idle |",
         "|---|" + "---|" * (len(kinds) + 3),
@@ -417,19 +419,23 @@ def markdown(bench: dict, notes: str | None) -> str:
     out = [
         "# moa-bench: training-step speed of every attention variant",
         "",
-        "Written by `moa-bench` (moa_train/bench.py) from bench.json; each table row names the run "
-        "that measured it. MFU = FLOPs per token (the models' own counter: 6 x matmul parameters "
-        "used + 12 x heads x head_dim x T) x tokens/s / the peak GEMM rate of the run's precision, "
-        "measured at the start of the same run. Data wait = (step time with a batch drawn per step "
-        "- step time with one fixed batch) / step time, from alternating timed windows; values "
-        "near 0 (or below) are within timing noise.",
+        (
+            "Written by `moa-bench` (moa_train/bench.py) from bench.json; each table row names the "
+            "run that measured it. MFU = FLOPs per token (the models' own counter: 6 x matmul "
+            "parameters used + 12 x heads x head_dim x T) x tokens/s / the peak GEMM rate of the "
+            "run's precision, measured at the start of the same run. Data wait = (step time with a "
+            "batch drawn per step - step time with one fixed batch) / step time, from alternating "
+            "timed windows; values near 0 (or below) are within timing noise."
+        ),
         "",
     ]
     out += [
         "## Runs",
         "",
-        "| run | device | date | torch | commit | peak bf16 TFLOP/s | peak TF32 TFLOP/s | command "
-        "|",
+        (
+            "| run | device | date | torch | commit | peak bf16 TFLOP/s | peak TF32 TFLOP/s | "
+            "command |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for rid, run in sorted(bench["runs"].items()):
@@ -444,8 +450,10 @@ def markdown(bench: dict, notes: str | None) -> str:
         "",
         "## Targets",
         "",
-        f"Asked for: {TARGETS}; Table 1 size: each routed row's step-time ratio to mha at "
-        "most 1.15x its FLOP ratio; data wait < 2%.",
+        (
+            f"Asked for: {TARGETS}; Table 1 size: each routed row's step-time ratio to mha at "
+            "most 1.15x its FLOP ratio; data wait < 2%."
+        ),
         "",
         "| target | measured | met |",
         "|---|---|---|",
@@ -460,8 +468,10 @@ def markdown(bench: dict, notes: str | None) -> str:
             "",
             f"## Size {size}",
             "",
-            "| model | batch x block | step ms (median) | tokens/s | GFLOPs/token | "
-            "MFU | peak mem GiB | data wait | graph breaks | CUDA graph | run |",
+            (
+                "| model | batch x block | step ms (median) | tokens/s | GFLOPs/token | "
+                "MFU | peak mem GiB | data wait | graph breaks | CUDA graph | run |"
+            ),
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
@@ -484,8 +494,10 @@ def markdown(bench: dict, notes: str | None) -> str:
         if run.get("sdpa"):
             out += [
                 "",
-                f"## SDPA backends (run {rid}): causal, bf16, batch {run['sdpa_batch']} x 12 heads "
-                "x 1024 x 64, forward + backward",
+                (
+                    f"## SDPA backends (run {rid}): causal, bf16, batch {run['sdpa_batch']} x 12 "
+                    "heads x 1024 x 64, forward + backward"
+                ),
                 "",
                 "| backend | ms | TFLOP/s (counter's count) |",
                 "|---|---|---|",
@@ -501,8 +513,10 @@ def markdown(bench: dict, notes: str | None) -> str:
                 "",
                 f"## Fast paths against plain paths (run {rid}, {run['device']})",
                 "",
-                "| fast path | plain path | output rel. error | gradient rel. error | tolerance | "
-                "ok |",
+                (
+                    "| fast path | plain path | output rel. error | gradient rel. error | "
+                    "tolerance | ok |"
+                ),
                 "|---|---|---|---|---|---|",
             ]
             out += [

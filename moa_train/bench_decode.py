@@ -281,7 +281,7 @@ def stepper(
                 restart()
                 warm(step, device)
             steps, mode = compiled, "compiled"
-        except Exception as exc:  # noqa: BLE001 (a failure is a result: recorded, then the eager step)
+        except Exception as exc:  # any failure is a result: recorded, then the eager step
             torch._dynamo.reset()
             mode = f"eager (compile failed: {one_line(exc)})"
     compile_s = time.perf_counter() - t0
@@ -295,7 +295,7 @@ def stepper(
             with torch.cuda.graph(graphs[span]):
                 step()
         return {span: g.replay for span, g in graphs.items()}, f"{mode} + CUDA graph", compile_s
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # any failure: recorded, not raised
         sync(device)
         return steps, f"{mode}, no CUDA graph (capture failed: {one_line(exc)})", compile_s
 
@@ -522,7 +522,7 @@ def bench_model(
     base = {"size": size.size, "model": model_name, "inference_routing": "soft"}
     try:
         model, overrides = build(size, model_name, device)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # any failure: recorded, not raised
         return {key: {**base, "error": f"build failed: {one_line(exc)}"}}
     base["overrides"] = overrides
     if not model.cached_decoding_ok():
@@ -554,7 +554,7 @@ def bench_model(
                 "inference_routing": "top1",
                 **measure_row(model, model_name, size, device, bandwidth, args),
             }
-    except Exception as exc:  # noqa: BLE001 (out of memory included: the next model still runs)
+    except Exception as exc:  # any failure, out of memory included: the next model still runs
         failed = f"{key}@top1" if key in rows else key
         rows[failed] = {
             **base,
@@ -723,7 +723,7 @@ def hf_row(size: DecodeSize, kv_heads: int, setting: str, device: torch.device) 
                 batch,
                 batch / step_s,
             )
-    except Exception as exc:  # noqa: BLE001 (a failure is a result)
+    except Exception as exc:  # any failure is a result
         entry["error"] = one_line(exc)
     finally:
         model = None
@@ -818,7 +818,7 @@ def targets(results: dict) -> list:
                     else f"{floor - share:.1%} of the bound ({floor / share:.1f}x too slow)",
                 )
             )
-    for key, r in sorted(results.items()):
+    for _key, r in sorted(results.items()):
         if r["size"] == "gpt2" and "kv_bytes_per_token" in r and "setting" not in r:
             ok = r["kv_bytes_per_token_measured"] == r["kv_bytes_per_token"]
             out.append(
@@ -857,17 +857,21 @@ def size_tables(results: dict, size: str) -> list:
         "",
         f"## Size {size}",
         "",
-        f"Decode at batch {lo} and {hi}, prefill at batch {s.prefill_batch}; prompt and new tokens "
-        "per run in the runs table. Peak memory: prefill + decode at that batch, weights "
-        "included.",
+        (
+            f"Decode at batch {lo} and {hi}, prefill at batch {s.prefill_batch}; prompt and new "
+            "tokens per run in the runs table. Peak memory: prefill + decode at that batch, "
+            "weights included."
+        ),
         "",
     ]
     if rows:
         out += [
-            f"| model | decode mode (b{lo} / b{hi}) | prefill tok/s | decode tok/s b{lo} | decode "
-            f"tok/s b{hi} | x transformers b{lo} | x transformers b{hi} | KV B/token analytic | "
-            f"measured | realised | peak mem GiB b{hi} | bound share b{lo} | bound share b{hi} | "
-            "routing shares | run |",
+            (
+                f"| model | decode mode (b{lo} / b{hi}) | prefill tok/s | decode tok/s b{lo} | "
+                f"decode tok/s b{hi} | x transformers b{lo} | x transformers b{hi} | KV B/token "
+                f"analytic | measured | realised | peak mem GiB b{hi} | bound share b{lo} | bound "
+                f"share b{hi} | routing shares | run |"
+            ),
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
@@ -897,11 +901,17 @@ def size_tables(results: dict, size: str) -> list:
     if hf:
         out += [
             "",
-            "Transformers baseline (LlamaForCausalLM, random init; decode tok/s = batch / the mean "
-            "time between consecutive tokens of one generate(), timed by a logits processor):",
+            (
+                "Transformers baseline (LlamaForCausalLM, random init; decode tok/s = batch / the "
+                "mean time between consecutive tokens of one generate(), timed by a logits "
+                "processor):"
+            ),
             "",
-            f"| model | K/V heads | setting | compiled | decode tok/s b{lo} | decode tok/s b{hi} | "
-            f"generate s b{lo} | generate s b{hi} | peak mem GiB b{hi} | transformers | run |",
+            (
+                f"| model | K/V heads | setting | compiled | decode tok/s b{lo} | decode tok/s "
+                f"b{hi} | generate s b{lo} | generate s b{hi} | peak mem GiB b{hi} | transformers "
+                "| run |"
+            ),
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(hf, key=lambda r: (-r.get("kv_heads", 0), r["setting"])):
@@ -949,25 +959,30 @@ def markdown(data: dict, notes: bool = False) -> str:
     out = [
         "# moa-bench --decode: what each attention variant costs to serve",
         "",
-        "Written by `moa-bench --decode` (moa_train/bench_decode.py) from inference.json; each row "
-        "names the run that measured it. Bound = bytes one decode step must read (every parameter "
-        "once + the batch's K/V at the mean context length, prompt + new / 2) / the copy bandwidth "
-        "measured at the start of the same run (a device-to-device copy, read + write bytes); "
-        "bound share = bound time / measured step time. A decode step attends over its position + "
-        "1 rounded up to a multiple of the span bucket (`--span-bucket`, one CUDA graph per span; "
-        "the decode mode column says which), or over the cache's whole max_len, so it reads "
-        "somewhat more K/V than the bound counts; routed rows (moa k < E, top1) read fewer weights "
-        "than it counts. Routed models are set to balanced routing (router weights whitened and "
-        "mean-free over random-token inputs); `routing shares` are the realised shares per choice "
-        "(of top-k assignments, or of each token's argmax for a soft router), averaged over "
-        "layers, and the worst layer's largest distance from uniform.",
+        (
+            "Written by `moa-bench --decode` (moa_train/bench_decode.py) from inference.json; each "
+            "row names the run that measured it. Bound = bytes one decode step must read (every "
+            "parameter once + the batch's K/V at the mean context length, prompt + new / 2) / the "
+            "copy bandwidth measured at the start of the same run (a device-to-device copy, read + "
+            "write bytes); bound share = bound time / measured step time. A decode step attends "
+            "over its position + 1 rounded up to a multiple of the span bucket (`--span-bucket`, "
+            "one CUDA graph per span; the decode mode column says which), or over the cache's "
+            "whole max_len, so it reads somewhat more K/V than the bound counts; routed rows (moa "
+            "k < E, top1) read fewer weights than it counts. Routed models are set to balanced "
+            "routing (router weights whitened and mean-free over random-token inputs); `routing "
+            "shares` are the realised shares per choice (of top-k assignments, or of each token's "
+            "argmax for a soft router), averaged over layers, and the worst layer's largest "
+            "distance from uniform."
+        ),
         "",
     ]
     out += [
         "## Runs",
         "",
-        "| run | device | date | torch | transformers | commit | copy bandwidth GB/s | size | "
-        "prompt + new tokens | command |",
+        (
+            "| run | device | date | torch | transformers | commit | copy bandwidth GB/s | size | "
+            "prompt + new tokens | command |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rid, run in sorted(data["runs"].items()):
@@ -993,8 +1008,10 @@ def markdown(data: dict, notes: bool = False) -> str:
         if notes:
             out += [
                 "",
-                "Why each missed target is missed, from the traces below: [inference_notes.md]"
-                "(inference_notes.md) (hand-written).",
+                (
+                    "Why each missed target is missed, from the traces below: [inference_notes.md]"
+                    "(inference_notes.md) (hand-written)."
+                ),
             ]
     for size in SIZES:
         out += size_tables(results, size)

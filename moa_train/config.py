@@ -454,7 +454,7 @@ def leaves(node: Any, key: str = ""):
 def _check_finite(cfg) -> None:
     """Every float key finite: inf passes a check like `lr > 0` and nan makes every comparison
     false, and either turns all weights into NaN at the first step."""
-    for top in cfg.keys():
+    for top in cfg:
         if top != "hydra":
             tree = (
                 OmegaConf.to_container(cfg[top], resolve=True)
@@ -526,7 +526,7 @@ def validate(cfg) -> None:
     """Raise ConfigError naming the key and what would be valid: the checks common to every task
     (each task adds its own and the memory check: moa_train.train.tasks.validate runs them all)."""
     known = {f.name for f in fields(TrainConfig)} | {"hydra"}
-    for key in cfg.keys():
+    for key in cfg:
         _check(
             key in known,
             str(key),

@@ -41,7 +41,7 @@ def grad_err(fast: torch.nn.Module, plain: torch.nn.Module) -> float:
     relative error."""
     pairs = [
         (p.grad.flatten(), q.grad.flatten())
-        for p, q in zip(fast.parameters(), plain.parameters())
+        for p, q in zip(fast.parameters(), plain.parameters(), strict=True)
         if q.grad is not None
     ]
     return rel_err(
@@ -137,7 +137,7 @@ def grouped_kernel_against_reference(device) -> tuple | None:
         y = fn(x, w, offs)
         outs.append((y, *torch.autograd.grad(y.float().square().sum(), (x, w))))
     return rel_err(outs[0][0], outs[1][0]), max(
-        rel_err(a, b) for a, b in zip(outs[0][1:], outs[1][1:])
+        rel_err(a, b) for a, b in zip(outs[0][1:], outs[1][1:], strict=True)
     )
 
 
@@ -150,7 +150,7 @@ def fused_adamw_against_plain(device) -> float:
     results = []
     for fused in (True, False):
         ps = [p.clone().requires_grad_() for p in params]
-        for p, g in zip(ps, grads):
+        for p, g in zip(ps, grads, strict=True):
             p.grad = g.clone()
         opt = torch.optim.AdamW(
             ps, lr=1e-2, weight_decay=0.1, fused=fused, foreach=None if fused else False

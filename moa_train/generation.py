@@ -240,7 +240,7 @@ def generate(
     # + new <= max_seq_len + 1, the last token never fed), so prompts near the limit get a batch of
     # their own
     budgets = [max(0, min(max_new_tokens, limit + 1 - len(p))) for p in ids]
-    for text, budget in zip(prompts, budgets):
+    for text, budget in zip(prompts, budgets, strict=True):
         if budget < max_new_tokens and warn is not None:
             warn(
                 f"prompt {text[:40]!r}: stops after {budget} new tokens, at "
@@ -256,13 +256,14 @@ def generate(
         if stream is not None:
             streamer, so_far = _Streamer(tokenizer, stream), []
 
-            def on_token(tokens):
+            def on_token(tokens, so_far=so_far, streamer=streamer):
                 so_far.append(int(tokens[0]))
                 streamer(so_far)
 
         for row, got in zip(
             rows,
             _generate_ids(model, [ids[r] for r in rows], budget, use_cache, draw, on_token, warn),
+            strict=True,
         ):
             new[row] = got
         if stream is not None:
@@ -413,7 +414,7 @@ def main(argv=None) -> None:
     if single:
         print("" if started else prompts[0])
         return
-    for prompt, completion in zip(prompts, completions):
+    for prompt, completion in zip(prompts, completions, strict=True):
         print(f"{prompt}{completion}\n")
 
 

@@ -100,7 +100,7 @@ def run_labels(records: list) -> list:
         f"{label} ({r['run'].name})"
         if labels.count(label) > 1 and label != r["run"].name
         else label
-        for label, r in zip(labels, records)
+        for label, r in zip(labels, records, strict=True)
     ]
 
 
@@ -115,7 +115,7 @@ def group_table(records: list, keys: list) -> list:
         groups.setdefault(group_key(r, keys), []).append(r)
     table = []
     for key, recs in groups.items():
-        row = {k: v for k, v in zip(keys, key)}
+        row = dict(zip(keys, key, strict=True))
         row["runs"] = len(recs)
         for m in METRICS:
             values = [
@@ -207,7 +207,7 @@ def val_loss_figure(records: list):
     for i, r in enumerate(records):
         pts = [(row["step"], row["val/loss"]) for row in r["rows"] if "val/loss" in row]
         if pts:
-            ax.plot(*zip(*pts), marker=".", label=r["label"], **run_style(i, plt))
+            ax.plot(*zip(*pts, strict=True), marker=".", label=r["label"], **run_style(i, plt))
     ax.set(xlabel="step", ylabel="val/loss (nats per token)", title="Validation loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), title="run")
@@ -224,12 +224,12 @@ def entropy_figure(routed: list):
     fig, axes = plt.subplots(
         nrows, ncols, figsize=(4 * ncols, 3 * nrows), sharex=True, sharey=True, squeeze=False
     )
-    for ax, site in zip(axes.flat, sites):
+    for ax, site in zip(axes.flat, sites, strict=True):
         key = f"routing/entropy/{site}"
         for i, r in enumerate(routed):
             pts = [(row["step"], row[key]) for row in r["rows"] if key in row]
             if pts:
-                ax.plot(*zip(*pts), label=r["label"], lw=2, **run_style(i, plt))
+                ax.plot(*zip(*pts, strict=True), label=r["label"], lw=2, **run_style(i, plt))
         counts = sorted({len(site_util(r["routing"], site)) for r in routed} - {0})
         for c in counts:  # under the runs' lines, which often lie on it
             ax.axhline(math.log(c), color="grey", ls="--", lw=1, zorder=1, label=f"ln {c}")
@@ -427,7 +427,7 @@ def main(argv=None) -> None:
     records = [load_run_record(r) for r in find_runs(args.paths)]
     if not records:
         raise SystemExit(f"error: no run folder (with summary.json) under {', '.join(args.paths)}")
-    for record, label in zip(records, run_labels(records)):
+    for record, label in zip(records, run_labels(records), strict=True):
         record["label"] = label
     table = group_table(records, args.group_by)
     table_md = markdown(records, table, args.group_by)

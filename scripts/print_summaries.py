@@ -9,6 +9,6 @@ for root in sys.argv[1:]:
     for s in sorted(Path(root).rglob("summary.json")):
         d = json.loads(s.read_text())
         print(
-            f"{str(s.parent.relative_to(root)):40s} val {d.get('val/loss', float('nan')):.4f}  "
+            f"{s.parent.relative_to(root)!s:40s} val {d.get('val/loss', float('nan')):.4f}  "
             f"step_ms {d.get('step_ms_median') or float('nan'):8.2f}  {d['device_name']}"
         )

@@ -41,7 +41,7 @@ def test_decode_bench_measures_every_field(tmp_path):
     assert run["command"].startswith("moa-bench --decode --decode-size tiny")
     assert set(data["results"]) == {"tiny/mha", "tiny/moas_dynamic", "tiny/moas_dynamic@top1"}
     n_layer, head_dim = 2, 16  # bench.SIZES["tiny"]: 2 layers, d 64, 4 heads; fp32 on a CPU
-    for key, r in data["results"].items():
+    for r in data["results"].values():
         assert "error" not in r, r.get("error")
         assert r["run"] == rid
         # mha caches its 4 heads; MoAS every branch's: 4 + gqa_kv_heads (2) + 1

@@ -226,7 +226,7 @@ def test_decoding_timer_on_a_trained_run(compose_cfg, tmp_path, capsys):
     off, on = rows[:2]
     assert off["beam"] == on["beam"] == 2
     assert on["identical_hypotheses"] == on["sentences"] == 12 and off["bleu"] == on["bleu"]
-    assert kv_cache.DECODING_SDPA == backends
+    assert backends == kv_cache.DECODING_SDPA
     table = capsys.readouterr().out
     assert "| run | precision | cuDNN attention |" in table and "| fp32 | off | 12 | 2 |" in table
     assert "| bf16 | allowed |" in table

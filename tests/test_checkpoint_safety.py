@@ -89,7 +89,7 @@ def test_old_checkpoint_is_refused_then_converted_with_the_trust_flag(train_run,
     train_run(run, *FIVE)
     path = run / "checkpoints" / "step_0000005.pt"
     old_format(path)
-    with pytest.raises(CheckpointError, match="convert .* --trust-pickle"):
+    with pytest.raises(CheckpointError, match=r"convert .* --trust-pickle"):
         load_checkpoint(path)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "moa_train.train.checkpoint", "convert", str(run)]
@@ -123,7 +123,7 @@ def test_rng_state_round_trips_through_a_safe_load(tmp_path):
 
 
 def test_damaged_sidecar_keeps_its_checkpoint(train_run, tmp_path, caplog):
-    _, before = train_run(tmp_path, *TEN)
+    _, _ = train_run(tmp_path, *TEN)
     path = tmp_path / "checkpoints" / "step_0000010.pt"
     data = path.read_bytes()
     sidecar(path).write_text("garbage\n")
@@ -150,7 +150,7 @@ def test_load_run_falls_back_past_a_damaged_checkpoint(train_run, tmp_path, capl
     latest = folder / "step_0000010.pt"
     latest.write_bytes(latest.read_bytes()[:1000])
     with caplog.at_level(logging.WARNING):
-        model, cfg = load_run(tmp_path)
+        model, _ = load_run(tmp_path)
     assert "step_0000010.pt is damaged" in caplog.text
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
     assert latest.is_file()  # a reader changes nothing
@@ -172,7 +172,7 @@ def test_non_finite_weights_are_never_checkpointed(train_run, make_cfg, tmp_path
         "step_0000005.pt"
     ]
     fresh = tmp_path / "fresh"
-    with pytest.raises(DivergedError, match="not finite at step 5.*last good checkpoint is none"):
+    with pytest.raises(DivergedError, match=r"not finite at step 5.*last good checkpoint is none"):
         train(make_cfg("trainer.device=cpu", *FIVE, "optim.lr=inf"), fresh)
     assert not list(fresh.rglob("*.pt"))
 

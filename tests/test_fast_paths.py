@@ -59,11 +59,11 @@ def moa_pair(**kw):
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(top_k=2, head_dim=8),
-        dict(top_k=3, head_dim=4, n_kv_heads=2),
-        dict(top_k=2, head_dim=8, bias=True),
-        dict(top_k=1, head_dim=8, gating="topk_softmax"),
-        dict(top_k=6, head_dim=8),
+        {"top_k": 2, "head_dim": 8},
+        {"top_k": 3, "head_dim": 4, "n_kv_heads": 2},
+        {"top_k": 2, "head_dim": 8, "bias": True},
+        {"top_k": 1, "head_dim": 8, "gating": "topk_softmax"},
+        {"top_k": 6, "head_dim": 8},
     ],
 )
 def test_moa_grouped_equals_dense(kw):
@@ -75,7 +75,7 @@ def test_moa_grouped_equals_dense(kw):
     torch.testing.assert_close(y_g, y_d, rtol=1e-5, atol=1e-6)
     y_d.square().sum().backward()
     y_g.square().sum().backward()
-    for (name, p), q in zip(dense.named_parameters(), grouped.parameters()):
+    for (name, p), q in zip(dense.named_parameters(), grouped.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 

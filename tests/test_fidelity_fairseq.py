@@ -22,9 +22,15 @@ V, PAD = 40, 0
 
 
 def seq2seq(name: str = "mha", **keys) -> Seq2Seq:
-    base = dict(
-        name=name, d_model=32, n_layer=1, n_encoder_layer=1, n_head=4, max_seq_len=32, dropout=0.0
-    )
+    base = {
+        "name": name,
+        "d_model": 32,
+        "n_layer": 1,
+        "n_encoder_layer": 1,
+        "n_head": 4,
+        "max_seq_len": 32,
+        "dropout": 0.0,
+    }
     m = OmegaConf.structured(config.VARIANTS[name](**{**base, **keys}))
     torch.manual_seed(0)
     return Seq2Seq(m, V, PAD)

@@ -5,7 +5,9 @@ models; logits compared with atol 1e-5."""
 
 from __future__ import annotations
 
+import re
 import time
+from typing import ClassVar
 
 import pytest
 import torch
@@ -94,8 +96,9 @@ def cached_logits(lm: LanguageModel, idx: torch.Tensor, lengths: list, max_len: 
     cache = lm.init_cache(b, max_len)
     steps = [lm.prefill(prompts, torch.tensor(lengths), cache)]
     columns = torch.tensor(lengths)[:, None] + torch.arange(t - width)
-    for j in range(t - width):  # row r decodes its own next tokens idx[r, lengths[r] + j]
-        steps.append(lm.decode_step(idx.gather(1, columns[:, j : j + 1])[:, 0], cache))
+    # row r decodes its own next tokens idx[r, lengths[r] + j], one step after the other
+    for j in range(t - width):
+        steps.append(lm.decode_step(idx.gather(1, columns[:, j : j + 1])[:, 0], cache))  # noqa: PERF401
     assert cache.lengths.tolist() == [n + t - width for n in lengths]
     out = torch.stack(steps, 1)
     return [out[r] for r in range(b)]
@@ -147,7 +150,7 @@ def test_decode_over_a_span_equals_decode_over_the_whole_cache(variant):
             )
     for cache in caches[1:]:
         assert torch.equal(cache.lengths, caches[0].lengths)
-        for a, b in zip(cache.k + cache.v, caches[0].k + caches[0].v):
+        for a, b in zip(cache.k + cache.v, caches[0].k + caches[0].v, strict=True):
             # later layers' K/V differ in the last bits: the attention before them reduced over
             # fewer positions
             torch.testing.assert_close(getattr(a, "k", a), getattr(b, "k", b), atol=ATOL, rtol=0)
@@ -238,7 +241,7 @@ def test_decode_span_reads_only_its_positions():
     with torch.no_grad():
         for cache in (clean, dirty):
             lm.prefill(idx[:, :5], torch.tensor([5]), cache)
-        for k, v in zip(dirty.k, dirty.v):
+        for k, v in zip(dirty.k, dirty.v, strict=True):
             k[:, :, 6:] = float("nan")
             v[:, :, 6:] = float("nan")
         torch.testing.assert_close(
@@ -269,7 +272,7 @@ def test_kv_bytes_per_token_match_the_cache(variant, dtype):
 
 def test_init_cache_longer_than_max_seq_len_is_refused():
     lm = build("mha")
-    with pytest.raises(ValueError, match="model.max_seq_len=32") as err:
+    with pytest.raises(ValueError, match=re.escape("model.max_seq_len=32")) as err:
         lm.init_cache(1, MAX_SEQ + 1)
     assert "\n" not in str(err.value)
     assert lm.init_cache(1, MAX_SEQ).max_len == MAX_SEQ
@@ -278,7 +281,7 @@ def test_init_cache_longer_than_max_seq_len_is_refused():
 def test_inference_routing_is_validated():
     m = OmegaConf.structured(MoASDynamicConfig(name="moas_dynamic", inference_routing="top2"))
     with pytest.raises(
-        ConfigError, match="model.inference_routing: got 'top2'; allowed: soft, top1"
+        ConfigError, match=re.escape("model.inference_routing: got 'top2'; allowed: soft, top1")
     ):
         MoASDynamicConfig.validate(m, None)
 
@@ -347,7 +350,7 @@ class NoHostSync(TorchDispatchMode):
     _local_scalar_dense; on CPU .tolist() reads memory without an op) or makes an output shape
     depend on data."""
 
-    SYNCS = {
+    SYNCS: ClassVar[dict] = {
         "_local_scalar_dense",
         "nonzero",
         "masked_select",

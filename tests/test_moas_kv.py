@@ -126,7 +126,7 @@ def test_realised_bytes_are_the_used_slots_of_the_routed_heads(dtype):
     assert all(len(r.chosen[:, 0].unique()) == 3 for r in routings)  # every scheme is used
     head_bytes = 2 * (D // H) * dtype.itemsize
     assert cache.realised_bytes_per_token() == pytest.approx(float(sum(heads)) * head_bytes)
-    for layer, routing in zip(cache.k, routings):
+    for layer, routing in zip(cache.k, routings, strict=True):
         used = lm.blocks[0].attn.stored_heads[routing.chosen[:, 0]].view(3, 12)
         assert layer.used_slots(lengths).tolist() == [
             int(used[r, :n].sum()) for r, n in enumerate(lengths)
@@ -238,7 +238,7 @@ def test_validation_names_the_key():
 
 def test_the_budget_loss_pulls_the_stored_heads_to_the_budget(train_run, tmp_path):
     steps = 60
-    summary, records = train_run(
+    _, records = train_run(
         tmp_path,
         "model=moas_kv",
         "model.n_head=4",

@@ -158,7 +158,7 @@ def test_moa_chooses_k_distinct_experts(gating, k):
     gates, chosen, routing = moa(gating, k).route(rand_x())
     assert chosen.shape == gates.shape == (B * T, k)
     assert all(len(set(row.tolist())) == k for row in chosen)
-    assert ((0 <= chosen) & (chosen < 6)).all()
+    assert ((chosen >= 0) & (chosen < 6)).all()
     assert torch.equal(routing.chosen, chosen)
     assert torch.allclose(routing.probs.sum(-1), torch.ones(B * T), atol=1e-6)
     # the chosen experts are the k most probable ones
@@ -185,7 +185,14 @@ def test_moa_softmax_all_gates_are_topk_probabilities():
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_moas_fused_matches_plain(dynamic, bias):
-    kwargs = dict(d_model=D, n_head=4, gqa_kv_heads=2, dropout=0.0, bias=bias, dynamic=dynamic)
+    kwargs = {
+        "d_model": D,
+        "n_head": 4,
+        "gqa_kv_heads": 2,
+        "dropout": 0.0,
+        "bias": bias,
+        "dynamic": dynamic,
+    }
     torch.manual_seed(0)
     fused = MoASAttention(fused=True, **kwargs)
     with torch.no_grad():  # non-trivial biases, so a mis-mixed bias would show
@@ -219,5 +226,5 @@ def test_moas_parameters_equal_three_branches():
     d, h = 48, 6
     hd = d // h
     attn = MoASAttention(d, h, gqa_kv_heads=2, dynamic=False)
-    branch = lambda kv: d * (d + 2 * kv * hd) + d * d  # Q, K, V, O  # noqa: E731
+    branch = lambda kv: d * (d + 2 * kv * hd) + d * d  # noqa: E731 (Q, K, V, O)
     assert sum(p.numel() for p in attn.parameters()) == branch(h) + branch(2) + branch(1)

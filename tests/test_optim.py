@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from typing import ClassVar
 
 import pytest
 import torch
@@ -32,7 +34,7 @@ def test_cosine_decays_to_min_ratio():
     assert lr_factor(60, cfg, 110) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(110, cfg, 110) == pytest.approx(0.1)
     factors = [lr_factor(s, cfg, 110) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(factors, factors[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors))
 
 
 def test_inverse_sqrt():
@@ -86,7 +88,11 @@ def test_groups_follow_declared_roles_not_attribute_names():
     from moa_train.models.roles import NO_DECAY
 
     class Gated(torch.nn.Module):
-        PARAM_ROLES = {"gate": ROUTER, "gate.bias": NO_DECAY, "router.bias": NO_DECAY}
+        PARAM_ROLES: ClassVar[dict] = {
+            "gate": ROUTER,
+            "gate.bias": NO_DECAY,
+            "router.bias": NO_DECAY,
+        }
 
         def __init__(self):
             super().__init__()

@@ -62,10 +62,32 @@ def test_the_readme_shows_commands_and_marks_only_known_kinds():
             assert not re.search(r"\[[^\]]*\]$", comment) or comment.endswith(MARKERS), comment
 
 
+def test_ci_runs_the_readmes_test_command():
+    """.ci/run's command is the README's test command, style checks included."""
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()[-1]
+    shown = [c for lines in SECTIONS.values() for c, _ in lines if "pytest" in c]
+    assert ci in shown
+    assert "ruff format --check ." in ci and "ruff check ." in ci
+
+
 def write_multi30k(root: Path) -> None:
     folder = root / "multi30k"
     folder.mkdir(parents=True)
-    words = "a dog cat runs jumps over the red blue house man woman street".split()
+    words = [
+        "a",
+        "dog",
+        "cat",
+        "runs",
+        "jumps",
+        "over",
+        "the",
+        "red",
+        "blue",
+        "house",
+        "man",
+        "woman",
+        "street",
+    ]
     for stem, n in (("train", 200), ("val", 20), ("test_2016_flickr", 20)):
         lines = [
             " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(3 + i % 5))

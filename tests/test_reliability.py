@@ -416,6 +416,6 @@ def test_signal_during_evaluation_stops_it_and_resume_matches(
     # the stopped evaluation's
     assert not [r for r in logged if f"{split}/loss" in r and r["step"] == step]
     monkeypatch.undo()
-    summary, records = train_run(tmp_path, *RUN)
+    _, records = train_run(tmp_path, *RUN)
     assert_same_run(records, straight)
     assert by_step(records, "test/loss") == by_step(straight, "test/loss")

@@ -60,7 +60,7 @@ def records_of(root):
     from moa_train.report import find_runs, load_run_record, run_labels
 
     records = [load_run_record(r) for r in find_runs([root])]
-    for record, label in zip(records, run_labels(records)):
+    for record, label in zip(records, run_labels(records), strict=True):
         record["label"] = label
     return records
 
@@ -74,7 +74,8 @@ def test_report_table_plots_and_html(runs, tmp_path):
     root, summaries = runs
     out = tmp_path / "report"
     main([str(root), "--out", str(out)])
-    rows = {r["model.name"]: r for r in csv.DictReader(open(out / "report.csv"))}
+    with open(out / "report.csv") as f:
+        rows = {r["model.name"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"mha", "moa"}
     assert rows["mha"]["runs"] == "2"
     mha_losses = [s["val/loss"] for s in summaries["mha"]]

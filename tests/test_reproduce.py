@@ -43,7 +43,7 @@ def same_numbers(a, b) -> bool:
         return (
             isinstance(b, list)
             and len(a) == len(b)
-            and all(same_numbers(x, y) for x, y in zip(a, b))
+            and all(same_numbers(x, y) for x, y in zip(a, b, strict=True))
         )
     return a == b
 
@@ -54,8 +54,8 @@ def test_tables_regenerate_from_records(tmp_path):
     regenerated = rebuild("scripts/reproduce_moas_table1.py", out)
     committed = json.loads((ROOT / "docs/results/moas_table1.json").read_text())["results"]
     assert regenerated == committed
-    for mode, block in regenerated.items():
-        for row, r in block["rows"].items():
+    for block in regenerated.values():
+        for r in block["rows"].values():
             summaries = [
                 json.loads((RECORDS / run / "summary.json").read_text()) for run in r["runs"]
             ]

@@ -159,7 +159,7 @@ def test_beam_finds_a_likelier_sequence_than_greedy(beam):
     greedy = search("greedy", TRAP, src, mask, max_len=5)
     beamed = search(beam, TRAP, src, mask, max_len=5, lenpen=0.0)
     assert greedy == [[A, C]] * 3 and beamed == [[B]] * 3
-    for g, b in zip(greedy, beamed):
+    for g, b in zip(greedy, beamed, strict=True):
         assert total_log_prob(TRAP, src[:1], mask[:1], b) > total_log_prob(
             TRAP, src[:1], mask[:1], g
         )

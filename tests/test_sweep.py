@@ -47,7 +47,7 @@ def only_sweep_folder(cwd: Path) -> Path:
     folders = [
         p for p in (cwd / "outputs" / "multiruns").rglob("*") if (p / "multirun.yaml").is_file()
     ]
-    jobs = [p for p in (cwd / "outputs" / "multiruns").rglob(".hydra")]
+    jobs = list((cwd / "outputs" / "multiruns").rglob(".hydra"))
     assert len(folders) == 1, folders
     assert all(folders[0] in job.parents for job in jobs), jobs  # every job inside it
     return folders[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import shutil
 import sys
 import types
@@ -155,7 +156,7 @@ def test_eval_splits_keep_every_line_and_round_trip(data, split, fname):
     s = data.splits[split]
     assert s.src_text == en and s.tgt_text == de and len(s.src) == len(s.tgt) == len(en)
     assert s.n_dropped == 0
-    for ids, text in zip(s.src + s.tgt, en + de):
+    for ids, text in zip(s.src + s.tgt, en + de, strict=True):
         assert ids.dtype == np.int32 and ids.ndim == 1
         assert np.array_equal(data.encode(text), ids)
         assert data.decode(ids) == text
@@ -175,7 +176,7 @@ def test_max_len_drops_long_and_empty_training_pairs_only(data):
     assert train.n_dropped == 2  # the long pair and the pair with an empty side
     kept = [i for i in range(len(en)) if i not in (LONG_AT, EMPTY_AT)]
     assert train.src_text == [en[i] for i in kept] and train.tgt_text == [de[i] for i in kept]
-    for x, y, xt, yt in zip(train.src, train.tgt, train.src_text, train.tgt_text):
+    for x, y, xt, yt in zip(train.src, train.tgt, train.src_text, train.tgt_text, strict=True):
         assert 0 < len(x) <= 60 and 0 < len(y) <= 60
         assert np.array_equal(x, data.encode(xt)) and np.array_equal(y, data.encode(yt))
     for split in ("val", "test"):  # the long pairs stay: they are BLEU references
@@ -191,7 +192,7 @@ def test_second_load_reuses_the_cache(corpus_root, module_cache, data, monkeypat
     again = load_translation(data_cfg(corpus_root, module_cache))
     assert again.tokenizer_path == data.tokenizer_path
     for split in ("train", "val", "test"):
-        for a, b in zip(again.splits[split].tgt, data.splits[split].tgt):
+        for a, b in zip(again.splits[split].tgt, data.splits[split].tgt, strict=True):
             assert np.array_equal(a, b)
     # a different max_len filters the same cached ids: no retraining either
     wider = load_translation(data_cfg(corpus_root, module_cache, max_len=1000))
@@ -226,8 +227,8 @@ def test_de_en_swaps_the_sides_and_shares_the_cache(corpus_root, module_cache, d
     assert de_en.splits["train"].tgt_text == data.splits["train"].src_text
     for split in ("train", "val", "test"):
         a, b = de_en.splits[split], data.splits[split]
-        assert all(np.array_equal(x, y) for x, y in zip(a.src, b.tgt))
-        assert all(np.array_equal(x, y) for x, y in zip(a.tgt, b.src))
+        assert all(np.array_equal(x, y) for x, y in zip(a.src, b.tgt, strict=True))
+        assert all(np.array_equal(x, y) for x, y in zip(a.tgt, b.src, strict=True))
 
 
 def test_crlf_line_ends_are_not_part_of_the_text(broken_root, tmp_path):
@@ -382,7 +383,9 @@ def test_download_writes_the_files_into_the_cache(tmp_path, monkeypatch):
 def test_download_of_wmt14_reads_nested_rows(tmp_path, monkeypatch):
     hub = {}
     for split, hub_split in (("train", "train"), ("valid", "validation"), ("test", "test")):
-        hub[hub_split] = {"translation": [{"de": d, "en": e} for e, d in zip(*corpus_lines(split))]}
+        hub[hub_split] = {
+            "translation": [{"de": d, "en": e} for e, d in zip(*corpus_lines(split), strict=True)]
+        }
     _fake_datasets(monkeypatch, hub)
     got = load_translation(data_cfg(None, tmp_path / "cache"))
     assert got.splits["test"].src_text == corpus_lines("test")[0]
@@ -496,7 +499,7 @@ def test_state_dict_resumes_exactly(data, epochs_done):
 
 def test_state_from_other_batching_is_refused(data):
     state = _batches(data).state_dict()
-    with pytest.raises(DataError, match="data.max_tokens"):
+    with pytest.raises(DataError, match=re.escape("data.max_tokens")):
         _batches(data, max_tokens=2 * MAX_TOKENS).load_state_dict(state)
 
 
@@ -571,7 +574,8 @@ def test_damaged_translation_cache_is_rebuilt_with_one_warning(corpus_root, tmp_
     assert len(warnings) == 1 and "is damaged" in warnings[0] and words in warnings[0], warnings
     for split in ("train", "val", "test"):
         assert all(
-            np.array_equal(x, y) for x, y in zip(good.splits[split].tgt, again.splits[split].tgt)
+            np.array_equal(x, y)
+            for x, y in zip(good.splits[split].tgt, again.splits[split].tgt, strict=True)
         )
         assert len(good.splits[split]) == len(again.splits[split])
 

@@ -295,7 +295,9 @@ def _split(
         n = (
             0
             if eval_len is None
-            else sum(len(x) > eval_len or len(y) > eval_len for x, y in zip(s.src, s.tgt))
+            else sum(
+                len(x) > eval_len or len(y) > eval_len for x, y in zip(s.src, s.tgt, strict=True)
+            )
         )
         if n:
             s.src, s.tgt = [x[:eval_len] for x in s.src], [y[:eval_len] for y in s.tgt]
@@ -303,7 +305,7 @@ def _split(
         return s
     keep = [
         i
-        for i, (x, y) in enumerate(zip(s.src, s.tgt))
+        for i, (x, y) in enumerate(zip(s.src, s.tgt, strict=True))
         if 0 < len(x) <= max_len and 0 < len(y) <= max_len
     ]
     if not keep:
@@ -438,7 +440,7 @@ class TokenBatches:
         max_tokens."""
         batches, cur, s_max, t_max = [], [], 0, 0
         for i, s, t in zip(
-            order.tolist(), self.src_len[order].tolist(), self.tgt_len[order].tolist()
+            order.tolist(), self.src_len[order].tolist(), self.tgt_len[order].tolist(), strict=True
         ):
             if cur and (len(cur) + 1) * (max(s_max, s) + max(t_max, t)) > self.max_tokens:
                 batches.append(np.asarray(cur))

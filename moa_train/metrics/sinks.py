@@ -22,7 +22,7 @@ def to_floats(metrics: dict) -> dict:
     out = {k: float(v) for k, v in metrics.items() if k not in keys}
     if keys:
         values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).cpu().tolist()
-        out.update(zip(keys, values))
+        out.update(zip(keys, values, strict=True))
     return out
 
 
@@ -31,7 +31,8 @@ class JsonlSink:
 
     def __init__(self, path: Path):
         self.path = path
-        self.file = open(path, "a", encoding="utf-8")
+        # open for the sink's life, closed by close()
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     def log(self, step: int, metrics: dict) -> None:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")

@@ -145,7 +145,7 @@ def kv_bytes_per_token(model, dtype: torch.dtype, routings: list | None = None) 
     return (
         sum(
             elems(block.attn, r)
-            for block, r in zip(model.blocks, routings or [None] * len(model.blocks))
+            for block, r in zip(model.blocks, routings or [None] * len(model.blocks), strict=True)
         )
         * dtype.itemsize
     )
@@ -311,7 +311,7 @@ class HeadPool:
                 fits = self._fits(start, choice[:, t], positions[:, t])
                 columns.append((torch.where(fits, choice[:, t], fallback), start, fits))
                 start = start + self.heads[columns[-1][0]]
-            scheme, offset, ok = (torch.stack(c, 1) for c in zip(*columns))
+            scheme, offset, ok = (torch.stack(c, 1) for c in zip(*columns, strict=True))
         else:
             scheme = torch.where(ok, choice, fallback)
         rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(

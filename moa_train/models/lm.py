@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -26,7 +27,11 @@ from moa_train.models.roles import EMBEDDING, NO_DECAY, RESIDUAL, params_with
 class MLP(nn.Module):
     """Linear -> activation (GELU or ReLU) -> activation dropout -> Linear -> dropout."""
 
-    PARAM_ROLES = {"c_proj.weight": RESIDUAL, "c_fc.bias": NO_DECAY, "c_proj.bias": NO_DECAY}
+    PARAM_ROLES: ClassVar[dict] = {
+        "c_proj.weight": RESIDUAL,
+        "c_fc.bias": NO_DECAY,
+        "c_proj.bias": NO_DECAY,
+    }
 
     def __init__(
         self,
@@ -67,7 +72,7 @@ def takes_span(attn: nn.Module) -> bool:
 
 
 class Block(nn.Module):
-    PARAM_ROLES = {"ln_1": NO_DECAY, "ln_2": NO_DECAY}
+    PARAM_ROLES: ClassVar[dict] = {"ln_1": NO_DECAY, "ln_2": NO_DECAY}
 
     def __init__(self, m, causal: bool = True):
         super().__init__()
@@ -110,7 +115,7 @@ def init_weights(model: nn.Module, n_layer: int) -> None:
 
 
 class LanguageModel(nn.Module):
-    PARAM_ROLES = {"wte": EMBEDDING, "wpe": EMBEDDING, "ln_f": NO_DECAY}
+    PARAM_ROLES: ClassVar[dict] = {"wte": EMBEDDING, "wpe": EMBEDDING, "ln_f": NO_DECAY}
 
     def __init__(self, m, vocab_size: int):
         super().__init__()
@@ -179,9 +184,8 @@ class LanguageModel(nn.Module):
         span: attend over the cache's first `span` positions only, not all max_len of them (the
         caller, who counts the steps on the host, promises that every row's position is below it;
         unchecked, as a check would sync). The same results, less K/V read: a step at context 600 of
-        a 1024-token cache reads 600 positions' K/V, not
-        1024. A compiled or graph-captured step has fixed shapes per span, so callers round spans up
-              to buckets."""
+        a 1024-token cache reads 600 positions' K/V, not 1024. A compiled or graph-captured step has
+        fixed shapes per span, so callers round spans up to buckets."""
         h = self.forward_cached(tokens[:, None], cache.lengths[:, None], cache, span)
         cache.lengths.add_(1)
         return self.lm_head(h[:, 0])
@@ -194,7 +198,7 @@ class LanguageModel(nn.Module):
         if span is not None and not 1 <= span <= cache.max_len:
             raise ValueError(f"span={span} must lie in 1..{cache.max_len} (the cache's max_len)")
         x = self.wte(idx) + self.wpe(positions)
-        for block, cache_k, cache_v in zip(self.blocks, cache.k, cache.v):
+        for block, cache_k, cache_v in zip(self.blocks, cache.k, cache.v, strict=True):
             # the whole cache goes down, and each attention reads its first `span` positions:
             # handing down views of them instead made inductor copy the views out and back around
             # every write (kv_cache.write_kv)

@@ -227,7 +227,7 @@ def routing_metrics(sites: list, routings: list) -> dict:
     """Turn (site name, Routing) pairs into the flat metric dict: routing/entropy/<site>,
     routing/util/<site>/<c>."""
     out = {}
-    for site, r in zip(sites, routings):
+    for site, r in zip(sites, routings, strict=True):
         if r is None:
             continue
         out[f"routing/entropy/{site}"] = entropy(r.probs, r.mask)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -57,7 +58,7 @@ def sinusoids_fairseq(n_pos: int, dim: int) -> Tensor:
 class Sublayer(nn.Module):
     """x + f(norm(x)) (pre-LN) or norm(x + f(x)) (post-LN), for f an attention or the MLP."""
 
-    PARAM_ROLES = {"norm": NO_DECAY}
+    PARAM_ROLES: ClassVar[dict] = {"norm": NO_DECAY}
 
     def __init__(self, d_model: int, bias: bool, norm_first: bool):
         super().__init__()
@@ -137,7 +138,7 @@ class DecoderState:
 
 
 class Seq2Seq(nn.Module):
-    PARAM_ROLES = {
+    PARAM_ROLES: ClassVar[dict] = {
         "embed": EMBEDDING,
         "tgt_embed": EMBEDDING,
         "pos": EMBEDDING,
@@ -254,7 +255,7 @@ class Seq2Seq(nn.Module):
         positions = state.cache.lengths[:, None]
         x = self._embed(self.tgt_embed, tokens[:, None], positions)
         for layer, cache_k, cache_v, kv in zip(
-            self.decoder, state.cache.k, state.cache.v, state.cross
+            self.decoder, state.cache.k, state.cache.v, state.cross, strict=True
         ):
             x = layer.forward_cached(x, cache_k, cache_v, positions, kv, state.src_mask)
         state.cache.lengths.add_(1)
@@ -281,7 +282,7 @@ class Seq2Seq(nn.Module):
         masks = [src_mask.flatten()] * len(enc_routings) + [tgt_mask.flatten()] * len(dec_routings)
         routings = [
             None if r is None else dataclasses.replace(r, mask=m)
-            for r, m in zip(enc_routings + dec_routings, masks)
+            for r, m in zip(enc_routings + dec_routings, masks, strict=True)
         ]
         return logits, routings
 

@@ -50,7 +50,9 @@ def decode_run(
             data = first_pairs(data, max_sentences)
         dtype = {"bf16": torch.bfloat16, "fp32": None}[precision]
         autocast = (
-            (lambda: torch.autocast(device_type=device, dtype=dtype)) if dtype else nullcontext
+            (lambda dtype=dtype: torch.autocast(device_type=device, dtype=dtype))
+            if dtype
+            else nullcontext
         )
         plain = kv_cache.DECODING_SDPA
         try:
@@ -92,7 +94,7 @@ def time_both(task, data, beam: int, precision: str, device: str, autocast, run:
                 "bleu": corpus_scores(hyps[cache], data.tgt_text)["bleu"],
             }
         )
-    same = sum(a == b for a, b in zip(hyps[False], hyps[True]))
+    same = sum(a == b for a, b in zip(hyps[False], hyps[True], strict=True))
     return [{**row, "identical_hypotheses": same} for row in rows]
 
 
@@ -104,21 +106,27 @@ def markdown_section(record: dict) -> list:
         "",
         f"- Command: `{m['command']}`",
         f"- Device: {m['device']}; torch {m['torch']}; git {m['git_sha']}; date {m['date']}",
-        "- Seconds: device-synchronised wall time of decoding the test set alone (beam search with "
-        "the run's beam and length penalty). Identical: hypotheses equal, word for word, with and "
-        "without the cache.",
-        "- cuDNN attention: `off` is how decoding runs (models/kv_cache.DECODING_SDPA); `allowed` "
-        "(rows from `--with-cudnn`) is how it ran before that: torch's default SDPA choice, cuDNN "
-        "for bf16 on Hopper, which builds a new cuDNN graph for each new shape.",
+        (
+            "- Seconds: device-synchronised wall time of decoding the test set alone (beam search "
+            "with the run's beam and length penalty). Identical: hypotheses equal, word for word, "
+            "with and without the cache."
+        ),
+        (
+            "- cuDNN attention: `off` is how decoding runs (models/kv_cache.DECODING_SDPA); "
+            "`allowed` (rows from `--with-cudnn`) is how it ran before that: torch's default SDPA "
+            "choice, cuDNN for bf16 on Hopper, which builds a new cuDNN graph for each new shape."
+        ),
         "",
-        "| run | precision | cuDNN attention | sentences | beam | seconds, no cache | seconds, "
-        "cache | speed-up | BLEU, no cache | BLEU, cache | identical |",
+        (
+            "| run | precision | cuDNN attention | sentences | beam | seconds, no cache | seconds, "
+            "cache | speed-up | BLEU, no cache | BLEU, cache | identical |"
+        ),
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     if m.get("note"):
         lines[4:4] = [f"- Note: {m['note']}"]
     rows = record["rows"]
-    for off, on in zip(rows[0::2], rows[1::2]):
+    for off, on in zip(rows[0::2], rows[1::2], strict=True):
         cudnn = "allowed" if off.get("cudnn_attention") else "off"
         lines.append(
             f"| {Path(off['run']).name} | {off['precision']} | {cudnn} | {off['sentences']} | "
@@ -135,7 +143,9 @@ def agreement(rows: list) -> list:
     out = []
     for precision in dict.fromkeys(r["precision"] for r in rows):
         pairs = [
-            (off, on) for off, on in zip(rows[0::2], rows[1::2]) if off["precision"] == precision
+            (off, on)
+            for off, on in zip(rows[0::2], rows[1::2], strict=True)
+            if off["precision"] == precision
         ]
         same, total = (
             sum(on["identical_hypotheses"] for _, on in pairs),

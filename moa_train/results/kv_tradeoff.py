@@ -25,6 +25,7 @@ generated from those numbers.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -125,7 +126,8 @@ def _pass(model, split, batch: int, block: int, device) -> dict:
     if shares is not None:
         shares = shares / shares.sum(-1, keepdim=True)
         out["shares"] = {
-            f"layer{i}": dict(zip(names, map(float, row))) for i, row in enumerate(shares)
+            f"layer{i}": dict(zip(names, map(float, row), strict=True))
+            for i, row in enumerate(shares)
         }
     return out
 
@@ -153,7 +155,7 @@ def _kv_bytes(model, split, batch: int, block: int, device, exact_pool: bool) ->
                 tokens += x.numel()
                 fallbacks += cache.fallbacks()
     finally:
-        for m, slack in zip(modules, saved):
+        for m, slack in zip(modules, saved, strict=True):
             m.kv_pool_slack = slack
     return {
         "kv_bytes_per_token": total / tokens,
@@ -346,7 +348,7 @@ def frontier(rows: dict, kv_bytes: float) -> dict | None:
     extrapolation)."""
     points = sorted((math.log(rows[b]["kv_bytes_per_token"]), b) for b in BASELINES if b in rows)
     x = math.log(kv_bytes)
-    for (xa, a), (xb, b) in zip(points, points[1:]):
+    for (xa, a), (xb, b) in itertools.pairwise(points):
         if xa <= x <= xb:
             w = (xb - x) / (xb - xa) if xb > xa else 1.0
             parts = [(w, rows[a]["test_loss"]), (1 - w, rows[b]["test_loss"])]
@@ -494,24 +496,38 @@ def markdown(res: dict, meta: dict) -> str:
     lines = [
         "# KV cache trade-off: moas_kv against GQA/MQA at equal realised KV bytes (issue 20)",
         "",
-        f"{first['setup']} (the first row's run; configs/experiment/kv_tradeoff/): "
-        f"{first['tokens_seen']:,} training tokens for every row.",
+        (
+            f"{first['setup']} (the first row's run; configs/experiment/kv_tradeoff/): "
+            f"{first['tokens_seen']:,} training tokens for every row."
+        ),
         "",
-        f"- Command: `{meta['command']}` (`--tables-only` rebuilds these tables from the run "
-        "records)",
-        f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date "
-        f"{meta['date']}",
-        "- Run records (metrics.jsonl, summary.json, kv_eval.json, train.log): "
-        "`docs/results/runs/kv_tradeoff/<row>-seed<k>/`",
-        "- Perplexity: the final weights in fp32 on the full official valid and test files; "
-        "moas_kv with hard routing (each token's argmax scheme, what its cache stores), soft "
-        "routing as a reference.",
-        "- KV bytes/token: realised, in a bf16 cache, over all layers: the validation text "
-        "prefilled block by block into each model's own cache, its used slots per token (moas_kv: "
-        "a head pool that cannot overflow). Fallback: the share of token-layers the pool sized by "
-        "model.kv_pool_slack would have stored as MQA instead.",
-        "- Shares: the hard routing's share of tokens per layer, mha/gqa/mqa (moas_dynamic: its "
-        "argmax branch, though it mixes all three).",
+        (
+            f"- Command: `{meta['command']}` (`--tables-only` rebuilds these tables from the run "
+            "records)"
+        ),
+        (
+            f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date "
+            f"{meta['date']}"
+        ),
+        (
+            "- Run records (metrics.jsonl, summary.json, kv_eval.json, train.log): "
+            "`docs/results/runs/kv_tradeoff/<row>-seed<k>/`"
+        ),
+        (
+            "- Perplexity: the final weights in fp32 on the full official valid and test files; "
+            "moas_kv with hard routing (each token's argmax scheme, what its cache stores), soft "
+            "routing as a reference."
+        ),
+        (
+            "- KV bytes/token: realised, in a bf16 cache, over all layers: the validation text "
+            "prefilled block by block into each model's own cache, its used slots per token "
+            "(moas_kv: a head pool that cannot overflow). Fallback: the share of token-layers the "
+            "pool sized by model.kv_pool_slack would have stored as MQA instead."
+        ),
+        (
+            "- Shares: the hard routing's share of tokens per layer, mha/gqa/mqa (moas_dynamic: "
+            "its argmax branch, though it mixes all three)."
+        ),
         "",
         *([meta["note"], ""] if meta.get("note") else []),
         "## Answer",
@@ -520,8 +536,10 @@ def markdown(res: dict, meta: dict) -> str:
         "",
         "## Table",
         "",
-        "| row | params | train GFLOPs/token | KV bytes/token | val ppl | test ppl | val ppl, soft "
-        "| test ppl, soft | fallback | shares per layer (mha/gqa/mqa) |",
+        (
+            "| row | params | train GFLOPs/token | KV bytes/token | val ppl | test ppl | val ppl, "
+            "soft | test ppl, soft | fallback | shares per layer (mha/gqa/mqa) |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row, r in rows.items():
@@ -534,8 +552,10 @@ def markdown(res: dict, meta: dict) -> str:
     seeds = ", ".join(sorted({str(len(r["seeds"])) for r in rows.values()}))
     lines += [
         "",
-        f"Mean +- standard deviation over seeds ({seeds} per row). Plot: kv_tradeoff.png (test "
-        "perplexity against realised KV bytes per token).",
+        (
+            f"Mean +- standard deviation over seeds ({seeds} per row). Plot: kv_tradeoff.png (test "
+            "perplexity against realised KV bytes per token)."
+        ),
         "",
     ]
     return "\n".join(lines)

@@ -187,7 +187,7 @@ def summarise(table: dict) -> dict:
                 "git_sha": recs[0]["git_sha"],
             }
         if "mha" in res:
-            for row, r in res.items():
+            for r in res.values():
                 r["flop_ratio"] = r["flops_per_token"] / res["mha"]["flops_per_token"]
                 r["time_ratio"] = r["step_ms_median"] / res["mha"]["step_ms_median"]
         tests = {}
@@ -260,12 +260,16 @@ def findings(res: dict, jobs: int = 1) -> list:
             for row in sorted(ROWS, key=lambda r: PAPER[r]["val_loss"])
         )
         lines += [
-            f"- Faithful mode, mean val loss over {len(faithful['mha']['val_loss'])} seeds: "
-            f"{order}. The paper's single unseeded run: {paper}.",
-            "- Seed-to-seed spread (std) of the val loss is "
-            f"{min(statistics.stdev(faithful[r]['val_loss']) for r in ROWS):.3f} to "
-            f"{max(statistics.stdev(faithful[r]['val_loss']) for r in ROWS):.3f} nats/char, larger "
-            "than the 0.002 that separates dynamic from static in the paper's table.",
+            (
+                f"- Faithful mode, mean val loss over {len(faithful['mha']['val_loss'])} seeds: "
+                f"{order}. The paper's single unseeded run: {paper}."
+            ),
+            (
+                "- Seed-to-seed spread (std) of the val loss is "
+                f"{min(statistics.stdev(faithful[r]['val_loss']) for r in ROWS):.3f} to "
+                f"{max(statistics.stdev(faithful[r]['val_loss']) for r in ROWS):.3f} nats/char, "
+                "larger than the 0.002 that separates dynamic from static in the paper's table."
+            ),
         ]
         tests = res["faithful"]["welch_dynamic_vs_static"]
         if tests:
@@ -288,23 +292,33 @@ def markdown(res: dict, meta: dict) -> str:
     lines = [
         "# MoAS Table 1, reproduced over seeds",
         "",
-        "WikiText-2 character level (283 symbols), 4 layers, d 384, 6 heads, block 256, dropout "
-        "0.1, batch 12, 500 iterations, AdamW 3e-4 constant (the recipe in "
-        "../shared/papers/moas-table1-setup.md).",
+        (
+            "WikiText-2 character level (283 symbols), 4 layers, d 384, 6 heads, block 256, "
+            "dropout 0.1, batch 12, 500 iterations, AdamW 3e-4 constant (the recipe in "
+            "../shared/papers/moas-table1-setup.md)."
+        ),
         "",
-        f"- Command: `{meta['command']}` (trains both modes in one run on one GPU, evaluates on "
-        "the official files, writes these tables; `--tables-only` rebuilds them from the run "
-        "records)",
-        f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date "
-        f"{meta['date']}",
-        "- Run records (config, metrics.jsonl, summary.json, official_eval.json): "
-        "`docs/results/runs/moas_table1/<mode>/<row>-seed<k>/`",
-        "- Modes: `faithful` = the paper's recipe (fp32 without TF32, eager, fused AdamW, the MSE "
-        "balance loss x 0.01 averaged over layers with gate dropout 0.1, each branch's output "
-        "dropped out before the mix, the 90/10 char split, 20 random eval batches of 12 x 256; "
-        "every departure from the released code is listed in docs/fidelity.md). `fast` = the same "
-        "model, data and losses with bf16 autocast, TF32, torch.compile and the whole optimizer "
-        "step captured in one CUDA graph.",
+        (
+            f"- Command: `{meta['command']}` (trains both modes in one run on one GPU, evaluates "
+            "on the official files, writes these tables; `--tables-only` rebuilds them from the "
+            "run records)"
+        ),
+        (
+            f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date "
+            f"{meta['date']}"
+        ),
+        (
+            "- Run records (config, metrics.jsonl, summary.json, official_eval.json): "
+            "`docs/results/runs/moas_table1/<mode>/<row>-seed<k>/`"
+        ),
+        (
+            "- Modes: `faithful` = the paper's recipe (fp32 without TF32, eager, fused AdamW, the "
+            "MSE balance loss x 0.01 averaged over layers with gate dropout 0.1, each branch's "
+            "output dropped out before the mix, the 90/10 char split, 20 random eval batches of 12 "
+            "x 256; every departure from the released code is listed in docs/fidelity.md). `fast` "
+            "= the same model, data and losses with bf16 autocast, TF32, torch.compile and the "
+            "whole optimizer step captured in one CUDA graph."
+        ),
         "- ms/iter: the median over seeds of each run's median step time, measured over "
         "device-synchronised windows of 10 steps with evaluation excluded (the paper's column is "
         "ms per 10 iterations on a T4)."
@@ -315,8 +329,10 @@ def markdown(res: dict, meta: dict) -> str:
             if jobs > 1
             else ""
         ),
-        "- Validation: the same 20 fixed random windows of the last 10% of the train file for "
-        "every run (the paper drew new random windows at each evaluation).",
+        (
+            "- Validation: the same 20 fixed random windows of the last 10% of the train file for "
+            "every run (the paper drew new random windows at each evaluation)."
+        ),
         "",
         *([meta["note"], ""] if meta.get("note") else []),
         *findings(res, jobs),
@@ -327,8 +343,10 @@ def markdown(res: dict, meta: dict) -> str:
         lines += [
             f"## Table 1, mode `{mode}` (the paper's split: val = last 10% of the train file)",
             "",
-            "| row | params (non-emb.) | val loss, mean +- std | per seed | ms/iter | time / mha | "
-            "FLOPs / mha | paper: params, val loss, 'ms/iter' |",
+            (
+                "| row | params (non-emb.) | val loss, mean +- std | per seed | ms/iter | time / "
+                "mha | FLOPs / mha | paper: params, val loss, 'ms/iter' |"
+            ),
             "|---|---:|---:|---|---:|---:|---:|---|",
         ]
         for row in ROWS:
@@ -349,8 +367,10 @@ def markdown(res: dict, meta: dict) -> str:
             )
         lines += [
             "",
-            "### The same models on the official WikiText-2 valid and test files (full passes, "
-            f"fp32), mode `{mode}`",
+            (
+                "### The same models on the official WikiText-2 valid and test files (full passes, "
+                f"fp32), mode `{mode}`"
+            ),
             "",
             "| row | official valid loss | per seed | official test loss | per seed |",
             "|---|---:|---|---:|---|",

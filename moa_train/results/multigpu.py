@@ -137,23 +137,35 @@ def markdown(res: dict, meta: dict) -> str:
     lines = [
         "# Data-parallel scaling on 2 GPUs",
         "",
-        "GPT-2 small (12 layers, d 768, 12 heads, block 1024, vocabulary 50304) as mha and as "
-        "moas_dynamic, WikiText-2 characters, bf16 autocast, TF32, torch.compile, fused AdamW; DDP "
-        "under torchrun (one process per GPU, NCCL). Weak scaling: the same batch per GPU, so the "
-        "global batch doubles on 2 GPUs.",
+        (
+            "GPT-2 small (12 layers, d 768, 12 heads, block 1024, vocabulary 50304) as mha and as "
+            "moas_dynamic, WikiText-2 characters, bf16 autocast, TF32, torch.compile, fused AdamW; "
+            "DDP under torchrun (one process per GPU, NCCL). Weak scaling: the same batch per GPU, "
+            "so the global batch doubles on 2 GPUs."
+        ),
         "",
-        f"- Command: `{meta['command']}` (`--tables-only` rebuilds these tables from the run "
-        "records)",
-        f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date "
-        f"{meta['date']}",
-        "- tok/s: the whole job's training tokens per second, the median over the logged windows "
-        f"of {meta['log_interval']} steps after the first (compilation, warm-up); evaluation "
-        "excluded. Scaling efficiency = tok/s(2 GPUs) / (2 x tok/s(1 GPU)).",
-        "- Run records (config, train.log, metrics.jsonl, summary.json): "
-        "`docs/results/runs/multigpu/<model>-<n>gpu/`",
+        (
+            f"- Command: `{meta['command']}` (`--tables-only` rebuilds these tables from the run "
+            "records)"
+        ),
+        (
+            f"- Device: {meta['device']}; torch {meta['torch']}; git {meta['git_sha']}; date "
+            f"{meta['date']}"
+        ),
+        (
+            "- tok/s: the whole job's training tokens per second, the median over the logged "
+            f"windows of {meta['log_interval']} steps after the first (compilation, warm-up); "
+            "evaluation excluded. Scaling efficiency = tok/s(2 GPUs) / (2 x tok/s(1 GPU))."
+        ),
+        (
+            "- Run records (config, train.log, metrics.jsonl, summary.json): "
+            "`docs/results/runs/multigpu/<model>-<n>gpu/`"
+        ),
         "",
-        "| model | GPUs | params | tokens / step | tok/s | tok/s per GPU | ms / step | MFU | "
-        "scaling efficiency |",
+        (
+            "| model | GPUs | params | tokens / step | tok/s | tok/s per GPU | ms / step | MFU | "
+            "scaling efficiency |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for model, block in res.items():

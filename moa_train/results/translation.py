@@ -233,15 +233,19 @@ def group_table(heading: str, recs_by_row: dict, block: dict) -> list:
     lines = [f"## {heading}", "", *source_lines(block)]
     if shared:
         lines += [
-            f"These runs trained {block['shared_jobs']} at once on one GPU (`--jobs "
-            f"{block['shared_jobs']}`, each stopped at the device call's time limit and resumed "
-            "from its checkpoint where needed), so their wall times measure a shared device and "
-            "are not shown.",
+            (
+                f"These runs trained {block['shared_jobs']} at once on one GPU (`--jobs "
+                f"{block['shared_jobs']}`, each stopped at the device call's time limit and "
+                "resumed from its checkpoint where needed), so their wall times measure a shared "
+                "device and are not shown."
+            ),
             "",
         ]
     lines += [
-        "| row | params | MACs / token | test BLEU | per seed | chrF | BLEU (tok.) | val BLEU "
-        "(greedy) | wall time (s), evaluation included |",
+        (
+            "| row | params | MACs / token | test BLEU | per seed | chrF | BLEU (tok.) | val BLEU "
+            "(greedy) | wall time (s), evaluation included |"
+        ),
         "|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for row in ROWS:
@@ -276,17 +280,21 @@ def markdown(rows: dict, groups: dict, meta: dict) -> str:
     lines = [
         "# Translation: MoA vs MHA",
         "",
-        "- Command: `python3 scripts/reproduce_translation.py` (`--part "
-        "multi30k,multi30k_fairseq,wmt`, `--seeds N`, `--rows`, `--seed-list`, `--jobs N`; "
-        "`--tables-only` rebuilds this file from the run records)",
+        (
+            "- Command: `python3 scripts/reproduce_translation.py` (`--part "
+            "multi30k,multi30k_fairseq,wmt`, `--seeds N`, `--rows`, `--seed-list`, `--jobs N`; "
+            "`--tables-only` rebuilds this file from the run records)"
+        ),
         f"- Device, torch and commit: under each table, from its run records; date {meta['date']}",
         "- Run records: `docs/results/runs/translation/<group>/<row>-seed<k>/`",
-        "- BLEU: sacreBLEU on detokenised text (13a tokenisation, signature below), beam 4, length "
-        "penalty 0.6, the last 5 checkpoints averaged; `BLEU (tok.)` is BLEU on 13a-tokenised text "
-        "with compound splitting, the kind of number the MoA paper reported (it used Moses "
-        "tokenisation): the two are not comparable with each other. MACs per token: forward "
-        "multiply-accumulates per (source + target) token pair from the models' FLOP counter "
-        "(training FLOPs / 6) at the mean training target length.",
+        (
+            "- BLEU: sacreBLEU on detokenised text (13a tokenisation, signature below), beam 4, "
+            "length penalty 0.6, the last 5 checkpoints averaged; `BLEU (tok.)` is BLEU on "
+            "13a-tokenised text with compound splitting, the kind of number the MoA paper reported "
+            "(it used Moses tokenisation): the two are not comparable with each other. MACs per "
+            "token: forward multiply-accumulates per (source + target) token pair from the models' "
+            "FLOP counter (training FLOPs / 6) at the mean training target length."
+        ),
         "",
     ]
     if meta.get("note"):
@@ -299,15 +307,19 @@ def markdown(rows: dict, groups: dict, meta: dict) -> str:
         lines += [
             "## The WMT pipeline end to end on the local news data",
             "",
-            "The same mha architecture trained for 2000 updates on the 13,573 local pairs (older "
-            "newstests, not the WMT14 training corpus), validated on newstest2013, tested on "
-            "newstest2014 (3,003 sentences). The training set is about 0.3% of WMT14's, so the "
-            "score is far below the paper's 27-28: this run shows that the pipeline works end to "
-            "end, not what the models reach on WMT14.",
+            (
+                "The same mha architecture trained for 2000 updates on the 13,573 local pairs "
+                "(older newstests, not the WMT14 training corpus), validated on newstest2013, "
+                "tested on newstest2014 (3,003 sentences). The training set is about 0.3% of "
+                "WMT14's, so the score is far below the paper's 27-28: this run shows that the "
+                "pipeline works end to end, not what the models reach on WMT14."
+            ),
             "",
             *source_lines(groups[WMT[0]])[-2:],
-            f"newstest2014: BLEU {r['test/bleu']:.2f}, chrF {r['test/chrf']:.2f}, BLEU (tok.) "
-            f"{r['test/bleu_tok']:.2f}; {r['params_total']:,} parameters; {r['wall_s']:.0f} s.",
+            (
+                f"newstest2014: BLEU {r['test/bleu']:.2f}, chrF {r['test/chrf']:.2f}, BLEU (tok.) "
+                f"{r['test/bleu_tok']:.2f}; {r['params_total']:,} parameters; {r['wall_s']:.0f} s."
+            ),
             "",
         ]
     return "\n".join(lines)

@@ -26,8 +26,8 @@ class CapturedStep:
     def replay(self, batches: list):
         """Run one step on `batches`; the outputs are static tensors, valid until the next
         replay."""
-        for static, batch in zip(self.static, batches):
-            for s, b in zip(static, batch):
+        for static, batch in zip(self.static, batches, strict=True):
+            for s, b in zip(static, batch, strict=True):
                 s.copy_(b)
         self.graph.replay()
         return self.outputs

@@ -462,7 +462,7 @@ class TranslationTask(Task):
                         lenpen=e.lenpen,
                         use_cache=e.kv_cache,
                     )
-            for i, ids in zip(batch["index"].tolist(), out):
+            for i, ids in zip(batch["index"].tolist(), out, strict=True):
                 hyps[i] = d.decode(ids)
         hyps = {i: text for part in gather_objects(hyps, self.dist) for i, text in part.items()}
         return [hyps[i] for i in range(len(data.src))]

@@ -7,6 +7,7 @@ Grouped K/V go to SDPA with `enable_gqa`, so repeated K/V heads are never materi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -102,7 +103,11 @@ class MultiHeadAttention(nn.Module):
     cross-attention (context given) applies the same weights' Q rows to x and K/V rows to the
     context."""
 
-    PARAM_ROLES = {"c_proj.weight": RESIDUAL, "c_attn.bias": NO_DECAY, "c_proj.bias": NO_DECAY}
+    PARAM_ROLES: ClassVar[dict] = {
+        "c_proj.weight": RESIDUAL,
+        "c_attn.bias": NO_DECAY,
+        "c_proj.bias": NO_DECAY,
+    }
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ The FLOP counter counts only the k selected experts, whichever path runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -81,7 +82,7 @@ class MoAConfig(ModelConfig):
 
 
 class MixtureOfAttentionHeads(nn.Module):
-    PARAM_ROLES = {
+    PARAM_ROLES: ClassVar[dict] = {
         "router": ROUTER,
         "c_proj.weight": RESIDUAL,
         "q_proj.bias": NO_DECAY,

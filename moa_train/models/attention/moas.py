@@ -102,7 +102,7 @@ class MoASDynamicConfig(MoASStaticConfig):
 
 
 class MoASAttention(nn.Module):
-    PARAM_ROLES = {
+    PARAM_ROLES: ClassVar[dict] = {
         "router": ROUTER,
         "c_proj.weight": RESIDUAL,
         "c_attn.bias": NO_DECAY,
@@ -320,7 +320,7 @@ class MoASAttention(nn.Module):
         of it at every decode step, a third of a GPT-2-size step at batch 64
         (docs/results/inference.md)."""
         ks, vs = cache_k.split(self.kv_heads, dim=1), cache_v.split(self.kv_heads, dim=1)
-        return [cached_sdpa(q, k, v, positions, span) for q, k, v in zip(qs, ks, vs)]
+        return [cached_sdpa(q, k, v, positions, span) for q, k, v in zip(qs, ks, vs, strict=True)]
 
     def decode_top1(
         self,
@@ -377,7 +377,7 @@ class MoASAttention(nn.Module):
         b, _, t, d = x.shape
         parts = [
             part.unsqueeze(2).expand(b, kv, self.n_head // kv, t, d).reshape(b, self.n_head, t, d)
-            for part, kv in zip(x.split(self.kv_heads, dim=1), self.kv_heads)
+            for part, kv in zip(x.split(self.kv_heads, dim=1), self.kv_heads, strict=True)
         ]
         return torch.cat(parts, dim=1)
 

@@ -101,7 +101,7 @@ class MoASKVConfig(ModelConfig):
 
 
 class MoASKVAttention(nn.Module):
-    PARAM_ROLES = {
+    PARAM_ROLES: ClassVar[dict] = {
         "router": ROUTER,
         "c_proj.weight": RESIDUAL,
         "c_attn.bias": NO_DECAY,
