@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from moa_train.bench import main, targets
+from moa_train.bench import main
+from moa_train.bench.train import targets
 
 
 @pytest.mark.slow
@@ -80,7 +81,8 @@ def test_committed_bench_tables_rebuild_from_their_json():
     """docs/results/bench.md is what moa-bench writes from bench.json and the notes: no figure
     edited by hand."""
     from conftest import REPO
-    from moa_train.bench import load, markdown
+    from moa_train.bench.common import load
+    from moa_train.bench.train import markdown
 
     out = REPO / "docs" / "results"
     bench = load(out / "bench.json")

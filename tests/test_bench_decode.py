@@ -7,9 +7,8 @@ import sys
 import pytest
 import torch
 
-from moa_train import bench_decode
-from moa_train.bench import main
-from moa_train.bench_decode import (
+from moa_train.bench import decode, main
+from moa_train.bench.decode import (
     SIZES,
     balance_routers,
     build,
@@ -40,7 +39,7 @@ def test_decode_bench_measures_every_field(tmp_path):
     assert run["bandwidth"] > 0 and run["torch"] == torch.__version__
     assert run["command"].startswith("moa-bench --decode --decode-size tiny")
     assert set(data["results"]) == {"tiny/mha", "tiny/moas_dynamic", "tiny/moas_dynamic@top1"}
-    n_layer, head_dim = 2, 16  # bench.SIZES["tiny"]: 2 layers, d 64, 4 heads; fp32 on a CPU
+    n_layer, head_dim = 2, 16  # common.SIZES["tiny"]: 2 layers, d 64, 4 heads; fp32 on a CPU
     for r in data["results"].values():
         assert "error" not in r, r.get("error")
         assert r["run"] == rid
@@ -61,9 +60,7 @@ def test_decode_bench_measures_every_field(tmp_path):
             assert d["share_of_bound"] == pytest.approx(d["bound_ms"] / d["step_ms"])
             kv_read = int(batch) * r["kv_bytes_per_token"] * (TINY.prompt_len + TINY.new_tokens / 2)
             assert d["read_bytes"] == pytest.approx(r["param_bytes"] + kv_read)
-            target = bench_decode.missed(
-                r["model"], list(r["decode"]).index(batch), d["share_of_bound"]
-            )
+            target = decode.missed(r["model"], list(r["decode"]).index(batch), d["share_of_bound"])
             # a trace exactly where a target is missed
             assert ("trace" in d) == (target is not None)
             if "trace" in d:
@@ -125,7 +122,7 @@ def test_transformers_baseline_runs_on_cpu(tmp_path):
 
 def test_missing_transformers_is_a_row(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
-    ((key, row),) = bench_decode.hf_rows(TINY, torch.device("cpu"), ["dynamic"])
+    ((key, row),) = decode.hf_rows(TINY, torch.device("cpu"), ["dynamic"])
     assert key == "tiny/hf" and row["error"].startswith("transformers not importable here")
 
 
@@ -133,7 +130,7 @@ def test_a_variant_without_the_cache_contract_is_a_row(monkeypatch):
     from moa_train.models.lm import LanguageModel
 
     monkeypatch.setattr(LanguageModel, "cached_decoding_ok", lambda self: False)
-    rows = bench_decode.bench_model("mha", TINY, torch.device("cpu"), 1e10, None)
+    rows = decode.bench_model("mha", TINY, torch.device("cpu"), 1e10, None)
     assert list(rows) == ["tiny/mha"] and "no KV cache contract" in rows["tiny/mha"]["error"]
 
 
@@ -229,13 +226,13 @@ def test_decode_bench_measures_the_head_pool_of_moas_kv(tmp_path):
 
 
 def test_decode_spans_cover_every_step_in_buckets():
-    assert bench_decode.decode_spans(512, 256, 64) == [(576, 64), (640, 64), (704, 64), (768, 64)]
+    assert decode.decode_spans(512, 256, 64) == [(576, 64), (640, 64), (704, 64), (768, 64)]
     # positions 16..19 < 20, 20..23 < 24
-    assert bench_decode.decode_spans(16, 8, 5) == [(20, 4), (24, 4)]
-    assert bench_decode.decode_spans(16, 8, 64) == [(24, 8)]  # never past the cache
-    assert bench_decode.decode_spans(16, 8, 0) == [(None, 8)]  # the whole cache
+    assert decode.decode_spans(16, 8, 5) == [(20, 4), (24, 4)]
+    assert decode.decode_spans(16, 8, 64) == [(24, 8)]  # never past the cache
+    assert decode.decode_spans(16, 8, 0) == [(None, 8)]  # the whole cache
     for prompt, new, bucket in ((7, 9, 3), (1, 2, 1), (30, 100, 16)):
-        spans = bench_decode.decode_spans(prompt, new, bucket)
+        spans = decode.decode_spans(prompt, new, bucket)
         assert sum(n for _, n in spans) == new
         pos = prompt
         for span, n in spans:
@@ -254,9 +251,9 @@ def test_greedy_decoding_over_spans_gives_the_same_tokens(model_name):
         with torch.no_grad():
             tokens = model.prefill(idx, torch.full((2,), TINY.prompt_len), cache).argmax(-1)
             seq = []
-            for span, steps in bench_decode.decode_spans(TINY.prompt_len, TINY.new_tokens, bucket):
+            for span, steps in decode.decode_spans(TINY.prompt_len, TINY.new_tokens, bucket):
                 for _ in range(steps):
-                    bench_decode.greedy_step(model, tokens, cache, span)
+                    decode.greedy_step(model, tokens, cache, span)
                     seq.append(tokens.clone())
         got.append(torch.stack(seq))
     assert torch.equal(got[0], got[1])

@@ -99,7 +99,7 @@ def test_moa_auto_is_dense_where_the_grouped_kernel_does_not_run():
 def test_training_loss_compiles_without_graph_breaks(make_cfg, tmp_path, model):
     """Routing records, aux losses and CE trace as one graph: statistics are synced by the trainer,
     not inside."""
-    from moa_train.bench import graph_breaks
+    from moa_train.bench.train import graph_breaks
     from moa_train.train.loop import Trainer
 
     trainer = Trainer(make_cfg("trainer.device=cpu", f"model={model}"), tmp_path)

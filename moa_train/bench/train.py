@@ -18,7 +18,7 @@ Results merge into <out>/bench.json (keyed by size/model, each entry naming the 
 it) and <out>/bench.md is rebuilt from the whole file, so runs split over several calls add up to
 one table.
 
-`moa-bench --decode` is the inference benchmark instead (moa_train/bench_decode.py; `moa-bench
+`moa-bench --decode` is the inference benchmark instead (moa_train/bench/decode.py; `moa-bench
 --decode --help`): prefill and decode tokens/s of every model through its static KV cache (compiled,
 CUDA graph), KV bytes per token (analytic and measured), the share of the copy-bandwidth bound
 achieved, and transformers' generate() as the baseline, into <out>/inference.{json,md,png}.
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import logging
 import shlex
@@ -40,84 +39,15 @@ from pathlib import Path
 
 import torch
 
-from moa_train.config import applicable, bench_presets
+from moa_train.bench.common import SIZES, compose_cfg, fmt, load, release, sync
+from moa_train.config import bench_presets
 from moa_train.metrics.flops import device_name, measure_matmul_flops, peak_kind
-from moa_train.paths import config_dir
 
 # every model choice, each variant represented by its named presets where it has any (moa:
-# moa_dense, moa_sparse); table1 rows reuse the MoAS Table 1 experiment of their name where there is
-# one, the others take its sizes via mha's
+# moa_dense, moa_sparse)
 MODELS = bench_presets()
-TABLE1 = config_dir() / "experiment" / "moas_table1"
 
-# sizes: (overrides, default batch). Fast mode everywhere: bf16, TF32, compile, whole-step CUDA
-# graph.
-SIZES = {
-    "table1": (["data=wikitext2_char", "mode=fast"], 12),
-    "gpt2": (
-        [
-            "~experiment",
-            "data=random_tokens",
-            "mode=fast",
-            "model.n_layer=12",
-            "model.d_model=768",
-            "model.n_head=12",
-            "model.max_seq_len=1024",
-            "trainer.block_size=1024",
-            "model.dropout=0.0",
-            # each model takes the keys it owns (registry.applicable)
-            "model.gate_dropout=0.0",
-        ],
-        64,
-    ),
-    # for CI on a CPU: seconds per model; a variant's own tiny sizes from
-    # configs/debug_model/tiny_<model>.yaml
-    "tiny": (
-        [
-            "~experiment",
-            "debug=tiny",
-            "data=random_tokens",
-            "data.vocab_size=256",
-            "model.n_layer=2",
-            "model.d_model=64",
-            "model.n_head=4",
-            "model.max_seq_len=64",
-            "trainer.block_size=64",
-        ],
-        4,
-    ),
-}
-ALWAYS = [
-    "trainer.max_steps=1000000",
-    "trainer.eval_interval=1000000",
-    "trainer.log_interval=1000000",
-    "trainer.resume=false",
-]
-# CPU: the plain step
-CPU = ["trainer.precision=fp32", "trainer.compile=false", "trainer.cuda_graphs=false"]
-
-log = logging.getLogger("moa_train.bench")
-
-
-def compose_cfg(size: str, model: str, batch: int, device: torch.device, extra: list = ()):
-    from moa_train.config import compose_train
-    from moa_train.train.tasks import validate
-
-    overrides = [*applicable(model, SIZES[size][0]), f"model={model}"]
-    if size == "table1":
-        row = model if (TABLE1 / f"{model}.yaml").is_file() else "mha"
-        overrides.insert(0, f"experiment=moas_table1/{row}")
-    overrides += ALWAYS + [f"trainer.batch_size={batch}", f"trainer.device={device.type}", *extra]
-    if device.type == "cpu":
-        overrides += CPU
-    cfg = compose_train(overrides)
-    validate(cfg)
-    return cfg, overrides
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+log = logging.getLogger(__name__)
 
 
 # --- one model ------------------------------------------------------------------------------------
@@ -249,16 +179,6 @@ def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: 
     return entry
 
 
-def release(device: torch.device) -> None:
-    """Free a finished (or failed) model's memory and compiled graphs before the next one is built:
-    the trainer holds a reference to itself (its compiled bound method), so only a collection frees
-    it."""
-    gc.collect()
-    torch._dynamo.reset()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def bench_with_fallback(
     size: str, model: str, batch: int, device: torch.device, peaks: dict, args
 ) -> dict:
@@ -373,10 +293,6 @@ def targets(results: dict) -> list:
     return rows
 
 
-def fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def kernel_tables(size: str, rows: list) -> list:
     """Markdown lines: GPU time per kernel kind in one profiled step of each model, and the top
     kernels."""
@@ -420,12 +336,12 @@ def markdown(bench: dict, notes: str | None) -> str:
         "# moa-bench: training-step speed of every attention variant",
         "",
         (
-            "Written by `moa-bench` (moa_train/bench.py) from bench.json; each table row names the "
-            "run that measured it. MFU = FLOPs per token (the models' own counter: 6 x matmul "
-            "parameters used + 12 x heads x head_dim x T) x tokens/s / the peak GEMM rate of the "
-            "run's precision, measured at the start of the same run. Data wait = (step time with a "
-            "batch drawn per step - step time with one fixed batch) / step time, from alternating "
-            "timed windows; values near 0 (or below) are within timing noise."
+            "Written by `moa-bench` (moa_train/bench/train.py) from bench.json; each table row "
+            "names the run that measured it. MFU = FLOPs per token (the models' own counter: 6 x "
+            "matmul parameters used + 12 x heads x head_dim x T) x tokens/s / the peak GEMM rate "
+            "of the run's precision, measured at the start of the same run. Data wait = (step time "
+            "with a batch drawn per step - step time with one fixed batch) / step time, from "
+            "alternating timed windows; values near 0 (or below) are within timing noise."
         ),
         "",
     ]
@@ -529,10 +445,6 @@ def markdown(bench: dict, notes: str | None) -> str:
     return "\n".join(out) + "\n"
 
 
-def load(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {"runs": {}, "results": {}}
-
-
 def save(bench: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(bench, indent=1))
@@ -599,10 +511,6 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--decode" in argv:
-        from moa_train.bench_decode import main as decode_main
-
-        return decode_main([a for a in argv if a != "--decode"])
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)

@@ -62,16 +62,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from moa_train.bench import SIZES as MODEL_SIZES
-from moa_train.bench import compose_cfg, fmt, load, release, sync
+from moa_train.bench.common import SIZES as MODEL_SIZES
+from moa_train.bench.common import compose_cfg, fmt, load, release, sync
 from moa_train.config import bench_presets
 
-log = logging.getLogger("moa_train.bench_decode")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class DecodeSize:
-    size: str  # bench.SIZES' model sizes: the same overrides as the training benchmark's
+    size: str  # common.SIZES' model sizes: the same overrides as the training benchmark's
     prompt_len: int
     new_tokens: int
     prefill_batch: int
@@ -960,7 +960,7 @@ def markdown(data: dict, notes: bool = False) -> str:
         "# moa-bench --decode: what each attention variant costs to serve",
         "",
         (
-            "Written by `moa-bench --decode` (moa_train/bench_decode.py) from inference.json; each "
+            "Written by `moa-bench --decode` (moa_train/bench/decode.py) from inference.json; each "
             "row names the run that measured it. Bound = bytes one decode step must read (every "
             "parameter once + the batch's K/V at the mean context length, prompt + new / 2) / the "
             "copy bandwidth measured at the start of the same run (a device-to-device copy, read + "
