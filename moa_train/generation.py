@@ -20,14 +20,20 @@ from pathlib import Path
 
 import torch
 
-from moa_train.models.kv_cache import has_kv_cache, without_cudnn_attention
+from moa_train.models.decoding import decode_loop, open_steps
+from moa_train.models.kv_cache import without_cudnn_attention
 
 UNK = "<unk>"
+# compiled steps are kept per cache length: lengths are rounded up to multiples of this
+COMPILE_LEN_ROUND = 128
+# compile=None (auto) compiles on CUDA from this many new tokens per row: below it, compiling costs
+# more than it saves (measured: docs/results/inference.md, "Compile or not")
+COMPILE_MIN_TOKENS = 512
 
 
 def set_inference_routing(model, mode: str) -> None:
     """model.inference_routing of a trained moas_dynamic model, chosen at generation time: soft (as
-    trained) or top1 (each token's argmax branch; see MoASAttention.forward_cached). ValueError (one
+    trained) or top1 (each token's argmax branch; see MoASAttention.through_cache). ValueError (one
     line) for a model without a router over attention schemes."""
     if mode not in ("soft", "top1"):
         raise ValueError(f"inference routing {mode!r}: valid: soft, top1")
@@ -43,59 +49,6 @@ def set_inference_routing(model, mode: str) -> None:
         )
     for module in routed:
         module.inference_routing = mode
-
-
-class _FullForwardCache:
-    """The KV cache's results by brute force: each row's tokens kept, and a full forward over them
-    every step (the causal mask makes the right padding invisible to the real tokens)."""
-
-    def __init__(self, model, batch_size: int, max_len: int, device):
-        self.model = model
-        self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-
-    def _last_logits(self) -> torch.Tensor:
-        logits, _ = self.model(self.tokens[:, : int(self.lengths.max())])
-        return logits[torch.arange(len(self.lengths), device=logits.device), self.lengths - 1]
-
-    def prefill(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        self.tokens[:, : idx.shape[1]] = idx
-        self.lengths.copy_(lengths)
-        return self._last_logits()
-
-    def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.tokens[torch.arange(len(tokens), device=tokens.device), self.lengths] = tokens
-        self.lengths += 1
-        return self._last_logits()
-
-
-class _KVCache:
-    """The model's own cache behind the same two calls."""
-
-    def __init__(self, model, batch_size: int, max_len: int, device):
-        self.model, self.cache = model, model.init_cache(batch_size, max_len, device=device)
-        # positions any row has reached (counted here: reading cache.lengths would sync)
-        self.span = 0
-
-    def prefill(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        self.span = idx.shape[1]
-        return self.model.prefill(idx, lengths, self.cache)
-
-    def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        # every row's new token sits below prompt width + steps + 1: attend over those positions,
-        # not the whole cache
-        self.span += 1
-        return self.model.decode_step(tokens, self.cache, span=self.span)
-
-    def overflow_note(self):
-        """A line on the tokens a pooled cache (moas_kv) stored as its fallback scheme, or None."""
-        n = self.cache.fallbacks()
-        if not n:
-            return None
-        return (
-            f"{n} token-layer(s) overflowed the KV head pool and stored the fallback scheme (MQA) "
-            "instead of their routed one (raise model.kv_pool_slack for an exact cache)"
-        )
 
 
 def pick(
@@ -176,33 +129,51 @@ class _Streamer:
 @torch.no_grad()
 @without_cudnn_attention
 def _generate_ids(
-    model, prompts: list, budget: int, use_cache: bool, draw, on_token=None, warn=None
+    model,
+    prompts: list,
+    budget: int,
+    use_cache: bool,
+    draw,
+    on_token=None,
+    warn=None,
+    compile: bool | str = False,
+    span_bucket: int = 0,
 ) -> list:
     """New ids of each prompt (lists of ids, every row given `budget` tokens, which fit
-    model.max_seq_len)."""
+    model.max_seq_len), through the one stepping strategy (models/decoding.py)."""
     device = next(model.parameters()).device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     idx = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
     for row, ids in enumerate(prompts):
         idx[row, : len(ids)] = torch.tensor(ids, device=device)
     # the last token drawn is never fed back, so it needs no place in the cache
-    max_len = int(lengths.max()) + budget - 1
-    cache = (_KVCache if use_cache and has_kv_cache(model) else _FullForwardCache)(
-        model, len(prompts), max(max_len, 1), device
+    max_len = max(int(lengths.max()) + budget - 1, 1)
+    if compile:  # compiled steps are kept per cache shape: round it up, so later calls reuse them
+        max_len = min(
+            model.config.max_seq_len, -(-max_len // COMPILE_LEN_ROUND) * COMPILE_LEN_ROUND
+        )
+    steps = open_steps(
+        model,
+        len(prompts),
+        max_len,
+        device,
+        use_cache=use_cache,
+        compile=compile,
+        span_bucket=span_bucket,
+        warn=warn,
     )
-    logits = cache.prefill(idx, lengths)
-    out = []
-    for step in range(budget):
-        tokens = draw(logits)
-        out.append(tokens)
-        if on_token is not None:
-            on_token(tokens)
-        if step + 1 < budget:
-            logits = cache.decode_step(tokens)
-    note = getattr(cache, "overflow_note", lambda: None)()
+    with steps:
+        out = decode_loop(steps, steps.prefill(idx, lengths), budget, draw, on_token)
+        note = steps.overflow_note()
     if note and warn is not None:  # once per batch, after decoding: counting them is a host sync
         warn(note)
     return torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
+
+
+def auto_compile(device: torch.device, max_new_tokens: int) -> bool:
+    """generate's default: compile where it pays, on CUDA for generations of at least
+    COMPILE_MIN_TOKENS new tokens per row (see the constant); never on a CPU."""
+    return device.type == "cuda" and max_new_tokens >= COMPILE_MIN_TOKENS
 
 
 def generate(
@@ -218,13 +189,21 @@ def generate(
     use_cache: bool = True,
     stream=None,
     warn=None,
+    compile: bool | str | None = None,
+    span_bucket: int = 0,
 ) -> list:
     """The completion (new text only) of each prompt. `stream(piece)`: each new piece of text as it
     comes, for a single prompt. `seed`: a torch.Generator on the model's device (None: torch's
     global RNG). `warn(message)`: told of words mapped to <unk> and of rows stopped at max_seq_len.
     ValueError (one line) for a bad setting, a prompt longer than model.max_seq_len or symbols
     outside a vocabulary without <unk>. A row stops early where its next token would need a position
-    past model.max_seq_len."""
+    past model.max_seq_len.
+
+    `compile`: decode through the compiled step (torch.compile, and on CUDA a CUDA graph), kept on
+    the model for later calls of the same shapes (models/decoding.py); None: `auto_compile`'s rule;
+    a string: a torch.compile backend. `span_bucket` (compiled only): each step attends over its
+    position rounded up to a multiple of it, one compiled graph per span; 0: the whole cache, one
+    graph. Eager steps always attend over the positions reached."""
     check_settings(max_new_tokens, temperature, top_k, top_p, greedy)
     if stream is not None and len(prompts) != 1:
         raise ValueError(f"stream takes a single prompt (got {len(prompts)})")
@@ -235,6 +214,9 @@ def generate(
 
     def draw(logits):
         return pick(logits, temperature, top_k, top_p, greedy, generator)
+
+    if compile is None:
+        compile = auto_compile(device, max_new_tokens)
 
     # rows of one budget run as one batch: a row may generate while its next position exists (prompt
     # + new <= max_seq_len + 1, the last token never fed), so prompts near the limit get a batch of
@@ -262,7 +244,17 @@ def generate(
 
         for row, got in zip(
             rows,
-            _generate_ids(model, [ids[r] for r in rows], budget, use_cache, draw, on_token, warn),
+            _generate_ids(
+                model,
+                [ids[r] for r in rows],
+                budget,
+                use_cache,
+                draw,
+                on_token,
+                warn,
+                compile,
+                span_bucket,
+            ),
             strict=True,
         ):
             new[row] = got
@@ -333,6 +325,18 @@ def parser() -> argparse.ArgumentParser:
         "--no-cache", action="store_true", help="a full forward per token instead of the KV cache"
     )
     p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode through the compiled step (torch.compile; on CUDA a CUDA graph); default: on "
+        f"CUDA from {COMPILE_MIN_TOKENS} new tokens (compiling costs more than it saves below)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        help="the weights' and the cache's dtype; default: bf16 on CUDA, fp32 on a CPU",
+    )
+    p.add_argument(
         "--inference-routing",
         choices=("soft", "top1"),
         help="moas_dynamic runs: soft (mix the branches as trained) or top1 (each token's argmax "
@@ -377,6 +381,8 @@ def main(argv=None) -> None:
         _fail("--device cuda: no CUDA device here; use --device cpu")
     try:
         model, _, _ = load_checkpoint_model(args.checkpoint or args.run_dir, device, lm_only=True)
+        dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
+        model.to(torch.bfloat16 if dtype == "bf16" else torch.float32)
         tokenizer = load_tokenizer(args.run_dir)
         if args.inference_routing is not None:
             set_inference_routing(model, args.inference_routing)
@@ -408,6 +414,7 @@ def main(argv=None) -> None:
             not args.no_cache,
             stream if single else None,
             note,
+            args.compile,
         )
     except ValueError as exc:
         _fail(str(exc))

@@ -240,23 +240,30 @@ def test_decode_spans_cover_every_step_in_buckets():
             pos += n
 
 
-@pytest.mark.parametrize("model_name", ["mha", "moas_dynamic"])
-def test_greedy_decoding_over_spans_gives_the_same_tokens(model_name):
-    """The bench's steps over span buckets generate what steps over the whole cache generate."""
+@pytest.mark.parametrize("model_name", ["mha", "moas_dynamic", "moas_kv"])
+def test_compiled_steps_over_spans_give_the_eager_tokens(model_name):
+    """The compiled strategy (models/decoding.Compiled; backend eager here: dynamo's tracing, one
+    graph per span) over span buckets and over the whole cache generates what eager steps do, and a
+    second call with the same shapes reuses its compiled steps."""
+    from moa_train.models.decoding import decode_loop, open_steps
+
     model, _ = build(TINY, model_name, torch.device("cpu"))
     idx = prompts(2, TINY.prompt_len, model.vocab_size, "cpu", seed=0)
+    lengths, max_len = torch.full((2,), TINY.prompt_len), TINY.prompt_len + TINY.new_tokens
     got = []
-    for bucket in (0, 3):
-        cache = model.init_cache(2, TINY.prompt_len + TINY.new_tokens)
-        with torch.no_grad():
-            tokens = model.prefill(idx, torch.full((2,), TINY.prompt_len), cache).argmax(-1)
-            seq = []
-            for span, steps in decode.decode_spans(TINY.prompt_len, TINY.new_tokens, bucket):
-                for _ in range(steps):
-                    decode.greedy_step(model, tokens, cache, span)
-                    seq.append(tokens.clone())
-        got.append(torch.stack(seq))
-    assert torch.equal(got[0], got[1])
+    with torch.no_grad():
+        for compile, bucket in ((False, 0), ("eager", 0), ("eager", 3)):
+            for _ in range(2):
+                with open_steps(model, 2, max_len, "cpu", compile=compile, span_bucket=bucket) as s:
+                    first = s.prefill(idx, lengths)
+                    got.append(torch.stack(decode_loop(s, first, TINY.new_tokens, decode.greedy)))
+                    assert s.mode == ("compiled" if compile else "cached")
+    assert all(torch.equal(g, got[0]) for g in got[1:])
+    kept = model.compiled_steps
+    assert len(kept) == 2 and all(len(s.runs) >= 1 for s in kept.values())
+    assert max(len(s.runs) for s in kept.values()) == len(
+        decode.decode_spans(TINY.prompt_len, TINY.new_tokens, 3)
+    )
 
 
 def test_decode_bench_records_its_spans(tmp_path, capsys):

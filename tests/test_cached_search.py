@@ -1,5 +1,5 @@
-"""Translation decoding through the KV cache (models/search.py, Seq2Seq.start_decoding /
-decode_next): for every variant allowed in translation, cached and uncached greedy and beam search
+"""Translation decoding through the KV cache (models/search.py, Seq2Seq.init_cache /
+decode_step): for every variant allowed in translation, cached and uncached greedy and beam search
 give the same hypotheses in fp32 on CPU, sentences leave the batch as they finish, and the cached
 logits equal the full decoder's at every position."""
 
@@ -126,8 +126,11 @@ def test_cached_logits_equal_the_full_decoder_at_every_position(variant):
     with torch.no_grad():
         memory = model.encode(src, mask)
         full = model.decode(tgt, memory, mask)
-        state = model.start_decoding(memory, mask, 8)
-        steps = torch.stack([model.decode_next(tgt[:, t], state) for t in range(8)], dim=1)
+        cache = model.init_cache(memory, mask, 8)
+        steps = torch.stack([model.decode_step(tgt[:, t], cache) for t in range(8)], dim=1)
+        model.release_cache()
+        # the full decoder again, after the cache is gone: the same logits
+        torch.testing.assert_close(model.decode(tgt, memory, mask), full, atol=0, rtol=0)
     assert torch.allclose(steps, full, atol=1e-5), (steps - full).abs().max()
 
 
@@ -138,11 +141,11 @@ def test_finished_sentences_leave_the_batch(monkeypatch):
     src, mask = sources()
     eos = an_eos(model, src, mask)
     rows_per_call = []
-    original = model.decode_next
+    original = model.decode_step
     monkeypatch.setattr(
         model,
-        "decode_next",
-        lambda tokens, state: rows_per_call.append(len(tokens)) or original(tokens, state),
+        "decode_step",
+        lambda tokens, cache: rows_per_call.append(len(tokens)) or original(tokens, cache),
     )
     search.greedy_search(model, src, mask, BOS, eos, PAD, 12)
     assert (
@@ -239,7 +242,7 @@ def test_decoding_runs_without_cudnn_attention(monkeypatch):
     model = build("mha")
     src, mask = sources()
     seen = []
-    for name in ("decode", "decode_next"):
+    for name in ("decode", "decode_step"):
         original = getattr(model, name)
 
         def spy(*args, _original=original, **kwargs):

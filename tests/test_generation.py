@@ -69,7 +69,7 @@ def test_a_variant_without_the_cache_contract_generates_with_full_forwards(loade
 
     import torch
 
-    from moa_train.generation import has_kv_cache
+    from moa_train.models.kv_cache import has_kv_cache
 
     class Uncached(torch.nn.Module):  # forward only, as a plugin's module may be
         def __init__(self, inner):

@@ -161,66 +161,20 @@ def test_decode_over_a_span_writes_into_the_whole_cache(variant, monkeypatch):
     """The span narrows what attention READS; writes go to the whole cache tensors, never to views
     of their first positions, which inductor compiled into copies of the views out and back
     (kv_cache.write_kv)."""
-    from moa_train.models.attention import moa, moas
+    from moa_train.models import kv_cache
 
     lm = build(variant)
     cache = lm.init_cache(2, 16)
     written = []
-    for module in (moa, moas, mha_module()):
-        original = module.write_kv
-        monkeypatch.setattr(
-            module, "write_kv", lambda c, new, pos, f=original: (written.append(c), f(c, new, pos))
-        )
+    original = kv_cache.write_kv
+    monkeypatch.setattr(
+        kv_cache, "write_kv", lambda c, new, pos: (written.append(c), original(c, new, pos))
+    )
     with torch.no_grad():
         lm.prefill(tokens(2, 5), torch.tensor([5, 5]), cache)
         written.clear()
         lm.decode_step(tokens(2, 1)[:, 0], cache, span=8)
     assert written and all(c.shape[2] == 16 and c.is_contiguous() for c in written)
-
-
-def test_a_plugin_attention_without_span_reads_the_whole_cache():
-    """An attention whose forward_cached predates `span` is called without it, and gives the same
-    logits."""
-    from moa_train.models.lm import takes_span
-
-    # a plugin's variant written against the four-argument contract
-    class OldStyle(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return self.inner(x)
-
-        def kv_layout(self):
-            return self.inner.kv_layout()
-
-        def forward_cached(self, x, cache_k, cache_v, positions):
-            return self.inner.forward_cached(x, cache_k, cache_v, positions)
-
-    lm = build("mha")
-    assert all(takes_span(block.attn) for block in lm.blocks)
-    for block in lm.blocks:
-        block.attn = OldStyle(block.attn)
-        block.attn_takes_span = takes_span(block.attn)
-        assert not block.attn_takes_span
-    idx = tokens(1, 6, seed=6)
-    caches = [lm.init_cache(1, 12), lm.init_cache(1, 12)]
-    with torch.no_grad():
-        for cache in caches:
-            lm.prefill(idx[:, :5], torch.tensor([5]), cache)
-        torch.testing.assert_close(
-            lm.decode_step(idx[:, 5], caches[0], span=6),
-            lm.decode_step(idx[:, 5], caches[1]),
-            atol=ATOL,
-            rtol=0,
-        )
-
-
-def mha_module():
-    from moa_train.models.attention import mha
-
-    return mha
 
 
 def test_decode_span_outside_the_cache_is_refused():

@@ -1,6 +1,6 @@
 """moas_kv (models/attention/moas_kv.py): each query head reads, per past token, the head that token
-stored; the head-pool cache (models/kv_cache.py HeadPool) stores what the routing says and its
-realised bytes are its used slots; the overflow policy; the budget loss on a tiny run; the command
+stored; its head-pool cache (HeadPool) stores what the routing says and its realised bytes are its
+used slots; the overflow policy; the budget loss on a tiny run; the command
 line trains and generates. Prefill + cached decoding against the full forward (rows of different
 lengths, no host sync, one compiled graph): tests/test_kv_cache.py."""
 
@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from conftest import REPO, run_main
 from moa_train import config
 from moa_train.models.attention.moas_kv import MoASKVAttention
-from moa_train.models.kv_cache import kv_bytes_per_token
+from moa_train.models.kv_cache import DecodeState, kv_bytes_per_token
 from moa_train.models.lm import LanguageModel
 from moa_train.models.routing import aux_losses, routing_metrics
 
@@ -79,12 +79,15 @@ def test_each_query_head_reads_what_each_past_token_stored():
         torch.testing.assert_close(y, expected, atol=1e-5, rtol=0)
         assert routing.chosen[:, 0].tolist() == schemes * 2
         # the cache: prefill of the first 5, then one token at a time, through a head pool
-        pool = attn.kv_layout().allocate(2, 12, "cpu", torch.float32)
-        positions = torch.arange(len(schemes)).expand(2, -1)
-        steps = [attn.forward_cached(x[:, :5], pool, None, positions[:, :5])]
+        state = DecodeState(torch.zeros(2, dtype=torch.int64), 12)
+        pool = attn.kv_cache = attn.make_cache(state, "cpu", torch.float32)
+        steps = [attn(x[:, :5])[0]]
+        state.lengths += 5
         for t in range(5, len(schemes)):
             attn.router = FixedRouter(schemes[t : t + 1])
-            steps.append(attn.forward_cached(x[:, t : t + 1], pool, None, positions[:, t : t + 1]))
+            steps.append(attn(x[:, t : t + 1])[0])
+            state.lengths += 1
+        attn.kv_cache = None
     torch.testing.assert_close(torch.cat(steps, 1), expected, atol=1e-5, rtol=0)
     heads = [(H, G, 1)[s] for s in schemes]
     assert pool.scheme[0, :8].tolist() == schemes
@@ -126,12 +129,12 @@ def test_realised_bytes_are_the_used_slots_of_the_routed_heads(dtype):
     assert all(len(r.chosen[:, 0].unique()) == 3 for r in routings)  # every scheme is used
     head_bytes = 2 * (D // H) * dtype.itemsize
     assert cache.realised_bytes_per_token() == pytest.approx(float(sum(heads)) * head_bytes)
-    for layer, routing in zip(cache.k, routings, strict=True):
+    for layer, routing in zip(cache.self_layers(), routings, strict=True):
         used = lm.blocks[0].attn.stored_heads[routing.chosen[:, 0]].view(3, 12)
         assert layer.used_slots(lengths).tolist() == [
             int(used[r, :n].sum()) for r, n in enumerate(lengths)
         ]
-    assert cache.fallbacks() == 0
+    assert cache.overflow() == 0
     # the analytic figure from the routing records of the rows' real tokens alone
     with torch.no_grad():
         _, alone = lm(idx[:1])
@@ -158,22 +161,18 @@ def test_a_full_pool_stores_the_fallback_scheme_and_counts_it():
     for block in forced.blocks:
         block.attn.router = FixedRouter([MHA] + [MQA] * 31)
     max_len, idx = 8, tokens(2, 8, seed=4)
-    layout = lm.blocks[0].attn.kv_layout()
-    layout = type(layout)(
-        layout.head_dim, layout.heads, layout.first, layout.read_index, 1 + 3 / max_len
-    )
-    for block in lm.blocks:
-        block.attn.kv_layout = lambda layout=layout: layout
+    for block in lm.blocks:  # budget 1: slack x budget x max_len = max_len + 3 slots
+        block.attn.kv_pool_slack = 1 + 3 / max_len
     with torch.no_grad():
         cache = lm.init_cache(2, max_len)
-        assert cache.k[0].slots == max_len + 3
+        assert cache.self_layers()[0].slots == max_len + 3
         steps = [lm.prefill(idx[:, :5], torch.tensor([5, 5]), cache)]
         steps += [lm.decode_step(idx[:, t], cache) for t in range(5, 8)]
         expected, _ = forced(idx)
-    pool = cache.k[0]
+    pool = cache.self_layers()[0]
     assert pool.scheme[0].tolist() == [MHA] + [MQA] * 7
     assert pool.offset[0].tolist() == [0, 4, 5, 6, 7, 8, 9, 10]
-    assert cache.fallbacks() == 2 * 2 * 7  # 2 layers x 2 rows x 7 tokens
+    assert cache.overflow() == 2 * 2 * 7  # 2 layers x 2 rows x 7 tokens
     assert cache.realised_bytes_per_token() == pytest.approx(2 * (4 + 7) / 8 * pool.head_bytes())
     torch.testing.assert_close(torch.stack(steps, 1), expected[:, 4:], atol=1e-5, rtol=0)
 

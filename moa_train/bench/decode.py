@@ -65,6 +65,7 @@ import torch.nn as nn
 from moa_train.bench.common import SIZES as MODEL_SIZES
 from moa_train.bench.common import compose_cfg, fmt, load, release, sync
 from moa_train.config import bench_presets
+from moa_train.models.decoding import decode_spans
 
 log = logging.getLogger(__name__)
 
@@ -235,83 +236,6 @@ def prompts(batch: int, length: int, vocab: int, device, seed: int) -> torch.Ten
 # --- decoding -------------------------------------------------------------------------------------
 
 
-def greedy_step(model, tokens: torch.Tensor, cache, span: int | None = None) -> None:
-    """One decode step: the next greedy token of every row, written into `tokens` (fixed shapes, no
-    host sync)."""
-    tokens.copy_(model.decode_step(tokens, cache, span=span).argmax(-1))
-
-
-def decode_spans(prompt_len: int, new_tokens: int, bucket: int) -> list:
-    """[(span, steps)] in decoding order: step s writes position prompt_len + s and attends over the
-    first `span` positions, its position + 1 rounded up to a multiple of `bucket` (at most the
-    cache's prompt_len + new_tokens); bucket 0: [(None, new_tokens)], every step over the whole
-    cache."""
-    if bucket == 0:
-        return [(None, new_tokens)]
-    max_len, out = prompt_len + new_tokens, []
-    for pos in range(prompt_len, max_len):
-        span = min(max_len, -(-(pos + 1) // bucket) * bucket)
-        if out and out[-1][0] == span:
-            out[-1] = (span, out[-1][1] + 1)
-        else:
-            out.append((span, 1))
-    return out
-
-
-def stepper(
-    model, tokens, cache, device: torch.device, compile_step: bool, spans: list, restart
-) -> tuple:
-    """({span: run one step, a callable}, mode, compile seconds): compiled + CUDA graph on CUDA
-    where they work, one graph per span; the fallbacks (compiled without graph, eager) are named in
-    `mode` with the failure. Each span compiles with static shapes of its own (the kind of kernels
-    measured over the whole cache; dynamic shapes would compile once, at a speed not measured apart
-    from other changes); `restart()` puts the cache back at the end of the prompt before each span's
-    warm-up, so that warm-up steps stay below every span."""
-    steps = {span: functools.partial(greedy_step, model, tokens, cache, span) for span in spans}
-    if device.type != "cuda":
-        return steps, "eager (CPU: no compile, no CUDA graph)", 0.0
-    mode, t0 = "eager", time.perf_counter()
-    if compile_step:
-        # a graph per span, one batch at a time: within dynamo's recompile limit (8)
-        torch._dynamo.reset()
-        fn = torch.compile(greedy_step, fullgraph=True, dynamic=False)
-        compiled = {span: functools.partial(fn, model, tokens, cache, span) for span in spans}
-        try:
-            for step in compiled.values():
-                restart()
-                warm(step, device)
-            steps, mode = compiled, "compiled"
-        except Exception as exc:  # any failure is a result: recorded, then the eager step
-            torch._dynamo.reset()
-            mode = f"eager (compile failed: {one_line(exc)})"
-    compile_s = time.perf_counter() - t0
-    try:
-        graphs = {}
-        for span, step in steps.items():
-            restart()
-            if mode.startswith("eager"):
-                warm(step, device)
-            graphs[span] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graphs[span]):
-                step()
-        return {span: g.replay for span, g in graphs.items()}, f"{mode} + CUDA graph", compile_s
-    except Exception as exc:  # any failure: recorded, not raised
-        sync(device)
-        return steps, f"{mode}, no CUDA graph (capture failed: {one_line(exc)})", compile_s
-
-
-def warm(step, device: torch.device, n: int = 3) -> None:
-    """`n` calls on a side stream, as a CUDA graph capture requires (compilation happens in the
-    first)."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(n):
-            step()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    sync(device)
-
-
 def param_bytes(model) -> int:
     """Bytes of every parameter once (the tied head once): what a decode step reads, at most, of the
     weights."""
@@ -335,12 +259,37 @@ def measure_prefill(model, size: DecodeSize, device: torch.device) -> dict:
     }
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
+
+
+def decode_steps(model, batch: int, max_len: int, device: torch.device, args, compile: bool):
+    """(Steps, mode): the strategy `generate` opens for these shapes (models/decoding.py), compiled
+    (+ CUDA graph) on CUDA unless `compile` is false; eager on a CPU."""
+    from moa_train.models.decoding import open_steps
+
+    compiled = compile and args.compile and device.type == "cuda"
+    steps = open_steps(
+        model, batch, max_len, device, compile=compiled, span_bucket=args.span_bucket
+    )
+    mode = steps.mode if device.type == "cuda" else "eager (CPU: no compile, no CUDA graph)"
+    return steps, mode
+
+
 @torch.no_grad()
 def measure_decode(
-    model, size: DecodeSize, batch: int, device: torch.device, bandwidth: float, args
+    model,
+    size: DecodeSize,
+    batch: int,
+    device: torch.device,
+    bandwidth: float,
+    args,
+    compile: bool = True,
 ) -> dict:
-    """Greedy decoding of `batch` rows: prefill once, then `new_tokens` steps timed (median of
-    REPS)."""
+    """Greedy decoding of `batch` rows through the steps `generate` uses (`decode_steps`): prefill,
+    then `new_tokens` decode steps timed (median of REPS, after a first run that compiles), the loop
+    `generate` runs (models/decoding.decode_loop)."""
+    from moa_train.models.decoding import decode_loop, open_steps
     from moa_train.models.kv_cache import kv_bytes_per_token
 
     gc.collect()  # the previous batch's graph and cache
@@ -349,32 +298,31 @@ def measure_decode(
         torch.cuda.reset_peak_memory_stats(device)
     max_len = size.prompt_len + size.new_tokens
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    cache = model.init_cache(batch, max_len, device)
+    steps, mode = decode_steps(model, batch, max_len, device, args, compile)
+    cache = steps.cache
     alloc = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else None
     idx = prompts(batch, size.prompt_len, model.vocab_size, device, seed=2)
-    tokens = model.prefill(idx, torch.full((batch,), size.prompt_len, device=device), cache).argmax(
-        -1
-    )
-    first = tokens.clone()
+    lengths = torch.full((batch,), size.prompt_len, device=device)
 
-    # back to the end of the prompt (K/V past it are overwritten before they are read)
-    def restart():
-        cache.lengths.fill_(size.prompt_len)
-        tokens.copy_(first)
+    def run() -> float:
+        logits = steps.prefill(idx, lengths)
+        sync(device)
+        t0 = time.perf_counter()
+        decode_loop(steps, logits, size.new_tokens + 1, greedy)
+        sync(device)
+        return time.perf_counter() - t0
 
-    spans = decode_spans(size.prompt_len, size.new_tokens, args.span_bucket)
-    runs, mode, compile_s = stepper(
-        model, tokens, cache, device, args.compile, [s for s, _ in spans], restart
-    )
-
-    def generate():
-        restart()
-        for span, steps in spans:
-            run = runs[span]
-            for _ in range(steps):
-                run()
-
-    seconds = timed(generate, device)
+    try:
+        run()  # compiles and captures
+    except Exception as exc:  # any failure is a result: recorded, then the eager steps
+        torch._dynamo.reset()
+        steps.close()
+        mode = f"eager (compile failed: {one_line(exc)})"
+        steps = open_steps(model, batch, max_len, device)
+        cache = steps.cache
+        run()
+    compile_s = steps.compile_s
+    seconds = statistics.median(run() for _ in range(REPS))
     step_s = seconds / size.new_tokens
     # the cache's (init_cache allocates in the parameters' dtype)
     dtype = next(model.parameters()).dtype
@@ -388,7 +336,7 @@ def measure_decode(
         "mode": mode,
         "compile_s": round(compile_s, 1),
         "span_bucket": args.span_bucket,
-        "spans": [s for s, _ in spans],
+        "spans": [s for s, _ in decode_spans(size.prompt_len, size.new_tokens, args.span_bucket)],
         "step_ms": 1000 * step_s,
         "tokens_per_s": batch / step_s,
         "kv_bytes_per_token_measured": kv_bytes / (batch * max_len),
@@ -404,20 +352,40 @@ def measure_decode(
         "bound_ms": 1000 * bound_s,
         "share_of_bound": bound_s / step_s,
     }
-    if args.trace:  # the step at the mean context length: the one the bound counts
-        traced, pos = spans[-1][0], size.prompt_len
-        for span, steps in spans:
-            pos += steps
-            if pos > size.prompt_len + size.new_tokens // 2:
-                traced = span
-                break
+    if args.trace and compile:
 
         def traced_step():
-            restart()
-            runs[traced]()
+            logits = steps.prefill(idx, lengths)
+            steps.step(greedy(logits))
 
         out["_trace"] = functools.partial(trace_step, traced_step, device, 1000 * step_s)
+    steps.close()
     return out
+
+
+@torch.no_grad()
+def measure_generate(model, size: DecodeSize, batch: int, device: torch.device, compile) -> dict:
+    """Decode-only tokens/s of `generate`'s own path (moa_train.generation._generate_ids: prompts
+    as id lists, greedy, `compile` as generate takes it), timed from the first token drawn (after a
+    device sync there) to the ids back on the host; median of REPS after a first run."""
+    from moa_train.generation import _generate_ids
+
+    ids = prompts(batch, size.prompt_len, model.vocab_size, device, seed=2).tolist()
+    times = []
+
+    def first_token(tokens):
+        if len(times) == 0:
+            sync(device)
+            times.append(time.perf_counter())
+
+    def run() -> float:
+        times.clear()
+        _generate_ids(model, ids, size.new_tokens + 1, True, greedy, first_token, None, compile)
+        return time.perf_counter() - times[0]
+
+    run()
+    seconds = statistics.median(run() for _ in range(REPS))
+    return {"batch": batch, "tokens_per_s": batch * size.new_tokens / seconds}
 
 
 def trace_step(run, device: torch.device, step_ms: float, top: int = 10) -> dict:
@@ -467,21 +435,30 @@ def missed(model_name: str, batch_index: int, share: float) -> float | None:
 def measure_row(
     model, model_name: str, size: DecodeSize, device: torch.device, bandwidth: float, args
 ) -> dict:
-    from moa_train.models.kv_cache import PoolLayout, kv_bytes_per_token
+    from moa_train.models.kv_cache import kv_bytes_per_token
 
-    # (heads, head_dim), or a head pool's PoolLayout: its most heads
-    layout = model.blocks[0].attn.kv_layout()
+    # the most K/V heads a token stores (a head pool's: its widest scheme)
+    heads = model.init_cache(1, 1).self_layers()[0].max_heads
+    model.release_cache()
     entry = {
-        "kv_heads": max(layout.heads) if isinstance(layout, PoolLayout) else layout[0],
+        "kv_heads": heads,
         "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
         "param_bytes": param_bytes(model),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "kv_bytes_per_token": kv_bytes_per_token(model, next(model.parameters()).dtype),
     }
     entry["prefill"] = measure_prefill(model, size, device)
-    entry["decode"] = {}
+    entry["decode"], entry["decode_eager"], entry["generate"] = {}, {}, {}
     for i, batch in enumerate(size.batches):
         d = measure_decode(model, size, batch, device, bandwidth, args)
+        if args.paths:
+            compiled = args.compile and device.type == "cuda"
+            entry["generate"][str(batch)] = measure_generate(model, size, batch, device, compiled)
+            if compiled:
+                eager = measure_decode(model, size, batch, device, bandwidth, args, compile=False)
+                entry["decode_eager"][str(batch)] = {
+                    k: eager[k] for k in ("mode", "step_ms", "tokens_per_s")
+                }
         trace = d.pop("_trace", None)
         if trace is not None and missed(model_name, i, d["share_of_bound"]) is not None:
             d["trace"] = trace()
@@ -529,7 +506,7 @@ def bench_model(
         return {
             key: {
                 **base,
-                "error": "no KV cache contract (its attention has no forward_cached): not measured",
+                "error": "no KV cache contract (its attention declares no cache): not measured",
             }
         }
     rows = {}
@@ -752,6 +729,166 @@ def hf_rows(size: DecodeSize, device: torch.device, settings: list):
             yield f"{size.size}/hf-llama-kv{kv}/{setting}", hf_row(size, kv, setting, device)
 
 
+# --- fresh processes: moa-generate and transformers, start-up included ---------------------------
+
+# a GPT-2-shaped mha run of one training step (its checkpoint and BPE tokenizer), for moa-generate
+CLI_RUN = {
+    "gpt2": [
+        "model=mha",
+        "data=wikitext2_bpe",
+        "model.n_layer=12",
+        "model.d_model=768",
+        "model.n_head=12",
+        "model.max_seq_len=1024",
+        "trainer.block_size=1024",
+    ],
+    "tiny": [
+        "model=mha",
+        "data=wikitext2_bpe",
+        "data.vocab_size=512",
+        "model.n_layer=2",
+        "model.d_model=64",
+        "model.n_head=4",
+        "model.max_seq_len=64",
+        "trainer.block_size=64",
+    ],
+}
+CLI_ONE_STEP = [
+    "trainer.batch_size=1",
+    "trainer.max_steps=1",
+    "trainer.eval_interval=1000000",
+    "trainer.eval_iters=1",
+    "trainer.compile=false",
+    "trainer.cuda_graphs=false",
+    "trainer.precision=fp32",
+]
+
+# transformers' side: a user's script (from_pretrained, then generate() with the static cache, which
+# transformers compiles on CUDA); it prints a line at the first new token (the streamer's second
+# put: the first is the prompt)
+HF_CHILD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+path, n, device = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+dtype = torch.bfloat16 if device == "cuda" else torch.float32
+model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+ids = torch.load(path + "/prompt.pt").to(device)
+
+class First:
+    puts = 0
+    def put(self, value):
+        First.puts += 1
+        if First.puts == 2:
+            print("first", flush=True)
+    def end(self):
+        pass
+
+with torch.no_grad():
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                         min_new_tokens=n, do_sample=False, streamer=First(),
+                         cache_implementation="static")
+print("new", out.shape[1] - ids.shape[1], flush=True)
+"""
+
+
+def timed_process(cmd: list, env: dict, timeout: float = 540) -> dict:
+    """{ttft_s, wall_s}: a child's wall time and the time to its first byte of output (the first
+    token: moa-generate prints the prompt with it, the HF child a line), from its start."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    first = proc.stdout.read(1)
+    ttft = time.perf_counter() - t0
+    rest, err = proc.communicate(timeout=timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0 or not first:
+        lines = err.decode(errors="replace").strip().splitlines() or ["no output"]
+        return {"error": f"exit {proc.returncode}: {lines[-1][:200]}"}
+    return {"ttft_s": ttft, "wall_s": wall, "stdout": (first + rest).decode(errors="replace")}
+
+
+def cli_row(size: DecodeSize, device: torch.device, work: Path) -> dict:
+    """moa-generate (compiled and eager) and transformers' compiled static cache, each timed as a
+    fresh process on the same shape (a GPT-2-shaped mha run of BPE vocabulary, batch 1)."""
+    import os
+    import subprocess
+
+    from moa_train.api import load_tokenizer
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = work / "cli_run"
+    train = [sys.executable, "-m", "moa_train", *CLI_RUN[size.size], *CLI_ONE_STEP]
+    train += [f"trainer.device={device.type}", f"hydra.run.dir={run}"]
+    done = subprocess.run(train, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        return {"error": f"the run for moa-generate failed: {done.stderr.strip()[-300:]}"}
+    tokenizer = load_tokenizer(run)
+    text, words = "", (work / "cli_words.txt")
+    corpus = Path(os.environ.get("MOA_DATA_DIR", "")) / "wikitext-2" / "wiki.valid.tokens"
+    source = corpus.read_text(encoding="utf-8").split() if corpus.exists() else ["the"] * 4096
+    for w in source:  # the longest prefix of the valid text within prompt_len tokens
+        if len(tokenizer.encode(text + w + " ")) > size.prompt_len:
+            break
+        text += w + " "
+    words.write_text(text.strip() + "\n", encoding="utf-8")
+    n_prompt = len(tokenizer.encode(text.strip()))
+    gen = [sys.executable, "-m", "moa_train.generation", str(run), "--prompt-file", str(words)]
+    gen += ["--max-new-tokens", str(size.new_tokens), "--greedy", "--device", device.type]
+    # each twice: the second process finds torch's on-disk compile caches (inductor's FX graph
+    # cache, under /tmp/torchinductor_<user>) that the first filled
+    commands = {}
+    for flag in ("--compile", "--no-compile"):
+        for rep in ("first", "second"):
+            commands[f"moa-generate {flag} ({rep} process)"] = timed_process([*gen, flag], env)
+    # transformers: the same shape, random weights saved as a user's model folder
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        m = compose_cfg(size.size, "mha", 1, device)[0].model
+        hf_cfg = LlamaConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=m.d_model,
+            intermediate_size=4 * m.d_model,
+            num_hidden_layers=m.n_layer,
+            num_attention_heads=m.n_head,
+            num_key_value_heads=m.n_head,
+            max_position_embeddings=m.max_seq_len,
+            tie_word_embeddings=True,
+            eos_token_id=None,
+            bos_token_id=None,
+            pad_token_id=0,
+        )
+        folder = work / "hf_llama"
+        torch.manual_seed(0)
+        LlamaForCausalLM(hf_cfg).save_pretrained(folder)
+        torch.save(torch.randint(0, tokenizer.vocab_size, (1, n_prompt)), folder / "prompt.pt")
+        hf = [sys.executable, "-c", HF_CHILD, str(folder), str(size.new_tokens), device.type]
+        for rep in ("first", "second"):
+            name = f"transformers generate(), static cache ({rep} process)"
+            commands[name] = timed_process(hf, env)
+    except ImportError as exc:
+        commands["transformers generate(), static cache"] = {"error": one_line(exc)}
+    for c in commands.values():
+        out = c.pop("stdout", "")
+        if "error" not in c:
+            c["tokens_per_s"] = (size.new_tokens - 1) / (c["wall_s"] - c["ttft_s"])
+            c["output_chars"] = len(out)
+    return {
+        "size": size.size,
+        "model": "cli",
+        "prompt_tokens": n_prompt,
+        "new_tokens": size.new_tokens,
+        "vocab_size": tokenizer.vocab_size,
+        "what": (
+            f"moa-generate on a {size.size}-shaped mha run (BPE {tokenizer.vocab_size}, one "
+            "training step); transformers' LlamaForCausalLM of the same size and vocabulary from "
+            "a saved folder."
+        ),
+        "commands": commands,
+    }
+
+
 # --- results --------------------------------------------------------------------------------------
 
 
@@ -774,7 +911,11 @@ def hf_baseline(results: dict, size: str, kv_heads: int, batch: str) -> tuple:
 
 def model_rows(results: dict, size: str) -> list:
     order = list(bench_presets())
-    rows = [r for r in results.values() if r["size"] == size and "setting" not in r]
+    rows = [
+        r
+        for r in results.values()
+        if r["size"] == size and "setting" not in r and r.get("model") != "cli"
+    ]
     return sorted(
         rows,
         key=lambda r: (
@@ -931,6 +1072,53 @@ def size_tables(results: dict, size: str) -> list:
                 f"| {r['model']} | {r['kv_heads']} | {r['setting']}{err} | {compiled} | "
                 f"{' | '.join(cells)} | {fmt(d[hi]['peak_mem_gib'] if hi in d else None, '.2f')} | "
                 f"{r['transformers']} | {r['run']} |"
+            )
+    paths = [r for r in rows if r.get("generate")]
+    if paths:
+        out += [
+            "",
+            (
+                "The paths users run, in the same run: decode tok/s of `generate()` itself "
+                "(moa_train.generation, greedy, compiled as the row's mode says; from the first "
+                "token drawn to the ids on the host) and of eager decode steps (the same steps, "
+                "not compiled), beside the benchmark's figure above:"
+            ),
+            "",
+            (
+                f"| model | bench b{lo} | generate() b{lo} | generate / bench b{lo} | eager "
+                f"b{lo} | bench b{hi} | generate() b{hi} | generate / bench b{hi} | eager b{hi} "
+                "| run |"
+            ),
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in paths:
+            cells = []
+            for b in (lo, hi):
+                bench, gen = r["decode"][b]["tokens_per_s"], r["generate"][b]["tokens_per_s"]
+                eager = r.get("decode_eager", {}).get(b, {}).get("tokens_per_s")
+                cells += [f"{bench:,.0f}", f"{gen:,.0f}", f"{gen / bench:.2f}", fmt(eager, ",.0f")]
+            out.append(f"| {row_name(r)} | {' | '.join(cells)} | {r['run']} |")
+    cli = [r for r in results.values() if r["size"] == size and r.get("model") == "cli"]
+    for r in cli:
+        out += [
+            "",
+            (
+                f"Fresh processes, batch 1, a {r['prompt_tokens']}-token prompt + "
+                f"{r['new_tokens']} new tokens, greedy, bf16 on CUDA, each a new Python process "
+                "(start-up, loading and compilation included; time to first token from the "
+                f"process start; tok/s over the new tokens after the first): {r['what']}"
+            ),
+            "",
+            "| command | time to first token s | wall s | tok/s after the first | run |",
+            "|---|---|---|---|---|",
+        ]
+        for name, c in r["commands"].items():
+            if "error" in c:
+                out.append(f"| {name} | **failed**: {c['error']} | - | - | {r['run']} |")
+                continue
+            out.append(
+                f"| {name} | {c['ttft_s']:.2f} | {c['wall_s']:.2f} | "
+                f"{fmt(c.get('tokens_per_s'), ',.0f')} | {r['run']} |"
             )
     traces = [
         (r, b, r["decode"][b]["trace"])
@@ -1142,6 +1330,18 @@ def parse_args(argv):
         "compile and "
         "CUDA graph per span); 0: over the whole cache (default)",
     )
+    p.add_argument(
+        "--no-paths",
+        dest="paths",
+        action="store_false",
+        help="skip the rows of generate()'s own path and of eager decoding",
+    )
+    p.add_argument(
+        "--cli",
+        action="store_true",
+        help="also time moa-generate (compiled and eager) and transformers' compiled static cache "
+        "as fresh processes on a GPT-2-shaped mha run, start-up included",
+    )
     p.add_argument("--out", default="docs/results", help="folder of inference.json / .md / .png")
     p.add_argument(
         "--tables-only", action="store_true", help="rebuild inference.md and .png from the json"
@@ -1236,6 +1436,15 @@ def main(argv=None) -> int:
         for key, entry in hf_rows(args.size, device, args.hf_settings.split(",")):
             data["results"][key] = {**entry, "run": run_id}
             save(data, out)
+    if args.cli:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as work:
+            entry = cli_row(args.size, device, Path(work))
+        if "error" in entry:
+            log.warning("cli: %s", entry["error"])
+        data["results"][f"{args.size.size}/cli"] = {**entry, "run": run_id}
+        save(data, out)
     return 0
 
 

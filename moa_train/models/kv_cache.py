@@ -1,32 +1,35 @@
-"""A static KV cache for cached inference: per layer, preallocated K and V of (B, heads cached,
-max_len, head_dim).
+"""Inference caches: each attention module owns one while a model decodes.
 
-The contract every attention module implements:
-- `kv_layout() -> (n_heads_cached, head_dim)`: what one token leaves in one layer's cache (per K and
-  per V); its `kv_cache_elems_per_token()` is 2 * n_heads_cached * head_dim.
-- `forward_cached(x, cache_k, cache_v, positions, span=None) -> y`: x (B, T, d) new tokens at
-  per-row positions (B, T); writes their K/V into the cache at those positions (`write_kv`), then
-  attends from each new token to every cached position up to its own (`cached_sdpa`), reading only
-  the first `span` positions when span is given (every position lies below it). No dropout:
-  inference only. A variant whose forward_cached has no `span` parameter (a plugin written before
-  it) is called without it and reads the whole cache.
+The protocol, as gpt-fast's `Attention.kv_cache`: a model's `init_cache` gives every attention
+module its layer cache (`attn.kv_cache`, None while training) and returns the `KVCache` that holds
+them; the module's one `forward` then writes the new tokens' K/V into it and attends over it, with
+the same code as without a cache. A layer cache carries what the step needs besides x, through the
+`DecodeState` all layers of a model share (the one owner of lengths and spans): the row lengths
+(B,), from which each new token's position follows (`positions`), and `span`, how many leading
+positions a step reads. A variant subclass that overrides `forward` and calls its parent's (the
+README's toy plugin) therefore decodes through the cache without knowing it.
 
-Nothing here reallocates or resizes a tensor after `KVCache.allocate`, and the write and the mask
-use only fixed shapes (the mask compares positions with an arange over max_len): a one-token decode
-step has no data-dependent shape and no host sync, so it can be compiled or captured in a CUDA
-graph. Rows of a batch may hold different lengths. Positions past max_len are not checked (that
-would be a host sync): the scatter then fails.
+Layer caches:
+- `StaticKV`: preallocated K and V (B, heads cached, max_len, head_dim), for the variants that store
+  a fixed number of K/V heads per token (a module's `kv_layout() -> (heads, head_dim)`);
+- `CrossKV`: a decoder cross-attention's K and V of the source, computed at the first step and
+  reused;
+- a variant with a cache of its own (moas_kv's head pool) returns it from `make_cache`, a subclass
+  of `LayerCache`.
+Each keeps rows (`select`, beam search), counts its bytes (`nbytes`, `realised_bytes`) and notes
+what it did differently from the full forward (`overflow`).
 
-A variant whose tokens store different numbers of K/V heads (moas_kv) returns a `PoolLayout` from
-`kv_layout()` instead of a tuple: its layer of the cache is then a `HeadPool` (per row a pool of
-head slots with per-token offsets), passed to its `forward_cached` as `cache_k`, with `cache_v`
-None. Every other variant is unchanged.
+Nothing reallocates or resizes a tensor after allocation, and writes and masks use fixed shapes (the
+mask compares positions with an arange over max_len): a one-token decode step has no
+data-dependent shape and no host sync, so it compiles and captures in a CUDA graph. Rows of a batch
+may hold different lengths. Positions past max_len are not checked (that would be a host sync): the
+write then fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +39,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # SDPA backends for decoding: all but cuDNN's. cuDNN attention builds (and caches) an execution
 # graph per input shape, and torch prefers it for bf16 on Hopper; decoding changes shape at almost
-# every step (a growing prefix, a batch that shrinks as sentences finish), so each step paid a graph
-# build: beam search over Multi30k's test set in bf16 on an H200 was 5-13x slower with it (mha: 22.1
-# s with it, 1.7 s without; docs/results/translation.md).
+# every step (a growing prefix, a batch that shrinks as sentences finish), so each step paid a
+# graph build (docs/results/translation.md measures it).
 DECODING_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -53,100 +55,301 @@ def without_cudnn_attention(fn):
     return wrapped
 
 
-def has_kv_cache(model) -> bool:
-    """Whether `model` (a LanguageModel or a Seq2Seq) decodes through a KV cache (its
-    `cached_decoding_ok`: every attention implements the contract); otherwise its callers recompute
-    full forwards (the same tokens, slower)."""
-    return getattr(model, "cached_decoding_ok", lambda: False)()
+class CacheNotUsed(RuntimeError):
+    """A module's forward ignored the cache it was given: its decoding would be wrong."""
 
 
 @dataclass
-class KVCache:
-    """Per layer K and V (B, n_heads_cached, max_len, head_dim) in one dtype (a pooled layer: its
-    HeadPool in `k`, None in `v`); `lengths` (B,) int64: tokens held per row (slots at and past a
-    row's length may hold garbage, never attended: each is overwritten before it is read)."""
+class DecodeState:
+    """What every layer cache of one model shares: `lengths` (B,) int64, the tokens each row holds
+    (the next token of row b sits at position lengths[b]); `span`: a step reads the first `span`
+    positions of the cache (None: all max_len), a promise of the caller, who counts the steps on
+    the host, that every row's position lies below it (unchecked: a check would sync)."""
 
-    k: list
-    v: list
     lengths: Tensor
+    max_len: int
+    span: int | None = None
+
+    def positions(self, t: int) -> Tensor:
+        """(B, t) positions of t new tokens per row, right after each row's held tokens."""
+        return self.lengths[:, None] + torch.arange(t, device=self.lengths.device)
+
+    def select(self, rows: Tensor) -> None:
+        self.lengths = self.lengths.index_select(0, rows)
+
+
+class LayerCache:
+    """What every layer cache provides; `used` turns true at its first write, so that a model can
+    tell, after prefill, that each module really decodes through its cache."""
+
+    state: DecodeState
+    used: bool = False
+
+    def select(self, rows: Tensor) -> None:
+        """Keep (reorder, repeat) rows: beam search reordering hypotheses, finished ones leaving."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Bytes allocated for K/V."""
+        raise NotImplementedError
+
+    def realised_bytes(self) -> Tensor | float:
+        """K/V bytes the rows' real tokens hold in this layer (summed over rows)."""
+        raise NotImplementedError
+
+    @property
+    def max_heads(self) -> int:
+        """The most K/V heads a token stores here."""
+        raise NotImplementedError
+
+    def overflow(self) -> Tensor | int:
+        """Real tokens stored differently from what the full forward computes (a pool's fallback);
+        0 for an exact cache."""
+        return 0
+
+    def mark_used(self) -> None:
+        if not self.used:  # a constant after prefill: a compiled step stores nothing here
+            self.used = True
+
+
+class StaticKV(LayerCache):
+    """K and V (B, heads, max_len, head_dim) of a fixed number of heads per token."""
+
+    def __init__(self, k: Tensor, v: Tensor, state: DecodeState):
+        self.k, self.v, self.state = k, v, state
 
     @classmethod
-    def allocate(
-        cls, layouts: list, batch_size: int, max_len: int, device, dtype: torch.dtype
-    ) -> KVCache:
-        """`layouts`: one (n_heads_cached, head_dim) or PoolLayout per layer."""
-        k, v = [], []
-        for layout in layouts:
-            if isinstance(layout, PoolLayout):
-                k.append(layout.allocate(batch_size, max_len, device, dtype))
-                v.append(None)
-            else:
-                heads, head_dim = layout
-                k.append(
-                    torch.zeros(batch_size, heads, max_len, head_dim, device=device, dtype=dtype)
-                )
-                v.append(torch.zeros_like(k[-1]))
-        return cls(k, v, torch.zeros(batch_size, dtype=torch.int64, device=device))
+    def allocate(cls, layout: tuple, state: DecodeState, device, dtype) -> StaticKV:
+        heads, head_dim = layout
+        shape = (state.lengths.shape[0], heads, state.max_len, head_dim)
+        k = torch.zeros(shape, device=device, dtype=dtype)
+        return cls(k, torch.zeros_like(k), state)
+
+    def write(self, k: Tensor, v: Tensor) -> Tensor:
+        """Write the new tokens' k, v (B, heads, T, D) at their positions; returns the positions
+        (B, T)."""
+        positions = self.state.positions(k.shape[2])
+        write_kv(self.k, k, positions)
+        write_kv(self.v, v, positions)
+        self.mark_used()
+        return positions
+
+    def update(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """`write` k, v, then attend from q (B, Hq, T, D) over the cache (Hq a multiple of heads):
+        each query sees the cached positions up to its own."""
+        positions = self.write(k, v)
+        return cached_sdpa(q, self.k, self.v, positions, self.state.span)
+
+    @property
+    def max_heads(self) -> int:
+        return self.k.shape[1]
+
+    def select(self, rows: Tensor) -> None:
+        self.k, self.v = self.k.index_select(0, rows), self.v.index_select(0, rows)
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def realised_bytes(self) -> Tensor:
+        per_token = 2 * self.k.shape[1] * self.k.shape[3] * self.k.element_size()
+        return self.state.lengths.sum() * per_token
+
+
+class CrossKV(LayerCache):
+    """A cross-attention's K and V of the source, computed by `fill` at the first step and reused;
+    the source (its memory and key-padding mask) lives in the model's KVCache."""
+
+    def __init__(self, state: DecodeState):
+        self.state, self.kv = state, None
+
+    def fill(self, compute) -> tuple:
+        """The stored (K, V), `compute()` on the first call."""
+        if self.kv is None:
+            self.kv = compute()
+        self.mark_used()
+        return self.kv
+
+    def select(self, rows: Tensor) -> None:
+        if self.kv is not None:
+            self.kv = tuple(t.index_select(0, rows) for t in self.kv)
+
+    def nbytes(self) -> int:
+        return 0 if self.kv is None else sum(t.numel() * t.element_size() for t in self.kv)
+
+    def realised_bytes(self) -> int:
+        return self.nbytes()
+
+
+def layer_cache(attn, state: DecodeState, device, dtype, cross: bool = False) -> LayerCache | None:
+    """The cache of one attention module: its own (`make_cache`), a StaticKV of its `kv_layout()`,
+    a CrossKV for a cross-attention, or None for a module that declares it cannot use one (neither
+    method)."""
+    if cross:
+        return CrossKV(state)
+    if hasattr(attn, "make_cache"):
+        return attn.make_cache(state, device, dtype)
+    if hasattr(attn, "kv_layout"):
+        return StaticKV.allocate(attn.kv_layout(), state, device, dtype)
+    return None
+
+
+def can_cache(attn) -> bool:
+    """Whether a module decodes through a cache (it has a cache factory or a K/V layout)."""
+    return hasattr(attn, "make_cache") or hasattr(attn, "kv_layout")
+
+
+class KVCache:
+    """The caches of one model for a batch: `layers` (attention module, its layer cache), the shared
+    DecodeState, and for an encoder-decoder the source (`memory`, `src_mask`). Attached to the
+    modules from `attach()` to `detach()` (a model's init_cache attaches)."""
+
+    def __init__(self, layers: list, state: DecodeState, memory=None, src_mask=None):
+        self.layers, self.state = layers, state
+        self.memory, self.src_mask = memory, src_mask
+
+    @classmethod
+    def allocate(cls, modules: list, batch_size: int, max_len: int, device, dtype, **source):
+        """`modules`: (attention module, cross?) pairs; None where a module cannot cache."""
+        state = DecodeState(torch.zeros(batch_size, dtype=torch.int64, device=device), max_len)
+        layers = [(m, layer_cache(m, state, device, dtype, cross)) for m, cross in modules]
+        return cls(layers, state, **source)
+
+    @property
+    def complete(self) -> bool:
+        """Every module has a cache."""
+        return all(c is not None for _, c in self.layers)
+
+    def attach(self) -> None:
+        for module, cache in self.layers:
+            module.kv_cache = cache
+
+    def detach(self) -> None:
+        for module, cache in self.layers:
+            if getattr(module, "kv_cache", None) is cache:
+                module.kv_cache = None
+
+    def check_used(self) -> None:
+        """CacheNotUsed (naming the modules) unless every layer cache was written: call after
+        prefill, where a module whose forward ignores its cache would otherwise decode wrongly."""
+        unused = sorted({type(m).__name__ for m, c in self.layers if c is not None and not c.used})
+        if unused:
+            raise CacheNotUsed(
+                f"{', '.join(unused)}: forward ignored its KV cache (it does not call its parent's "
+                "forward nor the cache); decoding by full forwards instead"
+            )
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.state.lengths
 
     @property
     def max_len(self) -> int:
-        first = self.k[0]
-        return first.max_len if isinstance(first, HeadPool) else first.shape[2]
+        return self.state.max_len
 
     @property
     def batch_size(self) -> int:
-        return self.lengths.shape[0]
+        return self.state.lengths.shape[0]
 
-    def nbytes(self) -> int:
-        """Bytes allocated for K and V (a pool: its head slots, the bookkeeping tables left out)."""
-        return sum(
-            t.nbytes() if isinstance(t, HeadPool) else t.numel() * t.element_size()
-            for t in (*self.k, *self.v)
-            if t is not None
-        )
+    @property
+    def span(self) -> int | None:
+        return self.state.span
 
-    def realised_bytes_per_token(self) -> float:
-        """K/V bytes the rows' real tokens (`lengths`) really hold, over all layers, per token: a
-        pooled layer's used slots (`HeadPool.used_slots`), a static layer's heads x head_dim."""
-        tokens = self.lengths.sum().clamp_min(1)
-        total = 0.0
-        for k in self.k:
-            if isinstance(k, HeadPool):
-                total += float(k.used_slots(self.lengths).sum() / tokens) * k.head_bytes()
-            else:
-                total += 2 * k.shape[1] * k.shape[3] * k.element_size()
-        return total
+    @span.setter
+    def span(self, value: int | None) -> None:
+        if value is not None and not 1 <= value <= self.max_len:
+            raise ValueError(f"span={value} must lie in 1..{self.max_len} (the cache's max_len)")
+        self.state.span = value
 
     def select(self, rows: Tensor) -> None:
-        """Keep (reorder, repeat) the rows `rows` of every layer and of `lengths`: beam search
-        reordering its hypotheses, finished ones leaving the batch."""
-        self.k = [t.index_select(0, rows) for t in self.k]
-        # None: a pooled layer's
-        self.v = [None if t is None else t.index_select(0, rows) for t in self.v]
-        self.lengths = self.lengths.index_select(0, rows)
+        """Keep (reorder, repeat) rows of every layer, of the lengths and of the source."""
+        for _, cache in self.layers:
+            cache.select(rows)
+        self.state.select(rows)
+        if self.memory is not None:
+            self.memory = self.memory.index_select(0, rows)
+            self.src_mask = self.src_mask.index_select(0, rows)
 
-    def fallbacks(self) -> int:
-        """Real tokens the pooled layers' overflow policy stored as their fallback scheme (summed
-        over layers); 0 without pooled layers."""
-        return sum(int(k.fallbacks(self.lengths).sum()) for k in self.k if isinstance(k, HeadPool))
+    def self_layers(self) -> list:
+        return [c for _, c in self.layers if not isinstance(c, CrossKV)]
+
+    @property
+    def k(self) -> list:
+        """The self-attention layers' K tensors (a head pool: its slots), for inspection."""
+        return [c.k for c in self.self_layers()]
+
+    @property
+    def v(self) -> list:
+        return [c.v for c in self.self_layers()]
+
+    def nbytes(self) -> int:
+        """Bytes allocated for the self-attention K/V (the source's cross K/V left out)."""
+        return sum(c.nbytes() for c in self.self_layers())
+
+    def realised_bytes_per_token(self) -> float:
+        """Self-attention K/V bytes the rows' real tokens hold, over all layers, per token (a
+        static layer: its allocation per token; a pool: its used slots)."""
+        tokens = self.state.lengths.sum().clamp_min(1)
+        return float(sum(c.realised_bytes() / tokens for c in self.self_layers()))
+
+    def overflow(self) -> int:
+        """Real tokens (summed over layers) that a layer cache stored differently from the full
+        forward (a head pool's fallback); 0 for exact caches. A host sync."""
+        return int(sum(c.overflow() for c in self.self_layers()))
+
+
+class CacheHolder:
+    """A model's side of the protocol (LanguageModel, Seq2Seq): `cache`, the KVCache its attentions
+    decode through, or None."""
+
+    cache: KVCache | None = None
+
+    def attach_cache(self, cache: KVCache) -> None:
+        """Make `cache` the one the attentions decode through (replacing an attached one)."""
+        if self.cache is not None and self.cache is not cache:
+            self.cache.detach()
+        cache.attach()
+        self.cache = cache
+
+    def release_cache(self) -> None:
+        """Take the caches away from the attentions (full forwards again)."""
+        if self.cache is not None:
+            self.cache.detach()
+        self.cache = None
+
+    @contextlib.contextmanager
+    def cache_set_aside(self):
+        """A full forward while a cache is attached: the attentions see none, and get it back."""
+        cache = self.cache
+        if cache is None:
+            yield
+            return
+        cache.detach()
+        try:
+            yield
+        finally:
+            cache.attach()
+
+
+def has_kv_cache(model) -> bool:
+    """Whether `model` (a LanguageModel or a Seq2Seq) decodes through a KV cache: every attention
+    module can cache (`can_cache`); otherwise its callers recompute full forwards."""
+    return getattr(model, "cached_decoding_ok", lambda: False)()
 
 
 def kv_bytes_per_token(model, dtype: torch.dtype, routings: list | None = None) -> float:
-    """Analytic cache bytes one token takes over all layers of `model` (a LanguageModel): 2 (K and
-    V) x heads cached x head_dim x the dtype's bytes, summed over layers. A variant storing a
-    varying number of heads (moas_kv) counts its budget, or with `routings` (the records of an eval
-    forward, one per layer) the mean its hard routing stored."""
+    """Analytic cache bytes one token takes over all layers of `model` (a LanguageModel): the
+    modules' `kv_cache_elems_per_token()` x the dtype's bytes. A module storing a varying number of
+    heads (moas_kv) counts its budget, or with `routings` (the records of an eval forward, one per
+    layer) what its hard routing stored (`realised_heads`)."""
 
     def elems(attn, routing) -> float:
-        if routings is None or not hasattr(attn, "realised_heads"):
+        if routing is None or not hasattr(attn, "realised_heads"):
             return attn.kv_cache_elems_per_token()
         return attn.kv_cache_elems_per_token(float(attn.realised_heads(routing)))
 
+    records = routings or [None] * len(model.blocks)
     return (
-        sum(
-            elems(block.attn, r)
-            for block, r in zip(model.blocks, routings or [None] * len(model.blocks), strict=True)
-        )
+        sum(elems(block.attn, r) for block, r in zip(model.blocks, records, strict=True))
         * dtype.itemsize
     )
 
@@ -156,13 +359,9 @@ def write_kv(cache: Tensor, new: Tensor, positions: Tensor) -> None:
 
     An index_put, not a scatter_: torch.compile (inductor) turns an index_put into a cache input
     into a store of the new entries alone, but a scatter_ into a copy of the whole cache and a copy
-    back, two passes over every layer's cache at every decode step (1.7 ms of mha's 2.75 ms
-    GPT-2-size decode step at batch 64 on an H200: the traces in docs/results/inference.md;
-    tests/test_kv_cache.py reads inductor's code for it). Always into the whole cache, never into a
-    view of its first positions: inductor compiled a write through such a view into copies of the
-    view out and back (48 copy kernels, 1.6 ms of a 2.0 ms GPT-2-size mha step at batch 64 on an
-    H200, 31,563 tokens/s against 71,204:
-    docs/results/runs/inference/span_views_2026-12-02.json)."""
+    back (tests/test_kv_cache.py reads inductor's code for it). Always into the whole cache, never
+    into a view of its first positions: inductor compiled a write through such a view into copies of
+    the view out and back (docs/results/runs/inference/span_views_2026-12-02.json)."""
     rows = torch.arange(cache.shape[0], device=cache.device)[:, None].expand_as(positions)
     # indexed (B, T, H, D): advanced dims first
     cache[rows, :, positions] = new.transpose(1, 2).to(cache.dtype)
@@ -173,8 +372,7 @@ def cached_sdpa(
 ) -> Tensor:
     """q (B, Hq, T, D) of tokens at positions (B, T) against the cache (B, Hkv, L, D), Hkv dividing
     Hq (query head h reads K/V head h // (Hq / Hkv)): each query sees the cached positions <= its
-    own. span: only the first `span` positions are read (every position < span; see
-    LanguageModel.decode_step)."""
+    own. span: only the first `span` positions are read (every position < span)."""
     # a view for READING only: writes go to the whole cache (write_kv says why)
     if span is not None:
         cache_k, cache_v = cache_k[:, :, :span], cache_v[:, :, :span]
@@ -186,197 +384,3 @@ def cached_sdpa(
     return F.scaled_dot_product_attention(
         q, cache_k.to(q.dtype), cache_v.to(q.dtype), attn_mask=keep, enable_gqa=True
     )
-
-
-# --- head pools: tokens storing different numbers of K/V heads ------------------------------------
-
-
-@dataclass(frozen=True)
-class PoolLayout:
-    """What a pooled layer's token stores: under scheme c, `heads[c]` K/V heads (its candidate heads
-    `first[c]`..`first[c] + heads[c] - 1` of the layer's candidates); query head h then reads the
-    token's stored head `read_index[c][h]`. The pool holds ceil(slots_per_token x max_len) slots per
-    row, at least max_len (one per position: the fallback scheme, which stores one head, always
-    fits)."""
-
-    head_dim: int
-    # (C,) K/V heads a token stores under each scheme; the last is the fallback and stores 1
-    heads: tuple
-    # (C,) each scheme's first head among the candidates the module hands to `HeadPool.store`
-    first: tuple
-    read_index: tuple  # (C, n_query_heads): the stored head query head h reads
-    slots_per_token: float
-
-    def slots(self, max_len: int) -> int:
-        return max(
-            max_len, min(max(self.heads) * max_len, math.ceil(self.slots_per_token * max_len))
-        )
-
-    def allocate(self, batch_size: int, max_len: int, device, dtype: torch.dtype) -> HeadPool:
-        def table(value: int) -> Tensor:
-            return torch.full((batch_size, max_len), value, dtype=torch.int64, device=device)
-
-        # the last slot takes the writes of the heads a scheme does not store
-        slots = self.slots(max_len) + 1
-        kv = [
-            torch.zeros(batch_size, slots, self.head_dim, device=device, dtype=dtype)
-            for _ in range(2)
-        ]
-        return HeadPool(
-            *kv,
-            table(0),
-            table(0),
-            torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
-            torch.tensor(self.heads, device=device),
-            torch.tensor(self.first, device=device),
-            torch.tensor(self.read_index, device=device),
-            max(self.heads),
-        )
-
-
-@dataclass
-class HeadPool:
-    """One layer's pooled K/V: per row `k`, `v` (slots + 1, head_dim), and per position the scheme
-    its token stored, the offset of its first slot and whether the overflow policy changed its
-    scheme.
-
-    Overflow policy (fall back, never grow: fixed shapes, so decode steps compile): a token at
-    position p keeps its chosen scheme only if, after its heads, at least one slot per later
-    position of the row (up to max_len) is left; otherwise it stores the fallback scheme (one head),
-    which always fits. `fallbacks` counts such tokens; moa-generate reports them once per
-    generation. A pool of max(heads) x max_len slots never falls back."""
-
-    k: Tensor
-    v: Tensor
-    scheme: Tensor  # (B, max_len) int64
-    offset: Tensor  # (B, max_len) int64: the token's first slot
-    fell_back: Tensor  # (B, max_len) bool
-    heads: Tensor  # (C,)
-    first: Tensor  # (C,)
-    read_index: Tensor  # (C, H)
-    width: int  # the most heads a token stores
-
-    @property
-    def max_len(self) -> int:
-        return self.scheme.shape[1]
-
-    def index_select(self, dim: int, rows: Tensor) -> HeadPool:
-        """The pool of rows `rows` (dim 0: beam search reorders and drops hypotheses, as with a
-        cache tensor)."""
-        assert dim == 0, "a head pool selects rows only"
-        return HeadPool(
-            *(
-                t.index_select(0, rows)
-                for t in (self.k, self.v, self.scheme, self.offset, self.fell_back)
-            ),
-            self.heads,
-            self.first,
-            self.read_index,
-            self.width,
-        )
-
-    @property
-    def slots(self) -> int:
-        return self.k.shape[1] - 1
-
-    def head_bytes(self) -> int:
-        """Bytes of one stored head: K and V."""
-        return 2 * self.k.shape[2] * self.k.element_size()
-
-    def nbytes(self) -> int:
-        return self.slots * self.head_bytes() * self.k.shape[0]
-
-    def _end_before(self, positions: Tensor) -> Tensor:
-        """(B,) the first free slot after the tokens at positions < positions (B,)."""
-        end = self.offset + self.heads[self.scheme]
-        before = end.gather(1, (positions - 1).clamp_min(0)[:, None])[:, 0]
-        return torch.where(positions > 0, before, torch.zeros_like(before))
-
-    def _fits(self, offset: Tensor, scheme: Tensor, positions: Tensor) -> Tensor:
-        return offset + self.heads[scheme] + (self.max_len - 1 - positions) <= self.slots
-
-    def place(self, choice: Tensor, positions: Tensor) -> Tensor:
-        """The schemes (B, T) the tokens at consecutive positions (B, T) store, given their choices,
-        after the overflow policy; records scheme, offset and fallback per position. One token
-        (decode): no host sync; a prompt (T > 1) whose choices do not all fit is placed token by
-        token."""
-        fallback = len(self.heads) - 1
-        start = self._end_before(positions[:, 0])
-        n = self.heads[choice]
-        offset = start[:, None] + n.cumsum(1) - n
-        ok = self._fits(offset, choice, positions)
-        if choice.shape[1] > 1 and not bool(ok.all()):  # host sync: prefill only
-            columns = []
-            for t in range(choice.shape[1]):
-                fits = self._fits(start, choice[:, t], positions[:, t])
-                columns.append((torch.where(fits, choice[:, t], fallback), start, fits))
-                start = start + self.heads[columns[-1][0]]
-            scheme, offset, ok = (torch.stack(c, 1) for c in zip(*columns, strict=True))
-        else:
-            scheme = torch.where(ok, choice, fallback)
-        rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(
-            positions
-        )
-        for table, value in ((self.scheme, scheme), (self.offset, offset), (self.fell_back, ~ok)):
-            # index_put, as in write_kv: compiled, it writes these entries alone
-            table[rows, positions] = value
-        return scheme
-
-    def store(self, k: Tensor, v: Tensor, choice: Tensor, positions: Tensor) -> None:
-        """Tokens at positions (B, T) with candidate heads k, v (B, T, candidates, D) and chosen
-        schemes (B, T): each stores its placed scheme's heads in its slots."""
-        scheme = self.place(choice, positions)
-        j = torch.arange(self.width, device=k.device)  # (J,): the j-th head a token stores
-        n = self.heads[scheme][..., None]  # (B, T, 1)
-        source = (self.first[scheme][..., None] + j).clamp_max(k.shape[2] - 1)  # (B, T, J)
-        # unused: last slot
-        slot = torch.where(j < n, self.offset.gather(1, positions)[..., None] + j, self.slots)
-        b, t, width = source.shape
-        rows = torch.arange(b, device=k.device)[:, None].expand(b, t * width)
-        for pool, new in ((self.k, k), (self.v, v)):
-            # (B, T, J, D)
-            heads = new.gather(2, source[..., None].expand(-1, -1, -1, new.shape[3]))
-            pool[rows, slot.view(b, t * width)] = heads.reshape(b, t * width, -1).to(pool.dtype)
-
-    def attend(self, q: Tensor, positions: Tensor) -> Tensor:
-        """Attention of queries q (B, n_head, T, D) at positions (B, T) over this pool: query head h
-        sees, for every position up to its own, the head that position's token stored for h. Returns
-        (B, n_head, T, D).
-
-        Computed on the slots, not on a gathered (B, n_head, max_len, D) view of them: the scores of
-        every query head against every slot are one batched matmul that reads the pool's K once;
-        each head's score for each position is then picked from that position's slot (a gather of
-        scalars), and the softmax weights go back to their slots (a scatter of scalars) for one
-        matmul with the pool's V. A gathered view writes and reads n_head heads per position, MHA's
-        cache traffic, whatever the tokens stored."""
-        b, h, t, d = q.shape
-        slot = (self.offset[:, None, :] + self.read_index[self.scheme].transpose(1, 2)).clamp_max(
-            self.slots
-        )
-        # (B, H, T, L): the slot head h reads at each position
-        slot = slot[:, :, None, :].expand(b, h, t, self.max_len)
-        # (B, H x T, D) @ (B, D, slots + 1): a bmm over rows (broadcasting the pool over heads would
-        # copy it per head)
-        scores = (
-            torch.bmm(q.reshape(b, h * t, d), self.k.to(q.dtype).transpose(1, 2))
-            .float()
-            .view(b, h, t, -1)
-        )
-        # (B, 1, T, L)
-        keep = torch.arange(self.max_len, device=q.device) <= positions[:, None, :, None]
-        p = (scores.gather(-1, slot) * d**-0.5).masked_fill(~keep, float("-inf")).softmax(-1)
-        weights = torch.zeros_like(scores).scatter_add_(-1, slot, p)  # masked positions add 0
-        return torch.bmm(weights.to(q.dtype).view(b, h * t, -1), self.v.to(q.dtype)).view(
-            b, h, t, d
-        )
-
-    def used_slots(self, lengths: Tensor) -> Tensor:
-        """(B,) slots held by each row's first `lengths` tokens."""
-        real = torch.arange(self.max_len, device=lengths.device) < lengths[:, None]
-        return (self.heads[self.scheme] * real).sum(1)
-
-    def fallbacks(self, lengths: Tensor) -> Tensor:
-        """(B,) of each row's first `lengths` tokens, those stored as the fallback scheme by the
-        overflow policy."""
-        real = torch.arange(self.max_len, device=lengths.device) < lengths[:, None]
-        return (self.fell_back & real).sum(1)

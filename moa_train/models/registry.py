@@ -1,14 +1,16 @@
 """Attention registry: name -> (module class, config class).
 
-A new attention variant is one module (its attention class with `from_config(model_config, causal)`
-and its config class, a ModelConfig subclass), one YAML in configs/model/ and one `register` line;
-one outside the package is a module named in MOA_PLUGINS (moa_train.plugins loads them: `moa-train`
-and `load_run` do), which calls `register` with its YAML's path.
+A new attention variant is one module (its attention class and its config class, a ModelConfig
+subclass), one YAML in configs/model/ and one `register` line; one outside the package is a module
+named in MOA_PLUGINS (moa_train.plugins loads them: `moa-train` and `load_run` do), which calls
+`register` with its YAML's path. `register` checks the class against `AttentionVariant`.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from omegaconf import OmegaConf
 
@@ -21,12 +23,77 @@ from moa_train.models.attention.moas_kv import MoASKVAttention, MoASKVConfig
 ATTENTION: dict = {}  # name -> attention module class
 
 
+@runtime_checkable
+class AttentionVariant(Protocol):
+    """What an attention variant's module class provides (README, "Layout").
+
+    - `from_config(model_config, causal) -> module`;
+    - ONE `forward(x, context=None, mask=None) -> (y, Routing | None)`, which also decodes: while
+      the model decodes, `self.kv_cache` holds the module's layer cache (models/kv_cache.py; None
+      otherwise), and forward writes the new tokens' K/V into it and attends over it (a
+      cross-attention: `kv_cache.fill` its context's K/V once);
+    - its cache: `kv_layout() -> (K/V heads per token, head_dim)` for a StaticKV, or
+      `make_cache(state, device, dtype) -> LayerCache` for one of its own; a class with neither
+      declares it cannot cache (its models decode by full forwards);
+    - `flops_per_token(seq_len)` counting what executes, `kv_cache_elems_per_token()`.
+    """
+
+    def forward(self, x, context=None, mask=None): ...
+
+    def flops_per_token(self, seq_len: int) -> int: ...
+
+    def kv_cache_elems_per_token(self) -> float: ...
+
+
+def check_variant(name: str, cls: type) -> None:
+    """TypeError (one line) unless `cls` provides AttentionVariant's methods."""
+    missing = [
+        m
+        for m in ("from_config", "forward", "flops_per_token", "kv_cache_elems_per_token")
+        if not callable(getattr(cls, m, None))
+    ]
+    if missing:
+        raise TypeError(
+            f"attention variant {name!r} ({cls.__name__}) lacks {', '.join(missing)}: see "
+            "moa_train.models.registry.AttentionVariant"
+        )
+
+
 def register(name: str, cls: type, config: type, yaml: str | Path | None = None) -> None:
     """Variant `name`: module `cls` built from a `config` node; `yaml` (a plugin's
     configs/model/<name>.yaml, which lists `_schema_<name>` in its defaults) makes `model=<name>`
-    choosable without a file in configs/."""
+    choosable without a file in configs/. A class written for the earlier inference contract
+    (`forward_cached(x, cache_k, cache_v, positions)`, `cross_kv`, `forward_cross`) still decodes,
+    through an adapter, with a DeprecationWarning."""
+    check_variant(name, cls)
+    if hasattr(cls, "forward_cached"):
+        warnings.warn(
+            f"attention variant {name!r}: forward_cached/cross_kv/forward_cross are deprecated; "
+            "decode in forward through self.kv_cache (moa_train.models.registry.AttentionVariant)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        cls = legacy_adapter(cls)
     ATTENTION[name] = cls
     register_variant(name, config, yaml)
+
+
+def legacy_adapter(cls: type) -> type:
+    """A subclass of `cls` whose forward decodes through the earlier contract's methods while a
+    cache is attached (a StaticKV of its kv_layout; a CrossKV of its cross_kv)."""
+
+    def forward(self, x, context=None, mask=None):
+        cache = getattr(self, "kv_cache", None)
+        if cache is None:
+            return cls.forward(self, x, context, mask)
+        if context is None:
+            positions = cache.state.positions(x.shape[1])
+            y = self.forward_cached(x, cache.k, cache.v, positions)
+            cache.mark_used()
+            return y, None
+        return self.forward_cross(x, cache.fill(lambda: self.cross_kv(context)), mask), None
+
+    return type(cls.__name__, (cls,), {"forward": forward, "kv_cache": None})
 
 
 register("mha", MultiHeadAttention, MHAConfig)

@@ -2,11 +2,11 @@
 decoder call per step for the whole batch (and, in beam search, all its beams); Python only does the
 bookkeeping of finished hypotheses. Call `model.eval()` first: dropout would make the search random.
 
-Each step either (`use_cache=True`, the default where the model has `start_decoding` and every
-decoder attention implements the inference contract) feeds only the newest token through the
-decoder's self-attention KV cache, the cross-attention K/V of the source computed once per sentence
-(`Seq2Seq.start_decoding` / `decode_next`), or (`use_cache=False`, and for other models) re-runs
-`model.decode(prefix, memory, src_mask, last_only=True)` over the whole prefix. Hypotheses that are
+Each step goes through the one stepping strategy (models/decoding.py): either (`use_cache=True`,
+the default where every decoder attention can cache) only the newest token through the decoder's
+caches, the cross-attention K/V of the source computed at the first step (`Seq2Seq.init_cache` /
+`decode_step`), or (`use_cache=False`, and for other models) `model.decode(prefix, memory,
+src_mask, last_only=True)` over the whole prefix. Hypotheses that are
 done leave the batch (their rows of the cache, memory and mask are dropped), and beam reordering
 gathers the cache rows of the surviving beams. Both ways give the same hypotheses (in fp32; the
 tests compare them for every variant).
@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moa_train.models.kv_cache import has_kv_cache, without_cudnn_attention
+from moa_train.models.decoding import open_steps
+from moa_train.models.kv_cache import without_cudnn_attention
 
 
 def max_output_len(src_mask: Tensor, a: float = 1.2, b: int = 10) -> int:
@@ -33,45 +34,25 @@ def max_output_len(src_mask: Tensor, a: float = 1.2, b: int = 10) -> int:
     return int(a * src_mask.sum(dim=1).max().item() + b)
 
 
-class Recompute:
-    """The decoder over each whole prefix at every step (no cache)."""
-
-    def __init__(self, model, memory: Tensor, src_mask: Tensor, max_len: int):
-        self.model, self.memory, self.src_mask = model, memory, src_mask
-
-    def logits(self, tokens: Tensor) -> Tensor:
-        return self.model.decode(tokens, self.memory, self.src_mask, last_only=True)[:, -1]
-
-    def select(self, rows: Tensor) -> None:
-        self.memory, self.src_mask = (
-            self.memory.index_select(0, rows),
-            self.src_mask.index_select(0, rows),
-        )
+def open_search(model, memory: Tensor, src_mask: Tensor, max_len: int, use_cache: bool):
+    """The decoding strategy of a search over up to `max_len` tokens after BOS
+    (models/decoding.py)."""
+    return open_steps(
+        model,
+        memory.shape[0],
+        max_len + 1,
+        memory.device,
+        use_cache=use_cache,
+        memory=memory,
+        src_mask=src_mask,
+    )
 
 
-class Cached:
-    """Only the newest token of each prefix through the decoder's KV cache
-    (`model.start_decoding`)."""
-
-    def __init__(self, model, memory: Tensor, src_mask: Tensor, max_len: int):
-        self.model, self.state = model, model.start_decoding(memory, src_mask, max_len + 1)
-
-    def logits(self, tokens: Tensor) -> Tensor:
-        return self.model.decode_next(tokens[:, -1], self.state)
-
-    def select(self, rows: Tensor) -> None:
-        self.state.select(rows)
-
-
-def stepper(model, memory: Tensor, src_mask: Tensor, max_len: int, use_cache: bool):
-    cached = use_cache and has_kv_cache(model)
-    return (Cached if cached else Recompute)(model, memory, src_mask, max_len)
-
-
-def next_log_probs(step, tokens: Tensor, banned: list) -> Tensor:
-    """Float32 log-probabilities of the token after each prefix (N, V). Banned tokens (BOS, PAD) get
-    -inf without renormalising, so a hypothesis' score stays its log-probability under the model."""
-    logp = F.log_softmax(step.logits(tokens).float(), dim=-1)
+def next_log_probs(steps, tokens: Tensor, banned: list) -> Tensor:
+    """Float32 log-probabilities of the token after each prefix (N, V), its newest token stepped
+    through `steps`. Banned tokens (BOS, PAD) get -inf without renormalising, so a hypothesis'
+    score stays its log-probability under the model."""
+    logp = F.log_softmax(steps.step(tokens[:, -1]).float(), dim=-1)
     logp[:, banned] = float("-inf")
     return logp
 
@@ -98,27 +79,27 @@ def greedy_search(
 ) -> list[list[int]]:
     """The most likely next token at each step, at most `max_len` tokens; ids without BOS and EOS. A
     sentence leaves the batch at its EOS."""
-    step = stepper(model, model.encode(src, src_mask), src_mask, max_len, use_cache)
-    tokens = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)
-    live = list(range(src.shape[0]))  # the sentence of each row
-    out: list = [None] * src.shape[0]
-    for _ in range(max_len):
-        nxt = next_log_probs(step, tokens, [bos_id, pad_id]).argmax(dim=-1)
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        done = (nxt == eos_id).tolist()
-        if any(done):
-            for row in (i for i, d in enumerate(done) if d):
-                out[live[row]] = tokens[row, 1:-1].tolist()
-            stay = [i for i, d in enumerate(done) if not d]
-            if not stay:
-                break
-            rows = torch.tensor(stay, device=src.device)
-            tokens, live = tokens.index_select(0, rows), [live[i] for i in stay]
-            step.select(rows)
-    else:
-        for row, sentence in enumerate(live):
-            out[sentence] = tokens[row, 1:].tolist()
-    return out
+    with open_search(model, model.encode(src, src_mask), src_mask, max_len, use_cache) as steps:
+        tokens = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)
+        live = list(range(src.shape[0]))  # the sentence of each row
+        out: list = [None] * src.shape[0]
+        for _ in range(max_len):
+            nxt = next_log_probs(steps, tokens, [bos_id, pad_id]).argmax(dim=-1)
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            done = (nxt == eos_id).tolist()
+            if any(done):
+                for row in (i for i, d in enumerate(done) if d):
+                    out[live[row]] = tokens[row, 1:-1].tolist()
+                stay = [i for i, d in enumerate(done) if not d]
+                if not stay:
+                    break
+                rows = torch.tensor(stay, device=src.device)
+                tokens, live = tokens.index_select(0, rows), [live[i] for i in stay]
+                steps.select(rows)
+        else:
+            for row, sentence in enumerate(live):
+                out[sentence] = tokens[row, 1:].tolist()
+        return out
 
 
 def finish_eos(
@@ -176,37 +157,38 @@ def beam_search(
     holding `beam` finished hypotheses leaves the batch with its beams."""
     bsz = src.shape[0]
     memory = model.encode(src, src_mask).repeat_interleave(beam, dim=0)
-    step = stepper(model, memory, src_mask.repeat_interleave(beam, dim=0), max_len, use_cache)
-    tokens = torch.full((bsz * beam, 1), bos_id, dtype=torch.long, device=src.device)
-    # all beams start equal: only beam 0 may expand at the first step, or the top-k would hold
-    # `beam` copies
-    scores = torch.full((bsz, beam), float("-inf"), device=src.device)
-    scores[:, 0] = 0.0
-    finished = [[] for _ in range(bsz)]
-    live = list(range(bsz))  # the sentence of each group of `beam` rows
-    for _ in range(max_len):
-        logp = next_log_probs(step, tokens, [bos_id, pad_id])
-        vocab, n = logp.shape[-1], len(live)
-        cand = (scores.view(-1, 1) + logp).view(n, beam * vocab)
-        cand_scores, cand_idx = cand.topk(min(2 * beam, beam * vocab), dim=1)
-        cand_beams, cand_tokens = cand_idx // vocab, cand_idx % vocab
-        groups = [finished[b] for b in live]
-        finish_eos(groups, tokens, cand_scores, cand_beams, cand_tokens, eos_id, beam, lenpen)
-        stay = [i for i, f in enumerate(groups) if len(f) < beam]
-        if not stay:
-            break
-        # the best `beam` non-EOS candidates go on: a stable sort moves EOS to the back, keeping
-        # score order
-        keep = torch.sort((cand_tokens == eos_id).int(), dim=1, stable=True).indices[:, :beam]
-        scores, new = cand_scores.gather(1, keep), cand_tokens.gather(1, keep)
-        rows = torch.arange(n, device=src.device)[:, None] * beam + cand_beams.gather(1, keep)
-        if len(stay) < n:  # sentences that are done leave the batch
-            kept = torch.tensor(stay, device=src.device)
-            scores, new, rows = scores[kept], new[kept], rows[kept]
-            live = [live[i] for i in stay]
-        rows = rows.view(-1)
-        tokens = torch.cat([tokens.index_select(0, rows), new.view(-1, 1)], dim=1)
-        step.select(rows)
-    else:  # max_len reached before every sentence was done
-        finish_live([finished[b] for b in live], tokens, scores, beam, lenpen)
-    return [max(f, key=lambda h: h[0])[1] for f in finished]
+    mask = src_mask.repeat_interleave(beam, dim=0)
+    with open_search(model, memory, mask, max_len, use_cache) as steps:
+        tokens = torch.full((bsz * beam, 1), bos_id, dtype=torch.long, device=src.device)
+        # all beams start equal: only beam 0 may expand at the first step, or the top-k would hold
+        # `beam` copies
+        scores = torch.full((bsz, beam), float("-inf"), device=src.device)
+        scores[:, 0] = 0.0
+        finished = [[] for _ in range(bsz)]
+        live = list(range(bsz))  # the sentence of each group of `beam` rows
+        for _ in range(max_len):
+            logp = next_log_probs(steps, tokens, [bos_id, pad_id])
+            vocab, n = logp.shape[-1], len(live)
+            cand = (scores.view(-1, 1) + logp).view(n, beam * vocab)
+            cand_scores, cand_idx = cand.topk(min(2 * beam, beam * vocab), dim=1)
+            cand_beams, cand_tokens = cand_idx // vocab, cand_idx % vocab
+            groups = [finished[b] for b in live]
+            finish_eos(groups, tokens, cand_scores, cand_beams, cand_tokens, eos_id, beam, lenpen)
+            stay = [i for i, f in enumerate(groups) if len(f) < beam]
+            if not stay:
+                break
+            # the best `beam` non-EOS candidates go on: a stable sort moves EOS to the back, keeping
+            # score order
+            keep = torch.sort((cand_tokens == eos_id).int(), dim=1, stable=True).indices[:, :beam]
+            scores, new = cand_scores.gather(1, keep), cand_tokens.gather(1, keep)
+            rows = torch.arange(n, device=src.device)[:, None] * beam + cand_beams.gather(1, keep)
+            if len(stay) < n:  # sentences that are done leave the batch
+                kept = torch.tensor(stay, device=src.device)
+                scores, new, rows = scores[kept], new[kept], rows[kept]
+                live = [live[i] for i in stay]
+            rows = rows.view(-1)
+            tokens = torch.cat([tokens.index_select(0, rows), new.view(-1, 1)], dim=1)
+            steps.select(rows)
+        else:  # max_len reached before every sentence was done
+            finish_live([finished[b] for b in live], tokens, scores, beam, lenpen)
+        return [max(f, key=lambda h: h[0])[1] for f in finished]

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from moa_train.models.kv_cache import KVCache
+from moa_train.models.kv_cache import CacheHolder, KVCache, can_cache
 from moa_train.models.lm import MLP
 from moa_train.models.registry import build_attention, model_config
 from moa_train.models.roles import EMBEDDING, NO_DECAY
@@ -101,43 +100,8 @@ class DecoderLayer(nn.Module):
         x, _ = self.sub_mlp(x, self.mlp)
         return x, r_self, r_cross
 
-    def forward_cached(
-        self,
-        x: Tensor,
-        cache_k: Tensor,
-        cache_v: Tensor,
-        positions: Tensor,
-        cross_kv: tuple,
-        src_mask: Tensor,
-    ) -> Tensor:
-        """Inference: x (B, T, d) at per-row positions through the self-attention KV cache, the
-        cross-attention against K/V computed once per sentence."""
-        x, _ = self.sub_self(
-            x, lambda h: self.self_attn.forward_cached(h, cache_k, cache_v, positions)
-        )
-        x, _ = self.sub_cross(x, lambda h: self.cross_attn.forward_cross(h, cross_kv, src_mask))
-        x, _ = self.sub_mlp(x, self.mlp)
-        return x
 
-
-@dataclass
-class DecoderState:
-    """Incremental decoding of a batch of hypotheses: the decoder's self-attention KV cache, each
-    decoder layer's cross-attention K/V of the source (computed once), and the source's key-padding
-    mask. `select(rows)` keeps (and reorders, or repeats) rows: beam reordering, finished hypotheses
-    leaving the batch."""
-
-    cache: KVCache
-    cross: list  # per decoder layer: (K, V) heads of the source, (B, heads, S, head_dim)
-    src_mask: Tensor  # (B, S)
-
-    def select(self, rows: Tensor) -> None:
-        self.cache.select(rows)
-        self.cross = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross]
-        self.src_mask = self.src_mask.index_select(0, rows)
-
-
-class Seq2Seq(nn.Module):
+class Seq2Seq(CacheHolder, nn.Module):
     PARAM_ROLES: ClassVar[dict] = {
         "embed": EMBEDDING,
         "tgt_embed": EMBEDDING,
@@ -233,32 +197,46 @@ class Seq2Seq(nn.Module):
         return self.out(self.dec_norm(x)), routings
 
     def cached_decoding_ok(self) -> bool:
-        """Whether every decoder layer's attention implements the inference contract (self:
-        `forward_cached`, cross: `cross_kv` / `forward_cross`); a plugin's variant without it is
-        decoded by recomputing the prefix."""
+        """Whether every decoder attention can decode through a cache (models/kv_cache.can_cache);
+        a plugin's variant that declares none is decoded by recomputing the prefix."""
         return all(
-            hasattr(layer.self_attn, "forward_cached") and hasattr(layer.cross_attn, "cross_kv")
-            for layer in self.decoder
+            can_cache(layer.self_attn) and can_cache(layer.cross_attn) for layer in self.decoder
         )
 
-    def start_decoding(self, memory: Tensor, src_mask: Tensor, max_len: int) -> DecoderState:
-        """A DecoderState for the sentences of `memory` (B, S, d): an empty cache of `max_len`
-        target positions and the cross-attention K/V of every decoder layer."""
-        layouts = [layer.self_attn.kv_layout() for layer in self.decoder]
-        cache = KVCache.allocate(layouts, memory.shape[0], max_len, memory.device, memory.dtype)
-        cross = [layer.cross_attn.cross_kv(memory) for layer in self.decoder]
-        return DecoderState(cache, cross, src_mask)
+    def init_cache(self, memory: Tensor, src_mask: Tensor, max_len: int) -> KVCache:
+        """Empty caches for the sentences of `memory` (B, S, d) with key-padding mask src_mask (B,
+        S), of up to `max_len` target positions, attached to the decoder's attentions until
+        `release_cache`: each self-attention its K/V cache, each cross-attention the source's K/V,
+        computed at the first step."""
+        modules = []
+        for layer in self.decoder:
+            modules += [(layer.self_attn, False), (layer.cross_attn, True)]
+        cache = KVCache.allocate(
+            modules,
+            memory.shape[0],
+            max_len,
+            memory.device,
+            memory.dtype,
+            memory=memory,
+            src_mask=src_mask,
+        )
+        self.attach_cache(cache)
+        return cache
 
-    def decode_next(self, tokens: Tensor, state: DecoderState) -> Tensor:
+    def decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """Logits (B, V) of the token after `tokens` (B,), each at its row's next position
-        (state.cache.lengths), which then advances by one."""
-        positions = state.cache.lengths[:, None]
+        (cache.lengths), which then advances by one; the same layers and attention forwards as
+        training, each attention through its cache."""
+        if cache is not self.cache:
+            self.attach_cache(cache)
+        first = not cache.layers[0][1].used
+        positions = cache.state.positions(1)
         x = self._embed(self.tgt_embed, tokens[:, None], positions)
-        for layer, cache_k, cache_v, kv in zip(
-            self.decoder, state.cache.k, state.cache.v, state.cross, strict=True
-        ):
-            x = layer.forward_cached(x, cache_k, cache_v, positions, kv, state.src_mask)
-        state.cache.lengths.add_(1)
+        for layer in self.decoder:
+            x, _, _ = layer(x, cache.memory, cache.src_mask)
+        if first:
+            cache.check_used()
+        cache.lengths.add_(1)
         return self.out(self.dec_norm(x))[:, 0]
 
     def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
@@ -274,8 +252,9 @@ class Seq2Seq(nn.Module):
         """(logits (B, T, V), routing records in `self.sites` order, each with the mask of its real
         tokens)."""
         src_mask, tgt_mask = src != self.pad_id, tgt_in != self.pad_id
-        memory, enc_routings = self.encode_with_routing(src, src_mask)
-        logits, dec_routings = self.decode_with_routing(tgt_in, memory, src_mask)
+        with self.cache_set_aside():
+            memory, enc_routings = self.encode_with_routing(src, src_mask)
+            logits, dec_routings = self.decode_with_routing(tgt_in, memory, src_mask)
         # one flattened tensor per side, shared by its sites: aux_losses stacks the sites of one
         # mask object (a few batched kernels, and under torchrun a few all-reduces, instead of some
         # per site)

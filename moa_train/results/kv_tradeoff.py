@@ -153,8 +153,9 @@ def _kv_bytes(model, split, batch: int, block: int, device, exact_pool: bool) ->
                 model.prefill(x, torch.full((x.shape[0],), x.shape[1]), cache)
                 total += cache.realised_bytes_per_token() * x.numel()
                 tokens += x.numel()
-                fallbacks += cache.fallbacks()
+                fallbacks += cache.overflow()
     finally:
+        model.release_cache()
         for m, slack in zip(modules, saved, strict=True):
             m.kv_pool_slack = slack
     return {

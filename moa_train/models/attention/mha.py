@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moa_train.config import ModelConfig, _check, _divisors
-from moa_train.models.kv_cache import cached_sdpa, write_kv
 from moa_train.models.roles import NO_DECAY, RESIDUAL
 
 
@@ -108,6 +107,7 @@ class MultiHeadAttention(nn.Module):
         "c_attn.bias": NO_DECAY,
         "c_proj.bias": NO_DECAY,
     }
+    kv_cache = None  # its LayerCache while the model decodes (models/kv_cache.py)
 
     def __init__(
         self,
@@ -153,41 +153,21 @@ class MultiHeadAttention(nn.Module):
             nn.init.zeros_(self.c_proj.bias)
 
     def project(self, x: Tensor, context: Tensor | None) -> tuple:
-        kv_size = self.n_kv * self.head_dim
+        """Q of x and K, V of the context (of x itself when None) as heads."""
         if context is None:
+            kv_size = self.n_kv * self.head_dim
             q, k, v = self.c_attn(x).split([self.q_size, kv_size, kv_size], dim=-1)
-        else:
-            w_q, w_kv = self.c_attn.weight.split([self.q_size, 2 * kv_size])
-            bias = self.c_attn.bias
-            b_q, b_kv = bias.split([self.q_size, 2 * kv_size]) if bias is not None else (None, None)
-            q = F.linear(x, w_q, b_q)
-            k, v = F.linear(context, w_kv, b_kv).split([kv_size, kv_size], dim=-1)
-        return split_heads(q, self.n_head), split_heads(k, self.n_kv), split_heads(v, self.n_kv)
+            return split_heads(q, self.n_head), split_heads(k, self.n_kv), split_heads(v, self.n_kv)
+        return self.project_q(x), *self.project_kv(context)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None):
-        q, k, v = self.project(x, context)
-        y = sdpa(
-            q, k, v, mask, self.causal and context is None, self.dropout if self.training else 0.0
-        )
-        return self.resid_dropout(self.c_proj(merge_heads(y))), None
+    def project_q(self, x: Tensor) -> Tensor:
+        bias = self.c_attn.bias
+        w = self.c_attn.weight[: self.q_size]
+        q = F.linear(x, w, None if bias is None else bias[: self.q_size])
+        return split_heads(q, self.n_head)
 
-    def forward_cached(
-        self,
-        x: Tensor,
-        cache_k: Tensor,
-        cache_v: Tensor,
-        positions: Tensor,
-        span: int | None = None,
-    ) -> Tensor:
-        """Cached self-attention (models/kv_cache.py): caches only the n_kv_heads K/V heads."""
-        q, k, v = self.project(x, None)
-        write_kv(cache_k, k, positions)
-        write_kv(cache_v, v, positions)
-        return self.c_proj(merge_heads(cached_sdpa(q, cache_k, cache_v, positions, span)))
-
-    def cross_kv(self, context: Tensor) -> tuple:
-        """Cross-attention K, V of a context (B, S, d) as heads (B, n_kv, S, head_dim): computed
-        once per sentence and reused at every decoding step (`forward_cross`)."""
+    def project_kv(self, context: Tensor) -> tuple:
+        """K, V of a context (B, S, d) as heads (B, n_kv, S, head_dim)."""
         kv_size = self.n_kv * self.head_dim
         bias = self.c_attn.bias
         k, v = F.linear(
@@ -197,14 +177,22 @@ class MultiHeadAttention(nn.Module):
         ).split([kv_size, kv_size], dim=-1)
         return split_heads(k, self.n_kv), split_heads(v, self.n_kv)
 
-    def forward_cross(self, x: Tensor, kv: tuple, mask: Tensor | None) -> Tensor:
-        """Inference cross-attention of x (B, T, d) to K/V from `cross_kv` (key-padding mask (B,
-        S))."""
-        bias = self.c_attn.bias
-        q = F.linear(
-            x, self.c_attn.weight[: self.q_size], None if bias is None else bias[: self.q_size]
-        )
-        return self.c_proj(merge_heads(sdpa(split_heads(q, self.n_head), *kv, mask, False, 0.0)))
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None):
+        """(y, None). With a cache (`self.kv_cache`, set while the model decodes): self-attention
+        writes the new tokens' n_kv_heads K/V heads and attends over the cache; cross-attention
+        computes the context's K/V at the first step and reuses them."""
+        cache = self.kv_cache
+        if cache is not None and context is not None:
+            k, v = cache.fill(lambda: self.project_kv(context))
+            y = sdpa(self.project_q(x), k, v, mask, False, 0.0)
+        else:
+            q, k, v = self.project(x, context)
+            if cache is not None:
+                y = cache.update(q, k, v)
+            else:
+                causal = self.causal and context is None
+                y = sdpa(q, k, v, mask, causal, self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(merge_heads(y))), None
 
     def matmul_params_per_token(self) -> int:
         return self.c_attn.weight.numel() + self.c_proj.weight.numel()

@@ -31,7 +31,6 @@ from torch import Tensor
 from moa_train.config import ModelConfig, _check, _one_of, _positive_or_null
 from moa_train.models.attention.grouped import gather_rows, grouped_kernel_available, grouped_mm
 from moa_train.models.attention.mha import sdpa, split_heads
-from moa_train.models.kv_cache import cached_sdpa, write_kv
 from moa_train.models.roles import NO_DECAY, RESIDUAL, ROUTER
 from moa_train.models.routing import Routing
 
@@ -89,6 +88,7 @@ class MixtureOfAttentionHeads(nn.Module):
         "kv_proj.bias": NO_DECAY,
         "c_proj.bias": NO_DECAY,
     }
+    kv_cache = None  # its LayerCache while the model decodes (models/kv_cache.py)
 
     def __init__(
         self,
@@ -182,46 +182,30 @@ class MixtureOfAttentionHeads(nn.Module):
         return self.expert_matmul == "grouped"
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None):
-        p = self.dropout if self.training else 0.0
-        causal = self.causal and context is None
+        """(y, Routing). With a cache (`self.kv_cache`, while the model decodes): self-attention
+        writes the new tokens' shared K/V (n_kv_heads heads of head_dim, whatever the experts) and
+        attends over the cache; cross-attention computes the context's K/V at the first step and
+        reuses them. Decoding routes each token top-k as training does, on the dense expert path."""
+        cache, kv = self.kv_cache, None
+        if cache is not None and context is None:
+            attend = cache.update
+        else:
+            causal = self.causal and context is None
+            p = self.dropout if self.training else 0.0
 
-        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            return sdpa(q, k, v, mask, causal, p)
+            def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                return sdpa(q, k, v, mask, causal, p)
 
-        y, routing = self.mix(x, x if context is None else context, attend, self.grouped(x))
+            if cache is not None:
+                kv = cache.fill(lambda: self.cross_kv(context))
+        source = x if context is None else context
+        y, routing = self.mix(x, source, attend, cache is None and self.grouped(x), kv)
         return self.resid_dropout(y), routing
 
-    def forward_cached(
-        self,
-        x: Tensor,
-        cache_k: Tensor,
-        cache_v: Tensor,
-        positions: Tensor,
-        span: int | None = None,
-    ) -> Tensor:
-        """Cached self-attention (models/kv_cache.py): caches the shared K/V only (n_kv_heads heads
-        of head_dim: expert_dim per K and per V, whatever the experts); routes each token top-k as
-        `forward` does, on the dense expert path."""
-
-        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            write_kv(cache_k, k, positions)
-            write_kv(cache_v, v, positions)
-            return cached_sdpa(q, cache_k, cache_v, positions, span)
-
-        return self.mix(x, x, attend, grouped=False)[0]
-
     def cross_kv(self, context: Tensor) -> tuple:
-        """The shared K, V of a context (B, S, d) as heads (B, n_kv, S, head_dim): computed once per
-        sentence and reused at every decoding step (`forward_cross`)."""
+        """The shared K, V of a context (B, S, d) as heads (B, n_kv, S, head_dim)."""
         k, v = self.kv_proj(context).split(self.expert_dim, dim=-1)
         return split_heads(k, self.n_kv), split_heads(v, self.n_kv)
-
-    def forward_cross(self, x: Tensor, kv: tuple, mask: Tensor | None) -> Tensor:
-        """Inference cross-attention: x (B, T, d) routed per token as in `forward` (dense expert
-        path), its queries attending to K/V from `cross_kv` (key-padding mask (B, S))."""
-        return self.mix(
-            x, None, lambda q, k, v: sdpa(q, k, v, mask, False, 0.0), grouped=False, kv=kv
-        )[0]
 
     def mix(
         self, x: Tensor, source: Tensor | None, attend, grouped: bool, kv: tuple | None = None

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from moa_train.config import ModelConfig, _check, _divisors, _one_of, _positive_or_null
 from moa_train.models.attention.mha import merge_heads, sdpa, split_heads
-from moa_train.models.kv_cache import cached_sdpa, write_kv
+from moa_train.models.kv_cache import cached_sdpa
 from moa_train.models.roles import NO_DECAY, RESIDUAL, ROUTER
 from moa_train.models.routing import Routing
 
@@ -109,6 +109,7 @@ class MoASAttention(nn.Module):
         "router.0.bias": NO_DECAY,
         "router.2.bias": NO_DECAY,
     }
+    kv_cache = None  # its LayerCache while the model decodes (models/kv_cache.py)
 
     def __init__(
         self,
@@ -205,10 +206,14 @@ class MoASAttention(nn.Module):
         return gates.to(x.dtype), routing
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None):
+        """(y, Routing or None). With a cache (`self.kv_cache`, while the model decodes): see
+        `through_cache`."""
         if context is not None:
             raise NotImplementedError(
                 "MoAS is a self-attention scheme; use mha or moa for cross-attention"
             )
+        if self.kv_cache is not None:
+            return self.through_cache(x, self.kv_cache)
         gates, routing = self.gates(x, top1=self.inference_routing == "top1" and not self.training)
         p = self.dropout if self.training else 0.0
         per_branch = self.per_branch and self.training and self.resid_dropout.p > 0
@@ -273,18 +278,10 @@ class MoASAttention(nn.Module):
         """y + each branch's output bias mixed by the gates."""
         return y if self.o_bias is None else y + gates @ self.o_bias.to(y.dtype)
 
-    def forward_cached(
-        self,
-        x: Tensor,
-        cache_k: Tensor,
-        cache_v: Tensor,
-        positions: Tensor,
-        span: int | None = None,
-    ) -> Tensor:
-        """Cached self-attention (models/kv_cache.py), fused layout whatever `fused` says (same
-        parameters). The cache holds EVERY branch's K/V: n_head + gqa_kv_heads + 1 heads per token
-        and layer, since a later token, routed to any branch, reads every earlier token's K/V of
-        that branch.
+    def through_cache(self, x: Tensor, cache) -> tuple:
+        """Through the cache (a StaticKV), fused layout whatever `fused` says (same parameters). The
+        cache holds EVERY branch's K/V: n_head + gqa_kv_heads + 1 heads per token and layer, since a
+        later token, routed to any branch, reads every earlier token's K/V of that branch.
 
         soft: exactly the trained computation (static: 1/3 each). top1 (moas_dynamic,
         model.inference_routing): the router's argmax branch alone with gate 1.0, not its
@@ -297,40 +294,26 @@ class MoASAttention(nn.Module):
         the one-hot gates (same result)."""
         top1 = self.inference_routing == "top1"
         if top1 and x.shape[1] == 1:
-            return self.decode_top1(x, cache_k, cache_v, positions, span)
-        gates, _ = self.gates(x, top1)
+            return self.decode_top1(x, cache)
+        gates, routing = self.gates(x, top1)
 
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            write_kv(cache_k, k, positions)
-            write_kv(cache_v, v, positions)
-            return torch.cat(
-                self.branch_attention(
-                    q.split(self.n_head, dim=1), cache_k, cache_v, positions, span
-                ),
-                dim=1,
-            )
+            positions = cache.write(k, v)
+            qs = q.split(self.n_head, dim=1)
+            return torch.cat(self.branch_attention(qs, cache, positions), dim=1)
 
-        return self.add_bias(self.fused_mix(x, gates, attend, per_branch=False), gates)
+        return self.add_bias(self.fused_mix(x, gates, attend, per_branch=False), gates), routing
 
-    def branch_attention(
-        self, qs, cache_k: Tensor, cache_v: Tensor, positions: Tensor, span: int | None = None
-    ) -> list:
+    def branch_attention(self, qs, cache, positions: Tensor) -> list:
         """Per branch, its n_head query heads (qs[b]: (B, n_head, T, D)) against its own cache
         heads, GQA done by SDPA: expanding the cache to 3 n_head heads first (repeat_kv) copied all
-        of it at every decode step, a third of a GPT-2-size step at batch 64
-        (docs/results/inference.md)."""
-        ks, vs = cache_k.split(self.kv_heads, dim=1), cache_v.split(self.kv_heads, dim=1)
+        of it at every decode step (docs/results/inference.md)."""
+        ks, vs = cache.k.split(self.kv_heads, dim=1), cache.v.split(self.kv_heads, dim=1)
+        span = cache.state.span
         return [cached_sdpa(q, k, v, positions, span) for q, k, v in zip(qs, ks, vs, strict=True)]
 
-    def decode_top1(
-        self,
-        x: Tensor,
-        cache_k: Tensor,
-        cache_v: Tensor,
-        positions: Tensor,
-        span: int | None = None,
-    ) -> Tensor:
-        """One token per row (x (B, 1, d)), top1: see `forward_cached`. Per row, the chosen branch's
+    def decode_top1(self, x: Tensor, cache) -> tuple:
+        """One token per row (x (B, 1, d)), top1: see `through_cache`. Per row, the chosen branch's
         W_q block and W_o block are gathered ((B, d, d) each: only the chosen branch's weights are
         read)."""
         b, d, h, dh, n_kv = x.shape[0], self.d_model, self.n_head, self.head_dim, sum(self.kv_heads)
@@ -340,25 +323,23 @@ class MoASAttention(nn.Module):
         k, v = F.linear(xs, w[3 * d :], None if bias is None else bias[3 * d :]).split(
             n_kv * dh, dim=-1
         )
-        write_kv(cache_k, k.view(b, n_kv, 1, dh), positions)
-        write_kv(cache_v, v.view(b, n_kv, 1, dh), positions)
+        positions = cache.write(k.view(b, n_kv, 1, dh), v.view(b, n_kv, 1, dh))
         q = torch.bmm(w[: 3 * d].view(3, d, d)[c], xs.unsqueeze(-1)).squeeze(-1)
         if bias is not None:
             q = q + bias[: 3 * d].view(3, d)[c]
         # each row's query against every branch's cache heads, the chosen branch's output kept: this
         # reads the n_head + gqa_kv_heads + 1 cached heads once, where gathering each row's branch
         # heads (expanded to n_head) copied the cache first and read more in all
-        # (docs/results/inference.md)
         q = q.view(b, h, 1, dh)
         # (3, B, n_head, 1, D)
-        outs = torch.stack(self.branch_attention((q, q, q), cache_k, cache_v, positions, span))
+        outs = torch.stack(self.branch_attention((q, q, q), cache, positions))
         o = outs[c, torch.arange(b, device=x.device)]
         # (B, d, d): the branch's output block
         w_o = self.c_proj.weight.view(d, 3, d).transpose(0, 1)[c]
         y = torch.bmm(w_o, o.reshape(b, d, 1)).squeeze(-1)
         if self.o_bias is not None:
             y = y + self.o_bias[c]
-        return y.unsqueeze(1)
+        return y.unsqueeze(1), routing
 
     def mix_per_branch(self, outs: Tensor, gates: Tensor) -> Tensor:
         """resid_dropout=per_branch while training: branch outputs (3, B, T, d) -> sum_b g_b *
@@ -392,7 +373,7 @@ class MoASAttention(nn.Module):
 
     def kv_layout(self) -> tuple:
         """(K/V heads cached, head_dim): every branch's, n_head + gqa_kv_heads + 1 (see
-        `forward_cached`)."""
+        `through_cache`)."""
         return sum(self.kv_heads), self.head_dim
 
     def kv_cache_elems_per_token(self) -> int:

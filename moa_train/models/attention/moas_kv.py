@@ -35,7 +35,7 @@ Inference (model.inference_routing): hard (the default: the argmax scheme, what 
 soft (eval forwards mix the three schemes' K/V with the router's probabilities: a reference that
 cannot be cached in less than n_head heads; cached decoding is always hard).
 
-Cache (models/kv_cache.py, PoolLayout / HeadPool): per layer and row a pool of
+Cache (`HeadPool`, below, this module's own LayerCache): per layer and row a pool of
 ceil(model.kv_pool_slack x kv_budget x max_len) head slots (at least max_len; kv_budget null: n_head
 x max_len), each token's heads at its own offset. Overflow policy: a token whose scheme would leave
 fewer free slots than the row has positions left stores MQA instead (counted per position;
@@ -46,6 +46,7 @@ decode step reads what the tokens stored, not an n_head-head view of it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -56,7 +57,7 @@ from torch import Tensor
 from moa_train.config import ModelConfig, _check, _one_of
 from moa_train.models.attention.mha import merge_heads, sdpa, split_heads
 from moa_train.models.attention.moas import check_gqa_heads
-from moa_train.models.kv_cache import PoolLayout
+from moa_train.models.kv_cache import DecodeState, LayerCache
 from moa_train.models.roles import NO_DECAY, RESIDUAL, ROUTER
 from moa_train.models.routing import Routing
 
@@ -108,6 +109,7 @@ class MoASKVAttention(nn.Module):
         "c_proj.bias": NO_DECAY,
         "router.bias": NO_DECAY,
     }
+    kv_cache = None  # its HeadPool while the model decodes
 
     def __init__(
         self,
@@ -211,8 +213,12 @@ class MoASKVAttention(nn.Module):
             raise NotImplementedError(
                 "moas_kv is a self-attention scheme; use mha or moa for cross-attention"
             )
-        gates, routing = self.route(x)
         q, k, v = (split_heads(part, self.n_head) for part in self.c_attn(x).chunk(3, dim=-1))
+        if self.kv_cache is not None:  # hard routing: the argmax alone, no gates
+            logits = self.router(x).float()
+            y = self.through_pool(q, k, v, logits.argmax(-1))
+            return self.c_proj(merge_heads(y)), None
+        gates, routing = self.route(x)
         y = sdpa(
             q,
             self.mix(k, gates),
@@ -223,20 +229,16 @@ class MoASKVAttention(nn.Module):
         )
         return self.resid_dropout(self.c_proj(merge_heads(y))), routing
 
-    def forward_cached(
-        self, x: Tensor, pool, cache_v: None, positions: Tensor, span: int | None = None
-    ) -> Tensor:
-        """Cached self-attention through this layer's HeadPool (models/kv_cache.py): every new token
-        stores only its argmax scheme's heads (or MQA's, where the pool's overflow policy says so);
-        each query head reads, per past token, the head that token stored for it. Always hard
-        routing. `span` is not used: the pool is addressed by slots, and the positions past a row's
-        length are masked."""
-        choice = self.router(x).float().argmax(-1)  # (B, T)
-        q, k, v = (split_heads(part, self.n_head) for part in self.c_attn(x).chunk(3, dim=-1))
-        # (B, T, H+G+1, D)
+    def through_pool(self, q: Tensor, k: Tensor, v: Tensor, choice: Tensor) -> Tensor:
+        """Decoding through this layer's HeadPool: every new token stores only its argmax scheme's
+        heads (or MQA's, where the pool's overflow policy says so); each query head reads, per past
+        token, the head that token stored for it. Always hard routing. The pool is addressed by
+        slots: the state's span is not used (positions past a row's length are masked). Decoding
+        returns no routing record."""
+        # choice (B, T): each token's argmax scheme; (B, T, H+G+1, D) candidates
         k_cand, v_cand = (torch.cat(self.candidates(kv), 1).transpose(1, 2) for kv in (k, v))
-        pool.store(k_cand, v_cand, choice, positions)
-        return self.c_proj(merge_heads(pool.attend(q, positions)))
+        self.kv_cache.store(k_cand, v_cand, choice)
+        return self.kv_cache.attend(q)
 
     def matmul_params_per_token(self) -> int:
         return self.c_attn.weight.numel() + self.c_proj.weight.numel() + self.router.weight.numel()
@@ -251,12 +253,19 @@ class MoASKVAttention(nn.Module):
         """Stored heads per token the cache is sized for: kv_budget, or n_head without one."""
         return float(self.n_head if self.kv_budget is None else self.kv_budget)
 
-    def kv_layout(self) -> PoolLayout:
+    def make_cache(self, state: DecodeState, device, dtype) -> HeadPool:
         """A pool (see the module docstring): a token stores n_head, G or 1 heads."""
         h, g = self.n_head, self.gqa_kv_heads
         read = (tuple(range(h)), tuple(i // (h // g) for i in range(h)), (0,) * h)
-        return PoolLayout(
-            self.head_dim, (h, g, 1), (0, h, h + g), read, self.kv_pool_slack * self.budget_heads()
+        return HeadPool.allocate(
+            state,
+            self.head_dim,
+            (h, g, 1),
+            (0, h, h + g),
+            read,
+            self.kv_pool_slack * self.budget_heads(),
+            device,
+            dtype,
         )
 
     def kv_cache_elems_per_token(self, heads: float | None = None) -> float:
@@ -268,3 +277,174 @@ class MoASKVAttention(nn.Module):
         """Mean stored heads per token of this layer's hard routing in `routing` (from an eval
         forward)."""
         return self.stored_heads[routing.chosen[:, 0]].mean()
+
+
+class HeadPool(LayerCache):
+    """One layer's pooled K/V: per row `k`, `v` (slots + 1, head_dim), and per position the scheme
+    its token stored, the offset of its first slot and whether the overflow policy changed its
+    scheme. Under scheme c a token stores `heads[c]` heads (its candidate heads `first[c]` ..
+    `first[c] + heads[c] - 1`), and query head h reads the token's stored head `read_index[c][h]`.
+
+    Overflow policy (fall back, never grow: fixed shapes, so decode steps compile): a token at
+    position p keeps its chosen scheme only if, after its heads, at least one slot per later
+    position of the row (up to max_len) is left; otherwise it stores the fallback scheme (the last,
+    one head), which always fits. `overflow` counts such tokens; moa-generate reports them once per
+    generation. A pool of max(heads) x max_len slots never falls back."""
+
+    def __init__(self, state, k, v, scheme, offset, fell_back, heads, first, read_index, width):
+        self.state, self.k, self.v = state, k, v
+        self.scheme = scheme  # (B, max_len) int64
+        self.offset = offset  # (B, max_len) int64: the token's first slot
+        self.fell_back = fell_back  # (B, max_len) bool
+        self.heads, self.first, self.read_index = heads, first, read_index  # (C,), (C,), (C, H)
+        self.width = width  # the most heads a token stores
+
+    @classmethod
+    def allocate(
+        cls, state, head_dim, heads, first, read_index, slots_per_token, device, dtype
+    ) -> HeadPool:
+        """ceil(slots_per_token x max_len) slots per row, at least max_len (one per position: the
+        fallback scheme, one head, always fits) and at most max(heads) x max_len."""
+        b, max_len = state.lengths.shape[0], state.max_len
+        slots = max(max_len, min(max(heads) * max_len, math.ceil(slots_per_token * max_len)))
+
+        def table(value: int) -> Tensor:
+            return torch.full((b, max_len), value, dtype=torch.int64, device=device)
+
+        # the last slot takes the writes of the heads a scheme does not store
+        k = torch.zeros(b, slots + 1, head_dim, device=device, dtype=dtype)
+        return cls(
+            state,
+            k,
+            torch.zeros_like(k),
+            table(0),
+            table(0),
+            torch.zeros(b, max_len, dtype=torch.bool, device=device),
+            torch.tensor(heads, device=device),
+            torch.tensor(first, device=device),
+            torch.tensor(read_index, device=device),
+            max(heads),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.scheme.shape[1]
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1] - 1
+
+    @property
+    def max_heads(self) -> int:
+        return self.width
+
+    def select(self, rows: Tensor) -> None:
+        for name in ("k", "v", "scheme", "offset", "fell_back"):
+            setattr(self, name, getattr(self, name).index_select(0, rows))
+
+    def head_bytes(self) -> int:
+        """Bytes of one stored head: K and V."""
+        return 2 * self.k.shape[2] * self.k.element_size()
+
+    def nbytes(self) -> int:
+        return self.slots * self.head_bytes() * self.k.shape[0]
+
+    def realised_bytes(self) -> Tensor:
+        return self.used_slots(self.state.lengths).sum() * self.head_bytes()
+
+    def overflow(self) -> Tensor:
+        return self.fallbacks(self.state.lengths).sum()
+
+    def _end_before(self, positions: Tensor) -> Tensor:
+        """(B,) the first free slot after the tokens at positions < positions (B,)."""
+        end = self.offset + self.heads[self.scheme]
+        before = end.gather(1, (positions - 1).clamp_min(0)[:, None])[:, 0]
+        return torch.where(positions > 0, before, torch.zeros_like(before))
+
+    def _fits(self, offset: Tensor, scheme: Tensor, positions: Tensor) -> Tensor:
+        return offset + self.heads[scheme] + (self.max_len - 1 - positions) <= self.slots
+
+    def place(self, choice: Tensor, positions: Tensor) -> Tensor:
+        """The schemes (B, T) the tokens at consecutive positions (B, T) store, given their choices,
+        after the overflow policy; records scheme, offset and fallback per position. One token
+        (decode): no host sync; a prompt (T > 1) whose choices do not all fit is placed token by
+        token."""
+        fallback = len(self.heads) - 1
+        start = self._end_before(positions[:, 0])
+        n = self.heads[choice]
+        offset = start[:, None] + n.cumsum(1) - n
+        ok = self._fits(offset, choice, positions)
+        if choice.shape[1] > 1 and not bool(ok.all()):  # host sync: prefill only
+            columns = []
+            for t in range(choice.shape[1]):
+                fits = self._fits(start, choice[:, t], positions[:, t])
+                columns.append((torch.where(fits, choice[:, t], fallback), start, fits))
+                start = start + self.heads[columns[-1][0]]
+            scheme, offset, ok = (torch.stack(c, 1) for c in zip(*columns, strict=True))
+        else:
+            scheme = torch.where(ok, choice, fallback)
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        rows = rows.expand_as(positions)
+        for table, value in ((self.scheme, scheme), (self.offset, offset), (self.fell_back, ~ok)):
+            # index_put, as in write_kv: compiled, it writes these entries alone
+            table[rows, positions] = value
+        return scheme
+
+    def store(self, k: Tensor, v: Tensor, choice: Tensor) -> None:
+        """The new tokens (B, T), after each row's held ones, with candidate heads k, v (B, T,
+        candidates, D) and chosen schemes (B, T): each stores its placed scheme's heads in its
+        slots."""
+        positions = self.state.positions(choice.shape[1])
+        scheme = self.place(choice, positions)
+        j = torch.arange(self.width, device=k.device)  # (J,): the j-th head a token stores
+        n = self.heads[scheme][..., None]  # (B, T, 1)
+        source = (self.first[scheme][..., None] + j).clamp_max(k.shape[2] - 1)  # (B, T, J)
+        # unused: last slot
+        slot = torch.where(j < n, self.offset.gather(1, positions)[..., None] + j, self.slots)
+        b, t, width = source.shape
+        rows = torch.arange(b, device=k.device)[:, None].expand(b, t * width)
+        for pool, new in ((self.k, k), (self.v, v)):
+            # (B, T, J, D)
+            heads = new.gather(2, source[..., None].expand(-1, -1, -1, new.shape[3]))
+            pool[rows, slot.view(b, t * width)] = heads.reshape(b, t * width, -1).to(pool.dtype)
+        self.mark_used()
+
+    def attend(self, q: Tensor) -> Tensor:
+        """Attention of the new tokens' queries q (B, n_head, T, D) over this pool: query head h
+        sees, for every position up to its own, the head that position's token stored for h.
+        Returns (B, n_head, T, D). Call after `store` (the new tokens are then held: their positions
+        are the last T below lengths + T).
+
+        Computed on the slots, not on a gathered (B, n_head, max_len, D) view of them: the scores of
+        every query head against every slot are one batched matmul that reads the pool's K once;
+        each head's score for each position is then picked from that position's slot (a gather of
+        scalars), and the softmax weights go back to their slots (a scatter of scalars) for one
+        matmul with the pool's V. A gathered view writes and reads n_head heads per position, MHA's
+        cache traffic, whatever the tokens stored."""
+        b, h, t, d = q.shape
+        positions = self.state.positions(t)
+        read = self.read_index[self.scheme].transpose(1, 2)
+        slot = (self.offset[:, None, :] + read).clamp_max(self.slots)
+        # (B, H, T, L): the slot head h reads at each position
+        slot = slot[:, :, None, :].expand(b, h, t, self.max_len)
+        # (B, H x T, D) @ (B, D, slots + 1): a bmm over rows (broadcasting the pool over heads would
+        # copy it per head)
+        scores = torch.bmm(q.reshape(b, h * t, d), self.k.to(q.dtype).transpose(1, 2))
+        scores = scores.float().view(b, h, t, -1)
+        # (B, 1, T, L)
+        keep = torch.arange(self.max_len, device=q.device) <= positions[:, None, :, None]
+        p = (scores.gather(-1, slot) * d**-0.5).masked_fill(~keep, float("-inf")).softmax(-1)
+        weights = torch.zeros_like(scores).scatter_add_(-1, slot, p)  # masked positions add 0
+        out = torch.bmm(weights.to(q.dtype).view(b, h * t, -1), self.v.to(q.dtype))
+        return out.view(b, h, t, d)
+
+    def used_slots(self, lengths: Tensor) -> Tensor:
+        """(B,) slots held by each row's first `lengths` tokens."""
+        real = torch.arange(self.max_len, device=lengths.device) < lengths[:, None]
+        return (self.heads[self.scheme] * real).sum(1)
+
+    def fallbacks(self, lengths: Tensor) -> Tensor:
+        """(B,) of each row's first `lengths` tokens, those stored as the fallback scheme by the
+        overflow policy."""
+        real = torch.arange(self.max_len, device=lengths.device) < lengths[:, None]
+        return (self.fell_back & real).sum(1)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The inference redesign measured on one GPU, in three device calls (each under the 10-minute limit),
+# from the project root after `source .gpu/activate.sh`:
+#   bash docs/results/runs/inference/paths_2026-12-06.sh 1|2|3 OUT
+# .base/ holds the commit before the redesign (git archive 75d305d moa_train configs pyproject.toml):
+# its moa-bench --decode runs beside the new one in the same call, on the same card.
+set -uo pipefail
+part=$1 out=$2
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/gpu.txt"
+base() {  # the commit before, its own benchmark (compiled + CUDA graph), no transformers rows
+  (cd .base && PYTHONPATH=/tmp/site:$PWD timeout "$1" python3 -m moa_train.bench --decode --no-hf \
+    --no-trace --models "$2" --out "$out/base") >> "$out/base.log" 2>&1
+}
+new() {
+  timeout "$1" python3 -m moa_train.bench --decode --no-trace --models "$2" "${@:3}" \
+    --out "$out/new" >> "$out/new.log" 2>&1
+}
+if [ "$part" = 1 ]; then
+  # a smoke test at the tiny size first: a broken path fails in seconds, not minutes
+  timeout 120 python3 -m moa_train.bench --decode --decode-size tiny --models mha --no-hf \
+    --out "$out/smoke" > "$out/smoke.log" 2>&1 || { tail -20 "$out/smoke.log"; exit 1; }
+  base 200 mha,gqa,moa_sparse,moas_kv
+  new 300 mha,gqa,moa_sparse,moas_kv --no-hf
+elif [ "$part" = 2 ]; then
+  base 110 moas_dynamic,moas_kv
+  new 190 moas_dynamic,moas_kv --no-hf
+  new 190 mha --hf-only --hf-settings static
+else
+  new 330 mha --hf-only --no-hf --cli
+fi
+tar -czf "$out/records.tgz" -C "$out" $(cd "$out" && ls -d base new 2>/dev/null) 2>/dev/null
+ls -la "$out"
