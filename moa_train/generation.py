@@ -26,9 +26,12 @@ from moa_train.models.kv_cache import without_cudnn_attention
 UNK = "<unk>"
 # compiled steps are kept per cache length: lengths are rounded up to multiples of this
 COMPILE_LEN_ROUND = 128
-# compile=None (auto) compiles on CUDA from this many new tokens per row: below it, compiling costs
-# more than it saves (measured: docs/results/inference.md, "Compile or not")
-COMPILE_MIN_TOKENS = 512
+# compile=None (auto): on CUDA, a model compiles once the decode steps it has run eagerly in this
+# process, with those of the call at hand, reach this many. Measured on an H100 (GPT-2 small, bf16,
+# docs/results/inference.md): compiling and capturing one shape took 7-14 s, and a compiled step
+# saved about 5 ms against an eager one at batch 1 and 64 alike, so compiling pays after about
+# 2,000 steps; the compiled steps are then kept on the model for every later call of that shape.
+COMPILE_AFTER_STEPS = 2048
 
 
 def set_inference_routing(model, mode: str) -> None:
@@ -170,10 +173,18 @@ def _generate_ids(
     return torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
 
 
-def auto_compile(device: torch.device, max_new_tokens: int) -> bool:
-    """generate's default: compile where it pays, on CUDA for generations of at least
-    COMPILE_MIN_TOKENS new tokens per row (see the constant); never on a CPU."""
-    return device.type == "cuda" and max_new_tokens >= COMPILE_MIN_TOKENS
+def auto_compile(model, device: torch.device, steps: int) -> bool:
+    """generate's default (compile=None): on CUDA, compile once this model's eager decode steps in
+    this process, `steps` (the call's new tokens per row) included, reach COMPILE_AFTER_STEPS (see
+    there); a model with compiled steps kept from an earlier call keeps compiling; never on a CPU.
+    Counts the steps."""
+    if device.type != "cuda":
+        return False
+    if model.__dict__.get("compiled_steps"):
+        return True
+    seen = model.__dict__.get("eager_decode_steps", 0) + steps
+    model.__dict__["eager_decode_steps"] = seen
+    return seen >= COMPILE_AFTER_STEPS
 
 
 def generate(
@@ -200,10 +211,11 @@ def generate(
     past model.max_seq_len.
 
     `compile`: decode through the compiled step (torch.compile, and on CUDA a CUDA graph), kept on
-    the model for later calls of the same shapes (models/decoding.py); None: `auto_compile`'s rule;
-    a string: a torch.compile backend. `span_bucket` (compiled only): each step attends over its
-    position rounded up to a multiple of it, one compiled graph per span; 0: the whole cache, one
-    graph. Eager steps always attend over the positions reached."""
+    the model for later calls of the same shapes (models/decoding.py); None: `auto_compile`'s rule
+    (compile on CUDA once it pays); a string: a torch.compile backend. `span_bucket` (compiled
+    only): each step attends over its position rounded up to a multiple of it, one compiled graph
+    per span; 0: the whole cache, one graph. Eager steps always attend over the positions
+    reached."""
     check_settings(max_new_tokens, temperature, top_k, top_p, greedy)
     if stream is not None and len(prompts) != 1:
         raise ValueError(f"stream takes a single prompt (got {len(prompts)})")
@@ -216,7 +228,7 @@ def generate(
         return pick(logits, temperature, top_k, top_p, greedy, generator)
 
     if compile is None:
-        compile = auto_compile(device, max_new_tokens)
+        compile = auto_compile(model, device, max_new_tokens)
 
     # rows of one budget run as one batch: a row may generate while its next position exists (prompt
     # + new <= max_seq_len + 1, the last token never fed), so prompts near the limit get a batch of
@@ -329,7 +341,8 @@ def parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="decode through the compiled step (torch.compile; on CUDA a CUDA graph); default: on "
-        f"CUDA from {COMPILE_MIN_TOKENS} new tokens (compiling costs more than it saves below)",
+        f"CUDA from {COMPILE_AFTER_STEPS} decode steps (prompts x new tokens; compiling costs more "
+        "than it saves below)",
     )
     p.add_argument(
         "--dtype",

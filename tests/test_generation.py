@@ -332,3 +332,22 @@ def test_a_bpe_runs_tokenizer_file_loads_and_round_trips(make_cfg, wikitext_text
         and tok.vocab_size == data.vocab_size
         and tok.decode(tok.encode(text)) == text
     )
+
+
+def test_auto_compile_waits_until_compiling_pays():
+    """compile=None: never on a CPU; on CUDA once the model's eager decode steps reach
+    COMPILE_AFTER_STEPS, and from then on."""
+    import torch
+
+    from moa_train import generation
+
+    model = torch.nn.Linear(2, 2)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not generation.auto_compile(model, cpu, 10**6)
+    limit = generation.COMPILE_AFTER_STEPS
+    assert not generation.auto_compile(model, cuda, limit // 2)
+    assert not generation.auto_compile(model, cuda, limit // 2 - 1)
+    assert generation.auto_compile(model, cuda, 1)
+    fresh = torch.nn.Linear(2, 2)
+    fresh.__dict__["compiled_steps"] = {"kept": object()}
+    assert generation.auto_compile(fresh, cuda, 1)
