@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The inference redesign measured on one GPU, in three device calls (each under the 10-minute limit),
-# from the project root after `source .gpu/activate.sh`:
-#   bash docs/results/runs/inference/paths_2026-12-06.sh 1|2|3 OUT
+# The inference redesign measured on one GPU, in device calls under the 10-minute limit, from the
+# project root after `source .gpu/activate.sh`:
+#   bash docs/results/runs/inference/paths_2026-12-06.sh 1|2|3|4 OUT
 # .base/ holds the commit before the redesign (git archive 75d305d moa_train configs pyproject.toml):
 # its moa-bench --decode runs beside the new one in the same call, on the same card.
 set -uo pipefail
@@ -26,8 +26,12 @@ elif [ "$part" = 2 ]; then
   base 110 moas_dynamic,moas_kv
   new 190 moas_dynamic,moas_kv --no-hf
   new 190 mha --hf-only --hf-settings static
-else
+elif [ "$part" = 3 ]; then
   new 330 mha --hf-only --no-hf --cli
+else  # what device time allowed after call 1: no old-code rows
+  new 240 mha,moas_dynamic,moas_kv --no-hf
+  new 130 mha --hf-only --hf-settings static
+  new 200 mha --hf-only --no-hf --cli
 fi
 tar -czf "$out/records.tgz" -C "$out" $(cd "$out" && ls -d base new 2>/dev/null) 2>/dev/null
 ls -la "$out"
