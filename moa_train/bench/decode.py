@@ -892,14 +892,20 @@ def cli_row(size: DecodeSize, device: torch.device, work: Path) -> dict:
 # --- results --------------------------------------------------------------------------------------
 
 
-def hf_baseline(results: dict, size: str, kv_heads: int, batch: str) -> tuple:
-    """(tokens/s, row name) of the transformers row a model's decode compares with: same K/V heads
-    where there is one, else the mha-equivalent (the first, n_head K/V heads); of its settings the
-    faster (what a user would pick)."""
+def hf_baseline(
+    results: dict, size: str, kv_heads: int, batch: str, device: str | None = None, runs=None
+) -> tuple:
+    """(tokens/s, row name) of the transformers row a model's decode compares with: measured on the
+    same card (`device`: the runs' device names), same K/V heads where there is one, else the
+    mha-equivalent (the first, n_head K/V heads); of its settings the faster (what a user would
+    pick)."""
     rows = [
         r
         for r in results.values()
-        if r["size"] == size and r.get("setting") in HF_SETTINGS and batch in r.get("decode", {})
+        if r["size"] == size
+        and r.get("setting") in HF_SETTINGS
+        and batch in r.get("decode", {})
+        and (device is None or (runs or {}).get(r.get("run"), {}).get("device") == device)
     ]
     if not rows:
         return None, None
@@ -987,7 +993,7 @@ def span_note(d: dict) -> str:
     return ", attends over the whole cache" if not bucket else f", attends over spans of {bucket}"
 
 
-def size_tables(results: dict, size: str) -> list:
+def size_tables(results: dict, size: str, runs: dict | None = None) -> list:
     rows = model_rows(results, size)
     hf = [r for r in results.values() if r["size"] == size and "setting" in r]
     if not rows and not hf:
@@ -1028,7 +1034,8 @@ def size_tables(results: dict, size: str) -> list:
             modes = mode[lo] if mode[lo] == mode[hi] else f"{mode[lo]} / {mode[hi]}"
             ratios = []
             for b in (lo, hi):
-                base, name = hf_baseline(results, size, r["kv_heads"], b)
+                card = (runs or {}).get(r.get("run"), {}).get("device")
+                base, name = hf_baseline(results, size, r["kv_heads"], b, card, runs)
                 ratios.append(f"{d[b]['tokens_per_s'] / base:.2f} ({name})" if base else "-")
             out.append(
                 f"| {row_name(r)} | {modes} | {r['prefill']['tokens_per_s']:,.0f} | "
@@ -1202,7 +1209,7 @@ def markdown(data: dict, notes: bool = False) -> str:
                 ),
             ]
     for size in SIZES:
-        out += size_tables(results, size)
+        out += size_tables(results, size, data["runs"])
     return "\n".join(out) + "\n"
 
 
