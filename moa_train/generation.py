@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from moa_train.models.decoding import decode_loop, open_steps
+from moa_train.models.decoding import decode_loop, open_steps, release_compiled
 from moa_train.models.kv_cache import without_cudnn_attention
 
 UNK = "<unk>"
@@ -52,6 +52,8 @@ def set_inference_routing(model, mode: str) -> None:
         )
     for module in routed:
         module.inference_routing = mode
+    # compiled steps kept on the model hold graphs of the old routing
+    release_compiled(model)
 
 
 def pick(

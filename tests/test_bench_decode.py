@@ -308,3 +308,17 @@ def test_the_committed_tables_rebuild_from_the_committed_json(tmp_path):
     assert main(["--decode", "--tables-only", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "inference.md").read_text() == (results / "inference.md").read_text()
     assert "[inference_notes.md](inference_notes.md)" in (tmp_path / "inference.md").read_text()
+
+
+def test_changing_the_inference_routing_drops_the_compiled_steps():
+    """A kept compiled step replays the routing it captured: set_inference_routing drops it, so
+    the next compiled generation (the benchmark's top1 row) compiles top1's own."""
+    from moa_train.generation import set_inference_routing
+    from moa_train.models.decoding import open_steps
+
+    model, _ = build(TINY, "moas_dynamic", torch.device("cpu"))
+    with torch.no_grad(), open_steps(model, 1, 8, "cpu", compile="eager") as steps:
+        steps.step(steps.prefill(torch.tensor([[1, 2]]), torch.tensor([2])).argmax(-1))
+    assert model.compiled_steps and model.cache is not None
+    set_inference_routing(model, "top1")
+    assert "compiled_steps" not in model.__dict__ and model.cache is None

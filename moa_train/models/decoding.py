@@ -9,9 +9,9 @@ Strategies, chosen by `open_steps`:
 - cached, compiled (`compile=True`, the LM): the decode step compiled with torch.compile
   (fullgraph, static shapes) and, on CUDA, captured in a CUDA graph, one per span bucket
   (`span_bucket` positions; 0: one graph over the whole cache). Compiled steps and their caches are
-  kept per (model, batch, max_len, dtype, bucket), so a second call with the same shapes neither
-  compiles nor captures again; torch's own caches (inductor's FX graph cache) keep compiled code
-  between processes;
+  kept on the model per (batch, max_len, dtype, bucket), so a second call with the same shapes
+  neither compiles nor captures again; `release_compiled` drops them (a graph replays what it
+  captured: change a module's decoding settings, and the kept steps must go);
 - recompute: a full forward over each row's tokens at every step, for a model whose attention
   declares it cannot use a cache, a forward that ignored its cache (`CacheNotUsed`, with a warning),
   or `use_cache=False`. The same tokens, slower.
@@ -289,6 +289,17 @@ def compiled_steps(
         steps.compile_s, steps.fallback = 0.0, None
     steps.warn = warn
     return steps
+
+
+def release_compiled(model) -> None:
+    """Drop the compiled steps kept on `model` (and their caches): call after changing how its
+    modules decode (e.g. `generation.set_inference_routing`), since a kept graph replays the code
+    it captured."""
+    kept = model.__dict__.pop("compiled_steps", {})
+    for steps in kept.values():
+        steps.cache.detach()
+    if kept:
+        model.release_cache()
 
 
 def open_steps(
