@@ -40,15 +40,21 @@ def load_checkpoint_model(
         )
     model = task_class(name).build_model(cfg.model, state["vocab_size"], state.get("pad_id"))
     model.load_state_dict(state["model"])
+    # what generate checks a tokenizer against (generation.check_tokenizer); checkpoints written
+    # before the tokenizer was recorded hold none
+    model.checkpoint_path, model.tokenizer_identity = path, state.get("tokenizer")
     return model.to(map_location).eval(), cfg, path
 
 
 def load_tokenizer(run_dir: str | Path):
     """The tokenizer a run saved in its folder (tokenizer.json: a char or word vocabulary, or
-    tokenizers' BPE file), with encode, decode and vocab_size. JSON only: nothing in the file runs.
-    FileNotFoundError (one line) for a run folder without one: runs started before tokenizers were
-    saved."""
-    from moa_train.data.wikitext import TOKENIZER_FILE, tokenizer_from_json
+    tokenizers' BPE file), with encode, decode and vocab_size, and `source` (the file) and
+    `identity` (its sha256 and vocabulary size, which generate compares with what the model's
+    checkpoint records). JSON only: nothing in the file runs. FileNotFoundError (one line) for a
+    run folder without one (runs started before tokenizers were saved); ValueError (one line naming
+    the file) for one that is not UTF-8, not JSON or not a tokenizer."""
+    from moa_train.data.corpus import utf8
+    from moa_train.data.wikitext import TOKENIZER_FILE, tokenizer_from_json, tokenizer_identity
 
     path = Path(run_dir) / TOKENIZER_FILE
     if not path.is_file():
@@ -56,7 +62,10 @@ def load_tokenizer(run_dir: str | Path):
             f"{path} not found: the run predates saved tokenizers (or is not an LM run); "
             "train a new run to generate from it"
         )
-    return tokenizer_from_json(path.read_text(encoding="utf-8"), str(path))
+    raw = path.read_bytes()
+    tokenizer = tokenizer_from_json(utf8(raw, str(path)), str(path))
+    tokenizer.source, tokenizer.identity = str(path), tokenizer_identity(raw, tokenizer.vocab_size)
+    return tokenizer
 
 
 __all__ = ["load_checkpoint_model", "load_run", "load_tokenizer"]

@@ -10,11 +10,16 @@ device, so a seed reproduces a sample.
 Lengths: a prompt longer than model.max_seq_len is refused (one line); a row stops early when its
 next token would need a position past model.max_seq_len (the model has no embedding for it), so its
 completion may be shorter than max_new_tokens.
+
+The tokenizer must be the one the model was trained with: a checkpoint records it (the sha256 of
+tokenizer.json and its vocabulary size) and another is refused (one line naming both files); a
+checkpoint from before that is checked by vocabulary size only, with a note.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +37,10 @@ COMPILE_LEN_ROUND = 128
 # saved about 5 ms against an eager one at batch 1 and 64 alike, so compiling pays after about
 # 2,000 steps; the compiled steps are then kept on the model for every later call of that shape.
 COMPILE_AFTER_STEPS = 2048
+# a lower temperature acts as this one, float32's smallest normal number: pick divides logits
+# shifted to a maximum of 0 (no overflow), and here a token 1e-36 below the maximum already gets a
+# probability under 1e-36 (greedy, ties shared); a smaller divisor may round to 0 (0 / 0 = nan)
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
 
 
 def set_inference_routing(model, mode: str) -> None:
@@ -62,7 +71,9 @@ def pick(
     """(B,) next tokens from (B, V) logits."""
     if greedy:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # at most 0 before the division, so no temperature overflows them to inf (nan in the softmax)
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, MIN_TEMPERATURE)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -87,10 +98,54 @@ def check_settings(max_new_tokens: int, temperature: float, top_k, top_p, greedy
         raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
 
 
+def check_tokenizer(model, tokenizer, warn=None) -> None:
+    """ValueError (one line, naming the tokenizer's file and the checkpoint) for a tokenizer the
+    model was not trained with: where the model's checkpoint records one (model.tokenizer_identity,
+    set by load_checkpoint_model), the sha256 of its tokenizer.json (tokenizer.identity, set by
+    load_tokenizer) and its vocabulary size must match; otherwise (a checkpoint from before they
+    were recorded, a model built in code) its vocabulary size must be the model's (or fit in it,
+    where the config set model.vocab_size), and `warn` is told that a checkpoint's tokenizer could
+    not be verified."""
+    source = getattr(tokenizer, "source", f"the {tokenizer.kind} tokenizer")
+    checkpoint = getattr(model, "checkpoint_path", None)
+    recorded = getattr(model, "tokenizer_identity", None)
+    n = tokenizer.vocab_size
+    if recorded is not None:
+        own = getattr(tokenizer, "identity", None) or {"sha256": None, "vocab_size": n}
+        if n != recorded["vocab_size"] or own["sha256"] not in (None, recorded["sha256"]):
+            sha = f"sha256 {own['sha256'][:12]}, " if own["sha256"] else ""
+            raise ValueError(
+                f"{source} is not the tokenizer {checkpoint or 'the model'} was trained with "
+                f"({sha}{n} symbols; the checkpoint records sha256 {recorded['sha256'][:12]}, "
+                f"{recorded['vocab_size']} symbols): use the tokenizer.json of the run that wrote "
+                "the checkpoint"
+            )
+        return
+    padded = getattr(model.config, "vocab_size", None) is not None
+    if n > model.vocab_size or (n != model.vocab_size and not padded):
+        raise ValueError(
+            f"{source} holds {n} symbols but {checkpoint or 'the model'} has "
+            f"{model.vocab_size} (model.vocab_size): not the tokenizer the model was trained with"
+        )
+    if checkpoint is not None and warn is not None:
+        warn(
+            f"{checkpoint} records no tokenizer (written before checkpoints did): {source} matches "
+            "its vocabulary size, but that it is the tokenizer the model was trained with could "
+            "not be verified"
+        )
+
+
 def encode_prompt(tokenizer, text: str, max_seq_len: int, warn=None) -> list:
-    """The prompt's ids. Symbols outside a vocabulary without <unk> (char) are refused, naming them;
-    with <unk>
-    (word) they map to it and `warn(message)` is told."""
+    """The prompt's ids. Text that is not UTF-8 (lone surrogates: the bytes Python could not decode)
+    is refused. Symbols outside a vocabulary without <unk> (char) are refused, naming them; with
+    <unk> (word) they map to it and `warn(message)` is told."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"prompt {text[:40]!r}: character {exc.start} ({text[exc.start]!r}, an undecodable "
+            "byte) is not text: a prompt must be valid UTF-8"
+        ) from None
     unknown = tokenizer.unknown(text)
     if unknown:
         names = ", ".join(map(repr, unknown[:20])) + (" ..." if len(unknown) > 20 else "")
@@ -208,9 +263,11 @@ def generate(
     """The completion (new text only) of each prompt. `stream(piece)`: each new piece of text as it
     comes, for a single prompt. `seed`: a torch.Generator on the model's device (None: torch's
     global RNG). `warn(message)`: told of words mapped to <unk> and of rows stopped at max_seq_len.
-    ValueError (one line) for a bad setting, a prompt longer than model.max_seq_len or symbols
-    outside a vocabulary without <unk>. A row stops early where its next token would need a position
-    past model.max_seq_len.
+    ValueError (one line) for a bad setting, a tokenizer the model was not trained with
+    (`check_tokenizer`), a prompt that is not UTF-8 or longer than model.max_seq_len, or symbols
+    outside a vocabulary without <unk>. A row stops early where its next token would need a
+    position past model.max_seq_len. A model whose vocabulary is padded past the tokenizer's
+    (model.vocab_size) draws among the tokenizer's ids only.
 
     `compile`: decode through the compiled step (torch.compile, and on CUDA a CUDA graph), kept on
     the model for later calls of the same shapes (models/decoding.py); None: `auto_compile`'s rule
@@ -221,13 +278,15 @@ def generate(
     check_settings(max_new_tokens, temperature, top_k, top_p, greedy)
     if stream is not None and len(prompts) != 1:
         raise ValueError(f"stream takes a single prompt (got {len(prompts)})")
+    check_tokenizer(model, tokenizer, warn)
     limit = model.config.max_seq_len
     ids = [encode_prompt(tokenizer, text, limit, warn) for text in prompts]
     device = next(model.parameters()).device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    usable = tokenizer.vocab_size  # ids of a model.vocab_size padded past it have no symbol
 
     def draw(logits):
-        return pick(logits, temperature, top_k, top_p, greedy, generator)
+        return pick(logits[:, :usable], temperature, top_k, top_p, greedy, generator)
 
     if compile is None:
         compile = auto_compile(model, device, max_new_tokens)
@@ -293,8 +352,10 @@ def parser() -> argparse.ArgumentParser:
         "is refused "
         "(exit 2, naming it); a word vocabulary (WikiText-2's) holds <unk>, and unknown words map "
         "to it with a note on stderr. A prompt longer than model.max_seq_len is refused; a "
-        "completion stops early where it would pass model.max_seq_len. Runs from before tokenizers "
-        "were saved in the run folder (tokenizer.json) cannot be generated from.",
+        "completion stops early where it would pass model.max_seq_len. Prompts must be UTF-8. Runs "
+        "from before tokenizers were saved in the run folder (tokenizer.json) cannot be generated "
+        "from; a tokenizer.json that is not the one the checkpoint records is refused (checkpoints "
+        "written before they recorded it: its vocabulary size is checked, with a note).",
     )
     p.add_argument(
         "run_dir",
@@ -304,7 +365,7 @@ def parser() -> argparse.ArgumentParser:
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")
-    source.add_argument("--prompt-file", type=Path, help="a file of prompts, one per line")
+    source.add_argument("--prompt-file", type=Path, help="a UTF-8 file of prompts, one per line")
     p.add_argument(
         "--max-new-tokens",
         type=int,
@@ -312,7 +373,11 @@ def parser() -> argparse.ArgumentParser:
         help="tokens to generate per prompt (default 200)",
     )
     p.add_argument(
-        "--temperature", type=float, default=1.0, help="softmax temperature, > 0 (default 1.0)"
+        "--temperature",
+        type=float,
+        default=1.0,
+        help=f"softmax temperature, > 0 (default 1.0); below {MIN_TEMPERATURE:.3g} it acts as "
+        f"{MIN_TEMPERATURE:.3g}: greedy, ties shared",
     )
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     p.add_argument(
@@ -367,12 +432,17 @@ def _fail(message: str):
 
 
 def _prompts(args) -> list:
-    if args.prompt is not None:
-        return [args.prompt]
+    from moa_train.data.corpus import DataError, utf8
+
     try:
-        lines = args.prompt_file.read_text(encoding="utf-8").splitlines()
+        if args.prompt is not None:  # argv's undecodable bytes come as lone surrogates
+            return [utf8(os.fsencode(args.prompt), "--prompt")]
+        raw = args.prompt_file.read_bytes()
+        lines = utf8(raw, f"--prompt-file {args.prompt_file}").splitlines()
     except OSError as exc:
         _fail(f"--prompt-file: cannot read {args.prompt_file} ({exc.strerror})")
+    except DataError as exc:
+        _fail(str(exc))
     prompts = [line for line in lines if line.strip()]
     if not prompts:
         _fail(f"--prompt-file: {args.prompt_file} holds no prompt")

@@ -31,6 +31,19 @@ def read_text(path: Path, newline: str | None = None) -> str:
         raise DataError(f"data file {path} is not UTF-8 text (line {line})") from None
 
 
+def utf8(raw: bytes, source: str) -> str:
+    """`raw` decoded as UTF-8; DataError naming `source` and where the first bad byte is (line and
+    byte offset) if it is not."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{source} must be UTF-8 text: line {line}, byte offset {exc.start} "
+            f"(0x{raw[exc.start]:02x}) is not"
+        ) from None
+
+
 def download(target: Path, names: list, hub: tuple, texts, missing: str) -> Path:
     """The folder `target` holding the files `names`, written once from the `datasets` hub copy
     (`load_dataset(*hub)`) where the network exists: texts(dataset) yields (file name, text) pairs.

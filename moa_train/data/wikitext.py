@@ -19,6 +19,7 @@ tokenizer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,19 +300,39 @@ def tokenizer_json(tok) -> str:
 
 
 def tokenizer_from_json(text: str, source: str = TOKENIZER_FILE):
-    """The tokenizer `tokenizer_json` wrote; plain JSON only, nothing in it runs."""
-    spec = json.loads(text)
+    """The tokenizer `tokenizer_json` wrote; plain JSON only, nothing in it runs. DataError (one
+    line naming `source`) for text that is not such a file."""
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{source} is not valid JSON ({exc})") from None
     if isinstance(spec, dict) and "model" in spec:  # tokenizers' format
-        return BPETokenizer.from_json(text)
+        try:
+            return BPETokenizer.from_json(text)
+        except Exception as exc:  # tokenizers raises a bare Exception for a file it cannot read
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DataError(f"{source} is not a tokenizers BPE file ({first})") from None
     kind = spec.get("kind") if isinstance(spec, dict) else None
+    symbols = spec.get("symbols") if isinstance(spec, dict) else None
+    if kind in ("char", "word") and not (
+        isinstance(symbols, list) and all(isinstance(s, str) for s in symbols)
+    ):
+        raise DataError(f"{source}: a {kind} vocabulary needs 'symbols', a list of strings")
     if kind == "char":
-        return CharTokenizer("".join(spec["symbols"]))
+        return CharTokenizer("".join(symbols))
     if kind == "word":
-        return WordTokenizer(symbols=spec["symbols"])
+        return WordTokenizer(symbols=symbols)
     raise DataError(
         f"{source}: not a moa_train tokenizer (kind {kind!r}; expected char, word or tokenizers' "
         "BPE)"
     )
+
+
+def tokenizer_identity(raw: bytes, vocab_size: int) -> dict:
+    """What a checkpoint records of the tokenizer its weights were trained with, and what
+    moa-generate compares a run folder's tokenizer.json with: the sha256 of the file's bytes and
+    the vocabulary size."""
+    return {"sha256": hashlib.sha256(raw).hexdigest(), "vocab_size": int(vocab_size)}
 
 
 # --- caching --------------------------------------------------------------------------------------

@@ -250,6 +250,8 @@ class Trainer:
             "wall_s": self.wall_s(),
             "vocab_size": self.model.vocab_size,
             "pad_id": getattr(self.model, "pad_id", None),
+            # moa-generate refuses a run folder's tokenizer.json that is not this one
+            "tokenizer": self.task.tokenizer_id,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 

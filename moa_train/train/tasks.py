@@ -26,7 +26,7 @@ from moa_train.config import (
 )
 from moa_train.config import validate as validate_common
 from moa_train.data.batches import RandomWindows
-from moa_train.data.wikitext import TOKENIZER_FILE
+from moa_train.data.wikitext import TOKENIZER_FILE, tokenizer_identity
 from moa_train.io import atomic_write
 from moa_train.models.routing import aux_losses, weighted_aux
 from moa_train.progress import progress
@@ -49,6 +49,9 @@ class Task:
     # the validation metric (lower is better) that picks best.pt; sweeps minimise it
     best_metric = "val/loss"
     metrics: tuple = ()  # the evaluation metrics that reports show, in their column order
+    # what the checkpoints record of the tokenizer the weights are trained with (sha256 of its
+    # tokenizer.json and vocabulary size: wikitext.tokenizer_identity); None: no tokenizer file
+    tokenizer_id: dict | None = None
 
     @staticmethod
     def check(cfg, world_size: int) -> None:
@@ -134,6 +137,9 @@ class LMTask(Task):
         self.aux_cfg = OmegaConf.to_object(cfg.model.aux)
         self.data = load_data(cfg.data)
         check_lengths(self.data, cfg.trainer.block_size)
+        if self.data.tokenizer_file is not None:  # read once: the cache entry may go mid-run
+            raw = self.data.tokenizer_file.read_bytes()
+            self.tokenizer_id = tokenizer_identity(raw, self.data.vocab_size)
         vocab = cfg.model.vocab_size or self.data.vocab_size
         if vocab < self.data.vocab_size:
             raise ConfigError(
