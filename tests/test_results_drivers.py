@@ -1,16 +1,17 @@
-"""The reproduction drivers' shared pieces: the job pool (--jobs N), clearing only the rerun seeds,
+"""The reproduction drivers' shared pieces: the job pool (--jobs N), replacing only the rerun seeds,
 the translation driver's plan of runs and its tables (config-derived descriptions, per-group
 provenance, Welch's t-tests)."""
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from moa_train.results import Job, clear, run_jobs, single_run
+from moa_train.results import STAGING, Job, old_runs, run_jobs, single_run
 
 FAKE = """import sys, time
 from pathlib import Path
@@ -51,18 +52,15 @@ def test_run_jobs_runs_at_most_n_at_once_and_reports_failures(tmp_path, capsys):
     assert "bad failed" in err and "last words of bad" in err and "last words of a" not in err
 
 
-def test_clear_deletes_only_the_rerun_seeds(tmp_path):
+def test_old_runs_are_only_the_rows_rerun_seeds(tmp_path):
     for name in ("mha-seed0", "mha-seed1", "mha-seed2", "moa-seed2", "mha_x-seed2"):
         (tmp_path / "g" / name).mkdir(parents=True)
-    clear(tmp_path, "g", "mha", [2])
-    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == [
+    assert [p.name for p in old_runs(tmp_path / "g", "mha", [2])] == ["mha-seed2"]
+    assert [p.name for p in old_runs(tmp_path / "g", "mha")] == [
         "mha-seed0",
         "mha-seed1",
-        "mha_x-seed2",
-        "moa-seed2",
+        "mha-seed2",
     ]
-    clear(tmp_path, "g", "mha")
-    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["mha_x-seed2", "moa-seed2"]
 
 
 @pytest.fixture
@@ -83,7 +81,7 @@ def test_translation_jobs_are_single_runs_of_the_chosen_rows_and_seeds(
     experiments, tmp_path, monkeypatch
 ):
     translation = experiments
-    runs = tmp_path / "runs"
+    runs, staged = tmp_path / "runs", tmp_path / "runs" / STAGING
     for name in ("mha-seed0", "mha-seed1", "mha-seed2", "mha-seed2/checkpoints"):
         (runs / "multi30k_fairseq" / name).mkdir(parents=True)
     pooled = []
@@ -94,9 +92,11 @@ def test_translation_jobs_are_single_runs_of_the_chosen_rows_and_seeds(
     assert translation.train(planned, runs, ["trainer.max_steps=5"], 4, keep_other_seeds=True) == [
         "multi30k/mha-seed2"
     ]
+    # a run failed: the old records stay
     assert sorted(p.name for p in (runs / "multi30k_fairseq").iterdir()) == [
         "mha-seed0",
         "mha-seed1",
+        "mha-seed2",
     ]
     assert [job.name for job in pooled] == ["multi30k/mha-seed2", "multi30k_fairseq/mha-seed2"]
     job = pooled[1]
@@ -107,12 +107,25 @@ def test_translation_jobs_are_single_runs_of_the_chosen_rows_and_seeds(
         *translation.COMMON,
         "experiment=multi30k_fairseq/mha",
         "trainer.max_steps=5",
-        f"hydra.run.dir={runs / 'multi30k_fairseq' / 'mha-seed2'}",
+        f"hydra.run.dir={staged / 'multi30k_fairseq' / 'mha-seed2'}",
     ]
-    assert job.log == runs / "multi30k_fairseq" / "mha-seed2.log"
-    # one multirun per row with --jobs 1
+    assert job.log == staged / "multi30k_fairseq" / "mha-seed2.log"
+    # one multirun per row with --jobs 1; once all have finished, each row's runs replace all of its
+    # old records (the row is remade with seeds 0 and 1)
+    for name in ("moa-seed0", "moa-seed5", "moa_sparse-seed1"):
+        (runs / "multi30k" / name).mkdir(parents=True)
     commands = []
-    monkeypatch.setattr(translation, "run_command", commands.append)
+
+    def multirun(cmd):
+        commands.append(cmd)
+        sweep = Path(cmd[-2].partition("=")[2])
+        for seed in (0, 1):
+            run = sweep / cmd[-1].partition("=")[2].replace("${trainer.seed}", str(seed))
+            run.mkdir(parents=True)
+            (run / "summary.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(translation, "run_command", multirun)
     assert (
         translation.train(
             translation.plan(["multi30k"], ["moa", "moa_sparse"], [0, 1]), runs, [], 1
@@ -122,9 +135,14 @@ def test_translation_jobs_are_single_runs_of_the_chosen_rows_and_seeds(
     assert [c[3:5] for c in commands] == [["-m", "trainer.seed=0,1"]] * 2
     assert commands[1][-3:] == [
         "experiment=multi30k/moa_sparse",
-        f"hydra.sweep.dir={runs / 'multi30k'}",
+        f"hydra.sweep.dir={staged / 'multi30k'}",
         "hydra.sweep.subdir=moa_sparse-seed${trainer.seed}",
     ]
+    assert sorted(p.name for p in (runs / "multi30k").iterdir()) == [
+        f"{row}-seed{k}" for row in ("moa", "moa_sparse") for k in (0, 1)
+    ]
+    assert all((run / "summary.json").is_file() for run in (runs / "multi30k").iterdir())
+    assert not staged.exists()
 
 
 def test_translation_refuses_a_missing_experiment_before_deleting_anything(experiments, tmp_path):
@@ -142,7 +160,7 @@ def test_table1_jobs_match_the_multirun(tmp_path):
 
     (tmp_path / "fast" / "mha-seed0").mkdir(parents=True)
     jobs = moas_table1.jobs("fast", 2, tmp_path, ["trainer.max_steps=3"])
-    assert not (tmp_path / "fast" / "mha-seed0").exists()
+    assert (tmp_path / "fast" / "mha-seed0").is_dir()  # nothing is deleted before the runs finish
     assert [j.name for j in jobs] == [f"fast/{r}-seed{s}" for r in moas_table1.ROWS for s in (0, 1)]
     assert jobs[1].cmd[1:] == [
         "-m",
@@ -332,16 +350,17 @@ def test_kv_tradeoff_driver_trains_evaluates_and_rebuilds_its_tables(tmp_path, m
     before = {s: out.with_suffix(s).read_bytes() for s in (".md", ".json")}
     kv_tradeoff.main(["--tables-only", "--runs-dir", str(runs), "--out", str(out)])
     assert {s: out.with_suffix(s).read_bytes() for s in (".md", ".json")} == before
-    # run again after a time limit: finished runs are kept (no job, nothing cleared), an unfinished
-    # one resumes
-    (runs / "mha-seed2").mkdir()
-    resumed = kv_tradeoff.jobs(["mha", "moas_kv_b2"], [0, 1, 2], runs, [], keep_finished=True)
-    assert [job.name for job in resumed] == [
-        "kv_tradeoff/mha-seed2",
-        "kv_tradeoff/moas_kv_b2-seed2",
-    ]
-    assert (runs / "mha-seed2").is_dir() and (runs / "mha-seed0" / "kv_eval.json").is_file()
-    (runs / "mha-seed2").rmdir()
+    # run again after a time limit: the runs that finished in the staging folder are kept (no job),
+    # an unfinished one resumes
+    staged = runs / STAGING
+    shutil.copytree(runs / "mha-seed0", staged / "mha-seed0")
+    (staged / "mha-seed1").mkdir()
+    resumed = kv_tradeoff.jobs(["mha"], [0, 1], runs, [], keep_finished=True)
+    assert [job.name for job in resumed] == ["kv_tradeoff/mha-seed1"]
+    assert (staged / "mha-seed1").is_dir()
+    # the staged set complete (and evaluated): it replaces the old records without training
+    shutil.rmtree(staged / "mha-seed1")
+    shutil.copytree(runs / "mha-seed1", staged / "mha-seed1")
     kv_tradeoff.main(
         [
             "--rows",
@@ -359,6 +378,7 @@ def test_kv_tradeoff_driver_trains_evaluates_and_rebuilds_its_tables(tmp_path, m
         ]
     )
     assert {s: out.with_suffix(s).read_bytes() for s in (".md", ".json")} == before
+    assert not staged.exists()
 
 
 def test_kv_tradeoff_compares_each_budget_with_the_fixed_scheme_line_at_equal_bytes():

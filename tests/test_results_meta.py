@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from moa_train.results import moas_table1, multigpu, results_meta, translation
+from moa_train.results import STAGING, moas_table1, multigpu, results_meta, translation
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs/results"
@@ -62,9 +62,9 @@ def fake_translation_run(run: Path, bleu: float) -> None:
 
 
 def test_translation_runs_land_in_row_folders(tmp_path, monkeypatch):
-    """Each Multi30k job's Hydra sweep folder resolves to <runs>/multi30k/<row>-seed<k>/ (the
-    committed layout, the row from the experiment, not model.name: moa_sparse's is moa), and a row's
-    old folders go before it reruns."""
+    """Each Multi30k job's Hydra sweep folder resolves to <runs>/.staging/multi30k/<row>-seed<k>/
+    (the committed layout, the row from the experiment, not model.name: moa_sparse's is moa), and
+    once all have finished they replace the rows' old folders (every seed: the rows are remade)."""
     from hydra.core.hydra_config import HydraConfig
 
     from moa_train.config import compose_train
@@ -76,12 +76,21 @@ def test_translation_runs_land_in_row_folders(tmp_path, monkeypatch):
 
     def fake_run(cmd):
         cmds.append(cmd)
-        row = dict(o.split("=", 1) for o in cmd[4:])["experiment"].split("/")[-1]
-        assert not list((tmp_path / "multi30k").glob(f"{row}-seed*")), "old runs left for " + row
+        sweeps = dict(o.split("=", 1) for o in cmd[4:])
+        row = sweeps["experiment"].split("/")[-1]
+        old = len(list((tmp_path / "multi30k").glob(f"{row}-seed*")))
+        assert old == {"mha": 2, "moa": 0, "moa_sparse": 1}[row], "old runs deleted too early"
+        for seed in sweeps["trainer.seed"].split(","):
+            fake_translation_run(Path(sweeps["hydra.sweep.dir"]) / f"{row}-seed{seed}", 2.0)
+        return 0
 
     monkeypatch.setattr(translation, "run_command", fake_run)
-    translation.train(translation.plan(["multi30k"], translation.ROWS, [0, 1, 2]), tmp_path, [], 1)
-    assert not list((tmp_path / "multi30k").glob("*-seed*"))
+    planned = translation.plan(["multi30k"], translation.ROWS, [0, 1, 2])
+    assert translation.train(planned, tmp_path, [], 1) == []
+    assert sorted(p.name for p in (tmp_path / "multi30k").iterdir()) == [
+        f"{row}-seed{k}" for row in sorted(translation.ROWS) for k in (0, 1, 2)
+    ]
+    assert not (tmp_path / STAGING).exists()
     jobs = set()
     try:
         for cmd in cmds:
@@ -96,8 +105,9 @@ def test_translation_runs_land_in_row_folders(tmp_path, monkeypatch):
                     HydraConfig.instance().set_config(cfg)
                     run_dir = Path(cfg.hydra.sweep.dir) / cfg.hydra.sweep.subdir
                     row = experiment.split("/")[-1]
-                    assert run_dir == tmp_path / "multi30k" / f"{row}-seed{seed}", run_dir
-                    jobs.add(str(run_dir.relative_to(tmp_path)))
+                    staged = tmp_path / STAGING
+                    assert run_dir == staged / "multi30k" / f"{row}-seed{seed}", run_dir
+                    jobs.add(str(run_dir.relative_to(staged)))
     finally:
         HydraConfig.instance().cfg = None
     assert jobs == {f"multi30k/{row}-seed{k}" for row in translation.ROWS for k in (0, 1, 2)}
@@ -163,22 +173,41 @@ def test_tables_only_reproduces_committed_files(name, tmp_path):
         )
 
 
+def fake_step(name: str):
+    """The driver's training step (MODULES) replaced: the committed records copied into the
+    folder it trains into (translation's train() stands for the whole training, replacing the
+    records included: it does nothing)."""
+    src = RESULTS / "runs" / name
+
+    def table1(mode, seeds, out_dir, extra) -> int:
+        shutil.copytree(src / mode, out_dir / mode)
+        return 0
+
+    def multigpu(model, gpus, args, run_dir) -> int:
+        shutil.copytree(src / run_dir.name, run_dir)
+        return 0
+
+    return {"moas_table1": table1, "multigpu": multigpu}.get(name, lambda *a, **k: None)
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_fresh_run_gets_todays_date(name, tmp_path, monkeypatch):
-    """After (here: skipped) training the date is today's and translation's hand-written note is
+    """After (here: faked) training the date is today's and translation's hand-written note is
     dropped; the committed file's date and note belong to the runs that made it."""
     module, step = MODULES[name]
     if not (RESULTS / "runs" / name).is_dir():
         pytest.skip(f"no committed {name} records")
-    monkeypatch.setattr(module, step, lambda *a, **k: None)
+    monkeypatch.setattr(module, step, fake_step(name))
     if name == "moas_table1":
         monkeypatch.setattr(module, "evaluate_runs", lambda *a, **k: None)
+    runs = tmp_path / "runs"
+    shutil.copytree(RESULTS / "runs" / name, runs)
     out = copy_results(name, tmp_path)
     committed = json.loads(out.with_suffix(".json").read_text())
     previous = committed["meta"] = {**committed["meta"], "date": "2000-01-01"}  # surely not today
     out.with_suffix(".json").write_text(json.dumps(committed))
     argv = ["--out", str(out)] + (["--gpus", "1"] if name == "multigpu" else [])
-    module.main(argv)
+    module.main([*argv, "--runs-dir", str(runs)])
     meta = json.loads(out.with_suffix(".json").read_text())["meta"]
     assert meta["date"] == dt.date.today().isoformat()
     assert f"date {meta['date']}" in out.with_suffix(".md").read_text()
@@ -186,7 +215,9 @@ def test_fresh_run_gets_todays_date(name, tmp_path, monkeypatch):
         assert previous["note"] and meta["note"] is None
         assert previous["note"] not in out.with_suffix(".md").read_text()
     if name == "multigpu":
-        assert meta["command"] == f"python3 scripts/bench_multigpu.py --out {out} --gpus 1"
+        assert meta["command"] == (
+            f"python3 scripts/bench_multigpu.py --out {out} --gpus 1 --runs-dir {runs}"
+        )
     monkeypatch.setenv("RESULTS_DATE", "2001-02-03")
     module.main(["--tables-only", "--out", str(out)])  # a rebuild keeps the (new) file's date
     monkeypatch.delenv("RESULTS_DATE")
@@ -195,14 +226,34 @@ def test_fresh_run_gets_todays_date(name, tmp_path, monkeypatch):
 
 
 def test_table1_rerun_starts_from_clean_row_folders(tmp_path, monkeypatch):
-    """A Table 1 rerun deletes its rows' old run folders first: with the same seeds they would
-    otherwise resume (trainer.resume=auto) and keep their old official_eval.json; other folders
-    stay."""
+    """A Table 1 rerun trains into an empty staging folder (runs in old folders of the same seeds
+    would resume (trainer.resume=auto) and keep their old official_eval.json), and its complete set
+    then replaces all of its rows' old folders; other folders stay."""
     for old in ("mha-seed0", "moas_dynamic-seed2", "notes"):
         (tmp_path / "fast" / old).mkdir(parents=True)
     (tmp_path / "fast" / "mha-seed0" / "official_eval.json").write_text("{}")
-    launched = []
-    monkeypatch.setattr(moas_table1, "run_command", launched.append)
-    moas_table1.train("fast", 2, tmp_path, [])
+    (tmp_path / STAGING / "fast" / "mha-seed1").mkdir(parents=True)  # an interrupted rerun's
+    launched, official = [], {"official_valid/loss": 1.5, "official_test/loss": 1.6}
+
+    def multirun(cmd):
+        launched.append(cmd)
+        sweep = Path(dict(o.split("=", 1) for o in cmd[4:])["hydra.sweep.dir"])
+        assert not sweep.exists(), "nothing to resume"
+        for row in moas_table1.ROWS:
+            for seed in (0, 1):
+                (sweep / f"{row}-seed{seed}").mkdir(parents=True)
+                (sweep / f"{row}-seed{seed}" / "summary.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(moas_table1, "run_command", multirun)
+    monkeypatch.setattr(moas_table1, "official_eval", lambda run: official)
+    moas_table1.reproduce(["fast"], 2, tmp_path, [], 1)
     assert len(launched) == 1
-    assert sorted(p.name for p in (tmp_path / "fast").iterdir()) == ["notes"]
+    assert sorted(p.name for p in (tmp_path / "fast").iterdir()) == [
+        *(f"{row}-seed{k}" for row in sorted(moas_table1.ROWS) for k in (0, 1)),
+        "notes",
+    ]
+    assert json.loads((tmp_path / "fast" / "mha-seed0" / "official_eval.json").read_text()) == (
+        official
+    )
+    assert not (tmp_path / STAGING).exists()

@@ -1,8 +1,16 @@
 """Drivers that reproduce the papers' tables and rebuild docs/results/ from the committed run
-records."""
+records.
+
+What every driver guarantees (docs/reliability.md): its arguments and its moa-train overrides are
+checked in-process before anything is written (`refuse`: one `error: ...` line, exit 2); new run
+records are built in <runs-dir>/.staging/ and replace the old ones only once the new set is
+complete (`Staging`), so a failed or interrupted driver leaves the old records and tables as they
+were; tables are written only from a complete set of evaluated records, each file by
+temp-and-rename."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -13,26 +21,198 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
+from moa_train.io import atomic_write, atomic_write_text
 from moa_train.paths import repo_root
 
-
-def clear(runs_dir: Path, group: str, row: str, seeds=None) -> None:
-    """Delete a row's earlier run folders (only those of `seeds` when given), so that a rerun's
-    records do not mix with (or add to) the old ones, and a rerun with the same seeds does not
-    resume (trainer.resume=auto) or reuse the old runs' evaluations. The other seeds' records stay:
-    a seed can be added to a row without rerunning the rest."""
-    for old in (runs_dir / group).glob(f"{row}-seed*"):
-        seed = old.name.rpartition("-seed")[2]
-        if old.is_dir() and seed.isdigit() and (seeds is None or int(seed) in seeds):
-            shutil.rmtree(old)
+STAGING = ".staging"  # beside the records, in the runs dir: renames stay on one file system
 
 
-def run_command(cmd: list) -> None:
-    """One command in the foreground, echoed first; a failure stops the driver."""
+def refuse(message: str, code: int = 2) -> NoReturn:
+    """End the driver with one `error: ...` line: exit 2 for bad input, 1 for runs that failed."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): `error: --jobs: must be ...`, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        refuse(message.removeprefix("argument "))
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text) if text.strip().lstrip("+").isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    if not text.strip().isdigit():
+        raise ValueError(text)
+    return int(text)
+
+
+def comma_list(allowed: tuple, parse=str, what: str = ""):
+    """An argparse type: a non-empty comma list of `allowed` values (any value `parse` accepts when
+    `allowed` is empty; `what` names them then), each once."""
+
+    def parse_list(text: str) -> list:
+        try:
+            values = [parse(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not values or any(allowed and v not in allowed for v in values):
+            raise argparse.ArgumentTypeError(
+                f"got {text!r}; give a comma list of {what or ', '.join(map(str, allowed))}"
+            )
+        return list(dict.fromkeys(values))
+
+    return parse_list
+
+
+def check_overrides(runs: list, world_size: int = 1) -> None:
+    """Compose and validate each override list (one per kind of run a driver starts) in-process,
+    as `moa-train` does before it starts: a bad override ends the driver with moa-train's one line,
+    exit 2, before anything is deleted or trained."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from moa_train.cli import describe, parse
+    from moa_train.config import ConfigError, compose_train
+    from moa_train.plugins import PluginError, load_plugins
+    from moa_train.train.tasks import validate
+
+    try:
+        load_plugins()
+        for overrides in runs:
+            parse(overrides)
+            validate(compose_train(overrides, return_hydra_config=True), world_size)
+    except PluginError as exc:
+        refuse(str(exc))
+    except (HydraException, OmegaConfBaseException, ConfigError) as exc:
+        refuse(describe(exc))
+
+
+def check_writable(**folders) -> None:
+    """Refuse (one line naming the option) a folder that cannot be written: checked before a
+    driver trains, so that its records and tables have somewhere to go."""
+    from moa_train.config import ConfigError
+    from moa_train.config import check_writable as writable
+
+    for option, folder in folders.items():
+        try:
+            writable(folder, "--" + option.replace("_", "-"))
+        except ConfigError as exc:
+            refuse(str(exc))
+
+
+def old_runs(folder: Path, row: str, seeds=None) -> list:
+    """A row's run folders <row>-seed<k> in `folder` (only those of `seeds` when given)."""
+    out = []
+    for old in sorted(folder.glob(f"{row}-seed*")):
+        k = old.name.rpartition("-seed")[2]
+        if old.is_dir() and k.isdigit() and (seeds is None or int(k) in seeds):
+            out.append(old)
+    return out
+
+
+def unfinished(names: list, staging: Path, hint: str = "") -> NoReturn:
+    refuse(
+        f"{len(names)} run(s) failed or did not finish: {', '.join(names)}; the old records and "
+        f"tables are unchanged; the new runs (with the failed ones' logs) are in {staging}{hint}",
+        code=1,
+    )
+
+
+class Staging:
+    """A driver's new run records, built in <runs_dir>/.staging/ with the runs dir's layout, beside
+    the old records: they replace them only once the whole new set is complete, so a failed or
+    interrupted driver leaves the old records untouched (and its new runs here, to inspect or, where
+    the driver can, to resume: `resume`; otherwise a driver starts from an empty staging folder)."""
+
+    def __init__(self, runs_dir: Path, resume: bool = False):
+        self.runs_dir = runs_dir
+        self.root = runs_dir / STAGING
+        self.replaced = self.root / ".replaced"  # old records, until the new ones are all in place
+        if self.replaced.exists():  # a commit was cut short: these may be the only copies
+            refuse(
+                f"{self.replaced} holds old records that an interrupted driver was replacing; move "
+                f"them back into {runs_dir} (or delete them), then rerun"
+            )
+        if not resume:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def incomplete(self, runs: list, evaluation: str | None = None) -> list:
+        """The staged `runs` (paths relative to the runs dir) without summary.json (or without
+        `evaluation`)."""
+        need = ["summary.json", *([evaluation] if evaluation else [])]
+        return [r for r in runs if not all((self.root / r / n).is_file() for n in need)]
+
+    def commit(
+        self, runs: list, evaluation: str | None = None, superseded=(), hint: str = ""
+    ) -> None:
+        """Move the staged `runs` over the old records of the same names, and the `superseded` old
+        records (those the new set replaces under other names: a row's dropped seeds) out of the
+        way; then delete the staging folder. Refused (exit 1, nothing moved) unless every one of
+        `runs` is complete."""
+        missing = self.incomplete(runs, evaluation)
+        if missing:
+            unfinished(missing, self.root, hint)
+        for old in dict.fromkeys([*superseded, *(self.runs_dir / r for r in runs)]):
+            if old.exists():
+                aside = self.replaced / old.relative_to(self.runs_dir)
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                old.rename(aside)
+        for r in runs:
+            (self.runs_dir / r).parent.mkdir(parents=True, exist_ok=True)
+            (self.root / r).rename(self.runs_dir / r)
+        shutil.rmtree(self.root)
+
+
+def summaries(runs_dir: Path, pattern: str) -> list:
+    """The summary.json files of `pattern` under `runs_dir`, outside hidden folders (the staging
+    folder of a driver that did not finish)."""
+    return sorted(
+        p
+        for p in runs_dir.glob(pattern)
+        if not any(part.startswith(".") for part in p.relative_to(runs_dir).parts)
+    )
+
+
+def evaluated(summary: Path, name: str) -> Path:
+    """A record's evaluation file; a record without one is refused (a table is never built from a
+    partial set)."""
+    path = summary.parent / name
+    if not path.is_file():
+        refuse(
+            f"{summary.parent}: a run record without {name} (its evaluation never ran); rerun its "
+            "row, or remove the folder"
+        )
+    return path
+
+
+def no_records(runs_dir: Path, what: str = "runs") -> NoReturn:
+    refuse(f"--runs-dir: no {what} under {runs_dir}; nothing to build the tables from")
+
+
+def write_text(path: Path, text: str) -> None:
+    """A table file by temp-and-rename: never half written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
+
+
+def save_figure(fig, path: Path, **kwargs) -> None:
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix[1:], **kwargs))
+
+
+def run_command(cmd: list) -> int:
+    """One command in the foreground, echoed first; its exit code."""
     print("+", " ".join(map(str, cmd)), flush=True)
-    subprocess.run(cmd, cwd=repo_root(), check=True)
+    return subprocess.run(cmd, cwd=repo_root()).returncode
 
 
 def single_run(overrides: list, run_dir: Path) -> list:
@@ -63,6 +243,8 @@ def run_jobs(jobs: list, n: int, poll_s: float = 0.2, tail_lines: int = 20) -> l
     all succeeded), after printing each failure with the tail of its log. The processes share the
     machine's cores: each gets OMP_NUM_THREADS = cores / n unless the caller's environment sets
     it."""
+    if n < 1:  # nothing would ever start
+        raise ValueError(f"run_jobs: n must be >= 1, got {n}")
     pending, running, failed = deque(Job(*j) for j in jobs), [], []
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, n))))

@@ -9,11 +9,12 @@ docs/results/translation.md).
 
 Each run's latest checkpoint is decoded with its own eval settings (beam, lenpen, length limits).
 Times are device-synchronised wall times of the test-set decoding alone (no loss pass, no scoring).
+The arguments are checked first (one `error:` line, exit 2, nothing written); the record is written
+once every run is decoded, by temp-and-rename.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import time
@@ -21,6 +22,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from moa_train.paths import repo_root
+from moa_train.results import Parser, check_writable, comma_list, positive_int, refuse, write_text
 
 ROOT = repo_root()
 OUT = ROOT / "docs/results/translation_decoding.json"
@@ -159,20 +161,48 @@ def agreement(rows: list) -> list:
     return out
 
 
+def check_run(run: Path) -> None:
+    """Refuse (one line) a run that is not a translation run holding a checkpoint."""
+    import yaml
+
+    from moa_train.train.checkpoint import checkpoints_in
+    from moa_train.train.tasks import saved_task
+
+    if not checkpoints_in(run):
+        refuse(
+            f"{run}: no checkpoint (checkpoints/step_*.pt); give translation run folders that "
+            "hold checkpoints"
+        )
+    saved = run / ".hydra" / "config.yaml"
+    task = saved_task(yaml.safe_load(saved.read_text())) if saved.is_file() else "translation"
+    if task != "translation":
+        refuse(f"{run}: a {task} run; decoding times need translation runs")
+
+
 def main(argv=None) -> None:
     import torch
 
     from moa_train.train.loop import git_sha
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "runs", nargs="+", type=Path, help="translation run folders holding checkpoints"
     )
-    parser.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16")
     parser.add_argument(
-        "--max-sentences", type=int, default=None, help="the first N test sentences (default: all)"
+        "--precisions",
+        type=comma_list(("fp32", "bf16")),
+        default=["fp32", "bf16"],
+        help="comma list of fp32, bf16",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--max-sentences",
+        type=positive_int,
+        default=None,
+        help="the first N test sentences (default: all)",
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument(
         "--note",
@@ -186,14 +216,17 @@ def main(argv=None) -> None:
         "excluded)",
     )
     args = parser.parse_args(argv)
-    precisions = args.precisions.split(",")
-    for p in precisions:
-        if p not in ("fp32", "bf16"):
-            raise SystemExit(f"error: --precisions: {p!r} is not one of fp32, bf16")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        refuse("--device: cuda, but torch sees no GPU; use --device cpu")
+    for run in args.runs:
+        check_run(run)
+    check_writable(out=args.out.parent)
     rows = [
         row
         for run in args.runs
-        for row in decode_run(run, precisions, args.max_sentences, args.device, args.with_cudnn)
+        for row in decode_run(
+            run, args.precisions, args.max_sentences, args.device, args.with_cudnn
+        )
     ]
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     meta = {
@@ -206,8 +239,7 @@ def main(argv=None) -> None:
         "note": args.note,
     }
     record = {"meta": meta, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
+    write_text(args.out, json.dumps(record, indent=1))
     print("\n".join(markdown_section(record)))
 
 

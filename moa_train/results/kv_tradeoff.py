@@ -8,23 +8,25 @@ over seeds, evaluates them and writes docs/results/kv_tradeoff.{md,json,png}.
     # again after a time limit: finished runs kept, unfinished ones resumed
     python3 scripts/reproduce_kv_tradeoff.py --jobs 27 --keep-finished
 
-Phases: (1) each (row, seed) as a single `moa-train experiment=kv_tradeoff/<row> mode=fast
-trainer.seed=<k>` into <runs-dir>/<row>-seed<k>/ (--jobs at once; a run's output in
-<row>-seed<k>.log, kept only if it fails); (2) each trained model, its final weights in fp32 on the
-full WikiText-2 valid and test files: perplexity with hard routing (moas_kv's argmax scheme, what
-its cache stores; the other rows as trained) and, for moas_kv, with soft routing as a reference; the
-realised KV cache bytes per token (bf16) of the validation text prefilled block by block into the
-model's own cache (moas_kv: a head pool that cannot overflow, so the bytes are exactly what the hard
-routing stores; plus the share of tokens that the configured pool, model.kv_pool_slack, would have
-stored as MQA); the hard routing's shares per layer. Written as kv_eval.json beside summary.json,
-then the checkpoints are deleted. (3) tables, plot, Welch's t-tests of each moas_kv row against the
-GQA/MQA row of nearest realised bytes and against the parameter-matched GQA row, and the verdict
-generated from those numbers.
+Every argument and override is checked first (one `error:` line, exit 2, nothing touched). Phases:
+(1) each (row, seed) as a single `moa-train experiment=kv_tradeoff/<row> mode=fast trainer.seed=<k>`
+into <runs-dir>/.staging/<row>-seed<k>/ (--jobs at once; a run's output in <row>-seed<k>.log, kept
+only if it fails); (2) each trained model, its final weights in fp32 on the full WikiText-2 valid
+and test files: perplexity with hard routing (moas_kv's argmax scheme, what its cache stores; the
+other rows as trained) and, for moas_kv, with soft routing as a reference; the realised KV cache
+bytes per token (bf16) of the validation text prefilled block by block into the model's own cache
+(moas_kv: a head pool that cannot overflow, so the bytes are exactly what the hard routing stores;
+plus the share of tokens that the configured pool, model.kv_pool_slack, would have stored as MQA);
+the hard routing's shares per layer. Written as kv_eval.json beside summary.json, then the
+checkpoints are deleted; the new runs then replace the old records of the same rows and seeds in
+<runs-dir>/, and only if every one of them trained and was evaluated (else the old records and
+tables stay as they were, and the new runs wait in .staging/, where --keep-finished resumes them).
+(3) tables, plot, Welch's t-tests of each moas_kv row against the GQA/MQA row of nearest realised
+bytes and against the parameter-matched GQA row, and the verdict generated from those numbers.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -33,14 +35,26 @@ from pathlib import Path
 
 from moa_train.paths import repo_root
 from moa_train.results import (
+    STAGING,
     Job,
-    clear,
+    Parser,
+    Staging,
+    check_overrides,
+    check_writable,
+    comma_list,
     evaluate_each,
+    evaluated,
+    no_records,
+    positive_int,
     previous_meta,
     results_meta,
     run_jobs,
+    save_figure,
     single_run,
+    summaries,
+    unfinished,
     welch,
+    write_text,
 )
 
 ROOT = repo_root()
@@ -67,24 +81,44 @@ def is_kv(row: str) -> bool:
     return row.startswith("moas_kv")
 
 
+def overrides(row: str, seed: int, extra: list) -> list:
+    return [f"experiment={GROUP}/{row}", "mode=fast", f"trainer.seed={seed}", *extra]
+
+
+def names(rows: list, seeds: list) -> list:
+    return [f"{row}-seed{seed}" for row in rows for seed in seeds]
+
+
 def jobs(rows: list, seeds: list, runs_dir: Path, extra: list, keep_finished: bool = False) -> list:
-    """The runs to train. keep_finished: a run folder holding summary.json is kept and not rerun,
-    and an unfinished one resumes from its last checkpoint (trainer.resume=auto), so that a driver
-    stopped by a time limit picks up where it was; otherwise the rows' earlier folders of these
-    seeds are deleted first."""
+    """The runs to train, into <runs_dir>/.staging/. keep_finished: a run already finished there
+    (holding summary.json) is kept and not rerun, and an unfinished one resumes from its last
+    checkpoint (trainer.resume=auto), so that a driver stopped by a time limit picks up where it
+    was."""
     out = []
-    for row in rows:
-        if not keep_finished:
-            clear(runs_dir.parent, runs_dir.name, row, seeds)
-        for seed in seeds:
-            run = runs_dir / f"{row}-seed{seed}"
-            if keep_finished and (run / "summary.json").is_file():
-                continue
-            cmd = single_run(
-                [f"experiment={GROUP}/{row}", "mode=fast", f"trainer.seed={seed}", *extra], run
-            )
-            out.append(Job(f"{GROUP}/{run.name}", cmd, run.with_suffix(".log")))
+    for name in names(rows, seeds):
+        run = runs_dir / STAGING / name
+        if keep_finished and (run / "summary.json").is_file():
+            continue
+        row, _, seed = name.rpartition("-seed")
+        cmd = single_run(overrides(row, int(seed), extra), run)
+        out.append(Job(f"{GROUP}/{name}", cmd, run.with_suffix(".log")))
     return out
+
+
+def reproduce(
+    rows: list, seeds: list, runs_dir: Path, extra: list, n_jobs: int, keep: bool
+) -> None:
+    """Train and evaluate the runs in the staging folder (keep: resuming what an interrupted call
+    left there), then put them in place of the old records of the same names; a run that fails
+    leaves the old records as they were (exit 1)."""
+    stage = Staging(runs_dir, resume=keep)
+    hint = "; --keep-finished resumes them"
+    prepare_data(extra)
+    failed = run_jobs(jobs(rows, seeds, runs_dir, extra, keep), n_jobs)
+    if failed:
+        unfinished(failed, stage.root, hint)
+    evaluate_runs(stage.root)
+    stage.commit(names(rows, seeds), "kv_eval.json", hint=hint)
 
 
 def prepare_data(extra: list) -> None:
@@ -201,7 +235,7 @@ def evaluate_run(run: Path, batch: int = 32) -> dict:
 def evaluate_runs(runs_dir: Path) -> None:
     # the BPE tokenizer goes with the checkpoints: rebuilt from the data, it is not a record
     evaluate_each(
-        sorted(runs_dir.glob("*/summary.json")),
+        summaries(runs_dir, "*/summary.json"),
         "kv_eval.json",
         evaluate_run,
         lambda run, r: (
@@ -215,12 +249,10 @@ def evaluate_runs(runs_dir: Path) -> None:
 def collect(runs_dir: Path) -> dict:
     """row -> per-seed records (summary.json + kv_eval.json), by seed."""
     table: dict = {}
-    for path in sorted(runs_dir.glob("*/summary.json")):
+    for path in summaries(runs_dir, "*/summary.json"):
         run = path.parent
         row, _, seed = run.name.rpartition("-seed")
-        kv_file = run / "kv_eval.json"
-        if not kv_file.is_file():
-            continue
+        kv_file = evaluated(path, "kv_eval.json")
         record = {
             "seed": int(seed),
             "run": run.name,
@@ -595,43 +627,43 @@ def plot(res: dict, path: Path) -> None:
     )
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, metadata={"Software": None})
+    save_figure(fig, path, dpi=120, metadata={"Software": None})
     plt.close(fig)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per row")
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 per row")
     parser.add_argument(
-        "--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}"
+        "--rows",
+        type=comma_list(ROWS),
+        default=list(ROWS),
+        help=f"comma-separated, of: {', '.join(ROWS)}",
     )
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once on the one device")
+    parser.add_argument(
+        "--jobs", type=positive_int, default=1, help="runs at once on the one device"
+    )
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "docs/results/runs" / GROUP)
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results" / GROUP)
     parser.add_argument("--tables-only", action="store_true", help="skip training and evaluation")
     parser.add_argument(
         "--keep-finished",
         action="store_true",
-        help="keep finished runs, resume unfinished ones (after a time limit stopped the driver)",
+        help="keep the runs that an interrupted call (a time limit) finished in "
+        "<runs-dir>/.staging/, resume its unfinished ones",
     )
     parser.add_argument("overrides", nargs="*", help="extra moa-train overrides for every run")
     args = parser.parse_args(argv)
-    rows = args.rows.split(",")
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        parser.error(f"--rows: unknown {', '.join(unknown)}; allowed: {', '.join(ROWS)}")
     runs_dir = args.runs_dir.resolve()
-    failed = []
+    check_writable(out=args.out.parent)
     if not args.tables_only:
-        prepare_data(args.overrides)
-        failed = run_jobs(
-            jobs(rows, list(range(args.seeds)), runs_dir, args.overrides, args.keep_finished),
-            args.jobs,
-        )
-        evaluate_runs(runs_dir)
+        check_writable(runs_dir=runs_dir)
+        check_overrides([overrides(row, 0, args.overrides) for row in args.rows])
+        seeds = list(range(args.seeds))
+        reproduce(args.rows, seeds, runs_dir, args.overrides, args.jobs, args.keep_finished)
     table = collect(runs_dir)
     if not table:
-        raise SystemExit(f"error: no evaluated runs under {args.runs_dir}")
+        no_records(args.runs_dir, "evaluated runs")
     res = summarise(table)
     kept = results_meta(args.out, args.tables_only)
     jobs_n = (
@@ -649,13 +681,10 @@ def main(argv=None) -> None:
     }
     if kept["note"]:
         meta["note"] = kept["note"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": res}, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(res, meta))
+    write_text(args.out.with_suffix(".json"), json.dumps({"meta": meta, "results": res}, indent=1))
+    write_text(args.out.with_suffix(".md"), markdown(res, meta))
     plot(res, args.out.with_suffix(".png"))
     print(args.out.with_suffix(".md").read_text())
-    if failed:
-        raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -8,19 +8,22 @@ A thin driver over `moa-train` multiruns:
     python3 scripts/reproduce_moas_table1.py --tables-only  # rebuild from the committed run records
     python3 scripts/reproduce_moas_table1.py --jobs 30      # every run at once, one process each
 
-Phases: (1) train each mode as one Hydra multirun into <runs-dir>/<mode>/<row>-seed<k>/ (with --jobs
-N > 1: every run as its own single `moa-train` run into the same folder, with the same overrides, N
-at once, its output in <row>-seed<k>.log beside the folder, kept only if it fails); (2) evaluate
-every trained model on the official WikiText-2 valid and test files (full passes, fp32), written as
-official_eval.json beside the run's summary.json, then delete the checkpoints; (3) tables: per row
-the parameter count, final val loss mean +- std over seeds with each seed's value, median ms per
-iteration (device-synchronised windows of 10 steps, evaluation excluded), the official valid/test
-losses, the paper's figures, and Welch's t-test of dynamic vs static.
+Every argument and override is checked first (one `error:` line, exit 2, nothing touched). Phases:
+(1) train each mode as one Hydra multirun into <runs-dir>/.staging/<mode>/<row>-seed<k>/ (with
+--jobs N > 1: every run as its own single `moa-train` run into the same folder, with the same
+overrides, N at once, its output in <row>-seed<k>.log beside the folder, kept only if it fails); (2)
+evaluate every trained model on the official WikiText-2 valid and test files (full passes, fp32),
+written as official_eval.json beside the run's summary.json, then delete the checkpoints; the new
+runs then replace the trained rows' old records in <runs-dir>/<mode>/ (all seeds: a row is remade
+with its seeds), and only if every run of the set trained and was evaluated (else the old records
+stay, and the new runs wait in .staging/ for inspection); (3) tables: per row the parameter count,
+final val loss mean +- std over seeds with each seed's value, median ms per iteration
+(device-synchronised windows of 10 steps, evaluation excluded), the official valid/test losses, the
+paper's figures, and Welch's t-test of dynamic vs static.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -29,14 +32,24 @@ from pathlib import Path
 from moa_train.paths import repo_root
 from moa_train.results import (
     Job,
-    clear,
+    Parser,
+    Staging,
+    check_overrides,
+    check_writable,
     evaluate_each,
+    evaluated,
+    no_records,
+    old_runs,
+    positive_int,
     previous_meta,
     results_meta,
     run_command,
     run_jobs,
     single_run,
+    summaries,
+    unfinished,
     welch,
+    write_text,
 )
 
 ROOT = repo_root()
@@ -61,8 +74,20 @@ PAPER = {
 COMMON = ("trainer.save_interval=500",)
 
 
-def train(mode: str, seeds: int, runs_dir: Path, extra: list) -> None:
-    """One Hydra multirun per mode: its jobs one after another."""
+def overrides(mode: str, row: str, seed: int, extra: list) -> list:
+    """One run's moa-train overrides (those of a multirun job)."""
+    return [
+        f"experiment=moas_table1/{row}",
+        f"mode={mode}",
+        f"trainer.seed={seed}",
+        *COMMON,
+        *extra,
+    ]
+
+
+def train(mode: str, seeds: int, out_dir: Path, extra: list) -> int:
+    """One Hydra multirun per mode into out_dir/<mode>/: its jobs one after another. Its exit
+    code."""
     experiments = ",".join(f"moas_table1/{r}" for r in ROWS)
     cmd = [
         sys.executable,
@@ -72,37 +97,54 @@ def train(mode: str, seeds: int, runs_dir: Path, extra: list) -> None:
         f"experiment={experiments}",
         f"mode={mode}",
         f"trainer.seed={','.join(map(str, range(seeds)))}",
-        f"hydra.sweep.dir={runs_dir / mode}",
+        f"hydra.sweep.dir={out_dir / mode}",
         "hydra.sweep.subdir=${model.name}-seed${trainer.seed}",
         *COMMON,
         *extra,
     ]
     # the subdir is ${model.name}-seed..., and each row's model.name is the row's name
-    for row in ROWS:
-        clear(runs_dir, mode, row)
-    run_command(cmd)
+    return run_command(cmd)
 
 
-def jobs(mode: str, seeds: int, runs_dir: Path, extra: list) -> list:
-    """The multirun's jobs as single runs with the same overrides and folders (for --jobs N); the
-    logs lie beside the run folders."""
+def jobs(mode: str, seeds: int, out_dir: Path, extra: list) -> list:
+    """The multirun's jobs as single runs with the same overrides and folders under out_dir (for
+    --jobs N); the logs lie beside the run folders."""
     out = []
     for row in ROWS:
-        clear(runs_dir, mode, row)
         for seed in range(seeds):
-            run = runs_dir / mode / f"{row}-seed{seed}"
-            cmd = single_run(
-                [
-                    f"experiment=moas_table1/{row}",
-                    f"mode={mode}",
-                    f"trainer.seed={seed}",
-                    *COMMON,
-                    *extra,
-                ],
-                run,
-            )
+            run = out_dir / mode / f"{row}-seed{seed}"
+            cmd = single_run(overrides(mode, row, seed, extra), run)
             out.append(Job(f"{mode}/{run.name}", cmd, run.with_suffix(".log")))
     return out
+
+
+def reproduce(modes: list, seeds: int, runs_dir: Path, extra: list, n_jobs: int) -> None:
+    """Train and evaluate the modes' rows in the staging folder, then put them in place of the rows'
+    old records; a run that fails leaves the old records as they were (exit 1)."""
+    stage = Staging(runs_dir)
+    runs = [f"{mode}/{row}-seed{k}" for mode in modes for row in ROWS for k in range(seeds)]
+    if n_jobs > 1:
+        failed = run_jobs(
+            [j for mode in modes for j in jobs(mode, seeds, stage.root, extra)], n_jobs
+        )
+    else:
+        failed = []
+        for mode in modes:  # a failed multirun stops the driver
+            code = train(mode, seeds, stage.root, extra)
+            if code:
+                failed = stage.incomplete([r for r in runs if r.startswith(f"{mode}/")])
+                failed = failed or [f"the {mode} multirun (exit {code})"]
+                break
+    if failed:
+        unfinished(failed, stage.root)
+    evaluate_runs(stage.root)
+    stage.commit(
+        runs,
+        "official_eval.json",
+        superseded=[
+            old for mode in modes for row in ROWS for old in old_runs(runs_dir / mode, row)
+        ],
+    )
 
 
 def official_eval(run: Path) -> dict:
@@ -140,13 +182,12 @@ def evaluate_runs(runs_dir: Path) -> None:
 def collect(runs_dir: Path) -> dict:
     """mode -> row -> list of per-seed records."""
     table: dict = {}
-    for summary_path in sorted(runs_dir.rglob("summary.json")):
+    for summary_path in summaries(runs_dir, "**/summary.json"):
         run = summary_path.parent
         mode, job = run.parent.name, run.name
         row, _, seed = job.rpartition("-seed")
         summary = json.loads(summary_path.read_text())
-        official_file = run / "official_eval.json"
-        official = json.loads(official_file.read_text()) if official_file.is_file() else {}
+        official = json.loads(evaluated(summary_path, "official_eval.json").read_text())
         table.setdefault(mode, {}).setdefault(row, []).append(
             {"seed": int(seed), "run": str(run.relative_to(runs_dir)), **summary, **official}
         )
@@ -398,8 +439,8 @@ def markdown(res: dict, meta: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=positive_int, default=5)
     parser.add_argument(
         "--modes", nargs="+", default=["faithful", "fast"], choices=["faithful", "fast"]
     )
@@ -408,32 +449,23 @@ def main(argv=None) -> None:
     parser.add_argument("--tables-only", action="store_true", help="skip training and evaluation")
     parser.add_argument(
         "--jobs",
-        type=int,
+        type=positive_int,
         default=1,
         help="N > 1: every (mode, row, seed) as its own process, N at once on the one device (the "
         "ms/iter column then measures runs that share it); 1: one multirun per mode",
     )
     parser.add_argument("overrides", nargs="*", help="extra moa-train overrides for every run")
     args = parser.parse_args(argv)
-    failed = []
+    runs_dir = args.runs_dir.resolve()
+    check_writable(out=args.out.parent)
     if not args.tables_only:
-        runs_dir = args.runs_dir.resolve()
-        if args.jobs > 1:
-            failed = run_jobs(
-                [
-                    j
-                    for mode in args.modes
-                    for j in jobs(mode, args.seeds, runs_dir, args.overrides)
-                ],
-                args.jobs,
-            )
-        else:
-            for mode in args.modes:
-                train(mode, args.seeds, runs_dir, args.overrides)
-        evaluate_runs(runs_dir)  # the runs that succeeded
-    res = summarise(collect(args.runs_dir.resolve()))
+        check_writable(runs_dir=runs_dir)
+        modes = list(dict.fromkeys(args.modes))
+        check_overrides([overrides(mode, row, 0, args.overrides) for mode in modes for row in ROWS])
+        reproduce(modes, args.seeds, runs_dir, args.overrides, args.jobs)
+    res = summarise(collect(runs_dir))
     if not res:
-        raise SystemExit(f"error: no runs under {args.runs_dir}")
+        no_records(args.runs_dir)
     # a rebuild keeps the measuring run's date, note and --jobs
     kept = results_meta(args.out, args.tables_only)
     # how many runs shared the device: this run's --jobs, or with --tables-only the committed file's
@@ -454,12 +486,9 @@ def main(argv=None) -> None:
     }
     if kept["note"]:
         meta["note"] = kept["note"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": res}, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(res, meta))
+    write_text(args.out.with_suffix(".json"), json.dumps({"meta": meta, "results": res}, indent=1))
+    write_text(args.out.with_suffix(".md"), markdown(res, meta))
     print(args.out.with_suffix(".md").read_text())
-    if failed:  # the tables hold the runs that succeeded
-        raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,15 @@
 Weak scaling: every GPU holds the same batch (--batch sequences of 1024 tokens), so the global batch
 doubles on two GPUs; the scaling efficiency is tok/s(2 GPUs) / (2 x tok/s(1 GPU)). tok/s is the
 median of the runs' logged `perf/tokens_per_s` windows after the first (which holds compilation and
-warm-up). Each run's record (config, train.log, metrics.jsonl, summary.json; the checkpoint is
-deleted) lands in <runs-dir>/<model>-<n>gpu/.
+warm-up). Every argument and override is checked first (one `error:` line, exit 2, nothing
+touched). Each run's record (config, train.log, metrics.jsonl, summary.json; the checkpoint is
+deleted) is built in <runs-dir>/.staging/<model>-<n>gpu/ and replaces <runs-dir>/<model>-<n>gpu/
+once every run of the call has finished (a failed or interrupted call leaves the old records and
+tables as they were).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -23,9 +25,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-from moa_train.config import applicable
+from moa_train.config import applicable, presets
 from moa_train.paths import repo_root
-from moa_train.results import results_meta
+from moa_train.plugins import load_plugins
+from moa_train.results import (
+    Parser,
+    Staging,
+    check_overrides,
+    check_writable,
+    no_records,
+    positive_int,
+    refuse,
+    results_meta,
+    summaries,
+    unfinished,
+    write_text,
+)
 
 ROOT = repo_root()
 MODELS = ("mha", "moas_dynamic")
@@ -69,8 +84,8 @@ def overrides(model: str, gpus: int, batch: int, steps: int, log_interval: int) 
     ]
 
 
-def launch(model: str, gpus: int, args, run_dir: Path) -> None:
-    shutil.rmtree(run_dir, ignore_errors=True)
+def launch(model: str, gpus: int, args, run_dir: Path) -> int:
+    """One torchrun job into `run_dir`; its exit code."""
     cmd = [
         sys.executable,
         "-m",
@@ -84,8 +99,21 @@ def launch(model: str, gpus: int, args, run_dir: Path) -> None:
         f"hydra.run.dir={run_dir}",
     ]
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    code = subprocess.run(cmd, cwd=ROOT).returncode
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return code
+
+
+def bench(args, runs_dir: Path) -> None:
+    """Every (model, GPUs) run in the staging folder, then in place of the old records of the same
+    names; a run that fails stops the call and leaves the old records as they were (exit 1)."""
+    stage = Staging(runs_dir)
+    runs = {f"{model}-{gpus}gpu": (model, gpus) for model in args.models for gpus in args.gpus}
+    for run, (model, gpus) in runs.items():
+        code = launch(model, gpus, args, stage.root / run)
+        if code:
+            unfinished([f"{run} (exit {code})"], stage.root)
+    stage.commit(list(runs))
 
 
 def measure(run_dir: Path) -> dict:
@@ -100,7 +128,7 @@ def measure(run_dir: Path) -> dict:
     windows = [r for r in lines if "perf/tokens_per_s" in r]
     steady = windows[1:]
     if not steady:
-        raise SystemExit(f"error: {run_dir} logged fewer than two training windows; raise --steps")
+        refuse(f"{run_dir} logged fewer than two training windows; rerun it with more --steps")
     return {
         "model": run_dir.name.rpartition("-")[0],
         "gpus": summary["world_size"],
@@ -122,7 +150,7 @@ def summarise(runs_dir: Path) -> dict:
     """model -> {"runs": [per GPU count], "efficiency": tok/s(2) / (2 x tok/s(1)) where both
     exist}."""
     out: dict = {}
-    for path in sorted(runs_dir.glob("*/summary.json")):
+    for path in summaries(runs_dir, "*/summary.json"):
         row = measure(path.parent)
         out.setdefault(row["model"], {"runs": []})["runs"].append(row)
     for block in out.values():
@@ -192,13 +220,41 @@ def markdown(res: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check(args) -> None:
+    """The runs' arguments and overrides, before anything is written (one line, exit 2)."""
+    load_plugins()  # their presets are models too
+    args.models, args.gpus = list(dict.fromkeys(args.models)), list(dict.fromkeys(args.gpus))
+    unknown = [m for m in args.models if m not in presets()]
+    if unknown:
+        refuse(f"--models: unknown {', '.join(unknown)}; allowed: {', '.join(presets())}")
+    if args.steps < 2 * args.log_interval:
+        refuse(
+            f"--steps: {args.steps} logs fewer than two windows of --log-interval "
+            f"{args.log_interval} (the first holds compilation); give at least "
+            f"{2 * args.log_interval}"
+        )
+    for gpus in args.gpus:
+        check_overrides(
+            [
+                [
+                    *overrides(model, gpus, args.batch, args.steps, args.log_interval),
+                    *args.overrides,
+                ]
+                for model in args.models
+            ],
+            world_size=gpus,
+        )
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--gpus", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--batch", type=int, default=16, help="sequences of 1024 tokens per GPU")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--log-interval", type=int, default=10)
+    parser.add_argument("--gpus", nargs="+", type=positive_int, default=[1, 2])
+    parser.add_argument(
+        "--batch", type=positive_int, default=16, help="sequences of 1024 tokens per GPU"
+    )
+    parser.add_argument("--steps", type=positive_int, default=60)
+    parser.add_argument("--log-interval", type=positive_int, default=10)
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "docs/results/runs/multigpu")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results/multigpu")
     parser.add_argument("--tables-only", action="store_true", help="skip the runs")
@@ -206,13 +262,14 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     runs_dir = args.runs_dir.resolve()
+    check_writable(out=args.out.parent)
     if not args.tables_only:
-        for model in args.models:
-            for gpus in args.gpus:
-                launch(model, gpus, args, runs_dir / f"{model}-{gpus}gpu")
+        check(args)
+        check_writable(runs_dir=runs_dir)
+        bench(args, runs_dir)
     res = summarise(runs_dir)
     if not res:
-        raise SystemExit(f"error: no runs under {args.runs_dir}")
+        no_records(args.runs_dir)
     first = next(iter(res.values()))["runs"][0]
     # a rebuild keeps the measuring run's command, date
     kept = results_meta(args.out, args.tables_only)
@@ -224,12 +281,11 @@ def main(argv=None) -> None:
         "date": kept["date"],
         "log_interval": first["log_interval"],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": res}, indent=1))
+    write_text(args.out.with_suffix(".json"), json.dumps({"meta": meta, "results": res}, indent=1))
     # hand-written analysis, kept across rebuilds
     notes = args.out.with_name(args.out.name + "_notes.md")
     text = markdown(res, meta) + ("\n" + notes.read_text() if notes.is_file() else "")
-    args.out.with_suffix(".md").write_text(text)
+    write_text(args.out.with_suffix(".md"), text)
     print(args.out.with_suffix(".md").read_text())
 
 

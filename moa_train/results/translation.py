@@ -14,18 +14,19 @@ docs/results/translation.{md,json}.
     # all 18 runs at once
     python3 scripts/reproduce_translation.py --part multi30k,multi30k_fairseq --jobs 18
 
-Every run's record (config, metrics.jsonl, summary.json) lands under
-<runs-dir>/<group>/<row>-seed<k>/; a rerun of a row deletes its old records first (with --seed-list
-only those of the listed seeds). With --jobs N > 1 every (row, seed) is its own single `moa-train`
-run with the multirun's overrides and folder, N at once, its output in <row>-seed<k>.log beside the
-folder (kept only if the run fails). Each group's table gets its description from the runs' saved
-configs, its device, torch and commit from their summaries, and Welch's t-test of moa and moa_sparse
-against mha on test BLEU and tokenised BLEU.
+Every argument and override is checked first (one `error:` line, exit 2, nothing touched). Every
+run's record (config, metrics.jsonl, summary.json) is built under <runs-dir>/.staging/<group>/
+<row>-seed<k>/ and lands in <runs-dir>/<group>/ once every planned run has finished: it replaces the
+row's old records (with --seed-list only those of the listed seeds); a failed or interrupted driver
+leaves them, and the tables, as they were. With --jobs N > 1 every (row, seed) is its own single
+`moa-train` run with the multirun's overrides and folder, N at once, its output in <row>-seed<k>.log
+beside the folder (kept only if the run fails). Each group's table gets its description from the
+runs' saved configs, its device, torch and commit from their summaries, and Welch's t-test of moa
+and moa_sparse against mha on test BLEU and tokenised BLEU.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -36,14 +37,27 @@ import yaml
 
 from moa_train.paths import config_dir, repo_root
 from moa_train.results import (
+    STAGING,
     Job,
-    clear,
+    Parser,
+    Staging,
+    check_overrides,
+    check_writable,
+    comma_list,
+    no_records,
+    non_negative_int,
+    old_runs,
+    positive_int,
     previous_meta,
+    refuse,
     results_meta,
     run_command,
     run_jobs,
     single_run,
+    summaries,
+    unfinished,
     welch,
+    write_text,
 )
 
 ROOT = repo_root()
@@ -86,23 +100,25 @@ def plan(parts: list, rows: list, seeds: list) -> list:
 def train(
     planned: list, runs_dir: Path, extra: list, n_jobs: int, keep_other_seeds: bool = False
 ) -> list:
-    """Train the planned rows: one multirun per row (n_jobs 1) or every (row, seed) as its own run,
-    n_jobs at once.
+    """Train the planned rows in the staging folder: one multirun per row (n_jobs 1) or every
+    (row, seed) as its own run, n_jobs at once; then, if every planned run finished, put them in
+    place of the rows' old records: all of them (the row is remade with its seeds), or with
+    `keep_other_seeds` only those of the seeds it reruns.
 
-    A row's old records go first: all of them (the row is remade with its seeds), or with
-    `keep_other_seeds` only those of the seeds it reruns. Returns the names of the failed runs (a
-    failed multirun stops the driver)."""
+    Returns the names of the failed or unfinished runs (a failed multirun stops the training), in
+    which case nothing is replaced."""
     for _, _, _, overrides in planned:  # before anything is deleted or started
         experiment = config_dir() / "experiment" / f"{overrides[0].partition('=')[2]}.yaml"
         if not experiment.is_file():
             raise SystemExit(f"error: {overrides[0]}: no such experiment ({experiment} is missing)")
-    failed, jobs = [], []
+    stage = Staging(runs_dir)
+    out_dir = stage.root
+    jobs = []
     for group, row, seeds, overrides in planned:
-        clear(runs_dir, group, row, seeds if keep_other_seeds else None)
         if n_jobs == 1:
             # the row's name written into the subdir: the experiment choice is "<group>/<row>" (a
             # subdir built from it nests a folder), and model.name is "moa" for the moa_sparse row
-            run_command(
+            code = run_command(
                 [
                     sys.executable,
                     "-m",
@@ -112,26 +128,44 @@ def train(
                     *COMMON,
                     *overrides,
                     *extra,
-                    f"hydra.sweep.dir={runs_dir / group}",
+                    f"hydra.sweep.dir={out_dir / group}",
                     f"hydra.sweep.subdir={row}-seed${{trainer.seed}}",
                 ]
             )
+            if code:
+                return stage.incomplete(runs_of([(group, row, seeds, overrides)])) or [
+                    f"{group}/{row} (the multirun exited with {code})"
+                ]
             continue
         for seed in seeds:
-            run = runs_dir / group / f"{row}-seed{seed}"
+            run = out_dir / group / f"{row}-seed{seed}"
             cmd = single_run([f"trainer.seed={seed}", *COMMON, *overrides, *extra], run)
             jobs.append(Job(f"{group}/{run.name}", cmd, run.with_suffix(".log")))
-    if jobs:
-        failed = run_jobs(jobs, n_jobs)
-    for ckpt in runs_dir.rglob("checkpoints"):
+    failed = run_jobs(jobs, n_jobs) if jobs else []
+    for ckpt in out_dir.rglob("checkpoints"):
         shutil.rmtree(ckpt, ignore_errors=True)
+    failed = failed or stage.incomplete(runs_of(planned))
+    if not failed:
+        stage.commit(
+            runs_of(planned),
+            superseded=[
+                old
+                for group, row, seeds, _ in planned
+                for old in old_runs(runs_dir / group, row, seeds if keep_other_seeds else None)
+            ],
+        )
     return failed
+
+
+def runs_of(planned: list) -> list:
+    """The run folders of the planned rows, relative to the runs dir."""
+    return [f"{group}/{row}-seed{k}" for group, row, seeds, _ in planned for k in seeds]
 
 
 def collect(runs_dir: Path) -> dict:
     """group -> row -> per-seed records (summary.json), in seed order."""
     rows: dict = {}
-    for path in sorted(runs_dir.glob("*/*-seed*/summary.json")):  # <group>/<row>-seed<k>/ only
+    for path in summaries(runs_dir, "*/*-seed*/summary.json"):  # <group>/<row>-seed<k>/ only
         run_dir = path.parent
         group, (row, _, seed) = run_dir.parent.name, run_dir.name.rpartition("-seed")
         rows.setdefault(group, {}).setdefault(row, []).append(
@@ -325,43 +359,33 @@ def markdown(rows: dict, groups: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def choices(allowed: tuple, parse=str):
-    """An argparse type: a comma list of `allowed` values."""
-
-    def parse_list(text: str) -> list:
-        values = [parse(v) for v in text.split(",") if v]
-        wrong = [v for v in values if allowed and v not in allowed]
-        if wrong or not values:
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: a comma list of {', '.join(map(str, allowed))}"
-            )
-        return values
-
-    return parse_list
-
-
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 of every Multi30k row")
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--seeds", type=positive_int, default=3, help="seeds 0 .. N-1 of every Multi30k row"
+    )
     parser.add_argument(
         "--seed-list",
-        type=choices((), int),
+        type=comma_list((), non_negative_int, "seeds (integers >= 0)"),
         help="only these seeds (a comma list, e.g. 2), keeping the row's other seeds' records "
         "(without "
         "it a row's old records all go before it reruns)",
     )
     parser.add_argument(
         "--part",
-        type=choices(("all", *PARTS)),
+        type=comma_list(("all", *PARTS)),
         default=["all"],
         help=f"a comma list of all, {', '.join(PARTS)}",
     )
     parser.add_argument(
-        "--rows", type=choices(ROWS), default=list(ROWS), help=f"a comma list of {', '.join(ROWS)}"
+        "--rows",
+        type=comma_list(ROWS),
+        default=list(ROWS),
+        help=f"a comma list of {', '.join(ROWS)}",
     )
     parser.add_argument(
         "--jobs",
-        type=int,
+        type=positive_int,
         default=1,
         help="N > 1: every (row, seed) as its own process, N at once on the one device (wall times "
         "then measure runs that share it); 1: one multirun per row, its seeds in turn",
@@ -372,20 +396,34 @@ def main(argv=None) -> None:
     parser.add_argument("overrides", nargs="*", help="extra moa-train overrides for every run")
     args = parser.parse_args(argv)
     runs_dir = args.runs_dir.resolve()
-    failed = []
+    check_writable(out=args.out.parent)
     if not args.tables_only:
+        check_writable(runs_dir=runs_dir)
         parts = PARTS if "all" in args.part else args.part
-        seeds = args.seed_list or list(range(args.seeds))
+        planned = plan(parts, args.rows, args.seed_list or list(range(args.seeds)))
+        if not planned:
+            refuse(
+                f"--part {','.join(args.part)} with --rows {','.join(args.rows)}: no run to "
+                f"train (the {WMT[0]} part has the {WMT[1]} row only)"
+            )
+        check_overrides(
+            [
+                [f"trainer.seed={seeds[0]}", *COMMON, *o, *args.overrides]
+                for _, _, seeds, o in planned
+            ]
+        )
         failed = train(
-            plan(parts, args.rows, seeds),
+            planned,
             runs_dir,
             args.overrides,
             args.jobs,
             keep_other_seeds=args.seed_list is not None,
         )
+        if failed:
+            unfinished(failed, runs_dir / STAGING)
     rows = collect(runs_dir)
     if not rows:
-        raise SystemExit(f"error: no runs under {args.runs_dir}")
+        no_records(args.runs_dir)
     # how many runs shared the device, per group: this run's --jobs for the parts it trained (with
     # --tables-only: for the parts named, records trained N at once elsewhere), else the committed
     # file's
@@ -414,9 +452,9 @@ def main(argv=None) -> None:
     # a rebuild keeps the measuring run's date and note
     kept = results_meta(args.out, args.tables_only)
     meta = {"date": kept["date"], "note": kept["note"], "shared_jobs": shared}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(
-        json.dumps({"meta": meta, "groups": groups, "runs": rows}, indent=1)
+    write_text(
+        args.out.with_suffix(".json"),
+        json.dumps({"meta": meta, "groups": groups, "runs": rows}, indent=1),
     )
     text = markdown(rows, groups, meta)
     # scripts/time_translation_decoding.py's record
@@ -425,10 +463,8 @@ def main(argv=None) -> None:
         from moa_train.results.decoding import markdown_section
 
         text += "\n" + "\n".join(markdown_section(json.loads(decoding.read_text())))
-    args.out.with_suffix(".md").write_text(text)
+    write_text(args.out.with_suffix(".md"), text)
     print(args.out.with_suffix(".md").read_text())
-    if failed:
-        raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
