@@ -1,0 +1,170 @@
+"""Checkpoints that must stop a run in one line and stay as they are: a damaged file is never
+converted into a verified one, a pickled file is refused naming the global it holds (the convert
+command only for the old format's NumPy objects), a payload of a blocked module stops a resume
+with no fallback; a divergence names only a sane checkpoint as its recovery point; a trainer
+refused at the run folder's lock or for a changed model writes nothing into the folder."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import read_jsonl
+from moa_train.api import load_run
+from moa_train.train.checkpoint import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    convert_main,
+    file_sha256,
+    load_checkpoint,
+    sidecar,
+)
+
+TINY = ("model=mha", "model.n_head=4", "trainer.eval_interval=5", "trainer.log_interval=1")
+FIVE = (*TINY, "trainer.max_steps=5")
+TEN = (*TINY, "trainer.max_steps=10", "trainer.keep_checkpoints=2")
+
+
+class Opens:
+    """Unpickling this creates `marker` (io.open): the proof that loading ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+class Shell:
+    """Unpickling this runs a shell command (os.system: posix.system, a module torch blocks)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def rewrite(path, change) -> None:
+    """`change(state)` written back with a recomputed sidecar (which hides nothing)."""
+    state = load_checkpoint(path)
+    change(state)
+    torch.save(state, path)
+    sidecar(path).write_text(f"{file_sha256(path)}  {path.name}\n")
+
+
+def old_format(state: dict) -> None:
+    """As moa_train wrote checkpoints before weights_only loading: NumPy's RNG state as an array."""
+    state["rng"]["numpy"] = np.random.get_state()
+
+
+def converted(path, capsys) -> tuple:
+    """(exit code, stderr lines) of `python3 -m moa_train.train.checkpoint convert PATH
+    --trust-pickle`."""
+    code = convert_main(["convert", str(path), "--trust-pickle"])
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def files(folder) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+# --- 1. pickled and damaged checkpoints -----------------------------------------------------------
+
+
+def test_convert_refuses_a_file_that_fails_its_hash(train_run, tmp_path, capsys):
+    train_run(tmp_path, *FIVE)
+    folder = tmp_path / "checkpoints"
+    path = folder / "step_0000005.pt"
+    rewrite(path, old_format)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the tensors: torch reads it without noticing
+    path.write_bytes(bytes(data))
+    before = files(folder)
+    code, err = converted(path, capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: checkpoint {path} is damaged: its sha256 differs"), err
+    assert "not converted" in err[0]
+    assert files(folder) == before  # no new sidecar for a file that failed its hash
+
+
+def test_old_checkpoint_names_its_numpy_global_and_the_convert_command(train_run, tmp_path, capsys):
+    train_run(tmp_path, *FIVE)
+    path = tmp_path / "checkpoints" / "step_0000005.pt"
+    rewrite(path, old_format)
+    with pytest.raises(UnsafeCheckpointError) as refused:
+        load_checkpoint(path)
+    line = str(refused.value)
+    assert "\n" not in line
+    assert "numpy._core.multiarray._reconstruct" in line or "numpy.core" in line, line
+    assert f"python3 -m moa_train.train.checkpoint convert {path} --trust-pickle" in line
+    assert converted(path, capsys)[0] == 0
+    assert load_checkpoint(path)["step"] == 5
+
+
+@pytest.mark.parametrize("payload", [Opens, Shell], ids=["io.open", "posix.system"])
+@pytest.mark.parametrize("with_old_numpy", [False, True], ids=["alone", "after-old-numpy"])
+def test_other_globals_are_named_and_never_converted(
+    train_run, tmp_path, capsys, payload, with_old_numpy
+):
+    """A file naming a global the old format never held gets no advice to convert it, also when an
+    old-format NumPy array comes first (torch's error names only the first global it meets), and
+    convert refuses it without running it."""
+    train_run(tmp_path, *FIVE)
+    folder = tmp_path / "checkpoints"
+    path = folder / "step_0000005.pt"
+    marker = tmp_path / "payload-ran"
+
+    def carry(state):
+        if with_old_numpy:
+            old_format(state)
+        state["config"] = {**state["config"], "x": payload(marker)}
+
+    rewrite(path, carry)
+    name = "io.open" if payload is Opens else "posix.system"
+    for load in (lambda: load_checkpoint(path), lambda: load_run(tmp_path)):
+        with pytest.raises(UnsafeCheckpointError) as refused:
+            load()
+        line = str(refused.value)
+        assert "\n" not in line and f"it names {name}" in line, line
+        assert "--trust-pickle" not in line, line
+        assert "not recommended" in line
+    before = files(folder)
+    code, err = converted(path, capsys)
+    assert code == 2 and len(err) == 1 and f"it names {name}" in err[0], err
+    assert "not converted" in err[0]
+    assert not marker.exists()
+    assert files(folder) == before
+
+
+def test_blocked_module_payload_stops_resume_load_run_and_eval_only(cli, tmp_path):
+    """torch reports a global of a blocked module (os, sys) in other words than "Unsupported
+    global"; such a file was taken for a damaged one and skipped: resume, load_run and eval_only
+    went on from the older checkpoint."""
+    run = tmp_path / "run"
+    assert cli(*TEN)[0] == 0
+    folder = run / "checkpoints"
+    path = folder / "step_0000010.pt"
+    marker = tmp_path / "payload-ran"
+    rewrite(path, lambda state: state.update(wandb_id=Shell(marker)))
+    before = files(folder), (run / "metrics.jsonl").read_bytes()
+    for result in (
+        cli(*TINY, "trainer.max_steps=12", "trainer.keep_checkpoints=2"),
+        cli("trainer.eval_only=true", f"trainer.resume={run}"),
+    ):
+        code, output, err = result
+        assert code == 2, output
+        assert len(err) == 1 and err[0].startswith(f"error: checkpoint {path} is refused"), output
+        assert "it names posix.system" in err[0] and "Traceback" not in output
+    with pytest.raises(CheckpointError, match=r"it names posix\.system"):
+        load_run(run)
+    assert not marker.exists()
+    # no fallback: nothing set aside, trained or evaluated
+    assert (files(folder), (run / "metrics.jsonl").read_bytes()) == before
+    assert not (run / "eval").exists()
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "train/loss" in r] == list(
+        range(1, 11)
+    )
