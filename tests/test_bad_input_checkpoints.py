@@ -6,6 +6,7 @@ refused at the run folder's lock or for a changed model writes nothing into the 
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -22,6 +23,8 @@ from moa_train.train.checkpoint import (
     load_checkpoint,
     sidecar,
 )
+from moa_train.train.guard import MAX_SANE_WEIGHT, DivergedError, sane
+from moa_train.train.loop import train
 
 TINY = ("model=mha", "model.n_head=4", "trainer.eval_interval=5", "trainer.log_interval=1")
 FIVE = (*TINY, "trainer.max_steps=5")
@@ -168,3 +171,43 @@ def test_blocked_module_payload_stops_resume_load_run_and_eval_only(cli, tmp_pat
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "train/loss" in r] == list(
         range(1, 11)
     )
+
+
+# --- 2. the recovery point a divergence names -----------------------------------------------------
+
+
+def test_sane_is_finite_weights_below_the_bound_and_a_finite_validation():
+    assert sane(0, 3.2) and sane(0, None)  # no validation yet: the weights decide
+    assert not sane(0, float("nan")) and not sane(0, float("inf"))
+    assert not sane(1, 3.2)  # a weight above MAX_SANE_WEIGHT
+    assert MAX_SANE_WEIGHT == 1e4
+
+
+def test_divergence_names_only_a_sane_checkpoint(train_run, tmp_path):
+    """A finite but huge lr leaves finite weights of ~1e28 and a NaN validation loss: such a
+    checkpoint was named as the recovery point "from before", and resuming from it failed the same
+    way. The stop names the newest sane one, which pruning keeps (trainer.keep_checkpoints=1)."""
+    folder = tmp_path / "checkpoints"
+    good = folder / "step_0000005.pt"
+    train_run(tmp_path, *FIVE)
+    huge = (*TINY, "trainer.max_steps=40", "optim.lr=1e30", "trainer.max_bad_steps=5")
+    with pytest.raises(DivergedError, match="stopped at step 11") as stopped:
+        train_run(tmp_path, *huge)
+    assert f"the last good checkpoint is {good} (finite weights" in str(stopped.value)
+    assert f"trainer.resume={good}" in str(stopped.value)
+    insane = load_checkpoint(folder / "step_0000010.pt")
+    assert insane["health"]["large_weights"] > 0 and math.isnan(insane["health"]["val"])
+    assert insane["last_sane"] == str(good) and load_checkpoint(good)["health"]["sane"]
+    # resumed from the insane one (auto: the newest), the stop still names the sane one
+    with pytest.raises(DivergedError, match=f"the last good checkpoint is {good} "):
+        train_run(tmp_path, *huge)
+    # the advice works
+    _, records = train_run(tmp_path, *TINY, "trainer.max_steps=7", f"trainer.resume={good}")
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 8))
+    assert all(math.isfinite(r["val/loss"]) for r in records if "val/loss" in r)
+
+
+def test_a_run_with_no_sane_checkpoint_names_none(make_cfg, tmp_path):
+    cfg = make_cfg("trainer.device=cpu", *TINY, "trainer.max_steps=20", "optim.lr=1e30")
+    with pytest.raises(DivergedError, match=r"last good checkpoint is none \(no checkpoint"):
+        train(cfg, tmp_path)

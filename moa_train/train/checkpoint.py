@@ -188,8 +188,11 @@ def _remove(path: Path) -> None:
     sidecar(path).unlink(missing_ok=True)
 
 
-def save_checkpoint(state: dict, folder: Path, keep: int, is_best: bool) -> Path:
-    """step_NNNNNNN.pt (and best.pt); then only the last `keep` step files remain."""
+def save_checkpoint(
+    state: dict, folder: Path, keep: int, is_best: bool, protect: Path | None = None
+) -> Path:
+    """step_NNNNNNN.pt (and best.pt); then only the last `keep` step files remain, and `protect`
+    (an absolute path: the run's recovery point)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{state['step']:07d}.pt"
     try:
@@ -202,7 +205,8 @@ def save_checkpoint(state: dict, folder: Path, keep: int, is_best: bool) -> Path
             f"{folder} or point hydra.run.dir elsewhere, then resume"
         ) from None
     for old in step_checkpoints(folder)[:-keep]:
-        _remove(old)
+        if old.absolute() != protect:
+            _remove(old)
     return path
 
 

@@ -36,7 +36,7 @@ from moa_train.train.checkpoint import (
     set_rng_state,
 )
 from moa_train.train.cuda_graph import WARMUP_STEPS, CapturedStep
-from moa_train.train.guard import DivergedError, NonFiniteGuard
+from moa_train.train.guard import MAX_SANE_WEIGHT, DivergedError, NonFiniteGuard, recovery
 from moa_train.train.optim import apply_settings, build_optimizer, build_scheduler, lr_factor
 from moa_train.train.preemption import EvaluationStopped, Preempted, StopSignals
 from moa_train.train.runlock import RunLock
@@ -287,26 +287,25 @@ class Trainer:
 
     def save(self, is_best: bool) -> None:
         # a run that has diverged writes no checkpoint
-        self.guard.check(self.step, self.last_checkpoint)
+        self.guard.check(self.step, self.checkpointer.last_sane)
         # nor one whose weights are lost (a step applied with an infinite lr)
-        self.check_weights_finite()
+        large = self.check_weights()
         # the state on every rank: FSDP gathers the shards
-        self.checkpointer.write(self.state_dict(), is_best)
+        self.checkpointer.write(self.state_dict(), is_best, large)
 
-    def check_weights_finite(self) -> None:
-        """DivergedError unless every weight of every rank is finite: such weights are no recovery
-        point."""
-        bad = sum(
-            (~torch.isfinite(distributed.local_part(p.detach()))).sum()
-            for p in self.model.parameters()
-        )
+    def check_weights(self) -> int:
+        """DivergedError unless every weight of every rank is finite (such weights are no recovery
+        point); else how many are above MAX_SANE_WEIGHT in magnitude (the checkpoint is then not
+        sane)."""
+        weights = [distributed.local_part(p.detach()) for p in self.model.parameters()]
+        bad = sum((~torch.isfinite(w)).sum() for w in weights)
         if distributed.global_max(torch.as_tensor(bad).cpu()) > 0:
             raise DivergedError(
                 f"weights: {int(bad)} model weights are not finite at step {self.step}, so no "
-                "checkpoint of it is written; the last good checkpoint is "
-                f"{self.last_checkpoint or 'none (nothing was saved)'}; check optim.lr and the "
-                "other optim.* values, try a trainer.grad_clip or trainer.precision=fp32"
+                f"checkpoint of it is written; {recovery(self.checkpointer.last_sane)}"
             )
+        large = sum((w.abs() > MAX_SANE_WEIGHT).sum() for w in weights)
+        return distributed.global_max(torch.as_tensor(large).cpu())
 
     def maybe_resume(self, weights_only: bool = False) -> Path | None:
         found = self.checkpointer.load(
@@ -316,7 +315,7 @@ class Trainer:
             return None
         path, state = found
         self.load_state_dict(state, weights_only)
-        self.checkpointer.resumed(path, self.step)
+        self.checkpointer.resumed(path, state)
         log.info("resumed from %s at step %d", path, self.step)
         return path
 
@@ -609,7 +608,7 @@ class Trainer:
                 self.peak,
                 peak_cache(self.cfg.data.cache_dir),
             )
-        self.guard.check(self.step, self.last_checkpoint)
+        self.guard.check(self.step, self.checkpointer.last_sane)
         return logged
 
     def eval_only(self) -> dict:
