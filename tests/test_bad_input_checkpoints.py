@@ -211,3 +211,84 @@ def test_a_run_with_no_sane_checkpoint_names_none(make_cfg, tmp_path):
     cfg = make_cfg("trainer.device=cpu", *TINY, "trainer.max_steps=20", "optim.lr=1e30")
     with pytest.raises(DivergedError, match=r"last good checkpoint is none \(no checkpoint"):
         train(cfg, tmp_path)
+
+
+# --- 3. the run folder is taken before anything is written into it --------------------------------
+
+
+def written(run) -> dict:
+    """What a refused trainer must leave as it was: Hydra's record of the run, its log, its metrics
+    and checkpoints."""
+    paths = [
+        *run.glob(".hydra/*"),
+        run / "train.log",
+        run / "metrics.jsonl",
+        *run.glob("checkpoints/*"),
+    ]
+    return {str(p.relative_to(run)): p.read_bytes() for p in paths if p.is_file()}
+
+
+def test_trainer_refused_at_the_lock_writes_nothing(cli, tmp_path, monkeypatch):
+    """Two trainers started together both pass the precheck; the one refused at the lock had
+    already rewritten .hydra/config.yaml and overrides.yaml and written into train.log."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    import moa_train.__main__ as entry
+
+    run = tmp_path / "run"
+    assert cli(*FIVE)[0] == 0
+    before = written(run)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    precheck = entry.precheck
+
+    def other_trainer_starts(*args, **kwargs):  # right after this one's precheck
+        cfg = precheck(*args, **kwargs)
+        lock = {"pid": other.pid, "host": socket.gethostname()}
+        (run / "train.lock").write_text(json.dumps(lock))
+        return cfg
+
+    monkeypatch.setattr(entry, "precheck", other_trainer_starts)
+    try:
+        code, output, err = cli(*TINY, "trainer.max_steps=10", "optim.lr=0.002")
+    finally:
+        other.kill()
+        other.wait()
+    assert code == 2 and len(err) == 1, output
+    assert f"is in use by process {other.pid}" in err[0]
+    assert written(run) == before
+
+
+def test_resume_refused_for_a_changed_model_writes_nothing(cli, tmp_path):
+    run = tmp_path / "run"
+    assert cli(*FIVE)[0] == 0
+    before = written(run)
+    code, output, err = cli(*TEN, "model.n_layer=3")
+    assert code == 2 and len(err) == 1, output
+    assert "trainer.resume: model.n_layer is 2 in the checkpoint but 3 now" in err[0]
+    assert written(run) == before
+    assert not (run / "train.lock").exists()  # released
+
+
+def test_default_run_folder_is_the_one_locked(cli, tmp_path, monkeypatch):
+    """The precheck takes the lock of the time-stamped default folder; Hydra resolves that name
+    again, maybe a second later: it is given the folder the precheck took."""
+    import datetime as dt
+
+    import hydra.core.utils
+
+    clock = iter(range(10**6))
+
+    class Ticking(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):  # a second later at each look
+            return dt.datetime(2030, 1, 1, tzinfo=tz) + dt.timedelta(seconds=next(clock))
+
+    monkeypatch.setattr(hydra.core.utils, "datetime", Ticking)
+    monkeypatch.chdir(tmp_path)
+    assert cli(*FIVE, run_dir=False)[0] == 0
+    (run,) = (tmp_path / "outputs" / "runs").glob("*/*")
+    assert (run / ".hydra" / "config.yaml").is_file() and (run / "checkpoints").is_dir()
+    assert not (run / "train.lock").exists()

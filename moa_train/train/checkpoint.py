@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +276,8 @@ def _load(path: Path, map_location="cpu", old_format: bool = False, mmap: bool =
     """torch.load(weights_only=True); `old_format`: the NumPy objects of OLD_FORMAT allowed too (no
     other global)."""
     allowed = [(obj, name) for name, obj in OLD_FORMAT.items()] + _OLD_FORMAT_TYPES
+    # torch maps only its zip format; any other file is no checkpoint, as torch.load says
+    mmap = mmap and zipfile.is_zipfile(path)
     with torch.serialization.safe_globals(allowed if old_format else []):
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
@@ -317,7 +320,7 @@ def _unsafe(path: Path, refused: str) -> UnsafeCheckpointError:
     return _foreign(path, refused, "it is not loaded")
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
+def load_checkpoint(path: Path, map_location="cpu", mmap: bool = False) -> dict:
     """The checkpoint's state, read with torch's weights_only unpickler: tensors and plain types, no
     code runs. A file naming another global is refused (UnsafeCheckpointError, naming it)."""
     if not verify(path):
@@ -327,7 +330,7 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
             sidecar(path).name,
         )
     try:
-        state = _load(path, map_location)
+        state = _load(path, map_location, mmap=mmap)
     except pickle.UnpicklingError as exc:
         refused = _refused_global(exc)
         if refused is None:  # not a refused global, just bytes that are no pickle
@@ -367,14 +370,17 @@ def find_checkpoint(target: Path) -> Path | None:
     return found[0] if found else None
 
 
-def load_latest(target: Path, map_location="cpu", key: str = "trainer.resume") -> tuple:
+def load_latest(
+    target: Path, map_location="cpu", key: str = "trainer.resume", mmap: bool = False
+) -> tuple:
     """(path, state, failed paths) of the newest checkpoint under `target` that verifies and reads;
     each one that does not is named in a warning. A file given as `target` is used as it is, with no
-    fallback, and a file that only a full unpickler reads stops the search (it is never loaded)."""
+    fallback, and a file that only a full unpickler reads stops the search (it is never loaded).
+    `mmap`: the tensors mapped from the file, not read (for a look at the config)."""
     failed = []
     for path in checkpoints_in(target):
         try:
-            return path, load_checkpoint(path, map_location), tuple(failed)
+            return path, load_checkpoint(path, map_location, mmap), tuple(failed)
         except UnsafeCheckpointError:
             raise
         except CheckpointError as exc:

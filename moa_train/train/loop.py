@@ -32,6 +32,7 @@ from moa_train.train import distributed, eval_run
 from moa_train.train.checkpoint import (
     CheckpointError,
     average_checkpoints,
+    load_latest,
     rng_state,
     set_rng_state,
 )
@@ -40,7 +41,7 @@ from moa_train.train.guard import MAX_SANE_WEIGHT, DivergedError, NonFiniteGuard
 from moa_train.train.optim import apply_settings, build_optimizer, build_scheduler, lr_factor
 from moa_train.train.preemption import EvaluationStopped, Preempted, StopSignals
 from moa_train.train.runlock import RunLock
-from moa_train.train.schedule import Checkpointer, Evaluator, Meter
+from moa_train.train.schedule import Checkpointer, Evaluator, Meter, resume_target
 from moa_train.train.tasks import make_task
 from moa_train.train.window import LossWindow
 
@@ -100,6 +101,17 @@ def check_fixed_settings(saved: dict, cfg) -> None:
                     f"resumed run keeps its architecture and data: resume with {key}={old[key]} or "
                     "start over with trainer.resume=false in a new hydra.run.dir"
                 )
+
+
+def check_resume(cfg, run_dir: Path) -> None:
+    """What can refuse the resume that `cfg` asks for in `run_dir`, as the trainer will meet it: no
+    checkpoint where trainer.resume requires one, none that reads, one refused unread (pickled), a
+    changed architecture or data. The entry point runs it before anything is written into the
+    folder; the checkpoint is mapped, not read into memory."""
+    target = resume_target(cfg.trainer.resume, Path(run_dir))
+    if target is not None:
+        _, state, _ = load_latest(target, mmap=True)
+        check_fixed_settings(state.get("config") or {}, cfg)
 
 
 OOM_WORDS = (
@@ -171,8 +183,6 @@ class Trainer:
 
         with distributed.main_first(self.dist):
             self.task = make_task(cfg, self.device, self.dist)
-        if self.dist.main and not t.eval_only:
-            self.task.save_tokenizer(self.run_dir)
         self.model = self.task.model.to(self.device)
         # DDP / FSDP / the model itself
         self.train_model = distributed.wrap(
@@ -450,10 +460,12 @@ class Trainer:
         """The schedule: resume; then per step: train, log, validate, checkpoint, stop on a signal;
         then test."""
         t = self.cfg.trainer
+        # first what can refuse the run (a changed model or data), then writing into the folder
         resumed = self.maybe_resume()
         self.checkpointer.start(self.step)
         # the run's history continues from the checkpoint's step (from step 0 without one)
         if self.dist.main:
+            self.task.save_tokenizer(self.run_dir)
             truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
         logger = self.build_logger(None if resumed is None else self.step)
         self.wandb_id = logger.wandb_id
