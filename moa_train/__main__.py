@@ -12,7 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from moa_train.cli import eval_only_overrides, precheck
+from moa_train.cli import eval_only_overrides, hold_run_folder, precheck
 from moa_train.config import ConfigError
 from moa_train.paths import config_dir
 from moa_train.plugins import PluginError, load_plugins
@@ -99,8 +99,13 @@ def main() -> None:
         # one run folder for all ranks: train.yaml's hydra.run.dir takes its time stamp from
         # MOA_RUN_STAMP
         os.environ["MOA_RUN_STAMP"] = distributed.shared_run_stamp(d)
+    lock = None
     if plain and cfg.trainer.eval_only:  # results into RUN/eval/<date_time>/, no new run folder
         sys.argv = sys.argv[:1] + eval_only_overrides(args, cfg, eval_run.stamp())
+    elif plain and d.main:
+        # the run folder's lock and the checks of a resume, before Hydra writes into the folder
+        lock, pinned = hold_run_folder(cfg, args)
+        sys.argv = sys.argv[:1] + pinned
     # rank 0 alone writes the folder's .hydra/ and train.log; the others only warn
     if d.active and not d.main:
         sys.argv += [
@@ -111,6 +116,8 @@ def main() -> None:
     try:
         _hydra_main()
     finally:
+        if lock is not None:
+            lock.release()
         distributed.shutdown()
 
 

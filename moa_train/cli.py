@@ -7,6 +7,8 @@ error into one `error: ...` line naming the key and what would be valid.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import sys
@@ -123,7 +125,6 @@ def precheck(overrides: list, multirun: bool = False):
     exit 2 with one line on failure. Returns the composed config (with `hydra`; in a multirun the
     last one checked)."""
     from moa_train.config import check_run_folder, check_writable, compose_train
-    from moa_train.train.runlock import RunLock
     from moa_train.train.tasks import validate
 
     folder_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
@@ -141,14 +142,56 @@ def precheck(overrides: list, multirun: bool = False):
                 check_writable(folder or ".", folder_key)
             else:
                 check_run_folder(folder, cfg, f"{cfg.hydra.job.name}.log")
-                # before Hydra rewrites the .hydra/ of a run being trained; an evaluation only reads
-                # (writing into RUN/eval/) and takes no lock
-                if not cfg.trainer.eval_only:
-                    RunLock(folder).check()
     except (HydraException, OmegaConfBaseException, ConfigError) as exc:
         print(f"error: {describe(exc)}", file=sys.stderr)
         sys.exit(2)
     return cfg
+
+
+def _job(cfg):
+    """The config without `hydra` (whose keys resolve only in a running job)."""
+    job = cfg.copy()
+    with open_dict(job):
+        del job["hydra"]
+    return job
+
+
+def hold_run_folder(cfg, overrides: list) -> tuple:
+    """(lock, overrides) of a plain training run, before Hydra writes anything into its folder
+    (.hydra/, the log): the folder's lock, taken now and held until the process ends (the trainer
+    takes it again, in this process), then what can refuse a resume there (check_resume). Exit 2
+    with one line if either refuses, the folder as it was. The overrides name the folder as
+    resolved now: the default one's time stamp, resolved again by Hydra, could be a second later."""
+    from moa_train.train.checkpoint import CheckpointError
+    from moa_train.train.loop import check_resume
+    from moa_train.train.runlock import RunLock
+
+    folder = Path(os.path.expanduser(str(cfg.hydra.run.dir)))
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: hydra.run.dir: cannot create {folder} ({exc.strerror})", file=sys.stderr)
+        sys.exit(2)
+    lock = None
+    # the checkpoints a resume skips are named by the trainer, in the run's log
+    quiet = logging.getLogger("moa_train.train.checkpoint")
+    quiet.disabled = True
+    try:
+        lock = RunLock(folder).acquire()
+        check_resume(_job(cfg), folder)
+    except (ConfigError, CheckpointError) as exc:
+        if lock is not None:
+            lock.release()
+        if created:  # made for the lock; unless another trainer holds it now, empty again
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        quiet.disabled = False
+    kept = [o for o in overrides if o.lstrip("+~").partition("=")[0] != "hydra.run.dir"]
+    return lock, [*kept, f"hydra.run.dir={_quote(str(folder))}"]
 
 
 def _quote(value: str) -> str:
@@ -172,12 +215,8 @@ def eval_only_overrides(overrides: list, cfg, stamp: str) -> list:
     given_dir = any(o.startswith("hydra.run.dir=") for o in overrides)
     by_path = resume not in (True, "true", "auto", False, "false", None)
     target = Path(os.path.expanduser(str(resume))) if by_path else Path(str(cfg.hydra.run.dir))
-    job = cfg.copy()
-    with open_dict(job):
-        # the job's keys only (hydra's sweep keys resolve only in a running multirun)
-        del job["hydra"]
     try:
-        prepare(job, target, overrides)
+        prepare(_job(cfg), target, overrides)
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

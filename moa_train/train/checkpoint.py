@@ -8,9 +8,12 @@ first, so a crash between the two leaves a checkpoint without a sidecar (loaded 
 warning), never one with a wrong hash.
 
 Loading runs no code: torch.load(weights_only=True) accepts tensors and plain types only, so every
-state in a checkpoint is stored as those (the NumPy RNG state as a tensor). Files written before
-that hold NumPy objects and are refused with the command that converts them once (`python3 -m
-moa_train.train.checkpoint convert PATH --trust-pickle`, for files the user trusts).
+state in a checkpoint is stored as those (the NumPy RNG state as a tensor). A file that names any
+other global is refused in one line naming that global. Files written before that hold NumPy
+objects only (OLD_FORMAT) and are refused with the command that converts them once (`python3 -m
+moa_train.train.checkpoint convert PATH --trust-pickle`); any other global gets no such advice, and
+convert refuses it too: it reads the NumPy objects of the old format and nothing else, and only a
+file whose sidecar matches (or that has none).
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import logging
 import os
 import pickle
 import random
+import re
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +48,19 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 CONVERT = "python3 -m moa_train.train.checkpoint convert {path} --trust-pickle"
+
+# What moa_train's checkpoints held before they stored tensors and plain values only: the NumPy RNG
+# state's key array (np.random.get_state()), pickled by NumPy 1 (numpy.core) or 2 (numpy._core). The
+# NumPy objects of no other kind: a uint32 array is all the old trainer wrote.
+_reconstruct = np.zeros(0).__reduce__()[0]  # numpy.(_)core.multiarray._reconstruct
+OLD_FORMAT = {
+    "numpy.core.multiarray._reconstruct": _reconstruct,
+    "numpy._core.multiarray._reconstruct": _reconstruct,
+    "numpy.ndarray": np.ndarray,
+    "numpy.dtype": np.dtype,
+}
+# the dtype's class is built (not named) by such a pickle: allowed for that alone
+_OLD_FORMAT_TYPES = [type(np.dtype(np.uint32))]
 
 
 def _numpy_rng_state(state=None) -> tuple:
@@ -171,8 +189,11 @@ def _remove(path: Path) -> None:
     sidecar(path).unlink(missing_ok=True)
 
 
-def save_checkpoint(state: dict, folder: Path, keep: int, is_best: bool) -> Path:
-    """step_NNNNNNN.pt (and best.pt); then only the last `keep` step files remain."""
+def save_checkpoint(
+    state: dict, folder: Path, keep: int, is_best: bool, protect: Path | None = None
+) -> Path:
+    """step_NNNNNNN.pt (and best.pt); then only the last `keep` step files remain, and `protect`
+    (an absolute path: the run's recovery point)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{state['step']:07d}.pt"
     try:
@@ -185,7 +206,8 @@ def save_checkpoint(state: dict, folder: Path, keep: int, is_best: bool) -> Path
             f"{folder} or point hydra.run.dir elsewhere, then resume"
         ) from None
     for old in step_checkpoints(folder)[:-keep]:
-        _remove(old)
+        if old.absolute() != protect:
+            _remove(old)
     return path
 
 
@@ -250,9 +272,57 @@ def verify(path: Path) -> bool:
     return True
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
+def _load(path: Path, map_location="cpu", old_format: bool = False, mmap: bool = False):
+    """torch.load(weights_only=True); `old_format`: the NumPy objects of OLD_FORMAT allowed too (no
+    other global)."""
+    allowed = [(obj, name) for name, obj in OLD_FORMAT.items()] + _OLD_FORMAT_TYPES
+    # torch maps only its zip format; any other file is no checkpoint, as torch.load says
+    mmap = mmap and zipfile.is_zipfile(path)
+    with torch.serialization.safe_globals(allowed if old_format else []):
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+
+
+# torch's weights_only refusals name the global: "Unsupported global: GLOBAL numpy.dtype was not an
+# allowed global", "unsupported GLOBAL posix.system whose module posix is blocked"
+_REFUSED = re.compile(r"GLOBAL (\S+)|unrecognized function (\S+)")
+
+
+def _refused_global(exc: Exception) -> str | None:
+    """The global that torch's weights_only unpickler refused; None for an error of another kind
+    (bytes that are no pickle torch.save writes: damage)."""
+    found = _REFUSED.search(str(exc))
+    return next(g for g in found.groups() if g) if found else None
+
+
+def _foreign(path: Path, name: str, outcome: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"checkpoint {path} is refused: it names {name}, which no moa_train checkpoint holds, so "
+        f"it may carry code; {outcome} (nothing in it ran); loading it with the full unpickler "
+        "(torch.load with weights_only=False) is not recommended"
+    )
+
+
+def _unsafe(path: Path, refused: str) -> UnsafeCheckpointError:
+    """The refusal of a file whose pickle names `refused`: the convert command where the file is an
+    old checkpoint (it loads with the NumPy objects of OLD_FORMAT allowed and no other global), else
+    the first other global torch meets, with no advice to run it."""
+    if refused in OLD_FORMAT:
+        try:
+            _load(path, old_format=True, mmap=True)
+        except pickle.UnpicklingError as exc:
+            refused = _refused_global(exc) or f"{refused} and pickle data torch.save does not write"
+        else:
+            return UnsafeCheckpointError(
+                f"checkpoint {path} was written before checkpoints held tensors and plain values "
+                f"only (it holds NumPy objects: {refused}), so it is not loaded; if you trust it, "
+                f"convert it once with: {CONVERT.format(path=path)}"
+            )
+    return _foreign(path, refused, "it is not loaded")
+
+
+def load_checkpoint(path: Path, map_location="cpu", mmap: bool = False) -> dict:
     """The checkpoint's state, read with torch's weights_only unpickler: tensors and plain types, no
-    code runs."""
+    code runs. A file naming another global is refused (UnsafeCheckpointError, naming it)."""
     if not verify(path):
         log.warning(
             "checkpoint %s has no %s beside it: loaded without verification",
@@ -260,24 +330,23 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
             sidecar(path).name,
         )
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = _load(path, map_location, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        # not a pickle of other objects, just bytes that are no pickle
-        if "Unsupported global" not in str(exc):
+        refused = _refused_global(exc)
+        if refused is None:  # not a refused global, just bytes that are no pickle
             raise CheckpointError(f"checkpoint {path} cannot be read (UnpicklingError)") from None
-        # a global outside the allowed types: an old checkpoint, or one carrying code
-        raise UnsafeCheckpointError(
-            f"checkpoint {path} holds objects that only a full unpickler reads (written before "
-            "checkpoints stored tensors and plain values only, or carrying code), so it is not "
-            f"loaded; if you trust it, convert it once with: {CONVERT.format(path=path)}"
-        ) from None
+        raise _unsafe(path, refused) from None
     except Exception as exc:  # truncated or corrupt file
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})"
         ) from None
+    _check_state(path, state)
+    return state
+
+
+def _check_state(path: Path, state) -> None:
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"checkpoint {path} is not a moa_train checkpoint")
-    return state
 
 
 def checkpoints_in(target: Path) -> list:
@@ -301,14 +370,17 @@ def find_checkpoint(target: Path) -> Path | None:
     return found[0] if found else None
 
 
-def load_latest(target: Path, map_location="cpu", key: str = "trainer.resume") -> tuple:
+def load_latest(
+    target: Path, map_location="cpu", key: str = "trainer.resume", mmap: bool = False
+) -> tuple:
     """(path, state, failed paths) of the newest checkpoint under `target` that verifies and reads;
     each one that does not is named in a warning. A file given as `target` is used as it is, with no
-    fallback, and a file that only a full unpickler reads stops the search (it is never loaded)."""
+    fallback, and a file that only a full unpickler reads stops the search (it is never loaded).
+    `mmap`: the tensors mapped from the file, not read (for a look at the config)."""
     failed = []
     for path in checkpoints_in(target):
         try:
-            return path, load_checkpoint(path, map_location), tuple(failed)
+            return path, load_checkpoint(path, map_location, mmap), tuple(failed)
         except UnsafeCheckpointError:
             raise
         except CheckpointError as exc:
@@ -340,22 +412,32 @@ def average_checkpoints(paths: list, map_location="cpu") -> dict:
 # --- converting checkpoints written before weights_only loading -----------------------------------
 
 
-def convert(path: Path) -> None:
-    """Rewrite an old checkpoint so that weights_only loads it: read once with the full unpickler
-    (which runs whatever the file holds: only for files the user trusts), the NumPy RNG states as
-    tensors, atomically."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "model" not in state or "step" not in state:
-        raise CheckpointError(f"checkpoint {path} is not a moa_train checkpoint")
+def convert(path: Path) -> bool:
+    """Rewrite an old checkpoint so that weights_only loads it, atomically, with the NumPy RNG
+    states as tensors. First its sidecar is checked (CheckpointError where the hash differs: a
+    damaged file never gets a new sidecar); then it is read with weights_only and the NumPy objects
+    of OLD_FORMAT allowed, so nothing in it runs and a file naming any other global is refused.
+    Returns whether it had a sidecar."""
+    try:
+        verified = verify(path)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{exc}; not converted (a file that fails its hash gets no new one)"
+        ) from None
+    try:
+        state = _load(path, old_format=True)
+    except pickle.UnpicklingError as exc:
+        refused = _refused_global(exc)
+        if refused is None:
+            raise CheckpointError(f"checkpoint {path} cannot be read; not converted") from None
+        raise _foreign(path, refused, "it is not converted") from None
+    _check_state(path, state)
     rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
     for rng in rngs:
         rng["numpy"] = _numpy_rng_state(rng["numpy"])
-    if not isinstance(state["config"], dict):  # an OmegaConf node: a plain dict
-        from omegaconf import OmegaConf
-
-        state["config"] = OmegaConf.to_container(state["config"], resolve=True)
     atomic_save(state, path)
     load_checkpoint(path)  # proves the rewritten file loads safely
+    return verified
 
 
 def convert_main(argv: list | None = None) -> int:
@@ -368,13 +450,15 @@ def convert_main(argv: list | None = None) -> int:
     parser.add_argument(
         "--trust-pickle",
         action="store_true",
-        help="required: the old file is read with the full unpickler, which runs any code it holds",
+        help="required: NumPy's unpickling code reads each file (the old format's arrays, no "
+        "other object: a file naming anything else is refused)",
     )
     args = parser.parse_args(argv)
     if not args.trust_pickle:
         print(
-            "error: --trust-pickle: converting reads each file with the full unpickler, which runs "
-            "any code in it; add --trust-pickle only for files you trust",
+            "error: --trust-pickle: converting lets NumPy's unpickling code read each file (the "
+            "old format's arrays; a file naming any other object is refused); add --trust-pickle "
+            "for files you trust",
             file=sys.stderr,
         )
         return 2
@@ -388,15 +472,18 @@ def convert_main(argv: list | None = None) -> int:
             return 2
         for path in found:
             try:
-                convert(path)
-            except Exception as exc:  # a damaged file: name it, convert nothing more
+                verified = convert(path)
+            except CheckpointError as exc:  # damaged, or not an old checkpoint: convert no more
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            except Exception as exc:
                 print(
                     f"error: {path}: cannot be converted ({type(exc).__name__}: "
                     f"{str(exc).splitlines()[0]})",
                     file=sys.stderr,
                 )
                 return 2
-            print(f"converted {path}")
+            print(f"converted {path}" + ("" if verified else " (it had no sidecar: unverified)"))
     return 0
 
 

@@ -16,15 +16,49 @@ running total) and before it writes a checkpoint, and stops with DivergedError o
 `trainer.max_bad_steps` steps in a row were bad. The limit is therefore noticed at the first log or
 save step after it is reached (at most log_interval - 1 more steps, all of them skipped), and no
 checkpoint is written from then on.
+
+A stop names the run's recovery point: its newest *sane* checkpoint (`sane`), never merely its
+latest one; a finite but huge learning rate leaves checkpoints of finite weights of 1e28 and a NaN
+validation loss, from which a resume fails the same way.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
 log = logging.getLogger(__name__)
+
+
+# AdamW moves a weight by about lr per step (|m / sqrt(v)| <= ~1), so a weight beyond 1e4 took lr x
+# steps > 1e4: no schedule that trains gets there (lr 1e-3 for 1e6 steps: 1e3), while trained
+# transformers hold weights of order 0.01-10. A diverging run passes it within a few steps.
+MAX_SANE_WEIGHT = 1e4
+SANE = f"finite weights of at most {MAX_SANE_WEIGHT:g} and a finite validation loss"
+
+
+def sane(large_weights: int, val: float | None) -> bool:
+    """Whether a checkpoint is a recovery point: no weight above MAX_SANE_WEIGHT in magnitude
+    (`large_weights` of them; non-finite ones are never written) and the latest validation before
+    it, if the run has one, finite."""
+    return large_weights == 0 and (val is None or math.isfinite(val))
+
+
+def recovery(last_sane) -> str:
+    """What a diverged run's stop message advises: resume from its newest sane checkpoint, or start
+    over where it has none."""
+    remedy = "a lower optim.lr, a trainer.grad_clip or trainer.precision=fp32"
+    if last_sane is None:
+        return (
+            f"the last good checkpoint is none (no checkpoint of this run has {SANE}); start over "
+            f"with {remedy}"
+        )
+    return (
+        f"the last good checkpoint is {last_sane} ({SANE}); resume from it with "
+        f"trainer.resume={last_sane} and {remedy}"
+    )
 
 
 class DivergedError(RuntimeError):
@@ -56,9 +90,10 @@ class NonFiniteGuard:
             self.optimizer.step()
         return bad
 
-    def check(self, step: int, last_checkpoint) -> None:
+    def check(self, step: int, last_sane) -> None:
         """At log and save steps (a host sync): warn about newly skipped steps; raise DivergedError
-        once max_bad_steps steps in a row were bad."""
+        once max_bad_steps steps in a row were bad, naming `last_sane` (the newest sane
+        checkpoint)."""
         skipped, longest = self.skipped.item(), self.longest.item()
         if skipped > self.reported:
             log.warning(
@@ -70,9 +105,8 @@ class NonFiniteGuard:
         if longest >= self.max_bad_steps:
             raise DivergedError(
                 f"trainer.max_bad_steps: {longest} steps in a row had a non-finite loss or "
-                f"gradient (limit {self.max_bad_steps}), stopped at step {step}; the last "
-                f"checkpoint, {last_checkpoint or 'none'}, is from before; try a lower optim.lr, a "
-                "trainer.grad_clip or trainer.precision=fp32"
+                f"gradient (limit {self.max_bad_steps}), stopped at step {step}; "
+                f"{recovery(last_sane)}"
             )
 
     def state_dict(self) -> dict:

@@ -32,15 +32,16 @@ from moa_train.train import distributed, eval_run
 from moa_train.train.checkpoint import (
     CheckpointError,
     average_checkpoints,
+    load_latest,
     rng_state,
     set_rng_state,
 )
 from moa_train.train.cuda_graph import WARMUP_STEPS, CapturedStep
-from moa_train.train.guard import DivergedError, NonFiniteGuard
+from moa_train.train.guard import MAX_SANE_WEIGHT, DivergedError, NonFiniteGuard, recovery
 from moa_train.train.optim import apply_settings, build_optimizer, build_scheduler, lr_factor
 from moa_train.train.preemption import EvaluationStopped, Preempted, StopSignals
 from moa_train.train.runlock import RunLock
-from moa_train.train.schedule import Checkpointer, Evaluator, Meter
+from moa_train.train.schedule import Checkpointer, Evaluator, Meter, resume_target
 from moa_train.train.tasks import make_task
 from moa_train.train.window import LossWindow
 
@@ -100,6 +101,17 @@ def check_fixed_settings(saved: dict, cfg) -> None:
                     f"resumed run keeps its architecture and data: resume with {key}={old[key]} or "
                     "start over with trainer.resume=false in a new hydra.run.dir"
                 )
+
+
+def check_resume(cfg, run_dir: Path) -> None:
+    """What can refuse the resume that `cfg` asks for in `run_dir`, as the trainer will meet it: no
+    checkpoint where trainer.resume requires one, none that reads, one refused unread (pickled), a
+    changed architecture or data. The entry point runs it before anything is written into the
+    folder; the checkpoint is mapped, not read into memory."""
+    target = resume_target(cfg.trainer.resume, Path(run_dir))
+    if target is not None:
+        _, state, _ = load_latest(target, mmap=True)
+        check_fixed_settings(state.get("config") or {}, cfg)
 
 
 OOM_WORDS = (
@@ -171,8 +183,6 @@ class Trainer:
 
         with distributed.main_first(self.dist):
             self.task = make_task(cfg, self.device, self.dist)
-        if self.dist.main and not t.eval_only:
-            self.task.save_tokenizer(self.run_dir)
         self.model = self.task.model.to(self.device)
         # DDP / FSDP / the model itself
         self.train_model = distributed.wrap(
@@ -289,26 +299,25 @@ class Trainer:
 
     def save(self, is_best: bool) -> None:
         # a run that has diverged writes no checkpoint
-        self.guard.check(self.step, self.last_checkpoint)
+        self.guard.check(self.step, self.checkpointer.last_sane)
         # nor one whose weights are lost (a step applied with an infinite lr)
-        self.check_weights_finite()
+        large = self.check_weights()
         # the state on every rank: FSDP gathers the shards
-        self.checkpointer.write(self.state_dict(), is_best)
+        self.checkpointer.write(self.state_dict(), is_best, large)
 
-    def check_weights_finite(self) -> None:
-        """DivergedError unless every weight of every rank is finite: such weights are no recovery
-        point."""
-        bad = sum(
-            (~torch.isfinite(distributed.local_part(p.detach()))).sum()
-            for p in self.model.parameters()
-        )
+    def check_weights(self) -> int:
+        """DivergedError unless every weight of every rank is finite (such weights are no recovery
+        point); else how many are above MAX_SANE_WEIGHT in magnitude (the checkpoint is then not
+        sane)."""
+        weights = [distributed.local_part(p.detach()) for p in self.model.parameters()]
+        bad = sum((~torch.isfinite(w)).sum() for w in weights)
         if distributed.global_max(torch.as_tensor(bad).cpu()) > 0:
             raise DivergedError(
                 f"weights: {int(bad)} model weights are not finite at step {self.step}, so no "
-                "checkpoint of it is written; the last good checkpoint is "
-                f"{self.last_checkpoint or 'none (nothing was saved)'}; check optim.lr and the "
-                "other optim.* values, try a trainer.grad_clip or trainer.precision=fp32"
+                f"checkpoint of it is written; {recovery(self.checkpointer.last_sane)}"
             )
+        large = sum((w.abs() > MAX_SANE_WEIGHT).sum() for w in weights)
+        return distributed.global_max(torch.as_tensor(large).cpu())
 
     def maybe_resume(self, weights_only: bool = False) -> Path | None:
         found = self.checkpointer.load(
@@ -318,7 +327,7 @@ class Trainer:
             return None
         path, state = found
         self.load_state_dict(state, weights_only)
-        self.checkpointer.resumed(path, self.step)
+        self.checkpointer.resumed(path, state)
         log.info("resumed from %s at step %d", path, self.step)
         return path
 
@@ -453,10 +462,12 @@ class Trainer:
         """The schedule: resume; then per step: train, log, validate, checkpoint, stop on a signal;
         then test."""
         t = self.cfg.trainer
+        # first what can refuse the run (a changed model or data), then writing into the folder
         resumed = self.maybe_resume()
         self.checkpointer.start(self.step)
         # the run's history continues from the checkpoint's step (from step 0 without one)
         if self.dist.main:
+            self.task.save_tokenizer(self.run_dir)
             truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
         logger = self.build_logger(None if resumed is None else self.step)
         self.wandb_id = logger.wandb_id
@@ -611,7 +622,7 @@ class Trainer:
                 self.peak,
                 peak_cache(self.cfg.data.cache_dir),
             )
-        self.guard.check(self.step, self.last_checkpoint)
+        self.guard.check(self.step, self.checkpointer.last_sane)
         return logged
 
     def eval_only(self) -> dict:

@@ -4,6 +4,10 @@ A second trainer on the same folder would overwrite the first one's checkpoints 
 stops with one line naming the holder. A lock left by a process that died (SIGKILL, a crash) on this
 host is taken over; one of another host cannot be judged from here and is named instead. Readers
 (load_run, eval_only, moa-report) take none.
+
+A process may take the lock it holds again: the entry point takes it before Hydra writes the run
+folder's .hydra/ and log, and holds it until the process ends; the trainer, in that process, takes
+it once more. The file goes when the last of them releases it.
 """
 
 from __future__ import annotations
@@ -38,12 +42,20 @@ def _holder(path: Path) -> dict:
         return {}
 
 
+# the lock files this process holds -> how many times it has taken each
+_HELD: dict = {}
+
+
 class RunLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK_NAME
+        self.key = os.path.realpath(self.path)  # one folder under any of its names
         self.me = {"pid": os.getpid(), "host": socket.gethostname()}
 
     def acquire(self) -> RunLock:
+        if self.key in _HELD:  # taken by this process already (the entry point)
+            _HELD[self.key] += 1
+            return self
         for _ in range(2):  # a second try after removing a stale lock
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -52,6 +64,7 @@ class RunLock:
                 continue
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(json.dumps(self.me) + "\n")
+            _HELD[self.key] = 1
             return self
         raise ConfigError(
             f"hydra.run.dir: {self.path.parent} is held by another training process "
@@ -59,9 +72,7 @@ class RunLock:
         )
 
     def check(self) -> None:
-        """ConfigError naming the holder if a live process holds the folder; nothing is taken. The
-        entry point calls it before Hydra writes the folder's .hydra/ and train.log (the lock itself
-        is taken by the trainer)."""
+        """ConfigError naming the holder if a live process holds the folder; nothing is taken."""
         holder = _holder(self.path) if self.path.is_file() else {}
         pid, host = holder.get("pid"), holder.get("host")
         if holder and (host != self.me["host"] or _alive(pid)):
@@ -81,7 +92,10 @@ class RunLock:
         self.path.unlink(missing_ok=True)
 
     def release(self) -> None:
-        if _holder(self.path) == self.me:
+        count = _HELD.pop(self.key, 1) - 1
+        if count > 0:  # taken again by this process: the outer one releases it
+            _HELD[self.key] = count
+        elif _holder(self.path) == self.me:
             self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> RunLock:

@@ -19,6 +19,7 @@ from moa_train.train.checkpoint import (
     save_checkpoint,
     step_checkpoints,
 )
+from moa_train.train.guard import sane
 
 
 class Evaluator:
@@ -59,7 +60,8 @@ class Checkpointer:
     `trainer.save_interval` steps (null: at each validation), at the last step and when stopping;
     the best by the task's metric (lower is better) kept as best.pt; the last
     `trainer.keep_checkpoints` step files kept, or `eval.average_last` if more, for the final test's
-    average."""
+    average, and the newest sane one (guard.sane): the recovery point a divergence names. Each
+    checkpoint records its health and that one."""
 
     def __init__(self, cfg, run_dir: Path, dist, metric: str):
         t = cfg.trainer
@@ -67,7 +69,9 @@ class Checkpointer:
         self.interval = t.save_interval or t.eval_interval
         self.keep = max(t.keep_checkpoints, cfg.eval.average_last or 0)
         self.best = math.inf
+        self.val = None  # the latest validation's metric: part of the next checkpoint's health
         self.last = None  # the newest checkpoint written or resumed from
+        self.last_sane = None  # the newest sane checkpoint written or resumed from
         self.resumed_from = None  # (checkpoint path, its step) when the run resumed
         self.failed = ()  # newer checkpoints the resume skipped: they failed their check
 
@@ -76,8 +80,9 @@ class Checkpointer:
 
     def is_best(self, metrics: dict) -> bool:
         """Whether this validation beats every earlier one; the best value is updated."""
-        better = metrics[self.metric] < self.best
-        self.best = min(self.best, metrics[self.metric])
+        self.val = metrics[self.metric]
+        better = self.val < self.best
+        self.best = min(self.best, self.val)
         return better
 
     def load(self, resume, map_location) -> tuple | None:
@@ -89,8 +94,15 @@ class Checkpointer:
         path, state, self.failed = load_latest(target, map_location)
         return path, state
 
-    def resumed(self, path: Path, step: int) -> None:
-        self.last, self.resumed_from = path, (path, step)
+    def resumed(self, path: Path, state: dict) -> None:
+        self.last, self.resumed_from = path, (path, state["step"])
+        # checkpoints written before health was recorded are taken as sane
+        health = state.get("health", {"sane": True, "val": None})
+        self.val = health["val"]
+        named = path if health["sane"] else state.get("last_sane")
+        # where it was written, or beside this one (a run folder moved since)
+        found = [Path(named), path.parent / Path(named).name] if named else []
+        self.last_sane = next((p.absolute() for p in found if p.is_file()), None)
 
     def start(self, step: int) -> None:
         """Before the first step: leftovers of an interrupted write removed and, on a resumed run,
@@ -100,9 +112,20 @@ class Checkpointer:
             if self.resumed_from is not None:
                 drop_later_checkpoints(self.folder, step, self.failed)
 
-    def write(self, state: dict, is_best: bool) -> None:
+    def write(self, state: dict, is_best: bool, large_weights: int) -> None:
+        """The checkpoint of `state`, recording its health (`large_weights`: weights above
+        guard.MAX_SANE_WEIGHT) and the newest sane checkpoint, which pruning keeps."""
+        path = self.folder / f"step_{state['step']:07d}.pt"
+        good = sane(large_weights, self.val)
+        last_sane = path.absolute() if good else self.last_sane
+        state = {
+            **state,
+            "health": {"sane": good, "large_weights": large_weights, "val": self.val},
+            "last_sane": None if last_sane is None else str(last_sane),
+        }
         if self.dist.main:
-            self.last = save_checkpoint(state, self.folder, self.keep, is_best)
+            self.last = save_checkpoint(state, self.folder, self.keep, is_best, last_sane)
+        self.last_sane = last_sane
         distributed.barrier(self.dist)  # no rank reads checkpoints/ while rank 0 writes
 
     def history(self) -> list:
