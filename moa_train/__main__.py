@@ -12,8 +12,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from moa_train.cli import eval_only_overrides, hold_run_folder, precheck
+from moa_train.cli import error_line, eval_only_overrides, fail, hold_run_folder, precheck
 from moa_train.config import ConfigError
+from moa_train.io import WriteError, write_error
 from moa_train.paths import config_dir
 from moa_train.plugins import PluginError, load_plugins
 from moa_train.train import distributed, eval_run
@@ -23,11 +24,13 @@ def run(cfg) -> float:
     """Hydra task function; returns the task's best-checkpoint metric (val/loss: what sweeps
     minimise).
 
-    A user-caused error ends a single run with one line and exit code 2; a run stopped by
-    trainer.max_bad_steps with exit code 3. In a multirun every failure of a job, expected or not,
-    is written to its folder's error.txt and logged, and the sweep goes on (the summary at the end
-    reports it and exits non-zero). SIGTERM or SIGINT stops the whole command after the checkpoint,
-    with exit code 128 + the signal number (143, 130)."""
+    A user-caused error (a file of the run folder that cannot be written included: a full disk) ends
+    a single run with one line and exit code 2; a run stopped by trainer.max_bad_steps with exit
+    code 3. In a multirun every failure of a job, expected or not, is written to its folder's
+    error.txt and logged, and the sweep goes on (the summary at the end reports it and exits
+    non-zero), unless that cannot be written either: then the sweep stops with one line, exit code
+    2. SIGTERM or SIGINT stops the whole command after the checkpoint, with exit code 128 + the
+    signal number (143, 130)."""
     from moa_train.data import DataError
     from moa_train.sweep import record_failure
     from moa_train.train.checkpoint import CheckpointError
@@ -41,12 +44,7 @@ def run(cfg) -> float:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     world = distributed.from_env().world
     if multirun and world > 1:
-        print(
-            "error: torchrun runs one training job; run sweeps (-m, hparams_search) without "
-            "torchrun",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+        fail("torchrun runs one training job; run sweeps (-m, hparams_search) without torchrun")
     try:
         validate(cfg, world)
         return train(cfg, run_dir, list(hydra_cfg.overrides.task)).get(
@@ -55,21 +53,29 @@ def run(cfg) -> float:
     except Preempted as exc:
         print(exc, file=sys.stderr)
         sys.exit(exc.exit_code)
-    except (ConfigError, DataError, CheckpointError, DivergedError) as exc:
+    except (ConfigError, DataError, CheckpointError, DivergedError, WriteError) as exc:
+        message = str(exc)
+        if isinstance(exc, WriteError):  # earlier checkpoints and logs are kept
+            message += "; free space there" + (
+                "" if multirun else f", then resume: the same command with hydra.run.dir={run_dir}"
+            )
         if not multirun:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(3 if isinstance(exc, DivergedError) else 2)
-        record_failure(run_dir, f"error: {exc}")
+            fail(message, 3 if isinstance(exc, DivergedError) else 2)
+        failure = error_line(message)
     except Exception:  # a crashed job must not take the other jobs of a sweep with it
         if not multirun:
             raise
-        record_failure(
-            run_dir,
-            traceback.format_exc().strip().splitlines()[-1] + "\n\n" + traceback.format_exc(),
+        failure = traceback.format_exc().strip().splitlines()[-1] + "\n\n" + traceback.format_exc()
+    first = failure.splitlines()[0]
+    try:
+        record_failure(run_dir, failure)
+        log.error("job %s failed: %s", hydra_cfg.job.num, first)
+    except OSError as exc:  # a full disk: the other jobs could not write either
+        written = exc if isinstance(exc, WriteError) else write_error(run_dir / "error.txt", exc)
+        fail(
+            f"{written}, so the multirun stops; job {hydra_cfg.job.num} failed: "
+            f"{first.removeprefix('error: ')}"
         )
-    log.error(
-        "job %s failed: %s", hydra_cfg.job.num, (run_dir / "error.txt").read_text().splitlines()[0]
-    )
     # Optuna 2 (the sweeper's) refuses NaN: a failed trial is the worst value of the minimised
     # val/loss
     return float("inf")
@@ -86,8 +92,7 @@ def main() -> None:
     try:
         load_plugins()  # before composing: plugins register their variants and corpora
     except PluginError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(exc)
     args = sys.argv[1:]
     flags = {a for a in args if a.startswith("-")}
     plain = not flags  # not -m, --cfg, --help, ...

@@ -9,19 +9,40 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import sys
+import unicodedata
 from pathlib import Path
+from typing import NoReturn
 
+import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ValueType
+from hydra.core.override_parser.types import RangeSweep, ValueType
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from moa_train.config import VARIANTS, ConfigError, foreign_key
 from moa_train.paths import config_dir
+
+
+def printable(text: str) -> str:
+    """`text` with each character that does not print (a newline, a tab, U+202E, ...) as its
+    escape, so that an error line shows the user's input as typed, on one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def error_line(message: str | Exception) -> str:
+    """The one line an error is reported as (on stderr, in a failed job's error.txt)."""
+    return f"error: {printable(str(message))}"
+
+
+def fail(message: str | Exception, code: int = 2) -> NoReturn:
+    """Report `message` as one error line on stderr and exit with `code`."""
+    print(error_line(message), file=sys.stderr)
+    sys.exit(code)
 
 
 def group_options(group: str) -> list:
@@ -43,6 +64,10 @@ def missing_group(missing_cfg_file: str) -> tuple:
 
 def describe(exc: Exception) -> str:
     """A one-line description of a composition error."""
+    if isinstance(exc, ConfigError):  # ours: one line already (user input in it is escaped later)
+        return str(exc)
+    if isinstance(exc, yaml.YAMLError):
+        return yaml_error(exc)
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         group, name = missing_group(exc.missing_cfg_file)
         if group.startswith("hydra/sweeper"):
@@ -64,16 +89,46 @@ def describe(exc: Exception) -> str:
         # a key of another attention variant: name its owners
         return foreign_key(inner.full_key, inner.object_type)
     cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
-    first = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0]
     key = getattr(cause, "full_key", None)
+    text = str(getattr(cause, "msg", None) or cause).strip()
+    # OmegaConf's message ends in indented lines naming the key and types; the message itself may
+    # hold a newline of the user's value, which stays (escaped when printed)
+    first = CONTEXT.split(text)[0] if key else text.splitlines()[0]
     return f"{key}: {first}" if key else first
+
+
+CONTEXT = re.compile(r"\n\s+(?:full_key|reference_type|object_type)[:=]")
+
+
+def yaml_error(exc: yaml.YAMLError) -> str:
+    """A config file that YAML cannot read (a file on hydra.searchpath, say): its name, the line and
+    the problem. A tag such as !!python/object is refused by the safe loader Hydra reads configs
+    with: nothing of it ran."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{mark.name}, line {mark.line + 1}" if mark else "a config file"
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    tag = re.search(r"tag '(?:tag:yaml\.org,2002:)?([^']*)'", problem)
+    if isinstance(exc, yaml.constructor.ConstructorError) and tag:
+        return (
+            f"{where}: the tag !!{tag.group(1)} is not plain YAML; configs are read with the safe "
+            "loader, so nothing of it ran: remove the tag"
+        )
+    return f"{where}: not valid YAML ({problem})"
 
 
 def unparsable(override: str) -> str:
     """Why Hydra's override lexer refused `override`: most often a non-ASCII character, which its
-    grammar allows only inside quotes (and a number only with the digits 0-9)."""
+    grammar allows only inside quotes (and a number only with the digits 0-9), or a character that
+    does not print (a newline, U+202E), named with its code."""
     key, _, value = override.partition("=")
     key = key.lstrip("+~")
+    hidden = next((c for c in value if not c.isprintable()), None)
+    if hidden is not None:
+        name = f"U+{ord(hidden):04X} {unicodedata.name(hidden, '')}".strip()
+        return (
+            f"{key}: the value {value!r} holds {printable(hidden)} ({name}), a character that "
+            "does not print; remove it"
+        )
     if value.isascii():
         return f"{override}: not a valid override (see https://hydra.cc/docs/advanced/override_grammar/basic)"
     if value.lstrip("+-").replace(".", "", 1).isdecimal():
@@ -97,12 +152,70 @@ def parse(overrides: list) -> list:
 
 
 ENUMERABLE = (ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP, ValueType.RANGE_SWEEP)
+# jobs one multirun may make: Hydra's launcher lists every job before it starts one (a range of
+# 10^11 values would fill the memory), and the precheck composes each value of each sweep
+MAX_JOBS = 10_000
+# groups a run cannot do without (`${debug}_${model}` in train.yaml's defaults reads debug), and
+# what to give instead of removing one
+KEPT_GROUPS = {
+    "model": "every run trains a model: choose one with model=NAME",
+    "data": "every run trains on data: choose it with data=NAME",
+    "debug": "it is empty unless given: leave debug=... out",
+}
+
+
+def sweep_size(override) -> int:
+    """How many values a choice or range sweep has, counted without listing them."""
+    sweep = override.value()
+    if not isinstance(sweep, RangeSweep):
+        return len(sweep.list)
+    if sweep.step == 0:
+        raise ConfigError(f"{override.key_or_group}: a range's step must not be 0")
+    return max(0, math.ceil((sweep.stop - sweep.start) / sweep.step))
+
+
+def check_sweeps(parsed: list) -> None:
+    """ConfigError for a multirun of no job or more than MAX_JOBS, before any job is listed."""
+    sizes = {o.input_line: sweep_size(o) for o in parsed if o.value_type in ENUMERABLE}
+    jobs = math.prod(sizes.values())
+    if sizes and not jobs:
+        raise ConfigError(f"{min(sizes, key=sizes.get)}: the sweep has no value, so no job")
+    if jobs > MAX_JOBS:
+        given = max(sizes, key=sizes.get)
+        raise ConfigError(
+            f"{given}: the multirun makes {jobs:,} jobs ({sizes[given]:,} values here); at most "
+            f"{MAX_JOBS:,} (Hydra lists every job before it starts one): split the sweep"
+        )
+
+
+def check_groups(parsed: list) -> None:
+    """ConfigError for a config group removed (`~model`) or set to null (`model=null`, which Hydra
+    refuses with a traceback), named with what to give instead."""
+    for o in parsed:
+        group = o.key_or_group
+        is_group = (config_dir() / group).is_dir() or group.startswith("hydra/")
+        emptied = o.is_delete() or (o.value() is None and not o.is_sweep_override())
+        if not (is_group and emptied):
+            continue
+        given = o.input_line
+        if group in KEPT_GROUPS:
+            allowed = f"; allowed: {', '.join(group_options(group))}" if group != "debug" else ""
+            raise ConfigError(
+                f"{given}: the {group} group cannot be removed; {KEPT_GROUPS[group]}{allowed}"
+            )
+        if not o.is_delete():
+            raise ConfigError(
+                f"{given}: a config group takes the name of one of its configs; to use none, "
+                f"write ~{group}"
+            )
 
 
 def expanded(parsed: list) -> list:
     """Override lists to check: the plain overrides with each value of each sweep (`a=1,2`,
     `choice(...)`, `range(...)`) once, the other sweeps at their first value; an interval (an Optuna
     search) or a glob is left to the sweeper. One list when nothing sweeps."""
+    check_groups(parsed)
+    check_sweeps(parsed)
     plain = [o.input_line for o in parsed if not o.is_sweep_override()]
     sweeps = {}
     for o in parsed:
@@ -142,9 +255,8 @@ def precheck(overrides: list, multirun: bool = False):
                 check_writable(folder or ".", folder_key)
             else:
                 check_run_folder(folder, cfg, f"{cfg.hydra.job.name}.log")
-    except (HydraException, OmegaConfBaseException, ConfigError) as exc:
-        print(f"error: {describe(exc)}", file=sys.stderr)
-        sys.exit(2)
+    except (HydraException, OmegaConfBaseException, ConfigError, yaml.YAMLError) as exc:
+        fail(describe(exc))
     return cfg
 
 
@@ -171,8 +283,7 @@ def hold_run_folder(cfg, overrides: list) -> tuple:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        print(f"error: hydra.run.dir: cannot create {folder} ({exc.strerror})", file=sys.stderr)
-        sys.exit(2)
+        fail(f"hydra.run.dir: cannot create {folder} ({exc.strerror})")
     lock = None
     # the checkpoints a resume skips are named by the trainer, in the run's log
     quiet = logging.getLogger("moa_train.train.checkpoint")
@@ -186,8 +297,7 @@ def hold_run_folder(cfg, overrides: list) -> tuple:
         if created:  # made for the lock; unless another trainer holds it now, empty again
             with contextlib.suppress(OSError):
                 folder.rmdir()
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(exc)
     finally:
         quiet.disabled = False
     kept = [o for o in overrides if o.lstrip("+~").partition("=")[0] != "hydra.run.dir"]
@@ -218,8 +328,7 @@ def eval_only_overrides(overrides: list, cfg, stamp: str) -> list:
     try:
         prepare(_job(cfg), target, overrides)
     except (ConfigError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(exc)
     kept = [
         o
         for o in overrides

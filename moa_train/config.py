@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -123,6 +123,14 @@ class ModelConfig:
                 "model.vocab_size",
                 f"must be positive or null, got {m.vocab_size}",
             )
+
+    @classmethod
+    def attention_params(cls, m) -> int:
+        """The parameters of one attention module of this variant built from `m`, for the memory
+        check: computed from the config alone (nothing is built, so a huge value costs nothing).
+        Each variant counts its own (tests compare them with the modules); a variant that does not
+        is counted without its attention, which keeps the check a lower bound."""
+        return 0
 
     @staticmethod
     def attn_p(m) -> float:
@@ -430,8 +438,31 @@ def _one_of(value: Any, key: str, allowed: tuple) -> None:
     _check(value in allowed, key, f"got {value!r}; allowed: {', '.join(map(str, allowed))}")
 
 
+# trial divisions at most (~0.05 s): the divisors of any number are found at once
+DIVISOR_TRIALS = 10**6
+# divisors an error line lists at each end
+DIVISORS_SHOWN = 12
+
+
 def _divisors(n: int) -> str:
-    return ", ".join(str(i) for i in range(1, n + 1) if n % i == 0)
+    """The divisors of n for an error message: the smallest and the largest DIVISORS_SHOWN and how
+    many more, found by trial division up to sqrt(n) (each small one gives its large partner) in
+    at most DIVISOR_TRIALS divisions; above DIVISOR_TRIALS**2 the line says which were not
+    searched."""
+    small = [i for i in range(1, min(math.isqrt(n), DIVISOR_TRIALS) + 1) if n % i == 0]
+    large = [n // i for i in reversed(small) if n // i != i]
+    searched = math.isqrt(n) <= DIVISOR_TRIALS
+    if searched and len(small) + len(large) <= 2 * DIVISORS_SHOWN:
+        return ", ".join(map(str, small + large))
+    more = len(small) + len(large) - 2 * DIVISORS_SHOWN
+    middle = (
+        f"... ({more} more) ..."
+        if searched
+        else f"... (any between {DIVISOR_TRIALS:,} and {n // DIVISOR_TRIALS:,} not searched) ..."
+    )
+    return ", ".join(
+        [*map(str, small[:DIVISORS_SHOWN]), middle, *map(str, large[-DIVISORS_SHOWN:])]
+    )
 
 
 def _positive_or_null(value: Any, key: str) -> None:
@@ -451,9 +482,17 @@ def leaves(node: Any, key: str = ""):
         yield key, node
 
 
-def _check_finite(cfg) -> None:
+# the largest BPE vocabulary trained (the largest in use are ~2**18)
+MAX_BPE_VOCAB = 2**24
+# the largest integer a key may hold: torch, NumPy and the data loaders take 64-bit integers, and
+# the memory check's arithmetic stays finite
+MAX_INT = 2**63 - 1
+
+
+def _check_numbers(cfg) -> None:
     """Every float key finite: inf passes a check like `lr > 0` and nan makes every comparison
-    false, and either turns all weights into NaN at the first step."""
+    false, and either turns all weights into NaN at the first step. Every integer key within 64
+    bits: a larger one overflows (a traceback) wherever it meets torch, NumPy or a float."""
     for top in cfg:
         if top != "hydra":
             tree = (
@@ -467,6 +506,11 @@ def _check_finite(cfg) -> None:
                     key,
                     f"must be a finite number, got {value}",
                 )
+                if isinstance(value, int) and abs(value) > MAX_INT:
+                    raise ConfigError(
+                        f"{key}: must be within +-{MAX_INT:,} (a 64-bit integer), got a number of "
+                        f"{len(str(abs(value)))} digits"
+                    )
 
 
 def check_writable(path, key: str) -> None:
@@ -533,7 +577,7 @@ def validate(cfg) -> None:
             f"unknown top-level key; allowed: {', '.join(sorted(known - {'hydra'}))}",
         )
     m, t, o, s, d, e = cfg.model, cfg.trainer, cfg.optim, cfg.schedule, cfg.data, cfg.eval
-    _check_finite(cfg)
+    _check_numbers(cfg)
     _check(
         cfg.task.name == d.task,
         "task",
@@ -555,16 +599,19 @@ def validate(cfg) -> None:
             d.name == "random_tokens", "data.tokenizer", "random goes with data=random_tokens only"
         )
         _check(
-            d.vocab_size is not None and d.vocab_size > 1,
+            d.vocab_size is not None and 1 < d.vocab_size <= 2**31,
             "data.vocab_size",
-            f"random_tokens needs a vocabulary size > 1, got {d.vocab_size}",
+            f"random_tokens needs a vocabulary size in 2..{2**31:,} (int32 ids), got "
+            f"{d.vocab_size}",
         )
     _one_of(d.split, "data.split", ("official", "moas_paper"))
     if d.tokenizer == "bpe":
+        # the BPE trainer reserves memory for the whole vocabulary up front (~70 bytes an entry)
+        # and aborts the process where it cannot
         _check(
-            d.vocab_size is not None and d.vocab_size >= 260,
+            d.vocab_size is not None and 260 <= d.vocab_size <= MAX_BPE_VOCAB,
             "data.vocab_size",
-            f"BPE needs a vocabulary size >= 260, got {d.vocab_size}",
+            f"BPE needs a vocabulary size >= 260 and <= {MAX_BPE_VOCAB:,}, got {d.vocab_size}",
         )
     if d.root is not None:
         _check(
@@ -704,7 +751,12 @@ def check_cross(m, cfg) -> None:
 
 def _check_name(name: str) -> None:
     """experiment_name is a folder under outputs/: a `..` or an absolute path would write outside
-    it."""
+    it, and a character that does not print (a newline) would hide in its name."""
+    _check(
+        str(name).isprintable(),
+        "experiment_name",
+        f"{name!r} holds a character that does not print; allowed: letters, digits, - _ . /",
+    )
     parts = Path(str(name)).parts
     _check(
         bool(str(name).strip()) and ".." not in parts and not Path(str(name)).is_absolute(),
@@ -747,35 +799,83 @@ class StepSize:
     layers: int
 
 
-def min_train_bytes(cfg, size: StepSize, world_size: int = 1) -> tuple:
-    """A lower bound of a rank's training memory: (fp32 weights + gradient + 2 AdamW moments,
-    activations kept for the backward of one micro-batch). It leaves out embeddings, attention
-    scores, dropout masks and the allocator's slack, so a run refused by it cannot fit."""
-    m, t = cfg.model, cfg.trainer
-    # q/k/v/out projections and the MLP, per token (or per d_model)
-    per_layer = (4 + 2 * m.mlp_ratio) * m.d_model
-    tokens = size.tokens / (t.grad_accum * world_size)
-    act_bytes = 2 if t.precision == "bf16" else 4
-    return 16 * size.layers * per_layer * m.d_model, act_bytes * tokens * size.layers * per_layer
+class SizePart(NamedTuple):
+    """A part of a model's memory, from its config alone (nothing built, no data read), for the
+    memory check: the key that sets it, the sizes as the user set them, its trained parameters
+    (fp32 weight, gradient and two AdamW moments: 16 bytes each) and its fp32 elements that are not
+    trained (a sinusoidal position table)."""
+
+    key: str
+    text: str
+    params: int
+    fixed: int = 0
+
+    def bytes(self, shards: int = 1) -> float:
+        """Its bytes on one rank when the trained state is sharded over `shards` ranks (FSDP)."""
+        return 16 * self.params / shards + 4 * self.fixed
 
 
-def check_memory(cfg, size: StepSize, world_size: int = 1) -> None:
-    """Refuse sizes that cannot fit the device before anything is allocated (a huge batch would
-    otherwise thrash or be killed mid-allocation)."""
-    weights, activations = min_train_bytes(cfg, size, world_size)
+def layer_params(m, cross: bool = False) -> int:
+    """The parameters of one block of model config `m`: its attention (as the variant counts it)
+    and the MLP; `cross`: a decoder block's cross-attention too. Norms are left out (a lower
+    bound)."""
+    hidden = int(m.mlp_ratio * m.d_model)
+    mlp = 2 * m.d_model * hidden + (hidden + m.d_model if m.bias else 0)
+    attention = OmegaConf.get_type(m).attention_params(m)
+    if cross:
+        other = cross_config(m)
+        attention += OmegaConf.get_type(other).attention_params(other)
+    return attention + mlp
+
+
+def activation_bytes(cfg, tokens: float, layers: int = 0) -> float:
+    """Activations of `tokens` tokens. With `layers`: those kept for the backward through them, the
+    q/k/v/out projections' and the MLP's outputs per token and layer; without: the most a forward
+    without backward holds at once, the residual stream beside the MLP's hidden layer. Attention
+    scores, dropout masks and the allocator's slack are left out (a lower bound)."""
+    m = cfg.model
+    per_token = (
+        (4 + 2 * m.mlp_ratio) * m.d_model * layers if layers else (1 + m.mlp_ratio) * m.d_model
+    )
+    return (2 if cfg.trainer.precision == "bf16" else 4) * tokens * per_token
+
+
+def check_memory(
+    cfg, model: tuple, size: StepSize, world_size: int = 1, evaluation: StepSize | None = None
+) -> None:
+    """Refuse sizes that cannot fit the device before anything is allocated (a huge model or batch
+    would otherwise thrash, or fail mid-allocation with a traceback). `model`: the task's SizeParts;
+    `size`: its optimizer step, split over trainer.grad_accum micro-batches and `world_size` ranks;
+    `evaluation`: an evaluation batch of every rank (a forward without backward). Lower bounds all,
+    so a run refused here cannot fit."""
     total, where = device_memory(cfg.trainer.device)
-    gib = 2**30
+    shards = world_size if cfg.trainer.strategy == "fsdp" else 1
+    weights = sum(part.bytes(shards) for part in model)
+
+    def gib(n: float) -> str:
+        return f"{n / 2**30:,.0f} GiB"
+
+    if weights > total:
+        part = max(model, key=lambda p: p.bytes(shards))
+        raise ConfigError(
+            f"{part.key}: {part.text} needs at least {gib(part.bytes(shards))} for weights and "
+            f"optimizer state (the whole model {gib(weights)}), more than the {where} "
+            f"({gib(total)})"
+        )
+    t = cfg.trainer
+    train = weights + activation_bytes(cfg, size.tokens / (t.grad_accum * world_size), size.layers)
     _check(
-        weights <= total,
-        "model.d_model",
-        f"model.d_model={cfg.model.d_model} x model.n_layer={cfg.model.n_layer} needs at least "
-        f"{weights / gib:,.0f} GiB for weights and optimizer state, more than the {where} "
-        f"({total / gib:,.0f} GiB)",
-    )
-    _check(
-        weights + activations <= total,
+        train <= total,
         size.key,
-        f"{size.text} over trainer.grad_accum={cfg.trainer.grad_accum} micro-batches needs at "
-        f"least {(weights + activations) / gib:,.0f} GiB, more than the {where} "
-        f"({total / gib:,.0f} GiB); lower it or raise trainer.grad_accum",
+        f"{size.text} over trainer.grad_accum={t.grad_accum} micro-batches needs at least "
+        f"{gib(train)}, more than the {where} ({gib(total)}); lower it or raise "
+        "trainer.grad_accum",
     )
+    if evaluation is not None:
+        need = weights + activation_bytes(cfg, evaluation.tokens)
+        _check(
+            need <= total,
+            evaluation.key,
+            f"{evaluation.text} needs at least {gib(need)} to evaluate, more than the {where} "
+            f"({gib(total)}); lower {evaluation.lower}",
+        )

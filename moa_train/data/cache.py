@@ -10,6 +10,9 @@ import os
 import shutil
 from pathlib import Path
 
+from moa_train.data.corpus import unreadable
+from moa_train.io import write_error
+
 log = logging.getLogger(__name__)
 
 
@@ -24,8 +27,12 @@ def content_key(paths, settings: str) -> str:
     served the old tokens."""
     h = hashlib.sha256()
     for path in paths:
-        with open(path, "rb") as f:
-            h.update(f"{Path(path).name}:{hashlib.file_digest(f, 'sha256').hexdigest()};".encode())
+        try:
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError as exc:
+            raise unreadable(path, exc) from None
+        h.update(f"{Path(path).name}:{digest};".encode())
     h.update(settings.encode())
     return h.hexdigest()[:16]
 
@@ -34,8 +41,12 @@ def build_atomically(out: Path, build) -> None:
     """build(folder) in a private folder renamed to `out`, so concurrent runs never see a partial
     cache."""
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    build(tmp)
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        build(tmp)
+    except OSError as exc:  # a full disk: no partial entry stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(out, exc) from exc
     try:
         tmp.rename(out)
     except OSError:  # another process finished first: keep its copy

@@ -20,15 +20,26 @@ def expand(path) -> Path:
     return Path(os.path.expanduser(str(path)))
 
 
+def unreadable(path, exc: OSError) -> DataError:
+    """The one line for a data file the OS will not read (its permissions, a folder in its
+    place)."""
+    return DataError(
+        f"data file {path} cannot be read ({exc.strerror or exc}); fix its permissions or point "
+        "data.root at a readable copy"
+    )
+
+
 def read_text(path: Path, newline: str | None = None) -> str:
     """The file's text; `newline` as for open() (None: '\\r\\n' and '\\r' read as '\\n'; '': kept).
-    Not UTF-8: a DataError naming the first bad line."""
+    Not UTF-8: a DataError naming the first bad line; unreadable: one naming the OS reason."""
     try:
         with open(path, encoding="utf-8", newline=newline) as f:
             return f.read()
     except UnicodeDecodeError as exc:  # read in one piece: exc.start counts from the file's start
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise DataError(f"data file {path} is not UTF-8 text (line {line})") from None
+    except OSError as exc:
+        raise unreadable(path, exc) from None
 
 
 def utf8(raw: bytes, source: str) -> str:

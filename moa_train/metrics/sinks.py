@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
 
-from moa_train.io import atomic_write_text
+from moa_train.io import atomic_write_text, write_error
 
 log = logging.getLogger(__name__)
 
@@ -26,20 +28,34 @@ def to_floats(metrics: dict) -> dict:
     return out
 
 
+@contextmanager
+def writing(path):
+    """An OSError inside (a full disk) as a WriteError naming `path`: one line, exit code 2."""
+    try:
+        yield
+    except OSError as exc:
+        raise write_error(path, exc) from exc
+
+
 class JsonlSink:
-    """metrics.jsonl: one JSON object per line, `step` plus flat keys."""
+    """metrics.jsonl: one JSON object per line, `step` plus flat keys. A line cut short by a full
+    disk is dropped when the run is resumed (truncate_jsonl)."""
 
     def __init__(self, path: Path):
         self.path = path
-        # open for the sink's life, closed by close()
-        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        with writing(path):
+            # open for the sink's life, closed by close()
+            self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     def log(self, step: int, metrics: dict) -> None:
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
+        with writing(self.path):
+            self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        # what close would flush was lost at the write that failed, which reported it
+        with suppress(OSError):
+            self.file.close()
 
 
 def _keep(row: dict, last_step: int) -> bool:
@@ -76,24 +92,50 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
+def _quiet_event_writer(hook):
+    """threading.excepthook less the traceback of TensorBoard's writer thread failing on a full
+    disk: the sink's next flush raises that error in the main thread, where it becomes one line."""
+
+    def quiet(args) -> None:
+        if not (
+            isinstance(args.exc_value, OSError)
+            and type(args.thread).__name__ == "_AsyncWriterThread"
+        ):
+            hook(args)
+
+    quiet.moa_event_writer = True
+    return quiet
+
+
 class TensorBoardSink:
+    """Events written by TensorBoard's writer thread; each log flushes them, so a write that fails
+    (a full disk) is raised by that log, as a WriteError naming the folder."""
+
     def __init__(self, log_dir: Path, purge_step: int | None = None):
         """purge_step (a resumed run's first step): TensorBoard hides what earlier writers logged
         from that step on, so the steps re-run after a resume show once."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        self.log_dir = log_dir
+        if not getattr(threading.excepthook, "moa_event_writer", False):
+            threading.excepthook = _quiet_event_writer(threading.excepthook)
+        with writing(log_dir):
+            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def log(self, step: int, metrics: dict) -> None:
-        for key, value in metrics.items():
-            self.writer.add_scalar(key, value, step)
-        self.writer.flush()
+        with writing(self.log_dir):
+            for key, value in metrics.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
 
     def log_figure(self, step: int, name: str, figure) -> None:
-        self.writer.add_figure(name, figure, step)
+        with writing(self.log_dir):
+            self.writer.add_figure(name, figure, step)
+            self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        with suppress(OSError):  # a failed write is raised by the log that flushed it
+            self.writer.close()
 
 
 def wandb_mode(mode: str) -> str:

@@ -23,6 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from moa_train.config import ConfigError, check_run_folder, leaves
+from moa_train.io import atomic_write_text
 from moa_train.metrics.flops import device_name, peak_cache, peak_flops, peak_kind, remeasure_peak
 from moa_train.metrics.sinks import MetricsLogger, build_logger, truncate_jsonl
 from moa_train.models.attention.mha import select_sdpa_backend
@@ -663,7 +664,7 @@ class Trainer:
             **self.task.summary(),
         }
         if self.dist.main:
-            (self.run_dir / name).write_text(json.dumps(summary, indent=1))
+            atomic_write_text(self.run_dir / name, json.dumps(summary, indent=1))
         return summary
 
 

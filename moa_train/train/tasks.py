@@ -17,12 +17,14 @@ from omegaconf import OmegaConf
 
 from moa_train.config import (
     ConfigError,
+    SizePart,
     StepSize,
     _check,
     _divisors,
     check_cross,
     check_memory,
     cross_config,
+    layer_params,
 )
 from moa_train.config import validate as validate_common
 from moa_train.data.batches import RandomWindows
@@ -61,6 +63,16 @@ class Task:
     @staticmethod
     def step_size(cfg) -> StepSize:
         raise NotImplementedError
+
+    @staticmethod
+    def model_size(cfg) -> tuple:
+        """The SizeParts of the task's model, for the memory check (none: not counted)."""
+        return ()
+
+    @staticmethod
+    def eval_size(cfg) -> StepSize | None:
+        """An evaluation batch sized apart from the training step (None: the step's sizes)."""
+        return None
 
     @staticmethod
     def build_model(model_cfg, vocab_size: int, pad_id):
@@ -119,6 +131,40 @@ class LMTask(Task):
             f"trainer.batch_size={t.batch_size} x trainer.block_size={t.block_size}",
             "trainer.batch_size or trainer.block_size",
             t.batch_size * t.block_size,
+            cfg.model.n_layer,
+        )
+
+    @staticmethod
+    def model_size(cfg) -> tuple:
+        """The blocks, the learned position table and the tied embedding (where the config sets the
+        vocabulary: model.vocab_size, or random_tokens' data.vocab_size)."""
+        m, d = cfg.model, cfg.data
+        vocab_key = "model.vocab_size" if m.vocab_size else "data.vocab_size"
+        vocab = m.vocab_size or (d.vocab_size if d.tokenizer == "random" else 0)
+        return (
+            layers_part(m, m.n_layer),
+            positions_part(m),
+            SizePart(
+                vocab_key,
+                f"the embedding of {vocab_key}={vocab} x model.d_model={m.d_model}",
+                vocab * m.d_model,
+            ),
+        )
+
+    @staticmethod
+    def eval_size(cfg) -> StepSize:
+        """An evaluation batch: trainer.eval_batch_size windows (null: trainer.batch_size) on every
+        rank."""
+        t = cfg.trainer
+        batch = t.eval_batch_size or t.batch_size
+        given = (
+            f"{t.eval_batch_size}" if t.eval_batch_size else f"null (trainer.batch_size={batch})"
+        )
+        return StepSize(
+            "trainer.eval_batch_size",
+            f"trainer.eval_batch_size={given} x trainer.block_size={t.block_size}",
+            "trainer.eval_batch_size",
+            batch * t.block_size,
             cfg.model.n_layer,
         )
 
@@ -282,6 +328,17 @@ class TranslationTask(Task):
             "data.max_tokens",
             cfg.data.max_tokens,
             m.n_layer + (m.n_encoder_layer or m.n_layer),
+        )
+
+    @staticmethod
+    def model_size(cfg) -> tuple:
+        """The encoder and decoder blocks and the position table (learned: trained; sinusoidal: a
+        fixed table); the embedding's size is the data's (its BPE), left out."""
+        m = cfg.model
+        return (
+            layers_part(m, m.n_encoder_layer or m.n_layer, "encoder "),
+            layers_part(m, m.n_layer, "decoder ", cross=True),
+            positions_part(m, learned=m.positions == "learned"),
         )
 
     @staticmethod
@@ -495,6 +552,25 @@ def first_pairs(split, n: int):
 TASKS = {"lm": LMTask, "translation": TranslationTask}
 
 
+def layers_part(m, n: int, kind: str = "", cross: bool = False) -> SizePart:
+    """`n` blocks of model config `m` (decoder blocks with `cross`); `kind` names them in the
+    message."""
+    per_layer = layer_params(m, cross)
+    return SizePart(
+        "model.d_model",
+        f"{n} {kind}layers of model={m.name} at model.d_model={m.d_model} ({per_layer:,} "
+        "parameters each)",
+        n * per_layer,
+    )
+
+
+def positions_part(m, learned: bool = True) -> SizePart:
+    """The position table, model.max_seq_len x model.d_model: trained, or a fixed sinusoidal one."""
+    n = m.max_seq_len * m.d_model
+    text = f"the position table of model.max_seq_len={m.max_seq_len} x model.d_model={m.d_model}"
+    return SizePart("model.max_seq_len", text, n if learned else 0, 0 if learned else n)
+
+
 def task_class(name: str) -> type:
     if name not in TASKS:
         raise ConfigError(f"task: got {name!r}; allowed: {', '.join(TASKS)}")
@@ -512,7 +588,7 @@ def validate(cfg, world_size: int = 1) -> None:
     task = task_class(cfg.task.name)
     validate_common(cfg)
     task.check(cfg, world_size)
-    check_memory(cfg, task.step_size(cfg), world_size)
+    check_memory(cfg, task.model_size(cfg), task.step_size(cfg), world_size, task.eval_size(cfg))
 
 
 def saved_task(config: dict) -> str:

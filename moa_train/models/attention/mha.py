@@ -36,6 +36,14 @@ class MHAConfig(ModelConfig):
             f"{kv} does not divide model.n_head={m.n_head}; valid: {_divisors(m.n_head)}",
         )
 
+    @classmethod
+    def attention_params(cls, m) -> int:
+        """c_attn (Q and the K/V heads) and c_proj of MultiHeadAttention."""
+        head_dim = m.d_model // m.n_head
+        qkv = (m.n_head + 2 * (m.n_kv_heads or m.n_head)) * head_dim
+        out = m.n_head * head_dim
+        return (m.d_model + m.bias) * qkv + (out + m.bias) * m.d_model
+
 
 def attention_mask(mask: Tensor | None, causal: bool, t_q: int, t_k: int, device) -> tuple:
     """SDPA (attn_mask, is_causal) from a key-padding mask (B, S; True = real token) and

@@ -79,6 +79,18 @@ class MoAConfig(ModelConfig):
         _positive_or_null(m.head_dim, "model.head_dim")
         _positive_or_null(m.n_kv_heads, "model.n_kv_heads")
 
+    @classmethod
+    def attention_params(cls, m) -> int:
+        """The router, each expert's Q and O, the shared K/V of MixtureOfAttentionHeads."""
+        expert_dim = (m.n_kv_heads or 1) * (m.head_dim or m.d_model // m.n_head)
+        bias = m.bias if m.proj_bias is None else m.proj_bias
+        experts = m.n_experts * expert_dim
+        return (
+            m.d_model * m.n_experts
+            + (m.d_model + bias) * (experts + 2 * expert_dim)
+            + (experts + bias) * m.d_model
+        )
+
 
 class MixtureOfAttentionHeads(nn.Module):
     PARAM_ROLES: ClassVar[dict] = {

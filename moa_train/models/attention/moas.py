@@ -76,6 +76,18 @@ class MoASStaticConfig(ModelConfig):
         check_gqa_heads(m)
         _one_of(m.resid_dropout, "model.resid_dropout", RESID_DROPOUT)
 
+    @classmethod
+    def attention_params(cls, m) -> int:
+        """c_attn (the three branches' Q, K and V), c_proj and the output biases of MoASAttention;
+        the dynamic variant's router too."""
+        d, head_dim = m.d_model, m.d_model // m.n_head
+        kv = (m.n_head + m.gqa_kv_heads + 1) * head_dim
+        params = (d + m.bias) * (3 * d + 2 * kv) + 3 * d * d + 3 * d * m.bias
+        if cls.dynamic:
+            hidden = m.router_hidden or d // 4
+            params += (d + m.bias) * hidden + (hidden + m.bias) * len(BRANCHES)
+        return params
+
 
 @dataclass
 class MoASDynamicConfig(MoASStaticConfig):

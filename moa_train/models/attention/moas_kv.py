@@ -100,6 +100,11 @@ class MoASKVConfig(ModelConfig):
         _one_of(m.inference_routing, "model.inference_routing", ("hard", "soft"))
         _check(m.kv_pool_slack >= 1, "model.kv_pool_slack", f"must be >= 1, got {m.kv_pool_slack}")
 
+    @classmethod
+    def attention_params(cls, m) -> int:
+        """c_attn, c_proj and the router of MoASKVAttention."""
+        return (m.d_model + m.bias) * (4 * m.d_model + len(SCHEMES))
+
 
 class MoASKVAttention(nn.Module):
     PARAM_ROLES: ClassVar[dict] = {
