@@ -11,6 +11,7 @@ logits and one routing record per attention site, named `enc.layer<i>.self`, `de
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import ClassVar
@@ -252,7 +253,8 @@ class Seq2Seq(CacheHolder, nn.Module):
         """(logits (B, T, V), routing records in `self.sites` order, each with the mask of its real
         tokens)."""
         src_mask, tgt_mask = src != self.pad_id, tgt_in != self.pad_id
-        with self.cache_set_aside():
+        # training never holds a cache: no context manager for torch.compile to trace there
+        with self.cache_set_aside() if self.cache is not None else contextlib.nullcontext():
             memory, enc_routings = self.encode_with_routing(src, src_mask)
             logits, dec_routings = self.decode_with_routing(tgt_in, memory, src_mask)
         # one flattened tensor per side, shared by its sites: aux_losses stacks the sites of one
