@@ -12,8 +12,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from moa_train.cli import error_line, eval_only_overrides, fail, hold_run_folder, precheck
+from moa_train.cli import eval_only_overrides, hold_run_folder, precheck
 from moa_train.config import ConfigError
+from moa_train.errors import error_line, fail
 from moa_train.io import WriteError, write_error
 from moa_train.paths import config_dir
 from moa_train.plugins import PluginError, load_plugins

@@ -12,10 +12,8 @@ import logging
 import math
 import os
 import re
-import sys
 import unicodedata
 from pathlib import Path
-from typing import NoReturn
 
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -25,24 +23,8 @@ from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from moa_train.config import VARIANTS, ConfigError, foreign_key
+from moa_train.errors import fail, printable
 from moa_train.paths import config_dir
-
-
-def printable(text: str) -> str:
-    """`text` with each character that does not print (a newline, a tab, U+202E, ...) as its
-    escape, so that an error line shows the user's input as typed, on one line."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-
-
-def error_line(message: str | Exception) -> str:
-    """The one line an error is reported as (on stderr, in a failed job's error.txt)."""
-    return f"error: {printable(str(message))}"
-
-
-def fail(message: str | Exception, code: int = 2) -> NoReturn:
-    """Report `message` as one error line on stderr and exit with `code`."""
-    print(error_line(message), file=sys.stderr)
-    sys.exit(code)
 
 
 def group_options(group: str) -> list:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from moa_train.errors import Parser, fail
 from moa_train.models.decoding import decode_loop, open_steps, release_compiled
 from moa_train.models.kv_cache import without_cudnn_attention
 
@@ -339,13 +340,8 @@ def generate(
 # --- command line ---------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's own prints the usage first)
-        self.exit(2, f"error: {message}\n")
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="moa-generate",
         description="Generate text from a trained decoder-only LM run.",
         epilog="Unknown symbols: a char vocabulary has no <unk>, so a prompt character outside it "
@@ -426,11 +422,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(message: str):
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def _prompts(args) -> list:
     from moa_train.data.corpus import DataError, utf8
 
@@ -440,12 +431,12 @@ def _prompts(args) -> list:
         raw = args.prompt_file.read_bytes()
         lines = utf8(raw, f"--prompt-file {args.prompt_file}").splitlines()
     except OSError as exc:
-        _fail(f"--prompt-file: cannot read {args.prompt_file} ({exc.strerror})")
+        fail(f"--prompt-file: cannot read {args.prompt_file} ({exc.strerror})")
     except DataError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     prompts = [line for line in lines if line.strip()]
     if not prompts:
-        _fail(f"--prompt-file: {args.prompt_file} holds no prompt")
+        fail(f"--prompt-file: {args.prompt_file} holds no prompt")
     return prompts
 
 
@@ -457,13 +448,13 @@ def main(argv=None) -> None:
     try:
         check_settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.greedy)
     except ValueError as exc:
-        _fail(f"--{str(exc).replace('_', '-')}")
+        fail(f"--{str(exc).replace('_', '-')}")
     prompts = _prompts(args)
     device = (
         args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
     if device == "cuda" and not torch.cuda.is_available():
-        _fail("--device cuda: no CUDA device here; use --device cpu")
+        fail("--device cuda: no CUDA device here; use --device cpu")
     try:
         model, _, _ = load_checkpoint_model(args.checkpoint or args.run_dir, device, lm_only=True)
         dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
@@ -472,7 +463,7 @@ def main(argv=None) -> None:
         if args.inference_routing is not None:
             set_inference_routing(model, args.inference_routing)
     except (FileNotFoundError, ValueError, CheckpointError) as exc:
-        _fail(str(exc).splitlines()[0])
+        fail(str(exc).splitlines()[0])
 
     def note(message):
         print(f"note: {message}", file=sys.stderr)
@@ -502,7 +493,7 @@ def main(argv=None) -> None:
             args.compile,
         )
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if single:
         print("" if started else prompts[0])
         return

@@ -46,7 +46,6 @@ measured it); <out>/inference.md and inference.png are rebuilt from the whole fi
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import functools
 import gc
@@ -65,6 +64,7 @@ import torch.nn as nn
 from moa_train.bench.common import SIZES as MODEL_SIZES
 from moa_train.bench.common import compose_cfg, fmt, load, release, sync
 from moa_train.config import bench_presets
+from moa_train.errors import Parser
 from moa_train.models.decoding import decode_spans
 
 log = logging.getLogger(__name__)
@@ -1292,14 +1292,9 @@ def save(data: dict, out: Path) -> None:
 # --- entry point ----------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        self.exit(2, f"error: {message}\n")
-
-
 def parse_args(argv):
     models = bench_presets()
-    p = _Parser(prog="moa-bench --decode", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="moa-bench --decode", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--models", default=",".join(models), help=f"comma-separated, of: {', '.join(models)}"
     )

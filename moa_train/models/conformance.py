@@ -72,7 +72,7 @@ def _spread_weights(model, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
-def _fail(preset: str, what: str, got: torch.Tensor, want: torch.Tensor) -> None:
+def _check_close(preset: str, what: str, got: torch.Tensor, want: torch.Tensor) -> None:
     err = (got.float() - want.float()).abs().max().item()
     if not err <= ATOL:
         raise AssertionError(f"{preset}: {what} differs from the full forward by {err:.3g}")
@@ -90,10 +90,8 @@ def check_lm(preset: str, seed: int = 0, **keys) -> str:
     prompts = idx[:, : max(lengths)].clone()
     for r, n in enumerate(lengths):
         prompts[r, n:] = PAD
-    steps = open_steps(lm, 3, max(lengths) + new, "cpu")
     warned = []
-    steps.warn = warned.append
-    with steps:
+    with open_steps(lm, 3, max(lengths) + new, "cpu", warn=warned.append) as steps:
         got = [steps.prefill(prompts, torch.tensor(lengths))]
         for j in range(new - 1):
             row_tokens = idx[torch.arange(3), torch.tensor(lengths) + j]
@@ -106,7 +104,7 @@ def check_lm(preset: str, seed: int = 0, **keys) -> str:
     got = torch.stack(got, 1)
     for r, n in enumerate(lengths):
         want, _ = lm(idx[r : r + 1, : n + new - 1])
-        _fail(preset, f"cached decoding (row {r}, prompt {n})", got[r], want[0, n - 1 :])
+        _check_close(preset, f"cached decoding (row {r}, prompt {n})", got[r], want[0, n - 1 :])
     # greedy tokens: the cached steps against full forwards
     tokens = []
     for strategy in ("steps", "recompute"):
@@ -144,7 +142,7 @@ def check_seq2seq(preset: str, seed: int = 0, **keys) -> str:
     full = model.decode(tgt, memory, mask)
     with open_steps(model, len(src_lengths), 8, "cpu", memory=memory, src_mask=mask) as steps:
         got = torch.stack([steps.step(tgt[:, t]) for t in range(8)], 1)
-    _fail(preset, "cached decoder steps", got, full)
+    _check_close(preset, "cached decoder steps", got, full)
     # an EOS that ends the greedy hypotheses at different steps
     free = greedy_search(model, src, mask, BOS, -1, PAD, 10, use_cache=False)
     eos = max(

@@ -166,6 +166,12 @@ def decode_loop(steps: Steps, logits: Tensor, budget: int, draw, on_token=None) 
     return out
 
 
+def bucket_span(position: int, max_len: int, bucket: int) -> int:
+    """The span a step at `position` attends over: position + 1 rounded up to a multiple of
+    `bucket`, at most max_len."""
+    return min(max_len, -(-(position + 1) // bucket) * bucket)
+
+
 def decode_spans(prompt_len: int, new_tokens: int, bucket: int) -> list:
     """[(span, steps)] in decoding order: step s writes position prompt_len + s and attends over the
     first `span` positions, its position + 1 rounded up to a multiple of `bucket` (at most
@@ -174,7 +180,7 @@ def decode_spans(prompt_len: int, new_tokens: int, bucket: int) -> list:
         return [(None, new_tokens)]
     max_len, out = prompt_len + new_tokens, []
     for pos in range(prompt_len, max_len):
-        span = min(max_len, -(-(pos + 1) // bucket) * bucket)
+        span = bucket_span(pos, max_len, bucket)
         if out and out[-1][0] == span:
             out[-1] = (span, out[-1][1] + 1)
         else:
@@ -201,8 +207,8 @@ def _warm(fn, device: torch.device, n: int = 3) -> None:
 
 class Compiled(Cached):
     """Compiled decode steps of an LM, on CUDA each captured in a CUDA graph, one per span bucket;
-    built once per (model, batch, max_len, dtype, bucket) and reused (`_COMPILED`). Rows cannot be
-    selected (a graph holds its tensors)."""
+    built once per (batch, max_len, dtype, bucket) and kept on the model (`compiled_steps`). Rows
+    cannot be selected (a graph holds its tensors)."""
 
     def __init__(self, model, cache, bucket: int, device: torch.device, backend: str):
         super().__init__(model, cache)
@@ -230,8 +236,7 @@ class Compiled(Cached):
 
         if self.graphs:
             _warm(warm_step, self.device)
-            self.cache.lengths.copy_(lengths)
-            graph = torch.cuda.CUDAGraph()
+            graph = torch.cuda.CUDAGraph()  # captured, not run: lengths are put back below
             with torch.cuda.graph(graph):
                 step()
             run = graph.replay
@@ -244,9 +249,7 @@ class Compiled(Cached):
         return run
 
     def _span(self) -> int | None:
-        if not self.bucket:
-            return None
-        return min(self.cache.max_len, -(-(self.span + 1) // self.bucket) * self.bucket)
+        return bucket_span(self.span, self.cache.max_len, self.bucket) if self.bucket else None
 
     def step(self, tokens: Tensor) -> Tensor:
         if self.fallback is not None:
@@ -296,9 +299,7 @@ def release_compiled(model) -> None:
     modules decode (e.g. `generation.set_inference_routing`), since a kept graph replays the code
     it captured."""
     kept = model.__dict__.pop("compiled_steps", {})
-    for steps in kept.values():
-        steps.cache.detach()
-    if kept:
+    if any(steps.cache is model.cache for steps in kept.values()):
         model.release_cache()
 
 

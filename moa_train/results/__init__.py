@@ -2,7 +2,7 @@
 records.
 
 What every driver guarantees (docs/reliability.md): its arguments and its moa-train overrides are
-checked in-process before anything is written (`refuse`: one `error: ...` line, exit 2); new run
+checked in-process before anything is written (`fail`: one `error: ...` line, exit 2); new run
 records are built in <runs-dir>/.staging/ and replace the old ones only once the new set is
 complete (`Staging`), so a failed or interrupted driver leaves the old records and tables as they
 were; tables are written only from a complete set of evaluated records, each file by
@@ -23,23 +23,11 @@ from collections import deque
 from pathlib import Path
 from typing import NamedTuple, NoReturn
 
+from moa_train.errors import fail
 from moa_train.io import atomic_write, atomic_write_text
 from moa_train.paths import repo_root
 
 STAGING = ".staging"  # beside the records, in the runs dir: renames stay on one file system
-
-
-def refuse(message: str, code: int = 2) -> NoReturn:
-    """End the driver with one `error: ...` line: exit 2 for bad input, 1 for runs that failed."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block): `error: --jobs: must be ...`, exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        refuse(message.removeprefix("argument "))
 
 
 def positive_int(text: str) -> int:
@@ -92,9 +80,9 @@ def check_overrides(runs: list, world_size: int = 1) -> None:
             parse(overrides)
             validate(compose_train(overrides, return_hydra_config=True), world_size)
     except PluginError as exc:
-        refuse(str(exc))
+        fail(str(exc))
     except (HydraException, OmegaConfBaseException, ConfigError) as exc:
-        refuse(describe(exc))
+        fail(describe(exc))
 
 
 def check_writable(**folders) -> None:
@@ -107,7 +95,7 @@ def check_writable(**folders) -> None:
         try:
             writable(folder, "--" + option.replace("_", "-"))
         except ConfigError as exc:
-            refuse(str(exc))
+            fail(str(exc))
 
 
 def old_runs(folder: Path, row: str, seeds=None) -> list:
@@ -121,7 +109,7 @@ def old_runs(folder: Path, row: str, seeds=None) -> list:
 
 
 def unfinished(names: list, staging: Path, hint: str = "") -> NoReturn:
-    refuse(
+    fail(
         f"{len(names)} run(s) failed or did not finish: {', '.join(names)}; the old records and "
         f"tables are unchanged; the new runs (with the failed ones' logs) are in {staging}{hint}",
         code=1,
@@ -139,7 +127,7 @@ class Staging:
         self.root = runs_dir / STAGING
         self.replaced = self.root / ".replaced"  # old records, until the new ones are all in place
         if self.replaced.exists():  # a commit was cut short: these may be the only copies
-            refuse(
+            fail(
                 f"{self.replaced} holds old records that an interrupted driver was replacing; move "
                 f"them back into {runs_dir} (or delete them), then rerun"
             )
@@ -188,7 +176,7 @@ def evaluated(summary: Path, name: str) -> Path:
     partial set)."""
     path = summary.parent / name
     if not path.is_file():
-        refuse(
+        fail(
             f"{summary.parent}: a run record without {name} (its evaluation never ran); rerun its "
             "row, or remove the folder"
         )
@@ -196,7 +184,7 @@ def evaluated(summary: Path, name: str) -> Path:
 
 
 def no_records(runs_dir: Path, what: str = "runs") -> NoReturn:
-    refuse(f"--runs-dir: no {what} under {runs_dir}; nothing to build the tables from")
+    fail(f"--runs-dir: no {what} under {runs_dir}; nothing to build the tables from")
 
 
 def write_text(path: Path, text: str) -> None:

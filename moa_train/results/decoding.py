@@ -21,8 +21,9 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from moa_train.errors import Parser, fail
 from moa_train.paths import repo_root
-from moa_train.results import Parser, check_writable, comma_list, positive_int, refuse, write_text
+from moa_train.results import check_writable, comma_list, positive_int, write_text
 
 ROOT = repo_root()
 OUT = ROOT / "docs/results/translation_decoding.json"
@@ -169,14 +170,14 @@ def check_run(run: Path) -> None:
     from moa_train.train.tasks import saved_task
 
     if not checkpoints_in(run):
-        refuse(
+        fail(
             f"{run}: no checkpoint (checkpoints/step_*.pt); give translation run folders that "
             "hold checkpoints"
         )
     saved = run / ".hydra" / "config.yaml"
     task = saved_task(yaml.safe_load(saved.read_text())) if saved.is_file() else "translation"
     if task != "translation":
-        refuse(f"{run}: a {task} run; decoding times need translation runs")
+        fail(f"{run}: a {task} run; decoding times need translation runs")
 
 
 def main(argv=None) -> None:
@@ -217,7 +218,7 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        refuse("--device: cuda, but torch sees no GPU; use --device cpu")
+        fail("--device: cuda, but torch sees no GPU; use --device cpu")
     for run in args.runs:
         check_run(run)
     check_writable(out=args.out.parent)

@@ -33,11 +33,11 @@ import math
 import statistics
 from pathlib import Path
 
+from moa_train.errors import Parser
 from moa_train.paths import repo_root
 from moa_train.results import (
     STAGING,
     Job,
-    Parser,
     Staging,
     check_overrides,
     check_writable,

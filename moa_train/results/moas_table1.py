@@ -29,10 +29,10 @@ import statistics
 import sys
 from pathlib import Path
 
+from moa_train.errors import Parser
 from moa_train.paths import repo_root
 from moa_train.results import (
     Job,
-    Parser,
     Staging,
     check_overrides,
     check_writable,

@@ -26,16 +26,15 @@ import sys
 from pathlib import Path
 
 from moa_train.config import applicable, presets
+from moa_train.errors import Parser, fail
 from moa_train.paths import repo_root
 from moa_train.plugins import load_plugins
 from moa_train.results import (
-    Parser,
     Staging,
     check_overrides,
     check_writable,
     no_records,
     positive_int,
-    refuse,
     results_meta,
     summaries,
     unfinished,
@@ -128,7 +127,7 @@ def measure(run_dir: Path) -> dict:
     windows = [r for r in lines if "perf/tokens_per_s" in r]
     steady = windows[1:]
     if not steady:
-        refuse(f"{run_dir} logged fewer than two training windows; rerun it with more --steps")
+        fail(f"{run_dir} logged fewer than two training windows; rerun it with more --steps")
     return {
         "model": run_dir.name.rpartition("-")[0],
         "gpus": summary["world_size"],
@@ -226,9 +225,9 @@ def check(args) -> None:
     args.models, args.gpus = list(dict.fromkeys(args.models)), list(dict.fromkeys(args.gpus))
     unknown = [m for m in args.models if m not in presets()]
     if unknown:
-        refuse(f"--models: unknown {', '.join(unknown)}; allowed: {', '.join(presets())}")
+        fail(f"--models: unknown {', '.join(unknown)}; allowed: {', '.join(presets())}")
     if args.steps < 2 * args.log_interval:
-        refuse(
+        fail(
             f"--steps: {args.steps} logs fewer than two windows of --log-interval "
             f"{args.log_interval} (the first holds compilation); give at least "
             f"{2 * args.log_interval}"

@@ -35,11 +35,11 @@ from pathlib import Path
 
 import yaml
 
+from moa_train.errors import Parser, fail
 from moa_train.paths import config_dir, repo_root
 from moa_train.results import (
     STAGING,
     Job,
-    Parser,
     Staging,
     check_overrides,
     check_writable,
@@ -49,7 +49,6 @@ from moa_train.results import (
     old_runs,
     positive_int,
     previous_meta,
-    refuse,
     results_meta,
     run_command,
     run_jobs,
@@ -402,7 +401,7 @@ def main(argv=None) -> None:
         parts = PARTS if "all" in args.part else args.part
         planned = plan(parts, args.rows, args.seed_list or list(range(args.seeds)))
         if not planned:
-            refuse(
+            fail(
                 f"--part {','.join(args.part)} with --rows {','.join(args.rows)}: no run to "
                 f"train (the {WMT[0]} part has the {WMT[1]} row only)"
             )
