@@ -1,7 +1,8 @@
-"""Every command line the README shows runs as written (with tiny step counts added), except those
-it marks `[GPU]`, `[multi-node]`, `[full run]` (a paper's whole reproduction) or `[SLURM]` (a
-cluster's scheduler). The lines of one README section run in order in one fresh folder, so a later
-line can use what an earlier one made (a run folder, a sweep)."""
+"""Every command line the README and the docs/ pages (docs/*.md; results/ left out) show runs as
+written (with tiny step counts added), except those they mark `[GPU]`, `[multi-node]`, `[full run]`
+(a paper's whole reproduction) or `[SLURM]` (a cluster's scheduler). The lines of one section (a
+page's `## ` heading) run in order in one fresh folder, so a later line can use what an earlier one
+made (a run folder, a sweep)."""
 
 from __future__ import annotations
 
@@ -36,19 +37,24 @@ ENTRY = {
 }
 
 
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
 def readme_commands() -> dict:
-    """{section heading: [(command line, its comment)]} of the README's bash blocks, continuations
-    joined."""
+    """{"page: section heading": [(command line, its comment)]} of the bash blocks of the README and
+    the docs/ pages, continuations joined."""
     sections, heading, block = {}, None, False
-    lines = (REPO / "README.md").read_text(encoding="utf-8").replace("\\\n", " ").splitlines()
-    for line in lines:
-        if line.startswith("## "):
-            heading = line[3:].strip()
-        elif line.startswith("```"):
-            block = line.strip() == "```bash"
-        elif block and line.strip() and not line.lstrip().startswith("#"):
-            command, _, comment = line.partition(" # ")
-            sections.setdefault(heading, []).append((command.strip(), comment.strip()))
+    for page in PAGES:
+        heading = f"{page.relative_to(REPO)}"
+        lines = page.read_text(encoding="utf-8").replace("\\\n", " ").splitlines()
+        for line in lines:
+            if line.startswith("## "):
+                heading = f"{page.relative_to(REPO)}: {line[3:].strip()}"
+            elif line.startswith("```"):
+                block = line.strip() == "```bash"
+            elif block and line.strip() and not line.lstrip().startswith("#"):
+                command, _, comment = line.partition(" # ")
+                sections.setdefault(heading, []).append((command.strip(), comment.strip()))
     return sections
 
 

@@ -28,6 +28,15 @@ elif [ "$part" = 2 ]; then
   new 190 mha --hf-only --hf-settings static
 elif [ "$part" = 3 ]; then
   new 330 mha --hf-only --no-hf --cli
+elif [ "$part" = 5 ]; then  # next session: the variants call 1 left without an old/new pair
+  date -u +%T > "$out/times.txt"
+  base 170 moas_dynamic,moas_kv; date -u +%T >> "$out/times.txt"
+  new 390 moas_dynamic,moas_kv --no-hf; date -u +%T >> "$out/times.txt"
+elif [ "$part" = 6 ]; then  # gqa re-measured without the per-step logits copy; moas_kv again
+  date -u +%T > "$out/times.txt"
+  base 150 gqa,moas_kv; date -u +%T >> "$out/times.txt"
+  new 300 gqa,moas_kv --no-hf; date -u +%T >> "$out/times.txt"
+  base 100 moas_kv; date -u +%T >> "$out/times.txt"
 else  # what device time allowed after call 1: no old-code rows
   new 240 mha,moas_dynamic,moas_kv --no-hf
   new 130 mha --hf-only --hf-settings static
