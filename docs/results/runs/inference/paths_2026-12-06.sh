@@ -37,6 +37,10 @@ elif [ "$part" = 6 ]; then  # gqa re-measured without the per-step logits copy; 
   base 150 gqa,moas_kv; date -u +%T >> "$out/times.txt"
   new 300 gqa,moas_kv --no-hf; date -u +%T >> "$out/times.txt"
   base 100 moas_kv; date -u +%T >> "$out/times.txt"
+elif [ "$part" = 7 ]; then  # parts 5 and 6 in one call, when only one call can be had
+  date -u +%T > "$out/times.txt"
+  base 170 moas_kv,moas_dynamic,gqa; date -u +%T >> "$out/times.txt"
+  new 390 moas_kv,moas_dynamic,gqa --no-hf; date -u +%T >> "$out/times.txt"
 else  # what device time allowed after call 1: no old-code rows
   new 240 mha,moas_dynamic,moas_kv --no-hf
   new 130 mha --hf-only --hf-settings static
