@@ -12,6 +12,7 @@ import pytest
 
 import moa_train
 from conftest import REPO
+from test_bad_input_generation import run_cli
 
 RUN = ("model=mha", "trainer.max_steps=6", "trainer.eval_interval=6")
 
@@ -575,26 +576,13 @@ def test_a_stream_with_a_stop_string_hands_over_the_cut_completion(live):
         moa_train.generate(model, tok, ["a", "b"], stream=print)
 
 
-def in_process(capsys, *args) -> tuple:
-    """(exit code, stdout, stderr lines) of `moa-generate ARGS` run in this process."""
-    from moa_train.generation import main
-
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as stopped:
-        code = stopped.code
-    out = capsys.readouterr()
-    return code, out.out, [line for line in out.err.splitlines() if line.strip()]
-
-
 def test_blank_lines_of_a_prompt_file_are_empty_prompts_with_a_note(
     char_run, loaded, tmp_path, capsys
 ):
     model, tok = loaded
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The \n\nIn\n", encoding="utf-8")
-    code, out, err = in_process(
+    code, out, err = run_cli(
         capsys, char_run, "--prompt-file", prompts, "--max-new-tokens", "4", "--greedy"
     )
     assert code == 0, err
@@ -610,18 +598,18 @@ def test_blank_lines_of_a_prompt_file_are_empty_prompts_with_a_note(
 def test_moa_generate_samples_stops_and_windows(char_run, loaded, capsys):
     model, tok = loaded
     args = (char_run, "--prompt", "The ", "--max-new-tokens", "40", "--device", "cpu")
-    code, out, err = in_process(capsys, *args, "--num-samples", "2", "--seed", "0", "--top-k", "0")
+    code, out, err = run_cli(capsys, *args, "--num-samples", "2", "--seed", "0", "--top-k", "0")
     assert code == 0 and out.count("The ") == 2 and out.endswith("\n\n"), err
     full = moa_train.generate(model, tok, "The ", max_new_tokens=20, greedy=True)
     stop = ["--stop", full[4:6], "--stop", r"@\n"]  # the second never comes
-    code, out, err = in_process(capsys, *args[:4], "20", "--greedy", *stop)
+    code, out, err = run_cli(capsys, *args[:4], "20", "--greedy", *stop)
     assert code == 0 and out == "The " + full[: full.find(full[4:6])] + "\n", err
-    code, out, err = in_process(capsys, *args, "--greedy", "--window", "--no-stream")
+    code, out, err = run_cli(capsys, *args, "--greedy", "--window", "--no-stream")
     assert code == 0 and len(out) == len("The ") + 40 + 1, err
     assert "sliding window on" in err[0]
-    code, out, err = in_process(capsys, *args, "--greedy")
+    code, out, err = run_cli(capsys, *args, "--greedy")
     assert code == 0 and len(out) == len("The ") + 29 + 1 and "sliding window off" in err[0]
-    code, out, err = in_process(capsys, char_run, "--prompt", "", "--max-new-tokens", "3")
+    code, out, err = run_cli(capsys, char_run, "--prompt", "", "--max-new-tokens", "3")
     assert code == 0 and len(out) == 3 + 1, err
 
 
