@@ -4,12 +4,23 @@ command line).
 Prompts are batched right-padded with per-row lengths: one prefill, then one token per row per step
 through the model's KV cache (`init_cache` / `prefill` / `decode_step`); `use_cache=False`
 (`--no-cache`) recomputes a full forward over each row every step instead, with the same results.
-Sampling: temperature, top-k, top-p (nucleus) or greedy, drawn from a torch.Generator on the model's
-device, so a seed reproduces a sample.
+Sampling: temperature, top-k, top-p (nucleus) or greedy, after an optional repetition penalty
+(transformers' semantics), drawn from a torch.Generator on the model's device, so a seed reproduces
+a sample. `num_samples` completions per prompt run as rows of one batch.
 
-Lengths: a prompt longer than model.max_seq_len is refused (one line); a row stops early when its
-next token would need a position past model.max_seq_len (the model has no embedding for it), so its
-completion may be shorter than max_new_tokens.
+Prompts: a str is one prompt (a str comes back), a list is a batch (a list comes back). An empty
+prompt generates from nothing: these tokenizers have no BOS token, so it starts after a line end
+(`start_ids`), the token that precedes every line of the training text.
+
+Lengths: with the sliding window off (the default), a prompt longer than model.max_seq_len is
+refused (one line) and a row stops early when its next token would need a position past
+model.max_seq_len (the model has no embedding for it), so its completion may be shorter than
+max_new_tokens. With `window=True` (`--window`), as nanoGPT's sample: a longer prompt keeps its last
+max_seq_len tokens, and past the limit each token is drawn from a full forward over the row's last
+max_seq_len tokens (models/decoding.Windowed).
+
+Stop strings end a row at their first occurrence in its completion, which is cut before it; when
+every row has stopped, generation ends.
 
 The tokenizer must be the one the model was trained with: a checkpoint records it (the sha256 of
 tokenizer.json and its vocabulary size) and another is refused (one line naming both files); a
@@ -20,13 +31,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
 import torch
 
 from moa_train.errors import Parser, fail
-from moa_train.models.decoding import decode_loop, open_steps, release_compiled
+from moa_train.models.decoding import Windowed, decode_loop, open_steps, release_compiled
 from moa_train.models.kv_cache import without_cudnn_attention
 
 UNK = "<unk>"
@@ -69,13 +81,13 @@ def set_inference_routing(model, mode: str) -> None:
 def pick(
     logits: torch.Tensor, temperature: float, top_k, top_p, greedy: bool, generator
 ) -> torch.Tensor:
-    """(B,) next tokens from (B, V) logits."""
+    """(B,) next tokens from (B, V) logits. top_k None or 0, top_p None or 1: off."""
     if greedy:
         return logits.argmax(-1)
     logits = logits.float()
     # at most 0 before the division, so no temperature overflows them to inf (nan in the softmax)
     logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, MIN_TEMPERATURE)
-    if top_k is not None and top_k < logits.shape[-1]:
+    if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
@@ -88,15 +100,74 @@ def pick(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def check_settings(max_new_tokens: int, temperature: float, top_k, top_p, greedy: bool) -> None:
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty (RepetitionPenaltyLogitsProcessor): the logits (B, V) of
+    tokens already in a row (`seen`, (B, V) bool: its prompt and completion so far) divided by
+    `penalty` where positive, multiplied by it where not; > 1 discourages repeats."""
+    logits = logits.float()
+    hit = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, hit, logits)
+
+
+def check_settings(
+    max_new_tokens: int,
+    temperature: float,
+    top_k,
+    top_p,
+    greedy: bool,
+    num_samples: int = 1,
+    repetition_penalty: float = 1.0,
+) -> None:
+    """ValueError (one line, starting with the setting's name) for a setting out of range."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0 (got {max_new_tokens})")
     if not greedy and not temperature > 0:
         raise ValueError(f"temperature must be > 0 (got {temperature}) unless greedy")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (got {top_k})")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0, 0 for off (got {top_k})")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1 (got {num_samples})")
+    if greedy and num_samples > 1:
+        raise ValueError(
+            f"num_samples={num_samples} needs sampling: greedy decoding gives one completion"
+        )
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, 1 for off (got {repetition_penalty})")
+
+
+def check_stops(stop) -> tuple:
+    """The stop strings as a tuple: None (none), a str or a list of str, none of them empty."""
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    for s in stops:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop strings must be non-empty str (got {s!r})")
+    return stops
+
+
+def trim(text: str, stops: tuple) -> str:
+    """`text` cut before the first occurrence of any stop string."""
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[: min(cuts)] if cuts else text
+
+
+def pending(text: str, stops: tuple) -> int:
+    """How many characters at the end of `text` may begin a stop string (held back when
+    streaming)."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def as_prompts(prompts) -> tuple:
+    """(the prompts as a list of str, whether one str was given)."""
+    if isinstance(prompts, str):
+        return [prompts], True
+    if isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts):
+        return list(prompts), False
+    kind = type(prompts).__name__
+    if isinstance(prompts, (list, tuple)):
+        kind += " holding " + ", ".join(sorted({type(p).__name__ for p in prompts}))
+    raise ValueError(f"prompts must be a str (one prompt) or a list of str (got a {kind})")
 
 
 def check_tokenizer(model, tokenizer, warn=None) -> None:
@@ -136,10 +207,25 @@ def check_tokenizer(model, tokenizer, warn=None) -> None:
         )
 
 
-def encode_prompt(tokenizer, text: str, max_seq_len: int, warn=None) -> list:
-    """The prompt's ids. Text that is not UTF-8 (lone surrogates: the bytes Python could not decode)
-    is refused. Symbols outside a vocabulary without <unk> (char) are refused, naming them; with
-    <unk> (word) they map to it and `warn(message)` is told."""
+def start_ids(tokenizer) -> list:
+    """The context an empty prompt generates from. These tokenizers have no BOS token; a line end
+    (char '\\n', word <eos>, byte-level BPE's newline) precedes every line of the training text, so
+    generating from nothing starts after one, as GPT-2 starts from <|endoftext|>. ValueError (one
+    line) for a vocabulary without it."""
+    if tokenizer.unknown("\n"):
+        raise ValueError(
+            f"an empty prompt starts after a line end, which the run's {tokenizer.kind} "
+            "vocabulary lacks: give a prompt"
+        )
+    return [int(i) for i in tokenizer.encode("\n")]
+
+
+def encode_prompt(tokenizer, text: str, max_seq_len: int, warn=None, window: bool = False) -> list:
+    """The prompt's ids; an empty one (or one of no tokens: white space in a word vocabulary)
+    starts from `start_ids`. Text that is not UTF-8 (lone surrogates: the bytes Python could not
+    decode) is refused. Symbols outside a vocabulary without <unk> (char) are refused, naming them;
+    with <unk> (word) they map to it and `warn(message)` is told. A prompt longer than max_seq_len
+    is refused, or with `window` cut to its last max_seq_len tokens (`warn` is told)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -160,31 +246,63 @@ def encode_prompt(tokenizer, text: str, max_seq_len: int, warn=None) -> list:
                 f"prompt {text[:40]!r}: {names} not in the run's {tokenizer.kind} vocabulary: "
                 f"mapped to {UNK}"
             )
-    ids = [int(i) for i in tokenizer.encode(text)]
-    if not ids:
-        raise ValueError(f"prompt {text!r} is empty: give at least one symbol")
-    if len(ids) > max_seq_len:
+    ids = [int(i) for i in tokenizer.encode(text)] or start_ids(tokenizer)
+    if len(ids) <= max_seq_len:
+        return ids
+    if not window:
         raise ValueError(
             f"prompt {text[:40]!r} is {len(ids)} tokens, longer than "
-            f"model.max_seq_len={max_seq_len}"
+            f"model.max_seq_len={max_seq_len} (a sliding window, window=True or --window, keeps "
+            "its last tokens)"
         )
-    return ids
+    if warn is not None:
+        warn(
+            f"prompt {text[:40]!r} is {len(ids)} tokens: the sliding window keeps its last "
+            f"{max_seq_len} (model.max_seq_len)"
+        )
+    return ids[-max_seq_len:]
 
 
 class _Streamer:
     """Hands each new piece of a completion to `callback`, holding back a piece that ends inside a
-    UTF-8 character (byte-level BPE)."""
+    UTF-8 character (byte-level BPE) or may begin a stop string, and nothing past a stop string."""
 
-    def __init__(self, tokenizer, callback):
-        self.tokenizer, self.callback, self.sent = tokenizer, callback, 0
+    def __init__(self, tokenizer, callback, stops: tuple = ()):
+        self.tokenizer, self.callback, self.stops, self.sent = tokenizer, callback, stops, 0
 
     def __call__(self, ids: list, final: bool = False) -> None:
         text = self.tokenizer.decode(ids)
-        if text.endswith("\ufffd") and not final:
-            return
-        if len(text) > self.sent:
-            self.callback(text[self.sent :])
-            self.sent = len(text)
+        shown = trim(text, self.stops)
+        if len(shown) == len(text) and not final:  # no stop string yet
+            if text.endswith("\ufffd"):
+                return
+            shown = text[: len(text) - pending(text, self.stops)]
+        if len(shown) > self.sent:
+            self.callback(shown[self.sent :])
+            self.sent = len(shown)
+
+
+class _Watch:
+    """`on_token` of decode_loop where stop strings or streaming need each row's new ids on the host
+    (a sync per step): True once every row holds a stop string."""
+
+    def __init__(self, tokenizer, rows: int, stops: tuple, streamer=None):
+        self.tokenizer, self.stops, self.streamer = tokenizer, stops, streamer
+        self.ids, self.done = [[] for _ in range(rows)], [False] * rows
+        # the last tokens enough to hold a stop string ending in the newest one: a token decodes
+        # to one byte or more, a character is at most 4 bytes (+3 of a character cut at the start)
+        self.tail = 4 * max(map(len, stops), default=0) + 3
+
+    def __call__(self, tokens: torch.Tensor) -> bool:
+        for row, token in enumerate(tokens.tolist()):
+            if self.done[row]:
+                continue
+            self.ids[row].append(token)
+            text = self.tokenizer.decode(self.ids[row][-self.tail :]) if self.stops else ""
+            self.done[row] = any(s in text for s in self.stops)
+        if self.streamer is not None:
+            self.streamer(self.ids[0], final=self.done[0])
+        return bool(self.stops) and all(self.done)
 
 
 @torch.no_grad()
@@ -199,20 +317,22 @@ def _generate_ids(
     warn=None,
     compile: bool | str = False,
     span_bucket: int = 0,
+    window: bool = False,
 ) -> list:
     """New ids of each prompt (lists of ids, every row given `budget` tokens, which fit
-    model.max_seq_len), through the one stepping strategy (models/decoding.py)."""
+    model.max_seq_len unless `window`), through the one stepping strategy (models/decoding.py);
+    with `window`, Windowed steps past model.max_seq_len."""
     device = next(model.parameters()).device
+    limit = model.config.max_seq_len
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     idx = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
     for row, ids in enumerate(prompts):
         idx[row, : len(ids)] = torch.tensor(ids, device=device)
     # the last token drawn is never fed back, so it needs no place in the cache
-    max_len = max(int(lengths.max()) + budget - 1, 1)
+    needed = max(int(lengths.max()) + budget - 1, 1)
+    max_len = min(needed, limit)
     if compile:  # compiled steps are kept per cache shape: round it up, so later calls reuse them
-        max_len = min(
-            model.config.max_seq_len, -(-max_len // COMPILE_LEN_ROUND) * COMPILE_LEN_ROUND
-        )
+        max_len = min(limit, -(-max_len // COMPILE_LEN_ROUND) * COMPILE_LEN_ROUND)
     steps = open_steps(
         model,
         len(prompts),
@@ -223,12 +343,47 @@ def _generate_ids(
         span_bucket=span_bucket,
         warn=warn,
     )
+    if needed > limit:  # only with `window`: the caller gives no other row such a budget
+        steps = Windowed(steps, model, len(prompts), limit, device)
     with steps:
         out = decode_loop(steps, steps.prefill(idx, lengths), budget, draw, on_token)
         note = steps.overflow_note()
     if note and warn is not None:  # once per batch, after decoding: counting them is a host sync
         warn(note)
     return torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
+
+
+def sampler(
+    prompts: list,
+    usable: int,
+    temperature: float,
+    top_k,
+    top_p,
+    greedy: bool,
+    generator,
+    repetition_penalty: float,
+    device,
+):
+    """draw(logits) -> (B,) tokens for rows starting with these prompts (lists of ids): among the
+    first `usable` ids (a model.vocab_size padded past the tokenizer's has no symbol for the
+    rest), after the repetition penalty over each row's tokens so far (1: off)."""
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(len(prompts), usable, dtype=torch.bool, device=device)
+        for row, ids in enumerate(prompts):
+            seen[row, ids] = True
+    rows = torch.arange(len(prompts), device=device)
+
+    def draw(logits):
+        logits = logits[:, :usable]
+        if seen is not None:
+            logits = penalize(logits, seen, repetition_penalty)
+        tokens = pick(logits, temperature, top_k, top_p, greedy, generator)
+        if seen is not None:
+            seen[rows, tokens] = True
+        return tokens
+
+    return draw
 
 
 def auto_compile(model, device: torch.device, steps: int) -> bool:
@@ -248,7 +403,7 @@ def auto_compile(model, device: torch.device, steps: int) -> bool:
 def generate(
     model,
     tokenizer,
-    prompts: list,
+    prompts,
     max_new_tokens: int = 200,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -260,14 +415,26 @@ def generate(
     warn=None,
     compile: bool | str | None = None,
     span_bucket: int = 0,
-) -> list:
-    """The completion (new text only) of each prompt. `stream(piece)`: each new piece of text as it
-    comes, for a single prompt. `seed`: a torch.Generator on the model's device (None: torch's
-    global RNG). `warn(message)`: told of words mapped to <unk> and of rows stopped at max_seq_len.
-    ValueError (one line) for a bad setting, a tokenizer the model was not trained with
-    (`check_tokenizer`), a prompt that is not UTF-8 or longer than model.max_seq_len, or symbols
-    outside a vocabulary without <unk>. A row stops early where its next token would need a
-    position past model.max_seq_len. A model whose vocabulary is padded past the tokenizer's
+    *,
+    num_samples: int = 1,
+    repetition_penalty: float = 1.0,
+    stop=None,
+    window: bool = False,
+):
+    """The completion (new text only) of each prompt: `prompts` a str (one prompt) gives a str, a
+    list of str gives a list; with `num_samples` > 1 each prompt's completion is a list of that
+    many. An empty prompt generates from nothing (`start_ids`). `top_k` None or 0 and `top_p` None
+    or 1 are off. `repetition_penalty`: transformers' (`penalize`), 1 off. `stop`: a str or a list
+    of str; a row ends at the first one in its completion, which is cut before it. `window`: go on
+    past model.max_seq_len as nanoGPT's sample does (see the module docstring); off: a row stops
+    early where its next token would need a position past model.max_seq_len, and a longer prompt
+    is refused. `stream(piece: str)`: called with each new piece of the completion as it comes
+    (pieces join to the completion), for one prompt and num_samples=1 only. `seed`: a
+    torch.Generator on the model's device (None: torch's global RNG). `warn(message)`: told of
+    words mapped to <unk>, of rows stopped at or sliding past max_seq_len. ValueError (one line)
+    for a bad setting, a tokenizer the model was not trained with (`check_tokenizer`), a prompt
+    that is not UTF-8 or (window off) longer than model.max_seq_len, or symbols outside a
+    vocabulary without <unk>. A model whose vocabulary is padded past the tokenizer's
     (model.vocab_size) draws among the tokenizer's ids only.
 
     `compile`: decode through the compiled step (torch.compile, and on CUDA a CUDA graph), kept on
@@ -276,65 +443,74 @@ def generate(
     only): each step attends over its position rounded up to a multiple of it, one compiled graph
     per span; 0: the whole cache, one graph. Eager steps always attend over the positions
     reached."""
-    check_settings(max_new_tokens, temperature, top_k, top_p, greedy)
-    if stream is not None and len(prompts) != 1:
-        raise ValueError(f"stream takes a single prompt (got {len(prompts)})")
+    texts, single = as_prompts(prompts)
+    check_settings(
+        max_new_tokens, temperature, top_k, top_p, greedy, num_samples, repetition_penalty
+    )
+    stops = check_stops(stop)
+    if stream is not None and len(texts) * num_samples != 1:
+        raise ValueError(
+            f"stream takes one completion: one prompt and num_samples=1 (got {len(texts)} "
+            f"prompt(s), num_samples={num_samples})"
+        )
     check_tokenizer(model, tokenizer, warn)
     limit = model.config.max_seq_len
-    ids = [encode_prompt(tokenizer, text, limit, warn) for text in prompts]
+    ids = [encode_prompt(tokenizer, text, limit, warn, window) for text in texts]
     device = next(model.parameters()).device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    usable = tokenizer.vocab_size  # ids of a model.vocab_size padded past it have no symbol
-
-    def draw(logits):
-        return pick(logits[:, :usable], temperature, top_k, top_p, greedy, generator)
-
     if compile is None:
         compile = auto_compile(model, device, max_new_tokens)
 
-    # rows of one budget run as one batch: a row may generate while its next position exists (prompt
-    # + new <= max_seq_len + 1, the last token never fed), so prompts near the limit get a batch of
-    # their own
-    budgets = [max(0, min(max_new_tokens, limit + 1 - len(p))) for p in ids]
-    for text, budget in zip(prompts, budgets, strict=True):
-        if budget < max_new_tokens and warn is not None:
+    # rows of one budget run as one batch. Window off: a row may generate while its next position
+    # exists (prompt + new <= max_seq_len + 1, the last token never fed), so prompts near the limit
+    # get a batch of their own; window on: every row its max_new_tokens
+    budgets = []
+    for text, p in zip(texts, ids, strict=True):
+        fits = max(0, min(max_new_tokens, limit + 1 - len(p)))
+        budgets.append(max_new_tokens if window else fits)
+        if fits < max_new_tokens and warn is not None:
             warn(
-                f"prompt {text[:40]!r}: stops after {budget} new tokens, at "
-                f"model.max_seq_len={limit}"
+                f"prompt {text[:40]!r}: passes model.max_seq_len={limit} after {fits} new tokens; "
+                f"sliding window on: each later token sees the last {limit} tokens only"
+                if window
+                else f"prompt {text[:40]!r}: stops after {fits} new tokens, at "
+                f"model.max_seq_len={limit} (sliding window off: window=True or --window goes on)"
             )
-    new = [None] * len(ids)
+    rows = [r for r in range(len(ids)) for _ in range(num_samples)]
+    new = [[] for _ in rows]
     for budget in dict.fromkeys(budgets):
-        rows = [r for r, b in enumerate(budgets) if b == budget]
+        batch = [i for i, r in enumerate(rows) if budgets[r] == budget]
         if budget == 0:
-            new = [[] if r in rows else n for r, n in enumerate(new)]
             continue
-        on_token = None
-        if stream is not None:
-            streamer, so_far = _Streamer(tokenizer, stream), []
-
-            def on_token(tokens, so_far=so_far, streamer=streamer):
-                so_far.append(int(tokens[0]))
-                streamer(so_far)
-
-        for row, got in zip(
-            rows,
-            _generate_ids(
-                model,
-                [ids[r] for r in rows],
-                budget,
-                use_cache,
-                draw,
-                on_token,
-                warn,
-                compile,
-                span_bucket,
-            ),
-            strict=True,
-        ):
-            new[row] = got
-        if stream is not None:
-            streamer(so_far, final=True)
-    return [tokenizer.decode(n) for n in new]
+        prompt_ids = [ids[rows[i]] for i in batch]
+        streamer = None if stream is None else _Streamer(tokenizer, stream, stops)
+        watch = None
+        if stops or streamer is not None:
+            watch = _Watch(tokenizer, len(batch), stops, streamer)
+        draw = sampler(
+            prompt_ids,
+            tokenizer.vocab_size,
+            temperature,
+            top_k,
+            top_p,
+            greedy,
+            generator,
+            repetition_penalty,
+            device,
+        )
+        got = _generate_ids(
+            model, prompt_ids, budget, use_cache, draw, watch, warn, compile, span_bucket, window
+        )
+        for i, row_ids in zip(batch, got, strict=True):
+            new[i] = row_ids
+        if streamer is not None:
+            streamer(got[0], final=True)
+    texts_out = [trim(tokenizer.decode(n), stops) for n in new]
+    out = [
+        texts_out[r * num_samples : (r + 1) * num_samples] if num_samples > 1 else texts_out[r]
+        for r in range(len(ids))
+    ]
+    return out[0] if single else out
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -345,13 +521,15 @@ def parser() -> argparse.ArgumentParser:
         prog="moa-generate",
         description="Generate text from a trained decoder-only LM run.",
         epilog="Unknown symbols: a char vocabulary has no <unk>, so a prompt character outside it "
-        "is refused "
-        "(exit 2, naming it); a word vocabulary (WikiText-2's) holds <unk>, and unknown words map "
-        "to it with a note on stderr. A prompt longer than model.max_seq_len is refused; a "
-        "completion stops early where it would pass model.max_seq_len. Prompts must be UTF-8. Runs "
-        "from before tokenizers were saved in the run folder (tokenizer.json) cannot be generated "
-        "from; a tokenizer.json that is not the one the checkpoint records is refused (checkpoints "
-        "written before they recorded it: its vocabulary size is checked, with a note).",
+        "is refused (exit 2, naming it); a word vocabulary (WikiText-2's) holds <unk>, and unknown "
+        "words map to it with a note on stderr. An empty prompt generates from nothing (after a "
+        "line end: the tokenizers have no BOS token). Sliding window off (the default): a prompt "
+        "longer than model.max_seq_len is refused and a completion stops early where it would "
+        "pass model.max_seq_len (a note says so); --window goes on as nanoGPT's sample does. "
+        "Prompts must be UTF-8. Runs from before tokenizers were saved in the run folder "
+        "(tokenizer.json) cannot be generated from; a tokenizer.json that is not the one the "
+        "checkpoint records is refused (checkpoints written before they recorded it: its "
+        "vocabulary size is checked, with a note).",
     )
     p.add_argument(
         "run_dir",
@@ -360,13 +538,23 @@ def parser() -> argparse.ArgumentParser:
         help="a run folder (with checkpoints/ and tokenizer.json)",
     )
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="the prompt text")
-    source.add_argument("--prompt-file", type=Path, help="a UTF-8 file of prompts, one per line")
+    source.add_argument("--prompt", help="the prompt text ('' generates from nothing)")
+    source.add_argument(
+        "--prompt-file",
+        type=Path,
+        help="a UTF-8 file of prompts, one per line (a blank line is an empty prompt, with a note)",
+    )
     p.add_argument(
         "--max-new-tokens",
         type=int,
         default=200,
         help="tokens to generate per prompt (default 200)",
+    )
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=1,
+        help="completions per prompt, sampled as rows of one batch (default 1)",
     )
     p.add_argument(
         "--temperature",
@@ -375,14 +563,45 @@ def parser() -> argparse.ArgumentParser:
         help=f"softmax temperature, > 0 (default 1.0); below {MIN_TEMPERATURE:.3g} it acts as "
         f"{MIN_TEMPERATURE:.3g}: greedy, ties shared",
     )
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument(
+        "--top-k", type=int, help="sample among the k most likely tokens (0 or unset: off)"
+    )
     p.add_argument(
         "--top-p",
         type=float,
-        help="nucleus sampling: the most likely tokens holding this much mass",
+        help="nucleus sampling: the most likely tokens holding this much mass (1 or unset: off)",
     )
     p.add_argument(
         "--greedy", action="store_true", help="always the most likely token (no sampling)"
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="transformers' repetition penalty: logits of tokens already in the row divided by it "
+        "where positive, multiplied where negative; > 1 discourages repeats (default 1: off)",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        metavar="TEXT",
+        help=r"end a completion at TEXT (cut before it); repeat for several; \n, \t and \\ are "
+        "read as newline, tab and backslash",
+    )
+    p.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="print the completion as its tokens come; default: on for one prompt and one sample "
+        "(the only case it takes)",
+    )
+    p.add_argument(
+        "--window",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="sliding window (nanoGPT's sample): a longer prompt keeps its last model.max_seq_len "
+        "tokens, and past it each token sees the last model.max_seq_len tokens (full forwards, "
+        "slower); default off: completions stop at model.max_seq_len",
     )
     p.add_argument("--seed", type=int, help="seed of the sampling generator (reproducible samples)")
     p.add_argument(
@@ -422,22 +641,42 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _prompts(args) -> list:
+ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    r"""--stop's text with \n, \t and \\ read as newline, tab and backslash."""
+    return re.sub(r"\\([nt\\])", lambda m: ESCAPES[m.group(1)], text)
+
+
+def _prompts(args, note) -> list:
+    """The prompts of --prompt or --prompt-file (one per line; blank lines kept as empty prompts,
+    with a note naming them)."""
     from moa_train.data.corpus import DataError, utf8
 
     try:
         if args.prompt is not None:  # argv's undecodable bytes come as lone surrogates
             return [utf8(os.fsencode(args.prompt), "--prompt")]
         raw = args.prompt_file.read_bytes()
-        lines = utf8(raw, f"--prompt-file {args.prompt_file}").splitlines()
+        prompts = utf8(raw, f"--prompt-file {args.prompt_file}").splitlines()
     except OSError as exc:
         fail(f"--prompt-file: cannot read {args.prompt_file} ({exc.strerror})")
     except DataError as exc:
         fail(str(exc))
-    prompts = [line for line in lines if line.strip()]
     if not prompts:
         fail(f"--prompt-file: {args.prompt_file} holds no prompt")
+    blank = [str(n) for n, line in enumerate(prompts, 1) if not line.strip()]
+    if blank:
+        more = f" (+{len(blank) - 10})" if len(blank) > 10 else ""
+        note(
+            f"--prompt-file {args.prompt_file}: line(s) {', '.join(blank[:10])}{more} blank: "
+            "generated from nothing, as empty prompts"
+        )
     return prompts
+
+
+def note(message):
+    print(f"note: {message}", file=sys.stderr)
 
 
 def main(argv=None) -> None:
@@ -446,10 +685,26 @@ def main(argv=None) -> None:
 
     args = parser().parse_args(argv)
     try:
-        check_settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.greedy)
+        check_settings(
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            args.greedy,
+            args.num_samples,
+            args.repetition_penalty,
+        )
+        stops = check_stops([unescape(s) for s in args.stop or ()])
     except ValueError as exc:
         fail(f"--{str(exc).replace('_', '-')}")
-    prompts = _prompts(args)
+    prompts = _prompts(args, note)
+    rows = len(prompts) * args.num_samples
+    if args.stream and rows != 1:
+        fail(
+            f"--stream prints one completion as it comes: give one prompt and --num-samples 1 "
+            f"(got {len(prompts)} prompt(s) x {args.num_samples}), or drop --stream"
+        )
+    streaming = rows == 1 and args.stream is not False
     device = (
         args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
@@ -465,10 +720,7 @@ def main(argv=None) -> None:
     except (FileNotFoundError, ValueError, CheckpointError) as exc:
         fail(str(exc).splitlines()[0])
 
-    def note(message):
-        print(f"note: {message}", file=sys.stderr)
-
-    single, started = len(prompts) == 1, []
+    started = []
 
     def stream(piece):  # the prompt first, once it is known to be accepted
         if not started:
@@ -488,16 +740,26 @@ def main(argv=None) -> None:
             args.greedy,
             args.seed,
             not args.no_cache,
-            stream if single else None,
+            stream if streaming else None,
             note,
             args.compile,
+            num_samples=args.num_samples,
+            repetition_penalty=args.repetition_penalty,
+            stop=stops,
+            window=args.window,
         )
     except ValueError as exc:
         fail(str(exc))
-    if single:
+    if streaming:
         print("" if started else prompts[0])
         return
-    for prompt, completion in zip(prompts, completions, strict=True):
+    if args.num_samples == 1:
+        completions = [[c] for c in completions]
+    pairs = [(p, c) for p, cs in zip(prompts, completions, strict=True) for c in cs]
+    if len(pairs) == 1:
+        print(pairs[0][0] + pairs[0][1])
+        return
+    for prompt, completion in pairs:
         print(f"{prompt}{completion}\n")
 
 

@@ -274,3 +274,30 @@ def test_a_vocabulary_padded_past_the_tokenizer_draws_the_tokenizers_ids_only(ch
     model = LanguageModel(m, padded).eval()
     (out,) = moa_train.generate(model, tok, ["The "], max_new_tokens=40, temperature=50.0, seed=0)
     assert len(out) == 40
+
+
+# --- issue 29: the new options' refusals ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (("--num-samples", "0"), "--num-samples must be >= 1 (got 0)"),
+        (("--num-samples", "2", "--greedy"), "--num-samples=2 needs sampling"),
+        (("--repetition-penalty", "0"), "--repetition-penalty must be > 0, 1 for off (got 0.0)"),
+        (("--top-k", "-1"), "--top-k must be >= 0, 0 for off (got -1)"),
+        (("--stop", ""), "--stop strings must be non-empty str (got '')"),
+        (("--stream", "--num-samples", "2"), "--stream prints one completion as it comes"),
+    ],
+    ids=["no samples", "greedy samples", "penalty 0", "negative top-k", "empty stop", "stream 2"],
+)
+def test_moa_generate_refuses_bad_new_options_in_one_line(char_run, extra, words, capsys):
+    assert_one_line(run_cli(capsys, char_run, "--prompt", "The ", *ARGS, *extra), words)
+
+
+def test_moa_generate_takes_an_empty_prompt_and_top_k_0(char_run, model, capsys):
+    """transformers reads them as no prompt and no top-k; both were refused."""
+    tok = moa_train.load_tokenizer(char_run)
+    want = moa_train.generate(model, tok, "", max_new_tokens=5, seed=0)
+    code, out, err = run_cli(capsys, char_run, "--prompt", "", "--top-k", "0", "--seed", "0", *ARGS)
+    assert code == 0 and out == want + "\n", (code, err)

@@ -15,6 +15,10 @@ Strategies, chosen by `open_steps`:
 - recompute: a full forward over each row's tokens at every step, for a model whose attention
   declares it cannot use a cache, a forward that ignored its cache (`CacheNotUsed`, with a warning),
   or `use_cache=False`. The same tokens, slower.
+
+`Windowed` wraps any of them for an LM that goes on past its max_seq_len (`generate(window=True)`):
+the strategy above while every row fits, then full forwards over each row's last max_seq_len tokens
+(nanoGPT's sample: the window's first token at position 0).
 """
 
 from __future__ import annotations
@@ -61,10 +65,13 @@ class Steps:
 class Recompute(Steps):
     """Each row's tokens kept, and a full forward over them at every step (right padding is
     invisible to the real tokens under the causal mask). An encoder-decoder's source (memory,
-    src_mask) goes to `model.decode`."""
+    src_mask) goes to `model.decode`. `slide`: a row holding max_len tokens drops its first to take
+    the next (a sliding window; otherwise a row never passes max_len)."""
 
-    def __init__(self, model, batch_size: int, max_len: int, device, memory=None, src_mask=None):
-        self.model, self.memory, self.src_mask = model, memory, src_mask
+    def __init__(
+        self, model, batch_size: int, max_len: int, device, memory=None, src_mask=None, slide=False
+    ):
+        self.model, self.memory, self.src_mask, self.slide = model, memory, src_mask, slide
         self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
 
@@ -80,9 +87,17 @@ class Recompute(Steps):
         self.lengths.copy_(lengths)
         return self._last_logits()
 
-    def step(self, tokens: Tensor) -> Tensor:
+    def push(self, tokens: Tensor) -> None:
+        """Append one token per row, no forward."""
+        if self.slide:
+            full = self.lengths == self.tokens.shape[1]
+            self.tokens = torch.where(full[:, None], self.tokens.roll(-1, 1), self.tokens)
+            self.lengths -= full.long()
         self.tokens[torch.arange(len(tokens), device=tokens.device), self.lengths] = tokens
         self.lengths += 1
+
+    def step(self, tokens: Tensor) -> Tensor:
+        self.push(tokens)
         return self._last_logits()
 
     def select(self, rows: Tensor) -> None:
@@ -151,16 +166,56 @@ class Cached(Steps):
         )
 
 
+class Windowed(Steps):
+    """An LM's steps past `window` positions (its max_seq_len): through `inner` (any strategy above,
+    opened for at most `window` positions) while the widest row fits, then full forwards over each
+    row's last `window` tokens, a sliding `Recompute` that has kept every row's tokens from the
+    start. Rows that still fit then decode as before (a full forward gives the cached logits)."""
+
+    def __init__(self, inner: Steps, model, batch_size: int, window: int, device):
+        self.inner, self.window, self.width, self.note = inner, window, 0, None
+        self.rest = Recompute(model, batch_size, window, device, slide=True)
+        self.mode = f"{inner.mode}, then a sliding window of {window}"
+        self.slid = False  # whether a row has passed `window` positions
+
+    def prefill(self, idx: Tensor, lengths: Tensor) -> Tensor:
+        self.width = idx.shape[1]
+        self.rest.tokens[:, : idx.shape[1]] = idx
+        self.rest.lengths.copy_(lengths)
+        return self.inner.prefill(idx, lengths)
+
+    def step(self, tokens: Tensor) -> Tensor:
+        self.width += 1
+        if self.width <= self.window:
+            self.rest.push(tokens)
+            return self.inner.step(tokens)
+        if not self.slid:  # the widest row needs position `window`: the cache has none
+            self.note, self.slid = self.inner.overflow_note(), True
+            self.inner.close()
+        return self.rest.step(tokens)
+
+    def select(self, rows: Tensor) -> None:
+        raise RuntimeError("a sliding window keeps its rows: beam search runs other steps")
+
+    def close(self) -> None:
+        if not self.slid:
+            self.inner.close()
+
+    def overflow_note(self) -> str | None:
+        return self.note if self.slid else self.inner.overflow_note()
+
+
 def decode_loop(steps: Steps, logits: Tensor, budget: int, draw, on_token=None) -> list:
     """`budget` tokens per row (B,) drawn one after the other from the logits after the prompt: the
-    loop of `generate` and `moa-bench --decode`. The last token is never fed back. No host sync
-    (unless `draw` or `on_token` makes one)."""
+    loop of `generate` and `moa-bench --decode`. The last token is never fed back.
+    `on_token(tokens)` returning True ends the loop early (every row done: a stop string). No host
+    sync (unless `draw` or `on_token` makes one)."""
     out = []
     for step in range(budget):
         tokens = draw(logits)
         out.append(tokens)
-        if on_token is not None:
-            on_token(tokens)
+        if on_token is not None and on_token(tokens):
+            break
         if step + 1 < budget:
             logits = steps.step(tokens)
     return out
