@@ -242,7 +242,9 @@ def group_runs(records: list, keys: list | None = None) -> list:
     buckets: dict = {}
     for r in records:
         if keys:
-            ident = tuple(str(OmegaConf.select(r["cfg"], k, default="?")) for k in keys)
+            ident = tuple(
+                override_text(OmegaConf.select(r["cfg"], k, default=ABSENT)) for k in keys
+            )
         else:
             ident = tuple(sorted(r["recipe"].items()))
         buckets.setdefault(ident, []).append(r)
@@ -283,7 +285,8 @@ def group_table(groups: list, columns: list) -> list:
             ]
             if values:
                 row[m] = statistics.mean(values)
-                row[m + " std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            if len(values) > 1:  # no spread from one value
+                row[m + " std"] = statistics.stdev(values)
         table.append(row)
     return table
 
@@ -320,8 +323,8 @@ def number(metric: str, value: float) -> str:
 
 
 def summary_rows(table: list, keys: list) -> tuple:
-    """(header, rows of text) of the grouped table: mean +- std where a group has several runs (a
-    parameter count's only where it varies, under --group-by)."""
+    """(header, rows of text) of the grouped table: mean +- std where several of a group's runs have
+    the metric (a parameter count's only where it varies, under --group-by)."""
     metrics = [m for m in METRICS if any(m in row for row in table)]
     rows = []
     for row in table:
@@ -330,7 +333,7 @@ def summary_rows(table: list, keys: list) -> tuple:
             if m not in row:
                 cells.append("")
                 continue
-            spread = row["runs"] > 1 and (m != "params_total" or row[m + " std"])
+            spread = m + " std" in row and (m != "params_total" or row[m + " std"])
             cells.append(number(m, row[m]) + (f" ± {number(m, row[m + ' std'])}" if spread else ""))
         rows.append(cells)
     return [*keys, "runs", *metrics], rows
@@ -572,8 +575,10 @@ CSS = (
     # (the names) staying in view
     ".table{overflow-x:auto;margin:0 0 2em}table{border-collapse:collapse;font-size:0.9em}"
     "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}\n"
-    "th{background:#eee}td.t,th:first-child{text-align:left}"
-    "td:first-child,th:first-child{position:sticky;left:0}"
+    "th{background:#eee}.t{text-align:left}"
+    # the first column stays in view when a table scrolls; a shadow draws its edge, as the
+    # collapsed border does not move with it
+    "td:first-child,th:first-child{position:sticky;left:0;z-index:1;box-shadow:inset -1px 0 #bbb}"
     "td:first-child{background:#fff}.caption{margin:0.5em 0 0.3em;color:#444;max-width:60em}\n"
     "figure{margin:1.5em 0 2.5em}.heatmaps{display:flex;flex-wrap:wrap;gap:0 2em}\n"
     ".heatmaps figure{flex:0 1 520px}figcaption{max-width:60em;color:#444}img{max-width:100%}"
@@ -587,13 +592,16 @@ NUMBER = re.compile(r"[-+]?[\d,.]+( ± [\d,.]+)?")  # right-aligned; other cells
 def html_table(header: list, rows: list, caption: str) -> str:
     """The caption above, the table in a box of its own that scrolls sideways when it is wider
     than the page."""
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    # a column of numbers (blanks aside) right-aligned, any other left
+    numeric = [
+        all(NUMBER.fullmatch(str(c)) for c in column if str(c))
+        for column in zip(*rows, strict=True)
+    ] or [False] * len(header)
+    align = ["" if n else " class=t" for n in numeric]
+    head = "".join(f"<th{a}>{html.escape(str(h))}</th>" for a, h in zip(align, header, strict=True))
     body = "".join(
         "<tr>"
-        + "".join(
-            f"<td{'' if NUMBER.fullmatch(str(c)) else ' class=t'}>{html.escape(str(c))}</td>"
-            for c in row
-        )
+        + "".join(f"<td{a}>{html.escape(str(c))}</td>" for a, c in zip(align, row, strict=True))
         + "</tr>\n"
         for row in rows
     )
@@ -717,8 +725,9 @@ def write_html(
 
 def check_group_by(records: list, keys: list) -> None:
     """A --group-by key that no run's config has (a misspelling) would pool every run under '?'."""
+    absent = object()  # not None: a key whose value is null is there
     for key in keys:
-        if all(OmegaConf.select(r["cfg"], key, default=None) is None for r in records):
+        if all(OmegaConf.select(r["cfg"], key, default=absent) is absent for r in records):
             fail(
                 f"--group-by: no run's config has the key '{key}' (a dotted key, e.g. model.name, "
                 "data.name, trainer.max_steps)"

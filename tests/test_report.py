@@ -326,8 +326,13 @@ def test_group_by_pools_as_asked_and_says_what_it_mixed(mixed_runs, tmp_path, ca
     assert "warning: group mha pools runs whose recipes differ in" in err and "data.name" in err
 
 
-def test_group_by_a_key_no_run_has_is_refused(mixed_runs, capsys):
+def test_group_by_a_key_no_run_has_is_refused(mixed_runs, capsys, tmp_path):
     from moa_train.report import main
+
+    main([str(mixed_runs), "--group-by", "model.vocab_size", "--out", str(tmp_path)])  # null: there
+    with open(tmp_path / "report.csv") as f:
+        assert [r["model.vocab_size"] for r in csv.DictReader(f)] == ["null"]
+    capsys.readouterr()
 
     with pytest.raises(SystemExit) as stop:
         main([str(mixed_runs), "--group-by", "model.nmae"])
