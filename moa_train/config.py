@@ -407,6 +407,9 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     experiment_name: str = "default"  # names the run folder and dashboards
+    # the folder of runs/<experiment_name>/ and multiruns/ (hydra.run.dir, hydra.sweep.dir);
+    # debug=tiny: outputs/debug, so that smoke runs never land beside real ones
+    outputs_dir: str = "outputs"
 
 
 def compose_train(overrides: list, return_hydra_config: bool = False):

@@ -85,7 +85,7 @@ def record_failure(run_dir: Path, message: str) -> None:
 def job_record(job_dir: Path) -> dict:
     overrides_file = job_dir / ".hydra" / "overrides.yaml"
     overrides = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
-    record = {"job": job_dir.name, "overrides": " ".join(overrides)}
+    record = {"job": job_dir.name, "overrides": overrides}
     if (job_dir / "summary.json").is_file():
         summary = json.loads((job_dir / "summary.json").read_text())
         return {**record, "status": "ok", **{k: summary[k] for k in SUMMARY_KEYS if k in summary}}
@@ -101,16 +101,28 @@ def job_record(job_dir: Path) -> dict:
     }
 
 
+def shared_overrides(records: list) -> list:
+    """The overrides every job of a sweep of several has, in the first job's order."""
+    if len(records) < 2:
+        return []
+    return [o for o in records[0]["overrides"] if all(o in r["overrides"] for r in records[1:])]
+
+
 def markdown(records: list) -> str:
+    """The jobs' table; the overrides every job shares said once above it, each row giving only the
+    ones that set it apart."""
     keys = [k for k in SUMMARY_KEYS if any(k in r for r in records)]
-    lines = [
+    shared = shared_overrides(records)
+    lines = [f"Overrides of every job: `{' '.join(shared)}`", ""] if shared else []
+    lines += [
         "| " + " | ".join(["job", "overrides", "status", *keys]) + " |",
         "|---" * (3 + len(keys)) + "|",
     ]
     for r in records:
         cells = [f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
         status = r["status"] if r["status"] == "ok" else f"failed: {r['error']}"
-        lines.append("| " + " | ".join([r["job"], r["overrides"], status, *cells]) + " |")
+        own = " ".join(o for o in r["overrides"] if o not in shared)
+        lines.append("| " + " | ".join([r["job"], own, status, *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -125,7 +137,9 @@ class SweepSummary(Callback):
             sys.exit(1)
         records = [job_record(j) for j in jobs]
         (sweep_dir / "sweep_summary.jsonl").write_text(
-            "".join(json.dumps(r) + "\n" for r in records)
+            "".join(
+                json.dumps({**r, "overrides": " ".join(r["overrides"])}) + "\n" for r in records
+            )
         )
         (sweep_dir / "sweep_summary.md").write_text(markdown(records))
         print(markdown(records), end="")

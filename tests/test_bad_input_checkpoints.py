@@ -289,6 +289,6 @@ def test_default_run_folder_is_the_one_locked(cli, tmp_path, monkeypatch):
     monkeypatch.setattr(hydra.core.utils, "datetime", Ticking)
     monkeypatch.chdir(tmp_path)
     assert cli(*FIVE, run_dir=False)[0] == 0
-    (run,) = (tmp_path / "outputs" / "runs").glob("*/*")
+    (run,) = (tmp_path / "outputs" / "debug" / "runs").glob("*/*")  # debug=tiny: a smoke run
     assert (run / ".hydra" / "config.yaml").is_file() and (run / "checkpoints").is_dir()
     assert not (run / "train.lock").exists()

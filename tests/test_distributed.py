@@ -98,7 +98,8 @@ def test_ddp_resumes_one_process_in_one_folder_and_one_process_resumes_it(
         "trainer.max_steps=10",
         f"trainer.resume={tmp_path / 'first'}",
     )
-    (run_dir,) = (launch / "outputs" / "runs").glob("*/*")  # one folder for both ranks
+    # one folder for both ranks (debug=tiny: under outputs/debug)
+    (run_dir,) = (launch / "outputs" / "debug" / "runs").glob("*/*")
     assert sorted(p.name for p in run_dir.iterdir()) == [
         ".hydra",
         "checkpoints",

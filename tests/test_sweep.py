@@ -44,10 +44,11 @@ def summary(sweep: Path) -> list:
 
 
 def only_sweep_folder(cwd: Path) -> Path:
-    folders = [
-        p for p in (cwd / "outputs" / "multiruns").rglob("*") if (p / "multirun.yaml").is_file()
-    ]
-    jobs = list((cwd / "outputs" / "multiruns").rglob(".hydra"))
+    """The one sweep folder of a debug=tiny multirun: under outputs/debug/, away from real ones."""
+    multiruns = cwd / "outputs" / "debug" / "multiruns"
+    folders = [p for p in multiruns.rglob("*") if (p / "multirun.yaml").is_file()]
+    jobs = list(multiruns.rglob(".hydra"))
+    assert not (cwd / "outputs" / "multiruns").exists()
     assert len(folders) == 1, folders
     assert all(folders[0] in job.parents for job in jobs), jobs  # every job inside it
     return folders[0]
@@ -79,7 +80,7 @@ def test_sweeping_the_model_keeps_one_sweep_folder(tmp_path):
     sweep = only_sweep_folder(tmp_path)
     # named after the experiment without what the sweep varies (quickstart-${model.name}, model
     # swept)
-    assert sweep.parent == tmp_path / "outputs" / "multiruns" / "quickstart"
+    assert sweep.parent == tmp_path / "outputs" / "debug" / "multiruns" / "quickstart"
     assert [(r["overrides"].split()[-1], r["status"]) for r in summary(sweep)] == [
         ("model=mha", "ok"),
         ("model=moa", "ok"),
@@ -98,9 +99,8 @@ def test_a_sweep_whose_jobs_all_fail_lists_them_and_exits_1(tmp_path):
     records = summary(sweep)
     assert [r["status"] for r in records] == ["failed", "failed"]
     assert (
-        (sweep / "sweep_summary.md")
-        .read_text()
-        .startswith("| job | overrides | status |\n|---|---|---|\n")
+        "\n| job | overrides | status |\n|---|---|---|\n| 0 | model=mha | failed: "
+        in (sweep / "sweep_summary.md").read_text()
     )
     assert all("data.root: missing file" in r["error"] for r in records)
 
@@ -173,3 +173,54 @@ def test_sweep_folder_is_named_without_the_swept_values(task, params, name, expe
     from moa_train.sweep import unswept_name
 
     assert unswept_name(sweep_cfg(task, params, name)) == expected
+
+
+def test_sweep_summary_gives_the_shared_overrides_once(tmp_path):
+    from moa_train.sweep import SweepSummary
+
+    shared = ["debug=tiny", "data.root='/my data'", "trainer.max_steps=2"]
+    for job, model in enumerate(("mha", "moa")):
+        folder = tmp_path / str(job)
+        (folder / ".hydra").mkdir(parents=True)
+        OmegaConf.save(
+            OmegaConf.create([*shared, f"model={model}"]), folder / ".hydra" / "overrides.yaml"
+        )
+    (tmp_path / "0" / "summary.json").write_text(json.dumps({"val/loss": 2.5, "steps": 2}))
+    (tmp_path / "1" / "error.txt").write_text("error: model.top_k: too large\n")
+    with pytest.raises(SystemExit):  # a job failed
+        SweepSummary().on_multirun_end(
+            OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+        )
+    assert (tmp_path / "sweep_summary.md").read_text().splitlines() == [
+        "Overrides of every job: `debug=tiny data.root='/my data' trainer.max_steps=2`",
+        "",
+        "| job | overrides | status | val/loss | steps |",
+        "|---|---|---|---|---|",
+        "| 0 | model=mha | ok | 2.5000 | 2 |",
+        "| 1 | model=moa | failed: error: model.top_k: too large |  |  |",
+    ]
+    # the machine-readable summary keeps each job's whole command line
+    assert [r["overrides"] for r in summary(tmp_path)] == [
+        " ".join([*shared, f"model={model}"]) for model in ("mha", "moa")
+    ]
+
+
+def test_smoke_runs_write_under_outputs_debug(cli, tmp_path, monkeypatch):
+    from moa_train.config import compose_train
+
+    def folders(*overrides):
+        hydra = compose_train(overrides, return_hydra_config=True).hydra
+        return str(hydra.run.dir), str(hydra.sweep.dir)
+
+    run, sweep = folders("model=mha")
+    assert run.startswith("outputs/runs/quickstart-mha/")
+    assert sweep.startswith("outputs/multiruns/quickstart-mha/")
+    run, sweep = folders("model=mha", "debug=tiny")
+    assert run.startswith("outputs/debug/runs/quickstart-mha/")
+    assert sweep.startswith("outputs/debug/multiruns/quickstart-mha/")
+    # a real smoke run, in Hydra's default folder under the cwd
+    monkeypatch.chdir(tmp_path)
+    assert cli("model=mha", "trainer.max_steps=2", run_dir=False)[0] == 0
+    assert [p.relative_to(tmp_path).parts[:4] for p in tmp_path.rglob("summary.json")] == [
+        ("outputs", "debug", "runs", "quickstart-mha")
+    ]
