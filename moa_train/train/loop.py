@@ -127,7 +127,8 @@ def finished_summary(cfg, run_dir: Path) -> dict | None:
     auto/true) would train no step: its newest checkpoint is at trainer.max_steps or later, or
     early stopping (still on) ended it, and summary.json was written at that step (the final
     evaluations ran). Its files are then left as they are. None where there is work to do: no
-    summary, a raised trainer.max_steps, a stop at trainer.max_time, a newer checkpoint."""
+    summary, a raised trainer.max_steps, a stop at trainer.max_time, a newer checkpoint.
+    ConfigError, as a resume, where the command changes the run's model or data."""
     t, path = cfg.trainer, Path(run_dir) / "summary.json"
     if t.resume not in (True, "true", "auto") or not path.is_file():
         return None
@@ -143,6 +144,7 @@ def finished_summary(cfg, run_dir: Path) -> dict | None:
     if reason == "max_time" or not could_be_done or not checkpoints_in(Path(run_dir)):
         return None
     _, state, _ = load_latest(Path(run_dir), mmap=True)
+    check_fixed_settings(state.get("config") or {}, cfg)  # another model is refused, as ever
     if "early_stopping" in state:
         stopper.load_state_dict(state["early_stopping"])
     done = state["step"] >= t.max_steps or stopper.done
