@@ -157,7 +157,7 @@ def finished_message(run_dir: Path, summary: dict) -> str:
     how = (
         "turn early stopping off (trainer.early_stopping.patience=null)"
         if early
-        else ("raise trainer.max_steps")
+        else "raise trainer.max_steps"
     )
     return (
         f"{run_dir}: this run finished at step {summary['steps']}"
