@@ -105,12 +105,13 @@ def main() -> None:
         # one run folder for all ranks: train.yaml's hydra.run.dir takes its time stamp from
         # MOA_RUN_STAMP
         os.environ["MOA_RUN_STAMP"] = distributed.shared_run_stamp(d)
-    lock = None
+    lock = finished = eval_dir = None
     if plain and cfg.trainer.eval_only:  # results into RUN/eval/<date_time>/, no new run folder
-        sys.argv = sys.argv[:1] + eval_only_overrides(args, cfg, eval_run.stamp())
+        overrides, eval_dir = eval_only_overrides(args, cfg, eval_run.stamp())
+        sys.argv = sys.argv[:1] + overrides
     elif plain and d.main:
         # the run folder's lock and the checks of a resume, before Hydra writes into the folder
-        lock, pinned = hold_run_folder(cfg, args)
+        lock, pinned, finished = hold_run_folder(cfg, args)
         sys.argv = sys.argv[:1] + pinned
     # rank 0 alone writes the folder's .hydra/ and train.log; the others only warn
     if d.active and not d.main:
@@ -120,10 +121,17 @@ def main() -> None:
             "hydra.job_logging.root.level=WARNING",
         ]
     try:
+        if plain and not cfg.trainer.eval_only and distributed.any_rank(finished is not None):
+            # a finished run: nothing to train, and its folder, logs included, stays as it is
+            if d.main:
+                print(finished, file=sys.stderr)
+            return
         _hydra_main()
     finally:
         if lock is not None:
             lock.release()
+        if eval_dir is not None and d.main:  # an evaluation that failed leaves no folder
+            eval_run.discard_unfinished(eval_dir)
         distributed.shutdown()
 
 

@@ -251,13 +251,15 @@ def _job(cfg):
 
 
 def hold_run_folder(cfg, overrides: list) -> tuple:
-    """(lock, overrides) of a plain training run, before Hydra writes anything into its folder
-    (.hydra/, the log): the folder's lock, taken now and held until the process ends (the trainer
-    takes it again, in this process), then what can refuse a resume there (check_resume). Exit 2
-    with one line if either refuses, the folder as it was. The overrides name the folder as
-    resolved now: the default one's time stamp, resolved again by Hydra, could be a second later."""
+    """(lock, overrides, finished) of a plain training run, before Hydra writes anything into its
+    folder (.hydra/, the log): the folder's lock, taken now and held until the process ends (the
+    trainer takes it again, in this process), then what can refuse a resume there (check_resume).
+    Exit 2 with one line if either refuses, the folder as it was. The overrides name the folder as
+    resolved now: the default one's time stamp, resolved again by Hydra, could be a second later.
+    `finished`: the line to print where the folder holds a finished run that this command would
+    not change (loop.finished_summary), else None."""
     from moa_train.train.checkpoint import CheckpointError
-    from moa_train.train.loop import check_resume
+    from moa_train.train.loop import check_resume, finished_message, finished_summary
     from moa_train.train.runlock import RunLock
 
     folder = Path(os.path.expanduser(str(cfg.hydra.run.dir)))
@@ -273,6 +275,8 @@ def hold_run_folder(cfg, overrides: list) -> tuple:
     try:
         lock = RunLock(folder).acquire()
         check_resume(_job(cfg), folder)
+        summary = finished_summary(_job(cfg), folder)
+        finished = None if summary is None else finished_message(folder, summary)
     except (ConfigError, CheckpointError) as exc:
         if lock is not None:
             lock.release()
@@ -283,7 +287,7 @@ def hold_run_folder(cfg, overrides: list) -> tuple:
     finally:
         quiet.disabled = False
     kept = [o for o in overrides if o.lstrip("+~").partition("=")[0] != "hydra.run.dir"]
-    return lock, [*kept, f"hydra.run.dir={_quote(str(folder))}"]
+    return lock, [*kept, f"hydra.run.dir={_quote(str(folder))}"], finished
 
 
 def _quote(value: str) -> str:
@@ -293,13 +297,14 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def eval_only_overrides(overrides: list, cfg, stamp: str) -> list:
-    """The overrides of a plain `trainer.eval_only=true` run, redirected so that Hydra writes into
-    RUN/eval/<stamp>/ (eval.log, .hydra/) and nowhere else: RUN is trainer.resume's run folder, or
-    with trainer.resume=auto/true the hydra.run.dir given (whose checkpoint is evaluated). A
-    hydra.run.dir given beside a trainer.resume=PATH is kept as the output folder. Exit 2 with one
-    line where there is no checkpoint or the command line asks for another model than the run's,
-    before any folder exists."""
+def eval_only_overrides(overrides: list, cfg, stamp: str) -> tuple:
+    """(overrides, evaluation folder) of a plain `trainer.eval_only=true` run, redirected so that
+    Hydra writes into RUN/eval/<stamp>/ (eval.log, .hydra/) and nowhere else: RUN is
+    trainer.resume's run folder, or with trainer.resume=auto/true the hydra.run.dir given (whose
+    checkpoint is evaluated). A hydra.run.dir given beside a trainer.resume=PATH is kept as the
+    output folder (the evaluation folder is then None: not ours to remove if the evaluation fails).
+    Exit 2 with one line where there is no checkpoint or the command line asks for another model
+    than the run's, before any folder exists."""
     from moa_train.train.checkpoint import CheckpointError
     from moa_train.train.eval_run import prepare, run_folder
 
@@ -316,9 +321,9 @@ def eval_only_overrides(overrides: list, cfg, stamp: str) -> list:
         for o in overrides
         if not (o.startswith("trainer.resume=") or (o.startswith("hydra.run.dir=") and not by_path))
     ]
-    out = (
-        []
-        if by_path and given_dir
-        else [f"hydra.run.dir={_quote(str(run_folder(target) / 'eval' / stamp))}"]
+    folder = None if by_path and given_dir else run_folder(target) / "eval" / stamp
+    out = [] if folder is None else [f"hydra.run.dir={_quote(str(folder))}"]
+    return (
+        kept + out + [f"trainer.resume={_quote(str(target.absolute()))}", "hydra.job.name=eval"],
+        folder,
     )
-    return kept + out + [f"trainer.resume={_quote(str(target.absolute()))}", "hydra.job.name=eval"]

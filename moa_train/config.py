@@ -8,9 +8,11 @@ before any work starts.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -306,6 +308,16 @@ class ScheduleConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Stop a run whose validation metric (the task's: val/loss) has stopped improving."""
+
+    # stop after this many validations in a row that do not lower the metric below its best by more
+    # than min_delta; null or 0 = off
+    patience: int | None = None
+    min_delta: float = 0.0  # the smallest fall of the metric that counts as an improvement
+
+
+@dataclass
 class TrainerConfig:
     device: str = "auto"  # auto (cuda if present) | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 (autocast)
@@ -350,6 +362,10 @@ class TrainerConfig:
     # stop the run (checked at log and save steps, so up to log_interval - 1 more skipped steps run
     # first)
     max_bad_steps: int = 10
+    # this process's wall-clock limit: a checkpoint is written and the run stops (resumable) after
+    # the first step past it; seconds (5400) or "DD:HH:MM:SS" ("00:01:30:00"); null = no limit
+    max_time: Any = None
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass
@@ -466,6 +482,34 @@ def _divisors(n: int) -> str:
     return ", ".join(
         [*map(str, small[:DIVISORS_SHOWN]), middle, *map(str, large[-DIVISORS_SHOWN:])]
     )
+
+
+DURATION = re.compile(r"(\d+):(\d+):(\d+):(\d+)")
+
+
+def parse_duration(value: Any, key: str = "trainer.max_time") -> float | None:
+    """Seconds of a duration given as a number of seconds or "DD:HH:MM:SS" (as Lightning's
+    max_time); None for null. ConfigError naming `key` otherwise."""
+    if value is None:
+        return None
+    seconds = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if (parts := DURATION.fullmatch(text)) is not None:
+            days, hours, minutes, secs = map(int, parts.groups())
+            seconds = float(((days * 24 + hours) * 60 + minutes) * 60 + secs)
+        else:
+            with contextlib.suppress(ValueError):
+                seconds = float(text)
+    _check(
+        seconds is not None and math.isfinite(seconds) and seconds > 0,
+        key,
+        f"got {value!r}; allowed: null, a positive number of seconds (5400) or DD:HH:MM:SS "
+        '("00:01:30:00")',
+    )
+    return seconds
 
 
 def _positive_or_null(value: Any, key: str) -> None:
@@ -657,6 +701,18 @@ def validate(cfg) -> None:
     )
     _check_backend(t.compile_backend)
     _check(t.max_bad_steps >= 1, "trainer.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
+    parse_duration(t.max_time)
+    stopping = t.early_stopping
+    _check(
+        stopping.patience is None or stopping.patience >= 0,
+        "trainer.early_stopping.patience",
+        f"must be a number of validations >= 0 (null or 0 = off), got {stopping.patience}",
+    )
+    _check(
+        stopping.min_delta >= 0,
+        "trainer.early_stopping.min_delta",
+        f"must be >= 0, got {stopping.min_delta}",
+    )
     _check(
         0.0 <= t.label_smoothing < 1.0,
         "trainer.label_smoothing",

@@ -91,6 +91,19 @@ OVERRIDES = {
     "negative grad clip": ("trainer.grad_clip=-1", ["trainer.grad_clip", "positive or null"]),
     "no checkpoints kept": ("trainer.keep_checkpoints=0", ["trainer.keep_checkpoints", ">= 1"]),
     "zero max_bad_steps": ("trainer.max_bad_steps=0", ["trainer.max_bad_steps", ">= 1"]),
+    "max_time in another format": (
+        "trainer.max_time=1h30m",
+        ["trainer.max_time", "got '1h30m'", "seconds (5400) or DD:HH:MM:SS"],
+    ),
+    "zero max_time": ("trainer.max_time=0", ["trainer.max_time", "got 0", "positive"]),
+    "negative patience": (
+        "trainer.early_stopping.patience=-1",
+        ["trainer.early_stopping.patience", ">= 0"],
+    ),
+    "negative min_delta": (
+        "trainer.early_stopping.min_delta=-0.1",
+        ["trainer.early_stopping.min_delta", ">= 0"],
+    ),
     "fp32 grouped MoA in a CUDA graph": (
         "model=moa model.expert_matmul=grouped trainer.cuda_graphs=true",
         ["model.expert_matmul", "use auto, dense"],

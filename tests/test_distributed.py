@@ -318,6 +318,41 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step(
     assert_same_run(records, reference)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_max_time_and_early_stopping_stop_every_rank_at_one_step(data_root, cache_dir, tmp_path):
+    """trainer.max_time: the ranks agree at a log step, in the all-reduce that agrees on signals;
+    early stopping: at a validation. The finished run's command, run again, ends on every rank
+    before anything is written (no rank waits for another)."""
+    run_dir = tmp_path / "run"
+    common = (
+        "debug=tiny",
+        "model=mha",
+        *COMMON[:1],
+        "trainer.max_steps=20",
+        "trainer.log_interval=5",
+        "trainer.eval_interval=5",
+        f"hydra.run.dir={run_dir}",
+    )
+    torchrun(tmp_path, data_root, cache_dir, *common, "trainer.max_time=0.000001")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stop_reason"] == "max_time" and summary["steps"] == 5  # the first log step
+    assert summary["world_size"] == 2
+    assert [p.name for p in (run_dir / "checkpoints").glob("step_*.pt")] == ["step_0000005.pt"]
+
+    # validations at 5 (the best) and 10 (not 100 nats lower): stopped at 10
+    early = ("trainer.early_stopping.patience=1", "trainer.early_stopping.min_delta=100")
+    torchrun(tmp_path, data_root, cache_dir, *common, *early)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stop_reason"] == "early_stopping" and summary["steps"] == 10
+    assert "test/loss" in summary
+
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    out = torchrun(tmp_path, data_root, cache_dir, *common, *early)
+    assert "this run finished at step 10 (early stopping)" in out
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.gpu
 @pytest.mark.distributed
 @pytest.mark.slow

@@ -161,7 +161,9 @@ def wandb_names(cfg, overrides: list) -> dict:
 
 class WandbSink:
     """The run's files go under the run folder (wandb/); a resumed run continues the same W&B run by
-    its id."""
+    its id. Everything goes to a step the run has logged: the charts and figures of the end to its
+    last step (W&B puts a log without a step at the next one, a step the run never had, and drops
+    one at an earlier step than it has seen)."""
 
     def __init__(self, cfg, run_dir: Path, config: dict, run_id: str | None, overrides: list):
         import wandb
@@ -178,8 +180,10 @@ class WandbSink:
         self.run_id = self.run.id
         # site -> choice -> [(step, share)], for the per-layer utilisation charts
         self.util: dict = {}
+        self.step = 0  # the last step logged
 
     def log(self, step: int, metrics: dict) -> None:
+        self.step = max(self.step, step)
         self.run.log(metrics, step=step)
         for key, value in metrics.items():
             if key.startswith("routing/util/"):
@@ -187,7 +191,7 @@ class WandbSink:
                 self.util.setdefault(site, {}).setdefault(choice, []).append((step, value))
 
     def log_figure(self, step: int, name: str, figure) -> None:
-        self.run.log({name: self.wandb.Image(figure)}, step=step)
+        self.run.log({name: self.wandb.Image(figure)}, step=max(step, self.step))
 
     def close(self) -> None:
         """One line chart per routed site: each choice's share over training."""
@@ -200,7 +204,7 @@ class WandbSink:
                 title=f"utilisation {site}",
                 xname="step",
             )
-            self.run.log({f"charts/utilisation/{site}": chart})
+            self.run.log({f"charts/utilisation/{site}": chart}, step=self.step)
         self.run.finish()
         # finish() returns before wandb's service has closed the run's file (it finishes the file
         # later, or at exit, which a launcher's worker process may skip): shutting the service down

@@ -156,14 +156,17 @@ def full(t: torch.Tensor) -> torch.Tensor:
 # --- collectives ----------------------------------------------------------------------------------
 
 
-def agreed_signal(received: int | None, d: Dist) -> int | None:
-    """The stop signal any rank has received (None if none), the same answer on every rank: one
-    small all-reduce, so that all ranks write their checkpoint and stop at the same step."""
+def agreed_stop(received: int | None, out_of_time: bool, d: Dist) -> tuple:
+    """(the stop signal any rank has received or None, whether any rank is past trainer.max_time):
+    the same answer on every rank, from one small all-reduce, so that all ranks write their
+    checkpoint and stop at the same step."""
     if not d.active:
-        return received
-    flag = torch.tensor(received or 0)  # a CPU tensor: init() always gives the group gloo for those
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item()) or None
+        return received, out_of_time
+    # a CPU tensor: init() always gives the group gloo for those
+    flags = torch.tensor([received or 0, int(out_of_time)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    signum, late = flags.tolist()
+    return signum or None, bool(late)
 
 
 def global_max(x: torch.Tensor) -> int:
@@ -174,6 +177,11 @@ def global_max(x: torch.Tensor) -> int:
     x = x.clone()
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return int(x.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any rank: the same answer on every rank."""
+    return global_max(torch.tensor(int(flag))) > 0
 
 
 def local_part(p: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ they are.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from pathlib import Path
@@ -131,6 +132,19 @@ def saved_config(target: Path) -> tuple:
 
     path, state, _ = load_latest(target, "cpu", key="trainer.eval_only")
     return path, state["config"]
+
+
+def discard_unfinished(folder: Path) -> None:
+    """Remove the evaluation folder `folder` (RUN/eval/<date_time>/) unless it holds eval.json: an
+    evaluation that failed leaves no folder holding only its log (the error was printed), and
+    RUN/eval/ goes too where it is then empty. Earlier evaluations' folders stay."""
+    import shutil
+
+    if (folder / "eval.json").is_file():
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty: earlier evaluations
+        folder.parent.rmdir()
 
 
 def prepare(cfg, run_dir: Path, overrides: list | None = None) -> tuple:

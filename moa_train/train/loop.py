@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from moa_train.config import ConfigError, check_run_folder, leaves
+from moa_train.config import ConfigError, check_run_folder, leaves, parse_duration
 from moa_train.io import atomic_write_text
 from moa_train.metrics.flops import device_name, peak_cache, peak_flops, peak_kind, remeasure_peak
 from moa_train.metrics.sinks import MetricsLogger, build_logger, truncate_jsonl
@@ -33,6 +33,7 @@ from moa_train.train import distributed, eval_run
 from moa_train.train.checkpoint import (
     CheckpointError,
     average_checkpoints,
+    checkpoints_in,
     load_latest,
     rng_state,
     set_rng_state,
@@ -42,7 +43,13 @@ from moa_train.train.guard import MAX_SANE_WEIGHT, DivergedError, NonFiniteGuard
 from moa_train.train.optim import apply_settings, build_optimizer, build_scheduler, lr_factor
 from moa_train.train.preemption import EvaluationStopped, Preempted, StopSignals
 from moa_train.train.runlock import RunLock
-from moa_train.train.schedule import Checkpointer, Evaluator, Meter, resume_target
+from moa_train.train.schedule import (
+    Checkpointer,
+    EarlyStopping,
+    Evaluator,
+    Meter,
+    resume_target,
+)
 from moa_train.train.tasks import make_task
 from moa_train.train.window import LossWindow
 
@@ -113,6 +120,51 @@ def check_resume(cfg, run_dir: Path) -> None:
     if target is not None:
         _, state, _ = load_latest(target, mmap=True)
         check_fixed_settings(state.get("config") or {}, cfg)
+
+
+def finished_summary(cfg, run_dir: Path) -> dict | None:
+    """summary.json of the run in `run_dir` where resuming it as `cfg` asks (trainer.resume
+    auto/true) would train no step: its newest checkpoint is at trainer.max_steps or later, or
+    early stopping (still on) ended it, and summary.json was written at that step (the final
+    evaluations ran). Its files are then left as they are. None where there is work to do: no
+    summary, a raised trainer.max_steps, a stop at trainer.max_time, a newer checkpoint.
+    ConfigError, as a resume, where the command changes the run's model or data."""
+    t, path = cfg.trainer, Path(run_dir) / "summary.json"
+    if t.resume not in (True, "true", "auto") or not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    stopper = EarlyStopping(t.early_stopping.patience, t.early_stopping.min_delta)
+    steps, reason = summary.get("steps"), summary.get("stop_reason")
+    could_be_done = isinstance(steps, int) and (
+        steps >= t.max_steps or (reason == "early_stopping" and stopper.patience)
+    )
+    if reason == "max_time" or not could_be_done or not checkpoints_in(Path(run_dir)):
+        return None
+    _, state, _ = load_latest(Path(run_dir), mmap=True)
+    check_fixed_settings(state.get("config") or {}, cfg)  # another model is refused, as ever
+    if "early_stopping" in state:
+        stopper.load_state_dict(state["early_stopping"])
+    done = state["step"] >= t.max_steps or stopper.done
+    return summary if done and state["step"] == steps else None
+
+
+def finished_message(run_dir: Path, summary: dict) -> str:
+    """The one line that says a command found its run finished and changed nothing."""
+    early = summary.get("stop_reason") == "early_stopping"
+    how = (
+        "turn early stopping off (trainer.early_stopping.patience=null)"
+        if early
+        else "raise trainer.max_steps"
+    )
+    return (
+        f"{run_dir}: this run finished at step {summary['steps']}"
+        f"{' (early stopping)' if early else ''}; nothing to train, so its summary.json, "
+        f"metrics.jsonl and logs are left as they are; to train on, {how}; to evaluate it again, "
+        "add trainer.eval_only=true"
+    )
 
 
 OOM_WORDS = (
@@ -220,6 +272,8 @@ class Trainer:
         self.guard = NonFiniteGuard(self.optimizer, t.max_bad_steps, self.device)
         self.losses = LossWindow()  # train losses since the last log step
         self.evaluator = Evaluator(t.eval_interval)
+        self.early_stopping = EarlyStopping(t.early_stopping.patience, t.early_stopping.min_delta)
+        self.max_time = parse_duration(t.max_time)  # seconds of this process, or None
         self.checkpointer = Checkpointer(cfg, self.run_dir, self.dist, self.task.best_metric)
         self.meter = Meter(self.sync)
         self.batches = self.task.batches
@@ -258,6 +312,7 @@ class Trainer:
             "guard": self.guard.state_dict(),
             "window": self.losses.state_dict(),
             "pending_eval": self.evaluator.pending,
+            "early_stopping": self.early_stopping.state_dict(),
             "wall_s": self.wall_s(),
             "vocab_size": self.model.vocab_size,
             "pad_id": getattr(self.model, "pad_id", None),
@@ -277,23 +332,26 @@ class Trainer:
                 f"trainer.resume: the checkpoint does not fit this model ({first}); resume with "
                 "the run's own config or use trainer.resume=false in a new run folder"
             ) from None
-        self.step = state["step"]
+        # what the weights were trained on: eval.json records it too
+        self.step, self.tokens_seen = state["step"], state.get("tokens_seen", 0)
+        if "guard" in state:  # checkpoints written before non-finite steps were skipped lack it
+            self.guard.load_state_dict(state["guard"])
         if weights_only:
             return
         distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist)
         self.scheduler.load_state_dict(state["scheduler"])
         # a changed lr or schedule takes effect
         apply_settings(self.optimizer, self.scheduler, self.cfg.optim)
-        self.tokens_seen, self.checkpointer.best = state["tokens_seen"], state["best_val"]
+        self.checkpointer.best = state["best_val"]
         self.batches.load_state_dict(state["data"])
         self.wandb_id = state.get("wandb_id")
         self.evaluator.pending = state.get("pending_eval", False)
         # (checkpoints written before it was kept: this session only)
         self.wall_before = state.get("wall_s", 0.0)
-        # checkpoints written before non-finite steps were skipped lack these two
-        if "guard" in state:
-            self.guard.load_state_dict(state["guard"])
+        if "window" in state:
             self.losses.load_state_dict(state["window"])
+        if "early_stopping" in state:
+            self.early_stopping.load_state_dict(state["early_stopping"])
         rng = distributed.rank_rng(state["rng"], self.dist)
         if rng is not None:
             set_rng_state(rng)
@@ -440,6 +498,7 @@ class Trainer:
         val = self.evaluate("val", "val")
         self.evaluator.pending = False
         is_best = self.checkpointer.is_best(val)
+        self.early_stopping.update(val[self.checkpointer.metric], self.step)
         logger.log(self.step, {**val, f"{self.checkpointer.metric}_best": self.checkpointer.best})
         log.info("step %d: %s", self.step, headline(val))
         self.last_val = val
@@ -460,8 +519,8 @@ class Trainer:
                 lock.release()
 
     def _fit(self) -> dict:
-        """The schedule: resume; then per step: train, log, validate, checkpoint, stop on a signal;
-        then test."""
+        """The schedule: resume; train (train_until_stop); then test, unless trainer.max_time
+        stopped the run (resuming it goes on)."""
         t = self.cfg.trainer
         # first what can refuse the run (a changed model or data), then writing into the folder
         resumed = self.maybe_resume()
@@ -474,44 +533,18 @@ class Trainer:
         self.wandb_id = logger.wandb_id
         bar = progress(total=t.max_steps, initial=self.step, desc="train", unit="step")
         self.stop = stop = StopSignals().install()
+        test = {}
         try:
             # the interrupted process was stopped while validating this step
             if self.evaluator.pending:
                 self.save(self.validate(logger))
-            self.meter.restart()
-            while self.step < t.max_steps:
-                last = self.step + 1 == t.max_steps
-                log_now = (self.step + 1) % t.log_interval == 0 or last
-                out = self.checked_step(log_now)
-                bar.update(1)
-                if log_now:
-                    logged = self.log_train(logger, out)
-                    bar.set_postfix(
-                        loss=f"{logged['train/loss']:.4f}",
-                        tok_s=f"{logged['perf/tokens_per_s']:,.0f}",
-                    )
-                is_best = self.evaluator.due(self.step, last) and self.validate_until_stopped(
-                    logger
-                )
-                # under torchrun the ranks compare notes at log steps only (a collective), so all
-                # stop together
-                stopping = (
-                    distributed.agreed_signal(stop.received, self.dist)
-                    if log_now or not self.dist.active
-                    else None
-                )
-                if self.checkpointer.due(self.step, last) or stopping:
-                    self.save(is_best)
-                    self.meter.restart()
-                if stopping:
-                    raise Preempted(
-                        stopping, self.step, self.last_checkpoint, self.run_dir, self.dist.rank
-                    )
-            # resumed at max_steps: report the checkpoint's validation loss
-            if not self.last_val and self.step > 0:
-                self.last_val = self.evaluate("val", "val")
-            test = self.final_test()
-            logger.log(self.step, test)
+            reason = self.train_until_stop(logger, bar)
+            if reason != "max_time":
+                # resumed at max_steps: report the checkpoint's validation loss
+                if not self.last_val and self.step > 0:
+                    self.last_val = self.evaluate("val", "val")
+                test = self.final_test()
+                logger.log(self.step, test)
         # the final evaluations: the last step's checkpoint is written, resuming reruns them
         except EvaluationStopped:
             raise Preempted(
@@ -522,7 +555,73 @@ class Trainer:
             logger.close()
             stop.restore()
             self.stop = None
-        return self.write_summary({**self.last_val, **test})
+        return self.write_summary({**self.last_val, **test, **self.stop_record(reason)})
+
+    def train_until_stop(self, logger, bar) -> str:
+        """Per step: train, log, validate, checkpoint; until trainer.max_steps, a signal (Preempted
+        once this step's checkpoint is written), trainer.max_time or early stopping (after this
+        step's checkpoint). Returns why it stopped: max_steps, max_time or early_stopping."""
+        t = self.cfg.trainer
+        # a resumed run that early stopping had ended
+        stopped = "early_stopping" if self.early_stopping.done else None
+        self.meter.restart()
+        while self.step < t.max_steps and stopped is None:
+            last = self.step + 1 == t.max_steps
+            log_now = (self.step + 1) % t.log_interval == 0 or last
+            out = self.checked_step(log_now)
+            bar.update(1)
+            if log_now:
+                logged = self.log_train(logger, out)
+                bar.set_postfix(
+                    loss=f"{logged['train/loss']:.4f}",
+                    tok_s=f"{logged['perf/tokens_per_s']:,.0f}",
+                )
+            validated = self.evaluator.due(self.step, last)
+            is_best = validated and self.validate_until_stopped(logger)
+            # under torchrun the ranks compare notes at log steps only (a collective), so all
+            # stop together
+            signum, late = (
+                distributed.agreed_stop(self.stop.received, self.out_of_time(), self.dist)
+                if log_now or not self.dist.active
+                else (None, False)
+            )
+            early = (
+                validated
+                and self.early_stopping.patience > 0
+                and distributed.any_rank(self.early_stopping.done)
+            )
+            stopped = "max_time" if late else "early_stopping" if early else None
+            if self.checkpointer.due(self.step, last) or signum or stopped:
+                self.save(is_best)
+                self.meter.restart()
+            if signum:
+                raise Preempted(
+                    signum, self.step, self.last_checkpoint, self.run_dir, self.dist.rank
+                )
+        return "max_steps" if self.step >= t.max_steps else stopped
+
+    def out_of_time(self) -> bool:
+        """Whether this process has run for trainer.max_time (counted from the trainer's start)."""
+        return self.max_time is not None and time.perf_counter() - self.start_time >= self.max_time
+
+    def stop_record(self, reason: str) -> dict:
+        """summary.json's record of why training stopped (logged too, unless at max_steps)."""
+        if reason == "max_steps":
+            return {"stop_reason": reason}
+        if reason == "max_time":
+            detail = (
+                f"trainer.max_time={self.cfg.trainer.max_time} reached after "
+                f"{time.perf_counter() - self.start_time:.0f} s in this process; checkpoint "
+                f"{self.last_checkpoint}; no final test: to go on, run the same command with "
+                f"hydra.run.dir={self.run_dir}"
+            )
+        else:
+            detail = (
+                f"early stopping: {self.early_stopping.reason(self.checkpointer.metric)}; "
+                f"checkpoint {self.last_checkpoint}"
+            )
+        log.info("stopped at step %d: %s", self.step, detail)
+        return {"stop_reason": reason, "stop_detail": detail}
 
     def validate_until_stopped(self, logger) -> bool:
         """validate; a signal that stops it is seen by fit next: this step's checkpoint, then the
@@ -669,22 +768,39 @@ class Trainer:
 
 
 def train(cfg, run_dir: Path, overrides: list | None = None) -> dict:
-    """Train per `cfg`, writing into `run_dir`; returns summary.json's dict. With trainer.eval_only,
-    evaluate the checkpoint trainer.resume names with the run's own config (see eval_run), writing
-    eval.json into `run_dir` (trainer.resume=auto/true: into `run_dir`/eval/<date_time>/);
-    `overrides` are the command line's, whose evaluation settings apply."""
+    """Train per `cfg`, writing into `run_dir`; returns summary.json's dict (a finished run that
+    this would not change is left as it is: finished_summary). With trainer.eval_only, evaluate the
+    checkpoint trainer.resume names with the run's own config (see eval_run), writing eval.json
+    into `run_dir` (trainer.resume=auto/true: into `run_dir`/eval/<date_time>/, removed again if
+    the evaluation fails); `overrides` are the command line's, whose evaluation settings apply."""
     run_dir = Path(run_dir)
-    if cfg.trainer.eval_only:
-        cfg, run_dir = eval_run.prepare(cfg, run_dir, overrides)
+    if not cfg.trainer.eval_only:
+        if (finished := finished_summary(cfg, run_dir)) is not None:
+            log.info("%s", finished_message(run_dir, finished))
+            return finished
+        return run_trainer(cfg, run_dir)
+    cfg, out = eval_run.prepare(cfg, run_dir, overrides)
+    try:
+        return run_trainer(cfg, out)
+    finally:
+        if out != run_dir and distributed.from_env().main:
+            eval_run.discard_unfinished(out)
+
+
+def run_trainer(cfg, run_dir: Path) -> dict:
+    """Train, or evaluate (trainer.eval_only), with the config `cfg` as given, in `run_dir`."""
     check_run_folder(run_dir, cfg)  # a multirun job or an in-process call has had no precheck
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     trainer = Trainer(cfg, run_dir)
     log.info("%s", banner(trainer))
     summary = trainer.eval_only() if cfg.trainer.eval_only else trainer.fit()
+    stopped = summary.get("stop_reason", "max_steps")
+    done = "done" if stopped == "max_steps" else f"done ({stopped.replace('_', ' ')})"
     log.info(
-        "done: %s | wall %.1f s | run folder %s",
-        headline(summary),
+        "%s: %s | wall %.1f s | run folder %s",
+        done,
+        headline(summary) or "no evaluation yet",
         time.perf_counter() - start,
         run_dir,
     )

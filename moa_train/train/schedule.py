@@ -1,6 +1,7 @@
 """The trainer's schedule, one component per concern: when to validate (Evaluator), when to write a
-checkpoint, which one is best and which the final test averages (Checkpointer), and the throughput
-of the steps between (Meter). `Trainer.fit` asks them at each step."""
+checkpoint, which one is best and which the final test averages (Checkpointer), when validation
+has stopped improving (EarlyStopping), and the throughput of the steps between (Meter).
+`Trainer.fit` asks them at each step."""
 
 from __future__ import annotations
 
@@ -31,6 +32,40 @@ class Evaluator:
 
     def due(self, step: int, last: bool) -> bool:
         return step % self.interval == 0 or last
+
+
+class EarlyStopping:
+    """trainer.early_stopping: a validation improves when its metric (lower is better) is below the
+    best so far by more than `min_delta` (Lightning's rule); the run is done once `patience`
+    validations in a row have not (off for a null or 0 patience). Validations are counted whether
+    it is on or not, and the count is part of the checkpoint, so a resumed run counts on."""
+
+    def __init__(self, patience: int | None, min_delta: float):
+        self.patience, self.min_delta = patience or 0, min_delta
+        self.best, self.best_step, self.waited = math.inf, None, 0
+
+    def update(self, value: float, step: int) -> None:
+        if value < self.best - self.min_delta:
+            self.best, self.best_step, self.waited = value, step, 0
+        else:
+            self.waited += 1
+
+    @property
+    def done(self) -> bool:
+        return 0 < self.patience <= self.waited
+
+    def reason(self, metric: str) -> str:
+        return (
+            f"{metric} has not fallen below its best, {self.best:.4f} at step {self.best_step}, by "
+            f"more than trainer.early_stopping.min_delta={self.min_delta:g} in {self.waited} "
+            f"validations (trainer.early_stopping.patience={self.patience})"
+        )
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "waited": self.waited}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_step, self.waited = state["best"], state["best_step"], state["waited"]
 
 
 def resume_target(resume, run_dir: Path) -> Path | None:
