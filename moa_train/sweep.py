@@ -82,12 +82,31 @@ def record_failure(run_dir: Path, message: str) -> None:
     (run_dir / "error.txt").write_text(message.rstrip() + "\n")
 
 
+def finished(run_dir: Path) -> bool:
+    """Whether the run in `run_dir` finished: its summary.json is written and training did not stop
+    at trainer.max_time (such a run writes its summary, stop_reason "max_time", and resumes on)."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("stop_reason") != "max_time"
+    except (OSError, ValueError):
+        return False
+
+
 def job_record(job_dir: Path) -> dict:
     overrides_file = job_dir / ".hydra" / "overrides.yaml"
     overrides = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
     record = {"job": job_dir.name, "overrides": overrides}
     if (job_dir / "summary.json").is_file():
         summary = json.loads((job_dir / "summary.json").read_text())
+        if summary.get("stop_reason") == "max_time":  # not finished: the sweep says so, exit 1
+            record = {
+                **record,
+                "status": "failed",
+                "error": "stopped at trainer.max_time; resume it",
+            }
+            return {**record, **{k: summary[k] for k in SUMMARY_KEYS if k in summary}}
         return {**record, "status": "ok", **{k: summary[k] for k in SUMMARY_KEYS if k in summary}}
     error = (
         (job_dir / "error.txt").read_text().strip().splitlines()

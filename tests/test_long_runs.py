@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from moa_train.config import ConfigError, parse_duration
+from moa_train.sweep import finished, job_record
 from moa_train.train.schedule import EarlyStopping
 
 TINY = ("model=mha", "model.n_head=4")
@@ -60,9 +61,15 @@ def test_max_time_stops_with_a_checkpoint_and_a_resume_goes_on(train_run, straig
     assert on_disk["stop_reason"] == "max_time" and "test/loss" not in on_disk
     assert not [r for r in records if "test/loss" in r]
     assert [p.name for p in (tmp_path / "checkpoints").glob("step_*.pt")] == ["step_0000001.pt"]
+    # what reads a run's records does not take it for finished: the sweep summary, the results
+    # drivers' staging and their --keep-finished
+    assert not finished(tmp_path)
+    record = job_record(tmp_path)
+    assert record["status"] == "failed" and "max_time" in record["error"]
 
     summary, records = train_run(tmp_path, *RUN)
     assert summary["stop_reason"] == "max_steps" and summary["steps"] == 20
+    assert finished(tmp_path) and job_record(tmp_path)["status"] == "ok"
     assert "test/loss" in summary
     assert losses(records) == losses(straight)
 

@@ -26,6 +26,7 @@ from typing import NamedTuple, NoReturn
 from moa_train.errors import fail
 from moa_train.io import atomic_write, atomic_write_text
 from moa_train.paths import repo_root
+from moa_train.sweep import finished
 
 STAGING = ".staging"  # beside the records, in the runs dir: renames stay on one file system
 
@@ -137,8 +138,12 @@ class Staging:
     def incomplete(self, runs: list, evaluation: str | None = None) -> list:
         """The staged `runs` (paths relative to the runs dir) without summary.json (or without
         `evaluation`)."""
-        need = ["summary.json", *([evaluation] if evaluation else [])]
-        return [r for r in runs if not all((self.root / r / n).is_file() for n in need)]
+        need = [evaluation] if evaluation else []
+        return [
+            r
+            for r in runs
+            if not (finished(self.root / r) and all((self.root / r / n).is_file() for n in need))
+        ]
 
     def commit(
         self, runs: list, evaluation: str | None = None, superseded=(), hint: str = ""

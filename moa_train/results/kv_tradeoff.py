@@ -56,6 +56,7 @@ from moa_train.results import (
     welch,
     write_text,
 )
+from moa_train.sweep import finished
 
 ROOT = repo_root()
 GROUP = "kv_tradeoff"
@@ -97,7 +98,7 @@ def jobs(rows: list, seeds: list, runs_dir: Path, extra: list, keep_finished: bo
     out = []
     for name in names(rows, seeds):
         run = runs_dir / STAGING / name
-        if keep_finished and (run / "summary.json").is_file():
+        if keep_finished and finished(run):
             continue
         row, _, seed = name.rpartition("-seed")
         cmd = single_run(overrides(row, int(seed), extra), run)
