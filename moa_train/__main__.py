@@ -95,6 +95,11 @@ def main() -> None:
     except PluginError as exc:
         fail(exc)
     args = sys.argv[1:]
+    if {"--help", "-h"} & set(args):  # our page; Hydra's stock one: --hydra-help
+        from moa_train.cli import help_page
+
+        print(help_page())
+        return
     flags = {a for a in args if a.startswith("-")}
     plain = not flags  # not -m, --cfg, --help, ...
     # a run or a multirun: one-line errors before Hydra starts

@@ -8,10 +8,12 @@ error into one `error: ...` line naming the key and what would be valid.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import math
 import os
 import re
+import textwrap
 import unicodedata
 from pathlib import Path
 
@@ -76,7 +78,41 @@ def describe(exc: Exception) -> str:
     # OmegaConf's message ends in indented lines naming the key and types; the message itself may
     # hold a newline of the user's value, which stays (escaped when printed)
     first = CONTEXT.split(text)[0] if key else text.splitlines()[0]
+    if key and isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+        near = near_key(key)
+        first += f"; did you mean {near}?" if near else "; moa-train --help lists the main keys"
     return f"{key}: {first}" if key else first
+
+
+def config_keys() -> list:
+    """Every leaf key of the default config (`trainer.max_steps`, ...), the model's included."""
+    from moa_train.config import compose_train
+
+    def leaves(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    try:
+        cfg = OmegaConf.to_container(compose_train([]), resolve=False)
+    except Exception:  # a broken install or plugin: no suggestion rather than a second error
+        return []
+    return list(leaves(cfg, ""))
+
+
+def near_key(key: str) -> str | None:
+    """The key a misspelt or misplaced `key` most likely meant: the same name under another node
+    (trainer.lr -> optim.lr, lr -> optim.lr), else the closest spelling (trainer.max_step ->
+    trainer.max_steps)."""
+    keys = config_keys()
+    name = key.rpartition(".")[2]
+    same = [k for k in keys if k.rpartition(".")[2] == name and k != key]
+    if same:
+        return min(same, key=lambda k: (k.count("."), k))
+    near = difflib.get_close_matches(key, keys, n=1, cutoff=0.8)
+    return near[0] if near else None
 
 
 CONTEXT = re.compile(r"\n\s+(?:full_key|reference_type|object_type)[:=]")
@@ -327,3 +363,93 @@ def eval_only_overrides(overrides: list, cfg, stamp: str) -> tuple:
         kept + out + [f"trainer.resume={_quote(str(target.absolute()))}", "hydra.job.name=eval"],
         folder,
     )
+
+
+# the keys `moa-train --help` shows, with what each does (its default is read from the config);
+# tests/test_cli.py checks that each exists
+MAIN_KEYS = {
+    "model.n_layer / d_model / n_head": "the model's size",
+    "data.root": "the data folder (default: $MOA_DATA_DIR, or the download cache)",
+    "trainer.max_steps": "optimizer steps",
+    "trainer.batch_size": "sequences per step (global, whatever the number of GPUs)",
+    "trainer.block_size": "tokens per sequence",
+    "trainer.device": "auto | cpu | cuda",
+    "trainer.precision": "fp32 | bf16",
+    "trainer.seed": "the seed of weights and batches",
+    "trainer.eval_interval": "steps between evaluations (and checkpoints)",
+    "trainer.resume": "auto (continue a run folder that holds a checkpoint) | false | PATH",
+    "trainer.max_time": "stop with a checkpoint after SECONDS or DD:HH:MM:SS",
+    "trainer.early_stopping.patience": "stop after this many evaluations without a better val/loss",
+    "trainer.eval_only": "evaluate trainer.resume=PATH's latest checkpoint, train nothing",
+    "optim.lr": "the peak learning rate",
+    "optim.weight_decay": "AdamW's weight decay",
+    "schedule.warmup_steps": "linear warm-up steps",
+    "experiment_name": "names the run folder outputs/runs/<experiment_name>/<date_time>/",
+    "hydra.run.dir": "the run folder itself (trainer.resume=auto continues one)",
+}
+HIDDEN_GROUPS = {"debug_model", "hydra"}  # chosen for the user (debug=tiny picks debug_model)
+EXAMPLES = (
+    ("moa-train", "the default experiment: a small dynamic-MoAS char model, minutes on a CPU"),
+    ("moa-train model=moa data=wikitext2_bpe", "another variant on BPE tokens"),
+    ("moa-train model=gqa model.n_kv_heads=2 optim.lr=1e-3", "any key, from the command line"),
+    ("moa-train experiment=moas_table1/moas_dynamic", "a paper's recipe"),
+    ("moa-train debug=tiny", "a seconds-long smoke run (under outputs/debug/)"),
+    ("moa-train -m model=mha,moa trainer.seed=0,1", "a sweep: 4 runs, one folder"),
+    ("moa-train logger=[tensorboard,wandb]", "dashboards besides metrics.jsonl"),
+    ("moa-train --cfg job model=moa", "print the composed config, run nothing"),
+)
+
+
+def help_page() -> str:
+    """`moa-train --help`: the groups and their options (internal configs left out), the main keys
+    with their defaults, examples. Hydra's own page: --hydra-help."""
+    from moa_train.config import compose_train
+
+    cfg = compose_train([], return_hydra_config=True)
+    choices = cfg.hydra.runtime.choices
+    groups = sorted(
+        p.name for p in config_dir().iterdir() if p.is_dir() and p.name not in HIDDEN_GROUPS
+    )
+    lines = [
+        "moa-train (= python3 -m moa_train): train a language model whose attention layers are",
+        "mixtures, configured with Hydra.",
+        "",
+        "usage: moa-train [GROUP=OPTION ...] [KEY=VALUE ...]     one run",
+        "       moa-train -m KEY=A,B [...]                      a sweep, one run per value",
+        "       moa-train --cfg job [...]                       print the composed config",
+        "       moa-train --hydra-help                          Hydra's own help",
+        "",
+        "groups (GROUP=OPTION; * = the default):",
+    ]
+    for group in groups:
+        chosen, folders = choices.get(group), {}
+        for o in group_options(group):  # experiment=moas_table1/mha: one entry per folder
+            folder, _, name = o.rpartition("/")
+            folders.setdefault(folder, []).append(f"{name}*" if o == chosen else name)
+        options = [
+            ", ".join(names) if not folder else f"{folder}/{{{', '.join(names)}}}"
+            for folder, names in folders.items()
+        ]
+        text = textwrap.wrap("; ".join(options) or "-", 80)
+        lines += [f"  {group if i == 0 else '':<15} {t}" for i, t in enumerate(text)]
+    lines += ["", "main keys (KEY=VALUE; default in brackets):"]
+    for key, what in MAIN_KEYS.items():
+        first = key.split(" ")[0]
+        node = first.rpartition(".")[0]
+        shown = []
+        for part in key.split(" / "):
+            full = part if "." in part or not node else f"{node}.{part}"
+            value = OmegaConf.select(cfg, full, throw_on_resolution_failure=False)
+            shown.append("null" if value is None else str(value))
+        if key == "hydra.run.dir":
+            shown = ["outputs/runs/<experiment_name>/<date_time>"]
+        lines.append(f"  {key:<34} {what} [{' / '.join(shown)}]")
+    lines += ["", "examples:"]
+    lines += [f"  {cmd:<53} {what}" for cmd, what in EXAMPLES]
+    lines += [
+        "",
+        "Every key and its default: moa-train --cfg job; each is documented in",
+        "moa_train/config.py (a variant's own keys: its module in moa_train/models/attention/).",
+        "A misspelt key is refused with the nearest one. Guides: README.md and docs/.",
+    ]
+    return "\n".join(lines)

@@ -9,6 +9,7 @@ before any work starts.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib.util
 import math
 import os
@@ -227,7 +228,10 @@ def foreign_key(key: str, config: type) -> str:
     mine = "/".join(name for name, c in VARIANTS.items() if c is config) or config.__name__
     found = [_with_presets(name) for name in owners(key.rpartition(".")[2])]
     if not found:
-        return f"{key}: not a key of {mine}; allowed: {', '.join(sorted(variant_keys(config)))}"
+        allowed = sorted(variant_keys(config))
+        near = difflib.get_close_matches(key.rpartition(".")[2], allowed, n=1, cutoff=0.75)
+        hint = f"did you mean model.{near[0]}? " if near else ""
+        return f"{key}: not a key of {mine}; {hint}allowed: {', '.join(allowed)}"
     return f"{key}: belongs to {', '.join(found)}, not {mine}"
 
 

@@ -62,3 +62,57 @@ def test_bad_override_is_one_short_error(case, data_root, partial_root, tmp_path
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert 1 <= len(lines) <= 3, out
     assert not (tmp_path / "run" / "checkpoints").exists()  # it stopped before training
+
+
+# --- the help page and near-miss keys (issue 29) ----------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_is_our_page_without_internal_configs(flag, monkeypatch, capsys, tmp_path):
+    from conftest import run_main
+
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_main([flag], monkeypatch, capsys)
+    assert code in (0, None)
+    assert "_schema_" not in out and "_common" not in out and "debug_model" not in out
+    assert not re.search(r"(?<!\w)_fairseq", out)  # an experiment file others include
+    assert "powered by Hydra" not in out  # Hydra's stock page is --hydra-help
+    groups = re.search(r"groups.*?\n\n", out, re.S).group(0)
+    assert re.search(r"^  model +.*\bmoas_dynamic\*", groups, re.M)  # the default marked
+    wrapped = " ".join(groups.split())  # the options wrap over lines
+    assert "moas_table1/{mha, moas_dynamic, moas_static}" in wrapped
+    assert "trainer.max_steps" in out and "optim.lr" in out and "examples:" in out
+    assert not list(tmp_path.iterdir())  # no run folder, nothing written
+
+
+def test_every_main_key_of_the_help_page_exists():
+    from omegaconf import OmegaConf
+
+    from moa_train.cli import MAIN_KEYS
+    from moa_train.config import compose_train
+
+    cfg = compose_train([], return_hydra_config=True)
+    missing = object()
+    for key in MAIN_KEYS:
+        node = key.split(" ")[0].rpartition(".")[0]
+        for part in key.split(" / "):
+            full = part if "." in part or not node else f"{node}.{part}"
+            assert OmegaConf.select(cfg, full, default=missing) is not missing, full
+
+
+@pytest.mark.parametrize(
+    ("override", "suggested"),
+    [
+        ("trainer.lr=1", "did you mean optim.lr?"),  # the issue's example: another node
+        ("lr=1", "did you mean optim.lr?"),
+        ("trainer.max_step=3", "did you mean trainer.max_steps?"),  # a spelling
+        ("model.n_heads=4", "did you mean model.n_head?"),  # a variant's key
+        ("zzz_key=1", "moa-train --help lists the main keys"),  # nothing near: where to look
+    ],
+)
+def test_a_near_miss_key_names_the_key_meant(override, suggested, monkeypatch, capsys, tmp_path):
+    from conftest import run_main
+
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main([override], monkeypatch, capsys)
+    assert code == 2 and len(err) == 1 and suggested in err[0], err
