@@ -1243,7 +1243,7 @@ def markdown(data: dict, notes: bool = False) -> str:
             f"{run['new_tokens']} | `{run['command']}` |"
         )
     out += contention_notes(
-        (f"run {rid}", run.get("contention")) for rid, run in data["runs"].items()
+        (f"run {rid}", run.get("contention")) for rid, run in sorted(data["runs"].items())
     )
     results = data["results"]
     rows = targets(results)
@@ -1519,7 +1519,7 @@ def main(argv=None) -> int:
         record(f"{args.size.size}/cli", entry, None)
         save(data, out)
     flagged = [
-        k for k, r in data["results"].items() if r["run"] == run_id and mark(r["contention"])
+        k for k, r in data["results"].items() if r["run"] == run_id and r["contention"]["flagged"]
     ]
     if flagged:
         log.warning(

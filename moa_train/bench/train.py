@@ -612,7 +612,7 @@ def main(argv=None) -> int:
             )
             warn(key, entry["contention"])
     flagged = [
-        k for k, r in bench["results"].items() if r["run"] == run_id and mark(r["contention"])
+        k for k, r in bench["results"].items() if r["run"] == run_id and r["contention"]["flagged"]
     ]
     if flagged:
         log.warning(
