@@ -2,6 +2,8 @@
 the transformers baseline, the tables rebuilt from the json, and bad input."""
 
 import json
+import logging
+import os
 import sys
 
 import pytest
@@ -21,7 +23,14 @@ from moa_train.bench.decode import (
 TINY = SIZES["tiny"]
 
 
-def test_decode_bench_measures_every_field(tmp_path):
+def table(path) -> str:
+    """A written inference.md without the markers of rows measured under contention (this machine
+    may be busy): the tables as the tests here check them."""
+    return path.read_text().replace(" **[contention]**", "")
+
+
+def test_decode_bench_measures_every_field(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     out = tmp_path / "results"
     args = [
         "--decode",
@@ -38,6 +47,7 @@ def test_decode_bench_measures_every_field(tmp_path):
     ((rid, run),) = data["runs"].items()
     assert run["bandwidth"] > 0 and run["torch"] == torch.__version__
     assert run["command"].startswith("moa-bench --decode --decode-size tiny")
+    assert set(run["contention"]) == {"flagged", "reasons"}
     assert set(data["results"]) == {"tiny/mha", "tiny/moas_dynamic", "tiny/moas_dynamic@top1"}
     n_layer, head_dim = 2, 16  # common.SIZES["tiny"]: 2 layers, d 64, 4 heads; fp32 on a CPU
     for r in data["results"].values():
@@ -48,6 +58,7 @@ def test_decode_bench_measures_every_field(tmp_path):
         assert r["kv_bytes_per_token"] == 2 * n_layer * r["kv_heads"] * head_dim * 4
         assert r["kv_bytes_per_token_measured"] == r["kv_bytes_per_token"]
         assert r["prefill"]["tokens_per_s"] > 0 and r["prefill"]["batch"] == TINY.prefill_batch
+        assert r["contention"]["flagged"] == bool(r["contention"]["reasons"])
         assert set(r["decode"]) == {"1", "4"}
         for batch, d in r["decode"].items():
             assert (
@@ -55,6 +66,8 @@ def test_decode_bench_measures_every_field(tmp_path):
                 and d["tokens_per_s"] > 0
             )
             assert d["mode"].startswith("eager (CPU")
+            assert len(d["step_ms_windows"]) == decode.REPS
+            assert sorted(d["step_ms_windows"])[1] == pytest.approx(d["step_ms"])
             assert d["kv_bytes_per_token_measured"] == r["kv_bytes_per_token"]
             assert d["bound_ms"] == pytest.approx(1000 * d["read_bytes"] / run["bandwidth"])
             assert d["share_of_bound"] == pytest.approx(d["bound_ms"] / d["step_ms"])
@@ -73,7 +86,18 @@ def test_decode_bench_measures_every_field(tmp_path):
     )
     assert routing["worst_dev"] < 0.1  # balanced: every layer's shares within 0.1 of a third
     md = (out / "inference.md").read_text()
-    assert "| mha | eager (CPU" in md and "| moas_dynamic@top1 |" in md and "## Size tiny" in md
+    assert "| mha | eager (CPU" in table(out / "inference.md")
+    assert "| moas_dynamic@top1 |" in table(out / "inference.md") and "## Size tiny" in md
+    # the terminal names the top-1 row's figures as such
+    batches = [m for m in caplog.messages if " batch " in m and "tok/s" in m]
+    assert [m.split(" batch ")[0].strip() for m in batches] == [
+        *["tiny/mha"] * 2,
+        *["tiny/moas_dynamic"] * 2,
+        *["tiny/moas_dynamic@top1"] * 2,
+    ]
+    assert (
+        "tiny/moas_dynamic@top1 (inference_routing=top1: one scheme per token)" in caplog.messages
+    )
     assert (out / "inference.png").stat().st_size > 10_000
     (out / "inference.md").unlink()
     assert main(["--decode", "--tables-only", "--out", str(out)]) == 0
@@ -117,7 +141,7 @@ def test_transformers_baseline_runs_on_cpu(tmp_path):
         for d in r["decode"].values():
             # transformers compiles on CUDA only
             assert d["tokens_per_s"] > 0 and d["compiled"] is False
-    assert "| llama-kv2 | 2 | static | no/no |" in (out / "inference.md").read_text()
+    assert "| llama-kv2 | 2 | static | no/no |" in table(out / "inference.md")
 
 
 def test_missing_transformers_is_a_row(monkeypatch):
@@ -222,7 +246,7 @@ def test_decode_bench_measures_the_head_pool_of_moas_kv(tmp_path):
     )
     assert r["routing"]["choices"] == ["mha", "gqa", "mqa"] and r["routing"]["worst_dev"] < 0.1
     assert r["kv_bytes_per_token_realised"] == pytest.approx(7 / 3 * head, rel=0.2)
-    assert "| moas_kv | eager (CPU" in (out / "inference.md").read_text()
+    assert "| moas_kv | eager (CPU" in table(out / "inference.md")
 
 
 def test_decode_spans_cover_every_step_in_buckets():
@@ -288,7 +312,7 @@ def test_decode_bench_records_its_spans(tmp_path, capsys):
     )
     d = json.loads((out / "inference.json").read_text())["results"]["tiny/mha"]["decode"]["4"]
     assert d["span_bucket"] == 5 and d["spans"] == [20, 24]
-    assert "attends over spans of 5 |" in (out / "inference.md").read_text()
+    assert "attends over spans of 5 |" in table(out / "inference.md")
     with pytest.raises(SystemExit) as exc:
         main(["--decode", "--span-bucket", "-1"])
     assert exc.value.code == 2
@@ -322,3 +346,49 @@ def test_changing_the_inference_routing_drops_the_compiled_steps():
     assert model.compiled_steps and model.cache is not None
     set_inference_routing(model, "top1")
     assert "compiled_steps" not in model.__dict__ and model.cache is None
+
+
+def test_the_trace_keeps_the_profilers_stderr_out_of_the_terminal(capfd):
+    """What is written to stderr during the traced step (torch's profiler writes its own lines
+    there from C++) stays out of the terminal, kept in the record; the work of `prepare` (the
+    prefill) is not part of the traced step."""
+    a = torch.randn(64, 64)
+
+    def prepare():
+        torch.mm(a, a)  # untraced
+
+        def step():
+            os.write(2, b"profiler noise\n")
+            torch.add(a, a)
+
+        return step
+
+    t = decode.trace_step(prepare, torch.device("cpu"), step_ms=1.0)
+    assert "profiler noise" not in capfd.readouterr().err
+    assert "profiler noise" in t["profiler_stderr"]
+    kernels = {k["kernel"] for k in t["top"]}
+    assert "aten::add" in kernels and "aten::mm" not in kernels
+
+
+def test_decode_bench_flags_rows_measured_under_contention(tmp_path, monkeypatch, caplog):
+    from test_bench import FELL, fake_probes
+
+    calls = fake_probes(monkeypatch)
+    caplog.set_level(logging.WARNING)
+    out = tmp_path / "results"
+    argv = ["--decode", "--decode-size", "tiny", "--models", "mha", "--no-hf", "--no-trace"]
+    assert main([*argv, "--no-paths", "--out", str(out)]) == 0
+    assert len(calls) == 2  # the run's probe, then one after the model
+    data = json.loads((out / "inference.json").read_text())
+    ((rid, run),) = data["runs"].items()
+    assert run["bandwidth"] == 100e9 and not run["contention"]["flagged"]
+    row = data["results"]["tiny/mha"]
+    assert row["contention"]["flagged"] and FELL in row["contention"]["reasons"]
+    md = (out / "inference.md").read_text()
+    assert "| mha **[contention]** | eager (CPU" in md and f"- tiny/mha: {FELL}" in md
+    assert f"| {rid} |" in md
+    assert any(
+        m.startswith("WARNING: tiny/mha measured under contention") and FELL in m
+        for m in caplog.messages
+    )
+    assert any(m.startswith("WARNING: 1 row(s) of this run flagged") for m in caplog.messages)

@@ -29,10 +29,11 @@ bf16 on CUDA; `tiny`: CPU seconds):
 - the bound: the bytes one decode step must read (every parameter once + the K/V of the batch at the
   mean context length, prompt + new / 2) / the copy bandwidth; the share of the bound the measured
   step achieves;
-- where a target is missed, a torch.profiler trace of one decode step: top kernels, kernel time vs
-  step time (gaps).
+- where a target is missed, a torch.profiler trace of one decode step (the prefill before it
+  untraced; the profiler's stderr messages kept in the record, out of the terminal): top kernels,
+  kernel time vs step time (gaps).
 A variant that routes over attention schemes (moas_dynamic) gets a second row with
-inference_routing=top1.
+inference_routing=top1, labelled <model>@top1 in the tables and in the terminal.
 
 The baseline: transformers' LlamaForCausalLM at the same size (hidden 768, 12 layers, 12 heads,
 SwiGLU intermediate 3072, vocabulary 50304, tied embeddings) with 12 / 4 / 1 K/V heads, random init,
@@ -41,7 +42,16 @@ bf16, SDPA attention, generate() greedy for exactly 256 new tokens: (a) the dyna
 torch.compile, mode reduce-overhead). Failures are recorded in the row.
 
 Results merge into <out>/inference.json (keyed by size/model, each entry naming the run that
-measured it); <out>/inference.md and inference.png are rebuilt from the whole file.
+measured it); <out>/inference.md and inference.png are rebuilt from the whole file. <out> is
+outputs/bench/ under the working directory unless --out names another folder; --publish writes into
+the checkout's docs/results/ (the committed figures).
+
+A busy machine is noticed, not trusted (common.contention): the copy-bandwidth probe at the start
+and after each model (against the floor of an idle card of its class, and against the first probe),
+the spread of each decode measurement's repetitions, negative trace gaps (kernels taking longer
+than the step they ran in), and on a CPU the load average at the start. A flagged run or row
+records `contention: {flagged, reasons}`, gets a WARNING line in the terminal and a **[contention]**
+marker in inference.md.
 """
 
 from __future__ import annotations
@@ -62,7 +72,22 @@ import torch
 import torch.nn as nn
 
 from moa_train.bench.common import SIZES as MODEL_SIZES
-from moa_train.bench.common import compose_cfg, fmt, load, release, sync
+from moa_train.bench.common import (
+    add_out_args,
+    captured_stderr,
+    compose_cfg,
+    contention,
+    contention_notes,
+    fmt,
+    load,
+    mark,
+    merge,
+    out_dir,
+    probe,
+    release,
+    sync,
+    warn,
+)
 from moa_train.config import bench_presets
 from moa_train.errors import Parser
 from moa_train.models.decoding import decode_spans
@@ -86,7 +111,6 @@ SIZES = {
     "tiny": DecodeSize("tiny", 16, 8, 2, (1, 4), (4, 2, 1), 2**30),
 }
 REPS = 3  # timed repetitions of each measurement (the median is reported)
-CPU_COPY_BYTES = 64 * 2**20
 # targets of issue 19: (models, batch index, share of the bandwidth bound)
 TARGETS = ((("mha", "gqa", "mqa"), 0, 0.20), (("mha", "moas_static", "moas_dynamic"), 1, 0.50))
 
@@ -108,23 +132,6 @@ def timed(fn, device: torch.device, reps: int = REPS, warmup: bool = True) -> fl
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def copy_bandwidth(device: torch.device, nbytes: int, reps: int = 10) -> float:
-    """Bytes read + written per second by a device-to-device copy of `nbytes`: the best of `reps` (a
-    peak)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for i in range(reps + 2):
-        sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        if i >= 2:
-            best = min(best, time.perf_counter() - t0)
-    del src, dst
-    return 2 * nbytes / best
 
 
 # --- the model ------------------------------------------------------------------------------------
@@ -322,8 +329,8 @@ def measure_decode(
         cache = steps.cache
         run()
     compile_s = steps.compile_s
-    seconds = statistics.median(run() for _ in range(REPS))
-    step_s = seconds / size.new_tokens
+    reps = [run() for _ in range(REPS)]
+    step_s = statistics.median(reps) / size.new_tokens
     # the cache's (init_cache allocates in the parameters' dtype)
     dtype = next(model.parameters()).dtype
     kv_token = kv_bytes_per_token(model, dtype)
@@ -338,6 +345,7 @@ def measure_decode(
         "span_bucket": args.span_bucket,
         "spans": [s for s, _ in decode_spans(size.prompt_len, size.new_tokens, args.span_bucket)],
         "step_ms": 1000 * step_s,
+        "step_ms_windows": [1000 * t / size.new_tokens for t in reps],
         "tokens_per_s": batch / step_s,
         "kv_bytes_per_token_measured": kv_bytes / (batch * max_len),
         # what the tokens held really take (a head pool: its used slots; a static cache: the
@@ -354,11 +362,11 @@ def measure_decode(
     }
     if args.trace and compile:
 
-        def traced_step():
-            logits = steps.prefill(idx, lengths)
-            steps.step(greedy(logits))
+        def prepared_step():
+            tokens = greedy(steps.prefill(idx, lengths))  # outside the trace: the step alone
+            return lambda: steps.step(tokens)
 
-        out["_trace"] = functools.partial(trace_step, traced_step, device, 1000 * step_s)
+        out["_trace"] = functools.partial(trace_step, prepared_step, device, 1000 * step_s)
     steps.close()
     return out
 
@@ -388,18 +396,23 @@ def measure_generate(model, size: DecodeSize, batch: int, device: torch.device, 
     return {"batch": batch, "tokens_per_s": batch * size.new_tokens / seconds}
 
 
-def trace_step(run, device: torch.device, step_ms: float, top: int = 10) -> dict:
-    """A torch.profiler trace of one decode step: the top kernels (CPU ops on a CPU) by self time,
-    their sum, and the step's measured time less that sum (the gaps: launches, host work, idle)."""
+def trace_step(prepare, device: torch.device, step_ms: float, top: int = 10) -> dict:
+    """A torch.profiler trace of one decode step (the function `prepare()` returns; prepare runs
+    untraced): the top kernels (CPU ops on a CPU) by self time, their sum, and the step's measured
+    time less that sum (the gaps: launches, host work, idle). What the profiler writes to stderr
+    stays out of the terminal: its lines are kept in the record (`profiler_stderr`)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
+    run = prepare()
     sync(device)
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        run()
-        sync(device)
+    with captured_stderr() as messages:
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            run()
+            sync(device)
+        events = prof.key_averages()
     rows = []
-    for evt in prof.key_averages():
+    for evt in events:
         t = (
             (getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0))
             if cuda
@@ -420,6 +433,7 @@ def trace_step(run, device: torch.device, step_ms: float, top: int = 10) -> dict
         "gaps_ms": step_ms - kernel_ms,
         "n_kernels": sum(c for _, _, c in rows),
         "top": [{"ms": ms, "kernel": k, "calls": c} for ms, k, c in rows[:top]],
+        "profiler_stderr": [line[:200] for line in dict.fromkeys(messages)][:10],
     }
 
 
@@ -433,7 +447,13 @@ def missed(model_name: str, batch_index: int, share: float) -> float | None:
 
 
 def measure_row(
-    model, model_name: str, size: DecodeSize, device: torch.device, bandwidth: float, args
+    model,
+    model_name: str,
+    size: DecodeSize,
+    device: torch.device,
+    bandwidth: float,
+    args,
+    label: str,
 ) -> dict:
     from moa_train.models.kv_cache import kv_bytes_per_token
 
@@ -466,7 +486,8 @@ def measure_row(
         if device.type == "cuda":
             torch.cuda.empty_cache()
         log.info(
-            "  batch %d: %s, %.0f tok/s, %.1f%% of the bound",
+            "  %s batch %d: %s, %.0f tok/s, %.1f%% of the bound",
+            label,
             batch,
             d["mode"],
             d["tokens_per_s"],
@@ -475,7 +496,26 @@ def measure_row(
     last = entry["decode"][str(size.batches[-1])]
     entry["kv_bytes_per_token_measured"] = last["kv_bytes_per_token_measured"]
     entry["kv_bytes_per_token_realised"] = last["kv_bytes_per_token_realised"]
+    entry["contention"] = row_contention(entry, device)
     return entry
+
+
+def row_contention(entry: dict, device: torch.device) -> dict:
+    """The contention signals of a model row's own figures: the spread of each batch's timed
+    decode repetitions, and the gaps of its traces."""
+    from moa_train.metrics.flops import device_name
+
+    decode = entry["decode"]
+    return contention(
+        device.type,
+        device_name(device),
+        windows={f"decode b{b} repetitions": d["step_ms_windows"] for b, d in decode.items()},
+        gaps={
+            f"trace b{b}": (d["trace"]["gaps_ms"], d["trace"]["step_ms"])
+            for b, d in decode.items()
+            if "trace" in d
+        },
+    )
 
 
 def has_scheme_router(model) -> bool:
@@ -523,13 +563,18 @@ def bench_model(
             base["routing"] = routing_shares(
                 model, prompts(tokens, size.prompt_len, model.vocab_size, device, seed=4)
             )
-        rows[key] = {**base, **measure_row(model, model_name, size, device, bandwidth, args)}
+        rows[key] = {
+            **base,
+            **measure_row(model, model_name, size, device, bandwidth, args, key),
+        }
         if has_scheme_router(model):
             release(device)
+            label = f"{key}@top1 (inference_routing=top1: one scheme per token)"
+            log.info("%s", label)
             rows[f"{key}@top1"] = {
                 **base,
                 "inference_routing": "top1",
-                **measure_row(model, model_name, size, device, bandwidth, args),
+                **measure_row(model, model_name, size, device, bandwidth, args, f"{key}@top1"),
             }
     except Exception as exc:  # any failure, out of memory included: the next model still runs
         failed = f"{key}@top1" if key in rows else key
@@ -1038,7 +1083,8 @@ def size_tables(results: dict, size: str, runs: dict | None = None) -> list:
                 base, name = hf_baseline(results, size, r["kv_heads"], b, card, runs)
                 ratios.append(f"{d[b]['tokens_per_s'] / base:.2f} ({name})" if base else "-")
             out.append(
-                f"| {row_name(r)} | {modes} | {r['prefill']['tokens_per_s']:,.0f} | "
+                f"| {row_name(r)}{mark(r.get('contention'))} | {modes} | "
+                f"{r['prefill']['tokens_per_s']:,.0f} | "
                 f"{d[lo]['tokens_per_s']:,.0f} | {d[hi]['tokens_per_s']:,.0f} | {ratios[0]} | "
                 f"{ratios[1]} | {r['kv_bytes_per_token']:,.0f} | "
                 f"{r['kv_bytes_per_token_measured']:,.0f} | "
@@ -1076,10 +1122,18 @@ def size_tables(results: dict, size: str, runs: dict | None = None) -> list:
             compiled = "/".join("yes" if d[b]["compiled"] else "no" for b in (lo, hi) if b in d)
             err = f" (then failed: {r['error']})" if "error" in r else ""
             out.append(
-                f"| {r['model']} | {r['kv_heads']} | {r['setting']}{err} | {compiled} | "
+                f"| {r['model']}{mark(r.get('contention'))} | {r['kv_heads']} | "
+                f"{r['setting']}{err} | {compiled} | "
                 f"{' | '.join(cells)} | {fmt(d[hi]['peak_mem_gib'] if hi in d else None, '.2f')} | "
                 f"{r['transformers']} | {r['run']} |"
             )
+    out += contention_notes(
+        (
+            f"{size}/{row_name(r)}" if "setting" not in r else f"{r['model']} {r['setting']}",
+            r.get("contention"),
+        )
+        for r in rows + hf
+    )
     paths = [r for r in rows if r.get("generate")]
     if paths:
         out += [
@@ -1182,11 +1236,15 @@ def markdown(data: dict, notes: bool = False) -> str:
     ]
     for rid, run in sorted(data["runs"].items()):
         out.append(
-            f"| {rid} | {run['device']} | {run['date']} | {run['torch']} | "
+            f"| {rid}{mark(run.get('contention'))} | {run['device']} | {run['date']} | "
+            f"{run['torch']} | "
             f"{run['transformers'] or '-'} | {run.get('git_sha') or '-'} | "
             f"{run['bandwidth'] / 1e9:,.1f} | {run['size']} | {run['prompt_len']} + "
             f"{run['new_tokens']} | `{run['command']}` |"
         )
+    out += contention_notes(
+        (f"run {rid}", run.get("contention")) for rid, run in sorted(data["runs"].items())
+    )
     results = data["results"]
     rows = targets(results)
     if rows:
@@ -1344,7 +1402,7 @@ def parse_args(argv):
         help="also time moa-generate (compiled and eager) and transformers' compiled static cache "
         "as fresh processes on a GPT-2-shaped mha run, start-up included",
     )
-    p.add_argument("--out", default="docs/results", help="folder of inference.json / .md / .png")
+    add_out_args(p, "inference.json / .md / .png")
     p.add_argument(
         "--tables-only", action="store_true", help="rebuild inference.md and .png from the json"
     )
@@ -1393,7 +1451,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = Path(args.out)
+    out = out_dir(args)
     data = load(out / "inference.json")
     if args.tables_only:
         save(data, out)
@@ -1409,10 +1467,10 @@ def main(argv=None) -> int:
         hf_version = None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run_id = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    bandwidth = copy_bandwidth(
-        device, args.size.copy_bytes if device.type == "cuda" else CPU_COPY_BYTES
-    )
+    nbytes = args.size.copy_bytes if device.type == "cuda" else None
+    bandwidth, run_contention = probe(device, nbytes=nbytes)
     log.info("copy bandwidth: %.0f GB/s (read + write)", bandwidth / 1e9)
+    warn(f"run {run_id}", run_contention)
     data["runs"][run_id] = {
         "device": device_name(device),
         "date": datetime.date.today().isoformat(),
@@ -1424,19 +1482,32 @@ def main(argv=None) -> int:
         "size": args.size.size,
         "prompt_len": args.size.prompt_len,
         "new_tokens": args.size.new_tokens,
+        "contention": run_contention,
     }
     save(data, out)
+
+    def record(key: str, entry: dict, probed: dict) -> None:
+        """A row into the results, flagged with the run's, its probe's and its own signals."""
+        entry = {**entry, "run": run_id}
+        entry["contention"] = merge(run_contention, probed, entry.get("contention"))
+        warn(key, entry["contention"])
+        data["results"][key] = entry
+
     if not args.hf_only:
         for name in args.models.split(","):
             log.info("%s/%s", args.size.size, name)
-            for key, entry in bench_model(name, args.size, device, bandwidth, args).items():
-                data["results"][key] = {**entry, "run": run_id}
+            rows = bench_model(name, args.size, device, bandwidth, args)
+            # a probe after each model (its memory released): a machine busy while the model was
+            # measured is likely still busy now
+            probed = probe(device, first=bandwidth, nbytes=nbytes)[1]
+            for key, entry in rows.items():
+                record(key, entry, probed)
                 if "error" in entry:
                     log.warning("%s: %s", key, entry["error"])
             save(data, out)  # after every model, so a run cut short keeps what it measured
     if args.hf:
         for key, entry in hf_rows(args.size, device, args.hf_settings.split(",")):
-            data["results"][key] = {**entry, "run": run_id}
+            record(key, entry, probe(device, first=bandwidth, nbytes=nbytes)[1])
             save(data, out)
     if args.cli:
         import tempfile
@@ -1445,8 +1516,19 @@ def main(argv=None) -> int:
             entry = cli_row(args.size, device, Path(work))
         if "error" in entry:
             log.warning("cli: %s", entry["error"])
-        data["results"][f"{args.size.size}/cli"] = {**entry, "run": run_id}
+        record(f"{args.size.size}/cli", entry, None)
         save(data, out)
+    flagged = [
+        k for k, r in data["results"].items() if r["run"] == run_id and r["contention"]["flagged"]
+    ]
+    if flagged:
+        log.warning(
+            "WARNING: %d row(s) of this run flagged as measured under contention (%s): measure "
+            "again on a quiet machine before comparing or publishing them",
+            len(flagged),
+            ", ".join(flagged),
+        )
+    log.info("results: %s", out / "inference.md")
     return 0
 
 

@@ -16,7 +16,14 @@ breakdown of one step (torch.profiler).
 
 Results merge into <out>/bench.json (keyed by size/model, each entry naming the run that measured
 it) and <out>/bench.md is rebuilt from the whole file, so runs split over several calls add up to
-one table.
+one table. <out> is outputs/bench/ under the working directory unless --out names another folder;
+--publish writes into the checkout's docs/results/ (the committed figures).
+
+A busy machine is noticed, not trusted (common.contention): a copy-bandwidth probe at the start and
+after each model (against the floor of an idle card of its class, and against the first probe),
+the spread of each model's timed windows, and on a CPU the load average at the start. A flagged
+run or row records `contention: {flagged, reasons}`, gets a WARNING line in the terminal and a
+**[contention]** marker in bench.md.
 
 `moa-bench --decode` is the inference benchmark instead (moa_train/bench/decode.py; `moa-bench
 --decode --help`): prefill and decode tokens/s of every model through its static KV cache (compiled,
@@ -26,7 +33,6 @@ achieved, and transformers' generate() as the baseline, into <out>/inference.{js
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import logging
@@ -39,8 +45,25 @@ from pathlib import Path
 
 import torch
 
-from moa_train.bench.common import SIZES, compose_cfg, fmt, load, release, sync
+from moa_train.bench.common import (
+    SIZES,
+    add_out_args,
+    captured_stderr,
+    compose_cfg,
+    contention,
+    contention_notes,
+    fmt,
+    load,
+    mark,
+    merge,
+    out_dir,
+    probe,
+    release,
+    sync,
+    warn,
+)
 from moa_train.config import bench_presets
+from moa_train.errors import Parser
 from moa_train.metrics.flops import device_name, measure_matmul_flops, peak_kind
 
 # every model choice, each variant represented by its named presets where it has any (moa:
@@ -87,12 +110,15 @@ def kernel_breakdown(trainer, device: torch.device) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     sync(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        trainer.train_steps(1)
-        sync(device)
+    # the profiler's own messages on stderr stay out of the terminal
+    with captured_stderr():
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            trainer.train_steps(1)
+            sync(device)
+        events = prof.key_averages()
     kinds: dict = {}
     top = []
-    for evt in prof.key_averages():
+    for evt in events:
         t = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
         if t <= 0:
             continue
@@ -164,6 +190,7 @@ def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: 
             {
                 "step_ms": 1000 * step_s,
                 "step_ms_windows": [1000 * t for t in times],
+                "step_ms_fixed_windows": [1000 * t for t in times_fixed],
                 "tokens_per_s": tokens / step_s,
                 "mfu": trainer.flops_per_token * tokens / step_s / peak,
                 "peak_kind": peak_kind(cfg.trainer.precision, cfg.trainer.tf32),
@@ -172,6 +199,11 @@ def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: 
                 "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
                 if device.type == "cuda"
                 else None,
+                "contention": contention(
+                    device.type,
+                    device_name(device),
+                    windows={"step windows": times, "fixed-batch step windows": times_fixed},
+                ),
             }
         )
         del trainer
@@ -357,10 +389,13 @@ def markdown(bench: dict, notes: str | None) -> str:
     for rid, run in sorted(bench["runs"].items()):
         p = run["peaks"]
         out.append(
-            f"| {rid} | {run['device']} | {run['date']} | {run['torch']} | "
-            f"{run.get('git_sha') or '-'} | {p.get('bf16', 0) / 1e12:.3g} | "
+            f"| {rid}{mark(run.get('contention'))} | {run['device']} | {run['date']} | "
+            f"{run['torch']} | {run.get('git_sha') or '-'} | {p.get('bf16', 0) / 1e12:.3g} | "
             f"{p.get('tf32', 0) / 1e12:.3g} | `{run['command']}` |"
         )
+    out += contention_notes(
+        (f"run {rid}", run.get("contention")) for rid, run in sorted(bench["runs"].items())
+    )
     results = bench["results"]
     out += [
         "",
@@ -392,7 +427,8 @@ def markdown(bench: dict, notes: str | None) -> str:
         ]
         for r in rows:
             out.append(
-                f"| {r['model']}{'@' + r['tag'] if r.get('tag') else ''} | {r['batch']} x "
+                f"| {r['model']}{'@' + r['tag'] if r.get('tag') else ''}"
+                f"{mark(r.get('contention'))} | {r['batch']} x "
                 f"{r['block']} | {r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} | "
                 f"{r['flops_per_token'] / 1e9:.3g} | {r['mfu']:.1%} ({r['peak_kind']}) | "
                 f"{fmt(r['peak_mem_gib'], '.1f')} | {r['data_wait_share']:.2%} | "
@@ -402,6 +438,10 @@ def markdown(bench: dict, notes: str | None) -> str:
         reasons = {r["model"]: r["break_reasons"] for r in rows if r.get("break_reasons")}
         for model, why in reasons.items():
             out.append(f"\nGraph breaks in {model}: " + "; ".join(why))
+        out += contention_notes(
+            (f"{size}/{r['model']}{'@' + r['tag'] if r.get('tag') else ''}", r.get("contention"))
+            for r in rows
+        )
     for size in ("table1", "gpt2"):
         out += kernel_tables(
             size, [r for k, r in sorted(results.items()) if r.get("kernels") and r["size"] == size]
@@ -456,7 +496,7 @@ def save(bench: dict, out: Path) -> None:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="moa-bench", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="moa-bench", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}"
     )
@@ -471,7 +511,7 @@ def parse_args(argv):
     )
     p.add_argument("--steps", type=int, default=10, help="steps per timed window")
     p.add_argument("--windows", type=int, default=5, help="timed windows (the median is reported)")
-    p.add_argument("--out", default="docs/results", help="folder of bench.json / bench.md")
+    add_out_args(p, "bench.json / bench.md")
     p.add_argument(
         "--no-profile", dest="profile", action="store_false", help="skip the kernel breakdown"
     )
@@ -513,7 +553,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = Path(args.out)
+    out = out_dir(args)
     bench = load(out / "bench.json")
     if args.tables_only:
         save(bench, out)
@@ -522,6 +562,8 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run_id = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    bandwidth, run_contention = probe(device)
+    warn(f"run {run_id}", run_contention)
     peaks = {kind: measure_matmul_flops(device, kind) for kind in ("bf16", "tf32", "fp32")}
     run = {
         "device": device_name(device),
@@ -530,6 +572,8 @@ def main(argv=None) -> int:
         "git_sha": git_sha(),
         "command": shlex.join(["moa-bench", *argv]),
         "peaks": peaks,
+        "bandwidth": bandwidth,
+        "contention": run_contention,
     }
     log.info("peaks: %s", ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in peaks.items()))
     bench["runs"][run_id] = run
@@ -550,7 +594,12 @@ def main(argv=None) -> int:
                 size, model, args.batch or SIZES[size][1], device, peaks, args
             )
             entry["run"] = run_id
-            bench["results"][f"{size}/{model}" + (f"@{args.tag}" if args.tag else "")] = entry
+            key = f"{size}/{model}" + (f"@{args.tag}" if args.tag else "")
+            # the run's signals, a copy probe after the model (one busy while it ran likely still
+            # is) and the model's own (its windows' spread)
+            probed = probe(device, first=bandwidth)[1]
+            entry["contention"] = merge(run_contention, probed, entry["contention"])
+            bench["results"][key] = entry
             save(bench, out)  # after every model, so a run cut short keeps what it measured
             log.info(
                 "%s/%s: %.2f ms/step, %.0f tok/s, MFU %.1f%%, data wait %.2f%%",
@@ -561,6 +610,18 @@ def main(argv=None) -> int:
                 100 * entry["mfu"],
                 100 * entry["data_wait_share"],
             )
+            warn(key, entry["contention"])
+    flagged = [
+        k for k, r in bench["results"].items() if r["run"] == run_id and r["contention"]["flagged"]
+    ]
+    if flagged:
+        log.warning(
+            "WARNING: %d row(s) of this run flagged as measured under contention (%s): measure "
+            "again on a quiet machine before comparing or publishing them",
+            len(flagged),
+            ", ".join(flagged),
+        )
+    log.info("results: %s", out / "bench.md")
     failed = [c["path"] for c in run.get("checks", []) if not c["ok"]]
     if failed:
         print(
