@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import unicodedata
 from pathlib import Path
 
@@ -23,7 +24,9 @@ from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from moa_train.config import VARIANTS, ConfigError, foreign_key
+from moa_train.data.corpus import DataError
 from moa_train.errors import fail, printable
+from moa_train.io import WriteError
 from moa_train.paths import config_dir
 
 
@@ -46,8 +49,8 @@ def missing_group(missing_cfg_file: str) -> tuple:
 
 def describe(exc: Exception) -> str:
     """A one-line description of a composition error."""
-    if isinstance(exc, ConfigError):  # ours: one line already (user input in it is escaped later)
-        return str(exc)
+    if isinstance(exc, (ConfigError, DataError)):  # ours: one line already (user input in it is
+        return str(exc)  # escaped when printed)
     if isinstance(exc, yaml.YAMLError):
         return yaml_error(exc)
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
@@ -220,6 +223,7 @@ def precheck(overrides: list, multirun: bool = False):
     exit 2 with one line on failure. Returns the composed config (with `hydra`; in a multirun the
     last one checked)."""
     from moa_train.config import check_run_folder, check_writable, compose_train
+    from moa_train.data import check_files
     from moa_train.train.tasks import validate
 
     folder_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
@@ -227,6 +231,8 @@ def precheck(overrides: list, multirun: bool = False):
         for user in expanded(parse(overrides)):
             cfg = compose_train(user, return_hydra_config=True)
             validate(cfg)
+            if not cfg.trainer.eval_only:  # evaluated on the run's own data: eval_only_overrides
+                check_files(cfg.data)
             # unresolvable here (${hydra:...} needs a running job): Hydra reports it itself
             folder = OmegaConf.select(cfg, folder_key, throw_on_resolution_failure=False)
             if folder is not None and not str(folder).strip():
@@ -237,7 +243,7 @@ def precheck(overrides: list, multirun: bool = False):
                 check_writable(folder or ".", folder_key)
             else:
                 check_run_folder(folder, cfg, f"{cfg.hydra.job.name}.log")
-    except (HydraException, OmegaConfBaseException, ConfigError, yaml.YAMLError) as exc:
+    except (HydraException, OmegaConfBaseException, ConfigError, DataError, yaml.YAMLError) as exc:
         fail(describe(exc))
     return cfg
 
@@ -250,12 +256,20 @@ def _job(cfg):
     return job
 
 
+def free_space(written: WriteError, run_dir: Path, multirun: bool = False) -> str:
+    """The line of a file of the run that could not be written (a full disk); earlier checkpoints
+    and logs are kept."""
+    resume = "" if multirun else f", then resume: the same command with hydra.run.dir={run_dir}"
+    return f"{written}; free space there{resume}"
+
+
 def hold_run_folder(cfg, overrides: list) -> tuple:
-    """(lock, overrides) of a plain training run, before Hydra writes anything into its folder
+    """(lock, overrides, new) of a plain training run, before Hydra writes anything into its folder
     (.hydra/, the log): the folder's lock, taken now and held until the process ends (the trainer
     takes it again, in this process), then what can refuse a resume there (check_resume). Exit 2
     with one line if either refuses, the folder as it was. The overrides name the folder as
-    resolved now: the default one's time stamp, resolved again by Hydra, could be a second later."""
+    resolved now: the default one's time stamp, resolved again by Hydra, could be a second later.
+    `new`: the folder where this run made it (see discard_refused), else None."""
     from moa_train.train.checkpoint import CheckpointError
     from moa_train.train.loop import check_resume
     from moa_train.train.runlock import RunLock
@@ -273,17 +287,28 @@ def hold_run_folder(cfg, overrides: list) -> tuple:
     try:
         lock = RunLock(folder).acquire()
         check_resume(_job(cfg), folder)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, WriteError) as exc:
         if lock is not None:
             lock.release()
         if created:  # made for the lock; unless another trainer holds it now, empty again
             with contextlib.suppress(OSError):
                 folder.rmdir()
-        fail(exc)
+        fail(free_space(exc, folder) if isinstance(exc, WriteError) else exc)
     finally:
         quiet.disabled = False
     kept = [o for o in overrides if o.lstrip("+~").partition("=")[0] != "hydra.run.dir"]
-    return lock, [*kept, f"hydra.run.dir={_quote(str(folder))}"]
+    return lock, [*kept, f"hydra.run.dir={_quote(str(folder))}"], folder if created else None
+
+
+def discard_refused(folder: Path) -> None:
+    """Remove `folder`, made by this run, after a refusal (exit 2) that came once Hydra had written
+    into it (a data file found bad when the data is built, a full disk): with no checkpoint and no
+    metrics line it holds nothing of training (.hydra/, the log, the lock, maybe the tokenizer),
+    yet would read as a run. Called under the folder's lock: no other trainer is in it."""
+    metrics = folder / "metrics.jsonl"
+    logged = metrics.is_file() and metrics.stat().st_size > 0
+    if not (logged or any(folder.glob("checkpoints/*"))):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _quote(value: str) -> str:
@@ -298,8 +323,9 @@ def eval_only_overrides(overrides: list, cfg, stamp: str) -> list:
     RUN/eval/<stamp>/ (eval.log, .hydra/) and nowhere else: RUN is trainer.resume's run folder, or
     with trainer.resume=auto/true the hydra.run.dir given (whose checkpoint is evaluated). A
     hydra.run.dir given beside a trainer.resume=PATH is kept as the output folder. Exit 2 with one
-    line where there is no checkpoint or the command line asks for another model than the run's,
-    before any folder exists."""
+    line where there is no checkpoint, the command line asks for another model than the run's or a
+    file of the run's data is missing or unreadable, before any folder exists."""
+    from moa_train.data import check_files
     from moa_train.train.checkpoint import CheckpointError
     from moa_train.train.eval_run import prepare, run_folder
 
@@ -308,8 +334,9 @@ def eval_only_overrides(overrides: list, cfg, stamp: str) -> list:
     by_path = resume not in (True, "true", "auto", False, "false", None)
     target = Path(os.path.expanduser(str(resume))) if by_path else Path(str(cfg.hydra.run.dir))
     try:
-        prepare(_job(cfg), target, overrides)
-    except (ConfigError, CheckpointError) as exc:
+        evaluated, _ = prepare(_job(cfg), target, overrides)
+        check_files(evaluated.data)
+    except (ConfigError, CheckpointError, DataError) as exc:
         fail(exc)
     kept = [
         o
