@@ -447,6 +447,18 @@ def test_missing_data_files_are_refused_before_the_run_folder(cli, data_root, tm
     assert not (tmp_path / "run").exists()  # Hydra never started: no .hydra/, no train.log
 
 
+def test_a_multirun_checks_the_data_files_of_each_value(data_root, tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    sweep = tmp_path / "sweep"
+    command = ["-m", "debug=tiny", f"data.root={data_root},{empty}", f"hydra.sweep.dir={sweep}"]
+    assert_error_line(
+        run_main(command, monkeypatch, capsys),
+        ["data.root: missing file", f"{empty / 'wikitext-2' / 'train.txt'}"],
+    )
+    assert not sweep.exists()  # before any job
+
+
 def test_a_refusal_after_hydra_started_removes_the_folder_it_made(cli, data_root, tmp_path):
     """A data file found bad only when the data is built (a split of white space): the run folder,
     made for this run, held only .hydra/ and train.log, as if a run had been there."""
