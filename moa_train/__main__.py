@@ -9,13 +9,21 @@ import traceback
 from pathlib import Path
 
 import hydra
+import hydra.core.utils
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from omegaconf import OmegaConf
 
-from moa_train.cli import eval_only_overrides, hold_run_folder, precheck
+from moa_train.cli import (
+    discard_refused,
+    eval_only_overrides,
+    free_space,
+    hold_run_folder,
+    precheck,
+)
 from moa_train.config import ConfigError
 from moa_train.errors import error_line, fail
-from moa_train.io import WriteError, write_error
+from moa_train.io import WriteError, atomic_write_text, write_error
 from moa_train.paths import config_dir
 from moa_train.plugins import PluginError, load_plugins
 from moa_train.train import distributed, eval_run
@@ -55,11 +63,7 @@ def run(cfg) -> float:
         print(exc, file=sys.stderr)
         sys.exit(exc.exit_code)
     except (ConfigError, DataError, CheckpointError, DivergedError, WriteError) as exc:
-        message = str(exc)
-        if isinstance(exc, WriteError):  # earlier checkpoints and logs are kept
-            message += "; free space there" + (
-                "" if multirun else f", then resume: the same command with hydra.run.dir={run_dir}"
-            )
+        message = free_space(exc, run_dir, multirun) if isinstance(exc, WriteError) else str(exc)
         if not multirun:
             fail(message, 3 if isinstance(exc, DivergedError) else 2)
         failure = error_line(message)
@@ -80,6 +84,23 @@ def run(cfg) -> float:
     # Optuna 2 (the sweeper's) refuses NaN: a failed trial is the worst value of the minimised
     # val/loss
     return float("inf")
+
+
+def save_hydra_config(cfg, filename: str, output_dir: Path) -> None:
+    """Hydra's writer of a job's .hydra/config.yaml, hydra.yaml and overrides.yaml
+    (hydra.core.utils._save_config, which run_job calls by that name before the task starts): the
+    same text, written atomically, and a full disk the same one line, exit 2, as for any other file
+    of the run, where Hydra's own reports it over several lines with exit code 1 and leaves a file
+    cut short. It ends a multirun: the next job's would fail too."""
+    path = Path(output_dir) / filename
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, OmegaConf.to_yaml(cfg))
+    except OSError as exc:
+        hydra_cfg = HydraConfig.get()
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        line = free_space(write_error(path, exc), Path(hydra_cfg.runtime.output_dir), multirun)
+        fail(f"{line}; the multirun stops at job {hydra_cfg.job.num}" if multirun else line)
 
 
 log = logging.getLogger("moa_train")
@@ -110,13 +131,13 @@ def main() -> None:
         # one run folder for all ranks: train.yaml's hydra.run.dir takes its time stamp from
         # MOA_RUN_STAMP
         os.environ["MOA_RUN_STAMP"] = distributed.shared_run_stamp(d)
-    lock = finished = eval_dir = None
+    lock = finished = eval_dir = new = None
     if plain and cfg.trainer.eval_only:  # results into RUN/eval/<date_time>/, no new run folder
         overrides, eval_dir = eval_only_overrides(args, cfg, eval_run.stamp())
         sys.argv = sys.argv[:1] + overrides
     elif plain and d.main:
         # the run folder's lock and the checks of a resume, before Hydra writes into the folder
-        lock, pinned, finished = hold_run_folder(cfg, args)
+        lock, pinned, finished, new = hold_run_folder(cfg, args)
         sys.argv = sys.argv[:1] + pinned
     # rank 0 alone writes the folder's .hydra/ and train.log; the others only warn
     if d.active and not d.main:
@@ -125,6 +146,7 @@ def main() -> None:
             "hydra/job_logging=stdout",
             "hydra.job_logging.root.level=WARNING",
         ]
+    hydra.core.utils._save_config = save_hydra_config
     try:
         if plain and not cfg.trainer.eval_only and distributed.any_rank(finished is not None):
             # a finished run: nothing to train, and its folder, logs included, stays as it is
@@ -132,6 +154,10 @@ def main() -> None:
                 print(finished, file=sys.stderr)
             return
         _hydra_main()
+    except SystemExit as stop:
+        if stop.code == 2 and new is not None:  # refused: no folder of a run that never was
+            discard_refused(new)
+        raise
     finally:
         if lock is not None:
             lock.release()

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import textwrap
 import unicodedata
 from pathlib import Path
@@ -25,7 +26,9 @@ from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from moa_train.config import VARIANTS, ConfigError, foreign_key
+from moa_train.data.corpus import DataError
 from moa_train.errors import fail, printable
+from moa_train.io import WriteError
 from moa_train.paths import config_dir
 
 
@@ -48,8 +51,8 @@ def missing_group(missing_cfg_file: str) -> tuple:
 
 def describe(exc: Exception) -> str:
     """A one-line description of a composition error."""
-    if isinstance(exc, ConfigError):  # ours: one line already (user input in it is escaped later)
-        return str(exc)
+    if isinstance(exc, (ConfigError, DataError)):  # ours: one line already (user input in it is
+        return str(exc)  # escaped when printed)
     if isinstance(exc, yaml.YAMLError):
         return yaml_error(exc)
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
@@ -256,6 +259,7 @@ def precheck(overrides: list, multirun: bool = False):
     exit 2 with one line on failure. Returns the composed config (with `hydra`; in a multirun the
     last one checked)."""
     from moa_train.config import check_run_folder, check_writable, compose_train
+    from moa_train.data import check_files
     from moa_train.train.tasks import validate
 
     folder_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
@@ -263,6 +267,8 @@ def precheck(overrides: list, multirun: bool = False):
         for user in expanded(parse(overrides)):
             cfg = compose_train(user, return_hydra_config=True)
             validate(cfg)
+            if not cfg.trainer.eval_only:  # evaluated on the run's own data: eval_only_overrides
+                check_files(cfg.data)
             # unresolvable here (${hydra:...} needs a running job): Hydra reports it itself
             folder = OmegaConf.select(cfg, folder_key, throw_on_resolution_failure=False)
             if folder is not None and not str(folder).strip():
@@ -273,7 +279,7 @@ def precheck(overrides: list, multirun: bool = False):
                 check_writable(folder or ".", folder_key)
             else:
                 check_run_folder(folder, cfg, f"{cfg.hydra.job.name}.log")
-    except (HydraException, OmegaConfBaseException, ConfigError, yaml.YAMLError) as exc:
+    except (HydraException, OmegaConfBaseException, ConfigError, DataError, yaml.YAMLError) as exc:
         fail(describe(exc))
     return cfg
 
@@ -286,14 +292,22 @@ def _job(cfg):
     return job
 
 
+def free_space(written: WriteError, run_dir: Path, multirun: bool = False) -> str:
+    """The line of a file of the run that could not be written (a full disk); earlier checkpoints
+    and logs are kept."""
+    resume = "" if multirun else f", then resume: the same command with hydra.run.dir={run_dir}"
+    return f"{written}; free space there{resume}"
+
+
 def hold_run_folder(cfg, overrides: list) -> tuple:
-    """(lock, overrides, finished) of a plain training run, before Hydra writes anything into its
-    folder (.hydra/, the log): the folder's lock, taken now and held until the process ends (the
+    """(lock, overrides, finished, new) of a plain training run, before Hydra writes anything into
+    its folder (.hydra/, the log): the folder's lock, taken now and held until the process ends (the
     trainer takes it again, in this process), then what can refuse a resume there (check_resume).
     Exit 2 with one line if either refuses, the folder as it was. The overrides name the folder as
     resolved now: the default one's time stamp, resolved again by Hydra, could be a second later.
     `finished`: the line to print where the folder holds a finished run that this command would
-    not change (loop.finished_summary), else None."""
+    not change (loop.finished_summary), else None. `new`: the folder where this run made it (see
+    discard_refused), else None."""
     from moa_train.train.checkpoint import CheckpointError
     from moa_train.train.loop import check_resume, finished_message, finished_summary
     from moa_train.train.runlock import RunLock
@@ -313,17 +327,33 @@ def hold_run_folder(cfg, overrides: list) -> tuple:
         check_resume(_job(cfg), folder)
         summary = finished_summary(_job(cfg), folder)
         finished = None if summary is None else finished_message(folder, summary)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, WriteError) as exc:
         if lock is not None:
             lock.release()
         if created:  # made for the lock; unless another trainer holds it now, empty again
             with contextlib.suppress(OSError):
                 folder.rmdir()
-        fail(exc)
+        fail(free_space(exc, folder) if isinstance(exc, WriteError) else exc)
     finally:
         quiet.disabled = False
     kept = [o for o in overrides if o.lstrip("+~").partition("=")[0] != "hydra.run.dir"]
-    return lock, [*kept, f"hydra.run.dir={_quote(str(folder))}"], finished
+    return (
+        lock,
+        [*kept, f"hydra.run.dir={_quote(str(folder))}"],
+        finished,
+        folder if created else None,
+    )
+
+
+def discard_refused(folder: Path) -> None:
+    """Remove `folder`, made by this run, after a refusal (exit 2) that came once Hydra had written
+    into it (a data file found bad when the data is built, a full disk): with no checkpoint and no
+    metrics line it holds nothing of training (.hydra/, the log, the lock, maybe the tokenizer),
+    yet would read as a run. Called under the folder's lock: no other trainer is in it."""
+    metrics = folder / "metrics.jsonl"
+    logged = metrics.is_file() and metrics.stat().st_size > 0
+    if not (logged or any(folder.glob("checkpoints/*"))):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _quote(value: str) -> str:
@@ -339,8 +369,10 @@ def eval_only_overrides(overrides: list, cfg, stamp: str) -> tuple:
     trainer.resume's run folder, or with trainer.resume=auto/true the hydra.run.dir given (whose
     checkpoint is evaluated). A hydra.run.dir given beside a trainer.resume=PATH is kept as the
     output folder (the evaluation folder is then None: not ours to remove if the evaluation fails).
-    Exit 2 with one line where there is no checkpoint or the command line asks for another model
-    than the run's, before any folder exists."""
+    Exit 2 with one line where there is no checkpoint, the command line asks for another model
+    than the run's or a file of the run's data is missing or unreadable, before any folder
+    exists."""
+    from moa_train.data import check_files
     from moa_train.train.checkpoint import CheckpointError
     from moa_train.train.eval_run import prepare, run_folder
 
@@ -349,8 +381,9 @@ def eval_only_overrides(overrides: list, cfg, stamp: str) -> tuple:
     by_path = resume not in (True, "true", "auto", False, "false", None)
     target = Path(os.path.expanduser(str(resume))) if by_path else Path(str(cfg.hydra.run.dir))
     try:
-        prepare(_job(cfg), target, overrides)
-    except (ConfigError, CheckpointError) as exc:
+        evaluated, _ = prepare(_job(cfg), target, overrides)
+        check_files(evaluated.data)
+    except (ConfigError, CheckpointError, DataError) as exc:
         fail(exc)
     kept = [
         o

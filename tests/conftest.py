@@ -238,6 +238,16 @@ def write_wikitext(root: Path, splits=("train", "valid", "test")) -> Path:
     return root
 
 
+def write_blank_wikitext(root: Path) -> Path:
+    """`root/wikitext-2/` whose files are there but hold white space only: a data error found when a
+    job reads its data (the precheck finds a missing or unreadable file before the run starts)."""
+    folder = root / "wikitext-2"
+    folder.mkdir(parents=True)
+    for name in ("train", "valid", "test"):
+        (folder / f"{name}.txt").write_text(" \n \n", encoding="utf-8")
+    return root
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
     root = write_wikitext(tmp_path_factory.mktemp("data"))

@@ -1,8 +1,9 @@
 """Bad input that the checks themselves mishandled (issue 28): a check that spun on a huge value or
-let it reach an allocation, a full disk while the run folder's logs are written, and the small ones
-(a removed config group, a !!python tag on the search path, an unreadable data file, characters
-that do not print). Each ends with exit code 2 and one `error:` line, quickly, and loses nothing
-the run had written."""
+let it reach an allocation, a full disk while the run folder's logs, Hydra's .hydra/, the run lock
+or W&B's files are written, a data file missing or unreadable found only after Hydra had written
+the run folder, and the small ones (a removed config group, a !!python tag on the search path,
+characters that do not print). Each ends with exit code 2 and one `error:` line, quickly, and
+loses nothing the run had written; a run folder made only for the refused run is gone."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import errno
 import json
 import logging
 import pathlib
+import shutil
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +21,7 @@ from omegaconf import OmegaConf
 
 from conftest import read_jsonl, run_main
 from moa_train.config import presets
-from test_bad_input import assert_error_line, assert_one_line_error
+from test_bad_input import assert_error_line, assert_one_line_error, write_multi30k
 
 # --- checks that cost more than the work ----------------------------------------------------------
 
@@ -366,19 +368,270 @@ def test_python_tag_on_the_search_path_is_one_line_and_never_runs(cli, tmp_path)
     assert not marker.exists()
 
 
-def test_unreadable_data_file_is_one_line(cli, tmp_path, monkeypatch, data_root):
-    """A data file the OS refuses to read (root reads anything, so open() is told to refuse)."""
+@pytest.mark.parametrize("data", ["wikitext2_char", "multi30k_en_de"])
+def test_unreadable_data_file_is_one_line(cli, tmp_path, monkeypatch, data_root, data):
+    """A data file the OS refuses to read (chmod 000; root reads anything, so open() is told to
+    refuse): refused before Hydra writes the run folder."""
     import builtins
 
-    train = data_root / "wikitext-2" / "train.txt"
+    extra = []
+    if data == "wikitext2_char":
+        refused = data_root / "wikitext-2" / "train.txt"
+    else:
+        write_multi30k(tmp_path / "data")
+        refused = tmp_path / "data" / "multi30k" / "test_2016_flickr.en"
+        extra = [f"data={data}", "model=mha", "data.max_len=31", f"data.root={tmp_path / 'data'}"]
     real = builtins.open
 
     def refuse(path, *args, **kwargs):
-        if Path(str(path)) == train:
+        if Path(str(path)) == refused:
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", refuse)
     assert_one_line_error(
-        cli(), [f"data file {train} cannot be read (Permission denied)", "data.root"], tmp_path
+        cli(*extra),
+        [f"data file {refused} cannot be read (Permission denied)", "data.root"],
+        tmp_path,
     )
+    assert not (tmp_path / "run").exists()
+
+
+# --- refused before the run folder is written -----------------------------------------------------
+
+# (damage(data root), words the error line holds): found by the precheck, before Hydra starts
+DATA_FILES = {
+    "missing split file": (
+        lambda root: (root / "wikitext-2" / "valid.txt").unlink(),
+        ["data.root: missing file", "wikitext-2/valid.txt", "wikitext-2/{train.txt,valid.txt,"],
+    ),
+    "missing corpus folder": (
+        lambda root: shutil.rmtree(root / "wikitext-2"),
+        ["data.root: missing file", "wikitext-2/train.txt", "(set MOA_DATA_DIR or data.root)"],
+    ),
+    "a folder in a file's place": (
+        lambda root: [
+            (root / "wikitext-2" / "test.txt").unlink(),
+            (root / "wikitext-2" / "test.txt").mkdir(),
+        ],
+        ["data.root: missing file", "wikitext-2/test.txt"],
+    ),
+    "empty file": (
+        lambda root: (root / "wikitext-2" / "test.txt").write_bytes(b""),
+        ["wikitext-2/test.txt is empty"],
+    ),
+    "translation missing file": (
+        lambda root: (root / "multi30k" / "val.de").unlink(),
+        ["data.root: missing file", "multi30k/val.de", "multi30k/{train,val,test_2016_flickr}"],
+    ),
+}
+
+
+def data_copy(data_root: Path, tmp_path: Path) -> Path:
+    """A data root of the tests' WikiText-2 and a small Multi30k, to damage."""
+    root = tmp_path / "data"
+    shutil.copytree(data_root / "wikitext-2", root / "wikitext-2")
+    write_multi30k(root)
+    return root
+
+
+@pytest.mark.parametrize("case", list(DATA_FILES))
+def test_missing_data_files_are_refused_before_the_run_folder(cli, data_root, tmp_path, case):
+    damage, words = DATA_FILES[case]
+    root = data_copy(data_root, tmp_path)
+    damage(root)
+    translation = case.startswith("translation")
+    extra = ["data=multi30k_en_de", "model=mha", "data.max_len=31"] if translation else []
+    result = cli(*extra, f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}")
+    assert_one_line_error(result, words, tmp_path)
+    assert not (tmp_path / "run").exists()  # Hydra never started: no .hydra/, no train.log
+
+
+def test_a_multirun_checks_the_data_files_of_each_value(data_root, tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    sweep = tmp_path / "sweep"
+    command = ["-m", "debug=tiny", f"data.root={data_root},{empty}", f"hydra.sweep.dir={sweep}"]
+    assert_error_line(
+        run_main(command, monkeypatch, capsys),
+        ["data.root: missing file", f"{empty / 'wikitext-2' / 'train.txt'}"],
+    )
+    assert not sweep.exists()  # before any job
+
+
+def test_a_refusal_after_hydra_started_removes_the_folder_it_made(cli, data_root, tmp_path):
+    """A data file found bad only when the data is built (a split of white space): the run folder,
+    made for this run, held only .hydra/ and train.log, as if a run had been there."""
+    root = data_copy(data_root, tmp_path)
+    (root / "wikitext-2" / "valid.txt").write_text("\n \n\n")
+    result = cli(f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}")
+    assert_one_line_error(result, ["data split 'val' is empty"], tmp_path)
+    assert not (tmp_path / "run").exists()
+
+
+def everything(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_refusal_keeps_the_folders_that_existed(cli, data_root, tmp_path):
+    """A run folder of an earlier run keeps its checkpoints and metrics; an empty folder given as
+    hydra.run.dir stays too: only a folder this run made goes."""
+    root = data_copy(data_root, tmp_path)
+    (root / "wikitext-2" / "valid.txt").write_text("\n \n\n")
+    bad = (f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}")
+    run = tmp_path / "run"
+    assert cli("model=mha", "trainer.max_steps=5")[0] == 0
+    before = {k: v for k, v in everything(run).items() if k.startswith(("checkpoints", "metrics"))}
+    assert_error_line(cli("model=mha", "trainer.max_steps=10", *bad), ["data split 'val' is empty"])
+    assert {k: v for k, v in everything(run).items() if k in before} == before
+    given = tmp_path / "given"
+    given.mkdir()
+    assert_error_line(cli(f"hydra.run.dir={given}", *bad), ["data split 'val' is empty"])
+    assert given.is_dir()
+
+
+def test_eval_only_checks_the_data_files_of_the_run(cli, data_root, tmp_path):
+    """trainer.eval_only evaluates on the run's own data: its files are checked before RUN/eval/ is
+    made, and the data config of the command line (the default wikitext2_char here) is not."""
+    root = data_copy(data_root, tmp_path)
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    run = tmp_path / "run"
+    assert cli("model=mha", "trainer.max_steps=2", f"data.root={root}", cache)[0] == 0
+    (root / "wikitext-2" / "valid.txt").unlink()
+    result = cli("trainer.eval_only=true", f"data.root={root}", cache)
+    assert_error_line(result, ["data.root: missing file", "wikitext-2/valid.txt"])
+    assert not (run / "eval").exists()
+    other = tmp_path / "random"
+    tokens = ("model=mha", "data=random_tokens", "data.vocab_size=64")
+    assert cli(*tokens, "trainer.max_steps=2", f"hydra.run.dir={other}")[0] == 0
+    evaluated = cli("trainer.eval_only=true", f"hydra.run.dir={other}", f"data.root={tmp_path}")
+    assert evaluated[0] == 0, evaluated[
+        1
+    ]  # no wikitext-2/ under data.root: random_tokens needs none
+
+
+# --- a full disk while Hydra writes the run folder's .hydra/ --------------------------------------
+
+
+def full_disk_for(monkeypatch, folder: Path, name: str) -> None:
+    """Every write to the file `name` in `folder` (or to its temp file) fails as on a full disk,
+    whoever opens it: Hydra's own writer opens it with the builtin open()."""
+    import builtins
+
+    real = builtins.open
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        file = real(path, mode, *args, **kwargs)
+        meant = Path(str(path)).parent == folder and name in Path(str(path)).name
+        return FullDisk(file, 1) if meant and ("w" in mode or "a" in mode) else file
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "hydra.yaml", "overrides.yaml"])
+def test_full_disk_while_hydra_writes_the_run_config_is_one_line(cli, tmp_path, monkeypatch, name):
+    run = tmp_path / "run"
+    full_disk_for(monkeypatch, run / ".hydra", name)
+    assert_one_line_error(
+        cli(),
+        [
+            f"{run / '.hydra' / name} could not be written (No space left on device)",
+            f"free space there, then resume: the same command with hydra.run.dir={run}",
+        ],
+        tmp_path,
+    )
+    assert not run.exists()  # made for this run, which never started
+
+
+def test_full_disk_while_hydra_writes_a_resumed_run_config_loses_nothing(
+    cli, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    assert cli("model=mha", "trainer.max_steps=5")[0] == 0
+    before = everything(run)
+    with monkeypatch.context() as mp:
+        full_disk_for(mp, run / ".hydra", "config.yaml")
+        result = cli("model=mha", "trainer.max_steps=10")
+    assert_error_line(result, [f"{run / '.hydra' / 'config.yaml'} could not be written"])
+    assert everything(run) == before  # the earlier config.yaml whole, not cut short
+    assert cli("model=mha", "trainer.max_steps=10")[0] == 0  # space freed: the same command
+
+
+def test_full_disk_while_hydra_writes_a_job_config_stops_the_multirun(
+    tmp_path, monkeypatch, capsys
+):
+    job = tmp_path / "sweep" / "0"
+    full_disk_for(monkeypatch, job / ".hydra", "config.yaml")
+    command = ["-m", "debug=tiny", "trainer.device=cpu", f"hydra.sweep.dir={tmp_path}/sweep"]
+    assert_error_line(
+        run_main(command, monkeypatch, capsys),
+        [
+            f"{job / '.hydra' / 'config.yaml'} could not be written (No space left on device)",
+            "free space there; the multirun stops at job 0",
+        ],
+    )
+
+
+def test_full_disk_while_taking_the_run_lock_is_one_line(cli, tmp_path, monkeypatch):
+    import os
+
+    real = os.fdopen
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        file = real(fd, mode, *args, **kwargs)
+        lock = os.readlink(f"/proc/self/fd/{fd}").endswith("train.lock")
+        return FullDisk(file, 1) if lock and "w" in mode else file
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    run = tmp_path / "run"
+    assert_one_line_error(
+        cli(), [f"{run / 'train.lock'} could not be written (No space left on device)"], tmp_path
+    )
+    assert not run.exists()
+
+
+class FullWandbRun:
+    """wandb's run, as its Python side fails on a full disk: the `nth` log raises the OSError that
+    wandb's copy of a media file into RUN/wandb/ raised (shutil.move); finish() is recorded."""
+
+    id = "full-disk"
+
+    def __init__(self, folder: Path, nth: int):
+        self.folder, self.nth, self.logs, self.finished = folder, nth, 0, False
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        self.logs += 1
+        if self.logs >= self.nth:
+            raise OSError(*NO_SPACE, str(self.folder / "files" / "media" / "chart.png"))
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+@pytest.mark.parametrize("nth", [0, 8], ids=["init", "log"])
+def test_full_disk_in_wandb_is_one_line(cli, tmp_path, monkeypatch, nth):
+    wandb = pytest.importorskip("wandb")
+    run = tmp_path / "run"
+    wandb_run = FullWandbRun(run / "wandb", nth)
+
+    def init(**kwargs):
+        if nth == 0:  # wandb.init makes the run's folders and settings files
+            raise OSError(*NO_SPACE, str(run / "wandb"))
+        return wandb_run
+
+    monkeypatch.setattr(wandb, "init", init)
+    result = cli(*TEN, "logger=wandb", "logger.wandb.mode=offline")
+    assert_error_line(result, [f"{run / 'wandb'} could not be written (No space left on device)"])
+    if nth:  # step 7's log: step 5's checkpoint and the metrics lines kept, the W&B run finished
+        assert_kept(run, 5)
+        assert wandb_run.finished
+    else:  # nothing trained: the folder made for the run is gone
+        assert not run.exists()
+
+
+def test_wandb_network_errors_stay_its_own(tmp_path):
+    """Only a disk's errors become a WriteError: wandb's network ones are OSErrors too."""
+    from moa_train.metrics.sinks import DISK_ERRORS, writing
+
+    with pytest.raises(ConnectionRefusedError), writing(tmp_path, DISK_ERRORS):
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import write_blank_wikitext
+
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 optuna = pytest.importorskip("optuna")
 pytestmark = pytest.mark.slow  # each test runs a whole sweep
@@ -55,10 +57,10 @@ def test_two_trial_in_memory_study(data_root, cache_dir, tmp_path):
 
 def test_sqlite_study_survives_a_crashed_trial(data_root, cache_dir, tmp_path):
     db = tmp_path / "study.db"
-    # a folder (so the config is valid) without wikitext-2/: the trial fails loading it
-    empty = tmp_path / "no-data"
-    empty.mkdir()
-    # sampler seed 1 draws the data folder, then the empty one: the second trial fails, the sweep
+    # WikiText-2 files of white space only (a missing file would be refused before the sweep): the
+    # trial fails loading them
+    blank = write_blank_wikitext(tmp_path / "blank-data")
+    # sampler seed 1 draws the data folder, then the blank one: the second trial fails, the sweep
     # goes on (an invalid value such as gate_dropout 1.5 is refused before the sweep starts, as in a
     # single run)
     proc = sweep(
@@ -66,7 +68,7 @@ def test_sqlite_study_survives_a_crashed_trial(data_root, cache_dir, tmp_path):
         cache_dir,
         tmp_path / "s",
         "hydra.sweeper.sampler.seed=1",
-        f"data.root=choice({data_root},{empty})",
+        f"data.root=choice({data_root},{blank})",
         f"hydra.sweeper.storage=sqlite:///{db}",
     )
     assert proc.returncode == 1 and "1 of 2 jobs failed" in proc.stderr, proc.stderr[-2000:]
@@ -74,7 +76,7 @@ def test_sqlite_study_survives_a_crashed_trial(data_root, cache_dir, tmp_path):
     values = {t.params["data.root"]: t.value for t in study.trials}
     assert (
         len(study.trials) == 2
-        and values[str(empty)] == float("inf")
+        and values[str(blank)] == float("inf")
         and values[str(data_root)] < 10
     )
     assert (tmp_path / "s" / "optimization_results.yaml").is_file()

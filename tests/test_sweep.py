@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import write_blank_wikitext
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -89,10 +91,9 @@ def test_sweeping_the_model_keeps_one_sweep_folder(tmp_path):
 
 @pytest.mark.slow
 def test_a_sweep_whose_jobs_all_fail_lists_them_and_exits_1(tmp_path):
-    # a folder without the WikiText-2 files: each job fails when it reads its data
-    empty = tmp_path / "no-data"
-    empty.mkdir()
-    proc = multirun(tmp_path, "model=mha,moa", f"data.root={empty}")
+    # WikiText-2 files of white space only: each job fails when it reads its data
+    blank = write_blank_wikitext(tmp_path / "blank-data")
+    proc = multirun(tmp_path, "model=mha,moa", f"data.root={blank}")
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "2 of 2 jobs failed" in proc.stderr
     sweep = only_sweep_folder(tmp_path)
@@ -102,23 +103,22 @@ def test_a_sweep_whose_jobs_all_fail_lists_them_and_exits_1(tmp_path):
         "\n| job | overrides | status |\n|---|---|---|\n| 0 | model=mha | failed: "
         in (sweep / "sweep_summary.md").read_text()
     )
-    assert all("data.root: missing file" in r["error"] for r in records)
+    assert all("data split 'train' is empty" in r["error"] for r in records)
 
 
 @pytest.mark.slow
 def test_a_sweep_through_a_launcher_plugin_runs_each_job_in_its_own_process(tmp_path):
     # the [launchers] extra, which [dev] includes
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    empty = tmp_path / "no-data"
-    empty.mkdir()
+    blank = write_blank_wikitext(tmp_path / "blank-data")
     good = os.environ["MOA_DATA_DIR"]  # the synthetic data (conftest)
     proc = multirun(
         tmp_path,
-        f"data.root={good},{empty}",
+        f"data.root={good},{blank}",
         "hydra/launcher=submitit_local",
         "hydra.launcher.timeout_min=5",
     )
-    # the job without data fails in its own process
+    # the job with blank data fails in its own process
     assert proc.returncode == 1, proc.stderr[-2000:]
     sweep = only_sweep_folder(tmp_path)
     records = {
@@ -129,8 +129,8 @@ def test_a_sweep_through_a_launcher_plugin_runs_each_job_in_its_own_process(tmp_
         records[f"data.root={good}"]["status"] == "ok"
         and records[f"data.root={good}"]["steps"] == 2
     )
-    assert records[f"data.root={empty}"]["status"] == "failed"
-    assert "data.root: missing file" in records[f"data.root={empty}"]["error"]
+    assert records[f"data.root={blank}"]["status"] == "failed"
+    assert "data split 'train' is empty" in records[f"data.root={blank}"]["error"]
     # the jobs ran under submitit, not in this process
     assert list(sweep.glob(".submitit/*/*_log.out"))
 

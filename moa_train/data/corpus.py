@@ -29,6 +29,16 @@ def unreadable(path, exc: OSError) -> DataError:
     )
 
 
+def check_readable(path: Path) -> None:
+    """DataError unless this process can open `path` for reading. Judged by opening it: os.access
+    answers for the real user, and root passes it whatever the file's mode."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise unreadable(path, exc) from None
+
+
 def read_text(path: Path, newline: str | None = None) -> str:
     """The file's text; `newline` as for open() (None: '\\r\\n' and '\\r' read as '\\n'; '': kept).
     Not UTF-8: a DataError naming the first bad line; unreadable: one naming the OS reason."""

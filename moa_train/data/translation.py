@@ -30,7 +30,14 @@ import torch
 
 from moa_train.data.batches import to_device
 from moa_train.data.cache import CacheDamaged, check_ids, content_key, load_cached
-from moa_train.data.corpus import DataError, download, expand, read_text, train_bpe
+from moa_train.data.corpus import (
+    DataError,
+    check_readable,
+    download,
+    expand,
+    read_text,
+    train_bpe,
+)
 from moa_train.progress import progress
 
 log = logging.getLogger(__name__)
@@ -164,13 +171,27 @@ def locate(cfg, corpus: Corpus, cache: Path) -> Path:
     folder = None if cfg.root is None else expand(cfg.root) / corpus.folder
     if folder is None or not folder.is_dir():
         folder = _download(corpus, cache, cfg.root)
+    _check_files(folder, corpus)
+    return folder
+
+
+def check_files(cfg) -> None:
+    """locate's checks of the files in data.root, with no download: a DataError naming a file
+    missing or unreadable. A corpus folder absent there is left to locate (it downloads one)."""
+    corpus = CORPORA.get(cfg.name)
+    folder = None if cfg.root is None or corpus is None else expand(cfg.root) / corpus.folder
+    if folder is not None and folder.is_dir():
+        _check_files(folder, corpus)
+
+
+def _check_files(folder: Path, corpus: Corpus) -> None:
     for path in _files(folder, corpus).values():
         if not path.is_file():
             raise DataError(
                 f"data.root: missing file {path}; expected {_expected(corpus)} under "
                 f"{folder.parent} (set MOA_DATA_DIR or data.root)"
             )
-    return folder
+        check_readable(path)
 
 
 def read_lines(path: Path) -> list:

@@ -27,7 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from moa_train.data.cache import CacheDamaged, check_ids, content_key, load_cached
-from moa_train.data.corpus import DataError, download, expand, read_text, train_bpe
+from moa_train.data.corpus import (
+    DataError,
+    check_readable,
+    download,
+    expand,
+    read_text,
+    train_bpe,
+)
 from moa_train.progress import progress
 
 CACHE_VERSION = 1
@@ -140,7 +147,17 @@ def locate(root, corpus: TextCorpus, cache: Path) -> Path:
             )
         if path.stat().st_size == 0:
             raise DataError(f"data file {path} is empty")
+        check_readable(path)
     return folder
+
+
+def check_files(cfg) -> None:
+    """locate's checks of the files in data.root (each present, not empty, readable), with no
+    download: where data.root is null the files come from the `datasets` hub when the run
+    starts."""
+    corpus = LM_CORPORA.get(cfg.name)
+    if corpus is not None and cfg.root is not None:
+        locate(cfg.root, corpus, expand(cfg.cache_dir))
 
 
 def split_sources(files: dict, split: str) -> dict:

@@ -4,6 +4,7 @@ transfer and hands the same flat dict to every sink: metrics.jsonl (always), Ten
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -29,12 +30,20 @@ def to_floats(metrics: dict) -> dict:
 
 
 @contextmanager
-def writing(path):
-    """An OSError inside (a full disk) as a WriteError naming `path`: one line, exit code 2."""
+def writing(path, errnos: tuple = ()):
+    """An OSError inside (a full disk) as a WriteError naming `path`: one line, exit code 2.
+    `errnos`: only OSErrors of these codes (the others are raised as they are)."""
     try:
         yield
     except OSError as exc:
+        if errnos and exc.errno not in errnos:
+            raise
         raise write_error(path, exc) from exc
+
+
+# what a full, read-only or failing disk raises; wandb's other OSErrors (its network's among them)
+# stay its own
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO)
 
 
 class JsonlSink:
@@ -163,20 +172,24 @@ class WandbSink:
     """The run's files go under the run folder (wandb/); a resumed run continues the same W&B run by
     its id. Everything goes to a step the run has logged: the charts and figures of the end to its
     last step (W&B puts a log without a step at the next one, a step the run never had, and drops
-    one at an earlier step than it has seen)."""
+    one at an earlier step than it has seen). A full disk met by wandb's Python side (its folders,
+    media files) is a WriteError naming RUN/wandb; what wandb-core, a process of its own, writes
+    (the run's record) is left to wandb."""
 
     def __init__(self, cfg, run_dir: Path, config: dict, run_id: str | None, overrides: list):
         import wandb
 
         self.wandb = wandb
-        self.run = wandb.init(
-            **wandb_names(cfg, overrides),
-            mode=wandb_mode(cfg.logger.wandb.mode),
-            dir=str(run_dir),
-            config=config,
-            id=run_id,
-            resume="allow",
-        )
+        self.dir = run_dir / "wandb"
+        with writing(self.dir, DISK_ERRORS):
+            self.run = wandb.init(
+                **wandb_names(cfg, overrides),
+                mode=wandb_mode(cfg.logger.wandb.mode),
+                dir=str(run_dir),
+                config=config,
+                id=run_id,
+                resume="allow",
+            )
         self.run_id = self.run.id
         # site -> choice -> [(step, share)], for the per-layer utilisation charts
         self.util: dict = {}
@@ -184,28 +197,33 @@ class WandbSink:
 
     def log(self, step: int, metrics: dict) -> None:
         self.step = max(self.step, step)
-        self.run.log(metrics, step=step)
+        with writing(self.dir, DISK_ERRORS):
+            self.run.log(metrics, step=step)
         for key, value in metrics.items():
             if key.startswith("routing/util/"):
                 _, _, site, choice = key.split("/", 3)
                 self.util.setdefault(site, {}).setdefault(choice, []).append((step, value))
 
     def log_figure(self, step: int, name: str, figure) -> None:
-        self.run.log({name: self.wandb.Image(figure)}, step=max(step, self.step))
+        with writing(self.dir, DISK_ERRORS):
+            self.run.log({name: self.wandb.Image(figure)}, step=max(step, self.step))
 
     def close(self) -> None:
         """One line chart per routed site: each choice's share over training."""
-        for site, choices in self.util.items():
-            steps = [s for s, _ in next(iter(choices.values()))]
-            chart = self.wandb.plot.line_series(
-                xs=steps,
-                ys=[[v for _, v in pts] for pts in choices.values()],
-                keys=list(choices),
-                title=f"utilisation {site}",
-                xname="step",
-            )
-            self.run.log({f"charts/utilisation/{site}": chart}, step=self.step)
-        self.run.finish()
+        with writing(self.dir, DISK_ERRORS):
+            try:
+                for site, choices in self.util.items():
+                    steps = [s for s, _ in next(iter(choices.values()))]
+                    chart = self.wandb.plot.line_series(
+                        xs=steps,
+                        ys=[[v for _, v in pts] for pts in choices.values()],
+                        keys=list(choices),
+                        title=f"utilisation {site}",
+                        xname="step",
+                    )
+                    self.run.log({f"charts/utilisation/{site}": chart}, step=self.step)
+            finally:  # the run is finished (its files closed) whatever failed before
+                self.run.finish()
         # finish() returns before wandb's service has closed the run's file (it finishes the file
         # later, or at exit, which a launcher's worker process may skip): shutting the service down
         # waits for it
@@ -250,9 +268,11 @@ class MetricsLogger:
         return next((s.run_id for s in self.sinks if isinstance(s, WandbSink)), None)
 
     def close(self) -> None:
-        self.log_utilisation_heatmap()
-        for sink in self.sinks:
-            sink.close()
+        try:
+            self.log_utilisation_heatmap()
+        finally:  # each sink closes its files, also after a dashboard's figure failed (full disk)
+            for sink in self.sinks:
+                sink.close()
 
 
 def job_overrides(run_dir: Path) -> list:

@@ -19,6 +19,7 @@ import socket
 from pathlib import Path
 
 from moa_train.config import ConfigError
+from moa_train.io import write_error
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,12 @@ class RunLock:
             except FileExistsError:
                 self._clear_stale()
                 continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(self.me) + "\n")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(json.dumps(self.me) + "\n")
+            except OSError as exc:  # a full disk: no lock left half written
+                self.path.unlink(missing_ok=True)
+                raise write_error(self.path, exc) from exc
             _HELD[self.key] = 1
             return self
         raise ConfigError(
