@@ -476,9 +476,13 @@ def help_page() -> str:
             shown.append("null" if value is None else str(value))
         if key == "hydra.run.dir":
             shown = ["outputs/runs/<experiment_name>/<date_time>"]
-        lines.append(f"  {key:<34} {what} [{' / '.join(shown)}]")
+        text = f"{what} [{' / '.join(shown)}]"
+        for i, part in enumerate(
+            textwrap.wrap(text, 62, break_on_hyphens=False)
+        ):  # 100 columns with the key
+            lines.append(f"  {key if i == 0 else '':<34} {part}")
     lines += ["", "examples:"]
-    lines += [f"  {cmd:<53} {what}" for cmd, what in EXAMPLES]
+    lines += [f"  {cmd}\n      {what}" for cmd, what in EXAMPLES]
     lines += [
         "",
         "Every key and its default: moa-train --cfg job; each is documented in",

@@ -83,6 +83,7 @@ def test_help_is_our_page_without_internal_configs(flag, monkeypatch, capsys, tm
     assert "moas_table1/{mha, moas_dynamic, moas_static}" in wrapped
     assert "trainer.max_steps" in out and "optim.lr" in out and "examples:" in out
     assert not list(tmp_path.iterdir())  # no run folder, nothing written
+    assert max(map(len, out.splitlines())) <= 100  # a terminal of 100 columns does not wrap it
 
 
 def test_every_main_key_of_the_help_page_exists():
