@@ -266,18 +266,23 @@ def cross_config(m):
 
 @dataclass
 class DataConfig:
-    # wikitext2_char | wikitext2_word | wikitext2_bpe | random_tokens | wmt14_en_de | multi30k_en_de
-    # | a corpus of yours
+    # wikitext2_char | wikitext2_word | wikitext2_bpe | text | random_tokens | wmt14_en_de
+    # | multi30k_en_de | a corpus of yours
     name: str = MISSING
     task: str = "lm"  # the task this data makes (configs/task/): lm | translation
     tokenizer: str = "char"  # char | word | bpe | random (random_tokens)
-    # folder holding wikitext-2/{train,valid,test}.txt; null: download via datasets
+    # the data folder, holding wikitext-2/{train,valid,test}.txt, ...; null: the one recorded with
+    # `python3 -m moa_train.data --set-root DIR`, else ../shared/data beside the checkout, else a
+    # download via datasets (moa_train/data/root.py). data=text: the folder of train/valid/test.txt
     root: str | None = None
     cache_dir: str = "~/.cache/moa_train"  # token ids (memmap) and tokenizers are cached here
     # official: the WikiText-2 valid/test files | moas_paper: first 90% / last 10% of train
     split: str = "official"
     # BPE vocabulary size (bpe and translation); random_tokens: ids drawn from 0..vocab_size-1
     vocab_size: int | None = None
+    # char vocabularies: true adds an <unk> id for characters of valid/test (and prompts) that the
+    # train file lacks; false refuses them, naming the first. Word vocabularies always hold <unk>.
+    unk: bool = False
     # translation
     src: str = "en"  # source language (file suffix)
     tgt: str = "de"  # target language
@@ -665,11 +670,16 @@ def validate(cfg) -> None:
             f"BPE needs a vocabulary size >= 260 and <= {MAX_BPE_VOCAB:,}, got {d.vocab_size}",
         )
     if d.root is not None:
+        # data=text reads data.root itself (MOA_DATA_DIR is the folder of the named corpora)
+        where = (
+            "give the folder holding train.txt, valid.txt, test.txt"
+            if d.name == "text"
+            else "point data.root or MOA_DATA_DIR at the folder holding wikitext-2/"
+        )
         _check(
             Path(os.path.expanduser(d.root)).is_dir(),
             "data.root",
-            f"folder {d.root!r} does not exist; point data.root or MOA_DATA_DIR at the folder "
-            "holding wikitext-2/",
+            f"folder {d.root!r} does not exist; {where}",
         )
     check_writable(d.cache_dir, "data.cache_dir")
 

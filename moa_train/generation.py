@@ -223,8 +223,9 @@ def start_ids(tokenizer) -> list:
 def encode_prompt(tokenizer, text: str, max_seq_len: int, warn=None, window: bool = False) -> list:
     """The prompt's ids; an empty one (or one of no tokens: white space in a word vocabulary)
     starts from `start_ids`. Text that is not UTF-8 (lone surrogates: the bytes Python could not
-    decode) is refused. Symbols outside a vocabulary without <unk> (char) are refused, naming them;
-    with <unk> (word) they map to it and `warn(message)` is told. A prompt longer than max_seq_len
+    decode) is refused. Symbols outside a vocabulary without <unk> (char, unless trained with
+    data.unk) are refused, naming them; with <unk> (word; char with data.unk) they map to it and
+    `warn(message)` is told. A prompt longer than max_seq_len
     is refused, or with `window` cut to its last max_seq_len tokens (`warn` is told)."""
     try:
         text.encode("utf-8")
@@ -236,7 +237,7 @@ def encode_prompt(tokenizer, text: str, max_seq_len: int, warn=None, window: boo
     unknown = tokenizer.unknown(text)
     if unknown:
         names = ", ".join(map(repr, unknown[:20])) + (" ..." if len(unknown) > 20 else "")
-        if UNK not in getattr(tokenizer, "stoi", {}):
+        if getattr(tokenizer, "unk_id", None) is None:
             raise ValueError(
                 f"prompt {text[:40]!r}: {names} not in the run's {tokenizer.kind} vocabulary, "
                 f"which has no {UNK}"
@@ -520,9 +521,10 @@ def parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="moa-generate",
         description="Generate text from a trained decoder-only LM run.",
-        epilog="Unknown symbols: a char vocabulary has no <unk>, so a prompt character outside it "
-        "is refused (exit 2, naming it); a word vocabulary (WikiText-2's) holds <unk>, and unknown "
-        "words map to it with a note on stderr. An empty prompt generates from nothing (after a "
+        epilog="Unknown symbols: a word vocabulary (WikiText-2's), and a char vocabulary trained "
+        "with data.unk=true (data=text's default), hold <unk>: unknown words or characters map to "
+        "it with a note on stderr; a char vocabulary without it refuses a prompt character outside "
+        "it (exit 2, naming it). An empty prompt generates from nothing (after a "
         "line end: the tokenizers have no BOS token). Sliding window off (the default): a prompt "
         "longer than model.max_seq_len is refused and a completion stops early where it would "
         "pass model.max_seq_len (a note says so); --window goes on as nanoGPT's sample does. "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -264,3 +266,297 @@ def test_damaged_cache_is_rebuilt_with_one_warning(data_cfg, caplog, case):
         assert np.array_equal(np.asarray(again.splits[name].tokens), tokens)
     # rebuilt in place, nothing left aside
     assert [p.name for p in cache_root(cfg).iterdir()] == [entry.name]
+
+
+# --- where the data folder is: data.root / MOA_DATA_DIR, the recorded one, ../shared/data --------
+
+
+@pytest.fixture
+def no_data_dir(monkeypatch, tmp_path):
+    """No data folder set or recorded, and ../shared/data searched under tmp_path/checkout (absent):
+    where `datasets` is called, the call is recorded (it returns nothing usable)."""
+    from moa_train.data import root
+
+    monkeypatch.delenv("MOA_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setattr(root, "SEARCHED", (str(tmp_path / "checkout" / "shared"),))
+    calls = []
+
+    def load_dataset(*args):
+        calls.append(args)
+        raise ConnectionError("no network")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return calls
+
+
+def _lm_cfg(tmp_path, root=None, **keys):
+    from omegaconf import OmegaConf
+
+    base = {"name": "wikitext2_char", "task": "lm", "tokenizer": "char", "split": "official"}
+    return OmegaConf.create(
+        {**base, "root": root, "cache_dir": str(tmp_path / "cache"), "vocab_size": None, **keys}
+    )
+
+
+def test_the_data_folder_is_data_root_then_the_recorded_one_then_the_searched_one(
+    no_data_dir, tmp_path, data_root
+):
+    from moa_train.data import resolve_root, root
+    from moa_train.data.__main__ import main
+
+    assert resolve_root(_lm_cfg(tmp_path)) is None  # nothing: download
+    searched = tmp_path / "checkout" / "shared"
+    searched.mkdir(parents=True)
+    assert resolve_root(_lm_cfg(tmp_path)) == searched.resolve()
+    main(["--set-root", str(data_root)])
+    assert root.record_file().read_text(encoding="utf-8").strip() == str(data_root.resolve())
+    assert resolve_root(_lm_cfg(tmp_path)) == data_root.resolve()
+    # the recorded folder alone (no MOA_DATA_DIR, no data.root) is read from
+    assert load_corpus(_lm_cfg(tmp_path)).splits["val"].source.startswith(str(data_root.resolve()))
+    assert resolve_root(_lm_cfg(tmp_path, root=str(tmp_path))) == tmp_path  # data.root first
+    main(["--forget"])
+    assert resolve_root(_lm_cfg(tmp_path)) == searched.resolve()
+    assert not no_data_dir
+
+
+def test_a_recorded_data_folder_that_is_gone_is_one_error(no_data_dir, tmp_path, capsys):
+    from moa_train.data import check_files, root
+    from moa_train.data.__main__ import main
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    main(["--set-root", str(gone)])
+    gone.rmdir()
+    with pytest.raises(DataError, match=r"data_dir: the recorded data folder .*gone.* does not"):
+        check_files(_lm_cfg(tmp_path))
+    root.record_file().write_text("\n", encoding="utf-8")  # not the working directory
+    with pytest.raises(DataError, match="the recorded data folder '' does not exist"):
+        check_files(_lm_cfg(tmp_path))
+    with pytest.raises(SystemExit) as exc:
+        main(["--set-root", str(gone)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --set-root:") and "\n" not in err
+
+
+def test_offline_evident_tries_no_download_and_says_how_to_set_the_folder(
+    no_data_dir, tmp_path, monkeypatch
+):
+    from moa_train.data import check_files
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for call in (check_files, load_corpus):
+        with pytest.raises(DataError) as exc:
+            call(_lm_cfg(tmp_path))
+        message = str(exc.value)
+        assert "\n" not in message
+        for words in (
+            "wikitext-2/{train.txt,valid.txt,test.txt}: no data folder is set",
+            "no download was tried (HF_DATASETS_OFFLINE is set)",
+            "MOA_DATA_DIR",
+            "python3 -m moa_train.data --set-root DIR",
+        ):
+            assert words in message, message
+    assert not no_data_dir  # datasets was never asked
+    assert not (tmp_path / "cache" / "download").exists()
+
+
+def test_an_unreachable_hub_is_offline_within_a_second(monkeypatch):
+    """The probe asks the hub's host (HF_ENDPOINT) for a TCP connection: a closed port is offline,
+    a listening one is not."""
+    import socket
+    import time
+
+    from moa_train.data.root import offline_reason
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("ALL_PROXY", raising=False)
+    monkeypatch.delenv("all_proxy", raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert offline_reason() is None
+    start = time.monotonic()
+    assert offline_reason() == "127.0.0.1 cannot be reached"  # the port is closed now
+    assert time.monotonic() - start < 2
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert offline_reason() == "HF_HUB_OFFLINE is set"
+
+
+def test_the_check_before_a_run_downloads_nothing(no_data_dir, tmp_path, monkeypatch, data_root):
+    from moa_train.data import check_files
+
+    monkeypatch.setattr("moa_train.data.root.offline_reason", lambda: None)
+    check_files(_lm_cfg(tmp_path))  # online: the run's own load will download
+    check_files(_lm_cfg(tmp_path, name="random_tokens", tokenizer="random"))
+    assert not no_data_dir
+    write_wikitext(tmp_path / "partial", splits=("train", "test"))
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "partial" / "wikitext-2"))):
+        check_files(_lm_cfg(tmp_path, root=str(tmp_path / "partial")))
+    check_files(_lm_cfg(tmp_path, root=str(data_root)))
+    # a translation corpus: its own files
+    monkeypatch.setattr("moa_train.data.root.offline_reason", lambda: "offline here")
+    with pytest.raises(DataError, match=r"multi30k/\{train,val,test_2016_flickr\}.*offline here"):
+        check_files(_lm_cfg(tmp_path, name="multi30k_en_de", task="translation"))
+
+
+def test_a_failed_download_prints_each_hub_warning_once(no_data_dir, tmp_path, monkeypatch):
+    """`huggingface_hub` logs its retries through a handler of its own and the root logger's (a
+    run's console): only the root's is left during the download."""
+    import logging
+
+    monkeypatch.setattr("moa_train.data.root.offline_reason", lambda: None)
+    seen = {"root": [], "hub": []}
+
+    class Record(logging.Handler):
+        def __init__(self, key):
+            super().__init__()
+            self.key = key
+
+        def emit(self, record):
+            seen[self.key].append(record.getMessage())
+
+    def load_dataset(*args):
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        raise ConnectionError("no network")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    hub, root = logging.getLogger("huggingface_hub"), logging.getLogger()
+    monkeypatch.setattr(hub, "handlers", [Record("hub")])
+    monkeypatch.setattr(root, "handlers", [*root.handlers, Record("root")])
+    with pytest.raises(DataError, match="downloading it through `datasets` failed"):
+        load_corpus(_lm_cfg(tmp_path))
+    assert seen == {"root": ["Retrying in 1s [Retry 1/5]."], "hub": []}
+    assert [type(h).__name__ for h in hub.handlers] == ["Record"]  # given back
+
+
+# --- data=text: a folder of your own; char vocabularies with <unk> --------------------------------
+
+
+def _write_text_corpus(folder: Path, val_name="valid.txt", extra="é") -> Path:
+    """train/valid/test text; valid and test hold `extra`, a character train lacks."""
+    folder.mkdir(parents=True, exist_ok=True)
+    line = "the cat sat on the mat and the dog ran home\n"
+    (folder / "train.txt").write_text(line * 60, encoding="utf-8")
+    (folder / val_name).write_text(f"the {extra}cat ran\n" + line * 10, encoding="utf-8")
+    (folder / "test.txt").write_text(line * 10 + f"a dog{extra}\n", encoding="utf-8")
+    return folder
+
+
+def _text_cfg(make_cfg, tmp_path, folder, *overrides):
+    return make_cfg(
+        "data=text", f"data.root={folder}", f"data.cache_dir={tmp_path / 'cache'}", *overrides
+    ).data
+
+
+def test_data_text_reads_a_folder_and_maps_unseen_characters_to_unk(make_cfg, tmp_path):
+    folder = _write_text_corpus(tmp_path / "mine", val_name="validation.txt")
+    data = load_corpus(_text_cfg(make_cfg, tmp_path, folder))
+    chars = sorted(set((folder / "train.txt").read_text(encoding="utf-8")))
+    assert data.vocab_size == len(chars) + 1  # + <unk>, last
+    assert data.splits["val"].source == str(folder / "validation.txt")
+    val = np.asarray(data.splits["val"].tokens)
+    text = (folder / "validation.txt").read_text(encoding="utf-8")
+    # one token per character, the unseen one included: bits per character stay per character
+    assert len(val) == data.splits["val"].n_chars == len(text)
+    assert list(np.flatnonzero(val == len(chars))) == [text.index("é")]
+    assert split_metrics("val", 1.0, data.splits["val"])["val/bpc"] == pytest.approx(
+        1 / math.log(2)
+    )
+    meta = json.loads(next((tmp_path / "cache" / "text").glob("*/meta.json")).read_text())
+    assert [meta["splits"][s]["n_unk"] for s in ("train", "val", "test")] == [0, 1, 1]
+    tok = wikitext.tokenizer_from_json(data.tokenizer_file.read_text(encoding="utf-8"))
+    assert tok.symbols == [*chars, "<unk>"] and tok.decode(val[:6].tolist()) == "the <unk>c"
+
+
+@pytest.mark.parametrize("tokenizer", ["word", "bpe"])
+def test_data_text_takes_every_tokenizer(make_cfg, tmp_path, tokenizer):
+    folder = _write_text_corpus(tmp_path / "mine")
+    overrides = [f"data.tokenizer={tokenizer}"] + (["data.vocab_size=300"] * (tokenizer == "bpe"))
+    data = load_corpus(_text_cfg(make_cfg, tmp_path, folder, *overrides))
+    assert data.tokenizer == tokenizer and len(data.splits["test"].tokens) > 0
+
+
+def test_the_cache_keys_on_unk(make_cfg, tmp_path):
+    """data.unk=false refuses the character that data.unk=true maps: never one entry for both."""
+    folder = _write_text_corpus(tmp_path / "mine")
+    load_corpus(_text_cfg(make_cfg, tmp_path, folder))
+    with pytest.raises(DataError, match=r"valid\.txt, line 1: character 'é'.*data\.unk=true"):
+        load_corpus(_text_cfg(make_cfg, tmp_path, folder, "data.unk=false"))
+    (folder / "valid.txt").write_text("the cat ran\n" * 10, encoding="utf-8")
+    (folder / "test.txt").write_text("the dog sat\n" * 10, encoding="utf-8")
+    plain = load_corpus(_text_cfg(make_cfg, tmp_path, folder, "data.unk=false"))
+    with_unk = load_corpus(_text_cfg(make_cfg, tmp_path, folder))
+    assert with_unk.vocab_size == plain.vocab_size + 1
+    assert len(list((tmp_path / "cache" / "text").glob("*/meta.json"))) == 3
+
+
+@pytest.mark.parametrize(
+    "setup,root,words",
+    [
+        (lambda f: None, None, "data.root: data=text reads a folder of yours: give data.root=DIR"),
+        (lambda f: None, "absent", "data.root: folder"),
+        (lambda f: (f / "test.txt").unlink(), "mine", "missing file {f}/test.txt"),
+        (lambda f: (f / "val.txt").write_text("x\n"), "mine", "holds both valid.txt and val.txt"),
+        (lambda f: (f / "train.txt").write_text(""), "mine", "data file {f}/train.txt is empty"),
+    ],
+)
+def test_data_text_problems_are_one_line(tmp_path, setup, root, words):
+    from omegaconf import OmegaConf
+
+    folder = _write_text_corpus(tmp_path / "mine")
+    setup(folder)
+    cfg = OmegaConf.create(
+        {
+            "name": "text",
+            "tokenizer": "char",
+            "root": None if root is None else str(tmp_path / root),
+            "cache_dir": str(tmp_path / "cache"),
+            "split": "official",
+            "vocab_size": None,
+            "unk": True,
+        }
+    )
+    with pytest.raises(DataError) as exc:
+        load_corpus(cfg)
+    assert words.format(f=folder) in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_char_vocabulary_with_unk_round_trips_and_generation_maps_unknown_characters():
+    from moa_train.generation import encode_prompt
+
+    with_unk = wikitext.tokenizer_from_json(wikitext.tokenizer_json(CharTokenizer("ab\n", True)))
+    assert with_unk.symbols == ["\n", "a", "b", "<unk>"] and with_unk.unk_id == 3
+    notes = []
+    assert encode_prompt(with_unk, "abz", 16, warn=notes.append) == [1, 2, 3]
+    assert notes == ["prompt 'abz': 'z' not in the run's char vocabulary: mapped to <unk>"]
+    plain = wikitext.tokenizer_from_json(wikitext.tokenizer_json(CharTokenizer("ab\n")))
+    assert plain.unk_id is None and plain.vocab_size == 3
+    with pytest.raises(ValueError, match="'z' not in the run's char vocabulary, which has no"):
+        encode_prompt(plain, "abz", 16)
+    with pytest.raises(DataError, match="single characters"):
+        wikitext.tokenizer_from_json('{"kind": "char", "symbols": ["a", "bc"]}')
+
+
+def test_a_text_run_saves_its_unk_vocabulary_for_generation(train_run, tmp_path):
+    from moa_train.api import load_tokenizer
+    from moa_train.generation import encode_prompt
+
+    folder = _write_text_corpus(tmp_path / "mine")
+    run = tmp_path / "run"
+    train_run(
+        run,
+        "data=text",
+        f"data.root={folder}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "trainer.max_steps=1",
+        "trainer.block_size=8",
+    )
+    tok = load_tokenizer(run)
+    notes = []
+    ids = encode_prompt(tok, "the ü", 64, warn=notes.append)
+    assert ids[-1] == tok.unk_id == tok.vocab_size - 1 and len(notes) == 1

@@ -1,4 +1,5 @@
 from moa_train.data.corpus import DataError  # noqa: F401
+from moa_train.data.root import resolve_root  # noqa: F401
 from moa_train.data.wikitext import TokenData, load_corpus
 
 
@@ -11,12 +12,20 @@ def load_data(cfg) -> "TokenData":
     return load_corpus(cfg)
 
 
-def check_files(cfg) -> None:
-    """A DataError naming the first file of a data config's corpus that is missing, empty or
-    unreadable in data.root, found without reading or downloading anything: the checks the load
-    starts with, which the entry point runs before the run folder is written. random_tokens reads
-    no file; a corpus still to be downloaded is checked when it is."""
-    from moa_train.data import translation, wikitext
+def check_files(data_cfg) -> None:
+    """A DataError (one line: the one the run would end with) where the files of data_cfg's corpus
+    cannot be had: a data folder lacking them (the file is named), data=text without data.root,
+    a recorded data folder that is gone, or no data folder and a download that evidently cannot
+    work (offline: no download is tried). Nothing is read, tokenized or downloaded, and it takes
+    about a second at most (the network probe), so a check before the run folder is made can call
+    it."""
+    if data_cfg.name == "random_tokens":
+        return
+    if data_cfg.get("task") == "translation":
+        from moa_train.data.translation import check_files as check_translation
 
-    wikitext.check_files(cfg)
-    translation.check_files(cfg)
+        check_translation(data_cfg)
+        return
+    from moa_train.data.wikitext import check_files as check_lm
+
+    check_lm(data_cfg)

@@ -1,14 +1,12 @@
 """What every corpus shares, LM (data/wikitext.py) and translation (data/translation.py): its files
-read as UTF-8 text, their download from the `datasets` hub where no data folder holds them, and
-byte-level BPE training."""
+read as UTF-8 text and byte-level BPE training (where the files are, and their download from the
+`datasets` hub: data/root.py)."""
 
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
-
-from moa_train.io import atomic_write_text
 
 
 class DataError(ValueError):
@@ -63,26 +61,6 @@ def utf8(raw: bytes, source: str) -> str:
             f"{source} must be UTF-8 text: line {line}, byte offset {exc.start} "
             f"(0x{raw[exc.start]:02x}) is not"
         ) from None
-
-
-def download(target: Path, names: list, hub: tuple, texts, missing: str) -> Path:
-    """The folder `target` holding the files `names`, written once from the `datasets` hub copy
-    (`load_dataset(*hub)`) where the network exists: texts(dataset) yields (file name, text) pairs.
-    Offline, a DataError starting with `missing` (which folder to provide instead)."""
-    if all((target / name).is_file() for name in names):
-        return target
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(*hub)
-    except Exception as exc:  # offline, hub down, package missing: all end in the same advice
-        raise DataError(
-            f"{missing}; downloading through `datasets` failed ({type(exc).__name__})"
-        ) from None
-    target.mkdir(parents=True, exist_ok=True)
-    for name, text in texts(ds):
-        atomic_write_text(target / name, text)
-    return target
 
 
 def train_bpe(

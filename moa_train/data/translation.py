@@ -1,12 +1,13 @@
 """Parallel corpora (WMT14 En-De, Multi30k En-De) as joint-BPE sentence pairs, and token-budget
 batches of them.
 
-Files, one sentence per line and parallel by line, under `data.root` (MOA_DATA_DIR):
+Files, one sentence per line and parallel by line, under the data folder (`data.root`, MOA_DATA_DIR,
+the recorded one or ../shared/data: data/root.py):
   wmt14_en_de     wmt14-en-de/{train,valid,test}.{en,de} (valid newstest2013, test newstest2014)
   multi30k_en_de  multi30k/{train,val,test_2016_flickr}.{en,de}
-Where `data.root` is null or lacks the dataset's folder, the files are written once from the
-`datasets` hub copy into `<cache_dir>/download/<folder>/`; offline, a clear error names
-MOA_DATA_DIR.
+Where there is no data folder or it lacks the dataset's folder, the files are written once from
+the `datasets` hub copy into `<cache_dir>/download/<folder>/`; offline, a clear error says how to
+set the data folder.
 
 One byte-level BPE is trained on the train text of both languages (ids 0..3 = <pad> <s> </s> <unk>).
 The tokenizer and the ids of every split are cached per language under
@@ -30,14 +31,8 @@ import torch
 
 from moa_train.data.batches import to_device
 from moa_train.data.cache import CacheDamaged, check_ids, content_key, load_cached
-from moa_train.data.corpus import (
-    DataError,
-    check_readable,
-    download,
-    expand,
-    read_text,
-    train_bpe,
-)
+from moa_train.data.corpus import DataError, check_readable, expand, read_text, train_bpe
+from moa_train.data.root import download, find_root, how_to_set
 from moa_train.progress import progress
 
 log = logging.getLogger(__name__)
@@ -147,9 +142,10 @@ def _files(folder: Path, corpus: Corpus) -> dict:
     }
 
 
-def _download(corpus: Corpus, cache: Path, root) -> Path:
-    """The files written into the cache from the `datasets` hub copy; only where the network
-    exists."""
+def _download(corpus: Corpus, cache: Path, root, fetch: bool) -> Path | None:
+    """The download folder in the cache holding the files, written from the `datasets` hub copy
+    where they are not there yet (fetch False: None instead, unless the download evidently cannot
+    work)."""
     target = cache / "download" / corpus.folder
     files = _files(target, corpus)
 
@@ -159,39 +155,46 @@ def _download(corpus: Corpus, cache: Path, root) -> Path:
             lines = [t[lang] for t in rows["translation"]] if corpus.nested else rows[lang]
             yield path.name, "".join(s.replace("\r", " ").replace("\n", " ") + "\n" for s in lines)
 
-    missing = (
-        f"{corpus.folder}/ not found under data.root={root}: set MOA_DATA_DIR (or data.root) to a "
-        f"folder holding {_expected(corpus)}"
+    missing = f"{_expected(corpus)}: " + (
+        "no data folder is set" if root.path is None else f"not in {root.path} ({root.how})"
     )
-    return download(target, [path.name for path in files.values()], corpus.hub, texts, missing)
+    names = [path.name for path in files.values()]
+    return target if download(target, names, corpus.hub, texts, missing, fetch) else None
 
 
-def locate(cfg, corpus: Corpus, cache: Path) -> Path:
-    """The folder holding the corpus' files; every file checked so a missing one is named."""
-    folder = None if cfg.root is None else expand(cfg.root) / corpus.folder
+def locate(cfg, corpus: Corpus, cache: Path, fetch: bool = True) -> Path | None:
+    """The folder holding the corpus' files, every file checked so a missing one is named:
+    <data folder>/<corpus.folder> (the data folder as root.find_root finds it), else the download
+    folder in the cache. fetch False (a check before the run): nothing downloaded, None where a
+    download would be tried."""
+    root = find_root(cfg.root)
+    folder = None if root.path is None else root.path / corpus.folder
     if folder is None or not folder.is_dir():
-        folder = _download(corpus, cache, cfg.root)
-    _check_files(folder, corpus)
-    return folder
-
-
-def check_files(cfg) -> None:
-    """locate's checks of the files in data.root, with no download: a DataError naming a file
-    missing or unreadable. A corpus folder absent there is left to locate (it downloads one)."""
-    corpus = CORPORA.get(cfg.name)
-    folder = None if cfg.root is None or corpus is None else expand(cfg.root) / corpus.folder
-    if folder is not None and folder.is_dir():
-        _check_files(folder, corpus)
-
-
-def _check_files(folder: Path, corpus: Corpus) -> None:
+        folder = _download(corpus, cache, root, fetch)
+        if folder is None:
+            return None
     for path in _files(folder, corpus).values():
         if not path.is_file():
             raise DataError(
                 f"data.root: missing file {path}; expected {_expected(corpus)} under "
-                f"{folder.parent} (set MOA_DATA_DIR or data.root)"
+                f"{folder.parent}; {how_to_set(corpus.folder + '/')}"
             )
         check_readable(path)
+    return folder
+
+
+def _corpus(cfg) -> Corpus:
+    if cfg.name not in CORPORA:
+        raise DataError(
+            f"data.name: {cfg.name!r} is not a translation corpus; allowed: {', '.join(CORPORA)}"
+        )
+    return CORPORA[cfg.name]
+
+
+def check_files(cfg) -> None:
+    """DataError (the one line the run would end with) where the corpus' files cannot be had;
+    nothing is read or downloaded: a check before the run."""
+    locate(cfg, _corpus(cfg), expand(cfg.cache_dir), fetch=False)
 
 
 def read_lines(path: Path) -> list:
@@ -343,11 +346,7 @@ def _split(
 
 def load_translation(cfg, max_positions: int | None = None) -> ParallelData:
     """The data config's corpus as BPE sentence pairs in the direction data.src -> data.tgt."""
-    if cfg.name not in CORPORA:
-        raise DataError(
-            f"data.name: {cfg.name!r} is not a translation corpus; allowed: {', '.join(CORPORA)}"
-        )
-    corpus = CORPORA[cfg.name]
+    corpus = _corpus(cfg)
     for key, lang in (("data.src", cfg.src), ("data.tgt", cfg.tgt)):
         if lang not in corpus.langs:
             raise DataError(

@@ -1,11 +1,14 @@
-"""LM corpora (WikiText-2, and any added to `LM_CORPORA`) as token streams (char, word or BPE),
-cached as memmaps.
+"""LM corpora (WikiText-2, a text folder of the user's own, and any added to `LM_CORPORA`) as token
+streams (char, word or BPE), cached as memmaps.
 
-Files: one plain-text file per split, `<root>/<folder>/{train,valid,test}.txt` for WikiText-2 (the
-tokenized v1 release). Where `data.root` is null the files are downloaded once through `datasets`
-into the cache; offline, a clear error names MOA_DATA_DIR. A new corpus is one `LM_CORPORA` entry
-(keyed by its `data.name`) and one `configs/data/<name>.yaml`; from outside the package, through a
-plugin (moa_train/plugins.py).
+Files: one plain-text file per split, `<data folder>/<folder>/{train,valid,test}.txt` for
+WikiText-2 (the tokenized v1 release), the data folder as data/root.py finds it (data.root,
+MOA_DATA_DIR, the recorded one, ../shared/data); with none, the files are downloaded once through
+`datasets` into the cache, where the network is evidently there (otherwise a one-line error says
+how to set the data folder). `data=text` reads `data.root` itself: train.txt, valid.txt (or
+validation.txt, val.txt) and test.txt. A new corpus is one `LM_CORPORA` entry (keyed by its
+`data.name`) and one `configs/data/<name>.yaml`; from outside the package, through a plugin
+(moa_train/plugins.py).
 
 Splits: `official` uses the valid/test files; `moas_paper` reproduces the MoAS paper's split (first
 90% of the train file's characters for training, the last 10% as "validation"; test stays the
@@ -21,21 +24,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from moa_train.data.cache import CacheDamaged, check_ids, content_key, load_cached
-from moa_train.data.corpus import (
-    DataError,
-    check_readable,
-    download,
-    expand,
-    read_text,
-    train_bpe,
-)
+from moa_train.data.corpus import DataError, check_readable, expand, read_text, train_bpe
+from moa_train.data.root import download, find_root, how_to_set
 from moa_train.progress import progress
+
+log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 
@@ -45,8 +45,11 @@ class TextCorpus:
     """An LM corpus: one plain-text file per split in one folder."""
 
     cache: str  # its folder under data.cache_dir
-    folder: str  # under data.root (and under <cache_dir>/download/)
-    files: dict  # "train" | "val" | "test" -> file name
+    # under the data folder (and under <cache_dir>/download/); "": data.root itself, which must then
+    # be given (a corpus of the user's own)
+    folder: str
+    # "train" | "val" | "test" -> its file name, or a tuple of names it may have (one must exist)
+    files: dict
     hub: tuple = ()  # datasets.load_dataset arguments, for data.root=null; (): no download
     hub_splits: dict = field(default_factory=dict)  # split -> the hub's split name
     # the hub rows' text, joined as it is (WikiText's lines keep their "\n")
@@ -60,8 +63,19 @@ WIKITEXT2 = TextCorpus(
     ("Salesforce/wikitext", "wikitext-2-v1"),
     {"train": "train", "val": "validation", "test": "test"},
 )
+# data=text: a folder of the user's own (data.root), any tokenizer
+TEXT = TextCorpus(
+    "text",
+    "",
+    {"train": "train.txt", "val": ("valid.txt", "validation.txt", "val.txt"), "test": "test.txt"},
+)
 # data.name -> corpus; the three WikiText-2 configs differ in data.tokenizer only
-LM_CORPORA = {"wikitext2_char": WIKITEXT2, "wikitext2_word": WIKITEXT2, "wikitext2_bpe": WIKITEXT2}
+LM_CORPORA = {
+    "wikitext2_char": WIKITEXT2,
+    "wikitext2_word": WIKITEXT2,
+    "wikitext2_bpe": WIKITEXT2,
+    "text": TEXT,
+}
 SPLITS = ("train", "val", "test")
 
 
@@ -111,53 +125,88 @@ def word_count(text: str) -> int:
 # --- locating the text ----------------------------------------------------------------------------
 
 
+def _names(entry) -> tuple:
+    """The file names a TextCorpus.files entry accepts."""
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def _expected(corpus: TextCorpus) -> str:
-    return f"{corpus.folder}/{{{','.join(corpus.files[split] for split in SPLITS)}}}"
+    names = ",".join("|".join(_names(corpus.files[split])) for split in SPLITS)
+    return f"{corpus.folder}/{{{names}}}" if corpus.folder else names.replace(",", ", ")
 
 
-def _download(corpus: TextCorpus, cache: Path) -> Path:
-    """The split files written into the cache from the `datasets` hub copy; only where the network
-    exists."""
-    missing = (
-        f"{corpus.folder}/ not found: set MOA_DATA_DIR (or data.root) to a folder holding "
-        f"{_expected(corpus)}"
-    )
-    if not corpus.hub:  # read from data.root only
-        raise DataError(missing)
+def _download(corpus: TextCorpus, cache: Path, fetch: bool) -> Path | None:
+    """The download folder in the cache holding the split files, written from the `datasets` hub
+    copy where they are not there yet (fetch False: None instead, unless the download evidently
+    cannot work)."""
+    missing = f"{_expected(corpus)}: no data folder is set"
+    if not corpus.hub:  # read from a data folder only
+        raise DataError(f"{missing}; {how_to_set(corpus.folder + '/')}")
 
     def texts(ds):
         return (
             (corpus.files[s], "".join(ds[corpus.hub_splits[s]][corpus.hub_column])) for s in SPLITS
         )
 
-    return download(
-        cache / "download" / corpus.folder, list(corpus.files.values()), corpus.hub, texts, missing
-    )
+    target = cache / "download" / corpus.folder
+    names = list(corpus.files.values())
+    return target if download(target, names, corpus.hub, texts, missing, fetch) else None
 
 
-def locate(root, corpus: TextCorpus, cache: Path) -> Path:
-    """The corpus' folder; every file checked so a missing one is named."""
-    folder = _download(corpus, cache) if root is None else expand(root) / corpus.folder
-    for fname in corpus.files.values():
-        path = folder / fname
-        if not path.is_file():
-            raise DataError(
-                f"data.root: missing file {path}; expected {_expected(corpus)} under "
-                f"{folder.parent} (set MOA_DATA_DIR or data.root)"
-            )
-        if path.stat().st_size == 0:
-            raise DataError(f"data file {path} is empty")
-        check_readable(path)
+def _own_folder(cfg, corpus: TextCorpus) -> Path:
+    """data.root itself, for a corpus of the user's own (folder ""): it must be given."""
+    if cfg.root is None:
+        raise DataError(
+            f"data.root: data={cfg.name} reads a folder of yours: give data.root=DIR, the folder "
+            f"holding {_expected(corpus)}"
+        )
+    folder = expand(cfg.root)
+    if not folder.is_dir():
+        raise DataError(
+            f"data.root: folder {cfg.root!r} does not exist; give the folder holding "
+            f"{_expected(corpus)}"
+        )
     return folder
 
 
-def check_files(cfg) -> None:
-    """locate's checks of the files in data.root (each present, not empty, readable), with no
-    download: where data.root is null the files come from the `datasets` hub when the run
-    starts."""
-    corpus = LM_CORPORA.get(cfg.name)
-    if corpus is not None and cfg.root is not None:
-        locate(cfg.root, corpus, expand(cfg.cache_dir))
+def _file(folder: Path, entry, corpus: TextCorpus, how: str) -> Path:
+    """The one file of `folder` that `entry` names (a DataError for none, or for two)."""
+    found = [folder / name for name in _names(entry) if (folder / name).is_file()]
+    if len(found) > 1:
+        raise DataError(
+            f"data.root: {folder} holds both {found[0].name} and {found[1].name}; keep one "
+            f"({'|'.join(_names(entry))} name the same split)"
+        )
+    if not found:
+        where = f"{folder.parent} ({how})" if corpus.folder else str(folder)
+        raise DataError(
+            f"data.root: missing file {folder / _names(entry)[0]}; expected {_expected(corpus)} "
+            f"under {where}"
+        )
+    if found[0].stat().st_size == 0:
+        raise DataError(f"data file {found[0]} is empty")
+    check_readable(found[0])
+    return found[0]
+
+
+def locate(cfg, corpus: TextCorpus, cache: Path, fetch: bool = True) -> dict | None:
+    """split -> the file it is read from, every file checked so a missing one is named. The folder:
+    data.root itself for a corpus of the user's own; else <data folder>/<corpus.folder> (the data
+    folder as root.find_root finds it), or the download folder in the cache where there is none.
+    fetch False (a check before the run): nothing downloaded, None where a download would be
+    tried."""
+    if not corpus.folder:
+        folder, how = _own_folder(cfg, corpus), "data.root"
+    else:
+        root = find_root(cfg.root)
+        how = root.how
+        if root.path is not None:
+            folder = root.path / corpus.folder
+        else:
+            folder, how = _download(corpus, cache, fetch), "the download cache"
+            if folder is None:
+                return None
+    return {name: _file(folder, corpus.files[name], corpus, how) for name in SPLITS}
 
 
 def split_sources(files: dict, split: str) -> dict:
@@ -190,19 +239,25 @@ def split_texts(files: dict, split: str) -> dict:
 # --- tokenizers -----------------------------------------------------------------------------------
 
 
+UNK = "<unk>"  # the unknown symbol of a word vocabulary, and of a char vocabulary with data.unk
+
+
 class CharTokenizer:
     """Vocabulary = sorted characters of the whole train FILE (283 for WikiText-2, as in the MoAS
-    paper)."""
+    paper); with `unk` one more id, last, for every character outside them (data.unk=true),
+    otherwise such a character is refused. <unk> stands for one character of the text, so bits per
+    character stay per character (the unseen character's identity is not coded)."""
 
     kind = "char"
 
-    def __init__(self, vocab_text: str):
+    def __init__(self, vocab_text: str, unk: bool = False):
         self.codepoints = np.array(sorted({ord(c) for c in vocab_text}), dtype=np.uint32)
+        self.unk_id = len(self.codepoints) if unk else None
 
     @property
     def symbols(self) -> list:
         """The vocabulary in id order."""
-        return [chr(c) for c in self.codepoints]
+        return [chr(c) for c in self.codepoints] + ([UNK] if self.unk_id is not None else [])
 
     def unknown(self, text: str) -> list:
         """The characters of `text` outside the vocabulary, each once, in order of appearance."""
@@ -210,22 +265,25 @@ class CharTokenizer:
         return list(dict.fromkeys(c for c in text if c not in known))
 
     def decode(self, ids) -> str:
-        return "".join(chr(self.codepoints[i]) for i in ids)
+        return "".join(UNK if i == self.unk_id else chr(self.codepoints[i]) for i in ids)
 
     def encode(self, text: str) -> np.ndarray:
         cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         ids = np.searchsorted(self.codepoints, cps).clip(max=len(self.codepoints) - 1)
         bad = np.flatnonzero(self.codepoints[ids] != cps)
-        if len(bad):
+        if len(bad) and self.unk_id is None:
             line = text.count("\n", 0, int(bad[0])) + 1
             raise DataError(
-                f"line {line}: character {chr(cps[bad[0]])!r} is not in the train file's vocabulary"
+                f"line {line}: character {chr(cps[bad[0]])!r} is not in the train file's "
+                f"vocabulary (data.unk=true maps such characters to {UNK})"
             )
+        if len(bad):
+            ids[bad] = self.unk_id
         return ids
 
     @property
     def vocab_size(self) -> int:
-        return len(self.codepoints)
+        return len(self.symbols)
 
 
 class WordTokenizer:
@@ -237,11 +295,10 @@ class WordTokenizer:
     kind = "word"
 
     def __init__(self, vocab_text: str = "", symbols: list | None = None):
-        words = (
-            symbols if symbols is not None else sorted(set(vocab_text.split()) | {"<eos>", "<unk>"})
-        )
+        words = symbols if symbols is not None else sorted(set(vocab_text.split()) | {"<eos>", UNK})
         self.stoi = {w: i for i, w in enumerate(words)}
         self.itos = list(words)
+        self.unk_id = self.stoi.get(UNK)
 
     @property
     def symbols(self) -> list:
@@ -254,7 +311,7 @@ class WordTokenizer:
         return "".join(" \n" if self.itos[i] == "<eos>" else " " + self.itos[i] for i in ids)
 
     def encode(self, text: str) -> np.ndarray:
-        unk, ids = self.stoi["<unk>"], []
+        unk, ids = self.stoi[UNK], []
         for line in text.splitlines(keepends=True):
             ids.extend(self.stoi.get(w, unk) for w in line.split())
             if line.endswith("\n"):
@@ -336,7 +393,13 @@ def tokenizer_from_json(text: str, source: str = TOKENIZER_FILE):
     ):
         raise DataError(f"{source}: a {kind} vocabulary needs 'symbols', a list of strings")
     if kind == "char":
-        return CharTokenizer("".join(symbols))
+        unk = bool(symbols) and symbols[-1] == UNK
+        chars = symbols[:-1] if unk else symbols
+        if not all(len(c) == 1 for c in chars):
+            raise DataError(
+                f"{source}: a char vocabulary's symbols are single characters (and {UNK} last)"
+            )
+        return CharTokenizer("".join(chars), unk=unk)
     if kind == "word":
         return WordTokenizer(symbols=symbols)
     raise DataError(
@@ -355,17 +418,45 @@ def tokenizer_identity(raw: bytes, vocab_size: int) -> dict:
 # --- caching --------------------------------------------------------------------------------------
 
 
+def char_unk(cfg) -> bool:
+    """Whether the char vocabulary gets an <unk> (data.unk; word vocabularies always hold one,
+    byte-level BPE needs none)."""
+    return cfg.tokenizer == "char" and bool(cfg.get("unk", False))
+
+
 def _fingerprint(files: dict, cfg) -> str:
+    # ":unk" only where set, so the keys of entries cached before data.unk existed stay valid
+    unk = ":unk" if char_unk(cfg) else ""
     return content_key(
         [files[name] for name in SPLITS],
-        f"{cfg.tokenizer}:{cfg.split}:{cfg.vocab_size}:{CACHE_VERSION}",
+        f"{cfg.tokenizer}:{cfg.split}:{cfg.vocab_size}:{CACHE_VERSION}{unk}",
     )
+
+
+def _note_unknown(tok, ids, name: str, source: str, text: str) -> int:
+    """How many ids of a split are <unk>; where any, one log line naming a few of the characters."""
+    unk_id = getattr(tok, "unk_id", None)
+    n = 0 if unk_id is None or tok.kind != "char" else int((ids == unk_id).sum())
+    if n:
+        chars = tok.unknown(text)
+        shown = ", ".join(map(repr, chars[:5])) + (" ..." if len(chars) > 5 else "")
+        log.info(
+            "data split %s (%s): %d characters (%d distinct: %s) are not in the train file's "
+            "vocabulary; they map to %s",
+            name,
+            source,
+            n,
+            len(chars),
+            shown,
+            UNK,
+        )
+    return n
 
 
 def _build(files: dict, cfg, out: Path) -> None:
     texts = split_texts(files, cfg.split)
     if cfg.tokenizer == "char":
-        tok = CharTokenizer(read_text(files["train"]))
+        tok = CharTokenizer(read_text(files["train"]), unk=char_unk(cfg))
     elif cfg.tokenizer == "word":
         tok = WordTokenizer(texts["train"][1])
     else:
@@ -387,6 +478,7 @@ def _build(files: dict, cfg, out: Path) -> None:
             "n_tokens": len(ids),
             "n_chars": len(text),
             "n_words": word_count(text),
+            "n_unk": _note_unknown(tok, ids, name, source, text),
         }
     if tok.kind != "bpe":  # BPETokenizer saved its own file there
         (out / TOKENIZER_FILE).write_text(tokenizer_json(tok), encoding="utf-8")
@@ -417,16 +509,26 @@ def _load(out: Path, sources: dict) -> TokenData:
     return TokenData(splits, vocab, meta["tokenizer"], out / TOKENIZER_FILE)
 
 
-def load_corpus(cfg) -> TokenData:
-    """The LM corpus `LM_CORPORA[data.name]`, tokenized by data.tokenizer and split by
-    data.split."""
+def _corpus(cfg) -> TextCorpus:
     if cfg.name not in LM_CORPORA:
         raise DataError(
             f"data.name: {cfg.name!r} is not an LM corpus; allowed: {', '.join(LM_CORPORA)}"
         )
-    corpus, cache = LM_CORPORA[cfg.name], expand(cfg.cache_dir)
-    folder = locate(cfg.root, corpus, cache)
-    files = {name: folder / corpus.files[name] for name in SPLITS}
+    return LM_CORPORA[cfg.name]
+
+
+def check_files(cfg) -> None:
+    """DataError (the one line the run would end with) where the corpus' files cannot be had:
+    missing under the data folder, or neither there nor downloadable (offline). Nothing is read
+    or downloaded: a check before the run."""
+    locate(cfg, _corpus(cfg), expand(cfg.cache_dir), fetch=False)
+
+
+def load_corpus(cfg) -> TokenData:
+    """The LM corpus `LM_CORPORA[data.name]`, tokenized by data.tokenizer and split by
+    data.split."""
+    corpus, cache = _corpus(cfg), expand(cfg.cache_dir)
+    files = locate(cfg, corpus, cache)
     out = cache / corpus.cache / _fingerprint(files, cfg)
     sources = split_sources(files, cfg.split)
     return load_cached(
