@@ -402,7 +402,8 @@ def eval_only_overrides(overrides: list, cfg, stamp: str) -> tuple:
 # tests/test_cli.py checks that each exists
 MAIN_KEYS = {
     "model.n_layer / d_model / n_head": "the model's size",
-    "data.root": "the data folder (default: $MOA_DATA_DIR, or the download cache)",
+    "data.root": "the data folder (default: $MOA_DATA_DIR, the folder recorded by `python3 -m "
+    "moa_train.data --set-root DIR`, ../shared/data, or a download)",
     "trainer.max_steps": "optimizer steps",
     "trainer.batch_size": "sequences per step (global, whatever the number of GPUs)",
     "trainer.block_size": "tokens per sequence",

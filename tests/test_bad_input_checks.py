@@ -407,7 +407,7 @@ DATA_FILES = {
     ),
     "missing corpus folder": (
         lambda root: shutil.rmtree(root / "wikitext-2"),
-        ["data.root: missing file", "wikitext-2/train.txt", "(set MOA_DATA_DIR or data.root)"],
+        ["data.root: missing file", "wikitext-2/train.txt", "(data.root)"],
     ),
     "a folder in a file's place": (
         lambda root: [
