@@ -82,6 +82,9 @@ def record_failure(run_dir: Path, message: str) -> None:
     (run_dir / "error.txt").write_text(message.rstrip() + "\n")
 
 
+MAX_TIME_STOP = "stopped at trainer.max_time; resume it"
+
+
 def finished(run_dir: Path) -> bool:
     """Whether the run in `run_dir` finished: its summary.json is written and training did not stop
     at trainer.max_time (such a run writes its summary, stop_reason "max_time", and resumes on)."""
@@ -100,14 +103,10 @@ def job_record(job_dir: Path) -> dict:
     record = {"job": job_dir.name, "overrides": overrides}
     if (job_dir / "summary.json").is_file():
         summary = json.loads((job_dir / "summary.json").read_text())
+        metrics = {k: summary[k] for k in SUMMARY_KEYS if k in summary}
         if summary.get("stop_reason") == "max_time":  # not finished: the sweep says so, exit 1
-            record = {
-                **record,
-                "status": "failed",
-                "error": "stopped at trainer.max_time; resume it",
-            }
-            return {**record, **{k: summary[k] for k in SUMMARY_KEYS if k in summary}}
-        return {**record, "status": "ok", **{k: summary[k] for k in SUMMARY_KEYS if k in summary}}
+            return {**record, "status": "failed", "error": MAX_TIME_STOP, **metrics}
+        return {**record, "status": "ok", **metrics}
     error = (
         (job_dir / "error.txt").read_text().strip().splitlines()
         if (job_dir / "error.txt").is_file()
