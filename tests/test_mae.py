@@ -179,3 +179,16 @@ def test_a_tiny_cli_run_trains(cli, tmp_path):
     train = [r for r in records if "train/loss" in r]
     assert train[-1]["train/loss"] < train[0]["train/loss"]
     assert any(k.startswith("routing/") for r in records for k in r), records[-1].keys()
+
+
+def test_parameters_and_flops_are_mhas_plus_the_gate():
+    from types import SimpleNamespace
+
+    from moa_train.models.attention.mae import MAEConfig
+
+    m, mha = mae(bias=True), MultiHeadAttention(D, H, bias=True)
+    gate = (D + 1) * 16 + (16 + 1) * H
+    assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in mha.parameters()) + gate
+    keys = SimpleNamespace(d_model=D, n_head=H, n_kv_heads=None, bias=True, gate_hidden=16)
+    assert MAEConfig.attention_params(keys) == sum(p.numel() for p in m.parameters())
+    assert m.flops_per_token(64) == mha.flops_per_token(64) + 6 * (D * 16 + 16 * H)
