@@ -141,9 +141,10 @@ def test_decodes_through_mhas_cache(keys):
 
 
 def test_decoding_is_exact_in_float64_at_the_defaults():
-    """At the preset's defaults (2 shared of 4, top_k 1) fp32 rounding, amplified by the spread
-    routers, crosses the check's 1e-5 on one seq2seq logit (1.24e-5); in float64 cached decoding
-    equals the full forward to 1e-12."""
+    """At the preset's defaults (2 shared of 4 heads, top_k 1) and the check's seed 0, fp32 rounding
+    on attention outputs that the gates scale up to 2 * n_shared_heads crosses the check's 1e-5 on
+    one seq2seq logit (1.24e-5; no head selection differs); in float64 every check passes (the
+    largest difference is about 1e-14)."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
@@ -153,8 +154,34 @@ def test_decoding_is_exact_in_float64_at_the_defaults():
         torch.set_default_dtype(default)
 
 
-def test_tiny_training_run(cli, tmp_path):
-    code, out, _ = cli("model=moh", "trainer.max_steps=6", "trainer.log_interval=3")
+@pytest.mark.parametrize("gating", ["router", "query_norm"])
+def test_tiny_training_run(cli, tmp_path, gating):
+    code, out, _ = cli(
+        "model=moh", f"model.gating={gating}", "trainer.max_steps=6", "trainer.log_interval=3"
+    )
     assert code == 0, out
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
-    assert "routing/util/layer0/1" in metrics and "train/aux/balance" in metrics
+    assert "routing/util/layer0/1" in metrics and "routing/entropy/layer1" in metrics
+    assert ("train/aux/balance" in metrics) == (gating == "router")
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("model.top_k=4", ["model.top_k", "1..3"]),
+        ("model.n_shared_heads=4", ["model.n_shared_heads", "0..3"]),
+        ("model.gating=learned", ["model.gating", "query_norm"]),
+        ("model.n_shared_heads=3", ["model.top_k", "1..1"]),
+    ],
+)
+def test_bad_keys_are_one_line_errors(cli, override, words):
+    code, _, err = cli("model=moh", override)
+    assert code == 2 and len(err) == 1, err
+    assert all(w in err[0] for w in words), err[0]
+
+
+def test_query_norm_needs_two_routed_heads(cli):
+    code, _, err = cli(
+        "model=moh", "model.gating=query_norm", "model.n_shared_heads=3", "model.top_k=1"
+    )
+    assert code == 2 and "model.gating" in err[0] and "at least 2" in err[0], err
