@@ -40,7 +40,9 @@ class AuxConfig:
     kv_budget_coef: float = 0.0
     # how per-layer aux terms combine: mean (MoAS paper) | sum (MoA code)
     layer_reduce: str = "mean"
-    # mse: MSE of batch-mean gates to 1/C (MoAS paper) | switch: C*sum_i f_i*P_i
+    # mse: MSE of batch-mean gates to 1/C (MoAS paper) | switch: C*sum_i f_i*P_i, f_i the share of
+    # selections (summing to 1) | switch_k: k times switch, f_i the share of tokens (summing to k;
+    # the MoH code's)
     balance_type: str = "mse"
     # tokens the z-loss averages over: real (padding left out) | all (the MoA code: pads too)
     z_tokens: str = "real"
@@ -118,7 +120,7 @@ class ModelConfig:
         for key in ("balance_coef", "z_coef", "cv_coef", "kv_budget_coef"):
             _check(m.aux[key] >= 0, f"model.aux.{key}", f"must be >= 0, got {m.aux[key]}")
         _one_of(m.aux.layer_reduce, "model.aux.layer_reduce", ("mean", "sum"))
-        _one_of(m.aux.balance_type, "model.aux.balance_type", ("mse", "switch"))
+        _one_of(m.aux.balance_type, "model.aux.balance_type", ("mse", "switch", "switch_k"))
         _one_of(m.positions, "model.positions", ("learned", "sinusoidal", "sinusoidal_fairseq"))
         if m.vocab_size is not None:
             _check(

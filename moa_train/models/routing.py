@@ -30,6 +30,8 @@ class Routing:
     cost: Tensor | None = None
     # target of the mean cost over tokens and costed sites (moas_kv): aux kv_budget
     budget: float | None = None
+    # False: statistics only, no aux terms (a parameter-free router: moh's query_norm gating)
+    aux_terms: bool = True
 
 
 def detached(routings: list) -> list:
@@ -46,6 +48,7 @@ def detached(routings: list) -> list:
             r.mask,
             r.cost,
             r.budget,
+            r.aux_terms,
         )
         for r in routings
     ]
@@ -88,6 +91,13 @@ def balance_switch(probs: Tensor, chosen: Tensor | None, mask: Tensor | None = N
     """Switch-Transformer balance: C * sum_i f_i * P_i; 1 when uniform, C when collapsed."""
     frac = dispatch_fraction(probs, chosen, mask).detach()
     return probs.shape[-1] * (frac * _token_mean(probs, mask, -2)).sum(-1)
+
+
+def balance_switch_k(probs: Tensor, chosen: Tensor | None, mask: Tensor | None = None) -> Tensor:
+    """The MoH code's balance: C * sum_i f_i P_i with f_i the share of tokens selecting choice i
+    (summing to k, not 1): k times balance_switch; k when uniform."""
+    k = 1 if chosen is None else chosen.shape[-1]
+    return k * balance_switch(probs, chosen, mask)
 
 
 def z_loss(logits: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -142,7 +152,7 @@ def aux_losses(routings: list, aux_cfg, all_terms: bool = True) -> dict:
     `balance` is always computed (it is the usual loss); `z` and `cv` only when weighted or
     `all_terms` (log steps), so a step whose coefficients are zero launches no kernels for them.
     Sites of equal shape are stacked and computed together."""
-    records = [r for r in routings if r is not None]
+    records = [r for r in routings if r is not None and r.aux_terms]
     if not records:
         return {}
     # records of equal shape and kind sharing one mask object (`is`: no id(), which dynamo refuses)
@@ -172,6 +182,8 @@ def aux_losses(routings: list, aux_cfg, all_terms: bool = True) -> dict:
         mask = group[0].mask  # shared by the group
         if aux_cfg.balance_type == "mse":
             per_layer["balance"].append(balance_mse(probs, mask))
+        elif aux_cfg.balance_type == "switch_k":
+            per_layer["balance"].append(balance_switch_k(probs, chosen, mask))
         else:
             per_layer["balance"].append(balance_switch(probs, chosen, mask))
         # z_tokens=all: padding too (the MoA code does not mask it)

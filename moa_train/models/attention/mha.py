@@ -189,18 +189,22 @@ class MultiHeadAttention(nn.Module):
         """(y, None). With a cache (`self.kv_cache`, set while the model decodes): self-attention
         writes the new tokens' n_kv_heads K/V heads and attends over the cache; cross-attention
         computes the context's K/V at the first step and reuses them."""
+        y = self.attend(x, context, mask)[1]
+        return self.resid_dropout(self.c_proj(merge_heads(y))), None
+
+    def attend(self, x: Tensor, context: Tensor | None, mask: Tensor | None) -> tuple:
+        """(queries, per-head outputs), both (B, n_head, T, head_dim), before the output
+        projection: through the cache while the model decodes (see forward)."""
         cache = self.kv_cache
         if cache is not None and context is not None:
+            q = self.project_q(x)
             k, v = cache.fill(lambda: self.project_kv(context))
-            y = sdpa(self.project_q(x), k, v, mask, False, 0.0)
-        else:
-            q, k, v = self.project(x, context)
-            if cache is not None:
-                y = cache.update(q, k, v)
-            else:
-                causal = self.causal and context is None
-                y = sdpa(q, k, v, mask, causal, self.dropout if self.training else 0.0)
-        return self.resid_dropout(self.c_proj(merge_heads(y))), None
+            return q, sdpa(q, k, v, mask, False, 0.0)
+        q, k, v = self.project(x, context)
+        if cache is not None:
+            return q, cache.update(q, k, v)
+        causal = self.causal and context is None
+        return q, sdpa(q, k, v, mask, causal, self.dropout if self.training else 0.0)
 
     def matmul_params_per_token(self) -> int:
         return self.c_attn.weight.numel() + self.c_proj.weight.numel()
