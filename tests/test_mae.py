@@ -192,3 +192,102 @@ def test_parameters_and_flops_are_mhas_plus_the_gate():
     keys = SimpleNamespace(d_model=D, n_head=H, n_kv_heads=None, bias=True, gate_hidden=16)
     assert MAEConfig.attention_params(keys) == sum(p.numel() for p in m.parameters())
     assert m.flops_per_token(64) == mha.flops_per_token(64) + 6 * (D * 16 + 16 * H)
+
+
+# --- block coordinate descent (train/bcd.py) ---------------------------------------------------
+
+
+def bcd_trainer(make_cfg, tmp_path, *overrides):
+    from moa_train.train.loop import Trainer
+
+    cfg = make_cfg(
+        "trainer.device=cpu",
+        "model=mae",
+        "model.gate_every=4",
+        "model.gate_steps=2",
+        "trainer.grad_clip=1.0",
+        *overrides,
+    )
+    return Trainer(cfg, tmp_path)
+
+
+def snapshot(trainer) -> tuple:
+    """(gate parameters, expert parameters) as copies."""
+    gate_ids = {id(p) for p in trainer.phases.params} if trainer.phases else set()
+    gate = [p.detach().clone() for p in trainer.model.parameters() if id(p) in gate_ids]
+    rest = [p.detach().clone() for p in trainer.model.parameters() if id(p) not in gate_ids]
+    return gate, rest
+
+
+def moved(before: list, after: list) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_bcd_alternates_the_experts_and_the_gate(make_cfg, tmp_path):
+    """gate_every=4, gate_steps=2: steps 0, 1 move the experts alone, steps 2, 3 the gate alone (on
+    its SGD, outside AdamW's groups), and so on."""
+    trainer = bcd_trainer(make_cfg, tmp_path)
+    gate_ids = {id(p) for p in trainer.phases.params}
+    assert gate_ids and isinstance(trainer.phases.optimizer, torch.optim.SGD)
+    in_adamw = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not gate_ids & in_adamw
+    assert len(in_adamw) + len(gate_ids) == len(list(trainer.model.parameters()))
+    kinds = []
+    for _ in range(8):
+        before = snapshot(trainer)
+        trainer.train_steps(1)
+        after = snapshot(trainer)
+        kinds.append((moved(before[0], after[0]), moved(before[1], after[1])))
+    expert, gate = (False, True), (True, False)
+    assert kinds == [expert, expert, gate, gate] * 2
+
+
+def test_bcd_gate_step_is_plain_sgd_on_the_gate_gradient(make_cfg, tmp_path):
+    """A gate step moves each gate weight by -gate_lr x its (clipped) gradient."""
+    trainer = bcd_trainer(make_cfg, tmp_path, "model.gate_lr=0.5", "trainer.grad_clip=null")
+    trainer.train_steps(2)  # the experts' steps
+    batches = trainer.draw_batches()
+    # the gradient the gate step will use, computed on the same batch
+    trainer.model.zero_grad(set_to_none=True)
+    loss, *_ = trainer.loss(batches[0], False)
+    loss.backward()
+    grads = [p.grad.clone() for p in trainer.phases.params]
+    assert any(g.abs().sum() > 0 for g in grads)  # the gate's output layer has a gradient
+    before = [p.detach().clone() for p in trainer.phases.params]
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.train_steps(1, batches=batches)
+    for p, b, g in zip(trainer.phases.params, before, grads, strict=True):
+        torch.testing.assert_close(p.detach(), b - 0.5 * g, atol=1e-6, rtol=1e-5)
+
+
+def test_joint_training_keeps_the_gate_in_adamw(make_cfg, tmp_path):
+    trainer = bcd_trainer(make_cfg, tmp_path, "model.gate_training=joint")
+    assert trainer.phases is None
+    in_adamw = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert len(in_adamw) == len(list(trainer.model.parameters()))
+    assert "router" in {g["name"] for g in trainer.optimizer.param_groups}
+
+
+def test_bcd_says_in_one_line_why_no_cuda_graph(make_cfg, tmp_path, caplog):
+    from moa_train.train.bcd import NO_GRAPH
+
+    with caplog.at_level("INFO"):
+        trainer = bcd_trainer(make_cfg, tmp_path, "trainer.cuda_graphs=true")
+    assert not trainer.use_graph
+    assert NO_GRAPH in caplog.text and "\n" not in NO_GRAPH
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.gate_training=adam", "model.gate_training"),
+        ("model.gate_lr=0", "model.gate_lr"),
+        ("model.gate_steps=4", "model.gate_steps"),  # gate_every=4 leaves no expert step
+    ],
+)
+def test_bcd_keys_are_checked(make_cfg, override, key):
+    from moa_train.config import ConfigError
+    from moa_train.train.tasks import validate
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(make_cfg("model=mae", "model.gate_every=4", override))

@@ -74,16 +74,19 @@ class NonFiniteGuard:
         self.skipped, self.streak, self.longest = zero.clone(), zero.clone(), zero.clone()
         self.reported = 0  # `skipped` at the last check, to warn once about new skips
 
-    def step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+    def step(self, loss: torch.Tensor, grad_norm: torch.Tensor, update=None) -> torch.Tensor:
         """The optimizer step, unless `loss` or `grad_norm` is not finite; returns that flag (a bool
-        tensor)."""
+        tensor). `update(bad)`, when given, replaces the optimizer's step (a BCD gate step,
+        train/bcd.py)."""
         # a NaN or an infinity in either makes the sum non-finite
         bad = ~torch.isfinite(loss + grad_norm)
         self.skipped += bad
         # in place: these tensors are updated by every replay of a captured step
         self.streak.add_(1).mul_(bad)
         torch.maximum(self.longest, self.streak, out=self.longest)
-        if self.fused:
+        if update is not None:
+            update(bad)
+        elif self.fused:
             self.optimizer.found_inf = bad.float()
             self.optimizer.step()
         elif not bad:

@@ -38,6 +38,7 @@ from moa_train.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from moa_train.train.bcd import NO_GRAPH, GatePhases, wants_bcd
 from moa_train.train.cuda_graph import WARMUP_STEPS, CapturedStep
 from moa_train.train.guard import MAX_SANE_WEIGHT, DivergedError, NonFiniteGuard, recovery
 from moa_train.train.optim import apply_settings, build_optimizer, build_scheduler, lr_factor
@@ -252,13 +253,18 @@ class Trainer:
             mode = t.compile_mode if backend == "inductor" else None  # modes are inductor's
             self.forward = torch.compile(self.model, backend=backend, mode=mode)
             self.forward_loss = torch.compile(self.loss, backend=backend, mode=mode)
+        # block coordinate descent (MAE): the gate on its own SGD, in its own phases (train/bcd.py)
+        self.phases = GatePhases(self.model, cfg.model) if wants_bcd(cfg.model) else None
         self.use_graph = (
             bool(t.cuda_graphs)
             and self.device.type == "cuda"
             and self.task.cuda_graphs_ok
             and not self.dist.active
+            and self.phases is None
         )
-        if t.cuda_graphs and not self.use_graph:
+        if t.cuda_graphs and self.phases is not None:
+            log.info(NO_GRAPH)
+        elif t.cuda_graphs and not self.use_graph:
             log.info(
                 "trainer.cuda_graphs: needs a CUDA device, fixed batch shapes and one process (DDP "
                 "and FSDP communicate during the backward); running the step eagerly"
@@ -266,7 +272,11 @@ class Trainer:
         # eager warm-up steps run by this process (a resumed run warms up too)
         self.graph, self.warmed_up = None, 0
         self.optimizer = build_optimizer(
-            self.model, cfg.optim, self.device, capturable=self.use_graph
+            self.model,
+            cfg.optim,
+            self.device,
+            capturable=self.use_graph,
+            exclude=frozenset(self.phases.ids) if self.phases else frozenset(),
         )
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, t.max_steps)
         self.guard = NonFiniteGuard(self.optimizer, t.max_bad_steps, self.device)
@@ -416,12 +426,17 @@ class Trainer:
             loss_sum = loss_sum + loss.detach()
             ce_sum = ce_sum + ce.detach()
             aux_sum = {k: aux_sum.get(k, 0.0) + v.detach() for k, v in aux.items()}
+        gate_step = self.phases is not None and self.phases.is_gate_step(self.step)
+        # the block that moves this step (BCD: the gate or the experts; else every parameter)
+        params = (
+            self.phases.block(self.model, gate_step) if self.phases else self.model.parameters()
+        )
         if cfg.trainer.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.trainer.grad_clip)
         else:
-            norm = self.grad_norm()
+            norm = self.grad_norm(params)
         norm = distributed.full(norm)  # FSDP: the replicated norm of the whole gradient
-        bad = self.guard.step(loss_sum, norm)
+        bad = self.guard.step(loss_sum, norm, self.phases.step if gate_step else None)
         return ce_sum / n, {k: v / n for k, v in aux_sum.items()}, detached(routings), norm, bad
 
     def train_step(self, log_step: bool, batches: list | None = None) -> StepResult:
@@ -435,6 +450,8 @@ class Trainer:
         if not self.use_graph:
             out = self.step_body(batches, log_step)
             self.optimizer.zero_grad(set_to_none=True)
+            if self.phases is not None:
+                self.phases.zero_grad()
         elif self.graph is None and self.warmed_up < WARMUP_STEPS:
             self.warmed_up += 1
             side = torch.cuda.Stream(self.device)
@@ -479,8 +496,9 @@ class Trainer:
                 raise
             raise oom_error(self.cfg, self.task.step_size(self.cfg), self.device) from None
 
-    def grad_norm(self) -> torch.Tensor:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+    def grad_norm(self, params=None) -> torch.Tensor:
+        params = self.model.parameters() if params is None else params
+        grads = [p.grad for p in params if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
     def evaluate(self, split: str, prefix: str, final: bool = False) -> dict:

@@ -9,14 +9,14 @@ import torch
 from moa_train.models.roles import NO_DECAY, ROUTER, param_roles
 
 
-def param_groups(model: torch.nn.Module, cfg) -> list:
+def param_groups(model: torch.nn.Module, cfg, exclude: frozenset = frozenset()) -> list:
     """By the roles the modules declare (models/roles.py): no_decay for norms and biases; router for
     a router's parameters, with its own lr multiplier and weight decay (its norms and biases none);
-    decay for the rest."""
+    decay for the rest. `exclude`: ids of parameters another optimizer updates (train/bcd.py)."""
     decay, no_decay, router, router_no_decay = [], [], [], []
     roles = param_roles(model)
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in exclude:
             continue
         keep = NO_DECAY in roles[name]
         if ROUTER in roles[name]:
@@ -71,12 +71,18 @@ def apply_settings(optimizer: torch.optim.Optimizer, scheduler, cfg) -> None:
     scheduler._last_lr = [float(g["lr"]) for g in optimizer.param_groups]
 
 
-def build_optimizer(model: torch.nn.Module, cfg, device: torch.device, capturable: bool = False):
+def build_optimizer(
+    model: torch.nn.Module,
+    cfg,
+    device: torch.device,
+    capturable: bool = False,
+    exclude: frozenset = frozenset(),
+):
     """AdamW over param_groups (fused unless optim.fused=false: the fused kernel takes the skip flag
     of a non-finite step on the device, see train/guard.py); `capturable` (for a CUDA-graph step)
     keeps its step counts and the learning rates as device tensors, which the schedule then updates
     in place."""
-    groups = param_groups(model, cfg)
+    groups = param_groups(model, cfg, exclude)
     if capturable:
         for g in groups:
             g["lr"] = torch.tensor(g["lr"], device=device)

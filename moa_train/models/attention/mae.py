@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from moa_train.config import ModelConfig, _check, _positive_or_null
+from moa_train.config import ModelConfig, _check, _one_of, _positive_or_null
 from moa_train.models.attention.mha import (
     MHAConfig,
     MultiHeadAttention,
@@ -47,6 +47,14 @@ class MAEConfig(MHAConfig):
 
     # hidden units of the gate's tanh MLP (d_model -> gate_hidden -> n_head); null = d_model
     gate_hidden: int | None = None
+    # bcd: the paper's block coordinate descent (the gate on its own plain SGD, in gate phases, with
+    # the experts fixed; train/bcd.py) | joint: the gate trains with the experts under the main
+    # optimizer (its router role: optim.router_lr_mult, optim.router_weight_decay)
+    gate_training: str = "bcd"
+    gate_lr: float = 0.1  # the gate's SGD learning rate (constant), bcd only
+    # bcd: each cycle of gate_every optimizer steps ends with gate_steps gate steps
+    gate_every: int = 500
+    gate_steps: int = 50
 
     cross_attention_ok: ClassVar[bool] = False  # the gate reads the query side's own sequence
     cross_default: ClassVar[str | None] = "mha"
@@ -60,6 +68,14 @@ class MAEConfig(MHAConfig):
             f"mae needs at least 2 heads (an expert drops one), got {m.n_head}",
         )
         _positive_or_null(m.gate_hidden, "model.gate_hidden")
+        _one_of(m.gate_training, "model.gate_training", ("bcd", "joint"))
+        _check(m.gate_lr > 0, "model.gate_lr", f"must be > 0, got {m.gate_lr}")
+        _check(
+            0 < m.gate_steps < m.gate_every,
+            "model.gate_steps",
+            f"must lie in 1..model.gate_every-1={m.gate_every - 1} (gate steps per cycle of "
+            f"gate_every steps; the rest train the experts), got {m.gate_steps}",
+        )
 
     @classmethod
     def attention_params(cls, m) -> int:
