@@ -10,8 +10,8 @@ backward (the gradients of the block that does not move are computed and dropped
 switching requires_grad, which would recompile a compiled step); the lr schedule, the step counter
 and the data advance on both kinds of step.
 
-A captured CUDA-graph step replays one optimizer update, and BCD alternates two, so with BCD the step
-runs eagerly (`trainer.cuda_graphs` is then ignored, said in one line at start-up).
+A captured CUDA-graph step replays one optimizer update, and BCD alternates two, so with BCD the
+step runs eagerly (`trainer.cuda_graphs` is then ignored, said in one line at start-up).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from moa_train.models.attention.mha import select_sdpa_backend
 from moa_train.models.routing import detached, routing_metrics
 from moa_train.progress import progress
 from moa_train.train import distributed, eval_run
+from moa_train.train.bcd import NO_GRAPH, GatePhases, wants_bcd
 from moa_train.train.checkpoint import (
     CheckpointError,
     average_checkpoints,
@@ -38,7 +39,6 @@ from moa_train.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from moa_train.train.bcd import NO_GRAPH, GatePhases, wants_bcd
 from moa_train.train.cuda_graph import WARMUP_STEPS, CapturedStep
 from moa_train.train.guard import MAX_SANE_WEIGHT, DivergedError, NonFiniteGuard, recovery
 from moa_train.train.optim import apply_settings, build_optimizer, build_scheduler, lr_factor
