@@ -1,0 +1,298 @@
+"""The successors' small paper checks (docs/results/successors.md): MoH against MHA on WikiText-2
+BPE, MAE against MHA on Multi30k, 3 seeds per row, all runs of a call trained at once on one GPU.
+
+- moh_wt2 (`experiment=successors/moh_wt2/{mha,moh}`): MoH with 75% of its heads active per token
+  against MHA of the same size. The MoH paper's claim, checked as "no worse": the 95% confidence
+  interval of the test-perplexity difference (MoH - MHA, Welch, Welch-Satterthwaite degrees of
+  freedom) lies below +2% of MHA's mean test perplexity.
+- mae_multi30k (`experiment=successors/mae_multi30k/{mha,mae}`): MAE (block coordinate descent)
+  against MHA of about the same parameters; test BLEU (beam 4) with its spread, the difference with
+  its 95% interval and Welch's p.
+
+    python3 scripts/reproduce_successors.py --jobs 12      # train, evaluate, write the tables
+    python3 scripts/reproduce_successors.py --tables-only  # rebuild the tables from the records
+
+Records: docs/results/runs/successors/<check>/<row>-seed<k>/ (summary.json, metrics.jsonl, the saved
+config); new runs are staged and replace the old records only once all of them finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from moa_train.errors import Parser
+from moa_train.paths import repo_root
+from moa_train.results import (
+    STAGING,
+    Job,
+    Staging,
+    check_overrides,
+    check_writable,
+    comma_list,
+    no_records,
+    positive_int,
+    results_meta,
+    run_jobs,
+    single_run,
+    summaries,
+    unfinished,
+    write_text,
+)
+from moa_train.sweep import finished
+
+ROOT = repo_root()
+GROUP = "successors"
+# check -> (rows, the baseline row, the test metric, its name, higher is better)
+CHECKS = {
+    "moh_wt2": (("mha", "moh"), "mha", "test/ppl", "test perplexity", False),
+    "mae_multi30k": (("mha", "mae"), "mha", "test/bleu", "test BLEU", True),
+}
+NO_WORSE = 0.02  # MoH: the interval's upper end below +2% of MHA's perplexity
+
+
+def overrides(check: str, row: str, seed: int, extra: list) -> list:
+    return [f"experiment={GROUP}/{check}/{row}", f"trainer.seed={seed}", *extra]
+
+
+def names(checks: list, seeds: list) -> list:
+    return [f"{c}/{row}-seed{k}" for c in checks for row in CHECKS[c][0] for k in seeds]
+
+
+def jobs(checks: list, seeds: list, runs_dir: Path, extra: list, keep: bool) -> list:
+    """The runs to train into <runs_dir>/.staging/ (keep: those finished there are not rerun, and an
+    unfinished one resumes from its checkpoint: trainer.resume is auto)."""
+    out = []
+    for name in names(checks, seeds):
+        run = runs_dir / STAGING / name
+        if keep and finished(run):
+            continue
+        check, _, rest = name.partition("/")
+        row, _, seed = rest.rpartition("-seed")
+        out.append(
+            Job(
+                name,
+                single_run(overrides(check, row, int(seed), extra), run),
+                run.with_suffix(".log"),
+            )
+        )
+    return out
+
+
+def prepare_data(checks: list, extra: list) -> None:
+    """Tokenise the LM check's data once before the concurrent runs start (see kv_tradeoff; the
+    translation pairs' tokenizer is cached atomically, as the translation driver relies on)."""
+    from moa_train.config import compose_train
+    from moa_train.data import load_data
+
+    if "moh_wt2" in checks:
+        load_data(compose_train(overrides("moh_wt2", "mha", 0, extra)).data)
+
+
+def reproduce(checks: list, seeds: list, runs_dir: Path, extra: list, n: int, keep: bool) -> None:
+    stage = Staging(runs_dir, resume=keep)
+    hint = "; --keep-finished resumes them"
+    prepare_data(checks, extra)
+    failed = run_jobs(jobs(checks, seeds, runs_dir, extra, keep), n)
+    if failed:
+        unfinished(failed, stage.root, hint)
+    stage.commit(names(checks, seeds), hint=hint)
+
+
+# --- tables ---------------------------------------------------------------------------------------
+
+
+def collect(runs_dir: Path) -> dict:
+    """check -> row -> per-seed summaries, in seed order."""
+    out: dict = {}
+    for path in summaries(runs_dir, "*/*-seed*/summary.json"):
+        check, (row, _, seed) = path.parent.parent.name, path.parent.name.rpartition("-seed")
+        if check in CHECKS:
+            record = {"seed": int(seed), "run": f"{check}/{path.parent.name}"}
+            out.setdefault(check, {}).setdefault(row, []).append(
+                {**record, **json.loads(path.read_text())}
+            )
+    for rows in out.values():
+        for records in rows.values():
+            records.sort(key=lambda r: r["seed"])
+    return out
+
+
+def welch_interval(a: list, b: list, level: float = 0.95) -> dict:
+    """mean(a) - mean(b) with its Welch confidence interval (Welch-Satterthwaite degrees of
+    freedom) and two-sided p-value."""
+    from scipy import stats
+
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    diff, se = statistics.mean(a) - statistics.mean(b), math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if se > 0 else math.inf
+    half = stats.t.ppf(0.5 + level / 2, df) * se
+    p = float(2 * stats.t.sf(abs(diff / se), df)) if se > 0 else (0.0 if diff else 1.0)
+    return {
+        "diff": diff,
+        "low": float(diff - half),
+        "high": float(diff + half),
+        "df": float(df),
+        "p": p,
+        "level": level,
+    }
+
+
+def summarise(table: dict) -> dict:
+    out = {}
+    for check, rows in table.items():
+        names_, base, metric, label, _ = CHECKS[check]
+        res = {"metric": metric, "label": label, "rows": {}}
+        for row in names_:
+            recs = rows.get(row, [])
+            if not recs:
+                continue
+            values = [r[metric] for r in recs]
+            res["rows"][row] = {
+                "seeds": [r["seed"] for r in recs],
+                "values": values,
+                "mean": statistics.mean(values),
+                "sd": statistics.stdev(values) if len(values) > 1 else None,
+                "params": recs[0].get("params_total"),
+                "flops_per_token": recs[0].get("flops_per_token"),
+                "val": [r.get("val/loss") for r in recs],
+                "steps": [r.get("steps") for r in recs],
+                "device": ", ".join(dict.fromkeys(str(r.get("device_name")) for r in recs)),
+                "torch": ", ".join(dict.fromkeys(str(r.get("torch_version")) for r in recs)),
+                "git_sha": ", ".join(dict.fromkeys(str(r.get("git_sha")) for r in recs)),
+                "runs": [r["run"] for r in recs],
+            }
+        other = [r for r in names_ if r != base]
+        if base in res["rows"] and other and other[0] in res["rows"]:
+            a, b = res["rows"][other[0]]["values"], res["rows"][base]["values"]
+            if len(a) >= 2 and len(b) >= 2:
+                test = welch_interval(a, b)
+                test["row"] = other[0]
+                if check == "moh_wt2":
+                    bound = NO_WORSE * res["rows"][base]["mean"]
+                    test["bound"] = bound
+                    test["no_worse"] = bool(test["high"] < bound)
+                res["test"] = test
+        out[check] = res
+    return out
+
+
+def fmt(values: list, digits: int = 2) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
+
+
+def verdict(check: str, res: dict) -> str:
+    test = res.get("test")
+    if test is None:
+        return "No test: fewer than 2 seeds of a row."
+    row, unit = test["row"], res["label"]
+    interval = (
+        f"{row} - mha = {test['diff']:+.3f} {unit}, 95% CI [{test['low']:+.3f}, "
+        f"{test['high']:+.3f}] (Welch, df {test['df']:.1f}), p = {test['p']:.3f}"
+    )
+    if check == "moh_wt2":
+        holds = "holds" if test["no_worse"] else "is not shown"
+        return (
+            f'{interval}. The bound for "no worse" is +2% of MHA\'s perplexity = '
+            f"+{test['bound']:.3f}: "
+            f"the interval's upper end is {'below' if test['no_worse'] else 'above'} it, so the "
+            f"paper's claim (75% of the heads do as well as all of them) {holds} here."
+        )
+    sig = "significant" if test["p"] < 0.05 else "not significant"
+    return f"{interval}: {sig} at 0.05."
+
+
+HEADINGS = {
+    "moh_wt2": "MoH (75% of heads active) against MHA, WikiText-2 BPE",
+    "mae_multi30k": "MAE (block coordinate descent) against MHA, Multi30k En-De",
+}
+
+
+def markdown(res: dict, meta: dict) -> str:
+    lines = [
+        "# Successors: small paper checks",
+        "",
+        f"- Command: `{meta['command']}` (`--tables-only` rebuilds this file from the run records)",
+        f"- Date: {meta['date']}",
+    ]
+    if meta.get("note"):
+        lines.append(f"- Note: {meta['note']}")
+    lines.append(
+        "- Records: `docs/results/runs/successors/<check>/<row>-seed<k>/` (summary.json, "
+        "metrics.jsonl, the saved config); the runs of one call trained at once on one GPU, so "
+        "their wall times are not compared."
+    )
+    for check, r in res.items():
+        rows = r["rows"]
+        first = next(iter(rows.values()))
+        lines += [
+            "",
+            f"## {HEADINGS[check]}",
+            "",
+            f"Device: {first['device']}; torch {first['torch']}; git {first['git_sha']}.",
+            "",
+            f"| row | params | FLOPs / token (training) | {r['label']} | per seed | steps |",
+            "|---|---:|---:|---:|---|---|",
+        ]
+        for row, v in rows.items():
+            lines.append(
+                f"| {row} | {v['params']:,} | {v['flops_per_token']:,} | {fmt(v['values'])} | "
+                f"{', '.join(f'{x:.2f}' for x in v['values'])} | "
+                f"{', '.join(str(s) for s in v['steps'])} |"
+            )
+        lines += ["", verdict(check, r)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 per row")
+    parser.add_argument(
+        "--checks",
+        type=comma_list(tuple(CHECKS)),
+        default=list(CHECKS),
+        help=f"comma-separated, of: {', '.join(CHECKS)}",
+    )
+    parser.add_argument("--jobs", type=positive_int, default=1, help="runs at once on the device")
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "docs/results/runs" / GROUP)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs/results" / GROUP)
+    parser.add_argument("--tables-only", action="store_true", help="skip training")
+    parser.add_argument(
+        "--keep-finished",
+        action="store_true",
+        help="keep the runs an interrupted call finished in <runs-dir>/.staging/, resume the rest",
+    )
+    parser.add_argument("overrides", nargs="*", help="extra moa-train overrides for every run")
+    args = parser.parse_args(argv)
+    runs_dir = args.runs_dir.resolve()
+    check_writable(out=args.out.parent)
+    if not args.tables_only:
+        check_writable(runs_dir=runs_dir)
+        check_overrides([overrides(c, CHECKS[c][0][0], 0, args.overrides) for c in args.checks])
+        seeds = list(range(args.seeds))
+        reproduce(args.checks, seeds, runs_dir, args.overrides, args.jobs, args.keep_finished)
+    table = collect(runs_dir)
+    if not table:
+        no_records(args.runs_dir)
+    res = summarise(table)
+    kept = results_meta(args.out, args.tables_only)
+    meta = {
+        "command": kept["command"]
+        or "python3 scripts/reproduce_successors.py"
+        + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
+        + "".join(f" {o}" for o in args.overrides),
+        "date": kept["date"],
+    }
+    if kept["note"]:
+        meta["note"] = kept["note"]
+    write_text(args.out.with_suffix(".json"), json.dumps({"meta": meta, "results": res}, indent=1))
+    write_text(args.out.with_suffix(".md"), markdown(res, meta))
+    print(args.out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()

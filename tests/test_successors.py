@@ -1,0 +1,104 @@
+"""scripts/reproduce_successors.py: the MoH and MAE checks' driver at a tiny size on CPU (runs
+staged then committed, tables with the Welch interval, `--tables-only` byte for byte), and its
+statistics on known numbers."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from moa_train.results import successors
+
+TINY = [
+    "debug=tiny",
+    "trainer.device=cpu",
+    "trainer.compile=false",
+    "trainer.cuda_graphs=false",
+    "trainer.precision=fp32",
+    "model.n_head=4",
+    "trainer.max_steps=6",
+    "trainer.eval_interval=6",
+    "trainer.eval_iters=2",
+    "trainer.save_interval=null",
+]
+
+
+def test_the_driver_trains_both_checks_and_rebuilds_its_tables(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESULTS_DATE", "2026-12-06")
+    runs, out = tmp_path / "runs", tmp_path / "out" / "successors"
+    # the LM check trains here (the test data holds no Multi30k; the MAE check's configs are
+    # composed and validated below, its BCD training tested in test_mae.py)
+    successors.main(
+        [
+            "--checks",
+            "moh_wt2",
+            "--seeds",
+            "2",
+            "--jobs",
+            "2",
+            "--runs-dir",
+            str(runs),
+            "--out",
+            str(out),
+            *TINY,
+        ]
+    )
+    assert sorted(p.name for p in (runs / "moh_wt2").iterdir()) == [
+        f"{row}-seed{k}" for row in ("mha", "moh") for k in (0, 1)
+    ]
+    assert "top_k: 2" in (runs / "moh_wt2/moh-seed1/.hydra/config.yaml").read_text()
+    res = json.loads(out.with_suffix(".json").read_text())["results"]
+    moh = res["moh_wt2"]
+    assert moh["test"]["row"] == "moh" and "no_worse" in moh["test"]
+    assert len(moh["rows"]["moh"]["values"]) == 2
+    md = out.with_suffix(".md").read_text()
+    assert "## MoH (75% of heads active) against MHA" in md and "95% CI" in md
+    before = {s: out.with_suffix(s).read_bytes() for s in (".md", ".json")}
+    successors.main(["--tables-only", "--runs-dir", str(runs), "--out", str(out)])
+    assert {s: out.with_suffix(s).read_bytes() for s in (".md", ".json")} == before
+
+
+def test_welch_interval_on_known_numbers():
+    """Against the formula by hand: a = [10, 11, 12], b = [9, 9.5, 10.5]."""
+    from scipy import stats
+
+    a, b = [10.0, 11.0, 12.0], [9.0, 9.5, 10.5]
+    got = successors.welch_interval(a, b)
+    va, vb = statistics.variance(a) / 3, statistics.variance(b) / 3
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)
+    half = stats.t.ppf(0.975, df) * (va + vb) ** 0.5
+    diff = statistics.mean(a) - statistics.mean(b)
+    assert got["diff"] == pytest.approx(diff)
+    assert (got["low"], got["high"]) == pytest.approx((diff - half, diff + half))
+    assert got["p"] == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+@pytest.mark.parametrize("moh, no_worse", [([100.4, 100.6, 100.5], True), ([104, 106, 105], False)])
+def test_moh_no_worse_means_the_interval_below_two_percent(moh, no_worse):
+    records = {
+        "mha": [
+            {"seed": k, "run": f"r{k}", "test/ppl": v} for k, v in enumerate([100, 100.5, 99.5])
+        ],
+        "moh": [{"seed": k, "run": f"m{k}", "test/ppl": v} for k, v in enumerate(moh)],
+    }
+    res = successors.summarise({"moh_wt2": records})["moh_wt2"]
+    assert res["test"]["bound"] == pytest.approx(2.0)
+    assert res["test"]["no_worse"] is no_worse
+    text = successors.verdict("moh_wt2", res)
+    assert ("holds here" in text) is no_worse
+
+
+@pytest.mark.parametrize("check", list(successors.CHECKS))
+def test_every_check_row_composes_and_validates(check, compose_cfg):
+    from moa_train.train.tasks import validate
+
+    for row in successors.CHECKS[check][0]:
+        cfg = compose_cfg(*successors.overrides(check, row, 0, []))
+        validate(cfg)
+        assert cfg.model.name == row
+        if row == "mae":
+            assert cfg.model.gate_training == "bcd"
+        if row == "moh":  # 75% of the heads active
+            assert (cfg.model.n_shared_heads + cfg.model.top_k) / cfg.model.n_head == 0.75
