@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from moa_train.config import VARIANTS, cross_config, register_variant, variant_config
 from moa_train.models.attention.mha import MHAConfig, MultiHeadAttention
+from moa_train.models.attention.mla import MLAAttention, MLAConfig
 from moa_train.models.attention.moa import MixtureOfAttentionHeads, MoAConfig
 from moa_train.models.attention.moas import MoASAttention, MoASDynamicConfig, MoASStaticConfig
 from moa_train.models.attention.moas_kv import MoASKVAttention, MoASKVConfig
@@ -103,6 +104,7 @@ register("moas_static", MoASAttention, MoASStaticConfig)
 register("moas_dynamic", MoASAttention, MoASDynamicConfig)
 register("moa", MixtureOfAttentionHeads, MoAConfig)
 register("moas_kv", MoASKVAttention, MoASKVConfig)
+register("mla", MLAAttention, MLAConfig)
 
 
 def model_config(m):

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from moa_train.config import ModelConfig, _check, _divisors
 from moa_train.models.roles import NO_DECAY, RESIDUAL
+from moa_train.models.rope import Rotary, rotate_qk
 
 
 @dataclass
@@ -116,6 +117,7 @@ class MultiHeadAttention(nn.Module):
         "c_proj.bias": NO_DECAY,
     }
     kv_cache = None  # its LayerCache while the model decodes (models/kv_cache.py)
+    rope = None  # its Rotary with model.positions=rope (models/rope.py)
 
     def __init__(
         self,
@@ -140,9 +142,11 @@ class MultiHeadAttention(nn.Module):
 
     @classmethod
     def from_config(cls, m, causal: bool = True) -> MultiHeadAttention:
-        return cls(
+        attn = cls(
             m.d_model, m.n_head, m.n_kv_heads, m.dropout, m.bias, causal, ModelConfig.attn_p(m)
         )
+        attn.rope = Rotary.of(m, attn.head_dim)
+        return attn
 
     @torch.no_grad()
     def init_fairseq(self) -> None:
@@ -195,6 +199,8 @@ class MultiHeadAttention(nn.Module):
             y = sdpa(self.project_q(x), k, v, mask, False, 0.0)
         else:
             q, k, v = self.project(x, context)
+            if context is None:
+                q, k = rotate_qk(self, q, k)
             if cache is not None:
                 y = cache.update(q, k, v)
             else:

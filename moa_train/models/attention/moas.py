@@ -68,6 +68,7 @@ class MoASStaticConfig(ModelConfig):
 
     dynamic: ClassVar[bool] = False  # true: a router mixes the branches per token (else 1/3 each)
     cross_attention_ok: ClassVar[bool] = False  # the branches mix self-attention schemes
+    rope_ok: ClassVar[bool] = False  # its fused/branch/pooled paths do not rotate yet
     cross_default: ClassVar[str | None] = "mha"
 
     @classmethod

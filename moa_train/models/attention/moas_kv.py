@@ -84,6 +84,7 @@ class MoASKVConfig(ModelConfig):
     kv_pool_slack: float = 1.25
 
     cross_attention_ok: ClassVar[bool] = False  # a self-attention scheme
+    rope_ok: ClassVar[bool] = False  # its fused/branch/pooled paths do not rotate yet
     cross_default: ClassVar[str | None] = "mha"
 
     @classmethod
