@@ -20,6 +20,7 @@ from moa_train.models.attention.mla import MLAAttention, MLAConfig
 from moa_train.models.attention.moa import MixtureOfAttentionHeads, MoAConfig
 from moa_train.models.attention.moas import MoASAttention, MoASDynamicConfig, MoASStaticConfig
 from moa_train.models.attention.moas_kv import MoASKVAttention, MoASKVConfig
+from moa_train.models.attention.switchhead import SwitchHeadAttention, SwitchHeadConfig
 
 ATTENTION: dict = {}  # name -> attention module class
 
@@ -105,6 +106,7 @@ register("moas_dynamic", MoASAttention, MoASDynamicConfig)
 register("moa", MixtureOfAttentionHeads, MoAConfig)
 register("moas_kv", MoASKVAttention, MoASKVConfig)
 register("mla", MLAAttention, MLAConfig)
+register("switchhead", SwitchHeadAttention, SwitchHeadConfig)
 
 
 def model_config(m):
