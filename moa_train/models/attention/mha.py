@@ -117,7 +117,6 @@ class MultiHeadAttention(nn.Module):
         "c_proj.bias": NO_DECAY,
     }
     kv_cache = None  # its LayerCache while the model decodes (models/kv_cache.py)
-    rope = None  # its Rotary with model.positions=rope (models/rope.py)
 
     def __init__(
         self,
@@ -139,6 +138,7 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout if attn_dropout is None else attn_dropout
         self.causal = causal
         self.resid_dropout = nn.Dropout(dropout)
+        self.rope = None  # its Rotary with model.positions=rope (models/rope.py)
 
     @classmethod
     def from_config(cls, m, causal: bool = True) -> MultiHeadAttention:

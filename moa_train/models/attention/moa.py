@@ -102,7 +102,6 @@ class MixtureOfAttentionHeads(nn.Module):
         "c_proj.bias": NO_DECAY,
     }
     kv_cache = None  # its LayerCache while the model decodes (models/kv_cache.py)
-    rope = None  # its Rotary with model.positions=rope (models/rope.py)
 
     def __init__(
         self,
@@ -131,6 +130,7 @@ class MixtureOfAttentionHeads(nn.Module):
         self.dropout = dropout if attn_dropout is None else attn_dropout
         self.causal = causal
         self.resid_dropout = nn.Dropout(dropout)
+        self.rope = None  # its Rotary with model.positions=rope (models/rope.py)
         self.choice_names = tuple(str(i) for i in range(n_experts))
 
     @classmethod

@@ -88,7 +88,6 @@ def sort_by_expert(experts: Tensor, n_groups: int) -> tuple:
 class SwitchHeadAttention(nn.Module):
     PARAM_ROLES: ClassVar[dict] = {"o": RESIDUAL, "sel_v": ROUTER, "sel_o": ROUTER}
     kv_cache = None  # its StaticKV while the model decodes (models/kv_cache.py)
-    rope = None  # its Rotary with model.positions=rope (models/rope.py)
 
     def __init__(
         self,
@@ -113,6 +112,7 @@ class SwitchHeadAttention(nn.Module):
         self.dropout = dropout if attn_dropout is None else attn_dropout
         self.causal = causal
         self.resid_dropout = nn.Dropout(dropout)
+        self.rope = None  # its Rotary with model.positions=rope (models/rope.py)
 
     @classmethod
     def from_config(cls, m, causal: bool = True) -> SwitchHeadAttention:

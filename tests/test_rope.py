@@ -1,0 +1,107 @@
+"""Rotary positions (model.positions=rope, models/rope.py): the rotation itself, positions carried
+through the decoding cache for every variant that takes them, no position table, and the one-line
+refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import compose_train
+from moa_train import config
+from moa_train.models.conformance import check_decoding, tiny_config
+from moa_train.models.lm import LanguageModel
+from moa_train.models.rope import Rotary
+
+ROPE_VARIANTS = ["mha", "gqa", "mqa", "moa_dense", "moa_sparse", "switchhead", "mla"]
+
+
+def test_rotation_keeps_norms_and_scores_depend_on_the_offset_only():
+    rope = Rotary(16, fraction=1.0, base=10000.0)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 1, 16, generator=g)
+
+    def score(i: int, j: int) -> torch.Tensor:
+        qi = rope(q, torch.tensor([i]))
+        kj = rope(k, torch.tensor([j]))
+        return (qi * kj).sum(-1)
+
+    torch.testing.assert_close(rope(q, torch.tensor([7])).norm(dim=-1), q.norm(dim=-1))
+    torch.testing.assert_close(score(5, 2), score(13, 10), atol=1e-5, rtol=0)
+    assert (score(5, 2) - score(5, 4)).abs().max() > 1e-3
+
+
+def test_rotate_half_layout_and_fraction():
+    """Channel i pairs with i + n_rot/2 at frequency base^(-2i/n_rot); channels past n_rot pass."""
+    rope = Rotary(8, fraction=0.5, base=100.0)
+    assert rope.n_rot == 4
+    x = torch.arange(1.0, 9.0).view(1, 1, 1, 8)
+    y = rope(x, torch.tensor([3]))
+    a0, a1 = 3.0, 3.0 * 100.0 ** (-0.5)
+    want = torch.tensor(
+        [
+            1 * torch.cos(torch.tensor(a0)) - 3 * torch.sin(torch.tensor(a0)),
+            2 * torch.cos(torch.tensor(a1)) - 4 * torch.sin(torch.tensor(a1)),
+            3 * torch.cos(torch.tensor(a0)) + 1 * torch.sin(torch.tensor(a0)),
+            4 * torch.cos(torch.tensor(a1)) + 2 * torch.sin(torch.tensor(a1)),
+            5,
+            6,
+            7,
+            8,
+        ]
+    )
+    torch.testing.assert_close(y.flatten(), want)
+    assert Rotary(10, fraction=0.5).n_rot == 4  # 5 rounded down to whole pairs
+
+
+@pytest.mark.parametrize("preset", ROPE_VARIANTS)
+def test_cached_decoding_with_rope_equals_the_full_forward(preset):
+    """Prompts of different lengths: each row's new tokens sit at its own positions."""
+    keys = {} if preset in ("mla", "switchhead") else {"positions": "rope", "rope_fraction": 0.5}
+    assert check_decoding(preset, **keys) == {"lm": "cached", "seq2seq": "cached"}
+
+
+def test_rope_lm_has_no_position_table_and_still_tells_order():
+    """Without any positions one causal layer is order-blind over the prefix: swapping two earlier
+    tokens would leave the last logits unchanged. With rope they change, and no wpe exists."""
+    torch.manual_seed(0)
+    lm = LanguageModel(tiny_config("mha", positions="rope", n_layer=1), 50).eval()
+    assert lm.wpe is None
+    assert lm.num_params() == lm.num_params(non_embedding=False)
+    idx = torch.tensor([[5, 9, 13, 21, 7]])
+    swapped = torch.tensor([[9, 5, 13, 21, 7]])
+    with torch.no_grad():
+        a, _ = lm(idx)
+        b, _ = lm(swapped)
+    assert (a[0, -1] - b[0, -1]).abs().max() > 1e-4
+    learned = LanguageModel(tiny_config("mha"), 50)
+    assert learned.wpe is not None
+
+
+@pytest.mark.parametrize("preset", ["moas_static", "moas_dynamic", "moas_kv"])
+def test_a_variant_that_cannot_rotate_refuses_rope(preset):
+    cfg = compose_train(f"model={preset}", "model.positions=rope")
+    with pytest.raises(config.ConfigError, match=rf"^model.positions: model={preset} does not"):
+        config.validate(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("model.rope_fraction=0.0", r"^model.rope_fraction: must be in \(0, 1\]"),
+        ("model.rope_fraction=1.5", r"^model.rope_fraction: must be in \(0, 1\]"),
+        ("model.rope_base=1.0", r"^model.rope_base: must be > 1"),
+        ("model.positions=alibi", r"^model.positions: got 'alibi'; allowed: .*rope"),
+    ],
+)
+def test_bad_rope_keys_are_refused_in_one_line(override, match):
+    cfg = compose_train("model=mha", "model.positions=rope", override)
+    with pytest.raises(config.ConfigError, match=match):
+        config.validate(cfg)
+
+
+def test_encoder_decoder_takes_rope_without_a_table():
+    from moa_train.models.seq2seq import Seq2Seq
+
+    model = Seq2Seq(tiny_config("mha", positions="rope", n_encoder_layer=1), 50, 0)
+    assert model.pos_table is None and not hasattr(model, "pos")
