@@ -99,6 +99,8 @@ class ModelConfig:
     cross_default: ClassVar[str | None] = None
     # false: the variant cannot rotate its queries and keys (model.positions=rope is refused)
     rope_ok: ClassVar[bool] = True
+    # true: the variant's attention is defined with rotary positions (mla): any other is refused
+    rope_required: ClassVar[bool] = False
 
     @classmethod
     def validate(cls, m, cfg) -> None:
@@ -131,6 +133,11 @@ class ModelConfig:
             m.positions != "rope" or cls.rope_ok,
             "model.positions",
             f"model={m.name} does not take rope; allowed: learned, sinusoidal, sinusoidal_fairseq",
+        )
+        _check(
+            m.positions == "rope" or not cls.rope_required,
+            "model.positions",
+            f"model={m.name} is defined with rotary positions: needs rope, got {m.positions!r}",
         )
         _check(
             0.0 < m.rope_fraction <= 1.0,

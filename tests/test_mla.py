@@ -85,7 +85,10 @@ def test_cached_decoding_equals_the_full_forward(keys):
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        (["model.positions=learned"], r"^model.positions: model=mla rotates its decoupled key"),
+        (
+            ["model.positions=learned"],
+            r"^model.positions: model=mla is defined with rotary positions: needs rope",
+        ),
         (["model.rope_fraction=0.5"], r"^model.rope_fraction: model=mla rotates all"),
         (["model.qk_rope_head_dim=5"], r"^model.qk_rope_head_dim: must be a positive even"),
         (["model.kv_lora_rank=0"], r"^model.kv_lora_rank: must be a positive integer"),

@@ -55,15 +55,11 @@ class MLAConfig(ModelConfig):
 
     cross_attention_ok: ClassVar[bool] = False  # the decoupled key numbers self-attention positions
     cross_default: ClassVar[str | None] = "mha"
+    rope_required: ClassVar[bool] = True  # the decoupled key is rotary
 
     @classmethod
     def validate(cls, m, cfg) -> None:
         super().validate(m, cfg)
-        _check(
-            m.positions == "rope",
-            "model.positions",
-            f"model=mla rotates its decoupled key: needs rope, got {m.positions!r}",
-        )
         _check(
             m.rope_fraction == 1.0,
             "model.rope_fraction",
