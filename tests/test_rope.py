@@ -4,16 +4,32 @@ refusals."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import compose_train
 from moa_train import config
+from moa_train.models.attention.mha import MHAConfig
 from moa_train.models.conformance import check_decoding, tiny_config
 from moa_train.models.lm import LanguageModel
 from moa_train.models.rope import Rotary
 
-ROPE_VARIANTS = ["mha", "gqa", "mqa", "moa_dense", "moa_sparse", "switchhead", "mla"]
+ROPE_VARIANTS = [
+    "mha",
+    "gqa",
+    "mqa",
+    "moa_dense",
+    "moa_sparse",
+    "moas_static",
+    "moas_dynamic",
+    "moas_kv",
+    "switchhead",
+    "mla",
+]
 
 
 def test_rotation_keeps_norms_and_scores_depend_on_the_offset_only():
@@ -78,11 +94,26 @@ def test_rope_lm_has_no_position_table_and_still_tells_order():
     assert learned.wpe is not None
 
 
-@pytest.mark.parametrize("preset", ["moas_static", "moas_dynamic", "moas_kv"])
-def test_a_variant_that_cannot_rotate_refuses_rope(preset):
-    cfg = compose_train(f"model={preset}", "model.positions=rope")
-    with pytest.raises(config.ConfigError, match=rf"^model.positions: model={preset} does not"):
-        config.validate(cfg)
+@pytest.mark.parametrize(
+    "keys", [{"inference_routing": "top1"}, {"fused": False}, {"resid_dropout": "per_branch"}]
+)
+def test_every_moas_dynamic_path_rotates(keys):
+    """The fused, per-branch and one-hot decode paths each rotate their own Q and K."""
+    keys = {"positions": "rope", "rope_fraction": 0.5, **keys}
+    assert check_decoding("moas_dynamic", **keys)["lm"] == "cached"
+
+
+def test_a_variant_that_cannot_rotate_refuses_rope():
+    """`rope_ok = False` on a variant's config class (a plugin whose attention does not rotate)."""
+
+    @dataclass
+    class NoRope(MHAConfig):
+        rope_ok: ClassVar[bool] = False
+
+    m = OmegaConf.structured(NoRope(name="norope", d_model=32, n_head=4, positions="rope"))
+    with pytest.raises(config.ConfigError, match=r"^model.positions: model=norope does not take"):
+        NoRope.validate(m, None)
+    NoRope.validate(OmegaConf.structured(NoRope(name="norope", d_model=32, n_head=4)), None)
 
 
 @pytest.mark.parametrize(
