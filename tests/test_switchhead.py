@@ -115,6 +115,10 @@ def test_cached_decoding_equals_the_full_forward(keys):
         (["model.top_k=6"], r"^model.top_k: 6 is larger than model.n_experts=5"),
         (["model.n_experts=0"], r"^model.n_experts: must be a positive integer"),
         (["model.head_dim=null", "model.n_head=5"], r"^model.n_head: 5 does not divide"),
+        (
+            ["trainer.cuda_graphs=true", "trainer.precision=fp32"],
+            r"^trainer.cuda_graphs: switchhead's expert matmuls outside bf16",
+        ),
     ],
 )
 def test_bad_keys_are_refused_in_one_line(overrides, match):

@@ -65,6 +65,13 @@ class SwitchHeadConfig(ModelConfig):
         _positive_or_null(m.head_dim, "model.head_dim")
         if m.head_dim is None:
             cls.check_heads(m)
+        t = cfg.trainer if cfg is not None else None
+        _check(
+            t is None or not (t.cuda_graphs and t.precision != "bf16"),
+            "trainer.cuda_graphs",
+            "switchhead's expert matmuls outside bf16 run the reference, which reads group sizes "
+            "on the host and so cannot be captured; use trainer.precision=bf16",
+        )
 
     @classmethod
     def attention_params(cls, m) -> int:
