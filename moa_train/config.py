@@ -79,8 +79,11 @@ class ModelConfig:
     norm_first: bool = True  # pre-LN (true) or post-LN (false, the original Transformer)
     # learned | sinusoidal (interleaved sin/cos from position 0) | sinusoidal_fairseq (fairseq's
     # table: [sin | cos] concatenated, frequencies 10000^(-i / (half - 1)), positions counted from
-    # padding_idx + 1 = 2)
+    # padding_idx + 1 = 2) | rope (rotary on Q and K inside attention, no position table:
+    # models/rope.py)
     positions: str = "learned"
+    rope_fraction: float = 1.0  # rope: fraction of each head's channels rotated, in (0, 1]
+    rope_base: float = 10000.0  # rope: base of the rotary frequencies base^(-2i / rotated channels)
     # encoder-decoder init: standard (Xavier-uniform linear layers) | fairseq (each module as
     # fairseq initialises it: Q/K/V Xavier with gain 1/sqrt(2), MoA experts one by one, the FFN with
     # PyTorch's default); the LM: GPT-2's
@@ -96,6 +99,10 @@ class ModelConfig:
     cross_attention_ok: ClassVar[bool] = True
     # the cross-attention when model.cross.name is null; None: itself
     cross_default: ClassVar[str | None] = None
+    # false: the variant cannot rotate its queries and keys (model.positions=rope is refused)
+    rope_ok: ClassVar[bool] = True
+    # true: the variant's attention is defined with rotary positions (mla): any other is refused
+    rope_required: ClassVar[bool] = False
 
     @classmethod
     def validate(cls, m, cfg) -> None:
@@ -121,7 +128,25 @@ class ModelConfig:
             _check(m.aux[key] >= 0, f"model.aux.{key}", f"must be >= 0, got {m.aux[key]}")
         _one_of(m.aux.layer_reduce, "model.aux.layer_reduce", ("mean", "sum"))
         _one_of(m.aux.balance_type, "model.aux.balance_type", ("mse", "switch", "switch_k"))
-        _one_of(m.positions, "model.positions", ("learned", "sinusoidal", "sinusoidal_fairseq"))
+        _one_of(
+            m.positions, "model.positions", ("learned", "sinusoidal", "sinusoidal_fairseq", "rope")
+        )
+        _check(
+            m.positions != "rope" or cls.rope_ok,
+            "model.positions",
+            f"model={m.name} does not take rope; allowed: learned, sinusoidal, sinusoidal_fairseq",
+        )
+        _check(
+            m.positions == "rope" or not cls.rope_required,
+            "model.positions",
+            f"model={m.name} is defined with rotary positions: needs rope, got {m.positions!r}",
+        )
+        _check(
+            0.0 < m.rope_fraction <= 1.0,
+            "model.rope_fraction",
+            f"must be in (0, 1], got {m.rope_fraction}",
+        )
+        _check(m.rope_base > 1.0, "model.rope_base", f"must be > 1, got {m.rope_base}")
         if m.vocab_size is not None:
             _check(
                 m.vocab_size > 0,

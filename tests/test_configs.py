@@ -62,7 +62,10 @@ def check_builds(cfg) -> None:
             return
         lm = build_model(cfg.model, VOCAB)
     assert len(lm.blocks) == cfg.model.n_layer
-    assert lm.wpe.weight.shape == (cfg.model.max_seq_len, cfg.model.d_model)
+    if cfg.model.positions == "rope":  # rotary positions inside attention: no table
+        assert lm.wpe is None
+    else:
+        assert lm.wpe.weight.shape == (cfg.model.max_seq_len, cfg.model.d_model)
     assert lm.num_params() > 0 and lm.flops_per_token(cfg.trainer.block_size) > 0
 
 
@@ -99,6 +102,11 @@ def test_every_experiment_with_every_model_composes_and_builds(compose_cfg, mode
         return
     cfg = compose_cfg(f"experiment={experiment}", f"model={model}")
     assert cfg.model.name == preset_variant(model)
+    if VARIANTS[cfg.model.name].rope_required and cfg.model.positions != "rope":
+        # a variant defined with rotary positions (mla) refuses an experiment's table in one line
+        with pytest.raises(ConfigError, match=r"^model.positions: .* needs rope"):
+            validate(cfg)
+        cfg.model.positions = "rope"
     if cfg.model.init == "fairseq" and not hasattr(ATTENTION[cfg.model.name], "init_fairseq"):
         # the fairseq-faithful experiments initialise each module as fairseq does: a scheme fairseq
         # never had is refused in one line (model.init=standard runs it)

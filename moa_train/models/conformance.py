@@ -133,7 +133,10 @@ def check_lm(preset: str, seed: int = 0, **keys) -> str:
 @torch.no_grad()
 def check_seq2seq(preset: str, seed: int = 0, **keys) -> str:
     """The encoder-decoder part of `check_decoding`."""
-    cfg = tiny_config(preset, n_encoder_layer=2, positions="sinusoidal", **keys)
+    # sinusoidal unless rope is asked for (or set by the preset): a learned table would be random
+    rope = keys.get("positions", preset_keys(preset).get("positions")) == "rope"
+    keys = {"n_encoder_layer": 2, **keys, "positions": "rope" if rope else "sinusoidal"}
+    cfg = tiny_config(preset, **keys)
     torch.manual_seed(seed)
     model = Seq2Seq(cfg, VOCAB, PAD).eval()
     _spread_weights(model, seed)

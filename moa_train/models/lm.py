@@ -1,8 +1,8 @@
 """Decoder-only Transformer LM (nanoGPT's GPT-2 layout) whose attention comes from the registry.
 
-Pre-LN blocks, learned positions, tied input/output embeddings, GELU MLP. `forward` returns the
-logits and one routing record per layer (None for dense attention); the trainer turns them into
-losses and metrics.
+Pre-LN blocks, learned positions (model.positions=rope: rotary ones inside each attention and no
+table), tied input/output embeddings, GELU MLP. `forward` returns the logits and one routing record
+per layer (None for dense attention); the trainer turns them into losses and metrics.
 
 Cached inference (models/kv_cache.py): `init_cache` gives every attention its layer cache, `prefill`
 writes the (right-padded) prompts, then one `decode_step` per generated token runs the same blocks
@@ -104,7 +104,8 @@ class LanguageModel(CacheHolder, nn.Module):
         m = model_config(m)
         self.config, self.vocab_size = m, vocab_size
         self.wte = nn.Embedding(vocab_size, m.d_model)
-        self.wpe = nn.Embedding(m.max_seq_len, m.d_model)
+        # rope: positions enter inside each attention (models/rope.py), no table
+        self.wpe = None if m.positions == "rope" else nn.Embedding(m.max_seq_len, m.d_model)
         self.drop = nn.Dropout(m.dropout)
         self.blocks = nn.ModuleList(Block(m) for _ in range(m.n_layer))
         self.ln_f = nn.LayerNorm(m.d_model, bias=m.bias)
@@ -127,7 +128,8 @@ class LanguageModel(CacheHolder, nn.Module):
     def hidden(self, idx: Tensor, positions: Tensor) -> tuple:
         """(final hidden states (B, T, d), routings) of tokens idx at positions (T,) or (B, T),
         through each attention's cache where one is attached."""
-        x = self.drop(self.wte(idx) + self.wpe(positions))
+        x = self.wte(idx)
+        x = self.drop(x if self.wpe is None else x + self.wpe(positions))
         routings = []
         for block in self.blocks:
             x, routing = block(x)
@@ -197,7 +199,7 @@ class LanguageModel(CacheHolder, nn.Module):
         """nanoGPT's count: every parameter once (the tied embedding once), minus position
         embeddings."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if non_embedding else n
+        return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: 6 x matmul parameters used (selected experts only, tied head

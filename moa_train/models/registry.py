@@ -14,13 +14,21 @@ from typing import Protocol, runtime_checkable
 
 from omegaconf import OmegaConf
 
-from moa_train.config import VARIANTS, cross_config, register_variant, variant_config
+from moa_train.config import (
+    VARIANTS,
+    ConfigError,
+    cross_config,
+    register_variant,
+    variant_config,
+)
 from moa_train.models.attention.mae import MAEConfig, MixtureOfAttentiveExperts
 from moa_train.models.attention.mha import MHAConfig, MultiHeadAttention
+from moa_train.models.attention.mla import MLAAttention, MLAConfig
 from moa_train.models.attention.moa import MixtureOfAttentionHeads, MoAConfig
 from moa_train.models.attention.moas import MoASAttention, MoASDynamicConfig, MoASStaticConfig
 from moa_train.models.attention.moas_kv import MoASKVAttention, MoASKVConfig
 from moa_train.models.attention.moh import MoHAttention, MoHConfig
+from moa_train.models.attention.switchhead import SwitchHeadAttention, SwitchHeadConfig
 
 ATTENTION: dict = {}  # name -> attention module class
 
@@ -107,6 +115,8 @@ register("moa", MixtureOfAttentionHeads, MoAConfig)
 register("moas_kv", MoASKVAttention, MoASKVConfig)
 register("mae", MixtureOfAttentiveExperts, MAEConfig)
 register("moh", MoHAttention, MoHConfig)
+register("mla", MLAAttention, MLAConfig)
+register("switchhead", SwitchHeadAttention, SwitchHeadConfig)
 
 
 def model_config(m):
@@ -121,4 +131,12 @@ def model_config(m):
 def build_attention(m, causal: bool = True, cross: bool = False):
     """The attention module of model config `m` (its decoder cross-attention with `cross`)."""
     m = cross_config(m) if cross else m
-    return ATTENTION[m.name].from_config(m, causal=causal)
+    attn = ATTENTION[m.name].from_config(m, causal=causal)
+    if not cross and m.positions == "rope" and getattr(attn, "rope", None) is None:
+        # a variant that took rope but built no rotary would train with no positions at all
+        raise ConfigError(
+            f"model.positions=rope: model={m.name}'s attention built no rotary (its from_config "
+            "must set `attn.rope = Rotary.of(m, head_dim)`, models/rope.py); allowed for it: "
+            "learned, sinusoidal, sinusoidal_fairseq"
+        )
+    return attn

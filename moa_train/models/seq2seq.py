@@ -123,6 +123,8 @@ class Seq2Seq(CacheHolder, nn.Module):
         self.embed_scale = math.sqrt(d)
         if m.positions == "learned":
             self.pos = nn.Embedding(m.max_seq_len, d)
+        elif m.positions == "rope":  # inside the self-attentions (models/rope.py); none on cross
+            self.pos_table = None
         else:
             table = sinusoids if m.positions == "sinusoidal" else sinusoids_fairseq
             self.register_buffer("pos_table", table(m.max_seq_len, d), persistent=False)
@@ -173,8 +175,10 @@ class Seq2Seq(CacheHolder, nn.Module):
         """Scaled token embeddings plus positions: 0..T-1 (a slice of the table), or per row
         (`positions`, (B, T))."""
         table = self.pos.weight if hasattr(self, "pos") else self.pos_table
-        pos = table[: ids.shape[1]] if positions is None else table[positions]
-        return self.drop(emb(ids) * self.embed_scale + pos)
+        x = emb(ids) * self.embed_scale
+        if table is None:  # rope
+            return self.drop(x)
+        return self.drop(x + (table[: ids.shape[1]] if positions is None else table[positions]))
 
     def encode_with_routing(self, src: Tensor, src_mask: Tensor) -> tuple:
         x, routings = self._embed(self.embed, src), []

@@ -143,7 +143,7 @@ class LMTask(Task):
         vocab = m.vocab_size or (d.vocab_size if d.tokenizer == "random" else 0)
         return (
             layers_part(m, m.n_layer),
-            positions_part(m),
+            positions_part(m, table=m.positions != "rope"),
             SizePart(
                 vocab_key,
                 f"the embedding of {vocab_key}={vocab} x model.d_model={m.d_model}",
@@ -338,7 +338,7 @@ class TranslationTask(Task):
         return (
             layers_part(m, m.n_encoder_layer or m.n_layer, "encoder "),
             layers_part(m, m.n_layer, "decoder ", cross=True),
-            positions_part(m, learned=m.positions == "learned"),
+            positions_part(m, learned=m.positions == "learned", table=m.positions != "rope"),
         )
 
     @staticmethod
@@ -564,9 +564,10 @@ def layers_part(m, n: int, kind: str = "", cross: bool = False) -> SizePart:
     )
 
 
-def positions_part(m, learned: bool = True) -> SizePart:
-    """The position table, model.max_seq_len x model.d_model: trained, or a fixed sinusoidal one."""
-    n = m.max_seq_len * m.d_model
+def positions_part(m, learned: bool = True, table: bool = True) -> SizePart:
+    """The position table, model.max_seq_len x model.d_model: trained, or a fixed sinusoidal one;
+    none (`table` false) for rotary positions."""
+    n = m.max_seq_len * m.d_model if table else 0
     text = f"the position table of model.max_seq_len={m.max_seq_len} x model.d_model={m.d_model}"
     return SizePart("model.max_seq_len", text, n if learned else 0, 0 if learned else n)
 

@@ -38,6 +38,7 @@ from moa_train.models.attention.mha import (
 )
 from moa_train.models.kv_cache import DecodeState, StaticKV
 from moa_train.models.roles import ROUTER
+from moa_train.models.rope import Rotary, rotate_qk
 from moa_train.models.routing import Routing
 
 
@@ -100,7 +101,7 @@ class MixtureOfAttentiveExperts(MultiHeadAttention):
 
     @classmethod
     def from_config(cls, m, causal: bool = True) -> MixtureOfAttentiveExperts:
-        return cls(
+        attn = cls(
             m.d_model,
             m.n_head,
             m.gate_hidden or m.d_model,
@@ -110,6 +111,8 @@ class MixtureOfAttentiveExperts(MultiHeadAttention):
             causal=causal,
             attn_dropout=ModelConfig.attn_p(m),
         )
+        attn.rope = Rotary.of(m, attn.head_dim)
+        return attn
 
     def post_init(self) -> None:
         """A zero output layer: uniform responsibilities, so training starts from MHA."""
@@ -154,6 +157,7 @@ class MixtureOfAttentiveExperts(MultiHeadAttention):
         h = self.n_head
         g, logits = self.responsibilities(x, mask)
         q, k, v = self.project(x, None)
+        q, k = rotate_qk(self, q, k)
         if self.kv_cache is not None:
             y = self.kv_cache.update(q, k, v)
         else:

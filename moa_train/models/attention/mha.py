@@ -16,6 +16,7 @@ from torch import Tensor
 
 from moa_train.config import ModelConfig, _check, _divisors
 from moa_train.models.roles import NO_DECAY, RESIDUAL
+from moa_train.models.rope import Rotary, rotate_qk
 
 
 @dataclass
@@ -137,12 +138,15 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout if attn_dropout is None else attn_dropout
         self.causal = causal
         self.resid_dropout = nn.Dropout(dropout)
+        self.rope = None  # its Rotary with model.positions=rope (models/rope.py)
 
     @classmethod
     def from_config(cls, m, causal: bool = True) -> MultiHeadAttention:
-        return cls(
+        attn = cls(
             m.d_model, m.n_head, m.n_kv_heads, m.dropout, m.bias, causal, ModelConfig.attn_p(m)
         )
+        attn.rope = Rotary.of(m, attn.head_dim)
+        return attn
 
     @torch.no_grad()
     def init_fairseq(self) -> None:
@@ -201,6 +205,8 @@ class MultiHeadAttention(nn.Module):
             k, v = cache.fill(lambda: self.project_kv(context))
             return q, sdpa(q, k, v, mask, False, 0.0)
         q, k, v = self.project(x, context)
+        if context is None:
+            q, k = rotate_qk(self, q, k)
         if cache is not None:
             return q, cache.update(q, k, v)
         causal = self.causal and context is None

@@ -32,6 +32,7 @@ from moa_train.config import ModelConfig, _check, _one_of, _positive_or_null
 from moa_train.models.attention.grouped import gather_rows, grouped_kernel_available, grouped_mm
 from moa_train.models.attention.mha import sdpa, split_heads
 from moa_train.models.roles import NO_DECAY, RESIDUAL, ROUTER
+from moa_train.models.rope import Rotary, rotate_qk
 from moa_train.models.routing import Routing
 
 
@@ -129,13 +130,14 @@ class MixtureOfAttentionHeads(nn.Module):
         self.dropout = dropout if attn_dropout is None else attn_dropout
         self.causal = causal
         self.resid_dropout = nn.Dropout(dropout)
+        self.rope = None  # its Rotary with model.positions=rope (models/rope.py)
         self.choice_names = tuple(str(i) for i in range(n_experts))
 
     @classmethod
     def from_config(cls, m, causal: bool = True) -> MixtureOfAttentionHeads:
         head_dim = m.head_dim or m.d_model // m.n_head
         bias = m.bias if m.proj_bias is None else m.proj_bias
-        return cls(
+        attn = cls(
             m.d_model,
             m.n_experts,
             m.top_k,
@@ -148,6 +150,8 @@ class MixtureOfAttentionHeads(nn.Module):
             m.expert_matmul,
             ModelConfig.attn_p(m),
         )
+        attn.rope = Rotary.of(m, head_dim)
+        return attn
 
     def post_init(self) -> None:
         nn.init.zeros_(self.router.weight)
@@ -210,6 +214,12 @@ class MixtureOfAttentionHeads(nn.Module):
 
             if cache is not None:
                 kv = cache.fill(lambda: self.cross_kv(context))
+        if context is None and self.rope is not None:
+            unrotated = attend
+
+            def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                return unrotated(*rotate_qk(self, q, k), v)
+
         source = x if context is None else context
         y, routing = self.mix(x, source, attend, cache is None and self.grouped(x), kv)
         return self.resid_dropout(y), routing

@@ -39,6 +39,7 @@ from moa_train.config import ModelConfig, _check, _divisors, _one_of, _positive_
 from moa_train.models.attention.mha import merge_heads, sdpa, split_heads
 from moa_train.models.kv_cache import cached_sdpa
 from moa_train.models.roles import NO_DECAY, RESIDUAL, ROUTER
+from moa_train.models.rope import Rotary, rotate_qk
 from moa_train.models.routing import Routing
 
 BRANCHES = ("mha", "gqa", "mqa")
@@ -155,6 +156,7 @@ class MoASAttention(nn.Module):
         self.dropout = dropout if attn_dropout is None else attn_dropout
         self.gate_dropout = gate_dropout
         self.resid_dropout = nn.Dropout(dropout)
+        self.rope = None  # its Rotary with model.positions=rope (models/rope.py)
         self.per_branch = resid_dropout == "per_branch"
         if dynamic:
             hidden = router_hidden or d_model // 4
@@ -165,7 +167,7 @@ class MoASAttention(nn.Module):
     @classmethod
     def from_config(cls, m, causal: bool = True) -> MoASAttention:
         if not OmegaConf.get_type(m).dynamic:
-            return cls(
+            attn = cls(
                 m.d_model,
                 m.n_head,
                 m.gqa_kv_heads,
@@ -177,21 +179,24 @@ class MoASAttention(nn.Module):
                 resid_dropout=m.resid_dropout,
                 attn_dropout=ModelConfig.attn_p(m),
             )
-        return cls(
-            m.d_model,
-            m.n_head,
-            m.gqa_kv_heads,
-            m.dropout,
-            m.bias,
-            True,
-            m.router_hidden,
-            m.gate_dropout,
-            m.fused,
-            causal,
-            m.resid_dropout,
-            ModelConfig.attn_p(m),
-            m.inference_routing,
-        )
+        else:
+            attn = cls(
+                m.d_model,
+                m.n_head,
+                m.gqa_kv_heads,
+                m.dropout,
+                m.bias,
+                True,
+                m.router_hidden,
+                m.gate_dropout,
+                m.fused,
+                causal,
+                m.resid_dropout,
+                ModelConfig.attn_p(m),
+                m.inference_routing,
+            )
+        attn.rope = Rotary.of(m, attn.head_dim)
+        return attn
 
     def gates(self, x: Tensor, top1: bool = False) -> tuple:
         """(gates used for mixing (B, T, 3), Routing or None); top1: the one-hot of the router's
@@ -232,6 +237,7 @@ class MoASAttention(nn.Module):
         if self.fused:
 
             def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                q, k = rotate_qk(self, q, k)
                 return sdpa(q, self.repeat_kv(k), self.repeat_kv(v), mask, self.causal, p)
 
             out = self.fused_mix(x, gates, attend, per_branch)
@@ -266,22 +272,11 @@ class MoASAttention(nn.Module):
         q, k, v = self.c_attn(x).split([3 * d, sum(kv), sum(kv)], dim=-1)
         qs, ks, vs = q.split(d, -1), k.split(kv, -1), v.split(kv, -1)
         ws = self.c_proj.weight.split(d, dim=1)
-        outs = [
-            F.linear(
-                merge_heads(
-                    sdpa(
-                        split_heads(qs[i], self.n_head),
-                        split_heads(ks[i], n_kv),
-                        split_heads(vs[i], n_kv),
-                        mask,
-                        self.causal,
-                        p,
-                    )
-                ),
-                ws[i],
-            )
-            for i, n_kv in enumerate(self.kv_heads)
-        ]
+        outs = []
+        for i, n_kv in enumerate(self.kv_heads):
+            q_i, k_i = rotate_qk(self, split_heads(qs[i], self.n_head), split_heads(ks[i], n_kv))
+            o = sdpa(q_i, k_i, split_heads(vs[i], n_kv), mask, self.causal, p)
+            outs.append(F.linear(merge_heads(o), ws[i]))
         if per_branch:
             return torch.stack(outs)
         return sum(gates[..., i : i + 1] * out for i, out in enumerate(outs))
@@ -310,6 +305,7 @@ class MoASAttention(nn.Module):
         gates, routing = self.gates(x, top1)
 
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            q, k = rotate_qk(self, q, k)
             positions = cache.write(k, v)
             qs = q.split(self.n_head, dim=1)
             return torch.cat(self.branch_attention(qs, cache, positions), dim=1)
@@ -335,14 +331,14 @@ class MoASAttention(nn.Module):
         k, v = F.linear(xs, w[3 * d :], None if bias is None else bias[3 * d :]).split(
             n_kv * dh, dim=-1
         )
-        positions = cache.write(k.view(b, n_kv, 1, dh), v.view(b, n_kv, 1, dh))
         q = torch.bmm(w[: 3 * d].view(3, d, d)[c], xs.unsqueeze(-1)).squeeze(-1)
         if bias is not None:
             q = q + bias[: 3 * d].view(3, d)[c]
         # each row's query against every branch's cache heads, the chosen branch's output kept: this
         # reads the n_head + gqa_kv_heads + 1 cached heads once, where gathering each row's branch
         # heads (expanded to n_head) copied the cache first and read more in all
-        q = q.view(b, h, 1, dh)
+        q, k = rotate_qk(self, q.view(b, h, 1, dh), k.view(b, n_kv, 1, dh))
+        positions = cache.write(k, v.view(b, n_kv, 1, dh))
         # (3, B, n_head, 1, D)
         outs = torch.stack(self.branch_attention((q, q, q), cache, positions))
         o = outs[c, torch.arange(b, device=x.device)]

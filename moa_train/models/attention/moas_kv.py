@@ -59,6 +59,7 @@ from moa_train.models.attention.mha import merge_heads, sdpa, split_heads
 from moa_train.models.attention.moas import check_gqa_heads
 from moa_train.models.kv_cache import DecodeState, LayerCache
 from moa_train.models.roles import NO_DECAY, RESIDUAL, ROUTER
+from moa_train.models.rope import Rotary, rotate_qk
 from moa_train.models.routing import Routing
 
 SCHEMES = ("mha", "gqa", "mqa")
@@ -138,6 +139,7 @@ class MoASKVAttention(nn.Module):
         self.causal = causal
         self.dropout = dropout if attn_dropout is None else attn_dropout
         self.resid_dropout = nn.Dropout(dropout)
+        self.rope = None  # its Rotary with model.positions=rope (models/rope.py)
         self.kv_budget, self.router_tau, self.inference_routing = (
             kv_budget,
             router_tau,
@@ -152,7 +154,7 @@ class MoASKVAttention(nn.Module):
 
     @classmethod
     def from_config(cls, m, causal: bool = True) -> MoASKVAttention:
-        return cls(
+        attn = cls(
             m.d_model,
             m.n_head,
             m.gqa_kv_heads,
@@ -165,6 +167,10 @@ class MoASKVAttention(nn.Module):
             m.inference_routing,
             m.kv_pool_slack,
         )
+        # K is rotated before the GQA/MQA means: one rotation per position, so the mean of rotated
+        # heads is the rotated mean
+        attn.rope = Rotary.of(m, attn.head_dim)
+        return attn
 
     def route(self, x: Tensor) -> tuple:
         """(gates (B, T, 3) mixing the schemes' K/V, Routing). Training: straight-through one-hot of
@@ -219,6 +225,7 @@ class MoASKVAttention(nn.Module):
                 "moas_kv is a self-attention scheme; use mha or moa for cross-attention"
             )
         q, k, v = (split_heads(part, self.n_head) for part in self.c_attn(x).chunk(3, dim=-1))
+        q, k = rotate_qk(self, q, k)
         if self.kv_cache is not None:  # hard routing: the argmax alone, no gates
             logits = self.router(x).float()
             y = self.through_pool(q, k, v, logits.argmax(-1))

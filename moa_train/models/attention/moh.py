@@ -36,6 +36,7 @@ from torch import Tensor
 from moa_train.config import ModelConfig, _check, _one_of
 from moa_train.models.attention.mha import MHAConfig, MultiHeadAttention, merge_heads
 from moa_train.models.roles import ROUTER
+from moa_train.models.rope import Rotary
 from moa_train.models.routing import Routing
 
 
@@ -133,7 +134,7 @@ class MoHAttention(MultiHeadAttention):
 
     @classmethod
     def from_config(cls, m, causal: bool = True) -> MoHAttention:
-        return cls(
+        attn = cls(
             m.d_model,
             m.n_head,
             MoHConfig.shared(m),
@@ -145,6 +146,9 @@ class MoHAttention(MultiHeadAttention):
             causal,
             ModelConfig.attn_p(m),
         )
+        # rotation keeps each head's query norm: query_norm gating is unchanged by it
+        attn.rope = Rotary.of(m, attn.head_dim)
+        return attn
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None):
         """(y, Routing): MHA's attention (cached while decoding, as MultiHeadAttention's), each
