@@ -319,7 +319,7 @@ def test_full_disk_while_recording_a_failed_job_stops_the_multirun(tmp_path, mon
 SMALL = {
     "model group removed": (
         "~model",
-        ["~model: the model group cannot be removed", "model=NAME", "allowed: gqa, mha"],
+        ["~model: the model group cannot be removed", "model=NAME", "allowed: gqa, "],
     ),
     "model group emptied": ("model=null", ["model=null: the model group cannot be removed"]),
     "debug group removed": ("~debug", ["~debug: the debug group cannot be removed"]),
