@@ -26,8 +26,8 @@ TINY = (
     "trainer.eval_iters=1",
     "trainer.log_interval=1",
     "trainer.device=cpu",
-    "eval.max_sentences=2",
-    "data.max_tokens=512",
+    "task.max_sentences=2",
+    "task.max_tokens=512",
 )
 ENTRY = {
     "moa-train": "moa_train",

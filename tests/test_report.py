@@ -275,7 +275,7 @@ def test_recipe_leaves_out_seed_paths_loggers_device_and_resume(compose_cfg):
         "trainer.precision=bf16",
         "optim.lr=0.01",
         "schedule=constant",
-        "eval.beam=2",
+        "task.beam=2",
     ):
         assert recipe(compose_cfg("model=mha", override)) != base, override
 
