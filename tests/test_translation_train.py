@@ -110,8 +110,9 @@ def test_copy_task_reaches_high_bleu(compose_cfg, copy_root, tmp_path, model, st
 
 
 def check_saved_without_a_task(compose_cfg, copy_root, run_dir):
-    """A checkpoint written before tasks were named (no task.name, no data.task) is still a
-    translation run: its data config names the task. load_run rebuilds the encoder-decoder;
+    """A checkpoint written before tasks were named (config format 1: no task node, no data.task,
+    translation's keys in data, trainer and eval) is still a translation run: its data config names
+    the task, and config_format's upgrade puts the keys under task.*. load_run rebuilds the encoder-decoder;
     eval_only from an LM command evaluates it."""
     import moa_train
     from moa_train.models.seq2seq import Seq2Seq
@@ -120,7 +121,12 @@ def check_saved_without_a_task(compose_cfg, copy_root, run_dir):
 
     newest = step_checkpoints(run_dir / "checkpoints")[-1]
     state = load_checkpoint(newest)
-    del state["config"]["task"], state["config"]["data"]["task"]
+    old = state["config"]  # back to format 1, from before tasks were named
+    task = old.pop("task")
+    del old["config_format"], old["data"]["tasks"]
+    old["data"].update({k: task.pop(k) for k in ("src", "tgt", "max_tokens", "max_len")})
+    old["trainer"].update({k: task.pop(k) for k in ("label_smoothing", "label_smoothing_over")})
+    old["eval"] = {k: v for k, v in task.items() if k != "name"}
     atomic_save(state, newest)
     assert isinstance(moa_train.load_run(run_dir)[0], Seq2Seq)
     cfg = compose_cfg(

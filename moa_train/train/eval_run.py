@@ -68,13 +68,13 @@ def _override_keys(overrides: list) -> list:
     return [o.key_or_group for o in parsed]
 
 
-def _refuse_other_model(cfg, run_cfg: dict, keys: list) -> None:
+def _refuse_other_model(cfg, run_cfg: dict, keys: list, eval_keys: tuple = EVAL_KEYS) -> None:
     """ConfigError when a model or data override asks for another value than the run's. Bundles of
     settings (experiment=, debug=, mode=) are not compared: the run's own model is evaluated
     whatever they hold."""
     trained = dict(leaves(run_cfg))
     for key in keys:
-        if not _matches(key, FIXED_PREFIXES) or _matches(key, LOCAL_KEYS + EVAL_KEYS):
+        if not _matches(key, FIXED_PREFIXES) or _matches(key, LOCAL_KEYS + eval_keys):
             continue
         name = f"{key}.name" if key in FIXED_PREFIXES else key  # model=gqa sets model.name
         asked = OmegaConf.select(cfg, name)
@@ -93,8 +93,8 @@ def eval_config(cfg, run_cfg: dict, overrides: list | None = None):
 
     run_cfg = saved_config(run_cfg)  # in the current layout, whenever it was saved
     keys = _override_keys(overrides or [])
-    _refuse_other_model(cfg, run_cfg, keys)
     eval_keys = EVAL_KEYS + task_class(run_cfg["task"]["name"]).eval_keys
+    _refuse_other_model(cfg, run_cfg, keys, eval_keys)
     # the schema's types, its values
     out = OmegaConf.merge(cfg, {k: v for k, v in run_cfg.items() if k not in ("model", "task")})
     # typed by the run's own variant and task, not the command line's
