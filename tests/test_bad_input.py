@@ -109,7 +109,10 @@ OVERRIDES = {
         ["model.expert_matmul", "use auto, dense"],
     ),
     "zero DDP bucket": ("trainer.ddp_bucket_mb=0", ["trainer.ddp_bucket_mb", "> 0"]),
-    "label smoothing of 1": ("task.label_smoothing=1.0", ["task.label_smoothing", "[0, 1)"]),
+    "label smoothing of 1": (
+        "data=multi30k_en_de task.label_smoothing=1.0",
+        ["task.label_smoothing", "[0, 1)"],
+    ),
     "unknown device": ("trainer.device=tpu", ["trainer.device", "auto, cpu, cuda"]),
     "unknown precision": ("trainer.precision=fp8", ["trainer.precision", "fp32, bf16"]),
     "unknown schedule": (
@@ -151,7 +154,7 @@ OVERRIDES = {
         "task=lm data=multi30k_en_de",
         ["task: lm does not fit data=multi30k_en_de", "use task=translation"],
     ),
-    "unknown task": ("task=mlm", ["task=mlm: no such config", "lm, translation"]),
+    "unknown task": ("task=ner", ["task=ner: no such config", "lm, mlm, translation"]),
     "huge beam": (
         "model=mha data=multi30k_en_de task.max_len=8 task.beam=100000",
         ["task.beam", "1..64"],
