@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from conftest import CONFIG_DIR, REPO, read_jsonl
-from moa_train.config import TASK_CONFIGS
+from moa_train.config import TASK_CONFIGS, ConfigError
 from moa_train.config_format import CONFIG_FORMAT, MOVED, upgrade
 from moa_train.train.tasks import TASKS, Task, register_task, saved_config, task_config, validate
 
@@ -246,3 +247,28 @@ def test_a_plugin_task_validates_its_own_key(tmp_path):
     proc = run_plugin(tmp_path, "task.toy_scale=0")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: task.toy_scale: must be > 0, got 0.0"
+
+
+def test_a_resume_keeps_the_task_and_its_data_keys(compose_cfg):
+    """A resumed run keeps task.name and the task's fixed keys (translation's direction and sizes),
+    also against a checkpoint of the old layout; its evaluation keys may change."""
+    from moa_train.train.loop import check_fixed_settings
+
+    cfg = compose_cfg("data=multi30k_en_de")
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    check_fixed_settings(saved, compose_cfg("data=multi30k_en_de", "task.beam=2"))
+    changed = compose_cfg("data=multi30k_en_de", "task.max_tokens=1024")
+    with pytest.raises(
+        ConfigError, match=re.escape("task.max_tokens is 8192 in the checkpoint but 1024")
+    ):
+        check_fixed_settings(saved, changed)
+    old = dict(saved, data=dict(saved["data"], task="translation", max_tokens=8192))
+    del old["task"], old["config_format"], old["data"]["tasks"]
+    with pytest.raises(
+        ConfigError, match=re.escape("task.max_tokens is 8192 in the checkpoint but 1024")
+    ):
+        check_fixed_settings(old, changed)
+    with pytest.raises(
+        ConfigError, match=re.escape("task.name is 'translation' in the checkpoint but 'lm'")
+    ):
+        check_fixed_settings(saved, compose_cfg("data=multi30k_en_de", "task=lm"))

@@ -111,9 +111,9 @@ def test_copy_task_reaches_high_bleu(compose_cfg, copy_root, tmp_path, model, st
 
 def check_saved_without_a_task(compose_cfg, copy_root, run_dir):
     """A checkpoint written before tasks were named (config format 1: no task node, no data.task,
-    translation's keys in data, trainer and eval) is still a translation run: its data config names
-    the task, and config_format's upgrade puts the keys under task.*. load_run rebuilds the encoder-decoder;
-    eval_only from an LM command evaluates it."""
+    translation's keys in data, trainer and eval) is still a translation run: its data config
+    names the task, and config_format's upgrade puts the keys under task.*. load_run rebuilds the
+    encoder-decoder; eval_only from an LM command evaluates it."""
     import moa_train
     from moa_train.models.seq2seq import Seq2Seq
     from moa_train.train.checkpoint import atomic_save, load_checkpoint, step_checkpoints

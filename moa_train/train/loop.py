@@ -97,12 +97,19 @@ MOVABLE = ("data.root", "data.cache_dir")
 
 
 def check_fixed_settings(saved: dict, cfg) -> None:
-    """ConfigError naming the first key of FIXED_ON_RESUME whose value differs from the checkpoint's
-    (keys the checkpoint's config lacks, added since it was written, are taken as unchanged)."""
+    """ConfigError naming the first key of FIXED_ON_RESUME, task.name or the task's fixed keys whose
+    value differs from the checkpoint's (keys the checkpoint's config lacks, added since it was
+    written, are taken as unchanged; an older layout is upgraded first)."""
+    from moa_train.train.tasks import saved_config, task_class
+
     current = OmegaConf.to_container(cfg, resolve=True)
-    for group in FIXED_ON_RESUME:
+    saved = saved_config(saved) if saved.get("data") else saved
+    fixed = ("task.name", *task_class(cfg.task.name).fixed_keys)
+    for group in (*FIXED_ON_RESUME, "task"):
         old, new = dict(leaves(saved.get(group) or {}, group)), dict(leaves(current[group], group))
         for key, value in new.items():
+            if group == "task" and key not in fixed:
+                continue
             if key in old and key not in MOVABLE and old[key] != value:
                 raise ConfigError(
                     f"trainer.resume: {key} is {old[key]!r} in the checkpoint but {value!r} now; a "

@@ -109,6 +109,7 @@ class MLMTask(LMTask):
     headline = ("loss", "ppl")
     summary_keys = ("val/loss", "val/ppl", "test/loss", "test/ppl")
     added_ids = 1  # [MASK], after the data's ids
+    fixed_keys = ("task.mask_prob", "task.mask_token", "task.random_token", "task.eval_seed")
     windows = MaskedWindows
 
     @staticmethod

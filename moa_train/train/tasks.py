@@ -66,6 +66,8 @@ class Task:
     summary_keys: tuple = ("val/loss", "test/loss")
     # the task.* keys that only say how to evaluate: an eval_only command may set them
     eval_keys: tuple = ("task.average_last",)
+    # the task.* keys a resumed run keeps (what its data is), besides task.name
+    fixed_keys: tuple = ()
     # what the checkpoints record of the tokenizer the weights are trained with (sha256 of its
     # tokenizer.json and vocabulary size: wikitext.tokenizer_identity); None: no tokenizer file
     tokenizer_id: dict | None = None
@@ -341,6 +343,7 @@ class TranslationTask(Task):
     metrics = ("val/loss", "test/loss", "val/bleu", "test/bleu")
     headline = ("loss", "bleu", "chrf")
     summary_keys = ("val/loss", "val/bleu", "test/loss", "test/bleu")
+    fixed_keys = ("task.src", "task.tgt", "task.max_len", "task.max_tokens")
     eval_keys = (
         "task.average_last",
         "task.beam",
