@@ -267,7 +267,8 @@ def cross_config(m):
 
 @dataclass
 class DataConfig:
-    # wikitext2_char | wikitext2_word | wikitext2_bpe | text | random_tokens | wmt14_en_de
+    # wikitext2_char | wikitext2_word | wikitext2_bpe | wikitext103_word | wikitext103_bpe | text
+    # | random_tokens | wmt14_en_de
     # | multi30k_en_de | a corpus of yours
     name: str = MISSING
     # the tasks this data can feed (configs/task/); its YAML picks the default among them with

@@ -272,3 +272,10 @@ def test_a_resume_keeps_the_task_and_its_data_keys(compose_cfg):
         ConfigError, match=re.escape("task.name is 'translation' in the checkpoint but 'lm'")
     ):
         check_fixed_settings(saved, compose_cfg("data=multi30k_en_de", "task=lm"))
+
+
+def test_wikitext103_absent_is_one_line(cli, tmp_path):
+    """data=wikitext103_* reads <root>/wikitext-103/; where it is missing, one line names it."""
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli("task=mlm", "data=wikitext103_word", f"data.root={tmp_path / 'empty'}")
+    assert code == 2 and len(err) == 1 and "wikitext-103" in err[0], err
