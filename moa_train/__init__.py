@@ -3,9 +3,10 @@ MoA)."""
 
 __version__ = "0.1.0"
 
-# the attention variants register their config schemas, which every composition of
+# the attention variants and the tasks register their config schemas, which every composition of
 # configs/train.yaml needs, on the first import of anything in the package
-import moa_train.models.registry  # noqa: F401
+import moa_train.models.registry
+import moa_train.train.task_registry  # noqa: F401
 
 
 def load_run(run_dir, map_location: str = "cpu"):

@@ -24,16 +24,16 @@ def load_checkpoint_model(
     other than the decoder-only LM (ValueError) before building anything."""
     from moa_train.plugins import load_plugins
     from moa_train.train.checkpoint import checkpoints_in, load_latest
-    from moa_train.train.tasks import saved_task, task_class
+    from moa_train.train.tasks import saved_config, task_class
 
     load_plugins()
     target = Path(target)
     if not checkpoints_in(target):
         raise FileNotFoundError(f"no checkpoint under {target} (expected checkpoints/step_*.pt)")
     path, state, _ = load_latest(target, map_location, key="load_run")
-    # resolved as the run used it (env vars included)
-    cfg: DictConfig = OmegaConf.create(state["config"])
-    name = saved_task(state["config"])
+    # resolved as the run used it (env vars included), in the current layout
+    cfg: DictConfig = OmegaConf.create(saved_config(state["config"]))
+    name = cfg.task.name
     if lm_only and name != "lm":
         raise ValueError(
             f"{target} is a {name} run: only decoder-only LM runs (task lm) are supported for now"

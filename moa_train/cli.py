@@ -25,7 +25,8 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from moa_train.config import VARIANTS, ConfigError, foreign_key
+from moa_train.config import TASK_CONFIGS, VARIANTS, ConfigError, foreign_key, foreign_task_key
+from moa_train.config_format import MOVED
 from moa_train.data.corpus import DataError
 from moa_train.errors import fail, printable
 from moa_train.io import WriteError
@@ -75,12 +76,21 @@ def describe(exc: Exception) -> str:
     ):
         # a key of another attention variant: name its owners
         return foreign_key(inner.full_key, inner.object_type)
+    if (
+        isinstance(inner, (ConfigAttributeError, ConfigKeyError))
+        and inner.object_type in TASK_CONFIGS.values()
+    ):
+        return foreign_task_key(inner.full_key, inner.object_type)
     cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
     key = getattr(cause, "full_key", None)
     text = str(getattr(cause, "msg", None) or cause).strip()
     # OmegaConf's message ends in indented lines naming the key and types; the message itself may
     # hold a newline of the user's value, which stays (escaped when printed)
     first = CONTEXT.split(text)[0] if key else text.splitlines()[0]
+    moved = {old: new for old, new in MOVED.items() if old == key or old.startswith(f"{key}.")}
+    if key and moved:  # a key of an older layout (moa_train/config_format.py)
+        where = ", ".join(f"{old} -> {new}" for old, new in moved.items())
+        return f"{key}: moved to the task's keys ({where}); docs/tasks.md lists them"
     if key and isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
         near = near_key(key)
         first += f"; did you mean {near}?" if near else "; moa-train --help lists the main keys"

@@ -22,6 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
+from moa_train.config_format import CONFIG_FORMAT
 from moa_train.paths import config_dir
 
 
@@ -293,10 +294,13 @@ def cross_config(m):
 
 @dataclass
 class DataConfig:
-    # wikitext2_char | wikitext2_word | wikitext2_bpe | text | random_tokens | wmt14_en_de
+    # wikitext2_char | wikitext2_word | wikitext2_bpe | wikitext103_word | wikitext103_bpe | text
+    # | random_tokens | wmt14_en_de
     # | multi30k_en_de | a corpus of yours
     name: str = MISSING
-    task: str = "lm"  # the task this data makes (configs/task/): lm | translation
+    # the tasks this data can feed (configs/task/); its YAML picks the default among them with
+    # `override /task@_global_.task: <task>` in its defaults
+    tasks: list = field(default_factory=lambda: ["lm"])
     tokenizer: str = "char"  # char | word | bpe | random (random_tokens)
     # the data folder, holding wikitext-2/{train,valid,test}.txt, ...; null: the one recorded with
     # `python3 -m moa_train.data --set-root DIR`, else ../shared/data beside the checkout, else a
@@ -310,17 +314,49 @@ class DataConfig:
     # char vocabularies: true adds an <unk> id for characters of valid/test (and prompts) that the
     # train file lacks; false refuses them, naming the first. Word vocabularies always hold <unk>.
     unk: bool = False
-    # translation
-    src: str = "en"  # source language (file suffix)
-    tgt: str = "de"  # target language
-    max_tokens: int = 4096  # tokens (source + target, padding included) per optimizer step, global
-    max_len: int = 256  # training pairs with a longer side (in BPE tokens) are dropped
 
 
 @dataclass
 class TaskConfig:
-    # lm | translation (moa_train.train.tasks.TASKS); default: the data's task
-    name: str = "${data.task}"
+    """The keys every task has. A task's own keys come from its config class (beside its module
+    under train/, registered with the task: moa_train.train.task_registry), a subclass of this one
+    and the schema of its configs/task/<name>.yaml: a key of another task is refused at
+    composition, naming the task that owns it."""
+
+    # lm | translation | mlm | a plugin's (moa_train.train.task_registry); default: the data's
+    name: str = MISSING
+    # test on the average of the weights of the last N checkpoints; null = the current weights
+    average_last: int | None = None
+
+
+# task name -> its config class (a TaskConfig subclass); filled by register_task_config
+TASK_CONFIGS: dict = {}
+
+
+def register_task_config(name: str, config: type, yaml: str | Path | None = None) -> None:
+    """Make `config` the schema of task `name`: its YAML names it as `_schema_<name>` in its
+    defaults. `yaml`: a task YAML from outside configs/task/ (a plugin's), choosable as
+    task=<name>."""
+    TASK_CONFIGS[name] = config
+    ConfigStore.instance().store(group="task", name=f"_schema_{name}", node=config)
+    if yaml is not None:
+        ConfigStore.instance().store(group="task", name=name, node=OmegaConf.load(yaml))
+
+
+def task_owners(key: str) -> list:
+    """The tasks whose config class has `key`."""
+    return [name for name, config in TASK_CONFIGS.items() if key in variant_keys(config)]
+
+
+def foreign_task_key(key: str, config: type) -> str:
+    """The one line for a task key that task config `config` does not have: the task that owns
+    it, or the keys allowed."""
+    mine = "/".join(name for name, c in TASK_CONFIGS.items() if c is config) or config.__name__
+    found = task_owners(key.rpartition(".")[2])
+    if not found:
+        allowed = ", ".join(sorted(variant_keys(config)))
+        return f"{key}: not a key of task {mine}; allowed: {allowed}"
+    return f"{key}: belongs to task {', '.join(found)}, not {mine} (task={found[0]} to use it)"
 
 
 @dataclass
@@ -386,11 +422,6 @@ class TrainerConfig:
     seed: int = 0
     resume: Any = "auto"  # auto | true | false | PATH to a checkpoint or run folder
     eval_only: bool = False  # evaluate the resumed checkpoint on valid and test, no training
-    # translation: label-smoothed cross-entropy (MoA / Transformer: 0.1)
-    label_smoothing: float = 0.0
-    # where the smoothing mass eps goes: all (PyTorch: eps / V on every class, the target included)
-    # | others (fairseq: eps / (V - 1) on every other class, the target keeps 1 - eps)
-    label_smoothing_over: str = "all"
     # last N checkpoints kept (besides best.pt); >= 2: a fallback if the last is damaged
     keep_checkpoints: int = 1
     save_interval: int | None = None  # null = at every evaluation
@@ -402,27 +433,6 @@ class TrainerConfig:
     # the first step past it; seconds (5400) or "DD:HH:MM:SS" ("00:01:30:00"); null = no limit
     max_time: Any = None
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-
-
-@dataclass
-class EvalConfig:
-    """Translation decoding and scoring (sacreBLEU and chrF on detokenised text)."""
-
-    beam: int = 4  # beam size for the final test evaluation (MoA: 4)
-    lenpen: float = 0.6  # length penalty: score / len**lenpen (MoA: 0.6)
-    val_beam: int = 1  # beam during training's validation; 1 = greedy
-    max_len_a: float = 1.2  # output length limit: a * source length + b
-    max_len_b: int = 10
-    # average the weights of the last N checkpoints before the test evaluation
-    average_last: int | None = None
-    # decode (and score BLEU / chrF on) only the first N sentences of valid and test; null = all.
-    # The loss is always over the whole split. For smoke runs: decoding dominates a short
-    # translation run on a CPU
-    max_sentences: int | None = None
-    # decode through the decoder's KV cache, the source's cross-attention K/V computed once (the
-    # same hypotheses); false: recompute the whole prefix at every step. A variant without the
-    # inference contract always recomputes
-    kv_cache: bool = True
 
 
 @dataclass
@@ -457,8 +467,9 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
     experiment_name: str = "default"  # names the run folder and dashboards
+    # the layout of this config (moa_train/config_format.py upgrades older saved ones)
+    config_format: int = CONFIG_FORMAT
     # the folder of runs/<experiment_name>/ and multiruns/ (hydra.run.dir, hydra.sweep.dir);
     # debug=tiny: outputs/debug, so that smoke runs never land beside real ones
     outputs_dir: str = "outputs"
@@ -659,13 +670,21 @@ def validate(cfg) -> None:
             str(key),
             f"unknown top-level key; allowed: {', '.join(sorted(known - {'hydra'}))}",
         )
-    m, t, o, s, d, e = cfg.model, cfg.trainer, cfg.optim, cfg.schedule, cfg.data, cfg.eval
+    m, t, o, s, d = cfg.model, cfg.trainer, cfg.optim, cfg.schedule, cfg.data
     _check_numbers(cfg)
+    _one_of(cfg.task.name, "task", tuple(TASK_CONFIGS))
     _check(
-        cfg.task.name == d.task,
+        cfg.task.name in d.tasks,
         "task",
-        f"{cfg.task.name} does not fit data={d.name} (data.task: {d.task}); use "
-        f"task={d.task} or leave task out",
+        f"{cfg.task.name} does not fit data={d.name} (it feeds: {', '.join(d.tasks)}); use "
+        f"task={' or task='.join(d.tasks)} or leave task out",
+    )
+    _check(
+        isinstance(cfg.task, TASK_CONFIGS[cfg.task.name])
+        or issubclass(OmegaConf.get_type(cfg.task), TASK_CONFIGS[cfg.task.name]),
+        "task.name",
+        f"{cfg.task.name} is chosen by the task group: task={cfg.task.name}, not "
+        f"task.name={cfg.task.name}",
     )
     _one_of(m.name, "model.name", tuple(sorted(VARIANTS)))
     variant = VARIANTS[m.name]
@@ -755,12 +774,6 @@ def validate(cfg) -> None:
         f"must be >= 0, got {stopping.min_delta}",
     )
     _check(
-        0.0 <= t.label_smoothing < 1.0,
-        "trainer.label_smoothing",
-        f"must be in [0, 1), got {t.label_smoothing}",
-    )
-    _one_of(t.label_smoothing_over, "trainer.label_smoothing_over", ("all", "others"))
-    _check(
         not (t.cuda_graphs and not o.fused),
         "optim.fused",
         "false cannot skip a non-finite step inside a CUDA graph (trainer.cuda_graphs=true); use "
@@ -806,9 +819,8 @@ def validate(cfg) -> None:
         "schedule.min_lr_ratio",
         f"must be in [0, 1], got {s.min_lr_ratio}",
     )
-    _positive_or_null(e.average_last, "eval.average_last")
     _check_name(cfg.experiment_name)
-    _positive_or_null(e.max_sentences, "eval.max_sentences")
+    _positive_or_null(cfg.task.average_last, "task.average_last")
     if cfg.logger.wandb is not None:
         _one_of(
             cfg.logger.wandb.mode, "logger.wandb.mode", ("auto", "online", "offline", "disabled")

@@ -15,15 +15,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
-SUMMARY_KEYS = (
-    "val/loss",
-    "val/bpc",
-    "val/bleu",
-    "test/loss",
-    "test/bleu",
-    "steps",
-    "step_ms_median",
-)
+# a job's figures in the sweep summary: its task's metrics (summary.json's summary_keys, written by
+# the trainer from the task), then these
+RUN_KEYS = ("steps", "step_ms_median")
+# the task metrics of a summary.json written before it named them
+OLD_SUMMARY_KEYS = ("val/loss", "val/bpc", "val/bleu", "test/loss", "test/bleu")
+RECORD_KEYS = ("job", "overrides", "status", "error")
 # swept, they change the whole name: the folder is `multirun`
 NAME_SOURCES = ("experiment", "experiment_name")
 REFERENCE = re.compile(r"\$\{([\w.]+)\}")  # ${model.name}: a plain key, not a resolver call
@@ -103,7 +100,8 @@ def job_record(job_dir: Path) -> dict:
     record = {"job": job_dir.name, "overrides": overrides}
     if (job_dir / "summary.json").is_file():
         summary = json.loads((job_dir / "summary.json").read_text())
-        metrics = {k: summary[k] for k in SUMMARY_KEYS if k in summary}
+        keys = (*summary.get("summary_keys", OLD_SUMMARY_KEYS), *RUN_KEYS)
+        metrics = {k: summary[k] for k in keys if k in summary}
         if summary.get("stop_reason") == "max_time":  # not finished: the sweep says so, exit 1
             return {**record, "status": "failed", "error": MAX_TIME_STOP, **metrics}
         return {**record, "status": "ok", **metrics}
@@ -129,7 +127,7 @@ def shared_overrides(records: list) -> list:
 def markdown(records: list) -> str:
     """The jobs' table; the overrides every job shares said once above it, each row giving only the
     ones that set it apart."""
-    keys = [k for k in SUMMARY_KEYS if any(k in r for r in records)]
+    keys = list(dict.fromkeys(k for r in records for k in r if k not in RECORD_KEYS))
     shared = shared_overrides(records)
     lines = [f"Overrides of every job: `{' '.join(shared)}`", ""] if shared else []
     lines += [

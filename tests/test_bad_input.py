@@ -109,7 +109,10 @@ OVERRIDES = {
         ["model.expert_matmul", "use auto, dense"],
     ),
     "zero DDP bucket": ("trainer.ddp_bucket_mb=0", ["trainer.ddp_bucket_mb", "> 0"]),
-    "label smoothing of 1": ("trainer.label_smoothing=1.0", ["trainer.label_smoothing", "[0, 1)"]),
+    "label smoothing of 1": (
+        "data=multi30k_en_de task.label_smoothing=1.0",
+        ["task.label_smoothing", "[0, 1)"],
+    ),
     "unknown device": ("trainer.device=tpu", ["trainer.device", "auto, cpu, cuda"]),
     "unknown precision": ("trainer.precision=fp8", ["trainer.precision", "fp32, bf16"]),
     "unknown schedule": (
@@ -151,22 +154,22 @@ OVERRIDES = {
         "task=lm data=multi30k_en_de",
         ["task: lm does not fit data=multi30k_en_de", "use task=translation"],
     ),
-    "unknown task": ("task=mlm", ["task=mlm: no such config", "lm, translation"]),
+    "unknown task": ("task=ner", ["task=ner: no such config", "lm, mlm, translation"]),
     "huge beam": (
-        "model=mha data=multi30k_en_de data.max_len=8 eval.beam=100000",
-        ["eval.beam", "1..64"],
+        "model=mha data=multi30k_en_de task.max_len=8 task.beam=100000",
+        ["task.beam", "1..64"],
     ),
     "huge val beam": (
-        "model=mha data=multi30k_en_de data.max_len=8 eval.val_beam=1000",
-        ["eval.val_beam", "1..64"],
+        "model=mha data=multi30k_en_de task.max_len=8 task.val_beam=1000",
+        ["task.val_beam", "1..64"],
     ),
     "NaN length penalty": (
-        "model=mha data=multi30k_en_de data.max_len=8 eval.lenpen=nan",
-        ["eval.lenpen", "finite"],
+        "model=mha data=multi30k_en_de task.max_len=8 task.lenpen=nan",
+        ["task.lenpen", "finite"],
     ),
     "negative max_len_a": (
-        "model=mha data=multi30k_en_de data.max_len=8 eval.max_len_a=-1",
-        ["eval.max_len_a", ">= 0"],
+        "model=mha data=multi30k_en_de task.max_len=8 task.max_len_a=-1",
+        ["task.max_len_a", ">= 0"],
     ),
     "empty run folder": ("hydra.run.dir=", ["hydra.run.dir: empty"]),
     "experiment name leaving outputs": (
@@ -343,7 +346,7 @@ def test_bad_data_file(cli, data_root, tmp_path, case):
         extra = []
     else:
         write_multi30k(root)
-        extra = ["data=multi30k_en_de", "model=mha", "data.max_len=31"]
+        extra = ["data=multi30k_en_de", "model=mha", "task.max_len=31"]
     damage(root / ("wikitext-2" if layout == "wikitext" else "multi30k"))
     result = cli(
         *extra, *" ".join(more).split(), f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}"

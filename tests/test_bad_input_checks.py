@@ -380,7 +380,7 @@ def test_unreadable_data_file_is_one_line(cli, tmp_path, monkeypatch, data_root,
     else:
         write_multi30k(tmp_path / "data")
         refused = tmp_path / "data" / "multi30k" / "test_2016_flickr.en"
-        extra = [f"data={data}", "model=mha", "data.max_len=31", f"data.root={tmp_path / 'data'}"]
+        extra = [f"data={data}", "model=mha", "task.max_len=31", f"data.root={tmp_path / 'data'}"]
     real = builtins.open
 
     def refuse(path, *args, **kwargs):
@@ -441,7 +441,7 @@ def test_missing_data_files_are_refused_before_the_run_folder(cli, data_root, tm
     root = data_copy(data_root, tmp_path)
     damage(root)
     translation = case.startswith("translation")
-    extra = ["data=multi30k_en_de", "model=mha", "data.max_len=31"] if translation else []
+    extra = ["data=multi30k_en_de", "model=mha", "task.max_len=31"] if translation else []
     result = cli(*extra, f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}")
     assert_one_line_error(result, words, tmp_path)
     assert not (tmp_path / "run").exists()  # Hydra never started: no .hydra/, no train.log

@@ -201,7 +201,7 @@ def test_decoding_timer_on_a_trained_run(compose_cfg, tmp_path, capsys):
         "data.vocab_size=300",
         "trainer.device=cpu",
         "trainer.max_steps=10",
-        "eval.beam=2",
+        "task.beam=2",
     )
     train(cfg, tmp_path / "run")
     out = tmp_path / "decoding.json"

@@ -32,7 +32,7 @@ MODELS = presets()
 EXPERIMENTS = group_options("experiment")
 DATA = group_options("data")
 TRANSLATION_DATA = [
-    d for d in DATA if OmegaConf.load(CONFIG_DIR / "data" / f"{d}.yaml").task == "translation"
+    d for d in DATA if "translation" in OmegaConf.load(CONFIG_DIR / "data" / f"{d}.yaml").tasks
 ]
 
 
@@ -72,7 +72,7 @@ def check_builds(cfg) -> None:
 @pytest.mark.parametrize("model,data", list(itertools.product(MODELS, DATA)))
 def test_every_model_with_every_data_composes_and_builds(compose_cfg, model, data):
     # quickstart's 128 positions hold translation pairs of up to 127 tokens
-    extra = ["data.max_len=127"] if data in TRANSLATION_DATA else []
+    extra = ["task.max_len=127"] if data in TRANSLATION_DATA else []
     cfg = compose_cfg(f"model={model}", f"data={data}", *extra)
     assert cfg.model.name == preset_variant(model) and cfg.data.name == data
     check_builds(cfg)
@@ -255,15 +255,15 @@ def test_task_follows_the_data_and_a_mismatch_is_refused(compose_cfg):
     assert compose_cfg("data=multi30k_en_de").task.name == "translation"
     assert compose_cfg("data=wikitext2_char").task.name == "lm"
     assert (
-        compose_cfg("task=translation", "data=multi30k_en_de", "data.max_len=127").task.name
+        compose_cfg("task=translation", "data=multi30k_en_de", "task.max_len=127").task.name
         == "translation"
     )
     with pytest.raises(
         ConfigError,
-        match=r"^task: lm does not fit data=multi30k_en_de \(data.task: translation\); "
+        match=r"^task: lm does not fit data=multi30k_en_de \(it feeds: translation\); "
         r"use task=translation or leave task out$",
     ):
-        validate(compose_cfg("task=lm", "data=multi30k_en_de", "data.max_len=127"))
+        validate(compose_cfg("task=lm", "data=multi30k_en_de"))
 
 
 def test_runs_saved_without_a_task_take_their_data_task():

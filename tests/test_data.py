@@ -401,7 +401,7 @@ def test_the_check_before_a_run_downloads_nothing(no_data_dir, tmp_path, monkeyp
     # a translation corpus: its own files
     monkeypatch.setattr("moa_train.data.root.offline_reason", lambda: "offline here")
     with pytest.raises(DataError, match=r"multi30k/\{train,val,test_2016_flickr\}.*offline here"):
-        check_files(_lm_cfg(tmp_path, name="multi30k_en_de", task="translation"))
+        check_files(_lm_cfg(tmp_path, name="multi30k_en_de", tasks=["translation"]))
 
 
 def test_a_failed_download_prints_each_hub_warning_once(no_data_dir, tmp_path, monkeypatch):

@@ -166,7 +166,7 @@ def test_fsdp_resumes_one_process_and_one_process_resumes_fsdp(
 def test_translation_ranks_split_sentences_and_train_like_one_process(
     compose_cfg, data_root, cache_dir, tmp_path
 ):
-    """moa (k = E, so no ties at the zero-initialised router) on a copy task, data.max_tokens=200 as
+    """moa (k = E, so no ties at the zero-initialised router) on a copy task, task.max_tokens=200 as
     2 micro-batches: batches of 1 to 9 pairs, so rank 1 sometimes gets none; the per-token loss of
     the global batch, its masked routing statistics, and the gathered translations give the numbers
     of one process."""
@@ -180,7 +180,7 @@ def test_translation_ranks_split_sentences_and_train_like_one_process(
         "data=wmt14_en_de",
         f"data.root={root}",
         "data.vocab_size=300",
-        "data.max_tokens=200",
+        "task.max_tokens=200",
         "trainer.grad_accum=2",
         "model.d_model=32",
         "model.n_head=4",
@@ -192,7 +192,7 @@ def test_translation_ranks_split_sentences_and_train_like_one_process(
         "trainer.max_steps=6",
         "trainer.eval_interval=6",
         "trainer.log_interval=1",
-        "eval.beam=2",
+        "task.beam=2",
     )
     cfg = compose_cfg(*overrides, "trainer.device=cpu")
     validate(cfg)
@@ -216,7 +216,7 @@ def test_translation_ranks_split_sentences_and_train_like_one_process(
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_eval_only_and_checkpoint_averaging_on_two_ranks(train_run, data_root, cache_dir, tmp_path):
-    """Checkpoint averaging before the test evaluation (eval.average_last) and trainer.eval_only
+    """Checkpoint averaging before the test evaluation (task.average_last) and trainer.eval_only
     give one process's numbers on two ranks: the averaged weights and the shared evaluation."""
     common = (
         "model=moas_dynamic",
@@ -224,7 +224,7 @@ def test_eval_only_and_checkpoint_averaging_on_two_ranks(train_run, data_root, c
         "trainer.max_steps=10",
         "trainer.save_interval=5",
         "trainer.keep_checkpoints=2",
-        "eval.average_last=2",
+        "task.average_last=2",
     )
     one, _ = train_run(tmp_path / "one", *common)
     torchrun(

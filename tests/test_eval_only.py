@@ -90,14 +90,14 @@ def test_eval_config_takes_evaluation_overrides_and_the_runs_training_settings(m
     run_cfg = load_checkpoint(find_checkpoint(run_dir))["config"]
     overrides = [
         "trainer.eval_iters=1",
-        "eval.beam=2",
+        "task.average_last=2",
         "trainer.max_steps=7",
         "trainer.eval_only=true",
     ]
     cfg = make_cfg(*overrides, "trainer.device=cpu", f"trainer.resume={run_dir}")
     out = eval_config(cfg, run_cfg, overrides)
     # evaluation settings: the command line's
-    assert out.trainer.eval_iters == 1 and out.eval.beam == 2
+    assert out.trainer.eval_iters == 1 and out.task.average_last == 2
     assert out.trainer.max_steps == 10  # training settings: the run's
     assert out.model.n_experts == 6 and out.model.top_k == 3 and out.model.name == "moa"
     assert out.trainer.device == "cpu" and out.trainer.eval_only

@@ -26,9 +26,19 @@ TINY = (
     "trainer.eval_iters=1",
     "trainer.log_interval=1",
     "trainer.device=cpu",
-    "eval.max_sentences=2",
-    "data.max_tokens=512",
 )
+# added to translation commands: a few decoded sentences, small steps (translation's own keys)
+TINY_TRANSLATION = ("task.max_sentences=2", "task.max_tokens=512")
+TRANSLATION = re.compile(
+    r"^(task=translation|data=(multi30k|wmt14)\w*|experiment=(multi30k|moa_wmt)\w*/.*)$"
+)
+
+
+def tiny(args: list) -> list:
+    """TINY, and translation's sizes where the command makes a translation run."""
+    return [*TINY, *(TINY_TRANSLATION if any(TRANSLATION.match(a) for a in args) else ())]
+
+
 ENTRY = {
     "moa-train": "moa_train",
     "moa-report": "moa_train.report",
@@ -132,7 +142,7 @@ def run_line(command: str, cwd: Path, monkeypatch, capsys) -> None:
         for a in args
     ]
     if program == "moa_train":
-        extra = list(TINY) + (
+        extra = tiny(args) + (
             ["hydra.sweeper.n_trials=2"] if any("hparams_search" in a for a in args) else []
         )
         # run folders are named to the second: two commands of a section started within one second
@@ -147,7 +157,7 @@ def run_line(command: str, cwd: Path, monkeypatch, capsys) -> None:
     elif program == "moa_train.report" and "--out" not in args:
         args += ["--out", str(cwd / "report")]
     if program == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", *args, *TINY]
+        cmd = [sys.executable, "-m", "torch.distributed.run", *args, *tiny(args)]
     elif program.endswith(".py"):
         cmd = [sys.executable, str(REPO / program), *args]
     else:

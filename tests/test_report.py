@@ -267,7 +267,7 @@ def test_recipe_leaves_out_seed_paths_loggers_device_and_resume(compose_cfg):
     )
     assert same == base
     assert base["trainer.max_steps"] == "600" and base["trainer.precision"] == "fp32"
-    assert base["task.name"] == "lm"  # ${data.task}, resolved
+    assert base["task.name"] == "lm"  # the data's default task
     for override in (
         "trainer.max_steps=7",
         "trainer.batch_size=4",
@@ -275,7 +275,7 @@ def test_recipe_leaves_out_seed_paths_loggers_device_and_resume(compose_cfg):
         "trainer.precision=bf16",
         "optim.lr=0.01",
         "schedule=constant",
-        "eval.beam=2",
+        "task.average_last=2",
     ):
         assert recipe(compose_cfg("model=mha", override)) != base, override
 

@@ -165,7 +165,7 @@ def test_eval_only_matches_loaded_model(finished_run, train_run, make_cfg, tmp_p
 def test_checkpoint_averaging_keeps_its_files_and_follows_a_resume_into_a_new_folder(
     train_run, tmp_path
 ):
-    """eval.average_last=3 keeps 3 step files although trainer.keep_checkpoints=1, and a finished
+    """task.average_last=3 keeps 3 step files although trainer.keep_checkpoints=1, and a finished
     run resumed into a new folder (trainer.resume=PATH) averages the checkpoints of the folder it
     came from."""
     common = (
@@ -174,7 +174,7 @@ def test_checkpoint_averaging_keeps_its_files_and_follows_a_resume_into_a_new_fo
         "trainer.max_steps=20",
         "trainer.save_interval=5",
         "trainer.keep_checkpoints=1",
-        "eval.average_last=3",
+        "task.average_last=3",
     )
     first, _ = train_run(tmp_path / "first", *common)
     assert first["test/averaged_checkpoints"] == 3

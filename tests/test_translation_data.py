@@ -23,6 +23,7 @@ from conftest import REAL_DATA
 from moa_train.config import DataConfig
 from moa_train.data import translation
 from moa_train.data.translation import DataError, ParallelSplit, TokenBatches, load_translation
+from moa_train.train.tasks import TranslationConfig
 
 # --- a synthetic parallel corpus ------------------------------------------------------------------
 
@@ -113,7 +114,13 @@ def data_cfg(root, cache, **overrides):
         "max_len": 60,
         **overrides,
     }
-    return OmegaConf.merge(OmegaConf.structured(DataConfig), fields)
+    # the data's keys and translation's (task.src, task.max_len ...) in one node: load_translation
+    # reads both from it where no task config is given
+    return OmegaConf.merge(
+        OmegaConf.to_container(OmegaConf.structured(TranslationConfig)),
+        OmegaConf.to_container(OmegaConf.structured(DataConfig)),
+        fields,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -267,8 +274,8 @@ def test_eval_pair_longer_than_the_model_positions_is_cut_and_evaluates(
         f"data.root={tmp_path}",
         f"data.cache_dir={tmp_path / 'cache'}",
         "data.vocab_size=400",
-        "data.max_len=24",
-        "data.max_tokens=400",
+        "task.max_len=24",
+        "task.max_tokens=400",
         "model.max_seq_len=25",
         "model.d_model=32",
         "model.n_head=4",
@@ -276,7 +283,7 @@ def test_eval_pair_longer_than_the_model_positions_is_cut_and_evaluates(
         "model.n_encoder_layer=1",
         "model.dropout=0.0",
         "trainer.device=cpu",
-        "eval.beam=2",
+        "task.beam=2",
     )
     validate(cfg)
     with caplog.at_level(logging.INFO, logger="moa_train.data.translation"):
@@ -340,10 +347,10 @@ def test_empty_split_is_refused(broken_root, tmp_path):
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        ({"src": "fr"}, "data.src: 'fr'"),
+        ({"src": "fr"}, "task.src: 'fr'"),
         ({"src": "de", "tgt": "de"}, "must differ"),
         ({"name": "wmt99"}, "data.name: 'wmt99'.*wmt14_en_de, multi30k_en_de"),
-        ({"max_len": 2}, "data.max_len"),
+        ({"max_len": 2}, "task.max_len"),
     ],
 )
 def test_bad_config_values(corpus_root, module_cache, data, overrides, match):
@@ -502,7 +509,7 @@ def test_state_dict_resumes_exactly(data, epochs_done):
 
 def test_state_from_other_batching_is_refused(data):
     state = _batches(data).state_dict()
-    with pytest.raises(DataError, match=re.escape("data.max_tokens")):
+    with pytest.raises(DataError, match=re.escape("task.max_tokens")):
         _batches(data, max_tokens=2 * MAX_TOKENS).load_state_dict(state)
 
 
@@ -608,7 +615,7 @@ def test_a_corpus_names_its_own_languages(tmp_path, monkeypatch):
     # the French (ex-German) side
     assert data.splits["val"].src_text[0] == corpus_lines("valid")[1][0]
     with pytest.raises(
-        DataError, match=r"data.tgt: 'de' is not a language of toy_en_fr; allowed: en, fr"
+        DataError, match=r"task.tgt: 'de' is not a language of toy_en_fr; allowed: en, fr"
     ):
         load_translation(
             data_cfg(tmp_path, tmp_path / "cache", name="toy_en_fr", src="en", tgt="de")

@@ -77,7 +77,7 @@ def test_copy_task_reaches_high_bleu(compose_cfg, copy_root, tmp_path, model, st
         "data=wmt14_en_de",
         f"data.root={copy_root}",
         "data.vocab_size=300",
-        "data.max_tokens=1200",
+        "task.max_tokens=1200",
         *sizes,
         "optim.lr=3e-3",
         "schedule.warmup_steps=30",
@@ -86,9 +86,9 @@ def test_copy_task_reaches_high_bleu(compose_cfg, copy_root, tmp_path, model, st
         "trainer.log_interval=50",
         "trainer.save_interval=100",
         "trainer.device=cpu",
-        "eval.beam=2",
-        "eval.average_last=2",
-        "trainer.label_smoothing=0.0",
+        "task.beam=2",
+        "task.average_last=2",
+        "task.label_smoothing=0.0",
     )
     validate(cfg)
     summary = train(cfg, tmp_path)
@@ -110,9 +110,10 @@ def test_copy_task_reaches_high_bleu(compose_cfg, copy_root, tmp_path, model, st
 
 
 def check_saved_without_a_task(compose_cfg, copy_root, run_dir):
-    """A checkpoint written before tasks were named (no task.name, no data.task) is still a
-    translation run: its data config names the task. load_run rebuilds the encoder-decoder;
-    eval_only from an LM command evaluates it."""
+    """A checkpoint written before tasks were named (config format 1: no task node, no data.task,
+    translation's keys in data, trainer and eval) is still a translation run: its data config
+    names the task, and config_format's upgrade puts the keys under task.*. load_run rebuilds the
+    encoder-decoder; eval_only from an LM command evaluates it."""
     import moa_train
     from moa_train.models.seq2seq import Seq2Seq
     from moa_train.train.checkpoint import atomic_save, load_checkpoint, step_checkpoints
@@ -120,7 +121,12 @@ def check_saved_without_a_task(compose_cfg, copy_root, run_dir):
 
     newest = step_checkpoints(run_dir / "checkpoints")[-1]
     state = load_checkpoint(newest)
-    del state["config"]["task"], state["config"]["data"]["task"]
+    old = state["config"]  # back to format 1, from before tasks were named
+    task = old.pop("task")
+    del old["config_format"], old["data"]["tasks"]
+    old["data"].update({k: task.pop(k) for k in ("src", "tgt", "max_tokens", "max_len")})
+    old["trainer"].update({k: task.pop(k) for k in ("label_smoothing", "label_smoothing_over")})
+    old["eval"] = {k: v for k, v in task.items() if k != "name"}
     atomic_save(state, newest)
     assert isinstance(moa_train.load_run(run_dir)[0], Seq2Seq)
     cfg = compose_cfg(
@@ -135,8 +141,8 @@ def check_saved_without_a_task(compose_cfg, copy_root, run_dir):
 
 
 def test_debug_tiny_makes_a_translation_experiment_a_smoke_run(cli, tmp_path):
-    """`experiment=multi30k/mha debug=tiny` composes and runs as given (no data.max_len to add),
-    decoding only the first eval.max_sentences valid/test sentences; the loss still covers the whole
+    """`experiment=multi30k/mha debug=tiny` composes and runs as given (no task.max_len to add),
+    decoding only the first task.max_sentences valid/test sentences; the loss still covers the whole
     split."""
     import json
 
@@ -176,7 +182,7 @@ def test_max_sentences_bounds_decoding_not_the_loss(compose_cfg, copy_root, tmp_
     original = task._decode
     task._decode = lambda data, *a: decoded.append(len(data)) or original(data, *a)
     bounded = task.evaluate(task.model, "val", "val", nullcontext)
-    cfg.eval.max_sentences = None
+    cfg.task.max_sentences = None
     full = task.evaluate(task.model, "val", "val", nullcontext)
     assert decoded == [16, 40]
     assert bounded["val/loss"] == full["val/loss"]  # the loss covers the whole split either way

@@ -21,7 +21,7 @@ def check_files(data_cfg) -> None:
     it."""
     if data_cfg.name == "random_tokens":
         return
-    if data_cfg.get("task") == "translation":
+    if "translation" in data_cfg.get("tasks", ()):
         from moa_train.data.translation import check_files as check_translation
 
         check_translation(data_cfg)

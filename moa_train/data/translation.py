@@ -12,7 +12,7 @@ set the data folder.
 One byte-level BPE is trained on the train text of both languages (ids 0..3 = <pad> <s> </s> <unk>).
 The tokenizer and the ids of every split are cached per language under
 `<cache_dir>/translation/<fingerprint>/`, so en->de and de->en share one cache and a second load
-neither retrains nor re-encodes. `data.max_len` is applied at load time, to the train split only:
+neither retrains nor re-encodes. `task.max_len` is applied at load time, to the train split only:
 val/test keep every line, since their raw target lines are the BLEU references. A model with
 `max_positions` positions gets val/test ids cut to max_positions - 1 tokens (a BOS or EOS makes
 max_positions), so that a long evaluation line cannot overflow the position table; only lines that
@@ -51,7 +51,7 @@ class Corpus:
     hub_splits: dict  # split -> hub split name
     # hub rows are {"translation": {lang: text}} (wmt14) rather than {lang: text} columns
     nested: bool
-    # language codes: the files' suffixes, the values of data.src and data.tgt
+    # language codes: the files' suffixes, the values of task.src and task.tgt
     langs: tuple = ("en", "de")
 
     @property
@@ -86,7 +86,7 @@ class ParallelSplit:
     tgt: list  # the same for targets
     src_text: list  # raw source lines (never cut)
     tgt_text: list  # raw target lines: the BLEU references (never cut)
-    # train only: pairs left out for an empty side or a side longer than data.max_len
+    # train only: pairs left out for an empty side or a side longer than task.max_len
     n_dropped: int = 0
     # val/test only: pairs with a side whose ids were cut to fit the model's positions
     n_truncated: int = 0
@@ -239,10 +239,10 @@ def encode_lines(tok, lines: list) -> tuple:
     return ids, offsets
 
 
-def _fingerprint(cfg, folder: Path, corpus: Corpus, vocab_size: int) -> str:
+def _fingerprint(name: str, pairs, folder: Path, corpus: Corpus, vocab_size: int) -> str:
     return content_key(
         _files(folder, corpus).values(),
-        f"{cfg.name}:{sorted((cfg.src, cfg.tgt))}:{vocab_size}:{CACHE_VERSION}",
+        f"{name}:{sorted((pairs.src, pairs.tgt))}:{vocab_size}:{CACHE_VERSION}",
     )
 
 
@@ -334,7 +334,7 @@ def _split(
     ]
     if not keep:
         raise DataError(
-            f"data.max_len: every training pair is empty or longer than {max_len} BPE tokens"
+            f"task.max_len: every training pair is empty or longer than {max_len} BPE tokens"
         )
     if len(keep) == len(s.src):
         return s
@@ -344,28 +344,31 @@ def _split(
     )
 
 
-def load_translation(cfg, max_positions: int | None = None) -> ParallelData:
-    """The data config's corpus as BPE sentence pairs in the direction data.src -> data.tgt."""
+def load_translation(cfg, max_positions: int | None = None, task=None) -> ParallelData:
+    """The data config's corpus as BPE sentence pairs in the direction task.src -> task.tgt, pairs
+    with a side longer than task.max_len dropped (`task`: the translation task's config; None: `cfg`
+    holds those keys too)."""
     corpus = _corpus(cfg)
-    for key, lang in (("data.src", cfg.src), ("data.tgt", cfg.tgt)):
+    pairs = cfg if task is None else task
+    for key, lang in (("task.src", pairs.src), ("task.tgt", pairs.tgt)):
         if lang not in corpus.langs:
             raise DataError(
                 f"{key}: {lang!r} is not a language of {cfg.name}; allowed: "
                 f"{', '.join(corpus.langs)}"
             )
-    if cfg.src == cfg.tgt:
-        raise DataError(f"data.src and data.tgt are both {cfg.src!r}; they must differ")
+    if pairs.src == pairs.tgt:
+        raise DataError(f"task.src and task.tgt are both {pairs.src!r}; they must differ")
     vocab_size = cfg.vocab_size or DEFAULT_VOCAB
     cache = expand(cfg.cache_dir)
     folder = locate(cfg, corpus, cache)
     texts = read_corpus(folder, corpus)
-    out = cache / "translation" / _fingerprint(cfg, folder, corpus, vocab_size)
+    out = cache / "translation" / _fingerprint(cfg.name, pairs, folder, corpus, vocab_size)
     meta, tok, ids = load_cached(
         out, lambda tmp: _build(texts, corpus, vocab_size, tmp), lambda entry: _load(entry, texts)
     )
     eval_len = None if max_positions is None else max_positions - 1
     splits = {
-        split: _split(ids, texts, split, cfg.src, cfg.tgt, cfg.max_len, eval_len)
+        split: _split(ids, texts, split, pairs.src, pairs.tgt, pairs.max_len, eval_len)
         for split in SPLITS
     }
     if splits["val"].n_truncated or splits["test"].n_truncated:
@@ -426,7 +429,7 @@ class TokenBatches:
         world: int = 1,
     ):
         if max_tokens <= 0:
-            raise DataError(f"data.max_tokens: must be positive, got {max_tokens}")
+            raise DataError(f"task.max_tokens: must be positive, got {max_tokens}")
         if len(split.src) == 0:
             raise DataError("TokenBatches: the split holds no sentence pairs")
         self.split, self.max_tokens, self.shuffle, self.device = (
@@ -527,7 +530,7 @@ class TokenBatches:
         if state["n_batches"] != len(self.batches):
             raise DataError(
                 f"data loader state holds {state['n_batches']} batches per epoch, this loader "
-                f"{len(self.batches)}: the data or data.max_tokens changed since the checkpoint"
+                f"{len(self.batches)}: the data or task.max_tokens changed since the checkpoint"
             )
         self.epoch, self.position = state["epoch"], state["position"]
         # .cpu(): a checkpoint loaded onto the GPU moved this ByteTensor too, and a CPU generator

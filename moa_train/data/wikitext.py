@@ -63,6 +63,14 @@ WIKITEXT2 = TextCorpus(
     ("Salesforce/wikitext", "wikitext-2-v1"),
     {"train": "train", "val": "validation", "test": "test"},
 )
+# the MoA paper's MLM corpus (issue 31): the same layout, about 50x WikiText-2's training text
+WIKITEXT103 = TextCorpus(
+    "wikitext103",
+    "wikitext-103",
+    {"train": "train.txt", "val": "valid.txt", "test": "test.txt"},
+    ("Salesforce/wikitext", "wikitext-103-v1"),
+    {"train": "train", "val": "validation", "test": "test"},
+)
 # data=text: a folder of the user's own (data.root), any tokenizer
 TEXT = TextCorpus(
     "text",
@@ -74,6 +82,8 @@ LM_CORPORA = {
     "wikitext2_char": WIKITEXT2,
     "wikitext2_word": WIKITEXT2,
     "wikitext2_bpe": WIKITEXT2,
+    "wikitext103_word": WIKITEXT103,
+    "wikitext103_bpe": WIKITEXT103,
     "text": TEXT,
 }
 SPLITS = ("train", "val", "test")

@@ -74,8 +74,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(m.d_model, bias=m.bias)
         self.mlp = MLP.from_config(m)
 
-    def forward(self, x: Tensor):
-        a, routing = self.attn(self.ln_1(x))
+    def forward(self, x: Tensor, mask: Tensor | None = None):
+        """`mask` (B, T; True = a real token): the keys attention may see (padding left out)."""
+        a, routing = self.attn(self.ln_1(x), mask=mask)
         x = x + a
         return x + self.mlp(self.ln_2(x)), routing
 

@@ -63,7 +63,7 @@ def decode_run(
                 kv_cache.DECODING_SDPA = plain + (
                     [kv_cache.SDPBackend.CUDNN_ATTENTION] if allow_cudnn else []
                 )
-                pair = time_both(task, data, cfg.eval.beam, precision, device, autocast, run)
+                pair = time_both(task, data, cfg.task.beam, precision, device, autocast, run)
                 rows += [{**row, "cudnn_attention": allow_cudnn} for row in pair]
         finally:
             kv_cache.DECODING_SDPA = plain
@@ -79,7 +79,7 @@ def time_both(task, data, beam: int, precision: str, device: str, autocast, run:
 
     hyps, rows = {}, []
     for cache in (False, True):
-        task.cfg.eval.kv_cache = cache
+        task.cfg.task.kv_cache = cache
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()

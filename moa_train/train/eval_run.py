@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 # locations on the evaluating machine: the current command's, whatever the run used
 LOCAL_KEYS = ("data.root", "data.cache_dir", "trainer.device", "logger")
 # how to evaluate: the run's own settings unless the command line overrides them
+# (and the task's own: Task.eval_keys, task.beam ...)
 EVAL_KEYS = (
-    "eval",
     "trainer.eval_iters",
     "trainer.eval_batch_size",
     "trainer.precision",
@@ -41,7 +41,6 @@ EVAL_KEYS = (
     "trainer.compile_mode",
     "trainer.sdpa_backend",
     "data.split",
-    "data.max_tokens",
 )
 # what makes the model and its data: fixed by the checkpoint; a group choice (model=gqa) is compared
 # by its name
@@ -69,13 +68,13 @@ def _override_keys(overrides: list) -> list:
     return [o.key_or_group for o in parsed]
 
 
-def _refuse_other_model(cfg, run_cfg: dict, keys: list) -> None:
+def _refuse_other_model(cfg, run_cfg: dict, keys: list, eval_keys: tuple = EVAL_KEYS) -> None:
     """ConfigError when a model or data override asks for another value than the run's. Bundles of
     settings (experiment=, debug=, mode=) are not compared: the run's own model is evaluated
     whatever they hold."""
     trained = dict(leaves(run_cfg))
     for key in keys:
-        if not _matches(key, FIXED_PREFIXES) or _matches(key, LOCAL_KEYS + EVAL_KEYS):
+        if not _matches(key, FIXED_PREFIXES) or _matches(key, LOCAL_KEYS + eval_keys):
             continue
         name = f"{key}.name" if key in FIXED_PREFIXES else key  # model=gqa sets model.name
         asked = OmegaConf.select(cfg, name)
@@ -90,18 +89,19 @@ def _refuse_other_model(cfg, run_cfg: dict, keys: list) -> None:
 def eval_config(cfg, run_cfg: dict, overrides: list | None = None):
     """The config to evaluate with: the run's (`run_cfg`, from its checkpoint), with the current
     command's locations and the evaluation settings that `overrides` set (None: none were given)."""
-    keys = _override_keys(overrides or [])
-    _refuse_other_model(cfg, run_cfg, keys)
-    from moa_train.train.tasks import saved_task
+    from moa_train.train.tasks import saved_config, task_class, task_config
 
+    run_cfg = saved_config(run_cfg)  # in the current layout, whenever it was saved
+    keys = _override_keys(overrides or [])
+    eval_keys = EVAL_KEYS + task_class(run_cfg["task"]["name"]).eval_keys
+    _refuse_other_model(cfg, run_cfg, keys, eval_keys)
     # the schema's types, its values
-    out = OmegaConf.merge(cfg, {k: v for k, v in run_cfg.items() if k != "model"})
-    # typed by the run's own variant, not the command line's
+    out = OmegaConf.merge(cfg, {k: v for k, v in run_cfg.items() if k not in ("model", "task")})
+    # typed by the run's own variant and task, not the command line's
     out.model = model_config(run_cfg["model"])
-    taken = list(LOCAL_KEYS) + [k for k in keys if _matches(k, EVAL_KEYS)]
+    out.task = task_config(run_cfg["task"])
+    taken = list(LOCAL_KEYS) + [k for k in keys if _matches(k, eval_keys)]
     with open_dict(out):
-        # a run saved before tasks were named: its data's task, not the default
-        out.data.task = saved_task(run_cfg)
         for key in taken:
             OmegaConf.update(out, key, OmegaConf.select(cfg, key), merge=False)
         out.trainer.eval_only = True

@@ -98,12 +98,19 @@ MOVABLE = ("data.root", "data.cache_dir")
 
 
 def check_fixed_settings(saved: dict, cfg) -> None:
-    """ConfigError naming the first key of FIXED_ON_RESUME whose value differs from the checkpoint's
-    (keys the checkpoint's config lacks, added since it was written, are taken as unchanged)."""
+    """ConfigError naming the first key of FIXED_ON_RESUME, task.name or the task's fixed keys whose
+    value differs from the checkpoint's (keys the checkpoint's config lacks, added since it was
+    written, are taken as unchanged; an older layout is upgraded first)."""
+    from moa_train.train.tasks import saved_config, task_class
+
     current = OmegaConf.to_container(cfg, resolve=True)
-    for group in FIXED_ON_RESUME:
+    saved = saved_config(saved) if saved.get("data") else saved
+    fixed = ("task.name", *task_class(cfg.task.name).fixed_keys)
+    for group in (*FIXED_ON_RESUME, "task"):
         old, new = dict(leaves(saved.get(group) or {}, group)), dict(leaves(current[group], group))
         for key, value in new.items():
+            if group == "task" and key not in fixed:
+                continue
             if key in old and key not in MOVABLE and old[key] != value:
                 raise ConfigError(
                     f"trainer.resume: {key} is {old[key]!r} in the checkpoint but {value!r} now; a "
@@ -192,13 +199,6 @@ def oom_error(cfg, size, device: torch.device) -> ConfigError:
         f"{size.text} over trainer.grad_accum={cfg.trainer.grad_accum} micro-batches does not fit; "
         f"lower {size.lower}, or raise trainer.grad_accum"
     )
-
-
-def headline(metrics: dict) -> str:
-    """The evaluation figures worth a log line, whichever the task reports: loss and bpc (LM), BLEU
-    and chrF."""
-    shown = ("loss", "bpc", "bleu", "chrf")
-    return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.partition("/")[2] in shown)
 
 
 class StepResult(NamedTuple):
@@ -518,7 +518,7 @@ class Trainer:
         is_best = self.checkpointer.is_best(val)
         self.early_stopping.update(val[self.checkpointer.metric], self.step)
         logger.log(self.step, {**val, f"{self.checkpointer.metric}_best": self.checkpointer.best})
-        log.info("step %d: %s", self.step, headline(val))
+        log.info("step %d: %s", self.step, self.task.headline_of(val))
         self.last_val = val
         return is_best
 
@@ -652,15 +652,15 @@ class Trainer:
             self.meter.restart()  # evaluation time is not step time
 
     def final_test(self) -> dict:
-        """The test evaluation at the end, on the average of the last `eval.average_last`
+        """The test evaluation at the end, on the average of the last `task.average_last`
         checkpoints if set."""
-        n = self.cfg.eval.average_last
+        n = self.cfg.task.average_last
         if not n:
             return self.evaluate("test", "test", final=True)
         paths = self.checkpointer.history()[-n:]
         if len(paths) < n:
             log.warning(
-                "eval.average_last=%d: this run has %d step checkpoints; %s",
+                "task.average_last=%d: this run has %d step checkpoints; %s",
                 n,
                 len(paths),
                 "averaging those" if paths else "testing the current weights",
@@ -756,7 +756,7 @@ class Trainer:
         logger = self.build_logger()
         logger.log(self.step, metrics)
         logger.close()
-        log.info("eval_only: %s", headline(metrics))
+        log.info("eval_only: %s", self.task.headline_of(metrics))
         return self.write_summary({**metrics, "checkpoint": str(Path(path).resolve())}, "eval.json")
 
     def write_summary(self, metrics: dict, name: str = "summary.json") -> dict:
@@ -779,6 +779,8 @@ class Trainer:
             "torch_version": torch.__version__,
             "git_sha": git_sha(),
             **self.task.summary(),
+            # the metrics a sweep's summary shows for this run: the task's
+            "summary_keys": list(self.task.summary_keys),
         }
         if self.dist.main:
             atomic_write_text(self.run_dir / name, json.dumps(summary, indent=1))
@@ -818,7 +820,7 @@ def run_trainer(cfg, run_dir: Path) -> dict:
     log.info(
         "%s: %s | wall %.1f s | run folder %s",
         done,
-        headline(summary) or "no evaluation yet",
+        trainer.task.headline_of(summary) or "no evaluation yet",
         time.perf_counter() - start,
         run_dir,
     )

@@ -94,7 +94,7 @@ class Checkpointer:
     """Checkpoints of a run folder: the one to resume from (`trainer.resume`); written every
     `trainer.save_interval` steps (null: at each validation), at the last step and when stopping;
     the best by the task's metric (lower is better) kept as best.pt; the last
-    `trainer.keep_checkpoints` step files kept, or `eval.average_last` if more, for the final test's
+    `trainer.keep_checkpoints` step files kept, or `task.average_last` if more, for the final test's
     average, and the newest sane one (guard.sane): the recovery point a divergence names. Each
     checkpoint records its health and that one."""
 
@@ -102,7 +102,7 @@ class Checkpointer:
         t = cfg.trainer
         self.folder, self.dist, self.metric = Path(run_dir) / "checkpoints", dist, metric
         self.interval = t.save_interval or t.eval_interval
-        self.keep = max(t.keep_checkpoints, cfg.eval.average_last or 0)
+        self.keep = max(t.keep_checkpoints, cfg.task.average_last or 0)
         self.best = math.inf
         self.val = None  # the latest validation's metric: part of the next checkpoint's health
         self.last = None  # the newest checkpoint written or resumed from

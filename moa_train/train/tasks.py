@@ -1,14 +1,17 @@
 """Tasks: what differs between language modelling and translation, behind one small interface that
 the trainer, `load_run`, `eval_only`, sweeps and reports use: the task's own config checks and step
 size, building the model for its data, drawing a training batch, the loss, evaluating a split (and
-its metric names), the metric that picks the best checkpoint, counting FLOPs. `TASKS` maps
-`task.name` (configs/task/, defaulting to `data.task`) to the class.
+its metric names), the metric that picks the best checkpoint, counting FLOPs. Each task declares
+its keys (`task.*`) in a config class beside it; `register_task` (the lines are in
+moa_train/train/task_registry.py; a plugin calls it too) maps `task.name` (configs/task/, defaulting
+to the data's) to both.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,17 +19,23 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from moa_train.config import (
+    TASK_CONFIGS,
     ConfigError,
     SizePart,
     StepSize,
+    TaskConfig,
     _check,
     _divisors,
+    _one_of,
+    _positive_or_null,
     check_cross,
     check_memory,
     cross_config,
     layer_params,
+    register_task_config,
 )
 from moa_train.config import validate as validate_common
+from moa_train.config_format import upgrade
 from moa_train.data.batches import RandomWindows
 from moa_train.data.wikitext import TOKENIZER_FILE, tokenizer_identity
 from moa_train.io import atomic_write
@@ -51,6 +60,14 @@ class Task:
     # the validation metric (lower is better) that picks best.pt; sweeps minimise it
     best_metric = "val/loss"
     metrics: tuple = ()  # the evaluation metrics that reports show, in their column order
+    # the metrics (after the split's "/") of the log line of an evaluation, in its order
+    headline: tuple = ("loss",)
+    # the summary.json keys a sweep's summary shows for a job
+    summary_keys: tuple = ("val/loss", "test/loss")
+    # the task.* keys that only say how to evaluate: an eval_only command may set them
+    eval_keys: tuple = ("task.average_last",)
+    # the task.* keys a resumed run keeps (what its data is), besides task.name
+    fixed_keys: tuple = ()
     # what the checkpoints record of the tokenizer the weights are trained with (sha256 of its
     # tokenizer.json and vocabulary size: wikitext.tokenizer_identity); None: no tokenizer file
     tokenizer_id: dict | None = None
@@ -84,9 +101,24 @@ class Task:
         """What the task adds to the run's summary.json, after everything else."""
         return {}
 
+    @classmethod
+    def headline_of(cls, metrics: dict) -> str:
+        """The log line of an evaluation's (or summary's) figures."""
+        return " | ".join(
+            f"{k} {v:.4f}"
+            for k, v in metrics.items()
+            if k.partition("/")[2] in cls.headline and isinstance(v, float)
+        )
+
     def save_tokenizer(self, run_dir: Path) -> None:
         """Write the tokenizer into the run folder, so the folder alone can be generated from
         (moa_train.api)."""
+
+
+@dataclass
+class LMConfig(TaskConfig):
+    """Language modelling: no keys of its own (its sizes are trainer.batch_size and
+    trainer.block_size)."""
 
 
 class LMTask(Task):
@@ -94,6 +126,11 @@ class LMTask(Task):
 
     cuda_graphs_ok = True  # fixed shapes
     metrics = ("val/loss", "val/bpc", "test/loss")
+    headline = ("loss", "bpc")
+    summary_keys = ("val/loss", "val/bpc", "test/loss")
+    # ids a task appends to the data's vocabulary (MLM's [MASK]); the tokenizer stays the data's
+    added_ids = 0
+    windows = RandomWindows  # the training sampler's class
 
     @staticmethod
     def check(cfg, world_size: int) -> None:
@@ -186,15 +223,16 @@ class LMTask(Task):
         if self.data.tokenizer_file is not None:  # read once: the cache entry may go mid-run
             raw = self.data.tokenizer_file.read_bytes()
             self.tokenizer_id = tokenizer_identity(raw, self.data.vocab_size)
-        vocab = cfg.model.vocab_size or self.data.vocab_size
-        if vocab < self.data.vocab_size:
+        ids = self.data.vocab_size + self.added_ids
+        vocab = cfg.model.vocab_size or ids
+        if vocab < ids:
             raise ConfigError(
-                f"model.vocab_size: {vocab} is smaller than the data's {self.data.vocab_size}; "
+                f"model.vocab_size: {vocab} is smaller than the data's {ids}; "
                 "use null (from the data) or a larger value"
             )
         self.model = self.build_model(cfg.model, vocab)
         t = cfg.trainer
-        self.batches = RandomWindows(
+        self.batches = self.windows(
             self.data.splits["train"].tokens,
             t.batch_size // t.grad_accum,
             t.block_size,
@@ -268,23 +306,72 @@ def smoothed_nll(logits, target, pad_id: int, eps: float, over: str = "all"):
 MAX_BEAM = 64
 
 
+@dataclass
+class TranslationConfig(TaskConfig):
+    """Translation: the direction, the step size, label smoothing, and decoding and scoring
+    (sacreBLEU and chrF on detokenised text)."""
+
+    src: str = "en"  # source language (file suffix)
+    tgt: str = "de"  # target language
+    max_tokens: int = 4096  # tokens (source + target, padding included) per optimizer step, global
+    max_len: int = 256  # training pairs with a longer side (in BPE tokens) are dropped
+    # label-smoothed cross-entropy (MoA / Transformer: 0.1)
+    label_smoothing: float = 0.0
+    # where the smoothing mass eps goes: all (PyTorch: eps / V on every class, the target included)
+    # | others (fairseq: eps / (V - 1) on every other class, the target keeps 1 - eps)
+    label_smoothing_over: str = "all"
+    beam: int = 4  # beam size for the final test evaluation (MoA: 4)
+    lenpen: float = 0.6  # length penalty: score / len**lenpen (MoA: 0.6)
+    val_beam: int = 1  # beam during training's validation; 1 = greedy
+    max_len_a: float = 1.2  # output length limit: a * source length + b
+    max_len_b: int = 10
+    # decode (and score BLEU / chrF on) only the first N sentences of valid and test; null = all.
+    # The loss is always over the whole split. For smoke runs: decoding dominates a short
+    # translation run on a CPU
+    max_sentences: int | None = None
+    # decode through the decoder's KV cache, the source's cross-attention K/V computed once (the
+    # same hypotheses); false: recompute the whole prefix at every step. A variant without the
+    # inference contract always recomputes
+    kv_cache: bool = True
+
+
 class TranslationTask(Task):
     """Encoder-decoder on sentence pairs: batches by tokens, label-smoothed cross-entropy, BLEU by
     search."""
 
     cuda_graphs_ok = False  # batch shapes vary
     metrics = ("val/loss", "test/loss", "val/bleu", "test/bleu")
+    headline = ("loss", "bleu", "chrf")
+    summary_keys = ("val/loss", "val/bleu", "test/loss", "test/bleu")
+    fixed_keys = ("task.src", "task.tgt", "task.max_len", "task.max_tokens")
+    eval_keys = (
+        "task.average_last",
+        "task.beam",
+        "task.lenpen",
+        "task.val_beam",
+        "task.max_len_a",
+        "task.max_len_b",
+        "task.max_sentences",
+        "task.kv_cache",
+    )
 
     @staticmethod
     def check(cfg, world_size: int) -> None:
-        m, d, e = cfg.model, cfg.data, cfg.eval
+        m, e = cfg.model, cfg.task
         _check(
-            d.max_tokens > 0, "data.max_tokens", f"must be a positive integer, got {d.max_tokens}"
+            e.max_tokens > 0, "task.max_tokens", f"must be a positive integer, got {e.max_tokens}"
         )
         _check(
-            1 <= d.max_len < m.max_seq_len,
-            "data.max_len",
-            f"{d.max_len} does not leave room for BOS/EOS in model.max_seq_len={m.max_seq_len}; "
+            0.0 <= e.label_smoothing < 1.0,
+            "task.label_smoothing",
+            f"must be in [0, 1), got {e.label_smoothing}",
+        )
+        _one_of(e.label_smoothing_over, "task.label_smoothing_over", ("all", "others"))
+        _positive_or_null(e.max_sentences, "task.max_sentences")
+        _check(
+            1 <= e.max_len < m.max_seq_len,
+            "task.max_len",
+            f"{e.max_len} does not leave room for BOS/EOS in model.max_seq_len={m.max_seq_len}; "
             f"valid: 1..{m.max_seq_len - 1}",
         )
         check_cross(m, cfg)
@@ -305,28 +392,28 @@ class TranslationTask(Task):
         )
         for key in ("beam", "val_beam"):
             _check(
-                1 <= e[key] <= MAX_BEAM, f"eval.{key}", f"must be in 1..{MAX_BEAM}, got {e[key]}"
+                1 <= e[key] <= MAX_BEAM, f"task.{key}", f"must be in 1..{MAX_BEAM}, got {e[key]}"
             )
         _check(
             math.isfinite(e.lenpen),
-            "eval.lenpen",
+            "task.lenpen",
             f"must be a finite number (MoA: 0.6), got {e.lenpen}",
         )
         _check(
             math.isfinite(e.max_len_a) and e.max_len_a >= 0,
-            "eval.max_len_a",
+            "task.max_len_a",
             f"must be a finite number >= 0 (MoA: 1.2), got {e.max_len_a}",
         )
-        _check(e.max_len_b >= 0, "eval.max_len_b", f"must be >= 0 (MoA: 10), got {e.max_len_b}")
+        _check(e.max_len_b >= 0, "task.max_len_b", f"must be >= 0 (MoA: 10), got {e.max_len_b}")
 
     @staticmethod
     def step_size(cfg) -> StepSize:
         m = cfg.model
         return StepSize(
-            "data.max_tokens",
-            f"data.max_tokens={cfg.data.max_tokens}",
-            "data.max_tokens",
-            cfg.data.max_tokens,
+            "task.max_tokens",
+            f"task.max_tokens={cfg.task.max_tokens}",
+            "task.max_tokens",
+            cfg.task.max_tokens,
             m.n_layer + (m.n_encoder_layer or m.n_layer),
         )
 
@@ -352,12 +439,12 @@ class TranslationTask(Task):
 
         self.cfg, self.device, self.dist = cfg, device, dist
         self.aux_cfg = OmegaConf.to_object(cfg.model.aux)
-        self.label_smoothing = float(cfg.trainer.label_smoothing)
+        self.label_smoothing = float(cfg.task.label_smoothing)
         # long val/test lines cut to fit
-        self.data = load_translation(cfg.data, cfg.model.max_seq_len)
+        self.data = load_translation(cfg.data, cfg.model.max_seq_len, cfg.task)
         self.model = self.build_model(cfg.model, self.data.vocab_size, self.data.pad_id)
         d = self.data
-        per_micro = cfg.data.max_tokens // cfg.trainer.grad_accum
+        per_micro = cfg.task.max_tokens // cfg.trainer.grad_accum
         self.batches = TokenBatches(
             d.splits["train"],
             per_micro,
@@ -395,7 +482,7 @@ class TranslationTask(Task):
                 target.flatten(),
                 self.data.pad_id,
                 self.label_smoothing,
-                self.cfg.trainer.label_smoothing_over,
+                self.cfg.task.label_smoothing_over,
             )
             / n
         )
@@ -408,12 +495,12 @@ class TranslationTask(Task):
     ) -> dict:
         """NLL per target token over the split, and BLEU / chrF of the decoded split (beam search at
         the end of training, greedy or the configured val beam during it; the first
-        eval.max_sentences sentences where set). Under data parallelism each rank takes its share of
+        task.max_sentences sentences where set). Under data parallelism each rank takes its share of
         the batches; sums and hypotheses are gathered. A signal in `stop` (the trainer's
         StopSignals) ends it before the next batch (EvaluationStopped)."""
         from moa_train.metrics.bleu import corpus_scores, tokenized_bleu
 
-        e, model = self.cfg.eval, self.model
+        e, model = self.cfg.task, self.model
         was_training = model.training
         model.eval()
         data = self.data.splits[split]
@@ -434,7 +521,7 @@ class TranslationTask(Task):
         if n < len(data):
             out[f"{prefix}/bleu_sentences"] = n
             log.info(
-                "%s: BLEU and chrF on the first %d of %d sentences (eval.max_sentences)",
+                "%s: BLEU and chrF on the first %d of %d sentences (task.max_sentences)",
                 prefix,
                 n,
                 len(data),
@@ -454,7 +541,7 @@ class TranslationTask(Task):
         d = self.data
         batches = TokenBatches(
             data,
-            self.cfg.data.max_tokens,
+            self.cfg.task.max_tokens,
             d.pad_id,
             d.bos_id,
             d.eos_id,
@@ -493,7 +580,7 @@ class TranslationTask(Task):
         """Detokenised hypotheses of every sentence of `data`, in order (every rank's gathered)."""
         from moa_train.models.search import beam_search, greedy_search, max_output_len
 
-        d, e, model = self.data, self.cfg.eval, self.model
+        d, e, model = self.data, self.cfg.task, self.model
         hyps = {}  # sentence index -> detokenised hypothesis
         for batch in self._my_batches(data, f"eval {desc}", stop):
             src_mask = batch["src"] != d.pad_id
@@ -549,9 +636,6 @@ def first_pairs(split, n: int):
     )
 
 
-TASKS = {"lm": LMTask, "translation": TranslationTask}
-
-
 def layers_part(m, n: int, kind: str = "", cross: bool = False) -> SizePart:
     """`n` blocks of model config `m` (decoder blocks with `cross`); `kind` names them in the
     message."""
@@ -572,7 +656,40 @@ def positions_part(m, learned: bool = True, table: bool = True) -> SizePart:
     return SizePart("model.max_seq_len", text, n if learned else 0, 0 if learned else n)
 
 
+TASKS: dict = {}  # task name -> its class; filled by register_task
+
+
+def register_task(name: str, task: type, config: type, yaml: str | Path | None = None) -> None:
+    """Add task `name`: its class (a Task) and its config class (a TaskConfig subclass, the schema
+    of configs/task/<name>.yaml, which lists `_schema_<name>` first in its defaults). `yaml`: a
+    task YAML from outside configs/task/ (a plugin's)."""
+    if not (isinstance(task, type) and issubclass(task, Task)):
+        raise TypeError(f"register_task({name!r}): {task!r} is not a Task subclass")
+    if not (isinstance(config, type) and issubclass(config, TaskConfig)):
+        raise TypeError(f"register_task({name!r}): {config!r} is not a TaskConfig subclass")
+    TASKS[name] = task
+    register_task_config(name, config, yaml)
+
+
+def task_config(node):
+    """`node` (a task config: a dict or DictConfig holding `name`) typed by its task's config
+    class; a key of another task is refused naming its owner."""
+    from omegaconf.errors import ConfigKeyError
+
+    from moa_train.config import foreign_task_key
+
+    data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    task_class(data.get("name"))  # a task that exists
+    config = TASK_CONFIGS[data["name"]]
+    try:
+        return OmegaConf.merge(OmegaConf.structured(config), data)
+    except ConfigKeyError as exc:
+        raise ConfigError(foreign_task_key(f"task.{exc.key}", config)) from None
+
+
 def task_class(name: str) -> type:
+    import moa_train.train.task_registry  # noqa: F401  (the package's tasks)
+
     if name not in TASKS:
         raise ConfigError(f"task: got {name!r}; allowed: {', '.join(TASKS)}")
     return TASKS[name]
@@ -592,20 +709,31 @@ def validate(cfg, world_size: int = 1) -> None:
     check_memory(cfg, task.model_size(cfg), task.step_size(cfg), world_size, task.eval_size(cfg))
 
 
-def saved_task(config: dict) -> str:
-    """The task of a run's saved config. Configs written before tasks were named hold neither
-    task.name nor data.task: their data config's task as shipped in configs/data/ (lm where that
-    file is gone)."""
+def default_task(data_name: str) -> str:
+    """The default task of a data set as shipped in configs/data/ (its `tasks` list first; lm where
+    that file is gone or names none)."""
     from moa_train.paths import config_dir
 
-    name = (config.get("task") or {}).get("name") or config["data"].get("task")
-    if name:
-        return name
-    shipped = config_dir() / "data" / f"{config['data']['name']}.yaml"
-    return OmegaConf.load(shipped).get("task", "lm") if shipped.is_file() else "lm"
+    shipped = config_dir() / "data" / f"{data_name}.yaml"
+    if not shipped.is_file():
+        return "lm"
+    node = OmegaConf.load(shipped)
+    return (node.get("tasks") or [node.get("task", "lm")])[0]
+
+
+def saved_config(config: dict) -> dict:
+    """A run's saved config (a plain dict) in the current layout (moa_train/config_format.py)."""
+    return upgrade(config, default_task)
+
+
+def saved_task(config: dict) -> str:
+    """The task of a run's saved config, of any layout (configs written before tasks were named
+    take their data's default task as shipped in configs/data/)."""
+    return saved_config(config)["task"]["name"]
 
 
 def report_metrics() -> tuple:
     """Every task's evaluation metrics, in the order of their first appearance (report and sweep
     columns)."""
+    task_class("lm")  # the package's tasks registered
     return tuple(dict.fromkeys(m for task in TASKS.values() for m in task.metrics))

@@ -1,0 +1,76 @@
+"""The layout of saved configs, versioned: a run's config (its checkpoints' and .hydra/config.yaml)
+records `config_format`, and `upgrade` brings an older one to the current layout through the steps
+of `STEPS`, one per version, so the rest of the code reads one layout only. A change of layout is
+one new step here and CONFIG_FORMAT + 1.
+"""
+
+from __future__ import annotations
+
+import copy
+
+CONFIG_FORMAT = 2
+
+# format 1 -> 2: translation's keys moved under task.* (its own config, TranslationConfig); every
+# CLI path that moved, old -> new (docs/tasks.md lists them; cli.describe names the new path)
+MOVED = {
+    "data.src": "task.src",
+    "data.tgt": "task.tgt",
+    "data.max_tokens": "task.max_tokens",
+    "data.max_len": "task.max_len",
+    "trainer.label_smoothing": "task.label_smoothing",
+    "trainer.label_smoothing_over": "task.label_smoothing_over",
+    "eval.beam": "task.beam",
+    "eval.lenpen": "task.lenpen",
+    "eval.val_beam": "task.val_beam",
+    "eval.max_len_a": "task.max_len_a",
+    "eval.max_len_b": "task.max_len_b",
+    "eval.max_sentences": "task.max_sentences",
+    "eval.kv_cache": "task.kv_cache",
+    "eval.average_last": "task.average_last",
+}
+# moved keys that every task has (the others are translation's)
+COMMON_MOVED = {"eval.average_last"}
+
+
+def _pop(config: dict, key: str):
+    node, _, leaf = key.rpartition(".")
+    parent = config.get(node)
+    return parent.pop(leaf, None) if isinstance(parent, dict) else None
+
+
+def _v1(config: dict, default_task) -> dict:
+    """Format 1 (no config_format key): translation's keys in data, trainer and eval; the task in
+    data.task (or nowhere: configs written before tasks were named take their data's default, from
+    `default_task(data name)`). Keys a task does not own are dropped (they were unused)."""
+    data = config.setdefault("data", {})
+    task = (config.get("task") or {}).get("name") or data.get("task") or default_task(data["name"])
+    moved = {new: _pop(config, old) for old, new in MOVED.items()}
+    keep = {k for k, v in moved.items() if v is not None}
+    if task != "translation":
+        keep &= {MOVED[k] for k in COMMON_MOVED}
+    config["task"] = {"name": task, **{k.partition(".")[2]: moved[k] for k in sorted(keep)}}
+    data.pop("task", None)
+    data["tasks"] = [task]
+    if not config.get("eval", True):
+        config.pop("eval")
+    return config
+
+
+STEPS = {1: _v1}  # format N -> N + 1
+
+
+def upgrade(config: dict, default_task=lambda data_name: "lm") -> dict:
+    """A copy of saved config `config` (a plain dict) in the current layout. `default_task`: the
+    default task of a data set by name, for configs that predate named tasks."""
+    config = copy.deepcopy(config)
+    version = config.get("config_format", 1)
+    if version > CONFIG_FORMAT:
+        raise ValueError(
+            f"config_format {version} is newer than this moa_train reads ({CONFIG_FORMAT}); "
+            "update moa_train"
+        )
+    while version < CONFIG_FORMAT:
+        config = STEPS[version](config, default_task)
+        version += 1
+    config["config_format"] = CONFIG_FORMAT
+    return config
