@@ -19,7 +19,7 @@ from conftest import read_jsonl
 
 # (overrides on top of debug=tiny, words the error line holds)
 OVERRIDES = {
-    "unknown model": ("model=foo", ["model=foo: no such config", "mha, moa"]),
+    "unknown model": ("model=foo", ["model=foo: no such config", "allowed: gqa, mae, mha, "]),
     "unknown data": ("data=wikitext3", ["data=wikitext3: no such config", "wikitext2_char"]),
     "unknown key": ("model.foo=1", ["model.foo"]),
     "misspelt key": ("trainer.max_stepz=5", ["trainer.max_stepz"]),
@@ -37,7 +37,12 @@ OVERRIDES = {
     ),
     "key of another variant": (
         "model=mha model.n_experts=16",
-        ["model.n_experts: belongs to moa (and its presets moa_dense, moa_sparse), not mha"],
+        [
+            (
+                "model.n_experts: belongs to moa (and its presets moa_dense, moa_sparse), "
+                "switchhead, not mha"
+            )
+        ],
     ),
     "zero kv heads": ("model=mha model.n_kv_heads=0", ["model.n_kv_heads", "valid: 1, 2"]),
     "negative moa kv groups": (
@@ -194,7 +199,10 @@ OVERRIDES = {
         "model.d_model=1000000",
         ["model.d_model", "weights and optimizer state"],
     ),
-    "multirun: unknown model": ("-m model=mha,foo", ["model=foo: no such config", "mha, moa"]),
+    "multirun: unknown model": (
+        "-m model=mha,foo",
+        ["model=foo: no such config", "allowed: gqa, mae, mha, "],
+    ),
     "multirun: bad value in a sweep": (
         "-m trainer.max_steps=1,-1",
         ["trainer.max_steps", "positive"],

@@ -17,7 +17,9 @@ from moa_train.train.checkpoint import find_checkpoint, load_checkpoint
 from moa_train.train.evaluate import evaluate
 
 MODELS = list(VARIANTS)  # every registered attention variant
-ROUTED = {"moas_dynamic", "moa", "moas_kv"}
+# routed variants -> choices per routing site at TINY's 4 heads (moa: experts; moas: schemes; mae:
+# experts = heads; moh: the 3 routed heads beside its shared one)
+ROUTED = {"moas_dynamic": 3, "moa": 4, "moas_kv": 3, "mae": 4, "moh": 3}
 ROPE_PRESETS = {"mla", "switchhead"}  # rotary positions: no wpe table
 # d_model 32: four 8-wide heads, so GQA (2 K/V heads) differs from MHA and MQA
 TINY = ("model.n_head=4",)
@@ -77,7 +79,7 @@ def test_short_run_loss_falls(train_run, tmp_path, model):
             for site in ("layer0", "layer1"):
                 assert f"routing/entropy/{site}" in r
                 util = [v for k, v in r.items() if k.startswith(f"routing/util/{site}/")]
-                assert len(util) == (4 if model == "moa" else 3)
+                assert len(util) == ROUTED[model]
                 assert sum(util) == pytest.approx(1.0, abs=1e-5)
     else:
         assert not routed_keys

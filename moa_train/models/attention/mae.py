@@ -37,7 +37,7 @@ from moa_train.models.attention.mha import (
     sdpa,
 )
 from moa_train.models.kv_cache import DecodeState, StaticKV
-from moa_train.models.roles import ROUTER
+from moa_train.models.roles import NO_DECAY, ROUTER
 from moa_train.models.rope import Rotary, rotate_qk
 from moa_train.models.routing import Routing
 
@@ -90,6 +90,8 @@ class MixtureOfAttentiveExperts(MultiHeadAttention):
         **MultiHeadAttention.PARAM_ROLES,
         "gate_in": ROUTER,
         "gate_out": ROUTER,
+        "gate_in.bias": NO_DECAY,
+        "gate_out.bias": NO_DECAY,
     }
 
     def __init__(self, d_model: int, n_head: int, gate_hidden: int, **mha):
