@@ -208,7 +208,7 @@ def translation_loss(model, batch, aux: AuxConfig):
     task.data = types.SimpleNamespace(pad_id=PAD)
     task.dist = types.SimpleNamespace(world=1)
     task.label_smoothing, task.aux_cfg = 0.0, aux
-    task.cfg = OmegaConf.create({"trainer": {"label_smoothing_over": "all"}})
+    task.cfg = OmegaConf.create({"task": {"label_smoothing_over": "all"}})
     return task.loss(model, batch, True)
 
 
@@ -299,7 +299,12 @@ def test_faithful_experiments_select_every_faithful_behaviour(compose_cfg, exper
         "fairseq",
     )
     assert (m.aux.z_tokens, m.aux.cv_of, m.aux.divide_by_tokens) == ("all", "gates", True)
-    assert (t.label_smoothing, t.label_smoothing_over, t.grad_clip, cfg.optim.eps) == (
+    assert (
+        cfg.task.label_smoothing,
+        cfg.task.label_smoothing_over,
+        t.grad_clip,
+        cfg.optim.eps,
+    ) == (
         0.1,
         "others",
         None,
