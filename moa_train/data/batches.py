@@ -49,7 +49,8 @@ class RandomWindows:
         last_start: bool = False,
     ):
         """`last_start`: the draws may start at the last offset len - block_size - 1 (nanoGPT's
-        get_batch); false: one offset fewer (the draws of runs before trainer.sample_last_window)."""
+        get_batch); false: one offset fewer (the draws of runs before
+        trainer.sample_last_window)."""
         if len(tokens) <= block_size + 1:
             raise DataError(
                 f"trainer.block_size: {block_size} needs a split of more than {block_size + 1} "
