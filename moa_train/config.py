@@ -73,6 +73,9 @@ class ModelConfig:
     activation: str = "gelu"  # MLP activation: gelu (GPT-2) | relu (the Transformer, fairseq)
     # dropout after the MLP activation (fairseq's activation dropout)
     activation_dropout: float = 0.0
+    # the decoder's MLP activation dropout (encoder-decoder); null = model.activation_dropout. The
+    # MoA code's decoder layer applies --activation-dropout (run.sh: 0.1), its encoder --dropout
+    decoder_activation_dropout: float | None = None
     bias: bool = False  # bias in Linear and LayerNorm
     mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * d_model
     # encoder-decoder (translation data)
@@ -90,6 +93,11 @@ class ModelConfig:
     # PyTorch's default); the LM: GPT-2's
     init: str = "standard"
     share_embeddings: bool = True  # one embedding for source, target and output (joint vocabulary)
+    # encoder-decoder padding: kept (pad positions carry their embeddings and attend like real
+    # tokens; nothing real ever reads them) | zeroed (fairseq and the MoA code: a pad position's
+    # input is zero and its attention output is zero, as the MoA layer routes no expert for a pad
+    # query), which decides what pads give model.aux.z_tokens=all
+    pad_positions: str = "kept"
     # decoder cross-attention: `name` (null = the model's own variant with its keys, or the
     # variant's cross_default) plus that variant's own keys (+model.cross.n_experts=4); the model's
     # common keys apply to it too
@@ -118,11 +126,12 @@ class ModelConfig:
             "must be finite and give an MLP of at least 1 unit (mlp_ratio * model.d_model >= 1), "
             f"got {m.mlp_ratio}",
         )
-        for key in ("dropout", "activation_dropout", "attn_dropout"):
-            if m[key] is not None:  # (attn_dropout: null = model.dropout)
+        for key in ("dropout", "activation_dropout", "decoder_activation_dropout", "attn_dropout"):
+            if m[key] is not None:  # (null: another key's value)
                 _check(0.0 <= m[key] < 1.0, f"model.{key}", f"must be in [0, 1), got {m[key]}")
         _one_of(m.activation, "model.activation", ("gelu", "relu"))
         _one_of(m.init, "model.init", ("standard", "fairseq"))
+        _one_of(m.pad_positions, "model.pad_positions", ("kept", "zeroed"))
         _one_of(m.aux.z_tokens, "model.aux.z_tokens", ("real", "all"))
         _one_of(m.aux.cv_of, "model.aux.cv_of", ("probs", "gates"))
         for key in ("balance_coef", "z_coef", "cv_coef", "kv_budget_coef"):
@@ -414,6 +423,13 @@ class TrainerConfig:
     batch_size: int = 12
     block_size: int = 256  # tokens per sequence (<= model.max_seq_len)
     grad_accum: int = 1  # micro-batches per step (batch_size must divide by it)
+    # how the micro-batches' losses make the step's: mean (each micro-batch's per-token loss
+    # weighted equally) | tokens (fairseq: the summed losses over the step's target tokens, so each
+    # micro-batch weighs by its tokens; equal for equal micro-batches)
+    grad_accum_norm: str = "mean"
+    # random training windows may start at the last offset, len - block_size - 1 (nanoGPT's and
+    # the MoAS code's get_batch); false: one offset fewer, the draws of the runs before this key
+    sample_last_window: bool = False
     grad_clip: float | None = None  # max grad norm; null = no clipping
     eval_interval: int = 50
     eval_iters: int | None = 20  # random eval batches; null = a full pass over the split
@@ -742,6 +758,7 @@ def validate(cfg) -> None:
     ):
         _check(t[key] > 0, f"trainer.{key}", f"must be a positive integer, got {t[key]}")
     _one_of(t.strategy, "trainer.strategy", ("ddp", "fsdp"))
+    _one_of(t.grad_accum_norm, "trainer.grad_accum_norm", ("mean", "tokens"))
     _check(
         t.ddp_bucket_mb > 0,
         "trainer.ddp_bucket_mb",

@@ -7,6 +7,7 @@ of the top-k gates."""
 import math
 import types
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -310,9 +311,258 @@ def test_faithful_experiments_select_every_faithful_behaviour(compose_cfg, exper
         None,
         1e-9,
     )
+    assert (m.pad_positions, t.grad_accum_norm) == ("zeroed", "tokens")
+    e = cfg.task
+    assert (e.batch_format, e.max_len_a, e.max_len_b, e.min_len, e.force_eos) == (
+        "fairseq",
+        0.0,
+        200,
+        1,
+        True,
+    )
     if m.name == "moa":
         assert (
             m.proj_bias is False and m.aux.balance_type == "switch" and m.aux.layer_reduce == "sum"
         )
         assert (m.dropout, m.attn_dropout, m.activation_dropout) == (0.2, 0.2, 0.2)
+    if "mha_base" not in experiment:  # run.sh's --activation-dropout, the decoder's FFN
+        assert m.decoder_activation_dropout == 0.1
     validate_task(cfg)
+
+
+# --- issue 32: decoder activation dropout, padding, accumulation, batches, decoding -------------
+
+
+def zero_share_after_activation(mlp, x: torch.Tensor) -> float:
+    """Share of the positive ReLU outputs that the activation dropout zeroes (train mode)."""
+    seen = {}
+    handle = mlp.c_proj.register_forward_pre_hook(lambda mod, args: seen.update(h=args[0]))
+    positive = mlp.c_fc(x) > 0
+    mlp(x)
+    handle.remove()
+    return (seen["h"][positive] == 0).float().mean().item()
+
+
+def test_decoder_ffn_takes_its_own_activation_dropout(compose_cfg):
+    """The released decoder layer drops out with --activation-dropout (0.1) after the ReLU, its
+    encoder layer with --dropout (0.2): the zero shares after the activation are 0.1 and 0.2 (about
+    100k positive units each: a binomial standard deviation of 0.001)."""
+    model = seq2seq(
+        "mha",
+        d_model=64,
+        activation="relu",
+        activation_dropout=0.2,
+        decoder_activation_dropout=0.1,
+    ).train()
+    x = torch.randn(8, 100, 64, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(3)
+    assert zero_share_after_activation(model.decoder[0].mlp, x) == pytest.approx(0.1, abs=0.006)
+    assert zero_share_after_activation(model.encoder[0].mlp, x) == pytest.approx(0.2, abs=0.006)
+    # null: the encoder's value in both stacks
+    same = seq2seq("mha", d_model=64, activation="relu", activation_dropout=0.2).train()
+    assert zero_share_after_activation(same.decoder[0].mlp, x) == pytest.approx(0.2, abs=0.006)
+
+
+def padded_moa(pad_positions: str) -> Seq2Seq:
+    """Post-LN MoA with biases (fairseq's layout), two layers a side, routers away from zero."""
+    model = seq2seq(
+        "moa",
+        n_experts=4,
+        top_k=2,
+        n_layer=2,
+        n_encoder_layer=2,
+        norm_first=False,
+        bias=True,
+        proj_bias=False,
+        activation="relu",
+        pad_positions=pad_positions,
+    )
+    torch.manual_seed(4)
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):  # LayerNorms away from (1, 0)
+            torch.nn.init.normal_(module.weight, 1.0, 0.3)
+            torch.nn.init.normal_(module.bias, 0.0, 0.3)
+        if hasattr(module, "router"):
+            torch.nn.init.normal_(module.router.weight, std=0.5)
+    return model.eval()
+
+
+def test_pads_route_as_the_reference_on_a_padded_batch():
+    """fairseq zeroes a pad position's input and the MoA layer routes no expert for a pad query (its
+    attention output is zero), so a pad's router logits do not depend on the sentence: zero in the
+    first layer (logsumexp = log E), in the second the router of LN2(b1 + FFN(b1)) with b1 = LN1's
+    bias (post-LN of a zero sum). The z-loss over every token (z_tokens=all) then holds the real
+    tokens' terms unchanged plus those. With pads kept, their logits follow the sentence."""
+    src = torch.tensor([[5, 6, 7, 8, 9], [11, 12, PAD, PAD, PAD]])
+    tgt = torch.tensor([[5, 6, 7, 8], [13, 14, 15, PAD]])
+    aux = AuxConfig(balance_type="switch", z_coef=0.001, layer_reduce="sum", z_tokens="all")
+    zeroed, kept = padded_moa("zeroed"), padded_moa("kept")
+    _, r_zeroed = zeroed(src, tgt)
+    _, r_kept = kept(src, tgt)
+    pads = ~r_zeroed[0].mask
+    layer0, layer1 = zeroed.encoder[0], zeroed.encoder[1]
+    # layer 0: zero input, zero logits
+    assert not r_zeroed[0].logits[pads].any()
+    b1 = layer0.sub_attn.norm.bias
+    h = layer0.sub_mlp.norm(b1 + layer0.mlp(b1))
+    want = layer1.self_attn.router(h)
+    assert torch.allclose(r_zeroed[1].logits[pads], want.expand(int(pads.sum()), -1), atol=1e-5)
+    # the decoder's pads too: zero at its first self-attention, then its cross-attention's router
+    # of that sublayer's LN bias
+    dec_pads, dec0 = ~r_zeroed[2].mask, zeroed.decoder[0]
+    assert not r_zeroed[2].logits[dec_pads].any()
+    want = dec0.cross_attn.router(dec0.sub_self.norm.bias)
+    assert torch.allclose(r_zeroed[3].logits[dec_pads], want[None], atol=1e-5)
+    # real tokens: the same logits either way
+    for a, b in zip(r_zeroed, r_kept, strict=True):
+        assert torch.allclose(a.logits[a.mask], b.logits[b.mask], atol=1e-5)
+    assert not torch.allclose(r_kept[1].logits[pads], want.expand(int(pads.sum()), -1), atol=1e-3)
+    # the z term: over every token, pads with the reference's logits
+    z = aux_losses(r_zeroed, aux)["z"]
+    enc = [torch.logsumexp(r.logits, -1).pow(2).mean() for r in r_zeroed]
+    assert z.item() == pytest.approx(sum(enc).item(), rel=1e-6)
+    assert enc[0].item() == pytest.approx(
+        (torch.logsumexp(r_kept[0].logits[~pads], -1).pow(2).sum() + 3 * math.log(4) ** 2).item()
+        / 10,
+        rel=1e-5,
+    )
+
+
+def test_grad_accum_norm_tokens_gives_one_big_batch_gradient():
+    """fairseq sums the update's losses and divides by its target tokens: two micro-batches of 3
+    and 12 target tokens give the gradient of one batch holding both (grad_accum_norm=tokens);
+    the default mean of the two per-token means does not."""
+    from moa_train.train.loop import Trainer
+
+    model = seq2seq("mha", dropout=0.0)
+    g = torch.Generator().manual_seed(5)
+
+    def batch(rows, length):
+        tgt = torch.randint(3, V, (rows, length), generator=g)
+        return {
+            "src": torch.randint(3, V, (rows, 5), generator=g),
+            "tgt_in": tgt,
+            "tgt_out": tgt,
+            "n_tokens": rows * length,
+        }
+
+    small, large = batch(1, 3), batch(3, 4)
+    aux = AuxConfig()
+
+    def step_grads(norm: str, batches: list) -> torch.Tensor:
+        model.zero_grad()
+        task = types.SimpleNamespace(n_tokens=lambda b: b["n_tokens"])
+        stub = types.SimpleNamespace(
+            cfg=OmegaConf.create({"trainer": {"grad_accum_norm": norm, "grad_clip": None}}),
+            task=task,
+            train_model=model,
+            model=model,
+            phases=None,
+            forward_loss=lambda b, log: translation_loss(model, b, aux),
+            grad_norm=lambda params: torch.tensor(0.0),
+            guard=types.SimpleNamespace(step=lambda *args: torch.tensor(False)),
+        )
+        Trainer.step_body(stub, batches, False)
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    # one batch: the small one padded to the large one's length
+    pad = torch.full((1, 1), PAD)
+    both = {
+        "src": torch.cat([small["src"], large["src"]]),
+        "tgt_in": torch.cat([torch.cat([small["tgt_in"], pad], 1), large["tgt_in"]]),
+        "tgt_out": torch.cat([torch.cat([small["tgt_out"], pad], 1), large["tgt_out"]]),
+        "n_tokens": 15,
+    }
+    whole = step_grads("mean", [both])
+    tokens = step_grads("tokens", [small, large])
+    mean = step_grads("mean", [small, large])
+    assert torch.allclose(tokens, whole, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(mean, whole, rtol=1e-2, atol=1e-5)
+
+
+def test_fairseq_batches_end_sources_in_eos_and_start_the_decoder_with_eos():
+    from moa_train.data.translation import ParallelSplit, TokenBatches
+
+    src = [np.array([5, 6, 7]), np.array([8])]
+    tgt = [np.array([9, 10]), np.array([11, 12, 13])]
+    split = ParallelSplit(src, tgt, ["a", "b"], ["c", "d"])
+    bos, eos = 1, 2
+    for fmt, start, src_rows in (
+        ("plain", bos, [[5, 6, 7], [8, PAD, PAD]]),
+        ("fairseq", eos, [[5, 6, 7, eos], [8, eos, PAD, PAD]]),
+    ):
+        batches = TokenBatches(split, 1000, PAD, bos, eos, shuffle=False, batch_format=fmt)
+        b = next(iter(batches))
+        order = b["index"].tolist()
+        rows = dict(zip(order, b["src"].tolist(), strict=True))
+        assert [rows[0], rows[1]] == src_rows
+        t_in = dict(zip(order, b["tgt_in"].tolist(), strict=True))
+        t_out = dict(zip(order, b["tgt_out"].tolist(), strict=True))
+        assert t_in[0] == [start, 9, 10, PAD] and t_out[0] == [9, 10, eos, PAD]
+        assert t_in[1] == [start, 11, 12, 13] and t_out[1] == [11, 12, 13, eos]
+        assert b["n_tokens"] == 7
+
+
+class TableModel:
+    """A decoder whose next-token log-probabilities depend only on the prefix's last token, from a
+    table; vocabulary PAD 0, BOS 1, EOS 2, a 3, b 4."""
+
+    def __init__(self, table: dict):
+        self.table = table
+
+    def encode(self, src, src_mask):
+        return torch.zeros(src.shape[0], src.shape[1], 1)
+
+    def decode(self, tokens, memory, src_mask, last_only=True):
+        rows = [self.table[t] for t in tokens[:, -1].tolist()]
+        return torch.tensor(rows).log()[:, None]
+
+
+def test_decoding_limits_min_len_and_forced_eos():
+    """fairseq-generate: EOS refused before min_len tokens, and at the limit only EOS, its
+    probability counted in the score. After BOS the model puts 0.6 on EOS: min_len 0 gives the empty
+    hypothesis, min_len 1 one token. With max_len 1 and beam 2, 'a' (0.3) beats 'b' (0.1) when cut
+    beams are scored as they stand, but 'a' then ends with EOS at 0.01 and 'b' at 0.9: with the
+    forced EOS 'b' wins (0.09 > 0.003)."""
+    from moa_train.models.search import beam_search, greedy_search
+
+    bos, eos, a, b = 1, 2, 3, 4
+    table = {
+        bos: [1e-9, 1e-9, 0.6, 0.3, 0.1],
+        a: [1e-9, 1e-9, 0.01, 0.98, 0.01],
+        b: [1e-9, 1e-9, 0.9, 0.05, 0.05],
+    }
+    model, src = TableModel(table), torch.tensor([[5, 6]])
+    mask = src != PAD
+    args = (model, src, mask, bos, eos, PAD)
+    assert greedy_search(*args, 5, use_cache=False) == [[]]
+    assert greedy_search(*args, 5, use_cache=False, min_len=1) == [[a, a, a, a, a]]
+    assert greedy_search(*args, 3, use_cache=False, min_len=1, force_eos=True) == [[a, a, a]]
+    search = {"beam": 2, "lenpen": 1.0, "use_cache": False, "min_len": 1}
+    assert beam_search(*args, 1, **search) == [[a]]
+    assert beam_search(*args, 1, force_eos=True, **search) == [[b]]
+    # the decoder's first input: BOS by default, EOS in fairseq's batches (start_id)
+    table[eos] = table[bos]
+    seen = []
+    model.decode = lambda tokens, *rest, **kw: (
+        seen.append(tokens[0, 0].item()) or (torch.tensor([table[eos]]).log()[:, None])
+    )
+    greedy_search(*args, 2, use_cache=False, start_id=eos)
+    assert seen and set(seen) == {eos}
+
+
+def test_the_faithful_task_decodes_with_fairseq_generates_limits(compose_cfg):
+    """The faithful experiments decode up to 200 tokens whatever the source (max_len_a 0, b 200),
+    at least 1, EOS forced at the limit, from fairseq's batches."""
+    cfg = compose_cfg("experiment=multi30k_fairseq/moa")
+    e = cfg.task
+    assert (e.max_len_a, e.max_len_b, e.min_len, e.force_eos, e.batch_format) == (
+        0.0,
+        200,
+        1,
+        True,
+        "fairseq",
+    )
+    plain = compose_cfg("experiment=multi30k/mha").task
+    assert (plain.max_len_a, plain.max_len_b, plain.min_len, plain.force_eos) == (1.2, 10, 0, False)
+    assert plain.batch_format == "plain"

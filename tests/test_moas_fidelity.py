@@ -164,3 +164,35 @@ def test_router_has_biases_iff_model_bias_and_they_learn(make_cfg, bias):
     logits.square().mean().backward()
     for name, p in router_biases.items():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_no_bias_is_decayed_with_model_bias(make_cfg):
+    """The MoAS code decays only tensors of dim >= 2 and no bias; our stacked (3, d) output bias is
+    three 1-D biases, so it sits in a no-decay group (a dim >= 2 rule would decay it)."""
+    from moa_train.train.optim import param_groups
+
+    cfg = make_cfg("experiment=moas_table1/moas_dynamic", "model.bias=true")
+    lm = build_model(cfg.model, 50)
+    o_biases = {id(m.o_bias) for m in lm.modules() if isinstance(m, MoASAttention)}
+    assert o_biases
+    decayed = {
+        id(p) for g in param_groups(lm, cfg.optim) if g["weight_decay"] > 0 for p in g["params"]
+    }
+    assert not decayed & o_biases
+    names = {id(p): n for n, p in lm.named_parameters()}
+    assert all(not names[i].endswith("bias") for i in decayed)
+
+
+def test_window_sampling_draws_the_last_start(make_cfg):
+    """nanoGPT's get_batch (the MoAS code's) draws starts in [0, len - block - 1], the last window
+    included; moas_table1/ asks for it, other runs keep their draws (one offset fewer)."""
+    from moa_train.data.batches import RandomWindows
+
+    tokens = torch.arange(12).numpy()  # block 8: starts 0..3
+    seen = {}
+    for last in (False, True):
+        w = RandomWindows(tokens, 64, 8, 0, torch.device("cpu"), last_start=last)
+        seen[last] = {int(s) for _ in range(20) for s in w.next_starts()}
+    assert seen[True] == {0, 1, 2, 3} and seen[False] == {0, 1, 2}
+    assert make_cfg("experiment=moas_table1/moas_dynamic").trainer.sample_last_window is True
+    assert make_cfg("model=moas_dynamic").trainer.sample_last_window is False

@@ -46,7 +46,11 @@ class RandomWindows:
         device: torch.device,
         rank: int = 0,
         world: int = 1,
+        last_start: bool = False,
     ):
+        """`last_start`: the draws may start at the last offset len - block_size - 1 (nanoGPT's
+        get_batch); false: one offset fewer (the draws of runs before
+        trainer.sample_last_window)."""
         if len(tokens) <= block_size + 1:
             raise DataError(
                 f"trainer.block_size: {block_size} needs a split of more than {block_size + 1} "
@@ -59,6 +63,7 @@ class RandomWindows:
             device,
         )
         self.rank, self.world = rank, world
+        self.n_starts = len(tokens) - block_size - (0 if last_start else 1)
         self.generator = torch.Generator().manual_seed(seed)
         self.device_tokens = torch.from_numpy(np.asarray(tokens).astype(np.int64)).to(device)
         self.offsets = torch.arange(block_size + 1, device=device)
@@ -66,9 +71,7 @@ class RandomWindows:
     def next_starts(self) -> torch.Tensor:
         """This rank's window offsets of the next global batch (batch_size / world,), on the
         device."""
-        starts = torch.randint(
-            len(self.tokens) - self.block_size - 1, (self.batch_size,), generator=self.generator
-        )
+        starts = torch.randint(self.n_starts, (self.batch_size,), generator=self.generator)
         return to_device(starts.view(self.world, -1)[self.rank].numpy(), self.device)
 
     def windows_at(self, starts: torch.Tensor) -> tuple:

@@ -402,6 +402,10 @@ class TokenBatches:
     """Batches of whole sentence pairs holding at most max_tokens tokens each, counted as
     batch_size x (padded src len + padded tgt len + 1).
 
+    `batch_format`: plain (the source as it is, the decoder input starting with BOS) | fairseq
+    (every source ends in EOS and the decoder input starts with EOS, as fairseq's translation task
+    collates them).
+
     Pairs are sorted by (source, target) length and cut greedily into batches, so padding is small;
     a pair over max_tokens alone gets a batch of its own. The batches are fixed at construction
     (ties in length broken by a permutation drawn from `seed`); with shuffle=True their order is
@@ -427,6 +431,7 @@ class TokenBatches:
         device=torch.device("cpu"),
         rank: int = 0,
         world: int = 1,
+        batch_format: str = "plain",
     ):
         if max_tokens <= 0:
             raise DataError(f"task.max_tokens: must be positive, got {max_tokens}")
@@ -440,10 +445,13 @@ class TokenBatches:
         )
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         self.rank, self.world = rank, world
+        # fairseq: every source ends in EOS and the decoder input starts with EOS
+        self.src_eos = batch_format == "fairseq"
+        self.start_id = eos_id if self.src_eos else bos_id
         # >= 1 column
-        self.src_len = np.fromiter(map(len, split.src), dtype=np.int64, count=len(split.src)).clip(
-            min=1
-        )
+        self.src_len = (
+            np.fromiter(map(len, split.src), dtype=np.int64, count=len(split.src)) + self.src_eos
+        ).clip(min=1)
         # + bos / eos
         self.tgt_len = np.fromiter(map(len, split.tgt), dtype=np.int64, count=len(split.tgt)) + 1
         order = np.arange(len(self.src_len))
@@ -492,11 +500,13 @@ class TokenBatches:
         src = _pad(
             [self.split.src[i] for i in index], int(self.src_len[index].max(initial=1)), self.pad_id
         )
+        if self.src_eos:
+            src[np.arange(len(index)), self.src_len[index] - 1] = self.eos_id
         tgt_out = _pad(
             [self.split.tgt[i] for i in index], int(self.tgt_len[index].max(initial=1)), self.pad_id
         )
         tgt_in = np.full_like(tgt_out, self.pad_id)
-        tgt_in[:, 0], tgt_in[:, 1:] = self.bos_id, tgt_out[:, :-1]
+        tgt_in[:, 0], tgt_in[:, 1:] = self.start_id, tgt_out[:, :-1]
         tgt_out[np.arange(len(index)), self.tgt_len[index] - 1] = self.eos_id
         arrays = {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out}
         batch = {k: to_device(v, self.device) for k, v in arrays.items()}

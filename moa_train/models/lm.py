@@ -50,14 +50,15 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     @classmethod
-    def from_config(cls, m) -> MLP:
+    def from_config(cls, m, activation_dropout: float | None = None) -> MLP:
+        """`activation_dropout`: another value than model.activation_dropout (null: that one)."""
         return cls(
             m.d_model,
             int(m.mlp_ratio * m.d_model),
             m.dropout,
             m.bias,
             m.activation,
-            m.activation_dropout,
+            m.activation_dropout if activation_dropout is None else activation_dropout,
         )
 
     def forward(self, x: Tensor) -> Tensor:

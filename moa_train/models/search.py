@@ -48,13 +48,30 @@ def open_search(model, memory: Tensor, src_mask: Tensor, max_len: int, use_cache
     )
 
 
-def next_log_probs(steps, tokens: Tensor, banned: list) -> Tensor:
+def next_log_probs(
+    steps, tokens: Tensor, banned: list, eos_id: int = -1, rule: str | None = None
+) -> Tensor:
     """Float32 log-probabilities of the token after each prefix (N, V), its newest token stepped
     through `steps`. Banned tokens (BOS, PAD) get -inf without renormalising, so a hypothesis'
-    score stays its log-probability under the model."""
+    score stays its log-probability under the model. `rule` (length_rule's): "no_eos" bans EOS
+    too, "only_eos" bans every token but EOS."""
     logp = F.log_softmax(steps.step(tokens[:, -1]).float(), dim=-1)
     logp[:, banned] = float("-inf")
+    if rule == "no_eos":
+        logp[:, eos_id] = float("-inf")
+    elif rule == "only_eos":
+        eos = logp[:, eos_id].clone()
+        logp.fill_(float("-inf"))
+        logp[:, eos_id] = eos
     return logp
+
+
+def length_rule(step: int, min_len: int, max_len: int, force_eos: bool) -> str | None:
+    """fairseq's SequenceGenerator rules at output position `step` (0-based): EOS refused before
+    min_len tokens, only EOS at the limit (with force_eos)."""
+    if force_eos and step == max_len:
+        return "only_eos"
+    return "no_eos" if step < min_len else None
 
 
 def strip(ids: list, stop: tuple) -> list:
@@ -76,15 +93,22 @@ def greedy_search(
     pad_id: int,
     max_len: int,
     use_cache: bool = True,
+    min_len: int = 0,
+    force_eos: bool = False,
+    start_id: int | None = None,
 ) -> list[list[int]]:
     """The most likely next token at each step, at most `max_len` tokens; ids without BOS and EOS. A
-    sentence leaves the batch at its EOS."""
+    sentence leaves the batch at its EOS. `min_len`: EOS refused before that many tokens;
+    `force_eos`: EOS after `max_len` tokens (the same ids); `start_id`: the decoder's first input
+    (null: BOS; fairseq's: EOS)."""
+    start = bos_id if start_id is None else start_id
     with open_search(model, model.encode(src, src_mask), src_mask, max_len, use_cache) as steps:
-        tokens = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)
+        tokens = torch.full((src.shape[0], 1), start, dtype=torch.long, device=src.device)
         live = list(range(src.shape[0]))  # the sentence of each row
         out: list = [None] * src.shape[0]
-        for _ in range(max_len):
-            nxt = next_log_probs(steps, tokens, [bos_id, pad_id]).argmax(dim=-1)
+        for step in range(max_len + force_eos):
+            rule = length_rule(step, min_len, max_len, force_eos)
+            nxt = next_log_probs(steps, tokens, [bos_id, pad_id], eos_id, rule).argmax(dim=-1)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             done = (nxt == eos_id).tolist()
             if any(done):
@@ -150,24 +174,31 @@ def beam_search(
     beam: int = 4,
     lenpen: float = 0.6,
     use_cache: bool = True,
+    min_len: int = 0,
+    force_eos: bool = False,
+    start_id: int | None = None,
 ) -> list[list[int]]:
     """Best hypothesis per sentence by sum_logprob / len ** lenpen (len counts the EOS), at most
     `max_len` tokens; ids without BOS and EOS. Beams still live at `max_len` are scored as if EOS
-    came next (length max_len + 1, no EOS log-probability: the model is not asked). A sentence
+    came next (length max_len + 1, no EOS log-probability: the model is not asked), or with
+    `force_eos` (fairseq) take EOS as one more step, its log-probability scored. `min_len`: EOS
+    refused before that many tokens; `start_id`: the decoder's first input (null: BOS). A sentence
     holding `beam` finished hypotheses leaves the batch with its beams."""
     bsz = src.shape[0]
+    start = bos_id if start_id is None else start_id
     memory = model.encode(src, src_mask).repeat_interleave(beam, dim=0)
     mask = src_mask.repeat_interleave(beam, dim=0)
     with open_search(model, memory, mask, max_len, use_cache) as steps:
-        tokens = torch.full((bsz * beam, 1), bos_id, dtype=torch.long, device=src.device)
+        tokens = torch.full((bsz * beam, 1), start, dtype=torch.long, device=src.device)
         # all beams start equal: only beam 0 may expand at the first step, or the top-k would hold
         # `beam` copies
         scores = torch.full((bsz, beam), float("-inf"), device=src.device)
         scores[:, 0] = 0.0
         finished = [[] for _ in range(bsz)]
         live = list(range(bsz))  # the sentence of each group of `beam` rows
-        for _ in range(max_len):
-            logp = next_log_probs(steps, tokens, [bos_id, pad_id])
+        for step in range(max_len + force_eos):
+            rule = length_rule(step, min_len, max_len, force_eos)
+            logp = next_log_probs(steps, tokens, [bos_id, pad_id], eos_id, rule)
             vocab, n = logp.shape[-1], len(live)
             cand = (scores.view(-1, 1) + logp).view(n, beam * vocab)
             cand_scores, cand_idx = cand.topk(min(2 * beam, beam * vocab), dim=1)
@@ -175,7 +206,7 @@ def beam_search(
             groups = [finished[b] for b in live]
             finish_eos(groups, tokens, cand_scores, cand_beams, cand_tokens, eos_id, beam, lenpen)
             stay = [i for i, f in enumerate(groups) if len(f) < beam]
-            if not stay:
+            if not stay or rule == "only_eos":  # at the forced EOS every live beam has ended
                 break
             # the best `beam` non-EOS candidates go on: a stable sort moves EOS to the back, keeping
             # score order

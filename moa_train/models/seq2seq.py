@@ -70,6 +70,15 @@ class Sublayer(nn.Module):
         return (x + y, routing) if self.norm_first else (self.norm(x + y), routing)
 
 
+def zero_pad_queries(out, query_mask: Tensor | None):
+    """An attention's (y, routing) with y zero at the pad queries (query_mask False), as the MoA
+    layer gives them (no expert routed); None: unchanged."""
+    if query_mask is None:
+        return out
+    y, routing = out
+    return y * query_mask[..., None].to(y.dtype), routing
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, m):
         super().__init__()
@@ -77,8 +86,12 @@ class EncoderLayer(nn.Module):
         self.mlp = MLP.from_config(m)
         self.sub_attn, self.sub_mlp = (Sublayer(m.d_model, m.bias, m.norm_first) for _ in range(2))
 
-    def forward(self, x: Tensor, src_mask: Tensor) -> tuple:
-        x, routing = self.sub_attn(x, lambda h: self.self_attn(h, mask=src_mask))
+    def forward(self, x: Tensor, src_mask: Tensor, query_mask: Tensor | None = None) -> tuple:
+        """`query_mask`: the real positions whose attention output is kept (model.pad_positions=
+        zeroed); None: every position's."""
+        x, routing = self.sub_attn(
+            x, lambda h: zero_pad_queries(self.self_attn(h, mask=src_mask), query_mask)
+        )
         x, _ = self.sub_mlp(x, self.mlp)
         return x, routing
 
@@ -88,16 +101,23 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = build_attention(m, causal=True)
         self.cross_attn = build_attention(m, causal=False, cross=True)
-        self.mlp = MLP.from_config(m)
+        self.mlp = MLP.from_config(m, m.decoder_activation_dropout)
         self.sub_self, self.sub_cross, self.sub_mlp = (
             Sublayer(m.d_model, m.bias, m.norm_first) for _ in range(3)
         )
 
-    def forward(self, x: Tensor, memory: Tensor, src_mask: Tensor) -> tuple:
+    def forward(
+        self, x: Tensor, memory: Tensor, src_mask: Tensor, query_mask: Tensor | None = None
+    ) -> tuple:
         # target padding sits after the real tokens, so causal masking alone keeps real positions
         # from seeing it
-        x, r_self = self.sub_self(x, self.self_attn)
-        x, r_cross = self.sub_cross(x, lambda h: self.cross_attn(h, context=memory, mask=src_mask))
+        x, r_self = self.sub_self(x, lambda h: zero_pad_queries(self.self_attn(h), query_mask))
+        x, r_cross = self.sub_cross(
+            x,
+            lambda h: zero_pad_queries(
+                self.cross_attn(h, context=memory, mask=src_mask), query_mask
+            ),
+        )
         x, _ = self.sub_mlp(x, self.mlp)
         return x, r_self, r_cross
 
@@ -180,10 +200,20 @@ class Seq2Seq(CacheHolder, nn.Module):
             return self.drop(x)
         return self.drop(x + (table[: ids.shape[1]] if positions is None else table[positions]))
 
+    def _pads_zeroed(self, x: Tensor, mask: Tensor) -> tuple:
+        """(inputs, query mask) of a padded side: with model.pad_positions=zeroed the pad positions'
+        inputs are zero (fairseq: the pad embedding and position rows are zero, and its encoder
+        multiplies them out) and `mask` is returned to zero their attention outputs; kept: as
+        given, no query mask."""
+        if self.config.pad_positions != "zeroed":
+            return x, None
+        return x * mask[..., None].to(x.dtype), mask
+
     def encode_with_routing(self, src: Tensor, src_mask: Tensor) -> tuple:
-        x, routings = self._embed(self.embed, src), []
+        x, query_mask = self._pads_zeroed(self._embed(self.embed, src), src_mask)
+        routings = []
         for layer in self.encoder:
-            x, r = layer(x, src_mask)
+            x, r = layer(x, src_mask, query_mask)
             routings.append(r)
         return self.enc_norm(x), routings
 
@@ -193,9 +223,12 @@ class Seq2Seq(CacheHolder, nn.Module):
         """(logits (B, T, V), routing records); last_only: the logits of the last position only, (B,
         1, V), with the final norm and the output projection applied to that position alone (what
         search needs at each step)."""
-        x, routings = self._embed(self.tgt_embed, tgt_in), []
+        x, query_mask = self._pads_zeroed(
+            self._embed(self.tgt_embed, tgt_in), tgt_in != self.pad_id
+        )
+        routings = []
         for layer in self.decoder:
-            x, r_self, r_cross = layer(x, memory, src_mask)
+            x, r_self, r_cross = layer(x, memory, src_mask, query_mask)
             routings += [r_self, r_cross]
         if last_only:
             x = x[:, -1:]

@@ -213,6 +213,18 @@ class StepResult(NamedTuple):
     skipped: torch.Tensor
 
 
+def accum_weights(task, batches: list, norm: str = "mean") -> list:
+    """The weight of each micro-batch's (per-token) loss in the step's mean: 1 each (`mean`), or
+    (`tokens`, fairseq's normalisation: the step's summed losses over its total target tokens) its
+    share of the step's tokens times the number of micro-batches, so that the step's loss is
+    sum_i loss_i * tokens_i / sum_i tokens_i."""
+    if norm == "mean" or len(batches) == 1:
+        return [1.0] * len(batches)
+    tokens = [task.n_tokens(b) for b in batches]
+    total = sum(tokens)
+    return [len(batches) * t / total for t in tokens]
+
+
 class Trainer:
     def __init__(self, cfg, run_dir: Path):
         self.start_time = time.perf_counter()
@@ -418,14 +430,15 @@ class Trainer:
         device tensors (mean CE, mean aux terms, the last micro-batch's routing records, grad norm,
         the skipped flag); a log step also computes every aux term."""
         cfg, n = self.cfg, len(batches)
+        weights = accum_weights(self.task, batches, cfg.trainer.grad_accum_norm)
         loss_sum, ce_sum, aux_sum = 0.0, 0.0, {}
-        for i, batch in enumerate(batches):
+        for i, (batch, w) in enumerate(zip(batches, weights, strict=True)):
             with distributed.grad_sync(self.train_model, i == n - 1):
                 loss, ce, aux, routings = self.forward_loss(batch, log_step)
-                (loss / n).backward()
-            loss_sum = loss_sum + loss.detach()
-            ce_sum = ce_sum + ce.detach()
-            aux_sum = {k: aux_sum.get(k, 0.0) + v.detach() for k, v in aux.items()}
+                (loss * w / n).backward()
+            loss_sum = loss_sum + loss.detach() * w
+            ce_sum = ce_sum + ce.detach() * w
+            aux_sum = {k: aux_sum.get(k, 0.0) + v.detach() * w for k, v in aux.items()}
         gate_step = self.phases is not None and self.phases.is_gate_step(self.step)
         # the block that moves this step (BCD: the gate or the experts; else every parameter)
         params = (

@@ -240,6 +240,7 @@ class LMTask(Task):
             device,
             dist.rank,
             dist.world,
+            last_start=t.sample_last_window,
         )
 
     def next_batch(self) -> tuple:
@@ -325,6 +326,14 @@ class TranslationConfig(TaskConfig):
     val_beam: int = 1  # beam during training's validation; 1 = greedy
     max_len_a: float = 1.2  # output length limit: a * source length + b
     max_len_b: int = 10
+    # EOS is refused before this many output tokens (fairseq-generate's --min-len: 1)
+    min_len: int = 0
+    # true: at the length limit only EOS may follow, and its log-probability counts in the score
+    # (fairseq's SequenceGenerator); false: beams cut at the limit are scored as they stand
+    force_eos: bool = False
+    # plain: the source as it is, the decoder input starts with BOS | fairseq: every source ends in
+    # EOS and the decoder input starts with EOS (fairseq's translation batches)
+    batch_format: str = "plain"
     # decode (and score BLEU / chrF on) only the first N sentences of valid and test; null = all.
     # The loss is always over the whole split. For smoke runs: decoding dominates a short
     # translation run on a CPU
@@ -351,6 +360,8 @@ class TranslationTask(Task):
         "task.val_beam",
         "task.max_len_a",
         "task.max_len_b",
+        "task.min_len",
+        "task.force_eos",
         "task.max_sentences",
         "task.kv_cache",
     )
@@ -367,6 +378,8 @@ class TranslationTask(Task):
             f"must be in [0, 1), got {e.label_smoothing}",
         )
         _one_of(e.label_smoothing_over, "task.label_smoothing_over", ("all", "others"))
+        _one_of(e.batch_format, "task.batch_format", ("plain", "fairseq"))
+        _check(e.min_len >= 0, "task.min_len", f"must be >= 0 (fairseq: 1), got {e.min_len}")
         _positive_or_null(e.max_sentences, "task.max_sentences")
         _check(
             1 <= e.max_len < m.max_seq_len,
@@ -456,6 +469,7 @@ class TranslationTask(Task):
             device=device,
             rank=dist.rank,
             world=dist.world,
+            batch_format=cfg.task.batch_format,
         )
         self.train_iter = iter(self.batches)
         self.bleu_signature = None
@@ -547,6 +561,7 @@ class TranslationTask(Task):
             d.eos_id,
             shuffle=False,
             device=self.device,
+            batch_format=self.cfg.task.batch_format,
         )
         share = rank_share(batches, self.dist)
         # translation runs use DDP: no collective in the forward, so a rank skips the batches of
@@ -587,6 +602,12 @@ class TranslationTask(Task):
             max_len = min(
                 max_output_len(src_mask, e.max_len_a, e.max_len_b), self.cfg.model.max_seq_len - 1
             )
+            rules = {
+                "min_len": e.min_len,
+                "force_eos": e.force_eos,
+                "start_id": d.eos_id if e.batch_format == "fairseq" else d.bos_id,
+                "use_cache": e.kv_cache,
+            }
             with autocast():
                 if beam == 1:
                     out = greedy_search(
@@ -597,7 +618,7 @@ class TranslationTask(Task):
                         d.eos_id,
                         d.pad_id,
                         max_len,
-                        use_cache=e.kv_cache,
+                        **rules,
                     )
                 else:
                     out = beam_search(
@@ -610,7 +631,7 @@ class TranslationTask(Task):
                         max_len,
                         beam=beam,
                         lenpen=e.lenpen,
-                        use_cache=e.kv_cache,
+                        **rules,
                     )
             for i, ids in zip(batch["index"].tolist(), out, strict=True):
                 hyps[i] = d.decode(ids)

@@ -121,6 +121,8 @@ class MoASAttention(nn.Module):
         "c_attn.bias": NO_DECAY,
         "router.0.bias": NO_DECAY,
         "router.2.bias": NO_DECAY,
+        # three 1-D biases stacked, (3, d): no decay, as the MoAS code decays no bias
+        "o_bias": NO_DECAY,
     }
     kv_cache = None  # its LayerCache while the model decodes (models/kv_cache.py)
 
