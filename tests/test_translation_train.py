@@ -126,7 +126,11 @@ def check_saved_without_a_task(compose_cfg, copy_root, run_dir):
     del old["config_format"], old["data"]["tasks"]
     old["data"].update({k: task.pop(k) for k in ("src", "tgt", "max_tokens", "max_len")})
     old["trainer"].update({k: task.pop(k) for k in ("label_smoothing", "label_smoothing_over")})
-    old["eval"] = {k: v for k, v in task.items() if k != "name"}
+    # format 1's eval node held only the keys that moved from it (later task keys did not exist)
+    from moa_train.config_format import MOVED
+
+    moved = [new.partition(".")[2] for key, new in MOVED.items() if key.startswith("eval.")]
+    old["eval"] = {k: task[k] for k in moved if k in task}
     atomic_save(state, newest)
     assert isinstance(moa_train.load_run(run_dir)[0], Seq2Seq)
     cfg = compose_cfg(
