@@ -991,3 +991,11 @@ def check_memory(
             f"{evaluation.text} needs at least {gib(need)} to evaluate, more than the {where} "
             f"({gib(total)}); lower {evaluation.lower}",
         )
+
+
+# --- the package's variants and tasks -------------------------------------------------------------
+# Every composition of configs/train.yaml needs their schemas in the ConfigStore (and VARIANTS /
+# TASK_CONFIGS filled): they register here, after every name above is defined, since their modules
+# import this one.
+import moa_train.models.registry  # noqa: E402
+import moa_train.train.task_registry  # noqa: E402, F401
