@@ -122,6 +122,8 @@ class MoASAttention(nn.Module):
         "router.0.bias": NO_DECAY,
         "router.2.bias": NO_DECAY,
     }
+    # the inference_routing values moa-generate can choose for a module with a router (moas_dynamic)
+    INFERENCE_ROUTINGS: ClassVar[tuple] = ("soft", "top1")
     kv_cache = None  # its LayerCache while the model decodes (models/kv_cache.py)
 
     def __init__(
