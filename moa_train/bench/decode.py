@@ -112,7 +112,7 @@ SIZES = {
     "tiny": DecodeSize("tiny", 16, 8, 2, (1, 4), (4, 2, 1), 2**30),
 }
 REPS = 3  # timed repetitions of each measurement (the median is reported)
-# targets of issue 19: (models, batch index, share of the bandwidth bound)
+# the decode benchmark's targets: (models, batch index, share of the bandwidth bound)
 TARGETS = ((("mha", "gqa", "mqa"), 0, 0.20), (("mha", "moas_static", "moas_dynamic"), 1, 0.50))
 
 
