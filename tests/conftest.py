@@ -275,9 +275,10 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_env(data_root, cache_dir, tmp_path_factory):
     """Configs read MOA_DATA_DIR / MOA_CACHE_DIR: point both at session temp folders (never
-    ~/.cache), and the measured peak FLOP/s file (MOA_PEAK_FLOPS_FILE) into the latter. The recorded data folder is looked for under a temp XDG_CONFIG_HOME (never
-    ~/.config), ../shared/data beside the checkout is not searched in-process, and HF_HUB_OFFLINE
-    says no download can work (no test probes the network)."""
+    ~/.cache), and the measured peak FLOP/s file (MOA_PEAK_FLOPS_FILE) into the latter. The
+    recorded data folder is looked for under a temp XDG_CONFIG_HOME (never ~/.config),
+    ../shared/data beside the checkout is not searched in-process, and HF_HUB_OFFLINE says no
+    download can work (no test probes the network)."""
     import moa_train.data.root
 
     with pytest.MonkeyPatch.context() as mp:
