@@ -3,10 +3,8 @@ MoA)."""
 
 __version__ = "0.1.0"
 
-# the attention variants and the tasks register their config schemas, which every composition of
-# configs/train.yaml needs, on the first import of anything in the package
-import moa_train.models.registry
-import moa_train.train.task_registry  # noqa: F401
+# Nothing is imported here, so that the leaf helpers (moa_train.paths, moa_train.io, ...) load
+# without torch; the variants and tasks register their schemas when moa_train.config is imported.
 
 
 def load_run(run_dir, map_location: str = "cpu"):

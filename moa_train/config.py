@@ -686,14 +686,20 @@ def validate(cfg) -> None:
             str(key),
             f"unknown top-level key; allowed: {', '.join(sorted(known - {'hydra'}))}",
         )
-    m, t, o, s, d = cfg.model, cfg.trainer, cfg.optim, cfg.schedule, cfg.data
+    model, trainer, optim, schedule, data = (
+        cfg.model,
+        cfg.trainer,
+        cfg.optim,
+        cfg.schedule,
+        cfg.data,
+    )
     _check_numbers(cfg)
     _one_of(cfg.task.name, "task", tuple(TASK_CONFIGS))
     _check(
-        cfg.task.name in d.tasks,
+        cfg.task.name in data.tasks,
         "task",
-        f"{cfg.task.name} does not fit data={d.name} (it feeds: {', '.join(d.tasks)}); use "
-        f"task={' or task='.join(d.tasks)} or leave task out",
+        f"{cfg.task.name} does not fit data={data.name} (it feeds: {', '.join(data.tasks)}); use "
+        f"task={' or task='.join(data.tasks)} or leave task out",
     )
     _check(
         isinstance(cfg.task, TASK_CONFIGS[cfg.task.name])
@@ -702,52 +708,59 @@ def validate(cfg) -> None:
         f"{cfg.task.name} is chosen by the task group: task={cfg.task.name}, not "
         f"task.name={cfg.task.name}",
     )
-    _one_of(m.name, "model.name", tuple(sorted(VARIANTS)))
-    variant = VARIANTS[m.name]
+    _one_of(model.name, "model.name", tuple(sorted(VARIANTS)))
+    variant = VARIANTS[model.name]
     _check(
-        issubclass(OmegaConf.get_type(m), variant),
+        issubclass(OmegaConf.get_type(model), variant),
         "model.name",
-        f"{m.name} is chosen by the model group: model={m.name}, not model.name={m.name}",
+        f"{model.name} is chosen by the model group: model={model.name}, not "
+        f"model.name={model.name}",
     )
-    variant.validate(m, cfg)
+    variant.validate(model, cfg)
 
-    _one_of(d.tokenizer, "data.tokenizer", ("char", "word", "bpe", "random"))
-    if d.tokenizer == "random":
+    _one_of(data.tokenizer, "data.tokenizer", ("char", "word", "bpe", "random"))
+    if data.tokenizer == "random":
         _check(
-            d.name == "random_tokens", "data.tokenizer", "random goes with data=random_tokens only"
+            data.name == "random_tokens",
+            "data.tokenizer",
+            "random goes with data=random_tokens only",
         )
         _check(
-            d.vocab_size is not None and 1 < d.vocab_size <= 2**31,
+            data.vocab_size is not None and 1 < data.vocab_size <= 2**31,
             "data.vocab_size",
             f"random_tokens needs a vocabulary size in 2..{2**31:,} (int32 ids), got "
-            f"{d.vocab_size}",
+            f"{data.vocab_size}",
         )
-    _one_of(d.split, "data.split", ("official", "moas_paper"))
-    if d.tokenizer == "bpe":
+    _one_of(data.split, "data.split", ("official", "moas_paper"))
+    if data.tokenizer == "bpe":
         # the BPE trainer reserves memory for the whole vocabulary up front (~70 bytes an entry)
         # and aborts the process where it cannot
         _check(
-            d.vocab_size is not None and 260 <= d.vocab_size <= MAX_BPE_VOCAB,
+            data.vocab_size is not None and 260 <= data.vocab_size <= MAX_BPE_VOCAB,
             "data.vocab_size",
-            f"BPE needs a vocabulary size >= 260 and <= {MAX_BPE_VOCAB:,}, got {d.vocab_size}",
+            f"BPE needs a vocabulary size >= 260 and <= {MAX_BPE_VOCAB:,}, got {data.vocab_size}",
         )
-    if d.root is not None:
+    if data.root is not None:
         # data=text reads data.root itself (MOA_DATA_DIR is the folder of the named corpora)
         where = (
             "give the folder holding train.txt, valid.txt, test.txt"
-            if d.name == "text"
+            if data.name == "text"
             else "point data.root or MOA_DATA_DIR at the folder holding wikitext-2/"
         )
         _check(
-            Path(os.path.expanduser(d.root)).is_dir(),
+            Path(os.path.expanduser(data.root)).is_dir(),
             "data.root",
-            f"folder {d.root!r} does not exist; {where}",
+            f"folder {data.root!r} does not exist; {where}",
         )
-    check_writable(d.cache_dir, "data.cache_dir")
+    check_writable(data.cache_dir, "data.cache_dir")
 
-    _one_of(t.device, "trainer.device", ("auto", "cpu", "cuda"))
-    _one_of(t.precision, "trainer.precision", ("fp32", "bf16"))
-    _one_of(t.sdpa_backend, "trainer.sdpa_backend", ("auto", "flash", "cudnn", "efficient", "math"))
+    _one_of(trainer.device, "trainer.device", ("auto", "cpu", "cuda"))
+    _one_of(trainer.precision, "trainer.precision", ("fp32", "bf16"))
+    _one_of(
+        trainer.sdpa_backend,
+        "trainer.sdpa_backend",
+        ("auto", "flash", "cudnn", "efficient", "math"),
+    )
     for key in (
         "max_steps",
         "batch_size",
@@ -756,30 +769,36 @@ def validate(cfg) -> None:
         "eval_interval",
         "log_interval",
     ):
-        _check(t[key] > 0, f"trainer.{key}", f"must be a positive integer, got {t[key]}")
-    _one_of(t.strategy, "trainer.strategy", ("ddp", "fsdp"))
-    _one_of(t.grad_accum_norm, "trainer.grad_accum_norm", ("mean", "tokens"))
+        _check(
+            trainer[key] > 0, f"trainer.{key}", f"must be a positive integer, got {trainer[key]}"
+        )
+    _one_of(trainer.strategy, "trainer.strategy", ("ddp", "fsdp"))
+    _one_of(trainer.grad_accum_norm, "trainer.grad_accum_norm", ("mean", "tokens"))
     _check(
-        t.ddp_bucket_mb > 0,
+        trainer.ddp_bucket_mb > 0,
         "trainer.ddp_bucket_mb",
-        f"must be > 0 (MiB; PyTorch's default 25), got {t.ddp_bucket_mb}",
+        f"must be > 0 (MiB; PyTorch's default 25), got {trainer.ddp_bucket_mb}",
     )
     for key in ("eval_iters", "eval_batch_size", "grad_clip", "save_interval"):
-        _positive_or_null(t[key], f"trainer.{key}")
+        _positive_or_null(trainer[key], f"trainer.{key}")
     _check(
-        t.keep_checkpoints >= 1,
+        trainer.keep_checkpoints >= 1,
         "trainer.keep_checkpoints",
-        f"must be >= 1, got {t.keep_checkpoints}",
+        f"must be >= 1, got {trainer.keep_checkpoints}",
     )
     _check(
-        0 <= t.seed < 2**32,
+        0 <= trainer.seed < 2**32,
         "trainer.seed",
-        f"must be in 0..{2**32 - 1} (NumPy's seed range), got {t.seed}",
+        f"must be in 0..{2**32 - 1} (NumPy's seed range), got {trainer.seed}",
     )
-    _check_backend(t.compile_backend)
-    _check(t.max_bad_steps >= 1, "trainer.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
-    parse_duration(t.max_time)
-    stopping = t.early_stopping
+    _check_backend(trainer.compile_backend)
+    _check(
+        trainer.max_bad_steps >= 1,
+        "trainer.max_bad_steps",
+        f"must be >= 1, got {trainer.max_bad_steps}",
+    )
+    parse_duration(trainer.max_time)
+    stopping = trainer.early_stopping
     _check(
         stopping.patience is None or stopping.patience >= 0,
         "trainer.early_stopping.patience",
@@ -791,12 +810,12 @@ def validate(cfg) -> None:
         f"must be >= 0, got {stopping.min_delta}",
     )
     _check(
-        not (t.cuda_graphs and not o.fused),
+        not (trainer.cuda_graphs and not optim.fused),
         "optim.fused",
         "false cannot skip a non-finite step inside a CUDA graph (trainer.cuda_graphs=true); use "
         "true",
     )
-    resume = t.resume
+    resume = trainer.resume
     _check(
         isinstance(resume, bool) or resume in ("auto", "true", "false") or isinstance(resume, str),
         "trainer.resume",
@@ -809,7 +828,7 @@ def validate(cfg) -> None:
             f"{resume!r} does not exist; allowed: auto, true, false or the path of a checkpoint or "
             "run folder",
         )
-    if t.eval_only:
+    if trainer.eval_only:
         _check(
             resume not in (False, "false", None),
             "trainer.eval_only",
@@ -817,24 +836,34 @@ def validate(cfg) -> None:
             "in the run folder",
         )
 
-    _one_of(o.name, "optim.name", ("adamw",))
-    _check(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    _one_of(optim.name, "optim.name", ("adamw",))
+    _check(optim.lr > 0, "optim.lr", f"must be positive, got {optim.lr}")
     _check(
-        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
         "optim.betas",
-        f"must be two numbers in [0, 1), got {list(o.betas)}",
+        f"must be two numbers in [0, 1), got {list(optim.betas)}",
     )
-    _check(o.weight_decay >= 0 and o.router_weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _check(
-        o.router_lr_mult > 0, "optim.router_lr_mult", f"must be positive, got {o.router_lr_mult}"
+        optim.weight_decay >= 0 and optim.router_weight_decay >= 0,
+        "optim.weight_decay",
+        "must be >= 0",
     )
-    _check(o.eps > 0, "optim.eps", f"must be positive, got {o.eps}")
-    _one_of(s.name, "schedule.name", ("constant", "cosine", "inverse_sqrt"))
-    _check(s.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
     _check(
-        0.0 <= s.min_lr_ratio <= 1.0,
+        optim.router_lr_mult > 0,
+        "optim.router_lr_mult",
+        f"must be positive, got {optim.router_lr_mult}",
+    )
+    _check(optim.eps > 0, "optim.eps", f"must be positive, got {optim.eps}")
+    _one_of(schedule.name, "schedule.name", ("constant", "cosine", "inverse_sqrt"))
+    _check(
+        schedule.warmup_steps >= 0,
+        "schedule.warmup_steps",
+        f"must be >= 0, got {schedule.warmup_steps}",
+    )
+    _check(
+        0.0 <= schedule.min_lr_ratio <= 1.0,
         "schedule.min_lr_ratio",
-        f"must be in [0, 1], got {s.min_lr_ratio}",
+        f"must be in [0, 1], got {schedule.min_lr_ratio}",
     )
     _check_name(cfg.experiment_name)
     _positive_or_null(cfg.task.average_last, "task.average_last")
@@ -1008,3 +1037,11 @@ def check_memory(
             f"{evaluation.text} needs at least {gib(need)} to evaluate, more than the {where} "
             f"({gib(total)}); lower {evaluation.lower}",
         )
+
+
+# --- the package's variants and tasks -------------------------------------------------------------
+# Every composition of configs/train.yaml needs their schemas in the ConfigStore (and VARIANTS /
+# TASK_CONFIGS filled): they register here, after every name above is defined, since their modules
+# import this one.
+import moa_train.models.registry  # noqa: E402
+import moa_train.train.task_registry  # noqa: E402, F401

@@ -40,6 +40,7 @@ import torch
 from moa_train.errors import Parser, fail
 from moa_train.models.decoding import Windowed, decode_loop, open_steps, release_compiled
 from moa_train.models.kv_cache import without_cudnn_attention
+from moa_train.models.roles import ROUTER, declared_modules
 
 UNK = "<unk>"
 # compiled steps are kept per cache length: lengths are rounded up to multiples of this
@@ -56,17 +57,23 @@ COMPILE_AFTER_STEPS = 2048
 MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
 
 
+def scheme_routed(model) -> list:
+    """The modules of `model` with a router (declared with role ROUTER) whose inference routing
+    moa-generate can choose (INFERENCE_ROUTINGS): the attentions of a moas_dynamic model."""
+    return [
+        m
+        for m in model.modules()
+        if getattr(m, "INFERENCE_ROUTINGS", ()) and declared_modules(m, ROUTER)
+    ]
+
+
 def set_inference_routing(model, mode: str) -> None:
     """model.inference_routing of a trained moas_dynamic model, chosen at generation time: soft (as
     trained) or top1 (each token's argmax branch; see MoASAttention.through_cache). ValueError (one
     line) for a model without a router over attention schemes."""
     if mode not in ("soft", "top1"):
         raise ValueError(f"inference routing {mode!r}: valid: soft, top1")
-    routed = [
-        m
-        for m in model.modules()
-        if getattr(m, "dynamic", False) and hasattr(m, "inference_routing")
-    ]
+    routed = scheme_routed(model)
     if not routed:
         raise ValueError(
             f"inference routing {mode}: this run's attention ({model.config.name}) has no router "

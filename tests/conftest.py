@@ -275,14 +275,16 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_env(data_root, cache_dir, tmp_path_factory):
     """Configs read MOA_DATA_DIR / MOA_CACHE_DIR: point both at session temp folders (never
-    ~/.cache). The recorded data folder is looked for under a temp XDG_CONFIG_HOME (never
-    ~/.config), ../shared/data beside the checkout is not searched in-process, and HF_HUB_OFFLINE
-    says no download can work (no test probes the network)."""
+    ~/.cache), and the measured peak FLOP/s file (MOA_PEAK_FLOPS_FILE) into the latter. The
+    recorded data folder is looked for under a temp XDG_CONFIG_HOME (never ~/.config),
+    ../shared/data beside the checkout is not searched in-process, and HF_HUB_OFFLINE says no
+    download can work (no test probes the network)."""
     import moa_train.data.root
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOA_DATA_DIR", str(data_root))
         mp.setenv("MOA_CACHE_DIR", str(cache_dir))
+        mp.setenv("MOA_PEAK_FLOPS_FILE", str(cache_dir / "peak_flops.json"))
         mp.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg_config")))
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setattr(moa_train.data.root, "SEARCHED", ())

@@ -144,7 +144,7 @@ def test_damaged_peak_flops_cache_is_measured_again(tmp_path, monkeypatch, caplo
     key = f"{flops.device_name(device)}|fp32|torch {torch.__version__}"
     (tmp_path / "peak_flops.json").write_text(content.replace("KEY", key))
     monkeypatch.setattr(flops, "measure_matmul_flops", lambda device, kind: 1.5e9)
-    assert flops.peak_flops(device, "fp32", tmp_path) == 1.5e9
+    assert flops.peak_flops(device, "fp32", tmp_path / "peak_flops.json") == 1.5e9
     assert flops.read_table(tmp_path / "peak_flops.json")[key] == 1.5e9  # the file is whole again
     # a bad value alone is just measured again
     assert ("is damaged" in caplog.text) == ("KEY" not in content)

@@ -400,43 +400,34 @@ def test_an_mfu_above_100_percent_names_the_stale_peak_once(
     train_run, tmp_path, monkeypatch, caplog
 ):
     """A peak measured while other work ran reads low, and MFU then above 100%: one warning names
-    the cache file."""
+    the peak file (deleting it measures again)."""
     import logging
 
     import moa_train.train.loop as loop
 
     monkeypatch.setattr(loop, "peak_flops", lambda *args: 1.0)  # far below any real rate
-    again = []
-    # still far below
-    monkeypatch.setattr(loop, "remeasure_peak", lambda *args: again.append(args[-1]) or 2.0)
     with caplog.at_level(logging.WARNING, logger="moa_train.train.loop"):
         _, records = train_run(tmp_path, "model=mha", *TINY)
-    assert again == [1.0]  # measured again once, handed the stale figure
     assert all(r["perf/mfu"] > 1 for r in records if "perf/mfu" in r)
     warnings = [r.message for r in caplog.records if "perf/mfu is above 100%" in r.message]
     assert len(warnings) == 1 and "peak_flops.json" in warnings[0]
 
 
-def test_a_stale_peak_is_measured_again_and_cached(train_run, tmp_path, monkeypatch, caplog):
-    """A cached peak below this run's rate (measured while a test suite ran, say) is measured again
-    once: MFU reads below 100% from the first log on, the cache keeps the new figure, and no warning
-    is given."""
+def test_the_peak_is_measured_once_into_its_own_file(train_run, tmp_path, monkeypatch):
+    """The peak FLOP/s is measured the first time a device needs it, into MOA_PEAK_FLOPS_FILE (not
+    the data cache), and read from there afterwards: never measured again by a run, not even when
+    the run's rate beats it."""
     import json
-    import logging
 
     from moa_train.metrics import flops
 
+    measured = []
+    monkeypatch.setattr(flops, "measure_matmul_flops", lambda d, k: measured.append(k) or 1.0)
+    peak_file = tmp_path / "device" / "peaks.json"
+    monkeypatch.setenv("MOA_PEAK_FLOPS_FILE", str(peak_file))
     cache = tmp_path / "cache"
-    key = f"{flops.device_name(torch.device('cpu'))}|fp32|torch {torch.__version__}"
-    cache.mkdir()
-    (cache / "peak_flops.json").write_text(json.dumps({key: 1.0}))
-    monkeypatch.setattr(flops, "measure_matmul_flops", lambda device, kind: 1e15)
-    with caplog.at_level(logging.INFO, logger="moa_train.train.loop"):
-        _, records = train_run(tmp_path, "model=mha", *TINY, f"data.cache_dir={cache}")
-    mfus = [r["perf/mfu"] for r in records if "perf/mfu" in r]
-    assert mfus and all(0 < m < 1 for m in mfus)
-    assert json.loads((cache / "peak_flops.json").read_text())[key] == 1e15
-    assert (
-        "measured again: 1e+15 FLOP/s" in caplog.text
-        and "perf/mfu is above 100%" not in caplog.text
-    )
+    for run in ("a", "b"):
+        train_run(tmp_path / run, "model=mha", *TINY, f"data.cache_dir={cache}")
+    assert measured == ["fp32"]
+    assert list(json.loads(peak_file.read_text()).values()) == [1.0]
+    assert not (cache / "peak_flops.json").exists()

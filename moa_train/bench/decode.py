@@ -91,6 +91,7 @@ from moa_train.bench.common import (
 from moa_train.config import bench_presets
 from moa_train.errors import Parser
 from moa_train.models.decoding import decode_spans
+from moa_train.models.roles import ROUTER, declared_modules
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ SIZES = {
     "tiny": DecodeSize("tiny", 16, 8, 2, (1, 4), (4, 2, 1), 2**30),
 }
 REPS = 3  # timed repetitions of each measurement (the median is reported)
-# targets of issue 19: (models, batch index, share of the bandwidth bound)
+# the decode benchmark's targets: (models, batch index, share of the bandwidth bound)
 TARGETS = ((("mha", "gqa", "mqa"), 0, 0.20), (("mha", "moas_static", "moas_dynamic"), 1, 0.50))
 
 
@@ -149,18 +150,16 @@ def build(size: DecodeSize, model_name: str, device: torch.device):
 
 
 def routers(model) -> list:
-    """Each attention router (a module's `router`: a Linear or a small network ending in one)."""
-    return [
-        block.attn.router
-        for block in model.blocks
-        if isinstance(getattr(block.attn, "router", None), nn.Module)
-    ]
+    """Each attention's routers: the submodules it declares with role ROUTER (a Linear or a small
+    network ending in one)."""
+    return [router for block in model.blocks for router in declared_modules(block.attn, ROUTER)]
 
 
 def last_linear_input(model, router: nn.Module, calib: torch.Tensor) -> tuple:
     """(the router's last Linear, the inputs (N, features) it sees on a forward of `calib`). A
     router may apply that Linear's weight itself (MoAS pads it: F.linear), so its input is also
-    taken as the output of the module before."""
+    taken as the output of the module before. The inputs are None where neither is seen (a router
+    whose weights its attention applies itself, as MAE's gate does)."""
     leaves = [m for m in router.modules() if not list(m.children())]
     last = max(i for i, m in enumerate(leaves) if isinstance(m, nn.Linear))
     seen = {}
@@ -179,7 +178,8 @@ def last_linear_input(model, router: nn.Module, calib: torch.Tensor) -> tuple:
     finally:
         for hook in hooks:
             hook.remove()
-    return leaves[last], seen.get("in", seen.get("before")).flatten(0, -2)
+    inputs = seen.get("in", seen.get("before"))
+    return leaves[last], None if inputs is None else inputs.flatten(0, -2)
 
 
 @torch.no_grad()
@@ -192,6 +192,8 @@ def balance_routers(model, calib: torch.Tensor, scale: float = 3.0) -> None:
     gen = torch.Generator().manual_seed(0)
     for router in routers(model):
         layer, h = last_linear_input(model, router, calib)
+        if h is None:  # not balanced: its inputs cannot be seen
+            continue
         h = h.double().cpu()
         mu = h.mean(0)
         evals, evecs = torch.linalg.eigh(torch.cov(h.T))
@@ -519,15 +521,10 @@ def row_contention(entry: dict, device: torch.device) -> dict:
 
 
 def has_scheme_router(model) -> bool:
-    """Whether the model routes over attention schemes (then set to top1 routing, as moa-generate
-    can)."""
-    from moa_train.generation import set_inference_routing
+    """Whether the model routes over attention schemes (moas_dynamic: it also has a top1 row)."""
+    from moa_train.generation import scheme_routed
 
-    try:
-        set_inference_routing(model, "top1")
-    except ValueError:
-        return False
-    return True
+    return bool(scheme_routed(model))
 
 
 def bench_model(
@@ -568,6 +565,9 @@ def bench_model(
             **measure_row(model, model_name, size, device, bandwidth, args, key),
         }
         if has_scheme_router(model):
+            from moa_train.generation import set_inference_routing
+
+            set_inference_routing(model, "top1")
             release(device)
             label = f"{key}@top1 (inference_routing=top1: one scheme per token)"
             log.info("%s", label)

@@ -41,6 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -142,13 +143,22 @@ def timed_steps(trainer, steps: int, device: torch.device, batches: list | None 
     return (time.perf_counter() - t0) / steps
 
 
+@contextmanager
+def benched_trainer(trainer_class, cfg):
+    """A Trainer in a temporary run folder, within its kernel settings (TF32, SDPA backend) for
+    everything the benchmark does with it, the caller's settings back afterwards."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = trainer_class(cfg, Path(run_dir))
+        with trainer.kernel_settings():
+            yield trainer
+
+
 def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: dict, args) -> dict:
     from moa_train.train.cuda_graph import WARMUP_STEPS
     from moa_train.train.loop import Trainer
 
     cfg, overrides = compose_cfg(size, model, batch, device, args.override)
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(cfg, Path(run_dir))
+    with benched_trainer(Trainer, cfg) as trainer:
         entry = {
             "size": size,
             "model": model,

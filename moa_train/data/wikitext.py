@@ -63,7 +63,7 @@ WIKITEXT2 = TextCorpus(
     ("Salesforce/wikitext", "wikitext-2-v1"),
     {"train": "train", "val": "validation", "test": "test"},
 )
-# the MoA paper's MLM corpus (issue 31): the same layout, about 50x WikiText-2's training text
+# the MoA paper's MLM corpus: the same layout, about 50x WikiText-2's training text
 WIKITEXT103 = TextCorpus(
     "wikitext103",
     "wikitext-103",

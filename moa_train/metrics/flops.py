@@ -60,33 +60,27 @@ def measure_matmul_flops(
     return 2 * n**3 / min(times)
 
 
-def peak_cache(cache_dir: str | Path) -> Path:
-    return Path(os.path.expanduser(str(cache_dir))) / "peak_flops.json"
+def peak_cache() -> Path:
+    """The file of measured peaks: $MOA_PEAK_FLOPS_FILE, else moa_train_peak_flops.json in the
+    user's cache folder ($XDG_CACHE_HOME, else ~/.cache), beside the data cache and not in it (a
+    property of the device, not of any data)."""
+    if path := os.environ.get("MOA_PEAK_FLOPS_FILE"):
+        return Path(os.path.expanduser(path))
+    cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(os.path.expanduser(cache)) / "moa_train_peak_flops.json"
 
 
-def peak_flops(device: torch.device, kind: str, cache_dir: str | Path) -> float:
-    """Measured peak for (device, kind, torch version), cached in <cache_dir>/peak_flops.json."""
-    path = peak_cache(cache_dir)
+def peak_flops(device: torch.device, kind: str, path: Path | None = None) -> float:
+    """Measured peak for (device, kind, torch version): measured the first time it is asked for,
+    then read from `path` (default: peak_cache()); delete the file, or its entry, to measure
+    again."""
+    path = peak_cache() if path is None else Path(path)
     key = f"{device_name(device)}|{kind}|torch {torch.__version__}"
     table = read_table(path)
     if not _is_rate(table.get(key)):
         table[key] = measure_matmul_flops(device, kind)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(table, indent=1))
-    return table[key]
-
-
-def remeasure_peak(device: torch.device, kind: str, cache_dir: str | Path, stale: float) -> float:
-    """The peak measured again after a run's own rate beat the cached one (MFU above 100%: the
-    cached figure was measured while other work ran, e.g. a test suite in parallel): the larger of
-    the two is cached and returned."""
-    path = peak_cache(cache_dir)
-    key = f"{device_name(device)}|{kind}|torch {torch.__version__}"
-    peak = max(stale, measure_matmul_flops(device, kind))
-    table = read_table(path)
-    table[key] = max(peak, table[key]) if _is_rate(table.get(key)) else peak
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(table, indent=1))
     return table[key]
 
 

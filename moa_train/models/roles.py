@@ -8,6 +8,8 @@ scaled init and the fast-path checks.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch.nn as nn
 
 # a router's parameters: their own lr multiplier and weight decay (optim.router_*)
@@ -46,3 +48,15 @@ def params_with(model: nn.Module, role: str) -> list:
     """The parameters declared with `role`, in model.parameters() order."""
     roles = param_roles(model)
     return [p for name, p in model.named_parameters() if role in roles[name]]
+
+
+def declared_modules(module: nn.Module, role: str) -> list:
+    """The submodules `module` itself declares with `role` (parameters declared alone, and optional
+    parts left out, are not among them): its routers, for role ROUTER."""
+    out = []
+    for path, declared in getattr(module, "PARAM_ROLES", {}).items():
+        if declared != role:
+            continue
+        with contextlib.suppress(AttributeError):
+            out.append(module.get_submodule(path))
+    return out

@@ -1,4 +1,4 @@
-"""Issue 20's question: at equal realised KV cache bytes, does moas_kv reach a lower perplexity than
+"""The question: at equal realised KV cache bytes, does moas_kv reach a lower perplexity than
 GQA/MQA, and at what parameter and compute cost? Trains the rows of configs/experiment/kv_tradeoff/
 over seeds, evaluates them and writes docs/results/kv_tradeoff.{md,json,png}.
 
@@ -74,7 +74,6 @@ ROWS = (
 # the fixed-scheme points each moas_kv row is compared with
 BASELINES = ("mha", "gqa4", "gqa2", "mqa")
 PARAM_MATCHED = "gqa2_pm"
-CACHE_DTYPE_BYTES = 2  # realised bytes are those of a bf16 cache
 ALPHA = 0.05
 
 
@@ -528,7 +527,7 @@ def markdown(res: dict, meta: dict) -> str:
     rows = res["rows"]
     first = next(iter(rows.values()))
     lines = [
-        "# KV cache trade-off: moas_kv against GQA/MQA at equal realised KV bytes (issue 20)",
+        "# KV cache trade-off: moas_kv against GQA/MQA at equal realised KV bytes",
         "",
         (
             f"{first['setup']} (the first row's run; configs/experiment/kv_tradeoff/): "

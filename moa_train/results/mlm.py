@@ -1,4 +1,4 @@
-"""Reproduce the MoA paper's masked-LM trend (issue 31): train every row of
+"""Reproduce the MoA paper's masked-LM trend: train every row of
 configs/experiment/moa_mlm/ for --seeds seeds and write docs/results/mlm.{md,json} from the run
 records: per row mean +- std over seeds of val and test perplexity (nats per masked token,
 exponentiated), parameters, MACs per token (the model's FLOP counter: training FLOPs / 6, i.e. the
@@ -197,7 +197,7 @@ def fmt(ms: dict) -> str:
 
 def markdown(res: dict, meta: dict) -> str:
     lines = [
-        "# Masked LM: the MoA paper's trend (issue 31)",
+        "# Masked LM: the MoA paper's trend",
         "",
         (
             f"`{meta['command']}` on {meta['device']}, torch {meta['torch']}, commit "

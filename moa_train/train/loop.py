@@ -14,7 +14,7 @@ import random
 import subprocess
 import time
 from contextlib import nullcontext
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,9 +24,9 @@ from omegaconf import OmegaConf
 
 from moa_train.config import ConfigError, check_run_folder, leaves, parse_duration
 from moa_train.io import atomic_write_text
-from moa_train.metrics.flops import device_name, peak_cache, peak_flops, peak_kind, remeasure_peak
+from moa_train.metrics.flops import device_name, peak_cache, peak_flops, peak_kind
 from moa_train.metrics.sinks import MetricsLogger, build_logger, truncate_jsonl
-from moa_train.models.attention.mha import select_sdpa_backend
+from moa_train.models.backends import kernel_settings
 from moa_train.models.routing import detached, routing_metrics
 from moa_train.progress import progress
 from moa_train.train import distributed, eval_run
@@ -225,6 +225,18 @@ def accum_weights(task, batches: list, norm: str = "mean") -> list:
     return [len(batches) * t / total for t in tokens]
 
 
+def with_kernel_settings(method):
+    """`method` run within the trainer's kernel settings (TF32, SDPA backend), restored after it:
+    the trainer changes no process-wide setting outside its own calls."""
+
+    @wraps(method)
+    def within(self, *args, **kwargs):
+        with self.kernel_settings():
+            return method(self, *args, **kwargs)
+
+    return within
+
+
 class Trainer:
     def __init__(self, cfg, run_dir: Path):
         self.start_time = time.perf_counter()
@@ -235,9 +247,6 @@ class Trainer:
         self.dist = distributed.init()
         self.device = distributed.local_device(resolve_device(t.device), self.dist)
         seed_everything(t.seed)  # the same on every rank: identical initial weights
-        torch.backends.cuda.matmul.allow_tf32 = bool(t.tf32)
-        torch.backends.cudnn.allow_tf32 = bool(t.tf32)
-        select_sdpa_backend(t.sdpa_backend)
         use_bf16 = t.precision == "bf16"
         # no autocast weight cache: it cannot live inside a CUDA-graph capture, and each weight is
         # cast once anyway
@@ -303,10 +312,15 @@ class Trainer:
         # optimizer steps run by this process (its first ones warm up and capture)
         self.steps_run = 0
         self.flops_per_token = self.task.flops_per_token()
-        self.peak = peak_flops(self.device, peak_kind(t.precision, t.tf32), cfg.data.cache_dir)
-        self.warned_peak = self.remeasured_peak = False
+        self.peak = peak_flops(self.device, peak_kind(t.precision, t.tf32))
+        self.warned_peak = False
         self.stop = None  # the StopSignals while training
         self.last_val = {}
+
+    def kernel_settings(self):
+        """The context of every step and evaluation: trainer.tf32 and trainer.sdpa_backend applied,
+        the caller's settings back on exit."""
+        return kernel_settings(self.cfg.trainer.tf32, self.cfg.trainer.sdpa_backend)
 
     @property
     def last_checkpoint(self) -> Path | None:
@@ -452,6 +466,7 @@ class Trainer:
         bad = self.guard.step(loss_sum, norm, self.phases.step if gate_step else None)
         return ce_sum / n, {k: v / n for k, v in aux_sum.items()}, detached(routings), norm, bad
 
+    @with_kernel_settings
     def train_step(self, log_step: bool, batches: list | None = None) -> StepResult:
         """One optimizer step on `batches` (default: drawn from the task), counters untouched:
         eager, or a CUDA-graph replay after a few eager warm-up steps on a side stream."""
@@ -481,6 +496,7 @@ class Trainer:
         self.scheduler.step()
         return StepResult(*out)
 
+    @with_kernel_settings
     def train_steps(
         self, n: int = 1, log_step: bool = False, batches: list | None = None
     ) -> StepResult:
@@ -514,6 +530,7 @@ class Trainer:
         grads = [p.grad for p in params if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
+    @with_kernel_settings
     def evaluate(self, split: str, prefix: str, final: bool = False) -> dict:
         # a signal ends evaluation in one process only: under torchrun the ranks would leave its
         # collectives at different batches, so they finish it and agree on the signal at the next
@@ -540,6 +557,7 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     # --- runs -------------------------------------------------------------------------------------
+    @with_kernel_settings
     def fit(self) -> dict:
         # one trainer per run folder
         lock = RunLock(self.run_dir).acquire() if self.dist.main else None
@@ -707,20 +725,6 @@ class Trainer:
 
     def log_train(self, logger, out: StepResult) -> dict:
         step_ms, tok_s = self.meter.close()
-        if self.flops_per_token * tok_s > self.peak and not self.remeasured_peak:
-            # this run beat the cached peak: that figure was measured while other work ran; measure
-            # it once more
-            self.remeasured_peak, stale = True, self.peak
-            t = self.cfg.trainer
-            self.peak = remeasure_peak(
-                self.device, peak_kind(t.precision, t.tf32), self.cfg.data.cache_dir, stale
-            )
-            log.info(
-                "perf/mfu: this run's rate beat the cached peak (%.3g FLOP/s), measured again: "
-                "%.3g FLOP/s",
-                stale,
-                self.peak,
-            )
         losses = self.losses.pop()
         # CE of each slice
         losses["train/loss"] = distributed.global_sum(losses["train/loss"]) / self.dist.world
@@ -747,15 +751,16 @@ class Trainer:
         if logged["perf/mfu"] > 1.0 and not self.warned_peak:
             self.warned_peak = True
             log.warning(
-                "perf/mfu is above 100%%: the peak measured for this device (%.3g FLOP/s, in %s, "
-                "measured twice) is lower than this run's rate; other work probably ran during "
-                "both measurements; delete that file to measure it again",
+                "perf/mfu is above 100%%: the peak measured for this device (%.3g FLOP/s, in %s) "
+                "is lower than this run's rate; other work probably ran during the measurement; "
+                "delete that file to measure it again",
                 self.peak,
-                peak_cache(self.cfg.data.cache_dir),
+                peak_cache(),
             )
         self.guard.check(self.step, self.checkpointer.last_sane)
         return logged
 
+    @with_kernel_settings
     def eval_only(self) -> dict:
         """Valid and test of the checkpoint trainer.resume names; eval.json in the run folder
         (summary.json is the training run's, never written here)."""

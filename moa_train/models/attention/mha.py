@@ -76,23 +76,6 @@ def sdpa(
     )
 
 
-SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
-
-
-def select_sdpa_backend(name: str) -> None:
-    """Process-wide choice of the CUDA SDPA kernel (trainer.sdpa_backend): `name` plus math, the
-    fallback for inputs the chosen kernel cannot take; auto enables all and leaves the choice to
-    PyTorch. No effect on CPU."""
-    switches = {
-        "flash": torch.backends.cuda.enable_flash_sdp,
-        "cudnn": torch.backends.cuda.enable_cudnn_sdp,
-        "efficient": torch.backends.cuda.enable_mem_efficient_sdp,
-    }
-    for backend, enable in switches.items():
-        enable(name in ("auto", backend))
-    torch.backends.cuda.enable_math_sdp(True)
-
-
 def split_heads(x: Tensor, n: int) -> Tensor:
     """(B, T, n*D) -> (B, n, T, D); D spelt out, since view cannot infer it for B = 0 (a
     data-parallel rank can get no sentence pair of a small translation batch)."""

@@ -124,6 +124,8 @@ class MoASAttention(nn.Module):
         # three 1-D biases stacked, (3, d): no decay, as the MoAS code decays no bias
         "o_bias": NO_DECAY,
     }
+    # the inference_routing values moa-generate can choose for a module with a router (moas_dynamic)
+    INFERENCE_ROUTINGS: ClassVar[tuple] = ("soft", "top1")
     kv_cache = None  # its LayerCache while the model decodes (models/kv_cache.py)
 
     def __init__(
