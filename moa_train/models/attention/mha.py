@@ -14,9 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from moa_train.config import ModelConfig, _check, _divisors
 from moa_train.models.roles import NO_DECAY, RESIDUAL
 from moa_train.models.rope import Rotary, rotate_qk
+from moa_train.schema import ModelConfig
+from moa_train.validation import check, divisors
 
 
 @dataclass
@@ -31,10 +32,10 @@ class MHAConfig(ModelConfig):
         super().validate(m, cfg)
         cls.check_heads(m)
         kv = m.n_kv_heads
-        _check(
+        check(
             kv is None or (kv > 0 and m.n_head % kv == 0),
             "model.n_kv_heads",
-            f"{kv} does not divide model.n_head={m.n_head}; valid: {_divisors(m.n_head)}",
+            f"{kv} does not divide model.n_head={m.n_head}; valid: {divisors(m.n_head)}",
         )
 
     @classmethod

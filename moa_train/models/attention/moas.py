@@ -35,12 +35,13 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from moa_train.config import ModelConfig, _check, _divisors, _one_of, _positive_or_null
 from moa_train.models.attention.mha import merge_heads, sdpa, split_heads
 from moa_train.models.kv_cache import cached_sdpa
 from moa_train.models.roles import NO_DECAY, RESIDUAL, ROUTER
 from moa_train.models.rope import Rotary, rotate_qk
 from moa_train.models.routing import Routing
+from moa_train.schema import ModelConfig
+from moa_train.validation import check, divisors, one_of, positive_or_null
 
 BRANCHES = ("mha", "gqa", "mqa")
 RESID_DROPOUT = ("mixed", "per_branch")
@@ -49,10 +50,10 @@ RESID_DROPOUT = ("mixed", "per_branch")
 def check_gqa_heads(m) -> None:
     """model.n_head divides model.d_model, and model.gqa_kv_heads divides model.n_head (moas_*)."""
     ModelConfig.check_heads(m)
-    _check(
+    check(
         m.gqa_kv_heads > 0 and m.n_head % m.gqa_kv_heads == 0,
         "model.gqa_kv_heads",
-        f"{m.gqa_kv_heads} does not divide model.n_head={m.n_head}; valid: {_divisors(m.n_head)}",
+        f"{m.gqa_kv_heads} does not divide model.n_head={m.n_head}; valid: {divisors(m.n_head)}",
     )
 
 
@@ -75,7 +76,7 @@ class MoASStaticConfig(ModelConfig):
     def validate(cls, m, cfg) -> None:
         super().validate(m, cfg)
         check_gqa_heads(m)
-        _one_of(m.resid_dropout, "model.resid_dropout", RESID_DROPOUT)
+        one_of(m.resid_dropout, "model.resid_dropout", RESID_DROPOUT)
 
     @classmethod
     def attention_params(cls, m) -> int:
@@ -105,13 +106,13 @@ class MoASDynamicConfig(MoASStaticConfig):
     @classmethod
     def validate(cls, m, cfg) -> None:
         super().validate(m, cfg)
-        _positive_or_null(m.router_hidden, "model.router_hidden")
-        _check(
+        positive_or_null(m.router_hidden, "model.router_hidden")
+        check(
             0.0 <= m.gate_dropout < 1.0,
             "model.gate_dropout",
             f"must be in [0, 1), got {m.gate_dropout}",
         )
-        _one_of(m.inference_routing, "model.inference_routing", ("soft", "top1"))
+        one_of(m.inference_routing, "model.inference_routing", ("soft", "top1"))
 
 
 class MoASAttention(nn.Module):

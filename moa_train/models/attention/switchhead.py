@@ -33,12 +33,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from moa_train.config import ModelConfig, _check, _positive_or_null
 from moa_train.models.attention.grouped import gather_rows, grouped_mm
 from moa_train.models.attention.mha import sdpa, split_heads
 from moa_train.models.attention.moa import MixtureOfAttentionHeads
 from moa_train.models.roles import RESIDUAL, ROUTER
 from moa_train.models.rope import Rotary, rotate_qk
+from moa_train.schema import ModelConfig
+from moa_train.validation import check, positive_or_null
 
 
 @dataclass
@@ -56,17 +57,17 @@ class SwitchHeadConfig(ModelConfig):
     def validate(cls, m, cfg) -> None:
         super().validate(m, cfg)
         for key in ("n_experts", "top_k"):
-            _check(m[key] > 0, f"model.{key}", f"must be a positive integer, got {m[key]}")
-        _check(
+            check(m[key] > 0, f"model.{key}", f"must be a positive integer, got {m[key]}")
+        check(
             m.top_k <= m.n_experts,
             "model.top_k",
             f"{m.top_k} is larger than model.n_experts={m.n_experts}; valid: 1..{m.n_experts}",
         )
-        _positive_or_null(m.head_dim, "model.head_dim")
+        positive_or_null(m.head_dim, "model.head_dim")
         if m.head_dim is None:
             cls.check_heads(m)
         t = cfg.trainer if cfg is not None else None
-        _check(
+        check(
             t is None or not (t.cuda_graphs and t.precision != "bf16"),
             "trainer.cuda_graphs",
             "switchhead's expert matmuls outside bf16 run the reference, which reads group sizes "
