@@ -91,7 +91,8 @@ def _checkpoint_v1(state: dict) -> dict:
     missing, and the state it records then is the one a fresh run starts from: no tokens counted,
     no wandb run, no validation pending, no wall-clock time kept (this session's only), no step
     skipped (written before non-finite steps were skipped), an empty logged-loss window, early
-    stopping not waiting, and a health that is sane (written before health was recorded)."""
+    stopping not waiting, a health that is sane (written before health was recorded), no padding
+    id and no tokenizer recorded."""
     fresh = {
         "tokens_seen": 0,
         "wandb_id": None,
@@ -102,6 +103,8 @@ def _checkpoint_v1(state: dict) -> dict:
         "early_stopping": {"best": float("inf"), "best_step": None, "waited": 0},
         "health": {"sane": True, "val": None},
         "last_sane": None,
+        "pad_id": None,
+        "tokenizer": None,
     }
     return {**fresh, **state}
 
