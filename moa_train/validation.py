@@ -65,6 +65,18 @@ def divisors(n: int) -> str:
 DURATION = re.compile(r"(\d+):(\d+):(\d+):(\d+)")
 
 
+def check_experts(m) -> None:
+    """model.n_experts and model.top_k positive, and top_k <= n_experts (a variant that picks
+    top_k of n_experts experts)."""
+    for key in ("n_experts", "top_k"):
+        check(m[key] > 0, f"model.{key}", f"must be a positive integer, got {m[key]}")
+    check(
+        m.top_k <= m.n_experts,
+        "model.top_k",
+        f"{m.top_k} is larger than model.n_experts={m.n_experts}; valid: 1..{m.n_experts}",
+    )
+
+
 def parse_duration(value: Any, key: str = "trainer.max_time") -> float | None:
     """Seconds of a duration given as a number of seconds or "DD:HH:MM:SS" (as Lightning's
     max_time); None for null. ConfigError naming `key` otherwise."""

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from moa_train.models.attention.mha import merge_heads, sdpa, split_heads
+from moa_train.models.attention.mha import attention_settings, merge_heads, sdpa, split_heads
 from moa_train.models.kv_cache import cached_sdpa
 from moa_train.models.roles import NO_DECAY, RESIDUAL, ROUTER
 from moa_train.models.rope import Rotary, rotate_qk
@@ -156,12 +156,10 @@ class MoASAttention(nn.Module):
         # output
         self.c_proj = nn.Linear(3 * d_model, d_model, bias=False)
         self.o_bias = nn.Parameter(torch.zeros(3, d_model)) if bias else None
-        self.dynamic, self.fused, self.causal = dynamic, fused, causal
+        self.dynamic, self.fused = dynamic, fused
         # on the attention probabilities
-        self.dropout = dropout if attn_dropout is None else attn_dropout
+        attention_settings(self, dropout, attn_dropout, causal)
         self.gate_dropout = gate_dropout
-        self.resid_dropout = nn.Dropout(dropout)
-        self.rope = None  # its Rotary with model.positions=rope (models/rope.py)
         self.per_branch = resid_dropout == "per_branch"
         if dynamic:
             hidden = router_hidden or d_model // 4
@@ -171,35 +169,30 @@ class MoASAttention(nn.Module):
 
     @classmethod
     def from_config(cls, m, causal: bool = True) -> MoASAttention:
-        if not OmegaConf.get_type(m).dynamic:
-            attn = cls(
-                m.d_model,
-                m.n_head,
-                m.gqa_kv_heads,
-                m.dropout,
-                m.bias,
-                False,
-                fused=m.fused,
-                causal=causal,
-                resid_dropout=m.resid_dropout,
-                attn_dropout=ModelConfig.attn_p(m),
-            )
-        else:
-            attn = cls(
-                m.d_model,
-                m.n_head,
-                m.gqa_kv_heads,
-                m.dropout,
-                m.bias,
-                True,
-                m.router_hidden,
-                m.gate_dropout,
-                m.fused,
-                causal,
-                m.resid_dropout,
-                ModelConfig.attn_p(m),
-                m.inference_routing,
-            )
+        dynamic = OmegaConf.get_type(m).dynamic
+        # the router's keys belong to moas_dynamic only
+        router = (
+            {
+                "router_hidden": m.router_hidden,
+                "gate_dropout": m.gate_dropout,
+                "inference_routing": m.inference_routing,
+            }
+            if dynamic
+            else {}
+        )
+        attn = cls(
+            m.d_model,
+            m.n_head,
+            m.gqa_kv_heads,
+            m.dropout,
+            m.bias,
+            dynamic,
+            fused=m.fused,
+            causal=causal,
+            resid_dropout=m.resid_dropout,
+            attn_dropout=ModelConfig.attn_p(m),
+            **router,
+        )
         attn.rope = Rotary.of(m, attn.head_dim)
         return attn
 

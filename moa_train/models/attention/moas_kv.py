@@ -54,7 +54,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from moa_train.models.attention.mha import merge_heads, sdpa, split_heads
+from moa_train.models.attention.mha import attention_settings, merge_heads, sdpa, split_heads
 from moa_train.models.attention.moas import check_gqa_heads
 from moa_train.models.kv_cache import DecodeState, LayerCache
 from moa_train.models.roles import NO_DECAY, RESIDUAL, ROUTER
@@ -137,10 +137,7 @@ class MoASKVAttention(nn.Module):
         self.c_attn = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.c_proj = nn.Linear(d_model, d_model, bias=bias)
         self.router = nn.Linear(d_model, len(SCHEMES), bias=bias)
-        self.causal = causal
-        self.dropout = dropout if attn_dropout is None else attn_dropout
-        self.resid_dropout = nn.Dropout(dropout)
-        self.rope = None  # its Rotary with model.positions=rope (models/rope.py)
+        attention_settings(self, dropout, attn_dropout, causal)
         self.kv_budget, self.router_tau, self.inference_routing = (
             kv_budget,
             router_tau,
