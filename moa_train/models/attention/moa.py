@@ -121,7 +121,6 @@ class MixtureOfAttentionHeads(nn.Module):
         self.kv_proj = nn.Linear(d_model, 2 * self.expert_dim, bias=bias)
         self.c_proj = nn.Linear(n_experts * self.expert_dim, d_model, bias=bias)
         self.gating, self.expert_matmul = gating, expert_matmul
-        # on the attention probabilities
         attention_settings(self, dropout, attn_dropout, causal)
         self.choice_names = tuple(str(i) for i in range(n_experts))
 

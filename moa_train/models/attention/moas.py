@@ -157,7 +157,6 @@ class MoASAttention(nn.Module):
         self.c_proj = nn.Linear(3 * d_model, d_model, bias=False)
         self.o_bias = nn.Parameter(torch.zeros(3, d_model)) if bias else None
         self.dynamic, self.fused = dynamic, fused
-        # on the attention probabilities
         attention_settings(self, dropout, attn_dropout, causal)
         self.gate_dropout = gate_dropout
         self.per_branch = resid_dropout == "per_branch"
