@@ -38,11 +38,11 @@ def load_checkpoint_model(
         raise ValueError(
             f"{target} is a {name} run: only decoder-only LM runs (task lm) are supported for now"
         )
-    model = task_class(name).build_model(cfg.model, state["vocab_size"], state.get("pad_id"))
+    model = task_class(name).build_model(cfg.model, state["vocab_size"], state["pad_id"])
     model.load_state_dict(state["model"])
     # what generate checks a tokenizer against (generation.check_tokenizer); checkpoints written
-    # before the tokenizer was recorded hold none
-    model.checkpoint_path, model.tokenizer_identity = path, state.get("tokenizer")
+    # before the tokenizer was recorded hold None (moa_train/config_format.py)
+    model.checkpoint_path, model.tokenizer_identity = path, state["tokenizer"]
     return model.to(map_location).eval(), cfg, path
 
 

@@ -1,7 +1,12 @@
-"""The layout of saved configs, versioned: a run's config (its checkpoints' and .hydra/config.yaml)
-records `config_format`, and `upgrade` brings an older one to the current layout through the steps
-of `STEPS`, one per version, so the rest of the code reads one layout only. A change of layout is
-one new step here and CONFIG_FORMAT + 1.
+"""The layout of saved configs and checkpoints, versioned, with the steps that upgrade older ones.
+
+A run's config (its checkpoints' and .hydra/config.yaml) records `config_format`, and `upgrade`
+brings an older one to the current layout through the steps of `STEPS`; a checkpoint records
+`checkpoint_format`, and `upgrade_checkpoint` (which moa_train.train.checkpoint.load_checkpoint
+applies to every file it reads) brings an older one to the current layout through
+`CHECKPOINT_STEPS`. One step per version, so the rest of the code reads one layout only: a change
+of layout is one new step here and its format + 1. This module imports neither torch nor the
+models.
 """
 
 from __future__ import annotations
@@ -74,3 +79,49 @@ def upgrade(config: dict, default_task=lambda data_name: "lm") -> dict:
         version += 1
     config["config_format"] = CONFIG_FORMAT
     return config
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = 2
+
+
+def _checkpoint_v1(state: dict) -> dict:
+    """Format 1 (no checkpoint_format key): each key added since the first checkpoints may be
+    missing, and the state it records then is the one a fresh run starts from: no tokens counted,
+    no wandb run, no validation pending, no wall-clock time kept (this session's only), no step
+    skipped (written before non-finite steps were skipped), an empty logged-loss window, early
+    stopping not waiting, a health that is sane (written before health was recorded), no padding
+    id and no tokenizer recorded."""
+    fresh = {
+        "tokens_seen": 0,
+        "wandb_id": None,
+        "pending_eval": False,
+        "wall_s": 0.0,
+        "guard": {"skipped": 0, "streak": 0, "longest": 0},
+        "window": {"ce": 0.0, "applied": 0, "aux": {}},
+        "early_stopping": {"best": float("inf"), "best_step": None, "waited": 0},
+        "health": {"sane": True, "val": None},
+        "last_sane": None,
+        "pad_id": None,
+        "tokenizer": None,
+    }
+    return {**fresh, **state}
+
+
+CHECKPOINT_STEPS = {1: _checkpoint_v1}  # format N -> N + 1
+
+
+def upgrade_checkpoint(state: dict) -> dict:
+    """Checkpoint state `state` in the current layout: a new dict (the tensors are shared, not
+    copied). ValueError for a format newer than this code reads."""
+    version = state.get("checkpoint_format", 1)
+    if version > CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"checkpoint_format {version} is newer than this moa_train reads "
+            f"({CHECKPOINT_FORMAT}); update moa_train"
+        )
+    while version < CHECKPOINT_FORMAT:
+        state = CHECKPOINT_STEPS[version](state)
+        version += 1
+    return {**state, "checkpoint_format": CHECKPOINT_FORMAT}

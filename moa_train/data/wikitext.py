@@ -56,21 +56,21 @@ class TextCorpus:
     hub_column: str = "text"
 
 
-WIKITEXT2 = TextCorpus(
-    "wikitext2",
-    "wikitext-2",
-    {"train": "train.txt", "val": "valid.txt", "test": "test.txt"},
-    ("Salesforce/wikitext", "wikitext-2-v1"),
-    {"train": "train", "val": "validation", "test": "test"},
-)
+def wikitext(size: str) -> TextCorpus:
+    """WikiText-`size` (2 or 103): wikitext-<size>/{train,valid,test}.txt, or the hub's
+    Salesforce/wikitext wikitext-<size>-v1."""
+    return TextCorpus(
+        f"wikitext{size}",
+        f"wikitext-{size}",
+        {"train": "train.txt", "val": "valid.txt", "test": "test.txt"},
+        ("Salesforce/wikitext", f"wikitext-{size}-v1"),
+        {"train": "train", "val": "validation", "test": "test"},
+    )
+
+
+WIKITEXT2 = wikitext("2")
 # the MoA paper's MLM corpus: the same layout, about 50x WikiText-2's training text
-WIKITEXT103 = TextCorpus(
-    "wikitext103",
-    "wikitext-103",
-    {"train": "train.txt", "val": "valid.txt", "test": "test.txt"},
-    ("Salesforce/wikitext", "wikitext-103-v1"),
-    {"train": "train", "val": "validation", "test": "test"},
-)
+WIKITEXT103 = wikitext("103")
 # data=text: a folder of the user's own (data.root), any tokenizer
 TEXT = TextCorpus(
     "text",

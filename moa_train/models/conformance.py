@@ -27,13 +27,13 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from moa_train.config import PLUGIN_PRESETS, VARIANTS, preset_variant
 from moa_train.models.decoding import Recompute, open_steps
 from moa_train.models.kv_cache import has_kv_cache
 from moa_train.models.lm import LanguageModel
 from moa_train.models.roles import ROUTER, params_with
 from moa_train.models.search import beam_search, greedy_search
 from moa_train.models.seq2seq import Seq2Seq
+from moa_train.models.variants import PLUGIN_PRESETS, VARIANTS, preset_variant
 from moa_train.paths import config_dir
 
 VOCAB, PAD, BOS, ATOL = 50, 0, 1, 1e-5

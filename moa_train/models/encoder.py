@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from moa_train.models.lm import Block, init_weights
+from moa_train.models.lm import build_trunk
 from moa_train.models.registry import model_config
 from moa_train.models.roles import EMBEDDING, NO_DECAY
 
@@ -25,15 +25,7 @@ class MaskedLM(nn.Module):
         super().__init__()
         m = model_config(m)
         self.config, self.vocab_size, self.pad_id = m, vocab_size, pad_id
-        self.wte = nn.Embedding(vocab_size, m.d_model)
-        self.wpe = nn.Embedding(m.max_seq_len, m.d_model)
-        self.drop = nn.Dropout(m.dropout)
-        self.blocks = nn.ModuleList(Block(m, causal=False) for _ in range(m.n_layer))
-        self.ln_f = nn.LayerNorm(m.d_model, bias=m.bias)
-        self.lm_head = nn.Linear(m.d_model, vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied
-        init_weights(self, m.n_layer)
-        self.sites = [f"layer{i}" for i in range(m.n_layer)]
+        build_trunk(self, m, vocab_size, causal=False, table=True)
 
     def forward(self, idx: Tensor):
         """(logits (B, T, V), one routing record per layer, each with the mask of its real tokens

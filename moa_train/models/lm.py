@@ -98,6 +98,22 @@ def init_weights(model: nn.Module, n_layer: int) -> None:
             module.post_init()
 
 
+def build_trunk(model: nn.Module, m, vocab_size: int, causal: bool, table: bool) -> None:
+    """Give `model` the layers of a decoder-only or encoder-only stack, in this order (the order of
+    their random initialisation): token embedding `wte`, learned position table `wpe` (None without
+    `table`: rope puts positions inside each attention, models/rope.py), dropout, m.n_layer blocks,
+    final norm `ln_f` and an output head tied to the embedding; then GPT-2's init."""
+    model.wte = nn.Embedding(vocab_size, m.d_model)
+    model.wpe = nn.Embedding(m.max_seq_len, m.d_model) if table else None
+    model.drop = nn.Dropout(m.dropout)
+    model.blocks = nn.ModuleList(Block(m, causal=causal) for _ in range(m.n_layer))
+    model.ln_f = nn.LayerNorm(m.d_model, bias=m.bias)
+    model.lm_head = nn.Linear(m.d_model, vocab_size, bias=False)
+    model.lm_head.weight = model.wte.weight  # tied
+    init_weights(model, m.n_layer)
+    model.sites = [f"layer{i}" for i in range(m.n_layer)]
+
+
 class LanguageModel(CacheHolder, nn.Module):
     PARAM_ROLES: ClassVar[dict] = {"wte": EMBEDDING, "wpe": EMBEDDING, "ln_f": NO_DECAY}
 
@@ -105,16 +121,7 @@ class LanguageModel(CacheHolder, nn.Module):
         super().__init__()
         m = model_config(m)
         self.config, self.vocab_size = m, vocab_size
-        self.wte = nn.Embedding(vocab_size, m.d_model)
-        # rope: positions enter inside each attention (models/rope.py), no table
-        self.wpe = None if m.positions == "rope" else nn.Embedding(m.max_seq_len, m.d_model)
-        self.drop = nn.Dropout(m.dropout)
-        self.blocks = nn.ModuleList(Block(m) for _ in range(m.n_layer))
-        self.ln_f = nn.LayerNorm(m.d_model, bias=m.bias)
-        self.lm_head = nn.Linear(m.d_model, vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied
-        init_weights(self, m.n_layer)
-        self.sites = [f"layer{i}" for i in range(m.n_layer)]
+        build_trunk(self, m, vocab_size, causal=True, table=m.positions != "rope")
 
     def forward(self, idx: Tensor):
         """(logits (B, T, V), one routing record per layer) of a full forward from position 0; an

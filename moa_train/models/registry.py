@@ -1,4 +1,5 @@
-"""Attention registry: name -> (module class, config class).
+"""Attention registry: `register` puts a variant's module class and config class into the one
+variant table (moa_train.models.variants: `ATTENTION` and `VARIANTS` are its two columns).
 
 A new attention variant is one module (its attention class and its config class, a ModelConfig
 subclass), one YAML in configs/model/ and one `register` line; one outside the package is a module
@@ -14,13 +15,6 @@ from typing import Protocol, runtime_checkable
 
 from omegaconf import OmegaConf
 
-from moa_train.config import (
-    VARIANTS,
-    ConfigError,
-    cross_config,
-    register_variant,
-    variant_config,
-)
 from moa_train.models.attention.mae import MAEConfig, MixtureOfAttentiveExperts
 from moa_train.models.attention.mha import MHAConfig, MultiHeadAttention
 from moa_train.models.attention.mla import MLAAttention, MLAConfig
@@ -29,8 +23,14 @@ from moa_train.models.attention.moas import MoASAttention, MoASDynamicConfig, Mo
 from moa_train.models.attention.moas_kv import MoASKVAttention, MoASKVConfig
 from moa_train.models.attention.moh import MoHAttention, MoHConfig
 from moa_train.models.attention.switchhead import SwitchHeadAttention, SwitchHeadConfig
-
-ATTENTION: dict = {}  # name -> attention module class
+from moa_train.models.variants import (
+    ATTENTION,
+    VARIANTS,
+    cross_config,
+    register_variant,
+    variant_config,
+)
+from moa_train.validation import ConfigError
 
 
 @runtime_checkable
@@ -84,8 +84,7 @@ def register(name: str, cls: type, config: type, yaml: str | Path | None = None)
             stacklevel=2,
         )
         cls = legacy_adapter(cls)
-    ATTENTION[name] = cls
-    register_variant(name, config, yaml)
+    register_variant(name, config, yaml, module=cls)
 
 
 def legacy_adapter(cls: type) -> type:

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moa_train.config_format import upgrade_checkpoint
 from moa_train.io import atomic_write, temp_path
 
 log = logging.getLogger(__name__)
@@ -341,7 +342,10 @@ def load_checkpoint(path: Path, map_location="cpu", mmap: bool = False) -> dict:
             f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})"
         ) from None
     _check_state(path, state)
-    return state
+    try:
+        return upgrade_checkpoint(state)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
 
 
 def _check_state(path: Path, state) -> None:

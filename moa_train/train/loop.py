@@ -23,6 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from moa_train.config import ConfigError, check_run_folder, leaves, parse_duration
+from moa_train.config_format import CHECKPOINT_FORMAT
 from moa_train.io import atomic_write_text
 from moa_train.metrics.flops import device_name, peak_cache, peak_flops, peak_kind
 from moa_train.metrics.sinks import MetricsLogger, build_logger, truncate_jsonl
@@ -153,8 +154,7 @@ def finished_summary(cfg, run_dir: Path) -> dict | None:
         return None
     _, state, _ = load_latest(Path(run_dir), mmap=True)
     check_fixed_settings(state.get("config") or {}, cfg)  # another model is refused, as ever
-    if "early_stopping" in state:
-        stopper.load_state_dict(state["early_stopping"])
+    stopper.load_state_dict(state["early_stopping"])
     done = state["step"] >= t.max_steps or stopper.done
     return summary if done and state["step"] == steps else None
 
@@ -332,32 +332,45 @@ class Trainer:
         return self.wall_before + time.perf_counter() - self.start_time
 
     # --- state ------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def components(self) -> dict:
+        """Checkpoint key -> the component whose state (state_dict / load_state_dict) it holds."""
         return {
+            "scheduler": self.scheduler,
+            "data": self.batches,
+            "guard": self.guard,
+            "window": self.losses,
+            "early_stopping": self.early_stopping,
+        }
+
+    def state_dict(self) -> dict:
+        """The checkpoint: the trainer's own keys, each component's state under its key
+        (`components`), and the top-level keys the checkpointer (best_val) and the evaluator
+        (pending_eval) own."""
+        state = {
+            "checkpoint_format": CHECKPOINT_FORMAT,
             "model": distributed.model_state(self.model, self.dist),
             "optimizer": distributed.optimizer_state(self.model, self.optimizer, self.dist),
-            "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "best_val": self.checkpointer.best,
-            "data": self.batches.state_dict(),
             "rng": distributed.gather_objects(rng_state(), self.dist)
             if self.dist.active
             else rng_state(),
             "wandb_id": self.wandb_id,
-            "guard": self.guard.state_dict(),
-            "window": self.losses.state_dict(),
-            "pending_eval": self.evaluator.pending,
-            "early_stopping": self.early_stopping.state_dict(),
             "wall_s": self.wall_s(),
             "vocab_size": self.model.vocab_size,
             "pad_id": getattr(self.model, "pad_id", None),
             # moa-generate refuses a run folder's tokenizer.json that is not this one
             "tokenizer": self.task.tokenizer_id,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
+            **self.checkpointer.state_dict(),
+            **self.evaluator.state_dict(),
         }
+        state.update({key: part.state_dict() for key, part in self.components().items()})
+        return state
 
     def load_state_dict(self, state: dict, weights_only: bool = False) -> None:
+        """Restore a checkpoint's state (in the current layout: load_checkpoint upgrades older
+        ones). weights_only: the weights, the step and the guard's counts only."""
         if not weights_only and "config" in state:  # eval_only may score the weights on other data
             check_fixed_settings(state["config"], self.cfg)
         try:
@@ -369,25 +382,19 @@ class Trainer:
                 "the run's own config or use trainer.resume=false in a new run folder"
             ) from None
         # what the weights were trained on: eval.json records it too
-        self.step, self.tokens_seen = state["step"], state.get("tokens_seen", 0)
-        if "guard" in state:  # checkpoints written before non-finite steps were skipped lack it
-            self.guard.load_state_dict(state["guard"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        parts = self.components()
+        parts.pop("guard").load_state_dict(state["guard"])
         if weights_only:
             return
         distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist)
-        self.scheduler.load_state_dict(state["scheduler"])
+        for key, part in parts.items():
+            part.load_state_dict(state[key])
         # a changed lr or schedule takes effect
         apply_settings(self.optimizer, self.scheduler, self.cfg.optim)
-        self.checkpointer.best = state["best_val"]
-        self.batches.load_state_dict(state["data"])
-        self.wandb_id = state.get("wandb_id")
-        self.evaluator.pending = state.get("pending_eval", False)
-        # (checkpoints written before it was kept: this session only)
-        self.wall_before = state.get("wall_s", 0.0)
-        if "window" in state:
-            self.losses.load_state_dict(state["window"])
-        if "early_stopping" in state:
-            self.early_stopping.load_state_dict(state["early_stopping"])
+        self.checkpointer.load_state_dict(state)
+        self.evaluator.load_state_dict(state)
+        self.wandb_id, self.wall_before = state["wandb_id"], state["wall_s"]
         rng = distributed.rank_rng(state["rng"], self.dist)
         if rng is not None:
             set_rng_state(rng)

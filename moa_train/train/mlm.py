@@ -19,14 +19,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moa_train.config import TaskConfig, _check
 from moa_train.data.batches import RandomWindows, sequential_windows
 from moa_train.models.routing import aux_losses, weighted_aux
 from moa_train.progress import progress
+from moa_train.schema import TaskConfig
 from moa_train.train.distributed import Dist, global_sum, rank_share
 from moa_train.train.evaluate import EVAL_SEED
 from moa_train.train.preemption import check_stop
 from moa_train.train.tasks import LMTask
+from moa_train.validation import check
 
 IGNORE = -100  # the target of a position that is not predicted (F.cross_entropy's ignore_index)
 
@@ -116,10 +117,10 @@ class MLMTask(LMTask):
     def check(cfg, world_size: int) -> None:
         LMTask.check(cfg, world_size)
         k = cfg.task
-        _check(0 < k.mask_prob < 1, "task.mask_prob", f"must be in (0, 1), got {k.mask_prob}")
+        check(0 < k.mask_prob < 1, "task.mask_prob", f"must be in (0, 1), got {k.mask_prob}")
         for key in ("mask_token", "random_token"):
-            _check(0 <= k[key] <= 1, f"task.{key}", f"must be in [0, 1], got {k[key]}")
-        _check(
+            check(0 <= k[key] <= 1, f"task.{key}", f"must be in [0, 1], got {k[key]}")
+        check(
             k.mask_token + k.random_token <= 1,
             "task.random_token",
             f"{k.random_token} + task.mask_token={k.mask_token} exceed 1 (the selected tokens "

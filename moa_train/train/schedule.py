@@ -23,15 +23,28 @@ from moa_train.train.checkpoint import (
 from moa_train.train.guard import sane
 
 
-class Evaluator:
+class Every:
+    """Something done every `interval` steps and at the last."""
+
+    interval: int
+
+    def due(self, step: int, last: bool) -> bool:
+        return step % self.interval == 0 or last
+
+
+class Evaluator(Every):
     """Validation every `trainer.eval_interval` steps and at the last; `pending` marks a validation
     a signal stopped, recorded in the checkpoint so the resumed process runs it first."""
 
     def __init__(self, interval: int):
         self.interval, self.pending = interval, False
 
-    def due(self, step: int, last: bool) -> bool:
-        return step % self.interval == 0 or last
+    def state_dict(self) -> dict:
+        """Its checkpoint key: pending_eval."""
+        return {"pending_eval": self.pending}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pending = state["pending_eval"]
 
 
 class EarlyStopping:
@@ -90,7 +103,7 @@ def resume_target(resume, run_dir: Path) -> Path | None:
     return target
 
 
-class Checkpointer:
+class Checkpointer(Every):
     """Checkpoints of a run folder: the one to resume from (`trainer.resume`); written every
     `trainer.save_interval` steps (null: at each validation), at the last step and when stopping;
     the best by the task's metric (lower is better) kept as best.pt; the last
@@ -110,8 +123,12 @@ class Checkpointer:
         self.resumed_from = None  # (checkpoint path, its step) when the run resumed
         self.failed = ()  # newer checkpoints the resume skipped: they failed their check
 
-    def due(self, step: int, last: bool) -> bool:
-        return step % self.interval == 0 or last
+    def state_dict(self) -> dict:
+        """Its checkpoint key: best_val (the best validation metric so far)."""
+        return {"best_val": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state["best_val"]
 
     def is_best(self, metrics: dict) -> bool:
         """Whether this validation beats every earlier one; the best value is updated."""
@@ -131,10 +148,9 @@ class Checkpointer:
 
     def resumed(self, path: Path, state: dict) -> None:
         self.last, self.resumed_from = path, (path, state["step"])
-        # checkpoints written before health was recorded are taken as sane
-        health = state.get("health", {"sane": True, "val": None})
+        health = state["health"]
         self.val = health["val"]
-        named = path if health["sane"] else state.get("last_sane")
+        named = path if health["sane"] else state["last_sane"]
         # where it was written, or beside this one (a run folder moved since)
         found = [Path(named), path.parent / Path(named).name] if named else []
         self.last_sane = next((p.absolute() for p in found if p.is_file()), None)

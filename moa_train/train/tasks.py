@@ -18,32 +18,28 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from moa_train.config import (
-    TASK_CONFIGS,
-    ConfigError,
-    SizePart,
-    StepSize,
-    TaskConfig,
-    _check,
-    _divisors,
-    _one_of,
-    _positive_or_null,
-    check_cross,
-    check_memory,
-    cross_config,
-    layer_params,
-    register_task_config,
-)
-from moa_train.config import validate as validate_common
 from moa_train.config_format import upgrade
 from moa_train.data.batches import RandomWindows
 from moa_train.data.wikitext import TOKENIZER_FILE, tokenizer_identity
 from moa_train.io import atomic_write
 from moa_train.models.routing import aux_losses, weighted_aux
+from moa_train.models.variants import check_cross, cross_config, layer_params
 from moa_train.progress import progress
+from moa_train.schema import TASK_CONFIGS, TaskConfig, register_task_config
 from moa_train.train.distributed import Dist, gather_objects, global_sum, rank_share
 from moa_train.train.evaluate import evaluate as evaluate_lm
 from moa_train.train.preemption import check_stop
+from moa_train.validation import (
+    ConfigError,
+    SizePart,
+    StepSize,
+    check,
+    check_memory,
+    divisors,
+    one_of,
+    positive_or_null,
+)
+from moa_train.validation import validate as validate_common
 
 log = logging.getLogger(__name__)
 
@@ -135,25 +131,25 @@ class LMTask(Task):
     @staticmethod
     def check(cfg, world_size: int) -> None:
         m, t = cfg.model, cfg.trainer
-        _check(
+        check(
             m.init == "standard",
             "model.init",
             f"{m.init} initialises the encoder-decoder (translation); the LM takes GPT-2's init: "
             "use standard",
         )
-        _check(
+        check(
             t.block_size <= m.max_seq_len,
             "trainer.block_size",
             f"{t.block_size} exceeds model.max_seq_len={m.max_seq_len}; valid: 1..{m.max_seq_len}",
         )
-        _check(
+        check(
             t.batch_size % t.grad_accum == 0,
             "trainer.grad_accum",
             f"{t.grad_accum} does not divide trainer.batch_size={t.batch_size}; valid: "
-            f"{_divisors(t.batch_size)}",
+            f"{divisors(t.batch_size)}",
         )
         slices = world_size * t.grad_accum
-        _check(
+        check(
             world_size == 1 or t.batch_size % slices == 0,
             "trainer.batch_size",
             f"{t.batch_size} sequences do not split over {world_size} ranks x "
@@ -369,19 +365,19 @@ class TranslationTask(Task):
     @staticmethod
     def check(cfg, world_size: int) -> None:
         m, e = cfg.model, cfg.task
-        _check(
+        check(
             e.max_tokens > 0, "task.max_tokens", f"must be a positive integer, got {e.max_tokens}"
         )
-        _check(
+        check(
             0.0 <= e.label_smoothing < 1.0,
             "task.label_smoothing",
             f"must be in [0, 1), got {e.label_smoothing}",
         )
-        _one_of(e.label_smoothing_over, "task.label_smoothing_over", ("all", "others"))
-        _one_of(e.batch_format, "task.batch_format", ("plain", "fairseq"))
-        _check(e.min_len >= 0, "task.min_len", f"must be >= 0 (fairseq: 1), got {e.min_len}")
-        _positive_or_null(e.max_sentences, "task.max_sentences")
-        _check(
+        one_of(e.label_smoothing_over, "task.label_smoothing_over", ("all", "others"))
+        one_of(e.batch_format, "task.batch_format", ("plain", "fairseq"))
+        check(e.min_len >= 0, "task.min_len", f"must be >= 0 (fairseq: 1), got {e.min_len}")
+        positive_or_null(e.max_sentences, "task.max_sentences")
+        check(
             1 <= e.max_len < m.max_seq_len,
             "task.max_len",
             f"{e.max_len} does not leave room for BOS/EOS in model.max_seq_len={m.max_seq_len}; "
@@ -393,31 +389,29 @@ class TranslationTask(Task):
 
             ok = sorted(name for name, cls in ATTENTION.items() if hasattr(cls, "init_fairseq"))
             for key, name in (("model.name", m.name), ("model.cross.name", cross_config(m).name)):
-                _check(
+                check(
                     name in ok,
                     "model.init",
                     f"fairseq has no init for {key}={name}; valid with: {', '.join(ok)}",
                 )
-        _check(
+        check(
             cfg.trainer.strategy == "ddp",
             "trainer.strategy",
             "fsdp shards decoder-only LMs; translation runs use ddp",
         )
         for key in ("beam", "val_beam"):
-            _check(
-                1 <= e[key] <= MAX_BEAM, f"task.{key}", f"must be in 1..{MAX_BEAM}, got {e[key]}"
-            )
-        _check(
+            check(1 <= e[key] <= MAX_BEAM, f"task.{key}", f"must be in 1..{MAX_BEAM}, got {e[key]}")
+        check(
             math.isfinite(e.lenpen),
             "task.lenpen",
             f"must be a finite number (MoA: 0.6), got {e.lenpen}",
         )
-        _check(
+        check(
             math.isfinite(e.max_len_a) and e.max_len_a >= 0,
             "task.max_len_a",
             f"must be a finite number >= 0 (MoA: 1.2), got {e.max_len_a}",
         )
-        _check(e.max_len_b >= 0, "task.max_len_b", f"must be >= 0 (MoA: 10), got {e.max_len_b}")
+        check(e.max_len_b >= 0, "task.max_len_b", f"must be >= 0 (MoA: 10), got {e.max_len_b}")
 
     @staticmethod
     def step_size(cfg) -> StepSize:
@@ -697,7 +691,7 @@ def task_config(node):
     class; a key of another task is refused naming its owner."""
     from omegaconf.errors import ConfigKeyError
 
-    from moa_train.config import foreign_task_key
+    from moa_train.schema import foreign_task_key
 
     data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
     task_class(data.get("name"))  # a task that exists

@@ -29,7 +29,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from moa_train.config import ModelConfig, _check, _one_of, _positive_or_null
 from moa_train.models.attention.mha import (
     MHAConfig,
     MultiHeadAttention,
@@ -40,6 +39,8 @@ from moa_train.models.kv_cache import DecodeState, StaticKV
 from moa_train.models.roles import NO_DECAY, ROUTER
 from moa_train.models.rope import Rotary, rotate_qk
 from moa_train.models.routing import Routing
+from moa_train.schema import ModelConfig
+from moa_train.validation import check, one_of, positive_or_null
 
 
 @dataclass
@@ -63,15 +64,15 @@ class MAEConfig(MHAConfig):
     @classmethod
     def validate(cls, m, cfg) -> None:
         super().validate(m, cfg)
-        _check(
+        check(
             m.n_head >= 2,
             "model.n_head",
             f"mae needs at least 2 heads (an expert drops one), got {m.n_head}",
         )
-        _positive_or_null(m.gate_hidden, "model.gate_hidden")
-        _one_of(m.gate_training, "model.gate_training", ("bcd", "joint"))
-        _check(m.gate_lr > 0, "model.gate_lr", f"must be > 0, got {m.gate_lr}")
-        _check(
+        positive_or_null(m.gate_hidden, "model.gate_hidden")
+        one_of(m.gate_training, "model.gate_training", ("bcd", "joint"))
+        check(m.gate_lr > 0, "model.gate_lr", f"must be > 0, got {m.gate_lr}")
+        check(
             0 < m.gate_steps < m.gate_every,
             "model.gate_steps",
             f"must lie in 1..model.gate_every-1={m.gate_every - 1} (gate steps per cycle of "

@@ -14,9 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from moa_train.config import ModelConfig, _check, _divisors
 from moa_train.models.roles import NO_DECAY, RESIDUAL
 from moa_train.models.rope import Rotary, rotate_qk
+from moa_train.schema import ModelConfig
+from moa_train.validation import check, divisors
 
 
 @dataclass
@@ -31,10 +32,10 @@ class MHAConfig(ModelConfig):
         super().validate(m, cfg)
         cls.check_heads(m)
         kv = m.n_kv_heads
-        _check(
+        check(
             kv is None or (kv > 0 and m.n_head % kv == 0),
             "model.n_kv_heads",
-            f"{kv} does not divide model.n_head={m.n_head}; valid: {_divisors(m.n_head)}",
+            f"{kv} does not divide model.n_head={m.n_head}; valid: {divisors(m.n_head)}",
         )
 
     @classmethod
@@ -89,6 +90,17 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, t, n * d)
 
 
+def attention_settings(module: nn.Module, dropout: float, attn_dropout, causal: bool) -> None:
+    """What every attention module here holds: `dropout`, the attention-probability dropout
+    (`attn_dropout`, or `dropout` where that is None); `causal`; `resid_dropout` on its output;
+    and `rope`, its Rotary with model.positions=rope (models/rope.py), None until from_config
+    sets it."""
+    module.dropout = dropout if attn_dropout is None else attn_dropout
+    module.causal = causal
+    module.resid_dropout = nn.Dropout(dropout)
+    module.rope = None
+
+
 class MultiHeadAttention(nn.Module):
     """One module for MHA, GQA and MQA. Self-attention projects Q, K, V in one matmul;
     cross-attention (context given) applies the same weights' Q rows to x and K/V rows to the
@@ -117,11 +129,7 @@ class MultiHeadAttention(nn.Module):
         self.q_size = n_head * self.head_dim
         self.c_attn = nn.Linear(d_model, self.q_size + 2 * self.n_kv * self.head_dim, bias=bias)
         self.c_proj = nn.Linear(self.q_size, d_model, bias=bias)
-        # on the attention probabilities
-        self.dropout = dropout if attn_dropout is None else attn_dropout
-        self.causal = causal
-        self.resid_dropout = nn.Dropout(dropout)
-        self.rope = None  # its Rotary with model.positions=rope (models/rope.py)
+        attention_settings(self, dropout, attn_dropout, causal)
 
     @classmethod
     def from_config(cls, m, causal: bool = True) -> MultiHeadAttention:

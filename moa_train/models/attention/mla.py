@@ -35,11 +35,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from moa_train.config import ModelConfig, _check, _positive_or_null
 from moa_train.models.attention.mha import attention_mask, merge_heads
 from moa_train.models.kv_cache import DecodeState, LayerCache, write_kv
 from moa_train.models.roles import NO_DECAY, RESIDUAL
 from moa_train.models.rope import Rotary, rotate, token_positions
+from moa_train.schema import ModelConfig
+from moa_train.validation import check, positive_or_null
 
 
 @dataclass
@@ -60,15 +61,15 @@ class MLAConfig(ModelConfig):
     @classmethod
     def validate(cls, m, cfg) -> None:
         super().validate(m, cfg)
-        _check(
+        check(
             m.rope_fraction == 1.0,
             "model.rope_fraction",
             "model=mla rotates all model.qk_rope_head_dim channels and none other: leave it at 1.0",
         )
-        _positive_or_null(m.q_lora_rank, "model.q_lora_rank")
+        positive_or_null(m.q_lora_rank, "model.q_lora_rank")
         for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
-            _check(m[key] > 0, f"model.{key}", f"must be a positive integer, got {m[key]}")
-        _check(
+            check(m[key] > 0, f"model.{key}", f"must be a positive integer, got {m[key]}")
+        check(
             m.qk_rope_head_dim > 0 and m.qk_rope_head_dim % 2 == 0,
             "model.qk_rope_head_dim",
             f"must be a positive even integer (rotated in pairs), got {m.qk_rope_head_dim}",

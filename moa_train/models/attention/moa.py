@@ -28,12 +28,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from moa_train.config import ModelConfig, _check, _one_of, _positive_or_null
 from moa_train.models.attention.grouped import gather_rows, grouped_kernel_available, grouped_mm
-from moa_train.models.attention.mha import sdpa, split_heads
+from moa_train.models.attention.mha import attention_settings, sdpa, split_heads
 from moa_train.models.roles import NO_DECAY, RESIDUAL, ROUTER
 from moa_train.models.rope import Rotary, rotate_qk
 from moa_train.models.routing import Routing
+from moa_train.schema import ModelConfig
+from moa_train.validation import check, check_experts, one_of, positive_or_null
 
 
 @dataclass
@@ -54,31 +55,25 @@ class MoAConfig(ModelConfig):
     @classmethod
     def validate(cls, m, cfg) -> None:
         super().validate(m, cfg)
-        for key in ("n_experts", "top_k"):
-            _check(m[key] > 0, f"model.{key}", f"must be a positive integer, got {m[key]}")
-        _check(
-            m.top_k <= m.n_experts,
-            "model.top_k",
-            f"{m.top_k} is larger than model.n_experts={m.n_experts}; valid: 1..{m.n_experts}",
-        )
-        _one_of(m.gating, "model.gating", ("softmax_all", "topk_softmax"))
-        _one_of(m.expert_matmul, "model.expert_matmul", ("auto", "dense", "grouped"))
+        check_experts(m)
+        one_of(m.gating, "model.gating", ("softmax_all", "topk_softmax"))
+        one_of(m.expert_matmul, "model.expert_matmul", ("auto", "dense", "grouped"))
         t = cfg.trainer
-        _check(
+        check(
             not (m.expert_matmul == "grouped" and t.cuda_graphs and t.precision != "bf16"),
             "model.expert_matmul",
             "grouped in fp32 runs the reference, which reads group sizes on the host and so cannot "
             "be captured (trainer.cuda_graphs=true); use auto, dense, or trainer.precision=bf16",
         )
         if m.head_dim is None:
-            _check(
+            check(
                 m.d_model % m.n_head == 0,
                 "model.head_dim",
                 f"null needs model.n_head={m.n_head} to divide model.d_model={m.d_model}; set "
                 "model.head_dim",
             )
-        _positive_or_null(m.head_dim, "model.head_dim")
-        _positive_or_null(m.n_kv_heads, "model.n_kv_heads")
+        positive_or_null(m.head_dim, "model.head_dim")
+        positive_or_null(m.n_kv_heads, "model.n_kv_heads")
 
     @classmethod
     def attention_params(cls, m) -> int:
@@ -126,11 +121,7 @@ class MixtureOfAttentionHeads(nn.Module):
         self.kv_proj = nn.Linear(d_model, 2 * self.expert_dim, bias=bias)
         self.c_proj = nn.Linear(n_experts * self.expert_dim, d_model, bias=bias)
         self.gating, self.expert_matmul = gating, expert_matmul
-        # on the attention probabilities
-        self.dropout = dropout if attn_dropout is None else attn_dropout
-        self.causal = causal
-        self.resid_dropout = nn.Dropout(dropout)
-        self.rope = None  # its Rotary with model.positions=rope (models/rope.py)
+        attention_settings(self, dropout, attn_dropout, causal)
         self.choice_names = tuple(str(i) for i in range(n_experts))
 
     @classmethod

@@ -35,12 +35,13 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from moa_train.config import ModelConfig, _check, _divisors, _one_of, _positive_or_null
-from moa_train.models.attention.mha import merge_heads, sdpa, split_heads
+from moa_train.models.attention.mha import attention_settings, merge_heads, sdpa, split_heads
 from moa_train.models.kv_cache import cached_sdpa
 from moa_train.models.roles import NO_DECAY, RESIDUAL, ROUTER
 from moa_train.models.rope import Rotary, rotate_qk
 from moa_train.models.routing import Routing
+from moa_train.schema import ModelConfig
+from moa_train.validation import check, divisors, one_of, positive_or_null
 
 BRANCHES = ("mha", "gqa", "mqa")
 RESID_DROPOUT = ("mixed", "per_branch")
@@ -49,10 +50,10 @@ RESID_DROPOUT = ("mixed", "per_branch")
 def check_gqa_heads(m) -> None:
     """model.n_head divides model.d_model, and model.gqa_kv_heads divides model.n_head (moas_*)."""
     ModelConfig.check_heads(m)
-    _check(
+    check(
         m.gqa_kv_heads > 0 and m.n_head % m.gqa_kv_heads == 0,
         "model.gqa_kv_heads",
-        f"{m.gqa_kv_heads} does not divide model.n_head={m.n_head}; valid: {_divisors(m.n_head)}",
+        f"{m.gqa_kv_heads} does not divide model.n_head={m.n_head}; valid: {divisors(m.n_head)}",
     )
 
 
@@ -75,7 +76,7 @@ class MoASStaticConfig(ModelConfig):
     def validate(cls, m, cfg) -> None:
         super().validate(m, cfg)
         check_gqa_heads(m)
-        _one_of(m.resid_dropout, "model.resid_dropout", RESID_DROPOUT)
+        one_of(m.resid_dropout, "model.resid_dropout", RESID_DROPOUT)
 
     @classmethod
     def attention_params(cls, m) -> int:
@@ -105,13 +106,13 @@ class MoASDynamicConfig(MoASStaticConfig):
     @classmethod
     def validate(cls, m, cfg) -> None:
         super().validate(m, cfg)
-        _positive_or_null(m.router_hidden, "model.router_hidden")
-        _check(
+        positive_or_null(m.router_hidden, "model.router_hidden")
+        check(
             0.0 <= m.gate_dropout < 1.0,
             "model.gate_dropout",
             f"must be in [0, 1), got {m.gate_dropout}",
         )
-        _one_of(m.inference_routing, "model.inference_routing", ("soft", "top1"))
+        one_of(m.inference_routing, "model.inference_routing", ("soft", "top1"))
 
 
 class MoASAttention(nn.Module):
@@ -155,12 +156,9 @@ class MoASAttention(nn.Module):
         # output
         self.c_proj = nn.Linear(3 * d_model, d_model, bias=False)
         self.o_bias = nn.Parameter(torch.zeros(3, d_model)) if bias else None
-        self.dynamic, self.fused, self.causal = dynamic, fused, causal
-        # on the attention probabilities
-        self.dropout = dropout if attn_dropout is None else attn_dropout
+        self.dynamic, self.fused = dynamic, fused
+        attention_settings(self, dropout, attn_dropout, causal)
         self.gate_dropout = gate_dropout
-        self.resid_dropout = nn.Dropout(dropout)
-        self.rope = None  # its Rotary with model.positions=rope (models/rope.py)
         self.per_branch = resid_dropout == "per_branch"
         if dynamic:
             hidden = router_hidden or d_model // 4
@@ -170,35 +168,30 @@ class MoASAttention(nn.Module):
 
     @classmethod
     def from_config(cls, m, causal: bool = True) -> MoASAttention:
-        if not OmegaConf.get_type(m).dynamic:
-            attn = cls(
-                m.d_model,
-                m.n_head,
-                m.gqa_kv_heads,
-                m.dropout,
-                m.bias,
-                False,
-                fused=m.fused,
-                causal=causal,
-                resid_dropout=m.resid_dropout,
-                attn_dropout=ModelConfig.attn_p(m),
-            )
-        else:
-            attn = cls(
-                m.d_model,
-                m.n_head,
-                m.gqa_kv_heads,
-                m.dropout,
-                m.bias,
-                True,
-                m.router_hidden,
-                m.gate_dropout,
-                m.fused,
-                causal,
-                m.resid_dropout,
-                ModelConfig.attn_p(m),
-                m.inference_routing,
-            )
+        dynamic = OmegaConf.get_type(m).dynamic
+        # the router's keys belong to moas_dynamic only
+        router = (
+            {
+                "router_hidden": m.router_hidden,
+                "gate_dropout": m.gate_dropout,
+                "inference_routing": m.inference_routing,
+            }
+            if dynamic
+            else {}
+        )
+        attn = cls(
+            m.d_model,
+            m.n_head,
+            m.gqa_kv_heads,
+            m.dropout,
+            m.bias,
+            dynamic,
+            fused=m.fused,
+            causal=causal,
+            resid_dropout=m.resid_dropout,
+            attn_dropout=ModelConfig.attn_p(m),
+            **router,
+        )
         attn.rope = Rotary.of(m, attn.head_dim)
         return attn
 

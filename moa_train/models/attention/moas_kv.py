@@ -54,13 +54,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from moa_train.config import ModelConfig, _check, _one_of
-from moa_train.models.attention.mha import merge_heads, sdpa, split_heads
+from moa_train.models.attention.mha import attention_settings, merge_heads, sdpa, split_heads
 from moa_train.models.attention.moas import check_gqa_heads
 from moa_train.models.kv_cache import DecodeState, LayerCache
 from moa_train.models.roles import NO_DECAY, RESIDUAL, ROUTER
 from moa_train.models.rope import Rotary, rotate_qk
 from moa_train.models.routing import Routing
+from moa_train.schema import ModelConfig
+from moa_train.validation import check, one_of
 
 SCHEMES = ("mha", "gqa", "mqa")
 
@@ -91,15 +92,15 @@ class MoASKVConfig(ModelConfig):
     def validate(cls, m, cfg) -> None:
         super().validate(m, cfg)
         check_gqa_heads(m)
-        _check(
+        check(
             m.kv_budget is None or 1 <= m.kv_budget <= m.n_head,
             "model.kv_budget",
             f"must be null or in [1, model.n_head={m.n_head}] (stored K/V heads per token), got "
             f"{m.kv_budget}",
         )
-        _check(m.router_tau > 0, "model.router_tau", f"must be > 0, got {m.router_tau}")
-        _one_of(m.inference_routing, "model.inference_routing", ("hard", "soft"))
-        _check(m.kv_pool_slack >= 1, "model.kv_pool_slack", f"must be >= 1, got {m.kv_pool_slack}")
+        check(m.router_tau > 0, "model.router_tau", f"must be > 0, got {m.router_tau}")
+        one_of(m.inference_routing, "model.inference_routing", ("hard", "soft"))
+        check(m.kv_pool_slack >= 1, "model.kv_pool_slack", f"must be >= 1, got {m.kv_pool_slack}")
 
     @classmethod
     def attention_params(cls, m) -> int:
@@ -136,10 +137,7 @@ class MoASKVAttention(nn.Module):
         self.c_attn = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.c_proj = nn.Linear(d_model, d_model, bias=bias)
         self.router = nn.Linear(d_model, len(SCHEMES), bias=bias)
-        self.causal = causal
-        self.dropout = dropout if attn_dropout is None else attn_dropout
-        self.resid_dropout = nn.Dropout(dropout)
-        self.rope = None  # its Rotary with model.positions=rope (models/rope.py)
+        attention_settings(self, dropout, attn_dropout, causal)
         self.kv_budget, self.router_tau, self.inference_routing = (
             kv_budget,
             router_tau,

@@ -33,11 +33,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from moa_train.config import ModelConfig, _check, _one_of
 from moa_train.models.attention.mha import MHAConfig, MultiHeadAttention, merge_heads
 from moa_train.models.roles import ROUTER
 from moa_train.models.rope import Rotary
 from moa_train.models.routing import Routing
+from moa_train.schema import ModelConfig
+from moa_train.validation import check, one_of
 
 
 @dataclass
@@ -64,20 +65,20 @@ class MoHConfig(MHAConfig):
     def validate(cls, m, cfg) -> None:
         super().validate(m, cfg)
         h_s = cls.shared(m)
-        _check(
+        check(
             0 <= h_s < m.n_head,
             "model.n_shared_heads",
             f"{h_s} leaves no routed head of model.n_head={m.n_head}; valid: 0..{m.n_head - 1}",
         )
         h_r = m.n_head - h_s
-        _check(
+        check(
             1 <= cls.active(m) <= h_r,
             "model.top_k",
             f"{cls.active(m)} is not in 1..{h_r} (the routed heads: model.n_head - "
             "model.n_shared_heads)",
         )
-        _one_of(m.gating, "model.gating", ("router", "query_norm"))
-        _check(
+        one_of(m.gating, "model.gating", ("router", "query_norm"))
+        check(
             m.gating != "query_norm" or h_r >= 2,
             "model.gating",
             "query_norm divides the routed heads' query norms by their std: it needs at least 2 "

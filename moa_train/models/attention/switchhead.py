@@ -33,12 +33,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from moa_train.config import ModelConfig, _check, _positive_or_null
 from moa_train.models.attention.grouped import gather_rows, grouped_mm
-from moa_train.models.attention.mha import sdpa, split_heads
+from moa_train.models.attention.mha import MultiHeadAttention, attention_settings, sdpa, split_heads
 from moa_train.models.attention.moa import MixtureOfAttentionHeads
 from moa_train.models.roles import RESIDUAL, ROUTER
 from moa_train.models.rope import Rotary, rotate_qk
+from moa_train.schema import ModelConfig
+from moa_train.validation import check, check_experts, positive_or_null
 
 
 @dataclass
@@ -55,18 +56,12 @@ class SwitchHeadConfig(ModelConfig):
     @classmethod
     def validate(cls, m, cfg) -> None:
         super().validate(m, cfg)
-        for key in ("n_experts", "top_k"):
-            _check(m[key] > 0, f"model.{key}", f"must be a positive integer, got {m[key]}")
-        _check(
-            m.top_k <= m.n_experts,
-            "model.top_k",
-            f"{m.top_k} is larger than model.n_experts={m.n_experts}; valid: 1..{m.n_experts}",
-        )
-        _positive_or_null(m.head_dim, "model.head_dim")
+        check_experts(m)
+        positive_or_null(m.head_dim, "model.head_dim")
         if m.head_dim is None:
             cls.check_heads(m)
         t = cfg.trainer if cfg is not None else None
-        _check(
+        check(
             t is None or not (t.cuda_graphs and t.precision != "bf16"),
             "trainer.cuda_graphs",
             "switchhead's expert matmuls outside bf16 run the reference, which reads group sizes "
@@ -116,10 +111,7 @@ class SwitchHeadAttention(nn.Module):
         # expert h * E + e: V (d_model -> head_dim), O (head_dim -> d_model), as the released v, o
         self.v = nn.Parameter(torch.empty(groups, d_model, head_dim).normal_(0.0, 0.02))
         self.o = nn.Parameter(torch.empty(groups, head_dim, d_model).normal_(0.0, 0.02))
-        self.dropout = dropout if attn_dropout is None else attn_dropout
-        self.causal = causal
-        self.resid_dropout = nn.Dropout(dropout)
-        self.rope = None  # its Rotary with model.positions=rope (models/rope.py)
+        attention_settings(self, dropout, attn_dropout, causal)
 
     @classmethod
     def from_config(cls, m, causal: bool = True) -> SwitchHeadAttention:
@@ -195,8 +187,8 @@ class SwitchHeadAttention(nn.Module):
         dense = self.qk.weight.numel() + self.sel_v.weight.numel() + self.sel_o.weight.numel()
         return dense + 2 * self.top_k * h * d * self.head_dim
 
-    def flops_per_token(self, seq_len: int) -> int:
-        return 6 * self.matmul_params_per_token() + 12 * self.n_head * self.head_dim * seq_len
+    # 6 x matmul parameters + 12 x (query heads x head_dim x T), as MHA counts them
+    flops_per_token = MultiHeadAttention.flops_per_token
 
     def kv_layout(self) -> tuple:
         """(heads cached, head_dim): each token's K and its expert-mixed V, per head."""
