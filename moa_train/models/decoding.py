@@ -29,6 +29,7 @@ import time
 import torch
 from torch import Tensor
 
+from moa_train.cuda_graph import capture, warm_up
 from moa_train.models.kv_cache import CacheNotUsed, has_kv_cache
 
 
@@ -248,18 +249,6 @@ def _decode_into(model, tokens: Tensor, logits: Tensor, cache, span: int | None)
     logits.copy_(model.decode_step(tokens, cache, span=span))
 
 
-def _warm(fn, device: torch.device, n: int = 3) -> None:
-    """`n` calls on a side stream, as a CUDA graph capture requires (compilation happens in the
-    first)."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(n):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    torch.cuda.synchronize(device)
-
-
 class Compiled(Cached):
     """Compiled decode steps of an LM, on CUDA each captured in a CUDA graph, one per span bucket;
     built once per (batch, max_len, dtype, bucket) and kept on the model (`compiled_steps`). Rows
@@ -290,10 +279,8 @@ class Compiled(Cached):
             step()
 
         if self.graphs:
-            _warm(warm_step, self.device)
-            graph = torch.cuda.CUDAGraph()  # captured, not run: lengths are put back below
-            with torch.cuda.graph(graph):
-                step()
+            warm_up(warm_step, self.device)
+            graph, _ = capture(step)  # captured, not run: lengths are put back below
             run = graph.replay
         else:
             warm_step()

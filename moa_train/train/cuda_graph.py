@@ -11,7 +11,9 @@ replay), and inputs of fixed shape copied into static buffers.
 
 from __future__ import annotations
 
-import torch
+from moa_train.cuda_graph import WARMUP_STEPS, capture
+
+__all__ = ["WARMUP_STEPS", "CapturedStep"]
 
 
 class CapturedStep:
@@ -19,9 +21,7 @@ class CapturedStep:
         """body(batches, log_step) -> outputs: one optimizer step. Capturing records it; nothing
         runs yet."""
         self.static = [tuple(t.clone() for t in batch) for batch in batches]
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = body(self.static, True)
+        self.graph, self.outputs = capture(lambda: body(self.static, True))
 
     def replay(self, batches: list):
         """Run one step on `batches`; the outputs are static tensors, valid until the next
@@ -31,7 +31,3 @@ class CapturedStep:
                 s.copy_(b)
         self.graph.replay()
         return self.outputs
-
-
-# eager steps before the capture: compilation, cuBLAS handles and optimizer state are set up
-WARMUP_STEPS = 3
