@@ -72,6 +72,7 @@ def without_tokenizer_record(char_run, checkpoint, folder):
     shutil.copy(char_run / "tokenizer.json", folder / "tokenizer.json")
     state = torch.load(checkpoint, weights_only=True)
     state.pop("tokenizer", None)
+    state.pop("checkpoint_format", None)  # written before checkpoints were versioned, too
     atomic_save(state, folder / "checkpoints" / checkpoint.name)
     return folder
 

@@ -63,8 +63,12 @@ def test_router_parameters_have_their_own_group(make_cfg, model):
     }
     assert groups["router"]["lr"] == pytest.approx(2.0 * cfg.optim.lr)
     assert groups["router"]["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in groups["decay"]["params"])
-    assert all(p.dim() < 2 for p in groups["no_decay"]["params"])
+    names = {id(p): n for n, p in lm.named_parameters()}
+    assert all(
+        p.dim() >= 2 and not names[id(p)].endswith("bias") for p in groups["decay"]["params"]
+    )
+    # 1-D parameters and biases of any shape (MoAS's (3, d) o_bias)
+    assert all(p.dim() < 2 or names[id(p)].endswith("bias") for p in groups["no_decay"]["params"])
     assert (
         groups["decay"]["weight_decay"] == cfg.optim.weight_decay
         and groups["no_decay"]["weight_decay"] == 0.0
@@ -117,8 +121,8 @@ def test_declared_no_decay_and_embedding_roles_cover_exactly_the_norms_biases_an
     compose_cfg, bias
 ):
     """Every preset, LM and encoder-decoder: the parameters declared NO_DECAY are exactly the 1-D
-    ones (norms and biases: nanoGPT's groups, now declared by their modules), and EMBEDDING exactly
-    the nn.Embedding weights."""
+    ones and the biases (norms and biases: nanoGPT's groups, now declared by their modules), and
+    EMBEDDING exactly the nn.Embedding weights."""
     import torch.nn as nn
 
     from moa_train.config import presets
@@ -146,5 +150,6 @@ def test_declared_no_decay_and_embedding_roles_cover_exactly_the_norms_biases_an
         roles = param_roles(model)
         embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         for name, p in model.named_parameters():
-            assert (NO_DECAY in roles[name]) == (p.dim() < 2), name
+            # biases of any shape (MoAS's (3, d) o_bias too, as the reference decays no bias)
+            assert (NO_DECAY in roles[name]) == (p.dim() < 2 or name.endswith("bias")), name
             assert (EMBEDDING in roles[name]) == (id(p) in embeddings), name
