@@ -92,6 +92,7 @@ from moa_train.config import bench_presets
 from moa_train.errors import Parser
 from moa_train.models.decoding import decode_spans
 from moa_train.models.roles import ROUTER, declared_modules
+from moa_train.tables import table_lines
 
 log = logging.getLogger(__name__)
 
@@ -1038,6 +1039,68 @@ def span_note(d: dict) -> str:
     return ", attends over the whole cache" if not bucket else f", attends over spans of {bucket}"
 
 
+def model_cells(r: dict, results: dict, size: str, runs: dict | None, lo: str, hi: str) -> list:
+    """A model's cells in a size's main table (its error, where it was not measured)."""
+    if "error" in r:
+        return [row_name(r), f"**not measured**: {r['error']}", *["-"] * 12, r.get("run")]
+    d = r["decode"]
+    mode = {b: d[b]["mode"] + span_note(d[b]) for b in (lo, hi)}
+    ratios = []
+    for b in (lo, hi):
+        card = (runs or {}).get(r.get("run"), {}).get("device")
+        base, name = hf_baseline(results, size, r["kv_heads"], b, card, runs)
+        ratios.append(f"{d[b]['tokens_per_s'] / base:.2f} ({name})" if base else "-")
+    return [
+        row_name(r) + mark(r.get("contention")),
+        mode[lo] if mode[lo] == mode[hi] else f"{mode[lo]} / {mode[hi]}",
+        f"{r['prefill']['tokens_per_s']:,.0f}",
+        f"{d[lo]['tokens_per_s']:,.0f}",
+        f"{d[hi]['tokens_per_s']:,.0f}",
+        *ratios,
+        f"{r['kv_bytes_per_token']:,.0f}",
+        f"{r['kv_bytes_per_token_measured']:,.0f}",
+        fmt(r.get("kv_bytes_per_token_realised"), ",.0f"),
+        fmt(d[hi]["peak_mem_gib"], ".2f"),
+        f"{d[lo]['share_of_bound']:.1%}",
+        f"{d[hi]['share_of_bound']:.1%}",
+        routing_cell(r.get("routing")),
+        r["run"],
+    ]
+
+
+def hf_cells(r: dict, lo: str, hi: str) -> list:
+    """A transformers baseline's cells (its error, where it failed before measuring)."""
+    d = r.get("decode", {})
+    if "error" in r and not d:
+        return [
+            *(r["model"], r.get("kv_heads", "-"), r["setting"], "-", f"**failed**: {r['error']}"),
+            *["-"] * 4,
+            *(r.get("transformers", "-"), r.get("run")),
+        ]
+    err = f" (then failed: {r['error']})" if "error" in r else ""
+    return [
+        r["model"] + mark(r.get("contention")),
+        r["kv_heads"],
+        r["setting"] + err,
+        "/".join("yes" if d[b]["compiled"] else "no" for b in (lo, hi) if b in d),
+        *(fmt(d[b]["tokens_per_s"], ",.0f") if b in d else "-" for b in (lo, hi)),
+        *(fmt(d[b]["generate_s"], ".2f") if b in d else "-" for b in (lo, hi)),
+        fmt(d[hi]["peak_mem_gib"] if hi in d else None, ".2f"),
+        r["transformers"],
+        r["run"],
+    ]
+
+
+def path_cells(r: dict, lo: str, hi: str) -> list:
+    """A model's generate() and eager decode rates beside the benchmark's, then its run."""
+    cells = []
+    for b in (lo, hi):
+        bench, gen = r["decode"][b]["tokens_per_s"], r["generate"][b]["tokens_per_s"]
+        eager = r.get("decode_eager", {}).get(b, {}).get("tokens_per_s")
+        cells += [f"{bench:,.0f}", f"{gen:,.0f}", f"{gen / bench:.2f}", fmt(eager, ",.0f")]
+    return [*cells, r["run"]]
+
+
 def size_tables(results: dict, size: str, runs: dict | None = None) -> list:
     rows = model_rows(results, size)
     hf = [r for r in results.values() if r["size"] == size and "setting" in r]
@@ -1057,41 +1120,15 @@ def size_tables(results: dict, size: str, runs: dict | None = None) -> list:
         "",
     ]
     if rows:
-        out += [
-            (
-                f"| model | decode mode (b{lo} / b{hi}) | prefill tok/s | decode tok/s b{lo} | "
-                f"decode tok/s b{hi} | x transformers b{lo} | x transformers b{hi} | KV B/token "
-                f"analytic | measured | realised | peak mem GiB b{hi} | bound share b{lo} | bound "
-                f"share b{hi} | routing shares | run |"
-            ),
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        header = [
+            *("model", f"decode mode (b{lo} / b{hi})", "prefill tok/s"),
+            *(f"decode tok/s b{lo}", f"decode tok/s b{hi}"),
+            *(f"x transformers b{lo}", f"x transformers b{hi}"),
+            *("KV B/token analytic", "measured", "realised", f"peak mem GiB b{hi}"),
+            *(f"bound share b{lo}", f"bound share b{hi}", "routing shares", "run"),
         ]
-        for r in rows:
-            if "error" in r:
-                out.append(
-                    f"| {row_name(r)} | **not measured**: {r['error']} |"
-                    + " - |" * 12
-                    + f" {r.get('run')} |"
-                )
-                continue
-            d = r["decode"]
-            mode = {b: d[b]["mode"] + span_note(d[b]) for b in (lo, hi)}
-            modes = mode[lo] if mode[lo] == mode[hi] else f"{mode[lo]} / {mode[hi]}"
-            ratios = []
-            for b in (lo, hi):
-                card = (runs or {}).get(r.get("run"), {}).get("device")
-                base, name = hf_baseline(results, size, r["kv_heads"], b, card, runs)
-                ratios.append(f"{d[b]['tokens_per_s'] / base:.2f} ({name})" if base else "-")
-            out.append(
-                f"| {row_name(r)}{mark(r.get('contention'))} | {modes} | "
-                f"{r['prefill']['tokens_per_s']:,.0f} | "
-                f"{d[lo]['tokens_per_s']:,.0f} | {d[hi]['tokens_per_s']:,.0f} | {ratios[0]} | "
-                f"{ratios[1]} | {r['kv_bytes_per_token']:,.0f} | "
-                f"{r['kv_bytes_per_token_measured']:,.0f} | "
-                f"{fmt(r.get('kv_bytes_per_token_realised'), ',.0f')} | "
-                f"{fmt(d[hi]['peak_mem_gib'], '.2f')} | {d[lo]['share_of_bound']:.1%} | "
-                f"{d[hi]['share_of_bound']:.1%} | {routing_cell(r.get('routing'))} | {r['run']} |"
-            )
+        cells = [model_cells(r, results, size, runs, lo, hi) for r in rows]
+        out += table_lines(header, cells)
     if hf:
         out += [
             "",
@@ -1101,32 +1138,19 @@ def size_tables(results: dict, size: str, runs: dict | None = None) -> list:
                 "processor):"
             ),
             "",
-            (
-                f"| model | K/V heads | setting | compiled | decode tok/s b{lo} | decode tok/s "
-                f"b{hi} | generate s b{lo} | generate s b{hi} | peak mem GiB b{hi} | transformers "
-                "| run |"
+            *table_lines(
+                [
+                    *("model", "K/V heads", "setting", "compiled"),
+                    *(f"decode tok/s b{lo}", f"decode tok/s b{hi}"),
+                    *(f"generate s b{lo}", f"generate s b{hi}", f"peak mem GiB b{hi}"),
+                    *("transformers", "run"),
+                ],
+                [
+                    hf_cells(r, lo, hi)
+                    for r in sorted(hf, key=lambda r: (-r.get("kv_heads", 0), r["setting"]))
+                ],
             ),
-            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in sorted(hf, key=lambda r: (-r.get("kv_heads", 0), r["setting"])):
-            d = r.get("decode", {})
-            if "error" in r and not d:
-                out.append(
-                    f"| {r['model']} | {r.get('kv_heads', '-')} | {r['setting']} | - | **failed**: "
-                    f"{r['error']} | - | - | - | - | {r.get('transformers', '-')} | {r.get('run')} "
-                    "|"
-                )
-                continue
-            cells = [fmt(d[b]["tokens_per_s"], ",.0f") if b in d else "-" for b in (lo, hi)]
-            cells += [fmt(d[b]["generate_s"], ".2f") if b in d else "-" for b in (lo, hi)]
-            compiled = "/".join("yes" if d[b]["compiled"] else "no" for b in (lo, hi) if b in d)
-            err = f" (then failed: {r['error']})" if "error" in r else ""
-            out.append(
-                f"| {r['model']}{mark(r.get('contention'))} | {r['kv_heads']} | "
-                f"{r['setting']}{err} | {compiled} | "
-                f"{' | '.join(cells)} | {fmt(d[hi]['peak_mem_gib'] if hi in d else None, '.2f')} | "
-                f"{r['transformers']} | {r['run']} |"
-            )
     out += contention_notes(
         (
             f"{size}/{row_name(r)}" if "setting" not in r else f"{r['model']} {r['setting']}",
@@ -1145,20 +1169,11 @@ def size_tables(results: dict, size: str, runs: dict | None = None) -> list:
                 "not compiled), beside the benchmark's figure above:"
             ),
             "",
-            (
-                f"| model | bench b{lo} | generate() b{lo} | generate / bench b{lo} | eager "
-                f"b{lo} | bench b{hi} | generate() b{hi} | generate / bench b{hi} | eager b{hi} "
-                "| run |"
-            ),
-            "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in paths:
-            cells = []
-            for b in (lo, hi):
-                bench, gen = r["decode"][b]["tokens_per_s"], r["generate"][b]["tokens_per_s"]
-                eager = r.get("decode_eager", {}).get(b, {}).get("tokens_per_s")
-                cells += [f"{bench:,.0f}", f"{gen:,.0f}", f"{gen / bench:.2f}", fmt(eager, ",.0f")]
-            out.append(f"| {row_name(r)} | {' | '.join(cells)} | {r['run']} |")
+        header = ["model"]
+        for b in (lo, hi):
+            header += [f"bench b{b}", f"generate() b{b}", f"generate / bench b{b}", f"eager b{b}"]
+        out += table_lines([*header, "run"], [[row_name(r), *path_cells(r, lo, hi)] for r in paths])
     cli = [r for r in results.values() if r["size"] == size and r.get("model") == "cli"]
     for r in cli:
         out += [
@@ -1170,17 +1185,17 @@ def size_tables(results: dict, size: str, runs: dict | None = None) -> list:
                 f"process start; tok/s over the new tokens after the first): {r['what']}"
             ),
             "",
-            "| command | time to first token s | wall s | tok/s after the first | run |",
-            "|---|---|---|---|---|",
+            *table_lines(
+                ["command", "time to first token s", "wall s", "tok/s after the first", "run"],
+                [
+                    [name, f"**failed**: {c['error']}", "-", "-", r["run"]]
+                    if "error" in c
+                    else [name, f"{c['ttft_s']:.2f}", f"{c['wall_s']:.2f}"]
+                    + [fmt(c.get("tokens_per_s"), ",.0f"), r["run"]]
+                    for name, c in r["commands"].items()
+                ],
+            ),
         ]
-        for name, c in r["commands"].items():
-            if "error" in c:
-                out.append(f"| {name} | **failed**: {c['error']} | - | - | {r['run']} |")
-                continue
-            out.append(
-                f"| {name} | {c['ttft_s']:.2f} | {c['wall_s']:.2f} | "
-                f"{fmt(c.get('tokens_per_s'), ',.0f')} | {r['run']} |"
-            )
     traces = [
         (r, b, r["decode"][b]["trace"])
         for r in rows
@@ -1200,6 +1215,21 @@ def size_tables(results: dict, size: str, runs: dict | None = None) -> list:
         ]
         out += [f"- {k['ms']:.3f} ms x{k['calls']}: `{k['kernel']}`" for k in t["top"]]
     return out
+
+
+def run_cells(rid: str, run: dict) -> list:
+    return [
+        rid + mark(run.get("contention")),
+        run["device"],
+        run["date"],
+        run["torch"],
+        run["transformers"] or "-",
+        run.get("git_sha") or "-",
+        f"{run['bandwidth'] / 1e9:,.1f}",
+        run["size"],
+        f"{run['prompt_len']} + {run['new_tokens']}",
+        f"`{run['command']}`",
+    ]
 
 
 def markdown(data: dict, notes: bool = False) -> str:
@@ -1228,20 +1258,14 @@ def markdown(data: dict, notes: bool = False) -> str:
     out += [
         "## Runs",
         "",
-        (
-            "| run | device | date | torch | transformers | commit | copy bandwidth GB/s | size | "
-            "prompt + new tokens | command |"
+        *table_lines(
+            [
+                *("run", "device", "date", "torch", "transformers", "commit"),
+                *("copy bandwidth GB/s", "size", "prompt + new tokens", "command"),
+            ],
+            [run_cells(rid, run) for rid, run in sorted(data["runs"].items())],
         ),
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for rid, run in sorted(data["runs"].items()):
-        out.append(
-            f"| {rid}{mark(run.get('contention'))} | {run['device']} | {run['date']} | "
-            f"{run['torch']} | "
-            f"{run['transformers'] or '-'} | {run.get('git_sha') or '-'} | "
-            f"{run['bandwidth'] / 1e9:,.1f} | {run['size']} | {run['prompt_len']} + "
-            f"{run['new_tokens']} | `{run['command']}` |"
-        )
     out += contention_notes(
         (f"run {rid}", run.get("contention")) for rid, run in sorted(data["runs"].items())
     )
@@ -1252,11 +1276,10 @@ def markdown(data: dict, notes: bool = False) -> str:
             "",
             "## Targets (GPT-2 small)",
             "",
-            "| target | measured | met | short by |",
-            "|---|---|---|---|",
-        ]
-        out += [
-            f"| {t} | {m} | {'yes' if ok else '**no**'} | {by or '-'} |" for t, m, ok, by in rows
+            *table_lines(
+                ["target", "measured", "met", "short by"],
+                [[t, m, "yes" if ok else "**no**", by or "-"] for t, m, ok, by in rows],
+            ),
         ]
         if notes:
             out += [

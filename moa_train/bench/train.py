@@ -66,6 +66,7 @@ from moa_train.bench.common import (
 from moa_train.config import bench_presets
 from moa_train.errors import Parser
 from moa_train.metrics.flops import device_name, measure_matmul_flops, peak_kind
+from moa_train.tables import table_lines
 
 # every model choice, each variant represented by its named presets where it has any (moa:
 # moa_dense, moa_sparse)
@@ -351,26 +352,77 @@ def kernel_tables(size: str, rows: list) -> list:
             "launch gaps, host work."
         ),
         "",
-        "| model | " + " | ".join(kinds) + " | kernels total | step (graph) | idle |",
-        "|---|" + "---|" * (len(kinds) + 3),
+        *table_lines(
+            ["model", *kinds, "kernels total", "step (graph)", "idle"],
+            [kernel_cells(r, kinds) for r in rows],
+        ),
     ]
-    for r in rows:
-        k = r["kernels"]
-        cells = [
-            f"{k['ms_by_kind'].get(kind, 0):.2f} "
-            f"({k['ms_by_kind'].get(kind, 0) / k['kernel_ms']:.0%})"
-            for kind in kinds
-        ]
-        out.append(
-            f"| {r['model']}{'@' + r['tag'] if r.get('tag') else ''} | "
-            + " | ".join(cells)
-            + f" | {k['kernel_ms']:.2f} | {r['step_ms']:.2f} | "
-            f"{max(r['step_ms'] - k['kernel_ms'], 0):.2f} |"
-        )
     for r in rows:
         out += ["", f"Top kernels, {size}/{r['model']}:", ""]
         out += [f"- {t['ms']:.2f} ms x{t['calls']}: `{t['kernel']}`" for t in r["kernels"]["top"]]
     return out
+
+
+SIZE_HEADER = (
+    "model",
+    "batch x block",
+    "step ms (median)",
+    "tokens/s",
+    "GFLOPs/token",
+    "MFU",
+    "peak mem GiB",
+    "data wait",
+    "graph breaks",
+    "CUDA graph",
+    "run",
+)
+
+
+def label(r: dict) -> str:
+    """A result's model, with its tag (`--tag`) where it has one."""
+    return r["model"] + ("@" + r["tag"] if r.get("tag") else "")
+
+
+def kernel_cells(r: dict, kinds: list) -> list:
+    k = r["kernels"]
+    ms = [k["ms_by_kind"].get(kind, 0) for kind in kinds]
+    return [
+        label(r),
+        *(f"{t:.2f} ({t / k['kernel_ms']:.0%})" for t in ms),
+        f"{k['kernel_ms']:.2f}",
+        f"{r['step_ms']:.2f}",
+        f"{max(r['step_ms'] - k['kernel_ms'], 0):.2f}",
+    ]
+
+
+def size_cells(r: dict) -> list:
+    """A result's cells in its size's table."""
+    return [
+        label(r) + mark(r.get("contention")),
+        f"{r['batch']} x {r['block']}",
+        f"{r['step_ms']:.2f}",
+        f"{r['tokens_per_s']:,.0f}",
+        f"{r['flops_per_token'] / 1e9:.3g}",
+        f"{r['mfu']:.1%} ({r['peak_kind']})",
+        fmt(r["peak_mem_gib"], ".1f"),
+        f"{r['data_wait_share']:.2%}",
+        r.get("graph_breaks", "-"),
+        "yes" if r["cuda_graph"] else "no",
+        r["run"],
+    ]
+
+
+def run_cells(rid: str, run: dict) -> list:
+    return [
+        rid + mark(run.get("contention")),
+        run["device"],
+        run["date"],
+        run["torch"],
+        run.get("git_sha") or "-",
+        f"{run['peaks'].get('bf16', 0) / 1e12:.3g}",
+        f"{run['peaks'].get('tf32', 0) / 1e12:.3g}",
+        f"`{run['command']}`",
+    ]
 
 
 def markdown(bench: dict, notes: str | None) -> str:
@@ -390,19 +442,14 @@ def markdown(bench: dict, notes: str | None) -> str:
     out += [
         "## Runs",
         "",
-        (
-            "| run | device | date | torch | commit | peak bf16 TFLOP/s | peak TF32 TFLOP/s | "
-            "command |"
+        *table_lines(
+            [
+                *("run", "device", "date", "torch", "commit"),
+                *("peak bf16 TFLOP/s", "peak TF32 TFLOP/s", "command"),
+            ],
+            [run_cells(rid, run) for rid, run in sorted(bench["runs"].items())],
         ),
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for rid, run in sorted(bench["runs"].items()):
-        p = run["peaks"]
-        out.append(
-            f"| {rid}{mark(run.get('contention'))} | {run['device']} | {run['date']} | "
-            f"{run['torch']} | {run.get('git_sha') or '-'} | {p.get('bf16', 0) / 1e12:.3g} | "
-            f"{p.get('tf32', 0) / 1e12:.3g} | `{run['command']}` |"
-        )
     out += contention_notes(
         (f"run {rid}", run.get("contention")) for rid, run in sorted(bench["runs"].items())
     )
@@ -416,10 +463,11 @@ def markdown(bench: dict, notes: str | None) -> str:
             "most 1.15x its FLOP ratio; data wait < 2%."
         ),
         "",
-        "| target | measured | met |",
-        "|---|---|---|",
+        *table_lines(
+            ["target", "measured", "met"],
+            [[t, m, "yes" if ok else "**no**"] for t, m, ok in targets(results)],
+        ),
     ]
-    out += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in targets(results)]
     for size in ("table1", "gpt2", "tiny"):
         rows = [r for k, r in sorted(results.items()) if r["size"] == size]
         if not rows:
@@ -429,29 +477,12 @@ def markdown(bench: dict, notes: str | None) -> str:
             "",
             f"## Size {size}",
             "",
-            (
-                "| model | batch x block | step ms (median) | tokens/s | GFLOPs/token | "
-                "MFU | peak mem GiB | data wait | graph breaks | CUDA graph | run |"
-            ),
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            *table_lines(SIZE_HEADER, [size_cells(r) for r in rows]),
         ]
-        for r in rows:
-            out.append(
-                f"| {r['model']}{'@' + r['tag'] if r.get('tag') else ''}"
-                f"{mark(r.get('contention'))} | {r['batch']} x "
-                f"{r['block']} | {r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} | "
-                f"{r['flops_per_token'] / 1e9:.3g} | {r['mfu']:.1%} ({r['peak_kind']}) | "
-                f"{fmt(r['peak_mem_gib'], '.1f')} | {r['data_wait_share']:.2%} | "
-                f"{r.get('graph_breaks', '-')} | {'yes' if r['cuda_graph'] else 'no'} | {r['run']} "
-                "|"
-            )
         reasons = {r["model"]: r["break_reasons"] for r in rows if r.get("break_reasons")}
         for model, why in reasons.items():
             out.append(f"\nGraph breaks in {model}: " + "; ".join(why))
-        out += contention_notes(
-            (f"{size}/{r['model']}{'@' + r['tag'] if r.get('tag') else ''}", r.get("contention"))
-            for r in rows
-        )
+        out += contention_notes((f"{size}/{label(r)}", r.get("contention")) for r in rows)
     for size in ("table1", "gpt2"):
         out += kernel_tables(
             size, [r for k, r in sorted(results.items()) if r.get("kernels") and r["size"] == size]
@@ -465,30 +496,33 @@ def markdown(bench: dict, notes: str | None) -> str:
                     "heads x 1024 x 64, forward + backward"
                 ),
                 "",
-                "| backend | ms | TFLOP/s (counter's count) |",
-                "|---|---|---|",
-            ]
-            out += [
-                f"| {s['backend']} | {fmt(s.get('ms'), '.2f')} | {fmt(s.get('tflops'), '.0f')} |"
-                if "ms" in s
-                else f"| {s['backend']} | unavailable: {s['error']} | - |"
-                for s in run["sdpa"]
+                *table_lines(
+                    ["backend", "ms", "TFLOP/s (counter's count)"],
+                    [
+                        [s["backend"], fmt(s.get("ms"), ".2f"), fmt(s.get("tflops"), ".0f")]
+                        if "ms" in s
+                        else [s["backend"], f"unavailable: {s['error']}", "-"]
+                        for s in run["sdpa"]
+                    ],
+                ),
             ]
         if run.get("checks"):
             out += [
                 "",
                 f"## Fast paths against plain paths (run {rid}, {run['device']})",
                 "",
-                (
-                    "| fast path | plain path | output rel. error | gradient rel. error | "
-                    "tolerance | ok |"
+                *table_lines(
+                    [
+                        *("fast path", "plain path", "output rel. error"),
+                        *("gradient rel. error", "tolerance", "ok"),
+                    ],
+                    [
+                        [c["path"], c["reference"], f"{c['out_err']:.1e}"]
+                        + [fmt(c["grad_err"], ".1e"), f"{c['tol']:.0e}"]
+                        + ["yes" if c["ok"] else "**no**"]
+                        for c in run["checks"]
+                    ],
                 ),
-                "|---|---|---|---|---|---|",
-            ]
-            out += [
-                f"| {c['path']} | {c['reference']} | {c['out_err']:.1e} | "
-                f"{fmt(c['grad_err'], '.1e')} | {c['tol']:.0e} | {'yes' if c['ok'] else '**no**'} |"
-                for c in run["checks"]
             ]
     if notes:
         out += ["", notes.strip()]

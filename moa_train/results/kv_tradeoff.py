@@ -57,6 +57,7 @@ from moa_train.results import (
     write_text,
 )
 from moa_train.sweep import finished
+from moa_train.tables import table_lines
 
 ROOT = repo_root()
 GROUP = "kv_tradeoff"
@@ -523,6 +524,35 @@ def shares_text(shares: dict) -> str:
     )
 
 
+TABLE_HEADER = (
+    "row",
+    "params",
+    "train GFLOPs/token",
+    "KV bytes/token",
+    "val ppl",
+    "test ppl",
+    "val ppl, soft",
+    "test ppl, soft",
+    "fallback",
+    "shares per layer (mha/gqa/mqa)",
+)
+
+
+def row_cells(row: str, r: dict) -> list:
+    soft = [fmt(r[k]) if k in r else "" for k in ("val_ppl_soft", "test_ppl_soft")]
+    return [
+        row,
+        f"{r['params']:,}",
+        f"{r['flops_per_token'] / 1e9:.4f}",
+        f"{r['kv_bytes_per_token']:.0f}",
+        fmt(r["val_ppl"]),
+        fmt(r["test_ppl"]),
+        *soft,
+        f"{r['pool_fallback_share']:.3f}",
+        shares_text(r["shares"]),
+    ]
+
+
 def markdown(res: dict, meta: dict) -> str:
     rows = res["rows"]
     first = next(iter(rows.values()))
@@ -569,19 +599,8 @@ def markdown(res: dict, meta: dict) -> str:
         "",
         "## Table",
         "",
-        (
-            "| row | params | train GFLOPs/token | KV bytes/token | val ppl | test ppl | val ppl, "
-            "soft | test ppl, soft | fallback | shares per layer (mha/gqa/mqa) |"
-        ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        *table_lines(TABLE_HEADER, [row_cells(row, r) for row, r in rows.items()], "lrrrrrrrrl"),
     ]
-    for row, r in rows.items():
-        soft = [fmt(r[k]) if k in r else "" for k in ("val_ppl_soft", "test_ppl_soft")]
-        lines.append(
-            f"| {row} | {r['params']:,} | {r['flops_per_token'] / 1e9:.4f} | "
-            f"{r['kv_bytes_per_token']:.0f} | {fmt(r['val_ppl'])} | {fmt(r['test_ppl'])} | "
-            f"{soft[0]} | {soft[1]} | {r['pool_fallback_share']:.3f} | {shares_text(r['shares'])} |"
-        )
     seeds = ", ".join(sorted({str(len(r["seeds"])) for r in rows.values()}))
     lines += [
         "",

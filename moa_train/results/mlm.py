@@ -38,6 +38,7 @@ from moa_train.results import (
     welch,
     write_text,
 )
+from moa_train.tables import table_lines
 
 GROUP = "moa_mlm"
 ROWS = ("mha", "moa_e4", "moa_e8", "moa_e16", "moa_h32_k4", "moa_h128_k1", "moas_dynamic")
@@ -210,15 +211,14 @@ def markdown(res: dict, meta: dict) -> str:
     ]
     if meta.get("note"):
         lines += [meta["note"], ""]
-    lines += [
-        "| row | seeds | params | MACs/token | val ppl | test ppl |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row, r in res["rows"].items():
-        lines.append(
-            f"| {row} | {len(r['seeds'])} | {r['params']:,} | {r['macs_per_token']:,.0f} | "
-            f"{fmt(r['val_ppl'])} | {fmt(r['test_ppl'])} |"
-        )
+    lines += table_lines(
+        ["row", "seeds", "params", "MACs/token", "val ppl", "test ppl"],
+        [
+            [row, len(r["seeds"]), f"{r['params']:,}", f"{r['macs_per_token']:,.0f}"]
+            + [fmt(r["val_ppl"]), fmt(r["test_ppl"])]
+            for row, r in res["rows"].items()
+        ],
+    )
     lines += [
         "",
         (

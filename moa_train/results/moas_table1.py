@@ -51,6 +51,7 @@ from moa_train.results import (
     welch,
     write_text,
 )
+from moa_train.tables import table_lines
 
 ROOT = repo_root()
 ROWS = ("mha", "moas_static", "moas_dynamic")
@@ -328,6 +329,58 @@ def findings(res: dict, jobs: int = 1) -> list:
     return lines
 
 
+MAIN_HEADER = (
+    "row",
+    "params (non-emb.)",
+    "val loss, mean +- std",
+    "per seed",
+    "ms/iter",
+    "time / mha",
+    "FLOPs / mha",
+    "paper: params, val loss, 'ms/iter'",
+)
+OFFICIAL_HEADER = ("row", "official valid loss", "per seed", "official test loss", "per seed")
+
+
+def per_seed(values: list) -> str:
+    return ", ".join(f"{v:.4f}" for v in values)
+
+
+def main_rows(rows: dict, jobs: int) -> list:
+    """The cells of a mode's main table: each row's paper-split loss, speed and cost beside the
+    paper's."""
+    out = []
+    for row in (row for row in ROWS if row in rows):
+        r, p = rows[row], PAPER[row]
+        extra = (
+            f" ({r['speedup_vs_faithful']:.2f}x faster than faithful)"
+            if "speedup_vs_faithful" in r and jobs == 1
+            else ""
+        )
+        out.append(
+            [
+                row,
+                f"{r['params_non_embedding']:,}",
+                mean_std(r["val_loss"]),
+                per_seed(r["val_loss"]),
+                f"{r['step_ms_median']:.2f}{extra}",
+                f"{r.get('time_ratio', float('nan')):.2f}",
+                f"{r.get('flop_ratio', float('nan')):.2f}",
+                f"{p['params_m']}M, {p['val_loss']:.4f}, {p['ms_iter_claimed']}",
+            ]
+        )
+    return out
+
+
+def official_rows(rows: dict) -> list:
+    """The cells of a mode's table on the official valid and test files."""
+    out = []
+    for row in (row for row in ROWS if row in rows and rows[row]["official_valid_loss"]):
+        valid, test = rows[row]["official_valid_loss"], rows[row]["official_test_loss"]
+        out.append([row, mean_std(valid), per_seed(valid), mean_std(test), per_seed(test)])
+    return out
+
+
 def markdown(res: dict, meta: dict) -> str:
     jobs = meta.get("jobs", 1)
     lines = [
@@ -384,47 +437,15 @@ def markdown(res: dict, meta: dict) -> str:
         lines += [
             f"## Table 1, mode `{mode}` (the paper's split: val = last 10% of the train file)",
             "",
-            (
-                "| row | params (non-emb.) | val loss, mean +- std | per seed | ms/iter | time / "
-                "mha | FLOPs / mha | paper: params, val loss, 'ms/iter' |"
-            ),
-            "|---|---:|---:|---|---:|---:|---:|---|",
-        ]
-        for row in ROWS:
-            if row not in rows:
-                continue
-            r, p = rows[row], PAPER[row]
-            extra = (
-                f" ({r['speedup_vs_faithful']:.2f}x faster than faithful)"
-                if "speedup_vs_faithful" in r and jobs == 1
-                else ""
-            )
-            lines.append(
-                f"| {row} | {r['params_non_embedding']:,} | {mean_std(r['val_loss'])} | "
-                f"{', '.join(f'{v:.4f}' for v in r['val_loss'])} | "
-                f"{r['step_ms_median']:.2f}{extra} | {r.get('time_ratio', float('nan')):.2f} | "
-                f"{r.get('flop_ratio', float('nan')):.2f} | {p['params_m']}M, {p['val_loss']:.4f}, "
-                f"{p['ms_iter_claimed']} |"
-            )
-        lines += [
+            *table_lines(MAIN_HEADER, main_rows(rows, jobs), "lrrlrrrl"),
             "",
             (
                 "### The same models on the official WikiText-2 valid and test files (full passes, "
                 f"fp32), mode `{mode}`"
             ),
             "",
-            "| row | official valid loss | per seed | official test loss | per seed |",
-            "|---|---:|---|---:|---|",
+            *table_lines(OFFICIAL_HEADER, official_rows(rows), "lrlrl"),
         ]
-        for row in ROWS:
-            if row in rows and rows[row]["official_valid_loss"]:
-                r = rows[row]
-                lines.append(
-                    f"| {row} | {mean_std(r['official_valid_loss'])} | "
-                    f"{', '.join(f'{v:.4f}' for v in r['official_valid_loss'])} | "
-                    f"{mean_std(r['official_test_loss'])} | "
-                    f"{', '.join(f'{v:.4f}' for v in r['official_test_loss'])} |"
-                )
         tests = block["welch_dynamic_vs_static"]
         if tests:
             lines += ["", "Welch's t-test, dynamic vs static:", ""]

@@ -42,6 +42,7 @@ from moa_train.results import (
     write_text,
 )
 from moa_train.sweep import finished
+from moa_train.tables import table_lines
 
 ROOT = repo_root()
 GROUP = "successors"
@@ -235,16 +236,18 @@ def markdown(res: dict, meta: dict) -> str:
             "",
             f"Device: {first['device']}; torch {first['torch']}; git {first['git_sha']}.",
             "",
-            f"| row | params | FLOPs / token (training) | {r['label']} | per seed | steps |",
-            "|---|---:|---:|---:|---|---|",
+            *table_lines(
+                ["row", "params", "FLOPs / token (training)", r["label"], "per seed", "steps"],
+                [
+                    [row, f"{v['params']:,}", f"{v['flops_per_token']:,}", fmt(v["values"])]
+                    + [", ".join(f"{x:.2f}" for x in v["values"]), ", ".join(map(str, v["steps"]))]
+                    for row, v in rows.items()
+                ],
+                "lrrrll",
+            ),
+            "",
+            verdict(check, r),
         ]
-        for row, v in rows.items():
-            lines.append(
-                f"| {row} | {v['params']:,} | {v['flops_per_token']:,} | {fmt(v['values'])} | "
-                f"{', '.join(f'{x:.2f}' for x in v['values'])} | "
-                f"{', '.join(str(s) for s in v['steps'])} |"
-            )
-        lines += ["", verdict(check, r)]
     return "\n".join(lines) + "\n"
 
 

@@ -58,6 +58,7 @@ from moa_train.results import (
     welch,
     write_text,
 )
+from moa_train.tables import table_lines
 
 ROOT = repo_root()
 ROWS = ("mha", "moa", "moa_sparse")
@@ -274,25 +275,13 @@ def group_table(heading: str, recs_by_row: dict, block: dict) -> list:
             ),
             "",
         ]
-    lines += [
-        (
-            "| row | params | MACs / token | test BLEU | per seed | chrF | BLEU (tok.) | val BLEU "
-            "(greedy) | wall time (s), evaluation included |"
-        ),
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
-    ]
-    for row in ROWS:
-        recs = recs_by_row.get(row)
-        if not recs:
-            continue
-        r0 = recs[0]
-        lines.append(
-            f"| {row} | {r0['params_total']:,} | {r0['flops_per_token'] / 6 / 1e6:.2f}M | "
-            f"{fmt([r['test/bleu'] for r in recs])} | {per_seed(recs, 'test/bleu')} | "
-            f"{fmt([r['test/chrf'] for r in recs])} | {fmt([r['test/bleu_tok'] for r in recs])} | "
-            f"{fmt([r['val/bleu'] for r in recs])} | "
-            f"{'-' if shared else fmt([r['wall_s'] for r in recs], 0)} |"
-        )
+    header = ["row", "params", "MACs / token", "test BLEU", "per seed", "chrF", "BLEU (tok.)"]
+    header += ["val BLEU (greedy)", "wall time (s), evaluation included"]
+    lines += table_lines(
+        header,
+        [row_cells(row, recs_by_row[row], shared) for row in ROWS if recs_by_row.get(row)],
+        "lrrrlrrrr",
+    )
     first = next(iter(recs_by_row.values()))[0]
     lines += ["", f"sacreBLEU signature: `{first.get('bleu_signature', '?')}`", ""]
     if block["welch"]:
@@ -307,6 +296,23 @@ def group_table(heading: str, recs_by_row: dict, block: dict) -> list:
         ]
         lines.append("")
     return lines
+
+
+def row_cells(row: str, recs: list, shared: bool) -> list:
+    """A row's cells in a group's table: size, scores over seeds and (unless the runs shared the
+    device) wall time."""
+    r0 = recs[0]
+    return [
+        row,
+        f"{r0['params_total']:,}",
+        f"{r0['flops_per_token'] / 6 / 1e6:.2f}M",
+        fmt([r["test/bleu"] for r in recs]),
+        per_seed(recs, "test/bleu"),
+        fmt([r["test/chrf"] for r in recs]),
+        fmt([r["test/bleu_tok"] for r in recs]),
+        fmt([r["val/bleu"] for r in recs]),
+        "-" if shared else fmt([r["wall_s"] for r in recs], 0),
+    ]
 
 
 def markdown(rows: dict, groups: dict, meta: dict) -> str:
