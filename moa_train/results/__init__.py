@@ -23,7 +23,7 @@ from collections import deque
 from pathlib import Path
 from typing import NamedTuple, NoReturn
 
-from moa_train.errors import fail
+from moa_train.errors import Parser, fail
 from moa_train.io import atomic_write, atomic_write_text
 from moa_train.paths import repo_root
 from moa_train.sweep import finished
@@ -228,6 +228,12 @@ class Job(NamedTuple):
     log: Path  # the process's stdout + stderr; deleted when it succeeds, kept when it fails
 
 
+def training_job(name: str, overrides: list, run_dir: Path) -> Job:
+    """The Job that trains `overrides` as a single moa-train run in `run_dir`, its output in
+    <run_dir>.log."""
+    return Job(name, single_run(overrides, run_dir), run_dir.with_suffix(".log"))
+
+
 def run_jobs(jobs: list, n: int, poll_s: float = 0.2, tail_lines: int = 20) -> list:
     """Run `jobs` (Job or (name, cmd, log) tuples) as separate processes, at most `n` at once, in
     the given order.
@@ -325,3 +331,79 @@ def results_meta(out: Path, tables_only: bool) -> dict:
         "note": os.environ.get("RESULTS_NOTE") or kept.get("note"),
         "command": kept.get("command"),
     }
+
+
+def mean_sd(values: list, digits: int = 2) -> str:
+    """`mean +- sd` over seeds; a single seed's value alone."""
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
+
+
+class DriverParser(Parser):
+    """A driver's parser with the options every driver takes: --seeds, --runs-dir (default
+    docs/results/runs/<name>), --out (docs/results/<name>) and --tables-only. The driver adds its
+    own, then parses with `parse_checked`."""
+
+    def __init__(self, doc: str, name: str, seeds: int = 3, seeds_help="seeds 0..N-1 per row"):
+        super().__init__(description=doc.splitlines()[0])
+        self.add_argument("--seeds", type=positive_int, default=seeds, help=seeds_help)
+        self.add_argument("--runs-dir", type=Path, default=repo_root() / "docs/results/runs" / name)
+        self.add_argument("--out", type=Path, default=repo_root() / "docs/results" / name)
+        self.add_argument(
+            "--tables-only",
+            action="store_true",
+            help="rebuild the tables from the records, run nothing",
+        )
+
+    def parse_checked(self, argv) -> tuple:
+        """The arguments (with `overrides`, extra moa-train overrides for every run) and the
+        resolved runs dir, once --out (and, unless --tables-only, --runs-dir) is known to be
+        writable."""
+        self.add_argument("overrides", nargs="*", help="extra moa-train overrides for every run")
+        args = self.parse_args(argv)
+        runs_dir = args.runs_dir.resolve()
+        check_writable(out=args.out.parent)
+        if not args.tables_only:
+            check_writable(runs_dir=runs_dir)
+        return args, runs_dir
+
+
+def shared_jobs(args) -> int:
+    """How many runs shared the device: this call's --jobs; with --tables-only, the committed
+    file's unless --jobs N is given (records trained N at once elsewhere)."""
+    if args.tables_only and args.jobs == 1:
+        return previous_meta(args.out).get("jobs", 1)
+    return args.jobs
+
+
+def driver_command(script: str, jobs: int, overrides=()) -> str:
+    """The command line a results file records: scripts/<script>, its --jobs and overrides."""
+    return (
+        f"python3 scripts/{script}"
+        + (f" --jobs {jobs}" if jobs > 1 else "")
+        + "".join(f" {o}" for o in overrides)
+    )
+
+
+def file_meta(
+    args, command: str, first: dict | None = None, keep_command: bool = False, **extra
+) -> dict:
+    """A results file's meta: `command` (on a --tables-only rebuild with `keep_command`, the
+    committed file's), the device, torch and commit of the `first` record (when given), the date,
+    `extra`, then the note. A rebuild keeps the committed date and note (`results_meta`)."""
+    kept = results_meta(args.out, args.tables_only)
+    meta = {"command": (keep_command and kept["command"]) or command}
+    if first is not None:
+        meta.update({key: first[key] for key in ("device", "torch", "git_sha")})
+    meta.update(date=kept["date"], **extra)
+    if kept["note"]:
+        meta["note"] = kept["note"]
+    return meta
+
+
+def write_results(out: Path, payload: dict, text: str) -> None:
+    """<out>.json (`payload`) and <out>.md (`text`), each by temp-and-rename; `text` printed."""
+    write_text(out.with_suffix(".json"), json.dumps(payload, indent=1))
+    write_text(out.with_suffix(".md"), text)
+    print(text)

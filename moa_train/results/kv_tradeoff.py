@@ -33,28 +33,27 @@ import math
 import statistics
 from pathlib import Path
 
-from moa_train.errors import Parser
 from moa_train.paths import repo_root
 from moa_train.results import (
     STAGING,
-    Job,
+    DriverParser,
     Staging,
     check_overrides,
-    check_writable,
     comma_list,
+    driver_command,
     evaluate_each,
     evaluated,
+    file_meta,
     no_records,
     positive_int,
-    previous_meta,
-    results_meta,
     run_jobs,
     save_figure,
-    single_run,
+    shared_jobs,
     summaries,
+    training_job,
     unfinished,
     welch,
-    write_text,
+    write_results,
 )
 from moa_train.sweep import finished
 from moa_train.tables import table_lines
@@ -101,8 +100,7 @@ def jobs(rows: list, seeds: list, runs_dir: Path, extra: list, keep_finished: bo
         if keep_finished and finished(run):
             continue
         row, _, seed = name.rpartition("-seed")
-        cmd = single_run(overrides(row, int(seed), extra), run)
-        out.append(Job(f"{GROUP}/{name}", cmd, run.with_suffix(".log")))
+        out.append(training_job(f"{GROUP}/{name}", overrides(row, int(seed), extra), run))
     return out
 
 
@@ -651,8 +649,7 @@ def plot(res: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 per row")
+    parser = DriverParser(__doc__, GROUP)
     parser.add_argument(
         "--rows",
         type=comma_list(ROWS),
@@ -662,21 +659,14 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--jobs", type=positive_int, default=1, help="runs at once on the one device"
     )
-    parser.add_argument("--runs-dir", type=Path, default=ROOT / "docs/results/runs" / GROUP)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs/results" / GROUP)
-    parser.add_argument("--tables-only", action="store_true", help="skip training and evaluation")
     parser.add_argument(
         "--keep-finished",
         action="store_true",
         help="keep the runs that an interrupted call (a time limit) finished in "
         "<runs-dir>/.staging/, resume its unfinished ones",
     )
-    parser.add_argument("overrides", nargs="*", help="extra moa-train overrides for every run")
-    args = parser.parse_args(argv)
-    runs_dir = args.runs_dir.resolve()
-    check_writable(out=args.out.parent)
+    args, runs_dir = parser.parse_checked(argv)
     if not args.tables_only:
-        check_writable(runs_dir=runs_dir)
         check_overrides([overrides(row, 0, args.overrides) for row in args.rows])
         seeds = list(range(args.seeds))
         reproduce(args.rows, seeds, runs_dir, args.overrides, args.jobs, args.keep_finished)
@@ -684,26 +674,11 @@ def main(argv=None) -> None:
     if not table:
         no_records(args.runs_dir, "evaluated runs")
     res = summarise(table)
-    kept = results_meta(args.out, args.tables_only)
-    jobs_n = (
-        previous_meta(args.out).get("jobs", 1) if args.tables_only and args.jobs == 1 else args.jobs
-    )
+    jobs = shared_jobs(args)
     first = next(iter(res["rows"].values()))
-    meta = {
-        "command": "python3 scripts/reproduce_kv_tradeoff.py"
-        + (f" --jobs {jobs_n}" if jobs_n > 1 else ""),
-        "device": first["device"],
-        "torch": first["torch"],
-        "git_sha": first["git_sha"],
-        "date": kept["date"],
-        "jobs": jobs_n,
-    }
-    if kept["note"]:
-        meta["note"] = kept["note"]
-    write_text(args.out.with_suffix(".json"), json.dumps({"meta": meta, "results": res}, indent=1))
-    write_text(args.out.with_suffix(".md"), markdown(res, meta))
+    meta = file_meta(args, driver_command("reproduce_kv_tradeoff.py", jobs), first, jobs=jobs)
+    write_results(args.out, {"meta": meta, "results": res}, markdown(res, meta))
     plot(res, args.out.with_suffix(".png"))
-    print(args.out.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":

@@ -19,24 +19,22 @@ import math
 import statistics
 from pathlib import Path
 
-from moa_train.errors import Parser
-from moa_train.paths import repo_root
 from moa_train.results import (
-    Job,
+    DriverParser,
     Staging,
     check_overrides,
-    check_writable,
     comma_list,
+    driver_command,
+    file_meta,
     no_records,
     positive_int,
     previous_meta,
-    results_meta,
     run_jobs,
-    single_run,
     summaries,
+    training_job,
     unfinished,
     welch,
-    write_text,
+    write_results,
 )
 from moa_train.tables import table_lines
 
@@ -62,11 +60,7 @@ def names(rows, seeds) -> list:
 def reproduce(rows: list, seeds: list, runs_dir: Path, extra: list, n_jobs: int) -> None:
     stage = Staging(runs_dir)
     jobs = [
-        Job(
-            f"{GROUP}/{name}",
-            single_run(overrides(row, seed, extra), stage.root / name),
-            (stage.root / name).with_suffix(".log"),
-        )
+        training_job(f"{GROUP}/{name}", overrides(row, seed, extra), stage.root / name)
         for row in rows
         for seed in seeds
         for name in [f"{row}-seed{seed}"]
@@ -240,44 +234,21 @@ def markdown(res: dict, meta: dict) -> str:
 
 
 def main(argv=None) -> None:
-    root = repo_root()
-    parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 per row")
+    parser = DriverParser(__doc__, "mlm")
     parser.add_argument(
         "--rows", type=comma_list(ROWS), default=list(ROWS), help=f"of: {', '.join(ROWS)}"
     )
     parser.add_argument("--jobs", type=positive_int, default=1, help="runs at once")
-    parser.add_argument("--runs-dir", type=Path, default=root / "docs/results/runs/mlm")
-    parser.add_argument("--out", type=Path, default=root / "docs/results/mlm")
-    parser.add_argument("--tables-only", action="store_true", help="rebuild from the records")
-    parser.add_argument("overrides", nargs="*", help="extra moa-train overrides for every run")
-    args = parser.parse_args(argv)
-    runs_dir = args.runs_dir.resolve()
-    check_writable(out=args.out.parent)
+    args, runs_dir = parser.parse_checked(argv)
     if not args.tables_only:
-        check_writable(runs_dir=runs_dir)
         check_overrides([overrides(row, 0, args.overrides) for row in args.rows])
         reproduce(args.rows, list(range(args.seeds)), runs_dir, args.overrides, args.jobs)
     table = collect(runs_dir)
     if not table:
         no_records(args.runs_dir)
     res = summarise(table)
-    kept = results_meta(args.out, args.tables_only)
     first = next(iter(res["rows"].values()))
     jobs = previous_meta(args.out).get("jobs", 1) if args.tables_only else args.jobs
-    command = kept["command"] or "python3 scripts/reproduce_mlm.py" + (
-        f" --jobs {jobs}" if jobs > 1 else ""
-    ) + "".join(f" {o}" for o in args.overrides)
-    meta = {
-        "command": command,
-        "device": first["device"],
-        "torch": first["torch"],
-        "git_sha": first["git_sha"],
-        "date": kept["date"],
-        "jobs": jobs,
-    }
-    if kept["note"]:
-        meta["note"] = kept["note"]
-    write_text(args.out.with_suffix(".json"), json.dumps({"meta": meta, "results": res}, indent=1))
-    write_text(args.out.with_suffix(".md"), markdown(res, meta))
-    print(args.out.with_suffix(".md").read_text())
+    command = driver_command("reproduce_mlm.py", jobs, args.overrides)
+    meta = file_meta(args, command, first, keep_command=True, jobs=jobs)
+    write_results(args.out, {"meta": meta, "results": res}, markdown(res, meta))

@@ -29,27 +29,27 @@ import statistics
 import sys
 from pathlib import Path
 
-from moa_train.errors import Parser
 from moa_train.paths import repo_root
 from moa_train.results import (
-    Job,
+    DriverParser,
     Staging,
     check_overrides,
-    check_writable,
+    driver_command,
     evaluate_each,
     evaluated,
+    file_meta,
+    mean_sd,
     no_records,
     old_runs,
     positive_int,
-    previous_meta,
-    results_meta,
     run_command,
     run_jobs,
-    single_run,
+    shared_jobs,
     summaries,
+    training_job,
     unfinished,
     welch,
-    write_text,
+    write_results,
 )
 from moa_train.tables import table_lines
 
@@ -114,8 +114,7 @@ def jobs(mode: str, seeds: int, out_dir: Path, extra: list) -> list:
     for row in ROWS:
         for seed in range(seeds):
             run = out_dir / mode / f"{row}-seed{seed}"
-            cmd = single_run(overrides(mode, row, seed, extra), run)
-            out.append(Job(f"{mode}/{run.name}", cmd, run.with_suffix(".log")))
+            out.append(training_job(f"{mode}/{run.name}", overrides(mode, row, seed, extra), run))
     return out
 
 
@@ -196,12 +195,6 @@ def collect(runs_dir: Path) -> dict:
         for records in rows.values():
             records.sort(key=lambda r: r["seed"])
     return table
-
-
-def mean_std(values: list) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} +- {statistics.stdev(values):.4f}"
 
 
 def summarise(table: dict) -> dict:
@@ -361,7 +354,7 @@ def main_rows(rows: dict, jobs: int) -> list:
             [
                 row,
                 f"{r['params_non_embedding']:,}",
-                mean_std(r["val_loss"]),
+                mean_sd(r["val_loss"], 4),
                 per_seed(r["val_loss"]),
                 f"{r['step_ms_median']:.2f}{extra}",
                 f"{r.get('time_ratio', float('nan')):.2f}",
@@ -377,7 +370,7 @@ def official_rows(rows: dict) -> list:
     out = []
     for row in (row for row in ROWS if row in rows and rows[row]["official_valid_loss"]):
         valid, test = rows[row]["official_valid_loss"], rows[row]["official_test_loss"]
-        out.append([row, mean_std(valid), per_seed(valid), mean_std(test), per_seed(test)])
+        out.append([row, mean_sd(valid, 4), per_seed(valid), mean_sd(test, 4), per_seed(test)])
     return out
 
 
@@ -460,14 +453,10 @@ def markdown(res: dict, meta: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=positive_int, default=5)
+    parser = DriverParser(__doc__, "moas_table1", seeds=5)
     parser.add_argument(
         "--modes", nargs="+", default=["faithful", "fast"], choices=["faithful", "fast"]
     )
-    parser.add_argument("--runs-dir", type=Path, default=ROOT / "docs/results/runs/moas_table1")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs/results/moas_table1")
-    parser.add_argument("--tables-only", action="store_true", help="skip training and evaluation")
     parser.add_argument(
         "--jobs",
         type=positive_int,
@@ -475,41 +464,19 @@ def main(argv=None) -> None:
         help="N > 1: every (mode, row, seed) as its own process, N at once on the one device (the "
         "ms/iter column then measures runs that share it); 1: one multirun per mode",
     )
-    parser.add_argument("overrides", nargs="*", help="extra moa-train overrides for every run")
-    args = parser.parse_args(argv)
-    runs_dir = args.runs_dir.resolve()
-    check_writable(out=args.out.parent)
+    args, runs_dir = parser.parse_checked(argv)
     if not args.tables_only:
-        check_writable(runs_dir=runs_dir)
         modes = list(dict.fromkeys(args.modes))
         check_overrides([overrides(mode, row, 0, args.overrides) for mode in modes for row in ROWS])
         reproduce(modes, args.seeds, runs_dir, args.overrides, args.jobs)
     res = summarise(collect(runs_dir))
     if not res:
         no_records(args.runs_dir)
-    # a rebuild keeps the measuring run's date, note and --jobs
-    kept = results_meta(args.out, args.tables_only)
-    # how many runs shared the device: this run's --jobs, or with --tables-only the committed file's
-    # (or --jobs N, for records trained N at once elsewhere)
-    jobs_n = (
-        previous_meta(args.out).get("jobs", 1) if args.tables_only and args.jobs == 1 else args.jobs
-    )
+    jobs = shared_jobs(args)
     first = next(iter(next(iter(res.values()))["rows"].values()))
-    meta = {
-        "command": "python3 scripts/reproduce_moas_table1.py"
-        + (f" --jobs {jobs_n}" if jobs_n > 1 else ""),
-        "device": first["device"],
-        "torch": first["torch"],
-        "git_sha": first["git_sha"],
-        "date": kept["date"],
-        "paper": PAPER,
-        "jobs": jobs_n,
-    }
-    if kept["note"]:
-        meta["note"] = kept["note"]
-    write_text(args.out.with_suffix(".json"), json.dumps({"meta": meta, "results": res}, indent=1))
-    write_text(args.out.with_suffix(".md"), markdown(res, meta))
-    print(args.out.with_suffix(".md").read_text())
+    command = driver_command("reproduce_moas_table1.py", jobs)
+    meta = file_meta(args, command, first, paper=PAPER, jobs=jobs)
+    write_results(args.out, {"meta": meta, "results": res}, markdown(res, meta))
 
 
 if __name__ == "__main__":

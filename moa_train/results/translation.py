@@ -29,21 +29,20 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
 import yaml
 
-from moa_train.errors import Parser, fail
+from moa_train.errors import fail
 from moa_train.paths import config_dir, repo_root
 from moa_train.results import (
     STAGING,
-    Job,
+    DriverParser,
     Staging,
     check_overrides,
-    check_writable,
     comma_list,
+    mean_sd,
     no_records,
     non_negative_int,
     old_runs,
@@ -52,8 +51,8 @@ from moa_train.results import (
     results_meta,
     run_command,
     run_jobs,
-    single_run,
     summaries,
+    training_job,
     unfinished,
     welch,
     write_text,
@@ -139,8 +138,8 @@ def train(
             continue
         for seed in seeds:
             run = out_dir / group / f"{row}-seed{seed}"
-            cmd = single_run([f"trainer.seed={seed}", *COMMON, *overrides, *extra], run)
-            jobs.append(Job(f"{group}/{run.name}", cmd, run.with_suffix(".log")))
+            run_overrides = [f"trainer.seed={seed}", *COMMON, *overrides, *extra]
+            jobs.append(training_job(f"{group}/{run.name}", run_overrides, run))
     failed = run_jobs(jobs, n_jobs) if jobs else []
     for ckpt in out_dir.rglob("checkpoints"):
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -239,12 +238,6 @@ def sentence(metric: str, name: str, test: dict) -> str:
     )
 
 
-def fmt(values: list, digits: int = 2) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
-
-
 def per_seed(records: list, key: str) -> str:
     return ", ".join(f"{r[key]:.2f}" for r in records)
 
@@ -306,12 +299,12 @@ def row_cells(row: str, recs: list, shared: bool) -> list:
         row,
         f"{r0['params_total']:,}",
         f"{r0['flops_per_token'] / 6 / 1e6:.2f}M",
-        fmt([r["test/bleu"] for r in recs]),
+        mean_sd([r["test/bleu"] for r in recs]),
         per_seed(recs, "test/bleu"),
-        fmt([r["test/chrf"] for r in recs]),
-        fmt([r["test/bleu_tok"] for r in recs]),
-        fmt([r["val/bleu"] for r in recs]),
-        "-" if shared else fmt([r["wall_s"] for r in recs], 0),
+        mean_sd([r["test/chrf"] for r in recs]),
+        mean_sd([r["test/bleu_tok"] for r in recs]),
+        mean_sd([r["val/bleu"] for r in recs]),
+        "-" if shared else mean_sd([r["wall_s"] for r in recs], 0),
     ]
 
 
@@ -365,10 +358,7 @@ def markdown(rows: dict, groups: dict, meta: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--seeds", type=positive_int, default=3, help="seeds 0 .. N-1 of every Multi30k row"
-    )
+    parser = DriverParser(__doc__, "translation", seeds_help="seeds 0..N-1 of every Multi30k row")
     parser.add_argument(
         "--seed-list",
         type=comma_list((), non_negative_int, "seeds (integers >= 0)"),
@@ -395,15 +385,8 @@ def main(argv=None) -> None:
         help="N > 1: every (row, seed) as its own process, N at once on the one device (wall times "
         "then measure runs that share it); 1: one multirun per row, its seeds in turn",
     )
-    parser.add_argument("--runs-dir", type=Path, default=ROOT / "docs/results/runs/translation")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs/results/translation")
-    parser.add_argument("--tables-only", action="store_true")
-    parser.add_argument("overrides", nargs="*", help="extra moa-train overrides for every run")
-    args = parser.parse_args(argv)
-    runs_dir = args.runs_dir.resolve()
-    check_writable(out=args.out.parent)
+    args, runs_dir = parser.parse_checked(argv)
     if not args.tables_only:
-        check_writable(runs_dir=runs_dir)
         parts = PARTS if "all" in args.part else args.part
         planned = plan(parts, args.rows, args.seed_list or list(range(args.seeds)))
         if not planned:
