@@ -46,23 +46,7 @@ from pathlib import Path
 
 import torch
 
-from moa_train.bench.common import (
-    SIZES,
-    add_out_args,
-    captured_stderr,
-    compose_cfg,
-    contention,
-    contention_notes,
-    fmt,
-    load,
-    mark,
-    merge,
-    out_dir,
-    probe,
-    release,
-    sync,
-    warn,
-)
+from moa_train.bench import common
 from moa_train.config import bench_presets
 from moa_train.errors import Parser
 from moa_train.metrics.flops import device_name, measure_matmul_flops, peak_kind
@@ -111,12 +95,12 @@ def kernel_breakdown(trainer, device: torch.device) -> dict:
     """GPU time per kernel kind in one eager (compiled, not graph-captured) training step."""
     from torch.profiler import ProfilerActivity, profile
 
-    sync(device)
+    common.sync(device)
     # the profiler's own messages on stderr stay out of the terminal
-    with captured_stderr():
+    with common.captured_stderr():
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             trainer.train_steps(1)
-            sync(device)
+            common.sync(device)
         events = prof.key_averages()
     kinds: dict = {}
     top = []
@@ -137,10 +121,10 @@ def kernel_breakdown(trainer, device: torch.device) -> dict:
 def timed_steps(trainer, steps: int, device: torch.device, batches: list | None = None) -> float:
     """Seconds per training step over `steps` steps (on `batches` each step; default: batches drawn
     per step)."""
-    sync(device)
+    common.sync(device)
     t0 = time.perf_counter()
     trainer.train_steps(steps, batches=batches)
-    sync(device)
+    common.sync(device)
     return (time.perf_counter() - t0) / steps
 
 
@@ -158,7 +142,7 @@ def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: 
     from moa_train.train.cuda_graph import WARMUP_STEPS
     from moa_train.train.loop import Trainer
 
-    cfg, overrides = compose_cfg(size, model, batch, device, args.override)
+    cfg, overrides = common.compose_cfg(size, model, batch, device, args.override)
     with benched_trainer(Trainer, cfg) as trainer:
         entry = {
             "size": size,
@@ -182,7 +166,7 @@ def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: 
                 entry["kernels"] = kernel_breakdown(trainer, device)
                 continue
             trainer.train_steps(1)
-        sync(device)
+        common.sync(device)
         entry["warmup_s"] = time.perf_counter() - t0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -210,7 +194,7 @@ def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: 
                 "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
                 if device.type == "cuda"
                 else None,
-                "contention": contention(
+                "contention": common.contention(
                     device.type,
                     device_name(device),
                     windows={"step windows": times, "fixed-batch step windows": times_fixed},
@@ -218,7 +202,7 @@ def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: 
             }
         )
         del trainer
-    release(device)
+    common.release(device)
     return entry
 
 
@@ -234,7 +218,7 @@ def bench_with_fallback(
                 raise
         # outside the except block: its traceback would keep the failed trainer (and its GPU memory)
         # alive
-        release(device)
+        common.release(device)
         log.warning("%s/%s: out of memory at batch %d; trying %d", size, model, batch, batch // 2)
         batch //= 2
 
@@ -260,11 +244,11 @@ def sdpa_backends(device: torch.device, batch: int) -> list:
             with sdpa_kernel([backend]):
                 times = []
                 for i in range(13):
-                    sync(device)
+                    common.sync(device)
                     t0 = time.perf_counter()
                     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
                     out.backward(torch.ones_like(out))
-                    sync(device)
+                    common.sync(device)
                     if i >= 3:
                         times.append(time.perf_counter() - t0)
             ms = 1000 * statistics.median(times)
@@ -398,13 +382,13 @@ def kernel_cells(r: dict, kinds: list) -> list:
 def size_cells(r: dict) -> list:
     """A result's cells in its size's table."""
     return [
-        label(r) + mark(r.get("contention")),
+        label(r) + common.mark(r.get("contention")),
         f"{r['batch']} x {r['block']}",
         f"{r['step_ms']:.2f}",
         f"{r['tokens_per_s']:,.0f}",
         f"{r['flops_per_token'] / 1e9:.3g}",
         f"{r['mfu']:.1%} ({r['peak_kind']})",
-        fmt(r["peak_mem_gib"], ".1f"),
+        common.fmt(r["peak_mem_gib"], ".1f"),
         f"{r['data_wait_share']:.2%}",
         r.get("graph_breaks", "-"),
         "yes" if r["cuda_graph"] else "no",
@@ -412,20 +396,19 @@ def size_cells(r: dict) -> list:
     ]
 
 
-def run_cells(rid: str, run: dict) -> list:
+RUNS_HEADER = ("commit", "peak bf16 TFLOP/s", "peak TF32 TFLOP/s")
+
+
+def run_cells(run: dict) -> list:
     return [
-        rid + mark(run.get("contention")),
-        run["device"],
-        run["date"],
-        run["torch"],
         run.get("git_sha") or "-",
         f"{run['peaks'].get('bf16', 0) / 1e12:.3g}",
         f"{run['peaks'].get('tf32', 0) / 1e12:.3g}",
-        f"`{run['command']}`",
     ]
 
 
 def markdown(bench: dict, notes: str | None) -> str:
+    results = bench["results"]
     out = [
         "# moa-bench: training-step speed of every attention variant",
         "",
@@ -438,23 +421,7 @@ def markdown(bench: dict, notes: str | None) -> str:
             "alternating timed windows; values near 0 (or below) are within timing noise."
         ),
         "",
-    ]
-    out += [
-        "## Runs",
-        "",
-        *table_lines(
-            [
-                *("run", "device", "date", "torch", "commit"),
-                *("peak bf16 TFLOP/s", "peak TF32 TFLOP/s", "command"),
-            ],
-            [run_cells(rid, run) for rid, run in sorted(bench["runs"].items())],
-        ),
-    ]
-    out += contention_notes(
-        (f"run {rid}", run.get("contention")) for rid, run in sorted(bench["runs"].items())
-    )
-    results = bench["results"]
-    out += [
+        *common.runs_section(bench["runs"], RUNS_HEADER, run_cells),
         "",
         "## Targets",
         "",
@@ -482,7 +449,7 @@ def markdown(bench: dict, notes: str | None) -> str:
         reasons = {r["model"]: r["break_reasons"] for r in rows if r.get("break_reasons")}
         for model, why in reasons.items():
             out.append(f"\nGraph breaks in {model}: " + "; ".join(why))
-        out += contention_notes((f"{size}/{label(r)}", r.get("contention")) for r in rows)
+        out += common.contention_notes((f"{size}/{label(r)}", r.get("contention")) for r in rows)
     for size in ("table1", "gpt2"):
         out += kernel_tables(
             size, [r for k, r in sorted(results.items()) if r.get("kernels") and r["size"] == size]
@@ -499,7 +466,11 @@ def markdown(bench: dict, notes: str | None) -> str:
                 *table_lines(
                     ["backend", "ms", "TFLOP/s (counter's count)"],
                     [
-                        [s["backend"], fmt(s.get("ms"), ".2f"), fmt(s.get("tflops"), ".0f")]
+                        [
+                            s["backend"],
+                            common.fmt(s.get("ms"), ".2f"),
+                            common.fmt(s.get("tflops"), ".0f"),
+                        ]
                         if "ms" in s
                         else [s["backend"], f"unavailable: {s['error']}", "-"]
                         for s in run["sdpa"]
@@ -518,7 +489,7 @@ def markdown(bench: dict, notes: str | None) -> str:
                     ],
                     [
                         [c["path"], c["reference"], f"{c['out_err']:.1e}"]
-                        + [fmt(c["grad_err"], ".1e"), f"{c['tol']:.0e}"]
+                        + [common.fmt(c["grad_err"], ".1e"), f"{c['tol']:.0e}"]
                         + ["yes" if c["ok"] else "**no**"]
                         for c in run["checks"]
                     ],
@@ -545,7 +516,7 @@ def parse_args(argv):
         "--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}"
     )
     p.add_argument(
-        "--sizes", default="table1,gpt2", help=f"comma-separated, of: {', '.join(SIZES)}"
+        "--sizes", default="table1,gpt2", help=f"comma-separated, of: {', '.join(common.SIZES)}"
     )
     p.add_argument(
         "--batch",
@@ -555,7 +526,7 @@ def parse_args(argv):
     )
     p.add_argument("--steps", type=int, default=10, help="steps per timed window")
     p.add_argument("--windows", type=int, default=5, help="timed windows (the median is reported)")
-    add_out_args(p, "bench.json / bench.md")
+    common.add_out_args(p, "bench.json / bench.md")
     p.add_argument(
         "--no-profile", dest="profile", action="store_false", help="skip the kernel breakdown"
     )
@@ -584,7 +555,10 @@ def parse_args(argv):
         help="the inference benchmark instead, with its own options: moa-bench --decode --help",
     )
     args = p.parse_args(argv)
-    for flag, names, allowed in (("--models", args.models, MODELS), ("--sizes", args.sizes, SIZES)):
+    for flag, names, allowed in (
+        ("--models", args.models, MODELS),
+        ("--sizes", args.sizes, common.SIZES),
+    ):
         bad = [n for n in names.split(",") if n not in allowed]
         if bad:
             p.error(f"{flag}: unknown {', '.join(bad)}; allowed: {', '.join(allowed)}")
@@ -594,11 +568,7 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = out_dir(args)
-    bench = load(out / "bench.json")
+    argv, args, out, bench = common.begin(argv, parse_args, "bench.json")
     if args.tables_only:
         save(bench, out)
         return 0
@@ -606,8 +576,8 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run_id = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    bandwidth, run_contention = probe(device)
-    warn(f"run {run_id}", run_contention)
+    bandwidth, run_contention = common.probe(device)
+    common.warn(f"run {run_id}", run_contention)
     peaks = {kind: measure_matmul_flops(device, kind) for kind in ("bf16", "tf32", "fp32")}
     run = {
         "device": device_name(device),
@@ -623,7 +593,7 @@ def main(argv=None) -> int:
     bench["runs"][run_id] = run
     sizes = args.sizes.split(",")
     if device.type == "cuda":
-        run["sdpa_batch"] = args.batch or SIZES["gpt2"][1]
+        run["sdpa_batch"] = args.batch or common.SIZES["gpt2"][1]
         run["sdpa"] = sdpa_backends(device, run["sdpa_batch"])
     if args.checks:
         run["checks"] = fast_path_checks(device)
@@ -635,14 +605,14 @@ def main(argv=None) -> int:
     for size in sizes:
         for model in args.models.split(","):
             entry = bench_with_fallback(
-                size, model, args.batch or SIZES[size][1], device, peaks, args
+                size, model, args.batch or common.SIZES[size][1], device, peaks, args
             )
             entry["run"] = run_id
             key = f"{size}/{model}" + (f"@{args.tag}" if args.tag else "")
             # the run's signals, a copy probe after the model (one busy while it ran likely still
             # is) and the model's own (its windows' spread)
-            probed = probe(device, first=bandwidth)[1]
-            entry["contention"] = merge(run_contention, probed, entry["contention"])
+            probed = common.probe(device, first=bandwidth)[1]
+            entry["contention"] = common.merge(run_contention, probed, entry["contention"])
             bench["results"][key] = entry
             save(bench, out)  # after every model, so a run cut short keeps what it measured
             log.info(
@@ -654,17 +624,8 @@ def main(argv=None) -> int:
                 100 * entry["mfu"],
                 100 * entry["data_wait_share"],
             )
-            warn(key, entry["contention"])
-    flagged = [
-        k for k, r in bench["results"].items() if r["run"] == run_id and r["contention"]["flagged"]
-    ]
-    if flagged:
-        log.warning(
-            "WARNING: %d row(s) of this run flagged as measured under contention (%s): measure "
-            "again on a quiet machine before comparing or publishing them",
-            len(flagged),
-            ", ".join(flagged),
-        )
+            common.warn(key, entry["contention"])
+    common.warn_flagged(bench["results"], run_id)
     log.info("results: %s", out / "bench.md")
     failed = [c["path"] for c in run.get("checks", []) if not c["ok"]]
     if failed:
