@@ -148,8 +148,8 @@ def out_dir(args) -> Path:
 # --- contention: figures measured on a busy machine -----------------------------------------------
 
 # copy bandwidth (read + write bytes/s of a device-to-device copy) below which a card of the class
-# is taken as busy: about half of what an idle one measures (H200 4.0-4.2 TB/s, H100 SXM 2.9-3.0
-# TB/s in docs/results/inference.json; A100 about 1.5). First match in the device's name wins.
+# is taken as busy: about half of what an idle one measures (the copy bandwidth column of the runs
+# tables in docs/results/inference.md). First match in the device's name wins.
 BANDWIDTH_FLOORS = (("H200", 2.0e12), ("H100", 1.5e12), ("A100", 0.8e12))
 # max / min of a figure's timed windows (or repetitions) above which they disagree too much to be
 # one quiet measurement; a CPU's short timings scatter more than a GPU's

@@ -34,8 +34,8 @@ def decode_run(
     run: Path, precisions: list, max_sentences: int | None, device: str, cudnn: bool = False
 ) -> list:
     """Rows of (precision, cache) for `run`; with `cudnn`, the bf16 rows once more with cuDNN
-    attention allowed (decoding excludes it: models/kv_cache.DECODING_SDPA says why), the figure
-    from before that was fixed."""
+    attention allowed (decoding excludes it: models/kv_cache.DECODING_SDPA says why), to show what
+    allowing it costs."""
     import torch
     from omegaconf import OmegaConf
 
