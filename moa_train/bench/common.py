@@ -307,14 +307,18 @@ def runs_section(runs: dict, header: list, cells) -> list:
     ]
 
 
-def begin(argv, parse_args, results: str) -> tuple:
+def begin(argv, parse_args, results: str, save) -> tuple:
     """A benchmark's start: its arguments (the process's when `argv` is None), parsed, its output
-    folder and the records of its `results` json there; log lines go to the terminal."""
+    folder and the records of its `results` json there, from which `save(records, out)` rebuilds
+    the tables at once with --tables-only; log lines go to the terminal."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = out_dir(args)
-    return argv, args, out, load(out / results)
+    records = load(out / results)
+    if args.tables_only:
+        save(records, out)
+    return argv, args, out, records
 
 
 def warn_flagged(results: dict, run_id: str) -> None:

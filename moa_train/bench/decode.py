@@ -1447,9 +1447,8 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    argv, args, out, data = common.begin(argv, parse_args, "inference.json")
+    argv, args, out, data = common.begin(argv, parse_args, "inference.json", save)
     if args.tables_only:
-        save(data, out)
         return 0
     from moa_train.metrics.flops import device_name
     from moa_train.train.loop import git_sha

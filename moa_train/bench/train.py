@@ -568,9 +568,8 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    argv, args, out, bench = common.begin(argv, parse_args, "bench.json")
+    argv, args, out, bench = common.begin(argv, parse_args, "bench.json", save)
     if args.tables_only:
-        save(bench, out)
         return 0
     from moa_train.train.loop import git_sha
 

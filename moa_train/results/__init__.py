@@ -135,6 +135,12 @@ class Staging:
         if not resume:
             shutil.rmtree(self.root, ignore_errors=True)
 
+    def stop_if_failed(self, failed: list, hint: str = "") -> None:
+        """Stop the driver (exit 1) when runs `failed`: the old records stay, the new runs wait
+        here."""
+        if failed:
+            unfinished(failed, self.root, hint)
+
     def incomplete(self, runs: list, evaluation: str | None = None) -> list:
         """The staged `runs` (paths relative to the runs dir) without summary.json (or without
         `evaluation`)."""
@@ -164,6 +170,14 @@ class Staging:
             (self.runs_dir / r).parent.mkdir(parents=True, exist_ok=True)
             (self.root / r).rename(self.runs_dir / r)
         shutil.rmtree(self.root)
+
+
+def staged_jobs(runs_dir: Path, names: list, job, keep_finished: bool = False) -> list:
+    """`job(name, run_dir)` for each of `names`, its run folder in <runs_dir>/.staging/; with
+    keep_finished, none for a run already finished there (an unfinished one resumes from its last
+    checkpoint: trainer.resume=auto)."""
+    runs = ((name, runs_dir / STAGING / name) for name in names)
+    return [job(name, run) for name, run in runs if not (keep_finished and finished(run))]
 
 
 def summaries(runs_dir: Path, pattern: str) -> list:
@@ -341,13 +355,21 @@ def mean_sd(values: list, digits: int = 2) -> str:
 
 
 class DriverParser(Parser):
-    """A driver's parser with the options every driver takes: --seeds, --runs-dir (default
+    """A driver's parser with the options every driver takes: --seeds, --jobs, --runs-dir (default
     docs/results/runs/<name>), --out (docs/results/<name>) and --tables-only. The driver adds its
     own, then parses with `parse_checked`."""
 
-    def __init__(self, doc: str, name: str, seeds: int = 3, seeds_help="seeds 0..N-1 per row"):
+    def __init__(
+        self,
+        doc: str,
+        name: str,
+        seeds: int = 3,
+        seeds_help: str = "seeds 0..N-1 per row",
+        jobs_help: str = "runs at once on the one device",
+    ):
         super().__init__(description=doc.splitlines()[0])
         self.add_argument("--seeds", type=positive_int, default=seeds, help=seeds_help)
+        self.add_argument("--jobs", type=positive_int, default=1, help=jobs_help)
         self.add_argument("--runs-dir", type=Path, default=repo_root() / "docs/results/runs" / name)
         self.add_argument("--out", type=Path, default=repo_root() / "docs/results" / name)
         self.add_argument(
@@ -356,16 +378,35 @@ class DriverParser(Parser):
             help="rebuild the tables from the records, run nothing",
         )
 
-    def parse_checked(self, argv) -> tuple:
+    def add_choices(self, option: str, allowed: tuple) -> None:
+        """`option`: a comma list of `allowed` values (default: all of them)."""
+        self.add_argument(
+            option,
+            type=comma_list(allowed),
+            default=list(allowed),
+            help=f"a comma list of {', '.join(allowed)}",
+        )
+
+    def add_keep_finished(self) -> None:
+        self.add_argument(
+            "--keep-finished",
+            action="store_true",
+            help="keep the runs that an interrupted call (a time limit) finished in "
+            "<runs-dir>/.staging/, resume its unfinished ones",
+        )
+
+    def parse_checked(self, argv, runs=None) -> tuple:
         """The arguments (with `overrides`, extra moa-train overrides for every run) and the
-        resolved runs dir, once --out (and, unless --tables-only, --runs-dir) is known to be
-        writable."""
+        resolved runs dir, once --out is known to be writable and, unless --tables-only, --runs-dir
+        too and the override lists `runs(args)` gives (one per kind of run) valid."""
         self.add_argument("overrides", nargs="*", help="extra moa-train overrides for every run")
         args = self.parse_args(argv)
         runs_dir = args.runs_dir.resolve()
         check_writable(out=args.out.parent)
         if not args.tables_only:
             check_writable(runs_dir=runs_dir)
+            if runs is not None:
+                check_overrides(runs(args))
         return args, runs_dir
 
 
@@ -377,22 +418,25 @@ def shared_jobs(args) -> int:
     return args.jobs
 
 
-def driver_command(script: str, jobs: int, overrides=()) -> str:
-    """The command line a results file records: scripts/<script>, its --jobs and overrides."""
-    return (
+def file_meta(
+    args,
+    script: str,
+    n_jobs: int,
+    first: dict | None = None,
+    overrides=(),
+    keep_command: bool = False,
+    **extra,
+) -> dict:
+    """A results file's meta: the command (scripts/<script> with --jobs `n_jobs` and `overrides`;
+    on a --tables-only rebuild with `keep_command`, the committed file's), the device, torch and
+    commit of the `first` record (when given), the date, `extra`, then the note. A rebuild keeps
+    the committed date and note (`results_meta`)."""
+    kept = results_meta(args.out, args.tables_only)
+    command = (
         f"python3 scripts/{script}"
-        + (f" --jobs {jobs}" if jobs > 1 else "")
+        + (f" --jobs {n_jobs}" if n_jobs > 1 else "")
         + "".join(f" {o}" for o in overrides)
     )
-
-
-def file_meta(
-    args, command: str, first: dict | None = None, keep_command: bool = False, **extra
-) -> dict:
-    """A results file's meta: `command` (on a --tables-only rebuild with `keep_command`, the
-    committed file's), the device, torch and commit of the `first` record (when given), the date,
-    `extra`, then the note. A rebuild keeps the committed date and note (`results_meta`)."""
-    kept = results_meta(args.out, args.tables_only)
     meta = {"command": (keep_command and kept["command"]) or command}
     if first is not None:
         meta.update({key: first[key] for key in ("device", "torch", "git_sha")})
@@ -400,6 +444,11 @@ def file_meta(
     if kept["note"]:
         meta["note"] = kept["note"]
     return meta
+
+
+def note_lines(meta: dict) -> list:
+    """A results page's lines for its meta's note (none without one)."""
+    return [meta["note"], ""] if meta.get("note") else []
 
 
 def write_results(out: Path, payload: dict, text: str) -> None:

@@ -35,27 +35,22 @@ from pathlib import Path
 
 from moa_train.paths import repo_root
 from moa_train.results import (
-    STAGING,
     DriverParser,
     Staging,
-    check_overrides,
-    comma_list,
-    driver_command,
     evaluate_each,
     evaluated,
     file_meta,
     no_records,
-    positive_int,
+    note_lines,
     run_jobs,
     save_figure,
     shared_jobs,
+    staged_jobs,
     summaries,
     training_job,
-    unfinished,
     welch,
     write_results,
 )
-from moa_train.sweep import finished
 from moa_train.tables import table_lines
 
 ROOT = repo_root()
@@ -94,14 +89,12 @@ def jobs(rows: list, seeds: list, runs_dir: Path, extra: list, keep_finished: bo
     (holding summary.json) is kept and not rerun, and an unfinished one resumes from its last
     checkpoint (trainer.resume=auto), so that a driver stopped by a time limit picks up where it
     was."""
-    out = []
-    for name in names(rows, seeds):
-        run = runs_dir / STAGING / name
-        if keep_finished and finished(run):
-            continue
+
+    def job(name: str, run: Path):
         row, _, seed = name.rpartition("-seed")
-        out.append(training_job(f"{GROUP}/{name}", overrides(row, int(seed), extra), run))
-    return out
+        return training_job(f"{GROUP}/{name}", overrides(row, int(seed), extra), run)
+
+    return staged_jobs(runs_dir, names(rows, seeds), job, keep_finished)
 
 
 def reproduce(
@@ -114,8 +107,7 @@ def reproduce(
     hint = "; --keep-finished resumes them"
     prepare_data(extra)
     failed = run_jobs(jobs(rows, seeds, runs_dir, extra, keep), n_jobs)
-    if failed:
-        unfinished(failed, stage.root, hint)
+    stage.stop_if_failed(failed, hint)
     evaluate_runs(stage.root)
     stage.commit(names(rows, seeds), "kv_eval.json", hint=hint)
 
@@ -590,7 +582,7 @@ def markdown(res: dict, meta: dict) -> str:
             "its argmax branch, though it mixes all three)."
         ),
         "",
-        *([meta["note"], ""] if meta.get("note") else []),
+        *note_lines(meta),
         "## Answer",
         "",
         *[f"- {line}" for line in answer(res)],
@@ -650,24 +642,12 @@ def plot(res: dict, path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = DriverParser(__doc__, GROUP)
-    parser.add_argument(
-        "--rows",
-        type=comma_list(ROWS),
-        default=list(ROWS),
-        help=f"comma-separated, of: {', '.join(ROWS)}",
+    parser.add_choices("--rows", ROWS)
+    parser.add_keep_finished()
+    args, runs_dir = parser.parse_checked(
+        argv, lambda a: [overrides(row, 0, a.overrides) for row in a.rows]
     )
-    parser.add_argument(
-        "--jobs", type=positive_int, default=1, help="runs at once on the one device"
-    )
-    parser.add_argument(
-        "--keep-finished",
-        action="store_true",
-        help="keep the runs that an interrupted call (a time limit) finished in "
-        "<runs-dir>/.staging/, resume its unfinished ones",
-    )
-    args, runs_dir = parser.parse_checked(argv)
     if not args.tables_only:
-        check_overrides([overrides(row, 0, args.overrides) for row in args.rows])
         seeds = list(range(args.seeds))
         reproduce(args.rows, seeds, runs_dir, args.overrides, args.jobs, args.keep_finished)
     table = collect(runs_dir)
@@ -676,7 +656,7 @@ def main(argv=None) -> None:
     res = summarise(table)
     jobs = shared_jobs(args)
     first = next(iter(res["rows"].values()))
-    meta = file_meta(args, driver_command("reproduce_kv_tradeoff.py", jobs), first, jobs=jobs)
+    meta = file_meta(args, "reproduce_kv_tradeoff.py", jobs, first, jobs=jobs)
     write_results(args.out, {"meta": meta, "results": res}, markdown(res, meta))
     plot(res, args.out.with_suffix(".png"))
 

@@ -22,17 +22,13 @@ from pathlib import Path
 from moa_train.results import (
     DriverParser,
     Staging,
-    check_overrides,
-    comma_list,
-    driver_command,
     file_meta,
     no_records,
-    positive_int,
+    note_lines,
     previous_meta,
     run_jobs,
     summaries,
     training_job,
-    unfinished,
     welch,
     write_results,
 )
@@ -66,8 +62,7 @@ def reproduce(rows: list, seeds: list, runs_dir: Path, extra: list, n_jobs: int)
         for name in [f"{row}-seed{seed}"]
     ]
     failed = run_jobs(jobs, n_jobs)
-    if failed:
-        unfinished(failed, stage.root)
+    stage.stop_if_failed(failed)
     for name in names(rows, seeds):  # records only: the weights are not kept
         for ckpt in (stage.root / name / "checkpoints").glob("*"):
             ckpt.unlink()
@@ -202,9 +197,8 @@ def markdown(res: dict, meta: dict) -> str:
             "forward's multiply-accumulates per token)."
         ),
         "",
+        *note_lines(meta),
     ]
-    if meta.get("note"):
-        lines += [meta["note"], ""]
     lines += table_lines(
         ["row", "seeds", "params", "MACs/token", "val ppl", "test ppl"],
         [
@@ -235,13 +229,11 @@ def markdown(res: dict, meta: dict) -> str:
 
 def main(argv=None) -> None:
     parser = DriverParser(__doc__, "mlm")
-    parser.add_argument(
-        "--rows", type=comma_list(ROWS), default=list(ROWS), help=f"of: {', '.join(ROWS)}"
+    parser.add_choices("--rows", ROWS)
+    args, runs_dir = parser.parse_checked(
+        argv, lambda a: [overrides(row, 0, a.overrides) for row in a.rows]
     )
-    parser.add_argument("--jobs", type=positive_int, default=1, help="runs at once")
-    args, runs_dir = parser.parse_checked(argv)
     if not args.tables_only:
-        check_overrides([overrides(row, 0, args.overrides) for row in args.rows])
         reproduce(args.rows, list(range(args.seeds)), runs_dir, args.overrides, args.jobs)
     table = collect(runs_dir)
     if not table:
@@ -249,6 +241,7 @@ def main(argv=None) -> None:
     res = summarise(table)
     first = next(iter(res["rows"].values()))
     jobs = previous_meta(args.out).get("jobs", 1) if args.tables_only else args.jobs
-    command = driver_command("reproduce_mlm.py", jobs, args.overrides)
-    meta = file_meta(args, command, first, keep_command=True, jobs=jobs)
+    meta = file_meta(
+        args, "reproduce_mlm.py", jobs, first, args.overrides, keep_command=True, jobs=jobs
+    )
     write_results(args.out, {"meta": meta, "results": res}, markdown(res, meta))

@@ -33,21 +33,18 @@ from moa_train.paths import repo_root
 from moa_train.results import (
     DriverParser,
     Staging,
-    check_overrides,
-    driver_command,
     evaluate_each,
     evaluated,
     file_meta,
     mean_sd,
     no_records,
+    note_lines,
     old_runs,
-    positive_int,
     run_command,
     run_jobs,
     shared_jobs,
     summaries,
     training_job,
-    unfinished,
     welch,
     write_results,
 )
@@ -135,8 +132,7 @@ def reproduce(modes: list, seeds: int, runs_dir: Path, extra: list, n_jobs: int)
                 failed = stage.incomplete([r for r in runs if r.startswith(f"{mode}/")])
                 failed = failed or [f"the {mode} multirun (exit {code})"]
                 break
-    if failed:
-        unfinished(failed, stage.root)
+    stage.stop_if_failed(failed)
     evaluate_runs(stage.root)
     stage.commit(
         runs,
@@ -421,7 +417,7 @@ def markdown(res: dict, meta: dict) -> str:
             "every run (the paper drew new random windows at each evaluation)."
         ),
         "",
-        *([meta["note"], ""] if meta.get("note") else []),
+        *note_lines(meta),
         *findings(res, jobs),
         "",
     ]
@@ -453,29 +449,29 @@ def markdown(res: dict, meta: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = DriverParser(__doc__, "moas_table1", seeds=5)
+    parser = DriverParser(
+        __doc__,
+        "moas_table1",
+        seeds=5,
+        jobs_help="N > 1: every (mode, row, seed) as its own process, N at once on the one device "
+        "(the ms/iter column then measures runs that share it); 1: one multirun per mode",
+    )
     parser.add_argument(
         "--modes", nargs="+", default=["faithful", "fast"], choices=["faithful", "fast"]
     )
-    parser.add_argument(
-        "--jobs",
-        type=positive_int,
-        default=1,
-        help="N > 1: every (mode, row, seed) as its own process, N at once on the one device (the "
-        "ms/iter column then measures runs that share it); 1: one multirun per mode",
+    args, runs_dir = parser.parse_checked(
+        argv,
+        lambda a: [overrides(mode, row, 0, a.overrides) for mode in a.modes for row in ROWS],
     )
-    args, runs_dir = parser.parse_checked(argv)
     if not args.tables_only:
         modes = list(dict.fromkeys(args.modes))
-        check_overrides([overrides(mode, row, 0, args.overrides) for mode in modes for row in ROWS])
         reproduce(modes, args.seeds, runs_dir, args.overrides, args.jobs)
     res = summarise(collect(runs_dir))
     if not res:
         no_records(args.runs_dir)
     jobs = shared_jobs(args)
     first = next(iter(next(iter(res.values()))["rows"].values()))
-    command = driver_command("reproduce_moas_table1.py", jobs)
-    meta = file_meta(args, command, first, paper=PAPER, jobs=jobs)
+    meta = file_meta(args, "reproduce_moas_table1.py", jobs, first, paper=PAPER, jobs=jobs)
     write_results(args.out, {"meta": meta, "results": res}, markdown(res, meta))
 
 

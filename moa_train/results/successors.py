@@ -25,23 +25,17 @@ from pathlib import Path
 
 from moa_train.paths import repo_root
 from moa_train.results import (
-    STAGING,
     DriverParser,
     Staging,
-    check_overrides,
-    comma_list,
-    driver_command,
     file_meta,
     mean_sd,
     no_records,
-    positive_int,
     run_jobs,
+    staged_jobs,
     summaries,
     training_job,
-    unfinished,
     write_results,
 )
-from moa_train.sweep import finished
 from moa_train.tables import table_lines
 
 ROOT = repo_root()
@@ -65,15 +59,13 @@ def names(checks: list, seeds: list) -> list:
 def jobs(checks: list, seeds: list, runs_dir: Path, extra: list, keep: bool) -> list:
     """The runs to train into <runs_dir>/.staging/ (keep: those finished there are not rerun, and an
     unfinished one resumes from its checkpoint: trainer.resume is auto)."""
-    out = []
-    for name in names(checks, seeds):
-        run = runs_dir / STAGING / name
-        if keep and finished(run):
-            continue
+
+    def job(name: str, run: Path):
         check, _, rest = name.partition("/")
         row, _, seed = rest.rpartition("-seed")
-        out.append(training_job(name, overrides(check, row, int(seed), extra), run))
-    return out
+        return training_job(name, overrides(check, row, int(seed), extra), run)
+
+    return staged_jobs(runs_dir, names(checks, seeds), job, keep)
 
 
 def prepare_data(checks: list, extra: list) -> None:
@@ -91,8 +83,7 @@ def reproduce(checks: list, seeds: list, runs_dir: Path, extra: list, n: int, ke
     hint = "; --keep-finished resumes them"
     prepare_data(checks, extra)
     failed = run_jobs(jobs(checks, seeds, runs_dir, extra, keep), n)
-    if failed:
-        unfinished(failed, stage.root, hint)
+    stage.stop_if_failed(failed, hint)
     stage.commit(names(checks, seeds), hint=hint)
 
 
@@ -241,29 +232,21 @@ def markdown(res: dict, meta: dict) -> str:
 
 def main(argv=None) -> None:
     parser = DriverParser(__doc__, GROUP)
-    parser.add_argument(
-        "--checks",
-        type=comma_list(tuple(CHECKS)),
-        default=list(CHECKS),
-        help=f"comma-separated, of: {', '.join(CHECKS)}",
+    parser.add_choices("--checks", tuple(CHECKS))
+    parser.add_keep_finished()
+    args, runs_dir = parser.parse_checked(
+        argv, lambda a: [overrides(c, CHECKS[c][0][0], 0, a.overrides) for c in a.checks]
     )
-    parser.add_argument("--jobs", type=positive_int, default=1, help="runs at once on the device")
-    parser.add_argument(
-        "--keep-finished",
-        action="store_true",
-        help="keep the runs an interrupted call finished in <runs-dir>/.staging/, resume the rest",
-    )
-    args, runs_dir = parser.parse_checked(argv)
     if not args.tables_only:
-        check_overrides([overrides(c, CHECKS[c][0][0], 0, args.overrides) for c in args.checks])
         seeds = list(range(args.seeds))
         reproduce(args.checks, seeds, runs_dir, args.overrides, args.jobs, args.keep_finished)
     table = collect(runs_dir)
     if not table:
         no_records(args.runs_dir)
     res = summarise(table)
-    command = driver_command("reproduce_successors.py", args.jobs, args.overrides)
-    meta = file_meta(args, command, keep_command=True)
+    meta = file_meta(
+        args, "reproduce_successors.py", args.jobs, overrides=args.overrides, keep_command=True
+    )
     write_results(args.out, {"meta": meta, "results": res}, markdown(res, meta))
 
 

@@ -45,8 +45,8 @@ from moa_train.results import (
     mean_sd,
     no_records,
     non_negative_int,
+    note_lines,
     old_runs,
-    positive_int,
     previous_meta,
     results_meta,
     run_command,
@@ -328,9 +328,8 @@ def markdown(rows: dict, groups: dict, meta: dict) -> str:
             "FLOP counter (training FLOPs / 6) at the mean training target length."
         ),
         "",
+        *note_lines(meta),
     ]
-    if meta.get("note"):
-        lines += [meta["note"], ""]
     for group, heading in GROUPS.items():
         if group in rows:
             lines += group_table(heading, rows[group], groups[group])
@@ -358,7 +357,13 @@ def markdown(rows: dict, groups: dict, meta: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = DriverParser(__doc__, "translation", seeds_help="seeds 0..N-1 of every Multi30k row")
+    parser = DriverParser(
+        __doc__,
+        "translation",
+        seeds_help="seeds 0..N-1 of every Multi30k row",
+        jobs_help="N > 1: every (row, seed) as its own process, N at once on the one device (wall "
+        "times then measure runs that share it); 1: one multirun per row, its seeds in turn",
+    )
     parser.add_argument(
         "--seed-list",
         type=comma_list((), non_negative_int, "seeds (integers >= 0)"),
@@ -372,19 +377,7 @@ def main(argv=None) -> None:
         default=["all"],
         help=f"a comma list of all, {', '.join(PARTS)}",
     )
-    parser.add_argument(
-        "--rows",
-        type=comma_list(ROWS),
-        default=list(ROWS),
-        help=f"a comma list of {', '.join(ROWS)}",
-    )
-    parser.add_argument(
-        "--jobs",
-        type=positive_int,
-        default=1,
-        help="N > 1: every (row, seed) as its own process, N at once on the one device (wall times "
-        "then measure runs that share it); 1: one multirun per row, its seeds in turn",
-    )
+    parser.add_choices("--rows", ROWS)
     args, runs_dir = parser.parse_checked(argv)
     if not args.tables_only:
         parts = PARTS if "all" in args.part else args.part
