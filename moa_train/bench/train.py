@@ -396,6 +396,14 @@ def size_cells(r: dict) -> list:
     ]
 
 
+CHECKS_HEADER = (
+    "fast path",
+    "plain path",
+    "output rel. error",
+    "gradient rel. error",
+    "tolerance",
+    "ok",
+)
 RUNS_HEADER = ("commit", "peak bf16 TFLOP/s", "peak TF32 TFLOP/s")
 
 
@@ -483,14 +491,16 @@ def markdown(bench: dict, notes: str | None) -> str:
                 f"## Fast paths against plain paths (run {rid}, {run['device']})",
                 "",
                 *table_lines(
+                    CHECKS_HEADER,
                     [
-                        *("fast path", "plain path", "output rel. error"),
-                        *("gradient rel. error", "tolerance", "ok"),
-                    ],
-                    [
-                        [c["path"], c["reference"], f"{c['out_err']:.1e}"]
-                        + [common.fmt(c["grad_err"], ".1e"), f"{c['tol']:.0e}"]
-                        + ["yes" if c["ok"] else "**no**"]
+                        [
+                            c["path"],
+                            c["reference"],
+                            f"{c['out_err']:.1e}",
+                            common.fmt(c["grad_err"], ".1e"),
+                            f"{c['tol']:.0e}",
+                            "yes" if c["ok"] else "**no**",
+                        ]
                         for c in run["checks"]
                     ],
                 ),
