@@ -33,6 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 from moa_train.errors import Parser, fail
 from moa_train.metrics.plots import pyplot, site_util, utilisation_figure
 from moa_train.metrics.sinks import job_overrides
+from moa_train.tables import markdown_table
 from moa_train.train.tasks import report_metrics
 
 METRICS = (*report_metrics(), "step_ms_median", "params_total")
@@ -360,11 +361,6 @@ def routing_rows(records: list) -> list:
                 ]
             )
     return rows
-
-
-def markdown_table(header: list, rows: list) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]) + "\n"
 
 
 DIFFERING = "Recipe keys that differ between groups"

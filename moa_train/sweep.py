@@ -14,6 +14,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from moa_train.tables import markdown_table
+
 log = logging.getLogger(__name__)
 # a job's figures in the sweep summary: its task's metrics (summary.json's summary_keys, written by
 # the trainer from the task), then these
@@ -129,17 +131,14 @@ def markdown(records: list) -> str:
     ones that set it apart."""
     keys = list(dict.fromkeys(k for r in records for k in r if k not in RECORD_KEYS))
     shared = shared_overrides(records)
-    lines = [f"Overrides of every job: `{' '.join(shared)}`", ""] if shared else []
-    lines += [
-        "| " + " | ".join(["job", "overrides", "status", *keys]) + " |",
-        "|---" * (3 + len(keys)) + "|",
-    ]
+    above = f"Overrides of every job: `{' '.join(shared)}`\n\n" if shared else ""
+    rows = []
     for r in records:
         cells = [f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
         status = r["status"] if r["status"] == "ok" else f"failed: {r['error']}"
         own = " ".join(o for o in r["overrides"] if o not in shared)
-        lines.append("| " + " | ".join([r["job"], own, status, *cells]) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append([r["job"], own, status, *cells])
+    return above + markdown_table(["job", "overrides", "status", *keys], rows)
 
 
 class SweepSummary(Callback):

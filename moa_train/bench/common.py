@@ -19,6 +19,7 @@ import torch
 
 from moa_train.config import applicable
 from moa_train.paths import config_dir, repo_root
+from moa_train.tables import table_lines
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,8 @@ def out_dir(args) -> Path:
 # --- contention: figures measured on a busy machine -----------------------------------------------
 
 # copy bandwidth (read + write bytes/s of a device-to-device copy) below which a card of the class
-# is taken as busy: about half of what an idle one measures (H200 4.0-4.2 TB/s, H100 SXM 2.9-3.0
-# TB/s in docs/results/inference.json; A100 about 1.5). First match in the device's name wins.
+# is taken as busy: about half of what an idle one measures (the copy bandwidth column of the runs
+# tables in docs/results/inference.md). First match in the device's name wins.
 BANDWIDTH_FLOORS = (("H200", 2.0e12), ("H100", 1.5e12), ("A100", 0.8e12))
 # max / min of a figure's timed windows (or repetitions) above which they disagree too much to be
 # one quiet measurement; a CPU's short timings scatter more than a GPU's
@@ -286,6 +287,50 @@ def contention_notes(items) -> list:
         "Marked **[contention]**: measured on a busy machine, not comparable; measure again:",
     ]
     return out + [f"- {name}: {'; '.join(rec['reasons'])}" for name, rec in flagged]
+
+
+def runs_section(runs: dict, header: list, cells) -> list:
+    """The Markdown of a benchmark's runs, oldest first: run, device, date, torch, the benchmark's
+    own columns (`header`; `cells(run)` gives a run's), the command; then the reasons of those
+    flagged as measured under contention."""
+    ordered = sorted(runs.items())
+    rows = [
+        [rid + mark(run.get("contention")), run["device"], run["date"], run["torch"]]
+        + [*cells(run), f"`{run['command']}`"]
+        for rid, run in ordered
+    ]
+    return [
+        "## Runs",
+        "",
+        *table_lines(["run", "device", "date", "torch", *header, "command"], rows),
+        *contention_notes((f"run {rid}", run.get("contention")) for rid, run in ordered),
+    ]
+
+
+def begin(argv, parse_args, results: str, save) -> tuple:
+    """A benchmark's start: its arguments (the process's when `argv` is None), parsed, its output
+    folder and the records of its `results` json there, from which `save(records, out)` rebuilds
+    the tables at once with --tables-only; log lines go to the terminal."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = out_dir(args)
+    records = load(out / results)
+    if args.tables_only:
+        save(records, out)
+    return argv, args, out, records
+
+
+def warn_flagged(results: dict, run_id: str) -> None:
+    """The terminal's closing line when rows of this run were measured under contention."""
+    flagged = [k for k, r in results.items() if r["run"] == run_id and r["contention"]["flagged"]]
+    if flagged:
+        log.warning(
+            "WARNING: %d row(s) of this run flagged as measured under contention (%s): measure "
+            "again on a quiet machine before comparing or publishing them",
+            len(flagged),
+            ", ".join(flagged),
+        )
 
 
 # --- profiling ------------------------------------------------------------------------------------

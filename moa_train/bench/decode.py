@@ -71,27 +71,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from moa_train.bench import common
 from moa_train.bench.common import SIZES as MODEL_SIZES
-from moa_train.bench.common import (
-    add_out_args,
-    captured_stderr,
-    compose_cfg,
-    contention,
-    contention_notes,
-    fmt,
-    load,
-    mark,
-    merge,
-    out_dir,
-    probe,
-    release,
-    sync,
-    warn,
-)
 from moa_train.config import bench_presets
 from moa_train.errors import Parser
 from moa_train.models.decoding import decode_spans
 from moa_train.models.roles import ROUTER, declared_modules
+from moa_train.tables import table_lines
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +113,10 @@ def timed(fn, device: torch.device, reps: int = REPS, warmup: bool = True) -> fl
         fn()
     times = []
     for _ in range(reps):
-        sync(device)
+        common.sync(device)
         t0 = time.perf_counter()
         fn()
-        sync(device)
+        common.sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -143,7 +129,7 @@ def build(size: DecodeSize, model_name: str, device: torch.device):
     of the model."""
     from moa_train.models.lm import build_model
 
-    cfg, overrides = compose_cfg(size.size, model_name, 1, device)
+    cfg, overrides = common.compose_cfg(size.size, model_name, 1, device)
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.data.vocab_size).to(device).eval()
     return model, overrides
@@ -315,10 +301,10 @@ def measure_decode(
 
     def run() -> float:
         logits = steps.prefill(idx, lengths)
-        sync(device)
+        common.sync(device)
         t0 = time.perf_counter()
         decode_loop(steps, logits, size.new_tokens + 1, greedy)
-        sync(device)
+        common.sync(device)
         return time.perf_counter() - t0
 
     try:
@@ -385,7 +371,7 @@ def measure_generate(model, size: DecodeSize, batch: int, device: torch.device, 
 
     def first_token(tokens):
         if len(times) == 0:
-            sync(device)
+            common.sync(device)
             times.append(time.perf_counter())
 
     def run() -> float:
@@ -407,11 +393,11 @@ def trace_step(prepare, device: torch.device, step_ms: float, top: int = 10) -> 
 
     cuda = device.type == "cuda"
     run = prepare()
-    sync(device)
-    with captured_stderr() as messages:
+    common.sync(device)
+    with common.captured_stderr() as messages:
         with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
             run()
-            sync(device)
+            common.sync(device)
         events = prof.key_averages()
     rows = []
     for evt in events:
@@ -508,7 +494,7 @@ def row_contention(entry: dict, device: torch.device) -> dict:
     from moa_train.metrics.flops import device_name
 
     decode = entry["decode"]
-    return contention(
+    return common.contention(
         device.type,
         device_name(device),
         windows={f"decode b{b} repetitions": d["step_ms_windows"] for b, d in decode.items()},
@@ -568,7 +554,7 @@ def bench_model(
             from moa_train.generation import set_inference_routing
 
             set_inference_routing(model, "top1")
-            release(device)
+            common.release(device)
             label = f"{key}@top1 (inference_routing=top1: one scheme per token)"
             log.info("%s", label)
             rows[f"{key}@top1"] = {
@@ -585,7 +571,7 @@ def bench_model(
         }
     finally:
         model = None
-        release(device)
+        common.release(device)
     return rows
 
 
@@ -602,7 +588,7 @@ HF_SETTINGS = {
 def hf_llama(size: DecodeSize, kv_heads: int, device: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    m = compose_cfg(size.size, "mha", 1, device)[0]
+    m = common.compose_cfg(size.size, "mha", 1, device)[0]
     cfg = LlamaConfig(
         vocab_size=m.data.vocab_size,
         hidden_size=m.model.d_model,
@@ -654,7 +640,7 @@ def step_clock(device: torch.device):
             self.times = []
 
         def __call__(self, input_ids, scores):
-            sync(device)
+            common.sync(device)
             self.times.append(time.perf_counter())
             return scores
 
@@ -712,7 +698,7 @@ def hf_row(size: DecodeSize, kv_heads: int, setting: str, device: torch.device) 
             t0 = time.perf_counter()
             # warm-up: compilation for these shapes
             out = hf_generate(model, idx, size.new_tokens, setting)
-            sync(device)
+            common.sync(device)
             warmup_s = time.perf_counter() - t0
             if out.shape[1] != size.prompt_len + size.new_tokens:
                 raise RuntimeError(
@@ -720,10 +706,10 @@ def hf_row(size: DecodeSize, kv_heads: int, setting: str, device: torch.device) 
                     f"not {size.new_tokens}"
                 )
             clock = step_clock(device)
-            sync(device)
+            common.sync(device)
             t0 = time.perf_counter()
             hf_generate(model, idx, size.new_tokens, setting, clock)
-            sync(device)
+            common.sync(device)
             full = time.perf_counter() - t0
             step_s = (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1)
             entry["decode"][str(batch)] = {
@@ -749,7 +735,7 @@ def hf_row(size: DecodeSize, kv_heads: int, setting: str, device: torch.device) 
         entry["error"] = one_line(exc)
     finally:
         model = None
-        release(device)
+        common.release(device)
     return entry
 
 
@@ -890,7 +876,7 @@ def cli_row(size: DecodeSize, device: torch.device, work: Path) -> dict:
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        m = compose_cfg(size.size, "mha", 1, device)[0].model
+        m = common.compose_cfg(size.size, "mha", 1, device)[0].model
         hf_cfg = LlamaConfig(
             vocab_size=tokenizer.vocab_size,
             hidden_size=m.d_model,
@@ -1038,6 +1024,68 @@ def span_note(d: dict) -> str:
     return ", attends over the whole cache" if not bucket else f", attends over spans of {bucket}"
 
 
+def model_cells(r: dict, results: dict, size: str, runs: dict | None, lo: str, hi: str) -> list:
+    """A model's cells in a size's main table (its error, where it was not measured)."""
+    if "error" in r:
+        return [row_name(r), f"**not measured**: {r['error']}", *["-"] * 12, r.get("run")]
+    d = r["decode"]
+    mode = {b: d[b]["mode"] + span_note(d[b]) for b in (lo, hi)}
+    ratios = []
+    for b in (lo, hi):
+        card = (runs or {}).get(r.get("run"), {}).get("device")
+        base, name = hf_baseline(results, size, r["kv_heads"], b, card, runs)
+        ratios.append(f"{d[b]['tokens_per_s'] / base:.2f} ({name})" if base else "-")
+    return [
+        row_name(r) + common.mark(r.get("contention")),
+        mode[lo] if mode[lo] == mode[hi] else f"{mode[lo]} / {mode[hi]}",
+        f"{r['prefill']['tokens_per_s']:,.0f}",
+        f"{d[lo]['tokens_per_s']:,.0f}",
+        f"{d[hi]['tokens_per_s']:,.0f}",
+        *ratios,
+        f"{r['kv_bytes_per_token']:,.0f}",
+        f"{r['kv_bytes_per_token_measured']:,.0f}",
+        common.fmt(r.get("kv_bytes_per_token_realised"), ",.0f"),
+        common.fmt(d[hi]["peak_mem_gib"], ".2f"),
+        f"{d[lo]['share_of_bound']:.1%}",
+        f"{d[hi]['share_of_bound']:.1%}",
+        routing_cell(r.get("routing")),
+        r["run"],
+    ]
+
+
+def hf_cells(r: dict, lo: str, hi: str) -> list:
+    """A transformers baseline's cells (its error, where it failed before measuring)."""
+    d = r.get("decode", {})
+    if "error" in r and not d:
+        return [
+            *(r["model"], r.get("kv_heads", "-"), r["setting"], "-", f"**failed**: {r['error']}"),
+            *["-"] * 4,
+            *(r.get("transformers", "-"), r.get("run")),
+        ]
+    err = f" (then failed: {r['error']})" if "error" in r else ""
+    return [
+        r["model"] + common.mark(r.get("contention")),
+        r["kv_heads"],
+        r["setting"] + err,
+        "/".join("yes" if d[b]["compiled"] else "no" for b in (lo, hi) if b in d),
+        *(common.fmt(d[b]["tokens_per_s"], ",.0f") if b in d else "-" for b in (lo, hi)),
+        *(common.fmt(d[b]["generate_s"], ".2f") if b in d else "-" for b in (lo, hi)),
+        common.fmt(d[hi]["peak_mem_gib"] if hi in d else None, ".2f"),
+        r["transformers"],
+        r["run"],
+    ]
+
+
+def path_cells(r: dict, lo: str, hi: str) -> list:
+    """A model's generate() and eager decode rates beside the benchmark's, then its run."""
+    cells = []
+    for b in (lo, hi):
+        bench, gen = r["decode"][b]["tokens_per_s"], r["generate"][b]["tokens_per_s"]
+        eager = r.get("decode_eager", {}).get(b, {}).get("tokens_per_s")
+        cells += [f"{bench:,.0f}", f"{gen:,.0f}", f"{gen / bench:.2f}", common.fmt(eager, ",.0f")]
+    return [*cells, r["run"]]
+
+
 def size_tables(results: dict, size: str, runs: dict | None = None) -> list:
     rows = model_rows(results, size)
     hf = [r for r in results.values() if r["size"] == size and "setting" in r]
@@ -1057,41 +1105,15 @@ def size_tables(results: dict, size: str, runs: dict | None = None) -> list:
         "",
     ]
     if rows:
-        out += [
-            (
-                f"| model | decode mode (b{lo} / b{hi}) | prefill tok/s | decode tok/s b{lo} | "
-                f"decode tok/s b{hi} | x transformers b{lo} | x transformers b{hi} | KV B/token "
-                f"analytic | measured | realised | peak mem GiB b{hi} | bound share b{lo} | bound "
-                f"share b{hi} | routing shares | run |"
-            ),
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        header = [
+            *("model", f"decode mode (b{lo} / b{hi})", "prefill tok/s"),
+            *(f"decode tok/s b{lo}", f"decode tok/s b{hi}"),
+            *(f"x transformers b{lo}", f"x transformers b{hi}"),
+            *("KV B/token analytic", "measured", "realised", f"peak mem GiB b{hi}"),
+            *(f"bound share b{lo}", f"bound share b{hi}", "routing shares", "run"),
         ]
-        for r in rows:
-            if "error" in r:
-                out.append(
-                    f"| {row_name(r)} | **not measured**: {r['error']} |"
-                    + " - |" * 12
-                    + f" {r.get('run')} |"
-                )
-                continue
-            d = r["decode"]
-            mode = {b: d[b]["mode"] + span_note(d[b]) for b in (lo, hi)}
-            modes = mode[lo] if mode[lo] == mode[hi] else f"{mode[lo]} / {mode[hi]}"
-            ratios = []
-            for b in (lo, hi):
-                card = (runs or {}).get(r.get("run"), {}).get("device")
-                base, name = hf_baseline(results, size, r["kv_heads"], b, card, runs)
-                ratios.append(f"{d[b]['tokens_per_s'] / base:.2f} ({name})" if base else "-")
-            out.append(
-                f"| {row_name(r)}{mark(r.get('contention'))} | {modes} | "
-                f"{r['prefill']['tokens_per_s']:,.0f} | "
-                f"{d[lo]['tokens_per_s']:,.0f} | {d[hi]['tokens_per_s']:,.0f} | {ratios[0]} | "
-                f"{ratios[1]} | {r['kv_bytes_per_token']:,.0f} | "
-                f"{r['kv_bytes_per_token_measured']:,.0f} | "
-                f"{fmt(r.get('kv_bytes_per_token_realised'), ',.0f')} | "
-                f"{fmt(d[hi]['peak_mem_gib'], '.2f')} | {d[lo]['share_of_bound']:.1%} | "
-                f"{d[hi]['share_of_bound']:.1%} | {routing_cell(r.get('routing'))} | {r['run']} |"
-            )
+        cells = [model_cells(r, results, size, runs, lo, hi) for r in rows]
+        out += table_lines(header, cells)
     if hf:
         out += [
             "",
@@ -1101,33 +1123,20 @@ def size_tables(results: dict, size: str, runs: dict | None = None) -> list:
                 "processor):"
             ),
             "",
-            (
-                f"| model | K/V heads | setting | compiled | decode tok/s b{lo} | decode tok/s "
-                f"b{hi} | generate s b{lo} | generate s b{hi} | peak mem GiB b{hi} | transformers "
-                "| run |"
+            *table_lines(
+                [
+                    *("model", "K/V heads", "setting", "compiled"),
+                    *(f"decode tok/s b{lo}", f"decode tok/s b{hi}"),
+                    *(f"generate s b{lo}", f"generate s b{hi}", f"peak mem GiB b{hi}"),
+                    *("transformers", "run"),
+                ],
+                [
+                    hf_cells(r, lo, hi)
+                    for r in sorted(hf, key=lambda r: (-r.get("kv_heads", 0), r["setting"]))
+                ],
             ),
-            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in sorted(hf, key=lambda r: (-r.get("kv_heads", 0), r["setting"])):
-            d = r.get("decode", {})
-            if "error" in r and not d:
-                out.append(
-                    f"| {r['model']} | {r.get('kv_heads', '-')} | {r['setting']} | - | **failed**: "
-                    f"{r['error']} | - | - | - | - | {r.get('transformers', '-')} | {r.get('run')} "
-                    "|"
-                )
-                continue
-            cells = [fmt(d[b]["tokens_per_s"], ",.0f") if b in d else "-" for b in (lo, hi)]
-            cells += [fmt(d[b]["generate_s"], ".2f") if b in d else "-" for b in (lo, hi)]
-            compiled = "/".join("yes" if d[b]["compiled"] else "no" for b in (lo, hi) if b in d)
-            err = f" (then failed: {r['error']})" if "error" in r else ""
-            out.append(
-                f"| {r['model']}{mark(r.get('contention'))} | {r['kv_heads']} | "
-                f"{r['setting']}{err} | {compiled} | "
-                f"{' | '.join(cells)} | {fmt(d[hi]['peak_mem_gib'] if hi in d else None, '.2f')} | "
-                f"{r['transformers']} | {r['run']} |"
-            )
-    out += contention_notes(
+    out += common.contention_notes(
         (
             f"{size}/{row_name(r)}" if "setting" not in r else f"{r['model']} {r['setting']}",
             r.get("contention"),
@@ -1145,20 +1154,11 @@ def size_tables(results: dict, size: str, runs: dict | None = None) -> list:
                 "not compiled), beside the benchmark's figure above:"
             ),
             "",
-            (
-                f"| model | bench b{lo} | generate() b{lo} | generate / bench b{lo} | eager "
-                f"b{lo} | bench b{hi} | generate() b{hi} | generate / bench b{hi} | eager b{hi} "
-                "| run |"
-            ),
-            "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in paths:
-            cells = []
-            for b in (lo, hi):
-                bench, gen = r["decode"][b]["tokens_per_s"], r["generate"][b]["tokens_per_s"]
-                eager = r.get("decode_eager", {}).get(b, {}).get("tokens_per_s")
-                cells += [f"{bench:,.0f}", f"{gen:,.0f}", f"{gen / bench:.2f}", fmt(eager, ",.0f")]
-            out.append(f"| {row_name(r)} | {' | '.join(cells)} | {r['run']} |")
+        header = ["model"]
+        for b in (lo, hi):
+            header += [f"bench b{b}", f"generate() b{b}", f"generate / bench b{b}", f"eager b{b}"]
+        out += table_lines([*header, "run"], [[row_name(r), *path_cells(r, lo, hi)] for r in paths])
     cli = [r for r in results.values() if r["size"] == size and r.get("model") == "cli"]
     for r in cli:
         out += [
@@ -1170,17 +1170,17 @@ def size_tables(results: dict, size: str, runs: dict | None = None) -> list:
                 f"process start; tok/s over the new tokens after the first): {r['what']}"
             ),
             "",
-            "| command | time to first token s | wall s | tok/s after the first | run |",
-            "|---|---|---|---|---|",
+            *table_lines(
+                ["command", "time to first token s", "wall s", "tok/s after the first", "run"],
+                [
+                    [name, f"**failed**: {c['error']}", "-", "-", r["run"]]
+                    if "error" in c
+                    else [name, f"{c['ttft_s']:.2f}", f"{c['wall_s']:.2f}"]
+                    + [common.fmt(c.get("tokens_per_s"), ",.0f"), r["run"]]
+                    for name, c in r["commands"].items()
+                ],
+            ),
         ]
-        for name, c in r["commands"].items():
-            if "error" in c:
-                out.append(f"| {name} | **failed**: {c['error']} | - | - | {r['run']} |")
-                continue
-            out.append(
-                f"| {name} | {c['ttft_s']:.2f} | {c['wall_s']:.2f} | "
-                f"{fmt(c.get('tokens_per_s'), ',.0f')} | {r['run']} |"
-            )
     traces = [
         (r, b, r["decode"][b]["trace"])
         for r in rows
@@ -1200,6 +1200,25 @@ def size_tables(results: dict, size: str, runs: dict | None = None) -> list:
         ]
         out += [f"- {k['ms']:.3f} ms x{k['calls']}: `{k['kernel']}`" for k in t["top"]]
     return out
+
+
+RUNS_HEADER = (
+    "transformers",
+    "commit",
+    "copy bandwidth GB/s",
+    "size",
+    "prompt + new tokens",
+)
+
+
+def run_cells(run: dict) -> list:
+    return [
+        run["transformers"] or "-",
+        run.get("git_sha") or "-",
+        f"{run['bandwidth'] / 1e9:,.1f}",
+        run["size"],
+        f"{run['prompt_len']} + {run['new_tokens']}",
+    ]
 
 
 def markdown(data: dict, notes: bool = False) -> str:
@@ -1225,26 +1244,7 @@ def markdown(data: dict, notes: bool = False) -> str:
         ),
         "",
     ]
-    out += [
-        "## Runs",
-        "",
-        (
-            "| run | device | date | torch | transformers | commit | copy bandwidth GB/s | size | "
-            "prompt + new tokens | command |"
-        ),
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for rid, run in sorted(data["runs"].items()):
-        out.append(
-            f"| {rid}{mark(run.get('contention'))} | {run['device']} | {run['date']} | "
-            f"{run['torch']} | "
-            f"{run['transformers'] or '-'} | {run.get('git_sha') or '-'} | "
-            f"{run['bandwidth'] / 1e9:,.1f} | {run['size']} | {run['prompt_len']} + "
-            f"{run['new_tokens']} | `{run['command']}` |"
-        )
-    out += contention_notes(
-        (f"run {rid}", run.get("contention")) for rid, run in sorted(data["runs"].items())
-    )
+    out += common.runs_section(data["runs"], RUNS_HEADER, run_cells)
     results = data["results"]
     rows = targets(results)
     if rows:
@@ -1252,11 +1252,10 @@ def markdown(data: dict, notes: bool = False) -> str:
             "",
             "## Targets (GPT-2 small)",
             "",
-            "| target | measured | met | short by |",
-            "|---|---|---|---|",
-        ]
-        out += [
-            f"| {t} | {m} | {'yes' if ok else '**no**'} | {by or '-'} |" for t, m, ok, by in rows
+            *table_lines(
+                ["target", "measured", "met", "short by"],
+                [[t, m, "yes" if ok else "**no**", by or "-"] for t, m, ok, by in rows],
+            ),
         ]
         if notes:
             out += [
@@ -1402,7 +1401,7 @@ def parse_args(argv):
         help="also time moa-generate (compiled and eager) and transformers' compiled static cache "
         "as fresh processes on a GPT-2-shaped mha run, start-up included",
     )
-    add_out_args(p, "inference.json / .md / .png")
+    common.add_out_args(p, "inference.json / .md / .png")
     p.add_argument(
         "--tables-only", action="store_true", help="rebuild inference.md and .png from the json"
     )
@@ -1448,13 +1447,8 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = out_dir(args)
-    data = load(out / "inference.json")
+    argv, args, out, data = common.begin(argv, parse_args, "inference.json", save)
     if args.tables_only:
-        save(data, out)
         return 0
     from moa_train.metrics.flops import device_name
     from moa_train.train.loop import git_sha
@@ -1468,9 +1462,9 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run_id = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     nbytes = args.size.copy_bytes if device.type == "cuda" else None
-    bandwidth, run_contention = probe(device, nbytes=nbytes)
+    bandwidth, run_contention = common.probe(device, nbytes=nbytes)
     log.info("copy bandwidth: %.0f GB/s (read + write)", bandwidth / 1e9)
-    warn(f"run {run_id}", run_contention)
+    common.warn(f"run {run_id}", run_contention)
     data["runs"][run_id] = {
         "device": device_name(device),
         "date": datetime.date.today().isoformat(),
@@ -1489,8 +1483,8 @@ def main(argv=None) -> int:
     def record(key: str, entry: dict, probed: dict) -> None:
         """A row into the results, flagged with the run's, its probe's and its own signals."""
         entry = {**entry, "run": run_id}
-        entry["contention"] = merge(run_contention, probed, entry.get("contention"))
-        warn(key, entry["contention"])
+        entry["contention"] = common.merge(run_contention, probed, entry.get("contention"))
+        common.warn(key, entry["contention"])
         data["results"][key] = entry
 
     if not args.hf_only:
@@ -1499,7 +1493,7 @@ def main(argv=None) -> int:
             rows = bench_model(name, args.size, device, bandwidth, args)
             # a probe after each model (its memory released): a machine busy while the model was
             # measured is likely still busy now
-            probed = probe(device, first=bandwidth, nbytes=nbytes)[1]
+            probed = common.probe(device, first=bandwidth, nbytes=nbytes)[1]
             for key, entry in rows.items():
                 record(key, entry, probed)
                 if "error" in entry:
@@ -1507,7 +1501,7 @@ def main(argv=None) -> int:
             save(data, out)  # after every model, so a run cut short keeps what it measured
     if args.hf:
         for key, entry in hf_rows(args.size, device, args.hf_settings.split(",")):
-            record(key, entry, probe(device, first=bandwidth, nbytes=nbytes)[1])
+            record(key, entry, common.probe(device, first=bandwidth, nbytes=nbytes)[1])
             save(data, out)
     if args.cli:
         import tempfile
@@ -1518,16 +1512,7 @@ def main(argv=None) -> int:
             log.warning("cli: %s", entry["error"])
         record(f"{args.size.size}/cli", entry, None)
         save(data, out)
-    flagged = [
-        k for k, r in data["results"].items() if r["run"] == run_id and r["contention"]["flagged"]
-    ]
-    if flagged:
-        log.warning(
-            "WARNING: %d row(s) of this run flagged as measured under contention (%s): measure "
-            "again on a quiet machine before comparing or publishing them",
-            len(flagged),
-            ", ".join(flagged),
-        )
+    common.warn_flagged(data["results"], run_id)
     log.info("results: %s", out / "inference.md")
     return 0
 

@@ -46,26 +46,11 @@ from pathlib import Path
 
 import torch
 
-from moa_train.bench.common import (
-    SIZES,
-    add_out_args,
-    captured_stderr,
-    compose_cfg,
-    contention,
-    contention_notes,
-    fmt,
-    load,
-    mark,
-    merge,
-    out_dir,
-    probe,
-    release,
-    sync,
-    warn,
-)
+from moa_train.bench import common
 from moa_train.config import bench_presets
 from moa_train.errors import Parser
 from moa_train.metrics.flops import device_name, measure_matmul_flops, peak_kind
+from moa_train.tables import table_lines
 
 # every model choice, each variant represented by its named presets where it has any (moa:
 # moa_dense, moa_sparse)
@@ -110,12 +95,12 @@ def kernel_breakdown(trainer, device: torch.device) -> dict:
     """GPU time per kernel kind in one eager (compiled, not graph-captured) training step."""
     from torch.profiler import ProfilerActivity, profile
 
-    sync(device)
+    common.sync(device)
     # the profiler's own messages on stderr stay out of the terminal
-    with captured_stderr():
+    with common.captured_stderr():
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             trainer.train_steps(1)
-            sync(device)
+            common.sync(device)
         events = prof.key_averages()
     kinds: dict = {}
     top = []
@@ -136,10 +121,10 @@ def kernel_breakdown(trainer, device: torch.device) -> dict:
 def timed_steps(trainer, steps: int, device: torch.device, batches: list | None = None) -> float:
     """Seconds per training step over `steps` steps (on `batches` each step; default: batches drawn
     per step)."""
-    sync(device)
+    common.sync(device)
     t0 = time.perf_counter()
     trainer.train_steps(steps, batches=batches)
-    sync(device)
+    common.sync(device)
     return (time.perf_counter() - t0) / steps
 
 
@@ -157,7 +142,7 @@ def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: 
     from moa_train.train.cuda_graph import WARMUP_STEPS
     from moa_train.train.loop import Trainer
 
-    cfg, overrides = compose_cfg(size, model, batch, device, args.override)
+    cfg, overrides = common.compose_cfg(size, model, batch, device, args.override)
     with benched_trainer(Trainer, cfg) as trainer:
         entry = {
             "size": size,
@@ -181,7 +166,7 @@ def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: 
                 entry["kernels"] = kernel_breakdown(trainer, device)
                 continue
             trainer.train_steps(1)
-        sync(device)
+        common.sync(device)
         entry["warmup_s"] = time.perf_counter() - t0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -209,7 +194,7 @@ def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: 
                 "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
                 if device.type == "cuda"
                 else None,
-                "contention": contention(
+                "contention": common.contention(
                     device.type,
                     device_name(device),
                     windows={"step windows": times, "fixed-batch step windows": times_fixed},
@@ -217,7 +202,7 @@ def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: 
             }
         )
         del trainer
-    release(device)
+    common.release(device)
     return entry
 
 
@@ -233,7 +218,7 @@ def bench_with_fallback(
                 raise
         # outside the except block: its traceback would keep the failed trainer (and its GPU memory)
         # alive
-        release(device)
+        common.release(device)
         log.warning("%s/%s: out of memory at batch %d; trying %d", size, model, batch, batch // 2)
         batch //= 2
 
@@ -259,11 +244,11 @@ def sdpa_backends(device: torch.device, batch: int) -> list:
             with sdpa_kernel([backend]):
                 times = []
                 for i in range(13):
-                    sync(device)
+                    common.sync(device)
                     t0 = time.perf_counter()
                     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
                     out.backward(torch.ones_like(out))
-                    sync(device)
+                    common.sync(device)
                     if i >= 3:
                         times.append(time.perf_counter() - t0)
             ms = 1000 * statistics.median(times)
@@ -351,29 +336,87 @@ def kernel_tables(size: str, rows: list) -> list:
             "launch gaps, host work."
         ),
         "",
-        "| model | " + " | ".join(kinds) + " | kernels total | step (graph) | idle |",
-        "|---|" + "---|" * (len(kinds) + 3),
+        *table_lines(
+            ["model", *kinds, "kernels total", "step (graph)", "idle"],
+            [kernel_cells(r, kinds) for r in rows],
+        ),
     ]
-    for r in rows:
-        k = r["kernels"]
-        cells = [
-            f"{k['ms_by_kind'].get(kind, 0):.2f} "
-            f"({k['ms_by_kind'].get(kind, 0) / k['kernel_ms']:.0%})"
-            for kind in kinds
-        ]
-        out.append(
-            f"| {r['model']}{'@' + r['tag'] if r.get('tag') else ''} | "
-            + " | ".join(cells)
-            + f" | {k['kernel_ms']:.2f} | {r['step_ms']:.2f} | "
-            f"{max(r['step_ms'] - k['kernel_ms'], 0):.2f} |"
-        )
     for r in rows:
         out += ["", f"Top kernels, {size}/{r['model']}:", ""]
         out += [f"- {t['ms']:.2f} ms x{t['calls']}: `{t['kernel']}`" for t in r["kernels"]["top"]]
     return out
 
 
+SIZE_HEADER = (
+    "model",
+    "batch x block",
+    "step ms (median)",
+    "tokens/s",
+    "GFLOPs/token",
+    "MFU",
+    "peak mem GiB",
+    "data wait",
+    "graph breaks",
+    "CUDA graph",
+    "run",
+)
+
+
+def label(r: dict) -> str:
+    """A result's model, with its tag (`--tag`) where it has one."""
+    return r["model"] + ("@" + r["tag"] if r.get("tag") else "")
+
+
+def kernel_cells(r: dict, kinds: list) -> list:
+    k = r["kernels"]
+    ms = [k["ms_by_kind"].get(kind, 0) for kind in kinds]
+    return [
+        label(r),
+        *(f"{t:.2f} ({t / k['kernel_ms']:.0%})" for t in ms),
+        f"{k['kernel_ms']:.2f}",
+        f"{r['step_ms']:.2f}",
+        f"{max(r['step_ms'] - k['kernel_ms'], 0):.2f}",
+    ]
+
+
+def size_cells(r: dict) -> list:
+    """A result's cells in its size's table."""
+    return [
+        label(r) + common.mark(r.get("contention")),
+        f"{r['batch']} x {r['block']}",
+        f"{r['step_ms']:.2f}",
+        f"{r['tokens_per_s']:,.0f}",
+        f"{r['flops_per_token'] / 1e9:.3g}",
+        f"{r['mfu']:.1%} ({r['peak_kind']})",
+        common.fmt(r["peak_mem_gib"], ".1f"),
+        f"{r['data_wait_share']:.2%}",
+        r.get("graph_breaks", "-"),
+        "yes" if r["cuda_graph"] else "no",
+        r["run"],
+    ]
+
+
+CHECKS_HEADER = (
+    "fast path",
+    "plain path",
+    "output rel. error",
+    "gradient rel. error",
+    "tolerance",
+    "ok",
+)
+RUNS_HEADER = ("commit", "peak bf16 TFLOP/s", "peak TF32 TFLOP/s")
+
+
+def run_cells(run: dict) -> list:
+    return [
+        run.get("git_sha") or "-",
+        f"{run['peaks'].get('bf16', 0) / 1e12:.3g}",
+        f"{run['peaks'].get('tf32', 0) / 1e12:.3g}",
+    ]
+
+
 def markdown(bench: dict, notes: str | None) -> str:
+    results = bench["results"]
     out = [
         "# moa-bench: training-step speed of every attention variant",
         "",
@@ -386,28 +429,7 @@ def markdown(bench: dict, notes: str | None) -> str:
             "alternating timed windows; values near 0 (or below) are within timing noise."
         ),
         "",
-    ]
-    out += [
-        "## Runs",
-        "",
-        (
-            "| run | device | date | torch | commit | peak bf16 TFLOP/s | peak TF32 TFLOP/s | "
-            "command |"
-        ),
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for rid, run in sorted(bench["runs"].items()):
-        p = run["peaks"]
-        out.append(
-            f"| {rid}{mark(run.get('contention'))} | {run['device']} | {run['date']} | "
-            f"{run['torch']} | {run.get('git_sha') or '-'} | {p.get('bf16', 0) / 1e12:.3g} | "
-            f"{p.get('tf32', 0) / 1e12:.3g} | `{run['command']}` |"
-        )
-    out += contention_notes(
-        (f"run {rid}", run.get("contention")) for rid, run in sorted(bench["runs"].items())
-    )
-    results = bench["results"]
-    out += [
+        *common.runs_section(bench["runs"], RUNS_HEADER, run_cells),
         "",
         "## Targets",
         "",
@@ -416,10 +438,11 @@ def markdown(bench: dict, notes: str | None) -> str:
             "most 1.15x its FLOP ratio; data wait < 2%."
         ),
         "",
-        "| target | measured | met |",
-        "|---|---|---|",
+        *table_lines(
+            ["target", "measured", "met"],
+            [[t, m, "yes" if ok else "**no**"] for t, m, ok in targets(results)],
+        ),
     ]
-    out += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in targets(results)]
     for size in ("table1", "gpt2", "tiny"):
         rows = [r for k, r in sorted(results.items()) if r["size"] == size]
         if not rows:
@@ -429,29 +452,12 @@ def markdown(bench: dict, notes: str | None) -> str:
             "",
             f"## Size {size}",
             "",
-            (
-                "| model | batch x block | step ms (median) | tokens/s | GFLOPs/token | "
-                "MFU | peak mem GiB | data wait | graph breaks | CUDA graph | run |"
-            ),
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            *table_lines(SIZE_HEADER, [size_cells(r) for r in rows]),
         ]
-        for r in rows:
-            out.append(
-                f"| {r['model']}{'@' + r['tag'] if r.get('tag') else ''}"
-                f"{mark(r.get('contention'))} | {r['batch']} x "
-                f"{r['block']} | {r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} | "
-                f"{r['flops_per_token'] / 1e9:.3g} | {r['mfu']:.1%} ({r['peak_kind']}) | "
-                f"{fmt(r['peak_mem_gib'], '.1f')} | {r['data_wait_share']:.2%} | "
-                f"{r.get('graph_breaks', '-')} | {'yes' if r['cuda_graph'] else 'no'} | {r['run']} "
-                "|"
-            )
         reasons = {r["model"]: r["break_reasons"] for r in rows if r.get("break_reasons")}
         for model, why in reasons.items():
             out.append(f"\nGraph breaks in {model}: " + "; ".join(why))
-        out += contention_notes(
-            (f"{size}/{r['model']}{'@' + r['tag'] if r.get('tag') else ''}", r.get("contention"))
-            for r in rows
-        )
+        out += common.contention_notes((f"{size}/{label(r)}", r.get("contention")) for r in rows)
     for size in ("table1", "gpt2"):
         out += kernel_tables(
             size, [r for k, r in sorted(results.items()) if r.get("kernels") and r["size"] == size]
@@ -465,30 +471,39 @@ def markdown(bench: dict, notes: str | None) -> str:
                     "heads x 1024 x 64, forward + backward"
                 ),
                 "",
-                "| backend | ms | TFLOP/s (counter's count) |",
-                "|---|---|---|",
-            ]
-            out += [
-                f"| {s['backend']} | {fmt(s.get('ms'), '.2f')} | {fmt(s.get('tflops'), '.0f')} |"
-                if "ms" in s
-                else f"| {s['backend']} | unavailable: {s['error']} | - |"
-                for s in run["sdpa"]
+                *table_lines(
+                    ["backend", "ms", "TFLOP/s (counter's count)"],
+                    [
+                        [
+                            s["backend"],
+                            common.fmt(s.get("ms"), ".2f"),
+                            common.fmt(s.get("tflops"), ".0f"),
+                        ]
+                        if "ms" in s
+                        else [s["backend"], f"unavailable: {s['error']}", "-"]
+                        for s in run["sdpa"]
+                    ],
+                ),
             ]
         if run.get("checks"):
             out += [
                 "",
                 f"## Fast paths against plain paths (run {rid}, {run['device']})",
                 "",
-                (
-                    "| fast path | plain path | output rel. error | gradient rel. error | "
-                    "tolerance | ok |"
+                *table_lines(
+                    CHECKS_HEADER,
+                    [
+                        [
+                            c["path"],
+                            c["reference"],
+                            f"{c['out_err']:.1e}",
+                            common.fmt(c["grad_err"], ".1e"),
+                            f"{c['tol']:.0e}",
+                            "yes" if c["ok"] else "**no**",
+                        ]
+                        for c in run["checks"]
+                    ],
                 ),
-                "|---|---|---|---|---|---|",
-            ]
-            out += [
-                f"| {c['path']} | {c['reference']} | {c['out_err']:.1e} | "
-                f"{fmt(c['grad_err'], '.1e')} | {c['tol']:.0e} | {'yes' if c['ok'] else '**no**'} |"
-                for c in run["checks"]
             ]
     if notes:
         out += ["", notes.strip()]
@@ -511,7 +526,7 @@ def parse_args(argv):
         "--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}"
     )
     p.add_argument(
-        "--sizes", default="table1,gpt2", help=f"comma-separated, of: {', '.join(SIZES)}"
+        "--sizes", default="table1,gpt2", help=f"comma-separated, of: {', '.join(common.SIZES)}"
     )
     p.add_argument(
         "--batch",
@@ -521,7 +536,7 @@ def parse_args(argv):
     )
     p.add_argument("--steps", type=int, default=10, help="steps per timed window")
     p.add_argument("--windows", type=int, default=5, help="timed windows (the median is reported)")
-    add_out_args(p, "bench.json / bench.md")
+    common.add_out_args(p, "bench.json / bench.md")
     p.add_argument(
         "--no-profile", dest="profile", action="store_false", help="skip the kernel breakdown"
     )
@@ -550,7 +565,10 @@ def parse_args(argv):
         help="the inference benchmark instead, with its own options: moa-bench --decode --help",
     )
     args = p.parse_args(argv)
-    for flag, names, allowed in (("--models", args.models, MODELS), ("--sizes", args.sizes, SIZES)):
+    for flag, names, allowed in (
+        ("--models", args.models, MODELS),
+        ("--sizes", args.sizes, common.SIZES),
+    ):
         bad = [n for n in names.split(",") if n not in allowed]
         if bad:
             p.error(f"{flag}: unknown {', '.join(bad)}; allowed: {', '.join(allowed)}")
@@ -560,20 +578,15 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = out_dir(args)
-    bench = load(out / "bench.json")
+    argv, args, out, bench = common.begin(argv, parse_args, "bench.json", save)
     if args.tables_only:
-        save(bench, out)
         return 0
     from moa_train.train.loop import git_sha
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run_id = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    bandwidth, run_contention = probe(device)
-    warn(f"run {run_id}", run_contention)
+    bandwidth, run_contention = common.probe(device)
+    common.warn(f"run {run_id}", run_contention)
     peaks = {kind: measure_matmul_flops(device, kind) for kind in ("bf16", "tf32", "fp32")}
     run = {
         "device": device_name(device),
@@ -589,7 +602,7 @@ def main(argv=None) -> int:
     bench["runs"][run_id] = run
     sizes = args.sizes.split(",")
     if device.type == "cuda":
-        run["sdpa_batch"] = args.batch or SIZES["gpt2"][1]
+        run["sdpa_batch"] = args.batch or common.SIZES["gpt2"][1]
         run["sdpa"] = sdpa_backends(device, run["sdpa_batch"])
     if args.checks:
         run["checks"] = fast_path_checks(device)
@@ -601,14 +614,14 @@ def main(argv=None) -> int:
     for size in sizes:
         for model in args.models.split(","):
             entry = bench_with_fallback(
-                size, model, args.batch or SIZES[size][1], device, peaks, args
+                size, model, args.batch or common.SIZES[size][1], device, peaks, args
             )
             entry["run"] = run_id
             key = f"{size}/{model}" + (f"@{args.tag}" if args.tag else "")
             # the run's signals, a copy probe after the model (one busy while it ran likely still
             # is) and the model's own (its windows' spread)
-            probed = probe(device, first=bandwidth)[1]
-            entry["contention"] = merge(run_contention, probed, entry["contention"])
+            probed = common.probe(device, first=bandwidth)[1]
+            entry["contention"] = common.merge(run_contention, probed, entry["contention"])
             bench["results"][key] = entry
             save(bench, out)  # after every model, so a run cut short keeps what it measured
             log.info(
@@ -620,17 +633,8 @@ def main(argv=None) -> int:
                 100 * entry["mfu"],
                 100 * entry["data_wait_share"],
             )
-            warn(key, entry["contention"])
-    flagged = [
-        k for k, r in bench["results"].items() if r["run"] == run_id and r["contention"]["flagged"]
-    ]
-    if flagged:
-        log.warning(
-            "WARNING: %d row(s) of this run flagged as measured under contention (%s): measure "
-            "again on a quiet machine before comparing or publishing them",
-            len(flagged),
-            ", ".join(flagged),
-        )
+            common.warn(key, entry["contention"])
+    common.warn_flagged(bench["results"], run_id)
     log.info("results: %s", out / "bench.md")
     failed = [c["path"] for c in run.get("checks", []) if not c["ok"]]
     if failed:

@@ -23,7 +23,7 @@ from collections import deque
 from pathlib import Path
 from typing import NamedTuple, NoReturn
 
-from moa_train.errors import fail
+from moa_train.errors import Parser, fail
 from moa_train.io import atomic_write, atomic_write_text
 from moa_train.paths import repo_root
 from moa_train.sweep import finished
@@ -135,6 +135,12 @@ class Staging:
         if not resume:
             shutil.rmtree(self.root, ignore_errors=True)
 
+    def stop_if_failed(self, failed: list, hint: str = "") -> None:
+        """Stop the driver (exit 1) when runs `failed`: the old records stay, the new runs wait
+        here."""
+        if failed:
+            unfinished(failed, self.root, hint)
+
     def incomplete(self, runs: list, evaluation: str | None = None) -> list:
         """The staged `runs` (paths relative to the runs dir) without summary.json (or without
         `evaluation`)."""
@@ -164,6 +170,14 @@ class Staging:
             (self.runs_dir / r).parent.mkdir(parents=True, exist_ok=True)
             (self.root / r).rename(self.runs_dir / r)
         shutil.rmtree(self.root)
+
+
+def staged_jobs(runs_dir: Path, names: list, job, keep_finished: bool = False) -> list:
+    """`job(name, run_dir)` for each of `names`, its run folder in <runs_dir>/.staging/; with
+    keep_finished, none for a run already finished there (an unfinished one resumes from its last
+    checkpoint: trainer.resume=auto)."""
+    runs = ((name, runs_dir / STAGING / name) for name in names)
+    return [job(name, run) for name, run in runs if not (keep_finished and finished(run))]
 
 
 def summaries(runs_dir: Path, pattern: str) -> list:
@@ -226,6 +240,12 @@ class Job(NamedTuple):
     name: str  # how a failure is reported
     cmd: list
     log: Path  # the process's stdout + stderr; deleted when it succeeds, kept when it fails
+
+
+def training_job(name: str, overrides: list, run_dir: Path) -> Job:
+    """The Job that trains `overrides` as a single moa-train run in `run_dir`, its output in
+    <run_dir>.log."""
+    return Job(name, single_run(overrides, run_dir), run_dir.with_suffix(".log"))
 
 
 def run_jobs(jobs: list, n: int, poll_s: float = 0.2, tail_lines: int = 20) -> list:
@@ -325,3 +345,114 @@ def results_meta(out: Path, tables_only: bool) -> dict:
         "note": os.environ.get("RESULTS_NOTE") or kept.get("note"),
         "command": kept.get("command"),
     }
+
+
+def mean_sd(values: list, digits: int = 2) -> str:
+    """`mean +- sd` over seeds; a single seed's value alone."""
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
+
+
+class DriverParser(Parser):
+    """A driver's parser with the options every driver takes: --seeds, --jobs, --runs-dir (default
+    docs/results/runs/<name>), --out (docs/results/<name>) and --tables-only. The driver adds its
+    own, then parses with `parse_checked`."""
+
+    def __init__(
+        self,
+        doc: str,
+        name: str,
+        seeds: int = 3,
+        seeds_help: str = "seeds 0..N-1 per row",
+        jobs_help: str = "runs at once on the one device",
+    ):
+        super().__init__(description=doc.splitlines()[0])
+        self.add_argument("--seeds", type=positive_int, default=seeds, help=seeds_help)
+        self.add_argument("--jobs", type=positive_int, default=1, help=jobs_help)
+        self.add_argument("--runs-dir", type=Path, default=repo_root() / "docs/results/runs" / name)
+        self.add_argument("--out", type=Path, default=repo_root() / "docs/results" / name)
+        self.add_argument(
+            "--tables-only",
+            action="store_true",
+            help="rebuild the tables from the records, run nothing",
+        )
+
+    def add_choices(self, option: str, allowed: tuple) -> None:
+        """`option`: a comma list of `allowed` values (default: all of them)."""
+        self.add_argument(
+            option,
+            type=comma_list(allowed),
+            default=list(allowed),
+            help=f"a comma list of {', '.join(allowed)}",
+        )
+
+    def add_keep_finished(self) -> None:
+        self.add_argument(
+            "--keep-finished",
+            action="store_true",
+            help="keep the runs that an interrupted call (a time limit) finished in "
+            "<runs-dir>/.staging/, resume its unfinished ones",
+        )
+
+    def parse_checked(self, argv, runs=None) -> tuple:
+        """The arguments (with `overrides`, extra moa-train overrides for every run) and the
+        resolved runs dir, once --out is known to be writable and, unless --tables-only, --runs-dir
+        too and the override lists `runs(args)` gives (one per kind of run) valid."""
+        self.add_argument("overrides", nargs="*", help="extra moa-train overrides for every run")
+        args = self.parse_args(argv)
+        runs_dir = args.runs_dir.resolve()
+        check_writable(out=args.out.parent)
+        if not args.tables_only:
+            check_writable(runs_dir=runs_dir)
+            if runs is not None:
+                check_overrides(runs(args))
+        return args, runs_dir
+
+
+def shared_jobs(args) -> int:
+    """How many runs shared the device: this call's --jobs; with --tables-only, the committed
+    file's unless --jobs N is given (records trained N at once elsewhere)."""
+    if args.tables_only and args.jobs == 1:
+        return previous_meta(args.out).get("jobs", 1)
+    return args.jobs
+
+
+def file_meta(
+    args,
+    script: str,
+    n_jobs: int,
+    first: dict | None = None,
+    overrides=(),
+    keep_command: bool = False,
+    **extra,
+) -> dict:
+    """A results file's meta: the command (scripts/<script> with --jobs `n_jobs` and `overrides`;
+    on a --tables-only rebuild with `keep_command`, the committed file's), the device, torch and
+    commit of the `first` record (when given), the date, `extra`, then the note. A rebuild keeps
+    the committed date and note (`results_meta`)."""
+    kept = results_meta(args.out, args.tables_only)
+    command = (
+        f"python3 scripts/{script}"
+        + (f" --jobs {n_jobs}" if n_jobs > 1 else "")
+        + "".join(f" {o}" for o in overrides)
+    )
+    meta = {"command": (keep_command and kept["command"]) or command}
+    if first is not None:
+        meta.update({key: first[key] for key in ("device", "torch", "git_sha")})
+    meta.update(date=kept["date"], **extra)
+    if kept["note"]:
+        meta["note"] = kept["note"]
+    return meta
+
+
+def note_lines(meta: dict) -> list:
+    """A results page's lines for its meta's note (none without one)."""
+    return [meta["note"], ""] if meta.get("note") else []
+
+
+def write_results(out: Path, payload: dict, text: str) -> None:
+    """<out>.json (`payload`) and <out>.md (`text`), each by temp-and-rename; `text` printed."""
+    write_text(out.with_suffix(".json"), json.dumps(payload, indent=1))
+    write_text(out.with_suffix(".md"), text)
+    print(text)

@@ -33,30 +33,25 @@ import math
 import statistics
 from pathlib import Path
 
-from moa_train.errors import Parser
 from moa_train.paths import repo_root
 from moa_train.results import (
-    STAGING,
-    Job,
+    DriverParser,
     Staging,
-    check_overrides,
-    check_writable,
-    comma_list,
     evaluate_each,
     evaluated,
+    file_meta,
     no_records,
-    positive_int,
-    previous_meta,
-    results_meta,
+    note_lines,
     run_jobs,
     save_figure,
-    single_run,
+    shared_jobs,
+    staged_jobs,
     summaries,
-    unfinished,
+    training_job,
     welch,
-    write_text,
+    write_results,
 )
-from moa_train.sweep import finished
+from moa_train.tables import table_lines
 
 ROOT = repo_root()
 GROUP = "kv_tradeoff"
@@ -94,15 +89,12 @@ def jobs(rows: list, seeds: list, runs_dir: Path, extra: list, keep_finished: bo
     (holding summary.json) is kept and not rerun, and an unfinished one resumes from its last
     checkpoint (trainer.resume=auto), so that a driver stopped by a time limit picks up where it
     was."""
-    out = []
-    for name in names(rows, seeds):
-        run = runs_dir / STAGING / name
-        if keep_finished and finished(run):
-            continue
+
+    def job(name: str, run: Path):
         row, _, seed = name.rpartition("-seed")
-        cmd = single_run(overrides(row, int(seed), extra), run)
-        out.append(Job(f"{GROUP}/{name}", cmd, run.with_suffix(".log")))
-    return out
+        return training_job(f"{GROUP}/{name}", overrides(row, int(seed), extra), run)
+
+    return staged_jobs(runs_dir, names(rows, seeds), job, keep_finished)
 
 
 def reproduce(
@@ -115,8 +107,7 @@ def reproduce(
     hint = "; --keep-finished resumes them"
     prepare_data(extra)
     failed = run_jobs(jobs(rows, seeds, runs_dir, extra, keep), n_jobs)
-    if failed:
-        unfinished(failed, stage.root, hint)
+    stage.stop_if_failed(failed, hint)
     evaluate_runs(stage.root)
     stage.commit(names(rows, seeds), "kv_eval.json", hint=hint)
 
@@ -523,6 +514,35 @@ def shares_text(shares: dict) -> str:
     )
 
 
+TABLE_HEADER = (
+    "row",
+    "params",
+    "train GFLOPs/token",
+    "KV bytes/token",
+    "val ppl",
+    "test ppl",
+    "val ppl, soft",
+    "test ppl, soft",
+    "fallback",
+    "shares per layer (mha/gqa/mqa)",
+)
+
+
+def row_cells(row: str, r: dict) -> list:
+    soft = [fmt(r[k]) if k in r else "" for k in ("val_ppl_soft", "test_ppl_soft")]
+    return [
+        row,
+        f"{r['params']:,}",
+        f"{r['flops_per_token'] / 1e9:.4f}",
+        f"{r['kv_bytes_per_token']:.0f}",
+        fmt(r["val_ppl"]),
+        fmt(r["test_ppl"]),
+        *soft,
+        f"{r['pool_fallback_share']:.3f}",
+        shares_text(r["shares"]),
+    ]
+
+
 def markdown(res: dict, meta: dict) -> str:
     rows = res["rows"]
     first = next(iter(rows.values()))
@@ -562,26 +582,15 @@ def markdown(res: dict, meta: dict) -> str:
             "its argmax branch, though it mixes all three)."
         ),
         "",
-        *([meta["note"], ""] if meta.get("note") else []),
+        *note_lines(meta),
         "## Answer",
         "",
         *[f"- {line}" for line in answer(res)],
         "",
         "## Table",
         "",
-        (
-            "| row | params | train GFLOPs/token | KV bytes/token | val ppl | test ppl | val ppl, "
-            "soft | test ppl, soft | fallback | shares per layer (mha/gqa/mqa) |"
-        ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        *table_lines(TABLE_HEADER, [row_cells(row, r) for row, r in rows.items()], "lrrrrrrrrl"),
     ]
-    for row, r in rows.items():
-        soft = [fmt(r[k]) if k in r else "" for k in ("val_ppl_soft", "test_ppl_soft")]
-        lines.append(
-            f"| {row} | {r['params']:,} | {r['flops_per_token'] / 1e9:.4f} | "
-            f"{r['kv_bytes_per_token']:.0f} | {fmt(r['val_ppl'])} | {fmt(r['test_ppl'])} | "
-            f"{soft[0]} | {soft[1]} | {r['pool_fallback_share']:.3f} | {shares_text(r['shares'])} |"
-        )
     seeds = ", ".join(sorted({str(len(r["seeds"])) for r in rows.values()}))
     lines += [
         "",
@@ -632,59 +641,24 @@ def plot(res: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 per row")
-    parser.add_argument(
-        "--rows",
-        type=comma_list(ROWS),
-        default=list(ROWS),
-        help=f"comma-separated, of: {', '.join(ROWS)}",
+    parser = DriverParser(__doc__, GROUP)
+    parser.add_choices("--rows", ROWS)
+    parser.add_keep_finished()
+    args, runs_dir = parser.parse_checked(
+        argv, lambda a: [overrides(row, 0, a.overrides) for row in a.rows]
     )
-    parser.add_argument(
-        "--jobs", type=positive_int, default=1, help="runs at once on the one device"
-    )
-    parser.add_argument("--runs-dir", type=Path, default=ROOT / "docs/results/runs" / GROUP)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs/results" / GROUP)
-    parser.add_argument("--tables-only", action="store_true", help="skip training and evaluation")
-    parser.add_argument(
-        "--keep-finished",
-        action="store_true",
-        help="keep the runs that an interrupted call (a time limit) finished in "
-        "<runs-dir>/.staging/, resume its unfinished ones",
-    )
-    parser.add_argument("overrides", nargs="*", help="extra moa-train overrides for every run")
-    args = parser.parse_args(argv)
-    runs_dir = args.runs_dir.resolve()
-    check_writable(out=args.out.parent)
     if not args.tables_only:
-        check_writable(runs_dir=runs_dir)
-        check_overrides([overrides(row, 0, args.overrides) for row in args.rows])
         seeds = list(range(args.seeds))
         reproduce(args.rows, seeds, runs_dir, args.overrides, args.jobs, args.keep_finished)
     table = collect(runs_dir)
     if not table:
         no_records(args.runs_dir, "evaluated runs")
     res = summarise(table)
-    kept = results_meta(args.out, args.tables_only)
-    jobs_n = (
-        previous_meta(args.out).get("jobs", 1) if args.tables_only and args.jobs == 1 else args.jobs
-    )
+    jobs = shared_jobs(args)
     first = next(iter(res["rows"].values()))
-    meta = {
-        "command": "python3 scripts/reproduce_kv_tradeoff.py"
-        + (f" --jobs {jobs_n}" if jobs_n > 1 else ""),
-        "device": first["device"],
-        "torch": first["torch"],
-        "git_sha": first["git_sha"],
-        "date": kept["date"],
-        "jobs": jobs_n,
-    }
-    if kept["note"]:
-        meta["note"] = kept["note"]
-    write_text(args.out.with_suffix(".json"), json.dumps({"meta": meta, "results": res}, indent=1))
-    write_text(args.out.with_suffix(".md"), markdown(res, meta))
+    meta = file_meta(args, "reproduce_kv_tradeoff.py", jobs, first, jobs=jobs)
+    write_results(args.out, {"meta": meta, "results": res}, markdown(res, meta))
     plot(res, args.out.with_suffix(".png"))
-    print(args.out.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":

@@ -19,25 +19,20 @@ import math
 import statistics
 from pathlib import Path
 
-from moa_train.errors import Parser
-from moa_train.paths import repo_root
 from moa_train.results import (
-    Job,
+    DriverParser,
     Staging,
-    check_overrides,
-    check_writable,
-    comma_list,
+    file_meta,
     no_records,
-    positive_int,
+    note_lines,
     previous_meta,
-    results_meta,
     run_jobs,
-    single_run,
     summaries,
-    unfinished,
+    training_job,
     welch,
-    write_text,
+    write_results,
 )
+from moa_train.tables import table_lines
 
 GROUP = "moa_mlm"
 ROWS = ("mha", "moa_e4", "moa_e8", "moa_e16", "moa_h32_k4", "moa_h128_k1", "moas_dynamic")
@@ -61,18 +56,13 @@ def names(rows, seeds) -> list:
 def reproduce(rows: list, seeds: list, runs_dir: Path, extra: list, n_jobs: int) -> None:
     stage = Staging(runs_dir)
     jobs = [
-        Job(
-            f"{GROUP}/{name}",
-            single_run(overrides(row, seed, extra), stage.root / name),
-            (stage.root / name).with_suffix(".log"),
-        )
+        training_job(f"{GROUP}/{name}", overrides(row, seed, extra), stage.root / name)
         for row in rows
         for seed in seeds
         for name in [f"{row}-seed{seed}"]
     ]
     failed = run_jobs(jobs, n_jobs)
-    if failed:
-        unfinished(failed, stage.root)
+    stage.stop_if_failed(failed)
     for name in names(rows, seeds):  # records only: the weights are not kept
         for ckpt in (stage.root / name / "checkpoints").glob("*"):
             ckpt.unlink()
@@ -207,18 +197,16 @@ def markdown(res: dict, meta: dict) -> str:
             "forward's multiply-accumulates per token)."
         ),
         "",
+        *note_lines(meta),
     ]
-    if meta.get("note"):
-        lines += [meta["note"], ""]
-    lines += [
-        "| row | seeds | params | MACs/token | val ppl | test ppl |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row, r in res["rows"].items():
-        lines.append(
-            f"| {row} | {len(r['seeds'])} | {r['params']:,} | {r['macs_per_token']:,.0f} | "
-            f"{fmt(r['val_ppl'])} | {fmt(r['test_ppl'])} |"
-        )
+    lines += table_lines(
+        ["row", "seeds", "params", "MACs/token", "val ppl", "test ppl"],
+        [
+            [row, len(r["seeds"]), f"{r['params']:,}", f"{r['macs_per_token']:,.0f}"]
+            + [fmt(r["val_ppl"]), fmt(r["test_ppl"])]
+            for row, r in res["rows"].items()
+        ],
+    )
     lines += [
         "",
         (
@@ -240,44 +228,20 @@ def markdown(res: dict, meta: dict) -> str:
 
 
 def main(argv=None) -> None:
-    root = repo_root()
-    parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 per row")
-    parser.add_argument(
-        "--rows", type=comma_list(ROWS), default=list(ROWS), help=f"of: {', '.join(ROWS)}"
+    parser = DriverParser(__doc__, "mlm")
+    parser.add_choices("--rows", ROWS)
+    args, runs_dir = parser.parse_checked(
+        argv, lambda a: [overrides(row, 0, a.overrides) for row in a.rows]
     )
-    parser.add_argument("--jobs", type=positive_int, default=1, help="runs at once")
-    parser.add_argument("--runs-dir", type=Path, default=root / "docs/results/runs/mlm")
-    parser.add_argument("--out", type=Path, default=root / "docs/results/mlm")
-    parser.add_argument("--tables-only", action="store_true", help="rebuild from the records")
-    parser.add_argument("overrides", nargs="*", help="extra moa-train overrides for every run")
-    args = parser.parse_args(argv)
-    runs_dir = args.runs_dir.resolve()
-    check_writable(out=args.out.parent)
     if not args.tables_only:
-        check_writable(runs_dir=runs_dir)
-        check_overrides([overrides(row, 0, args.overrides) for row in args.rows])
         reproduce(args.rows, list(range(args.seeds)), runs_dir, args.overrides, args.jobs)
     table = collect(runs_dir)
     if not table:
         no_records(args.runs_dir)
     res = summarise(table)
-    kept = results_meta(args.out, args.tables_only)
     first = next(iter(res["rows"].values()))
     jobs = previous_meta(args.out).get("jobs", 1) if args.tables_only else args.jobs
-    command = kept["command"] or "python3 scripts/reproduce_mlm.py" + (
-        f" --jobs {jobs}" if jobs > 1 else ""
-    ) + "".join(f" {o}" for o in args.overrides)
-    meta = {
-        "command": command,
-        "device": first["device"],
-        "torch": first["torch"],
-        "git_sha": first["git_sha"],
-        "date": kept["date"],
-        "jobs": jobs,
-    }
-    if kept["note"]:
-        meta["note"] = kept["note"]
-    write_text(args.out.with_suffix(".json"), json.dumps({"meta": meta, "results": res}, indent=1))
-    write_text(args.out.with_suffix(".md"), markdown(res, meta))
-    print(args.out.with_suffix(".md").read_text())
+    meta = file_meta(
+        args, "reproduce_mlm.py", jobs, first, args.overrides, keep_command=True, jobs=jobs
+    )
+    write_results(args.out, {"meta": meta, "results": res}, markdown(res, meta))

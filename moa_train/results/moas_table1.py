@@ -29,28 +29,26 @@ import statistics
 import sys
 from pathlib import Path
 
-from moa_train.errors import Parser
 from moa_train.paths import repo_root
 from moa_train.results import (
-    Job,
+    DriverParser,
     Staging,
-    check_overrides,
-    check_writable,
     evaluate_each,
     evaluated,
+    file_meta,
+    mean_sd,
     no_records,
+    note_lines,
     old_runs,
-    positive_int,
-    previous_meta,
-    results_meta,
     run_command,
     run_jobs,
-    single_run,
+    shared_jobs,
     summaries,
-    unfinished,
+    training_job,
     welch,
-    write_text,
+    write_results,
 )
+from moa_train.tables import table_lines
 
 ROOT = repo_root()
 ROWS = ("mha", "moas_static", "moas_dynamic")
@@ -113,8 +111,7 @@ def jobs(mode: str, seeds: int, out_dir: Path, extra: list) -> list:
     for row in ROWS:
         for seed in range(seeds):
             run = out_dir / mode / f"{row}-seed{seed}"
-            cmd = single_run(overrides(mode, row, seed, extra), run)
-            out.append(Job(f"{mode}/{run.name}", cmd, run.with_suffix(".log")))
+            out.append(training_job(f"{mode}/{run.name}", overrides(mode, row, seed, extra), run))
     return out
 
 
@@ -135,8 +132,7 @@ def reproduce(modes: list, seeds: int, runs_dir: Path, extra: list, n_jobs: int)
                 failed = stage.incomplete([r for r in runs if r.startswith(f"{mode}/")])
                 failed = failed or [f"the {mode} multirun (exit {code})"]
                 break
-    if failed:
-        unfinished(failed, stage.root)
+    stage.stop_if_failed(failed)
     evaluate_runs(stage.root)
     stage.commit(
         runs,
@@ -195,12 +191,6 @@ def collect(runs_dir: Path) -> dict:
         for records in rows.values():
             records.sort(key=lambda r: r["seed"])
     return table
-
-
-def mean_std(values: list) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} +- {statistics.stdev(values):.4f}"
 
 
 def summarise(table: dict) -> dict:
@@ -328,6 +318,58 @@ def findings(res: dict, jobs: int = 1) -> list:
     return lines
 
 
+MAIN_HEADER = (
+    "row",
+    "params (non-emb.)",
+    "val loss, mean +- std",
+    "per seed",
+    "ms/iter",
+    "time / mha",
+    "FLOPs / mha",
+    "paper: params, val loss, 'ms/iter'",
+)
+OFFICIAL_HEADER = ("row", "official valid loss", "per seed", "official test loss", "per seed")
+
+
+def per_seed(values: list) -> str:
+    return ", ".join(f"{v:.4f}" for v in values)
+
+
+def main_rows(rows: dict, jobs: int) -> list:
+    """The cells of a mode's main table: each row's paper-split loss, speed and cost beside the
+    paper's."""
+    out = []
+    for row in (row for row in ROWS if row in rows):
+        r, p = rows[row], PAPER[row]
+        extra = (
+            f" ({r['speedup_vs_faithful']:.2f}x faster than faithful)"
+            if "speedup_vs_faithful" in r and jobs == 1
+            else ""
+        )
+        out.append(
+            [
+                row,
+                f"{r['params_non_embedding']:,}",
+                mean_sd(r["val_loss"], 4),
+                per_seed(r["val_loss"]),
+                f"{r['step_ms_median']:.2f}{extra}",
+                f"{r.get('time_ratio', float('nan')):.2f}",
+                f"{r.get('flop_ratio', float('nan')):.2f}",
+                f"{p['params_m']}M, {p['val_loss']:.4f}, {p['ms_iter_claimed']}",
+            ]
+        )
+    return out
+
+
+def official_rows(rows: dict) -> list:
+    """The cells of a mode's table on the official valid and test files."""
+    out = []
+    for row in (row for row in ROWS if row in rows and rows[row]["official_valid_loss"]):
+        valid, test = rows[row]["official_valid_loss"], rows[row]["official_test_loss"]
+        out.append([row, mean_sd(valid, 4), per_seed(valid), mean_sd(test, 4), per_seed(test)])
+    return out
+
+
 def markdown(res: dict, meta: dict) -> str:
     jobs = meta.get("jobs", 1)
     lines = [
@@ -375,7 +417,7 @@ def markdown(res: dict, meta: dict) -> str:
             "every run (the paper drew new random windows at each evaluation)."
         ),
         "",
-        *([meta["note"], ""] if meta.get("note") else []),
+        *note_lines(meta),
         *findings(res, jobs),
         "",
     ]
@@ -384,47 +426,15 @@ def markdown(res: dict, meta: dict) -> str:
         lines += [
             f"## Table 1, mode `{mode}` (the paper's split: val = last 10% of the train file)",
             "",
-            (
-                "| row | params (non-emb.) | val loss, mean +- std | per seed | ms/iter | time / "
-                "mha | FLOPs / mha | paper: params, val loss, 'ms/iter' |"
-            ),
-            "|---|---:|---:|---|---:|---:|---:|---|",
-        ]
-        for row in ROWS:
-            if row not in rows:
-                continue
-            r, p = rows[row], PAPER[row]
-            extra = (
-                f" ({r['speedup_vs_faithful']:.2f}x faster than faithful)"
-                if "speedup_vs_faithful" in r and jobs == 1
-                else ""
-            )
-            lines.append(
-                f"| {row} | {r['params_non_embedding']:,} | {mean_std(r['val_loss'])} | "
-                f"{', '.join(f'{v:.4f}' for v in r['val_loss'])} | "
-                f"{r['step_ms_median']:.2f}{extra} | {r.get('time_ratio', float('nan')):.2f} | "
-                f"{r.get('flop_ratio', float('nan')):.2f} | {p['params_m']}M, {p['val_loss']:.4f}, "
-                f"{p['ms_iter_claimed']} |"
-            )
-        lines += [
+            *table_lines(MAIN_HEADER, main_rows(rows, jobs), "lrrlrrrl"),
             "",
             (
                 "### The same models on the official WikiText-2 valid and test files (full passes, "
                 f"fp32), mode `{mode}`"
             ),
             "",
-            "| row | official valid loss | per seed | official test loss | per seed |",
-            "|---|---:|---|---:|---|",
+            *table_lines(OFFICIAL_HEADER, official_rows(rows), "lrlrl"),
         ]
-        for row in ROWS:
-            if row in rows and rows[row]["official_valid_loss"]:
-                r = rows[row]
-                lines.append(
-                    f"| {row} | {mean_std(r['official_valid_loss'])} | "
-                    f"{', '.join(f'{v:.4f}' for v in r['official_valid_loss'])} | "
-                    f"{mean_std(r['official_test_loss'])} | "
-                    f"{', '.join(f'{v:.4f}' for v in r['official_test_loss'])} |"
-                )
         tests = block["welch_dynamic_vs_static"]
         if tests:
             lines += ["", "Welch's t-test, dynamic vs static:", ""]
@@ -439,56 +449,30 @@ def markdown(res: dict, meta: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=positive_int, default=5)
+    parser = DriverParser(
+        __doc__,
+        "moas_table1",
+        seeds=5,
+        jobs_help="N > 1: every (mode, row, seed) as its own process, N at once on the one device "
+        "(the ms/iter column then measures runs that share it); 1: one multirun per mode",
+    )
     parser.add_argument(
         "--modes", nargs="+", default=["faithful", "fast"], choices=["faithful", "fast"]
     )
-    parser.add_argument("--runs-dir", type=Path, default=ROOT / "docs/results/runs/moas_table1")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs/results/moas_table1")
-    parser.add_argument("--tables-only", action="store_true", help="skip training and evaluation")
-    parser.add_argument(
-        "--jobs",
-        type=positive_int,
-        default=1,
-        help="N > 1: every (mode, row, seed) as its own process, N at once on the one device (the "
-        "ms/iter column then measures runs that share it); 1: one multirun per mode",
+    args, runs_dir = parser.parse_checked(
+        argv,
+        lambda a: [overrides(mode, row, 0, a.overrides) for mode in a.modes for row in ROWS],
     )
-    parser.add_argument("overrides", nargs="*", help="extra moa-train overrides for every run")
-    args = parser.parse_args(argv)
-    runs_dir = args.runs_dir.resolve()
-    check_writable(out=args.out.parent)
     if not args.tables_only:
-        check_writable(runs_dir=runs_dir)
         modes = list(dict.fromkeys(args.modes))
-        check_overrides([overrides(mode, row, 0, args.overrides) for mode in modes for row in ROWS])
         reproduce(modes, args.seeds, runs_dir, args.overrides, args.jobs)
     res = summarise(collect(runs_dir))
     if not res:
         no_records(args.runs_dir)
-    # a rebuild keeps the measuring run's date, note and --jobs
-    kept = results_meta(args.out, args.tables_only)
-    # how many runs shared the device: this run's --jobs, or with --tables-only the committed file's
-    # (or --jobs N, for records trained N at once elsewhere)
-    jobs_n = (
-        previous_meta(args.out).get("jobs", 1) if args.tables_only and args.jobs == 1 else args.jobs
-    )
+    jobs = shared_jobs(args)
     first = next(iter(next(iter(res.values()))["rows"].values()))
-    meta = {
-        "command": "python3 scripts/reproduce_moas_table1.py"
-        + (f" --jobs {jobs_n}" if jobs_n > 1 else ""),
-        "device": first["device"],
-        "torch": first["torch"],
-        "git_sha": first["git_sha"],
-        "date": kept["date"],
-        "paper": PAPER,
-        "jobs": jobs_n,
-    }
-    if kept["note"]:
-        meta["note"] = kept["note"]
-    write_text(args.out.with_suffix(".json"), json.dumps({"meta": meta, "results": res}, indent=1))
-    write_text(args.out.with_suffix(".md"), markdown(res, meta))
-    print(args.out.with_suffix(".md").read_text())
+    meta = file_meta(args, "reproduce_moas_table1.py", jobs, first, paper=PAPER, jobs=jobs)
+    write_results(args.out, {"meta": meta, "results": res}, markdown(res, meta))
 
 
 if __name__ == "__main__":

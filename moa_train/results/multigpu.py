@@ -40,6 +40,7 @@ from moa_train.results import (
     unfinished,
     write_text,
 )
+from moa_train.tables import table_lines
 
 ROOT = repo_root()
 MODELS = ("mha", "moas_dynamic")
@@ -160,6 +161,22 @@ def summarise(runs_dir: Path) -> dict:
     return out
 
 
+def row_cells(model: str, block: dict, r: dict) -> list:
+    """A run's cells: its throughput, and on the 2-GPU row the scaling efficiency."""
+    eff = f"{100 * block['efficiency']:.1f}%" if r["gpus"] == 2 and "efficiency" in block else ""
+    return [
+        model,
+        r["gpus"],
+        f"{r['params_total'] / 1e6:.1f}M",
+        f"{r['tokens_per_step']:,}",
+        f"{r['tokens_per_s']:,.0f}",
+        f"{r['tokens_per_s'] / r['gpus']:,.0f}",
+        f"{r['step_ms']:.1f}",
+        f"{100 * r['mfu']:.1f}%",
+        eff,
+    ]
+
+
 def markdown(res: dict, meta: dict) -> str:
     lines = [
         "# Data-parallel scaling on 2 GPUs",
@@ -189,25 +206,13 @@ def markdown(res: dict, meta: dict) -> str:
             "`docs/results/runs/multigpu/<model>-<n>gpu/`"
         ),
         "",
-        (
-            "| model | GPUs | params | tokens / step | tok/s | tok/s per GPU | ms / step | MFU | "
-            "scaling efficiency |"
+        *table_lines(
+            ["model", "GPUs", "params", "tokens / step", "tok/s", "tok/s per GPU", "ms / step"]
+            + ["MFU", "scaling efficiency"],
+            [row_cells(model, block, r) for model, block in res.items() for r in block["runs"]],
+            "lrrrrrrrr",
         ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for model, block in res.items():
-        for r in block["runs"]:
-            eff = (
-                f"{100 * block['efficiency']:.1f}%"
-                if r["gpus"] == 2 and "efficiency" in block
-                else ""
-            )
-            lines.append(
-                f"| {model} | {r['gpus']} | {r['params_total'] / 1e6:.1f}M | "
-                f"{r['tokens_per_step']:,} | {r['tokens_per_s']:,.0f} | "
-                f"{r['tokens_per_s'] / r['gpus']:,.0f} | {r['step_ms']:.1f} | "
-                f"{100 * r['mfu']:.1f}% | {eff} |"
-            )
     lines += ["", "## Target", ""]
     for model, block in res.items():
         if "efficiency" in block:

@@ -23,25 +23,20 @@ import math
 import statistics
 from pathlib import Path
 
-from moa_train.errors import Parser
 from moa_train.paths import repo_root
 from moa_train.results import (
-    STAGING,
-    Job,
+    DriverParser,
     Staging,
-    check_overrides,
-    check_writable,
-    comma_list,
+    file_meta,
+    mean_sd,
     no_records,
-    positive_int,
-    results_meta,
     run_jobs,
-    single_run,
+    staged_jobs,
     summaries,
-    unfinished,
-    write_text,
+    training_job,
+    write_results,
 )
-from moa_train.sweep import finished
+from moa_train.tables import table_lines
 
 ROOT = repo_root()
 GROUP = "successors"
@@ -64,21 +59,13 @@ def names(checks: list, seeds: list) -> list:
 def jobs(checks: list, seeds: list, runs_dir: Path, extra: list, keep: bool) -> list:
     """The runs to train into <runs_dir>/.staging/ (keep: those finished there are not rerun, and an
     unfinished one resumes from its checkpoint: trainer.resume is auto)."""
-    out = []
-    for name in names(checks, seeds):
-        run = runs_dir / STAGING / name
-        if keep and finished(run):
-            continue
+
+    def job(name: str, run: Path):
         check, _, rest = name.partition("/")
         row, _, seed = rest.rpartition("-seed")
-        out.append(
-            Job(
-                name,
-                single_run(overrides(check, row, int(seed), extra), run),
-                run.with_suffix(".log"),
-            )
-        )
-    return out
+        return training_job(name, overrides(check, row, int(seed), extra), run)
+
+    return staged_jobs(runs_dir, names(checks, seeds), job, keep)
 
 
 def prepare_data(checks: list, extra: list) -> None:
@@ -96,8 +83,7 @@ def reproduce(checks: list, seeds: list, runs_dir: Path, extra: list, n: int, ke
     hint = "; --keep-finished resumes them"
     prepare_data(checks, extra)
     failed = run_jobs(jobs(checks, seeds, runs_dir, extra, keep), n)
-    if failed:
-        unfinished(failed, stage.root, hint)
+    stage.stop_if_failed(failed, hint)
     stage.commit(names(checks, seeds), hint=hint)
 
 
@@ -179,12 +165,6 @@ def summarise(table: dict) -> dict:
     return out
 
 
-def fmt(values: list, digits: int = 2) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
-
-
 def verdict(check: str, res: dict) -> str:
     test = res.get("test")
     if test is None:
@@ -235,63 +215,39 @@ def markdown(res: dict, meta: dict) -> str:
             "",
             f"Device: {first['device']}; torch {first['torch']}; git {first['git_sha']}.",
             "",
-            f"| row | params | FLOPs / token (training) | {r['label']} | per seed | steps |",
-            "|---|---:|---:|---:|---|---|",
+            *table_lines(
+                ["row", "params", "FLOPs / token (training)", r["label"], "per seed", "steps"],
+                [
+                    [row, f"{v['params']:,}", f"{v['flops_per_token']:,}", mean_sd(v["values"])]
+                    + [", ".join(f"{x:.2f}" for x in v["values"]), ", ".join(map(str, v["steps"]))]
+                    for row, v in rows.items()
+                ],
+                "lrrrll",
+            ),
+            "",
+            verdict(check, r),
         ]
-        for row, v in rows.items():
-            lines.append(
-                f"| {row} | {v['params']:,} | {v['flops_per_token']:,} | {fmt(v['values'])} | "
-                f"{', '.join(f'{x:.2f}' for x in v['values'])} | "
-                f"{', '.join(str(s) for s in v['steps'])} |"
-            )
-        lines += ["", verdict(check, r)]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
-    parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 per row")
-    parser.add_argument(
-        "--checks",
-        type=comma_list(tuple(CHECKS)),
-        default=list(CHECKS),
-        help=f"comma-separated, of: {', '.join(CHECKS)}",
+    parser = DriverParser(__doc__, GROUP)
+    parser.add_choices("--checks", tuple(CHECKS))
+    parser.add_keep_finished()
+    args, runs_dir = parser.parse_checked(
+        argv, lambda a: [overrides(c, CHECKS[c][0][0], 0, a.overrides) for c in a.checks]
     )
-    parser.add_argument("--jobs", type=positive_int, default=1, help="runs at once on the device")
-    parser.add_argument("--runs-dir", type=Path, default=ROOT / "docs/results/runs" / GROUP)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs/results" / GROUP)
-    parser.add_argument("--tables-only", action="store_true", help="skip training")
-    parser.add_argument(
-        "--keep-finished",
-        action="store_true",
-        help="keep the runs an interrupted call finished in <runs-dir>/.staging/, resume the rest",
-    )
-    parser.add_argument("overrides", nargs="*", help="extra moa-train overrides for every run")
-    args = parser.parse_args(argv)
-    runs_dir = args.runs_dir.resolve()
-    check_writable(out=args.out.parent)
     if not args.tables_only:
-        check_writable(runs_dir=runs_dir)
-        check_overrides([overrides(c, CHECKS[c][0][0], 0, args.overrides) for c in args.checks])
         seeds = list(range(args.seeds))
         reproduce(args.checks, seeds, runs_dir, args.overrides, args.jobs, args.keep_finished)
     table = collect(runs_dir)
     if not table:
         no_records(args.runs_dir)
     res = summarise(table)
-    kept = results_meta(args.out, args.tables_only)
-    meta = {
-        "command": kept["command"]
-        or "python3 scripts/reproduce_successors.py"
-        + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
-        + "".join(f" {o}" for o in args.overrides),
-        "date": kept["date"],
-    }
-    if kept["note"]:
-        meta["note"] = kept["note"]
-    write_text(args.out.with_suffix(".json"), json.dumps({"meta": meta, "results": res}, indent=1))
-    write_text(args.out.with_suffix(".md"), markdown(res, meta))
-    print(args.out.with_suffix(".md").read_text())
+    meta = file_meta(
+        args, "reproduce_successors.py", args.jobs, overrides=args.overrides, keep_command=True
+    )
+    write_results(args.out, {"meta": meta, "results": res}, markdown(res, meta))
 
 
 if __name__ == "__main__":
