@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import sys
 from pathlib import Path
@@ -289,6 +290,45 @@ def _isolated_env(data_root, cache_dir, tmp_path_factory):
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setattr(moa_train.data.root, "SEARCHED", ())
         yield
+
+
+def run_plugin_cli(tmp_path: Path, files: dict, module: str, args: list):
+    """`python -m moa_train ARGS` in a fresh process with a plugin: `files` (name -> source) written
+    to <tmp_path>/plugin, importable and loaded through MOA_PLUGINS=`module`; a tiny CPU run on
+    random tokens (4 steps) in <tmp_path>/run, `args` after the shared ones."""
+    import subprocess
+    import sys
+    import textwrap
+
+    plugin = tmp_path / "plugin"
+    plugin.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (plugin / name).write_text(textwrap.dedent(text))
+    env = {
+        **os.environ,
+        "MOA_PLUGINS": module,
+        "HYDRA_FULL_ERROR": "0",
+        "PYTHONPATH": os.pathsep.join([str(plugin), str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    shared = [
+        "debug=tiny",
+        "data=random_tokens",
+        "data.vocab_size=64",
+        "trainer.device=cpu",
+        "trainer.max_steps=4",
+        "trainer.eval_interval=4",
+        "~experiment",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "moa_train", *shared, *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 # --- configs and runs -----------------------------------------------------------------------------

@@ -4,14 +4,9 @@ trains through the CLI with that key overridden; no file of the package is edite
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 from omegaconf import OmegaConf
 
-from conftest import REPO, read_jsonl
+from conftest import read_jsonl, run_plugin_cli
 
 MODULE = '''
 """Toy attention: multi-head attention whose output is divided by toy_key."""
@@ -61,37 +56,11 @@ toy_key: 2
 
 
 def run(tmp_path, *overrides):
-    plugin = tmp_path / "plugin"
-    plugin.mkdir(exist_ok=True)
-    (plugin / "toy_attention.py").write_text(textwrap.dedent(MODULE))
-    (plugin / "toy.yaml").write_text(textwrap.dedent(YAML))
-    env = {
-        **os.environ,
-        "MOA_PLUGINS": "toy_attention",
-        "HYDRA_FULL_ERROR": "0",
-        "PYTHONPATH": os.pathsep.join([str(plugin), str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    args = [
-        "model=toy",
-        "debug=tiny",
-        "data=random_tokens",
-        "data.vocab_size=64",
-        "trainer.device=cpu",
-        "trainer.max_steps=4",
-        "trainer.log_interval=1",
-        "trainer.eval_interval=4",
-        "~experiment",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        *overrides,
-    ]
-    return subprocess.run(
-        [sys.executable, "-m", "moa_train", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    return run_plugin_cli(
+        tmp_path,
+        {"toy_attention.py": MODULE, "toy.yaml": YAML},
+        "toy_attention",
+        ["model=toy", "trainer.log_interval=1", *overrides],
     )
 
 

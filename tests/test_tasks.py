@@ -6,17 +6,13 @@ which tasks they feed, and a plugin adds a task without editing the package."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import CONFIG_DIR, REPO, read_jsonl
+from conftest import CONFIG_DIR, REPO, read_jsonl, run_plugin_cli
 from moa_train.config import TASK_CONFIGS, ConfigError
 from moa_train.config_format import CONFIG_FORMAT, MOVED, upgrade
 from moa_train.train.tasks import TASKS, Task, register_task, saved_config, task_config, validate
@@ -201,37 +197,11 @@ toy_scale: 2.0
 
 
 def run_plugin(tmp_path, *overrides):
-    plugin = tmp_path / "plugin"
-    plugin.mkdir(exist_ok=True)
-    (plugin / "toy_task_plugin.py").write_text(textwrap.dedent(PLUGIN))
-    (plugin / "toy_task.yaml").write_text(textwrap.dedent(PLUGIN_YAML))
-    env = {
-        **os.environ,
-        "MOA_PLUGINS": "toy_task_plugin",
-        "HYDRA_FULL_ERROR": "0",
-        "PYTHONPATH": os.pathsep.join([str(plugin), str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    args = [
-        "task=toy_task",
-        "debug=tiny",
-        "data=random_tokens",
-        "data.vocab_size=64",
-        "data.tasks=[lm,toy_task]",
-        "trainer.device=cpu",
-        "trainer.max_steps=4",
-        "trainer.eval_interval=4",
-        "~experiment",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        *overrides,
-    ]
-    return subprocess.run(
-        [sys.executable, "-m", "moa_train", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    return run_plugin_cli(
+        tmp_path,
+        {"toy_task_plugin.py": PLUGIN, "toy_task.yaml": PLUGIN_YAML},
+        "toy_task_plugin",
+        ["task=toy_task", "data.tasks=[lm,toy_task]", *overrides],
     )
 
 
