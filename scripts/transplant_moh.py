@@ -53,17 +53,10 @@ from omegaconf import OmegaConf
 
 from moa_train.models.attention.moh import MoHAttention
 from moa_train.models.routing import aux_losses
+from moa_train.schema import AuxConfig
 
-AUX = OmegaConf.create(
-    {
-        "balance_type": "switch_k",
-        "layer_reduce": "mean",
-        "z_coef": 0.0,
-        "cv_coef": 0.0,
-        "z_tokens": "real",
-        "cv_of": "probs",
-    }
-)
+# the framework's aux settings with the released scaling (z and cv off, their defaults)
+AUX = OmegaConf.structured(AuxConfig(balance_type="switch_k"))
 D, H, B, T = 64, 8, 2, 10
 
 

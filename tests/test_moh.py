@@ -12,17 +12,10 @@ from moa_train.models import conformance
 from moa_train.models.attention.mha import merge_heads
 from moa_train.models.attention.moh import MoHAttention
 from moa_train.models.routing import Routing, aux_losses, routing_metrics
+from moa_train.schema import AuxConfig
 
-AUX = OmegaConf.create(
-    {
-        "balance_type": "switch_k",
-        "layer_reduce": "mean",
-        "z_coef": 0.0,
-        "cv_coef": 0.0,
-        "z_tokens": "real",
-        "cv_of": "probs",
-    }
-)
+# the framework's aux settings with the released scaling (z and cv off, their defaults)
+AUX = OmegaConf.structured(AuxConfig(balance_type="switch_k"))
 
 
 def attention(**kw) -> MoHAttention:
