@@ -34,6 +34,7 @@ from moa_train.results import (
     staged_jobs,
     summaries,
     training_job,
+    welch,
     write_results,
 )
 from moa_train.tables import table_lines
@@ -108,14 +109,14 @@ def collect(runs_dir: Path) -> dict:
 
 def welch_interval(a: list, b: list, level: float = 0.95) -> dict:
     """mean(a) - mean(b) with its Welch confidence interval (Welch-Satterthwaite degrees of
-    freedom) and two-sided p-value."""
+    freedom) and two-sided p-value (the drivers' `welch` test)."""
     from scipy import stats
 
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
     diff, se = statistics.mean(a) - statistics.mean(b), math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if se > 0 else math.inf
     half = stats.t.ppf(0.5 + level / 2, df) * se
-    p = float(2 * stats.t.sf(abs(diff / se), df)) if se > 0 else (0.0 if diff else 1.0)
+    p = welch(a, b)["p"] if se > 0 else (0.0 if diff else 1.0)
     return {
         "diff": diff,
         "low": float(diff - half),

@@ -38,17 +38,17 @@ class GatePhases:
         self.every, self.steps = int(model_cfg.gate_every), int(model_cfg.gate_steps)
         self.params = params_with(model, ROUTER)
         self.ids = {id(p) for p in self.params}
+        # the experts: every other parameter (listed once, not per step)
+        self.experts = [p for p in model.parameters() if id(p) not in self.ids]
         # plain SGD, no momentum: the paper's choice for the gate (not a momentum method)
         self.optimizer = torch.optim.SGD(self.params, lr=float(model_cfg.gate_lr), momentum=0.0)
 
     def is_gate_step(self, step: int) -> bool:
         return step % self.every >= self.every - self.steps
 
-    def block(self, model: torch.nn.Module, gate_step: bool) -> list:
+    def block(self, gate_step: bool) -> list:
         """The parameters a step moves (its gradient norm and clipping cover these alone)."""
-        if gate_step:
-            return self.params
-        return [p for p in model.parameters() if id(p) not in self.ids]
+        return self.params if gate_step else self.experts
 
     def step(self, bad: torch.Tensor) -> None:
         """The gate's update unless the step is bad (a host read: BCD runs eagerly)."""

@@ -462,9 +462,7 @@ class Trainer:
             aux_sum = {k: aux_sum.get(k, 0.0) + v.detach() * w for k, v in aux.items()}
         gate_step = self.phases is not None and self.phases.is_gate_step(self.step)
         # the block that moves this step (BCD: the gate or the experts; else every parameter)
-        params = (
-            self.phases.block(self.model, gate_step) if self.phases else self.model.parameters()
-        )
+        params = self.phases.block(gate_step) if self.phases else self.model.parameters()
         if cfg.trainer.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.trainer.grad_clip)
         else:
