@@ -231,8 +231,14 @@ def with_kernel_settings(method):
 
     @wraps(method)
     def within(self, *args, **kwargs):
-        with self.kernel_settings():
+        if self.__dict__.get("in_kernel_settings"):  # fit's steps: applied once, by fit
             return method(self, *args, **kwargs)
+        self.in_kernel_settings = True
+        try:
+            with self.kernel_settings():
+                return method(self, *args, **kwargs)
+        finally:
+            self.in_kernel_settings = False
 
     return within
 
