@@ -6,13 +6,13 @@ profiling, the results file, table cells."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import logging
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ import torch
 from moa_train.config import applicable
 from moa_train.paths import config_dir, repo_root
 from moa_train.tables import table_lines
+from moa_train.timing import repeat_times
 
 log = logging.getLogger(__name__)
 
@@ -223,14 +224,7 @@ def copy_bandwidth(device: torch.device, nbytes: int, reps: int = 10) -> tuple:
     (a peak), the seconds of each rep)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
-    times = []
-    for i in range(reps + 2):
-        sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
+    times = repeat_times(functools.partial(dst.copy_, src), reps, warmup=2)
     del src, dst
     return 2 * nbytes / min(times), times
 

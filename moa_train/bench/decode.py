@@ -78,6 +78,7 @@ from moa_train.errors import Parser
 from moa_train.models.decoding import decode_spans
 from moa_train.models.roles import ROUTER, declared_modules
 from moa_train.tables import table_lines
+from moa_train.timing import repeat_times
 
 log = logging.getLogger(__name__)
 
@@ -107,18 +108,9 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
 
 
-def timed(fn, device: torch.device, reps: int = REPS, warmup: bool = True) -> float:
+def timed(fn, reps: int = REPS, warmup: bool = True) -> float:
     """Median seconds of `reps` calls of fn() (after one untimed call, unless warmed up already)."""
-    if warmup:
-        fn()
-    times = []
-    for _ in range(reps):
-        common.sync(device)
-        t0 = time.perf_counter()
-        fn()
-        common.sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(repeat_times(fn, reps, warmup=int(warmup)))
 
 
 # --- the model ------------------------------------------------------------------------------------
@@ -244,7 +236,7 @@ def measure_prefill(model, size: DecodeSize, device: torch.device) -> dict:
     idx = prompts(size.prefill_batch, size.prompt_len, model.vocab_size, device, seed=1)
     cache = model.init_cache(size.prefill_batch, size.prompt_len, device)
     lengths = torch.full((size.prefill_batch,), size.prompt_len, device=device)
-    seconds = timed(lambda: model.prefill(idx, lengths, cache), device)
+    seconds = timed(lambda: model.prefill(idx, lengths, cache))
     return {
         "batch": size.prefill_batch,
         "prompt_len": size.prompt_len,
@@ -299,13 +291,16 @@ def measure_decode(
     idx = prompts(batch, size.prompt_len, model.vocab_size, device, seed=2)
     lengths = torch.full((batch,), size.prompt_len, device=device)
 
-    def run() -> float:
-        logits = steps.prefill(idx, lengths)
-        common.sync(device)
-        t0 = time.perf_counter()
-        decode_loop(steps, logits, size.new_tokens + 1, greedy)
-        common.sync(device)
-        return time.perf_counter() - t0
+    prefilled = {}
+
+    def prefill() -> None:  # untimed, before each run
+        prefilled["logits"] = steps.prefill(idx, lengths)
+
+    def decode() -> None:
+        decode_loop(steps, prefilled["logits"], size.new_tokens + 1, greedy)
+
+    def run(reps: int = 1) -> list:
+        return repeat_times(decode, reps, setup=prefill)
 
     try:
         run()  # compiles and captures
@@ -317,7 +312,7 @@ def measure_decode(
         cache = steps.cache
         run()
     compile_s = steps.compile_s
-    reps = [run() for _ in range(REPS)]
+    reps = run(REPS)
     step_s = statistics.median(reps) / size.new_tokens
     # the cache's (init_cache allocates in the parameters' dtype)
     dtype = next(model.parameters()).dtype

@@ -51,6 +51,7 @@ from moa_train.config import bench_presets
 from moa_train.errors import Parser
 from moa_train.metrics.flops import device_name, measure_matmul_flops, peak_kind
 from moa_train.tables import table_lines
+from moa_train.timing import repeat_times
 
 # every model choice, each variant represented by its named presets where it has any (moa:
 # moa_dense, moa_sparse)
@@ -118,14 +119,11 @@ def kernel_breakdown(trainer, device: torch.device) -> dict:
     }
 
 
-def timed_steps(trainer, steps: int, device: torch.device, batches: list | None = None) -> float:
+def timed_steps(trainer, steps: int, batches: list | None = None) -> float:
     """Seconds per training step over `steps` steps (on `batches` each step; default: batches drawn
     per step)."""
-    common.sync(device)
-    t0 = time.perf_counter()
-    trainer.train_steps(steps, batches=batches)
-    common.sync(device)
-    return (time.perf_counter() - t0) / steps
+    [seconds] = repeat_times(lambda: trainer.train_steps(steps, batches=batches), 1)
+    return seconds / steps
 
 
 @contextmanager
@@ -177,7 +175,7 @@ def bench_model(size: str, model: str, batch: int, device: torch.device, peaks: 
         times, times_fixed = [], []
         for _ in range(args.windows):
             for batches, out in ((None, times), (fixed, times_fixed)):
-                out.append(timed_steps(trainer, args.steps, device, batches))
+                out.append(timed_steps(trainer, args.steps, batches))
         step_s, fixed_s = statistics.median(times), statistics.median(times_fixed)
         tokens = batch * cfg.trainer.block_size
         peak = peaks[peak_kind(cfg.trainer.precision, cfg.trainer.tf32)]
@@ -237,20 +235,17 @@ def sdpa_backends(device: torch.device, batch: int) -> list:
         for _ in range(3)
     )
     flops = 12 * b * h * t * t * d  # the FLOP counter's count: 4BHT^2D forward, twice that backward
+
+    def forward_backward() -> None:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.backward(torch.ones_like(out))
+
     rows = []
     for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
         backend = getattr(SDPBackend, name, None)
         try:
             with sdpa_kernel([backend]):
-                times = []
-                for i in range(13):
-                    common.sync(device)
-                    t0 = time.perf_counter()
-                    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-                    out.backward(torch.ones_like(out))
-                    common.sync(device)
-                    if i >= 3:
-                        times.append(time.perf_counter() - t0)
+                times = repeat_times(forward_backward, 10, warmup=3)
             ms = 1000 * statistics.median(times)
             rows.append({"backend": name.lower(), "ms": ms, "tflops": flops / ms / 1e9})
         except (RuntimeError, TypeError) as exc:

@@ -10,12 +10,12 @@ import json
 import logging
 import math
 import os
-import time
 from pathlib import Path
 
 import torch
 
 from moa_train.io import atomic_write_text
+from moa_train.timing import repeat_times
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +45,7 @@ def measure_matmul_flops(
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = kind == "tf32"
     try:
-        times = []
-        for i in range(iters + 3):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            a @ b
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= 3:
-                times.append(time.perf_counter() - t0)
+        times = repeat_times(lambda: a @ b, iters, warmup=3)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
     return 2 * n**3 / min(times)
