@@ -54,7 +54,7 @@ def load_tokenizer(run_dir: str | Path):
     run folder without one (runs started before tokenizers were saved); ValueError (one line naming
     the file) for one that is not UTF-8, not JSON or not a tokenizer."""
     from moa_train.data.corpus import utf8
-    from moa_train.data.wikitext import TOKENIZER_FILE, tokenizer_from_json, tokenizer_identity
+    from moa_train.data.tokenizer import TOKENIZER_FILE, tokenizer_from_json, tokenizer_identity
 
     path = Path(run_dir) / TOKENIZER_FILE
     if not path.is_file():

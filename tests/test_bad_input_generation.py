@@ -101,7 +101,7 @@ def assert_one_line(result, *words):
 
 
 def test_a_checkpoint_records_its_tokenizer(char_run, checkpoint, symbols):
-    from moa_train.data.wikitext import tokenizer_identity
+    from moa_train.data.tokenizer import tokenizer_identity
 
     state = torch.load(checkpoint, weights_only=True)
     raw = (char_run / "tokenizer.json").read_bytes()

@@ -14,9 +14,16 @@ import pytest
 import torch
 
 from conftest import REAL_DATA, write_wikitext
-from moa_train.data import DataError, load_corpus, wikitext
+from moa_train.data import DataError, load_corpus, text_corpus
 from moa_train.data.batches import RandomWindows, sequential_windows, windows
-from moa_train.data.wikitext import CharTokenizer, Split, read_text, word_count
+from moa_train.data.corpus import read_text
+from moa_train.data.tokenizer import (
+    CharTokenizer,
+    WordTokenizer,
+    tokenizer_from_json,
+    tokenizer_json,
+)
+from moa_train.data.tokens import Split, word_count
 from moa_train.train.evaluate import split_metrics
 
 
@@ -82,7 +89,7 @@ def test_word_tokenizer_counts(make_cfg, wikitext_texts):
         n_lines = text.count("\n")
         assert s.n_words == len(text.split()) + n_lines
         assert len(s.tokens) == s.n_words  # one id per word plus one <eos> per line
-    tok = wikitext.WordTokenizer(wikitext_texts["train"])
+    tok = WordTokenizer(wikitext_texts["train"])
     ids = tok.encode(wikitext_texts["valid"])
     assert int((ids == tok.stoi["<eos>"]).sum()) == wikitext_texts["valid"].count("\n")
 
@@ -115,7 +122,7 @@ def test_cache_is_reused(data_cfg, monkeypatch):
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the cache was rebuilt instead of reused")
 
-    monkeypatch.setattr(wikitext, "_build", no_rebuild)
+    monkeypatch.setattr(text_corpus, "_build", no_rebuild)
     second = load_corpus(cfg)
     for name in ("train", "val", "test"):
         assert np.array_equal(
@@ -469,7 +476,7 @@ def test_data_text_reads_a_folder_and_maps_unseen_characters_to_unk(make_cfg, tm
     )
     meta = json.loads(next((tmp_path / "cache" / "text").glob("*/meta.json")).read_text())
     assert [meta["splits"][s]["n_unk"] for s in ("train", "val", "test")] == [0, 1, 1]
-    tok = wikitext.tokenizer_from_json(data.tokenizer_file.read_text(encoding="utf-8"))
+    tok = tokenizer_from_json(data.tokenizer_file.read_text(encoding="utf-8"))
     assert tok.symbols == [*chars, "<unk>"] and tok.decode(val[:6].tolist()) == "the <unk>c"
 
 
@@ -529,17 +536,17 @@ def test_data_text_problems_are_one_line(tmp_path, setup, root, words):
 def test_a_char_vocabulary_with_unk_round_trips_and_generation_maps_unknown_characters():
     from moa_train.generation import encode_prompt
 
-    with_unk = wikitext.tokenizer_from_json(wikitext.tokenizer_json(CharTokenizer("ab\n", True)))
+    with_unk = tokenizer_from_json(tokenizer_json(CharTokenizer("ab\n", True)))
     assert with_unk.symbols == ["\n", "a", "b", "<unk>"] and with_unk.unk_id == 3
     notes = []
     assert encode_prompt(with_unk, "abz", 16, warn=notes.append) == [1, 2, 3]
     assert notes == ["prompt 'abz': 'z' not in the run's char vocabulary: mapped to <unk>"]
-    plain = wikitext.tokenizer_from_json(wikitext.tokenizer_json(CharTokenizer("ab\n")))
+    plain = tokenizer_from_json(tokenizer_json(CharTokenizer("ab\n")))
     assert plain.unk_id is None and plain.vocab_size == 3
     with pytest.raises(ValueError, match="'z' not in the run's char vocabulary, which has no"):
         encode_prompt(plain, "abz", 16)
     with pytest.raises(DataError, match="single characters"):
-        wikitext.tokenizer_from_json('{"kind": "char", "symbols": ["a", "bc"]}')
+        tokenizer_from_json('{"kind": "char", "symbols": ["a", "bc"]}')
 
 
 def test_a_text_run_saves_its_unk_vocabulary_for_generation(train_run, tmp_path):

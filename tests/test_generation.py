@@ -43,7 +43,7 @@ def test_the_run_folder_holds_its_char_tokenizer_which_round_trips_text(
 
 
 def test_a_word_vocabulary_round_trips_wikitext_lines_and_maps_unknown_words_to_unk():
-    from moa_train.data.wikitext import WordTokenizer, tokenizer_from_json, tokenizer_json
+    from moa_train.data.tokenizer import WordTokenizer, tokenizer_from_json, tokenizer_json
     from moa_train.generation import encode_prompt
 
     text = " = Valkyria = \n \n The game began in 2010 . \n"
@@ -315,7 +315,7 @@ def test_a_cache_entry_from_before_saved_tokenizers_is_rebuilt_with_one(make_cfg
     with caplog.at_level("WARNING"):
         again = load_data(cfg.data)
     assert "tokenizer.json is missing" in caplog.text and again.tokenizer_file.is_file()
-    from moa_train.data.wikitext import tokenizer_from_json
+    from moa_train.data.tokenizer import tokenizer_from_json
 
     tok = tokenizer_from_json(again.tokenizer_file.read_text(encoding="utf-8"))
     assert tok.kind == "word" and tok.vocab_size == again.vocab_size
@@ -323,7 +323,7 @@ def test_a_cache_entry_from_before_saved_tokenizers_is_rebuilt_with_one(make_cfg
 
 def test_a_bpe_runs_tokenizer_file_loads_and_round_trips(make_cfg, wikitext_texts):
     from moa_train.data import load_data
-    from moa_train.data.wikitext import tokenizer_from_json
+    from moa_train.data.tokenizer import tokenizer_from_json
 
     data = load_data(make_cfg("data=wikitext2_bpe", "data.vocab_size=400").data)
     tok = tokenizer_from_json(data.tokenizer_file.read_text(encoding="utf-8"))
@@ -410,7 +410,7 @@ def test_a_str_prompt_is_one_prompt_and_gives_a_str(live):
 def test_an_empty_prompt_generates_after_a_line_end(live):
     """As transformers' generate with no input starts from BOS; these vocabularies have none, and a
     line end precedes every line of the training text."""
-    from moa_train.data.wikitext import CharTokenizer, WordTokenizer
+    from moa_train.data.tokenizer import CharTokenizer, WordTokenizer
     from moa_train.generation import start_ids
 
     model, tok = live
@@ -551,7 +551,7 @@ def test_stop_strings_cut_each_row_and_end_generation_when_all_rows_stopped(live
 
 
 def test_streaming_holds_back_what_may_begin_a_stop_string():
-    from moa_train.data.wikitext import CharTokenizer
+    from moa_train.data.tokenizer import CharTokenizer
     from moa_train.generation import _Streamer
 
     tok = CharTokenizer("abcxz")

@@ -13,7 +13,8 @@ from conftest import REPO
 from moa_train.plugins import PluginError, load_plugins
 
 CORPUS_PLUGIN = """
-from moa_train.data.wikitext import LM_CORPORA, TextCorpus
+from moa_train.data.corpora import LM_CORPORA
+from moa_train.data.text_corpus import TextCorpus
 
 LM_CORPORA["tales_char"] = TextCorpus(
     "tales", "tales", {"train": "a.txt", "val": "b.txt", "test": "c.txt"}
@@ -68,6 +69,15 @@ def test_a_new_lm_corpus_trains_through_the_cli(data_root, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
     assert list((tmp_path / "cache" / "tales").iterdir())  # the corpus' own cache folder
+
+
+def test_the_corpus_table_keeps_its_documented_plugin_path():
+    """Plugins written against `moa_train.data.wikitext.LM_CORPORA` (the table's former home) add
+    to the one table the loader reads."""
+    from moa_train.data import corpora
+    from moa_train.data.wikitext import LM_CORPORA, TextCorpus
+
+    assert LM_CORPORA is corpora.LM_CORPORA and TextCorpus is corpora.TextCorpus
 
 
 def test_an_unknown_plugin_is_one_line(monkeypatch):

@@ -1,6 +1,7 @@
+from moa_train.data.corpora import load_corpus
 from moa_train.data.corpus import DataError  # noqa: F401
 from moa_train.data.root import resolve_root  # noqa: F401
-from moa_train.data.wikitext import TokenData, load_corpus
+from moa_train.data.tokens import TokenData
 
 
 def load_data(cfg) -> "TokenData":
@@ -26,6 +27,6 @@ def check_files(data_cfg) -> None:
 
         check_translation(data_cfg)
         return
-    from moa_train.data.wikitext import check_files as check_lm
+    from moa_train.data.corpora import check_files as check_lm
 
     check_lm(data_cfg)

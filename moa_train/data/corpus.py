@@ -1,6 +1,6 @@
-"""What every corpus shares, LM (data/wikitext.py) and translation (data/translation.py): its files
-read as UTF-8 text and byte-level BPE training (where the files are, and their download from the
-`datasets` hub: data/root.py)."""
+"""What every corpus shares, LM (data/corpora.py) and translation (data/translation.py): the lookup
+in its table, its files read as UTF-8 text and byte-level BPE training (where the files are, and
+their download from the `datasets` hub: data/root.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,14 @@ class DataError(ValueError):
 def expand(path) -> Path:
     """A data.root or data.cache_dir value as a path (`~` expanded)."""
     return Path(os.path.expanduser(str(path)))
+
+
+def table_entry(table: dict, name: str, what: str):
+    """The entry of a corpus table (data.name -> corpus) named `name`; where there is none, a
+    DataError naming the allowed names (`what`: the kind of corpus, as "an LM corpus")."""
+    if name not in table:
+        raise DataError(f"data.name: {name!r} is not {what}; allowed: {', '.join(table)}")
+    return table[name]
 
 
 def unreadable(path, exc: OSError) -> DataError:

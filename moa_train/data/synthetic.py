@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moa_train.data.wikitext import Split, TokenData
+from moa_train.data.tokens import Split, TokenData
 
 SPLIT_TOKENS = {"train": 1 << 22, "val": 1 << 18, "test": 1 << 18}
 

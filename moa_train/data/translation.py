@@ -31,7 +31,14 @@ import torch
 
 from moa_train.data.batches import to_device
 from moa_train.data.cache import CacheDamaged, check_ids, content_key, load_cached
-from moa_train.data.corpus import DataError, check_readable, expand, read_text, train_bpe
+from moa_train.data.corpus import (
+    DataError,
+    check_readable,
+    expand,
+    read_text,
+    table_entry,
+    train_bpe,
+)
 from moa_train.data.root import download, find_root, how_to_set
 from moa_train.progress import progress
 
@@ -184,11 +191,7 @@ def locate(cfg, corpus: Corpus, cache: Path, fetch: bool = True) -> Path | None:
 
 
 def _corpus(cfg) -> Corpus:
-    if cfg.name not in CORPORA:
-        raise DataError(
-            f"data.name: {cfg.name!r} is not a translation corpus; allowed: {', '.join(CORPORA)}"
-        )
-    return CORPORA[cfg.name]
+    return table_entry(CORPORA, cfg.name, "a translation corpus")
 
 
 def check_files(cfg) -> None:

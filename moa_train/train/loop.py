@@ -308,10 +308,12 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, t.max_steps)
         self.guard = NonFiniteGuard(self.optimizer, t.max_bad_steps, self.device)
         self.losses = LossWindow()  # train losses since the last log step
-        self.evaluator = Evaluator(t.eval_interval)
         self.early_stopping = EarlyStopping(t.early_stopping.patience, t.early_stopping.min_delta)
         self.max_time = parse_duration(t.max_time)  # seconds of this process, or None
         self.checkpointer = Checkpointer(cfg, self.run_dir, self.dist, self.task.best_metric)
+        self.evaluator = Evaluator(
+            t.eval_interval, self.evaluate, self.checkpointer, self.early_stopping
+        )
         self.meter = Meter(self.sync)
         self.batches = self.task.batches
         self.step, self.tokens_seen, self.wandb_id = 0, 0, None
@@ -321,7 +323,6 @@ class Trainer:
         self.peak = peak_flops(self.device, peak_kind(t.precision, t.tf32))
         self.warned_peak = False
         self.stop = None  # the StopSignals while training
-        self.last_val = {}
 
     def kernel_settings(self):
         """The context of every step and evaluation: trainer.tf32 and trainer.sdpa_backend applied,
@@ -550,17 +551,10 @@ class Trainer:
         return self.task.evaluate(self.forward, split, prefix, self.autocast, final, stop)
 
     def validate(self, logger) -> bool:
-        """Evaluate the val split at this step and log it; whether it is the best so far.
-        EvaluationStopped by a signal marks the validation pending: the checkpoint written next
-        records it for the resumed process."""
-        self.evaluator.pending = True
-        val = self.evaluate("val", "val")
-        self.evaluator.pending = False
-        is_best = self.checkpointer.is_best(val)
-        self.early_stopping.update(val[self.checkpointer.metric], self.step)
-        logger.log(self.step, {**val, f"{self.checkpointer.metric}_best": self.checkpointer.best})
+        """The evaluator's validation at this step, and its line in the log; whether it is the best
+        so far."""
+        val, is_best = self.evaluator.validate(self.step, logger)
         log.info("step %d: %s", self.step, self.task.headline_of(val))
-        self.last_val = val
         return is_best
 
     def sync(self) -> None:
@@ -601,8 +595,8 @@ class Trainer:
             reason = self.train_until_stop(logger, bar)
             if reason != "max_time":
                 # resumed at max_steps: report the checkpoint's validation loss
-                if not self.last_val and self.step > 0:
-                    self.last_val = self.evaluate("val", "val")
+                if not self.evaluator.last and self.step > 0:
+                    self.evaluator.last = self.evaluate("val", "val")
                 test = self.final_test()
                 logger.log(self.step, test)
         # the final evaluations: the last step's checkpoint is written, resuming reruns them
@@ -615,7 +609,7 @@ class Trainer:
             logger.close()
             stop.restore()
             self.stop = None
-        return self.write_summary({**self.last_val, **test, **self.stop_record(reason)})
+        return self.write_summary({**self.evaluator.last, **test, **self.stop_record(reason)})
 
     def train_until_stop(self, logger, bar) -> str:
         """Per step: train, log, validate, checkpoint; until trainer.max_steps, a signal (Preempted

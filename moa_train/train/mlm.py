@@ -45,7 +45,7 @@ class MLMConfig(TaskConfig):
 def special_ids(data) -> list:
     """Ids a mask never selects: the tokenizer's special symbols (a word vocabulary's <eos>, a
     BPE's special tokens)."""
-    from moa_train.data.wikitext import tokenizer_from_json
+    from moa_train.data.tokenizer import tokenizer_from_json
 
     if data.tokenizer_file is None:
         return []

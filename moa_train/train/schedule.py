@@ -1,7 +1,7 @@
-"""The trainer's schedule, one component per concern: when to validate (Evaluator), when to write a
-checkpoint, which one is best and which the final test averages (Checkpointer), when validation
-has stopped improving (EarlyStopping), and the throughput of the steps between (Meter).
-`Trainer.fit` asks them at each step."""
+"""The trainer's schedule, one component per concern: validation and when it runs (Evaluator),
+when to write a checkpoint, which one is best and which the final test averages (Checkpointer),
+when validation has stopped improving (EarlyStopping), and the throughput of the steps between
+(Meter). `Trainer.fit` asks them at each step."""
 
 from __future__ import annotations
 
@@ -33,11 +33,31 @@ class Every:
 
 
 class Evaluator(Every):
-    """Validation every `trainer.eval_interval` steps and at the last; `pending` marks a validation
-    a signal stopped, recorded in the checkpoint so the resumed process runs it first."""
+    """Validation, every `trainer.eval_interval` steps and at the last: the val split evaluated
+    through `evaluate(split, prefix)` (the trainer's: its forward, precision and stop signals), its
+    metrics logged with the best value so far, its task metric handed to the checkpointer (which
+    checkpoint is best) and to early stopping. `last`: the latest validation's metrics (the
+    summary's); `pending` marks a validation a signal stopped, recorded in the checkpoint so the
+    resumed process runs it first."""
 
-    def __init__(self, interval: int):
-        self.interval, self.pending = interval, False
+    def __init__(self, interval: int, evaluate, checkpointer, early_stopping):
+        self.interval, self.evaluate = interval, evaluate
+        self.checkpointer, self.early_stopping = checkpointer, early_stopping
+        self.pending, self.last = False, {}
+
+    def validate(self, step: int, logger) -> tuple:
+        """(val metrics, whether they are the best so far) of the validation at `step`, logged.
+        EvaluationStopped by a signal leaves it pending: the checkpoint written next records it
+        for the resumed process."""
+        self.pending = True
+        val = self.evaluate("val", "val")
+        self.pending = False
+        metric = self.checkpointer.metric
+        is_best = self.checkpointer.is_best(val)
+        self.early_stopping.update(val[metric], step)
+        logger.log(step, {**val, f"{metric}_best": self.checkpointer.best})
+        self.last = val
+        return val, is_best
 
     def state_dict(self) -> dict:
         """Its checkpoint key: pending_eval."""

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from moa_train.config_format import upgrade
 from moa_train.data.batches import RandomWindows
-from moa_train.data.wikitext import TOKENIZER_FILE, tokenizer_identity
+from moa_train.data.tokenizer import TOKENIZER_FILE, tokenizer_identity
 from moa_train.io import atomic_write
 from moa_train.models.routing import aux_losses, weighted_aux
 from moa_train.models.variants import check_cross, cross_config, layer_params
@@ -65,7 +65,7 @@ class Task:
     # the task.* keys a resumed run keeps (what its data is), besides task.name
     fixed_keys: tuple = ()
     # what the checkpoints record of the tokenizer the weights are trained with (sha256 of its
-    # tokenizer.json and vocabulary size: wikitext.tokenizer_identity); None: no tokenizer file
+    # tokenizer.json and vocabulary size: tokenizer.tokenizer_identity); None: no tokenizer file
     tokenizer_id: dict | None = None
 
     @staticmethod
@@ -209,7 +209,7 @@ class LMTask(Task):
 
     def __init__(self, cfg, device: torch.device, dist: Dist = Dist()):
         from moa_train.data import load_data
-        from moa_train.data.wikitext import check_lengths
+        from moa_train.data.tokens import check_lengths
 
         self.cfg, self.device, self.dist = cfg, device, dist
         # a plain dataclass: no OmegaConf inside compiled code
