@@ -391,14 +391,6 @@ def size_cells(r: dict) -> list:
     ]
 
 
-CHECKS_HEADER = (
-    "fast path",
-    "plain path",
-    "output rel. error",
-    "gradient rel. error",
-    "tolerance",
-    "ok",
-)
 RUNS_HEADER = ("commit", "peak bf16 TFLOP/s", "peak TF32 TFLOP/s")
 
 
@@ -408,6 +400,16 @@ def run_cells(run: dict) -> list:
         f"{run['peaks'].get('bf16', 0) / 1e12:.3g}",
         f"{run['peaks'].get('tf32', 0) / 1e12:.3g}",
     ]
+
+
+CHECKS_HEADER = (
+    "fast path",
+    "plain path",
+    "output rel. error",
+    "gradient rel. error",
+    "tolerance",
+    "ok",
+)
 
 
 def markdown(bench: dict, notes: str | None) -> str:

@@ -429,12 +429,12 @@ class TokenBatches:
         pad_id: int,
         bos_id: int,
         eos_id: int,
-        seed: int = 0,
+        batch_format: str = "plain",
         shuffle: bool = True,
+        seed: int = 0,
         device=torch.device("cpu"),
         rank: int = 0,
         world: int = 1,
-        batch_format: str = "plain",
     ):
         if max_tokens <= 0:
             raise DataError(f"task.max_tokens: must be positive, got {max_tokens}")

@@ -33,7 +33,6 @@ import math
 import statistics
 from pathlib import Path
 
-from moa_train.paths import repo_root
 from moa_train.results import (
     DriverParser,
     Staging,
@@ -53,7 +52,6 @@ from moa_train.results import (
 )
 from moa_train.tables import table_lines
 
-ROOT = repo_root()
 GROUP = "kv_tradeoff"
 ROWS = (
     "mha",

@@ -23,7 +23,6 @@ import math
 import statistics
 from pathlib import Path
 
-from moa_train.paths import repo_root
 from moa_train.results import (
     DriverParser,
     Staging,
@@ -39,7 +38,6 @@ from moa_train.results import (
 )
 from moa_train.tables import table_lines
 
-ROOT = repo_root()
 GROUP = "successors"
 # check -> (rows, the baseline row, the test metric, its name, higher is better)
 CHECKS = {

@@ -111,6 +111,15 @@ class Task:
         (moa_train.api)."""
 
 
+def window_batch(cfg, key: str, given, batch: int, lower: str) -> StepSize:
+    """An LM batch of `batch` windows of trainer.block_size tokens, sized by `key` (`given`: its
+    value as the user set it; `lower`: what to lower)."""
+    block = cfg.trainer.block_size
+    return StepSize(
+        key, f"{key}={given} x trainer.block_size={block}", lower, batch * block, cfg.model.n_layer
+    )
+
+
 @dataclass
 class LMConfig(TaskConfig):
     """Language modelling: no keys of its own (its sizes are trainer.batch_size and
@@ -158,14 +167,9 @@ class LMTask(Task):
 
     @staticmethod
     def step_size(cfg) -> StepSize:
-        t = cfg.trainer
-        return StepSize(
-            "trainer.batch_size",
-            f"trainer.batch_size={t.batch_size} x trainer.block_size={t.block_size}",
-            "trainer.batch_size or trainer.block_size",
-            t.batch_size * t.block_size,
-            cfg.model.n_layer,
-        )
+        batch = cfg.trainer.batch_size
+        lower = "trainer.batch_size or trainer.block_size"
+        return window_batch(cfg, "trainer.batch_size", batch, batch, lower)
 
     @staticmethod
     def model_size(cfg) -> tuple:
@@ -193,13 +197,8 @@ class LMTask(Task):
         given = (
             f"{t.eval_batch_size}" if t.eval_batch_size else f"null (trainer.batch_size={batch})"
         )
-        return StepSize(
-            "trainer.eval_batch_size",
-            f"trainer.eval_batch_size={given} x trainer.block_size={t.block_size}",
-            "trainer.eval_batch_size",
-            batch * t.block_size,
-            cfg.model.n_layer,
-        )
+        key = "trainer.eval_batch_size"
+        return window_batch(cfg, key, given, batch, key)
 
     @staticmethod
     def build_model(model_cfg, vocab_size: int, pad_id=None):
@@ -602,31 +601,13 @@ class TranslationTask(Task):
                 "start_id": d.eos_id if e.batch_format == "fairseq" else d.bos_id,
                 "use_cache": e.kv_cache,
             }
+            if beam > 1:
+                rules |= {"beam": beam, "lenpen": e.lenpen}
+            search = greedy_search if beam == 1 else beam_search
             with autocast():
-                if beam == 1:
-                    out = greedy_search(
-                        model,
-                        batch["src"],
-                        src_mask,
-                        d.bos_id,
-                        d.eos_id,
-                        d.pad_id,
-                        max_len,
-                        **rules,
-                    )
-                else:
-                    out = beam_search(
-                        model,
-                        batch["src"],
-                        src_mask,
-                        d.bos_id,
-                        d.eos_id,
-                        d.pad_id,
-                        max_len,
-                        beam=beam,
-                        lenpen=e.lenpen,
-                        **rules,
-                    )
+                out = search(
+                    model, batch["src"], src_mask, d.bos_id, d.eos_id, d.pad_id, max_len, **rules
+                )
             for i, ids in zip(batch["index"].tolist(), out, strict=True):
                 hyps[i] = d.decode(ids)
         hyps = {i: text for part in gather_objects(hyps, self.dist) for i, text in part.items()}

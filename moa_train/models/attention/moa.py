@@ -105,11 +105,11 @@ class MixtureOfAttentionHeads(nn.Module):
         top_k: int,
         head_dim: int,
         n_kv_heads: int | None = None,
+        gating: str = "softmax_all",
+        expert_matmul: str = "auto",
         dropout: float = 0.0,
         bias: bool = False,
-        gating: str = "softmax_all",
         causal: bool = True,
-        expert_matmul: str = "auto",
         attn_dropout: float | None = None,
     ):
         super().__init__()
@@ -134,11 +134,11 @@ class MixtureOfAttentionHeads(nn.Module):
             m.top_k,
             head_dim,
             m.n_kv_heads,
+            m.gating,
+            m.expert_matmul,
             m.dropout,
             bias,
-            m.gating,
             causal,
-            m.expert_matmul,
             ModelConfig.attn_p(m),
         )
         attn.rope = Rotary.of(m, head_dim)

@@ -123,14 +123,14 @@ class MoASKVAttention(nn.Module):
         d_model: int,
         n_head: int,
         gqa_kv_heads: int = 2,
-        dropout: float = 0.0,
-        bias: bool = False,
-        causal: bool = True,
-        attn_dropout: float | None = None,
         kv_budget: float | None = None,
         router_tau: float = 1.0,
         inference_routing: str = "hard",
         kv_pool_slack: float = 1.25,
+        dropout: float = 0.0,
+        bias: bool = False,
+        causal: bool = True,
+        attn_dropout: float | None = None,
     ):
         super().__init__()
         self.n_head, self.head_dim, self.gqa_kv_heads = n_head, d_model // n_head, gqa_kv_heads
@@ -156,14 +156,14 @@ class MoASKVAttention(nn.Module):
             m.d_model,
             m.n_head,
             m.gqa_kv_heads,
-            m.dropout,
-            m.bias,
-            causal,
-            ModelConfig.attn_p(m),
-            m.kv_budget,
-            m.router_tau,
-            m.inference_routing,
-            m.kv_pool_slack,
+            dropout=m.dropout,
+            bias=m.bias,
+            causal=causal,
+            attn_dropout=ModelConfig.attn_p(m),
+            kv_budget=m.kv_budget,
+            router_tau=m.router_tau,
+            inference_routing=m.inference_routing,
+            kv_pool_slack=m.kv_pool_slack,
         )
         # K is rotated before the GQA/MQA means: one rotation per position, so the mean of rotated
         # heads is the rotated mean
