@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from moa_train.models.search import beam_search, greedy_search, max_output_len
+from moa_train.models.search import search as run_search
 
 PAD, BOS, EOS = 0, 1, 2
 V = 12
@@ -115,6 +116,22 @@ def search(kind, model, src, mask, max_len, **kw):
 
 
 KINDS = ["greedy", 1, 2, 4]
+
+
+def test_search_runs_greedy_without_beam_and_the_old_names_fix_its_beam():
+    """One entry point: beam=None is greedy, n beams is beam search (4 in beam_search unless
+    given), and a setting given by position after max_len is refused, not read as another one."""
+    model, (src, mask) = RandomSeq2Seq(1), random_batch(1)
+    args = (model, src, mask, BOS, EOS, PAD, 9)
+    greedy, beam2, beam4 = (run_search(*args, beam=b) for b in (None, 2, 4))
+    assert len({str(greedy), str(beam2), str(beam4)}) == 3  # the checks below can tell them apart
+    assert greedy_search(*args) == run_search(*args) == greedy
+    assert beam_search(*args) == beam4 and beam_search(*args, beam=2) == beam2
+    assert run_search(*args, 2, 0.6) == beam2  # beam and lenpen by position, as beam_search had
+    with pytest.raises(TypeError):
+        greedy_search(*args, False)
+    with pytest.raises(TypeError):
+        beam_search(*args, 2)
 
 
 def test_beam1_equals_greedy():

@@ -31,7 +31,7 @@ from moa_train.models.decoding import Recompute, open_steps
 from moa_train.models.kv_cache import has_kv_cache
 from moa_train.models.lm import LanguageModel
 from moa_train.models.roles import ROUTER, params_with
-from moa_train.models.search import beam_search, greedy_search
+from moa_train.models.search import search
 from moa_train.models.seq2seq import Seq2Seq
 from moa_train.models.variants import PLUGIN_PRESETS, VARIANTS, preset_variant
 from moa_train.paths import config_dir
@@ -153,20 +153,19 @@ def check_seq2seq(preset: str, seed: int = 0, **keys) -> str:
         got = torch.stack([steps.step(tgt[:, t]) for t in range(8)], 1)
     _check_close(preset, "cached decoder steps", got, full)
     # an EOS that ends the greedy hypotheses at different steps
-    free = greedy_search(model, src, mask, BOS, -1, PAD, 10, use_cache=False)
+    free = search(model, src, mask, BOS, -1, PAD, 10, use_cache=False)
     eos = max(
         sorted({t for h in free for t in h}),
         key=lambda t: len({h.index(t) if t in h else len(h) for h in free}),
     )
-    for search, kwargs in ((greedy_search, {}), (beam_search, {"beam": 3, "lenpen": 0.6})):
+    for beam in (None, 3):
         hyps = [
-            search(model, src, mask, BOS, eos, PAD, 12, use_cache=c, **kwargs)
+            search(model, src, mask, BOS, eos, PAD, 12, beam=beam, lenpen=0.6, use_cache=c)
             for c in (False, True)
         ]
         if hyps[0] != hyps[1]:
-            raise AssertionError(
-                f"{preset}: cached {search.__name__} differs from the recomputed one"
-            )
+            kind = "greedy search" if beam is None else f"beam search ({beam} beams)"
+            raise AssertionError(f"{preset}: cached {kind} differs from the recomputed one")
     return steps.mode
 
 

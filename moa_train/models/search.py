@@ -1,6 +1,7 @@
-"""Greedy and beam search for an encoder-decoder: `model.encode(src, src_mask) -> memory`, then one
-decoder call per step for the whole batch (and, in beam search, all its beams); Python only does the
-bookkeeping of finished hypotheses. Call `model.eval()` first: dropout would make the search random.
+"""Greedy and beam search for an encoder-decoder, both through `search` (beam=None: greedy):
+`model.encode(src, src_mask) -> memory`, then one decoder call per step for the whole batch (and,
+in beam search, all its beams); Python only does the bookkeeping of finished hypotheses. Call
+`model.eval()` first: dropout would make the search random.
 
 Each step goes through the one stepping strategy (models/decoding.py): either (`use_cache=True`,
 the default where every decoder attention can cache) only the newest token through the decoder's
@@ -19,6 +20,8 @@ continuations go on, and a sentence is done once it holds `beam` finished hypoth
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -82,9 +85,29 @@ def strip(ids: list, stop: tuple) -> list:
     return ids
 
 
+@dataclass(frozen=True)
+class _Rules:
+    """What both algorithms are told: the special ids, the length limits and the stepping."""
+
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    max_len: int
+    use_cache: bool
+    min_len: int
+    force_eos: bool
+    start_id: int  # the decoder's first input
+
+    def length_rule(self, step: int) -> str | None:
+        return length_rule(step, self.min_len, self.max_len, self.force_eos)
+
+    def next_log_probs(self, steps, tokens: Tensor, rule: str | None) -> Tensor:
+        return next_log_probs(steps, tokens, [self.bos_id, self.pad_id], self.eos_id, rule)
+
+
 @torch.no_grad()
 @without_cudnn_attention
-def greedy_search(
+def search(
     model,
     src: Tensor,
     src_mask: Tensor,
@@ -92,25 +115,48 @@ def greedy_search(
     eos_id: int,
     pad_id: int,
     max_len: int,
+    beam: int | None = None,  # None: greedy search; n: beam search with n beams
+    lenpen: float = 0.6,
     use_cache: bool = True,
     min_len: int = 0,
     force_eos: bool = False,
     start_id: int | None = None,
 ) -> list[list[int]]:
-    """The most likely next token at each step, at most `max_len` tokens; ids without BOS and EOS. A
-    sentence leaves the batch at its EOS. `min_len`: EOS refused before that many tokens;
-    `force_eos`: EOS after `max_len` tokens (the same ids); `start_id`: the decoder's first input
-    (null: BOS; fairseq's: EOS)."""
+    """Hypotheses of at most `max_len` tokens, ids without BOS and EOS: greedy with `beam=None`,
+    else beam search with `beam` beams and length penalty `lenpen` (beam=1 runs the beam algorithm,
+    which gives greedy's hypotheses). `min_len`: EOS refused before that many tokens; `force_eos`:
+    EOS after `max_len` tokens; `start_id`: the decoder's first input (null: BOS; fairseq's:
+    EOS)."""
     start = bos_id if start_id is None else start_id
-    with open_search(model, model.encode(src, src_mask), src_mask, max_len, use_cache) as steps:
-        tokens = torch.full((src.shape[0], 1), start, dtype=torch.long, device=src.device)
+    rules = _Rules(bos_id, eos_id, pad_id, max_len, use_cache, min_len, force_eos, start)
+    if beam is None:
+        return _greedy(model, src, src_mask, rules)
+    return _beam(model, src, src_mask, rules, beam, lenpen)
+
+
+def greedy_search(*args, **kwargs) -> list[list[int]]:
+    """`search` with beam=None (the settings after `max_len` by keyword)."""
+    return search(*args, beam=None, **kwargs)
+
+
+def beam_search(*args, beam: int = 4, **kwargs) -> list[list[int]]:
+    """`search` with `beam` beams, 4 unless given (the settings after `max_len` by keyword)."""
+    return search(*args, beam=beam, **kwargs)
+
+
+def _greedy(model, src: Tensor, src_mask: Tensor, rules: _Rules) -> list[list[int]]:
+    """The most likely next token at each step; a sentence leaves the batch at its EOS (with
+    `force_eos`, after `max_len` tokens: the same ids)."""
+    memory = model.encode(src, src_mask)
+    with open_search(model, memory, src_mask, rules.max_len, rules.use_cache) as steps:
+        tokens = torch.full((src.shape[0], 1), rules.start_id, dtype=torch.long, device=src.device)
         live = list(range(src.shape[0]))  # the sentence of each row
         out: list = [None] * src.shape[0]
-        for step in range(max_len + force_eos):
-            rule = length_rule(step, min_len, max_len, force_eos)
-            nxt = next_log_probs(steps, tokens, [bos_id, pad_id], eos_id, rule).argmax(dim=-1)
+        for step in range(rules.max_len + rules.force_eos):
+            rule = rules.length_rule(step)
+            nxt = rules.next_log_probs(steps, tokens, rule).argmax(dim=-1)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            done = (nxt == eos_id).tolist()
+            done = (nxt == rules.eos_id).tolist()
             if any(done):
                 for row in (i for i, d in enumerate(done) if d):
                     out[live[row]] = tokens[row, 1:-1].tolist()
@@ -161,44 +207,28 @@ def finish_live(finished: list, tokens: Tensor, scores: Tensor, beam: int, lenpe
             )
 
 
-@torch.no_grad()
-@without_cudnn_attention
-def beam_search(
-    model,
-    src: Tensor,
-    src_mask: Tensor,
-    bos_id: int,
-    eos_id: int,
-    pad_id: int,
-    max_len: int,
-    beam: int = 4,
-    lenpen: float = 0.6,
-    use_cache: bool = True,
-    min_len: int = 0,
-    force_eos: bool = False,
-    start_id: int | None = None,
+def _beam(
+    model, src: Tensor, src_mask: Tensor, rules: _Rules, beam: int, lenpen: float
 ) -> list[list[int]]:
-    """Best hypothesis per sentence by sum_logprob / len ** lenpen (len counts the EOS), at most
-    `max_len` tokens; ids without BOS and EOS. Beams still live at `max_len` are scored as if EOS
-    came next (length max_len + 1, no EOS log-probability: the model is not asked), or with
-    `force_eos` (fairseq) take EOS as one more step, its log-probability scored. `min_len`: EOS
-    refused before that many tokens; `start_id`: the decoder's first input (null: BOS). A sentence
-    holding `beam` finished hypotheses leaves the batch with its beams."""
-    bsz = src.shape[0]
-    start = bos_id if start_id is None else start_id
+    """Best hypothesis per sentence by sum_logprob / len ** lenpen (len counts the EOS). Beams still
+    live at `max_len` are scored as if EOS came next (length max_len + 1, no EOS log-probability:
+    the model is not asked), or with `force_eos` (fairseq) take EOS as one more step, its
+    log-probability scored. A sentence holding `beam` finished hypotheses leaves the batch with its
+    beams."""
+    bsz, eos_id = src.shape[0], rules.eos_id
     memory = model.encode(src, src_mask).repeat_interleave(beam, dim=0)
     mask = src_mask.repeat_interleave(beam, dim=0)
-    with open_search(model, memory, mask, max_len, use_cache) as steps:
-        tokens = torch.full((bsz * beam, 1), start, dtype=torch.long, device=src.device)
+    with open_search(model, memory, mask, rules.max_len, rules.use_cache) as steps:
+        tokens = torch.full((bsz * beam, 1), rules.start_id, dtype=torch.long, device=src.device)
         # all beams start equal: only beam 0 may expand at the first step, or the top-k would hold
         # `beam` copies
         scores = torch.full((bsz, beam), float("-inf"), device=src.device)
         scores[:, 0] = 0.0
         finished = [[] for _ in range(bsz)]
         live = list(range(bsz))  # the sentence of each group of `beam` rows
-        for step in range(max_len + force_eos):
-            rule = length_rule(step, min_len, max_len, force_eos)
-            logp = next_log_probs(steps, tokens, [bos_id, pad_id], eos_id, rule)
+        for step in range(rules.max_len + rules.force_eos):
+            rule = rules.length_rule(step)
+            logp = rules.next_log_probs(steps, tokens, rule)
             vocab, n = logp.shape[-1], len(live)
             cand = (scores.view(-1, 1) + logp).view(n, beam * vocab)
             cand_scores, cand_idx = cand.topk(min(2 * beam, beam * vocab), dim=1)

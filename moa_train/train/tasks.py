@@ -586,7 +586,7 @@ class TranslationTask(Task):
 
     def _decode(self, data, desc: str, beam: int, autocast, stop=None) -> list:
         """Detokenised hypotheses of every sentence of `data`, in order (every rank's gathered)."""
-        from moa_train.models.search import beam_search, greedy_search, max_output_len
+        from moa_train.models.search import max_output_len, search
 
         d, e, model = self.data, self.cfg.task, self.model
         hyps = {}  # sentence index -> detokenised hypothesis
@@ -600,10 +600,9 @@ class TranslationTask(Task):
                 "force_eos": e.force_eos,
                 "start_id": d.eos_id if e.batch_format == "fairseq" else d.bos_id,
                 "use_cache": e.kv_cache,
+                "beam": None if beam == 1 else beam,  # one beam: greedy search
+                "lenpen": e.lenpen,
             }
-            if beam > 1:
-                rules |= {"beam": beam, "lenpen": e.lenpen}
-            search = greedy_search if beam == 1 else beam_search
             with autocast():
                 out = search(
                     model, batch["src"], src_mask, d.bos_id, d.eos_id, d.pad_id, max_len, **rules
