@@ -43,10 +43,24 @@ def _pop(config: dict, key: str):
     return parent.pop(leaf, None) if isinstance(parent, dict) else None
 
 
-def _v1(config: dict, default_task) -> dict:
+def _model_v1(model: dict, model_keys) -> dict:
+    """A format-1 model node: configs written before variants owned their keys hold every variant's
+    keys (the others' were unused: dropped; `model_keys(name)` names the variant's own, None for a
+    variant this process does not know, whose keys stay) and name a decoder's cross-attention
+    variant in `cross_attention` (now `cross.name`)."""
+    if "cross_attention" in model:
+        model["cross"] = {"name": model.pop("cross_attention")}
+    owned = model_keys(model.get("name"))
+    return model if owned is None else {k: v for k, v in model.items() if k in owned}
+
+
+def _v1(config: dict, default_task, model_keys) -> dict:
     """Format 1 (no config_format key): translation's keys in data, trainer and eval; the task in
     data.task (or nowhere: configs written before tasks were named take their data's default, from
-    `default_task(data name)`). Keys a task does not own are dropped (they were unused)."""
+    `default_task(data name)`). Keys a task does not own are dropped (they were unused); so are
+    those of other variants in the model node (`_model_v1`)."""
+    if isinstance(config.get("model"), dict):
+        config["model"] = _model_v1(config["model"], model_keys)
     data = config.setdefault("data", {})
     task = (config.get("task") or {}).get("name") or data.get("task") or default_task(data["name"])
     moved = {new: _pop(config, old) for old, new in MOVED.items()}
@@ -64,9 +78,13 @@ def _v1(config: dict, default_task) -> dict:
 STEPS = {1: _v1}  # format N -> N + 1
 
 
-def upgrade(config: dict, default_task=lambda data_name: "lm") -> dict:
+def upgrade(
+    config: dict, default_task=lambda data_name: "lm", model_keys=lambda variant: None
+) -> dict:
     """A copy of saved config `config` (a plain dict) in the current layout. `default_task`: the
-    default task of a data set by name, for configs that predate named tasks."""
+    default task of a data set by name, for configs that predate named tasks; `model_keys`: the
+    keys an attention variant's config owns, by name (None: unknown, its keys kept), for configs
+    that predate variants owning their keys."""
     config = copy.deepcopy(config)
     version = config.get("config_format", 1)
     if version > CONFIG_FORMAT:
@@ -75,7 +93,7 @@ def upgrade(config: dict, default_task=lambda data_name: "lm") -> dict:
             "update moa_train"
         )
     while version < CONFIG_FORMAT:
-        config = STEPS[version](config, default_task)
+        config = STEPS[version](config, default_task, model_keys)
         version += 1
     config["config_format"] = CONFIG_FORMAT
     return config
@@ -106,7 +124,23 @@ def _checkpoint_v1(state: dict) -> dict:
         "pad_id": None,
         "tokenizer": None,
     }
-    return {**fresh, **state}
+    state = {**fresh, **state}
+    if "rng" in state:
+        state["rng"] = _rng_v1(state["rng"])
+    return state
+
+
+def _rng_v1(rng):
+    """Checkpoints written before multi-GPU support hold every visible device's CUDA generator (a
+    list) where the current layout holds the writing process's current device's (one tensor). That
+    process never chose a device, so its current device was the first: entry 0 is what the current
+    code would have saved. Per-rank lists of states (torchrun) are upgraded state by state."""
+    if isinstance(rng, list):
+        return [_rng_v1(one) for one in rng]
+    if not isinstance(rng, dict) or not isinstance(rng.get("cuda"), (list, tuple)):
+        return rng
+    devices = rng["cuda"]
+    return {**rng, "cuda": devices[0]} if devices else {k: v for k, v in rng.items() if k != "cuda"}
 
 
 CHECKPOINT_STEPS = {1: _checkpoint_v1}  # format N -> N + 1

@@ -68,3 +68,35 @@ def test_written_checkpoints_record_their_format_and_a_first_layout_one_resumes(
     steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "train/loss" in r]
     assert steps == list(range(1, 8))
     assert load_checkpoint(run / "checkpoints" / "step_0000007.pt")["step"] == 7
+
+
+def test_a_first_layout_rng_of_every_device_becomes_the_first_device_s():
+    """Checkpoints written before multi-GPU support hold every visible device's CUDA generator (a
+    list, torch.cuda.get_rng_state_all()); the process that wrote them never chose a device, so
+    its current device, whose state the current layout holds, was the first."""
+    first, second = torch.arange(4, dtype=torch.uint8), torch.arange(4, 8, dtype=torch.uint8)
+    rng = {"python": (3, (1, 2), None), "numpy": ("MT19937",), "torch": torch.zeros(2)}
+    state = upgrade_checkpoint(
+        {"model": {}, "step": 3, "config": {}, "rng": {**rng, "cuda": [first, second]}}
+    )
+    assert set(state["rng"]) == {"python", "numpy", "torch", "cuda"}
+    assert state["rng"]["cuda"] is first
+    # a CPU run's state has no CUDA generator; a torchrun run's holds one state per rank
+    assert upgrade_checkpoint({"model": {}, "step": 3, "rng": rng})["rng"] == rng
+    per_rank = [{**rng, "cuda": first}, {**rng, "cuda": second}]
+    assert upgrade_checkpoint({"model": {}, "step": 3, "rng": per_rank})["rng"] == per_rank
+
+
+def test_a_current_checkpoint_s_rng_is_left_as_it_is():
+    rng = {"python": (3, (1, 2), None), "torch": torch.zeros(2), "cuda": torch.ones(2)}
+    state = {"model": {}, "step": 1, "checkpoint_format": CHECKPOINT_FORMAT, "rng": rng}
+    assert upgrade_checkpoint(state)["rng"] is rng
+
+
+def test_a_file_without_the_run_s_config_is_refused_in_one_line(tmp_path):
+    """Every checkpoint moa_train has written holds the run's config (in every format): a file
+    without it is no moa_train checkpoint, refused as it is read, not met later as a KeyError."""
+    path = tmp_path / "step_0000001.pt"
+    torch.save({"model": {}, "step": 1, "checkpoint_format": CHECKPOINT_FORMAT}, path)
+    with pytest.raises(CheckpointError, match=r"is not a moa_train checkpoint$"):
+        load_checkpoint(path)

@@ -210,8 +210,11 @@ def test_configs_saved_with_cross_attention_still_build(run):
     """Run records from before model.cross (every variant's keys in the model node,
     model.cross_attention) load: the configs of the 2026-11-23 Multi30k records, kept in
     tests/fixtures/old_configs/ since those records were re-run."""
-    saved = OmegaConf.load(REPO / "tests/fixtures/old_configs" / f"translation_{run}.yaml").model
-    assert "cross_attention" in saved
+    from moa_train.train.tasks import saved_config
+
+    old = OmegaConf.load(REPO / "tests/fixtures/old_configs" / f"translation_{run}.yaml")
+    assert "cross_attention" in old.model
+    saved = OmegaConf.create(saved_config(OmegaConf.to_container(old))).model  # as load_run reads
     model = Seq2Seq(saved, V, PAD)
     assert type(model.decoder[0].cross_attn) is type(model.decoder[0].self_attn)
     assert model.config.cross.name is None and "cross_attention" not in model.config

@@ -119,12 +119,11 @@ register("switchhead", SwitchHeadAttention, SwitchHeadConfig)
 
 
 def model_config(m):
-    """A model config typed by its variant; a saved one (configs written before variants owned their
-    keys) is read leniently: other variants' keys dropped, `cross_attention` mapped to
-    `cross.name`."""
+    """A model config typed by its variant (a saved one is first brought to the current layout by
+    moa_train.train.tasks.saved_config, which every reader of a run's config applies)."""
     if OmegaConf.is_config(m) and OmegaConf.get_type(m) is VARIANTS.get(m.get("name")):
         return m
-    return variant_config(m, lenient=True)
+    return variant_config(m)
 
 
 def build_attention(m, causal: bool = True, cross: bool = False):

@@ -151,18 +151,12 @@ def foreign_key(key: str, config: type) -> str:
     return f"{key}: belongs to {', '.join(found)}, not {mine}"
 
 
-def variant_config(node, lenient: bool = False):
+def variant_config(node):
     """`node` (a model or cross-attention config: a dict or DictConfig holding `name`) typed by its
-    variant's config class. lenient: keys the variant does not own are dropped (configs saved before
-    variants owned their keys held every variant's keys), and the old `cross_attention` becomes
-    `cross.name`."""
+    variant's config class; a key the variant does not own is a ConfigError naming its owners."""
     data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
     one_of(data.get("name"), "model.name", tuple(sorted(VARIANTS)))
     config = VARIANTS[data["name"]]
-    if lenient:
-        if "cross_attention" in data:
-            data["cross"] = {"name": data.pop("cross_attention")}
-        data = {k: v for k, v in data.items() if k in variant_keys(config)}
     try:
         return OmegaConf.merge(OmegaConf.structured(config), data)
     except ConfigKeyError as exc:

@@ -97,11 +97,7 @@ def set_rng_state(state: dict) -> None:
     # .cpu(): a checkpoint loaded onto the GPU moved these too
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_initialized():
-        # checkpoints written before multi-GPU support hold a list: every device's state
-        cuda = state["cuda"]
-        torch.cuda.set_rng_state(
-            (cuda[torch.cuda.current_device()] if isinstance(cuda, list) else cuda).cpu()
-        )
+        torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
 # --- writing --------------------------------------------------------------------------------------
@@ -341,15 +337,20 @@ def load_checkpoint(path: Path, map_location="cpu", mmap: bool = False) -> dict:
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})"
         ) from None
-    _check_state(path, state)
     try:
-        return upgrade_checkpoint(state)
+        state = upgrade_checkpoint(state) if isinstance(state, dict) else state
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path}: {exc}") from None
+    _check_state(path, state)
+    return state
+
+
+# what every checkpoint moa_train has written holds, in every format
+REQUIRED = ("model", "step", "config")
 
 
 def _check_state(path: Path, state) -> None:
-    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+    if not isinstance(state, dict) or any(key not in state for key in REQUIRED):
         raise CheckpointError(f"checkpoint {path} is not a moa_train checkpoint")
 
 

@@ -105,7 +105,7 @@ def check_fixed_settings(saved: dict, cfg) -> None:
     from moa_train.train.tasks import saved_config, task_class
 
     current = OmegaConf.to_container(cfg, resolve=True)
-    saved = saved_config(saved) if saved.get("data") else saved
+    saved = saved_config(saved)
     fixed = ("task.name", *task_class(cfg.task.name).fixed_keys)
     for group in (*FIXED_ON_RESUME, "task"):
         old, new = dict(leaves(saved.get(group) or {}, group)), dict(leaves(current[group], group))
@@ -128,7 +128,7 @@ def check_resume(cfg, run_dir: Path) -> None:
     target = resume_target(cfg.trainer.resume, Path(run_dir))
     if target is not None:
         _, state, _ = load_latest(target, mmap=True)
-        check_fixed_settings(state.get("config") or {}, cfg)
+        check_fixed_settings(state["config"], cfg)
 
 
 def finished_summary(cfg, run_dir: Path) -> dict | None:
@@ -153,7 +153,7 @@ def finished_summary(cfg, run_dir: Path) -> dict | None:
     if reason == "max_time" or not could_be_done or not checkpoints_in(Path(run_dir)):
         return None
     _, state, _ = load_latest(Path(run_dir), mmap=True)
-    check_fixed_settings(state.get("config") or {}, cfg)  # another model is refused, as ever
+    check_fixed_settings(state["config"], cfg)  # another model is refused, as ever
     stopper.load_state_dict(state["early_stopping"])
     done = state["step"] >= t.max_steps or stopper.done
     return summary if done and state["step"] == steps else None
@@ -378,7 +378,7 @@ class Trainer:
     def load_state_dict(self, state: dict, weights_only: bool = False) -> None:
         """Restore a checkpoint's state (in the current layout: load_checkpoint upgrades older
         ones). weights_only: the weights, the step and the guard's counts only."""
-        if not weights_only and "config" in state:  # eval_only may score the weights on other data
+        if not weights_only:  # eval_only may score the weights on other data
             check_fixed_settings(state["config"], self.cfg)
         try:
             distributed.load_model_state(self.model, state["model"], self.dist)

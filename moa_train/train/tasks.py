@@ -25,7 +25,7 @@ from moa_train.io import atomic_write
 from moa_train.models.routing import aux_losses, weighted_aux
 from moa_train.models.variants import check_cross, cross_config, layer_params
 from moa_train.progress import progress
-from moa_train.schema import TASK_CONFIGS, TaskConfig, register_task_config
+from moa_train.schema import TASK_CONFIGS, TaskConfig, register_task_config, variant_keys
 from moa_train.train.distributed import Dist, gather_objects, global_sum, rank_share
 from moa_train.train.evaluate import evaluate as evaluate_lm
 from moa_train.train.preemption import check_stop
@@ -716,9 +716,17 @@ def default_task(data_name: str) -> str:
     return (node.get("tasks") or [node.get("task", "lm")])[0]
 
 
+def model_keys(variant: str) -> set | None:
+    """The keys variant `variant`'s config owns (the common model keys included); None for a
+    variant not registered in this process (a plugin's not loaded)."""
+    from moa_train.models.registry import VARIANTS  # the package's variants registered
+
+    return variant_keys(VARIANTS[variant]) if variant in VARIANTS else None
+
+
 def saved_config(config: dict) -> dict:
     """A run's saved config (a plain dict) in the current layout (moa_train/config_format.py)."""
-    return upgrade(config, default_task)
+    return upgrade(config, default_task, model_keys)
 
 
 def saved_task(config: dict) -> str:
