@@ -4,9 +4,10 @@
 # x 3 seeds; bf16 + compile + CUDA graph, as the MoH check's _common) at once, then the table;
 # records and tables under OUT, packed into records.tgz (also after a cut: --keep-finished on a
 # second call resumes what the first left in OUT/runs/.staging/).
-#   bash docs/results/runs/successors/call_switchhead_2026-12-06.sh OUT [SECONDS]
+#   MOA_GIT_SHA=<commit> bash docs/results/runs/successors/call_switchhead_2026-12-06.sh OUT [SECONDS]
 set -uo pipefail
 out=${1:-$OUT}; limit=${2:-500}
+export MOA_GIT_SHA=${MOA_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null)}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/gpu.txt"
 pack() {
