@@ -8,12 +8,13 @@
 # into docs/results/runs/kv_tradeoff/ and rebuild with
 #   RESULTS_NOTE="..." python3 scripts/reproduce_kv_tradeoff.py --tables-only
 # (it keeps the committed file's date, --jobs 27 and device line, taken from the first row, mha).
-#   MOA_GIT_SHA=<commit> bash docs/results/runs/kv_tradeoff/call_mla_2026-12-06.sh OUT [SECONDS]
+#   MOA_GIT_SHA=<commit> bash docs/results/runs/kv_tradeoff/call_mla_2026-12-06.sh OUT [SECONDS [OVERRIDE ...]]
+# (overrides after SECONDS go to every run: a CPU dry run of this script with debug=tiny etc.)
 set -uo pipefail
 out=${1:-$OUT}; limit=${2:-500}
 export MOA_GIT_SHA=${MOA_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null)}
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/gpu.txt" || echo none > "$out/gpu.txt"
 rm -rf "$out/runs" && cp -r docs/results/runs/kv_tradeoff "$out/runs"
 pack() {
   find "$out/runs" -name checkpoints -type d -prune -exec rm -rf {} + 2>/dev/null
@@ -22,6 +23,6 @@ pack() {
 }
 date -u +%FT%T > "$out/times.txt"
 timeout "$limit" python3 scripts/reproduce_kv_tradeoff.py --rows mla_r64,mla_r128 --jobs 6 \
-  --keep-finished --runs-dir "$out/runs" --out "$out/kv_tradeoff" > "$out/driver.log" 2>&1
+  --keep-finished --runs-dir "$out/runs" --out "$out/kv_tradeoff" "${@:3}" > "$out/driver.log" 2>&1
 echo "mla exit $?" >> "$out/times.txt"; date -u +%FT%T >> "$out/times.txt"; pack
 tail -40 "$out/driver.log"; cat "$out/times.txt"; ls -la "$out"
