@@ -2,7 +2,7 @@
 GQA/MQA, and at what parameter and compute cost? Trains the rows of configs/experiment/kv_tradeoff/
 over seeds, evaluates them and writes docs/results/kv_tradeoff.{md,json,png}.
 
-    python3 scripts/reproduce_kv_tradeoff.py --jobs 27       # 9 rows x 3 seeds at once, then tables
+    python3 scripts/reproduce_kv_tradeoff.py --jobs 33       # 11 rows x 3 seeds at once, then tables
     python3 scripts/reproduce_kv_tradeoff.py --rows mha,moas_kv_b2 --seeds 2
     python3 scripts/reproduce_kv_tradeoff.py --tables-only   # rebuild from the committed records
     # only the MLA rows, added to the committed records (the others neither retrained nor moved)
