@@ -107,6 +107,12 @@ def test_every_experiment_with_every_model_composes_and_builds(compose_cfg, mode
         with pytest.raises(ConfigError, match=r"^model.positions: .* needs rope"):
             validate(cfg)
         cfg.model.positions = "rope"
+    if VARIANTS[cfg.model.name].rope_required and cfg.model.rope_fraction != 1.0:
+        # an experiment that rotates part of each head (successors/switchhead_wt2: half, as
+        # SwitchHeadRope) is refused by mla, which rotates its own rotary channels only
+        with pytest.raises(ConfigError, match=r"^model.rope_fraction: model=mla rotates"):
+            validate(cfg)
+        cfg.model.rope_fraction = 1.0
     if cfg.model.init == "fairseq" and not hasattr(ATTENTION[cfg.model.name], "init_fairseq"):
         # the fairseq-faithful experiments initialise each module as fairseq does: a scheme fairseq
         # never had is refused in one line (model.init=standard runs it)

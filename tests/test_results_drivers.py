@@ -381,6 +381,53 @@ def test_kv_tradeoff_driver_trains_evaluates_and_rebuilds_its_tables(tmp_path, m
     assert not staged.exists()
 
 
+def test_kv_tradeoff_adds_the_mla_rows_to_the_records_without_touching_the_others(
+    tmp_path, monkeypatch
+):
+    """`--rows mla_r64` trains and evaluates only the MLA row into a runs dir that holds the other
+    rows' records: those stay byte for byte, the MLA runs join them, and the tables include MLA
+    (its realised bytes = the latent + the rotary key per token-layer, its comparison with the
+    MHA/GQA/MQA line at equal bytes, the answer's MLA line)."""
+    from moa_train.results import kv_tradeoff
+
+    monkeypatch.setenv("RESULTS_DATE", "2026-12-06")
+    runs, out = tmp_path / "runs", tmp_path / "out" / "kv_tradeoff"
+    tiny = [
+        "debug=tiny",
+        "trainer.device=cpu",
+        "trainer.compile=false",
+        "trainer.cuda_graphs=false",
+        "trainer.precision=fp32",
+        "model.n_head=4",
+        "model.d_model=128",
+        "trainer.max_steps=4",
+        "trainer.eval_interval=4",
+        "data.vocab_size=300",
+    ]
+    common = ["--seeds", "2", "--jobs", "2", "--runs-dir", str(runs), "--out", str(out)]
+    kv_tradeoff.main(["--rows", "mha,mqa", *common, *tiny])
+    before = {p: p.read_bytes() for p in sorted(runs.rglob("*")) if p.is_file()}
+    kv_tradeoff.main(["--rows", "mla_r64", *common, *tiny])
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == [
+        f"{row}-seed{k}" for row in ("mha", "mla_r64", "mqa") for k in (0, 1)
+    ]
+    kv = json.loads((runs / "mla_r64-seed0" / "kv_eval.json").read_text())
+    # the rank-64 latent + the 16-channel rotary key: 2 layers x 80 values x 2 bytes = 320, between
+    # MQA's 2 x 2 x 32 x 2 = 256 and MHA's 1024 at d_model 128
+    assert kv["kv_bytes_per_token"] == 2 * (64 + 16) * 2 and kv["fallback_share"] == 0
+    res = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert list(res["rows"]) == ["mha", "mqa", "mla_r64"]
+    line = [c for c in res["comparisons"] if c["row"] == "mla_r64"]
+    assert [c["against"] for c in line] == ["mqa..mha line"]
+    md = out.with_suffix(".md").read_text()
+    assert "- MLA rows (mla_r<rank>)" in md and "MLA against the MHA/GQA/MQA line" in md
+    assert "No moas_kv row and baseline to compare." in md  # the moas_kv answer as before
+    tables = {s: out.with_suffix(s).read_bytes() for s in (".md", ".json")}
+    kv_tradeoff.main(["--tables-only", "--runs-dir", str(runs), "--out", str(out)])
+    assert {s: out.with_suffix(s).read_bytes() for s in (".md", ".json")} == tables
+
+
 def test_kv_tradeoff_compares_each_budget_with_the_fixed_scheme_line_at_equal_bytes():
     """The answer compares a moas_kv row with the MHA/GQA/MQA line interpolated in log bytes at its
     realised bytes (Welch-Satterthwaite over both bracketing rows' seeds), and with the nearest row

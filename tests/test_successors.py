@@ -97,8 +97,83 @@ def test_every_check_row_composes_and_validates(check, compose_cfg):
     for row in successors.CHECKS[check][0]:
         cfg = compose_cfg(*successors.overrides(check, row, 0, []))
         validate(cfg)
-        assert cfg.model.name == row
+        assert cfg.model.name == row.partition("_")[0]  # mha_wide, mha_narrow: mha
         if row == "mae":
             assert cfg.model.gate_training == "bcd"
         if row == "moh":  # 75% of the heads active
             assert (cfg.model.n_shared_heads + cfg.model.top_k) / cfg.model.n_head == 0.75
+
+
+def test_the_driver_trains_the_switchhead_check_and_rebuilds_its_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESULTS_DATE", "2026-12-06")
+    runs, out = tmp_path / "runs", tmp_path / "out" / "successors"
+    tiny = [t for t in TINY if not t.startswith("model.n_head")]
+    args = ["--checks", "switchhead_wt2", "--seeds", "2", "--jobs", "2"]
+    successors.main([*args, "--runs-dir", str(runs), "--out", str(out), *tiny])
+    rows = ("mha_wide", "switchhead", "mha_narrow")
+    assert sorted(p.name for p in (runs / "switchhead_wt2").iterdir()) == sorted(
+        f"{row}-seed{k}" for row in rows for k in (0, 1)
+    )
+    res = json.loads(out.with_suffix(".json").read_text())["results"]["switchhead_wt2"]
+    assert list(res["rows"]) == list(rows)
+    macs = {row: res["rows"][row]["attention_macs"] for row in rows}
+    # at this tiny width SwitchHead's 2 heads of 40 span more than d_model 32: more MACs here
+    assert macs["switchhead"] > 0 and macs["mha_wide"] == macs["mha_narrow"] > 0
+    order = res["ordering"]
+    assert set(order["tests"]) == {
+        "switchhead-mha_wide",
+        "switchhead-mha_narrow",
+        "mha_wide-mha_narrow",
+    }
+    assert order["fewer_attention_macs"] is (macs["switchhead"] < macs["mha_wide"])
+    assert order["holds"] is False  # not at fewer MACs
+    md = out.with_suffix(".md").read_text()
+    assert "## SwitchHead against MHA of equal parameters" in md
+    assert "attention MACs / token" in md and "The paper's ordering" in md
+    before = {s: out.with_suffix(s).read_bytes() for s in (".md", ".json")}
+    successors.main(["--tables-only", "--runs-dir", str(runs), "--out", str(out)])
+    assert {s: out.with_suffix(s).read_bytes() for s in (".md", ".json")} == before
+
+
+def test_the_switchhead_check_rows_have_equal_parameters_and_fewer_attention_macs(compose_cfg):
+    """The MLP widths in configs/experiment/successors/switchhead_wt2/ match the parameters (the
+    YAML comments' figures), and SwitchHead's heads: 2 of 40, 5 experts, top-2, rotary on half."""
+    from moa_train.models import build_model
+
+    got = {}
+    for row in successors.CHECKS["switchhead_wt2"][0]:
+        cfg = compose_cfg(*successors.overrides("switchhead_wt2", row, 0, []))
+        assert (cfg.model.positions, cfg.model.rope_fraction) == ("rope", 0.5)
+        model = build_model(cfg.model, 8192)
+        attn = sum(b.attn.flops_per_token(cfg.trainer.block_size) for b in model.blocks) // 6
+        got[row] = (sum(p.numel() for p in model.parameters()), attn, cfg.model.n_head)
+    assert got["switchhead"] == (5_200_128, 675_840, 2)
+    assert got["mha_wide"] == (5_200_128, 1_572_864, 8)
+    assert got["mha_narrow"] == (5_200_128, 1_572_864, 2)
+
+
+def _records(values: dict) -> dict:
+    return {
+        row: [{"seed": k, "run": f"{row}{k}", "test/ppl": v} for k, v in enumerate(vs)]
+        for row, vs in values.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "switchhead, holds",
+    [([100.2, 100.6, 100.4], True), ([104, 106, 105], False), ([110, 111, 112], False)],
+)
+def test_switchhead_ordering_on_known_numbers(switchhead, holds):
+    table = _records(
+        {"mha_wide": [100, 100.5, 99.5], "switchhead": switchhead, "mha_narrow": [108, 109, 110]}
+    )
+    for row, recs in table.items():
+        for r in recs:
+            r["attention_macs"] = 675_840 if row == "switchhead" else 1_572_864
+    res = successors.summarise({"switchhead_wt2": table})["switchhead_wt2"]
+    order = res["ordering"]
+    assert order["holds"] is holds
+    assert order["wide_beats_narrow"] is True
+    assert order["attention_macs_ratio"] == pytest.approx(675_840 / 1_572_864)
+    text = successors.verdict("switchhead_wt2", res)
+    assert ("ordering (" in text) and (("does not hold" in text) is not holds)

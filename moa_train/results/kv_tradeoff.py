@@ -2,9 +2,11 @@
 GQA/MQA, and at what parameter and compute cost? Trains the rows of configs/experiment/kv_tradeoff/
 over seeds, evaluates them and writes docs/results/kv_tradeoff.{md,json,png}.
 
-    python3 scripts/reproduce_kv_tradeoff.py --jobs 27       # 9 rows x 3 seeds at once, then tables
+    python3 scripts/reproduce_kv_tradeoff.py --jobs 33       # 11 rows x 3 seeds at once, then tables
     python3 scripts/reproduce_kv_tradeoff.py --rows mha,moas_kv_b2 --seeds 2
     python3 scripts/reproduce_kv_tradeoff.py --tables-only   # rebuild from the committed records
+    # only the MLA rows, added to the committed records (the others neither retrained nor moved)
+    python3 scripts/reproduce_kv_tradeoff.py --rows mla_r64,mla_r128 --jobs 6
     # again after a time limit: finished runs kept, unfinished ones resumed
     python3 scripts/reproduce_kv_tradeoff.py --jobs 27 --keep-finished
 
@@ -63,6 +65,8 @@ ROWS = (
     "moas_kv_b2",
     "moas_kv_b4",
     "gqa2_pm",
+    "mla_r64",
+    "mla_r128",
 )
 # the fixed-scheme points each moas_kv row is compared with
 BASELINES = ("mha", "gqa4", "gqa2", "mqa")
@@ -72,6 +76,10 @@ ALPHA = 0.05
 
 def is_kv(row: str) -> bool:
     return row.startswith("moas_kv")
+
+
+def is_mla(row: str) -> bool:
+    return row.startswith("mla")
 
 
 def overrides(row: str, seed: int, extra: list) -> list:
@@ -360,6 +368,44 @@ def comparisons(rows: dict) -> list:
                     "welch_test_loss": test,
                 }
             )
+    return out + mla_comparisons(rows)
+
+
+def mla_comparisons(rows: dict) -> list:
+    """Each MLA row against the fixed-scheme line at its realised bytes (where two baselines
+    bracket them) and against the moas_kv row of nearest realised bytes."""
+    out = []
+    budgets = [b for b in rows if is_kv(b)]
+    for row in [r for r in rows if is_mla(r)]:
+        r = rows[row]
+        line = frontier_comparison(row, rows)
+        if line is not None:
+            out.append(line)
+        if not budgets:
+            continue
+        other = min(
+            budgets,
+            key=lambda b: abs(math.log(r["kv_bytes_per_token"] / rows[b]["kv_bytes_per_token"])),
+        )
+        o = rows[other]
+        test = (
+            welch(r["test_loss"], o["test_loss"])
+            if min(len(r["test_loss"]), len(o["test_loss"])) > 1
+            else None
+        )
+        out.append(
+            {
+                "row": row,
+                "against": other,
+                "kind": "nearest moas_kv bytes",
+                "kv_bytes_ratio": r["kv_bytes_per_token"] / o["kv_bytes_per_token"],
+                "test_ppl": _mean(r["test_ppl"]),
+                "against_test_ppl": _mean(o["test_ppl"]),
+                "params_ratio": r["params"] / o["params"],
+                "flops_ratio": r["flops_per_token"] / o["flops_per_token"],
+                "welch_test_loss": test,
+            }
+        )
     return out
 
 
@@ -444,13 +490,17 @@ def answer(res: dict) -> list:
     # at equal realised bytes: the fixed-scheme line interpolated at each budget's bytes where the
     # baselines bracket them, else the baseline of nearest bytes
     near = []
-    for row in dict.fromkeys(c["row"] for c in res["comparisons"]):
+    for row in dict.fromkeys(c["row"] for c in res["comparisons"] if is_kv(c["row"])):
         mine = [c for c in res["comparisons"] if c["row"] == row]
         near += [c for c in mine if c["kind"].startswith("fixed-scheme line")][:1] or [
             c for c in mine if c["kind"] == "nearest KV bytes"
         ]
-    if not near:
-        return ["No moas_kv row and baseline to compare."]
+    if not near:  # (the MLA rows' lines, if any, still follow)
+        return [
+            "No moas_kv row and baseline to compare.",
+            *[verdict_line(c) for c in res["comparisons"]],
+            *mla_answer(res),
+        ]
     wins = [
         c
         for c in near
@@ -498,7 +548,28 @@ def answer(res: dict) -> list:
             + "."
         )
     lines += [verdict_line(c) for c in res["comparisons"]]
-    return lines
+    return lines + mla_answer(res)
+
+
+def mla_answer(res: dict) -> list:
+    """One line on the MLA rows (none without them): where they sit against the fixed-scheme line at
+    their realised bytes."""
+    mla = [
+        c
+        for c in res["comparisons"]
+        if is_mla(c["row"]) and c["kind"].startswith("fixed-scheme line")
+    ]
+    if not mla:
+        return []
+    said = []
+    for c in mla:
+        test = c["welch_test_loss"]
+        if test is None or test["p"] >= ALPHA:
+            said.append(f"{c['row']} on it")
+        else:
+            side = "below" if c["test_ppl"] < c["against_test_ppl"] else "above"
+            said.append(f"{c['row']} significantly {side} it")
+    return ["MLA against the MHA/GQA/MQA line at equal realised KV bytes: " + "; ".join(said) + "."]
 
 
 def fmt(values: list, digits: int = 2) -> str:
@@ -541,6 +612,20 @@ def row_cells(row: str, r: dict) -> list:
     ]
 
 
+def mla_note(rows: dict) -> list:
+    """The MLA rows' bullet (none without them): what their cache holds, and their positions."""
+    if not any(is_mla(r) for r in rows):
+        return []
+    return [
+        (
+            "- MLA rows (mla_r<rank>): the cache holds the latent and the one rotary key per token "
+            "and layer (kv_lora_rank + qk_rope_head_dim values), read in the absorbed form; the "
+            "bytes are realised as for the other rows. MLA's positions are rotary (its decoupled "
+            "key) where the other rows learn a position table: the one setting that differs."
+        )
+    ]
+
+
 def markdown(res: dict, meta: dict) -> str:
     rows = res["rows"]
     first = next(iter(rows.values()))
@@ -579,6 +664,7 @@ def markdown(res: dict, meta: dict) -> str:
             "- Shares: the hard routing's share of tokens per layer, mha/gqa/mqa (moas_dynamic: "
             "its argmax branch, though it mixes all three)."
         ),
+        *mla_note(rows),
         "",
         *note_lines(meta),
         "## Answer",
@@ -617,7 +703,7 @@ def plot(res: dict, path: Path) -> None:
             label="MHA / GQA / MQA",
         )
     for row, r in rows.items():
-        marker = "o" if is_kv(row) else ("s" if row in BASELINES else "^")
+        marker = "o" if is_kv(row) else ("s" if row in BASELINES else "D" if is_mla(row) else "^")
         ax.errorbar(
             r["kv_bytes_per_token"],
             _mean(r["test_ppl"]),

@@ -8,6 +8,12 @@ BPE, MAE against MHA on Multi30k, 3 seeds per row, all runs of a call trained at
 - mae_multi30k (`experiment=successors/mae_multi30k/{mha,mae}`): MAE (block coordinate descent)
   against MHA of about the same parameters; test BLEU (beam 4) with its spread, the difference with
   its 95% interval and Welch's p.
+- switchhead_wt2 (`experiment=successors/switchhead_wt2/{mha_wide,switchhead,mha_narrow}`):
+  SwitchHead (2 heads, 5 experts, top-2) against MHA with 8 heads and MHA with SwitchHead's 2 heads,
+  all three of equal parameters (matched through the MLP width) and rotary positions. The paper's
+  ordering, checked as: SwitchHead no worse than the wide MHA (Welch's 95% interval of the
+  difference below +2% of its perplexity, as for MoH), both better than the narrow MHA (each
+  interval below 0), at fewer attention MACs per token (the attention modules' FLOP counter).
 
     python3 scripts/reproduce_successors.py --jobs 12      # train, evaluate, write the tables
     python3 scripts/reproduce_successors.py --tables-only  # rebuild the tables from the records
@@ -43,6 +49,13 @@ GROUP = "successors"
 CHECKS = {
     "moh_wt2": (("mha", "moh"), "mha", "test/ppl", "test perplexity", False),
     "mae_multi30k": (("mha", "mae"), "mha", "test/bleu", "test BLEU", True),
+    "switchhead_wt2": (
+        ("mha_wide", "switchhead", "mha_narrow"),
+        "mha_wide",
+        "test/ppl",
+        "test perplexity",
+        False,
+    ),
 }
 NO_WORSE = 0.02  # MoH: the interval's upper end below +2% of MHA's perplexity
 
@@ -73,8 +86,9 @@ def prepare_data(checks: list, extra: list) -> None:
     from moa_train.config import compose_train
     from moa_train.data import load_data
 
-    if "moh_wt2" in checks:
-        load_data(compose_train(overrides("moh_wt2", "mha", 0, extra)).data)
+    lm = [c for c in ("moh_wt2", "switchhead_wt2") if c in checks]  # the same WikiText-2 BPE
+    if lm:
+        load_data(compose_train(overrides(lm[0], CHECKS[lm[0]][0][0], 0, extra)).data)
 
 
 def reproduce(checks: list, seeds: list, runs_dir: Path, extra: list, n: int, keep: bool) -> None:
@@ -96,6 +110,8 @@ def collect(runs_dir: Path) -> dict:
         check, (row, _, seed) = path.parent.parent.name, path.parent.name.rpartition("-seed")
         if check in CHECKS:
             record = {"seed": int(seed), "run": f"{check}/{path.parent.name}"}
+            if check == "switchhead_wt2":
+                record["attention_macs"] = attention_macs(path.parent)
             out.setdefault(check, {}).setdefault(row, []).append(
                 {**record, **json.loads(path.read_text())}
             )
@@ -103,6 +119,19 @@ def collect(runs_dir: Path) -> dict:
         for records in rows.values():
             records.sort(key=lambda r: r["seed"])
     return out
+
+
+def attention_macs(run: Path) -> int:
+    """Forward MACs per token of the attention layers of a run's model (its saved config rebuilt
+    on the CPU): the attention modules' FLOP counter (6 x MACs: forward and backward) / 6, at the
+    training block size."""
+    from omegaconf import OmegaConf
+
+    from moa_train.models import build_model
+
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    model = build_model(cfg.model, cfg.data.vocab_size)
+    return sum(b.attn.flops_per_token(cfg.trainer.block_size) for b in model.blocks) // 6
 
 
 def welch_interval(a: list, b: list, level: float = 0.95) -> dict:
@@ -142,6 +171,11 @@ def summarise(table: dict) -> dict:
                 "sd": statistics.stdev(values) if len(values) > 1 else None,
                 "params": recs[0].get("params_total"),
                 "flops_per_token": recs[0].get("flops_per_token"),
+                **(
+                    {"attention_macs": recs[0]["attention_macs"]}
+                    if "attention_macs" in recs[0]
+                    else {}
+                ),
                 "val": [r.get("val/loss") for r in recs],
                 "steps": [r.get("steps") for r in recs],
                 "device": ", ".join(dict.fromkeys(str(r.get("device_name")) for r in recs)),
@@ -160,11 +194,70 @@ def summarise(table: dict) -> dict:
                     test["bound"] = bound
                     test["no_worse"] = bool(test["high"] < bound)
                 res["test"] = test
+        if check == "switchhead_wt2":
+            res["ordering"] = ordering(res["rows"])
         out[check] = res
     return out
 
 
+def ordering(rows: dict) -> dict | None:
+    """SwitchHead's paper ordering from the rows' per-seed test perplexities and attention MACs:
+    SwitchHead no worse than the wide MHA (the Welch interval of the difference below +2% of its
+    perplexity), both better than the narrow MHA (each interval below 0), fewer attention MACs."""
+    if any(len(rows.get(r, {}).get("values", [])) < 2 for r in CHECKS["switchhead_wt2"][0]):
+        return None
+    pairs = {
+        "switchhead-mha_wide": ("switchhead", "mha_wide"),
+        "switchhead-mha_narrow": ("switchhead", "mha_narrow"),
+        "mha_wide-mha_narrow": ("mha_wide", "mha_narrow"),
+    }
+    tests = {k: welch_interval(rows[a]["values"], rows[b]["values"]) for k, (a, b) in pairs.items()}
+    bound = NO_WORSE * rows["mha_wide"]["mean"]
+    macs = rows["switchhead"]["attention_macs"] / rows["mha_wide"]["attention_macs"]
+    parts = {
+        "switchhead_about_wide": bool(tests["switchhead-mha_wide"]["high"] < bound),
+        "switchhead_beats_narrow": bool(tests["switchhead-mha_narrow"]["high"] < 0),
+        "wide_beats_narrow": bool(tests["mha_wide-mha_narrow"]["high"] < 0),
+        "fewer_attention_macs": bool(macs < 1),
+    }
+    return {
+        "tests": tests,
+        "bound": bound,
+        "attention_macs_ratio": macs,
+        **parts,
+        "holds": all(parts.values()),
+    }
+
+
+def switchhead_verdict(res: dict) -> str:
+    order = res.get("ordering")
+    if order is None:
+        return "No test: fewer than 2 seeds of a row."
+    lines = []
+    for key, t in order["tests"].items():
+        lines.append(
+            f"- {key.replace('-', ' - ')} = {t['diff']:+.3f} test perplexity, 95% CI "
+            f"[{t['low']:+.3f}, {t['high']:+.3f}] (Welch, df {t['df']:.1f}), p = {t['p']:.3f}"
+        )
+    said = {True: "yes", False: "no"}
+    parts = (
+        f"- SwitchHead about the wide MHA (upper end below +2% of its perplexity = "
+        f"+{order['bound']:.3f}): {said[order['switchhead_about_wide']]}; SwitchHead better than "
+        f"the narrow MHA: {said[order['switchhead_beats_narrow']]}; the wide MHA better than the "
+        f"narrow one: {said[order['wide_beats_narrow']]}; SwitchHead's attention MACs per token "
+        f"{order['attention_macs_ratio']:.2f}x the wide MHA's."
+    )
+    answer = (
+        "The paper's ordering (SwitchHead about the wide MHA, both better than the narrow one, at "
+        f"fewer attention MACs) {'holds' if order['holds'] else 'does not hold'} here."
+    )
+    lines += [parts, "", answer]
+    return "\n".join(lines)
+
+
 def verdict(check: str, res: dict) -> str:
+    if check == "switchhead_wt2":
+        return switchhead_verdict(res)
     test = res.get("test")
     if test is None:
         return "No test: fewer than 2 seeds of a row."
@@ -188,7 +281,35 @@ def verdict(check: str, res: dict) -> str:
 HEADINGS = {
     "moh_wt2": "MoH (75% of heads active) against MHA, WikiText-2 BPE",
     "mae_multi30k": "MAE (block coordinate descent) against MHA, Multi30k En-De",
+    "switchhead_wt2": "SwitchHead against MHA of equal parameters (8 and 2 heads), WikiText-2 BPE",
 }
+
+
+def plain_table(r: dict) -> list:
+    return table_lines(
+        ["row", "params", "FLOPs / token (training)", r["label"], "per seed", "steps"],
+        [
+            [row, f"{v['params']:,}", f"{v['flops_per_token']:,}", mean_sd(v["values"])]
+            + [", ".join(f"{x:.2f}" for x in v["values"]), ", ".join(map(str, v["steps"]))]
+            for row, v in r["rows"].items()
+        ],
+        "lrrrll",
+    )
+
+
+def check_table(r: dict) -> list:
+    """The plain table plus each row's attention MACs per token (forward, all layers)."""
+    return table_lines(
+        ["row", "params", "attention MACs / token", "FLOPs / token (training)", r["label"]]
+        + ["per seed", "steps"],
+        [
+            [row, f"{v['params']:,}", f"{v['attention_macs']:,}", f"{v['flops_per_token']:,}"]
+            + [mean_sd(v["values"]), ", ".join(f"{x:.2f}" for x in v["values"])]
+            + [", ".join(map(str, v["steps"]))]
+            for row, v in r["rows"].items()
+        ],
+        "lrrrrll",
+    )
 
 
 def markdown(res: dict, meta: dict) -> str:
@@ -214,15 +335,7 @@ def markdown(res: dict, meta: dict) -> str:
             "",
             f"Device: {first['device']}; torch {first['torch']}; git {first['git_sha']}.",
             "",
-            *table_lines(
-                ["row", "params", "FLOPs / token (training)", r["label"], "per seed", "steps"],
-                [
-                    [row, f"{v['params']:,}", f"{v['flops_per_token']:,}", mean_sd(v["values"])]
-                    + [", ".join(f"{x:.2f}" for x in v["values"]), ", ".join(map(str, v["steps"]))]
-                    for row, v in rows.items()
-                ],
-                "lrrrll",
-            ),
+            *(check_table(r) if check == "switchhead_wt2" else plain_table(r)),
             "",
             verdict(check, r),
         ]
