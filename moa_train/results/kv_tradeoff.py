@@ -2,7 +2,7 @@
 GQA/MQA, and at what parameter and compute cost? Trains the rows of configs/experiment/kv_tradeoff/
 over seeds, evaluates them and writes docs/results/kv_tradeoff.{md,json,png}.
 
-    python3 scripts/reproduce_kv_tradeoff.py --jobs 33       # 11 rows x 3 seeds at once, then tables
+    python3 scripts/reproduce_kv_tradeoff.py --jobs 33    # 11 rows x 3 seeds at once, then tables
     python3 scripts/reproduce_kv_tradeoff.py --rows mha,moas_kv_b2 --seeds 2
     python3 scripts/reproduce_kv_tradeoff.py --tables-only   # rebuild from the committed records
     # only the MLA rows, added to the committed records (the others neither retrained nor moved)
@@ -336,39 +336,44 @@ def comparisons(rows: dict) -> list:
         r = rows[row]
         targets = []
         if baselines:
-            nearest = min(
-                baselines,
-                key=lambda b: abs(
-                    math.log(r["kv_bytes_per_token"] / rows[b]["kv_bytes_per_token"])
-                ),
-            )
-            targets.append(("nearest KV bytes", nearest))
+            targets.append(("nearest KV bytes", nearest_bytes(r, baselines, rows)))
         if PARAM_MATCHED in rows:
             targets.append(("parameter-matched", PARAM_MATCHED))
         line = frontier_comparison(row, rows)
         if line is not None:
             out.append(line)
-        for kind, other in targets:
-            o = rows[other]
-            test = (
-                welch(r["test_loss"], o["test_loss"])
-                if min(len(r["test_loss"]), len(o["test_loss"])) > 1
-                else None
-            )
-            out.append(
-                {
-                    "row": row,
-                    "against": other,
-                    "kind": kind,
-                    "kv_bytes_ratio": r["kv_bytes_per_token"] / o["kv_bytes_per_token"],
-                    "test_ppl": _mean(r["test_ppl"]),
-                    "against_test_ppl": _mean(o["test_ppl"]),
-                    "params_ratio": r["params"] / o["params"],
-                    "flops_ratio": r["flops_per_token"] / o["flops_per_token"],
-                    "welch_test_loss": test,
-                }
-            )
+        out += [pair_comparison(row, other, kind, rows) for kind, other in targets]
     return out + mla_comparisons(rows)
+
+
+def nearest_bytes(r: dict, candidates: list, rows: dict) -> str:
+    """The row of `candidates` whose realised KV bytes per token are nearest r's (in ratio)."""
+    return min(
+        candidates,
+        key=lambda b: abs(math.log(r["kv_bytes_per_token"] / rows[b]["kv_bytes_per_token"])),
+    )
+
+
+def pair_comparison(row: str, other: str, kind: str, rows: dict) -> dict:
+    """Row `row` against row `other`: the ratios of bytes, parameters and FLOPs, both test
+    perplexities and Welch's test of the test losses (where both have two seeds or more)."""
+    r, o = rows[row], rows[other]
+    test = (
+        welch(r["test_loss"], o["test_loss"])
+        if min(len(r["test_loss"]), len(o["test_loss"])) > 1
+        else None
+    )
+    return {
+        "row": row,
+        "against": other,
+        "kind": kind,
+        "kv_bytes_ratio": r["kv_bytes_per_token"] / o["kv_bytes_per_token"],
+        "test_ppl": _mean(r["test_ppl"]),
+        "against_test_ppl": _mean(o["test_ppl"]),
+        "params_ratio": r["params"] / o["params"],
+        "flops_ratio": r["flops_per_token"] / o["flops_per_token"],
+        "welch_test_loss": test,
+    }
 
 
 def mla_comparisons(rows: dict) -> list:
@@ -381,31 +386,9 @@ def mla_comparisons(rows: dict) -> list:
         line = frontier_comparison(row, rows)
         if line is not None:
             out.append(line)
-        if not budgets:
-            continue
-        other = min(
-            budgets,
-            key=lambda b: abs(math.log(r["kv_bytes_per_token"] / rows[b]["kv_bytes_per_token"])),
-        )
-        o = rows[other]
-        test = (
-            welch(r["test_loss"], o["test_loss"])
-            if min(len(r["test_loss"]), len(o["test_loss"])) > 1
-            else None
-        )
-        out.append(
-            {
-                "row": row,
-                "against": other,
-                "kind": "nearest moas_kv bytes",
-                "kv_bytes_ratio": r["kv_bytes_per_token"] / o["kv_bytes_per_token"],
-                "test_ppl": _mean(r["test_ppl"]),
-                "against_test_ppl": _mean(o["test_ppl"]),
-                "params_ratio": r["params"] / o["params"],
-                "flops_ratio": r["flops_per_token"] / o["flops_per_token"],
-                "welch_test_loss": test,
-            }
-        )
+        if budgets:
+            other = nearest_bytes(r, budgets, rows)
+            out.append(pair_comparison(row, other, "nearest moas_kv bytes", rows))
     return out
 
 
