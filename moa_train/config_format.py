@@ -58,9 +58,12 @@ def _v1(config: dict, default_task, model_keys) -> dict:
     """Format 1 (no config_format key): translation's keys in data, trainer and eval; the task in
     data.task (or nowhere: configs written before tasks were named take their data's default, from
     `default_task(data name)`). Keys a task does not own are dropped (they were unused); so are
-    those of other variants in the model node (`_model_v1`)."""
+    those of other variants in the model node (`_model_v1`). `optim.fused: null` meant "fused AdamW
+    where the device has it", which every device here now has: true."""
     if isinstance(config.get("model"), dict):
         config["model"] = _model_v1(config["model"], model_keys)
+    if isinstance(config.get("optim"), dict) and config["optim"].get("fused", False) is None:
+        config["optim"]["fused"] = True
     data = config.setdefault("data", {})
     task = (config.get("task") or {}).get("name") or data.get("task") or default_task(data["name"])
     moved = {new: _pop(config, old) for old, new in MOVED.items()}

@@ -245,10 +245,10 @@ def test_run_configs_saved_with_every_variant_s_keys_still_build(compose_cfg, ru
 
     old = OmegaConf.load(CONFIG_DIR.parent / "tests/fixtures/old_configs" / f"{run}.yaml")
     assert {"n_experts", "gqa_kv_heads", "n_kv_heads"} <= set(old.model)
-    # (optim.fused: null, "auto" then, is no value of the current bool: the current optim node)
-    current = OmegaConf.to_container(compose_cfg(), resolve=True)
-    run_cfg = {**OmegaConf.to_container(old), "optim": current["optim"]}
+    assert old.optim.fused is None  # "auto" then; the migration makes it true
+    run_cfg = OmegaConf.to_container(old)
     saved = OmegaConf.create(saved_config(run_cfg))  # as load_run reads it
+    assert saved.optim.fused is True
     with torch.device("meta"):
         lm = build_model(saved.model, VOCAB)
     assert lm.num_params() == hand_params(saved.model.name)[0]
