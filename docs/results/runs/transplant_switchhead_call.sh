@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SwitchHead transplant check (issue 34) in one device call, from the project root, the released files carried
+# SwitchHead transplant check in one device call, from the project root, the released files carried
 # beside the working tree (they are not committed: .released/ is git-ignored):
 #   .released/switchhead/{switchhead.py,cvmm.py,__init__.py} = RobertCsordas/switchhead @
 #   0bb2f61d55bed44ce2e99b5164c9d84554a3b020 (2024-09-28), switchhead/*
@@ -14,7 +14,7 @@ mkdir -p "$out"
 export MOA_GIT_SHA=${MOA_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null)}
 rec="$out/transplant_switchhead_2026-12-06.txt"
 {
-  echo "# SwitchHead transplant check (issue 34), $(date -u +%F)"
+  echo "# SwitchHead transplant check, $(date -u +%F)"
   echo "# command: PYTHONPATH=. python scripts/transplant_switchhead.py --released-dir .released/switchhead"
   echo "#   .released/switchhead: RobertCsordas/switchhead @ 0bb2f61d55bed44ce2e99b5164c9d84554a3b020, switchhead/{switchhead,cvmm}.py"
   echo "# moa_train at ${MOA_GIT_SHA:-unknown}; $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
