@@ -428,12 +428,30 @@ def test_pads_route_as_the_reference_on_a_padded_batch():
     )
 
 
+def accumulated_grads(model, batches: list, norm: str, aux: AuxConfig) -> torch.Tensor:
+    """The flat gradient of one optimizer step over `batches` (the trainer's step_body on a stub
+    trainer, no update) with trainer.grad_accum_norm=`norm`."""
+    from moa_train.train.loop import Trainer
+
+    model.zero_grad()
+    stub = types.SimpleNamespace(
+        cfg=OmegaConf.create({"trainer": {"grad_accum_norm": norm, "grad_clip": None}}),
+        task=types.SimpleNamespace(n_tokens=lambda b: b["n_tokens"]),
+        train_model=model,
+        model=model,
+        phases=None,
+        forward_loss=lambda b, log: translation_loss(model, b, aux),
+        grad_norm=lambda params: torch.tensor(0.0),
+        guard=types.SimpleNamespace(step=lambda *args: torch.tensor(False)),
+    )
+    Trainer.step_body(stub, batches, False)
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
 def test_grad_accum_norm_tokens_gives_one_big_batch_gradient():
     """fairseq sums the update's losses and divides by its target tokens: two micro-batches of 3
     and 12 target tokens give the gradient of one batch holding both (grad_accum_norm=tokens);
     the default mean of the two per-token means does not."""
-    from moa_train.train.loop import Trainer
-
     model = seq2seq("mha", dropout=0.0)
     g = torch.Generator().manual_seed(5)
 
@@ -449,22 +467,6 @@ def test_grad_accum_norm_tokens_gives_one_big_batch_gradient():
     small, large = batch(1, 3), batch(3, 4)
     aux = AuxConfig()
 
-    def step_grads(norm: str, batches: list) -> torch.Tensor:
-        model.zero_grad()
-        task = types.SimpleNamespace(n_tokens=lambda b: b["n_tokens"])
-        stub = types.SimpleNamespace(
-            cfg=OmegaConf.create({"trainer": {"grad_accum_norm": norm, "grad_clip": None}}),
-            task=task,
-            train_model=model,
-            model=model,
-            phases=None,
-            forward_loss=lambda b, log: translation_loss(model, b, aux),
-            grad_norm=lambda params: torch.tensor(0.0),
-            guard=types.SimpleNamespace(step=lambda *args: torch.tensor(False)),
-        )
-        Trainer.step_body(stub, batches, False)
-        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
     # one batch: the small one padded to the large one's length
     pad = torch.full((1, 1), PAD)
     both = {
@@ -473,9 +475,9 @@ def test_grad_accum_norm_tokens_gives_one_big_batch_gradient():
         "tgt_out": torch.cat([torch.cat([small["tgt_out"], pad], 1), large["tgt_out"]]),
         "n_tokens": 15,
     }
-    whole = step_grads("mean", [both])
-    tokens = step_grads("tokens", [small, large])
-    mean = step_grads("mean", [small, large])
+    whole = accumulated_grads(model, [both], "mean", aux)
+    tokens = accumulated_grads(model, [small, large], "tokens", aux)
+    mean = accumulated_grads(model, [small, large], "mean", aux)
     assert torch.allclose(tokens, whole, rtol=1e-4, atol=1e-7)
     assert not torch.allclose(mean, whole, rtol=1e-2, atol=1e-5)
 
