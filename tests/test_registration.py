@@ -86,3 +86,13 @@ def test_the_config_facade_reads_full_tables():
         "import json; print(json.dumps(tables()))"
     )
     assert {"mha", "moa", "switchhead"} <= set(variants) and "lm" in tasks
+
+
+def test_a_model_built_without_an_entry_point_finds_the_package_variants():
+    """model_config (every model's first step) registers the package's variants itself."""
+    name, *_ = run(
+        "from moa_train.models import build_model\n"
+        "m = {'name': 'moa', 'd_model': 32, 'n_head': 4, 'n_layer': 1, 'max_seq_len': 16}\n"
+        "import json; print(json.dumps([type(build_model(m, 50)).__name__]))"
+    )
+    assert name == "LanguageModel"

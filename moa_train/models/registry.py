@@ -138,7 +138,9 @@ def register_package_variants() -> None:
 
 def model_config(m):
     """A model config typed by its variant (a saved one is first brought to the current layout by
-    moa_train.train.tasks.saved_config, which every reader of a run's config applies)."""
+    moa_train.train.tasks.saved_config, which every reader of a run's config applies). The
+    package's variants are registered first: a model built without an entry point finds them."""
+    register_package_variants()
     if OmegaConf.is_config(m) and OmegaConf.get_type(m) is VARIANTS.get(m.get("name")):
         return m
     return variant_config(m)
