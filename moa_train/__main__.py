@@ -25,7 +25,8 @@ from moa_train.config import ConfigError
 from moa_train.errors import error_line, fail
 from moa_train.io import WriteError, atomic_write_text, write_error
 from moa_train.paths import config_dir
-from moa_train.plugins import PluginError, load_plugins
+from moa_train.plugins import PluginError
+from moa_train.registration import ensure_registered
 from moa_train.train import distributed, eval_run
 
 
@@ -112,7 +113,8 @@ _hydra_main = hydra.main(version_base="1.3", config_path=str(config_dir()), conf
 
 def main() -> None:
     try:
-        load_plugins()  # before composing: plugins register their variants and corpora
+        # before composing: the package's variants and tasks, then plugins' variants and corpora
+        ensure_registered(plugins=True)
     except PluginError as exc:
         fail(exc)
     args = sys.argv[1:]

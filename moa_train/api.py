@@ -22,11 +22,11 @@ def load_checkpoint_model(
     """(model in eval mode, resolved config, checkpoint path) of a checkpoint file, or of a run
     folder's latest checkpoint that verifies and reads (load_run's choice). `lm_only`: refuse a task
     other than the decoder-only LM (ValueError) before building anything."""
-    from moa_train.plugins import load_plugins
+    from moa_train.registration import ensure_registered
     from moa_train.train.checkpoint import checkpoints_in, load_latest
     from moa_train.train.tasks import saved_config, task_class
 
-    load_plugins()
+    ensure_registered(plugins=True)
     target = Path(target)
     if not checkpoints_in(target):
         raise FileNotFoundError(f"no checkpoint under {target} (expected checkpoints/step_*.pt)")

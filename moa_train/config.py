@@ -1,14 +1,14 @@
 """The config: its schema (moa_train.schema), the variant table (moa_train.models.variants), its
 validation (moa_train.validation) and Hydra's composition of `configs/train.yaml`.
 
-This module re-exports the public names of the three (plugins and docs import
-`moa_train.config.ConfigError`, `compose_train`, `VARIANTS`, ...) and, once imported, has the
-package's variants and tasks registered in Hydra's ConfigStore.
+This module is the facade user code and plugins import (`moa_train.config.ConfigError`,
+`compose_train`, `VARIANTS`, ...): it re-exports the public names of the three and calls
+moa_train.registration.ensure_registered, so its tables read full. It sits above the models and the
+trainer (moa_train.models, moa_train.train and moa_train.fastpaths import the owners, never this
+module).
 """
 
 from __future__ import annotations
-
-from hydra.core.config_store import ConfigStore
 
 from moa_train.models.variants import (  # noqa: F401
     ATTENTION,
@@ -29,6 +29,7 @@ from moa_train.models.variants import (  # noqa: F401
     variant_config,
 )
 from moa_train.paths import config_dir
+from moa_train.registration import ensure_registered
 from moa_train.schema import (  # noqa: F401
     TASK_CONFIGS,
     AuxConfig,
@@ -72,29 +73,25 @@ from moa_train.validation import (  # noqa: F401
     one_of,
     parse_duration,
     positive_or_null,
-    validate,
 )
+from moa_train.validation import validate as validate_common
+
+
+def validate(cfg) -> None:
+    """The checks common to every task (moa_train.validation.validate) against VARIANTS."""
+    validate_common(cfg, VARIANTS)
 
 
 def compose_train(overrides: list, return_hydra_config: bool = False):
-    """`configs/train.yaml` composed with `overrides`, in-process (Hydra's compose API)."""
+    """`configs/train.yaml` composed with `overrides`, in-process (Hydra's compose API), the
+    package's parts registered first."""
     from hydra import compose, initialize_config_dir
 
+    ensure_registered()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
-def register_configs() -> None:
-    from moa_train.sweep import register_resolvers
-
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-    register_resolvers()  # ${moa.sweep_name:}, in train.yaml's hydra.sweep.dir
-
-
-register_configs()
-
-# --- the package's variants and tasks -------------------------------------------------------------
-# Every composition of configs/train.yaml needs their schemas in the ConfigStore (and VARIANTS /
-# TASK_CONFIGS filled): they register here.
-import moa_train.models.registry  # noqa: E402
-import moa_train.train.task_registry  # noqa: E402, F401
+# This module is the facade user code imports (`from moa_train.config import VARIANTS`): its tables
+# read full from the import on. The package's own entry points call ensure_registered themselves.
+ensure_registered()

@@ -15,7 +15,6 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from moa_train.config import variant_config
 from moa_train.models import build_model
 from moa_train.models.attention.grouped import (
     grouped_kernel_available,
@@ -24,6 +23,7 @@ from moa_train.models.attention.grouped import (
 )
 from moa_train.models.attention.mha import MultiHeadAttention
 from moa_train.models.roles import ROUTER, params_with
+from moa_train.models.variants import variant_config
 
 FP32_TOL = 1e-4  # different summation orders in fp32
 # both sides in bf16 (8 mantissa bits: ~4e-3 per rounding), summed in different orders

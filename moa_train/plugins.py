@@ -1,7 +1,8 @@
 """Extensions that live outside the package: `MOA_PLUGINS=pkg.mod1,mod2` names modules that
 `moa-train` imports at start-up, before it composes the config. Importing a plugin registers what it
-adds, the way the package's own parts do: an attention variant in `moa_train.models.registry`, an LM
-corpus in `moa_train.data.corpora.LM_CORPORA`. Its YAML files (`data/<name>.yaml`,
+adds: an attention variant by `moa_train.models.registry.register`, an LM corpus in
+`moa_train.data.corpora.LM_CORPORA`; moa_train.registration.ensure_registered(plugins=True)
+imports them after registering the package's own parts. Its YAML files (`data/<name>.yaml`,
 `model/<name>.yaml`) come from a folder added to Hydra's search path:
 `hydra.searchpath=[file:///path/to/configs]` on the command line.
 

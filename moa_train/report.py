@@ -33,6 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 from moa_train.errors import Parser, fail
 from moa_train.metrics.plots import pyplot, site_util, utilisation_figure
 from moa_train.metrics.sinks import job_overrides
+from moa_train.registration import ensure_registered
 from moa_train.tables import markdown_table
 from moa_train.train.tasks import report_metrics
 
@@ -741,6 +742,7 @@ def warn_pooled(groups: list) -> None:
 
 
 def main(argv=None) -> None:
+    ensure_registered()  # the tasks, whose metrics are the report's columns
     parser = Parser(prog="moa-report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="*", help="run folders or folders holding them (multiruns)")
     parser.add_argument(

@@ -203,10 +203,10 @@ def check_run_folder(run_dir, cfg, log_name: str = "train.log", key: str = "hydr
             )
 
 
-def validate(cfg) -> None:
+def validate(cfg, variants) -> None:
     """Raise ConfigError naming the key and what would be valid: the checks common to every task
-    (each task adds its own and the memory check: moa_train.train.tasks.validate runs them all)."""
-    from moa_train.models.variants import VARIANTS
+    (each task adds its own and the memory check: moa_train.train.tasks.validate runs them all).
+    `variants`: the variant table's name -> config class (moa_train.models.variants.VARIANTS)."""
     from moa_train.schema import TASK_CONFIGS, TrainConfig
 
     known = {f.name for f in fields(TrainConfig)} | {"hydra"}
@@ -238,8 +238,8 @@ def validate(cfg) -> None:
         f"{cfg.task.name} is chosen by the task group: task={cfg.task.name}, not "
         f"task.name={cfg.task.name}",
     )
-    one_of(model.name, "model.name", tuple(sorted(VARIANTS)))
-    variant = VARIANTS[model.name]
+    one_of(model.name, "model.name", tuple(sorted(variants)))
+    variant = variants[model.name]
     check(
         issubclass(OmegaConf.get_type(model), variant),
         "model.name",

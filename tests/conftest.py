@@ -20,8 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the package is used from the checkout, installed or not
     sys.path.insert(0, str(REPO))
 
-import moa_train.config  # noqa: E402  (importing it registers the `train_schema` structured config)
+import moa_train.config  # noqa: E402  (compose_train)
 from moa_train.paths import config_dir  # noqa: E402
+from moa_train.registration import ensure_registered  # noqa: E402
+
+# the train schema, the package's variants and tasks, as every entry point registers them
+ensure_registered()
 
 CONFIG_DIR = config_dir()
 REAL_DATA = REPO / ".." / "shared" / "data"

@@ -7,6 +7,9 @@ import sys
 
 
 def main(argv=None) -> int:
+    from moa_train.registration import ensure_registered
+
+    ensure_registered()  # the package's variants: the models the benchmarks list and build
     argv = sys.argv[1:] if argv is None else list(argv)
     # imported here: loading one benchmark (or common, which both import) leaves the other unloaded
     if "--decode" in argv:

@@ -2,9 +2,11 @@
 variant table (moa_train.models.variants: `ATTENTION` and `VARIANTS` are its two columns).
 
 A new attention variant is one module (its attention class and its config class, a ModelConfig
-subclass), one YAML in configs/model/ and one `register` line; one outside the package is a module
-named in MOA_PLUGINS (moa_train.plugins loads them: `moa-train` and `load_run` do), which calls
-`register` with its YAML's path. `register` checks the class against `AttentionVariant`.
+subclass), one YAML in configs/model/ and one line in PACKAGE_VARIANTS (registered by
+`register_package_variants`, which moa_train.registration.ensure_registered calls); one outside the
+package is a module named in MOA_PLUGINS (loaded after the package's variants are registered:
+`moa-train` and `load_run` do), which calls `register` with its YAML's path. `register` checks the
+class against `AttentionVariant`.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def register(name: str, cls: type, config: type, yaml: str | Path | None = None)
     configs/model/<name>.yaml, which lists `_schema_<name>` in its defaults) makes `model=<name>`
     choosable without a file in configs/. A class written for the earlier inference contract
     (`forward_cached(x, cache_k, cache_v, positions)`, `cross_kv`, `forward_cross`) still decodes,
-    through an adapter, with a DeprecationWarning."""
+    through an adapter, with a DeprecationWarning. The package's variants are registered first."""
+    register_package_variants()
     check_variant(name, cls)
     if hasattr(cls, "forward_cached"):
         warnings.warn(
@@ -105,22 +108,39 @@ def legacy_adapter(cls: type) -> type:
     return type(cls.__name__, (cls,), {"forward": forward, "kv_cache": None})
 
 
-register("mha", MultiHeadAttention, MHAConfig)
-register("gqa", MultiHeadAttention, MHAConfig)  # configs/model/gqa.yaml sets n_kv_heads
-register("mqa", MultiHeadAttention, MHAConfig)  # configs/model/mqa.yaml sets n_kv_heads: 1
-register("moas_static", MoASAttention, MoASStaticConfig)
-register("moas_dynamic", MoASAttention, MoASDynamicConfig)
-register("moa", MixtureOfAttentionHeads, MoAConfig)
-register("moas_kv", MoASKVAttention, MoASKVConfig)
-register("mae", MixtureOfAttentiveExperts, MAEConfig)
-register("moh", MoHAttention, MoHConfig)
-register("mla", MLAAttention, MLAConfig)
-register("switchhead", SwitchHeadAttention, SwitchHeadConfig)
+# the package's variants, in registration order (VARIANTS' order: moa-bench's rows)
+PACKAGE_VARIANTS = (
+    ("mha", MultiHeadAttention, MHAConfig),
+    ("gqa", MultiHeadAttention, MHAConfig),  # configs/model/gqa.yaml sets n_kv_heads
+    ("mqa", MultiHeadAttention, MHAConfig),  # configs/model/mqa.yaml sets n_kv_heads: 1
+    ("moas_static", MoASAttention, MoASStaticConfig),
+    ("moas_dynamic", MoASAttention, MoASDynamicConfig),
+    ("moa", MixtureOfAttentionHeads, MoAConfig),
+    ("moas_kv", MoASKVAttention, MoASKVConfig),
+    ("mae", MixtureOfAttentiveExperts, MAEConfig),
+    ("moh", MoHAttention, MoHConfig),
+    ("mla", MLAAttention, MLAConfig),
+    ("switchhead", SwitchHeadAttention, SwitchHeadConfig),
+)
+_package_registered = False
+
+
+def register_package_variants() -> None:
+    """Register PACKAGE_VARIANTS, once (a later call does nothing). `register` calls it first, so
+    the package's variants precede any other in the table."""
+    global _package_registered
+    if _package_registered:
+        return
+    _package_registered = True
+    for name, cls, config in PACKAGE_VARIANTS:
+        register(name, cls, config)
 
 
 def model_config(m):
     """A model config typed by its variant (a saved one is first brought to the current layout by
-    moa_train.train.tasks.saved_config, which every reader of a run's config applies)."""
+    moa_train.train.tasks.saved_config, which every reader of a run's config applies). The
+    package's variants are registered first: a model built without an entry point finds them."""
+    register_package_variants()
     if OmegaConf.is_config(m) and OmegaConf.get_type(m) is VARIANTS.get(m.get("name")):
         return m
     return variant_config(m)

@@ -72,11 +72,12 @@ def check_overrides(runs: list, world_size: int = 1) -> None:
 
     from moa_train.cli import describe, parse
     from moa_train.config import ConfigError, compose_train
-    from moa_train.plugins import PluginError, load_plugins
+    from moa_train.plugins import PluginError
+    from moa_train.registration import ensure_registered
     from moa_train.train.tasks import validate
 
     try:
-        load_plugins()
+        ensure_registered(plugins=True)
         for overrides in runs:
             parse(overrides)
             validate(compose_train(overrides, return_hydra_config=True), world_size)

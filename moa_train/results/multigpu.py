@@ -28,7 +28,7 @@ from pathlib import Path
 from moa_train.config import applicable, presets
 from moa_train.errors import Parser, fail
 from moa_train.paths import repo_root
-from moa_train.plugins import load_plugins
+from moa_train.registration import ensure_registered
 from moa_train.results import (
     Staging,
     check_overrides,
@@ -226,7 +226,7 @@ def markdown(res: dict, meta: dict) -> str:
 
 def check(args) -> None:
     """The runs' arguments and overrides, before anything is written (one line, exit 2)."""
-    load_plugins()  # their presets are models too
+    ensure_registered(plugins=True)  # plugins' presets are models too
     args.models, args.gpus = list(dict.fromkeys(args.models)), list(dict.fromkeys(args.gpus))
     unknown = [m for m in args.models if m not in presets()]
     if unknown:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from moa_train.config import ConfigError, leaves
 from moa_train.models.registry import model_config
+from moa_train.validation import ConfigError, leaves
 
 log = logging.getLogger(__name__)
 

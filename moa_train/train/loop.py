@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from moa_train.config import ConfigError, check_run_folder, leaves, parse_duration
 from moa_train.config_format import CHECKPOINT_FORMAT
 from moa_train.io import atomic_write_text
 from moa_train.metrics.flops import device_name, peak_cache, peak_flops, peak_kind
@@ -54,6 +53,7 @@ from moa_train.train.schedule import (
 )
 from moa_train.train.tasks import make_task
 from moa_train.train.window import LossWindow
+from moa_train.validation import ConfigError, check_run_folder, leaves, parse_duration
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import os
 import socket
 from pathlib import Path
 
-from moa_train.config import ConfigError
 from moa_train.io import write_error
+from moa_train.validation import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ import statistics
 import time
 from pathlib import Path
 
-from moa_train.config import ConfigError
 from moa_train.train import distributed
 from moa_train.train.checkpoint import (
     checkpoints_in,
@@ -21,6 +20,7 @@ from moa_train.train.checkpoint import (
     step_checkpoints,
 )
 from moa_train.train.guard import sane
+from moa_train.validation import ConfigError
 
 
 class Every:

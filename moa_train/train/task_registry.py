@@ -1,5 +1,6 @@
-"""The package's tasks: one `register_task(name, task class, config class)` line each (a plugin's
-module named in MOA_PLUGINS calls register_task the same way, with its YAML's path)."""
+"""The package's tasks: one `(name, task class, config class)` line each in PACKAGE_TASKS,
+registered by `register_package_tasks` (a plugin's module named in MOA_PLUGINS calls register_task,
+with its YAML's path; the package's tasks come first)."""
 
 from moa_train.train.mlm import MLMConfig, MLMTask
 from moa_train.train.tasks import (
@@ -10,6 +11,20 @@ from moa_train.train.tasks import (
     register_task,
 )
 
-register_task("lm", LMTask, LMConfig)
-register_task("translation", TranslationTask, TranslationConfig)
-register_task("mlm", MLMTask, MLMConfig)
+# in registration order (TASK_CONFIGS' order)
+PACKAGE_TASKS = (
+    ("lm", LMTask, LMConfig),
+    ("translation", TranslationTask, TranslationConfig),
+    ("mlm", MLMTask, MLMConfig),
+)
+_package_registered = False
+
+
+def register_package_tasks() -> None:
+    """Register PACKAGE_TASKS, once (a later call does nothing)."""
+    global _package_registered
+    if _package_registered:
+        return
+    _package_registered = True
+    for name, task, config in PACKAGE_TASKS:
+        register_task(name, task, config)

@@ -23,7 +23,7 @@ from moa_train.data.batches import RandomWindows
 from moa_train.data.tokenizer import TOKENIZER_FILE, tokenizer_identity
 from moa_train.io import atomic_write
 from moa_train.models.routing import aux_losses, weighted_aux
-from moa_train.models.variants import check_cross, cross_config, layer_params
+from moa_train.models.variants import VARIANTS, check_cross, cross_config, layer_params
 from moa_train.progress import progress
 from moa_train.schema import TASK_CONFIGS, TaskConfig, register_task_config, variant_keys
 from moa_train.train.distributed import Dist, gather_objects, global_sum, rank_share
@@ -657,7 +657,10 @@ TASKS: dict = {}  # task name -> its class; filled by register_task
 def register_task(name: str, task: type, config: type, yaml: str | Path | None = None) -> None:
     """Add task `name`: its class (a Task) and its config class (a TaskConfig subclass, the schema
     of configs/task/<name>.yaml, which lists `_schema_<name>` first in its defaults). `yaml`: a
-    task YAML from outside configs/task/ (a plugin's)."""
+    task YAML from outside configs/task/ (a plugin's). The package's tasks are registered first."""
+    from moa_train.train.task_registry import register_package_tasks
+
+    register_package_tasks()
     if not (isinstance(task, type) and issubclass(task, Task)):
         raise TypeError(f"register_task({name!r}): {task!r} is not a Task subclass")
     if not (isinstance(config, type) and issubclass(config, TaskConfig)):
@@ -683,7 +686,9 @@ def task_config(node):
 
 
 def task_class(name: str) -> type:
-    import moa_train.train.task_registry  # noqa: F401  (the package's tasks)
+    from moa_train.train.task_registry import register_package_tasks
+
+    register_package_tasks()
 
     if name not in TASKS:
         raise ConfigError(f"task: got {name!r}; allowed: {', '.join(TASKS)}")
@@ -699,7 +704,7 @@ def validate(cfg, world_size: int = 1) -> None:
     then whether the task's step fits the device's memory. `world_size`: the torchrun processes the
     global batch is split over."""
     task = task_class(cfg.task.name)
-    validate_common(cfg)
+    validate_common(cfg, VARIANTS)
     task.check(cfg, world_size)
     check_memory(cfg, task.model_size(cfg), task.step_size(cfg), world_size, task.eval_size(cfg))
 
@@ -719,8 +724,9 @@ def default_task(data_name: str) -> str:
 def model_keys(variant: str) -> set | None:
     """The keys variant `variant`'s config owns (the common model keys included); None for a
     variant not registered in this process (a plugin's not loaded)."""
-    from moa_train.models.registry import VARIANTS  # the package's variants registered
+    from moa_train.models.registry import register_package_variants
 
+    register_package_variants()
     return variant_keys(VARIANTS[variant]) if variant in VARIANTS else None
 
 
@@ -738,5 +744,7 @@ def saved_task(config: dict) -> str:
 def report_metrics() -> tuple:
     """Every task's evaluation metrics, in the order of their first appearance (report and sweep
     columns)."""
-    task_class("lm")  # the package's tasks registered
+    from moa_train.train.task_registry import register_package_tasks
+
+    register_package_tasks()
     return tuple(dict.fromkeys(m for task in TASKS.values() for m in task.metrics))
