@@ -12,6 +12,7 @@ plugins.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
@@ -21,6 +22,21 @@ ENV = "MOA_PLUGINS"
 class PluginError(ValueError):
     """A module named in MOA_PLUGINS that cannot be found: printed as one line by the entry
     point."""
+
+
+def once(register):
+    """`register()` run at its first call only: later calls, re-entrant ones included (a
+    registration that registers the package's parts first), do nothing."""
+    done = False
+
+    @functools.wraps(register)
+    def first_call() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            register()
+
+    return first_call
 
 
 def load_plugins(spec: str | None = None) -> list:

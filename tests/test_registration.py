@@ -96,3 +96,18 @@ def test_a_model_built_without_an_entry_point_finds_the_package_variants():
         "import json; print(json.dumps([type(build_model(m, 50)).__name__]))"
     )
     assert name == "LanguageModel"
+
+
+def test_once_runs_a_registration_at_its_first_call_only_even_when_it_re_enters():
+    from moa_train.plugins import once
+
+    calls = []
+
+    @once
+    def register():
+        calls.append("in")
+        register()  # as `register` calls register_package_variants while that registers
+
+    register()
+    register()
+    assert calls == ["in"]

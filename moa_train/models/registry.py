@@ -32,6 +32,7 @@ from moa_train.models.variants import (
     register_variant,
     variant_config,
 )
+from moa_train.plugins import once
 from moa_train.validation import ConfigError
 
 
@@ -122,16 +123,12 @@ PACKAGE_VARIANTS = (
     ("mla", MLAAttention, MLAConfig),
     ("switchhead", SwitchHeadAttention, SwitchHeadConfig),
 )
-_package_registered = False
 
 
+@once
 def register_package_variants() -> None:
     """Register PACKAGE_VARIANTS, once (a later call does nothing). `register` calls it first, so
     the package's variants precede any other in the table."""
-    global _package_registered
-    if _package_registered:
-        return
-    _package_registered = True
     for name, cls, config in PACKAGE_VARIANTS:
         register(name, cls, config)
 

@@ -2,6 +2,7 @@
 registered by `register_package_tasks` (a plugin's module named in MOA_PLUGINS calls register_task,
 with its YAML's path; the package's tasks come first)."""
 
+from moa_train.plugins import once
 from moa_train.train.mlm import MLMConfig, MLMTask
 from moa_train.train.tasks import (
     LMConfig,
@@ -17,14 +18,10 @@ PACKAGE_TASKS = (
     ("translation", TranslationTask, TranslationConfig),
     ("mlm", MLMTask, MLMConfig),
 )
-_package_registered = False
 
 
+@once
 def register_package_tasks() -> None:
     """Register PACKAGE_TASKS, once (a later call does nothing)."""
-    global _package_registered
-    if _package_registered:
-        return
-    _package_registered = True
     for name, task, config in PACKAGE_TASKS:
         register_task(name, task, config)
