@@ -32,6 +32,16 @@ REAL_DATA = REPO / ".." / "shared" / "data"
 
 # --- synthetic WikiText-2 -------------------------------------------------------------------------
 
+# a results driver's runs at a tiny size on a CPU (eager, fp32), before each test's own steps
+TINY_CPU_RUN = [
+    "debug=tiny",
+    "trainer.device=cpu",
+    "trainer.compile=false",
+    "trainer.cuda_graphs=false",
+    "trainer.precision=fp32",
+    "model.n_head=4",
+]
+
 _WORDS = [
     "the",
     "of",

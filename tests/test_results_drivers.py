@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import TINY_CPU_RUN
 from moa_train.results import STAGING, Job, old_runs, run_jobs, single_run
 
 FAKE = """import sys, time
@@ -294,12 +295,7 @@ def test_kv_tradeoff_driver_trains_evaluates_and_rebuilds_its_tables(tmp_path, m
     monkeypatch.setenv("RESULTS_DATE", "2026-12-02")
     runs, out = tmp_path / "runs", tmp_path / "out" / "kv_tradeoff"
     tiny = [
-        "debug=tiny",
-        "trainer.device=cpu",
-        "trainer.compile=false",
-        "trainer.cuda_graphs=false",
-        "trainer.precision=fp32",
-        "model.n_head=4",
+        *TINY_CPU_RUN,
         "trainer.max_steps=8",
         "trainer.eval_interval=8",
         "data.vocab_size=300",
@@ -393,12 +389,7 @@ def test_kv_tradeoff_adds_the_mla_rows_to_the_records_without_touching_the_other
     monkeypatch.setenv("RESULTS_DATE", "2026-12-06")
     runs, out = tmp_path / "runs", tmp_path / "out" / "kv_tradeoff"
     tiny = [
-        "debug=tiny",
-        "trainer.device=cpu",
-        "trainer.compile=false",
-        "trainer.cuda_graphs=false",
-        "trainer.precision=fp32",
-        "model.n_head=4",
+        *TINY_CPU_RUN,
         "model.d_model=128",
         "trainer.max_steps=4",
         "trainer.eval_interval=4",

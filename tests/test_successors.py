@@ -9,15 +9,11 @@ import statistics
 
 import pytest
 
+from conftest import TINY_CPU_RUN
 from moa_train.results import successors
 
 TINY = [
-    "debug=tiny",
-    "trainer.device=cpu",
-    "trainer.compile=false",
-    "trainer.cuda_graphs=false",
-    "trainer.precision=fp32",
-    "model.n_head=4",
+    *TINY_CPU_RUN,
     "trainer.max_steps=6",
     "trainer.eval_interval=6",
     "trainer.eval_iters=2",

@@ -171,11 +171,7 @@ def summarise(table: dict) -> dict:
                 "sd": statistics.stdev(values) if len(values) > 1 else None,
                 "params": recs[0].get("params_total"),
                 "flops_per_token": recs[0].get("flops_per_token"),
-                **(
-                    {"attention_macs": recs[0]["attention_macs"]}
-                    if "attention_macs" in recs[0]
-                    else {}
-                ),
+                **{k: recs[0][k] for k in ("attention_macs",) if k in recs[0]},
                 "val": [r.get("val/loss") for r in recs],
                 "steps": [r.get("steps") for r in recs],
                 "device": ", ".join(dict.fromkeys(str(r.get("device_name")) for r in recs)),
@@ -235,10 +231,7 @@ def switchhead_verdict(res: dict) -> str:
         return "No test: fewer than 2 seeds of a row."
     lines = []
     for key, t in order["tests"].items():
-        lines.append(
-            f"- {key.replace('-', ' - ')} = {t['diff']:+.3f} test perplexity, 95% CI "
-            f"[{t['low']:+.3f}, {t['high']:+.3f}] (Welch, df {t['df']:.1f}), p = {t['p']:.3f}"
-        )
+        lines.append(f"- {interval_line(key.replace('-', ' - '), t, 'test perplexity')}")
     said = {True: "yes", False: "no"}
     parts = (
         f"- SwitchHead about the wide MHA (upper end below +2% of its perplexity = "
@@ -255,17 +248,21 @@ def switchhead_verdict(res: dict) -> str:
     return "\n".join(lines)
 
 
+def interval_line(name: str, t: dict, unit: str) -> str:
+    """`name = diff unit, 95% CI [low, high] (Welch, df), p` of a `welch_interval` result."""
+    return (
+        f"{name} = {t['diff']:+.3f} {unit}, 95% CI [{t['low']:+.3f}, {t['high']:+.3f}] "
+        f"(Welch, df {t['df']:.1f}), p = {t['p']:.3f}"
+    )
+
+
 def verdict(check: str, res: dict) -> str:
     if check == "switchhead_wt2":
         return switchhead_verdict(res)
     test = res.get("test")
     if test is None:
         return "No test: fewer than 2 seeds of a row."
-    row, unit = test["row"], res["label"]
-    interval = (
-        f"{row} - mha = {test['diff']:+.3f} {unit}, 95% CI [{test['low']:+.3f}, "
-        f"{test['high']:+.3f}] (Welch, df {test['df']:.1f}), p = {test['p']:.3f}"
-    )
+    interval = interval_line(f"{test['row']} - mha", test, res["label"])
     if check == "moh_wt2":
         holds = "holds" if test["no_worse"] else "is not shown"
         return (
@@ -285,30 +282,20 @@ HEADINGS = {
 }
 
 
-def plain_table(r: dict) -> list:
+def check_table(r: dict) -> list:
+    """A check's rows: parameters, each row's attention MACs per token (forward, all layers) where
+    the check records them (switchhead_wt2), training FLOPs per token, the metric per seed."""
+    macs = all("attention_macs" in v for v in r["rows"].values())
     return table_lines(
-        ["row", "params", "FLOPs / token (training)", r["label"], "per seed", "steps"],
+        ["row", "params", *(["attention MACs / token"] if macs else [])]
+        + ["FLOPs / token (training)", r["label"], "per seed", "steps"],
         [
-            [row, f"{v['params']:,}", f"{v['flops_per_token']:,}", mean_sd(v["values"])]
+            [row, f"{v['params']:,}", *([f"{v['attention_macs']:,}"] if macs else [])]
+            + [f"{v['flops_per_token']:,}", mean_sd(v["values"])]
             + [", ".join(f"{x:.2f}" for x in v["values"]), ", ".join(map(str, v["steps"]))]
             for row, v in r["rows"].items()
         ],
-        "lrrrll",
-    )
-
-
-def check_table(r: dict) -> list:
-    """The plain table plus each row's attention MACs per token (forward, all layers)."""
-    return table_lines(
-        ["row", "params", "attention MACs / token", "FLOPs / token (training)", r["label"]]
-        + ["per seed", "steps"],
-        [
-            [row, f"{v['params']:,}", f"{v['attention_macs']:,}", f"{v['flops_per_token']:,}"]
-            + [mean_sd(v["values"]), ", ".join(f"{x:.2f}" for x in v["values"])]
-            + [", ".join(map(str, v["steps"]))]
-            for row, v in r["rows"].items()
-        ],
-        "lrrrrll",
+        "lrr" + ("r" if macs else "") + "rll",
     )
 
 
@@ -335,7 +322,7 @@ def markdown(res: dict, meta: dict) -> str:
             "",
             f"Device: {first['device']}; torch {first['torch']}; git {first['git_sha']}.",
             "",
-            *(check_table(r) if check == "switchhead_wt2" else plain_table(r)),
+            *check_table(r),
             "",
             verdict(check, r),
         ]
