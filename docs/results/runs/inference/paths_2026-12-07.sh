@@ -3,7 +3,7 @@
 # `source .gpu/activate.sh`, with `.gpu` and `.base` carried (.base = the commit before the redesign,
 # `git archive 75d305d moa_train configs pyproject.toml`):
 #   1. the old code's moa-bench --decode for moas_kv (compiled + CUDA graph);
-#   2. ONE new moa-bench --decode run: moas_kv, mha, gqa, moa_sparse and moas_dynamic (+ its top1 row),
+#   2. ONE new moa-bench --decode run: moas_kv, gqa, moa_sparse, moas_dynamic (+ its top1 row) and mha,
 #      each with its generate() and eager rows, transformers' compiled static cache, and the
 #      fresh-process rows (--cli): bench, eager and CLI rows side by side from one run;
 #   3. the old code's moas_kv again, then the new code's (--no-paths): old, new, old, new.
@@ -29,7 +29,7 @@ base() {  # the commit before, its own benchmark (compiled + CUDA graph), no tra
 stamp start
 base 1; stamp "old moas_kv (1) done"
 timeout 1500 python3 -m moa_train.bench --decode --no-trace \
-  --models moas_kv,mha,gqa,moa_sparse,moas_dynamic --hf-settings static --cli \
+  --models moas_kv,gqa,moa_sparse,moas_dynamic,mha --hf-settings static --cli \
   --out "$w/new" >> "$w/new.log" 2>&1
 stamp "new run (bench, generate, eager, transformers static, cli) done"
 base 2; stamp "old moas_kv (2) done"
