@@ -173,3 +173,27 @@ def test_switchhead_ordering_on_known_numbers(switchhead, holds):
     assert order["attention_macs_ratio"] == pytest.approx(675_840 / 1_572_864)
     text = successors.verdict("switchhead_wt2", res)
     assert ("ordering (" in text) and (("does not hold" in text) is not holds)
+
+
+def test_switchhead_ordering_in_the_means_alone_is_reported_as_not_shown():
+    """Means in the paper's order with seed spreads too wide for the tests: 'not shown', neither
+    'holds' nor 'does not hold' (the measured check of 2026-12-07 was such a case)."""
+    table = _records(
+        {
+            "mha_wide": [42.65, 42.09, 42.46],
+            "switchhead": [42.54, 42.18, 41.68],
+            "mha_narrow": [42.80, 42.72, 42.99],
+        }
+    )
+    for row, recs in table.items():
+        for r in recs:
+            r["attention_macs"] = 675_840 if row == "switchhead" else 1_572_864
+    res = successors.summarise({"switchhead_wt2": table})["switchhead_wt2"]
+    order = res["ordering"]
+    assert (order["holds"], order["means_in_order"], order["switchhead_beats_narrow"]) == (
+        False,
+        True,
+        False,
+    )
+    text = successors.verdict("switchhead_wt2", res)
+    assert "is not shown here" in text and "does not hold" not in text and "holds here" not in text

@@ -552,7 +552,12 @@ def mla_answer(res: dict) -> list:
         else:
             side = "below" if c["test_ppl"] < c["against_test_ppl"] else "above"
             said.append(f"{c['row']} significantly {side} it")
-    return ["MLA against the MHA/GQA/MQA line at equal realised KV bytes: " + "; ".join(said) + "."]
+    # MLA trains with rotary positions, the line's rows with a learned table: the answer says so
+    # where it is given, so that a reader of this line alone cannot credit the cache with the gap
+    return [
+        "MLA against the MHA/GQA/MQA line at equal realised KV bytes (MLA with rotary positions, "
+        "the line with learned ones: not the cache alone): " + "; ".join(said) + "."
+    ]
 
 
 def fmt(values: list, digits: int = 2) -> str:

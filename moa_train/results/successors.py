@@ -222,6 +222,13 @@ def ordering(rows: dict) -> dict | None:
         "attention_macs_ratio": macs,
         **parts,
         "holds": all(parts.values()),
+        # the means alone in the paper's order (no significance asked)
+        "means_in_order": bool(
+            rows["switchhead"]["mean"] < rows["mha_narrow"]["mean"]
+            and rows["mha_wide"]["mean"] < rows["mha_narrow"]["mean"]
+            and rows["switchhead"]["mean"] - rows["mha_wide"]["mean"] < bound
+            and macs < 1
+        ),
     }
 
 
@@ -240,10 +247,19 @@ def switchhead_verdict(res: dict) -> str:
         f"narrow one: {said[order['wide_beats_narrow']]}; SwitchHead's attention MACs per token "
         f"{order['attention_macs_ratio']:.2f}x the wide MHA's."
     )
-    answer = (
+    claim = (
         "The paper's ordering (SwitchHead about the wide MHA, both better than the narrow one, at "
-        f"fewer attention MACs) {'holds' if order['holds'] else 'does not hold'} here."
+        "fewer attention MACs)"
     )
+    if order["holds"]:
+        answer = f"{claim} holds here."
+    elif order.get("means_in_order"):  # the direction is right, the tests cannot tell it from noise
+        answer = (
+            f"{claim} is not shown here: the means fall in its order, but not every step of it "
+            "is significant at these seeds."
+        )
+    else:
+        answer = f"{claim} does not hold here: the means do not fall in its order."
     lines += [parts, "", answer]
     return "\n".join(lines)
 
