@@ -65,7 +65,10 @@ def _v1(config: dict, default_task, model_keys) -> dict:
     if isinstance(config.get("optim"), dict) and config["optim"].get("fused", False) is None:
         config["optim"]["fused"] = True
     data = config.setdefault("data", {})
-    task = (config.get("task") or {}).get("name") or data.get("task") or default_task(data["name"])
+    named = (config.get("task") or {}).get("name")
+    if isinstance(named, str) and named.startswith("${"):  # `${data.task}`, unresolved as saved
+        named = None
+    task = named or data.get("task") or default_task(data["name"])
     moved = {new: _pop(config, old) for old, new in MOVED.items()}
     keep = {k for k, v in moved.items() if v is not None}
     if task != "translation":

@@ -73,3 +73,23 @@ def test_a_plain_model_config_with_another_variant_s_key_is_refused():
         ConfigError, match=r"^model\.gqa_kv_heads: belongs to moas_static, .*, not mha"
     ):
         model_config({k: v for k, v in OLD["model"].items() if k != "cross_attention"})
+
+
+def test_an_old_translation_config_with_its_task_interpolation_unresolved_keeps_its_task_keys():
+    """Format-1 translation runs saved `task: {name: ${data.task}}` unresolved beside data.task;
+    the step reads the task from data, so their keys move under task.* (the multi30k records of
+    2026-12-01 are such configs)."""
+    old = {
+        "model": {"name": "mha", "d_model": 64, "n_layer": 2, "n_head": 4},
+        "data": {"name": "multi30k_en_de", "task": "translation", "src": "en", "max_tokens": 8192},
+        "task": {"name": "${data.task}"},
+        "trainer": {"max_steps": 3, "label_smoothing": 0.1},
+    }
+    new = upgrade(old)
+    assert new["task"] == {
+        "name": "translation",
+        "label_smoothing": 0.1,
+        "max_tokens": 8192,
+        "src": "en",
+    }
+    assert "max_tokens" not in new["data"] and new["data"]["tasks"] == ["translation"]

@@ -194,13 +194,21 @@ def fake_run(
             "mlp_ratio": 4.0,
             "norm_first": not post_ln,
         },
-        "data": {"max_tokens": 4096 if post_ln else 8192, "root": "${oc.env:MOA_DATA_DIR,null}"},
-        "trainer": {
-            "max_steps": 5000 if post_ln else 3000,
-            "label_smoothing": 0.1,
-            "precision": "bf16",
-        },
+        "trainer": {"max_steps": 5000 if post_ln else 3000, "precision": "bf16"},
     }
+    if post_ln:  # the current layout (config_format 2): translation's keys under task
+        config["config_format"] = 2
+        config["data"] = {"name": "wmt14_en_de", "tasks": ["translation"]}
+        config["task"] = {"name": "translation", "max_tokens": 4096, "label_smoothing": 0.1}
+    else:  # format 1, as the 2026-12-01 records: in data and trainer, the task unresolved
+        config["data"] = {
+            "name": "multi30k_en_de",
+            "task": "translation",
+            "max_tokens": 8192,
+            "root": "${oc.env:MOA_DATA_DIR,null}",
+        }
+        config["task"] = {"name": "${data.task}"}
+        config["trainer"]["label_smoothing"] = 0.1
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     summary = {
         "params_total": 1000 + len(row),

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import yaml
 
+from moa_train.config_format import upgrade
 from moa_train.errors import fail
 from moa_train.paths import config_dir, repo_root
 from moa_train.results import (
@@ -181,13 +182,17 @@ def collect(runs_dir: Path) -> dict:
 
 
 def describe(cfg: dict) -> str:
-    """The recipe of a run in one line, from its saved config (.hydra/config.yaml)."""
-    m, d, t = cfg["model"], cfg["data"], cfg["trainer"]
+    """The recipe of a run in one line, from its saved config (.hydra/config.yaml, of any format:
+    brought to the current layout first, so records from before and after a layout change read
+    alike)."""
+    cfg = upgrade(cfg, default_task=lambda data_name: "translation")
+    m, task, t = cfg["model"], cfg["task"], cfg["trainer"]
     return (
         f"{m.get('n_encoder_layer') or m['n_layer']}+{m['n_layer']} layers, d {m['d_model']}, FFN "
         f"{round(m['mlp_ratio'] * m['d_model'])}, "
         f"{'pre' if m.get('norm_first', True) else 'post'}-LN, {t['max_steps']} updates of "
-        f"{d['max_tokens']} tokens, label smoothing {t['label_smoothing']}, {t['precision']}."
+        f"{task['max_tokens']} tokens, label smoothing {task['label_smoothing']}, "
+        f"{t['precision']}."
     )
 
 
