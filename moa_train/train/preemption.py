@@ -62,11 +62,28 @@ def check_stop(stop) -> None:
 
 class StopSignals:
     """Catches SIGTERM and SIGINT from install() to restore(); `received` is the first one's
-    number."""
+    number.
+
+    The handler only records the signal: logging from inside it could interrupt the main thread in
+    the middle of a write to the same log file, and Python's buffered file then refuses the nested
+    write ("reentrant call", a traceback on stderr). The warning is logged by the main thread when
+    it first reads `received` (the trainer does after every step; under torchrun at log steps)."""
 
     def __init__(self):
-        self.received = None
+        self._received = None
+        self._announced = False
         self.previous = {}
+
+    @property
+    def received(self) -> int | None:
+        if self._received is not None and not self._announced:
+            self._announced = True
+            log.warning(
+                "%s: finishing this step, then writing a checkpoint (send it again to exit at "
+                "once)",
+                signal.Signals(self._received).name,
+            )
+        return self._received
 
     def install(self) -> StopSignals:
         # Python allows handlers only there
@@ -79,16 +96,12 @@ class StopSignals:
             signal.signal(s, handler)
 
     def _handle(self, signum: int, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.received is not None:
-            print(
-                f"{name} again: exiting at once, without a checkpoint of the current step",
-                file=sys.stderr,
-                flush=True,
+        if self._received is not None:
+            # a raw write: no Python buffer that the interrupted thread may hold
+            message = (
+                f"{signal.Signals(signum).name} again: exiting at once, without a checkpoint of "
+                "the current step\n"
             )
+            os.write(sys.stderr.fileno(), message.encode())
             os._exit(128 + signum)
-        self.received = signum
-        log.warning(
-            "%s: finishing this step, then writing a checkpoint (send it again to exit at once)",
-            name,
-        )
+        self._received = signum
