@@ -155,18 +155,24 @@ def _records(values: dict) -> dict:
     }
 
 
+def _switchhead_check(values: dict) -> dict:
+    """The SwitchHead check's summary from per-seed test perplexities, with the rows' attention MACs
+    per token (SwitchHead's 675,840, MHA's 1,572,864)."""
+    table = _records(values)
+    for row, recs in table.items():
+        for r in recs:
+            r["attention_macs"] = 675_840 if row == "switchhead" else 1_572_864
+    return successors.summarise({"switchhead_wt2": table})["switchhead_wt2"]
+
+
 @pytest.mark.parametrize(
     "switchhead, holds",
     [([100.2, 100.6, 100.4], True), ([104, 106, 105], False), ([110, 111, 112], False)],
 )
 def test_switchhead_ordering_on_known_numbers(switchhead, holds):
-    table = _records(
+    res = _switchhead_check(
         {"mha_wide": [100, 100.5, 99.5], "switchhead": switchhead, "mha_narrow": [108, 109, 110]}
     )
-    for row, recs in table.items():
-        for r in recs:
-            r["attention_macs"] = 675_840 if row == "switchhead" else 1_572_864
-    res = successors.summarise({"switchhead_wt2": table})["switchhead_wt2"]
     order = res["ordering"]
     assert order["holds"] is holds
     assert order["wide_beats_narrow"] is True
@@ -178,17 +184,13 @@ def test_switchhead_ordering_on_known_numbers(switchhead, holds):
 def test_switchhead_ordering_in_the_means_alone_is_reported_as_not_shown():
     """Means in the paper's order with seed spreads too wide for the tests: 'not shown', neither
     'holds' nor 'does not hold' (the measured check of 2026-12-07 was such a case)."""
-    table = _records(
+    res = _switchhead_check(
         {
             "mha_wide": [42.65, 42.09, 42.46],
             "switchhead": [42.54, 42.18, 41.68],
             "mha_narrow": [42.80, 42.72, 42.99],
         }
     )
-    for row, recs in table.items():
-        for r in recs:
-            r["attention_macs"] = 675_840 if row == "switchhead" else 1_572_864
-    res = successors.summarise({"switchhead_wt2": table})["switchhead_wt2"]
     order = res["ordering"]
     assert (order["holds"], order["means_in_order"], order["switchhead_beats_narrow"]) == (
         False,

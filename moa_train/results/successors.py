@@ -253,7 +253,7 @@ def switchhead_verdict(res: dict) -> str:
     )
     if order["holds"]:
         answer = f"{claim} holds here."
-    elif order.get("means_in_order"):  # the direction is right, the tests cannot tell it from noise
+    elif order["means_in_order"]:  # the direction is right, the tests cannot tell it from noise
         answer = (
             f"{claim} is not shown here: the means fall in its order, but not every step of it "
             "is significant at these seeds."
