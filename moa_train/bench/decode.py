@@ -851,8 +851,14 @@ def cli_row(size: DecodeSize, device: torch.device, work: Path) -> dict:
         return {"error": f"the run for moa-generate failed: {done.stderr.strip()[-300:]}"}
     tokenizer = load_tokenizer(run)
     text, words = "", (work / "cli_words.txt")
-    corpus = Path(os.environ.get("MOA_DATA_DIR", "")) / "wikitext-2" / "wiki.valid.tokens"
-    source = corpus.read_text(encoding="utf-8").split() if corpus.exists() else ["the"] * 4096
+    # the prompt: WikiText-2's valid text, from the data folder the run above read
+    from moa_train.data.root import find_root
+
+    root = find_root(os.environ.get("MOA_DATA_DIR"), "MOA_DATA_DIR").path
+    corpus = (root or Path("(no data folder)")) / "wikitext-2" / "valid.txt"
+    if not corpus.is_file():
+        return {"error": f"{corpus} not found: the prompt is WikiText-2's valid text"}
+    source = corpus.read_text(encoding="utf-8").split()
     for w in source:  # the longest prefix of the valid text within prompt_len tokens
         if len(tokenizer.encode(text + w + " ")) > size.prompt_len:
             break
@@ -1156,6 +1162,9 @@ def size_tables(results: dict, size: str, runs: dict | None = None) -> list:
         out += table_lines([*header, "run"], [[row_name(r), *path_cells(r, lo, hi)] for r in paths])
     cli = [r for r in results.values() if r["size"] == size and r.get("model") == "cli"]
     for r in cli:
+        if "error" in r:
+            out += ["", f"Fresh processes (`--cli`): **failed** in run {r['run']}: {r['error']}"]
+            continue
         out += [
             "",
             (
@@ -1505,7 +1514,7 @@ def main(argv=None) -> int:
             entry = cli_row(args.size, device, Path(work))
         if "error" in entry:
             log.warning("cli: %s", entry["error"])
-        record(f"{args.size.size}/cli", entry, None)
+        record(f"{args.size.size}/cli", {"size": args.size.size, "model": "cli", **entry}, None)
         save(data, out)
     common.warn_flagged(data["results"], run_id)
     log.info("results: %s", out / "inference.md")
