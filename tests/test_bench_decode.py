@@ -392,3 +392,23 @@ def test_decode_bench_flags_rows_measured_under_contention(tmp_path, monkeypatch
         for m in caplog.messages
     )
     assert any(m.startswith("WARNING: 1 row(s) of this run flagged") for m in caplog.messages)
+
+
+def test_a_failed_cli_row_is_reported_not_a_crash(tmp_path, monkeypatch, caplog):
+    """--cli whose fresh processes fail (here: its training run) records a row that says so, with
+    its size and model, and the tables still build (a row without them crashed the markdown)."""
+    monkeypatch.setattr(decode, "cli_row", lambda *a: {"error": "the run for moa-generate failed"})
+    with caplog.at_level(logging.WARNING, logger="moa_train"):
+        code = main(
+            ["--decode", "--decode-size", "tiny", "--hf-only", "--no-hf", "--cli"]
+            + ["--out", str(tmp_path)]
+        )
+    assert code == 0
+    row = json.loads((tmp_path / "inference.json").read_text())["results"]["tiny/cli"]
+    assert (row["size"], row["model"], row["error"]) == (
+        "tiny",
+        "cli",
+        "the run for moa-generate failed",
+    )
+    assert "Fresh processes (`--cli`): **failed** in run" in table(tmp_path / "inference.md")
+    assert "cli: the run for moa-generate failed" in caplog.text

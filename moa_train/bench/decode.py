@@ -1090,7 +1090,8 @@ def path_cells(r: dict, lo: str, hi: str) -> list:
 def size_tables(results: dict, size: str, runs: dict | None = None) -> list:
     rows = model_rows(results, size)
     hf = [r for r in results.values() if r["size"] == size and "setting" in r]
-    if not rows and not hf:
+    cli = [r for r in results.values() if r["size"] == size and r.get("model") == "cli"]
+    if not rows and not hf and not cli:
         return []
     s = SIZES[size]
     lo, hi = (str(b) for b in s.batches)
@@ -1160,7 +1161,6 @@ def size_tables(results: dict, size: str, runs: dict | None = None) -> list:
         for b in (lo, hi):
             header += [f"bench b{b}", f"generate() b{b}", f"generate / bench b{b}", f"eager b{b}"]
         out += table_lines([*header, "run"], [[row_name(r), *path_cells(r, lo, hi)] for r in paths])
-    cli = [r for r in results.values() if r["size"] == size and r.get("model") == "cli"]
     for r in cli:
         if "error" in r:
             out += ["", f"Fresh processes (`--cli`): **failed** in run {r['run']}: {r['error']}"]

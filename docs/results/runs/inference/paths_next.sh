@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Issue 27's remaining measurements, for the next session with a GPU (not run yet), from the project
-# root on the GPU machine after `source .gpu/activate.sh`, with `.gpu` and `.base` carried (.base =
-# `git archive 75d305d moa_train configs pyproject.toml`, the commit before the redesign):
-#   1. moas_kv, the benchmark's compiled step, old / new / old / new (--no-paths): the batch-1 gap of
-#      inference_notes.md against the process-to-process spread, in one call;
-#   2. ONE new moa-bench --decode run of every row the targets name, moas_dynamic first (its
-#      generate() rows were cut twice), with transformers' static cache and the fresh processes
-#      (--cli): bench, eager and CLI rows from one run. About 15 minutes: it spans two device calls.
+# root on the GPU machine after `source .gpu/activate.sh`, with `.gpu` and `.base` carried ON EVERY
+# CALL (a call without them removes them from the device's copy: the 2026-12-07b run lost its data
+# folder that way, and its --cli row failed). .base = `git archive 75d305d moa_train configs
+# pyproject.toml`, the commit before the redesign.
+#   1. ONE moa-bench --decode run of every row the targets name, with transformers' static cache and
+#      the fresh processes (--cli): bench, generate(), eager and CLI rows from one run (~14 min);
+#   2. moas_kv, old / new / old / new with a trace of one step each, every process compiling afresh
+#      (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1: in the 2026-12-07b call the second old and new
+#      processes reused the first ones' compiled kernels from inductor's on-disk cache, so the pairs
+#      were not independent), to tell a difference of the code from a difference of the kernels
+#      one process's compilation picked.
 # Started in its own process session, which runs on while the machine stays warm; each call waits:
 #   start: setsid bash docs/results/runs/inference/paths_next.sh W > W.out 2>&1 < /dev/null &
 #   then:  bash docs/results/runs/inference/paths_next.sh --wait W SECONDS OUT   (call again at once)
@@ -15,24 +19,26 @@ if [ "$1" = --wait ]; then  # wait up to SECONDS for the run to end, then pack w
   w=$2 secs=$3 out=$4
   for _ in $(seq "$secs"); do [ -f "$w/done" ] && break; sleep 1; done
   tar -czf "$out/paths.tgz" -C "$(dirname "$w")" "$(basename "$w")" "$(basename "$w").out"
-  for f in "$w"/*.log; do echo "== $f"; tail -n 5 "$f"; done; cat "$w/times.txt"; exit 0
+  for f in "$w"/*.log; do echo "== $f"; grep -h "batch\|failed\|error" "$f" | tail -n 12; done
+  cat "$w/times.txt"; exit 0
 fi
 w=$1
 mkdir -p "$w"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$w/gpu.txt"
 stamp() { echo "$(date -u +%T) $1" >> "$w/times.txt"; }
 old() {
-  (cd .base && PYTHONPATH=/tmp/site:$PWD timeout 200 python3 -m moa_train.bench --decode --no-hf \
-    --no-trace --models moas_kv --out "$w/old$1") >> "$w/old$1.log" 2>&1
+  (cd .base && TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 PYTHONPATH=/tmp/site:$PWD timeout 200 \
+    python3 -m moa_train.bench --decode --no-hf --models moas_kv --out "$w/old$1") \
+    >> "$w/old$1.log" 2>&1
 }
 new() {
-  timeout 200 python3 -m moa_train.bench --decode --no-trace --no-paths --no-hf --models moas_kv \
-    --out "$w/new$1" >> "$w/new$1.log" 2>&1
+  TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 timeout 200 python3 -m moa_train.bench --decode --no-paths \
+    --no-hf --models moas_kv --out "$w/new$1" >> "$w/new$1.log" 2>&1
 }
 stamp start
-old 1; stamp "old 1"; new 1; stamp "new 1"; old 2; stamp "old 2"; new 2; stamp "new 2"
 timeout 1500 python3 -m moa_train.bench --decode --no-trace \
   --models moas_dynamic,mha,gqa,moa_sparse,moas_kv --hf-settings static --cli \
   --out "$w/run" >> "$w/run.log" 2>&1
 stamp "one run (bench, generate, eager, transformers static, cli)"
+old 1; stamp "old 1"; new 1; stamp "new 1"; old 2; stamp "old 2"; new 2; stamp "new 2"
 touch "$w/done"
