@@ -412,3 +412,39 @@ def test_a_failed_cli_row_is_reported_not_a_crash(tmp_path, monkeypatch, caplog)
     )
     assert "Fresh processes (`--cli`): **failed** in run" in table(tmp_path / "inference.md")
     assert "cli: the run for moa-generate failed" in caplog.text
+
+
+def test_the_cli_prompt_is_wikitext_valid_text(tmp_path, monkeypatch):
+    """--cli's prompt is the longest prefix of the data folder's wikitext-2/valid.txt within the
+    prompt length (it once read a file no data folder holds and timed 'the' repeated), and a data
+    folder without that file is a row naming it, not a made-up prompt."""
+    import subprocess
+
+    words = [f"w{i}" for i in range(100)]
+    data = tmp_path / "data"
+    (data / "wikitext-2").mkdir(parents=True)
+    (data / "wikitext-2" / "valid.txt").write_text(" ".join(words) + "\n")
+    monkeypatch.setenv("MOA_DATA_DIR", str(data))
+    # the training run and the timed processes are not what is tested here
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0))
+
+    class WordTokenizer:
+        vocab_size = 512
+
+        def encode(self, text):
+            return text.split()
+
+    monkeypatch.setattr("moa_train.api.load_tokenizer", lambda run: WordTokenizer())
+    monkeypatch.setattr(decode, "timed_process", lambda cmd, env: {"error": "not run"})
+    work = tmp_path / "work"
+    work.mkdir()
+    entry = decode.cli_row(TINY, torch.device("cpu"), work)
+    assert (work / "cli_words.txt").read_text().split() == words[: TINY.prompt_len]
+    assert entry["prompt_tokens"] == TINY.prompt_len
+
+    (data / "wikitext-2" / "valid.txt").unlink()
+    entry = decode.cli_row(TINY, torch.device("cpu"), work)
+    assert entry == {
+        "error": f"{data / 'wikitext-2' / 'valid.txt'} not found: the prompt is WikiText-2's "
+        "valid text"
+    }
