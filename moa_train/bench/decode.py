@@ -855,7 +855,9 @@ def cli_row(size: DecodeSize, device: torch.device, work: Path) -> dict:
     from moa_train.data.root import find_root
 
     root = find_root(os.environ.get("MOA_DATA_DIR"), "MOA_DATA_DIR").path
-    corpus = (root or Path("(no data folder)")) / "wikitext-2" / "valid.txt"
+    if root is None:
+        return {"error": "no data folder (MOA_DATA_DIR): the prompt is WikiText-2's valid text"}
+    corpus = root / "wikitext-2" / "valid.txt"
     if not corpus.is_file():
         return {"error": f"{corpus} not found: the prompt is WikiText-2's valid text"}
     source = corpus.read_text(encoding="utf-8").split()
