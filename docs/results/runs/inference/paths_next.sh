@@ -7,10 +7,12 @@
 #   1. ONE moa-bench --decode run of every row the targets name, with transformers' static cache and
 #      the fresh processes (--cli): bench, generate(), eager and CLI rows from one run (~14 min);
 #   2. moas_kv, old / new / old / new with a trace of one step each, every process compiling afresh
-#      (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1: in the 2026-12-07b call the second old and new
-#      processes reused the first ones' compiled kernels from inductor's on-disk cache, so the pairs
-#      were not independent), to tell a difference of the code from a difference of the kernels
-#      one process's compilation picked.
+#      into an empty inductor cache folder of its own (TORCHINDUCTOR_CACHE_DIR: in the 2026-12-07b
+#      call the second old and new processes reused the first ones' compiled kernels from the shared
+#      on-disk cache, so the pairs were not independent), to tell a difference of the code from a
+#      difference of the kernels one process's compilation picked. Each folder keeps its kernels'
+#      sources (*.py) and the launch configurations autotuning chose (*.best_config), the rest is
+#      deleted, so that the picks of old and new can be compared kernel by kernel.
 # Started in its own process session, which runs on while the machine stays warm; each call waits:
 #   start: setsid bash docs/results/runs/inference/paths_next.sh W > W.out 2>&1 < /dev/null &
 #   then:  bash docs/results/runs/inference/paths_next.sh --wait W SECONDS OUT   (call again at once)
@@ -26,14 +28,19 @@ w=$1
 mkdir -p "$w"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$w/gpu.txt"
 stamp() { echo "$(date -u +%T) $1" >> "$w/times.txt"; }
+keep_picks() {  # an inductor cache folder, less all but its kernels' sources and chosen configs
+  find "$1" -type f ! -name '*.best_config' ! -name '*.py' -delete
+}
 old() {
-  (cd .base && TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 PYTHONPATH=/tmp/site:$PWD timeout 200 \
+  (cd .base && TORCHINDUCTOR_CACHE_DIR="$w/inductor_old$1" PYTHONPATH=/tmp/site:$PWD timeout 200 \
     python3 -m moa_train.bench --decode --no-hf --models moas_kv --out "$w/old$1") \
     >> "$w/old$1.log" 2>&1
+  keep_picks "$w/inductor_old$1"
 }
 new() {
-  TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 timeout 200 python3 -m moa_train.bench --decode --no-paths \
-    --no-hf --models moas_kv --out "$w/new$1" >> "$w/new$1.log" 2>&1
+  TORCHINDUCTOR_CACHE_DIR="$w/inductor_new$1" timeout 200 python3 -m moa_train.bench --decode \
+    --no-paths --no-hf --models moas_kv --out "$w/new$1" >> "$w/new$1.log" 2>&1
+  keep_picks "$w/inductor_new$1"
 }
 stamp start
 timeout 1500 python3 -m moa_train.bench --decode --no-trace \
