@@ -423,6 +423,8 @@ def test_the_cli_prompt_is_wikitext_valid_text(tmp_path, monkeypatch):
     words = [f"w{i}" for i in range(100)]
     data = tmp_path / "data"
     (data / "wikitext-2").mkdir(parents=True)
+    for name in ("train.txt", "test.txt"):  # the run read them too
+        (data / "wikitext-2" / name).write_text("x y z\n")
     (data / "wikitext-2" / "valid.txt").write_text(" ".join(words) + "\n")
     monkeypatch.setenv("MOA_DATA_DIR", str(data))
     # the training run and the timed processes are not what is tested here
@@ -444,7 +446,8 @@ def test_the_cli_prompt_is_wikitext_valid_text(tmp_path, monkeypatch):
 
     (data / "wikitext-2" / "valid.txt").unlink()
     entry = decode.cli_row(TINY, torch.device("cpu"), work)
-    assert entry == {
-        "error": f"{data / 'wikitext-2' / 'valid.txt'} not found: the prompt is WikiText-2's "
-        "valid text"
-    }
+    assert list(entry) == ["error"]
+    assert entry["error"].startswith(
+        f"the prompt (WikiText-2's valid text): data.root: missing file "
+        f"{data / 'wikitext-2' / 'valid.txt'};"
+    )

@@ -851,16 +851,20 @@ def cli_row(size: DecodeSize, device: torch.device, work: Path) -> dict:
         return {"error": f"the run for moa-generate failed: {done.stderr.strip()[-300:]}"}
     tokenizer = load_tokenizer(run)
     text, words = "", (work / "cli_words.txt")
-    # the prompt: WikiText-2's valid text, from the data folder the run above read
-    from moa_train.data.root import find_root
+    # the prompt: the valid text of the corpus the run above read, found as the run found it
+    from moa_train.config import compose_train
+    from moa_train.data.corpora import lm_corpus
+    from moa_train.data.corpus import DataError, expand
+    from moa_train.data.text_corpus import locate
 
-    root = find_root(os.environ.get("MOA_DATA_DIR"), "MOA_DATA_DIR").path
-    if root is None:
-        return {"error": "no data folder (MOA_DATA_DIR): the prompt is WikiText-2's valid text"}
-    corpus = root / "wikitext-2" / "valid.txt"
-    if not corpus.is_file():
-        return {"error": f"{corpus} not found: the prompt is WikiText-2's valid text"}
-    source = corpus.read_text(encoding="utf-8").split()
+    data = compose_train(CLI_RUN[size.size]).data
+    try:
+        files = locate(data, lm_corpus(data.name), expand(data.cache_dir), fetch=False)
+    except DataError as exc:
+        return {"error": f"the prompt (WikiText-2's valid text): {exc}"}
+    if files is None:
+        return {"error": "the prompt (WikiText-2's valid text): no data folder and no download"}
+    source = files["val"].read_text(encoding="utf-8").split()
     for w in source:  # the longest prefix of the valid text within prompt_len tokens
         if len(tokenizer.encode(text + w + " ")) > size.prompt_len:
             break
@@ -909,8 +913,6 @@ def cli_row(size: DecodeSize, device: torch.device, work: Path) -> dict:
             c["tokens_per_s"] = (size.new_tokens - 1) / (c["wall_s"] - c["ttft_s"])
             c["output_chars"] = len(out)
     return {
-        "size": size.size,
-        "model": "cli",
         "prompt_tokens": n_prompt,
         "new_tokens": size.new_tokens,
         "vocab_size": tokenizer.vocab_size,
