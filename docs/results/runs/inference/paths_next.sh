@@ -4,9 +4,10 @@
 # CALL (a call without them removes them from the device's copy: the 2026-12-07b run lost its data
 # folder that way, and its --cli row failed). .base = `git archive 75d305d moa_train configs
 # pyproject.toml`, the commit before the redesign.
-#   1. ONE moa-bench --decode run of every row the targets name, with transformers' static cache and
+#   1. (then) ONE moa-bench --decode run of the target rows but moas_dynamic's (2026-12-07_05-04-04 has
+#      them; dropped to fit the session's device time), with transformers' static cache and
 #      the fresh processes (--cli): bench, generate(), eager and CLI rows from one run (~14 min);
-#   2. moas_kv, old / new / new / old / old / new (order balanced) with a trace of one step each, every process compiling afresh
+#   0. (first) moas_kv, old / new / new / old (order balanced) with a trace of one step each, every process compiling afresh
 #      into an empty inductor cache folder of its own (TORCHINDUCTOR_CACHE_DIR: in the 2026-12-07b
 #      call the second old and new processes reused the first ones' compiled kernels from the shared
 #      on-disk cache, so the pairs were not independent), to tell a difference of the code from a
@@ -43,10 +44,9 @@ new() {
   keep_picks "$w/inductor_new$1"
 }
 stamp start
+old 1; stamp "old 1"; new 1; stamp "new 1"; new 2; stamp "new 2"; old 2; stamp "old 2"
 timeout 1500 python3 -m moa_train.bench --decode --no-trace \
-  --models moas_dynamic,mha,gqa,moa_sparse,moas_kv --hf-settings static --cli \
+  --models mha,gqa,moa_sparse,moas_kv --hf-settings static --cli \
   --out "$w/run" >> "$w/run.log" 2>&1
 stamp "one run (bench, generate, eager, transformers static, cli)"
-old 1; stamp "old 1"; new 1; stamp "new 1"; new 2; stamp "new 2"; old 2; stamp "old 2"
-old 3; stamp "old 3"; new 3; stamp "new 3"
 touch "$w/done"
