@@ -451,3 +451,22 @@ def test_the_cli_prompt_is_wikitext_valid_text(tmp_path, monkeypatch):
         f"the prompt (WikiText-2's valid text): data.root: missing file "
         f"{data / 'wikitext-2' / 'valid.txt'};"
     )
+
+
+def test_figure_bars_name_their_card_and_run():
+    """The figure holds rows of several runs and cards (transformers' rows of each run are kept):
+    two rows of one name from different runs get different labels, each naming its card and run."""
+    data = {
+        "runs": {
+            "2026-12-02_01-48-44": {"device": "NVIDIA H200"},
+            "2026-12-07_07-32-41": {"device": "NVIDIA H100 80GB HBM3"},
+        },
+    }
+    old = {"model": "llama-kv12", "setting": "static", "run": "2026-12-02_01-48-44"}
+    new = {**old, "run": "2026-12-07_07-32-41"}
+    mha = {"model": "mha", "run": "2026-12-07_07-32-41"}
+    assert decode.bar_label(data, old) == "HF llama-kv12 static (H200, 2026-12-02_01-48)"
+    assert decode.bar_label(data, new) == "HF llama-kv12 static (H100, 2026-12-07_07-32)"
+    assert decode.bar_label(data, mha) == "mha (H100, 2026-12-07_07-32)"
+    # a run the record does not list: said, not guessed
+    assert decode.bar_label({}, {**mha, "run": "x"}) == "mha (?, x)"

@@ -1278,6 +1278,15 @@ def markdown(data: dict, notes: bool = False) -> str:
     return "\n".join(out) + "\n"
 
 
+def bar_label(data: dict, r: dict) -> str:
+    """A row's name in the figure with its card and run: rows of several runs and cards share the
+    figure (transformers' rows of each run are kept), and their bars must say which they are."""
+    name = f"HF {r['model']} {r['setting']}" if "setting" in r else row_name(r)
+    device = data.get("runs", {}).get(r.get("run"), {}).get("device", "?")
+    card = next((w for w in device.split() if w != "NVIDIA"), "?")
+    return f"{name} ({card}, {r.get('run', '?')[:16]})"
+
+
 def figure(data: dict, path: Path) -> None:
     """Decode tokens/s at both batches per variant beside the transformers rows, and KV bytes per
     token."""
@@ -1292,14 +1301,14 @@ def figure(data: dict, path: Path) -> None:
     if size is None:
         return
     lo, hi = (str(b) for b in SIZES[size].batches)
-    rows = [(row_name(r), r) for r in model_rows(results, size) if "decode" in r]
+    rows = [(bar_label(data, r), r) for r in model_rows(results, size) if "decode" in r]
     rows += [
-        (f"HF {r['model']} {r['setting']}", r)
+        (bar_label(data, r), r)
         for r in results.values()
         if r["size"] == size and "setting" in r and lo in r.get("decode", {}) and hi in r["decode"]
     ]
     plt = pyplot()
-    fig, (ax, ax_kv) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, ax_kv) = plt.subplots(1, 2, figsize=(15, 6), gridspec_kw={"width_ratios": [3, 2]})
     x = np.arange(len(rows))
     for off, b, color in ((-0.2, lo, "tab:blue"), (0.2, hi, "tab:orange")):
         ax.bar(
@@ -1310,7 +1319,7 @@ def figure(data: dict, path: Path) -> None:
             color=color,
         )
     ax.set_yscale("log")
-    ax.set_xticks(x, [n for n, _ in rows], rotation=35, ha="right", fontsize=8)
+    ax.set_xticks(x, [n for n, _ in rows], rotation=60, ha="right", fontsize=7)
     ax.set(ylabel="decode tokens/s (log)", title=f"Decode throughput, size {size}")
     ax.legend(fontsize=8)
     kv = [(row_name(r), r) for r in model_rows(results, size) if "kv_bytes_per_token" in r]

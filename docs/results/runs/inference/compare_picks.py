@@ -1,5 +1,5 @@
 """Compare the Triton launch configurations two inductor cache folders chose (issue 27's moas_kv old
-/ new processes, each compiled into an empty TORCHINDUCTOR_CACHE_DIR by paths_next.sh).
+/ new processes, each compiled into an empty TORCHINDUCTOR_CACHE_DIR by paths_2026-12-07c.sh).
 
     python3 compare_picks.py DIR_A DIR_B
 
@@ -17,11 +17,25 @@ IGNORED = {"time_taken_ms", "triton_cache_hash"}  # the timing and cache bookkee
 
 
 def picks(folder: Path) -> dict:
+    """kernel source stem -> its picked configuration. A `.best_config` is named by a hash of its
+    own and lies in the folder of its kernel's source file (the folder holds one kernel file)."""
     out = {}
     for f in folder.rglob("*.best_config"):
         data = json.loads(f.read_text())
-        out[f.stem] = {k: v for k, v in data.items() if k not in IGNORED}
+        sources = [p for p in f.parent.glob("*.py") if is_kernel(p)]
+        stem = sources[0].stem if len(sources) == 1 else f"{f.parent.name}/?{f.stem[:8]}"
+        out[stem] = {k: v for k, v in data.items() if k not in IGNORED}
     return out
+
+
+def is_kernel(path: Path) -> bool:
+    """A file holding one Triton kernel (not a graph's wrapper code calling many)."""
+    return (
+        sum(
+            line.startswith("def triton_") for line in path.read_text(errors="replace").splitlines()
+        )
+        == 1
+    )
 
 
 def kernels(folder: Path) -> dict:
@@ -41,7 +55,8 @@ def kernels(folder: Path) -> dict:
 def main(a: str, b: str) -> None:
     pa, pb = picks(Path(a)), picks(Path(b))
     ka, kb = kernels(Path(a)), kernels(Path(b))
-    print(f"{a}: {len(ka)} kernel files, {len(pa)} picks; {b}: {len(kb)} kernel files, {len(pb)} picks")
+    for name, k, p in ((a, ka, pa), (b, kb, pb)):
+        print(f"{name}: {len(k)} kernel files, {len(p)} picks")
     for name, only in ((a, set(ka) - set(kb)), (b, set(kb) - set(ka))):
         print(f"only in {name}: {len(only)}")
         for s in sorted(only):

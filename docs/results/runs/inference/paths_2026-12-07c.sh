@@ -1,22 +1,19 @@
 #!/usr/bin/env bash
-# Issue 27's remaining measurements, for the next session with a GPU (not run yet), from the project
-# root on the GPU machine after `source .gpu/activate.sh`, with `.gpu` and `.base` carried ON EVERY
-# CALL (a call without them removes them from the device's copy: the 2026-12-07b run lost its data
-# folder that way, and its --cli row failed). .base = `git archive 75d305d moa_train configs
-# pyproject.toml`, the commit before the redesign.
-#   1. (then) ONE moa-bench --decode run of the target rows but moas_dynamic's (2026-12-07_05-04-04 has
-#      them; dropped to fit the session's device time), with transformers' static cache and
-#      the fresh processes (--cli): bench, generate(), eager and CLI rows from one run (~14 min);
-#   0. (first) moas_kv, old / new / new / old (order balanced) with a trace of one step each, every process compiling afresh
-#      into an empty inductor cache folder of its own (TORCHINDUCTOR_CACHE_DIR: in the 2026-12-07b
-#      call the second old and new processes reused the first ones' compiled kernels from the shared
-#      on-disk cache, so the pairs were not independent), to tell a difference of the code from a
-#      difference of the kernels one process's compilation picked. Each folder keeps its kernels'
-#      sources (*.py) and the launch configurations autotuning chose (*.best_config), the rest is
-#      deleted, so that the picks of old and new can be compared kernel by kernel.
+# Issue 27's measurements of 2026-12-07 (call 11; it was paths_next.sh until it ran; records in
+# paths_2026-12-07c/, RUN.md), from the project root on the GPU machine after `source
+# .gpu/activate.sh`, with `.gpu` and `.base` carried ON EVERY CALL (a call without them removes them
+# from the device's copy). .base = `git archive 75d305d moa_train configs pyproject.toml`, the
+# commit before the redesign.
+#   1. moas_kv, old / new / new / old (order balanced), every process compiling afresh into an empty
+#      inductor cache folder of its own (TORCHINDUCTOR_CACHE_DIR), which keeps its kernels' sources
+#      (*.py) and the launch configurations autotuning chose (*.best_config): a difference of the
+#      code told from a difference of what one process's compilation picked;
+#   2. then ONE moa-bench --decode run of mha, gqa, moa_sparse and moas_kv with transformers' static
+#      cache and the fresh processes (--cli): bench, generate(), eager and CLI rows from one run
+#      (moas_dynamic left out to fit the session's device time: run 2026-12-07_05-04-04 has its rows).
 # Started in its own process session, which runs on while the machine stays warm; each call waits:
-#   start: setsid bash docs/results/runs/inference/paths_next.sh W > W.out 2>&1 < /dev/null &
-#   then:  bash docs/results/runs/inference/paths_next.sh --wait W SECONDS OUT   (call again at once)
+#   start: setsid bash docs/results/runs/inference/paths_2026-12-07c.sh W > W.out 2>&1 < /dev/null &
+#   then:  bash docs/results/runs/inference/paths_2026-12-07c.sh --wait W SECONDS OUT   (call again at once)
 set -uo pipefail
 if [ "$1" = --wait ]; then  # wait up to SECONDS for the run to end, then pack what it wrote
   w=$2 secs=$3 out=$4
