@@ -11,15 +11,17 @@
 # folder of its own (TORCHINDUCTOR_CACHE_DIR) that keeps its kernels' sources (*.py) and the launch
 # configurations autotuning chose (*.best_config), so that a gap can be told apart from a pick
 # (paths_2026-12-07c/RUN.md: at batch 1, moas_kv's figure followed one kernel's pick, old and new
-# alike). About 4 minutes a process.
+# alike). About 4 minutes a process. Then, optional: two moas_kv processes with coordinate-descent
+# tuning (wait for them with the marker done_cd, below).
 # Started in its own process session, which runs on while the machine stays warm; each call waits:
 #   start: setsid bash docs/results/runs/inference/paths_next.sh W > W.out 2>&1 < /dev/null &
 #   then:  bash docs/results/runs/inference/paths_next.sh --wait W SECONDS OUT   (call again at once)
+#   the optional part: bash docs/results/runs/inference/paths_next.sh --wait W SECONDS OUT done_cd
 set -uo pipefail
 MODELS=mha,gqa,moas_dynamic,moa_sparse
 if [ "$1" = --wait ]; then  # wait up to SECONDS for the run to end, then pack what it wrote
-  w=$2 secs=$3 out=$4
-  for _ in $(seq "$secs"); do [ -f "$w/done" ] && break; sleep 1; done
+  w=$2 secs=$3 out=$4 marker=${5:-done}  # done_cd: wait for the optional part's end instead
+  for _ in $(seq "$secs"); do [ -f "$w/$marker" ] && break; sleep 1; done
   tar -czf "$out/paths.tgz" -C "$(dirname "$w")" "$(basename "$w")" "$(basename "$w").out"
   for f in "$w"/*.log; do echo "== $f"; grep -h "batch\|failed\|error" "$f" | tail -n 12; done
   cat "$w/times.txt"; exit 0
@@ -42,6 +44,14 @@ new() {
     --no-paths --no-hf --no-trace --models "$MODELS" --out "$w/new$1" >> "$w/new$1.log" 2>&1
   keep_picks "$w/inductor_new$1"
 }
+cd_tuned() {  # optional, last: moas_kv with coordinate-descent tuning (gpt-fast turns it on): does
+  # it steady the batch-1 pick of the pool softmax (912-1,207 tok/s over eight default compilations)?
+  TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 TORCHINDUCTOR_CACHE_DIR="$w/inductor_cd$1" timeout 300 \
+    python3 -m moa_train.bench --decode --no-paths --no-hf --no-trace --models moas_kv \
+    --out "$w/cd$1" >> "$w/cd$1.log" 2>&1
+  keep_picks "$w/inductor_cd$1"
+}
 stamp start
 old 1; stamp "old 1"; new 1; stamp "new 1"; new 2; stamp "new 2"; old 2; stamp "old 2"
-touch "$w/done"
+touch "$w/done"  # the target's measurement ends here; what follows runs while the machine stays warm
+cd_tuned 1; stamp "cd 1"; cd_tuned 2; stamp "cd 2"; touch "$w/done_cd"
