@@ -19,38 +19,27 @@
 #   the optional part: bash docs/results/runs/inference/paths_next.sh --wait W SECONDS OUT done_cd
 set -uo pipefail
 MODELS=mha,gqa,moas_dynamic,moa_sparse
-if [ "$1" = --wait ]; then  # wait up to SECONDS for the run to end, then pack what it wrote
-  w=$2 secs=$3 out=$4 marker=${5:-done}  # done_cd: wait for the optional part's end instead
-  for _ in $(seq "$secs"); do [ -f "$w/$marker" ] && break; sleep 1; done
-  tar -czf "$out/paths.tgz" -C "$(dirname "$w")" "$(basename "$w")" "$(basename "$w").out"
-  for f in "$w"/*.log; do echo "== $f"; grep -h "batch\|failed\|error" "$f" | tail -n 12; done
-  cat "$w/times.txt"; exit 0
-fi
+source "$(dirname "$0")/driver_common.sh"
+if [ "$1" = --wait ]; then wait_and_pack "${@:2}"; exit 0; fi  # done_cd: the optional part's end
 w=$1
-mkdir -p "$w"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$w/gpu.txt"
-stamp() { echo "$(date -u +%T) $1" >> "$w/times.txt"; }
-keep_picks() {  # an inductor cache folder, less all but its kernels' sources and chosen configs
-  find "$1" -type f ! -name '*.best_config' ! -name '*.py' -delete
-}
+start_records
 old() {  # the packages .gpu/activate.sh installs are under /tmp/site
   (cd .base && TORCHINDUCTOR_CACHE_DIR="$w/inductor_old$1" PYTHONPATH=/tmp/site:$PWD timeout 480 \
     python3 -m moa_train.bench --decode --no-hf --no-trace --models "$MODELS" --out "$w/old$1") \
     >> "$w/old$1.log" 2>&1
   keep_picks "$w/inductor_old$1"
 }
-new() {
-  TORCHINDUCTOR_CACHE_DIR="$w/inductor_new$1" timeout 480 python3 -m moa_train.bench --decode \
-    --no-paths --no-hf --no-trace --models "$MODELS" --out "$w/new$1" >> "$w/new$1.log" 2>&1
-  keep_picks "$w/inductor_new$1"
+new_bench() {  # NAME MODELS [VAR=VALUE ...]: the new code's benchmark, compiled into inductor_NAME
+  local name=$1 models=$2
+  shift 2
+  env "$@" TORCHINDUCTOR_CACHE_DIR="$w/inductor_$name" timeout 480 python3 -m moa_train.bench \
+    --decode --no-paths --no-hf --no-trace --models "$models" --out "$w/$name" >> "$w/$name.log" 2>&1
+  keep_picks "$w/inductor_$name"
 }
-cd_tuned() {  # optional, last: moas_kv with coordinate-descent tuning (gpt-fast turns it on): does
-  # it steady the batch-1 pick of the pool softmax (912-1,207 tok/s over eight default compilations)?
-  TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 TORCHINDUCTOR_CACHE_DIR="$w/inductor_cd$1" timeout 300 \
-    python3 -m moa_train.bench --decode --no-paths --no-hf --no-trace --models moas_kv \
-    --out "$w/cd$1" >> "$w/cd$1.log" 2>&1
-  keep_picks "$w/inductor_cd$1"
-}
+new() { new_bench "new$1" "$MODELS"; }
+# optional, last: moas_kv with coordinate-descent tuning (gpt-fast turns it on): does it steady the
+# batch-1 pick of the pool softmax (912-1,207 tok/s over eight default compilations)?
+cd_tuned() { new_bench "cd$1" moas_kv TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1; }
 stamp start
 old 1; stamp "old 1"; new 1; stamp "new 1"; new 2; stamp "new 2"; old 2; stamp "old 2"
 touch "$w/done"  # the target's measurement ends here; what follows runs while the machine stays warm
