@@ -19,12 +19,14 @@
 #   the optional part: bash docs/results/runs/inference/paths_next.sh --wait W SECONDS OUT done_cd
 set -uo pipefail
 MODELS=mha,gqa,moas_dynamic,moa_sparse
+BASE_SHA=75d305dbd784dfb801044330addce47e8c1c850b  # what .base holds, for the old jsons' git_sha
 source "$(dirname "$0")/driver_common.sh"
 if [ "$1" = --wait ]; then wait_and_pack "${@:2}"; exit 0; fi  # done_cd: the optional part's end
 w=$1
 start_records
 old() {  # the packages .gpu/activate.sh installs are under /tmp/site
-  (cd .base && TORCHINDUCTOR_CACHE_DIR="$w/inductor_old$1" PYTHONPATH=/tmp/site:$PWD timeout 480 \
+  (cd .base && MOA_GIT_SHA=$BASE_SHA TORCHINDUCTOR_CACHE_DIR="$w/inductor_old$1" \
+    PYTHONPATH=/tmp/site:$PWD timeout 480 \
     python3 -m moa_train.bench --decode --no-hf --no-trace --models "$MODELS" --out "$w/old$1") \
     >> "$w/old$1.log" 2>&1
   keep_picks "$w/inductor_old$1"
