@@ -1,6 +1,6 @@
-# Shared by the inference drivers of docs/results/runs/inference/ (from paths_next.sh on; the dated
-# drivers before it carry their own copy, as they ran). Sourced after `set -uo pipefail`; the
-# functions below but wait_and_pack write into the records folder "$w".
+# Shared by the inference drivers of docs/results/runs/inference/ (from paths_2026-12-07d.sh on;
+# the dated drivers before it carry their own copy, as they ran). Sourced after `set -uo
+# pipefail`; the functions below but wait_and_pack write into the records folder "$w".
 
 # wait_and_pack W SECONDS OUT [MARKER]: wait up to SECONDS for W/MARKER (default done, written when
 # the driver ends), then pack W and its terminal output into OUT/paths.tgz and print the logs'

@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# Issue 27's last measurement, for the next session with a GPU (not run yet): the benchmark's
-# compiled figure before and after the redesign, in one call, for the target rows whose before/after
-# is missing or stale: mha, gqa and moa_sparse (call 1, 2026-12-06, measured them while the new step
-# still copied the logits out of the graph; gqa b64 0.949) and moas_dynamic with its top1 row (never
-# measured). moas_kv's before/after is in paths_2026-12-07c/ (eight fresh compilations).
+# Issue 27's measurements of 2026-12-07 (call 12; it was paths_next.sh until it ran; records in
+# paths_2026-12-07d/, RUN.md): the benchmark's compiled figure before and after the redesign, in one
+# call, for the target rows whose before/after was missing or stale: mha, gqa and moa_sparse (call 1,
+# 2026-12-06, measured them while the new step still copied the logits out of the graph; gqa b64
+# 0.949) and moas_dynamic with its top1 row (never measured). moas_kv's before/after is in
+# paths_2026-12-07c/ (eight fresh compilations).
 # From the project root on the GPU machine after `source .gpu/activate.sh`, with `.gpu` and `.base`
 # carried ON EVERY CALL (a call without them removes them from the device's copy). .base = `git
 # archive 75d305d moa_train configs pyproject.toml`, the commit before the redesign.
 # Processes old / new / new / old (order balanced), each compiling into an empty inductor cache
 # folder of its own (TORCHINDUCTOR_CACHE_DIR) that keeps its kernels' sources (*.py) and the launch
-# configurations autotuning chose (*.best_config), so that a gap can be told apart from a pick
-# (paths_2026-12-07c/RUN.md: at batch 1, moas_kv's figure followed one kernel's pick, old and new
-# alike). About 4 minutes a process. Then, optional: two moas_kv processes with coordinate-descent
-# tuning (wait for them with the marker done_cd, below).
+# configurations autotuning chose (*.best_config), so that a gap can be told apart from a pick.
+# About 2.5 minutes a process. Then, optional: two moas_kv processes with coordinate-descent tuning
+# (wait for them with the marker done_cd, below).
+# CAUTION (learnt by this run, RUN.md): each call's start copies the working tree and the carried
+# paths onto the device again, replacing them; a process still reading .base (or the tree) at that
+# moment can find a file missing. Old 2's last model (moa_sparse) failed so, as the second call began.
 # Started in its own process session, which runs on while the machine stays warm; each call waits:
-#   start: setsid bash docs/results/runs/inference/paths_next.sh W > W.out 2>&1 < /dev/null &
-#   then:  bash docs/results/runs/inference/paths_next.sh --wait W SECONDS OUT   (call again at once)
-#   the optional part: bash docs/results/runs/inference/paths_next.sh --wait W SECONDS OUT done_cd
+#   start: setsid bash docs/results/runs/inference/paths_2026-12-07d.sh W > W.out 2>&1 < /dev/null &
+#   then:  bash docs/results/runs/inference/paths_2026-12-07d.sh --wait W SECONDS OUT   (call again at once)
+#   the optional part: bash docs/results/runs/inference/paths_2026-12-07d.sh --wait W SECONDS OUT done_cd
 set -uo pipefail
 MODELS=mha,gqa,moas_dynamic,moa_sparse
 BASE_SHA=75d305dbd784dfb801044330addce47e8c1c850b  # what .base holds, for the old jsons' git_sha
