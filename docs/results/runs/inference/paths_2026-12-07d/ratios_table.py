@@ -10,6 +10,7 @@ inductor's coordinate-descent tuning (cd*) beside its default compilation.
 from __future__ import annotations
 
 import json
+from functools import cache
 from pathlib import Path
 from statistics import mean
 
@@ -17,6 +18,7 @@ HERE = Path(__file__).resolve().parent
 ROWS = ("mha", "gqa", "moas_dynamic", "moas_dynamic@top1", "moa_sparse")
 
 
+@cache  # every table cell asks for the same few processes: each json is read once
 def decode(process: str) -> dict:
     """gpt2/<model> -> {batch: (tokens/s, compile seconds)} of one process; failed rows left out."""
     data = json.loads((HERE / process / "inference.json").read_text())
@@ -30,8 +32,7 @@ def decode(process: str) -> dict:
 
 
 def figures(processes: tuple[str, ...], model: str, batch: str, field: int = 0) -> list[float]:
-    runs = [decode(p) for p in processes]
-    return [r[model][batch][field] for r in runs if model in r]
+    return [decode(p)[model][batch][field] for p in processes if model in decode(p)]
 
 
 def before_after() -> None:
